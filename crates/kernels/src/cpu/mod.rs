@@ -1,0 +1,16 @@
+//! CPU kernels. One file per op, forward and backward side by side.
+
+pub mod adamw;
+pub mod attention;
+pub mod cross_entropy;
+pub mod matmul;
+pub mod rmsnorm;
+pub mod rope;
+pub mod softmax;
+pub mod swiglu;
+
+/// Rows per rayon task for row-wise kernels: big enough to amortise scheduling, small enough to
+/// balance over a few cores. Depends only on the row length, so partitions are reproducible.
+pub(crate) fn rows_per_task(row_len: usize) -> usize {
+    (16_384 / row_len.max(1)).clamp(1, 1024)
+}

@@ -1,0 +1,1 @@
+//! whale-tensor (being written).
