@@ -1,1 +1,34 @@
-//! whale-tensor (being written).
+//! whale-tensor: the `Tensor` (a cheap handle over shared storage and a strided layout), its ops,
+//! reverse-mode autograd with a split (input-first, weights-later) backward, named parameters,
+//! AdamW with gradient clipping and learning-rate schedules, and a seedable RNG.
+//!
+//! Modules:
+//! - [`tensor`]: the handle, constructors, reading and writing values, variables and gradients.
+//! - `ops/`: elementwise, reductions, matmul, views and shape ops, indexing, fused NN ops.
+//! - [`backprop`]: the backward pass and ZeroBubble's B/W split.
+//! - [`params`]: the named parameter store. [`optim`]: AdamW, clipping, schedules.
+//! - [`layout`], [`storage`], [`dtype`], [`device`], [`rng`], [`error`].
+//!
+//! Every op computes in f32 on the CPU kernels of `whale-kernels`; bf16/f16 are storage formats.
+
+pub mod backprop;
+pub mod device;
+pub mod dtype;
+pub mod error;
+pub mod layout;
+mod ops;
+pub mod optim;
+pub mod params;
+pub mod rng;
+pub mod storage;
+pub mod tensor;
+pub mod testing;
+
+pub use backprop::{is_grad_enabled, no_grad, NoGradGuard, WeightGradWork};
+pub use device::Device;
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use ops::nn::{rope_inv_freq, rope_tables, AttnShape, RopeLayout};
+pub use params::ParamStore;
+pub use rng::Rng;
+pub use tensor::{Tensor, TensorId, WithDType};

@@ -1,0 +1,229 @@
+//! Elementwise ops: unary maps (with their derivatives), binary ops with numpy broadcasting, and
+//! `where`/`masked_fill`.
+
+use super::{check_float, check_same_dtype, grad_if, par_map, par_map2, par_map3};
+use crate::backprop::backward_fn;
+use crate::layout::broadcast_shape;
+use crate::{Error, Result, Tensor};
+
+/// sqrt(2/pi), for the tanh form of GELU.
+const GELU_C: f32 = 0.797_884_6;
+
+fn sigmoid(x: f32) -> f32 {
+    // Two branches so exp never overflows.
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+impl Tensor {
+    /// `y = f(x)` elementwise, with `dy/dx = df(x, y)`.
+    fn unary_op<F, D>(&self, name: &'static str, f: F, df: D) -> Result<Tensor>
+    where
+        F: Fn(f32) -> f32 + Sync,
+        D: Fn(f32, f32) -> f32 + Send + Sync + Copy + 'static,
+    {
+        check_float(name, self)?;
+        let out = par_map(&self.f32_data(), f);
+        let back = backward_fn(name, move |inputs: &[Tensor], output: &Tensor, g: &Tensor, _: &[bool]| {
+            let x = inputs[0].f32_data();
+            let y = output.f32_data();
+            let gi = par_map3(&x, &y, &g.f32_data(), |x, y, g| g * df(x, y));
+            Ok(vec![Some(Tensor::from_op(gi, inputs[0].dims(), inputs[0].dtype(), &[], crate::backprop::NoBackward))])
+        });
+        Ok(Tensor::from_op(out, self.dims(), self.dtype(), &[self], back))
+    }
+
+    pub fn neg(&self) -> Result<Tensor> {
+        self.unary_op("neg", |x| -x, |_, _| -1.0)
+    }
+
+    pub fn exp(&self) -> Result<Tensor> {
+        self.unary_op("exp", f32::exp, |_, y| y)
+    }
+
+    pub fn log(&self) -> Result<Tensor> {
+        self.unary_op("log", f32::ln, |x, _| 1.0 / x)
+    }
+
+    pub fn sqrt(&self) -> Result<Tensor> {
+        self.unary_op("sqrt", f32::sqrt, |_, y| 0.5 / y)
+    }
+
+    pub fn rsqrt(&self) -> Result<Tensor> {
+        self.unary_op("rsqrt", |x| 1.0 / x.sqrt(), |x, y| -0.5 * y / x)
+    }
+
+    pub fn sqr(&self) -> Result<Tensor> {
+        self.unary_op("sqr", |x| x * x, |x, _| 2.0 * x)
+    }
+
+    /// `x^e` for a scalar exponent.
+    pub fn powf(&self, e: f32) -> Result<Tensor> {
+        self.unary_op("powf", move |x| x.powf(e), move |x, _| e * x.powf(e - 1.0))
+    }
+
+    pub fn sigmoid(&self) -> Result<Tensor> {
+        self.unary_op("sigmoid", sigmoid, |_, y| y * (1.0 - y))
+    }
+
+    pub fn tanh(&self) -> Result<Tensor> {
+        self.unary_op("tanh", f32::tanh, |_, y| 1.0 - y * y)
+    }
+
+    pub fn relu(&self) -> Result<Tensor> {
+        self.unary_op("relu", |x| x.max(0.0), |x, _| if x > 0.0 { 1.0 } else { 0.0 })
+    }
+
+    /// SiLU (swish): `x * sigmoid(x)`.
+    pub fn silu(&self) -> Result<Tensor> {
+        self.unary_op("silu", |x| x * sigmoid(x), |x, _| {
+            let s = sigmoid(x);
+            s * (1.0 + x * (1.0 - s))
+        })
+    }
+
+    /// GELU in its tanh approximation (GPT-2, llm.c): `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+    pub fn gelu(&self) -> Result<Tensor> {
+        self.unary_op(
+            "gelu",
+            |x| 0.5 * x * (1.0 + (GELU_C * (x + 0.044715 * x * x * x)).tanh()),
+            |x, _| {
+                let u = GELU_C * (x + 0.044715 * x * x * x);
+                let t = u.tanh();
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * 0.044715 * x * x)
+            },
+        )
+    }
+
+    /// Clamps to `[lo, hi]`; the gradient passes where `lo <= x <= hi` (PyTorch's convention).
+    pub fn clamp(&self, lo: f32, hi: f32) -> Result<Tensor> {
+        if lo > hi || lo.is_nan() || hi.is_nan() {
+            return Err(Error::invalid("clamp", format!("empty range [{lo}, {hi}]")));
+        }
+        self.unary_op("clamp", move |x| x.clamp(lo, hi), move |x, _| if (lo..=hi).contains(&x) { 1.0 } else { 0.0 })
+    }
+
+    /// `x * mul + add`.
+    pub fn affine(&self, mul: f32, add: f32) -> Result<Tensor> {
+        self.unary_op("affine", move |x| x * mul + add, move |_, _| mul)
+    }
+
+    pub fn mul_scalar(&self, s: f32) -> Result<Tensor> {
+        self.affine(s, 0.0)
+    }
+
+    pub fn add_scalar(&self, s: f32) -> Result<Tensor> {
+        self.affine(1.0, s)
+    }
+
+    /// Broadcasts both operands to a common shape and returns their values as contiguous f32.
+    fn broadcast_pair(&self, rhs: &Tensor, op: &'static str) -> Result<(Vec<usize>, Vec<f32>, Vec<f32>)> {
+        let shape = broadcast_shape(op, self.dims(), rhs.dims())?;
+        let a = if self.dims() == shape.as_slice() { self.f32_data().to_vec() } else { self.broadcast_as(&shape)?.to_vec_f32()? };
+        let b = if rhs.dims() == shape.as_slice() { rhs.f32_data().to_vec() } else { rhs.broadcast_as(&shape)?.to_vec_f32()? };
+        Ok((shape, a, b))
+    }
+
+    /// `f(a, b)` with broadcasting; `grads(a, b, g, needs)` returns the full-shape gradients, which
+    /// are then summed back to each operand's shape.
+    fn binary_op<F, G>(&self, rhs: &Tensor, name: &'static str, f: F, grads: G) -> Result<Tensor>
+    where
+        F: Fn(f32, f32) -> f32 + Sync,
+        G: Fn(&Tensor, &Tensor, &Tensor, &[bool]) -> Result<[Option<Tensor>; 2]> + Send + Sync + 'static,
+    {
+        let dtype = check_same_dtype(name, self, rhs)?;
+        let out = if self.dims() == rhs.dims() {
+            par_map2(&self.f32_data(), &rhs.f32_data(), f)
+        } else {
+            let (_, a, b) = self.broadcast_pair(rhs, name)?;
+            par_map2(&a, &b, f)
+        };
+        let shape = broadcast_shape(name, self.dims(), rhs.dims())?;
+        let back = backward_fn(name, move |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+            let [ga, gb] = grads(&inputs[0], &inputs[1], g, needs)?;
+            Ok(vec![
+                ga.map(|t| t.sum_to_shape(inputs[0].dims())).transpose()?,
+                gb.map(|t| t.sum_to_shape(inputs[1].dims())).transpose()?,
+            ])
+        });
+        Ok(Tensor::from_op(out, &shape, dtype, &[self, rhs], back))
+    }
+
+    pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary_op(rhs, "add", |a, b| a + b, |_, _, g, n| Ok([grad_if(n[0], || Ok(g.clone()))?, grad_if(n[1], || Ok(g.clone()))?]))
+    }
+
+    pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary_op(rhs, "sub", |a, b| a - b, |_, _, g, n| Ok([grad_if(n[0], || Ok(g.clone()))?, grad_if(n[1], || g.neg())?]))
+    }
+
+    pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary_op(rhs, "mul", |a, b| a * b, |a, b, g, n| Ok([grad_if(n[0], || g.mul(b))?, grad_if(n[1], || g.mul(a))?]))
+    }
+
+    pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary_op(
+            rhs,
+            "div",
+            |a, b| a / b,
+            |a, b, g, n| Ok([grad_if(n[0], || g.div(b))?, grad_if(n[1], || g.mul(a)?.div(&b.sqr()?)?.neg())?]),
+        )
+    }
+
+    /// Elementwise maximum; the gradient goes to `self` where `self >= rhs`, else to `rhs`.
+    pub fn maximum(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary_op(
+            rhs,
+            "maximum",
+            f32::max,
+            |a, b, g, n| {
+                let mask = a.ge(b)?;
+                Ok([
+                    grad_if(n[0], || mask.where_cond(g, &g.zeros_like()?))?,
+                    grad_if(n[1], || mask.where_cond(&g.zeros_like()?, g))?,
+                ])
+            },
+        )
+    }
+
+    /// 1.0 where `self >= rhs`, else 0.0 (a mask, not differentiable).
+    pub fn ge(&self, rhs: &Tensor) -> Result<Tensor> {
+        let dtype = check_same_dtype("ge", self, rhs)?;
+        let (shape, a, b) = self.broadcast_pair(rhs, "ge")?;
+        let out = par_map2(&a, &b, |a, b| if a >= b { 1.0 } else { 0.0 });
+        Ok(Tensor::from_op(out, &shape, dtype, &[], crate::backprop::NoBackward))
+    }
+
+    /// Picks `on_true` where `self` (the condition, any dtype) is non-zero, else `on_false`; all
+    /// three broadcast together.
+    pub fn where_cond(&self, on_true: &Tensor, on_false: &Tensor) -> Result<Tensor> {
+        let dtype = check_same_dtype("where_cond", on_true, on_false)?;
+        let shape = broadcast_shape("where_cond", self.dims(), on_true.dims())?;
+        let shape = broadcast_shape("where_cond", &shape, on_false.dims())?;
+        let cond = self.broadcast_as(&shape)?.to_vec_f32()?;
+        let t = on_true.broadcast_as(&shape)?.to_vec_f32()?;
+        let f = on_false.broadcast_as(&shape)?.to_vec_f32()?;
+        let out = par_map3(&cond, &t, &f, |c, t, f| if c != 0.0 { t } else { f });
+        let cond_t = Tensor::from_vec(cond, &shape, &self.device())?;
+        let back = backward_fn("where_cond", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+            let zeros = g.zeros_like()?;
+            Ok(vec![
+                None,
+                grad_if(needs[1], || cond_t.where_cond(g, &zeros)?.sum_to_shape(inputs[1].dims()))?,
+                grad_if(needs[2], || cond_t.where_cond(&zeros, g)?.sum_to_shape(inputs[2].dims()))?,
+            ])
+        });
+        Ok(Tensor::from_op(out, &shape, dtype, &[self, on_true, on_false], back))
+    }
+
+    /// `value` where `mask` is non-zero, `self` elsewhere (mask broadcasts to self's shape).
+    pub fn masked_fill(&self, mask: &Tensor, value: f32) -> Result<Tensor> {
+        check_float("masked_fill", self)?;
+        let fill = Tensor::full(value, &[], self.dtype(), &self.device())?;
+        mask.broadcast_as(self.dims())?.where_cond(&fill, self)
+    }
+}

@@ -1,0 +1,193 @@
+//! Indexing: index_select / index_add (whole slices along a dim), gather / scatter_add
+//! (elementwise, PyTorch semantics), embedding lookup and top-k.
+//!
+//! Scatters run sequentially over the source so duplicate indices add up in a fixed order.
+
+use rayon::prelude::*;
+
+use super::{check_float, split_at_dim};
+use crate::backprop::backward_fn;
+use crate::{Error, Result, Tensor};
+
+/// The indices of `ids` as `usize`, each checked against `size`.
+fn checked_indices(op: &'static str, ids: &Tensor, size: usize) -> Result<Vec<usize>> {
+    ids.to_vec_i64()?
+        .into_iter()
+        .map(|i| if i >= 0 && (i as usize) < size { Ok(i as usize) } else { Err(Error::IndexOutOfRange { op, index: i, size }) })
+        .collect()
+}
+
+fn with_dim(shape: &[usize], dim: usize, size: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    s[dim] = size;
+    s
+}
+
+impl Tensor {
+    /// Slices `ids[j]` of `dim`, in order: `out.narrow(dim, j, 1) == self.narrow(dim, ids[j], 1)`.
+    pub fn index_select(&self, dim: usize, ids: &Tensor) -> Result<Tensor> {
+        check_float("index_select", self)?;
+        self.layout().check_dim("index_select", dim)?;
+        if ids.rank() != 1 {
+            return Err(Error::invalid("index_select", format!("ids must be 1-D, got {:?}", ids.dims())));
+        }
+        let (outer, n, inner) = split_at_dim(self.dims(), dim);
+        let idx = checked_indices("index_select", ids, n)?;
+        let m = idx.len();
+        let x = self.f32_data();
+        let mut out = vec![0.0f32; outer * m * inner];
+        if inner > 0 {
+            out.par_chunks_mut(inner).enumerate().for_each(|(r, row)| {
+                let (o, j) = (r / m, r % m);
+                let src = (o * n + idx[j]) * inner;
+                row.copy_from_slice(&x[src..src + inner]);
+            });
+        }
+        let ids = ids.detach();
+        let back = backward_fn("index_select", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
+            Ok(vec![Some(inputs[0].zeros_like()?.index_add(dim, &ids, g)?)])
+        });
+        Ok(Tensor::from_op(out, &with_dim(self.dims(), dim, m), self.dtype(), &[self], back))
+    }
+
+    /// `self` with `src.narrow(dim, j, 1)` added into slice `ids[j]` of `dim`, for every j.
+    pub fn index_add(&self, dim: usize, ids: &Tensor, src: &Tensor) -> Result<Tensor> {
+        super::check_same_dtype("index_add", self, src)?;
+        self.layout().check_dim("index_add", dim)?;
+        let (outer, n, inner) = split_at_dim(self.dims(), dim);
+        let idx = checked_indices("index_add", ids, n)?;
+        let m = idx.len();
+        if src.dims() != with_dim(self.dims(), dim, m).as_slice() {
+            return Err(Error::ShapeMismatch { op: "index_add", lhs: with_dim(self.dims(), dim, m), rhs: src.dims().to_vec() });
+        }
+        let mut out = self.f32_data().to_vec();
+        let s = src.f32_data();
+        for o in 0..outer {
+            for (j, &t) in idx.iter().enumerate() {
+                let (d, sr) = ((o * n + t) * inner, (o * m + j) * inner);
+                for i in 0..inner {
+                    out[d + i] += s[sr + i];
+                }
+            }
+        }
+        let ids = ids.detach();
+        let back = backward_fn("index_add", move |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+            Ok(vec![
+                if needs[0] { Some(g.clone()) } else { None },
+                if needs[1] { Some(g.index_select(dim, &ids)?) } else { None },
+            ])
+        });
+        Ok(Tensor::from_op(out, self.dims(), self.dtype(), &[self, src], back))
+    }
+
+    /// Embedding lookup: `self` is the table `[vocab, dim]`, `ids` any shape -> `[..ids, dim]`.
+    pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        if self.rank() != 2 {
+            return Err(Error::invalid("embedding", format!("table must be [vocab, dim], got {:?}", self.dims())));
+        }
+        let mut shape = ids.dims().to_vec();
+        shape.push(self.dims()[1]);
+        self.index_select(0, &ids.flatten_all()?)?.reshape(&shape)
+    }
+
+    /// `out[.., j, ..] = self[.., idx[.., j, ..], ..]` along `dim` (PyTorch `gather`); `idx` has
+    /// this tensor's shape except along `dim`.
+    pub fn gather(&self, dim: usize, idx: &Tensor) -> Result<Tensor> {
+        check_float("gather", self)?;
+        self.layout().check_dim("gather", dim)?;
+        let m = idx.dim(dim)?;
+        if idx.dims() != with_dim(self.dims(), dim, m).as_slice() {
+            return Err(Error::ShapeMismatch { op: "gather", lhs: self.dims().to_vec(), rhs: idx.dims().to_vec() });
+        }
+        let (outer, n, inner) = split_at_dim(self.dims(), dim);
+        let ix = checked_indices("gather", idx, n)?;
+        let x = self.f32_data();
+        let mut out = vec![0.0f32; outer * m * inner];
+        for o in 0..outer {
+            for j in 0..m {
+                for i in 0..inner {
+                    let p = (o * m + j) * inner + i;
+                    out[p] = x[(o * n + ix[p]) * inner + i];
+                }
+            }
+        }
+        let shape = idx.dims().to_vec();
+        let idx = idx.detach();
+        let back = backward_fn("gather", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
+            Ok(vec![Some(inputs[0].zeros_like()?.scatter_add(dim, &idx, g)?)])
+        });
+        Ok(Tensor::from_op(out, &shape, self.dtype(), &[self], back))
+    }
+
+    /// `self` with `src[.., j, ..]` added at `[.., idx[.., j, ..], ..]` along `dim` (PyTorch
+    /// `scatter_add`); `idx` and `src` have the same shape.
+    pub fn scatter_add(&self, dim: usize, idx: &Tensor, src: &Tensor) -> Result<Tensor> {
+        super::check_same_dtype("scatter_add", self, src)?;
+        self.layout().check_dim("scatter_add", dim)?;
+        if idx.dims() != src.dims() {
+            return Err(Error::ShapeMismatch { op: "scatter_add", lhs: idx.dims().to_vec(), rhs: src.dims().to_vec() });
+        }
+        let m = idx.dim(dim)?;
+        if idx.dims() != with_dim(self.dims(), dim, m).as_slice() {
+            return Err(Error::ShapeMismatch { op: "scatter_add", lhs: self.dims().to_vec(), rhs: idx.dims().to_vec() });
+        }
+        let (outer, n, inner) = split_at_dim(self.dims(), dim);
+        let ix = checked_indices("scatter_add", idx, n)?;
+        let mut out = self.f32_data().to_vec();
+        let s = src.f32_data();
+        for o in 0..outer {
+            for j in 0..m {
+                for i in 0..inner {
+                    let p = (o * m + j) * inner + i;
+                    out[(o * n + ix[p]) * inner + i] += s[p];
+                }
+            }
+        }
+        let idx = idx.detach();
+        let back = backward_fn("scatter_add", move |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+            Ok(vec![
+                if needs[0] { Some(g.clone()) } else { None },
+                if needs[1] { Some(g.gather(dim, &idx)?) } else { None },
+            ])
+        });
+        Ok(Tensor::from_op(out, self.dims(), self.dtype(), &[self, src], back))
+    }
+
+    /// The `k` largest values along the last dim, in descending order, and their indices (i64).
+    /// Ties go to the lower index; NaN ranks above every number. Values are differentiable
+    /// (through `gather`), indices are not.
+    pub fn topk(&self, k: usize) -> Result<(Tensor, Tensor)> {
+        check_float("topk", self)?;
+        let last = self.rank().checked_sub(1).ok_or_else(|| Error::invalid("topk", "rank-0 tensor"))?;
+        let n = self.dims()[last];
+        if k > n {
+            return Err(Error::invalid("topk", format!("k = {k} exceeds the last dim {n} of {:?}", self.dims())));
+        }
+        let x = self.f32_data();
+        let rows = if n == 0 { 0 } else { x.len() / n };
+        let mut idx = vec![0i64; rows * k];
+        if k > 0 {
+            idx.par_chunks_mut(k).enumerate().for_each(|(r, out)| {
+                let row = &x[r * n..(r + 1) * n];
+                let mut order: Vec<usize> = (0..n).collect();
+                let key = |i: usize| if row[i].is_nan() { f32::INFINITY } else { row[i] };
+                let cmp = |&a: &usize, &b: &usize| {
+                    let (ka, kb) = (key(a), key(b));
+                    let nan = (row[b].is_nan() as u8).cmp(&(row[a].is_nan() as u8));
+                    nan.then(kb.partial_cmp(&ka).unwrap_or(std::cmp::Ordering::Equal)).then(a.cmp(&b))
+                };
+                if k < n {
+                    order.select_nth_unstable_by(k - 1, cmp);
+                }
+                order[..k].sort_by(cmp);
+                for (o, &i) in out.iter_mut().zip(&order[..k]) {
+                    *o = i as i64;
+                }
+            });
+        }
+        let shape = with_dim(self.dims(), last, k);
+        let indices = Tensor::from_vec(idx, &shape, &self.device())?;
+        let values = self.gather(last, &indices)?;
+        Ok((values, indices))
+    }
+}

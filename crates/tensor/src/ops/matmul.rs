@@ -1,0 +1,98 @@
+//! Matrix multiplication and batched matmul, on the `gemm` crate through whale-kernels.
+//!
+//! Operands are passed to gemm with their strides, so `x.matmul(&w.t())` (an HF linear layer) reads
+//! the weight in place. Batch dims broadcast like numpy's `matmul`.
+
+use rayon::prelude::*;
+use whale_kernels::cpu::matmul::{matmul as gemm_matmul, MatRef};
+
+use super::{check_same_dtype, grad_if};
+use crate::backprop::backward_fn;
+use crate::layout::broadcast_shape;
+use crate::storage::CpuStorage;
+use crate::{DType, Error, Result, Tensor};
+
+/// Below this many multiply-adds per matrix, batches run in parallel with single-threaded gemms.
+const SMALL_GEMM: usize = 1 << 18;
+
+impl Tensor {
+    /// `[..., m, k] @ [..., k, n] -> [..., m, n]`.
+    pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
+        let dtype = check_same_dtype("matmul", self, rhs)?;
+        let (ra, rb) = (self.rank(), rhs.rank());
+        if ra < 2 || rb < 2 {
+            return Err(Error::invalid("matmul", format!("operands need rank >= 2, got {:?} and {:?}", self.dims(), rhs.dims())));
+        }
+        let (m, k) = (self.dims()[ra - 2], self.dims()[ra - 1]);
+        let (k2, n) = (rhs.dims()[rb - 2], rhs.dims()[rb - 1]);
+        if k != k2 {
+            return Err(Error::ShapeMismatch { op: "matmul", lhs: self.dims().to_vec(), rhs: rhs.dims().to_vec() });
+        }
+        if rb == 2 && ra > 2 {
+            // [..., m, k] @ [k, n]: one big gemm over the flattened rows.
+            let lead = &self.dims()[..ra - 1];
+            let rows: usize = lead.iter().product();
+            let mut out_shape = lead.to_vec();
+            out_shape.push(n);
+            return self.reshape(&[rows, k])?.matmul(rhs)?.reshape(&out_shape);
+        }
+        let batch = broadcast_shape("matmul", &self.dims()[..ra - 2], &rhs.dims()[..rb - 2])?;
+        let a_shape: Vec<usize> = batch.iter().copied().chain([m, k]).collect();
+        let b_shape: Vec<usize> = batch.iter().copied().chain([k, n]).collect();
+        let a = as_f32(self)?.broadcast_as(&a_shape)?;
+        let b = as_f32(rhs)?.broadcast_as(&b_shape)?;
+        let out = batched_gemm(&a, &b, &batch, m, n, k);
+        let out_shape: Vec<usize> = batch.iter().copied().chain([m, n]).collect();
+        let back = backward_fn("matmul", |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+            let (a, b) = (&inputs[0], &inputs[1]);
+            Ok(vec![
+                grad_if(needs[0], || g.matmul(&b.t()?)?.sum_to_shape(a.dims()))?,
+                grad_if(needs[1], || a.t()?.matmul(g)?.sum_to_shape(b.dims()))?,
+            ])
+        });
+        Ok(Tensor::from_op(out, &out_shape, dtype, &[self, rhs], back))
+    }
+}
+
+/// The same values with f32 storage (no copy when already f32), without autograd history.
+fn as_f32(t: &Tensor) -> Result<Tensor> {
+    if t.dtype() == DType::F32 {
+        Ok(t.detach())
+    } else {
+        crate::no_grad(|| t.to_dtype(DType::F32))
+    }
+}
+
+/// Offsets of each batch item's matrix in storage, for a layout whose last two dims are the matrix.
+fn batch_offsets(t: &Tensor, batch: &[usize]) -> Vec<usize> {
+    let strides = t.layout().strides();
+    let mut offsets = vec![t.layout().offset()];
+    for (d, &size) in batch.iter().enumerate() {
+        offsets = offsets.iter().flat_map(|&o| (0..size).map(move |i| o + i * strides[d])).collect();
+    }
+    offsets
+}
+
+fn batched_gemm(a: &Tensor, b: &Tensor, batch: &[usize], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let (ga, gb) = (a.0.storage.read().expect("lock"), b.0.storage.read().expect("lock"));
+    let (CpuStorage::F32(da), CpuStorage::F32(db)) = (&*ga, &*gb) else { unreachable!("as_f32 made both f32") };
+    let (sa, sb) = (a.layout().strides(), b.layout().strides());
+    let r = sa.len();
+    let (oa, ob) = (batch_offsets(a, batch), batch_offsets(b, batch));
+    let mat = |data, offset, s: &[usize]| MatRef { data, offset, row_stride: s[r - 2] as isize, col_stride: s[r - 1] as isize };
+    let mut out = vec![0.0f32; oa.len() * m * n];
+    if m * n == 0 {
+        return out;
+    }
+    let threads = rayon::current_num_threads();
+    if oa.len() > 1 && m * n * k < SMALL_GEMM {
+        out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+            gemm_matmul(m, n, k, mat(da, oa[i], sa), mat(db, ob[i], sb), c, false, 1);
+        });
+    } else {
+        for (i, c) in out.chunks_mut(m * n).enumerate() {
+            gemm_matmul(m, n, k, mat(da, oa[i], sa), mat(db, ob[i], sb), c, false, threads);
+        }
+    }
+    out
+}

@@ -1,0 +1,152 @@
+//! Reductions over one dimension (sum, mean, max, argmax, logsumexp) and over everything.
+
+use rayon::prelude::*;
+
+use super::{check_float, split_at_dim};
+use crate::backprop::{backward_fn, NoBackward};
+use crate::{DType, Result, Tensor};
+
+/// Reduces `[outer, n, inner]` over the middle axis with `f(values along n) -> value`, in parallel
+/// over outer rows.
+fn reduce_mid(x: &[f32], outer: usize, n: usize, inner: usize, f: impl Fn(&mut dyn Iterator<Item = f32>) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0.0f32; outer * inner];
+    if inner == 0 {
+        return out;
+    }
+    out.par_chunks_mut(inner).enumerate().for_each(|(o, row)| {
+        let base = o * n * inner;
+        for (i, r) in row.iter_mut().enumerate() {
+            *r = f(&mut (0..n).map(|j| x[base + j * inner + i]));
+        }
+    });
+    out
+}
+
+fn keepdim_shape(shape: &[usize], dim: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    s[dim] = 1;
+    s
+}
+
+impl Tensor {
+    /// Sum over `dim`, keeping it as size 1. Accumulates in f64.
+    pub fn sum_keepdim(&self, dim: usize) -> Result<Tensor> {
+        check_float("sum", self)?;
+        self.layout().check_dim("sum", dim)?;
+        let (outer, n, inner) = split_at_dim(self.dims(), dim);
+        let out = reduce_mid(&self.f32_data(), outer, n, inner, |it| it.map(f64::from).sum::<f64>() as f32);
+        let back = backward_fn("sum", |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
+            Ok(vec![Some(g.broadcast_as(inputs[0].dims())?)])
+        });
+        Ok(Tensor::from_op(out, &keepdim_shape(self.dims(), dim), self.dtype(), &[self], back))
+    }
+
+    pub fn sum(&self, dim: usize) -> Result<Tensor> {
+        self.sum_keepdim(dim)?.squeeze(dim)
+    }
+
+    pub fn mean_keepdim(&self, dim: usize) -> Result<Tensor> {
+        let n = self.dim(dim)?;
+        self.sum_keepdim(dim)?.mul_scalar(1.0 / n as f32)
+    }
+
+    pub fn mean(&self, dim: usize) -> Result<Tensor> {
+        self.mean_keepdim(dim)?.squeeze(dim)
+    }
+
+    /// Sum of all elements, a rank-0 tensor.
+    pub fn sum_all(&self) -> Result<Tensor> {
+        self.flatten_all()?.sum(0)
+    }
+
+    pub fn mean_all(&self) -> Result<Tensor> {
+        let n = self.elem_count();
+        self.sum_all()?.mul_scalar(1.0 / n as f32)
+    }
+
+    /// Max over `dim`, kept as size 1. The gradient goes to the first maximal element.
+    pub fn max_keepdim(&self, dim: usize) -> Result<Tensor> {
+        let idx = self.argmax_keepdim(dim)?;
+        self.gather(dim, &idx)
+    }
+
+    pub fn max(&self, dim: usize) -> Result<Tensor> {
+        self.max_keepdim(dim)?.squeeze(dim)
+    }
+
+    /// Index (i64) of the first maximum along `dim`, kept as size 1. NaN counts as the maximum.
+    pub fn argmax_keepdim(&self, dim: usize) -> Result<Tensor> {
+        check_float("argmax", self)?;
+        self.layout().check_dim("argmax", dim)?;
+        let (outer, n, inner) = split_at_dim(self.dims(), dim);
+        let out = reduce_mid(&self.f32_data(), outer, n, inner, |it| {
+            let mut best = (0usize, f32::NEG_INFINITY);
+            for (j, v) in it.enumerate() {
+                if v.is_nan() {
+                    return j as f32;
+                }
+                if v > best.1 || j == 0 {
+                    best = (j, v);
+                }
+            }
+            best.0 as f32
+        });
+        let shape = keepdim_shape(self.dims(), dim);
+        Ok(Tensor::from_op(out, &shape, DType::I64, &[], NoBackward))
+    }
+
+    pub fn argmax(&self, dim: usize) -> Result<Tensor> {
+        self.argmax_keepdim(dim)?.squeeze(dim)
+    }
+
+    /// `log(sum(exp(x)))` over `dim`, kept as size 1, computed stably (max subtracted).
+    pub fn logsumexp_keepdim(&self, dim: usize) -> Result<Tensor> {
+        check_float("logsumexp", self)?;
+        self.layout().check_dim("logsumexp", dim)?;
+        let (outer, n, inner) = split_at_dim(self.dims(), dim);
+        let x = self.f32_data();
+        let out = reduce_mid(&x, outer, n, inner, |it| {
+            let v: Vec<f32> = it.collect();
+            let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if m == f32::NEG_INFINITY {
+                return m;
+            }
+            m + v.iter().map(|&x| ((x - m) as f64).exp()).sum::<f64>().ln() as f32
+        });
+        let back = backward_fn("logsumexp", |inputs: &[Tensor], out: &Tensor, g: &Tensor, _: &[bool]| {
+            // d lse / dx = softmax(x) = exp(x - lse)
+            let p = inputs[0].sub(out)?.exp()?;
+            Ok(vec![Some(p.mul(g)?)])
+        });
+        Ok(Tensor::from_op(out, &keepdim_shape(self.dims(), dim), self.dtype(), &[self], back))
+    }
+
+    pub fn logsumexp(&self, dim: usize) -> Result<Tensor> {
+        self.logsumexp_keepdim(dim)?.squeeze(dim)
+    }
+
+    /// Sums broadcast dimensions away so the result has `shape` (the backward of broadcasting).
+    pub fn sum_to_shape(&self, shape: &[usize]) -> Result<Tensor> {
+        if self.dims() == shape {
+            return Ok(self.clone());
+        }
+        let extra = self.rank().checked_sub(shape.len()).ok_or_else(|| crate::Error::Broadcast {
+            op: "sum_to_shape",
+            from: shape.to_vec(),
+            to: self.dims().to_vec(),
+        })?;
+        let mut t = self.clone();
+        for _ in 0..extra {
+            t = t.sum(0)?;
+        }
+        for (d, &s) in shape.iter().enumerate() {
+            if s == 1 && t.dims()[d] != 1 {
+                t = t.sum_keepdim(d)?;
+            }
+        }
+        if t.dims() != shape {
+            return Err(crate::Error::Broadcast { op: "sum_to_shape", from: shape.to_vec(), to: self.dims().to_vec() });
+        }
+        Ok(t)
+    }
+}

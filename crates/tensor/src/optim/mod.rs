@@ -1,0 +1,9 @@
+//! Optimizers and what goes with them: AdamW, gradient-norm clipping, learning-rate schedules.
+
+mod adamw;
+mod clip;
+mod schedule;
+
+pub use adamw::{AdamW, AdamWConfig};
+pub use clip::{clip_grad_norm, grad_norm};
+pub use schedule::{Constant, DeepSeekV3Schedule, LrSchedule, WarmupCosine};

@@ -1,0 +1,83 @@
+//! Tensor storage: a flat buffer per dtype. Storage is shared (views) and sits behind a lock so an
+//! optimizer can update parameters in place.
+
+use half::{bf16, f16};
+
+use crate::layout::Layout;
+use crate::{DType, Error, Result};
+
+#[derive(Debug, Clone)]
+pub enum CpuStorage {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+    U32(Vec<u32>),
+    I64(Vec<i64>),
+}
+
+impl CpuStorage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::BF16(_) => DType::BF16,
+            CpuStorage::F16(_) => DType::F16,
+            CpuStorage::U32(_) => DType::U32,
+            CpuStorage::I64(_) => DType::I64,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::BF16(v) => v.len(),
+            CpuStorage::F16(v) => v.len(),
+            CpuStorage::U32(v) => v.len(),
+            CpuStorage::I64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Float values of a view, converted to f32, in row-major order.
+    pub(crate) fn gather_f32(&self, layout: &Layout) -> Vec<f32> {
+        match self {
+            CpuStorage::F32(v) => layout.gather(v),
+            CpuStorage::BF16(v) => layout.gather(v).into_iter().map(f32::from).collect(),
+            CpuStorage::F16(v) => layout.gather(v).into_iter().map(f32::from).collect(),
+            CpuStorage::U32(v) => layout.gather(v).into_iter().map(|x| x as f32).collect(),
+            CpuStorage::I64(v) => layout.gather(v).into_iter().map(|x| x as f32).collect(),
+        }
+    }
+
+    /// Integer values of a view, in row-major order; an error for float storage.
+    pub(crate) fn gather_i64(&self, op: &'static str, layout: &Layout) -> Result<Vec<i64>> {
+        match self {
+            CpuStorage::U32(v) => Ok(layout.gather(v).into_iter().map(i64::from).collect()),
+            CpuStorage::I64(v) => Ok(layout.gather(v)),
+            _ => Err(Error::UnsupportedDType { op, dtype: self.dtype(), why: "indices must be u32 or i64" }),
+        }
+    }
+
+    /// Stores f32 values as `dtype` (round to nearest even for bf16/f16; integers truncate).
+    pub(crate) fn from_f32(values: Vec<f32>, dtype: DType) -> CpuStorage {
+        match dtype {
+            DType::F32 => CpuStorage::F32(values),
+            DType::BF16 => CpuStorage::BF16(values.into_iter().map(bf16::from_f32).collect()),
+            DType::F16 => CpuStorage::F16(values.into_iter().map(f16::from_f32).collect()),
+            DType::U32 => CpuStorage::U32(values.into_iter().map(|x| x as u32).collect()),
+            DType::I64 => CpuStorage::I64(values.into_iter().map(|x| x as i64).collect()),
+        }
+    }
+
+    pub(crate) fn gather_same(&self, layout: &Layout) -> CpuStorage {
+        match self {
+            CpuStorage::F32(v) => CpuStorage::F32(layout.gather(v)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(layout.gather(v)),
+            CpuStorage::F16(v) => CpuStorage::F16(layout.gather(v)),
+            CpuStorage::U32(v) => CpuStorage::U32(layout.gather(v)),
+            CpuStorage::I64(v) => CpuStorage::I64(layout.gather(v)),
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! `Tensor`: a cheap handle (`Arc`) over shared storage plus a layout. Cloning a tensor or taking
+//! a view never copies data. A tensor that depends on a variable also records the op that made it,
+//! which is all reverse-mode autograd needs (see `backprop`).
+
+use std::fmt;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+
+use half::{bf16, f16};
+
+use crate::backprop::{self, BackwardOp, GradInfo, VarKind};
+use crate::layout::Layout;
+use crate::rng::Rng;
+use crate::storage::CpuStorage;
+use crate::{DType, Device, Error, Result};
+
+/// A unique id per tensor handle, the key of gradient maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+impl TensorId {
+    fn next() -> Self {
+        static COUNTER: AtomicU64 = AtomicU64::new(1);
+        TensorId(COUNTER.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) id: TensorId,
+    pub(crate) storage: Arc<RwLock<CpuStorage>>,
+    pub(crate) layout: Layout,
+    pub(crate) dtype: DType,
+    pub(crate) device: Device,
+    pub(crate) grad: GradInfo,
+}
+
+#[derive(Clone)]
+pub struct Tensor(pub(crate) Arc<Inner>);
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor[{:?}, {:?}, {:?}", self.dims(), self.dtype(), self.device())?;
+        match &self.0.grad {
+            GradInfo::None => {}
+            GradInfo::Leaf { kind, .. } => write!(f, ", {kind:?} variable")?,
+            GradInfo::Node { op, .. } => write!(f, ", grad_fn={}", op.name())?,
+        }
+        write!(f, "]")
+    }
+}
+
+/// Element types that can be moved in and out of tensors.
+pub trait WithDType: Copy + Send + Sync + 'static {
+    const DTYPE: DType;
+    fn into_storage(v: Vec<Self>) -> CpuStorage;
+    fn from_storage(s: &CpuStorage, layout: &Layout) -> Option<Vec<Self>>;
+}
+
+macro_rules! with_dtype {
+    ($t:ty, $variant:ident) => {
+        impl WithDType for $t {
+            const DTYPE: DType = DType::$variant;
+            fn into_storage(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
+            fn from_storage(s: &CpuStorage, layout: &Layout) -> Option<Vec<Self>> {
+                match s {
+                    CpuStorage::$variant(v) => Some(layout.gather(v)),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+with_dtype!(f32, F32);
+with_dtype!(bf16, BF16);
+with_dtype!(f16, F16);
+with_dtype!(u32, U32);
+with_dtype!(i64, I64);
+
+/// Read access to a tensor's values as a contiguous f32 slice: borrowed when the tensor already is
+/// contiguous f32, converted/gathered into an owned buffer otherwise.
+pub(crate) enum F32Data<'a> {
+    Borrowed(RwLockReadGuard<'a, CpuStorage>, usize, usize),
+    Owned(Vec<f32>),
+}
+
+impl Deref for F32Data<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            F32Data::Borrowed(guard, start, len) => match &**guard {
+                CpuStorage::F32(v) => &v[*start..*start + *len],
+                _ => unreachable!("F32Data::Borrowed only wraps f32 storage"),
+            },
+            F32Data::Owned(v) => v,
+        }
+    }
+}
+
+impl Tensor {
+    /// Wraps fresh storage as a tensor with no autograd history.
+    pub(crate) fn from_storage(storage: CpuStorage, shape: &[usize], device: Device) -> Tensor {
+        let dtype = storage.dtype();
+        debug_assert_eq!(storage.len(), shape.iter().product::<usize>());
+        Tensor(Arc::new(Inner {
+            id: TensorId::next(),
+            storage: Arc::new(RwLock::new(storage)),
+            layout: Layout::contiguous(shape),
+            dtype,
+            device,
+            grad: GradInfo::None,
+        }))
+    }
+
+    /// The result of an op: fresh f32 values stored in `dtype`, recording `op` for autograd when any
+    /// of `inputs` requires a gradient and gradients are enabled.
+    pub(crate) fn from_op(
+        values: Vec<f32>,
+        shape: &[usize],
+        dtype: DType,
+        inputs: &[&Tensor],
+        op: impl BackwardOp + 'static,
+    ) -> Tensor {
+        let storage = Arc::new(RwLock::new(CpuStorage::from_f32(values, dtype)));
+        Self::with_history(storage, Layout::contiguous(shape), dtype, inputs, op)
+    }
+
+    /// A tensor over `storage`/`layout` that records `op` when it needs to (see [`Tensor::from_op`]).
+    pub(crate) fn with_history(
+        storage: Arc<RwLock<CpuStorage>>,
+        layout: Layout,
+        dtype: DType,
+        inputs: &[&Tensor],
+        op: impl BackwardOp + 'static,
+    ) -> Tensor {
+        let device = inputs.first().map(|t| t.device()).unwrap_or(Device::Cpu);
+        let grad = if backprop::is_grad_enabled() && inputs.iter().any(|t| t.requires_grad()) {
+            GradInfo::Node {
+                input_path: inputs.iter().any(|t| t.on_input_path()),
+                op: Box::new(op),
+                inputs: inputs.iter().map(|&t| t.clone()).collect(),
+            }
+        } else {
+            GradInfo::None
+        };
+        Tensor(Arc::new(Inner { id: TensorId::next(), storage, layout, dtype, device, grad }))
+    }
+
+    // ---------------------------------------------------------------- constructors
+
+    pub fn from_vec<T: WithDType>(data: Vec<T>, shape: &[usize], device: &Device) -> Result<Tensor> {
+        device.check_available()?;
+        let expected: usize = shape.iter().product();
+        if data.len() != expected {
+            return Err(Error::DataLength { len: data.len(), shape: shape.to_vec(), expected });
+        }
+        Ok(Self::from_storage(T::into_storage(data), shape, *device))
+    }
+
+    pub fn from_slice<T: WithDType>(data: &[T], shape: &[usize], device: &Device) -> Result<Tensor> {
+        Self::from_vec(data.to_vec(), shape, device)
+    }
+
+    /// A rank-0 f32 tensor.
+    pub fn scalar(value: f32) -> Tensor {
+        Self::from_storage(CpuStorage::F32(vec![value]), &[], Device::Cpu)
+    }
+
+    pub fn full(value: f32, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        device.check_available()?;
+        let n = shape.iter().product();
+        Ok(Self::from_storage(CpuStorage::from_f32(vec![value; n], dtype), shape, *device))
+    }
+
+    pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        Self::full(0.0, shape, dtype, device)
+    }
+
+    pub fn ones(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        Self::full(1.0, shape, dtype, device)
+    }
+
+    pub fn zeros_like(&self) -> Result<Tensor> {
+        Self::zeros(self.dims(), self.dtype(), &self.device())
+    }
+
+    pub fn ones_like(&self) -> Result<Tensor> {
+        Self::ones(self.dims(), self.dtype(), &self.device())
+    }
+
+    /// `[0, 1, ..., n-1]` as i64.
+    pub fn arange(n: usize, device: &Device) -> Result<Tensor> {
+        Self::from_vec((0..n as i64).collect::<Vec<_>>(), &[n], device)
+    }
+
+    /// Normal(mean, std) samples drawn from `rng`, stored as `dtype`.
+    pub fn randn(shape: &[usize], mean: f32, std: f32, dtype: DType, rng: &mut Rng) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let v = (0..n).map(|_| mean + std * rng.normal()).collect();
+        Ok(Self::from_storage(CpuStorage::from_f32(v, dtype), shape, Device::Cpu))
+    }
+
+    /// Uniform [lo, hi) samples drawn from `rng`, stored as `dtype`.
+    pub fn rand_uniform(shape: &[usize], lo: f32, hi: f32, dtype: DType, rng: &mut Rng) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let v = (0..n).map(|_| lo + (hi - lo) * rng.uniform()).collect();
+        Ok(Self::from_storage(CpuStorage::from_f32(v, dtype), shape, Device::Cpu))
+    }
+
+    // ---------------------------------------------------------------- accessors
+
+    pub fn id(&self) -> TensorId {
+        self.0.id
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        self.0.layout.shape()
+    }
+
+    /// Size of dimension `d`; an error names the op when `d` is out of range.
+    pub fn dim(&self, d: usize) -> Result<usize> {
+        self.0.layout.check_dim("dim", d)?;
+        Ok(self.dims()[d])
+    }
+
+    pub fn rank(&self) -> usize {
+        self.0.layout.rank()
+    }
+
+    pub fn elem_count(&self) -> usize {
+        self.0.layout.elem_count()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.0.dtype
+    }
+
+    pub fn device(&self) -> Device {
+        self.0.device
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.0.layout
+    }
+
+    pub fn is_contiguous(&self) -> bool {
+        self.0.layout.is_contiguous()
+    }
+
+    /// Whether two tensors view the same storage buffer (views share; ops allocate).
+    pub fn same_storage(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.0.storage, &other.0.storage)
+    }
+
+    // ---------------------------------------------------------------- reading values
+
+    pub(crate) fn f32_data(&self) -> F32Data<'_> {
+        let guard = self.0.storage.read().expect("tensor storage lock poisoned");
+        if matches!(&*guard, CpuStorage::F32(_)) && self.is_contiguous() {
+            F32Data::Borrowed(guard, self.0.layout.offset(), self.elem_count())
+        } else {
+            F32Data::Owned(guard.gather_f32(&self.0.layout))
+        }
+    }
+
+    /// The values as f32 in row-major order (any dtype; floats widen exactly, integers convert).
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        Ok(self.f32_data().to_vec())
+    }
+
+    /// The values of an index tensor (u32 or i64) in row-major order.
+    pub fn to_vec_i64(&self) -> Result<Vec<i64>> {
+        let guard = self.0.storage.read().expect("tensor storage lock poisoned");
+        guard.gather_i64("to_vec_i64", &self.0.layout)
+    }
+
+    /// The values in their own element type; an error if `T` is not this tensor's dtype.
+    pub fn to_vec<T: WithDType>(&self) -> Result<Vec<T>> {
+        let guard = self.0.storage.read().expect("tensor storage lock poisoned");
+        T::from_storage(&guard, &self.0.layout).ok_or(Error::DTypeMismatch {
+            op: "to_vec",
+            lhs: self.dtype(),
+            rhs: T::DTYPE,
+        })
+    }
+
+    /// The single value of a one-element tensor.
+    pub fn to_scalar(&self) -> Result<f32> {
+        if self.elem_count() != 1 {
+            return Err(Error::invalid("to_scalar", format!("tensor has shape {:?}, not one element", self.dims())));
+        }
+        Ok(self.f32_data()[0])
+    }
+
+    /// Rows of a rank-2 tensor as f32.
+    pub fn to_vec2_f32(&self) -> Result<Vec<Vec<f32>>> {
+        if self.rank() != 2 {
+            return Err(Error::invalid("to_vec2_f32", format!("rank {} is not 2", self.rank())));
+        }
+        let cols = self.dims()[1];
+        Ok(self.to_vec_f32()?.chunks(cols.max(1)).map(|c| c.to_vec()).collect())
+    }
+
+    // ---------------------------------------------------------------- in-place writes
+
+    /// Runs `f` on this tensor's values as a mutable f32 slice. For parameters (optimizer steps,
+    /// checkpoint loading): the tensor must be contiguous f32.
+    pub fn with_f32_mut<R>(&self, f: impl FnOnce(&mut [f32]) -> R) -> Result<R> {
+        if !self.is_contiguous() {
+            return Err(Error::invalid("with_f32_mut", "tensor is not contiguous"));
+        }
+        let mut guard = self.0.storage.write().expect("tensor storage lock poisoned");
+        let (start, len) = (self.0.layout.offset(), self.elem_count());
+        match &mut *guard {
+            CpuStorage::F32(v) => Ok(f(&mut v[start..start + len])),
+            other => Err(Error::UnsupportedDType {
+                op: "with_f32_mut",
+                dtype: other.dtype(),
+                why: "in-place updates need f32 (master weights are f32)",
+            }),
+        }
+    }
+
+    /// Copies `src`'s values into this tensor's storage in place (same shape).
+    pub fn assign(&self, src: &Tensor) -> Result<()> {
+        if src.dims() != self.dims() {
+            return Err(Error::ShapeMismatch { op: "assign", lhs: self.dims().to_vec(), rhs: src.dims().to_vec() });
+        }
+        let values = src.to_vec_f32()?;
+        self.with_f32_mut(|dst| dst.copy_from_slice(&values))
+    }
+
+    /// A copy with its own storage and no history.
+    pub fn deep_clone(&self) -> Tensor {
+        let guard = self.0.storage.read().expect("tensor storage lock poisoned");
+        Self::from_storage(guard.gather_same(&self.0.layout), self.dims(), self.device())
+    }
+
+    /// The same values with no autograd history (shares storage).
+    pub fn detach(&self) -> Tensor {
+        Tensor(Arc::new(Inner {
+            id: TensorId::next(),
+            storage: self.0.storage.clone(),
+            layout: self.0.layout.clone(),
+            dtype: self.dtype(),
+            device: self.device(),
+            grad: GradInfo::None,
+        }))
+    }
+
+    fn make_leaf(&self, kind: VarKind) -> Tensor {
+        Tensor(Arc::new(Inner {
+            id: TensorId::next(),
+            storage: self.0.storage.clone(),
+            layout: self.0.layout.clone(),
+            dtype: self.dtype(),
+            device: self.device(),
+            grad: GradInfo::Leaf { kind, grad: Mutex::new(None) },
+        }))
+    }
+
+    /// A trainable weight: a leaf whose gradient accumulates across `backward` calls and whose
+    /// gradient work may be deferred by a split backward (see [`crate::backprop`]).
+    pub fn variable(&self) -> Tensor {
+        self.make_leaf(VarKind::Weight)
+    }
+
+    /// An activation that needs its gradient (for example a pipeline stage's input): a split
+    /// backward computes it in the input-gradient pass.
+    pub fn input_variable(&self) -> Tensor {
+        self.make_leaf(VarKind::Input)
+    }
+
+    pub fn is_variable(&self) -> bool {
+        matches!(self.0.grad, GradInfo::Leaf { .. })
+    }
+
+    pub fn requires_grad(&self) -> bool {
+        !matches!(self.0.grad, GradInfo::None)
+    }
+
+    /// Depends on an input variable (not only on weights).
+    pub(crate) fn on_input_path(&self) -> bool {
+        match &self.0.grad {
+            GradInfo::None => false,
+            GradInfo::Leaf { kind, .. } => *kind == VarKind::Input,
+            GradInfo::Node { input_path, .. } => *input_path,
+        }
+    }
+
+    /// The accumulated gradient of a variable, if any.
+    pub fn grad(&self) -> Option<Tensor> {
+        match &self.0.grad {
+            GradInfo::Leaf { grad, .. } => grad.lock().expect("grad lock poisoned").clone(),
+            _ => None,
+        }
+    }
+
+    /// Removes and returns the accumulated gradient.
+    pub fn take_grad(&self) -> Option<Tensor> {
+        match &self.0.grad {
+            GradInfo::Leaf { grad, .. } => grad.lock().expect("grad lock poisoned").take(),
+            _ => None,
+        }
+    }
+
+    pub fn zero_grad(&self) {
+        self.take_grad();
+    }
+
+    /// Replaces the accumulated gradient (data parallelism writes the all-reduced one back).
+    pub fn set_grad(&self, g: Option<Tensor>) -> Result<()> {
+        match &self.0.grad {
+            GradInfo::Leaf { grad, .. } => {
+                *grad.lock().expect("grad lock poisoned") = g;
+                Ok(())
+            }
+            _ => Err(Error::invalid("set_grad", "only variables hold gradients")),
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! A finite-difference gradient test for every differentiable op (see `whale_tensor::testing` for
+//! the method and why its tolerances are what they are).
+
+use whale_tensor::testing::{assert_gradients, randn};
+use whale_tensor::{rope_inv_freq, rope_tables, Device, Result, Rng, RopeLayout, Tensor};
+
+fn ids(v: &[i64]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), &[v.len()], &Device::Cpu).unwrap()
+}
+
+/// Values bounded away from 0 (for kinks and poles): |x| in [0.3, 1.3].
+fn away_from_zero(shape: &[usize], seed: u64) -> Tensor {
+    let x = randn(shape, seed).to_vec_f32().unwrap();
+    let v: Vec<f32> = x.iter().map(|&a| a.signum() * (0.3 + a.abs().min(1.0))).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn positive(shape: &[usize], seed: u64) -> Tensor {
+    away_from_zero(shape, seed).to_vec_f32().map(|v| v.iter().map(|x| x.abs()).collect::<Vec<_>>()).map(|v| Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+macro_rules! unary_grad_test {
+    ($name:ident, $input:expr, $f:expr) => {
+        #[test]
+        fn $name() {
+            let f: fn(&Tensor) -> Result<Tensor> = $f;
+            assert_gradients(&[$input], |x| f(&x[0]));
+        }
+    };
+}
+
+unary_grad_test!(neg, randn(&[3, 4], 1), |x| x.neg());
+unary_grad_test!(exp, randn(&[3, 4], 2), |x| x.exp());
+unary_grad_test!(log, positive(&[3, 4], 3), |x| x.log());
+unary_grad_test!(sqrt, positive(&[3, 4], 4), |x| x.sqrt());
+unary_grad_test!(rsqrt, positive(&[3, 4], 5), |x| x.rsqrt());
+unary_grad_test!(sqr, randn(&[3, 4], 6), |x| x.sqr());
+unary_grad_test!(powf, positive(&[3, 4], 7), |x| x.powf(2.5));
+unary_grad_test!(sigmoid, randn(&[3, 4], 8), |x| x.sigmoid());
+unary_grad_test!(tanh, randn(&[3, 4], 9), |x| x.tanh());
+unary_grad_test!(relu, away_from_zero(&[3, 4], 10), |x| x.relu());
+unary_grad_test!(silu, randn(&[3, 4], 11), |x| x.silu());
+unary_grad_test!(gelu, randn(&[3, 4], 12), |x| x.gelu());
+unary_grad_test!(clamp, away_from_zero(&[4, 5], 13), |x| x.clamp(-0.8, 0.8));
+unary_grad_test!(affine, randn(&[3, 4], 14), |x| x.affine(1.5, -0.5));
+
+#[test]
+fn binary_ops_with_broadcasting() {
+    let a = randn(&[2, 3, 4], 20);
+    let b = positive(&[3, 1], 21);
+    assert_gradients(&[a.clone(), b.clone()], |x| x[0].add(&x[1]));
+    assert_gradients(&[a.clone(), b.clone()], |x| x[0].sub(&x[1]));
+    assert_gradients(&[a.clone(), b.clone()], |x| x[0].mul(&x[1]));
+    assert_gradients(&[a.clone(), b.clone()], |x| x[0].div(&x[1]));
+    assert_gradients(&[b.clone(), a.clone()], |x| x[0].div(&x[1].add_scalar(3.0)?));
+}
+
+#[test]
+fn maximum() {
+    let a = randn(&[4, 5], 22);
+    let b = a.add(&away_from_zero(&[4, 5], 23)).unwrap(); // never within eps of a tie
+    assert_gradients(&[a, b], |x| x[0].maximum(&x[1]));
+}
+
+#[test]
+fn reductions() {
+    let x = randn(&[3, 4, 5], 30);
+    for dim in 0..3 {
+        assert_gradients(&[x.clone()], |t| t[0].sum(dim));
+        assert_gradients(&[x.clone()], |t| t[0].mean_keepdim(dim));
+        assert_gradients(&[x.clone()], |t| t[0].max(dim));
+        assert_gradients(&[x.clone()], |t| t[0].logsumexp(dim));
+    }
+    assert_gradients(&[x.clone()], |t| t[0].sum_all());
+    assert_gradients(&[x], |t| t[0].mean_all());
+}
+
+#[test]
+fn matmul_plain_batched_broadcast_and_transposed() {
+    let a = randn(&[3, 4], 40);
+    let b = randn(&[4, 5], 41);
+    assert_gradients(&[a.clone(), b.clone()], |x| x[0].matmul(&x[1]));
+    let bt = randn(&[5, 4], 42);
+    assert_gradients(&[a.clone(), bt], |x| x[0].matmul(&x[1].t()?));
+    let a3 = randn(&[2, 3, 4], 43);
+    assert_gradients(&[a3.clone(), b.clone()], |x| x[0].matmul(&x[1]));
+    let b3 = randn(&[2, 4, 5], 44);
+    assert_gradients(&[a3.clone(), b3], |x| x[0].matmul(&x[1]));
+    let b_bcast = randn(&[1, 4, 5], 45);
+    assert_gradients(&[a3.clone(), b_bcast], |x| x[0].matmul(&x[1]));
+    let a4 = randn(&[2, 2, 3, 4], 46);
+    assert_gradients(&[a4, b], |x| x[0].transpose(0, 1)?.matmul(&x[1]));
+}
+
+#[test]
+fn softmax_and_log_softmax() {
+    let x = randn(&[3, 7], 50);
+    assert_gradients(&[x.clone()], |t| t[0].softmax_last_dim());
+    assert_gradients(&[x.clone()], |t| t[0].log_softmax_last_dim());
+    assert_gradients(&[x], |t| t[0].softmax(0));
+}
+
+#[test]
+fn rms_norm_input_and_weight() {
+    let x = randn(&[2, 3, 8], 60);
+    let w = randn(&[8], 61);
+    assert_gradients(&[x, w], |t| t[0].rms_norm(&t[1], 1e-6));
+}
+
+#[test]
+fn cross_entropy_with_ignored_rows() {
+    let logits = randn(&[5, 7], 70);
+    let targets = ids(&[3, -100, 0, 6, -100]);
+    assert_gradients(&[logits], |t| t[0].cross_entropy(&targets, -100));
+}
+
+#[test]
+fn rope_both_layouts() {
+    let x = randn(&[2, 5, 3, 8], 80);
+    let (cos, sin) = rope_tables(&[0, 1, 2, 7, 30], &rope_inv_freq(8, 10_000.0)).unwrap();
+    for layout in [RopeLayout::Interleaved, RopeLayout::HalfRotated] {
+        assert_gradients(&[x.clone()], |t| t[0].rope(&cos, &sin, layout));
+    }
+}
+
+#[test]
+fn attention_causal_gqa_and_uneven_head_dims() {
+    let (b, hq, hk, s, dqk, dv) = (2, 4, 2, 5, 6, 3);
+    let q = randn(&[b, hq, s, dqk], 90);
+    let k = randn(&[b, hk, s, dqk], 91);
+    let v = randn(&[b, hk, s, dv], 92);
+    for causal in [true, false] {
+        assert_gradients(&[q.clone(), k.clone(), v.clone()], |t| Tensor::scaled_dot_product_attention(&t[0], &t[1], &t[2], 0.4, causal));
+    }
+    // Queries at the end of a longer key sequence (a cached prefix).
+    let q2 = randn(&[1, 2, 2, dqk], 93);
+    let k2 = randn(&[1, 2, 6, dqk], 94);
+    let v2 = randn(&[1, 2, 6, dv], 95);
+    assert_gradients(&[q2, k2, v2], |t| Tensor::scaled_dot_product_attention(&t[0], &t[1], &t[2], 0.4, true));
+}
+
+#[test]
+fn swiglu() {
+    assert_gradients(&[randn(&[3, 6], 100), randn(&[3, 6], 101)], |t| Tensor::swiglu(&t[0], &t[1]));
+}
+
+#[test]
+fn dropout_with_a_fixed_mask() {
+    // The same seed each call gives the same mask, so the function is deterministic.
+    assert_gradients(&[randn(&[4, 6], 110)], |t| t[0].dropout(0.3, &mut Rng::new(9)));
+}
+
+#[test]
+fn indexing_ops() {
+    let table = randn(&[6, 4], 120);
+    let tok = Tensor::from_vec(vec![1i64, 5, 1, 0, 3, 1], &[2, 3], &Device::Cpu).unwrap();
+    assert_gradients(&[table.clone()], |t| t[0].embedding(&tok));
+    assert_gradients(&[table.clone()], |t| t[0].index_select(1, &ids(&[3, 0, 3])));
+    let src = randn(&[6, 3], 121);
+    assert_gradients(&[table.clone(), src], |t| t[0].index_add(1, &ids(&[2, 2, 0]), &t[1]));
+    let idx = Tensor::from_vec(vec![0i64, 3, 3, 1, 2, 0, 1, 1, 3, 3, 0, 2], &[6, 2], &Device::Cpu).unwrap();
+    assert_gradients(&[table.clone()], |t| t[0].gather(1, &idx));
+    let src2 = randn(&[6, 2], 122);
+    assert_gradients(&[table.clone(), src2], |t| t[0].scatter_add(1, &idx, &t[1]));
+    let spread = Tensor::from_vec((0..24).map(|i| ((i * 7) % 24) as f32 * 0.1).collect::<Vec<_>>(), &[4, 6], &Device::Cpu).unwrap();
+    assert_gradients(&[spread], |t| Ok(t[0].topk(3)?.0));
+}
+
+#[test]
+fn cat_stack_split_and_where() {
+    let a = randn(&[2, 3], 130);
+    let b = randn(&[2, 2], 131);
+    assert_gradients(&[a.clone(), b.clone()], |t| Tensor::cat(&[t[0].clone(), t[1].clone()], 1));
+    assert_gradients(&[a.clone(), a.clone()], |t| Tensor::stack(&[t[0].clone(), t[1].clone()], 1));
+    assert_gradients(&[a.clone()], |t| {
+        let parts = t[0].split(&[1, 2], 1)?;
+        parts[1].mul(&parts[0])
+    });
+    let cond = Tensor::from_vec(vec![1u32, 0, 1], &[3], &Device::Cpu).unwrap();
+    let c = randn(&[2, 3], 132);
+    assert_gradients(&[a.clone(), c], |t| cond.where_cond(&t[0], &t[1]));
+    assert_gradients(&[a], |t| t[0].masked_fill(&cond, -5.0));
+}
+
+#[test]
+fn views() {
+    let x = randn(&[2, 3, 4], 140);
+    assert_gradients(&[x.clone()], |t| t[0].transpose(0, 2));
+    assert_gradients(&[x.clone()], |t| t[0].permute(&[1, 2, 0])?.contiguous());
+    assert_gradients(&[x.clone()], |t| t[0].narrow(2, 1, 2));
+    assert_gradients(&[x.clone()], |t| t[0].reshape(&[6, 4]));
+    assert_gradients(&[x.clone()], |t| t[0].transpose(1, 2)?.reshape(&[2, 12]));
+    assert_gradients(&[x.clone()], |t| t[0].unsqueeze(1)?.squeeze(1));
+    assert_gradients(&[randn(&[3, 1], 141)], |t| t[0].broadcast_as(&[2, 3, 4]));
+    assert_gradients(&[x], |t| t[0].chunk(2, 2)?[1].exp());
+}
