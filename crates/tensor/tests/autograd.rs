@@ -1,0 +1,127 @@
+//! Autograd semantics: accumulation, no_grad, detach, the B/W split, determinism.
+
+use whale_tensor::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use whale_tensor::testing::randn;
+use whale_tensor::{no_grad, DType, Device, ParamStore, Result, Rng, Tensor};
+
+#[test]
+fn gradients_accumulate_until_cleared() {
+    let w = randn(&[3], 1).variable();
+    for _ in 0..2 {
+        w.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    }
+    let want: Vec<f32> = w.to_vec_f32().unwrap().iter().map(|x| 4.0 * x).collect();
+    assert_eq!(w.grad().unwrap().to_vec_f32().unwrap(), want);
+    w.zero_grad();
+    assert!(w.grad().is_none());
+}
+
+#[test]
+fn no_grad_and_detach_record_nothing() {
+    let w = randn(&[3], 1).variable();
+    let y = no_grad(|| w.exp().unwrap());
+    assert!(!y.requires_grad());
+    assert!(!w.exp().unwrap().detach().requires_grad());
+    assert!(w.exp().unwrap().requires_grad());
+    assert!(y.sum_all().unwrap().backward().is_err());
+}
+
+/// A two-layer stage: `x -> rms_norm -> @ w1^T -> silu -> @ w2^T`, the kind of subgraph a
+/// pipeline stage runs.
+fn stage(x: &Tensor, norm: &Tensor, w1: &Tensor, w2: &Tensor) -> Result<Tensor> {
+    x.rms_norm(norm, 1e-6)?.matmul(&w1.t()?)?.silu()?.matmul(&w2.t()?)
+}
+
+#[test]
+fn split_backward_defers_weight_gradients_and_matches_full_backward() {
+    let (x0, n0, w10, w20) = (randn(&[2, 3, 8], 1), randn(&[8], 2), randn(&[16, 8], 3), randn(&[8, 16], 4));
+    let dy = randn(&[2, 3, 8], 5);
+
+    // Reference: one full backward.
+    let (x, n, w1, w2) = (x0.input_variable(), n0.variable(), w10.variable(), w20.variable());
+    stage(&x, &n, &w1, &w2).unwrap().backward_with_grad(&dy).unwrap();
+    let full: Vec<Vec<f32>> = [&x, &n, &w1, &w2].iter().map(|t| t.grad().unwrap().to_vec_f32().unwrap()).collect();
+
+    // Split: B gives the input gradient and no weight gradients; W then gives the weights'.
+    let (x, n, w1, w2) = (x0.input_variable(), n0.variable(), w10.variable(), w20.variable());
+    let work = stage(&x, &n, &w1, &w2).unwrap().backward_split(Some(&dy)).unwrap();
+    assert_eq!(x.grad().unwrap().to_vec_f32().unwrap(), full[0]);
+    for w in [&n, &w1, &w2] {
+        assert!(w.grad().is_none(), "weight gradient computed in the B pass");
+    }
+    assert_eq!(work.len(), 3, "rms_norm, two matmuls");
+    work.run().unwrap();
+    for (w, want) in [&n, &w1, &w2].iter().zip(&full[1..]) {
+        assert_eq!(&w.grad().unwrap().to_vec_f32().unwrap(), want);
+    }
+}
+
+#[test]
+fn split_backward_of_a_weight_only_graph_is_all_deferred() {
+    let ids = Tensor::from_vec(vec![0i64, 2], &[2], &Device::Cpu).unwrap();
+    let table = randn(&[3, 4], 1).variable();
+    let work = table.embedding(&ids).unwrap().sum_all().unwrap().backward_split(None).unwrap();
+    assert!(table.grad().is_none());
+    work.run().unwrap();
+    assert_eq!(table.grad().unwrap().to_vec_f32().unwrap(), vec![1., 1., 1., 1., 0., 0., 0., 0., 1., 1., 1., 1.]);
+}
+
+#[test]
+fn tied_weights_get_the_sum_of_both_uses() {
+    let w = randn(&[4, 4], 1).variable();
+    let x = randn(&[2, 4], 2).input_variable();
+    let y = x.matmul(&w).unwrap().matmul(&w.t().unwrap()).unwrap().sum_all().unwrap();
+    let work = y.backward_split(None).unwrap();
+    work.run().unwrap();
+    let split = w.grad().unwrap().to_vec_f32().unwrap();
+    w.zero_grad();
+    x.zero_grad();
+    x.matmul(&w).unwrap().matmul(&w.t().unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(split, w.grad().unwrap().to_vec_f32().unwrap());
+}
+
+/// A few steps of a small attention + MLP model; returns the final parameters' bits.
+fn train_once(seed: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    let mut params = ParamStore::new();
+    let (d, s) = (32, 24);
+    let emb = params.normal("embed", &[50, d], 0.1, &mut rng).unwrap();
+    let wq = params.normal("wq", &[d, d], 0.1, &mut rng).unwrap();
+    let wk = params.normal("wk", &[d, d], 0.1, &mut rng).unwrap();
+    let wv = params.normal("wv", &[d, d], 0.1, &mut rng).unwrap();
+    let norm = params.constant("norm", &[d], 1.0).unwrap();
+    let head = params.normal("head", &[50, d], 0.1, &mut rng).unwrap();
+    let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+    for _ in 0..3 {
+        let tok: Vec<i64> = (0..2 * s).map(|_| rng.below(50) as i64).collect();
+        let ids = Tensor::from_vec(tok.clone(), &[2, s], &Device::Cpu).unwrap();
+        let h = emb.embedding(&ids).unwrap().rms_norm(&norm, 1e-6).unwrap();
+        let split = |w: &Tensor| h.matmul(&w.t().unwrap()).unwrap().reshape(&[2, s, 4, 8]).unwrap().transpose(1, 2).unwrap();
+        let a = Tensor::scaled_dot_product_attention(&split(&wq), &split(&wk), &split(&wv), 0.35, true).unwrap();
+        let h = h.add(&a.transpose(1, 2).unwrap().reshape(&[2, s, d]).unwrap()).unwrap();
+        let h = h.dropout(0.1, &mut rng).unwrap();
+        let logits = h.matmul(&head.t().unwrap()).unwrap().reshape(&[2 * s, 50]).unwrap();
+        let targets = Tensor::from_vec(tok.iter().map(|t| (t + 1) % 50).collect::<Vec<_>>(), &[2 * s], &Device::Cpu).unwrap();
+        logits.cross_entropy(&targets, -100).unwrap().backward().unwrap();
+        clip_grad_norm(&params, 1.0).unwrap();
+        opt.step(&params, 1e-2).unwrap();
+        params.zero_grad();
+    }
+    params.iter().flat_map(|(_, p)| p.to_vec_f32().unwrap()).map(f32::to_bits).collect()
+}
+
+#[test]
+fn same_seed_same_threads_gives_bit_identical_training() {
+    let a = train_once(42);
+    assert_eq!(a, train_once(42));
+    assert_ne!(a, train_once(43));
+}
+
+#[test]
+fn bf16_parameters_are_rejected_by_the_f32_optimizer_with_a_clear_error() {
+    let mut params = ParamStore::new();
+    let w = params.insert("w", &randn(&[2, 2], 1).to_dtype(DType::BF16).unwrap()).unwrap();
+    w.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let err = AdamW::new(AdamWConfig::default()).unwrap().step(&params, 0.1).unwrap_err().to_string();
+    assert!(err.contains("`w`") && err.contains("f32"), "{err}");
+}

@@ -1,0 +1,85 @@
+//! Each fused op against its plain twin composed from primitive ops: values and gradients.
+
+use whale_tensor::testing::{assert_close, randn};
+use whale_tensor::{Device, Result, Tensor};
+
+/// Runs `f` on fresh variables made from `inputs` and returns (output, gradients of sum(out * r)).
+fn value_and_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Tensor> = inputs.iter().map(|t| t.deep_clone().variable()).collect();
+    let out = f(&vars).unwrap();
+    let r = randn(out.dims(), 777);
+    out.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    (out.detach(), vars.iter().map(|v| v.grad().unwrap()).collect())
+}
+
+fn assert_twins(inputs: &[Tensor], fused: impl Fn(&[Tensor]) -> Result<Tensor>, plain: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    let (a, ga) = value_and_grads(inputs, fused);
+    let (b, gb) = value_and_grads(inputs, plain);
+    assert_close(&a, &b, 1e-5, 1e-4);
+    for (x, y) in ga.iter().zip(&gb) {
+        assert_close(x, y, 1e-5, 1e-4);
+    }
+}
+
+#[test]
+fn softmax_matches_exp_over_sum() {
+    let x = randn(&[4, 9], 1).mul_scalar(3.0).unwrap();
+    assert_twins(&[x.clone()], |t| t[0].softmax_last_dim(), |t| {
+        let e = t[0].sub(&t[0].max_keepdim(1)?)?.exp()?;
+        e.div(&e.sum_keepdim(1)?)
+    });
+    assert_twins(&[x], |t| t[0].log_softmax_last_dim(), |t| t[0].sub(&t[0].logsumexp_keepdim(1)?));
+}
+
+#[test]
+fn rms_norm_matches_composition() {
+    let x = randn(&[3, 5, 16], 2);
+    let w = randn(&[16], 3);
+    assert_twins(&[x, w], |t| t[0].rms_norm(&t[1], 1e-6), |t| {
+        let ms = t[0].sqr()?.mean_keepdim(2)?;
+        t[0].mul(&ms.add_scalar(1e-6)?.rsqrt()?)?.mul(&t[1])
+    });
+}
+
+#[test]
+fn cross_entropy_matches_log_softmax_and_gather() {
+    let logits = randn(&[6, 11], 4);
+    let targets = Tensor::from_vec(vec![0i64, 10, -1, 5, 5, 2], &[6], &Device::Cpu).unwrap();
+    let kept = Tensor::from_vec(vec![0i64, 10, 5, 5, 2], &[5, 1], &Device::Cpu).unwrap();
+    let rows = Tensor::from_vec(vec![0i64, 1, 3, 4, 5], &[5], &Device::Cpu).unwrap();
+    assert_twins(&[logits], |t| t[0].cross_entropy(&targets, -1), |t| {
+        let lp = t[0].log_softmax_last_dim()?.index_select(0, &rows)?;
+        lp.gather(1, &kept)?.mean_all()?.neg()
+    });
+}
+
+#[test]
+fn attention_matches_materialised_softmax() {
+    let (b, hq, hk, sq, sk, dqk, dv) = (2, 4, 2, 7, 10, 8, 5);
+    let q = randn(&[b, hq, sq, dqk], 5);
+    let k = randn(&[b, hk, sk, dqk], 6);
+    let v = randn(&[b, hk, sk, dv], 7);
+    let scale = 1.0 / (dqk as f32).sqrt();
+    // Causal mask aligned bottom-right: query i sees keys j <= i + (sk - sq).
+    let mask: Vec<f32> = (0..sq).flat_map(|i| (0..sk).map(move |j| if j > i + sk - sq { 1.0 } else { 0.0 })).collect();
+    let mask = Tensor::from_vec(mask, &[sq, sk], &Device::Cpu).unwrap();
+    assert_twins(
+        &[q, k, v],
+        |t| Tensor::scaled_dot_product_attention(&t[0], &t[1], &t[2], scale, true),
+        |t| {
+            // Repeat kv heads for GQA: head h reads kv head h / (hq / hk).
+            let expand = |x: &Tensor| -> Result<Tensor> {
+                let (b, h, s, d) = (x.dims()[0], x.dims()[1], x.dims()[2], x.dims()[3]);
+                x.unsqueeze(2)?.broadcast_as(&[b, h, hq / hk, s, d])?.reshape(&[b, hq, s, d])
+            };
+            let (k, v) = (expand(&t[1])?, expand(&t[2])?);
+            let scores = t[0].matmul(&k.t()?)?.mul_scalar(scale)?.masked_fill(&mask, f32::NEG_INFINITY)?;
+            scores.softmax_last_dim()?.matmul(&v)
+        },
+    );
+}
+
+#[test]
+fn swiglu_matches_silu_times_up() {
+    assert_twins(&[randn(&[4, 8], 8), randn(&[4, 8], 9)], |t| Tensor::swiglu(&t[0], &t[1]), |t| t[0].silu()?.mul(&t[1]));
+}

@@ -1,0 +1,84 @@
+//! AdamW against an independent f64 transcription of PyTorch's `torch.optim.AdamW` update, and
+//! gradient clipping against `clip_grad_norm_`'s formula.
+
+use whale_tensor::optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig};
+use whale_tensor::testing::randn;
+use whale_tensor::ParamStore;
+
+#[test]
+fn adamw_matches_the_pytorch_update_rule() {
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_1d: false };
+    let mut params = ParamStore::new();
+    let w = params.insert("w", &randn(&[4, 5], 1)).unwrap();
+    let b = params.insert("b", &randn(&[5], 2)).unwrap();
+    let mut opt = AdamW::new(cfg).unwrap();
+
+    let mut p64: Vec<Vec<f64>> = [&w, &b].iter().map(|t| t.to_vec_f32().unwrap().iter().map(|&x| x as f64).collect()).collect();
+    let mut m64 = vec![vec![0.0f64; 20], vec![0.0; 5]];
+    let mut v64 = vec![vec![0.0f64; 20], vec![0.0; 5]];
+    let lrs = [1e-2f64, 5e-3, 2e-2];
+    for (step, &lr) in lrs.iter().enumerate() {
+        let t = (step + 1) as i32;
+        let grads = [randn(&[4, 5], 10 + step as u64), randn(&[5], 20 + step as u64)];
+        w.set_grad(Some(grads[0].clone())).unwrap();
+        b.set_grad(Some(grads[1].clone())).unwrap();
+        opt.step(&params, lr as f32).unwrap();
+        for (k, g) in grads.iter().enumerate() {
+            let wd = if k == 0 { 0.1 } else { 0.0 }; // 1-D parameters are not decayed by default
+            let g = g.to_vec_f32().unwrap();
+            for i in 0..g.len() {
+                let gi = g[i] as f64;
+                p64[k][i] *= 1.0 - lr * wd;
+                m64[k][i] = 0.9 * m64[k][i] + 0.1 * gi;
+                v64[k][i] = 0.95 * v64[k][i] + 0.05 * gi * gi;
+                let denom = (v64[k][i] / (1.0 - 0.95f64.powi(t))).sqrt() + 1e-8;
+                p64[k][i] -= lr / (1.0 - 0.9f64.powi(t)) * m64[k][i] / denom;
+            }
+        }
+    }
+    for (k, t) in [&w, &b].iter().enumerate() {
+        for (x, y) in t.to_vec_f32().unwrap().iter().zip(&p64[k]) {
+            // f32 arithmetic over three steps: a few ulps of values of order 1.
+            assert!((*x as f64 - y).abs() < 2e-6, "{x} vs {y}");
+        }
+    }
+    assert_eq!(opt.steps(), 3);
+}
+
+#[test]
+fn adamw_state_round_trips() {
+    let mut params = ParamStore::new();
+    let w = params.insert("w", &randn(&[3, 3], 1)).unwrap();
+    let mut a = AdamW::new(AdamWConfig::default()).unwrap();
+    w.set_grad(Some(randn(&[3, 3], 2))).unwrap();
+    a.step(&params, 0.1).unwrap();
+    let saved = a.state_tensors().unwrap().into_iter().collect();
+    let mut b = AdamW::new(AdamWConfig::default()).unwrap();
+    b.load_state(a.steps(), &saved, &params).unwrap();
+    let w2 = w.deep_clone();
+    let mut params2 = ParamStore::new();
+    let w2 = params2.insert("w", &w2).unwrap();
+    let g = randn(&[3, 3], 3);
+    w.set_grad(Some(g.clone())).unwrap();
+    w2.set_grad(Some(g)).unwrap();
+    a.step(&params, 0.1).unwrap();
+    b.step(&params2, 0.1).unwrap();
+    assert_eq!(w.to_vec_f32().unwrap(), w2.to_vec_f32().unwrap());
+}
+
+#[test]
+fn clipping_scales_to_max_norm() {
+    let mut params = ParamStore::new();
+    let a = params.insert("a", &randn(&[10], 1)).unwrap();
+    let b = params.insert("b", &randn(&[4, 4], 2)).unwrap();
+    a.set_grad(Some(randn(&[10], 3).mul_scalar(5.0).unwrap())).unwrap();
+    b.set_grad(Some(randn(&[4, 4], 4).mul_scalar(5.0).unwrap())).unwrap();
+    let before = grad_norm(&params).unwrap();
+    assert!(before > 1.0);
+    assert_eq!(clip_grad_norm(&params, 1.0).unwrap(), before);
+    let after = grad_norm(&params).unwrap();
+    assert!((after - 1.0).abs() < 1e-5, "{after}");
+    // Below the threshold nothing changes.
+    assert!((clip_grad_norm(&params, 10.0).unwrap() - after).abs() < 1e-12);
+    assert!((grad_norm(&params).unwrap() - after).abs() < 1e-12);
+}

@@ -1,0 +1,87 @@
+//! Views, dtypes, devices, errors, and the values of a few ops checked by hand.
+
+use whale_tensor::testing::randn;
+use whale_tensor::{DType, Device, Error, Tensor};
+
+fn t(v: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn views_share_storage() {
+    let x = randn(&[4, 6], 1);
+    let views = [
+        x.t().unwrap(),
+        x.narrow(1, 2, 3).unwrap(),
+        x.reshape(&[2, 12]).unwrap(),
+        x.unsqueeze(0).unwrap().squeeze(0).unwrap(),
+        x.permute(&[1, 0]).unwrap(),
+        x.narrow(0, 0, 1).unwrap().broadcast_as(&[3, 4, 6]).unwrap(),
+        x.split(&[2, 4], 1).unwrap()[1].clone(),
+    ];
+    for v in &views {
+        assert!(v.same_storage(&x), "{v:?} copied");
+    }
+    // A non-contiguous view copies only when reshaped.
+    assert!(!x.t().unwrap().reshape(&[24]).unwrap().same_storage(&x));
+    assert_eq!(x.t().unwrap().to_vec2_f32().unwrap()[1][2], x.to_vec2_f32().unwrap()[2][1]);
+}
+
+#[test]
+fn hand_checked_values() {
+    let a = t(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]);
+    let b = t(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2]);
+    assert_eq!(a.matmul(&b).unwrap().to_vec_f32().unwrap(), vec![4.0, 5.0, 10.0, 11.0]);
+    assert_eq!(a.sum(1).unwrap().to_vec_f32().unwrap(), vec![6.0, 15.0]);
+    assert_eq!(a.max(0).unwrap().to_vec_f32().unwrap(), vec![4.0, 5.0, 6.0]);
+    assert_eq!(a.argmax(1).unwrap().to_vec::<i64>().unwrap(), vec![2, 2]);
+    let (v, i) = t(&[0.5, 3.0, 3.0, -1.0, 7.0], &[5]).topk(3).unwrap();
+    assert_eq!(v.to_vec_f32().unwrap(), vec![7.0, 3.0, 3.0]);
+    assert_eq!(i.to_vec::<i64>().unwrap(), vec![4, 1, 2], "ties go to the lower index");
+    let c = Tensor::cat(&[a.clone(), a.clone()], 0).unwrap();
+    assert_eq!(c.dims(), &[4, 3]);
+    assert_eq!(a.add(&t(&[10.0, 20.0, 30.0], &[3])).unwrap().to_vec_f32().unwrap(), vec![11.0, 22.0, 33.0, 14.0, 25.0, 36.0]);
+    let lse = t(&[0.0, 0.0], &[1, 2]).logsumexp(1).unwrap().to_scalar().unwrap();
+    assert!((lse - std::f32::consts::LN_2).abs() < 1e-7);
+    let ce = t(&[0.0, 0.0], &[1, 2]).cross_entropy(&Tensor::from_slice(&[1i64], &[1], &Device::Cpu).unwrap(), -100).unwrap();
+    assert!((ce.to_scalar().unwrap() - std::f32::consts::LN_2).abs() < 1e-7);
+}
+
+#[test]
+fn bf16_is_a_storage_format() {
+    let x = t(&[1.0, 1.0 + 1.0 / 256.0, 3.0], &[3]).to_dtype(DType::BF16).unwrap();
+    assert_eq!(x.dtype(), DType::BF16);
+    // 1 + 2^-8 is not representable in bf16 (8 bits of mantissa): round to nearest even gives 1.
+    assert_eq!(x.to_vec_f32().unwrap(), vec![1.0, 1.0, 3.0]);
+    let y = x.mul(&x).unwrap();
+    assert_eq!(y.dtype(), DType::BF16);
+    assert_eq!(y.to_vec_f32().unwrap(), vec![1.0, 1.0, 9.0]);
+    let h = t(&[0.1], &[1]).to_dtype(DType::F16).unwrap();
+    assert_eq!(h.to_vec_f32().unwrap()[0], half::f16::from_f32(0.1).to_f32());
+}
+
+#[test]
+fn cuda_is_a_clear_error_not_a_panic() {
+    let err = Device::cuda(0).unwrap_err();
+    assert!(err.to_string().contains("CUDA"), "{err}");
+    let err = Tensor::zeros(&[2], DType::F32, &Device::Cuda(0)).unwrap_err();
+    assert!(matches!(err, Error::DeviceUnavailable { .. }));
+}
+
+#[test]
+fn bad_input_gets_named_errors() {
+    let a = randn(&[2, 3], 1);
+    let e = a.matmul(&randn(&[4, 2], 2)).unwrap_err().to_string();
+    assert!(e.contains("matmul") && e.contains("[2, 3]") && e.contains("[4, 2]"), "{e}");
+    let e = a.add(&randn(&[4], 3)).unwrap_err().to_string();
+    assert!(e.contains("add"), "{e}");
+    let e = a.index_select(0, &Tensor::from_slice(&[5i64], &[1], &Device::Cpu).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("index_select") && e.contains('5'), "{e}");
+    let e = a.cross_entropy(&Tensor::from_slice(&[0i64, 3], &[2], &Device::Cpu).unwrap(), -100).unwrap_err().to_string();
+    assert!(e.contains("targets") && e.contains('3'), "{e}");
+    assert!(a.transpose(0, 2).is_err());
+    assert!(a.reshape(&[5]).is_err());
+    assert!(Tensor::from_vec(vec![1.0f32; 5], &[2, 3], &Device::Cpu).is_err());
+    assert!(a.to_dtype(DType::I64).unwrap().exp().is_err());
+    assert!(a.backward().is_err(), "backward from a non-scalar");
+}
