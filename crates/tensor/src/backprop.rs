@@ -26,7 +26,13 @@ pub trait BackwardOp: Send + Sync {
 
     /// Gradients of the op's inputs given the gradient of its output, computed only where
     /// `needs[i]`; other entries are `None`.
-    fn backward(&self, inputs: &[Tensor], output: &Tensor, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>>;
+    fn backward(
+        &self,
+        inputs: &[Tensor],
+        output: &Tensor,
+        grad: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>>;
 }
 
 /// A backward written as a closure, which keeps each op's forward and backward side by side.
@@ -42,7 +48,13 @@ where
     fn name(&self) -> &'static str {
         self.name
     }
-    fn backward(&self, inputs: &[Tensor], output: &Tensor, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+    fn backward(
+        &self,
+        inputs: &[Tensor],
+        output: &Tensor,
+        grad: &Tensor,
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
         (self.f)(inputs, output, grad, needs)
     }
 }

@@ -98,7 +98,10 @@ impl Layout {
         }
         for &p in perm {
             if p >= self.rank() || seen[p] {
-                return Err(Error::invalid("permute", format!("{perm:?} is not a permutation of rank {}", self.rank())));
+                return Err(Error::invalid(
+                    "permute",
+                    format!("{perm:?} is not a permutation of rank {}", self.rank()),
+                ));
             }
             seen[p] = true;
         }

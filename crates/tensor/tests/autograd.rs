@@ -96,12 +96,14 @@ fn train_once(seed: u64) -> Vec<u32> {
         let tok: Vec<i64> = (0..2 * s).map(|_| rng.below(50) as i64).collect();
         let ids = Tensor::from_vec(tok.clone(), &[2, s], &Device::Cpu).unwrap();
         let h = emb.embedding(&ids).unwrap().rms_norm(&norm, 1e-6).unwrap();
-        let split = |w: &Tensor| h.matmul(&w.t().unwrap()).unwrap().reshape(&[2, s, 4, 8]).unwrap().transpose(1, 2).unwrap();
+        let split =
+            |w: &Tensor| h.matmul(&w.t().unwrap()).unwrap().reshape(&[2, s, 4, 8]).unwrap().transpose(1, 2).unwrap();
         let a = Tensor::scaled_dot_product_attention(&split(&wq), &split(&wk), &split(&wv), 0.35, true).unwrap();
         let h = h.add(&a.transpose(1, 2).unwrap().reshape(&[2, s, d]).unwrap()).unwrap();
         let h = h.dropout(0.1, &mut rng).unwrap();
         let logits = h.matmul(&head.t().unwrap()).unwrap().reshape(&[2 * s, 50]).unwrap();
-        let targets = Tensor::from_vec(tok.iter().map(|t| (t + 1) % 50).collect::<Vec<_>>(), &[2 * s], &Device::Cpu).unwrap();
+        let targets =
+            Tensor::from_vec(tok.iter().map(|t| (t + 1) % 50).collect::<Vec<_>>(), &[2 * s], &Device::Cpu).unwrap();
         logits.cross_entropy(&targets, -100).unwrap().backward().unwrap();
         clip_grad_norm(&params, 1.0).unwrap();
         opt.step(&params, 1e-2).unwrap();

@@ -12,7 +12,11 @@ fn value_and_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) -
     (out.detach(), vars.iter().map(|v| v.grad().unwrap()).collect())
 }
 
-fn assert_twins(inputs: &[Tensor], fused: impl Fn(&[Tensor]) -> Result<Tensor>, plain: impl Fn(&[Tensor]) -> Result<Tensor>) {
+fn assert_twins(
+    inputs: &[Tensor],
+    fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+    plain: impl Fn(&[Tensor]) -> Result<Tensor>,
+) {
     let (a, ga) = value_and_grads(inputs, fused);
     let (b, gb) = value_and_grads(inputs, plain);
     assert_close(&a, &b, 1e-5, 1e-4);
@@ -24,10 +28,14 @@ fn assert_twins(inputs: &[Tensor], fused: impl Fn(&[Tensor]) -> Result<Tensor>, 
 #[test]
 fn softmax_matches_exp_over_sum() {
     let x = randn(&[4, 9], 1).mul_scalar(3.0).unwrap();
-    assert_twins(&[x.clone()], |t| t[0].softmax_last_dim(), |t| {
-        let e = t[0].sub(&t[0].max_keepdim(1)?)?.exp()?;
-        e.div(&e.sum_keepdim(1)?)
-    });
+    assert_twins(
+        &[x.clone()],
+        |t| t[0].softmax_last_dim(),
+        |t| {
+            let e = t[0].sub(&t[0].max_keepdim(1)?)?.exp()?;
+            e.div(&e.sum_keepdim(1)?)
+        },
+    );
     assert_twins(&[x], |t| t[0].log_softmax_last_dim(), |t| t[0].sub(&t[0].logsumexp_keepdim(1)?));
 }
 
@@ -35,10 +43,14 @@ fn softmax_matches_exp_over_sum() {
 fn rms_norm_matches_composition() {
     let x = randn(&[3, 5, 16], 2);
     let w = randn(&[16], 3);
-    assert_twins(&[x, w], |t| t[0].rms_norm(&t[1], 1e-6), |t| {
-        let ms = t[0].sqr()?.mean_keepdim(2)?;
-        t[0].mul(&ms.add_scalar(1e-6)?.rsqrt()?)?.mul(&t[1])
-    });
+    assert_twins(
+        &[x, w],
+        |t| t[0].rms_norm(&t[1], 1e-6),
+        |t| {
+            let ms = t[0].sqr()?.mean_keepdim(2)?;
+            t[0].mul(&ms.add_scalar(1e-6)?.rsqrt()?)?.mul(&t[1])
+        },
+    );
 }
 
 #[test]
@@ -47,10 +59,14 @@ fn cross_entropy_matches_log_softmax_and_gather() {
     let targets = Tensor::from_vec(vec![0i64, 10, -1, 5, 5, 2], &[6], &Device::Cpu).unwrap();
     let kept = Tensor::from_vec(vec![0i64, 10, 5, 5, 2], &[5, 1], &Device::Cpu).unwrap();
     let rows = Tensor::from_vec(vec![0i64, 1, 3, 4, 5], &[5], &Device::Cpu).unwrap();
-    assert_twins(&[logits], |t| t[0].cross_entropy(&targets, -1), |t| {
-        let lp = t[0].log_softmax_last_dim()?.index_select(0, &rows)?;
-        lp.gather(1, &kept)?.mean_all()?.neg()
-    });
+    assert_twins(
+        &[logits],
+        |t| t[0].cross_entropy(&targets, -1),
+        |t| {
+            let lp = t[0].log_softmax_last_dim()?.index_select(0, &rows)?;
+            lp.gather(1, &kept)?.mean_all()?.neg()
+        },
+    );
 }
 
 #[test]
@@ -81,5 +97,9 @@ fn attention_matches_materialised_softmax() {
 
 #[test]
 fn swiglu_matches_silu_times_up() {
-    assert_twins(&[randn(&[4, 8], 8), randn(&[4, 8], 9)], |t| Tensor::swiglu(&t[0], &t[1]), |t| t[0].silu()?.mul(&t[1]));
+    assert_twins(
+        &[randn(&[4, 8], 8), randn(&[4, 8], 9)],
+        |t| Tensor::swiglu(&t[0], &t[1]),
+        |t| t[0].silu()?.mul(&t[1]),
+    );
 }

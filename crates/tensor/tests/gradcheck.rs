@@ -16,7 +16,11 @@ fn away_from_zero(shape: &[usize], seed: u64) -> Tensor {
 }
 
 fn positive(shape: &[usize], seed: u64) -> Tensor {
-    away_from_zero(shape, seed).to_vec_f32().map(|v| v.iter().map(|x| x.abs()).collect::<Vec<_>>()).map(|v| Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    away_from_zero(shape, seed)
+        .to_vec_f32()
+        .map(|v| v.iter().map(|x| x.abs()).collect::<Vec<_>>())
+        .map(|v| Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+        .unwrap()
 }
 
 macro_rules! unary_grad_test {
@@ -130,7 +134,9 @@ fn attention_causal_gqa_and_uneven_head_dims() {
     let k = randn(&[b, hk, s, dqk], 91);
     let v = randn(&[b, hk, s, dv], 92);
     for causal in [true, false] {
-        assert_gradients(&[q.clone(), k.clone(), v.clone()], |t| Tensor::scaled_dot_product_attention(&t[0], &t[1], &t[2], 0.4, causal));
+        assert_gradients(&[q.clone(), k.clone(), v.clone()], |t| {
+            Tensor::scaled_dot_product_attention(&t[0], &t[1], &t[2], 0.4, causal)
+        });
     }
     // Queries at the end of a longer key sequence (a cached prefix).
     let q2 = randn(&[1, 2, 2, dqk], 93);
@@ -162,7 +168,9 @@ fn indexing_ops() {
     assert_gradients(&[table.clone()], |t| t[0].gather(1, &idx));
     let src2 = randn(&[6, 2], 122);
     assert_gradients(&[table.clone(), src2], |t| t[0].scatter_add(1, &idx, &t[1]));
-    let spread = Tensor::from_vec((0..24).map(|i| ((i * 7) % 24) as f32 * 0.1).collect::<Vec<_>>(), &[4, 6], &Device::Cpu).unwrap();
+    let spread =
+        Tensor::from_vec((0..24).map(|i| ((i * 7) % 24) as f32 * 0.1).collect::<Vec<_>>(), &[4, 6], &Device::Cpu)
+            .unwrap();
     assert_gradients(&[spread], |t| Ok(t[0].topk(3)?.0));
 }
 

@@ -40,10 +40,14 @@ fn hand_checked_values() {
     assert_eq!(i.to_vec::<i64>().unwrap(), vec![4, 1, 2], "ties go to the lower index");
     let c = Tensor::cat(&[a.clone(), a.clone()], 0).unwrap();
     assert_eq!(c.dims(), &[4, 3]);
-    assert_eq!(a.add(&t(&[10.0, 20.0, 30.0], &[3])).unwrap().to_vec_f32().unwrap(), vec![11.0, 22.0, 33.0, 14.0, 25.0, 36.0]);
+    assert_eq!(
+        a.add(&t(&[10.0, 20.0, 30.0], &[3])).unwrap().to_vec_f32().unwrap(),
+        vec![11.0, 22.0, 33.0, 14.0, 25.0, 36.0]
+    );
     let lse = t(&[0.0, 0.0], &[1, 2]).logsumexp(1).unwrap().to_scalar().unwrap();
     assert!((lse - std::f32::consts::LN_2).abs() < 1e-7);
-    let ce = t(&[0.0, 0.0], &[1, 2]).cross_entropy(&Tensor::from_slice(&[1i64], &[1], &Device::Cpu).unwrap(), -100).unwrap();
+    let ce =
+        t(&[0.0, 0.0], &[1, 2]).cross_entropy(&Tensor::from_slice(&[1i64], &[1], &Device::Cpu).unwrap(), -100).unwrap();
     assert!((ce.to_scalar().unwrap() - std::f32::consts::LN_2).abs() < 1e-7);
 }
 
@@ -77,7 +81,8 @@ fn bad_input_gets_named_errors() {
     assert!(e.contains("add"), "{e}");
     let e = a.index_select(0, &Tensor::from_slice(&[5i64], &[1], &Device::Cpu).unwrap()).unwrap_err().to_string();
     assert!(e.contains("index_select") && e.contains('5'), "{e}");
-    let e = a.cross_entropy(&Tensor::from_slice(&[0i64, 3], &[2], &Device::Cpu).unwrap(), -100).unwrap_err().to_string();
+    let e =
+        a.cross_entropy(&Tensor::from_slice(&[0i64, 3], &[2], &Device::Cpu).unwrap(), -100).unwrap_err().to_string();
     assert!(e.contains("targets") && e.contains('3'), "{e}");
     assert!(a.transpose(0, 2).is_err());
     assert!(a.reshape(&[5]).is_err());

@@ -80,10 +80,14 @@ impl Tensor {
 
     /// SiLU (swish): `x * sigmoid(x)`.
     pub fn silu(&self) -> Result<Tensor> {
-        self.unary_op("silu", |x| x * sigmoid(x), |x, _| {
-            let s = sigmoid(x);
-            s * (1.0 + x * (1.0 - s))
-        })
+        self.unary_op(
+            "silu",
+            |x| x * sigmoid(x),
+            |x, _| {
+                let s = sigmoid(x);
+                s * (1.0 + x * (1.0 - s))
+            },
+        )
     }
 
     /// GELU in its tanh approximation (GPT-2, llm.c): `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
@@ -123,8 +127,16 @@ impl Tensor {
     /// Broadcasts both operands to a common shape and returns their values as contiguous f32.
     fn broadcast_pair(&self, rhs: &Tensor, op: &'static str) -> Result<(Vec<usize>, Vec<f32>, Vec<f32>)> {
         let shape = broadcast_shape(op, self.dims(), rhs.dims())?;
-        let a = if self.dims() == shape.as_slice() { self.f32_data().to_vec() } else { self.broadcast_as(&shape)?.to_vec_f32()? };
-        let b = if rhs.dims() == shape.as_slice() { rhs.f32_data().to_vec() } else { rhs.broadcast_as(&shape)?.to_vec_f32()? };
+        let a = if self.dims() == shape.as_slice() {
+            self.f32_data().to_vec()
+        } else {
+            self.broadcast_as(&shape)?.to_vec_f32()?
+        };
+        let b = if rhs.dims() == shape.as_slice() {
+            rhs.f32_data().to_vec()
+        } else {
+            rhs.broadcast_as(&shape)?.to_vec_f32()?
+        };
         Ok((shape, a, b))
     }
 
@@ -154,15 +166,30 @@ impl Tensor {
     }
 
     pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_op(rhs, "add", |a, b| a + b, |_, _, g, n| Ok([grad_if(n[0], || Ok(g.clone()))?, grad_if(n[1], || Ok(g.clone()))?]))
+        self.binary_op(
+            rhs,
+            "add",
+            |a, b| a + b,
+            |_, _, g, n| Ok([grad_if(n[0], || Ok(g.clone()))?, grad_if(n[1], || Ok(g.clone()))?]),
+        )
     }
 
     pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_op(rhs, "sub", |a, b| a - b, |_, _, g, n| Ok([grad_if(n[0], || Ok(g.clone()))?, grad_if(n[1], || g.neg())?]))
+        self.binary_op(
+            rhs,
+            "sub",
+            |a, b| a - b,
+            |_, _, g, n| Ok([grad_if(n[0], || Ok(g.clone()))?, grad_if(n[1], || g.neg())?]),
+        )
     }
 
     pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_op(rhs, "mul", |a, b| a * b, |a, b, g, n| Ok([grad_if(n[0], || g.mul(b))?, grad_if(n[1], || g.mul(a))?]))
+        self.binary_op(
+            rhs,
+            "mul",
+            |a, b| a * b,
+            |a, b, g, n| Ok([grad_if(n[0], || g.mul(b))?, grad_if(n[1], || g.mul(a))?]),
+        )
     }
 
     pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
@@ -176,18 +203,13 @@ impl Tensor {
 
     /// Elementwise maximum; the gradient goes to `self` where `self >= rhs`, else to `rhs`.
     pub fn maximum(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_op(
-            rhs,
-            "maximum",
-            f32::max,
-            |a, b, g, n| {
-                let mask = a.ge(b)?;
-                Ok([
-                    grad_if(n[0], || mask.where_cond(g, &g.zeros_like()?))?,
-                    grad_if(n[1], || mask.where_cond(&g.zeros_like()?, g))?,
-                ])
-            },
-        )
+        self.binary_op(rhs, "maximum", f32::max, |a, b, g, n| {
+            let mask = a.ge(b)?;
+            Ok([
+                grad_if(n[0], || mask.where_cond(g, &g.zeros_like()?))?,
+                grad_if(n[1], || mask.where_cond(&g.zeros_like()?, g))?,
+            ])
+        })
     }
 
     /// 1.0 where `self >= rhs`, else 0.0 (a mask, not differentiable).

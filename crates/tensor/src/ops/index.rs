@@ -13,7 +13,13 @@ use crate::{Error, Result, Tensor};
 fn checked_indices(op: &'static str, ids: &Tensor, size: usize) -> Result<Vec<usize>> {
     ids.to_vec_i64()?
         .into_iter()
-        .map(|i| if i >= 0 && (i as usize) < size { Ok(i as usize) } else { Err(Error::IndexOutOfRange { op, index: i, size }) })
+        .map(|i| {
+            if i >= 0 && (i as usize) < size {
+                Ok(i as usize)
+            } else {
+                Err(Error::IndexOutOfRange { op, index: i, size })
+            }
+        })
         .collect()
 }
 
@@ -58,7 +64,11 @@ impl Tensor {
         let idx = checked_indices("index_add", ids, n)?;
         let m = idx.len();
         if src.dims() != with_dim(self.dims(), dim, m).as_slice() {
-            return Err(Error::ShapeMismatch { op: "index_add", lhs: with_dim(self.dims(), dim, m), rhs: src.dims().to_vec() });
+            return Err(Error::ShapeMismatch {
+                op: "index_add",
+                lhs: with_dim(self.dims(), dim, m),
+                rhs: src.dims().to_vec(),
+            });
         }
         let mut out = self.f32_data().to_vec();
         let s = src.f32_data();
@@ -129,7 +139,11 @@ impl Tensor {
         }
         let m = idx.dim(dim)?;
         if idx.dims() != with_dim(self.dims(), dim, m).as_slice() {
-            return Err(Error::ShapeMismatch { op: "scatter_add", lhs: self.dims().to_vec(), rhs: idx.dims().to_vec() });
+            return Err(Error::ShapeMismatch {
+                op: "scatter_add",
+                lhs: self.dims().to_vec(),
+                rhs: idx.dims().to_vec(),
+            });
         }
         let (outer, n, inner) = split_at_dim(self.dims(), dim);
         let ix = checked_indices("scatter_add", idx, n)?;

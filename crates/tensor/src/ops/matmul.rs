@@ -21,7 +21,10 @@ impl Tensor {
         let dtype = check_same_dtype("matmul", self, rhs)?;
         let (ra, rb) = (self.rank(), rhs.rank());
         if ra < 2 || rb < 2 {
-            return Err(Error::invalid("matmul", format!("operands need rank >= 2, got {:?} and {:?}", self.dims(), rhs.dims())));
+            return Err(Error::invalid(
+                "matmul",
+                format!("operands need rank >= 2, got {:?} and {:?}", self.dims(), rhs.dims()),
+            ));
         }
         let (m, k) = (self.dims()[ra - 2], self.dims()[ra - 1]);
         let (k2, n) = (rhs.dims()[rb - 2], rhs.dims()[rb - 1]);
@@ -79,7 +82,12 @@ fn batched_gemm(a: &Tensor, b: &Tensor, batch: &[usize], m: usize, n: usize, k: 
     let (sa, sb) = (a.layout().strides(), b.layout().strides());
     let r = sa.len();
     let (oa, ob) = (batch_offsets(a, batch), batch_offsets(b, batch));
-    let mat = |data, offset, s: &[usize]| MatRef { data, offset, row_stride: s[r - 2] as isize, col_stride: s[r - 1] as isize };
+    let mat = |data, offset, s: &[usize]| MatRef {
+        data,
+        offset,
+        row_stride: s[r - 2] as isize,
+        col_stride: s[r - 1] as isize,
+    };
     let mut out = vec![0.0f32; oa.len() * m * n];
     if m * n == 0 {
         return out;

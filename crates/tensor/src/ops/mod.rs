@@ -55,14 +55,12 @@ pub(crate) fn par_map3(x: &[f32], y: &[f32], z: &[f32], f: impl Fn(f32, f32, f32
             out[i] = f(x[i], y[i], z[i]);
         }
     } else {
-        out.par_chunks_mut(PAR_CHUNK)
-            .enumerate()
-            .for_each(|(c, o)| {
-                let base = c * PAR_CHUNK;
-                for i in 0..o.len() {
-                    o[i] = f(x[base + i], y[base + i], z[base + i]);
-                }
-            });
+        out.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(c, o)| {
+            let base = c * PAR_CHUNK;
+            for i in 0..o.len() {
+                o[i] = f(x[base + i], y[base + i], z[base + i]);
+            }
+        });
     }
     out
 }

@@ -82,7 +82,15 @@ impl Tensor {
             let (x, w) = (&inputs[0], &inputs[1]);
             let mut dx = needs[0].then(|| vec![0.0f32; x.elem_count()]);
             let mut dw = needs[1].then(|| vec![0.0f32; d]);
-            rmsnorm::rmsnorm_backward(&x.f32_data(), &w.f32_data(), &rstd, &g.f32_data(), d, dx.as_deref_mut(), dw.as_deref_mut());
+            rmsnorm::rmsnorm_backward(
+                &x.f32_data(),
+                &w.f32_data(),
+                &rstd,
+                &g.f32_data(),
+                d,
+                dx.as_deref_mut(),
+                dw.as_deref_mut(),
+            );
             Ok(vec![dx.map(|v| grad_tensor(v, x)), dw.map(|v| grad_tensor(v, w))])
         });
         Ok(Tensor::from_op(y, self.dims(), dtype, &[self, weight], back))
@@ -94,7 +102,10 @@ impl Tensor {
     pub fn cross_entropy(&self, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
         check_float("cross_entropy", self)?;
         if self.rank() != 2 {
-            return Err(Error::invalid("cross_entropy", format!("logits must be [rows, vocab], got {:?}", self.dims())));
+            return Err(Error::invalid(
+                "cross_entropy",
+                format!("logits must be [rows, vocab], got {:?}", self.dims()),
+            ));
         }
         let (rows, vocab) = (self.dims()[0], self.dims()[1]);
         check_shape("cross_entropy (targets)", targets, &[rows])?;
@@ -103,7 +114,8 @@ impl Tensor {
             return Err(Error::IndexOutOfRange { op: "cross_entropy (targets)", index: bad, size: vocab });
         }
         let (mut loss, mut lse) = (vec![0.0f32; rows], vec![0.0f32; rows]);
-        let count = cross_entropy::cross_entropy_forward(&self.f32_data(), vocab, &t, ignore_index, &mut loss, &mut lse);
+        let count =
+            cross_entropy::cross_entropy_forward(&self.f32_data(), vocab, &t, ignore_index, &mut loss, &mut lse);
         let scale = if count == 0 { 0.0 } else { 1.0 / count as f64 };
         let mean = (loss.iter().map(|&l| l as f64).sum::<f64>() * scale) as f32;
         let back = backward_fn("cross_entropy", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
@@ -150,12 +162,21 @@ impl Tensor {
     /// `q`: `[batch, q_heads, q_len, qk_dim]`, `k`: `[batch, kv_heads, kv_len, qk_dim]`,
     /// `v`: `[batch, kv_heads, kv_len, v_dim]` -> `[batch, q_heads, q_len, v_dim]`. With `causal`,
     /// query i sees keys up to `i + kv_len - q_len`.
-    pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, causal: bool) -> Result<Tensor> {
+    pub fn scaled_dot_product_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+        causal: bool,
+    ) -> Result<Tensor> {
         let dtype = check_same_dtype("attention", q, k)?;
         check_same_dtype("attention", q, v)?;
         for (name, t) in [("q", q), ("k", k), ("v", v)] {
             if t.rank() != 4 {
-                return Err(Error::invalid("attention", format!("{name} must be [batch, heads, seq, dim], got {:?}", t.dims())));
+                return Err(Error::invalid(
+                    "attention",
+                    format!("{name} must be [batch, heads, seq, dim], got {:?}", t.dims()),
+                ));
             }
         }
         let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
@@ -179,9 +200,21 @@ impl Tensor {
         attention::attention_forward(&shape, &q.f32_data(), &k.f32_data(), &v.f32_data(), &mut o, &mut lse);
         let back = backward_fn("attention", move |inputs: &[Tensor], out: &Tensor, g: &Tensor, needs: &[bool]| {
             let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
-            let (mut dq, mut dk, mut dv) = (vec![0.0f32; q.elem_count()], vec![0.0f32; k.elem_count()], vec![0.0f32; v.elem_count()]);
+            let (mut dq, mut dk, mut dv) =
+                (vec![0.0f32; q.elem_count()], vec![0.0f32; k.elem_count()], vec![0.0f32; v.elem_count()]);
             let (qv, kv, vv) = (q.f32_data(), k.f32_data(), v.f32_data());
-            attention::attention_backward(&shape, &qv, &kv, &vv, &out.f32_data(), &lse, &g.f32_data(), &mut dq, &mut dk, &mut dv);
+            attention::attention_backward(
+                &shape,
+                &qv,
+                &kv,
+                &vv,
+                &out.f32_data(),
+                &lse,
+                &g.f32_data(),
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            );
             Ok(vec![
                 needs[0].then(|| grad_tensor(dq, q)),
                 needs[1].then(|| grad_tensor(dk, k)),
@@ -202,7 +235,13 @@ impl Tensor {
             let (gate, up) = (&inputs[0], &inputs[1]);
             let mut dg = needs[0].then(|| vec![0.0f32; gate.elem_count()]);
             let mut du = needs[1].then(|| vec![0.0f32; up.elem_count()]);
-            swiglu::swiglu_backward(&gate.f32_data(), &up.f32_data(), &g.f32_data(), dg.as_deref_mut(), du.as_deref_mut());
+            swiglu::swiglu_backward(
+                &gate.f32_data(),
+                &up.f32_data(),
+                &g.f32_data(),
+                dg.as_deref_mut(),
+                du.as_deref_mut(),
+            );
             Ok(vec![dg.map(|v| grad_tensor(v, gate)), du.map(|v| grad_tensor(v, up))])
         });
         Ok(Tensor::from_op(out, gate.dims(), dtype, &[gate, up], back))
@@ -222,7 +261,9 @@ impl Tensor {
         let mask: Vec<f32> = (0..self.elem_count()).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
         let mask = Tensor::from_vec(mask, self.dims(), &self.device())?.to_dtype(self.dtype())?;
         let out = crate::no_grad(|| self.mul(&mask))?;
-        let back = backward_fn("dropout", move |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| Ok(vec![Some(g.mul(&mask)?)]));
+        let back = backward_fn("dropout", move |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
+            Ok(vec![Some(g.mul(&mask)?)])
+        });
         Ok(Tensor::from_op(out.to_vec_f32()?, self.dims(), self.dtype(), &[self], back))
     }
 }
@@ -249,4 +290,3 @@ pub fn rope_tables(positions: &[usize], inv_freq: &[f32]) -> Result<(Tensor, Ten
 pub fn rope_inv_freq(d: usize, base: f64) -> Vec<f32> {
     (0..d / 2).map(|i| base.powf(-(2.0 * i as f64) / d as f64) as f32).collect()
 }
-

@@ -8,7 +8,13 @@ use crate::{DType, Result, Tensor};
 
 /// Reduces `[outer, n, inner]` over the middle axis with `f(values along n) -> value`, in parallel
 /// over outer rows.
-fn reduce_mid(x: &[f32], outer: usize, n: usize, inner: usize, f: impl Fn(&mut dyn Iterator<Item = f32>) -> f32 + Sync) -> Vec<f32> {
+fn reduce_mid(
+    x: &[f32],
+    outer: usize,
+    n: usize,
+    inner: usize,
+    f: impl Fn(&mut dyn Iterator<Item = f32>) -> f32 + Sync,
+) -> Vec<f32> {
     let mut out = vec![0.0f32; outer * inner];
     if inner == 0 {
         return out;

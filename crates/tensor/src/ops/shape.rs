@@ -8,8 +8,15 @@ use crate::{DType, Error, Result, Tensor};
 
 impl Tensor {
     /// A view of the same storage under a new layout, differentiable through `back`.
-    fn view(&self, layout: Layout, name: &'static str, back: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static) -> Tensor {
-        let op = backward_fn(name, move |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| Ok(vec![Some(back(&inputs[0], g)?)]));
+    fn view(
+        &self,
+        layout: Layout,
+        name: &'static str,
+        back: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    ) -> Tensor {
+        let op = backward_fn(name, move |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
+            Ok(vec![Some(back(&inputs[0], g)?)])
+        });
         Tensor::with_history(self.0.storage.clone(), layout, self.dtype(), &[self], op)
     }
 
@@ -17,7 +24,10 @@ impl Tensor {
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         if n != self.elem_count() {
-            return Err(Error::invalid("reshape", format!("cannot view {:?} ({} elements) as {shape:?}", self.dims(), self.elem_count())));
+            return Err(Error::invalid(
+                "reshape",
+                format!("cannot view {:?} ({} elements) as {shape:?}", self.dims(), self.elem_count()),
+            ));
         }
         if !self.is_contiguous() {
             return self.contiguous()?.reshape(shape);
@@ -67,7 +77,9 @@ impl Tensor {
             let dst = (o * full + start) * inner;
             out[dst..dst + len * inner].copy_from_slice(&src[o * len * inner..(o + 1) * len * inner]);
         }
-        let back = backward_fn("pad", move |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| Ok(vec![Some(g.narrow(dim, start, len)?)]));
+        let back = backward_fn("pad", move |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
+            Ok(vec![Some(g.narrow(dim, start, len)?)])
+        });
         Ok(Tensor::from_op(out, shape, self.dtype(), &[self], back))
     }
 
@@ -115,7 +127,8 @@ impl Tensor {
         }
         let storage = self.0.storage.read().expect("tensor storage lock poisoned").gather_same(self.layout());
         let storage = std::sync::Arc::new(std::sync::RwLock::new(storage));
-        let op = backward_fn("contiguous", |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| Ok(vec![Some(g.clone())]));
+        let op =
+            backward_fn("contiguous", |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| Ok(vec![Some(g.clone())]));
         Ok(Tensor::with_history(storage, Layout::contiguous(self.dims()), self.dtype(), &[self], op))
     }
 
@@ -126,7 +139,9 @@ impl Tensor {
         }
         let values = self.f32_data().to_vec();
         if self.dtype().is_float() && dtype.is_float() {
-            let back = backward_fn("to_dtype", |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| Ok(vec![Some(g.to_dtype(inputs[0].dtype())?)]));
+            let back = backward_fn("to_dtype", |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
+                Ok(vec![Some(g.to_dtype(inputs[0].dtype())?)])
+            });
             Ok(Tensor::from_op(values, self.dims(), dtype, &[self], back))
         } else {
             Ok(Tensor::from_op(values, self.dims(), dtype, &[], crate::backprop::NoBackward))
@@ -142,7 +157,8 @@ impl Tensor {
             if t.dtype() != first.dtype() {
                 return Err(Error::DTypeMismatch { op: "cat", lhs: first.dtype(), rhs: t.dtype() });
             }
-            let ok = t.rank() == first.rank() && t.dims().iter().zip(first.dims()).enumerate().all(|(d, (a, b))| d == dim || a == b);
+            let ok = t.rank() == first.rank()
+                && t.dims().iter().zip(first.dims()).enumerate().all(|(d, (a, b))| d == dim || a == b);
             if !ok {
                 return Err(Error::ShapeMismatch { op: "cat", lhs: first.dims().to_vec(), rhs: t.dims().to_vec() });
             }
@@ -165,7 +181,11 @@ impl Tensor {
             at += len;
         }
         let back = backward_fn("cat", move |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
-            starts.iter().zip(needs).map(|(&(s, l), &n)| if n { g.narrow(dim, s, l).map(Some) } else { Ok(None) }).collect()
+            starts
+                .iter()
+                .zip(needs)
+                .map(|(&(s, l), &n)| if n { g.narrow(dim, s, l).map(Some) } else { Ok(None) })
+                .collect()
         });
         let refs: Vec<&Tensor> = tensors.iter().collect();
         Ok(Tensor::from_op(out, &shape, first.dtype(), &refs, back))
@@ -181,7 +201,10 @@ impl Tensor {
     pub fn split(&self, sizes: &[usize], dim: usize) -> Result<Vec<Tensor>> {
         let n = self.dim(dim)?;
         if sizes.iter().sum::<usize>() != n {
-            return Err(Error::invalid("split", format!("sizes {sizes:?} do not add up to {n} (dim {dim} of {:?})", self.dims())));
+            return Err(Error::invalid(
+                "split",
+                format!("sizes {sizes:?} do not add up to {n} (dim {dim} of {:?})", self.dims()),
+            ));
         }
         let mut at = 0;
         sizes

@@ -39,7 +39,10 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(config: AdamWConfig) -> Result<Self> {
-        let ok = (0.0..1.0).contains(&config.beta1) && (0.0..1.0).contains(&config.beta2) && config.eps >= 0.0 && config.weight_decay >= 0.0;
+        let ok = (0.0..1.0).contains(&config.beta1)
+            && (0.0..1.0).contains(&config.beta2)
+            && config.eps >= 0.0
+            && config.weight_decay >= 0.0;
         if !ok {
             return Err(Error::invalid("AdamW", format!("hyper-parameters out of range: {config:?}")));
         }
@@ -58,9 +61,17 @@ impl AdamW {
             let Some(g) = p.grad() else { continue };
             let grad = g.to_vec_f32()?;
             let n = p.elem_count();
-            let moments = self.state.entry(name.to_string()).or_insert_with(|| Moments { m: vec![0.0; n], v: vec![0.0; n] });
+            let moments =
+                self.state.entry(name.to_string()).or_insert_with(|| Moments { m: vec![0.0; n], v: vec![0.0; n] });
             let decay = if p.rank() >= 2 || self.config.decay_1d { self.config.weight_decay } else { 0.0 };
-            let hp = AdamWStep { lr, beta1: self.config.beta1, beta2: self.config.beta2, eps: self.config.eps, weight_decay: decay, step: self.step };
+            let hp = AdamWStep {
+                lr,
+                beta1: self.config.beta1,
+                beta2: self.config.beta2,
+                eps: self.config.eps,
+                weight_decay: decay,
+                step: self.step,
+            };
             p.with_f32_mut(|w| adamw_step(w, &grad, &mut moments.m, &mut moments.v, &hp))
                 .map_err(|e| Error::Params(format!("AdamW cannot update `{name}`: {e}")))?;
         }
@@ -87,7 +98,11 @@ impl AdamW {
                 match tensors.get(&key) {
                     None => Ok(None),
                     Some(t) if t.elem_count() == p.elem_count() && t.dtype() == DType::F32 => Ok(Some(t.to_vec_f32()?)),
-                    Some(t) => Err(Error::Params(format!("optimizer state `{key}` has {} elements, parameter has {}", t.elem_count(), p.elem_count()))),
+                    Some(t) => Err(Error::Params(format!(
+                        "optimizer state `{key}` has {} elements, parameter has {}",
+                        t.elem_count(),
+                        p.elem_count()
+                    ))),
                 }
             };
             match (fetch("exp_avg")?, fetch("exp_avg_sq")?) {
@@ -95,7 +110,9 @@ impl AdamW {
                     state.insert(name.to_string(), Moments { m, v });
                 }
                 (None, None) => {}
-                _ => return Err(Error::Params(format!("optimizer state for `{name}` has only one of its two moments"))),
+                _ => {
+                    return Err(Error::Params(format!("optimizer state for `{name}` has only one of its two moments")))
+                }
             }
         }
         self.state = state;
