@@ -1,8 +1,22 @@
-//! whale-model: the DeepSeek-V3 architecture (Multi-head Latent Attention, DeepSeekMoE with
-//! auxiliary-loss-free balancing, Multi-Token Prediction), dense Llama/Qwen2 students, HF configs
-//! and checkpoints, tokenizers and generation.
+//! whale-model: the DeepSeek-V3 architecture — Multi-head Latent Attention, DeepSeekMoE with
+//! auxiliary-loss-free balancing, Multi-Token Prediction — trained with whale-tensor's autograd,
+//! loaded from and saved to HF checkpoints.
 //!
-//! Built on `whale-tensor`. The model issue fills it; today it only re-exports the tensor crate so
-//! the layers above compile against one path.
+//! Modules: [`config`] (HF `config.json`, presets, parameter counts), [`nn`] (linear, RMSNorm,
+//! SwiGLU, RoPE/YaRN, the parameter builder), [`mla`], [`moe`] (router, experts, balancing),
+//! [`mtp`], [`block`] (decoder layer), [`deepseek_v3`] (the model), [`checkpoint`] (safetensors).
 
+pub mod block;
+pub mod checkpoint;
+pub mod config;
+pub mod deepseek_v3;
+pub mod error;
+pub mod mla;
+pub mod moe;
+pub mod mtp;
+pub mod nn;
+
+pub use config::{DeepSeekV3Config, ParamCounts, RopeScaling};
+pub use deepseek_v3::{DeepSeekV3, ForwardOutput, IGNORE_INDEX};
+pub use error::{Error, Result};
 pub use whale_tensor as tensor;

@@ -1,0 +1,70 @@
+//! A pre-norm decoder layer: `h += MLA(norm(h))`, then `h += FFN(norm(h))`, where the FFN is a
+//! dense SwiGLU MLP in the first `first_k_dense_replace` layers and DeepSeekMoE after.
+
+use whale_tensor::Tensor;
+
+use crate::config::DeepSeekV3Config;
+use crate::mla::MultiHeadLatentAttention;
+use crate::moe::DeepSeekMoE;
+use crate::nn::{ParamBuilder, RmsNorm, SwiGluMlp};
+use crate::Result;
+
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    Dense(SwiGluMlp),
+    Moe(DeepSeekMoE),
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: MultiHeadLatentAttention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: FeedForward,
+}
+
+/// A layer's output and, for MoE layers, its routing statistics.
+#[derive(Debug, Clone)]
+pub struct LayerOutput {
+    pub hidden: Tensor,
+    pub load: Option<Vec<usize>>,
+    pub aux_loss: Option<Tensor>,
+}
+
+impl DecoderLayer {
+    /// Layer `index` (MTP layers continue the numbering after the main ones).
+    pub fn new(b: &mut ParamBuilder<'_>, cfg: &DeepSeekV3Config, index: usize) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let mlp = if cfg.is_moe_layer(index) {
+            FeedForward::Moe(DeepSeekMoE::new(&mut b.sub("mlp"), cfg)?)
+        } else {
+            FeedForward::Dense(SwiGluMlp::new(&mut b.sub("mlp"), d, cfg.intermediate_size)?)
+        };
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::new(b, "input_layernorm", d, cfg.rms_norm_eps)?,
+            self_attn: MultiHeadLatentAttention::new(&mut b.sub("self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::new(b, "post_attention_layernorm", d, cfg.rms_norm_eps)?,
+            mlp,
+        })
+    }
+
+    /// `h`: `[batch, seq, hidden]` at `positions`.
+    pub fn forward(&self, h: &Tensor, positions: &[usize]) -> Result<LayerOutput> {
+        let h = h.add(&self.self_attn.forward(&self.input_layernorm.forward(h)?, positions)?)?;
+        let x = self.post_attention_layernorm.forward(&h)?;
+        Ok(match &self.mlp {
+            FeedForward::Dense(mlp) => LayerOutput { hidden: h.add(&mlp.forward(&x)?)?, load: None, aux_loss: None },
+            FeedForward::Moe(moe) => {
+                let out = moe.forward(&x)?;
+                LayerOutput { hidden: h.add(&out.output)?, load: Some(out.load), aux_loss: out.aux_loss }
+            }
+        })
+    }
+
+    pub fn moe(&self) -> Option<&DeepSeekMoE> {
+        match &self.mlp {
+            FeedForward::Moe(m) => Some(m),
+            FeedForward::Dense(_) => None,
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! safetensors checkpoints with HF tensor names: single files and sharded ones
+//! (`model.safetensors.index.json`), memory-mapped on load, written atomically on save.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use whale_tensor::{Device, Tensor};
+
+use crate::{Error, Result};
+
+/// Reads every tensor of one safetensors file (memory-mapped). f32, bf16 and f16 keep their
+/// dtype; i64/u32 index tensors load as such.
+pub fn load_file(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let file = File::open(path).map_err(|e| Error::file(path, e))?;
+    // SAFETY: the mapping is read-only and dropped before this function returns; a concurrent
+    // truncation of the file by another process is outside what we guard against (as every
+    // mmap-based loader).
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(path, e))?;
+    let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::file(path, format!("not a safetensors file: {e}")))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let t =
+            to_tensor(&view).map_err(|msg| Error::Checkpoint { path: path.to_path_buf(), name: name.clone(), msg })?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+fn to_tensor(view: &TensorView<'_>) -> std::result::Result<Tensor, String> {
+    let shape = view.shape().to_vec();
+    let bytes = view.data();
+    let dev = Device::Cpu;
+    let err = |e: whale_tensor::Error| e.to_string();
+    match view.dtype() {
+        Dtype::F32 => {
+            let v: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            Tensor::from_vec(v, &shape, &dev).map_err(err)
+        }
+        Dtype::BF16 => {
+            let v: Vec<bf16> = bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect();
+            Tensor::from_vec(v, &shape, &dev).map_err(err)
+        }
+        Dtype::F16 => {
+            let v: Vec<f16> = bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
+            Tensor::from_vec(v, &shape, &dev).map_err(err)
+        }
+        Dtype::I64 => {
+            let v: Vec<i64> =
+                bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+            Tensor::from_vec(v, &shape, &dev).map_err(err)
+        }
+        Dtype::U32 => {
+            let v: Vec<u32> =
+                bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+            Tensor::from_vec(v, &shape, &dev).map_err(err)
+        }
+        other => Err(format!("dtype {other:?} is not supported (f32, bf16, f16, i64, u32)")),
+    }
+}
+
+/// Loads a checkpoint directory: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`. Returns the tensors and the file they are reported under.
+pub fn load_dir(dir: &Path) -> Result<(BTreeMap<String, Tensor>, PathBuf)> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&index, e))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::file(&index, "no `weight_map` object"))?;
+        let mut shards: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let mut all = BTreeMap::new();
+        for shard in shards {
+            let path = dir.join(shard);
+            for (name, t) in load_file(&path)? {
+                if map.get(&name).and_then(|f| f.as_str()) != Some(shard) {
+                    return Err(Error::Checkpoint {
+                        path,
+                        name,
+                        msg: "is not listed for this shard in the index".into(),
+                    });
+                }
+                all.insert(name, t);
+            }
+        }
+        if let Some(missing) = map.keys().find(|k| !all.contains_key(*k)) {
+            return Err(Error::Checkpoint {
+                path: index,
+                name: missing.clone(),
+                msg: "listed in the index but absent from its shard".into(),
+            });
+        }
+        return Ok((all, index));
+    }
+    let single = dir.join("model.safetensors");
+    Ok((load_file(&single)?, single))
+}
+
+/// Storage dtype for saving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveDType {
+    F32,
+    BF16,
+    F16,
+}
+
+fn tensor_bytes(t: &Tensor, dtype: SaveDType) -> Result<(Dtype, Vec<u8>)> {
+    if !t.dtype().is_float() {
+        let v = t.to_vec_i64()?;
+        return Ok((Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect()));
+    }
+    let v = t.to_vec_f32()?;
+    Ok(match dtype {
+        SaveDType::F32 => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        SaveDType::BF16 => (Dtype::BF16, v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect()),
+        SaveDType::F16 => (Dtype::F16, v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect()),
+    })
+}
+
+/// Writes `tensors` to `path` (through `path.tmp` and a rename, so a crash never leaves a
+/// half-written file under the real name). Float tensors are stored as `dtype`.
+pub fn save_file(path: &Path, tensors: &BTreeMap<String, Tensor>, dtype: SaveDType) -> Result<()> {
+    let mut owned = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let (dt, bytes) = tensor_bytes(t, dtype)?;
+        owned.push((name.clone(), dt, t.dims().to_vec(), bytes));
+    }
+    let views = owned
+        .iter()
+        .map(|(n, dt, shape, bytes)| {
+            TensorView::new(*dt, shape.clone(), bytes).map(|v| (n.clone(), v)).map_err(|e| Error::Checkpoint {
+                path: path.to_path_buf(),
+                name: n.clone(),
+                msg: e.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tmp = path.with_extension("safetensors.tmp");
+    let meta: HashMap<String, String> = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| Error::file(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))?;
+    Ok(())
+}
+
+/// Writes `tensors` as shards of at most `max_shard_bytes` plus `model.safetensors.index.json`.
+pub fn save_sharded(
+    dir: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    dtype: SaveDType,
+    max_shard_bytes: usize,
+) -> Result<()> {
+    let elem = match dtype {
+        SaveDType::F32 => 4,
+        _ => 2,
+    };
+    let mut shards: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new()];
+    let mut size = 0;
+    for (name, t) in tensors {
+        let bytes = t.elem_count() * elem;
+        if size > 0 && size + bytes > max_shard_bytes {
+            shards.push(BTreeMap::new());
+            size = 0;
+        }
+        size += bytes;
+        shards.last_mut().expect("one shard").insert(name.clone(), t.clone());
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0usize;
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
+        save_file(&dir.join(&file), shard, dtype)?;
+        for (name, t) in shard {
+            weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
+            total += t.elem_count() * elem;
+        }
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    let path = dir.join("model.safetensors.index.json");
+    let tmp = dir.join("model.safetensors.index.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&index).expect("json")).map_err(|e| Error::file(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::file(&path, e))
+}

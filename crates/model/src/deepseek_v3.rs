@@ -1,0 +1,248 @@
+//! The DeepSeek-V3 causal language model: embedding, decoder layers (dense then MoE), final norm,
+//! output head, and the MTP modules; its training forward returns the main and MTP losses apart.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use whale_tensor::{Device, ParamStore, Rng, Tensor};
+
+use crate::block::DecoderLayer;
+use crate::checkpoint::{self, SaveDType};
+use crate::config::DeepSeekV3Config;
+use crate::moe::{max_violation, update_balancing_bias};
+use crate::mtp::MtpModule;
+use crate::nn::{Linear, ParamBuilder, RmsNorm, WeightSource};
+use crate::{Error, Result};
+
+/// Targets equal to this are not predicted (HF's convention).
+pub const IGNORE_INDEX: i64 = -100;
+
+#[derive(Debug)]
+pub struct DeepSeekV3 {
+    pub config: DeepSeekV3Config,
+    /// `model.embed_tokens.weight`: `[vocab, hidden]`.
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `lm_head.weight` (or the embedding when tied).
+    pub lm_head: Linear,
+    pub mtp: Vec<MtpModule>,
+    /// Every trainable weight under its HF name.
+    pub params: ParamStore,
+    /// Saved, untrained state (`...mlp.gate.e_score_correction_bias`).
+    pub buffers: BTreeMap<String, Tensor>,
+}
+
+/// A training forward's results.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// `[batch, seq, vocab]`.
+    pub logits: Tensor,
+    /// Mean next-token cross-entropy (when targets were given).
+    pub main_loss: Option<Tensor>,
+    /// Sum over depths of the MTP losses, each normalised by the main loss's token count.
+    pub mtp_loss: Option<Tensor>,
+    /// Sum of the enabled balance losses of all MoE layers.
+    pub aux_loss: Option<Tensor>,
+    /// `main + mtp_loss_weight / D * mtp + aux`: what to call `backward` on.
+    pub loss: Option<Tensor>,
+    /// Per MoE layer (main layers, then MTP layers): tokens routed to each expert.
+    pub expert_load: Vec<Vec<usize>>,
+}
+
+fn add_opt(a: Option<Tensor>, b: Option<Tensor>) -> Result<Option<Tensor>> {
+    Ok(match (a, b) {
+        (Some(a), Some(b)) => Some(a.add(&b)?),
+        (a, b) => a.or(b),
+    })
+}
+
+impl DeepSeekV3 {
+    /// A freshly initialised model (weights Normal(0, initializer_range), norms 1, biases 0).
+    pub fn new(config: DeepSeekV3Config, seed: u64) -> Result<Self> {
+        let std = config.initializer_range as f32;
+        Self::build(config, WeightSource::Random { rng: Rng::new(seed), std })
+    }
+
+    /// Loads `config.json` and the safetensors weights from an HF-style directory.
+    pub fn from_pretrained(dir: &Path) -> Result<Self> {
+        let config = DeepSeekV3Config::from_file(&dir.join("config.json"))?;
+        let (mut tensors, path) = checkpoint::load_dir(dir)?;
+        // The MTP layers store copies of the shared embedding and head (spec 3.4), and old
+        // checkpoints carry RoPE buffers; neither is a parameter here.
+        let l = config.num_hidden_layers;
+        tensors.retain(|name, _| {
+            let mtp_copy = (0..config.num_nextn_predict_layers).any(|k| {
+                name == &format!("model.layers.{}.embed_tokens.weight", l + k)
+                    || name == &format!("model.layers.{}.shared_head.head.weight", l + k)
+            });
+            !mtp_copy && !name.ends_with("rotary_emb.inv_freq")
+        });
+        Self::build(config, WeightSource::Loaded { path, tensors })
+    }
+
+    fn build(config: DeepSeekV3Config, mut source: WeightSource) -> Result<Self> {
+        config.validate()?;
+        let (mut params, mut buffers) = (ParamStore::new(), BTreeMap::new());
+        let mut root = ParamBuilder::new(&mut params, &mut buffers, &mut source);
+        let (d, v) = (config.hidden_size, config.vocab_size);
+        let (embed_tokens, layers, norm, mtp) = {
+            let mut m = root.sub("model");
+            let embed = m.weight("embed_tokens.weight", &[v, d])?;
+            let layers = (0..config.num_hidden_layers)
+                .map(|i| DecoderLayer::new(&mut m.sub(&format!("layers.{i}")), &config, i))
+                .collect::<Result<Vec<_>>>()?;
+            let norm = RmsNorm::new(&mut m, "norm", d, config.rms_norm_eps)?;
+            let mtp = (0..config.num_nextn_predict_layers)
+                .map(|k| {
+                    let index = config.num_hidden_layers + k;
+                    MtpModule::new(&mut m.sub(&format!("layers.{index}")), &config, index)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (embed, layers, norm, mtp)
+        };
+        let lm_head = if config.tie_word_embeddings {
+            Linear { weight: embed_tokens.clone() }
+        } else {
+            Linear::new(&mut root, "lm_head", d, v)?
+        };
+        if let WeightSource::Loaded { path, tensors } = &source {
+            if let Some(name) = tensors.keys().next() {
+                return Err(Error::Checkpoint {
+                    path: path.clone(),
+                    name: name.clone(),
+                    msg: format!("unexpected tensor (and {} more) for this config", tensors.len() - 1),
+                });
+            }
+        }
+        Ok(DeepSeekV3 { config, embed_tokens, layers, norm, lm_head, mtp, params, buffers })
+    }
+
+    /// Writes `config.json` and `model.safetensors` (f32, HF names; MTP layers with their copies
+    /// of the embedding and head) into `dir`.
+    pub fn save_pretrained(&self, dir: &Path, dtype: SaveDType) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+        let cfg_path = dir.join("config.json");
+        let tmp = dir.join("config.json.tmp");
+        std::fs::write(&tmp, self.config.to_json_string()?).map_err(|e| Error::file(&tmp, e))?;
+        std::fs::rename(&tmp, &cfg_path).map_err(|e| Error::file(&cfg_path, e))?;
+        checkpoint::save_file(&dir.join("model.safetensors"), &self.state_dict(), dtype)
+    }
+
+    /// Every tensor of the checkpoint under its HF name.
+    pub fn state_dict(&self) -> BTreeMap<String, Tensor> {
+        let mut all: BTreeMap<String, Tensor> = self.params.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
+        all.extend(self.buffers.iter().map(|(n, t)| (n.clone(), t.clone())));
+        for k in 0..self.mtp.len() {
+            let l = self.config.num_hidden_layers + k;
+            all.insert(format!("model.layers.{l}.embed_tokens.weight"), self.embed_tokens.clone());
+            all.insert(format!("model.layers.{l}.shared_head.head.weight"), self.lm_head.weight.clone());
+        }
+        all
+    }
+
+    /// Hidden states after the last decoder layer, before the final norm: `[batch, seq, hidden]`.
+    fn trunk(&self, input_ids: &Tensor, loads: &mut Vec<Vec<usize>>, aux: &mut Option<Tensor>) -> Result<Tensor> {
+        let seq = input_ids.dims()[1];
+        let positions: Vec<usize> = (0..seq).collect();
+        let mut h = self.embed_tokens.embedding(input_ids)?;
+        for layer in &self.layers {
+            let out = layer.forward(&h, &positions)?;
+            h = out.hidden;
+            loads.extend(out.load);
+            *aux = add_opt(aux.take(), out.aux_loss)?;
+        }
+        Ok(h)
+    }
+
+    /// `input_ids`: `[batch, seq]`; `targets`: `[batch, seq]` with `targets[b, i]` the token that
+    /// should follow position i (`IGNORE_INDEX` to skip). MTP depth k at position i predicts
+    /// `targets[b, i + k]` from its hidden state and the embedding of `input_ids[b, i + k]`.
+    pub fn forward(&self, input_ids: &Tensor, targets: Option<&Tensor>) -> Result<ForwardOutput> {
+        if input_ids.rank() != 2 {
+            return Err(Error::Model(format!("input_ids must be [batch, seq], got {:?}", input_ids.dims())));
+        }
+        if let Some(t) = targets {
+            if t.dims() != input_ids.dims() {
+                return Err(Error::Model(format!(
+                    "targets {:?} do not match input_ids {:?}",
+                    t.dims(),
+                    input_ids.dims()
+                )));
+            }
+        }
+        let (batch, seq) = (input_ids.dims()[0], input_ids.dims()[1]);
+        let vocab = self.config.vocab_size;
+        let (mut loads, mut aux) = (Vec::new(), None);
+        let h = self.trunk(input_ids, &mut loads, &mut aux)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&h)?)?;
+
+        let (mut main_loss, mut mtp_loss, mut loss) = (None, None, None);
+        if let Some(targets) = targets {
+            let flat = targets.reshape(&[batch * seq])?;
+            let main = logits.reshape(&[batch * seq, vocab])?.cross_entropy(&flat, IGNORE_INDEX)?;
+            let t = targets.to_vec_i64()?;
+            let n_main = t.iter().filter(|&&x| x != IGNORE_INDEX).count();
+            let mut prev = h;
+            for (k, module) in self.mtp.iter().enumerate().map(|(i, m)| (i + 1, m)) {
+                if k >= seq {
+                    break;
+                }
+                let s = seq - k;
+                let emb = self.embed_tokens.embedding(&input_ids.narrow(1, k, s)?)?;
+                let (out, normed) = module.forward(&prev.narrow(1, 0, s)?, &emb)?;
+                loads.extend(out.load.clone());
+                aux = add_opt(aux, out.aux_loss.clone())?;
+                let tk = targets.narrow(1, k, s)?.contiguous()?.reshape(&[batch * s])?;
+                let n_k = tk.to_vec_i64()?.iter().filter(|&&x| x != IGNORE_INDEX).count();
+                let ce =
+                    self.lm_head.forward(&normed)?.reshape(&[batch * s, vocab])?.cross_entropy(&tk, IGNORE_INDEX)?;
+                // Normalised by the main loss's token count T, not T - k (spec 3.2).
+                let scale = if n_main == 0 { 0.0 } else { n_k as f32 / n_main as f32 };
+                mtp_loss = add_opt(mtp_loss, Some(ce.mul_scalar(scale)?))?;
+                prev = out.hidden;
+            }
+            let mut total = main.clone();
+            if let Some(m) = &mtp_loss {
+                let w = self.config.mtp_loss_weight as f32 / self.mtp.len() as f32;
+                total = total.add(&m.mul_scalar(w)?)?;
+            }
+            if let Some(a) = &aux {
+                total = total.add(a)?;
+            }
+            main_loss = Some(main);
+            loss = Some(total);
+        }
+        Ok(ForwardOutput { logits, main_loss, mtp_loss, aux_loss: aux, loss, expert_load: loads })
+    }
+
+    /// The MoE layers in the order `ForwardOutput::expert_load` reports them.
+    pub fn moe_layers(&self) -> Vec<&crate::moe::DeepSeekMoE> {
+        self.layers.iter().chain(self.mtp.iter().map(|m| &m.block)).filter_map(|l| l.moe()).collect()
+    }
+
+    /// The auxiliary-loss-free update after an optimizer step (spec 2.3): each MoE layer's bias
+    /// moves by `bias_update_speed` against the step's whole-batch `loads` (one entry per MoE
+    /// layer, as `ForwardOutput::expert_load`, summed over micro-batches).
+    pub fn update_balancing_biases(&self, loads: &[Vec<usize>]) -> Result<()> {
+        let layers = self.moe_layers();
+        if loads.len() != layers.len() {
+            return Err(Error::Model(format!("{} load vectors for {} MoE layers", loads.len(), layers.len())));
+        }
+        for (moe, load) in layers.iter().zip(loads) {
+            if let Some(b) = &moe.gate.e_score_correction_bias {
+                update_balancing_bias(b, load, self.config.bias_update_speed as f32)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// MaxVio per MoE layer for the given loads.
+    pub fn max_violations(loads: &[Vec<usize>]) -> Vec<f64> {
+        loads.iter().map(|l| max_violation(l)).collect()
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.device()
+    }
+}

@@ -1,0 +1,56 @@
+//! Auxiliary-loss-free load balancing (spec section 2.3) and the load statistic trainers report.
+
+use whale_tensor::Tensor;
+
+use crate::Result;
+
+/// `b_i += gamma * sign(mean_load - load_i)` in place: overloaded experts become less likely to
+/// be chosen, underloaded ones more. `load` must be the step's whole-batch count.
+pub fn update_balancing_bias(bias: &Tensor, load: &[usize], gamma: f32) -> Result<()> {
+    if gamma == 0.0 || load.is_empty() {
+        return Ok(());
+    }
+    let mean = load.iter().sum::<usize>() as f64 / load.len() as f64;
+    bias.with_f32_mut(|b| {
+        for (b, &l) in b.iter_mut().zip(load) {
+            let err = mean - l as f64;
+            if err > 0.0 {
+                *b += gamma;
+            } else if err < 0.0 {
+                *b -= gamma;
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// MaxVio = max_load / mean_load - 1 (0 when perfectly balanced or nothing was routed).
+pub fn max_violation(load: &[usize]) -> f64 {
+    let total: usize = load.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let mean = total as f64 / load.len() as f64;
+    *load.iter().max().unwrap_or(&0) as f64 / mean - 1.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use whale_tensor::{DType, Device};
+
+    #[test]
+    fn bias_moves_against_the_load() {
+        let b = Tensor::zeros(&[4], DType::F32, &Device::Cpu).unwrap();
+        update_balancing_bias(&b, &[10, 2, 4, 4], 0.5).unwrap();
+        assert_eq!(b.to_vec_f32().unwrap(), vec![-0.5, 0.5, as_f32(-0.5 * 0.0 + 0.5), 0.5]);
+        update_balancing_bias(&b, &[5, 5, 5, 5], 0.5).unwrap();
+        assert_eq!(b.to_vec_f32().unwrap(), vec![-0.5, 0.5, 0.5, 0.5], "balanced load: no change");
+        assert!((max_violation(&[10, 2, 4, 4]) - 1.0).abs() < 1e-12);
+        assert_eq!(max_violation(&[3, 3, 3]), 0.0);
+    }
+
+    fn as_f32(x: f64) -> f32 {
+        x as f32
+    }
+}

@@ -1,0 +1,124 @@
+//! The DeepSeekMoE layer: route, dispatch tokens to experts as contiguous blocks (sorted by
+//! expert, a grouped matmul), run each expert once on its block, combine with the routing
+//! weights, add the shared experts.
+
+use whale_tensor::{Device, Tensor};
+
+use super::router::{Router, Routing};
+use crate::config::DeepSeekV3Config;
+use crate::nn::{ParamBuilder, SwiGluMlp};
+use crate::Result;
+
+#[derive(Debug, Clone)]
+pub struct DeepSeekMoE {
+    pub gate: Router,
+    pub experts: Vec<SwiGluMlp>,
+    /// One fused MLP of width `n_shared_experts * moe_intermediate_size`, always applied.
+    pub shared_experts: Option<SwiGluMlp>,
+    pub seq_aux_alpha: f32,
+    pub aux_loss_alpha: f32,
+}
+
+/// What one MoE layer returns besides its output.
+#[derive(Debug, Clone)]
+pub struct MoeOutput {
+    pub output: Tensor,
+    /// Tokens routed to each expert in this call.
+    pub load: Vec<usize>,
+    /// The balance losses that are enabled (sequence-wise and/or batch-level), already weighted.
+    pub aux_loss: Option<Tensor>,
+}
+
+impl DeepSeekMoE {
+    pub fn new(b: &mut ParamBuilder<'_>, cfg: &DeepSeekV3Config) -> Result<Self> {
+        let (d, w) = (cfg.hidden_size, cfg.moe_intermediate_size);
+        let gate = Router::new(&mut b.sub("gate"), cfg)?;
+        let experts = (0..cfg.n_routed_experts)
+            .map(|i| SwiGluMlp::new(&mut b.sub(&format!("experts.{i}")), d, w))
+            .collect::<Result<Vec<_>>>()?;
+        let shared_experts = if cfg.n_shared_experts > 0 {
+            Some(SwiGluMlp::new(&mut b.sub("shared_experts"), d, w * cfg.n_shared_experts)?)
+        } else {
+            None
+        };
+        Ok(DeepSeekMoE {
+            gate,
+            experts,
+            shared_experts,
+            seq_aux_alpha: cfg.seq_aux_alpha as f32,
+            aux_loss_alpha: cfg.aux_loss_alpha as f32,
+        })
+    }
+
+    /// `x`: `[batch, seq, hidden]`.
+    pub fn forward(&self, x: &Tensor) -> Result<MoeOutput> {
+        let dims = x.dims().to_vec();
+        let (batch, seq, d) = (dims[0], dims[1], dims[2]);
+        let tokens = x.reshape(&[batch * seq, d])?;
+        let routing = self.gate.route(&tokens)?;
+        let routed = self.dispatch_and_combine(&tokens, &routing)?;
+        let out = match &self.shared_experts {
+            Some(shared) => routed.add(&shared.forward(&tokens)?)?,
+            None => routed,
+        };
+        let aux_loss = self.balance_losses(&routing, batch, seq)?;
+        Ok(MoeOutput { output: out.reshape(&dims)?, load: routing.load, aux_loss })
+    }
+
+    fn dispatch_and_combine(&self, tokens: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let k = self.gate.top_k;
+        // Token-slots sorted by expert (stable, so each block keeps token order).
+        let mut order: Vec<usize> = (0..routing.experts.len()).collect();
+        order.sort_by_key(|&slot| routing.experts[slot]);
+        let token_of = |slot: usize| (slot / k) as i64;
+        let dev = Device::Cpu;
+        let rows = Tensor::from_vec(order.iter().map(|&s| token_of(s)).collect::<Vec<_>>(), &[order.len()], &dev)?;
+        let slots = Tensor::from_vec(order.iter().map(|&s| s as i64).collect::<Vec<_>>(), &[order.len()], &dev)?;
+
+        let dispatched = tokens.index_select(0, &rows)?;
+        let mut outputs = Vec::new();
+        let mut start = 0;
+        for (e, &n) in routing.load.iter().enumerate() {
+            if n > 0 {
+                outputs.push(self.experts[e].forward(&dispatched.narrow(0, start, n)?)?);
+            }
+            start += n;
+        }
+        let expert_out = Tensor::cat(&outputs, 0)?;
+        let w = routing.weights.flatten_all()?.index_select(0, &slots)?.unsqueeze(1)?;
+        Ok(tokens.zeros_like()?.index_add(0, &rows, &expert_out.mul(&w)?)?)
+    }
+
+    /// Spec section 2.4: `alpha * sum_i f_i P_i` with `f_i = E/(K T) * count_i` (from the actual
+    /// routing, no gradient) and `P_i` the mean of the affinities normalised over all experts.
+    /// Sequence-wise: per sequence, averaged over the batch. Batch-level: over all tokens.
+    fn balance_losses(&self, routing: &Routing, batch: usize, seq: usize) -> Result<Option<Tensor>> {
+        let (e, k) = (self.gate.n_experts(), self.gate.top_k);
+        let mut total: Option<Tensor> = None;
+        let normalised = || -> Result<Tensor> { Ok(routing.scores.div(&routing.scores.sum_keepdim(1)?)?) };
+        let mut add = |t: Tensor| -> Result<()> {
+            total = Some(match total.take() {
+                Some(prev) => prev.add(&t)?,
+                None => t,
+            });
+            Ok(())
+        };
+        if self.seq_aux_alpha > 0.0 {
+            let mut f = vec![0.0f32; batch * e];
+            for (slot, &ex) in routing.experts.iter().enumerate() {
+                f[(slot / k / seq) * e + ex] += e as f32 / (k * seq) as f32;
+            }
+            let f = Tensor::from_vec(f, &[batch, e], &Device::Cpu)?;
+            let p = normalised()?.reshape(&[batch, seq, e])?.mean(1)?;
+            add(f.mul(&p)?.sum(1)?.mean_all()?.mul_scalar(self.seq_aux_alpha)?)?;
+        }
+        if self.aux_loss_alpha > 0.0 {
+            let t = batch * seq;
+            let f: Vec<f32> = routing.load.iter().map(|&c| c as f32 * e as f32 / (k * t) as f32).collect();
+            let f = Tensor::from_vec(f, &[e], &Device::Cpu)?;
+            let p = normalised()?.mean(0)?;
+            add(f.mul(&p)?.sum_all()?.mul_scalar(self.aux_loss_alpha)?)?;
+        }
+        Ok(total)
+    }
+}

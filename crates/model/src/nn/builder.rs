@@ -1,0 +1,96 @@
+//! Creates a model's parameters by their HF names, either freshly initialised or taken from a
+//! checkpoint, so the model code is written once for both.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use whale_tensor::{DType, ParamStore, Rng, Tensor};
+
+use crate::{Error, Result};
+
+/// Where parameter values come from.
+#[derive(Debug)]
+pub enum WeightSource {
+    /// Normal(0, std) weights; norms at 1, biases at 0.
+    Random { rng: Rng, std: f32 },
+    /// Tensors read from a checkpoint (`path` is named in errors). Each is taken once; what is
+    /// left afterwards was unexpected.
+    Loaded { path: PathBuf, tensors: BTreeMap<String, Tensor> },
+}
+
+/// Hands out parameters under a name prefix (`model.layers.3.self_attn.`).
+#[derive(Debug)]
+pub struct ParamBuilder<'a> {
+    pub params: &'a mut ParamStore,
+    /// Non-trained state saved with the model (the MoE balancing biases).
+    pub buffers: &'a mut BTreeMap<String, Tensor>,
+    pub source: &'a mut WeightSource,
+    prefix: String,
+}
+
+impl<'a> ParamBuilder<'a> {
+    pub fn new(
+        params: &'a mut ParamStore,
+        buffers: &'a mut BTreeMap<String, Tensor>,
+        source: &'a mut WeightSource,
+    ) -> Self {
+        ParamBuilder { params, buffers, source, prefix: String::new() }
+    }
+
+    /// A builder for the names under `name.`.
+    pub fn sub(&mut self, name: &str) -> ParamBuilder<'_> {
+        let prefix = format!("{}{name}.", self.prefix);
+        ParamBuilder { params: self.params, buffers: self.buffers, source: self.source, prefix }
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn take(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: impl FnOnce(&mut Rng, f32) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let full = self.full_name(name);
+        match self.source {
+            WeightSource::Random { rng, std } => init(rng, *std),
+            WeightSource::Loaded { path, tensors } => {
+                let t = tensors.remove(&full).ok_or_else(|| Error::Checkpoint {
+                    path: path.clone(),
+                    name: full.clone(),
+                    msg: format!("missing (expected shape {shape:?})"),
+                })?;
+                if t.dims() != shape {
+                    return Err(Error::Checkpoint {
+                        path: path.clone(),
+                        name: full,
+                        msg: format!("has shape {:?}, the config expects {shape:?}", t.dims()),
+                    });
+                }
+                // Master weights are f32 whatever the file stores.
+                Ok(t.to_dtype(DType::F32)?.contiguous()?.deep_clone())
+            }
+        }
+    }
+
+    /// A trainable weight, Normal(0, std) when fresh.
+    pub fn weight(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.take(name, shape, |rng, std| Ok(Tensor::randn(shape, 0.0, std, DType::F32, rng)?))?;
+        Ok(self.params.insert(self.full_name(name), &t)?)
+    }
+
+    /// A trainable weight that starts at 1 (norm scales).
+    pub fn ones(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.take(name, shape, |_, _| Ok(Tensor::ones(shape, DType::F32, &whale_tensor::Device::Cpu)?))?;
+        Ok(self.params.insert(self.full_name(name), &t)?)
+    }
+
+    /// Saved, not trained state that starts at 0 (the expert-balancing bias).
+    pub fn buffer_zeros(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.take(name, shape, |_, _| Ok(Tensor::zeros(shape, DType::F32, &whale_tensor::Device::Cpu)?))?;
+        self.buffers.insert(self.full_name(name), t.clone());
+        Ok(t)
+    }
+}

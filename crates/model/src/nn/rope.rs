@@ -1,0 +1,95 @@
+//! Rotary position embedding with YaRN frequency correction (spec sections 1.3 and 1.4).
+
+use whale_tensor::{rope_tables, RopeLayout, Tensor};
+
+use crate::config::{yarn_mscale, RopeScaling};
+use crate::Result;
+
+/// Frequencies of one rotary head dimension, and the factor YaRN multiplies cos/sin by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RotaryEmbedding {
+    pub inv_freq: Vec<f32>,
+    /// HF's `attention_scaling`: `m(s, mscale) / m(s, mscale_all_dim)` (1 for V3).
+    pub attention_factor: f32,
+    pub layout: RopeLayout,
+}
+
+impl RotaryEmbedding {
+    /// `theta_i = base^(-2i/dim)`, YaRN-corrected when `scaling` is given.
+    pub fn new(dim: usize, base: f64, scaling: Option<&RopeScaling>, layout: RopeLayout) -> Self {
+        let plain: Vec<f64> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64)).collect();
+        let Some(s) = scaling else {
+            return RotaryEmbedding {
+                inv_freq: plain.iter().map(|&f| f as f32).collect(),
+                attention_factor: 1.0,
+                layout,
+            };
+        };
+        // Dimension whose wavelength makes `n_rot` turns over the original context.
+        let corr_dim = |n_rot: f64| {
+            dim as f64 * (s.original_max_position_embeddings as f64 / (n_rot * 2.0 * std::f64::consts::PI)).ln()
+                / (2.0 * base.ln())
+        };
+        let low = corr_dim(s.beta_fast).floor().max(0.0);
+        let mut high = corr_dim(s.beta_slow).ceil().min(dim as f64 - 1.0);
+        if low == high {
+            high += 0.001;
+        }
+        let inv_freq = plain
+            .iter()
+            .enumerate()
+            .map(|(i, &f)| {
+                // ramp = 0 keeps the frequency (extrapolate), 1 divides it by the factor (interpolate).
+                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                (f / s.factor * ramp + f * (1.0 - ramp)) as f32
+            })
+            .collect();
+        let attention_factor = if s.mscale != 0.0 && s.mscale_all_dim != 0.0 {
+            yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+        } else {
+            yarn_mscale(s.factor, 1.0)
+        };
+        RotaryEmbedding { inv_freq, attention_factor: attention_factor as f32, layout }
+    }
+
+    /// cos/sin tables `[positions, dim/2]`, scaled by the attention factor.
+    pub fn tables(&self, positions: &[usize]) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = rope_tables(positions, &self.inv_freq)?;
+        if self.attention_factor == 1.0 {
+            return Ok((cos, sin));
+        }
+        Ok((cos.mul_scalar(self.attention_factor)?, sin.mul_scalar(self.attention_factor)?))
+    }
+
+    /// Rotates `x`: `[batch, seq, heads, dim]` whose sequence index `i` sits at `positions[i]`.
+    pub fn apply(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        let (cos, sin) = self.tables(positions)?;
+        Ok(x.rope(&cos, &sin, self.layout)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DeepSeekV3Config;
+
+    #[test]
+    fn yarn_matches_the_spec_numbers_for_v3() {
+        let cfg = DeepSeekV3Config::v3_671b();
+        let r = RotaryEmbedding::new(64, 10_000.0, cfg.rope_scaling.as_ref(), RopeLayout::Interleaved);
+        // Spec 1.4: dims 0-10 unchanged, 23-31 divided by 40, theta'_16 = 5.5e-3, theta'_31 = 3.3338e-6.
+        let plain = |i: usize| 10_000f64.powf(-(2.0 * i as f64) / 64.0);
+        for i in 0..=10 {
+            assert_eq!(r.inv_freq[i], plain(i) as f32);
+        }
+        for i in 23..32 {
+            assert!((r.inv_freq[i] as f64 - plain(i) / 40.0).abs() < 1e-12);
+        }
+        assert!((r.inv_freq[16] as f64 - 5.5e-3).abs() < 5e-5, "{}", r.inv_freq[16]);
+        assert!((r.inv_freq[31] as f64 - 3.3338e-6).abs() < 1e-9, "{}", r.inv_freq[31]);
+        assert_eq!(r.attention_factor, 1.0);
+        // Softmax scale 192^-0.5 * 1.87386 = 0.135234.
+        assert!((cfg.softmax_scale() - 0.135234).abs() < 1e-6, "{}", cfg.softmax_scale());
+        assert!((DeepSeekV3Config::v2_lite().softmax_scale() - 0.114721).abs() < 1e-6);
+    }
+}
