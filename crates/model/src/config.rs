@@ -177,9 +177,6 @@ impl DeepSeekV3Config {
         obj.insert("architectures".into(), serde_json::json!(["DeepseekV3ForCausalLM"]));
         obj.insert("model_type".into(), serde_json::json!("deepseek_v3"));
         obj.insert("hidden_act".into(), serde_json::json!("silu"));
-        if self.num_key_value_heads.is_none() {
-            obj.insert("num_key_value_heads".into(), serde_json::json!(self.num_attention_heads));
-        }
         serde_json::to_string_pretty(&v).map_err(|e| Error::Model(e.to_string()))
     }
 

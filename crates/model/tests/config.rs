@@ -1,0 +1,100 @@
+//! config.json parsing (both RoPE spellings), validation errors that name the key, presets, and
+//! parameter counts against the spec's figures.
+
+use whale_model::{DeepSeekV3Config, Error};
+
+/// The hub's DeepSeek-V3 config.json (spec section 7.2), older `rope_scaling` spelling.
+const HUB_V3: &str = r#"{
+  "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+  "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
+  "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+  "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+  "n_shared_experts": 1, "n_routed_experts": 256, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+  "routed_scaling_factor": 2.5, "norm_topk_prob": true, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+  "first_k_dense_replace": 3, "moe_layer_freq": 1, "ep_size": 1,
+  "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+  "rope_theta": 10000,
+  "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                   "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+  "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "hidden_act": "silu",
+  "num_nextn_predict_layers": 1, "tie_word_embeddings": false, "attention_bias": false,
+  "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 1, "initializer_range": 0.02,
+  "torch_dtype": "bfloat16", "use_cache": true,
+  "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+}"#;
+
+#[test]
+fn reads_the_hub_config_and_equals_the_preset_architecture() {
+    let cfg = DeepSeekV3Config::from_json_str(HUB_V3).unwrap();
+    let preset = DeepSeekV3Config::v3_671b();
+    assert_eq!(cfg.rope_scaling, preset.rope_scaling);
+    assert_eq!(cfg.param_counts(), preset.param_counts());
+    assert_eq!(cfg.q_lora_rank, Some(1536));
+}
+
+#[test]
+fn reads_the_newer_rope_parameters_spelling() {
+    let newer = HUB_V3.replace(
+        r#""rope_theta": 10000,
+  "rope_scaling": {"type": "yarn","#,
+        r#""rope_parameters": {"rope_type": "yarn", "rope_theta": 10000,"#,
+    );
+    assert!(newer.contains("rope_parameters"));
+    let cfg = DeepSeekV3Config::from_json_str(&newer).unwrap();
+    assert_eq!(cfg.rope_theta, 10000.0);
+    assert_eq!(cfg.rope_scaling.unwrap().factor, 40.0);
+}
+
+#[test]
+fn v3_parameter_counts_match_the_paper() {
+    // Spec section 6.1: 671.03B total, 37.55B activated (with embedding and head), MTP 11.61B.
+    let c = DeepSeekV3Config::v3_671b().param_counts();
+    assert!((c.total as f64 / 1e9 - 671.03).abs() < 0.01, "total {}", c.total);
+    assert!((c.activated as f64 / 1e9 - 37.55).abs() < 0.01, "activated {}", c.activated);
+    assert!((c.mtp as f64 / 1e9 - 11.61).abs() < 0.01, "mtp {}", c.mtp);
+    // V2-Lite: 15.7B total / 2.66B activated.
+    let l = DeepSeekV3Config::v2_lite().param_counts();
+    assert!((l.total as f64 / 1e9 - 15.7).abs() < 0.05, "v2-lite total {}", l.total);
+    assert!((l.activated as f64 / 1e9 - 2.66).abs() < 0.01, "v2-lite activated {}", l.activated);
+}
+
+#[test]
+fn round_trips_through_json() {
+    for name in ["tiny", "small", "v2-lite", "v3-671b"] {
+        let cfg = DeepSeekV3Config::preset(name).unwrap();
+        let back = DeepSeekV3Config::from_json_str(&cfg.to_json_string().unwrap()).unwrap();
+        assert_eq!(cfg, back, "{name}");
+    }
+    assert!(DeepSeekV3Config::preset("huge").is_err());
+}
+
+fn key_of(err: Error) -> String {
+    match err {
+        Error::Config { key, .. } => key,
+        other => panic!("expected a config error, got {other}"),
+    }
+}
+
+#[test]
+fn out_of_range_keys_are_named() {
+    let tiny = DeepSeekV3Config::tiny();
+    let bad = |f: &dyn Fn(&mut DeepSeekV3Config)| {
+        let mut c = tiny.clone();
+        f(&mut c);
+        key_of(c.validate().unwrap_err())
+    };
+    assert_eq!(bad(&|c| c.num_experts_per_tok = 9), "num_experts_per_tok");
+    assert_eq!(bad(&|c| c.n_group = 3), "n_group");
+    assert_eq!(bad(&|c| c.topk_group = 3), "topk_group");
+    assert_eq!(bad(&|c| c.qk_rope_head_dim = 7), "qk_rope_head_dim");
+    assert_eq!(bad(&|c| c.hidden_size = 0), "hidden_size");
+    assert_eq!(bad(&|c| c.scoring_func = "relu".into()), "scoring_func");
+    assert_eq!(bad(&|c| c.rms_norm_eps = -1.0), "rms_norm_eps");
+    assert_eq!(bad(&|c| c.q_lora_rank = Some(0)), "q_lora_rank");
+    assert_eq!(bad(&|c| c.bias_update_speed = f64::NAN), "bias_update_speed");
+    let missing = HUB_V3.replace(r#""kv_lora_rank": 512, "#, "");
+    assert_eq!(key_of(DeepSeekV3Config::from_json_str(&missing).unwrap_err()), "kv_lora_rank");
+    let wrong_type = HUB_V3.replace(r#""n_group": 8"#, r#""n_group": "eight""#);
+    let err = DeepSeekV3Config::from_json_str(&wrong_type).unwrap_err().to_string();
+    assert!(err.contains("eight"), "{err}");
+}

@@ -1,0 +1,220 @@
+//! Model behaviour beyond HF parity: checkpoints round-trip (single, sharded, bf16) with clear
+//! errors for bad files, the grouped MoE dispatch against a per-token loop, the balance losses
+//! against their formulas, and the bias update steering the router.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use whale_model::checkpoint::{load_dir, load_file, save_file, save_sharded, SaveDType};
+use whale_model::{DeepSeekV3, DeepSeekV3Config, Error};
+use whale_tensor::{DType, Device, Rng, Tensor};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("whale-model-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn tokens(cfg: &DeepSeekV3Config, batch: usize, seq: usize, seed: u64) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let v: Vec<i64> = (0..batch * seq).map(|_| rng.below(cfg.vocab_size as u64) as i64).collect();
+    Tensor::from_vec(v, &[batch, seq], &Device::Cpu).unwrap()
+}
+
+fn logits_bits(m: &DeepSeekV3, ids: &Tensor) -> Vec<u32> {
+    m.forward(ids, None).unwrap().logits.to_vec_f32().unwrap().into_iter().map(f32::to_bits).collect()
+}
+
+#[test]
+fn save_and_load_round_trip_exactly_including_biases_and_mtp() {
+    let cfg = DeepSeekV3Config::tiny();
+    let model = DeepSeekV3::new(cfg.clone(), 1).unwrap();
+    // Move the balancing biases so that saving them matters.
+    let loads: Vec<Vec<usize>> = model.moe_layers().iter().map(|m| (0..m.gate.n_experts()).collect()).collect();
+    model.update_balancing_biases(&loads).unwrap();
+    let dir = tmpdir("roundtrip");
+    model.save_pretrained(&dir, SaveDType::F32).unwrap();
+    let back = DeepSeekV3::from_pretrained(&dir).unwrap();
+    let ids = tokens(&cfg, 2, 7, 3);
+    assert_eq!(logits_bits(&model, &ids), logits_bits(&back, &ids));
+    for (name, b) in &model.buffers {
+        assert_eq!(b.to_vec_f32().unwrap(), back.buffers[name].to_vec_f32().unwrap(), "{name}");
+    }
+    assert!(load_file(&dir.join("model.safetensors")).unwrap().contains_key("model.layers.4.shared_head.head.weight"));
+    assert!(!dir.join("model.safetensors.tmp").exists());
+
+    // Sharded, and bf16 (values rounded once, exactly as bf16 stores them).
+    let sharded = tmpdir("sharded");
+    save_sharded(&sharded, &model.state_dict(), SaveDType::F32, 20_000).unwrap();
+    std::fs::copy(dir.join("config.json"), sharded.join("config.json")).unwrap();
+    let (tensors, _) = load_dir(&sharded).unwrap();
+    assert_eq!(tensors.len(), model.state_dict().len());
+    assert!(std::fs::read_dir(&sharded).unwrap().count() > 3, "several shards");
+    assert_eq!(logits_bits(&model, &ids), logits_bits(&DeepSeekV3::from_pretrained(&sharded).unwrap(), &ids));
+
+    let bf = tmpdir("bf16");
+    model.save_pretrained(&bf, SaveDType::BF16).unwrap();
+    let loaded = DeepSeekV3::from_pretrained(&bf).unwrap();
+    let w = model.params.get("model.layers.1.self_attn.kv_b_proj.weight").unwrap().to_vec_f32().unwrap();
+    let w_bf = loaded.params.get("model.layers.1.self_attn.kv_b_proj.weight").unwrap().to_vec_f32().unwrap();
+    for (a, b) in w.iter().zip(&w_bf) {
+        assert_eq!(DType::BF16.round_f32(*a), *b);
+    }
+}
+
+fn expect_checkpoint_error(dir: &std::path::Path, tensor: &str, words: &str) {
+    match DeepSeekV3::from_pretrained(dir) {
+        Err(Error::Checkpoint { path, name, msg }) => {
+            assert!(path.ends_with("model.safetensors"), "{path:?}");
+            assert_eq!(name, tensor);
+            assert!(msg.contains(words), "{msg}");
+        }
+        other => panic!("expected a checkpoint error naming {tensor}, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_checkpoints_name_the_file_and_tensor() {
+    let cfg = DeepSeekV3Config::tiny();
+    let model = DeepSeekV3::new(cfg, 2).unwrap();
+    let dir = tmpdir("bad");
+    model.save_pretrained(&dir, SaveDType::F32).unwrap();
+    let file = dir.join("model.safetensors");
+    let good: BTreeMap<String, Tensor> = load_file(&file).unwrap();
+
+    let victim = "model.layers.2.mlp.experts.3.up_proj.weight";
+    let mut missing = good.clone();
+    missing.remove(victim);
+    save_file(&file, &missing, SaveDType::F32).unwrap();
+    expect_checkpoint_error(&dir, victim, "missing");
+
+    let mut reshaped = good.clone();
+    reshaped.insert(victim.into(), Tensor::zeros(&[3, 3], DType::F32, &Device::Cpu).unwrap());
+    save_file(&file, &reshaped, SaveDType::F32).unwrap();
+    expect_checkpoint_error(&dir, victim, "[3, 3]");
+
+    let mut extra = good.clone();
+    extra.insert("model.layers.9.mystery.weight".into(), Tensor::zeros(&[2], DType::F32, &Device::Cpu).unwrap());
+    save_file(&file, &extra, SaveDType::F32).unwrap();
+    expect_checkpoint_error(&dir, "model.layers.9.mystery.weight", "unexpected");
+
+    std::fs::write(&file, b"definitely not safetensors").unwrap();
+    let err = DeepSeekV3::from_pretrained(&dir).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("not a safetensors file"), "{err}");
+
+    std::fs::write(dir.join("config.json"), "{\"vocab_size\": 10}").unwrap();
+    let err = DeepSeekV3::from_pretrained(&dir).unwrap_err().to_string();
+    assert!(err.contains("config.json"), "{err}");
+}
+
+#[test]
+fn grouped_dispatch_equals_a_per_token_loop() {
+    let cfg = DeepSeekV3Config::tiny();
+    let model = DeepSeekV3::new(cfg.clone(), 5).unwrap();
+    let moe = model.moe_layers()[0];
+    let x = Tensor::randn(&[2, 5, cfg.hidden_size], 0.0, 1.0, DType::F32, &mut Rng::new(9)).unwrap();
+    let out = moe.forward(&x).unwrap().output.to_vec_f32().unwrap();
+
+    let tokens = x.reshape(&[10, cfg.hidden_size]).unwrap();
+    let routing = moe.gate.route(&tokens).unwrap();
+    let w = routing.weights.to_vec_f32().unwrap();
+    let k = cfg.num_experts_per_tok;
+    for t in 0..10 {
+        let xt = tokens.narrow(0, t, 1).unwrap();
+        let mut want = moe.shared_experts.as_ref().unwrap().forward(&xt).unwrap();
+        for j in 0..k {
+            let e = routing.experts[t * k + j];
+            want = want.add(&moe.experts[e].forward(&xt).unwrap().mul_scalar(w[t * k + j]).unwrap()).unwrap();
+        }
+        let want = want.to_vec_f32().unwrap();
+        let got = &out[t * cfg.hidden_size..(t + 1) * cfg.hidden_size];
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-6 + 1e-5 * b.abs(), "token {t}: {a} vs {b}");
+        }
+    }
+    assert_eq!(routing.load.iter().sum::<usize>(), 10 * k);
+}
+
+#[test]
+fn balance_losses_match_their_formulas() {
+    let mut cfg = DeepSeekV3Config::tiny();
+    cfg.seq_aux_alpha = 0.01;
+    cfg.aux_loss_alpha = 0.0;
+    let model = DeepSeekV3::new(cfg.clone(), 6).unwrap();
+    let moe = model.moe_layers()[0];
+    let (b, s, e, k) = (2, 6, cfg.n_routed_experts, cfg.num_experts_per_tok);
+    let x = Tensor::randn(&[b, s, cfg.hidden_size], 0.0, 1.0, DType::F32, &mut Rng::new(4)).unwrap();
+    let got = moe.forward(&x).unwrap().aux_loss.unwrap().to_scalar().unwrap() as f64;
+
+    let routing = moe.gate.route(&x.reshape(&[b * s, cfg.hidden_size]).unwrap()).unwrap();
+    let scores = routing.scores.to_vec_f32().unwrap();
+    let mut want = 0.0f64;
+    for seq in 0..b {
+        let mut f = vec![0.0f64; e];
+        let mut p = vec![0.0f64; e];
+        for t in seq * s..(seq + 1) * s {
+            for j in 0..k {
+                f[routing.experts[t * k + j]] += e as f64 / (k * s) as f64;
+            }
+            let row = &scores[t * e..(t + 1) * e];
+            let z: f64 = row.iter().map(|&v| v as f64).sum();
+            for i in 0..e {
+                p[i] += row[i] as f64 / z / s as f64;
+            }
+        }
+        want += 0.01 * f.iter().zip(&p).map(|(a, b)| a * b).sum::<f64>() / b as f64;
+    }
+    assert!((got - want).abs() < 1e-7, "{got} vs {want}");
+}
+
+#[test]
+fn the_bias_update_steers_routing_away_from_an_overloaded_expert() {
+    // gamma small against the spread of the affinities (about 0.04 at this init): a large step
+    // makes every token flip experts at once and the load oscillates instead of settling.
+    let mut cfg = DeepSeekV3Config::tiny();
+    cfg.bias_update_speed = 0.002;
+    let model = DeepSeekV3::new(cfg.clone(), 7).unwrap();
+    let moe = model.moe_layers()[0];
+    let x = Tensor::randn(&[256, cfg.hidden_size], 0.0, 1.0, DType::F32, &mut Rng::new(8)).unwrap();
+    let before = moe.gate.route(&x).unwrap().load;
+    let hot = (0..before.len()).max_by_key(|&i| before[i]).unwrap();
+    let mut loads: Vec<Vec<usize>> = model.moe_layers().iter().map(|m| vec![0; m.gate.n_experts()]).collect();
+    let mut late_vio = Vec::new();
+    for step in 0..60 {
+        loads[0] = moe.gate.route(&x).unwrap().load;
+        if step >= 40 {
+            late_vio.push(DeepSeekV3::max_violations(&loads[..1])[0]);
+        }
+        model.update_balancing_biases(&loads).unwrap();
+    }
+    let after = moe.gate.route(&x).unwrap().load;
+    assert!(after[hot] < before[hot], "expert {hot}: {} -> {}", before[hot], after[hot]);
+    let start = DeepSeekV3::max_violations(&[before])[0];
+    let late = late_vio.iter().sum::<f64>() / late_vio.len() as f64;
+    assert!(late < start / 2.0, "MaxVio {start} -> {late} (mean of the last 20 steps)");
+}
+
+#[test]
+fn softmax_scoring_v2_style_routes_without_normalising() {
+    let mut cfg = DeepSeekV3Config::tiny();
+    cfg.scoring_func = "softmax".into();
+    cfg.norm_topk_prob = false;
+    cfg.routed_scaling_factor = 1.0;
+    cfg.n_group = 1;
+    cfg.topk_group = 1;
+    let model = DeepSeekV3::new(cfg.clone(), 8).unwrap();
+    let moe = model.moe_layers()[0];
+    assert!(moe.gate.e_score_correction_bias.is_none());
+    let x = Tensor::randn(&[4, cfg.hidden_size], 0.0, 1.0, DType::F32, &mut Rng::new(1)).unwrap();
+    let r = moe.gate.route(&x).unwrap();
+    let p = r.scores.to_vec_f32().unwrap();
+    let w = r.weights.to_vec_f32().unwrap();
+    for t in 0..4 {
+        let row = &p[t * 8..(t + 1) * 8];
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        let mut sorted = row.to_vec();
+        sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
+        assert_eq!(&w[t * 2..t * 2 + 2], &sorted[..2], "weights are the top-2 probabilities, unnormalised");
+    }
+}
