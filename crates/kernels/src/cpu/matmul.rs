@@ -37,11 +37,7 @@ pub fn matmul(
         }
         return;
     }
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: `check_extent` proved every (i, j) index of both operands lies inside its slice, and
     // `c` is exactly m*n long and exclusively borrowed; gemm reads/writes only those elements.
     unsafe {

@@ -1,21 +1,247 @@
 //! Softmax and log-softmax over the last dimension, row by row, with backward.
 
+use rayon::prelude::*;
+
+use super::rows_per_task;
+
 /// `x`, `y`: [rows, dim]. Numerically stable (max subtracted).
 pub fn softmax_forward(x: &[f32], dim: usize, y: &mut [f32]) {
-    todo!()
+    rowwise(x, x, dim, y, "softmax_forward", |x, _, y| {
+        let max = row_max(x);
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = (x - max).exp();
+        }
+        let sum = sum(y);
+        for y in y.iter_mut() {
+            *y /= sum;
+        }
+    });
 }
 
 /// `dx = y * (dy - sum(dy * y))` per row, from the forward output `y`.
 pub fn softmax_backward(y: &[f32], dy: &[f32], dim: usize, dx: &mut [f32]) {
-    todo!()
+    rowwise(y, dy, dim, dx, "softmax_backward", |y, dy, dx| {
+        let s = dot(dy, y);
+        for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
+            *dx = y * (dy - s);
+        }
+    });
 }
 
 /// `y = x - logsumexp(x)` per row.
 pub fn log_softmax_forward(x: &[f32], dim: usize, y: &mut [f32]) {
-    todo!()
+    rowwise(x, x, dim, y, "log_softmax_forward", |x, _, y| {
+        let max = row_max(x);
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = (x - max).exp();
+        }
+        let log_sum = sum(y).ln();
+        // (x - max) - ln(sum) rather than x - lse: the first difference is exact near the max.
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = (x - max) - log_sum;
+        }
+    });
 }
 
 /// `dx = dy - exp(y) * sum(dy)` per row, from the forward output `y`.
 pub fn log_softmax_backward(y: &[f32], dy: &[f32], dim: usize, dx: &mut [f32]) {
-    todo!()
+    rowwise(y, dy, dim, dx, "log_softmax_backward", |y, dy, dx| {
+        let s = sum(dy);
+        for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
+            *dx = dy - y.exp() * s;
+        }
+    });
+}
+
+/// Runs `f(a_row, b_row, out_row)` over the rows of three [rows, dim] buffers, in parallel chunks
+/// whose size depends only on `dim`.
+fn rowwise(
+    a: &[f32],
+    b: &[f32],
+    dim: usize,
+    out: &mut [f32],
+    what: &str,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) {
+    assert_eq!(a.len(), out.len(), "{what}: input and output differ in length");
+    assert_eq!(b.len(), out.len(), "{what}: inputs differ in length");
+    if dim == 0 {
+        return;
+    }
+    assert_eq!(out.len() % dim, 0, "{what}: length {} is not a multiple of dim {dim}", out.len());
+    let chunk = rows_per_task(dim) * dim;
+    out.par_chunks_mut(chunk).zip(a.par_chunks(chunk)).zip(b.par_chunks(chunk)).for_each(|((out, a), b)| {
+        for ((out, a), b) in out.chunks_exact_mut(dim).zip(a.chunks_exact(dim)).zip(b.chunks_exact(dim)) {
+            f(a, b, out);
+        }
+    });
+}
+
+fn row_max(x: &[f32]) -> f32 {
+    x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Independent accumulators of [`sum`] and [`dot`]: the loops vectorise and the summation order is
+/// fixed. The lanes are summed in order at the end; a tree-shaped fold there makes LLVM vectorise
+/// the main loop only two lanes wide.
+const LANES: usize = 16;
+
+fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for x in chunks {
+        for l in 0..LANES {
+            acc[l] += x[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let mut tail = 0.0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += x * y;
+    }
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift64*: tiny deterministic generator for test data in [-1, 1).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> f32 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let bits = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+            bits as f32 / (1u64 << 23) as f32 - 1.0
+        }
+        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+            (0..n).map(|_| scale * self.next()).collect()
+        }
+    }
+
+    /// Relative error, measured against the element or, where terms cancel, the largest element.
+    fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let err = (g as f64 - w).abs();
+            assert!(err <= tol * (w.abs() + scale), "{what}[{i}]: {g} vs {w} (err {err:e})");
+        }
+    }
+
+    /// f64 reference log-softmax of each row.
+    fn reference_log_softmax(x: &[f32], dim: usize) -> Vec<f64> {
+        let mut out = vec![];
+        for row in x.chunks(dim) {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            out.extend(row.iter().map(|&v| v as f64 - lse));
+        }
+        out
+    }
+
+    /// f64 reference Jacobian-vector products: dx_j = sum_k dy_k * d y_k / d x_j.
+    fn reference_backward(x: &[f32], dy: &[f32], dim: usize, log: bool) -> Vec<f64> {
+        let p: Vec<f64> = reference_log_softmax(x, dim).iter().map(|l| l.exp()).collect();
+        let mut dx = vec![0.0; x.len()];
+        for r in 0..x.len() / dim {
+            let (p, dy) = (&p[r * dim..][..dim], &dy[r * dim..][..dim]);
+            for j in 0..dim {
+                dx[r * dim + j] = (0..dim)
+                    .map(|k| {
+                        let delta = if j == k { 1.0 } else { 0.0 };
+                        // d log p_k / d x_j = delta - p_j;  d p_k / d x_j = p_k (delta - p_j).
+                        let jac = if log { delta - p[j] } else { p[k] * (delta - p[j]) };
+                        dy[k] as f64 * jac
+                    })
+                    .sum();
+            }
+        }
+        dx
+    }
+
+    #[test]
+    fn softmax_forward_and_backward_match_reference() {
+        let mut rng = Rng(1);
+        for (rows, dim, scale) in [(4, 37, 3.0), (6, 1, 1.0), (2, 300, 30.0), (1100, 17, 5.0)] {
+            let x = rng.vec(rows * dim, scale);
+            let dy = rng.vec(rows * dim, 1.0);
+            let mut y = vec![0.0; rows * dim];
+            softmax_forward(&x, dim, &mut y);
+            let want: Vec<f64> = reference_log_softmax(&x, dim).iter().map(|l| l.exp()).collect();
+            for (i, (&g, &w)) in y.iter().zip(&want).enumerate() {
+                assert!((g as f64 - w).abs() <= 1e-5 * w, "softmax[{i}]: {g} vs {w}");
+            }
+            let mut dx = vec![0.0; rows * dim];
+            softmax_backward(&y, &dy, dim, &mut dx);
+            assert_close(&dx, &reference_backward(&x, &dy, dim, false), 1e-5, "softmax dx");
+        }
+    }
+
+    #[test]
+    fn log_softmax_forward_and_backward_match_reference() {
+        let mut rng = Rng(2);
+        for (rows, dim, scale) in [(4, 37, 3.0), (6, 1, 1.0), (2, 300, 30.0), (1100, 17, 5.0)] {
+            let x = rng.vec(rows * dim, scale);
+            let dy = rng.vec(rows * dim, 1.0);
+            let mut y = vec![0.0; rows * dim];
+            log_softmax_forward(&x, dim, &mut y);
+            let want = reference_log_softmax(&x, dim);
+            for (i, (&g, &w)) in y.iter().zip(&want).enumerate() {
+                assert!((g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()), "log_softmax[{i}]: {g} vs {w}");
+            }
+            let mut dx = vec![0.0; rows * dim];
+            log_softmax_backward(&y, &dy, dim, &mut dx);
+            assert_close(&dx, &reference_backward(&x, &dy, dim, true), 1e-5, "log_softmax dx");
+        }
+    }
+
+    #[test]
+    fn large_logits_do_not_overflow() {
+        let x = [1000.0f32, 999.0, -1000.0];
+        let mut y = [0.0; 3];
+        softmax_forward(&x, 3, &mut y);
+        assert!((y[0] - 0.7310586).abs() < 1e-6 && (y[1] - 0.26894143).abs() < 1e-6 && y[2] == 0.0);
+        log_softmax_forward(&x, 3, &mut y);
+        // ln(1 + e^-1 + e^-2000) = 0.313_261_687_5...
+        assert!((y[0] as f64 + 0.313_261_687_5).abs() < 1e-6 && (y[2] as f64 + 2_000.313_261_687_5).abs() < 1e-3);
+    }
+
+    #[test]
+    fn empty_input_is_a_no_op() {
+        softmax_forward(&[], 5, &mut []);
+        softmax_backward(&[], &[], 5, &mut []);
+        log_softmax_forward(&[], 5, &mut []);
+        log_softmax_backward(&[], &[], 5, &mut []);
+    }
+
+    #[test]
+    fn deterministic() {
+        let (rows, dim) = (3000, 31);
+        let mut rng = Rng(9);
+        let (x, dy) = (rng.vec(rows * dim, 4.0), rng.vec(rows * dim, 1.0));
+        let run = || {
+            let (mut y, mut dx, mut ly, mut ldx) =
+                (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; x.len()]);
+            softmax_forward(&x, dim, &mut y);
+            softmax_backward(&y, &dy, dim, &mut dx);
+            log_softmax_forward(&x, dim, &mut ly);
+            log_softmax_backward(&ly, &dy, dim, &mut ldx);
+            [y, dx, ly, ldx].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+        };
+        assert_eq!(run(), run());
+    }
 }
