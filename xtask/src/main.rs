@@ -106,12 +106,20 @@ struct Row {
     group: String,
     whale: Option<f64>,
     baseline: Option<f64>,
+    /// Elements (tokens) per iteration, when the bench declares a throughput.
+    elements: Option<f64>,
 }
 
 fn mean_ns(path: &Path) -> Option<f64> {
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["mean"]["point_estimate"].as_f64()
+}
+
+fn elements(path: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["throughput"]["Elements"].as_f64()
 }
 
 fn collect(dir: &Path, filter: Option<&str>) -> Result<Vec<Row>, String> {
@@ -123,7 +131,8 @@ fn collect(dir: &Path, filter: Option<&str>) -> Result<Vec<Row>, String> {
         .filter(|g| g != "report" && filter.is_none_or(|f| g.contains(f)))
         .map(|group| {
             let at = |f: &str| mean_ns(&dir.join(&group).join(f).join("new").join("estimates.json"));
-            Row { whale: at("whale"), baseline: at("baseline"), group }
+            let elements = elements(&dir.join(&group).join("whale").join("new").join("benchmark.json"));
+            Row { whale: at("whale"), baseline: at("baseline"), elements, group }
         })
         .filter(|r| r.whale.is_some() || r.baseline.is_some())
         .collect();
@@ -141,14 +150,30 @@ fn fmt_time(ns: Option<f64>) -> String {
 }
 
 fn render(rows: &[Row]) -> String {
-    let mut s = String::from("| bench | whale | baseline | whale / baseline |\n|---|---:|---:|---:|\n");
+    let mut s =
+        String::from("| bench | whale | baseline | whale / baseline | whale throughput |\n|---|---:|---:|---:|---:|\n");
     for r in rows {
         let ratio = match (r.whale, r.baseline) {
             (Some(w), Some(b)) if b > 0.0 => format!("{:.3}", w / b),
             _ => "—".into(),
         };
-        s.push_str(&format!("| {} | {} | {} | {} |\n", r.group, fmt_time(r.whale), fmt_time(r.baseline), ratio));
+        let rate = match (r.elements, r.whale) {
+            (Some(n), Some(w)) if w > 0.0 => format!("{:.0} /s", n / (w / 1e9)),
+            _ => "—".into(),
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.group,
+            fmt_time(r.whale),
+            fmt_time(r.baseline),
+            ratio,
+            rate
+        ));
     }
-    s.push_str("\nMean time per iteration (criterion). A ratio below 1 means whale is faster than its baseline.\n");
+    s.push_str(
+        "\nMean time per iteration (criterion). A ratio below 1 means whale is faster than its baseline; \
+         throughput is elements (tokens) per second where the bench declares it; \
+         `—` marks a bench with no baseline (an absolute measurement).\n",
+    );
     s
 }

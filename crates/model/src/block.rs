@@ -68,3 +68,22 @@ impl DecoderLayer {
         }
     }
 }
+
+impl DecoderLayer {
+    /// [`DecoderLayer::forward`] over new positions, extending `cache` with their keys/values.
+    pub fn forward_cached(
+        &self,
+        h: &Tensor,
+        positions: &[usize],
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let a = self.self_attn.forward_cached(&self.input_layernorm.forward(h)?, positions, cache)?;
+        let h = h.add(&a)?;
+        let x = self.post_attention_layernorm.forward(&h)?;
+        let f = match &self.mlp {
+            FeedForward::Dense(mlp) => mlp.forward(&x)?,
+            FeedForward::Moe(moe) => moe.forward(&x)?.output,
+        };
+        Ok(h.add(&f)?)
+    }
+}

@@ -11,10 +11,12 @@ pub mod checkpoint;
 pub mod config;
 pub mod deepseek_v3;
 pub mod error;
+pub mod generate;
 pub mod mla;
 pub mod moe;
 pub mod mtp;
 pub mod nn;
+pub mod tokenizer;
 
 pub use config::{DeepSeekV3Config, ParamCounts, RopeScaling};
 pub use deepseek_v3::{DeepSeekV3, ForwardOutput, IGNORE_INDEX};

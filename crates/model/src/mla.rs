@@ -88,6 +88,18 @@ impl MultiHeadLatentAttention {
 
     /// Causal self-attention over `x`: `[batch, seq, hidden]`, tokens at `positions`.
     pub fn forward(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        self.forward_cached(x, positions, &mut None)
+    }
+
+    /// Attention of the new tokens `x` (at `positions`) over the cached keys/values plus their
+    /// own; the cache (`[batch, heads, t, qk]` keys and `[batch, heads, t, v]` values) is
+    /// extended with the new ones. With an empty cache this is the training forward.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        positions: &[usize],
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
         let (b, s) = (x.dims()[0], x.dims()[1]);
         let h = self.n_heads;
         let q = self.queries(x)?;
@@ -101,13 +113,13 @@ impl MultiHeadLatentAttention {
         let k = Tensor::cat(&[kv_parts[0].clone(), k_pe.broadcast_as(&[b, s, h, self.rope])?], 3)?;
 
         let to_heads = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(1, 2)?.contiguous()?) };
-        let o = Tensor::scaled_dot_product_attention(
-            &to_heads(&q)?,
-            &to_heads(&k)?,
-            &to_heads(&kv_parts[1])?,
-            self.softmax_scale,
-            true,
-        )?;
+        let (mut k, mut v) = (to_heads(&k)?, to_heads(&kv_parts[1])?);
+        if let Some((k0, v0)) = cache.as_ref() {
+            k = Tensor::cat(&[k0.clone(), k], 2)?;
+            v = Tensor::cat(&[v0.clone(), v], 2)?;
+        }
+        let o = Tensor::scaled_dot_product_attention(&to_heads(&q)?, &k, &v, self.softmax_scale, true)?;
+        *cache = Some((k, v));
         let o = o.transpose(1, 2)?.reshape(&[b, s, h * self.v_dim])?;
         self.o_proj.forward(&o)
     }

@@ -1,6 +1,20 @@
-//! whale-rl: the training methodology — procedurally generated reasoning tasks, rule-based rewards,
-//! rollouts, GRPO, PPO, SFT, rejection sampling, distillation and the R1-Zero / R1 pipelines.
-//!
-//! Filled by the tasks, GRPO and R1 issues; today it only re-exports the parallel crate.
+//! whale-rl: the training methodology — procedurally generated reasoning tasks with verifiers
+//! ([`tasks`]), evaluation (pass@1, pass@k, cons@k: [`eval`]); rewards, GRPO, PPO, SFT, rejection
+//! sampling, distillation and the R1 pipelines arrive with their issues.
+
+pub mod eval;
+pub mod tasks;
 
 pub use whale_parallel as parallel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("task: {0}")]
+    Task(String),
+    #[error(transparent)]
+    Model(#[from] whale_parallel::model::Error),
+    #[error(transparent)]
+    Tensor(#[from] whale_parallel::model::tensor::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

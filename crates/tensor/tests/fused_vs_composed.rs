@@ -9,7 +9,8 @@ fn value_and_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) -
     let out = f(&vars).unwrap();
     let r = randn(out.dims(), 777);
     out.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
-    (out.detach(), vars.iter().map(|v| v.grad().unwrap()).collect())
+    // An input the function does not use has no gradient: zeros.
+    (out.detach(), vars.iter().map(|v| v.grad().unwrap_or_else(|| v.zeros_like().unwrap())).collect())
 }
 
 fn assert_twins(
@@ -101,5 +102,27 @@ fn swiglu_matches_silu_times_up() {
         &[randn(&[4, 8], 8), randn(&[4, 8], 9)],
         |t| Tensor::swiglu(&t[0], &t[1]),
         |t| t[0].silu()?.mul(&t[1]),
+    );
+}
+
+#[test]
+fn grouped_matmul_matches_per_group_matmuls() {
+    let sizes = [3usize, 0, 5, 1];
+    let inputs: Vec<Tensor> =
+        std::iter::once(randn(&[9, 6], 20)).chain((0..4).map(|i| randn(&[7, 6], 21 + i))).collect();
+    assert_twins(
+        &inputs,
+        |t| Tensor::grouped_matmul(&t[0], &sizes, &t[1..]),
+        |t| {
+            let mut parts = Vec::new();
+            let mut start = 0;
+            for (e, &s) in sizes.iter().enumerate() {
+                if s > 0 {
+                    parts.push(t[0].narrow(0, start, s)?.matmul(&t[1 + e].t()?)?);
+                }
+                start += s;
+            }
+            Tensor::cat(&parts, 0)
+        },
     );
 }

@@ -202,3 +202,10 @@ fn views() {
     assert_gradients(&[randn(&[3, 1], 141)], |t| t[0].broadcast_as(&[2, 3, 4]));
     assert_gradients(&[x], |t| t[0].chunk(2, 2)?[1].exp());
 }
+
+#[test]
+fn grouped_matmul_with_an_empty_group() {
+    let x = randn(&[6, 4], 150);
+    let (w0, w1, w2) = (randn(&[3, 4], 151), randn(&[3, 4], 152), randn(&[3, 4], 153));
+    assert_gradients(&[x, w0, w1, w2], |t| Tensor::grouped_matmul(&t[0], &[2, 0, 4], &t[1..]));
+}

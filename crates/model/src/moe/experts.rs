@@ -75,16 +75,15 @@ impl DeepSeekMoE {
         let rows = Tensor::from_vec(order.iter().map(|&s| token_of(s)).collect::<Vec<_>>(), &[order.len()], &dev)?;
         let slots = Tensor::from_vec(order.iter().map(|&s| s as i64).collect::<Vec<_>>(), &[order.len()], &dev)?;
 
+        // Every expert runs once on its contiguous block of the sorted tokens (a grouped GEMM).
         let dispatched = tokens.index_select(0, &rows)?;
-        let mut outputs = Vec::new();
-        let mut start = 0;
-        for (e, &n) in routing.load.iter().enumerate() {
-            if n > 0 {
-                outputs.push(self.experts[e].forward(&dispatched.narrow(0, start, n)?)?);
-            }
-            start += n;
-        }
-        let expert_out = Tensor::cat(&outputs, 0)?;
+        let sizes = &routing.load;
+        let weights =
+            |f: fn(&SwiGluMlp) -> &Tensor| -> Vec<Tensor> { self.experts.iter().map(|e| f(e).clone()).collect() };
+        let gate = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.gate_proj.weight))?;
+        let up = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.up_proj.weight))?;
+        let hidden = Tensor::swiglu(&gate, &up)?;
+        let expert_out = Tensor::grouped_matmul(&hidden, sizes, &weights(|e| &e.down_proj.weight))?;
         let w = routing.weights.flatten_all()?.index_select(0, &slots)?.unsqueeze(1)?;
         Ok(tokens.zeros_like()?.index_add(0, &rows, &expert_out.mul(&w)?)?)
     }

@@ -104,3 +104,85 @@ fn batched_gemm(a: &Tensor, b: &Tensor, batch: &[usize], m: usize, n: usize, k: 
     }
     out
 }
+
+impl Tensor {
+    /// Grouped matmul (the MoE expert GEMM): rows of `x` (`[rows, in]`) come in consecutive
+    /// groups of `group_sizes[e]` rows, and group `e` is multiplied by `weights[e]^T`
+    /// (`weights[e]`: `[out, in]`, HF layout) -> `[rows, out]`. One gemm per non-empty group; the
+    /// backward gives each weight only its own group's gradient and never materialises per-group
+    /// copies of `x`.
+    pub fn grouped_matmul(x: &Tensor, group_sizes: &[usize], weights: &[Tensor]) -> Result<Tensor> {
+        let op = "grouped_matmul";
+        if group_sizes.len() != weights.len() {
+            return Err(Error::invalid(op, format!("{} group sizes for {} weights", group_sizes.len(), weights.len())));
+        }
+        if x.rank() != 2 {
+            return Err(Error::invalid(op, format!("x must be [rows, in], got {:?}", x.dims())));
+        }
+        let (rows, k) = (x.dims()[0], x.dims()[1]);
+        if group_sizes.iter().sum::<usize>() != rows {
+            return Err(Error::invalid(op, format!("group sizes {group_sizes:?} do not add up to {rows} rows")));
+        }
+        let first = weights.first().ok_or_else(|| Error::invalid(op, "no groups"))?;
+        let n = first.dims().first().copied().unwrap_or(0);
+        for w in weights {
+            check_same_dtype(op, x, w)?;
+            if w.dims() != [n, k] {
+                return Err(Error::ShapeMismatch { op, lhs: vec![n, k], rhs: w.dims().to_vec() });
+            }
+        }
+        let xs = x.f32_data();
+        let mut out = vec![0.0f32; rows * n];
+        let threads = rayon::current_num_threads();
+        let mut start = 0;
+        for (w, &g) in weights.iter().zip(group_sizes) {
+            if g > 0 {
+                let wd = w.f32_data();
+                let a = MatRef { data: &xs, offset: start * k, row_stride: k as isize, col_stride: 1 };
+                let b = MatRef { data: &wd, offset: 0, row_stride: 1, col_stride: k as isize }; // W^T
+                gemm_matmul(g, n, k, a, b, &mut out[start * n..(start + g) * n], false, threads);
+            }
+            start += g;
+        }
+        let sizes = group_sizes.to_vec();
+        let back = backward_fn(op, move |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+            let (x, ws) = (&inputs[0], &inputs[1..]);
+            let gd = g.f32_data();
+            let threads = rayon::current_num_threads();
+            let mut grads: Vec<Option<Tensor>> = vec![None; inputs.len()];
+            if needs[0] {
+                // dx[group] = dy[group] @ W_e
+                let mut dx = vec![0.0f32; rows * k];
+                let mut start = 0;
+                for (w, &s) in ws.iter().zip(&sizes) {
+                    if s > 0 {
+                        let wd = w.f32_data();
+                        let a = MatRef { data: &gd, offset: start * n, row_stride: n as isize, col_stride: 1 };
+                        let b = MatRef { data: &wd, offset: 0, row_stride: k as isize, col_stride: 1 };
+                        gemm_matmul(s, k, n, a, b, &mut dx[start * k..(start + s) * k], false, threads);
+                    }
+                    start += s;
+                }
+                grads[0] = Some(Tensor::from_op(dx, x.dims(), x.dtype(), &[], crate::backprop::NoBackward));
+            }
+            let xs = x.f32_data();
+            let mut start = 0;
+            for (e, (w, &s)) in ws.iter().zip(&sizes).enumerate() {
+                if needs[1 + e] {
+                    // dW_e = dy[group]^T @ x[group]
+                    let mut dw = vec![0.0f32; n * k];
+                    if s > 0 {
+                        let a = MatRef { data: &gd, offset: start * n, row_stride: 1, col_stride: n as isize };
+                        let b = MatRef { data: &xs, offset: start * k, row_stride: k as isize, col_stride: 1 };
+                        gemm_matmul(n, k, s, a, b, &mut dw, false, threads);
+                    }
+                    grads[1 + e] = Some(Tensor::from_op(dw, w.dims(), w.dtype(), &[], crate::backprop::NoBackward));
+                }
+                start += s;
+            }
+            Ok(grads)
+        });
+        let inputs: Vec<&Tensor> = std::iter::once(x).chain(weights.iter()).collect();
+        Ok(Tensor::from_op(out, &[rows, n], x.dtype(), &inputs, back))
+    }
+}

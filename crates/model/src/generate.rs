@@ -1,0 +1,211 @@
+//! Generation: prefill then token-by-token decode with a per-layer key/value cache (the `naive`
+//! MLA cache of spec 1.5: per-head K and V), greedy or temperature / top-k / top-p sampling,
+//! per-sequence stop tokens and a length limit.
+//!
+//! Prompts of different lengths are decoded in separate groups of equal length, so no sequence
+//! ever sees padding and a prompt decodes the same alone or in any batch.
+
+use std::collections::BTreeMap;
+
+use whale_tensor::{no_grad, Device, Rng, Tensor};
+
+use crate::deepseek_v3::DeepSeekV3;
+use crate::{Error, Result};
+
+/// Per-layer cached keys `[batch, heads, t, qk]` and values `[batch, heads, t, v]`.
+#[derive(Debug, Default, Clone)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        KvCache { layers: vec![None; n_layers] }
+    }
+
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingConfig {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub max_new_tokens: usize,
+    /// Generation of a sequence stops after any of these tokens (which is kept).
+    pub stop_tokens: Vec<u32>,
+}
+
+impl SamplingConfig {
+    pub fn greedy(max_new_tokens: usize, stop_tokens: Vec<u32>) -> Self {
+        SamplingConfig { temperature: 0.0, top_k: None, top_p: None, max_new_tokens, stop_tokens }
+    }
+
+    pub fn sampled(temperature: f32, max_new_tokens: usize, stop_tokens: Vec<u32>) -> Self {
+        SamplingConfig { temperature, top_k: None, top_p: None, max_new_tokens, stop_tokens }
+    }
+}
+
+/// One generated continuation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// New tokens, up to and including the stop token.
+    pub tokens: Vec<u32>,
+    /// Log-probability of each new token under the sampling distribution (temperature applied).
+    pub logprobs: Vec<f32>,
+    /// Hit `max_new_tokens` without a stop token.
+    pub truncated: bool,
+}
+
+/// Picks a token from `logits` (one row). Returns (token, log-prob under the sampling distribution).
+pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> (u32, f32) {
+    let t = if cfg.temperature > 0.0 { cfg.temperature } else { 1.0 };
+    let scaled: Vec<f64> = logits.iter().map(|&l| l as f64 / t as f64).collect();
+    let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = max + scaled.iter().map(|&x| (x - max).exp()).sum::<f64>().ln();
+    if cfg.temperature <= 0.0 {
+        let mut best = 0;
+        for (i, &x) in scaled.iter().enumerate() {
+            if x > scaled[best] {
+                best = i;
+            }
+        }
+        return (best as u32, (scaled[best] - lse) as f32);
+    }
+    // Candidates in descending probability, cut by top-k and top-p, then renormalised.
+    let mut order: Vec<usize> = (0..scaled.len()).collect();
+    order.sort_by(|&a, &b| scaled[b].partial_cmp(&scaled[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    if let Some(k) = cfg.top_k {
+        order.truncate(k.max(1));
+    }
+    if let Some(p) = cfg.top_p {
+        let mut acc = 0.0;
+        let mut keep = 0;
+        for &i in &order {
+            acc += (scaled[i] - lse).exp();
+            keep += 1;
+            if acc >= p as f64 {
+                break;
+            }
+        }
+        order.truncate(keep.max(1));
+    }
+    let probs: Vec<f64> = order.iter().map(|&i| (scaled[i] - lse).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    let mut u = rng.uniform_f64() * total;
+    let mut pick = order[order.len() - 1];
+    let mut pick_p = probs[probs.len() - 1];
+    for (&i, &p) in order.iter().zip(&probs) {
+        if u < p {
+            pick = i;
+            pick_p = p;
+            break;
+        }
+        u -= p;
+    }
+    (pick as u32, (pick_p / total).ln() as f32)
+}
+
+impl DeepSeekV3 {
+    /// Logits `[batch, s, vocab]` for `ids` (`[batch, s]`) continuing the cached positions.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        let start = cache.len();
+        let positions: Vec<usize> = (start..start + ids.dims()[1]).collect();
+        let mut h = self.embed_tokens.embedding(ids)?;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            h = layer.forward_cached(&h, &positions, slot)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&h)?)
+    }
+
+    /// Continues each prompt (token ids) per `cfg`. Prompt `i` samples from the `i`-th stream
+    /// forked from `rng`, so its tokens do not depend on the other prompts in the batch.
+    pub fn generate(&self, prompts: &[Vec<u32>], cfg: &SamplingConfig, rng: &mut Rng) -> Result<Vec<Generation>> {
+        let mut streams: Vec<Rng> = prompts.iter().map(|_| rng.fork()).collect();
+        self.generate_with_streams(prompts, cfg, &mut streams)
+    }
+
+    /// [`DeepSeekV3::generate`] with one explicit random stream per prompt.
+    pub fn generate_with_streams(
+        &self,
+        prompts: &[Vec<u32>],
+        cfg: &SamplingConfig,
+        streams: &mut [Rng],
+    ) -> Result<Vec<Generation>> {
+        if prompts.iter().any(|p| p.is_empty()) {
+            return Err(Error::Model("generate: empty prompt".into()));
+        }
+        if streams.len() != prompts.len() {
+            return Err(Error::Model(format!(
+                "generate: {} random streams for {} prompts",
+                streams.len(),
+                prompts.len()
+            )));
+        }
+        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, p) in prompts.iter().enumerate() {
+            groups.entry(p.len()).or_default().push(i);
+        }
+        let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
+        no_grad(|| -> Result<()> {
+            for (len, members) in groups {
+                let gens = self.generate_group(prompts, &members, len, cfg, streams)?;
+                for (i, g) in members.into_iter().zip(gens) {
+                    out[i] = Some(g);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out.into_iter().map(|g| g.expect("every prompt is in a group")).collect())
+    }
+
+    fn generate_group(
+        &self,
+        prompts: &[Vec<u32>],
+        members: &[usize],
+        len: usize,
+        cfg: &SamplingConfig,
+        streams: &mut [Rng],
+    ) -> Result<Vec<Generation>> {
+        let b = members.len();
+        let vocab = self.config.vocab_size;
+        let ids: Vec<i64> = members.iter().flat_map(|&i| prompts[i].iter().map(|&t| t as i64)).collect();
+        let mut cache = KvCache::new(self.layers.len());
+        let mut logits =
+            self.forward_cached(&Tensor::from_vec(ids, &[b, len], &Device::Cpu)?, &mut cache)?.narrow(1, len - 1, 1)?;
+        let mut gens: Vec<Generation> = vec![Generation { tokens: vec![], logprobs: vec![], truncated: false }; b];
+        let mut done = vec![false; b];
+        for step in 0..cfg.max_new_tokens {
+            let rows = logits.to_vec_f32()?;
+            let mut next = Vec::with_capacity(b);
+            for (j, &m) in members.iter().enumerate() {
+                let (tok, lp) = sample_token(&rows[j * vocab..(j + 1) * vocab], cfg, &mut streams[m]);
+                if !done[j] {
+                    gens[j].tokens.push(tok);
+                    gens[j].logprobs.push(lp);
+                    done[j] = cfg.stop_tokens.contains(&tok);
+                }
+                next.push(tok as i64);
+            }
+            if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
+                break;
+            }
+            logits = self.forward_cached(&Tensor::from_vec(next, &[b, 1], &Device::Cpu)?, &mut cache)?;
+        }
+        for (g, d) in gens.iter_mut().zip(&done) {
+            g.truncated = !d;
+        }
+        Ok(gens)
+    }
+}

@@ -1,0 +1,249 @@
+//! Task mixes, the train/held-out split, the pretraining corpus, and user datasets in JSONL.
+
+use std::collections::HashSet;
+use std::ops::RangeInclusive;
+use std::path::Path;
+
+use super::{extract_answer, task_by_name, template, Problem, Task};
+use crate::{Error, Result};
+use whale_parallel::model::tensor::Rng;
+
+/// Which side of the split a problem belongs to. The split is a pure function of the prompt
+/// (a hash), so no problem can ever be on both sides, whatever seeds generated them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    HeldOut,
+}
+
+impl Split {
+    /// One prompt in ten is held out (FNV-1a hash of the prompt).
+    pub fn of(prompt: &str) -> Split {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in prompt.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        if h % 10 == 0 {
+            Split::HeldOut
+        } else {
+            Split::Train
+        }
+    }
+}
+
+/// A mix of tasks, each with its difficulty range, sampled uniformly.
+pub struct TaskSet {
+    entries: Vec<(Box<dyn Task>, RangeInclusive<u32>)>,
+}
+
+impl std::fmt::Debug for TaskSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> =
+            self.entries.iter().map(|(t, r)| format!("{}:{}-{}", t.name(), r.start(), r.end())).collect();
+        write!(f, "TaskSet[{}]", names.join(", "))
+    }
+}
+
+/// The difficulty range each built-in task uses by default.
+fn default_difficulty(name: &str) -> RangeInclusive<u32> {
+    match name {
+        "add" => 3..=4,
+        "mul" => 1..=2,
+        "modchain" => 2..=3,
+        "countdown" => 3..=3,
+        _ => 3..=5,
+    }
+}
+
+impl TaskSet {
+    /// Tasks by name with their default difficulties; `name:lo-hi` or `name:d` sets the range.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let mut entries = Vec::new();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (name, range) = match item.split_once(':') {
+                Some((n, r)) => {
+                    let (lo, hi) = r.split_once('-').unwrap_or((r, r));
+                    let parse = |s: &str| {
+                        s.parse::<u32>().map_err(|_| Error::Task(format!("bad difficulty `{r}` in `{item}`")))
+                    };
+                    (n, parse(lo)?..=parse(hi)?)
+                }
+                None => (item, default_difficulty(item)),
+            };
+            let task = task_by_name(name).ok_or_else(|| {
+                Error::Task(format!("unknown task `{name}` (known: {})", super::TASK_NAMES.join(", ")))
+            })?;
+            if range.is_empty() {
+                return Err(Error::Task(format!("empty difficulty range in `{item}`")));
+            }
+            entries.push((task, range));
+        }
+        if entries.is_empty() {
+            return Err(Error::Task("no tasks given".into()));
+        }
+        Ok(TaskSet { entries })
+    }
+
+    /// One problem from `split` (generators are re-drawn until the prompt falls on that side).
+    pub fn sample(&self, rng: &mut Rng, split: Split) -> Problem {
+        loop {
+            let (task, range) = &self.entries[rng.below(self.entries.len() as u64) as usize];
+            let d = range.start() + rng.below((range.end() - range.start() + 1) as u64) as u32;
+            let p = task.generate(rng, d);
+            if Split::of(&p.prompt) == split {
+                return p;
+            }
+        }
+    }
+
+    /// `n` distinct problems of `split` from `seed`.
+    pub fn problems(&self, n: usize, seed: u64, split: Split) -> Vec<Problem> {
+        let mut rng = Rng::new(seed);
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(n);
+        let mut attempts = 0;
+        while out.len() < n && attempts < 100 * n + 1000 {
+            attempts += 1;
+            let p = self.sample(&mut rng, split);
+            if seen.insert(p.prompt.clone()) {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    /// An imperfect completion of `p` from its own task.
+    pub fn corrupt(&self, rng: &mut Rng, p: &Problem) -> String {
+        match self.entries.iter().find(|(t, _)| t.name() == p.task) {
+            Some((t, _)) => t.corrupt(rng, p),
+            None => p.solution.clone(),
+        }
+    }
+}
+
+/// Whether `completion` solves `problem`: the task's own verifier, or (for user datasets) the
+/// `<answer>` text equal to the expected answer.
+pub fn verify(problem: &Problem, completion: &str) -> bool {
+    match task_by_name(&problem.task) {
+        Some(t) => t.verify(problem, completion),
+        None => extract_answer(completion).is_some_and(|a| a == problem.answer.trim()),
+    }
+}
+
+/// Pretraining text: `prompt + completion + <eos>` from the train split, a `imperfect` fraction
+/// of the completions carrying one wrong step. Deterministic for a seed; `cursor` counts the
+/// documents drawn so a resumed run continues the same stream.
+#[derive(Debug)]
+pub struct Corpus {
+    pub tasks: TaskSet,
+    pub imperfect: f64,
+    rng: Rng,
+    pub cursor: u64,
+}
+
+impl Corpus {
+    pub fn new(tasks: TaskSet, imperfect: f64, seed: u64) -> Self {
+        Corpus { tasks, imperfect: imperfect.clamp(0.0, 1.0), rng: Rng::new(seed), cursor: 0 }
+    }
+
+    /// The generator state, for checkpoints.
+    pub fn state(&self) -> ([u64; 4], u64) {
+        (self.rng.state(), self.cursor)
+    }
+
+    pub fn restore(&mut self, state: [u64; 4], cursor: u64) {
+        self.rng = Rng::from_state(state);
+        self.cursor = cursor;
+    }
+
+    pub fn next_document(&mut self) -> String {
+        self.cursor += 1;
+        let p = self.tasks.sample(&mut self.rng, Split::Train);
+        let completion = if self.rng.uniform_f64() < self.imperfect {
+            self.tasks.corrupt(&mut self.rng, &p)
+        } else {
+            p.solution.clone()
+        };
+        format!("{}{}<eos>", p.prompt, completion)
+    }
+}
+
+/// A user dataset: one `{"prompt": ..., "answer": ...}` object per line. Errors name the file and
+/// line.
+pub fn load_jsonl(path: &Path) -> Result<Vec<Problem>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Task(format!("{}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Task(format!("{}: {e}", at())))?;
+        let field = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| Error::Task(format!("{}: missing string field `{k}`", at())))
+        };
+        let (prompt, answer) = (field("prompt")?, field("answer")?);
+        out.push(Problem { task: "jsonl".into(), solution: template("", &answer), prompt, answer });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_and_held_out_never_overlap() {
+        let set = TaskSet::parse("add,mul,modchain,countdown,sort,reverse").unwrap();
+        let train: HashSet<String> = set.problems(4000, 1, Split::Train).into_iter().map(|p| p.prompt).collect();
+        let held = set.problems(500, 2, Split::HeldOut);
+        assert_eq!(held.len(), 500);
+        assert!(held.iter().all(|p| !train.contains(&p.prompt)));
+        // Even a training stream from the held-out seed stays on its side.
+        assert!(set.problems(500, 2, Split::Train).iter().all(|p| Split::of(&p.prompt) == Split::Train));
+    }
+
+    #[test]
+    fn corpus_mixes_in_the_requested_share_of_imperfect_traces() {
+        let mut c = Corpus::new(TaskSet::parse("add").unwrap(), 0.3, 5);
+        let docs: Vec<String> = (0..2000).map(|_| c.next_document()).collect();
+        let wrong = docs
+            .iter()
+            .filter(|d| {
+                let (prompt, rest) = d.split_at(d.find('=').unwrap() + 1);
+                let p = Problem {
+                    task: "add".into(),
+                    prompt: prompt.into(),
+                    answer: String::new(),
+                    solution: String::new(),
+                };
+                let (a, b) = prompt.trim_end_matches('=').split_once('+').unwrap();
+                let p = Problem { answer: (a.parse::<u64>().unwrap() + b.parse::<u64>().unwrap()).to_string(), ..p };
+                !verify(&p, rest)
+            })
+            .count();
+        assert!((wrong as f64 / 2000.0 - 0.3).abs() < 0.04, "{wrong}");
+        let (state, cursor) = c.state();
+        let mut d = Corpus::new(TaskSet::parse("add").unwrap(), 0.3, 99);
+        d.restore(state, cursor);
+        assert_eq!(c.next_document(), d.next_document());
+    }
+
+    #[test]
+    fn jsonl_datasets_load_and_verify_with_named_errors() {
+        let dir = std::env::temp_dir().join(format!("whale-jsonl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("data.jsonl");
+        std::fs::write(&f, "{\"prompt\": \"2+2=\", \"answer\": \"4\"}\n\n{\"prompt\": \"3*3=\", \"answer\": \"9\"}\n")
+            .unwrap();
+        let ps = load_jsonl(&f).unwrap();
+        assert_eq!(ps.len(), 2);
+        assert!(verify(&ps[1], "<think>3*3</think><answer>9</answer>"));
+        assert!(!verify(&ps[1], "<answer>8</answer>"));
+        std::fs::write(&f, "{\"prompt\": \"2+2=\"}\n").unwrap();
+        let err = load_jsonl(&f).unwrap_err().to_string();
+        assert!(err.contains("data.jsonl:1") && err.contains("answer"), "{err}");
+        assert!(TaskSet::parse("add,division").unwrap_err().to_string().contains("division"));
+    }
+}

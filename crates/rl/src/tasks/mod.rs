@@ -1,0 +1,80 @@
+//! Procedurally generated reasoning tasks with exact verifiers (spec/rl.md section 6.2).
+//!
+//! Every problem is a prompt ending in `=` and a completion in the R1 template
+//! `<think>...</think><answer>...</answer>`. Generators are seeded and have a difficulty knob;
+//! [`corrupt`](Task::corrupt) writes an imperfect trace (one wrong step carried through to a
+//! wrong answer), which a pretraining corpus mixes in so the base model is able but unreliable.
+
+mod arith;
+mod countdown;
+mod dataset;
+mod listops;
+
+pub use arith::{Addition, ModChain, Multiplication};
+pub use countdown::Countdown;
+pub use dataset::{load_jsonl, verify, Corpus, Split, TaskSet};
+pub use listops::{Reverse, Sort};
+
+use whale_parallel::model::tensor::Rng;
+
+/// One problem instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub task: String,
+    pub prompt: String,
+    /// The exact expected answer text (what `<answer>` must hold; for countdown, one solution).
+    pub answer: String,
+    /// A correct completion: `<think>steps</think><answer>answer</answer>`.
+    pub solution: String,
+}
+
+pub trait Task: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// A problem at `difficulty` (task-specific: digits, chain length, list length...).
+    fn generate(&self, rng: &mut Rng, difficulty: u32) -> Problem;
+
+    /// An imperfect completion: one step wrong and the error carried to the answer.
+    fn corrupt(&self, rng: &mut Rng, problem: &Problem) -> String;
+
+    /// Whether `completion` solves `problem`. Default: the `<answer>` text equals the answer.
+    fn verify(&self, problem: &Problem, completion: &str) -> bool {
+        extract_answer(completion).is_some_and(|a| a == problem.answer)
+    }
+}
+
+/// The text between the first `<answer>` and the following `</answer>`, trimmed.
+pub fn extract_answer(completion: &str) -> Option<&str> {
+    let start = completion.find("<answer>")? + "<answer>".len();
+    let end = completion[start..].find("</answer>")? + start;
+    Some(completion[start..end].trim())
+}
+
+/// Wraps steps and an answer in the R1 template.
+pub fn template(think: &str, answer: &str) -> String {
+    format!("<think>{think}</think><answer>{answer}</answer>")
+}
+
+/// The built-in tasks by name.
+pub fn task_by_name(name: &str) -> Option<Box<dyn Task>> {
+    Some(match name {
+        "add" => Box::new(Addition),
+        "mul" => Box::new(Multiplication),
+        "modchain" => Box::new(ModChain),
+        "countdown" => Box::new(Countdown),
+        "sort" => Box::new(Sort),
+        "reverse" => Box::new(Reverse),
+        _ => return None,
+    })
+}
+
+pub const TASK_NAMES: [&str; 6] = ["add", "mul", "modchain", "countdown", "sort", "reverse"];
+
+/// A uniformly random number with exactly `digits` digits (1-digit numbers include 0).
+pub(crate) fn number_with_digits(rng: &mut Rng, digits: u32) -> u64 {
+    if digits <= 1 {
+        return rng.below(10);
+    }
+    let lo = 10u64.pow(digits - 1);
+    lo + rng.below(9 * lo)
+}
