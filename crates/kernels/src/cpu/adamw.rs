@@ -67,22 +67,7 @@ pub fn adamw_step(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32],
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// xorshift64*: tiny deterministic generator for test data in [-scale, scale).
-    struct Rng(u64);
-    impl Rng {
-        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    self.0 ^= self.0 >> 12;
-                    self.0 ^= self.0 << 25;
-                    self.0 ^= self.0 >> 27;
-                    let bits = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
-                    scale * (bits as f32 / (1u64 << 23) as f32 - 1.0)
-                })
-                .collect()
-        }
-    }
+    use crate::cpu::test_util::{bits, Rng};
 
     fn hp(step: u64) -> AdamWStep {
         AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step }
@@ -103,7 +88,7 @@ mod tests {
     #[test]
     fn several_steps_match_f64_reference() {
         let n = 2 * CHUNK + 77;
-        let mut rng = Rng(21);
+        let mut rng = Rng::new(21);
         let mut p = rng.vec(n, 1.0);
         let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
         let (mut rp, mut rm, mut rv): (Vec<f64>, Vec<f64>, Vec<f64>) =
@@ -159,7 +144,7 @@ mod tests {
     #[test]
     fn bit_identical_to_torch_op_sequence_for_both_lerp_branches() {
         let n = CHUNK + 3;
-        let mut rng = Rng(5);
+        let mut rng = Rng::new(5);
         for beta1 in [0.9f32, 0.3] {
             let hp = AdamWStep { beta1, step: 7, ..hp(7) };
             let (p0, g, m0, v0) = (rng.vec(n, 1.0), rng.vec(n, 1.0), rng.vec(n, 0.1), rng.vec(n, 0.01));
@@ -181,13 +166,13 @@ mod tests {
     fn empty_is_a_no_op_and_deterministic() {
         adamw_step(&mut [], &[], &mut [], &mut [], &hp(1));
         let n = 3 * CHUNK + 1;
-        let mut rng = Rng(9);
+        let mut rng = Rng::new(9);
         let (p0, g) = (rng.vec(n, 1.0), rng.vec(n, 1.0));
         let run = || {
             let (mut p, mut m, mut v) = (p0.clone(), vec![0.0; n], vec![0.0; n]);
             adamw_step(&mut p, &g, &mut m, &mut v, &hp(1));
             adamw_step(&mut p, &g, &mut m, &mut v, &hp(2));
-            [p, m, v].map(|x| x.iter().map(|y| y.to_bits()).collect::<Vec<_>>())
+            [p, m, v].map(|x| bits(&x))
         };
         assert_eq!(run(), run());
     }

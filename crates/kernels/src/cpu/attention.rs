@@ -11,6 +11,8 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
+use super::reduce;
+
 /// Sizes of one attention call. Query head `h` reads key/value head `h / (q_heads / kv_heads)` (GQA;
 /// MQA when `kv_heads == 1`). `qk_dim` may differ from `v_dim` (MLA: 192 vs 128).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -260,7 +262,7 @@ fn forward_block(s: &AttnShape, head: &Head, row0: usize, o: &mut [f32], lse: &m
             }
             scores(&head.q[(row0 + r) * dqk..][..dqk], &k_t, s.scale, &mut p);
             let p = &mut p[..end - t0];
-            let tile_max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let tile_max = reduce::max(p);
             let o = &mut o[r * dv..][..dv];
             if tile_max > max[r] {
                 let alpha = (max[r] - tile_max).exp();
@@ -302,7 +304,7 @@ fn dq_block(
     let rows = delta.len();
     for (r, delta) in delta.iter_mut().enumerate() {
         let i = row0 + r;
-        *delta = dot(&d_o[i * dv..][..dv], &o[i * dv..][..dv]);
+        *delta = reduce::dot::<LANES>(&d_o[i * dv..][..dv], &o[i * dv..][..dv]);
     }
     let (mut k_t, mut v_t) = (vec![0.0f32; dqk * TILE], vec![0.0f32; dv * TILE]);
     let (mut p, mut dp) = ([0.0f32; TILE], [0.0f32; TILE]);
@@ -408,25 +410,6 @@ fn scores(x: &[f32], t: &[f32], scale: f32, out: &mut [f32; TILE]) {
 /// registers, while the summation order stays fixed.
 const LANES: usize = 32;
 
-/// Dot product of two equal-length vectors.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let mut tail = 0.0f32;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x * y;
-    }
-    for (x, y) in ca.zip(cb) {
-        let (x, y): (&[f32; LANES], &[f32; LANES]) = (x.try_into().unwrap(), y.try_into().unwrap());
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    // A plain in-order sum of the lanes: a tree-shaped fold here makes LLVM vectorise the main
-    // loop above only two lanes wide.
-    acc.iter().sum::<f32>() + tail
-}
-
 /// `out += sum_r w[r] * rows[r]`, `rows` being `w.len()` contiguous rows of `out.len()`. Each output
 /// element accumulates in row order; a block of them is held in registers across all the rows.
 fn add_weighted_rows(out: &mut [f32], w: &[f32], rows: &[f32]) {
@@ -454,22 +437,7 @@ fn add_weighted_rows(out: &mut [f32], w: &[f32], rows: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// xorshift64*: tiny deterministic generator for test data in [-1, 1).
-    struct Rng(u64);
-    impl Rng {
-        fn vec(&mut self, n: usize) -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    self.0 ^= self.0 >> 12;
-                    self.0 ^= self.0 << 25;
-                    self.0 ^= self.0 >> 27;
-                    let bits = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
-                    bits as f32 / (1u64 << 23) as f32 - 1.0
-                })
-                .collect()
-        }
-    }
+    use crate::cpu::test_util::{assert_close, bits, Rng};
 
     fn shape(
         batch: usize,
@@ -484,12 +452,12 @@ mod tests {
 
     /// Random q, k, v, d_o for a shape.
     fn inputs(s: &AttnShape, seed: u64) -> [Vec<f32>; 4] {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         [
-            rng.vec(s.q_rows() * s.qk_dim),
-            rng.vec(s.kv_rows() * s.qk_dim),
-            rng.vec(s.kv_rows() * s.v_dim),
-            rng.vec(s.q_rows() * s.v_dim),
+            rng.vec(s.q_rows() * s.qk_dim, 1.0),
+            rng.vec(s.kv_rows() * s.qk_dim, 1.0),
+            rng.vec(s.kv_rows() * s.v_dim, 1.0),
+            rng.vec(s.q_rows() * s.v_dim, 1.0),
         ]
     }
 
@@ -578,17 +546,6 @@ mod tests {
             }
         }
         [dq, dk, dv]
-    }
-
-    /// Error measured against the element plus the tensor's largest element (gradients are sums
-    /// whose terms cancel, so a pure element-relative bound is meaningless near zero).
-    fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            let err = (g as f64 - w).abs();
-            assert!(err <= tol * (w.abs() + scale), "{what}[{i}]: {g} vs {w} (err {err:e}, scale {scale:e})");
-        }
     }
 
     fn run_forward(s: &AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
@@ -758,7 +715,7 @@ mod tests {
             pool.install(|| {
                 let (o, lse) = run_forward(&s, &data[0], &data[1], &data[2]);
                 let [dq, dk, dv] = run_backward(&s, &data);
-                [o, lse, dq, dk, dv].map(|x| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+                [o, lse, dq, dk, dv].map(|x| bits(&x))
             })
         };
         assert_eq!(run(1), run(3));
@@ -771,7 +728,7 @@ mod tests {
         let run = || {
             let (o, lse) = run_forward(&s, &data[0], &data[1], &data[2]);
             let [dq, dk, dv] = run_backward(&s, &data);
-            [o, lse, dq, dk, dv].map(|x| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+            [o, lse, dq, dk, dv].map(|x| bits(&x))
         };
         assert_eq!(run(), run());
     }

@@ -3,7 +3,12 @@
 
 use rayon::prelude::*;
 
+use super::reduce;
 use super::rows_per_task;
+
+/// Accumulator lanes of `sum(exp(x - max))` over a row (see [`super::reduce`]): a fixed summation
+/// order, and shorter rounding chains over a long vocabulary than one running sum.
+const SUM_EXP_LANES: usize = 8;
 
 /// `logits`: [rows, vocab], `targets`: [rows]. Writes `loss[r] = lse[r] - logits[r, t]` (0 for rows
 /// whose target is `ignore_index`) and `lse[r] = logsumexp(logits[r])`. Returns the number of rows
@@ -34,8 +39,8 @@ pub fn cross_entropy_forward(
         .zip(lse.par_chunks_mut(chunk))
         .for_each(|(((logits, targets), loss), lse)| {
             for (((x, &t), loss), lse) in logits.chunks_exact(vocab).zip(targets).zip(loss).zip(lse) {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let log_sum = sum_exp(x, max).ln();
+                let max = reduce::max(x);
+                let log_sum = reduce::sum_exp::<SUM_EXP_LANES>(x, max).ln();
                 *lse = max + log_sum;
                 // (max - x_t) + ln(sum) rather than lse - x_t: the first difference is exact for
                 // confident predictions, where the loss is small and lse - x_t would cancel.
@@ -84,53 +89,25 @@ pub fn cross_entropy_backward(
         });
 }
 
-/// `sum(exp(x - max))` over eight independent accumulators (fixed summation order, and shorter
-/// rounding chains over a long vocabulary than one running sum).
-fn sum_exp(x: &[f32], max: f32) -> f32 {
-    const LANES: usize = 8;
-    let mut acc = [0.0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail: f32 = chunks.remainder().iter().map(|&v| (v - max).exp()).sum();
-    for c in chunks {
-        for l in 0..LANES {
-            acc[l] += (c[l] - max).exp();
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::test_util::{bits, Rng};
 
     const IGNORE: i64 = -100;
 
-    /// xorshift64*: tiny deterministic generator for test data.
-    struct Rng(u64);
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        /// Uniform in [-scale, scale).
-        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-            (0..n).map(|_| scale * ((self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0)).collect()
-        }
-        /// Targets in [0, vocab), every fourth-ish row ignored.
-        fn targets(&mut self, rows: usize, vocab: usize) -> Vec<i64> {
-            (0..rows)
-                .map(|_| {
-                    let r = self.next_u64() >> 32;
-                    if r % 4 == 0 {
-                        IGNORE
-                    } else {
-                        (r % vocab as u64) as i64
-                    }
-                })
-                .collect()
-        }
+    /// Targets in [0, vocab), every fourth-ish row ignored.
+    fn targets(rng: &mut Rng, rows: usize, vocab: usize) -> Vec<i64> {
+        (0..rows)
+            .map(|_| {
+                let r = rng.next_u64() >> 32;
+                if r % 4 == 0 {
+                    IGNORE
+                } else {
+                    (r % vocab as u64) as i64
+                }
+            })
+            .collect()
     }
 
     /// f64 reference: (loss, lse, dlogits).
@@ -151,9 +128,9 @@ mod tests {
     }
 
     fn check(rows: usize, vocab: usize, scale: f32, seed: u64) {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let logits = rng.vec(rows * vocab, scale);
-        let targets = rng.targets(rows, vocab);
+        let targets = targets(&mut rng, rows, vocab);
         let dloss = rng.vec(rows, 1.0);
         let (want_loss, want_lse, want_dx) = reference(&logits, vocab, &targets, &dloss);
 
@@ -215,15 +192,15 @@ mod tests {
     #[test]
     fn deterministic() {
         let (rows, vocab) = (2000, 61);
-        let mut rng = Rng(8);
+        let mut rng = Rng::new(8);
         let logits = rng.vec(rows * vocab, 6.0);
-        let targets = rng.targets(rows, vocab);
+        let targets = targets(&mut rng, rows, vocab);
         let dloss = rng.vec(rows, 1.0);
         let run = || {
             let (mut loss, mut lse, mut dx) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * vocab]);
             cross_entropy_forward(&logits, vocab, &targets, IGNORE, &mut loss, &mut lse);
             cross_entropy_backward(&logits, vocab, &targets, IGNORE, &lse, &dloss, &mut dx);
-            [loss, lse, dx].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            [loss, lse, dx].map(|v| bits(&v))
         };
         assert_eq!(run(), run());
     }

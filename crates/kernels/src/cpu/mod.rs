@@ -9,6 +9,10 @@ pub mod rope;
 pub mod softmax;
 pub mod swiglu;
 
+pub(crate) mod reduce;
+#[cfg(test)]
+pub(crate) mod test_util;
+
 /// Rows per rayon task for row-wise kernels: big enough to amortise scheduling, small enough to
 /// balance over a few cores. Depends only on the row length, so partitions are reproducible.
 pub(crate) fn rows_per_task(row_len: usize) -> usize {

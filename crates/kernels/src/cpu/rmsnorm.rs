@@ -2,7 +2,11 @@
 
 use rayon::prelude::*;
 
+use super::reduce;
 use super::rows_per_task;
+
+/// Accumulator lanes of the row reductions (see [`super::reduce`]); fixes their summation order.
+const LANES: usize = 16;
 
 /// At most this many per-chunk partial sums of `dweight` are kept, so the scratch stays
 /// `O(dim)` however many rows there are.
@@ -23,7 +27,7 @@ pub fn rmsnorm_forward(x: &[f32], weight: &[f32], dim: usize, eps: f32, y: &mut 
     y.par_chunks_mut(chunk * dim).zip(x.par_chunks(chunk * dim)).zip(rstd.par_chunks_mut(chunk)).for_each(
         |((y, x), rstd)| {
             for ((y, x), r) in y.chunks_exact_mut(dim).zip(x.chunks_exact(dim)).zip(rstd) {
-                *r = 1.0 / (dot(x, x) / dim as f32 + eps).sqrt();
+                *r = 1.0 / (reduce::dot::<LANES>(x, x) / dim as f32 + eps).sqrt();
                 for ((y, &x), &w) in y.iter_mut().zip(x).zip(weight) {
                     *y = x * *r * w;
                 }
@@ -103,7 +107,7 @@ fn input_grad(x: &[f32], weight: &[f32], rstd: &[f32], dy: &[f32], dx: &mut [f32
         for ((g, &d), &w) in wdy.iter_mut().zip(dy).zip(weight) {
             *g = w * d;
         }
-        let c = r * r * (dot(&wdy, x) / dim as f32);
+        let c = r * r * (reduce::dot::<LANES>(&wdy, x) / dim as f32);
         for ((dx, &g), &x) in dx.iter_mut().zip(&wdy).zip(x) {
             *dx = r * (g - x * c);
         }
@@ -120,52 +124,10 @@ fn weight_grad(x: &[f32], rstd: &[f32], dy: &[f32], dw: &mut [f32]) {
     }
 }
 
-/// Dot product over 16 independent accumulators: vectorisable, with a fixed summation order. The
-/// lanes are summed in order at the end; a tree-shaped fold there makes LLVM vectorise the main
-/// loop only two lanes wide.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0.0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let mut tail = 0.0f32;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x * y;
-    }
-    for (x, y) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// xorshift64*: tiny deterministic generator for test data in [-1, 1).
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> f32 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            let bits = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
-            bits as f32 / (1u64 << 23) as f32 - 1.0
-        }
-        fn vec(&mut self, n: usize) -> Vec<f32> {
-            (0..n).map(|_| self.next()).collect()
-        }
-    }
-
-    fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            let err = (g as f64 - w).abs();
-            assert!(err <= tol * (w.abs() + scale), "{what}[{i}]: {g} vs {w} (err {err:e})");
-        }
-    }
+    use crate::cpu::test_util::{assert_close, bits, Rng};
 
     /// f64 reference: (y, rstd).
     fn reference_forward(x: &[f32], w: &[f32], dim: usize, eps: f32) -> (Vec<f64>, Vec<f64>) {
@@ -201,10 +163,10 @@ mod tests {
 
     #[test]
     fn forward_matches_reference() {
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         for (rows, dim) in [(5, 37), (3, 1), (2049, 8), (1, 300)] {
-            let x = rng.vec(rows * dim);
-            let w = rng.vec(dim);
+            let x = rng.vec(rows * dim, 1.0);
+            let w = rng.vec(dim, 1.0);
             let (mut y, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows]);
             rmsnorm_forward(&x, &w, dim, 1e-6, &mut y, &mut rstd);
             let (want_y, want_rstd) = reference_forward(&x, &w, dim, 1e-6);
@@ -218,8 +180,8 @@ mod tests {
     #[test]
     fn backward_reference_matches_finite_differences() {
         let (rows, dim, eps) = (3, 5, 1e-2);
-        let mut rng = Rng(11);
-        let (x, w, dy) = (rng.vec(rows * dim), rng.vec(dim), rng.vec(rows * dim));
+        let mut rng = Rng::new(11);
+        let (x, w, dy) = (rng.vec(rows * dim, 1.0), rng.vec(dim, 1.0), rng.vec(rows * dim, 1.0));
         let (dx, dw) = reference_backward(&x, &w, &dy, dim, eps);
         let loss = |x: &[f32], w: &[f32]| -> f64 {
             let (y, _) = reference_forward(x, w, dim, eps);
@@ -245,9 +207,9 @@ mod tests {
 
     #[test]
     fn backward_matches_reference_together_and_split() {
-        let mut rng = Rng(3);
+        let mut rng = Rng::new(3);
         for (rows, dim) in [(7, 33), (4, 1), (3000, 9), (1, 260)] {
-            let (x, w, dy) = (rng.vec(rows * dim), rng.vec(dim), rng.vec(rows * dim));
+            let (x, w, dy) = (rng.vec(rows * dim, 1.0), rng.vec(dim, 1.0), rng.vec(rows * dim, 1.0));
             let (mut y, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows]);
             rmsnorm_forward(&x, &w, dim, 1e-6, &mut y, &mut rstd);
             let (want_dx, want_dw) = reference_backward(&x, &w, &dy, dim, 1e-6);
@@ -278,15 +240,15 @@ mod tests {
     #[test]
     fn independent_of_the_thread_count() {
         let (rows, dim) = (5000, 24);
-        let mut rng = Rng(6);
-        let (x, w, dy) = (rng.vec(rows * dim), rng.vec(dim), rng.vec(rows * dim));
+        let mut rng = Rng::new(6);
+        let (x, w, dy) = (rng.vec(rows * dim, 1.0), rng.vec(dim, 1.0), rng.vec(rows * dim, 1.0));
         let (mut y, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows]);
         rmsnorm_forward(&x, &w, dim, 1e-6, &mut y, &mut rstd);
         let run = |threads| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let mut dw = vec![0.0; dim];
             pool.install(|| rmsnorm_backward(&x, &w, &rstd, &dy, dim, None, Some(&mut dw)));
-            dw.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            bits(&dw)
         };
         assert_eq!(run(1), run(3));
     }
@@ -294,8 +256,8 @@ mod tests {
     #[test]
     fn deterministic() {
         let (rows, dim) = (5000, 24);
-        let mut rng = Rng(5);
-        let (x, w, dy) = (rng.vec(rows * dim), rng.vec(dim), rng.vec(rows * dim));
+        let mut rng = Rng::new(5);
+        let (x, w, dy) = (rng.vec(rows * dim, 1.0), rng.vec(dim, 1.0), rng.vec(rows * dim, 1.0));
         let run = || {
             let (mut y, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows]);
             rmsnorm_forward(&x, &w, dim, 1e-6, &mut y, &mut rstd);
@@ -304,7 +266,6 @@ mod tests {
             (y, rstd, dx, dw)
         };
         let (a, b) = (run(), run());
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&a.0), bits(&b.0));
         assert_eq!(bits(&a.1), bits(&b.1));
         assert_eq!(bits(&a.2), bits(&b.2));

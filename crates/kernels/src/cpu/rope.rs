@@ -92,21 +92,7 @@ fn rotate(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// xorshift64*: tiny deterministic generator for test data in [-1, 1).
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> f32 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            let bits = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
-            bits as f32 / (1u64 << 23) as f32 - 1.0
-        }
-        fn vec(&mut self, n: usize) -> Vec<f32> {
-            (0..n).map(|_| self.next()).collect()
-        }
-    }
+    use crate::cpu::test_util::{bits, Rng};
 
     /// Tables for positions `offset + s` with the usual `theta_i = base^(-2i/d)`.
     fn tables(seq: usize, d: usize, offset: usize) -> (Vec<f32>, Vec<f32>) {
@@ -157,9 +143,9 @@ mod tests {
 
     #[test]
     fn both_conventions_match_reference_forward_and_inverse() {
-        let mut rng = Rng(4);
+        let mut rng = Rng::new(4);
         for dims @ (outer, seq, heads, d) in [(2, 5, 3, 8), (1, 7, 1, 2), (3, 300, 2, 6), (1, 1, 4, 64)] {
-            let x = rng.vec(outer * seq * heads * d);
+            let x = rng.vec(outer * seq * heads * d, 1.0);
             let (c, s) = tables(seq, d, 11);
             for inverse in [false, true] {
                 let mut y = vec![f32::NAN; x.len()];
@@ -174,7 +160,7 @@ mod tests {
     #[test]
     fn inverse_undoes_forward() {
         let (outer, seq, heads, d) = (2, 9, 3, 16);
-        let x = Rng(6).vec(outer * seq * heads * d);
+        let x = Rng::new(6).vec(outer * seq * heads * d, 1.0);
         let (c, s) = tables(seq, d, 0);
         for rope in [rope_interleaved, rope_half] {
             let (mut y, mut back) = (vec![0.0; x.len()], vec![0.0; x.len()]);
@@ -188,7 +174,7 @@ mod tests {
 
     #[test]
     fn position_zero_is_identity_and_empty_is_a_no_op() {
-        let x = Rng(1).vec(3 * 4);
+        let x = Rng::new(1).vec(3 * 4, 1.0);
         let (c, s) = tables(1, 4, 0);
         let mut y = vec![0.0; x.len()];
         rope_interleaved(&x, &c, &s, 1, 1, 3, 4, false, &mut y);
@@ -200,12 +186,12 @@ mod tests {
     #[test]
     fn deterministic() {
         let (outer, seq, heads, d) = (4, 257, 3, 10);
-        let x = Rng(2).vec(outer * seq * heads * d);
+        let x = Rng::new(2).vec(outer * seq * heads * d, 1.0);
         let (c, s) = tables(seq, d, 5);
         let run = || {
             let mut y = vec![0.0; x.len()];
             rope_interleaved(&x, &c, &s, outer, seq, heads, d, true, &mut y);
-            y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            bits(&y)
         };
         assert_eq!(run(), run());
     }

@@ -2,16 +2,20 @@
 
 use rayon::prelude::*;
 
+use super::reduce;
 use super::rows_per_task;
+
+/// Accumulator lanes of the row reductions (see [`super::reduce`]); fixes their summation order.
+const LANES: usize = 16;
 
 /// `x`, `y`: [rows, dim]. Numerically stable (max subtracted).
 pub fn softmax_forward(x: &[f32], dim: usize, y: &mut [f32]) {
     rowwise(x, x, dim, y, "softmax_forward", |x, _, y| {
-        let max = row_max(x);
+        let max = reduce::max(x);
         for (y, &x) in y.iter_mut().zip(x) {
             *y = (x - max).exp();
         }
-        let sum = sum(y);
+        let sum = reduce::sum::<LANES>(y);
         for y in y.iter_mut() {
             *y /= sum;
         }
@@ -21,7 +25,7 @@ pub fn softmax_forward(x: &[f32], dim: usize, y: &mut [f32]) {
 /// `dx = y * (dy - sum(dy * y))` per row, from the forward output `y`.
 pub fn softmax_backward(y: &[f32], dy: &[f32], dim: usize, dx: &mut [f32]) {
     rowwise(y, dy, dim, dx, "softmax_backward", |y, dy, dx| {
-        let s = dot(dy, y);
+        let s = reduce::dot::<LANES>(dy, y);
         for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
             *dx = y * (dy - s);
         }
@@ -31,11 +35,11 @@ pub fn softmax_backward(y: &[f32], dy: &[f32], dim: usize, dx: &mut [f32]) {
 /// `y = x - logsumexp(x)` per row.
 pub fn log_softmax_forward(x: &[f32], dim: usize, y: &mut [f32]) {
     rowwise(x, x, dim, y, "log_softmax_forward", |x, _, y| {
-        let max = row_max(x);
+        let max = reduce::max(x);
         for (y, &x) in y.iter_mut().zip(x) {
             *y = (x - max).exp();
         }
-        let log_sum = sum(y).ln();
+        let log_sum = reduce::sum::<LANES>(y).ln();
         // (x - max) - ln(sum) rather than x - lse: the first difference is exact near the max.
         for (y, &x) in y.iter_mut().zip(x) {
             *y = (x - max) - log_sum;
@@ -46,7 +50,7 @@ pub fn log_softmax_forward(x: &[f32], dim: usize, y: &mut [f32]) {
 /// `dx = dy - exp(y) * sum(dy)` per row, from the forward output `y`.
 pub fn log_softmax_backward(y: &[f32], dy: &[f32], dim: usize, dx: &mut [f32]) {
     rowwise(y, dy, dim, dx, "log_softmax_backward", |y, dy, dx| {
-        let s = sum(dy);
+        let s = reduce::sum::<LANES>(dy);
         for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
             *dx = dy - y.exp() * s;
         }
@@ -77,70 +81,10 @@ fn rowwise(
     });
 }
 
-fn row_max(x: &[f32]) -> f32 {
-    x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-}
-
-/// Independent accumulators of [`sum`] and [`dot`]: the loops vectorise and the summation order is
-/// fixed. The lanes are summed in order at the end; a tree-shaped fold there makes LLVM vectorise
-/// the main loop only two lanes wide.
-const LANES: usize = 16;
-
-fn sum(a: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let chunks = a.chunks_exact(LANES);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for x in chunks {
-        for l in 0..LANES {
-            acc[l] += x[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let mut tail = 0.0f32;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x * y;
-    }
-    for (x, y) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// xorshift64*: tiny deterministic generator for test data in [-1, 1).
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> f32 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            let bits = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
-            bits as f32 / (1u64 << 23) as f32 - 1.0
-        }
-        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-            (0..n).map(|_| scale * self.next()).collect()
-        }
-    }
-
-    /// Relative error, measured against the element or, where terms cancel, the largest element.
-    fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            let err = (g as f64 - w).abs();
-            assert!(err <= tol * (w.abs() + scale), "{what}[{i}]: {g} vs {w} (err {err:e})");
-        }
-    }
+    use crate::cpu::test_util::{assert_close, bits, Rng};
 
     /// f64 reference log-softmax of each row.
     fn reference_log_softmax(x: &[f32], dim: usize) -> Vec<f64> {
@@ -175,7 +119,7 @@ mod tests {
 
     #[test]
     fn softmax_forward_and_backward_match_reference() {
-        let mut rng = Rng(1);
+        let mut rng = Rng::new(1);
         for (rows, dim, scale) in [(4, 37, 3.0), (6, 1, 1.0), (2, 300, 30.0), (1100, 17, 5.0)] {
             let x = rng.vec(rows * dim, scale);
             let dy = rng.vec(rows * dim, 1.0);
@@ -193,7 +137,7 @@ mod tests {
 
     #[test]
     fn log_softmax_forward_and_backward_match_reference() {
-        let mut rng = Rng(2);
+        let mut rng = Rng::new(2);
         for (rows, dim, scale) in [(4, 37, 3.0), (6, 1, 1.0), (2, 300, 30.0), (1100, 17, 5.0)] {
             let x = rng.vec(rows * dim, scale);
             let dy = rng.vec(rows * dim, 1.0);
@@ -231,7 +175,7 @@ mod tests {
     #[test]
     fn deterministic() {
         let (rows, dim) = (3000, 31);
-        let mut rng = Rng(9);
+        let mut rng = Rng::new(9);
         let (x, dy) = (rng.vec(rows * dim, 4.0), rng.vec(rows * dim, 1.0));
         let run = || {
             let (mut y, mut dx, mut ly, mut ldx) =
@@ -240,7 +184,7 @@ mod tests {
             softmax_backward(&y, &dy, dim, &mut dx);
             log_softmax_forward(&x, dim, &mut ly);
             log_softmax_backward(&ly, &dy, dim, &mut ldx);
-            [y, dx, ly, ldx].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            [y, dx, ly, ldx].map(|v| bits(&v))
         };
         assert_eq!(run(), run());
     }

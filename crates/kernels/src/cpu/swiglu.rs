@@ -66,22 +66,7 @@ fn sigmoid(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// xorshift64*: tiny deterministic generator for test data in [-scale, scale).
-    struct Rng(u64);
-    impl Rng {
-        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    self.0 ^= self.0 >> 12;
-                    self.0 ^= self.0 << 25;
-                    self.0 ^= self.0 >> 27;
-                    let bits = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
-                    scale * (bits as f32 / (1u64 << 23) as f32 - 1.0)
-                })
-                .collect()
-        }
-    }
+    use crate::cpu::test_util::Rng;
 
     fn sigmoid64(x: f64) -> f64 {
         1.0 / (1.0 + (-x).exp())
@@ -95,7 +80,7 @@ mod tests {
     #[test]
     fn forward_and_backward_match_reference() {
         let n = 3 * CHUNK + 17;
-        let mut rng = Rng(12);
+        let mut rng = Rng::new(12);
         let (mut gate, up, dout) = (rng.vec(n, 12.0), rng.vec(n, 2.0), rng.vec(n, 1.0));
         gate[..6].copy_from_slice(&[0.0, 80.0, -80.0, 1e-3, -100.0, 200.0]);
         let mut out = vec![0.0; n];
@@ -130,7 +115,7 @@ mod tests {
     #[test]
     fn single_gradients_match_the_fused_call() {
         let n = CHUNK + 5;
-        let mut rng = Rng(3);
+        let mut rng = Rng::new(3);
         let (gate, up, dout) = (rng.vec(n, 6.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
         let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
         swiglu_backward(&gate, &up, &dout, Some(&mut dg), Some(&mut du));
