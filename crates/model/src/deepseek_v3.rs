@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use whale_tensor::{Device, ParamStore, Rng, Tensor};
+use whale_tensor::{DType, Device, ParamStore, Rng, Tensor};
 
 use crate::block::DecoderLayer;
 use crate::checkpoint::{self, SaveDType};
@@ -31,6 +31,8 @@ pub struct DeepSeekV3 {
     pub params: ParamStore,
     /// Saved, untrained state (`...mlp.gate.e_score_correction_bias`).
     pub buffers: BTreeMap<String, Tensor>,
+    /// Dtype of activations and matmuls (f32 or bf16); master weights, gating and losses stay f32.
+    pub compute_dtype: DType,
 }
 
 /// A training forward's results.
@@ -115,7 +117,7 @@ impl DeepSeekV3 {
                 });
             }
         }
-        Ok(DeepSeekV3 { config, embed_tokens, layers, norm, lm_head, mtp, params, buffers })
+        Ok(DeepSeekV3 { config, embed_tokens, layers, norm, lm_head, mtp, params, buffers, compute_dtype: DType::F32 })
     }
 
     /// Writes `config.json` and `model.safetensors` (f32, HF names; MTP layers with their copies
@@ -141,11 +143,16 @@ impl DeepSeekV3 {
         all
     }
 
+    /// Token embeddings in the compute dtype.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed_tokens.embedding(ids)?.to_dtype(self.compute_dtype)?)
+    }
+
     /// Hidden states after the last decoder layer, before the final norm: `[batch, seq, hidden]`.
     fn trunk(&self, input_ids: &Tensor, loads: &mut Vec<Vec<usize>>, aux: &mut Option<Tensor>) -> Result<Tensor> {
         let seq = input_ids.dims()[1];
         let positions: Vec<usize> = (0..seq).collect();
-        let mut h = self.embed_tokens.embedding(input_ids)?;
+        let mut h = self.embed(input_ids)?;
         for layer in &self.layers {
             let out = layer.forward(&h, &positions)?;
             h = out.hidden;
@@ -175,7 +182,7 @@ impl DeepSeekV3 {
         let vocab = self.config.vocab_size;
         let (mut loads, mut aux) = (Vec::new(), None);
         let h = self.trunk(input_ids, &mut loads, &mut aux)?;
-        let logits = self.lm_head.forward(&self.norm.forward(&h)?)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&h)?)?.to_dtype(DType::F32)?;
 
         let (mut main_loss, mut mtp_loss, mut loss) = (None, None, None);
         if let Some(targets) = targets {
@@ -189,7 +196,7 @@ impl DeepSeekV3 {
                     break;
                 }
                 let s = seq - k;
-                let emb = self.embed_tokens.embedding(&input_ids.narrow(1, k, s)?)?;
+                let emb = self.embed(&input_ids.narrow(1, k, s)?)?;
                 let (out, normed) = module.forward(&prev.narrow(1, 0, s)?, &emb)?;
                 loads.extend(out.load.clone());
                 aux = add_opt(aux, out.aux_loss.clone())?;

@@ -122,11 +122,11 @@ impl DeepSeekV3 {
         }
         let start = cache.len();
         let positions: Vec<usize> = (start..start + ids.dims()[1]).collect();
-        let mut h = self.embed_tokens.embedding(ids)?;
+        let mut h = self.embed(ids)?;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             h = layer.forward_cached(&h, &positions, slot)?;
         }
-        self.lm_head.forward(&self.norm.forward(&h)?)
+        Ok(self.lm_head.forward(&self.norm.forward(&h)?)?.to_dtype(whale_tensor::DType::F32)?)
     }
 
     /// Continues each prompt (token ids) per `cfg`. Prompt `i` samples from the `i`-th stream

@@ -6,7 +6,7 @@ use whale_tensor::{Device, Tensor};
 
 use super::router::{Router, Routing};
 use crate::config::DeepSeekV3Config;
-use crate::nn::{ParamBuilder, SwiGluMlp};
+use crate::nn::{in_dtype_of, ParamBuilder, SwiGluMlp};
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -78,13 +78,14 @@ impl DeepSeekMoE {
         // Every expert runs once on its contiguous block of the sorted tokens (a grouped GEMM).
         let dispatched = tokens.index_select(0, &rows)?;
         let sizes = &routing.load;
-        let weights =
-            |f: fn(&SwiGluMlp) -> &Tensor| -> Vec<Tensor> { self.experts.iter().map(|e| f(e).clone()).collect() };
-        let gate = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.gate_proj.weight))?;
-        let up = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.up_proj.weight))?;
+        let weights = |f: fn(&SwiGluMlp) -> &Tensor| -> Result<Vec<Tensor>> {
+            self.experts.iter().map(|e| in_dtype_of(f(e), tokens)).collect()
+        };
+        let gate = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.gate_proj.weight)?)?;
+        let up = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.up_proj.weight)?)?;
         let hidden = Tensor::swiglu(&gate, &up)?;
-        let expert_out = Tensor::grouped_matmul(&hidden, sizes, &weights(|e| &e.down_proj.weight))?;
-        let w = routing.weights.flatten_all()?.index_select(0, &slots)?.unsqueeze(1)?;
+        let expert_out = Tensor::grouped_matmul(&hidden, sizes, &weights(|e| &e.down_proj.weight)?)?;
+        let w = in_dtype_of(&routing.weights.flatten_all()?.index_select(0, &slots)?.unsqueeze(1)?, tokens)?;
         Ok(tokens.zeros_like()?.index_add(0, &rows, &expert_out.mul(&w)?)?)
     }
 

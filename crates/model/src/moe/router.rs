@@ -60,9 +60,9 @@ impl Router {
         self.weight.dims()[0]
     }
 
-    /// Routes `x`: `[T, hidden]`.
+    /// Routes `x`: `[T, hidden]`. Gating runs in f32 whatever the compute dtype (spec 2.2).
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
-        let logits = x.matmul(&self.weight.t()?)?;
+        let logits = x.to_dtype(whale_tensor::DType::F32)?.matmul(&self.weight.t()?)?;
         let scores = if self.sigmoid { logits.sigmoid()? } else { logits.softmax_last_dim()? };
         let e = self.n_experts();
         let t = x.dims()[0];

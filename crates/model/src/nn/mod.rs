@@ -11,6 +11,11 @@ use whale_tensor::Tensor;
 
 use crate::Result;
 
+/// `w` in the compute dtype of `x` (a differentiable cast; a no-op when they agree).
+pub fn in_dtype_of(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    Ok(if w.dtype() == x.dtype() { w.clone() } else { w.to_dtype(x.dtype())? })
+}
+
 /// `y = x @ W^T` with `W`: `[out, in]` (HF layout, no bias).
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -22,9 +27,10 @@ impl Linear {
         Ok(Linear { weight: b.weight(&format!("{name}.weight"), &[out_dim, in_dim])? })
     }
 
-    /// `x`: `[..., in]` -> `[..., out]`.
+    /// `x`: `[..., in]` -> `[..., out]`, computed in `x`'s dtype (the f32 master weight is cast,
+    /// and its gradient flows back to it in f32).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight.t()?)?)
+        Ok(x.matmul(&in_dtype_of(&self.weight, x)?.t()?)?)
     }
 }
 
@@ -40,7 +46,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.rms_norm(&self.weight, self.eps)?)
+        Ok(x.rms_norm(&in_dtype_of(&self.weight, x)?, self.eps)?)
     }
 }
 
