@@ -202,8 +202,8 @@ impl DeepSeekV3 {
                 aux = add_opt(aux, out.aux_loss.clone())?;
                 let tk = targets.narrow(1, k, s)?.contiguous()?.reshape(&[batch * s])?;
                 let n_k = tk.to_vec_i64()?.iter().filter(|&&x| x != IGNORE_INDEX).count();
-                let ce =
-                    self.lm_head.forward(&normed)?.reshape(&[batch * s, vocab])?.cross_entropy(&tk, IGNORE_INDEX)?;
+                let logits_k = self.lm_head.forward(&normed)?.to_dtype(DType::F32)?;
+                let ce = logits_k.reshape(&[batch * s, vocab])?.cross_entropy(&tk, IGNORE_INDEX)?;
                 // Normalised by the main loss's token count T, not T - k (spec 3.2).
                 let scale = if n_main == 0 { 0.0 } else { n_k as f32 / n_main as f32 };
                 mtp_loss = add_opt(mtp_loss, Some(ce.mul_scalar(scale)?))?;

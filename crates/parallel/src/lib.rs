@@ -1,6 +1,31 @@
-//! whale-parallel: communicators (in-process threads, NCCL), data, expert and pipeline parallelism
-//! (1F1B, ZB1P, DualPipe, DualPipeV), the schedule simulator, and the training engine (`Trainer`).
-//!
-//! Filled by the training-engine and parallel issues; today it only re-exports the model crate.
+//! whale-parallel: the training engine ([`trainer`]: steps, gradient accumulation, precision,
+//! AdamW with its schedule, clipping, MoE balancing, NaN detection, metrics, atomic checkpoints and
+//! bit-identical resume). Communicators and data/expert/pipeline parallelism arrive with the
+//! parallel issue and plug into the same trainer.
+
+pub mod trainer;
 
 pub use whale_model as model;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] whale_model::Error),
+    #[error(transparent)]
+    Tensor(#[from] whale_model::tensor::Error),
+    #[error("{path}: {msg}")]
+    File { path: std::path::PathBuf, msg: String },
+    /// A non-finite loss or gradient, with where it was first seen.
+    #[error("step {step}: non-finite {what} first appears in {location}")]
+    NonFinite { step: u64, what: String, location: String },
+    #[error("{0}")]
+    Train(String),
+}
+
+impl Error {
+    pub(crate) fn file(path: impl Into<std::path::PathBuf>, msg: impl std::fmt::Display) -> Self {
+        Error::File { path: path.into(), msg: msg.to_string() }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,419 @@
+//! The training engine: one `train_step` = micro-batches with gradient accumulation, clipping,
+//! AdamW at the scheduled learning rate, the MoE bias update from the step's whole-batch expert
+//! load, and a metrics line. Non-finite losses or gradients are caught before the update and
+//! reported with the layer where they first appear. Checkpoints are directories written to a
+//! temporary path and renamed into place; `resume` continues bit-identically.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use whale_model::checkpoint::{load_file, save_file, SaveDType};
+use whale_model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, WarmupCosine};
+use whale_model::tensor::{no_grad, DType, Tensor};
+use whale_model::DeepSeekV3;
+
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "fp32" | "f32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            "fp8" => Err(Error::Train("precision `fp8` arrives with the FP8 issue; use fp32 or bf16".into())),
+            other => Err(Error::Train(format!("unknown precision `{other}` (fp32, bf16)"))),
+        }
+    }
+
+    fn dtype(self) -> DType {
+        match self {
+            Precision::Fp32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// What to do with a step whose loss or gradient is not finite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinitePolicy {
+    /// Drop the step's gradients and continue (the step counts, nothing is updated).
+    Skip,
+    /// Return an error.
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub micro_batch: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub seq_len: usize,
+    pub lr: f32,
+    pub min_lr: f32,
+    pub warmup: u64,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub grad_clip: f64,
+    pub precision: Precision,
+    /// Steps between checkpoints (0: only at the end).
+    pub checkpoint_every: u64,
+    pub seed: u64,
+    pub on_non_finite: NonFinitePolicy,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 1000,
+            micro_batch: 16,
+            grad_accum: 1,
+            seq_len: 64,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup: 30,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: 1.0,
+            precision: Precision::Fp32,
+            checkpoint_every: 0,
+            seed: 0,
+            on_non_finite: NonFinitePolicy::Skip,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |k: &str, why: &str| Err(Error::Train(format!("train config `{k}`: {why}")));
+        if self.micro_batch == 0 {
+            return bad("micro_batch", "must be at least 1");
+        }
+        if self.grad_accum == 0 {
+            return bad("grad_accum", "must be at least 1");
+        }
+        if self.seq_len < 2 {
+            return bad("seq_len", "must be at least 2");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", "must be a positive number");
+        }
+        if !(self.min_lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return bad("min_lr", "must be in [0, lr]");
+        }
+        if !(self.grad_clip > 0.0) {
+            return bad("grad_clip", "must be positive");
+        }
+        AdamW::new(self.adamw())?;
+        Ok(())
+    }
+
+    fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: 1e-8,
+            weight_decay: self.weight_decay,
+            decay_1d: false,
+        }
+    }
+
+    pub fn schedule(&self) -> WarmupCosine {
+        WarmupCosine { peak: self.lr, min: self.min_lr, warmup: self.warmup, total: self.steps }
+    }
+}
+
+/// Where training batches come from. Its state goes into checkpoints so a resumed run reads the
+/// same batches.
+pub trait DataSource: Send {
+    /// The next micro-batch: `(input_ids, targets)`, both `[batch, seq]`, targets aligned with
+    /// positions (`IGNORE_INDEX` to skip).
+    fn next_batch(&mut self, batch: usize, seq: usize) -> Result<(Tensor, Tensor)>;
+    fn state(&self) -> Value;
+    fn restore(&mut self, state: &Value) -> Result<()>;
+}
+
+/// One optimizer step's measurements (a metrics line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub loss: f64,
+    pub main_loss: f64,
+    pub mtp_loss: Option<f64>,
+    pub aux_loss: Option<f64>,
+    pub lr: f32,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub max_vio: Vec<f64>,
+    pub expert_load: Vec<Vec<usize>>,
+    pub skipped: bool,
+}
+
+pub struct Trainer {
+    pub model: DeepSeekV3,
+    pub opt: AdamW,
+    pub config: TrainConfig,
+    /// Optimizer steps taken (the next step's index).
+    pub step: u64,
+    pub data: Box<dyn DataSource>,
+    metrics: Option<File>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Trainer(step {} of {})", self.step, self.config.steps)
+    }
+}
+
+const TRAINER_FILE: &str = "trainer.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// The first layer named in a parameter name (`model.layers.3.` -> `model.layers.3`).
+fn layer_of(name: &str) -> String {
+    let parts: Vec<&str> = name.split('.').collect();
+    match parts.as_slice() {
+        ["model", "layers", n, ..] => format!("model.layers.{n}"),
+        _ => name.trim_end_matches(".weight").to_string(),
+    }
+}
+
+fn non_finite(t: &Tensor) -> Result<bool> {
+    Ok(t.to_vec_f32()?.iter().any(|x| !x.is_finite()))
+}
+
+impl Trainer {
+    pub fn new(mut model: DeepSeekV3, config: TrainConfig, data: Box<dyn DataSource>) -> Result<Self> {
+        config.validate()?;
+        model.compute_dtype = config.precision.dtype();
+        let opt = AdamW::new(config.adamw())?;
+        Ok(Trainer { model, opt, config, step: 0, data, metrics: None })
+    }
+
+    /// Appends one JSON object per step to `path` (created if needed).
+    pub fn log_metrics_to(&mut self, path: &Path) -> Result<()> {
+        let f = OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::file(path, e))?;
+        self.metrics = Some(f);
+        Ok(())
+    }
+
+    pub fn done(&self) -> bool {
+        self.step >= self.config.steps
+    }
+
+    /// One optimizer step.
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let t0 = Instant::now();
+        let cfg = self.config.clone();
+        let scale = 1.0 / cfg.grad_accum as f32;
+        let (mut loss, mut main, mut mtp, mut aux) = (0.0f64, 0.0f64, None::<f64>, None::<f64>);
+        let mut loads: Vec<Vec<usize>> = Vec::new();
+        let mut problem: Option<(String, String)> = None;
+        for _ in 0..cfg.grad_accum {
+            let (ids, targets) = self.data.next_batch(cfg.micro_batch, cfg.seq_len)?;
+            let out = self.model.forward(&ids, Some(&targets))?;
+            let l = out.loss.expect("targets were given");
+            let lv = l.to_scalar()? as f64;
+            if !lv.is_finite() && problem.is_none() {
+                problem = Some(("loss".into(), self.locate_in_forward(&ids)?));
+            }
+            loss += lv * scale as f64;
+            main += out.main_loss.expect("targets").to_scalar()? as f64 * scale as f64;
+            if let Some(m) = out.mtp_loss {
+                *mtp.get_or_insert(0.0) += m.to_scalar()? as f64 * scale as f64;
+            }
+            if let Some(a) = out.aux_loss {
+                *aux.get_or_insert(0.0) += a.to_scalar()? as f64 * scale as f64;
+            }
+            if loads.is_empty() {
+                loads = out.expert_load.iter().map(|l| vec![0; l.len()]).collect();
+            }
+            for (acc, l) in loads.iter_mut().zip(&out.expert_load) {
+                acc.iter_mut().zip(l).for_each(|(a, b)| *a += b);
+            }
+            if problem.is_none() {
+                l.mul_scalar(scale)?.backward()?;
+            }
+        }
+        let grad_norm = if problem.is_none() { clip_grad_norm(&self.model.params, cfg.grad_clip)? } else { f64::NAN };
+        if problem.is_none() && !grad_norm.is_finite() {
+            problem = Some(("gradient".into(), self.locate_in_gradients()?));
+        }
+        let lr = cfg.schedule().lr(self.step);
+        let skipped = problem.is_some();
+        if let Some((what, location)) = problem {
+            self.model.params.zero_grad();
+            if cfg.on_non_finite == NonFinitePolicy::Stop {
+                return Err(Error::NonFinite { step: self.step, what, location });
+            }
+            eprintln!("warning: step {}: non-finite {what} first appears in {location}; step skipped", self.step);
+        } else {
+            self.opt.step(&self.model.params, lr)?;
+            self.model.update_balancing_biases(&loads)?;
+            self.model.params.zero_grad();
+        }
+        let tokens = (cfg.micro_batch * cfg.seq_len * cfg.grad_accum) as f64;
+        let m = StepMetrics {
+            step: self.step,
+            loss,
+            main_loss: main,
+            mtp_loss: mtp,
+            aux_loss: aux,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens / t0.elapsed().as_secs_f64().max(1e-9),
+            max_vio: DeepSeekV3::max_violations(&loads),
+            expert_load: loads,
+            skipped,
+        };
+        self.step += 1;
+        if let Some(f) = &mut self.metrics {
+            let line = serde_json::to_string(&m).map_err(|e| Error::Train(e.to_string()))?;
+            writeln!(f, "{line}").map_err(|e| Error::Train(format!("metrics: {e}")))?;
+        }
+        Ok(m)
+    }
+
+    /// Re-runs the forward without gradients, checking each stage for non-finite values.
+    fn locate_in_forward(&self, ids: &Tensor) -> Result<String> {
+        no_grad(|| -> Result<String> {
+            let seq = ids.dims()[1];
+            let positions: Vec<usize> = (0..seq).collect();
+            let mut h = self.model.embed(ids)?;
+            if non_finite(&h)? {
+                return Ok("model.embed_tokens".into());
+            }
+            for (i, layer) in self.model.layers.iter().enumerate() {
+                h = layer.forward(&h, &positions)?.hidden;
+                if non_finite(&h)? {
+                    return Ok(format!("model.layers.{i}"));
+                }
+            }
+            let logits = self.model.lm_head.forward(&self.model.norm.forward(&h)?)?;
+            Ok(if non_finite(&logits)? {
+                "model.norm / lm_head".into()
+            } else {
+                "the loss (MTP or balance terms)".into()
+            })
+        })
+    }
+
+    /// The layer of the deepest parameter with a non-finite gradient (where backward met it first).
+    fn locate_in_gradients(&self) -> Result<String> {
+        let mut found: Option<(usize, String)> = None;
+        for (name, p) in self.model.params.iter() {
+            if let Some(g) = p.grad() {
+                if non_finite(&g)? {
+                    let layer = layer_of(name);
+                    let depth = layer.strip_prefix("model.layers.").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+                    if found.as_ref().is_none_or(|(d, _)| depth > *d || *d == usize::MAX) {
+                        found = Some((depth, layer));
+                    }
+                }
+            }
+        }
+        Ok(found.map_or_else(|| "an unknown parameter".into(), |(_, l)| l))
+    }
+
+    /// Writes a checkpoint directory at `dir` atomically: everything goes to `dir.tmp` first,
+    /// `trainer.json` last; then the old checkpoint moves to `dir.old`, the new one into place,
+    /// and `dir.old` is removed. A crash at any point leaves `dir` or `dir.old` complete.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let tmp = sibling(dir, "tmp");
+        let old = sibling(dir, "old");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
+        }
+        self.model.save_pretrained(&tmp, SaveDType::F32)?;
+        let opt: std::collections::BTreeMap<String, Tensor> = self.opt.state_tensors()?.into_iter().collect();
+        save_file(&tmp.join(OPTIMIZER_FILE), &opt, SaveDType::F32)?;
+        let state = json!({
+            "step": self.step,
+            "optimizer_steps": self.opt.steps(),
+            "config": self.config,
+            "data": self.data.state(),
+        });
+        let path = tmp.join(TRAINER_FILE);
+        let mut f = File::create(&path).map_err(|e| Error::file(&path, e))?;
+        f.write_all(serde_json::to_string_pretty(&state).expect("json").as_bytes())
+            .map_err(|e| Error::file(&path, e))?;
+        f.sync_all().map_err(|e| Error::file(&path, e))?;
+        if dir.exists() {
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
+            }
+            std::fs::rename(dir, &old).map_err(|e| Error::file(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| Error::file(&tmp, e))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
+        }
+        Ok(())
+    }
+
+    /// Continues from the checkpoint at `dir` (or `dir.old` when a crash interrupted the swap),
+    /// with `data` restored to where the checkpoint left it. `metrics` lines past the checkpoint's
+    /// step (written by the interrupted run) are dropped.
+    pub fn resume(dir: &Path, mut data: Box<dyn DataSource>, metrics: Option<&Path>) -> Result<Self> {
+        let dir = if dir.join(TRAINER_FILE).exists() {
+            dir.to_path_buf()
+        } else if sibling(dir, "old").join(TRAINER_FILE).exists() {
+            sibling(dir, "old")
+        } else {
+            return Err(Error::file(dir, "no complete checkpoint here (no trainer.json)"));
+        };
+        let path = dir.join(TRAINER_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
+        let state: Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
+        let config: TrainConfig =
+            serde_json::from_value(state["config"].clone()).map_err(|e| Error::file(&path, format!("config: {e}")))?;
+        let step = state["step"].as_u64().ok_or_else(|| Error::file(&path, "missing `step`"))?;
+        let opt_steps =
+            state["optimizer_steps"].as_u64().ok_or_else(|| Error::file(&path, "missing `optimizer_steps`"))?;
+        data.restore(&state["data"])?;
+        let model = DeepSeekV3::from_pretrained(&dir)?;
+        let mut t = Trainer::new(model, config, data)?;
+        let opt_state = load_file(&dir.join(OPTIMIZER_FILE))?;
+        t.opt.load_state(opt_steps, &opt_state, &t.model.params)?;
+        t.step = step;
+        if let Some(m) = metrics {
+            truncate_metrics(m, step)?;
+            t.log_metrics_to(m)?;
+        }
+        Ok(t)
+    }
+}
+
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".{suffix}"));
+    dir.with_file_name(name)
+}
+
+/// Keeps only the metrics lines of steps before `step`.
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(f) = File::open(path) else { return Ok(()) };
+    let keep: Vec<String> = BufReader::new(f)
+        .lines()
+        .map_while(|l| l.ok())
+        .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s < step))
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, keep.iter().map(|l| format!("{l}\n")).collect::<String>())
+        .map_err(|e| Error::file(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
+}
