@@ -1,8 +1,10 @@
 //! The `whale` command. It parses flags, wires the crates together and draws progress; the work
 //! itself lives in the library crates.
-//!
-//! Today the foundation exists (tensors, autograd, CPU kernels, AdamW); the jobs below land with
-//! the issues named beside them, and until then each says so instead of pretending to run.
+
+mod eval_cmd;
+mod plot;
+mod pretrain;
+mod settings;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -17,53 +19,52 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Job {
     /// The main job: pretrain -> R1-Zero -> R1 (four stages) -> distill, then a results table.
-    All,
+    /// Today it runs the pretraining stage (the later stages arrive with their issues).
+    All(pretrain::PretrainArgs),
     /// Pretrain a DeepSeek-V3 model (MLA, DeepSeekMoE, MTP) on the embedded reasoning corpus.
-    Pretrain,
-    /// GRPO with rule-based rewards directly on a pretrained base model.
+    Pretrain(pretrain::PretrainArgs),
+    /// Held-out greedy accuracy, pass@1, pass@k and cons@k of a checkpoint on the embedded tasks.
+    Eval(eval_cmd::EvalArgs),
+    /// Charts (SVG) of a run's metrics: loss, MTP loss, LR, MaxVio per layer, expert load.
+    Plot(plot::PlotArgs),
+    /// GRPO with rule-based rewards directly on a pretrained base model (not built yet).
     R1Zero,
-    /// The four-stage R1 pipeline: cold-start SFT, reasoning RL, rejection sampling + SFT, RL.
+    /// The four-stage R1 pipeline (not built yet).
     R1,
-    /// Distil the R1 model into a small dense Llama/Qwen2-style student.
+    /// Distil the R1 model into a small dense student (not built yet).
     Distill,
-    /// Generate text from a checkpoint (latent KV cache, MTP speculative decoding).
+    /// Generate text from a checkpoint (not built yet).
     Generate,
-    /// Config, parameter counts and cache sizes of a checkpoint.
+    /// Config, parameter counts and cache sizes of a checkpoint (not built yet).
     Info,
-    /// Held-out pass@1 / pass@k of a checkpoint on the embedded tasks.
-    Eval,
-    /// Pipeline schedules (1F1B, ZB1P, DualPipe, DualPipeV): simulate and draw.
+    /// Pipeline schedules: simulate and draw (not built yet).
     Schedule,
 }
 
-/// What each job will run, and the issue that brings it.
-fn plan(job: &Job) -> (&'static str, &'static str) {
-    match job {
-        Job::All => {
-            ("pretrain -> R1-Zero -> R1 (4 stages) -> distill, with a table of held-out pass@1/pass@8 per model", "#7")
-        }
-        Job::Pretrain => {
-            ("train the `tiny` DeepSeek-V3 preset on the embedded task corpus and report pass@1 / pass@8", "#5")
-        }
-        Job::R1Zero => ("GRPO with accuracy + format rewards on the base model; pass@1 before and after", "#6"),
-        Job::R1 => {
-            ("cold-start SFT, reasoning GRPO, rejection sampling + SFT, all-scenario RL with a reward model", "#7")
-        }
-        Job::Distill => ("SFT a dense student on verified R1 traces; compare with GRPO on the student", "#7"),
-        Job::Generate => ("prefill + decode with the naive or absorbed latent cache, optional MTP speculation", "#4"),
-        Job::Info => ("print config, total/activated parameters and cache bytes per token", "#4"),
-        Job::Eval => ("pass@1 (greedy and sampled), pass@k, cons@k on held-out tasks", "#5"),
-        Job::Schedule => ("simulate a pipeline schedule and draw its timeline as SVG", "#9"),
-    }
+fn not_built(what: &str, issue: &str) -> Result<()> {
+    anyhow::bail!("`whale {what}` is not built yet: it arrives with issue {issue}")
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let job = cli.command.unwrap_or(Job::All);
-    let (what, issue) = plan(&job);
-    println!("whale {job:?}: {what}.");
-    println!("This job is not built yet: it arrives with issue {issue}. The foundation it stands on is");
-    println!("in place: whale-tensor (tensors, autograd with a B/W split, AdamW) on whale-kernels (CPU).");
-    println!("Run the tests with: cargo test --workspace --all-targets");
-    Ok(())
+    match cli.command {
+        None => {
+            println!("whale: the main job (pretrain -> R1-Zero -> R1 -> distill). Stage 1, pretraining, runs now;");
+            println!("the RL stages arrive with issues #6 and #7.\n");
+            pretrain::run(pretrain::PretrainArgs::main_job())
+        }
+        Some(Job::All(args)) => {
+            println!("whale all: stage 1 (pretraining); the RL stages arrive with issues #6 and #7.\n");
+            pretrain::run(args)
+        }
+        Some(Job::Pretrain(args)) => pretrain::run(args),
+        Some(Job::Eval(args)) => eval_cmd::run(args),
+        Some(Job::Plot(args)) => plot::run(args),
+        Some(Job::R1Zero) => not_built("r1-zero", "#6"),
+        Some(Job::R1) => not_built("r1", "#7"),
+        Some(Job::Distill) => not_built("distill", "#7"),
+        Some(Job::Generate) => not_built("generate", "#4"),
+        Some(Job::Info) => not_built("info", "#4"),
+        Some(Job::Schedule) => not_built("schedule", "#9"),
+    }
 }

@@ -2,6 +2,7 @@
 //! ([`tasks`]), evaluation (pass@1, pass@k, cons@k: [`eval`]); rewards, GRPO, PPO, SFT, rejection
 //! sampling, distillation and the R1 pipelines arrive with their issues.
 
+pub mod data;
 pub mod eval;
 pub mod tasks;
 

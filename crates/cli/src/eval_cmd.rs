@@ -1,0 +1,62 @@
+//! `whale eval`: held-out accuracy of a checkpoint.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use whale_rl::eval::{evaluate, EvalConfig};
+use whale_rl::parallel::model::generate::SamplingConfig;
+use whale_rl::parallel::model::tensor::Rng;
+use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
+use whale_rl::parallel::model::DeepSeekV3;
+use whale_rl::tasks::{load_jsonl, verify, Split, TaskSet};
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// A checkpoint directory (config.json + model.safetensors).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Tasks with optional difficulty ranges, e.g. add:3-4,mul.
+    #[arg(long, default_value = "add:2-3")]
+    pub tasks: String,
+    /// A JSONL file of {"prompt", "answer"} problems instead of the embedded tasks.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Samples per problem.
+    #[arg(long, default_value_t = 8)]
+    pub k: usize,
+    #[arg(long, default_value_t = 128)]
+    pub problems: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the greedy completions of the first N problems.
+    #[arg(long, default_value_t = 0)]
+    pub show: usize,
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let model = DeepSeekV3::from_pretrained(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let problems = match &a.data {
+        Some(path) => load_jsonl(path)?,
+        None => TaskSet::parse(&a.tasks)?.problems(a.problems, a.seed ^ 0x00E0_A1, Split::HeldOut),
+    };
+    let cfg = EvalConfig { samples: a.k, temperature: a.temperature, ..EvalConfig::default() };
+    let tok = CharTokenizer::new();
+    if a.show > 0 {
+        let shown = &problems[..a.show.min(problems.len())];
+        let prompts: Vec<Vec<u32>> = shown.iter().map(|p| tok.encode(&p.prompt)).collect::<Result<_, _>>()?;
+        let cfg = SamplingConfig::greedy(cfg.max_new_tokens, vec![tok.eos_id()]);
+        for (p, g) in shown.iter().zip(model.generate(&prompts, &cfg, &mut Rng::new(a.seed))?) {
+            let text = tok.decode(&g.tokens);
+            println!("{}{}  [{}]", p.prompt, text, if verify(p, &text) { "correct" } else { "wrong" });
+        }
+    }
+    let r = evaluate(&model, &tok, &problems, &cfg)?;
+    crate::pretrain::print_report(&a.checkpoint.display().to_string(), &r);
+    for (task, p1) in &r.per_task {
+        println!("  {task}: pass@1 {p1:.3}");
+    }
+    Ok(())
+}
