@@ -9,7 +9,7 @@ use whale_rl::parallel::model::generate::SamplingConfig;
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::DeepSeekV3;
-use whale_rl::tasks::{load_jsonl, verify, Split, TaskSet};
+use whale_rl::tasks::{load_jsonl, verify, TaskSet};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -37,10 +37,11 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let model = DeepSeekV3::from_pretrained(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let model =
+        DeepSeekV3::from_pretrained(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
     let problems = match &a.data {
         Some(path) => load_jsonl(path)?,
-        None => TaskSet::parse(&a.tasks)?.problems(a.problems, a.seed ^ 0x00E0_A1, Split::HeldOut),
+        None => TaskSet::parse(&a.tasks)?.held_out(a.problems, a.seed),
     };
     let cfg = EvalConfig { samples: a.k, temperature: a.temperature, ..EvalConfig::default() };
     let tok = CharTokenizer::new();

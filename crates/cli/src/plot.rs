@@ -53,7 +53,14 @@ fn line_chart(title: &str, y_label: &str, series: &[Series], log_y: bool) -> Str
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="24" font-size="15" text-anchor="middle">{title}</text>"#,
         (l + w - r) / 2.0
     );
-    let _ = write!(s, r#"<line x1="{l}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{l}" y1="{t}" x2="{l}" y2="{}" stroke="black"/>"#, h - b, w - r, h - b, h - b);
+    let _ = write!(
+        s,
+        r#"<line x1="{l}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{l}" y1="{t}" x2="{l}" y2="{}" stroke="black"/>"#,
+        h - b,
+        w - r,
+        h - b,
+        h - b
+    );
     for i in 0..=4 {
         let fx = x0 + (x1 - x0) * i as f64 / 4.0;
         let fy = y0 + (y1 - y0) * i as f64 / 4.0;
@@ -70,13 +77,29 @@ fn line_chart(title: &str, y_label: &str, series: &[Series], log_y: bool) -> Str
             y = h - b - (fy - y0) / (y1 - y0) * (h - t - b),
         );
     }
-    let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="middle">step</text><text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">{y_label}</text>"#, (l + w - r) / 2.0, h - 12.0, h / 2.0, h / 2.0);
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">step</text><text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">{y_label}</text>"#,
+        (l + w - r) / 2.0,
+        h - 12.0,
+        h / 2.0,
+        h / 2.0
+    );
     for (i, se) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
-        let path: Vec<String> = se.points.iter().filter(|p| p.1.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+        let path: Vec<String> =
+            se.points.iter().filter(|p| p.1.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
         let _ = write!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{}"/>"#, path.join(" "));
         let ly = t + 14.0 + 18.0 * i as f64;
-        let _ = write!(s, r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#, w - r + 10.0, w - r + 30.0, w - r + 36.0, ly + 4.0, se.name);
+        let _ = write!(
+            s,
+            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{c}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+            w - r + 10.0,
+            w - r + 30.0,
+            w - r + 36.0,
+            ly + 4.0,
+            se.name
+        );
     }
     s.push_str("</svg>\n");
     s
@@ -100,11 +123,28 @@ fn heatmap(title: &str, loads: &[Vec<f64>]) -> String {
             // White at the uniform share, red above it, blue below.
             let share = v / total;
             let d = ((share - uniform) / uniform).clamp(-1.0, 1.0);
-            let (r, g, b) = if d >= 0.0 { (255.0, 255.0 * (1.0 - d), 255.0 * (1.0 - d)) } else { (255.0 * (1.0 + d), 255.0 * (1.0 + d), 255.0) };
-            let _ = write!(s, r#"<rect x="{}" y="{y}" width="{cell}" height="{cell}" fill="rgb({:.0},{:.0},{:.0})" stroke="white"><title>expert {e}: {:.1}%</title></rect>"#, l + cell * e as f64, r, g, b, 100.0 * share);
+            let (r, g, b) = if d >= 0.0 {
+                (255.0, 255.0 * (1.0 - d), 255.0 * (1.0 - d))
+            } else {
+                (255.0 * (1.0 + d), 255.0 * (1.0 + d), 255.0)
+            };
+            let _ = write!(
+                s,
+                r#"<rect x="{}" y="{y}" width="{cell}" height="{cell}" fill="rgb({:.0},{:.0},{:.0})" stroke="white"><title>expert {e}: {:.1}%</title></rect>"#,
+                l + cell * e as f64,
+                r,
+                g,
+                b,
+                100.0 * share
+            );
         }
     }
-    let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="middle">expert (red: above the uniform share, blue: below)</text></svg>"#, l + cell * experts as f64 / 2.0, h - 12.0);
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">expert (red: above the uniform share, blue: below)</text></svg>"#,
+        l + cell * experts as f64 / 2.0,
+        h - 12.0
+    );
     s.push('\n');
     s
 }
@@ -152,7 +192,15 @@ pub fn run(a: PlotArgs) -> Result<()> {
             Series { name: "MTP loss".into(), points: field(&rows, "mtp_loss") },
         ];
         write(&run.join("loss.svg"), line_chart(&format!("{name}: training loss"), "loss", &loss, false))?;
-        write(&run.join("lr.svg"), line_chart(&format!("{name}: learning rate"), "lr", &[Series { name: "lr".into(), points: field(&rows, "lr") }], false))?;
+        write(
+            &run.join("lr.svg"),
+            line_chart(
+                &format!("{name}: learning rate"),
+                "lr",
+                &[Series { name: "lr".into(), points: field(&rows, "lr") }],
+                false,
+            ),
+        )?;
         let layers = rows.last().and_then(|r| r["max_vio"].as_array()).map_or(0, Vec::len);
         let vio: Vec<Series> = (0..layers)
             .map(|i| Series {
@@ -160,13 +208,19 @@ pub fn run(a: PlotArgs) -> Result<()> {
                 points: rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r["max_vio"][i].as_f64()?))).collect(),
             })
             .collect();
-        write(&run.join("max_vio.svg"), line_chart(&format!("{name}: expert-load MaxVio"), "max load / mean load - 1", &vio, false))?;
+        write(
+            &run.join("max_vio.svg"),
+            line_chart(&format!("{name}: expert-load MaxVio"), "max load / mean load - 1", &vio, false),
+        )?;
         let tail = &rows[rows.len() - (rows.len() / 10).max(1)..];
         let loads: Vec<Vec<f64>> = (0..layers)
             .map(|i| {
                 let mut acc: Vec<f64> = Vec::new();
                 for r in tail {
-                    let row: Vec<f64> = r["expert_load"][i].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
+                    let row: Vec<f64> = r["expert_load"][i]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                        .unwrap_or_default();
                     acc.resize(acc.len().max(row.len()), 0.0);
                     acc.iter_mut().zip(&row).for_each(|(a, b)| *a += b);
                 }
@@ -177,7 +231,10 @@ pub fn run(a: PlotArgs) -> Result<()> {
         compare.push(Series { name, points: mean_max_vio(&rows) });
     }
     if compare.len() > 1 {
-        write(&a.runs[0].join("max_vio_compare.svg"), line_chart("mean MaxVio over MoE layers", "max load / mean load - 1", &compare, false))?;
+        write(
+            &a.runs[0].join("max_vio_compare.svg"),
+            line_chart("mean MaxVio over MoE layers", "max load / mean load - 1", &compare, false),
+        )?;
     }
     Ok(())
 }

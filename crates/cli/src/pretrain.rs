@@ -13,7 +13,7 @@ use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{DeepSeekV3, DeepSeekV3Config};
 use whale_rl::parallel::trainer::{Precision, TrainConfig, Trainer};
-use whale_rl::tasks::{Corpus, Split, TaskSet};
+use whale_rl::tasks::{Corpus, TaskSet};
 
 /// Every setting of a pretraining run; a config file holds any subset of these keys.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -132,7 +132,23 @@ impl PretrainArgs {
         macro_rules! over {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { s.$f = v.clone(); } )* };
         }
-        over!(preset, out, precision, steps, micro_batch, seq_len, lr, min_lr, warmup, seed, tasks, imperfect, checkpoint_every, eval_problems, k);
+        over!(
+            preset,
+            out,
+            precision,
+            steps,
+            micro_batch,
+            seq_len,
+            lr,
+            min_lr,
+            warmup,
+            seed,
+            tasks,
+            imperfect,
+            checkpoint_every,
+            eval_problems,
+            k
+        );
         if self.gamma.is_some() {
             s.gamma = self.gamma;
         }
@@ -198,8 +214,8 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     let metrics = s.out.join("metrics.jsonl");
     let data = Box::new(CorpusData::new(Corpus::new(TaskSet::parse(&s.tasks)?, s.imperfect, s.seed), tok.clone()));
     let mut trainer = if args.resume {
-        let mut t =
-            Trainer::resume(&ckpt, data, Some(&metrics)).with_context(|| format!("resuming from {}", ckpt.display()))?;
+        let mut t = Trainer::resume(&ckpt, data, Some(&metrics))
+            .with_context(|| format!("resuming from {}", ckpt.display()))?;
         if let Some(steps) = args.steps {
             // An explicit --steps extends (or ends) the resumed run.
             t.config.steps = steps;
@@ -227,7 +243,8 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         t
     };
     let settings_path = s.out.join("settings.json");
-    std::fs::write(&settings_path, serde_json::to_string_pretty(&s)?).with_context(|| settings_path.display().to_string())?;
+    std::fs::write(&settings_path, serde_json::to_string_pretty(&s)?)
+        .with_context(|| settings_path.display().to_string())?;
 
     let start = Instant::now();
     let pb = progress(trainer.config.steps, trainer.step);
@@ -247,14 +264,24 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     let vio: Vec<String> = last_vio.iter().map(|v| format!("{v:.2}")).collect();
     println!("final expert-load MaxVio per MoE layer: [{}]", vio.join(", "));
 
-    let problems = tasks.problems(s.eval_problems, s.seed ^ 0x00E0_A1, Split::HeldOut);
+    let problems = tasks.held_out(s.eval_problems, s.seed);
     let eval_cfg = EvalConfig { samples: s.k, ..EvalConfig::default() };
     let t0 = Instant::now();
     let report = evaluate(&trainer.model, &tok, &problems, &eval_cfg)?;
-    println!("\nheld-out evaluation ({} problems, {} samples each at T = 1, {:.0} s):", report.problems, report.samples, t0.elapsed().as_secs_f64());
+    println!(
+        "\nheld-out evaluation ({} problems, {} samples each at T = 1, {:.0} s):",
+        report.problems,
+        report.samples,
+        t0.elapsed().as_secs_f64()
+    );
     print_report("base", &report);
     write_eval(&s.out, &report)?;
-    println!("\ncheckpoint: {}   metrics: {}   charts: whale plot {}", ckpt.display(), metrics.display(), s.out.display());
+    println!(
+        "\ncheckpoint: {}   metrics: {}   charts: whale plot {}",
+        ckpt.display(),
+        metrics.display(),
+        s.out.display()
+    );
     Ok(())
 }
 

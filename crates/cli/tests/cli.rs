@@ -16,7 +16,8 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-const SMALL: [&str; 10] = ["--micro-batch", "2", "--seq-len", "24", "--eval-problems", "2", "--k", "2", "--tasks", "add:2"];
+const SMALL: [&str; 10] =
+    ["--micro-batch", "2", "--seq-len", "24", "--eval-problems", "2", "--k", "2", "--tasks", "add:2"];
 
 fn checkpoint_step(run: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(run.join("checkpoint/trainer.json")).ok()?;
@@ -62,13 +63,17 @@ fn an_existing_run_is_not_overwritten_and_bad_config_keys_are_named() {
     let run = dir.join("run");
     let ok = whale().args(["pretrain", "--out", run.to_str().unwrap(), "--steps", "2"]).args(SMALL).output().unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    let again = whale().args(["pretrain", "--out", run.to_str().unwrap(), "--steps", "2"]).args(SMALL).output().unwrap();
+    let again =
+        whale().args(["pretrain", "--out", run.to_str().unwrap(), "--steps", "2"]).args(SMALL).output().unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
 
     let cfg = dir.join("run.toml");
     std::fs::write(&cfg, "steps = 2\nlearning_rate = 0.1\n").unwrap();
-    let bad = whale().args(["pretrain", "--config", cfg.to_str().unwrap(), "--out", dir.join("r2").to_str().unwrap()]).output().unwrap();
+    let bad = whale()
+        .args(["pretrain", "--config", cfg.to_str().unwrap(), "--out", dir.join("r2").to_str().unwrap()])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("learning_rate") && err.contains("run.toml"), "{err}");
 

@@ -279,7 +279,7 @@ impl DeepSeekV3Config {
                     format!("`{}` is not supported (only yarn)", r.rope_type),
                 ));
             }
-            if !(r.factor >= 1.0) {
+            if r.factor.is_nan() || r.factor < 1.0 {
                 return Err(Error::config("rope_scaling.factor", format!("{} must be >= 1", r.factor)));
             }
             if r.original_max_position_embeddings == 0 {

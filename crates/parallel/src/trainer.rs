@@ -116,7 +116,7 @@ impl TrainConfig {
         if !(self.min_lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             return bad("min_lr", "must be in [0, lr]");
         }
-        if !(self.grad_clip > 0.0) {
+        if self.grad_clip.is_nan() || self.grad_clip <= 0.0 {
             return bad("grad_clip", "must be positive");
         }
         AdamW::new(self.adamw())?;
@@ -162,6 +162,19 @@ pub struct StepMetrics {
     pub max_vio: Vec<f64>,
     pub expert_load: Vec<Vec<usize>>,
     pub skipped: bool,
+}
+
+/// What the forward/backward passes of a step measured.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Accumulated {
+    pub loss: f64,
+    pub main_loss: f64,
+    pub mtp_loss: Option<f64>,
+    pub aux_loss: Option<f64>,
+    /// Per MoE layer, summed over micro-batches.
+    pub loads: Vec<Vec<usize>>,
+    /// A non-finite loss: (what, where it first appears).
+    pub problem: Option<(String, String)>,
 }
 
 pub struct Trainer {
@@ -215,40 +228,47 @@ impl Trainer {
         self.step >= self.config.steps
     }
 
-    /// One optimizer step.
-    pub fn train_step(&mut self) -> Result<StepMetrics> {
-        let t0 = Instant::now();
+    /// The forward and backward passes of one step over its micro-batches: gradients accumulate
+    /// in the parameters (each micro-batch's loss scaled by 1 / grad_accum), nothing is updated.
+    pub fn accumulate_gradients(&mut self) -> Result<Accumulated> {
         let cfg = self.config.clone();
-        let scale = 1.0 / cfg.grad_accum as f32;
-        let (mut loss, mut main, mut mtp, mut aux) = (0.0f64, 0.0f64, None::<f64>, None::<f64>);
-        let mut loads: Vec<Vec<usize>> = Vec::new();
-        let mut problem: Option<(String, String)> = None;
+        let scale = 1.0 / cfg.grad_accum as f64;
+        let mut acc = Accumulated::default();
         for _ in 0..cfg.grad_accum {
             let (ids, targets) = self.data.next_batch(cfg.micro_batch, cfg.seq_len)?;
             let out = self.model.forward(&ids, Some(&targets))?;
             let l = out.loss.expect("targets were given");
             let lv = l.to_scalar()? as f64;
-            if !lv.is_finite() && problem.is_none() {
-                problem = Some(("loss".into(), self.locate_in_forward(&ids)?));
+            if !lv.is_finite() && acc.problem.is_none() {
+                acc.problem = Some(("loss".into(), self.locate_in_forward(&ids)?));
             }
-            loss += lv * scale as f64;
-            main += out.main_loss.expect("targets").to_scalar()? as f64 * scale as f64;
+            acc.loss += lv * scale;
+            acc.main_loss += out.main_loss.expect("targets").to_scalar()? as f64 * scale;
             if let Some(m) = out.mtp_loss {
-                *mtp.get_or_insert(0.0) += m.to_scalar()? as f64 * scale as f64;
+                *acc.mtp_loss.get_or_insert(0.0) += m.to_scalar()? as f64 * scale;
             }
             if let Some(a) = out.aux_loss {
-                *aux.get_or_insert(0.0) += a.to_scalar()? as f64 * scale as f64;
+                *acc.aux_loss.get_or_insert(0.0) += a.to_scalar()? as f64 * scale;
             }
-            if loads.is_empty() {
-                loads = out.expert_load.iter().map(|l| vec![0; l.len()]).collect();
+            if acc.loads.is_empty() {
+                acc.loads = out.expert_load.iter().map(|l| vec![0; l.len()]).collect();
             }
-            for (acc, l) in loads.iter_mut().zip(&out.expert_load) {
-                acc.iter_mut().zip(l).for_each(|(a, b)| *a += b);
+            for (a, l) in acc.loads.iter_mut().zip(&out.expert_load) {
+                a.iter_mut().zip(l).for_each(|(a, b)| *a += b);
             }
-            if problem.is_none() {
-                l.mul_scalar(scale)?.backward()?;
+            if acc.problem.is_none() {
+                l.mul_scalar(scale as f32)?.backward()?;
             }
         }
+        Ok(acc)
+    }
+
+    /// One optimizer step.
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let t0 = Instant::now();
+        let cfg = self.config.clone();
+        let Accumulated { loss, main_loss: main, mtp_loss: mtp, aux_loss: aux, loads, mut problem } =
+            self.accumulate_gradients()?;
         let grad_norm = if problem.is_none() { clip_grad_norm(&self.model.params, cfg.grad_clip)? } else { f64::NAN };
         if problem.is_none() && !grad_norm.is_finite() {
             problem = Some(("gradient".into(), self.locate_in_gradients()?));

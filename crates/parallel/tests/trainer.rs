@@ -142,24 +142,28 @@ fn non_finite_values_are_located_and_skipped_or_stopped() {
 
 #[test]
 fn gradient_accumulation_equals_one_large_batch() {
-    // Same 8 sequences as one micro-batch of 8, or two of 4 with accumulation.
+    // Same 8 sequences as one micro-batch of 8, or two of 4 with accumulation: the accumulated
+    // gradients agree to f32 reassociation. (Parameters after an AdamW step are the wrong thing
+    // to compare: Adam divides by |g|, so a gradient near zero turns rounding into a full step.)
     let mk = |micro: usize, accum: usize| {
         let cfg = TrainConfig { micro_batch: micro, grad_accum: accum, ..config(1) };
         let mut c = DeepSeekV3Config::tiny();
         c.num_nextn_predict_layers = 0; // MTP losses are normalised per micro-batch token count
         c.seq_aux_alpha = 0.0;
-        c.bias_update_speed = 0.0;
         let mut t = Trainer::new(DeepSeekV3::new(c, 3).unwrap(), cfg, data(9)).unwrap();
-        let m = t.train_step().unwrap();
-        (m, t.model.params.iter().flat_map(|(_, p)| p.to_vec_f32().unwrap()).collect::<Vec<f32>>())
+        let acc = t.accumulate_gradients().unwrap();
+        let grads: Vec<f32> =
+            t.model.params.iter().flat_map(|(_, p)| p.grad().unwrap().to_vec_f32().unwrap()).collect();
+        (acc, grads)
     };
-    let (a, pa) = mk(8, 1);
-    let (b, pb) = mk(4, 2);
-    assert!((a.loss - b.loss).abs() < 1e-5, "{} vs {}", a.loss, b.loss);
-    assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm);
-    assert_eq!(a.expert_load, b.expert_load);
-    let worst = pa.iter().zip(&pb).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-    assert!(worst < 1e-5, "{worst}");
+    let (a, ga) = mk(8, 1);
+    let (b, gb) = mk(4, 2);
+    assert!((a.loss - b.loss).abs() < 1e-6 * a.loss, "{} vs {}", a.loss, b.loss);
+    assert_eq!(a.loads, b.loads);
+    let scale = ga.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+    for (i, (x, y)) in ga.iter().zip(&gb).enumerate() {
+        assert!((x - y).abs() <= 1e-5 * scale + 1e-4 * y.abs(), "gradient element {i}: {x} vs {y}");
+    }
 }
 
 #[test]

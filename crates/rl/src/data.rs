@@ -61,7 +61,10 @@ impl<T: Tokenizer + 'static> DataSource for CorpusData<T> {
             ids.extend(row[..seq].iter().map(|&t| t as i64));
             targets.extend((1..=seq).map(|i| if i < real { row[i] as i64 } else { IGNORE_INDEX }));
         }
-        Ok((Tensor::from_vec(ids, &[batch, seq], &Device::Cpu)?, Tensor::from_vec(targets, &[batch, seq], &Device::Cpu)?))
+        Ok((
+            Tensor::from_vec(ids, &[batch, seq], &Device::Cpu)?,
+            Tensor::from_vec(targets, &[batch, seq], &Device::Cpu)?,
+        ))
     }
 
     fn state(&self) -> Value {
@@ -105,6 +108,9 @@ mod tests {
         let state = a.state();
         let mut b = mk();
         b.restore(&state).unwrap();
-        assert_eq!(a.next_batch(3, 48).unwrap().0.to_vec::<i64>().unwrap(), b.next_batch(3, 48).unwrap().0.to_vec::<i64>().unwrap());
+        assert_eq!(
+            a.next_batch(3, 48).unwrap().0.to_vec::<i64>().unwrap(),
+            b.next_batch(3, 48).unwrap().0.to_vec::<i64>().unwrap()
+        );
     }
 }

@@ -205,6 +205,13 @@ impl Layout {
     }
 }
 
+impl Layout {
+    pub(crate) fn from_parts(shape: Vec<usize>, strides: Vec<usize>, offset: usize) -> Layout {
+        debug_assert_eq!(shape.len(), strides.len());
+        Layout { shape, strides, offset }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,12 +242,5 @@ mod tests {
         let l = Layout::contiguous(&[4, 1, 3]).transpose(0, 1).unwrap();
         assert!(!l.is_contiguous() || l.shape()[0] == 1);
         assert!(Layout::contiguous(&[1, 5]).transpose(0, 1).unwrap().is_contiguous());
-    }
-}
-
-impl Layout {
-    pub(crate) fn from_parts(shape: Vec<usize>, strides: Vec<usize>, offset: usize) -> Layout {
-        debug_assert_eq!(shape.len(), strides.len());
-        Layout { shape, strides, offset }
     }
 }

@@ -30,7 +30,7 @@ fn assert_twins(
 fn softmax_matches_exp_over_sum() {
     let x = randn(&[4, 9], 1).mul_scalar(3.0).unwrap();
     assert_twins(
-        &[x.clone()],
+        std::slice::from_ref(&x),
         |t| t[0].softmax_last_dim(),
         |t| {
             let e = t[0].sub(&t[0].max_keepdim(1)?)?.exp()?;

@@ -1,6 +1,9 @@
 //! A finite-difference gradient test for every differentiable op (see `whale_tensor::testing` for
 //! the method and why its tolerances are what they are).
 
+// `&[x.clone()]` reads as "these inputs" in every check below; `slice::from_ref` would not.
+#![allow(clippy::cloned_ref_to_slice_refs)]
+
 use whale_tensor::testing::{assert_gradients, randn};
 use whale_tensor::{rope_inv_freq, rope_tables, Device, Result, Rng, RopeLayout, Tensor};
 

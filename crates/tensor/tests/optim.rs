@@ -15,8 +15,8 @@ fn adamw_matches_the_pytorch_update_rule() {
 
     let mut p64: Vec<Vec<f64>> =
         [&w, &b].iter().map(|t| t.to_vec_f32().unwrap().iter().map(|&x| x as f64).collect()).collect();
-    let mut m64 = vec![vec![0.0f64; 20], vec![0.0; 5]];
-    let mut v64 = vec![vec![0.0f64; 20], vec![0.0; 5]];
+    let mut m64 = [vec![0.0f64; 20], vec![0.0; 5]];
+    let mut v64 = [vec![0.0f64; 20], vec![0.0; 5]];
     let lrs = [1e-2f64, 5e-3, 2e-2];
     for (step, &lr) in lrs.iter().enumerate() {
         let t = (step + 1) as i32;

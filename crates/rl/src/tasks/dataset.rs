@@ -113,6 +113,12 @@ impl TaskSet {
         out
     }
 
+    /// `n` held-out evaluation problems for a run seed (their own seed stream, distinct from the
+    /// corpus's).
+    pub fn held_out(&self, n: usize, seed: u64) -> Vec<Problem> {
+        self.problems(n, seed ^ 0x0000_E0A1, Split::HeldOut)
+    }
+
     /// An imperfect completion of `p` from its own task.
     pub fn corrupt(&self, rng: &mut Rng, p: &Problem) -> String {
         match self.entries.iter().find(|(t, _)| t.name() == p.task) {

@@ -178,7 +178,7 @@ impl Tensor {
             return Err(Error::invalid("topk", format!("k = {k} exceeds the last dim {n} of {:?}", self.dims())));
         }
         let x = self.f32_data();
-        let rows = if n == 0 { 0 } else { x.len() / n };
+        let rows = x.len().checked_div(n).unwrap_or(0);
         let mut idx = vec![0i64; rows * k];
         if k > 0 {
             idx.par_chunks_mut(k).enumerate().for_each(|(r, out)| {

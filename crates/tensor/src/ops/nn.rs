@@ -72,7 +72,7 @@ impl Tensor {
         let dtype = check_same_dtype("rms_norm", self, weight)?;
         let d = last_dim("rms_norm", self)?;
         check_shape("rms_norm (weight)", weight, &[d])?;
-        if !(eps >= 0.0) {
+        if eps.is_nan() || eps < 0.0 {
             return Err(Error::invalid("rms_norm", format!("eps must be >= 0, got {eps}")));
         }
         let rows = self.elem_count() / d.max(1);
