@@ -40,6 +40,8 @@ fn bench(c: &mut Criterion) {
         let (a, b) = (randn(&[n, n], 1), randn(&[n, n], 2));
         let (va, vb) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
         let mut g = c.benchmark_group(format!("matmul_f32_{n}"));
+        // The ratio is the point here and these VMs are noisy: more and longer samples.
+        g.sample_size(30).measurement_time(std::time::Duration::from_secs(5));
         g.bench_function("whale", |bench| bench.iter(|| black_box(a.matmul(&b).unwrap())));
         g.bench_function("baseline", |bench| bench.iter(|| black_box(gemm_direct(&va, &vb, n))));
         g.finish();
