@@ -36,6 +36,8 @@ pub struct PretrainSettings {
     /// The auxiliary-loss-free bias update speed (the preset's when unset; 0 disables it).
     pub gamma: Option<f64>,
     pub checkpoint_every: u64,
+    /// Steps between validation evaluations during training (0: only the final evaluation).
+    pub eval_every: u64,
     pub eval_problems: usize,
     pub k: usize,
 }
@@ -61,6 +63,7 @@ impl Default for PretrainSettings {
             imperfect: 0.3,
             gamma: None,
             checkpoint_every: 100,
+            eval_every: 0,
             eval_problems: 128,
             k: 8,
         }
@@ -110,6 +113,9 @@ pub struct PretrainArgs {
     pub gamma: Option<f64>,
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
+    /// Evaluate on a validation set every N steps (0: off), logged to eval_history.jsonl.
+    #[arg(long)]
+    pub eval_every: Option<u64>,
     /// Held-out problems evaluated at the end.
     #[arg(long)]
     pub eval_problems: Option<usize>,
@@ -146,6 +152,7 @@ impl PretrainArgs {
             tasks,
             imperfect,
             checkpoint_every,
+            eval_every,
             eval_problems,
             k
         );
@@ -246,6 +253,9 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     std::fs::write(&settings_path, serde_json::to_string_pretty(&s)?)
         .with_context(|| settings_path.display().to_string())?;
 
+    // Validation problems: held-out side of the split, their own seed (not the final test set).
+    let validation = tasks.held_out(32, s.seed.wrapping_add(0x5A11));
+    let history = s.out.join("eval_history.jsonl");
     let start = Instant::now();
     let pb = progress(trainer.config.steps, trainer.step);
     let mut last_vio = Vec::new();
@@ -257,6 +267,16 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         let every = trainer.config.checkpoint_every;
         if every > 0 && trainer.step % every == 0 && !trainer.done() {
             trainer.save_checkpoint(&ckpt)?;
+        }
+        if s.eval_every > 0 && trainer.step % s.eval_every == 0 && !trainer.done() {
+            let r = evaluate(&trainer.model, &tok, &validation, &EvalConfig { samples: 4, ..EvalConfig::default() })?;
+            pb.suspend(|| {
+                println!(
+                    "step {}: validation greedy {:.3}, pass@1 {:.3}, pass@4 {:.3}",
+                    trainer.step, r.greedy, r.pass1, r.pass_k
+                )
+            });
+            append_history(&history, trainer.step, &r)?;
         }
     }
     trainer.save_checkpoint(&ckpt)?;
@@ -283,6 +303,14 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         s.out.display()
     );
     Ok(())
+}
+
+fn append_history(path: &Path, step: u64, r: &EvalReport) -> Result<()> {
+    use std::io::Write;
+    let line = serde_json::json!({ "step": step, "greedy": r.greedy, "pass@1": r.pass1, "pass@k": r.pass_k, "samples": r.samples });
+    let mut f =
+        std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| path.display().to_string())?;
+    writeln!(f, "{line}").with_context(|| path.display().to_string())
 }
 
 pub fn write_eval(dir: &Path, r: &EvalReport) -> Result<()> {

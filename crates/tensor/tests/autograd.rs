@@ -127,3 +127,15 @@ fn bf16_parameters_are_rejected_by_the_f32_optimizer_with_a_clear_error() {
     let err = AdamW::new(AdamWConfig::default()).unwrap().step(&params, 0.1).unwrap_err().to_string();
     assert!(err.contains("`w`") && err.contains("f32"), "{err}");
 }
+
+#[test]
+fn casts_send_gradients_back_in_the_source_dtype() {
+    // y = 3 * bf16(x): dy/dx = 3, delivered to the f32 variable as f32.
+    let x = randn(&[5], 1).variable();
+    let y = x.to_dtype(DType::BF16).unwrap().mul_scalar(3.0).unwrap();
+    assert_eq!(y.dtype(), DType::BF16);
+    y.sum_all().unwrap().backward().unwrap();
+    let g = x.grad().unwrap();
+    assert_eq!(g.dtype(), DType::F32);
+    assert_eq!(g.to_vec_f32().unwrap(), vec![3.0; 5]);
+}
