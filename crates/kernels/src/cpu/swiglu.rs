@@ -54,7 +54,8 @@ pub fn swiglu_backward(gate: &[f32], up: &[f32], dout: &[f32], dgate: Option<&mu
 
 /// Logistic function that never overflows: `exp` only ever sees a non-positive argument, which also
 /// keeps full relative precision for large negative `x`.
-fn sigmoid(x: f32) -> f32 {
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
     if x >= 0.0 {
         1.0 / (1.0 + (-x).exp())
     } else {

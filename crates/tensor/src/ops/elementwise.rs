@@ -9,15 +9,7 @@ use crate::{Error, Result, Tensor};
 /// sqrt(2/pi), for the tanh form of GELU.
 const GELU_C: f32 = 0.797_884_6;
 
-fn sigmoid(x: f32) -> f32 {
-    // Two branches so exp never overflows.
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
-}
+use whale_kernels::cpu::swiglu::sigmoid;
 
 impl Tensor {
     /// `y = f(x)` elementwise, with `dy/dx = df(x, y)`.
