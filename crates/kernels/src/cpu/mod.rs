@@ -3,6 +3,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+pub mod fp8;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;

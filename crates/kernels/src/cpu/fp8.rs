@@ -1,0 +1,224 @@
+//! FP8 formats (spec/deepseek-v3.md section 4.1): E4M3 in its `fn` variant (bias 7, max 448, no
+//! infinities, NaN = 0x7F/0xFF) and E5M2 (IEEE-like: bias 15, max 57344, infinities), with
+//! round-to-nearest-even conversion from f32 (bf16 widens to f32 exactly first, so there is one
+//! rounding), subnormals, and a choice of overflow behaviour:
+//!
+//! - [`Overflow::Saturate`] clamps to the largest finite value. The quantizers use it: a scaled
+//!   tile never exceeds the max by more than rounding, and a clamp is the recipe's behaviour.
+//! - [`Overflow::Ieee`] is the plain cast: E5M2 overflows to infinity, E4M3 (which has none) to NaN,
+//!   as `torch.float8_e4m3fn` casts do.
+//!
+//! NaN is preserved in both modes (sign kept).
+
+/// An 8-bit float format: exponent and mantissa widths and what the top exponent means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8Format {
+    E4M3,
+    E5M2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    Saturate,
+    Ieee,
+}
+
+impl Fp8Format {
+    const fn mantissa_bits(self) -> i32 {
+        match self {
+            Fp8Format::E4M3 => 3,
+            Fp8Format::E5M2 => 2,
+        }
+    }
+
+    const fn bias(self) -> i32 {
+        match self {
+            Fp8Format::E4M3 => 7,
+            Fp8Format::E5M2 => 15,
+        }
+    }
+
+    /// The largest finite value: 448 (E4M3) or 57344 (E5M2).
+    pub const fn max(self) -> f32 {
+        match self {
+            Fp8Format::E4M3 => 448.0,
+            Fp8Format::E5M2 => 57344.0,
+        }
+    }
+
+    /// Code of the largest finite positive value.
+    const fn max_code(self) -> u8 {
+        match self {
+            Fp8Format::E4M3 => 0x7E,
+            Fp8Format::E5M2 => 0x7B,
+        }
+    }
+
+    /// The canonical (positive) NaN code.
+    const fn nan_code(self) -> u8 {
+        0x7F
+    }
+
+    /// Smallest normal exponent (unbiased).
+    const fn min_exp(self) -> i32 {
+        1 - self.bias()
+    }
+
+    /// Decodes one code.
+    pub fn decode(self, code: u8) -> f32 {
+        let sign = if code & 0x80 != 0 { -1.0f32 } else { 1.0 };
+        let m_bits = self.mantissa_bits();
+        let e_bits = 7 - m_bits;
+        let e = ((code >> m_bits) & ((1 << e_bits) - 1)) as i32;
+        let m = (code & ((1 << m_bits) - 1)) as i32;
+        let e_max = (1 << e_bits) - 1;
+        match self {
+            Fp8Format::E4M3 if e == e_max && m == (1 << m_bits) - 1 => return f32::NAN,
+            Fp8Format::E5M2 if e == e_max => return if m == 0 { sign * f32::INFINITY } else { f32::NAN },
+            _ => {}
+        }
+        let frac = m as f32 / (1 << m_bits) as f32;
+        if e == 0 {
+            sign * frac * 2f32.powi(self.min_exp())
+        } else {
+            sign * (1.0 + frac) * 2f32.powi(e - self.bias())
+        }
+    }
+
+    /// Encodes `x` with round-to-nearest-even.
+    pub fn encode(self, x: f32, overflow: Overflow) -> u8 {
+        let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
+        if x.is_nan() {
+            return sign | self.nan_code();
+        }
+        let a = (x as f64).abs();
+        let overflow_code = || match (overflow, self) {
+            (Overflow::Saturate, _) => sign | self.max_code(),
+            (Overflow::Ieee, Fp8Format::E5M2) => sign | 0x7C,
+            (Overflow::Ieee, Fp8Format::E4M3) => sign | self.nan_code(),
+        };
+        if a.is_infinite() {
+            return overflow_code();
+        }
+        if a == 0.0 {
+            return sign;
+        }
+        let m_bits = self.mantissa_bits();
+        // The spacing of representable values around `a` (subnormal spacing below the normals).
+        let e = (a.log2().floor() as i32).max(self.min_exp());
+        let quantum = 2f64.powi(e - m_bits);
+        let q = (a / quantum).round_ties_even() * quantum;
+        if q > self.max() as f64 {
+            return overflow_code();
+        }
+        if q == 0.0 {
+            return sign;
+        }
+        // Rounding may have carried into the next binade: re-derive the exponent from q.
+        let e_q = q.log2().floor() as i32;
+        if e_q < self.min_exp() {
+            let m = (q / 2f64.powi(self.min_exp() - m_bits)) as u8;
+            return sign | m;
+        }
+        let m = ((q / 2f64.powi(e_q) - 1.0) * (1 << m_bits) as f64) as u8;
+        sign | (((e_q + self.bias()) as u8) << m_bits) | m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The formats written out from their definitions, code by code, independently of `decode`:
+    /// every finite value as sign * significand * 2^exponent with integer significands.
+    fn reference(fmt: Fp8Format, code: u8) -> Option<f64> {
+        let (m_bits, bias) = match fmt {
+            Fp8Format::E4M3 => (3u32, 7i32),
+            Fp8Format::E5M2 => (2, 15),
+        };
+        let s = if code >> 7 == 1 { -1.0 } else { 1.0 };
+        let e = ((code & 0x7F) >> m_bits) as i32;
+        let m = (code & ((1 << m_bits) - 1)) as i32;
+        let special = match fmt {
+            Fp8Format::E4M3 => code & 0x7F == 0x7F,
+            Fp8Format::E5M2 => e == 31,
+        };
+        if special {
+            return None;
+        }
+        let (significand, exp) = if e == 0 { (m, 1 - bias) } else { ((1 << m_bits) + m, e - bias) };
+        Some(s * significand as f64 * 2f64.powi(exp - m_bits as i32))
+    }
+
+    #[test]
+    fn every_code_decodes_to_its_definition_and_encodes_back() {
+        for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            for code in 0..=255u8 {
+                let v = fmt.decode(code);
+                match reference(fmt, code) {
+                    Some(want) => {
+                        assert_eq!(v as f64, want, "{fmt:?} code {code:#04x}");
+                        for mode in [Overflow::Saturate, Overflow::Ieee] {
+                            assert_eq!(fmt.encode(v, mode), code, "{fmt:?} {v} back to {code:#04x}");
+                        }
+                    }
+                    None => assert!(v.is_nan() || v.is_infinite(), "{fmt:?} code {code:#04x} is special"),
+                }
+            }
+        }
+        assert_eq!(Fp8Format::E4M3.decode(0x7E), 448.0);
+        assert_eq!(Fp8Format::E5M2.decode(0x7B), 57344.0);
+        assert_eq!(Fp8Format::E5M2.decode(0x7C), f32::INFINITY);
+        assert_eq!(Fp8Format::E5M2.decode(0xFC), f32::NEG_INFINITY);
+        assert!(Fp8Format::E4M3.decode(0x7F).is_nan() && Fp8Format::E4M3.decode(0xFF).is_nan());
+        assert_eq!(Fp8Format::E4M3.decode(0x01), 2f32.powi(-9), "smallest subnormal");
+        assert_eq!(Fp8Format::E5M2.decode(0x01), 2f32.powi(-16));
+    }
+
+    #[test]
+    fn midpoints_round_to_even_including_subnormals_and_the_binade_carry() {
+        for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            // Every pair of consecutive positive finite codes: the midpoint goes to the even code,
+            // a hair above goes up, a hair below goes down.
+            let finite: Vec<u8> = (0..0x80u8).filter(|&c| reference(fmt, c).is_some()).collect();
+            for w in finite.windows(2) {
+                let (lo, hi) = (reference(fmt, w[0]).unwrap(), reference(fmt, w[1]).unwrap());
+                let mid = (lo + hi) / 2.0;
+                let even = if w[0] % 2 == 0 { w[0] } else { w[1] };
+                assert_eq!(fmt.encode(mid as f32, Overflow::Saturate), even, "{fmt:?} tie {lo}..{hi}");
+                let nudge = (hi - lo) / 64.0;
+                assert_eq!(fmt.encode((mid + nudge) as f32, Overflow::Saturate), w[1]);
+                assert_eq!(fmt.encode((mid - nudge) as f32, Overflow::Saturate), w[0]);
+                // Negative values mirror.
+                assert_eq!(fmt.encode(-(mid as f32), Overflow::Saturate), even | 0x80);
+            }
+        }
+        // Below half the smallest subnormal: signed zero.
+        assert_eq!(Fp8Format::E4M3.encode(2f32.powi(-11), Overflow::Saturate), 0x00);
+        assert_eq!(Fp8Format::E4M3.encode(-2f32.powi(-11), Overflow::Saturate), 0x80);
+    }
+
+    #[test]
+    fn overflow_saturates_or_follows_the_cast_rules_and_nan_survives() {
+        let (e4, e5) = (Fp8Format::E4M3, Fp8Format::E5M2);
+        // 464 is the midpoint between 448 and the (absent) 480: ties to even keeps 448.
+        assert_eq!(e4.encode(464.0, Overflow::Ieee), 0x7E);
+        assert_eq!(e4.encode(465.0, Overflow::Ieee), 0x7F, "E4M3 has no infinity: NaN");
+        assert_eq!(e4.encode(1e9, Overflow::Saturate), 0x7E);
+        assert_eq!(e4.encode(-1e9, Overflow::Saturate), 0xFE);
+        assert_eq!(e4.encode(f32::INFINITY, Overflow::Saturate), 0x7E);
+        // 57344 has an odd mantissa (0x7B): the tie at 61440 rounds to the even neighbour 2^16,
+        // which is past the max, so it overflows (to infinity as a cast, to the max saturated).
+        assert_eq!(e5.encode(61440.0, Overflow::Ieee), 0x7C);
+        assert_eq!(e5.encode(61440.0, Overflow::Saturate), 0x7B);
+        assert_eq!(e5.encode(61439.0, Overflow::Ieee), 0x7B);
+        assert_eq!(e5.encode(-1e9, Overflow::Ieee), 0xFC);
+        assert_eq!(e5.encode(1e9, Overflow::Saturate), 0x7B);
+        for fmt in [e4, e5] {
+            for mode in [Overflow::Saturate, Overflow::Ieee] {
+                assert!(fmt.decode(fmt.encode(f32::NAN, mode)).is_nan());
+                assert!(fmt.decode(fmt.encode(-f32::NAN, mode)).is_nan());
+            }
+        }
+    }
+}
