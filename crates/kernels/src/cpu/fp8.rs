@@ -222,3 +222,126 @@ mod tests {
         }
     }
 }
+
+/// How block scales are stored: plain f32, or UE8M0 (a power of two, DeepSeek-V3.1 checkpoints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleFormat {
+    F32,
+    Ue8m0,
+}
+
+/// Smallest amax a block is scaled for: an all-zero block would otherwise get scale 0 and divide
+/// 0 by 0 (the reference's `act_quant` clamps at 1e-4 too; spec section 9, item 11).
+pub const MIN_AMAX: f32 = 1e-4;
+
+/// Fine-grained quantization of a row-major `[rows, cols]` matrix in blocks of
+/// `block_rows x block_cols` (1x128 activation tiles, 128x128 weight blocks). Each block gets
+/// `scale = amax / fmt.max()` (UE8M0: rounded up to a power of two, so no element exceeds the max)
+/// and its elements are encoded as `x / scale`, saturating. Blocks at the right and bottom edges
+/// may be partial: their scale covers only the elements that exist (nothing is padded), and the
+/// scale grid is `[ceil(rows / block_rows), ceil(cols / block_cols)]`, as in the released
+/// checkpoints' `weight_scale_inv`. Returns (codes `[rows, cols]`, scales).
+pub fn quantize_blocks(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    block: (usize, usize),
+    fmt: Fp8Format,
+    scale_fmt: ScaleFormat,
+) -> (Vec<u8>, Vec<f32>) {
+    assert_eq!(x.len(), rows * cols, "quantize_blocks: buffer does not match [{rows}, {cols}]");
+    let (br, bc) = block;
+    let (gr, gc) = (rows.div_ceil(br), cols.div_ceil(bc));
+    let mut scales = vec![0.0f32; gr * gc];
+    let mut codes = vec![0u8; rows * cols];
+    for bi in 0..gr {
+        for bj in 0..gc {
+            let (r0, r1, c0, c1) = (bi * br, ((bi + 1) * br).min(rows), bj * bc, ((bj + 1) * bc).min(cols));
+            let mut amax = 0.0f32;
+            for r in r0..r1 {
+                for &v in &x[r * cols + c0..r * cols + c1] {
+                    amax = amax.max(v.abs());
+                }
+            }
+            let mut scale = amax.max(MIN_AMAX) / fmt.max();
+            if scale_fmt == ScaleFormat::Ue8m0 {
+                scale = 2f32.powi(scale.log2().ceil() as i32);
+            }
+            scales[bi * gc + bj] = scale;
+            for r in r0..r1 {
+                for c in c0..c1 {
+                    codes[r * cols + c] = fmt.encode(x[r * cols + c] / scale, Overflow::Saturate);
+                }
+            }
+        }
+    }
+    (codes, scales)
+}
+
+/// Inverse of [`quantize_blocks`]: `decode(code) * scale` of its block.
+pub fn dequantize_blocks(
+    codes: &[u8],
+    scales: &[f32],
+    rows: usize,
+    cols: usize,
+    block: (usize, usize),
+    fmt: Fp8Format,
+) -> Vec<f32> {
+    let gc = cols.div_ceil(block.1);
+    assert_eq!(scales.len(), rows.div_ceil(block.0) * gc, "dequantize_blocks: scale grid does not match");
+    let table: Vec<f32> = (0..=255u8).map(|c| fmt.decode(c)).collect();
+    (0..rows * cols)
+        .map(|i| {
+            let (r, c) = (i / cols, i % cols);
+            table[codes[i] as usize] * scales[(r / block.0) * gc + c / block.1]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod quant_tests {
+    use super::*;
+    use crate::cpu::test_util::Rng;
+
+    #[test]
+    fn block_quantization_bounds_the_error_per_block_for_ragged_shapes() {
+        let mut rng = Rng::new(3);
+        for (rows, cols, block) in [(3, 300, (1, 128)), (130, 200, (128, 128)), (5, 128, (1, 128))] {
+            // Blocks of very different magnitudes, so a shared scale would fail the bound.
+            let x: Vec<f32> = (0..rows * cols).map(|i| rng.next() * 10f32.powi((i / 97 % 5) as i32 - 2)).collect();
+            for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+                for sf in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
+                    let (codes, scales) = quantize_blocks(&x, rows, cols, block, fmt, sf);
+                    assert_eq!(scales.len(), rows.div_ceil(block.0) * cols.div_ceil(block.1));
+                    let back = dequantize_blocks(&codes, &scales, rows, cols, block, fmt);
+                    // Half a spacing at the top binade of the format, in units of the block scale:
+                    // 16 for E4M3 (spacing 32 below 448), 4096 for E5M2 (8192 below 57344).
+                    let half_ulp = match fmt {
+                        Fp8Format::E4M3 => 16.0,
+                        Fp8Format::E5M2 => 4096.0,
+                    };
+                    let gc = cols.div_ceil(block.1);
+                    for (i, (&a, &b)) in x.iter().zip(&back).enumerate() {
+                        let s = scales[(i / cols / block.0) * gc + (i % cols) / block.1];
+                        assert!((a - b).abs() <= half_ulp * s * (1.0 + 1e-6), "{fmt:?} {sf:?} element {i}: {a} -> {b}");
+                    }
+                    if sf == ScaleFormat::Ue8m0 {
+                        assert!(scales.iter().all(|s| s.log2().fract() == 0.0), "powers of two");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_block_gets_a_finite_scale_and_zero_codes() {
+        let x = vec![0.0f32; 256];
+        let (codes, scales) = quantize_blocks(&x, 1, 256, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
+        assert!(scales.iter().all(|s| s.is_finite() && *s > 0.0));
+        assert!(codes.iter().all(|&c| c == 0));
+        // The largest element of a block maps to the format's max exactly (f32 scales).
+        let y: Vec<f32> = (0..128).map(|i| i as f32 - 60.0).collect();
+        let (codes, _) = quantize_blocks(&y, 1, 128, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
+        assert_eq!(Fp8Format::E4M3.decode(codes[127]), 448.0);
+    }
+}
