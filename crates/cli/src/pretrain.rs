@@ -125,9 +125,14 @@ pub struct PretrainArgs {
 }
 
 impl PretrainArgs {
-    /// The main job's first stage: the defaults, in `runs/main`.
+    /// The main job's first stage: the defaults, in `runs/main` (or the first free `runs/main-N`,
+    /// so running the main job again never touches an earlier run).
     pub fn main_job() -> Self {
-        PretrainArgs { out: Some(PathBuf::from("runs/main/pretrain")), ..Default::default() }
+        let out = (1..)
+            .map(|n| if n == 1 { PathBuf::from("runs/main") } else { PathBuf::from(format!("runs/main-{n}")) })
+            .find(|dir| !dir.exists())
+            .expect("an unbounded range has a free name");
+        PretrainArgs { out: Some(out.join("pretrain")), ..Default::default() }
     }
 
     fn settings(&self) -> Result<PretrainSettings> {
