@@ -236,11 +236,16 @@ fn topo_order(roots: &[Tensor], pass: Pass) -> Vec<Tensor> {
     order
 }
 
+/// `prev + g`, or `g` when nothing has accumulated yet.
+fn sum_into(prev: Option<Tensor>, g: Tensor) -> Result<Tensor> {
+    match prev {
+        Some(prev) => prev.add(&g),
+        None => Ok(g),
+    }
+}
+
 fn accumulate(map: &mut HashMap<TensorId, Tensor>, t: &Tensor, g: Tensor) -> Result<()> {
-    let sum = match map.remove(&t.id()) {
-        Some(prev) => prev.add(&g)?,
-        None => g,
-    };
+    let sum = sum_into(map.remove(&t.id()), g)?;
     map.insert(t.id(), sum);
     Ok(())
 }
@@ -260,10 +265,7 @@ fn run_backward(seeds: Vec<(Tensor, Tensor)>, pass: Pass) -> Result<WeightGradWo
             GradInfo::None => {}
             GradInfo::Leaf { grad, .. } => {
                 let mut slot = grad.lock().expect("grad lock poisoned");
-                *slot = Some(match slot.take() {
-                    Some(prev) => prev.add(&g)?,
-                    None => g,
-                });
+                *slot = Some(sum_into(slot.take(), g)?);
             }
             GradInfo::Node { op, inputs, .. } => {
                 let needs: Vec<bool> = inputs.iter().map(|i| pass.visits(i)).collect();

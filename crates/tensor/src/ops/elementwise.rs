@@ -140,13 +140,12 @@ impl Tensor {
         G: Fn(&Tensor, &Tensor, &Tensor, &[bool]) -> Result<[Option<Tensor>; 2]> + Send + Sync + 'static,
     {
         let dtype = check_same_dtype(name, self, rhs)?;
-        let out = if self.dims() == rhs.dims() {
-            par_map2(&self.f32_data(), &rhs.f32_data(), f)
+        let (shape, out) = if self.dims() == rhs.dims() {
+            (self.dims().to_vec(), par_map2(&self.f32_data(), &rhs.f32_data(), f))
         } else {
-            let (_, a, b) = self.broadcast_pair(rhs, name)?;
-            par_map2(&a, &b, f)
+            let (shape, a, b) = self.broadcast_pair(rhs, name)?;
+            (shape, par_map2(&a, &b, f))
         };
-        let shape = broadcast_shape(name, self.dims(), rhs.dims())?;
         let back = backward_fn(name, move |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
             let [ga, gb] = grads(&inputs[0], &inputs[1], g, needs)?;
             Ok(vec![

@@ -257,14 +257,15 @@ impl Tensor {
         if p == 0.0 {
             return Ok(self.clone());
         }
-        let keep = 1.0 / (1.0 - p);
+        // In the storage dtype, so the forward and the backward scale by the same value.
+        let keep = self.dtype().round_f32(1.0 / (1.0 - p));
         let mask: Vec<f32> = (0..self.elem_count()).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
+        let out = super::par_map2(&self.f32_data(), &mask, |x, m| x * m);
         let mask = Tensor::from_vec(mask, self.dims(), &self.device())?.to_dtype(self.dtype())?;
-        let out = crate::no_grad(|| self.mul(&mask))?;
         let back = backward_fn("dropout", move |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
             Ok(vec![Some(g.mul(&mask)?)])
         });
-        Ok(Tensor::from_op(out.to_vec_f32()?, self.dims(), self.dtype(), &[self], back))
+        Ok(Tensor::from_op(out, self.dims(), self.dtype(), &[self], back))
     }
 }
 
