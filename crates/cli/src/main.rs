@@ -4,6 +4,7 @@
 mod eval_cmd;
 mod plot;
 mod pretrain;
+mod r1_zero;
 mod settings;
 
 use anyhow::Result;
@@ -27,8 +28,8 @@ enum Job {
     Eval(eval_cmd::EvalArgs),
     /// Charts (SVG) of a run's metrics: loss, MTP loss, LR, MaxVio per layer, expert load.
     Plot(plot::PlotArgs),
-    /// GRPO with rule-based rewards directly on a pretrained base model (not built yet).
-    R1Zero,
+    /// R1-Zero: GRPO (or the PPO baseline) with rule-based rewards directly on a pretrained base model.
+    R1Zero(r1_zero::R1ZeroArgs),
     /// The four-stage R1 pipeline (not built yet).
     R1,
     /// Distil the R1 model into a small dense student (not built yet).
@@ -60,7 +61,7 @@ fn main() -> Result<()> {
         Some(Job::Pretrain(args)) => pretrain::run(args),
         Some(Job::Eval(args)) => eval_cmd::run(args),
         Some(Job::Plot(args)) => plot::run(args),
-        Some(Job::R1Zero) => not_built("r1-zero", "#6"),
+        Some(Job::R1Zero(args)) => r1_zero::run(args),
         Some(Job::R1) => not_built("r1", "#7"),
         Some(Job::Distill) => not_built("distill", "#7"),
         Some(Job::Generate) => not_built("generate", "#4"),

@@ -300,7 +300,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     print_report("base", &report);
-    write_eval(&s.out, &report)?;
+    write_eval(&s.out.join("eval.json"), &report)?;
     println!(
         "\ncheckpoint: {}   metrics: {}   charts: whale plot {}",
         ckpt.display(),
@@ -318,12 +318,11 @@ fn append_history(path: &Path, step: u64, r: &EvalReport) -> Result<()> {
     writeln!(f, "{line}").with_context(|| path.display().to_string())
 }
 
-pub fn write_eval(dir: &Path, r: &EvalReport) -> Result<()> {
+pub fn write_eval(path: &Path, r: &EvalReport) -> Result<()> {
     let v = serde_json::json!({
         "problems": r.problems, "samples": r.samples, "greedy": r.greedy, "pass@1": r.pass1,
         "pass@k": r.pass_k, "cons@k": r.cons_k, "mean_length": r.mean_length, "format_rate": r.format_rate,
         "per_task": r.per_task,
     });
-    let path = dir.join("eval.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&v)?).with_context(|| path.display().to_string())
+    std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| path.display().to_string())
 }

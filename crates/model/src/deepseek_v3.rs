@@ -70,8 +70,25 @@ impl DeepSeekV3 {
     pub fn from_pretrained(dir: &Path) -> Result<Self> {
         let config = DeepSeekV3Config::from_file(&dir.join("config.json"))?;
         let (mut tensors, path) = checkpoint::load_dir(dir)?;
-        // The MTP layers store copies of the shared embedding and head (spec 3.4), and old
-        // checkpoints carry RoPE buffers; neither is a parameter here.
+        Self::drop_non_parameters(&config, &mut tensors);
+        Self::build(config, WeightSource::Loaded { path, tensors })
+    }
+
+    /// An independent copy (own weights, buffers and compute dtype): the frozen reference policy
+    /// of RL, or the trunk of a value model.
+    pub fn duplicate(&self) -> Result<Self> {
+        let mut tensors: BTreeMap<String, Tensor> =
+            self.state_dict().into_iter().map(|(n, t)| (n, t.deep_clone().detach())).collect();
+        Self::drop_non_parameters(&self.config, &mut tensors);
+        let path = "<in-memory copy>".into();
+        let mut copy = Self::build(self.config.clone(), WeightSource::Loaded { path, tensors })?;
+        copy.compute_dtype = self.compute_dtype;
+        Ok(copy)
+    }
+
+    /// The MTP layers store copies of the shared embedding and head (spec 3.4), and old
+    /// checkpoints carry RoPE buffers; neither is a parameter here.
+    fn drop_non_parameters(config: &DeepSeekV3Config, tensors: &mut BTreeMap<String, Tensor>) {
         let l = config.num_hidden_layers;
         tensors.retain(|name, _| {
             let mtp_copy = (0..config.num_nextn_predict_layers).any(|k| {
@@ -80,7 +97,6 @@ impl DeepSeekV3 {
             });
             !mtp_copy && !name.ends_with("rotary_emb.inv_freq")
         });
-        Self::build(config, WeightSource::Loaded { path, tensors })
     }
 
     fn build(config: DeepSeekV3Config, mut source: WeightSource) -> Result<Self> {
@@ -160,6 +176,19 @@ impl DeepSeekV3 {
             *aux = add_opt(aux.take(), out.aux_loss)?;
         }
         Ok(h)
+    }
+
+    /// Final-norm hidden states `[batch, seq, hidden]` (what the output head reads; a value head
+    /// reads them too). No MTP, no losses.
+    pub fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (mut loads, mut aux) = (Vec::new(), None);
+        let h = self.trunk(input_ids, &mut loads, &mut aux)?;
+        self.norm.forward(&h)
+    }
+
+    /// Next-token logits `[batch, seq, vocab]` in f32, without the MTP modules or any loss.
+    pub fn logits(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(&self.hidden_states(input_ids)?)?.to_dtype(DType::F32)?)
     }
 
     /// `input_ids`: `[batch, seq]`; `targets`: `[batch, seq]` with `targets[b, i]` the token that

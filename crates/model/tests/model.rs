@@ -218,3 +218,22 @@ fn softmax_scoring_v2_style_routes_without_normalising() {
         assert_eq!(&w[t * 2..t * 2 + 2], &sorted[..2], "weights are the top-2 probabilities, unnormalised");
     }
 }
+
+#[test]
+fn a_duplicate_computes_the_same_and_trains_independently() {
+    let cfg = DeepSeekV3Config::tiny();
+    let m = DeepSeekV3::new(cfg.clone(), 4).unwrap();
+    let copy = m.duplicate().unwrap();
+    let ids = tokens(&cfg, 2, 9, 1);
+    assert_eq!(logits_bits(&m, &ids), logits_bits(&copy, &ids));
+    // The head-only path gives the training forward's logits.
+    assert_eq!(
+        m.logits(&ids).unwrap().to_vec_f32().unwrap(),
+        m.forward(&ids, None).unwrap().logits.to_vec_f32().unwrap()
+    );
+    assert_eq!(copy.state_dict().keys().collect::<Vec<_>>(), m.state_dict().keys().collect::<Vec<_>>());
+    let w = copy.params.get("lm_head.weight").unwrap();
+    w.with_f32_mut(|x| x[0] += 1.0).unwrap();
+    assert_ne!(logits_bits(&m, &ids), logits_bits(&copy, &ids));
+    assert_ne!(m.params.get("lm_head.weight").unwrap().to_vec_f32().unwrap()[0], w.to_vec_f32().unwrap()[0]);
+}

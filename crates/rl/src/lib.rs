@@ -1,9 +1,14 @@
 //! whale-rl: the training methodology — procedurally generated reasoning tasks with verifiers
-//! ([`tasks`]), evaluation (pass@1, pass@k, cons@k: [`eval`]); rewards, GRPO, PPO, SFT, rejection
-//! sampling, distillation and the R1 pipelines arrive with their issues.
+//! ([`tasks`]), evaluation (pass@1, pass@k, cons@k: [`eval`]), rollouts and their log-probs
+//! ([`rollout`]), rule-based rewards ([`rewards`]), GRPO ([`grpo`]) and the PPO baseline
+//! ([`ppo`]). SFT, rejection sampling, distillation and the R1 pipeline arrive with their issue.
 
 pub mod data;
 pub mod eval;
+pub mod grpo;
+pub mod ppo;
+pub mod rewards;
+pub mod rollout;
 pub mod tasks;
 
 pub use whale_parallel as parallel;
@@ -12,6 +17,8 @@ pub use whale_parallel as parallel;
 pub enum Error {
     #[error("task: {0}")]
     Task(String),
+    #[error("rl: {0}")]
+    Rl(String),
     #[error(transparent)]
     Model(#[from] whale_parallel::model::Error),
     #[error(transparent)]

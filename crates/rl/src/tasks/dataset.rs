@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::ops::RangeInclusive;
 use std::path::Path;
 
+use super::language::{to_digits, translate, Language};
 use super::{extract_answer, task_by_name, template, Problem, Task};
 use crate::{Error, Result};
 use whale_parallel::model::tensor::Rng;
@@ -17,10 +18,11 @@ pub enum Split {
 }
 
 impl Split {
-    /// One prompt in ten is held out (FNV-1a hash of the prompt).
+    /// One prompt in ten is held out (FNV-1a hash of the prompt with letter numerals read as
+    /// digits, so a problem and its translation are on the same side).
     pub fn of(prompt: &str) -> Split {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in prompt.bytes() {
+        for b in to_digits(prompt).bytes() {
             h ^= b as u64;
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
@@ -35,6 +37,8 @@ impl Split {
 /// A mix of tasks, each with its difficulty range, sampled uniformly.
 pub struct TaskSet {
     entries: Vec<(Box<dyn Task>, RangeInclusive<u32>)>,
+    /// Share of numeric problems posed in letter numerals (see [`super::language`]).
+    letters: f64,
 }
 
 impl std::fmt::Debug for TaskSet {
@@ -82,7 +86,13 @@ impl TaskSet {
         if entries.is_empty() {
             return Err(Error::Task("no tasks given".into()));
         }
-        Ok(TaskSet { entries })
+        Ok(TaskSet { entries, letters: 0.0 })
+    }
+
+    /// Poses a `share` of the numeric problems in letter numerals instead of digits.
+    pub fn with_letters(mut self, share: f64) -> Self {
+        self.letters = share.clamp(0.0, 1.0);
+        self
     }
 
     /// One problem from `split` (generators are re-drawn until the prompt falls on that side).
@@ -92,6 +102,9 @@ impl TaskSet {
             let d = range.start() + rng.below((range.end() - range.start() + 1) as u64) as u32;
             let p = task.generate(rng, d);
             if Split::of(&p.prompt) == split {
+                if self.letters > 0.0 && rng.uniform_f64() < self.letters && Language::of_problem(&p).is_some() {
+                    return translate(&p, Language::Letters);
+                }
                 return p;
             }
         }
@@ -121,6 +134,9 @@ impl TaskSet {
 
     /// An imperfect completion of `p` from its own task.
     pub fn corrupt(&self, rng: &mut Rng, p: &Problem) -> String {
+        if Language::of_problem(p) == Some(Language::Letters) {
+            return super::language::to_letters(&self.corrupt(rng, &translate(p, Language::Digits)));
+        }
         match self.entries.iter().find(|(t, _)| t.name() == p.task) {
             Some((t, _)) => t.corrupt(rng, p),
             None => p.solution.clone(),
@@ -131,6 +147,10 @@ impl TaskSet {
 /// Whether `completion` solves `problem`: the task's own verifier, or (for user datasets) the
 /// `<answer>` text equal to the expected answer.
 pub fn verify(problem: &Problem, completion: &str) -> bool {
+    if Language::of_problem(problem) == Some(Language::Letters) {
+        // The value counts, in either script (the language reward asks for the prompt's script).
+        return verify(&translate(problem, Language::Digits), &to_digits(completion));
+    }
     match task_by_name(&problem.task) {
         Some(t) => t.verify(problem, completion),
         None => extract_answer(completion).is_some_and(|a| a == problem.answer.trim()),

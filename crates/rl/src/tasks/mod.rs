@@ -8,11 +8,13 @@
 mod arith;
 mod countdown;
 mod dataset;
+pub mod language;
 mod listops;
 
 pub use arith::{Addition, ModChain, Multiplication};
 pub use countdown::Countdown;
 pub use dataset::{load_jsonl, verify, Corpus, Split, TaskSet};
+pub use language::Language;
 pub use listops::{Reverse, Sort};
 
 use whale_parallel::model::tensor::Rng;

@@ -1,0 +1,291 @@
+//! `whale r1-zero`: reinforcement learning with rule-based rewards directly on a pretrained base
+//! model (R1-Zero), by GRPO or the PPO baseline on the same rollout budget, with held-out
+//! pass@1 / pass@k / length / format before and after.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use whale_rl::eval::{evaluate, EvalConfig};
+use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, ScaleRewards, StepLog};
+use whale_rl::parallel::model::checkpoint::SaveDType;
+use whale_rl::parallel::model::tokenizer::CharTokenizer;
+use whale_rl::parallel::model::DeepSeekV3;
+use whale_rl::ppo::{PpoConfig, PpoTrainer};
+use whale_rl::tasks::TaskSet;
+
+use crate::pretrain::{print_report, write_eval};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Algo {
+    Grpo,
+    Ppo,
+}
+
+/// Every setting of an R1-Zero run; a config file holds any subset of these keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct R1ZeroSettings {
+    pub algo: Algo,
+    pub grpo: GrpoConfig,
+    /// PPO's own knobs; its rollout budget, learning rate and tasks come from `grpo`.
+    pub ppo: PpoConfig,
+    /// Held-out problems evaluated before and after.
+    pub eval_problems: usize,
+    /// Samples per problem for pass@1 / pass@k.
+    pub k: usize,
+    /// Seed of the held-out set (the pretraining run's seed gives the same problems it reported).
+    pub eval_seed: u64,
+}
+
+impl Default for R1ZeroSettings {
+    fn default() -> Self {
+        R1ZeroSettings {
+            algo: Algo::Grpo,
+            grpo: GrpoConfig::default(),
+            ppo: PpoConfig::default(),
+            eval_problems: 128,
+            k: 8,
+            eval_seed: 0,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct R1ZeroArgs {
+    /// The base model: a checkpoint directory (config.json + model.safetensors), e.g. the
+    /// `checkpoint` folder of `whale pretrain`.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// Run folder (default: next to the base run, `<base run>/r1-zero` or `r1-zero-ppo`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// A JSON or TOML file with any of the settings (flags override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub algo: Option<Algo>,
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Unique prompts per step.
+    #[arg(long)]
+    pub prompts_per_step: Option<usize>,
+    /// Completions per prompt (G).
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    /// KL weight to the reference model (0: no reference).
+    #[arg(long)]
+    pub beta: Option<f32>,
+    /// grpo, bnpo, dr_grpo or dapo.
+    #[arg(long)]
+    pub loss_type: Option<String>,
+    /// group, batch or none.
+    #[arg(long)]
+    pub scale_rewards: Option<String>,
+    /// Rewards with weights, e.g. accuracy,format:0.1.
+    #[arg(long)]
+    pub rewards: Option<String>,
+    /// Training tasks, e.g. add:2-3.
+    #[arg(long)]
+    pub tasks: Option<String>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub eval_problems: Option<usize>,
+    #[arg(long)]
+    pub k: Option<usize>,
+}
+
+fn parse_enum<T: serde::de::DeserializeOwned>(flag: &str, v: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(v.into())).with_context(|| format!("--{flag} {v}"))
+}
+
+impl R1ZeroArgs {
+    pub fn settings(&self) -> Result<R1ZeroSettings> {
+        let mut s: R1ZeroSettings = match &self.config {
+            Some(p) => crate::settings::load(p)?,
+            None => R1ZeroSettings::default(),
+        };
+        let g = &mut s.grpo;
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { g.$field = v; } )* };
+        }
+        set!(steps, lr, prompts_per_step, group_size, beta, rewards, tasks, seed);
+        if let Some(v) = &self.loss_type {
+            g.loss_type = parse_enum::<LossType>("loss-type", v)?;
+        }
+        if let Some(v) = &self.scale_rewards {
+            g.scale_rewards = parse_enum::<ScaleRewards>("scale-rewards", v)?;
+        }
+        if let Some(a) = self.algo {
+            s.algo = a;
+        }
+        if let Some(n) = self.eval_problems {
+            s.eval_problems = n;
+        }
+        if let Some(k) = self.k {
+            s.k = k;
+        }
+        s.grpo.validate()?;
+        Ok(s)
+    }
+
+    fn out_dir(&self, algo: Algo) -> PathBuf {
+        if let Some(o) = &self.out {
+            return o.clone();
+        }
+        let name = match algo {
+            Algo::Grpo => "r1-zero",
+            Algo::Ppo => "r1-zero-ppo",
+        };
+        // `<run>/pretrain/checkpoint` -> `<run>/r1-zero`; any other folder -> a sibling.
+        let base = self.base.canonicalize().unwrap_or_else(|_| self.base.clone());
+        let parent = if base.file_name().is_some_and(|n| n == "checkpoint") {
+            base.parent().and_then(Path::parent)
+        } else {
+            base.parent()
+        };
+        parent.map_or_else(|| PathBuf::from(name), |p| p.join(name))
+    }
+}
+
+/// Peak resident memory of this process (Linux), in MiB.
+pub fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn progress(total: u64) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, ETA {eta} {msg}")
+            .expect("valid template"),
+    );
+    pb
+}
+
+pub fn run(args: R1ZeroArgs) -> Result<()> {
+    let s = args.settings()?;
+    let out = args.out_dir(s.algo);
+    let ckpt = out.join("checkpoint");
+    if ckpt.exists() || out.join("metrics.jsonl").exists() {
+        bail!("{} already holds a run; choose another --out", out.display());
+    }
+    let base = DeepSeekV3::from_pretrained(&args.base)
+        .with_context(|| format!("loading the base model from {}", args.base.display()))?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let settings_path = out.join("settings.json");
+    let mut saved = serde_json::to_value(&s)?;
+    saved["base"] = serde_json::json!(args.base);
+    std::fs::write(&settings_path, serde_json::to_string_pretty(&saved)?)
+        .with_context(|| settings_path.display().to_string())?;
+
+    let tok = CharTokenizer::new();
+    let problems = TaskSet::parse(&s.grpo.tasks)?.held_out(s.eval_problems, s.eval_seed);
+    let eval_cfg = EvalConfig { samples: s.k, max_new_tokens: s.grpo.max_new_tokens.max(96), ..EvalConfig::default() };
+    let t0 = Instant::now();
+    let before = evaluate(&base, &tok, &problems, &eval_cfg)?;
+    println!(
+        "R1-Zero by {:?} on {} from {} ({} steps x {} prompts x {} samples); held-out before ({:.0} s):",
+        s.algo,
+        s.grpo.tasks,
+        args.base.display(),
+        s.grpo.steps,
+        s.grpo.prompts_per_step,
+        s.grpo.group_size,
+        t0.elapsed().as_secs_f64()
+    );
+    print_report("base", &before);
+    write_eval(&out.join("eval_before.json"), &before)?;
+
+    let metrics = out.join("metrics.jsonl");
+    let completions = out.join("completions.jsonl");
+    let mut trainer: Box<dyn RlTrainer> = match s.algo {
+        Algo::Grpo => {
+            let mut t = GrpoTrainer::new(base, s.grpo.clone(), Box::new(tok.clone()))?;
+            t.log_to(&metrics, &completions)?;
+            Box::new(t)
+        }
+        Algo::Ppo => {
+            let mut t = PpoTrainer::new(base, s.grpo.clone(), s.ppo.clone(), Box::new(tok.clone()))?;
+            t.log_to(&metrics, &completions)?;
+            Box::new(t)
+        }
+    };
+    let start = Instant::now();
+    let pb = progress(s.grpo.steps);
+    while !trainer.done() {
+        let log = trainer.train_step()?;
+        pb.set_position(log.step + 1);
+        pb.set_message(format!(
+            "reward {:.3} | acc {:.2} | len {:.1} | zero-std {:.2} | {:.1} s/step",
+            log.get("reward"),
+            log.get("rewards/accuracy/mean"),
+            log.get("completions/mean_length"),
+            log.get("frac_reward_zero_std"),
+            log.get("step_time"),
+        ));
+    }
+    let train_seconds = start.elapsed().as_secs_f64();
+    pb.finish_with_message(format!("done in {train_seconds:.0} s"));
+    let policy = trainer.policy();
+    policy.save_pretrained(&out.join("checkpoint.tmp"), SaveDType::F32)?;
+    std::fs::rename(out.join("checkpoint.tmp"), &ckpt).with_context(|| ckpt.display().to_string())?;
+
+    let after = evaluate(policy, &tok, &problems, &eval_cfg)?;
+    println!("\nheld-out after {} steps ({:.1} s/step):", s.grpo.steps, train_seconds / s.grpo.steps.max(1) as f64);
+    print_report("base", &before);
+    println!(
+        "| R1-Zero ({:?}) | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} |",
+        s.algo, after.greedy, after.pass1, after.pass_k, after.cons_k, after.mean_length, after.format_rate
+    );
+    println!(
+        "pass@1 {:+.1} points, pass@{} {:+.1} points; peak memory {:.0} MiB",
+        100.0 * (after.pass1 - before.pass1),
+        s.k,
+        100.0 * (after.pass_k - before.pass_k),
+        peak_memory_mib().unwrap_or(f64::NAN)
+    );
+    write_eval(&out.join("eval.json"), &after)?;
+    println!("\ncheckpoint: {}   metrics: {}   samples: {}", ckpt.display(), metrics.display(), completions.display());
+    Ok(())
+}
+
+/// The two algorithms behind one loop.
+pub trait RlTrainer {
+    fn train_step(&mut self) -> whale_rl::Result<StepLog>;
+    fn done(&self) -> bool;
+    fn policy(&self) -> &DeepSeekV3;
+}
+
+impl RlTrainer for GrpoTrainer {
+    fn train_step(&mut self) -> whale_rl::Result<StepLog> {
+        GrpoTrainer::train_step(self)
+    }
+    fn done(&self) -> bool {
+        GrpoTrainer::done(self)
+    }
+    fn policy(&self) -> &DeepSeekV3 {
+        &self.policy
+    }
+}
+
+impl RlTrainer for PpoTrainer {
+    fn train_step(&mut self) -> whale_rl::Result<StepLog> {
+        PpoTrainer::train_step(self)
+    }
+    fn done(&self) -> bool {
+        PpoTrainer::done(self)
+    }
+    fn policy(&self) -> &DeepSeekV3 {
+        &self.policy
+    }
+}

@@ -1,0 +1,832 @@
+//! Group Relative Policy Optimization (spec/rl.md sections 1, 3.1, 3.7, 3.8).
+//!
+//! One step: sample `prompts_per_step` training problems, G completions each; score them with the
+//! rule rewards; turn rewards into advantages relative to the group; then `num_iterations` passes
+//! over the rollout (split into `minibatches` optimizer steps) minimising, per completion token,
+//!
+//! ```text
+//! -min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A) + beta * (exp(ref - l) - (ref - l) - 1)
+//! ```
+//!
+//! with `rho = exp(l - l_old)`, aggregated by the chosen loss type. Log-probs are always taken at
+//! the sampling temperature.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, WarmupCosine};
+use whale_parallel::model::tensor::{no_grad, Device, Rng, Tensor};
+use whale_parallel::model::tokenizer::Tokenizer;
+use whale_parallel::model::DeepSeekV3;
+
+use crate::rewards::{RewardSet, Sample, Scores};
+use crate::rollout::{sample_groups, score, PackedBatch, Rollout, RolloutConfig};
+use crate::tasks::{extract_answer, Problem, Split, TaskSet};
+use crate::{Error, Result};
+
+/// How per-token losses are averaged (TRL's `loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossType {
+    /// DeepSeekMath: mean over each completion's tokens, then over completions.
+    Grpo,
+    /// Sum over tokens / active tokens of the micro-batch.
+    Bnpo,
+    /// Dr. GRPO: sum over tokens / (completions * max_new_tokens), independent of lengths.
+    DrGrpo,
+    /// DAPO: sum over tokens / active tokens of the whole optimizer step's batch.
+    Dapo,
+}
+
+/// How group-centred rewards are scaled (TRL's `scale_rewards`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleRewards {
+    /// Divide by the group's sample std (+1e-4).
+    Group,
+    /// Divide by the whole batch's sample std (Lite PPO).
+    Batch,
+    /// No scaling (Dr. GRPO).
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoConfig {
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Unique prompts per rollout.
+    pub prompts_per_step: usize,
+    /// Completions per prompt (G).
+    pub group_size: usize,
+    pub temperature: f32,
+    pub top_p: Option<f32>,
+    pub max_new_tokens: usize,
+    /// Peak learning rate, reached after `warmup` steps and then held (DAPO's schedule).
+    pub lr: f32,
+    pub warmup: u64,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub grad_clip: f64,
+    /// Lower clip range.
+    pub epsilon: f32,
+    /// Upper clip range (DAPO's clip-higher, e.g. 0.28); `epsilon` when unset.
+    pub epsilon_high: Option<f32>,
+    /// Weight of the k3 KL to the reference model; 0 skips the reference forward.
+    pub beta: f32,
+    pub loss_type: LossType,
+    pub scale_rewards: ScaleRewards,
+    /// Passes over each rollout (mu).
+    pub num_iterations: usize,
+    /// Optimizer steps per pass over a rollout (TRL's `steps_per_generation`).
+    pub minibatches: usize,
+    /// Completions per forward/backward chunk (memory, not maths).
+    pub micro_batch: usize,
+    /// Reset the reference to the current policy every this many steps (0: never; R1 used 400).
+    pub ref_sync_every: u64,
+    /// Drop groups whose rewards are all equal and sample more prompts (DAPO).
+    pub dynamic_sampling: bool,
+    /// Extra sampling rounds dynamic sampling may use per step.
+    pub max_resample_rounds: usize,
+    /// Leave completions that hit `max_new_tokens` out of the loss (DAPO's overlong filtering).
+    pub mask_truncated: bool,
+    /// Per-step advantages from checkable reasoning steps (DeepSeekMath's process supervision).
+    pub process_supervision: bool,
+    /// Rewards and weights, e.g. `accuracy,format:0.5`.
+    pub rewards: String,
+    /// Training tasks, e.g. `add:2-3`.
+    pub tasks: String,
+    /// Write sample completions every this many steps (0: never).
+    pub log_completions_every: u64,
+    pub seed: u64,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        GrpoConfig {
+            // Calibrated on 2 cores from the main job's base model: about 1.8 s per step, so the
+            // run and both evaluations fit in 5 minutes (README, "R1-Zero").
+            steps: 120,
+            prompts_per_step: 32,
+            group_size: 8,
+            temperature: 1.0,
+            top_p: None,
+            max_new_tokens: 48,
+            lr: 1e-4,
+            warmup: 10,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.99,
+            grad_clip: 1.0,
+            epsilon: 0.2,
+            epsilon_high: None,
+            beta: 0.0,
+            loss_type: LossType::Grpo,
+            scale_rewards: ScaleRewards::Group,
+            num_iterations: 1,
+            minibatches: 1,
+            micro_batch: 128,
+            ref_sync_every: 0,
+            dynamic_sampling: false,
+            max_resample_rounds: 2,
+            mask_truncated: false,
+            process_supervision: false,
+            rewards: "accuracy,format:0.1".into(),
+            tasks: "add:2-3".into(),
+            log_completions_every: 10,
+            seed: 0,
+        }
+    }
+}
+
+impl GrpoConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |k: &str, why: &str| Err(Error::Rl(format!("grpo config `{k}`: {why}")));
+        if self.prompts_per_step == 0 {
+            return bad("prompts_per_step", "must be at least 1");
+        }
+        if self.group_size == 0 {
+            return bad("group_size", "must be at least 1");
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return bad("temperature", "must be positive (log-probs are taken at it)");
+        }
+        if self.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+            return bad("top_p", "must be in (0, 1]");
+        }
+        if self.max_new_tokens == 0 {
+            return bad("max_new_tokens", "must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("lr", "must be positive");
+        }
+        if !(self.epsilon >= 0.0 && self.epsilon < 1.0) {
+            return bad("epsilon", "must be in [0, 1)");
+        }
+        if self.epsilon_high.is_some_and(|e| !(e >= 0.0 && e.is_finite())) {
+            return bad("epsilon_high", "must be non-negative");
+        }
+        if !(self.beta >= 0.0 && self.beta.is_finite()) {
+            return bad("beta", "must be non-negative");
+        }
+        if self.num_iterations == 0 {
+            return bad("num_iterations", "must be at least 1");
+        }
+        if self.minibatches == 0 || self.minibatches > self.prompts_per_step {
+            return bad("minibatches", "must be between 1 and prompts_per_step");
+        }
+        if self.micro_batch == 0 {
+            return bad("micro_batch", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn epsilon_high(&self) -> f32 {
+        self.epsilon_high.unwrap_or(self.epsilon)
+    }
+
+    pub fn rollout(&self) -> RolloutConfig {
+        RolloutConfig {
+            group_size: self.group_size,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: None,
+            max_new_tokens: self.max_new_tokens,
+        }
+    }
+
+    pub fn schedule(&self) -> WarmupCosine {
+        WarmupCosine { peak: self.lr, min: self.lr, warmup: self.warmup, total: self.steps }
+    }
+
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: 1e-8,
+            weight_decay: self.weight_decay,
+            decay_1d: false,
+        }
+    }
+}
+
+/// The epsilon TRL adds to the std.
+pub const STD_EPS: f64 = 1e-4;
+
+/// Sample mean and std (ddof = 1) of the finite values; `None` when there are none.
+fn mean_std(xs: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+    let v: Vec<f64> = xs.filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let var = if v.len() > 1 { v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len() - 1) as f64 } else { 0.0 };
+    Some((mean, var.sqrt()))
+}
+
+/// Outcome advantages (spec 1.3): `(r - group mean) / (std + 1e-4)` with the std of the group,
+/// of the batch, or none. NaN rewards (no reward applied) are left out of the statistics and get
+/// advantage 0. A group of one completion has no baseline: its advantage is the raw reward (verl).
+pub fn group_advantages(rewards: &[f64], group: usize, scale: ScaleRewards) -> Vec<f64> {
+    let batch_std = mean_std(rewards.iter().copied()).map_or(0.0, |(_, s)| s);
+    let mut out = vec![0.0; rewards.len()];
+    for (g, chunk) in rewards.chunks(group.max(1)).enumerate() {
+        let Some((mean, std)) = mean_std(chunk.iter().copied()) else { continue };
+        let (mean, std) = if group == 1 { (0.0, 1.0 - STD_EPS) } else { (mean, std) };
+        for (j, &r) in chunk.iter().enumerate() {
+            if !r.is_finite() {
+                continue;
+            }
+            let centred = r - mean;
+            out[g * group.max(1) + j] = match scale {
+                ScaleRewards::Group => centred / (std + STD_EPS),
+                ScaleRewards::Batch => centred / (batch_std + STD_EPS),
+                ScaleRewards::None => centred,
+            };
+        }
+    }
+    out
+}
+
+/// Process-supervised advantages (spec 1.4) for one group: `steps[i]` lists, for completion i,
+/// each step's (index of the token that ends it, reward). Rewards are normalised over all steps
+/// of the group; token t's advantage is the sum of the normalised rewards of the steps ending at
+/// or after t. `lengths[i]` is completion i's token count.
+pub fn process_advantages(steps: &[Vec<(usize, f64)>], lengths: &[usize]) -> Vec<Vec<f64>> {
+    let stats = mean_std(steps.iter().flatten().map(|&(_, r)| r));
+    steps
+        .iter()
+        .zip(lengths)
+        .map(|(s, &len)| {
+            let mut adv = vec![0.0; len];
+            let Some((mean, std)) = stats else { return adv };
+            for &(end, r) in s {
+                let norm = (r - mean) / (std + STD_EPS);
+                for a in adv.iter_mut().take((end + 1).min(len)) {
+                    *a += norm;
+                }
+            }
+            adv
+        })
+        .collect()
+}
+
+/// The checkable steps of a completion for tasks with one right trace (add, mul, modchain, sort,
+/// reverse): step j of the `<think>` block (split at `;`) is right when it equals step j of the
+/// reference solution; the answer is one more step. Returns (byte offset where each step ends,
+/// reward 0/1). `None` for tasks with many right traces (countdown) or no reference steps.
+pub fn checkable_steps(problem: &Problem, text: &str) -> Option<Vec<(usize, f64)>> {
+    if matches!(problem.task.as_str(), "countdown" | "jsonl") {
+        return None;
+    }
+    let reference = problem.solution.strip_prefix("<think>")?.split_once("</think>")?.0;
+    let want: Vec<&str> = reference.split(';').collect();
+    let start = text.find("<think>")? + "<think>".len();
+    let end = text[start..].find("</think>").map_or(text.len(), |e| start + e);
+    let mut out = Vec::new();
+    let mut at = start;
+    for (j, step) in text[start..end].split(';').enumerate() {
+        at += step.len();
+        out.push((at, (want.get(j) == Some(&step)) as u8 as f64));
+        at += 1;
+    }
+    let answer_end = text.find("</answer>").map_or(text.len(), |e| e + "</answer>".len());
+    out.push((answer_end, (extract_answer(text) == Some(problem.answer.as_str())) as u8 as f64));
+    Some(out)
+}
+
+/// The index of the token in which each byte offset of the decoded text falls.
+pub fn token_of_offsets(tok: &dyn Tokenizer, tokens: &[u32], offsets: &[usize]) -> Vec<usize> {
+    let mut ends = Vec::with_capacity(tokens.len());
+    let mut total = 0;
+    for &t in tokens {
+        total += tok.decode(&[t]).len();
+        ends.push(total);
+    }
+    offsets.iter().map(|&o| ends.iter().position(|&e| e >= o).unwrap_or(tokens.len().saturating_sub(1))).collect()
+}
+
+/// The tensors one loss chunk needs, all `[n, len - 1]` over a packed batch.
+#[derive(Debug, Clone)]
+pub struct LossInputs {
+    /// Current policy log-probs (differentiable).
+    pub logprobs: Tensor,
+    /// Sampling policy log-probs (constants).
+    pub old: Tensor,
+    /// Reference log-probs (constants), when beta > 0.
+    pub reference: Option<Tensor>,
+    pub advantages: Tensor,
+    /// Aggregation weight of each token: 0 off the completion, else the loss type's normaliser.
+    pub weights: Tensor,
+}
+
+/// Token-weighted statistics of a loss chunk (sums; divide by `tokens`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LossStats {
+    pub tokens: f64,
+    /// Tokens with rho < 1 - eps and A < 0 (the clip binds from below).
+    pub clip_low: f64,
+    /// Tokens with rho > 1 + eps_high and A > 0.
+    pub clip_high: f64,
+    pub kl: f64,
+}
+
+impl LossStats {
+    pub fn add(&mut self, o: &LossStats) {
+        self.tokens += o.tokens;
+        self.clip_low += o.clip_low;
+        self.clip_high += o.clip_high;
+        self.kl += o.kl;
+    }
+}
+
+/// `sum(weights * (-min(rho A, clip(rho) A) + beta k3))`, with its statistics.
+pub fn grpo_loss(inp: &LossInputs, eps_low: f32, eps_high: f32, beta: f32) -> Result<(Tensor, LossStats)> {
+    let log_ratio = inp.logprobs.sub(&inp.old)?.clamp(-20.0, 20.0)?;
+    let ratio = log_ratio.exp()?;
+    let a = &inp.advantages;
+    let unclipped = ratio.mul(a)?;
+    let clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)?.mul(a)?;
+    // -min(u, c) = max(-u, -c).
+    let mut per_token = unclipped.neg()?.maximum(&clipped.neg()?)?;
+    let mut kl_values = None;
+    if beta > 0.0 {
+        let r = inp.reference.as_ref().ok_or_else(|| Error::Rl("beta > 0 needs reference log-probs".into()))?;
+        // k3 = exp(ref - l) - (ref - l) - 1 >= 0, with the log-ratio clamped as verl does.
+        let d = r.sub(&inp.logprobs)?.clamp(-20.0, 20.0)?;
+        let k3 = d.exp()?.sub(&d)?.add_scalar(-1.0)?;
+        kl_values = Some(k3.detach().to_vec_f32()?);
+        per_token = per_token.add(&k3.mul_scalar(beta)?)?;
+    }
+    let loss = per_token.mul(&inp.weights)?.sum_all()?;
+
+    let (w, r, adv) = (inp.weights.to_vec_f32()?, ratio.detach().to_vec_f32()?, a.to_vec_f32()?);
+    let mut stats = LossStats::default();
+    for i in (0..w.len()).filter(|&i| w[i] != 0.0) {
+        stats.tokens += 1.0;
+        stats.clip_low += (r[i] < 1.0 - eps_low && adv[i] < 0.0) as u8 as f64;
+        stats.clip_high += (r[i] > 1.0 + eps_high && adv[i] > 0.0) as u8 as f64;
+        if let Some(k) = &kl_values {
+            stats.kl += k[i] as f64;
+        }
+    }
+    Ok((loss, stats))
+}
+
+/// Per-token aggregation weights of one micro-batch (rows `rows` of `all`, the optimizer step's
+/// batch). `active[i]` is false for completions left out of the loss.
+pub fn aggregation_weights(
+    loss_type: LossType,
+    batch: &PackedBatch,
+    rows: std::ops::Range<usize>,
+    active: &[bool],
+    all_lengths: &[usize],
+    n_micro: usize,
+    max_new_tokens: usize,
+) -> Result<Tensor> {
+    let n_step = all_lengths.len() as f64;
+    let step_tokens: f64 = all_lengths.iter().zip(active).filter(|(_, &a)| a).map(|(&l, _)| l as f64).sum();
+    let micro_tokens: f64 = rows.clone().filter(|&i| active[i]).map(|i| all_lengths[i] as f64).sum();
+    let per_row: Vec<Vec<f32>> = rows
+        .clone()
+        .enumerate()
+        .map(|(j, i)| {
+            let len = batch.lengths[j];
+            let w = if !active[i] || len == 0 {
+                0.0
+            } else {
+                match loss_type {
+                    LossType::Grpo => 1.0 / (n_step * len as f64),
+                    LossType::Bnpo => 1.0 / (micro_tokens.max(1.0) * n_micro as f64),
+                    LossType::DrGrpo => 1.0 / (n_step * max_new_tokens as f64),
+                    LossType::Dapo => 1.0 / step_tokens.max(1.0),
+                }
+            };
+            vec![w as f32; len]
+        })
+        .collect();
+    batch.scatter_tokens(&per_row)
+}
+
+/// One scored completion of a rollout, as logged.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub rollout: Rollout,
+    pub scores: Scores,
+    /// Per completion token.
+    pub advantages: Vec<f64>,
+}
+
+/// Advantages (outcome, or per step with process supervision) of scored rollouts.
+pub fn score_rollouts(
+    rollouts: Vec<Rollout>,
+    scores: Vec<Scores>,
+    problems: &[Problem],
+    cfg: &GrpoConfig,
+    tok: &dyn Tokenizer,
+) -> Vec<Scored> {
+    let totals: Vec<f64> = scores.iter().map(|s| s.total).collect();
+    let outcome = group_advantages(&totals, cfg.group_size, cfg.scale_rewards);
+    let mut per_token: Vec<Vec<f64>> = rollouts.iter().zip(&outcome).map(|(r, &a)| vec![a; r.tokens.len()]).collect();
+    if cfg.process_supervision {
+        for (g, group) in rollouts.chunks(cfg.group_size).enumerate() {
+            let steps: Option<Vec<Vec<(usize, f64)>>> = group
+                .iter()
+                .map(|r| {
+                    let s = checkable_steps(&problems[r.problem], &r.text)?;
+                    let at = token_of_offsets(tok, &r.tokens, &s.iter().map(|x| x.0).collect::<Vec<_>>());
+                    Some(at.into_iter().zip(s.iter().map(|x| x.1)).collect())
+                })
+                .collect();
+            if let Some(steps) = steps {
+                let lengths: Vec<usize> = group.iter().map(|r| r.tokens.len()).collect();
+                for (j, adv) in process_advantages(&steps, &lengths).into_iter().enumerate() {
+                    per_token[g * cfg.group_size + j] = adv;
+                }
+            }
+        }
+    }
+    rollouts
+        .into_iter()
+        .zip(scores)
+        .zip(per_token)
+        .map(|((rollout, scores), advantages)| Scored { rollout, scores, advantages })
+        .collect()
+}
+
+/// Whether all rewards of each group are equal (no learning signal).
+pub fn zero_std_groups(scored: &[Scored], group: usize) -> Vec<bool> {
+    scored
+        .chunks(group)
+        .map(|g| {
+            let v: Vec<f64> = g.iter().map(|s| s.scores.total).filter(|x| x.is_finite()).collect();
+            v.windows(2).all(|w| w[0] == w[1])
+        })
+        .collect()
+}
+
+/// The completion and reward metrics TRL logs, under TRL's names.
+pub fn rollout_metrics(scored: &[Scored], rewards: &RewardSet, group: usize) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    let n = scored.len().max(1) as f64;
+    let lens: Vec<f64> = scored.iter().map(|s| s.rollout.tokens.len() as f64).collect();
+    let term: Vec<f64> =
+        scored.iter().filter(|s| !s.rollout.truncated).map(|s| s.rollout.tokens.len() as f64).collect();
+    m.insert("completions/mean_length".into(), lens.iter().sum::<f64>() / n);
+    m.insert("completions/min_length".into(), lens.iter().copied().fold(f64::INFINITY, f64::min));
+    m.insert("completions/max_length".into(), lens.iter().copied().fold(0.0, f64::max));
+    m.insert(
+        "completions/mean_terminated_length".into(),
+        if term.is_empty() { 0.0 } else { term.iter().sum::<f64>() / term.len() as f64 },
+    );
+    m.insert("completions/clipped_ratio".into(), scored.iter().filter(|s| s.rollout.truncated).count() as f64 / n);
+    for (k, name) in rewards.names().iter().enumerate() {
+        if let Some((mean, std)) = mean_std(scored.iter().filter_map(|s| s.scores.each[k])) {
+            m.insert(format!("rewards/{name}/mean"), mean);
+            m.insert(format!("rewards/{name}/std"), std);
+        }
+    }
+    let (mean, std) = mean_std(scored.iter().map(|s| s.scores.total)).unwrap_or((f64::NAN, f64::NAN));
+    m.insert("reward".into(), mean);
+    // TRL's reward_std: the mean over groups of the within-group std.
+    let stds: Vec<f64> =
+        scored.chunks(group).filter_map(|g| mean_std(g.iter().map(|s| s.scores.total)).map(|x| x.1)).collect();
+    m.insert("reward_std".into(), if stds.is_empty() { std } else { stds.iter().sum::<f64>() / stds.len() as f64 });
+    let zero = zero_std_groups(scored, group);
+    m.insert("frac_reward_zero_std".into(), zero.iter().filter(|&&z| z).count() as f64 / zero.len().max(1) as f64);
+    m.insert(
+        "num_tokens".into(),
+        scored.iter().map(|s| (s.rollout.prompt.len() + s.rollout.tokens.len()) as f64).sum(),
+    );
+    m
+}
+
+/// What every RL trainer here shares: the run's settings, step counter, task sampler, rewards,
+/// tokenizer, random stream and log files.
+pub struct RlRun {
+    pub config: GrpoConfig,
+    /// Optimizer steps taken (the next step's index).
+    pub step: u64,
+    pub tasks: TaskSet,
+    pub rewards: RewardSet,
+    pub tokenizer: Box<dyn Tokenizer>,
+    pub rng: Rng,
+    metrics: Option<File>,
+    completions: Option<File>,
+}
+
+impl std::fmt::Debug for RlRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RlRun(step {} of {}, {:?}, {:?})", self.step, self.config.steps, self.tasks, self.rewards)
+    }
+}
+
+impl RlRun {
+    /// Validates `config` and builds its tasks and rewards; `salt` separates the random streams
+    /// of different algorithms.
+    pub fn new(config: GrpoConfig, tokenizer: Box<dyn Tokenizer>, salt: u64) -> Result<Self> {
+        config.validate()?;
+        Ok(RlRun {
+            tasks: TaskSet::parse(&config.tasks)?,
+            rewards: RewardSet::parse(&config.rewards, config.max_new_tokens)?,
+            rng: Rng::new(config.seed ^ salt),
+            config,
+            step: 0,
+            tokenizer,
+            metrics: None,
+            completions: None,
+        })
+    }
+
+    /// Appends metrics (one JSON object per step) to `metrics` and sample completions to
+    /// `completions`.
+    pub fn log_to(&mut self, metrics: &Path, completions: &Path) -> Result<()> {
+        self.metrics = Some(open_log(metrics)?);
+        self.completions = Some(open_log(completions)?);
+        Ok(())
+    }
+
+    pub fn done(&self) -> bool {
+        self.step >= self.config.steps
+    }
+
+    /// `n` training problems.
+    pub fn sample_problems(&mut self, n: usize) -> Vec<Problem> {
+        (0..n).map(|_| self.tasks.sample(&mut self.rng, Split::Train)).collect()
+    }
+
+    /// Rewards of each rollout.
+    pub fn score(&self, rollouts: &[Rollout], problems: &[Problem]) -> Vec<Scores> {
+        rollouts
+            .iter()
+            .map(|r| {
+                let s = Sample {
+                    problem: &problems[r.problem],
+                    text: &r.text,
+                    tokens: r.tokens.len(),
+                    truncated: r.truncated,
+                };
+                self.rewards.score(&s)
+            })
+            .collect()
+    }
+
+    /// Writes the step's metrics line and, every `log_completions_every` steps, the first group's
+    /// completions; then advances the step counter.
+    pub fn finish_step(
+        &mut self,
+        values: BTreeMap<String, f64>,
+        problems: &[Problem],
+        scored: &[Scored],
+    ) -> Result<StepLog> {
+        let log = StepLog { step: self.step, values };
+        append_line(&mut self.metrics, &log.to_json())?;
+        let every = self.config.log_completions_every;
+        if every > 0 && self.step % every == 0 {
+            let names = self.rewards.names();
+            for s in scored.iter().take(self.config.group_size) {
+                let mut rewards = serde_json::Map::new();
+                for (name, v) in names.iter().zip(&s.scores.each) {
+                    rewards.insert(name.clone(), v.map_or(serde_json::Value::Null, |x| json!(x)));
+                }
+                let line = json!({
+                    "step": self.step,
+                    "prompt": problems[s.rollout.problem].prompt,
+                    "completion": s.rollout.text,
+                    "rewards": rewards,
+                    "reward": if s.scores.total.is_finite() { json!(s.scores.total) } else { serde_json::Value::Null },
+                    "advantage": s.advantages.first().copied(),
+                    "truncated": s.rollout.truncated,
+                });
+                append_line(&mut self.completions, &line)?;
+            }
+        }
+        self.step += 1;
+        Ok(log)
+    }
+}
+
+/// GRPO on a policy, with its reference and optimizer.
+pub struct GrpoTrainer {
+    pub policy: DeepSeekV3,
+    pub reference: Option<DeepSeekV3>,
+    pub opt: AdamW,
+    pub run: RlRun,
+}
+
+impl std::fmt::Debug for GrpoTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GrpoTrainer(step {} of {})", self.run.step, self.run.config.steps)
+    }
+}
+
+/// What one GRPO step measured, under TRL's metric names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepLog {
+    pub step: u64,
+    pub values: BTreeMap<String, f64>,
+}
+
+impl StepLog {
+    pub fn get(&self, key: &str) -> f64 {
+        self.values.get(key).copied().unwrap_or(f64::NAN)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::Map::new();
+        v.insert("step".into(), json!(self.step));
+        for (k, x) in &self.values {
+            v.insert(k.clone(), if x.is_finite() { json!(x) } else { serde_json::Value::Null });
+        }
+        serde_json::Value::Object(v)
+    }
+}
+
+pub(crate) fn append_line(file: &mut Option<File>, value: &serde_json::Value) -> Result<()> {
+    if let Some(f) = file {
+        writeln!(f, "{value}").map_err(|e| Error::Rl(format!("writing a log line: {e}")))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn open_log(path: &Path) -> Result<File> {
+    OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::Rl(format!("{}: {e}", path.display())))
+}
+
+impl GrpoTrainer {
+    pub fn new(policy: DeepSeekV3, config: GrpoConfig, tokenizer: Box<dyn Tokenizer>) -> Result<Self> {
+        let reference = if config.beta > 0.0 { Some(policy.duplicate()?) } else { None };
+        let opt = AdamW::new(config.adamw())?;
+        Ok(GrpoTrainer { policy, reference, opt, run: RlRun::new(config, tokenizer, 0x6772_706F)? })
+    }
+
+    pub fn log_to(&mut self, metrics: &Path, completions: &Path) -> Result<()> {
+        self.run.log_to(metrics, completions)
+    }
+
+    pub fn done(&self) -> bool {
+        self.run.done()
+    }
+
+    /// Samples and scores one step's rollout; with dynamic sampling, groups without reward spread
+    /// are dropped and more prompts sampled (at most `max_resample_rounds` extra rounds).
+    fn collect(&mut self) -> Result<(Vec<Problem>, Vec<Scored>, f64)> {
+        let cfg = self.run.config.clone();
+        let (mut problems, mut scored) = (Vec::new(), Vec::new());
+        let mut first_zero_frac = None;
+        for round in 0..=if cfg.dynamic_sampling { cfg.max_resample_rounds } else { 0 } {
+            let want = cfg.prompts_per_step - problems.len();
+            if want == 0 {
+                break;
+            }
+            let batch = self.run.sample_problems(want);
+            let rollouts =
+                sample_groups(&self.policy, &*self.run.tokenizer, &batch, &cfg.rollout(), &mut self.run.rng)?;
+            let scores = self.run.score(&rollouts, &batch);
+            let s = score_rollouts(rollouts, scores, &batch, &cfg, &*self.run.tokenizer);
+            let zero = zero_std_groups(&s, cfg.group_size);
+            first_zero_frac.get_or_insert(zero.iter().filter(|&&z| z).count() as f64 / zero.len() as f64);
+            let last_round = round == cfg.max_resample_rounds;
+            for (g, (p, group)) in batch.into_iter().zip(s.chunks(cfg.group_size)).enumerate() {
+                if cfg.dynamic_sampling && zero[g] && !last_round {
+                    continue;
+                }
+                let base = problems.len();
+                problems.push(p);
+                scored.extend(group.iter().cloned().map(|mut x| {
+                    x.rollout.problem = base;
+                    x
+                }));
+            }
+        }
+        Ok((problems, scored, first_zero_frac.unwrap_or(0.0)))
+    }
+
+    /// One GRPO step: rollout, rewards, advantages, then `num_iterations * minibatches` updates.
+    pub fn train_step(&mut self) -> Result<StepLog> {
+        let t0 = Instant::now();
+        let cfg = self.run.config.clone();
+        if cfg.ref_sync_every > 0 && self.run.step > 0 && self.run.step % cfg.ref_sync_every == 0 {
+            self.reference = Some(self.policy.duplicate()?);
+        }
+        let (problems, scored, zero_frac_sampled) = self.collect()?;
+        let t_sample = t0.elapsed().as_secs_f64();
+        let mut values = rollout_metrics(&scored, &self.run.rewards, cfg.group_size);
+        values.insert("frac_reward_zero_std".into(), zero_frac_sampled);
+        let pad = self.run.tokenizer.pad_id();
+
+        let n = scored.len();
+        let active: Vec<bool> = scored.iter().map(|s| !(cfg.mask_truncated && s.rollout.truncated)).collect();
+        // Minibatches of whole groups.
+        let groups = n / cfg.group_size;
+        let per_mb = groups.div_ceil(cfg.minibatches);
+        let minibatches: Vec<std::ops::Range<usize>> = (0..groups)
+            .step_by(per_mb.max(1))
+            .map(|g| g * cfg.group_size..((g + per_mb).min(groups)) * cfg.group_size)
+            .collect();
+        let off_policy = cfg.num_iterations > 1 || minibatches.len() > 1;
+
+        // Frozen log-probs: the sampling policy's (needed once the policy moves within a step)
+        // and the reference's, per micro-batch chunk.
+        let chunks: Vec<std::ops::Range<usize>> = minibatches
+            .iter()
+            .flat_map(|mb| (mb.start..mb.end).step_by(cfg.micro_batch).map(|s| s..(s + cfg.micro_batch).min(mb.end)))
+            .collect();
+        let packed: Vec<PackedBatch> = chunks
+            .iter()
+            .map(|c| PackedBatch::new(&scored[c.clone()].iter().map(|s| &s.rollout).collect::<Vec<_>>(), pad))
+            .collect::<Result<_>>()?;
+        let frozen = |model: &DeepSeekV3, b: &PackedBatch| -> Result<Tensor> {
+            no_grad(|| Ok(score(model, b, cfg.temperature)?.logprobs.detach()))
+        };
+        let old: Vec<Option<Tensor>> = packed
+            .iter()
+            .map(|b| if off_policy { frozen(&self.policy, b).map(Some) } else { Ok(None) })
+            .collect::<Result<_>>()?;
+        let reference: Vec<Option<Tensor>> = match (&self.reference, cfg.beta > 0.0) {
+            (Some(r), true) => packed.iter().map(|b| frozen(r, b).map(Some)).collect::<Result<_>>()?,
+            _ => vec![None; packed.len()],
+        };
+
+        let lr = cfg.schedule().lr(self.run.step);
+        let (mut stats, mut loss_sum, mut entropy, mut grad_norm, mut updates) =
+            (LossStats::default(), 0.0, 0.0, 0.0, 0);
+        for _ in 0..cfg.num_iterations {
+            for mb in &minibatches {
+                let lengths: Vec<usize> = scored[mb.clone()].iter().map(|s| s.rollout.tokens.len()).collect();
+                let mb_active = &active[mb.clone()];
+                let in_mb: Vec<usize> =
+                    (0..chunks.len()).filter(|&c| chunks[c].start >= mb.start && chunks[c].end <= mb.end).collect();
+                for &c in &in_mb {
+                    let (rows, batch) = (&chunks[c], &packed[c]);
+                    let local = rows.start - mb.start..rows.end - mb.start;
+                    let weights = aggregation_weights(
+                        cfg.loss_type,
+                        batch,
+                        local,
+                        mb_active,
+                        &lengths,
+                        in_mb.len(),
+                        cfg.max_new_tokens,
+                    )?;
+                    let adv: Vec<Vec<f32>> =
+                        scored[rows.clone()].iter().map(|s| s.advantages.iter().map(|&a| a as f32).collect()).collect();
+                    let scored_now = score(&self.policy, batch, cfg.temperature)?;
+                    let inputs = LossInputs {
+                        old: old[c].clone().unwrap_or_else(|| scored_now.logprobs.detach()),
+                        logprobs: scored_now.logprobs,
+                        reference: reference[c].clone(),
+                        advantages: batch.scatter_tokens(&adv)?,
+                        weights,
+                    };
+                    let (loss, s) = grpo_loss(&inputs, cfg.epsilon, cfg.epsilon_high(), cfg.beta)?;
+                    let lv = loss.to_scalar()? as f64;
+                    if !lv.is_finite() {
+                        self.policy.params.zero_grad();
+                        return Err(Error::Rl(format!("step {}: the GRPO loss is not finite ({lv})", self.run.step)));
+                    }
+                    loss.backward()?;
+                    loss_sum += lv;
+                    entropy += scored_now.entropy * s.tokens;
+                    stats.add(&s);
+                }
+                let norm = clip_grad_norm(&self.policy.params, cfg.grad_clip)?;
+                if !norm.is_finite() {
+                    self.policy.params.zero_grad();
+                    return Err(Error::Rl(format!("step {}: non-finite gradient norm", self.run.step)));
+                }
+                grad_norm += norm;
+                self.opt.step(&self.policy.params, lr)?;
+                self.policy.params.zero_grad();
+                updates += 1;
+            }
+        }
+        let tokens = stats.tokens.max(1.0);
+        values.insert("policy_loss".into(), loss_sum / cfg.num_iterations as f64 / minibatches.len() as f64);
+        values.insert("entropy".into(), entropy / tokens);
+        values.insert("clip_ratio/low_mean".into(), stats.clip_low / tokens);
+        values.insert("clip_ratio/high_mean".into(), stats.clip_high / tokens);
+        values.insert("clip_ratio/region_mean".into(), (stats.clip_low + stats.clip_high) / tokens);
+        if cfg.beta > 0.0 {
+            values.insert("kl".into(), stats.kl / tokens);
+        }
+        values.insert("grad_norm".into(), grad_norm / updates.max(1) as f64);
+        values.insert("learning_rate".into(), lr as f64);
+        values.insert("sample_time".into(), t_sample);
+        values.insert("step_time".into(), t0.elapsed().as_secs_f64());
+        self.run.finish_step(values, &problems, &scored)
+    }
+}
+
+/// A `[rows, cols]` tensor from rows of equal length.
+pub fn grid(rows: &[Vec<f32>]) -> Result<Tensor> {
+    let cols = rows.first().map_or(0, |r| r.len());
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, &[rows.len(), cols], &Device::Cpu)?)
+}

@@ -1,0 +1,286 @@
+//! The PPO baseline (spec/rl.md section 4): one completion per prompt, a value model (a scalar
+//! head on a copy of the trunk), the per-token KL penalty folded into the reward, GAE, clipped
+//! policy and value losses. It uses GRPO's rollout budget (`prompts_per_step * group_size`
+//! completions per step), learning rate, tasks and rewards, so the two compare like for like.
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, LrSchedule};
+use whale_parallel::model::tensor::{no_grad, DType, Device, Tensor};
+use whale_parallel::model::tokenizer::Tokenizer;
+use whale_parallel::model::DeepSeekV3;
+
+use crate::grpo::{grpo_loss, rollout_metrics, GrpoConfig, LossInputs, LossStats, RlRun, Scored, StepLog};
+use crate::rollout::{sample_groups, score, PackedBatch};
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PpoConfig {
+    /// Weight of the per-token KL penalty `l_old - l_ref` (k1) in the reward.
+    pub kl_coef: f32,
+    pub gamma: f64,
+    /// GAE's lambda (TRL 0.95; verl and OpenRLHF 1.0).
+    pub lam: f64,
+    pub cliprange: f32,
+    pub cliprange_value: f32,
+    /// Critic learning rate as a multiple of the policy's (verl: 1e-5 vs 1e-6).
+    pub critic_lr_scale: f32,
+    /// Passes over each rollout.
+    pub ppo_epochs: usize,
+    /// Whiten advantages over the batch's tokens.
+    pub whiten_advantages: bool,
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        PpoConfig {
+            kl_coef: 0.05,
+            gamma: 1.0,
+            lam: 0.95,
+            cliprange: 0.2,
+            cliprange_value: 0.2,
+            critic_lr_scale: 10.0,
+            ppo_epochs: 1,
+            whiten_advantages: true,
+        }
+    }
+}
+
+/// Generalised advantage estimation over one completion (spec 4.3):
+/// `delta_t = r_t + gamma V_{t+1} - V_t` (V after the last token is 0), `A_t = delta_t +
+/// gamma lambda A_{t+1}`, returns `A_t + V_t`.
+pub fn gae(rewards: &[f64], values: &[f64], gamma: f64, lam: f64) -> (Vec<f64>, Vec<f64>) {
+    let n = rewards.len();
+    let (mut adv, mut next_adv) = (vec![0.0; n], 0.0);
+    for t in (0..n).rev() {
+        let next_v = if t + 1 < n { values[t + 1] } else { 0.0 };
+        let delta = rewards[t] + gamma * next_v - values[t];
+        next_adv = delta + gamma * lam * next_adv;
+        adv[t] = next_adv;
+    }
+    let returns = adv.iter().zip(values).map(|(a, v)| a + v).collect();
+    (adv, returns)
+}
+
+/// A value model: the policy's trunk (a copy) with a scalar head on the final hidden states.
+#[derive(Debug)]
+pub struct ValueModel {
+    pub trunk: DeepSeekV3,
+    /// `[1, hidden]`, registered in the trunk's parameters as `value_head.weight`.
+    pub head: Tensor,
+}
+
+impl ValueModel {
+    /// A copy of `policy`'s weights with a zero head (every value starts at 0).
+    pub fn from_policy(policy: &DeepSeekV3) -> Result<Self> {
+        let mut trunk = policy.duplicate()?;
+        let h = trunk.config.hidden_size;
+        let head = trunk.params.insert("value_head.weight", &Tensor::zeros(&[1, h], DType::F32, &Device::Cpu)?)?;
+        Ok(ValueModel { trunk, head })
+    }
+
+    /// `[n, len - 1]` values of the states before each next token of the packed batch.
+    pub fn values(&self, batch: &PackedBatch) -> Result<Tensor> {
+        let cols = batch.len - 1;
+        let h = self.trunk.hidden_states(&batch.ids.narrow(1, 0, cols)?)?.to_dtype(DType::F32)?;
+        Ok(h.matmul(&self.head.t()?)?.squeeze(2)?)
+    }
+}
+
+/// `0.5 * sum(w * max((V - G)^2, (V_clip - G)^2))` with `V_clip = V_old + clip(V - V_old, +-eps)`.
+pub fn value_loss(values: &Tensor, old: &Tensor, returns: &Tensor, weights: &Tensor, eps: f32) -> Result<Tensor> {
+    let clipped = old.add(&values.sub(old)?.clamp(-eps, eps)?)?;
+    let a = values.sub(returns)?.sqr()?;
+    let b = clipped.sub(returns)?.sqr()?;
+    Ok(a.maximum(&b)?.mul(weights)?.sum_all()?.mul_scalar(0.5)?)
+}
+
+pub struct PpoTrainer {
+    pub policy: DeepSeekV3,
+    pub reference: Option<DeepSeekV3>,
+    pub critic: ValueModel,
+    pub opt: AdamW,
+    pub critic_opt: AdamW,
+    pub ppo: PpoConfig,
+    /// The shared budget, learning rate, tasks, rewards and logs.
+    pub run: RlRun,
+}
+
+impl std::fmt::Debug for PpoTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PpoTrainer(step {} of {})", self.run.step, self.run.config.steps)
+    }
+}
+
+/// Whitens the values where `mask` is set: `(x - mean) / sqrt(var + 1e-8)`.
+fn whiten(x: &mut [Vec<f64>]) {
+    let all: Vec<f64> = x.iter().flatten().copied().collect();
+    if all.len() < 2 {
+        return;
+    }
+    let mean = all.iter().sum::<f64>() / all.len() as f64;
+    let var = all.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / all.len() as f64;
+    let scale = 1.0 / (var + 1e-8).sqrt();
+    x.iter_mut().flatten().for_each(|v| *v = (*v - mean) * scale);
+}
+
+impl PpoTrainer {
+    pub fn new(policy: DeepSeekV3, config: GrpoConfig, ppo: PpoConfig, tokenizer: Box<dyn Tokenizer>) -> Result<Self> {
+        if ppo.ppo_epochs == 0 {
+            return Err(Error::Rl("ppo config `ppo_epochs`: must be at least 1".into()));
+        }
+        if !(ppo.kl_coef >= 0.0 && ppo.critic_lr_scale > 0.0 && ppo.cliprange > 0.0 && ppo.cliprange_value > 0.0) {
+            return Err(Error::Rl(
+                "ppo config: `kl_coef` must be >= 0 and `critic_lr_scale`, `cliprange`, `cliprange_value` > 0".into(),
+            ));
+        }
+        let reference = if ppo.kl_coef > 0.0 { Some(policy.duplicate()?) } else { None };
+        let critic = ValueModel::from_policy(&policy)?;
+        Ok(PpoTrainer {
+            opt: AdamW::new(config.adamw())?,
+            critic_opt: AdamW::new(config.adamw())?,
+            policy,
+            reference,
+            critic,
+            ppo,
+            run: RlRun::new(config, tokenizer, 0x7070_6F00)?,
+        })
+    }
+
+    pub fn log_to(&mut self, metrics: &Path, completions: &Path) -> Result<()> {
+        self.run.log_to(metrics, completions)
+    }
+
+    pub fn done(&self) -> bool {
+        self.run.done()
+    }
+
+    pub fn train_step(&mut self) -> Result<StepLog> {
+        let t0 = Instant::now();
+        let (cfg, ppo) = (self.run.config.clone(), self.ppo.clone());
+        let n = cfg.prompts_per_step * cfg.group_size;
+        let problems = self.run.sample_problems(n);
+        let rollout_cfg = crate::rollout::RolloutConfig { group_size: 1, ..cfg.rollout() };
+        let rollouts = sample_groups(&self.policy, &*self.run.tokenizer, &problems, &rollout_cfg, &mut self.run.rng)?;
+        let t_sample = t0.elapsed().as_secs_f64();
+        let scores = self.run.score(&rollouts, &problems);
+        let scored: Vec<Scored> = rollouts
+            .into_iter()
+            .zip(scores)
+            .map(|(rollout, scores)| Scored { rollout, scores, advantages: Vec::new() })
+            .collect();
+        let mut values = rollout_metrics(&scored, &self.run.rewards, 1);
+        values.remove("frac_reward_zero_std");
+        values.remove("reward_std");
+
+        // Per chunk: frozen policy, reference and value estimates, then GAE per completion.
+        let pad = self.run.tokenizer.pad_id();
+        let chunks: Vec<std::ops::Range<usize>> =
+            (0..n).step_by(cfg.micro_batch).map(|s| s..(s + cfg.micro_batch).min(n)).collect();
+        let packed: Vec<PackedBatch> = chunks
+            .iter()
+            .map(|c| PackedBatch::new(&scored[c.clone()].iter().map(|s| &s.rollout).collect::<Vec<_>>(), pad))
+            .collect::<Result<_>>()?;
+        let (mut old, mut old_values, mut advantages, mut returns) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut kl_sum = 0.0;
+        for (c, batch) in chunks.iter().zip(&packed) {
+            let (lp, rf, v) = no_grad(|| -> Result<(Tensor, Option<Tensor>, Tensor)> {
+                let lp = score(&self.policy, batch, cfg.temperature)?.logprobs.detach();
+                let rf = match &self.reference {
+                    Some(r) => Some(score(r, batch, cfg.temperature)?.logprobs.detach()),
+                    None => None,
+                };
+                Ok((lp, rf, self.critic.values(batch)?.detach()))
+            })?;
+            let (lpv, vv) = (lp.to_vec_f32()?, v.to_vec_f32()?);
+            let rfv = rf.as_ref().map(|r| r.to_vec_f32()).transpose()?;
+            for (j, i) in c.clone().enumerate() {
+                let l_old = batch.row_tokens(&lpv, j);
+                let vals: Vec<f64> = batch.row_tokens(&vv, j).iter().map(|&x| x as f64).collect();
+                // k1 = l_old - l_ref per token, as a penalty in the reward (spec 4.2).
+                let k1: Vec<f64> = match &rfv {
+                    Some(rf) => l_old.iter().zip(batch.row_tokens(rf, j)).map(|(&a, &b)| (a - b) as f64).collect(),
+                    None => vec![0.0; l_old.len()],
+                };
+                kl_sum += k1.iter().sum::<f64>();
+                let mut r: Vec<f64> = k1.iter().map(|k| -(ppo.kl_coef as f64) * k).collect();
+                let total = scored[i].scores.total;
+                if let Some(last) = r.last_mut() {
+                    *last += if total.is_finite() { total } else { 0.0 };
+                }
+                let (a, g) = gae(&r, &vals, ppo.gamma, ppo.lam);
+                advantages.push(a);
+                returns.push(g);
+            }
+            old.push(lp);
+            old_values.push(v);
+        }
+        if ppo.whiten_advantages {
+            whiten(&mut advantages);
+        }
+        let total_tokens: usize = scored.iter().map(|s| s.rollout.tokens.len()).sum();
+        let w = 1.0 / total_tokens.max(1) as f32;
+
+        let lr = cfg.schedule().lr(self.run.step);
+        let (mut stats, mut pg_sum, mut vf_sum, mut entropy) = (LossStats::default(), 0.0, 0.0, 0.0);
+        for _ in 0..ppo.ppo_epochs {
+            for (k, (c, batch)) in chunks.iter().zip(&packed).enumerate() {
+                let to_f32 = |rows: &[Vec<f64>]| -> Vec<Vec<f32>> {
+                    rows.iter().map(|r| r.iter().map(|&x| x as f32).collect()).collect()
+                };
+                let weights = batch.scatter_tokens(&batch.lengths.iter().map(|&l| vec![w; l]).collect::<Vec<_>>())?;
+                let now = score(&self.policy, batch, cfg.temperature)?;
+                let inputs = LossInputs {
+                    logprobs: now.logprobs,
+                    old: old[k].clone(),
+                    reference: None,
+                    advantages: batch.scatter_tokens(&to_f32(&advantages[c.clone()]))?,
+                    weights: weights.clone(),
+                };
+                let (pg, s) = grpo_loss(&inputs, ppo.cliprange, ppo.cliprange, 0.0)?;
+                let v = self.critic.values(batch)?;
+                let rets = batch.scatter_tokens(&to_f32(&returns[c.clone()]))?;
+                let vf = value_loss(&v, &old_values[k], &rets, &weights, ppo.cliprange_value)?;
+                let (pgv, vfv) = (pg.to_scalar()? as f64, vf.to_scalar()? as f64);
+                if !pgv.is_finite() || !vfv.is_finite() {
+                    self.policy.params.zero_grad();
+                    self.critic.trunk.params.zero_grad();
+                    return Err(Error::Rl(format!(
+                        "step {}: PPO loss not finite (policy {pgv}, value {vfv})",
+                        self.run.step
+                    )));
+                }
+                pg.backward()?;
+                vf.backward()?;
+                pg_sum += pgv;
+                vf_sum += vfv;
+                entropy += now.entropy * s.tokens;
+                stats.add(&s);
+            }
+            clip_grad_norm(&self.policy.params, cfg.grad_clip)?;
+            clip_grad_norm(&self.critic.trunk.params, cfg.grad_clip)?;
+            self.opt.step(&self.policy.params, lr)?;
+            self.critic_opt.step(&self.critic.trunk.params, lr * ppo.critic_lr_scale)?;
+            self.policy.params.zero_grad();
+            self.critic.trunk.params.zero_grad();
+        }
+        let tokens = stats.tokens.max(1.0);
+        let epochs = ppo.ppo_epochs as f64;
+        values.insert("policy_loss".into(), pg_sum / epochs);
+        values.insert("value_loss".into(), vf_sum / epochs);
+        values.insert("entropy".into(), entropy / tokens);
+        values.insert("clip_ratio/low_mean".into(), stats.clip_low / tokens);
+        values.insert("clip_ratio/high_mean".into(), stats.clip_high / tokens);
+        values.insert("clip_ratio/region_mean".into(), (stats.clip_low + stats.clip_high) / tokens);
+        if self.reference.is_some() {
+            values.insert("kl".into(), kl_sum / total_tokens.max(1) as f64);
+        }
+        values.insert("learning_rate".into(), lr as f64);
+        values.insert("sample_time".into(), t_sample);
+        values.insert("step_time".into(), t0.elapsed().as_secs_f64());
+        self.run.finish_step(values, &problems, &scored)
+    }
+}

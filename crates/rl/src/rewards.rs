@@ -1,0 +1,302 @@
+//! Rule-based rewards (spec/rl.md 2.1, 3.4, 3.8): accuracy from the task's verifier, the R1
+//! template, language consistency, and length shaping (DAPO's soft overlong punishment, the
+//! cosine length reward). A reward may answer "not applicable" (`None`); a weighted sum skips
+//! those, and a completion for which every reward is `None` has no reward at all (NaN), which
+//! the advantage computation leaves out of its group baseline (TRL's convention).
+
+use crate::eval::well_formatted;
+use crate::tasks::language::language_share;
+use crate::tasks::{verify, Language, Problem};
+use crate::{Error, Result};
+
+/// A completion as the rewards see it: decoded text, cut at EOS.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample<'a> {
+    pub problem: &'a Problem,
+    pub text: &'a str,
+    /// Completion length in tokens (EOS included).
+    pub tokens: usize,
+    /// Ended by the length limit rather than EOS.
+    pub truncated: bool,
+}
+
+pub trait Reward: Send + Sync {
+    /// The name metrics use (`rewards/<name>/mean`).
+    fn name(&self) -> &str;
+    fn score(&self, s: &Sample<'_>) -> Option<f64>;
+}
+
+/// 1 when the verifier accepts the answer, else 0. Truncated completions get 0 (Dr. GRPO): an
+/// answer followed by text that never ends is not an answer. With `gated`, an answer outside the
+/// R1 template also gets 0 (open-instruct's fix for format rewards paying long wrong answers).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Accuracy {
+    pub gated: bool,
+}
+
+impl Reward for Accuracy {
+    fn name(&self) -> &str {
+        "accuracy"
+    }
+
+    fn score(&self, s: &Sample<'_>) -> Option<f64> {
+        let ok = !s.truncated && verify(s.problem, s.text) && (!self.gated || well_formatted(s.text));
+        Some(ok as u8 as f64)
+    }
+}
+
+/// 1 when the completion is exactly `<think>...</think><answer>...</answer>` (each tag once, in
+/// order, nothing after but EOS), else 0. A structural check, so there is no regex to get wrong
+/// (spec/rl.md section 5, item 10: DOTALL and multiple blocks).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Format;
+
+impl Reward for Format {
+    fn name(&self) -> &str {
+        "format"
+    }
+
+    fn score(&self, s: &Sample<'_>) -> Option<f64> {
+        Some(well_formatted(s.text) as u8 as f64)
+    }
+}
+
+/// The share of the reasoning's numerals written in the prompt's language (R1 section 2.3:
+/// "the proportion of target language words in the CoT"). Not applicable to tasks without
+/// numbers; reasoning with no numerals at all scores 0.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LanguageConsistency;
+
+/// The text of the `<think>` block (everything before `</think>` when it is not closed; the whole
+/// text when there is no block).
+fn reasoning(text: &str) -> &str {
+    let body = text.split_once("<think>").map_or(text, |(_, r)| r);
+    body.split_once("</think>").map_or(body, |(t, _)| t)
+}
+
+impl Reward for LanguageConsistency {
+    fn name(&self) -> &str {
+        "language"
+    }
+
+    fn score(&self, s: &Sample<'_>) -> Option<f64> {
+        let lang = Language::of_problem(s.problem)?;
+        Some(language_share(reasoning(s.text), lang).unwrap_or(0.0))
+    }
+}
+
+/// DAPO's soft overlong punishment (eq. 13): 0 up to `max_len - buffer` tokens, then falling
+/// linearly to -1 at `max_len`, and -1 beyond (a truncated completion counts as beyond).
+#[derive(Debug, Clone, Copy)]
+pub struct OverlongPenalty {
+    pub max_len: usize,
+    pub buffer: usize,
+}
+
+impl Reward for OverlongPenalty {
+    fn name(&self) -> &str {
+        "overlong"
+    }
+
+    fn score(&self, s: &Sample<'_>) -> Option<f64> {
+        let free = self.max_len.saturating_sub(self.buffer) as f64;
+        let len = s.tokens as f64;
+        Some(if s.truncated || s.tokens > self.max_len {
+            -1.0
+        } else if len <= free {
+            0.0
+        } else {
+            (free - len) / self.buffer.max(1) as f64
+        })
+    }
+}
+
+/// The cosine length reward (Yeo et al., open-r1's `get_cosine_scaled_reward`): with
+/// `c = cos(pi * len / max_len)`, a correct answer gets `min_correct + (max_correct - min_correct)
+/// (1 + c) / 2` (short correct answers best) and a wrong one `max_wrong + (min_wrong - max_wrong)
+/// (1 + c) / 2` (long wrong answers penalised less).
+#[derive(Debug, Clone, Copy)]
+pub struct CosineLength {
+    pub min_wrong: f64,
+    pub max_wrong: f64,
+    pub min_correct: f64,
+    pub max_correct: f64,
+    pub max_len: usize,
+}
+
+impl CosineLength {
+    /// open-r1's defaults with our length limit.
+    pub fn new(max_len: usize) -> Self {
+        CosineLength { min_wrong: -1.0, max_wrong: -0.5, min_correct: 0.5, max_correct: 1.0, max_len }
+    }
+}
+
+impl Reward for CosineLength {
+    fn name(&self) -> &str {
+        "cosine"
+    }
+
+    fn score(&self, s: &Sample<'_>) -> Option<f64> {
+        let p = (s.tokens as f64 / self.max_len.max(1) as f64).min(1.0);
+        let half = (1.0 + (std::f64::consts::PI * p).cos()) / 2.0;
+        let correct = !s.truncated && verify(s.problem, s.text);
+        Some(if correct {
+            self.min_correct + (self.max_correct - self.min_correct) * half
+        } else {
+            self.max_wrong + (self.min_wrong - self.max_wrong) * half
+        })
+    }
+}
+
+/// Rewards with weights; the total is their weighted sum over the applicable ones.
+pub struct RewardSet {
+    pub entries: Vec<(Box<dyn Reward>, f64)>,
+}
+
+impl std::fmt::Debug for RewardSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RewardSet[{}]", self.describe())
+    }
+}
+
+/// One completion's rewards.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scores {
+    /// Per reward, in the set's order.
+    pub each: Vec<Option<f64>>,
+    /// Weighted sum of the applicable rewards; NaN when none applies.
+    pub total: f64,
+}
+
+impl RewardSet {
+    /// From `name[:weight]` items separated by commas: `accuracy`, `accuracy_gated`, `format`,
+    /// `language`, `overlong` (buffer = a quarter of `max_len`), `cosine`. `max_len` is the
+    /// completion length limit in tokens.
+    pub fn parse(spec: &str, max_len: usize) -> Result<Self> {
+        let mut entries: Vec<(Box<dyn Reward>, f64)> = Vec::new();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (name, weight) = match item.split_once(':') {
+                Some((n, w)) => {
+                    let w = w
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|w| w.is_finite())
+                        .ok_or_else(|| Error::Rl(format!("reward `{n}`: weight `{w}` is not a finite number")))?;
+                    (n, w)
+                }
+                None => (item, 1.0),
+            };
+            let reward: Box<dyn Reward> = match name {
+                "accuracy" => Box::new(Accuracy { gated: false }),
+                "accuracy_gated" => Box::new(Accuracy { gated: true }),
+                "format" => Box::new(Format),
+                "language" => Box::new(LanguageConsistency),
+                "overlong" => Box::new(OverlongPenalty { max_len, buffer: (max_len / 4).max(1) }),
+                "cosine" => Box::new(CosineLength::new(max_len)),
+                other => {
+                    return Err(Error::Rl(format!(
+                        "unknown reward `{other}` (accuracy, accuracy_gated, format, language, overlong, cosine)"
+                    )))
+                }
+            };
+            entries.push((reward, weight));
+        }
+        if entries.is_empty() {
+            return Err(Error::Rl("no rewards given".into()));
+        }
+        Ok(RewardSet { entries })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.entries.iter().map(|(r, _)| r.name().to_string()).collect()
+    }
+
+    /// `accuracy:1,format:0.5`.
+    pub fn describe(&self) -> String {
+        self.entries.iter().map(|(r, w)| format!("{}:{w}", r.name())).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn score(&self, s: &Sample<'_>) -> Scores {
+        let each: Vec<Option<f64>> = self.entries.iter().map(|(r, _)| r.score(s)).collect();
+        let applicable: Vec<f64> = each.iter().zip(&self.entries).filter_map(|(v, (_, w))| v.map(|v| v * w)).collect();
+        let total = if applicable.is_empty() { f64::NAN } else { applicable.iter().sum() };
+        Scores { each, total }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::language::translate;
+
+    fn add_problem() -> Problem {
+        Problem {
+            task: "add".into(),
+            prompt: "12+7=".into(),
+            answer: "19".into(),
+            solution: "<think>2+7+0=9;1+0+0=1</think><answer>19</answer>".into(),
+        }
+    }
+
+    fn sample<'a>(p: &'a Problem, text: &'a str, tokens: usize, truncated: bool) -> Sample<'a> {
+        Sample { problem: p, text, tokens, truncated }
+    }
+
+    #[test]
+    fn accuracy_and_format_follow_the_verifier_and_the_template() {
+        let p = add_problem();
+        let good = "<think>2+7+0=9;1+0+0=1</think><answer>19</answer><eos>";
+        let unformatted = "<answer>19</answer><eos>";
+        let set = RewardSet::parse("accuracy,accuracy_gated,format:0.5", 96).unwrap();
+        assert_eq!(set.score(&sample(&p, good, 20, false)).each, vec![Some(1.0), Some(1.0), Some(1.0)]);
+        assert_eq!(set.score(&sample(&p, good, 20, false)).total, 2.5);
+        assert_eq!(set.score(&sample(&p, unformatted, 8, false)).each, vec![Some(1.0), Some(0.0), Some(0.0)]);
+        // Truncated: no credit even with the right answer inside.
+        assert_eq!(set.score(&sample(&p, "<think></think><answer>19</answer>19", 96, true)).each[0], Some(0.0));
+        assert!(RewardSet::parse("accuracy:x", 96).unwrap_err().to_string().contains("accuracy"));
+        assert!(RewardSet::parse("speed", 96).unwrap_err().to_string().contains("speed"));
+    }
+
+    #[test]
+    fn language_reward_is_the_share_of_numerals_in_the_prompts_script() {
+        let p = add_problem();
+        let q = translate(&p, Language::Letters);
+        let r = LanguageConsistency;
+        assert_eq!(r.score(&sample(&p, &p.solution, 0, false)), Some(1.0));
+        assert_eq!(r.score(&sample(&q, &q.solution, 0, false)), Some(1.0));
+        assert_eq!(r.score(&sample(&q, &p.solution, 0, false)), Some(0.0));
+        // Half the reasoning in each script; the answer block does not count.
+        let mixed = "<think>m+u+k=w;1+0+0=1</think><answer>19</answer>";
+        assert_eq!(r.score(&sample(&q, mixed, 0, false)), Some(0.5));
+        let rev =
+            Problem { task: "reverse".into(), prompt: "rab=".into(), answer: "ba".into(), solution: String::new() };
+        assert_eq!(r.score(&sample(&rev, "<think>b;a</think><answer>ba</answer>", 0, false)), None);
+        // Every reward not applicable: no total.
+        let only_lang = RewardSet::parse("language", 96).unwrap();
+        assert!(only_lang.score(&sample(&rev, "x", 1, false)).total.is_nan());
+    }
+
+    #[test]
+    fn length_shaping_matches_its_piecewise_formulas_at_the_boundaries() {
+        let p = add_problem();
+        let o = OverlongPenalty { max_len: 100, buffer: 20 };
+        let at = |n: usize, tr: bool| o.score(&sample(&p, "", n, tr)).unwrap();
+        assert_eq!(at(0, false), 0.0);
+        assert_eq!(at(80, false), 0.0);
+        assert!((at(90, false) + 0.5).abs() < 1e-12);
+        assert!((at(100, false) + 1.0).abs() < 1e-12);
+        assert_eq!(at(101, false), -1.0);
+        assert_eq!(at(50, true), -1.0);
+
+        let c = CosineLength::new(100);
+        let good = "<think></think><answer>19</answer>";
+        let bad = "<think></think><answer>18</answer>";
+        let cos = |text: &str, n: usize| c.score(&sample(&p, text, n, false)).unwrap();
+        assert!((cos(good, 0) - 1.0).abs() < 1e-12);
+        assert!((cos(good, 100) - 0.5).abs() < 1e-12);
+        assert!((cos(good, 50) - 0.75).abs() < 1e-12);
+        assert!((cos(bad, 0) + 1.0).abs() < 1e-12);
+        assert!((cos(bad, 100) + 0.5).abs() < 1e-12);
+        assert!((cos(bad, 200) + 0.5).abs() < 1e-12, "capped at max_len");
+    }
+}

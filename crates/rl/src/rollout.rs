@@ -1,0 +1,192 @@
+//! Rollouts: G sampled completions per prompt, and the per-token log-probabilities of a batch of
+//! rollouts under a policy (the quantity every RL loss here is written in).
+//!
+//! Sampling goes through the model's cached generation (prefill, then one token per step). Scoring
+//! re-runs the whole `prompt + completion` in one training forward; at the sampling temperature it
+//! gives the log-probs the sampler saw (spec/rl.md section 7: logits are divided by the sampling
+//! temperature in both places).
+
+use whale_parallel::model::generate::SamplingConfig;
+use whale_parallel::model::tensor::{Device, Rng, Tensor};
+use whale_parallel::model::tokenizer::Tokenizer;
+use whale_parallel::model::DeepSeekV3;
+
+use crate::tasks::Problem;
+use crate::{Error, Result};
+
+/// How completions are sampled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutConfig {
+    /// Completions per prompt (G).
+    pub group_size: usize,
+    pub temperature: f32,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub max_new_tokens: usize,
+}
+
+impl RolloutConfig {
+    fn sampling(&self, eos: u32) -> SamplingConfig {
+        SamplingConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            stop_tokens: vec![eos],
+        }
+    }
+}
+
+/// One sampled completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    /// Index of its problem in the slice given to [`sample_groups`].
+    pub problem: usize,
+    pub prompt: Vec<u32>,
+    /// Completion tokens, up to and including EOS when it was produced.
+    pub tokens: Vec<u32>,
+    /// Log-probs the sampler drew each token with (temperature applied).
+    pub sample_logprobs: Vec<f32>,
+    /// Stopped by the length limit, not by EOS.
+    pub truncated: bool,
+    /// The decoded completion (ends at EOS: rewards never see text past it).
+    pub text: String,
+}
+
+/// `cfg.group_size` completions for each problem, grouped: rollouts `i*G .. (i+1)*G` belong to
+/// problem `i`.
+pub fn sample_groups(
+    model: &DeepSeekV3,
+    tok: &dyn Tokenizer,
+    problems: &[Problem],
+    cfg: &RolloutConfig,
+    rng: &mut Rng,
+) -> Result<Vec<Rollout>> {
+    if cfg.group_size == 0 {
+        return Err(Error::Rl("rollout group_size must be at least 1".into()));
+    }
+    let prompts: Vec<Vec<u32>> =
+        problems.iter().map(|p| tok.encode(&p.prompt)).collect::<std::result::Result<_, _>>()?;
+    let repeated: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), cfg.group_size)).collect();
+    let gens = model.generate(&repeated, &cfg.sampling(tok.eos_id()), rng)?;
+    Ok(gens
+        .into_iter()
+        .zip(repeated)
+        .enumerate()
+        .map(|(i, (g, prompt))| Rollout {
+            problem: i / cfg.group_size,
+            text: tok.decode(&g.tokens),
+            prompt,
+            tokens: g.tokens,
+            sample_logprobs: g.logprobs,
+            truncated: g.truncated,
+        })
+        .collect())
+}
+
+/// Rollouts packed into one right-padded batch: row `i` is `prompt_i ++ completion_i ++ pad`.
+/// Column `t` of the `[n, len - 1]` per-token tensors is the prediction of token `t + 1`.
+#[derive(Debug, Clone)]
+pub struct PackedBatch {
+    /// `[n, len]`.
+    pub ids: Tensor,
+    pub n: usize,
+    pub len: usize,
+    /// `[n * (len - 1)]`: 1 where column `t` predicts a completion token of row `i`.
+    pub mask: Vec<f32>,
+    /// Completion tokens per row.
+    pub lengths: Vec<usize>,
+    /// First column of each row's completion (`prompt_len - 1`).
+    pub starts: Vec<usize>,
+}
+
+impl PackedBatch {
+    pub fn new(rollouts: &[&Rollout], pad: u32) -> Result<Self> {
+        let n = rollouts.len();
+        if n == 0 {
+            return Err(Error::Rl("cannot pack an empty batch of rollouts".into()));
+        }
+        if let Some(r) = rollouts.iter().find(|r| r.prompt.is_empty()) {
+            return Err(Error::Rl(format!("rollout of problem {} has an empty prompt", r.problem)));
+        }
+        let len = rollouts.iter().map(|r| r.prompt.len() + r.tokens.len()).max().expect("n > 0").max(2);
+        let cols = len - 1;
+        let (mut ids, mut mask) = (Vec::with_capacity(n * len), vec![0.0f32; n * cols]);
+        let (mut lengths, mut starts) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for (i, r) in rollouts.iter().enumerate() {
+            let row: Vec<i64> = r.prompt.iter().chain(&r.tokens).map(|&t| t as i64).collect();
+            ids.extend(&row);
+            ids.extend(std::iter::repeat_n(pad as i64, len - row.len()));
+            let start = r.prompt.len() - 1;
+            mask[i * cols + start..i * cols + start + r.tokens.len()].fill(1.0);
+            lengths.push(r.tokens.len());
+            starts.push(start);
+        }
+        Ok(PackedBatch { ids: Tensor::from_vec(ids, &[n, len], &Device::Cpu)?, n, len, mask, lengths, starts })
+    }
+
+    /// The `[n, len - 1]` mask as a tensor.
+    pub fn mask_tensor(&self) -> Result<Tensor> {
+        Ok(Tensor::from_slice(&self.mask, &[self.n, self.len - 1], &Device::Cpu)?)
+    }
+
+    /// Spreads one value per completion token (row `i`: `lengths[i]` values) onto the
+    /// `[n, len - 1]` grid, zeros elsewhere.
+    pub fn scatter_tokens(&self, per_row: &[Vec<f32>]) -> Result<Tensor> {
+        let cols = self.len - 1;
+        let mut out = vec![0.0f32; self.n * cols];
+        for (i, vals) in per_row.iter().enumerate() {
+            if vals.len() != self.lengths[i] {
+                return Err(Error::Rl(format!("row {i}: {} values for {} tokens", vals.len(), self.lengths[i])));
+            }
+            out[i * cols + self.starts[i]..i * cols + self.starts[i] + vals.len()].copy_from_slice(vals);
+        }
+        Ok(Tensor::from_vec(out, &[self.n, cols], &Device::Cpu)?)
+    }
+
+    /// The completion part of row `i` of a `[n, len - 1]` grid of values.
+    pub fn row_tokens<'a>(&self, grid: &'a [f32], i: usize) -> &'a [f32] {
+        let at = i * (self.len - 1) + self.starts[i];
+        &grid[at..at + self.lengths[i]]
+    }
+}
+
+/// What scoring a batch gives.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    /// `[n, len - 1]` log-probs of each next token at the temperature (differentiable when
+    /// gradients are on); meaningful where the batch mask is 1.
+    pub logprobs: Tensor,
+    /// Mean entropy (nats) of the next-token distribution over the masked positions.
+    pub entropy: f64,
+}
+
+/// Per-token log-probs of the packed rollouts under `model` with logits divided by `temperature`.
+pub fn score(model: &DeepSeekV3, batch: &PackedBatch, temperature: f32) -> Result<Scored> {
+    if temperature <= 0.0 {
+        return Err(Error::Rl(format!("scoring temperature must be positive, got {temperature}")));
+    }
+    let (n, cols) = (batch.n, batch.len - 1);
+    let logits = model.logits(&batch.ids.narrow(1, 0, cols)?)?;
+    let logp = logits.mul_scalar(1.0 / temperature)?.log_softmax_last_dim()?;
+    let next = batch.ids.narrow(1, 1, cols)?.contiguous()?.unsqueeze(2)?;
+    let logprobs = logp.gather(2, &next)?.squeeze(2)?;
+    let entropy = {
+        let vocab = logp.dims()[2];
+        let lp = logp.detach().to_vec_f32()?;
+        let (mut sum, mut count) = (0.0f64, 0.0f64);
+        for (row, &m) in batch.mask.iter().enumerate().take(n * cols) {
+            if m > 0.0 {
+                let l = &lp[row * vocab..(row + 1) * vocab];
+                sum -= l.iter().map(|&x| (x as f64).exp() * x as f64).sum::<f64>();
+                count += 1.0;
+            }
+        }
+        if count > 0.0 {
+            sum / count
+        } else {
+            0.0
+        }
+    };
+    Ok(Scored { logprobs, entropy })
+}

@@ -1,0 +1,345 @@
+//! GRPO's maths (spec/rl.md section 7's tests) and the rollout plumbing it stands on.
+
+use whale_rl::grpo::{
+    aggregation_weights, checkable_steps, grid, group_advantages, grpo_loss, process_advantages, GrpoConfig,
+    GrpoTrainer, LossInputs, LossType, ScaleRewards,
+};
+use whale_rl::parallel::model::config::DeepSeekV3Config;
+use whale_rl::parallel::model::tensor::testing::GradCheck;
+use whale_rl::parallel::model::tensor::Rng;
+use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
+use whale_rl::parallel::model::DeepSeekV3;
+use whale_rl::rollout::{sample_groups, score, PackedBatch, Rollout, RolloutConfig};
+use whale_rl::tasks::{Problem, Split, TaskSet};
+
+fn tiny_model(seed: u64) -> DeepSeekV3 {
+    DeepSeekV3::new(DeepSeekV3Config::tiny(), seed).unwrap()
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * (1.0 + b.abs())
+}
+
+#[test]
+fn advantages_are_group_normalised_with_sample_std() {
+    // Dr. GRPO's worked example: rewards [1,1,1,0] -> +0.58 x3, -1.73 (ddof = 1, +1e-4).
+    let a = group_advantages(&[1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0], 4, ScaleRewards::Group);
+    let s1 = (1.0f64 / 3.0).sqrt(); // std of [1,0,1,0] with ddof 1 = sqrt(1/3)
+    assert!(close(a[0], 0.5 / (s1 + 1e-4), 1e-12));
+    assert!(close(a[1], -0.5 / (s1 + 1e-4), 1e-12));
+    assert!(close(a[4], 0.25 / (0.5 + 1e-4), 1e-12), "{}", a[4]);
+    assert!(close(a[7], -0.75 / (0.5 + 1e-4), 1e-12));
+    // Equal rewards: exactly zero advantage.
+    assert_eq!(group_advantages(&[1.0, 1.0, 1.0], 3, ScaleRewards::Group), vec![0.0; 3]);
+    // No scaling (Dr. GRPO) and batch scaling.
+    assert_eq!(group_advantages(&[1.0, 0.0, 1.0, 1.0], 2, ScaleRewards::None), vec![0.5, -0.5, 0.0, 0.0]);
+    let b = group_advantages(&[1.0, 0.0, 1.0, 1.0], 2, ScaleRewards::Batch);
+    assert!(close(b[0], 0.5 / (0.5 + 1e-4), 1e-12), "{b:?}");
+    // A NaN reward (no reward applied) is out of the baseline and gets 0.
+    let c = group_advantages(&[1.0, f64::NAN, 0.0], 3, ScaleRewards::None);
+    assert_eq!(c, vec![0.5, 0.0, -0.5]);
+}
+
+#[test]
+fn process_advantages_sum_the_normalised_rewards_of_later_steps() {
+    // Two completions, steps ending at tokens: A: (1, r=1), (3, r=0); B: (2, r=1).
+    let steps = vec![vec![(1, 1.0), (3, 0.0)], vec![(2, 1.0)]];
+    let adv = process_advantages(&steps, &[4, 3]);
+    let (mean, std) = (2.0 / 3.0, (1.0f64 / 3.0).sqrt());
+    let n = |r: f64| (r - mean) / (std + 1e-4);
+    assert!(close(adv[0][0], n(1.0) + n(0.0), 1e-12));
+    assert!(close(adv[0][1], n(1.0) + n(0.0), 1e-12));
+    assert!(close(adv[0][2], n(0.0), 1e-12));
+    assert!(close(adv[0][3], n(0.0), 1e-12));
+    assert!(adv[1].iter().all(|&a| close(a, n(1.0), 1e-12)));
+}
+
+#[test]
+fn addition_steps_are_checked_one_by_one() {
+    let p = Problem {
+        task: "add".into(),
+        prompt: "12+7=".into(),
+        answer: "19".into(),
+        solution: "<think>2+7+0=9;1+0+0=1</think><answer>19</answer>".into(),
+    };
+    let text = "<think>2+7+0=9;1+0+0=2</think><answer>29</answer><eos>";
+    let steps = checkable_steps(&p, text).unwrap();
+    assert_eq!(steps.iter().map(|s| s.1).collect::<Vec<_>>(), vec![1.0, 0.0, 0.0]);
+    assert_eq!(&text[..steps[0].0], "<think>2+7+0=9");
+    assert_eq!(&text[..steps[1].0], "<think>2+7+0=9;1+0+0=2");
+    assert!(text[..steps[2].0].ends_with("</answer>"));
+    let count = Problem { task: "countdown".into(), ..p };
+    assert!(checkable_steps(&count, text).is_none());
+}
+
+/// Log-probs as variables, the others as constants, for the loss-level tests.
+fn inputs(l: &[Vec<f32>], old: &[Vec<f32>], reference: &[Vec<f32>], adv: &[Vec<f32>], w: &[Vec<f32>]) -> LossInputs {
+    LossInputs {
+        logprobs: grid(l).unwrap().variable(),
+        old: grid(old).unwrap(),
+        reference: Some(grid(reference).unwrap()),
+        advantages: grid(adv).unwrap(),
+        weights: grid(w).unwrap(),
+    }
+}
+
+#[test]
+fn on_policy_loss_is_zero_but_its_gradient_is_the_closed_form() {
+    // mu = 1: old = current, so rho = 1 and no clip binds. Two completions of lengths 3 and 2,
+    // advantages +1 / -1 (a centred group), grpo aggregation weights 1 / (G |o_i|).
+    let l = vec![vec![-0.5f32, -1.2, -0.1], vec![-2.0, -0.3, 0.0]];
+    let reference = vec![vec![-0.7f32, -1.0, -0.4], vec![-1.5, -0.2, 0.0]];
+    let adv = vec![vec![1.0f32; 3], vec![-1.0; 3]];
+    let w = vec![vec![1.0 / 6.0; 3], vec![0.25, 0.25, 0.0]];
+    let beta = 0.04;
+    let inp = inputs(&l, &l, &reference, &adv, &w);
+    let (loss, stats) = grpo_loss(&inp, 0.2, 0.2, 0.0).unwrap();
+    assert!(loss.to_scalar().unwrap().abs() < 1e-6, "the mu = 1 loss value is ~0");
+    assert_eq!((stats.clip_low, stats.clip_high), (0.0, 0.0), "no clipping at rho = 1");
+    loss.backward().unwrap();
+    let g0 = inp.logprobs.grad().unwrap().to_vec_f32().unwrap();
+    assert!(g0.iter().any(|&g| g.abs() > 0.1), "but the gradient is not zero");
+
+    // With the KL term: d loss / d l = -w (A + beta (pi_ref / pi - 1)) (spec 1.2).
+    let inp = inputs(&l, &l, &reference, &adv, &w);
+    let (loss, stats) = grpo_loss(&inp, 0.2, 0.2, beta).unwrap();
+    loss.backward().unwrap();
+    let g = inp.logprobs.grad().unwrap().to_vec_f32().unwrap();
+    for i in 0..2 {
+        for t in 0..3 {
+            let k = i * 3 + t;
+            let want = -w[i][t] as f64
+                * (adv[i][t] as f64 + beta as f64 * ((reference[i][t] - l[i][t]) as f64).exp() - beta as f64);
+            assert!(close(g[k] as f64, want, 1e-5), "token ({i},{t}): {} vs {want}", g[k]);
+        }
+    }
+    // The KL statistic is the mean k3 over the weighted tokens, and k3 >= 0.
+    let k3: f64 = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+        .iter()
+        .map(|&(i, t)| {
+            let d = (reference[i][t] - l[i][t]) as f64;
+            d.exp() - d - 1.0
+        })
+        .sum();
+    assert!(close(stats.kl, k3, 1e-5) && stats.tokens == 5.0, "{stats:?}");
+}
+
+#[test]
+fn off_policy_loss_gradient_matches_finite_differences_and_clips() {
+    // rho away from the kinks at 0.8 and 1.2: inside, clipped above with A > 0 (no gradient),
+    // clipped below with A < 0 (no gradient), and outside the clip on the harmless side.
+    let old = vec![vec![-1.0f32, -1.0, -1.0, -1.0]];
+    let l = vec![vec![-0.9f32, -0.5, -1.5, -1.4]];
+    let adv = vec![vec![0.7f32, 0.7, -0.4, 0.9]];
+    let w = vec![vec![0.25f32; 4]];
+    let reference = vec![vec![-1.1f32, -0.8, -1.2, -1.3]];
+    let inp = inputs(&l, &old, &reference, &adv, &w);
+    let (loss, stats) = grpo_loss(&inp, 0.2, 0.2, 0.1).unwrap();
+    assert_eq!(stats.clip_high, 1.0, "token 1: rho = e^0.5 > 1.2 with A > 0");
+    assert_eq!(stats.clip_low, 1.0, "token 2: rho = e^-0.5 < 0.8 with A < 0");
+    loss.backward().unwrap();
+    let g = inp.logprobs.grad().unwrap().to_vec_f32().unwrap();
+    // Clipped tokens carry only the KL gradient.
+    for t in [1usize, 2] {
+        let kl_only = 0.25 * 0.1 * (1.0 - ((reference[0][t] - l[0][t]) as f64).exp());
+        assert!(close(g[t] as f64, kl_only, 1e-5), "token {t}: {} vs {kl_only}", g[t]);
+    }
+    let check = GradCheck::default();
+    let (o, r, a, wt) = (grid(&old).unwrap(), grid(&reference).unwrap(), grid(&adv).unwrap(), grid(&w).unwrap());
+    check
+        .run(&[grid(&l).unwrap()], |x| {
+            let inp = LossInputs {
+                logprobs: x[0].clone(),
+                old: o.clone(),
+                reference: Some(r.clone()),
+                advantages: a.clone(),
+                weights: wt.clone(),
+            };
+            Ok(grpo_loss(&inp, 0.2, 0.2, 0.1)
+                .map_err(|e| whale_rl::parallel::model::tensor::Error::InvalidArgument {
+                    op: "grpo_loss",
+                    msg: e.to_string(),
+                })?
+                .0)
+        })
+        .unwrap();
+}
+
+fn rollout(prompt: usize, tokens: usize) -> Rollout {
+    Rollout {
+        problem: 0,
+        prompt: vec![8; prompt],
+        tokens: vec![9; tokens],
+        sample_logprobs: vec![0.0; tokens],
+        truncated: false,
+        text: String::new(),
+    }
+}
+
+#[test]
+fn dr_grpo_weights_do_not_depend_on_completion_length_and_dapo_counts_the_whole_step() {
+    let rs = [rollout(3, 2), rollout(2, 6), rollout(4, 4)];
+    let refs: Vec<&Rollout> = rs.iter().collect();
+    let lengths = [2usize, 6, 4];
+    let active = [true; 3];
+    let batch = PackedBatch::new(&refs, 0).unwrap();
+    let weights = |lt| aggregation_weights(lt, &batch, 0..3, &active, &lengths, 1, 10).unwrap().to_vec_f32().unwrap();
+    let row_weights = |w: &[f32], i: usize| batch.row_tokens(w, i).to_vec();
+    let dr = weights(LossType::DrGrpo);
+    for i in 0..3 {
+        assert!(row_weights(&dr, i).iter().all(|&x| (x - 1.0 / 30.0).abs() < 1e-9), "dr_grpo: 1 / (B * max_len)");
+    }
+    let grpo = weights(LossType::Grpo);
+    assert!(
+        (row_weights(&grpo, 0)[0] - 1.0 / 6.0).abs() < 1e-7 && (row_weights(&grpo, 1)[0] - 1.0 / 18.0).abs() < 1e-7
+    );
+    // Each completion's weights sum to 1 / G under grpo; all tokens to 1 under dapo.
+    let dapo = weights(LossType::Dapo);
+    assert!((dapo.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    assert_eq!(dapo.iter().filter(|&&x| x > 0.0).count(), 12, "only completion tokens carry weight");
+    // Split the step in two micro-batches: dapo weights are unchanged (global token count).
+    let first = PackedBatch::new(&refs[..2], 0).unwrap();
+    let w1 = aggregation_weights(LossType::Dapo, &first, 0..2, &active, &lengths, 2, 10).unwrap().to_vec_f32().unwrap();
+    assert!(w1.iter().filter(|&&x| x > 0.0).all(|&x| (x - 1.0 / 12.0).abs() < 1e-9));
+}
+
+#[test]
+fn scoring_a_rollout_gives_the_log_probs_it_was_sampled_with() {
+    let model = tiny_model(7);
+    let tok = CharTokenizer::new();
+    let problems: Vec<Problem> = TaskSet::parse("add:1-3").unwrap().problems(3, 5, Split::Train);
+    let cfg = RolloutConfig { group_size: 3, temperature: 0.7, top_p: None, top_k: None, max_new_tokens: 12 };
+    let rollouts = sample_groups(&model, &tok, &problems, &cfg, &mut Rng::new(1)).unwrap();
+    assert_eq!(rollouts.len(), 9);
+    assert!(rollouts.iter().all(|r| r.truncated != r.tokens.ends_with(&[tok.eos_id()])));
+    // Ragged prompts (1-3 digit operands) and completions packed in one batch.
+    let batch = PackedBatch::new(&rollouts.iter().collect::<Vec<_>>(), tok.pad_id()).unwrap();
+    let s = score(&model, &batch, 0.7).unwrap();
+    let lp = s.logprobs.to_vec_f32().unwrap();
+    for (i, r) in rollouts.iter().enumerate() {
+        let scored = batch.row_tokens(&lp, i);
+        for (a, b) in scored.iter().zip(&r.sample_logprobs) {
+            assert!((a - b).abs() < 2e-4, "rollout {i}: scored {a} vs sampled {b}");
+        }
+    }
+    assert!(s.entropy > 0.0 && s.entropy < (tok.vocab_size() as f64).ln() + 1e-6);
+}
+
+#[test]
+fn a_group_with_constant_rewards_gives_no_policy_gradient() {
+    let model = tiny_model(3);
+    let tok = CharTokenizer::new();
+    let problems = TaskSet::parse("add:2").unwrap().problems(1, 2, Split::Train);
+    let cfg = RolloutConfig { group_size: 4, temperature: 1.0, top_p: None, top_k: None, max_new_tokens: 10 };
+    let rollouts = sample_groups(&model, &tok, &problems, &cfg, &mut Rng::new(4)).unwrap();
+    let adv = group_advantages(&[0.0; 4], 4, ScaleRewards::Group);
+    let batch = PackedBatch::new(&rollouts.iter().collect::<Vec<_>>(), tok.pad_id()).unwrap();
+    let lengths: Vec<usize> = rollouts.iter().map(|r| r.tokens.len()).collect();
+    let s = score(&model, &batch, 1.0).unwrap();
+    let per_row: Vec<Vec<f32>> = lengths.iter().zip(&adv).map(|(&n, &a)| vec![a as f32; n]).collect();
+    let inp = LossInputs {
+        old: s.logprobs.detach(),
+        logprobs: s.logprobs,
+        reference: None,
+        advantages: batch.scatter_tokens(&per_row).unwrap(),
+        weights: aggregation_weights(LossType::Grpo, &batch, 0..4, &[true; 4], &lengths, 1, 10).unwrap(),
+    };
+    let (loss, _) = grpo_loss(&inp, 0.2, 0.2, 0.0).unwrap();
+    loss.backward().unwrap();
+    for (name, p) in model.params.iter() {
+        if let Some(g) = p.grad() {
+            assert!(g.to_vec_f32().unwrap().iter().all(|&x| x == 0.0), "{name} has a gradient");
+        }
+    }
+}
+
+fn small_run(micro_batch: usize, loss_type: LossType) -> GrpoConfig {
+    GrpoConfig {
+        steps: 2,
+        prompts_per_step: 3,
+        group_size: 4,
+        max_new_tokens: 10,
+        micro_batch,
+        loss_type,
+        beta: 0.05,
+        num_iterations: 2,
+        minibatches: 1,
+        warmup: 0,
+        lr: 1e-3,
+        rewards: "accuracy,format:0.5,overlong".into(),
+        tasks: "add:1".into(),
+        log_completions_every: 0,
+        seed: 11,
+        ..GrpoConfig::default()
+    }
+}
+
+#[test]
+fn micro_batching_does_not_change_the_update() {
+    for lt in [LossType::Grpo, LossType::Dapo, LossType::DrGrpo] {
+        let run = |mb: usize| {
+            let mut t = GrpoTrainer::new(tiny_model(5), small_run(mb, lt), Box::new(CharTokenizer::new())).unwrap();
+            let log = t.train_step().unwrap();
+            (t.policy.params.get("lm_head.weight").unwrap().to_vec_f32().unwrap(), log)
+        };
+        let (whole, log) = run(64);
+        let (split, _) = run(5);
+        let diff = whole.iter().zip(&split).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 1e-6, "{lt:?}: max difference {diff}");
+        for key in ["reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "entropy", "kl"] {
+            assert!(log.get(key).is_finite(), "{key} logged");
+        }
+        assert!(log.get("kl") >= 0.0);
+    }
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let bad = GrpoConfig { minibatches: 0, ..GrpoConfig::default() };
+    let err = GrpoTrainer::new(tiny_model(1), bad, Box::new(CharTokenizer::new())).unwrap_err().to_string();
+    assert!(err.contains("minibatches"), "{err}");
+    let err = serde_json::from_str::<GrpoConfig>(r#"{"epsilon_hi": 0.3}"#).unwrap_err().to_string();
+    assert!(err.contains("epsilon_hi"), "{err}");
+    let fresh = GrpoConfig { rewards: "accuracy,speed".into(), ..GrpoConfig::default() };
+    let err = GrpoTrainer::new(tiny_model(1), fresh, Box::new(CharTokenizer::new())).unwrap_err().to_string();
+    assert!(err.contains("speed"), "{err}");
+}
+
+#[test]
+fn gae_with_unit_gamma_and_lambda_and_no_kl_is_return_minus_value() {
+    use whale_rl::ppo::gae;
+    let values = [0.3, -0.2, 0.9, 0.1];
+    let rewards = [0.0, 0.0, 0.0, 1.0];
+    let (adv, ret) = gae(&rewards, &values, 1.0, 1.0);
+    for t in 0..4 {
+        assert!(close(adv[t], 1.0 - values[t], 1e-12), "A_{t} = R - V_t");
+        assert!(close(ret[t], 1.0, 1e-12), "returns are the Monte-Carlo return");
+    }
+    // lambda = 0: one-step TD errors.
+    let (adv0, _) = gae(&rewards, &values, 1.0, 0.0);
+    assert!(close(adv0[0], values[1] - values[0], 1e-12));
+    assert!(close(adv0[3], 1.0 - values[3], 1e-12));
+    // gamma < 1 discounts the final reward.
+    let (adv_g, _) = gae(&[0.0, 1.0], &[0.0, 0.0], 0.5, 1.0);
+    assert!(close(adv_g[0], 0.5, 1e-12) && close(adv_g[1], 1.0, 1e-12));
+}
+
+#[test]
+fn ppo_steps_train_the_policy_and_the_critic_on_the_same_budget() {
+    use whale_rl::ppo::{PpoConfig, PpoTrainer};
+    let cfg = GrpoConfig { beta: 0.0, num_iterations: 1, ..small_run(64, LossType::Grpo) };
+    let mut t = PpoTrainer::new(tiny_model(5), cfg, PpoConfig::default(), Box::new(CharTokenizer::new())).unwrap();
+    let head0 = t.critic.head.to_vec_f32().unwrap();
+    let w0 = t.policy.params.get("lm_head.weight").unwrap().to_vec_f32().unwrap();
+    let log = t.train_step().unwrap();
+    assert_ne!(t.critic.head.to_vec_f32().unwrap(), head0, "the value head learned");
+    assert_ne!(t.policy.params.get("lm_head.weight").unwrap().to_vec_f32().unwrap(), w0, "the policy moved");
+    for key in ["reward", "policy_loss", "value_loss", "kl", "entropy", "completions/mean_length"] {
+        assert!(log.get(key).is_finite(), "{key}: {}", log.get(key));
+    }
+    // The same number of completions per step as GRPO: prompts_per_step * group_size.
+    assert!(log.get("num_tokens") >= (3 * 4 * 5) as f64);
+    let bad = PpoConfig { ppo_epochs: 0, ..PpoConfig::default() };
+    let err = PpoTrainer::new(tiny_model(5), small_run(64, LossType::Grpo), bad, Box::new(CharTokenizer::new()));
+    assert!(err.unwrap_err().to_string().contains("ppo_epochs"));
+}
