@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use whale_rl::eval::{evaluate, EvalConfig};
-use whale_rl::parallel::model::generate::SamplingConfig;
+use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::DeepSeekV3;
@@ -31,6 +31,9 @@ pub struct EvalArgs {
     pub temperature: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The decode cache: naive (per-head K/V) or absorb (the MLA latent).
+    #[arg(long, default_value = "absorb")]
+    pub cache: String,
     /// Print the greedy completions of the first N problems.
     #[arg(long, default_value_t = 0)]
     pub show: usize,
@@ -43,18 +46,21 @@ pub fn run(a: EvalArgs) -> Result<()> {
         Some(path) => load_jsonl(path)?,
         None => TaskSet::parse(&a.tasks)?.held_out(a.problems, a.seed),
     };
-    let cfg = EvalConfig { samples: a.k, temperature: a.temperature, ..EvalConfig::default() };
+    let cache = CacheMode::parse(&a.cache).with_context(|| format!("--cache {}: expected naive or absorb", a.cache))?;
+    let cfg = EvalConfig { samples: a.k, temperature: a.temperature, cache, ..EvalConfig::default() };
     let tok = CharTokenizer::new();
     if a.show > 0 {
         let shown = &problems[..a.show.min(problems.len())];
         let prompts: Vec<Vec<u32>> = shown.iter().map(|p| tok.encode(&p.prompt)).collect::<Result<_, _>>()?;
-        let cfg = SamplingConfig::greedy(cfg.max_new_tokens, vec![tok.eos_id()]);
+        let cfg = SamplingConfig { cache, ..SamplingConfig::greedy(cfg.max_new_tokens, vec![tok.eos_id()]) };
         for (p, g) in shown.iter().zip(model.generate(&prompts, &cfg, &mut Rng::new(a.seed))?) {
             let text = tok.decode(&g.tokens);
             println!("{}{}  [{}]", p.prompt, text, if verify(p, &text) { "correct" } else { "wrong" });
         }
     }
+    let t0 = std::time::Instant::now();
     let r = evaluate(&model, &tok, &problems, &cfg)?;
+    println!("evaluated in {:.1} s ({:?} cache)", t0.elapsed().as_secs_f64(), cache);
     crate::pretrain::print_report(&a.checkpoint.display().to_string(), &r);
     for (task, p1) in &r.per_task {
         println!("  {task}: pass@1 {p1:.3}");

@@ -84,3 +84,51 @@ fn an_existing_run_is_not_overwritten_and_bad_config_keys_are_named() {
         assert!(svg.starts_with("<svg") && svg.contains("polyline") || svg.contains("<rect"), "{chart}");
     }
 }
+
+#[test]
+fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after() {
+    let dir = tmpdir("r1zero");
+    let base = dir.join("base");
+    let out = whale().args(["pretrain", "--out", base.to_str().unwrap(), "--steps", "2"]).args(SMALL).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ckpt = base.join("checkpoint");
+    for algo in ["grpo", "ppo"] {
+        let run = dir.join(algo);
+        let args = [
+            "r1-zero",
+            "--base",
+            ckpt.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--algo",
+            algo,
+            "--steps",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--group-size",
+            "2",
+            "--eval-problems",
+            "2",
+            "--k",
+            "2",
+            "--tasks",
+            "add:1",
+        ];
+        let out = whale().args(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{algo}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("| base |") && stdout.contains("| R1-Zero") && stdout.contains("pass@1"), "{stdout}");
+        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        assert_eq!(metrics.lines().count(), 2, "one metrics line per step");
+        let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+        assert!(first["reward"].is_number() && first["completions/mean_length"].is_number(), "{first}");
+        assert!(run.join("checkpoint/model.safetensors").exists() && run.join("eval_before.json").exists());
+        assert!(std::fs::read_to_string(run.join("completions.jsonl")).unwrap().contains("\"completion\""));
+        // The finished run is never overwritten.
+        let again = whale().args(args).output().unwrap();
+        assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already holds a run"));
+    }
+    let bad = whale().args(["r1-zero", "--base", dir.join("missing").to_str().unwrap()]).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("missing"));
+}

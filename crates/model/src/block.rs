@@ -4,7 +4,7 @@
 use whale_tensor::Tensor;
 
 use crate::config::DeepSeekV3Config;
-use crate::mla::MultiHeadLatentAttention;
+use crate::mla::{CacheMode, LayerCache, MultiHeadLatentAttention};
 use crate::moe::DeepSeekMoE;
 use crate::nn::{ParamBuilder, RmsNorm, SwiGluMlp};
 use crate::Result;
@@ -75,9 +75,10 @@ impl DecoderLayer {
         &self,
         h: &Tensor,
         positions: &[usize],
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut Option<LayerCache>,
+        mode: CacheMode,
     ) -> Result<Tensor> {
-        let a = self.self_attn.forward_cached(&self.input_layernorm.forward(h)?, positions, cache)?;
+        let a = self.self_attn.forward_cached(&self.input_layernorm.forward(h)?, positions, cache, mode)?;
         let h = h.add(&a)?;
         let x = self.post_attention_layernorm.forward(&h)?;
         let f = match &self.mlp {

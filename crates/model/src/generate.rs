@@ -1,5 +1,5 @@
-//! Generation: prefill then token-by-token decode with a per-layer key/value cache (the `naive`
-//! MLA cache of spec 1.5: per-head K and V), greedy or temperature / top-k / top-p sampling,
+//! Generation: prefill then token-by-token decode with a per-layer cache (MLA's `naive` per-head
+//! K/V or `absorb` latent, spec 1.5), greedy or temperature / top-k / top-p sampling,
 //! per-sequence stop tokens and a length limit.
 //!
 //! Prompts of different lengths are decoded in separate groups of equal length, so no sequence
@@ -10,22 +10,29 @@ use std::collections::BTreeMap;
 use whale_tensor::{no_grad, Device, Rng, Tensor};
 
 use crate::deepseek_v3::DeepSeekV3;
+pub use crate::mla::{CacheMode, LayerCache};
 use crate::{Error, Result};
 
-/// Per-layer cached keys `[batch, heads, t, qk]` and values `[batch, heads, t, v]`.
+/// Every layer's cached tokens, in one [`CacheMode`].
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
-    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    pub mode: CacheMode,
+    pub layers: Vec<Option<LayerCache>>,
 }
 
 impl KvCache {
+    /// An empty naive cache.
     pub fn new(n_layers: usize) -> Self {
-        KvCache { layers: vec![None; n_layers] }
+        Self::with_mode(n_layers, CacheMode::Naive)
+    }
+
+    pub fn with_mode(n_layers: usize, mode: CacheMode) -> Self {
+        KvCache { mode, layers: vec![None; n_layers] }
     }
 
     /// Cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, LayerCache::len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -42,15 +49,24 @@ pub struct SamplingConfig {
     pub max_new_tokens: usize,
     /// Generation of a sequence stops after any of these tokens (which is kept).
     pub stop_tokens: Vec<u32>,
+    /// What the decode cache keeps (the tokens do not depend on it beyond float rounding).
+    pub cache: CacheMode,
 }
 
 impl SamplingConfig {
     pub fn greedy(max_new_tokens: usize, stop_tokens: Vec<u32>) -> Self {
-        SamplingConfig { temperature: 0.0, top_k: None, top_p: None, max_new_tokens, stop_tokens }
+        SamplingConfig {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            max_new_tokens,
+            stop_tokens,
+            cache: CacheMode::Naive,
+        }
     }
 
     pub fn sampled(temperature: f32, max_new_tokens: usize, stop_tokens: Vec<u32>) -> Self {
-        SamplingConfig { temperature, top_k: None, top_p: None, max_new_tokens, stop_tokens }
+        SamplingConfig { temperature, top_k: None, top_p: None, max_new_tokens, stop_tokens, cache: CacheMode::Naive }
     }
 }
 
@@ -118,13 +134,13 @@ impl DeepSeekV3 {
     /// Logits `[batch, s, vocab]` for `ids` (`[batch, s]`) continuing the cached positions.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         if cache.layers.len() != self.layers.len() {
-            *cache = KvCache::new(self.layers.len());
+            *cache = KvCache::with_mode(self.layers.len(), cache.mode);
         }
         let start = cache.len();
         let positions: Vec<usize> = (start..start + ids.dims()[1]).collect();
         let mut h = self.embed(ids)?;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward_cached(&h, &positions, slot)?;
+            h = layer.forward_cached(&h, &positions, slot, cache.mode)?;
         }
         Ok(self.lm_head.forward(&self.norm.forward(&h)?)?.to_dtype(whale_tensor::DType::F32)?)
     }
@@ -181,7 +197,7 @@ impl DeepSeekV3 {
         let b = members.len();
         let vocab = self.config.vocab_size;
         let ids: Vec<i64> = members.iter().flat_map(|&i| prompts[i].iter().map(|&t| t as i64)).collect();
-        let mut cache = KvCache::new(self.layers.len());
+        let mut cache = KvCache::with_mode(self.layers.len(), cfg.cache);
         let mut logits =
             self.forward_cached(&Tensor::from_vec(ids, &[b, len], &Device::Cpu)?, &mut cache)?.narrow(1, len - 1, 1)?;
         let mut gens: Vec<Generation> = vec![Generation { tokens: vec![], logprobs: vec![], truncated: false }; b];

@@ -1,5 +1,7 @@
 //! Multi-head Latent Attention (spec section 1): low-rank query, a shared KV latent, and a
-//! decoupled RoPE key shared by all heads. This is the training path (full causal sequence).
+//! decoupled RoPE key shared by all heads. The training path attends over full per-head keys and
+//! values; inference caches either those (`naive`) or only the latent and the rotated shared key
+//! with W_UK absorbed into the query and W_UV into the output (`absorb`, spec 1.5).
 
 use whale_tensor::{RopeLayout, Tensor};
 
@@ -13,6 +15,64 @@ use crate::Result;
 pub enum QueryProj {
     LowRank { q_a_proj: Linear, q_a_layernorm: RmsNorm, q_b_proj: Linear },
     Full { q_proj: Linear },
+}
+
+/// What an inference cache keeps per token (spec 1.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Per-head keys `[.., heads, nope + rope]` and values `[.., heads, v]` (HF's cache).
+    #[default]
+    Naive,
+    /// The normalised latent `c` and the rotated `k_pe`: `kv_lora_rank + rope` per token.
+    Absorb,
+}
+
+impl CacheMode {
+    pub fn parse(s: &str) -> Option<CacheMode> {
+        match s {
+            "naive" => Some(CacheMode::Naive),
+            "absorb" => Some(CacheMode::Absorb),
+            _ => None,
+        }
+    }
+
+    /// Cached elements per token per layer for MLA with `cfg`'s dims.
+    pub fn elements_per_token(self, cfg: &DeepSeekV3Config) -> usize {
+        match self {
+            CacheMode::Naive => cfg.num_attention_heads * (cfg.qk_head_dim() + cfg.v_head_dim),
+            CacheMode::Absorb => cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+        }
+    }
+}
+
+/// Cached elements per token per layer of plain multi-head attention with `cfg`'s heads and a
+/// head dim of `v_head_dim` for both K and V (spec 1.5's comparison row).
+pub fn mha_cache_elements(cfg: &DeepSeekV3Config) -> usize {
+    2 * cfg.num_attention_heads * cfg.v_head_dim
+}
+
+/// One layer's cached tokens.
+#[derive(Debug, Clone)]
+pub enum LayerCache {
+    /// Keys `[batch, heads, t, nope + rope]` and values `[batch, heads, t, v]`.
+    Naive { k: Tensor, v: Tensor },
+    /// `[batch, 1, t, kv_lora_rank + rope]`: `[c ; k_pe]`, the one key all heads share (its
+    /// first `kv_lora_rank` columns are the shared value).
+    Absorb { latent: Tensor },
+}
+
+impl LayerCache {
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        match self {
+            LayerCache::Naive { k, .. } => k.dims()[2],
+            LayerCache::Absorb { latent } => latent.dims()[2],
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -88,24 +148,44 @@ impl MultiHeadLatentAttention {
 
     /// Causal self-attention over `x`: `[batch, seq, hidden]`, tokens at `positions`.
     pub fn forward(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
-        self.forward_cached(x, positions, &mut None)
+        self.forward_cached(x, positions, &mut None, CacheMode::Naive)
     }
 
-    /// Attention of the new tokens `x` (at `positions`) over the cached keys/values plus their
-    /// own; the cache (`[batch, heads, t, qk]` keys and `[batch, heads, t, v]` values) is
-    /// extended with the new ones. With an empty cache this is the training forward.
+    /// Queries with RoPE applied to their rope part: `[batch, seq, heads, nope + rope]`.
+    fn rotated_queries(&self, x: &Tensor, positions: &[usize]) -> Result<(Tensor, Tensor)> {
+        let q = self.queries(x)?;
+        let q_parts = q.split(&[self.nope, self.rope], 3)?;
+        let q_pe = self.rotary.apply(&q_parts[1].contiguous()?, positions)?;
+        Ok((q_parts[0].clone(), q_pe))
+    }
+
+    /// Attention of the new tokens `x` (at `positions`) over the cached tokens plus their own,
+    /// extending `cache`. An empty cache is filled in `mode`; a filled one keeps its own mode.
+    /// With no cache this is the training forward.
     pub fn forward_cached(
         &self,
         x: &Tensor,
         positions: &[usize],
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut Option<LayerCache>,
+        mode: CacheMode,
     ) -> Result<Tensor> {
+        let absorb = match cache {
+            Some(LayerCache::Absorb { .. }) => true,
+            Some(LayerCache::Naive { .. }) => false,
+            None => mode == CacheMode::Absorb,
+        };
+        if absorb {
+            self.forward_absorbed(x, positions, cache)
+        } else {
+            self.forward_naive(x, positions, cache)
+        }
+    }
+
+    fn forward_naive(&self, x: &Tensor, positions: &[usize], cache: &mut Option<LayerCache>) -> Result<Tensor> {
         let (b, s) = (x.dims()[0], x.dims()[1]);
         let h = self.n_heads;
-        let q = self.queries(x)?;
-        let q_parts = q.split(&[self.nope, self.rope], 3)?;
-        let q_pe = self.rotary.apply(&q_parts[1].contiguous()?, positions)?;
-        let q = Tensor::cat(&[q_parts[0].clone(), q_pe], 3)?;
+        let (q_nope, q_pe) = self.rotated_queries(x, positions)?;
+        let q = Tensor::cat(&[q_nope, q_pe], 3)?;
 
         let (c, k_pe) = self.latent(x, positions)?;
         let kv = self.kv_b_proj.forward(&c)?.reshape(&[b, s, h, self.nope + self.v_dim])?;
@@ -114,13 +194,52 @@ impl MultiHeadLatentAttention {
 
         let to_heads = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(1, 2)?.contiguous()?) };
         let (mut k, mut v) = (to_heads(&k)?, to_heads(&kv_parts[1])?);
-        if let Some((k0, v0)) = cache.as_ref() {
+        if let Some(LayerCache::Naive { k: k0, v: v0 }) = cache.as_ref() {
             k = Tensor::cat(&[k0.clone(), k], 2)?;
             v = Tensor::cat(&[v0.clone(), v], 2)?;
         }
         let o = Tensor::scaled_dot_product_attention(&to_heads(&q)?, &k, &v, self.softmax_scale, true)?;
-        *cache = Some((k, v));
+        *cache = Some(LayerCache::Naive { k, v });
         let o = o.transpose(1, 2)?.reshape(&[b, s, h * self.v_dim])?;
+        self.o_proj.forward(&o)
+    }
+
+    /// `kv_b_proj` viewed per head: (W_UK `[heads, nope, r]`, W_UV `[heads, v, r]`).
+    fn absorbed_weights(&self) -> Result<(Tensor, Tensor)> {
+        let r = self.kv_lora_rank;
+        let w = self.kv_b_proj.weight.reshape(&[self.n_heads, self.nope + self.v_dim, r])?;
+        Ok((w.narrow(1, 0, self.nope)?, w.narrow(1, self.nope, self.v_dim)?))
+    }
+
+    /// MQA over the latent (spec 1.5): one shared key `[c ; k_pe]` and value `c` for all heads;
+    /// W_UK goes into the query, W_UV into the output.
+    fn forward_absorbed(&self, x: &Tensor, positions: &[usize], cache: &mut Option<LayerCache>) -> Result<Tensor> {
+        let (b, s) = (x.dims()[0], x.dims()[1]);
+        let (h, r) = (self.n_heads, self.kv_lora_rank);
+        let (w_uk, w_uv) = self.absorbed_weights()?;
+        let dtype = x.dtype();
+        let (q_nope, q_pe) = self.rotated_queries(x, positions)?;
+        // q_lat[h] = q_nope[h] W_UK[h]: [heads, b*s, nope] x [heads, nope, r].
+        let q_nope = q_nope.permute(&[2, 0, 1, 3])?.contiguous()?.reshape(&[h, b * s, self.nope])?;
+        let q_lat = q_nope.matmul(&w_uk.to_dtype(dtype)?)?.reshape(&[h, b, s, r])?.permute(&[1, 0, 2, 3])?;
+        let q = Tensor::cat(&[q_lat, q_pe.transpose(1, 2)?], 3)?.contiguous()?;
+
+        let (c, k_pe) = self.latent(x, positions)?;
+        let mut latent = Tensor::cat(&[c.unsqueeze(1)?, k_pe.transpose(1, 2)?], 3)?.contiguous()?;
+        if let Some(LayerCache::Absorb { latent: l0 }) = cache.as_ref() {
+            latent = Tensor::cat(&[l0.clone(), latent], 2)?;
+        }
+        let value = latent.narrow(3, 0, r)?.contiguous()?;
+        let o_lat = Tensor::scaled_dot_product_attention(&q, &latent, &value, self.softmax_scale, true)?;
+        // o[h] = o_lat[h] W_UV[h]^T: [heads, b*s, r] x [heads, r, v].
+        let o_lat = o_lat.permute(&[1, 0, 2, 3])?.contiguous()?.reshape(&[h, b * s, r])?;
+        let o = o_lat.matmul(&w_uv.to_dtype(dtype)?.transpose(1, 2)?)?;
+        let o = o.reshape(&[h, b, s, self.v_dim])?.permute(&[1, 2, 0, 3])?.contiguous()?.reshape(&[
+            b,
+            s,
+            h * self.v_dim,
+        ])?;
+        *cache = Some(LayerCache::Absorb { latent });
         self.o_proj.forward(&o)
     }
 }

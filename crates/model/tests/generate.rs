@@ -1,18 +1,24 @@
 //! The cached decode path against the training forward, and batch-independence of generation.
 
-use whale_model::generate::{KvCache, SamplingConfig};
+use whale_model::generate::{CacheMode, KvCache, SamplingConfig};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_tensor::{no_grad, Device, Rng, Tensor};
 
 #[test]
 fn cached_decode_gives_the_training_forward_logits_token_by_token() {
+    for mode in [CacheMode::Naive, CacheMode::Absorb] {
+        decode_matches_forward(mode);
+    }
+}
+
+fn decode_matches_forward(mode: CacheMode) {
     let cfg = DeepSeekV3Config::small(); // YaRN on, q_lora, groups
     let model = DeepSeekV3::new(cfg.clone(), 3).unwrap();
     let mut rng = Rng::new(4);
     let ids: Vec<i64> = (0..2 * 9).map(|_| rng.below(cfg.vocab_size as u64) as i64).collect();
     let full = Tensor::from_vec(ids.clone(), &[2, 9], &Device::Cpu).unwrap();
     let want = no_grad(|| model.forward(&full, None)).unwrap().logits.to_vec_f32().unwrap();
-    let mut cache = KvCache::new(0);
+    let mut cache = KvCache::with_mode(0, mode);
     // Prefill 4 tokens, then one at a time.
     let mut got = vec![Vec::new(); 2];
     let mut step = |from: usize, len: usize| {
@@ -30,8 +36,25 @@ fn cached_decode_gives_the_training_forward_logits_token_by_token() {
     }
     let got: Vec<f32> = got.concat();
     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-        assert!((a - b).abs() <= 1e-5 + 1e-4 * b.abs(), "element {i}: cached {a} vs full {b}");
+        assert!((a - b).abs() <= 1e-5 + 1e-4 * b.abs(), "{mode:?} element {i}: cached {a} vs full {b}");
     }
+    let per_token = |l: &Option<whale_model::generate::LayerCache>| match l.as_ref().unwrap() {
+        whale_model::generate::LayerCache::Naive { k, v } => (k.elem_count() + v.elem_count()) / (2 * 9),
+        whale_model::generate::LayerCache::Absorb { latent } => latent.elem_count() / (2 * 9),
+    };
+    assert!(cache.layers.iter().all(|l| per_token(l) == mode.elements_per_token(&cfg)), "{mode:?}");
+}
+
+#[test]
+fn cache_sizes_match_the_spec_table_for_v3() {
+    // spec 1.5: bytes per token per layer in BF16.
+    let v3 = DeepSeekV3Config::v3_671b();
+    assert_eq!(CacheMode::Absorb.elements_per_token(&v3) * 2, 1_152);
+    assert_eq!(CacheMode::Naive.elements_per_token(&v3) * 2, 81_920);
+    assert_eq!(whale_model::mla::mha_cache_elements(&v3) * 2, 65_536);
+    let lite = DeepSeekV3Config::v2_lite();
+    assert_eq!(CacheMode::Absorb.elements_per_token(&lite) * 2, 1_152);
+    assert_eq!(CacheMode::Naive.elements_per_token(&lite) * 2, 10_240);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use whale_parallel::model::generate::SamplingConfig;
+use whale_parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_parallel::model::tensor::Rng;
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::DeepSeekV3;
@@ -62,11 +62,12 @@ pub struct EvalConfig {
     pub temperature: f32,
     pub max_new_tokens: usize,
     pub seed: u64,
+    pub cache: CacheMode,
 }
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        EvalConfig { samples: 8, temperature: 1.0, max_new_tokens: 96, seed: 1234 }
+        EvalConfig { samples: 8, temperature: 1.0, max_new_tokens: 96, seed: 1234, cache: CacheMode::Absorb }
     }
 }
 
@@ -76,11 +77,13 @@ pub fn evaluate(model: &DeepSeekV3, tok: &dyn Tokenizer, problems: &[Problem], c
     let prompts: Vec<Vec<u32>> =
         problems.iter().map(|p| tok.encode(&p.prompt)).collect::<std::result::Result<_, _>>()?;
     let mut rng = Rng::new(cfg.seed);
-    let greedy = model.generate(&prompts, &SamplingConfig::greedy(cfg.max_new_tokens, stop.clone()), &mut rng)?;
+    let greedy_cfg = SamplingConfig { cache: cfg.cache, ..SamplingConfig::greedy(cfg.max_new_tokens, stop.clone()) };
+    let greedy = model.generate(&prompts, &greedy_cfg, &mut rng)?;
     let k = cfg.samples.max(1);
     let repeated: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
-    let sampled =
-        model.generate(&repeated, &SamplingConfig::sampled(cfg.temperature, cfg.max_new_tokens, stop), &mut rng)?;
+    let sampled_cfg =
+        SamplingConfig { cache: cfg.cache, ..SamplingConfig::sampled(cfg.temperature, cfg.max_new_tokens, stop) };
+    let sampled = model.generate(&repeated, &sampled_cfg, &mut rng)?;
 
     let n = problems.len().max(1) as f64;
     let (mut g_ok, mut p1, mut pk, mut cons, mut len, mut fmt) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use whale_parallel::model::generate::CacheMode;
 use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, WarmupCosine};
 use whale_parallel::model::tensor::{no_grad, Device, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
@@ -198,6 +199,7 @@ impl GrpoConfig {
             top_p: self.top_p,
             top_k: None,
             max_new_tokens: self.max_new_tokens,
+            cache: CacheMode::Absorb,
         }
     }
 

@@ -6,7 +6,7 @@
 //! gives the log-probs the sampler saw (spec/rl.md section 7: logits are divided by the sampling
 //! temperature in both places).
 
-use whale_parallel::model::generate::SamplingConfig;
+use whale_parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_parallel::model::tensor::{Device, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::DeepSeekV3;
@@ -23,6 +23,8 @@ pub struct RolloutConfig {
     pub top_p: Option<f32>,
     pub top_k: Option<usize>,
     pub max_new_tokens: usize,
+    /// The decode cache (the absorbed latent by default: the smallest).
+    pub cache: CacheMode,
 }
 
 impl RolloutConfig {
@@ -33,6 +35,7 @@ impl RolloutConfig {
             top_p: self.top_p,
             max_new_tokens: self.max_new_tokens,
             stop_tokens: vec![eos],
+            cache: self.cache,
         }
     }
 }

@@ -5,6 +5,7 @@ use whale_rl::grpo::{
     GrpoTrainer, LossInputs, LossType, ScaleRewards,
 };
 use whale_rl::parallel::model::config::DeepSeekV3Config;
+use whale_rl::parallel::model::generate::CacheMode;
 use whale_rl::parallel::model::tensor::testing::GradCheck;
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
@@ -208,7 +209,14 @@ fn scoring_a_rollout_gives_the_log_probs_it_was_sampled_with() {
     let model = tiny_model(7);
     let tok = CharTokenizer::new();
     let problems: Vec<Problem> = TaskSet::parse("add:1-3").unwrap().problems(3, 5, Split::Train);
-    let cfg = RolloutConfig { group_size: 3, temperature: 0.7, top_p: None, top_k: None, max_new_tokens: 12 };
+    let cfg = RolloutConfig {
+        group_size: 3,
+        temperature: 0.7,
+        top_p: None,
+        top_k: None,
+        max_new_tokens: 12,
+        cache: CacheMode::Absorb,
+    };
     let rollouts = sample_groups(&model, &tok, &problems, &cfg, &mut Rng::new(1)).unwrap();
     assert_eq!(rollouts.len(), 9);
     assert!(rollouts.iter().all(|r| r.truncated != r.tokens.ends_with(&[tok.eos_id()])));
@@ -230,7 +238,14 @@ fn a_group_with_constant_rewards_gives_no_policy_gradient() {
     let model = tiny_model(3);
     let tok = CharTokenizer::new();
     let problems = TaskSet::parse("add:2").unwrap().problems(1, 2, Split::Train);
-    let cfg = RolloutConfig { group_size: 4, temperature: 1.0, top_p: None, top_k: None, max_new_tokens: 10 };
+    let cfg = RolloutConfig {
+        group_size: 4,
+        temperature: 1.0,
+        top_p: None,
+        top_k: None,
+        max_new_tokens: 10,
+        cache: CacheMode::Naive,
+    };
     let rollouts = sample_groups(&model, &tok, &problems, &cfg, &mut Rng::new(4)).unwrap();
     let adv = group_advantages(&[0.0; 4], 4, ScaleRewards::Group);
     let batch = PackedBatch::new(&rollouts.iter().collect::<Vec<_>>(), tok.pad_id()).unwrap();
