@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Job {
     /// The main job: pretrain -> R1-Zero -> R1 (four stages) -> distill, then a results table.
-    /// Today it runs the pretraining stage (the later stages arrive with their issues).
+    /// Today it runs pretraining and R1-Zero (the R1 stages and distillation arrive with #7).
     All(pretrain::PretrainArgs),
     /// Pretrain a DeepSeek-V3 model (MLA, DeepSeekMoE, MTP) on the embedded reasoning corpus.
     Pretrain(pretrain::PretrainArgs),
@@ -46,19 +46,21 @@ fn not_built(what: &str, issue: &str) -> Result<()> {
     anyhow::bail!("`whale {what}` is not built yet: it arrives with issue {issue}")
 }
 
+/// Pretraining, then R1-Zero (GRPO) on its checkpoint, each into its folder of the run.
+fn main_job(args: pretrain::PretrainArgs) -> Result<()> {
+    println!("whale: the main job (pretrain -> R1-Zero -> R1 -> distill). Pretraining and R1-Zero run now;");
+    println!("the R1 stages and distillation arrive with issue #7.\n");
+    let out = pretrain::run(args)?;
+    println!();
+    r1_zero::run(r1_zero::R1ZeroArgs { base: out.join("checkpoint"), ..Default::default() })
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        None => {
-            println!("whale: the main job (pretrain -> R1-Zero -> R1 -> distill). Stage 1, pretraining, runs now;");
-            println!("the RL stages arrive with issues #6 and #7.\n");
-            pretrain::run(pretrain::PretrainArgs::main_job())
-        }
-        Some(Job::All(args)) => {
-            println!("whale all: stage 1 (pretraining); the RL stages arrive with issues #6 and #7.\n");
-            pretrain::run(args)
-        }
-        Some(Job::Pretrain(args)) => pretrain::run(args),
+        None => main_job(pretrain::PretrainArgs::main_job()),
+        Some(Job::All(args)) => main_job(args),
+        Some(Job::Pretrain(args)) => pretrain::run(args).map(|_| ()),
         Some(Job::Eval(args)) => eval_cmd::run(args),
         Some(Job::Plot(args)) => plot::run(args),
         Some(Job::R1Zero(args)) => r1_zero::run(args),

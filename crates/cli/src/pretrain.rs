@@ -218,7 +218,8 @@ pub fn print_report(name: &str, r: &EvalReport) {
     );
 }
 
-pub fn run(args: PretrainArgs) -> Result<()> {
+/// Runs (or resumes) pretraining; returns the run folder.
+pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let s = args.settings()?;
     let tok = CharTokenizer::new();
     let tasks = TaskSet::parse(&s.tasks)?;
@@ -307,7 +308,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         metrics.display(),
         s.out.display()
     );
-    Ok(())
+    Ok(s.out)
 }
 
 fn append_history(path: &Path, step: u64, r: &EvalReport) -> Result<()> {

@@ -10,8 +10,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig};
-use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, ScaleRewards, StepLog};
-use whale_rl::parallel::model::checkpoint::SaveDType;
+use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, RlRun, ScaleRewards, StepLog};
 use whale_rl::parallel::model::tokenizer::CharTokenizer;
 use whale_rl::parallel::model::DeepSeekV3;
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
@@ -30,6 +29,8 @@ pub enum Algo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct R1ZeroSettings {
+    /// The base checkpoint (recorded from `--base`).
+    pub base: PathBuf,
     pub algo: Algo,
     pub grpo: GrpoConfig,
     /// PPO's own knobs; its rollout budget, learning rate and tasks come from `grpo`.
@@ -40,17 +41,21 @@ pub struct R1ZeroSettings {
     pub k: usize,
     /// Seed of the held-out set (the pretraining run's seed gives the same problems it reported).
     pub eval_seed: u64,
+    /// Steps between checkpoints (0: only at the end).
+    pub checkpoint_every: u64,
 }
 
 impl Default for R1ZeroSettings {
     fn default() -> Self {
         R1ZeroSettings {
+            base: PathBuf::new(),
             algo: Algo::Grpo,
             grpo: GrpoConfig::default(),
             ppo: PpoConfig::default(),
             eval_problems: 128,
             k: 8,
             eval_seed: 0,
+            checkpoint_every: 20,
         }
     }
 }
@@ -67,6 +72,9 @@ pub struct R1ZeroArgs {
     /// A JSON or TOML file with any of the settings (flags override it).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
     #[arg(long, value_enum)]
     pub algo: Option<Algo>,
     #[arg(long)]
@@ -100,6 +108,8 @@ pub struct R1ZeroArgs {
     pub eval_problems: Option<usize>,
     #[arg(long)]
     pub k: Option<usize>,
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
 }
 
 fn parse_enum<T: serde::de::DeserializeOwned>(flag: &str, v: &str) -> Result<T> {
@@ -131,6 +141,9 @@ impl R1ZeroArgs {
         }
         if let Some(k) = self.k {
             s.k = k;
+        }
+        if let Some(n) = self.checkpoint_every {
+            s.checkpoint_every = n;
         }
         s.grpo.validate()?;
         Ok(s)
@@ -173,22 +186,46 @@ fn progress(total: u64) -> ProgressBar {
 }
 
 pub fn run(args: R1ZeroArgs) -> Result<()> {
-    let s = args.settings()?;
+    let mut s = args.settings()?;
     let out = args.out_dir(s.algo);
     let ckpt = out.join("checkpoint");
-    if ckpt.exists() || out.join("metrics.jsonl").exists() {
-        bail!("{} already holds a run; choose another --out", out.display());
-    }
+    let (metrics, completions) = (out.join("metrics.jsonl"), out.join("completions.jsonl"));
+    let settings_path = out.join("settings.json");
+    let tok = CharTokenizer::new();
     let base = DeepSeekV3::from_pretrained(&args.base)
         .with_context(|| format!("loading the base model from {}", args.base.display()))?;
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let settings_path = out.join("settings.json");
-    let mut saved = serde_json::to_value(&s)?;
-    saved["base"] = serde_json::json!(args.base);
-    std::fs::write(&settings_path, serde_json::to_string_pretty(&saved)?)
+    let mut trainer: Box<dyn RlTrainer> = if args.resume {
+        // The run's own settings, not this command line's, except an explicit --steps.
+        s = crate::settings::load(&settings_path).context("resuming: the run's settings")?;
+        if let Some(steps) = args.steps {
+            s.grpo.steps = steps;
+        }
+        let mut t: Box<dyn RlTrainer> = match s.algo {
+            Algo::Grpo => Box::new(GrpoTrainer::resume(&ckpt, Box::new(tok.clone()))?),
+            Algo::Ppo => Box::new(PpoTrainer::resume(&ckpt, Box::new(tok.clone()))?),
+        };
+        t.run_mut().config.steps = s.grpo.steps;
+        t.run_mut().resume_logs(&metrics, &completions)?;
+        println!("resuming {} at step {} of {}", out.display(), t.run_mut().step, s.grpo.steps);
+        t
+    } else {
+        if ckpt.exists() || metrics.exists() {
+            bail!("{} already holds a run; pass --resume to continue it or choose another --out", out.display());
+        }
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        let mut t: Box<dyn RlTrainer> = match s.algo {
+            Algo::Grpo => Box::new(GrpoTrainer::new(base.duplicate()?, s.grpo.clone(), Box::new(tok.clone()))?),
+            Algo::Ppo => {
+                Box::new(PpoTrainer::new(base.duplicate()?, s.grpo.clone(), s.ppo.clone(), Box::new(tok.clone()))?)
+            }
+        };
+        t.run_mut().log_to(&metrics, &completions)?;
+        t
+    };
+    s.base = args.base.clone();
+    std::fs::write(&settings_path, serde_json::to_string_pretty(&s)?)
         .with_context(|| settings_path.display().to_string())?;
 
-    let tok = CharTokenizer::new();
     let problems = TaskSet::parse(&s.grpo.tasks)?.held_out(s.eval_problems, s.eval_seed);
     let eval_cfg = EvalConfig { samples: s.k, max_new_tokens: s.grpo.max_new_tokens.max(96), ..EvalConfig::default() };
     let t0 = Instant::now();
@@ -206,23 +243,11 @@ pub fn run(args: R1ZeroArgs) -> Result<()> {
     print_report("base", &before);
     write_eval(&out.join("eval_before.json"), &before)?;
 
-    let metrics = out.join("metrics.jsonl");
-    let completions = out.join("completions.jsonl");
-    let mut trainer: Box<dyn RlTrainer> = match s.algo {
-        Algo::Grpo => {
-            let mut t = GrpoTrainer::new(base, s.grpo.clone(), Box::new(tok.clone()))?;
-            t.log_to(&metrics, &completions)?;
-            Box::new(t)
-        }
-        Algo::Ppo => {
-            let mut t = PpoTrainer::new(base, s.grpo.clone(), s.ppo.clone(), Box::new(tok.clone()))?;
-            t.log_to(&metrics, &completions)?;
-            Box::new(t)
-        }
-    };
     let start = Instant::now();
+    let first = trainer.run_mut().step;
     let pb = progress(s.grpo.steps);
-    while !trainer.done() {
+    pb.set_position(first);
+    while !trainer.run_mut().done() {
         let log = trainer.train_step()?;
         pb.set_position(log.step + 1);
         pb.set_message(format!(
@@ -233,15 +258,19 @@ pub fn run(args: R1ZeroArgs) -> Result<()> {
             log.get("frac_reward_zero_std"),
             log.get("step_time"),
         ));
+        let step = log.step + 1;
+        if s.checkpoint_every > 0 && step % s.checkpoint_every == 0 && step < s.grpo.steps {
+            trainer.save_checkpoint(&ckpt)?;
+        }
     }
     let train_seconds = start.elapsed().as_secs_f64();
+    let steps_run = (s.grpo.steps - first).max(1) as f64;
     pb.finish_with_message(format!("done in {train_seconds:.0} s"));
+    trainer.save_checkpoint(&ckpt)?;
     let policy = trainer.policy();
-    policy.save_pretrained(&out.join("checkpoint.tmp"), SaveDType::F32)?;
-    std::fs::rename(out.join("checkpoint.tmp"), &ckpt).with_context(|| ckpt.display().to_string())?;
 
     let after = evaluate(policy, &tok, &problems, &eval_cfg)?;
-    println!("\nheld-out after {} steps ({:.1} s/step):", s.grpo.steps, train_seconds / s.grpo.steps.max(1) as f64);
+    println!("\nheld-out after {} steps ({:.2} s/step):", s.grpo.steps, train_seconds / steps_run);
     print_report("base", &before);
     println!(
         "| R1-Zero ({:?}) | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} |",
@@ -262,30 +291,29 @@ pub fn run(args: R1ZeroArgs) -> Result<()> {
 /// The two algorithms behind one loop.
 pub trait RlTrainer {
     fn train_step(&mut self) -> whale_rl::Result<StepLog>;
-    fn done(&self) -> bool;
     fn policy(&self) -> &DeepSeekV3;
+    fn run_mut(&mut self) -> &mut RlRun;
+    fn save_checkpoint(&self, dir: &Path) -> whale_rl::Result<()>;
 }
 
-impl RlTrainer for GrpoTrainer {
-    fn train_step(&mut self) -> whale_rl::Result<StepLog> {
-        GrpoTrainer::train_step(self)
-    }
-    fn done(&self) -> bool {
-        GrpoTrainer::done(self)
-    }
-    fn policy(&self) -> &DeepSeekV3 {
-        &self.policy
-    }
+macro_rules! rl_trainer {
+    ($t:ty) => {
+        impl RlTrainer for $t {
+            fn train_step(&mut self) -> whale_rl::Result<StepLog> {
+                <$t>::train_step(self)
+            }
+            fn policy(&self) -> &DeepSeekV3 {
+                &self.policy
+            }
+            fn run_mut(&mut self) -> &mut RlRun {
+                &mut self.run
+            }
+            fn save_checkpoint(&self, dir: &Path) -> whale_rl::Result<()> {
+                <$t>::save_checkpoint(self, dir)
+            }
+        }
+    };
 }
 
-impl RlTrainer for PpoTrainer {
-    fn train_step(&mut self) -> whale_rl::Result<StepLog> {
-        PpoTrainer::train_step(self)
-    }
-    fn done(&self) -> bool {
-        PpoTrainer::done(self)
-    }
-    fn policy(&self) -> &DeepSeekV3 {
-        &self.policy
-    }
-}
+rl_trainer!(GrpoTrainer);
+rl_trainer!(PpoTrainer);

@@ -102,8 +102,6 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
             run.to_str().unwrap(),
             "--algo",
             algo,
-            "--steps",
-            "2",
             "--prompts-per-step",
             "2",
             "--group-size",
@@ -115,7 +113,7 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
             "--tasks",
             "add:1",
         ];
-        let out = whale().args(args).output().unwrap();
+        let out = whale().args(args).args(["--steps", "2"]).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{algo}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
         assert!(stdout.contains("| base |") && stdout.contains("| R1-Zero") && stdout.contains("pass@1"), "{stdout}");
@@ -125,9 +123,17 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
         assert!(first["reward"].is_number() && first["completions/mean_length"].is_number(), "{first}");
         assert!(run.join("checkpoint/model.safetensors").exists() && run.join("eval_before.json").exists());
         assert!(std::fs::read_to_string(run.join("completions.jsonl")).unwrap().contains("\"completion\""));
-        // The finished run is never overwritten.
-        let again = whale().args(args).output().unwrap();
+        // The finished run is never overwritten, and --resume extends it.
+        let again = whale().args(args).args(["--steps", "2"]).output().unwrap();
         assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already holds a run"));
+        let more = whale().args(args).args(["--resume", "--steps", "3"]).output().unwrap();
+        let stdout = String::from_utf8_lossy(&more.stdout);
+        let stderr = String::from_utf8_lossy(&more.stderr);
+        assert!(
+            more.status.success() && stdout.contains("resuming") && stdout.contains("step 2 of 3"),
+            "{stdout}{stderr}"
+        );
+        assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 3);
     }
     let bad = whale().args(["r1-zero", "--base", dir.join("missing").to_str().unwrap()]).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("missing"));

@@ -69,7 +69,17 @@ impl DeepSeekV3 {
     /// Loads `config.json` and the safetensors weights from an HF-style directory.
     pub fn from_pretrained(dir: &Path) -> Result<Self> {
         let config = DeepSeekV3Config::from_file(&dir.join("config.json"))?;
-        let (mut tensors, path) = checkpoint::load_dir(dir)?;
+        let (tensors, path) = checkpoint::load_dir(dir)?;
+        Self::from_tensors(config, tensors, path)
+    }
+
+    /// A model from named tensors (as a checkpoint holds them; `path` is named in errors).
+    /// Every tensor must be used.
+    pub fn from_tensors(
+        config: DeepSeekV3Config,
+        mut tensors: BTreeMap<String, Tensor>,
+        path: std::path::PathBuf,
+    ) -> Result<Self> {
         Self::drop_non_parameters(&config, &mut tensors);
         Self::build(config, WeightSource::Loaded { path, tensors })
     }

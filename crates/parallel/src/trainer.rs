@@ -349,53 +349,28 @@ impl Trainer {
         Ok(found.map_or_else(|| "an unknown parameter".into(), |(_, l)| l))
     }
 
-    /// Writes a checkpoint directory at `dir` atomically: everything goes to `dir.tmp` first,
-    /// `trainer.json` last; then the old checkpoint moves to `dir.old`, the new one into place,
-    /// and `dir.old` is removed. A crash at any point leaves `dir` or `dir.old` complete.
+    /// Writes a checkpoint directory at `dir` atomically (see [`write_dir_atomically`]), with
+    /// `trainer.json` last.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let tmp = sibling(dir, "tmp");
-        let old = sibling(dir, "old");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
-        }
-        self.model.save_pretrained(&tmp, SaveDType::F32)?;
-        let opt: std::collections::BTreeMap<String, Tensor> = self.opt.state_tensors()?.into_iter().collect();
-        save_file(&tmp.join(OPTIMIZER_FILE), &opt, SaveDType::F32)?;
-        let state = json!({
-            "step": self.step,
-            "optimizer_steps": self.opt.steps(),
-            "config": self.config,
-            "data": self.data.state(),
-        });
-        let path = tmp.join(TRAINER_FILE);
-        let mut f = File::create(&path).map_err(|e| Error::file(&path, e))?;
-        f.write_all(serde_json::to_string_pretty(&state).expect("json").as_bytes())
-            .map_err(|e| Error::file(&path, e))?;
-        f.sync_all().map_err(|e| Error::file(&path, e))?;
-        if dir.exists() {
-            if old.exists() {
-                std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
-            }
-            std::fs::rename(dir, &old).map_err(|e| Error::file(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| Error::file(&tmp, e))?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
-        }
-        Ok(())
+        write_dir_atomically(dir, |tmp| {
+            self.model.save_pretrained(tmp, SaveDType::F32)?;
+            let opt: std::collections::BTreeMap<String, Tensor> = self.opt.state_tensors()?.into_iter().collect();
+            save_file(&tmp.join(OPTIMIZER_FILE), &opt, SaveDType::F32)?;
+            let state = json!({
+                "step": self.step,
+                "optimizer_steps": self.opt.steps(),
+                "config": self.config,
+                "data": self.data.state(),
+            });
+            write_json_synced(&tmp.join(TRAINER_FILE), &state)
+        })
     }
 
     /// Continues from the checkpoint at `dir` (or `dir.old` when a crash interrupted the swap),
     /// with `data` restored to where the checkpoint left it. `metrics` lines past the checkpoint's
     /// step (written by the interrupted run) are dropped.
     pub fn resume(dir: &Path, mut data: Box<dyn DataSource>, metrics: Option<&Path>) -> Result<Self> {
-        let dir = if dir.join(TRAINER_FILE).exists() {
-            dir.to_path_buf()
-        } else if sibling(dir, "old").join(TRAINER_FILE).exists() {
-            sibling(dir, "old")
-        } else {
-            return Err(Error::file(dir, "no complete checkpoint here (no trainer.json)"));
-        };
+        let dir = complete_checkpoint(dir, TRAINER_FILE)?;
         let path = dir.join(TRAINER_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
         let state: Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
@@ -424,8 +399,51 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     dir.with_file_name(name)
 }
 
+/// Writes a directory at `dir` atomically: `write` fills `dir.tmp` (its last file should be the
+/// one that marks it complete); then the old directory moves to `dir.old`, the new one into
+/// place, and `dir.old` is removed. A crash at any point leaves `dir` or `dir.old` complete.
+pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = sibling(dir, "tmp");
+    let old = sibling(dir, "old");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
+    write(&tmp)?;
+    if dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
+        }
+        std::fs::rename(dir, &old).map_err(|e| Error::file(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::file(&tmp, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
+    }
+    Ok(())
+}
+
+/// The complete checkpoint at `dir`, or at `dir.old` when a crash interrupted the swap of
+/// [`write_dir_atomically`]; `marker` is the file written last.
+pub fn complete_checkpoint(dir: &Path, marker: &str) -> Result<PathBuf> {
+    if dir.join(marker).exists() {
+        Ok(dir.to_path_buf())
+    } else if sibling(dir, "old").join(marker).exists() {
+        Ok(sibling(dir, "old"))
+    } else {
+        Err(Error::file(dir, format!("no complete checkpoint here (no {marker})")))
+    }
+}
+
+/// Writes pretty JSON and syncs it to disk.
+pub fn write_json_synced(path: &Path, value: &Value) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::file(path, e))?;
+    f.write_all(serde_json::to_string_pretty(value).expect("json").as_bytes()).map_err(|e| Error::file(path, e))?;
+    f.sync_all().map_err(|e| Error::file(path, e))
+}
+
 /// Keeps only the metrics lines of steps before `step`.
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+pub fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     let Ok(f) = File::open(path) else { return Ok(()) };
     let keep: Vec<String> = BufReader::new(f)
         .lines()

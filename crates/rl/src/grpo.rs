@@ -14,16 +14,18 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use whale_parallel::model::checkpoint::{load_file, save_file, SaveDType};
 use whale_parallel::model::generate::CacheMode;
 use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, WarmupCosine};
-use whale_parallel::model::tensor::{no_grad, Device, Rng, Tensor};
+use whale_parallel::model::tensor::{no_grad, Device, ParamStore, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::DeepSeekV3;
+use whale_parallel::trainer::{complete_checkpoint, truncate_metrics, write_dir_atomically, write_json_synced};
 
 use crate::rewards::{RewardSet, Sample, Scores};
 use crate::rollout::{sample_groups, score, PackedBatch, Rollout, RolloutConfig};
@@ -216,6 +218,15 @@ impl GrpoConfig {
             decay_1d: false,
         }
     }
+}
+
+/// The file a complete RL checkpoint writes last.
+pub const RL_STATE_FILE: &str = "rl_state.json";
+const GRPO_SALT: u64 = 0x6772_706F;
+
+/// RL errors inside the parallel crate's atomic directory writer.
+pub(crate) fn to_parallel(e: Error) -> whale_parallel::Error {
+    whale_parallel::Error::Train(e.to_string())
 }
 
 /// The epsilon TRL adds to the std.
@@ -579,6 +590,74 @@ impl RlRun {
             .collect()
     }
 
+    /// Saves the policy, its optimizer state and this run's state (step, config, random stream)
+    /// into `dir` (a directory being written by [`write_dir_atomically`]); `extra` names more
+    /// models to save in subfolders. `rl_state.json` is written last.
+    pub fn save(
+        &self,
+        dir: &Path,
+        policy: &DeepSeekV3,
+        opts: &[(&str, &AdamW)],
+        extra: &[(&str, &DeepSeekV3)],
+    ) -> Result<()> {
+        policy.save_pretrained(dir, SaveDType::F32)?;
+        let mut opt_steps = serde_json::Map::new();
+        for (name, opt) in opts {
+            let state: BTreeMap<String, Tensor> = opt.state_tensors()?.into_iter().collect();
+            save_file(&dir.join(format!("{name}.safetensors")), &state, SaveDType::F32)?;
+            opt_steps.insert(name.to_string(), json!(opt.steps()));
+        }
+        for (name, model) in extra {
+            model.save_pretrained(&dir.join(name), SaveDType::F32)?;
+        }
+        let state = json!({
+            "step": self.step,
+            "optimizer_steps": opt_steps,
+            "rng": self.rng.state(),
+            "config": self.config,
+        });
+        Ok(write_json_synced(&dir.join(RL_STATE_FILE), &state)?)
+    }
+
+    /// The run state and policy saved by [`RlRun::save`] in `dir` (or `dir.old` after a crash
+    /// during the swap), with the directory they came from.
+    pub fn load(dir: &Path, tokenizer: Box<dyn Tokenizer>, salt: u64) -> Result<(Self, DeepSeekV3, PathBuf)> {
+        let dir = complete_checkpoint(dir, RL_STATE_FILE)?;
+        let path = dir.join(RL_STATE_FILE);
+        let bad = |what: String| Error::Rl(format!("{}: {what}", path.display()));
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let state: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let config: GrpoConfig =
+            serde_json::from_value(state["config"].clone()).map_err(|e| bad(format!("config: {e}")))?;
+        let rng: [u64; 4] = serde_json::from_value(state["rng"].clone()).map_err(|e| bad(format!("rng: {e}")))?;
+        let mut run = RlRun::new(config, tokenizer, salt)?;
+        run.step = state["step"].as_u64().ok_or_else(|| bad("missing `step`".into()))?;
+        run.rng = Rng::from_state(rng);
+        let policy = DeepSeekV3::from_pretrained(&dir)?;
+        Ok((run, policy, dir))
+    }
+
+    /// Restores the optimizer `name` saved by [`RlRun::save`] in `dir` for `params`.
+    pub fn load_optimizer(&self, dir: &Path, name: &str, opt: &mut AdamW, params: &ParamStore) -> Result<()> {
+        let path = dir.join(RL_STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Rl(format!("{}: {e}", path.display())))?;
+        let state: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Rl(format!("{}: {e}", path.display())))?;
+        let steps = state["optimizer_steps"][name]
+            .as_u64()
+            .ok_or_else(|| Error::Rl(format!("{}: no optimizer `{name}`", path.display())))?;
+        opt.load_state(steps, &load_file(&dir.join(format!("{name}.safetensors")))?, params)?;
+        Ok(())
+    }
+
+    /// Keeps the log lines of steps before this run's step (an interrupted run may have written
+    /// more) and appends from there.
+    pub fn resume_logs(&mut self, metrics: &Path, completions: &Path) -> Result<()> {
+        truncate_metrics(metrics, self.step)?;
+        truncate_metrics(completions, self.step)?;
+        self.log_to(metrics, completions)
+    }
+
     /// Writes the step's metrics line and, every `log_completions_every` steps, the first group's
     /// completions; then advances the step counter.
     pub fn finish_step(
@@ -665,7 +744,7 @@ impl GrpoTrainer {
     pub fn new(policy: DeepSeekV3, config: GrpoConfig, tokenizer: Box<dyn Tokenizer>) -> Result<Self> {
         let reference = if config.beta > 0.0 { Some(policy.duplicate()?) } else { None };
         let opt = AdamW::new(config.adamw())?;
-        Ok(GrpoTrainer { policy, reference, opt, run: RlRun::new(config, tokenizer, 0x6772_706F)? })
+        Ok(GrpoTrainer { policy, reference, opt, run: RlRun::new(config, tokenizer, GRPO_SALT)? })
     }
 
     pub fn log_to(&mut self, metrics: &Path, completions: &Path) -> Result<()> {
@@ -674,6 +753,29 @@ impl GrpoTrainer {
 
     pub fn done(&self) -> bool {
         self.run.done()
+    }
+
+    /// Writes a checkpoint directory atomically: policy, optimizer, reference, run state.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let extra: Vec<(&str, &DeepSeekV3)> = self.reference.iter().map(|r| ("reference", r)).collect();
+        Ok(write_dir_atomically(dir, |tmp| {
+            self.run.save(tmp, &self.policy, &[("optimizer", &self.opt)], &extra).map_err(to_parallel)
+        })?)
+    }
+
+    /// Continues from a checkpoint of [`GrpoTrainer::save_checkpoint`]; the continuation is
+    /// bit-identical to the uninterrupted run.
+    pub fn resume(dir: &Path, tokenizer: Box<dyn Tokenizer>) -> Result<Self> {
+        let (run, policy, dir) = RlRun::load(dir, tokenizer, GRPO_SALT)?;
+        let reference = if run.config.beta > 0.0 {
+            let r = dir.join("reference");
+            Some(if r.exists() { DeepSeekV3::from_pretrained(&r)? } else { policy.duplicate()? })
+        } else {
+            None
+        };
+        let mut opt = AdamW::new(run.config.adamw())?;
+        run.load_optimizer(&dir, "optimizer", &mut opt, &policy.params)?;
+        Ok(GrpoTrainer { policy, reference, opt, run })
     }
 
     /// Samples and scores one step's rollout; with dynamic sampling, groups without reward spread

@@ -20,6 +20,8 @@ pub enum Error {
     #[error("rl: {0}")]
     Rl(String),
     #[error(transparent)]
+    Parallel(#[from] whale_parallel::Error),
+    #[error(transparent)]
     Model(#[from] whale_parallel::model::Error),
     #[error(transparent)]
     Tensor(#[from] whale_parallel::model::tensor::Error),

@@ -4,15 +4,20 @@
 //! completions per step), learning rate, tasks and rewards, so the two compare like for like.
 
 use std::path::Path;
+
+const PPO_FILE: &str = "ppo.json";
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use whale_parallel::model::checkpoint::load_dir;
 use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, LrSchedule};
 use whale_parallel::model::tensor::{no_grad, DType, Device, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::DeepSeekV3;
+use whale_parallel::model::DeepSeekV3Config;
+use whale_parallel::trainer::{write_dir_atomically, write_json_synced};
 
-use crate::grpo::{grpo_loss, rollout_metrics, GrpoConfig, LossInputs, LossStats, RlRun, Scored, StepLog};
+use crate::grpo::{grpo_loss, rollout_metrics, to_parallel, GrpoConfig, LossInputs, LossStats, RlRun, Scored, StepLog};
 use crate::rollout::{sample_groups, score, PackedBatch};
 use crate::{Error, Result};
 
@@ -65,6 +70,9 @@ pub fn gae(rewards: &[f64], values: &[f64], gamma: f64, lam: f64) -> (Vec<f64>, 
     (adv, returns)
 }
 
+const HEAD: &str = "value_head.weight";
+const PPO_SALT: u64 = 0x7070_6F00;
+
 /// A value model: the policy's trunk (a copy) with a scalar head on the final hidden states.
 #[derive(Debug)]
 pub struct ValueModel {
@@ -78,7 +86,20 @@ impl ValueModel {
     pub fn from_policy(policy: &DeepSeekV3) -> Result<Self> {
         let mut trunk = policy.duplicate()?;
         let h = trunk.config.hidden_size;
-        let head = trunk.params.insert("value_head.weight", &Tensor::zeros(&[1, h], DType::F32, &Device::Cpu)?)?;
+        let head = trunk.params.insert(HEAD, &Tensor::zeros(&[1, h], DType::F32, &Device::Cpu)?)?;
+        Ok(ValueModel { trunk, head })
+    }
+
+    /// Reads a value model saved with `save_pretrained` on its trunk (the head is one more
+    /// tensor, `value_head.weight`).
+    pub fn from_pretrained(dir: &Path) -> Result<Self> {
+        let config = DeepSeekV3Config::from_file(&dir.join("config.json"))?;
+        let (mut tensors, path) = load_dir(dir)?;
+        let head = tensors.remove(HEAD).ok_or_else(|| {
+            Error::Rl(format!("{}: no `{HEAD}` tensor (not a value model checkpoint)", path.display()))
+        })?;
+        let mut trunk = DeepSeekV3::from_tensors(config, tensors, path)?;
+        let head = trunk.params.insert(HEAD, &head.to_dtype(DType::F32)?)?;
         Ok(ValueModel { trunk, head })
     }
 
@@ -146,7 +167,7 @@ impl PpoTrainer {
             reference,
             critic,
             ppo,
-            run: RlRun::new(config, tokenizer, 0x7070_6F00)?,
+            run: RlRun::new(config, tokenizer, PPO_SALT)?,
         })
     }
 
@@ -156,6 +177,34 @@ impl PpoTrainer {
 
     pub fn done(&self) -> bool {
         self.run.done()
+    }
+
+    /// Writes a checkpoint directory atomically: policy, critic, reference, both optimizers, the
+    /// PPO settings and the run state.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let mut extra: Vec<(&str, &DeepSeekV3)> = vec![("critic", &self.critic.trunk)];
+        extra.extend(self.reference.iter().map(|r| ("reference", r)));
+        let opts = [("optimizer", &self.opt), ("critic_optimizer", &self.critic_opt)];
+        Ok(write_dir_atomically(dir, |tmp| {
+            let ppo = serde_json::to_value(&self.ppo).expect("serialisable");
+            write_json_synced(&tmp.join(PPO_FILE), &ppo)?;
+            self.run.save(tmp, &self.policy, &opts, &extra).map_err(to_parallel)
+        })?)
+    }
+
+    /// Continues from a checkpoint of [`PpoTrainer::save_checkpoint`].
+    pub fn resume(dir: &Path, tokenizer: Box<dyn Tokenizer>) -> Result<Self> {
+        let (run, policy, dir) = RlRun::load(dir, tokenizer, PPO_SALT)?;
+        let path = dir.join(PPO_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Rl(format!("{}: {e}", path.display())))?;
+        let ppo: PpoConfig = serde_json::from_str(&text).map_err(|e| Error::Rl(format!("{}: {e}", path.display())))?;
+        let reference =
+            if ppo.kl_coef > 0.0 { Some(DeepSeekV3::from_pretrained(&dir.join("reference"))?) } else { None };
+        let critic = ValueModel::from_pretrained(&dir.join("critic"))?;
+        let (mut opt, mut critic_opt) = (AdamW::new(run.config.adamw())?, AdamW::new(run.config.adamw())?);
+        run.load_optimizer(&dir, "optimizer", &mut opt, &policy.params)?;
+        run.load_optimizer(&dir, "critic_optimizer", &mut critic_opt, &critic.trunk.params)?;
+        Ok(PpoTrainer { policy, reference, critic, opt, critic_opt, ppo, run })
     }
 
     pub fn train_step(&mut self) -> Result<StepLog> {

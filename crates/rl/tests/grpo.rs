@@ -358,3 +358,47 @@ fn ppo_steps_train_the_policy_and_the_critic_on_the_same_budget() {
     let err = PpoTrainer::new(tiny_model(5), small_run(64, LossType::Grpo), bad, Box::new(CharTokenizer::new()));
     assert!(err.unwrap_err().to_string().contains("ppo_epochs"));
 }
+
+fn lm_head(policy: &DeepSeekV3) -> Vec<f32> {
+    policy.params.get("lm_head.weight").unwrap().to_vec_f32().unwrap()
+}
+
+#[test]
+fn grpo_and_ppo_resume_bit_identically_from_a_checkpoint() {
+    use whale_rl::ppo::{PpoConfig, PpoTrainer};
+    let dir = std::env::temp_dir().join(format!("whale-rl-resume-{}", std::process::id()));
+    let cfg = GrpoConfig { steps: 3, ..small_run(64, LossType::Dapo) };
+    let tok = || Box::new(CharTokenizer::new());
+
+    let mut straight = GrpoTrainer::new(tiny_model(8), cfg.clone(), tok()).unwrap();
+    let mut interrupted = GrpoTrainer::new(tiny_model(8), cfg.clone(), tok()).unwrap();
+    straight.train_step().unwrap();
+    interrupted.train_step().unwrap();
+    interrupted.save_checkpoint(&dir.join("grpo")).unwrap();
+    drop(interrupted);
+    let mut resumed = GrpoTrainer::resume(&dir.join("grpo"), tok()).unwrap();
+    assert_eq!(resumed.run.step, 1);
+    while !straight.done() {
+        let (a, b) = (straight.train_step().unwrap(), resumed.train_step().unwrap());
+        assert_eq!(a.get("reward"), b.get("reward"));
+    }
+    assert!(resumed.done());
+    assert_eq!(lm_head(&straight.policy), lm_head(&resumed.policy));
+
+    let ppo_cfg = GrpoConfig { beta: 0.0, ..cfg };
+    let mut straight = PpoTrainer::new(tiny_model(8), ppo_cfg.clone(), PpoConfig::default(), tok()).unwrap();
+    let mut interrupted = PpoTrainer::new(tiny_model(8), ppo_cfg, PpoConfig::default(), tok()).unwrap();
+    straight.train_step().unwrap();
+    interrupted.train_step().unwrap();
+    interrupted.save_checkpoint(&dir.join("ppo")).unwrap();
+    let mut resumed = PpoTrainer::resume(&dir.join("ppo"), tok()).unwrap();
+    for _ in 0..2 {
+        straight.train_step().unwrap();
+        resumed.train_step().unwrap();
+    }
+    assert_eq!(lm_head(&straight.policy), lm_head(&resumed.policy));
+    assert_eq!(straight.critic.head.to_vec_f32().unwrap(), resumed.critic.head.to_vec_f32().unwrap());
+    let err = GrpoTrainer::resume(&dir.join("nothing"), tok()).unwrap_err().to_string();
+    assert!(err.contains("nothing") && err.contains("rl_state.json"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
