@@ -402,3 +402,34 @@ fn grpo_and_ppo_resume_bit_identically_from_a_checkpoint() {
     assert!(err.contains("nothing") && err.contains("rl_state.json"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn every_grpo_option_runs_a_step_with_finite_metrics() {
+    let variants = [
+        GrpoConfig { dynamic_sampling: true, max_resample_rounds: 1, ..small_run(64, LossType::Dapo) },
+        GrpoConfig { mask_truncated: true, max_new_tokens: 4, ..small_run(64, LossType::Bnpo) },
+        GrpoConfig { process_supervision: true, scale_rewards: ScaleRewards::None, ..small_run(4, LossType::DrGrpo) },
+        GrpoConfig {
+            minibatches: 3,
+            ref_sync_every: 1,
+            scale_rewards: ScaleRewards::Batch,
+            ..small_run(64, LossType::Grpo)
+        },
+        GrpoConfig {
+            epsilon_high: Some(0.28),
+            top_p: Some(0.9),
+            rewards: "accuracy_gated,language,cosine".into(),
+            ..small_run(64, LossType::Dapo)
+        },
+    ];
+    for cfg in variants {
+        let mut t = GrpoTrainer::new(tiny_model(2), cfg.clone(), Box::new(CharTokenizer::new())).unwrap();
+        for _ in 0..2 {
+            let log = t.train_step().unwrap();
+            for key in ["policy_loss", "entropy", "clip_ratio/region_mean", "completions/mean_length", "grad_norm"] {
+                assert!(log.get(key).is_finite(), "{cfg:?}: {key}");
+            }
+        }
+        assert!(t.done());
+    }
+}
