@@ -21,6 +21,14 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Drops every cached position from `len` on (a rejected speculative token).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        for l in self.layers.iter_mut().flatten() {
+            l.truncate(len)?;
+        }
+        Ok(())
+    }
+
     /// An empty naive cache.
     pub fn new(n_layers: usize) -> Self {
         Self::with_mode(n_layers, CacheMode::Naive)
@@ -133,6 +141,12 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> (u32
 impl DeepSeekV3 {
     /// Logits `[batch, s, vocab]` for `ids` (`[batch, s]`) continuing the cached positions.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Ok(self.forward_cached_hidden(ids, cache)?.1)
+    }
+
+    /// [`DeepSeekV3::forward_cached`] that also returns the last decoder layer's hidden states
+    /// (before the final norm: what the first MTP module reads), `[batch, s, hidden]`.
+    pub fn forward_cached_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<(Tensor, Tensor)> {
         if cache.layers.len() != self.layers.len() {
             *cache = KvCache::with_mode(self.layers.len(), cache.mode);
         }
@@ -142,7 +156,8 @@ impl DeepSeekV3 {
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             h = layer.forward_cached(&h, &positions, slot, cache.mode)?;
         }
-        Ok(self.lm_head.forward(&self.norm.forward(&h)?)?.to_dtype(whale_tensor::DType::F32)?)
+        let logits = self.lm_head.forward(&self.norm.forward(&h)?)?.to_dtype(whale_tensor::DType::F32)?;
+        Ok((h, logits))
     }
 
     /// Continues each prompt (token ids) per `cfg`. Prompt `i` samples from the `i`-th stream

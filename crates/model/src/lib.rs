@@ -16,6 +16,7 @@ pub mod mla;
 pub mod moe;
 pub mod mtp;
 pub mod nn;
+pub mod speculative;
 pub mod tokenizer;
 
 pub use config::{DeepSeekV3Config, ParamCounts, RopeScaling};

@@ -73,6 +73,18 @@ impl LayerCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Keeps the first `len` positions.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        match self {
+            LayerCache::Naive { k, v } => {
+                *k = k.narrow(2, 0, len.min(k.dims()[2]))?;
+                *v = v.narrow(2, 0, len.min(v.dims()[2]))?;
+            }
+            LayerCache::Absorb { latent } => *latent = latent.narrow(2, 0, len.min(latent.dims()[2]))?,
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -6,6 +6,7 @@ use whale_tensor::Tensor;
 
 use crate::block::{DecoderLayer, LayerOutput};
 use crate::config::DeepSeekV3Config;
+use crate::mla::{CacheMode, LayerCache};
 use crate::nn::{Linear, ParamBuilder, RmsNorm};
 use crate::Result;
 
@@ -44,5 +45,23 @@ impl MtpModule {
         let out = self.block.forward(&x, &positions)?;
         let normed = self.head_norm.forward(&out.hidden)?;
         Ok((out, normed))
+    }
+
+    /// [`MtpModule::forward`] for new positions continuing `cache` (speculative drafting):
+    /// returns the block output and the normalised state for the head.
+    pub fn forward_cached(
+        &self,
+        prev: &Tensor,
+        emb: &Tensor,
+        cache: &mut Option<LayerCache>,
+        mode: CacheMode,
+    ) -> Result<(Tensor, Tensor)> {
+        let x = Tensor::cat(&[self.enorm.forward(emb)?, self.hnorm.forward(prev)?], 2)?;
+        let x = self.eh_proj.forward(&x)?;
+        let start = cache.as_ref().map_or(0, LayerCache::len);
+        let positions: Vec<usize> = (start..start + x.dims()[1]).collect();
+        let hidden = self.block.forward_cached(&x, &positions, cache, mode)?;
+        let normed = self.head_norm.forward(&hidden)?;
+        Ok((hidden, normed))
     }
 }

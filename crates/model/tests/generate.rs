@@ -83,3 +83,62 @@ fn a_prompt_generates_the_same_alone_and_in_a_batch() {
         assert!(batch.iter().all(|g| g.logprobs.iter().all(|&l| l <= 0.0 && l.is_finite())));
     }
 }
+
+/// A tiny model trained for a moment on a periodic token pattern, so its MTP module drafts well.
+fn pattern_model() -> DeepSeekV3 {
+    use whale_model::IGNORE_INDEX;
+    use whale_tensor::optim::{AdamW, AdamWConfig};
+    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap();
+    let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() }).unwrap();
+    let mut rng = Rng::new(3);
+    let (b, s, period) = (8, 20, 5u64);
+    for _ in 0..60 {
+        let mut ids: Vec<i64> = Vec::new();
+        let mut targets: Vec<i64> = Vec::new();
+        for _ in 0..b {
+            let phase = rng.below(period);
+            let row: Vec<i64> = (0..s as u64 + 1).map(|i| 10 + ((i + phase) % period) as i64).collect();
+            ids.extend(&row[..s]);
+            targets.extend(&row[1..]);
+        }
+        *targets.last_mut().unwrap() = IGNORE_INDEX;
+        let ids = Tensor::from_vec(ids, &[b, s], &Device::Cpu).unwrap();
+        let targets = Tensor::from_vec(targets, &[b, s], &Device::Cpu).unwrap();
+        model.forward(&ids, Some(&targets)).unwrap().loss.unwrap().backward().unwrap();
+        opt.step(&model.params, 1e-2).unwrap();
+        model.params.zero_grad();
+    }
+    model
+}
+
+#[test]
+fn greedy_speculative_decoding_yields_the_plain_greedy_tokens() {
+    let trained = pattern_model();
+    let random = DeepSeekV3::new(DeepSeekV3Config::tiny(), 2).unwrap();
+    for (name, model) in [("trained", &trained), ("random", &random)] {
+        for mode in [CacheMode::Naive, CacheMode::Absorb] {
+            let mut total = whale_model::speculative::SpeculativeStats::default();
+            for prompt in [vec![10u32, 11, 12], vec![13], vec![12, 13, 14, 10, 11, 12, 13]] {
+                let cfg = SamplingConfig { cache: mode, ..SamplingConfig::greedy(17, vec![2]) };
+                let plain = model.generate(std::slice::from_ref(&prompt), &cfg, &mut Rng::new(0)).unwrap().remove(0);
+                let (spec, stats) = model.generate_speculative(&prompt, 17, &[2], mode).unwrap();
+                assert_eq!(spec.tokens, plain.tokens, "{name} {mode:?} {prompt:?}");
+                assert_eq!(spec.truncated, plain.truncated);
+                for (a, b) in spec.logprobs.iter().zip(&plain.logprobs) {
+                    assert!((a - b).abs() < 1e-4, "{name}: log-prob {a} vs {b}");
+                }
+                total.add(&stats);
+            }
+            assert!(total.tokens_per_forward() >= 1.0);
+            if name == "trained" {
+                // The pattern is learnt by both heads: most drafts are accepted.
+                assert!(total.acceptance_rate() > 0.8, "{mode:?}: {total:?}");
+                assert!(total.tokens_per_forward() > 1.6, "{mode:?}: {total:?}");
+            }
+        }
+    }
+    let mut no_mtp = DeepSeekV3Config::tiny();
+    no_mtp.num_nextn_predict_layers = 0;
+    let m = DeepSeekV3::new(no_mtp, 1).unwrap();
+    assert!(m.generate_speculative(&[10], 4, &[], CacheMode::Naive).unwrap_err().to_string().contains("MTP"));
+}

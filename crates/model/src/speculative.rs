@@ -1,0 +1,144 @@
+//! Self-speculative greedy decoding with the MTP module (spec 3.3): the first MTP module drafts
+//! the token after next from the main model's hidden state, and the main model checks the next
+//! token and the draft in one forward of two positions. When the draft agrees with the main
+//! model's own prediction both tokens are kept (two tokens for one main forward); otherwise the
+//! draft's cache entry is dropped. Every kept token is the main model's greedy choice given the
+//! kept prefix, so the output is exactly greedy decoding's.
+//!
+//! Invariant between steps (m tokens so far): the main cache holds positions `0..m`; the MTP
+//! cache holds the pairs (main hidden at i, token i + 1) for the positions whose pair is known,
+//! the rest wait in `pending`; `next` is the main model's prediction for position m.
+
+use whale_tensor::{no_grad, DType, Device, Tensor};
+
+use crate::deepseek_v3::DeepSeekV3;
+use crate::generate::{CacheMode, Generation, KvCache, LayerCache};
+use crate::{Error, Result};
+
+/// What a speculative decode measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SpeculativeStats {
+    /// Tokens drafted by the MTP module.
+    pub drafted: usize,
+    /// Drafts the main model agreed with.
+    pub accepted: usize,
+    /// Main-model forwards (prefill included).
+    pub main_forwards: usize,
+    /// Tokens generated.
+    pub tokens: usize,
+}
+
+impl SpeculativeStats {
+    pub fn acceptance_rate(&self) -> f64 {
+        self.accepted as f64 / self.drafted.max(1) as f64
+    }
+
+    /// Generated tokens per main-model forward (plain decoding: 1).
+    pub fn tokens_per_forward(&self) -> f64 {
+        self.tokens as f64 / self.main_forwards.max(1) as f64
+    }
+
+    pub fn add(&mut self, o: &SpeculativeStats) {
+        self.drafted += o.drafted;
+        self.accepted += o.accepted;
+        self.main_forwards += o.main_forwards;
+        self.tokens += o.tokens;
+    }
+}
+
+/// (argmax, its log-probability) of one row of logits.
+fn greedy_pick(row: &[f32]) -> (u32, f32) {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    let max = row[best] as f64;
+    let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    (best as u32, (row[best] as f64 - lse) as f32)
+}
+
+fn ids(tokens: &[u32]) -> Result<Tensor> {
+    Ok(Tensor::from_vec(tokens.iter().map(|&t| t as i64).collect::<Vec<i64>>(), &[1, tokens.len()], &Device::Cpu)?)
+}
+
+impl DeepSeekV3 {
+    /// Greedy decoding of one prompt, drafting with the first MTP module.
+    pub fn generate_speculative(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        stop_tokens: &[u32],
+        mode: CacheMode,
+    ) -> Result<(Generation, SpeculativeStats)> {
+        let mtp = self.mtp.first().ok_or_else(|| {
+            Error::Model("speculative decoding drafts with the MTP module, and this model has none".into())
+        })?;
+        if prompt.is_empty() {
+            return Err(Error::Model("generate: empty prompt".into()));
+        }
+        no_grad(|| {
+            let vocab = self.config.vocab_size;
+            let n = prompt.len();
+            let mut stats = SpeculativeStats::default();
+            let mut cache = KvCache::with_mode(self.layers.len(), mode);
+            let mut mtp_cache: Option<LayerCache> = None;
+            let (h, logits) = self.forward_cached_hidden(&ids(prompt)?, &mut cache)?;
+            stats.main_forwards += 1;
+            let row = |l: &Tensor, i: usize| -> Result<Vec<f32>> { Ok(l.narrow(1, i, 1)?.to_vec_f32()?) };
+            let mut next = greedy_pick(&row(&logits, n - 1)?);
+            let mut last_h = h.narrow(1, n - 1, 1)?;
+            let mut pending_h = if n > 1 { Some(h.narrow(1, 0, n - 1)?) } else { None };
+            let mut pending_tokens = prompt[1..].to_vec();
+            let mut gen = Generation { tokens: vec![], logprobs: vec![], truncated: false };
+            let emit = |gen: &mut Generation, (tok, lp): (u32, f32)| -> bool {
+                gen.tokens.push(tok);
+                gen.logprobs.push(lp);
+                stop_tokens.contains(&tok) || gen.tokens.len() >= max_new_tokens
+            };
+            if max_new_tokens == 0 {
+                return Ok((Generation { truncated: true, ..gen }, stats));
+            }
+            loop {
+                if emit(&mut gen, next) {
+                    break;
+                }
+                // Draft: the MTP module over the pending pairs and (hidden at m - 1, next).
+                pending_tokens.push(next.0);
+                let hs = match pending_h.take() {
+                    Some(p) => Tensor::cat(&[p, last_h.clone()], 1)?,
+                    None => last_h.clone(),
+                };
+                let emb = self.embed(&ids(&pending_tokens)?)?;
+                let (_, normed) = mtp.forward_cached(&hs, &emb, &mut mtp_cache, mode)?;
+                pending_tokens.clear();
+                let last = normed.narrow(1, normed.dims()[1] - 1, 1)?;
+                let draft_logits = self.lm_head.forward(&last)?.to_dtype(DType::F32)?.to_vec_f32()?;
+                let draft = greedy_pick(&draft_logits[..vocab]).0;
+                stats.drafted += 1;
+                // Verify the next token and the draft in one forward.
+                let (hv, lv) = self.forward_cached_hidden(&ids(&[next.0, draft])?, &mut cache)?;
+                stats.main_forwards += 1;
+                let (p1, p2) = (greedy_pick(&row(&lv, 0)?), greedy_pick(&row(&lv, 1)?));
+                if p1.0 == draft {
+                    stats.accepted += 1;
+                    if emit(&mut gen, p1) {
+                        break;
+                    }
+                    pending_h = Some(hv.narrow(1, 0, 1)?);
+                    pending_tokens.push(draft);
+                    last_h = hv.narrow(1, 1, 1)?;
+                    next = p2;
+                } else {
+                    cache.truncate(cache.len() - 1)?;
+                    last_h = hv.narrow(1, 0, 1)?;
+                    next = p1;
+                }
+            }
+            gen.truncated = !gen.tokens.last().is_some_and(|t| stop_tokens.contains(t));
+            stats.tokens = gen.tokens.len();
+            Ok((gen, stats))
+        })
+    }
+}
