@@ -6,9 +6,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 use whale_rl::eval::{evaluate, EvalConfig};
 use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
+use whale_rl::parallel::model::load_pretrained;
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
-use whale_rl::parallel::model::DeepSeekV3;
 use whale_rl::tasks::{load_jsonl, verify, TaskSet};
 
 #[derive(Args, Debug)]
@@ -40,8 +40,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let model =
-        DeepSeekV3::from_pretrained(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let model = load_pretrained(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
     let problems = match &a.data {
         Some(path) => load_jsonl(path)?,
         None => TaskSet::parse(&a.tasks)?.held_out(a.problems, a.seed),
@@ -59,7 +58,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
     }
     let t0 = std::time::Instant::now();
-    let r = evaluate(&model, &tok, &problems, &cfg)?;
+    let r = evaluate(&*model, &tok, &problems, &cfg)?;
     println!("evaluated in {:.1} s ({:?} cache)", t0.elapsed().as_secs_f64(), cache);
     crate::pretrain::print_report(&a.checkpoint.display().to_string(), &r);
     for (task, p1) in &r.per_task {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, RlRun, ScaleRewards, StepLog};
 use whale_rl::parallel::model::tokenizer::CharTokenizer;
-use whale_rl::parallel::model::DeepSeekV3;
+use whale_rl::parallel::model::{load_pretrained, CausalLm};
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
 use whale_rl::tasks::TaskSet;
 
@@ -62,7 +62,8 @@ impl Default for R1ZeroSettings {
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct R1ZeroArgs {
-    /// The base model: a checkpoint directory (config.json + model.safetensors), e.g. the
+    /// The base model: a DeepSeek-V3, Qwen2 or Llama checkpoint directory (config.json +
+    /// safetensors), e.g. the
     /// `checkpoint` folder of `whale pretrain`.
     #[arg(long)]
     pub base: PathBuf,
@@ -192,8 +193,8 @@ pub fn run(args: R1ZeroArgs) -> Result<()> {
     let (metrics, completions) = (out.join("metrics.jsonl"), out.join("completions.jsonl"));
     let settings_path = out.join("settings.json");
     let tok = CharTokenizer::new();
-    let base = DeepSeekV3::from_pretrained(&args.base)
-        .with_context(|| format!("loading the base model from {}", args.base.display()))?;
+    let base =
+        load_pretrained(&args.base).with_context(|| format!("loading the base model from {}", args.base.display()))?;
     let mut trainer: Box<dyn RlTrainer> = if args.resume {
         // The run's own settings, not this command line's, except an explicit --steps.
         s = crate::settings::load(&settings_path).context("resuming: the run's settings")?;
@@ -229,7 +230,7 @@ pub fn run(args: R1ZeroArgs) -> Result<()> {
     let problems = TaskSet::parse(&s.grpo.tasks)?.held_out(s.eval_problems, s.eval_seed);
     let eval_cfg = EvalConfig { samples: s.k, max_new_tokens: s.grpo.max_new_tokens.max(96), ..EvalConfig::default() };
     let t0 = Instant::now();
-    let before = evaluate(&base, &tok, &problems, &eval_cfg)?;
+    let before = evaluate(&*base, &tok, &problems, &eval_cfg)?;
     println!(
         "R1-Zero by {:?} on {} from {} ({} steps x {} prompts x {} samples); held-out before ({:.0} s):",
         s.algo,
@@ -291,7 +292,7 @@ pub fn run(args: R1ZeroArgs) -> Result<()> {
 /// The two algorithms behind one loop.
 pub trait RlTrainer {
     fn train_step(&mut self) -> whale_rl::Result<StepLog>;
-    fn policy(&self) -> &DeepSeekV3;
+    fn policy(&self) -> &dyn CausalLm;
     fn run_mut(&mut self) -> &mut RlRun;
     fn save_checkpoint(&self, dir: &Path) -> whale_rl::Result<()>;
 }
@@ -302,8 +303,8 @@ macro_rules! rl_trainer {
             fn train_step(&mut self) -> whale_rl::Result<StepLog> {
                 <$t>::train_step(self)
             }
-            fn policy(&self) -> &DeepSeekV3 {
-                &self.policy
+            fn policy(&self) -> &dyn CausalLm {
+                &*self.policy
             }
             fn run_mut(&mut self) -> &mut RlRun {
                 &mut self.run

@@ -188,3 +188,19 @@ pub fn save_sharded(
     std::fs::write(&tmp, serde_json::to_string_pretty(&index).expect("json")).map_err(|e| Error::file(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| Error::file(&path, e))
 }
+
+/// Writes an HF model directory: `config.json` (through a temporary file and a rename) and
+/// `model.safetensors` with `tensors`.
+pub fn save_model_dir(
+    dir: &Path,
+    config_json: &str,
+    tensors: &BTreeMap<String, Tensor>,
+    dtype: SaveDType,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    let cfg_path = dir.join("config.json");
+    let tmp = dir.join("config.json.tmp");
+    std::fs::write(&tmp, config_json).map_err(|e| Error::file(&tmp, e))?;
+    std::fs::rename(&tmp, &cfg_path).map_err(|e| Error::file(&cfg_path, e))?;
+    save_file(&dir.join("model.safetensors"), tensors, dtype)
+}

@@ -134,27 +134,14 @@ impl DeepSeekV3 {
         } else {
             Linear::new(&mut root, "lm_head", d, v)?
         };
-        if let WeightSource::Loaded { path, tensors } = &source {
-            if let Some(name) = tensors.keys().next() {
-                return Err(Error::Checkpoint {
-                    path: path.clone(),
-                    name: name.clone(),
-                    msg: format!("unexpected tensor (and {} more) for this config", tensors.len() - 1),
-                });
-            }
-        }
+        source.check_all_used()?;
         Ok(DeepSeekV3 { config, embed_tokens, layers, norm, lm_head, mtp, params, buffers, compute_dtype: DType::F32 })
     }
 
     /// Writes `config.json` and `model.safetensors` (f32, HF names; MTP layers with their copies
     /// of the embedding and head) into `dir`.
     pub fn save_pretrained(&self, dir: &Path, dtype: SaveDType) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
-        let cfg_path = dir.join("config.json");
-        let tmp = dir.join("config.json.tmp");
-        std::fs::write(&tmp, self.config.to_json_string()?).map_err(|e| Error::file(&tmp, e))?;
-        std::fs::rename(&tmp, &cfg_path).map_err(|e| Error::file(&cfg_path, e))?;
-        checkpoint::save_file(&dir.join("model.safetensors"), &self.state_dict(), dtype)
+        checkpoint::save_model_dir(dir, &self.config.to_json_string()?, &self.state_dict(), dtype)
     }
 
     /// Every tensor of the checkpoint under its HF name.

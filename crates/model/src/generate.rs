@@ -7,7 +7,11 @@
 
 use std::collections::BTreeMap;
 
-use whale_tensor::{no_grad, Device, Rng, Tensor};
+use std::path::Path;
+
+use whale_tensor::{no_grad, Device, ParamStore, Rng, Tensor};
+
+use crate::checkpoint::SaveDType;
 
 use crate::deepseek_v3::DeepSeekV3;
 pub use crate::mla::{CacheMode, LayerCache};
@@ -159,16 +163,48 @@ impl DeepSeekV3 {
         let logits = self.lm_head.forward(&self.norm.forward(&h)?)?.to_dtype(whale_tensor::DType::F32)?;
         Ok((h, logits))
     }
+}
+
+/// What generation, RL and fine-tuning need from a causal language model: DeepSeek-V3 and the
+/// dense Llama / Qwen2 students both implement it.
+pub trait CausalLm: Send + Sync + std::fmt::Debug {
+    fn vocab_size(&self) -> usize;
+    fn hidden_size(&self) -> usize;
+    fn num_layers(&self) -> usize;
+    /// Every trainable weight.
+    fn params(&self) -> &ParamStore;
+    /// Next-token logits `[batch, seq, vocab]` (f32) of a full sequence.
+    fn logits(&self, ids: &Tensor) -> Result<Tensor>;
+    /// Final-norm hidden states `[batch, seq, hidden]` of a full sequence.
+    fn hidden_states(&self, ids: &Tensor) -> Result<Tensor>;
+    /// Logits for `ids` continuing the cached positions (MLA models honour the cache's mode;
+    /// others keep per-head K/V).
+    fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+    /// The training loss for `targets` (`IGNORE_INDEX` skipped): DeepSeek-V3 adds its MTP and
+    /// balance terms, a dense model is plain next-token cross-entropy.
+    fn train_loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor>;
+    /// config.json + safetensors in HF layout.
+    fn save_pretrained(&self, dir: &Path, dtype: SaveDType) -> Result<()>;
+    /// An independent copy.
+    fn duplicate(&self) -> Result<Box<dyn CausalLm>>;
+    /// Total parameters.
+    fn param_count(&self) -> usize {
+        self.params().num_elements()
+    }
+    /// The DeepSeek-V3 model, when this is one (MTP speculative decoding needs it).
+    fn as_deepseek(&self) -> Option<&DeepSeekV3> {
+        None
+    }
 
     /// Continues each prompt (token ids) per `cfg`. Prompt `i` samples from the `i`-th stream
     /// forked from `rng`, so its tokens do not depend on the other prompts in the batch.
-    pub fn generate(&self, prompts: &[Vec<u32>], cfg: &SamplingConfig, rng: &mut Rng) -> Result<Vec<Generation>> {
+    fn generate(&self, prompts: &[Vec<u32>], cfg: &SamplingConfig, rng: &mut Rng) -> Result<Vec<Generation>> {
         let mut streams: Vec<Rng> = prompts.iter().map(|_| rng.fork()).collect();
         self.generate_with_streams(prompts, cfg, &mut streams)
     }
 
-    /// [`DeepSeekV3::generate`] with one explicit random stream per prompt.
-    pub fn generate_with_streams(
+    /// [`CausalLm::generate`] with one explicit random stream per prompt.
+    fn generate_with_streams(
         &self,
         prompts: &[Vec<u32>],
         cfg: &SamplingConfig,
@@ -191,7 +227,7 @@ impl DeepSeekV3 {
         let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
         no_grad(|| -> Result<()> {
             for (len, members) in groups {
-                let gens = self.generate_group(prompts, &members, len, cfg, streams)?;
+                let gens = generate_group(self, prompts, &members, len, cfg, streams)?;
                 for (i, g) in members.into_iter().zip(gens) {
                     out[i] = Some(g);
                 }
@@ -200,43 +236,43 @@ impl DeepSeekV3 {
         })?;
         Ok(out.into_iter().map(|g| g.expect("every prompt is in a group")).collect())
     }
+}
 
-    fn generate_group(
-        &self,
-        prompts: &[Vec<u32>],
-        members: &[usize],
-        len: usize,
-        cfg: &SamplingConfig,
-        streams: &mut [Rng],
-    ) -> Result<Vec<Generation>> {
-        let b = members.len();
-        let vocab = self.config.vocab_size;
-        let ids: Vec<i64> = members.iter().flat_map(|&i| prompts[i].iter().map(|&t| t as i64)).collect();
-        let mut cache = KvCache::with_mode(self.layers.len(), cfg.cache);
-        let mut logits =
-            self.forward_cached(&Tensor::from_vec(ids, &[b, len], &Device::Cpu)?, &mut cache)?.narrow(1, len - 1, 1)?;
-        let mut gens: Vec<Generation> = vec![Generation { tokens: vec![], logprobs: vec![], truncated: false }; b];
-        let mut done = vec![false; b];
-        for step in 0..cfg.max_new_tokens {
-            let rows = logits.to_vec_f32()?;
-            let mut next = Vec::with_capacity(b);
-            for (j, &m) in members.iter().enumerate() {
-                let (tok, lp) = sample_token(&rows[j * vocab..(j + 1) * vocab], cfg, &mut streams[m]);
-                if !done[j] {
-                    gens[j].tokens.push(tok);
-                    gens[j].logprobs.push(lp);
-                    done[j] = cfg.stop_tokens.contains(&tok);
-                }
-                next.push(tok as i64);
+fn generate_group<M: CausalLm + ?Sized>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    members: &[usize],
+    len: usize,
+    cfg: &SamplingConfig,
+    streams: &mut [Rng],
+) -> Result<Vec<Generation>> {
+    let b = members.len();
+    let vocab = model.vocab_size();
+    let ids: Vec<i64> = members.iter().flat_map(|&i| prompts[i].iter().map(|&t| t as i64)).collect();
+    let mut cache = KvCache::with_mode(model.num_layers(), cfg.cache);
+    let mut logits =
+        model.forward_cached(&Tensor::from_vec(ids, &[b, len], &Device::Cpu)?, &mut cache)?.narrow(1, len - 1, 1)?;
+    let mut gens: Vec<Generation> = vec![Generation { tokens: vec![], logprobs: vec![], truncated: false }; b];
+    let mut done = vec![false; b];
+    for step in 0..cfg.max_new_tokens {
+        let rows = logits.to_vec_f32()?;
+        let mut next = Vec::with_capacity(b);
+        for (j, &m) in members.iter().enumerate() {
+            let (tok, lp) = sample_token(&rows[j * vocab..(j + 1) * vocab], cfg, &mut streams[m]);
+            if !done[j] {
+                gens[j].tokens.push(tok);
+                gens[j].logprobs.push(lp);
+                done[j] = cfg.stop_tokens.contains(&tok);
             }
-            if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
-                break;
-            }
-            logits = self.forward_cached(&Tensor::from_vec(next, &[b, 1], &Device::Cpu)?, &mut cache)?;
+            next.push(tok as i64);
         }
-        for (g, d) in gens.iter_mut().zip(&done) {
-            g.truncated = !d;
+        if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
+            break;
         }
-        Ok(gens)
+        logits = model.forward_cached(&Tensor::from_vec(next, &[b, 1], &Device::Cpu)?, &mut cache)?;
     }
+    for (g, d) in gens.iter_mut().zip(&done) {
+        g.truncated = !d;
+    }
+    Ok(gens)
 }

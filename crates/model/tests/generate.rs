@@ -1,7 +1,7 @@
 //! The cached decode path against the training forward, and batch-independence of generation.
 
 use whale_model::generate::{CacheMode, KvCache, SamplingConfig};
-use whale_model::{DeepSeekV3, DeepSeekV3Config};
+use whale_model::{CausalLm, DeepSeekV3, DeepSeekV3Config};
 use whale_tensor::{no_grad, Device, Rng, Tensor};
 
 #[test]

@@ -6,40 +6,18 @@
 //! tiling, f64 accumulators here), so elements agree to a few f32 ulps of the largest terms they
 //! sum: 1e-5 absolute + 1e-4 relative for values of order 1, the same for gradients.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use common::{assert_close, fixture, shifted_targets};
 use whale_model::checkpoint::load_file;
-use whale_model::{DeepSeekV3, IGNORE_INDEX};
-use whale_tensor::{Device, Tensor};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f32, rtol: f32) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let (g, w) = (got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
-    let mut worst = (0.0f32, 0usize);
-    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-        let excess = (a - b).abs() - (atol + rtol * b.abs());
-        if excess > worst.0 {
-            worst = (excess, i);
-        }
-    }
-    assert!(worst.0 <= 0.0, "{what}: element {} is {} vs reference {}", worst.1, g[worst.1], w[worst.1]);
-}
+use whale_model::DeepSeekV3;
 
 fn check(name: &str) {
     let dir = fixture(name);
     let model = DeepSeekV3::from_pretrained(&dir).unwrap();
     let reference = load_file(&dir.join("reference.safetensors")).unwrap();
     let ids = &reference["input_ids"];
-    let labels = reference["labels"].to_vec_i64().unwrap();
-    let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
-    // HF labels are unshifted: the target at position i is labels[i + 1].
-    let targets: Vec<i64> =
-        (0..batch * seq).map(|p| if p % seq + 1 < seq { labels[p + 1] } else { IGNORE_INDEX }).collect();
-    let targets = Tensor::from_vec(targets, &[batch, seq], &Device::Cpu).unwrap();
+    let targets = shifted_targets(&reference["labels"]);
 
     let out = model.forward(ids, Some(&targets)).unwrap();
     assert_close("logits", &out.logits, &reference["logits"], 1e-5, 1e-4);

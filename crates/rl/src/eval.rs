@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use whale_parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_parallel::model::tensor::Rng;
 use whale_parallel::model::tokenizer::Tokenizer;
-use whale_parallel::model::DeepSeekV3;
+use whale_parallel::model::CausalLm;
 
 use crate::tasks::{extract_answer, verify, Problem};
 use crate::Result;
@@ -72,7 +72,12 @@ impl Default for EvalConfig {
 }
 
 /// Evaluates `model` on `problems`.
-pub fn evaluate(model: &DeepSeekV3, tok: &dyn Tokenizer, problems: &[Problem], cfg: &EvalConfig) -> Result<EvalReport> {
+pub fn evaluate(
+    model: &dyn CausalLm,
+    tok: &dyn Tokenizer,
+    problems: &[Problem],
+    cfg: &EvalConfig,
+) -> Result<EvalReport> {
     let stop = vec![tok.eos_id()];
     let prompts: Vec<Vec<u32>> =
         problems.iter().map(|p| tok.encode(&p.prompt)).collect::<std::result::Result<_, _>>()?;

@@ -24,7 +24,7 @@ use whale_parallel::model::generate::CacheMode;
 use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, WarmupCosine};
 use whale_parallel::model::tensor::{no_grad, Device, ParamStore, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
-use whale_parallel::model::DeepSeekV3;
+use whale_parallel::model::{load_pretrained, CausalLm};
 use whale_parallel::trainer::{complete_checkpoint, truncate_metrics, write_dir_atomically, write_json_synced};
 
 use crate::rewards::{RewardSet, Sample, Scores};
@@ -596,9 +596,9 @@ impl RlRun {
     pub fn save(
         &self,
         dir: &Path,
-        policy: &DeepSeekV3,
+        policy: &dyn CausalLm,
         opts: &[(&str, &AdamW)],
-        extra: &[(&str, &DeepSeekV3)],
+        extra: &[(&str, &dyn CausalLm)],
     ) -> Result<()> {
         policy.save_pretrained(dir, SaveDType::F32)?;
         let mut opt_steps = serde_json::Map::new();
@@ -621,7 +621,7 @@ impl RlRun {
 
     /// The run state and policy saved by [`RlRun::save`] in `dir` (or `dir.old` after a crash
     /// during the swap), with the directory they came from.
-    pub fn load(dir: &Path, tokenizer: Box<dyn Tokenizer>, salt: u64) -> Result<(Self, DeepSeekV3, PathBuf)> {
+    pub fn load(dir: &Path, tokenizer: Box<dyn Tokenizer>, salt: u64) -> Result<(Self, Box<dyn CausalLm>, PathBuf)> {
         let dir = complete_checkpoint(dir, RL_STATE_FILE)?;
         let path = dir.join(RL_STATE_FILE);
         let bad = |what: String| Error::Rl(format!("{}: {what}", path.display()));
@@ -633,7 +633,7 @@ impl RlRun {
         let mut run = RlRun::new(config, tokenizer, salt)?;
         run.step = state["step"].as_u64().ok_or_else(|| bad("missing `step`".into()))?;
         run.rng = Rng::from_state(rng);
-        let policy = DeepSeekV3::from_pretrained(&dir)?;
+        let policy = load_pretrained(&dir)?;
         Ok((run, policy, dir))
     }
 
@@ -695,8 +695,8 @@ impl RlRun {
 
 /// GRPO on a policy, with its reference and optimizer.
 pub struct GrpoTrainer {
-    pub policy: DeepSeekV3,
-    pub reference: Option<DeepSeekV3>,
+    pub policy: Box<dyn CausalLm>,
+    pub reference: Option<Box<dyn CausalLm>>,
     pub opt: AdamW,
     pub run: RlRun,
 }
@@ -741,7 +741,7 @@ pub(crate) fn open_log(path: &Path) -> Result<File> {
 }
 
 impl GrpoTrainer {
-    pub fn new(policy: DeepSeekV3, config: GrpoConfig, tokenizer: Box<dyn Tokenizer>) -> Result<Self> {
+    pub fn new(policy: Box<dyn CausalLm>, config: GrpoConfig, tokenizer: Box<dyn Tokenizer>) -> Result<Self> {
         let reference = if config.beta > 0.0 { Some(policy.duplicate()?) } else { None };
         let opt = AdamW::new(config.adamw())?;
         Ok(GrpoTrainer { policy, reference, opt, run: RlRun::new(config, tokenizer, GRPO_SALT)? })
@@ -757,9 +757,9 @@ impl GrpoTrainer {
 
     /// Writes a checkpoint directory atomically: policy, optimizer, reference, run state.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let extra: Vec<(&str, &DeepSeekV3)> = self.reference.iter().map(|r| ("reference", r)).collect();
+        let extra: Vec<(&str, &dyn CausalLm)> = self.reference.iter().map(|r| ("reference", &**r)).collect();
         Ok(write_dir_atomically(dir, |tmp| {
-            self.run.save(tmp, &self.policy, &[("optimizer", &self.opt)], &extra).map_err(to_parallel)
+            self.run.save(tmp, &*self.policy, &[("optimizer", &self.opt)], &extra).map_err(to_parallel)
         })?)
     }
 
@@ -769,12 +769,12 @@ impl GrpoTrainer {
         let (run, policy, dir) = RlRun::load(dir, tokenizer, GRPO_SALT)?;
         let reference = if run.config.beta > 0.0 {
             let r = dir.join("reference");
-            Some(if r.exists() { DeepSeekV3::from_pretrained(&r)? } else { policy.duplicate()? })
+            Some(if r.exists() { load_pretrained(&r)? } else { policy.duplicate()? })
         } else {
             None
         };
         let mut opt = AdamW::new(run.config.adamw())?;
-        run.load_optimizer(&dir, "optimizer", &mut opt, &policy.params)?;
+        run.load_optimizer(&dir, "optimizer", &mut opt, policy.params())?;
         Ok(GrpoTrainer { policy, reference, opt, run })
     }
 
@@ -791,7 +791,7 @@ impl GrpoTrainer {
             }
             let batch = self.run.sample_problems(want);
             let rollouts =
-                sample_groups(&self.policy, &*self.run.tokenizer, &batch, &cfg.rollout(), &mut self.run.rng)?;
+                sample_groups(&*self.policy, &*self.run.tokenizer, &batch, &cfg.rollout(), &mut self.run.rng)?;
             let scores = self.run.score(&rollouts, &batch);
             let s = score_rollouts(rollouts, scores, &batch, &cfg, &*self.run.tokenizer);
             let zero = zero_std_groups(&s, cfg.group_size);
@@ -846,15 +846,15 @@ impl GrpoTrainer {
             .iter()
             .map(|c| PackedBatch::new(&scored[c.clone()].iter().map(|s| &s.rollout).collect::<Vec<_>>(), pad))
             .collect::<Result<_>>()?;
-        let frozen = |model: &DeepSeekV3, b: &PackedBatch| -> Result<Tensor> {
+        let frozen = |model: &dyn CausalLm, b: &PackedBatch| -> Result<Tensor> {
             no_grad(|| Ok(score(model, b, cfg.temperature)?.logprobs.detach()))
         };
         let old: Vec<Option<Tensor>> = packed
             .iter()
-            .map(|b| if off_policy { frozen(&self.policy, b).map(Some) } else { Ok(None) })
+            .map(|b| if off_policy { frozen(&*self.policy, b).map(Some) } else { Ok(None) })
             .collect::<Result<_>>()?;
         let reference: Vec<Option<Tensor>> = match (&self.reference, cfg.beta > 0.0) {
-            (Some(r), true) => packed.iter().map(|b| frozen(r, b).map(Some)).collect::<Result<_>>()?,
+            (Some(r), true) => packed.iter().map(|b| frozen(&**r, b).map(Some)).collect::<Result<_>>()?,
             _ => vec![None; packed.len()],
         };
 
@@ -881,7 +881,7 @@ impl GrpoTrainer {
                     )?;
                     let adv: Vec<Vec<f32>> =
                         scored[rows.clone()].iter().map(|s| s.advantages.iter().map(|&a| a as f32).collect()).collect();
-                    let scored_now = score(&self.policy, batch, cfg.temperature)?;
+                    let scored_now = score(&*self.policy, batch, cfg.temperature)?;
                     let inputs = LossInputs {
                         old: old[c].clone().unwrap_or_else(|| scored_now.logprobs.detach()),
                         logprobs: scored_now.logprobs,
@@ -892,7 +892,7 @@ impl GrpoTrainer {
                     let (loss, s) = grpo_loss(&inputs, cfg.epsilon, cfg.epsilon_high(), cfg.beta)?;
                     let lv = loss.to_scalar()? as f64;
                     if !lv.is_finite() {
-                        self.policy.params.zero_grad();
+                        self.policy.params().zero_grad();
                         return Err(Error::Rl(format!("step {}: the GRPO loss is not finite ({lv})", self.run.step)));
                     }
                     loss.backward()?;
@@ -900,14 +900,14 @@ impl GrpoTrainer {
                     entropy += scored_now.entropy * s.tokens;
                     stats.add(&s);
                 }
-                let norm = clip_grad_norm(&self.policy.params, cfg.grad_clip)?;
+                let norm = clip_grad_norm(self.policy.params(), cfg.grad_clip)?;
                 if !norm.is_finite() {
-                    self.policy.params.zero_grad();
+                    self.policy.params().zero_grad();
                     return Err(Error::Rl(format!("step {}: non-finite gradient norm", self.run.step)));
                 }
                 grad_norm += norm;
-                self.opt.step(&self.policy.params, lr)?;
-                self.policy.params.zero_grad();
+                self.opt.step(self.policy.params(), lr)?;
+                self.policy.params().zero_grad();
                 updates += 1;
             }
         }

@@ -3,18 +3,16 @@
 //! policy and value losses. It uses GRPO's rollout budget (`prompts_per_step * group_size`
 //! completions per step), learning rate, tasks and rewards, so the two compare like for like.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-
-const PPO_FILE: &str = "ppo.json";
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use whale_parallel::model::checkpoint::load_dir;
+use whale_parallel::model::checkpoint::{load_file, save_file, SaveDType};
 use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, LrSchedule};
-use whale_parallel::model::tensor::{no_grad, DType, Device, Tensor};
+use whale_parallel::model::tensor::{no_grad, DType, Device, ParamStore, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
-use whale_parallel::model::DeepSeekV3;
-use whale_parallel::model::DeepSeekV3Config;
+use whale_parallel::model::{load_pretrained, CausalLm};
 use whale_parallel::trainer::{write_dir_atomically, write_json_synced};
 
 use crate::grpo::{grpo_loss, rollout_metrics, to_parallel, GrpoConfig, LossInputs, LossStats, RlRun, Scored, StepLog};
@@ -70,37 +68,52 @@ pub fn gae(rewards: &[f64], values: &[f64], gamma: f64, lam: f64) -> (Vec<f64>, 
     (adv, returns)
 }
 
+const PPO_FILE: &str = "ppo.json";
 const HEAD: &str = "value_head.weight";
+const HEAD_FILE: &str = "value_head.safetensors";
 const PPO_SALT: u64 = 0x7070_6F00;
 
 /// A value model: the policy's trunk (a copy) with a scalar head on the final hidden states.
 #[derive(Debug)]
 pub struct ValueModel {
-    pub trunk: DeepSeekV3,
-    /// `[1, hidden]`, registered in the trunk's parameters as `value_head.weight`.
+    pub trunk: Box<dyn CausalLm>,
+    /// `[1, hidden]`.
     pub head: Tensor,
+    /// The trunk's weights and the head, as one store for the optimizer.
+    pub params: ParamStore,
 }
 
 impl ValueModel {
-    /// A copy of `policy`'s weights with a zero head (every value starts at 0).
-    pub fn from_policy(policy: &DeepSeekV3) -> Result<Self> {
-        let mut trunk = policy.duplicate()?;
-        let h = trunk.config.hidden_size;
-        let head = trunk.params.insert(HEAD, &Tensor::zeros(&[1, h], DType::F32, &Device::Cpu)?)?;
-        Ok(ValueModel { trunk, head })
+    fn with_head(trunk: Box<dyn CausalLm>, head: &Tensor) -> Result<Self> {
+        let mut params = ParamStore::new();
+        for (name, t) in trunk.params().iter() {
+            params.insert(name, t)?;
+        }
+        let head = params.insert(HEAD, &head.to_dtype(DType::F32)?.contiguous()?.deep_clone())?;
+        Ok(ValueModel { trunk, head, params })
     }
 
-    /// Reads a value model saved with `save_pretrained` on its trunk (the head is one more
-    /// tensor, `value_head.weight`).
+    /// A copy of `policy`'s weights with a zero head (every value starts at 0).
+    pub fn from_policy(policy: &dyn CausalLm) -> Result<Self> {
+        let head = Tensor::zeros(&[1, policy.hidden_size()], DType::F32, &Device::Cpu)?;
+        Self::with_head(policy.duplicate()?, &head)
+    }
+
+    /// The trunk in HF layout plus `value_head.safetensors`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        self.trunk.save_pretrained(dir, SaveDType::F32)?;
+        let head: BTreeMap<String, Tensor> = [(HEAD.to_string(), self.head.clone())].into_iter().collect();
+        Ok(save_file(&dir.join(HEAD_FILE), &head, SaveDType::F32)?)
+    }
+
+    /// Reads what [`ValueModel::save`] wrote.
     pub fn from_pretrained(dir: &Path) -> Result<Self> {
-        let config = DeepSeekV3Config::from_file(&dir.join("config.json"))?;
-        let (mut tensors, path) = load_dir(dir)?;
-        let head = tensors.remove(HEAD).ok_or_else(|| {
-            Error::Rl(format!("{}: no `{HEAD}` tensor (not a value model checkpoint)", path.display()))
-        })?;
-        let mut trunk = DeepSeekV3::from_tensors(config, tensors, path)?;
-        let head = trunk.params.insert(HEAD, &head.to_dtype(DType::F32)?)?;
-        Ok(ValueModel { trunk, head })
+        let path = dir.join(HEAD_FILE);
+        let mut tensors = load_file(&path)?;
+        let head = tensors
+            .remove(HEAD)
+            .ok_or_else(|| Error::Rl(format!("{}: no `{HEAD}` tensor (not a value head)", path.display())))?;
+        Self::with_head(load_pretrained(dir)?, &head)
     }
 
     /// `[n, len - 1]` values of the states before each next token of the packed batch.
@@ -120,8 +133,8 @@ pub fn value_loss(values: &Tensor, old: &Tensor, returns: &Tensor, weights: &Ten
 }
 
 pub struct PpoTrainer {
-    pub policy: DeepSeekV3,
-    pub reference: Option<DeepSeekV3>,
+    pub policy: Box<dyn CausalLm>,
+    pub reference: Option<Box<dyn CausalLm>>,
     pub critic: ValueModel,
     pub opt: AdamW,
     pub critic_opt: AdamW,
@@ -149,7 +162,12 @@ fn whiten(x: &mut [Vec<f64>]) {
 }
 
 impl PpoTrainer {
-    pub fn new(policy: DeepSeekV3, config: GrpoConfig, ppo: PpoConfig, tokenizer: Box<dyn Tokenizer>) -> Result<Self> {
+    pub fn new(
+        policy: Box<dyn CausalLm>,
+        config: GrpoConfig,
+        ppo: PpoConfig,
+        tokenizer: Box<dyn Tokenizer>,
+    ) -> Result<Self> {
         if ppo.ppo_epochs == 0 {
             return Err(Error::Rl("ppo config `ppo_epochs`: must be at least 1".into()));
         }
@@ -159,7 +177,7 @@ impl PpoTrainer {
             ));
         }
         let reference = if ppo.kl_coef > 0.0 { Some(policy.duplicate()?) } else { None };
-        let critic = ValueModel::from_policy(&policy)?;
+        let critic = ValueModel::from_policy(&*policy)?;
         Ok(PpoTrainer {
             opt: AdamW::new(config.adamw())?,
             critic_opt: AdamW::new(config.adamw())?,
@@ -182,13 +200,13 @@ impl PpoTrainer {
     /// Writes a checkpoint directory atomically: policy, critic, reference, both optimizers, the
     /// PPO settings and the run state.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let mut extra: Vec<(&str, &DeepSeekV3)> = vec![("critic", &self.critic.trunk)];
-        extra.extend(self.reference.iter().map(|r| ("reference", r)));
+        let extra: Vec<(&str, &dyn CausalLm)> = self.reference.iter().map(|r| ("reference", &**r)).collect();
         let opts = [("optimizer", &self.opt), ("critic_optimizer", &self.critic_opt)];
         Ok(write_dir_atomically(dir, |tmp| {
             let ppo = serde_json::to_value(&self.ppo).expect("serialisable");
             write_json_synced(&tmp.join(PPO_FILE), &ppo)?;
-            self.run.save(tmp, &self.policy, &opts, &extra).map_err(to_parallel)
+            self.critic.save(&tmp.join("critic")).map_err(to_parallel)?;
+            self.run.save(tmp, &*self.policy, &opts, &extra).map_err(to_parallel)
         })?)
     }
 
@@ -198,12 +216,11 @@ impl PpoTrainer {
         let path = dir.join(PPO_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::Rl(format!("{}: {e}", path.display())))?;
         let ppo: PpoConfig = serde_json::from_str(&text).map_err(|e| Error::Rl(format!("{}: {e}", path.display())))?;
-        let reference =
-            if ppo.kl_coef > 0.0 { Some(DeepSeekV3::from_pretrained(&dir.join("reference"))?) } else { None };
+        let reference = if ppo.kl_coef > 0.0 { Some(load_pretrained(&dir.join("reference"))?) } else { None };
         let critic = ValueModel::from_pretrained(&dir.join("critic"))?;
         let (mut opt, mut critic_opt) = (AdamW::new(run.config.adamw())?, AdamW::new(run.config.adamw())?);
-        run.load_optimizer(&dir, "optimizer", &mut opt, &policy.params)?;
-        run.load_optimizer(&dir, "critic_optimizer", &mut critic_opt, &critic.trunk.params)?;
+        run.load_optimizer(&dir, "optimizer", &mut opt, policy.params())?;
+        run.load_optimizer(&dir, "critic_optimizer", &mut critic_opt, &critic.params)?;
         Ok(PpoTrainer { policy, reference, critic, opt, critic_opt, ppo, run })
     }
 
@@ -213,7 +230,7 @@ impl PpoTrainer {
         let n = cfg.prompts_per_step * cfg.group_size;
         let problems = self.run.sample_problems(n);
         let rollout_cfg = crate::rollout::RolloutConfig { group_size: 1, ..cfg.rollout() };
-        let rollouts = sample_groups(&self.policy, &*self.run.tokenizer, &problems, &rollout_cfg, &mut self.run.rng)?;
+        let rollouts = sample_groups(&*self.policy, &*self.run.tokenizer, &problems, &rollout_cfg, &mut self.run.rng)?;
         let t_sample = t0.elapsed().as_secs_f64();
         let scores = self.run.score(&rollouts, &problems);
         let scored: Vec<Scored> = rollouts
@@ -237,9 +254,9 @@ impl PpoTrainer {
         let mut kl_sum = 0.0;
         for (c, batch) in chunks.iter().zip(&packed) {
             let (lp, rf, v) = no_grad(|| -> Result<(Tensor, Option<Tensor>, Tensor)> {
-                let lp = score(&self.policy, batch, cfg.temperature)?.logprobs.detach();
+                let lp = score(&*self.policy, batch, cfg.temperature)?.logprobs.detach();
                 let rf = match &self.reference {
-                    Some(r) => Some(score(r, batch, cfg.temperature)?.logprobs.detach()),
+                    Some(r) => Some(score(&**r, batch, cfg.temperature)?.logprobs.detach()),
                     None => None,
                 };
                 Ok((lp, rf, self.critic.values(batch)?.detach()))
@@ -281,7 +298,7 @@ impl PpoTrainer {
                     rows.iter().map(|r| r.iter().map(|&x| x as f32).collect()).collect()
                 };
                 let weights = batch.scatter_tokens(&batch.lengths.iter().map(|&l| vec![w; l]).collect::<Vec<_>>())?;
-                let now = score(&self.policy, batch, cfg.temperature)?;
+                let now = score(&*self.policy, batch, cfg.temperature)?;
                 let inputs = LossInputs {
                     logprobs: now.logprobs,
                     old: old[k].clone(),
@@ -295,8 +312,8 @@ impl PpoTrainer {
                 let vf = value_loss(&v, &old_values[k], &rets, &weights, ppo.cliprange_value)?;
                 let (pgv, vfv) = (pg.to_scalar()? as f64, vf.to_scalar()? as f64);
                 if !pgv.is_finite() || !vfv.is_finite() {
-                    self.policy.params.zero_grad();
-                    self.critic.trunk.params.zero_grad();
+                    self.policy.params().zero_grad();
+                    self.critic.params.zero_grad();
                     return Err(Error::Rl(format!(
                         "step {}: PPO loss not finite (policy {pgv}, value {vfv})",
                         self.run.step
@@ -309,12 +326,12 @@ impl PpoTrainer {
                 entropy += now.entropy * s.tokens;
                 stats.add(&s);
             }
-            clip_grad_norm(&self.policy.params, cfg.grad_clip)?;
-            clip_grad_norm(&self.critic.trunk.params, cfg.grad_clip)?;
-            self.opt.step(&self.policy.params, lr)?;
-            self.critic_opt.step(&self.critic.trunk.params, lr * ppo.critic_lr_scale)?;
-            self.policy.params.zero_grad();
-            self.critic.trunk.params.zero_grad();
+            clip_grad_norm(self.policy.params(), cfg.grad_clip)?;
+            clip_grad_norm(&self.critic.params, cfg.grad_clip)?;
+            self.opt.step(self.policy.params(), lr)?;
+            self.critic_opt.step(&self.critic.params, lr * ppo.critic_lr_scale)?;
+            self.policy.params().zero_grad();
+            self.critic.params.zero_grad();
         }
         let tokens = stats.tokens.max(1.0);
         let epochs = ppo.ppo_epochs as f64;

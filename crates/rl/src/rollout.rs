@@ -9,7 +9,7 @@
 use whale_parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_parallel::model::tensor::{Device, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
-use whale_parallel::model::DeepSeekV3;
+use whale_parallel::model::CausalLm;
 
 use crate::tasks::Problem;
 use crate::{Error, Result};
@@ -59,7 +59,7 @@ pub struct Rollout {
 /// `cfg.group_size` completions for each problem, grouped: rollouts `i*G .. (i+1)*G` belong to
 /// problem `i`.
 pub fn sample_groups(
-    model: &DeepSeekV3,
+    model: &dyn CausalLm,
     tok: &dyn Tokenizer,
     problems: &[Problem],
     cfg: &RolloutConfig,
@@ -165,7 +165,7 @@ pub struct Scored {
 }
 
 /// Per-token log-probs of the packed rollouts under `model` with logits divided by `temperature`.
-pub fn score(model: &DeepSeekV3, batch: &PackedBatch, temperature: f32) -> Result<Scored> {
+pub fn score(model: &dyn CausalLm, batch: &PackedBatch, temperature: f32) -> Result<Scored> {
     if temperature <= 0.0 {
         return Err(Error::Rl(format!("scoring temperature must be positive, got {temperature}")));
     }

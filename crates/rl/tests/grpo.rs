@@ -9,7 +9,7 @@ use whale_rl::parallel::model::generate::CacheMode;
 use whale_rl::parallel::model::tensor::testing::GradCheck;
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
-use whale_rl::parallel::model::DeepSeekV3;
+use whale_rl::parallel::model::{CausalLm, DeepSeekV3};
 use whale_rl::rollout::{sample_groups, score, PackedBatch, Rollout, RolloutConfig};
 use whale_rl::tasks::{Problem, Split, TaskSet};
 
@@ -293,9 +293,10 @@ fn small_run(micro_batch: usize, loss_type: LossType) -> GrpoConfig {
 fn micro_batching_does_not_change_the_update() {
     for lt in [LossType::Grpo, LossType::Dapo, LossType::DrGrpo] {
         let run = |mb: usize| {
-            let mut t = GrpoTrainer::new(tiny_model(5), small_run(mb, lt), Box::new(CharTokenizer::new())).unwrap();
+            let mut t =
+                GrpoTrainer::new(Box::new(tiny_model(5)), small_run(mb, lt), Box::new(CharTokenizer::new())).unwrap();
             let log = t.train_step().unwrap();
-            (t.policy.params.get("lm_head.weight").unwrap().to_vec_f32().unwrap(), log)
+            (t.policy.params().get("lm_head.weight").unwrap().to_vec_f32().unwrap(), log)
         };
         let (whole, log) = run(64);
         let (split, _) = run(5);
@@ -311,12 +312,12 @@ fn micro_batching_does_not_change_the_update() {
 #[test]
 fn config_errors_name_the_key() {
     let bad = GrpoConfig { minibatches: 0, ..GrpoConfig::default() };
-    let err = GrpoTrainer::new(tiny_model(1), bad, Box::new(CharTokenizer::new())).unwrap_err().to_string();
+    let err = GrpoTrainer::new(Box::new(tiny_model(1)), bad, Box::new(CharTokenizer::new())).unwrap_err().to_string();
     assert!(err.contains("minibatches"), "{err}");
     let err = serde_json::from_str::<GrpoConfig>(r#"{"epsilon_hi": 0.3}"#).unwrap_err().to_string();
     assert!(err.contains("epsilon_hi"), "{err}");
     let fresh = GrpoConfig { rewards: "accuracy,speed".into(), ..GrpoConfig::default() };
-    let err = GrpoTrainer::new(tiny_model(1), fresh, Box::new(CharTokenizer::new())).unwrap_err().to_string();
+    let err = GrpoTrainer::new(Box::new(tiny_model(1)), fresh, Box::new(CharTokenizer::new())).unwrap_err().to_string();
     assert!(err.contains("speed"), "{err}");
 }
 
@@ -343,24 +344,26 @@ fn gae_with_unit_gamma_and_lambda_and_no_kl_is_return_minus_value() {
 fn ppo_steps_train_the_policy_and_the_critic_on_the_same_budget() {
     use whale_rl::ppo::{PpoConfig, PpoTrainer};
     let cfg = GrpoConfig { beta: 0.0, num_iterations: 1, ..small_run(64, LossType::Grpo) };
-    let mut t = PpoTrainer::new(tiny_model(5), cfg, PpoConfig::default(), Box::new(CharTokenizer::new())).unwrap();
+    let mut t =
+        PpoTrainer::new(Box::new(tiny_model(5)), cfg, PpoConfig::default(), Box::new(CharTokenizer::new())).unwrap();
     let head0 = t.critic.head.to_vec_f32().unwrap();
-    let w0 = t.policy.params.get("lm_head.weight").unwrap().to_vec_f32().unwrap();
+    let w0 = t.policy.params().get("lm_head.weight").unwrap().to_vec_f32().unwrap();
     let log = t.train_step().unwrap();
     assert_ne!(t.critic.head.to_vec_f32().unwrap(), head0, "the value head learned");
-    assert_ne!(t.policy.params.get("lm_head.weight").unwrap().to_vec_f32().unwrap(), w0, "the policy moved");
+    assert_ne!(t.policy.params().get("lm_head.weight").unwrap().to_vec_f32().unwrap(), w0, "the policy moved");
     for key in ["reward", "policy_loss", "value_loss", "kl", "entropy", "completions/mean_length"] {
         assert!(log.get(key).is_finite(), "{key}: {}", log.get(key));
     }
     // The same number of completions per step as GRPO: prompts_per_step * group_size.
     assert!(log.get("num_tokens") >= (3 * 4 * 5) as f64);
     let bad = PpoConfig { ppo_epochs: 0, ..PpoConfig::default() };
-    let err = PpoTrainer::new(tiny_model(5), small_run(64, LossType::Grpo), bad, Box::new(CharTokenizer::new()));
+    let err =
+        PpoTrainer::new(Box::new(tiny_model(5)), small_run(64, LossType::Grpo), bad, Box::new(CharTokenizer::new()));
     assert!(err.unwrap_err().to_string().contains("ppo_epochs"));
 }
 
-fn lm_head(policy: &DeepSeekV3) -> Vec<f32> {
-    policy.params.get("lm_head.weight").unwrap().to_vec_f32().unwrap()
+fn lm_head(policy: &dyn CausalLm) -> Vec<f32> {
+    policy.params().get("lm_head.weight").unwrap().to_vec_f32().unwrap()
 }
 
 #[test]
@@ -370,8 +373,8 @@ fn grpo_and_ppo_resume_bit_identically_from_a_checkpoint() {
     let cfg = GrpoConfig { steps: 3, ..small_run(64, LossType::Dapo) };
     let tok = || Box::new(CharTokenizer::new());
 
-    let mut straight = GrpoTrainer::new(tiny_model(8), cfg.clone(), tok()).unwrap();
-    let mut interrupted = GrpoTrainer::new(tiny_model(8), cfg.clone(), tok()).unwrap();
+    let mut straight = GrpoTrainer::new(Box::new(tiny_model(8)), cfg.clone(), tok()).unwrap();
+    let mut interrupted = GrpoTrainer::new(Box::new(tiny_model(8)), cfg.clone(), tok()).unwrap();
     straight.train_step().unwrap();
     interrupted.train_step().unwrap();
     interrupted.save_checkpoint(&dir.join("grpo")).unwrap();
@@ -383,11 +386,11 @@ fn grpo_and_ppo_resume_bit_identically_from_a_checkpoint() {
         assert_eq!(a.get("reward"), b.get("reward"));
     }
     assert!(resumed.done());
-    assert_eq!(lm_head(&straight.policy), lm_head(&resumed.policy));
+    assert_eq!(lm_head(&*straight.policy), lm_head(&*resumed.policy));
 
     let ppo_cfg = GrpoConfig { beta: 0.0, ..cfg };
-    let mut straight = PpoTrainer::new(tiny_model(8), ppo_cfg.clone(), PpoConfig::default(), tok()).unwrap();
-    let mut interrupted = PpoTrainer::new(tiny_model(8), ppo_cfg, PpoConfig::default(), tok()).unwrap();
+    let mut straight = PpoTrainer::new(Box::new(tiny_model(8)), ppo_cfg.clone(), PpoConfig::default(), tok()).unwrap();
+    let mut interrupted = PpoTrainer::new(Box::new(tiny_model(8)), ppo_cfg, PpoConfig::default(), tok()).unwrap();
     straight.train_step().unwrap();
     interrupted.train_step().unwrap();
     interrupted.save_checkpoint(&dir.join("ppo")).unwrap();
@@ -396,7 +399,7 @@ fn grpo_and_ppo_resume_bit_identically_from_a_checkpoint() {
         straight.train_step().unwrap();
         resumed.train_step().unwrap();
     }
-    assert_eq!(lm_head(&straight.policy), lm_head(&resumed.policy));
+    assert_eq!(lm_head(&*straight.policy), lm_head(&*resumed.policy));
     assert_eq!(straight.critic.head.to_vec_f32().unwrap(), resumed.critic.head.to_vec_f32().unwrap());
     let err = GrpoTrainer::resume(&dir.join("nothing"), tok()).unwrap_err().to_string();
     assert!(err.contains("nothing") && err.contains("rl_state.json"), "{err}");
@@ -423,7 +426,7 @@ fn every_grpo_option_runs_a_step_with_finite_metrics() {
         },
     ];
     for cfg in variants {
-        let mut t = GrpoTrainer::new(tiny_model(2), cfg.clone(), Box::new(CharTokenizer::new())).unwrap();
+        let mut t = GrpoTrainer::new(Box::new(tiny_model(2)), cfg.clone(), Box::new(CharTokenizer::new())).unwrap();
         for _ in 0..2 {
             let log = t.train_step().unwrap();
             for key in ["policy_loss", "entropy", "clip_ratio/region_mean", "completions/mean_length", "grad_norm"] {

@@ -18,6 +18,22 @@ pub enum WeightSource {
     Loaded { path: PathBuf, tensors: BTreeMap<String, Tensor> },
 }
 
+impl WeightSource {
+    /// After building: an error naming a checkpoint tensor no parameter took.
+    pub fn check_all_used(&self) -> Result<()> {
+        if let WeightSource::Loaded { path, tensors } = self {
+            if let Some(name) = tensors.keys().next() {
+                return Err(Error::Checkpoint {
+                    path: path.clone(),
+                    name: name.clone(),
+                    msg: format!("unexpected tensor (and {} more) for this config", tensors.len() - 1),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Hands out parameters under a name prefix (`model.layers.3.self_attn.`).
 #[derive(Debug)]
 pub struct ParamBuilder<'a> {
@@ -84,6 +100,12 @@ impl<'a> ParamBuilder<'a> {
     /// A trainable weight that starts at 1 (norm scales).
     pub fn ones(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.take(name, shape, |_, _| Ok(Tensor::ones(shape, DType::F32, &whale_tensor::Device::Cpu)?))?;
+        Ok(self.params.insert(self.full_name(name), &t)?)
+    }
+
+    /// A trainable weight that starts at 0 (biases).
+    pub fn zeros(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.take(name, shape, |_, _| Ok(Tensor::zeros(shape, DType::F32, &whale_tensor::Device::Cpu)?))?;
         Ok(self.params.insert(self.full_name(name), &t)?)
     }
 

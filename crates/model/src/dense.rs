@@ -1,0 +1,402 @@
+//! Dense Llama / Qwen2 decoders: the students of R1's distillation (DeepSeek-R1-Distill-Qwen and
+//! -Llama). Pre-norm blocks of grouped-query attention (optional q/k/v biases, RoPE with
+//! `rope_theta`, rotate-half pairing) and a SwiGLU MLP, a final RMSNorm, and a tied or untied
+//! head; HF checkpoint names, so HF Qwen2 and Llama checkpoints load as they are.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use whale_tensor::{DType, ParamStore, Rng, RopeLayout, Tensor};
+
+use crate::checkpoint::{self, SaveDType};
+use crate::generate::KvCache;
+use crate::mla::LayerCache;
+use crate::nn::{in_dtype_of, Linear, ParamBuilder, RmsNorm, RotaryEmbedding, SwiGluMlp, WeightSource};
+use crate::{Error, Result};
+
+/// The keys of an HF `LlamaConfig` / `Qwen2Config` that matter here; the rest are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DenseConfig {
+    /// `llama` or `qwen2`.
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    /// Per-head dimension (hidden / heads when absent).
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v (always for Qwen2; Llama's `attention_bias`).
+    pub attention_bias: bool,
+    pub initializer_range: f64,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+impl DenseConfig {
+    /// Parses an HF config.json text; errors name the key.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let v: Value = serde_json::from_str(text).map_err(|e| Error::file(path, e))?;
+        let bad = |key: &str, why: &str| Error::Config {
+            key: key.to_string(),
+            msg: format!("{why} (in {})", path.display()),
+        };
+        let model_type = v["model_type"].as_str().ok_or_else(|| bad("model_type", "missing"))?.to_string();
+        if !matches!(model_type.as_str(), "llama" | "qwen2") {
+            return Err(bad("model_type", &format!("`{model_type}` is not a dense student (llama, qwen2)")));
+        }
+        let usize_key = |key: &str| -> Result<usize> {
+            v[key].as_u64().map(|x| x as usize).ok_or_else(|| bad(key, "missing or not a non-negative integer"))
+        };
+        let (hidden, heads) = (usize_key("hidden_size")?, usize_key("num_attention_heads")?);
+        let kv_heads = if v["num_key_value_heads"].is_null() { heads } else { usize_key("num_key_value_heads")? };
+        let head_dim = if v["head_dim"].is_null() { hidden / heads.max(1) } else { usize_key("head_dim")? };
+        let rope_theta =
+            v["rope_theta"].as_f64().or_else(|| v["rope_parameters"]["rope_theta"].as_f64()).unwrap_or(10_000.0);
+        for scaling in [&v["rope_scaling"], &v["rope_parameters"]] {
+            let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str()).unwrap_or("default");
+            if kind != "default" {
+                return Err(bad(
+                    "rope_scaling",
+                    &format!("rope type `{kind}` is not supported for dense students yet"),
+                ));
+            }
+        }
+        if v["use_sliding_window"].as_bool() == Some(true) {
+            return Err(bad("use_sliding_window", "sliding-window attention is not supported"));
+        }
+        if v["mlp_bias"].as_bool() == Some(true) {
+            return Err(bad("mlp_bias", "MLP biases are not supported"));
+        }
+        if let Some(act) = v["hidden_act"].as_str() {
+            if act != "silu" {
+                return Err(bad("hidden_act", &format!("`{act}`: only silu (SwiGLU) is supported")));
+            }
+        }
+        let token = |key: &str| v[key].as_u64().map(|x| x as u32).or_else(|| v[key][0].as_u64().map(|x| x as u32));
+        let cfg = DenseConfig {
+            attention_bias: model_type == "qwen2" || v["attention_bias"].as_bool().unwrap_or(false),
+            model_type,
+            vocab_size: usize_key("vocab_size")?,
+            hidden_size: hidden,
+            intermediate_size: usize_key("intermediate_size")?,
+            num_hidden_layers: usize_key("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
+            rope_theta,
+            max_position_embeddings: v["max_position_embeddings"].as_u64().unwrap_or(4096) as usize,
+            tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
+            initializer_range: v["initializer_range"].as_f64().unwrap_or(0.02),
+            bos_token_id: token("bos_token_id"),
+            eos_token_id: token("eos_token_id"),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, msg: String| Err(Error::Config { key: key.into(), msg });
+        for (key, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1".into());
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return bad(
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
+            );
+        }
+        if self.head_dim % 2 != 0 {
+            return bad("head_dim", format!("{} must be even for RoPE", self.head_dim));
+        }
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
+            return bad("rope_theta", format!("{} must be positive", self.rope_theta));
+        }
+        Ok(())
+    }
+
+    /// A small Qwen2-style student for the embedded tasks (tied head, q/k/v biases).
+    pub fn student(vocab_size: usize) -> Self {
+        DenseConfig {
+            model_type: "qwen2".into(),
+            vocab_size,
+            hidden_size: 96,
+            intermediate_size: 256,
+            num_hidden_layers: 3,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 24,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 256,
+            tie_word_embeddings: true,
+            attention_bias: true,
+            initializer_range: 0.02,
+            bos_token_id: None,
+            eos_token_id: None,
+        }
+    }
+
+    /// HF config.json for this config.
+    pub fn to_json_string(&self) -> String {
+        let arch = if self.model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" };
+        let v = serde_json::json!({
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "hidden_act": "silu",
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        });
+        serde_json::to_string_pretty(&v).expect("json")
+    }
+
+    /// Total parameters.
+    pub fn param_count(&self) -> usize {
+        let (d, h, kv, hd) = (self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim);
+        let attn = d * h * hd * 2 + d * kv * hd * 2 + if self.attention_bias { h * hd + 2 * kv * hd } else { 0 };
+        let layer = attn + 3 * d * self.intermediate_size + 2 * d;
+        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
+        self.vocab_size * d + self.num_hidden_layers * layer + d + head
+    }
+
+    /// Cached elements per token per layer (K and V of the key/value heads).
+    pub fn cache_elements_per_token(&self) -> usize {
+        2 * self.num_key_value_heads * self.head_dim
+    }
+}
+
+/// `y = x W^T + b`.
+#[derive(Debug, Clone)]
+pub struct BiasedLinear {
+    pub linear: Linear,
+    pub bias: Option<Tensor>,
+}
+
+impl BiasedLinear {
+    fn new(b: &mut ParamBuilder<'_>, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let linear = Linear::new(b, name, in_dim, out_dim)?;
+        let bias = if bias { Some(b.zeros(&format!("{name}.bias"), &[out_dim])?) } else { None };
+        Ok(BiasedLinear { linear, bias })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.linear.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.add(&in_dtype_of(b, &y)?)?,
+            None => y,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DenseAttention {
+    pub q_proj: BiasedLinear,
+    pub k_proj: BiasedLinear,
+    pub v_proj: BiasedLinear,
+    pub o_proj: Linear,
+    pub rotary: RotaryEmbedding,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl DenseAttention {
+    fn new(b: &mut ParamBuilder<'_>, cfg: &DenseConfig) -> Result<Self> {
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (h, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(DenseAttention {
+            q_proj: BiasedLinear::new(b, "q_proj", d, h * hd, cfg.attention_bias)?,
+            k_proj: BiasedLinear::new(b, "k_proj", d, kv * hd, cfg.attention_bias)?,
+            v_proj: BiasedLinear::new(b, "v_proj", d, kv * hd, cfg.attention_bias)?,
+            o_proj: Linear::new(b, "o_proj", h * hd, d)?,
+            rotary: RotaryEmbedding::new(hd, cfg.rope_theta, None, RopeLayout::HalfRotated),
+            heads: h,
+            kv_heads: kv,
+            head_dim: hd,
+        })
+    }
+
+    /// Causal attention of `x` (tokens at `positions`) over the cached keys/values and its own,
+    /// extending the cache.
+    fn forward(&self, x: &Tensor, positions: &[usize], cache: &mut Option<LayerCache>) -> Result<Tensor> {
+        let (b, s) = (x.dims()[0], x.dims()[1]);
+        let hd = self.head_dim;
+        let split = |t: Tensor, heads: usize| -> Result<Tensor> { Ok(t.reshape(&[b, s, heads, hd])?) };
+        let q = self.rotary.apply(&split(self.q_proj.forward(x)?, self.heads)?, positions)?;
+        let k = self.rotary.apply(&split(self.k_proj.forward(x)?, self.kv_heads)?, positions)?;
+        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        let to_heads = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(1, 2)?.contiguous()?) };
+        let (mut k, mut v) = (to_heads(&k)?, to_heads(&v)?);
+        if let Some(LayerCache::Naive { k: k0, v: v0 }) = cache.as_ref() {
+            k = Tensor::cat(&[k0.clone(), k], 2)?;
+            v = Tensor::cat(&[v0.clone(), v], 2)?;
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let o = Tensor::scaled_dot_product_attention(&to_heads(&q)?, &k, &v, scale, true)?;
+        *cache = Some(LayerCache::Naive { k, v });
+        self.o_proj.forward(&o.transpose(1, 2)?.reshape(&[b, s, self.heads * hd])?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DenseLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: DenseAttention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: SwiGluMlp,
+}
+
+/// A Llama / Qwen2 causal language model.
+#[derive(Debug)]
+pub struct DenseModel {
+    pub config: DenseConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DenseLayer>,
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    pub params: ParamStore,
+    pub compute_dtype: DType,
+}
+
+impl DenseModel {
+    pub fn new(config: DenseConfig, seed: u64) -> Result<Self> {
+        let std = config.initializer_range as f32;
+        Self::build(config, WeightSource::Random { rng: Rng::new(seed), std })
+    }
+
+    /// An HF Qwen2 or Llama checkpoint directory (config.json + safetensors, single or sharded).
+    pub fn from_pretrained(dir: &Path) -> Result<Self> {
+        let config = DenseConfig::from_file(&dir.join("config.json"))?;
+        let (tensors, path) = checkpoint::load_dir(dir)?;
+        Self::from_tensors(config, tensors, path)
+    }
+
+    pub fn from_tensors(config: DenseConfig, mut tensors: BTreeMap<String, Tensor>, path: PathBuf) -> Result<Self> {
+        if config.tie_word_embeddings {
+            // Some tied checkpoints store the head anyway; it is the embedding.
+            tensors.remove("lm_head.weight");
+        }
+        tensors.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
+        Self::build(config, WeightSource::Loaded { path, tensors })
+    }
+
+    fn build(config: DenseConfig, mut source: WeightSource) -> Result<Self> {
+        config.validate()?;
+        let (mut params, mut buffers) = (ParamStore::new(), BTreeMap::new());
+        let mut root = ParamBuilder::new(&mut params, &mut buffers, &mut source);
+        let (d, v) = (config.hidden_size, config.vocab_size);
+        let (embed_tokens, layers, norm) = {
+            let mut m = root.sub("model");
+            let embed = m.weight("embed_tokens.weight", &[v, d])?;
+            let layers = (0..config.num_hidden_layers)
+                .map(|i| {
+                    let mut l = m.sub(&format!("layers.{i}"));
+                    Ok(DenseLayer {
+                        input_layernorm: RmsNorm::new(&mut l, "input_layernorm", d, config.rms_norm_eps)?,
+                        self_attn: DenseAttention::new(&mut l.sub("self_attn"), &config)?,
+                        post_attention_layernorm: RmsNorm::new(
+                            &mut l,
+                            "post_attention_layernorm",
+                            d,
+                            config.rms_norm_eps,
+                        )?,
+                        mlp: SwiGluMlp::new(&mut l.sub("mlp"), d, config.intermediate_size)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let norm = RmsNorm::new(&mut m, "norm", d, config.rms_norm_eps)?;
+            (embed, layers, norm)
+        };
+        let lm_head = if config.tie_word_embeddings {
+            Linear { weight: embed_tokens.clone() }
+        } else {
+            Linear::new(&mut root, "lm_head", d, v)?
+        };
+        source.check_all_used()?;
+        Ok(DenseModel { config, embed_tokens, layers, norm, lm_head, params, compute_dtype: DType::F32 })
+    }
+
+    /// Hidden states after the final norm, continuing `cache` (`None`: a fresh full sequence).
+    fn run(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let mut fresh;
+        let cache = match cache {
+            Some(c) => c,
+            None => {
+                fresh = KvCache::new(self.layers.len());
+                &mut fresh
+            }
+        };
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        let start = cache.len();
+        let positions: Vec<usize> = (start..start + ids.dims()[1]).collect();
+        let mut h = self.embed_tokens.embedding(ids)?.to_dtype(self.compute_dtype)?;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let a = layer.self_attn.forward(&layer.input_layernorm.forward(&h)?, &positions, slot)?;
+            h = h.add(&a)?;
+            let f = layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?)?;
+            h = h.add(&f)?;
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Final-norm hidden states `[batch, seq, hidden]`.
+    pub fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
+        self.run(ids, None)
+    }
+
+    /// Logits `[batch, seq, vocab]` in f32.
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(&self.hidden_states(ids)?)?.to_dtype(DType::F32)?)
+    }
+
+    /// Logits for `ids` continuing the cached positions.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Ok(self.lm_head.forward(&self.run(ids, Some(cache))?)?.to_dtype(DType::F32)?)
+    }
+
+    /// Writes `config.json` and `model.safetensors` (HF names; a tied head is not stored).
+    pub fn save_pretrained(&self, dir: &Path, dtype: SaveDType) -> Result<()> {
+        let state: BTreeMap<String, Tensor> = self.params.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
+        checkpoint::save_model_dir(dir, &self.config.to_json_string(), &state, dtype)
+    }
+}

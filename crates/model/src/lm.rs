@@ -1,0 +1,96 @@
+//! The two model families behind [`CausalLm`], and loading either from a checkpoint directory by
+//! its config's `model_type`.
+
+use std::path::Path;
+
+use whale_tensor::{ParamStore, Tensor};
+
+use crate::checkpoint::SaveDType;
+use crate::deepseek_v3::{DeepSeekV3, IGNORE_INDEX};
+use crate::dense::DenseModel;
+use crate::generate::{CausalLm, KvCache};
+use crate::{Error, Result};
+
+/// The methods both families answer from their fields and inherent methods.
+macro_rules! causal_lm_common {
+    ($t:ty) => {
+        fn vocab_size(&self) -> usize {
+            self.config.vocab_size
+        }
+        fn hidden_size(&self) -> usize {
+            self.config.hidden_size
+        }
+        fn num_layers(&self) -> usize {
+            self.layers.len()
+        }
+        fn params(&self) -> &ParamStore {
+            &self.params
+        }
+        fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+            <$t>::logits(self, ids)
+        }
+        fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
+            <$t>::hidden_states(self, ids)
+        }
+        fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+            <$t>::forward_cached(self, ids, cache)
+        }
+        fn save_pretrained(&self, dir: &Path, dtype: SaveDType) -> Result<()> {
+            <$t>::save_pretrained(self, dir, dtype)
+        }
+    };
+}
+
+impl CausalLm for DeepSeekV3 {
+    causal_lm_common!(DeepSeekV3);
+    fn train_loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        Ok(self.forward(ids, Some(targets))?.loss.expect("targets were given"))
+    }
+    fn duplicate(&self) -> Result<Box<dyn CausalLm>> {
+        Ok(Box::new(DeepSeekV3::duplicate(self)?))
+    }
+    fn as_deepseek(&self) -> Option<&DeepSeekV3> {
+        Some(self)
+    }
+}
+
+impl CausalLm for DenseModel {
+    causal_lm_common!(DenseModel);
+    fn train_loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        if targets.dims() != ids.dims() {
+            return Err(Error::Model(format!("targets {:?} do not match input_ids {:?}", targets.dims(), ids.dims())));
+        }
+        let n = ids.elem_count();
+        let logits = DenseModel::logits(self, ids)?;
+        Ok(logits.reshape(&[n, self.config.vocab_size])?.cross_entropy(&targets.reshape(&[n])?, IGNORE_INDEX)?)
+    }
+    fn duplicate(&self) -> Result<Box<dyn CausalLm>> {
+        let tensors = self.params.iter().map(|(n, t)| (n.to_string(), t.deep_clone().detach())).collect();
+        let mut copy = DenseModel::from_tensors(self.config.clone(), tensors, "<in-memory copy>".into())?;
+        copy.compute_dtype = self.compute_dtype;
+        Ok(Box::new(copy))
+    }
+}
+
+/// The `model_type` of a checkpoint directory's config.json.
+pub fn model_type(dir: &Path) -> Result<String> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
+    v["model_type"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::file(&path, "no `model_type` (expected deepseek_v3, qwen2 or llama)"))
+}
+
+/// A DeepSeek-V3, Qwen2 or Llama checkpoint directory, by its config's `model_type`.
+pub fn load_pretrained(dir: &Path) -> Result<Box<dyn CausalLm>> {
+    match model_type(dir)?.as_str() {
+        "deepseek_v3" => Ok(Box::new(DeepSeekV3::from_pretrained(dir)?)),
+        "qwen2" | "llama" => Ok(Box::new(DenseModel::from_pretrained(dir)?)),
+        other => Err(Error::file(
+            dir.join("config.json"),
+            format!("model_type `{other}` is not supported (deepseek_v3, qwen2, llama)"),
+        )),
+    }
+}

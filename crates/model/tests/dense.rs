@@ -1,0 +1,95 @@
+//! The dense students against HF transformers' Qwen2ForCausalLM and LlamaForCausalLM (fixtures
+//! written by `scripts/make_dense_reference.py`): logits, loss, every parameter's gradient and a
+//! greedy continuation. Tolerances as in `reference.rs` (f32 on both sides, different summation
+//! orders).
+
+mod common;
+
+use std::path::Path;
+
+use common::{assert_close, fixture, shifted_targets};
+use whale_model::checkpoint::{load_file, SaveDType};
+use whale_model::generate::{CacheMode, SamplingConfig};
+use whale_model::{load_pretrained, CausalLm, DenseConfig, DenseModel};
+use whale_tensor::{Device, Rng, Tensor};
+
+fn check(name: &str) {
+    let dir = fixture(name);
+    let model = DenseModel::from_pretrained(&dir).unwrap();
+    let reference = load_file(&dir.join("reference.safetensors")).unwrap();
+    let ids = &reference["input_ids"];
+    let targets = shifted_targets(&reference["labels"]);
+
+    assert_close("logits", &model.logits(ids).unwrap(), &reference["logits"], 1e-5, 1e-4);
+    let loss = model.train_loss(ids, &targets).unwrap();
+    assert_close("loss", &loss.reshape(&[1]).unwrap(), &reference["loss"], 1e-5, 1e-5);
+    loss.backward().unwrap();
+    for (pname, p) in model.params.iter() {
+        let want =
+            reference.get(&format!("grad.{pname}")).unwrap_or_else(|| panic!("no reference gradient for {pname}"));
+        assert_close(&format!("grad {pname}"), &p.grad().unwrap(), want, 1e-5, 1e-4);
+    }
+    assert_eq!(
+        model.params.len(),
+        reference.keys().filter(|k| k.starts_with("grad.")).count(),
+        "every HF parameter is one of ours"
+    );
+
+    // Greedy continuation, through the KV cache.
+    let prompt: Vec<u32> = reference["greedy_prompt"].to_vec_i64().unwrap().iter().map(|&t| t as u32).collect();
+    let want: Vec<u32> = reference["greedy"].to_vec_i64().unwrap().iter().map(|&t| t as u32).collect();
+    let cfg = SamplingConfig { cache: CacheMode::Naive, ..SamplingConfig::greedy(want.len(), vec![]) };
+    let got = model.generate(&[prompt], &cfg, &mut Rng::new(0)).unwrap().remove(0);
+    assert_eq!(got.tokens, want, "{name}: greedy continuation");
+}
+
+#[test]
+fn qwen2_with_biases_and_a_tied_head_matches_transformers() {
+    check("qwen2_tied");
+}
+
+#[test]
+fn llama_with_an_untied_head_matches_transformers() {
+    check("llama_untied");
+}
+
+#[test]
+fn a_student_saves_loads_and_duplicates_exactly() {
+    let model = DenseModel::new(DenseConfig::student(64), 3).unwrap();
+    assert_eq!(model.params.num_elements(), model.config.param_count());
+    let dir = std::env::temp_dir().join(format!("whale-dense-{}", std::process::id()));
+    model.save_pretrained(&dir, SaveDType::F32).unwrap();
+    let loaded = load_pretrained(&dir).unwrap();
+    let ids =
+        Tensor::from_vec((0..14).map(|i| (i * 5 % 64) as i64).collect::<Vec<_>>(), &[2, 7], &Device::Cpu).unwrap();
+    let a = model.logits(&ids).unwrap().to_vec_f32().unwrap();
+    assert_eq!(a, loaded.logits(&ids).unwrap().to_vec_f32().unwrap());
+    assert_eq!(a, model.duplicate().unwrap().logits(&ids).unwrap().to_vec_f32().unwrap());
+    // The cached path gives the full forward's logits token by token.
+    let mut cache = whale_model::generate::KvCache::new(0);
+    let mut got = Vec::new();
+    for t in 0..7 {
+        let tok = Tensor::from_vec(vec![(t * 5 % 64) as i64], &[1, 1], &Device::Cpu).unwrap();
+        got.extend(model.forward_cached(&tok, &mut cache).unwrap().to_vec_f32().unwrap());
+    }
+    for (i, (x, y)) in got.iter().zip(&a[..7 * 64]).enumerate() {
+        assert!((x - y).abs() < 1e-5 + 1e-4 * y.abs(), "position {}: {x} vs {y}", i / 64);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_dense_configs_name_the_key() {
+    let p = Path::new("config.json");
+    let err = DenseConfig::from_json(r#"{"model_type": "gpt2"}"#, p).unwrap_err().to_string();
+    assert!(err.contains("model_type") && err.contains("gpt2"), "{err}");
+    let base = r#""model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 2"#;
+    let err = DenseConfig::from_json(&format!("{{{base}, \"num_key_value_heads\": 3}}"), p).unwrap_err().to_string();
+    assert!(err.contains("num_key_value_heads"), "{err}");
+    let err = DenseConfig::from_json(&format!("{{{base}, \"rope_scaling\": {{\"rope_type\": \"llama3\"}}}}"), p)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rope_scaling") && err.contains("llama3"), "{err}");
+    assert!(DenseConfig::from_json(&format!("{{{base}}}"), p).is_ok());
+}
