@@ -1,6 +1,8 @@
 //! Tokenizers. One trait; a built-in character-level tokenizer whose special tokens (the R1
-//! template's tags, BOS/EOS/PAD) are single tokens. (HF `tokenizer.json` support arrives with the
-//! inference issue.)
+//! template's tags, BOS/EOS/PAD) are single tokens, and HF `tokenizer.json` files through the
+//! `tokenizers` crate (encode/decode without a chat template).
+
+use std::path::Path;
 
 use crate::{Error, Result};
 
@@ -95,6 +97,84 @@ impl Tokenizer for CharTokenizer {
     fn special_id(&self, token: &str) -> Option<u32> {
         SPECIAL_TOKENS.iter().position(|&t| t == token).map(|i| i as u32)
     }
+}
+
+/// An HF `tokenizer.json` (what Qwen2, Llama and DeepSeek checkpoints ship).
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: u32,
+    eos: u32,
+    pad: u32,
+}
+
+impl std::fmt::Debug for HfTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HfTokenizer(vocab {}, bos {}, eos {}, pad {})", self.vocab_size(), self.bos, self.eos, self.pad)
+    }
+}
+
+/// Names the BOS/EOS tokens go by in the common families, most specific first.
+const BOS_NAMES: [&str; 4] = ["<｜begin▁of▁sentence｜>", "<|begin_of_text|>", "<s>", "<|endoftext|>"];
+const EOS_NAMES: [&str; 5] = ["<｜end▁of▁sentence｜>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>"];
+
+impl HfTokenizer {
+    /// Loads `path`; BOS/EOS/PAD ids are the given ones, else found by their usual names.
+    pub fn from_file(path: &Path, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::file(path, e))?;
+        let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+        let eos = eos.or_else(|| find(&EOS_NAMES)).ok_or_else(|| {
+            Error::file(path, "no end-of-sequence token (none of the usual names; give its id in config.json)")
+        })?;
+        let bos = bos.or_else(|| find(&BOS_NAMES)).unwrap_or(eos);
+        let pad = inner.get_padding().map(|p| p.pad_id).unwrap_or(eos);
+        Ok(HfTokenizer { inner, bos, eos, pad })
+    }
+}
+
+impl Tokenizer for HfTokenizer {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| Error::Model(format!("tokenizer: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, false).unwrap_or_else(|e| format!("<undecodable: {e}>"))
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    fn bos_id(&self) -> u32 {
+        self.bos
+    }
+
+    fn eos_id(&self) -> u32 {
+        self.eos
+    }
+
+    fn pad_id(&self) -> u32 {
+        self.pad
+    }
+
+    fn special_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+/// The tokenizer of a checkpoint directory: its `tokenizer.json` when there is one (BOS/EOS ids
+/// from config.json when it gives them), else the built-in character tokenizer.
+pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
+        return Ok(Box::new(CharTokenizer::new()));
+    }
+    let cfg: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let id = |k: &str| cfg[k].as_u64().or_else(|| cfg[k][0].as_u64()).map(|x| x as u32);
+    Ok(Box::new(HfTokenizer::from_file(&path, id("bos_token_id"), id("eos_token_id"))?))
 }
 
 #[cfg(test)]

@@ -1,3 +1,4 @@
+#![allow(dead_code)] // each test binary uses a part of the helpers
 //! Helpers of the HF parity tests.
 
 use std::path::{Path, PathBuf};
