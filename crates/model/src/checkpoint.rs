@@ -1,5 +1,9 @@
 //! safetensors checkpoints with HF tensor names: single files and sharded ones
 //! (`model.safetensors.index.json`), memory-mapped on load, written atomically on save.
+//!
+//! DeepSeek-V3's FP8 releases (spec 4.3) load too: every `F8_E4M3` weight `X.weight` comes with
+//! `X.weight_scale_inv` (f32, one per 128x128 block, the dequantisation multiplier); the pair is
+//! dequantised to f32 on load (`W = float(Wq) * s[i / 128, j / 128]`) and the scale dropped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -8,26 +12,99 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
+use whale_kernels::cpu::fp8::{dequantize_blocks, Fp8Format};
 use whale_tensor::{Device, Tensor};
 
 use crate::{Error, Result};
 
 /// Reads every tensor of one safetensors file (memory-mapped). f32, bf16 and f16 keep their
-/// dtype; i64/u32 index tensors load as such.
+/// dtype; i64/u32 index tensors load as such; FP8 weights are dequantised with their
+/// `weight_scale_inv` (which must be in the same file; [`load_dir`] pairs across shards).
 pub fn load_file(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let (mut tensors, fp8) = load_file_raw(path)?;
+    dequantize_fp8(&mut tensors, fp8, FP8_BLOCK, path)?;
+    Ok(tensors)
+}
+
+/// An FP8 tensor as stored: its codes, shape and format.
+#[derive(Debug)]
+struct Fp8Tensor {
+    codes: Vec<u8>,
+    shape: Vec<usize>,
+    format: Fp8Format,
+}
+
+/// DeepSeek-V3's `weight_block_size`.
+const FP8_BLOCK: (usize, usize) = (128, 128);
+
+fn load_file_raw(path: &Path) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, Fp8Tensor>)> {
     let file = File::open(path).map_err(|e| Error::file(path, e))?;
     // SAFETY: the mapping is read-only and dropped before this function returns; a concurrent
     // truncation of the file by another process is outside what we guard against (as every
     // mmap-based loader).
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(path, e))?;
     let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::file(path, format!("not a safetensors file: {e}")))?;
-    let mut out = BTreeMap::new();
+    let (mut out, mut fp8) = (BTreeMap::new(), BTreeMap::new());
     for (name, view) in st.tensors() {
+        let format = match view.dtype() {
+            Dtype::F8_E4M3 => Some(Fp8Format::E4M3),
+            Dtype::F8_E5M2 => Some(Fp8Format::E5M2),
+            _ => None,
+        };
+        if let Some(format) = format {
+            fp8.insert(name, Fp8Tensor { codes: view.data().to_vec(), shape: view.shape().to_vec(), format });
+            continue;
+        }
         let t =
             to_tensor(&view).map_err(|msg| Error::Checkpoint { path: path.to_path_buf(), name: name.clone(), msg })?;
         out.insert(name, t);
     }
-    Ok(out)
+    Ok((out, fp8))
+}
+
+/// Replaces each FP8 weight and its `weight_scale_inv` by the dequantised f32 weight.
+fn dequantize_fp8(
+    tensors: &mut BTreeMap<String, Tensor>,
+    fp8: BTreeMap<String, Fp8Tensor>,
+    block: (usize, usize),
+    path: &Path,
+) -> Result<()> {
+    let err = |name: &str, msg: String| Error::Checkpoint { path: path.to_path_buf(), name: name.to_string(), msg };
+    for (name, q) in fp8 {
+        let scale_name = format!("{name}_scale_inv");
+        let scale = tensors
+            .remove(&scale_name)
+            .ok_or_else(|| err(&name, format!("is FP8 but `{scale_name}` (its block scales) is missing")))?;
+        let [rows, cols] = q.shape[..] else {
+            return Err(err(&name, format!("FP8 weights must be 2-D, got {:?}", q.shape)));
+        };
+        let grid = [rows.div_ceil(block.0), cols.div_ceil(block.1)];
+        if scale.dims() != grid {
+            return Err(err(
+                &scale_name,
+                format!("has shape {:?}; a [{rows}, {cols}] weight in {block:?} blocks needs {grid:?}", scale.dims()),
+            ));
+        }
+        let w = dequantize_blocks(&q.codes, &scale.to_vec_f32()?, rows, cols, block, q.format);
+        tensors.insert(name, Tensor::from_vec(w, &q.shape, &Device::Cpu)?);
+    }
+    if let Some(orphan) = tensors.keys().find(|k| k.ends_with(".weight_scale_inv")) {
+        return Err(err(orphan, "is a block scale without an FP8 weight".into()));
+    }
+    Ok(())
+}
+
+/// The FP8 block size a checkpoint's config.json declares (`quantization_config.weight_block_size`).
+fn fp8_block(dir: &Path) -> (usize, usize) {
+    let v: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let b = &v["quantization_config"]["weight_block_size"];
+    match (b[0].as_u64(), b[1].as_u64()) {
+        (Some(r), Some(c)) if r > 0 && c > 0 => (r as usize, c as usize),
+        _ => FP8_BLOCK,
+    }
 }
 
 fn to_tensor(view: &TensorView<'_>) -> std::result::Result<Tensor, String> {
@@ -76,10 +153,21 @@ pub fn load_dir(dir: &Path) -> Result<(BTreeMap<String, Tensor>, PathBuf)> {
         let mut shards: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
         shards.sort_unstable();
         shards.dedup();
-        let mut all = BTreeMap::new();
+        let (mut all, mut fp8) = (BTreeMap::new(), BTreeMap::new());
         for shard in shards {
             let path = dir.join(shard);
-            for (name, t) in load_file(&path)? {
+            let (tensors, quantized) = load_file_raw(&path)?;
+            for name in quantized.keys() {
+                if map.get(name).and_then(|f| f.as_str()) != Some(shard) {
+                    return Err(Error::Checkpoint {
+                        path,
+                        name: name.clone(),
+                        msg: "is not listed for this shard in the index".into(),
+                    });
+                }
+            }
+            fp8.extend(quantized);
+            for (name, t) in tensors {
                 if map.get(&name).and_then(|f| f.as_str()) != Some(shard) {
                     return Err(Error::Checkpoint {
                         path,
@@ -90,17 +178,20 @@ pub fn load_dir(dir: &Path) -> Result<(BTreeMap<String, Tensor>, PathBuf)> {
                 all.insert(name, t);
             }
         }
-        if let Some(missing) = map.keys().find(|k| !all.contains_key(*k)) {
+        if let Some(missing) = map.keys().find(|k| !all.contains_key(*k) && !fp8.contains_key(*k)) {
             return Err(Error::Checkpoint {
                 path: index,
                 name: missing.clone(),
                 msg: "listed in the index but absent from its shard".into(),
             });
         }
+        dequantize_fp8(&mut all, fp8, fp8_block(dir), &index)?;
         return Ok((all, index));
     }
     let single = dir.join("model.safetensors");
-    Ok((load_file(&single)?, single))
+    let (mut all, fp8) = load_file_raw(&single)?;
+    dequantize_fp8(&mut all, fp8, fp8_block(dir), &single)?;
+    Ok((all, single))
 }
 
 /// Storage dtype for saving.

@@ -237,3 +237,79 @@ fn a_duplicate_computes_the_same_and_trains_independently() {
     assert_ne!(logits_bits(&m, &ids), logits_bits(&copy, &ids));
     assert_ne!(m.params.get("lm_head.weight").unwrap().to_vec_f32().unwrap()[0], w.to_vec_f32().unwrap()[0]);
 }
+
+/// Writes `model` as a DeepSeek-V3 FP8 release would: every projection and expert weight in
+/// E4M3 with f32 `weight_scale_inv` per 128x128 block; embedding, head, router, norms and
+/// `eh_proj` left as they are (spec 4.3). Returns the dequantised weights the file stands for.
+fn write_fp8_checkpoint(model: &DeepSeekV3, dir: &std::path::Path) -> BTreeMap<String, Vec<f32>> {
+    use safetensors::tensor::{Dtype, TensorView};
+    use whale_kernels::cpu::fp8::{dequantize_blocks, quantize_blocks, Fp8Format, ScaleFormat};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut json = serde_json::from_str::<serde_json::Value>(&model.config.to_json_string().unwrap()).unwrap();
+    json["quantization_config"] =
+        serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]});
+    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+    let mut raw: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    let mut expected = BTreeMap::new();
+    for (name, t) in model.state_dict() {
+        let keep = t.rank() != 2
+            || ["embed_tokens", "lm_head", "shared_head.head", "mlp.gate.weight", "eh_proj"]
+                .iter()
+                .any(|k| name.contains(k));
+        let v = t.to_vec_f32().unwrap();
+        if keep {
+            raw.insert(name, (Dtype::F32, t.dims().to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect()));
+            continue;
+        }
+        let (r, c) = (t.dims()[0], t.dims()[1]);
+        let (codes, scales) = quantize_blocks(&v, r, c, (128, 128), Fp8Format::E4M3, ScaleFormat::F32);
+        expected.insert(name.clone(), dequantize_blocks(&codes, &scales, r, c, (128, 128), Fp8Format::E4M3));
+        let grid = vec![r.div_ceil(128), c.div_ceil(128)];
+        raw.insert(
+            format!("{name}_scale_inv"),
+            (Dtype::F32, grid, scales.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        );
+        raw.insert(name, (Dtype::F8_E4M3, vec![r, c], codes));
+    }
+    let views: Vec<(String, TensorView<'_>)> =
+        raw.iter().map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    expected
+}
+
+#[test]
+fn fp8_checkpoints_with_block_scales_load_dequantised() {
+    let cfg = DeepSeekV3Config::tiny();
+    let model = DeepSeekV3::new(cfg.clone(), 9).unwrap();
+    let dir = tmpdir("fp8");
+    let expected = write_fp8_checkpoint(&model, &dir);
+    assert!(
+        expected.keys().any(|n| n.contains("experts.0.down_proj")) && expected.keys().any(|n| n.contains("layers.4."))
+    );
+    let loaded = DeepSeekV3::from_pretrained(&dir).unwrap();
+    for (name, want) in &expected {
+        let Ok(p) = loaded.params.get(name) else { continue }; // MTP copies of shared weights are not parameters
+        assert_eq!(&p.to_vec_f32().unwrap(), want, "{name}");
+    }
+    // The loaded model is the original with its quantised weights replaced by their dequantised
+    // values, nothing else.
+    let reference = model.duplicate().unwrap();
+    for (name, want) in &expected {
+        if let Ok(p) = reference.params.get(name) {
+            p.with_f32_mut(|w| w.copy_from_slice(want)).unwrap();
+        }
+    }
+    let ids = tokens(&cfg, 1, 8, 3);
+    assert_eq!(logits_bits(&reference, &ids), logits_bits(&loaded, &ids));
+
+    // A missing scale is named, not guessed.
+    let file = dir.join("model.safetensors");
+    let st = std::fs::read(&file).unwrap();
+    let parsed = safetensors::SafeTensors::deserialize(&st).unwrap();
+    let victim = expected.keys().next().unwrap().clone();
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        parsed.tensors().into_iter().filter(|(n, _)| *n != format!("{victim}_scale_inv")).collect();
+    safetensors::serialize_to_file(kept, None, &dir.join("broken.safetensors")).unwrap();
+    let err = load_file(&dir.join("broken.safetensors")).unwrap_err().to_string();
+    assert!(err.contains(&victim) && err.contains("weight_scale_inv"), "{err}");
+}
