@@ -2,6 +2,7 @@
 //! itself lives in the library crates.
 
 mod eval_cmd;
+mod infer;
 mod plot;
 mod pretrain;
 mod r1_zero;
@@ -34,10 +35,11 @@ enum Job {
     R1,
     /// Distil the R1 model into a small dense student (not built yet).
     Distill,
-    /// Generate text from a checkpoint (not built yet).
-    Generate,
-    /// Config, parameter counts and cache sizes of a checkpoint (not built yet).
-    Info,
+    /// Continue a prompt from a DeepSeek-V3, Qwen2 or Llama checkpoint (greedy, sampled, or MTP
+    /// speculative), with tokens/s.
+    Generate(infer::GenerateArgs),
+    /// Config, parameter counts (total / activated) and KV-cache bytes per token of a checkpoint.
+    Info(infer::InfoArgs),
     /// Pipeline schedules: simulate and draw (not built yet).
     Schedule,
 }
@@ -66,8 +68,8 @@ fn main() -> Result<()> {
         Some(Job::R1Zero(args)) => r1_zero::run(args),
         Some(Job::R1) => not_built("r1", "#7"),
         Some(Job::Distill) => not_built("distill", "#7"),
-        Some(Job::Generate) => not_built("generate", "#4"),
-        Some(Job::Info) => not_built("info", "#4"),
+        Some(Job::Generate(args)) => infer::generate(args),
+        Some(Job::Info(args)) => infer::info(args),
         Some(Job::Schedule) => not_built("schedule", "#9"),
     }
 }

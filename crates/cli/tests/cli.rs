@@ -138,3 +138,44 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     let bad = whale().args(["r1-zero", "--base", dir.join("missing").to_str().unwrap()]).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("missing"));
 }
+
+#[test]
+fn info_reads_any_config_and_generate_continues_a_prompt() {
+    let dir = tmpdir("info");
+    // The V3 config alone (no weights): counts and cache sizes come from config.json.
+    let v3 = dir.join("v3");
+    std::fs::create_dir_all(&v3).unwrap();
+    let cfg = whale_rl::parallel::model::DeepSeekV3Config::v3_671b().to_json_string().unwrap();
+    std::fs::write(v3.join("config.json"), cfg).unwrap();
+    let out = whale().args(["info", v3.to_str().unwrap()]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("| MLA absorb (latent + k_pe) | 576 | 1152 B | 68.6 KiB |"), "{stdout}");
+    assert!(stdout.contains("| MLA naive (per-head K and V) | 40960 | 81920 B | 4.77 MiB |"), "{stdout}");
+    assert!(stdout.contains("activated per token"), "{stdout}");
+    let qwen = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/qwen2_tied");
+    let out = whale().args(["info", qwen.to_str().unwrap()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 KV heads"));
+
+    let base = dir.join("base");
+    let out = whale().args(["pretrain", "--out", base.to_str().unwrap(), "--steps", "2"]).args(SMALL).output().unwrap();
+    assert!(out.status.success());
+    let ckpt = base.join("checkpoint");
+    for extra in
+        [vec!["--greedy"], vec!["--speculative", "--cache", "naive"], vec!["--temperature", "0.8", "--top-p", "0.9"]]
+    {
+        let out = whale()
+            .args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "12+7=", "--max-new-tokens", "6"])
+            .args(&extra)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && stdout.starts_with("12+7="), "{extra:?}: {stdout}{stderr}");
+        assert!(stderr.contains("tokens/s"), "{stderr}");
+        if extra[0] == "--speculative" {
+            assert!(stderr.contains("drafts accepted"), "{stderr}");
+        }
+    }
+    let bad = whale().args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "ABC"]).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not in the character tokenizer"));
+}

@@ -19,6 +19,7 @@ pub mod moe;
 pub mod mtp;
 pub mod nn;
 pub mod speculative;
+pub mod testing;
 pub mod tokenizer;
 
 pub use config::{DeepSeekV3Config, ParamCounts, RopeScaling};

@@ -84,36 +84,9 @@ fn a_prompt_generates_the_same_alone_and_in_a_batch() {
     }
 }
 
-/// A tiny model trained for a moment on a periodic token pattern, so its MTP module drafts well.
-fn pattern_model() -> DeepSeekV3 {
-    use whale_model::IGNORE_INDEX;
-    use whale_tensor::optim::{AdamW, AdamWConfig};
-    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap();
-    let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() }).unwrap();
-    let mut rng = Rng::new(3);
-    let (b, s, period) = (8, 20, 5u64);
-    for _ in 0..60 {
-        let mut ids: Vec<i64> = Vec::new();
-        let mut targets: Vec<i64> = Vec::new();
-        for _ in 0..b {
-            let phase = rng.below(period);
-            let row: Vec<i64> = (0..s as u64 + 1).map(|i| 10 + ((i + phase) % period) as i64).collect();
-            ids.extend(&row[..s]);
-            targets.extend(&row[1..]);
-        }
-        *targets.last_mut().unwrap() = IGNORE_INDEX;
-        let ids = Tensor::from_vec(ids, &[b, s], &Device::Cpu).unwrap();
-        let targets = Tensor::from_vec(targets, &[b, s], &Device::Cpu).unwrap();
-        model.forward(&ids, Some(&targets)).unwrap().loss.unwrap().backward().unwrap();
-        opt.step(&model.params, 1e-2).unwrap();
-        model.params.zero_grad();
-    }
-    model
-}
-
 #[test]
 fn greedy_speculative_decoding_yields_the_plain_greedy_tokens() {
-    let trained = pattern_model();
+    let trained = whale_model::testing::periodic_pattern_model(11);
     let random = DeepSeekV3::new(DeepSeekV3Config::tiny(), 2).unwrap();
     for (name, model) in [("trained", &trained), ("random", &random)] {
         for mode in [CacheMode::Naive, CacheMode::Absorb] {

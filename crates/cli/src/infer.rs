@@ -1,0 +1,196 @@
+//! `whale generate` (a continuation of a prompt, with tokens/s) and `whale info` (what a checkpoint
+//! directory holds: config, parameter counts, cache bytes per token) for DeepSeek-V3, Qwen2 and
+//! Llama checkpoints, ours or HF's.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use whale_rl::parallel::model::config::DeepSeekV3Config;
+use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
+use whale_rl::parallel::model::lm::model_type;
+use whale_rl::parallel::model::mla::mha_cache_elements;
+use whale_rl::parallel::model::tensor::Rng;
+use whale_rl::parallel::model::tokenizer::tokenizer_for;
+use whale_rl::parallel::model::{load_pretrained, DenseConfig};
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A checkpoint directory (config.json + safetensors [+ tokenizer.json]).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    /// Argmax decoding (the default when no temperature is given).
+    #[arg(long, conflicts_with = "temperature")]
+    pub greedy: bool,
+    /// Sampling temperature (> 0).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// MLA decode cache: naive (per-head K/V) or absorb (latent + rotated k_pe).
+    #[arg(long, default_value = "absorb")]
+    pub cache: String,
+    /// Draft with the MTP module and verify with the main model (greedy only).
+    #[arg(long)]
+    pub speculative: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let cache = CacheMode::parse(&a.cache).with_context(|| format!("--cache {}: expected naive or absorb", a.cache))?;
+    let model = load_pretrained(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let tok = tokenizer_for(&a.checkpoint)?;
+    let prompt = tok.encode(&a.prompt).with_context(|| "encoding the prompt")?;
+    if prompt.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    let stop = vec![tok.eos_id()];
+    let t0 = Instant::now();
+    let (tokens, note) = if a.speculative {
+        if a.temperature.is_some() {
+            bail!("--speculative decodes greedily; drop --temperature");
+        }
+        let ds = model.as_deepseek().context("--speculative needs a DeepSeek-V3 checkpoint with an MTP module")?;
+        let (g, stats) = ds.generate_speculative(&prompt, a.max_new_tokens, &stop, cache)?;
+        let note = format!(
+            "speculative: {} of {} drafts accepted ({:.0}%), {:.2} tokens per main-model forward",
+            stats.accepted,
+            stats.drafted,
+            100.0 * stats.acceptance_rate(),
+            stats.tokens_per_forward()
+        );
+        (g.tokens, Some(note))
+    } else {
+        let mut cfg = match a.temperature {
+            Some(t) if t > 0.0 => SamplingConfig::sampled(t, a.max_new_tokens, stop),
+            Some(t) => bail!("--temperature {t}: must be positive (or use --greedy)"),
+            None => SamplingConfig::greedy(a.max_new_tokens, stop),
+        };
+        cfg.top_k = a.top_k;
+        cfg.top_p = a.top_p;
+        cfg.cache = cache;
+        let g = model.generate(std::slice::from_ref(&prompt), &cfg, &mut Rng::new(a.seed))?.remove(0);
+        (g.tokens, None)
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    println!("{}{}", a.prompt, tok.decode(&tokens));
+    eprintln!(
+        "\n{} new tokens in {:.2} s ({:.1} tokens/s, prompt {} tokens, {:?} cache)",
+        tokens.len(),
+        secs,
+        tokens.len() as f64 / secs.max(1e-9),
+        prompt.len(),
+        cache
+    );
+    if let Some(n) = note {
+        eprintln!("{n}");
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// A checkpoint directory; only its config.json is read.
+    pub dir: PathBuf,
+}
+
+fn human(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+fn bytes(n: usize) -> String {
+    if n >= 1 << 20 {
+        format!("{:.2} MiB", n as f64 / (1 << 20) as f64)
+    } else if n >= 1 << 10 {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    } else {
+        format!("{n} B")
+    }
+}
+
+pub fn info(a: InfoArgs) -> Result<()> {
+    let config_path = a.dir.join("config.json");
+    let kind = model_type(&a.dir)?;
+    println!("{}: {kind}", a.dir.display());
+    // (layout, elements per token per layer) and the layer count.
+    let (rows, layers): (Vec<(&str, usize)>, usize) = match kind.as_str() {
+        "deepseek_v3" => {
+            let text = std::fs::read_to_string(&config_path).with_context(|| config_path.display().to_string())?;
+            let c = DeepSeekV3Config::from_json_str(&text).with_context(|| config_path.display().to_string())?;
+            let p = c.param_counts();
+            println!(
+                "  layers {} ({} dense, then MoE) + {} MTP, hidden {}, vocab {}",
+                c.num_hidden_layers, c.first_k_dense_replace, c.num_nextn_predict_layers, c.hidden_size, c.vocab_size
+            );
+            println!(
+                "  MLA: {} heads, q_lora {:?}, kv_lora {}, qk {} nope + {} rope, v {}",
+                c.num_attention_heads,
+                c.q_lora_rank,
+                c.kv_lora_rank,
+                c.qk_nope_head_dim,
+                c.qk_rope_head_dim,
+                c.v_head_dim
+            );
+            println!(
+                "  MoE: {} routed experts (top-{}, {} groups, top-{} groups) + {} shared, width {}",
+                c.n_routed_experts,
+                c.num_experts_per_tok,
+                c.n_group,
+                c.topk_group,
+                c.n_shared_experts,
+                c.moe_intermediate_size
+            );
+            println!(
+                "  parameters: {} total, {} activated per token, {} in MTP modules",
+                human(p.total),
+                human(p.activated),
+                human(p.mtp)
+            );
+            let rows = vec![
+                ("MLA absorb (latent + k_pe)", CacheMode::Absorb.elements_per_token(&c)),
+                ("MLA naive (per-head K and V)", CacheMode::Naive.elements_per_token(&c)),
+                ("MHA of the same heads (K and V of v_head_dim)", mha_cache_elements(&c)),
+            ];
+            (rows, c.num_hidden_layers)
+        }
+        "qwen2" | "llama" => {
+            let c = DenseConfig::from_file(&config_path)?;
+            println!(
+                "  layers {}, hidden {}, MLP {}, vocab {}, {} heads / {} KV heads of {}, rope_theta {}, {} head",
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.intermediate_size,
+                c.vocab_size,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.head_dim,
+                c.rope_theta,
+                if c.tie_word_embeddings { "tied" } else { "untied" }
+            );
+            let n = c.param_count() as u64;
+            println!("  parameters: {} total, {} activated per token (dense)", human(n), human(n));
+            (vec![("GQA (K and V of the KV heads)", c.cache_elements_per_token())], c.num_hidden_layers)
+        }
+        other => bail!("{}: model_type `{other}` is not supported (deepseek_v3, qwen2, llama)", config_path.display()),
+    };
+    println!("  KV cache per token:");
+    println!("  | layout | elements / layer | bf16 / layer | bf16, all {layers} layers |");
+    println!("  |---|---:|---:|---:|");
+    for (name, e) in rows {
+        println!("  | {name} | {e} | {} B | {} |", 2 * e, bytes(2 * e * layers));
+    }
+    Ok(())
+}

@@ -1,0 +1,32 @@
+//! Models for tests and benchmarks that need trained behaviour without a training run.
+
+use whale_tensor::optim::{AdamW, AdamWConfig};
+use whale_tensor::{Device, Rng, Tensor};
+
+use crate::{DeepSeekV3, DeepSeekV3Config, IGNORE_INDEX};
+
+/// The `tiny` preset trained for 60 steps on a periodic token pattern (10, 11, ..., 14, 10, ...),
+/// so its main head and its MTP module both predict the pattern (speculative decoding accepts
+/// nearly every draft).
+pub fn periodic_pattern_model(seed: u64) -> DeepSeekV3 {
+    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), seed).expect("tiny preset");
+    let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() }).expect("adamw");
+    let mut rng = Rng::new(3);
+    let (b, s, period) = (8, 20, 5u64);
+    for _ in 0..60 {
+        let (mut x, mut y): (Vec<i64>, Vec<i64>) = (Vec::new(), Vec::new());
+        for _ in 0..b {
+            let phase = rng.below(period);
+            let row: Vec<i64> = (0..s as u64 + 1).map(|i| 10 + ((i + phase) % period) as i64).collect();
+            x.extend_from_slice(&row[..s]);
+            y.extend_from_slice(&row[1..]);
+        }
+        *y.last_mut().expect("non-empty") = IGNORE_INDEX;
+        let x = Tensor::from_vec(x, &[b, s], &Device::Cpu).expect("ids");
+        let y = Tensor::from_vec(y, &[b, s], &Device::Cpu).expect("targets");
+        model.forward(&x, Some(&y)).and_then(|o| Ok(o.loss.expect("targets").backward()?)).expect("a training step");
+        opt.step(&model.params, 1e-2).expect("adamw step");
+        model.params.zero_grad();
+    }
+    model
+}
