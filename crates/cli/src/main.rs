@@ -1,10 +1,12 @@
 //! The `whale` command. It parses flags, wires the crates together and draws progress; the work
 //! itself lives in the library crates.
 
+mod distill;
 mod eval_cmd;
 mod infer;
 mod plot;
 mod pretrain;
+mod r1;
 mod r1_zero;
 mod settings;
 
@@ -31,10 +33,12 @@ enum Job {
     Plot(plot::PlotArgs),
     /// R1-Zero: GRPO (or the PPO baseline) with rule-based rewards directly on a pretrained base model.
     R1Zero(r1_zero::R1ZeroArgs),
-    /// The four-stage R1 pipeline (not built yet).
-    R1,
-    /// Distil the R1 model into a small dense student (not built yet).
-    Distill,
+    /// The four-stage R1 pipeline: cold-start SFT, reasoning RL, rejection-sampling SFT,
+    /// all-scenario RL with a learned reward model; or one stage from a checkpoint.
+    R1(r1::R1Args),
+    /// Distil the R1 model into a small dense Qwen2-style student (SFT on its verified traces),
+    /// against the same student trained by GRPO for the same compute.
+    Distill(distill::DistillArgs),
     /// Continue a prompt from a DeepSeek-V3, Qwen2 or Llama checkpoint (greedy, sampled, or MTP
     /// speculative), with tokens/s.
     Generate(infer::GenerateArgs),
@@ -48,13 +52,80 @@ fn not_built(what: &str, issue: &str) -> Result<()> {
     anyhow::bail!("`whale {what}` is not built yet: it arrives with issue {issue}")
 }
 
-/// Pretraining, then R1-Zero (GRPO) on its checkpoint, each into its folder of the run.
+/// The whole chain with embedded defaults: pretraining, R1-Zero, the four R1 stages and
+/// distillation, each into its folder of the run; then the results table (printed and written
+/// as `results.md`) and the RL charts.
 fn main_job(args: pretrain::PretrainArgs) -> Result<()> {
-    println!("whale: the main job (pretrain -> R1-Zero -> R1 -> distill). Pretraining and R1-Zero run now;");
-    println!("the R1 stages and distillation arrive with issue #7.\n");
+    let t0 = std::time::Instant::now();
+    println!("whale: the main job (pretrain -> R1-Zero -> R1 in four stages -> distill)\n");
     let out = pretrain::run(args)?;
+    let run = out.parent().map(std::path::Path::to_path_buf).unwrap_or_else(|| out.clone());
+    let base = out.join("checkpoint");
     println!();
-    r1_zero::run(r1_zero::R1ZeroArgs { base: out.join("checkpoint"), ..Default::default() })
+    let zero = r1_zero::run(r1_zero::R1ZeroArgs {
+        base: base.clone(),
+        out: Some(run.join("r1-zero")),
+        steps: Some(60),
+        ..Default::default()
+    })?;
+    println!();
+    let stages = r1::run(r1::R1Args {
+        from: base,
+        base: None,
+        stage: r1::Stage::All,
+        out: Some(run.join("r1")),
+        config: None,
+        data: None,
+    })?;
+    let teacher = stages.last().expect("four stages").checkpoint.clone();
+    let distilled = distill::run(distill::DistillArgs {
+        from: teacher,
+        student: None,
+        out: Some(run.join("distill")),
+        config: None,
+    })?;
+
+    let mut rows =
+        vec![("base (pretrained)".to_string(), zero.before.clone()), ("R1-Zero".to_string(), zero.after.clone())];
+    rows.extend(stages.iter().map(|s| (s.label.clone(), s.report.clone())));
+    rows.push(("student base (dense, pretrained)".into(), distilled.student_base.clone()));
+    rows.push(("distilled student (SFT on R1 traces)".into(), distilled.distilled.clone()));
+    rows.push(("RL-only student (GRPO, same compute)".into(), distilled.rl_only.clone()));
+    let k = zero.after.samples;
+    let mut table =
+        format!("| model | pass@1 | pass@{k} | mean length | format | language |\n|---|---:|---:|---:|---:|---:|\n");
+    for (name, r) in &rows {
+        table.push_str(&format!(
+            "| {name} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} |\n",
+            r.pass1, r.pass_k, r.mean_length, r.format_rate, r.language
+        ));
+    }
+    let mut charts: Vec<(String, std::path::PathBuf)> = vec![("R1-Zero".into(), zero.out.clone())];
+    charts.extend(stages.iter().filter_map(|s| s.rl_dir.clone().map(|d| (s.label.clone(), d))));
+    charts.push(("RL-only student".into(), distilled.rl_dir.clone()));
+    plot::rl_charts(&run, &charts)?;
+    let held = zero.after.problems;
+    let times: Vec<String> = stages.iter().map(|s| format!("{} {:.0} s", s.label, s.seconds)).collect();
+    let distill_note = format!(
+        "Distillation: SFT of the student on the R1 model's verified traces took {:.0} s; the RL-only student ran {} \
+         GRPO steps in {:.0} s.",
+        distilled.distill_seconds, distilled.rl_steps, distilled.rl_seconds
+    );
+    let doc = format!(
+        "# Whale main job\n\nHeld-out problems: {held} (their own seed; a quarter posed in letter numerals), {k} samples each at \
+         temperature 1. pass@1 is the mean accuracy of the samples, pass@{k} the unbiased estimator, language the share of \
+         the reasoning's numerals in the prompt's script.\n\n{table}\n{distill_note}\nStage times: {}.\n\nTotal time {:.0} s. \
+         Charts: rl_reward.svg, rl_length.svg, rl_pass1.svg.\n",
+        times.join(", "),
+        t0.elapsed().as_secs_f64()
+    );
+    std::fs::write(run.join("results.md"), &doc)?;
+    println!(
+        "\n{table}\nmain job done in {:.0} s; table in {}",
+        t0.elapsed().as_secs_f64(),
+        run.join("results.md").display()
+    );
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -65,9 +136,9 @@ fn main() -> Result<()> {
         Some(Job::Pretrain(args)) => pretrain::run(args).map(|_| ()),
         Some(Job::Eval(args)) => eval_cmd::run(args),
         Some(Job::Plot(args)) => plot::run(args),
-        Some(Job::R1Zero(args)) => r1_zero::run(args),
-        Some(Job::R1) => not_built("r1", "#7"),
-        Some(Job::Distill) => not_built("distill", "#7"),
+        Some(Job::R1Zero(args)) => r1_zero::run(args).map(|_| ()),
+        Some(Job::R1(args)) => r1::run(args).map(|_| ()),
+        Some(Job::Distill(args)) => distill::run(args).map(|_| ()),
         Some(Job::Generate(args)) => infer::generate(args),
         Some(Job::Info(args)) => infer::info(args),
         Some(Job::Schedule) => not_built("schedule", "#9"),

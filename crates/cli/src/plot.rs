@@ -238,3 +238,35 @@ pub fn run(a: PlotArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Rows of a JSON-lines file, or none when it does not exist.
+fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1)))
+        .collect()
+}
+
+/// Reward, mean completion length and validation pass@1 over steps for RL runs (`(name, run
+/// folder)` with `metrics.jsonl` and `eval_history.jsonl`), one SVG each, into `dir`.
+pub fn rl_charts(dir: &Path, runs: &[(String, PathBuf)]) -> Result<()> {
+    let mut reward = Vec::new();
+    let mut length = Vec::new();
+    let mut pass1 = Vec::new();
+    for (name, run) in runs {
+        let rows = read_jsonl(&run.join("metrics.jsonl"))?;
+        reward.push(Series { name: name.clone(), points: field(&rows, "reward") });
+        length.push(Series { name: name.clone(), points: field(&rows, "completions/mean_length") });
+        let history = read_jsonl(&run.join("eval_history.jsonl"))?;
+        pass1.push(Series { name: name.clone(), points: field(&history, "pass@1") });
+    }
+    write(&dir.join("rl_reward.svg"), line_chart("Reward per step", "mean reward", &reward, false))?;
+    write(&dir.join("rl_length.svg"), line_chart("Completion length", "tokens", &length, false))?;
+    pass1.retain(|s| !s.points.is_empty());
+    write(&dir.join("rl_pass1.svg"), line_chart("Validation pass@1 (4 samples)", "pass@1", &pass1, false))
+}

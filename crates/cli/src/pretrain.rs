@@ -33,6 +33,10 @@ pub struct PretrainSettings {
     pub tasks: String,
     /// Share of pretraining traces with one wrong step.
     pub imperfect: f64,
+    /// Share of numeric problems posed in letter numerals (the second "language").
+    pub letters: f64,
+    /// Share of letter-numeral traces whose reasoning drifts into digits (language mixing).
+    pub mixing: f64,
     /// The auxiliary-loss-free bias update speed (the preset's when unset; 0 disables it).
     pub gamma: Option<f64>,
     pub checkpoint_every: u64,
@@ -60,7 +64,9 @@ impl Default for PretrainSettings {
             warmup: 30,
             seed: 0,
             tasks: "add:2-3".into(),
-            imperfect: 0.3,
+            imperfect: 0.2,
+            letters: 0.25,
+            mixing: 0.5,
             gamma: None,
             checkpoint_every: 100,
             eval_every: 0,
@@ -108,6 +114,12 @@ pub struct PretrainArgs {
     /// Share of traces with a wrong step (0..1).
     #[arg(long)]
     pub imperfect: Option<f64>,
+    /// Share of numeric problems in letter numerals (0..1).
+    #[arg(long)]
+    pub letters: Option<f64>,
+    /// Share of letter-numeral traces that drift into digits (0..1).
+    #[arg(long)]
+    pub mixing: Option<f64>,
     /// Bias update speed of the auxiliary-loss-free balancing (0 disables it).
     #[arg(long)]
     pub gamma: Option<f64>,
@@ -156,6 +168,8 @@ impl PretrainArgs {
             seed,
             tasks,
             imperfect,
+            letters,
+            mixing,
             checkpoint_every,
             eval_every,
             eval_problems,
@@ -210,22 +224,29 @@ fn progress(total: u64, done: u64) -> ProgressBar {
 
 /// Held-out evaluation table rows.
 pub fn print_report(name: &str, r: &EvalReport) {
-    println!("| model | greedy | pass@1 | pass@{k} | cons@{k} | mean length | format |", k = r.samples);
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    println!(
-        "| {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} |",
-        r.greedy, r.pass1, r.pass_k, r.cons_k, r.mean_length, r.format_rate
-    );
+    println!("| model | greedy | pass@1 | pass@{k} | cons@{k} | mean length | format | language |", k = r.samples);
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("{}", report_row(name, r));
+}
+
+/// One row of the evaluation table.
+pub fn report_row(name: &str, r: &EvalReport) -> String {
+    format!(
+        "| {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} |",
+        r.greedy, r.pass1, r.pass_k, r.cons_k, r.mean_length, r.format_rate, r.language
+    )
 }
 
 /// Runs (or resumes) pretraining; returns the run folder.
 pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let s = args.settings()?;
     let tok = CharTokenizer::new();
-    let tasks = TaskSet::parse(&s.tasks)?;
+    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters);
     let ckpt = s.out.join("checkpoint");
     let metrics = s.out.join("metrics.jsonl");
-    let data = Box::new(CorpusData::new(Corpus::new(TaskSet::parse(&s.tasks)?, s.imperfect, s.seed), tok.clone()));
+    let corpus =
+        Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters), s.imperfect, s.seed).with_mixing(s.mixing);
+    let data = Box::new(CorpusData::new(corpus, tok.clone()));
     let mut trainer = if args.resume {
         let mut t = Trainer::resume(&ckpt, data, Some(&metrics))
             .with_context(|| format!("resuming from {}", ckpt.display()))?;
@@ -323,6 +344,7 @@ pub fn write_eval(path: &Path, r: &EvalReport) -> Result<()> {
     let v = serde_json::json!({
         "problems": r.problems, "samples": r.samples, "greedy": r.greedy, "pass@1": r.pass1,
         "pass@k": r.pass_k, "cons@k": r.cons_k, "mean_length": r.mean_length, "format_rate": r.format_rate,
+        "language": if r.language.is_finite() { serde_json::json!(r.language) } else { serde_json::Value::Null },
         "per_task": r.per_task,
     });
     std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| path.display().to_string())

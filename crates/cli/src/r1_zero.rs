@@ -9,12 +9,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use whale_rl::eval::{evaluate, EvalConfig};
+use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, RlRun, ScaleRewards, StepLog};
 use whale_rl::parallel::model::tokenizer::CharTokenizer;
 use whale_rl::parallel::model::{load_pretrained, CausalLm};
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
-use whale_rl::tasks::TaskSet;
+use whale_rl::tasks::{Problem, TaskSet};
 
 use crate::pretrain::{print_report, write_eval};
 
@@ -43,6 +43,8 @@ pub struct R1ZeroSettings {
     pub eval_seed: u64,
     /// Steps between checkpoints (0: only at the end).
     pub checkpoint_every: u64,
+    /// Steps between validation evaluations (eval_history.jsonl; 0: none).
+    pub eval_every: u64,
 }
 
 impl Default for R1ZeroSettings {
@@ -56,6 +58,7 @@ impl Default for R1ZeroSettings {
             k: 8,
             eval_seed: 0,
             checkpoint_every: 20,
+            eval_every: 20,
         }
     }
 }
@@ -111,6 +114,9 @@ pub struct R1ZeroArgs {
     pub k: Option<usize>,
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
+    /// Steps between validation evaluations (0: none).
+    #[arg(long)]
+    pub eval_every: Option<u64>,
 }
 
 fn parse_enum<T: serde::de::DeserializeOwned>(flag: &str, v: &str) -> Result<T> {
@@ -146,6 +152,9 @@ impl R1ZeroArgs {
         if let Some(n) = self.checkpoint_every {
             s.checkpoint_every = n;
         }
+        if let Some(n) = self.eval_every {
+            s.eval_every = n;
+        }
         s.grpo.validate()?;
         Ok(s)
     }
@@ -177,7 +186,7 @@ pub fn peak_memory_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn progress(total: u64) -> ProgressBar {
+pub fn progress(total: u64) -> ProgressBar {
     let pb = ProgressBar::new(total);
     pb.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps, ETA {eta} {msg}")
@@ -186,7 +195,7 @@ fn progress(total: u64) -> ProgressBar {
     pb
 }
 
-pub fn run(args: R1ZeroArgs) -> Result<()> {
+pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     let mut s = args.settings()?;
     let out = args.out_dir(s.algo);
     let ckpt = out.join("checkpoint");
@@ -227,7 +236,7 @@ pub fn run(args: R1ZeroArgs) -> Result<()> {
     std::fs::write(&settings_path, serde_json::to_string_pretty(&s)?)
         .with_context(|| settings_path.display().to_string())?;
 
-    let problems = TaskSet::parse(&s.grpo.tasks)?.held_out(s.eval_problems, s.eval_seed);
+    let problems = TaskSet::parse(&s.grpo.tasks)?.with_letters(s.grpo.letters).held_out(s.eval_problems, s.eval_seed);
     let eval_cfg = EvalConfig { samples: s.k, max_new_tokens: s.grpo.max_new_tokens.max(96), ..EvalConfig::default() };
     let t0 = Instant::now();
     let before = evaluate(&*base, &tok, &problems, &eval_cfg)?;
@@ -244,39 +253,16 @@ pub fn run(args: R1ZeroArgs) -> Result<()> {
     print_report("base", &before);
     write_eval(&out.join("eval_before.json"), &before)?;
 
-    let start = Instant::now();
+    let validation = Validation::new(&s.grpo, s.eval_seed, out.join("eval_history.jsonl"), s.eval_every)?;
     let first = trainer.run_mut().step;
-    let pb = progress(s.grpo.steps);
-    pb.set_position(first);
-    while !trainer.run_mut().done() {
-        let log = trainer.train_step()?;
-        pb.set_position(log.step + 1);
-        pb.set_message(format!(
-            "reward {:.3} | acc {:.2} | len {:.1} | zero-std {:.2} | {:.1} s/step",
-            log.get("reward"),
-            log.get("rewards/accuracy/mean"),
-            log.get("completions/mean_length"),
-            log.get("frac_reward_zero_std"),
-            log.get("step_time"),
-        ));
-        let step = log.step + 1;
-        if s.checkpoint_every > 0 && step % s.checkpoint_every == 0 && step < s.grpo.steps {
-            trainer.save_checkpoint(&ckpt)?;
-        }
-    }
-    let train_seconds = start.elapsed().as_secs_f64();
+    let train_seconds = train_loop(&mut *trainer, &ckpt, s.checkpoint_every, Some(&validation))?;
     let steps_run = (s.grpo.steps - first).max(1) as f64;
-    pb.finish_with_message(format!("done in {train_seconds:.0} s"));
-    trainer.save_checkpoint(&ckpt)?;
     let policy = trainer.policy();
 
     let after = evaluate(policy, &tok, &problems, &eval_cfg)?;
     println!("\nheld-out after {} steps ({:.2} s/step):", s.grpo.steps, train_seconds / steps_run);
     print_report("base", &before);
-    println!(
-        "| R1-Zero ({:?}) | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} |",
-        s.algo, after.greedy, after.pass1, after.pass_k, after.cons_k, after.mean_length, after.format_rate
-    );
+    println!("{}", crate::pretrain::report_row(&format!("R1-Zero ({:?})", s.algo), &after));
     println!(
         "pass@1 {:+.1} points, pass@{} {:+.1} points; peak memory {:.0} MiB",
         100.0 * (after.pass1 - before.pass1),
@@ -286,7 +272,93 @@ pub fn run(args: R1ZeroArgs) -> Result<()> {
     );
     write_eval(&out.join("eval.json"), &after)?;
     println!("\ncheckpoint: {}   metrics: {}   samples: {}", ckpt.display(), metrics.display(), completions.display());
-    Ok(())
+    Ok(R1ZeroOutcome { out, before, after })
+}
+
+/// What `whale r1-zero` produced.
+#[derive(Debug)]
+pub struct R1ZeroOutcome {
+    pub out: PathBuf,
+    pub before: EvalReport,
+    pub after: EvalReport,
+}
+
+/// A small validation set evaluated every `every` steps of an RL run (pass@1 of 4 samples),
+/// appended to `history` as JSON lines: the pass@1-over-steps curve.
+#[derive(Debug)]
+pub struct Validation {
+    pub problems: Vec<Problem>,
+    pub every: u64,
+    pub history: PathBuf,
+}
+
+impl Validation {
+    /// 32 held-out problems of the run's tasks, from their own seed (not the final test set).
+    pub fn new(cfg: &GrpoConfig, seed: u64, history: PathBuf, every: u64) -> Result<Self> {
+        let tasks = TaskSet::parse(&cfg.tasks)?.with_letters(cfg.letters);
+        Ok(Validation { problems: tasks.held_out(32, seed.wrapping_add(0x5A11)), every, history })
+    }
+
+    fn record(&self, model: &dyn CausalLm, step: u64) -> Result<EvalReport> {
+        use std::io::Write;
+        let cfg = EvalConfig { samples: 4, ..EvalConfig::default() };
+        let r = evaluate(model, &CharTokenizer::new(), &self.problems, &cfg)?;
+        let line = serde_json::json!({ "step": step, "pass@1": r.pass1, "pass@k": r.pass_k, "greedy": r.greedy });
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.history)
+            .with_context(|| self.history.display().to_string())?;
+        writeln!(f, "{line}").with_context(|| self.history.display().to_string())?;
+        Ok(r)
+    }
+}
+
+/// Runs `trainer` to its last step with a progress bar, checkpointing every `checkpoint_every`
+/// steps and at the end, evaluating `validation` (at the start and every `validation.every`
+/// steps). Returns the training seconds.
+pub fn train_loop(
+    trainer: &mut dyn RlTrainer,
+    ckpt: &Path,
+    checkpoint_every: u64,
+    validation: Option<&Validation>,
+) -> Result<f64> {
+    let start = Instant::now();
+    let steps = trainer.run_mut().config.steps;
+    let first = trainer.run_mut().step;
+    let pb = progress(steps);
+    pb.set_position(first);
+    let validate = |t: &dyn RlTrainer, step: u64| -> Result<()> {
+        if let Some(v) = validation.filter(|v| v.every > 0 && step % v.every == 0) {
+            let r = v.record(t.policy(), step)?;
+            pb.suspend(|| println!("  step {step}: validation pass@1 {:.3}, pass@4 {:.3}", r.pass1, r.pass_k));
+        }
+        Ok(())
+    };
+    if first == 0 {
+        validate(&*trainer, 0)?;
+    }
+    while !trainer.run_mut().done() {
+        let log = trainer.train_step()?;
+        let step = log.step + 1;
+        pb.set_position(step);
+        pb.set_message(format!(
+            "reward {:.3} | acc {:.2} | len {:.1} | zero-std {:.2} | {:.1} s/step",
+            log.get("reward"),
+            log.get("rewards/accuracy/mean"),
+            log.get("completions/mean_length"),
+            log.get("frac_reward_zero_std"),
+            log.get("step_time"),
+        ));
+        if checkpoint_every > 0 && step % checkpoint_every == 0 && step < steps {
+            trainer.save_checkpoint(ckpt)?;
+        }
+        validate(&*trainer, step)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    pb.finish_with_message(format!("done in {seconds:.0} s"));
+    trainer.save_checkpoint(ckpt)?;
+    Ok(seconds)
 }
 
 /// The two algorithms behind one loop.

@@ -179,3 +179,91 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
     let bad = whale().args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "ABC"]).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not in the character tokenizer"));
 }
+
+const TINY_R1: &str = r#"
+tasks = "add:1"
+eval_problems = 4
+k = 2
+eval_every = 1
+[cold_start]
+problems = 8
+sft = { steps = 2, batch = 4 }
+[reasoning_rl]
+steps = 1
+prompts_per_step = 2
+group_size = 2
+rewards = "accuracy,format:0.1,language:0.5"
+[rejection]
+problems = 4
+samples = 2
+non_reasoning = 4
+sft = { steps = 2, batch = 4 }
+[reward_model]
+train_pairs = 8
+heldout_pairs = 4
+steps = 2
+batch = 2
+[all_rl]
+steps = 1
+prompts_per_step = 2
+group_size = 2
+tasks = "add:1,reverse:3"
+"#;
+
+#[test]
+fn r1_runs_its_four_stages_and_each_stage_alone() {
+    let dir = tmpdir("r1");
+    let base = dir.join("base");
+    let out = whale().args(["pretrain", "--out", base.to_str().unwrap(), "--steps", "2"]).args(SMALL).output().unwrap();
+    assert!(out.status.success());
+    let cfg = dir.join("r1.toml");
+    std::fs::write(&cfg, TINY_R1).unwrap();
+    let ckpt = base.join("checkpoint");
+    let run = dir.join("r1");
+    let out = whale()
+        .args([
+            "r1",
+            "--from",
+            ckpt.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for stage in ["1-cold-start", "2-reasoning-rl", "3-rejection-sft", "4-all-scenarios-rl"] {
+        assert!(run.join(stage).join("checkpoint/config.json").exists(), "{stage}");
+        assert!(run.join(stage).join("eval.json").exists(), "{stage}");
+    }
+    assert!(stdout.contains("held-out pair accuracy"), "{stdout}");
+    assert!(run.join("3-rejection-sft/data.jsonl").exists());
+    assert!(std::fs::read_to_string(run.join("2-reasoning-rl/eval_history.jsonl")).unwrap().lines().count() >= 2);
+    // One stage alone from a checkpoint, into its own folder.
+    let alone = dir.join("alone");
+    let from = run.join("1-cold-start/checkpoint");
+    let out = whale()
+        .args(["r1", "--stage", "reasoning-rl", "--from", from.to_str().unwrap(), "--out", alone.to_str().unwrap()])
+        .args(["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(alone.join("2-reasoning-rl/checkpoint").exists() && !alone.join("1-cold-start").exists());
+    let out = whale()
+        .args(["r1", "--stage", "rejection-sft", "--from", from.to_str().unwrap(), "--out", alone.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--base"));
+    // A teacher that solves nothing has nothing to distil: a clear error, not an empty student.
+    let dcfg = dir.join("distill.toml");
+    std::fs::write(&dcfg, "trace_problems = 4\ntrace_samples = 2\n").unwrap();
+    let out = whale()
+        .args(["distill", "--from", ckpt.to_str().unwrap(), "--out", dir.join("d").to_str().unwrap()])
+        .args(["--config", dcfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no verified"), "{stderr}");
+}

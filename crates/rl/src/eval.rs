@@ -9,6 +9,7 @@ use whale_parallel::model::tensor::Rng;
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::CausalLm;
 
+use crate::rewards::{LanguageConsistency, Reward, Sample};
 use crate::tasks::{extract_answer, verify, Problem};
 use crate::Result;
 
@@ -52,6 +53,9 @@ pub struct EvalReport {
     pub mean_length: f64,
     /// Share of sampled completions in the R1 template.
     pub format_rate: f64,
+    /// Mean language consistency of the sampled completions of problems that have a language
+    /// (the share of the reasoning's numerals in the prompt's script); NaN when none has one.
+    pub language: f64,
     /// pass@1 per task name.
     pub per_task: Vec<(String, f64)>,
 }
@@ -92,6 +96,7 @@ pub fn evaluate(
 
     let n = problems.len().max(1) as f64;
     let (mut g_ok, mut p1, mut pk, mut cons, mut len, mut fmt) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    let (mut lang, mut lang_n) = (0.0, 0usize);
     let mut per_task: HashMap<String, (f64, usize)> = HashMap::new();
     for (i, p) in problems.iter().enumerate() {
         g_ok += verify(p, &tok.decode(&greedy[i].tokens)) as u8 as f64;
@@ -116,6 +121,13 @@ pub fn evaluate(
         }
         len += sampled[i * k..(i + 1) * k].iter().map(|g| g.tokens.len()).sum::<usize>() as f64 / k as f64;
         fmt += texts.iter().filter(|t| well_formatted(t)).count() as f64 / k as f64;
+        for (t, g) in texts.iter().zip(&sampled[i * k..(i + 1) * k]) {
+            let s = Sample { problem: p, text: t, tokens: g.tokens.len(), truncated: g.truncated };
+            if let Some(v) = LanguageConsistency.score(&s) {
+                lang += v;
+                lang_n += 1;
+            }
+        }
         let e = per_task.entry(p.task.clone()).or_default();
         e.0 += correct as f64 / k as f64;
         e.1 += 1;
@@ -131,6 +143,7 @@ pub fn evaluate(
         cons_k: cons / n,
         mean_length: len / n,
         format_rate: fmt / n,
+        language: if lang_n == 0 { f64::NAN } else { lang / lang_n as f64 },
         per_task,
     })
 }

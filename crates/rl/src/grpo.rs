@@ -105,6 +105,8 @@ pub struct GrpoConfig {
     pub rewards: String,
     /// Training tasks, e.g. `add:2-3`.
     pub tasks: String,
+    /// Share of numeric training problems posed in letter numerals.
+    pub letters: f64,
     /// Write sample completions every this many steps (0: never).
     pub log_completions_every: u64,
     pub seed: u64,
@@ -142,6 +144,7 @@ impl Default for GrpoConfig {
             process_supervision: false,
             rewards: "accuracy,format:0.1".into(),
             tasks: "add:2-3".into(),
+            letters: 0.25,
             log_completions_every: 10,
             seed: 0,
         }
@@ -530,6 +533,8 @@ pub struct RlRun {
     pub rewards: RewardSet,
     pub tokenizer: Box<dyn Tokenizer>,
     pub rng: Rng,
+    /// Prompts to sample from instead of the task generators (a user's JSONL dataset).
+    pub pool: Option<Vec<Problem>>,
     metrics: Option<File>,
     completions: Option<File>,
 }
@@ -546,12 +551,13 @@ impl RlRun {
     pub fn new(config: GrpoConfig, tokenizer: Box<dyn Tokenizer>, salt: u64) -> Result<Self> {
         config.validate()?;
         Ok(RlRun {
-            tasks: TaskSet::parse(&config.tasks)?,
+            tasks: TaskSet::parse(&config.tasks)?.with_letters(config.letters),
             rewards: RewardSet::parse(&config.rewards, config.max_new_tokens)?,
             rng: Rng::new(config.seed ^ salt),
             config,
             step: 0,
             tokenizer,
+            pool: None,
             metrics: None,
             completions: None,
         })
@@ -569,9 +575,14 @@ impl RlRun {
         self.step >= self.config.steps
     }
 
-    /// `n` training problems.
+    /// `n` training problems (from the pool when there is one).
     pub fn sample_problems(&mut self, n: usize) -> Vec<Problem> {
-        (0..n).map(|_| self.tasks.sample(&mut self.rng, Split::Train)).collect()
+        match &self.pool {
+            Some(pool) if !pool.is_empty() => {
+                (0..n).map(|_| pool[self.rng.below(pool.len() as u64) as usize].clone()).collect()
+            }
+            _ => (0..n).map(|_| self.tasks.sample(&mut self.rng, Split::Train)).collect(),
+        }
     }
 
     /// Rewards of each rollout.
@@ -745,6 +756,20 @@ impl GrpoTrainer {
         let reference = if config.beta > 0.0 { Some(policy.duplicate()?) } else { None };
         let opt = AdamW::new(config.adamw())?;
         Ok(GrpoTrainer { policy, reference, opt, run: RlRun::new(config, tokenizer, GRPO_SALT)? })
+    }
+
+    /// [`GrpoTrainer::new`] with rewards built in code (a learned reward model, task filters)
+    /// instead of the config's `rewards` string.
+    pub fn with_rewards(
+        policy: Box<dyn CausalLm>,
+        config: GrpoConfig,
+        tokenizer: Box<dyn Tokenizer>,
+        rewards: RewardSet,
+    ) -> Result<Self> {
+        let mut t = Self::new(policy, config, tokenizer)?;
+        t.run.config.rewards = rewards.describe();
+        t.run.rewards = rewards;
+        Ok(t)
     }
 
     pub fn log_to(&mut self, metrics: &Path, completions: &Path) -> Result<()> {

@@ -7,8 +7,10 @@ pub mod data;
 pub mod eval;
 pub mod grpo;
 pub mod ppo;
+pub mod reward_model;
 pub mod rewards;
 pub mod rollout;
+pub mod sft;
 pub mod tasks;
 
 pub use whale_parallel as parallel;

@@ -164,13 +164,21 @@ pub fn verify(problem: &Problem, completion: &str) -> bool {
 pub struct Corpus {
     pub tasks: TaskSet,
     pub imperfect: f64,
+    /// Share of letter-numeral traces whose reasoning drifts into digits part-way (the language
+    /// mixing R1-Zero showed, which R1's language reward removes).
+    pub mixing: f64,
     rng: Rng,
     pub cursor: u64,
 }
 
 impl Corpus {
     pub fn new(tasks: TaskSet, imperfect: f64, seed: u64) -> Self {
-        Corpus { tasks, imperfect: imperfect.clamp(0.0, 1.0), rng: Rng::new(seed), cursor: 0 }
+        Corpus { tasks, imperfect: imperfect.clamp(0.0, 1.0), mixing: 0.0, rng: Rng::new(seed), cursor: 0 }
+    }
+
+    pub fn with_mixing(mut self, share: f64) -> Self {
+        self.mixing = share.clamp(0.0, 1.0);
+        self
     }
 
     /// The generator state, for checkpoints.
@@ -184,15 +192,39 @@ impl Corpus {
     }
 
     pub fn next_document(&mut self) -> String {
+        let (prompt, completion) = self.next_pair();
+        format!("{prompt}{completion}<eos>")
+    }
+
+    /// The next document as (prompt, completion), without the EOS.
+    pub fn next_pair(&mut self) -> (String, String) {
         self.cursor += 1;
         let p = self.tasks.sample(&mut self.rng, Split::Train);
-        let completion = if self.rng.uniform_f64() < self.imperfect {
+        let mut completion = if self.rng.uniform_f64() < self.imperfect {
             self.tasks.corrupt(&mut self.rng, &p)
         } else {
             p.solution.clone()
         };
-        format!("{}{}<eos>", p.prompt, completion)
+        if self.mixing > 0.0
+            && Language::of_problem(&p) == Some(Language::Letters)
+            && self.rng.uniform_f64() < self.mixing
+        {
+            completion = mix_languages(&completion, &mut self.rng);
+        }
+        (p.prompt, completion)
     }
+}
+
+/// The reasoning steps from a random one on written in digits (the answer keeps its script).
+fn mix_languages(completion: &str, rng: &mut Rng) -> String {
+    let Some((think, rest)) = completion.strip_prefix("<think>").and_then(|c| c.split_once("</think>")) else {
+        return completion.to_string();
+    };
+    let steps: Vec<&str> = think.split(';').collect();
+    let from = rng.below(steps.len() as u64) as usize;
+    let mixed: Vec<String> =
+        steps.iter().enumerate().map(|(i, s)| if i >= from { to_digits(s) } else { s.to_string() }).collect();
+    format!("<think>{}</think>{rest}", mixed.join(";"))
 }
 
 /// A user dataset: one `{"prompt": ..., "answer": ...}` object per line. Errors name the file and
@@ -254,6 +286,30 @@ mod tests {
         let mut d = Corpus::new(TaskSet::parse("add").unwrap(), 0.3, 99);
         d.restore(state, cursor);
         assert_eq!(c.next_document(), d.next_document());
+    }
+
+    #[test]
+    fn mixed_language_traces_keep_their_value_and_drift_into_digits() {
+        use crate::tasks::language::language_share;
+        let tasks = TaskSet::parse("add:3").unwrap().with_letters(1.0);
+        let mut c = Corpus::new(tasks, 0.0, 4).with_mixing(1.0);
+        let mut drifted = 0;
+        for _ in 0..200 {
+            let doc = c.next_document();
+            let (prompt, rest) = doc.split_at(doc.find('=').unwrap() + 1);
+            assert!(!prompt.chars().any(|ch| ch.is_ascii_digit()), "{doc}");
+            let think = rest.split_once("</think>").unwrap().0;
+            let share = language_share(think, Language::Letters).unwrap();
+            drifted += (share < 1.0) as usize;
+            // Still a correct trace: its value verifies.
+            let p =
+                Problem { task: "add".into(), prompt: prompt.into(), answer: String::new(), solution: String::new() };
+            let digits = translate(&p, Language::Digits);
+            let (a, b) = digits.prompt.trim_end_matches('=').split_once('+').unwrap();
+            let sum = (a.parse::<u64>().unwrap() + b.parse::<u64>().unwrap()).to_string();
+            assert!(verify(&Problem { answer: super::super::language::to_letters(&sum), ..p }, rest), "{doc}");
+        }
+        assert!(drifted > 100, "{drifted} of 200 mixed");
     }
 
     #[test]

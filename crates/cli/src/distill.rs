@@ -1,0 +1,232 @@
+//! `whale distill`: R1's distillation (spec/rl.md 2.3). The R1 model writes verified reasoning
+//! traces (rejection sampling); a small dense Qwen2-style student is fine-tuned on them (SFT
+//! only). The same student is also trained by GRPO directly for the same wall-clock compute, the
+//! comparison of the R1 paper's Table 6.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
+use whale_rl::grpo::{GrpoConfig, GrpoTrainer};
+use whale_rl::parallel::model::checkpoint::SaveDType;
+use whale_rl::parallel::model::tensor::Rng;
+use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
+use whale_rl::parallel::model::{load_pretrained, CausalLm, DenseConfig, DenseModel};
+use whale_rl::sft::{rejection_sample, Example, SftConfig};
+use whale_rl::tasks::{Corpus, Split, TaskSet};
+
+use crate::pretrain::{print_report, report_row, write_eval};
+use crate::r1_zero::progress;
+
+/// Every setting of a distillation run; a config file holds any subset.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillSettings {
+    pub tasks: String,
+    pub letters: f64,
+    /// The student's own pretraining on the task corpus (when no --student is given).
+    pub student_pretrain: SftConfig,
+    /// Share of the student's pretraining traces with a wrong step, and with language mixing.
+    pub imperfect: f64,
+    pub mixing: f64,
+    /// Prompts the teacher answers, and samples per prompt.
+    pub trace_problems: usize,
+    pub trace_samples: usize,
+    pub sft: SftConfig,
+    /// The RL-only arm: GRPO for `rl.steps` steps, calibrated to take about the distillation
+    /// arm's time on a 2-core machine (both times are reported; a step count keeps the run
+    /// deterministic where a time budget would not).
+    pub rl: GrpoConfig,
+    pub eval_problems: usize,
+    pub k: usize,
+    pub eval_seed: u64,
+    pub seed: u64,
+}
+
+impl Default for DistillSettings {
+    fn default() -> Self {
+        DistillSettings {
+            tasks: "add:2-3".into(),
+            letters: 0.25,
+            student_pretrain: SftConfig {
+                steps: 200,
+                lr: 3e-3,
+                min_lr: 3e-4,
+                warmup: 20,
+                loss_on_prompt: true,
+                ..SftConfig::default()
+            },
+            imperfect: 0.2,
+            mixing: 0.5,
+            trace_problems: 512,
+            trace_samples: 4,
+            sft: SftConfig { steps: 120, lr: 1e-3, ..SftConfig::default() },
+            rl: GrpoConfig { steps: 12, rewards: "accuracy,format:0.1,language:0.5".into(), ..GrpoConfig::default() },
+            eval_problems: 128,
+            k: 8,
+            eval_seed: 0,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DistillArgs {
+    /// The teacher: the R1 model's checkpoint (e.g. `<run>/r1/4-all-scenarios-rl/checkpoint`).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// A student checkpoint (HF Qwen2 or Llama directory); default: a fresh `student`-sized
+    /// Qwen2-style model pretrained here on the task corpus.
+    #[arg(long)]
+    pub student: Option<PathBuf>,
+    /// Run folder (default: `<run>/distill`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// The three students' held-out results.
+#[derive(Debug, Clone)]
+pub struct DistillOutcome {
+    pub student_base: EvalReport,
+    pub distilled: EvalReport,
+    pub rl_only: EvalReport,
+    pub distill_seconds: f64,
+    pub rl_seconds: f64,
+    pub rl_steps: u64,
+    pub rl_dir: PathBuf,
+}
+
+fn save(model: &dyn CausalLm, dir: &Path) -> Result<()> {
+    let tmp = dir.join("checkpoint.tmp");
+    model.save_pretrained(&tmp, SaveDType::F32)?;
+    std::fs::rename(&tmp, dir.join("checkpoint")).with_context(|| dir.display().to_string())
+}
+
+pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
+    let s: DistillSettings = match &args.config {
+        Some(p) => crate::settings::load(p)?,
+        None => DistillSettings::default(),
+    };
+    let out = args.out.clone().unwrap_or_else(|| crate::r1::sibling_run(&args.from, "distill"));
+    if out.join("distilled/checkpoint").exists() {
+        anyhow::bail!("{} already holds a distillation run; choose another --out", out.display());
+    }
+    std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
+    std::fs::write(out.join("settings.json"), serde_json::to_string_pretty(&s)?)?;
+    let tok = CharTokenizer::new();
+    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters);
+    let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
+    let eval_cfg = EvalConfig { samples: s.k, ..EvalConfig::default() };
+
+    // The teacher's verified traces.
+    let teacher = load_pretrained(&args.from).with_context(|| format!("loading {}", args.from.display()))?;
+    let prompts = tasks.problems(s.trace_problems, s.seed ^ 0xD157, Split::Train);
+    let (traces, stats) =
+        rejection_sample(&*teacher, &tok, &prompts, s.trace_samples, 1.0, 96, &mut Rng::new(s.seed ^ 0x7EAC))?;
+    drop(teacher);
+    if traces.is_empty() {
+        anyhow::bail!(
+            "the teacher {} wrote no verified, well-formatted trace in {} samples: nothing to distil",
+            args.from.display(),
+            stats.sampled
+        );
+    }
+    println!(
+        "distill: the teacher wrote {} samples, {} correct, {} kept, {} unique traces",
+        stats.sampled, stats.correct, stats.accepted, stats.unique
+    );
+
+    // The student base.
+    let student: Box<dyn CausalLm> = match &args.student {
+        Some(dir) => load_pretrained(dir).with_context(|| format!("loading the student {}", dir.display()))?,
+        None => {
+            let cfg = DenseConfig::student(tok.vocab_size());
+            println!(
+                "distill: pretraining a {}-layer Qwen2-style student ({:.2}M parameters) on the task corpus",
+                cfg.num_hidden_layers,
+                cfg.param_count() as f64 / 1e6
+            );
+            let model = DenseModel::new(cfg, s.seed)?;
+            let mut corpus = Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters), s.imperfect, s.seed ^ 0x57)
+                .with_mixing(s.mixing);
+            let n = (s.student_pretrain.steps as usize * s.student_pretrain.batch).min(20_000);
+            let docs: Vec<Example> = (0..n)
+                .map(|_| {
+                    let (prompt, completion) = corpus.next_pair();
+                    Example { prompt, completion }
+                })
+                .collect();
+            sft_with_bar(&model, &tok, &docs, &s.student_pretrain)?;
+            Box::new(model)
+        }
+    };
+    let base_dir = out.join("student-base");
+    std::fs::create_dir_all(&base_dir)?;
+    save(&*student, &base_dir)?;
+    let student_base = evaluate(&*student, &tok, &heldout, &eval_cfg)?;
+    write_eval(&base_dir.join("eval.json"), &student_base)?;
+
+    // Arm 1: SFT on the teacher's traces.
+    let t0 = Instant::now();
+    let distilled = student.duplicate()?;
+    sft_with_bar(&*distilled, &tok, &traces, &s.sft)?;
+    let distill_seconds = t0.elapsed().as_secs_f64();
+    let dir = out.join("distilled");
+    std::fs::create_dir_all(&dir)?;
+    save(&*distilled, &dir)?;
+    let distilled_report = evaluate(&*distilled, &tok, &heldout, &eval_cfg)?;
+    write_eval(&dir.join("eval.json"), &distilled_report)?;
+
+    // Arm 2: GRPO on the student base for the same wall-clock time.
+    let rl_dir = out.join("rl-only");
+    std::fs::create_dir_all(&rl_dir)?;
+    let rl_cfg = GrpoConfig { tasks: s.tasks.clone(), letters: s.letters, ..s.rl.clone() };
+    let mut t = GrpoTrainer::new(student.duplicate()?, rl_cfg.clone(), Box::new(tok.clone()))?;
+    t.run.log_to(&rl_dir.join("metrics.jsonl"), &rl_dir.join("completions.jsonl"))?;
+    let pb = progress(rl_cfg.steps);
+    let t1 = Instant::now();
+    while !t.run.done() {
+        let log = t.train_step()?;
+        pb.set_position(log.step + 1);
+        pb.set_message(format!("RL-only student: reward {:.3}", log.get("reward")));
+    }
+    pb.finish_and_clear();
+    let rl_steps = t.run.step;
+    let rl_seconds = t1.elapsed().as_secs_f64();
+    save(&*t.policy, &rl_dir)?;
+    let rl_only = evaluate(&*t.policy, &tok, &heldout, &eval_cfg)?;
+    write_eval(&rl_dir.join("eval.json"), &rl_only)?;
+
+    println!(
+        "\ndistillation vs RL on the same student (SFT {} steps on {} traces in {distill_seconds:.0} s vs GRPO {rl_steps} steps in {rl_seconds:.0} s):",
+        s.sft.steps,
+        traces.len()
+    );
+    print_report("student base", &student_base);
+    println!("{}", report_row("distilled (SFT on R1 traces)", &distilled_report));
+    println!("{}", report_row("RL-only (GRPO, same compute)", &rl_only));
+    Ok(DistillOutcome {
+        student_base,
+        distilled: distilled_report,
+        rl_only,
+        distill_seconds,
+        rl_seconds,
+        rl_steps,
+        rl_dir,
+    })
+}
+
+pub fn sft_with_bar(model: &dyn CausalLm, tok: &dyn Tokenizer, data: &[Example], cfg: &SftConfig) -> Result<()> {
+    let pb = progress(cfg.steps);
+    whale_rl::sft::sft(model, tok, data, cfg, |l| {
+        pb.set_position(l.step + 1);
+        pb.set_message(format!("SFT loss {:.3}", l.loss));
+    })?;
+    pb.finish_and_clear();
+    Ok(())
+}

@@ -1,0 +1,408 @@
+//! `whale r1`: DeepSeek-R1's four stages (spec/rl.md 2.2) on a base model.
+//!
+//! 1. Cold start: SFT of the base on a few hundred readable, correct traces in the prompt's
+//!    language (the task suite's reference solutions).
+//! 2. Reasoning RL: GRPO with accuracy, format and language-consistency rewards.
+//! 3. Rejection sampling from the stage-2 model (verified, well-formatted, language-consistent,
+//!    deduplicated) mixed with non-reasoning examples, then SFT of the *base* model on them.
+//! 4. RL for all scenarios: reasoning prompts with the rule rewards, non-reasoning prompts (the
+//!    `reverse` task, standing in for writing and QA) scored by a reward model trained here on
+//!    preference pairs with the Bradley-Terry loss.
+//!
+//! Every stage writes `<out>/<stage>/checkpoint` and `eval.json`, and can run alone from a
+//! checkpoint (`--stage NAME --from DIR`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
+use whale_rl::grpo::{GrpoConfig, GrpoTrainer};
+use whale_rl::parallel::model::checkpoint::SaveDType;
+use whale_rl::parallel::model::tensor::Rng;
+use whale_rl::parallel::model::tokenizer::CharTokenizer;
+use whale_rl::parallel::model::{load_pretrained, CausalLm};
+use whale_rl::reward_model::{preference_pairs, LearnedReward, ReasoningOnly, RewardModel, RmReport};
+use whale_rl::rewards::{Accuracy, Format, LanguageConsistency, RewardSet};
+use whale_rl::sft::{rejection_sample, sft, Example, RejectionStats, SftConfig};
+use whale_rl::tasks::{load_jsonl, Problem, Split, TaskSet};
+
+use crate::pretrain::{print_report, write_eval};
+use crate::r1_zero::{train_loop, Validation};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ColdStart {
+    /// Readable traces to fine-tune on.
+    pub problems: usize,
+    pub sft: SftConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rejection {
+    /// Training prompts sampled from the stage-2 model.
+    pub problems: usize,
+    /// Samples per prompt.
+    pub samples: usize,
+    pub temperature: f32,
+    /// Non-reasoning examples mixed in.
+    pub non_reasoning: usize,
+    pub sft: SftConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RmSettings {
+    pub train_pairs: usize,
+    pub heldout_pairs: usize,
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f32,
+}
+
+/// Every setting of the R1 pipeline; a config file holds any subset.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct R1Settings {
+    /// Reasoning tasks.
+    pub tasks: String,
+    /// Share of numeric problems in letter numerals.
+    pub letters: f64,
+    /// Non-reasoning tasks (scored by the reward model in stage 4).
+    pub non_reasoning: String,
+    pub seed: u64,
+    pub cold_start: ColdStart,
+    pub reasoning_rl: GrpoConfig,
+    pub rejection: Rejection,
+    pub reward_model: RmSettings,
+    pub all_rl: GrpoConfig,
+    pub eval_problems: usize,
+    pub k: usize,
+    pub eval_seed: u64,
+    /// Steps between validation evaluations in the RL stages (0: none).
+    pub eval_every: u64,
+}
+
+impl Default for ColdStart {
+    fn default() -> Self {
+        ColdStart { problems: 384, sft: SftConfig { steps: 40, lr: 1e-3, ..SftConfig::default() } }
+    }
+}
+
+impl Default for Rejection {
+    fn default() -> Self {
+        Rejection {
+            // A correct trace of a problem is unique, so prompts, not samples, make the data.
+            problems: 1024,
+            samples: 2,
+            temperature: 1.0,
+            non_reasoning: 128,
+            sft: SftConfig { steps: 100, lr: 1e-3, ..SftConfig::default() },
+        }
+    }
+}
+
+impl Default for RmSettings {
+    fn default() -> Self {
+        RmSettings { train_pairs: 256, heldout_pairs: 64, steps: 80, batch: 16, lr: 1e-3 }
+    }
+}
+
+impl Default for R1Settings {
+    fn default() -> Self {
+        let rl = GrpoConfig { steps: 40, rewards: "accuracy,format:0.1,language:0.5".into(), ..GrpoConfig::default() };
+        R1Settings {
+            tasks: "add:2-3".into(),
+            letters: 0.25,
+            non_reasoning: "reverse:3-5".into(),
+            seed: 0,
+            cold_start: ColdStart::default(),
+            all_rl: GrpoConfig { steps: 30, tasks: "add:2-3,reverse:3-5".into(), ..rl.clone() },
+            reasoning_rl: rl,
+            rejection: Rejection::default(),
+            reward_model: RmSettings::default(),
+            eval_problems: 128,
+            k: 8,
+            eval_seed: 0,
+            eval_every: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    All,
+    ColdStart,
+    ReasoningRl,
+    RejectionSft,
+    AllRl,
+}
+
+impl Stage {
+    pub fn folder(self) -> &'static str {
+        match self {
+            Stage::All => "r1",
+            Stage::ColdStart => "1-cold-start",
+            Stage::ReasoningRl => "2-reasoning-rl",
+            Stage::RejectionSft => "3-rejection-sft",
+            Stage::AllRl => "4-all-scenarios-rl",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::All => "R1",
+            Stage::ColdStart => "R1 stage 1 (cold-start SFT)",
+            Stage::ReasoningRl => "R1 stage 2 (reasoning RL)",
+            Stage::RejectionSft => "R1 stage 3 (rejection-sampling SFT)",
+            Stage::AllRl => "R1 stage 4 (all-scenario RL)",
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct R1Args {
+    /// The input checkpoint: the base model (stage 1 or all), or the previous stage's model.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The base model stage 3 fine-tunes (default: --from for `all`, else required for
+    /// rejection-sft).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "all")]
+    pub stage: Stage,
+    /// Run folder (default: `<run>/r1` next to the input's run).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// A JSON or TOML file with any of the settings.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// JSONL reasoning prompts ({"prompt", "answer"}) instead of the embedded tasks.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+}
+
+/// One stage's result.
+#[derive(Debug, Clone)]
+pub struct StageResult {
+    pub label: String,
+    pub checkpoint: PathBuf,
+    pub report: EvalReport,
+    pub seconds: f64,
+    /// Its RL run folder (metrics.jsonl, eval_history.jsonl), for RL stages.
+    pub rl_dir: Option<PathBuf>,
+}
+
+/// The run folder next to a checkpoint's run: `<run>/<stage>/checkpoint` -> `<run>/<name>`.
+pub fn sibling_run(from: &Path, name: &str) -> PathBuf {
+    let from = from.canonicalize().unwrap_or_else(|_| from.to_path_buf());
+    let run = if from.file_name().is_some_and(|n| n == "checkpoint") {
+        from.parent().and_then(Path::parent)
+    } else {
+        from.parent()
+    };
+    run.map_or_else(|| PathBuf::from(name), |p| p.join(name))
+}
+
+struct Pipeline {
+    s: R1Settings,
+    out: PathBuf,
+    tok: CharTokenizer,
+    heldout: Vec<Problem>,
+    pool: Option<Vec<Problem>>,
+}
+
+impl Pipeline {
+    fn reasoning_tasks(&self) -> Result<TaskSet> {
+        Ok(TaskSet::parse(&self.s.tasks)?.with_letters(self.s.letters))
+    }
+
+    fn eval(&self, model: &dyn CausalLm, dir: &Path) -> Result<EvalReport> {
+        let cfg = EvalConfig { samples: self.s.k, seed: 1234, ..EvalConfig::default() };
+        let r = evaluate(model, &self.tok, &self.heldout, &cfg)?;
+        write_eval(&dir.join("eval.json"), &r)?;
+        Ok(r)
+    }
+
+    fn stage_dir(&self, stage: Stage) -> Result<PathBuf> {
+        let dir = self.out.join(stage.folder());
+        if dir.join("checkpoint").exists() {
+            bail!("{} already holds this stage; choose another --out", dir.display());
+        }
+        std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+        Ok(dir)
+    }
+
+    fn finish(&self, stage: Stage, dir: PathBuf, model: &dyn CausalLm, t0: Instant, rl: bool) -> Result<StageResult> {
+        let ckpt = dir.join("checkpoint");
+        if !rl {
+            model.save_pretrained(&dir.join("checkpoint.tmp"), SaveDType::F32)?;
+            std::fs::rename(dir.join("checkpoint.tmp"), &ckpt).with_context(|| ckpt.display().to_string())?;
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let report = self.eval(model, &dir)?;
+        println!("{} done in {seconds:.0} s; held-out:", stage.label());
+        print_report(stage.label(), &report);
+        println!();
+        Ok(StageResult { label: stage.label().into(), checkpoint: ckpt, report, seconds, rl_dir: rl.then_some(dir) })
+    }
+
+    fn sft_with_bar(&self, model: &dyn CausalLm, data: &[Example], cfg: &SftConfig, dir: &Path) -> Result<()> {
+        let pb = crate::r1_zero::progress(cfg.steps);
+        let mut lines = String::new();
+        sft(model, &self.tok, data, cfg, |l| {
+            pb.set_position(l.step + 1);
+            pb.set_message(format!("SFT loss {:.3}", l.loss));
+            lines.push_str(&serde_json::to_string(l).expect("json"));
+            lines.push('\n');
+        })?;
+        pb.finish_and_clear();
+        std::fs::write(dir.join("sft_metrics.jsonl"), lines).context("sft_metrics.jsonl")?;
+        Ok(())
+    }
+
+    fn cold_start(&self, base: &Path) -> Result<StageResult> {
+        let t0 = Instant::now();
+        let dir = self.stage_dir(Stage::ColdStart)?;
+        let model = load_pretrained(base).with_context(|| format!("loading {}", base.display()))?;
+        let c = &self.s.cold_start;
+        let data: Vec<Example> = self
+            .reasoning_tasks()?
+            .problems(c.problems, self.s.seed ^ 0xC01D, Split::Train)
+            .iter()
+            .map(Example::solution)
+            .collect();
+        println!("{}: SFT on {} readable traces", Stage::ColdStart.label(), data.len());
+        self.sft_with_bar(&*model, &data, &c.sft, &dir)?;
+        self.finish(Stage::ColdStart, dir, &*model, t0, false)
+    }
+
+    fn rl(&self, stage: Stage, from: &Path, cfg: &GrpoConfig, rewards: Option<RewardSet>) -> Result<StageResult> {
+        let t0 = Instant::now();
+        let dir = self.stage_dir(stage)?;
+        let model = load_pretrained(from).with_context(|| format!("loading {}", from.display()))?;
+        let mut cfg = cfg.clone();
+        cfg.letters = self.s.letters;
+        let tok = Box::new(self.tok.clone());
+        let mut t = match rewards {
+            Some(r) => GrpoTrainer::with_rewards(model, cfg.clone(), tok, r)?,
+            None => GrpoTrainer::new(model, cfg.clone(), tok)?,
+        };
+        if stage == Stage::ReasoningRl {
+            t.run.pool = self.pool.clone();
+        }
+        t.run.log_to(&dir.join("metrics.jsonl"), &dir.join("completions.jsonl"))?;
+        println!("{}: GRPO, {} steps, rewards {}", stage.label(), cfg.steps, t.run.rewards.describe());
+        // Validation on the reasoning tasks, the same for every stage.
+        let reasoning = GrpoConfig { tasks: self.s.tasks.clone(), ..cfg.clone() };
+        let validation =
+            Validation::new(&reasoning, self.s.eval_seed, dir.join("eval_history.jsonl"), self.s.eval_every)?;
+        train_loop(&mut t, &dir.join("checkpoint"), 0, Some(&validation))?;
+        self.finish(stage, dir, &*t.policy, t0, true)
+    }
+
+    fn rejection_sft(&self, sampler: &Path, base: &Path) -> Result<(StageResult, RejectionStats)> {
+        let t0 = Instant::now();
+        let dir = self.stage_dir(Stage::RejectionSft)?;
+        let r = &self.s.rejection;
+        let teacher = load_pretrained(sampler).with_context(|| format!("loading {}", sampler.display()))?;
+        let prompts = match &self.pool {
+            Some(p) => p.clone(),
+            None => self.reasoning_tasks()?.problems(r.problems, self.s.seed ^ 0x4E1, Split::Train),
+        };
+        let mut rng = Rng::new(self.s.seed ^ 0x5A3);
+        let (mut data, stats) =
+            rejection_sample(&*teacher, &self.tok, &prompts, r.samples, r.temperature, 96, &mut rng)?;
+        let reasoning = data.len();
+        let non = TaskSet::parse(&self.s.non_reasoning)?.problems(r.non_reasoning, self.s.seed ^ 0x404, Split::Train);
+        data.extend(non.iter().map(Example::solution));
+        println!(
+            "{}: {} samples, {} correct, {} accepted, {} unique reasoning traces + {} non-reasoning examples",
+            Stage::RejectionSft.label(),
+            stats.sampled,
+            stats.correct,
+            stats.accepted,
+            reasoning,
+            non.len()
+        );
+        let jsonl: String = data.iter().map(|e| serde_json::to_string(e).expect("json") + "\n").collect();
+        std::fs::write(dir.join("data.jsonl"), jsonl).context("data.jsonl")?;
+        let model = load_pretrained(base).with_context(|| format!("loading {}", base.display()))?;
+        self.sft_with_bar(&*model, &data, &r.sft, &dir)?;
+        Ok((self.finish(Stage::RejectionSft, dir, &*model, t0, false)?, stats))
+    }
+
+    fn all_scenarios(&self, from: &Path) -> Result<(StageResult, RmReport)> {
+        let model = load_pretrained(from).with_context(|| format!("loading {}", from.display()))?;
+        let m = &self.s.reward_model;
+        let non = TaskSet::parse(&self.s.non_reasoning)?;
+        let corrupt = |rng: &mut Rng, p: &Problem| non.corrupt(rng, p);
+        let train = preference_pairs(&non.problems(m.train_pairs, self.s.seed ^ 0x9A1, Split::Train), corrupt, 1);
+        let heldout = preference_pairs(&non.held_out(m.heldout_pairs, self.s.eval_seed), corrupt, 2);
+        let mut rm = RewardModel::from_policy(&*model)?;
+        let report = rm.train(&self.tok, &train, &heldout, m.steps, m.batch, m.lr, self.s.seed)?;
+        println!(
+            "reward model: Bradley-Terry on {} pairs, final loss {:.3}, held-out pair accuracy {:.3} ({} pairs)",
+            report.train_pairs, report.final_loss, report.heldout_accuracy, report.heldout_pairs
+        );
+        let rewards = RewardSet {
+            entries: vec![
+                (Box::new(ReasoningOnly(Box::new(Accuracy { gated: false }))), 1.0),
+                (Box::new(Format), 0.1),
+                (Box::new(LanguageConsistency), 0.5),
+                (Box::new(LearnedReward { model: Arc::new(rm), tokenizer: Arc::new(self.tok.clone()) }), 1.0),
+            ],
+        };
+        drop(model);
+        let result = self.rl(Stage::AllRl, from, &self.s.all_rl, Some(rewards))?;
+        std::fs::write(
+            self.out.join(Stage::AllRl.folder()).join("reward_model.json"),
+            serde_json::to_string_pretty(&report)?,
+        )?;
+        Ok((result, report))
+    }
+}
+
+impl R1Args {
+    fn settings(&self) -> Result<R1Settings> {
+        Ok(match &self.config {
+            Some(p) => crate::settings::load(p)?,
+            None => R1Settings::default(),
+        })
+    }
+}
+
+/// Runs the requested stage(s); returns each stage's result in order.
+pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
+    let s = args.settings()?;
+    let out = args.out.clone().unwrap_or_else(|| sibling_run(&args.from, "r1"));
+    std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
+    std::fs::write(out.join("settings.json"), serde_json::to_string_pretty(&s)?)?;
+    let pool = args.data.as_ref().map(|p| load_jsonl(p)).transpose()?;
+    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters);
+    let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
+    let p = Pipeline { s: s.clone(), out: out.clone(), tok: CharTokenizer::new(), heldout, pool };
+    let mut results = Vec::new();
+    match args.stage {
+        Stage::All => {
+            let base = args.base.clone().unwrap_or_else(|| args.from.clone());
+            let s1 = p.cold_start(&args.from)?;
+            let s2 = p.rl(Stage::ReasoningRl, &s1.checkpoint, &s.reasoning_rl, None)?;
+            let (s3, _) = p.rejection_sft(&s2.checkpoint, &base)?;
+            let (s4, _) = p.all_scenarios(&s3.checkpoint)?;
+            results.extend([s1, s2, s3, s4]);
+        }
+        Stage::ColdStart => results.push(p.cold_start(&args.from)?),
+        Stage::ReasoningRl => results.push(p.rl(Stage::ReasoningRl, &args.from, &s.reasoning_rl, None)?),
+        Stage::RejectionSft => {
+            let base = args.base.as_ref().context("--stage rejection-sft needs --base (the model to fine-tune)")?;
+            results.push(p.rejection_sft(&args.from, base)?.0);
+        }
+        Stage::AllRl => results.push(p.all_scenarios(&args.from)?.0),
+    }
+    Ok(results)
+}

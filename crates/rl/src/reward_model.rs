@@ -1,0 +1,237 @@
+//! A learned reward model for the prompts no rule can score (R1's stage 4 "helpfulness" reward,
+//! spec/rl.md 1.8): a scalar head on the final hidden state of the completion's last token, on a
+//! copy of a policy's trunk, trained on preference pairs with the Bradley-Terry loss
+//! `-log sigmoid(r(chosen) - r(rejected))`.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use whale_parallel::model::tensor::{no_grad, DType, Device, Rng, Tensor};
+use whale_parallel::model::tokenizer::Tokenizer;
+use whale_parallel::model::CausalLm;
+
+use crate::ppo::ValueModel;
+use crate::rewards::{Reward, Sample};
+use crate::tasks::{Language, Problem};
+use crate::{Error, Result};
+
+/// A preferred and a dispreferred completion of one prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreferencePair {
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+#[derive(Debug)]
+pub struct RewardModel {
+    pub model: ValueModel,
+}
+
+/// Training and held-out results of a reward model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RmReport {
+    pub final_loss: f64,
+    /// Share of held-out pairs where r(chosen) > r(rejected).
+    pub heldout_accuracy: f64,
+    pub train_pairs: usize,
+    pub heldout_pairs: usize,
+}
+
+impl RewardModel {
+    /// A copy of `policy` with a zero head.
+    pub fn from_policy(policy: &dyn CausalLm) -> Result<Self> {
+        Ok(RewardModel { model: ValueModel::from_policy(policy)? })
+    }
+
+    /// Rewards of `prompt + completion + EOS` texts, `[n]` (differentiable).
+    fn rewards(&self, tok: &dyn Tokenizer, texts: &[(&str, &str)]) -> Result<Tensor> {
+        let rows: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|(p, c)| {
+                let mut r = tok.encode(p)?;
+                r.extend(tok.encode(c)?);
+                r.push(tok.eos_id());
+                Ok(r)
+            })
+            .collect::<Result<_>>()?;
+        let len = rows.iter().map(Vec::len).max().unwrap_or(1);
+        let n = rows.len();
+        let mut ids = Vec::with_capacity(n * len);
+        let mut last = Vec::with_capacity(n);
+        for (i, r) in rows.iter().enumerate() {
+            ids.extend(r.iter().map(|&t| t as i64));
+            ids.extend(std::iter::repeat_n(tok.pad_id() as i64, len - r.len()));
+            last.push((i * len + r.len() - 1) as i64);
+        }
+        let ids = Tensor::from_vec(ids, &[n, len], &Device::Cpu)?;
+        let h = self.model.trunk.hidden_states(&ids)?.to_dtype(DType::F32)?;
+        let d = h.dims()[2];
+        let at = Tensor::from_vec(last, &[n], &Device::Cpu)?;
+        let picked = h.reshape(&[n * len, d])?.index_select(0, &at)?;
+        Ok(picked.matmul(&self.model.head.t()?)?.reshape(&[n])?)
+    }
+
+    /// The reward of one completion (no gradients).
+    pub fn score(&self, tok: &dyn Tokenizer, prompt: &str, completion: &str) -> Result<f64> {
+        no_grad(|| Ok(self.rewards(tok, &[(prompt, completion)])?.to_vec_f32()?[0] as f64))
+    }
+
+    /// Bradley-Terry training on `train` (shuffled mini-batches of `batch` pairs, `steps`
+    /// steps), then the pair accuracy on `heldout`.
+    pub fn train(
+        &mut self,
+        tok: &dyn Tokenizer,
+        train: &[PreferencePair],
+        heldout: &[PreferencePair],
+        steps: usize,
+        batch: usize,
+        lr: f32,
+        seed: u64,
+    ) -> Result<RmReport> {
+        if train.is_empty() || batch == 0 {
+            return Err(Error::Rl("reward model: no training pairs".into()));
+        }
+        let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() })?;
+        let mut rng = Rng::new(seed ^ 0xB7);
+        let mut final_loss = f64::NAN;
+        for step in 0..steps {
+            let pairs: Vec<&PreferencePair> =
+                (0..batch).map(|_| &train[rng.below(train.len() as u64) as usize]).collect();
+            let mut texts: Vec<(&str, &str)> = pairs.iter().map(|p| (p.prompt.as_str(), p.chosen.as_str())).collect();
+            texts.extend(pairs.iter().map(|p| (p.prompt.as_str(), p.rejected.as_str())));
+            let r = self.rewards(tok, &texts)?;
+            let margin = r.narrow(0, 0, batch)?.sub(&r.narrow(0, batch, batch)?)?;
+            // -log sigmoid(m) = softplus(-m) = logsumexp([0, -m]).
+            let zeros = margin.zeros_like()?;
+            let loss = Tensor::stack(&[zeros, margin.neg()?], 1)?.logsumexp(1)?.mean_all()?;
+            final_loss = loss.to_scalar()? as f64;
+            if !final_loss.is_finite() {
+                return Err(Error::Rl(format!("reward model step {step}: the loss is not finite")));
+            }
+            loss.backward()?;
+            clip_grad_norm(&self.model.params, 1.0)?;
+            opt.step(&self.model.params, lr)?;
+            self.model.params.zero_grad();
+        }
+        let correct = heldout
+            .iter()
+            .map(|p| Ok((self.score(tok, &p.prompt, &p.chosen)? > self.score(tok, &p.prompt, &p.rejected)?) as usize))
+            .sum::<Result<usize>>()?;
+        Ok(RmReport {
+            final_loss,
+            heldout_accuracy: correct as f64 / heldout.len().max(1) as f64,
+            train_pairs: train.len(),
+            heldout_pairs: heldout.len(),
+        })
+    }
+}
+
+/// A trained reward model as a [`Reward`] for the non-reasoning prompts (tasks without numbers);
+/// not applicable to the reasoning ones, which the rule rewards score.
+pub struct LearnedReward {
+    pub model: Arc<RewardModel>,
+    pub tokenizer: Arc<dyn Tokenizer>,
+}
+
+impl std::fmt::Debug for LearnedReward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LearnedReward")
+    }
+}
+
+impl Reward for LearnedReward {
+    fn name(&self) -> &str {
+        "reward_model"
+    }
+
+    fn score(&self, s: &Sample<'_>) -> Option<f64> {
+        if Language::of_problem(s.problem).is_some() {
+            return None;
+        }
+        let eos = self.tokenizer.decode(&[self.tokenizer.eos_id()]);
+        let text = s.text.strip_suffix(&eos).unwrap_or(s.text);
+        self.model.score(&*self.tokenizer, &s.problem.prompt, text).ok()
+    }
+}
+
+/// A rule reward applied only to reasoning prompts (tasks with numbers), `None` elsewhere.
+pub struct ReasoningOnly(pub Box<dyn Reward>);
+
+impl std::fmt::Debug for ReasoningOnly {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReasoningOnly({})", self.0.name())
+    }
+}
+
+impl Reward for ReasoningOnly {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    fn score(&self, s: &Sample<'_>) -> Option<f64> {
+        Language::of_problem(s.problem).and_then(|_| self.0.score(s))
+    }
+}
+
+/// The first half of `text`, never ending inside a `<tag>`.
+fn cut_in_half(text: &str) -> String {
+    let half: String = text.chars().take(text.chars().count() / 2).collect();
+    match (half.rfind('<'), half.rfind('>')) {
+        (Some(open), close) if close.is_none_or(|c| c < open) => half[..open].to_string(),
+        _ => half,
+    }
+}
+
+/// Preference pairs for `problems`: the reference solution is preferred to a worse response,
+/// one of four kinds in turn: a wrong one (`corrupt`: one step wrong), one without its reasoning,
+/// one that rambles on after its answer, and one cut off half-way.
+pub fn preference_pairs(
+    problems: &[Problem],
+    corrupt: impl Fn(&mut Rng, &Problem) -> String,
+    seed: u64,
+) -> Vec<PreferencePair> {
+    let mut rng = Rng::new(seed);
+    problems
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let good = &p.solution;
+            let rejected = match i % 4 {
+                0 => corrupt(&mut rng, p),
+                1 => good.split_once("</think>").map_or_else(|| good.clone(), |(_, a)| a.to_string()),
+                2 => format!("{good}{}", &p.prompt),
+                _ => cut_in_half(good),
+            };
+            PreferencePair { prompt: p.prompt.clone(), chosen: good.clone(), rejected }
+        })
+        .filter(|pair| pair.chosen != pair.rejected)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejected_responses_are_worse_and_still_tokenizable() {
+        let p = Problem {
+            task: "reverse".into(),
+            prompt: "rabcd=".into(),
+            answer: "dcba".into(),
+            solution: "<think>d;c;b;a</think><answer>dcba</answer>".into(),
+        };
+        let pairs = preference_pairs(&vec![p; 8], |_, q| q.solution.replace("dcba", "dcbb"), 0);
+        assert_eq!(pairs.len(), 8);
+        let tok = whale_parallel::model::tokenizer::CharTokenizer::new();
+        for pair in &pairs {
+            assert_ne!(pair.chosen, pair.rejected);
+            tok.encode(&pair.rejected).unwrap();
+        }
+        assert_eq!(pairs[1].rejected, "<answer>dcba</answer>");
+        assert!(pairs[2].rejected.ends_with("</answer>rabcd="));
+        assert_eq!(cut_in_half("<think>ab</think><answer>ba</answer>"), "<think>ab</think>");
+        assert_eq!(cut_in_half("<think>abcdefgh</think>"), "<think>abcd");
+    }
+}

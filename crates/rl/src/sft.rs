@@ -1,0 +1,216 @@
+//! Supervised fine-tuning on (prompt, completion) examples, for any [`CausalLm`]: R1's cold start
+//! and its stage-3 SFT on rejection-sampled traces, distillation into a dense student, and the
+//! student's own pretraining (with the loss on the prompt too). Plus rejection sampling: keep the
+//! verified, well-formatted, language-consistent samples of a model, deduplicated.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use whale_parallel::model::generate::{CacheMode, SamplingConfig};
+use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, WarmupCosine};
+use whale_parallel::model::tensor::{Device, Rng, Tensor};
+use whale_parallel::model::tokenizer::Tokenizer;
+use whale_parallel::model::{CausalLm, IGNORE_INDEX};
+
+use crate::eval::well_formatted;
+use crate::rewards::{LanguageConsistency, Reward, Sample};
+use crate::tasks::{verify, Problem};
+use crate::{Error, Result};
+
+/// One training example: the completion is learnt given the prompt; EOS is appended.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Example {
+    pub prompt: String,
+    pub completion: String,
+}
+
+impl Example {
+    /// A problem's reference solution.
+    pub fn solution(p: &Problem) -> Self {
+        Example { prompt: p.prompt.clone(), completion: p.solution.clone() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftConfig {
+    pub steps: u64,
+    /// Examples per step.
+    pub batch: usize,
+    /// Tokens per row (longer examples are cut).
+    pub seq_len: usize,
+    pub lr: f32,
+    pub min_lr: f32,
+    pub warmup: u64,
+    pub weight_decay: f32,
+    pub grad_clip: f64,
+    /// Learn the prompt tokens too (pretraining-style); SFT proper learns only the completion.
+    pub loss_on_prompt: bool,
+    pub seed: u64,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        SftConfig {
+            steps: 60,
+            batch: 24,
+            seq_len: 48,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup: 5,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            loss_on_prompt: false,
+            seed: 0,
+        }
+    }
+}
+
+/// One SFT step's measurements.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SftLog {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f32,
+    pub seconds: f64,
+}
+
+/// `(ids, targets)` rows for `examples`: targets are the next tokens, `IGNORE_INDEX` on padding
+/// (and on the prompt unless `loss_on_prompt`).
+pub fn sft_batch(
+    tok: &dyn Tokenizer,
+    examples: &[&Example],
+    seq_len: usize,
+    loss_on_prompt: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (mut ids, mut targets) = (Vec::new(), Vec::new());
+    for ex in examples {
+        let prompt = tok.encode(&ex.prompt)?;
+        let mut row = prompt.clone();
+        row.extend(tok.encode(&ex.completion)?);
+        row.push(tok.eos_id());
+        row.truncate(seq_len + 1);
+        for t in 0..seq_len {
+            ids.push(*row.get(t).unwrap_or(&tok.pad_id()) as i64);
+            let learn = t + 1 < row.len() && (loss_on_prompt || t + 1 >= prompt.len());
+            targets.push(if learn { row[t + 1] as i64 } else { IGNORE_INDEX });
+        }
+    }
+    let shape = [examples.len(), seq_len];
+    Ok((Tensor::from_vec(ids, &shape, &Device::Cpu)?, Tensor::from_vec(targets, &shape, &Device::Cpu)?))
+}
+
+/// Fine-tunes `model` in place on `data` (shuffled, cycled), calling `on_step` after each step.
+pub fn sft(
+    model: &dyn CausalLm,
+    tok: &dyn Tokenizer,
+    data: &[Example],
+    cfg: &SftConfig,
+    mut on_step: impl FnMut(&SftLog),
+) -> Result<Vec<SftLog>> {
+    if data.is_empty() {
+        return Err(Error::Rl("SFT: no training examples".into()));
+    }
+    if cfg.batch == 0 || cfg.seq_len < 2 {
+        return Err(Error::Rl("sft config: `batch` must be >= 1 and `seq_len` >= 2".into()));
+    }
+    let mut opt = AdamW::new(AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        decay_1d: false,
+    })?;
+    let schedule = WarmupCosine { peak: cfg.lr, min: cfg.min_lr, warmup: cfg.warmup, total: cfg.steps };
+    let mut rng = Rng::new(cfg.seed ^ 0x5F7);
+    let mut order: Vec<usize> = Vec::new();
+    let mut logs = Vec::with_capacity(cfg.steps as usize);
+    for step in 0..cfg.steps {
+        let t0 = Instant::now();
+        let mut batch = Vec::with_capacity(cfg.batch);
+        while batch.len() < cfg.batch {
+            if order.is_empty() {
+                order = (0..data.len()).collect();
+                for i in (1..order.len()).rev() {
+                    order.swap(i, rng.below(i as u64 + 1) as usize);
+                }
+            }
+            batch.push(&data[order.pop().expect("refilled")]);
+        }
+        let (ids, targets) = sft_batch(tok, &batch, cfg.seq_len, cfg.loss_on_prompt)?;
+        let loss = model.train_loss(&ids, &targets)?;
+        let lv = loss.to_scalar()? as f64;
+        if !lv.is_finite() {
+            model.params().zero_grad();
+            return Err(Error::Rl(format!("SFT step {step}: the loss is not finite ({lv})")));
+        }
+        loss.backward()?;
+        clip_grad_norm(model.params(), cfg.grad_clip)?;
+        let lr = schedule.lr(step);
+        opt.step(model.params(), lr)?;
+        model.params().zero_grad();
+        let log = SftLog { step, loss: lv, lr, seconds: t0.elapsed().as_secs_f64() };
+        on_step(&log);
+        logs.push(log);
+    }
+    Ok(logs)
+}
+
+/// How many samples rejection sampling drew and kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct RejectionStats {
+    pub sampled: usize,
+    pub correct: usize,
+    /// Correct, well-formatted and (where the problem has a language) fully in its language.
+    pub accepted: usize,
+    /// After removing duplicates.
+    pub unique: usize,
+}
+
+/// R1's rejection sampling: `samples` completions per problem at `temperature`; keep those whose
+/// answer verifies, that follow the template, that are not truncated and whose reasoning is all
+/// in the prompt's language; drop duplicates.
+pub fn rejection_sample(
+    model: &dyn CausalLm,
+    tok: &dyn Tokenizer,
+    problems: &[Problem],
+    samples: usize,
+    temperature: f32,
+    max_new_tokens: usize,
+    rng: &mut Rng,
+) -> Result<(Vec<Example>, RejectionStats)> {
+    let prompts: Vec<Vec<u32>> = problems
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p, samples))
+        .map(|p| tok.encode(&p.prompt))
+        .collect::<std::result::Result<_, _>>()?;
+    let cfg = SamplingConfig {
+        cache: CacheMode::Absorb,
+        ..SamplingConfig::sampled(temperature, max_new_tokens, vec![tok.eos_id()])
+    };
+    let gens = model.generate(&prompts, &cfg, rng)?;
+    let mut stats = RejectionStats { sampled: gens.len(), ..Default::default() };
+    let (mut kept, mut seen) = (Vec::new(), HashSet::new());
+    for (i, g) in gens.iter().enumerate() {
+        let p = &problems[i / samples.max(1)];
+        let text = tok.decode(&g.tokens);
+        if g.truncated || !verify(p, &text) {
+            continue;
+        }
+        stats.correct += 1;
+        let sample = Sample { problem: p, text: &text, tokens: g.tokens.len(), truncated: false };
+        let consistent = LanguageConsistency.score(&sample).is_none_or(|s| s == 1.0);
+        if !well_formatted(&text) || !consistent {
+            continue;
+        }
+        stats.accepted += 1;
+        let completion = text.strip_suffix(&tok.decode(&[tok.eos_id()])).unwrap_or(&text).to_string();
+        let ex = Example { prompt: p.prompt.clone(), completion };
+        if seen.insert(ex.clone()) {
+            kept.push(ex);
+        }
+    }
+    stats.unique = kept.len();
+    Ok((kept, stats))
+}

@@ -1,0 +1,78 @@
+//! SFT batching and training, rejection sampling's filter, and the Bradley-Terry reward model.
+
+use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
+use whale_rl::parallel::model::{CausalLm, DeepSeekV3, DeepSeekV3Config, DenseConfig, DenseModel, IGNORE_INDEX};
+use whale_rl::reward_model::{PreferencePair, RewardModel};
+use whale_rl::sft::{sft, sft_batch, Example, SftConfig};
+
+#[test]
+fn sft_rows_learn_only_the_completion_and_its_eos() {
+    let tok = CharTokenizer::new();
+    let ex = Example { prompt: "1+2=".into(), completion: "<think></think><answer>3</answer>".into() };
+    let (ids, targets) = sft_batch(&tok, &[&ex], 12, false).unwrap();
+    let (ids, targets) = (ids.to_vec_i64().unwrap(), targets.to_vec_i64().unwrap());
+    let mut full: Vec<i64> =
+        tok.encode("1+2=<think></think><answer>3</answer>").unwrap().iter().map(|&t| t as i64).collect();
+    full.push(tok.eos_id() as i64);
+    assert_eq!(full.len(), 10, "tags are single tokens");
+    assert_eq!(ids[..10], full[..]);
+    assert!(ids[10..].iter().all(|&t| t == tok.pad_id() as i64));
+    // Positions 0..3 predict prompt tokens: ignored; position 3 predicts <think>, position 8 EOS.
+    assert!(targets[..3].iter().all(|&t| t == IGNORE_INDEX));
+    assert_eq!(targets[3..9], full[4..10]);
+    assert!(targets[9..].iter().all(|&t| t == IGNORE_INDEX));
+    let (_, t2) = sft_batch(&tok, &[&ex], 12, true).unwrap();
+    assert_eq!(t2.to_vec_i64().unwrap()[..3], full[1..4]);
+    // Cut to seq_len: the row keeps its first seq_len + 1 tokens.
+    let (cut, cut_t) = sft_batch(&tok, &[&ex], 6, false).unwrap();
+    assert_eq!(cut.to_vec_i64().unwrap(), full[..6].to_vec());
+    assert_eq!(cut_t.to_vec_i64().unwrap()[5], full[6]);
+    // A short example: EOS is the last target, then padding is ignored.
+    let short = Example { prompt: "1=".into(), completion: "1".into() };
+    let (ids, targets) = sft_batch(&tok, &[&short], 6, false).unwrap();
+    let t = targets.to_vec_i64().unwrap();
+    assert_eq!(t, vec![IGNORE_INDEX, tok.encode("1").unwrap()[0] as i64, tok.eos_id() as i64, -100, -100, -100]);
+    assert_eq!(ids.to_vec_i64().unwrap()[3..], [tok.eos_id() as i64, tok.pad_id() as i64, tok.pad_id() as i64]);
+}
+
+#[test]
+fn sft_fits_a_small_dataset_for_both_model_families() {
+    let tok = CharTokenizer::new();
+    let data: Vec<Example> = (0..6)
+        .map(|i| Example { prompt: format!("{i}+{i}="), completion: format!("<answer>{}</answer>", 2 * i) })
+        .collect();
+    let cfg = SftConfig { steps: 40, batch: 6, seq_len: 20, lr: 3e-3, warmup: 2, ..SftConfig::default() };
+    let models: Vec<Box<dyn CausalLm>> = vec![
+        Box::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 1).unwrap()),
+        Box::new(DenseModel::new(DenseConfig::student(tok.vocab_size()), 1).unwrap()),
+    ];
+    for m in models {
+        let logs = sft(&*m, &tok, &data, &cfg, |_| {}).unwrap();
+        let (first, last) = (logs[0].loss, logs.last().unwrap().loss);
+        assert!(last < 0.3 * first, "{m:?}: loss {first} -> {last}");
+    }
+    assert!(sft(&DenseModel::new(DenseConfig::student(62), 1).unwrap(), &tok, &[], &cfg, |_| {}).is_err());
+}
+
+#[test]
+fn the_reward_model_learns_preferences_with_the_bradley_terry_loss() {
+    let tok = CharTokenizer::new();
+    let policy = DeepSeekV3::new(DeepSeekV3Config::tiny(), 2).unwrap();
+    let mut rm = RewardModel::from_policy(&policy).unwrap();
+    // Preferred: a clean reversal; rejected: the same with a stray tail.
+    let pair = |s: &str| {
+        let rev: String = s.chars().rev().collect();
+        PreferencePair {
+            prompt: format!("r{s}="),
+            chosen: format!("<think></think><answer>{rev}</answer>"),
+            rejected: format!("<think></think><answer>{rev}</answer>zz"),
+        }
+    };
+    let words = ["abc", "dog", "cat", "sun", "moon", "tree", "bird", "fish", "lamp", "rock", "wind", "leaf"];
+    let pairs: Vec<PreferencePair> = words.iter().map(|w| pair(w)).collect();
+    let report = rm.train(&tok, &pairs[..8], &pairs[8..], 40, 8, 3e-3, 0).unwrap();
+    assert!(report.final_loss < 0.3, "{report:?}");
+    assert_eq!(report.heldout_accuracy, 1.0, "{report:?}");
+    let p = &pairs[9];
+    assert!(rm.score(&tok, &p.prompt, &p.chosen).unwrap() > rm.score(&tok, &p.prompt, &p.rejected).unwrap());
+}
