@@ -14,7 +14,7 @@ use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, RlRun, ScaleRewards, Ste
 use whale_rl::parallel::model::tokenizer::CharTokenizer;
 use whale_rl::parallel::model::{load_pretrained, CausalLm};
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
-use whale_rl::tasks::{Problem, TaskSet};
+use whale_rl::tasks::{load_jsonl, Problem, TaskSet};
 
 use crate::pretrain::{print_report, write_eval};
 
@@ -106,6 +106,9 @@ pub struct R1ZeroArgs {
     /// Training tasks, e.g. add:2-3.
     #[arg(long)]
     pub tasks: Option<String>,
+    /// JSONL training prompts ({"prompt", "answer"}) instead of the task generators.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     #[arg(long)]
     pub seed: Option<u64>,
     #[arg(long)]
@@ -232,6 +235,9 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
         t.run_mut().log_to(&metrics, &completions)?;
         t
     };
+    if let Some(path) = &args.data {
+        trainer.run_mut().pool = Some(load_jsonl(path)?);
+    }
     s.base = args.base.clone();
     std::fs::write(&settings_path, serde_json::to_string_pretty(&s)?)
         .with_context(|| settings_path.display().to_string())?;
