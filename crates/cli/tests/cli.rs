@@ -135,6 +135,20 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
         );
         assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 3);
     }
+    // A user's JSONL prompts instead of the generators.
+    let data = dir.join("prompts.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"2+2=\", \"answer\": \"4\"}\n{\"prompt\": \"3+4=\", \"answer\": \"7\"}\n")
+        .unwrap();
+    let run = dir.join("jsonl");
+    let out = whale()
+        .args(["r1-zero", "--base", ckpt.to_str().unwrap(), "--out", run.to_str().unwrap(), "--steps", "1"])
+        .args(["--prompts-per-step", "2", "--group-size", "2", "--eval-problems", "2", "--k", "2"])
+        .args(["--data", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let logged = std::fs::read_to_string(run.join("completions.jsonl")).unwrap();
+    assert!(logged.contains("\"2+2=\"") || logged.contains("\"3+4=\""), "{logged}");
     let bad = whale().args(["r1-zero", "--base", dir.join("missing").to_str().unwrap()]).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("missing"));
 }

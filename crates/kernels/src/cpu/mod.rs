@@ -4,6 +4,7 @@ pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod fp8;
+pub mod fp8_gemm;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;
