@@ -91,7 +91,7 @@ impl Fp8Format {
         if x.is_nan() {
             return sign | self.nan_code();
         }
-        let a = (x as f64).abs();
+        let a = x.abs();
         let overflow_code = || match (overflow, self) {
             (Overflow::Saturate, _) => sign | self.max_code(),
             (Overflow::Ieee, Fp8Format::E5M2) => sign | 0x7C,
@@ -104,24 +104,24 @@ impl Fp8Format {
             return sign;
         }
         let m_bits = self.mantissa_bits();
-        // The spacing of representable values around `a` (subnormal spacing below the normals).
-        let e = (a.log2().floor() as i32).max(self.min_exp());
-        let quantum = 2f64.powi(e - m_bits);
-        let q = (a / quantum).round_ties_even() * quantum;
-        if q > self.max() as f64 {
+        let bits = a.to_bits();
+        if ((bits >> 23) as i32) - 127 < self.min_exp() {
+            // Subnormal range (and everything that rounds into it or to zero): count quanta of
+            // the smallest subnormal. Dividing by a power of two is exact; a count of 2^m_bits is
+            // the smallest normal, whose code is that same integer.
+            let quantum = f32::from_bits(((self.min_exp() - m_bits + 127) as u32) << 23);
+            return sign | (a / quantum).round_ties_even() as u8;
+        }
+        // Normal: round the f32 mantissa to m_bits, to nearest, ties to even (a carry moves into
+        // the exponent, which is right), then re-bias the exponent.
+        let drop = 23 - m_bits as u32;
+        let r = (bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)) & !((1u32 << drop) - 1);
+        if f32::from_bits(r) > self.max() {
             return overflow_code();
         }
-        if q == 0.0 {
-            return sign;
-        }
-        // Rounding may have carried into the next binade: re-derive the exponent from q.
-        let e_q = q.log2().floor() as i32;
-        if e_q < self.min_exp() {
-            let m = (q / 2f64.powi(self.min_exp() - m_bits)) as u8;
-            return sign | m;
-        }
-        let m = ((q / 2f64.powi(e_q) - 1.0) * (1 << m_bits) as f64) as u8;
-        sign | (((e_q + self.bias()) as u8) << m_bits) | m
+        let e = ((r >> 23) as i32) - 127;
+        let m = ((r >> drop) & ((1 << m_bits) - 1)) as u8;
+        sign | (((e + self.bias()) as u8) << m_bits) | m
     }
 }
 
