@@ -41,7 +41,9 @@ fn decode(c: &mut Criterion) {
     let cfg = decode_config();
     let model = DeepSeekV3::new(cfg.clone(), 0).unwrap();
     let mut rng = Rng::new(1);
-    for (b, ctx) in [(1, 128), (8, 128), (1, 2048), (8, 2048)] {
+    let shapes: &[(usize, usize)] =
+        if whale_benches::bench_mode() { &[(1, 128), (8, 128), (1, 2048), (8, 2048)] } else { &[(1, 16), (2, 16)] };
+    for &(b, ctx) in shapes {
         let prompt = ids(&mut rng, cfg.vocab_size, b, ctx);
         let step_ids: Vec<Tensor> = (0..STEPS).map(|_| ids(&mut rng, cfg.vocab_size, b, 1)).collect();
         let mut g = c.benchmark_group(format!("decode_b{b}_ctx{ctx}"));

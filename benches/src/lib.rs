@@ -19,3 +19,10 @@ pub fn config() -> Criterion {
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::randn(shape, 0.0, 1.0, DType::F32, &mut Rng::new(seed)).expect("randn")
 }
+
+/// Whether criterion runs as a benchmark (`cargo bench`, `cargo xtask bench`) rather than as the
+/// one-iteration smoke test `cargo test --all-targets` makes of it; heavy setups (long prefills)
+/// shrink in the smoke test so the test suite stays fast.
+pub fn bench_mode() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
