@@ -115,9 +115,9 @@ pub struct GrpoConfig {
 impl Default for GrpoConfig {
     fn default() -> Self {
         GrpoConfig {
-            // Calibrated on 2 cores from the main job's base model: about 1.8 s per step, so the
-            // run and both evaluations fit in 5 minutes (README, "R1-Zero").
-            steps: 120,
+            // Calibrated on 2 cores from the main job's base model: 1.7-2.5 s per step (these
+            // machines vary run to run), so the run and its evaluations fit in 5 minutes.
+            steps: 100,
             prompts_per_step: 32,
             group_size: 8,
             temperature: 1.0,
