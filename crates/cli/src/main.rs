@@ -65,7 +65,7 @@ fn main_job(args: pretrain::PretrainArgs) -> Result<()> {
     let zero = r1_zero::run(r1_zero::R1ZeroArgs {
         base: base.clone(),
         out: Some(run.join("r1-zero")),
-        steps: Some(60),
+        steps: Some(50),
         ..Default::default()
     })?;
     println!();

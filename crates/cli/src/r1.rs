@@ -114,7 +114,7 @@ impl Default for RmSettings {
 
 impl Default for R1Settings {
     fn default() -> Self {
-        let rl = GrpoConfig { steps: 40, rewards: "accuracy,format:0.1,language:0.5".into(), ..GrpoConfig::default() };
+        let rl = GrpoConfig { steps: 30, rewards: "accuracy,format:0.1,language:0.5".into(), ..GrpoConfig::default() };
         R1Settings {
             tasks: "add:2-3".into(),
             letters: 0.25,
