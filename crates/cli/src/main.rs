@@ -23,7 +23,6 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Job {
     /// The main job: pretrain -> R1-Zero -> R1 (four stages) -> distill, then a results table.
-    /// Today it runs pretraining and R1-Zero (the R1 stages and distillation arrive with #7).
     All(pretrain::PretrainArgs),
     /// Pretrain a DeepSeek-V3 model (MLA, DeepSeekMoE, MTP) on the embedded reasoning corpus.
     Pretrain(pretrain::PretrainArgs),

@@ -1,7 +1,8 @@
 //! whale-rl: the training methodology — procedurally generated reasoning tasks with verifiers
 //! ([`tasks`]), evaluation (pass@1, pass@k, cons@k: [`eval`]), rollouts and their log-probs
 //! ([`rollout`]), rule-based rewards ([`rewards`]), GRPO ([`grpo`]) and the PPO baseline
-//! ([`ppo`]). SFT, rejection sampling, distillation and the R1 pipeline arrive with their issue.
+//! ([`ppo`]), supervised fine-tuning and rejection sampling ([`sft`]), and a Bradley-Terry reward
+//! model ([`reward_model`]): the pieces the CLI's R1-Zero, R1 and distillation jobs are made of.
 
 pub mod data;
 pub mod eval;
