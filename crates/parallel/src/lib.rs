@@ -1,8 +1,10 @@
 //! whale-parallel: the training engine ([`trainer`]: steps, gradient accumulation, precision,
 //! AdamW with its schedule, clipping, MoE balancing, NaN detection, metrics, atomic checkpoints and
-//! bit-identical resume). Communicators and data/expert/pipeline parallelism arrive with the
-//! parallel issue and plug into the same trainer.
+//! bit-identical resume) and pipeline [`schedule`]s as data (1F1B, ZB1P, DualPipe, DualPipeV in
+//! the reference's exact order, with a timing simulator and an SVG timeline). Communicators and
+//! data/expert parallelism arrive with the parallel issue and plug into the same trainer.
 
+pub mod schedule;
 pub mod trainer;
 
 pub use whale_model as model;
