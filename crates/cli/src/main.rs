@@ -8,6 +8,7 @@ mod plot;
 mod pretrain;
 mod r1;
 mod r1_zero;
+mod schedule;
 mod settings;
 
 use anyhow::Result;
@@ -43,12 +44,9 @@ enum Job {
     Generate(infer::GenerateArgs),
     /// Config, parameter counts (total / activated) and KV-cache bytes per token of a checkpoint.
     Info(infer::InfoArgs),
-    /// Pipeline schedules: simulate and draw (not built yet).
-    Schedule,
-}
-
-fn not_built(what: &str, issue: &str) -> Result<()> {
-    anyhow::bail!("`whale {what}` is not built yet: it arrives with issue {issue}")
+    /// Pipeline schedules (1F1B, ZB1P, DualPipe, DualPipeV): simulate under a cost model, print
+    /// each rank's bubble against the DeepSeek-V3 table, and draw the timeline as an SVG.
+    Schedule(schedule::ScheduleArgs),
 }
 
 /// The whole chain with embedded defaults: pretraining, R1-Zero, the four R1 stages and
@@ -140,6 +138,6 @@ fn main() -> Result<()> {
         Some(Job::Distill(args)) => distill::run(args).map(|_| ()),
         Some(Job::Generate(args)) => infer::generate(args),
         Some(Job::Info(args)) => infer::info(args),
-        Some(Job::Schedule) => not_built("schedule", "#9"),
+        Some(Job::Schedule(args)) => schedule::run(args),
     }
 }

@@ -88,6 +88,7 @@ fn simulated_bubbles_equal_the_table_for_pp_4_8_16() {
             for micro in micro_counts(method, pp) {
                 let s = Schedule::new(method, pp, micro).unwrap();
                 for (i, cost) in TABLE_COSTS.iter().enumerate() {
+                    assert!(method.table_assumes(cost));
                     let t = simulate(&s, cost).unwrap();
                     let table = method.table_bubble(pp, cost);
                     let at = format!("{method} PP={pp} M={micro} cost {cost:?}");
@@ -131,7 +132,9 @@ fn formula_is_not_exact_off_its_assumptions() {
     let heavy_w = Cost { f: 1.0, b: 3.0, w: 2.0, fb: 3.0, comm: 0.0 };
     assert_eq!(Method::DualPipe.table_bubble(8, &heavy_w), 0.0);
     assert!(simulate(&dualpipe, &heavy_w).unwrap().max_bubble() > 0.0);
+    assert!(!Method::DualPipe.table_assumes(&cheap_w) && !Method::DualPipe.table_assumes(&heavy_w));
     // 1F1B has no such assumption.
+    assert!(Method::OneFOneB.table_assumes(&heavy_w));
     let t = simulate(&Schedule::new(Method::OneFOneB, 8, 20).unwrap(), &heavy_w).unwrap();
     assert_eq!(t.max_bubble(), Method::OneFOneB.table_bubble(8, &heavy_w));
 }

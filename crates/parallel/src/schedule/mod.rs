@@ -108,6 +108,14 @@ impl Method {
         }
     }
 
+    /// Whether `cost` meets the assumptions under which [`Method::table_bubble`] is what the
+    /// simulator finds: no latency and, but for 1F1B, an input-gradient backward as long as a
+    /// forward (B = F + W) with W <= F. Off them the simulated bubble can differ either way.
+    pub fn table_assumes(self, cost: &Cost) -> bool {
+        let split_like_forward = (cost.b - cost.w - cost.f).abs() < 1e-12 && cost.w <= cost.f;
+        cost.comm == 0.0 && (self == Method::OneFOneB || split_like_forward)
+    }
+
     /// The table's activation column: chunk activations alive at once on the busiest device.
     pub fn table_activations(self, pp: usize) -> usize {
         match self {

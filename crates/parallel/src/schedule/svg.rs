@@ -33,7 +33,7 @@ fn colour(kind: OpKind, chunk: u8) -> &'static str {
 pub fn timeline_svg(schedule: &Schedule, timeline: &Timeline, cost: &Cost) -> String {
     let ranks = timeline.ranks.len();
     let scale = if timeline.total > 0.0 { WIDTH / timeline.total } else { 1.0 };
-    let height = TOP + ranks as f64 * (ROW + GAP) + 70.0;
+    let height = TOP + ranks as f64 * (ROW + GAP) + 52.0;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -87,7 +87,7 @@ pub fn timeline_svg(schedule: &Schedule, timeline: &Timeline, cost: &Cost) -> St
         }
     }
     axis(&mut s, TOP + ranks as f64 * (ROW + GAP), timeline.total, scale);
-    legend(&mut s, height - 22.0, schedule.paths.iter().any(|p| p.stages.iter().any(|pl| pl.chunk == 1)));
+    legend(&mut s, height - 20.0, schedule.paths.iter().any(|p| p.stages.iter().any(|pl| pl.chunk == 1)));
     s.push_str("</svg>\n");
     s
 }
