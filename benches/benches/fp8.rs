@@ -11,14 +11,12 @@ use whale_benches::randn;
 fn vec(n: usize, seed: u64) -> Vec<f32> {
     randn(&[n], seed).to_vec_f32().expect("f32")
 }
-use whale_kernels::cpu::fp8::{dequantize_blocks, quantize_blocks, Fp8Format, ScaleFormat};
-use whale_kernels::cpu::fp8_gemm::{fp8_gemm, Accumulation, Fp8GemmShape, BLOCK};
+use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
+use whale_kernels::cpu::fp8_gemm::{fp8_gemm, Accumulation, BLOCK};
 use whale_kernels::cpu::matmul::{matmul, MatRef};
 
-fn quantised(x: &[f32], rows: usize, cols: usize, block: (usize, usize)) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
-    let (q, s) = quantize_blocks(x, rows, cols, block, Fp8Format::E4M3, ScaleFormat::F32);
-    let back = dequantize_blocks(&q, &s, rows, cols, block, Fp8Format::E4M3);
-    (q, s, back)
+fn quantised(x: &[f32], rows: usize, cols: usize, block: (usize, usize)) -> Fp8Blocks {
+    Fp8Blocks::quantize(x, rows, cols, block, Fp8Format::E4M3, ScaleFormat::F32)
 }
 
 fn error_table() {
@@ -29,14 +27,14 @@ fn error_table() {
         let (m, n) = (4, 64);
         let x: Vec<f32> = vec(m * k, 1).into_iter().map(f32::abs).collect();
         let w: Vec<f32> = vec(n * k, 2).into_iter().map(|v| v.abs() * 0.05).collect();
-        let (a, sa, xa) = quantised(&x, m, k, (1, BLOCK));
-        let (b, sb, wb) = quantised(&w, n, k, (BLOCK, BLOCK));
+        let (a, b) = (quantised(&x, m, k, (1, BLOCK)), quantised(&w, n, k, (BLOCK, BLOCK)));
+        let (xa, wb) = (a.dequantize(), b.dequantize());
         let reference: Vec<f64> = (0..m * n)
             .map(|ij| (0..k).map(|t| xa[(ij / n) * k + t] as f64 * wb[(ij % n) * k + t] as f64).sum())
             .collect();
         let scale = reference.iter().map(|r| r.abs()).fold(0.0, f64::max);
         let err = |acc| {
-            let y = fp8_gemm(&a, &sa, Fp8Format::E4M3, &b, &sb, Fp8Format::E4M3, Fp8GemmShape { m, n, k }, acc);
+            let y = fp8_gemm(&a, &b, acc);
             y.iter().zip(&reference).map(|(&v, &r)| (v as f64 - r).abs()).fold(0.0, f64::max) / scale
         };
         eprintln!("| {k} | {:.2e} | {:.2e} |", err(Accumulation::DEEPSEEK_V3), err(Accumulation::UNPROMOTED));
@@ -49,25 +47,13 @@ fn gemm(c: &mut Criterion) {
     let (m, n, k) = (64, 256, 1024);
     let x = vec(m * k, 3);
     let w: Vec<f32> = vec(n * k, 4).into_iter().map(|v| v * 0.05).collect();
-    let (a, sa, _) = quantised(&x, m, k, (1, BLOCK));
-    let (b, sb, _) = quantised(&w, n, k, (BLOCK, BLOCK));
+    let (a, b) = (quantised(&x, m, k, (1, BLOCK)), quantised(&w, n, k, (BLOCK, BLOCK)));
     let mut g = c.benchmark_group(format!("fp8_gemm_{m}x{n}x{k}"));
     g.throughput(Throughput::Elements((2 * m * n * k) as u64));
     g.sample_size(10);
-    g.bench_function("whale", |bench| {
-        bench.iter(|| {
-            black_box(fp8_gemm(
-                &a,
-                &sa,
-                Fp8Format::E4M3,
-                &b,
-                &sb,
-                Fp8Format::E4M3,
-                Fp8GemmShape { m, n, k },
-                Accumulation::DEEPSEEK_V3,
-            ))
-        })
-    });
+    // The element-by-element 14-bit emulation and the f32-partial-sum path (the training default).
+    g.bench_function("whale_14bit", |bench| bench.iter(|| black_box(fp8_gemm(&a, &b, Accumulation::DEEPSEEK_V3))));
+    g.bench_function("whale_f32_partials", |bench| bench.iter(|| black_box(fp8_gemm(&a, &b, Accumulation::F32))));
     let mut y = vec![0.0f32; m * n];
     g.bench_function("baseline", |bench| {
         bench.iter(|| {
@@ -86,9 +72,7 @@ fn quantize(c: &mut Criterion) {
     let x = vec(rows * cols, 5);
     let mut g = c.benchmark_group("fp8_quantize_1x128_1024x4096");
     g.throughput(Throughput::Bytes((rows * cols * 4) as u64));
-    g.bench_function("whale", |bench| {
-        bench.iter(|| black_box(quantize_blocks(&x, rows, cols, (1, BLOCK), Fp8Format::E4M3, ScaleFormat::F32)))
-    });
+    g.bench_function("whale", |bench| bench.iter(|| black_box(quantised(&x, rows, cols, (1, BLOCK)))));
     g.finish();
 }
 

@@ -1,6 +1,7 @@
 //! A pre-norm decoder layer: `h += MLA(norm(h))`, then `h += FFN(norm(h))`, where the FFN is a
 //! dense SwiGLU MLP in the first `first_k_dense_replace` layers and DeepSeekMoE after.
 
+use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::Tensor;
 
 use crate::config::DeepSeekV3Config;
@@ -32,6 +33,15 @@ pub struct LayerOutput {
 }
 
 impl DecoderLayer {
+    /// FP8 GEMMs in the attention projections and the MLP or experts (not the router).
+    pub fn set_fp8(&mut self, recipe: Option<Fp8Recipe>) {
+        self.self_attn.set_fp8(recipe);
+        match &mut self.mlp {
+            FeedForward::Dense(mlp) => mlp.set_fp8(recipe),
+            FeedForward::Moe(moe) => moe.set_fp8(recipe),
+        }
+    }
+
     /// Layer `index` (MTP layers continue the numbering after the main ones).
     pub fn new(b: &mut ParamBuilder<'_>, cfg: &DeepSeekV3Config, index: usize) -> Result<Self> {
         let d = cfg.hidden_size;

@@ -2,8 +2,10 @@
 //! (`model.safetensors.index.json`), memory-mapped on load, written atomically on save.
 //!
 //! DeepSeek-V3's FP8 releases (spec 4.3) load too: every `F8_E4M3` weight `X.weight` comes with
-//! `X.weight_scale_inv` (f32, one per 128x128 block, the dequantisation multiplier); the pair is
-//! dequantised to f32 on load (`W = float(Wq) * s[i / 128, j / 128]`) and the scale dropped.
+//! `X.weight_scale_inv` (f32, one per 128x128 block, the dequantisation multiplier). By default
+//! the pair is dequantised to f32 on load (`W = float(Wq) * s[i / 128, j / 128]`) and the scale
+//! dropped; [`Fp8Weights::Keep`] keeps both as they are, for FP8 inference, and saving writes FP8
+//! tensors back as FP8. [`quantize_fp8_release`] turns a model's weights into that format.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -12,8 +14,8 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
-use whale_kernels::cpu::fp8::{dequantize_blocks, Fp8Format};
-use whale_tensor::{Device, Tensor};
+use whale_tensor::fp8::{Fp8Format, ScaleFormat};
+use whale_tensor::{DType, Device, Tensor};
 
 use crate::{Error, Result};
 
@@ -21,62 +23,61 @@ use crate::{Error, Result};
 /// dtype; i64/u32 index tensors load as such; FP8 weights are dequantised with their
 /// `weight_scale_inv` (which must be in the same file; [`load_dir`] pairs across shards).
 pub fn load_file(path: &Path) -> Result<BTreeMap<String, Tensor>> {
-    let (mut tensors, fp8) = load_file_raw(path)?;
-    dequantize_fp8(&mut tensors, fp8, FP8_BLOCK, path)?;
+    let mut tensors = load_file_raw(path)?;
+    resolve_fp8(&mut tensors, FP8_BLOCK, path, Fp8Weights::Dequantize)?;
     Ok(tensors)
 }
 
-/// An FP8 tensor as stored: its codes, shape and format.
-#[derive(Debug)]
-struct Fp8Tensor {
-    codes: Vec<u8>,
-    shape: Vec<usize>,
-    format: Fp8Format,
+/// What loading does with a checkpoint's FP8 weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fp8Weights {
+    /// Replace each FP8 weight and its scales by the f32 weight they stand for.
+    #[default]
+    Dequantize,
+    /// Keep the codes (dtype F8E4M3/F8E5M2) and `*_scale_inv`, checked against each other.
+    Keep,
 }
 
 /// DeepSeek-V3's `weight_block_size`.
-const FP8_BLOCK: (usize, usize) = (128, 128);
+pub const FP8_BLOCK: (usize, usize) = (128, 128);
 
-fn load_file_raw(path: &Path) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, Fp8Tensor>)> {
+fn load_file_raw(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let file = File::open(path).map_err(|e| Error::file(path, e))?;
     // SAFETY: the mapping is read-only and dropped before this function returns; a concurrent
     // truncation of the file by another process is outside what we guard against (as every
     // mmap-based loader).
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(path, e))?;
     let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::file(path, format!("not a safetensors file: {e}")))?;
-    let (mut out, mut fp8) = (BTreeMap::new(), BTreeMap::new());
+    let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let format = match view.dtype() {
-            Dtype::F8_E4M3 => Some(Fp8Format::E4M3),
-            Dtype::F8_E5M2 => Some(Fp8Format::E5M2),
-            _ => None,
-        };
-        if let Some(format) = format {
-            fp8.insert(name, Fp8Tensor { codes: view.data().to_vec(), shape: view.shape().to_vec(), format });
-            continue;
-        }
         let t =
             to_tensor(&view).map_err(|msg| Error::Checkpoint { path: path.to_path_buf(), name: name.clone(), msg })?;
         out.insert(name, t);
     }
-    Ok((out, fp8))
+    Ok(out)
 }
 
-/// Replaces each FP8 weight and its `weight_scale_inv` by the dequantised f32 weight.
-fn dequantize_fp8(
+/// Checks every FP8 weight against its `weight_scale_inv` and, when asked, dequantises the pair.
+fn resolve_fp8(
     tensors: &mut BTreeMap<String, Tensor>,
-    fp8: BTreeMap<String, Fp8Tensor>,
     block: (usize, usize),
     path: &Path,
+    mode: Fp8Weights,
 ) -> Result<()> {
     let err = |name: &str, msg: String| Error::Checkpoint { path: path.to_path_buf(), name: name.to_string(), msg };
-    for (name, q) in fp8 {
+    let fp8: Vec<String> =
+        tensors.iter().filter(|(_, t)| t.dtype().fp8_format().is_some()).map(|(n, _)| n.clone()).collect();
+    for name in &fp8 {
+        if mode == Fp8Weights::Keep && block != FP8_BLOCK {
+            return Err(err(name, format!("FP8 inference needs {FP8_BLOCK:?} blocks; config.json declares {block:?}")));
+        }
         let scale_name = format!("{name}_scale_inv");
         let scale = tensors
-            .remove(&scale_name)
-            .ok_or_else(|| err(&name, format!("is FP8 but `{scale_name}` (its block scales) is missing")))?;
-        let [rows, cols] = q.shape[..] else {
-            return Err(err(&name, format!("FP8 weights must be 2-D, got {:?}", q.shape)));
+            .get(&scale_name)
+            .ok_or_else(|| err(name, format!("is FP8 but `{scale_name}` (its block scales) is missing")))?;
+        let q = &tensors[name];
+        let [rows, cols] = q.dims()[..] else {
+            return Err(err(name, format!("FP8 weights must be 2-D, got {:?}", q.dims())));
         };
         let grid = [rows.div_ceil(block.0), cols.div_ceil(block.1)];
         if scale.dims() != grid {
@@ -85,13 +86,56 @@ fn dequantize_fp8(
                 format!("has shape {:?}; a [{rows}, {cols}] weight in {block:?} blocks needs {grid:?}", scale.dims()),
             ));
         }
-        let w = dequantize_blocks(&q.codes, &scale.to_vec_f32()?, rows, cols, block, q.format);
-        tensors.insert(name, Tensor::from_vec(w, &q.shape, &Device::Cpu)?);
+        if mode == Fp8Weights::Dequantize {
+            let w = Tensor::dequantize_fp8(q, scale, block)?;
+            tensors.remove(&scale_name);
+            tensors.insert(name.clone(), w);
+        }
     }
-    if let Some(orphan) = tensors.keys().find(|k| k.ends_with(".weight_scale_inv")) {
+    let orphan =
+        tensors.keys().find(|k| k.strip_suffix("_scale_inv").is_some_and(|base| !fp8.iter().any(|n| n == base)));
+    if let Some(orphan) = orphan {
         return Err(err(orphan, "is a block scale without an FP8 weight".into()));
     }
     Ok(())
+}
+
+/// The names DeepSeek-V3's FP8 release quantizes (spec 4.3): the 2-D projection and expert
+/// weights; not the embedding, the output heads, the router, `eh_proj`, norms or biases.
+pub fn is_fp8_release_weight(name: &str, shape: &[usize]) -> bool {
+    const KEPT: [&str; 5] = ["embed_tokens", "lm_head", "shared_head.head", "mlp.gate.weight", "eh_proj"];
+    shape.len() == 2 && name.ends_with(".weight") && !KEPT.iter().any(|k| name.contains(k))
+}
+
+/// `tensors` as a DeepSeek-V3 FP8 release stores them: every [`is_fp8_release_weight`] in E4M3
+/// with an f32 `*_scale_inv` per 128x128 block (tensors already FP8 are kept as they are), the
+/// rest unchanged.
+pub fn quantize_fp8_release(tensors: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for (name, t) in tensors {
+        let quantize = t.dtype().is_float() && t.dtype().fp8_format().is_none();
+        if quantize && is_fp8_release_weight(name, t.dims()) {
+            let (codes, scales) = t.quantize_fp8(FP8_BLOCK, Fp8Format::E4M3, ScaleFormat::F32)?;
+            out.insert(format!("{name}_scale_inv"), scales);
+            out.insert(name.clone(), codes);
+        } else {
+            out.insert(name.clone(), t.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// `config.json` text with the FP8 release's `quantization_config` added.
+pub fn with_fp8_quantization_config(config_json: &str) -> Result<String> {
+    let mut v: serde_json::Value =
+        serde_json::from_str(config_json).map_err(|e| Error::config("quantization_config", e.to_string()))?;
+    v["quantization_config"] = serde_json::json!({
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [FP8_BLOCK.0, FP8_BLOCK.1],
+    });
+    Ok(serde_json::to_string_pretty(&v).expect("json"))
 }
 
 /// The FP8 block size a checkpoint's config.json declares (`quantization_config.weight_block_size`).
@@ -135,13 +179,21 @@ fn to_tensor(view: &TensorView<'_>) -> std::result::Result<Tensor, String> {
                 bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
             Tensor::from_vec(v, &shape, &dev).map_err(err)
         }
-        other => Err(format!("dtype {other:?} is not supported (f32, bf16, f16, i64, u32)")),
+        Dtype::F8_E4M3 => Tensor::from_fp8_codes(bytes.to_vec(), &shape, Fp8Format::E4M3).map_err(err),
+        Dtype::F8_E5M2 => Tensor::from_fp8_codes(bytes.to_vec(), &shape, Fp8Format::E5M2).map_err(err),
+        other => Err(format!("dtype {other:?} is not supported (f32, bf16, f16, F8_E4M3, F8_E5M2, i64, u32)")),
     }
 }
 
 /// Loads a checkpoint directory: `model.safetensors`, or the shards listed in
 /// `model.safetensors.index.json`. Returns the tensors and the file they are reported under.
+/// FP8 weights are dequantised.
 pub fn load_dir(dir: &Path) -> Result<(BTreeMap<String, Tensor>, PathBuf)> {
+    load_dir_with(dir, Fp8Weights::Dequantize)
+}
+
+/// [`load_dir`] with a choice of what happens to FP8 weights.
+pub fn load_dir_with(dir: &Path, fp8_weights: Fp8Weights) -> Result<(BTreeMap<String, Tensor>, PathBuf)> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
@@ -153,21 +205,10 @@ pub fn load_dir(dir: &Path) -> Result<(BTreeMap<String, Tensor>, PathBuf)> {
         let mut shards: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
         shards.sort_unstable();
         shards.dedup();
-        let (mut all, mut fp8) = (BTreeMap::new(), BTreeMap::new());
+        let mut all = BTreeMap::new();
         for shard in shards {
             let path = dir.join(shard);
-            let (tensors, quantized) = load_file_raw(&path)?;
-            for name in quantized.keys() {
-                if map.get(name).and_then(|f| f.as_str()) != Some(shard) {
-                    return Err(Error::Checkpoint {
-                        path,
-                        name: name.clone(),
-                        msg: "is not listed for this shard in the index".into(),
-                    });
-                }
-            }
-            fp8.extend(quantized);
-            for (name, t) in tensors {
+            for (name, t) in load_file_raw(&path)? {
                 if map.get(&name).and_then(|f| f.as_str()) != Some(shard) {
                     return Err(Error::Checkpoint {
                         path,
@@ -178,19 +219,19 @@ pub fn load_dir(dir: &Path) -> Result<(BTreeMap<String, Tensor>, PathBuf)> {
                 all.insert(name, t);
             }
         }
-        if let Some(missing) = map.keys().find(|k| !all.contains_key(*k) && !fp8.contains_key(*k)) {
+        if let Some(missing) = map.keys().find(|k| !all.contains_key(*k)) {
             return Err(Error::Checkpoint {
                 path: index,
                 name: missing.clone(),
                 msg: "listed in the index but absent from its shard".into(),
             });
         }
-        dequantize_fp8(&mut all, fp8, fp8_block(dir), &index)?;
+        resolve_fp8(&mut all, fp8_block(dir), &index, fp8_weights)?;
         return Ok((all, index));
     }
     let single = dir.join("model.safetensors");
-    let (mut all, fp8) = load_file_raw(&single)?;
-    dequantize_fp8(&mut all, fp8, fp8_block(dir), &single)?;
+    let mut all = load_file_raw(&single)?;
+    resolve_fp8(&mut all, fp8_block(dir), &single, fp8_weights)?;
     Ok((all, single))
 }
 
@@ -202,7 +243,13 @@ pub enum SaveDType {
     F16,
 }
 
+/// Float tensors are stored as `dtype`; FP8 tensors keep their codes; indices are i64.
 fn tensor_bytes(t: &Tensor, dtype: SaveDType) -> Result<(Dtype, Vec<u8>)> {
+    match t.dtype() {
+        DType::F8E4M3 => return Ok((Dtype::F8_E4M3, t.fp8_codes()?)),
+        DType::F8E5M2 => return Ok((Dtype::F8_E5M2, t.fp8_codes()?)),
+        _ => {}
+    }
     if !t.dtype().is_float() {
         let v = t.to_vec_i64()?;
         return Ok((Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect()));
@@ -254,7 +301,7 @@ pub fn save_sharded(
     let mut shards: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new()];
     let mut size = 0;
     for (name, t) in tensors {
-        let bytes = t.elem_count() * elem;
+        let bytes = t.elem_count() * if t.dtype().fp8_format().is_some() { 1 } else { elem };
         if size > 0 && size + bytes > max_shard_bytes {
             shards.push(BTreeMap::new());
             size = 0;
@@ -270,7 +317,7 @@ pub fn save_sharded(
         save_file(&dir.join(&file), shard, dtype)?;
         for (name, t) in shard {
             weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
-            total += t.elem_count() * elem;
+            total += t.elem_count() * if t.dtype().fp8_format().is_some() { 1 } else { elem };
         }
     }
     let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });

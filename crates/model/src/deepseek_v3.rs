@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::{DType, Device, ParamStore, Rng, Tensor};
 
 use crate::block::DecoderLayer;
-use crate::checkpoint::{self, SaveDType};
+use crate::checkpoint::{self, Fp8Weights, SaveDType};
 use crate::config::DeepSeekV3Config;
 use crate::moe::{max_violation, update_balancing_bias};
 use crate::mtp::MtpModule;
@@ -130,7 +131,7 @@ impl DeepSeekV3 {
             (embed, layers, norm, mtp)
         };
         let lm_head = if config.tie_word_embeddings {
-            Linear { weight: embed_tokens.clone() }
+            Linear::tied(embed_tokens.clone())
         } else {
             Linear::new(&mut root, "lm_head", d, v)?
         };
@@ -142,6 +143,32 @@ impl DeepSeekV3 {
     /// of the embedding and head) into `dir`.
     pub fn save_pretrained(&self, dir: &Path, dtype: SaveDType) -> Result<()> {
         checkpoint::save_model_dir(dir, &self.config.to_json_string()?, &self.state_dict(), dtype)
+    }
+
+    /// Runs the GEMMs of every attention projection and MLP/expert (main and MTP layers) in FP8
+    /// with `recipe` (`None`: back to the compute dtype). The recipe's higher-precision parts stay
+    /// as they are: embedding, output head, router, norms, the attention core and `eh_proj`.
+    pub fn set_fp8(&mut self, recipe: Option<Fp8Recipe>) {
+        for layer in self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block)) {
+            layer.set_fp8(recipe);
+        }
+    }
+
+    /// Loads a DeepSeek-V3 FP8 release keeping its FP8 weights (codes and `weight_scale_inv`) for
+    /// FP8 inference; saving writes them back unchanged.
+    pub fn from_pretrained_fp8(dir: &Path) -> Result<Self> {
+        let config = DeepSeekV3Config::from_file(&dir.join("config.json"))?;
+        let (tensors, path) = checkpoint::load_dir_with(dir, Fp8Weights::Keep)?;
+        Self::from_tensors(config, tensors, path)
+    }
+
+    /// Writes the model as a DeepSeek-V3 FP8 release: projection and expert weights in E4M3 with
+    /// 128x128-block `weight_scale_inv` (already-FP8 weights as they are), the rest as `dtype`,
+    /// and `quantization_config` in `config.json`.
+    pub fn save_pretrained_fp8(&self, dir: &Path, dtype: SaveDType) -> Result<()> {
+        let tensors = checkpoint::quantize_fp8_release(&self.state_dict())?;
+        let config = checkpoint::with_fp8_quantization_config(&self.config.to_json_string()?)?;
+        checkpoint::save_model_dir(dir, &config, &tensors, dtype)
     }
 
     /// Every tensor of the checkpoint under its HF name.

@@ -346,7 +346,7 @@ impl DenseModel {
             (embed, layers, norm)
         };
         let lm_head = if config.tie_word_embeddings {
-            Linear { weight: embed_tokens.clone() }
+            Linear::tied(embed_tokens.clone())
         } else {
             Linear::new(&mut root, "lm_head", d, v)?
         };

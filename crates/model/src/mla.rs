@@ -3,6 +3,7 @@
 //! values; inference caches either those (`naive`) or only the latent and the rotated shared key
 //! with W_UK absorbed into the query and W_UV into the output (`absorb`, spec 1.5).
 
+use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::{RopeLayout, Tensor};
 
 use crate::config::DeepSeekV3Config;
@@ -107,6 +108,17 @@ pub struct MultiHeadLatentAttention {
 }
 
 impl MultiHeadLatentAttention {
+    /// Runs the projections' GEMMs in FP8 (the attention core stays in the compute dtype).
+    pub fn set_fp8(&mut self, recipe: Option<Fp8Recipe>) {
+        let q: Vec<&mut Linear> = match &mut self.q {
+            QueryProj::LowRank { q_a_proj, q_b_proj, .. } => vec![q_a_proj, q_b_proj],
+            QueryProj::Full { q_proj } => vec![q_proj],
+        };
+        for l in q.into_iter().chain([&mut self.kv_a_proj_with_mqa, &mut self.kv_b_proj, &mut self.o_proj]) {
+            l.fp8 = recipe;
+        }
+    }
+
     pub fn new(b: &mut ParamBuilder<'_>, cfg: &DeepSeekV3Config) -> Result<Self> {
         let (d, h) = (cfg.hidden_size, cfg.num_attention_heads);
         let qk = cfg.qk_head_dim();
@@ -219,7 +231,7 @@ impl MultiHeadLatentAttention {
     /// `kv_b_proj` viewed per head: (W_UK `[heads, nope, r]`, W_UV `[heads, v, r]`).
     fn absorbed_weights(&self) -> Result<(Tensor, Tensor)> {
         let r = self.kv_lora_rank;
-        let w = self.kv_b_proj.weight.reshape(&[self.n_heads, self.nope + self.v_dim, r])?;
+        let w = self.kv_b_proj.dense_weight()?.reshape(&[self.n_heads, self.nope + self.v_dim, r])?;
         Ok((w.narrow(1, 0, self.nope)?, w.narrow(1, self.nope, self.v_dim)?))
     }
 

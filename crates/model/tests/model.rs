@@ -243,7 +243,7 @@ fn a_duplicate_computes_the_same_and_trains_independently() {
 /// `eh_proj` left as they are (spec 4.3). Returns the dequantised weights the file stands for.
 fn write_fp8_checkpoint(model: &DeepSeekV3, dir: &std::path::Path) -> BTreeMap<String, Vec<f32>> {
     use safetensors::tensor::{Dtype, TensorView};
-    use whale_kernels::cpu::fp8::{dequantize_blocks, quantize_blocks, Fp8Format, ScaleFormat};
+    use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
     std::fs::create_dir_all(dir).unwrap();
     let mut json = serde_json::from_str::<serde_json::Value>(&model.config.to_json_string().unwrap()).unwrap();
     json["quantization_config"] =
@@ -262,8 +262,10 @@ fn write_fp8_checkpoint(model: &DeepSeekV3, dir: &std::path::Path) -> BTreeMap<S
             continue;
         }
         let (r, c) = (t.dims()[0], t.dims()[1]);
-        let (codes, scales) = quantize_blocks(&v, r, c, (128, 128), Fp8Format::E4M3, ScaleFormat::F32);
-        expected.insert(name.clone(), dequantize_blocks(&codes, &scales, r, c, (128, 128), Fp8Format::E4M3));
+        let Fp8Blocks { codes, scales, .. } =
+            Fp8Blocks::quantize(&v, r, c, (128, 128), Fp8Format::E4M3, ScaleFormat::F32);
+        let q = Fp8Blocks::from_parts(codes.clone(), scales.clone(), (r, c), (128, 128), Fp8Format::E4M3).unwrap();
+        expected.insert(name.clone(), q.dequantize());
         let grid = vec![r.div_ceil(128), c.div_ceil(128)];
         raw.insert(
             format!("{name}_scale_inv"),

@@ -12,17 +12,24 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use whale_model::checkpoint::{load_file, save_file, SaveDType};
+use whale_model::tensor::fp8::Fp8Recipe;
 use whale_model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, WarmupCosine};
 use whale_model::tensor::{no_grad, DType, Tensor};
 use whale_model::DeepSeekV3;
 
 use crate::{Error, Result};
 
+/// How a model computes in training. Master weights, gradients, the router, losses and the
+/// optimizer stay f32 in all three.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     Fp32,
+    /// Activations and GEMMs in bf16.
     Bf16,
+    /// DeepSeek-V3's recipe (spec 4.2): activations in bf16 and the three GEMMs of every
+    /// attention projection and MLP/expert linear layer in FP8 E4M3 with fine-grained scales.
+    Fp8,
 }
 
 impl Precision {
@@ -30,15 +37,36 @@ impl Precision {
         match s {
             "fp32" | "f32" => Ok(Precision::Fp32),
             "bf16" => Ok(Precision::Bf16),
-            "fp8" => Err(Error::Train("precision `fp8` arrives with the FP8 issue; use fp32 or bf16".into())),
-            other => Err(Error::Train(format!("unknown precision `{other}` (fp32, bf16)"))),
+            "fp8" => Ok(Precision::Fp8),
+            other => Err(Error::Train(format!("unknown precision `{other}` (fp32, bf16, fp8)"))),
         }
     }
 
-    fn dtype(self) -> DType {
-        match self {
+    /// Sets the model's compute dtype and FP8 GEMMs for this precision.
+    pub fn apply(self, model: &mut DeepSeekV3) {
+        model.compute_dtype = match self {
             Precision::Fp32 => DType::F32,
-            Precision::Bf16 => DType::BF16,
+            Precision::Bf16 | Precision::Fp8 => DType::BF16,
+        };
+        model.set_fp8((self == Precision::Fp8).then(Fp8Recipe::default));
+    }
+}
+
+/// The dtype AdamW keeps its two moments in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MomentPrecision {
+    Fp32,
+    /// DeepSeek-V3's choice (spec 4.2): half the optimizer memory.
+    Bf16,
+}
+
+impl MomentPrecision {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "fp32" | "f32" => Ok(MomentPrecision::Fp32),
+            "bf16" => Ok(MomentPrecision::Bf16),
+            other => Err(Error::Train(format!("unknown optimizer moment precision `{other}` (fp32, bf16)"))),
         }
     }
 }
@@ -70,6 +98,8 @@ pub struct TrainConfig {
     pub beta2: f32,
     pub grad_clip: f64,
     pub precision: Precision,
+    /// AdamW's moments: fp32 or bf16.
+    pub moments: MomentPrecision,
     /// Steps between checkpoints (0: only at the end).
     pub checkpoint_every: u64,
     pub seed: u64,
@@ -91,6 +121,7 @@ impl Default for TrainConfig {
             beta2: 0.95,
             grad_clip: 1.0,
             precision: Precision::Fp32,
+            moments: MomentPrecision::Fp32,
             checkpoint_every: 0,
             seed: 0,
             on_non_finite: NonFinitePolicy::Skip,
@@ -130,6 +161,10 @@ impl TrainConfig {
             eps: 1e-8,
             weight_decay: self.weight_decay,
             decay_1d: false,
+            moment_dtype: match self.moments {
+                MomentPrecision::Fp32 => DType::F32,
+                MomentPrecision::Bf16 => DType::BF16,
+            },
         }
     }
 
@@ -212,7 +247,7 @@ fn non_finite(t: &Tensor) -> Result<bool> {
 impl Trainer {
     pub fn new(mut model: DeepSeekV3, config: TrainConfig, data: Box<dyn DataSource>) -> Result<Self> {
         config.validate()?;
-        model.compute_dtype = config.precision.dtype();
+        config.precision.apply(&mut model);
         let opt = AdamW::new(config.adamw())?;
         Ok(Trainer { model, opt, config, step: 0, data, metrics: None })
     }

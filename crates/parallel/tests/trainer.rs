@@ -9,19 +9,27 @@ use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_parallel::trainer::{DataSource, NonFinitePolicy, Precision, TrainConfig, Trainer};
 use whale_parallel::{Error, Result};
 
-/// Random tokens from a seeded stream; its state is the generator's.
+/// Token walks from a seeded stream: each sequence starts at a random token and moves up by 1 to
+/// `max_step` per token (uniformly). With `max_step` 1 the pattern is fully learnable; with 3 no
+/// model does better than ln 3 nats per token, so a trained loss plateaus instead of reaching 0.
+/// Its state is the generator's.
 struct RandomTokens {
     rng: Rng,
     vocab: u64,
+    max_step: u64,
 }
 
 impl DataSource for RandomTokens {
     fn next_batch(&mut self, batch: usize, seq: usize) -> Result<(Tensor, Tensor)> {
-        // A learnable pattern: each token is the previous plus one, from a random start.
         let mut ids = Vec::new();
         for _ in 0..batch {
-            let start = self.rng.below(self.vocab);
-            ids.extend((0..=seq as u64).map(|i| ((start + i) % self.vocab) as i64));
+            let mut t = self.rng.below(self.vocab);
+            ids.push(t as i64);
+            for _ in 0..seq {
+                let step = if self.max_step > 1 { 1 + self.rng.below(self.max_step) } else { 1 };
+                t = (t + step) % self.vocab;
+                ids.push(t as i64);
+            }
         }
         let rows: Vec<&[i64]> = ids.chunks(seq + 1).collect();
         let x: Vec<i64> = rows.iter().flat_map(|r| r[..seq].to_vec()).collect();
@@ -39,7 +47,7 @@ impl DataSource for RandomTokens {
 }
 
 fn data(seed: u64) -> Box<dyn DataSource> {
-    Box::new(RandomTokens { rng: Rng::new(seed), vocab: 64 })
+    Box::new(RandomTokens { rng: Rng::new(seed), vocab: 64, max_step: 1 })
 }
 
 fn config(steps: u64) -> TrainConfig {
@@ -184,4 +192,32 @@ fn bf16_compute_trains_close_to_fp32() {
         assert!((x - y).abs() < 0.05 * x, "{f:?} vs {b:?}");
     }
     assert!(f.iter().zip(&b).any(|(x, y)| x != y), "bf16 must actually round");
+}
+
+/// Spec 4.2's validation at our scale: the `tiny` preset trained for a few hundred steps in FP8
+/// (bf16 activations, E4M3 GEMMs with 1x128 / 128x128 scales) and in fp32 from the same seed and
+/// data ends within 1% relative loss (V3 reports under 0.25% at 16B-230B scale). The bench
+/// `fp8_training` writes the two curves; this asserts the end point.
+#[test]
+fn fp8_training_ends_within_one_percent_of_fp32() {
+    let steps = 200;
+    let run = |precision| {
+        let t0 = std::time::Instant::now();
+        let cfg = TrainConfig { precision, ..config(steps) };
+        let data = Box::new(RandomTokens { rng: Rng::new(5), vocab: 64, max_step: 3 });
+        let mut t = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), cfg, data).unwrap();
+        let losses: Vec<f64> = (0..steps).map(|_| t.train_step().unwrap().loss).collect();
+        eprintln!("{precision:?}: {:.1} s", t0.elapsed().as_secs_f64());
+        losses
+    };
+    let (f, q) = (run(Precision::Fp32), run(Precision::Fp8));
+    // The mean of the last 20 steps: one step's loss carries its batch's noise.
+    let tail = |v: &[f64]| v[v.len() - 20..].iter().sum::<f64>() / 20.0;
+    let (lf, lq) = (tail(&f), tail(&q));
+    eprintln!("fp32 {:.4} -> {lf:.4}, fp8 {:.4} -> {lq:.4}, relative {:.4}", f[0], q[0], (lq - lf).abs() / lf);
+    // The walk's entropy, ln 3 = 1.0986 nats per token, is the floor; from 5.3 (ln 64 and the
+    // init) fp32 gets to about 1.6 in these steps.
+    assert!(lf < 0.4 * f[0], "fp32 learns the walk: {} -> {lf}", f[0]);
+    assert!((lq - lf).abs() < 0.01 * lf, "fp8 {lq} vs fp32 {lf}");
+    assert!(f.iter().zip(&q).any(|(a, b)| a != b), "fp8 must actually quantize");
 }

@@ -219,6 +219,7 @@ impl GrpoConfig {
             eps: 1e-8,
             weight_decay: self.weight_decay,
             decay_1d: false,
+            ..AdamWConfig::default()
         }
     }
 }

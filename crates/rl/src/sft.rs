@@ -121,6 +121,7 @@ pub fn sft(
         beta2: 0.95,
         eps: 1e-8,
         decay_1d: false,
+        ..AdamWConfig::default()
     })?;
     let schedule = WarmupCosine { peak: cfg.lr, min: cfg.min_lr, warmup: cfg.warmup, total: cfg.steps };
     let mut rng = Rng::new(cfg.seed ^ 0x5F7);

@@ -5,16 +5,18 @@
 //! Modules:
 //! - [`tensor`]: the handle, constructors, reading and writing values, variables and gradients.
 //! - `ops/`: elementwise, reductions, matmul, views and shape ops, indexing, fused NN ops.
+//! - [`fp8`]: fine-grained FP8 quantization and the FP8 linear layer (Fprop/Dgrad/Wgrad in FP8).
 //! - [`backprop`]: the backward pass and ZeroBubble's B/W split.
 //! - [`params`]: the named parameter store. [`optim`]: AdamW, clipping, schedules.
 //! - [`layout`], [`storage`], [`dtype`], [`device`], [`rng`], [`error`].
 //!
-//! Every op computes in f32 on the CPU kernels of `whale-kernels`; bf16/f16 are storage formats.
+//! Every op computes in f32 on the CPU kernels of `whale-kernels`; bf16/f16/FP8 are storage formats.
 
 pub mod backprop;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod fp8;
 pub mod layout;
 mod ops;
 pub mod optim;

@@ -2,6 +2,7 @@
 //! optimizer can update parameters in place.
 
 use half::{bf16, f16};
+use whale_kernels::cpu::fp8::{Fp8Format, Overflow};
 
 use crate::layout::Layout;
 use crate::{DType, Error, Result};
@@ -11,6 +12,10 @@ pub enum CpuStorage {
     F32(Vec<f32>),
     BF16(Vec<bf16>),
     F16(Vec<f16>),
+    /// FP8 codes (E4M3 `fn`).
+    F8E4M3(Vec<u8>),
+    /// FP8 codes (E5M2).
+    F8E5M2(Vec<u8>),
     U32(Vec<u32>),
     I64(Vec<i64>),
 }
@@ -21,6 +26,8 @@ impl CpuStorage {
             CpuStorage::F32(_) => DType::F32,
             CpuStorage::BF16(_) => DType::BF16,
             CpuStorage::F16(_) => DType::F16,
+            CpuStorage::F8E4M3(_) => DType::F8E4M3,
+            CpuStorage::F8E5M2(_) => DType::F8E5M2,
             CpuStorage::U32(_) => DType::U32,
             CpuStorage::I64(_) => DType::I64,
         }
@@ -31,6 +38,7 @@ impl CpuStorage {
             CpuStorage::F32(v) => v.len(),
             CpuStorage::BF16(v) => v.len(),
             CpuStorage::F16(v) => v.len(),
+            CpuStorage::F8E4M3(v) | CpuStorage::F8E5M2(v) => v.len(),
             CpuStorage::U32(v) => v.len(),
             CpuStorage::I64(v) => v.len(),
         }
@@ -46,6 +54,8 @@ impl CpuStorage {
             CpuStorage::F32(v) => layout.gather(v),
             CpuStorage::BF16(v) => layout.gather(v).into_iter().map(f32::from).collect(),
             CpuStorage::F16(v) => layout.gather(v).into_iter().map(f32::from).collect(),
+            CpuStorage::F8E4M3(v) => decode(v, layout, Fp8Format::E4M3),
+            CpuStorage::F8E5M2(v) => decode(v, layout, Fp8Format::E5M2),
             CpuStorage::U32(v) => layout.gather(v).into_iter().map(|x| x as f32).collect(),
             CpuStorage::I64(v) => layout.gather(v).into_iter().map(|x| x as f32).collect(),
         }
@@ -60,12 +70,15 @@ impl CpuStorage {
         }
     }
 
-    /// Stores f32 values as `dtype` (round to nearest even for bf16/f16; integers truncate).
+    /// Stores f32 values as `dtype` (round to nearest even for bf16/f16/FP8, with FP8 overflow
+    /// following torch's casts; integers truncate).
     pub(crate) fn from_f32(values: Vec<f32>, dtype: DType) -> CpuStorage {
         match dtype {
             DType::F32 => CpuStorage::F32(values),
             DType::BF16 => CpuStorage::BF16(values.into_iter().map(bf16::from_f32).collect()),
             DType::F16 => CpuStorage::F16(values.into_iter().map(f16::from_f32).collect()),
+            DType::F8E4M3 => CpuStorage::F8E4M3(encode(&values, Fp8Format::E4M3)),
+            DType::F8E5M2 => CpuStorage::F8E5M2(encode(&values, Fp8Format::E5M2)),
             DType::U32 => CpuStorage::U32(values.into_iter().map(|x| x as u32).collect()),
             DType::I64 => CpuStorage::I64(values.into_iter().map(|x| x as i64).collect()),
         }
@@ -76,8 +89,19 @@ impl CpuStorage {
             CpuStorage::F32(v) => CpuStorage::F32(layout.gather(v)),
             CpuStorage::BF16(v) => CpuStorage::BF16(layout.gather(v)),
             CpuStorage::F16(v) => CpuStorage::F16(layout.gather(v)),
+            CpuStorage::F8E4M3(v) => CpuStorage::F8E4M3(layout.gather(v)),
+            CpuStorage::F8E5M2(v) => CpuStorage::F8E5M2(layout.gather(v)),
             CpuStorage::U32(v) => CpuStorage::U32(layout.gather(v)),
             CpuStorage::I64(v) => CpuStorage::I64(layout.gather(v)),
         }
     }
+}
+
+fn decode(codes: &[u8], layout: &Layout, format: Fp8Format) -> Vec<f32> {
+    let table = format.decode_table();
+    layout.gather(codes).into_iter().map(|c| table[c as usize]).collect()
+}
+
+fn encode(values: &[f32], format: Fp8Format) -> Vec<u8> {
+    values.iter().map(|&x| format.encode(x, Overflow::Ieee)).collect()
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use half::{bf16, f16};
+use whale_kernels::cpu::fp8::Fp8Format;
 
 use crate::backprop::{self, BackwardOp, GradInfo, VarKind};
 use crate::layout::Layout;
@@ -268,6 +269,28 @@ impl Tensor {
     /// The values as f32 in row-major order (any dtype; floats widen exactly, integers convert).
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
         Ok(self.f32_data().to_vec())
+    }
+
+    /// A tensor of FP8 codes (`format`'s bit patterns) with dtype F8E4M3 or F8E5M2.
+    pub fn from_fp8_codes(codes: Vec<u8>, shape: &[usize], format: Fp8Format) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if codes.len() != n {
+            return Err(Error::invalid("from_fp8_codes", format!("{} codes for shape {shape:?}", codes.len())));
+        }
+        let storage = match format {
+            Fp8Format::E4M3 => CpuStorage::F8E4M3(codes),
+            Fp8Format::E5M2 => CpuStorage::F8E5M2(codes),
+        };
+        Ok(Self::from_storage(storage, shape, Device::Cpu))
+    }
+
+    /// The codes of an FP8 tensor in row-major order; an error for other dtypes.
+    pub fn fp8_codes(&self) -> Result<Vec<u8>> {
+        let guard = self.0.storage.read().expect("tensor storage lock poisoned");
+        match &*guard {
+            CpuStorage::F8E4M3(v) | CpuStorage::F8E5M2(v) => Ok(self.0.layout.gather(v)),
+            other => Err(Error::UnsupportedDType { op: "fp8_codes", dtype: other.dtype(), why: "not an FP8 tensor" }),
+        }
     }
 
     /// The values of an index tensor (u32 or i64) in row-major order.

@@ -3,11 +3,11 @@
 
 use whale_tensor::optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig};
 use whale_tensor::testing::randn;
-use whale_tensor::ParamStore;
+use whale_tensor::{DType, ParamStore};
 
 #[test]
 fn adamw_matches_the_pytorch_update_rule() {
-    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_1d: false };
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, ..AdamWConfig::default() };
     let mut params = ParamStore::new();
     let w = params.insert("w", &randn(&[4, 5], 1)).unwrap();
     let b = params.insert("b", &randn(&[5], 2)).unwrap();
@@ -82,4 +82,41 @@ fn clipping_scales_to_max_norm() {
     // Below the threshold nothing changes.
     assert!((clip_grad_norm(&params, 10.0).unwrap() - after).abs() < 1e-12);
     assert!((grad_norm(&params).unwrap() - after).abs() < 1e-12);
+}
+
+#[test]
+fn bf16_moments_are_stored_in_bf16_track_f32_moments_and_restore_exactly() {
+    let run = |moment_dtype| {
+        let mut params = ParamStore::new();
+        let w = params.insert("w", &randn(&[64, 16], 1)).unwrap();
+        let mut opt = AdamW::new(AdamWConfig { moment_dtype, ..AdamWConfig::default() }).unwrap();
+        for step in 0..5 {
+            w.set_grad(Some(randn(&[64, 16], 30 + step))).unwrap();
+            opt.step(&params, 1e-2).unwrap();
+        }
+        (params, w, opt)
+    };
+    let (_, w32, _) = run(DType::F32);
+    let (params, w16, opt) = run(DType::BF16);
+    let state = opt.state_tensors().unwrap();
+    assert!(state.iter().all(|(_, t)| t.dtype() == DType::BF16), "moments are stored in bf16");
+    let (a, b) = (w32.to_vec_f32().unwrap(), w16.to_vec_f32().unwrap());
+    let moved: f32 = a.iter().zip(&randn(&[64, 16], 1).to_vec_f32().unwrap()).map(|(x, y)| (x - y).abs()).sum();
+    let diff: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum();
+    assert!(diff > 0.0 && diff < 0.01 * moved, "bf16 moments: {diff} off over {moved} of movement");
+
+    // Saved and restored, the bf16 state continues exactly as the original.
+    let mut restored = AdamW::new(opt.config).unwrap();
+    restored.load_state(opt.steps(), &state.into_iter().collect(), &params).unwrap();
+    let mut original = opt;
+    let snapshot = w16.deep_clone();
+    let g = randn(&[64, 16], 99);
+    w16.set_grad(Some(g.clone())).unwrap();
+    original.step(&params, 1e-2).unwrap();
+    let after_original = w16.to_vec_f32().unwrap();
+    let mut params2 = ParamStore::new();
+    let w2 = params2.insert("w", &snapshot).unwrap();
+    w2.set_grad(Some(g)).unwrap();
+    restored.step(&params2, 1e-2).unwrap();
+    assert_eq!(after_original, w2.to_vec_f32().unwrap());
 }

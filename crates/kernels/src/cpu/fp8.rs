@@ -73,8 +73,11 @@ impl Fp8Format {
         let m = (code & ((1 << m_bits) - 1)) as i32;
         let e_max = (1 << e_bits) - 1;
         match self {
-            Fp8Format::E4M3 if e == e_max && m == (1 << m_bits) - 1 => return f32::NAN,
-            Fp8Format::E5M2 if e == e_max => return if m == 0 { sign * f32::INFINITY } else { f32::NAN },
+            // NaN keeps its sign bit, as torch's decoders do.
+            Fp8Format::E4M3 if e == e_max && m == (1 << m_bits) - 1 => return f32::NAN.copysign(sign),
+            Fp8Format::E5M2 if e == e_max => {
+                return if m == 0 { sign * f32::INFINITY } else { f32::NAN.copysign(sign) };
+            }
             _ => {}
         }
         let frac = m as f32 / (1 << m_bits) as f32;
@@ -83,6 +86,15 @@ impl Fp8Format {
         } else {
             sign * (1.0 + frac) * 2f32.powi(e - self.bias())
         }
+    }
+
+    /// The value of every code, indexed by code.
+    pub fn decode_table(self) -> [f32; 256] {
+        let mut t = [0.0f32; 256];
+        for (c, v) in t.iter_mut().enumerate() {
+            *v = self.decode(c as u8);
+        }
+        t
     }
 
     /// Encodes `x` with round-to-nearest-even.
@@ -234,68 +246,134 @@ pub enum ScaleFormat {
 /// 0 by 0 (the reference's `act_quant` clamps at 1e-4 too; spec section 9, item 11).
 pub const MIN_AMAX: f32 = 1e-4;
 
-/// Fine-grained quantization of a row-major `[rows, cols]` matrix in blocks of
-/// `block_rows x block_cols` (1x128 activation tiles, 128x128 weight blocks). Each block gets
-/// `scale = amax / fmt.max()` (UE8M0: rounded up to a power of two, so no element exceeds the max)
-/// and its elements are encoded as `x / scale`, saturating. Blocks at the right and bottom edges
-/// may be partial: their scale covers only the elements that exist (nothing is padded), and the
-/// scale grid is `[ceil(rows / block_rows), ceil(cols / block_cols)]`, as in the released
-/// checkpoints' `weight_scale_inv`. Returns (codes `[rows, cols]`, scales).
-pub fn quantize_blocks(
-    x: &[f32],
-    rows: usize,
-    cols: usize,
-    block: (usize, usize),
-    fmt: Fp8Format,
-    scale_fmt: ScaleFormat,
-) -> (Vec<u8>, Vec<f32>) {
-    assert_eq!(x.len(), rows * cols, "quantize_blocks: buffer does not match [{rows}, {cols}]");
-    let (br, bc) = block;
-    let (gr, gc) = (rows.div_ceil(br), cols.div_ceil(bc));
-    let mut scales = vec![0.0f32; gr * gc];
-    let mut codes = vec![0u8; rows * cols];
-    for bi in 0..gr {
-        for bj in 0..gc {
-            let (r0, r1, c0, c1) = (bi * br, ((bi + 1) * br).min(rows), bj * bc, ((bj + 1) * bc).min(cols));
-            let mut amax = 0.0f32;
-            for r in r0..r1 {
-                for &v in &x[r * cols + c0..r * cols + c1] {
-                    amax = amax.max(v.abs());
+/// A row-major `[rows, cols]` matrix quantized in blocks of `block = (block_rows, block_cols)`:
+/// 1x128 activation tiles, 128x1 tiles of an activation reused along the other axis, 128x128
+/// weight blocks. Blocks at the right and bottom edges may be partial: their scale covers only
+/// the elements that exist, which equals the checkpoints' rule of zero-padding to 128 first (zeros
+/// do not change an amax). The scale grid is `[ceil(rows / block_rows), ceil(cols / block_cols)]`,
+/// as in the released checkpoints' `weight_scale_inv`, and a value is `decode(code) * scale`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fp8Blocks {
+    pub codes: Vec<u8>,
+    pub scales: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+    pub block: (usize, usize),
+    pub format: Fp8Format,
+}
+
+impl Fp8Blocks {
+    /// Online fine-grained quantization: each block gets `scale = max(amax, MIN_AMAX) /
+    /// fmt.max()` (UE8M0: rounded up to a power of two, so no element exceeds the max) and its
+    /// elements are encoded as `x / scale`, saturating.
+    pub fn quantize(
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        block: (usize, usize),
+        format: Fp8Format,
+        scale_format: ScaleFormat,
+    ) -> Fp8Blocks {
+        assert_eq!(x.len(), rows * cols, "Fp8Blocks::quantize: buffer does not match [{rows}, {cols}]");
+        let (br, bc) = block;
+        let (gr, gc) = (rows.div_ceil(br), cols.div_ceil(bc));
+        let mut scales = vec![0.0f32; gr * gc];
+        let mut codes = vec![0u8; rows * cols];
+        for bi in 0..gr {
+            for bj in 0..gc {
+                let (r0, r1, c0, c1) = (bi * br, ((bi + 1) * br).min(rows), bj * bc, ((bj + 1) * bc).min(cols));
+                let mut amax = 0.0f32;
+                for r in r0..r1 {
+                    for &v in &x[r * cols + c0..r * cols + c1] {
+                        amax = amax.max(v.abs());
+                    }
                 }
-            }
-            let mut scale = amax.max(MIN_AMAX) / fmt.max();
-            if scale_fmt == ScaleFormat::Ue8m0 {
-                scale = 2f32.powi(scale.log2().ceil() as i32);
-            }
-            scales[bi * gc + bj] = scale;
-            for r in r0..r1 {
-                for c in c0..c1 {
-                    codes[r * cols + c] = fmt.encode(x[r * cols + c] / scale, Overflow::Saturate);
+                let mut scale = amax.max(MIN_AMAX) / format.max();
+                if scale_format == ScaleFormat::Ue8m0 {
+                    scale = 2f32.powi(scale.log2().ceil() as i32);
+                }
+                scales[bi * gc + bj] = scale;
+                for r in r0..r1 {
+                    for c in c0..c1 {
+                        codes[r * cols + c] = format.encode(x[r * cols + c] / scale, Overflow::Saturate);
+                    }
                 }
             }
         }
+        Fp8Blocks { codes, scales, rows, cols, block, format }
     }
-    (codes, scales)
-}
 
-/// Inverse of [`quantize_blocks`]: `decode(code) * scale` of its block.
-pub fn dequantize_blocks(
-    codes: &[u8],
-    scales: &[f32],
-    rows: usize,
-    cols: usize,
-    block: (usize, usize),
-    fmt: Fp8Format,
-) -> Vec<f32> {
-    let gc = cols.div_ceil(block.1);
-    assert_eq!(scales.len(), rows.div_ceil(block.0) * gc, "dequantize_blocks: scale grid does not match");
-    let table: Vec<f32> = (0..=255u8).map(|c| fmt.decode(c)).collect();
-    (0..rows * cols)
-        .map(|i| {
-            let (r, c) = (i / cols, i % cols);
-            table[codes[i] as usize] * scales[(r / block.0) * gc + c / block.1]
-        })
-        .collect()
+    /// Codes and scales read from elsewhere (a checkpoint); an error says what does not fit.
+    pub fn from_parts(
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+        (rows, cols): (usize, usize),
+        block: (usize, usize),
+        format: Fp8Format,
+    ) -> Result<Fp8Blocks, String> {
+        if block.0 == 0 || block.1 == 0 {
+            return Err(format!("block {block:?} has a zero edge"));
+        }
+        if codes.len() != rows * cols {
+            return Err(format!("{} codes do not fill [{rows}, {cols}]", codes.len()));
+        }
+        let grid = (rows.div_ceil(block.0), cols.div_ceil(block.1));
+        if scales.len() != grid.0 * grid.1 {
+            return Err(format!(
+                "{} scales do not match the grid [{}, {}] of [{rows}, {cols}] in {}x{} blocks",
+                scales.len(),
+                grid.0,
+                grid.1,
+                block.0,
+                block.1
+            ));
+        }
+        Ok(Fp8Blocks { codes, scales, rows, cols, block, format })
+    }
+
+    /// Scale grid columns.
+    pub fn grid_cols(&self) -> usize {
+        self.cols.div_ceil(self.block.1)
+    }
+
+    /// The scale of element `(r, c)`.
+    pub fn scale_at(&self, r: usize, c: usize) -> f32 {
+        self.scales[(r / self.block.0) * self.grid_cols() + c / self.block.1]
+    }
+
+    /// The values `decode(code) * scale`, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let table = self.format.decode_table();
+        let gc = self.grid_cols();
+        let (br, bc) = self.block;
+        let mut out = Vec::with_capacity(self.codes.len());
+        for r in 0..self.rows {
+            let srow = &self.scales[(r / br) * gc..(r / br + 1) * gc];
+            let crow = &self.codes[r * self.cols..(r + 1) * self.cols];
+            out.extend(crow.iter().enumerate().map(|(c, &q)| table[q as usize] * srow[c / bc]));
+        }
+        out
+    }
+
+    /// The transpose `[cols, rows]` with the scale grid transposed, so a 128x128-block weight
+    /// quantized once for Fprop serves Dgrad too (no second rounding).
+    pub fn transpose(&self) -> Fp8Blocks {
+        let (rows, cols) = (self.rows, self.cols);
+        let mut codes = vec![0u8; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                codes[c * rows + r] = self.codes[r * cols + c];
+            }
+        }
+        let (gr, gc) = (rows.div_ceil(self.block.0), self.grid_cols());
+        let mut scales = vec![0.0f32; gr * gc];
+        for i in 0..gr {
+            for j in 0..gc {
+                scales[j * gr + i] = self.scales[i * gc + j];
+            }
+        }
+        Fp8Blocks { codes, scales, rows: cols, cols: rows, block: (self.block.1, self.block.0), format: self.format }
+    }
 }
 
 #[cfg(test)]
@@ -311,9 +389,10 @@ mod quant_tests {
             let x: Vec<f32> = (0..rows * cols).map(|i| rng.next() * 10f32.powi((i / 97 % 5) as i32 - 2)).collect();
             for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
                 for sf in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
-                    let (codes, scales) = quantize_blocks(&x, rows, cols, block, fmt, sf);
-                    assert_eq!(scales.len(), rows.div_ceil(block.0) * cols.div_ceil(block.1));
-                    let back = dequantize_blocks(&codes, &scales, rows, cols, block, fmt);
+                    let q = Fp8Blocks::quantize(&x, rows, cols, block, fmt, sf);
+                    assert_eq!(q.scales.len(), rows.div_ceil(block.0) * cols.div_ceil(block.1));
+                    let back = q.dequantize();
+                    let scales = &q.scales;
                     // Half a spacing at the top binade of the format, in units of the block scale:
                     // 16 for E4M3 (spacing 32 below 448), 4096 for E5M2 (8192 below 57344).
                     let half_ulp = match fmt {
@@ -336,12 +415,31 @@ mod quant_tests {
     #[test]
     fn a_zero_block_gets_a_finite_scale_and_zero_codes() {
         let x = vec![0.0f32; 256];
-        let (codes, scales) = quantize_blocks(&x, 1, 256, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
-        assert!(scales.iter().all(|s| s.is_finite() && *s > 0.0));
-        assert!(codes.iter().all(|&c| c == 0));
+        let q = Fp8Blocks::quantize(&x, 1, 256, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
+        assert!(q.scales.iter().all(|s| s.is_finite() && *s > 0.0));
+        assert!(q.codes.iter().all(|&c| c == 0));
         // The largest element of a block maps to the format's max exactly (f32 scales).
         let y: Vec<f32> = (0..128).map(|i| i as f32 - 60.0).collect();
-        let (codes, _) = quantize_blocks(&y, 1, 128, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
-        assert_eq!(Fp8Format::E4M3.decode(codes[127]), 448.0);
+        let q = Fp8Blocks::quantize(&y, 1, 128, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
+        assert_eq!(Fp8Format::E4M3.decode(q.codes[127]), 448.0);
+    }
+
+    #[test]
+    fn transpose_moves_codes_and_scales_together_and_parts_are_checked() {
+        let mut rng = Rng::new(5);
+        let (rows, cols) = (130, 260);
+        let x: Vec<f32> = (0..rows * cols).map(|i| rng.next() * (1 + i % 7) as f32).collect();
+        let q = Fp8Blocks::quantize(&x, rows, cols, (128, 128), Fp8Format::E4M3, ScaleFormat::F32);
+        let t = q.transpose();
+        assert_eq!((t.rows, t.cols, t.block), (cols, rows, (128, 128)));
+        let (a, b) = (q.dequantize(), t.dequantize());
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(a[r * cols + c], b[c * rows + r]);
+            }
+        }
+        assert_eq!(t.transpose(), q);
+        let err = Fp8Blocks::from_parts(q.codes.clone(), vec![1.0; 5], (rows, cols), (128, 128), Fp8Format::E4M3);
+        assert!(err.unwrap_err().contains("grid [2, 3]"));
     }
 }

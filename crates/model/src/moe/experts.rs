@@ -2,6 +2,7 @@
 //! expert, a grouped matmul), run each expert once on its block, combine with the routing
 //! weights, add the shared experts.
 
+use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::{Device, Tensor};
 
 use super::router::{Router, Routing};
@@ -50,6 +51,11 @@ impl DeepSeekMoE {
         })
     }
 
+    /// FP8 GEMMs in every routed and shared expert (the router stays f32).
+    pub fn set_fp8(&mut self, recipe: Option<Fp8Recipe>) {
+        self.experts.iter_mut().chain(self.shared_experts.as_mut()).for_each(|e| e.set_fp8(recipe));
+    }
+
     /// `x`: `[batch, seq, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<MoeOutput> {
         let dims = x.dims().to_vec();
@@ -78,13 +84,26 @@ impl DeepSeekMoE {
         // Every expert runs once on its contiguous block of the sorted tokens (a grouped GEMM).
         let dispatched = tokens.index_select(0, &rows)?;
         let sizes = &routing.load;
-        let weights = |f: fn(&SwiGluMlp) -> &Tensor| -> Result<Vec<Tensor>> {
-            self.experts.iter().map(|e| in_dtype_of(f(e), tokens)).collect()
+        let expert_out = if self.experts.iter().any(SwiGluMlp::is_fp8) {
+            // FP8 experts quantize their own block (its 1x128 tiles are per token anyway).
+            let mut start = 0;
+            let mut blocks = Vec::new();
+            for (e, &size) in self.experts.iter().zip(sizes) {
+                if size > 0 {
+                    blocks.push(e.forward(&dispatched.narrow(0, start, size)?)?);
+                }
+                start += size;
+            }
+            Tensor::cat(&blocks, 0)?
+        } else {
+            let weights = |f: fn(&SwiGluMlp) -> &Tensor| -> Result<Vec<Tensor>> {
+                self.experts.iter().map(|e| in_dtype_of(f(e), tokens)).collect()
+            };
+            let gate = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.gate_proj.weight)?)?;
+            let up = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.up_proj.weight)?)?;
+            let hidden = Tensor::swiglu(&gate, &up)?;
+            Tensor::grouped_matmul(&hidden, sizes, &weights(|e| &e.down_proj.weight)?)?
         };
-        let gate = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.gate_proj.weight)?)?;
-        let up = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.up_proj.weight)?)?;
-        let hidden = Tensor::swiglu(&gate, &up)?;
-        let expert_out = Tensor::grouped_matmul(&hidden, sizes, &weights(|e| &e.down_proj.weight)?)?;
         let w = in_dtype_of(&routing.weights.flatten_all()?.index_select(0, &slots)?.unsqueeze(1)?, tokens)?;
         Ok(tokens.zeros_like()?.index_add(0, &rows, &expert_out.mul(&w)?)?)
     }

@@ -97,6 +97,31 @@ impl<'a> ParamBuilder<'a> {
         Ok(self.params.insert(self.full_name(name), &t)?)
     }
 
+    /// A linear layer's weight: trainable (as [`Self::weight`]), or, when the checkpoint holds it
+    /// in FP8 and was loaded with FP8 weights kept, its codes and `weight_scale_inv`, registered
+    /// as buffers (saved with the model, not trained).
+    pub fn linear_weight(&mut self, name: &str, shape: &[usize]) -> Result<(Tensor, Option<Tensor>)> {
+        let full = self.full_name(name);
+        if let WeightSource::Loaded { path, tensors } = &mut *self.source {
+            if tensors.get(&full).is_some_and(|t| t.dtype().fp8_format().is_some()) {
+                let codes = tensors.remove(&full).expect("present");
+                let scale_name = format!("{full}_scale_inv");
+                let err = |name: &str, msg: String| Error::Checkpoint { path: path.clone(), name: name.into(), msg };
+                if codes.dims() != shape {
+                    return Err(err(&full, format!("has shape {:?}, the config expects {shape:?}", codes.dims())));
+                }
+                let scale = tensors
+                    .remove(&scale_name)
+                    .ok_or_else(|| err(&full, format!("is FP8 but `{scale_name}` is missing")))?
+                    .to_dtype(DType::F32)?;
+                self.buffers.insert(full, codes.clone());
+                self.buffers.insert(scale_name, scale.clone());
+                return Ok((codes, Some(scale)));
+            }
+        }
+        Ok((self.weight(name, shape)?, None))
+    }
+
     /// A trainable weight that starts at 1 (norm scales).
     pub fn ones(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.take(name, shape, |_, _| Ok(Tensor::ones(shape, DType::F32, &whale_tensor::Device::Cpu)?))?;

@@ -1,6 +1,10 @@
 //! AdamW (decoupled weight decay, bias correction) over a [`ParamStore`], on the fused kernel.
+//! Its moments are kept in f32 or, as in DeepSeek-V3's recipe, in bf16 (half the memory; each
+//! step widens them, updates in f32 and rounds back to nearest even).
 
 use std::collections::BTreeMap;
+
+use half::bf16;
 
 use whale_kernels::cpu::adamw::{adamw_step, AdamWStep};
 
@@ -14,20 +18,66 @@ pub struct AdamWConfig {
     pub weight_decay: f32,
     /// Decay 1-D parameters (norm weights, biases) too. Off by default, the common practice.
     pub decay_1d: bool,
+    /// Storage of the first and second moments: F32 or BF16.
+    pub moment_dtype: DType,
 }
 
 impl Default for AdamWConfig {
     /// DeepSeek-V3's values (spec section 6.2): betas (0.9, 0.95), weight decay 0.1.
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_1d: false }
+        AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, decay_1d: false, moment_dtype: DType::F32 }
+    }
+}
+
+/// One moment buffer in its storage dtype.
+#[derive(Debug, Clone)]
+enum Moment {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+}
+
+impl Moment {
+    fn zeros(n: usize, dtype: DType) -> Moment {
+        match dtype {
+            DType::BF16 => Moment::BF16(vec![bf16::ZERO; n]),
+            _ => Moment::F32(vec![0.0; n]),
+        }
+    }
+
+    fn from_tensor(t: &Tensor, dtype: DType) -> Result<Moment> {
+        let v = t.to_vec_f32()?;
+        Ok(match dtype {
+            DType::BF16 => Moment::BF16(v.into_iter().map(bf16::from_f32).collect()),
+            _ => Moment::F32(v),
+        })
+    }
+
+    fn to_tensor(&self) -> Result<Tensor> {
+        match self {
+            Moment::F32(v) => Tensor::from_vec(v.clone(), &[v.len()], &Device::Cpu),
+            Moment::BF16(v) => Tensor::from_vec(v.clone(), &[v.len()], &Device::Cpu),
+        }
+    }
+
+    /// Runs `f` on the values as f32 (widened and rounded back for bf16 storage).
+    fn with_f32<R>(&mut self, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        match self {
+            Moment::F32(v) => f(v),
+            Moment::BF16(v) => {
+                let mut wide: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+                let r = f(&mut wide);
+                v.iter_mut().zip(&wide).for_each(|(x, &w)| *x = bf16::from_f32(w));
+                r
+            }
+        }
     }
 }
 
 /// First and second moments of one parameter.
 #[derive(Debug, Clone)]
 struct Moments {
-    m: Vec<f32>,
-    v: Vec<f32>,
+    m: Moment,
+    v: Moment,
 }
 
 #[derive(Debug, Clone)]
@@ -42,7 +92,8 @@ impl AdamW {
         let ok = (0.0..1.0).contains(&config.beta1)
             && (0.0..1.0).contains(&config.beta2)
             && config.eps >= 0.0
-            && config.weight_decay >= 0.0;
+            && config.weight_decay >= 0.0
+            && matches!(config.moment_dtype, DType::F32 | DType::BF16);
         if !ok {
             return Err(Error::invalid("AdamW", format!("hyper-parameters out of range: {config:?}")));
         }
@@ -61,8 +112,11 @@ impl AdamW {
             let Some(g) = p.grad() else { continue };
             let grad = g.to_vec_f32()?;
             let n = p.elem_count();
-            let moments =
-                self.state.entry(name.to_string()).or_insert_with(|| Moments { m: vec![0.0; n], v: vec![0.0; n] });
+            let dtype = self.config.moment_dtype;
+            let moments = self
+                .state
+                .entry(name.to_string())
+                .or_insert_with(|| Moments { m: Moment::zeros(n, dtype), v: Moment::zeros(n, dtype) });
             let decay = if p.rank() >= 2 || self.config.decay_1d { self.config.weight_decay } else { 0.0 };
             let hp = AdamWStep {
                 lr,
@@ -72,19 +126,20 @@ impl AdamW {
                 weight_decay: decay,
                 step: self.step,
             };
-            p.with_f32_mut(|w| adamw_step(w, &grad, &mut moments.m, &mut moments.v, &hp))
+            let Moments { m, v } = moments;
+            p.with_f32_mut(|w| m.with_f32(|m| v.with_f32(|v| adamw_step(w, &grad, m, v, &hp))))
                 .map_err(|e| Error::Params(format!("AdamW cannot update `{name}`: {e}")))?;
         }
         Ok(())
     }
 
-    /// The state as named f32 tensors (`{name}.exp_avg`, `{name}.exp_avg_sq`), for checkpoints.
+    /// The state as named tensors in the moments' dtype (`{name}.exp_avg`, `{name}.exp_avg_sq`),
+    /// for checkpoints.
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for (name, mo) in &self.state {
-            let n = mo.m.len();
-            out.push((format!("{name}.exp_avg"), Tensor::from_vec(mo.m.clone(), &[n], &Device::Cpu)?));
-            out.push((format!("{name}.exp_avg_sq"), Tensor::from_vec(mo.v.clone(), &[n], &Device::Cpu)?));
+            out.push((format!("{name}.exp_avg"), mo.m.to_tensor()?));
+            out.push((format!("{name}.exp_avg_sq"), mo.v.to_tensor()?));
         }
         Ok(out)
     }
@@ -93,11 +148,13 @@ impl AdamW {
     pub fn load_state(&mut self, steps: u64, tensors: &BTreeMap<String, Tensor>, params: &ParamStore) -> Result<()> {
         let mut state = BTreeMap::new();
         for (name, p) in params.iter() {
-            let fetch = |suffix: &str| -> Result<Option<Vec<f32>>> {
+            let fetch = |suffix: &str| -> Result<Option<Moment>> {
                 let key = format!("{name}.{suffix}");
                 match tensors.get(&key) {
                     None => Ok(None),
-                    Some(t) if t.elem_count() == p.elem_count() && t.dtype() == DType::F32 => Ok(Some(t.to_vec_f32()?)),
+                    Some(t) if t.elem_count() == p.elem_count() && matches!(t.dtype(), DType::F32 | DType::BF16) => {
+                        Ok(Some(Moment::from_tensor(t, self.config.moment_dtype)?))
+                    }
                     Some(t) => Err(Error::Params(format!(
                         "optimizer state `{key}` has {} elements, parameter has {}",
                         t.elem_count(),

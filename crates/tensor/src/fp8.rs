@@ -1,0 +1,174 @@
+//! FP8 mixed precision (spec deepseek-v3.md section 4.2): fine-grained quantization of tensors and
+//! the FP8 linear layer of DeepSeek-V3's recipe, whose three GEMMs run on FP8 operands:
+//!
+//! - Fprop `y = x W^T`: `x` in 1x128 tiles along the input features, `W` in 128x128 blocks.
+//! - Dgrad `dx = dy W`: `dy` in 1x128 tiles along the output features; the same FP8 `W` (its
+//!   blocks are square, so its transpose needs no second quantization).
+//! - Wgrad `dW = dy^T x`: both re-tiled 128x1, i.e. 1x128 along the tokens; `dW` in f32.
+//!
+//! Each GEMM is [`fp8_gemm`]: per 128 elements of K a partial sum, then promotion by the two
+//! scales into an f32 accumulator. The straight-through gradient is the recipe's: quantization is
+//! not differentiated, the GEMMs of the backward pass simply run on quantized operands too.
+
+use std::sync::Arc;
+
+pub use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
+use whale_kernels::cpu::fp8_gemm::fp8_gemm;
+pub use whale_kernels::cpu::fp8_gemm::{Accumulation, BLOCK};
+
+use crate::backprop::{backward_fn, NoBackward};
+use crate::ops::{check_float, grad_if};
+use crate::{DType, Error, Result, Tensor};
+
+/// How a linear layer's GEMMs run in FP8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Recipe {
+    /// E4M3 for every GEMM input, forward and backward (the recipe's choice).
+    pub format: Fp8Format,
+    pub scale_format: ScaleFormat,
+    pub accumulation: Accumulation,
+}
+
+impl Fp8Recipe {
+    /// DeepSeek-V3 on Hopper: E4M3, f32 scales, a ~14-bit accumulator promoted every 128
+    /// (emulated element by element: exact, and slow on a CPU).
+    pub const DEEPSEEK_V3: Fp8Recipe =
+        Fp8Recipe { format: Fp8Format::E4M3, scale_format: ScaleFormat::F32, accumulation: Accumulation::DEEPSEEK_V3 };
+    /// The same with an exact f32 partial sum per 128-K block (the reference's Triton kernel;
+    /// runs at f32 GEMM speed): the training default.
+    pub const F32_ACCUMULATION: Fp8Recipe =
+        Fp8Recipe { format: Fp8Format::E4M3, scale_format: ScaleFormat::F32, accumulation: Accumulation::F32 };
+}
+
+impl Default for Fp8Recipe {
+    fn default() -> Self {
+        Fp8Recipe::F32_ACCUMULATION
+    }
+}
+
+/// `[rows, cols]` row-major -> `[cols, rows]`.
+fn transposed(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
+}
+
+/// A gradient tensor with no history.
+fn plain(values: Vec<f32>, shape: &[usize], dtype: DType) -> Tensor {
+    Tensor::from_op(values, shape, dtype, &[], NoBackward)
+}
+
+impl Tensor {
+    /// Quantizes a 2-D tensor in `block`s (`(1, 128)` activation tiles, `(128, 128)` weight
+    /// blocks): returns the codes (dtype F8E4M3/F8E5M2, same shape) and the f32 scale grid
+    /// `[ceil(rows / block.0), ceil(cols / block.1)]` (a value is `code * scale`).
+    pub fn quantize_fp8(
+        &self,
+        block: (usize, usize),
+        format: Fp8Format,
+        scale_format: ScaleFormat,
+    ) -> Result<(Tensor, Tensor)> {
+        check_float("quantize_fp8", self)?;
+        let [rows, cols] = self.dims()[..] else {
+            return Err(Error::invalid("quantize_fp8", format!("needs a 2-D tensor, got {:?}", self.dims())));
+        };
+        if block.0 == 0 || block.1 == 0 {
+            return Err(Error::invalid("quantize_fp8", format!("block {block:?} has a zero edge")));
+        }
+        let q = Fp8Blocks::quantize(&self.f32_data(), rows, cols, block, format, scale_format);
+        let grid = [rows.div_ceil(block.0), cols.div_ceil(block.1)];
+        Ok((
+            Tensor::from_fp8_codes(q.codes, &[rows, cols], format)?,
+            Tensor::from_vec(q.scales, &grid, &self.device())?,
+        ))
+    }
+
+    /// The blocks of an FP8 tensor and its scale grid, checked against each other.
+    pub fn fp8_blocks(codes: &Tensor, scales: &Tensor, block: (usize, usize)) -> Result<Fp8Blocks> {
+        let op = "fp8_blocks";
+        let format = codes.dtype().fp8_format().ok_or(Error::UnsupportedDType {
+            op,
+            dtype: codes.dtype(),
+            why: "codes must be F8E4M3 or F8E5M2",
+        })?;
+        let [rows, cols] = codes.dims()[..] else {
+            return Err(Error::invalid(op, format!("codes must be 2-D, got {:?}", codes.dims())));
+        };
+        let grid = [rows.div_ceil(block.0.max(1)), cols.div_ceil(block.1.max(1))];
+        if scales.dims() != grid {
+            return Err(Error::invalid(
+                op,
+                format!("scales have shape {:?}; [{rows}, {cols}] in {block:?} blocks needs {grid:?}", scales.dims()),
+            ));
+        }
+        Fp8Blocks::from_parts(codes.fp8_codes()?, scales.to_vec_f32()?, (rows, cols), block, format)
+            .map_err(|msg| Error::invalid(op, msg))
+    }
+
+    /// `code * scale` per block, as f32.
+    pub fn dequantize_fp8(codes: &Tensor, scales: &Tensor, block: (usize, usize)) -> Result<Tensor> {
+        let q = Self::fp8_blocks(codes, scales, block)?;
+        Tensor::from_vec(q.dequantize(), codes.dims(), &codes.device())
+    }
+
+    /// `x @ W^T` with FP8 Fprop/Dgrad/Wgrad GEMMs: `self` `[..., in]` (any float dtype; the
+    /// output keeps it), `weight` `[out, in]` the master weight (its gradient comes back in its
+    /// own dtype, f32 for an f32 master). Quantized online, per tile and block, every call.
+    pub fn fp8_linear(&self, weight: &Tensor, recipe: &Fp8Recipe) -> Result<Tensor> {
+        check_float("fp8_linear", weight)?;
+        let [n, k] = weight.dims()[..] else {
+            return Err(Error::invalid("fp8_linear", format!("weight must be [out, in], got {:?}", weight.dims())));
+        };
+        let wq = Fp8Blocks::quantize(&weight.f32_data(), n, k, (BLOCK, BLOCK), recipe.format, recipe.scale_format);
+        self.fp8_linear_with(Arc::new(wq), Some(weight), recipe)
+    }
+
+    /// `x @ W^T` for a weight that already is FP8 (`codes` `[out, in]`, `scale_inv` its
+    /// 128x128-block scale grid, as DeepSeek-V3's checkpoints store them): FP8 inference. The
+    /// weight is frozen; a gradient still flows to `x` (through the Dgrad GEMM).
+    pub fn fp8_linear_quantized(&self, codes: &Tensor, scale_inv: &Tensor, recipe: &Fp8Recipe) -> Result<Tensor> {
+        let wq = Self::fp8_blocks(codes, scale_inv, (BLOCK, BLOCK))?;
+        self.fp8_linear_with(Arc::new(wq), None, recipe)
+    }
+
+    fn fp8_linear_with(&self, wq: Arc<Fp8Blocks>, master: Option<&Tensor>, recipe: &Fp8Recipe) -> Result<Tensor> {
+        check_float("fp8_linear", self)?;
+        let (n, k) = (wq.rows, wq.cols);
+        if self.rank() == 0 || self.dims()[self.rank() - 1] != k {
+            return Err(Error::ShapeMismatch { op: "fp8_linear", lhs: self.dims().to_vec(), rhs: vec![n, k] });
+        }
+        let m = self.elem_count() / k.max(1);
+        let recipe = *recipe;
+        let (fmt, sfmt) = (recipe.format, recipe.scale_format);
+        let xq = Fp8Blocks::quantize(&self.f32_data(), m, k, (1, BLOCK), fmt, sfmt);
+        let y = fp8_gemm(&xq, &wq, recipe.accumulation);
+        let mut out_shape = self.dims().to_vec();
+        *out_shape.last_mut().expect("rank >= 1") = n;
+
+        let back = backward_fn("fp8_linear", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+            let dy = g.f32_data();
+            let x = &inputs[0];
+            let dx = grad_if(needs[0], || {
+                // Dgrad: [m, n] x [n, k], K = n.
+                let dyq = Fp8Blocks::quantize(&dy, m, n, (1, BLOCK), fmt, sfmt);
+                Ok(plain(fp8_gemm(&dyq, &wq.transpose(), recipe.accumulation), x.dims(), x.dtype()))
+            })?;
+            let mut grads = vec![dx];
+            if let Some(w) = inputs.get(1) {
+                grads.push(grad_if(needs[1], || {
+                    // Wgrad: [n, m] x [m, k], K = m (the tokens): both operands tiled along it.
+                    let dyt = Fp8Blocks::quantize(&transposed(&dy, m, n), n, m, (1, BLOCK), fmt, sfmt);
+                    let xt = Fp8Blocks::quantize(&transposed(&x.f32_data(), m, k), k, m, (1, BLOCK), fmt, sfmt);
+                    Ok(plain(fp8_gemm(&dyt, &xt, recipe.accumulation), w.dims(), w.dtype()))
+                })?);
+            }
+            Ok(grads)
+        });
+        let inputs: Vec<&Tensor> = std::iter::once(self).chain(master).collect();
+        Ok(Tensor::from_op(y, &out_shape, self.dtype(), &inputs, back))
+    }
+}

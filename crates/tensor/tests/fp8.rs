@@ -1,0 +1,194 @@
+//! FP8 dtypes and the FP8 linear layer.
+//!
+//! The casts are checked code by code against the formats written out from their definitions
+//! (independently of the codec). The FP8 linear layer is checked against its plain twin, a
+//! composition of dequantized operands and f32 matmuls, in all three GEMMs. Quantization is
+//! piecewise constant, so a finite-difference test of it would see steps, not a slope; the
+//! recipe's gradient is the straight-through one, which the twin defines exactly, and it is also
+//! checked to stay close to the f32 layer's gradient (whose own finite-difference test is in
+//! gradcheck.rs).
+
+use whale_tensor::fp8::{Fp8Format, Fp8Recipe, ScaleFormat, BLOCK};
+use whale_tensor::testing::randn;
+use whale_tensor::{DType, Device, Tensor};
+
+/// `(format, dtype, mantissa bits, bias)`.
+const FORMATS: [(Fp8Format, DType, u32, i32); 2] =
+    [(Fp8Format::E4M3, DType::F8E4M3, 3, 7), (Fp8Format::E5M2, DType::F8E5M2, 2, 15)];
+
+/// The value of a code from the format's definition; `None` for NaN, `Some(inf)` for infinity.
+fn definition(dtype: DType, m_bits: u32, bias: i32, code: u8) -> Option<f64> {
+    let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+    let e = ((code & 0x7F) >> m_bits) as i32;
+    let m = (code & ((1 << m_bits) - 1)) as i32;
+    let top = (1 << (7 - m_bits)) - 1;
+    match dtype {
+        DType::F8E4M3 if code & 0x7F == 0x7F => return None,
+        DType::F8E5M2 if e == top => return if m == 0 { Some(sign * f64::INFINITY) } else { None },
+        _ => {}
+    }
+    let (significand, exp) = if e == 0 { (m, 1 - bias) } else { ((1 << m_bits) + m, e - bias) };
+    Some(sign * significand as f64 * 2f64.powi(exp - m_bits as i32))
+}
+
+#[test]
+fn every_code_of_both_formats_casts_to_f32_and_back() {
+    for (format, dtype, m_bits, bias) in FORMATS {
+        let codes: Vec<u8> = (0..=255).collect();
+        let t = Tensor::from_fp8_codes(codes.clone(), &[256], format).unwrap();
+        assert_eq!(t.dtype(), dtype);
+        let values = t.to_dtype(DType::F32).unwrap().to_vec_f32().unwrap();
+        for (&code, &v) in codes.iter().zip(&values) {
+            match definition(dtype, m_bits, bias, code) {
+                None => assert!(v.is_nan(), "{dtype:?} {code:#04x} should be NaN, got {v}"),
+                Some(want) => assert_eq!(v as f64, want, "{dtype:?} {code:#04x}"),
+            }
+        }
+        // Back from f32 and from bf16 (every FP8 value is exact in both): the same codes, with
+        // NaNs mapping to the canonical NaN of their sign.
+        for source in [DType::F32, DType::BF16] {
+            let back = Tensor::from_vec(values.clone(), &[256], &Device::Cpu)
+                .unwrap()
+                .to_dtype(source)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .fp8_codes()
+                .unwrap();
+            for (&code, &b) in codes.iter().zip(&back) {
+                if values[code as usize].is_nan() {
+                    assert_eq!(b, (code & 0x80) | 0x7F, "{dtype:?} NaN {code:#04x} from {source:?}");
+                } else {
+                    assert_eq!(b, code, "{dtype:?} {code:#04x} from {source:?}");
+                }
+            }
+        }
+    }
+}
+
+fn cast(x: f32, dtype: DType) -> f32 {
+    Tensor::from_vec(vec![x], &[1], &Device::Cpu).unwrap().to_dtype(dtype).unwrap().to_vec_f32().unwrap()[0]
+}
+
+#[test]
+fn casts_round_ties_to_even_through_subnormals_and_overflow_like_torch() {
+    let e4 = DType::F8E4M3;
+    assert_eq!(cast(1.0625, e4), 1.0, "halfway 1 and 1.125: to the even mantissa");
+    assert_eq!(cast(1.1875, e4), 1.25);
+    assert_eq!(cast(2f32.powi(-9), e4), 2f32.powi(-9), "smallest subnormal");
+    assert_eq!(cast(2f32.powi(-10), e4), 0.0, "half the smallest subnormal: ties to zero");
+    assert_eq!(cast(3.0 * 2f32.powi(-10), e4), 2f32.powi(-8), "1.5 quanta: ties to 2");
+    assert_eq!(cast(0.96875 * 2f32.powi(-6), e4), 2f32.powi(-6), "rounds up into the normals");
+    assert_eq!(cast(464.0, e4), 448.0, "halfway 448 and the NaN pattern: ties to 448");
+    assert!(cast(465.0, e4).is_nan(), "E4M3 has no infinity: a cast overflows to NaN");
+    assert!(cast(f32::INFINITY, e4).is_nan());
+    assert_eq!(cast(-0.0, e4).to_bits(), (-0.0f32).to_bits());
+    let e5 = DType::F8E5M2;
+    assert_eq!(cast(60000.0, e5), 57344.0);
+    assert_eq!(cast(61440.0, e5), f32::INFINITY, "halfway: ties to the even code, infinity");
+    assert_eq!(cast(-1e6, e5), f32::NEG_INFINITY);
+    assert_eq!(cast(2f32.powi(-16), e5), 2f32.powi(-16));
+    assert!(cast(f32::NAN, e5).is_nan() && cast(f32::NAN, e4).is_nan());
+    assert_eq!(DType::F8E4M3.round_f32(1.0625), 1.0);
+    assert_eq!(DType::F8E4M3.size_in_bytes(), 1);
+}
+
+#[test]
+fn quantize_fp8_saturates_per_block_and_checks_its_scale_grid() {
+    let x = randn(&[3, 300], 1).mul_scalar(1000.0).unwrap();
+    let (codes, scales) = x.quantize_fp8((1, BLOCK), Fp8Format::E4M3, ScaleFormat::F32).unwrap();
+    assert_eq!((codes.dtype(), scales.dims()), (DType::F8E4M3, &[3usize, 3][..]));
+    let back = Tensor::dequantize_fp8(&codes, &scales, (1, BLOCK)).unwrap().to_vec_f32().unwrap();
+    let xv = x.to_vec_f32().unwrap();
+    for (i, (a, b)) in xv.iter().zip(&back).enumerate() {
+        let s = scales.to_vec_f32().unwrap()[(i / 300) * 3 + (i % 300) / BLOCK];
+        assert!((a - b).abs() <= 16.0 * s * 1.000001, "element {i}: {a} vs {b}");
+    }
+    let wrong = Tensor::zeros(&[2, 2], DType::F32, &Device::Cpu).unwrap();
+    let err = Tensor::dequantize_fp8(&codes, &wrong, (1, BLOCK)).unwrap_err().to_string();
+    assert!(err.contains("[3, 3]"), "{err}");
+    assert!(randn(&[2, 3, 4], 1).quantize_fp8((1, BLOCK), Fp8Format::E4M3, ScaleFormat::F32).is_err());
+}
+
+/// The values a quantization stands for, through the public quantizer.
+fn dequantized(x: &Tensor, block: (usize, usize)) -> Tensor {
+    let (c, s) = x.quantize_fp8(block, Fp8Format::E4M3, ScaleFormat::F32).unwrap();
+    Tensor::dequantize_fp8(&c, &s, block).unwrap()
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn rel_frobenius(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+    let d: f32 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
+    (d / b.iter().map(|y| y * y).sum::<f32>()).sqrt()
+}
+
+#[test]
+fn fp8_linear_equals_its_twin_of_dequantized_operands_in_all_three_gemms() {
+    // Ragged everywhere: 6 tokens, 150 outputs (a partial weight block), 200 inputs.
+    let (m, n, k) = (6, 150, 200);
+    let x = randn(&[2, 3, k], 2).variable();
+    let w = randn(&[n, k], 3).mul_scalar(0.1).unwrap().variable();
+    let dy = randn(&[2, 3, n], 4);
+    let y = x.fp8_linear(&w, &Fp8Recipe::default()).unwrap();
+    y.mul(&dy).unwrap().sum_all().unwrap().backward().unwrap();
+
+    let x2 = x.reshape(&[m, k]).unwrap().detach();
+    let dy2 = dy.reshape(&[m, n]).unwrap();
+    let wq = dequantized(&w.detach(), (BLOCK, BLOCK));
+    let fprop = dequantized(&x2, (1, BLOCK)).matmul(&wq.t().unwrap()).unwrap();
+    assert!(max_rel(&y.reshape(&[m, n]).unwrap(), &fprop) < 1e-5);
+    let dgrad = dequantized(&dy2, (1, BLOCK)).matmul(&wq).unwrap();
+    assert!(max_rel(&x.grad().unwrap().reshape(&[m, k]).unwrap(), &dgrad) < 1e-5);
+    // Wgrad's operands are tiled along the tokens: quantize the transposes in 1x128 tiles.
+    let dyt = dequantized(&dy2.t().unwrap().contiguous().unwrap(), (1, BLOCK));
+    let xt = dequantized(&x2.t().unwrap().contiguous().unwrap(), (1, BLOCK));
+    let wgrad = dyt.matmul(&xt.t().unwrap()).unwrap();
+    assert!(max_rel(&w.grad().unwrap(), &wgrad) < 1e-5);
+    assert_eq!(w.grad().unwrap().dtype(), DType::F32);
+
+    // And all three stay near the f32 layer: E4M3 keeps 3 mantissa bits, so a few percent.
+    let (xf, wf) = (x.detach().variable(), w.detach().variable());
+    let yf = xf.matmul(&wf.t().unwrap()).unwrap();
+    yf.mul(&dy).unwrap().sum_all().unwrap().backward().unwrap();
+    for (what, fp8, f32) in [
+        ("y", &y, &yf),
+        ("dx", &x.grad().unwrap(), &xf.grad().unwrap()),
+        ("dW", &w.grad().unwrap(), &wf.grad().unwrap()),
+    ] {
+        let e = rel_frobenius(fp8, f32);
+        assert!(e < 0.05 && e > 1e-4, "{what}: relative error {e} against f32");
+    }
+}
+
+#[test]
+fn the_emulated_14_bit_accumulator_stays_close_to_the_f32_one() {
+    let x = randn(&[4, 512], 5);
+    let w = randn(&[64, 512], 6).mul_scalar(0.05).unwrap();
+    let fast = x.fp8_linear(&w, &Fp8Recipe::F32_ACCUMULATION).unwrap();
+    let v3 = x.fp8_linear(&w, &Fp8Recipe::DEEPSEEK_V3).unwrap();
+    let e = max_rel(&v3, &fast);
+    assert!(e > 0.0 && e < 2e-3, "promoted 14-bit vs f32 partial sums: {e}");
+}
+
+#[test]
+fn a_prequantized_weight_gives_the_same_output_and_keeps_its_dtype() {
+    let x = randn(&[5, 130], 7).to_dtype(DType::BF16).unwrap().variable();
+    let w = randn(&[40, 130], 8).mul_scalar(0.1).unwrap();
+    let (codes, scale_inv) = w.quantize_fp8((BLOCK, BLOCK), Fp8Format::E4M3, ScaleFormat::F32).unwrap();
+    let recipe = Fp8Recipe::default();
+    let a = x.fp8_linear(&w, &recipe).unwrap();
+    let b = x.fp8_linear_quantized(&codes, &scale_inv, &recipe).unwrap();
+    assert_eq!(a.dtype(), DType::BF16);
+    assert_eq!(a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+    b.sum_all().unwrap().backward().unwrap();
+    assert_eq!(x.grad().unwrap().dims(), &[5, 130]);
+    let bad = Tensor::zeros(&[1, 1], DType::F32, &Device::Cpu).unwrap();
+    assert!(x.fp8_linear_quantized(&codes, &bad, &recipe).is_err());
+    assert!(x.fp8_linear_quantized(&w, &scale_inv, &recipe).is_err(), "f32 is not FP8 codes");
+}
