@@ -1,12 +1,25 @@
-//! FP8 (spec deepseek-v3.md section 4): the block-scaled FP8 GEMM emulation (whale) against an f32
-//! GEMM of the same shape (baseline; the emulation is expected to be slower on a CPU: it exists for
-//! its numerics), FP8 1x128 quantisation throughput, and, printed before the timings, the GEMM's
-//! relative error against an f64 GEMM of the dequantised operands for K = 512..8192 with and
-//! without promotion to f32 every 128 elements (DeepSeek-V3 reports ~2% at K = 4096 without).
+//! FP8 (spec deepseek-v3.md section 4), each beside an f32 baseline in the same run:
+//! - the block-scaled FP8 GEMM with f32 partial sums (the training path) and with the emulated
+//!   14-bit accumulator, against an f32 GEMM of the same shape (on a CPU FP8 brings no speed: the
+//!   codes are decoded to f32; the emulation exists for its numerics);
+//! - the FP8 linear layer's forward and backward (three FP8 GEMMs plus online quantization)
+//!   against the f32 linear layer's;
+//! - FP8 1x128 quantisation throughput;
+//! - printed before the timings: the GEMM's relative error against an f64 GEMM of the dequantised
+//!   operands for K = 512..8192 with and without promotion (DeepSeek-V3 reports ~2% at K = 4096
+//!   without), and the `tiny` preset trained in fp32, bf16 and fp8 from the same seed, whose loss
+//!   curves go to `target/fp8-loss-curves.jsonl` (300 steps when benchmarking, 3 in the smoke test).
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use std::hint::black_box;
-use whale_benches::randn;
+use whale_benches::{bench_mode, randn};
+use whale_model::{DeepSeekV3, DeepSeekV3Config};
+use whale_parallel::trainer::{Precision, TokenWalk, TrainConfig, Trainer};
+use whale_tensor::fp8::Fp8Recipe;
+use whale_tensor::{Rng, Tensor};
 
 fn vec(n: usize, seed: u64) -> Vec<f32> {
     randn(&[n], seed).to_vec_f32().expect("f32")
@@ -44,27 +57,109 @@ fn error_table() {
 
 fn gemm(c: &mut Criterion) {
     error_table();
+    training_curves();
     let (m, n, k) = (64, 256, 1024);
     let x = vec(m * k, 3);
     let w: Vec<f32> = vec(n * k, 4).into_iter().map(|v| v * 0.05).collect();
     let (a, b) = (quantised(&x, m, k, (1, BLOCK)), quantised(&w, n, k, (BLOCK, BLOCK)));
-    let mut g = c.benchmark_group(format!("fp8_gemm_{m}x{n}x{k}"));
-    g.throughput(Throughput::Elements((2 * m * n * k) as u64));
-    g.sample_size(10);
-    // The element-by-element 14-bit emulation and the f32-partial-sum path (the training default).
-    g.bench_function("whale_14bit", |bench| bench.iter(|| black_box(fp8_gemm(&a, &b, Accumulation::DEEPSEEK_V3))));
-    g.bench_function("whale_f32_partials", |bench| bench.iter(|| black_box(fp8_gemm(&a, &b, Accumulation::F32))));
+    // f32 partial sums (the training path), then the element-by-element 14-bit accumulator.
+    for (name, acc) in [("fp8_gemm", Accumulation::F32), ("fp8_gemm_14bit", Accumulation::DEEPSEEK_V3)] {
+        let mut g = c.benchmark_group(format!("{name}_{m}x{n}x{k}"));
+        g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        g.sample_size(10);
+        g.bench_function("whale", |bench| bench.iter(|| black_box(fp8_gemm(&a, &b, acc))));
+        f32_baseline(&mut g, &x, &w, (m, n, k));
+        g.finish();
+    }
+}
+
+/// `y = x @ w^T` in f32: w `[n, k]` row-major read as `[k, n]` through its strides.
+fn f32_baseline(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    x: &[f32],
+    w: &[f32],
+    (m, n, k): (usize, usize, usize),
+) {
     let mut y = vec![0.0f32; m * n];
     g.bench_function("baseline", |bench| {
         bench.iter(|| {
-            // y = x @ w^T: w [n, k] row-major read as [k, n] through its strides.
-            let a = MatRef { data: &x, offset: 0, row_stride: k as isize, col_stride: 1 };
-            let b = MatRef { data: &w, offset: 0, row_stride: 1, col_stride: k as isize };
+            let a = MatRef { data: x, offset: 0, row_stride: k as isize, col_stride: 1 };
+            let b = MatRef { data: w, offset: 0, row_stride: 1, col_stride: k as isize };
             matmul(m, n, k, a, b, &mut y, false, rayon::current_num_threads());
             black_box(&y);
         })
     });
+}
+
+/// The FP8 linear layer's forward and backward against the f32 layer's.
+fn linear(c: &mut Criterion) {
+    let (m, n, k) = (256, 512, 512);
+    let x = randn(&[m, k], 6).variable();
+    let w = randn(&[n, k], 7).mul_scalar(0.05).expect("scale").variable();
+    let mut g = c.benchmark_group(format!("fp8_linear_fwd_bwd_{m}x{n}x{k}"));
+    g.throughput(Throughput::Elements((6 * m * n * k) as u64));
+    g.sample_size(10);
+    let recipe = Fp8Recipe::default();
+    let step = |f: &dyn Fn() -> Tensor| {
+        f().sum_all().and_then(|l| l.backward()).expect("backward");
+        x.zero_grad();
+        w.zero_grad();
+    };
+    g.bench_function("whale", |bench| bench.iter(|| step(&|| x.fp8_linear(&w, &recipe).expect("fp8 linear"))));
+    g.bench_function("baseline", |bench| bench.iter(|| step(&|| x.matmul(&w.t().expect("t")).expect("matmul"))));
     g.finish();
+}
+
+/// The `tiny` preset trained from one seed on the same token walk in fp32, bf16 and fp8; the
+/// curves go to `target/fp8-loss-curves.jsonl` and the end points and step times are printed.
+fn training_curves() {
+    let steps: u64 = if bench_mode() { 300 } else { 3 };
+    let mut curves: Vec<(Precision, Vec<f64>, f64)> = Vec::new();
+    for precision in [Precision::Fp32, Precision::Bf16, Precision::Fp8] {
+        let cfg = TrainConfig {
+            steps,
+            micro_batch: 4,
+            seq_len: 16,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup: 2,
+            precision,
+            ..TrainConfig::default()
+        };
+        let data = Box::new(TokenWalk { rng: Rng::new(5), vocab: 64, max_step: 3 });
+        let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).expect("model");
+        let mut t = Trainer::new(model, cfg, data).expect("trainer");
+        let t0 = Instant::now();
+        let losses: Vec<f64> = (0..steps).map(|_| t.train_step().expect("step").loss).collect();
+        curves.push((precision, losses, t0.elapsed().as_secs_f64() / steps as f64));
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fp8-loss-curves.jsonl");
+    let mut text = String::new();
+    for i in 0..steps as usize {
+        let mut line = serde_json::json!({ "step": i + 1 });
+        for (p, losses, _) in &curves {
+            line[format!("{p:?}").to_lowercase()] = serde_json::json!(losses[i]);
+        }
+        text.push_str(&format!("{line}\n"));
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &path)).expect("writing the loss curves");
+    let tail = |v: &[f64]| {
+        let n = v.len().min(20);
+        v[v.len() - n..].iter().sum::<f64>() / n as f64
+    };
+    let (base, base_step) = (tail(&curves[0].1), curves[0].2);
+    eprintln!("\ntiny preset, {steps} steps, same seed and data (mean loss of the last 20 steps):");
+    eprintln!("| precision | final loss | relative to fp32 | s/step | step time / fp32 |\n|---|---:|---:|---:|---:|");
+    for (p, losses, per_step) in &curves {
+        let l = tail(losses);
+        eprintln!(
+            "| {p:?} | {l:.4} | {:+.3}% | {per_step:.3} | {:.2} |",
+            100.0 * (l - base) / base,
+            per_step / base_step
+        );
+    }
+    eprintln!("curves: {}\n", path.display());
 }
 
 fn quantize(c: &mut Criterion) {
@@ -76,5 +171,5 @@ fn quantize(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemm, quantize);
+criterion_group!(benches, gemm, linear, quantize);
 criterion_main!(benches);

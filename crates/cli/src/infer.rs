@@ -1,19 +1,21 @@
-//! `whale generate` (a continuation of a prompt, with tokens/s) and `whale info` (what a checkpoint
-//! directory holds: config, parameter counts, cache bytes per token) for DeepSeek-V3, Qwen2 and
-//! Llama checkpoints, ours or HF's.
+//! `whale generate` (a continuation of a prompt, with tokens/s; FP8 inference with `--fp8`),
+//! `whale quantize` (a DeepSeek-V3 checkpoint written as an FP8 release) and `whale info` (what a
+//! checkpoint directory holds: config, parameter counts, cache bytes per token) for DeepSeek-V3,
+//! Qwen2 and Llama checkpoints, ours or HF's.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use whale_rl::parallel::model::checkpoint::SaveDType;
 use whale_rl::parallel::model::config::DeepSeekV3Config;
 use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_rl::parallel::model::lm::model_type;
 use whale_rl::parallel::model::mla::mha_cache_elements;
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::tokenizer_for;
-use whale_rl::parallel::model::{load_pretrained, DenseConfig};
+use whale_rl::parallel::model::{load_pretrained, CausalLm, DeepSeekV3, DenseConfig};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -42,11 +44,21 @@ pub struct GenerateArgs {
     pub speculative: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Keep a DeepSeek-V3 FP8 checkpoint's weights in FP8 and run its linear layers as FP8 GEMMs
+    /// (1x128 activation tiles, the stored 128x128 weight blocks); without it they are
+    /// dequantised on load.
+    #[arg(long)]
+    pub fp8: bool,
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let cache = CacheMode::parse(&a.cache).with_context(|| format!("--cache {}: expected naive or absorb", a.cache))?;
-    let model = load_pretrained(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let loading = || format!("loading {}", a.checkpoint.display());
+    let model: Box<dyn CausalLm> = if a.fp8 {
+        Box::new(DeepSeekV3::from_pretrained_fp8(&a.checkpoint).with_context(loading)?)
+    } else {
+        load_pretrained(&a.checkpoint).with_context(loading)?
+    };
     let tok = tokenizer_for(&a.checkpoint)?;
     let prompt = tok.encode(&a.prompt).with_context(|| "encoding the prompt")?;
     if prompt.is_empty() {
@@ -93,6 +105,35 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(n) = note {
         eprintln!("{n}");
     }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// A DeepSeek-V3 checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// Where to write the FP8 release (config.json with `quantization_config`, safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Writes a checkpoint the way DeepSeek-V3's FP8 release stores it (spec 4.3).
+pub fn quantize(a: QuantizeArgs) -> Result<()> {
+    let model =
+        DeepSeekV3::from_pretrained(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    model.save_pretrained_fp8(&a.out, SaveDType::F32).with_context(|| format!("writing {}", a.out.display()))?;
+    let tokenizer = a.checkpoint.join("tokenizer.json");
+    if tokenizer.exists() {
+        std::fs::copy(&tokenizer, a.out.join("tokenizer.json"))
+            .with_context(|| format!("copying {}", tokenizer.display()))?;
+    }
+    let size = |dir: &std::path::Path| std::fs::metadata(dir.join("model.safetensors")).map(|m| m.len() as usize);
+    println!(
+        "wrote {} (projection and expert weights in E4M3 with 128x128 block scales): {} -> {}",
+        a.out.display(),
+        bytes(size(&a.checkpoint).unwrap_or(0)),
+        bytes(size(&a.out).unwrap_or(0))
+    );
     Ok(())
 }
 

@@ -44,6 +44,9 @@ enum Job {
     Generate(infer::GenerateArgs),
     /// Config, parameter counts (total / activated) and KV-cache bytes per token of a checkpoint.
     Info(infer::InfoArgs),
+    /// Write a DeepSeek-V3 checkpoint as an FP8 release: projection and expert weights in E4M3
+    /// with 128x128-block `weight_scale_inv` (run it with `whale generate --fp8`).
+    Quantize(infer::QuantizeArgs),
     /// Pipeline schedules (1F1B, ZB1P, DualPipe, DualPipeV): simulate under a cost model, print
     /// each rank's bubble against the DeepSeek-V3 table, and draw the timeline as an SVG.
     Schedule(schedule::ScheduleArgs),
@@ -138,6 +141,7 @@ fn main() -> Result<()> {
         Some(Job::Distill(args)) => distill::run(args).map(|_| ()),
         Some(Job::Generate(args)) => infer::generate(args),
         Some(Job::Info(args)) => infer::info(args),
+        Some(Job::Quantize(args)) => infer::quantize(args),
         Some(Job::Schedule(args)) => schedule::run(args),
     }
 }

@@ -12,7 +12,7 @@ use whale_rl::data::CorpusData;
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{DeepSeekV3, DeepSeekV3Config};
-use whale_rl::parallel::trainer::{Precision, TrainConfig, Trainer};
+use whale_rl::parallel::trainer::{MomentPrecision, Precision, TrainConfig, Trainer};
 use whale_rl::tasks::{Corpus, TaskSet};
 
 /// Every setting of a pretraining run; a config file holds any subset of these keys.
@@ -22,6 +22,7 @@ pub struct PretrainSettings {
     pub preset: String,
     pub out: PathBuf,
     pub precision: String,
+    pub moments: String,
     pub steps: u64,
     pub micro_batch: usize,
     pub seq_len: usize,
@@ -52,6 +53,7 @@ impl Default for PretrainSettings {
             preset: "tiny".into(),
             out: PathBuf::from("runs/pretrain"),
             precision: "fp32".into(),
+            moments: "fp32".into(),
             // Calibrated on 2 cores (see README): about 2.5 minutes including evaluation, leaving a
             // base model that is able but unreliable (pass@1 ~0.3, pass@8 ~0.5) for R1-Zero.
             steps: 550,
@@ -90,9 +92,13 @@ pub struct PretrainArgs {
     /// Run folder (checkpoint/, metrics.jsonl, eval.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// fp32 or bf16.
+    /// fp32, bf16, or fp8 (DeepSeek-V3's recipe: bf16 activations, FP8 E4M3 GEMMs in every
+    /// attention projection and MLP/expert layer with 1x128 / 128x128 scales).
     #[arg(long)]
     pub precision: Option<String>,
+    /// AdamW moments: fp32 or bf16 (DeepSeek-V3's choice).
+    #[arg(long)]
+    pub moments: Option<String>,
     #[arg(long)]
     pub steps: Option<u64>,
     /// Sequences per step.
@@ -159,6 +165,7 @@ impl PretrainArgs {
             preset,
             out,
             precision,
+            moments,
             steps,
             micro_batch,
             seq_len,
@@ -193,6 +200,7 @@ pub fn train_config(s: &PretrainSettings) -> Result<TrainConfig> {
         seed: s.seed,
         checkpoint_every: s.checkpoint_every,
         precision: Precision::parse(&s.precision)?,
+        moments: MomentPrecision::parse(&s.moments)?,
         ..TrainConfig::default()
     })
 }

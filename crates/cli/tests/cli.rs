@@ -172,8 +172,13 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("2 KV heads"));
 
     let base = dir.join("base");
-    let out = whale().args(["pretrain", "--out", base.to_str().unwrap(), "--steps", "2"]).args(SMALL).output().unwrap();
-    assert!(out.status.success());
+    // Trained with DeepSeek-V3's FP8 recipe and bf16 optimizer moments.
+    let out = whale()
+        .args(["pretrain", "--out", base.to_str().unwrap(), "--steps", "2", "--precision", "fp8", "--moments", "bf16"])
+        .args(SMALL)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ckpt = base.join("checkpoint");
     for extra in
         [vec!["--greedy"], vec!["--speculative", "--cache", "naive"], vec!["--temperature", "0.8", "--top-p", "0.9"]]
@@ -190,6 +195,26 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
             assert!(stderr.contains("drafts accepted"), "{stderr}");
         }
     }
+    // Exported as an FP8 release and run with its weights kept in FP8.
+    let fp8 = dir.join("fp8");
+    let out = whale().args(["quantize", ckpt.to_str().unwrap(), "--out", fp8.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("E4M3"));
+    let config = std::fs::read_to_string(fp8.join("config.json")).unwrap();
+    assert!(config.contains("weight_block_size"), "{config}");
+    let out = whale()
+        .args([
+            "generate",
+            "--checkpoint",
+            fp8.to_str().unwrap(),
+            "--prompt",
+            "12+7=",
+            "--max-new-tokens",
+            "4",
+            "--fp8",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("12+7="));
     let bad = whale().args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "ABC"]).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not in the character tokenizer"));
 }

@@ -315,3 +315,71 @@ fn fp8_checkpoints_with_block_scales_load_dequantised() {
     let err = load_file(&dir.join("broken.safetensors")).unwrap_err().to_string();
     assert!(err.contains(&victim) && err.contains("weight_scale_inv"), "{err}");
 }
+
+/// The raw tensors of a safetensors file: dtype and bytes by name.
+fn raw_tensors(file: &std::path::Path) -> BTreeMap<String, (safetensors::Dtype, Vec<u8>)> {
+    let bytes = std::fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().into_iter().map(|(n, v)| (n, (v.dtype(), v.data().to_vec()))).collect()
+}
+
+#[test]
+fn fp8_weights_can_stay_fp8_for_inference_and_save_back_byte_identical() {
+    use whale_model::generate::{CausalLm, SamplingConfig};
+    let cfg = DeepSeekV3Config::tiny();
+    let model = DeepSeekV3::new(cfg.clone(), 9).unwrap();
+    let dir = tmpdir("fp8-keep");
+    let expected = write_fp8_checkpoint(&model, &dir);
+    let kept = DeepSeekV3::from_pretrained_fp8(&dir).unwrap();
+    let whale_model::block::FeedForward::Moe(moe) = &kept.layers[1].mlp else { panic!("layer 1 is MoE") };
+    let down = &moe.experts[0].down_proj;
+    assert_eq!(down.weight.dtype(), DType::F8E4M3);
+    assert!(down.weight_scale_inv.is_some() && down.is_fp8());
+    let name = "model.layers.1.mlp.experts.0.down_proj.weight";
+    assert!(kept.params.get(name).is_err(), "FP8 weights are not trained");
+    assert!(kept.params.get("model.layers.1.mlp.gate.weight").is_ok(), "the router stays a trained f32 weight");
+
+    // FP8 inference on the stored codes equals the dequantised model running FP8 GEMMs (which
+    // re-quantises each weight block to the same codes and scales) bit for bit...
+    let mut dequantised = DeepSeekV3::from_pretrained(&dir).unwrap();
+    let ids = tokens(&cfg, 2, 8, 3);
+    let plain = dequantised.logits(&ids).unwrap().to_vec_f32().unwrap();
+    dequantised.set_fp8(Some(whale_tensor::fp8::Fp8Recipe::default()));
+    assert_eq!(logits_bits(&kept, &ids), logits_bits(&dequantised, &ids));
+    // ...and differs from plain f32 GEMMs on those weights by the activations' 1x128 E4M3
+    // rounding: up to 2^-4 relative per element, about 3% RMS per GEMM, through chains of two
+    // or three GEMMs in each of 4 layers.
+    let a = kept.logits(&ids).unwrap().to_vec_f32().unwrap();
+    let err = (a.iter().zip(&plain).map(|(x, y)| (x - y).powi(2)).sum::<f32>()
+        / plain.iter().map(|y| y * y).sum::<f32>())
+    .sqrt();
+    assert!(err > 0.0 && err < 0.15, "FP8 vs dequantised f32 logits: relative error {err}");
+    // Cached decoding (both caches; absorb dequantises kv_b_proj to fold it into the query).
+    for cache in [whale_model::mla::CacheMode::Naive, whale_model::mla::CacheMode::Absorb] {
+        let sampling = SamplingConfig { cache, ..SamplingConfig::greedy(4, vec![]) };
+        let out = kept.generate(&[vec![2, 3, 4]], &sampling, &mut Rng::new(0)).unwrap();
+        assert_eq!(out[0].tokens.len(), 4, "{cache:?}");
+    }
+
+    // Saving writes the FP8 codes and scales back exactly as they were read.
+    let again = tmpdir("fp8-keep-saved");
+    kept.save_pretrained(&again, SaveDType::F32).unwrap();
+    let (before, after) = (raw_tensors(&dir.join("model.safetensors")), raw_tensors(&again.join("model.safetensors")));
+    for (name, (dtype, bytes)) in &before {
+        if *dtype == safetensors::Dtype::F8_E4M3 || name.ends_with("_scale_inv") {
+            assert_eq!(after.get(name), Some(&(*dtype, bytes.clone())), "{name}");
+        }
+    }
+
+    // And a trained f32 model exported as a release is what the independent writer above made.
+    let exported = tmpdir("fp8-export");
+    model.save_pretrained_fp8(&exported, SaveDType::F32).unwrap();
+    let reloaded = DeepSeekV3::from_pretrained(&exported).unwrap();
+    for (name, want) in &expected {
+        let Ok(p) = reloaded.params.get(name) else { continue };
+        assert_eq!(&p.to_vec_f32().unwrap(), want, "{name}");
+    }
+    let exported_raw = raw_tensors(&exported.join("model.safetensors"));
+    assert_eq!(exported_raw[name].0, safetensors::Dtype::F8_E4M3);
+    assert_eq!(exported_raw["model.layers.1.mlp.gate.weight"].0, safetensors::Dtype::F32);
+}
