@@ -4,6 +4,7 @@
 //! the reference's exact order, with a timing simulator and an SVG timeline). Communicators and
 //! data/expert parallelism arrive with the parallel issue and plug into the same trainer.
 
+pub mod comm;
 pub mod schedule;
 pub mod trainer;
 
@@ -22,6 +23,8 @@ pub enum Error {
     NonFinite { step: u64, what: String, location: String },
     #[error("{0}")]
     Train(String),
+    #[error(transparent)]
+    Comm(#[from] comm::CommError),
 }
 
 impl Error {

@@ -1,0 +1,423 @@
+//! [`LocalComm`]: the ranks of a world are threads of one process sharing one mutex-guarded
+//! state. A collective is complete when its last rank arrives; that rank checks every rank's call
+//! and computes all results (reductions in rank order). With a [`LinkModel`], each call returns
+//! no earlier than its message plan would take on that link (the thread sleeps, so a modelled
+//! transfer leaves the CPU to compute, as a real link would).
+//!
+//! What is detected instead of hanging:
+//! - ranks calling different collectives at the same point, or with lengths, roots or buffer
+//!   counts that disagree: an error on every rank;
+//! - a rank that has dropped its communicator (returned, failed or panicked) while another waits
+//!   for it in a collective or a `recv`: an error on the waiting ranks;
+//! - a deadlock: every remaining rank waits in a collective that cannot complete or a `recv`
+//!   with no message queued: an error on every waiting rank, and on every later call.
+//!
+//! Not detected: a rank that never calls again but keeps running (an endless loop), or a
+//! message sent under another tag than the one awaited while its sender runs on. Deadlock
+//! detection counts a rank as blocked when any of its threads is blocked; a rank that blocks in
+//! one thread while another of its threads goes on to unblock a peer (a communication thread
+//! next to a main thread that also communicates) must not be run where every other rank is
+//! blocked too. Data parallelism's communication thread is safe: its main thread does not
+//! communicate while it runs.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use super::{combine, single, Collective, Comm, CommError, CommStats, LinkModel, ReduceOp, Traffic};
+use crate::Result;
+
+/// Stack of each rank thread in [`LocalComm::run`] (a model's forward and backward run there).
+const RANK_STACK: usize = 16 << 20;
+
+/// One rank's handle on a world of threads. Dropping it marks the rank as gone.
+pub struct LocalComm {
+    rank: usize,
+    world: Arc<World>,
+    next_seq: AtomicU64,
+    stats: Mutex<CommStats>,
+}
+
+impl std::fmt::Debug for LocalComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LocalComm(rank {} of {})", self.rank, self.world.size)
+    }
+}
+
+struct World {
+    size: usize,
+    link: Option<LinkModel>,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// What a blocked thread waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Collective(u64),
+    Recv { from: usize, tag: u64 },
+}
+
+struct Message {
+    data: Vec<f32>,
+    /// When the modelled link delivers it.
+    arrives: Instant,
+}
+
+/// A collective some ranks have joined.
+struct Pending {
+    calls: Vec<Option<(Collective, Vec<Vec<f32>>)>>,
+    arrived: usize,
+    last_arrival: Instant,
+    outcome: Option<Outcome>,
+    left_to_take: usize,
+}
+
+enum Outcome {
+    Done { outputs: Vec<Option<Vec<Vec<f32>>>>, traffic: Vec<Traffic>, ready_at: Instant },
+    Failed(String),
+}
+
+/// This rank's part of a completed collective.
+type Taken = (Vec<Vec<f32>>, Traffic, Instant);
+
+impl Pending {
+    fn new(size: usize, now: Instant) -> Pending {
+        Pending {
+            calls: (0..size).map(|_| None).collect(),
+            arrived: 0,
+            last_arrival: now,
+            outcome: None,
+            left_to_take: size,
+        }
+    }
+
+    fn complete(&mut self, link: Option<&LinkModel>) {
+        let calls = self.calls.iter_mut().map(|c| c.take().expect("every rank arrived")).collect();
+        self.outcome = Some(match combine(calls) {
+            Ok(c) => {
+                let slowest = c.traffic.iter().map(|t| t.cost(link)).max().unwrap_or_default();
+                Outcome::Done {
+                    outputs: c.outputs.into_iter().map(Some).collect(),
+                    traffic: c.traffic,
+                    ready_at: self.last_arrival + slowest,
+                }
+            }
+            Err(detail) => Outcome::Failed(detail),
+        });
+    }
+}
+
+struct State {
+    pending: HashMap<u64, Pending>,
+    /// Queued messages by (from, to, tag).
+    mailbox: HashMap<(usize, usize, u64), VecDeque<Message>>,
+    alive: Vec<bool>,
+    /// Per rank, what its blocked threads wait for.
+    waits: Vec<Vec<Wait>>,
+    /// Set once a deadlock is found: its description.
+    deadlock: Option<String>,
+}
+
+impl State {
+    /// Whether `wait` (of a thread of `rank`) can end now, with a result or an error.
+    fn can_end(&self, rank: usize, wait: Wait) -> bool {
+        match wait {
+            Wait::Collective(seq) => self.pending.get(&seq).is_none_or(|p| {
+                p.outcome.is_some() || p.calls.iter().zip(&self.alive).any(|(c, &alive)| c.is_none() && !alive)
+            }),
+            Wait::Recv { from, tag } => {
+                !self.alive[from] || self.mailbox.get(&(from, rank, tag)).is_some_and(|q| !q.is_empty())
+            }
+        }
+    }
+
+    /// Every rank still here is blocked and no wait can end.
+    fn stuck(&self) -> bool {
+        let mut here = (0..self.alive.len()).filter(|&r| self.alive[r]).peekable();
+        here.peek().is_some()
+            && here.all(|r| !self.waits[r].is_empty() && self.waits[r].iter().all(|&w| !self.can_end(r, w)))
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        for (r, waits) in self.waits.iter().enumerate().filter(|(r, _)| self.alive[*r]) {
+            for w in waits {
+                parts.push(match *w {
+                    Wait::Collective(seq) => {
+                        let missing: Vec<String> = self.pending[&seq]
+                            .calls
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, c)| c.is_none())
+                            .map(|(j, _)| j.to_string())
+                            .collect();
+                        format!("rank {r} waits in collective #{seq} for rank(s) {}", missing.join(", "))
+                    }
+                    Wait::Recv { from, tag } => format!("rank {r} waits for a message from rank {from} with tag {tag}"),
+                });
+            }
+        }
+        parts.join("; ")
+    }
+
+    fn remove_wait(&mut self, rank: usize, wait: Wait) {
+        if let Some(i) = self.waits[rank].iter().position(|&w| w == wait) {
+            self.waits[rank].swap_remove(i);
+        }
+    }
+
+    /// `rank`'s result of collective `seq`, once there is one (or an error once there will be none).
+    fn take(&mut self, seq: u64, rank: usize, kind: Collective) -> Option<Result<Taken>> {
+        let p = self.pending.get_mut(&seq).expect("a joined collective stays until every rank took its part");
+        let result = match &mut p.outcome {
+            Some(Outcome::Done { outputs, traffic, ready_at }) => {
+                Ok((outputs[rank].take().unwrap_or_default(), traffic[rank], *ready_at))
+            }
+            Some(Outcome::Failed(detail)) => {
+                Err(CommError::Mismatch { rank, seq, op: kind.to_string(), detail: detail.clone() })
+            }
+            None => {
+                let gone = p.calls.iter().zip(&self.alive).position(|(c, &alive)| c.is_none() && !alive)?;
+                let op = format!("collective #{seq} ({kind})");
+                return Some(Err(CommError::RankLeft { rank, op, peer: gone }.into()));
+            }
+        };
+        p.left_to_take -= 1;
+        if p.left_to_take == 0 {
+            self.pending.remove(&seq);
+        }
+        Some(result.map_err(Into::into))
+    }
+}
+
+fn sleep_until(t: Instant) {
+    let now = Instant::now();
+    if t > now {
+        std::thread::sleep(t - now);
+    }
+}
+
+impl LocalComm {
+    /// The handles of a new world of `size` ranks (one per rank, in rank order), each to be moved
+    /// to its rank's thread. `link`: the modelled cost of every message, or none.
+    pub fn world(size: usize, link: Option<LinkModel>) -> Vec<LocalComm> {
+        let state = State {
+            pending: HashMap::new(),
+            mailbox: HashMap::new(),
+            alive: vec![true; size],
+            waits: vec![Vec::new(); size],
+            deadlock: None,
+        };
+        let world = Arc::new(World { size, link, state: Mutex::new(state), changed: Condvar::new() });
+        (0..size)
+            .map(|rank| LocalComm {
+                rank,
+                world: world.clone(),
+                next_seq: AtomicU64::new(0),
+                stats: Mutex::new(CommStats::default()),
+            })
+            .collect()
+    }
+
+    /// A world of one: every collective returns its input; a rank may send to itself.
+    pub fn single() -> LocalComm {
+        Self::world(1, None).pop().expect("a world of one has one rank")
+    }
+
+    /// Runs `f` on `size` ranks, each a thread with its own handle, and returns their results in
+    /// rank order. A panic in a rank is re-raised here once every rank has finished (the others
+    /// see the panicked rank leave, so they fail instead of waiting for it).
+    pub fn run<R: Send>(size: usize, f: impl Fn(&LocalComm) -> R + Sync) -> Vec<R> {
+        Self::run_with(size, None, f)
+    }
+
+    /// [`LocalComm::run`] on a modelled link.
+    pub fn run_with<R: Send>(size: usize, link: Option<LinkModel>, f: impl Fn(&LocalComm) -> R + Sync) -> Vec<R> {
+        let f = &f;
+        std::thread::scope(|s| {
+            let threads: Vec<_> = Self::world(size, link)
+                .into_iter()
+                .map(|comm| {
+                    std::thread::Builder::new()
+                        .name(format!("rank {}", comm.rank))
+                        .stack_size(RANK_STACK)
+                        .spawn_scoped(s, move || f(&comm))
+                        .expect("spawning a rank thread")
+                })
+                .collect();
+            let mut results = Vec::with_capacity(size);
+            let mut panic = None;
+            for t in threads {
+                match t.join() {
+                    Ok(r) => results.push(r),
+                    Err(p) => {
+                        panic.get_or_insert(p);
+                    }
+                }
+            }
+            if let Some(p) = panic {
+                std::panic::resume_unwind(p);
+            }
+            results
+        })
+    }
+
+    pub fn link(&self) -> Option<LinkModel> {
+        self.world.link
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.world.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn deadlock(&self, st: &State) -> Option<CommError> {
+        st.deadlock.as_ref().map(|d| CommError::Deadlock { rank: self.rank, detail: d.clone() })
+    }
+
+    fn check_peer(&self, op: &str, peer: usize) -> Result<()> {
+        if peer >= self.world.size {
+            let msg = format!("rank {peer} is outside a world of {}", self.world.size);
+            return Err(CommError::Invalid { rank: self.rank, op: op.into(), msg }.into());
+        }
+        Ok(())
+    }
+
+    fn record(&self, traffic: Traffic) {
+        let mut s = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        s.calls += 1;
+        s.messages += traffic.messages;
+        s.bytes += traffic.bytes;
+        s.modelled += traffic.cost(self.world.link.as_ref());
+    }
+
+    /// Blocks until `poll` gives a result, re-polling whenever the world changes; fails when every
+    /// rank is blocked and none can go on.
+    fn wait_for<T>(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        wait: Wait,
+        mut poll: impl FnMut(&mut State) -> Option<Result<T>>,
+    ) -> Result<T> {
+        loop {
+            // A deadlock breaks the world: even a wait that a departing rank would now end reports it.
+            if let Some(e) = self.deadlock(&st) {
+                return Err(e.into());
+            }
+            if let Some(r) = poll(&mut st) {
+                return r;
+            }
+            st.waits[self.rank].push(wait);
+            if st.stuck() {
+                st.deadlock = Some(st.describe());
+                self.world.changed.notify_all();
+            } else {
+                st = self.world.changed.wait(st).unwrap_or_else(PoisonError::into_inner);
+            }
+            st.remove_wait(self.rank, wait);
+        }
+    }
+
+    /// Joins the next collective with this rank's buffers and returns this rank's result, after
+    /// the modelled time of the slowest rank's messages.
+    fn collective(&self, kind: Collective, bufs: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        let now = Instant::now();
+        let size = self.world.size;
+        let p = st.pending.entry(seq).or_insert_with(|| Pending::new(size, now));
+        p.calls[self.rank] = Some((kind, bufs));
+        p.arrived += 1;
+        p.last_arrival = p.last_arrival.max(now);
+        if p.arrived == size {
+            p.complete(self.world.link.as_ref());
+            self.world.changed.notify_all();
+        }
+        let (out, traffic, ready_at) = self.wait_for(st, Wait::Collective(seq), |st| st.take(seq, self.rank, kind))?;
+        self.record(traffic);
+        sleep_until(ready_at);
+        Ok(out)
+    }
+}
+
+impl Drop for LocalComm {
+    fn drop(&mut self) {
+        self.lock().alive[self.rank] = false;
+        self.world.changed.notify_all();
+    }
+}
+
+impl Comm for LocalComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world.size
+    }
+
+    fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
+        let out = single(self.collective(Collective::AllReduce(op), vec![buf.to_vec()])?);
+        buf.copy_from_slice(&out);
+        Ok(())
+    }
+
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        let out = single(self.collective(Collective::Broadcast { root }, vec![buf.to_vec()])?);
+        buf.copy_from_slice(&out);
+        Ok(())
+    }
+
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
+        Ok(single(self.collective(Collective::AllGather, vec![local.to_vec()])?))
+    }
+
+    fn reduce_scatter(&self, input: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
+        Ok(single(self.collective(Collective::ReduceScatter(op), vec![input.to_vec()])?))
+    }
+
+    fn all_to_all(&self, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        self.collective(Collective::AllToAll, send)
+    }
+
+    fn send(&self, to: usize, tag: u64, data: &[f32]) -> Result<()> {
+        self.check_peer("send", to)?;
+        let traffic = if to == self.rank { Traffic::default() } else { Traffic::uniform(1, data.len()) };
+        let arrives = Instant::now() + traffic.cost(self.world.link.as_ref());
+        let mut st = self.lock();
+        if let Some(e) = self.deadlock(&st) {
+            return Err(e.into());
+        }
+        if !st.alive[to] {
+            return Err(CommError::RankLeft { rank: self.rank, op: format!("send (tag {tag})"), peer: to }.into());
+        }
+        st.mailbox.entry((self.rank, to, tag)).or_default().push_back(Message { data: data.to_vec(), arrives });
+        drop(st);
+        self.world.changed.notify_all();
+        self.record(traffic);
+        Ok(())
+    }
+
+    fn recv(&self, from: usize, tag: u64) -> Result<Vec<f32>> {
+        self.check_peer("recv", from)?;
+        let st = self.lock();
+        let msg = self.wait_for(st, Wait::Recv { from, tag }, |st| {
+            if let Some(m) = st.mailbox.get_mut(&(from, self.rank, tag)).and_then(VecDeque::pop_front) {
+                return Some(Ok(m));
+            }
+            let op = format!("recv (tag {tag})");
+            (!st.alive[from]).then(|| Err(CommError::RankLeft { rank: self.rank, op, peer: from }.into()))
+        })?;
+        sleep_until(msg.arrives);
+        Ok(msg.data)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.collective(Collective::Barrier, Vec::new()).map(|_| ())
+    }
+
+    fn stats(&self) -> CommStats {
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
