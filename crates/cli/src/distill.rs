@@ -162,7 +162,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
                     Example { prompt, completion }
                 })
                 .collect();
-            sft_with_bar(&model, &tok, &docs, &s.student_pretrain)?;
+            sft_with_bar(&model, &tok, &docs, &s.student_pretrain, None)?;
             Box::new(model)
         }
     };
@@ -175,7 +175,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     // Arm 1: SFT on the teacher's traces.
     let t0 = Instant::now();
     let distilled = student.duplicate()?;
-    sft_with_bar(&*distilled, &tok, &traces, &s.sft)?;
+    sft_with_bar(&*distilled, &tok, &traces, &s.sft, None)?;
     let distill_seconds = t0.elapsed().as_secs_f64();
     let dir = out.join("distilled");
     std::fs::create_dir_all(&dir)?;
@@ -222,12 +222,25 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     })
 }
 
-pub fn sft_with_bar(model: &dyn CausalLm, tok: &dyn Tokenizer, data: &[Example], cfg: &SftConfig) -> Result<()> {
+/// SFT with a progress bar; each step's log line also goes to `metrics` (JSON lines) when given.
+pub fn sft_with_bar(
+    model: &dyn CausalLm,
+    tok: &dyn Tokenizer,
+    data: &[Example],
+    cfg: &SftConfig,
+    metrics: Option<&Path>,
+) -> Result<()> {
     let pb = progress(cfg.steps);
+    let mut lines = String::new();
     whale_rl::sft::sft(model, tok, data, cfg, |l| {
         pb.set_position(l.step + 1);
         pb.set_message(format!("SFT loss {:.3}", l.loss));
+        lines.push_str(&serde_json::to_string(l).expect("json"));
+        lines.push('\n');
     })?;
     pb.finish_and_clear();
+    if let Some(path) = metrics {
+        std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }

@@ -27,7 +27,7 @@ use whale_rl::parallel::model::tokenizer::CharTokenizer;
 use whale_rl::parallel::model::{load_pretrained, CausalLm};
 use whale_rl::reward_model::{preference_pairs, LearnedReward, ReasoningOnly, RewardModel, RmReport};
 use whale_rl::rewards::{Accuracy, Format, LanguageConsistency, RewardSet};
-use whale_rl::sft::{rejection_sample, sft, Example, RejectionStats, SftConfig};
+use whale_rl::sft::{rejection_sample, Example, RejectionStats, SftConfig};
 use whale_rl::tasks::{load_jsonl, Problem, Split, TaskSet};
 
 use crate::pretrain::{print_report, write_eval};
@@ -253,20 +253,6 @@ impl Pipeline {
         Ok(StageResult { label: stage.label().into(), checkpoint: ckpt, report, seconds, rl_dir: rl.then_some(dir) })
     }
 
-    fn sft_with_bar(&self, model: &dyn CausalLm, data: &[Example], cfg: &SftConfig, dir: &Path) -> Result<()> {
-        let pb = crate::r1_zero::progress(cfg.steps);
-        let mut lines = String::new();
-        sft(model, &self.tok, data, cfg, |l| {
-            pb.set_position(l.step + 1);
-            pb.set_message(format!("SFT loss {:.3}", l.loss));
-            lines.push_str(&serde_json::to_string(l).expect("json"));
-            lines.push('\n');
-        })?;
-        pb.finish_and_clear();
-        std::fs::write(dir.join("sft_metrics.jsonl"), lines).context("sft_metrics.jsonl")?;
-        Ok(())
-    }
-
     fn cold_start(&self, base: &Path) -> Result<StageResult> {
         let t0 = Instant::now();
         let dir = self.stage_dir(Stage::ColdStart)?;
@@ -279,7 +265,7 @@ impl Pipeline {
             .map(Example::solution)
             .collect();
         println!("{}: SFT on {} readable traces", Stage::ColdStart.label(), data.len());
-        self.sft_with_bar(&*model, &data, &c.sft, &dir)?;
+        crate::distill::sft_with_bar(&*model, &self.tok, &data, &c.sft, Some(&dir.join("sft_metrics.jsonl")))?;
         self.finish(Stage::ColdStart, dir, &*model, t0, false)
     }
 
@@ -300,9 +286,13 @@ impl Pipeline {
         t.run.log_to(&dir.join("metrics.jsonl"), &dir.join("completions.jsonl"))?;
         println!("{}: GRPO, {} steps, rewards {}", stage.label(), cfg.steps, t.run.rewards.describe());
         // Validation on the reasoning tasks, the same for every stage.
-        let reasoning = GrpoConfig { tasks: self.s.tasks.clone(), ..cfg.clone() };
-        let validation =
-            Validation::new(&reasoning, self.s.eval_seed, dir.join("eval_history.jsonl"), self.s.eval_every)?;
+        let validation = Validation::new(
+            &self.s.tasks,
+            cfg.letters,
+            self.s.eval_seed,
+            dir.join("eval_history.jsonl"),
+            self.s.eval_every,
+        )?;
         train_loop(&mut t, &dir.join("checkpoint"), 0, Some(&validation))?;
         self.finish(stage, dir, &*t.policy, t0, true)
     }
@@ -334,7 +324,7 @@ impl Pipeline {
         let jsonl: String = data.iter().map(|e| serde_json::to_string(e).expect("json") + "\n").collect();
         std::fs::write(dir.join("data.jsonl"), jsonl).context("data.jsonl")?;
         let model = load_pretrained(base).with_context(|| format!("loading {}", base.display()))?;
-        self.sft_with_bar(&*model, &data, &r.sft, &dir)?;
+        crate::distill::sft_with_bar(&*model, &self.tok, &data, &r.sft, Some(&dir.join("sft_metrics.jsonl")))?;
         Ok((self.finish(Stage::RejectionSft, dir, &*model, t0, false)?, stats))
     }
 

@@ -259,7 +259,8 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     print_report("base", &before);
     write_eval(&out.join("eval_before.json"), &before)?;
 
-    let validation = Validation::new(&s.grpo, s.eval_seed, out.join("eval_history.jsonl"), s.eval_every)?;
+    let validation =
+        Validation::new(&s.grpo.tasks, s.grpo.letters, s.eval_seed, out.join("eval_history.jsonl"), s.eval_every)?;
     let first = trainer.run_mut().step;
     let train_seconds = train_loop(&mut *trainer, &ckpt, s.checkpoint_every, Some(&validation))?;
     let steps_run = (s.grpo.steps - first).max(1) as f64;
@@ -299,9 +300,10 @@ pub struct Validation {
 }
 
 impl Validation {
-    /// 32 held-out problems of the run's tasks, from their own seed (not the final test set).
-    pub fn new(cfg: &GrpoConfig, seed: u64, history: PathBuf, every: u64) -> Result<Self> {
-        let tasks = TaskSet::parse(&cfg.tasks)?.with_letters(cfg.letters);
+    /// 32 held-out problems of `tasks` (a task spec such as `add:3-4,mul`; `letters` of them in
+    /// letter numerals), from their own seed (not the final test set).
+    pub fn new(tasks: &str, letters: f64, seed: u64, history: PathBuf, every: u64) -> Result<Self> {
+        let tasks = TaskSet::parse(tasks)?.with_letters(letters);
         Ok(Validation { problems: tasks.held_out(32, seed.wrapping_add(0x5A11)), every, history })
     }
 

@@ -338,6 +338,19 @@ impl Trainer {
         Ok(acc)
     }
 
+    /// The mean main (next-token) loss over `batches` micro-batches of `data`, without
+    /// gradients: a held-out loss when `data` is a stream the run does not train on.
+    pub fn held_out_loss(&self, data: &mut dyn DataSource, batches: usize) -> Result<f64> {
+        let mut total = 0.0;
+        for _ in 0..batches {
+            let (x, y) = data.next_batch(self.config.micro_batch, self.config.seq_len)?;
+            let out = no_grad(|| self.model.forward(&x, Some(&y)))?;
+            let loss = out.main_loss.ok_or_else(|| Error::Train("the forward returned no loss".into()))?;
+            total += loss.to_scalar()? as f64;
+        }
+        Ok(total / batches.max(1) as f64)
+    }
+
     /// One optimizer step.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
         let t0 = Instant::now();

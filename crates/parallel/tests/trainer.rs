@@ -158,30 +158,36 @@ fn bf16_compute_trains_close_to_fp32() {
     assert!(f.iter().zip(&b).any(|(x, y)| x != y), "bf16 must actually round");
 }
 
-/// Spec 4.2's validation at our scale: the `tiny` preset trained for a few hundred steps in FP8
-/// (bf16 activations, E4M3 GEMMs with 1x128 / 128x128 scales) and in fp32 from the same seed and
-/// data ends within 1% relative loss (V3 reports under 0.25% at 16B-230B scale). The bench
-/// `fp8_training` writes the two curves; this asserts the end point.
+/// Spec 4.2's validation at our scale: the `tiny` preset trained for 300 steps in FP8 (bf16
+/// activations, E4M3 GEMMs with 1x128 / 128x128 scales) and in fp32 from the same seed and data
+/// ends within 1% relative loss (V3 reports under 0.25% at 16B-230B scale; `cargo xtask bench fp8`
+/// writes the curves and measured -0.44% training / -0.30% held-out).
+///
+/// The data is a walk of steps of 1 or 2, whose entropy (ln 2 = 0.693 nats per token) the loss
+/// approaches (0.77 here): compared mid-descent, runs of any two precisions drift apart by a few
+/// percent (bf16 alone does) because a small change early shifts the whole curve, and a
+/// comparison there would measure that, not the precision.
 #[test]
 fn fp8_training_ends_within_one_percent_of_fp32() {
-    let steps = 200;
+    let steps = 300;
     let run = |precision| {
         let t0 = std::time::Instant::now();
         let cfg = TrainConfig { precision, ..config(steps) };
-        let data = Box::new(TokenWalk { rng: Rng::new(5), vocab: 64, max_step: 3 });
-        let mut t = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), cfg, data).unwrap();
-        let losses: Vec<f64> = (0..steps).map(|_| t.train_step().unwrap().loss).collect();
+        let walk = |seed| TokenWalk { rng: Rng::new(seed), vocab: 64, max_step: 2 };
+        let mut t =
+            Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), cfg, Box::new(walk(5))).unwrap();
+        let losses: Vec<f64> = (0..steps).map(|_| t.train_step().unwrap().main_loss).collect();
+        let held_out = t.held_out_loss(&mut walk(1234), 32).unwrap();
         eprintln!("{precision:?}: {:.1} s", t0.elapsed().as_secs_f64());
-        losses
+        (losses, held_out)
     };
-    let (f, q) = (run(Precision::Fp32), run(Precision::Fp8));
+    let ((f, hf), (q, hq)) = (run(Precision::Fp32), run(Precision::Fp8));
     // The mean of the last 20 steps: one step's loss carries its batch's noise.
     let tail = |v: &[f64]| v[v.len() - 20..].iter().sum::<f64>() / 20.0;
     let (lf, lq) = (tail(&f), tail(&q));
-    eprintln!("fp32 {:.4} -> {lf:.4}, fp8 {:.4} -> {lq:.4}, relative {:.4}", f[0], q[0], (lq - lf).abs() / lf);
-    // The walk's entropy, ln 3 = 1.0986 nats per token, is the floor; from 5.3 (ln 64 and the
-    // init) fp32 gets to about 1.6 in these steps.
-    assert!(lf < 0.4 * f[0], "fp32 learns the walk: {} -> {lf}", f[0]);
-    assert!((lq - lf).abs() < 0.01 * lf, "fp8 {lq} vs fp32 {lf}");
+    eprintln!("training: fp32 {lf:.4}, fp8 {lq:.4}; held-out: fp32 {hf:.4}, fp8 {hq:.4}");
+    assert!(lf < 0.85, "fp32 nears the walk's entropy: {} -> {lf}", f[0]);
+    assert!((lq - lf).abs() < 0.01 * lf, "training loss: fp8 {lq} vs fp32 {lf}");
+    assert!((hq - hf).abs() < 0.01 * hf, "held-out loss: fp8 {hq} vs fp32 {hf}");
     assert!(f.iter().zip(&q).any(|(a, b)| a != b), "fp8 must actually quantize");
 }
