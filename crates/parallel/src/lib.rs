@@ -5,6 +5,7 @@
 //! data/expert parallelism arrive with the parallel issue and plug into the same trainer.
 
 pub mod comm;
+pub mod expert_parallel;
 pub mod schedule;
 pub mod trainer;
 

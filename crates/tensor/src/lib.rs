@@ -26,7 +26,7 @@ pub mod storage;
 pub mod tensor;
 pub mod testing;
 
-pub use backprop::{is_grad_enabled, no_grad, NoGradGuard, WeightGradWork};
+pub use backprop::{is_grad_enabled, no_grad, BackwardOp, NoGradGuard, WeightGradWork};
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -128,6 +128,23 @@ impl Tensor {
         Self::with_history(storage, Layout::contiguous(shape), dtype, inputs, op)
     }
 
+    /// An op defined outside this crate (a collective of whale-parallel, a foreign kernel): its
+    /// f32 results stored as `dtype`, with `op` as the backward over `inputs`. The op's backward
+    /// receives the gradient of this output and returns one per input.
+    pub fn from_custom_op(
+        values: Vec<f32>,
+        shape: &[usize],
+        dtype: DType,
+        inputs: &[&Tensor],
+        op: impl BackwardOp + 'static,
+    ) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if values.len() != n {
+            return Err(Error::invalid("from_custom_op", format!("{} values for shape {shape:?}", values.len())));
+        }
+        Ok(Self::from_op(values, shape, dtype, inputs, op))
+    }
+
     /// A tensor over `storage`/`layout` that records `op` when it needs to (see [`Tensor::from_op`]).
     pub(crate) fn with_history(
         storage: Arc<RwLock<CpuStorage>>,

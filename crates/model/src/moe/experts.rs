@@ -2,6 +2,8 @@
 //! expert, a grouped matmul), run each expert once on its block, combine with the routing
 //! weights, add the shared experts.
 
+use std::sync::Arc;
+
 use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::{Device, Tensor};
 
@@ -9,6 +11,15 @@ use super::router::{Router, Routing};
 use crate::config::DeepSeekV3Config;
 use crate::nn::{in_dtype_of, ParamBuilder, SwiGluMlp};
 use crate::Result;
+
+/// Where the routed experts run: the hook expert parallelism plugs into (whale-parallel shards
+/// the experts over ranks and sends each token to the ranks of its experts). Without one, a
+/// [`DeepSeekMoE`] runs all its experts here.
+pub trait ExpertDispatch: Send + Sync + std::fmt::Debug {
+    /// `[T, hidden]`: the routed experts' weighted outputs for `tokens` (`[T, hidden]`), as
+    /// `routing` chose them.
+    fn dispatch_and_combine(&self, moe: &DeepSeekMoE, tokens: &Tensor, routing: &Routing) -> Result<Tensor>;
+}
 
 #[derive(Debug, Clone)]
 pub struct DeepSeekMoE {
@@ -18,6 +29,8 @@ pub struct DeepSeekMoE {
     pub shared_experts: Option<SwiGluMlp>,
     pub seq_aux_alpha: f32,
     pub aux_loss_alpha: f32,
+    /// Expert parallelism: where the routed experts run (`None`: all here).
+    pub dispatch: Option<Arc<dyn ExpertDispatch>>,
 }
 
 /// What one MoE layer returns besides its output.
@@ -48,6 +61,7 @@ impl DeepSeekMoE {
             shared_experts,
             seq_aux_alpha: cfg.seq_aux_alpha as f32,
             aux_loss_alpha: cfg.aux_loss_alpha as f32,
+            dispatch: None,
         })
     }
 
@@ -71,41 +85,15 @@ impl DeepSeekMoE {
         Ok(MoeOutput { output: out.reshape(&dims)?, load: routing.load, aux_loss })
     }
 
+    /// The routed experts' weighted outputs for every token, here or through `self.dispatch`.
     fn dispatch_and_combine(&self, tokens: &Tensor, routing: &Routing) -> Result<Tensor> {
+        if let Some(d) = &self.dispatch {
+            return d.dispatch_and_combine(self, tokens, routing);
+        }
         let k = self.gate.top_k;
-        // Token-slots sorted by expert (stable, so each block keeps token order).
-        let mut order: Vec<usize> = (0..routing.experts.len()).collect();
-        order.sort_by_key(|&slot| routing.experts[slot]);
-        let token_of = |slot: usize| (slot / k) as i64;
-        let dev = Device::Cpu;
-        let rows = Tensor::from_vec(order.iter().map(|&s| token_of(s)).collect::<Vec<_>>(), &[order.len()], &dev)?;
-        let slots = Tensor::from_vec(order.iter().map(|&s| s as i64).collect::<Vec<_>>(), &[order.len()], &dev)?;
-
-        // Every expert runs once on its contiguous block of the sorted tokens (a grouped GEMM).
-        let dispatched = tokens.index_select(0, &rows)?;
-        let sizes = &routing.load;
-        let expert_out = if self.experts.iter().any(SwiGluMlp::is_fp8) {
-            // FP8 experts quantize their own block (its 1x128 tiles are per token anyway).
-            let mut start = 0;
-            let mut blocks = Vec::new();
-            for (e, &size) in self.experts.iter().zip(sizes) {
-                if size > 0 {
-                    blocks.push(e.forward(&dispatched.narrow(0, start, size)?)?);
-                }
-                start += size;
-            }
-            Tensor::cat(&blocks, 0)?
-        } else {
-            let weights = |f: fn(&SwiGluMlp) -> &Tensor| -> Result<Vec<Tensor>> {
-                self.experts.iter().map(|e| in_dtype_of(f(e), tokens)).collect()
-            };
-            let gate = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.gate_proj.weight)?)?;
-            let up = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.up_proj.weight)?)?;
-            let hidden = Tensor::swiglu(&gate, &up)?;
-            Tensor::grouped_matmul(&hidden, sizes, &weights(|e| &e.down_proj.weight)?)?
-        };
-        let w = in_dtype_of(&routing.weights.flatten_all()?.index_select(0, &slots)?.unsqueeze(1)?, tokens)?;
-        Ok(tokens.zeros_like()?.index_add(0, &rows, &expert_out.mul(&w)?)?)
+        let assignments: Vec<(usize, usize)> =
+            routing.experts.iter().enumerate().map(|(slot, &e)| (slot / k, e)).collect();
+        run_experts(&self.experts, tokens, &assignments, &routing.weights.flatten_all()?)
     }
 
     /// Spec section 2.4: `alpha * sum_i f_i P_i` with `f_i = E/(K T) * count_i` (from the actual
@@ -140,4 +128,55 @@ impl DeepSeekMoE {
         }
         Ok(total)
     }
+}
+
+/// Runs `experts` on the rows of `x` (`[rows, hidden]`) assigned to them and sums each row's
+/// weighted outputs: `out[r] = sum over (r, e) in assignments of w * E_e(x[r])`, with `weights`
+/// (`[assignments.len()]`, differentiable) in the order of `assignments`. Every expert runs once on
+/// its contiguous block of rows (sorted by expert, stably, so each block keeps row order): a
+/// grouped GEMM, or one FP8 linear per expert.
+pub fn run_experts(
+    experts: &[SwiGluMlp],
+    x: &Tensor,
+    assignments: &[(usize, usize)],
+    weights: &Tensor,
+) -> Result<Tensor> {
+    let mut order: Vec<usize> = (0..assignments.len()).collect();
+    order.sort_by_key(|&i| assignments[i].1);
+    let mut sizes = vec![0usize; experts.len()];
+    for &(_, e) in assignments {
+        sizes[e] += 1;
+    }
+    let dev = Device::Cpu;
+    let index = |v: Vec<i64>| Tensor::from_vec(v, &[order.len()], &dev);
+    let rows = index(order.iter().map(|&i| assignments[i].0 as i64).collect())?;
+    let slots = index(order.iter().map(|&i| i as i64).collect())?;
+
+    let dispatched = x.index_select(0, &rows)?;
+    let expert_out = if experts.iter().any(SwiGluMlp::is_fp8) {
+        // FP8 experts quantize their own block (its 1x128 tiles are per token anyway).
+        let mut start = 0;
+        let mut blocks = Vec::new();
+        for (e, &size) in experts.iter().zip(&sizes) {
+            if size > 0 {
+                blocks.push(e.forward(&dispatched.narrow(0, start, size)?)?);
+            }
+            start += size;
+        }
+        if blocks.is_empty() {
+            dispatched.clone()
+        } else {
+            Tensor::cat(&blocks, 0)?
+        }
+    } else {
+        let weights = |f: fn(&SwiGluMlp) -> &Tensor| -> Result<Vec<Tensor>> {
+            experts.iter().map(|e| in_dtype_of(f(e), x)).collect()
+        };
+        let gate = Tensor::grouped_matmul(&dispatched, &sizes, &weights(|e| &e.gate_proj.weight)?)?;
+        let up = Tensor::grouped_matmul(&dispatched, &sizes, &weights(|e| &e.up_proj.weight)?)?;
+        let hidden = Tensor::swiglu(&gate, &up)?;
+        Tensor::grouped_matmul(&hidden, &sizes, &weights(|e| &e.down_proj.weight)?)?
+    };
+    let w = in_dtype_of(&weights.index_select(0, &slots)?.unsqueeze(1)?, x)?;
+    Ok(x.zeros_like()?.index_add(0, &rows, &expert_out.mul(&w)?)?)
 }

@@ -1,0 +1,162 @@
+//! Expert parallelism over LocalComm ranks equals the single-rank MoE layer: outputs, the
+//! gradients of the tokens, of the local experts (each on the rank that owns it) and of the
+//! replicated router and shared experts (summed over ranks, as data parallelism would), with
+//! node-limited routing keeping every token within its allowed nodes.
+
+use std::sync::Arc;
+
+use whale_model::block::FeedForward;
+use whale_model::moe::DeepSeekMoE;
+use whale_model::tensor::testing::randn;
+use whale_model::tensor::Tensor;
+use whale_model::{DeepSeekV3, DeepSeekV3Config};
+use whale_parallel::comm::{Comm, LocalComm};
+use whale_parallel::expert_parallel::ExpertParallel;
+
+/// The tiny preset's first MoE layer with the balance losses off (they do not touch the output).
+fn moe_of(model: &DeepSeekV3) -> DeepSeekMoE {
+    let FeedForward::Moe(moe) = &model.layers[1].mlp else { panic!("layer 1 is an MoE layer") };
+    let mut moe = moe.clone();
+    moe.seq_aux_alpha = 0.0;
+    moe
+}
+
+/// Every trainable tensor of an MoE layer with its name (`gate`, `experts.3.up_proj`, ...).
+fn named_weights(moe: &DeepSeekMoE) -> Vec<(String, Tensor)> {
+    let mut out = vec![("gate".to_string(), moe.gate.weight.clone())];
+    let mlps = moe
+        .experts
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (format!("experts.{i}"), e))
+        .chain(moe.shared_experts.iter().map(|e| ("shared".to_string(), e)));
+    for (name, e) in mlps {
+        for (p, l) in [("gate_proj", &e.gate_proj), ("up_proj", &e.up_proj), ("down_proj", &e.down_proj)] {
+            out.push((format!("{name}.{p}"), l.weight.clone()));
+        }
+    }
+    out
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        // Sums run in another order (per rank, then across ranks): f32 rounding, relative to the
+        // largest entry.
+        assert!((a - b).abs() <= 2e-5 * scale, "{what}[{i}]: {a} vs {b} (scale {scale})");
+    }
+}
+
+/// Runs the layer on `world` ranks (`ranks_per_node` each node) and checks it against one rank.
+fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_rank: usize) -> Vec<usize> {
+    let model = DeepSeekV3::new(cfg.clone(), 3).unwrap();
+    let d = cfg.hidden_size;
+    let x = randn(&[world, tokens_per_rank, d], 7);
+    let r = randn(&[world, tokens_per_rank, d], 8);
+
+    // One rank, all tokens.
+    let reference = moe_of(&model.duplicate().unwrap());
+    let xv = x.detach().variable();
+    let out = reference.forward(&xv).unwrap().output;
+    out.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let ref_out = out.to_vec_f32().unwrap();
+    let ref_grads: Vec<(String, Vec<f32>)> =
+        named_weights(&reference).into_iter().map(|(n, t)| (n, t.grad().unwrap().to_vec_f32().unwrap())).collect();
+    let ref_dx = xv.grad().unwrap().to_vec_f32().unwrap();
+
+    let comms = LocalComm::world(world, None);
+    let per_rank: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let (model, x, r) = (&model, &x, &r);
+                s.spawn(move || {
+                    let comm: Arc<dyn Comm> = Arc::new(comm);
+                    let mut moe = moe_of(&model.duplicate().unwrap());
+                    let ep = ExpertParallel::install(comm, ranks_per_node, &mut moe).unwrap();
+                    let xr = x.narrow(0, rank, 1).unwrap().contiguous().unwrap().variable();
+                    let out = moe.forward(&xr).unwrap().output;
+                    out.mul(&r.narrow(0, rank, 1).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+                    let grads: Vec<(String, Option<Vec<f32>>)> = named_weights(&moe)
+                        .into_iter()
+                        .map(|(n, t)| (n, t.grad().map(|g| g.to_vec_f32().unwrap())))
+                        .collect();
+                    let local = ep.local_experts(moe.experts.len());
+                    (
+                        out.to_vec_f32().unwrap(),
+                        xr.grad().unwrap().to_vec_f32().unwrap(),
+                        grads,
+                        local,
+                        ep.last_dispatch(),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+
+    let n = tokens_per_rank * d;
+    let mut max_nodes = Vec::new();
+    for (rank, (out, dx, _, _, stats)) in per_rank.iter().enumerate() {
+        assert_close(&format!("rank {rank} output"), out, &ref_out[rank * n..(rank + 1) * n]);
+        assert_close(&format!("rank {rank} input gradient"), dx, &ref_dx[rank * n..(rank + 1) * n]);
+        max_nodes.push(stats.max_nodes_per_token);
+    }
+    for (i, (name, want)) in ref_grads.iter().enumerate() {
+        let expert: Option<usize> = name.strip_prefix("experts.").and_then(|s| s.split('.').next()?.parse().ok());
+        match expert {
+            // A routed expert's gradient is computed by its owner only.
+            Some(e) => {
+                for (rank, (_, _, grads, local, _)) in per_rank.iter().enumerate() {
+                    if local.contains(&e) {
+                        assert_close(&format!("{name} on rank {rank}"), grads[i].1.as_ref().unwrap(), want);
+                    } else {
+                        assert!(grads[i].1.is_none(), "{name} has a gradient on rank {rank}, which does not own it");
+                    }
+                }
+            }
+            // Replicated weights: each rank's gradient covers its tokens; the sum is the whole.
+            None => {
+                let mut sum = vec![0.0f32; want.len()];
+                for (_, _, grads, _, _) in &per_rank {
+                    sum.iter_mut().zip(grads[i].1.as_ref().unwrap()).for_each(|(s, g)| *s += g);
+                }
+                assert_close(&format!("{name} summed over ranks"), &sum, want);
+            }
+        }
+    }
+    max_nodes
+}
+
+#[test]
+fn expert_parallel_over_2_and_4_ranks_equals_one_rank() {
+    // 8 experts, top-2, groups of 4 (n_group 2): 4 or 2 experts per rank.
+    let cfg = DeepSeekV3Config::tiny();
+    for world in [2, 4] {
+        check(world, world, cfg.clone(), 12);
+    }
+}
+
+#[test]
+fn node_limited_routing_sends_each_token_to_at_most_m_nodes() {
+    // 4 ranks on 2 nodes; the router's 2 groups are the nodes and topk_group = 1 = M.
+    let cfg = DeepSeekV3Config { n_group: 2, topk_group: 1, ..DeepSeekV3Config::tiny() };
+    let max_nodes = check(4, 2, cfg.clone(), 16);
+    assert!(max_nodes.iter().all(|&m| m == 1), "M = 1: {max_nodes:?}");
+    // With both groups allowed, tokens do spread over the two nodes.
+    let spread = check(4, 2, DeepSeekV3Config { topk_group: 2, ..cfg }, 16);
+    assert!(spread.contains(&2), "topk_group 2: {spread:?}");
+}
+
+#[test]
+fn a_layout_that_cannot_shard_is_an_error() {
+    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 3).unwrap();
+    let moe = moe_of(&model);
+    for (world, per_node, words) in [(3, 3, "do not split evenly"), (4, 1, "one router group per node")] {
+        let comm: Arc<dyn Comm> = Arc::new(LocalComm::world(world, None).remove(0));
+        let err = ExpertParallel::new(comm, per_node, &moe).unwrap_err().to_string();
+        assert!(err.contains(words), "{err}");
+    }
+}
