@@ -1,10 +1,13 @@
 //! whale-parallel: the training engine ([`trainer`]: steps, gradient accumulation, precision,
 //! AdamW with its schedule, clipping, MoE balancing, NaN detection, metrics, atomic checkpoints and
-//! bit-identical resume) and pipeline [`schedule`]s as data (1F1B, ZB1P, DualPipe, DualPipeV in
-//! the reference's exact order, with a timing simulator and an SVG timeline). Communicators and
-//! data/expert parallelism arrive with the parallel issue and plug into the same trainer.
+//! bit-identical resume), communicators ([`comm`]: the `Comm` trait and `LocalComm`, ranks as
+//! threads with an optional link model), [`data_parallel`] training (bucketed gradient all-reduce
+//! overlapped with the backward, ZeRO-1), [`expert_parallel`] dispatch and combine, and pipeline
+//! [`schedule`]s as data (1F1B, ZB1P, DualPipe, DualPipeV in the reference's exact order, with a
+//! timing simulator and an SVG timeline).
 
 pub mod comm;
+pub mod data_parallel;
 pub mod expert_parallel;
 pub mod schedule;
 pub mod trainer;
