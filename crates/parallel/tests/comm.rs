@@ -244,3 +244,26 @@ fn a_panicking_rank_is_raised_again_after_the_others_stop_waiting() {
         assert!(matches!(comm_error(comm.barrier()), CommError::RankLeft { peer: 1, .. }));
     });
 }
+
+#[test]
+fn split_makes_independent_groups_ranked_by_key() {
+    let out = LocalComm::run(4, |comm| {
+        let me = comm.rank();
+        // Even and odd ranks, each group ranked in reverse.
+        let group = comm.split(me % 2, 3 - me).unwrap();
+        let mut buf = vec![me as f32];
+        if me % 2 == 0 {
+            group.all_reduce(&mut buf, ReduceOp::Sum).unwrap();
+        } else {
+            buf = group.all_gather(&buf).unwrap();
+        }
+        // The parent world still works, and ranks split again.
+        comm.barrier().unwrap();
+        let all = comm.split(0, me).unwrap();
+        (group.rank(), group.world_size(), buf, all.rank(), all.world_size())
+    });
+    assert_eq!(out[0], (1, 2, vec![2.0], 0, 4));
+    assert_eq!(out[2], (0, 2, vec![2.0], 2, 4));
+    assert_eq!(out[1], (1, 2, vec![3.0, 1.0], 1, 4));
+    assert_eq!(out[3], (0, 2, vec![3.0, 1.0], 3, 4));
+}

@@ -12,8 +12,9 @@
 //! - a deadlock: every remaining rank waits in a collective that cannot complete or a `recv`
 //!   with no message queued: an error on every waiting rank, and on every later call.
 //!
-//! Not detected: a rank that never calls again but keeps running (an endless loop), or a
-//! message sent under another tag than the one awaited while its sender runs on. Deadlock
+//! Not detected: a rank that never calls again but keeps running (an endless loop), a message
+//! sent under another tag than the one awaited while its sender runs on, or a cycle of waits that
+//! crosses communicators (a world and the groups split from it each look only at themselves). Deadlock
 //! detection counts a rank as blocked when any of its threads is blocked; a rank that blocks in
 //! one thread while another of its threads goes on to unblock a peer (a communication thread
 //! next to a main thread that also communicates) must not be run where every other rank is
@@ -25,7 +26,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use super::{combine, single, Collective, Comm, CommError, CommStats, LinkModel, ReduceOp, Traffic};
+use super::{
+    combine, f32_bits_to_u64, single, u64_to_f32_bits, Collective, Comm, CommError, CommStats, LinkModel, ReduceOp,
+    Traffic,
+};
 use crate::Result;
 
 /// Stack of each rank thread in [`LocalComm::run`] (a model's forward and backward run there).
@@ -36,6 +40,8 @@ pub struct LocalComm {
     rank: usize,
     world: Arc<World>,
     next_seq: AtomicU64,
+    /// Splits made so far (every rank splits in the same order, so this names a split).
+    splits: AtomicU64,
     stats: Mutex<CommStats>,
 }
 
@@ -50,6 +56,20 @@ struct World {
     link: Option<LinkModel>,
     state: Mutex<State>,
     changed: Condvar,
+}
+
+impl World {
+    fn new(size: usize, link: Option<LinkModel>) -> Arc<World> {
+        let state = State {
+            pending: HashMap::new(),
+            mailbox: HashMap::new(),
+            alive: vec![true; size],
+            waits: vec![Vec::new(); size],
+            deadlock: None,
+            groups: HashMap::new(),
+        };
+        Arc::new(World { size, link, state: Mutex::new(state), changed: Condvar::new() })
+    }
 }
 
 /// What a blocked thread waits for.
@@ -118,6 +138,9 @@ struct State {
     waits: Vec<Vec<Wait>>,
     /// Set once a deadlock is found: its description.
     deadlock: Option<String>,
+    /// Sub-worlds being handed out by a split, by (split, color): the world and how many of its
+    /// members have yet to take it.
+    groups: HashMap<(u64, u64), (Arc<World>, usize)>,
 }
 
 impl State {
@@ -203,22 +226,18 @@ impl LocalComm {
     /// The handles of a new world of `size` ranks (one per rank, in rank order), each to be moved
     /// to its rank's thread. `link`: the modelled cost of every message, or none.
     pub fn world(size: usize, link: Option<LinkModel>) -> Vec<LocalComm> {
-        let state = State {
-            pending: HashMap::new(),
-            mailbox: HashMap::new(),
-            alive: vec![true; size],
-            waits: vec![Vec::new(); size],
-            deadlock: None,
-        };
-        let world = Arc::new(World { size, link, state: Mutex::new(state), changed: Condvar::new() });
-        (0..size)
-            .map(|rank| LocalComm {
-                rank,
-                world: world.clone(),
-                next_seq: AtomicU64::new(0),
-                stats: Mutex::new(CommStats::default()),
-            })
-            .collect()
+        let world = World::new(size, link);
+        (0..size).map(|rank| LocalComm::member(rank, world.clone())).collect()
+    }
+
+    fn member(rank: usize, world: Arc<World>) -> LocalComm {
+        LocalComm {
+            rank,
+            world,
+            next_seq: AtomicU64::new(0),
+            splits: AtomicU64::new(0),
+            stats: Mutex::new(CommStats::default()),
+        }
     }
 
     /// A world of one: every collective returns its input; a rank may send to itself.
@@ -419,5 +438,27 @@ impl Comm for LocalComm {
 
     fn stats(&self) -> CommStats {
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every rank learns every (color, key) from one all-gather; the first member of a group to
+    /// get here creates its world (same link model), the others join it.
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Comm>> {
+        let split = self.splits.fetch_add(1, Ordering::Relaxed);
+        let all: Vec<u64> = f32_bits_to_u64(&self.all_gather(&u64_to_f32_bits(&[color as u64, key as u64]))?).collect();
+        let mut members: Vec<(u64, usize)> =
+            (0..self.world.size).filter(|&r| all[2 * r] == color as u64).map(|r| (all[2 * r + 1], r)).collect();
+        members.sort_unstable();
+        let rank = members.iter().position(|&(_, r)| r == self.rank).expect("a rank is in its own group");
+        let mut st = self.lock();
+        let entry = st
+            .groups
+            .entry((split, color as u64))
+            .or_insert_with(|| (World::new(members.len(), self.world.link), members.len()));
+        let world = entry.0.clone();
+        entry.1 -= 1;
+        if entry.1 == 0 {
+            st.groups.remove(&(split, color as u64));
+        }
+        Ok(Box::new(LocalComm::member(rank, world)))
     }
 }

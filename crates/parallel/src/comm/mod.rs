@@ -145,6 +145,11 @@ pub trait Comm: Send + Sync {
 
     fn stats(&self) -> CommStats;
 
+    /// A communicator over the ranks here that pass the same `color`, ranked by `key` (ties by
+    /// rank here): the data-parallel group among expert- or pipeline-parallel ranks. A collective
+    /// call on this communicator; the new one's collectives are independent of this one's.
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Comm>>;
+
     /// Exact sums of integers (expert loads, token counts) across ranks, in rank order (wrapping
     /// on overflow). The values travel as bit patterns in an [`Comm::all_gather`].
     fn all_reduce_u64(&self, values: &mut [u64]) -> Result<()> {
