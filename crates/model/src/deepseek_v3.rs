@@ -36,6 +36,17 @@ pub struct DeepSeekV3 {
     pub compute_dtype: DType,
 }
 
+/// What a run of decoder layers produced.
+#[derive(Debug, Clone)]
+pub struct StageOutput {
+    /// `[batch, seq, hidden]`.
+    pub hidden: Tensor,
+    /// Per MoE layer run: tokens routed to each expert.
+    pub expert_load: Vec<Vec<usize>>,
+    /// Their enabled balance losses, summed.
+    pub aux_loss: Option<Tensor>,
+}
+
 /// A training forward's results.
 #[derive(Debug, Clone)]
 pub struct ForwardOutput {
@@ -190,16 +201,24 @@ impl DeepSeekV3 {
 
     /// Hidden states after the last decoder layer, before the final norm: `[batch, seq, hidden]`.
     fn trunk(&self, input_ids: &Tensor, loads: &mut Vec<Vec<usize>>, aux: &mut Option<Tensor>) -> Result<Tensor> {
-        let seq = input_ids.dims()[1];
-        let positions: Vec<usize> = (0..seq).collect();
-        let mut h = self.embed(input_ids)?;
-        for layer in &self.layers {
+        let out = self.run_layers(0..self.layers.len(), &self.embed(input_ids)?)?;
+        loads.extend(out.expert_load);
+        *aux = add_opt(aux.take(), out.aux_loss)?;
+        Ok(out.hidden)
+    }
+
+    /// Decoder layers `layers` on `h` (`[batch, seq, hidden]`, positions from 0): a pipeline
+    /// stage's share of the trunk.
+    pub fn run_layers(&self, layers: std::ops::Range<usize>, h: &Tensor) -> Result<StageOutput> {
+        let positions: Vec<usize> = (0..h.dims()[1]).collect();
+        let (mut h, mut expert_load, mut aux_loss) = (h.clone(), Vec::new(), None);
+        for layer in &self.layers[layers] {
             let out = layer.forward(&h, &positions)?;
             h = out.hidden;
-            loads.extend(out.load);
-            *aux = add_opt(aux.take(), out.aux_loss)?;
+            expert_load.extend(out.load);
+            aux_loss = add_opt(aux_loss, out.aux_loss)?;
         }
-        Ok(h)
+        Ok(StageOutput { hidden: h, expert_load, aux_loss })
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]` (what the output head reads; a value head
@@ -231,10 +250,25 @@ impl DeepSeekV3 {
                 )));
             }
         }
-        let (batch, seq) = (input_ids.dims()[0], input_ids.dims()[1]);
-        let vocab = self.config.vocab_size;
         let (mut loads, mut aux) = (Vec::new(), None);
         let h = self.trunk(input_ids, &mut loads, &mut aux)?;
+        self.head_and_losses(input_ids, targets, &h, loads, aux)
+    }
+
+    /// The last pipeline stage's part of [`DeepSeekV3::forward`]: final norm, output head, the MTP
+    /// modules and the losses, from the trunk's output `h`; `loads` and `aux` are what the
+    /// decoder layers before it reported.
+    pub fn head_and_losses(
+        &self,
+        input_ids: &Tensor,
+        targets: Option<&Tensor>,
+        h: &Tensor,
+        mut loads: Vec<Vec<usize>>,
+        mut aux: Option<Tensor>,
+    ) -> Result<ForwardOutput> {
+        let (batch, seq) = (input_ids.dims()[0], input_ids.dims()[1]);
+        let vocab = self.config.vocab_size;
+        let h = h.clone();
         let logits = self.lm_head.forward(&self.norm.forward(&h)?)?.to_dtype(DType::F32)?;
 
         let (mut main_loss, mut mtp_loss, mut loss) = (None, None, None);

@@ -23,7 +23,7 @@ pub mod testing;
 pub mod tokenizer;
 
 pub use config::{DeepSeekV3Config, ParamCounts, RopeScaling};
-pub use deepseek_v3::{DeepSeekV3, ForwardOutput, IGNORE_INDEX};
+pub use deepseek_v3::{DeepSeekV3, ForwardOutput, StageOutput, IGNORE_INDEX};
 pub use dense::{DenseConfig, DenseModel};
 pub use error::{Error, Result};
 pub use generate::CausalLm;
