@@ -156,10 +156,13 @@ fn a_rank_that_leaves_is_an_error_for_those_waiting_on_it() {
 
 #[test]
 fn a_deadlock_is_an_error_on_every_rank() {
-    let errors = LocalComm::run(3, |comm| match comm.rank() {
-        0 => comm_error(comm.recv(1, 5)),
-        1 => comm_error(comm.recv(2, 5)),
-        _ => comm_error(comm.barrier()),
+    let errors = LocalComm::run(3, |comm| {
+        comm.set_deadlock_grace(Some(Duration::from_millis(20)));
+        match comm.rank() {
+            0 => comm_error(comm.recv(1, 5)),
+            1 => comm_error(comm.recv(2, 5)),
+            _ => comm_error(comm.barrier()),
+        }
     });
     for e in &errors {
         assert!(matches!(e, CommError::Deadlock { .. }), "{e}");
@@ -167,6 +170,35 @@ fn a_deadlock_is_an_error_on_every_rank() {
     let text = errors[0].to_string();
     assert!(text.contains("rank 0 waits for a message from rank 1 with tag 5"), "{text}");
     assert!(text.contains("rank 2 waits in collective #0 for rank(s) 0, 1"), "{text}");
+}
+
+#[test]
+fn a_rank_waiting_in_one_thread_while_another_works_is_not_a_deadlock() {
+    LocalComm::run(2, |comm| {
+        comm.set_deadlock_grace(Some(Duration::from_millis(20)));
+        comm.barrier().unwrap();
+        if comm.rank() == 1 {
+            let got = comm.recv(0, 1).unwrap();
+            comm.send(0, 2, &got).unwrap();
+            return;
+        }
+        std::thread::scope(|s| {
+            // Waits for rank 1, which waits for rank 0's main thread, busy past the grace period.
+            let waiting = s.spawn(|| comm.recv(1, 2).unwrap());
+            std::thread::sleep(Duration::from_millis(100));
+            comm.send(1, 1, &[7.0]).unwrap();
+            assert_eq!(waiting.join().unwrap(), vec![7.0]);
+        });
+        // A thread that has not called yet is covered by the grace period.
+        comm.set_deadlock_grace(Some(Duration::from_millis(500)));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(10));
+                comm.send(0, 3, &[1.0]).unwrap();
+            });
+            assert_eq!(comm.recv(0, 3).unwrap(), vec![1.0]);
+        });
+    });
 }
 
 #[test]
@@ -199,6 +231,7 @@ fn the_link_model_adds_at_least_its_time_and_counts_traffic() {
 #[test]
 fn a_world_of_one_is_the_identity() {
     let comm = LocalComm::single();
+    comm.set_deadlock_grace(Some(Duration::from_millis(20)));
     let mut buf = input(0, 5);
     comm.all_reduce(&mut buf, ReduceOp::Sum).unwrap();
     comm.broadcast(&mut buf, 0).unwrap();

@@ -9,22 +9,26 @@
 //!   counts that disagree: an error on every rank;
 //! - a rank that has dropped its communicator (returned, failed or panicked) while another waits
 //!   for it in a collective or a `recv`: an error on the waiting ranks;
-//! - a deadlock: every remaining rank waits in a collective that cannot complete or a `recv`
-//!   with no message queued: an error on every waiting rank, and on every later call.
+//! - a deadlock: every thread of every remaining rank that has used the communicator waits, in a
+//!   collective that cannot complete or a `recv` with no message queued, and nothing changes for
+//!   a grace period ([`LocalComm::set_deadlock_grace`], 2 s by default): an error on every
+//!   waiting rank, and on every later call.
 //!
-//! Not detected: a rank that never calls again but keeps running (an endless loop), a message
-//! sent under another tag than the one awaited while its sender runs on, or a cycle of waits that
-//! crosses communicators (a world and the groups split from it each look only at themselves). Deadlock
-//! detection counts a rank as blocked when any of its threads is blocked; a rank that blocks in
-//! one thread while another of its threads goes on to unblock a peer (a communication thread
-//! next to a main thread that also communicates) must not be run where every other rank is
-//! blocked too. Data parallelism's communication thread is safe: its main thread does not
-//! communicate while it runs.
+//! A rank may use its communicator from several threads (data parallelism's communication thread,
+//! DualPipe's overlapped forward): a thread counts from its first call until it exits, so a rank
+//! whose other thread is computing is not blocked. A thread that has not called yet is unknown;
+//! the grace period is what keeps its first call, if it comes in time, from looking like a
+//! deadlock. Not detected: a rank that never calls again but keeps running, a message sent under
+//! another tag than the one awaited while its sender runs on, a thread blocked outside the
+//! communicator (joining one that waits in it), or a cycle of waits that crosses communicators (a
+//! world and the groups split from it each look only at themselves).
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
 
 use super::{
     combine, f32_bits_to_u64, single, u64_to_f32_bits, Collective, Comm, CommError, CommStats, LinkModel, ReduceOp,
@@ -34,6 +38,9 @@ use crate::Result;
 
 /// Stack of each rank thread in [`LocalComm::run`] (a model's forward and backward run there).
 const RANK_STACK: usize = 16 << 20;
+
+/// How long every rank must stay blocked, with nothing changing, before it is a deadlock.
+const DEADLOCK_GRACE: Duration = Duration::from_secs(2);
 
 /// One rank's handle on a world of threads. Dropping it marks the rank as gone.
 pub struct LocalComm {
@@ -59,6 +66,12 @@ struct World {
 }
 
 impl World {
+    /// Something happened that may end a wait: wake every waiting thread.
+    fn progressed(&self, st: &mut State) {
+        st.progress += 1;
+        self.changed.notify_all();
+    }
+
     fn new(size: usize, link: Option<LinkModel>) -> Arc<World> {
         let state = State {
             pending: HashMap::new(),
@@ -66,6 +79,9 @@ impl World {
             alive: vec![true; size],
             waits: vec![Vec::new(); size],
             deadlock: None,
+            grace: Some(DEADLOCK_GRACE),
+            progress: 0,
+            participants: vec![Vec::new(); size],
             groups: HashMap::new(),
         };
         Arc::new(World { size, link, state: Mutex::new(state), changed: Condvar::new() })
@@ -138,6 +154,12 @@ struct State {
     waits: Vec<Vec<Wait>>,
     /// Set once a deadlock is found: its description.
     deadlock: Option<String>,
+    /// How long a deadlock must last before it is declared; `None`: never.
+    grace: Option<Duration>,
+    /// Counts changes that could end a wait (arrivals, messages, departures).
+    progress: u64,
+    /// Per rank, the live threads that have used its communicator.
+    participants: Vec<Vec<ThreadId>>,
     /// Sub-worlds being handed out by a split, by (split, color): the world and how many of its
     /// members have yet to take it.
     groups: HashMap<(u64, u64), (Arc<World>, usize)>,
@@ -156,11 +178,17 @@ impl State {
         }
     }
 
-    /// Every rank still here is blocked and no wait can end.
+    /// Every thread of every rank still here that has used the communicator is blocked, and no
+    /// wait can end.
     fn stuck(&self) -> bool {
         let mut here = (0..self.alive.len()).filter(|&r| self.alive[r]).peekable();
         here.peek().is_some()
-            && here.all(|r| !self.waits[r].is_empty() && self.waits[r].iter().all(|&w| !self.can_end(r, w)))
+            && here.all(|r| {
+                let waits = &self.waits[r];
+                !waits.is_empty()
+                    && waits.len() >= self.participants[r].len()
+                    && waits.iter().all(|&w| !self.can_end(r, w))
+            })
     }
 
     fn describe(&self) -> String {
@@ -213,6 +241,26 @@ impl State {
         }
         Some(result.map_err(Into::into))
     }
+}
+
+/// The (world, rank) pairs this thread has used; leaving them when the thread exits.
+struct Registrations(RefCell<Vec<(Weak<World>, usize)>>);
+
+impl Drop for Registrations {
+    fn drop(&mut self) {
+        let me = std::thread::current().id();
+        for (world, rank) in self.0.borrow().iter() {
+            if let Some(world) = world.upgrade() {
+                let mut st = world.state.lock().unwrap_or_else(PoisonError::into_inner);
+                st.participants[*rank].retain(|&t| t != me);
+                world.progressed(&mut st);
+            }
+        }
+    }
+}
+
+thread_local! {
+    static REGISTRATIONS: Registrations = const { Registrations(RefCell::new(Vec::new())) };
 }
 
 fn sleep_until(t: Instant) {
@@ -287,6 +335,24 @@ impl LocalComm {
         self.world.link
     }
 
+    /// How long every rank must stay blocked with nothing changing before the world reports a
+    /// deadlock (for the whole world; `None` turns detection off).
+    pub fn set_deadlock_grace(&self, grace: Option<Duration>) {
+        self.lock().grace = grace;
+    }
+
+    /// Counts this thread as one of its rank's until the thread exits.
+    fn register(&self, st: &mut State) {
+        let me = std::thread::current().id();
+        if st.participants[self.rank].contains(&me) {
+            return;
+        }
+        st.participants[self.rank].push(me);
+        let entry = (Arc::downgrade(&self.world), self.rank);
+        // During the thread's own teardown there is nothing left to register with.
+        let _ = REGISTRATIONS.try_with(|r| r.0.borrow_mut().push(entry));
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.world.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -319,6 +385,7 @@ impl LocalComm {
         wait: Wait,
         mut poll: impl FnMut(&mut State) -> Option<Result<T>>,
     ) -> Result<T> {
+        self.register(&mut st);
         loop {
             // A deadlock breaks the world: even a wait that a departing rank would now end reports it.
             if let Some(e) = self.deadlock(&st) {
@@ -328,12 +395,19 @@ impl LocalComm {
                 return r;
             }
             st.waits[self.rank].push(wait);
-            if st.stuck() {
-                st.deadlock = Some(st.describe());
-                self.world.changed.notify_all();
-            } else {
-                st = self.world.changed.wait(st).unwrap_or_else(PoisonError::into_inner);
-            }
+            let progress = st.progress;
+            st = match (st.stuck(), st.grace) {
+                (true, Some(grace)) => {
+                    let (mut st, timeout) =
+                        self.world.changed.wait_timeout(st, grace).unwrap_or_else(PoisonError::into_inner);
+                    if timeout.timed_out() && st.progress == progress && st.stuck() && st.deadlock.is_none() {
+                        st.deadlock = Some(st.describe());
+                        self.world.changed.notify_all();
+                    }
+                    st
+                }
+                _ => self.world.changed.wait(st).unwrap_or_else(PoisonError::into_inner),
+            };
             st.remove_wait(self.rank, wait);
         }
     }
@@ -351,7 +425,7 @@ impl LocalComm {
         p.last_arrival = p.last_arrival.max(now);
         if p.arrived == size {
             p.complete(self.world.link.as_ref());
-            self.world.changed.notify_all();
+            self.world.progressed(&mut st);
         }
         let (out, traffic, ready_at) = self.wait_for(st, Wait::Collective(seq), |st| st.take(seq, self.rank, kind))?;
         self.record(traffic);
@@ -362,8 +436,9 @@ impl LocalComm {
 
 impl Drop for LocalComm {
     fn drop(&mut self) {
-        self.lock().alive[self.rank] = false;
-        self.world.changed.notify_all();
+        let mut st = self.lock();
+        st.alive[self.rank] = false;
+        self.world.progressed(&mut st);
     }
 }
 
@@ -405,6 +480,7 @@ impl Comm for LocalComm {
         let traffic = if to == self.rank { Traffic::default() } else { Traffic::uniform(1, data.len()) };
         let arrives = Instant::now() + traffic.cost(self.world.link.as_ref());
         let mut st = self.lock();
+        self.register(&mut st);
         if let Some(e) = self.deadlock(&st) {
             return Err(e.into());
         }
@@ -412,8 +488,8 @@ impl Comm for LocalComm {
             return Err(CommError::RankLeft { rank: self.rank, op: format!("send (tag {tag})"), peer: to }.into());
         }
         st.mailbox.entry((self.rank, to, tag)).or_default().push_back(Message { data: data.to_vec(), arrives });
+        self.world.progressed(&mut st);
         drop(st);
-        self.world.changed.notify_all();
         self.record(traffic);
         Ok(())
     }
