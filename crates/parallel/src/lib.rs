@@ -9,6 +9,7 @@
 pub mod comm;
 pub mod data_parallel;
 pub mod expert_parallel;
+pub mod launch;
 pub mod pipeline;
 pub mod schedule;
 pub mod trainer;

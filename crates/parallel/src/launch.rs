@@ -1,0 +1,213 @@
+//! Multi-process launch, torchrun-style: each process reads its place from the environment
+//! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) and the processes meet at
+//! a TCP rendezvous on the master, where rank 0 hands every other rank one blob (NCCL's unique
+//! id, so that all processes join the same NCCL communicator, on one node or across nodes).
+//!
+//! Protocol: rank 0 listens on `MASTER_ADDR:MASTER_PORT`; every other rank connects (retrying
+//! until the deadline, since the master may start last) and sends its rank and the world size
+//! as two little-endian u32; the master checks them (each rank once, the same world size) and
+//! answers each with the blob's length (u32) and bytes, once all ranks have arrived.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use crate::{Error, Result};
+
+/// This process's place in a launched world.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchEnv {
+    pub rank: usize,
+    pub world_size: usize,
+    /// The GPU of this process on its node.
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+impl LaunchEnv {
+    /// Reads the launch variables; `None` when `RANK` and `WORLD_SIZE` are both unset (a plain,
+    /// single-process run). A malformed or missing variable is an error naming it.
+    pub fn from_env() -> Result<Option<LaunchEnv>> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// [`LaunchEnv::from_env`] over any lookup (tests).
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchEnv>> {
+        if get("RANK").is_none() && get("WORLD_SIZE").is_none() {
+            return Ok(None);
+        }
+        let var = |k: &str| get(k).ok_or_else(|| Error::Train(format!("launch: `{k}` is not set")));
+        let num = |k: &str| -> Result<usize> {
+            let v = var(k)?;
+            v.trim().parse().map_err(|_| Error::Train(format!("launch: `{k}`={v:?} is not a non-negative integer")))
+        };
+        let (rank, world_size) = (num("RANK")?, num("WORLD_SIZE")?);
+        if world_size == 0 || rank >= world_size {
+            return Err(Error::Train(format!("launch: RANK {rank} is not below WORLD_SIZE {world_size}")));
+        }
+        let local_rank = match get("LOCAL_RANK") {
+            Some(_) => num("LOCAL_RANK")?,
+            None => rank,
+        };
+        let master_addr = get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".to_string());
+        let port = get("MASTER_PORT").unwrap_or_else(|| "29500".to_string());
+        let master_port =
+            port.trim().parse().map_err(|_| Error::Train(format!("launch: `MASTER_PORT`={port:?} is not a port")))?;
+        Ok(Some(LaunchEnv { rank, world_size, local_rank, master_addr, master_port }))
+    }
+}
+
+fn io_err(what: &str, e: std::io::Error) -> Error {
+    Error::Train(format!("rendezvous: {what}: {e}"))
+}
+
+/// Meets the other ranks at the master and returns rank 0's `blob` on every rank (rank 0 must
+/// pass `Some`, the others `None`). Fails after `timeout` if a rank does not arrive.
+pub fn rendezvous(env: &LaunchEnv, blob: Option<&[u8]>, timeout: Duration) -> Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let addr = format!("{}:{}", env.master_addr, env.master_port);
+    if env.rank == 0 {
+        let blob = blob.ok_or_else(|| Error::Train("rendezvous: rank 0 has no blob to hand out".into()))?;
+        serve(env, &addr, blob, deadline)?;
+        return Ok(blob.to_vec());
+    }
+    let mut stream = connect(&addr, deadline)?;
+    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    stream.set_read_timeout(Some(remaining)).map_err(|e| io_err("timeout", e))?;
+    let mut hello = Vec::with_capacity(8);
+    hello.extend((env.rank as u32).to_le_bytes());
+    hello.extend((env.world_size as u32).to_le_bytes());
+    stream.write_all(&hello).map_err(|e| io_err("sending the rank", e))?;
+    let len = read_u32(&mut stream).map_err(|e| io_err(&format!("waiting for the master at {addr}"), e))? as usize;
+    let mut out = vec![0u8; len];
+    stream.read_exact(&mut out).map_err(|e| io_err("reading the blob", e))?;
+    Ok(out)
+}
+
+fn connect(addr: &str, deadline: Instant) -> Result<TcpStream> {
+    loop {
+        let attempt = addr
+            .to_socket_addrs()
+            .map_err(|e| io_err(&format!("resolving {addr}"), e))?
+            .find_map(|a| TcpStream::connect_timeout(&a, Duration::from_millis(500)).ok());
+        if let Some(s) = attempt {
+            return Ok(s);
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Train(format!("rendezvous: the master at {addr} did not answer in time")));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn read_u32(s: &mut TcpStream) -> std::io::Result<u32> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn serve(env: &LaunchEnv, addr: &str, blob: &[u8], deadline: Instant) -> Result<()> {
+    let listener = TcpListener::bind(addr).map_err(|e| io_err(&format!("listening on {addr}"), e))?;
+    listener.set_nonblocking(true).map_err(|e| io_err("listener", e))?;
+    let mut peers: Vec<Option<TcpStream>> = (0..env.world_size).map(|_| None).collect();
+    let mut arrived = 1; // rank 0 itself
+    while arrived < env.world_size {
+        match listener.accept() {
+            Ok((mut s, from)) => {
+                s.set_nonblocking(false).map_err(|e| io_err("peer socket", e))?;
+                s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| io_err("peer socket", e))?;
+                let rank = read_u32(&mut s).map_err(|e| io_err(&format!("reading a rank from {from}"), e))? as usize;
+                let world = read_u32(&mut s).map_err(|e| io_err(&format!("reading a world size from {from}"), e))?;
+                if world as usize != env.world_size {
+                    return Err(Error::Train(format!(
+                        "rendezvous: rank {rank} ({from}) says WORLD_SIZE {world}, the master {}",
+                        env.world_size
+                    )));
+                }
+                if rank == 0 || rank >= env.world_size || peers[rank].is_some() {
+                    return Err(Error::Train(format!(
+                        "rendezvous: {from} claims rank {rank}, which is taken or out of range"
+                    )));
+                }
+                peers[rank] = Some(s);
+                arrived += 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    let missing: Vec<usize> = (1..env.world_size).filter(|&r| peers[r].is_none()).collect();
+                    return Err(Error::Train(format!("rendezvous: ranks {missing:?} did not arrive in time")));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(io_err("accepting", e)),
+        }
+    }
+    let mut answer = (blob.len() as u32).to_le_bytes().to_vec();
+    answer.extend_from_slice(blob);
+    for (rank, peer) in peers.iter_mut().enumerate().skip(1) {
+        let s = peer.as_mut().expect("every rank arrived");
+        s.write_all(&answer).map_err(|e| io_err(&format!("answering rank {rank}"), e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(rank: usize, world: usize, port: u16) -> LaunchEnv {
+        LaunchEnv { rank, world_size: world, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port }
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    #[test]
+    fn the_variables_are_read_and_checked() {
+        let vars = |pairs: &[(&str, &str)]| {
+            let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            LaunchEnv::from_vars(move |k| m.get(k).cloned())
+        };
+        assert_eq!(vars(&[]).unwrap(), None);
+        let e = vars(&[("RANK", "2"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "node0"), ("MASTER_PORT", "1234")]).unwrap();
+        assert_eq!(
+            e,
+            Some(LaunchEnv { rank: 2, world_size: 4, local_rank: 2, master_addr: "node0".into(), master_port: 1234 })
+        );
+        assert!(vars(&[("RANK", "4"), ("WORLD_SIZE", "4")]).unwrap_err().to_string().contains("not below"));
+        assert!(vars(&[("RANK", "x"), ("WORLD_SIZE", "4")]).unwrap_err().to_string().contains("`RANK`"));
+        assert!(vars(&[("RANK", "0")]).unwrap_err().to_string().contains("`WORLD_SIZE`"));
+    }
+
+    #[test]
+    fn every_rank_gets_the_masters_blob_whoever_starts_first() {
+        let port = free_port();
+        let blob: Vec<u8> = (0..128).map(|i| (i * 7) as u8).collect();
+        let got: Vec<Vec<u8>> = std::thread::scope(|s| {
+            // The workers start before the master and retry until it listens.
+            let workers: Vec<_> = (1..4)
+                .map(|r| s.spawn(move || rendezvous(&env(r, 4, port), None, Duration::from_secs(20)).unwrap()))
+                .collect();
+            std::thread::sleep(Duration::from_millis(100));
+            let master = rendezvous(&env(0, 4, port), Some(&blob), Duration::from_secs(20)).unwrap();
+            std::iter::once(master).chain(workers.into_iter().map(|w| w.join().unwrap())).collect()
+        });
+        assert!(got.iter().all(|g| *g == blob));
+    }
+
+    #[test]
+    fn a_missing_rank_or_a_wrong_world_size_is_an_error() {
+        let port = free_port();
+        let err = rendezvous(&env(0, 3, port), Some(b"id"), Duration::from_millis(300)).unwrap_err().to_string();
+        assert!(err.contains("[1, 2]"), "{err}");
+        let port = free_port();
+        let err = std::thread::scope(|s| {
+            s.spawn(move || rendezvous(&env(1, 5, port), None, Duration::from_secs(5)));
+            rendezvous(&env(0, 2, port), Some(b"id"), Duration::from_secs(5)).unwrap_err().to_string()
+        });
+        assert!(err.contains("WORLD_SIZE 5"), "{err}");
+    }
+}
