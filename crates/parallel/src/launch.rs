@@ -5,8 +5,10 @@
 //!
 //! Protocol: rank 0 listens on `MASTER_ADDR:MASTER_PORT`; every other rank connects (retrying
 //! until the deadline, since the master may start last) and sends its rank and the world size
-//! as two little-endian u32; the master checks them (each rank once, the same world size) and
-//! answers each with the blob's length (u32) and bytes, once all ranks have arrived.
+//! as two little-endian u32, then its own contribution (a u32 length and bytes: its listening
+//! address, for a mesh of direct connections); the master checks them (each rank once, the same
+//! world size) and, once all ranks have arrived, answers each with the blob and every rank's
+//! contribution, each as a u32 length and bytes.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -62,27 +64,48 @@ fn io_err(what: &str, e: std::io::Error) -> Error {
     Error::Train(format!("rendezvous: {what}: {e}"))
 }
 
-/// Meets the other ranks at the master and returns rank 0's `blob` on every rank (rank 0 must
-/// pass `Some`, the others `None`). Fails after `timeout` if a rank does not arrive.
-pub fn rendezvous(env: &LaunchEnv, blob: Option<&[u8]>, timeout: Duration) -> Result<Vec<u8>> {
+/// Meets the other ranks at the master. Returns rank 0's `blob` (rank 0 must pass `Some`, the
+/// others `None`) and every rank's `mine`, by rank. Fails after `timeout` if a rank does not
+/// arrive.
+pub fn rendezvous(
+    env: &LaunchEnv,
+    blob: Option<&[u8]>,
+    mine: &[u8],
+    timeout: Duration,
+) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
     let deadline = Instant::now() + timeout;
     let addr = format!("{}:{}", env.master_addr, env.master_port);
     if env.rank == 0 {
         let blob = blob.ok_or_else(|| Error::Train("rendezvous: rank 0 has no blob to hand out".into()))?;
-        serve(env, &addr, blob, deadline)?;
-        return Ok(blob.to_vec());
+        let all = serve(env, &addr, blob, mine, deadline)?;
+        return Ok((blob.to_vec(), all));
     }
     let mut stream = connect(&addr, deadline)?;
     let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     stream.set_read_timeout(Some(remaining)).map_err(|e| io_err("timeout", e))?;
-    let mut hello = Vec::with_capacity(8);
+    let mut hello = Vec::with_capacity(12 + mine.len());
     hello.extend((env.rank as u32).to_le_bytes());
     hello.extend((env.world_size as u32).to_le_bytes());
+    hello.extend((mine.len() as u32).to_le_bytes());
+    hello.extend_from_slice(mine);
     stream.write_all(&hello).map_err(|e| io_err("sending the rank", e))?;
-    let len = read_u32(&mut stream).map_err(|e| io_err(&format!("waiting for the master at {addr}"), e))? as usize;
+    let blob = read_bytes(&mut stream).map_err(|e| io_err(&format!("waiting for the master at {addr}"), e))?;
+    let all = (0..env.world_size)
+        .map(|_| read_bytes(&mut stream).map_err(|e| io_err("reading the ranks' contributions", e)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((blob, all))
+}
+
+fn read_bytes(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let len = read_u32(s)? as usize;
     let mut out = vec![0u8; len];
-    stream.read_exact(&mut out).map_err(|e| io_err("reading the blob", e))?;
+    s.read_exact(&mut out)?;
     Ok(out)
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend((b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
 }
 
 fn connect(addr: &str, deadline: Instant) -> Result<TcpStream> {
@@ -107,10 +130,10 @@ fn read_u32(s: &mut TcpStream) -> std::io::Result<u32> {
     Ok(u32::from_le_bytes(b))
 }
 
-fn serve(env: &LaunchEnv, addr: &str, blob: &[u8], deadline: Instant) -> Result<()> {
+fn serve(env: &LaunchEnv, addr: &str, blob: &[u8], mine: &[u8], deadline: Instant) -> Result<Vec<Vec<u8>>> {
     let listener = TcpListener::bind(addr).map_err(|e| io_err(&format!("listening on {addr}"), e))?;
     listener.set_nonblocking(true).map_err(|e| io_err("listener", e))?;
-    let mut peers: Vec<Option<TcpStream>> = (0..env.world_size).map(|_| None).collect();
+    let mut peers: Vec<Option<(TcpStream, Vec<u8>)>> = (0..env.world_size).map(|_| None).collect();
     let mut arrived = 1; // rank 0 itself
     while arrived < env.world_size {
         match listener.accept() {
@@ -130,7 +153,9 @@ fn serve(env: &LaunchEnv, addr: &str, blob: &[u8], deadline: Instant) -> Result<
                         "rendezvous: {from} claims rank {rank}, which is taken or out of range"
                     )));
                 }
-                peers[rank] = Some(s);
+                let theirs =
+                    read_bytes(&mut s).map_err(|e| io_err(&format!("reading rank {rank}'s contribution"), e))?;
+                peers[rank] = Some((s, theirs));
                 arrived += 1;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -143,13 +168,17 @@ fn serve(env: &LaunchEnv, addr: &str, blob: &[u8], deadline: Instant) -> Result<
             Err(e) => return Err(io_err("accepting", e)),
         }
     }
-    let mut answer = (blob.len() as u32).to_le_bytes().to_vec();
-    answer.extend_from_slice(blob);
+    let all: Vec<Vec<u8>> = std::iter::once(mine.to_vec())
+        .chain(peers.iter().skip(1).map(|p| p.as_ref().expect("every rank arrived").1.clone()))
+        .collect();
+    let mut answer = Vec::new();
+    put_bytes(&mut answer, blob);
+    all.iter().for_each(|c| put_bytes(&mut answer, c));
     for (rank, peer) in peers.iter_mut().enumerate().skip(1) {
-        let s = peer.as_mut().expect("every rank arrived");
+        let (s, _) = peer.as_mut().expect("every rank arrived");
         s.write_all(&answer).map_err(|e| io_err(&format!("answering rank {rank}"), e))?;
     }
-    Ok(())
+    Ok(all)
 }
 
 #[cfg(test)]
@@ -186,27 +215,30 @@ mod tests {
     fn every_rank_gets_the_masters_blob_whoever_starts_first() {
         let port = free_port();
         let blob: Vec<u8> = (0..128).map(|i| (i * 7) as u8).collect();
-        let got: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let got: Vec<(Vec<u8>, Vec<Vec<u8>>)> = std::thread::scope(|s| {
             // The workers start before the master and retry until it listens.
             let workers: Vec<_> = (1..4)
-                .map(|r| s.spawn(move || rendezvous(&env(r, 4, port), None, Duration::from_secs(20)).unwrap()))
+                .map(|r| {
+                    s.spawn(move || rendezvous(&env(r, 4, port), None, &[r as u8; 3], Duration::from_secs(20)).unwrap())
+                })
                 .collect();
             std::thread::sleep(Duration::from_millis(100));
-            let master = rendezvous(&env(0, 4, port), Some(&blob), Duration::from_secs(20)).unwrap();
+            let master = rendezvous(&env(0, 4, port), Some(&blob), b"zero", Duration::from_secs(20)).unwrap();
             std::iter::once(master).chain(workers.into_iter().map(|w| w.join().unwrap())).collect()
         });
-        assert!(got.iter().all(|g| *g == blob));
+        let contributions = vec![b"zero".to_vec(), vec![1; 3], vec![2; 3], vec![3; 3]];
+        assert!(got.iter().all(|(b, all)| *b == blob && *all == contributions));
     }
 
     #[test]
     fn a_missing_rank_or_a_wrong_world_size_is_an_error() {
         let port = free_port();
-        let err = rendezvous(&env(0, 3, port), Some(b"id"), Duration::from_millis(300)).unwrap_err().to_string();
+        let err = rendezvous(&env(0, 3, port), Some(b"id"), &[], Duration::from_millis(300)).unwrap_err().to_string();
         assert!(err.contains("[1, 2]"), "{err}");
         let port = free_port();
         let err = std::thread::scope(|s| {
-            s.spawn(move || rendezvous(&env(1, 5, port), None, Duration::from_secs(5)));
-            rendezvous(&env(0, 2, port), Some(b"id"), Duration::from_secs(5)).unwrap_err().to_string()
+            s.spawn(move || rendezvous(&env(1, 5, port), None, &[], Duration::from_secs(5)));
+            rendezvous(&env(0, 2, port), Some(b"id"), &[], Duration::from_secs(5)).unwrap_err().to_string()
         });
         assert!(err.contains("WORLD_SIZE 5"), "{err}");
     }

@@ -8,10 +8,12 @@
 //! [`Comm::all_reduce_u64`] and [`Comm::all_reduce_f64`], which move bit patterns.
 
 mod local;
+mod tcp;
 
 use std::time::Duration;
 
 pub use local::LocalComm;
+pub use tcp::TcpComm;
 
 use crate::Result;
 

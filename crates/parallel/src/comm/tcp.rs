@@ -1,0 +1,405 @@
+//! [`TcpComm`]: ranks as processes (on one machine or many) joined by a full mesh of TCP
+//! connections. It is the multi-process CPU communicator, and the host side of the NCCL one
+//! (which keeps point-to-point messages here, where a send never waits for its receiver).
+//!
+//! Set-up: the launch rendezvous (`crate::launch`) hands every rank every other rank's listening
+//! address; rank i then connects to each rank below it and accepts one connection from each rank
+//! above. One reader thread per connection files incoming frames in a mailbox by (source,
+//! channel, tag), so a send returns once its bytes are written and a receive waits only for its
+//! own message.
+//!
+//! Collectives: every rank sends its call (the collective and its buffers) to every other rank,
+//! and each rank checks all the calls and computes the result with the same code as
+//! [`LocalComm`](super::LocalComm) (rank-order reductions: bit-identical on every rank). This moves
+//! `W - 1` copies of each buffer per rank, more than a ring; it is simple and exact, and meant for
+//! CPU runs and small control messages. Sub-communicators from [`Comm::split`] share the
+//! connections under their own channel.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{combine, single, Collective, Comm, CommError, CommStats, ReduceOp, Traffic};
+use crate::launch::{rendezvous, LaunchEnv};
+use crate::{Error, Result};
+
+/// Frame header: source rank (u32), channel (u64), tag (u64), payload length in floats (u64).
+const HEADER: usize = 28;
+
+/// The connections of one process and what has arrived on them.
+struct Mesh {
+    rank: usize,
+    writers: Vec<Option<Mutex<TcpStream>>>,
+    state: Mutex<MeshState>,
+    arrived: Condvar,
+    /// How long a receive waits before it reports the silence as an error.
+    patience: Duration,
+}
+
+#[derive(Default)]
+struct MeshState {
+    mailbox: HashMap<(usize, u64, u64), VecDeque<Vec<f32>>>,
+    /// Peers whose connection ended, with why.
+    gone: HashMap<usize, String>,
+}
+
+impl Mesh {
+    fn deliver(&self, from: usize, channel: u64, tag: u64, data: Vec<f32>) {
+        let mut st = self.state.lock().expect("mailbox lock");
+        st.mailbox.entry((from, channel, tag)).or_default().push_back(data);
+        drop(st);
+        self.arrived.notify_all();
+    }
+
+    fn send(&self, to: usize, channel: u64, tag: u64, data: &[f32]) -> std::io::Result<()> {
+        if to == self.rank {
+            self.deliver(to, channel, tag, data.to_vec());
+            return Ok(());
+        }
+        let mut frame = Vec::with_capacity(HEADER + 4 * data.len());
+        frame.extend((self.rank as u32).to_le_bytes());
+        frame.extend(channel.to_le_bytes());
+        frame.extend(tag.to_le_bytes());
+        frame.extend((data.len() as u64).to_le_bytes());
+        data.iter().for_each(|x| frame.extend(x.to_le_bytes()));
+        let writer = self.writers[to].as_ref().expect("a connection to every other rank");
+        writer.lock().expect("writer lock").write_all(&frame)
+    }
+
+    fn recv(&self, from: usize, channel: u64, tag: u64) -> std::result::Result<Vec<f32>, String> {
+        let deadline = Instant::now() + self.patience;
+        let mut st = self.state.lock().expect("mailbox lock");
+        loop {
+            if let Some(m) = st.mailbox.get_mut(&(from, channel, tag)).and_then(VecDeque::pop_front) {
+                return Ok(m);
+            }
+            if let Some(why) = st.gone.get(&from) {
+                return Err(format!("the connection to rank {from} ended ({why})"));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!("nothing from rank {from} in {:?}", self.patience));
+            }
+            st = self.arrived.wait_timeout(st, deadline - now).expect("mailbox lock").0;
+        }
+    }
+
+    /// Reads frames from `peer` until the connection ends.
+    fn read_loop(self: Arc<Self>, peer: usize, mut stream: TcpStream) {
+        let why = loop {
+            let mut head = [0u8; HEADER];
+            if let Err(e) = stream.read_exact(&mut head) {
+                break e.to_string();
+            }
+            let word = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
+            let (channel, tag, len) = (word(4), word(12), word(20) as usize);
+            let mut body = vec![0u8; 4 * len];
+            if let Err(e) = stream.read_exact(&mut body) {
+                break e.to_string();
+            }
+            let data = body.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+            self.deliver(peer, channel, tag, data);
+        };
+        self.state.lock().expect("mailbox lock").gone.insert(peer, why);
+        self.arrived.notify_all();
+    }
+}
+
+impl std::fmt::Debug for TcpComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TcpComm(rank {} of {}, channel {})", self.rank, self.members.len(), self.channel)
+    }
+}
+
+/// One rank's handle on a group of processes (the whole world, or a [`Comm::split`] of it).
+pub struct TcpComm {
+    mesh: Arc<Mesh>,
+    /// World ranks of this group's members, by group rank.
+    members: Vec<usize>,
+    rank: usize,
+    /// Separates this group's messages from other groups' on the shared connections.
+    channel: u64,
+    seq: AtomicU64,
+    splits: AtomicU64,
+    stats: Mutex<CommStats>,
+    /// The world communicator owns the connections: dropping it closes them, so the peers see
+    /// this rank leave instead of waiting for it.
+    owner: bool,
+}
+
+impl Drop for TcpComm {
+    fn drop(&mut self) {
+        if self.owner {
+            for w in self.mesh.writers.iter().flatten() {
+                if let Ok(s) = w.lock() {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
+    }
+}
+
+/// This machine's address as the master sees it (the interface that routes to it).
+fn reachable_ip(master: &str, port: u16) -> String {
+    UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect((master, port)).map(|_| s))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| "127.0.0.1".to_string())
+}
+
+fn io(op: &str, e: impl std::fmt::Display) -> Error {
+    Error::Train(format!("tcp comm: {op}: {e}"))
+}
+
+impl TcpComm {
+    /// Joins the world `env` describes (every rank calls this; see [`LaunchEnv::from_env`]).
+    /// A receive that hears nothing for `patience` fails rather than hang.
+    pub fn connect(env: &LaunchEnv, timeout: Duration, patience: Duration) -> Result<TcpComm> {
+        let listener = TcpListener::bind("0.0.0.0:0").map_err(|e| io("listening", e))?;
+        let port = listener.local_addr().map_err(|e| io("listening", e))?.port();
+        let me = format!("{}:{port}", reachable_ip(&env.master_addr, env.master_port));
+        let blob = (env.rank == 0).then_some(&b"whale-tcp"[..]);
+        let (_, addrs) = rendezvous(env, blob, me.as_bytes(), timeout)?;
+        let (rank, world) = (env.rank, env.world_size);
+        let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        for (peer, addr) in addrs.iter().enumerate().take(rank) {
+            let addr = String::from_utf8_lossy(addr).to_string();
+            let mut s =
+                TcpStream::connect(&addr).map_err(|e| io(&format!("connecting to rank {peer} at {addr}"), e))?;
+            s.write_all(&(rank as u32).to_le_bytes()).map_err(|e| io("greeting", e))?;
+            streams[peer] = Some(s);
+        }
+        for _ in rank + 1..world {
+            let (mut s, _) = listener.accept().map_err(|e| io("accepting", e))?;
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).map_err(|e| io("reading a greeting", e))?;
+            let peer = u32::from_le_bytes(b) as usize;
+            if peer <= rank || peer >= world || streams[peer].is_some() {
+                return Err(io("accepting", format!("a connection claims rank {peer}")));
+            }
+            streams[peer] = Some(s);
+        }
+        let mut writers = Vec::with_capacity(world);
+        let mut readers = Vec::new();
+        for (peer, s) in streams.into_iter().enumerate() {
+            match s {
+                Some(s) => {
+                    s.set_nodelay(true).map_err(|e| io("socket", e))?;
+                    readers.push((peer, s.try_clone().map_err(|e| io("socket", e))?));
+                    writers.push(Some(Mutex::new(s)));
+                }
+                None => writers.push(None),
+            }
+        }
+        let mesh = Arc::new(Mesh {
+            rank,
+            writers,
+            state: Mutex::new(MeshState::default()),
+            arrived: Condvar::new(),
+            patience,
+        });
+        for (peer, s) in readers {
+            let m = mesh.clone();
+            std::thread::Builder::new()
+                .name(format!("tcp comm {rank}<-{peer}"))
+                .spawn(move || m.read_loop(peer, s))
+                .map_err(|e| io("spawning a reader", e))?;
+        }
+        Ok(TcpComm::group(mesh, (0..world).collect(), rank, 0, true))
+    }
+
+    fn group(mesh: Arc<Mesh>, members: Vec<usize>, rank: usize, channel: u64, owner: bool) -> TcpComm {
+        TcpComm {
+            mesh,
+            members,
+            rank,
+            channel,
+            seq: AtomicU64::new(0),
+            splits: AtomicU64::new(0),
+            stats: Mutex::new(CommStats::default()),
+            owner,
+        }
+    }
+
+    fn record(&self, traffic: Traffic) {
+        let mut s = self.stats.lock().expect("stats lock");
+        s.calls += 1;
+        s.messages += traffic.messages;
+        s.bytes += traffic.bytes;
+    }
+
+    fn failed(&self, op: &str, msg: String) -> Error {
+        CommError::Invalid { rank: self.rank, op: op.to_string(), msg }.into()
+    }
+
+    /// Runs one collective: every member's call goes to every member, each computes the results.
+    fn collective(&self, kind: Collective, bufs: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let w = self.members.len();
+        let mine = encode(kind, &bufs);
+        let channel = self.channel * 2 + 1;
+        for (peer, &global) in self.members.iter().enumerate() {
+            if peer != self.rank {
+                self.mesh
+                    .send(global, channel, seq, &mine)
+                    .map_err(|e| self.failed(&kind.to_string(), e.to_string()))?;
+            }
+        }
+        let mut calls = Vec::with_capacity(w);
+        for (peer, &global) in self.members.iter().enumerate() {
+            if peer == self.rank {
+                calls.push((kind, bufs.clone()));
+                continue;
+            }
+            let msg = self
+                .mesh
+                .recv(global, channel, seq)
+                .map_err(|m| Error::from(CommError::RankLeft { rank: self.rank, op: format!("{kind} ({m})"), peer }))?;
+            calls.push(
+                decode(&msg)
+                    .ok_or_else(|| self.failed(&kind.to_string(), format!("rank {peer} sent a garbled call")))?,
+            );
+        }
+        let combined = combine(calls).map_err(|detail| {
+            Error::from(CommError::Mismatch { rank: self.rank, seq, op: kind.to_string(), detail })
+        })?;
+        let mut outputs = combined.outputs;
+        self.record(combined.traffic[self.rank]);
+        Ok(std::mem::take(&mut outputs[self.rank]))
+    }
+}
+
+/// A call as floats: kind, its parameter, the number of buffers, their lengths, their values.
+fn encode(kind: Collective, bufs: &[Vec<f32>]) -> Vec<f32> {
+    let op_code = |op: ReduceOp| match op {
+        ReduceOp::Sum => 0,
+        ReduceOp::Max => 1,
+        ReduceOp::Min => 2,
+    };
+    let (k, param) = match kind {
+        Collective::AllReduce(op) => (0u32, op_code(op)),
+        Collective::Broadcast { root } => (1, root as u32),
+        Collective::AllGather => (2, 0),
+        Collective::ReduceScatter(op) => (3, op_code(op)),
+        Collective::AllToAll => (4, 0),
+        Collective::Barrier => (5, 0),
+    };
+    let bits = |x: u32| f32::from_bits(x);
+    let mut out = vec![bits(k), bits(param), bits(bufs.len() as u32)];
+    out.extend(bufs.iter().map(|b| bits(b.len() as u32)));
+    bufs.iter().for_each(|b| out.extend_from_slice(b));
+    out
+}
+
+fn decode(msg: &[f32]) -> Option<(Collective, Vec<Vec<f32>>)> {
+    let word = |i: usize| msg.get(i).map(|x| x.to_bits());
+    let op = |c: u32| match c {
+        0 => Some(ReduceOp::Sum),
+        1 => Some(ReduceOp::Max),
+        2 => Some(ReduceOp::Min),
+        _ => None,
+    };
+    let (k, param, n) = (word(0)?, word(1)?, word(2)? as usize);
+    let kind = match k {
+        0 => Collective::AllReduce(op(param)?),
+        1 => Collective::Broadcast { root: param as usize },
+        2 => Collective::AllGather,
+        3 => Collective::ReduceScatter(op(param)?),
+        4 => Collective::AllToAll,
+        5 => Collective::Barrier,
+        _ => return None,
+    };
+    let mut start = 3 + n;
+    let mut bufs = Vec::with_capacity(n);
+    for i in 0..n {
+        let len = word(3 + i)? as usize;
+        bufs.push(msg.get(start..start + len)?.to_vec());
+        start += len;
+    }
+    Some((kind, bufs))
+}
+
+impl Comm for TcpComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
+        let out = single(self.collective(Collective::AllReduce(op), vec![buf.to_vec()])?);
+        buf.copy_from_slice(&out);
+        Ok(())
+    }
+
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        let out = single(self.collective(Collective::Broadcast { root }, vec![buf.to_vec()])?);
+        buf.copy_from_slice(&out);
+        Ok(())
+    }
+
+    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
+        Ok(single(self.collective(Collective::AllGather, vec![local.to_vec()])?))
+    }
+
+    fn reduce_scatter(&self, input: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
+        Ok(single(self.collective(Collective::ReduceScatter(op), vec![input.to_vec()])?))
+    }
+
+    fn all_to_all(&self, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        self.collective(Collective::AllToAll, send)
+    }
+
+    fn send(&self, to: usize, tag: u64, data: &[f32]) -> Result<()> {
+        let global = *self.members.get(to).ok_or_else(|| self.failed("send", format!("no rank {to}")))?;
+        self.mesh.send(global, self.channel * 2, tag, data).map_err(|e| self.failed("send", e.to_string()))?;
+        self.record(Traffic::uniform(usize::from(to != self.rank), data.len()));
+        Ok(())
+    }
+
+    fn recv(&self, from: usize, tag: u64) -> Result<Vec<f32>> {
+        let global = *self.members.get(from).ok_or_else(|| self.failed("recv", format!("no rank {from}")))?;
+        self.mesh.recv(global, self.channel * 2, tag).map_err(|m| {
+            CommError::RankLeft { rank: self.rank, op: format!("recv (tag {tag}): {m}"), peer: from }.into()
+        })
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.collective(Collective::Barrier, Vec::new()).map(|_| ())
+    }
+
+    fn stats(&self) -> CommStats {
+        *self.stats.lock().expect("stats lock")
+    }
+
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Comm>> {
+        let n = self.splits.fetch_add(1, Ordering::SeqCst);
+        let all = self.all_gather(&[f32::from_bits(color as u32), f32::from_bits(key as u32)])?;
+        let mut group: Vec<(usize, usize)> = all
+            .chunks_exact(2)
+            .enumerate()
+            .filter(|(_, ck)| ck[0].to_bits() as usize == color)
+            .map(|(r, ck)| (ck[1].to_bits() as usize, r))
+            .collect();
+        group.sort_unstable();
+        let members: Vec<usize> = group.iter().map(|&(_, r)| self.members[r]).collect();
+        let rank = group.iter().position(|&(_, r)| r == self.rank).expect("this rank is in its own color");
+        // The same on every member (same parent, same split, same color), different across colors.
+        let channel = mix(mix(mix(self.channel, n), color as u64), 0x5eed);
+        Ok(Box::new(TcpComm::group(self.mesh.clone(), members, rank, channel, false)))
+    }
+}
+
+/// A 64-bit mixing step (splitmix64's finaliser over `a * K + b`).
+fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(b).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) >> 1 // the top bit stays clear: channels are doubled
+}

@@ -1,0 +1,142 @@
+//! TcpComm: ranks joined over TCP (here threads of one process on localhost, as separate
+//! processes would be): every collective against its definition, variable all-to-all, tagged
+//! point-to-point, split groups, mismatches and departed ranks as errors, and a pipeline step
+//! over TCP equal to one device.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use whale_model::tensor::{Device, Rng, Tensor};
+use whale_model::{DeepSeekV3, DeepSeekV3Config};
+use whale_parallel::comm::{Comm, ReduceOp, TcpComm};
+use whale_parallel::launch::LaunchEnv;
+use whale_parallel::pipeline::{run_step, Execution, MicroBatch, StagePlan};
+use whale_parallel::schedule::{Method, Schedule};
+
+/// Runs `f` on `world` ranks joined over localhost TCP, each on its own thread.
+fn on_tcp<R: Send>(world: usize, f: impl Fn(TcpComm) -> R + Sync) -> Vec<R> {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                s.spawn(move || {
+                    let env = LaunchEnv {
+                        rank,
+                        world_size: world,
+                        local_rank: rank,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    f(TcpComm::connect(&env, Duration::from_secs(20), Duration::from_secs(20)).unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn collectives_match_their_definitions_over_tcp() {
+    let out = on_tcp(3, |c| {
+        let r = c.rank() as f32;
+        let mut sum = vec![r, 10.0 * r];
+        c.all_reduce(&mut sum, ReduceOp::Sum).unwrap();
+        let mut max = vec![r];
+        c.all_reduce(&mut max, ReduceOp::Max).unwrap();
+        let mut b = vec![r; 2];
+        c.broadcast(&mut b, 2).unwrap();
+        let g = c.all_gather(&[r]).unwrap();
+        let rs = c.reduce_scatter(&[r, 2.0 * r, 3.0 * r], ReduceOp::Sum).unwrap();
+        // Rank j sends j + 1 copies of 100 j + k to rank k.
+        let a2a = c.all_to_all((0..3).map(|k| vec![100.0 * r + k as f32; c.rank() + 1]).collect()).unwrap();
+        c.barrier().unwrap();
+        (sum, max, b, g, rs, a2a)
+    });
+    for (k, (sum, max, b, g, rs, a2a)) in out.into_iter().enumerate() {
+        assert_eq!(sum, vec![3.0, 30.0]);
+        assert_eq!(max, vec![2.0]);
+        assert_eq!(b, vec![2.0, 2.0]);
+        assert_eq!(g, vec![0.0, 1.0, 2.0]);
+        assert_eq!(rs, vec![3.0 * (k + 1) as f32]);
+        let want: Vec<Vec<f32>> = (0..3).map(|j| vec![100.0 * j as f32 + k as f32; j + 1]).collect();
+        assert_eq!(a2a, want);
+    }
+}
+
+#[test]
+fn tagged_messages_splits_mismatches_and_departures() {
+    let out = on_tcp(4, |c| {
+        let r = c.rank();
+        // Point to point: two tags, received in the other order; each tag keeps its order.
+        if r == 0 {
+            c.send(1, 7, &[1.0]).unwrap();
+            c.send(1, 9, &[2.0]).unwrap();
+            c.send(1, 7, &[3.0]).unwrap();
+        }
+        let p2p =
+            if r == 1 { vec![c.recv(0, 9).unwrap(), c.recv(0, 7).unwrap(), c.recv(0, 7).unwrap()] } else { Vec::new() };
+        // Even and odd ranks in two groups, ranked by descending key.
+        let sub = c.split(r % 2, 10 - r).unwrap();
+        let mut v = vec![r as f32];
+        sub.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+        let sub_rank = sub.rank();
+        // A mismatch fails on every rank with the same detail.
+        let mismatch = c.all_gather(&vec![0.0; 1 + usize::from(r == 3)]).unwrap_err().to_string();
+        (p2p, v[0], sub_rank, mismatch)
+    });
+    assert_eq!(out[1].0, vec![vec![2.0], vec![1.0], vec![3.0]]);
+    let sums: Vec<f32> = out.iter().map(|o| o.1).collect();
+    assert_eq!(sums, vec![2.0, 4.0, 2.0, 4.0]);
+    let sub_ranks: Vec<usize> = out.iter().map(|o| o.2).collect();
+    assert_eq!(sub_ranks, vec![1, 1, 0, 0]);
+    assert!(out.iter().all(|o| o.3.contains("buffer lengths differ")), "{}", out[0].3);
+
+    // A rank that leaves: the others' receives fail instead of waiting.
+    let errs = on_tcp(2, |c| {
+        if c.rank() == 1 {
+            drop(c);
+            return String::new();
+        }
+        c.recv(1, 0).unwrap_err().to_string()
+    });
+    assert!(errs[0].contains("left"), "{}", errs[0]);
+}
+
+#[test]
+fn a_pipeline_step_over_tcp_equals_one_device() {
+    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 5).unwrap();
+    let mut rng = Rng::new(1);
+    let micro: Vec<MicroBatch> = (0..4)
+        .map(|_| {
+            let ids: Vec<i64> = (0..16).map(|_| rng.below(64) as i64).collect();
+            let targets: Vec<i64> = ids.iter().skip(1).copied().chain([-100]).collect();
+            MicroBatch {
+                input_ids: Tensor::from_vec(ids, &[2, 8], &Device::Cpu).unwrap(),
+                targets: Tensor::from_vec(targets, &[2, 8], &Device::Cpu).unwrap(),
+            }
+        })
+        .collect();
+    let reference = model.duplicate().unwrap();
+    let mut want = 0.0;
+    for mb in &micro {
+        let l = reference.forward(&mb.input_ids, Some(&mb.targets)).unwrap().loss.unwrap().mul_scalar(0.25).unwrap();
+        want += l.to_scalar().unwrap() as f64;
+        l.backward().unwrap();
+    }
+    let schedule = Schedule::new(Method::OneFOneB, 2, 4).unwrap();
+    let plan = StagePlan::even(4, 2).unwrap();
+    let out = on_tcp(2, |c| {
+        let mine = model.duplicate().unwrap();
+        let report = run_step(&c, &schedule, &plan, &mine, &micro, Execution::default()).unwrap();
+        let g = mine.params.get("model.layers.3.self_attn.o_proj.weight").unwrap().grad().unwrap();
+        (report.loss, g.to_vec_f32().unwrap())
+    });
+    let g_ref = reference.params.get("model.layers.3.self_attn.o_proj.weight").unwrap().grad().unwrap();
+    let g_ref = g_ref.to_vec_f32().unwrap();
+    let scale = g_ref.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for (loss, g) in out {
+        assert!((loss - want).abs() < 1e-5 * want, "{loss} vs {want}");
+        assert!(g.iter().zip(&g_ref).all(|(a, b)| (a - b).abs() <= 1e-5 * scale));
+    }
+}
