@@ -451,29 +451,7 @@ impl Comm for LocalComm {
         self.world.size
     }
 
-    fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
-        let out = single(self.collective(Collective::AllReduce(op), vec![buf.to_vec()])?);
-        buf.copy_from_slice(&out);
-        Ok(())
-    }
-
-    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        let out = single(self.collective(Collective::Broadcast { root }, vec![buf.to_vec()])?);
-        buf.copy_from_slice(&out);
-        Ok(())
-    }
-
-    fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
-        Ok(single(self.collective(Collective::AllGather, vec![local.to_vec()])?))
-    }
-
-    fn reduce_scatter(&self, input: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
-        Ok(single(self.collective(Collective::ReduceScatter(op), vec![input.to_vec()])?))
-    }
-
-    fn all_to_all(&self, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
-        self.collective(Collective::AllToAll, send)
-    }
+    collectives_via_combine!();
 
     fn send(&self, to: usize, tag: u64, data: &[f32]) -> Result<()> {
         self.check_peer("send", to)?;
@@ -506,10 +484,6 @@ impl Comm for LocalComm {
         })?;
         sleep_until(msg.arrives);
         Ok(msg.data)
-    }
-
-    fn barrier(&self) -> Result<()> {
-        self.collective(Collective::Barrier, Vec::new()).map(|_| ())
     }
 
     fn stats(&self) -> CommStats {

@@ -7,6 +7,41 @@
 //! Buffers are f32; integer and f64 reductions that must be exact go through
 //! [`Comm::all_reduce_u64`] and [`Comm::all_reduce_f64`], which move bit patterns.
 
+/// The collective methods of a [`Comm`] impl whose type has
+/// `fn collective(&self, Collective, Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>>` (every rank's call
+/// checked and computed by [`combine`]).
+macro_rules! collectives_via_combine {
+    () => {
+        fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
+            let out = single(self.collective(Collective::AllReduce(op), vec![buf.to_vec()])?);
+            buf.copy_from_slice(&out);
+            Ok(())
+        }
+
+        fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+            let out = single(self.collective(Collective::Broadcast { root }, vec![buf.to_vec()])?);
+            buf.copy_from_slice(&out);
+            Ok(())
+        }
+
+        fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>> {
+            Ok(single(self.collective(Collective::AllGather, vec![local.to_vec()])?))
+        }
+
+        fn reduce_scatter(&self, input: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
+            Ok(single(self.collective(Collective::ReduceScatter(op), vec![input.to_vec()])?))
+        }
+
+        fn all_to_all(&self, send: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+            self.collective(Collective::AllToAll, send)
+        }
+
+        fn barrier(&self) -> Result<()> {
+            self.collective(Collective::Barrier, Vec::new()).map(|_| ())
+        }
+    };
+}
+
 mod local;
 mod tcp;
 
