@@ -43,11 +43,15 @@ macro_rules! collectives_via_combine {
 }
 
 mod local;
+#[cfg(feature = "cuda")]
+mod nccl;
 mod tcp;
 
 use std::time::Duration;
 
 pub use local::LocalComm;
+#[cfg(feature = "cuda")]
+pub use nccl::{gpu_count, NcclComm};
 pub use tcp::TcpComm;
 
 use crate::Result;

@@ -236,6 +236,24 @@ impl TcpComm {
         CommError::Invalid { rank: self.rank, op: op.to_string(), msg }.into()
     }
 
+    /// [`Comm::split`] with the concrete type (the NCCL communicator splits its host mesh).
+    pub fn split_tcp(&self, color: usize, key: usize) -> Result<TcpComm> {
+        let n = self.splits.fetch_add(1, Ordering::SeqCst);
+        let all = self.all_gather(&[f32::from_bits(color as u32), f32::from_bits(key as u32)])?;
+        let mut group: Vec<(usize, usize)> = all
+            .chunks_exact(2)
+            .enumerate()
+            .filter(|(_, ck)| ck[0].to_bits() as usize == color)
+            .map(|(r, ck)| (ck[1].to_bits() as usize, r))
+            .collect();
+        group.sort_unstable();
+        let members: Vec<usize> = group.iter().map(|&(_, r)| self.members[r]).collect();
+        let rank = group.iter().position(|&(_, r)| r == self.rank).expect("this rank is in its own color");
+        // The same on every member (same parent, same split, same color), different across colors.
+        let channel = mix(mix(mix(self.channel, n), color as u64), 0x5eed);
+        Ok(TcpComm::group(self.mesh.clone(), members, rank, channel, false))
+    }
+
     /// Runs one collective: every member's call goes to every member, each computes the results.
     fn collective(&self, kind: Collective, bufs: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
@@ -353,20 +371,7 @@ impl Comm for TcpComm {
     }
 
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Comm>> {
-        let n = self.splits.fetch_add(1, Ordering::SeqCst);
-        let all = self.all_gather(&[f32::from_bits(color as u32), f32::from_bits(key as u32)])?;
-        let mut group: Vec<(usize, usize)> = all
-            .chunks_exact(2)
-            .enumerate()
-            .filter(|(_, ck)| ck[0].to_bits() as usize == color)
-            .map(|(r, ck)| (ck[1].to_bits() as usize, r))
-            .collect();
-        group.sort_unstable();
-        let members: Vec<usize> = group.iter().map(|&(_, r)| self.members[r]).collect();
-        let rank = group.iter().position(|&(_, r)| r == self.rank).expect("this rank is in its own color");
-        // The same on every member (same parent, same split, same color), different across colors.
-        let channel = mix(mix(mix(self.channel, n), color as u64), 0x5eed);
-        Ok(Box::new(TcpComm::group(self.mesh.clone(), members, rank, channel, false)))
+        Ok(Box::new(self.split_tcp(color, key)?))
     }
 }
 
