@@ -28,6 +28,12 @@ pub struct LaunchEnv {
 }
 
 impl LaunchEnv {
+    /// Rank `rank` of `world_size` processes on this machine, meeting at `127.0.0.1:port` (tests,
+    /// and ranks started as threads).
+    pub fn localhost(rank: usize, world_size: usize, port: u16) -> LaunchEnv {
+        LaunchEnv { rank, world_size, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port }
+    }
+
     /// Reads the launch variables; `None` when `RANK` and `WORLD_SIZE` are both unset (a plain,
     /// single-process run). A malformed or missing variable is an error naming it.
     pub fn from_env() -> Result<Option<LaunchEnv>> {
@@ -187,7 +193,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(rank: usize, world: usize, port: u16) -> LaunchEnv {
-        LaunchEnv { rank, world_size: world, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port }
+        LaunchEnv::localhost(rank, world, port)
     }
 
     fn free_port() -> u16 {

@@ -22,13 +22,7 @@ fn nccl_collectives_match_their_definitions() {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
                 s.spawn(move || {
-                    let env = LaunchEnv {
-                        rank,
-                        world_size: world,
-                        local_rank: rank,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
+                    let env = LaunchEnv::localhost(rank, world, port);
                     let c = NcclComm::connect(&env, Duration::from_secs(60), Duration::from_secs(60)).unwrap();
                     let r = rank as f32;
                     let mut sum = vec![r + 1.0; 5];

@@ -21,13 +21,7 @@ fn on_tcp<R: Send>(world: usize, f: impl Fn(TcpComm) -> R + Sync) -> Vec<R> {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
                 s.spawn(move || {
-                    let env = LaunchEnv {
-                        rank,
-                        world_size: world,
-                        local_rank: rank,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
+                    let env = LaunchEnv::localhost(rank, world, port);
                     f(TcpComm::connect(&env, Duration::from_secs(20), Duration::from_secs(20)).unwrap())
                 })
             })
