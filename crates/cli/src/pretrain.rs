@@ -1,5 +1,12 @@
 //! `whale pretrain`: train a DeepSeek-V3 preset on the embedded reasoning corpus, checkpoint it,
 //! and report held-out accuracy at the end.
+//!
+//! With `--dp`, `--ep` and `--pp` (and `--schedule`) the run is a
+//! [`whale_rl::parallel::parallel_trainer::Mesh`] of ranks, each a thread of this process on
+//! `LocalComm`: data-parallel replicas, the routed experts split over `--ep` of them, the layers
+//! over `--pp` pipeline stages. It takes the steps one rank would take on the same global batch
+//! (`dp x grad-accum x micro-batch` sequences); rank 0 writes the checkpoints and metrics, and the
+//! run folder is the single-rank run's.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,10 +17,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use whale_rl::data::CorpusData;
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
+use whale_rl::parallel::comm::{Comm, CommError, LocalComm};
+use whale_rl::parallel::data_parallel::DataParallelConfig;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{DeepSeekV3, DeepSeekV3Config};
-use whale_rl::parallel::trainer::{MomentPrecision, Precision, TrainConfig, Trainer};
-use whale_rl::tasks::{Corpus, TaskSet};
+use whale_rl::parallel::parallel_trainer::{Mesh, ParallelTrainer};
+use whale_rl::parallel::schedule::Method;
+use whale_rl::parallel::trainer::{DataSource, MomentPrecision, Precision, TrainConfig, Trainer};
+use whale_rl::parallel::Error as ParallelError;
+use whale_rl::tasks::{Corpus, Problem, TaskSet};
 
 /// Every setting of a pretraining run; a config file holds any subset of these keys.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -25,6 +37,8 @@ pub struct PretrainSettings {
     pub moments: String,
     pub steps: u64,
     pub micro_batch: usize,
+    /// Micro-batches per step on each data-parallel replica (the pipeline's micro-batches).
+    pub grad_accum: usize,
     pub seq_len: usize,
     pub lr: f32,
     pub min_lr: f32,
@@ -45,6 +59,14 @@ pub struct PretrainSettings {
     pub eval_every: u64,
     pub eval_problems: usize,
     pub k: usize,
+    /// Data-parallel replicas.
+    pub dp: usize,
+    /// Expert-parallel ranks (among the replicas).
+    pub ep: usize,
+    /// Pipeline stages.
+    pub pp: usize,
+    /// Pipeline schedule: 1f1b, zb1p, dualpipe or dualpipev.
+    pub schedule: String,
 }
 
 impl Default for PretrainSettings {
@@ -60,6 +82,7 @@ impl Default for PretrainSettings {
             // One document per row, starting at position 0 (the longest add:3 trace is 43 tokens):
             // packing several documents per row trained markedly worse.
             micro_batch: 24,
+            grad_accum: 1,
             seq_len: 44,
             lr: 3e-3,
             min_lr: 3e-4,
@@ -74,6 +97,10 @@ impl Default for PretrainSettings {
             eval_every: 0,
             eval_problems: 128,
             k: 8,
+            dp: 1,
+            ep: 1,
+            pp: 1,
+            schedule: "1f1b".into(),
         }
     }
 }
@@ -101,9 +128,13 @@ pub struct PretrainArgs {
     pub moments: Option<String>,
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Sequences per step.
+    /// Sequences per micro-batch (a step is dp x grad-accum micro-batches).
     #[arg(long)]
     pub micro_batch: Option<usize>,
+    /// Micro-batches per step on each data-parallel replica, with gradient accumulation: the
+    /// micro-batches a pipeline schedule runs (DualPipe needs an even count of at least 2 x pp).
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
     #[arg(long)]
     pub seq_len: Option<usize>,
     #[arg(long)]
@@ -140,6 +171,22 @@ pub struct PretrainArgs {
     /// Samples per problem for pass@1 / pass@k.
     #[arg(long)]
     pub k: Option<usize>,
+    /// Data-parallel replicas, each on its own micro-batches (ranks are threads of this process
+    /// on LocalComm; the run takes the steps one rank takes on all of them).
+    #[arg(long)]
+    pub dp: Option<usize>,
+    /// Expert parallelism: the routed experts of every MoE layer split over this many of the
+    /// replicas (must divide --dp and the number of routed experts).
+    #[arg(long)]
+    pub ep: Option<usize>,
+    /// Pipeline stages (at most the number of decoder layers); the world is dp x pp ranks
+    /// (dp x pp/2 with dualpipev).
+    #[arg(long)]
+    pub pp: Option<usize>,
+    /// Pipeline schedule: 1f1b, zb1p, dualpipe (an even --pp and an even --grad-accum of at
+    /// least 2 x pp) or dualpipev (an even --pp, --grad-accum at least pp).
+    #[arg(long)]
+    pub schedule: Option<String>,
 }
 
 impl PretrainArgs {
@@ -168,6 +215,7 @@ impl PretrainArgs {
             moments,
             steps,
             micro_batch,
+            grad_accum,
             seq_len,
             lr,
             min_lr,
@@ -180,7 +228,11 @@ impl PretrainArgs {
             checkpoint_every,
             eval_every,
             eval_problems,
-            k
+            k,
+            dp,
+            ep,
+            pp,
+            schedule
         );
         if self.gamma.is_some() {
             s.gamma = self.gamma;
@@ -193,6 +245,7 @@ pub fn train_config(s: &PretrainSettings) -> Result<TrainConfig> {
     Ok(TrainConfig {
         steps: s.steps,
         micro_batch: s.micro_batch,
+        grad_accum: s.grad_accum,
         seq_len: s.seq_len,
         lr: s.lr,
         min_lr: s.min_lr,
@@ -203,6 +256,21 @@ pub fn train_config(s: &PretrainSettings) -> Result<TrainConfig> {
         moments: MomentPrecision::parse(&s.moments)?,
         ..TrainConfig::default()
     })
+}
+
+/// The parallel layout the settings ask for.
+pub fn mesh(s: &PretrainSettings) -> Result<Mesh> {
+    let schedule: Method = s.schedule.parse()?;
+    if s.dp == 0 || s.ep == 0 || s.pp == 0 {
+        bail!("{}: dp, ep and pp must be at least 1", layout_flags(s));
+    }
+    Ok(Mesh { dp: s.dp, ep: s.ep, pp: s.pp, schedule })
+}
+
+/// The flags of the parallel layout, for errors.
+fn layout_flags(s: &PretrainSettings) -> String {
+    let (dp, ep, pp, schedule, accum) = (s.dp, s.ep, s.pp, &s.schedule, s.grad_accum);
+    format!("--dp {dp} --ep {ep} --pp {pp} --schedule {schedule} --grad-accum {accum}")
 }
 
 fn model_config(s: &PretrainSettings, tok: &CharTokenizer) -> Result<DeepSeekV3Config> {
@@ -248,28 +316,21 @@ pub fn report_row(name: &str, r: &EvalReport) -> String {
 /// Runs (or resumes) pretraining; returns the run folder.
 pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let s = args.settings()?;
+    let mesh = mesh(&s)?;
     let tok = CharTokenizer::new();
     let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters);
     let ckpt = s.out.join("checkpoint");
     let metrics = s.out.join("metrics.jsonl");
-    let corpus =
-        Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters), s.imperfect, s.seed).with_mixing(s.mixing);
-    let data = Box::new(CorpusData::new(corpus, tok.clone()));
-    let mut trainer = if args.resume {
-        let mut t = Trainer::resume(&ckpt, data, Some(&metrics))
-            .with_context(|| format!("resuming from {}", ckpt.display()))?;
-        if let Some(steps) = args.steps {
-            // An explicit --steps extends (or ends) the resumed run.
-            t.config.steps = steps;
-        }
-        println!("resuming {} at step {} of {}", s.out.display(), t.step, t.config.steps);
-        t
+    let model = if args.resume {
+        None
     } else {
         if ckpt.exists() || metrics.exists() {
             bail!("{} already holds a run; pass --resume to continue it or choose another --out", s.out.display());
         }
-        std::fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
         let cfg = model_config(&s, &tok)?;
+        // An impossible layout is refused before anything is written.
+        mesh.plan(&cfg, s.grad_accum).with_context(|| layout_flags(&s))?;
+        std::fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
         let counts = cfg.param_counts();
         println!(
             "pretraining `{}` ({:.2}M parameters, {:.2}M active per token) on {tasks:?}, {} steps of {}x{} tokens",
@@ -277,45 +338,40 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
             counts.total as f64 / 1e6,
             counts.activated as f64 / 1e6,
             s.steps,
-            s.micro_batch,
+            s.dp * s.grad_accum * s.micro_batch,
             s.seq_len
         );
-        let mut t = Trainer::new(DeepSeekV3::new(cfg, s.seed)?, train_config(&s)?, data)?;
-        t.log_metrics_to(&metrics)?;
-        t
+        Some(cfg)
     };
+    if mesh.world_size() > 1 {
+        println!(
+            "parallel: {mesh}, {} ranks as LocalComm threads; each step {} replicas x {} micro-batches x {} sequences",
+            mesh.world_size(),
+            s.dp,
+            s.grad_accum,
+            s.micro_batch
+        );
+    }
     let settings_path = s.out.join("settings.json");
     std::fs::write(&settings_path, serde_json::to_string_pretty(&s)?)
         .with_context(|| settings_path.display().to_string())?;
 
-    // Validation problems: held-out side of the split, their own seed (not the final test set).
-    let validation = tasks.held_out(32, s.seed.wrapping_add(0x5A11));
-    let history = s.out.join("eval_history.jsonl");
+    let plan = RankPlan {
+        // Validation problems: held-out side of the split, their own seed (not the final test set).
+        validation: tasks.held_out(32, s.seed.wrapping_add(0x5A11)),
+        history: s.out.join("eval_history.jsonl"),
+        s: &s,
+        mesh,
+        model,
+        steps: args.steps,
+        tok: &tok,
+        ckpt: &ckpt,
+        metrics: &metrics,
+    };
     let start = Instant::now();
-    let pb = progress(trainer.config.steps, trainer.step);
-    let mut last_vio = Vec::new();
-    while !trainer.done() {
-        let m = trainer.train_step()?;
-        last_vio = m.max_vio.clone();
-        pb.set_position(trainer.step);
-        pb.set_message(format!("loss {:.3} | {:.0} tok/s", m.loss, m.tokens_per_s));
-        let every = trainer.config.checkpoint_every;
-        if every > 0 && trainer.step % every == 0 && !trainer.done() {
-            trainer.save_checkpoint(&ckpt)?;
-        }
-        if s.eval_every > 0 && trainer.step % s.eval_every == 0 && !trainer.done() {
-            let r = evaluate(&trainer.model, &tok, &validation, &EvalConfig { samples: 4, ..EvalConfig::default() })?;
-            pb.suspend(|| {
-                println!(
-                    "step {}: validation greedy {:.3}, pass@1 {:.3}, pass@4 {:.3}",
-                    trainer.step, r.greedy, r.pass1, r.pass_k
-                )
-            });
-            append_history(&history, trainer.step, &r)?;
-        }
-    }
-    trainer.save_checkpoint(&ckpt)?;
-    pb.finish_with_message(format!("done in {:.0} s", start.elapsed().as_secs_f64()));
+    let ranks = LocalComm::run(mesh.world_size(), |comm| train_rank(comm, &plan));
+    let (trainer, last_vio) = rank_zero(ranks)?;
+    println!("trained in {:.0} s", start.elapsed().as_secs_f64());
     let vio: Vec<String> = last_vio.iter().map(|v| format!("{v:.2}")).collect();
     println!("final expert-load MaxVio per MoE layer: [{}]", vio.join(", "));
 
@@ -338,6 +394,115 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
         s.out.display()
     );
     Ok(s.out)
+}
+
+/// What every rank of a run works from.
+struct RankPlan<'a> {
+    s: &'a PretrainSettings,
+    mesh: Mesh,
+    /// The model to start from; `None`: resume from the checkpoint.
+    model: Option<DeepSeekV3Config>,
+    /// An explicit --steps, which extends (or ends) a resumed run.
+    steps: Option<u64>,
+    tok: &'a CharTokenizer,
+    ckpt: &'a Path,
+    metrics: &'a Path,
+    validation: Vec<Problem>,
+    history: PathBuf,
+}
+
+/// Rank 0's trainer at the end of the run and the last step's MaxVio per MoE layer.
+type Trained = (Trainer, Vec<f64>);
+
+/// One rank's training loop (all ranks at once, in step). Rank 0 writes the metrics, checkpoints
+/// and validation history and returns its trainer, every expert local again, with the last
+/// step's MaxVio.
+fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
+    let s = plan.s;
+    let lead = comm.rank() == 0;
+    // Every rank reads the same stream (same seed) and keeps its replica's micro-batches.
+    let corpus =
+        Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters), s.imperfect, s.seed).with_mixing(s.mixing);
+    let stream: Box<dyn DataSource> = Box::new(CorpusData::new(corpus, plan.tok.clone()));
+    let data = Box::new(plan.mesh.shard(comm.rank(), stream));
+    let trainer = match &plan.model {
+        None => {
+            let mut t = Trainer::resume(plan.ckpt, data, lead.then_some(plan.metrics))
+                .with_context(|| format!("resuming from {}", plan.ckpt.display()))?;
+            if let Some(steps) = plan.steps {
+                t.config.steps = steps;
+            }
+            if lead {
+                println!("resuming {} at step {} of {}", s.out.display(), t.step, t.config.steps);
+            }
+            t
+        }
+        Some(cfg) => {
+            let mut t = Trainer::new(DeepSeekV3::new(cfg.clone(), s.seed)?, train_config(s)?, data)?;
+            if lead {
+                t.log_metrics_to(plan.metrics)?;
+            }
+            t
+        }
+    };
+    let mut trainer = ParallelTrainer::new(trainer, comm, plan.mesh, DataParallelConfig::default())
+        .with_context(|| layout_flags(s))?;
+    let (steps, done) = (trainer.trainer().config.steps, trainer.trainer().step);
+    let pb = if lead { progress(steps, done) } else { ProgressBar::hidden() };
+    let mut last_vio = Vec::new();
+    while !trainer.trainer().done() {
+        let m = trainer.train_step()?;
+        last_vio = m.max_vio.clone();
+        let t = trainer.trainer();
+        let (step, every, done) = (t.step, t.config.checkpoint_every, t.done());
+        pb.set_position(step);
+        pb.set_message(format!("loss {:.3} | {:.0} tok/s", m.loss, m.tokens_per_s));
+        if every > 0 && step % every == 0 && !done {
+            trainer.save_checkpoint(plan.ckpt)?;
+        }
+        if lead && s.eval_every > 0 && step % s.eval_every == 0 && !done {
+            let cfg = EvalConfig { samples: 4, ..EvalConfig::default() };
+            let r = trainer.with_whole_model(|t| evaluate(&t.model, plan.tok, &plan.validation, &cfg))?;
+            pb.suspend(|| {
+                println!(
+                    "step {step}: validation greedy {:.3}, pass@1 {:.3}, pass@4 {:.3}",
+                    r.greedy, r.pass1, r.pass_k
+                )
+            });
+            append_history(&plan.history, step, &r)?;
+        }
+    }
+    trainer.save_checkpoint(plan.ckpt)?;
+    pb.finish_and_clear();
+    Ok(lead.then(|| (trainer.into_trainer(), last_vio)))
+}
+
+/// Rank 0's result, or the error that stopped the run: the first rank's that failed on its own
+/// rather than because another rank left.
+fn rank_zero(ranks: Vec<Result<Option<Trained>>>) -> Result<Trained> {
+    let left = |e: &anyhow::Error| {
+        e.chain().any(|c| {
+            matches!(c.downcast_ref::<ParallelError>(), Some(ParallelError::Comm(CommError::RankLeft { .. })))
+                || c.to_string().contains("has left")
+        })
+    };
+    let mut errors: Vec<anyhow::Error> = Vec::new();
+    let mut lead = None;
+    for r in ranks {
+        match r {
+            Ok(Some(t)) => lead = Some(t),
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    if let Some(i) = errors.iter().position(|e| !left(e)) {
+        return Err(errors.swap_remove(i));
+    }
+    match (errors.into_iter().next(), lead) {
+        (Some(e), _) => Err(e),
+        (None, Some(t)) => Ok(t),
+        (None, None) => bail!("rank 0 returned no trainer"),
+    }
 }
 
 fn append_history(path: &Path, step: u64, r: &EvalReport) -> Result<()> {

@@ -31,12 +31,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use whale_model::tensor::optim::{clip_grad_norm, LrSchedule};
+use whale_model::tensor::optim::clip_grad_norm;
 use whale_model::tensor::{Device, Tensor, TensorId};
-use whale_model::DeepSeekV3;
 
 use crate::comm::{Comm, ReduceOp};
-use crate::trainer::{Accumulated, DataSource, NonFinitePolicy, StepMetrics, Trainer};
+use crate::trainer::{Accumulated, DataSource, StepMetrics, Trainer};
 use crate::{Error, Result};
 
 mod zero1;
@@ -263,6 +262,18 @@ impl DataSource for ShardedData {
     }
 }
 
+/// How a step's gradients and losses, summed over the ranks, become those of the mean loss over
+/// the global batch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepShape {
+    /// Multiplies the summed gradients.
+    pub(crate) grad_scale: f32,
+    /// Divides the summed losses.
+    pub(crate) loss_divisor: usize,
+    /// Sequences in the global batch.
+    pub(crate) sequences: usize,
+}
+
 /// A [`Trainer`] on one rank of a data-parallel world. Every rank builds its own trainer (same
 /// model and config, its own data) and calls [`DataParallelTrainer::train_step`] in step with the
 /// others; the global batch is `world * grad_accum * micro_batch` sequences.
@@ -358,11 +369,53 @@ impl<'c> DataParallelTrainer<'c> {
         for _ in 1..cfg.grad_accum {
             accs.push(micro_batch(&mut self.trainer)?);
         }
-        let how = if self.zero.is_some() { Reduction::ReduceScatter } else { Reduction::AllReduce };
-        let (last, reduced) = self.last_micro_batch(how)?;
+        let (last, reduced) = self.last_micro_batch(self.reduction())?;
         accs.push(last);
-        let local = merge(accs);
+        let shape = StepShape {
+            grad_scale: 1.0 / (world * cfg.grad_accum) as f32,
+            loss_divisor: world,
+            sequences: cfg.micro_batch * cfg.grad_accum * world,
+        };
+        self.update(t0, merge(accs), reduced, shape)
+    }
 
+    /// The rest of a step whose local gradients something else computed (the pipeline stages of
+    /// [`crate::parallel_trainer`]): the gradients in this rank's parameters, a parameter's being
+    /// absent or zero wherever it did not run, are summed over the communicator after the
+    /// backward (no overlap), then the update follows as for [`DataParallelTrainer::train_step`].
+    /// `local` holds this rank's shares of the step's losses and its expert loads. A collective
+    /// call.
+    pub(crate) fn reduce_and_update(
+        &mut self,
+        started: Instant,
+        local: Accumulated,
+        shape: StepShape,
+    ) -> Result<StepMetrics> {
+        let watch = Watch::new(&self.slots, true);
+        let t = Instant::now();
+        let (reduced, _) = reduce_buckets(self.comm, &self.slots, &self.buckets, self.reduction(), &watch, false)?;
+        self.exposed_comm = t.elapsed();
+        self.update(started, local, reduced, shape)
+    }
+
+    fn reduction(&self) -> Reduction {
+        if self.zero.is_some() {
+            Reduction::ReduceScatter
+        } else {
+            Reduction::AllReduce
+        }
+    }
+
+    /// Global losses and loads, the reduced gradients scaled into the parameters (or the ZeRO
+    /// shards) and clipped by the global norm, then the shared end of a step.
+    fn update(
+        &mut self,
+        t0: Instant,
+        local: Accumulated,
+        reduced: Vec<Vec<f32>>,
+        shape: StepShape,
+    ) -> Result<StepMetrics> {
+        let cfg = self.trainer.config.clone();
         // Losses, problem flags and gradient presence in one f64 sum; loads as exact integers.
         let n_scalars = 7;
         let mut scalars = vec![
@@ -387,63 +440,40 @@ impl<'c> DataParallelTrainer<'c> {
             (None, true) => Some(("loss".to_string(), "another rank's batch".to_string())),
             (None, false) => None,
         };
-        let scale = 1.0 / (world * cfg.grad_accum) as f32;
         let mut grad_norm = f64::NAN;
         if problem.is_none() {
             grad_norm = match &mut self.zero {
                 None => {
                     for (b, sum) in self.buckets.iter().zip(&reduced) {
-                        b.write_grads(&self.slots, sum, scale, &present)?;
+                        b.write_grads(&self.slots, sum, shape.grad_scale, &present)?;
                     }
                     clip_grad_norm(&self.trainer.model.params, cfg.grad_clip)?
                 }
-                Some(z) => z.set_grads(self.comm, reduced, scale, cfg.grad_clip)?,
+                Some(z) => z.set_grads(self.comm, reduced, shape.grad_scale, cfg.grad_clip)?,
             };
             if !grad_norm.is_finite() {
                 problem = Some(("gradient".into(), self.locate_non_finite_gradient()));
             }
         }
 
-        let lr = cfg.schedule().lr(self.trainer.step);
-        let skipped = problem.is_some();
-        if let Some((what, location)) = problem {
-            self.trainer.model.params.zero_grad();
-            if cfg.on_non_finite == NonFinitePolicy::Stop {
-                return Err(Error::NonFinite { step: self.trainer.step, what, location });
-            }
-            eprintln!(
-                "warning: step {}: non-finite {what} first appears in {location}; step skipped",
-                self.trainer.step
-            );
-        } else {
-            match &mut self.zero {
-                None => self.trainer.opt.step(&self.trainer.model.params, lr)?,
-                Some(z) => z.update(self.comm, &self.slots, &self.buckets, &present, lr)?,
-            }
-            self.trainer.model.update_balancing_biases(&loads)?;
-            self.trainer.model.params.zero_grad();
-        }
-        if let Some(order) = self.rebuild_order()? {
-            self.rebuild(&order)?;
-        }
-
-        // Means over the world; an optional loss is there when every rank has it.
-        let mean = |i: usize| scalars[i] / world as f64;
-        let tokens = (cfg.micro_batch * cfg.seq_len * cfg.grad_accum * world) as f64;
-        let m = StepMetrics {
-            step: self.trainer.step,
+        // The world's means; an optional loss is there when some rank has it.
+        let mean = |i: usize| scalars[i] / shape.loss_divisor as f64;
+        let measured = Accumulated {
             loss: mean(0),
             main_loss: mean(1),
             mtp_loss: (scalars[4] > 0.0).then(|| mean(2)),
             aux_loss: (scalars[5] > 0.0).then(|| mean(3)),
-            max_vio: DeepSeekV3::max_violations(&loads),
-            expert_load: loads,
-            tokens_per_s: tokens / t0.elapsed().as_secs_f64().max(1e-9),
-            lr,
-            grad_norm,
-            skipped,
+            loads,
+            problem,
         };
-        self.trainer.step += 1;
+        let Self { trainer, zero, comm, slots, buckets, .. } = self;
+        let m = trainer.finish_step(measured, grad_norm, shape.sequences, t0, |t, lr| match zero {
+            None => Ok(t.opt.step(&t.model.params, lr)?),
+            Some(z) => z.update(*comm, slots, buckets, &present, lr),
+        })?;
+        if let Some(order) = self.rebuild_order()? {
+            self.rebuild(&order)?;
+        }
         Ok(m)
     }
 

@@ -4,12 +4,14 @@
 //! threads with an optional link model), [`data_parallel`] training (bucketed gradient all-reduce
 //! overlapped with the backward, ZeRO-1), [`expert_parallel`] dispatch and combine, and pipeline
 //! [`schedule`]s as data (1F1B, ZB1P, DualPipe, DualPipeV in the reference's exact order, with a
-//! timing simulator and an SVG timeline).
+//! timing simulator and an SVG timeline) run on real model stages by [`pipeline`], and all three
+//! together in [`parallel_trainer`] (a dp x ep x pp mesh that takes one rank's steps).
 
 pub mod comm;
 pub mod data_parallel;
 pub mod expert_parallel;
 pub mod launch;
+pub mod parallel_trainer;
 pub mod pipeline;
 pub mod schedule;
 pub mod trainer;

@@ -20,6 +20,10 @@
 //!
 //! Every stage of a path must take part in the same collectives in the same order, so expert
 //! parallelism inside stages needs the plain (non-overlapped) mode.
+//!
+//! [`Pipeline::run_ops`] is the same step without the final sums, for data-parallel replicas of a pipeline
+//! ([`crate::parallel_trainer`]): it leaves the gradients where they were computed and returns the
+//! rank's losses and expert loads, to be summed over the whole world at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
@@ -31,6 +35,7 @@ use whale_model::DeepSeekV3;
 
 use crate::comm::{Comm, ReduceOp};
 use crate::schedule::{Op, Schedule, Work};
+use crate::trainer::Accumulated;
 use crate::{Error, Result};
 
 /// Which decoder layers each pipeline stage runs.
@@ -123,79 +128,130 @@ pub fn run_step(
     micro: &[MicroBatch],
     exec: Execution,
 ) -> Result<StepReport> {
-    let rank = comm.rank();
-    if comm.world_size() != schedule.ranks.len() {
-        return Err(Error::Train(format!(
-            "{} schedule has {} ranks but the communicator {}",
-            schedule.method,
-            schedule.ranks.len(),
-            comm.world_size()
-        )));
-    }
-    if plan.layers.len() != schedule.stages {
-        return Err(Error::Train(format!(
-            "{} stages planned for a {}-stage schedule",
-            plan.layers.len(),
-            schedule.stages
-        )));
-    }
-    if micro.len() != schedule.micro {
-        return Err(Error::Train(format!("{} micro-batches for a schedule of {}", micro.len(), schedule.micro)));
-    }
     let t0 = Instant::now();
-    let scale = 1.0 / micro.len() as f32;
-    let runner = Runner { comm, schedule, plan, model, micro, scale, local: Mutex::new(HashMap::new()) };
-    let mut pending: HashMap<Work, Pending> = HashMap::new();
-    let mut deferred: VecDeque<(Work, WeightGradWork)> = VecDeque::new();
-    let (mut loss, mut main_loss) = (0.0f64, 0.0f64);
-    for op in &schedule.ranks[rank] {
-        match *op {
-            Op::F(w) => {
-                let (p, l) = runner.forward(w)?;
-                (loss, main_loss) = (loss + l.0, main_loss + l.1);
-                pending.insert(w, p);
-            }
-            Op::B(w) | Op::BInput(w) => {
-                let p = pending.remove(&w).ok_or_else(|| runner.order_error(op))?;
-                if let Some(work) = runner.backward(w, p, matches!(op, Op::BInput(_)))? {
-                    deferred.push_back((w, work));
-                }
-            }
-            Op::W(w) => {
-                let (first, work) = deferred.pop_front().ok_or_else(|| runner.order_error(op))?;
-                if first != w {
-                    return Err(Error::Train(format!("rank {rank}: {op} but the oldest deferred b is {first}")));
-                }
-                work.run()?;
-            }
-            Op::FB { f, b } => {
-                let p = pending.remove(&b).ok_or_else(|| runner.order_error(op))?;
-                let ((fp, l), work) = if exec.overlap {
-                    std::thread::scope(|s| {
-                        let fwd = s.spawn(|| runner.forward(f));
-                        let bwd = runner.backward(b, p, false);
-                        let fwd = fwd
-                            .join()
-                            .map_err(|_| Error::Train(format!("rank {rank}: the forward of {op} panicked")))?;
-                        Ok::<_, Error>((fwd?, bwd?))
-                    })?
-                } else {
-                    (runner.forward(f)?, runner.backward(b, p, false)?)
-                };
-                debug_assert!(work.is_none(), "a pair's backward is a full one");
-                (loss, main_loss) = (loss + l.0, main_loss + l.1);
-                pending.insert(f, fp);
-            }
-        }
-    }
-    if !pending.is_empty() || !deferred.is_empty() {
-        return Err(Error::Train(format!("rank {rank}: the schedule left forwards without their backward")));
-    }
+    let local = Pipeline { schedule, plan, exec }.run_ops(comm, model, micro, 1.0 / micro.len().max(1) as f32)?;
     let seconds = t0.elapsed().as_secs_f64();
     sum_gradients(comm, model)?;
-    let mut totals = [loss, main_loss];
+    let mut totals = [local.loss, local.main_loss];
     comm.all_reduce_f64(&mut totals)?;
     Ok(StepReport { loss: totals[0], main_loss: totals[1], seconds })
+}
+
+/// A pipeline as its ranks run it: the schedule, the layers of each stage, and how `[F&B]` pairs
+/// execute.
+#[derive(Debug, Clone, Copy)]
+pub struct Pipeline<'a> {
+    pub schedule: &'a Schedule,
+    pub plan: &'a StagePlan,
+    pub exec: Execution,
+}
+
+impl Pipeline<'_> {
+    /// This rank's part of a step, without any reduction: [`run_step`]'s ops with every
+    /// micro-batch's loss multiplied by `loss_scale` (`1 / micro.len()` there;
+    /// `1 / (dp micro.len())` when data-parallel replicas add their pipelines up). The gradients
+    /// stay where they were computed (this rank's stages); the result holds this rank's shares of
+    /// the losses (the last stage's, and the balance losses of the others), the expert loads of
+    /// the MoE layers it ran (every MoE layer of the model has an entry, zeros for the others', so
+    /// they add up across ranks), and a non-finite loss with its micro-batch and stage.
+    pub fn run_ops(
+        &self,
+        comm: &dyn Comm,
+        model: &DeepSeekV3,
+        micro: &[MicroBatch],
+        loss_scale: f32,
+    ) -> Result<Accumulated> {
+        let Pipeline { schedule, plan, exec } = *self;
+        let rank = comm.rank();
+        if comm.world_size() != schedule.ranks.len() {
+            return Err(Error::Train(format!(
+                "{} schedule has {} ranks but the communicator {}",
+                schedule.method,
+                schedule.ranks.len(),
+                comm.world_size()
+            )));
+        }
+        if plan.layers.len() != schedule.stages {
+            return Err(Error::Train(format!(
+                "{} stages planned for a {}-stage schedule",
+                plan.layers.len(),
+                schedule.stages
+            )));
+        }
+        if micro.len() != schedule.micro {
+            return Err(Error::Train(format!("{} micro-batches for a schedule of {}", micro.len(), schedule.micro)));
+        }
+        let runner =
+            Runner { comm, schedule, plan, model, micro, scale: loss_scale, local: Mutex::new(HashMap::new()) };
+        let mut pending: HashMap<Work, Pending> = HashMap::new();
+        let mut deferred: VecDeque<(Work, WeightGradWork)> = VecDeque::new();
+        let mut total = nothing_measured(model);
+        for op in &schedule.ranks[rank] {
+            match *op {
+                Op::F(w) => {
+                    let (p, measured) = runner.forward(w)?;
+                    add(&mut total, measured);
+                    pending.insert(w, p);
+                }
+                Op::B(w) | Op::BInput(w) => {
+                    let p = pending.remove(&w).ok_or_else(|| runner.order_error(op))?;
+                    if let Some(work) = runner.backward(w, p, matches!(op, Op::BInput(_)))? {
+                        deferred.push_back((w, work));
+                    }
+                }
+                Op::W(w) => {
+                    let (first, work) = deferred.pop_front().ok_or_else(|| runner.order_error(op))?;
+                    if first != w {
+                        return Err(Error::Train(format!("rank {rank}: {op} but the oldest deferred b is {first}")));
+                    }
+                    work.run()?;
+                }
+                Op::FB { f, b } => {
+                    let p = pending.remove(&b).ok_or_else(|| runner.order_error(op))?;
+                    let ((fp, measured), work) = if exec.overlap {
+                        std::thread::scope(|s| {
+                            let fwd = s.spawn(|| runner.forward(f));
+                            let bwd = runner.backward(b, p, false);
+                            let fwd = fwd
+                                .join()
+                                .map_err(|_| Error::Train(format!("rank {rank}: the forward of {op} panicked")))?;
+                            Ok::<_, Error>((fwd?, bwd?))
+                        })?
+                    } else {
+                        (runner.forward(f)?, runner.backward(b, p, false)?)
+                    };
+                    debug_assert!(work.is_none(), "a pair's backward is a full one");
+                    add(&mut total, measured);
+                    pending.insert(f, fp);
+                }
+            }
+        }
+        if !pending.is_empty() || !deferred.is_empty() {
+            return Err(Error::Train(format!("rank {rank}: the schedule left forwards without their backward")));
+        }
+        Ok(total)
+    }
+}
+
+/// No losses yet, and a zero load for every MoE layer of `model`.
+fn nothing_measured(model: &DeepSeekV3) -> Accumulated {
+    Accumulated { loads: model.moe_layers().iter().map(|m| vec![0; m.experts.len()]).collect(), ..Default::default() }
+}
+
+/// Adds one forward's measurements to the rank's; the first problem stays.
+fn add(total: &mut Accumulated, part: Accumulated) {
+    let opt_add = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (None, None) => None,
+        _ => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+    };
+    total.loss += part.loss;
+    total.main_loss += part.main_loss;
+    total.mtp_loss = opt_add(total.mtp_loss, part.mtp_loss);
+    total.aux_loss = opt_add(total.aux_loss, part.aux_loss);
+    total.loads.iter_mut().flatten().zip(part.loads.iter().flatten()).for_each(|(t, x)| *t += x);
+    if total.problem.is_none() {
+        total.problem = part.problem;
+    }
 }
 
 /// Every parameter's gradient summed over the ranks (missing ones count as zero), in one
@@ -278,9 +334,10 @@ impl Runner<'_> {
         vec![d[0], d[1], self.model.config.hidden_size]
     }
 
-    /// The forward of `w`: returns what its backward needs and (loss, main loss) when this is
-    /// the last stage (scaled by 1 / micro-batches).
-    fn forward(&self, w: Work) -> Result<(Pending, (f64, f64))> {
+    /// The forward of `w`: returns what its backward needs and what it measured: the expert loads
+    /// of its MoE layers and, on the last stage, the losses (scaled by the loss scale), on the
+    /// others their balance losses.
+    fn forward(&self, w: Work) -> Result<(Pending, Accumulated)> {
         let at = self.locate(w)?;
         let mb = &self.micro[at.global_micro];
         let last = at.stage + 1 == self.plan.layers.len();
@@ -294,22 +351,39 @@ impl Runner<'_> {
             Some(h) => h.clone(),
             None => self.model.embed(&mb.input_ids)?,
         };
-        let out = self.model.run_layers(self.plan.layers[at.stage].clone(), &h)?;
+        let layers = self.plan.layers[at.stage].clone();
+        let out = self.model.run_layers(layers.clone(), &h)?;
+        let mut measured = nothing_measured(self.model);
+        // MoE layers report in model order: the trunk's, then the MTP modules'.
+        let first_moe = self.model.layers[..layers.start].iter().filter(|l| l.moe().is_some()).count();
+        let trunk_moe = self.model.layers.iter().filter(|l| l.moe().is_some()).count();
+        let mut place = |first: usize, loads: &[Vec<usize>]| {
+            measured.loads[first..first + loads.len()].clone_from_slice(loads);
+        };
+        place(first_moe, &out.expert_load);
+        let scale = self.scale as f64;
         if last {
             let fo =
                 self.model.head_and_losses(&mb.input_ids, Some(&mb.targets), &out.hidden, Vec::new(), out.aux_loss)?;
+            place(trunk_moe, &fo.expert_load);
             let loss = fo.loss.expect("targets were given").mul_scalar(self.scale)?;
-            let main = fo.main_loss.expect("targets were given").to_scalar()? as f64 * self.scale as f64;
-            let l = loss.to_scalar()? as f64;
-            Ok((Pending { input, output: loss, aux: None }, (l, main)))
+            measured.loss = loss.to_scalar()? as f64;
+            measured.main_loss = fo.main_loss.expect("targets were given").to_scalar()? as f64 * scale;
+            measured.mtp_loss = fo.mtp_loss.map(|m| m.to_scalar()).transpose()?.map(|m| m as f64 * scale);
+            measured.aux_loss = fo.aux_loss.map(|a| a.to_scalar()).transpose()?.map(|a| a as f64 * scale);
+            if !measured.loss.is_finite() {
+                let location = format!("micro-batch {} (pipeline stage {})", at.global_micro, at.stage);
+                measured.problem = Some(("loss".into(), location));
+            }
+            Ok((Pending { input, output: loss, aux: None }, measured))
         } else {
             self.give(at, at.stage + 1, ACTIVATION, &out.hidden)?;
             let aux = out.aux_loss.map(|a| a.mul_scalar(self.scale)).transpose()?;
-            let l = match &aux {
-                Some(a) => a.to_scalar()? as f64,
-                None => 0.0,
-            };
-            Ok((Pending { input, output: out.hidden, aux }, (l, 0.0)))
+            if let Some(a) = &aux {
+                measured.loss = a.to_scalar()? as f64;
+                measured.aux_loss = Some(measured.loss);
+            }
+            Ok((Pending { input, output: out.hidden, aux }, measured))
         }
     }
 

@@ -355,37 +355,55 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepMetrics> {
         let t0 = Instant::now();
         let cfg = self.config.clone();
-        let Accumulated { loss, main_loss: main, mtp_loss: mtp, aux_loss: aux, loads, mut problem } =
-            self.accumulate_gradients()?;
-        let grad_norm = if problem.is_none() { clip_grad_norm(&self.model.params, cfg.grad_clip)? } else { f64::NAN };
-        if problem.is_none() && !grad_norm.is_finite() {
-            problem = Some(("gradient".into(), self.locate_in_gradients()?));
+        let mut acc = self.accumulate_gradients()?;
+        let grad_norm =
+            if acc.problem.is_none() { clip_grad_norm(&self.model.params, cfg.grad_clip)? } else { f64::NAN };
+        if acc.problem.is_none() && !grad_norm.is_finite() {
+            acc.problem = Some(("gradient".into(), self.locate_in_gradients()?));
         }
-        let lr = cfg.schedule().lr(self.step);
-        let skipped = problem.is_some();
-        if let Some((what, location)) = problem {
+        self.finish_step(acc, grad_norm, cfg.micro_batch * cfg.grad_accum, t0, |t, lr| {
+            Ok(t.opt.step(&t.model.params, lr)?)
+        })
+    }
+
+    /// The end of a step whose gradients are final (summed over ranks, scaled and clipped), shared
+    /// by every way of computing them: a step with a problem drops its gradients and is skipped
+    /// or stopped as the config says; otherwise `update` runs the optimizer at the scheduled
+    /// learning rate and the balancing biases move by the step's whole-batch load. Then the
+    /// metrics line (`sequences` in the whole batch) is written and the step counted.
+    pub(crate) fn finish_step(
+        &mut self,
+        mut measured: Accumulated,
+        grad_norm: f64,
+        sequences: usize,
+        started: Instant,
+        update: impl FnOnce(&mut Trainer, f32) -> Result<()>,
+    ) -> Result<StepMetrics> {
+        let lr = self.config.schedule().lr(self.step);
+        let skipped = measured.problem.is_some();
+        if let Some((what, location)) = measured.problem.take() {
             self.model.params.zero_grad();
-            if cfg.on_non_finite == NonFinitePolicy::Stop {
+            if self.config.on_non_finite == NonFinitePolicy::Stop {
                 return Err(Error::NonFinite { step: self.step, what, location });
             }
             eprintln!("warning: step {}: non-finite {what} first appears in {location}; step skipped", self.step);
         } else {
-            self.opt.step(&self.model.params, lr)?;
-            self.model.update_balancing_biases(&loads)?;
+            update(self, lr)?;
+            self.model.update_balancing_biases(&measured.loads)?;
             self.model.params.zero_grad();
         }
-        let tokens = (cfg.micro_batch * cfg.seq_len * cfg.grad_accum) as f64;
+        let tokens = (sequences * self.config.seq_len) as f64;
         let m = StepMetrics {
             step: self.step,
-            loss,
-            main_loss: main,
-            mtp_loss: mtp,
-            aux_loss: aux,
+            loss: measured.loss,
+            main_loss: measured.main_loss,
+            mtp_loss: measured.mtp_loss,
+            aux_loss: measured.aux_loss,
             lr,
             grad_norm,
-            tokens_per_s: tokens / t0.elapsed().as_secs_f64().max(1e-9),
-            max_vio: DeepSeekV3::max_violations(&loads),
-            expert_load: loads,
+            tokens_per_s: tokens / started.elapsed().as_secs_f64().max(1e-9),
+            max_vio: DeepSeekV3::max_violations(&measured.loads),
+            expert_load: measured.loads,
             skipped,
         };
         self.step += 1;

@@ -1,0 +1,81 @@
+//! `whale pretrain` on a mesh of LocalComm ranks: data, expert and pipeline parallelism together
+//! train, checkpoint (rank 0 only, the single-rank layout) and resume; impossible layouts are
+//! refused, with the reason, before anything is written.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A fresh folder for this test's runs.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("whale-cli-parallel-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `whale pretrain --out run` with small settings and `flags`.
+fn pretrain(run: &Path, flags: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_whale"));
+    cmd.args(["pretrain", "--out", run.to_str().unwrap()]).args(SMALL).args(flags).output().unwrap()
+}
+
+/// As `SMALL` in tests/cli.rs, with two micro-batches per replica for the pipeline.
+const SMALL: [&str; 12] = [
+    "--micro-batch",
+    "2",
+    "--grad-accum",
+    "2",
+    "--seq-len",
+    "24",
+    "--eval-problems",
+    "2",
+    "--k",
+    "2",
+    "--tasks",
+    "add:2",
+];
+
+#[test]
+fn dp_ep_pp_pretraining_checkpoints_like_one_rank_and_resumes() {
+    let run = scratch("mesh").join("run");
+    let mesh = ["--dp", "2", "--ep", "2", "--pp", "2", "--schedule", "1f1b"];
+    let out = pretrain(&run, &[&mesh[..], &["--steps", "2"]].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("dp 2 x ep 2 x pp 2 (1f1b), 4 ranks") && stdout.contains("pass@1"), "{stdout}");
+    // One checkpoint, one metrics line per step (rank 0 writes them), the evaluation.
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/trainer.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 2);
+    assert_eq!(state["config"]["grad_accum"], 2);
+    for file in ["checkpoint/model.safetensors", "checkpoint/optimizer.safetensors", "eval.json", "settings.json"] {
+        assert!(run.join(file).exists(), "{file}");
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+
+    let more = pretrain(&run, &[&mesh[..], &["--resume", "--steps", "3"]].concat());
+    let stdout = String::from_utf8_lossy(&more.stdout);
+    assert!(more.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&more.stderr));
+    assert!(stdout.contains("resuming") && stdout.contains("at step 2 of 3"), "{stdout}");
+    assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 3);
+}
+
+#[test]
+fn impossible_layouts_are_refused_with_the_reason() {
+    let dir = scratch("refused");
+    let cases: [(&[&str], &str); 4] = [
+        (&["--ep", "3"], "ep (3) must divide dp (1)"),
+        (&["--dp", "3", "--ep", "3"], "8 routed experts do not split evenly over 3"),
+        (&["--pp", "5"], "cannot split 4 decoder layers into 5 pipeline stages"),
+        (&["--pp", "2", "--schedule", "dualpipe"], "DualPipe needs at least 2*PP micro-batches"),
+    ];
+    for (i, (flags, reason)) in cases.into_iter().enumerate() {
+        let run = dir.join(format!("run{i}"));
+        let out = pretrain(&run, flags);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} should fail");
+        assert!(err.contains(reason) && err.contains("--dp"), "{flags:?}: {err}");
+        assert!(!run.exists(), "{flags:?}: nothing is written");
+    }
+}
