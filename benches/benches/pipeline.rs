@@ -1,8 +1,11 @@
 //! Pipeline parallelism on LocalComm ranks with an injected link latency (every message arrives
-//! `latency` after it is sent): one training step (forward, backward, gradient sum) of the `tiny`
-//! preset on 4 stages and 8 micro-batches, DualPipe with its forward/backward pairs overlapped
-//! (whale) against 1F1B (baseline) on the same stages and micro-batches. Both runs do the same
-//! compute per rank; DualPipe's pairs let one half compute while the other waits for a message.
+//! `latency` after it is sent), DualPipe with its forward/backward pairs overlapped (whale)
+//! against 1F1B (baseline) on the same stages and micro-batches; both do the same compute per
+//! rank, and DualPipe's pairs let one half compute while the other waits for a message:
+//! - one step (forward, backward, gradient sum) of the `tiny` preset on 4 stages x 8
+//!   micro-batches, where the waits are the pipeline's activation and gradient transfers;
+//! - one full training step on a dp 2 x ep 2 x pp 2 mesh (4 micro-batches per replica), where
+//!   every MoE layer also waits for its expert dispatch and combine all-to-alls.
 
 use std::time::{Duration, Instant};
 
@@ -11,8 +14,11 @@ use whale_benches::config;
 use whale_model::tensor::{Device, Rng, Tensor};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_parallel::comm::{Comm, LinkModel, LocalComm};
+use whale_parallel::data_parallel::DataParallelConfig;
+use whale_parallel::parallel_trainer::{Mesh, ParallelTrainer};
 use whale_parallel::pipeline::{run_step, Execution, MicroBatch, StagePlan};
 use whale_parallel::schedule::{Method, Schedule};
+use whale_parallel::trainer::{TokenWalk, TrainConfig, Trainer};
 
 fn micro_batches(n: usize, batch: usize, seq: usize) -> Vec<MicroBatch> {
     let mut rng = Rng::new(3);
@@ -57,9 +63,39 @@ fn pipeline(c: &mut Criterion) {
     }
 }
 
+/// Seconds of `iters` training steps on a dp 2 x ep 2 x pp 2 mesh running `schedule`, after one
+/// warm-up step (timed on rank 0).
+fn mesh_steps(schedule: Method, link: LinkModel, iters: u64) -> Duration {
+    let mesh = Mesh { dp: 2, ep: 2, pp: 2, schedule };
+    let times = LocalComm::run_with(mesh.world_size(), Some(link), |comm| {
+        let config = TrainConfig { micro_batch: 2, seq_len: 32, grad_accum: 4, ..TrainConfig::default() };
+        let walk = Box::new(TokenWalk { rng: Rng::new(1), vocab: 64, max_step: 3 });
+        let data = Box::new(mesh.shard(comm.rank(), walk));
+        let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 0).expect("model");
+        let trainer = Trainer::new(model, config, data).expect("trainer");
+        let mut t = ParallelTrainer::new(trainer, comm, mesh, DataParallelConfig::default()).expect("mesh");
+        t.train_step().expect("warm-up step");
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            t.train_step().expect("step");
+        }
+        t0.elapsed()
+    });
+    times[0]
+}
+
+fn mesh(c: &mut Criterion) {
+    let link = LinkModel { latency: Duration::from_millis(5), bandwidth: f64::INFINITY };
+    let mut g = c.benchmark_group("parallel_step_tiny_dp2_ep2_pp2_m4_latency5ms");
+    g.sample_size(10);
+    g.bench_function("whale", |b| b.iter_custom(|iters| mesh_steps(Method::DualPipe, link, iters)));
+    g.bench_function("baseline", |b| b.iter_custom(|iters| mesh_steps(Method::OneFOneB, link, iters)));
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = pipeline
+    targets = pipeline, mesh
 }
 criterion_main!(benches);

@@ -10,6 +10,10 @@
 //!
 //! Both all-to-alls are differentiable (the backward of one is the other's reverse), so the
 //! gradients of the tokens, the gating weights and the local experts come out as on one rank.
+//! Forward all-to-alls run on one communicator of the group and backward ones on a second
+//! ([`EpComms`]): collectives are matched by call order, and this way a forward and a backward
+//! of different micro-batches may run at once (DualPipe's overlapped pairs), each keeping its
+//! own order.
 //!
 //! Node-limited routing is the router's group-limited top-k with one group per node: with
 //! `n_group` equal to the number of nodes (ranks / `ranks_per_node`, experts laid out node by
@@ -32,9 +36,32 @@ pub struct DispatchStats {
     pub max_nodes_per_token: usize,
 }
 
+/// An expert-parallel group's two communicators: the forward's all-to-alls on one, the
+/// backward's on the other.
+#[derive(Clone)]
+pub struct EpComms {
+    pub forward: Arc<dyn Comm>,
+    pub backward: Arc<dyn Comm>,
+}
+
+impl std::fmt::Debug for EpComms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EpComms(rank {} of {})", self.forward.rank(), self.forward.world_size())
+    }
+}
+
+impl EpComms {
+    /// `comm` for the forward and a duplicate of it (same ranks) for the backward; a collective call.
+    pub fn new(comm: Arc<dyn Comm>) -> Result<Self> {
+        let backward: Arc<dyn Comm> = Arc::from(comm.split(0, comm.rank())?);
+        Ok(EpComms { forward: comm, backward })
+    }
+}
+
 /// The [`ExpertDispatch`] of one rank.
 pub struct ExpertParallel {
     comm: Arc<dyn Comm>,
+    backward: Arc<dyn Comm>,
     ranks_per_node: usize,
     last: Mutex<DispatchStats>,
 }
@@ -49,7 +76,8 @@ impl std::fmt::Debug for ExpertParallel {
 impl ExpertParallel {
     /// Expert parallelism over `comm` for `moe`'s layout: its experts must split evenly over the
     /// ranks and, when there is more than one node, its router's groups must be the nodes.
-    pub fn new(comm: Arc<dyn Comm>, ranks_per_node: usize, moe: &DeepSeekMoE) -> Result<Self> {
+    pub fn new(comms: &EpComms, ranks_per_node: usize, moe: &DeepSeekMoE) -> Result<Self> {
+        let comm = comms.forward.clone();
         let world = comm.world_size();
         let e = moe.experts.len();
         if ranks_per_node == 0 || world % ranks_per_node != 0 {
@@ -65,7 +93,12 @@ impl ExpertParallel {
                 moe.gate.n_group
             )));
         }
-        Ok(ExpertParallel { comm, ranks_per_node, last: Mutex::new(DispatchStats::default()) })
+        Ok(ExpertParallel {
+            comm,
+            backward: comms.backward.clone(),
+            ranks_per_node,
+            last: Mutex::new(DispatchStats::default()),
+        })
     }
 
     /// What the last dispatch sent.
@@ -74,8 +107,8 @@ impl ExpertParallel {
     }
 
     /// Installs expert parallelism on `moe` (its non-local experts stay in memory but are never run).
-    pub fn install(comm: Arc<dyn Comm>, ranks_per_node: usize, moe: &mut DeepSeekMoE) -> Result<Arc<Self>> {
-        let ep = Arc::new(Self::new(comm, ranks_per_node, moe)?);
+    pub fn install(comms: &EpComms, ranks_per_node: usize, moe: &mut DeepSeekMoE) -> Result<Arc<Self>> {
+        let ep = Arc::new(Self::new(comms, ranks_per_node, moe)?);
         moe.dispatch = Some(ep.clone());
         Ok(ep)
     }
@@ -141,8 +174,9 @@ impl ExpertDispatch for ExpertParallel {
             Tensor::cat(&[routing.weights.flatten_all()?, Tensor::zeros(&[1], routing.weights.dtype(), &dev)?], 0)?;
         let w_send = padded_weights.index_select(0, &flat(weight_index)?)?.reshape(&[x_send.dims()[0], k])?;
 
-        let (x_recv, recv_counts) = all_to_all_rows(&self.comm, &x_send, &counts).map_err(model_err)?;
-        let (w_recv, _) = all_to_all_rows(&self.comm, &w_send, &counts).map_err(model_err)?;
+        let comms = EpComms { forward: self.comm.clone(), backward: self.backward.clone() };
+        let (x_recv, recv_counts) = all_to_all_rows(&comms, &x_send, &counts).map_err(model_err)?;
+        let (w_recv, _) = all_to_all_rows(&comms, &w_send, &counts).map_err(model_err)?;
         let ids_recv: Vec<f32> = self.comm.all_to_all(ids).map_err(model_err)?.concat();
 
         // The local experts on what arrived, each row's weighted sum.
@@ -159,15 +193,16 @@ impl ExpertDispatch for ExpertParallel {
         let partial = run_experts(local, &x_recv, &assignments, &w_recv.flatten_all()?.index_select(0, &w_index)?)?;
 
         // Combine: the partial sums go back to their tokens' ranks and add up per token.
-        let (back, _) = all_to_all_rows(&self.comm, &partial, &recv_counts).map_err(model_err)?;
+        let (back, _) = all_to_all_rows(&comms, &partial, &recv_counts).map_err(model_err)?;
         Ok(tokens.zeros_like()?.index_add(0, &send_rows, &back)?)
     }
 }
 
 /// Sends `counts[d]` consecutive rows of `x` (`[n, c]`) to rank `d` and returns the rows
 /// received, grouped by source rank in rank order, with their counts. Differentiable in `x`: the
-/// backward sends the gradient rows back the way they came.
-pub fn all_to_all_rows(comm: &Arc<dyn Comm>, x: &Tensor, counts: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+/// backward sends the gradient rows back the way they came, on `comms.backward`.
+pub fn all_to_all_rows(comms: &EpComms, x: &Tensor, counts: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+    let comm = &comms.forward;
     let [n, c] = x.dims()[..] else {
         return Err(Error::Train(format!("all_to_all_rows: rows must be 2-D, got {:?}", x.dims())));
     };
@@ -178,7 +213,7 @@ pub fn all_to_all_rows(comm: &Arc<dyn Comm>, x: &Tensor, counts: &[usize]) -> Re
     let recv = comm.all_to_all(split_rows(&values, counts, c))?;
     let recv_counts: Vec<usize> = recv.iter().map(|v| v.len() / c.max(1)).collect();
     let total: usize = recv_counts.iter().sum();
-    let back = AllToAllBackward { comm: comm.clone(), counts: recv_counts.clone(), cols: c };
+    let back = AllToAllBackward { comm: comms.backward.clone(), counts: recv_counts.clone(), cols: c };
     let y = Tensor::from_custom_op(recv.concat(), &[total, c], x.dtype(), &[x], back)?;
     Ok((y, recv_counts))
 }

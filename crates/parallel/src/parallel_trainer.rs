@@ -23,8 +23,9 @@
 //! data parallelism, with its gradient reduction overlapped with the backward; a world of one is
 //! the plain [`Trainer`].
 //!
-//! Expert-parallel collectives are matched by call order, so with `ep > 1` DualPipe's overlapped
-//! `[F&B]` pairs run one after the other (their two threads would interleave all-to-alls).
+//! DualPipe's overlapped `[F&B]` pairs run their halves on two threads with expert parallelism
+//! too: forward all-to-alls go on one communicator of the expert group and backward ones on
+//! another ([`EpComms`]), so each keeps its call order.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,7 +36,7 @@ use whale_model::{DeepSeekV3, DeepSeekV3Config};
 
 use crate::comm::Comm;
 use crate::data_parallel::{DataParallelConfig, DataParallelTrainer, ShardedData, StepShape};
-use crate::expert_parallel::ExpertParallel;
+use crate::expert_parallel::{EpComms, ExpertParallel};
 use crate::pipeline::{Execution, MicroBatch, Pipeline, StagePlan};
 use crate::schedule::{Method, Schedule};
 use crate::trainer::{DataSource, StepMetrics, Trainer};
@@ -170,12 +171,12 @@ impl<'c> ParallelTrainer<'c> {
             let mut experts = Vec::new();
             if mesh.ep > 1 {
                 let group = stage * (mesh.dp / mesh.ep) + replica / mesh.ep;
-                let ep_comm: Arc<dyn Comm> = Arc::from(comm.split(group, replica % mesh.ep)?);
+                let ep_comms = EpComms::new(Arc::from(comm.split(group, replica % mesh.ep)?))?;
                 for moe in moe_layers_mut(&mut trainer.model) {
-                    experts.push(ExpertParallel::install(ep_comm.clone(), mesh.ep, moe)?);
+                    experts.push(ExpertParallel::install(&ep_comms, mesh.ep, moe)?);
                 }
             }
-            let exec = Execution { overlap: mesh.ep == 1 };
+            let exec = Execution::default();
             let stages = Stages { pipeline, schedule, plan, exec, experts };
             (Some(stages), DataParallelConfig { overlap: false, ..dp_config })
         } else {

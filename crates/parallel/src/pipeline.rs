@@ -18,8 +18,9 @@
 //! Each micro-batch's loss is divided by the number of micro-batches, so the step's gradients are
 //! those of the mean loss, as on one device.
 //!
-//! Every stage of a path must take part in the same collectives in the same order, so expert
-//! parallelism inside stages needs the plain (non-overlapped) mode.
+//! Every stage of a path must take part in the same collectives in the same order; expert
+//! parallelism inside stages keeps that under overlap by running forward and backward
+//! all-to-alls on separate communicators (`expert_parallel::EpComms`).
 //!
 //! [`Pipeline::run_ops`] is the same step without the final sums, for data-parallel replicas of a pipeline
 //! ([`crate::parallel_trainer`]): it leaves the gradients where they were computed and returns the

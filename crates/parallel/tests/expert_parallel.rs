@@ -11,7 +11,7 @@ use whale_model::tensor::testing::randn;
 use whale_model::tensor::Tensor;
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_parallel::comm::{Comm, LocalComm};
-use whale_parallel::expert_parallel::ExpertParallel;
+use whale_parallel::expert_parallel::{EpComms, ExpertParallel};
 
 /// The tiny preset's first MoE layer with the balance losses off (they do not touch the output).
 fn moe_of(model: &DeepSeekV3) -> DeepSeekMoE {
@@ -73,9 +73,9 @@ fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_
             .map(|(rank, comm)| {
                 let (model, x, r) = (&model, &x, &r);
                 s.spawn(move || {
-                    let comm: Arc<dyn Comm> = Arc::new(comm);
+                    let comms = EpComms::new(Arc::new(comm)).unwrap();
                     let mut moe = moe_of(&model.duplicate().unwrap());
-                    let ep = ExpertParallel::install(comm, ranks_per_node, &mut moe).unwrap();
+                    let ep = ExpertParallel::install(&comms, ranks_per_node, &mut moe).unwrap();
                     let xr = x.narrow(0, rank, 1).unwrap().contiguous().unwrap().variable();
                     let out = moe.forward(&xr).unwrap().output;
                     out.mul(&r.narrow(0, rank, 1).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
@@ -156,7 +156,8 @@ fn a_layout_that_cannot_shard_is_an_error() {
     let moe = moe_of(&model);
     for (world, per_node, words) in [(3, 3, "do not split evenly"), (4, 1, "one router group per node")] {
         let comm: Arc<dyn Comm> = Arc::new(LocalComm::world(world, None).remove(0));
-        let err = ExpertParallel::new(comm, per_node, &moe).unwrap_err().to_string();
+        let comms = EpComms { forward: comm.clone(), backward: comm };
+        let err = ExpertParallel::new(&comms, per_node, &moe).unwrap_err().to_string();
         assert!(err.contains(words), "{err}");
     }
 }

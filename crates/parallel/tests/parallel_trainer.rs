@@ -170,6 +170,7 @@ fn meshes_of_every_kind_take_one_rank_steps() {
     check(2, 2, 1, Method::OneFOneB); // experts over the replicas, one stage
     check(1, 1, 2, Method::OneFOneB); // a pipeline alone
     check(2, 1, 2, Method::DualPipe); // PP = 2 needs an even count of at least 4 micro-batches
+    check(2, 2, 2, Method::DualPipe); // overlapped pairs with expert all-to-alls on both halves
     let all = check(2, 2, 2, Method::Zb1p); // all three, with ZeroBubble's deferred weight gradients
                                             // ZeRO-1 over the world: AdamW on each rank's shard is the same arithmetic, so the same bits.
     let mesh = Mesh { dp: 2, ep: 2, pp: 2, schedule: Method::Zb1p };
