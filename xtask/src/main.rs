@@ -2,7 +2,8 @@
 //!
 //! - `bench [FILTER]`: runs the criterion benches and writes a markdown summary with each bench's
 //!   whale / baseline ratio to `target/bench-summary.md`.
-//! - `build-kernels`: compiles `kernels/*.cu` to PTX (arrives with the CUDA issue).
+//! - `build-kernels [--check]`: compiles `kernels/*.cu` to PTX for sm_90 and sm_80 with a pinned
+//!   CUDA 13.0 nvcc and regenerates the manifest the kernels crate embeds.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -26,7 +27,8 @@ writes the PTX and a manifest (kernel names, a hash of the sources) into crates/
 embeds them. Uses nvcc from PATH or CUDA_HOME, otherwise the pinned CUDA 13.0 compiler from PyPI
 installed into .cuda/13.0. --check fails when the committed PTX does not match the sources.
 
-Status: the CUDA kernels and this command arrive with the CUDA issue; there are no .cu sources yet.
+Kernels using wgmma (marked `// uses: wgmma` in their source) compile for compute_90a. Where ptxas
+sits beside nvcc, every PTX is validated with it for its target.
 ";
 
 fn main() -> ExitCode {
@@ -57,12 +59,170 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
+/// The CUDA version whose driver runs our GPU machines: newer nvcc emits PTX it cannot load.
+const PINNED_CUDA: &str = "13.0";
+const PIP_PACKAGES: [&str; 5] = [
+    "nvidia-cuda-nvcc==13.0.88",
+    "nvidia-cuda-crt==13.0.88",
+    "nvidia-nvvm==13.0.88",
+    "nvidia-cuda-runtime==13.0.96",
+    "nvidia-cuda-cccl==13.0.85",
+];
+/// (file suffix, nvcc -arch for ordinary kernels, ptxas -arch).
+const TARGETS: [(&str, &str, &str); 2] = [("sm_90", "compute_90", "sm_90"), ("sm_80", "compute_80", "sm_80")];
+
 fn build_kernels(args: &[String]) -> Result<(), String> {
     if args.iter().any(|a| a == "-h" || a == "--help") {
         print!("{BUILD_KERNELS_HELP}");
         return Ok(());
     }
-    Err("build-kernels: there are no CUDA sources yet (they arrive with the CUDA issue); see --help".into())
+    let check = args.iter().any(|a| a == "--check");
+    if let Some(other) = args.iter().find(|a| *a != "--check") {
+        return Err(format!("build-kernels: unexpected argument `{other}`"));
+    }
+    let root = workspace_root();
+    let src_dir = root.join("kernels");
+    let ptx_dir = src_dir.join("ptx");
+    let nvcc = find_nvcc(&root)?;
+    let version = run_capture(Command::new(&nvcc).arg("--version"))?;
+    if !version.contains(&format!("release {PINNED_CUDA}")) {
+        return Err(format!(
+            "{} is not CUDA {PINNED_CUDA} (newer nvcc emits PTX the CUDA {PINNED_CUDA} driver cannot load):\n{version}",
+            nvcc.display()
+        ));
+    }
+    let ptxas = nvcc.with_file_name("ptxas");
+    let out_dir = if check { target_dir().join("ptx-check") } else { ptx_dir.clone() };
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&src_dir)
+        .map_err(|e| format!("{}: {e}", src_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    sources.sort();
+    let mut modules = Vec::new();
+    for src in &sources {
+        let stem = src.file_stem().expect("a file").to_string_lossy().to_string();
+        let text = std::fs::read_to_string(src).map_err(|e| format!("{}: {e}", src.display()))?;
+        let wgmma = text.contains("// uses: wgmma");
+        for (suffix, arch, sass) in TARGETS {
+            let arch = if wgmma && suffix == "sm_90" { "compute_90a" } else { arch };
+            let out = out_dir.join(format!("{stem}.{suffix}.ptx"));
+            run_capture(
+                Command::new(&nvcc)
+                    .args(["-ptx", "-O3", "-std=c++17", &format!("-arch={arch}"), "-o"])
+                    .arg(&out)
+                    .arg(src),
+            )?;
+            if ptxas.exists() {
+                let sass = if wgmma && suffix == "sm_90" { "sm_90a" } else { sass };
+                let null = target_dir().join("ptxas-check.cubin");
+                run_capture(Command::new(&ptxas).arg(format!("-arch={sass}")).arg(&out).arg("-o").arg(&null))
+                    .map_err(|e| format!("ptxas rejects {}: {e}", out.display()))?;
+            }
+        }
+        modules.push((stem, kernel_names(&text)));
+        println!("compiled {}", src.display());
+    }
+    let hash = whale_kernels::cuda::source_hash(&src_dir).map_err(|e| format!("{}: {e}", src_dir.display()))?;
+    let manifest = render_manifest(&modules, hash);
+    let manifest_path = root.join("crates/kernels/src/cuda/manifest.rs");
+    if check {
+        let committed = std::fs::read_to_string(&manifest_path).unwrap_or_default();
+        let mut stale: Vec<String> = Vec::new();
+        if committed != manifest {
+            stale.push(manifest_path.display().to_string());
+        }
+        for (stem, _) in &modules {
+            for (suffix, _, _) in TARGETS {
+                let name = format!("{stem}.{suffix}.ptx");
+                let (new, old) = (std::fs::read(out_dir.join(&name)), std::fs::read(ptx_dir.join(&name)));
+                if new.ok() != old.ok() {
+                    stale.push(name);
+                }
+            }
+        }
+        if !stale.is_empty() {
+            return Err(format!("stale: {} (run `cargo xtask build-kernels`)", stale.join(", ")));
+        }
+        println!("PTX and manifest are up to date with kernels/*.cu");
+        return Ok(());
+    }
+    std::fs::write(&manifest_path, manifest).map_err(|e| format!("{}: {e}", manifest_path.display()))?;
+    println!("wrote {} PTX modules and {}", modules.len(), manifest_path.display());
+    Ok(())
+}
+
+/// `extern "C" __global__ void NAME(` in a source: the kernels a module exports.
+fn kernel_names(text: &str) -> Vec<String> {
+    text.split("extern \"C\" __global__ void ")
+        .skip(1)
+        .filter_map(|rest| rest.split('(').next().map(|n| n.trim().to_string()))
+        .collect()
+}
+
+fn render_manifest(modules: &[(String, Vec<String>)], hash: u64) -> String {
+    let mut out = String::from(
+        "// @generated by `cargo xtask build-kernels` from kernels/*.cu; do not edit.\n\
+         //! The embedded PTX of every CUDA kernel module and the stamp of the sources it was built from.\n\n\
+         use super::PtxModule;\n\n",
+    );
+    out.push_str(&format!(
+        "/// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).\npub const SOURCE_HASH: u64 = {hash:#018x};\n\n"
+    ));
+    out.push_str("pub const MODULES: &[PtxModule] = &[\n");
+    for (stem, kernels) in modules {
+        let names: Vec<String> = kernels.iter().map(|k| format!("\"{k}\"")).collect();
+        out.push_str(&format!(
+            "    PtxModule {{\n        name: \"{stem}\",\n        kernels: &[{}],\n        \
+             sm_90: include_str!(\"../../../../kernels/ptx/{stem}.sm_90.ptx\"),\n        \
+             sm_80: include_str!(\"../../../../kernels/ptx/{stem}.sm_80.ptx\"),\n    }},\n",
+            names.join(", ")
+        ));
+    }
+    out.push_str("];\n");
+    out
+}
+
+/// nvcc from `NVCC`, PATH or CUDA_HOME, else the pinned one from PyPI in `.cuda/13.0` (installed on
+/// first use with pip).
+fn find_nvcc(root: &Path) -> Result<PathBuf, String> {
+    let works = |p: &Path| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success());
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(p) = std::env::var_os("NVCC") {
+        candidates.push(PathBuf::from(p));
+    }
+    candidates.push(PathBuf::from("nvcc"));
+    if let Some(home) = std::env::var_os("CUDA_HOME") {
+        candidates.push(PathBuf::from(home).join("bin/nvcc"));
+    }
+    let pinned = root.join(".cuda/13.0");
+    let pip_nvcc = pinned.join("nvidia/cu13/bin/nvcc");
+    candidates.push(pip_nvcc.clone());
+    if let Some(found) = candidates.iter().find(|p| works(p)) {
+        return Ok(found.clone());
+    }
+    println!("no nvcc found: installing the pinned CUDA {PINNED_CUDA} compiler from PyPI into {}", pinned.display());
+    let python = if Command::new("python3").arg("--version").output().is_ok() { "python3" } else { "python" };
+    let status = Command::new(python)
+        .args(["-m", "pip", "install", "--no-deps", "--target"])
+        .arg(&pinned)
+        .args(PIP_PACKAGES)
+        .status()
+        .map_err(|e| format!("cannot run pip: {e}"))?;
+    if !status.success() || !works(&pip_nvcc) {
+        return Err(format!("installing nvcc with pip failed ({status}); set NVCC or CUDA_HOME"));
+    }
+    Ok(pip_nvcc)
+}
+
+/// Runs `cmd`; its stdout, or an error with its stderr.
+fn run_capture(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
 fn bench(args: &[String]) -> Result<(), String> {

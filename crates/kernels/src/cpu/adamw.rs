@@ -16,29 +16,60 @@ pub struct AdamWStep {
 /// Elements per rayon task: a fixed size, so the partition depends only on the length.
 const CHUNK: usize = 1 << 14;
 
+/// The scalars of one step, computed as torch does: `_single_tensor_adamw` computes them as
+/// Python floats (f64), each rounded to f32 where it meets an f32 tensor op. The CUDA kernel takes
+/// the same values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWScalars {
+    pub decay: f32,
+    pub neg_step_size: f32,
+    pub bias_correction2_sqrt: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub eps: f32,
+    /// `m.lerp_(g, w)` with w = 1 - beta1: ATen's vectorised CPU lerp is `fma(w, g - m, m)` for
+    /// |w| < 0.5 and `fma(w - 1, g - m, g)` otherwise.
+    pub lerp_from_m: bool,
+    pub lerp_coeff: f32,
+}
+
+impl AdamWScalars {
+    pub fn new(hp: &AdamWStep) -> Self {
+        let (lr, beta1, beta2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
+        let step = hp.step as f64; // torch keeps `step` as a float tensor and calls `.item()`
+        let bias_correction1 = 1.0 - beta1.powf(step);
+        let bias_correction2 = 1.0 - beta2.powf(step);
+        let lerp_weight = (1.0 - beta1) as f32;
+        let lerp_from_m = lerp_weight.abs() < 0.5;
+        AdamWScalars {
+            decay: (1.0 - lr * hp.weight_decay as f64) as f32,
+            neg_step_size: (-(lr / bias_correction1)) as f32,
+            bias_correction2_sqrt: bias_correction2.sqrt() as f32,
+            beta2: hp.beta2,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            eps: hp.eps,
+            lerp_from_m,
+            lerp_coeff: if lerp_from_m { lerp_weight } else { lerp_weight - 1.0 },
+        }
+    }
+}
+
 /// Updates `param`, `m`, `v` in place from `grad`.
 pub fn adamw_step(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamWStep) {
     let n = param.len();
     assert!(grad.len() == n && m.len() == n && v.len() == n, "adamw_step: buffers differ in length");
     assert!(hp.step >= 1, "adamw_step: step is 1-based");
-
-    // torch's `_single_tensor_adamw` computes the scalars as Python floats (f64); each is rounded to
-    // f32 where it meets an f32 tensor op. The element-wise sequence below mirrors those tensor ops,
-    // operation by operation, in the same order.
-    let (lr, beta1, beta2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
-    let step = hp.step as f64; // torch keeps `step` as a float tensor and calls `.item()`
-    let decay = (1.0 - lr * hp.weight_decay as f64) as f32;
-    let bias_correction1 = 1.0 - beta1.powf(step);
-    let bias_correction2 = 1.0 - beta2.powf(step);
-    let neg_step_size = (-(lr / bias_correction1)) as f32;
-    let bias_correction2_sqrt = bias_correction2.sqrt() as f32;
-    let (beta2_f32, one_minus_beta2, eps) = (hp.beta2, (1.0 - beta2) as f32, hp.eps);
-
-    // `m.lerp_(g, w)` with w = 1 - beta1: ATen's vectorised CPU lerp is
-    // `fma(w, g - m, m)` for |w| < 0.5 and `fma(w - 1, g - m, g)` otherwise.
-    let lerp_weight = (1.0 - beta1) as f32;
-    let lerp_from_m = lerp_weight.abs() < 0.5;
-    let lerp_coeff = if lerp_from_m { lerp_weight } else { lerp_weight - 1.0 };
+    // The element-wise sequence below mirrors torch's tensor ops, one by one, in the same order.
+    let AdamWScalars {
+        decay,
+        neg_step_size,
+        bias_correction2_sqrt,
+        beta2: beta2_f32,
+        one_minus_beta2,
+        eps,
+        lerp_from_m,
+        lerp_coeff,
+    } = AdamWScalars::new(hp);
 
     param
         .par_chunks_mut(CHUNK)

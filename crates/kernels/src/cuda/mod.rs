@@ -1,0 +1,290 @@
+//! CUDA launchers: the kernels of `kernels/*.cu`, compiled to PTX by `cargo xtask
+//! build-kernels` and embedded here ([`manifest`]), each beside its CPU twin in [`crate::cpu`].
+//!
+//! [`Gpu::new`] opens a device through the CUDA driver, loaded at run time: on a machine without
+//! CUDA it returns [`GpuError::NoDriver`] instead of panicking (cudarc panics when the driver
+//! library is missing, so `is_culib_present` is checked first). The launchers here take and return
+//! host slices (copy in, launch, copy out), which is what tests and the GPU check need; a device
+//! tensor backend keeps its buffers on the GPU and launches the same kernels.
+
+pub mod manifest;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+
+use crate::cpu::adamw::AdamWStep;
+use crate::cpu::fp8::{Fp8Blocks, Fp8Format};
+
+/// One `.cu` file's PTX for the two targets and the kernels it defines.
+#[derive(Debug, Clone, Copy)]
+pub struct PtxModule {
+    pub name: &'static str,
+    pub kernels: &'static [&'static str],
+    /// For sm_90 (Hopper) and newer.
+    pub sm_90: &'static str,
+    /// For sm_80 (Ampere) and newer.
+    pub sm_80: &'static str,
+}
+
+/// FNV-1a (64-bit) over the `.cu` files of `dir` in name order (name, 0, contents, 0): the stamp
+/// the manifest records, so a plain `cargo test` notices PTX older than its sources.
+pub fn source_hash(dir: &Path) -> std::io::Result<u64> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    files.sort();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes.iter().chain(&[0u8]) {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for f in files {
+        eat(f.file_name().expect("a file").to_string_lossy().as_bytes());
+        eat(&std::fs::read(&f)?);
+    }
+    Ok(h)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("no CUDA driver library on this machine")]
+    NoDriver,
+    #[error("GPU {ordinal} does not exist ({count} visible)")]
+    NoDevice { ordinal: usize, count: usize },
+    #[error("CUDA {what}: {msg}")]
+    Cuda { what: String, msg: String },
+    #[error("{0}")]
+    Shape(String),
+}
+
+fn cuda(what: &str) -> impl Fn(cudarc::driver::DriverError) -> GpuError + '_ {
+    move |e| GpuError::Cuda { what: what.to_string(), msg: format!("{e:?}") }
+}
+
+pub type Result<T> = std::result::Result<T, GpuError>;
+
+/// The GPUs this process can use: 0 without a CUDA driver (checked before touching it).
+pub fn device_count() -> usize {
+    // SAFETY: only probes whether the driver library can be loaded.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return 0;
+    }
+    CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)
+}
+
+/// One GPU with every kernel module loaded.
+#[derive(Debug)]
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+const THREADS: u32 = 256;
+
+fn grid_for(n: usize) -> LaunchConfig {
+    let blocks = (n as u32).div_ceil(THREADS).clamp(1, 65_535);
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block per row, `THREADS` threads reducing in shared memory.
+fn rows_config(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 4 * THREADS }
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal` and loads the PTX for its architecture.
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        // SAFETY: only probes whether the driver library can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(GpuError::NoDriver);
+        }
+        let count = device_count();
+        if ordinal >= count {
+            return Err(GpuError::NoDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(cuda("opening the device"))?;
+        let (major, _) = ctx.compute_capability().map_err(cuda("reading the compute capability"))?;
+        let stream = ctx.default_stream();
+        let mut functions = HashMap::new();
+        for m in manifest::MODULES {
+            let ptx = if major >= 9 { m.sm_90 } else { m.sm_80 };
+            let module = ctx.load_module(Ptx::from_src(ptx)).map_err(cuda(m.name))?;
+            for &k in m.kernels {
+                functions.insert(k, module.load_function(k).map_err(cuda(k))?);
+            }
+        }
+        Ok(Gpu { ctx, stream, functions })
+    }
+
+    fn function(&self, name: &str) -> &CudaFunction {
+        self.functions.get(name).unwrap_or_else(|| panic!("kernel `{name}` is not in the manifest"))
+    }
+
+    fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(host).map_err(cuda("copy to the GPU"))
+    }
+
+    fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(cuda("allocating"))
+    }
+
+    fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        dev: &CudaSlice<T>,
+        n: usize,
+    ) -> Result<Vec<T>> {
+        let mut v = self.stream.clone_dtoh(dev).map_err(cuda("copy from the GPU"))?;
+        v.truncate(n);
+        Ok(v)
+    }
+
+    fn binary(&self, kernel: &str, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+        if a.len() != b.len() {
+            return Err(GpuError::Shape(format!("{kernel}: {} and {} elements", a.len(), b.len())));
+        }
+        let n = a.len();
+        let (da, db, mut out) = (self.upload(a)?, self.upload(b)?, self.zeros::<f32>(n)?);
+        let n32 = n as u32;
+        let mut l = self.stream.launch_builder(self.function(kernel));
+        l.arg(&da).arg(&db).arg(&mut out).arg(&n32);
+        // SAFETY: the kernel reads `n` floats of `da` and `db` and writes `n` of `out`, all
+        // allocated with at least that many.
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda(kernel))?;
+        self.download(&out, n)
+    }
+
+    /// `a + b`.
+    pub fn add(&self, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+        self.binary("add_f32", a, b)
+    }
+
+    /// `a * b`.
+    pub fn mul(&self, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+        self.binary("mul_f32", a, b)
+    }
+
+    /// `silu(gate) * up` (twin: `cpu::swiglu::swiglu_forward`).
+    pub fn swiglu_forward(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>> {
+        self.binary("swiglu_forward_f32", gate, up)
+    }
+
+    /// RMSNorm of each row of `x` (`[rows, dim]`): `(y, rstd)` (twin: `cpu::rmsnorm::rmsnorm_forward`).
+    pub fn rmsnorm_forward(&self, x: &[f32], w: &[f32], dim: usize, eps: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+        if dim == 0 || x.len() % dim != 0 || w.len() != dim {
+            return Err(GpuError::Shape(format!("rmsnorm: {} values, weight {}, dim {dim}", x.len(), w.len())));
+        }
+        let rows = x.len() / dim;
+        let (dx, dw) = (self.upload(x)?, self.upload(w)?);
+        let (mut y, mut rstd) = (self.zeros::<f32>(x.len())?, self.zeros::<f32>(rows)?);
+        let dim32 = dim as u32;
+        let mut l = self.stream.launch_builder(self.function("rmsnorm_forward_f32"));
+        l.arg(&dx).arg(&dw).arg(&mut y).arg(&mut rstd).arg(&dim32).arg(&eps);
+        // SAFETY: one block per row reads its `dim` inputs and writes its outputs; shared memory
+        // holds one float per thread.
+        unsafe { l.launch(rows_config(rows)) }.map_err(cuda("rmsnorm_forward_f32"))?;
+        Ok((self.download(&y, x.len())?, self.download(&rstd, rows)?))
+    }
+
+    /// Softmax of each row (twin: `cpu::softmax::softmax_forward`).
+    pub fn softmax_forward(&self, x: &[f32], dim: usize) -> Result<Vec<f32>> {
+        if dim == 0 || x.len() % dim != 0 {
+            return Err(GpuError::Shape(format!("softmax: {} values, dim {dim}", x.len())));
+        }
+        let (dx, mut y) = (self.upload(x)?, self.zeros::<f32>(x.len())?);
+        let dim32 = dim as u32;
+        let mut l = self.stream.launch_builder(self.function("softmax_forward_f32"));
+        l.arg(&dx).arg(&mut y).arg(&dim32);
+        // SAFETY: as for RMSNorm.
+        unsafe { l.launch(rows_config(x.len() / dim)) }.map_err(cuda("softmax_forward_f32"))?;
+        self.download(&y, x.len())
+    }
+
+    /// One fused AdamW step in place (twin: `cpu::adamw::adamw_step`, whose scalar set-up this
+    /// repeats).
+    pub fn adamw_step(
+        &self,
+        param: &mut [f32],
+        grad: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        let n = param.len();
+        if grad.len() != n || m.len() != n || v.len() != n {
+            return Err(GpuError::Shape("adamw: buffers differ in length".into()));
+        }
+        let s = crate::cpu::adamw::AdamWScalars::new(hp);
+        let (mut dp, dg, mut dm, mut dv) = (self.upload(param)?, self.upload(grad)?, self.upload(m)?, self.upload(v)?);
+        let (n32, from_m) = (n as u32, i32::from(s.lerp_from_m));
+        let mut l = self.stream.launch_builder(self.function("adamw_step_f32"));
+        l.arg(&mut dp).arg(&dg).arg(&mut dm).arg(&mut dv).arg(&n32);
+        l.arg(&s.decay).arg(&s.lerp_coeff).arg(&from_m).arg(&s.beta2).arg(&s.one_minus_beta2);
+        l.arg(&s.bias_correction2_sqrt).arg(&s.eps).arg(&s.neg_step_size);
+        // SAFETY: one thread per element of four buffers of `n` floats.
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda("adamw_step_f32"))?;
+        param.copy_from_slice(&self.download(&dp, n)?);
+        m.copy_from_slice(&self.download(&dm, n)?);
+        v.copy_from_slice(&self.download(&dv, n)?);
+        Ok(())
+    }
+
+    /// E4M3 quantisation of `x` (`[rows, cols]`) in 1x128 tiles with f32 scales (twin:
+    /// `Fp8Blocks::quantize` with block (1, 128), E4M3, f32 scales).
+    pub fn fp8_quantize_1x128(&self, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Blocks> {
+        if x.len() != rows * cols {
+            return Err(GpuError::Shape(format!("fp8 quantize: {} values for [{rows}, {cols}]", x.len())));
+        }
+        let tiles = cols.div_ceil(128);
+        let (dx, mut codes, mut scales) =
+            (self.upload(x)?, self.zeros::<u8>(x.len())?, self.zeros::<f32>(rows * tiles)?);
+        let (r32, c32) = (rows as u32, cols as u32);
+        let mut l = self.stream.launch_builder(self.function("fp8_quantize_1x128"));
+        l.arg(&dx).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32);
+        let cfg = LaunchConfig {
+            grid_dim: ((rows * tiles).max(1) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: one block of 128 threads per tile; each thread reads and writes at most one
+        // in-bounds element and thread 0 one scale.
+        unsafe { l.launch(cfg) }.map_err(cuda("fp8_quantize_1x128"))?;
+        let (codes, scales) = (self.download(&codes, x.len())?, self.download(&scales, rows * tiles)?);
+        Fp8Blocks::from_parts(codes, scales, (rows, cols), (1, 128), Fp8Format::E4M3).map_err(GpuError::Shape)
+    }
+
+    /// The block-scaled FP8 GEMM `a b^T` with f32 promotion every 128 of K (twin: `fp8_gemm` with
+    /// `Accumulation::F32`). Both operands E4M3, tiled 128 along K.
+    pub fn fp8_gemm(&self, a: &Fp8Blocks, b: &Fp8Blocks) -> Result<Vec<f32>> {
+        if a.cols != b.cols
+            || a.block.1 != 128
+            || b.block.1 != 128
+            || a.format != Fp8Format::E4M3
+            || b.format != Fp8Format::E4M3
+        {
+            return Err(GpuError::Shape("fp8 gemm: E4M3 operands tiled 128 along the same K".into()));
+        }
+        let (m, n, k) = (a.rows, b.rows, a.cols);
+        let (da, dsa, db, dsb) =
+            (self.upload(&a.codes)?, self.upload(&a.scales)?, self.upload(&b.codes)?, self.upload(&b.scales)?);
+        let mut y = self.zeros::<f32>(m * n)?;
+        let (ar, br, m32, n32, k32) = (a.block.0 as u32, b.block.0 as u32, m as u32, n as u32, k as u32);
+        let mut l = self.stream.launch_builder(self.function("fp8_gemm_promoted"));
+        l.arg(&da).arg(&dsa).arg(&ar).arg(&db).arg(&dsb).arg(&br).arg(&mut y).arg(&m32).arg(&n32).arg(&k32);
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(16).max(1), (m as u32).div_ceil(16).max(1), 1),
+            block_dim: (16, 16, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: one thread per output inside [m, n]; each reads its rows of `a` and `b` (k
+        // codes) and their scales, whose grids `Fp8Blocks` guarantees.
+        unsafe { l.launch(cfg) }.map_err(cuda("fp8_gemm_promoted"))?;
+        self.download(&y, m * n)
+    }
+}
