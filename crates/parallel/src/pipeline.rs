@@ -211,7 +211,10 @@ impl Pipeline<'_> {
                     let p = pending.remove(&b).ok_or_else(|| runner.order_error(op))?;
                     let ((fp, measured), work) = if exec.overlap {
                         std::thread::scope(|s| {
-                            let fwd = s.spawn(|| runner.forward(f));
+                            let fwd = s.spawn(|| {
+                                runner.comm.join_thread();
+                                runner.forward(f)
+                            });
                             let bwd = runner.backward(b, p, false);
                             let fwd = fwd
                                 .join()

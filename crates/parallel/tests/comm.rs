@@ -173,6 +173,29 @@ fn a_deadlock_is_an_error_on_every_rank() {
 }
 
 #[test]
+fn a_joined_thread_computing_past_the_grace_period_is_not_a_deadlock() {
+    LocalComm::run(2, |comm| {
+        comm.set_deadlock_grace(Some(Duration::from_millis(20)));
+        comm.barrier().unwrap();
+        if comm.rank() == 1 {
+            let got = comm.recv(0, 1).unwrap();
+            comm.send(0, 2, &got).unwrap();
+            return;
+        }
+        std::thread::scope(|s| {
+            // DualPipe's forward half: a new thread that computes before its first call, while
+            // this rank's main thread waits for rank 1, which waits for that thread.
+            s.spawn(|| {
+                comm.join_thread();
+                std::thread::sleep(Duration::from_millis(100));
+                comm.send(1, 1, &[5.0]).unwrap();
+            });
+            assert_eq!(comm.recv(1, 2).unwrap(), vec![5.0]);
+        });
+    });
+}
+
+#[test]
 fn a_rank_waiting_in_one_thread_while_another_works_is_not_a_deadlock() {
     LocalComm::run(2, |comm| {
         comm.set_deadlock_grace(Some(Duration::from_millis(20)));

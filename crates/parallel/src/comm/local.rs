@@ -486,6 +486,11 @@ impl Comm for LocalComm {
         Ok(msg.data)
     }
 
+    fn join_thread(&self) {
+        let mut st = self.lock();
+        self.register(&mut st);
+    }
+
     fn stats(&self) -> CommStats {
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -186,6 +186,11 @@ pub trait Comm: Send + Sync {
 
     fn stats(&self) -> CommStats;
 
+    /// Announces a further thread of this rank that will use the communicator (DualPipe's
+    /// overlapped forward), before it computes: deadlock detection then counts it as running
+    /// until it exits, rather than as unknown. A no-op where nothing is detected.
+    fn join_thread(&self) {}
+
     /// A communicator over the ranks here that pass the same `color`, ranked by `key` (ties by
     /// rank here): the data-parallel group among expert- or pipeline-parallel ranks. A collective
     /// call on this communicator; the new one's collectives are independent of this one's.
