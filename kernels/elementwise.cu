@@ -20,3 +20,13 @@ extern "C" __global__ void swiglu_forward_f32(const float* gate, const float* up
         out[i] = g / (1.0f + expf(-g)) * up[i];
     }
 }
+
+// SwiGLU backward: dgate = dout * up * sig(g) * (1 + g (1 - sig(g))), dup = dout * silu(g).
+extern "C" __global__ void swiglu_backward_f32(
+    const float* gate, const float* up, const float* dout, float* dgate, float* dup, unsigned n) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float g = gate[i], s = 1.0f / (1.0f + expf(-g)), d = dout[i];
+        dgate[i] = d * up[i] * s * (1.0f + g * (1.0f - s));
+        dup[i] = d * (g * s);
+    }
+}

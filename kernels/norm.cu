@@ -1,5 +1,5 @@
 // Row-wise kernels, one block per row of `dim` elements; the block reduces in shared memory.
-// CPU twins: whale_kernels::cpu::rmsnorm::rmsnorm_forward and cpu::softmax::softmax_forward.
+// CPU twins: whale_kernels::cpu::rmsnorm (forward, backward) and cpu::softmax (forward, backward).
 
 // Sum of `v` over the block (blockDim.x a power of two, at most 1024), returned to every thread.
 __device__ float block_sum(float v, float* shared) {
@@ -51,4 +51,71 @@ extern "C" __global__ void softmax_forward_f32(const float* x, float* y, unsigne
     for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) s += expf(xr[i] - m);
     s = block_sum(s, shared);
     for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = expf(xr[i] - m) / s;
+}
+
+// RMSNorm input gradient per row: g = w * dy, c = rstd^2 * mean(g * x), dx = rstd * (g - x * c).
+extern "C" __global__ void rmsnorm_backward_input_f32(
+    const float* x, const float* w, const float* rstd, const float* dy, float* dx, unsigned dim) {
+    extern __shared__ float shared[];
+    size_t base = (size_t)blockIdx.x * dim;
+    float r = rstd[blockIdx.x];
+    float dot = 0.0f;
+    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) dot += w[i] * dy[base + i] * x[base + i];
+    float c = r * r * (block_sum(dot, shared) / (float)dim);
+    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) {
+        float g = w[i] * dy[base + i];
+        dx[base + i] = r * (g - x[base + i] * c);
+    }
+}
+
+// RMSNorm weight gradient: one thread per channel sums dy * x * rstd over the rows, in row order.
+extern "C" __global__ void rmsnorm_backward_weight_f32(
+    const float* x, const float* rstd, const float* dy, float* dw, unsigned rows, unsigned dim) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= dim) return;
+    float acc = 0.0f;
+    for (unsigned r = 0; r < rows; ++r) acc += dy[(size_t)r * dim + i] * x[(size_t)r * dim + i] * rstd[r];
+    dw[i] = acc;
+}
+
+// Softmax backward per row: dx = y * (dy - sum(dy * y)).
+extern "C" __global__ void softmax_backward_f32(const float* y, const float* dy, float* dx, unsigned dim) {
+    extern __shared__ float shared[];
+    size_t base = (size_t)blockIdx.x * dim;
+    float s = 0.0f;
+    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) s += dy[base + i] * y[base + i];
+    s = block_sum(s, shared);
+    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) dx[base + i] = y[base + i] * (dy[base + i] - s);
+}
+
+// Fused cross-entropy (llm.c style), one block per row of `vocab` logits: loss = (max - x_t) +
+// ln(sum exp(x - max)), lse saved; rows whose target is `ignore` get loss 0.
+extern "C" __global__ void cross_entropy_forward_f32(
+    const float* logits, const long long* targets, long long ignore, float* loss, float* lse, unsigned vocab) {
+    extern __shared__ float shared[];
+    const float* x = logits + (size_t)blockIdx.x * vocab;
+    float m = -INFINITY;
+    for (unsigned i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, x[i]);
+    m = block_max(m, shared);
+    float s = 0.0f;
+    for (unsigned i = threadIdx.x; i < vocab; i += blockDim.x) s += expf(x[i] - m);
+    float log_sum = logf(block_sum(s, shared));
+    if (threadIdx.x == 0) {
+        long long t = targets[blockIdx.x];
+        lse[blockIdx.x] = m + log_sum;
+        loss[blockIdx.x] = t == ignore ? 0.0f : (m - x[t]) + log_sum;
+    }
+}
+
+// dlogits = dloss * (softmax - onehot(target)), zero for ignored rows.
+extern "C" __global__ void cross_entropy_backward_f32(
+    const float* logits, const long long* targets, long long ignore, const float* lse, const float* dloss,
+    float* dlogits, unsigned vocab) {
+    const float* x = logits + (size_t)blockIdx.x * vocab;
+    float* dx = dlogits + (size_t)blockIdx.x * vocab;
+    long long t = targets[blockIdx.x];
+    float d = dloss[blockIdx.x], l = lse[blockIdx.x];
+    for (unsigned i = threadIdx.x; i < vocab; i += blockDim.x) {
+        dx[i] = t == ignore ? 0.0f : d * (expf(x[i] - l) - (i == (unsigned long long)t ? 1.0f : 0.0f));
+    }
 }

@@ -125,7 +125,7 @@ fn build_kernels(args: &[String]) -> Result<(), String> {
         println!("compiled {}", src.display());
     }
     let hash = whale_kernels::cuda::source_hash(&src_dir).map_err(|e| format!("{}: {e}", src_dir.display()))?;
-    let manifest = render_manifest(&modules, hash);
+    let manifest = rustfmt(&root, &render_manifest(&modules, hash))?;
     let manifest_path = root.join("crates/kernels/src/cuda/manifest.rs");
     if check {
         let committed = std::fs::read_to_string(&manifest_path).unwrap_or_default();
@@ -182,6 +182,25 @@ fn render_manifest(modules: &[(String, Vec<String>)], hash: u64) -> String {
     }
     out.push_str("];\n");
     out
+}
+
+/// `text` formatted by rustfmt with the workspace's settings, so the generated file is what
+/// `cargo fmt` would leave.
+fn rustfmt(root: &Path, text: &str) -> Result<String, String> {
+    use std::io::Write;
+    let mut child = Command::new("rustfmt")
+        .args(["--edition", "2021"])
+        .current_dir(root)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run rustfmt: {e}"))?;
+    child.stdin.take().expect("piped").write_all(text.as_bytes()).map_err(|e| format!("rustfmt: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("rustfmt: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("rustfmt rejected the manifest:\n{}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
 /// nvcc from `NVCC`, PATH or CUDA_HOME, else the pinned one from PyPI in `.cuda/13.0` (installed on

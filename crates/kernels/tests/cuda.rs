@@ -5,11 +5,13 @@
 use std::path::Path;
 
 use whale_kernels::cpu::adamw::{adamw_step, AdamWStep};
+use whale_kernels::cpu::cross_entropy::{cross_entropy_backward, cross_entropy_forward};
 use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
 use whale_kernels::cpu::fp8_gemm::{fp8_gemm, Accumulation};
-use whale_kernels::cpu::rmsnorm::rmsnorm_forward;
-use whale_kernels::cpu::softmax::softmax_forward;
-use whale_kernels::cpu::swiglu::swiglu_forward;
+use whale_kernels::cpu::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use whale_kernels::cpu::rope::{rope_half, rope_interleaved};
+use whale_kernels::cpu::softmax::{softmax_backward, softmax_forward};
+use whale_kernels::cpu::swiglu::{swiglu_backward, swiglu_forward};
 use whale_kernels::cuda::{device_count, manifest, source_hash, Gpu};
 
 #[test]
@@ -126,5 +128,74 @@ fn fp8_kernels_match_the_cpu() {
     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
         // Each block's partial sum runs in another order than the CPU's GEMM: f32 rounding.
         assert!((a - b).abs() <= 1e-5 * scale, "fp8 gemm[{i}]: GPU {a} vs CPU {b}");
+    }
+}
+
+#[test]
+fn backward_kernels_match_the_cpu() {
+    let Some(g) = gpu("backward_kernels_match_the_cpu") else { return };
+    let n = 999;
+    let (gate, up, dout) = (values(n, 11), values(n, 12), values(n, 13));
+    let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+    swiglu_backward(&gate, &up, &dout, Some(&mut dg), Some(&mut du));
+    let (gdg, gdu) = g.swiglu_backward(&gate, &up, &dout).unwrap();
+    assert_close("swiglu dgate", &gdg, &dg, 1e-5);
+    assert_close("swiglu dup", &gdu, &du, 1e-5);
+
+    let (rows, dim) = (6, 300);
+    let (x, w, dy) = (values(rows * dim, 14), values(dim, 15), values(rows * dim, 16));
+    let (mut y, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows]);
+    rmsnorm_forward(&x, &w, dim, 1e-6, &mut y, &mut rstd);
+    let (mut dx, mut dw) = (vec![0.0; rows * dim], vec![0.0; dim]);
+    rmsnorm_backward(&x, &w, &rstd, &dy, dim, Some(&mut dx), Some(&mut dw));
+    let (gdx, gdw) = g.rmsnorm_backward(&x, &w, &rstd, &dy).unwrap();
+    assert_close("rmsnorm dx", &gdx, &dx, 1e-5);
+    assert_close("rmsnorm dweight", &gdw, &dw, 1e-5);
+
+    let mut s = vec![0.0; rows * dim];
+    softmax_forward(&x, dim, &mut s);
+    let mut ds = vec![0.0; rows * dim];
+    softmax_backward(&s, &dy, dim, &mut ds);
+    assert_close("softmax dx", &g.softmax_backward(&s, &dy, dim).unwrap(), &ds, 1e-5);
+}
+
+#[test]
+fn cross_entropy_matches_the_cpu() {
+    let Some(g) = gpu("cross_entropy_matches_the_cpu") else { return };
+    let (rows, vocab) = (9, 1000);
+    let logits: Vec<f32> = values(rows * vocab, 17).iter().map(|v| 4.0 * v).collect();
+    let targets: Vec<i64> = (0..rows as i64).map(|r| if r == 4 { -100 } else { (r * 97) % vocab as i64 }).collect();
+    let (mut loss, mut lse) = (vec![0.0; rows], vec![0.0; rows]);
+    cross_entropy_forward(&logits, vocab, &targets, -100, &mut loss, &mut lse);
+    let (gl, glse) = g.cross_entropy_forward(&logits, vocab, &targets, -100).unwrap();
+    assert_close("cross entropy loss", &gl, &loss, 1e-5);
+    assert_close("cross entropy lse", &glse, &lse, 1e-5);
+    let dloss = values(rows, 18);
+    let mut dx = vec![0.0; rows * vocab];
+    cross_entropy_backward(&logits, vocab, &targets, -100, &lse, &dloss, &mut dx);
+    assert_close(
+        "cross entropy dlogits",
+        &g.cross_entropy_backward(&logits, vocab, &targets, -100, &lse, &dloss).unwrap(),
+        &dx,
+        1e-5,
+    );
+    assert!(g.cross_entropy_forward(&logits, vocab, &[5000; 9], -100).is_err(), "an out-of-range target is an error");
+}
+
+#[test]
+fn rope_matches_the_cpu_both_ways_and_both_pairings() {
+    let Some(g) = gpu("rope_matches_the_cpu_both_ways_and_both_pairings") else { return };
+    let (outer, seq, heads, d) = (2, 5, 3, 16);
+    let x = values(outer * seq * heads * d, 19);
+    let angles: Vec<f32> = (0..seq * d / 2).map(|i| (i / (d / 2)) as f32 * 0.37 / (1 + i % (d / 2)) as f32).collect();
+    let (cos, sin): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (a.cos(), a.sin())).unzip();
+    for interleaved in [true, false] {
+        for inverse in [false, true] {
+            let mut y = vec![0.0; x.len()];
+            let f = if interleaved { rope_interleaved } else { rope_half };
+            f(&x, &cos, &sin, outer, seq, heads, d, inverse, &mut y);
+            let got = g.rope(&x, &cos, &sin, (outer, seq, heads, d), interleaved, inverse).unwrap();
+            assert_close(&format!("rope interleaved={interleaved} inverse={inverse}"), &got, &y, 1e-6);
+        }
     }
 }

@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0xc420ea1911bbafd6;
+pub const SOURCE_HASH: u64 = 0x3de7ddaf97320dbb;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -15,7 +15,7 @@ pub const MODULES: &[PtxModule] = &[
     },
     PtxModule {
         name: "elementwise",
-        kernels: &["add_f32", "mul_f32", "swiglu_forward_f32"],
+        kernels: &["add_f32", "mul_f32", "swiglu_forward_f32", "swiglu_backward_f32"],
         sm_90: include_str!("../../../../kernels/ptx/elementwise.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/elementwise.sm_80.ptx"),
     },
@@ -27,8 +27,22 @@ pub const MODULES: &[PtxModule] = &[
     },
     PtxModule {
         name: "norm",
-        kernels: &["rmsnorm_forward_f32", "softmax_forward_f32"],
+        kernels: &[
+            "rmsnorm_forward_f32",
+            "softmax_forward_f32",
+            "rmsnorm_backward_input_f32",
+            "rmsnorm_backward_weight_f32",
+            "softmax_backward_f32",
+            "cross_entropy_forward_f32",
+            "cross_entropy_backward_f32",
+        ],
         sm_90: include_str!("../../../../kernels/ptx/norm.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/norm.sm_80.ptx"),
+    },
+    PtxModule {
+        name: "rope",
+        kernels: &["rope_f32"],
+        sm_90: include_str!("../../../../kernels/ptx/rope.sm_90.ptx"),
+        sm_80: include_str!("../../../../kernels/ptx/rope.sm_80.ptx"),
     },
 ];

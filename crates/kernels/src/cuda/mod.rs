@@ -206,6 +206,141 @@ impl Gpu {
         self.download(&y, x.len())
     }
 
+    /// SwiGLU backward: `(dgate, dup)` (twin: `cpu::swiglu::swiglu_backward`).
+    pub fn swiglu_backward(&self, gate: &[f32], up: &[f32], dout: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let n = gate.len();
+        if up.len() != n || dout.len() != n {
+            return Err(GpuError::Shape("swiglu backward: buffers differ in length".into()));
+        }
+        let (dg, du, dd) = (self.upload(gate)?, self.upload(up)?, self.upload(dout)?);
+        let (mut dgate, mut dup) = (self.zeros::<f32>(n)?, self.zeros::<f32>(n)?);
+        let n32 = n as u32;
+        let mut l = self.stream.launch_builder(self.function("swiglu_backward_f32"));
+        l.arg(&dg).arg(&du).arg(&dd).arg(&mut dgate).arg(&mut dup).arg(&n32);
+        // SAFETY: one thread per element of five buffers of `n` floats.
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda("swiglu_backward_f32"))?;
+        Ok((self.download(&dgate, n)?, self.download(&dup, n)?))
+    }
+
+    /// RMSNorm backward: `(dx, dweight)` from the forward's `rstd` (twin:
+    /// `cpu::rmsnorm::rmsnorm_backward`).
+    pub fn rmsnorm_backward(&self, x: &[f32], w: &[f32], rstd: &[f32], dy: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (dim, rows) = (w.len(), rstd.len());
+        if x.len() != rows * dim || dy.len() != x.len() {
+            return Err(GpuError::Shape(format!("rmsnorm backward: {} values for [{rows}, {dim}]", x.len())));
+        }
+        let (dx_in, dw_in, dr, ddy) = (self.upload(x)?, self.upload(w)?, self.upload(rstd)?, self.upload(dy)?);
+        let (mut dx, mut dw) = (self.zeros::<f32>(x.len())?, self.zeros::<f32>(dim)?);
+        let (dim32, rows32) = (dim as u32, rows as u32);
+        let mut l = self.stream.launch_builder(self.function("rmsnorm_backward_input_f32"));
+        l.arg(&dx_in).arg(&dw_in).arg(&dr).arg(&ddy).arg(&mut dx).arg(&dim32);
+        // SAFETY: one block per row, as the forward.
+        unsafe { l.launch(rows_config(rows)) }.map_err(cuda("rmsnorm_backward_input_f32"))?;
+        let mut l = self.stream.launch_builder(self.function("rmsnorm_backward_weight_f32"));
+        l.arg(&dx_in).arg(&dr).arg(&ddy).arg(&mut dw).arg(&rows32).arg(&dim32);
+        // SAFETY: one thread per channel reads its column of `rows` rows.
+        unsafe { l.launch(grid_for(dim)) }.map_err(cuda("rmsnorm_backward_weight_f32"))?;
+        Ok((self.download(&dx, x.len())?, self.download(&dw, dim)?))
+    }
+
+    /// Softmax backward per row from the forward's output (twin: `cpu::softmax::softmax_backward`).
+    pub fn softmax_backward(&self, y: &[f32], dy: &[f32], dim: usize) -> Result<Vec<f32>> {
+        if dim == 0 || y.len() % dim != 0 || dy.len() != y.len() {
+            return Err(GpuError::Shape(format!("softmax backward: {} values, dim {dim}", y.len())));
+        }
+        let (dyv, ddy, mut dx) = (self.upload(y)?, self.upload(dy)?, self.zeros::<f32>(y.len())?);
+        let dim32 = dim as u32;
+        let mut l = self.stream.launch_builder(self.function("softmax_backward_f32"));
+        l.arg(&dyv).arg(&ddy).arg(&mut dx).arg(&dim32);
+        // SAFETY: as for the forward.
+        unsafe { l.launch(rows_config(y.len() / dim)) }.map_err(cuda("softmax_backward_f32"))?;
+        self.download(&dx, y.len())
+    }
+
+    /// Fused cross-entropy: `(loss, lse)` per row (twin: `cpu::cross_entropy::cross_entropy_forward`).
+    pub fn cross_entropy_forward(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+        targets: &[i64],
+        ignore: i64,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rows = targets.len();
+        self.check_targets(logits, vocab, targets, ignore)?;
+        let (dl, dt) = (self.upload(logits)?, self.upload(targets)?);
+        let (mut loss, mut lse) = (self.zeros::<f32>(rows)?, self.zeros::<f32>(rows)?);
+        let vocab32 = vocab as u32;
+        let mut l = self.stream.launch_builder(self.function("cross_entropy_forward_f32"));
+        l.arg(&dl).arg(&dt).arg(&ignore).arg(&mut loss).arg(&mut lse).arg(&vocab32);
+        // SAFETY: one block per row; targets were checked to lie in the vocabulary or be ignored.
+        unsafe { l.launch(rows_config(rows)) }.map_err(cuda("cross_entropy_forward_f32"))?;
+        Ok((self.download(&loss, rows)?, self.download(&lse, rows)?))
+    }
+
+    /// `dlogits` of the fused cross-entropy (twin: `cpu::cross_entropy::cross_entropy_backward`).
+    pub fn cross_entropy_backward(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+        targets: &[i64],
+        ignore: i64,
+        lse: &[f32],
+        dloss: &[f32],
+    ) -> Result<Vec<f32>> {
+        let rows = targets.len();
+        self.check_targets(logits, vocab, targets, ignore)?;
+        if lse.len() != rows || dloss.len() != rows {
+            return Err(GpuError::Shape("cross entropy backward: lse and dloss must have one value per row".into()));
+        }
+        let (dl, dt, dlse, dd) = (self.upload(logits)?, self.upload(targets)?, self.upload(lse)?, self.upload(dloss)?);
+        let mut dx = self.zeros::<f32>(logits.len())?;
+        let vocab32 = vocab as u32;
+        let mut l = self.stream.launch_builder(self.function("cross_entropy_backward_f32"));
+        l.arg(&dl).arg(&dt).arg(&ignore).arg(&dlse).arg(&dd).arg(&mut dx).arg(&vocab32);
+        // SAFETY: as for the forward.
+        unsafe { l.launch(rows_config(rows)) }.map_err(cuda("cross_entropy_backward_f32"))?;
+        self.download(&dx, logits.len())
+    }
+
+    fn check_targets(&self, logits: &[f32], vocab: usize, targets: &[i64], ignore: i64) -> Result<()> {
+        if vocab == 0 || logits.len() != targets.len() * vocab {
+            return Err(GpuError::Shape(format!(
+                "cross entropy: {} logits for {} rows of {vocab}",
+                logits.len(),
+                targets.len()
+            )));
+        }
+        if let Some(t) = targets.iter().find(|&&t| t != ignore && !(0..vocab as i64).contains(&t)) {
+            return Err(GpuError::Shape(format!("cross entropy: target {t} is outside a vocabulary of {vocab}")));
+        }
+        Ok(())
+    }
+
+    /// Rotary embedding of `x` `[outer, seq, heads, d]` with tables `[seq, d/2]`; `inverse` rotates
+    /// back (twins: `cpu::rope::rope_interleaved` / `rope_half`).
+    pub fn rope(
+        &self,
+        x: &[f32],
+        cos: &[f32],
+        sin: &[f32],
+        (outer, seq, heads, d): (usize, usize, usize, usize),
+        interleaved: bool,
+        inverse: bool,
+    ) -> Result<Vec<f32>> {
+        if d % 2 != 0 || x.len() != outer * seq * heads * d || cos.len() != seq * d / 2 || sin.len() != cos.len() {
+            return Err(GpuError::Shape(format!("rope: {} values for [{outer}, {seq}, {heads}, {d}]", x.len())));
+        }
+        let (dx, dc, ds, mut y) = (self.upload(x)?, self.upload(cos)?, self.upload(sin)?, self.zeros::<f32>(x.len())?);
+        let dims = [outer as u32, seq as u32, heads as u32, d as u32];
+        let (inter, sign) = (i32::from(interleaved), if inverse { -1.0f32 } else { 1.0 });
+        let mut l = self.stream.launch_builder(self.function("rope_f32"));
+        l.arg(&dx).arg(&dc).arg(&ds).arg(&mut y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]);
+        l.arg(&inter).arg(&sign);
+        // SAFETY: one thread per pair of an [outer, seq, heads, d] buffer and its [seq, d/2] tables.
+        unsafe { l.launch(grid_for(x.len() / 2)) }.map_err(cuda("rope_f32"))?;
+        self.download(&y, x.len())
+    }
+
     /// One fused AdamW step in place (twin: `cpu::adamw::adamw_step`, whose scalar set-up this
     /// repeats).
     pub fn adamw_step(
