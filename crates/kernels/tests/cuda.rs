@@ -6,6 +6,7 @@ use std::path::Path;
 
 use whale_kernels::cpu::adamw::{adamw_step, AdamWStep};
 use whale_kernels::cpu::cross_entropy::{cross_entropy_backward, cross_entropy_forward};
+use whale_kernels::cpu::embedding::{embedding_backward, embedding_forward};
 use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
 use whale_kernels::cpu::fp8_gemm::{fp8_gemm, Accumulation};
 use whale_kernels::cpu::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
@@ -198,4 +199,21 @@ fn rope_matches_the_cpu_both_ways_and_both_pairings() {
             assert_close(&format!("rope interleaved={interleaved} inverse={inverse}"), &got, &y, 1e-6);
         }
     }
+}
+
+#[test]
+fn embedding_matches_the_cpu() {
+    let Some(g) = gpu("embedding_matches_the_cpu") else { return };
+    let (rows, dim) = (50, 64);
+    let table = values(rows * dim, 20);
+    let ids: Vec<u32> = (0..37).map(|i| (i * 7 % rows) as u32).chain([3, 3, 3]).collect();
+    let mut out = vec![0.0; ids.len() * dim];
+    embedding_forward(&table, dim, &ids, &mut out);
+    assert_eq!(g.embedding_forward(&table, dim, &ids).unwrap(), out);
+    let dout = values(ids.len() * dim, 21);
+    let mut dt = vec![0.0; rows * dim];
+    embedding_backward(&dout, dim, &ids, &mut dt);
+    // atomicAdd adds repeated ids in any order: f32 rounding.
+    assert_close("embedding dtable", &g.embedding_backward(&dout, dim, &ids, rows * dim).unwrap(), &dt, 1e-6);
+    assert!(g.embedding_forward(&table, dim, &[50]).is_err(), "an id past the table is an error");
 }

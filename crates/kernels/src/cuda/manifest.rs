@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0x3de7ddaf97320dbb;
+pub const SOURCE_HASH: u64 = 0xecbde1ada974b803;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -18,6 +18,12 @@ pub const MODULES: &[PtxModule] = &[
         kernels: &["add_f32", "mul_f32", "swiglu_forward_f32", "swiglu_backward_f32"],
         sm_90: include_str!("../../../../kernels/ptx/elementwise.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/elementwise.sm_80.ptx"),
+    },
+    PtxModule {
+        name: "embedding",
+        kernels: &["embedding_forward_f32", "embedding_backward_f32"],
+        sm_90: include_str!("../../../../kernels/ptx/embedding.sm_90.ptx"),
+        sm_80: include_str!("../../../../kernels/ptx/embedding.sm_80.ptx"),
     },
     PtxModule {
         name: "fp8",

@@ -341,6 +341,49 @@ impl Gpu {
         self.download(&y, x.len())
     }
 
+    /// Rows `ids` of `table` (`[rows, dim]`) (twin: `cpu::embedding::embedding_forward`).
+    pub fn embedding_forward(&self, table: &[f32], dim: usize, ids: &[u32]) -> Result<Vec<f32>> {
+        self.check_ids(table.len(), dim, ids)?;
+        let (dt, di, mut out) = (self.upload(table)?, self.upload(ids)?, self.zeros::<f32>(ids.len() * dim)?);
+        let (n32, dim32) = (ids.len() as u32, dim as u32);
+        let mut l = self.stream.launch_builder(self.function("embedding_forward_f32"));
+        l.arg(&dt).arg(&di).arg(&mut out).arg(&n32).arg(&dim32);
+        // SAFETY: ids were checked to address rows of the table; one thread per output element.
+        unsafe { l.launch(grid_for(ids.len() * dim)) }.map_err(cuda("embedding_forward_f32"))?;
+        self.download(&out, ids.len() * dim)
+    }
+
+    /// The table's gradient: `dout` rows added into rows `ids` of a `table_len`-float table
+    /// (twin: `cpu::embedding::embedding_backward`).
+    pub fn embedding_backward(&self, dout: &[f32], dim: usize, ids: &[u32], table_len: usize) -> Result<Vec<f32>> {
+        self.check_ids(table_len, dim, ids)?;
+        if dout.len() != ids.len() * dim {
+            return Err(GpuError::Shape(format!(
+                "embedding backward: {} values for {} ids of {dim}",
+                dout.len(),
+                ids.len()
+            )));
+        }
+        let (dd, di, mut dt) = (self.upload(dout)?, self.upload(ids)?, self.zeros::<f32>(table_len)?);
+        let (n32, dim32) = (ids.len() as u32, dim as u32);
+        let mut l = self.stream.launch_builder(self.function("embedding_backward_f32"));
+        l.arg(&dd).arg(&di).arg(&mut dt).arg(&n32).arg(&dim32);
+        // SAFETY: as for the forward; the table gradient starts zeroed.
+        unsafe { l.launch(grid_for(ids.len() * dim)) }.map_err(cuda("embedding_backward_f32"))?;
+        self.download(&dt, table_len)
+    }
+
+    fn check_ids(&self, table_len: usize, dim: usize, ids: &[u32]) -> Result<()> {
+        let rows = table_len.checked_div(dim).unwrap_or(0);
+        if dim == 0 || table_len % dim != 0 {
+            return Err(GpuError::Shape(format!("embedding: a table of {table_len} values is not rows of {dim}")));
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= rows) {
+            return Err(GpuError::Shape(format!("embedding: id {id} is outside a table of {rows} rows")));
+        }
+        Ok(())
+    }
+
     /// One fused AdamW step in place (twin: `cpu::adamw::adamw_step`, whose scalar set-up this
     /// repeats).
     pub fn adamw_step(
