@@ -1,30 +1,7 @@
 // Row-wise kernels, one block per row of `dim` elements; the block reduces in shared memory.
 // CPU twins: whale_kernels::cpu::rmsnorm (forward, backward) and cpu::softmax (forward, backward).
 
-// Sum of `v` over the block (blockDim.x a power of two, at most 1024), returned to every thread.
-__device__ float block_sum(float v, float* shared) {
-    shared[threadIdx.x] = v;
-    __syncthreads();
-    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
-        __syncthreads();
-    }
-    float total = shared[0];
-    __syncthreads();
-    return total;
-}
-
-__device__ float block_max(float v, float* shared) {
-    shared[threadIdx.x] = v;
-    __syncthreads();
-    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) shared[threadIdx.x] = fmaxf(shared[threadIdx.x], shared[threadIdx.x + s]);
-        __syncthreads();
-    }
-    float m = shared[0];
-    __syncthreads();
-    return m;
-}
+#include "common.cuh"
 
 // y = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps), per row; rstd is saved for backward.
 extern "C" __global__ void rmsnorm_forward_f32(

@@ -108,12 +108,9 @@ fn build_kernels(args: &[String]) -> Result<(), String> {
         for (suffix, arch, sass) in TARGETS {
             let arch = if wgmma && suffix == "sm_90" { "compute_90a" } else { arch };
             let out = out_dir.join(format!("{stem}.{suffix}.ptx"));
-            run_capture(
-                Command::new(&nvcc)
-                    .args(["-ptx", "-O3", "-std=c++17", &format!("-arch={arch}"), "-o"])
-                    .arg(&out)
-                    .arg(src),
-            )?;
+            let include = format!("-I{}", src_dir.display());
+            let flags = ["-ptx", "-O3", "-std=c++17", &include, &format!("-arch={arch}"), "-o"];
+            run_capture(Command::new(&nvcc).args(flags).arg(&out).arg(src))?;
             if ptxas.exists() {
                 let sass = if wgmma && suffix == "sm_90" { "sm_90a" } else { sass };
                 let null = target_dir().join("ptxas-check.cubin");

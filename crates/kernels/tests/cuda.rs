@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use whale_kernels::cpu::adamw::{adamw_step, AdamWStep};
+use whale_kernels::cpu::attention::{attention_forward, AttnShape};
 use whale_kernels::cpu::cross_entropy::{cross_entropy_backward, cross_entropy_forward};
 use whale_kernels::cpu::embedding::{embedding_backward, embedding_forward};
 use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
@@ -216,4 +217,43 @@ fn embedding_matches_the_cpu() {
     // atomicAdd adds repeated ids in any order: f32 rounding.
     assert_close("embedding dtable", &g.embedding_backward(&dout, dim, &ids, rows * dim).unwrap(), &dt, 1e-6);
     assert!(g.embedding_forward(&table, dim, &[50]).is_err(), "an id past the table is an error");
+}
+
+#[test]
+fn attention_forward_matches_the_cpu_for_training_and_mla_decode() {
+    let Some(g) = gpu("attention_forward_matches_the_cpu_for_training_and_mla_decode") else { return };
+    let training = AttnShape {
+        batch: 2,
+        q_heads: 4,
+        kv_heads: 2,
+        q_len: 33,
+        kv_len: 33,
+        qk_dim: 24,
+        v_dim: 16,
+        scale: 24f32.powf(-0.5),
+        causal: true,
+    };
+    // MLA decode, absorbed: one new token, 8 heads over a 300-token latent cache (one KV head:
+    // key [c ; k_pe] of 64 + 16, value c of 64).
+    let decode = AttnShape {
+        batch: 1,
+        q_heads: 8,
+        kv_heads: 1,
+        q_len: 1,
+        kv_len: 300,
+        qk_dim: 80,
+        v_dim: 64,
+        scale: 0.11,
+        causal: true,
+    };
+    for (what, s) in [("training", training), ("MLA decode", decode)] {
+        let (qr, kr) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);
+        let (q, k, v) = (values(qr * s.qk_dim, 22), values(kr * s.qk_dim, 23), values(kr * s.v_dim, 24));
+        let (mut o, mut lse) = (vec![0.0; qr * s.v_dim], vec![0.0; qr]);
+        attention_forward(&s, &q, &k, &v, &mut o, &mut lse);
+        let (go, glse) = g.attention_forward(&s, &q, &k, &v).unwrap();
+        // Online softmax in another order than the CPU's tiles: f32 rounding.
+        assert_close(&format!("{what} o"), &go, &o, 1e-5);
+        assert_close(&format!("{what} lse"), &glse, &lse, 1e-5);
+    }
 }

@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0xecbde1ada974b803;
+pub const SOURCE_HASH: u64 = 0x711996b098345d77;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -12,6 +12,12 @@ pub const MODULES: &[PtxModule] = &[
         kernels: &["adamw_step_f32"],
         sm_90: include_str!("../../../../kernels/ptx/adamw.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/adamw.sm_80.ptx"),
+    },
+    PtxModule {
+        name: "attention",
+        kernels: &["attention_forward_f32"],
+        sm_90: include_str!("../../../../kernels/ptx/attention.sm_90.ptx"),
+        sm_80: include_str!("../../../../kernels/ptx/attention.sm_80.ptx"),
     },
     PtxModule {
         name: "elementwise",

@@ -17,6 +17,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchCon
 use cudarc::nvrtc::Ptx;
 
 use crate::cpu::adamw::AdamWStep;
+use crate::cpu::attention::AttnShape;
 use crate::cpu::fp8::{Fp8Blocks, Fp8Format};
 
 /// One `.cu` file's PTX for the two targets and the kernels it defines.
@@ -30,12 +31,12 @@ pub struct PtxModule {
     pub sm_80: &'static str,
 }
 
-/// FNV-1a (64-bit) over the `.cu` files of `dir` in name order (name, 0, contents, 0): the stamp
-/// the manifest records, so a plain `cargo test` notices PTX older than its sources.
+/// FNV-1a (64-bit) over the `.cu` and `.cuh` files of `dir` in name order (name, 0, contents, 0):
+/// the stamp the manifest records, so a plain `cargo test` notices PTX older than its sources.
 pub fn source_hash(dir: &Path) -> std::io::Result<u64> {
     let mut files: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu" || x == "cuh"))
         .collect();
     files.sort();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -382,6 +383,46 @@ impl Gpu {
             return Err(GpuError::Shape(format!("embedding: id {id} is outside a table of {rows} rows")));
         }
         Ok(())
+    }
+
+    /// Attention forward with an online softmax: `(o, lse)` (twin:
+    /// `cpu::attention::attention_forward`). Grouped-query heads and bottom-right causal masking;
+    /// with one KV head whose value is the latent this is MLA's decode over its latent cache.
+    pub fn attention_forward(
+        &self,
+        shape: &AttnShape,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let s = shape;
+        let (q_rows, kv_rows) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);
+        let fits = s.kv_heads > 0
+            && s.q_heads % s.kv_heads == 0
+            && q.len() == q_rows * s.qk_dim
+            && k.len() == kv_rows * s.qk_dim
+            && v.len() == kv_rows * s.v_dim
+            && s.v_dim <= 8 * THREADS as usize;
+        if !fits {
+            return Err(GpuError::Shape(format!(
+                "attention: buffers do not match {s:?} (v_dim at most {})",
+                8 * THREADS
+            )));
+        }
+        let (dq, dk, dv) = (self.upload(q)?, self.upload(k)?, self.upload(v)?);
+        let (mut o, mut lse) = (self.zeros::<f32>(q_rows * s.v_dim)?, self.zeros::<f32>(q_rows)?);
+        let dims = [s.q_heads, s.kv_heads, s.q_len, s.kv_len, s.qk_dim, s.v_dim].map(|x| x as u32);
+        let causal = i32::from(s.causal);
+        let mut l = self.stream.launch_builder(self.function("attention_forward_f32"));
+        l.arg(&dq).arg(&dk).arg(&dv).arg(&mut o).arg(&mut lse);
+        for d in &dims {
+            l.arg(d);
+        }
+        l.arg(&s.scale).arg(&causal);
+        // SAFETY: one block per query row reads its q row and its KV head's rows (shapes checked
+        // above), writes its o row and lse; v_dim fits the per-thread slices.
+        unsafe { l.launch(rows_config(q_rows)) }.map_err(cuda("attention_forward_f32"))?;
+        Ok((self.download(&o, q_rows * s.v_dim)?, self.download(&lse, q_rows)?))
     }
 
     /// One fused AdamW step in place (twin: `cpu::adamw::adamw_step`, whose scalar set-up this
