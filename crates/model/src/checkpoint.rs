@@ -294,14 +294,19 @@ pub fn save_sharded(
     dtype: SaveDType,
     max_shard_bytes: usize,
 ) -> Result<()> {
-    let elem = match dtype {
-        SaveDType::F32 => 4,
-        _ => 2,
+    // Bytes a tensor takes in the file: FP8 tensors keep their codes, floats are stored as `dtype`.
+    let file_bytes = |t: &Tensor| {
+        let elem = match (t.dtype().fp8_format(), dtype) {
+            (Some(_), _) => 1,
+            (None, SaveDType::F32) => 4,
+            (None, _) => 2,
+        };
+        t.elem_count() * elem
     };
     let mut shards: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new()];
     let mut size = 0;
     for (name, t) in tensors {
-        let bytes = t.elem_count() * if t.dtype().fp8_format().is_some() { 1 } else { elem };
+        let bytes = file_bytes(t);
         if size > 0 && size + bytes > max_shard_bytes {
             shards.push(BTreeMap::new());
             size = 0;
@@ -317,7 +322,7 @@ pub fn save_sharded(
         save_file(&dir.join(&file), shard, dtype)?;
         for (name, t) in shard {
             weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
-            total += t.elem_count() * if t.dtype().fp8_format().is_some() { 1 } else { elem };
+            total += file_bytes(t);
         }
     }
     let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });

@@ -60,15 +60,14 @@ impl EpComms {
 
 /// The [`ExpertDispatch`] of one rank.
 pub struct ExpertParallel {
-    comm: Arc<dyn Comm>,
-    backward: Arc<dyn Comm>,
+    comms: EpComms,
     ranks_per_node: usize,
     last: Mutex<DispatchStats>,
 }
 
 impl std::fmt::Debug for ExpertParallel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (r, w) = (self.comm.rank(), self.comm.world_size());
+        let (r, w) = (self.comms.forward.rank(), self.comms.forward.world_size());
         write!(f, "ExpertParallel(rank {r} of {w}, {} ranks per node)", self.ranks_per_node)
     }
 }
@@ -77,8 +76,7 @@ impl ExpertParallel {
     /// Expert parallelism over `comm` for `moe`'s layout: its experts must split evenly over the
     /// ranks and, when there is more than one node, its router's groups must be the nodes.
     pub fn new(comms: &EpComms, ranks_per_node: usize, moe: &DeepSeekMoE) -> Result<Self> {
-        let comm = comms.forward.clone();
-        let world = comm.world_size();
+        let world = comms.forward.world_size();
         let e = moe.experts.len();
         if ranks_per_node == 0 || world % ranks_per_node != 0 {
             return Err(Error::Train(format!("ranks_per_node {ranks_per_node} does not divide {world} ranks")));
@@ -93,12 +91,7 @@ impl ExpertParallel {
                 moe.gate.n_group
             )));
         }
-        Ok(ExpertParallel {
-            comm,
-            backward: comms.backward.clone(),
-            ranks_per_node,
-            last: Mutex::new(DispatchStats::default()),
-        })
+        Ok(ExpertParallel { comms: comms.clone(), ranks_per_node, last: Mutex::new(DispatchStats::default()) })
     }
 
     /// What the last dispatch sent.
@@ -115,8 +108,8 @@ impl ExpertParallel {
 
     /// The global ids of the experts this rank runs.
     pub fn local_experts(&self, n_experts: usize) -> std::ops::Range<usize> {
-        let per = n_experts / self.comm.world_size();
-        let r = self.comm.rank();
+        let per = n_experts / self.comms.forward.world_size();
+        let r = self.comms.forward.rank();
         r * per..(r + 1) * per
     }
 }
@@ -132,7 +125,7 @@ impl ExpertDispatch for ExpertParallel {
         tokens: &Tensor,
         routing: &Routing,
     ) -> whale_model::Result<Tensor> {
-        let (world, t) = (self.comm.world_size(), tokens.dims()[0]);
+        let (world, t) = (self.comms.forward.world_size(), tokens.dims()[0]);
         let k = moe.gate.top_k;
         let per = moe.experts.len() / world;
         // Dispatch layout: for each destination, the tokens with an expert there (in token order),
@@ -174,10 +167,10 @@ impl ExpertDispatch for ExpertParallel {
             Tensor::cat(&[routing.weights.flatten_all()?, Tensor::zeros(&[1], routing.weights.dtype(), &dev)?], 0)?;
         let w_send = padded_weights.index_select(0, &flat(weight_index)?)?.reshape(&[x_send.dims()[0], k])?;
 
-        let comms = EpComms { forward: self.comm.clone(), backward: self.backward.clone() };
-        let (x_recv, recv_counts) = all_to_all_rows(&comms, &x_send, &counts).map_err(model_err)?;
-        let (w_recv, _) = all_to_all_rows(&comms, &w_send, &counts).map_err(model_err)?;
-        let ids_recv: Vec<f32> = self.comm.all_to_all(ids).map_err(model_err)?.concat();
+        let comms = &self.comms;
+        let (x_recv, recv_counts) = all_to_all_rows(comms, &x_send, &counts).map_err(model_err)?;
+        let (w_recv, _) = all_to_all_rows(comms, &w_send, &counts).map_err(model_err)?;
+        let ids_recv: Vec<f32> = self.comms.forward.all_to_all(ids).map_err(model_err)?.concat();
 
         // The local experts on what arrived, each row's weighted sum.
         let mut assignments = Vec::new();
@@ -189,11 +182,11 @@ impl ExpertDispatch for ExpertParallel {
             }
         }
         let w_index = Tensor::from_vec(w_index.clone(), &[w_index.len()], &dev)?;
-        let local = &moe.experts[self.comm.rank() * per..(self.comm.rank() + 1) * per];
+        let local = &moe.experts[self.comms.forward.rank() * per..(self.comms.forward.rank() + 1) * per];
         let partial = run_experts(local, &x_recv, &assignments, &w_recv.flatten_all()?.index_select(0, &w_index)?)?;
 
         // Combine: the partial sums go back to their tokens' ranks and add up per token.
-        let (back, _) = all_to_all_rows(&comms, &partial, &recv_counts).map_err(model_err)?;
+        let (back, _) = all_to_all_rows(comms, &partial, &recv_counts).map_err(model_err)?;
         Ok(tokens.zeros_like()?.index_add(0, &send_rows, &back)?)
     }
 }

@@ -130,7 +130,8 @@ fn connect(addr: &str, deadline: Instant) -> Result<TcpStream> {
     }
 }
 
-fn read_u32(s: &mut TcpStream) -> std::io::Result<u32> {
+/// One little-endian u32 off `s` (the framing of the rendezvous and of TcpComm's greeting).
+pub(crate) fn read_u32(s: &mut TcpStream) -> std::io::Result<u32> {
     let mut b = [0u8; 4];
     s.read_exact(&mut b)?;
     Ok(u32::from_le_bytes(b))

@@ -172,14 +172,23 @@ fn a_deadlock_is_an_error_on_every_rank() {
     assert!(text.contains("rank 2 waits in collective #0 for rank(s) 0, 1"), "{text}");
 }
 
+/// With a 20 ms deadlock grace, after a barrier: rank 1 sends back under tag 2 what rank 0 sends
+/// it under tag 1, and returns true; rank 0 gets false and plays its part.
+fn echoes_as_rank_1(comm: &LocalComm) -> bool {
+    comm.set_deadlock_grace(Some(Duration::from_millis(20)));
+    comm.barrier().unwrap();
+    if comm.rank() != 1 {
+        return false;
+    }
+    let got = comm.recv(0, 1).unwrap();
+    comm.send(0, 2, &got).unwrap();
+    true
+}
+
 #[test]
 fn a_joined_thread_computing_past_the_grace_period_is_not_a_deadlock() {
     LocalComm::run(2, |comm| {
-        comm.set_deadlock_grace(Some(Duration::from_millis(20)));
-        comm.barrier().unwrap();
-        if comm.rank() == 1 {
-            let got = comm.recv(0, 1).unwrap();
-            comm.send(0, 2, &got).unwrap();
+        if echoes_as_rank_1(comm) {
             return;
         }
         std::thread::scope(|s| {
@@ -198,11 +207,7 @@ fn a_joined_thread_computing_past_the_grace_period_is_not_a_deadlock() {
 #[test]
 fn a_rank_waiting_in_one_thread_while_another_works_is_not_a_deadlock() {
     LocalComm::run(2, |comm| {
-        comm.set_deadlock_grace(Some(Duration::from_millis(20)));
-        comm.barrier().unwrap();
-        if comm.rank() == 1 {
-            let got = comm.recv(0, 1).unwrap();
-            comm.send(0, 2, &got).unwrap();
+        if echoes_as_rank_1(comm) {
             return;
         }
         std::thread::scope(|s| {

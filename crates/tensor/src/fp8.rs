@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use whale_kernels::cpu::fp8::transpose;
 pub use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
 use whale_kernels::cpu::fp8_gemm::fp8_gemm;
 pub use whale_kernels::cpu::fp8_gemm::{Accumulation, BLOCK};
@@ -44,17 +45,6 @@ impl Default for Fp8Recipe {
     fn default() -> Self {
         Fp8Recipe::F32_ACCUMULATION
     }
-}
-
-/// `[rows, cols]` row-major -> `[cols, rows]`.
-fn transposed(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; v.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = v[r * cols + c];
-        }
-    }
-    out
 }
 
 /// A gradient tensor with no history.
@@ -161,8 +151,8 @@ impl Tensor {
             if let Some(w) = inputs.get(1) {
                 grads.push(grad_if(needs[1], || {
                     // Wgrad: [n, m] x [m, k], K = m (the tokens): both operands tiled along it.
-                    let dyt = Fp8Blocks::quantize(&transposed(&dy, m, n), n, m, (1, BLOCK), fmt, sfmt);
-                    let xt = Fp8Blocks::quantize(&transposed(&x.f32_data(), m, k), k, m, (1, BLOCK), fmt, sfmt);
+                    let dyt = Fp8Blocks::quantize(&transpose(&dy, m, n), n, m, (1, BLOCK), fmt, sfmt);
+                    let xt = Fp8Blocks::quantize(&transpose(&x.f32_data(), m, k), k, m, (1, BLOCK), fmt, sfmt);
                     Ok(plain(fp8_gemm(&dyt, &xt, recipe.accumulation), w.dims(), w.dtype()))
                 })?);
             }

@@ -235,6 +235,18 @@ mod tests {
     }
 }
 
+/// A row-major `[rows, cols]` matrix as `[cols, rows]`.
+pub fn transpose<T: Copy + Default>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+    assert_eq!(v.len(), rows * cols, "transpose: buffer does not match [{rows}, {cols}]");
+    let mut out = vec![T::default(); v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
+}
+
 /// How block scales are stored: plain f32, or UE8M0 (a power of two, DeepSeek-V3.1 checkpoints).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScaleFormat {
@@ -359,19 +371,8 @@ impl Fp8Blocks {
     /// quantized once for Fprop serves Dgrad too (no second rounding).
     pub fn transpose(&self) -> Fp8Blocks {
         let (rows, cols) = (self.rows, self.cols);
-        let mut codes = vec![0u8; rows * cols];
-        for r in 0..rows {
-            for c in 0..cols {
-                codes[c * rows + r] = self.codes[r * cols + c];
-            }
-        }
-        let (gr, gc) = (rows.div_ceil(self.block.0), self.grid_cols());
-        let mut scales = vec![0.0f32; gr * gc];
-        for i in 0..gr {
-            for j in 0..gc {
-                scales[j * gr + i] = self.scales[i * gc + j];
-            }
-        }
+        let codes = transpose(&self.codes, rows, cols);
+        let scales = transpose(&self.scales, rows.div_ceil(self.block.0), self.grid_cols());
         Fp8Blocks { codes, scales, rows: cols, cols: rows, block: (self.block.1, self.block.0), format: self.format }
     }
 }

@@ -51,8 +51,11 @@ use std::time::Duration;
 
 pub use local::LocalComm;
 #[cfg(feature = "cuda")]
-pub use nccl::{gpu_count, NcclComm};
+pub use nccl::NcclComm;
 pub use tcp::TcpComm;
+/// GPUs this process can use (0 without a CUDA driver).
+#[cfg(feature = "cuda")]
+pub use whale_kernels::cuda::device_count as gpu_count;
 
 use crate::Result;
 

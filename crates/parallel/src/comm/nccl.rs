@@ -47,16 +47,6 @@ impl std::fmt::Debug for NcclComm {
     }
 }
 
-/// GPUs this process can use: 0 when the CUDA driver library is missing (checked before the
-/// driver is touched, which would panic without it).
-pub fn gpu_count() -> usize {
-    // SAFETY: only probes whether the driver library can be loaded.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return 0;
-    }
-    CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)
-}
-
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Train(format!("nccl: {what}: {e:?}"))
 }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{combine, single, Collective, Comm, CommError, CommStats, ReduceOp, Traffic};
-use crate::launch::{rendezvous, LaunchEnv};
+use crate::launch::{read_u32, rendezvous, LaunchEnv};
 use crate::{Error, Result};
 
 /// Frame header: source rank (u32), channel (u64), tag (u64), payload length in floats (u64).
@@ -175,9 +175,7 @@ impl TcpComm {
         }
         for _ in rank + 1..world {
             let (mut s, _) = listener.accept().map_err(|e| io("accepting", e))?;
-            let mut b = [0u8; 4];
-            s.read_exact(&mut b).map_err(|e| io("reading a greeting", e))?;
-            let peer = u32::from_le_bytes(b) as usize;
+            let peer = read_u32(&mut s).map_err(|e| io("reading a greeting", e))? as usize;
             if peer <= rank || peer >= world || streams[peer].is_some() {
                 return Err(io("accepting", format!("a connection claims rank {peer}")));
             }
