@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0x711996b098345d77;
+pub const SOURCE_HASH: u64 = 0xe2c925e8b1937a97;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -33,9 +33,15 @@ pub const MODULES: &[PtxModule] = &[
     },
     PtxModule {
         name: "fp8",
-        kernels: &["fp8_quantize_1x128", "fp8_gemm_promoted"],
+        kernels: &["fp8_quantize_1x128"],
         sm_90: include_str!("../../../../kernels/ptx/fp8.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/fp8.sm_80.ptx"),
+    },
+    PtxModule {
+        name: "fp8_gemm",
+        kernels: &["fp8_gemm_promoted"],
+        sm_90: include_str!("../../../../kernels/ptx/fp8_gemm.sm_90.ptx"),
+        sm_80: include_str!("../../../../kernels/ptx/fp8_gemm.sm_80.ptx"),
     },
     PtxModule {
         name: "norm",

@@ -7,6 +7,9 @@
 //! host slices (copy in, launch, copy out), which is what tests and the GPU check need; a device
 //! tensor backend keeps its buffers on the GPU and launches the same kernels.
 
+mod attention;
+mod fp8;
+mod fp8_gemm;
 pub mod manifest;
 
 use std::collections::HashMap;
@@ -17,8 +20,6 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchCon
 use cudarc::nvrtc::Ptx;
 
 use crate::cpu::adamw::AdamWStep;
-use crate::cpu::attention::AttnShape;
-use crate::cpu::fp8::{Fp8Blocks, Fp8Format};
 
 /// One `.cu` file's PTX for the two targets and the kernels it defines.
 #[derive(Debug, Clone, Copy)]
@@ -385,46 +386,6 @@ impl Gpu {
         Ok(())
     }
 
-    /// Attention forward with an online softmax: `(o, lse)` (twin:
-    /// `cpu::attention::attention_forward`). Grouped-query heads and bottom-right causal masking;
-    /// with one KV head whose value is the latent this is MLA's decode over its latent cache.
-    pub fn attention_forward(
-        &self,
-        shape: &AttnShape,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let s = shape;
-        let (q_rows, kv_rows) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);
-        let fits = s.kv_heads > 0
-            && s.q_heads % s.kv_heads == 0
-            && q.len() == q_rows * s.qk_dim
-            && k.len() == kv_rows * s.qk_dim
-            && v.len() == kv_rows * s.v_dim
-            && s.v_dim <= 8 * THREADS as usize;
-        if !fits {
-            return Err(GpuError::Shape(format!(
-                "attention: buffers do not match {s:?} (v_dim at most {})",
-                8 * THREADS
-            )));
-        }
-        let (dq, dk, dv) = (self.upload(q)?, self.upload(k)?, self.upload(v)?);
-        let (mut o, mut lse) = (self.zeros::<f32>(q_rows * s.v_dim)?, self.zeros::<f32>(q_rows)?);
-        let dims = [s.q_heads, s.kv_heads, s.q_len, s.kv_len, s.qk_dim, s.v_dim].map(|x| x as u32);
-        let causal = i32::from(s.causal);
-        let mut l = self.stream.launch_builder(self.function("attention_forward_f32"));
-        l.arg(&dq).arg(&dk).arg(&dv).arg(&mut o).arg(&mut lse);
-        for d in &dims {
-            l.arg(d);
-        }
-        l.arg(&s.scale).arg(&causal);
-        // SAFETY: one block per query row reads its q row and its KV head's rows (shapes checked
-        // above), writes its o row and lse; v_dim fits the per-thread slices.
-        unsafe { l.launch(rows_config(q_rows)) }.map_err(cuda("attention_forward_f32"))?;
-        Ok((self.download(&o, q_rows * s.v_dim)?, self.download(&lse, q_rows)?))
-    }
-
     /// One fused AdamW step in place (twin: `cpu::adamw::adamw_step`, whose scalar set-up this
     /// repeats).
     pub fn adamw_step(
@@ -452,58 +413,5 @@ impl Gpu {
         m.copy_from_slice(&self.download(&dm, n)?);
         v.copy_from_slice(&self.download(&dv, n)?);
         Ok(())
-    }
-
-    /// E4M3 quantisation of `x` (`[rows, cols]`) in 1x128 tiles with f32 scales (twin:
-    /// `Fp8Blocks::quantize` with block (1, 128), E4M3, f32 scales).
-    pub fn fp8_quantize_1x128(&self, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Blocks> {
-        if x.len() != rows * cols {
-            return Err(GpuError::Shape(format!("fp8 quantize: {} values for [{rows}, {cols}]", x.len())));
-        }
-        let tiles = cols.div_ceil(128);
-        let (dx, mut codes, mut scales) =
-            (self.upload(x)?, self.zeros::<u8>(x.len())?, self.zeros::<f32>(rows * tiles)?);
-        let (r32, c32) = (rows as u32, cols as u32);
-        let mut l = self.stream.launch_builder(self.function("fp8_quantize_1x128"));
-        l.arg(&dx).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32);
-        let cfg = LaunchConfig {
-            grid_dim: ((rows * tiles).max(1) as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: one block of 128 threads per tile; each thread reads and writes at most one
-        // in-bounds element and thread 0 one scale.
-        unsafe { l.launch(cfg) }.map_err(cuda("fp8_quantize_1x128"))?;
-        let (codes, scales) = (self.download(&codes, x.len())?, self.download(&scales, rows * tiles)?);
-        Fp8Blocks::from_parts(codes, scales, (rows, cols), (1, 128), Fp8Format::E4M3).map_err(GpuError::Shape)
-    }
-
-    /// The block-scaled FP8 GEMM `a b^T` with f32 promotion every 128 of K (twin: `fp8_gemm` with
-    /// `Accumulation::F32`). Both operands E4M3, tiled 128 along K.
-    pub fn fp8_gemm(&self, a: &Fp8Blocks, b: &Fp8Blocks) -> Result<Vec<f32>> {
-        if a.cols != b.cols
-            || a.block.1 != 128
-            || b.block.1 != 128
-            || a.format != Fp8Format::E4M3
-            || b.format != Fp8Format::E4M3
-        {
-            return Err(GpuError::Shape("fp8 gemm: E4M3 operands tiled 128 along the same K".into()));
-        }
-        let (m, n, k) = (a.rows, b.rows, a.cols);
-        let (da, dsa, db, dsb) =
-            (self.upload(&a.codes)?, self.upload(&a.scales)?, self.upload(&b.codes)?, self.upload(&b.scales)?);
-        let mut y = self.zeros::<f32>(m * n)?;
-        let (ar, br, m32, n32, k32) = (a.block.0 as u32, b.block.0 as u32, m as u32, n as u32, k as u32);
-        let mut l = self.stream.launch_builder(self.function("fp8_gemm_promoted"));
-        l.arg(&da).arg(&dsa).arg(&ar).arg(&db).arg(&dsb).arg(&br).arg(&mut y).arg(&m32).arg(&n32).arg(&k32);
-        let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(16).max(1), (m as u32).div_ceil(16).max(1), 1),
-            block_dim: (16, 16, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: one thread per output inside [m, n]; each reads its rows of `a` and `b` (k
-        // codes) and their scales, whose grids `Fp8Blocks` guarantees.
-        unsafe { l.launch(cfg) }.map_err(cuda("fp8_gemm_promoted"))?;
-        self.download(&y, m * n)
     }
 }
