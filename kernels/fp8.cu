@@ -1,7 +1,9 @@
-// FP8 quantisation (spec deepseek-v3.md section 4): 1x128 tiles to E4M3 with f32 scales.
-// CPU twin: whale_kernels::cpu::fp8::Fp8Blocks::quantize. The conversions use CUDA's own E4M3
-// intrinsics (an independent implementation of the format: round to nearest even, saturating to
-// 448).
+// FP8 quantisation (spec deepseek-v3.md section 4): 1x128 activation tiles and 128x128 weight
+// blocks to E4M3 with f32 scales, and dequantisation of either tiling (E4M3 or E5M2 codes).
+// CPU twins: whale_kernels::cpu::fp8::Fp8Blocks::quantize and ::dequantize. The conversions use
+// CUDA's own FP8 intrinsics (an independent implementation of the formats: round to nearest even,
+// saturating to 448).
+#include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
 #define BLOCK 128
@@ -26,4 +28,54 @@ extern "C" __global__ void fp8_quantize_1x128(
         codes[(size_t)row * cols + col] = (unsigned char)__nv_cvt_float_to_fp8(v / scale, __NV_SATFINITE, __NV_E4M3);
     }
     if (threadIdx.x == 0 && row < rows) scales[row * tiles + tile] = scale;
+}
+
+#define BLOCK_THREADS 256 // threads of a 128x128 block: two rows of 128 columns per step
+
+// One block of BLOCK_THREADS threads per 128x128 block of a row-major [rows, cols] matrix (the
+// bottom and right blocks may be partial: their amax covers only the elements that exist, which
+// equals zero-padding them). scale = max(amax, 1e-4) / 448, codes = x / scale as E4M3
+// (saturating). scales: [ceil(rows / 128), ceil(cols / 128)], row-major.
+extern "C" __global__ void fp8_quantize_128x128(
+    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols) {
+    __shared__ float amax[BLOCK_THREADS];
+    unsigned grid_cols = (cols + BLOCK - 1) / BLOCK;
+    unsigned bi = blockIdx.x / grid_cols, bj = blockIdx.x % grid_cols;
+    unsigned col = bj * BLOCK + threadIdx.x % BLOCK, step = BLOCK_THREADS / BLOCK;
+    unsigned r0 = bi * BLOCK + threadIdx.x / BLOCK, r1 = min(rows, (bi + 1) * BLOCK);
+    float m = 0.0f;
+    if (col < cols) {
+        for (unsigned r = r0; r < r1; r += step) m = fmaxf(m, fabsf(x[(size_t)r * cols + col]));
+    }
+    amax[threadIdx.x] = m;
+    __syncthreads();
+    for (unsigned s = BLOCK_THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) amax[threadIdx.x] = fmaxf(amax[threadIdx.x], amax[threadIdx.x + s]);
+        __syncthreads();
+    }
+    float scale = fmaxf(amax[0], 1e-4f) / 448.0f;
+    if (col < cols) {
+        for (unsigned r = r0; r < r1; r += step) {
+            size_t i = (size_t)r * cols + col;
+            codes[i] = (unsigned char)__nv_cvt_float_to_fp8(x[i] / scale, __NV_SATFINITE, __NV_E4M3);
+        }
+    }
+    if (threadIdx.x == 0) scales[blockIdx.x] = scale;
+}
+
+// codes [rows, cols] in blocks of block_rows x block_cols with scales [ceil(rows / block_rows),
+// ceil(cols / block_cols)] -> out [rows, cols] = decode(code) * scale, one thread per element
+// (grid-stride). Every E4M3 and E5M2 value is exact in half precision, so decoding through it
+// is exact; e5m2 selects the format.
+extern "C" __global__ void fp8_dequantize(
+    const unsigned char* codes, const float* scales, float* out, unsigned rows, unsigned cols,
+    unsigned block_rows, unsigned block_cols, int e5m2) {
+    size_t n = (size_t)rows * cols;
+    unsigned grid_cols = (cols + block_cols - 1) / block_cols;
+    __nv_fp8_interpretation_t fmt = e5m2 ? __NV_E5M2 : __NV_E4M3;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        unsigned r = i / cols, c = i % cols;
+        float v = __half2float(__half(__nv_cvt_fp8_to_halfraw(codes[i], fmt)));
+        out[i] = v * scales[(r / block_rows) * grid_cols + c / block_cols];
+    }
 }

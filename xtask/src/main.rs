@@ -150,11 +150,19 @@ fn build_kernels(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// `extern "C" __global__ void NAME(` in a source: the kernels a module exports.
+/// `extern "C" __global__ void [__launch_bounds__(..)] NAME(` in a source: the kernels a module
+/// exports.
 fn kernel_names(text: &str) -> Vec<String> {
     text.split("extern \"C\" __global__ void ")
         .skip(1)
-        .filter_map(|rest| rest.split('(').next().map(|n| n.trim().to_string()))
+        .filter_map(|rest| {
+            let rest = rest.trim_start();
+            let rest = match rest.strip_prefix("__launch_bounds__") {
+                Some(bounds) => &bounds[bounds.find(')')? + 1..],
+                None => rest,
+            };
+            rest.split('(').next().map(|n| n.trim().to_string())
+        })
         .collect()
 }
 
@@ -352,4 +360,14 @@ fn render(rows: &[Row]) -> String {
          `—` marks a bench with no baseline (an absolute measurement).\n",
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_names_skip_launch_bounds() {
+        let src = "extern \"C\" __global__ void a_f32(int x) {}\n\
+                   extern \"C\" __global__ void __launch_bounds__(256, 1) b_mma(int y) {}";
+        assert_eq!(super::kernel_names(src), ["a_f32", "b_mma"]);
+    }
 }

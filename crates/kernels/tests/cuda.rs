@@ -2,7 +2,12 @@
 //! on a machine with a GPU every kernel agrees with its CPU twin. Without a GPU those tests print
 //! that they were skipped and why.
 
+mod common;
+
+use common::{assert_close, gpu, values};
 use std::path::Path;
+
+use half::bf16;
 
 use whale_kernels::cpu::adamw::{adamw_step, AdamWStep};
 use whale_kernels::cpu::attention::{attention_forward, AttnShape};
@@ -10,11 +15,12 @@ use whale_kernels::cpu::cross_entropy::{cross_entropy_backward, cross_entropy_fo
 use whale_kernels::cpu::embedding::{embedding_backward, embedding_forward};
 use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
 use whale_kernels::cpu::fp8_gemm::{fp8_gemm, Accumulation};
+use whale_kernels::cpu::matmul::{matmul_reference, MatRef};
 use whale_kernels::cpu::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use whale_kernels::cpu::rope::{rope_half, rope_interleaved};
 use whale_kernels::cpu::softmax::{softmax_backward, softmax_forward};
 use whale_kernels::cpu::swiglu::{swiglu_backward, swiglu_forward};
-use whale_kernels::cuda::{device_count, manifest, source_hash, Gpu};
+use whale_kernels::cuda::{manifest, source_hash, Fp8GemmKernel, GemmShape, Gpu};
 
 #[test]
 fn the_embedded_ptx_was_built_from_the_current_sources() {
@@ -33,35 +39,6 @@ fn the_embedded_ptx_was_built_from_the_current_sources() {
                 assert!(ptx.contains(&format!(".entry {k}(")), "{}: {k} is missing from its {arch} PTX", m.name);
             }
         }
-    }
-}
-
-/// The GPU, or `None` after saying why the test is skipped.
-fn gpu(test: &str) -> Option<Gpu> {
-    if device_count() == 0 {
-        eprintln!("{test}: skipped, no CUDA driver or GPU on this machine");
-        return None;
-    }
-    Some(Gpu::new(0).expect("a visible GPU opens"))
-}
-
-/// Deterministic values in about [-2, 2].
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32) * 4.0 - 2.0
-        })
-        .collect()
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}[{i}]: GPU {g} vs CPU {w}");
     }
 }
 
@@ -124,12 +101,46 @@ fn fp8_kernels_match_the_cpu() {
     assert_eq!(gpu_q.codes, cpu.codes, "E4M3 codes (CUDA's converter against ours)");
     let w = values(n * k, 10);
     let wq = Fp8Blocks::quantize(&w, n, k, (128, 128), Fp8Format::E4M3, ScaleFormat::F32);
-    let want = fp8_gemm(&cpu, &wq, Accumulation::F32);
-    let got = g.fp8_gemm(&cpu, &wq).unwrap();
+    check_fp8_gemm(&g, &cpu, &wq, Fp8GemmKernel::Simple);
+}
+
+/// Both FP8 GEMM kernels against the CPU twin: the block partial sums run in another order than
+/// the CPU's, so they agree to f32 rounding of the largest output.
+fn check_fp8_gemm(g: &Gpu, a: &Fp8Blocks, b: &Fp8Blocks, kernel: Fp8GemmKernel) {
+    let want = fp8_gemm(a, b, Accumulation::F32);
+    let got = g.fp8_gemm_with(a, b, kernel).unwrap();
     let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-        // Each block's partial sum runs in another order than the CPU's GEMM: f32 rounding.
-        assert!((a - b).abs() <= 1e-5 * scale, "fp8 gemm[{i}]: GPU {a} vs CPU {b}");
+    assert_eq!(got.len(), want.len());
+    for (i, (x, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (x - w).abs() <= 1e-5 * scale,
+            "fp8 gemm {kernel:?} [{i}] of [{}, {}] x [{}, {}]: GPU {x} vs CPU {w}",
+            a.rows,
+            a.cols,
+            b.rows,
+            b.cols
+        );
+    }
+}
+
+#[test]
+fn the_tensor_core_fp8_gemm_matches_the_cpu() {
+    let Some(g) = gpu("the_tensor_core_fp8_gemm_matches_the_cpu") else { return };
+    if g.fp8_gemm_kernel(128) != Fp8GemmKernel::TensorCore {
+        eprintln!(
+            "the_tensor_core_fp8_gemm_matches_the_cpu: skipped, sm_{}{} has no FP8 tensor cores",
+            g.arch.0, g.arch.1
+        );
+        return;
+    }
+    // Whole tiles, ragged M/N/K edges (K a multiple of 16 but not of 128), 1x128 and 128x128
+    // weight scales, and magnitudes spread over the tiles so that every scale matters.
+    for (m, n, k, b_rows) in [(128, 128, 256, 128), (200, 300, 400, 128), (33, 130, 144, 1), (1, 257, 512, 128)] {
+        let x: Vec<f32> = values(m * k, 31).iter().enumerate().map(|(i, v)| v * (1 + i % 7) as f32).collect();
+        let w: Vec<f32> = values(n * k, 32).iter().enumerate().map(|(i, v)| v / (1 + (i / 977) % 5) as f32).collect();
+        let a = Fp8Blocks::quantize(&x, m, k, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
+        let b = Fp8Blocks::quantize(&w, n, k, (b_rows, 128), Fp8Format::E4M3, ScaleFormat::F32);
+        check_fp8_gemm(&g, &a, &b, Fp8GemmKernel::TensorCore);
     }
 }
 
@@ -255,5 +266,67 @@ fn attention_forward_matches_the_cpu_for_training_and_mla_decode() {
         // Online softmax in another order than the CPU's tiles: f32 rounding.
         assert_close(&format!("{what} o"), &go, &o, 1e-5);
         assert_close(&format!("{what} lse"), &glse, &lse, 1e-5);
+    }
+}
+
+/// Row-major `[rows, cols]` operand (or its transpose) for the CPU oracle.
+fn mat(data: &[f32], offset: usize, cols: usize, transposed: bool) -> MatRef<'_> {
+    let (row_stride, col_stride) = if transposed { (1, cols as isize) } else { (cols as isize, 1) };
+    MatRef { data, offset, row_stride, col_stride }
+}
+
+/// The CPU oracle of a [`GemmShape`] product, batch by batch.
+fn gemm_reference(s: &GemmShape, a: &[f32], b: &[f32]) -> Vec<f32> {
+    (0..s.batch)
+        .flat_map(|i| {
+            let lhs = mat(a, i * s.m * s.k, s.k, false);
+            let rhs = mat(b, i * s.k * s.n, if s.b_transposed { s.k } else { s.n }, s.b_transposed);
+            matmul_reference(s.m, s.n, s.k, lhs, rhs)
+        })
+        .collect()
+}
+
+#[test]
+fn cublas_matmul_matches_the_cpu_in_f32_and_bf16() {
+    let Some(g) = gpu("cublas_matmul_matches_the_cpu_in_f32_and_bf16") else { return };
+    let shapes = [
+        GemmShape::new(37, 53, 71),
+        GemmShape::linear(64, 48, 200),
+        GemmShape { batch: 3, m: 17, n: 9, k: 33, b_transposed: false },
+        GemmShape { batch: 2, m: 8, n: 24, k: 16, b_transposed: true },
+    ];
+    for s in shapes {
+        let a = values(s.batch * s.m * s.k, 11);
+        let b = values(s.batch * s.k * s.n, 12);
+        let want = gemm_reference(&s, &a, &b);
+        // Plain f32 GEMM (no TF32): only the summation order differs.
+        assert_close(&format!("f32 {s:?}"), &g.matmul(&s, &a, &b).unwrap(), &want, 1e-5);
+        // bf16 operands, f32 accumulation, a bf16 result: within one bf16 rounding of the f32
+        // product of the same (bf16-rounded) operands.
+        let (ah, bh): (Vec<bf16>, Vec<bf16>) =
+            (a.iter().map(|&x| bf16::from_f32(x)).collect(), b.iter().map(|&x| bf16::from_f32(x)).collect());
+        let (ar, br): (Vec<f32>, Vec<f32>) =
+            (ah.iter().map(|x| x.to_f32()).collect(), bh.iter().map(|x| x.to_f32()).collect());
+        let want = gemm_reference(&s, &ar, &br);
+        let got: Vec<f32> = g.matmul(&s, &ah, &bh).unwrap().iter().map(|x| x.to_f32()).collect();
+        assert_close(&format!("bf16 {s:?}"), &got, &want, 1.0 / 128.0);
+    }
+    let bad = g.matmul(&GemmShape::new(2, 2, 2), &[0.0f32; 3], &[0.0; 4]);
+    assert!(bad.unwrap_err().to_string().contains("expected 4"), "a short operand is a shape error");
+}
+
+#[test]
+fn grouped_gemm_matches_one_matmul_per_expert() {
+    let Some(g) = gpu("grouped_gemm_matches_one_matmul_per_expert") else { return };
+    let (n, k) = (24, 40);
+    let groups = [5, 0, 17, 1, 9];
+    let rows: usize = groups.iter().sum();
+    let (x, w) = (values(rows * k, 21), values(groups.len() * n * k, 22));
+    let got = g.grouped_matmul(&x, &groups, &w, (n, k)).unwrap();
+    let mut start = 0;
+    for (e, &r) in groups.iter().enumerate() {
+        let want = matmul_reference(r, n, k, mat(&x, start * k, k, false), mat(&w, e * n * k, k, true));
+        assert_close(&format!("expert {e}"), &got[start * n..(start + r) * n], &want, 1e-5);
+        start += r;
     }
 }

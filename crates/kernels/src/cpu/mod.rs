@@ -9,6 +9,7 @@ pub mod fp8_gemm;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;
+pub mod router;
 pub mod softmax;
 pub mod swiglu;
 

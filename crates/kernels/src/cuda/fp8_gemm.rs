@@ -1,37 +1,120 @@
-//! The block-scaled FP8 GEMM launchers (kernels/fp8_gemm.cu).
+//! The block-scaled FP8 GEMM launchers (kernels/fp8_gemm.cu): DeepGEMM's interface (spec 8.1),
+//! `y[m, n] = a[m, k] · b[n, k]ᵀ` on E4M3 operands with per-block f32 scales, the partial sums
+//! of every 128 of K promoted to f32 with the two scales.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{cuda, Gpu, GpuError, Result};
 use crate::cpu::fp8::{Fp8Blocks, Fp8Format};
 
+/// An [`Fp8Blocks`] operand on the GPU: `codes` `[rows, cols]` E4M3 and `scales`
+/// `[ceil(rows / block_rows), ceil(cols / 128)]`.
+#[derive(Debug)]
+pub struct Fp8Operand {
+    pub codes: CudaSlice<u8>,
+    pub scales: CudaSlice<f32>,
+    pub rows: usize,
+    pub cols: usize,
+    pub block_rows: usize,
+}
+
+/// Which kernel multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8GemmKernel {
+    /// Tensor cores (`mma.sync` on E4M3, sm_89+), 128 x 128 tiles; needs `k % 16 == 0`.
+    TensorCore,
+    /// One thread per output on the CUDA cores: the simple reference version.
+    Simple,
+}
+
 impl Gpu {
-    /// The block-scaled FP8 GEMM `a b^T` with f32 promotion every 128 of K (twin: `fp8_gemm` with
-    /// `Accumulation::F32`). Both operands E4M3, tiled 128 along K.
-    pub fn fp8_gemm(&self, a: &Fp8Blocks, b: &Fp8Blocks) -> Result<Vec<f32>> {
-        if a.cols != b.cols
-            || a.block.1 != 128
-            || b.block.1 != 128
-            || a.format != Fp8Format::E4M3
-            || b.format != Fp8Format::E4M3
-        {
-            return Err(GpuError::Shape("fp8 gemm: E4M3 operands tiled 128 along the same K".into()));
+    /// Copies an E4M3 operand tiled 128 along K to the GPU.
+    pub fn upload_fp8(&self, x: &Fp8Blocks) -> Result<Fp8Operand> {
+        if x.block.1 != 128 || x.format != Fp8Format::E4M3 {
+            return Err(GpuError::Shape(format!(
+                "fp8 gemm: an E4M3 operand tiled 128 along K is required, got {:?} tiles of {:?}",
+                x.block, x.format
+            )));
         }
+        Ok(Fp8Operand {
+            codes: self.upload(&x.codes)?,
+            scales: self.upload(&x.scales)?,
+            rows: x.rows,
+            cols: x.cols,
+            block_rows: x.block.0,
+        })
+    }
+
+    /// The fastest kernel this GPU runs for a product over `k`.
+    pub fn fp8_gemm_kernel(&self, k: usize) -> Fp8GemmKernel {
+        if self.arch >= (8, 9) && k % 16 == 0 {
+            Fp8GemmKernel::TensorCore
+        } else {
+            Fp8GemmKernel::Simple
+        }
+    }
+
+    /// `y = a · bᵀ` on device operands into `y` (`[a.rows, b.rows]`).
+    pub fn fp8_gemm_dev(
+        &self,
+        a: &Fp8Operand,
+        b: &Fp8Operand,
+        y: &mut CudaSlice<f32>,
+        kernel: Fp8GemmKernel,
+    ) -> Result<()> {
         let (m, n, k) = (a.rows, b.rows, a.cols);
-        let (da, dsa, db, dsb) =
-            (self.upload(&a.codes)?, self.upload(&a.scales)?, self.upload(&b.codes)?, self.upload(&b.scales)?);
-        let mut y = self.zeros::<f32>(m * n)?;
-        let (ar, br, m32, n32, k32) = (a.block.0 as u32, b.block.0 as u32, m as u32, n as u32, k as u32);
-        let mut l = self.stream.launch_builder(self.function("fp8_gemm_promoted"));
-        l.arg(&da).arg(&dsa).arg(&ar).arg(&db).arg(&dsb).arg(&br).arg(&mut y).arg(&m32).arg(&n32).arg(&k32);
-        let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(16).max(1), (m as u32).div_ceil(16).max(1), 1),
-            block_dim: (16, 16, 1),
-            shared_mem_bytes: 0,
+        if b.cols != k || y.len() < m * n {
+            return Err(GpuError::Shape(format!("fp8 gemm: [{m}, {k}] x [{n}, {}]ᵀ into {} values", b.cols, y.len())));
+        }
+        if kernel == Fp8GemmKernel::TensorCore && (self.arch < (8, 9) || k % 16 != 0) {
+            return Err(GpuError::Shape(format!(
+                "fp8 gemm: the tensor-core kernel needs sm_89+ and k % 16 == 0 (sm_{}{}, k = {k})",
+                self.arch.0, self.arch.1
+            )));
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let (name, cfg) = match kernel {
+            Fp8GemmKernel::TensorCore => (
+                "fp8_gemm_mma",
+                LaunchConfig {
+                    grid_dim: ((n as u32).div_ceil(128), (m as u32).div_ceil(128), 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            ),
+            Fp8GemmKernel::Simple => (
+                "fp8_gemm_promoted",
+                LaunchConfig {
+                    grid_dim: ((n as u32).div_ceil(16), (m as u32).div_ceil(16), 1),
+                    block_dim: (16, 16, 1),
+                    shared_mem_bytes: 0,
+                },
+            ),
         };
-        // SAFETY: one thread per output inside [m, n]; each reads its rows of `a` and `b` (k
-        // codes) and their scales, whose grids `Fp8Blocks` guarantees.
-        unsafe { l.launch(cfg) }.map_err(cuda("fp8_gemm_promoted"))?;
-        self.download(&y, m * n)
+        let (ar, br, m32, n32, k32) = (a.block_rows as u32, b.block_rows as u32, m as u32, n as u32, k as u32);
+        let mut l = self.stream.launch_builder(self.function(name));
+        l.arg(&a.codes).arg(&a.scales).arg(&ar).arg(&b.codes).arg(&b.scales).arg(&br);
+        l.arg(y).arg(&m32).arg(&n32).arg(&k32);
+        // SAFETY: both kernels read only rows < m (n) and columns < k of the operands, whose
+        // scale grids `Fp8Blocks` guarantees, and write y inside [m, n]; the tensor-core kernel's
+        // 16-byte loads need k % 16 == 0, checked above.
+        unsafe { l.launch(cfg) }.map_err(cuda(name))?;
+        Ok(())
+    }
+
+    /// The block-scaled FP8 GEMM `a bᵀ` with f32 promotion every 128 of K from host operands
+    /// (twin: `fp8_gemm` with `Accumulation::F32`), on the fastest kernel this GPU runs.
+    pub fn fp8_gemm(&self, a: &Fp8Blocks, b: &Fp8Blocks) -> Result<Vec<f32>> {
+        self.fp8_gemm_with(a, b, self.fp8_gemm_kernel(a.cols))
+    }
+
+    /// [`Gpu::fp8_gemm`] on a chosen kernel.
+    pub fn fp8_gemm_with(&self, a: &Fp8Blocks, b: &Fp8Blocks, kernel: Fp8GemmKernel) -> Result<Vec<f32>> {
+        let (da, db) = (self.upload_fp8(a)?, self.upload_fp8(b)?);
+        let mut y = self.zeros::<f32>(a.rows * b.rows)?;
+        self.fp8_gemm_dev(&da, &db, &mut y, kernel)?;
+        self.download(&y, a.rows * b.rows)
     }
 }

@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0xe2c925e8b1937a97;
+pub const SOURCE_HASH: u64 = 0x3f2889c23bea7acb;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -15,7 +15,7 @@ pub const MODULES: &[PtxModule] = &[
     },
     PtxModule {
         name: "attention",
-        kernels: &["attention_forward_f32"],
+        kernels: &["attention_forward_f32", "attention_backward_dq_f32", "attention_backward_dkv_f32"],
         sm_90: include_str!("../../../../kernels/ptx/attention.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/attention.sm_80.ptx"),
     },
@@ -33,13 +33,13 @@ pub const MODULES: &[PtxModule] = &[
     },
     PtxModule {
         name: "fp8",
-        kernels: &["fp8_quantize_1x128"],
+        kernels: &["fp8_quantize_1x128", "fp8_quantize_128x128", "fp8_dequantize"],
         sm_90: include_str!("../../../../kernels/ptx/fp8.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/fp8.sm_80.ptx"),
     },
     PtxModule {
         name: "fp8_gemm",
-        kernels: &["fp8_gemm_promoted"],
+        kernels: &["fp8_gemm_promoted", "fp8_gemm_mma"],
         sm_90: include_str!("../../../../kernels/ptx/fp8_gemm.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/fp8_gemm.sm_80.ptx"),
     },
@@ -62,5 +62,11 @@ pub const MODULES: &[PtxModule] = &[
         kernels: &["rope_f32"],
         sm_90: include_str!("../../../../kernels/ptx/rope.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/rope.sm_80.ptx"),
+    },
+    PtxModule {
+        name: "router",
+        kernels: &["moe_route_f32"],
+        sm_90: include_str!("../../../../kernels/ptx/router.sm_90.ptx"),
+        sm_80: include_str!("../../../../kernels/ptx/router.sm_80.ptx"),
     },
 ];

@@ -8,13 +8,19 @@
 //! tensor backend keeps its buffers on the GPU and launches the same kernels.
 
 mod attention;
+mod blas;
 mod fp8;
 mod fp8_gemm;
 pub mod manifest;
+mod router;
+
+pub use attention::AttnGrads;
+pub use blas::{BlasFloat, GemmShape};
+pub use fp8_gemm::{Fp8GemmKernel, Fp8Operand};
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
@@ -86,6 +92,9 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     functions: HashMap<&'static str, CudaFunction>,
+    blas: OnceLock<cudarc::cublas::CudaBlas>,
+    /// Compute capability (major, minor): 9.0 is Hopper.
+    pub arch: (u32, u32),
 }
 
 const THREADS: u32 = 256;
@@ -112,7 +121,7 @@ impl Gpu {
             return Err(GpuError::NoDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal).map_err(cuda("opening the device"))?;
-        let (major, _) = ctx.compute_capability().map_err(cuda("reading the compute capability"))?;
+        let (major, minor) = ctx.compute_capability().map_err(cuda("reading the compute capability"))?;
         let stream = ctx.default_stream();
         let mut functions = HashMap::new();
         for m in manifest::MODULES {
@@ -122,7 +131,7 @@ impl Gpu {
                 functions.insert(k, module.load_function(k).map_err(cuda(k))?);
             }
         }
-        Ok(Gpu { ctx, stream, functions })
+        Ok(Gpu { ctx, stream, functions, blas: OnceLock::new(), arch: (major as u32, minor as u32) })
     }
 
     fn function(&self, name: &str) -> &CudaFunction {
@@ -131,6 +140,19 @@ impl Gpu {
 
     fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         self.stream.clone_htod(host).map_err(cuda("copy to the GPU"))
+    }
+
+    /// [`Gpu::upload`], with one zero for an empty slice (the driver allocates nothing empty;
+    /// kernels never read a zero-width buffer).
+    fn upload_nonempty<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        host: &[T],
+    ) -> Result<CudaSlice<T>> {
+        if host.is_empty() {
+            self.zeros(1)
+        } else {
+            self.upload(host)
+        }
     }
 
     fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {

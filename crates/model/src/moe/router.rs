@@ -2,6 +2,7 @@
 //! `s + b` restricted to the `topk_group` best groups (group score = sum of its top-2), weights
 //! from the unbiased `s`, normalised and scaled by `routed_scaling_factor`.
 
+use whale_kernels::cpu::router::{select_experts, RouterConfig};
 use whale_tensor::{Device, Tensor};
 
 use crate::config::DeepSeekV3Config;
@@ -73,7 +74,8 @@ impl Router {
                 row.iter_mut().zip(&b).for_each(|(s, b)| *s += b);
             }
         }
-        let experts: Vec<usize> = choice.chunks(e).flat_map(|row| self.select(row)).collect();
+        // Group-limited top-k, ties to the lower index (the twin of the GPU gate's selection).
+        let experts = select_experts(&choice, &self.kernel_config());
         let mut load = vec![0usize; e];
         experts.iter().for_each(|&i| load[i] += 1);
 
@@ -87,45 +89,19 @@ impl Router {
         Ok(Routing { scores, weights, experts, load })
     }
 
-    /// Group-limited top-k over one token's selection scores.
-    fn select(&self, row: &[f32]) -> Vec<usize> {
-        let per_group = row.len() / self.n_group;
-        let mut masked = row.to_vec();
-        if self.n_group > 1 {
-            let group_score = |g: usize| {
-                let grp = &row[g * per_group..(g + 1) * per_group];
-                if self.sigmoid {
-                    let mut top = [f32::NEG_INFINITY; 2];
-                    for &v in grp {
-                        if v > top[0] {
-                            top = [v, top[0]];
-                        } else if v > top[1] {
-                            top[1] = v;
-                        }
-                    }
-                    top[0] + top[1]
-                } else {
-                    grp.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-                }
-            };
-            let kept = top_indices(&(0..self.n_group).map(group_score).collect::<Vec<_>>(), self.topk_group);
-            for g in 0..self.n_group {
-                if !kept.contains(&g) {
-                    // -inf, not 0: biased scores can be negative (spec section 2.2 note).
-                    masked[g * per_group..(g + 1) * per_group].fill(f32::NEG_INFINITY);
-                }
-            }
+    /// This gate's sizes and options, as the kernels' routing twin (`whale_kernels::cpu::router`)
+    /// and the GPU gate take them.
+    pub fn kernel_config(&self) -> RouterConfig {
+        RouterConfig {
+            n_experts: self.n_experts(),
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            top_k: self.top_k,
+            sigmoid: self.sigmoid,
+            norm_topk_prob: self.norm_topk_prob,
+            routed_scaling_factor: self.routed_scaling_factor,
         }
-        top_indices(&masked, self.top_k)
     }
-}
-
-/// Indices of the `k` largest values, largest first; ties go to the lower index.
-fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..v.len()).collect();
-    order.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
-    order.truncate(k);
-    order
 }
 
 #[cfg(test)]
@@ -150,9 +126,10 @@ mod tests {
         // Groups of 2: g0 = {0.9, 0.0} sums 0.9; g1 = {0.5, 0.5} sums 1.0; g2, g3 negative.
         let row = [0.9, 0.0, 0.5, 0.5, -0.1, -0.2, -0.3, -0.4];
         let r = router(4, 1, 2);
-        assert_eq!(r.select(&row), vec![2, 3], "only group 1 is kept, though expert 0 scores highest");
+        let select = |r: &Router, row: &[f32]| select_experts(row, &r.kernel_config());
+        assert_eq!(select(&r, &row), vec![2, 3], "only group 1 is kept, though expert 0 scores highest");
         // All kept scores negative: masked experts must not win (they would with a 0.0 fill).
         let neg = [-0.9, -0.8, -0.5, -0.6, -3.0, -3.0, -3.0, -3.0];
-        assert_eq!(router(4, 2, 2).select(&neg), vec![2, 3]);
+        assert_eq!(select(&router(4, 2, 2), &neg), vec![2, 3]);
     }
 }

@@ -1,0 +1,281 @@
+//! GPU benchmarks (the CUDA issue's figures): cuBLAS bf16 matmul against cuBLAS f32, the block-
+//! scaled FP8 GEMM on the tensor cores against cuBLAS bf16 at the same shapes (4096³ and
+//! DeepSeek-V3's projection shapes) and against the simple CUDA-core kernel, training attention
+//! forward and backward, MLA decode over the latent cache, and a device copy as the memory-bandwidth
+//! ceiling. Timed with CUDA events inside criterion's `iter_custom`, so the
+//! clock reads the GPU's own time for `iters` back-to-back launches.
+//!
+//! Without a GPU it says so and exits successfully. `cargo xtask bench gpu` runs it; the GPU
+//! check (`scripts/gpu-check.sh`) runs the prebuilt binary and copies the table it writes to
+//! `$WHALE_GPU_BENCH_OUT` (default `target/gpu-bench.md`).
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, SamplingMode};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use half::bf16;
+use whale_kernels::cpu::attention::AttnShape;
+use whale_kernels::cuda::{device_count, Fp8GemmKernel, Fp8Operand, GemmShape, Gpu};
+
+/// One benchmark's measurements: the GPU seconds of each sample divided by its launches.
+struct Row {
+    group: String,
+    name: String,
+    /// FLOPs (or bytes, for bandwidth rows) of one launch.
+    work: f64,
+    unit: &'static str,
+    per_launch: RefCell<Vec<f64>>,
+}
+
+impl Row {
+    fn median(&self) -> f64 {
+        let mut v = self.per_launch.borrow().clone();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+
+    /// TFLOP/s or GB/s.
+    fn rate(&self) -> f64 {
+        let scale = if self.unit == "TFLOP/s" { 1e12 } else { 1e9 };
+        self.work / self.median() / scale
+    }
+}
+
+/// Times `launch` (which only enqueues work on `stream`) with CUDA events.
+fn bench(c: &mut Criterion, g: &Gpu, row: &Row, mut launch: impl FnMut()) {
+    let stream: Arc<CudaStream> = g.stream.clone();
+    let start = g.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("an event");
+    let end = g.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("an event");
+    let mut group = c.benchmark_group(&row.group);
+    group.sampling_mode(SamplingMode::Flat);
+    group.bench_function(&row.name, |b| {
+        b.iter_custom(|iters| {
+            start.record(&stream).expect("record");
+            for _ in 0..iters {
+                launch();
+            }
+            end.record(&stream).expect("record");
+            let s = start.elapsed_ms(&end).expect("elapsed") as f64 / 1e3;
+            row.per_launch.borrow_mut().push(s / iters as f64);
+            Duration::from_secs_f64(s)
+        })
+    });
+    group.finish();
+}
+
+fn row(group: &str, name: &str, work: f64, unit: &'static str) -> Row {
+    Row { group: group.into(), name: name.into(), work, unit, per_launch: RefCell::new(vec![]) }
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn upload<T: DeviceRepr>(g: &Gpu, v: &[T]) -> CudaSlice<T> {
+    g.stream.clone_htod(v).expect("upload")
+}
+
+/// A random E4M3 operand (finite codes, scales near 1): speed does not depend on the values.
+fn fp8_operand(g: &Gpu, rows: usize, cols: usize, block_rows: usize, seed: u64) -> Fp8Operand {
+    let codes: Vec<u8> =
+        values(rows * cols, seed).iter().map(|v| ((v.abs() * 126.0) as u8) | ((*v < 0.0) as u8) << 7).collect();
+    let grid = rows.div_ceil(block_rows) * cols.div_ceil(128);
+    let scales: Vec<f32> = values(grid, seed + 1).iter().map(|v| 1.0 + 0.5 * v).collect();
+    Fp8Operand { codes: upload(g, &codes), scales: upload(g, &scales), rows, cols, block_rows }
+}
+
+fn matmuls(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
+    for n in [4096usize, 8192] {
+        let s = GemmShape::new(n, n, n);
+        let (a, b) = (values(n * n, 1), values(n * n, 2));
+        let (ah, bh): (Vec<bf16>, Vec<bf16>) =
+            (a.iter().map(|&x| bf16::from_f32(x)).collect(), b.iter().map(|&x| bf16::from_f32(x)).collect());
+        let (da, db) = (upload(g, &ah), upload(g, &bh));
+        let mut dc = g.stream.alloc_zeros::<bf16>(n * n).expect("alloc");
+        let r = row("matmul", &format!("cublas_bf16/{n}^3"), s.flops(), "TFLOP/s");
+        bench(c, g, &r, || g.gemm_dev(&s, &da, &db, &mut dc).expect("gemm"));
+        rows.push(r);
+        if n == 4096 {
+            let (da, db) = (upload(g, &a), upload(g, &b));
+            let mut dc = g.stream.alloc_zeros::<f32>(n * n).expect("alloc");
+            let r = row("matmul", &format!("cublas_f32/{n}^3"), s.flops(), "TFLOP/s");
+            bench(c, g, &r, || g.gemm_dev(&s, &da, &db, &mut dc).expect("gemm"));
+            rows.push(r);
+        }
+    }
+}
+
+/// 4096³ and DeepSeek-V3's projections at 4096 tokens, `[n, k]` weights (DeepGEMM's table).
+const FP8_SHAPES: [(usize, usize, usize); 6] = [
+    (4096, 4096, 4096),
+    (4096, 2112, 7168),
+    (4096, 24576, 1536),
+    (4096, 4096, 7168),
+    (4096, 7168, 2048),
+    (4096, 7168, 16384),
+];
+
+fn fp8_gemms(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
+    for (i, &(m, n, k)) in FP8_SHAPES.iter().enumerate() {
+        let name = format!("{m}x{n}x{k}");
+        let flops = GemmShape::linear(m, n, k).flops();
+        let (a, b) = (fp8_operand(g, m, k, 1, 10 + i as u64), fp8_operand(g, n, k, 128, 20 + i as u64));
+        let mut y = g.stream.alloc_zeros::<f32>(m * n).expect("alloc");
+        let kernels: &[(Fp8GemmKernel, &str)] = if i == 0 {
+            &[(Fp8GemmKernel::TensorCore, "tensor_core"), (Fp8GemmKernel::Simple, "simple")]
+        } else {
+            &[(Fp8GemmKernel::TensorCore, "tensor_core")]
+        };
+        for &(kernel, label) in kernels {
+            if kernel == Fp8GemmKernel::TensorCore && g.fp8_gemm_kernel(k) != kernel {
+                continue;
+            }
+            let r = row("fp8_gemm", &format!("{label}/{name}"), flops, "TFLOP/s");
+            bench(c, g, &r, || g.fp8_gemm_dev(&a, &b, &mut y, kernel).expect("fp8 gemm"));
+            rows.push(r);
+        }
+        // The baseline at the same shape: cuBLAS in bf16 (twice the operand bytes).
+        let s = GemmShape::linear(m, n, k);
+        let zeros = |len: usize| g.stream.alloc_zeros::<bf16>(len).expect("alloc");
+        let (da, db, mut dc) = (zeros(m * k), zeros(n * k), zeros(m * n));
+        let r = row("fp8_gemm", &format!("cublas_bf16/{name}"), flops, "TFLOP/s");
+        bench(c, g, &r, || g.gemm_dev(&s, &da, &db, &mut dc).expect("gemm"));
+        rows.push(r);
+    }
+}
+
+fn copy_bandwidth(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
+    let n = 1usize << 28; // 1 GiB of f32
+    let src = g.stream.alloc_zeros::<f32>(n).expect("alloc");
+    let mut dst = g.stream.alloc_zeros::<f32>(n).expect("alloc");
+    let r = row("memory", "device_copy/1GiB", 2.0 * 4.0 * n as f64, "GB/s");
+    bench(c, g, &r, || g.stream.memcpy_dtod(&src, &mut dst).expect("copy"));
+    rows.push(r);
+}
+
+/// Training attention (causal, 16 heads of 128, 2048 tokens) forward and backward, and MLA's
+/// decode over the latent cache (V3: 128 heads, one KV head of [c ; k_pe] = 576, value c = 512,
+/// 32 sequences of 4096 cached tokens, one new token each).
+fn attention(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
+    let up = |n: usize, seed: u64| upload(g, &values(n, seed));
+    let (b, h, t, d) = (1, 16, 2048, 128);
+    let s = AttnShape {
+        batch: b,
+        q_heads: h,
+        kv_heads: h,
+        q_len: t,
+        kv_len: t,
+        qk_dim: d,
+        v_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+        causal: true,
+    };
+    let n = b * h * t * d;
+    let (q, k, v, d_o) = (up(n, 30), up(n, 31), up(n, 32), up(n, 33));
+    let mut o = g.stream.alloc_zeros::<f32>(n).expect("alloc");
+    let mut lse = g.stream.alloc_zeros::<f32>(b * h * t).expect("alloc");
+    // Causal: half of the t² scores; QKᵀ and PV are 2·d FLOPs per score each.
+    let fwd = 2.0 * 2.0 * (b * h * t * t / 2 * d) as f64;
+    let r = row("attention", &format!("forward/{b}x{h}x{t}x{d}"), fwd, "TFLOP/s");
+    bench(c, g, &r, || g.attention_forward_dev(&s, (&q, &k, &v), &mut o, &mut lse).expect("attention"));
+    rows.push(r);
+    let mut grads = g.attention_grads(&s).expect("alloc");
+    // Backward recomputes P and runs four products (dV, dP, dQ, dK): 2.5 times the forward.
+    let r = row("attention", &format!("backward/{b}x{h}x{t}x{d}"), 2.5 * fwd, "TFLOP/s");
+    bench(c, g, &r, || g.attention_backward_dev(&s, (&q, &k, &v), (&o, &lse, &d_o), &mut grads).expect("backward"));
+    rows.push(r);
+
+    let (b, h, t, dc, dr) = (32, 128, 4096, 512, 64);
+    let s = AttnShape {
+        batch: b,
+        q_heads: h,
+        kv_heads: 1,
+        q_len: 1,
+        kv_len: t,
+        qk_dim: dc + dr,
+        v_dim: dc,
+        scale: 1.0 / ((128 + dr) as f32).sqrt(),
+        causal: true,
+    };
+    let (q, k, v) = (up(b * h * (dc + dr), 34), up(b * t * (dc + dr), 35), up(b * t * dc, 36));
+    let mut o = g.stream.alloc_zeros::<f32>(b * h * dc).expect("alloc");
+    let mut lse = g.stream.alloc_zeros::<f32>(b * h).expect("alloc");
+    // Bytes that must move: the cache (keys and values, f32) once, plus q and o.
+    let bytes = 4.0 * (b * t * (dc + dr) + b * t * dc + b * h * (dc + dr) + b * h * dc) as f64;
+    let r = row("mla_decode", &format!("latent_cache/{b}x{h}x{t}"), bytes, "GB/s");
+    bench(c, g, &r, || g.attention_forward_dev(&s, (&q, &k, &v), &mut o, &mut lse).expect("decode"));
+    rows.push(r);
+}
+
+/// The markdown table of every row, with each FP8 row's ratio to cuBLAS bf16 at its shape.
+fn table(rows: &[Row]) -> String {
+    let mut out = String::from("| benchmark | time | rate | vs baseline |\n| --- | --- | --- | --- |\n");
+    for r in rows {
+        let shape = r.name.split('/').nth(1).unwrap_or("");
+        let base = match (r.group.as_str(), r.name.split('/').next()) {
+            ("fp8_gemm", Some(k)) if k != "cublas_bf16" => {
+                rows.iter().find(|b| b.name == format!("cublas_bf16/{shape}"))
+            }
+            ("matmul", Some("cublas_bf16")) => rows.iter().find(|b| b.name == format!("cublas_f32/{shape}")),
+            _ => None,
+        };
+        let mut ratio = base.map(|b| format!("{:.2}x {}", b.median() / r.median(), b.name)).unwrap_or_default();
+        // Attention runs on the CUDA cores in f32 (cuBLAS f32 is that ceiling); decode is bound by
+        // memory (a device copy is that ceiling).
+        let ceiling = match r.group.as_str() {
+            "attention" => rows.iter().find(|b| b.name == "cublas_f32/4096^3"),
+            "mla_decode" => rows.iter().find(|b| b.group == "memory"),
+            _ => None,
+        };
+        if let Some(b) = ceiling {
+            ratio = format!("{:.2} of {}", r.rate() / b.rate(), b.name);
+        }
+        out += &format!(
+            "| {}/{} | {:.3} ms | {:.1} {} | {} |\n",
+            r.group,
+            r.name,
+            r.median() * 1e3,
+            r.rate(),
+            r.unit,
+            ratio
+        );
+    }
+    out
+}
+
+fn main() {
+    if device_count() == 0 {
+        eprintln!("gpu benches: skipped, no CUDA driver or GPU on this machine");
+        return;
+    }
+    let g = Gpu::new(0).expect("GPU 0 opens");
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .sample_size(10)
+        .configure_from_args();
+    let mut rows = vec![];
+    copy_bandwidth(&mut c, &g, &mut rows);
+    matmuls(&mut c, &g, &mut rows);
+    fp8_gemms(&mut c, &g, &mut rows);
+    attention(&mut c, &g, &mut rows);
+    c.final_summary();
+    let text = format!("GPU: compute capability {}.{}\n\n{}", g.arch.0, g.arch.1, table(&rows));
+    println!("\n{text}");
+    let path = std::env::var("WHALE_GPU_BENCH_OUT").unwrap_or_else(|_| "target/gpu-bench.md".into());
+    if let Err(e) = std::fs::write(&path, text) {
+        eprintln!("could not write {path}: {e}");
+    }
+}

@@ -1,0 +1,34 @@
+//! Helpers shared by the GPU test files.
+#![allow(dead_code)]
+
+use whale_kernels::cuda::{device_count, Gpu};
+
+/// The GPU, or `None` after saying why the test is skipped.
+pub fn gpu(test: &str) -> Option<Gpu> {
+    if device_count() == 0 {
+        eprintln!("{test}: skipped, no CUDA driver or GPU on this machine");
+        return None;
+    }
+    Some(Gpu::new(0).expect("a visible GPU opens"))
+}
+
+/// Deterministic values in about [-2, 2].
+pub fn values(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32) * 4.0 - 2.0
+        })
+        .collect()
+}
+
+/// `|got - want| <= tol * (1 + |want|)`, element by element.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}[{i}]: GPU {g} vs CPU {w}");
+    }
+}
