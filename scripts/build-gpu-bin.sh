@@ -14,6 +14,8 @@ for t in $(cd crates/kernels/tests && ls cuda*.rs | sed 's/\.rs$//'); do
     cargo test --release --no-run -p whale-kernels --test "$t" --message-format=json > "target/gpu-bin-$t.json"
     copy "$t" "target/gpu-bin-$t.json"
 done
+cargo test --release --no-run -p whale-tensor --test cuda_ops --message-format=json > target/gpu-bin-cuda_ops.json
+copy cuda_ops target/gpu-bin-cuda_ops.json
 cargo test --release --no-run -p whale-parallel --features cuda --test nccl --message-format=json > target/gpu-bin-nccl.json
 copy nccl target/gpu-bin-nccl.json
 cargo bench --no-run -p whale-benches --bench gpu --message-format=json > target/gpu-bin-bench.json

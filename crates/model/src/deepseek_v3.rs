@@ -99,8 +99,11 @@ impl DeepSeekV3 {
     /// An independent copy (own weights, buffers and compute dtype): the frozen reference policy
     /// of RL, or the trunk of a value model.
     pub fn duplicate(&self) -> Result<Self> {
-        let mut tensors: BTreeMap<String, Tensor> =
-            self.state_dict().into_iter().map(|(n, t)| (n, t.deep_clone().detach())).collect();
+        let mut tensors: BTreeMap<String, Tensor> = self
+            .state_dict()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.deep_clone()?.detach())))
+            .collect::<whale_tensor::Result<_>>()?;
         Self::drop_non_parameters(&self.config, &mut tensors);
         let path = "<in-memory copy>".into();
         let mut copy = Self::build(self.config.clone(), WeightSource::Loaded { path, tensors })?;

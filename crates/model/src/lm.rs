@@ -65,7 +65,11 @@ impl CausalLm for DenseModel {
         Ok(logits.reshape(&[n, self.config.vocab_size])?.cross_entropy(&targets.reshape(&[n])?, IGNORE_INDEX)?)
     }
     fn duplicate(&self) -> Result<Box<dyn CausalLm>> {
-        let tensors = self.params.iter().map(|(n, t)| (n.to_string(), t.deep_clone().detach())).collect();
+        let tensors = self
+            .params
+            .iter()
+            .map(|(n, t)| Ok((n.to_string(), t.deep_clone()?.detach())))
+            .collect::<whale_tensor::Result<_>>()?;
         let mut copy = DenseModel::from_tensors(self.config.clone(), tensors, "<in-memory copy>".into())?;
         copy.compute_dtype = self.compute_dtype;
         Ok(Box::new(copy))

@@ -89,7 +89,7 @@ impl ValueModel {
         for (name, t) in trunk.params().iter() {
             params.insert(name, t)?;
         }
-        let head = params.insert(HEAD, &head.to_dtype(DType::F32)?.contiguous()?.deep_clone())?;
+        let head = params.insert(HEAD, &head.to_dtype(DType::F32)?.contiguous()?.deep_clone()?)?;
         Ok(ValueModel { trunk, head, params })
     }
 

@@ -1,5 +1,10 @@
-//! Where a tensor lives. CPU always; CUDA once the CUDA issue lands — until then asking for a GPU
-//! is an error that says why, never a panic.
+//! Where a tensor lives: the CPU, or a GPU through the CUDA backend (`crate::cuda`). Asking for a
+//! GPU that this machine does not have is an error that says why, never a panic.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use whale_kernels::cuda::Gpu;
 
 use crate::{Error, Result};
 
@@ -10,23 +15,46 @@ pub enum Device {
 }
 
 impl Device {
-    /// The `ordinal`-th GPU. This build has no CUDA backend, so it always returns an error.
+    /// The `ordinal`-th GPU, opened (context, stream, kernels) at first use; an error when the
+    /// machine has no CUDA driver or no such GPU.
     pub fn cuda(ordinal: usize) -> Result<Device> {
-        Err(Error::DeviceUnavailable {
-            device: Device::Cuda(ordinal),
-            why: "whale was built without a CUDA backend (it arrives with the `cuda` feature)".into(),
-        })
+        gpu(ordinal)?;
+        Ok(Device::Cuda(ordinal))
+    }
+
+    /// Whether GPU `ordinal` can be opened (false without a CUDA driver).
+    pub fn cuda_is_available(ordinal: usize) -> bool {
+        ordinal < whale_kernels::cuda::device_count()
     }
 
     pub fn is_cpu(&self) -> bool {
         matches!(self, Device::Cpu)
     }
 
-    /// Errors unless this device can run ops in this build.
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+
+    /// Errors unless this device can run ops in this process.
     pub(crate) fn check_available(&self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
-            Device::Cuda(i) => Device::cuda(*i).map(|_| ()),
+            Device::Cuda(i) => gpu(*i).map(|_| ()),
         }
     }
+}
+
+/// The open GPU `ordinal`, shared by every tensor on it.
+pub(crate) fn gpu(ordinal: usize) -> Result<Arc<Gpu>> {
+    static OPEN: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+    let mut open = OPEN.get_or_init(Default::default).lock().expect("GPU registry lock poisoned");
+    if let Some(g) = open.get(&ordinal) {
+        return Ok(g.clone());
+    }
+    let g = Arc::new(
+        Gpu::new(ordinal)
+            .map_err(|e| Error::DeviceUnavailable { device: Device::Cuda(ordinal), why: e.to_string() })?,
+    );
+    open.insert(ordinal, g.clone());
+    Ok(g)
 }

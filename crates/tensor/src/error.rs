@@ -32,6 +32,9 @@ pub enum Error {
     #[error("{op}: tensors on different devices: {lhs:?} vs {rhs:?}")]
     DeviceMismatch { op: &'static str, lhs: Device, rhs: Device },
 
+    #[error("{op}: no CUDA kernel for this op yet; move the tensor with to_device(&Device::Cpu)")]
+    NoCudaKernel { op: &'static str },
+
     #[error("backward: {0}")]
     Backward(String),
 

@@ -11,8 +11,11 @@
 //! - [`layout`], [`storage`], [`dtype`], [`device`], [`rng`], [`error`].
 //!
 //! Every op computes in f32 on the CPU kernels of `whale-kernels`; bf16/f16/FP8 are storage formats.
+//! Tensors on `Device::Cuda` keep f32 storage on the GPU, where the ops listed in `cuda.rs` run
+//! (the others return an error that names them).
 
 pub mod backprop;
+mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod error;

@@ -1,11 +1,16 @@
-//! Tensor storage: a flat buffer per dtype. Storage is shared (views) and sits behind a lock so an
-//! optimizer can update parameters in place.
+//! Tensor storage: a flat buffer per dtype on the host, or an f32 buffer on a GPU. Storage is
+//! shared (views) and sits behind a lock so an optimizer can update parameters in place.
+
+use std::borrow::Cow;
+use std::sync::Arc;
 
 use half::{bf16, f16};
 use whale_kernels::cpu::fp8::{Fp8Format, Overflow};
+use whale_kernels::cuda::cudarc::driver::CudaSlice;
+use whale_kernels::cuda::Gpu;
 
 use crate::layout::Layout;
-use crate::{DType, Error, Result};
+use crate::{DType, Device, Error, Result};
 
 #[derive(Debug, Clone)]
 pub enum CpuStorage {
@@ -104,4 +109,42 @@ fn decode(codes: &[u8], layout: &Layout, format: Fp8Format) -> Vec<f32> {
 
 fn encode(values: &[f32], format: Fp8Format) -> Vec<u8> {
     values.iter().map(|&x| format.encode(x, Overflow::Ieee)).collect()
+}
+
+/// A tensor's buffer: on the host, or on a GPU.
+#[derive(Debug)]
+pub enum Storage {
+    Cpu(CpuStorage),
+    Cuda(CudaStorage),
+}
+
+/// An f32 buffer on a GPU (the CUDA backend computes in f32; other dtypes stay on the host).
+#[derive(Debug)]
+pub struct CudaStorage {
+    pub(crate) gpu: Arc<Gpu>,
+    pub(crate) buf: CudaSlice<f32>,
+}
+
+impl Storage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Storage::Cpu(s) => s.dtype(),
+            Storage::Cuda(_) => DType::F32,
+        }
+    }
+
+    /// The values on the host: borrowed for host storage, copied from the GPU otherwise. A failed
+    /// copy is an error that names the device.
+    pub(crate) fn host(&self, device: Device) -> Result<Cow<'_, CpuStorage>> {
+        match self {
+            Storage::Cpu(s) => Ok(Cow::Borrowed(s)),
+            Storage::Cuda(c) => {
+                let v = c.gpu.stream.clone_dtoh(&c.buf).map_err(|e| Error::DeviceUnavailable {
+                    device,
+                    why: format!("copying a tensor to the host failed: {e:?}"),
+                })?;
+                Ok(Cow::Owned(CpuStorage::F32(v)))
+            }
+        }
+    }
 }

@@ -13,7 +13,7 @@ use whale_kernels::cpu::fp8::Fp8Format;
 use crate::backprop::{self, BackwardOp, GradInfo, VarKind};
 use crate::layout::Layout;
 use crate::rng::Rng;
-use crate::storage::CpuStorage;
+use crate::storage::{CpuStorage, Storage};
 use crate::{DType, Device, Error, Result};
 
 /// A unique id per tensor handle, the key of gradient maps.
@@ -29,7 +29,7 @@ impl TensorId {
 
 pub(crate) struct Inner {
     pub(crate) id: TensorId,
-    pub(crate) storage: Arc<RwLock<CpuStorage>>,
+    pub(crate) storage: Arc<RwLock<Storage>>,
     pub(crate) layout: Layout,
     pub(crate) dtype: DType,
     pub(crate) device: Device,
@@ -83,7 +83,7 @@ with_dtype!(i64, I64);
 /// Read access to a tensor's values as a contiguous f32 slice: borrowed when the tensor already is
 /// contiguous f32, converted/gathered into an owned buffer otherwise.
 pub(crate) enum F32Data<'a> {
-    Borrowed(RwLockReadGuard<'a, CpuStorage>, usize, usize),
+    Borrowed(RwLockReadGuard<'a, Storage>, usize, usize),
     Owned(Vec<f32>),
 }
 
@@ -92,8 +92,8 @@ impl Deref for F32Data<'_> {
     fn deref(&self) -> &[f32] {
         match self {
             F32Data::Borrowed(guard, start, len) => match &**guard {
-                CpuStorage::F32(v) => &v[*start..*start + *len],
-                _ => unreachable!("F32Data::Borrowed only wraps f32 storage"),
+                Storage::Cpu(CpuStorage::F32(v)) => &v[*start..*start + *len],
+                _ => unreachable!("F32Data::Borrowed only wraps f32 host storage"),
             },
             F32Data::Owned(v) => v,
         }
@@ -107,7 +107,7 @@ impl Tensor {
         debug_assert_eq!(storage.len(), shape.iter().product::<usize>());
         Tensor(Arc::new(Inner {
             id: TensorId::next(),
-            storage: Arc::new(RwLock::new(storage)),
+            storage: Arc::new(RwLock::new(Storage::Cpu(storage))),
             layout: Layout::contiguous(shape),
             dtype,
             device,
@@ -124,7 +124,7 @@ impl Tensor {
         inputs: &[&Tensor],
         op: impl BackwardOp + 'static,
     ) -> Tensor {
-        let storage = Arc::new(RwLock::new(CpuStorage::from_f32(values, dtype)));
+        let storage = Arc::new(RwLock::new(Storage::Cpu(CpuStorage::from_f32(values, dtype))));
         Self::with_history(storage, Layout::contiguous(shape), dtype, inputs, op)
     }
 
@@ -147,7 +147,7 @@ impl Tensor {
 
     /// A tensor over `storage`/`layout` that records `op` when it needs to (see [`Tensor::from_op`]).
     pub(crate) fn with_history(
-        storage: Arc<RwLock<CpuStorage>>,
+        storage: Arc<RwLock<Storage>>,
         layout: Layout,
         dtype: DType,
         inputs: &[&Tensor],
@@ -174,7 +174,7 @@ impl Tensor {
         if data.len() != expected {
             return Err(Error::DataLength { len: data.len(), shape: shape.to_vec(), expected });
         }
-        Ok(Self::from_storage(T::into_storage(data), shape, *device))
+        Self::from_storage(T::into_storage(data), shape, Device::Cpu).to_device(device)
     }
 
     pub fn from_slice<T: WithDType>(data: &[T], shape: &[usize], device: &Device) -> Result<Tensor> {
@@ -188,6 +188,9 @@ impl Tensor {
 
     pub fn full(value: f32, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         device.check_available()?;
+        if let Device::Cuda(i) = device {
+            return crate::cuda::full(value, shape, dtype, *i);
+        }
         let n = shape.iter().product();
         Ok(Self::from_storage(CpuStorage::from_f32(vec![value; n], dtype), shape, *device))
     }
@@ -274,18 +277,25 @@ impl Tensor {
 
     // ---------------------------------------------------------------- reading values
 
+    /// The values as contiguous f32 on the host, for the CPU kernels. CPU ops refuse CUDA tensors
+    /// before they get here (`ops::check_float`); reading a CUDA tensor copies it to the host,
+    /// which only the explicit readers below (`to_vec_f32`, ...) do.
     pub(crate) fn f32_data(&self) -> F32Data<'_> {
-        let guard = self.0.storage.read().expect("tensor storage lock poisoned");
-        if matches!(&*guard, CpuStorage::F32(_)) && self.is_contiguous() {
-            F32Data::Borrowed(guard, self.0.layout.offset(), self.elem_count())
-        } else {
-            F32Data::Owned(guard.gather_f32(&self.0.layout))
-        }
+        self.try_f32_data().unwrap_or_else(|_| F32Data::Owned(vec![f32::NAN; self.elem_count()]))
     }
 
-    /// The values as f32 in row-major order (any dtype; floats widen exactly, integers convert).
+    fn try_f32_data(&self) -> Result<F32Data<'_>> {
+        let guard = self.0.storage.read().expect("tensor storage lock poisoned");
+        if matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) && self.is_contiguous() {
+            return Ok(F32Data::Borrowed(guard, self.0.layout.offset(), self.elem_count()));
+        }
+        Ok(F32Data::Owned(guard.host(self.device())?.gather_f32(&self.0.layout)))
+    }
+
+    /// The values as f32 in row-major order (any dtype; floats widen exactly, integers convert),
+    /// copied to the host from a GPU.
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
-        Ok(self.f32_data().to_vec())
+        Ok(self.try_f32_data()?.to_vec())
     }
 
     /// A tensor of FP8 codes (`format`'s bit patterns) with dtype F8E4M3 or F8E5M2.
@@ -304,7 +314,7 @@ impl Tensor {
     /// The codes of an FP8 tensor in row-major order; an error for other dtypes.
     pub fn fp8_codes(&self) -> Result<Vec<u8>> {
         let guard = self.0.storage.read().expect("tensor storage lock poisoned");
-        match &*guard {
+        match &*guard.host(self.device())? {
             CpuStorage::F8E4M3(v) | CpuStorage::F8E5M2(v) => Ok(self.0.layout.gather(v)),
             other => Err(Error::UnsupportedDType { op: "fp8_codes", dtype: other.dtype(), why: "not an FP8 tensor" }),
         }
@@ -313,13 +323,13 @@ impl Tensor {
     /// The values of an index tensor (u32 or i64) in row-major order.
     pub fn to_vec_i64(&self) -> Result<Vec<i64>> {
         let guard = self.0.storage.read().expect("tensor storage lock poisoned");
-        guard.gather_i64("to_vec_i64", &self.0.layout)
+        guard.host(self.device())?.gather_i64("to_vec_i64", &self.0.layout)
     }
 
     /// The values in their own element type; an error if `T` is not this tensor's dtype.
     pub fn to_vec<T: WithDType>(&self) -> Result<Vec<T>> {
         let guard = self.0.storage.read().expect("tensor storage lock poisoned");
-        T::from_storage(&guard, &self.0.layout).ok_or(Error::DTypeMismatch {
+        T::from_storage(&*guard.host(self.device())?, &self.0.layout).ok_or(Error::DTypeMismatch {
             op: "to_vec",
             lhs: self.dtype(),
             rhs: T::DTYPE,
@@ -331,7 +341,7 @@ impl Tensor {
         if self.elem_count() != 1 {
             return Err(Error::invalid("to_scalar", format!("tensor has shape {:?}, not one element", self.dims())));
         }
-        Ok(self.f32_data()[0])
+        Ok(self.try_f32_data()?[0])
     }
 
     /// Rows of a rank-2 tensor as f32.
@@ -341,6 +351,16 @@ impl Tensor {
         }
         let cols = self.dims()[1];
         Ok(self.to_vec_f32()?.chunks(cols.max(1)).map(|c| c.to_vec()).collect())
+    }
+
+    /// This tensor's values on `device` (the same tensor when already there); differentiable.
+    /// CUDA tensors are f32.
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if self.device() == *device {
+            return Ok(self.clone());
+        }
+        device.check_available()?;
+        crate::cuda::to_device(self, device)
     }
 
     // ---------------------------------------------------------------- in-place writes
@@ -354,7 +374,11 @@ impl Tensor {
         let mut guard = self.0.storage.write().expect("tensor storage lock poisoned");
         let (start, len) = (self.0.layout.offset(), self.elem_count());
         match &mut *guard {
-            CpuStorage::F32(v) => Ok(f(&mut v[start..start + len])),
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(f(&mut v[start..start + len])),
+            Storage::Cuda(_) => Err(Error::invalid(
+                "with_f32_mut",
+                "a CUDA tensor is not updated in place on the host: move it with to_device first",
+            )),
             other => Err(Error::UnsupportedDType {
                 op: "with_f32_mut",
                 dtype: other.dtype(),
@@ -373,9 +397,12 @@ impl Tensor {
     }
 
     /// A copy with its own storage and no history.
-    pub fn deep_clone(&self) -> Tensor {
+    pub fn deep_clone(&self) -> Result<Tensor> {
+        if let Device::Cuda(_) = self.device() {
+            return crate::cuda::copy(&self.detach());
+        }
         let guard = self.0.storage.read().expect("tensor storage lock poisoned");
-        Self::from_storage(guard.gather_same(&self.0.layout), self.dims(), self.device())
+        Ok(Self::from_storage(guard.host(self.device())?.gather_same(&self.0.layout), self.dims(), self.device()))
     }
 
     /// The same values with no autograd history (shares storage).

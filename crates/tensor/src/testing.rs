@@ -39,7 +39,8 @@ impl GradCheck {
     /// Returns an error message naming the first input and element that disagree.
     pub fn run(&self, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) -> std::result::Result<(), String> {
         let e = |err: crate::Error| err.to_string();
-        let vars: Vec<Tensor> = inputs.iter().map(|t| t.deep_clone().variable()).collect();
+        let vars: Vec<Tensor> =
+            inputs.iter().map(|t| t.deep_clone().map(|c| c.variable())).collect::<Result<_>>().map_err(e)?;
         let out = f(&vars).map_err(e)?;
         let r: Vec<f32> = {
             let mut rng = Rng::new(0x5eed);

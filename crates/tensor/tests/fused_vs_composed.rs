@@ -5,7 +5,7 @@ use whale_tensor::{Device, Result, Tensor};
 
 /// Runs `f` on fresh variables made from `inputs` and returns (output, gradients of sum(out * r)).
 fn value_and_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) -> (Tensor, Vec<Tensor>) {
-    let vars: Vec<Tensor> = inputs.iter().map(|t| t.deep_clone().variable()).collect();
+    let vars: Vec<Tensor> = inputs.iter().map(|t| t.deep_clone().unwrap().variable()).collect();
     let out = f(&vars).unwrap();
     let r = randn(out.dims(), 777);
     out.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();

@@ -56,7 +56,7 @@ fn adamw_state_round_trips() {
     let saved = a.state_tensors().unwrap().into_iter().collect();
     let mut b = AdamW::new(AdamWConfig::default()).unwrap();
     b.load_state(a.steps(), &saved, &params).unwrap();
-    let w2 = w.deep_clone();
+    let w2 = w.deep_clone().unwrap();
     let mut params2 = ParamStore::new();
     let w2 = params2.insert("w", &w2).unwrap();
     let g = randn(&[3, 3], 3);
@@ -109,7 +109,7 @@ fn bf16_moments_are_stored_in_bf16_track_f32_moments_and_restore_exactly() {
     let mut restored = AdamW::new(opt.config).unwrap();
     restored.load_state(opt.steps(), &state.into_iter().collect(), &params).unwrap();
     let mut original = opt;
-    let snapshot = w16.deep_clone();
+    let snapshot = w16.deep_clone().unwrap();
     let g = randn(&[64, 16], 99);
     w16.set_grad(Some(g.clone())).unwrap();
     original.step(&params, 1e-2).unwrap();

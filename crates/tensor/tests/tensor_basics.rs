@@ -65,11 +65,17 @@ fn bf16_is_a_storage_format() {
 }
 
 #[test]
-fn cuda_is_a_clear_error_not_a_panic() {
-    let err = Device::cuda(0).unwrap_err();
-    assert!(err.to_string().contains("CUDA"), "{err}");
-    let err = Tensor::zeros(&[2], DType::F32, &Device::Cuda(0)).unwrap_err();
+fn a_missing_gpu_is_a_clear_error_not_a_panic() {
+    // No machine has this many GPUs; without a CUDA driver every ordinal is missing.
+    let missing = 4096;
+    let err = Device::cuda(missing).unwrap_err();
+    assert!(matches!(err, Error::DeviceUnavailable { .. }), "{err}");
+    assert!(err.to_string().contains("CUDA") || err.to_string().contains("GPU 4096"), "{err}");
+    let err = Tensor::zeros(&[2], DType::F32, &Device::Cuda(missing)).unwrap_err();
     assert!(matches!(err, Error::DeviceUnavailable { .. }));
+    if !Device::cuda_is_available(0) {
+        assert!(Device::cuda(0).is_err(), "no GPU here, so GPU 0 is an error");
+    }
 }
 
 #[test]

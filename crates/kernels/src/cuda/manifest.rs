@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0x3f2889c23bea7acb;
+pub const SOURCE_HASH: u64 = 0xba07797d072d4a1f;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -68,5 +68,11 @@ pub const MODULES: &[PtxModule] = &[
         kernels: &["moe_route_f32"],
         sm_90: include_str!("../../../../kernels/ptx/router.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/router.sm_80.ptx"),
+    },
+    PtxModule {
+        name: "tensor",
+        kernels: &["unary_f32", "unary_backward_f32", "binary_f32", "strided_copy_f32", "fill_f32", "sum_mid_f32"],
+        sm_90: include_str!("../../../../kernels/ptx/tensor.sm_90.ptx"),
+        sm_80: include_str!("../../../../kernels/ptx/tensor.sm_80.ptx"),
     },
 ];

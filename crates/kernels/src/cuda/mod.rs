@@ -13,10 +13,14 @@ mod fp8;
 mod fp8_gemm;
 pub mod manifest;
 mod router;
+mod tensor_ops;
 
 pub use attention::AttnGrads;
 pub use blas::{BlasFloat, GemmShape};
+/// The CUDA bindings these launchers use, for crates that hold their buffers.
+pub use cudarc;
 pub use fp8_gemm::{Fp8GemmKernel, Fp8Operand};
+pub use tensor_ops::{BinaryOp, Strided, UnaryOp, MAX_RANK};
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -86,7 +86,7 @@ impl<'a> ParamBuilder<'a> {
                     });
                 }
                 // Master weights are f32 whatever the file stores.
-                Ok(t.to_dtype(DType::F32)?.contiguous()?.deep_clone())
+                Ok(t.to_dtype(DType::F32)?.contiguous()?.deep_clone()?)
             }
         }
     }

@@ -1,7 +1,10 @@
 //! Elementwise ops: unary maps (with their derivatives), binary ops with numpy broadcasting, and
 //! `where`/`masked_fill`.
 
-use super::{check_float, check_same_dtype, grad_if, par_map, par_map2, par_map3};
+use whale_kernels::cuda::{BinaryOp, UnaryOp};
+
+use super::{check_float, check_float_any_device, check_same_dtype, check_same_dtype_any_device, grad_if};
+use super::{par_map, par_map2, par_map3};
 use crate::backprop::backward_fn;
 use crate::layout::broadcast_shape;
 use crate::{Error, Result, Tensor};
@@ -13,12 +16,16 @@ use whale_kernels::cpu::swiglu::sigmoid;
 
 impl Tensor {
     /// `y = f(x)` elementwise, with `dy/dx = df(x, y)`.
-    fn unary_op<F, D>(&self, name: &'static str, f: F, df: D) -> Result<Tensor>
+    /// `kind` is the same map as a CUDA kernel op code.
+    fn unary_op<F, D>(&self, (name, kind): (&'static str, UnaryOp), f: F, df: D) -> Result<Tensor>
     where
         F: Fn(f32) -> f32 + Sync,
         D: Fn(f32, f32) -> f32 + Send + Sync + Copy + 'static,
     {
-        check_float(name, self)?;
+        check_float_any_device(name, self)?;
+        if self.device().is_cuda() {
+            return crate::cuda::unary(self, name, kind);
+        }
         let out = par_map(&self.f32_data(), f);
         let back = backward_fn(name, move |inputs: &[Tensor], output: &Tensor, g: &Tensor, _: &[bool]| {
             let x = inputs[0].f32_data();
@@ -30,50 +37,50 @@ impl Tensor {
     }
 
     pub fn neg(&self) -> Result<Tensor> {
-        self.unary_op("neg", |x| -x, |_, _| -1.0)
+        self.unary_op(("neg", UnaryOp::Neg), |x| -x, |_, _| -1.0)
     }
 
     pub fn exp(&self) -> Result<Tensor> {
-        self.unary_op("exp", f32::exp, |_, y| y)
+        self.unary_op(("exp", UnaryOp::Exp), f32::exp, |_, y| y)
     }
 
     pub fn log(&self) -> Result<Tensor> {
-        self.unary_op("log", f32::ln, |x, _| 1.0 / x)
+        self.unary_op(("log", UnaryOp::Log), f32::ln, |x, _| 1.0 / x)
     }
 
     pub fn sqrt(&self) -> Result<Tensor> {
-        self.unary_op("sqrt", f32::sqrt, |_, y| 0.5 / y)
+        self.unary_op(("sqrt", UnaryOp::Sqrt), f32::sqrt, |_, y| 0.5 / y)
     }
 
     pub fn rsqrt(&self) -> Result<Tensor> {
-        self.unary_op("rsqrt", |x| 1.0 / x.sqrt(), |x, y| -0.5 * y / x)
+        self.unary_op(("rsqrt", UnaryOp::Rsqrt), |x| 1.0 / x.sqrt(), |x, y| -0.5 * y / x)
     }
 
     pub fn sqr(&self) -> Result<Tensor> {
-        self.unary_op("sqr", |x| x * x, |x, _| 2.0 * x)
+        self.unary_op(("sqr", UnaryOp::Sqr), |x| x * x, |x, _| 2.0 * x)
     }
 
     /// `x^e` for a scalar exponent.
     pub fn powf(&self, e: f32) -> Result<Tensor> {
-        self.unary_op("powf", move |x| x.powf(e), move |x, _| e * x.powf(e - 1.0))
+        self.unary_op(("powf", UnaryOp::Powf(e)), move |x| x.powf(e), move |x, _| e * x.powf(e - 1.0))
     }
 
     pub fn sigmoid(&self) -> Result<Tensor> {
-        self.unary_op("sigmoid", sigmoid, |_, y| y * (1.0 - y))
+        self.unary_op(("sigmoid", UnaryOp::Sigmoid), sigmoid, |_, y| y * (1.0 - y))
     }
 
     pub fn tanh(&self) -> Result<Tensor> {
-        self.unary_op("tanh", f32::tanh, |_, y| 1.0 - y * y)
+        self.unary_op(("tanh", UnaryOp::Tanh), f32::tanh, |_, y| 1.0 - y * y)
     }
 
     pub fn relu(&self) -> Result<Tensor> {
-        self.unary_op("relu", |x| x.max(0.0), |x, _| if x > 0.0 { 1.0 } else { 0.0 })
+        self.unary_op(("relu", UnaryOp::Relu), |x| x.max(0.0), |x, _| if x > 0.0 { 1.0 } else { 0.0 })
     }
 
     /// SiLU (swish): `x * sigmoid(x)`.
     pub fn silu(&self) -> Result<Tensor> {
         self.unary_op(
-            "silu",
+            ("silu", UnaryOp::Silu),
             |x| x * sigmoid(x),
             |x, _| {
                 let s = sigmoid(x);
@@ -85,7 +92,7 @@ impl Tensor {
     /// GELU in its tanh approximation (GPT-2, llm.c): `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
     pub fn gelu(&self) -> Result<Tensor> {
         self.unary_op(
-            "gelu",
+            ("gelu", UnaryOp::Gelu),
             |x| 0.5 * x * (1.0 + (GELU_C * (x + 0.044715 * x * x * x)).tanh()),
             |x, _| {
                 let u = GELU_C * (x + 0.044715 * x * x * x);
@@ -100,12 +107,16 @@ impl Tensor {
         if lo > hi || lo.is_nan() || hi.is_nan() {
             return Err(Error::invalid("clamp", format!("empty range [{lo}, {hi}]")));
         }
-        self.unary_op("clamp", move |x| x.clamp(lo, hi), move |x, _| if (lo..=hi).contains(&x) { 1.0 } else { 0.0 })
+        self.unary_op(
+            ("clamp", UnaryOp::Clamp(lo, hi)),
+            move |x| x.clamp(lo, hi),
+            move |x, _| if (lo..=hi).contains(&x) { 1.0 } else { 0.0 },
+        )
     }
 
     /// `x * mul + add`.
     pub fn affine(&self, mul: f32, add: f32) -> Result<Tensor> {
-        self.unary_op("affine", move |x| x * mul + add, move |_, _| mul)
+        self.unary_op(("affine", UnaryOp::Affine(mul, add)), move |x| x * mul + add, move |_, _| mul)
     }
 
     pub fn mul_scalar(&self, s: f32) -> Result<Tensor> {
@@ -134,18 +145,12 @@ impl Tensor {
 
     /// `f(a, b)` with broadcasting; `grads(a, b, g, needs)` returns the full-shape gradients, which
     /// are then summed back to each operand's shape.
-    fn binary_op<F, G>(&self, rhs: &Tensor, name: &'static str, f: F, grads: G) -> Result<Tensor>
+    fn binary_op<F, G>(&self, rhs: &Tensor, (name, kind): (&'static str, BinaryOp), f: F, grads: G) -> Result<Tensor>
     where
         F: Fn(f32, f32) -> f32 + Sync,
         G: Fn(&Tensor, &Tensor, &Tensor, &[bool]) -> Result<[Option<Tensor>; 2]> + Send + Sync + 'static,
     {
-        let dtype = check_same_dtype(name, self, rhs)?;
-        let (shape, out) = if self.dims() == rhs.dims() {
-            (self.dims().to_vec(), par_map2(&self.f32_data(), &rhs.f32_data(), f))
-        } else {
-            let (shape, a, b) = self.broadcast_pair(rhs, name)?;
-            (shape, par_map2(&a, &b, f))
-        };
+        let dtype = check_same_dtype_any_device(name, self, rhs)?;
         let back = backward_fn(name, move |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
             let [ga, gb] = grads(&inputs[0], &inputs[1], g, needs)?;
             Ok(vec![
@@ -153,13 +158,23 @@ impl Tensor {
                 gb.map(|t| t.sum_to_shape(inputs[1].dims())).transpose()?,
             ])
         });
+        if self.device().is_cuda() {
+            let shape = broadcast_shape(name, self.dims(), rhs.dims())?;
+            return crate::cuda::binary((self, rhs), &shape, (name, kind), &[self, rhs], back);
+        }
+        let (shape, out) = if self.dims() == rhs.dims() {
+            (self.dims().to_vec(), par_map2(&self.f32_data(), &rhs.f32_data(), f))
+        } else {
+            let (shape, a, b) = self.broadcast_pair(rhs, name)?;
+            (shape, par_map2(&a, &b, f))
+        };
         Ok(Tensor::from_op(out, &shape, dtype, &[self, rhs], back))
     }
 
     pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary_op(
             rhs,
-            "add",
+            ("add", BinaryOp::Add),
             |a, b| a + b,
             |_, _, g, n| Ok([grad_if(n[0], || Ok(g.clone()))?, grad_if(n[1], || Ok(g.clone()))?]),
         )
@@ -168,7 +183,7 @@ impl Tensor {
     pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary_op(
             rhs,
-            "sub",
+            ("sub", BinaryOp::Sub),
             |a, b| a - b,
             |_, _, g, n| Ok([grad_if(n[0], || Ok(g.clone()))?, grad_if(n[1], || g.neg())?]),
         )
@@ -177,7 +192,7 @@ impl Tensor {
     pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary_op(
             rhs,
-            "mul",
+            ("mul", BinaryOp::Mul),
             |a, b| a * b,
             |a, b, g, n| Ok([grad_if(n[0], || g.mul(b))?, grad_if(n[1], || g.mul(a))?]),
         )
@@ -186,7 +201,7 @@ impl Tensor {
     pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary_op(
             rhs,
-            "div",
+            ("div", BinaryOp::Div),
             |a, b| a / b,
             |a, b, g, n| Ok([grad_if(n[0], || g.div(b))?, grad_if(n[1], || g.mul(a)?.div(&b.sqr()?)?.neg())?]),
         )
@@ -194,7 +209,7 @@ impl Tensor {
 
     /// Elementwise maximum; the gradient goes to `self` where `self >= rhs`, else to `rhs`.
     pub fn maximum(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_op(rhs, "maximum", f32::max, |a, b, g, n| {
+        self.binary_op(rhs, ("maximum", BinaryOp::Maximum), f32::max, |a, b, g, n| {
             let mask = a.ge(b)?;
             Ok([
                 grad_if(n[0], || mask.where_cond(g, &g.zeros_like()?))?,
@@ -205,7 +220,11 @@ impl Tensor {
 
     /// 1.0 where `self >= rhs`, else 0.0 (a mask, not differentiable).
     pub fn ge(&self, rhs: &Tensor) -> Result<Tensor> {
-        let dtype = check_same_dtype("ge", self, rhs)?;
+        let dtype = check_same_dtype_any_device("ge", self, rhs)?;
+        if self.device().is_cuda() {
+            let shape = broadcast_shape("ge", self.dims(), rhs.dims())?;
+            return crate::cuda::binary((self, rhs), &shape, ("ge", BinaryOp::Ge), &[], crate::backprop::NoBackward);
+        }
         let (shape, a, b) = self.broadcast_pair(rhs, "ge")?;
         let out = par_map2(&a, &b, |a, b| if a >= b { 1.0 } else { 0.0 });
         Ok(Tensor::from_op(out, &shape, dtype, &[], crate::backprop::NoBackward))

@@ -6,10 +6,10 @@
 use rayon::prelude::*;
 use whale_kernels::cpu::matmul::{matmul as gemm_matmul, MatRef};
 
-use super::{check_same_dtype, grad_if};
+use super::{check_same_dtype, check_same_dtype_any_device, grad_if};
 use crate::backprop::backward_fn;
 use crate::layout::broadcast_shape;
-use crate::storage::CpuStorage;
+use crate::storage::{CpuStorage, Storage};
 use crate::{DType, Error, Result, Tensor};
 
 /// Below this many multiply-adds per matrix, batches run in parallel with single-threaded gemms.
@@ -18,7 +18,7 @@ const SMALL_GEMM: usize = 1 << 18;
 impl Tensor {
     /// `[..., m, k] @ [..., k, n] -> [..., m, n]`.
     pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
-        let dtype = check_same_dtype("matmul", self, rhs)?;
+        let dtype = check_same_dtype_any_device("matmul", self, rhs)?;
         let (ra, rb) = (self.rank(), rhs.rank());
         if ra < 2 || rb < 2 {
             return Err(Error::invalid(
@@ -44,7 +44,6 @@ impl Tensor {
         let b_shape: Vec<usize> = batch.iter().copied().chain([k, n]).collect();
         let a = as_f32(self)?.broadcast_as(&a_shape)?;
         let b = as_f32(rhs)?.broadcast_as(&b_shape)?;
-        let out = batched_gemm(&a, &b, &batch, m, n, k);
         let out_shape: Vec<usize> = batch.iter().copied().chain([m, n]).collect();
         let back = backward_fn("matmul", |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
             let (a, b) = (&inputs[0], &inputs[1]);
@@ -53,6 +52,11 @@ impl Tensor {
                 grad_if(needs[1], || a.t()?.matmul(g)?.sum_to_shape(b.dims()))?,
             ])
         });
+        if self.device().is_cuda() {
+            let count = batch.iter().product();
+            return crate::cuda::matmul((&a, &b), (count, m, n, k), &out_shape, &[self, rhs], back);
+        }
+        let out = batched_gemm(&a, &b, &batch, m, n, k);
         Ok(Tensor::from_op(out, &out_shape, dtype, &[self, rhs], back))
     }
 }
@@ -78,7 +82,9 @@ fn batch_offsets(t: &Tensor, batch: &[usize]) -> Vec<usize> {
 
 fn batched_gemm(a: &Tensor, b: &Tensor, batch: &[usize], m: usize, n: usize, k: usize) -> Vec<f32> {
     let (ga, gb) = (a.0.storage.read().expect("lock"), b.0.storage.read().expect("lock"));
-    let (CpuStorage::F32(da), CpuStorage::F32(db)) = (&*ga, &*gb) else { unreachable!("as_f32 made both f32") };
+    let (Storage::Cpu(CpuStorage::F32(da)), Storage::Cpu(CpuStorage::F32(db))) = (&*ga, &*gb) else {
+        unreachable!("as_f32 made both f32 host tensors")
+    };
     let (sa, sb) = (a.layout().strides(), b.layout().strides());
     let r = sa.len();
     let (oa, ob) = (batch_offsets(a, batch), batch_offsets(b, batch));

@@ -65,12 +65,37 @@ pub(crate) fn par_map3(x: &[f32], y: &[f32], z: &[f32], f: impl Fn(f32, f32, f32
     out
 }
 
-pub(crate) fn check_float(op: &'static str, t: &Tensor) -> Result<()> {
+/// A float tensor on a device this process can use; ops with a CUDA path check this, then
+/// dispatch on the device.
+pub(crate) fn check_float_any_device(op: &'static str, t: &Tensor) -> Result<()> {
     t.device().check_available()?;
     if !t.dtype().is_float() {
         return Err(Error::UnsupportedDType { op, dtype: t.dtype(), why: "a float tensor is required" });
     }
     Ok(())
+}
+
+/// A float tensor on the CPU: the check of ops that only have a CPU path, so a CUDA tensor gets
+/// an error naming the op instead of a silent round trip through the host.
+pub(crate) fn check_float(op: &'static str, t: &Tensor) -> Result<()> {
+    check_float_any_device(op, t)?;
+    if t.device().is_cuda() {
+        return Err(Error::NoCudaKernel { op });
+    }
+    Ok(())
+}
+
+/// Two float tensors of one dtype on one device (any device): for ops with a CUDA path.
+pub(crate) fn check_same_dtype_any_device(op: &'static str, a: &Tensor, b: &Tensor) -> Result<DType> {
+    check_float_any_device(op, a)?;
+    check_float_any_device(op, b)?;
+    if a.device() != b.device() {
+        return Err(Error::DeviceMismatch { op, lhs: a.device(), rhs: b.device() });
+    }
+    if a.dtype() != b.dtype() {
+        return Err(Error::DTypeMismatch { op, lhs: a.dtype(), rhs: b.dtype() });
+    }
+    Ok(a.dtype())
 }
 
 pub(crate) fn check_same_dtype(op: &'static str, a: &Tensor, b: &Tensor) -> Result<DType> {

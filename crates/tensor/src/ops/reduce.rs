@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{check_float, split_at_dim};
+use super::{check_float, check_float_any_device, split_at_dim};
 use crate::backprop::{backward_fn, NoBackward};
 use crate::{DType, Result, Tensor};
 
@@ -37,9 +37,12 @@ fn keepdim_shape(shape: &[usize], dim: usize) -> Vec<usize> {
 impl Tensor {
     /// Sum over `dim`, keeping it as size 1. Accumulates in f64.
     pub fn sum_keepdim(&self, dim: usize) -> Result<Tensor> {
-        check_float("sum", self)?;
+        check_float_any_device("sum", self)?;
         self.layout().check_dim("sum", dim)?;
         let (outer, n, inner) = split_at_dim(self.dims(), dim);
+        if self.device().is_cuda() {
+            return crate::cuda::sum_mid(self, (outer, n, inner), &keepdim_shape(self.dims(), dim));
+        }
         let out = reduce_mid(&self.f32_data(), outer, n, inner, |it| it.map(f64::from).sum::<f64>() as f32);
         let back = backward_fn("sum", |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
             Ok(vec![Some(g.broadcast_as(inputs[0].dims())?)])

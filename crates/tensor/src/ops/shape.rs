@@ -125,7 +125,11 @@ impl Tensor {
         if self.is_contiguous() {
             return Ok(self.clone());
         }
-        let storage = self.0.storage.read().expect("tensor storage lock poisoned").gather_same(self.layout());
+        if self.device().is_cuda() {
+            return crate::cuda::contiguous(self);
+        }
+        let storage = self.0.storage.read().expect("tensor storage lock poisoned");
+        let storage = crate::storage::Storage::Cpu(storage.host(self.device())?.gather_same(self.layout()));
         let storage = std::sync::Arc::new(std::sync::RwLock::new(storage));
         let op =
             backward_fn("contiguous", |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| Ok(vec![Some(g.clone())]));
@@ -136,6 +140,9 @@ impl Tensor {
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
             return Ok(self.clone());
+        }
+        if self.device().is_cuda() {
+            return Err(Error::UnsupportedDType { op: "to_dtype", dtype, why: "CUDA tensors are f32 in this build" });
         }
         let values = self.f32_data().to_vec();
         if self.dtype().is_float() && dtype.is_float() {

@@ -1,0 +1,203 @@
+//! Launchers of kernels/tensor.cu, the generic kernels behind whale-tensor's CUDA backend. They
+//! take device buffers (views for inputs, so a tensor's offset into shared storage costs nothing)
+//! and never copy to the host.
+
+use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
+
+use super::{cuda, grid_for, Gpu, GpuError, Result};
+
+/// The most dimensions a strided operand of these kernels has.
+pub const MAX_RANK: usize = 6;
+
+/// Up to two strided operands (`a`, `b`, in elements) over one row-major index space `shape`:
+/// the C struct `Strided` of kernels/tensor.cu, passed by value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Strided {
+    rank: u32,
+    shape: [u32; MAX_RANK],
+    a: [u64; MAX_RANK],
+    b: [u64; MAX_RANK],
+    a_off: u64,
+    b_off: u64,
+}
+
+// SAFETY: a plain `repr(C)` struct of integers, laid out as the kernels' `Strided`.
+unsafe impl DeviceRepr for Strided {}
+
+impl Strided {
+    /// `shape` read through `a` (strides and offset) and, for binary ops, `b` (a broadcast
+    /// operand has stride 0 along its broadcast dimensions).
+    pub fn new(shape: &[usize], a: (&[usize], usize), b: (&[usize], usize)) -> Result<Strided> {
+        if shape.len() > MAX_RANK || a.0.len() != shape.len() || b.0.len() != shape.len() {
+            return Err(GpuError::Shape(format!(
+                "strided kernels take at most {MAX_RANK} dims with one stride each: shape {shape:?}, strides {:?} and {:?}",
+                a.0, b.0
+            )));
+        }
+        if shape.iter().any(|&d| d > u32::MAX as usize) {
+            return Err(GpuError::Shape(format!("strided kernels: a dimension of {shape:?} exceeds 2^32")));
+        }
+        let mut s = Strided { rank: shape.len() as u32, a_off: a.1 as u64, b_off: b.1 as u64, ..Default::default() };
+        for d in 0..shape.len() {
+            s.shape[d] = shape[d] as u32;
+            s.a[d] = a.0[d] as u64;
+            s.b[d] = b.0[d] as u64;
+        }
+        Ok(s)
+    }
+}
+
+/// Elementwise maps: the op codes of kernels/tensor.cu's `unary`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Sqr,
+    Powf(f32),
+    Sigmoid,
+    Tanh,
+    Relu,
+    Silu,
+    Gelu,
+    Clamp(f32, f32),
+    /// `x * mul + add`.
+    Affine(f32, f32),
+}
+
+impl UnaryOp {
+    /// (op code, first and second parameter).
+    fn code(self) -> (i32, f32, f32) {
+        use UnaryOp::*;
+        match self {
+            Neg => (0, 0.0, 0.0),
+            Exp => (1, 0.0, 0.0),
+            Log => (2, 0.0, 0.0),
+            Sqrt => (3, 0.0, 0.0),
+            Rsqrt => (4, 0.0, 0.0),
+            Sqr => (5, 0.0, 0.0),
+            Powf(e) => (6, e, 0.0),
+            Sigmoid => (7, 0.0, 0.0),
+            Tanh => (8, 0.0, 0.0),
+            Relu => (9, 0.0, 0.0),
+            Silu => (10, 0.0, 0.0),
+            Gelu => (11, 0.0, 0.0),
+            Clamp(lo, hi) => (12, lo, hi),
+            Affine(mul, add) => (13, mul, add),
+        }
+    }
+}
+
+/// Binary ops over broadcast operands: the op codes of kernels/tensor.cu's `binary_f32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add = 0,
+    Sub = 1,
+    Mul = 2,
+    Div = 3,
+    Maximum = 4,
+    /// 1.0 where `a >= b`, else 0.0.
+    Ge = 5,
+}
+
+fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(GpuError::Shape(format!("{what}: a buffer of {have} values for {need}")));
+    }
+    Ok(())
+}
+
+impl Gpu {
+    /// `y[..n] = op(x[..n])`.
+    pub fn unary_dev(&self, op: UnaryOp, x: &CudaView<'_, f32>, y: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+        check_len("unary", x.len(), n)?;
+        check_len("unary", y.len(), n)?;
+        let ((code, p0, p1), n32) = (op.code(), n as u32);
+        let mut l = self.stream.launch_builder(self.function("unary_f32"));
+        l.arg(x).arg(y).arg(&n32).arg(&code).arg(&p0).arg(&p1);
+        // SAFETY: a grid-stride loop over n elements of two buffers that hold at least n.
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda("unary_f32"))?;
+        Ok(())
+    }
+
+    /// `dx[..n] = g * op'(x)`, the derivative taken from the input `x` and the output `y`.
+    pub fn unary_backward_dev(
+        &self,
+        op: UnaryOp,
+        (x, y, g): (&CudaView<'_, f32>, &CudaView<'_, f32>, &CudaView<'_, f32>),
+        dx: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
+        for len in [x.len(), y.len(), g.len(), dx.len()] {
+            check_len("unary backward", len, n)?;
+        }
+        let ((code, p0, p1), n32) = (op.code(), n as u32);
+        let mut l = self.stream.launch_builder(self.function("unary_backward_f32"));
+        l.arg(x).arg(y).arg(g).arg(dx).arg(&n32).arg(&code).arg(&p0).arg(&p1);
+        // SAFETY: a grid-stride loop over n elements of four buffers that hold at least n.
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda("unary_backward_f32"))?;
+        Ok(())
+    }
+
+    /// `out[i] = a op b` over `s`'s index space (`out` contiguous, `n` = its element count). The
+    /// caller guarantees that `s` addresses only elements inside `a` and `b`.
+    pub fn binary_dev(
+        &self,
+        op: BinaryOp,
+        (a, b): (&CudaSlice<f32>, &CudaSlice<f32>),
+        s: &Strided,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
+        check_len("binary", out.len(), n)?;
+        let (code, n32) = (op as i32, n as u32);
+        let mut l = self.stream.launch_builder(self.function("binary_f32"));
+        l.arg(a).arg(b).arg(out).arg(&n32).arg(&code).arg(s);
+        // SAFETY: every offset `s` produces lies inside a and b (the caller's layouts), and out
+        // holds n values.
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda("binary_f32"))?;
+        Ok(())
+    }
+
+    /// `y` = the view `s.a` of `x`, contiguous (`n` elements).
+    pub fn strided_copy_dev(&self, x: &CudaSlice<f32>, s: &Strided, y: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+        check_len("strided copy", y.len(), n)?;
+        let n32 = n as u32;
+        let mut l = self.stream.launch_builder(self.function("strided_copy_f32"));
+        l.arg(x).arg(y).arg(&n32).arg(s);
+        // SAFETY: as for binary_dev, with one operand.
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda("strided_copy_f32"))?;
+        Ok(())
+    }
+
+    /// `y[..n] = value`.
+    pub fn fill_dev(&self, y: &mut CudaSlice<f32>, n: usize, value: f32) -> Result<()> {
+        check_len("fill", y.len(), n)?;
+        let n32 = n as u32;
+        let mut l = self.stream.launch_builder(self.function("fill_f32"));
+        l.arg(y).arg(&n32).arg(&value);
+        // SAFETY: writes n values of a buffer that holds at least n.
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda("fill_f32"))?;
+        Ok(())
+    }
+
+    /// `y[o, i] = Σ_j x[o, j, i]` for contiguous `x` `[outer, n, inner]`, in f64 like the CPU.
+    pub fn sum_mid_dev(
+        &self,
+        x: &CudaView<'_, f32>,
+        y: &mut CudaSlice<f32>,
+        (outer, n, inner): (usize, usize, usize),
+    ) -> Result<()> {
+        check_len("sum", x.len(), outer * n * inner)?;
+        check_len("sum", y.len(), outer * inner)?;
+        let dims = [outer as u32, n as u32, inner as u32];
+        let mut l = self.stream.launch_builder(self.function("sum_mid_f32"));
+        l.arg(x).arg(y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
+        // SAFETY: one thread per output reads its n inputs, all inside x.
+        unsafe { l.launch(grid_for(outer * inner)) }.map_err(cuda("sum_mid_f32"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,240 @@
+//! The CUDA backend: tensors whose f32 storage lives on a GPU, and the ops that run there. Each op
+//! keeps its CPU home (`ops/`), which dispatches here for CUDA tensors; the backward closures are
+//! the CPU ops' own where they are written in tensor ops (which dispatch again), and GPU kernels
+//! where the CPU computes a derivative directly (elementwise maps).
+//!
+//! On the GPU now: `to_device` both ways, `full`/`zeros`/`ones`, every view (free: layouts only),
+//! `contiguous`, the elementwise maps, the broadcasting binary ops, sums (and so means and
+//! `sum_to_shape`), and matmul through cuBLAS. Any other op given a CUDA tensor returns an error
+//! that names it (`ops::check_float`): nothing silently computes on the host.
+
+use std::sync::{Arc, RwLock};
+
+use whale_kernels::cuda::cudarc::driver::CudaSlice;
+use whale_kernels::cuda::{BinaryOp, GemmShape, Gpu, GpuError, Strided, UnaryOp};
+
+use crate::backprop::{backward_fn, BackwardOp};
+use crate::device::gpu;
+use crate::layout::Layout;
+use crate::storage::{CudaStorage, Storage};
+use crate::{DType, Device, Error, Result, Tensor};
+
+fn gpu_error(device: Device) -> impl Fn(GpuError) -> Error {
+    move |e| Error::DeviceUnavailable { device, why: e.to_string() }
+}
+
+/// Runs `f` on the GPU and f32 buffer behind a CUDA tensor without copying it.
+fn with_buffer<R>(t: &Tensor, f: impl FnOnce(&Arc<Gpu>, &CudaSlice<f32>) -> Result<R>) -> Result<R> {
+    let guard = t.0.storage.read().expect("tensor storage lock poisoned");
+    match &*guard {
+        Storage::Cuda(c) => f(&c.gpu, &c.buf),
+        Storage::Cpu(_) => Err(Error::invalid("cuda", "a host tensor reached the CUDA backend")),
+    }
+}
+
+fn alloc(g: &Gpu, device: Device, n: usize) -> Result<CudaSlice<f32>> {
+    g.stream
+        .alloc_zeros::<f32>(n.max(1))
+        .map_err(|e| Error::DeviceUnavailable { device, why: format!("allocating {n} floats failed: {e:?}") })
+}
+
+/// A fresh contiguous CUDA tensor over `buf`, recording `op` over `inputs` when it needs to.
+fn tensor(
+    g: Arc<Gpu>,
+    buf: CudaSlice<f32>,
+    shape: &[usize],
+    inputs: &[&Tensor],
+    op: impl BackwardOp + 'static,
+) -> Tensor {
+    let storage = Arc::new(RwLock::new(Storage::Cuda(CudaStorage { gpu: g, buf })));
+    Tensor::with_history(storage, Layout::contiguous(shape), DType::F32, inputs, op)
+}
+
+fn check_f32(op: &'static str, t: &Tensor) -> Result<()> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::UnsupportedDType { op, dtype: t.dtype(), why: "CUDA tensors are f32 in this build" });
+    }
+    Ok(())
+}
+
+/// `value` everywhere, on GPU `ordinal`.
+pub(crate) fn full(value: f32, shape: &[usize], dtype: DType, ordinal: usize) -> Result<Tensor> {
+    let device = Device::Cuda(ordinal);
+    if dtype != DType::F32 {
+        return Err(Error::UnsupportedDType { op: "full", dtype, why: "CUDA tensors are f32 in this build" });
+    }
+    let g = gpu(ordinal)?;
+    let n = shape.iter().product();
+    let mut buf = alloc(&g, device, n)?;
+    if value != 0.0 {
+        g.fill_dev(&mut buf, n, value).map_err(gpu_error(device))?;
+    }
+    Ok(tensor(g, buf, shape, &[], crate::backprop::NoBackward))
+}
+
+/// The values of `t` (on any device) on `device`; differentiable (the gradient moves back).
+pub(crate) fn to_device(t: &Tensor, device: &Device) -> Result<Tensor> {
+    let back = backward_fn("to_device", |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
+        Ok(vec![Some(g.to_device(&inputs[0].device())?)])
+    });
+    match *device {
+        Device::Cpu => {
+            let values = t.to_vec_f32()?;
+            Ok(Tensor::from_op(values, t.dims(), DType::F32, &[t], back))
+        }
+        Device::Cuda(i) => {
+            check_f32("to_device", t)?;
+            let g = gpu(i)?;
+            let buf = if t.device() == *device {
+                contiguous_buffer(t)?.1
+            } else {
+                let host = t.to_vec_f32()?;
+                let src = if host.is_empty() { vec![0.0] } else { host };
+                g.stream.clone_htod(&src).map_err(|e| Error::DeviceUnavailable {
+                    device: *device,
+                    why: format!("copying to the GPU failed: {e:?}"),
+                })?
+            };
+            Ok(tensor(g, buf, t.dims(), &[t], back))
+        }
+    }
+}
+
+/// The strided view `s.a` of `t`'s buffer as a fresh contiguous buffer.
+fn contiguous_buffer(t: &Tensor) -> Result<(Arc<Gpu>, CudaSlice<f32>)> {
+    let l = t.layout();
+    let n = t.elem_count();
+    with_buffer(t, |g, buf| {
+        let mut out = alloc(g, t.device(), n)?;
+        if n > 0 {
+            let s = Strided::new(l.shape(), (l.strides(), l.offset()), (l.strides(), l.offset()))
+                .map_err(gpu_error(t.device()))?;
+            g.strided_copy_dev(buf, &s, &mut out, n).map_err(gpu_error(t.device()))?;
+        }
+        Ok((g.clone(), out))
+    })
+}
+
+/// A row-major copy of a CUDA view.
+pub(crate) fn contiguous(t: &Tensor) -> Result<Tensor> {
+    check_f32("contiguous", t)?;
+    let (g, buf) = contiguous_buffer(t)?;
+    let op = backward_fn("contiguous", |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| Ok(vec![Some(g.clone())]));
+    Ok(tensor(g, buf, t.dims(), &[t], op))
+}
+
+/// A copy with its own buffer and no history.
+pub(crate) fn copy(t: &Tensor) -> Result<Tensor> {
+    let (g, buf) = contiguous_buffer(t)?;
+    Ok(tensor(g, buf, t.dims(), &[], crate::backprop::NoBackward))
+}
+
+/// `op(t)` elementwise, with the derivative kernel as its backward.
+pub(crate) fn unary(t: &Tensor, name: &'static str, op: UnaryOp) -> Result<Tensor> {
+    check_f32(name, t)?;
+    let x = if t.is_contiguous() && t.layout().offset() == 0 { t.clone() } else { contiguous(&t.detach())? };
+    let n = t.elem_count();
+    let (g, buf) = with_buffer(&x, |g, xb| {
+        let mut out = alloc(g, t.device(), n)?;
+        g.unary_dev(op, &xb.slice(..), &mut out, n).map_err(gpu_error(t.device()))?;
+        Ok((g.clone(), out))
+    })?;
+    let back = backward_fn(name, move |inputs: &[Tensor], output: &Tensor, grad: &Tensor, _: &[bool]| {
+        let x = contiguous(&inputs[0].detach())?;
+        let gr = contiguous(&grad.detach())?;
+        let dx = with_buffer(&x, |g, xb| {
+            with_buffer(output, |_, yb| {
+                with_buffer(&gr, |_, gb| {
+                    let mut dx = alloc(g, x.device(), n)?;
+                    g.unary_backward_dev(op, (&xb.slice(..), &yb.slice(..), &gb.slice(..)), &mut dx, n)
+                        .map_err(gpu_error(x.device()))?;
+                    Ok(tensor(g.clone(), dx, x.dims(), &[], crate::backprop::NoBackward))
+                })
+            })
+        })?;
+        Ok(vec![Some(dx)])
+    });
+    Ok(tensor(g, buf, t.dims(), &[t], back))
+}
+
+/// `a op b` with broadcasting into `shape` (strides of 0 along broadcast dims), recording `back`
+/// over `inputs` (the CPU op's backward, written in tensor ops).
+pub(crate) fn binary(
+    (a, b): (&Tensor, &Tensor),
+    shape: &[usize],
+    (name, op): (&'static str, BinaryOp),
+    inputs: &[&Tensor],
+    back: impl BackwardOp + 'static,
+) -> Result<Tensor> {
+    check_f32(name, a)?;
+    check_f32(name, b)?;
+    let (ba, bb) = (a.broadcast_as(shape)?, b.broadcast_as(shape)?);
+    let (la, lb) = (ba.layout(), bb.layout());
+    let s =
+        Strided::new(shape, (la.strides(), la.offset()), (lb.strides(), lb.offset())).map_err(gpu_error(a.device()))?;
+    let n: usize = shape.iter().product();
+    let (g, buf) = with_buffer(a, |g, ab| {
+        with_buffer(b, |_, bb| {
+            let mut out = alloc(g, a.device(), n)?;
+            if n > 0 {
+                g.binary_dev(op, (ab, bb), &s, &mut out, n).map_err(gpu_error(a.device()))?;
+            }
+            Ok((g.clone(), out))
+        })
+    })?;
+    Ok(tensor(g, buf, shape, inputs, back))
+}
+
+/// Sum over the middle axis of `t` seen as `[outer, n, inner]` into `out_shape`.
+pub(crate) fn sum_mid(t: &Tensor, (outer, n, inner): (usize, usize, usize), out_shape: &[usize]) -> Result<Tensor> {
+    check_f32("sum", t)?;
+    let x = if t.is_contiguous() && t.layout().offset() == 0 { t.clone() } else { contiguous(&t.detach())? };
+    let (g, buf) = with_buffer(&x, |g, xb| {
+        let mut out = alloc(g, t.device(), outer * inner)?;
+        g.sum_mid_dev(&xb.slice(..), &mut out, (outer, n, inner)).map_err(gpu_error(t.device()))?;
+        Ok((g.clone(), out))
+    })?;
+    let back = backward_fn("sum", |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
+        Ok(vec![Some(g.broadcast_as(inputs[0].dims())?.contiguous()?)])
+    });
+    Ok(tensor(g, buf, out_shape, &[t], back))
+}
+
+/// `a[batch.., m, k] @ b[batch.., k, n]` (both already broadcast to the batch) through cuBLAS.
+/// A 2-D `b` that is the transpose of a contiguous `[n, k]` (a linear layer's `w.t()`) is read in
+/// place; other views are made contiguous first.
+pub(crate) fn matmul(
+    (a, b): (&Tensor, &Tensor),
+    (batch, m, n, k): (usize, usize, usize, usize),
+    out_shape: &[usize],
+    inputs: &[&Tensor],
+    back: impl BackwardOp + 'static,
+) -> Result<Tensor> {
+    check_f32("matmul", a)?;
+    check_f32("matmul", b)?;
+    let packed = |t: &Tensor| -> Result<Tensor> {
+        if t.is_contiguous() && t.layout().offset() == 0 {
+            Ok(t.clone())
+        } else {
+            contiguous(&t.detach())
+        }
+    };
+    let lb = b.layout();
+    let b_transposed = b.rank() == 2 && lb.strides() == [1, k] && lb.offset() == 0 && k > 0;
+    let a = packed(a)?;
+    let b = if b_transposed { b.clone() } else { packed(b)? };
+    let shape = GemmShape { batch, m, n, k, b_transposed };
+    let (g, buf) = with_buffer(&a, |g, ab| {
+        with_buffer(&b, |_, bb| {
+            let mut out = alloc(g, a.device(), batch * m * n)?;
+            let c_len = batch * m * n;
+            if c_len > 0 {
+                let mut view = out.slice_mut(..c_len);
+                g.gemm_dev(&shape, &ab.slice(..batch * m * k), &bb.slice(..batch * k * n), &mut view)
+                    .map_err(gpu_error(a.device()))?;
+            }
+            Ok((g.clone(), out))
+        })
+    })?;
+    Ok(tensor(g, buf, out_shape, inputs, back))
+}

@@ -1,0 +1,139 @@
+//! One test body per op, run on the CPU always and on a GPU when one is present: the CPU result
+//! (values and every input's gradient) is the oracle the CUDA backend must match. Without a GPU
+//! the CUDA half prints that it was skipped and why; the CPU half and the device-independent
+//! checks still run.
+
+use whale_tensor::{DType, Device, Error, Result, Rng, Tensor};
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::randn(shape, 0.0, 1.0, DType::F32, &mut Rng::new(seed)).unwrap()
+}
+
+/// Positive values (for log, sqrt, rsqrt, powf, div).
+fn positive(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::rand_uniform(shape, 0.5, 2.0, DType::F32, &mut Rng::new(seed)).unwrap()
+}
+
+/// `f`'s output and the gradients of `sum(out * r)` for every input, computed on `device`, read
+/// back to the host.
+fn run(
+    device: &Device,
+    inputs: &[Tensor],
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    let vars = inputs.iter().map(|t| Ok(t.to_device(device)?.detach().variable())).collect::<Result<Vec<_>>>()?;
+    let out = f(&vars)?;
+    assert_eq!(out.device(), *device, "the result stays on the inputs' device");
+    let r = randn(out.dims(), 99).to_device(device)?;
+    out.mul(&r)?.sum_all()?.backward()?;
+    let grads = vars
+        .iter()
+        .map(|v| v.grad().map(|g| g.to_vec_f32()).unwrap_or_else(|| Ok(vec![0.0; v.elem_count()])))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((out.to_vec_f32()?, grads))
+}
+
+fn close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 2e-5 * (1.0 + w.abs()), "{what}[{i}]: CUDA {g} vs CPU {w}");
+    }
+}
+
+/// Runs `f` on the CPU (which must succeed) and, when a GPU is present, on GPU 0, comparing the
+/// two.
+fn on_every_device(name: &str, inputs: Vec<Tensor>, f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    let (out, grads) = run(&Device::Cpu, &inputs, &f).unwrap_or_else(|e| panic!("{name} on the CPU: {e}"));
+    if !Device::cuda_is_available(0) {
+        eprintln!("{name}: CUDA half skipped, no CUDA driver or GPU on this machine");
+        return;
+    }
+    let (gout, ggrads) = run(&Device::cuda(0).unwrap(), &inputs, &f).unwrap_or_else(|e| panic!("{name} on CUDA: {e}"));
+    close(&format!("{name} output"), &gout, &out);
+    for (i, (g, w)) in ggrads.iter().zip(&grads).enumerate() {
+        close(&format!("{name} grad of input {i}"), g, w);
+    }
+}
+
+#[test]
+fn elementwise_maps() {
+    let x = randn(&[7, 33], 1);
+    let p = positive(&[7, 33], 2);
+    on_every_device("neg", vec![x.clone()], |v| v[0].neg());
+    on_every_device("exp", vec![x.clone()], |v| v[0].exp());
+    on_every_device("log", vec![p.clone()], |v| v[0].log());
+    on_every_device("sqrt", vec![p.clone()], |v| v[0].sqrt());
+    on_every_device("rsqrt", vec![p.clone()], |v| v[0].rsqrt());
+    on_every_device("sqr", vec![x.clone()], |v| v[0].sqr());
+    on_every_device("powf", vec![p.clone()], |v| v[0].powf(1.7));
+    on_every_device("sigmoid", vec![x.clone()], |v| v[0].sigmoid());
+    on_every_device("tanh", vec![x.clone()], |v| v[0].tanh());
+    on_every_device("relu", vec![x.clone()], |v| v[0].relu());
+    on_every_device("silu", vec![x.clone()], |v| v[0].silu());
+    on_every_device("gelu", vec![x.clone()], |v| v[0].gelu());
+    on_every_device("clamp", vec![x.clone()], |v| v[0].clamp(-0.5, 0.7));
+    on_every_device("affine", vec![x.clone()], |v| v[0].affine(1.5, -0.25));
+    // A strided view goes through the CUDA copy kernel first.
+    on_every_device("silu of a transpose", vec![x], |v| v[0].t()?.silu());
+}
+
+#[test]
+fn broadcasting_binary_ops() {
+    let (a, b) = (randn(&[4, 1, 6], 3), randn(&[5, 1], 4));
+    let d = positive(&[5, 6], 5);
+    on_every_device("add", vec![a.clone(), b.clone()], |v| v[0].add(&v[1]));
+    on_every_device("sub", vec![a.clone(), b.clone()], |v| v[0].sub(&v[1]));
+    on_every_device("mul", vec![a.clone(), b.clone()], |v| v[0].mul(&v[1]));
+    on_every_device("div", vec![a.clone(), d], |v| v[0].div(&v[1]));
+    on_every_device("maximum", vec![a.clone(), b.clone()], |v| v[0].maximum(&v[1]));
+    on_every_device("ge", vec![a.clone(), b], |v| v[0].ge(&v[1])?.mul(&v[0]));
+    on_every_device("add a narrowed view", vec![a], |v| v[0].narrow(2, 1, 4)?.add(&v[0].narrow(2, 2, 4)?));
+}
+
+#[test]
+fn reductions_and_shapes() {
+    let x = randn(&[3, 4, 5], 6);
+    on_every_device("sum", vec![x.clone()], |v| v[0].sum(1));
+    on_every_device("sum_keepdim", vec![x.clone()], |v| v[0].sum_keepdim(2));
+    on_every_device("mean", vec![x.clone()], |v| v[0].mean(0));
+    on_every_device("sum_all", vec![x.clone()], |v| v[0].sum_all()?.reshape(&[1]));
+    on_every_device("contiguous permute", vec![x.clone()], |v| v[0].permute(&[2, 0, 1])?.contiguous());
+    on_every_device("reshape of a transpose", vec![x], |v| v[0].transpose(0, 2)?.reshape(&[20, 3]));
+}
+
+#[test]
+fn matmuls() {
+    let (a, b) = (randn(&[6, 8], 7), randn(&[8, 5], 8));
+    on_every_device("matmul", vec![a.clone(), b.clone()], |v| v[0].matmul(&v[1]));
+    let w = randn(&[5, 8], 9);
+    on_every_device("linear (x wᵀ)", vec![a, w], |v| v[0].matmul(&v[1].t()?));
+    let (x, y) = (randn(&[2, 3, 6, 4], 10), randn(&[3, 4, 7], 11));
+    on_every_device("batched, broadcast batch", vec![x.clone(), y], |v| v[0].matmul(&v[1]));
+    on_every_device("[..., k] @ [k, n]", vec![x, randn(&[4, 9], 12)], |v| v[0].matmul(&v[1]));
+}
+
+#[test]
+fn a_small_mlp_trains_the_same_on_both_devices() {
+    // A whole forward and backward through composed ops: x -> silu(x W1ᵀ + b1) W2ᵀ, squared error.
+    let inputs =
+        [randn(&[16, 12], 20), randn(&[24, 12], 21), randn(&[24], 22), randn(&[3, 24], 23), randn(&[16, 3], 24)];
+    on_every_device("mlp loss", inputs.to_vec(), |v| {
+        let h = v[0].matmul(&v[1].t()?)?.add(&v[2])?.silu()?;
+        let y = h.matmul(&v[3].t()?)?;
+        y.sub(&v[4])?.sqr()?.mean_all()?.reshape(&[1])
+    });
+}
+
+#[test]
+fn ops_without_a_cuda_kernel_say_so() {
+    if !Device::cuda_is_available(0) {
+        eprintln!("ops_without_a_cuda_kernel_say_so: skipped, no CUDA driver or GPU on this machine");
+        return;
+    }
+    let x = randn(&[4, 8], 30).to_device(&Device::cuda(0).unwrap()).unwrap();
+    let err = x.softmax_last_dim().unwrap_err();
+    assert!(matches!(err, Error::NoCudaKernel { .. }), "{err}");
+    assert!(x.to_dtype(DType::BF16).is_err(), "CUDA tensors are f32");
+    let back = x.to_device(&Device::Cpu).unwrap();
+    assert_eq!(back.to_vec_f32().unwrap(), randn(&[4, 8], 30).to_vec_f32().unwrap(), "to_device both ways is exact");
+}

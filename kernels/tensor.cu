@@ -1,0 +1,137 @@
+// The generic kernels behind whale-tensor's CUDA backend: elementwise maps (and their
+// derivatives) selected by an op code, binary ops over broadcast strided operands, the strided
+// copy that makes a view contiguous, a fill, and a sum over the middle axis of [outer, n, inner].
+// CPU twins: the CPU paths of whale-tensor's ops (ops/elementwise.rs, ops/shape.rs,
+// ops/reduce.rs), whose formulas these repeat; the op codes are whale_kernels::cuda::UnaryOp
+// and BinaryOp.
+
+#define MAX_RANK 6
+
+// Up to two strided operands over one row-major index space `shape`.
+struct Strided {
+    unsigned rank;
+    unsigned shape[MAX_RANK];
+    unsigned long long a[MAX_RANK];
+    unsigned long long b[MAX_RANK];
+    unsigned long long a_off, b_off;
+};
+
+__device__ __forceinline__ void offsets(const Strided& s, unsigned long long i, unsigned long long& oa, unsigned long long& ob) {
+    oa = s.a_off;
+    ob = s.b_off;
+    for (int d = (int)s.rank - 1; d >= 0; --d) {
+        unsigned long long c = i % s.shape[d];
+        i /= s.shape[d];
+        oa += c * s.a[d];
+        ob += c * s.b[d];
+    }
+}
+
+__device__ __forceinline__ float sigmoidf(float x) {
+    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+    float e = expf(x);
+    return e / (1.0f + e);
+}
+
+#define GELU_C 0.7978846f
+
+__device__ float unary(int op, float x, float p0, float p1) {
+    switch (op) {
+    case 0: return -x;
+    case 1: return expf(x);
+    case 2: return logf(x);
+    case 3: return sqrtf(x);
+    case 4: return 1.0f / sqrtf(x);
+    case 5: return x * x;
+    case 6: return powf(x, p0);
+    case 7: return sigmoidf(x);
+    case 8: return tanhf(x);
+    case 9: return fmaxf(x, 0.0f);
+    case 10: return x * sigmoidf(x);
+    case 11: return 0.5f * x * (1.0f + tanhf(GELU_C * (x + 0.044715f * x * x * x)));
+    case 12: return fminf(fmaxf(x, p0), p1);
+    default: return x * p0 + p1; // 13: affine
+    }
+}
+
+// d unary(x) / dx from the input x and the output y.
+__device__ float unary_derivative(int op, float x, float y, float p0, float p1) {
+    switch (op) {
+    case 0: return -1.0f;
+    case 1: return y;
+    case 2: return 1.0f / x;
+    case 3: return 0.5f / y;
+    case 4: return -0.5f * y / x;
+    case 5: return 2.0f * x;
+    case 6: return p0 * powf(x, p0 - 1.0f);
+    case 7: return y * (1.0f - y);
+    case 8: return 1.0f - y * y;
+    case 9: return x > 0.0f ? 1.0f : 0.0f;
+    case 10: {
+        float s = sigmoidf(x);
+        return s * (1.0f + x * (1.0f - s));
+    }
+    case 11: {
+        float t = tanhf(GELU_C * (x + 0.044715f * x * x * x));
+        return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_C * (1.0f + 3.0f * 0.044715f * x * x);
+    }
+    case 12: return (x >= p0 && x <= p1) ? 1.0f : 0.0f;
+    default: return p0;
+    }
+}
+
+extern "C" __global__ void unary_f32(const float* x, float* y, unsigned n, int op, float p0, float p1) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        y[i] = unary(op, x[i], p0, p1);
+}
+
+extern "C" __global__ void unary_backward_f32(
+    const float* x, const float* y, const float* g, float* dx, unsigned n, int op, float p0, float p1) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        dx[i] = g[i] * unary_derivative(op, x[i], y[i], p0, p1);
+}
+
+// out[i] = a[..] op b[..] over the broadcast index space; op: 0 add, 1 sub, 2 mul, 3 div,
+// 4 maximum, 5 greater-or-equal (1 or 0).
+extern "C" __global__ void binary_f32(const float* a, const float* b, float* out, unsigned n, int op, Strided s) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        unsigned long long oa, ob;
+        offsets(s, i, oa, ob);
+        float x = a[oa], z = b[ob], r;
+        switch (op) {
+        case 0: r = x + z; break;
+        case 1: r = x - z; break;
+        case 2: r = x * z; break;
+        case 3: r = x / z; break;
+        case 4: r = fmaxf(x, z); break;
+        default: r = x >= z ? 1.0f : 0.0f;
+        }
+        out[i] = r;
+    }
+}
+
+// y (contiguous) = the view of x described by s.a / s.a_off.
+extern "C" __global__ void strided_copy_f32(const float* x, float* y, unsigned n, Strided s) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        unsigned long long oa, ob;
+        offsets(s, i, oa, ob);
+        y[i] = x[oa];
+    }
+}
+
+extern "C" __global__ void fill_f32(float* y, unsigned n, float v) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) y[i] = v;
+}
+
+// y[o, i] = sum_j x[o, j, i], accumulated in f64 like the CPU (one thread per output).
+extern "C" __global__ void sum_mid_f32(const float* x, float* y, unsigned outer, unsigned n, unsigned inner) {
+    unsigned long long total = (unsigned long long)outer * inner;
+    for (unsigned long long t = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; t < total;
+         t += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long o = t / inner, i = t % inner;
+        const float* p = x + o * n * inner + i;
+        double acc = 0.0;
+        for (unsigned j = 0; j < n; ++j) acc += p[(unsigned long long)j * inner];
+        y[t] = (float)acc;
+    }
+}
