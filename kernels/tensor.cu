@@ -92,7 +92,7 @@ extern "C" __global__ void unary_backward_f32(
 }
 
 // out[i] = a[..] op b[..] over the broadcast index space; op: 0 add, 1 sub, 2 mul, 3 div,
-// 4 maximum, 5 greater-or-equal (1 or 0).
+// 4 maximum, 5 greater-or-equal (1 or 0), 6 b where a != 0 else 0, 7 0 where a != 0 else b.
 extern "C" __global__ void binary_f32(const float* a, const float* b, float* out, unsigned n, int op, Strided s) {
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         unsigned long long oa, ob;
@@ -104,7 +104,9 @@ extern "C" __global__ void binary_f32(const float* a, const float* b, float* out
         case 2: r = x * z; break;
         case 3: r = x / z; break;
         case 4: r = fmaxf(x, z); break;
-        default: r = x >= z ? 1.0f : 0.0f;
+        case 5: r = x >= z ? 1.0f : 0.0f; break;
+        case 6: r = x != 0.0f ? z : 0.0f; break;
+        default: r = x != 0.0f ? 0.0f : z;
         }
         out[i] = r;
     }

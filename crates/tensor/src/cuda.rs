@@ -46,8 +46,9 @@ fn tensor(
     inputs: &[&Tensor],
     op: impl BackwardOp + 'static,
 ) -> Tensor {
+    let device = Device::Cuda(g.ordinal);
     let storage = Arc::new(RwLock::new(Storage::Cuda(CudaStorage { gpu: g, buf })));
-    Tensor::with_history(storage, Layout::contiguous(shape), DType::F32, inputs, op)
+    Tensor::with_history_on(storage, Layout::contiguous(shape), DType::F32, device, inputs, op)
 }
 
 fn check_f32(op: &'static str, t: &Tensor) -> Result<()> {
@@ -79,8 +80,9 @@ pub(crate) fn to_device(t: &Tensor, device: &Device) -> Result<Tensor> {
     });
     match *device {
         Device::Cpu => {
-            let values = t.to_vec_f32()?;
-            Ok(Tensor::from_op(values, t.dims(), DType::F32, &[t], back))
+            let storage = Storage::Cpu(crate::storage::CpuStorage::F32(t.to_vec_f32()?));
+            let layout = Layout::contiguous(t.dims());
+            Ok(Tensor::with_history_on(Arc::new(RwLock::new(storage)), layout, DType::F32, Device::Cpu, &[t], back))
         }
         Device::Cuda(i) => {
             check_f32("to_device", t)?;

@@ -154,6 +154,19 @@ impl Tensor {
         op: impl BackwardOp + 'static,
     ) -> Tensor {
         let device = inputs.first().map(|t| t.device()).unwrap_or(Device::Cpu);
+        Self::with_history_on(storage, layout, dtype, device, inputs, op)
+    }
+
+    /// [`Tensor::with_history`] on an explicit device (an op whose result lives elsewhere than its
+    /// inputs: `to_device`).
+    pub(crate) fn with_history_on(
+        storage: Arc<RwLock<Storage>>,
+        layout: Layout,
+        dtype: DType,
+        device: Device,
+        inputs: &[&Tensor],
+        op: impl BackwardOp + 'static,
+    ) -> Tensor {
         let grad = if backprop::is_grad_enabled() && inputs.iter().any(|t| t.requires_grad()) {
             GradInfo::Node {
                 input_path: inputs.iter().any(|t| t.on_input_path()),

@@ -1,14 +1,92 @@
 //! Attention launchers (kernels/attention.cu): training attention (forward and backward) and MLA
 //! decode over the latent cache. The `_dev` calls work on buffers already on the GPU (benchmarks,
 //! a device tensor); the others copy host slices in and out (tests).
+//!
+//! Each call runs the tiled kernels (FlashAttention-2 on the CUDA cores) of the narrowest instance
+//! that holds its heads: the forward up to 576 x 512 (MLA decode: [c ; k_pe] and c), the backward
+//! up to 256 x 256. Wider heads, a GPU without the shared memory an instance needs, or more than
+//! 65535 (batch, KV head) pairs fall back to the simple kernels (one block per row). A forward
+//! with too few blocks to fill the GPU (decode of a few sequences) splits the keys across blocks
+//! and merges the splits' outputs by their logsumexps (flash-decoding).
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{cuda, rows_config, Gpu, GpuError, Result, THREADS};
 use crate::cpu::attention::AttnShape;
 
-/// Widest head (qk_dim or v_dim) the kernels' per-thread slices hold.
+/// Widest head (qk_dim or v_dim) the simple kernels' per-thread slices hold.
 const MAX_WIDTH: usize = 8 * THREADS as usize;
+
+/// Which tiled kernel: its shared memory layout differs.
+#[derive(Debug, Clone, Copy)]
+enum Pass {
+    Forward,
+    Dq,
+    Dkv,
+}
+
+/// One tiled kernel instance, the twin of a `Tiles<DQ, DV, BM, BN, T, KC, NC, TX>` of
+/// kernels/attention.cu.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Tiled {
+    kernel: &'static str,
+    /// Widest qk_dim and v_dim it takes.
+    qk: usize,
+    v: usize,
+    /// Rows a block owns (queries; keys in the dk/dv pass) and rows per streamed tile.
+    rows: usize,
+    tile: usize,
+    threads: u32,
+    /// Dynamic shared memory in bytes: the kernel's layout, which it checks (trapping when short).
+    smem: usize,
+}
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+/// The instance `Tiles<dq, dv, bm, bn, t, kc, nc, _>` of `pass` (rows are padded by 4 floats).
+const fn tiled(kernel: &'static str, pass: Pass, [dq, dv, bm, bn, t, kc, nc]: [usize; 7]) -> Tiled {
+    let (lq, lv, lc, lp) = (dq + 4, dv + 4, kc + 4, bm + 4);
+    let floats = match pass {
+        Pass::Forward => bm * lq + 2 * max(bn * lc, nc * lv) + bn * lp + bm,
+        Pass::Dq => bm * lq + bm * lv + 2 * max(bn * lc, nc * lq) + bn * lp + bm,
+        Pass::Dkv => bm * lq + bm * lv + 2 * max(bn * lc, max(nc * lq, nc * lv)) + 2 * bn * lp,
+    };
+    Tiled { kernel, qk: dq, v: dv, rows: bm, tile: bn, threads: t as u32, smem: 4 * floats }
+}
+
+/// Forward instances, narrowest first.
+const FORWARD: [Tiled; 4] = [
+    tiled("attention_forward_d128_f32", Pass::Forward, [128, 128, 64, 64, 128, 64, 32]),
+    tiled("attention_forward_q256_v128_f32", Pass::Forward, [256, 128, 64, 64, 128, 64, 32]),
+    tiled("attention_forward_d256_f32", Pass::Forward, [256, 256, 64, 64, 256, 64, 16]),
+    tiled("attention_forward_q576_v512_f32", Pass::Forward, [576, 512, 32, 128, 256, 32, 8]),
+];
+
+/// Backward instances (dq pass, dk/dv pass), narrowest first.
+const BACKWARD: [(Tiled, Tiled); 3] = [
+    (
+        tiled("attention_backward_dq_d128_f32", Pass::Dq, [128, 128, 64, 64, 256, 64, 32]),
+        tiled("attention_backward_dkv_d128_f32", Pass::Dkv, [128, 128, 64, 64, 256, 64, 32]),
+    ),
+    (
+        tiled("attention_backward_dq_q256_v128_f32", Pass::Dq, [256, 128, 64, 64, 256, 64, 16]),
+        tiled("attention_backward_dkv_q256_v128_f32", Pass::Dkv, [256, 128, 64, 64, 256, 64, 16]),
+    ),
+    (
+        tiled("attention_backward_dq_d256_f32", Pass::Dq, [256, 256, 64, 64, 256, 64, 16]),
+        tiled("attention_backward_dkv_d256_f32", Pass::Dkv, [256, 256, 64, 64, 256, 64, 16]),
+    ),
+];
+
+/// Threads of a block of attention_combine_f32.
+const COMBINE_THREADS: u32 = 128;
 
 /// Lengths of one call's buffers: q, k, v, then o (or dO) and lse when the call has them.
 struct Lens {
@@ -48,7 +126,41 @@ pub struct AttnGrads {
     pub delta: CudaSlice<f32>,
 }
 
+/// Key splits of a forward of `blocks` blocks over `key_tiles` key tiles on `sms` multiprocessors,
+/// and key tiles per split: when the rows alone give at most half the multiprocessors a block
+/// (decode of a few sequences), enough splits to give each about one.
+fn key_splits(blocks: usize, key_tiles: usize, sms: usize) -> (usize, usize) {
+    let want = if blocks * 2 <= sms { (sms / blocks.max(1)).min(key_tiles) } else { 1 };
+    let per_split = key_tiles.div_ceil(want.max(1)).max(1);
+    (key_tiles.div_ceil(per_split).max(1), per_split)
+}
+
+fn tiled_config(t: &Tiled, (x, y, z): (usize, usize, usize)) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x as u32, y as u32, z as u32),
+        block_dim: (t.threads, 1, 1),
+        shared_mem_bytes: t.smem as u32,
+    }
+}
+
 impl Gpu {
+    /// The first of `instances` that holds `s`'s heads on this GPU (shared memory, grid height);
+    /// `None`: the simple kernels.
+    fn tiled_for(&self, instances: impl IntoIterator<Item = Tiled>, s: &AttnShape) -> Result<Option<Tiled>> {
+        let attr = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+        let smem = self.ctx.attribute(attr).map_err(cuda("reading the shared memory per block"))?.max(0) as usize;
+        let grid_fits = s.batch * s.kv_heads <= 65_535;
+        Ok(instances.into_iter().find(|t| s.qk_dim <= t.qk && s.v_dim <= t.v && t.smem <= smem && grid_fits))
+    }
+
+    /// Allows `t`'s kernel its shared memory (above the default 48 KB) and returns it.
+    fn tiled_function(&self, t: &Tiled) -> Result<&cudarc::driver::CudaFunction> {
+        let f = self.function(t.kernel);
+        let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        f.set_attribute(attr, t.smem as i32).map_err(cuda(t.kernel))?;
+        Ok(f)
+    }
+
     /// Attention forward on device buffers into `o` and `lse` (see [`Gpu::attention_forward`]).
     pub fn attention_forward_dev(
         &self,
@@ -65,15 +177,56 @@ impl Gpu {
         }
         let dims = [s.q_heads, s.kv_heads, s.q_len, s.kv_len, s.qk_dim, s.v_dim].map(|x| x as u32);
         let causal = i32::from(s.causal);
-        let mut l = self.stream.launch_builder(self.function("attention_forward_f32"));
-        l.arg(q).arg(k).arg(v).arg(o).arg(lse);
+        let Some(t) = self.tiled_for(FORWARD, s)? else {
+            let mut l = self.stream.launch_builder(self.function("attention_forward_f32"));
+            l.arg(q).arg(k).arg(v).arg(o).arg(lse);
+            for d in &dims {
+                l.arg(d);
+            }
+            l.arg(&s.scale).arg(&causal);
+            // SAFETY: one block per query row reads its q row and its KV head's rows (shapes checked
+            // above), writes its o row and lse; v_dim fits the per-thread slices.
+            unsafe { l.launch(rows_config(q_rows)) }.map_err(cuda("attention_forward_f32"))?;
+            return Ok(());
+        };
+        let heads = s.batch * s.kv_heads;
+        let row_tiles = (s.q_heads / s.kv_heads * s.q_len).div_ceil(t.rows);
+        let sms = self.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
+        let sms = sms.map_err(cuda("reading the multiprocessor count"))?.max(1) as usize;
+        let (splits, per_split) = key_splits(row_tiles * heads, s.kv_len.div_ceil(t.tile), sms);
+        let per_split = per_split as u32;
+        let cfg = tiled_config(&t, (row_tiles, heads, splits));
+        if splits == 1 {
+            let mut l = self.stream.launch_builder(self.tiled_function(&t)?);
+            l.arg(q).arg(k).arg(v).arg(o).arg(lse);
+            for d in &dims {
+                l.arg(d);
+            }
+            l.arg(&s.scale).arg(&causal).arg(&per_split);
+            // SAFETY: a block per tile of its (batch, KV head)'s packed query rows reads those q
+            // rows and the head's k and v rows (shapes checked above) and writes the rows' o and
+            // lse; its shared memory is its instance's layout (the kernel checks the size).
+            unsafe { l.launch(cfg) }.map_err(cuda(t.kernel))?;
+            return Ok(());
+        }
+        let mut o_part = self.zeros::<f32>(splits * q_rows * s.v_dim)?;
+        let mut lse_part = self.zeros::<f32>(splits * q_rows)?;
+        let mut l = self.stream.launch_builder(self.tiled_function(&t)?);
+        l.arg(q).arg(k).arg(v).arg(&mut o_part).arg(&mut lse_part);
         for d in &dims {
             l.arg(d);
         }
-        l.arg(&s.scale).arg(&causal);
-        // SAFETY: one block per query row reads its q row and its KV head's rows (shapes checked
-        // above), writes its o row and lse; v_dim fits the per-thread slices.
-        unsafe { l.launch(rows_config(q_rows)) }.map_err(cuda("attention_forward_f32"))?;
+        l.arg(&s.scale).arg(&causal).arg(&per_split);
+        // SAFETY: as above, split z writing its rows of o_part [splits, q_rows, v_dim] and
+        // lse_part [splits, q_rows].
+        unsafe { l.launch(cfg) }.map_err(cuda(t.kernel))?;
+        let (rows, vd, splits) = (q_rows as u32, s.v_dim as u32, splits as u32);
+        let mut l = self.stream.launch_builder(self.function("attention_combine_f32"));
+        l.arg(&o_part).arg(&lse_part).arg(o).arg(lse).arg(&rows).arg(&vd).arg(&splits);
+        let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (COMBINE_THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: one block per query row reads its splits' rows of o_part and lse_part and writes
+        // its o row and lse.
+        unsafe { l.launch(cfg) }.map_err(cuda("attention_combine_f32"))?;
         Ok(())
     }
 
@@ -122,26 +275,39 @@ impl Gpu {
         }
         let dims = [s.q_heads, s.kv_heads, s.q_len, s.kv_len, s.qk_dim, s.v_dim].map(|x| x as u32);
         let causal = i32::from(s.causal);
+        let heads = s.batch * s.kv_heads;
 
-        let mut l = self.stream.launch_builder(self.function("attention_backward_dq_f32"));
+        // Pass 1 (dq and delta) before pass 2 (dk, dv), which reads delta.
+        let (kernel, cfg) = match self.tiled_for(BACKWARD.map(|p| p.0), s)? {
+            Some(t) => (self.tiled_function(&t)?, tiled_config(&t, ((q_rows / heads).div_ceil(t.rows), heads, 1))),
+            None => (self.function("attention_backward_dq_f32"), rows_config(q_rows)),
+        };
+        let mut l = self.stream.launch_builder(kernel);
         l.arg(q).arg(k).arg(v).arg(o).arg(lse).arg(d_o).arg(&mut grads.dq).arg(&mut grads.delta);
         for d in &dims {
             l.arg(d);
         }
         l.arg(&s.scale).arg(&causal);
-        // SAFETY: one block per query row reads its q, o, dO rows and lse and its KV head's rows
-        // (shapes checked above), writes its dq row and delta; qk_dim fits the per-thread slices.
-        unsafe { l.launch(rows_config(q_rows)) }.map_err(cuda("attention_backward_dq_f32"))?;
+        // SAFETY: a block per query row (simple) or per tile of a (batch, KV head)'s packed query
+        // rows (tiled) reads those rows of q, o, dO and lse and the head's k and v rows (shapes
+        // checked above), writes their dq rows and delta; the simple kernel's slices hold qk_dim,
+        // the tiled one's shared memory is its instance's layout (the kernel checks the size).
+        unsafe { l.launch(cfg) }.map_err(cuda("attention_backward_dq"))?;
 
-        let mut l = self.stream.launch_builder(self.function("attention_backward_dkv_f32"));
+        let (kernel, cfg) = match self.tiled_for(BACKWARD.map(|p| p.1), s)? {
+            Some(t) => (self.tiled_function(&t)?, tiled_config(&t, (s.kv_len.div_ceil(t.rows), heads, 1))),
+            None => (self.function("attention_backward_dkv_f32"), rows_config(kv_rows)),
+        };
+        let mut l = self.stream.launch_builder(kernel);
         l.arg(q).arg(k).arg(v).arg(d_o).arg(lse).arg(&grads.delta).arg(&mut grads.dk).arg(&mut grads.dv);
         for d in &dims {
             l.arg(d);
         }
         l.arg(&s.scale).arg(&causal);
-        // SAFETY: one block per key row reads its k and v rows and the q, dO, lse and delta rows of
-        // its group's query heads, writes its dk and dv rows; both widths fit the slices.
-        unsafe { l.launch(rows_config(kv_rows)) }.map_err(cuda("attention_backward_dkv_f32"))?;
+        // SAFETY: a block per key row (simple) or per key tile of a (batch, KV head) (tiled) reads
+        // those k and v rows and the q, dO, lse and delta rows of the head's query group, writes
+        // their dk and dv rows; widths and shared memory as in pass 1.
+        unsafe { l.launch(cfg) }.map_err(cuda("attention_backward_dkv"))?;
         Ok(())
     }
 
@@ -157,9 +323,9 @@ impl Gpu {
     }
 
     /// Attention backward from the forward's `o` and `lse`: `(dq, dk, dv)` shaped like `q`, `k`,
-    /// `v` (twin: `cpu::attention::attention_backward`). Two passes, no atomics: one block per
-    /// query row writes its `dq` and `D = dot(dO, O)`, then one block per key row sums over every
-    /// query of its group's heads for its `dk` and `dv`.
+    /// `v` (twin: `cpu::attention::attention_backward`). Two passes, no atomics: each query tile
+    /// writes its `dq` and `D = dot(dO, O)`, then each key tile sums over every query of its
+    /// group's heads for its `dk` and `dv`.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_backward(
         &self,

@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0xba07797d072d4a1f;
+pub const SOURCE_HASH: u64 = 0xc723e940d1a7332c;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -15,7 +15,22 @@ pub const MODULES: &[PtxModule] = &[
     },
     PtxModule {
         name: "attention",
-        kernels: &["attention_forward_f32", "attention_backward_dq_f32", "attention_backward_dkv_f32"],
+        kernels: &[
+            "attention_combine_f32",
+            "attention_forward_d128_f32",
+            "attention_forward_q256_v128_f32",
+            "attention_forward_d256_f32",
+            "attention_forward_q576_v512_f32",
+            "attention_backward_dq_d128_f32",
+            "attention_backward_dq_q256_v128_f32",
+            "attention_backward_dq_d256_f32",
+            "attention_backward_dkv_d128_f32",
+            "attention_backward_dkv_q256_v128_f32",
+            "attention_backward_dkv_d256_f32",
+            "attention_forward_f32",
+            "attention_backward_dq_f32",
+            "attention_backward_dkv_f32",
+        ],
         sm_90: include_str!("../../../../kernels/ptx/attention.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/attention.sm_80.ptx"),
     },

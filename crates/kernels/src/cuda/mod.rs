@@ -99,6 +99,8 @@ pub struct Gpu {
     blas: OnceLock<cudarc::cublas::CudaBlas>,
     /// Compute capability (major, minor): 9.0 is Hopper.
     pub arch: (u32, u32),
+    /// Which GPU of the machine.
+    pub ordinal: usize,
 }
 
 const THREADS: u32 = 256;
@@ -135,7 +137,7 @@ impl Gpu {
                 functions.insert(k, module.load_function(k).map_err(cuda(k))?);
             }
         }
-        Ok(Gpu { ctx, stream, functions, blas: OnceLock::new(), arch: (major as u32, minor as u32) })
+        Ok(Gpu { ctx, stream, functions, blas: OnceLock::new(), arch: (major as u32, minor as u32), ordinal })
     }
 
     fn function(&self, name: &str) -> &CudaFunction {

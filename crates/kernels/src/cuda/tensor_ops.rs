@@ -101,6 +101,10 @@ pub enum BinaryOp {
     Maximum = 4,
     /// 1.0 where `a >= b`, else 0.0.
     Ge = 5,
+    /// `b` where the mask `a` is non-zero, else 0 (`where(a, b, 0)`).
+    Keep = 6,
+    /// 0 where the mask `a` is non-zero, else `b` (`where(a, 0, b)`).
+    Drop = 7,
 }
 
 fn check_len(what: &str, have: usize, need: usize) -> Result<()> {

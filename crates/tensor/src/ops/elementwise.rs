@@ -211,11 +211,24 @@ impl Tensor {
     pub fn maximum(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary_op(rhs, ("maximum", BinaryOp::Maximum), f32::max, |a, b, g, n| {
             let mask = a.ge(b)?;
-            Ok([
-                grad_if(n[0], || mask.where_cond(g, &g.zeros_like()?))?,
-                grad_if(n[1], || mask.where_cond(&g.zeros_like()?, g))?,
-            ])
+            Ok([grad_if(n[0], || mask.masked(g, true))?, grad_if(n[1], || mask.masked(g, false))?])
         })
+    }
+
+    /// `where(self, g, 0)` when `keep`, else `where(self, 0, g)`, for a 0/1 mask `self` (the
+    /// gradient routing of `maximum`), on either device.
+    fn masked(&self, g: &Tensor, keep: bool) -> Result<Tensor> {
+        if g.device().is_cuda() {
+            let shape = broadcast_shape("masked", self.dims(), g.dims())?;
+            let op = if keep { BinaryOp::Keep } else { BinaryOp::Drop };
+            return crate::cuda::binary((self, g), &shape, ("masked", op), &[], crate::backprop::NoBackward);
+        }
+        let zeros = g.zeros_like()?;
+        if keep {
+            self.where_cond(g, &zeros)
+        } else {
+            self.where_cond(&zeros, g)
+        }
     }
 
     /// 1.0 where `self >= rhs`, else 0.0 (a mask, not differentiable).
