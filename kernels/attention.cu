@@ -95,7 +95,7 @@ template <int R, int C, int LD, int T>
 __device__ __forceinline__ void stage_rows(float* dst, const float* src, size_t ld, int rows, int cols, bool vec) {
     if (vec) {
         constexpr int C4 = C / 4;
-#pragma unroll 4
+#pragma unroll 1
         for (int e = threadIdx.x; e < R * C4; e += T) {
             int r = e / C4, c = (e % C4) * 4;
             float* d = dst + r * LD + c;
@@ -123,7 +123,7 @@ __device__ __forceinline__ void stage_rows(float* dst, const float* src, size_t 
 // one A row (a broadcast) and 8 consecutive B rows (distinct banks: LB / 4 is odd).
 template <int TMS, int TNS, int TY, int TX, int KC, int LA, int LB>
 __device__ __forceinline__ void score_chunk(float (&acc)[TMS][TNS], const float* A, const float* B, int ty, int tx) {
-#pragma unroll 2
+#pragma unroll 1
     for (int d = 0; d < KC; d += 4) {
         float4 b[TNS];
 #pragma unroll
@@ -146,7 +146,7 @@ __device__ __forceinline__ void score_chunk(float (&acc)[TMS][TNS], const float*
 // DW / 2 + c0 + j - 4 (see out_col). P [n][rows] and W [n][DW] in shared memory, strides LP, LW.
 template <int TMO, int DW, int NC, int LP, int LW>
 __device__ __forceinline__ void accumulate_chunk(float (&acc)[TMO][8], const float* P, const float* W, int r0, int c0) {
-#pragma unroll 2
+#pragma unroll 1
     for (int n = 0; n < NC; ++n) {
         float p[TMO];
 #pragma unroll
@@ -696,12 +696,16 @@ __device__ __forceinline__ void backward_dkv_tiled(
 
 // The instances, each named by the widest heads it takes (the launcher picks the narrowest that
 // fits). Tiles<DQ, DV, BM, BN, T, KC, NC, TX>.
+// Training: 64 queries by 64 keys. d128 (86 KB) and q256_v128 (MLA's 192 / 128; 100 KB) run two
+// blocks per multiprocessor, d256 one.
 using FwdD128 = Tiles<128, 128, 64, 64, 128, 64, 32, 16>;
-using FwdQ256V128 = Tiles<256, 128, 64, 64, 128, 64, 32, 16>;
+using FwdQ256V128 = Tiles<256, 128, 64, 64, 128, 32, 16, 16>;
 using FwdD256 = Tiles<256, 256, 64, 64, 256, 64, 16, 16>;
-// MLA decode: 32 packed rows (heads) by 128 keys of [c ; k_pe] (576) and c (512).
+// MLA decode: 32 packed rows (heads) by 128 keys of [c ; k_pe] (576) and c (512), 127 KB.
 using FwdQ576V512 = Tiles<576, 512, 32, 128, 256, 32, 8, 32>;
-using BwdD128 = Tiles<128, 128, 64, 64, 256, 64, 32, 16>;
+// The dq pass of d128 (101 KB, at most 128 registers) runs two blocks per multiprocessor.
+using DqD128 = Tiles<128, 128, 64, 64, 256, 32, 16, 16>;
+using DkvD128 = Tiles<128, 128, 64, 64, 256, 64, 32, 16>;
 using BwdQ256V128 = Tiles<256, 128, 64, 64, 256, 64, 16, 16>;
 using BwdD256 = Tiles<256, 256, 64, 64, 256, 64, 16, 16>;
 
@@ -721,10 +725,10 @@ using BwdD256 = Tiles<256, 256, 64, 64, 256, 64, 16, 16>;
         unsigned q_len, unsigned kv_len, unsigned qk, unsigned vd, float scale, int causal
 #define DKV_PASS q, k, v, d_o, lse, delta, dk, dv, q_heads, kv_heads, q_len, kv_len, qk, vd, scale, causal
 
-extern "C" __global__ void __launch_bounds__(128) attention_forward_d128_f32(FORWARD_ARGS) {
+extern "C" __global__ void __launch_bounds__(128, 2) attention_forward_d128_f32(FORWARD_ARGS) {
     forward_tiled<FwdD128>(FORWARD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(128) attention_forward_q256_v128_f32(FORWARD_ARGS) {
+extern "C" __global__ void __launch_bounds__(128, 2) attention_forward_q256_v128_f32(FORWARD_ARGS) {
     forward_tiled<FwdQ256V128>(FORWARD_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256) attention_forward_d256_f32(FORWARD_ARGS) {
@@ -733,8 +737,8 @@ extern "C" __global__ void __launch_bounds__(256) attention_forward_d256_f32(FOR
 extern "C" __global__ void __launch_bounds__(256) attention_forward_q576_v512_f32(FORWARD_ARGS) {
     forward_tiled<FwdQ576V512>(FORWARD_PASS);
 }
-extern "C" __global__ void __launch_bounds__(256) attention_backward_dq_d128_f32(DQ_ARGS) {
-    backward_dq_tiled<BwdD128>(DQ_PASS);
+extern "C" __global__ void __launch_bounds__(256, 2) attention_backward_dq_d128_f32(DQ_ARGS) {
+    backward_dq_tiled<DqD128>(DQ_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256) attention_backward_dq_q256_v128_f32(DQ_ARGS) {
     backward_dq_tiled<BwdQ256V128>(DQ_PASS);
@@ -743,7 +747,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_backward_dq_d256_f32
     backward_dq_tiled<BwdD256>(DQ_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256) attention_backward_dkv_d128_f32(DKV_ARGS) {
-    backward_dkv_tiled<BwdD128>(DKV_PASS);
+    backward_dkv_tiled<DkvD128>(DKV_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256) attention_backward_dkv_q256_v128_f32(DKV_ARGS) {
     backward_dkv_tiled<BwdQ256V128>(DKV_PASS);

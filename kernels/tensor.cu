@@ -121,6 +121,15 @@ extern "C" __global__ void strided_copy_f32(const float* x, float* y, unsigned n
     }
 }
 
+// The view s.b of y (its other elements untouched) = x (contiguous, `n` elements).
+extern "C" __global__ void strided_write_f32(const float* x, float* y, unsigned n, Strided s) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        unsigned long long oa, ob;
+        offsets(s, i, oa, ob);
+        y[ob] = x[i];
+    }
+}
+
 extern "C" __global__ void fill_f32(float* y, unsigned n, float v) {
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) y[i] = v;
 }

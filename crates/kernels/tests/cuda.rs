@@ -233,39 +233,56 @@ fn embedding_matches_the_cpu() {
 #[test]
 fn attention_forward_matches_the_cpu_for_training_and_mla_decode() {
     let Some(g) = gpu("attention_forward_matches_the_cpu_for_training_and_mla_decode") else { return };
-    let training = AttnShape {
-        batch: 2,
-        q_heads: 4,
-        kv_heads: 2,
-        q_len: 33,
-        kv_len: 33,
-        qk_dim: 24,
-        v_dim: 16,
-        scale: 24f32.powf(-0.5),
-        causal: true,
+    let shape = |batch, (q_heads, kv_heads), (q_len, kv_len), (qk_dim, v_dim), scale: f32, causal| AttnShape {
+        batch,
+        q_heads,
+        kv_heads,
+        q_len,
+        kv_len,
+        qk_dim,
+        v_dim,
+        scale,
+        causal,
     };
-    // MLA decode, absorbed: one new token, 8 heads over a 300-token latent cache (one KV head:
-    // key [c ; k_pe] of 64 + 16, value c of 64).
-    let decode = AttnShape {
-        batch: 1,
-        q_heads: 8,
-        kv_heads: 1,
-        q_len: 1,
-        kv_len: 300,
-        qk_dim: 80,
-        v_dim: 64,
-        scale: 0.11,
-        causal: true,
-    };
-    for (what, s) in [("training", training), ("MLA decode", decode)] {
+    // MLA decode, absorbed: one KV head whose key is [c ; k_pe] and whose value is c (V3: 512 + 64
+    // and 512, scale 1 / sqrt(128 + 64)).
+    let mla = 192f32.powf(-0.5);
+    let cases = [
+        ("training", shape(2, (4, 2), (33, 33), (24, 16), 24f32.powf(-0.5), true)),
+        ("tile-ragged causal GQA", shape(2, (4, 2), (200, 200), (64, 40), 0.125, true)),
+        ("more queries than keys", shape(1, (2, 1), (130, 70), (36, 20), 0.17, true)),
+        ("non-causal, distinct widths", shape(1, (2, 2), (70, 200), (33, 17), 0.17, false)),
+        ("MLA training heads", shape(1, (2, 2), (100, 130), (192, 128), mla, true)),
+        ("heads of 256", shape(1, (2, 1), (70, 90), (200, 160), 0.07, true)),
+        ("wider than the tiled kernels", shape(1, (2, 1), (4, 50), (600, 520), 0.04, true)),
+        // A small decode: 8 heads over a 300-token cache (c of 64, k_pe of 16).
+        ("small MLA decode", shape(1, (8, 1), (1, 300), (80, 64), 0.11, true)),
+        // Few sequences: the keys are split across blocks and the splits merged.
+        ("MLA decode, 3 sequences", shape(3, (16, 1), (1, 700), (576, 512), mla, true)),
+        ("MLA decode, 2 new tokens", shape(2, (16, 1), (2, 300), (576, 512), mla, true)),
+        // Enough blocks to fill an H200 without splitting the keys.
+        ("MLA decode, 9 sequences of 128 heads", shape(9, (128, 1), (2, 260), (576, 512), mla, true)),
+        ("zero-width keys", shape(1, (2, 1), (3, 5), (0, 4), 0.5, true)),
+        ("zero-width values", shape(1, (2, 1), (3, 5), (4, 0), 0.5, true)),
+        ("no keys", shape(1, (2, 1), (3, 0), (4, 4), 0.5, false)),
+    ];
+    for (seed, (what, s)) in cases.into_iter().enumerate() {
         let (qr, kr) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);
-        let (q, k, v) = (values(qr * s.qk_dim, 22), values(kr * s.qk_dim, 23), values(kr * s.v_dim, 24));
+        let seed = 22 + 3 * seed as u32;
+        let (q, k, v) = (values(qr * s.qk_dim, seed), values(kr * s.qk_dim, seed + 1), values(kr * s.v_dim, seed + 2));
         let (mut o, mut lse) = (vec![0.0; qr * s.v_dim], vec![0.0; qr]);
         attention_forward(&s, &q, &k, &v, &mut o, &mut lse);
         let (go, glse) = g.attention_forward(&s, &q, &k, &v).unwrap();
-        // Online softmax in another order than the CPU's tiles: f32 rounding.
+        // Online softmax in another order than the CPU's tiles: f32 rounding. Fully masked rows
+        // (causal with more queries than keys, or no keys): zeros and an lse of -inf.
         assert_close(&format!("{what} o"), &go, &o, 1e-5);
-        assert_close(&format!("{what} lse"), &glse, &lse, 1e-5);
+        for (i, (&a, &b)) in glse.iter().zip(&lse).enumerate() {
+            if b == f32::NEG_INFINITY {
+                assert_eq!(a, b, "{what} lse[{i}] of a fully masked row");
+            } else {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what} lse[{i}]: GPU {a} vs CPU {b}");
+            }
+        }
     }
 }
 

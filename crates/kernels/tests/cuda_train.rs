@@ -101,6 +101,16 @@ fn attention_backward_matches_the_cpu() {
         ("causal query block at the end of the keys", shape(1, (2, 2), (5, 30), (8, 8), true)),
         // Causal with more queries than keys: rows 0..4 of each head see no key at all.
         ("fully masked rows", shape(1, (2, 1), (9, 5), (8, 8), true)),
+        // Lengths that are not multiples of the tiles (64 rows by 64 keys).
+        ("tile-ragged causal GQA", shape(2, (4, 2), (130, 130), (24, 40), true)),
+        ("causal, 200 tokens", shape(1, (2, 2), (200, 200), (64, 64), true)),
+        ("more queries than keys across tiles", shape(1, (2, 1), (130, 70), (36, 20), true)),
+        ("non-causal across tiles", shape(1, (2, 2), (70, 200), (33, 17), false)),
+        ("MLA training heads across tiles", shape(1, (2, 2), (100, 130), (192, 128), true)),
+        ("heads of 256", shape(1, (2, 1), (70, 90), (200, 160), true)),
+        ("wider than the tiled kernels", shape(1, (2, 1), (4, 50), (300, 260), true)),
+        ("zero-width keys", AttnShape { scale: 0.5, ..shape(1, (2, 1), (3, 5), (0, 4), true) }),
+        ("zero-width values", shape(1, (2, 1), (3, 5), (4, 0), true)),
     ];
     for (seed, (what, s)) in cases.into_iter().enumerate() {
         let (qr, kr) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);

@@ -124,8 +124,10 @@ impl Tensor {
         inputs: &[&Tensor],
         op: impl BackwardOp + 'static,
     ) -> Tensor {
+        // Host values make a host tensor, whatever its inputs: a CPU op that missed its device
+        // check then fails loudly (device mismatch) instead of mislabelling host data.
         let storage = Arc::new(RwLock::new(Storage::Cpu(CpuStorage::from_f32(values, dtype))));
-        Self::with_history(storage, Layout::contiguous(shape), dtype, inputs, op)
+        Self::with_history_on(storage, Layout::contiguous(shape), dtype, Device::Cpu, inputs, op)
     }
 
     /// An op defined outside this crate (a collective of whale-parallel, a foreign kernel): its

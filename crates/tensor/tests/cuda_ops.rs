@@ -3,7 +3,7 @@
 //! the CUDA half prints that it was skipped and why; the CPU half and the device-independent
 //! checks still run.
 
-use whale_tensor::{DType, Device, Error, Result, Rng, Tensor};
+use whale_tensor::{rope_inv_freq, rope_tables, DType, Device, Error, Result, Rng, RopeLayout, Tensor};
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::randn(shape, 0.0, 1.0, DType::F32, &mut Rng::new(seed)).unwrap()
@@ -113,6 +113,37 @@ fn matmuls() {
 }
 
 #[test]
+fn fused_nn_ops() {
+    let x = randn(&[6, 40], 40);
+    on_every_device("softmax", vec![x.clone()], |v| v[0].softmax_last_dim());
+    on_every_device("softmax over dim 0", vec![x.clone()], |v| v[0].softmax(0));
+    on_every_device("rms_norm", vec![x.clone(), randn(&[40], 41)], |v| v[0].rms_norm(&v[1], 1e-6));
+    on_every_device("swiglu", vec![x.clone(), randn(&[6, 40], 42)], |v| Tensor::swiglu(&v[0], &v[1]));
+    // Row 2 ignored; the loss is a mean over the other rows.
+    let targets = Tensor::from_vec(vec![3i64, 39, -100, 0, 17, 5], &[6], &Device::Cpu).unwrap();
+    on_every_device("cross_entropy", vec![x], |v| v[0].cross_entropy(&targets, -100)?.reshape(&[1]));
+    let (cos, sin) = rope_tables(&[0, 1, 2, 5, 9], &rope_inv_freq(8, 10_000.0)).unwrap();
+    let q = randn(&[2, 5, 3, 8], 43);
+    for layout in [RopeLayout::Interleaved, RopeLayout::HalfRotated] {
+        on_every_device("rope", vec![q.clone()], |v| v[0].rope(&cos, &sin, layout));
+    }
+}
+
+#[test]
+fn attention_and_lookups() {
+    // Grouped-query heads (4 query heads over 2 KV heads), causal with a longer key sequence.
+    let (q, k, v) = (randn(&[2, 4, 5, 16], 50), randn(&[2, 2, 7, 16], 51), randn(&[2, 2, 7, 12], 52));
+    on_every_device("attention", vec![q, k, v], |t| {
+        Tensor::scaled_dot_product_attention(&t[0], &t[1], &t[2], 0.25, true)
+    });
+    // Repeated ids: the table's gradient adds their rows up.
+    let ids = Tensor::from_vec(vec![3i64, 0, 3, 9, 3, 1], &[2, 3], &Device::Cpu).unwrap();
+    on_every_device("embedding", vec![randn(&[10, 6], 53)], |t| t[0].embedding(&ids));
+    let rows = Tensor::from_vec(vec![4u32, 4, 0, 2], &[4], &Device::Cpu).unwrap();
+    on_every_device("index_select rows", vec![randn(&[5, 3, 2], 54)], |t| t[0].index_select(0, &rows));
+}
+
+#[test]
 fn a_small_mlp_trains_the_same_on_both_devices() {
     // A whole forward and backward through composed ops: x -> silu(x W1ᵀ + b1) W2ᵀ, squared error.
     let inputs =
@@ -131,7 +162,7 @@ fn ops_without_a_cuda_kernel_say_so() {
         return;
     }
     let x = randn(&[4, 8], 30).to_device(&Device::cuda(0).unwrap()).unwrap();
-    let err = x.softmax_last_dim().unwrap_err();
+    let err = x.log_softmax_last_dim().unwrap_err();
     assert!(matches!(err, Error::NoCudaKernel { .. }), "{err}");
     assert!(x.to_dtype(DType::BF16).is_err(), "CUDA tensors are f32");
     let back = x.to_device(&Device::Cpu).unwrap();

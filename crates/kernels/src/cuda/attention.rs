@@ -64,7 +64,7 @@ const fn tiled(kernel: &'static str, pass: Pass, [dq, dv, bm, bn, t, kc, nc]: [u
 /// Forward instances, narrowest first.
 const FORWARD: [Tiled; 4] = [
     tiled("attention_forward_d128_f32", Pass::Forward, [128, 128, 64, 64, 128, 64, 32]),
-    tiled("attention_forward_q256_v128_f32", Pass::Forward, [256, 128, 64, 64, 128, 64, 32]),
+    tiled("attention_forward_q256_v128_f32", Pass::Forward, [256, 128, 64, 64, 128, 32, 16]),
     tiled("attention_forward_d256_f32", Pass::Forward, [256, 256, 64, 64, 256, 64, 16]),
     tiled("attention_forward_q576_v512_f32", Pass::Forward, [576, 512, 32, 128, 256, 32, 8]),
 ];
@@ -72,7 +72,7 @@ const FORWARD: [Tiled; 4] = [
 /// Backward instances (dq pass, dk/dv pass), narrowest first.
 const BACKWARD: [(Tiled, Tiled); 3] = [
     (
-        tiled("attention_backward_dq_d128_f32", Pass::Dq, [128, 128, 64, 64, 256, 64, 32]),
+        tiled("attention_backward_dq_d128_f32", Pass::Dq, [128, 128, 64, 64, 256, 32, 16]),
         tiled("attention_backward_dkv_d128_f32", Pass::Dkv, [128, 128, 64, 64, 256, 64, 32]),
     ),
     (
@@ -348,5 +348,34 @@ impl Gpu {
         let mut grads = self.attention_grads(shape)?;
         self.attention_backward_dev(shape, (&dq, &dk, &dv), (&o_dev, &lse_dev, &d_o_dev), &mut grads)?;
         Ok((self.download(&grads.dq, q.len())?, self.download(&grads.dk, k.len())?, self.download(&grads.dv, v.len())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_memory_is_the_kernels_layout() {
+        // ForwardSmem, DqSmem and DkvSmem of kernels/attention.cu's instances, in bytes. An H100
+        // or H200 gives a block up to 227 KB (two blocks of d128's forward and dq pass, and of
+        // q256_v128's forward, share a multiprocessor); an A100 163 KB.
+        let forward: Vec<usize> = FORWARD.iter().map(|t| t.smem).collect();
+        assert_eq!(forward, [86_272, 102_656, 119_040, 129_664]);
+        let backward: Vec<(usize, usize)> = BACKWARD.iter().map(|(dq, dkv)| (dq.smem, dkv.smem)).collect();
+        assert_eq!(backward, [(103_680, 137_216), (152_832, 169_984), (185_600, 202_752)]);
+        assert!(FORWARD.iter().chain(BACKWARD.iter().flat_map(|(a, b)| [a, b])).all(|t| t.smem <= 227 * 1024));
+    }
+
+    #[test]
+    fn keys_are_split_only_when_the_rows_leave_the_gpu_idle() {
+        // V3 decode of 32 sequences (4 tiles of 32 heads each) on 132 multiprocessors: one wave.
+        assert_eq!(key_splits(128, 32, 132), (1, 32));
+        // One sequence: a split per key tile, up to a block per multiprocessor.
+        assert_eq!(key_splits(4, 32, 132), (32, 1));
+        assert_eq!(key_splits(4, 1000, 132), (33, 31));
+        assert_eq!(key_splits(30, 100, 132), (4, 25));
+        assert_eq!(key_splits(3, 1, 132), (1, 1));
+        assert_eq!(key_splits(3, 0, 132), (1, 1));
     }
 }

@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0xc723e940d1a7332c;
+pub const SOURCE_HASH: u64 = 0x512e568d80321291;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -86,7 +86,15 @@ pub const MODULES: &[PtxModule] = &[
     },
     PtxModule {
         name: "tensor",
-        kernels: &["unary_f32", "unary_backward_f32", "binary_f32", "strided_copy_f32", "fill_f32", "sum_mid_f32"],
+        kernels: &[
+            "unary_f32",
+            "unary_backward_f32",
+            "binary_f32",
+            "strided_copy_f32",
+            "strided_write_f32",
+            "fill_f32",
+            "sum_mid_f32",
+        ],
         sm_90: include_str!("../../../../kernels/ptx/tensor.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/tensor.sm_80.ptx"),
     },

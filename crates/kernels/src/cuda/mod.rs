@@ -13,6 +13,7 @@ mod fp8;
 mod fp8_gemm;
 pub mod manifest;
 mod router;
+mod rows;
 mod tensor_ops;
 
 pub use attention::AttnGrads;
@@ -202,7 +203,13 @@ impl Gpu {
 
     /// `silu(gate) * up` (twin: `cpu::swiglu::swiglu_forward`).
     pub fn swiglu_forward(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>> {
-        self.binary("swiglu_forward_f32", gate, up)
+        if gate.len() != up.len() {
+            return Err(GpuError::Shape(format!("swiglu: {} and {} elements", gate.len(), up.len())));
+        }
+        let n = gate.len();
+        let (dg, du, mut out) = (self.upload_nonempty(gate)?, self.upload_nonempty(up)?, self.zeros::<f32>(n)?);
+        self.swiglu_forward_dev(&dg.slice(..), &du.slice(..), &mut out, n)?;
+        self.download(&out, n)
     }
 
     /// RMSNorm of each row of `x` (`[rows, dim]`): `(y, rstd)` (twin: `cpu::rmsnorm::rmsnorm_forward`).
@@ -211,14 +218,9 @@ impl Gpu {
             return Err(GpuError::Shape(format!("rmsnorm: {} values, weight {}, dim {dim}", x.len(), w.len())));
         }
         let rows = x.len() / dim;
-        let (dx, dw) = (self.upload(x)?, self.upload(w)?);
+        let (dx, dw) = (self.upload_nonempty(x)?, self.upload(w)?);
         let (mut y, mut rstd) = (self.zeros::<f32>(x.len())?, self.zeros::<f32>(rows)?);
-        let dim32 = dim as u32;
-        let mut l = self.stream.launch_builder(self.function("rmsnorm_forward_f32"));
-        l.arg(&dx).arg(&dw).arg(&mut y).arg(&mut rstd).arg(&dim32).arg(&eps);
-        // SAFETY: one block per row reads its `dim` inputs and writes its outputs; shared memory
-        // holds one float per thread.
-        unsafe { l.launch(rows_config(rows)) }.map_err(cuda("rmsnorm_forward_f32"))?;
+        self.rmsnorm_forward_dev((&dx.slice(..), &dw.slice(..)), (&mut y, &mut rstd), (rows, dim, eps))?;
         Ok((self.download(&y, x.len())?, self.download(&rstd, rows)?))
     }
 
@@ -227,12 +229,8 @@ impl Gpu {
         if dim == 0 || x.len() % dim != 0 {
             return Err(GpuError::Shape(format!("softmax: {} values, dim {dim}", x.len())));
         }
-        let (dx, mut y) = (self.upload(x)?, self.zeros::<f32>(x.len())?);
-        let dim32 = dim as u32;
-        let mut l = self.stream.launch_builder(self.function("softmax_forward_f32"));
-        l.arg(&dx).arg(&mut y).arg(&dim32);
-        // SAFETY: as for RMSNorm.
-        unsafe { l.launch(rows_config(x.len() / dim)) }.map_err(cuda("softmax_forward_f32"))?;
+        let (dx, mut y) = (self.upload_nonempty(x)?, self.zeros::<f32>(x.len())?);
+        self.softmax_forward_dev(&dx.slice(..), &mut y, (x.len() / dim, dim))?;
         self.download(&y, x.len())
     }
 
@@ -242,13 +240,10 @@ impl Gpu {
         if up.len() != n || dout.len() != n {
             return Err(GpuError::Shape("swiglu backward: buffers differ in length".into()));
         }
-        let (dg, du, dd) = (self.upload(gate)?, self.upload(up)?, self.upload(dout)?);
+        let up_ = |x: &[f32]| self.upload_nonempty(x);
+        let (dg, du, dd) = (up_(gate)?, up_(up)?, up_(dout)?);
         let (mut dgate, mut dup) = (self.zeros::<f32>(n)?, self.zeros::<f32>(n)?);
-        let n32 = n as u32;
-        let mut l = self.stream.launch_builder(self.function("swiglu_backward_f32"));
-        l.arg(&dg).arg(&du).arg(&dd).arg(&mut dgate).arg(&mut dup).arg(&n32);
-        // SAFETY: one thread per element of five buffers of `n` floats.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("swiglu_backward_f32"))?;
+        self.swiglu_backward_dev((&dg.slice(..), &du.slice(..), &dd.slice(..)), &mut dgate, &mut dup, n)?;
         Ok((self.download(&dgate, n)?, self.download(&dup, n)?))
     }
 
@@ -259,17 +254,11 @@ impl Gpu {
         if x.len() != rows * dim || dy.len() != x.len() {
             return Err(GpuError::Shape(format!("rmsnorm backward: {} values for [{rows}, {dim}]", x.len())));
         }
-        let (dx_in, dw_in, dr, ddy) = (self.upload(x)?, self.upload(w)?, self.upload(rstd)?, self.upload(dy)?);
+        let up = |v: &[f32]| self.upload_nonempty(v);
+        let (dx_in, dw_in, dr, ddy) = (up(x)?, up(w)?, up(rstd)?, up(dy)?);
         let (mut dx, mut dw) = (self.zeros::<f32>(x.len())?, self.zeros::<f32>(dim)?);
-        let (dim32, rows32) = (dim as u32, rows as u32);
-        let mut l = self.stream.launch_builder(self.function("rmsnorm_backward_input_f32"));
-        l.arg(&dx_in).arg(&dw_in).arg(&dr).arg(&ddy).arg(&mut dx).arg(&dim32);
-        // SAFETY: one block per row, as the forward.
-        unsafe { l.launch(rows_config(rows)) }.map_err(cuda("rmsnorm_backward_input_f32"))?;
-        let mut l = self.stream.launch_builder(self.function("rmsnorm_backward_weight_f32"));
-        l.arg(&dx_in).arg(&dr).arg(&ddy).arg(&mut dw).arg(&rows32).arg(&dim32);
-        // SAFETY: one thread per channel reads its column of `rows` rows.
-        unsafe { l.launch(grid_for(dim)) }.map_err(cuda("rmsnorm_backward_weight_f32"))?;
+        let inputs = (&dx_in.slice(..), &dw_in.slice(..), &dr.slice(..), &ddy.slice(..));
+        self.rmsnorm_backward_dev(inputs, (&mut dx, &mut dw), (rows, dim))?;
         Ok((self.download(&dx, x.len())?, self.download(&dw, dim)?))
     }
 
@@ -278,12 +267,8 @@ impl Gpu {
         if dim == 0 || y.len() % dim != 0 || dy.len() != y.len() {
             return Err(GpuError::Shape(format!("softmax backward: {} values, dim {dim}", y.len())));
         }
-        let (dyv, ddy, mut dx) = (self.upload(y)?, self.upload(dy)?, self.zeros::<f32>(y.len())?);
-        let dim32 = dim as u32;
-        let mut l = self.stream.launch_builder(self.function("softmax_backward_f32"));
-        l.arg(&dyv).arg(&ddy).arg(&mut dx).arg(&dim32);
-        // SAFETY: as for the forward.
-        unsafe { l.launch(rows_config(y.len() / dim)) }.map_err(cuda("softmax_backward_f32"))?;
+        let (dyv, ddy, mut dx) = (self.upload_nonempty(y)?, self.upload_nonempty(dy)?, self.zeros::<f32>(y.len())?);
+        self.softmax_backward_dev((&dyv.slice(..), &ddy.slice(..)), &mut dx, (y.len() / dim, dim))?;
         self.download(&dx, y.len())
     }
 
@@ -297,13 +282,9 @@ impl Gpu {
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let rows = targets.len();
         self.check_targets(logits, vocab, targets, ignore)?;
-        let (dl, dt) = (self.upload(logits)?, self.upload(targets)?);
+        let (dl, dt) = (self.upload_nonempty(logits)?, self.upload_nonempty(targets)?);
         let (mut loss, mut lse) = (self.zeros::<f32>(rows)?, self.zeros::<f32>(rows)?);
-        let vocab32 = vocab as u32;
-        let mut l = self.stream.launch_builder(self.function("cross_entropy_forward_f32"));
-        l.arg(&dl).arg(&dt).arg(&ignore).arg(&mut loss).arg(&mut lse).arg(&vocab32);
-        // SAFETY: one block per row; targets were checked to lie in the vocabulary or be ignored.
-        unsafe { l.launch(rows_config(rows)) }.map_err(cuda("cross_entropy_forward_f32"))?;
+        self.cross_entropy_forward_dev((&dl.slice(..), &dt, ignore), (&mut loss, &mut lse), (rows, vocab))?;
         Ok((self.download(&loss, rows)?, self.download(&lse, rows)?))
     }
 
@@ -322,13 +303,11 @@ impl Gpu {
         if lse.len() != rows || dloss.len() != rows {
             return Err(GpuError::Shape("cross entropy backward: lse and dloss must have one value per row".into()));
         }
-        let (dl, dt, dlse, dd) = (self.upload(logits)?, self.upload(targets)?, self.upload(lse)?, self.upload(dloss)?);
+        let (dl, dt) = (self.upload_nonempty(logits)?, self.upload_nonempty(targets)?);
+        let (dlse, dd) = (self.upload_nonempty(lse)?, self.upload_nonempty(dloss)?);
         let mut dx = self.zeros::<f32>(logits.len())?;
-        let vocab32 = vocab as u32;
-        let mut l = self.stream.launch_builder(self.function("cross_entropy_backward_f32"));
-        l.arg(&dl).arg(&dt).arg(&ignore).arg(&dlse).arg(&dd).arg(&mut dx).arg(&vocab32);
-        // SAFETY: as for the forward.
-        unsafe { l.launch(rows_config(rows)) }.map_err(cuda("cross_entropy_backward_f32"))?;
+        let rows_in = (&dlse.slice(..), &dd.slice(..));
+        self.cross_entropy_backward_dev((&dl.slice(..), &dt, ignore), rows_in, &mut dx, (rows, vocab))?;
         self.download(&dx, logits.len())
     }
 
@@ -360,26 +339,19 @@ impl Gpu {
         if d % 2 != 0 || x.len() != outer * seq * heads * d || cos.len() != seq * d / 2 || sin.len() != cos.len() {
             return Err(GpuError::Shape(format!("rope: {} values for [{outer}, {seq}, {heads}, {d}]", x.len())));
         }
-        let (dx, dc, ds, mut y) = (self.upload(x)?, self.upload(cos)?, self.upload(sin)?, self.zeros::<f32>(x.len())?);
-        let dims = [outer as u32, seq as u32, heads as u32, d as u32];
-        let (inter, sign) = (i32::from(interleaved), if inverse { -1.0f32 } else { 1.0 });
-        let mut l = self.stream.launch_builder(self.function("rope_f32"));
-        l.arg(&dx).arg(&dc).arg(&ds).arg(&mut y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]);
-        l.arg(&inter).arg(&sign);
-        // SAFETY: one thread per pair of an [outer, seq, heads, d] buffer and its [seq, d/2] tables.
-        unsafe { l.launch(grid_for(x.len() / 2)) }.map_err(cuda("rope_f32"))?;
+        let up = |v: &[f32]| self.upload_nonempty(v);
+        let (dx, dc, ds, mut y) = (up(x)?, up(cos)?, up(sin)?, self.zeros::<f32>(x.len())?);
+        let tables = (&dx.slice(..), &dc.slice(..), &ds.slice(..));
+        self.rope_dev(tables, &mut y, (outer, seq, heads, d), (interleaved, inverse))?;
         self.download(&y, x.len())
     }
 
     /// Rows `ids` of `table` (`[rows, dim]`) (twin: `cpu::embedding::embedding_forward`).
     pub fn embedding_forward(&self, table: &[f32], dim: usize, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_ids(table.len(), dim, ids)?;
-        let (dt, di, mut out) = (self.upload(table)?, self.upload(ids)?, self.zeros::<f32>(ids.len() * dim)?);
-        let (n32, dim32) = (ids.len() as u32, dim as u32);
-        let mut l = self.stream.launch_builder(self.function("embedding_forward_f32"));
-        l.arg(&dt).arg(&di).arg(&mut out).arg(&n32).arg(&dim32);
-        // SAFETY: ids were checked to address rows of the table; one thread per output element.
-        unsafe { l.launch(grid_for(ids.len() * dim)) }.map_err(cuda("embedding_forward_f32"))?;
+        let (dt, di) = (self.upload_nonempty(table)?, self.upload_nonempty(ids)?);
+        let mut out = self.zeros::<f32>(ids.len() * dim)?;
+        self.embedding_forward_dev((&dt.slice(..), &di), &mut out, (ids.len(), dim))?;
         self.download(&out, ids.len() * dim)
     }
 
@@ -394,12 +366,8 @@ impl Gpu {
                 ids.len()
             )));
         }
-        let (dd, di, mut dt) = (self.upload(dout)?, self.upload(ids)?, self.zeros::<f32>(table_len)?);
-        let (n32, dim32) = (ids.len() as u32, dim as u32);
-        let mut l = self.stream.launch_builder(self.function("embedding_backward_f32"));
-        l.arg(&dd).arg(&di).arg(&mut dt).arg(&n32).arg(&dim32);
-        // SAFETY: as for the forward; the table gradient starts zeroed.
-        unsafe { l.launch(grid_for(ids.len() * dim)) }.map_err(cuda("embedding_backward_f32"))?;
+        let (dd, di, mut dt) = (self.upload_nonempty(dout)?, self.upload_nonempty(ids)?, self.zeros::<f32>(table_len)?);
+        self.embedding_backward_dev((&dd.slice(..), &di), &mut dt, (ids.len(), dim))?;
         self.download(&dt, table_len)
     }
 

@@ -177,6 +177,24 @@ impl Gpu {
         Ok(())
     }
 
+    /// The view `s.b` of `y` = `x` (contiguous, `n` elements); `y`'s other elements keep their
+    /// values. The view must not overlap itself (no stride-0 dimensions).
+    pub fn strided_write_dev(
+        &self,
+        x: &CudaView<'_, f32>,
+        s: &Strided,
+        y: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
+        check_len("strided write", x.len(), n)?;
+        let n32 = n as u32;
+        let mut l = self.stream.launch_builder(self.function("strided_write_f32"));
+        l.arg(x).arg(y).arg(&n32).arg(s);
+        // SAFETY: every offset `s.b` produces lies inside y (the caller's layout), and x holds n.
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda("strided_write_f32"))?;
+        Ok(())
+    }
+
     /// `y[..n] = value`.
     pub fn fill_dev(&self, y: &mut CudaSlice<f32>, n: usize, value: f32) -> Result<()> {
         check_len("fill", y.len(), n)?;

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{check_float, split_at_dim};
+use super::{check_float, check_float_any_device, split_at_dim};
 use crate::backprop::backward_fn;
 use crate::{Error, Result, Tensor};
 
@@ -32,7 +32,7 @@ fn with_dim(shape: &[usize], dim: usize, size: usize) -> Vec<usize> {
 impl Tensor {
     /// Slices `ids[j]` of `dim`, in order: `out.narrow(dim, j, 1) == self.narrow(dim, ids[j], 1)`.
     pub fn index_select(&self, dim: usize, ids: &Tensor) -> Result<Tensor> {
-        check_float("index_select", self)?;
+        check_float_any_device("index_select", self)?;
         self.layout().check_dim("index_select", dim)?;
         if ids.rank() != 1 {
             return Err(Error::invalid("index_select", format!("ids must be 1-D, got {:?}", ids.dims())));
@@ -40,6 +40,12 @@ impl Tensor {
         let (outer, n, inner) = split_at_dim(self.dims(), dim);
         let idx = checked_indices("index_select", ids, n)?;
         let m = idx.len();
+        if self.device().is_cuda() {
+            if outer != 1 {
+                return Err(Error::NoCudaKernel { op: "index_select (along a dimension after a non-unit one)" });
+            }
+            return crate::cuda::nn::index_select_rows(self, &idx, inner, &with_dim(self.dims(), dim, m));
+        }
         let x = self.f32_data();
         let mut out = vec![0.0f32; outer * m * inner];
         if inner > 0 {

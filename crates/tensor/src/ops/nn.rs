@@ -3,7 +3,7 @@
 
 use whale_kernels::cpu::{attention, cross_entropy, rmsnorm, rope, softmax, swiglu};
 
-use super::{check_float, check_same_dtype, check_shape};
+use super::{check_float, check_float_any_device, check_same_dtype_any_device, check_shape};
 use crate::backprop::backward_fn;
 use crate::rng::Rng;
 use crate::{Error, Result, Tensor};
@@ -31,8 +31,11 @@ pub enum RopeLayout {
 impl Tensor {
     /// Softmax over the last dim.
     pub fn softmax_last_dim(&self) -> Result<Tensor> {
-        check_float("softmax", self)?;
+        check_float_any_device("softmax", self)?;
         let d = last_dim("softmax", self)?;
+        if self.device().is_cuda() {
+            return crate::cuda::nn::softmax_last_dim(self, d);
+        }
         let mut y = vec![0.0f32; self.elem_count()];
         softmax::softmax_forward(&self.f32_data(), d, &mut y);
         let back = backward_fn("softmax", move |inputs: &[Tensor], out: &Tensor, g: &Tensor, _: &[bool]| {
@@ -69,11 +72,14 @@ impl Tensor {
 
     /// RMSNorm over the last dim: `x * rsqrt(mean(x^2) + eps) * weight`, `weight`: `[dim]`.
     pub fn rms_norm(&self, weight: &Tensor, eps: f32) -> Result<Tensor> {
-        let dtype = check_same_dtype("rms_norm", self, weight)?;
+        let dtype = check_same_dtype_any_device("rms_norm", self, weight)?;
         let d = last_dim("rms_norm", self)?;
         check_shape("rms_norm (weight)", weight, &[d])?;
         if eps.is_nan() || eps < 0.0 {
             return Err(Error::invalid("rms_norm", format!("eps must be >= 0, got {eps}")));
+        }
+        if self.device().is_cuda() {
+            return crate::cuda::nn::rms_norm(self, weight, d, eps);
         }
         let rows = self.elem_count() / d.max(1);
         let (mut y, mut rstd) = (vec![0.0f32; self.elem_count()], vec![0.0f32; rows]);
@@ -100,7 +106,7 @@ impl Tensor {
     /// i64), skipping rows whose target is `ignore_index`. Fused log-softmax + NLL. When every row
     /// is ignored the loss is 0 with a zero gradient (PyTorch returns NaN there).
     pub fn cross_entropy(&self, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
-        check_float("cross_entropy", self)?;
+        check_float_any_device("cross_entropy", self)?;
         if self.rank() != 2 {
             return Err(Error::invalid(
                 "cross_entropy",
@@ -112,6 +118,9 @@ impl Tensor {
         let t = targets.to_vec_i64()?;
         if let Some(&bad) = t.iter().find(|&&t| t != ignore_index && (t < 0 || t as usize >= vocab)) {
             return Err(Error::IndexOutOfRange { op: "cross_entropy (targets)", index: bad, size: vocab });
+        }
+        if self.device().is_cuda() {
+            return crate::cuda::nn::cross_entropy(self, t, ignore_index, vocab);
         }
         let (mut loss, mut lse) = (vec![0.0f32; rows], vec![0.0f32; rows]);
         let count =
@@ -131,7 +140,7 @@ impl Tensor {
     /// Rotary position embedding of `self` (`[batch, seq, heads, d]`), with `cos`/`sin` tables
     /// `[seq, d/2]` already holding the angle of each sequence position (see spec section 1.3).
     pub fn rope(&self, cos: &Tensor, sin: &Tensor, layout: RopeLayout) -> Result<Tensor> {
-        check_float("rope", self)?;
+        check_float_any_device("rope", self)?;
         if self.rank() != 4 {
             return Err(Error::invalid("rope", format!("expects [batch, seq, heads, d], got {:?}", self.dims())));
         }
@@ -142,6 +151,9 @@ impl Tensor {
         check_shape("rope (cos)", cos, &[s, d / 2])?;
         check_shape("rope (sin)", sin, &[s, d / 2])?;
         let (cos, sin) = (cos.to_vec_f32()?, sin.to_vec_f32()?);
+        if self.device().is_cuda() {
+            return crate::cuda::nn::rope(self, cos, sin, layout);
+        }
         let apply = move |x: &[f32], inverse: bool| {
             let mut y = vec![0.0f32; x.len()];
             match layout {
@@ -169,8 +181,8 @@ impl Tensor {
         scale: f32,
         causal: bool,
     ) -> Result<Tensor> {
-        let dtype = check_same_dtype("attention", q, k)?;
-        check_same_dtype("attention", q, v)?;
+        let dtype = check_same_dtype_any_device("attention", q, k)?;
+        check_same_dtype_any_device("attention", q, v)?;
         for (name, t) in [("q", q), ("k", k), ("v", v)] {
             if t.rank() != 4 {
                 return Err(Error::invalid(
@@ -194,6 +206,9 @@ impl Tensor {
         let consistent = kd[0] == qd[0] && vd[0] == qd[0] && vd[1] == kd[1] && vd[2] == kd[2] && kd[3] == qd[3];
         if !consistent || kd[1] == 0 || qd[1] % kd[1] != 0 {
             return Err(Error::invalid("attention", format!("inconsistent shapes q {qd:?}, k {kd:?}, v {vd:?}")));
+        }
+        if q.device().is_cuda() {
+            return crate::cuda::nn::attention(q, k, v, shape);
         }
         let mut o = vec![0.0f32; shape.batch * shape.q_heads * shape.q_len * shape.v_dim];
         let mut lse = vec![0.0f32; shape.batch * shape.q_heads * shape.q_len];
@@ -227,8 +242,11 @@ impl Tensor {
 
     /// SwiGLU: `silu(gate) * up`, fused.
     pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        let dtype = check_same_dtype("swiglu", gate, up)?;
+        let dtype = check_same_dtype_any_device("swiglu", gate, up)?;
         check_shape("swiglu (up)", up, gate.dims())?;
+        if gate.device().is_cuda() {
+            return crate::cuda::nn::swiglu(gate, up);
+        }
         let mut out = vec![0.0f32; gate.elem_count()];
         swiglu::swiglu_forward(&gate.f32_data(), &up.f32_data(), &mut out);
         let back = backward_fn("swiglu", |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {

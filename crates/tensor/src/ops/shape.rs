@@ -69,6 +69,9 @@ impl Tensor {
 
     /// A zero tensor of `shape` with `self` written at `start` along `dim` (narrow's backward).
     fn pad_into(&self, shape: &[usize], dim: usize, start: usize) -> Result<Tensor> {
+        if self.device().is_cuda() {
+            return crate::cuda::pad_into(self, shape, dim, start);
+        }
         let (outer, full, inner) = split_at_dim(shape, dim);
         let len = self.dims()[dim];
         let src = self.f32_data();

@@ -19,12 +19,14 @@ use crate::layout::Layout;
 use crate::storage::{CudaStorage, Storage};
 use crate::{DType, Device, Error, Result, Tensor};
 
-fn gpu_error(device: Device) -> impl Fn(GpuError) -> Error {
+pub(crate) mod nn;
+
+pub(crate) fn gpu_error(device: Device) -> impl Fn(GpuError) -> Error {
     move |e| Error::DeviceUnavailable { device, why: e.to_string() }
 }
 
 /// Runs `f` on the GPU and f32 buffer behind a CUDA tensor without copying it.
-fn with_buffer<R>(t: &Tensor, f: impl FnOnce(&Arc<Gpu>, &CudaSlice<f32>) -> Result<R>) -> Result<R> {
+pub(crate) fn with_buffer<R>(t: &Tensor, f: impl FnOnce(&Arc<Gpu>, &CudaSlice<f32>) -> Result<R>) -> Result<R> {
     let guard = t.0.storage.read().expect("tensor storage lock poisoned");
     match &*guard {
         Storage::Cuda(c) => f(&c.gpu, &c.buf),
@@ -32,7 +34,7 @@ fn with_buffer<R>(t: &Tensor, f: impl FnOnce(&Arc<Gpu>, &CudaSlice<f32>) -> Resu
     }
 }
 
-fn alloc(g: &Gpu, device: Device, n: usize) -> Result<CudaSlice<f32>> {
+pub(crate) fn alloc(g: &Gpu, device: Device, n: usize) -> Result<CudaSlice<f32>> {
     g.stream
         .alloc_zeros::<f32>(n.max(1))
         .map_err(|e| Error::DeviceUnavailable { device, why: format!("allocating {n} floats failed: {e:?}") })
@@ -51,7 +53,7 @@ fn tensor(
     Tensor::with_history_on(storage, Layout::contiguous(shape), DType::F32, device, inputs, op)
 }
 
-fn check_f32(op: &'static str, t: &Tensor) -> Result<()> {
+pub(crate) fn check_f32(op: &'static str, t: &Tensor) -> Result<()> {
     if t.dtype() != DType::F32 {
         return Err(Error::UnsupportedDType { op, dtype: t.dtype(), why: "CUDA tensors are f32 in this build" });
     }
@@ -125,16 +127,48 @@ pub(crate) fn contiguous(t: &Tensor) -> Result<Tensor> {
     Ok(tensor(g, buf, t.dims(), &[t], op))
 }
 
+/// Zeros of `shape` with `g` written at `start` along `dim`: narrow's backward.
+pub(crate) fn pad_into(g: &Tensor, shape: &[usize], dim: usize, start: usize) -> Result<Tensor> {
+    check_f32("narrow (backward)", g)?;
+    let gp = packed(g)?;
+    let (dev, n) = (g.device(), g.elem_count());
+    let window = Layout::contiguous(shape).narrow(dim, start, g.dims()[dim])?;
+    let s = Strided::new(window.shape(), (window.strides(), window.offset()), (window.strides(), window.offset()))
+        .map_err(gpu_error(dev))?;
+    let (gpu, out) = with_buffer(&gp, |gpu, gb| {
+        let mut out = alloc(gpu, dev, shape.iter().product())?;
+        if n > 0 {
+            gpu.strided_write_dev(&gb.slice(..), &s, &mut out, n).map_err(gpu_error(dev))?;
+        }
+        Ok((gpu.clone(), out))
+    })?;
+    let len = g.dims()[dim];
+    let back = backward_fn("pad", move |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
+        Ok(vec![Some(g.narrow(dim, start, len)?)])
+    });
+    Ok(tensor(gpu, out, shape, &[g], back))
+}
+
 /// A copy with its own buffer and no history.
 pub(crate) fn copy(t: &Tensor) -> Result<Tensor> {
     let (g, buf) = contiguous_buffer(t)?;
     Ok(tensor(g, buf, t.dims(), &[], crate::backprop::NoBackward))
 }
 
+/// `t` itself when it is contiguous from the start of its buffer, else a contiguous copy (no
+/// history: callers record their own op).
+pub(crate) fn packed(t: &Tensor) -> Result<Tensor> {
+    if t.is_contiguous() && t.layout().offset() == 0 {
+        Ok(t.clone())
+    } else {
+        contiguous(&t.detach())
+    }
+}
+
 /// `op(t)` elementwise, with the derivative kernel as its backward.
 pub(crate) fn unary(t: &Tensor, name: &'static str, op: UnaryOp) -> Result<Tensor> {
     check_f32(name, t)?;
-    let x = if t.is_contiguous() && t.layout().offset() == 0 { t.clone() } else { contiguous(&t.detach())? };
+    let x = packed(t)?;
     let n = t.elem_count();
     let (g, buf) = with_buffer(&x, |g, xb| {
         let mut out = alloc(g, t.device(), n)?;
@@ -142,8 +176,7 @@ pub(crate) fn unary(t: &Tensor, name: &'static str, op: UnaryOp) -> Result<Tenso
         Ok((g.clone(), out))
     })?;
     let back = backward_fn(name, move |inputs: &[Tensor], output: &Tensor, grad: &Tensor, _: &[bool]| {
-        let x = contiguous(&inputs[0].detach())?;
-        let gr = contiguous(&grad.detach())?;
+        let (x, gr) = (packed(&inputs[0])?, packed(grad)?);
         let dx = with_buffer(&x, |g, xb| {
             with_buffer(output, |_, yb| {
                 with_buffer(&gr, |_, gb| {
@@ -190,7 +223,7 @@ pub(crate) fn binary(
 /// Sum over the middle axis of `t` seen as `[outer, n, inner]` into `out_shape`.
 pub(crate) fn sum_mid(t: &Tensor, (outer, n, inner): (usize, usize, usize), out_shape: &[usize]) -> Result<Tensor> {
     check_f32("sum", t)?;
-    let x = if t.is_contiguous() && t.layout().offset() == 0 { t.clone() } else { contiguous(&t.detach())? };
+    let x = packed(t)?;
     let (g, buf) = with_buffer(&x, |g, xb| {
         let mut out = alloc(g, t.device(), outer * inner)?;
         g.sum_mid_dev(&xb.slice(..), &mut out, (outer, n, inner)).map_err(gpu_error(t.device()))?;
@@ -214,13 +247,6 @@ pub(crate) fn matmul(
 ) -> Result<Tensor> {
     check_f32("matmul", a)?;
     check_f32("matmul", b)?;
-    let packed = |t: &Tensor| -> Result<Tensor> {
-        if t.is_contiguous() && t.layout().offset() == 0 {
-            Ok(t.clone())
-        } else {
-            contiguous(&t.detach())
-        }
-    };
     let lb = b.layout();
     let b_transposed = b.rank() == 2 && lb.strides() == [1, k] && lb.offset() == 0 && k > 0;
     let a = packed(a)?;
