@@ -16,6 +16,8 @@ for t in $(cd crates/kernels/tests && ls cuda*.rs | sed 's/\.rs$//'); do
 done
 cargo test --release --no-run -p whale-tensor --test cuda_ops --message-format=json > target/gpu-bin-cuda_ops.json
 copy cuda_ops target/gpu-bin-cuda_ops.json
+cargo test --release --no-run -p whale-model --test cuda_model --message-format=json > target/gpu-bin-cuda_model.json
+copy cuda_model target/gpu-bin-cuda_model.json
 cargo test --release --no-run -p whale-parallel --features cuda --test nccl --message-format=json > target/gpu-bin-nccl.json
 copy nccl target/gpu-bin-nccl.json
 cargo bench --no-run -p whale-benches --bench gpu --message-format=json > target/gpu-bin-bench.json

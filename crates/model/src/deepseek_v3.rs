@@ -111,6 +111,21 @@ impl DeepSeekV3 {
         Ok(copy)
     }
 
+    /// A copy whose weights and buffers live on `device`: on a GPU every op of its forward and
+    /// backward runs there (whale-tensor's CUDA backend), and AdamW updates it there.
+    pub fn to_device(&self, device: &whale_tensor::Device) -> Result<Self> {
+        let mut tensors: BTreeMap<String, Tensor> = self
+            .state_dict()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_device(device)?.detach())))
+            .collect::<whale_tensor::Result<_>>()?;
+        Self::drop_non_parameters(&self.config, &mut tensors);
+        let path = format!("<moved to {device:?}>").into();
+        let mut copy = Self::build(self.config.clone(), WeightSource::Loaded { path, tensors })?;
+        copy.compute_dtype = self.compute_dtype;
+        Ok(copy)
+    }
+
     /// The MTP layers store copies of the shared embedding and head (spec 3.4), and old
     /// checkpoints carry RoPE buffers; neither is a parameter here.
     fn drop_non_parameters(config: &DeepSeekV3Config, tensors: &mut BTreeMap<String, Tensor>) {

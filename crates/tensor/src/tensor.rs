@@ -381,7 +381,8 @@ impl Tensor {
     // ---------------------------------------------------------------- in-place writes
 
     /// Runs `f` on this tensor's values as a mutable f32 slice. For parameters (optimizer steps,
-    /// checkpoint loading): the tensor must be contiguous f32.
+    /// checkpoint loading): the tensor must be contiguous f32. A CUDA tensor's values make a round
+    /// trip through the host (fine for small or rare writes; optimizers update on the GPU).
     pub fn with_f32_mut<R>(&self, f: impl FnOnce(&mut [f32]) -> R) -> Result<R> {
         if !self.is_contiguous() {
             return Err(Error::invalid("with_f32_mut", "tensor is not contiguous"));
@@ -390,10 +391,10 @@ impl Tensor {
         let (start, len) = (self.0.layout.offset(), self.elem_count());
         match &mut *guard {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(f(&mut v[start..start + len])),
-            Storage::Cuda(_) => Err(Error::invalid(
-                "with_f32_mut",
-                "a CUDA tensor is not updated in place on the host: move it with to_device first",
-            )),
+            Storage::Cuda(_) => {
+                drop(guard);
+                crate::cuda::with_f32_mut(self, f)
+            }
             other => Err(Error::UnsupportedDType {
                 op: "with_f32_mut",
                 dtype: other.dtype(),

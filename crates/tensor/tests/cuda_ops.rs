@@ -144,6 +144,55 @@ fn attention_and_lookups() {
 }
 
 #[test]
+fn concatenation_gathers_and_scatters() {
+    let (a, b) = (randn(&[2, 3, 4], 60), randn(&[2, 2, 4], 61));
+    on_every_device("cat", vec![a.clone(), b], |t| Tensor::cat(&[t[0].clone(), t[1].clone()], 1));
+    on_every_device("stack", vec![a.clone(), randn(&[2, 3, 4], 62)], |t| {
+        Tensor::stack(&[t[0].clone(), t[1].clone()], 0)
+    });
+    let idx = Tensor::from_vec(vec![2i64, 0, 3, 3, 1, 0], &[2, 3, 1], &Device::Cpu).unwrap();
+    on_every_device("gather", vec![a], |t| t[0].gather(2, &idx));
+    let ids = Tensor::from_vec(vec![1i64, 4, 1], &[3], &Device::Cpu).unwrap();
+    on_every_device("index_add", vec![randn(&[5, 6], 63), randn(&[3, 6], 64)], |t| t[0].index_add(0, &ids, &t[1]));
+    let sizes = [3, 0, 4, 1];
+    let ws: Vec<Tensor> = (0..4).map(|e| randn(&[5, 6], 70 + e)).collect();
+    let mut inputs = vec![randn(&[8, 6], 65)];
+    inputs.extend(ws);
+    on_every_device("grouped_matmul", inputs, |t| Tensor::grouped_matmul(&t[0], &sizes, &t[1..]));
+}
+
+#[test]
+fn adamw_updates_on_the_gpu_as_on_the_cpu() {
+    use whale_tensor::optim::{AdamW, AdamWConfig};
+    use whale_tensor::ParamStore;
+    let train = |device: &Device| -> Result<Vec<Vec<f32>>> {
+        let mut params = ParamStore::new();
+        let w = params.insert("w", &randn(&[6, 5], 80).to_device(device)?)?;
+        let b = params.insert("b", &randn(&[5], 81).to_device(device)?)?;
+        let mut opt = AdamW::new(AdamWConfig::default())?;
+        for s in 0..3 {
+            let x = randn(&[4, 6], 90 + s).to_device(device)?;
+            x.matmul(&w)?.add(&b)?.sqr()?.mean_all()?.backward()?;
+            opt.step(&params, 0.01)?;
+            w.zero_grad();
+            b.zero_grad();
+        }
+        // A small in-place write goes through the host on a GPU.
+        b.with_f32_mut(|v| v[0] += 1.0)?;
+        Ok(vec![w.to_vec_f32()?, b.to_vec_f32()?])
+    };
+    let want = train(&Device::Cpu).unwrap();
+    if !Device::cuda_is_available(0) {
+        eprintln!("adamw_updates_on_the_gpu_as_on_the_cpu: CUDA half skipped, no CUDA driver or GPU on this machine");
+        return;
+    }
+    let got = train(&Device::cuda(0).unwrap()).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        close("AdamW", g, w);
+    }
+}
+
+#[test]
 fn a_small_mlp_trains_the_same_on_both_devices() {
     // A whole forward and backward through composed ops: x -> silu(x W1ᵀ + b1) W2ᵀ, squared error.
     let inputs =

@@ -382,8 +382,34 @@ impl Gpu {
         Ok(())
     }
 
-    /// One fused AdamW step in place (twin: `cpu::adamw::adamw_step`, whose scalar set-up this
-    /// repeats).
+    /// One fused AdamW step in place on device buffers of `n` values (twin:
+    /// `cpu::adamw::adamw_step`; both take their scalars from `AdamWScalars`).
+    pub fn adamw_step_dev(
+        &self,
+        param: &mut cudarc::driver::CudaViewMut<'_, f32>,
+        grad: &cudarc::driver::CudaView<'_, f32>,
+        (m, v): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        n: usize,
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        if param.len() < n || grad.len() < n || m.len() < n || v.len() < n {
+            return Err(GpuError::Shape(format!("adamw: buffers shorter than {n} values")));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let s = crate::cpu::adamw::AdamWScalars::new(hp);
+        let (n32, from_m) = (n as u32, i32::from(s.lerp_from_m));
+        let mut l = self.stream.launch_builder(self.function("adamw_step_f32"));
+        l.arg(param).arg(grad).arg(m).arg(v).arg(&n32);
+        l.arg(&s.decay).arg(&s.lerp_coeff).arg(&from_m).arg(&s.beta2).arg(&s.one_minus_beta2);
+        l.arg(&s.bias_correction2_sqrt).arg(&s.eps).arg(&s.neg_step_size);
+        // SAFETY: one thread per element of four buffers holding at least `n` floats.
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda("adamw_step_f32"))?;
+        Ok(())
+    }
+
+    /// One fused AdamW step in place from host slices (see [`Gpu::adamw_step_dev`]).
     pub fn adamw_step(
         &self,
         param: &mut [f32],
@@ -396,15 +422,9 @@ impl Gpu {
         if grad.len() != n || m.len() != n || v.len() != n {
             return Err(GpuError::Shape("adamw: buffers differ in length".into()));
         }
-        let s = crate::cpu::adamw::AdamWScalars::new(hp);
-        let (mut dp, dg, mut dm, mut dv) = (self.upload(param)?, self.upload(grad)?, self.upload(m)?, self.upload(v)?);
-        let (n32, from_m) = (n as u32, i32::from(s.lerp_from_m));
-        let mut l = self.stream.launch_builder(self.function("adamw_step_f32"));
-        l.arg(&mut dp).arg(&dg).arg(&mut dm).arg(&mut dv).arg(&n32);
-        l.arg(&s.decay).arg(&s.lerp_coeff).arg(&from_m).arg(&s.beta2).arg(&s.one_minus_beta2);
-        l.arg(&s.bias_correction2_sqrt).arg(&s.eps).arg(&s.neg_step_size);
-        // SAFETY: one thread per element of four buffers of `n` floats.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("adamw_step_f32"))?;
+        let up = |x: &[f32]| self.upload_nonempty(x);
+        let (mut dp, dg, mut dm, mut dv) = (up(param)?, up(grad)?, up(m)?, up(v)?);
+        self.adamw_step_dev(&mut dp.slice_mut(..), &dg.slice(..), (&mut dm, &mut dv), n, hp)?;
         param.copy_from_slice(&self.download(&dp, n)?);
         m.copy_from_slice(&self.download(&dm, n)?);
         v.copy_from_slice(&self.download(&dv, n)?);

@@ -115,14 +115,14 @@ impl DeepSeekMoE {
             for (slot, &ex) in routing.experts.iter().enumerate() {
                 f[(slot / k / seq) * e + ex] += e as f32 / (k * seq) as f32;
             }
-            let f = Tensor::from_vec(f, &[batch, e], &Device::Cpu)?;
+            let f = Tensor::from_vec(f, &[batch, e], &routing.scores.device())?;
             let p = normalised()?.reshape(&[batch, seq, e])?.mean(1)?;
             add(f.mul(&p)?.sum(1)?.mean_all()?.mul_scalar(self.seq_aux_alpha)?)?;
         }
         if self.aux_loss_alpha > 0.0 {
             let t = batch * seq;
             let f: Vec<f32> = routing.load.iter().map(|&c| c as f32 * e as f32 / (k * t) as f32).collect();
-            let f = Tensor::from_vec(f, &[e], &Device::Cpu)?;
+            let f = Tensor::from_vec(f, &[e], &routing.scores.device())?;
             let p = normalised()?.mean(0)?;
             add(f.mul(&p)?.sum_all()?.mul_scalar(self.aux_loss_alpha)?)?;
         }
@@ -147,8 +147,8 @@ pub fn run_experts(
     for &(_, e) in assignments {
         sizes[e] += 1;
     }
-    let dev = Device::Cpu;
-    let index = |v: Vec<i64>| Tensor::from_vec(v, &[order.len()], &dev);
+    // Indices are host data on every device (the CUDA ops copy them in).
+    let index = |v: Vec<i64>| Tensor::from_vec(v, &[order.len()], &Device::Cpu);
     let rows = index(order.iter().map(|&i| assignments[i].0 as i64).collect())?;
     let slots = index(order.iter().map(|&i| i as i64).collect())?;
 

@@ -266,3 +266,134 @@ pub(crate) fn matmul(
     })?;
     Ok(tensor(g, buf, out_shape, inputs, back))
 }
+
+/// `tensors` (already checked: same rank, dtype, and dims but `dim`) concatenated along `dim`;
+/// each is written into its window of the result. `back` is the CPU op's backward (narrow views).
+pub(crate) fn cat(tensors: &[Tensor], dim: usize, shape: &[usize], back: impl BackwardOp + 'static) -> Result<Tensor> {
+    let dev = tensors[0].device();
+    let g = gpu(match dev {
+        Device::Cuda(i) => i,
+        Device::Cpu => return Err(Error::invalid("cat", "a host tensor reached the CUDA backend")),
+    })?;
+    let mut out = alloc(&g, dev, shape.iter().product())?;
+    let mut at = 0;
+    for t in tensors {
+        check_f32("cat", t)?;
+        if t.device() != dev {
+            return Err(Error::DeviceMismatch { op: "cat", lhs: dev, rhs: t.device() });
+        }
+        let len = t.dims()[dim];
+        let window = Layout::contiguous(shape).narrow(dim, at, len)?;
+        let s = Strided::new(window.shape(), (window.strides(), window.offset()), (window.strides(), window.offset()))
+            .map_err(gpu_error(dev))?;
+        let tp = packed(t)?;
+        if t.elem_count() > 0 {
+            with_buffer(&tp, |g, tb| {
+                g.strided_write_dev(&tb.slice(..), &s, &mut out, t.elem_count()).map_err(gpu_error(dev))
+            })?;
+        }
+        at += len;
+    }
+    let refs: Vec<&Tensor> = tensors.iter().collect();
+    Ok(tensor(g, out, shape, &refs, back))
+}
+
+/// PyTorch's `gather` along `dim` with host indices `ix` (checked, in `idx`'s row-major order):
+/// an index_select of single elements of the flattened tensor, whose backward is the scatter-add
+/// gather needs.
+pub(crate) fn gather(x: &Tensor, dim: usize, ix: &[usize], out_shape: &[usize]) -> Result<Tensor> {
+    let (outer, n, inner) = crate::ops::split_at_dim(x.dims(), dim);
+    let m = out_shape[dim];
+    let flat: Vec<usize> = (0..outer * m * inner)
+        .map(|p| {
+            let (o, i) = (p / (m * inner), p % inner);
+            (o * n + ix[p]) * inner + i
+        })
+        .collect();
+    let picked = nn::index_select_rows(&x.flatten_all()?, &flat, 1, &[flat.len()])?;
+    picked.reshape(out_shape)
+}
+
+/// `x` with rows `src[j]` added into rows `idx[j]` (a leading dimension; duplicates add up, in
+/// an order the GPU's atomics choose). `back` is the CPU op's backward.
+pub(crate) fn index_add_rows(
+    x: &Tensor,
+    idx: &[usize],
+    src: &Tensor,
+    inner: usize,
+    back: impl BackwardOp + 'static,
+) -> Result<Tensor> {
+    check_f32("index_add", x)?;
+    let dev = x.device();
+    let (xp, sp) = (packed(x)?, packed(src)?);
+    let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+    let (g, out) = with_buffer(&xp, |g, xb| {
+        with_buffer(&sp, |_, sb| {
+            let mut out =
+                g.stream.clone_dtod(xb).map_err(|e| Error::DeviceUnavailable { device: dev, why: format!("{e:?}") })?;
+            if !ids.is_empty() && inner > 0 {
+                let ids_dev = g
+                    .stream
+                    .clone_htod(&ids)
+                    .map_err(|e| Error::DeviceUnavailable { device: dev, why: format!("{e:?}") })?;
+                g.embedding_backward_dev((&sb.slice(..), &ids_dev), &mut out, (ids.len(), inner))
+                    .map_err(gpu_error(dev))?;
+            }
+            Ok((g.clone(), out))
+        })
+    })?;
+    Ok(tensor(g, out, x.dims(), &[x, src], back))
+}
+
+/// Runs `f` on the values of a contiguous CUDA tensor in place, through the host (copy out, `f`,
+/// copy back): for small, rare writes such as the router's balancing bias or loading a
+/// checkpoint, not for anything per element per step.
+pub(crate) fn with_f32_mut<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> R) -> Result<R> {
+    let (start, len, dev) = (t.layout().offset(), t.elem_count(), t.device());
+    let mut guard = t.0.storage.write().expect("tensor storage lock poisoned");
+    let Storage::Cuda(c) = &mut *guard else {
+        return Err(Error::invalid("with_f32_mut", "a host tensor reached the CUDA backend"));
+    };
+    let copy_err = |e: whale_kernels::cuda::cudarc::driver::DriverError| Error::DeviceUnavailable {
+        device: dev,
+        why: format!("{e:?}"),
+    };
+    let mut host = c.gpu.stream.clone_dtoh(&c.buf.slice(start..start + len)).map_err(copy_err)?;
+    let r = f(&mut host);
+    if len > 0 {
+        c.gpu.stream.memcpy_htod(&host, &mut c.buf.slice_mut(start..start + len)).map_err(copy_err)?;
+    }
+    Ok(r)
+}
+
+/// One fused AdamW step of a contiguous CUDA parameter with its gradient and f32 moments (CUDA
+/// tensors of the parameter's length), all updated in place on the GPU.
+pub(crate) fn adamw_step(
+    p: &Tensor,
+    grad: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    hp: &whale_kernels::cpu::adamw::AdamWStep,
+) -> Result<()> {
+    let (start, n, dev) = (p.layout().offset(), p.elem_count(), p.device());
+    let g = packed(grad)?;
+    let gguard = g.0.storage.read().expect("tensor storage lock poisoned");
+    let (mut pg, mut mg, mut vg) = (
+        p.0.storage.write().expect("tensor storage lock poisoned"),
+        m.0.storage.write().expect("tensor storage lock poisoned"),
+        v.0.storage.write().expect("tensor storage lock poisoned"),
+    );
+    match (&mut *pg, &*gguard, &mut *mg, &mut *vg) {
+        (Storage::Cuda(pc), Storage::Cuda(gc), Storage::Cuda(mc), Storage::Cuda(vc)) => pc
+            .gpu
+            .adamw_step_dev(
+                &mut pc.buf.slice_mut(start..start + n),
+                &gc.buf.slice(..n),
+                (&mut mc.buf, &mut vc.buf),
+                n,
+                hp,
+            )
+            .map_err(gpu_error(dev)),
+        _ => Err(Error::invalid("AdamW", "a CUDA parameter needs its gradient and moments on the same GPU")),
+    }
+}

@@ -64,7 +64,7 @@ impl Tensor {
 
     /// `self` with `src.narrow(dim, j, 1)` added into slice `ids[j]` of `dim`, for every j.
     pub fn index_add(&self, dim: usize, ids: &Tensor, src: &Tensor) -> Result<Tensor> {
-        super::check_same_dtype("index_add", self, src)?;
+        super::check_same_dtype_any_device("index_add", self, src)?;
         self.layout().check_dim("index_add", dim)?;
         let (outer, n, inner) = split_at_dim(self.dims(), dim);
         let idx = checked_indices("index_add", ids, n)?;
@@ -76,6 +76,19 @@ impl Tensor {
                 rhs: src.dims().to_vec(),
             });
         }
+        let ids_kept = ids.detach();
+        let back = backward_fn("index_add", move |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+            Ok(vec![
+                if needs[0] { Some(g.clone()) } else { None },
+                if needs[1] { Some(g.index_select(dim, &ids_kept)?) } else { None },
+            ])
+        });
+        if self.device().is_cuda() {
+            if outer != 1 {
+                return Err(Error::NoCudaKernel { op: "index_add (along a dimension after a non-unit one)" });
+            }
+            return crate::cuda::index_add_rows(self, &idx, src, inner, back);
+        }
         let mut out = self.f32_data().to_vec();
         let s = src.f32_data();
         for o in 0..outer {
@@ -86,13 +99,6 @@ impl Tensor {
                 }
             }
         }
-        let ids = ids.detach();
-        let back = backward_fn("index_add", move |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
-            Ok(vec![
-                if needs[0] { Some(g.clone()) } else { None },
-                if needs[1] { Some(g.index_select(dim, &ids)?) } else { None },
-            ])
-        });
         Ok(Tensor::from_op(out, self.dims(), self.dtype(), &[self, src], back))
     }
 
@@ -109,7 +115,7 @@ impl Tensor {
     /// `out[.., j, ..] = self[.., idx[.., j, ..], ..]` along `dim` (PyTorch `gather`); `idx` has
     /// this tensor's shape except along `dim`.
     pub fn gather(&self, dim: usize, idx: &Tensor) -> Result<Tensor> {
-        check_float("gather", self)?;
+        check_float_any_device("gather", self)?;
         self.layout().check_dim("gather", dim)?;
         let m = idx.dim(dim)?;
         if idx.dims() != with_dim(self.dims(), dim, m).as_slice() {
@@ -117,6 +123,9 @@ impl Tensor {
         }
         let (outer, n, inner) = split_at_dim(self.dims(), dim);
         let ix = checked_indices("gather", idx, n)?;
+        if self.device().is_cuda() {
+            return crate::cuda::gather(self, dim, &ix, idx.dims());
+        }
         let x = self.f32_data();
         let mut out = vec![0.0f32; outer * m * inner];
         for o in 0..outer {

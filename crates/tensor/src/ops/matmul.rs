@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 use whale_kernels::cpu::matmul::{matmul as gemm_matmul, MatRef};
 
-use super::{check_same_dtype, check_same_dtype_any_device, grad_if};
+use super::{check_same_dtype_any_device, grad_if};
 use crate::backprop::backward_fn;
 use crate::layout::broadcast_shape;
 use crate::storage::{CpuStorage, Storage};
@@ -132,10 +132,25 @@ impl Tensor {
         let first = weights.first().ok_or_else(|| Error::invalid(op, "no groups"))?;
         let n = first.dims().first().copied().unwrap_or(0);
         for w in weights {
-            check_same_dtype(op, x, w)?;
+            check_same_dtype_any_device(op, x, w)?;
             if w.dims() != [n, k] {
                 return Err(Error::ShapeMismatch { op, lhs: vec![n, k], rhs: w.dims().to_vec() });
             }
+        }
+        if x.device().is_cuda() {
+            // One cuBLAS product per non-empty group, through differentiable views and cat.
+            let mut parts = Vec::with_capacity(weights.len());
+            let mut start = 0;
+            for (w, &g) in weights.iter().zip(group_sizes) {
+                if g > 0 {
+                    parts.push(x.narrow(0, start, g)?.matmul(&w.t()?)?);
+                }
+                start += g;
+            }
+            return match parts.len() {
+                0 => Tensor::zeros(&[0, n], x.dtype(), &x.device()),
+                _ => Tensor::cat(&parts, 0),
+            };
         }
         let xs = x.f32_data();
         let mut out = vec![0.0f32; rows * n];

@@ -163,7 +163,7 @@ impl Tensor {
         let first = tensors.first().ok_or_else(|| Error::invalid("cat", "no tensors"))?;
         first.layout().check_dim("cat", dim)?;
         for t in tensors {
-            check_float("cat", t)?;
+            super::check_float_any_device("cat", t)?;
             if t.dtype() != first.dtype() {
                 return Err(Error::DTypeMismatch { op: "cat", lhs: first.dtype(), rhs: t.dtype() });
             }
@@ -176,6 +176,29 @@ impl Tensor {
         let total: usize = tensors.iter().map(|t| t.dims()[dim]).sum();
         let mut shape = first.dims().to_vec();
         shape[dim] = total;
+        let narrows = |starts: Vec<(usize, usize)>| {
+            backward_fn("cat", move |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+                starts
+                    .iter()
+                    .zip(needs)
+                    .map(|(&(s, l), &n)| if n { g.narrow(dim, s, l).map(Some) } else { Ok(None) })
+                    .collect()
+            })
+        };
+        if first.device().is_cuda() {
+            let starts = tensors
+                .iter()
+                .scan(0, |at, t| {
+                    let len = t.dims()[dim];
+                    *at += len;
+                    Some((*at - len, len))
+                })
+                .collect();
+            return crate::cuda::cat(tensors, dim, &shape, narrows(starts));
+        }
+        for t in tensors {
+            check_float("cat", t)?;
+        }
         let (outer, _, inner) = split_at_dim(&shape, dim);
         let mut out = vec![0.0f32; shape.iter().product()];
         let mut at = 0;
@@ -190,15 +213,8 @@ impl Tensor {
             starts.push((at, len));
             at += len;
         }
-        let back = backward_fn("cat", move |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
-            starts
-                .iter()
-                .zip(needs)
-                .map(|(&(s, l), &n)| if n { g.narrow(dim, s, l).map(Some) } else { Ok(None) })
-                .collect()
-        });
         let refs: Vec<&Tensor> = tensors.iter().collect();
-        Ok(Tensor::from_op(out, &shape, first.dtype(), &refs, back))
+        Ok(Tensor::from_op(out, &shape, first.dtype(), &refs, narrows(starts)))
     }
 
     /// Stacks equally shaped tensors along a new dimension `dim`.

@@ -29,11 +29,12 @@ impl Default for AdamWConfig {
     }
 }
 
-/// One moment buffer in its storage dtype.
+/// One moment buffer in its storage dtype: on the host, or (f32) on the parameter's GPU.
 #[derive(Debug, Clone)]
 enum Moment {
     F32(Vec<f32>),
     BF16(Vec<bf16>),
+    Cuda(Tensor),
 }
 
 impl Moment {
@@ -56,13 +57,37 @@ impl Moment {
         match self {
             Moment::F32(v) => Tensor::from_vec(v.clone(), &[v.len()], &Device::Cpu),
             Moment::BF16(v) => Tensor::from_vec(v.clone(), &[v.len()], &Device::Cpu),
+            Moment::Cuda(t) => t.to_device(&Device::Cpu),
         }
     }
 
-    /// Runs `f` on the values as f32 (widened and rounded back for bf16 storage).
+    /// This moment on `device` (moments follow their parameter to a GPU, in f32 there).
+    fn on(&mut self, device: Device) -> Result<Tensor> {
+        if let Moment::Cuda(t) = self {
+            return Ok(t.clone());
+        }
+        if let Moment::BF16(_) = self {
+            return Err(Error::invalid("AdamW", "bf16 moments are kept on the host; use f32 moments on a GPU"));
+        }
+        let t = self.to_tensor()?.to_device(&device)?;
+        *self = Moment::Cuda(t.clone());
+        Ok(t)
+    }
+
+    /// Moves a GPU moment to the host (a parameter that moved back to the CPU).
+    fn move_to_host(&mut self) -> Result<()> {
+        if let Moment::Cuda(t) = self {
+            *self = Moment::F32(t.to_vec_f32()?);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the host values as f32 (widened and rounded back for bf16 storage); call
+    /// [`Moment::move_to_host`] first.
     fn with_f32<R>(&mut self, f: impl FnOnce(&mut [f32]) -> R) -> R {
         match self {
             Moment::F32(v) => f(v),
+            Moment::Cuda(_) => f(&mut []),
             Moment::BF16(v) => {
                 let mut wide: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
                 let r = f(&mut wide);
@@ -110,7 +135,6 @@ impl AdamW {
         self.step += 1;
         for (name, p) in params.iter() {
             let Some(g) = p.grad() else { continue };
-            let grad = g.to_vec_f32()?;
             let n = p.elem_count();
             let dtype = self.config.moment_dtype;
             let moments = self
@@ -127,6 +151,15 @@ impl AdamW {
                 step: self.step,
             };
             let Moments { m, v } = moments;
+            if p.device().is_cuda() {
+                let (m, v) = (m.on(p.device())?, v.on(p.device())?);
+                crate::cuda::adamw_step(p, &g, &m, &v, &hp)
+                    .map_err(|e| Error::Params(format!("AdamW cannot update `{name}`: {e}")))?;
+                continue;
+            }
+            let grad = g.to_vec_f32()?;
+            m.move_to_host()?;
+            v.move_to_host()?;
             p.with_f32_mut(|w| m.with_f32(|m| v.with_f32(|v| adamw_step(w, &grad, m, v, &hp))))
                 .map_err(|e| Error::Params(format!("AdamW cannot update `{name}`: {e}")))?;
         }

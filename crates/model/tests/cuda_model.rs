@@ -1,0 +1,64 @@
+//! DeepSeek-V3 (the tiny preset: MLA, DeepSeekMoE with the bias-balanced gate, MTP) on a GPU
+//! against the same model on the CPU: the loss and every gradient of one backward, then the loss
+//! of each of three AdamW steps with the balancing update. Skipped, saying so, without a GPU.
+
+use whale_model::{DeepSeekV3, DeepSeekV3Config};
+use whale_tensor::optim::{AdamW, AdamWConfig};
+use whale_tensor::{Device, Rng, Tensor};
+
+fn tokens(cfg: &DeepSeekV3Config, batch: usize, seq: usize, seed: u64) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let v: Vec<i64> = (0..batch * seq).map(|_| rng.below(cfg.vocab_size as u64) as i64).collect();
+    Tensor::from_vec(v, &[batch, seq], &Device::Cpu).unwrap()
+}
+
+/// One training step: loss, backward, AdamW, the balancing-bias update; returns the loss.
+fn step(m: &DeepSeekV3, opt: &mut AdamW, ids: &Tensor, targets: &Tensor) -> f32 {
+    let out = m.forward(ids, Some(targets)).unwrap();
+    let loss = out.loss.unwrap();
+    loss.backward().unwrap();
+    opt.step(&m.params, 1e-3).unwrap();
+    for (_, p) in m.params.iter() {
+        p.zero_grad();
+    }
+    m.update_balancing_biases(&out.expert_load).unwrap();
+    loss.to_scalar().unwrap()
+}
+
+#[test]
+fn tiny_deepseek_v3_trains_the_same_on_a_gpu() {
+    if !Device::cuda_is_available(0) {
+        eprintln!("tiny_deepseek_v3_trains_the_same_on_a_gpu: skipped, no CUDA driver or GPU on this machine");
+        return;
+    }
+    let cfg = DeepSeekV3Config::tiny();
+    let cpu = DeepSeekV3::new(cfg.clone(), 11).unwrap();
+    let gpu = cpu.to_device(&Device::cuda(0).unwrap()).unwrap();
+    assert!(gpu.params.iter().all(|(_, p)| p.device() == Device::Cuda(0)), "every weight moved");
+    let (ids, targets) = (tokens(&cfg, 2, 12, 100), tokens(&cfg, 2, 12, 200));
+    for m in [&cpu, &gpu] {
+        m.forward(&ids, Some(&targets)).unwrap().loss.unwrap().backward().unwrap();
+    }
+    for ((name, c), (_, g)) in cpu.params.iter().zip(gpu.params.iter()) {
+        let (c, g) = match (c.grad(), g.grad()) {
+            (None, None) => continue,
+            (Some(c), Some(g)) => (c.to_vec_f32().unwrap(), g.to_vec_f32().unwrap()),
+            _ => panic!("{name}: a gradient on one device only"),
+        };
+        // Sums run in other orders on the GPU: agreement to f32 rounding of the tensor's scale.
+        let scale = c.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
+        for (i, (a, b)) in g.iter().zip(&c).enumerate() {
+            assert!((a - b).abs() <= 1e-4 * scale, "grad of {name}[{i}]: GPU {a} vs CPU {b} (scale {scale})");
+        }
+    }
+    for m in [&cpu, &gpu] {
+        m.params.iter().for_each(|(_, p)| p.zero_grad());
+    }
+    let (mut opt_cpu, mut opt_gpu) =
+        (AdamW::new(AdamWConfig::default()).unwrap(), AdamW::new(AdamWConfig::default()).unwrap());
+    for s in 0..3 {
+        let (ids, targets) = (tokens(&cfg, 2, 12, 300 + s), tokens(&cfg, 2, 12, 400 + s));
+        let (lc, lg) = (step(&cpu, &mut opt_cpu, &ids, &targets), step(&gpu, &mut opt_gpu, &ids, &targets));
+        assert!((lc - lg).abs() <= 1e-4 * lc.abs(), "step {s}: loss {lg} on the GPU vs {lc} on the CPU");
+    }
+}
