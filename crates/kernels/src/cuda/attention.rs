@@ -156,6 +156,8 @@ impl Gpu {
     /// Allows `t`'s kernel its shared memory (above the default 48 KB) and returns it.
     fn tiled_function(&self, t: &Tiled) -> Result<&cudarc::driver::CudaFunction> {
         let f = self.function(t.kernel);
+        // The launch binds the context to this thread; the attribute is set before it.
+        self.ctx.bind_to_thread().map_err(cuda(t.kernel))?;
         let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
         f.set_attribute(attr, t.smem as i32).map_err(cuda(t.kernel))?;
         Ok(f)
