@@ -46,8 +46,6 @@ logs="${OUT:-/tmp}"
         status=1
     fi
     echo
-    echo "A training step of the small preset on the GPU waits for whale-tensor's CUDA backend."
-    echo
     if [ $status -ne 0 ]; then
         echo "overall: FAIL"
     elif [ $skipped -ne 0 ]; then

@@ -2,8 +2,10 @@
 //! scaled FP8 GEMM on the tensor cores against cuBLAS bf16 at the same shapes (4096³ and
 //! DeepSeek-V3's projection shapes) and against the simple CUDA-core kernel, training attention
 //! forward and backward, MLA decode over the latent cache, and a device copy as the memory-bandwidth
-//! ceiling. Timed with CUDA events inside criterion's `iter_custom`, so the
-//! clock reads the GPU's own time for `iters` back-to-back launches.
+//! ceiling, and a training step of the `small` preset on the GPU against the CPU. Kernels are timed
+//! with CUDA events inside criterion's `iter_custom`, so the clock reads the GPU's own time for
+//! `iters` back-to-back launches; the training step, which synchronises with the host, by wall
+//! clock.
 //!
 //! Without a GPU it says so and exits successfully. `cargo xtask bench gpu` runs it; the GPU
 //! check (`scripts/gpu-check.sh`) runs the prebuilt binary and copies the table it writes to
@@ -18,7 +20,10 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use half::bf16;
 use whale_kernels::cpu::attention::AttnShape;
-use whale_kernels::cuda::{device_count, Fp8GemmKernel, Fp8Operand, GemmShape, Gpu};
+use whale_kernels::cuda::{device_count, AttentionKernels, Fp8GemmKernel, Fp8Operand, GemmShape, Gpu};
+use whale_model::{DeepSeekV3, DeepSeekV3Config};
+use whale_tensor::optim::{AdamW, AdamWConfig};
+use whale_tensor::{Device, Rng, Tensor};
 
 /// One benchmark's measurements: the GPU seconds of each sample divided by its launches.
 struct Row {
@@ -39,7 +44,11 @@ impl Row {
 
     /// TFLOP/s or GB/s.
     fn rate(&self) -> f64 {
-        let scale = if self.unit == "TFLOP/s" { 1e12 } else { 1e9 };
+        let scale = match self.unit {
+            "TFLOP/s" => 1e12,
+            "ktok/s" => 1e3,
+            _ => 1e9,
+        };
         self.work / self.median() / scale
     }
 }
@@ -188,14 +197,18 @@ fn attention(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
     let mut lse = g.stream.alloc_zeros::<f32>(b * h * t).expect("alloc");
     // Causal: half of the t² scores; QKᵀ and PV are 2·d FLOPs per score each.
     let fwd = 2.0 * 2.0 * (b * h * t * t / 2 * d) as f64;
-    let r = row("attention", &format!("forward/{b}x{h}x{t}x{d}"), fwd, "TFLOP/s");
-    bench(c, g, &r, || g.attention_forward_dev(&s, (&q, &k, &v), &mut o, &mut lse).expect("attention"));
-    rows.push(r);
     let mut grads = g.attention_grads(&s).expect("alloc");
-    // Backward recomputes P and runs four products (dV, dP, dQ, dK): 2.5 times the forward.
-    let r = row("attention", &format!("backward/{b}x{h}x{t}x{d}"), 2.5 * fwd, "TFLOP/s");
-    bench(c, g, &r, || g.attention_backward_dev(&s, (&q, &k, &v), (&o, &lse, &d_o), &mut grads).expect("backward"));
-    rows.push(r);
+    for kernels in [AttentionKernels::Simple, AttentionKernels::Tiled] {
+        g.set_attention_kernels(kernels);
+        let k_name = format!("{kernels:?}").to_lowercase();
+        let r = row("attention", &format!("forward_{k_name}/{b}x{h}x{t}x{d}"), fwd, "TFLOP/s");
+        bench(c, g, &r, || g.attention_forward_dev(&s, (&q, &k, &v), &mut o, &mut lse).expect("attention"));
+        rows.push(r);
+        // Backward recomputes P and runs four products (dV, dP, dQ, dK): 2.5 times the forward.
+        let r = row("attention", &format!("backward_{k_name}/{b}x{h}x{t}x{d}"), 2.5 * fwd, "TFLOP/s");
+        bench(c, g, &r, || g.attention_backward_dev(&s, (&q, &k, &v), (&o, &lse, &d_o), &mut grads).expect("backward"));
+        rows.push(r);
+    }
 
     let (b, h, t, dc, dr) = (32, 128, 4096, 512, 64);
     let s = AttnShape {
@@ -214,12 +227,60 @@ fn attention(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
     let mut lse = g.stream.alloc_zeros::<f32>(b * h).expect("alloc");
     // Bytes that must move: the cache (keys and values, f32) once, plus q and o.
     let bytes = 4.0 * (b * t * (dc + dr) + b * t * dc + b * h * (dc + dr) + b * h * dc) as f64;
-    let r = row("mla_decode", &format!("latent_cache/{b}x{h}x{t}"), bytes, "GB/s");
-    bench(c, g, &r, || g.attention_forward_dev(&s, (&q, &k, &v), &mut o, &mut lse).expect("decode"));
-    rows.push(r);
+    for kernels in [AttentionKernels::Simple, AttentionKernels::Tiled] {
+        g.set_attention_kernels(kernels);
+        let k_name = format!("{kernels:?}").to_lowercase();
+        let r = row("mla_decode", &format!("{k_name}/{b}x{h}x{t}"), bytes, "GB/s");
+        bench(c, g, &r, || g.attention_forward_dev(&s, (&q, &k, &v), &mut o, &mut lse).expect("decode"));
+        rows.push(r);
+    }
+    g.set_attention_kernels(AttentionKernels::Simple);
 }
 
-/// The markdown table of every row, with each FP8 row's ratio to cuBLAS bf16 at its shape.
+/// One training step of the `small` preset (forward with MTP, backward, AdamW, the balancing
+/// update) on the GPU through whale-tensor's CUDA backend, beside the same step on the CPU.
+/// Wall-clock time: a step synchronises with the host (routing, the loss).
+fn training_step(c: &mut Criterion, rows: &mut Vec<Row>) {
+    let cfg = DeepSeekV3Config::small();
+    let (batch, seq) = (8, 128);
+    let mut rng = Rng::new(5);
+    let mut tokens = || {
+        let v: Vec<i64> = (0..batch * seq).map(|_| rng.below(cfg.vocab_size as u64) as i64).collect();
+        Tensor::from_vec(v, &[batch, seq], &Device::Cpu).expect("tokens")
+    };
+    let (ids, targets) = (tokens(), tokens());
+    let cpu = DeepSeekV3::new(cfg.clone(), 3).expect("model");
+    for (name, device) in [("gpu", Device::cuda(0).expect("GPU 0")), ("cpu", Device::Cpu)] {
+        let model = cpu.to_device(&device).expect("model on the device");
+        let mut opt = AdamW::new(AdamWConfig::default()).expect("AdamW");
+        let r = row("train_step", &format!("small_{name}/{batch}x{seq}"), (batch * seq) as f64, "ktok/s");
+        let mut group = c.benchmark_group("train_step");
+        group.sampling_mode(SamplingMode::Flat).sample_size(10);
+        group.bench_function(&r.name, |b| {
+            b.iter_custom(|iters| {
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    let out = model.forward(&ids, Some(&targets)).expect("forward");
+                    let loss = out.loss.expect("a loss");
+                    loss.backward().expect("backward");
+                    opt.step(&model.params, 1e-3).expect("AdamW");
+                    model.params.iter().for_each(|(_, p)| p.zero_grad());
+                    model.update_balancing_biases(&out.expert_load).expect("balancing");
+                    assert!(loss.to_scalar().expect("loss").is_finite(), "a finite loss");
+                }
+                let t = start.elapsed();
+                r.per_launch.borrow_mut().push(t.as_secs_f64() / iters as f64);
+                t
+            })
+        });
+        group.finish();
+        rows.push(r);
+    }
+}
+
+/// The markdown table of every row with its ratio to the baseline measured in the same run
+/// (cuBLAS bf16 for FP8, cuBLAS f32 for bf16, the simple attention kernels for the tiled ones,
+/// the CPU for the training step) and, for attention and decode, the share of their ceiling.
 fn table(rows: &[Row]) -> String {
     let mut out = String::from("| benchmark | time | rate | vs baseline |\n| --- | --- | --- | --- |\n");
     for r in rows {
@@ -229,6 +290,12 @@ fn table(rows: &[Row]) -> String {
                 rows.iter().find(|b| b.name == format!("cublas_bf16/{shape}"))
             }
             ("matmul", Some("cublas_bf16")) => rows.iter().find(|b| b.name == format!("cublas_f32/{shape}")),
+            ("train_step", Some(k)) if k.ends_with("_gpu") => {
+                rows.iter().find(|b| b.name == r.name.replace("_gpu", "_cpu"))
+            }
+            ("attention" | "mla_decode", Some(k)) if k.contains("tiled") => {
+                rows.iter().find(|b| b.group == r.group && b.name == r.name.replace("tiled", "simple"))
+            }
             _ => None,
         };
         let mut ratio = base.map(|b| format!("{:.2}x {}", b.median() / r.median(), b.name)).unwrap_or_default();
@@ -240,7 +307,8 @@ fn table(rows: &[Row]) -> String {
             _ => None,
         };
         if let Some(b) = ceiling {
-            ratio = format!("{:.2} of {}", r.rate() / b.rate(), b.name);
+            let of = format!("{:.2} of {}", r.rate() / b.rate(), b.name);
+            ratio = if ratio.is_empty() { of } else { format!("{ratio}; {of}") };
         }
         out += &format!(
             "| {}/{} | {:.3} ms | {:.1} {} | {} |\n",
@@ -271,6 +339,7 @@ fn main() {
     matmuls(&mut c, &g, &mut rows);
     fp8_gemms(&mut c, &g, &mut rows);
     attention(&mut c, &g, &mut rows);
+    training_step(&mut c, &mut rows);
     c.final_summary();
     let text = format!("GPU: compute capability {}.{}\n\n{}", g.arch.0, g.arch.1, table(&rows));
     println!("\n{text}");

@@ -20,7 +20,7 @@ use whale_kernels::cpu::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use whale_kernels::cpu::rope::{rope_half, rope_interleaved};
 use whale_kernels::cpu::softmax::{softmax_backward, softmax_forward};
 use whale_kernels::cpu::swiglu::{swiglu_backward, swiglu_forward};
-use whale_kernels::cuda::{manifest, source_hash, Fp8GemmKernel, GemmShape, Gpu};
+use whale_kernels::cuda::{manifest, source_hash, AttentionKernels, Fp8GemmKernel, GemmShape, Gpu};
 
 #[test]
 fn the_embedded_ptx_was_built_from_the_current_sources() {
@@ -266,21 +266,27 @@ fn attention_forward_matches_the_cpu_for_training_and_mla_decode() {
         ("zero-width values", shape(1, (2, 1), (3, 5), (4, 0), 0.5, true)),
         ("no keys", shape(1, (2, 1), (3, 0), (4, 4), 0.5, false)),
     ];
-    for (seed, (what, s)) in cases.into_iter().enumerate() {
-        let (qr, kr) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);
-        let seed = 22 + 3 * seed as u32;
-        let (q, k, v) = (values(qr * s.qk_dim, seed), values(kr * s.qk_dim, seed + 1), values(kr * s.v_dim, seed + 2));
-        let (mut o, mut lse) = (vec![0.0; qr * s.v_dim], vec![0.0; qr]);
-        attention_forward(&s, &q, &k, &v, &mut o, &mut lse);
-        let (go, glse) = g.attention_forward(&s, &q, &k, &v).unwrap();
-        // Online softmax in another order than the CPU's tiles: f32 rounding. Fully masked rows
-        // (causal with more queries than keys, or no keys): zeros and an lse of -inf.
-        assert_close(&format!("{what} o"), &go, &o, 1e-5);
-        for (i, (&a, &b)) in glse.iter().zip(&lse).enumerate() {
-            if b == f32::NEG_INFINITY {
-                assert_eq!(a, b, "{what} lse[{i}] of a fully masked row");
-            } else {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what} lse[{i}]: GPU {a} vs CPU {b}");
+    // The simple kernels and the tiled ones, each against the CPU twin.
+    for kernels in [AttentionKernels::Simple, AttentionKernels::Tiled] {
+        g.set_attention_kernels(kernels);
+        for (seed, &(what, s)) in cases.iter().enumerate() {
+            let what = format!("{kernels:?}: {what}");
+            let (qr, kr) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);
+            let seed = 22 + 3 * seed as u32;
+            let (q, k, v) =
+                (values(qr * s.qk_dim, seed), values(kr * s.qk_dim, seed + 1), values(kr * s.v_dim, seed + 2));
+            let (mut o, mut lse) = (vec![0.0; qr * s.v_dim], vec![0.0; qr]);
+            attention_forward(&s, &q, &k, &v, &mut o, &mut lse);
+            let (go, glse) = g.attention_forward(&s, &q, &k, &v).unwrap();
+            // Online softmax in another order than the CPU's tiles: f32 rounding. Fully masked rows
+            // (causal with more queries than keys, or no keys): zeros and an lse of -inf.
+            assert_close(&format!("{what} o"), &go, &o, 1e-5);
+            for (i, (&a, &b)) in glse.iter().zip(&lse).enumerate() {
+                if b == f32::NEG_INFINITY {
+                    assert_eq!(a, b, "{what} lse[{i}] of a fully masked row");
+                } else {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what} lse[{i}]: GPU {a} vs CPU {b}");
+                }
             }
         }
     }

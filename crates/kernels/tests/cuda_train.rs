@@ -8,6 +8,7 @@ use common::{assert_close, gpu, values};
 use whale_kernels::cpu::attention::{attention_backward, attention_forward, AttnShape};
 use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
 use whale_kernels::cpu::router::{combine_weights, route, select_experts, RouterConfig};
+use whale_kernels::cuda::AttentionKernels;
 
 /// `|got - want| <= tol * |want|`, element by element.
 fn assert_relative(what: &str, got: &[f32], want: &[f32], tol: f32) {
@@ -112,29 +113,35 @@ fn attention_backward_matches_the_cpu() {
         ("zero-width keys", AttnShape { scale: 0.5, ..shape(1, (2, 1), (3, 5), (0, 4), true) }),
         ("zero-width values", shape(1, (2, 1), (3, 5), (4, 0), true)),
     ];
-    for (seed, (what, s)) in cases.into_iter().enumerate() {
-        let (qr, kr) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);
-        let seed = 40 + 4 * seed as u32;
-        let (q, k, v) = (values(qr * s.qk_dim, seed), values(kr * s.qk_dim, seed + 1), values(kr * s.v_dim, seed + 2));
-        let d_o = values(qr * s.v_dim, seed + 3);
-        let (mut o, mut lse) = (vec![0.0; qr * s.v_dim], vec![0.0; qr]);
-        attention_forward(&s, &q, &k, &v, &mut o, &mut lse);
-        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        attention_backward(&s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv);
-        let (gdq, gdk, gdv) = g.attention_backward(&s, &q, &k, &v, &o, &lse, &d_o).unwrap();
-        // Sums over keys (dq) and over the group's queries (dk, dv) in another order: f32 rounding.
-        assert_close(&format!("{what} dq"), &gdq, &dq, 1e-5);
-        assert_close(&format!("{what} dk"), &gdk, &dk, 1e-5);
-        assert_close(&format!("{what} dv"), &gdv, &dv, 1e-5);
+    // The simple kernels and the tiled ones, each against the CPU twin.
+    for kernels in [AttentionKernels::Simple, AttentionKernels::Tiled] {
+        g.set_attention_kernels(kernels);
+        for (seed, &(what, s)) in cases.iter().enumerate() {
+            let what = format!("{kernels:?}: {what}");
+            let (qr, kr) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);
+            let seed = 40 + 4 * seed as u32;
+            let (q, k, v) =
+                (values(qr * s.qk_dim, seed), values(kr * s.qk_dim, seed + 1), values(kr * s.v_dim, seed + 2));
+            let d_o = values(qr * s.v_dim, seed + 3);
+            let (mut o, mut lse) = (vec![0.0; qr * s.v_dim], vec![0.0; qr]);
+            attention_forward(&s, &q, &k, &v, &mut o, &mut lse);
+            let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+            attention_backward(&s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv);
+            let (gdq, gdk, gdv) = g.attention_backward(&s, &q, &k, &v, &o, &lse, &d_o).unwrap();
+            // Sums over keys (dq) and over the group's queries (dk, dv) in another order: f32 rounding.
+            assert_close(&format!("{what} dq"), &gdq, &dq, 1e-5);
+            assert_close(&format!("{what} dk"), &gdk, &dk, 1e-5);
+            assert_close(&format!("{what} dv"), &gdv, &dv, 1e-5);
 
-        // The forward too, fully masked rows included (zeros and an lse of -inf).
-        let (go, glse) = g.attention_forward(&s, &q, &k, &v).unwrap();
-        assert_close(&format!("{what} o"), &go, &o, 1e-5);
-        for (i, (&a, &b)) in glse.iter().zip(&lse).enumerate() {
-            if b == f32::NEG_INFINITY {
-                assert_eq!(a, b, "{what} lse[{i}] of a fully masked row");
-            } else {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what} lse[{i}]: GPU {a} vs CPU {b}");
+            // The forward too, fully masked rows included (zeros and an lse of -inf).
+            let (go, glse) = g.attention_forward(&s, &q, &k, &v).unwrap();
+            assert_close(&format!("{what} o"), &go, &o, 1e-5);
+            for (i, (&a, &b)) in glse.iter().zip(&lse).enumerate() {
+                if b == f32::NEG_INFINITY {
+                    assert_eq!(a, b, "{what} lse[{i}] of a fully masked row");
+                } else {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what} lse[{i}]: GPU {a} vs CPU {b}");
+                }
             }
         }
     }

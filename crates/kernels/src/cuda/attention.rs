@@ -145,8 +145,11 @@ fn tiled_config(t: &Tiled, (x, y, z): (usize, usize, usize)) -> LaunchConfig {
 
 impl Gpu {
     /// The first of `instances` that holds `s`'s heads on this GPU (shared memory, grid height);
-    /// `None`: the simple kernels.
+    /// `None`: the simple kernels (also when they are the chosen ones).
     fn tiled_for(&self, instances: impl IntoIterator<Item = Tiled>, s: &AttnShape) -> Result<Option<Tiled>> {
+        if self.attention_kernels() == super::AttentionKernels::Simple {
+            return Ok(None);
+        }
         let attr = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
         let smem = self.ctx.attribute(attr).map_err(cuda("reading the shared memory per block"))?.max(0) as usize;
         let grid_fits = s.batch * s.kv_heads <= 65_535;

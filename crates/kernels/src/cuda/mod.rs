@@ -102,6 +102,20 @@ pub struct Gpu {
     pub arch: (u32, u32),
     /// Which GPU of the machine.
     pub ordinal: usize,
+    /// Whether attention runs on the tiled (flash-style) kernels; see [`Gpu::set_attention_kernels`].
+    tiled_attention: std::sync::atomic::AtomicBool,
+}
+
+/// The attention kernels a [`Gpu`] launches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernels {
+    /// One block per query (or key) row: simple, slow, and checked against the CPU twin on an
+    /// H200. The default.
+    Simple,
+    /// Flash-style tiles in shared memory (kernels/attention.cu), the simple ones where a shape
+    /// does not fit. Checked against the CPU twin only in emulation so far: opt in until a GPU
+    /// run of the tests has passed.
+    Tiled,
 }
 
 const THREADS: u32 = 256;
@@ -138,7 +152,28 @@ impl Gpu {
                 functions.insert(k, module.load_function(k).map_err(cuda(k))?);
             }
         }
-        Ok(Gpu { ctx, stream, functions, blas: OnceLock::new(), arch: (major as u32, minor as u32), ordinal })
+        Ok(Gpu {
+            ctx,
+            stream,
+            functions,
+            blas: OnceLock::new(),
+            arch: (major as u32, minor as u32),
+            ordinal,
+            tiled_attention: Default::default(),
+        })
+    }
+
+    /// Chooses the attention kernels of this GPU's later launches.
+    pub fn set_attention_kernels(&self, kernels: AttentionKernels) {
+        self.tiled_attention.store(kernels == AttentionKernels::Tiled, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn attention_kernels(&self) -> AttentionKernels {
+        if self.tiled_attention.load(std::sync::atomic::Ordering::Relaxed) {
+            AttentionKernels::Tiled
+        } else {
+            AttentionKernels::Simple
+        }
     }
 
     fn function(&self, name: &str) -> &CudaFunction {
