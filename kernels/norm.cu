@@ -30,6 +30,31 @@ extern "C" __global__ void softmax_forward_f32(const float* x, float* y, unsigne
     for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = expf(xr[i] - m) / s;
 }
 
+// Log-softmax per row: y = (x - max) - ln(sum exp(x - max)) (CPU twin:
+// cpu::softmax::log_softmax_forward, which subtracts in the same order).
+extern "C" __global__ void log_softmax_forward_f32(const float* x, float* y, unsigned dim) {
+    extern __shared__ float shared[];
+    const float* xr = x + (size_t)blockIdx.x * dim;
+    float* yr = y + (size_t)blockIdx.x * dim;
+    float m = -INFINITY;
+    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) m = fmaxf(m, xr[i]);
+    m = block_max(m, shared);
+    float s = 0.0f;
+    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) s += expf(xr[i] - m);
+    float log_sum = logf(block_sum(s, shared));
+    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = (xr[i] - m) - log_sum;
+}
+
+// Log-softmax backward per row from the output: dx = dy - exp(y) * sum(dy).
+extern "C" __global__ void log_softmax_backward_f32(const float* y, const float* dy, float* dx, unsigned dim) {
+    extern __shared__ float shared[];
+    size_t base = (size_t)blockIdx.x * dim;
+    float s = 0.0f;
+    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) s += dy[base + i];
+    s = block_sum(s, shared);
+    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) dx[base + i] = dy[base + i] - expf(y[base + i]) * s;
+}
+
 // RMSNorm input gradient per row: g = w * dy, c = rstd^2 * mean(g * x), dx = rstd * (g - x * c).
 extern "C" __global__ void rmsnorm_backward_input_f32(
     const float* x, const float* w, const float* rstd, const float* dy, float* dx, unsigned dim) {

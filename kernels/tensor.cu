@@ -134,6 +134,56 @@ extern "C" __global__ void fill_f32(float* y, unsigned n, float v) {
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) y[i] = v;
 }
 
+// out = c != 0 ? t : f over contiguous operands (where_cond after broadcasting).
+extern "C" __global__ void select_f32(const float* c, const float* t, const float* f, float* out, unsigned n) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        out[i] = c[i] != 0.0f ? t[i] : f[i];
+}
+
+// The index of the first maximum of x[o, :, i] (a NaN counts as the maximum), as a float, one
+// thread per output: the CPU's argmax, comparison for comparison.
+extern "C" __global__ void argmax_mid_f32(const float* x, float* y, unsigned outer, unsigned n, unsigned inner) {
+    unsigned long long total = (unsigned long long)outer * inner;
+    for (unsigned long long t = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; t < total;
+         t += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long o = t / inner, i = t % inner;
+        const float* p = x + o * n * inner + i;
+        unsigned best = 0;
+        float best_v = -INFINITY;
+        for (unsigned j = 0; j < n; ++j) {
+            float v = p[(unsigned long long)j * inner];
+            if (isnan(v)) {
+                best = j;
+                break;
+            }
+            if (v > best_v || j == 0) {
+                best = j;
+                best_v = v;
+            }
+        }
+        y[t] = (float)best;
+    }
+}
+
+// log(sum_j exp(x[o, j, i])) with the max subtracted, the sum in f64 like the CPU.
+extern "C" __global__ void logsumexp_mid_f32(const float* x, float* y, unsigned outer, unsigned n, unsigned inner) {
+    unsigned long long total = (unsigned long long)outer * inner;
+    for (unsigned long long t = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; t < total;
+         t += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long o = t / inner, i = t % inner;
+        const float* p = x + o * n * inner + i;
+        float m = -INFINITY;
+        for (unsigned j = 0; j < n; ++j) m = fmaxf(m, p[(unsigned long long)j * inner]);
+        if (m == -INFINITY) {
+            y[t] = m;
+            continue;
+        }
+        double acc = 0.0;
+        for (unsigned j = 0; j < n; ++j) acc += exp((double)(p[(unsigned long long)j * inner] - m));
+        y[t] = m + (float)log(acc);
+    }
+}
+
 // y[o, i] = sum_j x[o, j, i], accumulated in f64 like the CPU (one thread per output).
 extern "C" __global__ void sum_mid_f32(const float* x, float* y, unsigned outer, unsigned n, unsigned inner) {
     unsigned long long total = (unsigned long long)outer * inner;

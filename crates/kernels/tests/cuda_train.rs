@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, gpu, values};
+use common::{assert_close, assert_lse, gpu, values};
 use whale_kernels::cpu::attention::{attention_backward, attention_forward, AttnShape};
 use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
 use whale_kernels::cpu::router::{combine_weights, route, select_experts, RouterConfig};
@@ -136,13 +136,7 @@ fn attention_backward_matches_the_cpu() {
             // The forward too, fully masked rows included (zeros and an lse of -inf).
             let (go, glse) = g.attention_forward(&s, &q, &k, &v).unwrap();
             assert_close(&format!("{what} o"), &go, &o, 1e-5);
-            for (i, (&a, &b)) in glse.iter().zip(&lse).enumerate() {
-                if b == f32::NEG_INFINITY {
-                    assert_eq!(a, b, "{what} lse[{i}] of a fully masked row");
-                } else {
-                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what} lse[{i}]: GPU {a} vs CPU {b}");
-                }
-            }
+            assert_lse(&what, &glse, &lse);
         }
     }
 }

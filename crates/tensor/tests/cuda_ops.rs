@@ -193,6 +193,31 @@ fn adamw_updates_on_the_gpu_as_on_the_cpu() {
 }
 
 #[test]
+fn selections_and_max_reductions() {
+    let x = randn(&[5, 7], 100);
+    on_every_device("log_softmax", vec![x.clone()], |v| v[0].log_softmax_last_dim());
+    on_every_device("logsumexp", vec![x.clone()], |v| v[0].logsumexp(0));
+    on_every_device("max", vec![x.clone()], |v| v[0].max(1));
+    on_every_device("topk values", vec![x.clone()], |v| Ok(v[0].topk(3)?.0));
+    let cond = Tensor::from_vec(vec![1.0f32, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0], &[7], &Device::Cpu).unwrap();
+    on_every_device("where_cond", vec![x.clone(), randn(&[5, 1], 101)], |v| cond.where_cond(&v[0], &v[1]));
+    on_every_device("masked_fill", vec![x.clone()], |v| v[0].masked_fill(&cond, -3.0));
+    let idx = Tensor::from_vec(vec![0i64, 2, 2, 4, 1, 0, 3, 3, 2, 1], &[2, 5], &Device::Cpu).unwrap();
+    on_every_device("scatter_add", vec![x.clone(), randn(&[2, 5], 102)], |v| {
+        v[0].narrow(0, 0, 5)?.narrow(1, 0, 5)?.contiguous()?.scatter_add(0, &idx, &v[1])
+    });
+    // The same seed drops the same elements on both devices.
+    on_every_device("dropout", vec![x.clone()], |v| v[0].dropout(0.3, &mut Rng::new(7)));
+    // Index tensors are host data on every device, and argmax agrees exactly.
+    let cpu = x.argmax(1).unwrap();
+    if Device::cuda_is_available(0) {
+        let gpu = x.to_device(&Device::cuda(0).unwrap()).unwrap().argmax(1).unwrap();
+        assert_eq!(gpu.device(), Device::Cpu);
+        assert_eq!(gpu.to_vec_i64().unwrap(), cpu.to_vec_i64().unwrap());
+    }
+}
+
+#[test]
 fn a_small_mlp_trains_the_same_on_both_devices() {
     // A whole forward and backward through composed ops: x -> silu(x W1ᵀ + b1) W2ᵀ, squared error.
     let inputs =
@@ -211,7 +236,8 @@ fn ops_without_a_cuda_kernel_say_so() {
         return;
     }
     let x = randn(&[4, 8], 30).to_device(&Device::cuda(0).unwrap()).unwrap();
-    let err = x.log_softmax_last_dim().unwrap_err();
+    let ids = Tensor::from_vec(vec![1i64, 0], &[2], &Device::Cpu).unwrap();
+    let err = x.index_select(1, &ids).unwrap_err();
     assert!(matches!(err, Error::NoCudaKernel { .. }), "{err}");
     assert!(x.to_dtype(DType::BF16).is_err(), "CUDA tensors are f32");
     let back = x.to_device(&Device::Cpu).unwrap();

@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0x512e568d80321291;
+pub const SOURCE_HASH: u64 = 0xf4bc0ea032ae9cba;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -63,6 +63,8 @@ pub const MODULES: &[PtxModule] = &[
         kernels: &[
             "rmsnorm_forward_f32",
             "softmax_forward_f32",
+            "log_softmax_forward_f32",
+            "log_softmax_backward_f32",
             "rmsnorm_backward_input_f32",
             "rmsnorm_backward_weight_f32",
             "softmax_backward_f32",
@@ -93,6 +95,9 @@ pub const MODULES: &[PtxModule] = &[
             "strided_copy_f32",
             "strided_write_f32",
             "fill_f32",
+            "select_f32",
+            "argmax_mid_f32",
+            "logsumexp_mid_f32",
             "sum_mid_f32",
         ],
         sm_90: include_str!("../../../../kernels/ptx/tensor.sm_90.ptx"),

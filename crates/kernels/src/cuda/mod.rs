@@ -21,7 +21,7 @@ pub use blas::{BlasFloat, GemmShape};
 /// The CUDA bindings these launchers use, for crates that hold their buffers.
 pub use cudarc;
 pub use fp8_gemm::{Fp8GemmKernel, Fp8Operand};
-pub use tensor_ops::{BinaryOp, Strided, UnaryOp, MAX_RANK};
+pub use tensor_ops::{BinaryOp, MidReduction, Strided, UnaryOp, MAX_RANK};
 
 use std::collections::HashMap;
 use std::path::Path;

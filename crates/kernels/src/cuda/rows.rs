@@ -111,6 +111,44 @@ impl Gpu {
         Ok(())
     }
 
+    /// Log-softmax of `rows` rows of `dim`.
+    pub fn log_softmax_forward_dev(
+        &self,
+        x: &View<'_>,
+        y: &mut CudaSlice<f32>,
+        (rows, dim): (usize, usize),
+    ) -> Result<()> {
+        need("log_softmax", x.len().min(y.len()), rows * dim)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let dim32 = dim as u32;
+        let mut l = self.stream.launch_builder(self.function("log_softmax_forward_f32"));
+        l.arg(x).arg(y).arg(&dim32);
+        // SAFETY: one block per row of `dim`, as RMSNorm.
+        unsafe { l.launch(rows_config(rows)) }.map_err(cuda("log_softmax_forward_f32"))?;
+        Ok(())
+    }
+
+    /// Log-softmax backward from the forward's output `y`.
+    pub fn log_softmax_backward_dev(
+        &self,
+        (y, dy): (&View<'_>, &View<'_>),
+        dx: &mut CudaSlice<f32>,
+        (rows, dim): (usize, usize),
+    ) -> Result<()> {
+        need("log_softmax backward", y.len().min(dy.len()).min(dx.len()), rows * dim)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let dim32 = dim as u32;
+        let mut l = self.stream.launch_builder(self.function("log_softmax_backward_f32"));
+        l.arg(y).arg(dy).arg(dx).arg(&dim32);
+        // SAFETY: as the forward.
+        unsafe { l.launch(rows_config(rows)) }.map_err(cuda("log_softmax_backward_f32"))?;
+        Ok(())
+    }
+
     /// Softmax backward from the forward's output `y`.
     pub fn softmax_backward_dev(
         &self,

@@ -223,3 +223,54 @@ impl Gpu {
         Ok(())
     }
 }
+
+/// The reductions over the middle axis of `[outer, n, inner]` besides the sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MidReduction {
+    /// The index of the first maximum (NaN counts as the maximum), as a float.
+    Argmax,
+    /// `log Σ exp`, stable (max subtracted), summed in f64.
+    LogSumExp,
+}
+
+impl Gpu {
+    /// `out = c != 0 ? t : f` over `n` contiguous values.
+    pub fn select_dev(
+        &self,
+        (c, t, f): (&CudaView<'_, f32>, &CudaView<'_, f32>, &CudaView<'_, f32>),
+        out: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
+        for len in [c.len(), t.len(), f.len(), out.len()] {
+            check_len("select", len, n)?;
+        }
+        let n32 = n as u32;
+        let mut l = self.stream.launch_builder(self.function("select_f32"));
+        l.arg(c).arg(t).arg(f).arg(out).arg(&n32);
+        // SAFETY: a grid-stride loop over n elements of four buffers holding at least n.
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda("select_f32"))?;
+        Ok(())
+    }
+
+    /// `y[o, i]` = `reduction` of `x[o, :, i]` for contiguous `x`.
+    pub fn reduce_mid_dev(
+        &self,
+        reduction: MidReduction,
+        x: &CudaView<'_, f32>,
+        y: &mut CudaSlice<f32>,
+        (outer, n, inner): (usize, usize, usize),
+    ) -> Result<()> {
+        check_len("reduction", x.len(), outer * n * inner)?;
+        check_len("reduction", y.len(), outer * inner)?;
+        let kernel = match reduction {
+            MidReduction::Argmax => "argmax_mid_f32",
+            MidReduction::LogSumExp => "logsumexp_mid_f32",
+        };
+        let dims = [outer as u32, n as u32, inner as u32];
+        let mut l = self.stream.launch_builder(self.function(kernel));
+        l.arg(x).arg(y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
+        // SAFETY: one thread per output reads its n inputs, all inside x.
+        unsafe { l.launch(grid_for(outer * inner)) }.map_err(cuda(kernel))?;
+        Ok(())
+    }
+}

@@ -32,3 +32,16 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
         assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}[{i}]: GPU {g} vs CPU {w}");
     }
 }
+
+/// Attention's log-sum-exps: equal to f32 rounding, and exactly -inf for fully masked rows
+/// (causal with more queries than keys, or no keys).
+pub fn assert_lse(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what} lse: length");
+    for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+        if b == f32::NEG_INFINITY {
+            assert_eq!(a, b, "{what} lse[{i}] of a fully masked row");
+        } else {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what} lse[{i}]: GPU {a} vs CPU {b}");
+        }
+    }
+}

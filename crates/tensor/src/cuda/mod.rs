@@ -11,7 +11,7 @@
 use std::sync::{Arc, RwLock};
 
 use whale_kernels::cuda::cudarc::driver::CudaSlice;
-use whale_kernels::cuda::{BinaryOp, GemmShape, Gpu, GpuError, Strided, UnaryOp};
+use whale_kernels::cuda::{BinaryOp, GemmShape, Gpu, GpuError, MidReduction, Strided, UnaryOp};
 
 use crate::backprop::{backward_fn, BackwardOp};
 use crate::device::gpu;
@@ -298,20 +298,93 @@ pub(crate) fn cat(tensors: &[Tensor], dim: usize, shape: &[usize], back: impl Ba
     Ok(tensor(g, out, shape, &refs, back))
 }
 
-/// PyTorch's `gather` along `dim` with host indices `ix` (checked, in `idx`'s row-major order):
-/// an index_select of single elements of the flattened tensor, whose backward is the scatter-add
-/// gather needs.
-pub(crate) fn gather(x: &Tensor, dim: usize, ix: &[usize], out_shape: &[usize]) -> Result<Tensor> {
-    let (outer, n, inner) = crate::ops::split_at_dim(x.dims(), dim);
-    let m = out_shape[dim];
-    let flat: Vec<usize> = (0..outer * m * inner)
+/// For PyTorch's `gather`/`scatter_add` along `dim` of a tensor of `dims`: the row-major flat
+/// position each index of `ix` (in the index tensor's row-major order, `m` along `dim`) names.
+pub(crate) fn flat_indices(dims: &[usize], dim: usize, m: usize, ix: &[usize]) -> Vec<usize> {
+    let (_, n, inner) = crate::ops::split_at_dim(dims, dim);
+    (0..ix.len())
         .map(|p| {
             let (o, i) = (p / (m * inner), p % inner);
             (o * n + ix[p]) * inner + i
         })
-        .collect();
+        .collect()
+}
+
+/// PyTorch's `gather` along `dim` with host indices `ix` (checked): an index_select of single
+/// elements of the flattened tensor, whose backward is the scatter-add gather needs.
+pub(crate) fn gather(x: &Tensor, dim: usize, ix: &[usize], out_shape: &[usize]) -> Result<Tensor> {
+    let flat = flat_indices(x.dims(), dim, out_shape[dim], ix);
     let picked = nn::index_select_rows(&x.flatten_all()?, &flat, 1, &[flat.len()])?;
     picked.reshape(out_shape)
+}
+
+/// `on_true` where `cond` is non-zero, else `on_false`, all broadcast to `shape`; `back` is the
+/// CPU op's backward.
+pub(crate) fn select(
+    (cond, on_true, on_false): (&Tensor, &Tensor, &Tensor),
+    shape: &[usize],
+    back: impl BackwardOp + 'static,
+) -> Result<Tensor> {
+    for t in [cond, on_true, on_false] {
+        check_f32("where_cond", t)?;
+    }
+    let dev = on_true.device();
+    let full = |t: &Tensor| packed(&t.broadcast_as(shape)?);
+    let (c, t, f) = (full(cond)?, full(on_true)?, full(on_false)?);
+    let n: usize = shape.iter().product();
+    let (g, out) = with_buffer(&c, |g, cb| {
+        with_buffer(&t, |_, tb| {
+            with_buffer(&f, |_, fb| {
+                let mut out = alloc(g, dev, n)?;
+                if n > 0 {
+                    g.select_dev((&cb.slice(..), &tb.slice(..), &fb.slice(..)), &mut out, n).map_err(gpu_error(dev))?;
+                }
+                Ok((g.clone(), out))
+            })
+        })
+    })?;
+    Ok(tensor(g, out, shape, &[cond, on_true, on_false], back))
+}
+
+/// A reduction over the middle axis of `t` seen as `[outer, n, inner]`: its values on the GPU.
+fn reduce_mid(
+    t: &Tensor,
+    reduction: MidReduction,
+    (outer, n, inner): (usize, usize, usize),
+) -> Result<(Arc<Gpu>, CudaSlice<f32>)> {
+    let x = packed(t)?;
+    with_buffer(&x, |g, xb| {
+        let mut out = alloc(g, t.device(), outer * inner)?;
+        if outer * inner > 0 {
+            g.reduce_mid_dev(reduction, &xb.slice(..), &mut out, (outer, n, inner)).map_err(gpu_error(t.device()))?;
+        }
+        Ok((g.clone(), out))
+    })
+}
+
+/// The first maximum's index along the middle axis, as host i64 indices (index tensors are host
+/// data here), shaped `out_shape`.
+pub(crate) fn argmax(t: &Tensor, split: (usize, usize, usize), out_shape: &[usize]) -> Result<Tensor> {
+    check_f32("argmax", t)?;
+    let (g, out) = reduce_mid(t, MidReduction::Argmax, split)?;
+    let n = split.0 * split.2;
+    let host = g
+        .stream
+        .clone_dtoh(&out)
+        .map_err(|e| Error::DeviceUnavailable { device: t.device(), why: format!("{e:?}") })?;
+    Tensor::from_vec(host[..n].iter().map(|&i| i as i64).collect::<Vec<_>>(), out_shape, &Device::Cpu)
+}
+
+/// `log Σ exp` along the middle axis into `out_shape`; `back` is the CPU op's backward.
+pub(crate) fn logsumexp(
+    t: &Tensor,
+    split: (usize, usize, usize),
+    out_shape: &[usize],
+    back: impl BackwardOp + 'static,
+) -> Result<Tensor> {
+    check_f32("logsumexp", t)?;
+    let (g, out) = reduce_mid(t, MidReduction::LogSumExp, split)?;
+    Ok(tensor(g, out, out_shape, &[t], back))
 }
 
 /// `x` with rows `src[j]` added into rows `idx[j]` (a leading dimension; duplicates add up, in

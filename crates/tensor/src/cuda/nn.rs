@@ -22,23 +22,35 @@ fn upload<T: whale_kernels::cuda::cudarc::driver::DeviceRepr + Default + Copy>(
     g.stream.clone_htod(&v).map_err(|e| Error::DeviceUnavailable { device, why: format!("copy to the GPU: {e:?}") })
 }
 
-/// Softmax over the last dim of `x` (`rows` rows of `dim`).
-pub(crate) fn softmax_last_dim(input: &Tensor, dim: usize) -> Result<Tensor> {
-    check_f32("softmax", input)?;
+/// Softmax (or, with `log`, log-softmax) over the last dim of `input` (`rows` rows of `dim`).
+pub(crate) fn softmax_last_dim(input: &Tensor, dim: usize, log: bool) -> Result<Tensor> {
+    let name = if log { "log_softmax" } else { "softmax" };
+    check_f32(name, input)?;
     let x = packed(input)?;
     let (n, dev) = (x.elem_count(), x.device());
     let rows = n / dim.max(1);
     let (g, y) = with_buffer(&x, |g, xb| {
         let mut y = alloc(g, dev, n)?;
-        g.softmax_forward_dev(&xb.slice(..), &mut y, (rows, dim)).map_err(gpu_error(dev))?;
+        if log {
+            g.log_softmax_forward_dev(&xb.slice(..), &mut y, (rows, dim))
+        } else {
+            g.softmax_forward_dev(&xb.slice(..), &mut y, (rows, dim))
+        }
+        .map_err(gpu_error(dev))?;
         Ok((g.clone(), y))
     })?;
-    let back = backward_fn("softmax", move |inputs: &[Tensor], out: &Tensor, grad: &Tensor, _: &[bool]| {
+    let back = backward_fn(name, move |inputs: &[Tensor], out: &Tensor, grad: &Tensor, _: &[bool]| {
         let gr = packed(grad)?;
         let dx = with_buffer(out, |g, yb| {
             with_buffer(&gr, |_, gb| {
                 let mut dx = alloc(g, dev, n)?;
-                g.softmax_backward_dev((&yb.slice(..), &gb.slice(..)), &mut dx, (rows, dim)).map_err(gpu_error(dev))?;
+                let ins = (&yb.slice(..), &gb.slice(..));
+                if log {
+                    g.log_softmax_backward_dev(ins, &mut dx, (rows, dim))
+                } else {
+                    g.softmax_backward_dev(ins, &mut dx, (rows, dim))
+                }
+                .map_err(gpu_error(dev))?;
                 Ok(tensor(g.clone(), dx, inputs[0].dims(), &[], NoBackward))
             })
         })?;

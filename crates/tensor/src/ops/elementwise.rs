@@ -3,7 +3,7 @@
 
 use whale_kernels::cuda::{BinaryOp, UnaryOp};
 
-use super::{check_float, check_float_any_device, check_same_dtype, check_same_dtype_any_device, grad_if};
+use super::{check_float_any_device, check_same_dtype, check_same_dtype_any_device, grad_if};
 use super::{par_map, par_map2, par_map3};
 use crate::backprop::backward_fn;
 use crate::layout::broadcast_shape;
@@ -246,28 +246,35 @@ impl Tensor {
     /// Picks `on_true` where `self` (the condition, any dtype) is non-zero, else `on_false`; all
     /// three broadcast together.
     pub fn where_cond(&self, on_true: &Tensor, on_false: &Tensor) -> Result<Tensor> {
-        let dtype = check_same_dtype("where_cond", on_true, on_false)?;
+        let dtype = check_same_dtype_any_device("where_cond", on_true, on_false)?;
         let shape = broadcast_shape("where_cond", self.dims(), on_true.dims())?;
         let shape = broadcast_shape("where_cond", &shape, on_false.dims())?;
+        let back = |cond_t: Tensor| {
+            backward_fn("where_cond", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+                let zeros = g.zeros_like()?;
+                Ok(vec![
+                    None,
+                    grad_if(needs[1], || cond_t.where_cond(g, &zeros)?.sum_to_shape(inputs[1].dims()))?,
+                    grad_if(needs[2], || cond_t.where_cond(&zeros, g)?.sum_to_shape(inputs[2].dims()))?,
+                ])
+            })
+        };
+        if on_true.device().is_cuda() {
+            let cond = self.to_device(&on_true.device())?.detach();
+            return crate::cuda::select((&cond, on_true, on_false), &shape, back(cond.broadcast_as(&shape)?));
+        }
+        check_same_dtype("where_cond", on_true, on_false)?;
         let cond = self.broadcast_as(&shape)?.to_vec_f32()?;
         let t = on_true.broadcast_as(&shape)?.to_vec_f32()?;
         let f = on_false.broadcast_as(&shape)?.to_vec_f32()?;
         let out = par_map3(&cond, &t, &f, |c, t, f| if c != 0.0 { t } else { f });
         let cond_t = Tensor::from_vec(cond, &shape, &self.device())?;
-        let back = backward_fn("where_cond", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
-            let zeros = g.zeros_like()?;
-            Ok(vec![
-                None,
-                grad_if(needs[1], || cond_t.where_cond(g, &zeros)?.sum_to_shape(inputs[1].dims()))?,
-                grad_if(needs[2], || cond_t.where_cond(&zeros, g)?.sum_to_shape(inputs[2].dims()))?,
-            ])
-        });
-        Ok(Tensor::from_op(out, &shape, dtype, &[self, on_true, on_false], back))
+        Ok(Tensor::from_op(out, &shape, dtype, &[self, on_true, on_false], back(cond_t)))
     }
 
     /// `value` where `mask` is non-zero, `self` elsewhere (mask broadcasts to self's shape).
     pub fn masked_fill(&self, mask: &Tensor, value: f32) -> Result<Tensor> {
-        check_float("masked_fill", self)?;
+        check_float_any_device("masked_fill", self)?;
         let fill = Tensor::full(value, &[], self.dtype(), &self.device())?;
         mask.broadcast_as(self.dims())?.where_cond(&fill, self)
     }

@@ -5,8 +5,9 @@
 
 use rayon::prelude::*;
 
-use super::{check_float, check_float_any_device, split_at_dim};
+use super::{check_float_any_device, split_at_dim};
 use crate::backprop::backward_fn;
+use crate::tensor::F32Data;
 use crate::{Error, Result, Tensor};
 
 /// The indices of `ids` as `usize`, each checked against `size`.
@@ -147,7 +148,7 @@ impl Tensor {
     /// `self` with `src[.., j, ..]` added at `[.., idx[.., j, ..], ..]` along `dim` (PyTorch
     /// `scatter_add`); `idx` and `src` have the same shape.
     pub fn scatter_add(&self, dim: usize, idx: &Tensor, src: &Tensor) -> Result<Tensor> {
-        super::check_same_dtype("scatter_add", self, src)?;
+        super::check_same_dtype_any_device("scatter_add", self, src)?;
         self.layout().check_dim("scatter_add", dim)?;
         if idx.dims() != src.dims() {
             return Err(Error::ShapeMismatch { op: "scatter_add", lhs: idx.dims().to_vec(), rhs: src.dims().to_vec() });
@@ -162,6 +163,16 @@ impl Tensor {
         }
         let (outer, n, inner) = split_at_dim(self.dims(), dim);
         let ix = checked_indices("scatter_add", idx, n)?;
+        if self.device().is_cuda() {
+            // An index_add of single elements of the flattened tensor (its backward: gather).
+            let flat = crate::cuda::flat_indices(self.dims(), dim, m, &ix);
+            let flat = Tensor::from_vec(
+                flat.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                &[flat.len()],
+                &crate::Device::Cpu,
+            )?;
+            return self.flatten_all()?.index_add(0, &flat, &src.flatten_all()?)?.reshape(self.dims());
+        }
         let mut out = self.f32_data().to_vec();
         let s = src.f32_data();
         for o in 0..outer {
@@ -184,15 +195,16 @@ impl Tensor {
 
     /// The `k` largest values along the last dim, in descending order, and their indices (i64).
     /// Ties go to the lower index; NaN ranks above every number. Values are differentiable
-    /// (through `gather`), indices are not.
+    /// (through `gather`), indices are not. On a GPU the values are ranked on the host (one copy
+    /// out) and gathered on the GPU; the indices are host data, as every index tensor here.
     pub fn topk(&self, k: usize) -> Result<(Tensor, Tensor)> {
-        check_float("topk", self)?;
+        check_float_any_device("topk", self)?;
         let last = self.rank().checked_sub(1).ok_or_else(|| Error::invalid("topk", "rank-0 tensor"))?;
         let n = self.dims()[last];
         if k > n {
             return Err(Error::invalid("topk", format!("k = {k} exceeds the last dim {n} of {:?}", self.dims())));
         }
-        let x = self.f32_data();
+        let x = if self.device().is_cuda() { F32Data::Owned(self.to_vec_f32()?) } else { self.f32_data() };
         let rows = x.len().checked_div(n).unwrap_or(0);
         let mut idx = vec![0i64; rows * k];
         if k > 0 {
@@ -215,7 +227,7 @@ impl Tensor {
             });
         }
         let shape = with_dim(self.dims(), last, k);
-        let indices = Tensor::from_vec(idx, &shape, &self.device())?;
+        let indices = Tensor::from_vec(idx, &shape, &crate::Device::Cpu)?;
         let values = self.gather(last, &indices)?;
         Ok((values, indices))
     }

@@ -98,16 +98,11 @@ pub(crate) fn check_same_dtype_any_device(op: &'static str, a: &Tensor, b: &Tens
     Ok(a.dtype())
 }
 
+/// Two float tensors of one dtype on the CPU (see [`check_float`]).
 pub(crate) fn check_same_dtype(op: &'static str, a: &Tensor, b: &Tensor) -> Result<DType> {
+    let dtype = check_same_dtype_any_device(op, a, b)?;
     check_float(op, a)?;
-    check_float(op, b)?;
-    if a.device() != b.device() {
-        return Err(Error::DeviceMismatch { op, lhs: a.device(), rhs: b.device() });
-    }
-    if a.dtype() != b.dtype() {
-        return Err(Error::DTypeMismatch { op, lhs: a.dtype(), rhs: b.dtype() });
-    }
-    Ok(a.dtype())
+    Ok(dtype)
 }
 
 pub(crate) fn check_shape(op: &'static str, t: &Tensor, want: &[usize]) -> Result<()> {

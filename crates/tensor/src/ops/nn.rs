@@ -3,7 +3,7 @@
 
 use whale_kernels::cpu::{attention, cross_entropy, rmsnorm, rope, softmax, swiglu};
 
-use super::{check_float, check_float_any_device, check_same_dtype_any_device, check_shape};
+use super::{check_float_any_device, check_same_dtype_any_device, check_shape};
 use crate::backprop::backward_fn;
 use crate::rng::Rng;
 use crate::{Error, Result, Tensor};
@@ -34,7 +34,7 @@ impl Tensor {
         check_float_any_device("softmax", self)?;
         let d = last_dim("softmax", self)?;
         if self.device().is_cuda() {
-            return crate::cuda::nn::softmax_last_dim(self, d);
+            return crate::cuda::nn::softmax_last_dim(self, d, false);
         }
         let mut y = vec![0.0f32; self.elem_count()];
         softmax::softmax_forward(&self.f32_data(), d, &mut y);
@@ -48,8 +48,11 @@ impl Tensor {
 
     /// Log-softmax over the last dim.
     pub fn log_softmax_last_dim(&self) -> Result<Tensor> {
-        check_float("log_softmax", self)?;
+        check_float_any_device("log_softmax", self)?;
         let d = last_dim("log_softmax", self)?;
+        if self.device().is_cuda() {
+            return crate::cuda::nn::softmax_last_dim(self, d, true);
+        }
         let mut y = vec![0.0f32; self.elem_count()];
         softmax::log_softmax_forward(&self.f32_data(), d, &mut y);
         let back = backward_fn("log_softmax", move |inputs: &[Tensor], out: &Tensor, g: &Tensor, _: &[bool]| {
@@ -268,7 +271,7 @@ impl Tensor {
     /// Inverted dropout: zeroes each element with probability `p` (drawn from `rng`) and scales the
     /// rest by `1/(1-p)`, so the expectation is unchanged.
     pub fn dropout(&self, p: f32, rng: &mut Rng) -> Result<Tensor> {
-        check_float("dropout", self)?;
+        check_float_any_device("dropout", self)?;
         if !(0.0..1.0).contains(&p) {
             return Err(Error::invalid("dropout", format!("p must be in [0, 1), got {p}")));
         }
@@ -278,6 +281,10 @@ impl Tensor {
         // In the storage dtype, so the forward and the backward scale by the same value.
         let keep = self.dtype().round_f32(1.0 / (1.0 - p));
         let mask: Vec<f32> = (0..self.elem_count()).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
+        if self.device().is_cuda() {
+            // The same draws as on the CPU, so a seed drops the same elements on every device.
+            return self.mul(&Tensor::from_vec(mask, self.dims(), &self.device())?);
+        }
         let out = super::par_map2(&self.f32_data(), &mask, |x, m| x * m);
         let mask = Tensor::from_vec(mask, self.dims(), &self.device())?.to_dtype(self.dtype())?;
         let back = backward_fn("dropout", move |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {

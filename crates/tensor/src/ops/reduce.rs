@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{check_float, check_float_any_device, split_at_dim};
+use super::{check_float_any_device, split_at_dim};
 use crate::backprop::{backward_fn, NoBackward};
 use crate::{DType, Result, Tensor};
 
@@ -85,9 +85,12 @@ impl Tensor {
 
     /// Index (i64) of the first maximum along `dim`, kept as size 1. NaN counts as the maximum.
     pub fn argmax_keepdim(&self, dim: usize) -> Result<Tensor> {
-        check_float("argmax", self)?;
+        check_float_any_device("argmax", self)?;
         self.layout().check_dim("argmax", dim)?;
         let (outer, n, inner) = split_at_dim(self.dims(), dim);
+        if self.device().is_cuda() {
+            return crate::cuda::argmax(self, (outer, n, inner), &keepdim_shape(self.dims(), dim));
+        }
         let out = reduce_mid(&self.f32_data(), outer, n, inner, |it| {
             let mut best = (0usize, f32::NEG_INFINITY);
             for (j, v) in it.enumerate() {
@@ -110,9 +113,17 @@ impl Tensor {
 
     /// `log(sum(exp(x)))` over `dim`, kept as size 1, computed stably (max subtracted).
     pub fn logsumexp_keepdim(&self, dim: usize) -> Result<Tensor> {
-        check_float("logsumexp", self)?;
+        check_float_any_device("logsumexp", self)?;
         self.layout().check_dim("logsumexp", dim)?;
         let (outer, n, inner) = split_at_dim(self.dims(), dim);
+        let back = backward_fn("logsumexp", |inputs: &[Tensor], out: &Tensor, g: &Tensor, _: &[bool]| {
+            // d lse / dx = softmax(x) = exp(x - lse)
+            let p = inputs[0].sub(out)?.exp()?;
+            Ok(vec![Some(p.mul(g)?)])
+        });
+        if self.device().is_cuda() {
+            return crate::cuda::logsumexp(self, (outer, n, inner), &keepdim_shape(self.dims(), dim), back);
+        }
         let x = self.f32_data();
         let out = reduce_mid(&x, outer, n, inner, |it| {
             let v: Vec<f32> = it.collect();
@@ -121,11 +132,6 @@ impl Tensor {
                 return m;
             }
             m + v.iter().map(|&x| ((x - m) as f64).exp()).sum::<f64>().ln() as f32
-        });
-        let back = backward_fn("logsumexp", |inputs: &[Tensor], out: &Tensor, g: &Tensor, _: &[bool]| {
-            // d lse / dx = softmax(x) = exp(x - lse)
-            let p = inputs[0].sub(out)?.exp()?;
-            Ok(vec![Some(p.mul(g)?)])
         });
         Ok(Tensor::from_op(out, &keepdim_shape(self.dims(), dim), self.dtype(), &[self], back))
     }
