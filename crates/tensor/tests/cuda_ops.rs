@@ -3,6 +3,7 @@
 //! the CUDA half prints that it was skipped and why; the CPU half and the device-independent
 //! checks still run.
 
+use whale_kernels::cpu::fp8::{Fp8Format, ScaleFormat};
 use whale_tensor::{rope_inv_freq, rope_tables, DType, Device, Error, Result, Rng, RopeLayout, Tensor};
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -141,6 +142,11 @@ fn attention_and_lookups() {
     on_every_device("embedding", vec![randn(&[10, 6], 53)], |t| t[0].embedding(&ids));
     let rows = Tensor::from_vec(vec![4u32, 4, 0, 2], &[4], &Device::Cpu).unwrap();
     on_every_device("index_select rows", vec![randn(&[5, 3, 2], 54)], |t| t[0].index_select(0, &rows));
+    let cols = Tensor::from_vec(vec![2i64, 0, 2], &[3], &Device::Cpu).unwrap();
+    on_every_device("index_select, middle dim", vec![randn(&[2, 3, 4], 55)], |t| t[0].index_select(1, &cols));
+    on_every_device("index_add, middle dim", vec![randn(&[2, 3, 4], 56), randn(&[2, 3, 4], 57)], |t| {
+        t[0].index_add(1, &cols, &t[1])
+    });
 }
 
 #[test]
@@ -236,8 +242,7 @@ fn ops_without_a_cuda_kernel_say_so() {
         return;
     }
     let x = randn(&[4, 8], 30).to_device(&Device::cuda(0).unwrap()).unwrap();
-    let ids = Tensor::from_vec(vec![1i64, 0], &[2], &Device::Cpu).unwrap();
-    let err = x.index_select(1, &ids).unwrap_err();
+    let err = x.quantize_fp8((1, 128), Fp8Format::E4M3, ScaleFormat::F32).unwrap_err();
     assert!(matches!(err, Error::NoCudaKernel { .. }), "{err}");
     assert!(x.to_dtype(DType::BF16).is_err(), "CUDA tensors are f32");
     let back = x.to_device(&Device::Cpu).unwrap();

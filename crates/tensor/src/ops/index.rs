@@ -30,6 +30,13 @@ fn with_dim(shape: &[usize], dim: usize, size: usize) -> Vec<usize> {
     s
 }
 
+/// The row-major positions of slices `idx` along the middle axis of `[outer, n, inner]`, in the
+/// order of `[outer, idx.len(), inner]`: how the CUDA path selects slices past a leading dim.
+fn slice_elements((outer, n, inner): (usize, usize, usize), idx: &[usize]) -> Vec<usize> {
+    let m = idx.len();
+    (0..outer * m * inner).map(|p| (p / (m * inner) * n + idx[p / inner % m]) * inner + p % inner).collect()
+}
+
 impl Tensor {
     /// Slices `ids[j]` of `dim`, in order: `out.narrow(dim, j, 1) == self.narrow(dim, ids[j], 1)`.
     pub fn index_select(&self, dim: usize, ids: &Tensor) -> Result<Tensor> {
@@ -42,10 +49,13 @@ impl Tensor {
         let idx = checked_indices("index_select", ids, n)?;
         let m = idx.len();
         if self.device().is_cuda() {
-            if outer != 1 {
-                return Err(Error::NoCudaKernel { op: "index_select (along a dimension after a non-unit one)" });
+            let shape = with_dim(self.dims(), dim, m);
+            if outer == 1 {
+                return crate::cuda::nn::index_select_rows(self, &idx, inner, &shape);
             }
-            return crate::cuda::nn::index_select_rows(self, &idx, inner, &with_dim(self.dims(), dim, m));
+            // Single elements of the flattened tensor.
+            let flat = slice_elements((outer, n, inner), &idx);
+            return crate::cuda::nn::index_select_rows(&self.flatten_all()?, &flat, 1, &[flat.len()])?.reshape(&shape);
         }
         let x = self.f32_data();
         let mut out = vec![0.0f32; outer * m * inner];
@@ -85,10 +95,17 @@ impl Tensor {
             ])
         });
         if self.device().is_cuda() {
-            if outer != 1 {
-                return Err(Error::NoCudaKernel { op: "index_add (along a dimension after a non-unit one)" });
+            if outer == 1 {
+                return crate::cuda::index_add_rows(self, &idx, src, inner, back);
             }
-            return crate::cuda::index_add_rows(self, &idx, src, inner, back);
+            // Single elements of the flattened tensor.
+            let flat = slice_elements((outer, n, inner), &idx);
+            let flat = Tensor::from_vec(
+                flat.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                &[flat.len()],
+                &crate::Device::Cpu,
+            )?;
+            return self.flatten_all()?.index_add(0, &flat, &src.flatten_all()?)?.reshape(self.dims());
         }
         let mut out = self.f32_data().to_vec();
         let s = src.f32_data();
@@ -230,5 +247,20 @@ impl Tensor {
         let indices = Tensor::from_vec(idx, &shape, &crate::Device::Cpu)?;
         let values = self.gather(last, &indices)?;
         Ok((values, indices))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slice_elements_name_what_index_select_picks() {
+        let x =
+            Tensor::from_vec((0..24).map(|v| v as f32).collect::<Vec<_>>(), &[2, 3, 4], &crate::Device::Cpu).unwrap();
+        let ids = Tensor::from_vec(vec![2i64, 0, 2], &[3], &crate::Device::Cpu).unwrap();
+        let want = x.index_select(1, &ids).unwrap().to_vec_f32().unwrap();
+        let picked: Vec<f32> = slice_elements((2, 3, 4), &[2, 0, 2]).iter().map(|&i| i as f32).collect();
+        assert_eq!(picked, want);
     }
 }
