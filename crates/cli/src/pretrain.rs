@@ -19,6 +19,7 @@ use whale_rl::data::CorpusData;
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::parallel::comm::{Comm, CommError, LocalComm};
 use whale_rl::parallel::data_parallel::DataParallelConfig;
+use whale_rl::parallel::model::tensor::Device;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{DeepSeekV3, DeepSeekV3Config};
 use whale_rl::parallel::parallel_trainer::{Mesh, ParallelTrainer};
@@ -67,6 +68,8 @@ pub struct PretrainSettings {
     pub pp: usize,
     /// Pipeline schedule: 1f1b, zb1p, dualpipe or dualpipev.
     pub schedule: String,
+    /// Where the model trains: cpu, or cuda / cuda:N (one GPU, fp32, one rank).
+    pub device: String,
 }
 
 impl Default for PretrainSettings {
@@ -101,6 +104,7 @@ impl Default for PretrainSettings {
             ep: 1,
             pp: 1,
             schedule: "1f1b".into(),
+            device: "cpu".into(),
         }
     }
 }
@@ -187,6 +191,10 @@ pub struct PretrainArgs {
     /// least 2 x pp) or dualpipev (an even --pp, --grad-accum at least pp).
     #[arg(long)]
     pub schedule: Option<String>,
+    /// cpu (the default), or cuda / cuda:N: the model, its gradients and AdamW's moments live on
+    /// that GPU (one rank, fp32 precision and moments); evaluation runs on a CPU copy.
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 impl PretrainArgs {
@@ -232,7 +240,8 @@ impl PretrainArgs {
             dp,
             ep,
             pp,
-            schedule
+            schedule,
+            device
         );
         if self.gamma.is_some() {
             s.gamma = self.gamma;
@@ -265,6 +274,31 @@ pub fn mesh(s: &PretrainSettings) -> Result<Mesh> {
         bail!("{}: dp, ep and pp must be at least 1", layout_flags(s));
     }
     Ok(Mesh { dp: s.dp, ep: s.ep, pp: s.pp, schedule })
+}
+
+/// The device the settings ask for, opened (an error that says why when it cannot be): GPU
+/// training is one rank in fp32.
+pub fn device(s: &PretrainSettings) -> Result<Device> {
+    let ordinal = match s.device.as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => n,
+            None => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+        },
+    };
+    if s.dp * s.pp * s.ep != 1 {
+        bail!("--device {}: GPU training runs on one rank in this build ({})", s.device, layout_flags(s));
+    }
+    if s.precision != "fp32" || s.moments != "fp32" {
+        bail!(
+            "--device {}: CUDA tensors are f32 in this build (got --precision {} --moments {})",
+            s.device,
+            s.precision,
+            s.moments
+        );
+    }
+    Device::cuda(ordinal).with_context(|| format!("--device {}", s.device))
 }
 
 /// The flags of the parallel layout, for errors.
@@ -317,6 +351,7 @@ pub fn report_row(name: &str, r: &EvalReport) -> String {
 pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let s = args.settings()?;
     let mesh = mesh(&s)?;
+    let device = device(&s)?;
     let tok = CharTokenizer::new();
     let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters);
     let ckpt = s.out.join("checkpoint");
@@ -367,6 +402,7 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
         tok: &tok,
         ckpt: &ckpt,
         metrics: &metrics,
+        device,
     };
     let start = Instant::now();
     let ranks = LocalComm::run(mesh.world_size(), |comm| train_rank(comm, &plan));
@@ -378,7 +414,7 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let problems = tasks.held_out(s.eval_problems, s.seed);
     let eval_cfg = EvalConfig { samples: s.k, ..EvalConfig::default() };
     let t0 = Instant::now();
-    let report = evaluate(&trainer.model, &tok, &problems, &eval_cfg)?;
+    let report = evaluate_on_cpu(&trainer.model, device, &tok, &problems, &eval_cfg)?;
     println!(
         "\nheld-out evaluation ({} problems, {} samples each at T = 1, {:.0} s):",
         report.problems,
@@ -409,6 +445,21 @@ struct RankPlan<'a> {
     metrics: &'a Path,
     validation: Vec<Problem>,
     history: PathBuf,
+    /// Where the model trains.
+    device: Device,
+}
+
+/// The held-out evaluation of `model`, on a CPU copy when it trains on a GPU (sampling runs on
+/// the CPU).
+fn evaluate_on_cpu(
+    model: &DeepSeekV3,
+    device: Device,
+    tok: &CharTokenizer,
+    problems: &[Problem],
+    cfg: &EvalConfig,
+) -> Result<EvalReport> {
+    let copy = if device.is_cpu() { None } else { Some(model.to_device(&Device::Cpu)?) };
+    Ok(evaluate(copy.as_ref().unwrap_or(model), tok, problems, cfg)?)
 }
 
 /// Rank 0's trainer at the end of the run and the last step's MaxVio per MoE layer.
@@ -445,6 +496,10 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
             t
         }
     };
+    let mut trainer = trainer;
+    if !plan.device.is_cpu() {
+        trainer.model = trainer.model.to_device(&plan.device)?;
+    }
     let mut trainer = ParallelTrainer::new(trainer, comm, plan.mesh, DataParallelConfig::default())
         .with_context(|| layout_flags(s))?;
     let (steps, done) = (trainer.trainer().config.steps, trainer.trainer().step);
@@ -462,7 +517,8 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
         }
         if lead && s.eval_every > 0 && step % s.eval_every == 0 && !done {
             let cfg = EvalConfig { samples: 4, ..EvalConfig::default() };
-            let r = trainer.with_whole_model(|t| evaluate(&t.model, plan.tok, &plan.validation, &cfg))?;
+            let r = trainer
+                .with_whole_model(|t| evaluate_on_cpu(&t.model, plan.device, plan.tok, &plan.validation, &cfg))?;
             pb.suspend(|| {
                 println!(
                     "step {step}: validation greedy {:.3}, pass@1 {:.3}, pass@4 {:.3}",

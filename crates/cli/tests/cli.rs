@@ -58,6 +58,26 @@ fn sigkill_during_checkpointing_leaves_a_resumable_run() {
 }
 
 #[test]
+fn a_device_that_cannot_train_is_a_clear_error_before_anything_is_written() {
+    let dir = tmpdir("device");
+    let cases: [(&[&str], &str); 4] = [
+        (&["--device", "gpu"], "expected cpu, cuda or cuda:N"),
+        // No machine has this GPU (and without a CUDA driver, none at all).
+        (&["--device", "cuda:4096"], "--device cuda:4096"),
+        (&["--device", "cuda", "--dp", "2"], "one rank"),
+        (&["--device", "cuda", "--precision", "bf16"], "f32"),
+    ];
+    for (i, (flags, words)) in cases.iter().enumerate() {
+        let run = dir.join(format!("run{i}"));
+        let out =
+            whale().args(["pretrain", "--out", run.to_str().unwrap(), "--steps", "1"]).args(*flags).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(words), "{flags:?}: {err}");
+        assert!(!run.exists(), "{flags:?}: nothing is written");
+    }
+}
+
+#[test]
 fn an_existing_run_is_not_overwritten_and_bad_config_keys_are_named() {
     let dir = tmpdir("guard");
     let run = dir.join("run");
