@@ -22,4 +22,7 @@ cargo test --release --no-run -p whale-parallel --features cuda --test nccl --me
 copy nccl target/gpu-bin-nccl.json
 cargo bench --no-run -p whale-benches --bench gpu --message-format=json > target/gpu-bin-bench.json
 copy gpu target/gpu-bin-bench.json
+# The CLI, for an end-to-end pretraining run on the GPU beside the same run on the CPU.
+cargo build --release -p whale
+cp target/release/whale gpu-bin/whale-cli && strip gpu-bin/whale-cli
 ls -la gpu-bin

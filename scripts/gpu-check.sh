@@ -15,7 +15,7 @@ logs="${OUT:-/tmp}"
     echo
     status=0
     skipped=0
-    tests=$(ls gpu-bin 2>/dev/null | grep -v '^gpu$')
+    tests=$(ls gpu-bin 2>/dev/null | grep -v -e '^gpu$' -e '^whale-cli$')
     [ -n "$tests" ] || { echo "gpu-bin/ is empty: run scripts/build-gpu-bin.sh where Rust is installed"; status=1; }
     for bin in $tests; do
         echo "## tests: $bin"
@@ -45,6 +45,25 @@ logs="${OUT:-/tmp}"
         echo "gpu-bin/gpu is missing"
         status=1
     fi
+    echo
+    echo "## whale pretrain on the GPU and on the CPU (tiny preset, 30 steps)"
+    echo
+    echo '```'
+    if [ -x gpu-bin/whale-cli ]; then
+        for dev in cuda cpu; do
+            rm -rf "/tmp/gpu-check-$dev"
+            timeout 300 gpu-bin/whale-cli pretrain --device "$dev" --out "/tmp/gpu-check-$dev" --steps 30 \
+                --eval-problems 16 --k 2 >"$logs/pretrain-$dev.log" 2>&1
+            rc=$?
+            echo "$dev: exit status $rc; $(grep -E 'trained in|greedy' "$logs/pretrain-$dev.log" | tr '\n' ' ')"
+            echo "$dev: last step $(tail -1 "/tmp/gpu-check-$dev/metrics.jsonl" 2>/dev/null)"
+            [ "$rc" -eq 0 ] || status=1
+        done
+    else
+        echo "gpu-bin/whale-cli is missing"
+        status=1
+    fi
+    echo '```'
     echo
     if [ $status -ne 0 ]; then
         echo "overall: FAIL"
