@@ -55,7 +55,7 @@ logs="${OUT:-/tmp}"
             timeout 300 gpu-bin/whale-cli pretrain --device "$dev" --out "/tmp/gpu-check-$dev" --steps 30 \
                 --eval-problems 16 --k 2 >"$logs/pretrain-$dev.log" 2>&1
             rc=$?
-            echo "$dev: exit status $rc; $(grep -E 'trained in|greedy' "$logs/pretrain-$dev.log" | tr '\n' ' ')"
+            echo "$dev: exit status $rc; $(grep -E 'trained in|^\| base' "$logs/pretrain-$dev.log" | tr '\n' ' ')"
             echo "$dev: last step $(tail -1 "/tmp/gpu-check-$dev/metrics.jsonl" 2>/dev/null)"
             [ "$rc" -eq 0 ] || status=1
         done
