@@ -234,7 +234,7 @@ fn attention(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
         bench(c, g, &r, || g.attention_forward_dev(&s, (&q, &k, &v), &mut o, &mut lse).expect("decode"));
         rows.push(r);
     }
-    g.set_attention_kernels(AttentionKernels::Simple);
+    g.set_attention_kernels(AttentionKernels::TiledForward);
 }
 
 /// One training step of the `small` preset (forward with MTP, backward, AdamW, the balancing

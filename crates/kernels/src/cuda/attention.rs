@@ -146,8 +146,18 @@ fn tiled_config(t: &Tiled, (x, y, z): (usize, usize, usize)) -> LaunchConfig {
 impl Gpu {
     /// The first of `instances` that holds `s`'s heads on this GPU (shared memory, grid height);
     /// `None`: the simple kernels (also when they are the chosen ones).
-    fn tiled_for(&self, instances: impl IntoIterator<Item = Tiled>, s: &AttnShape) -> Result<Option<Tiled>> {
-        if self.attention_kernels() == super::AttentionKernels::Simple {
+    fn tiled_for(
+        &self,
+        instances: impl IntoIterator<Item = Tiled>,
+        s: &AttnShape,
+        backward: bool,
+    ) -> Result<Option<Tiled>> {
+        let chosen = match self.attention_kernels() {
+            super::AttentionKernels::Simple => false,
+            super::AttentionKernels::TiledForward => !backward,
+            super::AttentionKernels::Tiled => true,
+        };
+        if !chosen {
             return Ok(None);
         }
         let attr = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
@@ -182,7 +192,7 @@ impl Gpu {
         }
         let dims = [s.q_heads, s.kv_heads, s.q_len, s.kv_len, s.qk_dim, s.v_dim].map(|x| x as u32);
         let causal = i32::from(s.causal);
-        let Some(t) = self.tiled_for(FORWARD, s)? else {
+        let Some(t) = self.tiled_for(FORWARD, s, false)? else {
             let mut l = self.stream.launch_builder(self.function("attention_forward_f32"));
             l.arg(q).arg(k).arg(v).arg(o).arg(lse);
             for d in &dims {
@@ -283,7 +293,7 @@ impl Gpu {
         let heads = s.batch * s.kv_heads;
 
         // Pass 1 (dq and delta) before pass 2 (dk, dv), which reads delta.
-        let (kernel, cfg) = match self.tiled_for(BACKWARD.map(|p| p.0), s)? {
+        let (kernel, cfg) = match self.tiled_for(BACKWARD.map(|p| p.0), s, true)? {
             Some(t) => (self.tiled_function(&t)?, tiled_config(&t, ((q_rows / heads).div_ceil(t.rows), heads, 1))),
             None => (self.function("attention_backward_dq_f32"), rows_config(q_rows)),
         };
@@ -299,7 +309,7 @@ impl Gpu {
         // the tiled one's shared memory is its instance's layout (the kernel checks the size).
         unsafe { l.launch(cfg) }.map_err(cuda("attention_backward_dq"))?;
 
-        let (kernel, cfg) = match self.tiled_for(BACKWARD.map(|p| p.1), s)? {
+        let (kernel, cfg) = match self.tiled_for(BACKWARD.map(|p| p.1), s, true)? {
             Some(t) => (self.tiled_function(&t)?, tiled_config(&t, (s.kv_len.div_ceil(t.rows), heads, 1))),
             None => (self.function("attention_backward_dkv_f32"), rows_config(kv_rows)),
         };

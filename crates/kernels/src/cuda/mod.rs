@@ -102,20 +102,21 @@ pub struct Gpu {
     pub arch: (u32, u32),
     /// Which GPU of the machine.
     pub ordinal: usize,
-    /// Whether attention runs on the tiled (flash-style) kernels; see [`Gpu::set_attention_kernels`].
-    tiled_attention: std::sync::atomic::AtomicBool,
+    /// The attention kernels launched, as `AttentionKernels as u8`; see
+    /// [`Gpu::set_attention_kernels`].
+    attention: std::sync::atomic::AtomicU8,
 }
 
-/// The attention kernels a [`Gpu`] launches.
+/// The attention kernels a [`Gpu`] launches: one block per query (or key) row ("simple"), or
+/// flash-style tiles in shared memory (kernels/attention.cu; the simple ones where a shape does
+/// not fit). Every set is checked against the CPU twin by the GPU tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionKernels {
-    /// One block per query (or key) row: simple, slow, and checked against the CPU twin on an
-    /// H200. The default.
-    Simple,
-    /// Flash-style tiles in shared memory (kernels/attention.cu), the simple ones where a shape
-    /// does not fit. Checked against the CPU twin only in emulation so far: opt in until a GPU
-    /// run of the tests has passed.
-    Tiled,
+    Simple = 0,
+    /// Tiled forward (checked on an H200), simple backward: the default until the tiled backward
+    /// has passed a GPU run (it was checked in emulation only).
+    TiledForward = 1,
+    Tiled = 2,
 }
 
 const THREADS: u32 = 256;
@@ -159,20 +160,20 @@ impl Gpu {
             blas: OnceLock::new(),
             arch: (major as u32, minor as u32),
             ordinal,
-            tiled_attention: Default::default(),
+            attention: (AttentionKernels::TiledForward as u8).into(),
         })
     }
 
     /// Chooses the attention kernels of this GPU's later launches.
     pub fn set_attention_kernels(&self, kernels: AttentionKernels) {
-        self.tiled_attention.store(kernels == AttentionKernels::Tiled, std::sync::atomic::Ordering::Relaxed);
+        self.attention.store(kernels as u8, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn attention_kernels(&self) -> AttentionKernels {
-        if self.tiled_attention.load(std::sync::atomic::Ordering::Relaxed) {
-            AttentionKernels::Tiled
-        } else {
-            AttentionKernels::Simple
+        match self.attention.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => AttentionKernels::Simple,
+            1 => AttentionKernels::TiledForward,
+            _ => AttentionKernels::Tiled,
         }
     }
 
