@@ -38,6 +38,14 @@ fn slice_elements((outer, n, inner): (usize, usize, usize), idx: &[usize]) -> Ve
 }
 
 impl Tensor {
+    /// `self` with `src`'s elements (row-major) added at the row-major positions `flat`: the CUDA
+    /// path of scatters past a leading dim, an index_add along the flattened tensor.
+    fn add_at_elements(&self, flat: &[usize], src: &Tensor) -> Result<Tensor> {
+        let ids: Vec<i64> = flat.iter().map(|&i| i as i64).collect();
+        let ids = Tensor::from_vec(ids, &[flat.len()], &crate::Device::Cpu)?;
+        self.flatten_all()?.index_add(0, &ids, &src.flatten_all()?)?.reshape(self.dims())
+    }
+
     /// Slices `ids[j]` of `dim`, in order: `out.narrow(dim, j, 1) == self.narrow(dim, ids[j], 1)`.
     pub fn index_select(&self, dim: usize, ids: &Tensor) -> Result<Tensor> {
         check_float_any_device("index_select", self)?;
@@ -99,13 +107,7 @@ impl Tensor {
                 return crate::cuda::index_add_rows(self, &idx, src, inner, back);
             }
             // Single elements of the flattened tensor.
-            let flat = slice_elements((outer, n, inner), &idx);
-            let flat = Tensor::from_vec(
-                flat.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-                &[flat.len()],
-                &crate::Device::Cpu,
-            )?;
-            return self.flatten_all()?.index_add(0, &flat, &src.flatten_all()?)?.reshape(self.dims());
+            return self.add_at_elements(&slice_elements((outer, n, inner), &idx), src);
         }
         let mut out = self.f32_data().to_vec();
         let s = src.f32_data();
@@ -182,13 +184,7 @@ impl Tensor {
         let ix = checked_indices("scatter_add", idx, n)?;
         if self.device().is_cuda() {
             // An index_add of single elements of the flattened tensor (its backward: gather).
-            let flat = crate::cuda::flat_indices(self.dims(), dim, m, &ix);
-            let flat = Tensor::from_vec(
-                flat.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-                &[flat.len()],
-                &crate::Device::Cpu,
-            )?;
-            return self.flatten_all()?.index_add(0, &flat, &src.flatten_all()?)?.reshape(self.dims());
+            return self.add_at_elements(&crate::cuda::flat_indices(self.dims(), dim, m, &ix), src);
         }
         let mut out = self.f32_data().to_vec();
         let s = src.f32_data();
