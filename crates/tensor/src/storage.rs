@@ -139,10 +139,11 @@ impl Storage {
         match self {
             Storage::Cpu(s) => Ok(Cow::Borrowed(s)),
             Storage::Cuda(c) => {
-                let v = c.gpu.stream.clone_dtoh(&c.buf).map_err(|e| Error::DeviceUnavailable {
-                    device,
-                    why: format!("copying a tensor to the host failed: {e:?}"),
-                })?;
+                let v = c
+                    .gpu
+                    .stream
+                    .clone_dtoh(&c.buf)
+                    .map_err(crate::cuda::driver_error(device, "copying a tensor to the host"))?;
                 Ok(Cow::Owned(CpuStorage::F32(v)))
             }
         }

@@ -10,7 +10,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use whale_kernels::cuda::cudarc::driver::CudaSlice;
+use whale_kernels::cuda::cudarc::driver::{CudaSlice, DeviceRepr, DriverError};
 use whale_kernels::cuda::{BinaryOp, GemmShape, Gpu, GpuError, MidReduction, Strided, UnaryOp};
 
 use crate::backprop::{backward_fn, BackwardOp};
@@ -25,13 +25,39 @@ pub(crate) fn gpu_error(device: Device) -> impl Fn(GpuError) -> Error {
     move |e| Error::DeviceUnavailable { device, why: e.to_string() }
 }
 
-/// Runs `f` on the GPU and f32 buffer behind a CUDA tensor without copying it.
+/// A failed driver call (a copy, an allocation) on `device` as an error naming what failed.
+pub(crate) fn driver_error(device: Device, what: &'static str) -> impl Fn(DriverError) -> Error {
+    move |e| Error::DeviceUnavailable { device, why: format!("{what} failed: {e:?}") }
+}
+
+/// `v` copied to the GPU (one default value for an empty slice: the driver allocates nothing
+/// empty, and no kernel reads it then).
+pub(crate) fn upload<T: DeviceRepr + Default + Copy>(g: &Gpu, device: Device, v: &[T]) -> Result<CudaSlice<T>> {
+    let v = if v.is_empty() { vec![T::default()] } else { v.to_vec() };
+    g.stream.clone_htod(&v).map_err(driver_error(device, "copying to the GPU"))
+}
+
+/// Runs `f` on the GPU and the f32 buffers behind CUDA tensors (read-locked for the call, not
+/// copied).
+pub(crate) fn with_buffers<R, const N: usize>(
+    ts: [&Tensor; N],
+    f: impl FnOnce(&Arc<Gpu>, [&CudaSlice<f32>; N]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.0.storage.read().expect("tensor storage lock poisoned")).collect();
+    let on_gpu = guards
+        .iter()
+        .map(|g| match &**g {
+            Storage::Cuda(c) => Ok(c),
+            Storage::Cpu(_) => Err(Error::invalid("cuda", "a host tensor reached the CUDA backend")),
+        })
+        .collect::<Result<Vec<&CudaStorage>>>()?;
+    let first = on_gpu.first().ok_or_else(|| Error::invalid("cuda", "no tensors"))?;
+    f(&first.gpu, std::array::from_fn(|i| &on_gpu[i].buf))
+}
+
+/// [`with_buffers`] for one tensor.
 pub(crate) fn with_buffer<R>(t: &Tensor, f: impl FnOnce(&Arc<Gpu>, &CudaSlice<f32>) -> Result<R>) -> Result<R> {
-    let guard = t.0.storage.read().expect("tensor storage lock poisoned");
-    match &*guard {
-        Storage::Cuda(c) => f(&c.gpu, &c.buf),
-        Storage::Cpu(_) => Err(Error::invalid("cuda", "a host tensor reached the CUDA backend")),
-    }
+    with_buffers([t], |g, [b]| f(g, b))
 }
 
 pub(crate) fn alloc(g: &Gpu, device: Device, n: usize) -> Result<CudaSlice<f32>> {
@@ -89,16 +115,8 @@ pub(crate) fn to_device(t: &Tensor, device: &Device) -> Result<Tensor> {
         Device::Cuda(i) => {
             check_f32("to_device", t)?;
             let g = gpu(i)?;
-            let buf = if t.device() == *device {
-                contiguous_buffer(t)?.1
-            } else {
-                let host = t.to_vec_f32()?;
-                let src = if host.is_empty() { vec![0.0] } else { host };
-                g.stream.clone_htod(&src).map_err(|e| Error::DeviceUnavailable {
-                    device: *device,
-                    why: format!("copying to the GPU failed: {e:?}"),
-                })?
-            };
+            let buf =
+                if t.device() == *device { contiguous_buffer(t)?.1 } else { upload(&g, *device, &t.to_vec_f32()?)? };
             Ok(tensor(g, buf, t.dims(), &[t], back))
         }
     }
@@ -177,15 +195,11 @@ pub(crate) fn unary(t: &Tensor, name: &'static str, op: UnaryOp) -> Result<Tenso
     })?;
     let back = backward_fn(name, move |inputs: &[Tensor], output: &Tensor, grad: &Tensor, _: &[bool]| {
         let (x, gr) = (packed(&inputs[0])?, packed(grad)?);
-        let dx = with_buffer(&x, |g, xb| {
-            with_buffer(output, |_, yb| {
-                with_buffer(&gr, |_, gb| {
-                    let mut dx = alloc(g, x.device(), n)?;
-                    g.unary_backward_dev(op, (&xb.slice(..), &yb.slice(..), &gb.slice(..)), &mut dx, n)
-                        .map_err(gpu_error(x.device()))?;
-                    Ok(tensor(g.clone(), dx, x.dims(), &[], crate::backprop::NoBackward))
-                })
-            })
+        let dx = with_buffers([&x, output, &gr], |g, [xb, yb, gb]| {
+            let mut dx = alloc(g, x.device(), n)?;
+            g.unary_backward_dev(op, (&xb.slice(..), &yb.slice(..), &gb.slice(..)), &mut dx, n)
+                .map_err(gpu_error(x.device()))?;
+            Ok(tensor(g.clone(), dx, x.dims(), &[], crate::backprop::NoBackward))
         })?;
         Ok(vec![Some(dx)])
     });
@@ -208,14 +222,12 @@ pub(crate) fn binary(
     let s =
         Strided::new(shape, (la.strides(), la.offset()), (lb.strides(), lb.offset())).map_err(gpu_error(a.device()))?;
     let n: usize = shape.iter().product();
-    let (g, buf) = with_buffer(a, |g, ab| {
-        with_buffer(b, |_, bb| {
-            let mut out = alloc(g, a.device(), n)?;
-            if n > 0 {
-                g.binary_dev(op, (ab, bb), &s, &mut out, n).map_err(gpu_error(a.device()))?;
-            }
-            Ok((g.clone(), out))
-        })
+    let (g, buf) = with_buffers([a, b], |g, [ab, bb]| {
+        let mut out = alloc(g, a.device(), n)?;
+        if n > 0 {
+            g.binary_dev(op, (ab, bb), &s, &mut out, n).map_err(gpu_error(a.device()))?;
+        }
+        Ok((g.clone(), out))
     })?;
     Ok(tensor(g, buf, shape, inputs, back))
 }
@@ -252,17 +264,15 @@ pub(crate) fn matmul(
     let a = packed(a)?;
     let b = if b_transposed { b.clone() } else { packed(b)? };
     let shape = GemmShape { batch, m, n, k, b_transposed };
-    let (g, buf) = with_buffer(&a, |g, ab| {
-        with_buffer(&b, |_, bb| {
-            let mut out = alloc(g, a.device(), batch * m * n)?;
-            let c_len = batch * m * n;
-            if c_len > 0 {
-                let mut view = out.slice_mut(..c_len);
-                g.gemm_dev(&shape, &ab.slice(..batch * m * k), &bb.slice(..batch * k * n), &mut view)
-                    .map_err(gpu_error(a.device()))?;
-            }
-            Ok((g.clone(), out))
-        })
+    let (g, buf) = with_buffers([&a, &b], |g, [ab, bb]| {
+        let mut out = alloc(g, a.device(), batch * m * n)?;
+        let c_len = batch * m * n;
+        if c_len > 0 {
+            let mut view = out.slice_mut(..c_len);
+            g.gemm_dev(&shape, &ab.slice(..batch * m * k), &bb.slice(..batch * k * n), &mut view)
+                .map_err(gpu_error(a.device()))?;
+        }
+        Ok((g.clone(), out))
     })?;
     Ok(tensor(g, buf, out_shape, inputs, back))
 }
@@ -332,16 +342,12 @@ pub(crate) fn select(
     let full = |t: &Tensor| packed(&t.broadcast_as(shape)?);
     let (c, t, f) = (full(cond)?, full(on_true)?, full(on_false)?);
     let n: usize = shape.iter().product();
-    let (g, out) = with_buffer(&c, |g, cb| {
-        with_buffer(&t, |_, tb| {
-            with_buffer(&f, |_, fb| {
-                let mut out = alloc(g, dev, n)?;
-                if n > 0 {
-                    g.select_dev((&cb.slice(..), &tb.slice(..), &fb.slice(..)), &mut out, n).map_err(gpu_error(dev))?;
-                }
-                Ok((g.clone(), out))
-            })
-        })
+    let (g, out) = with_buffers([&c, &t, &f], |g, [cb, tb, fb]| {
+        let mut out = alloc(g, dev, n)?;
+        if n > 0 {
+            g.select_dev((&cb.slice(..), &tb.slice(..), &fb.slice(..)), &mut out, n).map_err(gpu_error(dev))?;
+        }
+        Ok((g.clone(), out))
     })?;
     Ok(tensor(g, out, shape, &[cond, on_true, on_false], back))
 }
@@ -368,10 +374,7 @@ pub(crate) fn argmax(t: &Tensor, split: (usize, usize, usize), out_shape: &[usiz
     check_f32("argmax", t)?;
     let (g, out) = reduce_mid(t, MidReduction::Argmax, split)?;
     let n = split.0 * split.2;
-    let host = g
-        .stream
-        .clone_dtoh(&out)
-        .map_err(|e| Error::DeviceUnavailable { device: t.device(), why: format!("{e:?}") })?;
+    let host = g.stream.clone_dtoh(&out).map_err(driver_error(t.device(), "copying indices to the host"))?;
     Tensor::from_vec(host[..n].iter().map(|&i| i as i64).collect::<Vec<_>>(), out_shape, &Device::Cpu)
 }
 
@@ -400,20 +403,14 @@ pub(crate) fn index_add_rows(
     let dev = x.device();
     let (xp, sp) = (packed(x)?, packed(src)?);
     let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
-    let (g, out) = with_buffer(&xp, |g, xb| {
-        with_buffer(&sp, |_, sb| {
-            let mut out =
-                g.stream.clone_dtod(xb).map_err(|e| Error::DeviceUnavailable { device: dev, why: format!("{e:?}") })?;
-            if !ids.is_empty() && inner > 0 {
-                let ids_dev = g
-                    .stream
-                    .clone_htod(&ids)
-                    .map_err(|e| Error::DeviceUnavailable { device: dev, why: format!("{e:?}") })?;
-                g.embedding_backward_dev((&sb.slice(..), &ids_dev), &mut out, (ids.len(), inner))
-                    .map_err(gpu_error(dev))?;
-            }
-            Ok((g.clone(), out))
-        })
+    let (g, out) = with_buffers([&xp, &sp], |g, [xb, sb]| {
+        let mut out = g.stream.clone_dtod(xb).map_err(driver_error(dev, "copying on the GPU"))?;
+        if !ids.is_empty() && inner > 0 {
+            let ids_dev = upload(g, dev, &ids)?;
+            g.embedding_backward_dev((&sb.slice(..), &ids_dev), &mut out, (ids.len(), inner))
+                .map_err(gpu_error(dev))?;
+        }
+        Ok((g.clone(), out))
     })?;
     Ok(tensor(g, out, x.dims(), &[x, src], back))
 }
@@ -427,14 +424,12 @@ pub(crate) fn with_f32_mut<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> R) -> Re
     let Storage::Cuda(c) = &mut *guard else {
         return Err(Error::invalid("with_f32_mut", "a host tensor reached the CUDA backend"));
     };
-    let copy_err = |e: whale_kernels::cuda::cudarc::driver::DriverError| Error::DeviceUnavailable {
-        device: dev,
-        why: format!("{e:?}"),
-    };
-    let mut host = c.gpu.stream.clone_dtoh(&c.buf.slice(start..start + len)).map_err(copy_err)?;
+    let mut host =
+        c.gpu.stream.clone_dtoh(&c.buf.slice(start..start + len)).map_err(driver_error(dev, "copying to the host"))?;
     let r = f(&mut host);
     if len > 0 {
-        c.gpu.stream.memcpy_htod(&host, &mut c.buf.slice_mut(start..start + len)).map_err(copy_err)?;
+        let back = &mut c.buf.slice_mut(start..start + len);
+        c.gpu.stream.memcpy_htod(&host, back).map_err(driver_error(dev, "copying to the GPU"))?;
     }
     Ok(r)
 }

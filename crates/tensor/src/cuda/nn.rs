@@ -8,19 +8,10 @@ use std::sync::Arc;
 use whale_kernels::cuda::cudarc::driver::CudaSlice;
 use whale_kernels::cuda::{AttnGrads, Gpu};
 
-use super::{alloc, check_f32, gpu_error, packed, tensor, with_buffer};
+use super::{alloc, check_f32, gpu_error, packed, tensor, upload, with_buffer, with_buffers};
 use crate::backprop::{backward_fn, NoBackward};
 use crate::ops::nn::{AttnShape, RopeLayout};
-use crate::{Device, Error, Result, Tensor};
-
-fn upload<T: whale_kernels::cuda::cudarc::driver::DeviceRepr + Default + Copy>(
-    g: &Gpu,
-    device: Device,
-    v: &[T],
-) -> Result<CudaSlice<T>> {
-    let v = if v.is_empty() { vec![T::default()] } else { v.to_vec() };
-    g.stream.clone_htod(&v).map_err(|e| Error::DeviceUnavailable { device, why: format!("copy to the GPU: {e:?}") })
-}
+use crate::{Result, Tensor};
 
 /// Softmax (or, with `log`, log-softmax) over the last dim of `input` (`rows` rows of `dim`).
 pub(crate) fn softmax_last_dim(input: &Tensor, dim: usize, log: bool) -> Result<Tensor> {
@@ -41,18 +32,16 @@ pub(crate) fn softmax_last_dim(input: &Tensor, dim: usize, log: bool) -> Result<
     })?;
     let back = backward_fn(name, move |inputs: &[Tensor], out: &Tensor, grad: &Tensor, _: &[bool]| {
         let gr = packed(grad)?;
-        let dx = with_buffer(out, |g, yb| {
-            with_buffer(&gr, |_, gb| {
-                let mut dx = alloc(g, dev, n)?;
-                let ins = (&yb.slice(..), &gb.slice(..));
-                if log {
-                    g.log_softmax_backward_dev(ins, &mut dx, (rows, dim))
-                } else {
-                    g.softmax_backward_dev(ins, &mut dx, (rows, dim))
-                }
-                .map_err(gpu_error(dev))?;
-                Ok(tensor(g.clone(), dx, inputs[0].dims(), &[], NoBackward))
-            })
+        let dx = with_buffers([out, &gr], |g, [yb, gb]| {
+            let mut dx = alloc(g, dev, n)?;
+            let ins = (&yb.slice(..), &gb.slice(..));
+            if log {
+                g.log_softmax_backward_dev(ins, &mut dx, (rows, dim))
+            } else {
+                g.softmax_backward_dev(ins, &mut dx, (rows, dim))
+            }
+            .map_err(gpu_error(dev))?;
+            Ok(tensor(g.clone(), dx, inputs[0].dims(), &[], NoBackward))
         })?;
         Ok(vec![Some(dx)])
     });
@@ -65,28 +54,19 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, dim: usize, eps: f32) -> Res
     let (xp, wp) = (packed(x)?, packed(weight)?);
     let (n, dev) = (x.elem_count(), x.device());
     let rows = n / dim.max(1);
-    let (g, y, rstd) = with_buffer(&xp, |g, xb| {
-        with_buffer(&wp, |_, wb| {
-            let (mut y, mut rstd) = (alloc(g, dev, n)?, alloc(g, dev, rows)?);
-            g.rmsnorm_forward_dev((&xb.slice(..), &wb.slice(..)), (&mut y, &mut rstd), (rows, dim, eps))
-                .map_err(gpu_error(dev))?;
-            Ok((g.clone(), y, Arc::new(rstd)))
-        })
+    let (g, y, rstd) = with_buffers([&xp, &wp], |g, [xb, wb]| {
+        let (mut y, mut rstd) = (alloc(g, dev, n)?, alloc(g, dev, rows)?);
+        g.rmsnorm_forward_dev((&xb.slice(..), &wb.slice(..)), (&mut y, &mut rstd), (rows, dim, eps))
+            .map_err(gpu_error(dev))?;
+        Ok((g.clone(), y, Arc::new(rstd)))
     })?;
     let back = backward_fn("rms_norm", move |inputs: &[Tensor], _: &Tensor, grad: &Tensor, needs: &[bool]| {
         let (x, w, gr) = (packed(&inputs[0])?, packed(&inputs[1])?, packed(grad)?);
-        let (dx, dw) = with_buffer(&x, |g, xb| {
-            with_buffer(&w, |_, wb| {
-                with_buffer(&gr, |_, gb| {
-                    let (mut dx, mut dw) = (alloc(g, dev, n)?, alloc(g, dev, dim)?);
-                    let ins = (&xb.slice(..), &wb.slice(..), &rstd.slice(..), &gb.slice(..));
-                    g.rmsnorm_backward_dev(ins, (&mut dx, &mut dw), (rows, dim)).map_err(gpu_error(dev))?;
-                    Ok((
-                        tensor(g.clone(), dx, x.dims(), &[], NoBackward),
-                        tensor(g.clone(), dw, w.dims(), &[], NoBackward),
-                    ))
-                })
-            })
+        let (dx, dw) = with_buffers([&x, &w, &gr], |g, [xb, wb, gb]| {
+            let (mut dx, mut dw) = (alloc(g, dev, n)?, alloc(g, dev, dim)?);
+            let ins = (&xb.slice(..), &wb.slice(..), &rstd.slice(..), &gb.slice(..));
+            g.rmsnorm_backward_dev(ins, (&mut dx, &mut dw), (rows, dim)).map_err(gpu_error(dev))?;
+            Ok((tensor(g.clone(), dx, x.dims(), &[], NoBackward), tensor(g.clone(), dw, w.dims(), &[], NoBackward)))
         })?;
         Ok(vec![needs[0].then_some(dx), needs[1].then_some(dw)])
     });
@@ -106,8 +86,7 @@ pub(crate) fn cross_entropy(logits: &Tensor, t: Vec<i64>, ignore: i64, vocab: us
         let (mut loss, mut lse) = (alloc(g, dev, rows)?, alloc(g, dev, rows)?);
         g.cross_entropy_forward_dev((&xb.slice(..), &targets, ignore), (&mut loss, &mut lse), (rows, vocab))
             .map_err(gpu_error(dev))?;
-        let loss =
-            g.stream.clone_dtoh(&loss).map_err(|e| Error::DeviceUnavailable { device: dev, why: format!("{e:?}") })?;
+        let loss = g.stream.clone_dtoh(&loss).map_err(super::driver_error(dev, "copying losses to the host"))?;
         Ok((g.clone(), targets, Arc::new(lse), loss))
     })?;
     let mean = (loss[..rows].iter().map(|&l| l as f64).sum::<f64>() * scale) as f32;
@@ -158,27 +137,18 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     check_f32("swiglu", gate)?;
     let (gp, up_p) = (packed(gate)?, packed(up)?);
     let (n, dev) = (gate.elem_count(), gate.device());
-    let (g, out) = with_buffer(&gp, |g, gb| {
-        with_buffer(&up_p, |_, ub| {
-            let mut out = alloc(g, dev, n)?;
-            g.swiglu_forward_dev(&gb.slice(..), &ub.slice(..), &mut out, n).map_err(gpu_error(dev))?;
-            Ok((g.clone(), out))
-        })
+    let (g, out) = with_buffers([&gp, &up_p], |g, [gb, ub]| {
+        let mut out = alloc(g, dev, n)?;
+        g.swiglu_forward_dev(&gb.slice(..), &ub.slice(..), &mut out, n).map_err(gpu_error(dev))?;
+        Ok((g.clone(), out))
     })?;
     let back = backward_fn("swiglu", move |inputs: &[Tensor], _: &Tensor, grad: &Tensor, needs: &[bool]| {
         let (gt, ut, gr) = (packed(&inputs[0])?, packed(&inputs[1])?, packed(grad)?);
-        let (dg, du) = with_buffer(&gt, |g, gb| {
-            with_buffer(&ut, |_, ub| {
-                with_buffer(&gr, |_, db| {
-                    let (mut dg, mut du) = (alloc(g, dev, n)?, alloc(g, dev, n)?);
-                    g.swiglu_backward_dev((&gb.slice(..), &ub.slice(..), &db.slice(..)), &mut dg, &mut du, n)
-                        .map_err(gpu_error(dev))?;
-                    Ok((
-                        tensor(g.clone(), dg, gt.dims(), &[], NoBackward),
-                        tensor(g.clone(), du, ut.dims(), &[], NoBackward),
-                    ))
-                })
-            })
+        let (dg, du) = with_buffers([&gt, &ut, &gr], |g, [gb, ub, db]| {
+            let (mut dg, mut du) = (alloc(g, dev, n)?, alloc(g, dev, n)?);
+            g.swiglu_backward_dev((&gb.slice(..), &ub.slice(..), &db.slice(..)), &mut dg, &mut du, n)
+                .map_err(gpu_error(dev))?;
+            Ok((tensor(g.clone(), dg, gt.dims(), &[], NoBackward), tensor(g.clone(), du, ut.dims(), &[], NoBackward)))
         })?;
         Ok(vec![needs[0].then_some(dg), needs[1].then_some(du)])
     });
@@ -194,30 +164,17 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttnShape) ->
     let dev = q.device();
     let s = shape;
     let q_rows = s.batch * s.q_heads * s.q_len;
-    let (g, o, lse) = with_buffer(&qp, |g, qb| {
-        with_buffer(&kp, |_, kb| {
-            with_buffer(&vp, |_, vb| {
-                let (mut o, mut lse) = (alloc(g, dev, q_rows * s.v_dim)?, alloc(g, dev, q_rows)?);
-                g.attention_forward_dev(&s, (qb, kb, vb), &mut o, &mut lse).map_err(gpu_error(dev))?;
-                Ok((g.clone(), o, Arc::new(lse)))
-            })
-        })
+    let (g, o, lse) = with_buffers([&qp, &kp, &vp], |g, [qb, kb, vb]| {
+        let (mut o, mut lse) = (alloc(g, dev, q_rows * s.v_dim)?, alloc(g, dev, q_rows)?);
+        g.attention_forward_dev(&s, (qb, kb, vb), &mut o, &mut lse).map_err(gpu_error(dev))?;
+        Ok((g.clone(), o, Arc::new(lse)))
     })?;
     let back = backward_fn("attention", move |inputs: &[Tensor], out: &Tensor, grad: &Tensor, needs: &[bool]| {
         let (q, k, v, gr) = (packed(&inputs[0])?, packed(&inputs[1])?, packed(&inputs[2])?, packed(grad)?);
-        let grads = with_buffer(&q, |g, qb| {
-            with_buffer(&k, |_, kb| {
-                with_buffer(&v, |_, vb| {
-                    with_buffer(out, |_, ob| {
-                        with_buffer(&gr, |_, gb| {
-                            let mut grads: AttnGrads = g.attention_grads(&s).map_err(gpu_error(dev))?;
-                            g.attention_backward_dev(&s, (qb, kb, vb), (ob, &lse, gb), &mut grads)
-                                .map_err(gpu_error(dev))?;
-                            Ok((g.clone(), grads))
-                        })
-                    })
-                })
-            })
+        let grads = with_buffers([&q, &k, &v, out, &gr], |g, [qb, kb, vb, ob, gb]| {
+            let mut grads: AttnGrads = g.attention_grads(&s).map_err(gpu_error(dev))?;
+            g.attention_backward_dev(&s, (qb, kb, vb), (ob, &lse, gb), &mut grads).map_err(gpu_error(dev))?;
+            Ok((g.clone(), grads))
         })?;
         let (g, AttnGrads { dq, dk, dv, .. }) = grads;
         Ok(vec![

@@ -74,25 +74,17 @@ impl Moment {
         Ok(t)
     }
 
-    /// Moves a GPU moment to the host (a parameter that moved back to the CPU).
-    fn move_to_host(&mut self) -> Result<()> {
-        if let Moment::Cuda(t) = self {
-            *self = Moment::F32(t.to_vec_f32()?);
-        }
-        Ok(())
-    }
-
-    /// Runs `f` on the host values as f32 (widened and rounded back for bf16 storage); call
-    /// [`Moment::move_to_host`] first.
-    fn with_f32<R>(&mut self, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    /// Runs `f` on the values as f32 in place: widened and rounded back for bf16 storage, through
+    /// the host for a GPU moment (a parameter that moved back to the CPU).
+    fn with_f32<R>(&mut self, f: impl FnOnce(&mut [f32]) -> R) -> Result<R> {
         match self {
-            Moment::F32(v) => f(v),
-            Moment::Cuda(_) => f(&mut []),
+            Moment::F32(v) => Ok(f(v)),
+            Moment::Cuda(t) => t.with_f32_mut(f),
             Moment::BF16(v) => {
                 let mut wide: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
                 let r = f(&mut wide);
                 v.iter_mut().zip(&wide).for_each(|(x, &w)| *x = bf16::from_f32(w));
-                r
+                Ok(r)
             }
         }
     }
@@ -158,9 +150,9 @@ impl AdamW {
                 continue;
             }
             let grad = g.to_vec_f32()?;
-            m.move_to_host()?;
-            v.move_to_host()?;
             p.with_f32_mut(|w| m.with_f32(|m| v.with_f32(|v| adamw_step(w, &grad, m, v, &hp))))
+                .and_then(|r| r)
+                .and_then(|r| r)
                 .map_err(|e| Error::Params(format!("AdamW cannot update `{name}`: {e}")))?;
         }
         Ok(())
