@@ -63,6 +63,11 @@ __device__ __forceinline__ void store_tile(unsigned char* tile, const uint4 (&re
     }
 }
 
+// Where accumulator r of fragment (i, j) lies in a warp's 32 x 64 corner for lane (g = lane / 4,
+// t = lane % 4): c0, c1 are row g, columns 2t and 2t + 1 of the 16 x 8 fragment; c2, c3 row g + 8.
+__device__ __forceinline__ unsigned frag_row(int i, unsigned g, int r) { return i * 16 + g + (r / 2) * 8; }
+__device__ __forceinline__ unsigned frag_col(int j, unsigned t, int r) { return j * 8 + t * 2 + r % 2; }
+
 // A warp's accumulators: 2 x 8 fragments of 16 x 8, four floats per thread each.
 typedef float Accumulators[2][8][4];
 
@@ -136,16 +141,14 @@ extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_mma(
                         : "r"(fa[i][0]), "r"(fa[i][1]), "r"(fa[i][2]), "r"(fa[i][3]), "r"(fb[j][0]), "r"(fb[j][1]));
                 }
         }
-        // Promotion: c0, c1 are row g, columns 2t and 2t + 1 of the 16 x 8 fragment; c2, c3 row g + 8.
+        // Promotion: each block's partial sums times its two scales.
         #pragma unroll
         for (int i = 0; i < 2; ++i)
             #pragma unroll
             for (int j = 0; j < 8; ++j)
                 #pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    unsigned lr = wm + i * 16 + g + (r / 2) * 8, lc = wn + j * 8 + t * 2 + r % 2;
-                    total[i][j][r] += partial[i][j][r] * scale_a[lr] * scale_b[lc];
-                }
+                for (int r = 0; r < 4; ++r)
+                    total[i][j][r] += partial[i][j][r] * scale_a[wm + frag_row(i, g, r)] * scale_b[wn + frag_col(j, t, r)];
         __syncthreads();
     }
     #pragma unroll
@@ -154,7 +157,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_mma(
         for (int j = 0; j < 8; ++j)
             #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                unsigned gr = row0 + wm + i * 16 + g + (r / 2) * 8, gc = col0 + wn + j * 8 + t * 2 + r % 2;
+                unsigned gr = row0 + wm + frag_row(i, g, r), gc = col0 + wn + frag_col(j, t, r);
                 if (gr < m && gc < n) y[(size_t)gr * n + gc] = total[i][j][r];
             }
 #else

@@ -16,17 +16,23 @@ extern "C" __global__ void rmsnorm_forward_f32(
     if (threadIdx.x == 0) rstd[blockIdx.x] = r;
 }
 
+// A row's max m and sum of exp(x - m), reduced over the block (every thread gets both).
+__device__ inline void row_max_and_exp_sum(const float* xr, unsigned dim, float* shared, float& m, float& s) {
+    m = -INFINITY;
+    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) m = fmaxf(m, xr[i]);
+    m = block_max(m, shared);
+    s = 0.0f;
+    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) s += expf(xr[i] - m);
+    s = block_sum(s, shared);
+}
+
 // Softmax of each row, shifted by the row max.
 extern "C" __global__ void softmax_forward_f32(const float* x, float* y, unsigned dim) {
     extern __shared__ float shared[];
     const float* xr = x + (size_t)blockIdx.x * dim;
     float* yr = y + (size_t)blockIdx.x * dim;
-    float m = -INFINITY;
-    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) m = fmaxf(m, xr[i]);
-    m = block_max(m, shared);
-    float s = 0.0f;
-    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) s += expf(xr[i] - m);
-    s = block_sum(s, shared);
+    float m, s;
+    row_max_and_exp_sum(xr, dim, shared, m, s);
     for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = expf(xr[i] - m) / s;
 }
 
@@ -36,12 +42,9 @@ extern "C" __global__ void log_softmax_forward_f32(const float* x, float* y, uns
     extern __shared__ float shared[];
     const float* xr = x + (size_t)blockIdx.x * dim;
     float* yr = y + (size_t)blockIdx.x * dim;
-    float m = -INFINITY;
-    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) m = fmaxf(m, xr[i]);
-    m = block_max(m, shared);
-    float s = 0.0f;
-    for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) s += expf(xr[i] - m);
-    float log_sum = logf(block_sum(s, shared));
+    float m, s;
+    row_max_and_exp_sum(xr, dim, shared, m, s);
+    float log_sum = logf(s);
     for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = (xr[i] - m) - log_sum;
 }
 

@@ -140,59 +140,65 @@ extern "C" __global__ void select_f32(const float* c, const float* t, const floa
         out[i] = c[i] != 0.0f ? t[i] : f[i];
 }
 
-// The index of the first maximum of x[o, :, i] (a NaN counts as the maximum), as a float, one
-// thread per output: the CPU's argmax, comparison for comparison.
-extern "C" __global__ void argmax_mid_f32(const float* x, float* y, unsigned outer, unsigned n, unsigned inner) {
+// Runs `reduce(p, n, inner)` for every output (o, i) of x seen as [outer, n, inner], with p at
+// x[o, 0, i] and the n values `inner` apart, one thread per output (grid-stride).
+template <class Reduce>
+__device__ void reduce_mid(const float* x, float* y, unsigned outer, unsigned n, unsigned inner, Reduce reduce) {
     unsigned long long total = (unsigned long long)outer * inner;
     for (unsigned long long t = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; t < total;
          t += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned long long o = t / inner, i = t % inner;
-        const float* p = x + o * n * inner + i;
+        y[t] = reduce(x + o * n * inner + i, n, (unsigned long long)inner);
+    }
+}
+
+// The index of the first maximum (a NaN counts as the maximum), as a float: the CPU's argmax,
+// comparison for comparison.
+struct Argmax {
+    __device__ float operator()(const float* p, unsigned n, unsigned long long stride) const {
         unsigned best = 0;
         float best_v = -INFINITY;
         for (unsigned j = 0; j < n; ++j) {
-            float v = p[(unsigned long long)j * inner];
-            if (isnan(v)) {
-                best = j;
-                break;
-            }
+            float v = p[j * stride];
+            if (isnan(v)) return (float)j;
             if (v > best_v || j == 0) {
                 best = j;
                 best_v = v;
             }
         }
-        y[t] = (float)best;
+        return (float)best;
     }
-}
+};
 
-// log(sum_j exp(x[o, j, i])) with the max subtracted, the sum in f64 like the CPU.
-extern "C" __global__ void logsumexp_mid_f32(const float* x, float* y, unsigned outer, unsigned n, unsigned inner) {
-    unsigned long long total = (unsigned long long)outer * inner;
-    for (unsigned long long t = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; t < total;
-         t += (unsigned long long)gridDim.x * blockDim.x) {
-        unsigned long long o = t / inner, i = t % inner;
-        const float* p = x + o * n * inner + i;
+// log(sum exp) with the max subtracted, the sum in f64 like the CPU.
+struct LogSumExp {
+    __device__ float operator()(const float* p, unsigned n, unsigned long long stride) const {
         float m = -INFINITY;
-        for (unsigned j = 0; j < n; ++j) m = fmaxf(m, p[(unsigned long long)j * inner]);
-        if (m == -INFINITY) {
-            y[t] = m;
-            continue;
-        }
+        for (unsigned j = 0; j < n; ++j) m = fmaxf(m, p[j * stride]);
+        if (m == -INFINITY) return m;
         double acc = 0.0;
-        for (unsigned j = 0; j < n; ++j) acc += exp((double)(p[(unsigned long long)j * inner] - m));
-        y[t] = m + (float)log(acc);
+        for (unsigned j = 0; j < n; ++j) acc += exp((double)(p[j * stride] - m));
+        return m + (float)log(acc);
     }
+};
+
+// The sum, accumulated in f64 like the CPU.
+struct Sum {
+    __device__ float operator()(const float* p, unsigned n, unsigned long long stride) const {
+        double acc = 0.0;
+        for (unsigned j = 0; j < n; ++j) acc += p[j * stride];
+        return (float)acc;
+    }
+};
+
+extern "C" __global__ void argmax_mid_f32(const float* x, float* y, unsigned outer, unsigned n, unsigned inner) {
+    reduce_mid(x, y, outer, n, inner, Argmax());
 }
 
-// y[o, i] = sum_j x[o, j, i], accumulated in f64 like the CPU (one thread per output).
+extern "C" __global__ void logsumexp_mid_f32(const float* x, float* y, unsigned outer, unsigned n, unsigned inner) {
+    reduce_mid(x, y, outer, n, inner, LogSumExp());
+}
+
 extern "C" __global__ void sum_mid_f32(const float* x, float* y, unsigned outer, unsigned n, unsigned inner) {
-    unsigned long long total = (unsigned long long)outer * inner;
-    for (unsigned long long t = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; t < total;
-         t += (unsigned long long)gridDim.x * blockDim.x) {
-        unsigned long long o = t / inner, i = t % inner;
-        const float* p = x + o * n * inner + i;
-        double acc = 0.0;
-        for (unsigned j = 0; j < n; ++j) acc += p[(unsigned long long)j * inner];
-        y[t] = (float)acc;
-    }
+    reduce_mid(x, y, outer, n, inner, Sum());
 }
