@@ -12,6 +12,7 @@ use half::bf16;
 use whale_kernels::cpu::adamw::{adamw_step, AdamWStep};
 use whale_kernels::cpu::attention::{attention_forward, AttnShape};
 use whale_kernels::cpu::cross_entropy::{cross_entropy_backward, cross_entropy_forward};
+use whale_kernels::cpu::dispatch::{permute, unpermute, unpermute_weight_grad, DispatchPlan};
 use whale_kernels::cpu::embedding::{embedding_backward, embedding_forward};
 use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
 use whale_kernels::cpu::fp8_gemm::{fp8_gemm, Accumulation};
@@ -228,6 +229,38 @@ fn embedding_matches_the_cpu() {
     // atomicAdd adds repeated ids in any order: f32 rounding.
     assert_close("embedding dtable", &g.embedding_backward(&dout, dim, &ids, rows * dim).unwrap(), &dt, 1e-6);
     assert!(g.embedding_forward(&table, dim, &[50]).is_err(), "an id past the table is an error");
+}
+
+#[test]
+fn token_dispatch_matches_the_cpu_bit_for_bit() {
+    let Some(g) = gpu("token_dispatch_matches_the_cpu_bit_for_bit") else { return };
+    // 300 tokens, top-6 of 64 experts (a few tokens with fewer: as expert parallelism leaves
+    // them), 7168 wide as in DeepSeek-V3.
+    let (tokens, experts, k, dim) = (300, 64, 6, 7168);
+    let assignments: Vec<(usize, usize)> = (0..tokens)
+        .flat_map(|t| (0..if t % 17 == 0 { 2 } else { k }).map(move |j| (t, (t * 13 + j * 11) % experts)))
+        .collect();
+    let plan = DispatchPlan::new(&assignments, tokens, experts).unwrap();
+    let lists = (&plan.token_offsets[..], &plan.token_rows[..]);
+    let x = values(tokens * dim, 60);
+    let (scale, weight) = (values(plan.len(), 61), values(plan.len(), 62));
+    let mut want = vec![0.0; plan.len() * dim];
+    permute(&x, dim, &plan.rows, None, &mut want);
+    assert_eq!(g.moe_permute(&x, dim, &plan, None).unwrap(), want, "permute");
+    permute(&x, dim, &plan.rows, Some(&scale), &mut want);
+    assert_eq!(g.moe_permute(&x, dim, &plan, Some(&scale)).unwrap(), want, "scaled permute");
+    let y = values(plan.len() * dim, 63);
+    let mut combined = vec![0.0; tokens * dim];
+    unpermute(&y, dim, Some(&weight), lists, &mut combined);
+    assert_eq!(g.moe_unpermute(&y, dim, &plan, Some(&weight)).unwrap(), combined, "weighted combine");
+    unpermute(&y, dim, None, lists, &mut combined);
+    assert_eq!(g.moe_unpermute(&y, dim, &plan, None).unwrap(), combined, "plain combine");
+    let dout = values(tokens * dim, 64);
+    let mut dw = vec![0.0; plan.len()];
+    unpermute_weight_grad(&dout, &y, dim, &plan.rows, &mut dw);
+    // A block reduction against a sequential sum over 7168 products: f32 rounding.
+    assert_close("weight grad", &g.moe_unpermute_weight_grad(&dout, &y, dim, &plan).unwrap(), &dw, 1e-4);
+    assert!(g.moe_permute(&x[dim..], dim, &plan, None).is_err(), "too few tokens is an error");
 }
 
 #[test]

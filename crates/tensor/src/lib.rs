@@ -33,6 +33,7 @@ pub use backprop::{is_grad_enabled, no_grad, BackwardOp, NoGradGuard, WeightGrad
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};
+pub use ops::dispatch::{DispatchPlan, TokenDispatch};
 pub use ops::nn::{rope_inv_freq, rope_tables, AttnShape, RopeLayout};
 pub use params::ParamStore;
 pub use rng::Rng;

@@ -4,7 +4,7 @@
 //! checks still run.
 
 use whale_kernels::cpu::fp8::{Fp8Format, ScaleFormat};
-use whale_tensor::{rope_inv_freq, rope_tables, DType, Device, Error, Result, Rng, RopeLayout, Tensor};
+use whale_tensor::{rope_inv_freq, rope_tables, DType, Device, Error, Result, Rng, RopeLayout, Tensor, TokenDispatch};
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::randn(shape, 0.0, 1.0, DType::F32, &mut Rng::new(seed)).unwrap()
@@ -165,6 +165,19 @@ fn concatenation_gathers_and_scatters() {
     let mut inputs = vec![randn(&[8, 6], 65)];
     inputs.extend(ws);
     on_every_device("grouped_matmul", inputs, |t| Tensor::grouped_matmul(&t[0], &sizes, &t[1..]));
+}
+
+#[test]
+fn moe_token_permutation() {
+    // 40 tokens, top-3 of 8 experts, with the weighted combine of expert-like outputs.
+    let assignments: Vec<(usize, usize)> =
+        (0..40).flat_map(|t| (0..3).map(move |j| (t, (t * 5 + j * 3) % 8))).collect();
+    let d = TokenDispatch::new(&assignments, 40, 8).unwrap();
+    let (x, w, scale) = (randn(&[40, 24], 40), randn(&[120], 41), randn(&[120, 24], 42));
+    on_every_device("moe permute and combine", vec![x, w, scale], |v| {
+        let y = v[0].moe_permute(&d)?.mul(&v[2])?.tanh()?;
+        y.moe_unpermute(&v[1], &d)
+    });
 }
 
 #[test]

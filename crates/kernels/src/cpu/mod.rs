@@ -3,6 +3,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+pub mod dispatch;
 pub mod embedding;
 pub mod fp8;
 pub mod fp8_gemm;

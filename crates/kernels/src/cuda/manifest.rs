@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0x61e7c0c6c28bbd4e;
+pub const SOURCE_HASH: u64 = 0xcf3b5318ae699ab7;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -33,6 +33,12 @@ pub const MODULES: &[PtxModule] = &[
         ],
         sm_90: include_str!("../../../../kernels/ptx/attention.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/attention.sm_80.ptx"),
+    },
+    PtxModule {
+        name: "dispatch",
+        kernels: &["moe_permute_f32", "moe_unpermute_f32", "moe_unpermute_weight_grad_f32"],
+        sm_90: include_str!("../../../../kernels/ptx/dispatch.sm_90.ptx"),
+        sm_80: include_str!("../../../../kernels/ptx/dispatch.sm_80.ptx"),
     },
     PtxModule {
         name: "elementwise",

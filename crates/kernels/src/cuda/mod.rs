@@ -9,6 +9,7 @@
 
 mod attention;
 mod blas;
+mod dispatch;
 mod fp8;
 mod fp8_gemm;
 pub mod manifest;
@@ -20,6 +21,7 @@ pub use attention::AttnGrads;
 pub use blas::{BlasFloat, GemmShape};
 /// The CUDA bindings these launchers use, for crates that hold their buffers.
 pub use cudarc;
+pub use dispatch::DispatchIndices;
 pub use fp8_gemm::{Fp8GemmKernel, Fp8Operand};
 pub use tensor_ops::{BinaryOp, MidReduction, Strided, UnaryOp, MAX_RANK};
 

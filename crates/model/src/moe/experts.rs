@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use whale_tensor::fp8::Fp8Recipe;
-use whale_tensor::{Device, Tensor};
+use whale_tensor::{Device, Tensor, TokenDispatch};
 
 use super::router::{Router, Routing};
 use crate::config::DeepSeekV3Config;
@@ -132,32 +132,24 @@ impl DeepSeekMoE {
 
 /// Runs `experts` on the rows of `x` (`[rows, hidden]`) assigned to them and sums each row's
 /// weighted outputs: `out[r] = sum over (r, e) in assignments of w * E_e(x[r])`, with `weights`
-/// (`[assignments.len()]`, differentiable) in the order of `assignments`. Every expert runs once on
-/// its contiguous block of rows (sorted by expert, stably, so each block keeps row order): a
-/// grouped GEMM, or one FP8 linear per expert.
+/// (`[assignments.len()]`, differentiable) in the order of `assignments`. The rows are permuted
+/// into expert order (stably, so each expert's block keeps row order) and every expert runs once
+/// on its contiguous block: a grouped GEMM, or one FP8 linear per expert. The combine gathers
+/// each row's outputs back in a fixed order (deterministic on every device).
 pub fn run_experts(
     experts: &[SwiGluMlp],
     x: &Tensor,
     assignments: &[(usize, usize)],
     weights: &Tensor,
 ) -> Result<Tensor> {
-    let mut order: Vec<usize> = (0..assignments.len()).collect();
-    order.sort_by_key(|&i| assignments[i].1);
-    let mut sizes = vec![0usize; experts.len()];
-    for &(_, e) in assignments {
-        sizes[e] += 1;
-    }
-    // Indices are host data on every device (the CUDA ops copy them in).
-    let index = |v: Vec<i64>| Tensor::from_vec(v, &[order.len()], &Device::Cpu);
-    let rows = index(order.iter().map(|&i| assignments[i].0 as i64).collect())?;
-    let slots = index(order.iter().map(|&i| i as i64).collect())?;
-
-    let dispatched = x.index_select(0, &rows)?;
+    let dispatch = TokenDispatch::new(assignments, x.dims()[0], experts.len())?;
+    let sizes = &dispatch.plan.sizes;
+    let dispatched = x.moe_permute(&dispatch)?;
     let expert_out = if experts.iter().any(SwiGluMlp::is_fp8) {
         // FP8 experts quantize their own block (its 1x128 tiles are per token anyway).
         let mut start = 0;
         let mut blocks = Vec::new();
-        for (e, &size) in experts.iter().zip(&sizes) {
+        for (e, &size) in experts.iter().zip(sizes) {
             if size > 0 {
                 blocks.push(e.forward(&dispatched.narrow(0, start, size)?)?);
             }
@@ -172,11 +164,15 @@ pub fn run_experts(
         let weights = |f: fn(&SwiGluMlp) -> &Tensor| -> Result<Vec<Tensor>> {
             experts.iter().map(|e| in_dtype_of(f(e), x)).collect()
         };
-        let gate = Tensor::grouped_matmul(&dispatched, &sizes, &weights(|e| &e.gate_proj.weight)?)?;
-        let up = Tensor::grouped_matmul(&dispatched, &sizes, &weights(|e| &e.up_proj.weight)?)?;
+        let gate = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.gate_proj.weight)?)?;
+        let up = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.up_proj.weight)?)?;
         let hidden = Tensor::swiglu(&gate, &up)?;
-        Tensor::grouped_matmul(&hidden, &sizes, &weights(|e| &e.down_proj.weight)?)?
+        Tensor::grouped_matmul(&hidden, sizes, &weights(|e| &e.down_proj.weight)?)?
     };
-    let w = in_dtype_of(&weights.index_select(0, &slots)?.unsqueeze(1)?, x)?;
-    Ok(x.zeros_like()?.index_add(0, &rows, &expert_out.mul(&w)?)?)
+    // The gate weights in dispatch order. Indices are host data on every device (the CUDA ops
+    // copy them in).
+    let slots: Vec<i64> = dispatch.plan.slots.iter().map(|&s| i64::from(s)).collect();
+    let slots = Tensor::from_vec(slots, &[dispatch.plan.len()], &Device::Cpu)?;
+    let w = in_dtype_of(&weights.index_select(0, &slots)?, x)?;
+    Ok(expert_out.moe_unpermute(&w, &dispatch)?)
 }

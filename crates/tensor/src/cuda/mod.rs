@@ -19,6 +19,7 @@ use crate::layout::Layout;
 use crate::storage::{CudaStorage, Storage};
 use crate::{DType, Device, Error, Result, Tensor};
 
+pub(crate) mod dispatch;
 pub(crate) mod nn;
 
 pub(crate) fn gpu_error(device: Device) -> impl Fn(GpuError) -> Error {

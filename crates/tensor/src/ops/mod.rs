@@ -1,5 +1,6 @@
 //! Tensor ops, one file per family, each op's forward beside its backward.
 
+pub(crate) mod dispatch;
 mod elementwise;
 mod index;
 mod matmul;
