@@ -79,3 +79,14 @@ extern "C" __global__ void fp8_dequantize(
         out[i] = v * scales[(r / block_rows) * grid_cols + c / block_cols];
     }
 }
+
+// y [cols, rows] = x [rows, cols]^T for FP8 codes, one thread per element (grid-stride): an FP8
+// weight's transpose for the Dgrad GEMM (its 128x128 blocks are square, so the scale grid simply
+// transposes with it). CPU twin: whale_kernels::cpu::fp8::Fp8Blocks::transpose.
+extern "C" __global__ void fp8_transpose_codes(const unsigned char* x, unsigned char* y, unsigned rows, unsigned cols) {
+    size_t n = (size_t)rows * cols;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / cols, c = i % cols;
+        y[c * rows + r] = x[i];
+    }
+}

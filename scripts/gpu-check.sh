@@ -46,18 +46,19 @@ logs="${OUT:-/tmp}"
         status=1
     fi
     echo
-    echo "## whale pretrain on the GPU and on the CPU (tiny preset, 30 steps)"
+    echo "## whale pretrain on the GPU and on the CPU (tiny preset, 30 steps; fp32, and FP8 GEMMs on the GPU)"
     echo
     echo '```'
     if [ -x gpu-bin/whale-cli ]; then
-        for dev in cuda cpu; do
-            rm -rf "/tmp/gpu-check-$dev"
-            timeout 300 gpu-bin/whale-cli pretrain --device "$dev" --out "/tmp/gpu-check-$dev" --steps 30 \
-                --eval-problems 16 --k 2 >"$logs/pretrain-$dev.log" 2>&1
+        for run in cuda:fp32 cpu:fp32 cuda:fp8; do
+            dev=${run%%:*} precision=${run##*:} name=${run/:/-}
+            rm -rf "/tmp/gpu-check-$name"
+            timeout 300 gpu-bin/whale-cli pretrain --device "$dev" --precision "$precision" \
+                --out "/tmp/gpu-check-$name" --steps 30 --eval-problems 16 --k 2 >"$logs/pretrain-$name.log" 2>&1
             rc=$?
-            echo "$dev: exit status $rc; $(grep -E 'trained in|^\| base' "$logs/pretrain-$dev.log" | tr '\n' ' ')"
-            echo "$dev: last step $(tail -1 "/tmp/gpu-check-$dev/metrics.jsonl" 2>/dev/null)"
-            [ "$rc" -eq 0 ] || status=1
+            echo "$name: exit status $rc; $(grep -E 'trained in|^\| base' "$logs/pretrain-$name.log" | tr '\n' ' ')"
+            echo "$name: last step $(tail -1 "/tmp/gpu-check-$name/metrics.jsonl" 2>/dev/null)"
+            [ "$rc" -eq 0 ] || { status=1; tail -5 "$logs/pretrain-$name.log"; }
         done
     else
         echo "gpu-bin/whale-cli is missing"

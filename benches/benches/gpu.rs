@@ -2,10 +2,11 @@
 //! scaled FP8 GEMM on the tensor cores against cuBLAS bf16 at the same shapes (4096³ and
 //! DeepSeek-V3's projection shapes) and against the simple CUDA-core kernel, training attention
 //! forward and backward, MLA decode over the latent cache, and a device copy as the memory-bandwidth
-//! ceiling, and a training step of the `small` preset on the GPU against the CPU. Kernels are timed
-//! with CUDA events inside criterion's `iter_custom`, so the clock reads the GPU's own time for
-//! `iters` back-to-back launches; the training step, which synchronises with the host, by wall
-//! clock.
+//! ceiling, one linear layer's forward and backward in FP8 against f32 on CUDA tensors, and a
+//! training step of the `small` preset on the GPU (f32, and with FP8 GEMMs) against the CPU.
+//! Kernels are timed with CUDA events inside criterion's `iter_custom`, so the clock reads the
+//! GPU's own time for `iters` back-to-back launches; the tensor-level rows, which synchronise
+//! with the host, by wall clock.
 //!
 //! Without a GPU it says so and exits successfully. `cargo xtask bench gpu` runs it; the GPU
 //! check (`scripts/gpu-check.sh`) runs the prebuilt binary and copies the table it writes to
@@ -22,6 +23,7 @@ use half::bf16;
 use whale_kernels::cpu::attention::AttnShape;
 use whale_kernels::cuda::{device_count, AttentionKernels, Fp8GemmKernel, Fp8Operand, GemmShape, Gpu};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
+use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::optim::{AdamW, AdamWConfig};
 use whale_tensor::{Device, Rng, Tensor};
 
@@ -152,7 +154,7 @@ fn fp8_gemms(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
                 continue;
             }
             let r = row("fp8_gemm", &format!("{label}/{name}"), flops, "TFLOP/s");
-            bench(c, g, &r, || g.fp8_gemm_dev(&a, &b, &mut y, kernel).expect("fp8 gemm"));
+            bench(c, g, &r, || g.fp8_gemm_dev(&a.view(), &b.view(), &mut y, kernel).expect("fp8 gemm"));
             rows.push(r);
         }
         // The baseline at the same shape: cuBLAS in bf16 (twice the operand bytes).
@@ -240,6 +242,52 @@ fn attention(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
 /// One training step of the `small` preset (forward with MTP, backward, AdamW, the balancing
 /// update) on the GPU through whale-tensor's CUDA backend, beside the same step on the CPU.
 /// Wall-clock time: a step synchronises with the host (routing, the loss).
+/// Times `step` (tensor ops that end by reading a value back, which synchronises) by wall clock.
+fn bench_wall(c: &mut Criterion, row: &Row, mut step: impl FnMut()) {
+    let mut group = c.benchmark_group(&row.group);
+    group.sampling_mode(SamplingMode::Flat).sample_size(10);
+    group.bench_function(&row.name, |b| {
+        b.iter_custom(|iters| {
+            let start = std::time::Instant::now();
+            for _ in 0..iters {
+                step();
+            }
+            let t = start.elapsed();
+            row.per_launch.borrow_mut().push(t.as_secs_f64() / iters as f64);
+            t
+        })
+    });
+    group.finish();
+}
+
+/// One linear layer's forward and backward (Fprop, Dgrad, Wgrad) on CUDA tensors at a
+/// DeepSeek-V3 shape: the FP8 linear (quantising its operands on the GPU every call) against the
+/// f32 linear on cuBLAS.
+fn linear_layers(c: &mut Criterion, rows: &mut Vec<Row>) {
+    let (m, n, k) = (4096, 2048, 7168);
+    let gpu = Device::cuda(0).expect("GPU 0");
+    let on_gpu = |shape: &[usize], seed: u64, scale: f32| {
+        let v: Vec<f32> = values(shape.iter().product(), seed).iter().map(|x| x * scale).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).and_then(|t| t.to_device(&gpu)).expect("upload").variable()
+    };
+    let (x, w) = (on_gpu(&[m, k], 11, 1.0), on_gpu(&[n, k], 12, 0.02));
+    let recipe = Fp8Recipe::default();
+    for name in ["fp8", "f32"] {
+        let r = row("linear", &format!("{name}/{m}x{n}x{k}"), 6.0 * (m * n * k) as f64, "TFLOP/s");
+        bench_wall(c, &r, || {
+            let y = if name == "fp8" { x.fp8_linear(&w, &recipe) } else { x.matmul(&w.t().expect("t")) };
+            let loss = y.and_then(|y| y.sum_all()).expect("forward");
+            loss.backward().expect("backward");
+            assert!(loss.to_scalar().expect("loss").is_finite(), "a finite sum");
+            x.zero_grad();
+            w.zero_grad();
+        });
+        rows.push(r);
+    }
+}
+
+/// A training step of the `small` preset (forward, backward, AdamW, balancing) on the GPU in f32
+/// and with FP8 GEMMs, and on the CPU.
 fn training_step(c: &mut Criterion, rows: &mut Vec<Row>) {
     let cfg = DeepSeekV3Config::small();
     let (batch, seq) = (8, 128);
@@ -250,30 +298,21 @@ fn training_step(c: &mut Criterion, rows: &mut Vec<Row>) {
     };
     let (ids, targets) = (tokens(), tokens());
     let cpu = DeepSeekV3::new(cfg.clone(), 3).expect("model");
-    for (name, device) in [("gpu", Device::cuda(0).expect("GPU 0")), ("cpu", Device::Cpu)] {
-        let model = cpu.to_device(&device).expect("model on the device");
+    let gpu = Device::cuda(0).expect("GPU 0");
+    for (name, device, fp8) in [("gpu", gpu, false), ("gpu_fp8", gpu, true), ("cpu", Device::Cpu, false)] {
+        let mut model = cpu.to_device(&device).expect("model on the device");
+        model.set_fp8(fp8.then(Fp8Recipe::default));
         let mut opt = AdamW::new(AdamWConfig::default()).expect("AdamW");
         let r = row("train_step", &format!("small_{name}/{batch}x{seq}"), (batch * seq) as f64, "ktok/s");
-        let mut group = c.benchmark_group("train_step");
-        group.sampling_mode(SamplingMode::Flat).sample_size(10);
-        group.bench_function(&r.name, |b| {
-            b.iter_custom(|iters| {
-                let start = std::time::Instant::now();
-                for _ in 0..iters {
-                    let out = model.forward(&ids, Some(&targets)).expect("forward");
-                    let loss = out.loss.expect("a loss");
-                    loss.backward().expect("backward");
-                    opt.step(&model.params, 1e-3).expect("AdamW");
-                    model.params.iter().for_each(|(_, p)| p.zero_grad());
-                    model.update_balancing_biases(&out.expert_load).expect("balancing");
-                    assert!(loss.to_scalar().expect("loss").is_finite(), "a finite loss");
-                }
-                let t = start.elapsed();
-                r.per_launch.borrow_mut().push(t.as_secs_f64() / iters as f64);
-                t
-            })
+        bench_wall(c, &r, || {
+            let out = model.forward(&ids, Some(&targets)).expect("forward");
+            let loss = out.loss.expect("a loss");
+            loss.backward().expect("backward");
+            opt.step(&model.params, 1e-3).expect("AdamW");
+            model.params.iter().for_each(|(_, p)| p.zero_grad());
+            model.update_balancing_biases(&out.expert_load).expect("balancing");
+            assert!(loss.to_scalar().expect("loss").is_finite(), "a finite loss");
         });
-        group.finish();
         rows.push(r);
     }
 }
@@ -292,6 +331,12 @@ fn table(rows: &[Row]) -> String {
             ("matmul", Some("cublas_bf16")) => rows.iter().find(|b| b.name == format!("cublas_f32/{shape}")),
             ("train_step", Some(k)) if k.ends_with("_gpu") => {
                 rows.iter().find(|b| b.name == r.name.replace("_gpu", "_cpu"))
+            }
+            ("train_step", Some(k)) if k.ends_with("_gpu_fp8") => {
+                rows.iter().find(|b| b.name == r.name.replace("_gpu_fp8", "_gpu"))
+            }
+            ("linear", Some(_)) if r.name.starts_with("fp8") => {
+                rows.iter().find(|b| b.group == r.group && b.name == r.name.replace("fp8", "f32"))
             }
             ("attention" | "mla_decode", Some(k)) if k.contains("tiled") => {
                 rows.iter().find(|b| b.group == r.group && b.name == r.name.replace("tiled", "simple"))
@@ -339,6 +384,7 @@ fn main() {
     matmuls(&mut c, &g, &mut rows);
     fp8_gemms(&mut c, &g, &mut rows);
     attention(&mut c, &g, &mut rows);
+    linear_layers(&mut c, &mut rows);
     training_step(&mut c, &mut rows);
     c.final_summary();
     let text = format!("GPU: compute capability {}.{}\n\n{}", g.arch.0, g.arch.1, table(&rows));

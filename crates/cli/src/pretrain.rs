@@ -19,7 +19,7 @@ use whale_rl::data::CorpusData;
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::parallel::comm::{Comm, CommError, LocalComm};
 use whale_rl::parallel::data_parallel::DataParallelConfig;
-use whale_rl::parallel::model::tensor::Device;
+use whale_rl::parallel::model::tensor::{DType, Device};
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{DeepSeekV3, DeepSeekV3Config};
 use whale_rl::parallel::parallel_trainer::{Mesh, ParallelTrainer};
@@ -192,7 +192,8 @@ pub struct PretrainArgs {
     #[arg(long)]
     pub schedule: Option<String>,
     /// cpu (the default), or cuda / cuda:N: the model, its gradients and AdamW's moments live on
-    /// that GPU (one rank, fp32 precision and moments); evaluation runs on a CPU copy.
+    /// that GPU (one rank, f32 moments; --precision fp32, or fp8 with f32 activations between
+    /// the FP8 GEMMs); evaluation runs on a CPU copy.
     #[arg(long)]
     pub device: Option<String>,
 }
@@ -290,9 +291,10 @@ pub fn device(s: &PretrainSettings) -> Result<Device> {
     if s.dp * s.pp * s.ep != 1 {
         bail!("--device {}: GPU training runs on one rank in this build ({})", s.device, layout_flags(s));
     }
-    if s.precision != "fp32" || s.moments != "fp32" {
+    if !matches!(s.precision.as_str(), "fp32" | "fp8") || s.moments != "fp32" {
         bail!(
-            "--device {}: CUDA tensors are f32 in this build (got --precision {} --moments {})",
+            "--device {}: CUDA tensors are f32 in this build: --precision fp32, or fp8 (FP8 GEMMs, f32 \
+             activations), with --moments fp32 (got --precision {} --moments {})",
             s.device,
             s.precision,
             s.moments
@@ -499,6 +501,9 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
     let mut trainer = trainer;
     if !plan.device.is_cpu() {
         trainer.model = trainer.model.to_device(&plan.device)?;
+        // CUDA tensors are f32: with --precision fp8 the GEMMs run in FP8 and the activations
+        // between them stay f32 (bf16 on a CPU).
+        trainer.model.compute_dtype = DType::F32;
     }
     let mut trainer = ParallelTrainer::new(trainer, comm, plan.mesh, DataParallelConfig::default())
         .with_context(|| layout_flags(s))?;

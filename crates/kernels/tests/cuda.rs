@@ -14,7 +14,7 @@ use whale_kernels::cpu::attention::{attention_forward, AttnShape};
 use whale_kernels::cpu::cross_entropy::{cross_entropy_backward, cross_entropy_forward};
 use whale_kernels::cpu::dispatch::{permute, unpermute, unpermute_weight_grad, DispatchPlan};
 use whale_kernels::cpu::embedding::{embedding_backward, embedding_forward};
-use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
+use whale_kernels::cpu::fp8::{transpose, Fp8Blocks, Fp8Format, ScaleFormat};
 use whale_kernels::cpu::fp8_gemm::{fp8_gemm, Accumulation};
 use whale_kernels::cpu::matmul::{matmul_reference, MatRef};
 use whale_kernels::cpu::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
@@ -103,6 +103,7 @@ fn fp8_kernels_match_the_cpu() {
     let w = values(n * k, 10);
     let wq = Fp8Blocks::quantize(&w, n, k, (128, 128), Fp8Format::E4M3, ScaleFormat::F32);
     check_fp8_gemm(&g, &cpu, &wq, Fp8GemmKernel::Simple);
+    assert_eq!(g.fp8_transpose(&wq.codes, n, k).unwrap(), transpose(&wq.codes, n, k), "code transpose");
 }
 
 /// Both FP8 GEMM kernels against the CPU twin: the block partial sums run in another order than

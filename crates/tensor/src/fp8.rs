@@ -18,7 +18,8 @@ use whale_kernels::cpu::fp8_gemm::fp8_gemm;
 pub use whale_kernels::cpu::fp8_gemm::{Accumulation, BLOCK};
 
 use crate::backprop::{backward_fn, NoBackward};
-use crate::ops::{check_float, grad_if};
+use crate::cuda::fp8::Fp8Weight;
+use crate::ops::{check_float, check_float_any_device, grad_if};
 use crate::{DType, Error, Result, Tensor};
 
 /// How a linear layer's GEMMs run in FP8.
@@ -62,12 +63,25 @@ impl Tensor {
         format: Fp8Format,
         scale_format: ScaleFormat,
     ) -> Result<(Tensor, Tensor)> {
-        check_float("quantize_fp8", self)?;
+        check_float_any_device("quantize_fp8", self)?;
         let [rows, cols] = self.dims()[..] else {
             return Err(Error::invalid("quantize_fp8", format!("needs a 2-D tensor, got {:?}", self.dims())));
         };
         if block.0 == 0 || block.1 == 0 {
             return Err(Error::invalid("quantize_fp8", format!("block {block:?} has a zero edge")));
+        }
+        if self.device().is_cuda() {
+            let fits = matches!(block, (1, BLOCK) | (BLOCK, BLOCK));
+            if !fits || format != Fp8Format::E4M3 || scale_format != ScaleFormat::F32 {
+                return Err(Error::invalid(
+                    "quantize_fp8",
+                    format!(
+                        "on a GPU: E4M3 with f32 scales in 1x128 or 128x128 blocks (the recipe's), got {format:?} \
+                         with {scale_format:?} scales in {block:?} blocks"
+                    ),
+                ));
+            }
+            return crate::cuda::fp8::quantize(self, block.0);
         }
         let q = Fp8Blocks::quantize(&self.f32_data(), rows, cols, block, format, scale_format);
         let grid = [rows.div_ceil(block.0), cols.div_ceil(block.1)];
@@ -79,28 +93,21 @@ impl Tensor {
 
     /// The blocks of an FP8 tensor and its scale grid, checked against each other.
     pub fn fp8_blocks(codes: &Tensor, scales: &Tensor, block: (usize, usize)) -> Result<Fp8Blocks> {
-        let op = "fp8_blocks";
-        let format = codes.dtype().fp8_format().ok_or(Error::UnsupportedDType {
-            op,
-            dtype: codes.dtype(),
-            why: "codes must be F8E4M3 or F8E5M2",
-        })?;
-        let [rows, cols] = codes.dims()[..] else {
-            return Err(Error::invalid(op, format!("codes must be 2-D, got {:?}", codes.dims())));
-        };
-        let grid = [rows.div_ceil(block.0.max(1)), cols.div_ceil(block.1.max(1))];
-        if scales.dims() != grid {
-            return Err(Error::invalid(
-                op,
-                format!("scales have shape {:?}; [{rows}, {cols}] in {block:?} blocks needs {grid:?}", scales.dims()),
-            ));
-        }
+        let (rows, cols) = check_fp8_grid(codes, scales, block)?;
+        let format = codes.dtype().fp8_format().expect("checked FP8 codes");
         Fp8Blocks::from_parts(codes.fp8_codes()?, scales.to_vec_f32()?, (rows, cols), block, format)
-            .map_err(|msg| Error::invalid(op, msg))
+            .map_err(|msg| Error::invalid("fp8_blocks", msg))
     }
 
-    /// `code * scale` per block, as f32.
+    /// `code * scale` per block, as f32, on the codes' device.
     pub fn dequantize_fp8(codes: &Tensor, scales: &Tensor, block: (usize, usize)) -> Result<Tensor> {
+        if codes.device().is_cuda() {
+            check_fp8_grid(codes, scales, block)?;
+            if scales.device() != codes.device() {
+                return Err(Error::DeviceMismatch { op: "dequantize_fp8", lhs: codes.device(), rhs: scales.device() });
+            }
+            return crate::cuda::fp8::dequantize(codes, scales, block);
+        }
         let q = Self::fp8_blocks(codes, scales, block)?;
         Tensor::from_vec(q.dequantize(), codes.dims(), &codes.device())
     }
@@ -109,10 +116,18 @@ impl Tensor {
     /// output keeps it), `weight` `[out, in]` the master weight (its gradient comes back in its
     /// own dtype, f32 for an f32 master). Quantized online, per tile and block, every call.
     pub fn fp8_linear(&self, weight: &Tensor, recipe: &Fp8Recipe) -> Result<Tensor> {
-        check_float("fp8_linear", weight)?;
+        check_float_any_device("fp8_linear", weight)?;
         let [n, k] = weight.dims()[..] else {
             return Err(Error::invalid("fp8_linear", format!("weight must be [out, in], got {:?}", weight.dims())));
         };
+        if self.device().is_cuda() || weight.device().is_cuda() {
+            if self.device() != weight.device() {
+                return Err(Error::DeviceMismatch { op: "fp8_linear", lhs: self.device(), rhs: weight.device() });
+            }
+            check_linear_input(self, k, n)?;
+            check_gpu_recipe(recipe)?;
+            return crate::cuda::fp8::linear(self, Fp8Weight::Master(weight), (n, k));
+        }
         let wq = Fp8Blocks::quantize(&weight.f32_data(), n, k, (BLOCK, BLOCK), recipe.format, recipe.scale_format);
         self.fp8_linear_with(Arc::new(wq), Some(weight), recipe)
     }
@@ -121,6 +136,15 @@ impl Tensor {
     /// 128x128-block scale grid, as DeepSeek-V3's checkpoints store them): FP8 inference. The
     /// weight is frozen; a gradient still flows to `x` (through the Dgrad GEMM).
     pub fn fp8_linear_quantized(&self, codes: &Tensor, scale_inv: &Tensor, recipe: &Fp8Recipe) -> Result<Tensor> {
+        if self.device().is_cuda() {
+            let (n, k) = check_fp8_grid(codes, scale_inv, (BLOCK, BLOCK))?;
+            check_linear_input(self, k, n)?;
+            check_gpu_recipe(recipe)?;
+            if codes.device().is_cuda() && (codes.device() != self.device() || scale_inv.device() != self.device()) {
+                return Err(Error::DeviceMismatch { op: "fp8_linear", lhs: self.device(), rhs: codes.device() });
+            }
+            return crate::cuda::fp8::linear(self, Fp8Weight::Stored { codes, scales: scale_inv }, (n, k));
+        }
         let wq = Self::fp8_blocks(codes, scale_inv, (BLOCK, BLOCK))?;
         self.fp8_linear_with(Arc::new(wq), None, recipe)
     }
@@ -128,9 +152,7 @@ impl Tensor {
     fn fp8_linear_with(&self, wq: Arc<Fp8Blocks>, master: Option<&Tensor>, recipe: &Fp8Recipe) -> Result<Tensor> {
         check_float("fp8_linear", self)?;
         let (n, k) = (wq.rows, wq.cols);
-        if self.rank() == 0 || self.dims()[self.rank() - 1] != k {
-            return Err(Error::ShapeMismatch { op: "fp8_linear", lhs: self.dims().to_vec(), rhs: vec![n, k] });
-        }
+        check_linear_input(self, k, n)?;
         let m = self.elem_count() / k.max(1);
         let recipe = *recipe;
         let (fmt, sfmt) = (recipe.format, recipe.scale_format);
@@ -161,4 +183,49 @@ impl Tensor {
         let inputs: Vec<&Tensor> = std::iter::once(self).chain(master).collect();
         Ok(Tensor::from_op(y, &out_shape, self.dtype(), &inputs, back))
     }
+}
+
+/// `x` is `[..., k]` for a weight `[n, k]`.
+fn check_linear_input(x: &Tensor, k: usize, n: usize) -> Result<()> {
+    if x.rank() == 0 || x.dims()[x.rank() - 1] != k {
+        return Err(Error::ShapeMismatch { op: "fp8_linear", lhs: x.dims().to_vec(), rhs: vec![n, k] });
+    }
+    Ok(())
+}
+
+/// The GPU's FP8 kernels read E4M3 codes with f32 scales; they accumulate on the tensor cores
+/// (promoted every 128 of K), whatever accumulation the recipe emulates on a CPU.
+fn check_gpu_recipe(recipe: &Fp8Recipe) -> Result<()> {
+    if recipe.format != Fp8Format::E4M3 || recipe.scale_format != ScaleFormat::F32 {
+        return Err(Error::invalid(
+            "fp8_linear",
+            format!(
+                "on a GPU the recipe must be E4M3 with f32 scales (the kernels' formats), got {:?} with {:?} scales",
+                recipe.format, recipe.scale_format
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// 2-D FP8 codes (their `[rows, cols]`) and a scale grid that fits them in `block`s.
+fn check_fp8_grid(codes: &Tensor, scales: &Tensor, block: (usize, usize)) -> Result<(usize, usize)> {
+    let op = "fp8_blocks";
+    if codes.dtype().fp8_format().is_none() {
+        return Err(Error::UnsupportedDType { op, dtype: codes.dtype(), why: "codes must be F8E4M3 or F8E5M2" });
+    }
+    let [rows, cols] = codes.dims()[..] else {
+        return Err(Error::invalid(op, format!("codes must be 2-D, got {:?}", codes.dims())));
+    };
+    if block.0 == 0 || block.1 == 0 {
+        return Err(Error::invalid(op, format!("block {block:?} has a zero edge")));
+    }
+    let grid = [rows.div_ceil(block.0), cols.div_ceil(block.1)];
+    if scales.dims() != grid {
+        return Err(Error::invalid(
+            op,
+            format!("scales have shape {:?}; [{rows}, {cols}] in {block:?} blocks needs {grid:?}", scales.dims()),
+        ));
+    }
+    Ok((rows, cols))
 }

@@ -75,6 +75,14 @@ impl CpuStorage {
         }
     }
 
+    /// FP8 codes (`format`'s bit patterns).
+    pub(crate) fn from_fp8_codes(codes: Vec<u8>, format: Fp8Format) -> CpuStorage {
+        match format {
+            Fp8Format::E4M3 => CpuStorage::F8E4M3(codes),
+            Fp8Format::E5M2 => CpuStorage::F8E5M2(codes),
+        }
+    }
+
     /// Stores f32 values as `dtype` (round to nearest even for bf16/f16/FP8, with FP8 overflow
     /// following torch's casts; integers truncate).
     pub(crate) fn from_f32(values: Vec<f32>, dtype: DType) -> CpuStorage {
@@ -118,18 +126,55 @@ pub enum Storage {
     Cuda(CudaStorage),
 }
 
-/// An f32 buffer on a GPU (the CUDA backend computes in f32; other dtypes stay on the host).
+/// A buffer on a GPU.
 #[derive(Debug)]
 pub struct CudaStorage {
     pub(crate) gpu: Arc<Gpu>,
-    pub(crate) buf: CudaSlice<f32>,
+    pub(crate) buf: CudaBuf,
 }
+
+/// What a GPU buffer holds: f32 values, which every CUDA op computes on, or FP8 codes, which only
+/// the FP8 ops read (dequantize, the FP8 linear of a stored FP8 weight). Other dtypes stay on the
+/// host.
+#[derive(Debug)]
+pub enum CudaBuf {
+    F32(CudaSlice<f32>),
+    Fp8(CudaSlice<u8>, Fp8Format),
+}
+
+impl CudaStorage {
+    pub fn dtype(&self) -> DType {
+        match &self.buf {
+            CudaBuf::F32(_) => DType::F32,
+            CudaBuf::Fp8(_, Fp8Format::E4M3) => DType::F8E4M3,
+            CudaBuf::Fp8(_, Fp8Format::E5M2) => DType::F8E5M2,
+        }
+    }
+
+    /// The f32 values; FP8 codes are an error naming `op`.
+    pub(crate) fn f32(&self, op: &'static str) -> Result<&CudaSlice<f32>> {
+        match &self.buf {
+            CudaBuf::F32(b) => Ok(b),
+            CudaBuf::Fp8(..) => Err(Error::UnsupportedDType { op, dtype: self.dtype(), why: FP8_ON_GPU }),
+        }
+    }
+
+    pub(crate) fn f32_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<f32>> {
+        let dtype = self.dtype();
+        match &mut self.buf {
+            CudaBuf::F32(b) => Ok(b),
+            CudaBuf::Fp8(..) => Err(Error::UnsupportedDType { op, dtype, why: FP8_ON_GPU }),
+        }
+    }
+}
+
+const FP8_ON_GPU: &str = "FP8 codes on a GPU feed only the FP8 ops (dequantize_fp8, fp8_linear_quantized)";
 
 impl Storage {
     pub fn dtype(&self) -> DType {
         match self {
             Storage::Cpu(s) => s.dtype(),
-            Storage::Cuda(_) => DType::F32,
+            Storage::Cuda(c) => c.dtype(),
         }
     }
 
@@ -139,12 +184,13 @@ impl Storage {
         match self {
             Storage::Cpu(s) => Ok(Cow::Borrowed(s)),
             Storage::Cuda(c) => {
-                let v = c
-                    .gpu
-                    .stream
-                    .clone_dtoh(&c.buf)
-                    .map_err(crate::cuda::driver_error(device, "copying a tensor to the host"))?;
-                Ok(Cow::Owned(CpuStorage::F32(v)))
+                let failed = crate::cuda::driver_error(device, "copying a tensor to the host");
+                Ok(Cow::Owned(match &c.buf {
+                    CudaBuf::F32(b) => CpuStorage::F32(c.gpu.stream.clone_dtoh(b).map_err(failed)?),
+                    CudaBuf::Fp8(b, format) => {
+                        CpuStorage::from_fp8_codes(c.gpu.stream.clone_dtoh(b).map_err(failed)?, *format)
+                    }
+                }))
             }
         }
     }

@@ -319,10 +319,7 @@ impl Tensor {
         if codes.len() != n {
             return Err(Error::invalid("from_fp8_codes", format!("{} codes for shape {shape:?}", codes.len())));
         }
-        let storage = match format {
-            Fp8Format::E4M3 => CpuStorage::F8E4M3(codes),
-            Fp8Format::E5M2 => CpuStorage::F8E5M2(codes),
-        };
+        let storage = CpuStorage::from_fp8_codes(codes, format);
         Ok(Self::from_storage(storage, shape, Device::Cpu))
     }
 
@@ -369,7 +366,7 @@ impl Tensor {
     }
 
     /// This tensor's values on `device` (the same tensor when already there); differentiable.
-    /// CUDA tensors are f32.
+    /// CUDA tensors are f32, or FP8 codes (which move as they are).
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         if self.device() == *device {
             return Ok(self.clone());

@@ -1,56 +1,129 @@
-//! FP8 quantisation launchers (kernels/fp8.cu).
+//! FP8 quantisation launchers (kernels/fp8.cu): on device buffers (what the tensor backend
+//! calls) and on host slices (what the tests call).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
-use super::{cuda, grid_for, Gpu, GpuError, Result};
+use super::{cuda, grid_for, Fp8Operand, Gpu, GpuError, Result};
 use crate::cpu::fp8::{Fp8Blocks, Fp8Format};
 
 impl Gpu {
+    /// E4M3 quantisation of `x` (`[rows, cols]`, a device view) with f32 scales in tiles of
+    /// `block_rows` x 128: 1 (activation tiles) or 128 (weight blocks; ragged edges give partial
+    /// blocks, scaled by the elements they hold). Twin: `Fp8Blocks::quantize` with that block,
+    /// E4M3 and f32 scales.
+    pub fn fp8_quantize_dev(
+        &self,
+        x: &CudaView<'_, f32>,
+        (rows, cols): (usize, usize),
+        block_rows: usize,
+    ) -> Result<Fp8Operand> {
+        if x.len() < rows * cols {
+            return Err(GpuError::Shape(format!("fp8 quantize: {} values for [{rows}, {cols}]", x.len())));
+        }
+        let (grid_rows, grid_cols) = (rows.div_ceil(block_rows.max(1)), cols.div_ceil(128));
+        let blocks = grid_rows * grid_cols;
+        let (name, threads) = match block_rows {
+            1 => ("fp8_quantize_1x128", 128),
+            128 => ("fp8_quantize_128x128", 256),
+            _ => {
+                return Err(GpuError::Shape(format!(
+                    "fp8 quantize: blocks of {block_rows}x128 (1x128 or 128x128 here)"
+                )))
+            }
+        };
+        let (mut codes, mut scales) = (self.zeros::<u8>(rows * cols)?, self.zeros::<f32>(blocks)?);
+        if blocks > 0 {
+            let (r32, c32) = (rows as u32, cols as u32);
+            let mut l = self.stream.launch_builder(self.function(name));
+            l.arg(x).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32);
+            let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: one block per tile (1x128: 128 threads, one element each; 128x128: 256
+            // threads over its columns); each reads and writes only in-bounds elements of its
+            // tile and thread 0 its scale, in buffers sized above.
+            unsafe { l.launch(cfg) }.map_err(cuda(name))?;
+        }
+        Ok(Fp8Operand { codes, scales, rows, cols, block_rows })
+    }
+
+    /// `out = decode(code) * scale` for codes `[rows, cols]` in `block`s of either format, with
+    /// scales `[ceil(rows / block.0), ceil(cols / block.1)]`.
+    pub fn fp8_dequantize_dev(
+        &self,
+        (codes, scales): (&CudaView<'_, u8>, &CudaView<'_, f32>),
+        out: &mut CudaSlice<f32>,
+        (rows, cols): (usize, usize),
+        (block, format): ((usize, usize), Fp8Format),
+    ) -> Result<()> {
+        let n = rows * cols;
+        let grid = rows.div_ceil(block.0.max(1)) * cols.div_ceil(block.1.max(1));
+        if block.0 == 0 || block.1 == 0 || codes.len() < n || scales.len() < grid || out.len() < n {
+            return Err(GpuError::Shape(format!(
+                "fp8 dequantize: {} codes, {} scales and {} outputs for [{rows}, {cols}] in {block:?} blocks",
+                codes.len(),
+                scales.len(),
+                out.len()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let dims = [rows, cols, block.0, block.1].map(|x| x as u32);
+        let e5m2 = i32::from(format == Fp8Format::E5M2);
+        let mut l = self.stream.launch_builder(self.function("fp8_dequantize"));
+        l.arg(codes).arg(scales).arg(out);
+        for d in &dims {
+            l.arg(d);
+        }
+        l.arg(&e5m2);
+        // SAFETY: a grid-stride loop over the `n` codes and outputs; each reads the scale of its
+        // block, inside the grid checked above.
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda("fp8_dequantize"))?;
+        Ok(())
+    }
+
+    /// The transpose of FP8 codes `[rows, cols]`, as `[cols, rows]` (twin: `cpu::fp8::transpose`).
+    pub fn fp8_transpose_dev(&self, codes: &CudaView<'_, u8>, (rows, cols): (usize, usize)) -> Result<CudaSlice<u8>> {
+        let n = rows * cols;
+        if codes.len() < n {
+            return Err(GpuError::Shape(format!("fp8 transpose: {} codes for [{rows}, {cols}]", codes.len())));
+        }
+        let mut out = self.zeros::<u8>(n)?;
+        if n > 0 {
+            let (r32, c32) = (rows as u32, cols as u32);
+            let mut l = self.stream.launch_builder(self.function("fp8_transpose_codes"));
+            l.arg(codes).arg(&mut out).arg(&r32).arg(&c32);
+            // SAFETY: a grid-stride loop over the n codes; reads and writes stay inside [rows, cols].
+            unsafe { l.launch(grid_for(n)) }.map_err(cuda("fp8_transpose_codes"))?;
+        }
+        Ok(out)
+    }
+
     /// E4M3 quantisation of `x` (`[rows, cols]`) in 1x128 tiles with f32 scales (twin:
     /// `Fp8Blocks::quantize` with block (1, 128), E4M3, f32 scales).
     pub fn fp8_quantize_1x128(&self, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Blocks> {
-        if x.len() != rows * cols {
-            return Err(GpuError::Shape(format!("fp8 quantize: {} values for [{rows}, {cols}]", x.len())));
-        }
-        let tiles = cols.div_ceil(128);
-        let (dx, mut codes, mut scales) =
-            (self.upload(x)?, self.zeros::<u8>(x.len())?, self.zeros::<f32>(rows * tiles)?);
-        let (r32, c32) = (rows as u32, cols as u32);
-        let mut l = self.stream.launch_builder(self.function("fp8_quantize_1x128"));
-        l.arg(&dx).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32);
-        let cfg = LaunchConfig {
-            grid_dim: ((rows * tiles).max(1) as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: one block of 128 threads per tile; each thread reads and writes at most one
-        // in-bounds element and thread 0 one scale.
-        unsafe { l.launch(cfg) }.map_err(cuda("fp8_quantize_1x128"))?;
-        let (codes, scales) = (self.download(&codes, x.len())?, self.download(&scales, rows * tiles)?);
-        Fp8Blocks::from_parts(codes, scales, (rows, cols), (1, 128), Fp8Format::E4M3).map_err(GpuError::Shape)
+        self.fp8_quantize_host(x, (rows, cols), 1)
     }
 
     /// E4M3 quantisation of `x` (`[rows, cols]`) in 128x128 blocks with f32 scales, the weights'
-    /// tiling (twin: `Fp8Blocks::quantize` with block (128, 128), E4M3, f32 scales). Ragged edges
-    /// give partial blocks, scaled by the elements they hold.
+    /// tiling (twin: `Fp8Blocks::quantize` with block (128, 128), E4M3, f32 scales).
     pub fn fp8_quantize_128x128(&self, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Blocks> {
+        self.fp8_quantize_host(x, (rows, cols), 128)
+    }
+
+    fn fp8_quantize_host(&self, x: &[f32], (rows, cols): (usize, usize), block_rows: usize) -> Result<Fp8Blocks> {
         if x.len() != rows * cols {
             return Err(GpuError::Shape(format!("fp8 quantize: {} values for [{rows}, {cols}]", x.len())));
         }
-        let blocks = rows.div_ceil(128) * cols.div_ceil(128);
-        let dx = self.upload(if x.is_empty() { &[0.0][..] } else { x })?;
-        let (mut codes, mut scales) = (self.zeros::<u8>(x.len())?, self.zeros::<f32>(blocks)?);
-        let (r32, c32) = (rows as u32, cols as u32);
-        if blocks > 0 {
-            let mut l = self.stream.launch_builder(self.function("fp8_quantize_128x128"));
-            l.arg(&dx).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32);
-            let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: one block of 256 threads per 128x128 block; each thread reads and writes only
-            // in-bounds elements of its block's columns and thread 0 its block's scale.
-            unsafe { l.launch(cfg) }.map_err(cuda("fp8_quantize_128x128"))?;
-        }
-        let (codes, scales) = (self.download(&codes, x.len())?, self.download(&scales, blocks)?);
-        Fp8Blocks::from_parts(codes, scales, (rows, cols), (128, 128), Fp8Format::E4M3).map_err(GpuError::Shape)
+        let dx = self.upload_nonempty(x)?;
+        let q = self.fp8_quantize_dev(&dx.slice(..), (rows, cols), block_rows)?;
+        self.download_fp8(&q, Fp8Format::E4M3)
+    }
+
+    /// A device operand's codes and scales, back on the host.
+    pub fn download_fp8(&self, q: &Fp8Operand, format: Fp8Format) -> Result<Fp8Blocks> {
+        let grid = q.rows.div_ceil(q.block_rows.max(1)) * q.cols.div_ceil(128);
+        let (codes, scales) = (self.download(&q.codes, q.rows * q.cols)?, self.download(&q.scales, grid)?);
+        Fp8Blocks::from_parts(codes, scales, (q.rows, q.cols), (q.block_rows, 128), format).map_err(GpuError::Shape)
     }
 
     /// The values `decode(code) * scale` of any tiling and format, row-major (twin:
@@ -58,7 +131,7 @@ impl Gpu {
     pub fn fp8_dequantize(&self, q: &Fp8Blocks) -> Result<Vec<f32>> {
         // `Fp8Blocks`' fields are public: check what `from_parts` would have.
         let grid = q.rows.div_ceil(q.block.0.max(1)) * q.cols.div_ceil(q.block.1.max(1));
-        if q.block.0 == 0 || q.block.1 == 0 || q.codes.len() != q.rows * q.cols || q.scales.len() != grid {
+        if q.codes.len() != q.rows * q.cols || q.scales.len() != grid {
             return Err(GpuError::Shape(format!(
                 "fp8 dequantize: {} codes and {} scales for [{}, {}] in {:?} blocks",
                 q.codes.len(),
@@ -69,21 +142,19 @@ impl Gpu {
             )));
         }
         let n = q.codes.len();
-        if n == 0 {
-            return Ok(vec![]);
-        }
-        let (dc, ds, mut out) = (self.upload(&q.codes)?, self.upload(&q.scales)?, self.zeros::<f32>(n)?);
-        let dims = [q.rows, q.cols, q.block.0, q.block.1].map(|x| x as u32);
-        let e5m2 = i32::from(q.format == Fp8Format::E5M2);
-        let mut l = self.stream.launch_builder(self.function("fp8_dequantize"));
-        l.arg(&dc).arg(&ds).arg(&mut out);
-        for d in &dims {
-            l.arg(d);
-        }
-        l.arg(&e5m2);
-        // SAFETY: a grid-stride loop over the `n` codes and outputs; each reads the scale of its
-        // block, inside the grid checked above.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("fp8_dequantize"))?;
+        let (dc, ds, mut out) =
+            (self.upload_nonempty(&q.codes)?, self.upload_nonempty(&q.scales)?, self.zeros::<f32>(n)?);
+        self.fp8_dequantize_dev((&dc.slice(..), &ds.slice(..)), &mut out, (q.rows, q.cols), (q.block, q.format))?;
         self.download(&out, n)
+    }
+
+    /// The transpose of FP8 codes from the host (twin: `cpu::fp8::transpose`).
+    pub fn fp8_transpose(&self, codes: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>> {
+        if codes.len() != rows * cols {
+            return Err(GpuError::Shape(format!("fp8 transpose: {} codes for [{rows}, {cols}]", codes.len())));
+        }
+        let dc = self.upload_nonempty(codes)?;
+        let out = self.fp8_transpose_dev(&dc.slice(..), (rows, cols))?;
+        self.download(&out, codes.len())
     }
 }

@@ -2,7 +2,7 @@
 //! `y[m, n] = a[m, k] · b[n, k]ᵀ` on E4M3 operands with per-block f32 scales, the partial sums
 //! of every 128 of K promoted to f32 with the two scales.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
 use super::{cuda, Gpu, GpuError, Result};
 use crate::cpu::fp8::{Fp8Blocks, Fp8Format};
@@ -13,6 +13,29 @@ use crate::cpu::fp8::{Fp8Blocks, Fp8Format};
 pub struct Fp8Operand {
     pub codes: CudaSlice<u8>,
     pub scales: CudaSlice<f32>,
+    pub rows: usize,
+    pub cols: usize,
+    pub block_rows: usize,
+}
+
+impl Fp8Operand {
+    pub fn view(&self) -> Fp8View<'_> {
+        Fp8View {
+            codes: self.codes.slice(..),
+            scales: self.scales.slice(..),
+            rows: self.rows,
+            cols: self.cols,
+            block_rows: self.block_rows,
+        }
+    }
+}
+
+/// An operand's codes and scales borrowed from device memory (an [`Fp8Operand`], or an FP8
+/// tensor's storage): the same layout.
+#[derive(Debug)]
+pub struct Fp8View<'a> {
+    pub codes: CudaView<'a, u8>,
+    pub scales: CudaView<'a, f32>,
     pub rows: usize,
     pub cols: usize,
     pub block_rows: usize,
@@ -57,14 +80,24 @@ impl Gpu {
     /// `y = a · bᵀ` on device operands into `y` (`[a.rows, b.rows]`).
     pub fn fp8_gemm_dev(
         &self,
-        a: &Fp8Operand,
-        b: &Fp8Operand,
+        a: &Fp8View<'_>,
+        b: &Fp8View<'_>,
         y: &mut CudaSlice<f32>,
         kernel: Fp8GemmKernel,
     ) -> Result<()> {
         let (m, n, k) = (a.rows, b.rows, a.cols);
-        if b.cols != k || y.len() < m * n {
-            return Err(GpuError::Shape(format!("fp8 gemm: [{m}, {k}] x [{n}, {}]ᵀ into {} values", b.cols, y.len())));
+        // Views may come from tensors: every buffer must hold what the kernels read.
+        let holds = |o: &Fp8View<'_>| {
+            o.block_rows > 0
+                && o.codes.len() >= o.rows * o.cols
+                && o.scales.len() >= o.rows.div_ceil(o.block_rows) * o.cols.div_ceil(128)
+        };
+        if b.cols != k || y.len() < m * n || !holds(a) || !holds(b) {
+            return Err(GpuError::Shape(format!(
+                "fp8 gemm: [{m}, {k}] x [{n}, {}]ᵀ into {} values (or buffers short of their shapes)",
+                b.cols,
+                y.len()
+            )));
         }
         if kernel == Fp8GemmKernel::TensorCore && (self.arch < (8, 9) || k % 16 != 0) {
             return Err(GpuError::Shape(format!(
@@ -114,7 +147,7 @@ impl Gpu {
     pub fn fp8_gemm_with(&self, a: &Fp8Blocks, b: &Fp8Blocks, kernel: Fp8GemmKernel) -> Result<Vec<f32>> {
         let (da, db) = (self.upload_fp8(a)?, self.upload_fp8(b)?);
         let mut y = self.zeros::<f32>(a.rows * b.rows)?;
-        self.fp8_gemm_dev(&da, &db, &mut y, kernel)?;
+        self.fp8_gemm_dev(&da.view(), &db.view(), &mut y, kernel)?;
         self.download(&y, a.rows * b.rows)
     }
 }

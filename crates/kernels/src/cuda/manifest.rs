@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0xcf3b5318ae699ab7;
+pub const SOURCE_HASH: u64 = 0xd800c112784d74dd;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -54,7 +54,7 @@ pub const MODULES: &[PtxModule] = &[
     },
     PtxModule {
         name: "fp8",
-        kernels: &["fp8_quantize_1x128", "fp8_quantize_128x128", "fp8_dequantize"],
+        kernels: &["fp8_quantize_1x128", "fp8_quantize_128x128", "fp8_dequantize", "fp8_transpose_codes"],
         sm_90: include_str!("../../../../kernels/ptx/fp8.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/fp8.sm_80.ptx"),
     },

@@ -22,7 +22,7 @@ pub use blas::{BlasFloat, GemmShape};
 /// The CUDA bindings these launchers use, for crates that hold their buffers.
 pub use cudarc;
 pub use dispatch::DispatchIndices;
-pub use fp8_gemm::{Fp8GemmKernel, Fp8Operand};
+pub use fp8_gemm::{Fp8GemmKernel, Fp8Operand, Fp8View};
 pub use tensor_ops::{BinaryOp, MidReduction, Strided, UnaryOp, MAX_RANK};
 
 use std::collections::HashMap;

@@ -1,12 +1,15 @@
-//! The CUDA backend: tensors whose f32 storage lives on a GPU, and the ops that run there. Each op
-//! keeps its CPU home (`ops/`), which dispatches here for CUDA tensors; the backward closures are
-//! the CPU ops' own where they are written in tensor ops (which dispatch again), and GPU kernels
-//! where the CPU computes a derivative directly (elementwise maps).
+//! The CUDA backend: tensors whose storage lives on a GPU (f32 values, or FP8 codes for the FP8
+//! ops), and the ops that run there. Each op keeps its CPU home (`ops/`, `fp8.rs`), which
+//! dispatches here for CUDA tensors; the backward closures are the CPU ops' own where they are
+//! written in tensor ops (which dispatch again), and GPU kernels where the CPU computes a
+//! derivative directly (elementwise maps, the fused ops).
 //!
-//! On the GPU now: `to_device` both ways, `full`/`zeros`/`ones`, every view (free: layouts only),
-//! `contiguous`, the elementwise maps, the broadcasting binary ops, sums (and so means and
-//! `sum_to_shape`), and matmul through cuBLAS. Any other op given a CUDA tensor returns an error
-//! that names it (`ops::check_float`): nothing silently computes on the host.
+//! Every op of the tensor API runs on the GPU: `to_device` both ways, views (free: layouts
+//! only), `contiguous`, elementwise maps, broadcasting binary ops, reductions, matmul through
+//! cuBLAS, the fused NN ops (`nn.rs`), MoE token permutation (`dispatch.rs`), FP8 quantisation
+//! and the FP8 linear (`fp8.rs`), AdamW. Index tensors are host data. What the GPU does not
+//! hold (bf16/f16 storage) is an error that names the op (`ops::check_float`, `check_f32`):
+//! nothing silently computes on the host.
 
 use std::sync::{Arc, RwLock};
 
@@ -16,10 +19,11 @@ use whale_kernels::cuda::{BinaryOp, GemmShape, Gpu, GpuError, MidReduction, Stri
 use crate::backprop::{backward_fn, BackwardOp};
 use crate::device::gpu;
 use crate::layout::Layout;
-use crate::storage::{CudaStorage, Storage};
+use crate::storage::{CudaBuf, CudaStorage, Storage};
 use crate::{DType, Device, Error, Result, Tensor};
 
 pub(crate) mod dispatch;
+pub(crate) mod fp8;
 pub(crate) mod nn;
 
 pub(crate) fn gpu_error(device: Device) -> impl Fn(GpuError) -> Error {
@@ -53,7 +57,8 @@ pub(crate) fn with_buffers<R, const N: usize>(
         })
         .collect::<Result<Vec<&CudaStorage>>>()?;
     let first = on_gpu.first().ok_or_else(|| Error::invalid("cuda", "no tensors"))?;
-    f(&first.gpu, std::array::from_fn(|i| &on_gpu[i].buf))
+    let bufs = on_gpu.iter().map(|c| c.f32("a CUDA op")).collect::<Result<Vec<_>>>()?;
+    f(&first.gpu, std::array::from_fn(|i| bufs[i]))
 }
 
 /// [`with_buffers`] for one tensor.
@@ -76,7 +81,7 @@ fn tensor(
     op: impl BackwardOp + 'static,
 ) -> Tensor {
     let device = Device::Cuda(g.ordinal);
-    let storage = Arc::new(RwLock::new(Storage::Cuda(CudaStorage { gpu: g, buf })));
+    let storage = Arc::new(RwLock::new(Storage::Cuda(CudaStorage { gpu: g, buf: CudaBuf::F32(buf) })));
     Tensor::with_history_on(storage, Layout::contiguous(shape), DType::F32, device, inputs, op)
 }
 
@@ -107,6 +112,13 @@ pub(crate) fn to_device(t: &Tensor, device: &Device) -> Result<Tensor> {
     let back = backward_fn("to_device", |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
         Ok(vec![Some(g.to_device(&inputs[0].device())?)])
     });
+    if let Some(format) = t.dtype().fp8_format() {
+        // FP8 codes move as they are (they carry no gradient).
+        return match *device {
+            Device::Cpu => Tensor::from_fp8_codes(t.fp8_codes()?, t.dims(), format),
+            Device::Cuda(i) => fp8::codes_to_device(t, i),
+        };
+    }
     match *device {
         Device::Cpu => {
             let storage = Storage::Cpu(crate::storage::CpuStorage::F32(t.to_vec_f32()?));
@@ -425,12 +437,14 @@ pub(crate) fn with_f32_mut<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> R) -> Re
     let Storage::Cuda(c) = &mut *guard else {
         return Err(Error::invalid("with_f32_mut", "a host tensor reached the CUDA backend"));
     };
+    let stream = c.gpu.stream.clone();
+    let buf = c.f32_mut("with_f32_mut")?;
     let mut host =
-        c.gpu.stream.clone_dtoh(&c.buf.slice(start..start + len)).map_err(driver_error(dev, "copying to the host"))?;
+        stream.clone_dtoh(&buf.slice(start..start + len)).map_err(driver_error(dev, "copying to the host"))?;
     let r = f(&mut host);
     if len > 0 {
-        let back = &mut c.buf.slice_mut(start..start + len);
-        c.gpu.stream.memcpy_htod(&host, back).map_err(driver_error(dev, "copying to the GPU"))?;
+        let back = &mut buf.slice_mut(start..start + len);
+        stream.memcpy_htod(&host, back).map_err(driver_error(dev, "copying to the GPU"))?;
     }
     Ok(r)
 }
@@ -453,16 +467,13 @@ pub(crate) fn adamw_step(
         v.0.storage.write().expect("tensor storage lock poisoned"),
     );
     match (&mut *pg, &*gguard, &mut *mg, &mut *vg) {
-        (Storage::Cuda(pc), Storage::Cuda(gc), Storage::Cuda(mc), Storage::Cuda(vc)) => pc
-            .gpu
-            .adamw_step_dev(
-                &mut pc.buf.slice_mut(start..start + n),
-                &gc.buf.slice(..n),
-                (&mut mc.buf, &mut vc.buf),
-                n,
-                hp,
-            )
-            .map_err(gpu_error(dev)),
+        (Storage::Cuda(pc), Storage::Cuda(gc), Storage::Cuda(mc), Storage::Cuda(vc)) => {
+            let gpu = pc.gpu.clone();
+            let (pb, gb) = (pc.f32_mut("AdamW")?, gc.f32("AdamW")?);
+            let moments = (mc.f32_mut("AdamW")?, vc.f32_mut("AdamW")?);
+            gpu.adamw_step_dev(&mut pb.slice_mut(start..start + n), &gb.slice(..n), moments, n, hp)
+                .map_err(gpu_error(dev))
+        }
         _ => Err(Error::invalid("AdamW", "a CUDA parameter needs its gradient and moments on the same GPU")),
     }
 }

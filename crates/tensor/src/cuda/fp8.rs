@@ -1,0 +1,225 @@
+//! FP8 on the GPU (`fp8.rs` holds the ops and their CPU paths): quantisation into FP8 codes kept
+//! on the GPU, dequantisation, and the FP8 linear layer, whose Fprop, Dgrad and Wgrad GEMMs run
+//! on the block-scaled FP8 GEMM kernels with the operands quantized on the GPU too. The kernels'
+//! formats are the recipe's: E4M3 codes with f32 scales. The GEMMs accumulate on the tensor cores
+//! and promote every 128 of K, as DeepGEMM does.
+
+use std::sync::{Arc, RwLock};
+
+use whale_kernels::cpu::fp8::Fp8Format;
+use whale_kernels::cuda::cudarc::driver::{CudaSlice, CudaView};
+use whale_kernels::cuda::{Fp8View, Gpu};
+
+use super::{alloc, check_f32, gpu_error, packed, tensor, with_buffer};
+use crate::backprop::{backward_fn, NoBackward};
+use crate::layout::Layout;
+use crate::storage::{CudaBuf, CudaStorage, Storage};
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// The weight of an FP8 linear layer.
+#[derive(Clone, Copy)]
+pub(crate) enum Fp8Weight<'a> {
+    /// An f32 master weight on the GPU, quantized in 128x128 blocks every call (training).
+    Master(&'a Tensor),
+    /// A weight stored in FP8 (E4M3 codes and their 128x128-block scales, on the host or on the
+    /// input's GPU): frozen, as loaded from a DeepSeek-V3 checkpoint.
+    Stored { codes: &'a Tensor, scales: &'a Tensor },
+}
+
+/// A fresh CUDA tensor of FP8 codes, without history.
+fn codes_tensor(g: Arc<Gpu>, codes: CudaSlice<u8>, shape: &[usize], format: Fp8Format) -> Tensor {
+    let device = Device::Cuda(g.ordinal);
+    let dtype = match format {
+        Fp8Format::E4M3 => DType::F8E4M3,
+        Fp8Format::E5M2 => DType::F8E5M2,
+    };
+    let storage = Arc::new(RwLock::new(Storage::Cuda(CudaStorage { gpu: g, buf: CudaBuf::Fp8(codes, format) })));
+    Tensor::with_history_on(storage, Layout::contiguous(shape), dtype, device, &[], NoBackward)
+}
+
+/// Runs `f` on the GPU and the codes (and format) of a contiguous FP8 tensor on it.
+fn with_codes<R>(t: &Tensor, f: impl FnOnce(&Arc<Gpu>, CudaView<'_, u8>, Fp8Format) -> Result<R>) -> Result<R> {
+    if !t.is_contiguous() {
+        return Err(Error::invalid("fp8 codes", "FP8 codes on a GPU must be contiguous"));
+    }
+    let guard = t.0.storage.read().expect("tensor storage lock poisoned");
+    let (start, n) = (t.layout().offset(), t.elem_count());
+    match &*guard {
+        Storage::Cuda(CudaStorage { gpu, buf: CudaBuf::Fp8(codes, format) }) => {
+            f(gpu, codes.slice(start..start + n), *format)
+        }
+        _ => Err(Error::UnsupportedDType { op: "fp8 codes", dtype: t.dtype(), why: "FP8 codes on a GPU are needed" }),
+    }
+}
+
+/// The codes of `t` (`[rows, cols]`) on the host or on a GPU, as a CUDA tensor.
+pub(crate) fn codes_to_device(t: &Tensor, ordinal: usize) -> Result<Tensor> {
+    let format = t.dtype().fp8_format().ok_or_else(|| Error::invalid("to_device", "not FP8 codes"))?;
+    if t.device() == Device::Cuda(ordinal) {
+        return Ok(t.clone());
+    }
+    let g = crate::device::gpu(ordinal)?;
+    let codes = super::upload(&g, Device::Cuda(ordinal), &t.fp8_codes()?)?;
+    Ok(codes_tensor(g, codes, t.dims(), format))
+}
+
+/// E4M3 codes (a CUDA tensor of `x`'s shape) and f32 scales of the 2-D `x` in `block_rows` x 128
+/// blocks (1 or 128; the caller checks).
+pub(crate) fn quantize(x: &Tensor, block_rows: usize) -> Result<(Tensor, Tensor)> {
+    check_f32("quantize_fp8", x)?;
+    let (rows, cols, dev) = (x.dims()[0], x.dims()[1], x.device());
+    let xp = packed(x)?;
+    let (g, q) = with_buffer(&xp, |g, xb| {
+        Ok((g.clone(), g.fp8_quantize_dev(&xb.slice(..), (rows, cols), block_rows).map_err(gpu_error(dev))?))
+    })?;
+    let grid = [rows.div_ceil(block_rows), cols.div_ceil(128)];
+    let scales = tensor(g.clone(), q.scales, &grid, &[], NoBackward);
+    Ok((codes_tensor(g, q.codes, &[rows, cols], Fp8Format::E4M3), scales))
+}
+
+/// `code * scale` per block of CUDA codes with their scales on the same GPU (any block, either
+/// format; the caller checked the scale grid's shape).
+pub(crate) fn dequantize(codes: &Tensor, scales: &Tensor, block: (usize, usize)) -> Result<Tensor> {
+    check_f32("dequantize_fp8 (scales)", scales)?;
+    let (rows, cols, dev) = (codes.dims()[0], codes.dims()[1], codes.device());
+    let sp = packed(scales)?;
+    let (g, out) = with_codes(codes, |g, cv, format| {
+        with_buffer(&sp, |_, sb| {
+            let mut out = alloc(g, dev, rows * cols)?;
+            g.fp8_dequantize_dev((&cv, &sb.slice(..)), &mut out, (rows, cols), (block, format))
+                .map_err(gpu_error(dev))?;
+            Ok((g.clone(), out))
+        })
+    })?;
+    Ok(tensor(g, out, &[rows, cols], &[], NoBackward))
+}
+
+/// `x @ Wᵀ` for `x` `[..., k]` (f32 on a GPU) and `weight` `[n, k]`, with the three GEMMs in FP8:
+/// Fprop on `x` in 1x128 tiles and W in 128x128 blocks, Dgrad on `dy` in 1x128 tiles and Wᵀ
+/// (the blocks are square: the same codes, transposed), Wgrad on `dyᵀ` and `xᵀ` in 1x128 tiles
+/// along the tokens. A master weight gets its gradient in f32; a stored one is frozen.
+pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) -> Result<Tensor> {
+    check_f32("fp8_linear", x)?;
+    let dev = x.device();
+    let m = x.elem_count() / k.max(1);
+    let mut out_shape = x.dims().to_vec();
+    *out_shape.last_mut().expect("rank >= 1") = n;
+    let y = fp8_product((&packed(x)?, (m, k)), weight, false)?;
+
+    // A master weight comes back as the op's second input; a stored one is kept here.
+    let stored = match weight {
+        Fp8Weight::Stored { codes, scales } => Some((codes.clone(), scales.clone())),
+        Fp8Weight::Master(_) => None,
+    };
+    let back = backward_fn("fp8_linear", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+        let x = &inputs[0];
+        let dy = packed(g)?.reshape(&[m, n])?;
+        let dx = if needs[0] {
+            let w = match &stored {
+                Some((codes, scales)) => Fp8Weight::Stored { codes, scales },
+                None => Fp8Weight::Master(&inputs[1]),
+            };
+            // Dgrad: [m, n] x ([k, n])ᵀ, K = n.
+            let (g, dx) = fp8_product((&dy, (m, n)), w, true)?;
+            Some(tensor(g, dx, x.dims(), &[], NoBackward))
+        } else {
+            None
+        };
+        let mut grads = vec![dx];
+        if let Some(w) = inputs.get(1) {
+            grads.push(if needs[1] {
+                // Wgrad: [n, m] x ([k, m])ᵀ, K = m (the tokens): both operands tiled along it.
+                let xt = packed(&packed(x)?.reshape(&[m, k])?.t()?)?;
+                let dyt = packed(&dy.t()?)?;
+                Some(tiled_product((&dyt, (n, m)), (&xt, (k, m)), dev)?.reshape(w.dims())?)
+            } else {
+                None
+            });
+        }
+        Ok(grads)
+    });
+    let inputs: Vec<&Tensor> = match weight {
+        Fp8Weight::Master(w) => vec![x, w],
+        Fp8Weight::Stored { .. } => vec![x],
+    };
+    let (g, buf) = y;
+    Ok(tensor(g, buf, &out_shape, &inputs, back))
+}
+
+/// `a · Wᵀ` (or `a · W` with `transposed`) for `a` (`[rows, cols]`, packed f32 on the GPU) in
+/// 1x128 tiles: the Fprop and Dgrad GEMMs.
+fn fp8_product(
+    (a, (rows, cols)): (&Tensor, (usize, usize)),
+    weight: Fp8Weight<'_>,
+    transposed: bool,
+) -> Result<(Arc<Gpu>, CudaSlice<f32>)> {
+    let dev = a.device();
+    let err = gpu_error(dev);
+    with_buffer(a, |g, ab| {
+        let aq = g.fp8_quantize_dev(&ab.slice(..), (rows, cols), 1).map_err(&err)?;
+        with_weight(g, weight, transposed, |w| {
+            let mut y = alloc(g, dev, rows * w.rows)?;
+            g.fp8_gemm_dev(&aq.view(), w, &mut y, g.fp8_gemm_kernel(cols)).map_err(&err)?;
+            Ok((g.clone(), y))
+        })
+    })
+}
+
+/// `a · bᵀ` for two packed f32 operands, both quantized in 1x128 tiles along K: the Wgrad GEMM.
+fn tiled_product(
+    (a, (m, k)): (&Tensor, (usize, usize)),
+    (b, (n, kb)): (&Tensor, (usize, usize)),
+    dev: Device,
+) -> Result<Tensor> {
+    debug_assert_eq!(k, kb);
+    let err = gpu_error(dev);
+    let (g, y) = super::with_buffers([a, b], |g, [ab, bb]| {
+        let aq = g.fp8_quantize_dev(&ab.slice(..), (m, k), 1).map_err(&err)?;
+        let bq = g.fp8_quantize_dev(&bb.slice(..), (n, k), 1).map_err(&err)?;
+        let mut y = alloc(g, dev, m * n)?;
+        g.fp8_gemm_dev(&aq.view(), &bq.view(), &mut y, g.fp8_gemm_kernel(k)).map_err(&err)?;
+        Ok((g.clone(), y))
+    })?;
+    Ok(tensor(g, y, &[m, n], &[], NoBackward))
+}
+
+/// Runs `f` on the weight as a GEMM operand in 128x128 blocks (`[n, k]`, or `[k, n]` with
+/// `transposed`) on `g`.
+fn with_weight<R>(
+    g: &Arc<Gpu>,
+    weight: Fp8Weight<'_>,
+    transposed: bool,
+    f: impl FnOnce(&Fp8View<'_>) -> Result<R>,
+) -> Result<R> {
+    let dev = Device::Cuda(g.ordinal);
+    let err = gpu_error(dev);
+    match weight {
+        Fp8Weight::Master(w) => {
+            check_f32("fp8_linear (weight)", w)?;
+            let (n, k) = (w.dims()[0], w.dims()[1]);
+            let wp = if transposed { packed(&w.t()?)? } else { packed(w)? };
+            let shape = if transposed { (k, n) } else { (n, k) };
+            let q = with_buffer(&wp, |_, wb| g.fp8_quantize_dev(&wb.slice(..), shape, 128).map_err(&err))?;
+            f(&q.view())
+        }
+        Fp8Weight::Stored { codes, scales } if codes.device().is_cuda() => {
+            let (n, k) = (codes.dims()[0], codes.dims()[1]);
+            let sp = if transposed { packed(&scales.t()?)? } else { packed(scales)? };
+            with_codes(codes, |_, cv, format| {
+                if format != Fp8Format::E4M3 {
+                    return Err(Error::invalid("fp8_linear", "the GPU's FP8 GEMM reads E4M3 weights"));
+                }
+                let flipped = if transposed { Some(g.fp8_transpose_dev(&cv, (n, k)).map_err(&err)?) } else { None };
+                let codes = flipped.as_ref().map_or_else(|| cv.slice(..), |c| c.slice(..));
+                let (rows, cols) = if transposed { (k, n) } else { (n, k) };
+                with_buffer(&sp, |_, sb| f(&Fp8View { codes, scales: sb.slice(..), rows, cols, block_rows: 128 }))
+            })
+        }
+        Fp8Weight::Stored { codes, scales } => {
+            let blocks = Tensor::fp8_blocks(codes, scales, (128, 128))?;
+            let blocks = if transposed { blocks.transpose() } else { blocks };
+            let op = g.upload_fp8(&blocks).map_err(&err)?;
+            f(&op.view())
+        }
+    }
+}
