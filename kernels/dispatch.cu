@@ -4,7 +4,6 @@
 // and sums use __fmul_rn / __fadd_rn so nvcc cannot contract them into FMAs: bit for bit the CPU
 // twin's arithmetic.
 // CPU twins: whale_kernels::cpu::dispatch::{permute, unpermute, unpermute_weight_grad}.
-#include "common.cuh"
 
 // out [n_rows, dim] = scale[p] * x[rows[p]] (has_scale == 0: a copy; scale is then a dummy).
 // Grid-stride over the output elements.
@@ -37,16 +36,23 @@ extern "C" __global__ void moe_unpermute_f32(
     }
 }
 
-// One block per dispatched row: dweight[p] = sum over c of dout[rows[p], c] * y[p, c] (a block
-// reduction: its order, and so the last bits, differ from the CPU twin's sequential sum).
+// One block per dispatched row: dweight[p] = sum over c of dout[rows[p], c] * y[p, c], the f32
+// products summed in f64 as the CPU twin does (a block reduction: its order differs from the
+// twin's sequential sum, which f64 makes invisible in all but rare last bits). blockDim.x is a
+// power of two; `shared` holds blockDim.x doubles.
 extern "C" __global__ void moe_unpermute_weight_grad_f32(
     const float* dout, const float* y, const unsigned* rows, float* dweight, unsigned dim) {
-    extern __shared__ float shared[];
+    extern __shared__ double partials[];
     unsigned p = blockIdx.x;
     const float* g = dout + (size_t)rows[p] * dim;
     const float* v = y + (size_t)p * dim;
-    float partial = 0.0f;
-    for (unsigned c = threadIdx.x; c < dim; c += blockDim.x) partial += g[c] * v[c];
-    float total = block_sum(partial, shared);
-    if (threadIdx.x == 0) dweight[p] = total;
+    double partial = 0.0;
+    for (unsigned c = threadIdx.x; c < dim; c += blockDim.x) partial += (double)__fmul_rn(g[c], v[c]);
+    partials[threadIdx.x] = partial;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partials[threadIdx.x] += partials[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) dweight[p] = (float)partials[0];
 }

@@ -80,13 +80,30 @@ extern "C" __global__ void fp8_dequantize(
     }
 }
 
-// y [cols, rows] = x [rows, cols]^T for FP8 codes, one thread per element (grid-stride): an FP8
-// weight's transpose for the Dgrad GEMM (its 128x128 blocks are square, so the scale grid simply
-// transposes with it). CPU twin: whale_kernels::cpu::fp8::Fp8Blocks::transpose.
-extern "C" __global__ void fp8_transpose_codes(const unsigned char* x, unsigned char* y, unsigned rows, unsigned cols) {
-    size_t n = (size_t)rows * cols;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        size_t r = i / cols, c = i % cols;
-        y[c * rows + r] = x[i];
+// y [cols, rows] = x [rows, cols]^T through 32 x 32 tiles in shared memory (coalesced reads and
+// writes; the padding column keeps the transposed reads off one bank), launched on a grid of
+// (ceil(cols / 32), ceil(rows / 32)) blocks of 32 x 8 threads: an FP8 weight's codes and its
+// scale grid for the Dgrad GEMM (128x128 blocks are square, so both simply transpose). CPU twin:
+// whale_kernels::cpu::fp8::transpose.
+template <typename T>
+__device__ void transpose_tiles(const T* x, T* y, unsigned rows, unsigned cols) {
+    __shared__ T tile[32][33];
+    unsigned c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+    for (unsigned j = threadIdx.y; j < 32; j += blockDim.y) {
+        unsigned r = r0 + j, c = c0 + threadIdx.x;
+        if (r < rows && c < cols) tile[j][threadIdx.x] = x[(size_t)r * cols + c];
     }
+    __syncthreads();
+    for (unsigned j = threadIdx.y; j < 32; j += blockDim.y) {
+        unsigned r = c0 + j, c = r0 + threadIdx.x; // row of y = column of x
+        if (r < cols && c < rows) y[(size_t)r * rows + c] = tile[threadIdx.x][j];
+    }
+}
+
+extern "C" __global__ void fp8_transpose_codes(const unsigned char* x, unsigned char* y, unsigned rows, unsigned cols) {
+    transpose_tiles(x, y, rows, cols);
+}
+
+extern "C" __global__ void fp8_transpose_scales(const float* x, float* y, unsigned rows, unsigned cols) {
+    transpose_tiles(x, y, rows, cols);
 }

@@ -1,9 +1,12 @@
 // The generic kernels behind whale-tensor's CUDA backend: elementwise maps (and their
 // derivatives) selected by an op code, binary ops over broadcast strided operands, the strided
-// copy that makes a view contiguous, a fill, and a sum over the middle axis of [outer, n, inner].
+// copy that makes a view contiguous, a fill, a sum over the middle axis of [outer, n, inner], and
+// the conversions of bf16 storage.
 // CPU twins: the CPU paths of whale-tensor's ops (ops/elementwise.rs, ops/shape.rs,
 // ops/reduce.rs), whose formulas these repeat; the op codes are whale_kernels::cuda::UnaryOp
 // and BinaryOp.
+
+#include <cuda_bf16.h>
 
 #define MAX_RANK 6
 
@@ -132,6 +135,20 @@ extern "C" __global__ void strided_write_f32(const float* x, float* y, unsigned 
 
 extern "C" __global__ void fill_f32(float* y, unsigned n, float v) {
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) y[i] = v;
+}
+
+// bf16 storage: y = x rounded to bf16 (to nearest even, the CPU's `half::bf16::from_f32`), as
+// raw bits; and back to f32 (exact). A grid-stride loop over n values each.
+extern "C" __global__ void f32_to_bf16(const float* x, unsigned short* y, unsigned n) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        y[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
+    }
+}
+
+extern "C" __global__ void bf16_to_f32(const unsigned short* x, float* y, unsigned n) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        y[i] = __bfloat162float(__ushort_as_bfloat16(x[i]));
+    }
 }
 
 // out = c != 0 ? t : f over contiguous operands (where_cond after broadcasting).

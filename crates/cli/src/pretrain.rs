@@ -19,7 +19,7 @@ use whale_rl::data::CorpusData;
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::parallel::comm::{Comm, CommError, LocalComm};
 use whale_rl::parallel::data_parallel::DataParallelConfig;
-use whale_rl::parallel::model::tensor::{DType, Device};
+use whale_rl::parallel::model::tensor::Device;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{DeepSeekV3, DeepSeekV3Config};
 use whale_rl::parallel::parallel_trainer::{Mesh, ParallelTrainer};
@@ -192,8 +192,7 @@ pub struct PretrainArgs {
     #[arg(long)]
     pub schedule: Option<String>,
     /// cpu (the default), or cuda / cuda:N: the model, its gradients and AdamW's moments live on
-    /// that GPU (one rank, f32 moments; --precision fp32, or fp8 with f32 activations between
-    /// the FP8 GEMMs); evaluation runs on a CPU copy.
+    /// that GPU (one rank, f32 moments, any --precision); evaluation runs on a CPU copy.
     #[arg(long)]
     pub device: Option<String>,
 }
@@ -278,7 +277,7 @@ pub fn mesh(s: &PretrainSettings) -> Result<Mesh> {
 }
 
 /// The device the settings ask for, opened (an error that says why when it cannot be): GPU
-/// training is one rank in fp32.
+/// training is one rank, with f32 optimizer moments.
 pub fn device(s: &PretrainSettings) -> Result<Device> {
     let ordinal = match s.device.as_str() {
         "cpu" => return Ok(Device::Cpu),
@@ -291,14 +290,8 @@ pub fn device(s: &PretrainSettings) -> Result<Device> {
     if s.dp * s.pp * s.ep != 1 {
         bail!("--device {}: GPU training runs on one rank in this build ({})", s.device, layout_flags(s));
     }
-    if !matches!(s.precision.as_str(), "fp32" | "fp8") || s.moments != "fp32" {
-        bail!(
-            "--device {}: CUDA tensors are f32 in this build: --precision fp32, or fp8 (FP8 GEMMs, f32 \
-             activations), with --moments fp32 (got --precision {} --moments {})",
-            s.device,
-            s.precision,
-            s.moments
-        );
+    if s.moments != "fp32" {
+        bail!("--device {}: AdamW's moments are f32 on a GPU in this build (got --moments {})", s.device, s.moments);
     }
     Device::cuda(ordinal).with_context(|| format!("--device {}", s.device))
 }
@@ -501,9 +494,6 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
     let mut trainer = trainer;
     if !plan.device.is_cpu() {
         trainer.model = trainer.model.to_device(&plan.device)?;
-        // CUDA tensors are f32: with --precision fp8 the GEMMs run in FP8 and the activations
-        // between them stay f32 (bf16 on a CPU).
-        trainer.model.compute_dtype = DType::F32;
     }
     let mut trainer = ParallelTrainer::new(trainer, comm, plan.mesh, DataParallelConfig::default())
         .with_context(|| layout_flags(s))?;

@@ -65,7 +65,7 @@ fn a_device_that_cannot_train_is_a_clear_error_before_anything_is_written() {
         // No machine has this GPU (and without a CUDA driver, none at all).
         (&["--device", "cuda:4096"], "--device cuda:4096"),
         (&["--device", "cuda", "--dp", "2"], "one rank"),
-        (&["--device", "cuda", "--precision", "bf16"], "f32"),
+        (&["--device", "cuda", "--moments", "bf16"], "moments are f32"),
     ];
     for (i, (flags, words)) in cases.iter().enumerate() {
         let run = dir.join(format!("run{i}"));

@@ -193,9 +193,20 @@ fn check_linear_input(x: &Tensor, k: usize, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// The GPU's FP8 kernels read E4M3 codes with f32 scales; they accumulate on the tensor cores
-/// (promoted every 128 of K), whatever accumulation the recipe emulates on a CPU.
+/// The GPU's FP8 kernels read E4M3 codes with f32 scales, and accumulate on the tensor cores with
+/// promotion to f32 every 128 of K: the recipe's `Accumulation::F32`. The CPU's emulation of a
+/// limited accumulator has no GPU twin (the tensor cores are the real thing), so it is refused
+/// rather than silently not followed.
 fn check_gpu_recipe(recipe: &Fp8Recipe) -> Result<()> {
+    if recipe.accumulation != Accumulation::F32 {
+        return Err(Error::invalid(
+            "fp8_linear",
+            format!(
+                "on a GPU the GEMMs accumulate on the tensor cores (Accumulation::F32); {:?} is a CPU emulation",
+                recipe.accumulation
+            ),
+        ));
+    }
     if recipe.format != Fp8Format::E4M3 || recipe.scale_format != ScaleFormat::F32 {
         return Err(Error::invalid(
             "fp8_linear",

@@ -139,6 +139,8 @@ pub struct CudaStorage {
 #[derive(Debug)]
 pub enum CudaBuf {
     F32(CudaSlice<f32>),
+    /// bf16 bits: widened to f32 for every op that reads them, each result rounded back.
+    Bf16(CudaSlice<bf16>),
     Fp8(CudaSlice<u8>, Fp8Format),
 }
 
@@ -146,29 +148,32 @@ impl CudaStorage {
     pub fn dtype(&self) -> DType {
         match &self.buf {
             CudaBuf::F32(_) => DType::F32,
+            CudaBuf::Bf16(_) => DType::BF16,
             CudaBuf::Fp8(_, Fp8Format::E4M3) => DType::F8E4M3,
             CudaBuf::Fp8(_, Fp8Format::E5M2) => DType::F8E5M2,
         }
     }
 
-    /// The f32 values; FP8 codes are an error naming `op`.
+    /// The f32 values; other storage is an error naming `op` (bf16 is widened by the caller).
     pub(crate) fn f32(&self, op: &'static str) -> Result<&CudaSlice<f32>> {
         match &self.buf {
             CudaBuf::F32(b) => Ok(b),
-            CudaBuf::Fp8(..) => Err(Error::UnsupportedDType { op, dtype: self.dtype(), why: FP8_ON_GPU }),
+            _ => Err(Error::UnsupportedDType { op, dtype: self.dtype(), why: NOT_F32 }),
         }
     }
 
+    /// The f32 values, to update in place (parameters and optimizer moments are f32).
     pub(crate) fn f32_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<f32>> {
         let dtype = self.dtype();
         match &mut self.buf {
             CudaBuf::F32(b) => Ok(b),
-            CudaBuf::Fp8(..) => Err(Error::UnsupportedDType { op, dtype, why: FP8_ON_GPU }),
+            _ => Err(Error::UnsupportedDType { op, dtype, why: NOT_F32 }),
         }
     }
 }
 
-const FP8_ON_GPU: &str = "FP8 codes on a GPU feed only the FP8 ops (dequantize_fp8, fp8_linear_quantized)";
+const NOT_F32: &str = "f32 storage is needed here (FP8 codes on a GPU feed only the FP8 ops; master weights \
+                       and optimizer moments are f32)";
 
 impl Storage {
     pub fn dtype(&self) -> DType {
@@ -187,6 +192,7 @@ impl Storage {
                 let failed = crate::cuda::driver_error(device, "copying a tensor to the host");
                 Ok(Cow::Owned(match &c.buf {
                     CudaBuf::F32(b) => CpuStorage::F32(c.gpu.stream.clone_dtoh(b).map_err(failed)?),
+                    CudaBuf::Bf16(b) => CpuStorage::BF16(c.gpu.stream.clone_dtoh(b).map_err(failed)?),
                     CudaBuf::Fp8(b, format) => {
                         CpuStorage::from_fp8_codes(c.gpu.stream.clone_dtoh(b).map_err(failed)?, *format)
                     }

@@ -26,7 +26,7 @@ fn run(
     let vars = inputs.iter().map(|t| Ok(t.to_device(device)?.detach().variable())).collect::<Result<Vec<_>>>()?;
     let out = f(&vars)?;
     assert_eq!(out.device(), *device, "the result stays on the inputs' device");
-    let r = randn(out.dims(), 99).to_device(device)?;
+    let r = randn(out.dims(), 99).to_dtype(out.dtype())?.to_device(device)?;
     out.mul(&r)?.sum_all()?.backward()?;
     let grads = vars
         .iter()
@@ -269,12 +269,55 @@ fn a_small_mlp_trains_the_same_on_both_devices() {
     });
 }
 
+/// bf16 results: each op rounds its f32 result to bf16 on both devices, and where the two f32
+/// values differ in their last bits the rounding can land one bf16 step apart (2^-7 of the value
+/// at most), which the next op carries on: within 2^-6 of the value, plus 1e-3 of the largest
+/// for values that cancel towards zero.
+fn close_bf16(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let largest = want.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= w.abs() / 64.0 + 1e-3 * largest,
+            "{what}[{i}]: CUDA {g} vs CPU {w} (largest {largest})"
+        );
+    }
+}
+
+fn bf16(t: Tensor) -> Tensor {
+    t.to_dtype(DType::BF16).unwrap()
+}
+
+#[test]
+fn bf16_tensors_compute_on_the_gpu_as_on_the_cpu() {
+    let (x, y) = (bf16(randn(&[6, 40], 60)), bf16(randn(&[6, 40], 61)));
+    let w = bf16(randn(&[24, 40], 62).mul_scalar(0.2).unwrap());
+    on_every_device_with("bf16 maps and broadcasting", vec![x.clone(), y.clone()], close_bf16, |v| {
+        v[0].silu()?.mul(&v[1])?.add(&v[1].sum_keepdim(0)?)?.tanh()
+    });
+    // cuBLAS's bf16 GEMM (tensor cores) against the CPU's f32 GEMM of the same bf16 values.
+    on_every_device_with("bf16 linear", vec![x.clone(), w.clone()], close_bf16, |v| v[0].matmul(&v[1].t()?));
+    let norm_w = bf16(positive(&[40], 63));
+    on_every_device_with("bf16 rms_norm and softmax", vec![x.clone(), norm_w], close_bf16, |v| {
+        v[0].rms_norm(&v[1], 1e-6)?.softmax(1)
+    });
+    // The model's casts: f32 master weights used in bf16, the gradient arriving back in f32.
+    let master = randn(&[24, 40], 64).mul_scalar(0.2).unwrap();
+    on_every_device_with("f32 master through bf16", vec![x, master], close_bf16, |v| {
+        v[0].matmul(&v[1].to_dtype(DType::BF16)?.t()?)?.to_dtype(DType::F32)
+    });
+}
+
 #[test]
 fn fp8_linear_trains_on_the_gpu_as_on_the_cpu() {
     // 66 tokens, K = 256 (two tiles), N = 160 (a partial weight block); Fprop, Dgrad and Wgrad.
     let (x, w) = (randn(&[2, 33, 256], 50), randn(&[160, 256], 51).mul_scalar(0.1).unwrap());
     let recipe = Fp8Recipe::F32_ACCUMULATION;
     on_every_device_with("fp8 linear", vec![x.clone(), w.clone()], close_to_largest, |v| {
+        v[0].fp8_linear(&v[1], &recipe)
+    });
+    // DeepSeek-V3's recipe proper: bf16 activations into the FP8 GEMMs, an f32 master weight.
+    on_every_device_with("fp8 linear, bf16 activations", vec![bf16(x.clone()), w.clone()], close_bf16, |v| {
         v[0].fp8_linear(&v[1], &recipe)
     });
     // A weight stored in FP8 (as a DeepSeek-V3 checkpoint holds it): frozen, gradient to x only,

@@ -133,14 +133,15 @@ pub fn unpermute(
     });
 }
 
-/// The combine's weight gradient: `dweight[p] = sum over c of dout[rows[p], c] * y[p, c]`, in `c`
-/// order.
+/// The combine's weight gradient: `dweight[p] = sum over c of dout[rows[p], c] * y[p, c]`: f32
+/// products summed in f64 in `c` order, as whale-tensor's `sum` reduces (so it is the gradient
+/// `(dout[rows] * y).sum(1)` would give, to the bit).
 pub fn unpermute_weight_grad(dout: &[f32], y: &[f32], dim: usize, rows: &[u32], dweight: &mut [f32]) {
     assert_eq!(dweight.len(), rows.len(), "unpermute_weight_grad: one gradient per row");
     assert_eq!(y.len(), rows.len() * dim, "unpermute_weight_grad: y is not [rows, dim]");
     dweight.par_iter_mut().enumerate().for_each(|(p, d)| {
         let g = &dout[rows[p] as usize * dim..][..dim];
-        *d = g.iter().zip(&y[p * dim..][..dim]).fold(0.0, |acc, (&a, &b)| acc + a * b);
+        *d = g.iter().zip(&y[p * dim..][..dim]).map(|(&a, &b)| f64::from(a * b)).sum::<f64>() as f32;
     });
 }
 

@@ -4,7 +4,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
-use super::{cuda, grid_for, rows_config, Gpu, GpuError, Result, THREADS};
+use super::{cuda, grid_for, Gpu, GpuError, Result, THREADS};
 use crate::cpu::dispatch::DispatchPlan;
 
 type View<'a> = CudaView<'a, f32>;
@@ -114,9 +114,14 @@ impl Gpu {
         let dim32 = dim as u32;
         let mut l = self.stream.launch_builder(self.function("moe_unpermute_weight_grad_f32"));
         l.arg(dout).arg(y).arg(&ix.rows).arg(dweight).arg(&dim32);
+        let cfg = LaunchConfig {
+            grid_dim: (ix.n_rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 8 * THREADS,
+        };
         // SAFETY: one block per dispatched row reads its token's gradient row and its own row of
-        // y, reduces in THREADS floats of shared memory, and writes one value.
-        unsafe { l.launch(rows_config(ix.n_rows)) }.map_err(cuda("moe_unpermute_weight_grad_f32"))?;
+        // y, reduces in THREADS doubles of shared memory, and writes one value.
+        unsafe { l.launch(cfg) }.map_err(cuda("moe_unpermute_weight_grad_f32"))?;
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
-use super::{cuda, grid_for, Fp8Operand, Gpu, GpuError, Result};
+use super::{cuda, grid_for, Fp8Operand, Fp8View, Gpu, GpuError, Result};
 use crate::cpu::fp8::{Fp8Blocks, Fp8Format};
 
 impl Gpu {
@@ -81,21 +81,54 @@ impl Gpu {
         Ok(())
     }
 
-    /// The transpose of FP8 codes `[rows, cols]`, as `[cols, rows]` (twin: `cpu::fp8::transpose`).
-    pub fn fp8_transpose_dev(&self, codes: &CudaView<'_, u8>, (rows, cols): (usize, usize)) -> Result<CudaSlice<u8>> {
-        let n = rows * cols;
-        if codes.len() < n {
-            return Err(GpuError::Shape(format!("fp8 transpose: {} codes for [{rows}, {cols}]", codes.len())));
+    /// `x` (`[rows, cols]`) transposed into `y` (`[cols, rows]`) by `kernel`
+    /// (`fp8_transpose_codes` or `fp8_transpose_scales`).
+    fn transpose_dev<T: cudarc::driver::DeviceRepr>(
+        &self,
+        kernel: &'static str,
+        x: &CudaView<'_, T>,
+        y: &mut CudaSlice<T>,
+        (rows, cols): (usize, usize),
+    ) -> Result<()> {
+        if x.len() < rows * cols || y.len() < rows * cols {
+            return Err(GpuError::Shape(format!(
+                "{kernel}: buffers of {} and {} for [{rows}, {cols}]",
+                x.len(),
+                y.len()
+            )));
         }
-        let mut out = self.zeros::<u8>(n)?;
-        if n > 0 {
-            let (r32, c32) = (rows as u32, cols as u32);
-            let mut l = self.stream.launch_builder(self.function("fp8_transpose_codes"));
-            l.arg(codes).arg(&mut out).arg(&r32).arg(&c32);
-            // SAFETY: a grid-stride loop over the n codes; reads and writes stay inside [rows, cols].
-            unsafe { l.launch(grid_for(n)) }.map_err(cuda("fp8_transpose_codes"))?;
+        if rows * cols == 0 {
+            return Ok(());
         }
-        Ok(out)
+        let (r32, c32) = (rows as u32, cols as u32);
+        let mut l = self.stream.launch_builder(self.function(kernel));
+        l.arg(x).arg(y).arg(&r32).arg(&c32);
+        let cfg = LaunchConfig {
+            grid_dim: (c32.div_ceil(32), r32.div_ceil(32), 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: each block moves one 32 x 32 tile through static shared memory; reads and writes
+        // are bounded by [rows, cols] (checked against both buffers above).
+        unsafe { l.launch(cfg) }.map_err(cuda(kernel))?;
+        Ok(())
+    }
+
+    /// The transpose of an operand in 128x128 blocks (a weight): codes `[cols, rows]` and the
+    /// transposed scale grid, what the Dgrad GEMM multiplies by (twin: `Fp8Blocks::transpose`).
+    pub fn fp8_transpose_dev(&self, w: &Fp8View<'_>) -> Result<Fp8Operand> {
+        if w.block_rows != 128 {
+            return Err(GpuError::Shape(format!(
+                "fp8 transpose: blocks of {}x128 are not square (128x128 weights transpose)",
+                w.block_rows
+            )));
+        }
+        let (rows, cols) = (w.rows, w.cols);
+        let grid = (rows.div_ceil(128), cols.div_ceil(128));
+        let (mut codes, mut scales) = (self.zeros::<u8>(rows * cols)?, self.zeros::<f32>(grid.0 * grid.1)?);
+        self.transpose_dev("fp8_transpose_codes", &w.codes, &mut codes, (rows, cols))?;
+        self.transpose_dev("fp8_transpose_scales", &w.scales, &mut scales, grid)?;
+        Ok(Fp8Operand { codes, scales, rows: cols, cols: rows, block_rows: 128 })
     }
 
     /// E4M3 quantisation of `x` (`[rows, cols]`) in 1x128 tiles with f32 scales (twin:
@@ -148,13 +181,10 @@ impl Gpu {
         self.download(&out, n)
     }
 
-    /// The transpose of FP8 codes from the host (twin: `cpu::fp8::transpose`).
-    pub fn fp8_transpose(&self, codes: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>> {
-        if codes.len() != rows * cols {
-            return Err(GpuError::Shape(format!("fp8 transpose: {} codes for [{rows}, {cols}]", codes.len())));
-        }
-        let dc = self.upload_nonempty(codes)?;
-        let out = self.fp8_transpose_dev(&dc.slice(..), (rows, cols))?;
-        self.download(&out, codes.len())
+    /// The transpose of a weight in 128x128 blocks from the host (twin: `Fp8Blocks::transpose`).
+    pub fn fp8_transpose(&self, w: &Fp8Blocks) -> Result<Fp8Blocks> {
+        let op = self.upload_fp8(w)?;
+        let t = self.fp8_transpose_dev(&op.view())?;
+        self.download_fp8(&t, w.format)
     }
 }

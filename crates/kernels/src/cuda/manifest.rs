@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0xd800c112784d74dd;
+pub const SOURCE_HASH: u64 = 0xe7294917b262dff8;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -54,7 +54,13 @@ pub const MODULES: &[PtxModule] = &[
     },
     PtxModule {
         name: "fp8",
-        kernels: &["fp8_quantize_1x128", "fp8_quantize_128x128", "fp8_dequantize", "fp8_transpose_codes"],
+        kernels: &[
+            "fp8_quantize_1x128",
+            "fp8_quantize_128x128",
+            "fp8_dequantize",
+            "fp8_transpose_codes",
+            "fp8_transpose_scales",
+        ],
         sm_90: include_str!("../../../../kernels/ptx/fp8.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/fp8.sm_80.ptx"),
     },
@@ -101,6 +107,8 @@ pub const MODULES: &[PtxModule] = &[
             "strided_copy_f32",
             "strided_write_f32",
             "fill_f32",
+            "f32_to_bf16",
+            "bf16_to_f32",
             "select_f32",
             "argmax_mid_f32",
             "logsumexp_mid_f32",

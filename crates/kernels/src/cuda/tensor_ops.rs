@@ -3,6 +3,7 @@
 //! and never copy to the host.
 
 use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
+use half::bf16;
 
 use super::{cuda, grid_for, Gpu, GpuError, Result};
 
@@ -204,6 +205,40 @@ impl Gpu {
         // SAFETY: writes n values of a buffer that holds at least n.
         unsafe { l.launch(grid_for(n)) }.map_err(cuda("fill_f32"))?;
         Ok(())
+    }
+
+    /// `y[..n]` = `x[..n]` rounded to bf16 (to nearest even), as raw bits: the narrowing of bf16
+    /// storage (twin: `half::bf16::from_f32`).
+    pub fn f32_to_bf16_dev(&self, x: &CudaView<'_, f32>, y: &mut CudaSlice<bf16>, n: usize) -> Result<()> {
+        check_len("f32_to_bf16", x.len(), n)?;
+        check_len("f32_to_bf16", y.len(), n)?;
+        let n32 = n as u32;
+        let mut l = self.stream.launch_builder(self.function("f32_to_bf16"));
+        l.arg(x).arg(y).arg(&n32);
+        // SAFETY: a grid-stride loop over n values of two buffers holding at least n.
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda("f32_to_bf16"))?;
+        Ok(())
+    }
+
+    /// `y[..n]` = the bf16 bits `x[..n]` as f32 (exact): the widening of bf16 storage.
+    pub fn bf16_to_f32_dev(&self, x: &CudaView<'_, bf16>, y: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+        check_len("bf16_to_f32", x.len(), n)?;
+        check_len("bf16_to_f32", y.len(), n)?;
+        let n32 = n as u32;
+        let mut l = self.stream.launch_builder(self.function("bf16_to_f32"));
+        l.arg(x).arg(y).arg(&n32);
+        // SAFETY: a grid-stride loop over n values of two buffers holding at least n.
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda("bf16_to_f32"))?;
+        Ok(())
+    }
+
+    /// `x` rounded to bf16 on the GPU and back, from the host: the bits (for the GPU test).
+    pub fn round_trip_bf16(&self, x: &[f32]) -> Result<(Vec<bf16>, Vec<f32>)> {
+        let n = x.len();
+        let (dx, mut bits, mut back) = (self.upload_nonempty(x)?, self.zeros::<bf16>(n)?, self.zeros::<f32>(n)?);
+        self.f32_to_bf16_dev(&dx.slice(..), &mut bits, n)?;
+        self.bf16_to_f32_dev(&bits.slice(..), &mut back, n)?;
+        Ok((self.download(&bits, n)?, self.download(&back, n)?))
     }
 
     /// `y[o, i] = Σ_j x[o, j, i]` for contiguous `x` `[outer, n, inner]`, in f64 like the CPU.

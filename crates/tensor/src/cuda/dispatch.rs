@@ -41,7 +41,7 @@ pub(crate) fn permute(x: &Tensor, d: &TokenDispatch, scale: Option<&Tensor>, dim
         g.moe_permute_dev((&xb.slice(..), s.as_ref()), &ix, &mut out, dim).map_err(gpu_error(dev))?;
         Ok((g.clone(), out))
     })?;
-    Ok(tensor(g, out, &[d.plan.len(), dim], &[], NoBackward))
+    tensor(g, out, &[d.plan.len(), dim], x.dtype(), &[], NoBackward)
 }
 
 /// `[T, dim]`: every token's sum of `weight[p] * y[p]` over its rows (no weight: a plain sum).
@@ -57,7 +57,7 @@ pub(crate) fn combine(y: &Tensor, d: &TokenDispatch, weight: Option<&Tensor>, di
         g.moe_unpermute_dev((&yb.slice(..), w.as_ref()), &ix, &mut out, dim).map_err(gpu_error(dev))?;
         Ok((g.clone(), out))
     })?;
-    Ok(tensor(g, out, &[d.plan.n_tokens(), dim], &[], NoBackward))
+    tensor(g, out, &[d.plan.n_tokens(), dim], y.dtype(), &[], NoBackward)
 }
 
 /// `[P]`: `dout[rows[p]] · y[p]`.
@@ -70,5 +70,5 @@ pub(crate) fn weight_grad(dout: &Tensor, y: &Tensor, d: &TokenDispatch, dim: usi
         g.moe_unpermute_weight_grad_dev((&gb.slice(..), &yb.slice(..)), &ix, &mut out, dim).map_err(gpu_error(dev))?;
         Ok((g.clone(), out))
     })?;
-    Ok(tensor(g, out, &[d.plan.len()], &[], NoBackward))
+    tensor(g, out, &[d.plan.len()], y.dtype(), &[], NoBackward)
 }

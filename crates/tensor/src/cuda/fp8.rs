@@ -73,7 +73,7 @@ pub(crate) fn quantize(x: &Tensor, block_rows: usize) -> Result<(Tensor, Tensor)
         Ok((g.clone(), g.fp8_quantize_dev(&xb.slice(..), (rows, cols), block_rows).map_err(gpu_error(dev))?))
     })?;
     let grid = [rows.div_ceil(block_rows), cols.div_ceil(128)];
-    let scales = tensor(g.clone(), q.scales, &grid, &[], NoBackward);
+    let scales = tensor(g.clone(), q.scales, &grid, DType::F32, &[], NoBackward)?;
     Ok((codes_tensor(g, q.codes, &[rows, cols], Fp8Format::E4M3), scales))
 }
 
@@ -91,37 +91,67 @@ pub(crate) fn dequantize(codes: &Tensor, scales: &Tensor, block: (usize, usize))
             Ok((g.clone(), out))
         })
     })?;
-    Ok(tensor(g, out, &[rows, cols], &[], NoBackward))
+    tensor(g, out, &[rows, cols], DType::F32, &[], NoBackward)
 }
 
-/// `x @ Wᵀ` for `x` `[..., k]` (f32 on a GPU) and `weight` `[n, k]`, with the three GEMMs in FP8:
-/// Fprop on `x` in 1x128 tiles and W in 128x128 blocks, Dgrad on `dy` in 1x128 tiles and Wᵀ
-/// (the blocks are square: the same codes, transposed), Wgrad on `dyᵀ` and `xᵀ` in 1x128 tiles
-/// along the tokens. A master weight gets its gradient in f32; a stored one is frozen.
+/// `x @ Wᵀ` for `x` `[..., k]` (f32 or bf16 on a GPU) and `weight` `[n, k]`, with the three GEMMs
+/// in FP8, as the CPU's `fp8_linear`: Fprop on `x` in 1x128 tiles and W in 128x128 blocks; Dgrad
+/// on `dy` in 1x128 tiles and Wᵀ (the forward's blocks transposed: they are square); Wgrad on
+/// `dyᵀ` and `xᵀ` in 1x128 tiles along the tokens. A master weight's FP8 blocks are kept from
+/// the forward for the Dgrad GEMM (one byte per weight), and its gradient comes back in its own
+/// dtype; a stored weight is frozen.
 pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) -> Result<Tensor> {
     check_f32("fp8_linear", x)?;
     let dev = x.device();
     let m = x.elem_count() / k.max(1);
     let mut out_shape = x.dims().to_vec();
     *out_shape.last_mut().expect("rank >= 1") = n;
-    let y = fp8_product((&packed(x)?, (m, k)), weight, false)?;
+    let xp = packed(x)?;
+    let (g, y, kept) = with_buffer(&xp, |g, xb| {
+        let xq = g.fp8_quantize_dev(&xb.slice(..), (m, k), 1).map_err(gpu_error(dev))?;
+        let mut y = alloc(g, dev, m * n)?;
+        let mut gemm =
+            |w: &Fp8View<'_>| g.fp8_gemm_dev(&xq.view(), w, &mut y, g.fp8_gemm_kernel(k)).map_err(gpu_error(dev));
+        let kept = match weight {
+            Fp8Weight::Master(w) => {
+                check_f32("fp8_linear (weight)", w)?;
+                let wq = with_buffer(&packed(w)?, |_, wb| {
+                    g.fp8_quantize_dev(&wb.slice(..), (n, k), 128).map_err(gpu_error(dev))
+                })?;
+                gemm(&wq.view())?;
+                Some(Arc::new(wq))
+            }
+            Fp8Weight::Stored { codes, scales } => {
+                with_stored(g, (codes, scales), |w| gemm(w))?;
+                None
+            }
+        };
+        Ok((g.clone(), y, kept))
+    })?;
 
     // A master weight comes back as the op's second input; a stored one is kept here.
     let stored = match weight {
         Fp8Weight::Stored { codes, scales } => Some((codes.clone(), scales.clone())),
         Fp8Weight::Master(_) => None,
     };
-    let back = backward_fn("fp8_linear", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+    let back = backward_fn("fp8_linear", move |inputs: &[Tensor], _: &Tensor, grad: &Tensor, needs: &[bool]| {
         let x = &inputs[0];
-        let dy = packed(g)?.reshape(&[m, n])?;
+        let dy = packed(grad)?.reshape(&[m, n])?;
         let dx = if needs[0] {
-            let w = match &stored {
-                Some((codes, scales)) => Fp8Weight::Stored { codes, scales },
-                None => Fp8Weight::Master(&inputs[1]),
-            };
             // Dgrad: [m, n] x ([k, n])ᵀ, K = n.
-            let (g, dx) = fp8_product((&dy, (m, n)), w, true)?;
-            Some(tensor(g, dx, x.dims(), &[], NoBackward))
+            let dx = with_buffer(&dy, |g, dyb| {
+                let dyq = g.fp8_quantize_dev(&dyb.slice(..), (m, n), 1).map_err(gpu_error(dev))?;
+                let transpose = |w: &Fp8View<'_>| g.fp8_transpose_dev(w).map_err(gpu_error(dev));
+                let wt = match (&kept, &stored) {
+                    (Some(wq), _) => transpose(&wq.view())?,
+                    (None, Some((codes, scales))) => with_stored(g, (codes, scales), transpose)?,
+                    (None, None) => unreachable!("an FP8 linear has a weight"),
+                };
+                let mut dx = alloc(g, dev, m * k)?;
+                g.fp8_gemm_dev(&dyq.view(), &wt.view(), &mut dx, g.fp8_gemm_kernel(n)).map_err(gpu_error(dev))?;
+                Ok((g.clone(), dx))
+            })?;
+            Some(tensor(dx.0, dx.1, x.dims(), x.dtype(), &[], NoBackward)?)
         } else {
             None
         };
@@ -131,7 +161,7 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
                 // Wgrad: [n, m] x ([k, m])ᵀ, K = m (the tokens): both operands tiled along it.
                 let xt = packed(&packed(x)?.reshape(&[m, k])?.t()?)?;
                 let dyt = packed(&dy.t()?)?;
-                Some(tiled_product((&dyt, (n, m)), (&xt, (k, m)), dev)?.reshape(w.dims())?)
+                Some(tiled_product((&dyt, (n, m)), (&xt, (k, m)), (dev, w.dtype()))?.reshape(w.dims())?)
             } else {
                 None
             });
@@ -142,34 +172,14 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
         Fp8Weight::Master(w) => vec![x, w],
         Fp8Weight::Stored { .. } => vec![x],
     };
-    let (g, buf) = y;
-    Ok(tensor(g, buf, &out_shape, &inputs, back))
-}
-
-/// `a · Wᵀ` (or `a · W` with `transposed`) for `a` (`[rows, cols]`, packed f32 on the GPU) in
-/// 1x128 tiles: the Fprop and Dgrad GEMMs.
-fn fp8_product(
-    (a, (rows, cols)): (&Tensor, (usize, usize)),
-    weight: Fp8Weight<'_>,
-    transposed: bool,
-) -> Result<(Arc<Gpu>, CudaSlice<f32>)> {
-    let dev = a.device();
-    let err = gpu_error(dev);
-    with_buffer(a, |g, ab| {
-        let aq = g.fp8_quantize_dev(&ab.slice(..), (rows, cols), 1).map_err(&err)?;
-        with_weight(g, weight, transposed, |w| {
-            let mut y = alloc(g, dev, rows * w.rows)?;
-            g.fp8_gemm_dev(&aq.view(), w, &mut y, g.fp8_gemm_kernel(cols)).map_err(&err)?;
-            Ok((g.clone(), y))
-        })
-    })
+    tensor(g, y, &out_shape, x.dtype(), &inputs, back)
 }
 
 /// `a · bᵀ` for two packed f32 operands, both quantized in 1x128 tiles along K: the Wgrad GEMM.
 fn tiled_product(
     (a, (m, k)): (&Tensor, (usize, usize)),
     (b, (n, kb)): (&Tensor, (usize, usize)),
-    dev: Device,
+    (dev, dtype): (Device, DType),
 ) -> Result<Tensor> {
     debug_assert_eq!(k, kb);
     let err = gpu_error(dev);
@@ -180,46 +190,28 @@ fn tiled_product(
         g.fp8_gemm_dev(&aq.view(), &bq.view(), &mut y, g.fp8_gemm_kernel(k)).map_err(&err)?;
         Ok((g.clone(), y))
     })?;
-    Ok(tensor(g, y, &[m, n], &[], NoBackward))
+    tensor(g, y, &[m, n], dtype, &[], NoBackward)
 }
 
-/// Runs `f` on the weight as a GEMM operand in 128x128 blocks (`[n, k]`, or `[k, n]` with
-/// `transposed`) on `g`.
-fn with_weight<R>(
+/// Runs `f` on a stored FP8 weight (`[n, k]` E4M3 codes in 128x128 blocks) as a GEMM operand on
+/// `g`: read in place when its codes are on this GPU, copied in when they are on the host.
+fn with_stored<R>(
     g: &Arc<Gpu>,
-    weight: Fp8Weight<'_>,
-    transposed: bool,
+    (codes, scales): (&Tensor, &Tensor),
     f: impl FnOnce(&Fp8View<'_>) -> Result<R>,
 ) -> Result<R> {
     let dev = Device::Cuda(g.ordinal);
-    let err = gpu_error(dev);
-    match weight {
-        Fp8Weight::Master(w) => {
-            check_f32("fp8_linear (weight)", w)?;
-            let (n, k) = (w.dims()[0], w.dims()[1]);
-            let wp = if transposed { packed(&w.t()?)? } else { packed(w)? };
-            let shape = if transposed { (k, n) } else { (n, k) };
-            let q = with_buffer(&wp, |_, wb| g.fp8_quantize_dev(&wb.slice(..), shape, 128).map_err(&err))?;
-            f(&q.view())
-        }
-        Fp8Weight::Stored { codes, scales } if codes.device().is_cuda() => {
-            let (n, k) = (codes.dims()[0], codes.dims()[1]);
-            let sp = if transposed { packed(&scales.t()?)? } else { packed(scales)? };
-            with_codes(codes, |_, cv, format| {
-                if format != Fp8Format::E4M3 {
-                    return Err(Error::invalid("fp8_linear", "the GPU's FP8 GEMM reads E4M3 weights"));
-                }
-                let flipped = if transposed { Some(g.fp8_transpose_dev(&cv, (n, k)).map_err(&err)?) } else { None };
-                let codes = flipped.as_ref().map_or_else(|| cv.slice(..), |c| c.slice(..));
-                let (rows, cols) = if transposed { (k, n) } else { (n, k) };
-                with_buffer(&sp, |_, sb| f(&Fp8View { codes, scales: sb.slice(..), rows, cols, block_rows: 128 }))
-            })
-        }
-        Fp8Weight::Stored { codes, scales } => {
-            let blocks = Tensor::fp8_blocks(codes, scales, (128, 128))?;
-            let blocks = if transposed { blocks.transpose() } else { blocks };
-            let op = g.upload_fp8(&blocks).map_err(&err)?;
-            f(&op.view())
-        }
+    if !codes.device().is_cuda() {
+        let blocks = Tensor::fp8_blocks(codes, scales, (128, 128))?;
+        let op = g.upload_fp8(&blocks).map_err(gpu_error(dev))?;
+        return f(&op.view());
     }
+    let (n, k) = (codes.dims()[0], codes.dims()[1]);
+    let sp = packed(scales)?;
+    with_codes(codes, |_, cv, format| {
+        if format != Fp8Format::E4M3 {
+            return Err(Error::invalid("fp8_linear", "the GPU's FP8 GEMM reads E4M3 weights"));
+        }
+        with_buffer(&sp, |_, sb| f(&Fp8View { codes: cv, scales: sb.slice(..), rows: n, cols: k, block_rows: 128 }))
+    })
 }

@@ -11,10 +11,13 @@
 //! hold (bf16/f16 storage) is an error that names the op (`ops::check_float`, `check_f32`):
 //! nothing silently computes on the host.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
+use half::bf16;
+
+use whale_kernels::cuda::cudarc::cublas::{CudaBlas, Gemm};
 use whale_kernels::cuda::cudarc::driver::{CudaSlice, DeviceRepr, DriverError};
-use whale_kernels::cuda::{BinaryOp, GemmShape, Gpu, GpuError, MidReduction, Strided, UnaryOp};
+use whale_kernels::cuda::{BinaryOp, BlasFloat, GemmShape, Gpu, GpuError, MidReduction, Strided, UnaryOp};
 
 use crate::backprop::{backward_fn, BackwardOp};
 use crate::device::gpu;
@@ -42,23 +45,78 @@ pub(crate) fn upload<T: DeviceRepr + Default + Copy>(g: &Gpu, device: Device, v:
     g.stream.clone_htod(&v).map_err(driver_error(device, "copying to the GPU"))
 }
 
+/// The storages behind `ts`, each once (a tensor may appear twice, or two views share one
+/// buffer: one read lock each, never two on the same lock), read-locked, and which of them each
+/// tensor uses.
+fn read_storages<'a, const N: usize>(ts: [&'a Tensor; N]) -> (Vec<RwLockReadGuard<'a, Storage>>, [usize; N]) {
+    let mut unique: Vec<&Arc<RwLock<Storage>>> = Vec::new();
+    let slots = ts.map(|t| match unique.iter().position(|u| Arc::ptr_eq(u, &t.0.storage)) {
+        Some(i) => i,
+        None => {
+            unique.push(&t.0.storage);
+            unique.len() - 1
+        }
+    });
+    let guards = unique.iter().map(|s| s.read().expect("tensor storage lock poisoned")).collect();
+    (guards, slots)
+}
+
+/// The CUDA storage behind a read guard.
+fn on_gpu<'a>(guard: &'a RwLockReadGuard<'_, Storage>) -> Result<&'a CudaStorage> {
+    match &**guard {
+        Storage::Cuda(c) => Ok(c),
+        Storage::Cpu(_) => Err(Error::invalid("cuda", "a host tensor reached the CUDA backend")),
+    }
+}
+
 /// Runs `f` on the GPU and the f32 buffers behind CUDA tensors (read-locked for the call, not
-/// copied).
+/// copied; bf16 storage is widened into a temporary f32 buffer, the whole of it, so views keep
+/// their offsets).
 pub(crate) fn with_buffers<R, const N: usize>(
     ts: [&Tensor; N],
     f: impl FnOnce(&Arc<Gpu>, [&CudaSlice<f32>; N]) -> Result<R>,
 ) -> Result<R> {
-    let guards: Vec<_> = ts.iter().map(|t| t.0.storage.read().expect("tensor storage lock poisoned")).collect();
-    let on_gpu = guards
+    let (guards, slots) = read_storages(ts);
+    let storages = guards.iter().map(on_gpu).collect::<Result<Vec<_>>>()?;
+    let first = storages.first().ok_or_else(|| Error::invalid("cuda", "no tensors"))?;
+    let widened = storages
         .iter()
-        .map(|g| match &**g {
-            Storage::Cuda(c) => Ok(c),
-            Storage::Cpu(_) => Err(Error::invalid("cuda", "a host tensor reached the CUDA backend")),
+        .map(|c| match &c.buf {
+            CudaBuf::Bf16(bits) => widen(&c.gpu, Device::Cuda(c.gpu.ordinal), bits).map(Some),
+            _ => Ok(None),
         })
-        .collect::<Result<Vec<&CudaStorage>>>()?;
-    let first = on_gpu.first().ok_or_else(|| Error::invalid("cuda", "no tensors"))?;
-    let bufs = on_gpu.iter().map(|c| c.f32("a CUDA op")).collect::<Result<Vec<_>>>()?;
-    f(&first.gpu, std::array::from_fn(|i| bufs[i]))
+        .collect::<Result<Vec<_>>>()?;
+    let bufs = storages
+        .iter()
+        .zip(&widened)
+        .map(|(c, w)| w.as_ref().map_or_else(|| c.f32("a CUDA op"), Ok))
+        .collect::<Result<Vec<_>>>()?;
+    f(&first.gpu, slots.map(|i| bufs[i]))
+}
+
+/// Runs `f` on the bf16 bits behind bf16 CUDA tensors, as they are (cuBLAS's bf16 GEMM).
+fn with_bf16_buffers<R, const N: usize>(
+    ts: [&Tensor; N],
+    f: impl FnOnce(&Arc<Gpu>, [&CudaSlice<bf16>; N]) -> Result<R>,
+) -> Result<R> {
+    let (guards, slots) = read_storages(ts);
+    let storages = guards.iter().map(on_gpu).collect::<Result<Vec<_>>>()?;
+    let bits = storages
+        .iter()
+        .map(|c| match &c.buf {
+            CudaBuf::Bf16(b) => Ok(b),
+            _ => Err(Error::UnsupportedDType { op: "cuda", dtype: c.dtype(), why: "bf16 storage is needed here" }),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let first = storages.first().ok_or_else(|| Error::invalid("cuda", "no tensors"))?;
+    f(&first.gpu, slots.map(|i| bits[i]))
+}
+
+/// bf16 bits as f32 values in a fresh buffer.
+fn widen(g: &Gpu, device: Device, bits: &CudaSlice<bf16>) -> Result<CudaSlice<f32>> {
+    let mut out = alloc(g, device, bits.len())?;
+    g.bf16_to_f32_dev(&bits.slice(..), &mut out, bits.len()).map_err(gpu_error(device))?;
+    Ok(out)
 }
 
 /// [`with_buffers`] for one tensor.
@@ -72,22 +130,50 @@ pub(crate) fn alloc(g: &Gpu, device: Device, n: usize) -> Result<CudaSlice<f32>>
         .map_err(|e| Error::DeviceUnavailable { device, why: format!("allocating {n} floats failed: {e:?}") })
 }
 
-/// A fresh contiguous CUDA tensor over `buf`, recording `op` over `inputs` when it needs to.
+/// A fresh contiguous CUDA tensor of `dtype` over the f32 values `buf` (rounded to bf16 for a
+/// bf16 result, as the CPU stores its results), recording `op` over `inputs` when it needs to.
 fn tensor(
     g: Arc<Gpu>,
     buf: CudaSlice<f32>,
     shape: &[usize],
+    dtype: DType,
     inputs: &[&Tensor],
     op: impl BackwardOp + 'static,
-) -> Tensor {
+) -> Result<Tensor> {
     let device = Device::Cuda(g.ordinal);
-    let storage = Arc::new(RwLock::new(Storage::Cuda(CudaStorage { gpu: g, buf: CudaBuf::F32(buf) })));
-    Tensor::with_history_on(storage, Layout::contiguous(shape), DType::F32, device, inputs, op)
+    let buf = match dtype {
+        DType::F32 => CudaBuf::F32(buf),
+        DType::BF16 => {
+            let mut bits = g.stream.alloc_zeros::<bf16>(buf.len()).map_err(driver_error(device, "allocating"))?;
+            g.f32_to_bf16_dev(&buf.slice(..), &mut bits, buf.len()).map_err(gpu_error(device))?;
+            CudaBuf::Bf16(bits)
+        }
+        other => return Err(Error::UnsupportedDType { op: "cuda", dtype: other, why: GPU_DTYPES }),
+    };
+    Ok(wrap(g, buf, shape, inputs, op))
 }
 
+/// A fresh contiguous CUDA tensor over `buf` (its dtype is the buffer's).
+fn wrap(g: Arc<Gpu>, buf: CudaBuf, shape: &[usize], inputs: &[&Tensor], op: impl BackwardOp + 'static) -> Tensor {
+    let device = Device::Cuda(g.ordinal);
+    let storage = CudaStorage { gpu: g, buf };
+    let dtype = storage.dtype();
+    Tensor::with_history_on(
+        Arc::new(RwLock::new(Storage::Cuda(storage))),
+        Layout::contiguous(shape),
+        dtype,
+        device,
+        inputs,
+        op,
+    )
+}
+
+const GPU_DTYPES: &str = "CUDA tensors are f32 or bf16 (FP8 codes feed only the FP8 ops)";
+
+/// A tensor the CUDA ops compute on: f32 or bf16.
 pub(crate) fn check_f32(op: &'static str, t: &Tensor) -> Result<()> {
-    if t.dtype() != DType::F32 {
-        return Err(Error::UnsupportedDType { op, dtype: t.dtype(), why: "CUDA tensors are f32 in this build" });
+    if !matches!(t.dtype(), DType::F32 | DType::BF16) {
+        return Err(Error::UnsupportedDType { op, dtype: t.dtype(), why: GPU_DTYPES });
     }
     Ok(())
 }
@@ -95,8 +181,8 @@ pub(crate) fn check_f32(op: &'static str, t: &Tensor) -> Result<()> {
 /// `value` everywhere, on GPU `ordinal`.
 pub(crate) fn full(value: f32, shape: &[usize], dtype: DType, ordinal: usize) -> Result<Tensor> {
     let device = Device::Cuda(ordinal);
-    if dtype != DType::F32 {
-        return Err(Error::UnsupportedDType { op: "full", dtype, why: "CUDA tensors are f32 in this build" });
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        return Err(Error::UnsupportedDType { op: "full", dtype, why: GPU_DTYPES });
     }
     let g = gpu(ordinal)?;
     let n = shape.iter().product();
@@ -104,7 +190,7 @@ pub(crate) fn full(value: f32, shape: &[usize], dtype: DType, ordinal: usize) ->
     if value != 0.0 {
         g.fill_dev(&mut buf, n, value).map_err(gpu_error(device))?;
     }
-    Ok(tensor(g, buf, shape, &[], crate::backprop::NoBackward))
+    tensor(g, buf, shape, dtype, &[], crate::backprop::NoBackward)
 }
 
 /// The values of `t` (on any device) on `device`; differentiable (the gradient moves back).
@@ -121,18 +207,32 @@ pub(crate) fn to_device(t: &Tensor, device: &Device) -> Result<Tensor> {
     }
     match *device {
         Device::Cpu => {
-            let storage = Storage::Cpu(crate::storage::CpuStorage::F32(t.to_vec_f32()?));
+            // f32 and bf16 values both convert exactly.
+            let storage = Storage::Cpu(crate::storage::CpuStorage::from_f32(t.to_vec_f32()?, t.dtype()));
             let layout = Layout::contiguous(t.dims());
-            Ok(Tensor::with_history_on(Arc::new(RwLock::new(storage)), layout, DType::F32, Device::Cpu, &[t], back))
+            Ok(Tensor::with_history_on(Arc::new(RwLock::new(storage)), layout, t.dtype(), Device::Cpu, &[t], back))
         }
         Device::Cuda(i) => {
             check_f32("to_device", t)?;
             let g = gpu(i)?;
             let buf =
                 if t.device() == *device { contiguous_buffer(t)?.1 } else { upload(&g, *device, &t.to_vec_f32()?)? };
-            Ok(tensor(g, buf, t.dims(), &[t], back))
+            tensor(g, buf, t.dims(), t.dtype(), &[t], back)
         }
     }
+}
+
+/// `t` stored as `dtype` (f32 and bf16 on a GPU), differentiable (the gradient converts back).
+pub(crate) fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    check_f32("to_dtype", t)?;
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        return Err(Error::UnsupportedDType { op: "to_dtype", dtype, why: GPU_DTYPES });
+    }
+    let (g, buf) = contiguous_buffer(t)?;
+    let back = backward_fn("to_dtype", |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
+        Ok(vec![Some(g.to_dtype(inputs[0].dtype())?)])
+    });
+    tensor(g, buf, t.dims(), dtype, &[t], back)
 }
 
 /// The strided view `s.a` of `t`'s buffer as a fresh contiguous buffer.
@@ -155,7 +255,7 @@ pub(crate) fn contiguous(t: &Tensor) -> Result<Tensor> {
     check_f32("contiguous", t)?;
     let (g, buf) = contiguous_buffer(t)?;
     let op = backward_fn("contiguous", |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| Ok(vec![Some(g.clone())]));
-    Ok(tensor(g, buf, t.dims(), &[t], op))
+    tensor(g, buf, t.dims(), t.dtype(), &[t], op)
 }
 
 /// Zeros of `shape` with `g` written at `start` along `dim`: narrow's backward.
@@ -177,13 +277,13 @@ pub(crate) fn pad_into(g: &Tensor, shape: &[usize], dim: usize, start: usize) ->
     let back = backward_fn("pad", move |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
         Ok(vec![Some(g.narrow(dim, start, len)?)])
     });
-    Ok(tensor(gpu, out, shape, &[g], back))
+    tensor(gpu, out, shape, g.dtype(), &[g], back)
 }
 
 /// A copy with its own buffer and no history.
 pub(crate) fn copy(t: &Tensor) -> Result<Tensor> {
     let (g, buf) = contiguous_buffer(t)?;
-    Ok(tensor(g, buf, t.dims(), &[], crate::backprop::NoBackward))
+    tensor(g, buf, t.dims(), t.dtype(), &[], crate::backprop::NoBackward)
 }
 
 /// `t` itself when it is contiguous from the start of its buffer, else a contiguous copy (no
@@ -212,18 +312,18 @@ pub(crate) fn unary(t: &Tensor, name: &'static str, op: UnaryOp) -> Result<Tenso
             let mut dx = alloc(g, x.device(), n)?;
             g.unary_backward_dev(op, (&xb.slice(..), &yb.slice(..), &gb.slice(..)), &mut dx, n)
                 .map_err(gpu_error(x.device()))?;
-            Ok(tensor(g.clone(), dx, x.dims(), &[], crate::backprop::NoBackward))
+            tensor(g.clone(), dx, x.dims(), x.dtype(), &[], crate::backprop::NoBackward)
         })?;
         Ok(vec![Some(dx)])
     });
-    Ok(tensor(g, buf, t.dims(), &[t], back))
+    tensor(g, buf, t.dims(), t.dtype(), &[t], back)
 }
 
-/// `a op b` with broadcasting into `shape` (strides of 0 along broadcast dims), recording `back`
-/// over `inputs` (the CPU op's backward, written in tensor ops).
+/// `a op b` with broadcasting into `shape` (strides of 0 along broadcast dims) as `dtype`,
+/// recording `back` over `inputs` (the CPU op's backward, written in tensor ops).
 pub(crate) fn binary(
     (a, b): (&Tensor, &Tensor),
-    shape: &[usize],
+    (shape, dtype): (&[usize], DType),
     (name, op): (&'static str, BinaryOp),
     inputs: &[&Tensor],
     back: impl BackwardOp + 'static,
@@ -242,7 +342,7 @@ pub(crate) fn binary(
         }
         Ok((g.clone(), out))
     })?;
-    Ok(tensor(g, buf, shape, inputs, back))
+    tensor(g, buf, shape, dtype, inputs, back)
 }
 
 /// Sum over the middle axis of `t` seen as `[outer, n, inner]` into `out_shape`.
@@ -257,7 +357,7 @@ pub(crate) fn sum_mid(t: &Tensor, (outer, n, inner): (usize, usize, usize), out_
     let back = backward_fn("sum", |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
         Ok(vec![Some(g.broadcast_as(inputs[0].dims())?.contiguous()?)])
     });
-    Ok(tensor(g, buf, out_shape, &[t], back))
+    tensor(g, buf, out_shape, t.dtype(), &[t], back)
 }
 
 /// `a[batch.., m, k] @ b[batch.., k, n]` (both already broadcast to the batch) through cuBLAS.
@@ -277,17 +377,36 @@ pub(crate) fn matmul(
     let a = packed(a)?;
     let b = if b_transposed { b.clone() } else { packed(b)? };
     let shape = GemmShape { batch, m, n, k, b_transposed };
-    let (g, buf) = with_buffers([&a, &b], |g, [ab, bb]| {
-        let mut out = alloc(g, a.device(), batch * m * n)?;
-        let c_len = batch * m * n;
-        if c_len > 0 {
-            let mut view = out.slice_mut(..c_len);
-            g.gemm_dev(&shape, &ab.slice(..batch * m * k), &bb.slice(..batch * k * n), &mut view)
-                .map_err(gpu_error(a.device()))?;
-        }
-        Ok((g.clone(), out))
-    })?;
-    Ok(tensor(g, buf, out_shape, inputs, back))
+    let dev = a.device();
+    if a.dtype() == DType::BF16 && b.dtype() == DType::BF16 {
+        // cuBLAS's bf16 GEMM on the stored bits (f32 accumulation, the product rounded to bf16
+        // once: the CPU's arithmetic, in another summation order) on the tensor cores.
+        let (g, out) = with_bf16_buffers([&a, &b], |g, [ab, bb]| Ok((g.clone(), gemm(g, dev, &shape, ab, bb)?)))?;
+        return Ok(wrap(g, CudaBuf::Bf16(out), out_shape, inputs, back));
+    }
+    let (g, buf) = with_buffers([&a, &b], |g, [ab, bb]| Ok((g.clone(), gemm(g, dev, &shape, ab, bb)?)))?;
+    tensor(g, buf, out_shape, a.dtype(), inputs, back)
+}
+
+/// `shape`'s product of the packed operands `a` and `b` into a fresh buffer, through cuBLAS.
+fn gemm<T: BlasFloat>(
+    g: &Gpu,
+    dev: Device,
+    shape: &GemmShape,
+    a: &CudaSlice<T>,
+    b: &CudaSlice<T>,
+) -> Result<CudaSlice<T>>
+where
+    CudaBlas: Gemm<T>,
+{
+    let GemmShape { batch, m, n, k, .. } = *shape;
+    let c_len = batch * m * n;
+    let mut out = g.stream.alloc_zeros::<T>(c_len.max(1)).map_err(driver_error(dev, "allocating"))?;
+    if c_len > 0 {
+        let mut view = out.slice_mut(..c_len);
+        g.gemm_dev(shape, &a.slice(..batch * m * k), &b.slice(..batch * k * n), &mut view).map_err(gpu_error(dev))?;
+    }
+    Ok(out)
 }
 
 /// `tensors` (already checked: same rank, dtype, and dims but `dim`) concatenated along `dim`;
@@ -318,7 +437,7 @@ pub(crate) fn cat(tensors: &[Tensor], dim: usize, shape: &[usize], back: impl Ba
         at += len;
     }
     let refs: Vec<&Tensor> = tensors.iter().collect();
-    Ok(tensor(g, out, shape, &refs, back))
+    tensor(g, out, shape, tensors[0].dtype(), &refs, back)
 }
 
 /// For PyTorch's `gather`/`scatter_add` along `dim` of a tensor of `dims`: the row-major flat
@@ -362,7 +481,7 @@ pub(crate) fn select(
         }
         Ok((g.clone(), out))
     })?;
-    Ok(tensor(g, out, shape, &[cond, on_true, on_false], back))
+    tensor(g, out, shape, on_true.dtype(), &[cond, on_true, on_false], back)
 }
 
 /// A reduction over the middle axis of `t` seen as `[outer, n, inner]`: its values on the GPU.
@@ -400,7 +519,7 @@ pub(crate) fn logsumexp(
 ) -> Result<Tensor> {
     check_f32("logsumexp", t)?;
     let (g, out) = reduce_mid(t, MidReduction::LogSumExp, split)?;
-    Ok(tensor(g, out, out_shape, &[t], back))
+    tensor(g, out, out_shape, t.dtype(), &[t], back)
 }
 
 /// `x` with rows `src[j]` added into rows `idx[j]` (a leading dimension; duplicates add up, in
@@ -425,7 +544,7 @@ pub(crate) fn index_add_rows(
         }
         Ok((g.clone(), out))
     })?;
-    Ok(tensor(g, out, x.dims(), &[x, src], back))
+    tensor(g, out, x.dims(), x.dtype(), &[x, src], back)
 }
 
 /// Runs `f` on the values of a contiguous CUDA tensor in place, through the host (copy out, `f`,

@@ -41,11 +41,11 @@ pub(crate) fn softmax_last_dim(input: &Tensor, dim: usize, log: bool) -> Result<
                 g.softmax_backward_dev(ins, &mut dx, (rows, dim))
             }
             .map_err(gpu_error(dev))?;
-            Ok(tensor(g.clone(), dx, inputs[0].dims(), &[], NoBackward))
+            tensor(g.clone(), dx, inputs[0].dims(), inputs[0].dtype(), &[], NoBackward)
         })?;
         Ok(vec![Some(dx)])
     });
-    Ok(tensor(g, y, x.dims(), &[input], back))
+    tensor(g, y, x.dims(), input.dtype(), &[input], back)
 }
 
 /// RMSNorm over the last dim (`weight`: `[dim]`).
@@ -66,11 +66,14 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, dim: usize, eps: f32) -> Res
             let (mut dx, mut dw) = (alloc(g, dev, n)?, alloc(g, dev, dim)?);
             let ins = (&xb.slice(..), &wb.slice(..), &rstd.slice(..), &gb.slice(..));
             g.rmsnorm_backward_dev(ins, (&mut dx, &mut dw), (rows, dim)).map_err(gpu_error(dev))?;
-            Ok((tensor(g.clone(), dx, x.dims(), &[], NoBackward), tensor(g.clone(), dw, w.dims(), &[], NoBackward)))
+            Ok((
+                tensor(g.clone(), dx, x.dims(), x.dtype(), &[], NoBackward)?,
+                tensor(g.clone(), dw, w.dims(), w.dtype(), &[], NoBackward)?,
+            ))
         })?;
         Ok(vec![needs[0].then_some(dx), needs[1].then_some(dw)])
     });
-    Ok(tensor(g, y, x.dims(), &[x, weight], back))
+    tensor(g, y, x.dims(), x.dtype(), &[x, weight], back)
 }
 
 /// Mean cross-entropy of logits `[rows, vocab]` against host targets `t` (checked), skipping
@@ -99,12 +102,12 @@ pub(crate) fn cross_entropy(logits: &Tensor, t: Vec<i64>, ignore: i64, vocab: us
             let row_in = (&lse.slice(..), &dl.slice(..));
             g.cross_entropy_backward_dev((&xb.slice(..), &targets, ignore), row_in, &mut dx, (rows, vocab))
                 .map_err(gpu_error(dev))?;
-            Ok(tensor(g.clone(), dx, x.dims(), &[], NoBackward))
+            tensor(g.clone(), dx, x.dims(), x.dtype(), &[], NoBackward)
         })?;
         Ok(vec![Some(dx)])
     });
     let out = upload(&g, dev, &[mean])?;
-    Ok(tensor(g, out, &[], &[logits], back))
+    tensor(g, out, &[], logits.dtype(), &[logits], back)
 }
 
 /// RoPE of `x` `[b, s, h, d]` with host tables `[s, d/2]`.
@@ -127,9 +130,9 @@ pub(crate) fn rope(x: &Tensor, cos: Vec<f32>, sin: Vec<f32>, layout: RopeLayout)
     let back = backward_fn("rope", move |inputs: &[Tensor], _: &Tensor, grad: &Tensor, _: &[bool]| {
         // A rotation's transpose is the rotation by the opposite angle.
         let (g, dx) = run(&packed(grad)?, true)?;
-        Ok(vec![Some(tensor(g, dx, inputs[0].dims(), &[], NoBackward))])
+        Ok(vec![Some(tensor(g, dx, inputs[0].dims(), inputs[0].dtype(), &[], NoBackward)?)])
     });
-    Ok(tensor(g, y, x.dims(), &[x], back))
+    tensor(g, y, x.dims(), x.dtype(), &[x], back)
 }
 
 /// SwiGLU `silu(gate) * up`.
@@ -148,11 +151,14 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             let (mut dg, mut du) = (alloc(g, dev, n)?, alloc(g, dev, n)?);
             g.swiglu_backward_dev((&gb.slice(..), &ub.slice(..), &db.slice(..)), &mut dg, &mut du, n)
                 .map_err(gpu_error(dev))?;
-            Ok((tensor(g.clone(), dg, gt.dims(), &[], NoBackward), tensor(g.clone(), du, ut.dims(), &[], NoBackward)))
+            Ok((
+                tensor(g.clone(), dg, gt.dims(), gt.dtype(), &[], NoBackward)?,
+                tensor(g.clone(), du, ut.dims(), ut.dtype(), &[], NoBackward)?,
+            ))
         })?;
         Ok(vec![needs[0].then_some(dg), needs[1].then_some(du)])
     });
-    Ok(tensor(g, out, gate.dims(), &[gate, up], back))
+    tensor(g, out, gate.dims(), gate.dtype(), &[gate, up], back)
 }
 
 /// Scaled dot-product attention on the GPU's attention kernels (`shape` checked by the caller).
@@ -178,12 +184,12 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttnShape) ->
         })?;
         let (g, AttnGrads { dq, dk, dv, .. }) = grads;
         Ok(vec![
-            needs[0].then(|| tensor(g.clone(), dq, q.dims(), &[], NoBackward)),
-            needs[1].then(|| tensor(g.clone(), dk, k.dims(), &[], NoBackward)),
-            needs[2].then(|| tensor(g.clone(), dv, v.dims(), &[], NoBackward)),
+            needs[0].then(|| tensor(g.clone(), dq, q.dims(), q.dtype(), &[], NoBackward)).transpose()?,
+            needs[1].then(|| tensor(g.clone(), dk, k.dims(), k.dtype(), &[], NoBackward)).transpose()?,
+            needs[2].then(|| tensor(g.clone(), dv, v.dims(), v.dtype(), &[], NoBackward)).transpose()?,
         ])
     });
-    Ok(tensor(g, o, &[s.batch, s.q_heads, s.q_len, s.v_dim], &[q, k, v], back))
+    tensor(g, o, &[s.batch, s.q_heads, s.q_len, s.v_dim], q.dtype(), &[q, k, v], back)
 }
 
 /// Rows `idx` (checked) of `x` seen as `[n, inner]`: `index_select` along a leading dimension.
@@ -204,9 +210,9 @@ pub(crate) fn index_select_rows(x: &Tensor, idx: &[usize], inner: usize, out_sha
         let dx = with_buffer(&gr, |g, gb| {
             let mut dx = alloc(g, dev, rows * inner)?;
             g.embedding_backward_dev((&gb.slice(..), &ids_dev), &mut dx, (m, inner)).map_err(gpu_error(dev))?;
-            Ok(tensor(g.clone(), dx, inputs[0].dims(), &[], NoBackward))
+            tensor(g.clone(), dx, inputs[0].dims(), inputs[0].dtype(), &[], NoBackward)
         })?;
         Ok(vec![Some(dx)])
     });
-    Ok(tensor(g, out, out_shape, &[x], back))
+    tensor(g, out, out_shape, x.dtype(), &[x], back)
 }

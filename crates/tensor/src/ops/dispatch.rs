@@ -160,6 +160,26 @@ mod tests {
     }
 
     #[test]
+    fn the_gradients_are_those_of_index_select_mul_and_index_add_to_the_bit() {
+        let d = TokenDispatch::new(&ASSIGNMENTS, 5, 4).unwrap();
+        let rows = Tensor::from_vec(d.plan.rows.iter().map(|&r| r as i64).collect(), &[8], &Device::Cpu).unwrap();
+        let r = randn(&[5, 6], 13);
+        let grads = |fused: bool| {
+            let (x, w) = (randn(&[5, 6], 10).variable(), randn(&[8], 11).variable());
+            let scale = randn(&[8, 6], 12);
+            let out = if fused {
+                x.moe_permute(&d).unwrap().mul(&scale).unwrap().moe_unpermute(&w, &d).unwrap()
+            } else {
+                let y = x.index_select(0, &rows).unwrap().mul(&scale).unwrap();
+                x.zeros_like().unwrap().index_add(0, &rows, &y.mul(&w.unsqueeze(1).unwrap()).unwrap()).unwrap()
+            };
+            out.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            [x, w].map(|v| v.grad().unwrap().to_vec_f32().unwrap())
+        };
+        assert_eq!(grads(true), grads(false));
+    }
+
+    #[test]
     fn permute_and_combine_have_finite_difference_gradients() {
         let d = TokenDispatch::new(&ASSIGNMENTS, 5, 4).unwrap();
         let (x, w) = (randn(&[5, 3], 4), randn(&[8], 5));

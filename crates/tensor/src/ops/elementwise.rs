@@ -160,7 +160,7 @@ impl Tensor {
         });
         if self.device().is_cuda() {
             let shape = broadcast_shape(name, self.dims(), rhs.dims())?;
-            return crate::cuda::binary((self, rhs), &shape, (name, kind), &[self, rhs], back);
+            return crate::cuda::binary((self, rhs), (&shape, dtype), (name, kind), &[self, rhs], back);
         }
         let (shape, out) = if self.dims() == rhs.dims() {
             (self.dims().to_vec(), par_map2(&self.f32_data(), &rhs.f32_data(), f))
@@ -221,7 +221,8 @@ impl Tensor {
         if g.device().is_cuda() {
             let shape = broadcast_shape("masked", self.dims(), g.dims())?;
             let op = if keep { BinaryOp::Keep } else { BinaryOp::Drop };
-            return crate::cuda::binary((self, g), &shape, ("masked", op), &[], crate::backprop::NoBackward);
+            let out = (&shape[..], g.dtype());
+            return crate::cuda::binary((self, g), out, ("masked", op), &[], crate::backprop::NoBackward);
         }
         let zeros = g.zeros_like()?;
         if keep {
@@ -236,7 +237,8 @@ impl Tensor {
         let dtype = check_same_dtype_any_device("ge", self, rhs)?;
         if self.device().is_cuda() {
             let shape = broadcast_shape("ge", self.dims(), rhs.dims())?;
-            return crate::cuda::binary((self, rhs), &shape, ("ge", BinaryOp::Ge), &[], crate::backprop::NoBackward);
+            let out = (&shape[..], dtype);
+            return crate::cuda::binary((self, rhs), out, ("ge", BinaryOp::Ge), &[], crate::backprop::NoBackward);
         }
         let (shape, a, b) = self.broadcast_pair(rhs, "ge")?;
         let out = par_map2(&a, &b, |a, b| if a >= b { 1.0 } else { 0.0 });

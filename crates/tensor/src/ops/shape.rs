@@ -145,7 +145,7 @@ impl Tensor {
             return Ok(self.clone());
         }
         if self.device().is_cuda() {
-            return Err(Error::UnsupportedDType { op: "to_dtype", dtype, why: "CUDA tensors are f32 in this build" });
+            return crate::cuda::to_dtype(self, dtype);
         }
         let values = self.f32_data().to_vec();
         if self.dtype().is_float() && dtype.is_float() {
