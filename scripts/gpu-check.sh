@@ -46,11 +46,11 @@ logs="${OUT:-/tmp}"
         status=1
     fi
     echo
-    echo "## whale pretrain on the GPU and on the CPU (tiny preset, 30 steps; fp32, and FP8 GEMMs on the GPU)"
+    echo "## whale pretrain on the GPU and on the CPU (tiny preset, 30 steps; fp32 on both, bf16 and fp8 on the GPU)"
     echo
     echo '```'
     if [ -x gpu-bin/whale-cli ]; then
-        for run in cuda:fp32 cpu:fp32 cuda:fp8; do
+        for run in cuda:fp32 cpu:fp32 cuda:bf16 cuda:fp8; do
             dev=${run%%:*} precision=${run##*:} name=${run/:/-}
             rm -rf "/tmp/gpu-check-$name"
             timeout 300 gpu-bin/whale-cli pretrain --device "$dev" --precision "$precision" \

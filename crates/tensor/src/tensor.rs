@@ -366,7 +366,7 @@ impl Tensor {
     }
 
     /// This tensor's values on `device` (the same tensor when already there); differentiable.
-    /// CUDA tensors are f32, or FP8 codes (which move as they are).
+    /// CUDA tensors are f32 or bf16, or FP8 codes (which move as they are).
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         if self.device() == *device {
             return Ok(self.clone());

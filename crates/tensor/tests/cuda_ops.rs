@@ -16,13 +16,12 @@ fn positive(shape: &[usize], seed: u64) -> Tensor {
     Tensor::rand_uniform(shape, 0.5, 2.0, DType::F32, &mut Rng::new(seed)).unwrap()
 }
 
+/// What one device computed: the output and each input's gradient, with their dtypes.
+type Computed = (Vec<f32>, Vec<Vec<f32>>, Vec<DType>);
+
 /// `f`'s output and the gradients of `sum(out * r)` for every input, computed on `device`, read
-/// back to the host.
-fn run(
-    device: &Device,
-    inputs: &[Tensor],
-    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
-) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+/// back to the host, with the dtypes of the output and of each gradient.
+fn run(device: &Device, inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Result<Computed> {
     let vars = inputs.iter().map(|t| Ok(t.to_device(device)?.detach().variable())).collect::<Result<Vec<_>>>()?;
     let out = f(&vars)?;
     assert_eq!(out.device(), *device, "the result stays on the inputs' device");
@@ -32,7 +31,8 @@ fn run(
         .iter()
         .map(|v| v.grad().map(|g| g.to_vec_f32()).unwrap_or_else(|| Ok(vec![0.0; v.elem_count()])))
         .collect::<Result<Vec<_>>>()?;
-    Ok((out.to_vec_f32()?, grads))
+    let dtypes = std::iter::once(out.dtype()).chain(vars.iter().filter_map(|v| v.grad().map(|g| g.dtype()))).collect();
+    Ok((out.to_vec_f32()?, grads, dtypes))
 }
 
 fn close(what: &str, got: &[f32], want: &[f32]) {
@@ -65,12 +65,14 @@ fn on_every_device_with(
     compare: fn(&str, &[f32], &[f32]),
     f: impl Fn(&[Tensor]) -> Result<Tensor>,
 ) {
-    let (out, grads) = run(&Device::Cpu, &inputs, &f).unwrap_or_else(|e| panic!("{name} on the CPU: {e}"));
+    let (out, grads, dtypes) = run(&Device::Cpu, &inputs, &f).unwrap_or_else(|e| panic!("{name} on the CPU: {e}"));
     if !Device::cuda_is_available(0) {
         eprintln!("{name}: CUDA half skipped, no CUDA driver or GPU on this machine");
         return;
     }
-    let (gout, ggrads) = run(&Device::cuda(0).unwrap(), &inputs, &f).unwrap_or_else(|e| panic!("{name} on CUDA: {e}"));
+    let (gout, ggrads, gdtypes) =
+        run(&Device::cuda(0).unwrap(), &inputs, &f).unwrap_or_else(|e| panic!("{name} on CUDA: {e}"));
+    assert_eq!(gdtypes, dtypes, "{name}: the dtypes of the output and the gradients");
     compare(&format!("{name} output"), &gout, &out);
     for (i, (g, w)) in ggrads.iter().zip(&grads).enumerate() {
         compare(&format!("{name} grad of input {i}"), g, w);
@@ -295,6 +297,7 @@ fn bf16_tensors_compute_on_the_gpu_as_on_the_cpu() {
     on_every_device_with("bf16 maps and broadcasting", vec![x.clone(), y.clone()], close_bf16, |v| {
         v[0].silu()?.mul(&v[1])?.add(&v[1].sum_keepdim(0)?)?.tanh()
     });
+    on_every_device_with("bf16 dropout", vec![x.clone()], close_bf16, |v| v[0].dropout(0.3, &mut Rng::new(7)));
     // cuBLAS's bf16 GEMM (tensor cores) against the CPU's f32 GEMM of the same bf16 values.
     on_every_device_with("bf16 linear", vec![x.clone(), w.clone()], close_bf16, |v| v[0].matmul(&v[1].t()?));
     let norm_w = bf16(positive(&[40], 63));

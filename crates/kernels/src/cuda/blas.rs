@@ -114,6 +114,14 @@ impl Gpu {
         }
         let blas = CudaBlas::new(self.stream.clone())
             .map_err(|e| GpuError::Cuda { what: "creating a cuBLAS handle".into(), msg: format!("{e:?}") })?;
+        // A bf16 product is summed in f32 and rounded once, as on the CPU: no split-K partial
+        // sums reduced in bf16 (which cuBLAS's default math mode allows for bf16 outputs).
+        let mode = cudarc::cublas::sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION;
+        // SAFETY: the handle was just created and is not yet shared.
+        let status = unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) };
+        if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(GpuError::Cuda { what: "setting cuBLAS's math mode".into(), msg: format!("{status:?}") });
+        }
         Ok(self.blas.get_or_init(|| blas))
     }
 

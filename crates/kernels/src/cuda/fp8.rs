@@ -100,6 +100,9 @@ impl Gpu {
         if rows * cols == 0 {
             return Ok(());
         }
+        if rows.div_ceil(32) > 65_535 {
+            return Err(GpuError::Shape(format!("{kernel}: {rows} rows exceed the grid's 65535 x 32")));
+        }
         let (r32, c32) = (rows as u32, cols as u32);
         let mut l = self.stream.launch_builder(self.function(kernel));
         l.arg(x).arg(y).arg(&r32).arg(&c32);

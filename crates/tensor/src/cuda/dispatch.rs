@@ -7,7 +7,7 @@ use std::sync::Arc;
 use whale_kernels::cuda::cudarc::driver::CudaSlice;
 use whale_kernels::cuda::{DispatchIndices, Gpu};
 
-use super::{alloc, check_f32, gpu_error, packed, tensor, with_buffers};
+use super::{alloc, check_gpu_float, gpu_error, packed, tensor, with_buffers};
 use crate::backprop::NoBackward;
 use crate::ops::dispatch::TokenDispatch;
 use crate::{Result, Tensor};
@@ -30,7 +30,7 @@ fn with_optional<R>(
 
 /// `[P, dim]`: `scale[p] * x[rows[p]]` (no scale: a copy).
 pub(crate) fn permute(x: &Tensor, d: &TokenDispatch, scale: Option<&Tensor>, dim: usize) -> Result<Tensor> {
-    check_f32("moe_permute", x)?;
+    check_gpu_float("moe_permute", x)?;
     let (xp, dev) = (packed(x)?, x.device());
     let sp = scale.map(packed).transpose()?;
     let n = d.plan.len() * dim;
@@ -46,7 +46,7 @@ pub(crate) fn permute(x: &Tensor, d: &TokenDispatch, scale: Option<&Tensor>, dim
 
 /// `[T, dim]`: every token's sum of `weight[p] * y[p]` over its rows (no weight: a plain sum).
 pub(crate) fn combine(y: &Tensor, d: &TokenDispatch, weight: Option<&Tensor>, dim: usize) -> Result<Tensor> {
-    check_f32("moe_unpermute", y)?;
+    check_gpu_float("moe_unpermute", y)?;
     let (yp, dev) = (packed(y)?, y.device());
     let wp = weight.map(packed).transpose()?;
     let n = d.plan.n_tokens() * dim;
@@ -62,7 +62,7 @@ pub(crate) fn combine(y: &Tensor, d: &TokenDispatch, weight: Option<&Tensor>, di
 
 /// `[P]`: `dout[rows[p]] · y[p]`.
 pub(crate) fn weight_grad(dout: &Tensor, y: &Tensor, d: &TokenDispatch, dim: usize) -> Result<Tensor> {
-    check_f32("moe_unpermute", y)?;
+    check_gpu_float("moe_unpermute", y)?;
     let (gp, yp, dev) = (packed(dout)?, packed(y)?, y.device());
     let (g, out) = with_buffers([&gp, &yp], |g, [gb, yb]| {
         let ix = indices(g, y, d)?;

@@ -10,7 +10,7 @@ use whale_kernels::cpu::fp8::Fp8Format;
 use whale_kernels::cuda::cudarc::driver::{CudaSlice, CudaView};
 use whale_kernels::cuda::{Fp8View, Gpu};
 
-use super::{alloc, check_f32, gpu_error, packed, tensor, with_buffer};
+use super::{alloc, check_gpu_float, gpu_error, packed, tensor, with_buffer};
 use crate::backprop::{backward_fn, NoBackward};
 use crate::layout::Layout;
 use crate::storage::{CudaBuf, CudaStorage, Storage};
@@ -66,7 +66,7 @@ pub(crate) fn codes_to_device(t: &Tensor, ordinal: usize) -> Result<Tensor> {
 /// E4M3 codes (a CUDA tensor of `x`'s shape) and f32 scales of the 2-D `x` in `block_rows` x 128
 /// blocks (1 or 128; the caller checks).
 pub(crate) fn quantize(x: &Tensor, block_rows: usize) -> Result<(Tensor, Tensor)> {
-    check_f32("quantize_fp8", x)?;
+    check_gpu_float("quantize_fp8", x)?;
     let (rows, cols, dev) = (x.dims()[0], x.dims()[1], x.device());
     let xp = packed(x)?;
     let (g, q) = with_buffer(&xp, |g, xb| {
@@ -80,7 +80,7 @@ pub(crate) fn quantize(x: &Tensor, block_rows: usize) -> Result<(Tensor, Tensor)
 /// `code * scale` per block of CUDA codes with their scales on the same GPU (any block, either
 /// format; the caller checked the scale grid's shape).
 pub(crate) fn dequantize(codes: &Tensor, scales: &Tensor, block: (usize, usize)) -> Result<Tensor> {
-    check_f32("dequantize_fp8 (scales)", scales)?;
+    check_gpu_float("dequantize_fp8 (scales)", scales)?;
     let (rows, cols, dev) = (codes.dims()[0], codes.dims()[1], codes.device());
     let sp = packed(scales)?;
     let (g, out) = with_codes(codes, |g, cv, format| {
@@ -101,7 +101,7 @@ pub(crate) fn dequantize(codes: &Tensor, scales: &Tensor, block: (usize, usize))
 /// the forward for the Dgrad GEMM (one byte per weight), and its gradient comes back in its own
 /// dtype; a stored weight is frozen.
 pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) -> Result<Tensor> {
-    check_f32("fp8_linear", x)?;
+    check_gpu_float("fp8_linear", x)?;
     let dev = x.device();
     let m = x.elem_count() / k.max(1);
     let mut out_shape = x.dims().to_vec();
@@ -114,7 +114,7 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
             |w: &Fp8View<'_>| g.fp8_gemm_dev(&xq.view(), w, &mut y, g.fp8_gemm_kernel(k)).map_err(gpu_error(dev));
         let kept = match weight {
             Fp8Weight::Master(w) => {
-                check_f32("fp8_linear (weight)", w)?;
+                check_gpu_float("fp8_linear (weight)", w)?;
                 let wq = with_buffer(&packed(w)?, |_, wb| {
                     g.fp8_quantize_dev(&wb.slice(..), (n, k), 128).map_err(gpu_error(dev))
                 })?;

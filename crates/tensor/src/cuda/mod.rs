@@ -1,5 +1,5 @@
-//! The CUDA backend: tensors whose storage lives on a GPU (f32 values, or FP8 codes for the FP8
-//! ops), and the ops that run there. Each op keeps its CPU home (`ops/`, `fp8.rs`), which
+//! The CUDA backend: tensors whose storage lives on a GPU (f32 or bf16 values, or FP8 codes for
+//! the FP8 ops), and the ops that run there. Each op keeps its CPU home (`ops/`, `fp8.rs`), which
 //! dispatches here for CUDA tensors; the backward closures are the CPU ops' own where they are
 //! written in tensor ops (which dispatch again), and GPU kernels where the CPU computes a
 //! derivative directly (elementwise maps, the fused ops).
@@ -7,9 +7,10 @@
 //! Every op of the tensor API runs on the GPU: `to_device` both ways, views (free: layouts
 //! only), `contiguous`, elementwise maps, broadcasting binary ops, reductions, matmul through
 //! cuBLAS, the fused NN ops (`nn.rs`), MoE token permutation (`dispatch.rs`), FP8 quantisation
-//! and the FP8 linear (`fp8.rs`), AdamW. Index tensors are host data. What the GPU does not
-//! hold (bf16/f16 storage) is an error that names the op (`ops::check_float`, `check_f32`):
-//! nothing silently computes on the host.
+//! and the FP8 linear (`fp8.rs`), AdamW. Ops compute in f32: bf16 operands are widened on the
+//! way in and results rounded to bf16 on the way out, the CPU's rule (bf16 matmuls run on
+//! cuBLAS's bf16 GEMM). Index tensors are host data. What the GPU does not hold (f16) is an
+//! error that names the op (`check_gpu_float`): nothing silently computes on the host.
 
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
@@ -171,7 +172,7 @@ fn wrap(g: Arc<Gpu>, buf: CudaBuf, shape: &[usize], inputs: &[&Tensor], op: impl
 const GPU_DTYPES: &str = "CUDA tensors are f32 or bf16 (FP8 codes feed only the FP8 ops)";
 
 /// A tensor the CUDA ops compute on: f32 or bf16.
-pub(crate) fn check_f32(op: &'static str, t: &Tensor) -> Result<()> {
+pub(crate) fn check_gpu_float(op: &'static str, t: &Tensor) -> Result<()> {
     if !matches!(t.dtype(), DType::F32 | DType::BF16) {
         return Err(Error::UnsupportedDType { op, dtype: t.dtype(), why: GPU_DTYPES });
     }
@@ -213,7 +214,7 @@ pub(crate) fn to_device(t: &Tensor, device: &Device) -> Result<Tensor> {
             Ok(Tensor::with_history_on(Arc::new(RwLock::new(storage)), layout, t.dtype(), Device::Cpu, &[t], back))
         }
         Device::Cuda(i) => {
-            check_f32("to_device", t)?;
+            check_gpu_float("to_device", t)?;
             let g = gpu(i)?;
             let buf =
                 if t.device() == *device { contiguous_buffer(t)?.1 } else { upload(&g, *device, &t.to_vec_f32()?)? };
@@ -224,7 +225,7 @@ pub(crate) fn to_device(t: &Tensor, device: &Device) -> Result<Tensor> {
 
 /// `t` stored as `dtype` (f32 and bf16 on a GPU), differentiable (the gradient converts back).
 pub(crate) fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
-    check_f32("to_dtype", t)?;
+    check_gpu_float("to_dtype", t)?;
     if !matches!(dtype, DType::F32 | DType::BF16) {
         return Err(Error::UnsupportedDType { op: "to_dtype", dtype, why: GPU_DTYPES });
     }
@@ -252,7 +253,7 @@ fn contiguous_buffer(t: &Tensor) -> Result<(Arc<Gpu>, CudaSlice<f32>)> {
 
 /// A row-major copy of a CUDA view.
 pub(crate) fn contiguous(t: &Tensor) -> Result<Tensor> {
-    check_f32("contiguous", t)?;
+    check_gpu_float("contiguous", t)?;
     let (g, buf) = contiguous_buffer(t)?;
     let op = backward_fn("contiguous", |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| Ok(vec![Some(g.clone())]));
     tensor(g, buf, t.dims(), t.dtype(), &[t], op)
@@ -260,7 +261,7 @@ pub(crate) fn contiguous(t: &Tensor) -> Result<Tensor> {
 
 /// Zeros of `shape` with `g` written at `start` along `dim`: narrow's backward.
 pub(crate) fn pad_into(g: &Tensor, shape: &[usize], dim: usize, start: usize) -> Result<Tensor> {
-    check_f32("narrow (backward)", g)?;
+    check_gpu_float("narrow (backward)", g)?;
     let gp = packed(g)?;
     let (dev, n) = (g.device(), g.elem_count());
     let window = Layout::contiguous(shape).narrow(dim, start, g.dims()[dim])?;
@@ -298,7 +299,7 @@ pub(crate) fn packed(t: &Tensor) -> Result<Tensor> {
 
 /// `op(t)` elementwise, with the derivative kernel as its backward.
 pub(crate) fn unary(t: &Tensor, name: &'static str, op: UnaryOp) -> Result<Tensor> {
-    check_f32(name, t)?;
+    check_gpu_float(name, t)?;
     let x = packed(t)?;
     let n = t.elem_count();
     let (g, buf) = with_buffer(&x, |g, xb| {
@@ -328,8 +329,8 @@ pub(crate) fn binary(
     inputs: &[&Tensor],
     back: impl BackwardOp + 'static,
 ) -> Result<Tensor> {
-    check_f32(name, a)?;
-    check_f32(name, b)?;
+    check_gpu_float(name, a)?;
+    check_gpu_float(name, b)?;
     let (ba, bb) = (a.broadcast_as(shape)?, b.broadcast_as(shape)?);
     let (la, lb) = (ba.layout(), bb.layout());
     let s =
@@ -347,7 +348,7 @@ pub(crate) fn binary(
 
 /// Sum over the middle axis of `t` seen as `[outer, n, inner]` into `out_shape`.
 pub(crate) fn sum_mid(t: &Tensor, (outer, n, inner): (usize, usize, usize), out_shape: &[usize]) -> Result<Tensor> {
-    check_f32("sum", t)?;
+    check_gpu_float("sum", t)?;
     let x = packed(t)?;
     let (g, buf) = with_buffer(&x, |g, xb| {
         let mut out = alloc(g, t.device(), outer * inner)?;
@@ -370,8 +371,8 @@ pub(crate) fn matmul(
     inputs: &[&Tensor],
     back: impl BackwardOp + 'static,
 ) -> Result<Tensor> {
-    check_f32("matmul", a)?;
-    check_f32("matmul", b)?;
+    check_gpu_float("matmul", a)?;
+    check_gpu_float("matmul", b)?;
     let lb = b.layout();
     let b_transposed = b.rank() == 2 && lb.strides() == [1, k] && lb.offset() == 0 && k > 0;
     let a = packed(a)?;
@@ -420,7 +421,7 @@ pub(crate) fn cat(tensors: &[Tensor], dim: usize, shape: &[usize], back: impl Ba
     let mut out = alloc(&g, dev, shape.iter().product())?;
     let mut at = 0;
     for t in tensors {
-        check_f32("cat", t)?;
+        check_gpu_float("cat", t)?;
         if t.device() != dev {
             return Err(Error::DeviceMismatch { op: "cat", lhs: dev, rhs: t.device() });
         }
@@ -468,7 +469,7 @@ pub(crate) fn select(
     back: impl BackwardOp + 'static,
 ) -> Result<Tensor> {
     for t in [cond, on_true, on_false] {
-        check_f32("where_cond", t)?;
+        check_gpu_float("where_cond", t)?;
     }
     let dev = on_true.device();
     let full = |t: &Tensor| packed(&t.broadcast_as(shape)?);
@@ -503,7 +504,7 @@ fn reduce_mid(
 /// The first maximum's index along the middle axis, as host i64 indices (index tensors are host
 /// data here), shaped `out_shape`.
 pub(crate) fn argmax(t: &Tensor, split: (usize, usize, usize), out_shape: &[usize]) -> Result<Tensor> {
-    check_f32("argmax", t)?;
+    check_gpu_float("argmax", t)?;
     let (g, out) = reduce_mid(t, MidReduction::Argmax, split)?;
     let n = split.0 * split.2;
     let host = g.stream.clone_dtoh(&out).map_err(driver_error(t.device(), "copying indices to the host"))?;
@@ -517,7 +518,7 @@ pub(crate) fn logsumexp(
     out_shape: &[usize],
     back: impl BackwardOp + 'static,
 ) -> Result<Tensor> {
-    check_f32("logsumexp", t)?;
+    check_gpu_float("logsumexp", t)?;
     let (g, out) = reduce_mid(t, MidReduction::LogSumExp, split)?;
     tensor(g, out, out_shape, t.dtype(), &[t], back)
 }
@@ -531,7 +532,7 @@ pub(crate) fn index_add_rows(
     inner: usize,
     back: impl BackwardOp + 'static,
 ) -> Result<Tensor> {
-    check_f32("index_add", x)?;
+    check_gpu_float("index_add", x)?;
     let dev = x.device();
     let (xp, sp) = (packed(x)?, packed(src)?);
     let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();

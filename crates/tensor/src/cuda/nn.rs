@@ -8,7 +8,7 @@ use std::sync::Arc;
 use whale_kernels::cuda::cudarc::driver::CudaSlice;
 use whale_kernels::cuda::{AttnGrads, Gpu};
 
-use super::{alloc, check_f32, gpu_error, packed, tensor, upload, with_buffer, with_buffers};
+use super::{alloc, check_gpu_float, gpu_error, packed, tensor, upload, with_buffer, with_buffers};
 use crate::backprop::{backward_fn, NoBackward};
 use crate::ops::nn::{AttnShape, RopeLayout};
 use crate::{Result, Tensor};
@@ -16,7 +16,7 @@ use crate::{Result, Tensor};
 /// Softmax (or, with `log`, log-softmax) over the last dim of `input` (`rows` rows of `dim`).
 pub(crate) fn softmax_last_dim(input: &Tensor, dim: usize, log: bool) -> Result<Tensor> {
     let name = if log { "log_softmax" } else { "softmax" };
-    check_f32(name, input)?;
+    check_gpu_float(name, input)?;
     let x = packed(input)?;
     let (n, dev) = (x.elem_count(), x.device());
     let rows = n / dim.max(1);
@@ -50,7 +50,7 @@ pub(crate) fn softmax_last_dim(input: &Tensor, dim: usize, log: bool) -> Result<
 
 /// RMSNorm over the last dim (`weight`: `[dim]`).
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, dim: usize, eps: f32) -> Result<Tensor> {
-    check_f32("rms_norm", x)?;
+    check_gpu_float("rms_norm", x)?;
     let (xp, wp) = (packed(x)?, packed(weight)?);
     let (n, dev) = (x.elem_count(), x.device());
     let rows = n / dim.max(1);
@@ -79,7 +79,7 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, dim: usize, eps: f32) -> Res
 /// Mean cross-entropy of logits `[rows, vocab]` against host targets `t` (checked), skipping
 /// `ignore`; the per-row losses are summed on the host in f64, as on the CPU.
 pub(crate) fn cross_entropy(logits: &Tensor, t: Vec<i64>, ignore: i64, vocab: usize) -> Result<Tensor> {
-    check_f32("cross_entropy", logits)?;
+    check_gpu_float("cross_entropy", logits)?;
     let x = packed(logits)?;
     let (rows, dev) = (t.len(), logits.device());
     let count = t.iter().filter(|&&v| v != ignore).count();
@@ -112,7 +112,7 @@ pub(crate) fn cross_entropy(logits: &Tensor, t: Vec<i64>, ignore: i64, vocab: us
 
 /// RoPE of `x` `[b, s, h, d]` with host tables `[s, d/2]`.
 pub(crate) fn rope(x: &Tensor, cos: Vec<f32>, sin: Vec<f32>, layout: RopeLayout) -> Result<Tensor> {
-    check_f32("rope", x)?;
+    check_gpu_float("rope", x)?;
     let xp = packed(x)?;
     let dims = (x.dims()[0], x.dims()[1], x.dims()[2], x.dims()[3]);
     let (n, dev) = (x.elem_count(), x.device());
@@ -137,7 +137,7 @@ pub(crate) fn rope(x: &Tensor, cos: Vec<f32>, sin: Vec<f32>, layout: RopeLayout)
 
 /// SwiGLU `silu(gate) * up`.
 pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    check_f32("swiglu", gate)?;
+    check_gpu_float("swiglu", gate)?;
     let (gp, up_p) = (packed(gate)?, packed(up)?);
     let (n, dev) = (gate.elem_count(), gate.device());
     let (g, out) = with_buffers([&gp, &up_p], |g, [gb, ub]| {
@@ -164,7 +164,7 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// Scaled dot-product attention on the GPU's attention kernels (`shape` checked by the caller).
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttnShape) -> Result<Tensor> {
     for t in [q, k, v] {
-        check_f32("attention", t)?;
+        check_gpu_float("attention", t)?;
     }
     let (qp, kp, vp) = (packed(q)?, packed(k)?, packed(v)?);
     let dev = q.device();
@@ -194,7 +194,7 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttnShape) ->
 
 /// Rows `idx` (checked) of `x` seen as `[n, inner]`: `index_select` along a leading dimension.
 pub(crate) fn index_select_rows(x: &Tensor, idx: &[usize], inner: usize, out_shape: &[usize]) -> Result<Tensor> {
-    check_f32("index_select", x)?;
+    check_gpu_float("index_select", x)?;
     let xp = packed(x)?;
     let dev = x.device();
     let ids32: Vec<u32> = idx.iter().map(|&i| i as u32).collect();

@@ -42,8 +42,6 @@ impl Tensor {
         let batch = broadcast_shape("matmul", &self.dims()[..ra - 2], &rhs.dims()[..rb - 2])?;
         let a_shape: Vec<usize> = batch.iter().copied().chain([m, k]).collect();
         let b_shape: Vec<usize> = batch.iter().copied().chain([k, n]).collect();
-        let a = as_f32(self)?.broadcast_as(&a_shape)?;
-        let b = as_f32(rhs)?.broadcast_as(&b_shape)?;
         let out_shape: Vec<usize> = batch.iter().copied().chain([m, n]).collect();
         let back = backward_fn("matmul", |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
             let (a, b) = (&inputs[0], &inputs[1]);
@@ -53,9 +51,13 @@ impl Tensor {
             ])
         });
         if self.device().is_cuda() {
+            // In the operands' own dtype: cuBLAS multiplies bf16 on the tensor cores.
+            let (a, b) = (self.detach().broadcast_as(&a_shape)?, rhs.detach().broadcast_as(&b_shape)?);
             let count = batch.iter().product();
             return crate::cuda::matmul((&a, &b), (count, m, n, k), &out_shape, &[self, rhs], back);
         }
+        let a = as_f32(self)?.broadcast_as(&a_shape)?;
+        let b = as_f32(rhs)?.broadcast_as(&b_shape)?;
         let out = batched_gemm(&a, &b, &batch, m, n, k);
         Ok(Tensor::from_op(out, &out_shape, dtype, &[self, rhs], back))
     }

@@ -283,7 +283,7 @@ impl Tensor {
         let mask: Vec<f32> = (0..self.elem_count()).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
         if self.device().is_cuda() {
             // The same draws as on the CPU, so a seed drops the same elements on every device.
-            return self.mul(&Tensor::from_vec(mask, self.dims(), &self.device())?);
+            return self.mul(&Tensor::from_vec(mask, self.dims(), &self.device())?.to_dtype(self.dtype())?);
         }
         let out = super::par_map2(&self.f32_data(), &mask, |x, m| x * m);
         let mask = Tensor::from_vec(mask, self.dims(), &self.device())?.to_dtype(self.dtype())?;
