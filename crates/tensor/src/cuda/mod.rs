@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use half::bf16;
 
 use whale_kernels::cuda::cudarc::cublas::{CudaBlas, Gemm};
-use whale_kernels::cuda::cudarc::driver::{CudaSlice, DeviceRepr, DriverError};
+use whale_kernels::cuda::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, DriverError};
 use whale_kernels::cuda::{BinaryOp, BlasFloat, GemmShape, Gpu, GpuError, MidReduction, Strided, UnaryOp};
 
 use crate::backprop::{backward_fn, BackwardOp};
@@ -80,10 +80,18 @@ pub(crate) fn with_buffers<R, const N: usize>(
     let (guards, slots) = read_storages(ts);
     let storages = guards.iter().map(on_gpu).collect::<Result<Vec<_>>>()?;
     let first = storages.first().ok_or_else(|| Error::invalid("cuda", "no tensors"))?;
+    // How much of each storage the tensors reach (bf16 is widened up to there, not beyond).
+    let mut reach = vec![0usize; storages.len()];
+    for (t, &slot) in ts.iter().zip(&slots) {
+        reach[slot] = reach[slot].max(end_of(t));
+    }
     let widened = storages
         .iter()
-        .map(|c| match &c.buf {
-            CudaBuf::Bf16(bits) => widen(&c.gpu, Device::Cuda(c.gpu.ordinal), bits).map(Some),
+        .zip(&reach)
+        .map(|(c, &end)| match &c.buf {
+            CudaBuf::Bf16(bits) => {
+                widen(&c.gpu, Device::Cuda(c.gpu.ordinal), &bits.slice(..end.min(bits.len()))).map(Some)
+            }
             _ => Ok(None),
         })
         .collect::<Result<Vec<_>>>()?;
@@ -113,10 +121,19 @@ fn with_bf16_buffers<R, const N: usize>(
     f(&first.gpu, slots.map(|i| bits[i]))
 }
 
+/// One past the last storage element `t`'s view reads.
+fn end_of(t: &Tensor) -> usize {
+    let l = t.layout();
+    if t.elem_count() == 0 {
+        return l.offset();
+    }
+    l.offset() + l.shape().iter().zip(l.strides()).map(|(&d, &s)| (d - 1) * s).sum::<usize>() + 1
+}
+
 /// bf16 bits as f32 values in a fresh buffer.
-fn widen(g: &Gpu, device: Device, bits: &CudaSlice<bf16>) -> Result<CudaSlice<f32>> {
+fn widen(g: &Gpu, device: Device, bits: &CudaView<'_, bf16>) -> Result<CudaSlice<f32>> {
     let mut out = alloc(g, device, bits.len())?;
-    g.bf16_to_f32_dev(&bits.slice(..), &mut out, bits.len()).map_err(gpu_error(device))?;
+    g.bf16_to_f32_dev(bits, &mut out, bits.len()).map_err(gpu_error(device))?;
     Ok(out)
 }
 
