@@ -3,7 +3,8 @@
 //! DeepSeek-V3's projection shapes) and against the simple CUDA-core kernel, training attention
 //! forward and backward, MLA decode over the latent cache, and a device copy as the memory-bandwidth
 //! ceiling, one linear layer's forward and backward in FP8 against f32 on CUDA tensors, and a
-//! training step of the `small` preset on the GPU (f32, and with FP8 GEMMs) against the CPU.
+//! training step of the `small` preset on the GPU (f32, bf16, and bf16 with FP8 GEMMs) against
+//! the CPU.
 //! Kernels are timed with CUDA events inside criterion's `iter_custom`, so the clock reads the
 //! GPU's own time for `iters` back-to-back launches; the tensor-level rows, which synchronise
 //! with the host, by wall clock.
@@ -25,7 +26,7 @@ use whale_kernels::cuda::{device_count, AttentionKernels, Fp8GemmKernel, Fp8Oper
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::optim::{AdamW, AdamWConfig};
-use whale_tensor::{Device, Rng, Tensor};
+use whale_tensor::{DType, Device, Rng, Tensor};
 
 /// One benchmark's measurements: the GPU seconds of each sample divided by its launches.
 struct Row {
@@ -286,8 +287,8 @@ fn linear_layers(c: &mut Criterion, rows: &mut Vec<Row>) {
     }
 }
 
-/// A training step of the `small` preset (forward, backward, AdamW, balancing) on the GPU in f32
-/// and with FP8 GEMMs, and on the CPU.
+/// A training step of the `small` preset (forward, backward, AdamW, balancing) on the GPU in f32,
+/// in bf16, and in bf16 with FP8 GEMMs (DeepSeek-V3's recipe), and on the CPU in f32.
 fn training_step(c: &mut Criterion, rows: &mut Vec<Row>) {
     let cfg = DeepSeekV3Config::small();
     let (batch, seq) = (8, 128);
@@ -299,8 +300,15 @@ fn training_step(c: &mut Criterion, rows: &mut Vec<Row>) {
     let (ids, targets) = (tokens(), tokens());
     let cpu = DeepSeekV3::new(cfg.clone(), 3).expect("model");
     let gpu = Device::cuda(0).expect("GPU 0");
-    for (name, device, fp8) in [("gpu", gpu, false), ("gpu_fp8", gpu, true), ("cpu", Device::Cpu, false)] {
+    let runs = [
+        ("gpu", gpu, DType::F32, false),
+        ("gpu_bf16", gpu, DType::BF16, false),
+        ("gpu_fp8", gpu, DType::BF16, true),
+        ("cpu", Device::Cpu, DType::F32, false),
+    ];
+    for (name, device, dtype, fp8) in runs {
         let mut model = cpu.to_device(&device).expect("model on the device");
+        model.compute_dtype = dtype;
         model.set_fp8(fp8.then(Fp8Recipe::default));
         let mut opt = AdamW::new(AdamWConfig::default()).expect("AdamW");
         let r = row("train_step", &format!("small_{name}/{batch}x{seq}"), (batch * seq) as f64, "ktok/s");
@@ -332,8 +340,8 @@ fn table(rows: &[Row]) -> String {
             ("train_step", Some(k)) if k.ends_with("_gpu") => {
                 rows.iter().find(|b| b.name == r.name.replace("_gpu", "_cpu"))
             }
-            ("train_step", Some(k)) if k.ends_with("_gpu_fp8") => {
-                rows.iter().find(|b| b.name == r.name.replace("_gpu_fp8", "_gpu"))
+            ("train_step", Some(k)) if k.ends_with("_gpu_fp8") || k.ends_with("_gpu_bf16") => {
+                rows.iter().find(|b| b.name == r.name.replace("_gpu_fp8", "_gpu").replace("_gpu_bf16", "_gpu"))
             }
             ("linear", Some(_)) if r.name.starts_with("fp8") => {
                 rows.iter().find(|b| b.group == r.group && b.name == r.name.replace("fp8", "f32"))
