@@ -58,7 +58,7 @@ logs="${OUT:-/tmp}"
             rc=$?
             echo "$name: exit status $rc; $(grep -E 'trained in|^\| base' "$logs/pretrain-$name.log" | tr '\n' ' ')"
             echo "$name: last step $(tail -1 "/tmp/gpu-check-$name/metrics.jsonl" 2>/dev/null)"
-            [ "$rc" -eq 0 ] || { status=1; tail -5 "$logs/pretrain-$name.log"; }
+            [ "$rc" -eq 0 ] || { status=1; grep -m 1 -A 3 -E "^Error|panicked" "$logs/pretrain-$name.log"; }
         done
     else
         echo "gpu-bin/whale-cli is missing"
