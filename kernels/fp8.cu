@@ -30,6 +30,38 @@ extern "C" __global__ void fp8_quantize_1x128(
     if (threadIdx.x == 0 && row < rows) scales[row * tiles + tile] = scale;
 }
 
+// The 1x128 quantisation of x^T without forming it: x [rows, cols] is read in tiles of 128 rows
+// x 32 columns (coalesced along the columns), each column's 128 values are one tile of x^T,
+// and the codes are written transposed, codes [cols, rows] with scales [cols, ceil(rows / 128)]:
+// exactly fp8_quantize_1x128 of the transpose (the Wgrad GEMM's operands, tiled along the
+// tokens). Grid (ceil(cols / 32), ceil(rows / 128)), 256 threads.
+extern "C" __global__ void fp8_quantize_1x128_transposed(
+    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols) {
+    __shared__ float tile[BLOCK][33];
+    __shared__ float scale[32];
+    unsigned c0 = blockIdx.x * 32, r0 = blockIdx.y * BLOCK;
+    for (unsigned i = threadIdx.x; i < BLOCK * 32; i += blockDim.x) {
+        unsigned r = i / 32, c = i % 32;
+        tile[r][c] = (r0 + r < rows && c0 + c < cols) ? x[(size_t)(r0 + r) * cols + c0 + c] : 0.0f;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float m = 0.0f;
+        for (unsigned r = 0; r < BLOCK; ++r) m = fmaxf(m, fabsf(tile[r][threadIdx.x]));
+        float s = fmaxf(m, 1e-4f) / 448.0f;
+        scale[threadIdx.x] = s;
+        if (c0 + threadIdx.x < cols) scales[(size_t)(c0 + threadIdx.x) * gridDim.y + blockIdx.y] = s;
+    }
+    __syncthreads();
+    for (unsigned i = threadIdx.x; i < BLOCK * 32; i += blockDim.x) {
+        unsigned c = i / BLOCK, r = i % BLOCK;
+        if (r0 + r < rows && c0 + c < cols) {
+            codes[(size_t)(c0 + c) * rows + r0 + r] =
+                (unsigned char)__nv_cvt_float_to_fp8(tile[r][c] / scale[c], __NV_SATFINITE, __NV_E4M3);
+        }
+    }
+}
+
 #define BLOCK_THREADS 256 // threads of a 128x128 block: two rows of 128 columns per step
 
 // One block of BLOCK_THREADS threads per 128x128 block of a row-major [rows, cols] matrix (the

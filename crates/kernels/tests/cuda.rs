@@ -14,7 +14,7 @@ use whale_kernels::cpu::attention::{attention_forward, AttnShape};
 use whale_kernels::cpu::cross_entropy::{cross_entropy_backward, cross_entropy_forward};
 use whale_kernels::cpu::dispatch::{permute, unpermute, unpermute_weight_grad, DispatchPlan};
 use whale_kernels::cpu::embedding::{embedding_backward, embedding_forward};
-use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
+use whale_kernels::cpu::fp8::{transpose, Fp8Blocks, Fp8Format, ScaleFormat};
 use whale_kernels::cpu::fp8_gemm::{fp8_gemm, Accumulation};
 use whale_kernels::cpu::matmul::{matmul_reference, MatRef};
 use whale_kernels::cpu::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
@@ -103,6 +103,18 @@ fn fp8_kernels_match_the_cpu() {
     let w = values(n * k, 10);
     let wq = Fp8Blocks::quantize(&w, n, k, (128, 128), Fp8Format::E4M3, ScaleFormat::F32);
     check_fp8_gemm(&g, &cpu, &wq, Fp8GemmKernel::Simple);
+    // Wgrad's operands: a transpose tiled 1x128 along the tokens, quantized without forming it
+    // (short and tall: partial tiles along both edges).
+    for (rows, cols, v) in [(m, k, x.clone()), (300, 40, values(300 * 40, 11))] {
+        let want =
+            Fp8Blocks::quantize(&transpose(&v, rows, cols), cols, rows, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
+        let got = g.fp8_quantize_transposed(&v, rows, cols).unwrap();
+        assert_eq!(
+            (got.codes, got.scales),
+            (want.codes, want.scales),
+            "[{rows}, {cols}] transposed 1x128 quantisation"
+        );
+    }
     let (gt, ct) = (g.fp8_transpose(&wq).unwrap(), wq.transpose());
     assert_eq!((gt.codes, gt.scales, gt.rows, gt.cols), (ct.codes, ct.scales, ct.rows, ct.cols), "weight transpose");
 }

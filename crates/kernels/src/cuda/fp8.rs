@@ -45,6 +45,53 @@ impl Gpu {
         Ok(Fp8Operand { codes, scales, rows, cols, block_rows })
     }
 
+    /// The 1x128 E4M3 quantisation of `xᵀ` for `x` `[rows, cols]` (a device view), without
+    /// forming the transpose: an operand `[cols, rows]` tiled along `rows` (twin:
+    /// `Fp8Blocks::quantize` of `cpu::fp8::transpose(x)` in (1, 128) blocks). The Wgrad GEMM's
+    /// operands, both tiled along the tokens.
+    pub fn fp8_quantize_transposed_dev(
+        &self,
+        x: &CudaView<'_, f32>,
+        (rows, cols): (usize, usize),
+    ) -> Result<Fp8Operand> {
+        if x.len() < rows * cols {
+            return Err(GpuError::Shape(format!("fp8 quantize (transposed): {} values for [{rows}, {cols}]", x.len())));
+        }
+        let (tiles, col_blocks) = (rows.div_ceil(128), cols.div_ceil(32));
+        if tiles > 65_535 {
+            return Err(GpuError::Shape(format!(
+                "fp8 quantize (transposed): {rows} rows exceed the grid's 65535 x 128"
+            )));
+        }
+        let (mut codes, mut scales) = (self.zeros::<u8>(rows * cols)?, self.zeros::<f32>(cols * tiles)?);
+        if rows * cols > 0 {
+            let (r32, c32) = (rows as u32, cols as u32);
+            let name = "fp8_quantize_1x128_transposed";
+            let mut l = self.stream.launch_builder(self.function(name));
+            l.arg(x).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32);
+            let cfg = LaunchConfig {
+                grid_dim: (col_blocks as u32, tiles as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: each block reads its 128 x 32 tile of x (bounded by [rows, cols]) into
+            // static shared memory and writes the transposed codes and one scale per column of
+            // the tile, inside [cols, rows] and [cols, ceil(rows / 128)].
+            unsafe { l.launch(cfg) }.map_err(cuda(name))?;
+        }
+        Ok(Fp8Operand { codes, scales, rows: cols, cols: rows, block_rows: 1 })
+    }
+
+    /// [`Gpu::fp8_quantize_transposed_dev`] from the host, for the tests.
+    pub fn fp8_quantize_transposed(&self, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Blocks> {
+        if x.len() != rows * cols {
+            return Err(GpuError::Shape(format!("fp8 quantize (transposed): {} values for [{rows}, {cols}]", x.len())));
+        }
+        let dx = self.upload_nonempty(x)?;
+        let q = self.fp8_quantize_transposed_dev(&dx.slice(..), (rows, cols))?;
+        self.download_fp8(&q, Fp8Format::E4M3)
+    }
+
     /// `out = decode(code) * scale` for codes `[rows, cols]` in `block`s of either format, with
     /// scales `[ceil(rows / block.0), ceil(cols / block.1)]`.
     pub fn fp8_dequantize_dev(

@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0xe7294917b262dff8;
+pub const SOURCE_HASH: u64 = 0x048174eb16a43b47;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -56,6 +56,7 @@ pub const MODULES: &[PtxModule] = &[
         name: "fp8",
         kernels: &[
             "fp8_quantize_1x128",
+            "fp8_quantize_1x128_transposed",
             "fp8_quantize_128x128",
             "fp8_dequantize",
             "fp8_transpose_codes",

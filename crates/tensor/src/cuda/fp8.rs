@@ -158,10 +158,17 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
         let mut grads = vec![dx];
         if let Some(w) = inputs.get(1) {
             grads.push(if needs[1] {
-                // Wgrad: [n, m] x ([k, m])ᵀ, K = m (the tokens): both operands tiled along it.
-                let xt = packed(&packed(x)?.reshape(&[m, k])?.t()?)?;
-                let dyt = packed(&dy.t()?)?;
-                Some(tiled_product((&dyt, (n, m)), (&xt, (k, m)), (dev, w.dtype()))?.reshape(w.dims())?)
+                // Wgrad: dyᵀ [n, m] x (xᵀ [k, m])ᵀ, K = m (the tokens): both transposes quantized
+                // in 1x128 tiles along it, straight from dy and x.
+                let xp = packed(x)?;
+                let (g, dw) = super::with_buffers([&dy, &xp], |g, [dyb, xb]| {
+                    let dyt = g.fp8_quantize_transposed_dev(&dyb.slice(..), (m, n)).map_err(gpu_error(dev))?;
+                    let xt = g.fp8_quantize_transposed_dev(&xb.slice(..), (m, k)).map_err(gpu_error(dev))?;
+                    let mut dw = alloc(g, dev, n * k)?;
+                    g.fp8_gemm_dev(&dyt.view(), &xt.view(), &mut dw, g.fp8_gemm_kernel(m)).map_err(gpu_error(dev))?;
+                    Ok((g.clone(), dw))
+                })?;
+                Some(tensor(g, dw, w.dims(), w.dtype(), &[], NoBackward)?)
             } else {
                 None
             });
@@ -173,24 +180,6 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
         Fp8Weight::Stored { .. } => vec![x],
     };
     tensor(g, y, &out_shape, x.dtype(), &inputs, back)
-}
-
-/// `a · bᵀ` for two packed f32 operands, both quantized in 1x128 tiles along K: the Wgrad GEMM.
-fn tiled_product(
-    (a, (m, k)): (&Tensor, (usize, usize)),
-    (b, (n, kb)): (&Tensor, (usize, usize)),
-    (dev, dtype): (Device, DType),
-) -> Result<Tensor> {
-    debug_assert_eq!(k, kb);
-    let err = gpu_error(dev);
-    let (g, y) = super::with_buffers([a, b], |g, [ab, bb]| {
-        let aq = g.fp8_quantize_dev(&ab.slice(..), (m, k), 1).map_err(&err)?;
-        let bq = g.fp8_quantize_dev(&bb.slice(..), (n, k), 1).map_err(&err)?;
-        let mut y = alloc(g, dev, m * n)?;
-        g.fp8_gemm_dev(&aq.view(), &bq.view(), &mut y, g.fp8_gemm_kernel(k)).map_err(&err)?;
-        Ok((g.clone(), y))
-    })?;
-    tensor(g, y, &[m, n], dtype, &[], NoBackward)
 }
 
 /// Runs `f` on a stored FP8 weight (`[n, k]` E4M3 codes in 128x128 blocks) as a GEMM operand on
