@@ -34,23 +34,30 @@ extern "C" __global__ void fp8_quantize_1x128(
 // x 32 columns (coalesced along the columns), each column's 128 values are one tile of x^T,
 // and the codes are written transposed, codes [cols, rows] with scales [cols, ceil(rows / 128)]:
 // exactly fp8_quantize_1x128 of the transpose (the Wgrad GEMM's operands, tiled along the
-// tokens). Grid (ceil(cols / 32), ceil(rows / 128)), 256 threads.
+// tokens). Grid (ceil(rows / 128), ceil(cols / 32)), 256 threads (8 warps).
 extern "C" __global__ void fp8_quantize_1x128_transposed(
     const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols) {
     __shared__ float tile[BLOCK][33];
+    __shared__ float warp_max[8][32];
     __shared__ float scale[32];
-    unsigned c0 = blockIdx.x * 32, r0 = blockIdx.y * BLOCK;
+    unsigned r0 = blockIdx.x * BLOCK, c0 = blockIdx.y * 32, tiles = (rows + BLOCK - 1) / BLOCK;
     for (unsigned i = threadIdx.x; i < BLOCK * 32; i += blockDim.x) {
         unsigned r = i / 32, c = i % 32;
         tile[r][c] = (r0 + r < rows && c0 + c < cols) ? x[(size_t)(r0 + r) * cols + c0 + c] : 0.0f;
     }
     __syncthreads();
+    // Each warp takes 16 of the 128 rows, lane = column; a max is the same in any order.
+    unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float m = 0.0f;
+    for (unsigned r = warp * 16; r < warp * 16 + 16; ++r) m = fmaxf(m, fabsf(tile[r][lane]));
+    warp_max[warp][lane] = m;
+    __syncthreads();
     if (threadIdx.x < 32) {
-        float m = 0.0f;
-        for (unsigned r = 0; r < BLOCK; ++r) m = fmaxf(m, fabsf(tile[r][threadIdx.x]));
-        float s = fmaxf(m, 1e-4f) / 448.0f;
+        float amax = 0.0f;
+        for (unsigned w = 0; w < 8; ++w) amax = fmaxf(amax, warp_max[w][threadIdx.x]);
+        float s = fmaxf(amax, 1e-4f) / 448.0f;
         scale[threadIdx.x] = s;
-        if (c0 + threadIdx.x < cols) scales[(size_t)(c0 + threadIdx.x) * gridDim.y + blockIdx.y] = s;
+        if (c0 + threadIdx.x < cols) scales[(size_t)(c0 + threadIdx.x) * tiles + blockIdx.x] = s;
     }
     __syncthreads();
     for (unsigned i = threadIdx.x; i < BLOCK * 32; i += blockDim.x) {

@@ -319,6 +319,10 @@ fn fp8_linear_trains_on_the_gpu_as_on_the_cpu() {
     on_every_device_with("fp8 linear", vec![x.clone(), w.clone()], close_to_largest, |v| {
         v[0].fp8_linear(&v[1], &recipe)
     });
+    // 64 tokens: Wgrad (K = tokens) on the tensor-core kernel too.
+    on_every_device_with("fp8 linear, 64 tokens", vec![randn(&[64, 256], 53), w.clone()], close_to_largest, |v| {
+        v[0].fp8_linear(&v[1], &recipe)
+    });
     // DeepSeek-V3's recipe proper: bf16 activations into the FP8 GEMMs, an f32 master weight.
     on_every_device_with("fp8 linear, bf16 activations", vec![bf16(x.clone()), w.clone()], close_bf16, |v| {
         v[0].fp8_linear(&v[1], &recipe)

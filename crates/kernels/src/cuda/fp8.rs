@@ -58,9 +58,9 @@ impl Gpu {
             return Err(GpuError::Shape(format!("fp8 quantize (transposed): {} values for [{rows}, {cols}]", x.len())));
         }
         let (tiles, col_blocks) = (rows.div_ceil(128), cols.div_ceil(32));
-        if tiles > 65_535 {
+        if col_blocks > 65_535 || rows * cols > u32::MAX as usize {
             return Err(GpuError::Shape(format!(
-                "fp8 quantize (transposed): {rows} rows exceed the grid's 65535 x 128"
+                "fp8 quantize (transposed): [{rows}, {cols}] exceeds the kernel's grid"
             )));
         }
         let (mut codes, mut scales) = (self.zeros::<u8>(rows * cols)?, self.zeros::<f32>(cols * tiles)?);
@@ -70,7 +70,7 @@ impl Gpu {
             let mut l = self.stream.launch_builder(self.function(name));
             l.arg(x).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32);
             let cfg = LaunchConfig {
-                grid_dim: (col_blocks as u32, tiles as u32, 1),
+                grid_dim: (tiles as u32, col_blocks as u32, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
