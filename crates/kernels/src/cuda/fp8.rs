@@ -58,7 +58,7 @@ impl Gpu {
             return Err(GpuError::Shape(format!("fp8 quantize (transposed): {} values for [{rows}, {cols}]", x.len())));
         }
         let (tiles, col_blocks) = (rows.div_ceil(128), cols.div_ceil(32));
-        if col_blocks > 65_535 || rows * cols > u32::MAX as usize {
+        if col_blocks > 65_535 || rows > u32::MAX as usize {
             return Err(GpuError::Shape(format!(
                 "fp8 quantize (transposed): [{rows}, {cols}] exceeds the kernel's grid"
             )));
