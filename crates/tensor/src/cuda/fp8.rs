@@ -4,7 +4,7 @@
 //! formats are the recipe's: E4M3 codes with f32 scales. The GEMMs accumulate on the tensor cores
 //! and promote every 128 of K, as DeepGEMM does.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use whale_kernels::cpu::fp8::Fp8Format;
 use whale_kernels::cuda::cudarc::driver::{CudaSlice, CudaView};
@@ -12,7 +12,6 @@ use whale_kernels::cuda::{Fp8View, Gpu};
 
 use super::{alloc, check_gpu_float, gpu_error, packed, tensor, with_buffer};
 use crate::backprop::{backward_fn, NoBackward};
-use crate::layout::Layout;
 use crate::storage::{CudaBuf, CudaStorage, Storage};
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -28,13 +27,7 @@ pub(crate) enum Fp8Weight<'a> {
 
 /// A fresh CUDA tensor of FP8 codes, without history.
 fn codes_tensor(g: Arc<Gpu>, codes: CudaSlice<u8>, shape: &[usize], format: Fp8Format) -> Tensor {
-    let device = Device::Cuda(g.ordinal);
-    let dtype = match format {
-        Fp8Format::E4M3 => DType::F8E4M3,
-        Fp8Format::E5M2 => DType::F8E5M2,
-    };
-    let storage = Arc::new(RwLock::new(Storage::Cuda(CudaStorage { gpu: g, buf: CudaBuf::Fp8(codes, format) })));
-    Tensor::with_history_on(storage, Layout::contiguous(shape), dtype, device, &[], NoBackward)
+    super::wrap(g, CudaBuf::Fp8(codes, format), shape, &[], NoBackward)
 }
 
 /// Runs `f` on the GPU and the codes (and format) of a contiguous FP8 tensor on it.

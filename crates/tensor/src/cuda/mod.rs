@@ -172,7 +172,13 @@ fn tensor(
 }
 
 /// A fresh contiguous CUDA tensor over `buf` (its dtype is the buffer's).
-fn wrap(g: Arc<Gpu>, buf: CudaBuf, shape: &[usize], inputs: &[&Tensor], op: impl BackwardOp + 'static) -> Tensor {
+pub(crate) fn wrap(
+    g: Arc<Gpu>,
+    buf: CudaBuf,
+    shape: &[usize],
+    inputs: &[&Tensor],
+    op: impl BackwardOp + 'static,
+) -> Tensor {
     let device = Device::Cuda(g.ordinal);
     let storage = CudaStorage { gpu: g, buf };
     let dtype = storage.dtype();
