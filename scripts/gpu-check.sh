@@ -46,7 +46,7 @@ logs="${OUT:-/tmp}"
         status=1
     fi
     echo
-    echo "## whale pretrain on the GPU and on the CPU (tiny preset, 30 steps; fp32 on both, bf16 and fp8 on the GPU)"
+    echo "## whale pretrain (tiny preset, 30 steps: fp32 on both devices, bf16 and fp8 on the GPU) and generate"
     echo
     echo '```'
     if [ -x gpu-bin/whale-cli ]; then
@@ -59,6 +59,15 @@ logs="${OUT:-/tmp}"
             echo "$name: exit status $rc; $(grep -E 'trained in|^\| base' "$logs/pretrain-$name.log" | tr '\n' ' ')"
             echo "$name: last step $(tail -1 "/tmp/gpu-check-$name/metrics.jsonl" 2>/dev/null)"
             [ "$rc" -eq 0 ] || { status=1; grep -m 1 -A 3 -E "^Error|panicked" "$logs/pretrain-$name.log"; }
+        done
+        echo
+        echo "generate, greedy, from the cuda-fp32 checkpoint:"
+        for dev in cuda cpu; do
+            gpu-bin/whale-cli generate --checkpoint /tmp/gpu-check-cuda-fp32/checkpoint --prompt "12+7=" \
+                --max-new-tokens 24 --greedy --device "$dev" >"$logs/generate-$dev.out" 2>"$logs/generate-$dev.log"
+            rc=$?
+            echo "$dev: exit status $rc; $(head -1 "$logs/generate-$dev.out"); $(grep -o '[0-9.]* tokens/s' "$logs/generate-$dev.log")"
+            [ "$rc" -eq 0 ] || { status=1; grep -m 1 -A 3 -E "^Error|panicked" "$logs/generate-$dev.log"; }
         done
     else
         echo "gpu-bin/whale-cli is missing"

@@ -49,15 +49,28 @@ pub struct GenerateArgs {
     /// dequantised on load.
     #[arg(long)]
     pub fp8: bool,
+    /// cpu (the default), or cuda / cuda:N: the model runs there (DeepSeek-V3 checkpoints; FP8
+    /// weights kept with --fp8 stay FP8 on the GPU). Sampling reads each step's logits back.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let cache = CacheMode::parse(&a.cache).with_context(|| format!("--cache {}: expected naive or absorb", a.cache))?;
+    let device = crate::pretrain::open_device(&a.device)?;
     let loading = || format!("loading {}", a.checkpoint.display());
     let model: Box<dyn CausalLm> = if a.fp8 {
         Box::new(DeepSeekV3::from_pretrained_fp8(&a.checkpoint).with_context(loading)?)
     } else {
         load_pretrained(&a.checkpoint).with_context(loading)?
+    };
+    let model: Box<dyn CausalLm> = if device.is_cpu() {
+        model
+    } else {
+        let ds = model
+            .as_deepseek()
+            .with_context(|| format!("--device {}: GPU generation runs DeepSeek-V3 checkpoints", a.device))?;
+        Box::new(ds.to_device(&device).with_context(|| format!("moving the model to {}", a.device))?)
     };
     let tok = tokenizer_for(&a.checkpoint)?;
     let prompt = tok.encode(&a.prompt).with_context(|| "encoding the prompt")?;
@@ -95,12 +108,13 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     println!("{}{}", a.prompt, tok.decode(&tokens));
     eprintln!(
-        "\n{} new tokens in {:.2} s ({:.1} tokens/s, prompt {} tokens, {:?} cache)",
+        "\n{} new tokens in {:.2} s ({:.1} tokens/s, prompt {} tokens, {:?} cache, on {})",
         tokens.len(),
         secs,
         tokens.len() as f64 / secs.max(1e-9),
         prompt.len(),
-        cache
+        cache,
+        a.device
     );
     if let Some(n) = note {
         eprintln!("{n}");

@@ -235,6 +235,12 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
         .output()
         .unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("12+7="));
+    // No machine has this GPU: an error that names the flag, before anything loads.
+    let out = whale()
+        .args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "1+1=", "--device", "cuda:4096"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--device cuda:4096"));
     let bad = whale().args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "ABC"]).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not in the character tokenizer"));
 }

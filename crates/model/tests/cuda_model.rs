@@ -3,6 +3,7 @@
 //! of each of three AdamW steps with the balancing update; then three steps in bf16, and in
 //! bf16 with FP8 GEMMs (DeepSeek-V3's recipe). Skipped, saying so, without a GPU.
 
+use whale_model::generate::{CacheMode, CausalLm, SamplingConfig};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::optim::{AdamW, AdamWConfig};
@@ -91,4 +92,27 @@ fn tiny_deepseek_v3_trains_in_bf16_and_with_fp8_gemms_on_a_gpu_as_on_the_cpu() {
         // one E4M3 step: rare, small, and averaged over the loss's tokens, well inside 1e-2.
         losses_agree(&cpu, &gpu, 500, 1e-2, what);
     }
+}
+
+#[test]
+fn tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu() {
+    if !Device::cuda_is_available(0) {
+        eprintln!("tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu: skipped, no CUDA driver or GPU on this machine");
+        return;
+    }
+    let cfg = DeepSeekV3Config::tiny();
+    let cpu = DeepSeekV3::new(cfg.clone(), 13).unwrap();
+    let gpu = cpu.to_device(&Device::cuda(0).unwrap()).unwrap();
+    let prompt: Vec<u32> = (0..7).map(|i| (i * 5 + 3) % cfg.vocab_size as u32).collect();
+    // Greedy decoding over both MLA caches (the absorbed one runs the MLA decode kernel); random
+    // weights keep the top two logits far apart next to the devices' f32 differences.
+    for cache in [CacheMode::Naive, CacheMode::Absorb] {
+        let mut sampling = SamplingConfig::greedy(12, vec![]);
+        sampling.cache = cache;
+        let run = |m: &DeepSeekV3| m.generate(std::slice::from_ref(&prompt), &sampling, &mut Rng::new(1)).unwrap();
+        assert_eq!(run(&gpu)[0].tokens, run(&cpu)[0].tokens, "{cache:?} cache");
+    }
+    let (g, _) = gpu.generate_speculative(&prompt, 12, &[], CacheMode::Absorb).unwrap();
+    let (c, _) = cpu.generate_speculative(&prompt, 12, &[], CacheMode::Absorb).unwrap();
+    assert_eq!(g.tokens, c.tokens, "MTP speculative decoding");
 }
