@@ -97,7 +97,9 @@ fn tiny_deepseek_v3_trains_in_bf16_and_with_fp8_gemms_on_a_gpu_as_on_the_cpu() {
 #[test]
 fn tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu() {
     if !Device::cuda_is_available(0) {
-        eprintln!("tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu: skipped, no CUDA driver or GPU on this machine");
+        eprintln!(
+            "tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu: skipped, no CUDA driver or GPU on this machine"
+        );
         return;
     }
     let cfg = DeepSeekV3Config::tiny();

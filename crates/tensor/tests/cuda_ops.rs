@@ -364,6 +364,8 @@ fn fp8_quantisation_on_the_gpu_gives_the_cpus_codes() {
         let want = Tensor::dequantize_fp8(&codes, &scales, block).unwrap();
         assert_eq!(back.to_vec_f32().unwrap(), want.to_vec_f32().unwrap(), "{block:?} dequantised");
         assert_eq!(gc.to_device(&Device::Cpu).unwrap().fp8_codes().unwrap(), codes.fp8_codes().unwrap());
+        let copy = gc.deep_clone().unwrap();
+        assert_eq!((copy.device(), copy.fp8_codes().unwrap()), (gpu, codes.fp8_codes().unwrap()), "a deep clone");
     }
     let err = x.to_device(&gpu).unwrap().quantize_fp8((1, 128), Fp8Format::E5M2, ScaleFormat::F32).unwrap_err();
     assert!(err.to_string().contains("E4M3"), "{err}");

@@ -306,6 +306,10 @@ pub(crate) fn pad_into(g: &Tensor, shape: &[usize], dim: usize, start: usize) ->
 
 /// A copy with its own buffer and no history.
 pub(crate) fn copy(t: &Tensor) -> Result<Tensor> {
+    if let (Some(format), Device::Cuda(i)) = (t.dtype().fp8_format(), t.device()) {
+        // FP8 codes (a stored FP8 weight being duplicated: rare) go through the host.
+        return fp8::codes_to_device(&Tensor::from_fp8_codes(t.fp8_codes()?, t.dims(), format)?, i);
+    }
     let (g, buf) = contiguous_buffer(t)?;
     tensor(g, buf, t.dims(), t.dtype(), &[], crate::backprop::NoBackward)
 }
