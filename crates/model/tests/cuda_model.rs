@@ -3,6 +3,7 @@
 //! of each of three AdamW steps with the balancing update; then three steps in bf16, and in
 //! bf16 with FP8 GEMMs (DeepSeek-V3's recipe). Skipped, saying so, without a GPU.
 
+use whale_model::checkpoint::SaveDType;
 use whale_model::generate::{CacheMode, CausalLm, SamplingConfig};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_tensor::fp8::Fp8Recipe;
@@ -117,4 +118,24 @@ fn tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu() {
     let (g, _) = gpu.generate_speculative(&prompt, 12, &[], CacheMode::Absorb).unwrap();
     let (c, _) = cpu.generate_speculative(&prompt, 12, &[], CacheMode::Absorb).unwrap();
     assert_eq!(g.tokens, c.tokens, "MTP speculative decoding");
+}
+
+#[test]
+fn an_fp8_release_decodes_on_a_gpu_with_its_weights_kept_in_fp8() {
+    if !Device::cuda_is_available(0) {
+        eprintln!("an_fp8_release_decodes_on_a_gpu_with_its_weights_kept_in_fp8: skipped, no CUDA driver or GPU");
+        return;
+    }
+    let cfg = DeepSeekV3Config::tiny();
+    let dir = std::env::temp_dir().join(format!("whale-cuda-fp8-release-{}", std::process::id()));
+    DeepSeekV3::new(cfg.clone(), 14).unwrap().save_pretrained_fp8(&dir, SaveDType::F32).unwrap();
+    let cpu = DeepSeekV3::from_pretrained_fp8(&dir).unwrap();
+    let gpu = cpu.to_device(&Device::cuda(0).unwrap()).unwrap();
+    let stored: Vec<_> = gpu.state_dict().into_values().filter(|t| t.dtype() == DType::F8E4M3).collect();
+    assert!(!stored.is_empty() && stored.iter().all(|t| t.device() == Device::Cuda(0)), "FP8 codes on the GPU");
+    let prompt: Vec<u32> = (0..5).map(|i| (i * 7 + 2) % cfg.vocab_size as u32).collect();
+    let sampling = SamplingConfig::greedy(10, vec![]);
+    let run = |m: &DeepSeekV3| m.generate(std::slice::from_ref(&prompt), &sampling, &mut Rng::new(2)).unwrap();
+    assert_eq!(run(&gpu)[0].tokens, run(&cpu)[0].tokens);
+    std::fs::remove_dir_all(&dir).ok();
 }
