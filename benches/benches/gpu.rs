@@ -183,17 +183,7 @@ fn copy_bandwidth(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
 fn attention(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
     let up = |n: usize, seed: u64| upload(g, &values(n, seed));
     let (b, h, t, d) = (1, 16, 2048, 128);
-    let s = AttnShape {
-        batch: b,
-        q_heads: h,
-        kv_heads: h,
-        q_len: t,
-        kv_len: t,
-        qk_dim: d,
-        v_dim: d,
-        scale: 1.0 / (d as f32).sqrt(),
-        causal: true,
-    };
+    let s = AttnShape::new(b, (h, h), (t, t), (d, d), true);
     let n = b * h * t * d;
     let (q, k, v, d_o) = (up(n, 30), up(n, 31), up(n, 32), up(n, 33));
     let mut o = g.stream.alloc_zeros::<f32>(n).expect("alloc");
@@ -214,17 +204,9 @@ fn attention(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
     }
 
     let (b, h, t, dc, dr) = (32, 128, 4096, 512, 64);
-    let s = AttnShape {
-        batch: b,
-        q_heads: h,
-        kv_heads: 1,
-        q_len: 1,
-        kv_len: t,
-        qk_dim: dc + dr,
-        v_dim: dc,
-        scale: 1.0 / ((128 + dr) as f32).sqrt(),
-        causal: true,
-    };
+    // V3's scale is that of the unabsorbed 128 + 64-wide heads.
+    let s =
+        AttnShape { scale: 1.0 / ((128 + dr) as f32).sqrt(), ..AttnShape::new(b, (h, 1), (1, t), (dc + dr, dc), true) };
     let (q, k, v) = (up(b * h * (dc + dr), 34), up(b * t * (dc + dr), 35), up(b * t * dc, 36));
     let mut o = g.stream.alloc_zeros::<f32>(b * h * dc).expect("alloc");
     let mut lse = g.stream.alloc_zeros::<f32>(b * h).expect("alloc");

@@ -308,16 +308,9 @@ fn token_dispatch_matches_the_cpu_bit_for_bit() {
 #[test]
 fn attention_forward_matches_the_cpu_for_training_and_mla_decode() {
     let Some(g) = gpu("attention_forward_matches_the_cpu_for_training_and_mla_decode") else { return };
-    let shape = |batch, (q_heads, kv_heads), (q_len, kv_len), (qk_dim, v_dim), scale: f32, causal| AttnShape {
-        batch,
-        q_heads,
-        kv_heads,
-        q_len,
-        kv_len,
-        qk_dim,
-        v_dim,
+    let shape = |batch, heads, lens, dims, scale: f32, causal| AttnShape {
         scale,
-        causal,
+        ..AttnShape::new(batch, heads, lens, dims, causal)
     };
     // MLA decode, absorbed: one KV head whose key is [c ; k_pe] and whose value is c (V3: 512 + 64
     // and 512, scale 1 / sqrt(128 + 64)).

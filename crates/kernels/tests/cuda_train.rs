@@ -82,19 +82,10 @@ fn moe_route_matches_the_cpu_ties_included() {
     assert!(g.moe_route(&[0.0; 12], None, &RouterConfig { top_k: 13, ..small }).is_err(), "top_k > E is an error");
 }
 
-fn shape(
-    batch: usize,
-    (q_heads, kv_heads): (usize, usize),
-    (q_len, kv_len): (usize, usize),
-    (qk_dim, v_dim): (usize, usize),
-    causal: bool,
-) -> AttnShape {
-    AttnShape { batch, q_heads, kv_heads, q_len, kv_len, qk_dim, v_dim, scale: (qk_dim as f32).powf(-0.5), causal }
-}
-
 #[test]
 fn attention_backward_matches_the_cpu() {
     let Some(g) = gpu("attention_backward_matches_the_cpu") else { return };
+    let shape = AttnShape::new;
     let cases = [
         ("GQA causal training", shape(2, (4, 2), (40, 40), (24, 16), true)),
         ("non-causal, distinct widths", shape(1, (3, 1), (17, 29), (40, 33), false)),

@@ -151,6 +151,18 @@ struct QueryGrads<'a> {
 }
 
 impl AttnShape {
+    /// A shape with the usual softmax scale `1 / sqrt(qk_dim)`.
+    pub fn new(
+        batch: usize,
+        (q_heads, kv_heads): (usize, usize),
+        (q_len, kv_len): (usize, usize),
+        (qk_dim, v_dim): (usize, usize),
+        causal: bool,
+    ) -> AttnShape {
+        let scale = 1.0 / (qk_dim as f32).sqrt();
+        AttnShape { batch, q_heads, kv_heads, q_len, kv_len, qk_dim, v_dim, scale, causal }
+    }
+
     fn q_rows(&self) -> usize {
         self.batch * self.q_heads * self.q_len
     }
@@ -439,17 +451,6 @@ mod tests {
     use super::*;
     use crate::cpu::test_util::{assert_close, bits, Rng};
 
-    fn shape(
-        batch: usize,
-        (q_heads, kv_heads): (usize, usize),
-        (q_len, kv_len): (usize, usize),
-        (qk_dim, v_dim): (usize, usize),
-        causal: bool,
-    ) -> AttnShape {
-        let scale = 1.0 / (qk_dim as f32).sqrt();
-        AttnShape { batch, q_heads, kv_heads, q_len, kv_len, qk_dim, v_dim, scale, causal }
-    }
-
     /// Random q, k, v, d_o for a shape.
     fn inputs(s: &AttnShape, seed: u64) -> [Vec<f32>; 4] {
         let mut rng = Rng::new(seed);
@@ -589,7 +590,7 @@ mod tests {
     #[test]
     fn reference_backward_matches_finite_differences() {
         // Causal with q_len > kv_len, so the first query row sees no key at all.
-        for s in [shape(1, (2, 1), (3, 5), (4, 3), true), shape(1, (2, 2), (4, 3), (3, 2), true)] {
+        for s in [AttnShape::new(1, (2, 1), (3, 5), (4, 3), true), AttnShape::new(1, (2, 2), (4, 3), (3, 2), true)] {
             let [q, k, v, d_o] = inputs(&s, 17).map(|x| to_f64(&x));
             let [dq, dk, dv] = reference_backward(&s, &q, &k, &v, &d_o);
             let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
@@ -619,31 +620,31 @@ mod tests {
 
     #[test]
     fn gqa_causal_odd_sizes_across_tiles() {
-        check(shape(2, (4, 2), (67, 67), (24, 20), true), 1);
-        check(shape(1, (4, 2), (131, 131), (33, 40), true), 2);
+        check(AttnShape::new(2, (4, 2), (67, 67), (24, 20), true), 1);
+        check(AttnShape::new(1, (4, 2), (131, 131), (33, 40), true), 2);
     }
 
     #[test]
     fn mqa_causal_short_query_block_at_the_end_of_the_keys() {
-        check(shape(1, (3, 1), (5, 130), (40, 33), true), 3);
-        check(shape(2, (2, 1), (70, 150), (16, 16), true), 4);
+        check(AttnShape::new(1, (3, 1), (5, 130), (40, 33), true), 3);
+        check(AttnShape::new(2, (2, 1), (70, 150), (16, 16), true), 4);
     }
 
     #[test]
     fn non_causal_with_distinct_head_dims() {
-        check(shape(1, (2, 2), (70, 45), (64, 32), false), 5);
-        check(shape(2, (4, 1), (3, 200), (7, 65), false), 6);
+        check(AttnShape::new(1, (2, 2), (70, 45), (64, 32), false), 5);
+        check(AttnShape::new(2, (4, 1), (3, 200), (7, 65), false), 6);
     }
 
     #[test]
     fn mla_sized_heads() {
-        check(shape(1, (2, 1), (80, 80), (192, 128), true), 7);
+        check(AttnShape::new(1, (2, 1), (80, 80), (192, 128), true), 7);
     }
 
     #[test]
     fn fully_masked_rows_give_zeros_and_no_gradient() {
         // Causal with q_len > kv_len: query i sees keys j <= i - 6, so rows 0..6 see nothing.
-        let s = shape(1, (2, 1), (9, 3), (5, 4), true);
+        let s = AttnShape::new(1, (2, 1), (9, 3), (5, 4), true);
         check(s, 8);
         let data = inputs(&s, 8);
         let (o, lse) = run_forward(&s, &data[0], &data[1], &data[2]);
@@ -656,7 +657,7 @@ mod tests {
         assert!(lse[6].is_finite());
         // No keys at all: every row is fully masked, causal or not.
         for causal in [false, true] {
-            let s = shape(1, (2, 1), (3, 0), (4, 4), causal);
+            let s = AttnShape::new(1, (2, 1), (3, 0), (4, 4), causal);
             let data = inputs(&s, 9);
             let (o, lse) = run_forward(&s, &data[0], &data[1], &data[2]);
             assert!(o.iter().all(|&x| x == 0.0) && lse.iter().all(|&x| x == f32::NEG_INFINITY));
@@ -668,7 +669,7 @@ mod tests {
     #[test]
     fn zero_width_heads() {
         // qk_dim 0: every score is 0, so each row averages the values it sees.
-        let s = AttnShape { scale: 0.5, ..shape(1, (2, 1), (3, 5), (0, 4), true) };
+        let s = AttnShape { scale: 0.5, ..AttnShape::new(1, (2, 1), (3, 5), (0, 4), true) };
         let data = inputs(&s, 13);
         let (o, lse) = run_forward(&s, &data[0], &data[1], &data[2]);
         let (want_o, want_lse) = reference_forward(&s, &[], &[], &to_f64(&data[2]));
@@ -682,7 +683,7 @@ mod tests {
         assert_close(&dv, &want_dv, 1e-6, "dv");
 
         // v_dim 0: no output, but the logsumexp is that of the scores as usual.
-        let s0 = shape(1, (2, 1), (3, 5), (4, 0), true);
+        let s0 = AttnShape::new(1, (2, 1), (3, 5), (4, 0), true);
         let s1 = AttnShape { v_dim: 3, ..s0 };
         let data = inputs(&s1, 14);
         let (_, want_lse) = run_forward(&s1, &data[0], &data[1], &data[2]);
@@ -696,7 +697,7 @@ mod tests {
 
     #[test]
     fn empty_inputs_are_no_ops() {
-        for s in [shape(0, (4, 2), (8, 8), (8, 8), true), shape(2, (4, 2), (0, 5), (8, 8), true)] {
+        for s in [AttnShape::new(0, (4, 2), (8, 8), (8, 8), true), AttnShape::new(2, (4, 2), (0, 5), (8, 8), true)] {
             let data = inputs(&s, 10);
             let (o, lse) = run_forward(&s, &data[0], &data[1], &data[2]);
             assert!(o.is_empty() && lse.is_empty());
@@ -708,7 +709,7 @@ mod tests {
 
     #[test]
     fn independent_of_the_thread_count() {
-        let s = shape(2, (4, 2), (100, 120), (48, 40), true);
+        let s = AttnShape::new(2, (4, 2), (100, 120), (48, 40), true);
         let data = inputs(&s, 12);
         let run = |threads| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -723,7 +724,7 @@ mod tests {
 
     #[test]
     fn deterministic() {
-        let s = shape(2, (4, 2), (100, 120), (48, 40), true);
+        let s = AttnShape::new(2, (4, 2), (100, 120), (48, 40), true);
         let data = inputs(&s, 11);
         let run = || {
             let (o, lse) = run_forward(&s, &data[0], &data[1], &data[2]);
