@@ -84,12 +84,7 @@ impl Gpu {
 
     /// [`Gpu::fp8_quantize_transposed_dev`] from the host, for the tests.
     pub fn fp8_quantize_transposed(&self, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Blocks> {
-        if x.len() != rows * cols {
-            return Err(GpuError::Shape(format!("fp8 quantize (transposed): {} values for [{rows}, {cols}]", x.len())));
-        }
-        let dx = self.upload_nonempty(x)?;
-        let q = self.fp8_quantize_transposed_dev(&dx.slice(..), (rows, cols))?;
-        self.download_fp8(&q, Fp8Format::E4M3)
+        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_transposed_dev(dx, (rows, cols)))
     }
 
     /// `out = decode(code) * scale` for codes `[rows, cols]` in `block`s of either format, with
@@ -184,21 +179,27 @@ impl Gpu {
     /// E4M3 quantisation of `x` (`[rows, cols]`) in 1x128 tiles with f32 scales (twin:
     /// `Fp8Blocks::quantize` with block (1, 128), E4M3, f32 scales).
     pub fn fp8_quantize_1x128(&self, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Blocks> {
-        self.fp8_quantize_host(x, (rows, cols), 1)
+        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_dev(dx, (rows, cols), 1))
     }
 
     /// E4M3 quantisation of `x` (`[rows, cols]`) in 128x128 blocks with f32 scales, the weights'
     /// tiling (twin: `Fp8Blocks::quantize` with block (128, 128), E4M3, f32 scales).
     pub fn fp8_quantize_128x128(&self, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Blocks> {
-        self.fp8_quantize_host(x, (rows, cols), 128)
+        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_dev(dx, (rows, cols), 128))
     }
 
-    fn fp8_quantize_host(&self, x: &[f32], (rows, cols): (usize, usize), block_rows: usize) -> Result<Fp8Blocks> {
+    /// `x` (`[rows, cols]`) copied in, quantized on the GPU by `quantize`, copied back.
+    fn fp8_quantize_host(
+        &self,
+        x: &[f32],
+        (rows, cols): (usize, usize),
+        quantize: impl FnOnce(&CudaView<'_, f32>) -> Result<Fp8Operand>,
+    ) -> Result<Fp8Blocks> {
         if x.len() != rows * cols {
             return Err(GpuError::Shape(format!("fp8 quantize: {} values for [{rows}, {cols}]", x.len())));
         }
         let dx = self.upload_nonempty(x)?;
-        let q = self.fp8_quantize_dev(&dx.slice(..), (rows, cols), block_rows)?;
+        let q = quantize(&dx.slice(..))?;
         self.download_fp8(&q, Fp8Format::E4M3)
     }
 
