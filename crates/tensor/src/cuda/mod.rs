@@ -71,8 +71,8 @@ fn on_gpu<'a>(guard: &'a RwLockReadGuard<'_, Storage>) -> Result<&'a CudaStorage
 }
 
 /// Runs `f` on the GPU and the f32 buffers behind CUDA tensors (read-locked for the call, not
-/// copied; bf16 storage is widened into a temporary f32 buffer, the whole of it, so views keep
-/// their offsets).
+/// copied; bf16 storage is widened into a temporary f32 buffer from its start up to the end of
+/// what the views read, so they keep their offsets).
 pub(crate) fn with_buffers<R, const N: usize>(
     ts: [&Tensor; N],
     f: impl FnOnce(&Arc<Gpu>, [&CudaSlice<f32>; N]) -> Result<R>,
@@ -132,7 +132,8 @@ fn end_of(t: &Tensor) -> usize {
 
 /// bf16 bits as f32 values in a fresh buffer.
 fn widen(g: &Gpu, device: Device, bits: &CudaView<'_, bf16>) -> Result<CudaSlice<f32>> {
-    let mut out = alloc(g, device, bits.len())?;
+    // SAFETY: the conversion below writes every value.
+    let mut out = unsafe { alloc_unset::<f32>(g, device, bits.len()) }?;
     g.bf16_to_f32_dev(bits, &mut out, bits.len()).map_err(gpu_error(device))?;
     Ok(out)
 }
@@ -140,6 +141,16 @@ fn widen(g: &Gpu, device: Device, bits: &CudaView<'_, bf16>) -> Result<CudaSlice
 /// [`with_buffers`] for one tensor.
 pub(crate) fn with_buffer<R>(t: &Tensor, f: impl FnOnce(&Arc<Gpu>, &CudaSlice<f32>) -> Result<R>) -> Result<R> {
     with_buffers([t], |g, [b]| f(g, b))
+}
+
+/// `n` values (at least one) left unset, for a buffer the next kernel overwrites entirely (the
+/// bf16 conversions on every bf16 op), so it is not zeroed first.
+///
+/// # Safety
+/// The caller writes all `n` values before anything reads them.
+unsafe fn alloc_unset<T: DeviceRepr>(g: &Gpu, device: Device, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: the caller's contract.
+    unsafe { g.stream.alloc::<T>(n.max(1)) }.map_err(driver_error(device, "allocating"))
 }
 
 pub(crate) fn alloc(g: &Gpu, device: Device, n: usize) -> Result<CudaSlice<f32>> {
@@ -162,7 +173,8 @@ fn tensor(
     let buf = match dtype {
         DType::F32 => CudaBuf::F32(buf),
         DType::BF16 => {
-            let mut bits = g.stream.alloc_zeros::<bf16>(buf.len()).map_err(driver_error(device, "allocating"))?;
+            // SAFETY: the conversion below writes every value.
+            let mut bits = unsafe { alloc_unset::<bf16>(&g, device, buf.len()) }?;
             g.f32_to_bf16_dev(&buf.slice(..), &mut bits, buf.len()).map_err(gpu_error(device))?;
             CudaBuf::Bf16(bits)
         }
