@@ -16,6 +16,15 @@ fn tokens(cfg: &DeepSeekV3Config, batch: usize, seq: usize, seed: u64) -> Tensor
     Tensor::from_vec(v, &[batch, seq], &Device::Cpu).unwrap()
 }
 
+/// GPU 0, or `None` after saying why the test is skipped.
+fn gpu(test: &str) -> Option<Device> {
+    if !Device::cuda_is_available(0) {
+        eprintln!("{test}: skipped, no CUDA driver or GPU on this machine");
+        return None;
+    }
+    Some(Device::cuda(0).unwrap())
+}
+
 /// One training step: loss, backward, AdamW, the balancing-bias update; returns the loss.
 fn step(m: &DeepSeekV3, opt: &mut AdamW, ids: &Tensor, targets: &Tensor) -> f32 {
     let out = m.forward(ids, Some(targets)).unwrap();
@@ -31,13 +40,10 @@ fn step(m: &DeepSeekV3, opt: &mut AdamW, ids: &Tensor, targets: &Tensor) -> f32 
 
 #[test]
 fn tiny_deepseek_v3_trains_the_same_on_a_gpu() {
-    if !Device::cuda_is_available(0) {
-        eprintln!("tiny_deepseek_v3_trains_the_same_on_a_gpu: skipped, no CUDA driver or GPU on this machine");
-        return;
-    }
+    let Some(device) = gpu("tiny_deepseek_v3_trains_the_same_on_a_gpu") else { return };
     let cfg = DeepSeekV3Config::tiny();
     let cpu = DeepSeekV3::new(cfg.clone(), 11).unwrap();
-    let gpu = cpu.to_device(&Device::cuda(0).unwrap()).unwrap();
+    let gpu = cpu.to_device(&device).unwrap();
     assert!(gpu.params.iter().all(|(_, p)| p.device() == Device::Cuda(0)), "every weight moved");
     let (ids, targets) = (tokens(&cfg, 2, 12, 100), tokens(&cfg, 2, 12, 200));
     for m in [&cpu, &gpu] {
@@ -76,14 +82,11 @@ fn losses_agree(cpu: &DeepSeekV3, gpu: &DeepSeekV3, seed: u64, tol: f32, what: &
 
 #[test]
 fn tiny_deepseek_v3_trains_in_bf16_and_with_fp8_gemms_on_a_gpu_as_on_the_cpu() {
-    if !Device::cuda_is_available(0) {
-        eprintln!("tiny_deepseek_v3_trains_in_bf16_and_with_fp8_gemms_on_a_gpu_as_on_the_cpu: skipped, no GPU");
-        return;
-    }
+    let Some(device) = gpu("tiny_deepseek_v3_trains_in_bf16_and_with_fp8_gemms_on_a_gpu_as_on_the_cpu") else { return };
     let cfg = DeepSeekV3Config::tiny();
     for (what, fp8) in [("bf16", false), ("fp8 (bf16 activations)", true)] {
         let mut cpu = DeepSeekV3::new(cfg.clone(), 12).unwrap();
-        let mut gpu = cpu.to_device(&Device::cuda(0).unwrap()).unwrap();
+        let mut gpu = cpu.to_device(&device).unwrap();
         for m in [&mut cpu, &mut gpu] {
             m.compute_dtype = DType::BF16;
             m.set_fp8(fp8.then_some(Fp8Recipe::F32_ACCUMULATION));
@@ -97,15 +100,10 @@ fn tiny_deepseek_v3_trains_in_bf16_and_with_fp8_gemms_on_a_gpu_as_on_the_cpu() {
 
 #[test]
 fn tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu() {
-    if !Device::cuda_is_available(0) {
-        eprintln!(
-            "tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu: skipped, no CUDA driver or GPU on this machine"
-        );
-        return;
-    }
+    let Some(device) = gpu("tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu") else { return };
     let cfg = DeepSeekV3Config::tiny();
     let cpu = DeepSeekV3::new(cfg.clone(), 13).unwrap();
-    let gpu = cpu.to_device(&Device::cuda(0).unwrap()).unwrap();
+    let gpu = cpu.to_device(&device).unwrap();
     let prompt: Vec<u32> = (0..7).map(|i| (i * 5 + 3) % cfg.vocab_size as u32).collect();
     // Greedy decoding over both MLA caches (the absorbed one runs the MLA decode kernel); random
     // weights keep the top two logits far apart next to the devices' f32 differences.
@@ -122,15 +120,12 @@ fn tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu() {
 
 #[test]
 fn an_fp8_release_decodes_on_a_gpu_with_its_weights_kept_in_fp8() {
-    if !Device::cuda_is_available(0) {
-        eprintln!("an_fp8_release_decodes_on_a_gpu_with_its_weights_kept_in_fp8: skipped, no CUDA driver or GPU");
-        return;
-    }
+    let Some(device) = gpu("an_fp8_release_decodes_on_a_gpu_with_its_weights_kept_in_fp8") else { return };
     let cfg = DeepSeekV3Config::tiny();
     let dir = std::env::temp_dir().join(format!("whale-cuda-fp8-release-{}", std::process::id()));
     DeepSeekV3::new(cfg.clone(), 14).unwrap().save_pretrained_fp8(&dir, SaveDType::F32).unwrap();
     let cpu = DeepSeekV3::from_pretrained_fp8(&dir).unwrap();
-    let gpu = cpu.to_device(&Device::cuda(0).unwrap()).unwrap();
+    let gpu = cpu.to_device(&device).unwrap();
     let stored: Vec<_> = gpu.state_dict().into_values().filter(|t| t.dtype() == DType::F8E4M3).collect();
     assert!(!stored.is_empty() && stored.iter().all(|t| t.device() == Device::Cuda(0)), "FP8 codes on the GPU");
     let prompt: Vec<u32> = (0..5).map(|i| (i * 7 + 2) % cfg.vocab_size as u32).collect();
