@@ -4,7 +4,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
-use super::{cuda, grid_for, Gpu, GpuError, Result, THREADS};
+use super::{cuda, grid_for, need, Gpu, GpuError, Result, THREADS};
 use crate::cpu::dispatch::DispatchPlan;
 
 type View<'a> = CudaView<'a, f32>;
@@ -19,13 +19,6 @@ pub struct DispatchIndices {
     pub token_rows: CudaSlice<u32>,
     pub n_rows: usize,
     pub n_tokens: usize,
-}
-
-fn need(what: &str, have: usize, n: usize) -> Result<()> {
-    if have < n {
-        return Err(GpuError::Shape(format!("{what}: a buffer of {have} values where {n} are needed")));
-    }
-    Ok(())
 }
 
 impl Gpu {

@@ -78,6 +78,15 @@ pub enum GpuError {
     Shape(String),
 }
 
+/// A buffer of `have` values where a launch needs `n`: an error naming `what` (buffers may be
+/// longer than a launch needs, never shorter).
+fn need(what: &str, have: usize, n: usize) -> Result<()> {
+    if have < n {
+        return Err(GpuError::Shape(format!("{what}: a buffer of {have} values where {n} are needed")));
+    }
+    Ok(())
+}
+
 fn cuda(what: &str) -> impl Fn(cudarc::driver::DriverError) -> GpuError + '_ {
     move |e| GpuError::Cuda { what: what.to_string(), msg: format!("{e:?}") }
 }

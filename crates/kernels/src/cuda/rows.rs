@@ -6,16 +6,9 @@
 
 use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
-use super::{cuda, grid_for, rows_config, Gpu, GpuError, Result};
+use super::{cuda, grid_for, need, rows_config, Gpu, GpuError, Result};
 
 type View<'a> = CudaView<'a, f32>;
-
-fn need(what: &str, have: usize, n: usize) -> Result<()> {
-    if have < n {
-        return Err(GpuError::Shape(format!("{what}: a buffer of {have} values where {n} are needed")));
-    }
-    Ok(())
-}
 
 impl Gpu {
     /// `out = silu(gate) * up` over `n` values.

@@ -5,7 +5,7 @@
 use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
 use half::bf16;
 
-use super::{cuda, grid_for, Gpu, GpuError, Result};
+use super::{cuda, grid_for, need, Gpu, GpuError, Result};
 
 /// The most dimensions a strided operand of these kernels has.
 pub const MAX_RANK: usize = 6;
@@ -108,18 +108,11 @@ pub enum BinaryOp {
     Drop = 7,
 }
 
-fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        return Err(GpuError::Shape(format!("{what}: a buffer of {have} values for {need}")));
-    }
-    Ok(())
-}
-
 impl Gpu {
     /// `y[..n] = op(x[..n])`.
     pub fn unary_dev(&self, op: UnaryOp, x: &CudaView<'_, f32>, y: &mut CudaSlice<f32>, n: usize) -> Result<()> {
-        check_len("unary", x.len(), n)?;
-        check_len("unary", y.len(), n)?;
+        need("unary", x.len(), n)?;
+        need("unary", y.len(), n)?;
         let ((code, p0, p1), n32) = (op.code(), n as u32);
         let mut l = self.stream.launch_builder(self.function("unary_f32"));
         l.arg(x).arg(y).arg(&n32).arg(&code).arg(&p0).arg(&p1);
@@ -137,7 +130,7 @@ impl Gpu {
         n: usize,
     ) -> Result<()> {
         for len in [x.len(), y.len(), g.len(), dx.len()] {
-            check_len("unary backward", len, n)?;
+            need("unary backward", len, n)?;
         }
         let ((code, p0, p1), n32) = (op.code(), n as u32);
         let mut l = self.stream.launch_builder(self.function("unary_backward_f32"));
@@ -157,7 +150,7 @@ impl Gpu {
         out: &mut CudaSlice<f32>,
         n: usize,
     ) -> Result<()> {
-        check_len("binary", out.len(), n)?;
+        need("binary", out.len(), n)?;
         let (code, n32) = (op as i32, n as u32);
         let mut l = self.stream.launch_builder(self.function("binary_f32"));
         l.arg(a).arg(b).arg(out).arg(&n32).arg(&code).arg(s);
@@ -169,7 +162,7 @@ impl Gpu {
 
     /// `y` = the view `s.a` of `x`, contiguous (`n` elements).
     pub fn strided_copy_dev(&self, x: &CudaSlice<f32>, s: &Strided, y: &mut CudaSlice<f32>, n: usize) -> Result<()> {
-        check_len("strided copy", y.len(), n)?;
+        need("strided copy", y.len(), n)?;
         let n32 = n as u32;
         let mut l = self.stream.launch_builder(self.function("strided_copy_f32"));
         l.arg(x).arg(y).arg(&n32).arg(s);
@@ -187,7 +180,7 @@ impl Gpu {
         y: &mut CudaSlice<f32>,
         n: usize,
     ) -> Result<()> {
-        check_len("strided write", x.len(), n)?;
+        need("strided write", x.len(), n)?;
         let n32 = n as u32;
         let mut l = self.stream.launch_builder(self.function("strided_write_f32"));
         l.arg(x).arg(y).arg(&n32).arg(s);
@@ -198,7 +191,7 @@ impl Gpu {
 
     /// `y[..n] = value`.
     pub fn fill_dev(&self, y: &mut CudaSlice<f32>, n: usize, value: f32) -> Result<()> {
-        check_len("fill", y.len(), n)?;
+        need("fill", y.len(), n)?;
         let n32 = n as u32;
         let mut l = self.stream.launch_builder(self.function("fill_f32"));
         l.arg(y).arg(&n32).arg(&value);
@@ -210,8 +203,8 @@ impl Gpu {
     /// `y[..n]` = `x[..n]` rounded to bf16 (to nearest even), as raw bits: the narrowing of bf16
     /// storage (twin: `half::bf16::from_f32`).
     pub fn f32_to_bf16_dev(&self, x: &CudaView<'_, f32>, y: &mut CudaSlice<bf16>, n: usize) -> Result<()> {
-        check_len("f32_to_bf16", x.len(), n)?;
-        check_len("f32_to_bf16", y.len(), n)?;
+        need("f32_to_bf16", x.len(), n)?;
+        need("f32_to_bf16", y.len(), n)?;
         let n32 = n as u32;
         let mut l = self.stream.launch_builder(self.function("f32_to_bf16"));
         l.arg(x).arg(y).arg(&n32);
@@ -222,8 +215,8 @@ impl Gpu {
 
     /// `y[..n]` = the bf16 bits `x[..n]` as f32 (exact): the widening of bf16 storage.
     pub fn bf16_to_f32_dev(&self, x: &CudaView<'_, bf16>, y: &mut CudaSlice<f32>, n: usize) -> Result<()> {
-        check_len("bf16_to_f32", x.len(), n)?;
-        check_len("bf16_to_f32", y.len(), n)?;
+        need("bf16_to_f32", x.len(), n)?;
+        need("bf16_to_f32", y.len(), n)?;
         let n32 = n as u32;
         let mut l = self.stream.launch_builder(self.function("bf16_to_f32"));
         l.arg(x).arg(y).arg(&n32);
@@ -248,8 +241,8 @@ impl Gpu {
         y: &mut CudaSlice<f32>,
         (outer, n, inner): (usize, usize, usize),
     ) -> Result<()> {
-        check_len("sum", x.len(), outer * n * inner)?;
-        check_len("sum", y.len(), outer * inner)?;
+        need("sum", x.len(), outer * n * inner)?;
+        need("sum", y.len(), outer * inner)?;
         let dims = [outer as u32, n as u32, inner as u32];
         let mut l = self.stream.launch_builder(self.function("sum_mid_f32"));
         l.arg(x).arg(y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
@@ -277,7 +270,7 @@ impl Gpu {
         n: usize,
     ) -> Result<()> {
         for len in [c.len(), t.len(), f.len(), out.len()] {
-            check_len("select", len, n)?;
+            need("select", len, n)?;
         }
         let n32 = n as u32;
         let mut l = self.stream.launch_builder(self.function("select_f32"));
@@ -295,8 +288,8 @@ impl Gpu {
         y: &mut CudaSlice<f32>,
         (outer, n, inner): (usize, usize, usize),
     ) -> Result<()> {
-        check_len("reduction", x.len(), outer * n * inner)?;
-        check_len("reduction", y.len(), outer * inner)?;
+        need("reduction", x.len(), outer * n * inner)?;
+        need("reduction", y.len(), outer * inner)?;
         let kernel = match reduction {
             MidReduction::Argmax => "argmax_mid_f32",
             MidReduction::LogSumExp => "logsumexp_mid_f32",
