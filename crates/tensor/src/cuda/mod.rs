@@ -62,6 +62,14 @@ fn read_storages<'a, const N: usize>(ts: [&'a Tensor; N]) -> (Vec<RwLockReadGuar
     (guards, slots)
 }
 
+/// The GPU behind `device` (for an op named `op` that only runs there).
+pub(crate) fn gpu_of(op: &'static str, device: Device) -> Result<Arc<Gpu>> {
+    match device {
+        Device::Cuda(i) => gpu(i),
+        Device::Cpu => Err(Error::invalid(op, "a host tensor reached the CUDA backend")),
+    }
+}
+
 /// The CUDA storage behind a read guard.
 fn on_gpu<'a>(guard: &'a RwLockReadGuard<'_, Storage>) -> Result<&'a CudaStorage> {
     match &**guard {
@@ -453,10 +461,7 @@ where
 /// each is written into its window of the result. `back` is the CPU op's backward (narrow views).
 pub(crate) fn cat(tensors: &[Tensor], dim: usize, shape: &[usize], back: impl BackwardOp + 'static) -> Result<Tensor> {
     let dev = tensors[0].device();
-    let g = gpu(match dev {
-        Device::Cuda(i) => i,
-        Device::Cpu => return Err(Error::invalid("cat", "a host tensor reached the CUDA backend")),
-    })?;
+    let g = gpu_of("cat", dev)?;
     let mut out = alloc(&g, dev, shape.iter().product())?;
     let mut at = 0;
     for t in tensors {

@@ -117,10 +117,7 @@ pub(crate) fn rope(x: &Tensor, cos: Vec<f32>, sin: Vec<f32>, layout: RopeLayout)
     let dims = (x.dims()[0], x.dims()[1], x.dims()[2], x.dims()[3]);
     let (n, dev) = (x.elem_count(), x.device());
     let interleaved = layout == RopeLayout::Interleaved;
-    let g = crate::device::gpu(match dev {
-        crate::Device::Cuda(i) => i,
-        crate::Device::Cpu => return Err(crate::Error::invalid("rope", "a host tensor reached the CUDA backend")),
-    })?;
+    let g = super::gpu_of("rope", dev)?;
     let (cos, sin) = (Arc::new(upload(&g, dev, &cos)?), Arc::new(upload(&g, dev, &sin)?));
     let run = move |t: &Tensor, inverse: bool| -> Result<(Arc<Gpu>, CudaSlice<f32>)> {
         with_buffer(t, |g, tb| {
