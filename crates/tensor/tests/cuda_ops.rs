@@ -381,7 +381,12 @@ fn ops_without_a_cuda_kernel_say_so() {
         return;
     }
     let x = randn(&[4, 8], 30).to_device(&Device::cuda(0).unwrap()).unwrap();
-    assert!(x.to_dtype(DType::BF16).is_err(), "CUDA tensors are f32");
+    let err = x.to_dtype(DType::F16).unwrap_err();
+    assert!(matches!(err, Error::UnsupportedDType { .. }), "f16 stays on the host: {err}");
+    let bf16 = x.to_dtype(DType::BF16).unwrap();
+    assert_eq!((bf16.dtype(), bf16.device()), (DType::BF16, x.device()));
+    let want = randn(&[4, 8], 30).to_dtype(DType::BF16).unwrap();
+    assert_eq!(bf16.to_vec_f32().unwrap(), want.to_vec_f32().unwrap(), "bf16 rounding on the GPU and on the host");
     let back = x.to_device(&Device::Cpu).unwrap();
     assert_eq!(back.to_vec_f32().unwrap(), randn(&[4, 8], 30).to_vec_f32().unwrap(), "to_device both ways is exact");
 }

@@ -100,27 +100,27 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
     let mut out_shape = x.dims().to_vec();
     *out_shape.last_mut().expect("rank >= 1") = n;
     let xp = packed(x)?;
-    let (g, y, kept) = with_buffer(&xp, |g, xb| {
-        let xq = g.fp8_quantize_dev(&xb.slice(..), (m, k), 1).map_err(gpu_error(dev))?;
-        let mut y = alloc(g, dev, m * n)?;
-        let mut gemm =
-            |w: &Fp8View<'_>| g.fp8_gemm_dev(&xq.view(), w, &mut y, g.fp8_gemm_kernel(k)).map_err(gpu_error(dev));
-        let kept = match weight {
-            Fp8Weight::Master(w) => {
-                check_gpu_float("fp8_linear (weight)", w)?;
-                let wq = with_buffer(&packed(w)?, |_, wb| {
-                    g.fp8_quantize_dev(&wb.slice(..), (n, k), 128).map_err(gpu_error(dev))
-                })?;
-                gemm(&wq.view())?;
-                Some(Arc::new(wq))
-            }
-            Fp8Weight::Stored { codes, scales } => {
-                with_stored(g, (codes, scales), |w| gemm(w))?;
-                None
-            }
-        };
-        Ok((g.clone(), y, kept))
+    // Each operand is quantized under its own read lock, released before the next is taken.
+    let (g, xq) = with_buffer(&xp, |g, xb| {
+        Ok((g.clone(), g.fp8_quantize_dev(&xb.slice(..), (m, k), 1).map_err(gpu_error(dev))?))
     })?;
+    let mut y = alloc(&g, dev, m * n)?;
+    let mut gemm =
+        |w: &Fp8View<'_>| g.fp8_gemm_dev(&xq.view(), w, &mut y, g.fp8_gemm_kernel(k)).map_err(gpu_error(dev));
+    let kept = match weight {
+        Fp8Weight::Master(w) => {
+            check_gpu_float("fp8_linear (weight)", w)?;
+            let wq = with_buffer(&packed(w)?, |_, wb| {
+                g.fp8_quantize_dev(&wb.slice(..), (n, k), 128).map_err(gpu_error(dev))
+            })?;
+            gemm(&wq.view())?;
+            Some(Arc::new(wq))
+        }
+        Fp8Weight::Stored { codes, scales } => {
+            with_stored(&g, (codes, scales), |w| gemm(w))?;
+            None
+        }
+    };
 
     // A master weight comes back as the op's second input; a stored one is kept here.
     let stored = match weight {
