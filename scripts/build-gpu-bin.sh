@@ -18,11 +18,13 @@ cargo test --release --no-run -p whale-tensor --test cuda_ops --message-format=j
 copy cuda_ops target/gpu-bin-cuda_ops.json
 cargo test --release --no-run -p whale-model --test cuda_model --message-format=json > target/gpu-bin-cuda_model.json
 copy cuda_model target/gpu-bin-cuda_model.json
+cargo test --release --no-run -p whale-rl --test cuda_rl --message-format=json > target/gpu-bin-cuda_rl.json
+copy cuda_rl target/gpu-bin-cuda_rl.json
 cargo test --release --no-run -p whale-parallel --features cuda --test nccl --message-format=json > target/gpu-bin-nccl.json
 copy nccl target/gpu-bin-nccl.json
 cargo bench --no-run -p whale-benches --bench gpu --message-format=json > target/gpu-bin-bench.json
 copy gpu target/gpu-bin-bench.json
-# The CLI, for an end-to-end pretraining run on the GPU beside the same run on the CPU.
+# The CLI, for end-to-end runs on the GPU (pretraining beside the same run on the CPU, R1-Zero).
 cargo build --release -p whale
 cp target/release/whale gpu-bin/whale-cli && strip gpu-bin/whale-cli
 ls -la gpu-bin

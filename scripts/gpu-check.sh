@@ -25,8 +25,8 @@ logs="${OUT:-/tmp}"
         timeout 300 "gpu-bin/$bin" --test-threads=1 \
             --skip the_embedded_ptx_was_built_from_the_current_sources >"$logs/test-$bin.log" 2>&1
         rc=$?
-        grep -E "^test |test result|panicked|skipped" "$logs/test-$bin.log" | tail -40
-        grep -q "skipped" "$logs/test-$bin.log" && skipped=1
+        grep -E "^test |test result|panicked|skipped|stands in" "$logs/test-$bin.log" | tail -40
+        grep -q -e "skipped" -e "stands in" "$logs/test-$bin.log" && skipped=1
         echo "exit status: $rc"
         [ "$rc" -eq 0 ] || status=1
         echo '```'
@@ -46,7 +46,7 @@ logs="${OUT:-/tmp}"
         status=1
     fi
     echo
-    echo "## whale pretrain (tiny preset, 30 steps: fp32 on both devices, bf16 and fp8 on the GPU) and generate"
+    echo "## whale pretrain (tiny preset, 30 steps: fp32 on both devices, bf16 and fp8 on the GPU), generate, r1-zero"
     echo
     echo '```'
     if [ -x gpu-bin/whale-cli ]; then
@@ -69,6 +69,15 @@ logs="${OUT:-/tmp}"
             echo "$dev: exit status $rc; $(head -1 "$logs/generate-$dev.out"); $(grep -o '[0-9.]* tokens/s' "$logs/generate-$dev.log")"
             [ "$rc" -eq 0 ] || { status=1; grep -m 1 -A 3 -E "^Error|panicked" "$logs/generate-$dev.log"; }
         done
+        echo
+        echo "r1-zero (GRPO, 3 steps) from the cuda-fp32 checkpoint on the GPU:"
+        rm -rf /tmp/gpu-check-r1-zero
+        timeout 240 gpu-bin/whale-cli r1-zero --base /tmp/gpu-check-cuda-fp32/checkpoint --device cuda \
+            --out /tmp/gpu-check-r1-zero --steps 3 --eval-problems 16 --k 2 >"$logs/r1-zero.log" 2>&1
+        rc=$?
+        echo "exit status $rc; $(grep -E 's/step|pass@1 ' "$logs/r1-zero.log" | tr '\n' ' ')"
+        echo "last step: $(tail -1 /tmp/gpu-check-r1-zero/metrics.jsonl 2>/dev/null | cut -c1-400)"
+        [ "$rc" -eq 0 ] || { status=1; grep -m 1 -A 3 -E "^Error|panicked" "$logs/r1-zero.log"; }
     else
         echo "gpu-bin/whale-cli is missing"
         status=1

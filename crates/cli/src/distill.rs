@@ -14,7 +14,7 @@ use whale_rl::grpo::{GrpoConfig, GrpoTrainer};
 use whale_rl::parallel::model::checkpoint::SaveDType;
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
-use whale_rl::parallel::model::{load_pretrained, CausalLm, DenseConfig, DenseModel};
+use whale_rl::parallel::model::{moved_to, CausalLm, DenseConfig, DenseModel};
 use whale_rl::sft::{rejection_sample, Example, SftConfig};
 use whale_rl::tasks::{Corpus, Split, TaskSet};
 
@@ -88,6 +88,9 @@ pub struct DistillArgs {
     pub out: Option<PathBuf>,
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// cpu (the default), or cuda / cuda:N: the teacher samples and the students train there.
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 /// The three students' held-out results.
@@ -109,6 +112,7 @@ fn save(model: &dyn CausalLm, dir: &Path) -> Result<()> {
 }
 
 pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
+    let device = crate::device::open(args.device.as_deref().unwrap_or("cpu"))?;
     let s: DistillSettings = match &args.config {
         Some(p) => crate::settings::load(p)?,
         None => DistillSettings::default(),
@@ -125,7 +129,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     let eval_cfg = EvalConfig { samples: s.k, ..EvalConfig::default() };
 
     // The teacher's verified traces.
-    let teacher = load_pretrained(&args.from).with_context(|| format!("loading {}", args.from.display()))?;
+    let teacher = crate::device::load(&args.from, &device, "the teacher")?;
     let prompts = tasks.problems(s.trace_problems, s.seed ^ 0xD157, Split::Train);
     let (traces, stats) =
         rejection_sample(&*teacher, &tok, &prompts, s.trace_samples, 1.0, 96, &mut Rng::new(s.seed ^ 0x7EAC))?;
@@ -144,7 +148,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
 
     // The student base.
     let student: Box<dyn CausalLm> = match &args.student {
-        Some(dir) => load_pretrained(dir).with_context(|| format!("loading the student {}", dir.display()))?,
+        Some(dir) => crate::device::load(dir, &device, "the student")?,
         None => {
             let cfg = DenseConfig::student(tok.vocab_size());
             println!(
@@ -152,7 +156,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
                 cfg.num_hidden_layers,
                 cfg.param_count() as f64 / 1e6
             );
-            let model = DenseModel::new(cfg, s.seed)?;
+            let model = moved_to(Box::new(DenseModel::new(cfg, s.seed)?), &device)?;
             let mut corpus = Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters), s.imperfect, s.seed ^ 0x57)
                 .with_mixing(s.mixing);
             let n = (s.student_pretrain.steps as usize * s.student_pretrain.batch).min(20_000);
@@ -162,8 +166,8 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
                     Example { prompt, completion }
                 })
                 .collect();
-            sft_with_bar(&model, &tok, &docs, &s.student_pretrain, None)?;
-            Box::new(model)
+            sft_with_bar(&*model, &tok, &docs, &s.student_pretrain, None)?;
+            model
         }
     };
     let base_dir = out.join("student-base");

@@ -15,7 +15,7 @@ use whale_rl::parallel::model::lm::model_type;
 use whale_rl::parallel::model::mla::mha_cache_elements;
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::tokenizer_for;
-use whale_rl::parallel::model::{load_pretrained, CausalLm, DeepSeekV3, DenseConfig};
+use whale_rl::parallel::model::{load_pretrained, moved_to, CausalLm, DeepSeekV3, DenseConfig};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -49,29 +49,22 @@ pub struct GenerateArgs {
     /// dequantised on load.
     #[arg(long)]
     pub fp8: bool,
-    /// cpu (the default), or cuda / cuda:N: the model runs there (DeepSeek-V3 checkpoints; FP8
-    /// weights kept with --fp8 stay FP8 on the GPU). Sampling reads each step's logits back.
+    /// cpu (the default), or cuda / cuda:N: the model runs there (FP8 weights kept with --fp8
+    /// stay FP8 on the GPU). Sampling reads each step's logits back.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let cache = CacheMode::parse(&a.cache).with_context(|| format!("--cache {}: expected naive or absorb", a.cache))?;
-    let device = crate::pretrain::open_device(&a.device)?;
+    let device = crate::device::open(&a.device)?;
     let loading = || format!("loading {}", a.checkpoint.display());
     let model: Box<dyn CausalLm> = if a.fp8 {
         Box::new(DeepSeekV3::from_pretrained_fp8(&a.checkpoint).with_context(loading)?)
     } else {
         load_pretrained(&a.checkpoint).with_context(loading)?
     };
-    let model: Box<dyn CausalLm> = if device.is_cpu() {
-        model
-    } else {
-        let ds = model
-            .as_deepseek()
-            .with_context(|| format!("--device {}: GPU generation runs DeepSeek-V3 checkpoints", a.device))?;
-        Box::new(ds.to_device(&device).with_context(|| format!("moving the model to {}", a.device))?)
-    };
+    let model = moved_to(model, &device).with_context(|| format!("moving the model to {}", a.device))?;
     let tok = tokenizer_for(&a.checkpoint)?;
     let prompt = tok.encode(&a.prompt).with_context(|| "encoding the prompt")?;
     if prompt.is_empty() {

@@ -1,6 +1,7 @@
 //! The `whale` command. It parses flags, wires the crates together and draws progress; the work
 //! itself lives in the library crates.
 
+mod device;
 mod distill;
 mod eval_cmd;
 mod infer;
@@ -58,6 +59,8 @@ enum Job {
 fn main_job(args: pretrain::PretrainArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     println!("whale: the main job (pretrain -> R1-Zero -> R1 in four stages -> distill)\n");
+    // Every stage runs where pretraining ran (`--device`).
+    let device = args.device.clone();
     let out = pretrain::run(args)?;
     let run = out.parent().map(std::path::Path::to_path_buf).unwrap_or_else(|| out.clone());
     let base = out.join("checkpoint");
@@ -66,6 +69,7 @@ fn main_job(args: pretrain::PretrainArgs) -> Result<()> {
         base: base.clone(),
         out: Some(run.join("r1-zero")),
         steps: Some(50),
+        device: device.clone(),
         ..Default::default()
     })?;
     println!();
@@ -76,6 +80,7 @@ fn main_job(args: pretrain::PretrainArgs) -> Result<()> {
         out: Some(run.join("r1")),
         config: None,
         data: None,
+        device: device.clone(),
     })?;
     let teacher = stages.last().expect("four stages").checkpoint.clone();
     let distilled = distill::run(distill::DistillArgs {
@@ -83,6 +88,7 @@ fn main_job(args: pretrain::PretrainArgs) -> Result<()> {
         student: None,
         out: Some(run.join("distill")),
         config: None,
+        device,
     })?;
 
     let mut rows =

@@ -280,7 +280,7 @@ pub fn mesh(s: &PretrainSettings) -> Result<Mesh> {
 /// training is one rank, with f32 optimizer moments.
 pub fn device(s: &PretrainSettings) -> Result<Device> {
     if s.device == "cpu" {
-        return open_device(&s.device);
+        return crate::device::open(&s.device);
     }
     if s.dp * s.pp * s.ep != 1 {
         bail!("--device {}: GPU training runs on one rank in this build ({})", s.device, layout_flags(s));
@@ -288,21 +288,7 @@ pub fn device(s: &PretrainSettings) -> Result<Device> {
     if s.moments != "fp32" {
         bail!("--device {}: AdamW's moments are f32 on a GPU in this build (got --moments {})", s.device, s.moments);
     }
-    open_device(&s.device)
-}
-
-/// `--device`: cpu, cuda or cuda:N, opened (an error that names the flag and says why when the
-/// GPU cannot be used).
-pub fn open_device(flag: &str) -> Result<Device> {
-    let ordinal = match flag {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => n,
-            None => bail!("--device {other}: expected cpu, cuda or cuda:N"),
-        },
-    };
-    Device::cuda(ordinal).with_context(|| format!("--device {flag}"))
+    crate::device::open(&s.device)
 }
 
 /// The flags of the parallel layout, for errors.

@@ -22,9 +22,10 @@ use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer};
 use whale_rl::parallel::model::checkpoint::SaveDType;
+use whale_rl::parallel::model::tensor::Device;
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::CharTokenizer;
-use whale_rl::parallel::model::{load_pretrained, CausalLm};
+use whale_rl::parallel::model::CausalLm;
 use whale_rl::reward_model::{preference_pairs, LearnedReward, ReasoningOnly, RewardModel, RmReport};
 use whale_rl::rewards::{Accuracy, Format, LanguageConsistency, RewardSet};
 use whale_rl::sft::{rejection_sample, Example, RejectionStats, SftConfig};
@@ -186,6 +187,10 @@ pub struct R1Args {
     /// JSONL reasoning prompts ({"prompt", "answer"}) instead of the embedded tasks.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// cpu (the default), or cuda / cuda:N: every stage's models (policy, rejection sampler,
+    /// reward model) sample and train there; rewards and advantages are host data.
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 /// One stage's result.
@@ -216,9 +221,15 @@ struct Pipeline {
     tok: CharTokenizer,
     heldout: Vec<Problem>,
     pool: Option<Vec<Problem>>,
+    device: Device,
 }
 
 impl Pipeline {
+    /// The checkpoint at `dir`, on this run's device.
+    fn load(&self, dir: &Path) -> Result<Box<dyn CausalLm>> {
+        crate::device::load(dir, &self.device, "the model")
+    }
+
     fn reasoning_tasks(&self) -> Result<TaskSet> {
         Ok(TaskSet::parse(&self.s.tasks)?.with_letters(self.s.letters))
     }
@@ -256,7 +267,7 @@ impl Pipeline {
     fn cold_start(&self, base: &Path) -> Result<StageResult> {
         let t0 = Instant::now();
         let dir = self.stage_dir(Stage::ColdStart)?;
-        let model = load_pretrained(base).with_context(|| format!("loading {}", base.display()))?;
+        let model = self.load(base)?;
         let c = &self.s.cold_start;
         let data: Vec<Example> = self
             .reasoning_tasks()?
@@ -272,7 +283,7 @@ impl Pipeline {
     fn rl(&self, stage: Stage, from: &Path, cfg: &GrpoConfig, rewards: Option<RewardSet>) -> Result<StageResult> {
         let t0 = Instant::now();
         let dir = self.stage_dir(stage)?;
-        let model = load_pretrained(from).with_context(|| format!("loading {}", from.display()))?;
+        let model = self.load(from)?;
         let mut cfg = cfg.clone();
         cfg.letters = self.s.letters;
         let tok = Box::new(self.tok.clone());
@@ -301,7 +312,7 @@ impl Pipeline {
         let t0 = Instant::now();
         let dir = self.stage_dir(Stage::RejectionSft)?;
         let r = &self.s.rejection;
-        let teacher = load_pretrained(sampler).with_context(|| format!("loading {}", sampler.display()))?;
+        let teacher = self.load(sampler)?;
         let prompts = match &self.pool {
             Some(p) => p.clone(),
             None => self.reasoning_tasks()?.problems(r.problems, self.s.seed ^ 0x4E1, Split::Train),
@@ -323,13 +334,13 @@ impl Pipeline {
         );
         let jsonl: String = data.iter().map(|e| serde_json::to_string(e).expect("json") + "\n").collect();
         std::fs::write(dir.join("data.jsonl"), jsonl).context("data.jsonl")?;
-        let model = load_pretrained(base).with_context(|| format!("loading {}", base.display()))?;
+        let model = self.load(base)?;
         crate::distill::sft_with_bar(&*model, &self.tok, &data, &r.sft, Some(&dir.join("sft_metrics.jsonl")))?;
         Ok((self.finish(Stage::RejectionSft, dir, &*model, t0, false)?, stats))
     }
 
     fn all_scenarios(&self, from: &Path) -> Result<(StageResult, RmReport)> {
-        let model = load_pretrained(from).with_context(|| format!("loading {}", from.display()))?;
+        let model = self.load(from)?;
         let m = &self.s.reward_model;
         let non = TaskSet::parse(&self.s.non_reasoning)?;
         let corrupt = |rng: &mut Rng, p: &Problem| non.corrupt(rng, p);
@@ -370,6 +381,7 @@ impl R1Args {
 
 /// Runs the requested stage(s); returns each stage's result in order.
 pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
+    let device = crate::device::open(args.device.as_deref().unwrap_or("cpu"))?;
     let s = args.settings()?;
     let out = args.out.clone().unwrap_or_else(|| sibling_run(&args.from, "r1"));
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
@@ -377,7 +389,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let pool = args.data.as_ref().map(|p| load_jsonl(p)).transpose()?;
     let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters);
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
-    let p = Pipeline { s: s.clone(), out: out.clone(), tok: CharTokenizer::new(), heldout, pool };
+    let p = Pipeline { s: s.clone(), out: out.clone(), tok: CharTokenizer::new(), heldout, pool, device };
     let mut results = Vec::new();
     match args.stage {
         Stage::All => {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, RlRun, ScaleRewards, StepLog};
 use whale_rl::parallel::model::tokenizer::CharTokenizer;
-use whale_rl::parallel::model::{load_pretrained, CausalLm};
+use whale_rl::parallel::model::CausalLm;
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
 use whale_rl::tasks::{load_jsonl, Problem, TaskSet};
 
@@ -120,6 +120,10 @@ pub struct R1ZeroArgs {
     /// Steps between validation evaluations (0: none).
     #[arg(long)]
     pub eval_every: Option<u64>,
+    /// cpu (the default), or cuda / cuda:N: the policy, its reference and the PPO critic sample,
+    /// score and train there; rewards and advantages are host data.
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 fn parse_enum<T: serde::de::DeserializeOwned>(flag: &str, v: &str) -> Result<T> {
@@ -205,8 +209,8 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     let (metrics, completions) = (out.join("metrics.jsonl"), out.join("completions.jsonl"));
     let settings_path = out.join("settings.json");
     let tok = CharTokenizer::new();
-    let base =
-        load_pretrained(&args.base).with_context(|| format!("loading the base model from {}", args.base.display()))?;
+    let device = crate::device::open(args.device.as_deref().unwrap_or("cpu"))?;
+    let base = crate::device::load(&args.base, &device, "the base model")?;
     let mut trainer: Box<dyn RlTrainer> = if args.resume {
         // The run's own settings, not this command line's, except an explicit --steps.
         s = crate::settings::load(&settings_path).context("resuming: the run's settings")?;
@@ -214,8 +218,8 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
             s.grpo.steps = steps;
         }
         let mut t: Box<dyn RlTrainer> = match s.algo {
-            Algo::Grpo => Box::new(GrpoTrainer::resume(&ckpt, Box::new(tok.clone()))?),
-            Algo::Ppo => Box::new(PpoTrainer::resume(&ckpt, Box::new(tok.clone()))?),
+            Algo::Grpo => Box::new(GrpoTrainer::resume(&ckpt, Box::new(tok.clone()), &device)?),
+            Algo::Ppo => Box::new(PpoTrainer::resume(&ckpt, Box::new(tok.clone()), &device)?),
         };
         t.run_mut().config.steps = s.grpo.steps;
         t.run_mut().resume_logs(&metrics, &completions)?;

@@ -75,6 +75,19 @@ fn a_device_that_cannot_train_is_a_clear_error_before_anything_is_written() {
         assert!(!out.status.success() && err.contains(words), "{flags:?}: {err}");
         assert!(!run.exists(), "{flags:?}: nothing is written");
     }
+    // The post-training commands take the same flag, and refuse it before reading or writing.
+    let base = dir.join("no-such-checkpoint");
+    for command in ["r1-zero", "r1", "distill"] {
+        let run = dir.join(command);
+        let input = if command == "r1-zero" { "--base" } else { "--from" };
+        let out = whale()
+            .args([command, input, base.to_str().unwrap(), "--out", run.to_str().unwrap(), "--device", "cuda:4096"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("--device cuda:4096"), "{command}: {err}");
+        assert!(!run.exists(), "{command}: nothing is written");
+    }
 }
 
 #[test]

@@ -99,28 +99,19 @@ impl DeepSeekV3 {
     /// An independent copy (own weights, buffers and compute dtype): the frozen reference policy
     /// of RL, or the trunk of a value model.
     pub fn duplicate(&self) -> Result<Self> {
-        let mut tensors: BTreeMap<String, Tensor> = self
-            .state_dict()
-            .into_iter()
-            .map(|(n, t)| Ok((n, t.deep_clone()?.detach())))
-            .collect::<whale_tensor::Result<_>>()?;
-        Self::drop_non_parameters(&self.config, &mut tensors);
-        let path = "<in-memory copy>".into();
-        let mut copy = Self::build(self.config.clone(), WeightSource::Loaded { path, tensors })?;
-        copy.compute_dtype = self.compute_dtype;
-        Ok(copy)
+        self.to_device(&self.device())
     }
 
-    /// A copy whose weights and buffers live on `device`: on a GPU every op of its forward and
-    /// backward runs there (whale-tensor's CUDA backend), and AdamW updates it there.
+    /// An independent copy whose weights and buffers live on `device`: on a GPU every op of its
+    /// forward and backward runs there (whale-tensor's CUDA backend), and AdamW updates it there.
     pub fn to_device(&self, device: &whale_tensor::Device) -> Result<Self> {
         let mut tensors: BTreeMap<String, Tensor> = self
             .state_dict()
             .into_iter()
-            .map(|(n, t)| Ok((n, t.to_device(device)?.detach())))
+            .map(|(n, t)| Ok((n, crate::nn::copy_to(&t, device)?)))
             .collect::<whale_tensor::Result<_>>()?;
         Self::drop_non_parameters(&self.config, &mut tensors);
-        let path = format!("<moved to {device:?}>").into();
+        let path = format!("<copy on {device:?}>").into();
         let mut copy = Self::build(self.config.clone(), WeightSource::Loaded { path, tensors })?;
         copy.compute_dtype = self.compute_dtype;
         Ok(copy)

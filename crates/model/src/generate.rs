@@ -187,6 +187,12 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     fn save_pretrained(&self, dir: &Path, dtype: SaveDType) -> Result<()>;
     /// An independent copy.
     fn duplicate(&self) -> Result<Box<dyn CausalLm>>;
+    /// A copy whose weights live on `device` (forward, backward and AdamW then run there).
+    fn to_device(&self, device: &Device) -> Result<Box<dyn CausalLm>>;
+    /// Where the weights live: the device of every tensor this model computes.
+    fn device(&self) -> Device {
+        self.params().iter().next().map_or(Device::Cpu, |(_, p)| p.device())
+    }
     /// Total parameters.
     fn param_count(&self) -> usize {
         self.params().num_elements()

@@ -27,5 +27,5 @@ pub use deepseek_v3::{DeepSeekV3, ForwardOutput, StageOutput, IGNORE_INDEX};
 pub use dense::{DenseConfig, DenseModel};
 pub use error::{Error, Result};
 pub use generate::CausalLm;
-pub use lm::load_pretrained;
+pub use lm::{load_pretrained, moved_to};
 pub use whale_tensor as tensor;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use whale_tensor::{ParamStore, Tensor};
+use whale_tensor::{Device, ParamStore, Tensor};
 
 use crate::checkpoint::SaveDType;
 use crate::deepseek_v3::{DeepSeekV3, IGNORE_INDEX};
@@ -49,6 +49,9 @@ impl CausalLm for DeepSeekV3 {
     fn duplicate(&self) -> Result<Box<dyn CausalLm>> {
         Ok(Box::new(DeepSeekV3::duplicate(self)?))
     }
+    fn to_device(&self, device: &Device) -> Result<Box<dyn CausalLm>> {
+        Ok(Box::new(DeepSeekV3::to_device(self, device)?))
+    }
     fn as_deepseek(&self) -> Option<&DeepSeekV3> {
         Some(self)
     }
@@ -65,12 +68,16 @@ impl CausalLm for DenseModel {
         Ok(logits.reshape(&[n, self.config.vocab_size])?.cross_entropy(&targets.reshape(&[n])?, IGNORE_INDEX)?)
     }
     fn duplicate(&self) -> Result<Box<dyn CausalLm>> {
+        CausalLm::to_device(self, &CausalLm::device(self))
+    }
+    fn to_device(&self, device: &Device) -> Result<Box<dyn CausalLm>> {
         let tensors = self
             .params
             .iter()
-            .map(|(n, t)| Ok((n.to_string(), t.deep_clone()?.detach())))
+            .map(|(n, t)| Ok((n.to_string(), crate::nn::copy_to(t, device)?)))
             .collect::<whale_tensor::Result<_>>()?;
-        let mut copy = DenseModel::from_tensors(self.config.clone(), tensors, "<in-memory copy>".into())?;
+        let path = format!("<copy on {device:?}>").into();
+        let mut copy = DenseModel::from_tensors(self.config.clone(), tensors, path)?;
         copy.compute_dtype = self.compute_dtype;
         Ok(Box::new(copy))
     }
@@ -96,5 +103,14 @@ pub fn load_pretrained(dir: &Path) -> Result<Box<dyn CausalLm>> {
             dir.join("config.json"),
             format!("model_type `{other}` is not supported (deepseek_v3, qwen2, llama)"),
         )),
+    }
+}
+
+/// `model` on `device`: itself when it is there already, else a copy moved there.
+pub fn moved_to(model: Box<dyn CausalLm>, device: &Device) -> Result<Box<dyn CausalLm>> {
+    if model.device() == *device {
+        Ok(model)
+    } else {
+        model.to_device(device)
     }
 }

@@ -24,7 +24,7 @@ use whale_parallel::model::generate::CacheMode;
 use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, WarmupCosine};
 use whale_parallel::model::tensor::{no_grad, Device, ParamStore, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
-use whale_parallel::model::{load_pretrained, CausalLm};
+use whale_parallel::model::{load_pretrained, moved_to, CausalLm};
 use whale_parallel::trainer::{complete_checkpoint, truncate_metrics, write_dir_atomically, write_json_synced};
 
 use crate::rewards::{RewardSet, Sample, Scores};
@@ -789,13 +789,14 @@ impl GrpoTrainer {
         })?)
     }
 
-    /// Continues from a checkpoint of [`GrpoTrainer::save_checkpoint`]; the continuation is
-    /// bit-identical to the uninterrupted run.
-    pub fn resume(dir: &Path, tokenizer: Box<dyn Tokenizer>) -> Result<Self> {
+    /// Continues from a checkpoint of [`GrpoTrainer::save_checkpoint`], its models on `device`;
+    /// the continuation is bit-identical to the uninterrupted run on the same device.
+    pub fn resume(dir: &Path, tokenizer: Box<dyn Tokenizer>, device: &Device) -> Result<Self> {
         let (run, policy, dir) = RlRun::load(dir, tokenizer, GRPO_SALT)?;
+        let policy = moved_to(policy, device)?;
         let reference = if run.config.beta > 0.0 {
             let r = dir.join("reference");
-            Some(if r.exists() { load_pretrained(&r)? } else { policy.duplicate()? })
+            Some(if r.exists() { moved_to(load_pretrained(&r)?, device)? } else { policy.duplicate()? })
         } else {
             None
         };
@@ -849,7 +850,7 @@ impl GrpoTrainer {
         let t_sample = t0.elapsed().as_secs_f64();
         let mut values = rollout_metrics(&scored, &self.run.rewards, cfg.group_size);
         values.insert("frac_reward_zero_std".into(), zero_frac_sampled);
-        let pad = self.run.tokenizer.pad_id();
+        let (pad, device) = (self.run.tokenizer.pad_id(), self.policy.device());
 
         let n = scored.len();
         let active: Vec<bool> = scored.iter().map(|s| !(cfg.mask_truncated && s.rollout.truncated)).collect();
@@ -870,7 +871,7 @@ impl GrpoTrainer {
             .collect();
         let packed: Vec<PackedBatch> = chunks
             .iter()
-            .map(|c| PackedBatch::new(&scored[c.clone()].iter().map(|s| &s.rollout).collect::<Vec<_>>(), pad))
+            .map(|c| PackedBatch::new(&scored[c.clone()].iter().map(|s| &s.rollout).collect::<Vec<_>>(), pad, &device))
             .collect::<Result<_>>()?;
         let frozen = |model: &dyn CausalLm, b: &PackedBatch| -> Result<Tensor> {
             no_grad(|| Ok(score(model, b, cfg.temperature)?.logprobs.detach()))

@@ -12,7 +12,7 @@ use whale_parallel::model::checkpoint::{load_file, save_file, SaveDType};
 use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, LrSchedule};
 use whale_parallel::model::tensor::{no_grad, DType, Device, ParamStore, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
-use whale_parallel::model::{load_pretrained, CausalLm};
+use whale_parallel::model::{load_pretrained, moved_to, CausalLm};
 use whale_parallel::trainer::{write_dir_atomically, write_json_synced};
 
 use crate::grpo::{grpo_loss, rollout_metrics, to_parallel, GrpoConfig, LossInputs, LossStats, RlRun, Scored, StepLog};
@@ -89,7 +89,9 @@ impl ValueModel {
         for (name, t) in trunk.params().iter() {
             params.insert(name, t)?;
         }
-        let head = params.insert(HEAD, &head.to_dtype(DType::F32)?.contiguous()?.deep_clone()?)?;
+        // On the trunk's device, in a buffer of its own.
+        let head = head.to_dtype(DType::F32)?.to_device(&trunk.device())?.contiguous()?.deep_clone()?;
+        let head = params.insert(HEAD, &head)?;
         Ok(ValueModel { trunk, head, params })
     }
 
@@ -106,14 +108,14 @@ impl ValueModel {
         Ok(save_file(&dir.join(HEAD_FILE), &head, SaveDType::F32)?)
     }
 
-    /// Reads what [`ValueModel::save`] wrote.
-    pub fn from_pretrained(dir: &Path) -> Result<Self> {
+    /// Reads what [`ValueModel::save`] wrote, onto `device`.
+    pub fn from_pretrained(dir: &Path, device: &Device) -> Result<Self> {
         let path = dir.join(HEAD_FILE);
         let mut tensors = load_file(&path)?;
         let head = tensors
             .remove(HEAD)
             .ok_or_else(|| Error::Rl(format!("{}: no `{HEAD}` tensor (not a value head)", path.display())))?;
-        Self::with_head(load_pretrained(dir)?, &head)
+        Self::with_head(moved_to(load_pretrained(dir)?, device)?, &head)
     }
 
     /// `[n, len - 1]` values of the states before each next token of the packed batch.
@@ -211,13 +213,15 @@ impl PpoTrainer {
     }
 
     /// Continues from a checkpoint of [`PpoTrainer::save_checkpoint`].
-    pub fn resume(dir: &Path, tokenizer: Box<dyn Tokenizer>) -> Result<Self> {
+    pub fn resume(dir: &Path, tokenizer: Box<dyn Tokenizer>, device: &Device) -> Result<Self> {
         let (run, policy, dir) = RlRun::load(dir, tokenizer, PPO_SALT)?;
+        let policy = moved_to(policy, device)?;
         let path = dir.join(PPO_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::Rl(format!("{}: {e}", path.display())))?;
         let ppo: PpoConfig = serde_json::from_str(&text).map_err(|e| Error::Rl(format!("{}: {e}", path.display())))?;
-        let reference = if ppo.kl_coef > 0.0 { Some(load_pretrained(&dir.join("reference"))?) } else { None };
-        let critic = ValueModel::from_pretrained(&dir.join("critic"))?;
+        let reference =
+            if ppo.kl_coef > 0.0 { Some(moved_to(load_pretrained(&dir.join("reference"))?, device)?) } else { None };
+        let critic = ValueModel::from_pretrained(&dir.join("critic"), device)?;
         let (mut opt, mut critic_opt) = (AdamW::new(run.config.adamw())?, AdamW::new(run.config.adamw())?);
         run.load_optimizer(&dir, "optimizer", &mut opt, policy.params())?;
         run.load_optimizer(&dir, "critic_optimizer", &mut critic_opt, &critic.params)?;
@@ -243,12 +247,12 @@ impl PpoTrainer {
         values.remove("reward_std");
 
         // Per chunk: frozen policy, reference and value estimates, then GAE per completion.
-        let pad = self.run.tokenizer.pad_id();
+        let (pad, device) = (self.run.tokenizer.pad_id(), self.policy.device());
         let chunks: Vec<std::ops::Range<usize>> =
             (0..n).step_by(cfg.micro_batch).map(|s| s..(s + cfg.micro_batch).min(n)).collect();
         let packed: Vec<PackedBatch> = chunks
             .iter()
-            .map(|c| PackedBatch::new(&scored[c.clone()].iter().map(|s| &s.rollout).collect::<Vec<_>>(), pad))
+            .map(|c| PackedBatch::new(&scored[c.clone()].iter().map(|s| &s.rollout).collect::<Vec<_>>(), pad, &device))
             .collect::<Result<_>>()?;
         let (mut old, mut old_values, mut advantages, mut returns) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut kl_sum = 0.0;

@@ -91,8 +91,11 @@ pub fn sample_groups(
 /// Column `t` of the `[n, len - 1]` per-token tensors is the prediction of token `t + 1`.
 #[derive(Debug, Clone)]
 pub struct PackedBatch {
-    /// `[n, len]`.
+    /// `[n, len]` token ids (host data, as every index tensor is).
     pub ids: Tensor,
+    /// Where the per-token value tensors (mask, advantages, weights) are made: the scoring
+    /// model's device.
+    pub device: Device,
     pub n: usize,
     pub len: usize,
     /// `[n * (len - 1)]`: 1 where column `t` predicts a completion token of row `i`.
@@ -104,7 +107,8 @@ pub struct PackedBatch {
 }
 
 impl PackedBatch {
-    pub fn new(rollouts: &[&Rollout], pad: u32) -> Result<Self> {
+    /// Packs `rollouts`; the value tensors it makes live on `device`.
+    pub fn new(rollouts: &[&Rollout], pad: u32, device: &Device) -> Result<Self> {
         let n = rollouts.len();
         if n == 0 {
             return Err(Error::Rl("cannot pack an empty batch of rollouts".into()));
@@ -125,12 +129,13 @@ impl PackedBatch {
             lengths.push(r.tokens.len());
             starts.push(start);
         }
-        Ok(PackedBatch { ids: Tensor::from_vec(ids, &[n, len], &Device::Cpu)?, n, len, mask, lengths, starts })
+        let ids = Tensor::from_vec(ids, &[n, len], &Device::Cpu)?;
+        Ok(PackedBatch { ids, device: *device, n, len, mask, lengths, starts })
     }
 
     /// The `[n, len - 1]` mask as a tensor.
     pub fn mask_tensor(&self) -> Result<Tensor> {
-        Ok(Tensor::from_slice(&self.mask, &[self.n, self.len - 1], &Device::Cpu)?)
+        Ok(Tensor::from_slice(&self.mask, &[self.n, self.len - 1], &self.device)?)
     }
 
     /// Spreads one value per completion token (row `i`: `lengths[i]` values) onto the
@@ -144,7 +149,7 @@ impl PackedBatch {
             }
             out[i * cols + self.starts[i]..i * cols + self.starts[i] + vals.len()].copy_from_slice(vals);
         }
-        Ok(Tensor::from_vec(out, &[self.n, cols], &Device::Cpu)?)
+        Ok(Tensor::from_vec(out, &[self.n, cols], &self.device)?)
     }
 
     /// The completion part of row `i` of a `[n, len - 1]` grid of values.

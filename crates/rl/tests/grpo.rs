@@ -7,7 +7,7 @@ use whale_rl::grpo::{
 use whale_rl::parallel::model::config::DeepSeekV3Config;
 use whale_rl::parallel::model::generate::CacheMode;
 use whale_rl::parallel::model::tensor::testing::GradCheck;
-use whale_rl::parallel::model::tensor::Rng;
+use whale_rl::parallel::model::tensor::{Device, Rng};
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{CausalLm, DeepSeekV3};
 use whale_rl::rollout::{sample_groups, score, PackedBatch, Rollout, RolloutConfig};
@@ -183,7 +183,7 @@ fn dr_grpo_weights_do_not_depend_on_completion_length_and_dapo_counts_the_whole_
     let refs: Vec<&Rollout> = rs.iter().collect();
     let lengths = [2usize, 6, 4];
     let active = [true; 3];
-    let batch = PackedBatch::new(&refs, 0).unwrap();
+    let batch = PackedBatch::new(&refs, 0, &Device::Cpu).unwrap();
     let weights = |lt| aggregation_weights(lt, &batch, 0..3, &active, &lengths, 1, 10).unwrap().to_vec_f32().unwrap();
     let row_weights = |w: &[f32], i: usize| batch.row_tokens(w, i).to_vec();
     let dr = weights(LossType::DrGrpo);
@@ -199,7 +199,7 @@ fn dr_grpo_weights_do_not_depend_on_completion_length_and_dapo_counts_the_whole_
     assert!((dapo.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     assert_eq!(dapo.iter().filter(|&&x| x > 0.0).count(), 12, "only completion tokens carry weight");
     // Split the step in two micro-batches: dapo weights are unchanged (global token count).
-    let first = PackedBatch::new(&refs[..2], 0).unwrap();
+    let first = PackedBatch::new(&refs[..2], 0, &Device::Cpu).unwrap();
     let w1 = aggregation_weights(LossType::Dapo, &first, 0..2, &active, &lengths, 2, 10).unwrap().to_vec_f32().unwrap();
     assert!(w1.iter().filter(|&&x| x > 0.0).all(|&x| (x - 1.0 / 12.0).abs() < 1e-9));
 }
@@ -221,7 +221,7 @@ fn scoring_a_rollout_gives_the_log_probs_it_was_sampled_with() {
     assert_eq!(rollouts.len(), 9);
     assert!(rollouts.iter().all(|r| r.truncated != r.tokens.ends_with(&[tok.eos_id()])));
     // Ragged prompts (1-3 digit operands) and completions packed in one batch.
-    let batch = PackedBatch::new(&rollouts.iter().collect::<Vec<_>>(), tok.pad_id()).unwrap();
+    let batch = PackedBatch::new(&rollouts.iter().collect::<Vec<_>>(), tok.pad_id(), &Device::Cpu).unwrap();
     let s = score(&model, &batch, 0.7).unwrap();
     let lp = s.logprobs.to_vec_f32().unwrap();
     for (i, r) in rollouts.iter().enumerate() {
@@ -248,7 +248,7 @@ fn a_group_with_constant_rewards_gives_no_policy_gradient() {
     };
     let rollouts = sample_groups(&model, &tok, &problems, &cfg, &mut Rng::new(4)).unwrap();
     let adv = group_advantages(&[0.0; 4], 4, ScaleRewards::Group);
-    let batch = PackedBatch::new(&rollouts.iter().collect::<Vec<_>>(), tok.pad_id()).unwrap();
+    let batch = PackedBatch::new(&rollouts.iter().collect::<Vec<_>>(), tok.pad_id(), &Device::Cpu).unwrap();
     let lengths: Vec<usize> = rollouts.iter().map(|r| r.tokens.len()).collect();
     let s = score(&model, &batch, 1.0).unwrap();
     let per_row: Vec<Vec<f32>> = lengths.iter().zip(&adv).map(|(&n, &a)| vec![a as f32; n]).collect();
@@ -379,7 +379,7 @@ fn grpo_and_ppo_resume_bit_identically_from_a_checkpoint() {
     interrupted.train_step().unwrap();
     interrupted.save_checkpoint(&dir.join("grpo")).unwrap();
     drop(interrupted);
-    let mut resumed = GrpoTrainer::resume(&dir.join("grpo"), tok()).unwrap();
+    let mut resumed = GrpoTrainer::resume(&dir.join("grpo"), tok(), &Device::Cpu).unwrap();
     assert_eq!(resumed.run.step, 1);
     while !straight.done() {
         let (a, b) = (straight.train_step().unwrap(), resumed.train_step().unwrap());
@@ -394,14 +394,14 @@ fn grpo_and_ppo_resume_bit_identically_from_a_checkpoint() {
     straight.train_step().unwrap();
     interrupted.train_step().unwrap();
     interrupted.save_checkpoint(&dir.join("ppo")).unwrap();
-    let mut resumed = PpoTrainer::resume(&dir.join("ppo"), tok()).unwrap();
+    let mut resumed = PpoTrainer::resume(&dir.join("ppo"), tok(), &Device::Cpu).unwrap();
     for _ in 0..2 {
         straight.train_step().unwrap();
         resumed.train_step().unwrap();
     }
     assert_eq!(lm_head(&*straight.policy), lm_head(&*resumed.policy));
     assert_eq!(straight.critic.head.to_vec_f32().unwrap(), resumed.critic.head.to_vec_f32().unwrap());
-    let err = GrpoTrainer::resume(&dir.join("nothing"), tok()).unwrap_err().to_string();
+    let err = GrpoTrainer::resume(&dir.join("nothing"), tok(), &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("nothing") && err.contains("rl_state.json"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,6 +2,9 @@
 
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{CausalLm, DeepSeekV3, DeepSeekV3Config, DenseConfig, DenseModel, IGNORE_INDEX};
+mod common;
+
+use common::reversal_pair;
 use whale_rl::reward_model::{PreferencePair, RewardModel};
 use whale_rl::sft::{sft, sft_batch, Example, SftConfig};
 
@@ -59,17 +62,8 @@ fn the_reward_model_learns_preferences_with_the_bradley_terry_loss() {
     let tok = CharTokenizer::new();
     let policy = DeepSeekV3::new(DeepSeekV3Config::tiny(), 2).unwrap();
     let mut rm = RewardModel::from_policy(&policy).unwrap();
-    // Preferred: a clean reversal; rejected: the same with a stray tail.
-    let pair = |s: &str| {
-        let rev: String = s.chars().rev().collect();
-        PreferencePair {
-            prompt: format!("r{s}="),
-            chosen: format!("<think></think><answer>{rev}</answer>"),
-            rejected: format!("<think></think><answer>{rev}</answer>zz"),
-        }
-    };
     let words = ["abc", "dog", "cat", "sun", "moon", "tree", "bird", "fish", "lamp", "rock", "wind", "leaf"];
-    let pairs: Vec<PreferencePair> = words.iter().map(|w| pair(w)).collect();
+    let pairs: Vec<PreferencePair> = words.iter().map(|w| reversal_pair(w)).collect();
     let report = rm.train(&tok, &pairs[..8], &pairs[8..], 40, 8, 3e-3, 0).unwrap();
     assert!(report.final_loss < 0.3, "{report:?}");
     assert_eq!(report.heldout_accuracy, 1.0, "{report:?}");

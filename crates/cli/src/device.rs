@@ -1,0 +1,27 @@
+//! `--device`: where a command's models live and compute.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use whale_rl::parallel::model::tensor::Device;
+use whale_rl::parallel::model::{load_pretrained, moved_to, CausalLm};
+
+/// `--device`: cpu, cuda or cuda:N, opened (an error that names the flag and says why when the
+/// GPU cannot be used).
+pub fn open(flag: &str) -> Result<Device> {
+    let ordinal = match flag {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => n,
+            None => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+        },
+    };
+    Device::cuda(ordinal).with_context(|| format!("--device {flag}"))
+}
+
+/// The checkpoint at `dir` (`what` it is, for errors), its weights on `device`.
+pub fn load(dir: &Path, device: &Device, what: &str) -> Result<Box<dyn CausalLm>> {
+    let model = load_pretrained(dir).with_context(|| format!("loading {what} from {}", dir.display()))?;
+    moved_to(model, device).with_context(|| format!("moving {what} to {device:?}"))
+}

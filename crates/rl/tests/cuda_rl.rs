@@ -1,0 +1,193 @@
+//! RL on a GPU against the same on the CPU: GRPO's loss and every gradient for the same rollouts;
+//! a GRPO step (policy and reference on the GPU), its checkpoint resumed onto the GPU, and a PPO
+//! step (critic there too); SFT of a dense Qwen2-style student and the reward model's
+//! Bradley-Terry training, loss by loss. Without a GPU each body runs with the CPU in the GPU's
+//! place (saying so), which checks the bodies and the CPU's own device plumbing.
+
+use whale_rl::grpo::{aggregation_weights, grpo_loss, GrpoConfig, GrpoTrainer, LossInputs, LossType};
+use whale_rl::parallel::model::config::DeepSeekV3Config;
+use whale_rl::parallel::model::generate::CacheMode;
+use whale_rl::parallel::model::tensor::{Device, Rng};
+use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
+use whale_rl::parallel::model::{CausalLm, DeepSeekV3, DenseConfig, DenseModel};
+use whale_rl::ppo::{PpoConfig, PpoTrainer};
+mod common;
+
+use common::reversal_pair;
+use whale_rl::reward_model::{PreferencePair, RewardModel};
+use whale_rl::rollout::{sample_groups, score, PackedBatch, RolloutConfig};
+use whale_rl::sft::{sft, Example, SftConfig};
+use whale_rl::tasks::{Split, TaskSet};
+
+/// GPU 0, or the CPU after saying that the test compares the CPU with itself.
+fn gpu(test: &str) -> Device {
+    if !Device::cuda_is_available(0) {
+        eprintln!("{test}: no CUDA driver or GPU on this machine; the CPU stands in for it");
+        return Device::Cpu;
+    }
+    Device::cuda(0).unwrap()
+}
+
+fn tiny(seed: u64) -> DeepSeekV3 {
+    DeepSeekV3::new(DeepSeekV3Config::tiny(), seed).unwrap()
+}
+
+/// `a` (GPU) within `tol` of `b` (CPU), relative to `b`'s largest magnitude.
+fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let scale = b.iter().fold(1e-12f32, |m, x| m.max(x.abs()));
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol * scale, "{what}[{i}]: GPU {x} vs CPU {y} (scale {scale})");
+    }
+}
+
+#[test]
+fn grpo_loss_and_gradients_on_a_gpu_match_the_cpu() {
+    let device = gpu("grpo_loss_and_gradients_on_a_gpu_match_the_cpu");
+    let cpu = tiny(7);
+    let on_gpu = cpu.to_device(&device).unwrap();
+    let tok = CharTokenizer::new();
+    let problems = TaskSet::parse("add:1-2").unwrap().problems(2, 5, Split::Train);
+    let cfg = RolloutConfig {
+        group_size: 3,
+        temperature: 0.8,
+        top_p: None,
+        top_k: None,
+        max_new_tokens: 10,
+        cache: CacheMode::Absorb,
+    };
+    // The same rollouts for both devices (sampled once, on the CPU).
+    let rollouts = sample_groups(&cpu, &tok, &problems, &cfg, &mut Rng::new(3)).unwrap();
+    let refs: Vec<_> = rollouts.iter().collect();
+    let lengths: Vec<usize> = rollouts.iter().map(|r| r.tokens.len()).collect();
+    // Old log-probs 0.3 away from the current ones, alternately above and below, and advantages
+    // of alternating sign: both sides of the clip bind on some tokens, and the KL term is live.
+    let shifts: Vec<Vec<f32>> =
+        lengths.iter().map(|&n| (0..n).map(|t| if t % 2 == 0 { 0.3 } else { -0.3 }).collect()).collect();
+    let advantages: Vec<Vec<f32>> =
+        lengths.iter().enumerate().map(|(i, &n)| vec![if i % 2 == 0 { 1.0 } else { -0.5 }; n]).collect();
+    let run = |model: &DeepSeekV3, device: &Device| {
+        let batch = PackedBatch::new(&refs, tok.pad_id(), device).unwrap();
+        let s = score(model, &batch, cfg.temperature).unwrap();
+        assert_eq!(s.logprobs.device(), *device, "log-probs on the model's device");
+        let old = s.logprobs.detach().sub(&batch.scatter_tokens(&shifts).unwrap()).unwrap();
+        let inputs = LossInputs {
+            reference: Some(old.add_scalar(0.1).unwrap()),
+            old,
+            logprobs: s.logprobs,
+            advantages: batch.scatter_tokens(&advantages).unwrap(),
+            weights: aggregation_weights(LossType::Grpo, &batch, 0..refs.len(), &[true; 6], &lengths, 1, 10).unwrap(),
+        };
+        let (loss, stats) = grpo_loss(&inputs, 0.2, 0.28, 0.04).unwrap();
+        loss.backward().unwrap();
+        (loss.to_scalar().unwrap(), stats, s.entropy)
+    };
+    let (lc, sc, ec) = run(&cpu, &Device::Cpu);
+    let (lg, sg, eg) = run(&on_gpu, &device);
+    assert!((lc - lg).abs() <= 1e-4 * lc.abs().max(1e-3), "GRPO loss: GPU {lg} vs CPU {lc}");
+    assert_eq!((sg.tokens, sg.clip_low, sg.clip_high), (sc.tokens, sc.clip_low, sc.clip_high), "clip counts");
+    assert!(sc.clip_low > 0.0 && sc.clip_high > 0.0, "both clips bind somewhere: {sc:?}");
+    assert!((sg.kl - sc.kl).abs() <= 1e-4 * sc.kl.abs(), "KL: GPU {} vs CPU {}", sg.kl, sc.kl);
+    assert!((eg - ec).abs() <= 1e-4 * ec, "entropy: GPU {eg} vs CPU {ec}");
+    for ((name, c), (_, g)) in cpu.params.iter().zip(on_gpu.params.iter()) {
+        match (c.grad(), g.grad()) {
+            (None, None) => {}
+            (Some(c), Some(g)) => {
+                assert_close(&g.to_vec_f32().unwrap(), &c.to_vec_f32().unwrap(), 1e-4, &format!("grad of {name}"))
+            }
+            _ => panic!("{name}: a gradient on one device only"),
+        }
+    }
+}
+
+fn small_run() -> GrpoConfig {
+    GrpoConfig {
+        steps: 2,
+        prompts_per_step: 3,
+        group_size: 4,
+        max_new_tokens: 10,
+        micro_batch: 6,
+        beta: 0.05,
+        num_iterations: 2,
+        warmup: 0,
+        lr: 1e-3,
+        rewards: "accuracy,format:0.5,overlong".into(),
+        tasks: "add:1".into(),
+        log_completions_every: 0,
+        ..GrpoConfig::default()
+    }
+}
+
+fn lm_head(policy: &dyn CausalLm) -> Vec<f32> {
+    policy.params().get("lm_head.weight").unwrap().to_vec_f32().unwrap()
+}
+
+#[test]
+fn grpo_and_ppo_train_on_a_gpu_and_a_checkpoint_resumes_there() {
+    let device = gpu("grpo_and_ppo_train_on_a_gpu_and_a_checkpoint_resumes_there");
+    let tok = || Box::new(CharTokenizer::new());
+    let policy: Box<dyn CausalLm> = Box::new(tiny(8).to_device(&device).unwrap());
+    let mut t = GrpoTrainer::new(policy, small_run(), tok()).unwrap();
+    let w0 = lm_head(&*t.policy);
+    let log = t.train_step().unwrap();
+    for key in ["reward", "policy_loss", "kl", "entropy", "grad_norm"] {
+        assert!(log.get(key).is_finite(), "GRPO {key}: {}", log.get(key));
+    }
+    assert!(lm_head(&*t.policy) != w0, "the policy moved");
+    assert!(t.policy.params().iter().all(|(_, p)| p.device() == device), "the policy stayed on the GPU");
+
+    let dir = std::env::temp_dir().join(format!("whale-cuda-rl-{}", std::process::id()));
+    t.save_checkpoint(&dir).unwrap();
+    let mut resumed = GrpoTrainer::resume(&dir, tok(), &device).unwrap();
+    assert_eq!(resumed.policy.device(), device);
+    assert!(lm_head(&*resumed.policy) == lm_head(&*t.policy), "the checkpoint holds the GPU's weights");
+    assert_eq!(resumed.run.step, 1);
+    assert!(resumed.train_step().unwrap().get("policy_loss").is_finite());
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let policy: Box<dyn CausalLm> = Box::new(tiny(5).to_device(&device).unwrap());
+    let cfg = GrpoConfig { beta: 0.0, num_iterations: 1, ..small_run() };
+    let mut ppo = PpoTrainer::new(policy, cfg, PpoConfig::default(), tok()).unwrap();
+    assert_eq!(ppo.critic.head.device(), device, "the value head follows its trunk");
+    let head0 = ppo.critic.head.to_vec_f32().unwrap();
+    let log = ppo.train_step().unwrap();
+    for key in ["reward", "policy_loss", "value_loss", "kl", "entropy"] {
+        assert!(log.get(key).is_finite(), "PPO {key}: {}", log.get(key));
+    }
+    assert!(ppo.critic.head.to_vec_f32().unwrap() != head0, "the value head learned");
+}
+
+#[test]
+fn a_dense_student_and_the_reward_model_train_on_a_gpu_as_on_the_cpu() {
+    let device = gpu("a_dense_student_and_the_reward_model_train_on_a_gpu_as_on_the_cpu");
+    let tok = CharTokenizer::new();
+    let data: Vec<Example> = (0..6)
+        .map(|i| Example { prompt: format!("{i}+{i}="), completion: format!("<answer>{}</answer>", 2 * i) })
+        .collect();
+    let cfg = SftConfig { steps: 4, batch: 6, seq_len: 20, lr: 3e-3, warmup: 1, ..SftConfig::default() };
+    let cpu = DenseModel::new(DenseConfig::student(tok.vocab_size()), 1).unwrap();
+    let on_gpu = CausalLm::to_device(&cpu, &device).unwrap();
+    assert_eq!(on_gpu.device(), device);
+    let losses =
+        |m: &dyn CausalLm| sft(m, &tok, &data, &cfg, |_| {}).unwrap().iter().map(|l| l.loss).collect::<Vec<_>>();
+    let (lc, lg) = (losses(&cpu), losses(&*on_gpu));
+    for (step, (c, g)) in lc.iter().zip(&lg).enumerate() {
+        assert!((c - g).abs() <= 1e-4 * c.abs(), "dense SFT step {step}: loss {g} on the GPU vs {c} on the CPU");
+    }
+
+    let pairs: Vec<PreferencePair> =
+        ["abc", "dog", "cat", "sun", "moon", "tree"].iter().map(|w| reversal_pair(w)).collect();
+    let policy = tiny(2);
+    let train = |policy: &dyn CausalLm| {
+        let mut rm = RewardModel::from_policy(policy).unwrap();
+        (rm.train(&tok, &pairs[..4], &pairs[4..], 5, 4, 3e-3, 0).unwrap(), rm)
+    };
+    let ((rc, _), (rg, rm_gpu)) = (train(&policy), train(&policy.to_device(&device).unwrap()));
+    assert_eq!(rm_gpu.model.head.device(), device);
+    assert!(
+        (rc.final_loss - rg.final_loss).abs() <= 1e-4 * rc.final_loss.abs(),
+        "reward model loss: GPU {} vs CPU {}",
+        rg.final_loss,
+        rc.final_loss
+    );
+}
