@@ -3,7 +3,7 @@
 use whale_tensor::optim::{AdamW, AdamWConfig};
 use whale_tensor::{Device, Rng, Tensor};
 
-use crate::{DeepSeekV3, DeepSeekV3Config, IGNORE_INDEX};
+use crate::{CausalLm, DeepSeekV3, DeepSeekV3Config, IGNORE_INDEX};
 
 /// The `tiny` preset trained for 60 steps on a periodic token pattern (10, 11, ..., 14, 10, ...),
 /// so its main head and its MTP module both predict the pattern (speculative decoding accepts
@@ -29,4 +29,28 @@ pub fn periodic_pattern_model(seed: u64) -> DeepSeekV3 {
         model.params.zero_grad();
     }
     model
+}
+
+/// Asserts that each token of `generated` (decoded greedily on a GPU after `prompt`) is the CPU's
+/// greedy choice given the same prefix: its CPU logit within `tol` x the row's largest |logit| of
+/// the row's maximum. Where the CPU's top two are further apart than that, only the argmax passes;
+/// where they are closer, the devices' summation orders may rightly pick either. Each position is
+/// judged on the GPU's own prefix, so one such near-tie does not cascade.
+pub fn assert_greedy_agrees(cpu: &dyn CausalLm, prompt: &[u32], generated: &[u32], tol: f32, what: &str) {
+    assert!(!generated.is_empty(), "{what}: nothing generated");
+    let seq: Vec<i64> = prompt.iter().chain(&generated[..generated.len() - 1]).map(|&t| t as i64).collect();
+    let n = seq.len();
+    let ids = Tensor::from_vec(seq, &[1, n], &Device::Cpu).unwrap();
+    let logits = cpu.logits(&ids).unwrap().to_vec_f32().unwrap();
+    let vocab = cpu.vocab_size();
+    for (i, &token) in generated.iter().enumerate() {
+        let row = &logits[(prompt.len() - 1 + i) * vocab..][..vocab];
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let scale = row.iter().fold(0f32, |a, &x| a.max(x.abs()));
+        let got = row[token as usize];
+        assert!(
+            got >= max - tol * scale,
+            "{what}, new token {i}: the GPU chose {token} (CPU logit {got}), the CPU's best is {max} (scale {scale})"
+        );
+    }
 }

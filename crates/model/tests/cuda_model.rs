@@ -7,6 +7,7 @@
 
 use whale_model::checkpoint::SaveDType;
 use whale_model::generate::{CacheMode, CausalLm, SamplingConfig};
+use whale_model::testing::assert_greedy_agrees;
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::optim::{AdamW, AdamWConfig};
@@ -100,30 +101,7 @@ fn tiny_deepseek_v3_trains_in_bf16_and_with_fp8_gemms_on_a_gpu_as_on_the_cpu() {
     }
 }
 
-/// Asserts that each token of `generated` (decoded greedily on a GPU after `prompt`) is the CPU's
-/// greedy choice given the same prefix: its CPU logit within `tol` x the row's largest |logit| of
-/// the row's maximum. Where the CPU's top two are further apart than that, only the argmax passes;
-/// where they are closer, the devices' summation orders may rightly pick either. Each position is
-/// judged on the GPU's own prefix, so one such near-tie does not cascade.
-fn greedy_agrees(cpu: &DeepSeekV3, prompt: &[u32], generated: &[u32], tol: f32, what: &str) {
-    assert!(!generated.is_empty(), "{what}: nothing generated");
-    let seq: Vec<i64> = prompt.iter().chain(&generated[..generated.len() - 1]).map(|&t| t as i64).collect();
-    let ids = Tensor::from_vec(seq.clone(), &[1, seq.len()], &Device::Cpu).unwrap();
-    let logits = cpu.forward(&ids, None).unwrap().logits.to_vec_f32().unwrap();
-    let vocab = cpu.config.vocab_size;
-    for (i, &token) in generated.iter().enumerate() {
-        let row = &logits[(prompt.len() - 1 + i) * vocab..][..vocab];
-        let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-        let scale = row.iter().fold(0f32, |a, &x| a.max(x.abs()));
-        let got = row[token as usize];
-        assert!(
-            got >= max - tol * scale,
-            "{what}, new token {i}: the GPU chose {token} (CPU logit {got}), the CPU's best is {max} (scale {scale})"
-        );
-    }
-}
-
-/// The checker above, on the CPU alone: it passes the CPU's own greedy tokens (cached decoding
+/// The greedy checker, on the CPU alone: it passes the CPU's own greedy tokens (cached decoding
 /// against the full forward) and fails a token that is not the argmax.
 #[test]
 fn greedy_agrees_passes_the_cpus_own_tokens_and_fails_a_wrong_one() {
@@ -134,9 +112,9 @@ fn greedy_agrees_passes_the_cpus_own_tokens_and_fails_a_wrong_one() {
         cpu.generate(std::slice::from_ref(&prompt), &SamplingConfig::greedy(6, vec![]), &mut Rng::new(1)).unwrap()[0]
             .tokens
             .clone();
-    greedy_agrees(&cpu, &prompt, &tokens, 1e-4, "the CPU's own tokens");
+    assert_greedy_agrees(&cpu, &prompt, &tokens, 1e-4, "the CPU's own tokens");
     tokens[5] = (tokens[5] + 1) % cfg.vocab_size as u32;
-    let check = std::panic::AssertUnwindSafe(|| greedy_agrees(&cpu, &prompt, &tokens, 1e-4, "a wrong token"));
+    let check = std::panic::AssertUnwindSafe(|| assert_greedy_agrees(&cpu, &prompt, &tokens, 1e-4, "a wrong token"));
     let wrong = std::panic::catch_unwind(check);
     assert!(wrong.is_err(), "a token other than the argmax must fail");
 }
@@ -155,10 +133,10 @@ fn tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu() {
         let mut sampling = SamplingConfig::greedy(12, vec![]);
         sampling.cache = cache;
         let g = gpu.generate(std::slice::from_ref(&prompt), &sampling, &mut Rng::new(1)).unwrap();
-        greedy_agrees(&cpu, &prompt, &g[0].tokens, 1e-4, &format!("{cache:?} cache"));
+        assert_greedy_agrees(&cpu, &prompt, &g[0].tokens, 1e-4, &format!("{cache:?} cache"));
     }
     let (g, _) = gpu.generate_speculative(&prompt, 12, &[], CacheMode::Absorb).unwrap();
-    greedy_agrees(&cpu, &prompt, &g.tokens, 1e-4, "MTP speculative decoding");
+    assert_greedy_agrees(&cpu, &prompt, &g.tokens, 1e-4, "MTP speculative decoding");
 }
 
 #[test]
@@ -178,6 +156,6 @@ fn an_fp8_release_decodes_on_a_gpu_with_its_weights_kept_in_fp8() {
     // FP8 GEMM: where the devices' sums differ in the last bits, a value on a rounding boundary
     // takes the neighbouring code on one of them, which moves the logits by up to about 1e-2 of
     // their scale. Tokens whose CPU margin is wider than that must match exactly.
-    greedy_agrees(&cpu, &prompt, &g[0].tokens, 1e-2, "FP8 release");
+    assert_greedy_agrees(&cpu, &prompt, &g[0].tokens, 1e-2, "FP8 release");
     std::fs::remove_dir_all(&dir).ok();
 }

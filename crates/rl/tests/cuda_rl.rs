@@ -1,13 +1,14 @@
 //! RL on a GPU against the same on the CPU: GRPO's loss and every gradient for the same rollouts;
 //! a GRPO step (policy and reference on the GPU), its checkpoint resumed onto the GPU, and a PPO
-//! step (critic there too); SFT of a dense Qwen2-style student and the reward model's
-//! Bradley-Terry training, loss by loss. Without a GPU each body runs with the CPU in the GPU's
-//! place (saying so), which checks the bodies and the CPU's own device plumbing.
+//! step (critic there too); a dense Qwen2-style student's greedy decoding and SFT, and the reward
+//! model's Bradley-Terry training, loss by loss. Without a GPU each body runs with the CPU in the
+//! GPU's place (saying so), which checks the bodies and the CPU's own device plumbing.
 
 use whale_rl::grpo::{aggregation_weights, grpo_loss, GrpoConfig, GrpoTrainer, LossInputs, LossType};
 use whale_rl::parallel::model::config::DeepSeekV3Config;
-use whale_rl::parallel::model::generate::CacheMode;
+use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_rl::parallel::model::tensor::{Device, Rng};
+use whale_rl::parallel::model::testing::assert_greedy_agrees;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{CausalLm, DeepSeekV3, DenseConfig, DenseModel};
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
@@ -168,6 +169,11 @@ fn a_dense_student_and_the_reward_model_train_on_a_gpu_as_on_the_cpu() {
     let cpu = DenseModel::new(DenseConfig::student(tok.vocab_size()), 1).unwrap();
     let on_gpu = CausalLm::to_device(&cpu, &device).unwrap();
     assert_eq!(on_gpu.device(), device);
+    // Greedy decoding with the dense model's per-head K/V cache, judged against the CPU's logits.
+    let prompt = tok.encode("12+7=").unwrap();
+    let greedy = SamplingConfig::greedy(12, vec![]);
+    let g = on_gpu.generate(std::slice::from_ref(&prompt), &greedy, &mut Rng::new(1)).unwrap();
+    assert_greedy_agrees(&cpu, &prompt, &g[0].tokens, 1e-4, "dense greedy decoding");
     let losses =
         |m: &dyn CausalLm| sft(m, &tok, &data, &cfg, |_| {}).unwrap().iter().map(|l| l.loss).collect::<Vec<_>>();
     let (lc, lg) = (losses(&cpu), losses(&*on_gpu));
