@@ -46,14 +46,16 @@ logs="${OUT:-/tmp}"
         status=1
     fi
     echo
-    echo "## whale pretrain (tiny preset, 30 steps: fp32 on both devices, bf16 and fp8 on the GPU), generate, r1-zero"
+    echo "## whale pretrain (tiny preset, 30 steps: fp32 on both devices, bf16 and fp8 + bf16 moments on the GPU), generate, r1-zero"
     echo
     echo '```'
     if [ -x gpu-bin/whale-cli ]; then
         for run in cuda:fp32 cpu:fp32 cuda:bf16 cuda:fp8; do
             dev=${run%%:*} precision=${run##*:} name=${run/:/-}
+            # The FP8 run takes DeepSeek-V3's whole recipe: bf16 AdamW moments too.
+            moments=fp32; [ "$precision" = fp8 ] && moments=bf16
             rm -rf "/tmp/gpu-check-$name"
-            timeout 300 gpu-bin/whale-cli pretrain --device "$dev" --precision "$precision" \
+            timeout 300 gpu-bin/whale-cli pretrain --device "$dev" --precision "$precision" --moments "$moments" \
                 --out "/tmp/gpu-check-$name" --steps 30 --eval-problems 16 --k 2 >"$logs/pretrain-$name.log" 2>&1
             rc=$?
             echo "$name: exit status $rc; $(grep -E 'trained in|^\| base' "$logs/pretrain-$name.log" | tr '\n' ' ')"

@@ -6,7 +6,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 use whale_rl::eval::{evaluate, EvalConfig};
 use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
-use whale_rl::parallel::model::load_pretrained;
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::tasks::{load_jsonl, verify, TaskSet};
@@ -37,10 +36,14 @@ pub struct EvalArgs {
     /// Print the greedy completions of the first N problems.
     #[arg(long, default_value_t = 0)]
     pub show: usize,
+    /// cpu (the default), or cuda / cuda:N: the model samples there.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let model = load_pretrained(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let device = crate::device::open(&a.device)?;
+    let model = crate::device::load(&a.checkpoint, &device, "the checkpoint")?;
     let problems = match &a.data {
         Some(path) => load_jsonl(path)?,
         None => TaskSet::parse(&a.tasks)?.held_out(a.problems, a.seed),

@@ -192,7 +192,7 @@ pub struct PretrainArgs {
     #[arg(long)]
     pub schedule: Option<String>,
     /// cpu (the default), or cuda / cuda:N: the model, its gradients and AdamW's moments live on
-    /// that GPU (one rank, f32 moments, any --precision); evaluation runs on a CPU copy.
+    /// that GPU (one rank, any --precision and --moments); evaluation runs on a CPU copy.
     #[arg(long)]
     pub device: Option<String>,
 }
@@ -277,16 +277,13 @@ pub fn mesh(s: &PretrainSettings) -> Result<Mesh> {
 }
 
 /// The device the settings ask for, opened (an error that says why when it cannot be): GPU
-/// training is one rank, with f32 optimizer moments.
+/// training is one rank.
 pub fn device(s: &PretrainSettings) -> Result<Device> {
     if s.device == "cpu" {
         return crate::device::open(&s.device);
     }
     if s.dp * s.pp * s.ep != 1 {
         bail!("--device {}: GPU training runs on one rank in this build ({})", s.device, layout_flags(s));
-    }
-    if s.moments != "fp32" {
-        bail!("--device {}: AdamW's moments are f32 on a GPU in this build (got --moments {})", s.device, s.moments);
     }
     crate::device::open(&s.device)
 }

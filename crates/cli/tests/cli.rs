@@ -60,12 +60,11 @@ fn sigkill_during_checkpointing_leaves_a_resumable_run() {
 #[test]
 fn a_device_that_cannot_train_is_a_clear_error_before_anything_is_written() {
     let dir = tmpdir("device");
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 3] = [
         (&["--device", "gpu"], "expected cpu, cuda or cuda:N"),
         // No machine has this GPU (and without a CUDA driver, none at all).
         (&["--device", "cuda:4096"], "--device cuda:4096"),
         (&["--device", "cuda", "--dp", "2"], "one rank"),
-        (&["--device", "cuda", "--moments", "bf16"], "moments are f32"),
     ];
     for (i, (flags, words)) in cases.iter().enumerate() {
         let run = dir.join(format!("run{i}"));
@@ -75,15 +74,17 @@ fn a_device_that_cannot_train_is_a_clear_error_before_anything_is_written() {
         assert!(!out.status.success() && err.contains(words), "{flags:?}: {err}");
         assert!(!run.exists(), "{flags:?}: nothing is written");
     }
-    // The post-training commands take the same flag, and refuse it before reading or writing.
+    // The post-training and evaluation commands take the same flag, and refuse it before reading
+    // or writing anything.
     let base = dir.join("no-such-checkpoint");
-    for command in ["r1-zero", "r1", "distill"] {
+    for (command, input) in [("r1-zero", "--base"), ("r1", "--from"), ("distill", "--from"), ("eval", "--checkpoint")] {
         let run = dir.join(command);
-        let input = if command == "r1-zero" { "--base" } else { "--from" };
-        let out = whale()
-            .args([command, input, base.to_str().unwrap(), "--out", run.to_str().unwrap(), "--device", "cuda:4096"])
-            .output()
-            .unwrap();
+        let mut cmd = whale();
+        cmd.args([command, input, base.to_str().unwrap(), "--device", "cuda:4096"]);
+        if command != "eval" {
+            cmd.args(["--out", run.to_str().unwrap()]);
+        }
+        let out = cmd.output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("--device cuda:4096"), "{command}: {err}");
         assert!(!run.exists(), "{command}: nothing is written");

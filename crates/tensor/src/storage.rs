@@ -162,7 +162,7 @@ impl CudaStorage {
         }
     }
 
-    /// The f32 values, to update in place (parameters and optimizer moments are f32).
+    /// The f32 values, to update in place (master weights are f32).
     pub(crate) fn f32_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<f32>> {
         let dtype = self.dtype();
         match &mut self.buf {
@@ -173,7 +173,7 @@ impl CudaStorage {
 }
 
 const NOT_F32: &str = "f32 storage is needed here (FP8 codes on a GPU feed only the FP8 ops; master weights \
-                       and optimizer moments are f32)";
+                       are f32)";
 
 impl Storage {
     pub fn dtype(&self) -> DType {

@@ -207,30 +207,62 @@ fn moe_token_permutation() {
 fn adamw_updates_on_the_gpu_as_on_the_cpu() {
     use whale_tensor::optim::{AdamW, AdamWConfig};
     use whale_tensor::ParamStore;
-    let train = |device: &Device| -> Result<Vec<Vec<f32>>> {
+    const LR: f32 = 0.01;
+    // Three steps, then the moments saved and restored into a fresh optimizer for a fourth:
+    // the weights and the saved moments.
+    /// The weights after training, and the moments saved after three steps.
+    type Trained = (Vec<Vec<f32>>, Vec<(String, Tensor)>);
+    let train = |device: &Device, moment_dtype: DType| -> Result<Trained> {
         let mut params = ParamStore::new();
         let w = params.insert("w", &randn(&[6, 5], 80).to_device(device)?)?;
         let b = params.insert("b", &randn(&[5], 81).to_device(device)?)?;
-        let mut opt = AdamW::new(AdamWConfig::default())?;
-        for s in 0..3 {
+        let config = AdamWConfig { moment_dtype, ..AdamWConfig::default() };
+        let mut opt = AdamW::new(config)?;
+        let step = |opt: &mut AdamW, s: u64| -> Result<()> {
             let x = randn(&[4, 6], 90 + s).to_device(device)?;
             x.matmul(&w)?.add(&b)?.sqr()?.mean_all()?.backward()?;
-            opt.step(&params, 0.01)?;
+            opt.step(&params, LR)?;
             w.zero_grad();
             b.zero_grad();
+            Ok(())
+        };
+        for s in 0..3 {
+            step(&mut opt, s)?;
         }
+        let saved = opt.state_tensors()?;
+        let mut resumed = AdamW::new(config)?;
+        resumed.load_state(opt.steps(), &saved.iter().cloned().collect(), &params)?;
+        step(&mut resumed, 3)?;
         // A small in-place write goes through the host on a GPU.
         b.with_f32_mut(|v| v[0] += 1.0)?;
-        Ok(vec![w.to_vec_f32()?, b.to_vec_f32()?])
+        Ok((vec![w.to_vec_f32()?, b.to_vec_f32()?], saved))
     };
-    let want = train(&Device::Cpu).unwrap();
-    if !Device::cuda_is_available(0) {
-        eprintln!("adamw_updates_on_the_gpu_as_on_the_cpu: CUDA half skipped, no CUDA driver or GPU on this machine");
-        return;
-    }
-    let got = train(&Device::cuda(0).unwrap()).unwrap();
-    for (g, w) in got.iter().zip(&want) {
-        close("AdamW", g, w);
+    for moment_dtype in [DType::F32, DType::BF16] {
+        let (want, want_state) = train(&Device::Cpu, moment_dtype).unwrap();
+        assert!(want_state.iter().all(|(_, t)| t.dtype() == moment_dtype), "moments saved in {moment_dtype:?}");
+        if !Device::cuda_is_available(0) {
+            eprintln!("adamw_updates_on_the_gpu_as_on_the_cpu ({moment_dtype:?} moments): CUDA half skipped, no CUDA driver or GPU on this machine");
+            continue;
+        }
+        let (got, got_state) = train(&Device::cuda(0).unwrap(), moment_dtype).unwrap();
+        assert!(got_state.iter().all(|(_, t)| t.dtype() == moment_dtype && t.device() == Device::Cpu));
+        if moment_dtype == DType::F32 {
+            for (g, w) in got.iter().zip(&want) {
+                close("AdamW", g, w);
+            }
+            continue;
+        }
+        // bf16 moments: where the devices' f32 moments differ in their last bits, a rounding can
+        // land one bf16 step apart (2^-8 of m, 2^-9 of v's square root), which moves that step's
+        // update by at most lr * 2^-7; four steps bound the weights' drift by 4 * lr * 2^-7.
+        for (g, w) in got.iter().zip(&want) {
+            for (i, (a, b)) in g.iter().zip(w).enumerate() {
+                assert!((a - b).abs() <= 4.0 * LR / 128.0 + 2e-5 * b.abs(), "AdamW bf16 moments [{i}]: {a} vs {b}");
+            }
+        }
+        for ((name, g), (_, w)) in got_state.iter().zip(&want_state) {
+            close_bf16(&format!("moment {name}"), &g.to_vec_f32().unwrap(), &w.to_vec_f32().unwrap());
+        }
     }
 }
 

@@ -613,8 +613,8 @@ pub(crate) fn with_f32_mut<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> R) -> Re
     Ok(r)
 }
 
-/// One fused AdamW step of a contiguous CUDA parameter with its gradient and f32 moments (CUDA
-/// tensors of the parameter's length), all updated in place on the GPU.
+/// One fused AdamW step of a contiguous CUDA parameter with its gradient and moments (f32 or bf16
+/// CUDA tensors of the parameter's length), all updated in place on the GPU.
 pub(crate) fn adamw_step(
     p: &Tensor,
     grad: &Tensor,
@@ -634,9 +634,26 @@ pub(crate) fn adamw_step(
         (Storage::Cuda(pc), Storage::Cuda(gc), Storage::Cuda(mc), Storage::Cuda(vc)) => {
             let gpu = pc.gpu.clone();
             let (pb, gb) = (pc.f32_mut("AdamW")?, gc.f32("AdamW")?);
-            let moments = (mc.f32_mut("AdamW")?, vc.f32_mut("AdamW")?);
-            gpu.adamw_step_dev(&mut pb.slice_mut(start..start + n), &gb.slice(..n), moments, n, hp)
-                .map_err(gpu_error(dev))
+            let (mut pv, gv) = (pb.slice_mut(start..start + n), gb.slice(..n));
+            match (&mut mc.buf, &mut vc.buf) {
+                (CudaBuf::F32(m), CudaBuf::F32(v)) => {
+                    gpu.adamw_step_dev(&mut pv, &gv, (m, v), n, hp).map_err(gpu_error(dev))
+                }
+                // bf16 moments (DeepSeek-V3's recipe), as on the CPU: widened to f32 (exact), one
+                // f32 step, rounded back to nearest even.
+                (CudaBuf::Bf16(m), CudaBuf::Bf16(v)) => {
+                    let (mut mw, mut vw) = (alloc(&gpu, dev, n)?, alloc(&gpu, dev, n)?);
+                    let mut step = || -> std::result::Result<(), GpuError> {
+                        gpu.bf16_to_f32_dev(&m.slice(..n), &mut mw, n)?;
+                        gpu.bf16_to_f32_dev(&v.slice(..n), &mut vw, n)?;
+                        gpu.adamw_step_dev(&mut pv, &gv, (&mut mw, &mut vw), n, hp)?;
+                        gpu.f32_to_bf16_dev(&mw.slice(..n), m, n)?;
+                        gpu.f32_to_bf16_dev(&vw.slice(..n), v, n)
+                    };
+                    step().map_err(gpu_error(dev))
+                }
+                _ => Err(Error::invalid("AdamW", "the two moments of a parameter must share a dtype (f32 or bf16)")),
+            }
         }
         _ => Err(Error::invalid("AdamW", "a CUDA parameter needs its gradient and moments on the same GPU")),
     }

@@ -29,7 +29,8 @@ impl Default for AdamWConfig {
     }
 }
 
-/// One moment buffer in its storage dtype: on the host, or (f32) on the parameter's GPU.
+/// One moment buffer in its storage dtype: on the host, or on the parameter's GPU (f32 or bf16
+/// there too).
 #[derive(Debug, Clone)]
 enum Moment {
     F32(Vec<f32>),
@@ -61,25 +62,25 @@ impl Moment {
         }
     }
 
-    /// This moment on `device` (moments follow their parameter to a GPU, in f32 there).
+    /// This moment on `device`, in its dtype (moments follow their parameter to a GPU).
     fn on(&mut self, device: Device) -> Result<Tensor> {
         if let Moment::Cuda(t) = self {
             return Ok(t.clone());
-        }
-        if let Moment::BF16(_) = self {
-            return Err(Error::invalid("AdamW", "bf16 moments are kept on the host; use f32 moments on a GPU"));
         }
         let t = self.to_tensor()?.to_device(&device)?;
         *self = Moment::Cuda(t.clone());
         Ok(t)
     }
 
-    /// Runs `f` on the values as f32 in place: widened and rounded back for bf16 storage, through
-    /// the host for a GPU moment (a parameter that moved back to the CPU).
+    /// Runs `f` on the values as f32 in place: widened and rounded back for bf16 storage. A GPU
+    /// moment (its parameter moved back to the CPU) comes to the host first, in its dtype.
     fn with_f32<R>(&mut self, f: impl FnOnce(&mut [f32]) -> R) -> Result<R> {
         match self {
             Moment::F32(v) => Ok(f(v)),
-            Moment::Cuda(t) => t.with_f32_mut(f),
+            Moment::Cuda(t) => {
+                *self = Moment::from_tensor(t, t.dtype())?;
+                self.with_f32(f)
+            }
             Moment::BF16(v) => {
                 let mut wide: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
                 let r = f(&mut wide);
