@@ -75,7 +75,8 @@ logs="${OUT:-/tmp}"
         echo "r1-zero (GRPO, 3 steps) from the cuda-fp32 checkpoint on the GPU:"
         rm -rf /tmp/gpu-check-r1-zero
         timeout 240 gpu-bin/whale-cli r1-zero --base /tmp/gpu-check-cuda-fp32/checkpoint --device cuda \
-            --out /tmp/gpu-check-r1-zero --steps 3 --eval-problems 16 --k 2 >"$logs/r1-zero.log" 2>&1
+            --out /tmp/gpu-check-r1-zero --steps 3 --prompts-per-step 4 --group-size 4 --eval-every 0 \
+            --eval-problems 16 --k 2 >"$logs/r1-zero.log" 2>&1
         rc=$?
         echo "exit status $rc; $(grep -E 's/step|pass@1 ' "$logs/r1-zero.log" | tr '\n' ' ')"
         echo "last step: $(tail -1 /tmp/gpu-check-r1-zero/metrics.jsonl 2>/dev/null | cut -c1-400)"

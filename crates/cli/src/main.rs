@@ -59,8 +59,8 @@ enum Job {
 fn main_job(args: pretrain::PretrainArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     println!("whale: the main job (pretrain -> R1-Zero -> R1 in four stages -> distill)\n");
-    // Every stage runs where pretraining ran (`--device`).
-    let device = args.device.clone();
+    // Every stage runs where pretraining ran (`--device`, or its config file's `device`).
+    let device = Some(args.settings()?.device);
     let out = pretrain::run(args)?;
     let run = out.parent().map(std::path::Path::to_path_buf).unwrap_or_else(|| out.clone());
     let base = out.join("checkpoint");

@@ -208,7 +208,7 @@ impl PretrainArgs {
         PretrainArgs { out: Some(out.join("pretrain")), ..Default::default() }
     }
 
-    fn settings(&self) -> Result<PretrainSettings> {
+    pub fn settings(&self) -> Result<PretrainSettings> {
         let mut s: PretrainSettings = match &self.config {
             Some(path) => crate::settings::load(path)?,
             None => PretrainSettings::default(),

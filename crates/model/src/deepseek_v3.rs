@@ -102,8 +102,9 @@ impl DeepSeekV3 {
         self.to_device(&self.device())
     }
 
-    /// An independent copy whose weights and buffers live on `device`: on a GPU every op of its
-    /// forward and backward runs there (whale-tensor's CUDA backend), and AdamW updates it there.
+    /// An independent copy whose weights and buffers live on `device`, with the same compute dtype
+    /// and FP8 recipe: on a GPU every op of its forward and backward runs there (whale-tensor's
+    /// CUDA backend), and AdamW updates it there.
     pub fn to_device(&self, device: &whale_tensor::Device) -> Result<Self> {
         let mut tensors: BTreeMap<String, Tensor> = self
             .state_dict()
@@ -114,6 +115,7 @@ impl DeepSeekV3 {
         let path = format!("<copy on {device:?}>").into();
         let mut copy = Self::build(self.config.clone(), WeightSource::Loaded { path, tensors })?;
         copy.compute_dtype = self.compute_dtype;
+        copy.set_fp8(self.fp8());
         Ok(copy)
     }
 
@@ -172,6 +174,11 @@ impl DeepSeekV3 {
         for layer in self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block)) {
             layer.set_fp8(recipe);
         }
+    }
+
+    /// The FP8 training recipe [`DeepSeekV3::set_fp8`] last set (read from the first layer).
+    pub fn fp8(&self) -> Option<Fp8Recipe> {
+        self.layers.first().and_then(|l| l.self_attn.o_proj.fp8)
     }
 
     /// Loads a DeepSeek-V3 FP8 release keeping its FP8 weights (codes and `weight_scale_inv`) for

@@ -236,6 +236,14 @@ fn a_duplicate_computes_the_same_and_trains_independently() {
     w.with_f32_mut(|x| x[0] += 1.0).unwrap();
     assert_ne!(logits_bits(&m, &ids), logits_bits(&copy, &ids));
     assert_ne!(m.params.get("lm_head.weight").unwrap().to_vec_f32().unwrap()[0], w.to_vec_f32().unwrap()[0]);
+    // A copy (or a move: the same path) keeps the compute dtype and the FP8 recipe, and computes
+    // as the original does with them.
+    let mut m = m;
+    m.compute_dtype = DType::BF16;
+    m.set_fp8(Some(whale_tensor::fp8::Fp8Recipe::F32_ACCUMULATION));
+    let copy = m.to_device(&Device::Cpu).unwrap();
+    assert_eq!((copy.compute_dtype, copy.fp8()), (m.compute_dtype, m.fp8()));
+    assert_eq!(logits_bits(&m, &ids), logits_bits(&copy, &ids));
 }
 
 /// Writes `model` as a DeepSeek-V3 FP8 release would: every projection and expert weight in

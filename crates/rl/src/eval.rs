@@ -9,7 +9,7 @@ use whale_parallel::model::tensor::Rng;
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::CausalLm;
 
-use crate::rewards::{LanguageConsistency, Reward, Sample};
+use crate::rewards::{LanguageConsistency, Sample};
 use crate::tasks::{extract_answer, verify, Problem};
 use crate::Result;
 
@@ -123,7 +123,7 @@ pub fn evaluate(
         fmt += texts.iter().filter(|t| well_formatted(t)).count() as f64 / k as f64;
         for (t, g) in texts.iter().zip(&sampled[i * k..(i + 1) * k]) {
             let s = Sample { problem: p, text: t, tokens: g.tokens.len(), truncated: g.truncated };
-            if let Some(v) = LanguageConsistency.score(&s) {
+            if let Some(v) = LanguageConsistency.share(&s) {
                 lang += v;
                 lang_n += 1;
             }

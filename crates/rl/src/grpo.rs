@@ -587,7 +587,7 @@ impl RlRun {
     }
 
     /// Rewards of each rollout.
-    pub fn score(&self, rollouts: &[Rollout], problems: &[Problem]) -> Vec<Scores> {
+    pub fn score(&self, rollouts: &[Rollout], problems: &[Problem]) -> Result<Vec<Scores>> {
         rollouts
             .iter()
             .map(|r| {
@@ -819,7 +819,7 @@ impl GrpoTrainer {
             let batch = self.run.sample_problems(want);
             let rollouts =
                 sample_groups(&*self.policy, &*self.run.tokenizer, &batch, &cfg.rollout(), &mut self.run.rng)?;
-            let scores = self.run.score(&rollouts, &batch);
+            let scores = self.run.score(&rollouts, &batch)?;
             let s = score_rollouts(rollouts, scores, &batch, &cfg, &*self.run.tokenizer);
             let zero = zero_std_groups(&s, cfg.group_size);
             first_zero_frac.get_or_insert(zero.iter().filter(|&&z| z).count() as f64 / zero.len() as f64);

@@ -236,7 +236,7 @@ impl PpoTrainer {
         let rollout_cfg = crate::rollout::RolloutConfig { group_size: 1, ..cfg.rollout() };
         let rollouts = sample_groups(&*self.policy, &*self.run.tokenizer, &problems, &rollout_cfg, &mut self.run.rng)?;
         let t_sample = t0.elapsed().as_secs_f64();
-        let scores = self.run.score(&rollouts, &problems);
+        let scores = self.run.score(&rollouts, &problems)?;
         let scored: Vec<Scored> = rollouts
             .into_iter()
             .zip(scores)

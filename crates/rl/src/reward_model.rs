@@ -146,13 +146,14 @@ impl Reward for LearnedReward {
         "reward_model"
     }
 
-    fn score(&self, s: &Sample<'_>) -> Option<f64> {
+    fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
         if Language::of_problem(s.problem).is_some() {
-            return None;
+            return Ok(None);
         }
         let eos = self.tokenizer.decode(&[self.tokenizer.eos_id()]);
         let text = s.text.strip_suffix(&eos).unwrap_or(s.text);
-        self.model.score(&*self.tokenizer, &s.problem.prompt, text).ok()
+        let r = self.model.score(&*self.tokenizer, &s.problem.prompt, text);
+        Ok(Some(r.map_err(|e| Error::Rl(format!("the learned reward model failed: {e}")))?))
     }
 }
 
@@ -170,8 +171,11 @@ impl Reward for ReasoningOnly {
         self.0.name()
     }
 
-    fn score(&self, s: &Sample<'_>) -> Option<f64> {
-        Language::of_problem(s.problem).and_then(|_| self.0.score(s))
+    fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
+        match Language::of_problem(s.problem) {
+            Some(_) => self.0.score(s),
+            None => Ok(None),
+        }
     }
 }
 

@@ -23,7 +23,9 @@ pub struct Sample<'a> {
 pub trait Reward: Send + Sync {
     /// The name metrics use (`rewards/<name>/mean`).
     fn name(&self) -> &str;
-    fn score(&self, s: &Sample<'_>) -> Option<f64>;
+    /// The reward, `None` where it does not apply; an error where it could not be computed (a
+    /// learned reward whose model failed: the run stops rather than train without it).
+    fn score(&self, s: &Sample<'_>) -> Result<Option<f64>>;
 }
 
 /// 1 when the verifier accepts the answer, else 0. Truncated completions get 0 (Dr. GRPO): an
@@ -39,9 +41,9 @@ impl Reward for Accuracy {
         "accuracy"
     }
 
-    fn score(&self, s: &Sample<'_>) -> Option<f64> {
+    fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
         let ok = !s.truncated && verify(s.problem, s.text) && (!self.gated || well_formatted(s.text));
-        Some(ok as u8 as f64)
+        Ok(Some(ok as u8 as f64))
     }
 }
 
@@ -56,8 +58,8 @@ impl Reward for Format {
         "format"
     }
 
-    fn score(&self, s: &Sample<'_>) -> Option<f64> {
-        Some(well_formatted(s.text) as u8 as f64)
+    fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
+        Ok(Some(well_formatted(s.text) as u8 as f64))
     }
 }
 
@@ -74,14 +76,20 @@ fn reasoning(text: &str) -> &str {
     body.split_once("</think>").map_or(body, |(t, _)| t)
 }
 
+impl LanguageConsistency {
+    /// The reward itself (a rule: it cannot fail).
+    pub fn share(&self, s: &Sample<'_>) -> Option<f64> {
+        Language::of_problem(s.problem).map(|lang| language_share(reasoning(s.text), lang).unwrap_or(0.0))
+    }
+}
+
 impl Reward for LanguageConsistency {
     fn name(&self) -> &str {
         "language"
     }
 
-    fn score(&self, s: &Sample<'_>) -> Option<f64> {
-        let lang = Language::of_problem(s.problem)?;
-        Some(language_share(reasoning(s.text), lang).unwrap_or(0.0))
+    fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
+        Ok(self.share(s))
     }
 }
 
@@ -98,16 +106,16 @@ impl Reward for OverlongPenalty {
         "overlong"
     }
 
-    fn score(&self, s: &Sample<'_>) -> Option<f64> {
+    fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
         let free = self.max_len.saturating_sub(self.buffer) as f64;
         let len = s.tokens as f64;
-        Some(if s.truncated || s.tokens > self.max_len {
+        Ok(Some(if s.truncated || s.tokens > self.max_len {
             -1.0
         } else if len <= free {
             0.0
         } else {
             (free - len) / self.buffer.max(1) as f64
-        })
+        }))
     }
 }
 
@@ -136,15 +144,15 @@ impl Reward for CosineLength {
         "cosine"
     }
 
-    fn score(&self, s: &Sample<'_>) -> Option<f64> {
+    fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
         let p = (s.tokens as f64 / self.max_len.max(1) as f64).min(1.0);
         let half = (1.0 + (std::f64::consts::PI * p).cos()) / 2.0;
         let correct = !s.truncated && verify(s.problem, s.text);
-        Some(if correct {
+        Ok(Some(if correct {
             self.min_correct + (self.max_correct - self.min_correct) * half
         } else {
             self.max_wrong + (self.min_wrong - self.max_wrong) * half
-        })
+        }))
     }
 }
 
@@ -216,11 +224,11 @@ impl RewardSet {
         self.entries.iter().map(|(r, w)| format!("{}:{w}", r.name())).collect::<Vec<_>>().join(",")
     }
 
-    pub fn score(&self, s: &Sample<'_>) -> Scores {
-        let each: Vec<Option<f64>> = self.entries.iter().map(|(r, _)| r.score(s)).collect();
+    pub fn score(&self, s: &Sample<'_>) -> Result<Scores> {
+        let each: Vec<Option<f64>> = self.entries.iter().map(|(r, _)| r.score(s)).collect::<Result<_>>()?;
         let applicable: Vec<f64> = each.iter().zip(&self.entries).filter_map(|(v, (_, w))| v.map(|v| v * w)).collect();
         let total = if applicable.is_empty() { f64::NAN } else { applicable.iter().sum() };
-        Scores { each, total }
+        Ok(Scores { each, total })
     }
 }
 
@@ -248,11 +256,14 @@ mod tests {
         let good = "<think>2+7+0=9;1+0+0=1</think><answer>19</answer><eos>";
         let unformatted = "<answer>19</answer><eos>";
         let set = RewardSet::parse("accuracy,accuracy_gated,format:0.5", 96).unwrap();
-        assert_eq!(set.score(&sample(&p, good, 20, false)).each, vec![Some(1.0), Some(1.0), Some(1.0)]);
-        assert_eq!(set.score(&sample(&p, good, 20, false)).total, 2.5);
-        assert_eq!(set.score(&sample(&p, unformatted, 8, false)).each, vec![Some(1.0), Some(0.0), Some(0.0)]);
+        assert_eq!(set.score(&sample(&p, good, 20, false)).unwrap().each, vec![Some(1.0), Some(1.0), Some(1.0)]);
+        assert_eq!(set.score(&sample(&p, good, 20, false)).unwrap().total, 2.5);
+        assert_eq!(set.score(&sample(&p, unformatted, 8, false)).unwrap().each, vec![Some(1.0), Some(0.0), Some(0.0)]);
         // Truncated: no credit even with the right answer inside.
-        assert_eq!(set.score(&sample(&p, "<think></think><answer>19</answer>19", 96, true)).each[0], Some(0.0));
+        assert_eq!(
+            set.score(&sample(&p, "<think></think><answer>19</answer>19", 96, true)).unwrap().each[0],
+            Some(0.0)
+        );
         assert!(RewardSet::parse("accuracy:x", 96).unwrap_err().to_string().contains("accuracy"));
         assert!(RewardSet::parse("speed", 96).unwrap_err().to_string().contains("speed"));
     }
@@ -262,25 +273,25 @@ mod tests {
         let p = add_problem();
         let q = translate(&p, Language::Letters);
         let r = LanguageConsistency;
-        assert_eq!(r.score(&sample(&p, &p.solution, 0, false)), Some(1.0));
-        assert_eq!(r.score(&sample(&q, &q.solution, 0, false)), Some(1.0));
-        assert_eq!(r.score(&sample(&q, &p.solution, 0, false)), Some(0.0));
+        assert_eq!(r.score(&sample(&p, &p.solution, 0, false)).unwrap(), Some(1.0));
+        assert_eq!(r.score(&sample(&q, &q.solution, 0, false)).unwrap(), Some(1.0));
+        assert_eq!(r.score(&sample(&q, &p.solution, 0, false)).unwrap(), Some(0.0));
         // Half the reasoning in each script; the answer block does not count.
         let mixed = "<think>m+u+k=w;1+0+0=1</think><answer>19</answer>";
-        assert_eq!(r.score(&sample(&q, mixed, 0, false)), Some(0.5));
+        assert_eq!(r.score(&sample(&q, mixed, 0, false)).unwrap(), Some(0.5));
         let rev =
             Problem { task: "reverse".into(), prompt: "rab=".into(), answer: "ba".into(), solution: String::new() };
-        assert_eq!(r.score(&sample(&rev, "<think>b;a</think><answer>ba</answer>", 0, false)), None);
+        assert_eq!(r.score(&sample(&rev, "<think>b;a</think><answer>ba</answer>", 0, false)).unwrap(), None);
         // Every reward not applicable: no total.
         let only_lang = RewardSet::parse("language", 96).unwrap();
-        assert!(only_lang.score(&sample(&rev, "x", 1, false)).total.is_nan());
+        assert!(only_lang.score(&sample(&rev, "x", 1, false)).unwrap().total.is_nan());
     }
 
     #[test]
     fn length_shaping_matches_its_piecewise_formulas_at_the_boundaries() {
         let p = add_problem();
         let o = OverlongPenalty { max_len: 100, buffer: 20 };
-        let at = |n: usize, tr: bool| o.score(&sample(&p, "", n, tr)).unwrap();
+        let at = |n: usize, tr: bool| o.score(&sample(&p, "", n, tr)).unwrap().unwrap();
         assert_eq!(at(0, false), 0.0);
         assert_eq!(at(80, false), 0.0);
         assert!((at(90, false) + 0.5).abs() < 1e-12);
@@ -291,7 +302,7 @@ mod tests {
         let c = CosineLength::new(100);
         let good = "<think></think><answer>19</answer>";
         let bad = "<think></think><answer>18</answer>";
-        let cos = |text: &str, n: usize| c.score(&sample(&p, text, n, false)).unwrap();
+        let cos = |text: &str, n: usize| c.score(&sample(&p, text, n, false)).unwrap().unwrap();
         assert!((cos(good, 0) - 1.0).abs() < 1e-12);
         assert!((cos(good, 100) - 0.5).abs() < 1e-12);
         assert!((cos(good, 50) - 0.75).abs() < 1e-12);

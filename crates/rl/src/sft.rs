@@ -14,7 +14,7 @@ use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::{CausalLm, IGNORE_INDEX};
 
 use crate::eval::well_formatted;
-use crate::rewards::{LanguageConsistency, Reward, Sample};
+use crate::rewards::{LanguageConsistency, Sample};
 use crate::tasks::{verify, Problem};
 use crate::{Error, Result};
 
@@ -201,7 +201,7 @@ pub fn rejection_sample(
         }
         stats.correct += 1;
         let sample = Sample { problem: p, text: &text, tokens: g.tokens.len(), truncated: false };
-        let consistent = LanguageConsistency.score(&sample).is_none_or(|s| s == 1.0);
+        let consistent = LanguageConsistency.share(&sample).is_none_or(|s| s == 1.0);
         if !well_formatted(&text) || !consistent {
             continue;
         }

@@ -5,8 +5,10 @@ use whale_rl::parallel::model::{CausalLm, DeepSeekV3, DeepSeekV3Config, DenseCon
 mod common;
 
 use common::reversal_pair;
-use whale_rl::reward_model::{PreferencePair, RewardModel};
+use whale_rl::reward_model::{LearnedReward, PreferencePair, RewardModel};
+use whale_rl::rewards::{Reward, Sample};
 use whale_rl::sft::{sft, sft_batch, Example, SftConfig};
+use whale_rl::tasks::Problem;
 
 #[test]
 fn sft_rows_learn_only_the_completion_and_its_eos() {
@@ -69,4 +71,21 @@ fn the_reward_model_learns_preferences_with_the_bradley_terry_loss() {
     assert_eq!(report.heldout_accuracy, 1.0, "{report:?}");
     let p = &pairs[9];
     assert!(rm.score(&tok, &p.prompt, &p.chosen).unwrap() > rm.score(&tok, &p.prompt, &p.rejected).unwrap());
+
+    // As a reward: it scores non-reasoning prompts, leaves reasoning ones to the rules, and a
+    // failure (here a prompt the tokenizer cannot encode) is an error, never a silent "no reward".
+    let learned = LearnedReward { model: std::sync::Arc::new(rm), tokenizer: std::sync::Arc::new(tok.clone()) };
+    let problem = |task: &str, prompt: &str| Problem {
+        task: task.into(),
+        prompt: prompt.into(),
+        answer: String::new(),
+        solution: String::new(),
+    };
+    let sample = |p: &'_ Problem| -> Result<Option<f64>, whale_rl::Error> {
+        learned.score(&Sample { problem: p, text: "<think></think><answer>god</answer>", tokens: 9, truncated: false })
+    };
+    assert!(sample(&problem("reverse", "rdog=")).unwrap().is_some_and(f64::is_finite));
+    assert_eq!(sample(&problem("add", "1+2=")).unwrap(), None, "reasoning prompts are the rules'");
+    let err = sample(&problem("reverse", "r\u{20ac}=")).unwrap_err().to_string();
+    assert!(err.contains("reward model") && err.contains("vocabulary"), "{err}");
 }
