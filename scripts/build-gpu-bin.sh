@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the GPU test and bench binaries here (the GPU machine has no Rust toolchain) into
-# gpu-bin/ (git-ignored), stripped, for `scripts/gpu-check.sh`; carry gpu-bin to the GPU machine.
+# gpu-bin/ (git-ignored), stripped and packed, for `scripts/gpu-check.sh`; carry gpu-bin to the GPU
+# machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf gpu-bin && mkdir -p gpu-bin
@@ -27,4 +28,9 @@ copy gpu target/gpu-bin-bench.json
 # The CLI, for end-to-end runs on the GPU (pretraining beside the same run on the CPU, R1-Zero).
 cargo build --release -p whale
 cp target/release/whale gpu-bin/whale-cli && strip gpu-bin/whale-cli
+ls -la gpu-bin
+# Packed: gzip takes the binaries to under a third of their size, which keeps the checkout plus
+# gpu-bin under the device's 64 MiB carry limit. gpu-check.sh unpacks them.
+tar czf target/gpu-bin.tar.gz -C gpu-bin .
+rm -f gpu-bin/* && mv target/gpu-bin.tar.gz gpu-bin/bins.tar.gz
 ls -la gpu-bin

@@ -6,6 +6,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-.}/gpu-report.md"
+# build-gpu-bin.sh packs the binaries (the device's carry limit): unpack them first.
+if [ -f gpu-bin/bins.tar.gz ]; then
+    tar xzf gpu-bin/bins.tar.gz -C gpu-bin && rm gpu-bin/bins.tar.gz
+fi
 logs="${OUT:-/tmp}"
 {
     echo "# GPU check"
