@@ -4,7 +4,7 @@
 //! forward and backward, MLA decode over the latent cache, and a device copy as the memory-bandwidth
 //! ceiling, one linear layer's forward and backward in FP8 against f32 on CUDA tensors, and a
 //! training step of the `small` preset on the GPU (f32, bf16, and bf16 with FP8 GEMMs) against
-//! the CPU.
+//! the CPU, and a GRPO step of the `tiny` preset on the GPU against the CPU.
 //! Kernels are timed with CUDA events inside criterion's `iter_custom`, so the clock reads the
 //! GPU's own time for `iters` back-to-back launches; the tensor-level rows, which synchronise
 //! with the host, by wall clock.
@@ -23,7 +23,9 @@ use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use half::bf16;
 use whale_kernels::cpu::attention::AttnShape;
 use whale_kernels::cuda::{device_count, AttentionKernels, Fp8GemmKernel, Fp8Operand, GemmShape, Gpu};
-use whale_model::{DeepSeekV3, DeepSeekV3Config};
+use whale_model::tokenizer::CharTokenizer;
+use whale_model::{CausalLm, DeepSeekV3, DeepSeekV3Config};
+use whale_rl::grpo::{GrpoConfig, GrpoTrainer};
 use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::optim::{AdamW, AdamWConfig};
 use whale_tensor::{DType, Device, Rng, Tensor};
@@ -45,11 +47,12 @@ impl Row {
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     }
 
-    /// TFLOP/s or GB/s.
+    /// TFLOP/s, GB/s, thousands of tokens or completions per second.
     fn rate(&self) -> f64 {
         let scale = match self.unit {
             "TFLOP/s" => 1e12,
             "ktok/s" => 1e3,
+            "completions/s" => 1.0,
             _ => 1e9,
         };
         self.work / self.median() / scale
@@ -222,9 +225,6 @@ fn attention(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
     g.set_attention_kernels(AttentionKernels::TiledForward);
 }
 
-/// One training step of the `small` preset (forward with MTP, backward, AdamW, the balancing
-/// update) on the GPU through whale-tensor's CUDA backend, beside the same step on the CPU.
-/// Wall-clock time: a step synchronises with the host (routing, the loss).
 /// Times `step` (tensor ops that end by reading a value back, which synchronises) by wall clock.
 fn bench_wall(c: &mut Criterion, row: &Row, mut step: impl FnMut()) {
     let mut group = c.benchmark_group(&row.group);
@@ -307,6 +307,31 @@ fn training_step(c: &mut Criterion, rows: &mut Vec<Row>) {
     }
 }
 
+/// One GRPO step of the `tiny` preset (sampling 8 completions for each of 16 prompts, rule
+/// rewards, scoring, the clipped loss, backward, AdamW) with the policy on the GPU, beside the
+/// same on the CPU. Each step samples new prompts and completions: the median of ten steps.
+fn grpo_step(c: &mut Criterion, rows: &mut Vec<Row>) {
+    let (prompts, group) = (16, 8);
+    let cfg = GrpoConfig {
+        steps: 10_000,
+        prompts_per_step: prompts,
+        group_size: group,
+        log_completions_every: 0,
+        ..GrpoConfig::default()
+    };
+    for (name, device) in [("gpu", Device::cuda(0).expect("GPU 0")), ("cpu", Device::Cpu)] {
+        let policy = DeepSeekV3::new(DeepSeekV3Config::tiny(), 3).and_then(|m| m.to_device(&device));
+        let policy: Box<dyn CausalLm> = Box::new(policy.expect("the policy on the device"));
+        let mut t = GrpoTrainer::new(policy, cfg.clone(), Box::new(CharTokenizer::new())).expect("a GRPO trainer");
+        let r = row("grpo_step", &format!("tiny_{name}/{prompts}x{group}"), (prompts * group) as f64, "completions/s");
+        bench_wall(c, &r, || {
+            let log = t.train_step().expect("a GRPO step");
+            assert!(log.get("policy_loss").is_finite(), "a finite loss");
+        });
+        rows.push(r);
+    }
+}
+
 /// The markdown table of every row with its ratio to the baseline measured in the same run
 /// (cuBLAS bf16 for FP8, cuBLAS f32 for bf16, the simple attention kernels for the tiled ones,
 /// the CPU for the training step) and, for attention and decode, the share of their ceiling.
@@ -319,7 +344,7 @@ fn table(rows: &[Row]) -> String {
                 rows.iter().find(|b| b.name == format!("cublas_bf16/{shape}"))
             }
             ("matmul", Some("cublas_bf16")) => rows.iter().find(|b| b.name == format!("cublas_f32/{shape}")),
-            ("train_step", Some(k)) if k.ends_with("_gpu") => {
+            ("train_step" | "grpo_step", Some(k)) if k.ends_with("_gpu") => {
                 rows.iter().find(|b| b.name == r.name.replace("_gpu", "_cpu"))
             }
             ("train_step", Some(k)) if k.ends_with("_gpu_fp8") || k.ends_with("_gpu_bf16") => {
@@ -374,13 +399,27 @@ fn main() {
     matmuls(&mut c, &g, &mut rows);
     fp8_gemms(&mut c, &g, &mut rows);
     attention(&mut c, &g, &mut rows);
-    linear_layers(&mut c, &mut rows);
-    training_step(&mut c, &mut rows);
+    // The tensor-level groups run whole models: one that fails is reported, and the others (and
+    // the table) still come out.
+    let mut failed = String::new();
+    type Group = fn(&mut Criterion, &mut Vec<Row>);
+    let groups: [(&str, Group); 3] =
+        [("linear", linear_layers), ("train_step", training_step), ("grpo_step", grpo_step)];
+    for (name, group) in groups {
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| group(&mut c, &mut rows)));
+        if let Err(e) = run {
+            let why = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
+            failed += &format!("\n{name}: FAILED: {}\n", why.unwrap_or_default());
+        }
+    }
     c.final_summary();
-    let text = format!("GPU: compute capability {}.{}\n\n{}", g.arch.0, g.arch.1, table(&rows));
+    let text = format!("GPU: compute capability {}.{}\n\n{}{failed}", g.arch.0, g.arch.1, table(&rows));
     println!("\n{text}");
     let path = std::env::var("WHALE_GPU_BENCH_OUT").unwrap_or_else(|_| "target/gpu-bench.md".into());
     if let Err(e) = std::fs::write(&path, text) {
         eprintln!("could not write {path}: {e}");
+    }
+    if !failed.is_empty() {
+        std::process::exit(1);
     }
 }
