@@ -267,6 +267,37 @@ fn adamw_updates_on_the_gpu_as_on_the_cpu() {
 }
 
 #[test]
+fn gradient_norm_and_clipping_on_the_gpu_as_on_the_cpu() {
+    use whale_tensor::optim::{clip_grad_norm, grad_norm};
+    use whale_tensor::ParamStore;
+    /// The norm, clipping to half of it, and the clipped gradients.
+    type Clipped = (f64, Vec<Vec<f32>>);
+    let run = |device: &Device| -> Result<Clipped> {
+        let mut params = ParamStore::new();
+        let w = params.insert("w", &randn(&[6, 5], 80).to_device(device)?)?;
+        let b = params.insert("b", &randn(&[5], 81).to_device(device)?)?;
+        params.insert("unused", &randn(&[3], 82).to_device(device)?)?;
+        randn(&[4, 6], 90).to_device(device)?.matmul(&w)?.add(&b)?.sqr()?.sum_all()?.backward()?;
+        let norm = grad_norm(&params)?;
+        assert_eq!(clip_grad_norm(&params, 0.5 * norm)?, norm, "clipping returns the norm before it");
+        Ok((norm, vec![w.grad().expect("w").to_vec_f32()?, b.grad().expect("b").to_vec_f32()?]))
+    };
+    let (norm, grads) = run(&Device::Cpu).unwrap();
+    let clipped = grads.iter().flatten().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    assert!((clipped - 0.5 * norm).abs() <= 1e-5 * norm, "clipped to half: {clipped} of {norm}");
+    if !Device::cuda_is_available(0) {
+        eprintln!("gradient_norm_and_clipping_on_the_gpu_as_on_the_cpu: CUDA half skipped, no CUDA driver or GPU on this machine");
+        return;
+    }
+    let (gpu_norm, gpu_grads) = run(&Device::cuda(0).unwrap()).unwrap();
+    // Squares and sums in f32 on the GPU against f64 on the CPU: f32 rounding of the norm.
+    assert!((gpu_norm - norm).abs() <= 1e-5 * norm, "norm: GPU {gpu_norm} vs CPU {norm}");
+    for (g, c) in gpu_grads.iter().zip(&grads) {
+        close("clipped gradient", g, c);
+    }
+}
+
+#[test]
 fn selections_and_max_reductions() {
     let x = randn(&[5, 7], 100);
     on_every_device("log_softmax", vec![x.clone()], |v| v[0].log_softmax_last_dim());

@@ -1,15 +1,28 @@
 //! Global gradient-norm clipping (`torch.nn.utils.clip_grad_norm_` numerics).
 
-use crate::{ParamStore, Result};
+use crate::{Device, ParamStore, Result, Tensor};
 
 /// The L2 norm of all gradients together, accumulated in f64 in name order. Parameters without a
-/// gradient count as zero.
+/// gradient count as zero. A gradient on a GPU is squared and summed there (in f32), and each
+/// GPU's per-tensor sums come back in one read, instead of every gradient crossing to the host.
 pub fn grad_norm(params: &ParamStore) -> Result<f64> {
     let mut sq = 0.0f64;
+    let mut on_gpus: Vec<(Device, Vec<Tensor>)> = Vec::new();
     for (_, p) in params.iter() {
-        if let Some(g) = p.grad() {
+        let Some(g) = p.grad() else { continue };
+        let device = g.device();
+        if device.is_cpu() {
             sq += g.to_vec_f32()?.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+            continue;
         }
+        let partial = crate::no_grad(|| g.sqr()?.sum_all())?;
+        match on_gpus.iter_mut().find(|(d, _)| *d == device) {
+            Some((_, sums)) => sums.push(partial),
+            None => on_gpus.push((device, vec![partial])),
+        }
+    }
+    for (_, sums) in on_gpus {
+        sq += Tensor::stack(&sums, 0)?.to_vec_f32()?.iter().map(|&x| x as f64).sum::<f64>();
     }
     Ok(sq.sqrt())
 }
