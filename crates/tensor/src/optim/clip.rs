@@ -15,7 +15,8 @@ pub fn grad_norm(params: &ParamStore) -> Result<f64> {
             sq += g.to_vec_f32()?.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
             continue;
         }
-        let partial = crate::no_grad(|| g.sqr()?.sum_all())?;
+        // In f32 whatever the gradient's dtype (a bf16 square would lose the norm's precision).
+        let partial = crate::no_grad(|| g.to_dtype(crate::DType::F32)?.sqr()?.sum_all())?;
         match on_gpus.iter_mut().find(|(d, _)| *d == device) {
             Some((_, sums)) => sums.push(partial),
             None => on_gpus.push((device, vec![partial])),
