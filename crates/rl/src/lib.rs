@@ -3,6 +3,10 @@
 //! ([`rollout`]), rule-based rewards ([`rewards`]), GRPO ([`grpo`]) and the PPO baseline
 //! ([`ppo`]), supervised fine-tuning and rejection sampling ([`sft`]), and a Bradley-Terry reward
 //! model ([`reward_model`]): the pieces the CLI's R1-Zero, R1 and distillation jobs are made of.
+//!
+//! Everything runs where the policy lives (`CausalLm::device`): on a GPU the models sample,
+//! score and train there, while rewards, advantages and packing are host work whose per-token
+//! tensors are made on the policy's device.
 
 pub mod data;
 pub mod eval;
