@@ -20,6 +20,11 @@ pub fn open(flag: &str) -> Result<Device> {
     Device::cuda(ordinal).with_context(|| format!("--device {flag}"))
 }
 
+/// An optional `--device` (absent: the CPU), opened as [`open`] does.
+pub fn open_or_cpu(flag: Option<&str>) -> Result<Device> {
+    open(flag.unwrap_or("cpu"))
+}
+
 /// The checkpoint at `dir` (`what` it is, for errors), its weights on `device`.
 pub fn load(dir: &Path, device: &Device, what: &str) -> Result<Box<dyn CausalLm>> {
     let model = load_pretrained(dir).with_context(|| format!("loading {what} from {}", dir.display()))?;

@@ -112,7 +112,7 @@ fn save(model: &dyn CausalLm, dir: &Path) -> Result<()> {
 }
 
 pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
-    let device = crate::device::open(args.device.as_deref().unwrap_or("cpu"))?;
+    let device = crate::device::open_or_cpu(args.device.as_deref())?;
     let s: DistillSettings = match &args.config {
         Some(p) => crate::settings::load(p)?,
         None => DistillSettings::default(),

@@ -22,8 +22,7 @@ use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer};
 use whale_rl::parallel::model::checkpoint::SaveDType;
-use whale_rl::parallel::model::tensor::Device;
-use whale_rl::parallel::model::tensor::Rng;
+use whale_rl::parallel::model::tensor::{Device, Rng};
 use whale_rl::parallel::model::tokenizer::CharTokenizer;
 use whale_rl::parallel::model::CausalLm;
 use whale_rl::reward_model::{preference_pairs, LearnedReward, ReasoningOnly, RewardModel, RmReport};
@@ -381,7 +380,7 @@ impl R1Args {
 
 /// Runs the requested stage(s); returns each stage's result in order.
 pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
-    let device = crate::device::open(args.device.as_deref().unwrap_or("cpu"))?;
+    let device = crate::device::open_or_cpu(args.device.as_deref())?;
     let s = args.settings()?;
     let out = args.out.clone().unwrap_or_else(|| sibling_run(&args.from, "r1"));
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;

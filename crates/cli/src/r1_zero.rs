@@ -209,7 +209,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     let (metrics, completions) = (out.join("metrics.jsonl"), out.join("completions.jsonl"));
     let settings_path = out.join("settings.json");
     let tok = CharTokenizer::new();
-    let device = crate::device::open(args.device.as_deref().unwrap_or("cpu"))?;
+    let device = crate::device::open_or_cpu(args.device.as_deref())?;
     let base = crate::device::load(&args.base, &device, "the base model")?;
     let mut trainer: Box<dyn RlTrainer> = if args.resume {
         // The run's own settings, not this command line's, except an explicit --steps.
