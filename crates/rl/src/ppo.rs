@@ -212,7 +212,8 @@ impl PpoTrainer {
         })?)
     }
 
-    /// Continues from a checkpoint of [`PpoTrainer::save_checkpoint`].
+    /// Continues from a checkpoint of [`PpoTrainer::save_checkpoint`], its models (policy,
+    /// reference, critic) on `device`.
     pub fn resume(dir: &Path, tokenizer: Box<dyn Tokenizer>, device: &Device) -> Result<Self> {
         let (run, policy, dir) = RlRun::load(dir, tokenizer, PPO_SALT)?;
         let policy = moved_to(policy, device)?;
