@@ -10,7 +10,7 @@ use super::rows_per_task;
 /// order, and shorter rounding chains over a long vocabulary than one running sum.
 const SUM_EXP_LANES: usize = 8;
 
-/// `logits`: [rows, vocab], `targets`: [rows]. Writes `loss[r] = lse[r] - logits[r, t]` (0 for rows
+/// `logits`: `[rows, vocab]`, `targets`: `[rows]`. Writes `loss[r] = lse[r] - logits[r, t]` (0 for rows
 /// whose target is `ignore_index`) and `lse[r] = logsumexp(logits[r])`. Returns the number of rows
 /// not ignored. Targets are validated by the caller (`0 <= t < vocab` or `ignore_index`).
 pub fn cross_entropy_forward(

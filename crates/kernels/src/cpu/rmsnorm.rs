@@ -12,7 +12,7 @@ const LANES: usize = 16;
 /// `O(dim)` however many rows there are.
 const MAX_DWEIGHT_PARTIALS: usize = 64;
 
-/// `x`: [rows, dim], `weight`: [dim] -> `y`: [rows, dim], `rstd`: [rows] (saved for backward).
+/// `x`: `[rows, dim]`, `weight`: `[dim]` -> `y`: `[rows, dim]`, `rstd`: `[rows]` (saved for backward).
 pub fn rmsnorm_forward(x: &[f32], weight: &[f32], dim: usize, eps: f32, y: &mut [f32], rstd: &mut [f32]) {
     let rows = rstd.len();
     assert_eq!(x.len(), rows * dim, "rmsnorm_forward: x is not [rows, dim]");
@@ -36,7 +36,7 @@ pub fn rmsnorm_forward(x: &[f32], weight: &[f32], dim: usize, eps: f32, y: &mut 
     );
 }
 
-/// Backward of [`rmsnorm_forward`]. `dx` ([rows, dim]) and `dweight` ([dim]) are each optional so the
+/// Backward of [`rmsnorm_forward`]. `dx` (`[rows, dim]`) and `dweight` (`[dim]`) are each optional so the
 /// input gradient and the weight gradient can be computed in separate calls (ZeroBubble B/W split).
 /// Both are overwritten, not accumulated.
 pub fn rmsnorm_backward(
