@@ -103,5 +103,7 @@ logs="${OUT:-/tmp}"
     else
         echo "overall: PASS"
     fi
+    # The budget for the whole check on one H200 is 8 minutes.
+    echo "elapsed: ${SECONDS} s"
 } > "$out"
 cat "$out"
