@@ -1,19 +1,18 @@
 //! The `whale` binary end to end: a run killed with SIGKILL while it checkpoints every step still
 //! resumes; an existing run is never overwritten; config files reject unknown keys; plots render.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use whale_rl::parallel::model::tensor::testing::TempDir;
 
 fn whale() -> Command {
     Command::new(env!("CARGO_BIN_EXE_whale"))
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("whale-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(name: &str) -> TempDir {
+    TempDir::new(&format!("cli-{name}"))
 }
 
 const SMALL: [&str; 10] =

@@ -2,15 +2,14 @@
 //! train, checkpoint (rank 0 only, the single-rank layout) and resume; impossible layouts are
 //! refused, with the reason, before anything is written.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-/// A fresh folder for this test's runs.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("whale-cli-parallel-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+use whale_rl::parallel::model::tensor::testing::TempDir;
+
+/// A fresh folder for this test's runs (removed when the test passes).
+fn scratch(name: &str) -> TempDir {
+    TempDir::new(&format!("cli-parallel-{name}"))
 }
 
 /// `whale pretrain --out run` with small settings and `flags`.
@@ -37,7 +36,8 @@ const SMALL: [&str; 12] = [
 
 #[test]
 fn dp_ep_pp_pretraining_checkpoints_like_one_rank_and_resumes() {
-    let run = scratch("mesh").join("run");
+    let dir = scratch("mesh");
+    let run = dir.join("run");
     let mesh = ["--dp", "2", "--ep", "2", "--pp", "2", "--schedule", "1f1b"];
     let out = pretrain(&run, &[&mesh[..], &["--steps", "2"]].concat());
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -3,17 +3,14 @@
 //! against their formulas, and the bias update steering the router.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use whale_model::checkpoint::{load_dir, load_file, save_file, save_sharded, SaveDType};
 use whale_model::{DeepSeekV3, DeepSeekV3Config, Error};
+use whale_tensor::testing::TempDir;
 use whale_tensor::{DType, Device, Rng, Tensor};
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("whale-model-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(name: &str) -> TempDir {
+    TempDir::new(&format!("model-test-{name}"))
 }
 
 fn tokens(cfg: &DeepSeekV3Config, batch: usize, seq: usize, seed: u64) -> Tensor {

@@ -2,9 +2,8 @@
 //! values are caught and located, gradient accumulation matches one big batch, bf16 trains, FP8
 //! trains within 1% of fp32.
 
-use std::path::PathBuf;
-
 use serde_json::Value;
+use whale_model::tensor::testing::TempDir;
 use whale_model::tensor::Rng;
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_parallel::trainer::{DataSource, NonFinitePolicy, Precision, TokenWalk, TrainConfig, Trainer};
@@ -28,11 +27,8 @@ fn bits(t: &Trainer) -> Vec<u32> {
     v
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("whale-trainer-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(name: &str) -> TempDir {
+    TempDir::new(&format!("trainer-{name}"))
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! Finite-difference gradient checking, shared by every crate's tests.
+//! Finite-difference gradient checking, shared by every crate's tests (and [`TempDir`], their
+//! scratch directories).
 //!
 //! The checked function's output is projected onto fixed random weights `r`, so the scalar
 //! `L(x) = sum(r * f(x))` exercises every output element's gradient. Autograd's `dL/dx` is
@@ -110,5 +111,42 @@ mod tests {
         let err = GradCheck::default().run(&[randn(&[3], 1)], |x| square_with_wrong_grad(&x[0])).unwrap_err();
         assert!(err.contains("input 0"), "{err}");
         GradCheck::default().run(&[randn(&[3], 1)], |x| x[0].sqr()).unwrap();
+    }
+}
+
+/// A fresh directory for one test (`whale-{name}-{pid}` under the system's temp dir), removed
+/// when dropped. A failing test keeps it and prints where, for a look at what it wrote.
+#[derive(Debug)]
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("whale-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        TempDir(dir)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test files kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }

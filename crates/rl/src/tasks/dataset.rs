@@ -314,8 +314,7 @@ mod tests {
 
     #[test]
     fn jsonl_datasets_load_and_verify_with_named_errors() {
-        let dir = std::env::temp_dir().join(format!("whale-jsonl-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = whale_parallel::model::tensor::testing::TempDir::new("jsonl");
         let f = dir.join("data.jsonl");
         std::fs::write(&f, "{\"prompt\": \"2+2=\", \"answer\": \"4\"}\n\n{\"prompt\": \"3*3=\", \"answer\": \"9\"}\n")
             .unwrap();
