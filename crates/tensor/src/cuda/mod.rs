@@ -214,20 +214,23 @@ pub(crate) fn wrap(
 
 const GPU_DTYPES: &str = "CUDA tensors are f32 or bf16 (FP8 codes feed only the FP8 ops)";
 
-/// A tensor the CUDA ops compute on: f32 or bf16.
-pub(crate) fn check_gpu_float(op: &'static str, t: &Tensor) -> Result<()> {
-    if !matches!(t.dtype(), DType::F32 | DType::BF16) {
-        return Err(Error::UnsupportedDType { op, dtype: t.dtype(), why: GPU_DTYPES });
+/// A dtype the CUDA ops compute in: f32 or bf16.
+fn check_gpu_dtype(op: &'static str, dtype: DType) -> Result<()> {
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        return Err(Error::UnsupportedDType { op, dtype, why: GPU_DTYPES });
     }
     Ok(())
+}
+
+/// A tensor the CUDA ops compute on: f32 or bf16.
+pub(crate) fn check_gpu_float(op: &'static str, t: &Tensor) -> Result<()> {
+    check_gpu_dtype(op, t.dtype())
 }
 
 /// `value` everywhere, on GPU `ordinal`.
 pub(crate) fn full(value: f32, shape: &[usize], dtype: DType, ordinal: usize) -> Result<Tensor> {
     let device = Device::Cuda(ordinal);
-    if !matches!(dtype, DType::F32 | DType::BF16) {
-        return Err(Error::UnsupportedDType { op: "full", dtype, why: GPU_DTYPES });
-    }
+    check_gpu_dtype("full", dtype)?;
     let g = gpu(ordinal)?;
     let n = shape.iter().product();
     let mut buf = alloc(&g, device, n)?;
@@ -269,9 +272,7 @@ pub(crate) fn to_device(t: &Tensor, device: &Device) -> Result<Tensor> {
 /// `t` stored as `dtype` (f32 and bf16 on a GPU), differentiable (the gradient converts back).
 pub(crate) fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
     check_gpu_float("to_dtype", t)?;
-    if !matches!(dtype, DType::F32 | DType::BF16) {
-        return Err(Error::UnsupportedDType { op: "to_dtype", dtype, why: GPU_DTYPES });
-    }
+    check_gpu_dtype("to_dtype", dtype)?;
     let (g, buf) = contiguous_buffer(t)?;
     let back = backward_fn("to_dtype", |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
         Ok(vec![Some(g.to_dtype(inputs[0].dtype())?)])
@@ -642,10 +643,8 @@ pub(crate) fn adamw_step(
                 // bf16 moments (DeepSeek-V3's recipe), as on the CPU: widened to f32 (exact), one
                 // f32 step, rounded back to nearest even.
                 (CudaBuf::Bf16(m), CudaBuf::Bf16(v)) => {
-                    let (mut mw, mut vw) = (alloc(&gpu, dev, n)?, alloc(&gpu, dev, n)?);
+                    let (mut mw, mut vw) = (widen(&gpu, dev, &m.slice(..n))?, widen(&gpu, dev, &v.slice(..n))?);
                     let mut step = || -> std::result::Result<(), GpuError> {
-                        gpu.bf16_to_f32_dev(&m.slice(..n), &mut mw, n)?;
-                        gpu.bf16_to_f32_dev(&v.slice(..n), &mut vw, n)?;
                         gpu.adamw_step_dev(&mut pv, &gv, (&mut mw, &mut vw), n, hp)?;
                         gpu.f32_to_bf16_dev(&mw.slice(..n), m, n)?;
                         gpu.f32_to_bf16_dev(&vw.slice(..n), v, n)
