@@ -109,7 +109,9 @@ impl DeepSeekV3 {
         let mut tensors: BTreeMap<String, Tensor> = self
             .state_dict()
             .into_iter()
-            .map(|(n, t)| Ok((n, crate::nn::copy_to(&t, device)?)))
+            // The builder copies every tensor it trains into a buffer of its own (frozen FP8
+            // codes may stay shared on the same device).
+            .map(|(n, t)| Ok((n, t.to_device(device)?.detach())))
             .collect::<whale_tensor::Result<_>>()?;
         Self::drop_non_parameters(&self.config, &mut tensors);
         let path = format!("<copy on {device:?}>").into();

@@ -74,7 +74,8 @@ impl CausalLm for DenseModel {
         let tensors = self
             .params
             .iter()
-            .map(|(n, t)| Ok((n.to_string(), crate::nn::copy_to(t, device)?)))
+            // The builder copies every tensor into a buffer of its own.
+            .map(|(n, t)| Ok((n.to_string(), t.to_device(device)?.detach())))
             .collect::<whale_tensor::Result<_>>()?;
         let path = format!("<copy on {device:?}>").into();
         let mut copy = DenseModel::from_tensors(self.config.clone(), tensors, path)?;

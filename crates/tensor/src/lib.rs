@@ -11,8 +11,8 @@
 //! - [`layout`], [`storage`], [`dtype`], [`device`], [`rng`], [`error`].
 //!
 //! Every op computes in f32 on the CPU kernels of `whale-kernels`; bf16/f16/FP8 are storage formats.
-//! Tensors on `Device::Cuda` keep f32 values (or FP8 codes) on the GPU, where the ops run on the
-//! CUDA kernels (`cuda/`); what the GPU does not hold is an error that names the op.
+//! Tensors on `Device::Cuda` keep f32 or bf16 values (or FP8 codes) on the GPU, where the ops run
+//! on the CUDA kernels (`cuda/`); what the GPU does not hold is an error that names the op.
 
 pub mod backprop;
 mod cuda;

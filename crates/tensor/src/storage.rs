@@ -133,9 +133,9 @@ pub struct CudaStorage {
     pub(crate) buf: CudaBuf,
 }
 
-/// What a GPU buffer holds: f32 values, which every CUDA op computes on, or FP8 codes, which only
-/// the FP8 ops read (dequantize, the FP8 linear of a stored FP8 weight). Other dtypes stay on the
-/// host.
+/// What a GPU buffer holds: f32 or bf16 values, which every CUDA op computes on (bf16 widened to
+/// f32), or FP8 codes, which only the FP8 ops read (dequantize, the FP8 linear of a stored FP8
+/// weight). Other dtypes stay on the host.
 #[derive(Debug)]
 pub enum CudaBuf {
     F32(CudaSlice<f32>),

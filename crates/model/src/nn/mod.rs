@@ -12,12 +12,6 @@ use whale_tensor::Tensor;
 
 use crate::Result;
 
-/// An independent, detached copy of `t` on `device` (a fresh buffer even on `t`'s own device):
-/// how a model is duplicated or moved.
-pub fn copy_to(t: &Tensor, device: &whale_tensor::Device) -> whale_tensor::Result<Tensor> {
-    Ok(if t.device() == *device { t.deep_clone()? } else { t.to_device(device)? }.detach())
-}
-
 /// `w` in the compute dtype of `x` (a differentiable cast; a no-op when they agree).
 pub fn in_dtype_of(w: &Tensor, x: &Tensor) -> Result<Tensor> {
     Ok(if w.dtype() == x.dtype() { w.clone() } else { w.to_dtype(x.dtype())? })
