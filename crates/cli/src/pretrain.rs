@@ -279,10 +279,7 @@ pub fn mesh(s: &PretrainSettings) -> Result<Mesh> {
 /// The device the settings ask for, opened (an error that says why when it cannot be): GPU
 /// training is one rank.
 pub fn device(s: &PretrainSettings) -> Result<Device> {
-    if s.device == "cpu" {
-        return crate::device::open(&s.device);
-    }
-    if s.dp * s.pp * s.ep != 1 {
+    if s.device != "cpu" && s.dp * s.pp * s.ep != 1 {
         bail!("--device {}: GPU training runs on one rank in this build ({})", s.device, layout_flags(s));
     }
     crate::device::open(&s.device)

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
-use super::{cuda, grid_for, Fp8Operand, Fp8View, Gpu, GpuError, Result};
+use super::{cuda, grid_for, need, Fp8Operand, Fp8View, Gpu, GpuError, Result};
 use crate::cpu::fp8::{Fp8Blocks, Fp8Format};
 
 impl Gpu {
@@ -17,9 +17,7 @@ impl Gpu {
         (rows, cols): (usize, usize),
         block_rows: usize,
     ) -> Result<Fp8Operand> {
-        if x.len() < rows * cols {
-            return Err(GpuError::Shape(format!("fp8 quantize: {} values for [{rows}, {cols}]", x.len())));
-        }
+        need("fp8 quantize", x.len(), rows * cols)?;
         let (grid_rows, grid_cols) = (rows.div_ceil(block_rows.max(1)), cols.div_ceil(128));
         let blocks = grid_rows * grid_cols;
         let (name, threads) = match block_rows {
@@ -54,9 +52,7 @@ impl Gpu {
         x: &CudaView<'_, f32>,
         (rows, cols): (usize, usize),
     ) -> Result<Fp8Operand> {
-        if x.len() < rows * cols {
-            return Err(GpuError::Shape(format!("fp8 quantize (transposed): {} values for [{rows}, {cols}]", x.len())));
-        }
+        need("fp8 quantize (transposed)", x.len(), rows * cols)?;
         let (tiles, col_blocks) = (rows.div_ceil(128), cols.div_ceil(32));
         if col_blocks > 65_535 || rows > u32::MAX as usize {
             return Err(GpuError::Shape(format!(
@@ -132,13 +128,8 @@ impl Gpu {
         y: &mut CudaSlice<T>,
         (rows, cols): (usize, usize),
     ) -> Result<()> {
-        if x.len() < rows * cols || y.len() < rows * cols {
-            return Err(GpuError::Shape(format!(
-                "{kernel}: buffers of {} and {} for [{rows}, {cols}]",
-                x.len(),
-                y.len()
-            )));
-        }
+        need(kernel, x.len(), rows * cols)?;
+        need(kernel, y.len(), rows * cols)?;
         if rows * cols == 0 {
             return Ok(());
         }
