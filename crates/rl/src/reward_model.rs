@@ -47,15 +47,12 @@ impl RewardModel {
 
     /// Rewards of `prompt + completion + EOS` texts, `[n]` (differentiable).
     fn rewards(&self, tok: &dyn Tokenizer, texts: &[(&str, &str)]) -> Result<Tensor> {
-        let rows: Vec<Vec<u32>> = texts
-            .iter()
-            .map(|(p, c)| {
-                let mut r = tok.encode(p)?;
-                r.extend(tok.encode(c)?);
-                r.push(tok.eos_id());
-                Ok(r)
-            })
-            .collect::<Result<_>>()?;
+        let rows: Vec<Vec<u32>> = texts.iter().map(|(p, c)| reward_row(tok, p, c)).collect::<Result<_>>()?;
+        self.rewards_of_rows(tok, &rows)
+    }
+
+    /// Rewards of token rows (each ending in EOS), `[n]` (differentiable).
+    fn rewards_of_rows(&self, tok: &dyn Tokenizer, rows: &[Vec<u32>]) -> Result<Tensor> {
         let len = rows.iter().map(Vec::len).max().unwrap_or(1);
         let n = rows.len();
         let mut ids = Vec::with_capacity(n * len);
@@ -75,7 +72,12 @@ impl RewardModel {
 
     /// The reward of one completion (no gradients).
     pub fn score(&self, tok: &dyn Tokenizer, prompt: &str, completion: &str) -> Result<f64> {
-        no_grad(|| Ok(self.rewards(tok, &[(prompt, completion)])?.to_vec_f32()?[0] as f64))
+        self.score_row(tok, reward_row(tok, prompt, completion)?)
+    }
+
+    /// The reward of one token row (no gradients).
+    fn score_row(&self, tok: &dyn Tokenizer, row: Vec<u32>) -> Result<f64> {
+        no_grad(|| Ok(self.rewards_of_rows(tok, &[row])?.to_vec_f32()?[0] as f64))
     }
 
     /// Bradley-Terry training on `train` (shuffled mini-batches of `batch` pairs, `steps`
@@ -150,11 +152,23 @@ impl Reward for LearnedReward {
         if Language::of_problem(s.problem).is_some() {
             return Ok(None);
         }
-        let eos = self.tokenizer.decode(&[self.tokenizer.eos_id()]);
+        let tok = &*self.tokenizer;
+        let eos = tok.decode(&[tok.eos_id()]);
         let text = s.text.strip_suffix(&eos).unwrap_or(s.text);
-        let r = self.model.score(&*self.tokenizer, &s.problem.prompt, text);
+        // Text the tokenizer cannot read back (a sampled id with no character decodes to U+FFFD)
+        // gets no learned reward; a model that fails on what it can read stops the run.
+        let Ok(row) = reward_row(tok, &s.problem.prompt, text) else { return Ok(None) };
+        let r = self.model.score_row(tok, row);
         Ok(Some(r.map_err(|e| Error::Rl(format!("the learned reward model failed: {e}")))?))
     }
+}
+
+/// `prompt + completion + EOS` as the reward model reads it.
+fn reward_row(tok: &dyn Tokenizer, prompt: &str, completion: &str) -> Result<Vec<u32>> {
+    let mut row = tok.encode(prompt)?;
+    row.extend(tok.encode(completion)?);
+    row.push(tok.eos_id());
+    Ok(row)
 }
 
 /// A rule reward applied only to reasoning prompts (tasks with numbers), `None` elsewhere.

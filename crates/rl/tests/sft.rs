@@ -1,5 +1,6 @@
 //! SFT batching and training, rejection sampling's filter, and the Bradley-Terry reward model.
 
+use whale_rl::parallel::model::tensor::{DType, Device, Tensor};
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{CausalLm, DeepSeekV3, DeepSeekV3Config, DenseConfig, DenseModel, IGNORE_INDEX};
 mod common;
@@ -72,20 +73,28 @@ fn the_reward_model_learns_preferences_with_the_bradley_terry_loss() {
     let p = &pairs[9];
     assert!(rm.score(&tok, &p.prompt, &p.chosen).unwrap() > rm.score(&tok, &p.prompt, &p.rejected).unwrap());
 
-    // As a reward: it scores non-reasoning prompts, leaves reasoning ones to the rules, and a
-    // failure (here a prompt the tokenizer cannot encode) is an error, never a silent "no reward".
-    let learned = LearnedReward { model: std::sync::Arc::new(rm), tokenizer: std::sync::Arc::new(tok.clone()) };
+    // As a reward: it scores non-reasoning prompts and leaves reasoning ones to the rules; text
+    // its tokenizer cannot read gets no learned reward; a model that fails is an error, never a
+    // silent "no reward".
     let problem = |task: &str, prompt: &str| Problem {
         task: task.into(),
         prompt: prompt.into(),
         answer: String::new(),
         solution: String::new(),
     };
-    let sample = |p: &'_ Problem| -> Result<Option<f64>, whale_rl::Error> {
+    let tokenizer = std::sync::Arc::new(tok.clone());
+    let score = |learned: &LearnedReward, p: &Problem| -> Result<Option<f64>, whale_rl::Error> {
         learned.score(&Sample { problem: p, text: "<think></think><answer>god</answer>", tokens: 9, truncated: false })
     };
-    assert!(sample(&problem("reverse", "rdog=")).unwrap().is_some_and(f64::is_finite));
-    assert_eq!(sample(&problem("add", "1+2=")).unwrap(), None, "reasoning prompts are the rules'");
-    let err = sample(&problem("reverse", "r\u{20ac}=")).unwrap_err().to_string();
-    assert!(err.contains("reward model") && err.contains("vocabulary"), "{err}");
+    let d = rm.model.head.dims()[1];
+    let learned = LearnedReward { model: std::sync::Arc::new(rm), tokenizer: tokenizer.clone() };
+    assert!(score(&learned, &problem("reverse", "rdog=")).unwrap().is_some_and(f64::is_finite));
+    assert_eq!(score(&learned, &problem("add", "1+2=")).unwrap(), None, "reasoning prompts are the rules'");
+    assert_eq!(score(&learned, &problem("reverse", "r\u{fffd}=")).unwrap(), None, "unreadable text");
+    // A head that does not fit its trunk: the model itself fails.
+    let mut broken = RewardModel::from_policy(&policy).unwrap();
+    broken.model.head = Tensor::zeros(&[1, d + 1], DType::F32, &Device::Cpu).unwrap();
+    let broken = LearnedReward { model: std::sync::Arc::new(broken), tokenizer };
+    let err = score(&broken, &problem("reverse", "rdog=")).unwrap_err().to_string();
+    assert!(err.contains("the learned reward model failed"), "{err}");
 }
