@@ -140,23 +140,42 @@ fn check_fp8_gemm(g: &Gpu, a: &Fp8Blocks, b: &Fp8Blocks, kernel: Fp8GemmKernel) 
 
 #[test]
 fn the_tensor_core_fp8_gemm_matches_the_cpu() {
-    let Some(g) = gpu("the_tensor_core_fp8_gemm_matches_the_cpu") else { return };
-    if g.fp8_gemm_kernel(128) != Fp8GemmKernel::TensorCore {
-        eprintln!(
-            "the_tensor_core_fp8_gemm_matches_the_cpu: skipped, sm_{}{} has no FP8 tensor cores",
-            g.arch.0, g.arch.1
-        );
+    check_fp8_gemm_kernel("the_tensor_core_fp8_gemm_matches_the_cpu", Fp8GemmKernel::TensorCore);
+}
+
+#[test]
+fn the_wgmma_fp8_gemm_matches_the_cpu() {
+    check_fp8_gemm_kernel("the_wgmma_fp8_gemm_matches_the_cpu", Fp8GemmKernel::Wgmma);
+}
+
+/// A tensor-core FP8 GEMM kernel against the CPU twin where this GPU runs it: whole tiles,
+/// ragged M/N/K edges (K a multiple of 16 but not of 128), 1x128 and 128x128 weight scales, more
+/// K blocks than the wgmma kernel's pipeline stages, and magnitudes spread over the tiles so that
+/// every scale matters.
+fn check_fp8_gemm_kernel(test: &str, kernel: Fp8GemmKernel) {
+    let Some(g) = gpu(test) else { return };
+    if !g.runs_fp8_gemm(kernel, 128) {
+        eprintln!("{test}: skipped, sm_{}{} does not run the {kernel:?} kernel", g.arch.0, g.arch.1);
         return;
     }
-    // Whole tiles, ragged M/N/K edges (K a multiple of 16 but not of 128), 1x128 and 128x128
-    // weight scales, and magnitudes spread over the tiles so that every scale matters.
-    for (m, n, k, b_rows) in [(128, 128, 256, 128), (200, 300, 400, 128), (33, 130, 144, 1), (1, 257, 512, 128)] {
+    let shapes =
+        [(128, 128, 256, 128), (200, 300, 400, 128), (33, 130, 144, 1), (1, 257, 512, 128), (130, 140, 880, 128)];
+    for (m, n, k, b_rows) in shapes {
         let x: Vec<f32> = values(m * k, 31).iter().enumerate().map(|(i, v)| v * (1 + i % 7) as f32).collect();
         let w: Vec<f32> = values(n * k, 32).iter().enumerate().map(|(i, v)| v / (1 + (i / 977) % 5) as f32).collect();
         let a = Fp8Blocks::quantize(&x, m, k, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
         let b = Fp8Blocks::quantize(&w, n, k, (b_rows, 128), Fp8Format::E4M3, ScaleFormat::F32);
-        check_fp8_gemm(&g, &a, &b, Fp8GemmKernel::TensorCore);
+        check_fp8_gemm(&g, &a, &b, kernel);
     }
+}
+
+/// A kernel this GPU cannot run for a shape is an error naming it, not a launch.
+#[test]
+fn an_fp8_gemm_kernel_the_gpu_cannot_run_is_an_error() {
+    let Some(g) = gpu("an_fp8_gemm_kernel_the_gpu_cannot_run_is_an_error") else { return };
+    let a = Fp8Blocks::quantize(&values(2 * 100, 1), 2, 100, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
+    let err = g.fp8_gemm_with(&a, &a, Fp8GemmKernel::Wgmma).unwrap_err().to_string();
+    assert!(err.contains("Wgmma") && err.contains("k = 100"), "{err}");
 }
 
 #[test]

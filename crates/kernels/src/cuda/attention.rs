@@ -9,7 +9,7 @@
 //! with too few blocks to fill the GPU (decode of a few sequences) splits the keys across blocks
 //! and merges the splits' outputs by their logsumexps (flash-decoding).
 
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{cuda, rows_config, Gpu, GpuError, Result, THREADS};
@@ -168,12 +168,7 @@ impl Gpu {
 
     /// Allows `t`'s kernel its shared memory (above the default 48 KB) and returns it.
     fn tiled_function(&self, t: &Tiled) -> Result<&cudarc::driver::CudaFunction> {
-        let f = self.function(t.kernel);
-        // The launch binds the context to this thread; the attribute is set before it.
-        self.ctx.bind_to_thread().map_err(cuda(t.kernel))?;
-        let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        f.set_attribute(attr, t.smem as i32).map_err(cuda(t.kernel))?;
-        Ok(f)
+        self.function_with_shared(t.kernel, t.smem)
     }
 
     /// Attention forward on device buffers into `o` and `lse` (see [`Gpu::attention_forward`]).

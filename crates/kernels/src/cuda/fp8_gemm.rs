@@ -44,11 +44,40 @@ pub struct Fp8View<'a> {
 /// Which kernel multiplies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fp8GemmKernel {
-    /// Tensor cores (`mma.sync` on E4M3, sm_89+), 128 x 128 tiles; needs `k % 16 == 0`.
-    TensorCore,
+    /// Hopper's warpgroup MMA (`wgmma` on E4M3, sm_90 only; kernels/fp8_gemm_wgmma.cu): 128 x 128
+    /// tiles fed by a 4-stage cp.async ring; needs `k % 16 == 0`. Checked in host emulation
+    /// (crates/kernels/tests/emulate.rs) but not yet on a GPU, so it is opt-in
+    /// ([`Gpu::set_fp8_gemm_kernel`]) until a GPU run passes it.
+    Wgmma = 0,
+    /// Tensor cores (`mma.sync` on E4M3, sm_89+), 128 x 128 tiles; needs `k % 16 == 0`. The
+    /// default.
+    TensorCore = 1,
     /// One thread per output on the CUDA cores: the simple reference version.
-    Simple,
+    Simple = 2,
 }
+
+impl Fp8GemmKernel {
+    /// From the fastest kernel to the simplest.
+    const ALL: [Fp8GemmKernel; 3] = [Fp8GemmKernel::Wgmma, Fp8GemmKernel::TensorCore, Fp8GemmKernel::Simple];
+
+    /// Whether a GPU of compute capability `arch` runs this kernel for a product over `k`.
+    pub fn runs_on(self, arch: (u32, u32), k: usize) -> bool {
+        match self {
+            Fp8GemmKernel::Wgmma => arch == (9, 0) && k % 16 == 0,
+            Fp8GemmKernel::TensorCore => arch >= (8, 9) && k % 16 == 0,
+            Fp8GemmKernel::Simple => true,
+        }
+    }
+
+    /// `preferred` where `arch` runs it over `k`, else the next simpler kernel that it runs.
+    pub fn choose(preferred: Fp8GemmKernel, arch: (u32, u32), k: usize) -> Fp8GemmKernel {
+        Self::ALL[preferred as usize..].iter().copied().find(|x| x.runs_on(arch, k)).unwrap_or(Fp8GemmKernel::Simple)
+    }
+}
+
+/// kernels/fp8_gemm_wgmma.cu's WG_SMEM_BYTES: 4 stages of two 16 KB E4M3 tiles and their 1 KB
+/// of scales, and 1 KB of slack to align the first stage to 1024 bytes.
+const WGMMA_SHARED_BYTES: usize = 1024 + 4 * (2 * 128 * 128 + 2 * 128 * 4);
 
 impl Gpu {
     /// Copies an E4M3 operand tiled 128 along K to the GPU.
@@ -68,13 +97,26 @@ impl Gpu {
         })
     }
 
-    /// The fastest kernel this GPU runs for a product over `k`.
+    /// Prefers `kernel` for FP8 GEMMs from now on (where it cannot run, the next simpler one
+    /// that can). The default is [`Fp8GemmKernel::TensorCore`].
+    pub fn set_fp8_gemm_kernel(&self, kernel: Fp8GemmKernel) {
+        self.fp8_gemm.store(kernel as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether this GPU runs `kernel` for a product over `k`.
+    pub fn runs_fp8_gemm(&self, kernel: Fp8GemmKernel, k: usize) -> bool {
+        kernel.runs_on(self.arch, k)
+    }
+
+    /// The kernel a product over `k` runs on: the preferred one, or the next simpler one this
+    /// GPU runs.
     pub fn fp8_gemm_kernel(&self, k: usize) -> Fp8GemmKernel {
-        if self.arch >= (8, 9) && k % 16 == 0 {
-            Fp8GemmKernel::TensorCore
-        } else {
-            Fp8GemmKernel::Simple
-        }
+        let preferred = match self.fp8_gemm.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => Fp8GemmKernel::Wgmma,
+            1 => Fp8GemmKernel::TensorCore,
+            _ => Fp8GemmKernel::Simple,
+        };
+        Fp8GemmKernel::choose(preferred, self.arch, k)
     }
 
     /// `y = a · bᵀ` on device operands into `y` (`[a.rows, b.rows]`).
@@ -99,24 +141,26 @@ impl Gpu {
                 y.len()
             )));
         }
-        if kernel == Fp8GemmKernel::TensorCore && (self.arch < (8, 9) || k % 16 != 0) {
+        if !self.runs_fp8_gemm(kernel, k) {
             return Err(GpuError::Shape(format!(
-                "fp8 gemm: the tensor-core kernel needs sm_89+ and k % 16 == 0 (sm_{}{}, k = {k})",
-                self.arch.0, self.arch.1
+                "fp8 gemm: the {kernel:?} kernel needs {} and k % 16 == 0 (sm_{}{}, k = {k})",
+                if kernel == Fp8GemmKernel::Wgmma { "sm_90" } else { "sm_89+" },
+                self.arch.0,
+                self.arch.1
             )));
         }
         if m == 0 || n == 0 {
             return Ok(());
         }
+        let tiles = ((n as u32).div_ceil(128), (m as u32).div_ceil(128), 1);
         let (name, cfg) = match kernel {
-            Fp8GemmKernel::TensorCore => (
-                "fp8_gemm_mma",
-                LaunchConfig {
-                    grid_dim: ((n as u32).div_ceil(128), (m as u32).div_ceil(128), 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                },
+            Fp8GemmKernel::Wgmma => (
+                "fp8_gemm_wgmma",
+                LaunchConfig { grid_dim: tiles, block_dim: (256, 1, 1), shared_mem_bytes: WGMMA_SHARED_BYTES as u32 },
             ),
+            Fp8GemmKernel::TensorCore => {
+                ("fp8_gemm_mma", LaunchConfig { grid_dim: tiles, block_dim: (256, 1, 1), shared_mem_bytes: 0 })
+            }
             Fp8GemmKernel::Simple => (
                 "fp8_gemm_promoted",
                 LaunchConfig {
@@ -126,13 +170,18 @@ impl Gpu {
                 },
             ),
         };
+        let function = match kernel {
+            Fp8GemmKernel::Wgmma => self.function_with_shared(name, WGMMA_SHARED_BYTES)?,
+            _ => self.function(name),
+        };
         let (ar, br, m32, n32, k32) = (a.block_rows as u32, b.block_rows as u32, m as u32, n as u32, k as u32);
-        let mut l = self.stream.launch_builder(self.function(name));
+        let mut l = self.stream.launch_builder(function);
         l.arg(&a.codes).arg(&a.scales).arg(&ar).arg(&b.codes).arg(&b.scales).arg(&br);
         l.arg(y).arg(&m32).arg(&n32).arg(&k32);
-        // SAFETY: both kernels read only rows < m (n) and columns < k of the operands, whose
-        // scale grids `Fp8Blocks` guarantees, and write y inside [m, n]; the tensor-core kernel's
-        // 16-byte loads need k % 16 == 0, checked above.
+        // SAFETY: every kernel reads only rows < m (n) and columns < k of the operands, whose
+        // scale grids `Fp8Blocks` guarantees, and writes y inside [m, n]; the tensor-core
+        // kernels' 16-byte loads need k % 16 == 0, checked above (runs_fp8_gemm), and the wgmma
+        // kernel its shared memory, allowed by function_with_shared.
         unsafe { l.launch(cfg) }.map_err(cuda(name))?;
         Ok(())
     }
@@ -149,5 +198,30 @@ impl Gpu {
         let mut y = self.zeros::<f32>(a.rows * b.rows)?;
         self.fp8_gemm_dev(&da.view(), &db.view(), &mut y, kernel)?;
         self.download(&y, a.rows * b.rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fp8GemmKernel::{self, Simple, TensorCore, Wgmma};
+
+    #[test]
+    fn a_kernel_falls_back_to_the_next_simpler_one_the_gpu_runs() {
+        let choose = Fp8GemmKernel::choose;
+        // (preferred, compute capability, k) -> chosen
+        let cases = [
+            (Wgmma, (9, 0), 128, Wgmma),
+            (Wgmma, (9, 0), 100, Simple), // 16-byte copies need k % 16 == 0
+            (Wgmma, (8, 9), 128, TensorCore),
+            (Wgmma, (10, 0), 128, TensorCore), // compute_90a PTX loads on sm_90 only
+            (Wgmma, (8, 0), 128, Simple),      // no FP8 tensor cores
+            (TensorCore, (9, 0), 128, TensorCore),
+            (TensorCore, (8, 0), 128, Simple),
+            (Simple, (9, 0), 128, Simple),
+        ];
+        for (preferred, arch, k, want) in cases {
+            assert_eq!(choose(preferred, arch, k), want, "{preferred:?} on sm_{}{} over k = {k}", arch.0, arch.1);
+            assert!(want.runs_on(arch, k));
+        }
     }
 }

@@ -4,12 +4,13 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0x16f33c49899b2659;
+pub const SOURCE_HASH: u64 = 0x70ec95f897edb8ee;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
         name: "adamw",
         kernels: &["adamw_step_f32"],
+        sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/adamw.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/adamw.sm_80.ptx"),
     },
@@ -31,24 +32,28 @@ pub const MODULES: &[PtxModule] = &[
             "attention_backward_dq_f32",
             "attention_backward_dkv_f32",
         ],
+        sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/attention.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/attention.sm_80.ptx"),
     },
     PtxModule {
         name: "dispatch",
         kernels: &["moe_permute_f32", "moe_unpermute_f32", "moe_unpermute_weight_grad_f32"],
+        sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/dispatch.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/dispatch.sm_80.ptx"),
     },
     PtxModule {
         name: "elementwise",
         kernels: &["add_f32", "mul_f32", "swiglu_forward_f32", "swiglu_backward_f32"],
+        sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/elementwise.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/elementwise.sm_80.ptx"),
     },
     PtxModule {
         name: "embedding",
         kernels: &["embedding_forward_f32", "embedding_backward_f32"],
+        sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/embedding.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/embedding.sm_80.ptx"),
     },
@@ -62,14 +67,23 @@ pub const MODULES: &[PtxModule] = &[
             "fp8_transpose_codes",
             "fp8_transpose_scales",
         ],
+        sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/fp8.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/fp8.sm_80.ptx"),
     },
     PtxModule {
         name: "fp8_gemm",
         kernels: &["fp8_gemm_promoted", "fp8_gemm_mma"],
+        sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/fp8_gemm.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/fp8_gemm.sm_80.ptx"),
+    },
+    PtxModule {
+        name: "fp8_gemm_wgmma",
+        kernels: &["fp8_gemm_wgmma"],
+        sm_90a: true,
+        sm_90: include_str!("../../../../kernels/ptx/fp8_gemm_wgmma.sm_90.ptx"),
+        sm_80: include_str!("../../../../kernels/ptx/fp8_gemm_wgmma.sm_80.ptx"),
     },
     PtxModule {
         name: "norm",
@@ -84,18 +98,21 @@ pub const MODULES: &[PtxModule] = &[
             "cross_entropy_forward_f32",
             "cross_entropy_backward_f32",
         ],
+        sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/norm.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/norm.sm_80.ptx"),
     },
     PtxModule {
         name: "rope",
         kernels: &["rope_f32"],
+        sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/rope.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/rope.sm_80.ptx"),
     },
     PtxModule {
         name: "router",
         kernels: &["moe_route_f32"],
+        sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/router.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/router.sm_80.ptx"),
     },
@@ -115,6 +132,7 @@ pub const MODULES: &[PtxModule] = &[
             "logsumexp_mid_f32",
             "sum_mid_f32",
         ],
+        sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/tensor.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/tensor.sm_80.ptx"),
     },

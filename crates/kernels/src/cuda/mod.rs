@@ -39,6 +39,9 @@ use crate::cpu::adamw::AdamWStep;
 pub struct PtxModule {
     pub name: &'static str,
     pub kernels: &'static [&'static str],
+    /// `sm_90` is built for compute_90a (it uses wgmma, `// uses: wgmma` in its source), which
+    /// only an sm_90 device loads; others load `sm_80`, whose kernels trap and are never chosen.
+    pub sm_90a: bool,
     /// For sm_90 (Hopper) and newer.
     pub sm_90: &'static str,
     /// For sm_80 (Ampere) and newer.
@@ -116,6 +119,8 @@ pub struct Gpu {
     /// The attention kernels launched, as `AttentionKernels as u8`; see
     /// [`Gpu::set_attention_kernels`].
     attention: std::sync::atomic::AtomicU8,
+    /// The FP8 GEMM kernel preferred, as `Fp8GemmKernel as u8`; see [`Gpu::set_fp8_gemm_kernel`].
+    fp8_gemm: std::sync::atomic::AtomicU8,
 }
 
 /// The attention kernels a [`Gpu`] launches: one block per query (or key) row ("simple"), or
@@ -158,7 +163,8 @@ impl Gpu {
         let stream = ctx.default_stream();
         let mut functions = HashMap::new();
         for m in manifest::MODULES {
-            let ptx = if major >= 9 { m.sm_90 } else { m.sm_80 };
+            let hopper = if m.sm_90a { (major, minor) == (9, 0) } else { major >= 9 };
+            let ptx = if hopper { m.sm_90 } else { m.sm_80 };
             let module = ctx.load_module(Ptx::from_src(ptx)).map_err(cuda(m.name))?;
             for &k in m.kernels {
                 functions.insert(k, module.load_function(k).map_err(cuda(k))?);
@@ -172,6 +178,7 @@ impl Gpu {
             arch: (major as u32, minor as u32),
             ordinal,
             attention: (AttentionKernels::TiledForward as u8).into(),
+            fp8_gemm: (Fp8GemmKernel::TensorCore as u8).into(),
         })
     }
 
@@ -190,6 +197,16 @@ impl Gpu {
 
     fn function(&self, name: &str) -> &CudaFunction {
         self.functions.get(name).unwrap_or_else(|| panic!("kernel `{name}` is not in the manifest"))
+    }
+
+    /// Kernel `name`, allowed `bytes` of dynamic shared memory (above the default 48 KB).
+    fn function_with_shared(&self, name: &'static str, bytes: usize) -> Result<&CudaFunction> {
+        let f = self.function(name);
+        // The launch binds the context to this thread; the attribute is set before it.
+        self.ctx.bind_to_thread().map_err(cuda(name))?;
+        let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        f.set_attribute(attr, bytes as i32).map_err(cuda(name))?;
+        Ok(f)
     }
 
     fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
