@@ -17,6 +17,7 @@
 // or 4, by 4 + 4 columns in the two halves of the head). The backward is two passes without
 // atomics: dq per query tile (writing D = rowsum(dO * O) too), then dk and dv per key tile.
 // The simple kernels at the end (one block per row) remain for heads wider than the tiled ones.
+#include "shared_memory.cuh"
 #include "common.cuh"
 
 // Keys query i sees: j < i + 1 + kv_len - q_len under bottom-right causal masking (none when that
@@ -44,47 +45,14 @@ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 
 // The dynamic shared memory; the tiled kernels check it holds their layout (a launcher that
 // reserved too little traps instead of corrupting memory).
-__device__ __forceinline__ float* attention_smem() {
-    extern __shared__ float4 attention_smem_words[];
-    return reinterpret_cast<float*>(attention_smem_words);
-}
+__device__ __forceinline__ float* attention_smem() { return reinterpret_cast<float*>(dynamic_shared_memory()); }
 
-__device__ __forceinline__ unsigned dynamic_smem_bytes() {
-#ifdef __CUDA_ARCH__
-    unsigned bytes;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
-    return bytes;
-#else
-    return ~0u;
-#endif
-}
+// Asynchronous global -> shared copies (sm_80+): 16 bytes through L2 only, or 4 bytes.
+__device__ __forceinline__ void copy16_async(float* dst, const float* src) { cp_async_16(smem_address(dst), src); }
+__device__ __forceinline__ void copy4_async(float* dst, const float* src) { cp_async_4(smem_address(dst), src); }
 
-// Asynchronous global -> shared copies (sm_80+): 16 bytes through L2 only, or 4 bytes. The host
-// fallback (a plain copy) lets the file compile as C++.
-__device__ __forceinline__ void copy16_async(float* dst, const float* src) {
-#ifdef __CUDA_ARCH__
-    unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
-#else
-    for (int i = 0; i < 4; ++i) dst[i] = src[i];
-#endif
-}
-
-__device__ __forceinline__ void copy4_async(float* dst, const float* src) {
-#ifdef __CUDA_ARCH__
-    unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
-#else
-    *dst = *src;
-#endif
-}
-
-// Waits for every copy this thread issued (cp.async.wait_all commits them first).
-__device__ __forceinline__ void wait_copies() {
-#ifdef __CUDA_ARCH__
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
-#endif
-}
+// Waits for every copy this thread issued.
+__device__ __forceinline__ void wait_copies() { cp_async_wait_all(); }
 
 __device__ __forceinline__ bool aligned16(const float* p) { return (reinterpret_cast<size_t>(p) & 15) == 0; }
 
@@ -766,7 +734,7 @@ extern "C" __global__ void attention_forward_f32(
     const float* q, const float* k, const float* v, float* o, float* lse,
     unsigned q_heads, unsigned kv_heads, unsigned q_len, unsigned kv_len, unsigned qk, unsigned vd,
     float scale, int causal) {
-    extern __shared__ float shared[];
+    float* shared = attention_smem();
     unsigned row = blockIdx.x; // (b, h, i)
     unsigned i = row % q_len, bh = row / q_len, h = bh % q_heads, b = bh / q_heads;
     unsigned kvh = h / (q_heads / kv_heads);
@@ -806,7 +774,7 @@ extern "C" __global__ void attention_backward_dq_f32(
     float* dq, float* delta,
     unsigned q_heads, unsigned kv_heads, unsigned q_len, unsigned kv_len, unsigned qk, unsigned vd,
     float scale, int causal) {
-    extern __shared__ float shared[];
+    float* shared = attention_smem();
     unsigned row = blockIdx.x; // (b, h, i)
     unsigned i = row % q_len, bh = row / q_len, h = bh % q_heads, b = bh / q_heads;
     unsigned kvh = h / (q_heads / kv_heads);
@@ -852,7 +820,7 @@ extern "C" __global__ void attention_backward_dkv_f32(
     float* dk, float* dv,
     unsigned q_heads, unsigned kv_heads, unsigned q_len, unsigned kv_len, unsigned qk, unsigned vd,
     float scale, int causal) {
-    extern __shared__ float shared[];
+    float* shared = attention_smem();
     unsigned row = blockIdx.x; // (b, kv head, j)
     unsigned j = row % kv_len, bkv = row / kv_len, kvh = bkv % kv_heads, b = bkv / kv_heads;
     unsigned group = q_heads / kv_heads;

@@ -1,43 +1,15 @@
-// Hopper (sm_90a) building blocks: cp.async copies into shared memory, the shared-memory matrix
-// descriptors of the warpgroup MMA (wgmma) and the E4M3 wgmma itself (PTX ISA, "Asynchronous
-// Warpgroup Level Matrix Multiply-Accumulate"). Under WHALE_HOST_EMULATION the same functions
-// come from emulate/sm90_host.h, which runs them on the CPU (crates/kernels/tests/emulate.rs),
-// so a kernel's own indexing can be checked on a machine without a GPU.
+// Hopper (sm_90a) building blocks: the shared-memory matrix descriptors of the warpgroup MMA
+// (wgmma) and the E4M3 wgmma itself (PTX ISA, "Asynchronous Warpgroup Level Matrix
+// Multiply-Accumulate"), beside shared_memory.cuh's cp.async copies that feed it. Under
+// WHALE_HOST_EMULATION the same functions come from emulate/sm90_host.h, which runs them on the
+// CPU (crates/kernels/tests/emulate.rs).
 #pragma once
+
+#include "shared_memory.cuh"
 
 #ifdef WHALE_HOST_EMULATION
 #include "emulate/sm90_host.h"
 #else
-
-// The 32-bit shared-memory address of a generic pointer into shared memory.
-__device__ __forceinline__ unsigned smem_address(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-
-// The block's dynamic shared memory (the launch's shared_mem_bytes).
-__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
-    extern __shared__ __align__(16) unsigned char whale_dynamic_smem[];
-    return whale_dynamic_smem;
-}
-
-// Copies `bytes` (16 or 0) from global memory into 16 bytes of shared memory, zero-filling the
-// rest: an edge tile's missing rows arrive as zeros.
-__device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, unsigned bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-
-// The same for 4 bytes (4 or 0).
-__device__ __forceinline__ void cp_async_4(unsigned dst, const void* src, unsigned bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-// Waits until at most N of this thread's committed copy groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // Orders this thread's writes to shared memory (the generic proxy; cp.async is one) before later
 // reads by the async proxy, which is how wgmma reads its operands.

@@ -33,7 +33,7 @@ bool check(unsigned m, unsigned n, unsigned k, unsigned b_rows, unsigned seed) {
     Operand a = random_operand(m, k, 1, rng), b = random_operand(n, k, b_rows, rng);
     std::vector<float> y(size_t(m) * n, NAN);
     dim3 grid{(n + 127) / 128, (m + 127) / 128, 1};
-    emu::launch(grid, 256, [&] {
+    emu::launch(grid, 256, WG_SMEM_BYTES, [&] {
         fp8_gemm_wgmma(a.codes.data(), a.scales.data(), 1, b.codes.data(), b.scales.data(), b_rows, y.data(), m, n, k);
     });
     unsigned kb = (k + 127) / 128;

@@ -130,7 +130,7 @@ pub struct Gpu {
 pub enum AttentionKernels {
     Simple = 0,
     /// Tiled forward (checked on an H200), simple backward: the default until the tiled backward
-    /// has passed a GPU run (it was checked in emulation only).
+    /// has passed a GPU run (it passes in host emulation: tests/emulate.rs).
     TiledForward = 1,
     Tiled = 2,
 }

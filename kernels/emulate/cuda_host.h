@@ -1,0 +1,232 @@
+// CUDA on the host, for checking a kernel's own logic (indexing, tiling, shared-memory layout,
+// pipelining, edges) on a machine without a GPU: a kernel file compiled as C++ with
+// WHALE_HOST_EMULATION gets these definitions in place of shared_memory.cuh's PTX.
+// - Every CUDA thread of a block is a fiber (ucontext) on one OS thread, run until it waits;
+//   blocks run one after another. Runs are deterministic.
+// - __syncthreads and the warp shuffles are barriers: a fiber waits until every thread of its
+//   block (warp) has arrived. When every unfinished fiber waits and none can go on (threads
+//   waiting at barriers the others never reach) the run stops with an error.
+// - Shared memory is one array; an offset into it is a shared address. It starts filled with a
+//   non-zero pattern, so reading what was never written shows.
+// - cp.async copies land only when their group is waited for, so a kernel that reads a stage
+//   before waiting for it reads stale bytes.
+// What it cannot check is the hardware itself; the GPU tests do that (crates/kernels/tests).
+// Driven by crates/kernels/tests/emulate.rs.
+#pragma once
+
+#include <math.h>
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <vector>
+
+// GCC treats swapcontext like setjmp and warns that locals live across it may be clobbered; a
+// context switch saves and restores every register, so they are not.
+#pragma GCC diagnostic ignored "-Wclobbered"
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__
+#define __restrict__ __restrict
+#define __align__(n) alignas(n)
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+
+namespace emu {
+
+[[noreturn]] inline void fail(const char* what) {
+    std::fprintf(stderr, "emulation: %s\n", what);
+    std::abort();
+}
+
+// A cp.async waiting to land.
+struct Copy {
+    unsigned dst, size, bytes;
+    const void* src;
+};
+
+struct Barrier {
+    unsigned expected = 0, arrived = 0, generation = 0;
+};
+
+struct Thread {
+    ucontext_t context;
+    std::unique_ptr<char[]> stack;
+    dim3 idx;
+    bool done = false;
+    std::vector<Copy> open;                  // issued since the last commit
+    std::deque<std::vector<Copy>> committed; // oldest first
+};
+
+struct Block {
+    dim3 idx, dim, grid;
+    unsigned smem_bytes = 0;
+    std::vector<Thread> threads;
+    Thread* current = nullptr;
+    ucontext_t scheduler;
+    Barrier all;                 // __syncthreads
+    std::vector<Barrier> warps;  // the shuffles'
+    std::vector<float> shuffled; // a value per thread
+    unsigned long progress = 0;  // arrivals and finished threads: a pass without any is a deadlock
+};
+
+inline Block* block = nullptr;
+inline const std::function<void()>* body = nullptr;
+
+constexpr unsigned kSharedBytes = 232448; // an H200's 227 KB per block
+alignas(1024) inline unsigned char shared_window[kSharedBytes];
+// On a GPU the dynamic part need not start 1024-aligned; start it off so kernels must align it.
+constexpr unsigned kDynamicOffset = 16;
+constexpr size_t kStackBytes = 128 * 1024;
+
+inline void yield() { swapcontext(&block->current->context, &block->scheduler); }
+
+inline void wait(Barrier& b) {
+    unsigned generation = b.generation;
+    ++block->progress;
+    if (++b.arrived == b.expected) {
+        b.arrived = 0;
+        ++b.generation;
+        return;
+    }
+    while (b.generation == generation) yield();
+}
+
+inline void run_thread() {
+    (*body)();
+    block->current->done = true;
+    ++block->progress;
+} // returns to uc_link: the scheduler
+
+// Runs `kernel` (a call of the kernel with its arguments) over `grid` blocks of `threads`
+// threads with `smem_bytes` of dynamic shared memory.
+template <class Kernel>
+void launch(dim3 grid, unsigned threads, unsigned smem_bytes, Kernel kernel) {
+    if (smem_bytes + kDynamicOffset > kSharedBytes) fail("launch: more shared memory than a block has");
+    const std::function<void()> f = kernel;
+    body = &f;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                Block b;
+                b.idx = dim3{bx, by, bz};
+                b.dim = dim3{threads, 1, 1};
+                b.grid = grid;
+                b.smem_bytes = smem_bytes;
+                b.all.expected = threads;
+                unsigned warps = (threads + 31) / 32;
+                b.warps.resize(warps);
+                for (unsigned w = 0; w < warps; ++w) b.warps[w].expected = min(32u, threads - 32 * w);
+                b.shuffled.resize(32 * warps);
+                std::memset(shared_window, 0x3b, sizeof shared_window);
+                b.threads.resize(threads);
+                for (unsigned t = 0; t < threads; ++t) {
+                    Thread& th = b.threads[t];
+                    th.idx = dim3{t, 0, 0};
+                    th.stack.reset(new char[kStackBytes]);
+                    getcontext(&th.context);
+                    th.context.uc_stack.ss_sp = th.stack.get();
+                    th.context.uc_stack.ss_size = kStackBytes;
+                    th.context.uc_link = &b.scheduler;
+                    makecontext(&th.context, run_thread, 0);
+                }
+                block = &b;
+                for (bool running = true; running;) {
+                    unsigned long before = b.progress;
+                    running = false;
+                    for (Thread& th : b.threads) {
+                        if (th.done) continue;
+                        b.current = &th;
+                        swapcontext(&b.scheduler, &th.context);
+                        running |= !th.done;
+                    }
+                    if (running && b.progress == before) fail("deadlock: threads wait at barriers the others never reach");
+                }
+                block = nullptr;
+            }
+    body = nullptr;
+}
+
+inline void land(const std::vector<Copy>& group) {
+    for (const Copy& c : group) {
+        std::memset(shared_window + c.dst, 0, c.size);
+        std::memcpy(shared_window + c.dst, c.src, c.bytes);
+    }
+}
+
+inline void cp_async(unsigned dst, const void* src, unsigned size, unsigned bytes) {
+    if (dst % size != 0) fail("cp.async: misaligned shared address");
+    if (reinterpret_cast<unsigned long>(src) % size != 0) fail("cp.async: misaligned global address");
+    if (bytes != 0 && bytes != size) fail("cp.async: partial copy");
+    if (dst < kDynamicOffset || dst + size > kDynamicOffset + block->smem_bytes)
+        fail("cp.async: outside the launch's shared memory");
+    block->current->open.push_back({dst, size, bytes, src});
+}
+
+} // namespace emu
+
+#define threadIdx (emu::block->current->idx)
+#define blockIdx (emu::block->idx)
+#define blockDim (emu::block->dim)
+#define gridDim (emu::block->grid)
+
+inline void __syncthreads() { emu::wait(emu::block->all); }
+[[noreturn]] inline void __trap() { emu::fail("__trap"); }
+
+// The value `v` of lane (this lane ^ lane_mask); every lane of the warp takes part.
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+    if (mask != 0xffffffffu) emu::fail("__shfl_xor_sync: only full warps are emulated");
+    unsigned t = threadIdx.x, warp = t / 32, lane = t % 32, other = lane ^ unsigned(lane_mask);
+    if (other >= emu::block->warps[warp].expected) emu::fail("__shfl_xor_sync: lane past the warp");
+    emu::block->shuffled[t] = v;
+    emu::wait(emu::block->warps[warp]);
+    float r = emu::block->shuffled[32 * warp + other];
+    emu::wait(emu::block->warps[warp]); // everyone has read before anyone writes again
+    return r;
+}
+
+// shared_memory.cuh's functions.
+inline unsigned char* dynamic_shared_memory() { return emu::shared_window + emu::kDynamicOffset; }
+inline unsigned dynamic_smem_bytes() { return emu::block->smem_bytes; }
+inline unsigned smem_address(const void* p) {
+    auto d = static_cast<const unsigned char*>(p) - emu::shared_window;
+    if (d < 0 || d >= long(emu::kSharedBytes)) emu::fail("smem_address: not shared memory");
+    return unsigned(d);
+}
+inline void cp_async_16(unsigned dst, const void* src, unsigned bytes) { emu::cp_async(dst, src, 16, bytes); }
+inline void cp_async_4(unsigned dst, const void* src, unsigned bytes) { emu::cp_async(dst, src, 4, bytes); }
+inline void cp_async_16(unsigned dst, const void* src) { emu::cp_async(dst, src, 16, 16); }
+inline void cp_async_4(unsigned dst, const void* src) { emu::cp_async(dst, src, 4, 4); }
+inline void cp_async_commit() {
+    emu::Thread& t = *emu::block->current;
+    t.committed.push_back(std::move(t.open));
+    t.open.clear();
+}
+template <int N>
+inline void cp_async_wait() {
+    emu::Thread& t = *emu::block->current;
+    for (; t.committed.size() > unsigned(N); t.committed.pop_front()) emu::land(t.committed.front());
+}
+inline void cp_async_wait_all() {
+    cp_async_commit();
+    cp_async_wait<0>();
+}
