@@ -171,23 +171,27 @@ int main() {
     const Shape wide{1, 2, 1, 70, 90, 200, 160, true};        // heads of up to 256
     const Shape decode{2, 16, 1, 1, 300, 576, 512, true};     // MLA decode over the latent cache
 
-    ok &= forward<FwdD128>("d128, causal GQA", attention_forward_d128_f32, gqa, 1, 1);
-    ok &= forward<FwdD128>("d128, causal GQA, split keys", attention_forward_d128_f32, gqa, 2, 2);
-    ok &= forward<FwdD128>("d128, fully masked rows", attention_forward_d128_f32, masked, 1, 3);
-    ok &= forward<FwdD128>("d128, non-causal, scalar copies", attention_forward_d128_f32, noncausal, 3, 4);
-    ok &= forward<FwdQ256V128>("q256/v128, MLA training heads", attention_forward_q256_v128_f32, mla_train, 1, 5);
-    ok &= forward<FwdD256>("d256", attention_forward_d256_f32, wide, 1, 6);
-    ok &= forward<FwdQ576V512>("q576/v512, MLA decode, split keys", attention_forward_q576_v512_f32, decode, 3, 7);
+    for (bool eager : {false, true}) {
+        emu::eager_copies = eager;
+        std::printf("cp.async landing %s:\n", eager ? "when issued" : "when waited for");
+        ok &= forward<FwdD128>("d128, causal GQA", attention_forward_d128_f32, gqa, 1, 1);
+        ok &= forward<FwdD128>("d128, causal GQA, split keys", attention_forward_d128_f32, gqa, 2, 2);
+        ok &= forward<FwdD128>("d128, fully masked rows", attention_forward_d128_f32, masked, 1, 3);
+        ok &= forward<FwdD128>("d128, non-causal, scalar copies", attention_forward_d128_f32, noncausal, 3, 4);
+        ok &= forward<FwdQ256V128>("q256/v128, MLA training heads", attention_forward_q256_v128_f32, mla_train, 1, 5);
+        ok &= forward<FwdD256>("d256", attention_forward_d256_f32, wide, 1, 6);
+        ok &= forward<FwdQ576V512>("q576/v512, MLA decode, split keys", attention_forward_q576_v512_f32, decode, 3, 7);
 
-    ok &= backward<DqD128, DkvD128>("d128, causal GQA", attention_backward_dq_d128_f32,
-                                    attention_backward_dkv_d128_f32, gqa, 11);
-    ok &= backward<DqD128, DkvD128>("d128, fully masked rows", attention_backward_dq_d128_f32,
-                                    attention_backward_dkv_d128_f32, masked, 12);
-    ok &= backward<DqD128, DkvD128>("d128, non-causal, scalar copies", attention_backward_dq_d128_f32,
-                                    attention_backward_dkv_d128_f32, noncausal, 13);
-    ok &= backward<BwdQ256V128, BwdQ256V128>("q256/v128, MLA training heads", attention_backward_dq_q256_v128_f32,
-                                             attention_backward_dkv_q256_v128_f32, mla_train, 14);
-    ok &= backward<BwdD256, BwdD256>("d256", attention_backward_dq_d256_f32, attention_backward_dkv_d256_f32, wide,
-                                     15);
+        ok &= backward<DqD128, DkvD128>("d128, causal GQA", attention_backward_dq_d128_f32,
+                                        attention_backward_dkv_d128_f32, gqa, 11);
+        ok &= backward<DqD128, DkvD128>("d128, fully masked rows", attention_backward_dq_d128_f32,
+                                        attention_backward_dkv_d128_f32, masked, 12);
+        ok &= backward<DqD128, DkvD128>("d128, non-causal, scalar copies", attention_backward_dq_d128_f32,
+                                        attention_backward_dkv_d128_f32, noncausal, 13);
+        ok &= backward<BwdQ256V128, BwdQ256V128>("q256/v128, MLA training heads", attention_backward_dq_q256_v128_f32,
+                                                 attention_backward_dkv_q256_v128_f32, mla_train, 14);
+        ok &= backward<BwdD256, BwdD256>("d256", attention_backward_dq_d256_f32, attention_backward_dkv_d256_f32, wide,
+                                         15);
+    }
     return ok ? 0 : 1;
 }

@@ -8,8 +8,11 @@
 //   waiting at barriers the others never reach) the run stops with an error.
 // - Shared memory is one array; an offset into it is a shared address. It starts filled with a
 //   non-zero pattern, so reading what was never written shows.
-// - cp.async copies land only when their group is waited for, so a kernel that reads a stage
-//   before waiting for it reads stale bytes.
+// - cp.async copies land either when their group is waited for (lazy: a kernel that reads a
+//   stage before waiting for it reads stale bytes) or as soon as they are issued (eager: a
+//   kernel that refills a stage some thread has yet to read, a write-after-read race, corrupts
+//   it, since the fibers run in order). Drivers run every case both ways (emu::eager_copies).
+// - Fences are no-ops: leaving one out is not caught here.
 // What it cannot check is the hardware itself; the GPU tests do that (crates/kernels/tests).
 // Driven by crates/kernels/tests/emulate.rs.
 #pragma once
@@ -90,6 +93,7 @@ struct Block {
 };
 
 inline Block* block = nullptr;
+inline bool eager_copies = false; // see the top of this file
 inline const std::function<void()>* body = nullptr;
 
 constexpr unsigned kSharedBytes = 232448; // an H200's 227 KB per block
@@ -179,7 +183,10 @@ inline void cp_async(unsigned dst, const void* src, unsigned size, unsigned byte
     if (bytes != 0 && bytes != size) fail("cp.async: partial copy");
     if (dst < kDynamicOffset || dst + size > kDynamicOffset + block->smem_bytes)
         fail("cp.async: outside the launch's shared memory");
-    block->current->open.push_back({dst, size, bytes, src});
+    if (eager_copies)
+        land({{dst, size, bytes, src}});
+    else
+        block->current->open.push_back({dst, size, bytes, src});
 }
 
 } // namespace emu

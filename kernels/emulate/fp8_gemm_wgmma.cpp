@@ -72,7 +72,11 @@ int main() {
     const Case cases[] = {{128, 128, 256, 128}, {200, 300, 400, 128}, {33, 130, 144, 1}, {1, 257, 512, 128},
                           {130, 140, 880, 128}};
     bool ok = true;
-    unsigned seed = 1;
-    for (const Case& c : cases) ok &= check(c.m, c.n, c.k, c.b_rows, seed++);
+    for (bool eager : {false, true}) {
+        emu::eager_copies = eager;
+        std::printf("cp.async landing %s:\n", eager ? "when issued" : "when waited for");
+        unsigned seed = 1;
+        for (const Case& c : cases) ok &= check(c.m, c.n, c.k, c.b_rows, seed++);
+    }
     return ok ? 0 : 1;
 }
