@@ -34,11 +34,34 @@ fn the_embedded_ptx_was_built_from_the_current_sources() {
     );
     assert!(!manifest::MODULES.is_empty());
     for m in manifest::MODULES {
-        for (arch, ptx) in [("sm_90", m.sm_90), ("sm_80", m.sm_80)] {
-            assert!(ptx.contains(&format!(".target {arch}")), "{}: {arch} PTX has the wrong target", m.name);
+        let hopper = if m.sm_90a { "sm_90a" } else { "sm_90" };
+        for (arch, ptx) in [(hopper, m.sm_90), ("sm_80", m.sm_80)] {
+            assert!(ptx.contains(&format!(".target {arch}\n")), "{}: {arch} PTX has the wrong target", m.name);
             for k in m.kernels {
                 assert!(ptx.contains(&format!(".entry {k}(")), "{}: {k} is missing from its {arch} PTX", m.name);
             }
+        }
+    }
+}
+
+/// Every kernel of the manifest has a launcher: its name appears in crates/kernels/src/cuda.
+#[test]
+fn every_kernel_has_a_launcher() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cuda");
+    let launchers: String = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rs") && !p.ends_with("manifest.rs"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    for m in manifest::MODULES {
+        for k in m.kernels {
+            assert!(
+                launchers.contains(&format!("\"{k}\"")),
+                "{}: kernel {k} has no launcher in {}",
+                m.name,
+                dir.display()
+            );
         }
     }
 }
