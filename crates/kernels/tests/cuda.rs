@@ -149,16 +149,37 @@ fn check_fp8_gemm(g: &Gpu, a: &Fp8Blocks, b: &Fp8Blocks, kernel: Fp8GemmKernel) 
     let got = g.fp8_gemm_with(a, b, kernel).unwrap();
     let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     assert_eq!(got.len(), want.len());
-    for (i, (x, w)) in got.iter().zip(&want).enumerate() {
-        assert!(
-            (x - w).abs() <= 1e-5 * scale,
-            "fp8 gemm {kernel:?} [{i}] of [{}, {}] x [{}, {}]: GPU {x} vs CPU {w}",
-            a.rows,
-            a.cols,
-            b.rows,
-            b.cols
-        );
+    let n = b.rows;
+    let off = |i: usize| {
+        let d = (got[i] - want[i]).abs();
+        d.is_nan() || d > 1e-5 * scale
+    };
+    let wrong: Vec<usize> = (0..got.len()).filter(|&i| off(i)).collect();
+    if wrong.is_empty() {
+        return;
     }
+    // Which rows and columns are wrong, folded onto the 128 x 128 tile: a layout mistake (a
+    // swizzle, a fragment map) shows as a pattern there, read from a single GPU run.
+    let fold = |f: &dyn Fn(usize) -> usize| {
+        let mut v: Vec<usize> = wrong.iter().map(|&i| f(i) % 128).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let examples: Vec<String> =
+        wrong.iter().take(4).map(|&i| format!("[{}, {}] GPU {} vs CPU {}", i / n, i % n, got[i], want[i])).collect();
+    panic!(
+        "fp8 gemm {kernel:?} of [{}, {}] x [{n}, {}]: {} of {} outputs differ by more than 1e-5 x {scale}; \
+         e.g. {}; rows mod 128: {:?}; columns mod 128: {:?}",
+        a.rows,
+        a.cols,
+        b.cols,
+        wrong.len(),
+        got.len(),
+        examples.join(", "),
+        fold(&|i| i / n),
+        fold(&|i| i % n)
+    );
 }
 
 #[test]
