@@ -17,8 +17,10 @@ for t in $(cd crates/kernels/tests && ls cuda*.rs | sed 's/\.rs$//'); do
 done
 cargo test --release --no-run -p whale-tensor --test cuda_ops --message-format=json > target/gpu-bin-cuda_ops.json
 copy cuda_ops target/gpu-bin-cuda_ops.json
-cargo test --release --no-run -p whale-model --test cuda_model --message-format=json > target/gpu-bin-cuda_model.json
-copy cuda_model target/gpu-bin-cuda_model.json
+for t in cuda_model cuda_opt_in; do
+    cargo test --release --no-run -p whale-model --test "$t" --message-format=json > "target/gpu-bin-$t.json"
+    copy "$t" "target/gpu-bin-$t.json"
+done
 cargo test --release --no-run -p whale-rl --test cuda_rl --message-format=json > target/gpu-bin-cuda_rl.json
 copy cuda_rl target/gpu-bin-cuda_rl.json
 cargo test --release --no-run -p whale-parallel --features cuda --test nccl --message-format=json > target/gpu-bin-nccl.json

@@ -1,10 +1,11 @@
 //! GPU benchmarks (the CUDA issue's figures): cuBLAS bf16 matmul against cuBLAS f32, the block-
-//! scaled FP8 GEMM on the tensor cores against cuBLAS bf16 at the same shapes (4096³ and
+//! scaled FP8 GEMM (mma.sync and wgmma) against cuBLAS bf16 at the same shapes (4096³ and
 //! DeepSeek-V3's projection shapes) and against the simple CUDA-core kernel, training attention
 //! forward and backward, MLA decode over the latent cache, and a device copy as the memory-bandwidth
-//! ceiling, one linear layer's forward and backward in FP8 against f32 on CUDA tensors, and a
+//! ceiling, one linear layer's forward and backward in FP8 against f32 on CUDA tensors, a
 //! training step of the `small` preset on the GPU (f32, bf16, and bf16 with FP8 GEMMs) against
-//! the CPU, and a GRPO step of the `tiny` preset on the GPU against the CPU.
+//! the CPU and on the opt-in kernels (tiled attention backward, wgmma) against the defaults, and
+//! a GRPO step of the `tiny` preset on the GPU against the CPU.
 //! Kernels are timed with CUDA events inside criterion's `iter_custom`, so the clock reads the
 //! GPU's own time for `iters` back-to-back launches; the tensor-level rows, which synchronise
 //! with the host, by wall clock.
@@ -291,6 +292,39 @@ fn linear_layers(c: &mut Criterion, rows: &mut Vec<Row>) {
 /// A training step of the `small` preset (forward, backward, AdamW, balancing) on the GPU in f32,
 /// in bf16, and in bf16 with FP8 GEMMs (DeepSeek-V3's recipe), and on the CPU in f32.
 fn training_step(c: &mut Criterion, rows: &mut Vec<Row>) {
+    let gpu = Device::cuda(0).expect("GPU 0");
+    let runs = [
+        ("gpu", gpu, DType::F32, false),
+        ("gpu_bf16", gpu, DType::BF16, false),
+        ("gpu_fp8", gpu, DType::BF16, true),
+        ("cpu", Device::Cpu, DType::F32, false),
+    ];
+    training_steps(c, rows, &runs, "");
+}
+
+/// The GPU runs of [`training_step`] on the kernels that stay opt-in until a GPU run has passed
+/// them (the tiled attention backward; the wgmma FP8 GEMM on sm_90), each beside the same run on
+/// the default kernels. Last among the groups and guarded, like the wgmma GEMM's.
+fn opt_in_training_step(c: &mut Criterion, rows: &mut Vec<Row>) {
+    let gpu = Device::cuda(0).expect("GPU 0");
+    let g = gpu.gpu().expect("GPU 0's kernels");
+    g.set_attention_kernels(AttentionKernels::Tiled);
+    if g.runs_fp8_gemm(Fp8GemmKernel::Wgmma, 128) {
+        g.set_fp8_gemm_kernel(Fp8GemmKernel::Wgmma);
+    }
+    let runs = [("gpu", gpu, DType::F32, false), ("gpu_fp8", gpu, DType::BF16, true)];
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| training_steps(c, rows, &runs, "_opt_in")));
+    g.set_attention_kernels(AttentionKernels::TiledForward);
+    g.set_fp8_gemm_kernel(Fp8GemmKernel::TensorCore);
+    if let Err(e) = run {
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// A training step of the `small` preset (8 x 128 tokens: forward, backward, AdamW, the
+/// balancing update) for each (name, device, compute dtype, FP8 GEMMs) of `runs`, its rows named
+/// `small_{name}{suffix}`.
+fn training_steps(c: &mut Criterion, rows: &mut Vec<Row>, runs: &[(&str, Device, DType, bool)], suffix: &str) {
     let cfg = DeepSeekV3Config::small();
     let (batch, seq) = (8, 128);
     let mut rng = Rng::new(5);
@@ -300,19 +334,12 @@ fn training_step(c: &mut Criterion, rows: &mut Vec<Row>) {
     };
     let (ids, targets) = (tokens(), tokens());
     let cpu = DeepSeekV3::new(cfg.clone(), 3).expect("model");
-    let gpu = Device::cuda(0).expect("GPU 0");
-    let runs = [
-        ("gpu", gpu, DType::F32, false),
-        ("gpu_bf16", gpu, DType::BF16, false),
-        ("gpu_fp8", gpu, DType::BF16, true),
-        ("cpu", Device::Cpu, DType::F32, false),
-    ];
-    for (name, device, dtype, fp8) in runs {
+    for &(name, device, dtype, fp8) in runs {
         let mut model = cpu.to_device(&device).expect("model on the device");
         model.compute_dtype = dtype;
         model.set_fp8(fp8.then(Fp8Recipe::default));
         let mut opt = AdamW::new(AdamWConfig::default()).expect("AdamW");
-        let r = row("train_step", &format!("small_{name}/{batch}x{seq}"), (batch * seq) as f64, "ktok/s");
+        let r = row("train_step", &format!("small_{name}{suffix}/{batch}x{seq}"), (batch * seq) as f64, "ktok/s");
         bench_wall(c, &r, || {
             let out = model.forward(&ids, Some(&targets)).expect("forward");
             let loss = out.loss.expect("a loss");
@@ -353,7 +380,8 @@ fn grpo_step(c: &mut Criterion, rows: &mut Vec<Row>) {
 
 /// The markdown table of every row with its ratio to the baseline measured in the same run
 /// (cuBLAS bf16 for FP8, cuBLAS f32 for bf16, the simple attention kernels for the tiled ones,
-/// the CPU for the training step) and, for attention and decode, the share of their ceiling.
+/// the CPU for the training step, the default kernels for the opt-in ones) and, for attention and
+/// decode, the share of their ceiling.
 fn table(rows: &[Row]) -> String {
     let mut out = String::from("| benchmark | time | rate | vs baseline |\n| --- | --- | --- | --- |\n");
     for r in rows {
@@ -365,6 +393,9 @@ fn table(rows: &[Row]) -> String {
             ("matmul", Some("cublas_bf16")) => rows.iter().find(|b| b.name == format!("cublas_f32/{shape}")),
             ("train_step" | "grpo_step", Some(k)) if k.ends_with("_gpu") => {
                 rows.iter().find(|b| b.name == r.name.replace("_gpu", "_cpu"))
+            }
+            ("train_step", Some(k)) if k.ends_with("_opt_in") => {
+                rows.iter().find(|b| b.name == r.name.replace("_opt_in", ""))
             }
             ("train_step", Some(k)) if k.ends_with("_gpu_fp8") || k.ends_with("_gpu_bf16") => {
                 rows.iter().find(|b| b.name == r.name.replace("_gpu_fp8", "_gpu").replace("_gpu_bf16", "_gpu"))
@@ -422,11 +453,12 @@ fn main() {
     // a group that fails is reported, and the others (and the table) still come out.
     let mut failed = String::new();
     type Group<'a> = &'a dyn Fn(&mut Criterion, &mut Vec<Row>);
-    let groups: [(&str, Group); 4] = [
+    let groups: [(&str, Group); 5] = [
         ("linear", &linear_layers),
         ("train_step", &training_step),
         ("grpo_step", &grpo_step),
         ("fp8_gemm wgmma", &|c, rows| wgmma_fp8_gemms(c, &g, rows)),
+        ("train_step on the opt-in kernels", &opt_in_training_step),
     ];
     for (name, group) in groups {
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| group(&mut c, &mut rows)));

@@ -5,41 +5,15 @@
 //! each GPU token checked against the CPU's logits for the same prefix. Skipped, saying so,
 //! without a GPU.
 
+mod common;
+
+use common::gpu_training::{gpu, gradients_agree, losses_agree, tokens};
 use whale_model::checkpoint::SaveDType;
 use whale_model::generate::{CacheMode, CausalLm, SamplingConfig};
 use whale_model::testing::assert_greedy_agrees;
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_tensor::fp8::Fp8Recipe;
-use whale_tensor::optim::{AdamW, AdamWConfig};
-use whale_tensor::{DType, Device, Rng, Tensor};
-
-fn tokens(cfg: &DeepSeekV3Config, batch: usize, seq: usize, seed: u64) -> Tensor {
-    let mut rng = Rng::new(seed);
-    let v: Vec<i64> = (0..batch * seq).map(|_| rng.below(cfg.vocab_size as u64) as i64).collect();
-    Tensor::from_vec(v, &[batch, seq], &Device::Cpu).unwrap()
-}
-
-/// GPU 0, or `None` after saying why the test is skipped.
-fn gpu(test: &str) -> Option<Device> {
-    if !Device::cuda_is_available(0) {
-        eprintln!("{test}: skipped, no CUDA driver or GPU on this machine");
-        return None;
-    }
-    Some(Device::cuda(0).unwrap())
-}
-
-/// One training step: loss, backward, AdamW, the balancing-bias update; returns the loss.
-fn step(m: &DeepSeekV3, opt: &mut AdamW, ids: &Tensor, targets: &Tensor) -> f32 {
-    let out = m.forward(ids, Some(targets)).unwrap();
-    let loss = out.loss.unwrap();
-    loss.backward().unwrap();
-    opt.step(&m.params, 1e-3).unwrap();
-    for (_, p) in m.params.iter() {
-        p.zero_grad();
-    }
-    m.update_balancing_biases(&out.expert_load).unwrap();
-    loss.to_scalar().unwrap()
-}
+use whale_tensor::{DType, Device, Rng};
 
 #[test]
 fn tiny_deepseek_v3_trains_the_same_on_a_gpu() {
@@ -49,38 +23,8 @@ fn tiny_deepseek_v3_trains_the_same_on_a_gpu() {
     let gpu = cpu.to_device(&device).unwrap();
     assert!(gpu.params.iter().all(|(_, p)| p.device() == Device::Cuda(0)), "every weight moved");
     let (ids, targets) = (tokens(&cfg, 2, 12, 100), tokens(&cfg, 2, 12, 200));
-    for m in [&cpu, &gpu] {
-        m.forward(&ids, Some(&targets)).unwrap().loss.unwrap().backward().unwrap();
-    }
-    for ((name, c), (_, g)) in cpu.params.iter().zip(gpu.params.iter()) {
-        let (c, g) = match (c.grad(), g.grad()) {
-            (None, None) => continue,
-            (Some(c), Some(g)) => (c.to_vec_f32().unwrap(), g.to_vec_f32().unwrap()),
-            _ => panic!("{name}: a gradient on one device only"),
-        };
-        // Sums run in other orders on the GPU: agreement to f32 rounding of the tensor's scale.
-        let scale = c.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
-        for (i, (a, b)) in g.iter().zip(&c).enumerate() {
-            assert!((a - b).abs() <= 1e-4 * scale, "grad of {name}[{i}]: GPU {a} vs CPU {b} (scale {scale})");
-        }
-    }
-    for m in [&cpu, &gpu] {
-        m.params.iter().for_each(|(_, p)| p.zero_grad());
-    }
+    gradients_agree(&cpu, &gpu, &ids, &targets);
     losses_agree(&cpu, &gpu, 300, 1e-4, "f32");
-}
-
-/// Three training steps of `cpu` and `gpu` (the same model), their losses within `tol` of each
-/// other.
-fn losses_agree(cpu: &DeepSeekV3, gpu: &DeepSeekV3, seed: u64, tol: f32, what: &str) {
-    let cfg = &cpu.config;
-    let (mut opt_cpu, mut opt_gpu) =
-        (AdamW::new(AdamWConfig::default()).unwrap(), AdamW::new(AdamWConfig::default()).unwrap());
-    for s in 0..3 {
-        let (ids, targets) = (tokens(cfg, 2, 12, seed + s), tokens(cfg, 2, 12, seed + 100 + s));
-        let (lc, lg) = (step(cpu, &mut opt_cpu, &ids, &targets), step(gpu, &mut opt_gpu, &ids, &targets));
-        assert!((lc - lg).abs() <= tol * lc.abs(), "{what}, step {s}: loss {lg} on the GPU vs {lc} on the CPU");
-    }
 }
 
 #[test]

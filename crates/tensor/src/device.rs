@@ -35,6 +35,16 @@ impl Device {
         matches!(self, Device::Cuda(_))
     }
 
+    /// The GPU behind a CUDA device, shared by every tensor on it: its kernel choices
+    /// ([`Gpu::set_attention_kernels`], [`Gpu::set_fp8_gemm_kernel`]) apply to all of them. An
+    /// error for the CPU.
+    pub fn gpu(&self) -> Result<Arc<Gpu>> {
+        match self {
+            Device::Cpu => Err(Error::DeviceUnavailable { device: *self, why: "the CPU is not a GPU".into() }),
+            Device::Cuda(i) => gpu(*i),
+        }
+    }
+
     /// Errors unless this device can run ops in this process.
     pub(crate) fn check_available(&self) -> Result<()> {
         match self {
@@ -57,4 +67,15 @@ pub(crate) fn gpu(ordinal: usize) -> Result<Arc<Gpu>> {
     );
     open.insert(ordinal, g.clone());
     Ok(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_has_no_gpu_to_hand_out() {
+        let err = Device::Cpu.gpu().unwrap_err().to_string();
+        assert!(err.contains("not a GPU"), "{err}");
+    }
 }

@@ -1,5 +1,7 @@
 #![allow(dead_code)] // each test binary uses a part of the helpers
-//! Helpers of the HF parity tests.
+//! Helpers of the HF parity tests and (gpu_training) of the GPU model tests.
+
+pub mod gpu_training;
 
 use std::path::{Path, PathBuf};
 
