@@ -308,14 +308,15 @@ fn training_step(c: &mut Criterion, rows: &mut Vec<Row>) {
 fn opt_in_training_step(c: &mut Criterion, rows: &mut Vec<Row>) {
     let gpu = Device::cuda(0).expect("GPU 0");
     let g = gpu.gpu().expect("GPU 0's kernels");
+    let defaults = (g.attention_kernels(), g.preferred_fp8_gemm_kernel());
     g.set_attention_kernels(AttentionKernels::Tiled);
     if g.runs_fp8_gemm(Fp8GemmKernel::Wgmma, 128) {
         g.set_fp8_gemm_kernel(Fp8GemmKernel::Wgmma);
     }
     let runs = [("gpu", gpu, DType::F32, false), ("gpu_fp8", gpu, DType::BF16, true)];
     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| training_steps(c, rows, &runs, "_opt_in")));
-    g.set_attention_kernels(AttentionKernels::TiledForward);
-    g.set_fp8_gemm_kernel(Fp8GemmKernel::TensorCore);
+    g.set_attention_kernels(defaults.0);
+    g.set_fp8_gemm_kernel(defaults.1);
     if let Err(e) = run {
         std::panic::resume_unwind(e);
     }

@@ -108,15 +108,19 @@ impl Gpu {
         kernel.runs_on(self.arch, k)
     }
 
-    /// The kernel a product over `k` runs on: the preferred one, or the next simpler one this
-    /// GPU runs.
-    pub fn fp8_gemm_kernel(&self, k: usize) -> Fp8GemmKernel {
-        let preferred = match self.fp8_gemm.load(std::sync::atomic::Ordering::Relaxed) {
+    /// The kernel preferred for FP8 GEMMs (see [`Gpu::set_fp8_gemm_kernel`]).
+    pub fn preferred_fp8_gemm_kernel(&self) -> Fp8GemmKernel {
+        match self.fp8_gemm.load(std::sync::atomic::Ordering::Relaxed) {
             0 => Fp8GemmKernel::Wgmma,
             1 => Fp8GemmKernel::TensorCore,
             _ => Fp8GemmKernel::Simple,
-        };
-        Fp8GemmKernel::choose(preferred, self.arch, k)
+        }
+    }
+
+    /// The kernel a product over `k` runs on: the preferred one, or the next simpler one this
+    /// GPU runs.
+    pub fn fp8_gemm_kernel(&self, k: usize) -> Fp8GemmKernel {
+        Fp8GemmKernel::choose(self.preferred_fp8_gemm_kernel(), self.arch, k)
     }
 
     /// `y = a · bᵀ` on device operands into `y` (`[a.rows, b.rows]`).
