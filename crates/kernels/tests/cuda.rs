@@ -201,6 +201,8 @@ fn the_wgmma_fp8_gemm_matches_the_cpu() {
 /// every scale matters.
 fn check_fp8_gemm_kernel(test: &str, kernel: Fp8GemmKernel) {
     let Some(g) = gpu(test) else { return };
+    // An sm_90 driver that would not load the compute_90a module is a failure, not a skip.
+    assert!(kernel.runs_on(g.arch, 128) == g.runs_fp8_gemm(kernel, 128), "{test}: {:?}", g.unloaded_modules());
     if !g.runs_fp8_gemm(kernel, 128) {
         eprintln!("{test}: skipped, sm_{}{} does not run the {kernel:?} kernel", g.arch.0, g.arch.1);
         return;

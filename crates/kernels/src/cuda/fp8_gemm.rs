@@ -69,9 +69,9 @@ impl Fp8GemmKernel {
         }
     }
 
-    /// `preferred` where `arch` runs it over `k`, else the next simpler kernel that it runs.
-    pub fn choose(preferred: Fp8GemmKernel, arch: (u32, u32), k: usize) -> Fp8GemmKernel {
-        Self::ALL[preferred as usize..].iter().copied().find(|x| x.runs_on(arch, k)).unwrap_or(Fp8GemmKernel::Simple)
+    /// `preferred` where it `runs`, else the next simpler kernel that does.
+    pub fn choose(preferred: Fp8GemmKernel, runs: impl Fn(Fp8GemmKernel) -> bool) -> Fp8GemmKernel {
+        Self::ALL[preferred as usize..].iter().copied().find(|&x| runs(x)).unwrap_or(Fp8GemmKernel::Simple)
     }
 }
 
@@ -103,9 +103,10 @@ impl Gpu {
         self.fp8_gemm.store(kernel as u8, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether this GPU runs `kernel` for a product over `k`.
+    /// Whether this GPU runs `kernel` for a product over `k` (its architecture, and its driver
+    /// having loaded the kernel).
     pub fn runs_fp8_gemm(&self, kernel: Fp8GemmKernel, k: usize) -> bool {
-        kernel.runs_on(self.arch, k)
+        kernel.runs_on(self.arch, k) && (kernel != Fp8GemmKernel::Wgmma || self.has_kernel("fp8_gemm_wgmma"))
     }
 
     /// The kernel preferred for FP8 GEMMs (see [`Gpu::set_fp8_gemm_kernel`]).
@@ -120,7 +121,7 @@ impl Gpu {
     /// The kernel a product over `k` runs on: the preferred one, or the next simpler one this
     /// GPU runs.
     pub fn fp8_gemm_kernel(&self, k: usize) -> Fp8GemmKernel {
-        Fp8GemmKernel::choose(self.preferred_fp8_gemm_kernel(), self.arch, k)
+        Fp8GemmKernel::choose(self.preferred_fp8_gemm_kernel(), |x| self.runs_fp8_gemm(x, k))
     }
 
     /// `y = a · bᵀ` on device operands into `y` (`[a.rows, b.rows]`).
@@ -211,7 +212,7 @@ mod tests {
 
     #[test]
     fn a_kernel_falls_back_to_the_next_simpler_one_the_gpu_runs() {
-        let choose = Fp8GemmKernel::choose;
+        let choose = |preferred, arch, k| Fp8GemmKernel::choose(preferred, |x: Fp8GemmKernel| x.runs_on(arch, k));
         // (preferred, compute capability, k) -> chosen
         let cases = [
             (Wgmma, (9, 0), 128, Wgmma),

@@ -111,6 +111,9 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     functions: HashMap<&'static str, CudaFunction>,
+    /// Architecture-specific modules the driver would not load, with its reason; see
+    /// [`Gpu::unloaded_modules`].
+    unloaded: Vec<String>,
     blas: OnceLock<cudarc::cublas::CudaBlas>,
     /// Compute capability (major, minor): 9.0 is Hopper.
     pub arch: (u32, u32),
@@ -161,11 +164,21 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal).map_err(cuda("opening the device"))?;
         let (major, minor) = ctx.compute_capability().map_err(cuda("reading the compute capability"))?;
         let stream = ctx.default_stream();
-        let mut functions = HashMap::new();
+        let (mut functions, mut unloaded) = (HashMap::new(), Vec::new());
         for m in manifest::MODULES {
             let hopper = if m.sm_90a { (major, minor) == (9, 0) } else { major >= 9 };
             let ptx = if hopper { m.sm_90 } else { m.sm_80 };
-            let module = ctx.load_module(Ptx::from_src(ptx)).map_err(cuda(m.name))?;
+            let module = match ctx.load_module(Ptx::from_src(ptx)) {
+                Ok(module) => module,
+                // An architecture-specific module only holds kernels that are never the only
+                // choice (the launchers fall back): a driver that will not load it costs those
+                // kernels, not the GPU.
+                Err(e) if m.sm_90a && hopper => {
+                    unloaded.push(format!("{}: {e}", m.name));
+                    continue;
+                }
+                Err(e) => return Err(cuda(m.name)(e)),
+            };
             for &k in m.kernels {
                 functions.insert(k, module.load_function(k).map_err(cuda(k))?);
             }
@@ -174,6 +187,7 @@ impl Gpu {
             ctx,
             stream,
             functions,
+            unloaded,
             blas: OnceLock::new(),
             arch: (major as u32, minor as u32),
             ordinal,
@@ -193,6 +207,17 @@ impl Gpu {
             1 => AttentionKernels::TiledForward,
             _ => AttentionKernels::Tiled,
         }
+    }
+
+    /// The architecture-specific modules (compute_90a) this GPU's driver would not load, each
+    /// with the driver's reason: their kernels are not offered (`runs_fp8_gemm` says no).
+    pub fn unloaded_modules(&self) -> &[String] {
+        &self.unloaded
+    }
+
+    /// Whether kernel `name` was loaded.
+    pub fn has_kernel(&self, name: &str) -> bool {
+        self.functions.contains_key(name)
     }
 
     fn function(&self, name: &str) -> &CudaFunction {
