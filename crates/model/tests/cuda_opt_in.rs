@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::gpu_training::{gpu, gradients_agree, losses_agree, tokens};
+use common::gpu_training::{gpu, gradients_agree, losses_agree, losses_agree_on, tokens};
 use whale_kernels::cuda::{AttentionKernels, Fp8GemmKernel};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_tensor::fp8::Fp8Recipe;
@@ -33,8 +33,10 @@ fn tiny_deepseek_v3_trains_on_the_opt_in_kernels_as_on_the_cpu() {
     gradients_agree(&cpu, &gpu, &ids, &targets);
     losses_agree(&cpu, &gpu, 900, 1e-4, "f32, tiled attention backward");
 
-    // bf16 with FP8 GEMMs: the wgmma kernel for Fprop, Dgrad and Wgrad (bounds as in
-    // tests/cuda_model.rs: a bf16 or E4M3 rounding may land one step apart).
+    // bf16 with FP8 GEMMs: the wgmma kernel for Fprop, Dgrad and, over 2 x 16 tokens (K a
+    // multiple of 16), the dense layers' Wgrad; the experts' Wgrad, over their tokens, falls back
+    // where those are not. Bounds as in tests/cuda_model.rs: a bf16 or E4M3 rounding may land one
+    // step apart.
     if wgmma {
         let mut cpu = DeepSeekV3::new(cfg.clone(), 22).unwrap();
         let mut gpu = cpu.to_device(&device).unwrap();
@@ -42,6 +44,6 @@ fn tiny_deepseek_v3_trains_on_the_opt_in_kernels_as_on_the_cpu() {
             m.compute_dtype = DType::BF16;
             m.set_fp8(Some(Fp8Recipe::F32_ACCUMULATION));
         }
-        losses_agree(&cpu, &gpu, 1000, 1e-2, "fp8 on the wgmma GEMM");
+        losses_agree_on(&cpu, &gpu, (2, 16), 1000, 1e-2, "fp8 on the wgmma GEMM");
     }
 }

@@ -57,14 +57,26 @@ pub fn gradients_agree(cpu: &DeepSeekV3, gpu: &DeepSeekV3, ids: &Tensor, targets
     }
 }
 
-/// Three training steps of `cpu` and `gpu` (the same model), their losses within `tol` of each
-/// other.
+/// Three training steps of `cpu` and `gpu` (the same model) on 2 x 12 tokens, their losses within
+/// `tol` of each other.
 pub fn losses_agree(cpu: &DeepSeekV3, gpu: &DeepSeekV3, seed: u64, tol: f32, what: &str) {
+    losses_agree_on(cpu, gpu, (2, 12), seed, tol, what);
+}
+
+/// [`losses_agree`] on batches of `(batch, seq)` tokens.
+pub fn losses_agree_on(
+    cpu: &DeepSeekV3,
+    gpu: &DeepSeekV3,
+    (batch, seq): (usize, usize),
+    seed: u64,
+    tol: f32,
+    what: &str,
+) {
     let cfg = &cpu.config;
     let (mut opt_cpu, mut opt_gpu) =
         (AdamW::new(AdamWConfig::default()).unwrap(), AdamW::new(AdamWConfig::default()).unwrap());
     for s in 0..3 {
-        let (ids, targets) = (tokens(cfg, 2, 12, seed + s), tokens(cfg, 2, 12, seed + 100 + s));
+        let (ids, targets) = (tokens(cfg, batch, seq, seed + s), tokens(cfg, batch, seq, seed + 100 + s));
         let (lc, lg) = (step(cpu, &mut opt_cpu, &ids, &targets), step(gpu, &mut opt_gpu, &ids, &targets));
         assert!((lc - lg).abs() <= tol * lc.abs(), "{what}, step {s}: loss {lg} on the GPU vs {lc} on the CPU");
     }
