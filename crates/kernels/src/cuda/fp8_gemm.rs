@@ -147,12 +147,13 @@ impl Gpu {
             )));
         }
         if !self.runs_fp8_gemm(kernel, k) {
-            return Err(GpuError::Shape(format!(
-                "fp8 gemm: the {kernel:?} kernel needs {} and k % 16 == 0 (sm_{}{}, k = {k})",
-                if kernel == Fp8GemmKernel::Wgmma { "sm_90" } else { "sm_89+" },
-                self.arch.0,
-                self.arch.1
-            )));
+            let why = if kernel.runs_on(self.arch, k) {
+                format!("did not load: {}", self.unloaded_modules().join("; "))
+            } else {
+                let arch = if kernel == Fp8GemmKernel::Wgmma { "sm_90" } else { "sm_89+" };
+                format!("needs {arch} and k % 16 == 0 (sm_{}{}, k = {k})", self.arch.0, self.arch.1)
+            };
+            return Err(GpuError::Shape(format!("fp8 gemm: the {kernel:?} kernel {why}")));
         }
         if m == 0 || n == 0 {
             return Ok(());
