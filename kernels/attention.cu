@@ -51,9 +51,6 @@ __device__ __forceinline__ float* attention_smem() { return reinterpret_cast<flo
 __device__ __forceinline__ void copy16_async(float* dst, const float* src) { cp_async_16(smem_address(dst), src); }
 __device__ __forceinline__ void copy4_async(float* dst, const float* src) { cp_async_4(smem_address(dst), src); }
 
-// Waits for every copy this thread issued.
-__device__ __forceinline__ void wait_copies() { cp_async_wait_all(); }
-
 __device__ __forceinline__ bool aligned16(const float* p) { return (reinterpret_cast<size_t>(p) & 15) == 0; }
 
 // Copies rows [0, R) x columns [0, C) of a row-major matrix (row stride ld floats, element (0, 0)
@@ -253,7 +250,7 @@ __device__ __forceinline__ void forward_tiled(
     int buf = 0; // stages alternate buffers across tiles too (per_tile may be odd)
     for (unsigned tile = t_begin; tile < t_end; ++tile) {
         for (int u = 0; u < per_tile; ++u, buf ^= 1) {
-            wait_copies();
+            cp_async_wait_all();
             __syncthreads(); // this stage landed for everyone; everyone is done with the other buffer
             if (u + 1 < per_tile) {
                 issue(tile, u + 1, buf ^ 1);
@@ -457,7 +454,7 @@ __device__ __forceinline__ void backward_dq_tiled(
     int buf = 0;
     for (unsigned tile = 0; tile < n_tiles; ++tile) {
         for (int u = 0; u < per_tile; ++u, buf ^= 1) {
-            wait_copies();
+            cp_async_wait_all();
             __syncthreads();
             if (u + 1 < per_tile) {
                 issue(tile, u + 1, buf ^ 1);
@@ -589,7 +586,7 @@ __device__ __forceinline__ void backward_dkv_tiled(
     while (tile < n_tiles) {
         const unsigned next = next_live(tile + 1);
         for (int u = 0; u < per_tile; ++u, buf ^= 1) {
-            wait_copies();
+            cp_async_wait_all();
             __syncthreads();
             if (u + 1 < per_tile) {
                 issue(tile, u + 1, buf ^ 1);

@@ -60,6 +60,15 @@ impl Fp8GemmKernel {
     /// From the fastest kernel to the simplest.
     const ALL: [Fp8GemmKernel; 3] = [Fp8GemmKernel::Wgmma, Fp8GemmKernel::TensorCore, Fp8GemmKernel::Simple];
 
+    /// The kernel's entry point in kernels/fp8_gemm*.cu.
+    pub fn entry(self) -> &'static str {
+        match self {
+            Fp8GemmKernel::Wgmma => "fp8_gemm_wgmma",
+            Fp8GemmKernel::TensorCore => "fp8_gemm_mma",
+            Fp8GemmKernel::Simple => "fp8_gemm_promoted",
+        }
+    }
+
     /// Whether a GPU of compute capability `arch` runs this kernel for a product over `k`.
     pub fn runs_on(self, arch: (u32, u32), k: usize) -> bool {
         match self {
@@ -106,7 +115,7 @@ impl Gpu {
     /// Whether this GPU runs `kernel` for a product over `k` (its architecture, and its driver
     /// having loaded the kernel).
     pub fn runs_fp8_gemm(&self, kernel: Fp8GemmKernel, k: usize) -> bool {
-        kernel.runs_on(self.arch, k) && (kernel != Fp8GemmKernel::Wgmma || self.has_kernel("fp8_gemm_wgmma"))
+        kernel.runs_on(self.arch, k) && self.has_kernel(kernel.entry())
     }
 
     /// The kernel preferred for FP8 GEMMs (see [`Gpu::set_fp8_gemm_kernel`]).
@@ -158,27 +167,24 @@ impl Gpu {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        let name = kernel.entry();
         let tiles = ((n as u32).div_ceil(128), (m as u32).div_ceil(128), 1);
-        let (name, cfg) = match kernel {
+        let (cfg, function) = match kernel {
             Fp8GemmKernel::Wgmma => (
-                "fp8_gemm_wgmma",
                 LaunchConfig { grid_dim: tiles, block_dim: (256, 1, 1), shared_mem_bytes: WGMMA_SHARED_BYTES as u32 },
+                self.function_with_shared(name, WGMMA_SHARED_BYTES)?,
             ),
             Fp8GemmKernel::TensorCore => {
-                ("fp8_gemm_mma", LaunchConfig { grid_dim: tiles, block_dim: (256, 1, 1), shared_mem_bytes: 0 })
+                (LaunchConfig { grid_dim: tiles, block_dim: (256, 1, 1), shared_mem_bytes: 0 }, self.function(name))
             }
             Fp8GemmKernel::Simple => (
-                "fp8_gemm_promoted",
                 LaunchConfig {
                     grid_dim: ((n as u32).div_ceil(16), (m as u32).div_ceil(16), 1),
                     block_dim: (16, 16, 1),
                     shared_mem_bytes: 0,
                 },
+                self.function(name),
             ),
-        };
-        let function = match kernel {
-            Fp8GemmKernel::Wgmma => self.function_with_shared(name, WGMMA_SHARED_BYTES)?,
-            _ => self.function(name),
         };
         let (ar, br, m32, n32, k32) = (a.block_rows as u32, b.block_rows as u32, m as u32, n as u32, k as u32);
         let mut l = self.stream.launch_builder(function);
