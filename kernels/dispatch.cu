@@ -4,6 +4,7 @@
 // and sums use __fmul_rn / __fadd_rn so nvcc cannot contract them into FMAs: bit for bit the CPU
 // twin's arithmetic.
 // CPU twins: whale_kernels::cpu::dispatch::{permute, unpermute, unpermute_weight_grad}.
+#include "shared_memory.cuh"
 
 // out [n_rows, dim] = scale[p] * x[rows[p]] (has_scale == 0: a copy; scale is then a dummy).
 // Grid-stride over the output elements.
@@ -39,10 +40,10 @@ extern "C" __global__ void moe_unpermute_f32(
 // One block per dispatched row: dweight[p] = sum over c of dout[rows[p], c] * y[p, c], the f32
 // products summed in f64 as the CPU twin does (a block reduction: its order differs from the
 // twin's sequential sum, which f64 makes invisible in all but rare last bits). blockDim.x is a
-// power of two; `shared` holds blockDim.x doubles.
+// power of two; the dynamic shared memory holds blockDim.x doubles.
 extern "C" __global__ void moe_unpermute_weight_grad_f32(
     const float* dout, const float* y, const unsigned* rows, float* dweight, unsigned dim) {
-    extern __shared__ double partials[];
+    double* partials = reinterpret_cast<double*>(dynamic_shared_memory());
     unsigned p = blockIdx.x;
     const float* g = dout + (size_t)rows[p] * dim;
     const float* v = y + (size_t)p * dim;

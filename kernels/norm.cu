@@ -2,11 +2,12 @@
 // CPU twins: whale_kernels::cpu::rmsnorm (forward, backward) and cpu::softmax (forward, backward).
 
 #include "common.cuh"
+#include "shared_memory.cuh"
 
 // y = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps), per row; rstd is saved for backward.
 extern "C" __global__ void rmsnorm_forward_f32(
     const float* x, const float* w, float* y, float* rstd, unsigned dim, float eps) {
-    extern __shared__ float shared[];
+    float* shared = reinterpret_cast<float*>(dynamic_shared_memory());
     const float* xr = x + (size_t)blockIdx.x * dim;
     float* yr = y + (size_t)blockIdx.x * dim;
     float ss = 0.0f;
@@ -28,7 +29,7 @@ __device__ inline void row_max_and_exp_sum(const float* xr, unsigned dim, float*
 
 // Softmax of each row, shifted by the row max.
 extern "C" __global__ void softmax_forward_f32(const float* x, float* y, unsigned dim) {
-    extern __shared__ float shared[];
+    float* shared = reinterpret_cast<float*>(dynamic_shared_memory());
     const float* xr = x + (size_t)blockIdx.x * dim;
     float* yr = y + (size_t)blockIdx.x * dim;
     float m, s;
@@ -39,7 +40,7 @@ extern "C" __global__ void softmax_forward_f32(const float* x, float* y, unsigne
 // Log-softmax per row: y = (x - max) - ln(sum exp(x - max)) (CPU twin:
 // cpu::softmax::log_softmax_forward, which subtracts in the same order).
 extern "C" __global__ void log_softmax_forward_f32(const float* x, float* y, unsigned dim) {
-    extern __shared__ float shared[];
+    float* shared = reinterpret_cast<float*>(dynamic_shared_memory());
     const float* xr = x + (size_t)blockIdx.x * dim;
     float* yr = y + (size_t)blockIdx.x * dim;
     float m, s;
@@ -50,7 +51,7 @@ extern "C" __global__ void log_softmax_forward_f32(const float* x, float* y, uns
 
 // Log-softmax backward per row from the output: dx = dy - exp(y) * sum(dy).
 extern "C" __global__ void log_softmax_backward_f32(const float* y, const float* dy, float* dx, unsigned dim) {
-    extern __shared__ float shared[];
+    float* shared = reinterpret_cast<float*>(dynamic_shared_memory());
     size_t base = (size_t)blockIdx.x * dim;
     float s = 0.0f;
     for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) s += dy[base + i];
@@ -61,7 +62,7 @@ extern "C" __global__ void log_softmax_backward_f32(const float* y, const float*
 // RMSNorm input gradient per row: g = w * dy, c = rstd^2 * mean(g * x), dx = rstd * (g - x * c).
 extern "C" __global__ void rmsnorm_backward_input_f32(
     const float* x, const float* w, const float* rstd, const float* dy, float* dx, unsigned dim) {
-    extern __shared__ float shared[];
+    float* shared = reinterpret_cast<float*>(dynamic_shared_memory());
     size_t base = (size_t)blockIdx.x * dim;
     float r = rstd[blockIdx.x];
     float dot = 0.0f;
@@ -85,7 +86,7 @@ extern "C" __global__ void rmsnorm_backward_weight_f32(
 
 // Softmax backward per row: dx = y * (dy - sum(dy * y)).
 extern "C" __global__ void softmax_backward_f32(const float* y, const float* dy, float* dx, unsigned dim) {
-    extern __shared__ float shared[];
+    float* shared = reinterpret_cast<float*>(dynamic_shared_memory());
     size_t base = (size_t)blockIdx.x * dim;
     float s = 0.0f;
     for (unsigned i = threadIdx.x; i < dim; i += blockDim.x) s += dy[base + i] * y[base + i];
@@ -97,7 +98,7 @@ extern "C" __global__ void softmax_backward_f32(const float* y, const float* dy,
 // ln(sum exp(x - max)), lse saved; rows whose target is `ignore` get loss 0.
 extern "C" __global__ void cross_entropy_forward_f32(
     const float* logits, const long long* targets, long long ignore, float* loss, float* lse, unsigned vocab) {
-    extern __shared__ float shared[];
+    float* shared = reinterpret_cast<float*>(dynamic_shared_memory());
     const float* x = logits + (size_t)blockIdx.x * vocab;
     float m = -INFINITY;
     for (unsigned i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, x[i]);

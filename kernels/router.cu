@@ -5,6 +5,7 @@
 // logits [T, E], bias [E] (read only when has_bias) -> ids [T, K], weights [T, K], scores [T, E].
 // CPU twin: whale_kernels::cpu::router::route.
 #include "common.cuh"
+#include "shared_memory.cuh"
 
 #define NONE 0xffffffffu
 
@@ -21,7 +22,7 @@ extern "C" __global__ void moe_route_f32(
     const float* logits, const float* bias, int has_bias, unsigned* ids, float* weights, float* scores,
     unsigned n_experts, unsigned n_group, unsigned topk_group, unsigned top_k, int sigmoid, int norm_topk_prob,
     float routed_scaling_factor) {
-    extern __shared__ float shared[];
+    float* shared = reinterpret_cast<float*>(dynamic_shared_memory());
     unsigned E = n_experts, t = blockIdx.x;
     float* s = shared;
     float* choice = s + E;
@@ -32,15 +33,16 @@ extern "C" __global__ void moe_route_f32(
     unsigned* kept = (unsigned*)(group_score + n_group);
     const float* lr = logits + (size_t)t * E;
 
-    // Affinities. The sigmoid is the CPU's overflow-free form; softmax subtracts the row max.
+    // Affinities. The sigmoid is the CPU's overflow-free form (its 1 + e rounded on its own, as
+    // the CPU's is: nvcc may not fuse it into expf's last multiply); softmax subtracts the row max.
     if (sigmoid) {
         for (unsigned e = threadIdx.x; e < E; e += blockDim.x) {
             float x = lr[e];
             if (x >= 0.0f) {
-                s[e] = 1.0f / (1.0f + expf(-x));
+                s[e] = 1.0f / __fadd_rn(1.0f, expf(-x));
             } else {
                 float z = expf(x);
-                s[e] = z / (1.0f + z);
+                s[e] = z / __fadd_rn(1.0f, z);
             }
         }
     } else {

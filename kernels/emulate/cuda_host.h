@@ -6,15 +6,22 @@
 // - __syncthreads and the warp shuffles are barriers: a fiber waits until every thread of its
 //   block (warp) has arrived. When every unfinished fiber waits and none can go on (threads
 //   waiting at barriers the others never reach) the run stops with an error.
-// - Shared memory is one array; an offset into it is a shared address. It starts filled with a
-//   non-zero pattern, so reading what was never written shows.
+// - Dynamic shared memory is one array; an offset into it is a shared address. It starts each
+//   block filled with a non-zero pattern, so reading what was never written shows. A static
+//   `__shared__` array is a function-local `static`: one per kernel, which every thread of the
+//   running block sees (blocks run one at a time); it is not refilled between blocks.
 // - cp.async copies land either when their group is waited for (lazy: a kernel that reads a
 //   stage before waiting for it reads stale bytes) or as soon as they are issued (eager: a
 //   kernel that refills a stage some thread has yet to read, a write-after-read race, corrupts
 //   it, since the fibers run in order). Drivers run every case both ways (emu::eager_copies).
 // - Fences are no-ops: leaving one out is not caught here.
+// - A failure (deadlock, misaligned copy, __trap) ends the launch with a std::runtime_error
+//   thrown from emu::launch, on the caller's stack.
+// - Arithmetic is the host's: with -ffp-contract=off, __fmul_rn / __fadd_rn and plain operators
+//   round as the GPU's do; expf, logf, tanhf and powf may differ from CUDA's in the last bits.
 // What it cannot check is the hardware itself; the GPU tests do that (crates/kernels/tests).
-// Driven by crates/kernels/tests/emulate.rs.
+// Driven by crates/kernels/tests/emulate.rs: standalone drivers (emulate/*.cpp) and every module
+// through emulate/launch.h.
 #pragma once
 
 #include <math.h>
@@ -26,6 +33,8 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 // GCC treats swapcontext like setjmp and warns that locals live across it may be clobbered; a
@@ -36,7 +45,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__
+#define __shared__ static
 #define __restrict__ __restrict
 #define __align__(n) alignas(n)
 
@@ -56,10 +65,7 @@ inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 
 namespace emu {
 
-[[noreturn]] inline void fail(const char* what) {
-    std::fprintf(stderr, "emulation: %s\n", what);
-    std::abort();
-}
+[[noreturn]] inline void fail(const char* what);
 
 // A cp.async waiting to land.
 struct Copy {
@@ -73,8 +79,8 @@ struct Barrier {
 
 struct Thread {
     ucontext_t context;
-    std::unique_ptr<char[]> stack;
     dim3 idx;
+    unsigned linear = 0; // x + y * blockDim.x + z * blockDim.x * blockDim.y: warps are runs of 32
     bool done = false;
     std::vector<Copy> open;                  // issued since the last commit
     std::deque<std::vector<Copy>> committed; // oldest first
@@ -90,6 +96,7 @@ struct Block {
     std::vector<Barrier> warps;  // the shuffles'
     std::vector<float> shuffled; // a value per thread
     unsigned long progress = 0;  // arrivals and finished threads: a pass without any is a deadlock
+    std::string failure;         // set by a fiber that failed, which then never runs again
 };
 
 inline Block* block = nullptr;
@@ -101,6 +108,18 @@ alignas(1024) inline unsigned char shared_window[kSharedBytes];
 // On a GPU the dynamic part need not start 1024-aligned; start it off so kernels must align it.
 constexpr unsigned kDynamicOffset = 16;
 constexpr size_t kStackBytes = 128 * 1024;
+
+// Fiber stacks, kept from block to block.
+inline std::vector<std::unique_ptr<char[]>> stacks;
+
+[[noreturn]] inline void fail(const char* what) {
+    if (block && block->current) { // a fiber: hand the failure to the scheduler, never to resume
+        block->failure = what;
+        swapcontext(&block->current->context, &block->scheduler);
+        std::abort(); // unreachable: a failed block is not resumed
+    }
+    throw std::runtime_error(std::string("emulation: ") + what);
+}
 
 inline void yield() { swapcontext(&block->current->context, &block->scheduler); }
 
@@ -124,31 +143,41 @@ inline void run_thread() {
 // Runs `kernel` (a call of the kernel with its arguments) over `grid` blocks of `threads`
 // threads with `smem_bytes` of dynamic shared memory.
 template <class Kernel>
-void launch(dim3 grid, unsigned threads, unsigned smem_bytes, Kernel kernel) {
+void launch(dim3 grid, dim3 threads, unsigned smem_bytes, Kernel kernel) {
     if (smem_bytes + kDynamicOffset > kSharedBytes) fail("launch: more shared memory than a block has");
+    unsigned n = threads.x * threads.y * threads.z;
+    if (n == 0 || n > 1024) fail("launch: a block of 0 or more than 1024 threads");
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("launch: an empty grid");
     const std::function<void()> f = kernel;
     body = &f;
+    while (stacks.size() < n) stacks.emplace_back(new char[kStackBytes]);
+    struct Reset {
+        ~Reset() {
+            block = nullptr;
+            body = nullptr;
+        }
+    } reset;
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
                 Block b;
                 b.idx = dim3{bx, by, bz};
-                b.dim = dim3{threads, 1, 1};
+                b.dim = threads;
                 b.grid = grid;
                 b.smem_bytes = smem_bytes;
-                b.all.expected = threads;
-                unsigned warps = (threads + 31) / 32;
+                b.all.expected = n;
+                unsigned warps = (n + 31) / 32;
                 b.warps.resize(warps);
-                for (unsigned w = 0; w < warps; ++w) b.warps[w].expected = min(32u, threads - 32 * w);
+                for (unsigned w = 0; w < warps; ++w) b.warps[w].expected = min(32u, n - 32 * w);
                 b.shuffled.resize(32 * warps);
                 std::memset(shared_window, 0x3b, sizeof shared_window);
-                b.threads.resize(threads);
-                for (unsigned t = 0; t < threads; ++t) {
+                b.threads.resize(n);
+                for (unsigned t = 0; t < n; ++t) {
                     Thread& th = b.threads[t];
-                    th.idx = dim3{t, 0, 0};
-                    th.stack.reset(new char[kStackBytes]);
+                    th.idx = dim3{t % threads.x, t / threads.x % threads.y, t / (threads.x * threads.y)};
+                    th.linear = t;
                     getcontext(&th.context);
-                    th.context.uc_stack.ss_sp = th.stack.get();
+                    th.context.uc_stack.ss_sp = stacks[t].get();
                     th.context.uc_stack.ss_size = kStackBytes;
                     th.context.uc_link = &b.scheduler;
                     makecontext(&th.context, run_thread, 0);
@@ -161,13 +190,18 @@ void launch(dim3 grid, unsigned threads, unsigned smem_bytes, Kernel kernel) {
                         if (th.done) continue;
                         b.current = &th;
                         swapcontext(&b.scheduler, &th.context);
+                        b.current = nullptr;
+                        if (!b.failure.empty()) fail(b.failure.c_str());
                         running |= !th.done;
                     }
                     if (running && b.progress == before) fail("deadlock: threads wait at barriers the others never reach");
                 }
-                block = nullptr;
             }
-    body = nullptr;
+}
+
+template <class Kernel>
+void launch(dim3 grid, unsigned threads, unsigned smem_bytes, Kernel kernel) {
+    launch(grid, dim3{threads, 1, 1}, smem_bytes, kernel);
 }
 
 inline void land(const std::vector<Copy>& group) {
@@ -199,10 +233,21 @@ inline void cp_async(unsigned dst, const void* src, unsigned size, unsigned byte
 inline void __syncthreads() { emu::wait(emu::block->all); }
 [[noreturn]] inline void __trap() { emu::fail("__trap"); }
 
+// Fibers never run at the same time, so a plain add is atomic.
+inline float atomicAdd(float* p, float v) {
+    float old = *p;
+    *p = old + v;
+    return old;
+}
+
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+
 // The value `v` of lane (this lane ^ lane_mask); every lane of the warp takes part.
 inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
     if (mask != 0xffffffffu) emu::fail("__shfl_xor_sync: only full warps are emulated");
-    unsigned t = threadIdx.x, warp = t / 32, lane = t % 32, other = lane ^ unsigned(lane_mask);
+    unsigned t = emu::block->current->linear, warp = t / 32, lane = t % 32, other = lane ^ unsigned(lane_mask);
     if (other >= emu::block->warps[warp].expected) emu::fail("__shfl_xor_sync: lane past the warp");
     emu::block->shuffled[t] = v;
     emu::wait(emu::block->warps[warp]);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, assert_lse, gpu, values};
+use common::{assert_close, assert_lse, emulator, gpu, values, Kernels};
 use std::path::Path;
 
 use half::bf16;
@@ -116,30 +116,43 @@ fn adamw_matches_the_cpu() {
 #[test]
 fn fp8_kernels_match_the_cpu() {
     let Some(g) = gpu("fp8_kernels_match_the_cpu") else { return };
-    // Ragged: 130 rows (two weight blocks), K = 300 (three tiles, one partial).
-    let (m, n, k) = (33, 130, 300);
-    let x: Vec<f32> = values(m * k, 9).iter().enumerate().map(|(i, v)| v * (1 + i % 5) as f32).collect();
-    let cpu = Fp8Blocks::quantize(&x, m, k, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
-    let gpu_q = g.fp8_quantize_1x128(&x, m, k).unwrap();
-    assert_eq!(gpu_q.scales, cpu.scales, "tile scales");
-    assert_eq!(gpu_q.codes, cpu.codes, "E4M3 codes (CUDA's converter against ours)");
-    let w = values(n * k, 10);
-    let wq = Fp8Blocks::quantize(&w, n, k, (128, 128), Fp8Format::E4M3, ScaleFormat::F32);
+    let (cpu, wq) = fp8_kernels(&g);
     check_fp8_gemm(&g, &cpu, &wq, Fp8GemmKernel::Simple);
+}
+
+#[test]
+fn fp8_kernels_match_the_cpu_in_emulation() {
+    let Some(e) = emulator("fp8_kernels_match_the_cpu_in_emulation") else { return };
+    fp8_kernels(e);
+}
+
+/// The activation quantisation (straight and transposed) and the weight transpose against the
+/// CPU twins; returns the CPU's quantized activations and weight for the GEMM check.
+fn fp8_kernels(k: &impl Kernels) -> (Fp8Blocks, Fp8Blocks) {
+    // Ragged: 130 rows (two weight blocks), K = 300 (three tiles, one partial).
+    let (m, n, kk) = (33, 130, 300);
+    let x: Vec<f32> = values(m * kk, 9).iter().enumerate().map(|(i, v)| v * (1 + i % 5) as f32).collect();
+    let cpu = Fp8Blocks::quantize(&x, m, kk, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
+    let got = k.fp8_quantize_1x128(&x, m, kk).unwrap();
+    assert_eq!(got.scales, cpu.scales, "tile scales");
+    assert_eq!(got.codes, cpu.codes, "E4M3 codes (CUDA's converter against ours)");
+    let w = values(n * kk, 10);
+    let wq = Fp8Blocks::quantize(&w, n, kk, (128, 128), Fp8Format::E4M3, ScaleFormat::F32);
     // Wgrad's operands: a transpose tiled 1x128 along the tokens, quantized without forming it
     // (short and tall: partial tiles along both edges).
-    for (rows, cols, v) in [(m, k, x.clone()), (300, 40, values(300 * 40, 11))] {
+    for (rows, cols, v) in [(m, kk, x.clone()), (300, 40, values(300 * 40, 11))] {
         let want =
             Fp8Blocks::quantize(&transpose(&v, rows, cols), cols, rows, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
-        let got = g.fp8_quantize_transposed(&v, rows, cols).unwrap();
+        let got = k.fp8_quantize_transposed(&v, rows, cols).unwrap();
         assert_eq!(
             (got.codes, got.scales),
             (want.codes, want.scales),
             "[{rows}, {cols}] transposed 1x128 quantisation"
         );
     }
-    let (gt, ct) = (g.fp8_transpose(&wq).unwrap(), wq.transpose());
+    let (gt, ct) = (k.fp8_transpose(&wq).unwrap(), wq.transpose());
     assert_eq!((gt.codes, gt.scales, gt.rows, gt.cols), (ct.codes, ct.scales, ct.rows, ct.cols), "weight transpose");
+    (cpu, wq)
 }
 
 /// Both FP8 GEMM kernels against the CPU twin: the block partial sums run in another order than
@@ -316,6 +329,16 @@ fn embedding_matches_the_cpu() {
 #[test]
 fn bf16_storage_rounds_as_the_cpu() {
     let Some(g) = gpu("bf16_storage_rounds_as_the_cpu") else { return };
+    bf16_storage(&g);
+}
+
+#[test]
+fn bf16_storage_rounds_as_the_cpu_in_emulation() {
+    let Some(e) = emulator("bf16_storage_rounds_as_the_cpu_in_emulation") else { return };
+    bf16_storage(e);
+}
+
+fn bf16_storage(k: &impl Kernels) {
     // Ties (the low 16 bits exactly 0x8000) both ways, subnormals, the overflow edge, infinities.
     let mut x: Vec<f32> =
         [0x3f80_8000u32, 0x3f81_8000, 0xbf80_8000, 0x0000_8000, 0x0001_7fff, 0x7f7f_ffff, 0x7f80_0000]
@@ -324,7 +347,7 @@ fn bf16_storage_rounds_as_the_cpu() {
             .collect();
     x.extend(values(10_000, 70).iter().map(|v| v * 1e3));
     x.extend((0..10_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761) & 0x7f7f_ffff)));
-    let (bits, back) = g.round_trip_bf16(&x).unwrap();
+    let (bits, back) = k.round_trip_bf16(&x).unwrap();
     for (i, (&v, (&b, &w))) in x.iter().zip(bits.iter().zip(&back)).enumerate() {
         assert_eq!(b.to_bits(), bf16::from_f32(v).to_bits(), "[{i}] {v:e}: bits");
         assert_eq!(w, b.to_f32(), "[{i}] {v:e}: widened");
@@ -334,11 +357,27 @@ fn bf16_storage_rounds_as_the_cpu() {
 #[test]
 fn token_dispatch_matches_the_cpu_bit_for_bit() {
     let Some(g) = gpu("token_dispatch_matches_the_cpu_bit_for_bit") else { return };
-    // 300 tokens, top-6 of 64 experts (a few tokens with fewer: as expert parallelism leaves
-    // them), 7168 wide as in DeepSeek-V3.
-    let (tokens, experts, k, dim) = (300, 64, 6, 7168);
+    // 7168 wide as in DeepSeek-V3.
+    let dim = 7168;
+    let plan = token_dispatch(&g, dim);
+    let x = values(plan.n_tokens() * dim, 60);
+    assert!(g.moe_permute(&x[dim..], dim, &plan, None).is_err(), "too few tokens is an error");
+}
+
+#[test]
+fn token_dispatch_matches_the_cpu_bit_for_bit_in_emulation() {
+    let Some(e) = emulator("token_dispatch_matches_the_cpu_bit_for_bit_in_emulation") else { return };
+    // Narrower than DeepSeek-V3 (the emulation runs a fiber per thread), and not a multiple of
+    // the combine's block.
+    token_dispatch(e, 200);
+}
+
+/// 300 tokens, top-6 of 64 experts (a few tokens with fewer: as expert parallelism leaves them),
+/// rows of `dim`: permute, combine and the combine's weight gradient against the CPU twins.
+fn token_dispatch(k: &impl Kernels, dim: usize) -> DispatchPlan {
+    let (tokens, experts, top_k) = (300, 64, 6);
     let assignments: Vec<(usize, usize)> = (0..tokens)
-        .flat_map(|t| (0..if t % 17 == 0 { 2 } else { k }).map(move |j| (t, (t * 13 + j * 11) % experts)))
+        .flat_map(|t| (0..if t % 17 == 0 { 2 } else { top_k }).map(move |j| (t, (t * 13 + j * 11) % experts)))
         .collect();
     let plan = DispatchPlan::new(&assignments, tokens, experts).unwrap();
     let lists = (&plan.token_offsets[..], &plan.token_rows[..]);
@@ -346,22 +385,22 @@ fn token_dispatch_matches_the_cpu_bit_for_bit() {
     let (scale, weight) = (values(plan.len(), 61), values(plan.len(), 62));
     let mut want = vec![0.0; plan.len() * dim];
     permute(&x, dim, &plan.rows, None, &mut want);
-    assert_eq!(g.moe_permute(&x, dim, &plan, None).unwrap(), want, "permute");
+    assert_eq!(k.moe_permute(&x, dim, &plan, None).unwrap(), want, "permute");
     permute(&x, dim, &plan.rows, Some(&scale), &mut want);
-    assert_eq!(g.moe_permute(&x, dim, &plan, Some(&scale)).unwrap(), want, "scaled permute");
+    assert_eq!(k.moe_permute(&x, dim, &plan, Some(&scale)).unwrap(), want, "scaled permute");
     let y = values(plan.len() * dim, 63);
     let mut combined = vec![0.0; tokens * dim];
     unpermute(&y, dim, Some(&weight), lists, &mut combined);
-    assert_eq!(g.moe_unpermute(&y, dim, &plan, Some(&weight)).unwrap(), combined, "weighted combine");
+    assert_eq!(k.moe_unpermute(&y, dim, &plan, Some(&weight)).unwrap(), combined, "weighted combine");
     unpermute(&y, dim, None, lists, &mut combined);
-    assert_eq!(g.moe_unpermute(&y, dim, &plan, None).unwrap(), combined, "plain combine");
+    assert_eq!(k.moe_unpermute(&y, dim, &plan, None).unwrap(), combined, "plain combine");
     let dout = values(tokens * dim, 64);
     let mut dw = vec![0.0; plan.len()];
     unpermute_weight_grad(&dout, &y, dim, &plan.rows, &mut dw);
     // Both sum the f32 products in f64, in other orders: the bound is relative to the sum of
-    // |products| (about 7e3 here), not to the possibly tiny result; f64 keeps the difference
-    // far below it (the final rounding to f32 aside, about 1e-16 of it).
-    let got = g.moe_unpermute_weight_grad(&dout, &y, dim, &plan).unwrap();
+    // |products| (about 7e3 at 7168 wide), not to the possibly tiny result; f64 keeps the
+    // difference far below it (the final rounding to f32 aside, about 1e-16 of it).
+    let got = k.moe_unpermute_weight_grad(&dout, &y, dim, &plan).unwrap();
     for (p, (&a, &b)) in got.iter().zip(&dw).enumerate() {
         let t = plan.rows[p] as usize;
         let magnitude: f32 = (0..dim).map(|c| (dout[t * dim + c] * y[p * dim + c]).abs()).sum();
@@ -370,7 +409,7 @@ fn token_dispatch_matches_the_cpu_bit_for_bit() {
             "weight grad [{p}]: GPU {a} vs CPU {b} (sum of |products| {magnitude})"
         );
     }
-    assert!(g.moe_permute(&x[dim..], dim, &plan, None).is_err(), "too few tokens is an error");
+    plan
 }
 
 #[test]

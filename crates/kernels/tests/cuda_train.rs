@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, assert_lse, gpu, values};
+use common::{assert_close, assert_lse, emulator, gpu, values, Kernels};
 use whale_kernels::cpu::attention::{attention_backward, attention_forward, AttnShape};
 use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
 use whale_kernels::cpu::router::{combine_weights, route, select_experts, RouterConfig};
@@ -135,6 +135,17 @@ fn attention_backward_matches_the_cpu() {
 #[test]
 fn fp8_weight_blocks_and_dequantisation_match_the_cpu() {
     let Some(g) = gpu("fp8_weight_blocks_and_dequantisation_match_the_cpu") else { return };
+    fp8_weight_blocks(&g);
+    assert!(g.fp8_quantize_128x128(&[0.0; 10], 3, 4).is_err(), "a buffer that is not [rows, cols] is an error");
+}
+
+#[test]
+fn fp8_weight_blocks_and_dequantisation_match_the_cpu_in_emulation() {
+    let Some(e) = emulator("fp8_weight_blocks_and_dequantisation_match_the_cpu_in_emulation") else { return };
+    fp8_weight_blocks(e);
+}
+
+fn fp8_weight_blocks(k: &impl Kernels) {
     for (seed, (rows, cols)) in [(200, 300), (128, 128), (257, 129), (3, 5)].into_iter().enumerate() {
         // Magnitudes that change from block to block, so one shared scale would be wrong, and an
         // all-zero block (if the shape has a second block column) for the 1e-4 clamp.
@@ -149,7 +160,7 @@ fn fp8_weight_blocks_and_dequantisation_match_the_cpu() {
             }
         }
         let cpu = Fp8Blocks::quantize(&x, rows, cols, (128, 128), Fp8Format::E4M3, ScaleFormat::F32);
-        let got = g.fp8_quantize_128x128(&x, rows, cols).unwrap();
+        let got = k.fp8_quantize_128x128(&x, rows, cols).unwrap();
         assert_eq!(bits(&got.scales), bits(&cpu.scales), "[{rows}, {cols}] block scales");
         assert_eq!(got.codes, cpu.codes, "[{rows}, {cols}] E4M3 codes (CUDA's converter against ours)");
         assert_eq!((got.rows, got.cols, got.block, got.format), (rows, cols, (128, 128), Fp8Format::E4M3));
@@ -159,11 +170,10 @@ fn fp8_weight_blocks_and_dequantisation_match_the_cpu() {
             for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
                 for sf in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
                     let q = Fp8Blocks::quantize(&x, rows, cols, block, fmt, sf);
-                    let back = g.fp8_dequantize(&q).unwrap();
+                    let back = k.fp8_dequantize(&q).unwrap();
                     assert_eq!(bits(&back), bits(&q.dequantize()), "[{rows}, {cols}] {block:?} {fmt:?} {sf:?}");
                 }
             }
         }
     }
-    assert!(g.fp8_quantize_128x128(&[0.0; 10], 3, 4).is_err(), "a buffer that is not [rows, cols] is an error");
 }

@@ -5,9 +5,17 @@
 //! runs the kernel and compares it with the result computed directly in double. This checks a
 //! kernel's own logic (indexing, tiling, swizzles, pipelining, edges) on machines without a GPU;
 //! the hardware is the GPU tests' to check (tests/cuda.rs, tests/cuda_train.rs).
+//!
+//! The GPU tests' own bodies run in emulation too, against the CPU twins: the `*_in_emulation`
+//! tests of tests/cuda.rs and tests/cuda_train.rs launch every module's kernels by name through
+//! tests/common/emulator.rs.
+
+mod common;
 
 use std::path::Path;
 use std::process::Command;
+
+use common::emulator::gxx_flags;
 
 #[test]
 fn the_wgmma_fp8_gemm_in_host_emulation_matches_the_block_scaled_product() {
@@ -28,10 +36,7 @@ fn emulate(test: &str, driver: &str) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../kernels/emulate/{driver}.cpp"));
     let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("emulate-{driver}"));
     let build = Command::new("g++")
-        .args(["-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas"])
-        // Kernels read shared memory as float4 and float alike, as CUDA code does.
-        .arg("-fno-strict-aliasing")
-        .arg("-DWHALE_HOST_EMULATION")
+        .args(gxx_flags())
         .arg("-o")
         .arg(&exe)
         .arg(&src)

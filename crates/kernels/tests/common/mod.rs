@@ -1,7 +1,13 @@
 //! Helpers shared by the GPU test files.
 #![allow(dead_code)]
 
+pub mod emulator;
+pub mod kernels;
+
 use whale_kernels::cuda::{device_count, Gpu};
+
+pub use emulator::emulator;
+pub use kernels::Kernels;
 
 /// The GPU, or `None` after saying why the test is skipped.
 pub fn gpu(test: &str) -> Option<Gpu> {

@@ -1,0 +1,310 @@
+//! The CUDA kernels on the CPU: every module of the manifest compiled for host emulation
+//! (kernels/emulate/cuda_host.h: a fiber per CUDA thread, real barriers, shared memory that
+//! starts as garbage) into a shared library, and launched by name with a pointer to each
+//! argument, as `cuLaunchKernel` launches the PTX. The GPU tests' bodies run on it in CI, against
+//! the same CPU twins (tests/emulate.rs), so a kernel's indexing, tiling and edges are checked on
+//! machines without a GPU; the hardware is the GPU run's to check.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use whale_kernels::cuda::{manifest, source_hash};
+
+/// Modules not emulated, and why (`every_kernel_is_emulated` holds this list to its word).
+pub const NOT_EMULATED: &[(&str, &str)] = &[(
+    "fp8_gemm",
+    "its tensor-core kernel is mma.sync in inline PTX, which has no host version; the GPU run checks it",
+)];
+
+/// A launch's shape: `grid` blocks of `block` threads with `smem` bytes of dynamic shared memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Launch {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub smem: u32,
+}
+
+impl Launch {
+    pub fn new(grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32) -> Launch {
+        Launch { grid, block, smem }
+    }
+}
+
+/// One kernel argument: a buffer (the kernel gets a pointer to its first element) or a value.
+#[derive(Debug)]
+pub struct Arg<'a> {
+    kind: ArgKind,
+    _borrow: PhantomData<&'a mut ()>,
+}
+
+#[derive(Debug)]
+enum ArgKind {
+    Buffer { ptr: *mut c_void, elem: usize },
+    Value { bytes: u64, size: usize },
+}
+
+impl<'a> Arg<'a> {
+    /// A buffer the kernel reads (a `const T*` parameter).
+    pub fn input<T>(s: &'a [T]) -> Arg<'a> {
+        Arg { kind: ArgKind::Buffer { ptr: s.as_ptr() as *mut c_void, elem: size_of::<T>() }, _borrow: PhantomData }
+    }
+
+    /// A buffer the kernel writes.
+    pub fn output<T>(s: &'a mut [T]) -> Arg<'a> {
+        Arg { kind: ArgKind::Buffer { ptr: s.as_mut_ptr().cast(), elem: size_of::<T>() }, _borrow: PhantomData }
+    }
+
+    /// A value parameter (at most 8 bytes: the kernels take integers and floats).
+    pub fn value<T: Copy>(v: T) -> Arg<'a> {
+        assert!(size_of::<T>() <= 8, "a kernel value argument of {} bytes", size_of::<T>());
+        let mut bytes = 0u64;
+        // SAFETY: T fits in the u64 (checked above) and is Copy; the bytes are only ever read back
+        // as a T by the kernel.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                &v as *const T as *const u8,
+                &mut bytes as *mut u64 as *mut u8,
+                size_of::<T>(),
+            )
+        };
+        Arg { kind: ArgKind::Value { bytes, size: size_of::<T>() }, _borrow: PhantomData }
+    }
+}
+
+/// kernels/emulate/launch.h's `emu::Param`.
+#[repr(C)]
+struct Param {
+    size: u32,
+    pointee: u32,
+}
+
+type SignatureFn = unsafe extern "C" fn(*const c_char, *mut *const Param, *mut u32) -> i32;
+type LaunchFn =
+    unsafe extern "C" fn(*const c_char, *const u32, *const u32, u32, i32, *mut *mut c_void, *mut c_char, usize) -> i32;
+
+#[derive(Debug)]
+struct Module {
+    name: &'static str,
+    kernels: &'static [&'static str],
+    lib: libloading::Library,
+}
+
+/// Every emulated module, loaded.
+#[derive(Debug)]
+pub struct Emulator {
+    modules: Vec<Module>,
+}
+
+/// The emulation runs one kernel at a time (its state is global, as a GPU's would be).
+static RUNNING: Mutex<()> = Mutex::new(());
+
+/// The emulator, built once per test process, or `None` after saying why the test is skipped
+/// (no g++ on this machine). A module that does not build fails the test with the compiler's
+/// message.
+pub fn emulator(test: &str) -> Option<&'static Emulator> {
+    static BUILT: OnceLock<Result<Emulator, String>> = OnceLock::new();
+    if Command::new("g++").arg("--version").output().is_err() {
+        eprintln!("{test}: skipped, no g++ on this machine to build the emulation");
+        return None;
+    }
+    match BUILT.get_or_init(Emulator::build) {
+        Ok(e) => Some(e),
+        Err(e) => panic!("building the host emulation: {e}"),
+    }
+}
+
+/// The repository's kernels/ directory.
+pub fn kernels_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels")
+}
+
+/// The g++ flags of every emulation build: C++20, warnings as errors, the host's CUDA headers,
+/// no FMA contraction (`a * b + c` rounds twice, as `__fmul_rn` / `__fadd_rn` and a CPU twin do).
+pub fn gxx_flags() -> Vec<String> {
+    let dir = kernels_dir();
+    [
+        "-std=c++20",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-Wno-unknown-pragmas",
+        // Kernels read shared memory as float4 and float alike, as CUDA code does.
+        "-fno-strict-aliasing",
+        "-ffp-contract=off",
+        "-DWHALE_HOST_EMULATION",
+    ]
+    .map(String::from)
+    .into_iter()
+    .chain([format!("-I{}", dir.display()), format!("-I{}", dir.join("emulate/include").display())])
+    .collect()
+}
+
+impl Emulator {
+    fn build() -> Result<Emulator, String> {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulate");
+        std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+        let modules: Vec<_> =
+            manifest::MODULES.iter().filter(|m| NOT_EMULATED.iter().all(|(n, _)| *n != m.name)).collect();
+        // Two compilers at a time: CI machines have two cores.
+        let libs = std::thread::scope(|s| {
+            let chunks: Vec<_> = modules.chunks(modules.len().div_ceil(2)).collect();
+            let handles: Vec<_> = chunks
+                .into_iter()
+                .map(|chunk| s.spawn(|| chunk.iter().map(|m| compile(m, &out)).collect::<Vec<_>>()))
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().expect("a compile thread")).collect::<Result<Vec<_>, _>>()
+        })?;
+        let mut loaded = Vec::new();
+        for (m, path) in modules.into_iter().zip(libs) {
+            // SAFETY: the library was just built from our kernel sources and launch.h, whose
+            // static initialisers only fill constant tables.
+            let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| format!("{}: {e}", path.display()))?;
+            loaded.push(Module { name: m.name, kernels: m.kernels, lib });
+        }
+        Ok(Emulator { modules: loaded })
+    }
+
+    /// The modules emulated, by name.
+    pub fn modules(&self) -> impl Iterator<Item = &str> {
+        self.modules.iter().map(|m| m.name)
+    }
+
+    /// Runs `kernel` on `args`, checked against its parameters first (count, sizes, and the
+    /// element size of each buffer). An error names the kernel and what went wrong: a wrong
+    /// argument, or the emulation's failure (a deadlock, a misaligned copy, a `__trap`).
+    pub fn launch(&self, kernel: &str, cfg: Launch, args: &mut [Arg<'_>]) -> Result<(), String> {
+        let module = self
+            .modules
+            .iter()
+            .find(|m| m.kernels.contains(&kernel))
+            .ok_or_else(|| format!("{kernel}: no emulated module has this kernel"))?;
+        let name = CString::new(kernel).expect("a kernel name");
+        // SAFETY: both symbols are defined by WHALE_EMULATE_MODULE with these signatures.
+        let (signature, launch) = unsafe {
+            (
+                module.lib.get::<SignatureFn>(b"whale_emulate_signature\0").map_err(|e| e.to_string())?,
+                module.lib.get::<LaunchFn>(b"whale_emulate_launch\0").map_err(|e| e.to_string())?,
+            )
+        };
+        let (mut params, mut n) = (std::ptr::null::<Param>(), 0u32);
+        // SAFETY: the name is NUL-terminated; the out-pointers are valid.
+        if unsafe { signature(name.as_ptr(), &mut params, &mut n) } != 0 {
+            return Err(format!("{kernel}: not in module {}", module.name));
+        }
+        // SAFETY: the module's table holds `n` parameters for this kernel, for the library's life.
+        let params = unsafe { std::slice::from_raw_parts(params, n as usize) };
+        if params.len() != args.len() {
+            return Err(format!("{kernel}: {} arguments for {} parameters", args.len(), params.len()));
+        }
+        for (i, (p, a)) in params.iter().zip(args.iter()).enumerate() {
+            let fits = match a.kind {
+                ArgKind::Buffer { elem, .. } => {
+                    p.pointee as usize == elem && p.size as usize == size_of::<*mut c_void>()
+                }
+                ArgKind::Value { size, .. } => p.pointee == 0 && p.size as usize == size,
+            };
+            if !fits {
+                return Err(format!(
+                    "{kernel}: argument {i} is {:?}, the parameter takes {} bytes{}",
+                    a.kind,
+                    p.size,
+                    if p.pointee > 0 { format!(" (a pointer to {}-byte values)", p.pointee) } else { String::new() }
+                ));
+            }
+        }
+        let mut pointers: Vec<*mut c_void> = args
+            .iter_mut()
+            .map(|a| match &mut a.kind {
+                ArgKind::Buffer { ptr, .. } => ptr as *mut *mut c_void as *mut c_void,
+                ArgKind::Value { bytes, .. } => bytes as *mut u64 as *mut c_void,
+            })
+            .collect();
+        let (grid, block) = ([cfg.grid.0, cfg.grid.1, cfg.grid.2], [cfg.block.0, cfg.block.1, cfg.block.2]);
+        let mut error = vec![0 as c_char; 512];
+        let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the arguments match the kernel's parameters (checked above); the buffers outlive
+        // the call, and the caller sized them for the launch as the kernel's launcher does.
+        let rc = unsafe {
+            launch(
+                name.as_ptr(),
+                grid.as_ptr(),
+                block.as_ptr(),
+                cfg.smem,
+                0,
+                pointers.as_mut_ptr(),
+                error.as_mut_ptr(),
+                error.len(),
+            )
+        };
+        if rc != 0 {
+            // SAFETY: launch.h NUL-terminates the message within the buffer.
+            let msg = unsafe { CStr::from_ptr(error.as_ptr()) }.to_string_lossy().into_owned();
+            return Err(format!("{kernel}: {msg}"));
+        }
+        Ok(())
+    }
+}
+
+/// Writes module `m`'s translation unit (its `.cu`, then launch.h's table of its kernels) and
+/// builds it into a shared library; returns the library's path.
+fn compile(m: &whale_kernels::cuda::PtxModule, out: &Path) -> Result<PathBuf, String> {
+    let dir = kernels_dir();
+    let source = out.join(format!("{}.cpp", m.name));
+    let table: String = m.kernels.iter().map(|k| format!(" WHALE_KERNEL({k})")).collect();
+    let text = format!(
+        "// Generated by crates/kernels/tests/common/emulator.rs.\n#include \"{}\"\n#include \"emulate/launch.h\"\nWHALE_EMULATE_MODULE({table})\n",
+        dir.join(format!("{}.cu", m.name)).display()
+    );
+    std::fs::write(&source, &text).map_err(|e| format!("{}: {e}", source.display()))?;
+    // Built once per version of the sources: every test binary that emulates shares it.
+    let lib = out.join(format!("lib{}-{:016x}.so", m.name, sources_stamp(&text)?));
+    if lib.exists() {
+        return Ok(lib);
+    }
+    let partial = out.join(format!("{}.so.{}.partial", m.name, std::process::id()));
+    let build = Command::new("g++")
+        .args(gxx_flags())
+        .args(["-fPIC", "-shared", "-fvisibility=hidden", "-include", "emulate/cuda_host.h", "-o"])
+        .arg(&partial)
+        .arg(&source)
+        .output()
+        .map_err(|e| format!("running g++: {e}"))?;
+    if !build.status.success() {
+        return Err(format!("g++ {}:\n{}", source.display(), String::from_utf8_lossy(&build.stderr)));
+    }
+    std::fs::rename(&partial, &lib).map_err(|e| format!("{}: {e}", lib.display()))?;
+    Ok(lib)
+}
+
+/// A stamp of everything a module's library is built from: its translation unit, the kernel
+/// sources (the manifest's stamp) and the emulation headers.
+fn sources_stamp(unit: &str) -> Result<u64, String> {
+    let dir = kernels_dir();
+    let mut h = source_hash(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut headers = Vec::new();
+    for sub in ["emulate", "emulate/include"] {
+        let d = dir.join(sub);
+        for entry in std::fs::read_dir(&d).map_err(|e| format!("{}: {e}", d.display()))? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            if path.extension().is_some_and(|x| x == "h") {
+                headers.push(path);
+            }
+        }
+    }
+    headers.sort();
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes.iter().chain(&[0u8]) {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(unit.as_bytes());
+    for path in headers {
+        eat(path.to_string_lossy().as_bytes());
+        eat(&std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?);
+    }
+    Ok(h)
+}
