@@ -19,7 +19,7 @@ use whale_kernels::cpu::fp8_gemm::{fp8_gemm, Accumulation};
 use whale_kernels::cpu::matmul::{matmul_reference, MatRef};
 use whale_kernels::cpu::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use whale_kernels::cpu::rope::{rope_half, rope_interleaved};
-use whale_kernels::cpu::softmax::{softmax_backward, softmax_forward};
+use whale_kernels::cpu::softmax::{log_softmax_backward, log_softmax_forward, softmax_backward, softmax_forward};
 use whale_kernels::cpu::swiglu::{swiglu_backward, swiglu_forward};
 use whale_kernels::cuda::{manifest, source_hash, AttentionKernels, Fp8GemmKernel, GemmShape, Gpu};
 
@@ -69,45 +69,93 @@ fn every_kernel_has_a_launcher() {
 #[test]
 fn elementwise_kernels_match_the_cpu() {
     let Some(g) = gpu("elementwise_kernels_match_the_cpu") else { return };
+    elementwise_kernels(&g);
+}
+
+#[test]
+fn elementwise_kernels_match_the_cpu_in_emulation() {
+    let Some(e) = emulator("elementwise_kernels_match_the_cpu_in_emulation") else { return };
+    elementwise_kernels(e);
+}
+
+fn elementwise_kernels(k: &impl Kernels) {
     let (a, b) = (values(1000, 1), values(1000, 2));
     let add: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
     let mul: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x * y).collect();
-    assert_eq!(g.add(&a, &b).unwrap(), add);
-    assert_eq!(g.mul(&a, &b).unwrap(), mul);
+    assert_eq!(k.add(&a, &b).unwrap(), add);
+    assert_eq!(k.mul(&a, &b).unwrap(), mul);
     let mut sw = vec![0.0; 1000];
     swiglu_forward(&a, &b, &mut sw);
     // expf on the GPU and exp on the CPU differ in the last bits.
-    assert_close("swiglu", &g.swiglu_forward(&a, &b).unwrap(), &sw, 1e-6);
+    assert_close("swiglu", &k.swiglu_forward(&a, &b).unwrap(), &sw, 1e-6);
 }
 
 #[test]
 fn row_kernels_match_the_cpu() {
     let Some(g) = gpu("row_kernels_match_the_cpu") else { return };
+    row_kernels(&g);
+}
+
+#[test]
+fn row_kernels_match_the_cpu_in_emulation() {
+    let Some(e) = emulator("row_kernels_match_the_cpu_in_emulation") else { return };
+    row_kernels(e);
+}
+
+fn row_kernels(k: &impl Kernels) {
     for dim in [7, 256, 1000] {
         let rows = 5;
         let (x, w) = (values(rows * dim, 3), values(dim, 4));
         let (mut y, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows]);
         rmsnorm_forward(&x, &w, dim, 1e-6, &mut y, &mut rstd);
-        let (gy, grstd) = g.rmsnorm_forward(&x, &w, dim, 1e-6).unwrap();
+        let (gy, grstd) = k.rmsnorm_forward(&x, &w, dim, 1e-6).unwrap();
         // Sums in another order (a tree in shared memory) and rsqrtf: f32 rounding.
         assert_close("rmsnorm y", &gy, &y, 1e-5);
         assert_close("rmsnorm rstd", &grstd, &rstd, 1e-5);
         let mut s = vec![0.0; rows * dim];
         softmax_forward(&x, dim, &mut s);
-        assert_close("softmax", &g.softmax_forward(&x, dim).unwrap(), &s, 1e-5);
+        assert_close("softmax", &k.softmax_forward(&x, dim).unwrap(), &s, 1e-5);
+    }
+}
+
+/// log-softmax has no host-slice launcher (whale-tensor's backend launches it on device
+/// buffers; its GPU check is that backend's test), so only its emulation runs here.
+#[test]
+fn log_softmax_matches_the_cpu_in_emulation() {
+    let Some(e) = emulator("log_softmax_matches_the_cpu_in_emulation") else { return };
+    for dim in [7, 256, 1000] {
+        let rows = 5;
+        let (x, dy) = (values(rows * dim, 22), values(rows * dim, 23));
+        let mut y = vec![0.0; rows * dim];
+        log_softmax_forward(&x, dim, &mut y);
+        let got = e.log_softmax_forward(&x, dim).unwrap();
+        assert_close("log-softmax", &got, &y, 1e-5);
+        let mut dx = vec![0.0; rows * dim];
+        log_softmax_backward(&y, &dy, dim, &mut dx);
+        assert_close("log-softmax dx", &e.log_softmax_backward(&y, &dy, dim).unwrap(), &dx, 1e-5);
     }
 }
 
 #[test]
 fn adamw_matches_the_cpu() {
     let Some(g) = gpu("adamw_matches_the_cpu") else { return };
+    adamw(&g);
+}
+
+#[test]
+fn adamw_matches_the_cpu_in_emulation() {
+    let Some(e) = emulator("adamw_matches_the_cpu_in_emulation") else { return };
+    adamw(e);
+}
+
+fn adamw(k: &impl Kernels) {
     let n = 5000;
     let (mut p, grad, mut m, mut v) = (values(n, 5), values(n, 6), values(n, 7), values(n, 8));
     v.iter_mut().for_each(|x| *x = x.abs());
     let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
     let hp = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 3 };
     adamw_step(&mut p, &grad, &mut m, &mut v, &hp);
-    g.adamw_step(&mut p2, &grad, &mut m2, &mut v2, &hp).unwrap();
+    k.adamw_step(&mut p2, &grad, &mut m2, &mut v2, &hp).unwrap();
     assert_close("adamw param", &p2, &p, 1e-6);
     assert_close("adamw m", &m2, &m, 1e-6);
     assert_close("adamw v", &v2, &v, 1e-6);
@@ -243,11 +291,21 @@ fn an_fp8_gemm_kernel_the_gpu_cannot_run_is_an_error() {
 #[test]
 fn backward_kernels_match_the_cpu() {
     let Some(g) = gpu("backward_kernels_match_the_cpu") else { return };
+    backward_kernels(&g);
+}
+
+#[test]
+fn backward_kernels_match_the_cpu_in_emulation() {
+    let Some(e) = emulator("backward_kernels_match_the_cpu_in_emulation") else { return };
+    backward_kernels(e);
+}
+
+fn backward_kernels(k: &impl Kernels) {
     let n = 999;
     let (gate, up, dout) = (values(n, 11), values(n, 12), values(n, 13));
     let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
     swiglu_backward(&gate, &up, &dout, Some(&mut dg), Some(&mut du));
-    let (gdg, gdu) = g.swiglu_backward(&gate, &up, &dout).unwrap();
+    let (gdg, gdu) = k.swiglu_backward(&gate, &up, &dout).unwrap();
     assert_close("swiglu dgate", &gdg, &dg, 1e-5);
     assert_close("swiglu dup", &gdu, &du, 1e-5);
 
@@ -257,7 +315,7 @@ fn backward_kernels_match_the_cpu() {
     rmsnorm_forward(&x, &w, dim, 1e-6, &mut y, &mut rstd);
     let (mut dx, mut dw) = (vec![0.0; rows * dim], vec![0.0; dim]);
     rmsnorm_backward(&x, &w, &rstd, &dy, dim, Some(&mut dx), Some(&mut dw));
-    let (gdx, gdw) = g.rmsnorm_backward(&x, &w, &rstd, &dy).unwrap();
+    let (gdx, gdw) = k.rmsnorm_backward(&x, &w, &rstd, &dy).unwrap();
     assert_close("rmsnorm dx", &gdx, &dx, 1e-5);
     assert_close("rmsnorm dweight", &gdw, &dw, 1e-5);
 
@@ -265,18 +323,32 @@ fn backward_kernels_match_the_cpu() {
     softmax_forward(&x, dim, &mut s);
     let mut ds = vec![0.0; rows * dim];
     softmax_backward(&s, &dy, dim, &mut ds);
-    assert_close("softmax dx", &g.softmax_backward(&s, &dy, dim).unwrap(), &ds, 1e-5);
+    assert_close("softmax dx", &k.softmax_backward(&s, &dy, dim).unwrap(), &ds, 1e-5);
 }
 
 #[test]
 fn cross_entropy_matches_the_cpu() {
     let Some(g) = gpu("cross_entropy_matches_the_cpu") else { return };
+    cross_entropy(&g);
+    assert!(
+        g.cross_entropy_forward(&[0.0; 9 * 1000], 1000, &[5000; 9], -100).is_err(),
+        "an out-of-range target is an error"
+    );
+}
+
+#[test]
+fn cross_entropy_matches_the_cpu_in_emulation() {
+    let Some(e) = emulator("cross_entropy_matches_the_cpu_in_emulation") else { return };
+    cross_entropy(e);
+}
+
+fn cross_entropy(k: &impl Kernels) {
     let (rows, vocab) = (9, 1000);
     let logits: Vec<f32> = values(rows * vocab, 17).iter().map(|v| 4.0 * v).collect();
     let targets: Vec<i64> = (0..rows as i64).map(|r| if r == 4 { -100 } else { (r * 97) % vocab as i64 }).collect();
     let (mut loss, mut lse) = (vec![0.0; rows], vec![0.0; rows]);
     cross_entropy_forward(&logits, vocab, &targets, -100, &mut loss, &mut lse);
-    let (gl, glse) = g.cross_entropy_forward(&logits, vocab, &targets, -100).unwrap();
+    let (gl, glse) = k.cross_entropy_forward(&logits, vocab, &targets, -100).unwrap();
     assert_close("cross entropy loss", &gl, &loss, 1e-5);
     assert_close("cross entropy lse", &glse, &lse, 1e-5);
     let dloss = values(rows, 18);
@@ -284,16 +356,25 @@ fn cross_entropy_matches_the_cpu() {
     cross_entropy_backward(&logits, vocab, &targets, -100, &lse, &dloss, &mut dx);
     assert_close(
         "cross entropy dlogits",
-        &g.cross_entropy_backward(&logits, vocab, &targets, -100, &lse, &dloss).unwrap(),
+        &k.cross_entropy_backward(&logits, vocab, &targets, -100, &lse, &dloss).unwrap(),
         &dx,
         1e-5,
     );
-    assert!(g.cross_entropy_forward(&logits, vocab, &[5000; 9], -100).is_err(), "an out-of-range target is an error");
 }
 
 #[test]
 fn rope_matches_the_cpu_both_ways_and_both_pairings() {
     let Some(g) = gpu("rope_matches_the_cpu_both_ways_and_both_pairings") else { return };
+    rope_both_ways(&g);
+}
+
+#[test]
+fn rope_matches_the_cpu_both_ways_and_both_pairings_in_emulation() {
+    let Some(e) = emulator("rope_matches_the_cpu_both_ways_and_both_pairings_in_emulation") else { return };
+    rope_both_ways(e);
+}
+
+fn rope_both_ways(k: &impl Kernels) {
     let (outer, seq, heads, d) = (2, 5, 3, 16);
     let x = values(outer * seq * heads * d, 19);
     let angles: Vec<f32> = (0..seq * d / 2).map(|i| (i / (d / 2)) as f32 * 0.37 / (1 + i % (d / 2)) as f32).collect();
@@ -303,7 +384,7 @@ fn rope_matches_the_cpu_both_ways_and_both_pairings() {
             let mut y = vec![0.0; x.len()];
             let f = if interleaved { rope_interleaved } else { rope_half };
             f(&x, &cos, &sin, outer, seq, heads, d, inverse, &mut y);
-            let got = g.rope(&x, &cos, &sin, (outer, seq, heads, d), interleaved, inverse).unwrap();
+            let got = k.rope(&x, &cos, &sin, (outer, seq, heads, d), interleaved, inverse).unwrap();
             assert_close(&format!("rope interleaved={interleaved} inverse={inverse}"), &got, &y, 1e-6);
         }
     }
@@ -312,18 +393,28 @@ fn rope_matches_the_cpu_both_ways_and_both_pairings() {
 #[test]
 fn embedding_matches_the_cpu() {
     let Some(g) = gpu("embedding_matches_the_cpu") else { return };
+    embedding(&g);
+    assert!(g.embedding_forward(&[0.0; 50 * 64], 64, &[50]).is_err(), "an id past the table is an error");
+}
+
+#[test]
+fn embedding_matches_the_cpu_in_emulation() {
+    let Some(e) = emulator("embedding_matches_the_cpu_in_emulation") else { return };
+    embedding(e);
+}
+
+fn embedding(k: &impl Kernels) {
     let (rows, dim) = (50, 64);
     let table = values(rows * dim, 20);
     let ids: Vec<u32> = (0..37).map(|i| (i * 7 % rows) as u32).chain([3, 3, 3]).collect();
     let mut out = vec![0.0; ids.len() * dim];
     embedding_forward(&table, dim, &ids, &mut out);
-    assert_eq!(g.embedding_forward(&table, dim, &ids).unwrap(), out);
+    assert_eq!(k.embedding_forward(&table, dim, &ids).unwrap(), out);
     let dout = values(ids.len() * dim, 21);
     let mut dt = vec![0.0; rows * dim];
     embedding_backward(&dout, dim, &ids, &mut dt);
     // atomicAdd adds repeated ids in any order: f32 rounding.
-    assert_close("embedding dtable", &g.embedding_backward(&dout, dim, &ids, rows * dim).unwrap(), &dt, 1e-6);
-    assert!(g.embedding_forward(&table, dim, &[50]).is_err(), "an id past the table is an error");
+    assert_close("embedding dtable", &k.embedding_backward(&dout, dim, &ids, rows * dim).unwrap(), &dt, 1e-6);
 }
 
 #[test]

@@ -25,6 +25,27 @@ fn bits(x: &[f32]) -> Vec<u32> {
 #[test]
 fn moe_route_matches_the_cpu_ties_included() {
     let Some(g) = gpu("moe_route_matches_the_cpu_ties_included") else { return };
+    moe_route_ties_included(&g);
+    let small = RouterConfig {
+        n_experts: 12,
+        n_group: 3,
+        topk_group: 2,
+        top_k: 3,
+        sigmoid: true,
+        norm_topk_prob: true,
+        routed_scaling_factor: 1.0,
+    };
+    assert!(g.moe_route(&[0.0; 10], None, &small).is_err(), "logits that are not rows of E are an error");
+    assert!(g.moe_route(&[0.0; 12], None, &RouterConfig { top_k: 13, ..small }).is_err(), "top_k > E is an error");
+}
+
+#[test]
+fn moe_route_matches_the_cpu_ties_included_in_emulation() {
+    let Some(e) = emulator("moe_route_matches_the_cpu_ties_included_in_emulation") else { return };
+    moe_route_ties_included(e);
+}
+
+fn moe_route_ties_included(k: &impl Kernels) {
     let v3 = RouterConfig {
         n_experts: 256,
         n_group: 8,
@@ -56,7 +77,7 @@ fn moe_route_matches_the_cpu_ties_included() {
         let bias: Vec<f32> = (0..e).map(|i| 0.05 * ((i * 7 % 5) as f32 - 2.0)).collect();
         let bias = biased.then_some(&bias[..]);
 
-        let got = g.moe_route(&logits, bias, &cfg).unwrap();
+        let got = k.moe_route(&logits, bias, &cfg).unwrap();
         let cpu = route(&logits, bias, &cfg);
         // expf on the GPU and exp on the CPU differ in the last bits; a softmax also sums its E
         // exponentials in another order.
@@ -78,8 +99,6 @@ fn moe_route_matches_the_cpu_ties_included() {
             assert_eq!(got.ids[..cfg.top_k], (0..cfg.top_k).collect::<Vec<_>>()[..], "{what}: ties to the lower index");
         }
     }
-    assert!(g.moe_route(&[0.0; 10], None, &small).is_err(), "logits that are not rows of E are an error");
-    assert!(g.moe_route(&[0.0; 12], None, &RouterConfig { top_k: 13, ..small }).is_err(), "top_k > E is an error");
 }
 
 #[test]

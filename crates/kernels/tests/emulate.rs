@@ -35,13 +35,7 @@ fn emulate(test: &str, driver: &str) {
     }
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../kernels/emulate/{driver}.cpp"));
     let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("emulate-{driver}"));
-    let build = Command::new("g++")
-        .args(gxx_flags())
-        .arg("-o")
-        .arg(&exe)
-        .arg(&src)
-        .output()
-        .expect("running g++");
+    let build = Command::new("g++").args(gxx_flags()).arg("-o").arg(&exe).arg(&src).output().expect("running g++");
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     assert!(build.status.success(), "g++ {}:\n{}", src.display(), text(&build.stderr));
     let run = Command::new(&exe).output().unwrap_or_else(|e| panic!("{}: {e}", exe.display()));

@@ -43,7 +43,7 @@ pub struct Arg<'a> {
 #[derive(Debug)]
 enum ArgKind {
     Buffer { ptr: *mut c_void, elem: usize },
-    Value { bytes: u64, size: usize },
+    Value { words: Box<[u64]>, size: usize },
 }
 
 impl<'a> Arg<'a> {
@@ -57,20 +57,16 @@ impl<'a> Arg<'a> {
         Arg { kind: ArgKind::Buffer { ptr: s.as_mut_ptr().cast(), elem: size_of::<T>() }, _borrow: PhantomData }
     }
 
-    /// A value parameter (at most 8 bytes: the kernels take integers and floats).
+    /// A value parameter: a number, or a `repr(C)` struct passed by value (8-byte aligned at
+    /// most, as the kernels' are).
     pub fn value<T: Copy>(v: T) -> Arg<'a> {
-        assert!(size_of::<T>() <= 8, "a kernel value argument of {} bytes", size_of::<T>());
-        let mut bytes = 0u64;
-        // SAFETY: T fits in the u64 (checked above) and is Copy; the bytes are only ever read back
-        // as a T by the kernel.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                &v as *const T as *const u8,
-                &mut bytes as *mut u64 as *mut u8,
-                size_of::<T>(),
-            )
-        };
-        Arg { kind: ArgKind::Value { bytes, size: size_of::<T>() }, _borrow: PhantomData }
+        assert!(align_of::<T>() <= 8, "a kernel value argument aligned to {} bytes", align_of::<T>());
+        let mut words = vec![0u64; size_of::<T>().div_ceil(8)].into_boxed_slice();
+        // SAFETY: the words hold size_of::<T>() bytes at an alignment of 8 >= T's; T is Copy, and
+        // the kernel only reads the bytes back as its parameter's type, which the signature check
+        // holds to T's size.
+        unsafe { std::ptr::write_unaligned(words.as_mut_ptr() as *mut T, v) };
+        Arg { kind: ArgKind::Value { words, size: size_of::<T>() }, _borrow: PhantomData }
     }
 }
 
@@ -220,7 +216,7 @@ impl Emulator {
             .iter_mut()
             .map(|a| match &mut a.kind {
                 ArgKind::Buffer { ptr, .. } => ptr as *mut *mut c_void as *mut c_void,
-                ArgKind::Value { bytes, .. } => bytes as *mut u64 as *mut c_void,
+                ArgKind::Value { words, .. } => words.as_mut_ptr() as *mut c_void,
             })
             .collect();
         let (grid, block) = ([cfg.grid.0, cfg.grid.1, cfg.grid.2], [cfg.block.0, cfg.block.1, cfg.block.2]);

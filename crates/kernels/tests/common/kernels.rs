@@ -4,16 +4,58 @@
 
 use half::bf16;
 
+use whale_kernels::cpu::adamw::{AdamWScalars, AdamWStep};
 use whale_kernels::cpu::dispatch::DispatchPlan;
 use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format};
+use whale_kernels::cpu::router::{Routed, RouterConfig};
 use whale_kernels::cuda::Gpu;
 
 use super::emulator::{Arg, Emulator, Launch};
 
 pub type Result<T> = std::result::Result<T, String>;
 
+/// `(outer, seq, heads, d)`: RoPE's operand `[outer, seq, heads, d]`.
+pub type RopeShape = (usize, usize, usize, usize);
+
 /// Each method is the [`Gpu`] launcher of the same name.
 pub trait Kernels {
+    fn add(&self, a: &[f32], b: &[f32]) -> Result<Vec<f32>>;
+    fn mul(&self, a: &[f32], b: &[f32]) -> Result<Vec<f32>>;
+    fn swiglu_forward(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>>;
+    fn swiglu_backward(&self, gate: &[f32], up: &[f32], dout: &[f32]) -> Result<(Vec<f32>, Vec<f32>)>;
+    fn rmsnorm_forward(&self, x: &[f32], w: &[f32], dim: usize, eps: f32) -> Result<(Vec<f32>, Vec<f32>)>;
+    fn rmsnorm_backward(&self, x: &[f32], w: &[f32], rstd: &[f32], dy: &[f32]) -> Result<(Vec<f32>, Vec<f32>)>;
+    fn softmax_forward(&self, x: &[f32], dim: usize) -> Result<Vec<f32>>;
+    fn softmax_backward(&self, y: &[f32], dy: &[f32], dim: usize) -> Result<Vec<f32>>;
+    fn cross_entropy_forward(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+        targets: &[i64],
+        ignore: i64,
+    ) -> Result<(Vec<f32>, Vec<f32>)>;
+    fn cross_entropy_backward(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+        targets: &[i64],
+        ignore: i64,
+        lse: &[f32],
+        dloss: &[f32],
+    ) -> Result<Vec<f32>>;
+    fn rope(
+        &self,
+        x: &[f32],
+        cos: &[f32],
+        sin: &[f32],
+        shape: RopeShape,
+        interleaved: bool,
+        inverse: bool,
+    ) -> Result<Vec<f32>>;
+    fn embedding_forward(&self, table: &[f32], dim: usize, ids: &[u32]) -> Result<Vec<f32>>;
+    fn embedding_backward(&self, dout: &[f32], dim: usize, ids: &[u32], table_len: usize) -> Result<Vec<f32>>;
+    fn adamw_step(&self, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamWStep) -> Result<()>;
+    fn moe_route(&self, logits: &[f32], bias: Option<&[f32]>, cfg: &RouterConfig) -> Result<Routed>;
     fn moe_permute(&self, x: &[f32], dim: usize, plan: &DispatchPlan, scale: Option<&[f32]>) -> Result<Vec<f32>>;
     fn moe_unpermute(&self, y: &[f32], dim: usize, plan: &DispatchPlan, weight: Option<&[f32]>) -> Result<Vec<f32>>;
     fn moe_unpermute_weight_grad(&self, dout: &[f32], y: &[f32], dim: usize, plan: &DispatchPlan) -> Result<Vec<f32>>;
@@ -30,6 +72,73 @@ fn text<T>(r: std::result::Result<T, whale_kernels::cuda::GpuError>) -> Result<T
 }
 
 impl Kernels for Gpu {
+    fn add(&self, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+        text(Gpu::add(self, a, b))
+    }
+    fn mul(&self, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+        text(Gpu::mul(self, a, b))
+    }
+    fn swiglu_forward(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>> {
+        text(Gpu::swiglu_forward(self, gate, up))
+    }
+    fn swiglu_backward(&self, gate: &[f32], up: &[f32], dout: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        text(Gpu::swiglu_backward(self, gate, up, dout))
+    }
+    fn rmsnorm_forward(&self, x: &[f32], w: &[f32], dim: usize, eps: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+        text(Gpu::rmsnorm_forward(self, x, w, dim, eps))
+    }
+    fn rmsnorm_backward(&self, x: &[f32], w: &[f32], rstd: &[f32], dy: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        text(Gpu::rmsnorm_backward(self, x, w, rstd, dy))
+    }
+    fn softmax_forward(&self, x: &[f32], dim: usize) -> Result<Vec<f32>> {
+        text(Gpu::softmax_forward(self, x, dim))
+    }
+    fn softmax_backward(&self, y: &[f32], dy: &[f32], dim: usize) -> Result<Vec<f32>> {
+        text(Gpu::softmax_backward(self, y, dy, dim))
+    }
+    fn cross_entropy_forward(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+        targets: &[i64],
+        ignore: i64,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        text(Gpu::cross_entropy_forward(self, logits, vocab, targets, ignore))
+    }
+    fn cross_entropy_backward(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+        targets: &[i64],
+        ignore: i64,
+        lse: &[f32],
+        dloss: &[f32],
+    ) -> Result<Vec<f32>> {
+        text(Gpu::cross_entropy_backward(self, logits, vocab, targets, ignore, lse, dloss))
+    }
+    fn rope(
+        &self,
+        x: &[f32],
+        cos: &[f32],
+        sin: &[f32],
+        shape: RopeShape,
+        interleaved: bool,
+        inverse: bool,
+    ) -> Result<Vec<f32>> {
+        text(Gpu::rope(self, x, cos, sin, shape, interleaved, inverse))
+    }
+    fn embedding_forward(&self, table: &[f32], dim: usize, ids: &[u32]) -> Result<Vec<f32>> {
+        text(Gpu::embedding_forward(self, table, dim, ids))
+    }
+    fn embedding_backward(&self, dout: &[f32], dim: usize, ids: &[u32], table_len: usize) -> Result<Vec<f32>> {
+        text(Gpu::embedding_backward(self, dout, dim, ids, table_len))
+    }
+    fn adamw_step(&self, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamWStep) -> Result<()> {
+        text(Gpu::adamw_step(self, param, grad, m, v, hp))
+    }
+    fn moe_route(&self, logits: &[f32], bias: Option<&[f32]>, cfg: &RouterConfig) -> Result<Routed> {
+        text(Gpu::moe_route(self, logits, bias, cfg))
+    }
     fn moe_permute(&self, x: &[f32], dim: usize, plan: &DispatchPlan, scale: Option<&[f32]>) -> Result<Vec<f32>> {
         text(Gpu::moe_permute(self, x, dim, plan, scale))
     }
@@ -67,14 +176,241 @@ fn grid_for(n: usize) -> Launch {
     Launch::new(((n as u32).div_ceil(THREADS).clamp(1, 65_535), 1, 1), (THREADS, 1, 1), 0)
 }
 
+/// The launchers' `rows_config`: one block of `THREADS` per row, reducing in shared memory.
+fn rows_config(rows: usize) -> Launch {
+    Launch::new((rows as u32, 1, 1), (THREADS, 1, 1), 4 * THREADS)
+}
+
 fn u32_of(n: usize) -> Arg<'static> {
     Arg::value(u32::try_from(n).expect("a size that fits the kernels' u32"))
+}
+
+impl Emulator {
+    /// `out[..n] = kernel(a, b)` for the two-input elementwise kernels (add, mul, swiglu).
+    fn map2(&self, kernel: &str, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; a.len()];
+        self.launch(
+            kernel,
+            grid_for(a.len()),
+            &mut [Arg::input(a), Arg::input(b), Arg::output(&mut out), u32_of(a.len())],
+        )?;
+        Ok(out)
+    }
+
+    /// A row kernel `kernel(inputs.., out, dim)` over rows of `dim` (softmax and its kin).
+    fn rows(&self, kernel: &str, inputs: &[&[f32]], dim: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; inputs[0].len()];
+        let mut args: Vec<Arg<'_>> = inputs.iter().map(|x| Arg::input(x)).collect();
+        args.extend([Arg::output(&mut out), u32_of(dim)]);
+        self.launch(kernel, rows_config(inputs[0].len() / dim), &mut args)?;
+        Ok(out)
+    }
+
+    /// log-softmax over rows of `dim` (no host-slice launcher on the GPU: whale-tensor's backend
+    /// calls `log_softmax_forward_dev`).
+    pub fn log_softmax_forward(&self, x: &[f32], dim: usize) -> Result<Vec<f32>> {
+        self.rows("log_softmax_forward_f32", &[x], dim)
+    }
+
+    pub fn log_softmax_backward(&self, y: &[f32], dy: &[f32], dim: usize) -> Result<Vec<f32>> {
+        self.rows("log_softmax_backward_f32", &[y, dy], dim)
+    }
 }
 
 /// The kernels in emulation, launched as the launchers of crates/kernels/src/cuda launch them
 /// (dispatch.rs, tensor_ops.rs, fp8.rs); the launchers' argument checks are theirs, not
 /// repeated here.
 impl Kernels for Emulator {
+    fn add(&self, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+        self.map2("add_f32", a, b)
+    }
+
+    fn mul(&self, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+        self.map2("mul_f32", a, b)
+    }
+
+    fn swiglu_forward(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>> {
+        self.map2("swiglu_forward_f32", gate, up)
+    }
+
+    fn swiglu_backward(&self, gate: &[f32], up: &[f32], dout: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let n = gate.len();
+        let (mut dgate, mut dup) = (vec![0.0f32; n], vec![0.0f32; n]);
+        let args = &mut [
+            Arg::input(gate),
+            Arg::input(up),
+            Arg::input(dout),
+            Arg::output(&mut dgate),
+            Arg::output(&mut dup),
+            u32_of(n),
+        ];
+        self.launch("swiglu_backward_f32", grid_for(n), args)?;
+        Ok((dgate, dup))
+    }
+
+    fn rmsnorm_forward(&self, x: &[f32], w: &[f32], dim: usize, eps: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rows = x.len() / dim;
+        let (mut y, mut rstd) = (vec![0.0f32; x.len()], vec![0.0f32; rows]);
+        let args = &mut [
+            Arg::input(x),
+            Arg::input(w),
+            Arg::output(&mut y),
+            Arg::output(&mut rstd),
+            u32_of(dim),
+            Arg::value(eps),
+        ];
+        self.launch("rmsnorm_forward_f32", rows_config(rows), args)?;
+        Ok((y, rstd))
+    }
+
+    fn rmsnorm_backward(&self, x: &[f32], w: &[f32], rstd: &[f32], dy: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (dim, rows) = (w.len(), rstd.len());
+        let (mut dx, mut dw) = (vec![0.0f32; x.len()], vec![0.0f32; dim]);
+        let args =
+            &mut [Arg::input(x), Arg::input(w), Arg::input(rstd), Arg::input(dy), Arg::output(&mut dx), u32_of(dim)];
+        self.launch("rmsnorm_backward_input_f32", rows_config(rows), args)?;
+        let args =
+            &mut [Arg::input(x), Arg::input(rstd), Arg::input(dy), Arg::output(&mut dw), u32_of(rows), u32_of(dim)];
+        self.launch("rmsnorm_backward_weight_f32", grid_for(dim), args)?;
+        Ok((dx, dw))
+    }
+
+    fn softmax_forward(&self, x: &[f32], dim: usize) -> Result<Vec<f32>> {
+        self.rows("softmax_forward_f32", &[x], dim)
+    }
+
+    fn softmax_backward(&self, y: &[f32], dy: &[f32], dim: usize) -> Result<Vec<f32>> {
+        self.rows("softmax_backward_f32", &[y, dy], dim)
+    }
+
+    fn cross_entropy_forward(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+        targets: &[i64],
+        ignore: i64,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rows = targets.len();
+        let (mut loss, mut lse) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+        let args = &mut [
+            Arg::input(logits),
+            Arg::input(targets),
+            Arg::value(ignore),
+            Arg::output(&mut loss),
+            Arg::output(&mut lse),
+            u32_of(vocab),
+        ];
+        self.launch("cross_entropy_forward_f32", rows_config(rows), args)?;
+        Ok((loss, lse))
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+        targets: &[i64],
+        ignore: i64,
+        lse: &[f32],
+        dloss: &[f32],
+    ) -> Result<Vec<f32>> {
+        let mut dx = vec![0.0f32; logits.len()];
+        let args = &mut [
+            Arg::input(logits),
+            Arg::input(targets),
+            Arg::value(ignore),
+            Arg::input(lse),
+            Arg::input(dloss),
+            Arg::output(&mut dx),
+            u32_of(vocab),
+        ];
+        self.launch("cross_entropy_backward_f32", rows_config(targets.len()), args)?;
+        Ok(dx)
+    }
+
+    fn rope(
+        &self,
+        x: &[f32],
+        cos: &[f32],
+        sin: &[f32],
+        (outer, seq, heads, d): RopeShape,
+        interleaved: bool,
+        inverse: bool,
+    ) -> Result<Vec<f32>> {
+        let mut y = vec![0.0f32; x.len()];
+        let args = &mut [
+            Arg::input(x),
+            Arg::input(cos),
+            Arg::input(sin),
+            Arg::output(&mut y),
+            u32_of(outer),
+            u32_of(seq),
+            u32_of(heads),
+            u32_of(d),
+            Arg::value(i32::from(interleaved)),
+            Arg::value(if inverse { -1.0f32 } else { 1.0 }),
+        ];
+        self.launch("rope_f32", grid_for(x.len() / 2), args)?;
+        Ok(y)
+    }
+
+    fn embedding_forward(&self, table: &[f32], dim: usize, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; ids.len() * dim];
+        let args = &mut [Arg::input(table), Arg::input(ids), Arg::output(&mut out), u32_of(ids.len()), u32_of(dim)];
+        self.launch("embedding_forward_f32", grid_for(ids.len() * dim), args)?;
+        Ok(out)
+    }
+
+    fn embedding_backward(&self, dout: &[f32], dim: usize, ids: &[u32], table_len: usize) -> Result<Vec<f32>> {
+        let mut dtable = vec![0.0f32; table_len];
+        let args = &mut [Arg::input(dout), Arg::input(ids), Arg::output(&mut dtable), u32_of(ids.len()), u32_of(dim)];
+        self.launch("embedding_backward_f32", grid_for(ids.len() * dim), args)?;
+        Ok(dtable)
+    }
+
+    fn adamw_step(&self, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamWStep) -> Result<()> {
+        let (n, s) = (param.len(), AdamWScalars::new(hp));
+        let args = &mut [
+            Arg::output(param),
+            Arg::input(grad),
+            Arg::output(m),
+            Arg::output(v),
+            u32_of(n),
+            Arg::value(s.decay),
+            Arg::value(s.lerp_coeff),
+            Arg::value(i32::from(s.lerp_from_m)),
+            Arg::value(s.beta2),
+            Arg::value(s.one_minus_beta2),
+            Arg::value(s.bias_correction2_sqrt),
+            Arg::value(s.eps),
+            Arg::value(s.neg_step_size),
+        ];
+        self.launch("adamw_step_f32", grid_for(n), args)
+    }
+
+    fn moe_route(&self, logits: &[f32], bias: Option<&[f32]>, cfg: &RouterConfig) -> Result<Routed> {
+        let (e, k, groups) = (cfg.n_experts, cfg.top_k, cfg.n_group);
+        let t = logits.len() / e;
+        let shared = 4 * (3 * e + 2 * THREADS as usize + 2 * groups);
+        let (mut ids, mut weights, mut scores) = (vec![0u32; t * k], vec![0.0f32; t * k], vec![0.0f32; t * e]);
+        let args = &mut [
+            Arg::input(logits),
+            Arg::input(bias.unwrap_or(&[0.0])),
+            Arg::value(i32::from(bias.is_some())),
+            Arg::output(&mut ids),
+            Arg::output(&mut weights),
+            Arg::output(&mut scores),
+            u32_of(e),
+            u32_of(groups),
+            u32_of(cfg.topk_group),
+            u32_of(k),
+            Arg::value(i32::from(cfg.sigmoid)),
+            Arg::value(i32::from(cfg.norm_topk_prob)),
+            Arg::value(cfg.routed_scaling_factor),
+        ];
+        self.launch("moe_route_f32", Launch::new((t as u32, 1, 1), (THREADS, 1, 1), shared as u32), args)?;
+        Ok(Routed { ids: ids.into_iter().map(|i| i as usize).collect(), weights, scores })
+    }
+
     fn moe_permute(&self, x: &[f32], dim: usize, plan: &DispatchPlan, scale: Option<&[f32]>) -> Result<Vec<f32>> {
         let mut out = vec![0.0f32; plan.len() * dim];
         let has_scale = i32::from(scale.is_some());

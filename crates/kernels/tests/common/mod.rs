@@ -6,7 +6,9 @@ pub mod kernels;
 
 use whale_kernels::cuda::{device_count, Gpu};
 
+#[allow(unused_imports)]
 pub use emulator::emulator;
+#[allow(unused_imports)]
 pub use kernels::Kernels;
 
 /// The GPU, or `None` after saying why the test is skipped.
