@@ -4,6 +4,8 @@
 // CPU twin: whale_kernels::cpu::fp8_gemm::fp8_gemm with Accumulation::F32.
 #include <cuda_fp8.h>
 
+#include "mma.cuh"
+
 #define BLOCK 128
 
 __device__ float e4m3_to_f32(unsigned char c) {
@@ -84,7 +86,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_mma(
     const unsigned char* a, const float* a_scales, unsigned a_rows_per_scale,
     const unsigned char* b, const float* b_scales, unsigned b_rows_per_scale,
     float* y, unsigned m, unsigned n, unsigned k) {
-#if __CUDA_ARCH__ >= 890
+#if __CUDA_ARCH__ >= 890 || defined(WHALE_HOST_EMULATION)
     __shared__ __align__(16) unsigned char sa[TILE * ROW_BYTES];
     __shared__ __align__(16) unsigned char sb[TILE * ROW_BYTES];
     __shared__ float scale_a[TILE], scale_b[TILE];
@@ -132,14 +134,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_mma(
             #pragma unroll
             for (int i = 0; i < 2; ++i)
                 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    float* c = partial[i][j];
-                    asm volatile(
-                        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 "
-                        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                        : "r"(fa[i][0]), "r"(fa[i][1]), "r"(fa[i][2]), "r"(fa[i][3]), "r"(fb[j][0]), "r"(fb[j][1]));
-                }
+                for (int j = 0; j < 8; ++j) mma_m16n8k32_e4m3(partial[i][j], fa[i], fb[j]);
         }
         // Promotion: each block's partial sums times its two scales.
         #pragma unroll

@@ -1,6 +1,7 @@
 // CUDA on the host, for checking a kernel's own logic (indexing, tiling, shared-memory layout,
 // pipelining, edges) on a machine without a GPU: a kernel file compiled as C++ with
-// WHALE_HOST_EMULATION gets these definitions in place of shared_memory.cuh's PTX.
+// WHALE_HOST_EMULATION gets these definitions in place of shared_memory.cuh's PTX (and
+// sm90_host.h, mma_host.h those of sm90.cuh's wgmma and mma.cuh's mma.sync).
 // - Every CUDA thread of a block is a fiber (ucontext) on one OS thread, run until it waits;
 //   blocks run one after another. Runs are deterministic.
 // - __syncthreads and the warp shuffles are barriers: a fiber waits until every thread of its
@@ -47,7 +48,7 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __restrict__ __restrict
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -57,6 +58,11 @@ struct alignas(16) float4 {
     float x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
@@ -95,6 +101,7 @@ struct Block {
     Barrier all;                 // __syncthreads
     std::vector<Barrier> warps;  // the shuffles'
     std::vector<float> shuffled; // a value per thread
+    std::vector<unsigned> exchange; // words per thread for warp-collective instructions (mma_host.h)
     unsigned long progress = 0;  // arrivals and finished threads: a pass without any is a deadlock
     std::string failure;         // set by a fiber that failed, which then never runs again
 };

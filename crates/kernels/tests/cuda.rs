@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::emulator::Arg;
+use common::kernels::grid_for;
 use common::{assert_close, assert_lse, emulator, gpu, values, Kernels};
 use std::path::Path;
 
@@ -21,7 +23,7 @@ use whale_kernels::cpu::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use whale_kernels::cpu::rope::{rope_half, rope_interleaved};
 use whale_kernels::cpu::softmax::{log_softmax_backward, log_softmax_forward, softmax_backward, softmax_forward};
 use whale_kernels::cpu::swiglu::{swiglu_backward, swiglu_forward};
-use whale_kernels::cuda::{manifest, source_hash, AttentionKernels, Fp8GemmKernel, GemmShape, Gpu};
+use whale_kernels::cuda::{manifest, source_hash, AttentionKernels, Fp8GemmKernel, GemmShape, Strided};
 
 #[test]
 fn the_embedded_ptx_was_built_from_the_current_sources() {
@@ -136,6 +138,200 @@ fn log_softmax_matches_the_cpu_in_emulation() {
     }
 }
 
+/// The generic kernels behind whale-tensor's CUDA backend (kernels/tensor.cu), in emulation,
+/// against their formulas in f64; on a GPU, whale-tensor's backend tests run them against the
+/// CPU paths.
+#[test]
+fn tensor_kernels_match_their_formulas_in_emulation() {
+    let Some(e) = emulator("tensor_kernels_match_their_formulas_in_emulation") else { return };
+    let n = 700;
+    let x = values(n, 80);
+    let positive: Vec<f32> = x.iter().map(|v| v.abs() + 0.1).collect();
+    let gelu = |x: f64| 0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh());
+    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+    // (op code of UnaryOp, p0, p1, the map in f64, whether it needs x > 0)
+    type Map<'a> = &'a dyn Fn(f64) -> f64;
+    let ops: [(i32, f32, f32, Map, bool); 14] = [
+        (0, 0.0, 0.0, &|x| -x, false),
+        (1, 0.0, 0.0, &|x| x.exp(), false),
+        (2, 0.0, 0.0, &|x| x.ln(), true),
+        (3, 0.0, 0.0, &|x| x.sqrt(), true),
+        (4, 0.0, 0.0, &|x| 1.0 / x.sqrt(), true),
+        (5, 0.0, 0.0, &|x| x * x, false),
+        (6, 1.7, 0.0, &|x| x.powf(1.7), true),
+        (7, 0.0, 0.0, &sigmoid, false),
+        (8, 0.0, 0.0, &|x| x.tanh(), false),
+        (9, 0.0, 0.0, &|x| x.max(0.0), false),
+        (10, 0.0, 0.0, &|x| x * sigmoid(x), false),
+        (11, 0.0, 0.0, &gelu, false),
+        (12, -0.5, 0.75, &|x| x.clamp(-0.5, 0.75), false),
+        (13, 3.0, -0.25, &|x| 3.0 * x - 0.25, false),
+    ];
+    let g = values(n, 81);
+    for (code, p0, p1, f, needs_positive) in ops {
+        let x = if needs_positive { &positive } else { &x };
+        let mut y = vec![0.0f32; n];
+        let args = &mut [
+            Arg::input(x),
+            Arg::output(&mut y),
+            Arg::value(n as u32),
+            Arg::value(code),
+            Arg::value(p0),
+            Arg::value(p1),
+        ];
+        e.launch("unary_f32", grid_for(n), args).unwrap();
+        let want: Vec<f32> = x.iter().map(|&v| f(v as f64) as f32).collect();
+        assert_close(&format!("unary op {code}"), &y, &want, 1e-6);
+        let mut dx = vec![0.0f32; n];
+        let args = &mut [
+            Arg::input(x),
+            Arg::input(&y),
+            Arg::input(&g),
+            Arg::output(&mut dx),
+            Arg::value(n as u32),
+            Arg::value(code),
+            Arg::value(p0),
+            Arg::value(p1),
+        ];
+        e.launch("unary_backward_f32", grid_for(n), args).unwrap();
+        // Central differences in f64 (the kinks of relu and clamp are not among the values).
+        let h = 1e-6;
+        let want: Vec<f32> = x
+            .iter()
+            .zip(&g)
+            .map(|(&v, &gv)| (gv as f64 * (f(v as f64 + h) - f(v as f64 - h)) / (2.0 * h)) as f32)
+            .collect();
+        assert_close(&format!("unary op {code} backward"), &dx, &want, 1e-4);
+    }
+
+    // Binary ops over a broadcast: a [4, 5, 6] against b [5, 1] (strides 0 where broadcast), a
+    // read transposed from its [6, 5, 4] storage.
+    let shape = [4usize, 5, 6];
+    let (a, b) = (values(120, 82), values(5, 83).iter().map(|v| v + 3.0).collect::<Vec<_>>());
+    let mask: Vec<f32> = (0..120).map(|i| (i % 3 == 0) as u8 as f32).collect();
+    let strided = Strided::new(&shape, (&[1, 4, 20], 0), (&[0, 1, 0], 0)).unwrap();
+    let at = |i: usize| a[i / 30 + (i / 6 % 5) * 4 + (i % 6) * 20];
+    type Op<'a> = &'a dyn Fn(f32, f32) -> f32;
+    let ops: [(i32, Op); 6] = [
+        (0, &|x, z| x + z),
+        (1, &|x, z| x - z),
+        (2, &|x, z| x * z),
+        (3, &|x, z| x / z),
+        (4, &|x, z| x.max(z)),
+        (5, &|x, z| (x >= z) as u8 as f32),
+    ];
+    for (code, f) in ops {
+        let mut out = vec![0.0f32; 120];
+        let args = &mut [
+            Arg::input(&a),
+            Arg::input(&b),
+            Arg::output(&mut out),
+            Arg::value(120u32),
+            Arg::value(code),
+            Arg::value(strided),
+        ];
+        e.launch("binary_f32", grid_for(120), args).unwrap();
+        let want: Vec<f32> = (0..120).map(|i| f(at(i), b[i / 6 % 5])).collect();
+        assert_eq!(out, want, "binary op {code}");
+    }
+    // where(mask, b, 0) and where(mask, 0, b), the mask read contiguously.
+    let masked = Strided::new(&shape, (&[30, 6, 1], 0), (&[0, 1, 0], 0)).unwrap();
+    for (code, keep) in [(6, true), (7, false)] {
+        let mut out = vec![0.0f32; 120];
+        let args = &mut [
+            Arg::input(&mask),
+            Arg::input(&b),
+            Arg::output(&mut out),
+            Arg::value(120u32),
+            Arg::value(code),
+            Arg::value(masked),
+        ];
+        e.launch("binary_f32", grid_for(120), args).unwrap();
+        let want: Vec<f32> = (0..120).map(|i| if (mask[i] != 0.0) == keep { b[i / 6 % 5] } else { 0.0 }).collect();
+        assert_eq!(out, want, "where op {code}");
+    }
+
+    // The strided copy makes the transposed view contiguous; the strided write puts it back.
+    let mut copy = vec![0.0f32; 120];
+    e.launch(
+        "strided_copy_f32",
+        grid_for(120),
+        &mut [Arg::input(&a), Arg::output(&mut copy), Arg::value(120u32), Arg::value(strided)],
+    )
+    .unwrap();
+    assert_eq!(copy, (0..120).map(at).collect::<Vec<_>>(), "strided copy");
+    let write = Strided::new(&shape, (&[30, 6, 1], 0), (&[1, 4, 20], 0)).unwrap();
+    let mut back = vec![f32::NAN; 120];
+    e.launch(
+        "strided_write_f32",
+        grid_for(120),
+        &mut [Arg::input(&copy), Arg::output(&mut back), Arg::value(120u32), Arg::value(write)],
+    )
+    .unwrap();
+    assert_eq!(back, a, "strided write");
+    let mut filled = vec![0.0f32; 300];
+    e.launch("fill_f32", grid_for(300), &mut [Arg::output(&mut filled), Arg::value(300u32), Arg::value(2.5f32)])
+        .unwrap();
+    assert!(filled.iter().all(|&v| v == 2.5), "fill");
+    let mut selected = vec![0.0f32; 120];
+    let args =
+        &mut [Arg::input(&mask), Arg::input(&a), Arg::input(&copy), Arg::output(&mut selected), Arg::value(120u32)];
+    e.launch("select_f32", grid_for(120), args).unwrap();
+    assert_eq!(selected, (0..120).map(|i| if mask[i] != 0.0 { a[i] } else { copy[i] }).collect::<Vec<_>>(), "select");
+
+    // Reductions over the middle axis of [outer, n, inner], with a NaN for argmax and a row of
+    // -inf for logsumexp.
+    let (outer, mid, inner) = (3usize, 50usize, 7usize);
+    let mut r = values(outer * mid * inner, 84);
+    r[(mid + 9) * inner + 2] = f32::NAN; // outer 1, j 9, inner 2
+    for j in 0..mid {
+        r[(2 * mid + j) * inner + 4] = f32::NEG_INFINITY;
+    }
+    let r = &r;
+    let column = |o: usize, i: usize| (0..mid).map(move |j| r[(o * mid + j) * inner + i]);
+    for kernel in ["sum_mid_f32", "argmax_mid_f32", "logsumexp_mid_f32"] {
+        let mut y = vec![0.0f32; outer * inner];
+        let dims = [outer, mid, inner].map(|d| Arg::value(d as u32));
+        let [d0, d1, d2] = dims;
+        e.launch(kernel, grid_for(outer * inner), &mut [Arg::input(r), Arg::output(&mut y), d0, d1, d2]).unwrap();
+        for o in 0..outer {
+            for i in 0..inner {
+                let got = y[o * inner + i];
+                let want = match kernel {
+                    "sum_mid_f32" => column(o, i).map(f64::from).sum::<f64>() as f32,
+                    "argmax_mid_f32" => {
+                        let mut best = 0;
+                        for (j, v) in column(o, i).enumerate() {
+                            if v.is_nan() {
+                                best = j;
+                                break;
+                            }
+                            if v > column(o, i).nth(best).unwrap() {
+                                best = j;
+                            }
+                        }
+                        best as f32
+                    }
+                    _ => {
+                        let m = column(o, i).fold(f32::NEG_INFINITY, f32::max);
+                        if m == f32::NEG_INFINITY {
+                            m
+                        } else {
+                            m + column(o, i).map(|v| ((v - m) as f64).exp()).sum::<f64>().ln() as f32
+                        }
+                    }
+                };
+                let ok = if kernel == "sum_mid_f32" || kernel == "argmax_mid_f32" || !want.is_finite() {
+                    got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan())
+                } else {
+                    (got - want).abs() <= 1e-6 * (1.0 + want.abs())
+                };
+                assert!(ok, "{kernel} [{o}, {i}]: {got} vs {want}");
+            }
+        }
+    }
+}
+
 #[test]
 fn adamw_matches_the_cpu() {
     let Some(g) = gpu("adamw_matches_the_cpu") else { return };
@@ -171,7 +367,8 @@ fn fp8_kernels_match_the_cpu() {
 #[test]
 fn fp8_kernels_match_the_cpu_in_emulation() {
     let Some(e) = emulator("fp8_kernels_match_the_cpu_in_emulation") else { return };
-    fp8_kernels(e);
+    let (cpu, wq) = fp8_kernels(e);
+    check_fp8_gemm(e, &cpu, &wq, Fp8GemmKernel::Simple);
 }
 
 /// The activation quantisation (straight and transposed) and the weight transpose against the
@@ -205,9 +402,9 @@ fn fp8_kernels(k: &impl Kernels) -> (Fp8Blocks, Fp8Blocks) {
 
 /// Both FP8 GEMM kernels against the CPU twin: the block partial sums run in another order than
 /// the CPU's, so they agree to f32 rounding of the largest output.
-fn check_fp8_gemm(g: &Gpu, a: &Fp8Blocks, b: &Fp8Blocks, kernel: Fp8GemmKernel) {
+fn check_fp8_gemm(k: &impl Kernels, a: &Fp8Blocks, b: &Fp8Blocks, kernel: Fp8GemmKernel) {
     let want = fp8_gemm(a, b, Accumulation::F32);
-    let got = g.fp8_gemm_with(a, b, kernel).unwrap();
+    let got = k.fp8_gemm_with(a, b, kernel).unwrap();
     let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     assert_eq!(got.len(), want.len());
     let n = b.rows;
@@ -231,7 +428,7 @@ fn check_fp8_gemm(g: &Gpu, a: &Fp8Blocks, b: &Fp8Blocks, kernel: Fp8GemmKernel) 
     // about 14 bits inside a block); order 1: a layout mistake.
     let worst = wrong.iter().map(|&i| (got[i] - want[i]).abs()).fold(0.0f32, f32::max) / scale;
     let examples: Vec<String> =
-        wrong.iter().take(4).map(|&i| format!("[{}, {}] GPU {} vs CPU {}", i / n, i % n, got[i], want[i])).collect();
+        wrong.iter().take(4).map(|&i| format!("[{}, {}] got {} vs CPU {}", i / n, i % n, got[i], want[i])).collect();
     panic!(
         "fp8 gemm {kernel:?} of [{}, {}] x [{n}, {}]: {} of {} outputs differ by more than 1e-5 x {scale}; \
          the largest error is {worst:e} of it; e.g. {}; rows mod 128: {:?}; columns mod 128: {:?}",
@@ -268,6 +465,20 @@ fn check_fp8_gemm_kernel(test: &str, kernel: Fp8GemmKernel) {
         eprintln!("{test}: skipped, sm_{}{} does not run the {kernel:?} kernel", g.arch.0, g.arch.1);
         return;
     }
+    fp8_gemm_shapes(&g, kernel);
+}
+
+#[test]
+fn every_fp8_gemm_kernel_matches_the_cpu_in_emulation() {
+    let Some(e) = emulator("every_fp8_gemm_kernel_matches_the_cpu_in_emulation") else { return };
+    for kernel in [Fp8GemmKernel::Simple, Fp8GemmKernel::TensorCore, Fp8GemmKernel::Wgmma] {
+        fp8_gemm_shapes(e, kernel);
+    }
+}
+
+/// Whole tiles, ragged M / N / K edges (K a multiple of 16 but not of 128), per-row and
+/// per-128-row B scales, more K blocks than the wgmma kernel's pipeline stages.
+fn fp8_gemm_shapes(dev: &impl Kernels, kernel: Fp8GemmKernel) {
     let shapes =
         [(128, 128, 256, 128), (200, 300, 400, 128), (33, 130, 144, 1), (1, 257, 512, 128), (130, 140, 880, 128)];
     for (m, n, k, b_rows) in shapes {
@@ -275,7 +486,7 @@ fn check_fp8_gemm_kernel(test: &str, kernel: Fp8GemmKernel) {
         let w: Vec<f32> = values(n * k, 32).iter().enumerate().map(|(i, v)| v / (1 + (i / 977) % 5) as f32).collect();
         let a = Fp8Blocks::quantize(&x, m, k, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
         let b = Fp8Blocks::quantize(&w, n, k, (b_rows, 128), Fp8Format::E4M3, ScaleFormat::F32);
-        check_fp8_gemm(&g, &a, &b, kernel);
+        check_fp8_gemm(dev, &a, &b, kernel);
     }
 }
 

@@ -151,6 +151,39 @@ fn attention_backward_matches_the_cpu() {
     }
 }
 
+/// The simple attention kernels (one block per row) in emulation, on shapes small enough for a
+/// fiber per thread: GQA, causal and not, fully masked rows, distinct widths. The tiled ones run
+/// in emulation in tests/emulate.rs.
+#[test]
+fn simple_attention_kernels_match_the_cpu_in_emulation() {
+    let Some(e) = emulator("simple_attention_kernels_match_the_cpu_in_emulation") else { return };
+    let shape = AttnShape::new;
+    let cases = [
+        ("GQA causal", shape(2, (4, 2), (9, 9), (24, 16), true)),
+        ("non-causal, distinct widths", shape(1, (3, 1), (5, 11), (40, 33), false)),
+        ("causal query block at the end of the keys", shape(1, (2, 2), (3, 12), (8, 8), true)),
+        ("fully masked rows", shape(1, (2, 1), (9, 5), (8, 8), true)),
+        ("no keys", shape(1, (2, 1), (3, 0), (4, 4), false)),
+    ];
+    for (seed, &(what, s)) in cases.iter().enumerate() {
+        let (qr, kr) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);
+        let seed = 90 + 4 * seed as u32;
+        let (q, k, v) = (values(qr * s.qk_dim, seed), values(kr * s.qk_dim, seed + 1), values(kr * s.v_dim, seed + 2));
+        let d_o = values(qr * s.v_dim, seed + 3);
+        let (mut o, mut lse) = (vec![0.0; qr * s.v_dim], vec![0.0; qr]);
+        attention_forward(&s, &q, &k, &v, &mut o, &mut lse);
+        let (eo, e_lse) = e.attention_forward_simple(&s, &q, &k, &v).unwrap();
+        assert_close(&format!("{what} o"), &eo, &o, 1e-5);
+        assert_lse(what, &e_lse, &lse);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_backward(&s, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv);
+        let (edq, edk, edv) = e.attention_backward_simple(&s, (&q, &k, &v), (&o, &lse, &d_o)).unwrap();
+        assert_close(&format!("{what} dq"), &edq, &dq, 1e-5);
+        assert_close(&format!("{what} dk"), &edk, &dk, 1e-5);
+        assert_close(&format!("{what} dv"), &edv, &dv, 1e-5);
+    }
+}
+
 #[test]
 fn fp8_weight_blocks_and_dequantisation_match_the_cpu() {
     let Some(g) = gpu("fp8_weight_blocks_and_dequantisation_match_the_cpu") else { return };

@@ -8,7 +8,8 @@
 //!
 //! The GPU tests' own bodies run in emulation too, against the CPU twins: the `*_in_emulation`
 //! tests of tests/cuda.rs and tests/cuda_train.rs launch every module's kernels by name through
-//! tests/common/emulator.rs.
+//! tests/common/emulator.rs (mma.sync from emulate/mma_host.h), and `every_kernel_runs_in_emulation`
+//! holds the manifest to that.
 
 mod common;
 
@@ -16,6 +17,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::emulator::gxx_flags;
+use whale_kernels::cuda::{manifest, Fp8GemmKernel};
 
 #[test]
 fn the_wgmma_fp8_gemm_in_host_emulation_matches_the_block_scaled_product() {
@@ -41,4 +43,42 @@ fn emulate(test: &str, driver: &str) {
     let run = Command::new(&exe).output().unwrap_or_else(|e| panic!("{}: {e}", exe.display()));
     println!("{} (host emulation):\n{}", src.display(), text(&run.stdout));
     assert!(run.status.success(), "{}:\n{}{}", src.display(), text(&run.stdout), text(&run.stderr));
+}
+
+/// Whether `text` has `word` as a whole identifier.
+fn mentions(text: &str, word: &str) -> bool {
+    let ident = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    text.match_indices(word)
+        .any(|(i, _)| !ident(text[..i].chars().next_back()) && !ident(text[i + word.len()..].chars().next()))
+}
+
+/// Every kernel of the manifest runs in emulation somewhere: launched by name from a test
+/// (tests/*.rs, tests/common/kernels.rs), called by a standalone driver (kernels/emulate/*.cpp),
+/// or, for the FP8 GEMMs, launched by `Fp8GemmKernel::entry` in
+/// `every_fp8_gemm_kernel_matches_the_cpu_in_emulation`.
+#[test]
+fn every_kernel_runs_in_emulation() {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |dir: &Path, ext: &str| -> String {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == ext))
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect()
+    };
+    let tests = read(&here.join("tests"), "rs") + &read(&here.join("tests/common"), "rs");
+    let drivers = read(&here.join("../../kernels/emulate"), "cpp");
+    let gemms = [Fp8GemmKernel::Simple, Fp8GemmKernel::TensorCore, Fp8GemmKernel::Wgmma].map(|k| k.entry());
+    for m in manifest::MODULES {
+        for &k in m.kernels {
+            let launched = tests.contains(&format!("\"{k}\""));
+            let called = mentions(&drivers, k);
+            assert!(
+                launched || called || gemms.contains(&k),
+                "{}: kernel {k} runs in no emulation (tests/common/kernels.rs or kernels/emulate/*.cpp)",
+                m.name
+            );
+        }
+    }
 }

@@ -7,6 +7,8 @@
 
 #include "cuda_fp16.h"
 
+typedef unsigned char __nv_fp8_storage_t;
+
 enum __nv_saturation_t { __NV_NOSAT, __NV_SATFINITE };
 enum __nv_fp8_interpretation_t { __NV_E4M3, __NV_E5M2 };
 

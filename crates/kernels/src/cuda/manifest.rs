@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0x15c2153444867fe6;
+pub const SOURCE_HASH: u64 = 0xdf86e7f9195c8b08;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {

@@ -5,10 +5,11 @@
 use half::bf16;
 
 use whale_kernels::cpu::adamw::{AdamWScalars, AdamWStep};
+use whale_kernels::cpu::attention::AttnShape;
 use whale_kernels::cpu::dispatch::DispatchPlan;
 use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format};
 use whale_kernels::cpu::router::{Routed, RouterConfig};
-use whale_kernels::cuda::Gpu;
+use whale_kernels::cuda::{Fp8GemmKernel, Gpu};
 
 use super::emulator::{Arg, Emulator, Launch};
 
@@ -65,6 +66,7 @@ pub trait Kernels {
     fn fp8_quantize_transposed(&self, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Blocks>;
     fn fp8_dequantize(&self, q: &Fp8Blocks) -> Result<Vec<f32>>;
     fn fp8_transpose(&self, w: &Fp8Blocks) -> Result<Fp8Blocks>;
+    fn fp8_gemm_with(&self, a: &Fp8Blocks, b: &Fp8Blocks, kernel: Fp8GemmKernel) -> Result<Vec<f32>>;
 }
 
 fn text<T>(r: std::result::Result<T, whale_kernels::cuda::GpuError>) -> Result<T> {
@@ -166,13 +168,16 @@ impl Kernels for Gpu {
     fn fp8_transpose(&self, w: &Fp8Blocks) -> Result<Fp8Blocks> {
         text(Gpu::fp8_transpose(self, w))
     }
+    fn fp8_gemm_with(&self, a: &Fp8Blocks, b: &Fp8Blocks, kernel: Fp8GemmKernel) -> Result<Vec<f32>> {
+        text(Gpu::fp8_gemm_with(self, a, b, kernel))
+    }
 }
 
 /// The launchers' `THREADS` and `grid_for` (crates/kernels/src/cuda/mod.rs): grid-stride loops
 /// over `n` elements.
 const THREADS: u32 = 256;
 
-fn grid_for(n: usize) -> Launch {
+pub fn grid_for(n: usize) -> Launch {
     Launch::new(((n as u32).div_ceil(THREADS).clamp(1, 65_535), 1, 1), (THREADS, 1, 1), 0)
 }
 
@@ -215,6 +220,59 @@ impl Emulator {
     pub fn log_softmax_backward(&self, y: &[f32], dy: &[f32], dim: usize) -> Result<Vec<f32>> {
         self.rows("log_softmax_backward_f32", &[y, dy], dim)
     }
+
+    /// The simple attention forward (one block per query row): `(o, lse)`. The tiled kernels
+    /// are kernels/emulate/attention.cpp's.
+    pub fn attention_forward_simple(
+        &self,
+        s: &AttnShape,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let q_rows = s.batch * s.q_heads * s.q_len;
+        let (mut o, mut lse) = (vec![0.0f32; q_rows * s.v_dim], vec![0.0f32; q_rows]);
+        let mut args = vec![Arg::input(q), Arg::input(k), Arg::input(v), Arg::output(&mut o), Arg::output(&mut lse)];
+        args.extend(attention_dims(s));
+        self.launch("attention_forward_f32", rows_config(q_rows), &mut args)?;
+        Ok((o, lse))
+    }
+
+    /// The simple attention backward's two passes (a block per query row, then per key row):
+    /// `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward_simple(
+        &self,
+        s: &AttnShape,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        (o, lse, d_o): (&[f32], &[f32], &[f32]),
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (q_rows, kv_rows) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);
+        let (mut dq, mut dk, mut dv) = (vec![0.0f32; q.len()], vec![0.0f32; k.len()], vec![0.0f32; v.len()]);
+        let mut delta = vec![0.0f32; q_rows];
+        if q_rows == 0 || kv_rows == 0 {
+            // As the launcher: no queries, no key gradients; no keys, every row fully masked.
+            return Ok((dq, dk, dv));
+        }
+        let (inputs, outputs) = ([q, k, v, o, lse, d_o], (&mut dq, &mut delta));
+        let mut args: Vec<Arg<'_>> = inputs.iter().map(|x| Arg::input(x)).collect();
+        args.extend([Arg::output(outputs.0), Arg::output(outputs.1)]);
+        args.extend(attention_dims(s));
+        self.launch("attention_backward_dq_f32", rows_config(q_rows), &mut args)?;
+        let mut args: Vec<Arg<'_>> = [q, k, v, d_o, lse, &delta].iter().map(|x| Arg::input(x)).collect();
+        args.extend([Arg::output(&mut dk), Arg::output(&mut dv)]);
+        args.extend(attention_dims(s));
+        self.launch("attention_backward_dkv_f32", rows_config(kv_rows), &mut args)?;
+        Ok((dq, dk, dv))
+    }
+}
+
+/// The attention kernels' trailing arguments: heads, lengths, widths, scale, causal.
+fn attention_dims(s: &AttnShape) -> Vec<Arg<'static>> {
+    let mut args: Vec<Arg<'static>> =
+        [s.q_heads, s.kv_heads, s.q_len, s.kv_len, s.qk_dim, s.v_dim].into_iter().map(u32_of).collect();
+    args.extend([Arg::value(s.scale), Arg::value(i32::from(s.causal))]);
+    args
 }
 
 /// The kernels in emulation, launched as the launchers of crates/kernels/src/cuda launch them
@@ -498,6 +556,35 @@ impl Kernels for Emulator {
         Ok(out)
     }
 
+    fn fp8_gemm_with(&self, a: &Fp8Blocks, b: &Fp8Blocks, kernel: Fp8GemmKernel) -> Result<Vec<f32>> {
+        let (m, n, k) = (a.rows, b.rows, a.cols);
+        // The emulation is an H200 (sm_90): the kernels it runs are those one runs.
+        if b.cols != k || !kernel.runs_on((9, 0), k) {
+            return Err(format!("fp8 gemm: {kernel:?} over [{m}, {k}] x [{n}, {}]ᵀ", b.cols));
+        }
+        let mut y = vec![0.0f32; m * n];
+        let tiles = ((n as u32).div_ceil(128), (m as u32).div_ceil(128), 1);
+        let cfg = match kernel {
+            Fp8GemmKernel::Wgmma => Launch::new(tiles, (256, 1, 1), WGMMA_SHARED_BYTES),
+            Fp8GemmKernel::TensorCore => Launch::new(tiles, (256, 1, 1), 0),
+            Fp8GemmKernel::Simple => Launch::new(((n as u32).div_ceil(16), (m as u32).div_ceil(16), 1), (16, 16, 1), 0),
+        };
+        let args = &mut [
+            Arg::input(&a.codes),
+            Arg::input(&a.scales),
+            u32_of(a.block.0),
+            Arg::input(&b.codes),
+            Arg::input(&b.scales),
+            u32_of(b.block.0),
+            Arg::output(&mut y),
+            u32_of(m),
+            u32_of(n),
+            u32_of(k),
+        ];
+        self.launch(kernel.entry(), cfg, args)?;
+        Ok(y)
+    }
+
     fn fp8_transpose(&self, w: &Fp8Blocks) -> Result<Fp8Blocks> {
         let (rows, cols) = (w.rows, w.cols);
         let grid = (rows.div_ceil(128), cols.div_ceil(128));
@@ -508,6 +595,9 @@ impl Kernels for Emulator {
         Fp8Blocks::from_parts(codes, scales, (cols, rows), (128, 128), w.format)
     }
 }
+
+/// The wgmma kernel's dynamic shared memory (crates/kernels/src/cuda/fp8_gemm.rs).
+const WGMMA_SHARED_BYTES: u32 = 1024 + 4 * (2 * 128 * 128 + 2 * 128 * 4);
 
 /// fp8_quantize_1x128 or fp8_quantize_128x128 (`block_rows` 1 or 128) of `x` `[rows, cols]`.
 fn quantize(
