@@ -4,12 +4,12 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0xdf86e7f9195c8b08;
+pub const SOURCE_HASH: u64 = 0x9d7d91ac6b3a9a46;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
         name: "adamw",
-        kernels: &["adamw_step_f32"],
+        kernels: &["adamw_step_f32", "adamw_step_bf16_moments"],
         sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/adamw.sm_90.ptx"),
         sm_80: include_str!("../../../../kernels/ptx/adamw.sm_80.ptx"),

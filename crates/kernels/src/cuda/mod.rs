@@ -477,7 +477,34 @@ impl Gpu {
         &self,
         param: &mut cudarc::driver::CudaViewMut<'_, f32>,
         grad: &cudarc::driver::CudaView<'_, f32>,
-        (m, v): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        moments: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        n: usize,
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        self.adamw("adamw_step_f32", param, grad, moments, n, hp)
+    }
+
+    /// [`Gpu::adamw_step_dev`] with bf16 moments (DeepSeek-V3's recipe), in one launch: each
+    /// moment widened to f32, one f32 step, rounded back to nearest even (twin: the CPU step on
+    /// the widened moments, rounded with `half::bf16::from_f32`).
+    pub fn adamw_step_bf16_dev(
+        &self,
+        param: &mut cudarc::driver::CudaViewMut<'_, f32>,
+        grad: &cudarc::driver::CudaView<'_, f32>,
+        moments: (&mut CudaSlice<half::bf16>, &mut CudaSlice<half::bf16>),
+        n: usize,
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        self.adamw("adamw_step_bf16_moments", param, grad, moments, n, hp)
+    }
+
+    /// Launches an AdamW `kernel` whose moments are stored as `T`.
+    fn adamw<T: cudarc::driver::DeviceRepr>(
+        &self,
+        kernel: &'static str,
+        param: &mut cudarc::driver::CudaViewMut<'_, f32>,
+        grad: &cudarc::driver::CudaView<'_, f32>,
+        (m, v): (&mut CudaSlice<T>, &mut CudaSlice<T>),
         n: usize,
         hp: &AdamWStep,
     ) -> Result<()> {
@@ -489,12 +516,13 @@ impl Gpu {
         }
         let s = crate::cpu::adamw::AdamWScalars::new(hp);
         let (n32, from_m) = (n as u32, i32::from(s.lerp_from_m));
-        let mut l = self.stream.launch_builder(self.function("adamw_step_f32"));
+        let mut l = self.stream.launch_builder(self.function(kernel));
         l.arg(param).arg(grad).arg(m).arg(v).arg(&n32);
         l.arg(&s.decay).arg(&s.lerp_coeff).arg(&from_m).arg(&s.beta2).arg(&s.one_minus_beta2);
         l.arg(&s.bias_correction2_sqrt).arg(&s.eps).arg(&s.neg_step_size);
-        // SAFETY: one thread per element of four buffers holding at least `n` floats.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("adamw_step_f32"))?;
+        // SAFETY: one thread per element of four buffers holding at least `n` values of the
+        // kernel's types (f32 parameters and gradients, moments of T).
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda(kernel))?;
         Ok(())
     }
 
@@ -507,16 +535,50 @@ impl Gpu {
         v: &mut [f32],
         hp: &AdamWStep,
     ) -> Result<()> {
+        self.adamw_host(param, grad, (m, v), |g, p, gr, mv, n| g.adamw_step_dev(p, gr, mv, n, hp))
+    }
+
+    /// One fused AdamW step with bf16 moments in place from host slices (see
+    /// [`Gpu::adamw_step_bf16_dev`]).
+    pub fn adamw_step_bf16(
+        &self,
+        param: &mut [f32],
+        grad: &[f32],
+        m: &mut [half::bf16],
+        v: &mut [half::bf16],
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        self.adamw_host(param, grad, (m, v), |g, p, gr, mv, n| g.adamw_step_bf16_dev(p, gr, mv, n, hp))
+    }
+
+    /// Copies the buffers in, runs `step` on them, copies them back.
+    #[allow(clippy::type_complexity)]
+    fn adamw_host<T>(
+        &self,
+        param: &mut [f32],
+        grad: &[f32],
+        (m, v): (&mut [T], &mut [T]),
+        step: impl FnOnce(
+            &Gpu,
+            &mut cudarc::driver::CudaViewMut<'_, f32>,
+            &cudarc::driver::CudaView<'_, f32>,
+            (&mut CudaSlice<T>, &mut CudaSlice<T>),
+            usize,
+        ) -> Result<()>,
+    ) -> Result<()>
+    where
+        T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone,
+    {
         let n = param.len();
         if grad.len() != n || m.len() != n || v.len() != n {
             return Err(GpuError::Shape("adamw: buffers differ in length".into()));
         }
-        let up = |x: &[f32]| self.upload_nonempty(x);
-        let (mut dp, dg, mut dm, mut dv) = (up(param)?, up(grad)?, up(m)?, up(v)?);
-        self.adamw_step_dev(&mut dp.slice_mut(..), &dg.slice(..), (&mut dm, &mut dv), n, hp)?;
+        let (mut dp, dg) = (self.upload_nonempty(param)?, self.upload_nonempty(grad)?);
+        let (mut dm, mut dv) = (self.upload_nonempty(m)?, self.upload_nonempty(v)?);
+        step(self, &mut dp.slice_mut(..), &dg.slice(..), (&mut dm, &mut dv), n)?;
         param.copy_from_slice(&self.download(&dp, n)?);
-        m.copy_from_slice(&self.download(&dm, n)?);
-        v.copy_from_slice(&self.download(&dv, n)?);
+        m.clone_from_slice(&self.download(&dm, n)?);
+        v.clone_from_slice(&self.download(&dv, n)?);
         Ok(())
     }
 }

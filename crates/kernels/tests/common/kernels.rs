@@ -56,6 +56,14 @@ pub trait Kernels {
     fn embedding_forward(&self, table: &[f32], dim: usize, ids: &[u32]) -> Result<Vec<f32>>;
     fn embedding_backward(&self, dout: &[f32], dim: usize, ids: &[u32], table_len: usize) -> Result<Vec<f32>>;
     fn adamw_step(&self, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamWStep) -> Result<()>;
+    fn adamw_step_bf16(
+        &self,
+        param: &mut [f32],
+        grad: &[f32],
+        m: &mut [bf16],
+        v: &mut [bf16],
+        hp: &AdamWStep,
+    ) -> Result<()>;
     fn moe_route(&self, logits: &[f32], bias: Option<&[f32]>, cfg: &RouterConfig) -> Result<Routed>;
     fn moe_permute(&self, x: &[f32], dim: usize, plan: &DispatchPlan, scale: Option<&[f32]>) -> Result<Vec<f32>>;
     fn moe_unpermute(&self, y: &[f32], dim: usize, plan: &DispatchPlan, weight: Option<&[f32]>) -> Result<Vec<f32>>;
@@ -137,6 +145,16 @@ impl Kernels for Gpu {
     }
     fn adamw_step(&self, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamWStep) -> Result<()> {
         text(Gpu::adamw_step(self, param, grad, m, v, hp))
+    }
+    fn adamw_step_bf16(
+        &self,
+        param: &mut [f32],
+        grad: &[f32],
+        m: &mut [bf16],
+        v: &mut [bf16],
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        text(Gpu::adamw_step_bf16(self, param, grad, m, v, hp))
     }
     fn moe_route(&self, logits: &[f32], bias: Option<&[f32]>, cfg: &RouterConfig) -> Result<Routed> {
         text(Gpu::moe_route(self, logits, bias, cfg))
@@ -426,23 +444,19 @@ impl Kernels for Emulator {
     }
 
     fn adamw_step(&self, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamWStep) -> Result<()> {
-        let (n, s) = (param.len(), AdamWScalars::new(hp));
-        let args = &mut [
-            Arg::output(param),
-            Arg::input(grad),
-            Arg::output(m),
-            Arg::output(v),
-            u32_of(n),
-            Arg::value(s.decay),
-            Arg::value(s.lerp_coeff),
-            Arg::value(i32::from(s.lerp_from_m)),
-            Arg::value(s.beta2),
-            Arg::value(s.one_minus_beta2),
-            Arg::value(s.bias_correction2_sqrt),
-            Arg::value(s.eps),
-            Arg::value(s.neg_step_size),
-        ];
-        self.launch("adamw_step_f32", grid_for(n), args)
+        adamw(self, "adamw_step_f32", param, grad, (m, v), hp)
+    }
+
+    fn adamw_step_bf16(
+        &self,
+        param: &mut [f32],
+        grad: &[f32],
+        m: &mut [bf16],
+        v: &mut [bf16],
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        // bf16 is its 16 bits: the kernel's unsigned short.
+        adamw(self, "adamw_step_bf16_moments", param, grad, (m, v), hp)
     }
 
     fn moe_route(&self, logits: &[f32], bias: Option<&[f32]>, cfg: &RouterConfig) -> Result<Routed> {
@@ -594,6 +608,34 @@ impl Kernels for Emulator {
         );
         Fp8Blocks::from_parts(codes, scales, (cols, rows), (128, 128), w.format)
     }
+}
+
+/// An AdamW `kernel` with moments stored as `T`, launched as the launcher launches it.
+fn adamw<T>(
+    e: &Emulator,
+    kernel: &str,
+    param: &mut [f32],
+    grad: &[f32],
+    (m, v): (&mut [T], &mut [T]),
+    hp: &AdamWStep,
+) -> Result<()> {
+    let (n, s) = (param.len(), AdamWScalars::new(hp));
+    let args = &mut [
+        Arg::output(param),
+        Arg::input(grad),
+        Arg::output(m),
+        Arg::output(v),
+        u32_of(n),
+        Arg::value(s.decay),
+        Arg::value(s.lerp_coeff),
+        Arg::value(i32::from(s.lerp_from_m)),
+        Arg::value(s.beta2),
+        Arg::value(s.one_minus_beta2),
+        Arg::value(s.bias_correction2_sqrt),
+        Arg::value(s.eps),
+        Arg::value(s.neg_step_size),
+    ];
+    e.launch(kernel, grid_for(n), args)
 }
 
 /// The wgmma kernel's dynamic shared memory (crates/kernels/src/cuda/fp8_gemm.rs).

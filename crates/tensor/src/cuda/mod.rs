@@ -641,15 +641,9 @@ pub(crate) fn adamw_step(
                     gpu.adamw_step_dev(&mut pv, &gv, (m, v), n, hp).map_err(gpu_error(dev))
                 }
                 // bf16 moments (DeepSeek-V3's recipe), as on the CPU: widened to f32 (exact), one
-                // f32 step, rounded back to nearest even.
+                // f32 step, rounded back to nearest even; one fused launch.
                 (CudaBuf::Bf16(m), CudaBuf::Bf16(v)) => {
-                    let (mut mw, mut vw) = (widen(&gpu, dev, &m.slice(..n))?, widen(&gpu, dev, &v.slice(..n))?);
-                    let mut step = || -> std::result::Result<(), GpuError> {
-                        gpu.adamw_step_dev(&mut pv, &gv, (&mut mw, &mut vw), n, hp)?;
-                        gpu.f32_to_bf16_dev(&mw.slice(..n), m, n)?;
-                        gpu.f32_to_bf16_dev(&vw.slice(..n), v, n)
-                    };
-                    step().map_err(gpu_error(dev))
+                    gpu.adamw_step_bf16_dev(&mut pv, &gv, (m, v), n, hp).map_err(gpu_error(dev))
                 }
                 _ => Err(Error::invalid("AdamW", "the two moments of a parameter must share a dtype (f32 or bf16)")),
             }
