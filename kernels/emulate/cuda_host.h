@@ -16,8 +16,9 @@
 //   kernel that refills a stage some thread has yet to read, a write-after-read race, corrupts
 //   it, since the fibers run in order). Drivers run every case both ways (emu::eager_copies).
 // - Fences are no-ops: leaving one out is not caught here.
-// - A failure (deadlock, misaligned copy, __trap) ends the launch with a std::runtime_error
-//   thrown from emu::launch, on the caller's stack.
+// - A failure (deadlock, misaligned copy, __trap, or a fault: an access outside the buffers, an
+//   integer division by zero) ends the launch with a std::runtime_error thrown from
+//   emu::launch, on the caller's stack, naming the thread and block.
 // - Arithmetic is the host's: with -ffp-contract=off, __fmul_rn / __fadd_rn and plain operators
 //   round as the GPU's do; expf, logf, tanhf and powf may differ from CUDA's in the last bits.
 // What it cannot check is the hardware itself; the GPU tests do that (crates/kernels/tests).
@@ -26,6 +27,8 @@
 #pragma once
 
 #include <math.h>
+#include <pthread.h>
+#include <signal.h>
 #include <ucontext.h>
 
 #include <cstdio>
@@ -104,6 +107,7 @@ struct Block {
     std::vector<unsigned> exchange; // words per thread for warp-collective instructions (mma_host.h)
     unsigned long progress = 0;  // arrivals and finished threads: a pass without any is a deadlock
     std::string failure;         // set by a fiber that failed, which then never runs again
+    volatile bool faulted = false; // set by on_fault (the message in fault_message)
 };
 
 inline Block* block = nullptr;
@@ -147,6 +151,47 @@ inline void run_thread() {
     ++block->progress;
 } // returns to uc_link: the scheduler
 
+// Faults of a fiber become the launch's failure: the handler, on the thread's alternate stack
+// where it has one, records what and where and resumes the scheduler (which the fault left
+// between two switches). Faults of other threads, or outside a launch, go to the handlers that
+// were installed before.
+constexpr int kFaults[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
+inline struct sigaction previous_handlers[4];
+inline pthread_t launching_thread;
+inline char fault_message[256];
+
+inline void restore_fault_handlers() {
+    for (int i = 0; i < 4; ++i) sigaction(kFaults[i], &previous_handlers[i], nullptr);
+}
+
+inline void on_fault(int sig, siginfo_t* info, void*) {
+    if (!block || !block->current || !pthread_equal(pthread_self(), launching_thread)) {
+        restore_fault_handlers(); // the faulting instruction runs again under them
+        return;
+    }
+    const char* what = sig == SIGSEGV ? "segmentation fault (an access outside the buffers)"
+                       : sig == SIGBUS ? "bus error"
+                       : sig == SIGFPE ? "arithmetic fault (an integer division by zero)"
+                                       : "illegal instruction";
+    const dim3 t = block->current->idx, b = block->idx;
+    std::snprintf(fault_message, sizeof fault_message, "%s at %p in thread (%u, %u, %u) of block (%u, %u, %u)", what,
+                  info->si_addr, t.x, t.y, t.z, b.x, b.y, b.z);
+    block->faulted = true;
+    setcontext(&block->scheduler);
+}
+
+struct FaultHandlers {
+    FaultHandlers() {
+        launching_thread = pthread_self();
+        struct sigaction sa {};
+        sa.sa_sigaction = on_fault;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        for (int i = 0; i < 4; ++i) sigaction(kFaults[i], &sa, &previous_handlers[i]);
+    }
+    ~FaultHandlers() { restore_fault_handlers(); }
+};
+
 // Runs `kernel` (a call of the kernel with its arguments) over `grid` blocks of `threads`
 // threads with `smem_bytes` of dynamic shared memory.
 template <class Kernel>
@@ -164,6 +209,7 @@ void launch(dim3 grid, dim3 threads, unsigned smem_bytes, Kernel kernel) {
             body = nullptr;
         }
     } reset;
+    FaultHandlers faults;
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -198,6 +244,7 @@ void launch(dim3 grid, dim3 threads, unsigned smem_bytes, Kernel kernel) {
                         b.current = &th;
                         swapcontext(&b.scheduler, &th.context);
                         b.current = nullptr;
+                        if (b.faulted) fail(fault_message);
                         if (!b.failure.empty()) fail(b.failure.c_str());
                         running |= !th.done;
                     }

@@ -3,7 +3,9 @@
 //! starts as garbage) into a shared library, and launched by name with a pointer to each
 //! argument, as `cuLaunchKernel` launches the PTX. The GPU tests' bodies run on it in CI, against
 //! the same CPU twins (tests/emulate.rs), so a kernel's indexing, tiling and edges are checked on
-//! machines without a GPU; the hardware is the GPU run's to check.
+//! machines without a GPU; the hardware is the GPU run's to check. Each buffer reaches the kernel
+//! as a copy that ends against an inaccessible page (inputs read-only): reading or writing past
+//! it is a launch error naming the thread and block.
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::marker::PhantomData;
@@ -36,19 +38,27 @@ pub struct Arg<'a> {
 
 #[derive(Debug)]
 enum ArgKind {
-    Buffer { ptr: *mut c_void, elem: usize },
+    Buffer { ptr: *mut c_void, elem: usize, len: usize, writable: bool },
     Value { words: Box<[u64]>, size: usize },
 }
 
 impl<'a> Arg<'a> {
     /// A buffer the kernel reads (a `const T*` parameter).
     pub fn input<T>(s: &'a [T]) -> Arg<'a> {
-        Arg { kind: ArgKind::Buffer { ptr: s.as_ptr() as *mut c_void, elem: size_of::<T>() }, _borrow: PhantomData }
+        let kind = ArgKind::Buffer {
+            ptr: s.as_ptr() as *mut c_void,
+            elem: size_of::<T>(),
+            len: size_of_val(s),
+            writable: false,
+        };
+        Arg { kind, _borrow: PhantomData }
     }
 
     /// A buffer the kernel writes.
     pub fn output<T>(s: &'a mut [T]) -> Arg<'a> {
-        Arg { kind: ArgKind::Buffer { ptr: s.as_mut_ptr().cast(), elem: size_of::<T>() }, _borrow: PhantomData }
+        let kind =
+            ArgKind::Buffer { ptr: s.as_mut_ptr().cast(), elem: size_of::<T>(), len: size_of_val(s), writable: true };
+        Arg { kind, _borrow: PhantomData }
     }
 
     /// A value parameter: a number, or a `repr(C)` struct passed by value (8-byte aligned at
@@ -72,8 +82,18 @@ struct Param {
 }
 
 type SignatureFn = unsafe extern "C" fn(*const c_char, *mut *const Param, *mut u32) -> i32;
-type LaunchFn =
-    unsafe extern "C" fn(*const c_char, *const u32, *const u32, u32, i32, *mut *mut c_void, *mut c_char, usize) -> i32;
+type LaunchFn = unsafe extern "C" fn(
+    *const c_char,
+    *const u32,
+    *const u32,
+    u32,
+    i32,
+    *mut *mut c_void,
+    *const i64,
+    *const i32,
+    *mut c_char,
+    usize,
+) -> i32;
 
 #[derive(Debug)]
 struct Module {
@@ -219,11 +239,20 @@ impl Emulator {
                 ArgKind::Value { words, .. } => words.as_mut_ptr() as *mut c_void,
             })
             .collect();
+        let bytes: Vec<i64> = args
+            .iter()
+            .map(|a| match a.kind {
+                ArgKind::Buffer { len, .. } => len as i64,
+                ArgKind::Value { .. } => -1,
+            })
+            .collect();
+        let writable: Vec<i32> =
+            args.iter().map(|a| i32::from(matches!(a.kind, ArgKind::Buffer { writable: true, .. }))).collect();
         let (grid, block) = ([cfg.grid.0, cfg.grid.1, cfg.grid.2], [cfg.block.0, cfg.block.1, cfg.block.2]);
         let mut error = vec![0 as c_char; 512];
         let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: the arguments match the kernel's parameters (checked above); the buffers outlive
-        // the call, and the caller sized them for the launch as the kernel's launcher does.
+        // SAFETY: the arguments match the kernel's parameters (checked above), and `bytes` holds
+        // each buffer's size; the buffers outlive the call (the kernel works on guarded copies).
         let rc = unsafe {
             launch(
                 name.as_ptr(),
@@ -232,6 +261,8 @@ impl Emulator {
                 cfg.smem,
                 0,
                 pointers.as_mut_ptr(),
+                bytes.as_ptr(),
+                writable.as_ptr(),
                 error.as_mut_ptr(),
                 error.len(),
             )
