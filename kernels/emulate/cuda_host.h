@@ -7,10 +7,10 @@
 // - __syncthreads and the warp shuffles are barriers: a fiber waits until every thread of its
 //   block (warp) has arrived. When every unfinished fiber waits and none can go on (threads
 //   waiting at barriers the others never reach) the run stops with an error.
-// - Dynamic shared memory is one array; an offset into it is a shared address. It starts each
-//   block filled with a non-zero pattern, so reading what was never written shows. A static
-//   `__shared__` array is a function-local `static`: one per kernel, which every thread of the
-//   running block sees (blocks run one at a time); it is not refilled between blocks.
+// - Dynamic shared memory is one array; an offset into it is a shared address. A static
+//   `__shared__` array is a function-local `static` (in section whale_shared): one per kernel,
+//   which every thread of the running block sees (blocks run one at a time). Both start each block
+//   filled with a non-zero pattern, so reading what was never written shows.
 // - cp.async copies land either when their group is waited for (lazy: a kernel that reads a
 //   stage before waiting for it reads stale bytes) or as soon as they are issued (eager: a
 //   kernel that refills a stage some thread has yet to read, a write-after-read race, corrupts
@@ -49,7 +49,11 @@
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+// Static shared arrays live in a section of their own, so each block can start with them filled
+// with garbage too (the linker brackets the section with __start_ / __stop_ symbols).
+#define __shared__ static __attribute__((section("whale_shared")))
+extern "C" unsigned char __start_whale_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" unsigned char __stop_whale_shared[] __attribute__((weak, visibility("hidden")));
 #define __restrict__ __restrict
 #define __align__(n) __attribute__((aligned(n)))
 
@@ -224,6 +228,8 @@ void launch(dim3 grid, dim3 threads, unsigned smem_bytes, Kernel kernel) {
                 for (unsigned w = 0; w < warps; ++w) b.warps[w].expected = min(32u, n - 32 * w);
                 b.shuffled.resize(32 * warps);
                 std::memset(shared_window, 0x3b, sizeof shared_window);
+                if (unsigned char *begin = __start_whale_shared, *end = __stop_whale_shared; begin != end)
+                    std::memset(begin, 0x3b, size_t(end - begin));
                 b.threads.resize(n);
                 for (unsigned t = 0; t < n; ++t) {
                     Thread& th = b.threads[t];

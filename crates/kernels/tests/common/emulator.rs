@@ -304,6 +304,14 @@ fn compile(m: &whale_kernels::cuda::PtxModule, out: &Path) -> Result<PathBuf, St
         return Err(format!("g++ {}:\n{}", source.display(), String::from_utf8_lossy(&build.stderr)));
     }
     std::fs::rename(&partial, &lib).map_err(|e| format!("{}: {e}", lib.display()))?;
+    // Builds of older sources go (a process still holding one keeps its mapping).
+    let prefix = format!("lib{}-", m.name);
+    for entry in std::fs::read_dir(out).map_err(|e| format!("{}: {e}", out.display()))?.flatten() {
+        let stale = entry.file_name().to_str().is_some_and(|n| n.starts_with(&prefix) && entry.path() != lib);
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     Ok(lib)
 }
 
