@@ -97,6 +97,10 @@ struct Thread {
     bool done = false;
     std::vector<Copy> open;                  // issued since the last commit
     std::deque<std::vector<Copy>> committed; // oldest first
+    // wgmma's asynchronous MMAs (sm90_host.h): issued since the last commit, and committed groups
+    // not yet waited for, oldest first.
+    std::vector<std::function<void()>> mma_open;
+    std::deque<std::vector<std::function<void()>>> mma_groups;
 };
 
 struct Block {
@@ -151,6 +155,8 @@ inline void wait(Barrier& b) {
 
 inline void run_thread() {
     (*body)();
+    if (!block->current->mma_open.empty() || !block->current->mma_groups.empty())
+        fail("wgmma: the thread ended with MMAs it never waited for");
     block->current->done = true;
     ++block->progress;
 } // returns to uc_link: the scheduler

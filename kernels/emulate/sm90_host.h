@@ -1,7 +1,10 @@
 // sm90.cuh's functions on the host (see cuda_host.h): the proxy fence and wgmma's fences are
-// no-ops (copies land when waited for, and wgmma completes when issued), and each thread computes
-// its own accumulators of the E4M3 wgmma from the operands its descriptors point at, as the PTX
-// ISA defines the K-major 128-byte-swizzled layout and the m64nNk32 accumulator fragment.
+// no-ops (copies land when waited for), and each thread computes its own accumulators of the
+// E4M3 wgmma from the operands its descriptors point at, as the PTX ISA defines the K-major
+// 128-byte-swizzled layout and the m64nNk32 accumulator fragment. wgmma is asynchronous as on
+// the GPU, at its latest: an MMA runs when its group is waited for, reading shared memory and its
+// accumulators then. So a kernel that refills a stage, or reads or writes the accumulators,
+// before waiting for the MMAs on them gets wrong results; one that never waits fails.
 #pragma once
 
 #include "cuda_host.h"
@@ -34,20 +37,36 @@ inline unsigned char operand(unsigned long long desc, unsigned row, unsigned kk)
 
 inline void fence_proxy_async() {}
 inline void wgmma_fence() {}
-inline void wgmma_commit() {}
-inline void wgmma_wait_all() {}
 inline void fence_accumulators(float (&)[64]) {}
 
+inline void wgmma_commit() {
+    emu::Thread& t = *emu::block->current;
+    t.mma_groups.push_back(std::move(t.mma_open));
+    t.mma_open.clear();
+}
+
+// Runs every committed group but the newest N.
+template <int N>
+inline void wgmma_wait() {
+    emu::Thread& t = *emu::block->current;
+    for (; t.mma_groups.size() > unsigned(N); t.mma_groups.pop_front())
+        for (auto& mma : t.mma_groups.front()) mma();
+}
+
+inline void wgmma_wait_all() { wgmma_wait<0>(); }
+
 // Thread (warp w, lane l) of the warpgroup computes its fragment: d[4j + r] is row
-// 16w + l/4 + 8(r/2), column 8j + 2(l%4) + r%2.
+// 16w + l/4 + 8(r/2), column 8j + 2(l%4) + r%2. Issued now, run when waited for.
 inline void wgmma_m64n128k32_e4m3(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) {
     unsigned t = threadIdx.x % 128, w = t / 32, l = t % 32;
-    for (unsigned j = 0; j < 16; ++j)
-        for (unsigned r = 0; r < 4; ++r) {
-            unsigned row = 16 * w + l / 4 + 8 * (r / 2), col = 8 * j + 2 * (l % 4) + r % 2;
-            float acc = accumulate ? d[4 * j + r] : 0.0f;
-            for (unsigned kk = 0; kk < 32; ++kk)
-                acc += emu::e4m3(emu::operand(a, row, kk)) * emu::e4m3(emu::operand(b, col, kk));
-            d[4 * j + r] = acc;
-        }
+    emu::block->current->mma_open.push_back([&d, a, b, accumulate, w, l] {
+        for (unsigned j = 0; j < 16; ++j)
+            for (unsigned r = 0; r < 4; ++r) {
+                unsigned row = 16 * w + l / 4 + 8 * (r / 2), col = 8 * j + 2 * (l % 4) + r % 2;
+                float acc = accumulate ? d[4 * j + r] : 0.0f;
+                for (unsigned kk = 0; kk < 32; ++kk)
+                    acc += emu::e4m3(emu::operand(a, row, kk)) * emu::e4m3(emu::operand(b, col, kk));
+                d[4 * j + r] = acc;
+            }
+    });
 }
