@@ -16,7 +16,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::emulator::gxx_flags;
+use common::emulator::{gxx_flags, have_gxx};
 use whale_kernels::cuda::{manifest, Fp8GemmKernel};
 
 #[test]
@@ -31,8 +31,7 @@ fn the_tiled_attention_kernels_in_host_emulation_match_attention_and_its_gradien
 
 /// Builds kernels/emulate/`driver`.cpp with g++ and runs it; its exit status is the verdict.
 fn emulate(test: &str, driver: &str) {
-    if Command::new("g++").arg("--version").output().is_err() {
-        eprintln!("{test}: skipped, no g++ on this machine to build the emulation");
+    if !have_gxx(test) {
         return;
     }
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../kernels/emulate/{driver}.cpp"));

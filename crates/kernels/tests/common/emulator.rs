@@ -112,12 +112,11 @@ pub struct Emulator {
 static RUNNING: Mutex<()> = Mutex::new(());
 
 /// The emulator, built once per test process, or `None` after saying why the test is skipped
-/// (no g++ on this machine). A module that does not build fails the test with the compiler's
-/// message.
+/// (no g++ on this machine; with `WHALE_EMULATION=required`, as CI sets it, that fails the test
+/// instead). A module that does not build fails the test with the compiler's message.
 pub fn emulator(test: &str) -> Option<&'static Emulator> {
     static BUILT: OnceLock<Result<Emulator, String>> = OnceLock::new();
-    if Command::new("g++").arg("--version").output().is_err() {
-        eprintln!("{test}: skipped, no g++ on this machine to build the emulation");
+    if !have_gxx(test) {
         return None;
     }
     if !kernels_dir().join("emulate").is_dir() {
@@ -131,6 +130,20 @@ pub fn emulator(test: &str) -> Option<&'static Emulator> {
         Ok(e) => Some(e),
         Err(e) => panic!("building the host emulation: {e}"),
     }
+}
+
+/// Whether g++ is here to build the emulation; if not, says that `test` is skipped, or fails it
+/// under `WHALE_EMULATION=required` (CI).
+pub fn have_gxx(test: &str) -> bool {
+    if Command::new("g++").arg("--version").output().is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var("WHALE_EMULATION").as_deref() != Ok("required"),
+        "{test}: WHALE_EMULATION=required, but there is no g++ on this machine to build the emulation"
+    );
+    eprintln!("{test}: skipped, no g++ on this machine to build the emulation");
+    false
 }
 
 /// The repository's kernels/ directory.
