@@ -16,7 +16,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::emulator::{gxx_flags, have_gxx};
+use common::emulator::{gxx_flags, have_gxx, Arg};
 use whale_kernels::cuda::{manifest, Fp8GemmKernel};
 
 #[test]
@@ -80,4 +80,36 @@ fn every_kernel_runs_in_emulation() {
             );
         }
     }
+}
+
+/// The harness's own guarantees: arguments that do not match the kernel's parameters are refused
+/// before the launch, and a kernel that runs past a buffer (here: told it holds more than it
+/// does) fails its launch with the thread and block, the test process going on.
+#[test]
+fn the_emulation_refuses_wrong_arguments_and_catches_overruns() {
+    let Some(e) = common::emulator("the_emulation_refuses_wrong_arguments_and_catches_overruns") else { return };
+    let (a, b) = (vec![1.0f32; 1000], vec![2.0f32; 1000]);
+    let mut out = vec![0.0f32; 1000];
+    let grid = common::kernels::grid_for(1000);
+    let err = e.launch("add_f32", grid, &mut [Arg::input(&a), Arg::input(&b), Arg::output(&mut out)]).unwrap_err();
+    assert!(err.contains("3 arguments for 4 parameters"), "{err}");
+    let n = Arg::value(1000u64);
+    let err = e.launch("add_f32", grid, &mut [Arg::input(&a), Arg::input(&b), Arg::output(&mut out), n]).unwrap_err();
+    assert!(err.contains("argument 3"), "a u64 for a u32: {err}");
+    let bytes = vec![0u8; 1000];
+    let n = Arg::value(1000u32);
+    let err =
+        e.launch("add_f32", grid, &mut [Arg::input(&bytes), Arg::input(&b), Arg::output(&mut out), n]).unwrap_err();
+    assert!(err.contains("argument 0"), "bytes for floats: {err}");
+
+    // 996 floats end on a 16-byte boundary, against the guard page (the copies round buffers up
+    // to 16 bytes, so an overrun of less than that goes unseen).
+    let mut short = vec![0.0f32; 996];
+    let n = Arg::value(1000u32);
+    let err = e.launch("add_f32", grid, &mut [Arg::input(&a), Arg::input(&b), Arg::output(&mut short), n]).unwrap_err();
+    assert!(err.contains("segmentation fault") && err.contains("of block (3, 0, 0)"), "{err}");
+    assert!(short.iter().all(|&v| v == 3.0), "the elements that exist are written back");
+    let n = Arg::value(1000u32);
+    e.launch("add_f32", grid, &mut [Arg::input(&a), Arg::input(&b), Arg::output(&mut out), n]).unwrap();
+    assert!(out.iter().all(|&v| v == 3.0), "the emulation works after a failed launch");
 }
