@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, assert_lse, emulator, gpu, values, Kernels};
+use common::{assert_close, assert_lse, emulator, gpu, run_gpu_tests_on_the_emulated_driver, values, Kernels};
 use whale_kernels::cpu::attention::{attention_backward, attention_forward, AttnShape};
 use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
 use whale_kernels::cpu::router::{combine_weights, route, select_experts, RouterConfig};
@@ -20,6 +20,15 @@ fn assert_relative(what: &str, got: &[f32], want: &[f32], tol: f32) {
 
 fn bits(x: &[f32]) -> Vec<u32> {
     x.iter().map(|v| v.to_bits()).collect()
+}
+
+/// This file's GPU tests on the emulated driver (see tests/cuda.rs), but for the attention
+/// backward's shapes (minutes of fibers; its kernels run in emulation in tests/emulate.rs and
+/// `simple_attention_kernels_match_the_cpu_in_emulation`).
+#[test]
+fn the_gpu_tests_pass_on_the_emulated_driver_in_emulation() {
+    let skip = ["attention_backward_matches"];
+    run_gpu_tests_on_the_emulated_driver("the_gpu_tests_pass_on_the_emulated_driver_in_emulation", &skip);
 }
 
 #[test]
