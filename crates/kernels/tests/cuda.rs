@@ -74,9 +74,9 @@ fn every_kernel_has_a_launcher() {
 /// process, which loads the driver in place of a GPU's.
 #[test]
 fn the_gpu_tests_pass_on_the_emulated_driver_in_emulation() {
-    // Left out: cuBLAS (no emulation of it), and the training/MLA-decode attention shapes (minutes
-    // of fibers; their kernels run in emulation in tests/emulate.rs and cuda_train.rs).
-    let skip = ["cublas", "grouped_gemm", "attention_forward_matches"];
+    // Left out: the training/MLA-decode attention shapes (minutes of fibers; their kernels run in
+    // emulation in tests/emulate.rs and cuda_train.rs).
+    let skip = ["attention_forward_matches"];
     run_gpu_tests_on_the_emulated_driver("the_gpu_tests_pass_on_the_emulated_driver_in_emulation", &skip);
 }
 

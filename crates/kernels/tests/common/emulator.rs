@@ -133,27 +133,31 @@ pub fn emulator(test: &str) -> Option<&'static Emulator> {
     }
 }
 
-/// A [`Gpu`] on the emulated driver (kernels/emulate/driver.cpp): whale-kernels' launchers, as
-/// they are, over the host emulation of every module. Loaded into this process as `libcuda.so`,
+/// A [`Gpu`] on the emulated driver (kernels/emulate/driver.cpp, with cublas.cpp's GEMMs):
+/// whale-kernels' launchers, as they are, over the host emulation of every module. Loaded into this process as `libcuda.so`,
 /// the driver is what cudarc finds from then on, so a process that calls this has no real GPU:
 /// tests/cuda.rs runs its GPU tests this way in a child process of their own
 /// (`WHALE_EMULATED_GPU`). `None` where [`emulator`] is.
 pub fn emulated_gpu(test: &str) -> Option<Gpu> {
-    static DRIVER: OnceLock<Result<libloading::Library, String>> = OnceLock::new();
+    static DRIVER: OnceLock<Result<[libloading::Library; 2], String>> = OnceLock::new();
     let e = emulator(test)?;
     let driver = DRIVER.get_or_init(|| {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulate");
-        let source = kernels_dir().join("emulate/driver.cpp");
-        let text = std::fs::read_to_string(&source).map_err(|e| format!("{}: {e}", source.display()))?;
-        let lib = build_library("driver", &text, &out, &["-Wl,-soname,libcuda.so", "-ldl"])?;
-        // RTLD_GLOBAL: the loader matches cudarc's later dlopen("libcuda.so") to this library.
-        // SAFETY: our driver library, whose initialisers only set up empty tables.
-        let lib = unsafe { libloading::os::unix::Library::open(Some(&lib), libc_flags()) }
-            .map_err(|err| format!("{}: {err}", lib.display()))?;
-        let lib = libloading::Library::from(lib);
+        // RTLD_GLOBAL: the loader matches cudarc's later dlopen("libcuda.so") (and "libcublas.so")
+        // to these libraries by their sonames.
+        let open = |name: &str, soname: &str| -> Result<libloading::Library, String> {
+            let source = kernels_dir().join(format!("emulate/{name}.cpp"));
+            let text = std::fs::read_to_string(&source).map_err(|e| format!("{}: {e}", source.display()))?;
+            let lib = build_library(name, &text, &out, &[&format!("-Wl,-soname,{soname}"), "-ldl"])?;
+            // SAFETY: our library, whose initialisers only set up empty tables.
+            let opened = unsafe { libloading::os::unix::Library::open(Some(&lib), libc_flags()) }
+                .map_err(|err| format!("{}: {err}", lib.display()))?;
+            Ok(opened.into())
+        };
+        let (cuda, cublas) = (open("driver", "libcuda.so")?, open("cublas", "libcublas.so")?);
         // SAFETY: the function is defined by driver.cpp with this signature.
         let add =
-            unsafe { lib.get::<unsafe extern "C" fn(*const c_char) -> i32>(b"whale_emulated_driver_add_module\0") }
+            unsafe { cuda.get::<unsafe extern "C" fn(*const c_char) -> i32>(b"whale_emulated_driver_add_module\0") }
                 .map_err(|err| err.to_string())?;
         for m in &e.modules {
             let path = CString::new(m.path.to_string_lossy().as_bytes()).expect("a path");
@@ -162,7 +166,7 @@ pub fn emulated_gpu(test: &str) -> Option<Gpu> {
                 return Err(format!("the emulated driver could not load {}", m.path.display()));
             }
         }
-        Ok(lib)
+        Ok([cuda, cublas])
     });
     if let Err(err) = driver {
         panic!("{test}: building the emulated driver: {err}");

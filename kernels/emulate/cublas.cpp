@@ -1,0 +1,99 @@
+// cuBLAS for the emulated GPU (see driver.cpp): built with soname libcublas.so and loaded before
+// cudarc looks for cuBLAS, it serves the GEMMs whale-kernels calls (cuda/blas.rs): f32 (Sgemm and
+// its strided batches) and bf16 with f32 compute (GemmEx and its strided batches), column-major
+// with cuBLAS's transposes, on host memory. Each output sums its products in double and rounds
+// once, to f32, then to the output's type: a product rounded once, as cuBLAS's is with reduced-
+// precision reductions disallowed (the order of its sums aside).
+#include <cstring>
+#include <initializer_list>
+
+namespace {
+
+typedef int Status;
+constexpr Status kSuccess = 0, kNotSupported = 15;
+constexpr int kOpN = 0, kR32F = 0, kR16BF = 14;
+
+int handle_token;
+
+float load(const void* p, int type, long long i) {
+    if (type == kR32F) return static_cast<const float*>(p)[i];
+    unsigned u = unsigned(static_cast<const unsigned short*>(p)[i]) << 16;
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+
+void store(void* p, int type, long long i, float x) {
+    if (type == kR32F) {
+        static_cast<float*>(p)[i] = x;
+        return;
+    }
+    unsigned u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { // NaN: the canonical quiet one
+        static_cast<unsigned short*>(p)[i] = 0x7fff;
+        return;
+    }
+    u += 0x7fff + ((u >> 16) & 1);
+    static_cast<unsigned short*>(p)[i] = (unsigned short)(u >> 16);
+}
+
+// C = alpha op(A) op(B) + beta C, column-major, over `batch` strided problems.
+Status gemm(int ta, int tb, int m, int n, int k, float alpha, const void* a, int atype, int lda, long long sa,
+            const void* b, int btype, int ldb, long long sb, float beta, void* c, int ctype, int ldc, long long sc,
+            int batch) {
+    for (int t : {atype, btype, ctype})
+        if (t != kR32F && t != kR16BF) return kNotSupported;
+    for (int z = 0; z < batch; ++z)
+        for (int j = 0; j < n; ++j)
+            for (int i = 0; i < m; ++i) {
+                double acc = 0.0;
+                for (int p = 0; p < k; ++p) {
+                    long long ai = ta == kOpN ? i + (long long)p * lda : p + (long long)i * lda;
+                    long long bi = tb == kOpN ? p + (long long)j * ldb : j + (long long)p * ldb;
+                    acc += double(load(a, atype, z * sa + ai)) * double(load(b, btype, z * sb + bi));
+                }
+                long long ci = z * sc + i + (long long)j * ldc;
+                float r = alpha * float(acc);
+                if (beta != 0.0f) r += beta * load(c, ctype, ci);
+                store(c, ctype, ci, r);
+            }
+    return kSuccess;
+}
+
+} // namespace
+
+#define API extern "C" __attribute__((visibility("default")))
+
+API Status cublasCreate_v2(void** h) {
+    *h = &handle_token;
+    return kSuccess;
+}
+API Status cublasDestroy_v2(void*) { return kSuccess; }
+API Status cublasSetStream_v2(void*, void*) { return kSuccess; }
+API Status cublasSetMathMode(void*, int) { return kSuccess; }
+API Status cublasSetWorkspace_v2(void*, void*, size_t) { return kSuccess; }
+
+API Status cublasSgemm_v2(void*, int ta, int tb, int m, int n, int k, const float* alpha, const float* a, int lda,
+                          const float* b, int ldb, const float* beta, float* c, int ldc) {
+    return gemm(ta, tb, m, n, k, *alpha, a, kR32F, lda, 0, b, kR32F, ldb, 0, *beta, c, kR32F, ldc, 0, 1);
+}
+API Status cublasSgemmStridedBatched(void*, int ta, int tb, int m, int n, int k, const float* alpha, const float* a,
+                                     int lda, long long sa, const float* b, int ldb, long long sb, const float* beta,
+                                     float* c, int ldc, long long sc, int batch) {
+    return gemm(ta, tb, m, n, k, *alpha, a, kR32F, lda, sa, b, kR32F, ldb, sb, *beta, c, kR32F, ldc, sc, batch);
+}
+// The compute type is f32 (the only one whale-kernels asks for): alpha and beta are floats.
+API Status cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const void* alpha, const void* a, int atype,
+                        int lda, const void* b, int btype, int ldb, const void* beta, void* c, int ctype, int ldc, int,
+                        int) {
+    return gemm(ta, tb, m, n, k, *static_cast<const float*>(alpha), a, atype, lda, 0, b, btype, ldb, 0,
+                *static_cast<const float*>(beta), c, ctype, ldc, 0, 1);
+}
+API Status cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const void* alpha, const void* a,
+                                      int atype, int lda, long long sa, const void* b, int btype, int ldb,
+                                      long long sb, const void* beta, void* c, int ctype, int ldc, long long sc,
+                                      int batch, int, int) {
+    return gemm(ta, tb, m, n, k, *static_cast<const float*>(alpha), a, atype, lda, sa, b, btype, ldb, sb,
+                *static_cast<const float*>(beta), c, ctype, ldc, sc, batch);
+}
