@@ -1,11 +1,32 @@
 //! One test body per op, run on the CPU always and on a GPU when one is present: the CPU result
 //! (values and every input's gradient) is the oracle the CUDA backend must match. Without a GPU
 //! the CUDA half prints that it was skipped and why; the CPU half and the device-independent
-//! checks still run.
+//! checks still run. In CI the CUDA halves run on the emulated driver instead
+//! (`the_ops_run_on_the_emulated_driver_in_emulation`, whale-kernels' tests/common/emulator.rs).
+
+#[allow(dead_code)]
+#[path = "../../kernels/tests/common/emulator.rs"]
+mod emulator;
 
 use whale_kernels::cpu::fp8::{Fp8Format, ScaleFormat};
 use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::{rope_inv_freq, rope_tables, DType, Device, Error, Result, Rng, RopeLayout, Tensor, TokenDispatch};
+
+/// Whether GPU 0 is there: the emulated one in the child process of
+/// `the_ops_run_on_the_emulated_driver_in_emulation` (its driver loaded on first use).
+fn cuda_available() -> bool {
+    if emulator::on_the_emulated_driver() {
+        return emulator::emulated_gpu("cuda_ops").is_some();
+    }
+    Device::cuda_is_available(0)
+}
+
+/// Every CUDA half of this file on the emulated driver: whale-tensor's CUDA backend as it is, over
+/// whale-kernels' launchers and the host emulation of the kernels.
+#[test]
+fn the_ops_run_on_the_emulated_driver_in_emulation() {
+    emulator::run_gpu_tests_on_the_emulated_driver("the_ops_run_on_the_emulated_driver_in_emulation", &[]);
+}
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::randn(shape, 0.0, 1.0, DType::F32, &mut Rng::new(seed)).unwrap()
@@ -66,7 +87,7 @@ fn on_every_device_with(
     f: impl Fn(&[Tensor]) -> Result<Tensor>,
 ) {
     let (out, grads, dtypes) = run(&Device::Cpu, &inputs, &f).unwrap_or_else(|e| panic!("{name} on the CPU: {e}"));
-    if !Device::cuda_is_available(0) {
+    if !cuda_available() {
         eprintln!("{name}: CUDA half skipped, no CUDA driver or GPU on this machine");
         return;
     }
@@ -240,7 +261,7 @@ fn adamw_updates_on_the_gpu_as_on_the_cpu() {
     for moment_dtype in [DType::F32, DType::BF16] {
         let (want, want_state) = train(&Device::Cpu, moment_dtype).unwrap();
         assert!(want_state.iter().all(|(_, t)| t.dtype() == moment_dtype), "moments saved in {moment_dtype:?}");
-        if !Device::cuda_is_available(0) {
+        if !cuda_available() {
             eprintln!("adamw_updates_on_the_gpu_as_on_the_cpu ({moment_dtype:?} moments): CUDA half skipped, no CUDA driver or GPU on this machine");
             continue;
         }
@@ -285,7 +306,7 @@ fn gradient_norm_and_clipping_on_the_gpu_as_on_the_cpu() {
     let (norm, grads) = run(&Device::Cpu).unwrap();
     let clipped = grads.iter().flatten().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
     assert!((clipped - 0.5 * norm).abs() <= 1e-5 * norm, "clipped to half: {clipped} of {norm}");
-    if !Device::cuda_is_available(0) {
+    if !cuda_available() {
         eprintln!("gradient_norm_and_clipping_on_the_gpu_as_on_the_cpu: CUDA half skipped, no CUDA driver or GPU on this machine");
         return;
     }
@@ -315,7 +336,7 @@ fn selections_and_max_reductions() {
     on_every_device("dropout", vec![x.clone()], |v| v[0].dropout(0.3, &mut Rng::new(7)));
     // Index tensors are host data on every device, and argmax agrees exactly.
     let cpu = x.argmax(1).unwrap();
-    if Device::cuda_is_available(0) {
+    if cuda_available() {
         let gpu = x.to_device(&Device::cuda(0).unwrap()).unwrap().argmax(1).unwrap();
         assert_eq!(gpu.device(), Device::Cpu);
         assert_eq!(gpu.to_vec_i64().unwrap(), cpu.to_vec_i64().unwrap());
@@ -396,7 +417,7 @@ fn fp8_linear_trains_on_the_gpu_as_on_the_cpu() {
     on_every_device_with("fp8 linear, stored weight", vec![x.clone()], close_to_largest, |v| {
         v[0].fp8_linear_quantized(&codes, &scales, &recipe)
     });
-    if !Device::cuda_is_available(0) {
+    if !cuda_available() {
         return;
     }
     let gpu = Device::cuda(0).unwrap();
@@ -410,7 +431,7 @@ fn fp8_linear_trains_on_the_gpu_as_on_the_cpu() {
 
 #[test]
 fn fp8_quantisation_on_the_gpu_gives_the_cpus_codes() {
-    if !Device::cuda_is_available(0) {
+    if !cuda_available() {
         eprintln!("fp8_quantisation_on_the_gpu_gives_the_cpus_codes: skipped, no CUDA driver or GPU on this machine");
         return;
     }
@@ -439,7 +460,7 @@ fn fp8_quantisation_on_the_gpu_gives_the_cpus_codes() {
 
 #[test]
 fn ops_without_a_cuda_kernel_say_so() {
-    if !Device::cuda_is_available(0) {
+    if !cuda_available() {
         eprintln!("ops_without_a_cuda_kernel_say_so: skipped, no CUDA driver or GPU on this machine");
         return;
     }

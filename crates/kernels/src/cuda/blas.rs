@@ -11,7 +11,7 @@ use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 
-use super::{Gpu, GpuError, Result};
+use super::{cuda, Gpu, GpuError, Result};
 
 /// The element types cuBLAS multiplies here (f32 accumulation for both).
 pub trait BlasFloat: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static
@@ -137,6 +137,11 @@ impl Gpu {
         shape.check(a.len(), b.len(), c.len())?;
         if shape.m == 0 || shape.n == 0 || shape.batch == 0 {
             return Ok(());
+        }
+        if shape.k == 0 {
+            // An empty sum (an expert's weight gradient in a step that gave it no tokens): zeros,
+            // written here rather than left to cuBLAS's handling of k = 0.
+            return self.stream.memset_zeros(c).map_err(cuda("cuBLAS gemm with k = 0"));
         }
         let blas = self.blas()?;
         let cfg = shape.config::<T>();

@@ -6,6 +6,9 @@
 //! machines without a GPU; the hardware is the GPU run's to check. Each buffer reaches the kernel
 //! as a copy that ends against an inaccessible page (inputs read-only): reading or writing past
 //! it is a launch error naming the thread and block.
+//!
+//! Shared by the GPU test files of whale-kernels (tests/common) and, through `#[path]`, of the
+//! crates above it, whose GPU tests run on the emulated driver the same way.
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::marker::PhantomData;
@@ -408,4 +411,36 @@ fn sources_stamp(unit: &str) -> Result<u64, String> {
         eat(&std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?);
     }
     Ok(h)
+}
+
+/// Whether this process's GPU tests run on the emulated driver.
+pub fn on_the_emulated_driver() -> bool {
+    std::env::var_os("WHALE_EMULATED_GPU").is_some()
+}
+
+/// Runs this test binary's GPU tests (all but the emulation's and the source stamp, and `skip`)
+/// in a child process on the emulated driver, one at a time; fails `test` with the child's output
+/// if any fails.
+pub fn run_gpu_tests_on_the_emulated_driver(test: &str, skip: &[&str]) {
+    if emulator(test).is_none() {
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut cmd = std::process::Command::new(exe);
+    cmd.env("WHALE_EMULATED_GPU", "1").args([
+        "--test-threads=1",
+        "--skip",
+        "in_emulation",
+        "--skip",
+        "the_embedded_ptx",
+    ]);
+    for s in skip {
+        cmd.args(["--skip", s]);
+    }
+    let out = cmd.output().expect("running the test binary again");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{text}");
+    assert!(out.status.success(), "{test}: GPU tests failed on the emulated driver:\n{text}");
+    assert!(!text.contains("skipped, no CUDA driver"), "{test}: the child found no emulated GPU:\n{text}");
+    assert!(!text.contains("test result: ok. 0 passed"), "{test}: the child ran no GPU test:\n{text}");
 }

@@ -7,14 +7,14 @@ pub mod kernels;
 use whale_kernels::cuda::{device_count, Gpu};
 
 #[allow(unused_imports)]
-pub use emulator::emulator;
+pub use emulator::{emulator, on_the_emulated_driver, run_gpu_tests_on_the_emulated_driver};
 #[allow(unused_imports)]
 pub use kernels::Kernels;
 
 /// The GPU, or `None` after saying why the test is skipped. Under `WHALE_EMULATED_GPU` (the
 /// child process of `the_gpu_tests_pass_on_the_emulated_driver_in_emulation`) the emulated one.
 pub fn gpu(test: &str) -> Option<Gpu> {
-    if on_the_emulated_driver() {
+    if emulator::on_the_emulated_driver() {
         return emulator::emulated_gpu(test);
     }
     if device_count() == 0 {
@@ -56,36 +56,4 @@ pub fn assert_lse(what: &str, got: &[f32], want: &[f32]) {
             assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what} lse[{i}]: GPU {a} vs CPU {b}");
         }
     }
-}
-
-/// Whether this process's GPU tests run on the emulated driver.
-pub fn on_the_emulated_driver() -> bool {
-    std::env::var_os("WHALE_EMULATED_GPU").is_some()
-}
-
-/// Runs this test binary's GPU tests (all but the emulation's and the source stamp, and `skip`)
-/// in a child process on the emulated driver, one at a time; fails `test` with the child's output
-/// if any fails.
-pub fn run_gpu_tests_on_the_emulated_driver(test: &str, skip: &[&str]) {
-    if emulator::emulator(test).is_none() {
-        return;
-    }
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let mut cmd = std::process::Command::new(exe);
-    cmd.env("WHALE_EMULATED_GPU", "1").args([
-        "--test-threads=1",
-        "--skip",
-        "in_emulation",
-        "--skip",
-        "the_embedded_ptx",
-    ]);
-    for s in skip {
-        cmd.args(["--skip", s]);
-    }
-    let out = cmd.output().expect("running the test binary again");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    println!("{text}");
-    assert!(out.status.success(), "{test}: GPU tests failed on the emulated driver:\n{text}");
-    assert!(!text.contains("skipped, no CUDA driver"), "{test}: the child found no emulated GPU:\n{text}");
-    assert!(!text.contains("test result: ok. 0 passed"), "{test}: the child ran no GPU test:\n{text}");
 }

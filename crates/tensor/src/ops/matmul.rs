@@ -140,19 +140,16 @@ impl Tensor {
             }
         }
         if x.device().is_cuda() {
-            // One cuBLAS product per non-empty group, through differentiable views and cat.
+            // One cuBLAS product per group, through differentiable views and cat. An empty group's
+            // product is [0, n] but keeps its weight in the graph: its gradient is zeros, as on
+            // the CPU (AdamW still decays an expert that got no tokens this step).
             let mut parts = Vec::with_capacity(weights.len());
             let mut start = 0;
             for (w, &g) in weights.iter().zip(group_sizes) {
-                if g > 0 {
-                    parts.push(x.narrow(0, start, g)?.matmul(&w.t()?)?);
-                }
+                parts.push(x.narrow(0, start, g)?.matmul(&w.t()?)?);
                 start += g;
             }
-            return match parts.len() {
-                0 => Tensor::zeros(&[0, n], x.dtype(), &x.device()),
-                _ => Tensor::cat(&parts, 0),
-            };
+            return Tensor::cat(&parts, 0);
         }
         let xs = x.f32_data();
         let mut out = vec![0.0f32; rows * n];
