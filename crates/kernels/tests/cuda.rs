@@ -77,7 +77,7 @@ fn the_gpu_tests_pass_on_the_emulated_driver_in_emulation() {
     // Left out: the training/MLA-decode attention shapes (minutes of fibers; their kernels run in
     // emulation in tests/emulate.rs and cuda_train.rs).
     let skip = ["attention_forward_matches"];
-    run_gpu_tests_on_the_emulated_driver("the_gpu_tests_pass_on_the_emulated_driver_in_emulation", &skip);
+    run_gpu_tests_on_the_emulated_driver("the_gpu_tests_pass_on_the_emulated_driver_in_emulation", &[], &skip);
 }
 
 #[test]

@@ -28,7 +28,7 @@ fn bits(x: &[f32]) -> Vec<u32> {
 #[test]
 fn the_gpu_tests_pass_on_the_emulated_driver_in_emulation() {
     let skip = ["attention_backward_matches"];
-    run_gpu_tests_on_the_emulated_driver("the_gpu_tests_pass_on_the_emulated_driver_in_emulation", &skip);
+    run_gpu_tests_on_the_emulated_driver("the_gpu_tests_pass_on_the_emulated_driver_in_emulation", &[], &skip);
 }
 
 #[test]

@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::emulator::run_gpu_tests_on_the_emulated_driver;
 use common::gpu_training::{gpu, gradients_agree, losses_agree, tokens};
 use whale_model::checkpoint::SaveDType;
 use whale_model::generate::{CacheMode, CausalLm, SamplingConfig};
@@ -14,6 +15,16 @@ use whale_model::testing::assert_greedy_agrees;
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::{DType, Device, Rng};
+
+/// Greedy and speculative decoding of tiny DeepSeek-V3 on the emulated driver (whale-kernels'
+/// tests/common/emulator.rs): the model on whale-tensor's CUDA backend, as it is, over the host
+/// emulation of the kernels. The training tests pass there too, but take about six minutes of
+/// fibers, too long for every CI run (`WHALE_EMULATED_GPU=1` runs them).
+#[test]
+fn decoding_on_the_emulated_driver_in_emulation() {
+    let only = ["tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu"];
+    run_gpu_tests_on_the_emulated_driver("decoding_on_the_emulated_driver_in_emulation", &only, &[]);
+}
 
 #[test]
 fn tiny_deepseek_v3_trains_the_same_on_a_gpu() {

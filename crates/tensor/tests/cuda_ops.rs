@@ -25,7 +25,7 @@ fn cuda_available() -> bool {
 /// whale-kernels' launchers and the host emulation of the kernels.
 #[test]
 fn the_ops_run_on_the_emulated_driver_in_emulation() {
-    emulator::run_gpu_tests_on_the_emulated_driver("the_ops_run_on_the_emulated_driver_in_emulation", &[]);
+    emulator::run_gpu_tests_on_the_emulated_driver("the_ops_run_on_the_emulated_driver_in_emulation", &[], &[]);
 }
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {

@@ -418,10 +418,10 @@ pub fn on_the_emulated_driver() -> bool {
     std::env::var_os("WHALE_EMULATED_GPU").is_some()
 }
 
-/// Runs this test binary's GPU tests (all but the emulation's and the source stamp, and `skip`)
-/// in a child process on the emulated driver, one at a time; fails `test` with the child's output
-/// if any fails.
-pub fn run_gpu_tests_on_the_emulated_driver(test: &str, skip: &[&str]) {
+/// Runs this test binary's GPU tests (those matching `only`, or all when it is empty; never the
+/// emulation's, the source stamp or `skip`) in a child process on the emulated driver, one at a
+/// time; fails `test` with the child's output if any fails.
+pub fn run_gpu_tests_on_the_emulated_driver(test: &str, only: &[&str], skip: &[&str]) {
     if emulator(test).is_none() {
         return;
     }
@@ -434,6 +434,7 @@ pub fn run_gpu_tests_on_the_emulated_driver(test: &str, skip: &[&str]) {
         "--skip",
         "the_embedded_ptx",
     ]);
+    cmd.args(only);
     for s in skip {
         cmd.args(["--skip", s]);
     }

@@ -12,8 +12,12 @@ pub fn tokens(cfg: &DeepSeekV3Config, batch: usize, seq: usize, seed: u64) -> Te
     Tensor::from_vec(v, &[batch, seq], &Device::Cpu).unwrap()
 }
 
-/// GPU 0, or `None` after saying why the test is skipped.
+/// GPU 0, or `None` after saying why the test is skipped; the emulated one under
+/// `WHALE_EMULATED_GPU` (whale-kernels' tests/common/emulator.rs).
 pub fn gpu(test: &str) -> Option<Device> {
+    if super::emulator::on_the_emulated_driver() {
+        super::emulator::emulated_gpu(test)?;
+    }
     if !Device::cuda_is_available(0) {
         eprintln!("{test}: skipped, no CUDA driver or GPU on this machine");
         return None;

@@ -1,6 +1,8 @@
 #![allow(dead_code)] // each test binary uses a part of the helpers
 //! Helpers of the HF parity tests and (gpu_training) of the GPU model tests.
 
+#[path = "../../../kernels/tests/common/emulator.rs"]
+pub mod emulator;
 pub mod gpu_training;
 
 use std::path::{Path, PathBuf};
