@@ -80,10 +80,22 @@ namespace emu {
 
 [[noreturn]] inline void fail(const char* what);
 
-// A cp.async waiting to land.
-struct Copy {
-    unsigned dst, size, bytes;
-    const void* src;
+// One thread's asynchronous operations of a kind (cp.async copies; wgmma's MMAs, sm90_host.h):
+// issued into an open group, committed, and run when waited for, oldest group first.
+struct AsyncGroups {
+    std::vector<std::function<void()>> open;
+    std::deque<std::vector<std::function<void()>>> committed;
+
+    void commit() {
+        committed.push_back(std::move(open));
+        open.clear();
+    }
+    // Runs every committed group but the newest n.
+    void wait(unsigned n) {
+        for (; committed.size() > n; committed.pop_front())
+            for (auto& op : committed.front()) op();
+    }
+    bool pending() const { return !open.empty() || !committed.empty(); }
 };
 
 struct Barrier {
@@ -95,12 +107,7 @@ struct Thread {
     dim3 idx;
     unsigned linear = 0; // x + y * blockDim.x + z * blockDim.x * blockDim.y: warps are runs of 32
     bool done = false;
-    std::vector<Copy> open;                  // issued since the last commit
-    std::deque<std::vector<Copy>> committed; // oldest first
-    // wgmma's asynchronous MMAs (sm90_host.h): issued since the last commit, and committed groups
-    // not yet waited for, oldest first.
-    std::vector<std::function<void()>> mma_open;
-    std::deque<std::vector<std::function<void()>>> mma_groups;
+    AsyncGroups copies, mmas;
 };
 
 struct Block {
@@ -155,7 +162,7 @@ inline void wait(Barrier& b) {
 
 inline void run_thread() {
     (*body)();
-    if (!block->current->mma_open.empty() || !block->current->mma_groups.empty())
+    if (block->current->mmas.pending())
         fail("wgmma: the thread ended with MMAs it never waited for");
     block->current->done = true;
     ++block->progress;
@@ -270,11 +277,10 @@ void launch(dim3 grid, unsigned threads, unsigned smem_bytes, Kernel kernel) {
     launch(grid, dim3{threads, 1, 1}, smem_bytes, kernel);
 }
 
-inline void land(const std::vector<Copy>& group) {
-    for (const Copy& c : group) {
-        std::memset(shared_window + c.dst, 0, c.size);
-        std::memcpy(shared_window + c.dst, c.src, c.bytes);
-    }
+// `bytes` (0 or `size`) from `src` into `size` bytes of shared memory at `dst`, zero-filling the rest.
+inline void land(unsigned dst, const void* src, unsigned size, unsigned bytes) {
+    std::memset(shared_window + dst, 0, size);
+    std::memcpy(shared_window + dst, src, bytes);
 }
 
 inline void cp_async(unsigned dst, const void* src, unsigned size, unsigned bytes) {
@@ -284,9 +290,9 @@ inline void cp_async(unsigned dst, const void* src, unsigned size, unsigned byte
     if (dst < kDynamicOffset || dst + size > kDynamicOffset + block->smem_bytes)
         fail("cp.async: outside the launch's shared memory");
     if (eager_copies)
-        land({{dst, size, bytes, src}});
+        land(dst, src, size, bytes);
     else
-        block->current->open.push_back({dst, size, bytes, src});
+        block->current->copies.open.push_back([=] { land(dst, src, size, bytes); });
 }
 
 } // namespace emu
@@ -334,15 +340,10 @@ inline void cp_async_16(unsigned dst, const void* src, unsigned bytes) { emu::cp
 inline void cp_async_4(unsigned dst, const void* src, unsigned bytes) { emu::cp_async(dst, src, 4, bytes); }
 inline void cp_async_16(unsigned dst, const void* src) { emu::cp_async(dst, src, 16, 16); }
 inline void cp_async_4(unsigned dst, const void* src) { emu::cp_async(dst, src, 4, 4); }
-inline void cp_async_commit() {
-    emu::Thread& t = *emu::block->current;
-    t.committed.push_back(std::move(t.open));
-    t.open.clear();
-}
+inline void cp_async_commit() { emu::block->current->copies.commit(); }
 template <int N>
 inline void cp_async_wait() {
-    emu::Thread& t = *emu::block->current;
-    for (; t.committed.size() > unsigned(N); t.committed.pop_front()) emu::land(t.committed.front());
+    emu::block->current->copies.wait(N);
 }
 inline void cp_async_wait_all() {
     cp_async_commit();

@@ -39,18 +39,12 @@ inline void fence_proxy_async() {}
 inline void wgmma_fence() {}
 inline void fence_accumulators(float (&)[64]) {}
 
-inline void wgmma_commit() {
-    emu::Thread& t = *emu::block->current;
-    t.mma_groups.push_back(std::move(t.mma_open));
-    t.mma_open.clear();
-}
+inline void wgmma_commit() { emu::block->current->mmas.commit(); }
 
 // Runs every committed group but the newest N.
 template <int N>
 inline void wgmma_wait() {
-    emu::Thread& t = *emu::block->current;
-    for (; t.mma_groups.size() > unsigned(N); t.mma_groups.pop_front())
-        for (auto& mma : t.mma_groups.front()) mma();
+    emu::block->current->mmas.wait(N);
 }
 
 inline void wgmma_wait_all() { wgmma_wait<0>(); }
@@ -59,7 +53,7 @@ inline void wgmma_wait_all() { wgmma_wait<0>(); }
 // 16w + l/4 + 8(r/2), column 8j + 2(l%4) + r%2. Issued now, run when waited for.
 inline void wgmma_m64n128k32_e4m3(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) {
     unsigned t = threadIdx.x % 128, w = t / 32, l = t % 32;
-    emu::block->current->mma_open.push_back([&d, a, b, accumulate, w, l] {
+    emu::block->current->mmas.open.push_back([&d, a, b, accumulate, w, l] {
         for (unsigned j = 0; j < 16; ++j)
             for (unsigned r = 0; r < 4; ++r) {
                 unsigned row = 16 * w + l / 4 + 8 * (r / 2), col = 8 * j + 2 * (l % 4) + r % 2;

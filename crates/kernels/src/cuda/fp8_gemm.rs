@@ -86,7 +86,7 @@ impl Fp8GemmKernel {
 
 /// kernels/fp8_gemm_wgmma.cu's WG_SMEM_BYTES: 4 stages of two 16 KB E4M3 tiles and their 1 KB
 /// of scales, and 1 KB of slack to align the first stage to 1024 bytes.
-const WGMMA_SHARED_BYTES: usize = 1024 + 4 * (2 * 128 * 128 + 2 * 128 * 4);
+pub const WGMMA_SHARED_BYTES: usize = 1024 + 4 * (2 * 128 * 128 + 2 * 128 * 4);
 
 impl Gpu {
     /// Copies an E4M3 operand tiled 128 along K to the GPU.

@@ -22,7 +22,7 @@ pub use blas::{BlasFloat, GemmShape};
 /// The CUDA bindings these launchers use, for crates that hold their buffers.
 pub use cudarc;
 pub use dispatch::DispatchIndices;
-pub use fp8_gemm::{Fp8GemmKernel, Fp8Operand, Fp8View};
+pub use fp8_gemm::{Fp8GemmKernel, Fp8Operand, Fp8View, WGMMA_SHARED_BYTES};
 pub use tensor_ops::{BinaryOp, MidReduction, Strided, UnaryOp, MAX_RANK};
 
 use std::collections::HashMap;
@@ -535,7 +535,7 @@ impl Gpu {
         v: &mut [f32],
         hp: &AdamWStep,
     ) -> Result<()> {
-        self.adamw_host(param, grad, (m, v), |g, p, gr, mv, n| g.adamw_step_dev(p, gr, mv, n, hp))
+        self.adamw_host("adamw_step_f32", param, grad, (m, v), hp)
     }
 
     /// One fused AdamW step with bf16 moments in place from host slices (see
@@ -548,23 +548,17 @@ impl Gpu {
         v: &mut [half::bf16],
         hp: &AdamWStep,
     ) -> Result<()> {
-        self.adamw_host(param, grad, (m, v), |g, p, gr, mv, n| g.adamw_step_bf16_dev(p, gr, mv, n, hp))
+        self.adamw_host("adamw_step_bf16_moments", param, grad, (m, v), hp)
     }
 
-    /// Copies the buffers in, runs `step` on them, copies them back.
-    #[allow(clippy::type_complexity)]
+    /// Copies the buffers in, runs AdamW `kernel` on them (see [`Gpu::adamw`]), copies them back.
     fn adamw_host<T>(
         &self,
+        kernel: &'static str,
         param: &mut [f32],
         grad: &[f32],
         (m, v): (&mut [T], &mut [T]),
-        step: impl FnOnce(
-            &Gpu,
-            &mut cudarc::driver::CudaViewMut<'_, f32>,
-            &cudarc::driver::CudaView<'_, f32>,
-            (&mut CudaSlice<T>, &mut CudaSlice<T>),
-            usize,
-        ) -> Result<()>,
+        hp: &AdamWStep,
     ) -> Result<()>
     where
         T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone,
@@ -575,7 +569,7 @@ impl Gpu {
         }
         let (mut dp, dg) = (self.upload_nonempty(param)?, self.upload_nonempty(grad)?);
         let (mut dm, mut dv) = (self.upload_nonempty(m)?, self.upload_nonempty(v)?);
-        step(self, &mut dp.slice_mut(..), &dg.slice(..), (&mut dm, &mut dv), n)?;
+        self.adamw(kernel, &mut dp.slice_mut(..), &dg.slice(..), (&mut dm, &mut dv), n, hp)?;
         param.copy_from_slice(&self.download(&dp, n)?);
         m.clone_from_slice(&self.download(&dm, n)?);
         v.clone_from_slice(&self.download(&dv, n)?);

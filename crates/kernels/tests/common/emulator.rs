@@ -247,11 +247,6 @@ impl Emulator {
         Ok(Emulator { modules: loaded })
     }
 
-    /// The modules emulated, by name.
-    pub fn modules(&self) -> impl Iterator<Item = &str> {
-        self.modules.iter().map(|m| m.name)
-    }
-
     /// Runs `kernel` on `args`, checked against its parameters first (count, sizes, and the
     /// element size of each buffer). An error names the kernel and what went wrong: a wrong
     /// argument, or the emulation's failure (a deadlock, a misaligned copy, a `__trap`).

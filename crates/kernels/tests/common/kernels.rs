@@ -9,7 +9,7 @@ use whale_kernels::cpu::attention::AttnShape;
 use whale_kernels::cpu::dispatch::DispatchPlan;
 use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format};
 use whale_kernels::cpu::router::{Routed, RouterConfig};
-use whale_kernels::cuda::{Fp8GemmKernel, Gpu};
+use whale_kernels::cuda::{Fp8GemmKernel, Gpu, WGMMA_SHARED_BYTES};
 
 use super::emulator::{Arg, Emulator, Launch};
 
@@ -579,7 +579,7 @@ impl Kernels for Emulator {
         let mut y = vec![0.0f32; m * n];
         let tiles = ((n as u32).div_ceil(128), (m as u32).div_ceil(128), 1);
         let cfg = match kernel {
-            Fp8GemmKernel::Wgmma => Launch::new(tiles, (256, 1, 1), WGMMA_SHARED_BYTES),
+            Fp8GemmKernel::Wgmma => Launch::new(tiles, (256, 1, 1), WGMMA_SHARED_BYTES as u32),
             Fp8GemmKernel::TensorCore => Launch::new(tiles, (256, 1, 1), 0),
             Fp8GemmKernel::Simple => Launch::new(((n as u32).div_ceil(16), (m as u32).div_ceil(16), 1), (16, 16, 1), 0),
         };
@@ -637,9 +637,6 @@ fn adamw<T>(
     ];
     e.launch(kernel, grid_for(n), args)
 }
-
-/// The wgmma kernel's dynamic shared memory (crates/kernels/src/cuda/fp8_gemm.rs).
-const WGMMA_SHARED_BYTES: u32 = 1024 + 4 * (2 * 128 * 128 + 2 * 128 * 4);
 
 /// fp8_quantize_1x128 or fp8_quantize_128x128 (`block_rows` 1 or 128) of `x` `[rows, cols]`.
 fn quantize(
