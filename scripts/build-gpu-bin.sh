@@ -11,10 +11,8 @@ copy() { # copy NAME JSON: the newest binary cargo printed for target NAME
     [ -n "$path" ] || { echo "no binary for $1" >&2; exit 1; }
     cp "$path" "gpu-bin/$1" && strip "gpu-bin/$1"
 }
-for t in $(cd crates/kernels/tests && ls cuda*.rs | sed 's/\.rs$//'); do
-    cargo test --release --no-run -p whale-kernels --test "$t" --message-format=json > "target/gpu-bin-$t.json"
-    copy "$t" "target/gpu-bin-$t.json"
-done
+cargo test --release --no-run -p whale-kernels --test cuda --message-format=json > target/gpu-bin-cuda.json
+copy cuda target/gpu-bin-cuda.json
 cargo test --release --no-run -p whale-tensor --test cuda_ops --message-format=json > target/gpu-bin-cuda_ops.json
 copy cuda_ops target/gpu-bin-cuda_ops.json
 for t in cuda_model cuda_opt_in; do

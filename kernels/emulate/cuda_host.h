@@ -22,8 +22,9 @@
 // - Arithmetic is the host's: with -ffp-contract=off, __fmul_rn / __fadd_rn and plain operators
 //   round as the GPU's do; expf, logf, tanhf and powf may differ from CUDA's in the last bits.
 // What it cannot check is the hardware itself; the GPU tests do that (crates/kernels/tests).
-// Driven by crates/kernels/tests/emulate.rs: standalone drivers (emulate/*.cpp) and every module
-// through emulate/launch.h.
+// Driven by crates/kernels/tests/emulate.rs (standalone drivers, emulate/*.cpp) and by the
+// emulated driver (emulate/driver.cpp), which launches every module's kernels through
+// emulate/launch.h.
 #pragma once
 
 #include <math.h>
@@ -186,7 +187,7 @@ inline void on_fault(int sig, siginfo_t* info, void*) {
         restore_fault_handlers(); // the faulting instruction runs again under them
         return;
     }
-    const char* what = sig == SIGSEGV ? "segmentation fault (an access outside the buffers)"
+    const char* what = sig == SIGSEGV ? "segmentation fault (an access outside the buffers, or a write to a read-only one)"
                        : sig == SIGBUS ? "bus error"
                        : sig == SIGFPE ? "arithmetic fault (an integer division by zero)"
                                        : "illegal instruction";

@@ -8,14 +8,33 @@
 // whale_emulated_driver_add_module). The device is an H200 as the launchers see it: sm_90, 132
 // multiprocessors, 227 KB of shared memory per block. Driven by crates/kernels/tests/common/
 // emulator.rs (emulated_gpu); what it cannot check is the hardware itself.
+//
+// Its memory is stricter than a GPU's, so a launcher's mistakes show:
+// - each allocation is mapped on its own and ends (rounded up to 16 bytes) against an
+//   inaccessible page, and a freed one becomes inaccessible (the newest 256 stay so before they
+//   are unmapped and their addresses reused): a kernel reading or writing past a buffer, or
+//   using a freed one, faults, and the fault is the launch's error, naming the thread and block;
+// - new memory is filled with 0xff bytes (NaN as floats), so reading what was never written shows;
+// - a copy or memset that does not fit its allocation, and a launch whose pointer argument is in
+//   no allocation, are errors; so is a launch past the hardware's grid and block limits, or one
+//   asking for more than 48 KB of dynamic shared memory without cuFuncSetAttribute's leave;
+// - during a launch, an allocation that the kernel reaches only through `const` pointers is read
+//   only, so a kernel writing its input faults.
+// With WHALE_EMULATED_LAUNCHES set to a path, the name of each kernel launched is appended to
+// that file (once per process): the tests check with it that every kernel ran.
 #include <dlfcn.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
+#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -26,22 +45,35 @@ typedef unsigned long long CUdeviceptr;
 
 constexpr CUresult kSuccess = 0, kInvalidValue = 1, kInvalidDevice = 101, kNotFound = 500, kLaunchFailed = 719;
 
-struct Param {
-    unsigned size, pointee;
+struct Param { // launch.h's emu::Param
+    unsigned size, pointee, read_only;
 };
 typedef int (*SignatureFn)(const char*, const Param**, unsigned*);
-typedef int (*LaunchFn)(const char*, const unsigned*, const unsigned*, unsigned, int, void**, const long long*,
-                        const int*, char*, size_t);
+typedef int (*LaunchFn)(const char*, const unsigned*, const unsigned*, unsigned, void**, char*, size_t);
 
 struct Library {
     SignatureFn signature;
     LaunchFn launch;
 };
 
+// The H200's limits, as the launchers see them.
+constexpr int kDefaultDynamicShared = 48 * 1024, kMaxDynamicShared = 232448;
+constexpr int kFuncMaxThreadsPerBlock = 0, kFuncMaxDynamicShared = 8; // CUfunction_attribute
+
 struct Function {
     std::string name;
     const Library* lib;
+    const Param* params;
     unsigned n_params;
+    // Dynamic shared memory a launch may ask for: 48 KB unless cuFuncSetAttribute allowed more.
+    int max_dynamic_shared = kDefaultDynamicShared;
+};
+
+// One cuMemAlloc: `span` bytes mapped at `base` (whole pages), then an inaccessible page; the
+// allocation's `bytes` end at most 15 bytes before that page.
+struct Allocation {
+    unsigned char* base;
+    size_t span, bytes;
 };
 
 struct Module {
@@ -50,7 +82,51 @@ struct Module {
 
 std::mutex lock;
 std::vector<std::unique_ptr<Library>> libraries;
+std::map<CUdeviceptr, Allocation> allocations; // by address of the first byte
+std::deque<Allocation> quarantine;              // freed, inaccessible, oldest first
+constexpr size_t kQuarantined = 256;
+std::set<std::string> launched;
 int context_token, stream_token, event_token; // addresses stand for the handles
+
+std::string last_error; // the newest message below, for whale_emulated_driver_last_error
+
+// Says on stderr what went wrong, and remembers it.
+__attribute__((format(printf, 1, 2))) void complain(const char* format, ...) {
+    char text[768];
+    va_list args;
+    va_start(args, format);
+    std::vsnprintf(text, sizeof text, format, args);
+    va_end(args);
+    last_error = text;
+    std::fprintf(stderr, "emulated driver: %s\n", text);
+}
+
+size_t page_size() { return size_t(sysconf(_SC_PAGESIZE)); }
+
+// The allocation holding [p, p + n) (a pointer one past the end included, for n = 0), or null.
+const Allocation* holding(CUdeviceptr p, size_t n) {
+    auto it = allocations.upper_bound(p);
+    if (it == allocations.begin()) return nullptr;
+    --it;
+    return p + n <= it->first + it->second.bytes ? &it->second : nullptr;
+}
+
+// Whether [p, p + n) is device memory; says on stderr which call went astray if not.
+bool fits(const char* call, CUdeviceptr p, size_t n) {
+    std::lock_guard<std::mutex> g(lock);
+    if (holding(p, n)) return true;
+    complain("%s of %zu bytes at %#llx: not inside one allocation", call, n, p);
+    return false;
+}
+
+void log_launch(const std::string& name) {
+    if (!launched.insert(name).second) return;
+    if (const char* path = std::getenv("WHALE_EMULATED_LAUNCHES"))
+        if (FILE* f = std::fopen(path, "a")) {
+            std::fprintf(f, "%s\n", name.c_str());
+            std::fclose(f);
+        }
+}
 
 } // namespace
 
@@ -66,6 +142,12 @@ __attribute__((visibility("default"))) int whale_emulated_driver_add_module(cons
     std::lock_guard<std::mutex> g(lock);
     libraries.push_back(std::unique_ptr<Library>(new Library{signature, launch}));
     return 0;
+}
+
+// The driver's newest complaint (an empty string if none), copied into `text` of `len` bytes.
+__attribute__((visibility("default"))) void whale_emulated_driver_last_error(char* text, size_t len) {
+    std::lock_guard<std::mutex> g(lock);
+    std::snprintf(text, len, "%s", last_error.c_str());
 }
 
 #define API extern "C" __attribute__((visibility("default")))
@@ -138,14 +220,36 @@ API CUresult cuEventElapsedTime(float* ms, void*, void*) {
 API CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
 
 API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
-    void* m = std::aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
-    if (!m) return 2; // out of memory
-    *p = reinterpret_cast<CUdeviceptr>(m);
+    const size_t page = page_size(), body = (bytes + 15) / 16 * 16;
+    const size_t span = body == 0 ? page : (body + page - 1) / page * page;
+    void* m = mmap(nullptr, span + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return 2; // out of memory
+    auto base = static_cast<unsigned char*>(m);
+    std::memset(base, 0xff, span);
+    mprotect(base + span, page, PROT_NONE);
+    *p = reinterpret_cast<CUdeviceptr>(base + span - body);
+    std::lock_guard<std::mutex> g(lock);
+    allocations[*p] = Allocation{base, span, bytes};
     return kSuccess;
 }
 API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return cuMemAlloc_v2(p, bytes); }
 API CUresult cuMemFree_v2(CUdeviceptr p) {
-    std::free(reinterpret_cast<void*>(p));
+    std::lock_guard<std::mutex> g(lock);
+    auto it = allocations.find(p);
+    if (it == allocations.end()) {
+        complain("cuMemFree of %#llx, which is not an allocation", p);
+        return kInvalidValue;
+    }
+    // Quarantined before it is unmapped, so the next allocations do not take its addresses at once.
+    const Allocation a = it->second;
+    allocations.erase(it);
+    mprotect(a.base, a.span, PROT_NONE);
+    madvise(a.base, a.span, MADV_DONTNEED);
+    quarantine.push_back(a);
+    if (quarantine.size() > kQuarantined) {
+        munmap(quarantine.front().base, quarantine.front().span + page_size());
+        quarantine.pop_front();
+    }
     return kSuccess;
 }
 API CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
@@ -154,21 +258,25 @@ API CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
     return kSuccess;
 }
 API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    if (!fits("cuMemcpyHtoD", dst, n)) return kInvalidValue;
     std::memcpy(reinterpret_cast<void*>(dst), src, n);
     return kSuccess;
 }
 API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) { return cuMemcpyHtoD_v2(dst, src, n); }
 API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    if (!fits("cuMemcpyDtoH", src, n)) return kInvalidValue;
     std::memcpy(dst, reinterpret_cast<const void*>(src), n);
     return kSuccess;
 }
 API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoH_v2(dst, src, n); }
 API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    if (!fits("cuMemcpyDtoD (source)", src, n) || !fits("cuMemcpyDtoD (destination)", dst, n)) return kInvalidValue;
     std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
     return kSuccess;
 }
 API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoD_v2(dst, src, n); }
 API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    if (!fits("cuMemsetD8", dst, n)) return kInvalidValue;
     std::memset(reinterpret_cast<void*>(dst), v, n);
     return kSuccess;
 }
@@ -187,7 +295,7 @@ API CUresult cuModuleLoadData(void** module, const void* image) {
             const Param* params;
             unsigned n;
             if (lib->signature(name.c_str(), &params, &n) == 0) {
-                m->functions.push_back(std::unique_ptr<Function>(new Function{name, lib.get(), n}));
+                m->functions.push_back(std::unique_ptr<Function>(new Function{name, lib.get(), params, n}));
                 break;
             }
         }
@@ -205,12 +313,25 @@ API CUresult cuModuleGetFunction(void** f, void* module, const char* name) {
             *f = fn.get();
             return kSuccess;
         }
-    std::fprintf(stderr, "emulated driver: no host emulation of kernel %s\n", name);
+    std::lock_guard<std::mutex> g(lock);
+    complain("no host emulation of kernel %s", name);
     return kNotFound;
 }
-API CUresult cuFuncSetAttribute(void*, int, int) { return kSuccess; }
-API CUresult cuFuncGetAttribute(int* v, int, void*) {
-    *v = 0;
+API CUresult cuFuncSetAttribute(void* f, int attribute, int value) {
+    if (!f) return kInvalidValue;
+    if (attribute == kFuncMaxDynamicShared) {
+        if (value < 0 || value > kMaxDynamicShared) return kInvalidValue;
+        std::lock_guard<std::mutex> g(lock);
+        static_cast<Function*>(f)->max_dynamic_shared = value;
+    }
+    return kSuccess;
+}
+API CUresult cuFuncGetAttribute(int* v, int attribute, void* f) {
+    if (!f) return kInvalidValue;
+    std::lock_guard<std::mutex> g(lock);
+    *v = attribute == kFuncMaxDynamicShared     ? static_cast<Function*>(f)->max_dynamic_shared
+         : attribute == kFuncMaxThreadsPerBlock ? 1024
+                                                : 0;
     return kSuccess;
 }
 
@@ -219,14 +340,45 @@ API CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsi
     if (!f || extra) return kInvalidValue;
     const Function& fn = *static_cast<Function*>(f);
     const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
-    // Buffers are the kernel's own device memory: no guarded copies (their sizes are unknown here).
-    std::vector<long long> bytes(fn.n_params, -1);
-    std::vector<int> writable(fn.n_params, 0);
-    char error[512] = {0};
     std::lock_guard<std::mutex> g(lock); // the emulation runs one kernel at a time
-    if (fn.lib->launch(fn.name.c_str(), grid, block, smem, 0, params, bytes.data(), writable.data(), error,
-                       sizeof error) != 0) {
-        std::fprintf(stderr, "emulated driver: %s: %s\n", fn.name.c_str(), error);
+    log_launch(fn.name);
+    // The hardware's limits on a launch's shape, and the function's on its shared memory.
+    if (gx == 0 || gy == 0 || gz == 0 || gx > 0x7fffffffu || gy > 65535 || gz > 65535) {
+        complain("%s: a grid of (%u, %u, %u) blocks", fn.name.c_str(), gx, gy, gz);
+        return kInvalidValue;
+    }
+    if (bx == 0 || by == 0 || bz == 0 || bx > 1024 || by > 1024 || bz > 64 || bx * by * bz > 1024) {
+        complain("%s: a block of (%u, %u, %u) threads", fn.name.c_str(), bx, by, bz);
+        return kInvalidValue;
+    }
+    if (smem > unsigned(fn.max_dynamic_shared)) {
+        complain("%s: %u bytes of dynamic shared memory, above the %d its attribute allows "
+                 "(cuFuncSetAttribute, MAX_DYNAMIC_SHARED_SIZE_BYTES)",
+                 fn.name.c_str(), smem, fn.max_dynamic_shared);
+        return kInvalidValue;
+    }
+    // Every pointer argument is null or in an allocation; those reached only through const
+    // pointers are read only for the launch.
+    std::map<const Allocation*, bool> reached; // allocation -> written through some pointer
+    for (unsigned i = 0; i < fn.n_params; ++i) {
+        if (fn.params[i].pointee == 0) continue;
+        CUdeviceptr p = *static_cast<CUdeviceptr*>(params[i]);
+        if (p == 0) continue;
+        const Allocation* a = holding(p, 0);
+        if (!a) {
+            complain("%s: argument %u (%#llx) points into no allocation", fn.name.c_str(), i, p);
+            return kInvalidValue;
+        }
+        reached[a] |= !fn.params[i].read_only;
+    }
+    for (auto [a, written] : reached)
+        if (!written) mprotect(a->base, a->span, PROT_READ);
+    char error[512] = {0};
+    const int rc = fn.lib->launch(fn.name.c_str(), grid, block, smem, params, error, sizeof error);
+    for (auto [a, written] : reached)
+        if (!written) mprotect(a->base, a->span, PROT_READ | PROT_WRITE);
+    if (rc != 0) {
+        complain("%s: %s", fn.name.c_str(), error);
         return kLaunchFailed;
     }
     return kSuccess;

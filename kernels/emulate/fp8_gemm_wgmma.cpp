@@ -67,7 +67,7 @@ int main() {
     struct Case {
         unsigned m, n, k, b_rows;
     };
-    // The GPU test's shapes (crates/kernels/tests/cuda.rs), and a K of 7 blocks (more than the
+    // The GPU test's shapes (crates/kernels/tests/cuda/main.rs), and a K of 7 blocks (more than the
     // 4 stages, so the ring wraps) with a partial last block.
     const Case cases[] = {{128, 128, 256, 128}, {200, 300, 400, 128}, {33, 130, 144, 1}, {1, 257, 512, 128},
                           {130, 140, 880, 128}};

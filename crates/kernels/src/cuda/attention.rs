@@ -85,6 +85,23 @@ const BACKWARD: [(Tiled, Tiled); 3] = [
     ),
 ];
 
+/// Each tiled kernel and its dynamic shared memory, which `Gpu::new` allows it.
+pub(super) const SHARED_MEMORY: [(&str, usize); FORWARD.len() + 2 * BACKWARD.len()] = {
+    let mut all = [("", 0); FORWARD.len() + 2 * BACKWARD.len()];
+    let mut i = 0;
+    while i < FORWARD.len() {
+        all[i] = (FORWARD[i].kernel, FORWARD[i].smem);
+        i += 1;
+    }
+    let mut j = 0;
+    while j < BACKWARD.len() {
+        all[i + 2 * j] = (BACKWARD[j].0.kernel, BACKWARD[j].0.smem);
+        all[i + 2 * j + 1] = (BACKWARD[j].1.kernel, BACKWARD[j].1.smem);
+        j += 1;
+    }
+    all
+};
+
 /// Threads of a block of attention_combine_f32.
 const COMBINE_THREADS: u32 = 128;
 
@@ -166,9 +183,9 @@ impl Gpu {
         Ok(instances.into_iter().find(|t| s.qk_dim <= t.qk && s.v_dim <= t.v && t.smem <= smem && grid_fits))
     }
 
-    /// Allows `t`'s kernel its shared memory (above the default 48 KB) and returns it.
-    fn tiled_function(&self, t: &Tiled) -> Result<&cudarc::driver::CudaFunction> {
-        self.function_with_shared(t.kernel, t.smem)
+    /// `t`'s kernel, allowed its shared memory by `Gpu::new` (`tiled_for` chose `t` because it fits).
+    fn tiled_function(&self, t: &Tiled) -> &cudarc::driver::CudaFunction {
+        self.function(t.kernel)
     }
 
     /// Attention forward on device buffers into `o` and `lse` (see [`Gpu::attention_forward`]).
@@ -207,7 +224,7 @@ impl Gpu {
         let per_split = per_split as u32;
         let cfg = tiled_config(&t, (row_tiles, heads, splits));
         if splits == 1 {
-            let mut l = self.stream.launch_builder(self.tiled_function(&t)?);
+            let mut l = self.stream.launch_builder(self.tiled_function(&t));
             l.arg(q).arg(k).arg(v).arg(o).arg(lse);
             for d in &dims {
                 l.arg(d);
@@ -221,7 +238,7 @@ impl Gpu {
         }
         let mut o_part = self.zeros::<f32>(splits * q_rows * s.v_dim)?;
         let mut lse_part = self.zeros::<f32>(splits * q_rows)?;
-        let mut l = self.stream.launch_builder(self.tiled_function(&t)?);
+        let mut l = self.stream.launch_builder(self.tiled_function(&t));
         l.arg(q).arg(k).arg(v).arg(&mut o_part).arg(&mut lse_part);
         for d in &dims {
             l.arg(d);
@@ -289,7 +306,7 @@ impl Gpu {
 
         // Pass 1 (dq and delta) before pass 2 (dk, dv), which reads delta.
         let (kernel, cfg) = match self.tiled_for(BACKWARD.map(|p| p.0), s, true)? {
-            Some(t) => (self.tiled_function(&t)?, tiled_config(&t, ((q_rows / heads).div_ceil(t.rows), heads, 1))),
+            Some(t) => (self.tiled_function(&t), tiled_config(&t, ((q_rows / heads).div_ceil(t.rows), heads, 1))),
             None => (self.function("attention_backward_dq_f32"), rows_config(q_rows)),
         };
         let mut l = self.stream.launch_builder(kernel);
@@ -305,7 +322,7 @@ impl Gpu {
         unsafe { l.launch(cfg) }.map_err(cuda("attention_backward_dq"))?;
 
         let (kernel, cfg) = match self.tiled_for(BACKWARD.map(|p| p.1), s, true)? {
-            Some(t) => (self.tiled_function(&t)?, tiled_config(&t, (s.kv_len.div_ceil(t.rows), heads, 1))),
+            Some(t) => (self.tiled_function(&t), tiled_config(&t, (s.kv_len.div_ceil(t.rows), heads, 1))),
             None => (self.function("attention_backward_dkv_f32"), rows_config(kv_rows)),
         };
         let mut l = self.stream.launch_builder(kernel);

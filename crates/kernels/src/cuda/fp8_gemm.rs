@@ -172,7 +172,7 @@ impl Gpu {
         let (cfg, function) = match kernel {
             Fp8GemmKernel::Wgmma => (
                 LaunchConfig { grid_dim: tiles, block_dim: (256, 1, 1), shared_mem_bytes: WGMMA_SHARED_BYTES as u32 },
-                self.function_with_shared(name, WGMMA_SHARED_BYTES)?,
+                self.function(name),
             ),
             Fp8GemmKernel::TensorCore => {
                 (LaunchConfig { grid_dim: tiles, block_dim: (256, 1, 1), shared_mem_bytes: 0 }, self.function(name))
@@ -193,7 +193,7 @@ impl Gpu {
         // SAFETY: every kernel reads only rows < m (n) and columns < k of the operands, whose
         // scale grids `Fp8Blocks` guarantees, and writes y inside [m, n]; the tensor-core
         // kernels' 16-byte loads need k % 16 == 0, checked above (runs_fp8_gemm), and the wgmma
-        // kernel its shared memory, allowed by function_with_shared.
+        // kernel its shared memory, allowed by Gpu::new (an sm_90 GPU has it).
         unsafe { l.launch(cfg) }.map_err(cuda(name))?;
         Ok(())
     }

@@ -183,7 +183,7 @@ impl Gpu {
                 functions.insert(k, module.load_function(k).map_err(cuda(k))?);
             }
         }
-        Ok(Gpu {
+        let gpu = Gpu {
             ctx,
             stream,
             functions,
@@ -193,7 +193,9 @@ impl Gpu {
             ordinal,
             attention: (AttentionKernels::TiledForward as u8).into(),
             fp8_gemm: (Fp8GemmKernel::TensorCore as u8).into(),
-        })
+        };
+        gpu.allow_shared_memory()?;
+        Ok(gpu)
     }
 
     /// Chooses the attention kernels of this GPU's later launches.
@@ -224,14 +226,21 @@ impl Gpu {
         self.functions.get(name).unwrap_or_else(|| panic!("kernel `{name}` is not in the manifest"))
     }
 
-    /// Kernel `name`, allowed `bytes` of dynamic shared memory (above the default 48 KB).
-    fn function_with_shared(&self, name: &'static str, bytes: usize) -> Result<&CudaFunction> {
-        let f = self.function(name);
-        // The launch binds the context to this thread; the attribute is set before it.
-        self.ctx.bind_to_thread().map_err(cuda(name))?;
-        let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        f.set_attribute(attr, bytes as i32).map_err(cuda(name))?;
-        Ok(f)
+    /// Allows each kernel that takes more than the default 48 KB of dynamic shared memory (the
+    /// tiled attention kernels, the wgmma GEMM) what it takes, once, where this GPU has it (the
+    /// launchers fall back from an instance that does not fit: `tiled_for`, `runs_fp8_gemm`).
+    fn allow_shared_memory(&self) -> Result<()> {
+        let attr = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+        let most = self.ctx.attribute(attr).map_err(cuda("reading the shared memory per block"))?.max(0) as usize;
+        let dynamic = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        self.ctx.bind_to_thread().map_err(cuda("binding the context"))?;
+        let wgmma = (Fp8GemmKernel::Wgmma.entry(), WGMMA_SHARED_BYTES);
+        for (name, bytes) in attention::SHARED_MEMORY.into_iter().chain([wgmma]) {
+            if let Some(f) = self.functions.get(name).filter(|_| bytes <= most) {
+                f.set_attribute(dynamic, bytes as i32).map_err(cuda(name))?;
+            }
+        }
+        Ok(())
     }
 
     fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {

@@ -1,149 +1,78 @@
-//! The CUDA kernels on the CPU: every module of the manifest compiled for host emulation
-//! (kernels/emulate/cuda_host.h: a fiber per CUDA thread, real barriers, shared memory that
-//! starts as garbage) into a shared library, and launched by name with a pointer to each
-//! argument, as `cuLaunchKernel` launches the PTX. The GPU tests' bodies run on it in CI, against
-//! the same CPU twins (tests/emulate.rs), so a kernel's indexing, tiling and edges are checked on
-//! machines without a GPU; the hardware is the GPU run's to check. Each buffer reaches the kernel
-//! as a copy that ends against an inaccessible page (inputs read-only): reading or writing past
-//! it is a launch error naming the thread and block.
+//! The CUDA kernels on the CPU, behind an emulated CUDA driver: every module of the manifest
+//! compiled for host emulation (kernels/emulate/cuda_host.h: a fiber per CUDA thread, real
+//! barriers, shared memory that starts as garbage) into a shared library, and
+//! kernels/emulate/driver.cpp (with cublas.cpp's GEMMs) loaded in the place of the GPU's driver.
+//! whale-kernels' launchers then run unchanged on the CPU, so the GPU tests' bodies check, in CI,
+//! every launcher and kernel against the same CPU twins as on a GPU: indexing, tiling, edges,
+//! launch shapes and argument lists. The driver's memory is stricter than a GPU's (see driver.cpp):
+//! overruns, freed buffers, writes to `const` inputs and reads of memory never written show. The
+//! hardware is the GPU run's to check.
 //!
 //! Shared by the GPU test files of whale-kernels (tests/common) and, through `#[path]`, of the
 //! crates above it, whose GPU tests run on the emulated driver the same way.
 
-use std::ffi::{c_char, c_void, CStr, CString};
-use std::marker::PhantomData;
+use std::collections::BTreeSet;
+use std::ffi::{c_char, CString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use whale_kernels::cuda::{manifest, source_hash, Gpu};
 
-/// A launch's shape: `grid` blocks of `block` threads with `smem` bytes of dynamic shared memory.
-#[derive(Debug, Clone, Copy)]
-pub struct Launch {
-    pub grid: (u32, u32, u32),
-    pub block: (u32, u32, u32),
-    pub smem: u32,
-}
-
-impl Launch {
-    pub fn new(grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32) -> Launch {
-        Launch { grid, block, smem }
-    }
-}
-
-/// One kernel argument: a buffer (the kernel gets a pointer to its first element) or a value.
-#[derive(Debug)]
-pub struct Arg<'a> {
-    kind: ArgKind,
-    _borrow: PhantomData<&'a mut ()>,
-}
-
-#[derive(Debug)]
-enum ArgKind {
-    Buffer { ptr: *mut c_void, elem: usize, len: usize, writable: bool },
-    Value { words: Box<[u64]>, size: usize },
-}
-
-impl<'a> Arg<'a> {
-    /// A buffer the kernel reads (a `const T*` parameter).
-    pub fn input<T>(s: &'a [T]) -> Arg<'a> {
-        let kind = ArgKind::Buffer {
-            ptr: s.as_ptr() as *mut c_void,
-            elem: size_of::<T>(),
-            len: size_of_val(s),
-            writable: false,
-        };
-        Arg { kind, _borrow: PhantomData }
-    }
-
-    /// A buffer the kernel writes.
-    pub fn output<T>(s: &'a mut [T]) -> Arg<'a> {
-        let kind =
-            ArgKind::Buffer { ptr: s.as_mut_ptr().cast(), elem: size_of::<T>(), len: size_of_val(s), writable: true };
-        Arg { kind, _borrow: PhantomData }
-    }
-
-    /// A value parameter: a number, or a `repr(C)` struct passed by value (8-byte aligned at
-    /// most, as the kernels' are).
-    pub fn value<T: Copy>(v: T) -> Arg<'a> {
-        assert!(align_of::<T>() <= 8, "a kernel value argument aligned to {} bytes", align_of::<T>());
-        let mut words = vec![0u64; size_of::<T>().div_ceil(8)].into_boxed_slice();
-        // SAFETY: the words hold size_of::<T>() bytes at an alignment of 8 >= T's; T is Copy, and
-        // the kernel only reads the bytes back as its parameter's type, which the signature check
-        // holds to T's size.
-        unsafe { std::ptr::write_unaligned(words.as_mut_ptr() as *mut T, v) };
-        Arg { kind: ArgKind::Value { words, size: size_of::<T>() }, _borrow: PhantomData }
-    }
-}
-
-/// kernels/emulate/launch.h's `emu::Param`.
-#[repr(C)]
-struct Param {
-    size: u32,
-    pointee: u32,
-}
-
-type SignatureFn = unsafe extern "C" fn(*const c_char, *mut *const Param, *mut u32) -> i32;
-type LaunchFn = unsafe extern "C" fn(
-    *const c_char,
-    *const u32,
-    *const u32,
-    u32,
-    i32,
-    *mut *mut c_void,
-    *const i64,
-    *const i32,
-    *mut c_char,
-    usize,
-) -> i32;
-
-#[derive(Debug)]
-struct Module {
-    name: &'static str,
-    kernels: &'static [&'static str],
-    lib: libloading::Library,
-    path: PathBuf,
-}
-
-/// Every emulated module, loaded.
-#[derive(Debug)]
-pub struct Emulator {
-    modules: Vec<Module>,
-}
-
-/// The emulation runs one kernel at a time (its state is global, as a GPU's would be).
-static RUNNING: Mutex<()> = Mutex::new(());
-
-/// The emulator, built once per test process, or `None` after saying why the test is skipped
-/// (no g++ on this machine; with `WHALE_EMULATION=required`, as CI sets it, that fails the test
-/// instead). A module that does not build fails the test with the compiler's message.
-pub fn emulator(test: &str) -> Option<&'static Emulator> {
-    static BUILT: OnceLock<Result<Emulator, String>> = OnceLock::new();
+/// Whether the emulation can be built here: g++ and the kernel sources are present. If not, says
+/// why `test` is skipped (or fails it under `WHALE_EMULATION=required`, as CI sets it).
+pub fn can_emulate(test: &str) -> bool {
     if !have_gxx(test) {
-        return None;
+        return false;
     }
     if !kernels_dir().join("emulate").is_dir() {
         eprintln!(
             "{test}: skipped, the kernel sources are not at {} (a test binary moved to another machine)",
             kernels_dir().display()
         );
-        return None;
+        return false;
     }
-    match BUILT.get_or_init(Emulator::build) {
-        Ok(e) => Some(e),
+    true
+}
+
+/// The emulation library of every module (built once per test process, rebuilt only when the
+/// sources change). A module that does not build fails the test with the compiler's message.
+fn module_libraries() -> &'static [PathBuf] {
+    static BUILT: OnceLock<Result<Vec<PathBuf>, String>> = OnceLock::new();
+    match BUILT.get_or_init(build_modules) {
+        Ok(libs) => libs,
         Err(e) => panic!("building the host emulation: {e}"),
     }
 }
 
+fn build_modules() -> Result<Vec<PathBuf>, String> {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulate");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let modules: Vec<_> = manifest::MODULES.iter().collect();
+    // Two compilers at a time: CI machines have two cores.
+    std::thread::scope(|s| {
+        let chunks: Vec<_> = modules.chunks(modules.len().div_ceil(2)).collect();
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| s.spawn(|| chunk.iter().map(|m| compile(m, &out)).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("a compile thread")).collect()
+    })
+}
+
+/// The emulated driver and cuBLAS, once loaded.
+static DRIVER: OnceLock<Result<[libloading::Library; 2], String>> = OnceLock::new();
+
 /// A [`Gpu`] on the emulated driver (kernels/emulate/driver.cpp, with cublas.cpp's GEMMs):
-/// whale-kernels' launchers, as they are, over the host emulation of every module. Loaded into this process as `libcuda.so`,
-/// the driver is what cudarc finds from then on, so a process that calls this has no real GPU:
-/// tests/cuda.rs runs its GPU tests this way in a child process of their own
-/// (`WHALE_EMULATED_GPU`). `None` where [`emulator`] is.
+/// whale-kernels' launchers, as they are, over the host emulation of every module. Loaded into
+/// this process as `libcuda.so`, the driver is what cudarc finds from then on, so a process that
+/// calls this has no real GPU: the GPU test binaries run their GPU tests this way in a child
+/// process of their own ([`run_gpu_tests_on_the_emulated_driver`], `WHALE_EMULATED_GPU`). `None`
+/// where [`can_emulate`] says no.
 pub fn emulated_gpu(test: &str) -> Option<Gpu> {
-    static DRIVER: OnceLock<Result<[libloading::Library; 2], String>> = OnceLock::new();
-    let e = emulator(test)?;
+    if !can_emulate(test) {
+        return None;
+    }
     let driver = DRIVER.get_or_init(|| {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulate");
         // RTLD_GLOBAL: the loader matches cudarc's later dlopen("libcuda.so") (and "libcublas.so")
@@ -162,11 +91,11 @@ pub fn emulated_gpu(test: &str) -> Option<Gpu> {
         let add =
             unsafe { cuda.get::<unsafe extern "C" fn(*const c_char) -> i32>(b"whale_emulated_driver_add_module\0") }
                 .map_err(|err| err.to_string())?;
-        for m in &e.modules {
-            let path = CString::new(m.path.to_string_lossy().as_bytes()).expect("a path");
+        for lib in module_libraries() {
+            let path = CString::new(lib.to_string_lossy().as_bytes()).expect("a path");
             // SAFETY: a NUL-terminated path to a library built from launch.h.
             if unsafe { add(path.as_ptr()) } != 0 {
-                return Err(format!("the emulated driver could not load {}", m.path.display()));
+                return Err(format!("the emulated driver could not load {}", lib.display()));
             }
         }
         Ok([cuda, cublas])
@@ -175,6 +104,21 @@ pub fn emulated_gpu(test: &str) -> Option<Gpu> {
         panic!("{test}: building the emulated driver: {err}");
     }
     Some(Gpu::new(0).unwrap_or_else(|err| panic!("{test}: the emulated GPU does not open: {err}")))
+}
+
+/// The emulated driver's newest complaint (what a failed call or launch said on stderr), or an
+/// empty string; `None` outside a process on the emulated driver.
+pub fn emulated_driver_last_error() -> Option<String> {
+    let driver = DRIVER.get()?.as_ref().ok()?;
+    // SAFETY: defined by driver.cpp with this signature.
+    let last =
+        unsafe { driver[0].get::<unsafe extern "C" fn(*mut c_char, usize)>(b"whale_emulated_driver_last_error\0") }
+            .ok()?;
+    let mut text = vec![0 as c_char; 1024];
+    // SAFETY: the driver writes at most `len` bytes, NUL included.
+    unsafe { last(text.as_mut_ptr(), text.len()) };
+    // SAFETY: NUL-terminated above.
+    Some(unsafe { std::ffi::CStr::from_ptr(text.as_ptr()) }.to_string_lossy().into_owned())
 }
 
 /// RTLD_NOW | RTLD_GLOBAL.
@@ -221,117 +165,6 @@ pub fn gxx_flags() -> Vec<String> {
     .into_iter()
     .chain([format!("-I{}", dir.display()), format!("-I{}", dir.join("emulate/include").display())])
     .collect()
-}
-
-impl Emulator {
-    fn build() -> Result<Emulator, String> {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulate");
-        std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-        let modules: Vec<_> = manifest::MODULES.iter().collect();
-        // Two compilers at a time: CI machines have two cores.
-        let libs = std::thread::scope(|s| {
-            let chunks: Vec<_> = modules.chunks(modules.len().div_ceil(2)).collect();
-            let handles: Vec<_> = chunks
-                .into_iter()
-                .map(|chunk| s.spawn(|| chunk.iter().map(|m| compile(m, &out)).collect::<Vec<_>>()))
-                .collect();
-            handles.into_iter().flat_map(|h| h.join().expect("a compile thread")).collect::<Result<Vec<_>, _>>()
-        })?;
-        let mut loaded = Vec::new();
-        for (m, path) in modules.into_iter().zip(libs) {
-            // SAFETY: the library was just built from our kernel sources and launch.h, whose
-            // static initialisers only fill constant tables.
-            let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| format!("{}: {e}", path.display()))?;
-            loaded.push(Module { name: m.name, kernels: m.kernels, lib, path });
-        }
-        Ok(Emulator { modules: loaded })
-    }
-
-    /// Runs `kernel` on `args`, checked against its parameters first (count, sizes, and the
-    /// element size of each buffer). An error names the kernel and what went wrong: a wrong
-    /// argument, or the emulation's failure (a deadlock, a misaligned copy, a `__trap`).
-    pub fn launch(&self, kernel: &str, cfg: Launch, args: &mut [Arg<'_>]) -> Result<(), String> {
-        let module = self
-            .modules
-            .iter()
-            .find(|m| m.kernels.contains(&kernel))
-            .ok_or_else(|| format!("{kernel}: no emulated module has this kernel"))?;
-        let name = CString::new(kernel).expect("a kernel name");
-        // SAFETY: both symbols are defined by WHALE_EMULATE_MODULE with these signatures.
-        let (signature, launch) = unsafe {
-            (
-                module.lib.get::<SignatureFn>(b"whale_emulate_signature\0").map_err(|e| e.to_string())?,
-                module.lib.get::<LaunchFn>(b"whale_emulate_launch\0").map_err(|e| e.to_string())?,
-            )
-        };
-        let (mut params, mut n) = (std::ptr::null::<Param>(), 0u32);
-        // SAFETY: the name is NUL-terminated; the out-pointers are valid.
-        if unsafe { signature(name.as_ptr(), &mut params, &mut n) } != 0 {
-            return Err(format!("{kernel}: not in module {}", module.name));
-        }
-        // SAFETY: the module's table holds `n` parameters for this kernel, for the library's life.
-        let params = unsafe { std::slice::from_raw_parts(params, n as usize) };
-        if params.len() != args.len() {
-            return Err(format!("{kernel}: {} arguments for {} parameters", args.len(), params.len()));
-        }
-        for (i, (p, a)) in params.iter().zip(args.iter()).enumerate() {
-            let fits = match a.kind {
-                ArgKind::Buffer { elem, .. } => {
-                    p.pointee as usize == elem && p.size as usize == size_of::<*mut c_void>()
-                }
-                ArgKind::Value { size, .. } => p.pointee == 0 && p.size as usize == size,
-            };
-            if !fits {
-                return Err(format!(
-                    "{kernel}: argument {i} is {:?}, the parameter takes {} bytes{}",
-                    a.kind,
-                    p.size,
-                    if p.pointee > 0 { format!(" (a pointer to {}-byte values)", p.pointee) } else { String::new() }
-                ));
-            }
-        }
-        let mut pointers: Vec<*mut c_void> = args
-            .iter_mut()
-            .map(|a| match &mut a.kind {
-                ArgKind::Buffer { ptr, .. } => ptr as *mut *mut c_void as *mut c_void,
-                ArgKind::Value { words, .. } => words.as_mut_ptr() as *mut c_void,
-            })
-            .collect();
-        let bytes: Vec<i64> = args
-            .iter()
-            .map(|a| match a.kind {
-                ArgKind::Buffer { len, .. } => len as i64,
-                ArgKind::Value { .. } => -1,
-            })
-            .collect();
-        let writable: Vec<i32> =
-            args.iter().map(|a| i32::from(matches!(a.kind, ArgKind::Buffer { writable: true, .. }))).collect();
-        let (grid, block) = ([cfg.grid.0, cfg.grid.1, cfg.grid.2], [cfg.block.0, cfg.block.1, cfg.block.2]);
-        let mut error = vec![0 as c_char; 512];
-        let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: the arguments match the kernel's parameters (checked above), and `bytes` holds
-        // each buffer's size; the buffers outlive the call (the kernel works on guarded copies).
-        let rc = unsafe {
-            launch(
-                name.as_ptr(),
-                grid.as_ptr(),
-                block.as_ptr(),
-                cfg.smem,
-                0,
-                pointers.as_mut_ptr(),
-                bytes.as_ptr(),
-                writable.as_ptr(),
-                error.as_mut_ptr(),
-                error.len(),
-            )
-        };
-        if rc != 0 {
-            // SAFETY: launch.h NUL-terminates the message within the buffer.
-            let msg = unsafe { CStr::from_ptr(error.as_ptr()) }.to_string_lossy().into_owned();
-            return Err(format!("{kernel}: {msg}"));
-        }
-        Ok(())
-    }
 }
 
 /// Writes module `m`'s translation unit (its `.cu`, then launch.h's table of its kernels) and
@@ -415,14 +248,19 @@ pub fn on_the_emulated_driver() -> bool {
 
 /// Runs this test binary's GPU tests (those matching `only`, or all when it is empty; never the
 /// emulation's, the source stamp or `skip`) in a child process on the emulated driver, one at a
-/// time; fails `test` with the child's output if any fails.
-pub fn run_gpu_tests_on_the_emulated_driver(test: &str, only: &[&str], skip: &[&str]) {
-    if emulator(test).is_none() {
-        return;
+/// time; fails `test` with the child's output if any fails. Returns the kernels the child
+/// launched (`None` where [`can_emulate`] says no).
+pub fn run_gpu_tests_on_the_emulated_driver(test: &str, only: &[&str], skip: &[&str]) -> Option<BTreeSet<String>> {
+    if !can_emulate(test) {
+        return None;
     }
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulate");
+    std::fs::create_dir_all(&out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+    let log = out.join(format!("launches-{}-{test}.txt", std::process::id()));
+    let _ = std::fs::remove_file(&log);
     let exe = std::env::current_exe().expect("the test binary's path");
-    let mut cmd = std::process::Command::new(exe);
-    cmd.env("WHALE_EMULATED_GPU", "1").args([
+    let mut cmd = Command::new(exe);
+    cmd.env("WHALE_EMULATED_GPU", "1").env("WHALE_EMULATED_LAUNCHES", &log).args([
         "--test-threads=1",
         "--skip",
         "in_emulation",
@@ -433,10 +271,13 @@ pub fn run_gpu_tests_on_the_emulated_driver(test: &str, only: &[&str], skip: &[&
     for s in skip {
         cmd.args(["--skip", s]);
     }
-    let out = cmd.output().expect("running the test binary again");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let run = cmd.output().expect("running the test binary again");
+    let text = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
     println!("{text}");
-    assert!(out.status.success(), "{test}: GPU tests failed on the emulated driver:\n{text}");
+    assert!(run.status.success(), "{test}: GPU tests failed on the emulated driver:\n{text}");
     assert!(!text.contains("skipped, no CUDA driver"), "{test}: the child found no emulated GPU:\n{text}");
     assert!(!text.contains("test result: ok. 0 passed"), "{test}: the child ran no GPU test:\n{text}");
+    let launched = std::fs::read_to_string(&log).unwrap_or_default().lines().map(String::from).collect();
+    let _ = std::fs::remove_file(&log);
+    Some(launched)
 }

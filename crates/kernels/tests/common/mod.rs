@@ -2,14 +2,11 @@
 #![allow(dead_code)]
 
 pub mod emulator;
-pub mod kernels;
 
 use whale_kernels::cuda::{device_count, Gpu};
 
 #[allow(unused_imports)]
-pub use emulator::{emulator, on_the_emulated_driver, run_gpu_tests_on_the_emulated_driver};
-#[allow(unused_imports)]
-pub use kernels::Kernels;
+pub use emulator::{on_the_emulated_driver, run_gpu_tests_on_the_emulated_driver};
 
 /// The GPU, or `None` after saying why the test is skipped. Under `WHALE_EMULATED_GPU` (the
 /// child process of `the_gpu_tests_pass_on_the_emulated_driver_in_emulation`) the emulated one.

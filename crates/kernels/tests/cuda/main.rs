@@ -1,18 +1,20 @@
 //! The CUDA kernels: the embedded PTX is current (checked on every machine, no nvcc needed), and
-//! on a machine with a GPU every kernel agrees with its CPU twin. Without a GPU those tests print
-//! that they were skipped and why.
+//! on a machine with a GPU every kernel, through its launcher in crates/kernels/src/cuda, agrees
+//! with its CPU twin (this file; the training path's kernels in train.rs). Without a GPU those
+//! tests print that they were skipped and why, and run in CI on the emulated driver instead
+//! (`the_gpu_tests_pass_on_the_emulated_driver_in_emulation`).
 
+mod attention;
+#[path = "../common/mod.rs"]
 mod common;
+mod train;
 
-use common::emulator::Arg;
-use common::kernels::grid_for;
-use common::{assert_close, assert_lse, emulator, gpu, run_gpu_tests_on_the_emulated_driver, values, Kernels};
+use common::{assert_close, gpu, run_gpu_tests_on_the_emulated_driver, values};
 use std::path::Path;
 
 use half::bf16;
 
 use whale_kernels::cpu::adamw::{adamw_step, AdamWStep};
-use whale_kernels::cpu::attention::{attention_forward, AttnShape};
 use whale_kernels::cpu::cross_entropy::{cross_entropy_backward, cross_entropy_forward};
 use whale_kernels::cpu::dispatch::{permute, unpermute, unpermute_weight_grad, DispatchPlan};
 use whale_kernels::cpu::embedding::{embedding_backward, embedding_forward};
@@ -23,7 +25,12 @@ use whale_kernels::cpu::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use whale_kernels::cpu::rope::{rope_half, rope_interleaved};
 use whale_kernels::cpu::softmax::{log_softmax_backward, log_softmax_forward, softmax_backward, softmax_forward};
 use whale_kernels::cpu::swiglu::{swiglu_backward, swiglu_forward};
-use whale_kernels::cuda::{manifest, source_hash, AttentionKernels, Fp8GemmKernel, GemmShape, Strided};
+use whale_kernels::cuda::cudarc;
+use whale_kernels::cuda::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use whale_kernels::cuda::cudarc::nvrtc::Ptx;
+use whale_kernels::cuda::{
+    manifest, source_hash, BinaryOp, Fp8GemmKernel, GemmShape, Gpu, MidReduction, Strided, UnaryOp, WGMMA_SHARED_BYTES,
+};
 
 #[test]
 fn the_embedded_ptx_was_built_from_the_current_sources() {
@@ -68,152 +75,213 @@ fn every_kernel_has_a_launcher() {
     }
 }
 
-/// Every GPU test of this file, on the emulated driver (kernels/emulate/driver.cpp): the
+/// Every GPU test of this binary, on the emulated driver (kernels/emulate/driver.cpp): the
 /// launchers of crates/kernels/src/cuda as they are (their launch shapes, argument lists and
 /// buffer handling), cudarc and all, over the host emulation of the kernels. They run in a child
-/// process, which loads the driver in place of a GPU's.
+/// process, which loads the driver in place of a GPU's. Between them they launch every kernel of
+/// the manifest.
 #[test]
 fn the_gpu_tests_pass_on_the_emulated_driver_in_emulation() {
-    // Left out: the training/MLA-decode attention shapes (minutes of fibers; their kernels run in
-    // emulation in tests/emulate.rs and cuda_train.rs).
-    let skip = ["attention_forward_matches"];
-    run_gpu_tests_on_the_emulated_driver("the_gpu_tests_pass_on_the_emulated_driver_in_emulation", &[], &skip);
+    // Left out: the large attention shapes (minutes of fibers);
+    // `attention_kernels_match_the_cpu_on_small_shapes` runs every attention kernel instead, and
+    // tests/emulate.rs holds the tiled ones to double-precision references on larger shapes.
+    let skip = ["attention_forward_matches", "attention_backward_matches"];
+    let test = "the_gpu_tests_pass_on_the_emulated_driver_in_emulation";
+    let Some(launched) = run_gpu_tests_on_the_emulated_driver(test, &[], &skip) else { return };
+    let missing: Vec<&str> =
+        manifest::MODULES.iter().flat_map(|m| m.kernels).copied().filter(|k| !launched.contains(*k)).collect();
+    assert!(missing.is_empty(), "{test}: no GPU test launched {missing:?}");
+}
+
+/// The emulated driver's own guarantees (kernels/emulate/driver.cpp), which the other tests rely
+/// on to catch a launcher's mistakes: a kernel running past a buffer fails its launch, naming the
+/// thread and block; a pointer argument into no allocation (a freed one), a copy past an
+/// allocation, a grid taller than the hardware's and more than 48 KB of shared memory without
+/// the function's leave are refused, as a GPU's driver refuses the last two; the GPU works on
+/// after each. Runs only on the emulated driver.
+#[test]
+fn the_emulated_driver_catches_overruns_and_stray_pointers() {
+    let test = "the_emulated_driver_catches_overruns_and_stray_pointers";
+    if !common::on_the_emulated_driver() {
+        // Not a GPU test: on a GPU there is nothing for it to check (gpu-check.sh leaves it out).
+        eprintln!("{test}: runs only on the emulated driver (the_gpu_tests_pass_on_the_emulated_driver_in_emulation)");
+        return;
+    }
+    let Some(g) = gpu(test) else { return };
+    let last_error = || common::emulator::emulated_driver_last_error().expect("the emulated driver");
+    let elementwise = manifest::MODULES.iter().find(|m| m.name == "elementwise").expect("elementwise.cu");
+    let add = g.ctx.load_module(Ptx::from_src(elementwise.sm_90)).unwrap().load_function("add_f32").unwrap();
+    let cfg = LaunchConfig { grid_dim: (4, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (a, b, n) = (up(&g, &[1.0f32; 1000]), up(&g, &[2.0f32; 1000]), 1000u32);
+
+    // 996 floats end on a 16-byte boundary, against the guard page (allocations are rounded up to
+    // 16 bytes, so an overrun of less than that goes unseen).
+    let mut short = uninit(&g, 996);
+    let mut l = g.stream.launch_builder(&add);
+    l.arg(&a).arg(&b).arg(&mut short).arg(&n);
+    // SAFETY: the overrun faults inside the emulation, which turns it into the launch's error.
+    assert!(unsafe { l.launch(cfg) }.is_err(), "an overrun is a failed launch");
+    let err = last_error();
+    assert!(err.contains("segmentation fault") && err.contains("of block (3, 0, 0)"), "{err}");
+    assert!(down(&g, &short).iter().all(|&v| v == 3.0), "the elements that exist are written");
+
+    // A freed buffer, passed by its address.
+    let mut out = uninit(&g, 1000);
+    let freed = uninit(&g, 1000).device_ptr(&g.stream).0;
+    let mut l = g.stream.launch_builder(&add);
+    l.arg(&a).arg(&freed).arg(&mut out).arg(&n);
+    // SAFETY: the driver refuses the launch before the kernel runs.
+    assert!(unsafe { l.launch(cfg) }.is_err(), "a freed buffer is refused");
+    assert!(last_error().contains("add_f32: argument 1"), "{}", last_error());
+
+    // A copy that runs past its allocation.
+    let end = out.device_ptr(&g.stream).0 + 3996;
+    // SAFETY: the driver checks the range before copying.
+    let copied = unsafe { cudarc::driver::result::memcpy_htod_sync(end, &[0.0f32; 2]) };
+    assert!(copied.is_err(), "a copy past the allocation is refused");
+    assert!(last_error().contains("not inside one allocation"), "{}", last_error());
+
+    // A grid taller than 65535 blocks.
+    let mut l = g.stream.launch_builder(&add);
+    l.arg(&a).arg(&b).arg(&mut out).arg(&n);
+    let tall = LaunchConfig { grid_dim: (1, 65536, 1), ..cfg };
+    // SAFETY: refused before the kernel runs.
+    assert!(unsafe { l.launch(tall) }.is_err(), "a grid of 65536 rows is refused");
+    assert!(last_error().contains("a grid of (1, 65536, 1) blocks"), "{}", last_error());
+
+    // The wgmma GEMM's shared memory, from a fresh load of its module: no leave yet.
+    let module = manifest::MODULES.iter().find(|m| m.kernels.contains(&"fp8_gemm_wgmma")).expect("wgmma module");
+    let wgmma = g.ctx.load_module(Ptx::from_src(module.sm_90)).unwrap().load_function("fp8_gemm_wgmma").unwrap();
+    let mut l = g.stream.launch_builder(&wgmma);
+    let (z8, z32, u) = (g.stream.alloc_zeros::<u8>(16).unwrap(), g.stream.alloc_zeros::<f32>(16).unwrap(), 1u32);
+    l.arg(&z8).arg(&z32).arg(&u).arg(&z8).arg(&z32).arg(&u).arg(&mut out).arg(&u).arg(&u).arg(&u);
+    let big = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: WGMMA_SHARED_BYTES as u32 };
+    // SAFETY: refused before the kernel runs.
+    assert!(unsafe { l.launch(big) }.is_err(), "shared memory past 48 KB without leave is refused");
+    assert!(last_error().contains("above the 49152 its attribute allows"), "{}", last_error());
+
+    let mut l = g.stream.launch_builder(&add);
+    l.arg(&a).arg(&b).arg(&mut out).arg(&n);
+    // SAFETY: three buffers of 1000 floats.
+    unsafe { l.launch(cfg) }.unwrap();
+    assert!(down(&g, &out).iter().all(|&v| v == 3.0), "the GPU works after the failures");
 }
 
 #[test]
 fn elementwise_kernels_match_the_cpu() {
     let Some(g) = gpu("elementwise_kernels_match_the_cpu") else { return };
-    elementwise_kernels(&g);
-}
-
-#[test]
-fn elementwise_kernels_match_the_cpu_in_emulation() {
-    let Some(e) = emulator("elementwise_kernels_match_the_cpu_in_emulation") else { return };
-    elementwise_kernels(e);
-}
-
-fn elementwise_kernels(k: &impl Kernels) {
     let (a, b) = (values(1000, 1), values(1000, 2));
     let add: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
     let mul: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x * y).collect();
-    assert_eq!(k.add(&a, &b).unwrap(), add);
-    assert_eq!(k.mul(&a, &b).unwrap(), mul);
+    assert_eq!(g.add(&a, &b).unwrap(), add);
+    assert_eq!(g.mul(&a, &b).unwrap(), mul);
     let mut sw = vec![0.0; 1000];
     swiglu_forward(&a, &b, &mut sw);
     // expf on the GPU and exp on the CPU differ in the last bits.
-    assert_close("swiglu", &k.swiglu_forward(&a, &b).unwrap(), &sw, 1e-6);
+    assert_close("swiglu", &g.swiglu_forward(&a, &b).unwrap(), &sw, 1e-6);
 }
 
 #[test]
 fn row_kernels_match_the_cpu() {
     let Some(g) = gpu("row_kernels_match_the_cpu") else { return };
-    row_kernels(&g);
-}
-
-#[test]
-fn row_kernels_match_the_cpu_in_emulation() {
-    let Some(e) = emulator("row_kernels_match_the_cpu_in_emulation") else { return };
-    row_kernels(e);
-}
-
-fn row_kernels(k: &impl Kernels) {
     for dim in [7, 256, 1000] {
         let rows = 5;
         let (x, w) = (values(rows * dim, 3), values(dim, 4));
         let (mut y, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows]);
         rmsnorm_forward(&x, &w, dim, 1e-6, &mut y, &mut rstd);
-        let (gy, grstd) = k.rmsnorm_forward(&x, &w, dim, 1e-6).unwrap();
+        let (gy, grstd) = g.rmsnorm_forward(&x, &w, dim, 1e-6).unwrap();
         // Sums in another order (a tree in shared memory) and rsqrtf: f32 rounding.
         assert_close("rmsnorm y", &gy, &y, 1e-5);
         assert_close("rmsnorm rstd", &grstd, &rstd, 1e-5);
         let mut s = vec![0.0; rows * dim];
         softmax_forward(&x, dim, &mut s);
-        assert_close("softmax", &k.softmax_forward(&x, dim).unwrap(), &s, 1e-5);
+        assert_close("softmax", &g.softmax_forward(&x, dim).unwrap(), &s, 1e-5);
     }
 }
 
-/// log-softmax has no host-slice launcher (whale-tensor's backend launches it on device
-/// buffers; its GPU check is that backend's test), so only its emulation runs here.
+/// `host` copied to the GPU.
+fn up<T: DeviceRepr>(g: &Gpu, host: &[T]) -> CudaSlice<T> {
+    g.stream.clone_htod(host).expect("a copy to the GPU")
+}
+
+/// `dev` copied to the host.
+fn down<T: DeviceRepr + Default + Clone>(g: &Gpu, dev: &CudaSlice<T>) -> Vec<T> {
+    g.stream.clone_dtoh(dev).expect("a copy from the GPU")
+}
+
+/// `n` floats on the GPU, left as the allocation finds them (NaN on the emulated driver).
+fn uninit(g: &Gpu, n: usize) -> CudaSlice<f32> {
+    // SAFETY: f32 has no invalid bit patterns, and every test writes what it reads back.
+    unsafe { g.stream.alloc::<f32>(n) }.expect("an allocation")
+}
+
+/// Log-softmax, which only whale-tensor's backend calls: its device-buffer launchers.
 #[test]
-fn log_softmax_matches_the_cpu_in_emulation() {
-    let Some(e) = emulator("log_softmax_matches_the_cpu_in_emulation") else { return };
+fn log_softmax_matches_the_cpu() {
+    let Some(g) = gpu("log_softmax_matches_the_cpu") else { return };
     for dim in [7, 256, 1000] {
         let rows = 5;
         let (x, dy) = (values(rows * dim, 22), values(rows * dim, 23));
         let mut y = vec![0.0; rows * dim];
         log_softmax_forward(&x, dim, &mut y);
-        let got = e.log_softmax_forward(&x, dim).unwrap();
-        assert_close("log-softmax", &got, &y, 1e-5);
+        let mut gy = uninit(&g, rows * dim);
+        g.log_softmax_forward_dev(&up(&g, &x).slice(..), &mut gy, (rows, dim)).unwrap();
+        assert_close("log-softmax", &down(&g, &gy), &y, 1e-5);
         let mut dx = vec![0.0; rows * dim];
         log_softmax_backward(&y, &dy, dim, &mut dx);
-        assert_close("log-softmax dx", &e.log_softmax_backward(&y, &dy, dim).unwrap(), &dx, 1e-5);
+        let mut gdx = uninit(&g, rows * dim);
+        g.log_softmax_backward_dev((&up(&g, &y).slice(..), &up(&g, &dy).slice(..)), &mut gdx, (rows, dim)).unwrap();
+        assert_close("log-softmax dx", &down(&g, &gdx), &dx, 1e-5);
     }
 }
 
-/// The generic kernels behind whale-tensor's CUDA backend (kernels/tensor.cu), in emulation,
-/// against their formulas in f64; on a GPU, whale-tensor's backend tests run them against the
-/// CPU paths.
+/// The generic kernels behind whale-tensor's CUDA backend (kernels/tensor.cu), through their
+/// device-buffer launchers, against their formulas in f64 (whale-tensor's backend tests hold
+/// them to the CPU paths as well).
 #[test]
-fn tensor_kernels_match_their_formulas_in_emulation() {
-    let Some(e) = emulator("tensor_kernels_match_their_formulas_in_emulation") else { return };
+fn tensor_kernels_match_their_formulas() {
+    let Some(g) = gpu("tensor_kernels_match_their_formulas") else { return };
     let n = 700;
     let x = values(n, 80);
     let positive: Vec<f32> = x.iter().map(|v| v.abs() + 0.1).collect();
     let gelu = |x: f64| 0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh());
     let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
-    // (op code of UnaryOp, p0, p1, the map in f64, whether it needs x > 0)
+    // (op, the map in f64, whether it needs x > 0)
     type Map<'a> = &'a dyn Fn(f64) -> f64;
-    let ops: [(i32, f32, f32, Map, bool); 14] = [
-        (0, 0.0, 0.0, &|x| -x, false),
-        (1, 0.0, 0.0, &|x| x.exp(), false),
-        (2, 0.0, 0.0, &|x| x.ln(), true),
-        (3, 0.0, 0.0, &|x| x.sqrt(), true),
-        (4, 0.0, 0.0, &|x| 1.0 / x.sqrt(), true),
-        (5, 0.0, 0.0, &|x| x * x, false),
-        (6, 1.7, 0.0, &|x| x.powf(1.7), true),
-        (7, 0.0, 0.0, &sigmoid, false),
-        (8, 0.0, 0.0, &|x| x.tanh(), false),
-        (9, 0.0, 0.0, &|x| x.max(0.0), false),
-        (10, 0.0, 0.0, &|x| x * sigmoid(x), false),
-        (11, 0.0, 0.0, &gelu, false),
-        (12, -0.5, 0.75, &|x| x.clamp(-0.5, 0.75), false),
-        (13, 3.0, -0.25, &|x| 3.0 * x - 0.25, false),
+    let ops: [(UnaryOp, Map, bool); 14] = [
+        (UnaryOp::Neg, &|x| -x, false),
+        (UnaryOp::Exp, &|x| x.exp(), false),
+        (UnaryOp::Log, &|x| x.ln(), true),
+        (UnaryOp::Sqrt, &|x| x.sqrt(), true),
+        (UnaryOp::Rsqrt, &|x| 1.0 / x.sqrt(), true),
+        (UnaryOp::Sqr, &|x| x * x, false),
+        (UnaryOp::Powf(1.7), &|x| x.powf(1.7), true),
+        (UnaryOp::Sigmoid, &sigmoid, false),
+        (UnaryOp::Tanh, &|x| x.tanh(), false),
+        (UnaryOp::Relu, &|x| x.max(0.0), false),
+        (UnaryOp::Silu, &|x| x * sigmoid(x), false),
+        (UnaryOp::Gelu, &gelu, false),
+        (UnaryOp::Clamp(-0.5, 0.75), &|x| x.clamp(-0.5, 0.75), false),
+        (UnaryOp::Affine(3.0, -0.25), &|x| 3.0 * x - 0.25, false),
     ];
-    let g = values(n, 81);
-    for (code, p0, p1, f, needs_positive) in ops {
+    let dg = up(&g, &values(n, 81));
+    for (op, f, needs_positive) in ops {
         let x = if needs_positive { &positive } else { &x };
-        let mut y = vec![0.0f32; n];
-        let args = &mut [
-            Arg::input(x),
-            Arg::output(&mut y),
-            Arg::value(n as u32),
-            Arg::value(code),
-            Arg::value(p0),
-            Arg::value(p1),
-        ];
-        e.launch("unary_f32", grid_for(n), args).unwrap();
+        let dx_in = up(&g, x);
+        let mut y = uninit(&g, n);
+        g.unary_dev(op, &dx_in.slice(..), &mut y, n).unwrap();
         let want: Vec<f32> = x.iter().map(|&v| f(v as f64) as f32).collect();
-        assert_close(&format!("unary op {code}"), &y, &want, 1e-6);
-        let mut dx = vec![0.0f32; n];
-        let args = &mut [
-            Arg::input(x),
-            Arg::input(&y),
-            Arg::input(&g),
-            Arg::output(&mut dx),
-            Arg::value(n as u32),
-            Arg::value(code),
-            Arg::value(p0),
-            Arg::value(p1),
-        ];
-        e.launch("unary_backward_f32", grid_for(n), args).unwrap();
+        assert_close(&format!("{op:?}"), &down(&g, &y), &want, 1e-6);
+        let mut dx = uninit(&g, n);
+        g.unary_backward_dev(op, (&dx_in.slice(..), &y.slice(..), &dg.slice(..)), &mut dx, n).unwrap();
         // Central differences in f64 (the kinks of relu and clamp are not among the values).
         let h = 1e-6;
         let want: Vec<f32> = x
             .iter()
-            .zip(&g)
-            .map(|(&v, &gv)| (gv as f64 * (f(v as f64 + h) - f(v as f64 - h)) / (2.0 * h)) as f32)
+            .zip(down(&g, &dg))
+            .map(|(&v, gv)| (gv as f64 * (f(v as f64 + h) - f(v as f64 - h)) / (2.0 * h)) as f32)
             .collect();
-        assert_close(&format!("unary op {code} backward"), &dx, &want, 1e-4);
+        assert_close(&format!("{op:?} backward"), &down(&g, &dx), &want, 1e-4);
     }
 
     // Binary ops over a broadcast: a [4, 5, 6] against b [5, 1] (strides 0 where broadcast), a
@@ -221,75 +289,49 @@ fn tensor_kernels_match_their_formulas_in_emulation() {
     let shape = [4usize, 5, 6];
     let (a, b) = (values(120, 82), values(5, 83).iter().map(|v| v + 3.0).collect::<Vec<_>>());
     let mask: Vec<f32> = (0..120).map(|i| (i % 3 == 0) as u8 as f32).collect();
+    let (da, db, dmask) = (up(&g, &a), up(&g, &b), up(&g, &mask));
     let strided = Strided::new(&shape, (&[1, 4, 20], 0), (&[0, 1, 0], 0)).unwrap();
     let at = |i: usize| a[i / 30 + (i / 6 % 5) * 4 + (i % 6) * 20];
     type Op<'a> = &'a dyn Fn(f32, f32) -> f32;
-    let ops: [(i32, Op); 6] = [
-        (0, &|x, z| x + z),
-        (1, &|x, z| x - z),
-        (2, &|x, z| x * z),
-        (3, &|x, z| x / z),
-        (4, &|x, z| x.max(z)),
-        (5, &|x, z| (x >= z) as u8 as f32),
+    let ops: [(BinaryOp, Op); 6] = [
+        (BinaryOp::Add, &|x, z| x + z),
+        (BinaryOp::Sub, &|x, z| x - z),
+        (BinaryOp::Mul, &|x, z| x * z),
+        (BinaryOp::Div, &|x, z| x / z),
+        (BinaryOp::Maximum, &|x, z| x.max(z)),
+        (BinaryOp::Ge, &|x, z| (x >= z) as u8 as f32),
     ];
-    for (code, f) in ops {
-        let mut out = vec![0.0f32; 120];
-        let args = &mut [
-            Arg::input(&a),
-            Arg::input(&b),
-            Arg::output(&mut out),
-            Arg::value(120u32),
-            Arg::value(code),
-            Arg::value(strided),
-        ];
-        e.launch("binary_f32", grid_for(120), args).unwrap();
+    for (op, f) in ops {
+        let mut out = uninit(&g, 120);
+        g.binary_dev(op, (&da, &db), &strided, &mut out, 120).unwrap();
         let want: Vec<f32> = (0..120).map(|i| f(at(i), b[i / 6 % 5])).collect();
-        assert_eq!(out, want, "binary op {code}");
+        assert_eq!(down(&g, &out), want, "{op:?}");
     }
     // where(mask, b, 0) and where(mask, 0, b), the mask read contiguously.
     let masked = Strided::new(&shape, (&[30, 6, 1], 0), (&[0, 1, 0], 0)).unwrap();
-    for (code, keep) in [(6, true), (7, false)] {
-        let mut out = vec![0.0f32; 120];
-        let args = &mut [
-            Arg::input(&mask),
-            Arg::input(&b),
-            Arg::output(&mut out),
-            Arg::value(120u32),
-            Arg::value(code),
-            Arg::value(masked),
-        ];
-        e.launch("binary_f32", grid_for(120), args).unwrap();
+    for (op, keep) in [(BinaryOp::Keep, true), (BinaryOp::Drop, false)] {
+        let mut out = uninit(&g, 120);
+        g.binary_dev(op, (&dmask, &db), &masked, &mut out, 120).unwrap();
         let want: Vec<f32> = (0..120).map(|i| if (mask[i] != 0.0) == keep { b[i / 6 % 5] } else { 0.0 }).collect();
-        assert_eq!(out, want, "where op {code}");
+        assert_eq!(down(&g, &out), want, "{op:?}");
     }
 
     // The strided copy makes the transposed view contiguous; the strided write puts it back.
-    let mut copy = vec![0.0f32; 120];
-    e.launch(
-        "strided_copy_f32",
-        grid_for(120),
-        &mut [Arg::input(&a), Arg::output(&mut copy), Arg::value(120u32), Arg::value(strided)],
-    )
-    .unwrap();
-    assert_eq!(copy, (0..120).map(at).collect::<Vec<_>>(), "strided copy");
+    let mut copy = uninit(&g, 120);
+    g.strided_copy_dev(&da, &strided, &mut copy, 120).unwrap();
+    assert_eq!(down(&g, &copy), (0..120).map(at).collect::<Vec<_>>(), "strided copy");
     let write = Strided::new(&shape, (&[30, 6, 1], 0), (&[1, 4, 20], 0)).unwrap();
-    let mut back = vec![f32::NAN; 120];
-    e.launch(
-        "strided_write_f32",
-        grid_for(120),
-        &mut [Arg::input(&copy), Arg::output(&mut back), Arg::value(120u32), Arg::value(write)],
-    )
-    .unwrap();
-    assert_eq!(back, a, "strided write");
-    let mut filled = vec![0.0f32; 300];
-    e.launch("fill_f32", grid_for(300), &mut [Arg::output(&mut filled), Arg::value(300u32), Arg::value(2.5f32)])
-        .unwrap();
-    assert!(filled.iter().all(|&v| v == 2.5), "fill");
-    let mut selected = vec![0.0f32; 120];
-    let args =
-        &mut [Arg::input(&mask), Arg::input(&a), Arg::input(&copy), Arg::output(&mut selected), Arg::value(120u32)];
-    e.launch("select_f32", grid_for(120), args).unwrap();
-    assert_eq!(selected, (0..120).map(|i| if mask[i] != 0.0 { a[i] } else { copy[i] }).collect::<Vec<_>>(), "select");
+    let mut back = uninit(&g, 120);
+    g.strided_write_dev(&copy.slice(..), &write, &mut back, 120).unwrap();
+    assert_eq!(down(&g, &back), a, "strided write");
+    let mut filled = uninit(&g, 300);
+    g.fill_dev(&mut filled, 300, 2.5).unwrap();
+    assert!(down(&g, &filled).iter().all(|&v| v == 2.5), "fill");
+    let mut selected = uninit(&g, 120);
+    g.select_dev((&dmask.slice(..), &da.slice(..), &copy.slice(..)), &mut selected, 120).unwrap();
+    let copied = down(&g, &copy);
+    let want: Vec<f32> = (0..120).map(|i| if mask[i] != 0.0 { a[i] } else { copied[i] }).collect();
+    assert_eq!(down(&g, &selected), want, "select");
 
     // Reductions over the middle axis of [outer, n, inner], with a NaN for argmax and a row of
     // -inf for logsumexp.
@@ -299,19 +341,22 @@ fn tensor_kernels_match_their_formulas_in_emulation() {
     for j in 0..mid {
         r[(2 * mid + j) * inner + 4] = f32::NEG_INFINITY;
     }
-    let r = &r;
+    let (r, dr) = (&r, up(&g, &r));
     let column = |o: usize, i: usize| (0..mid).map(move |j| r[(o * mid + j) * inner + i]);
-    for kernel in ["sum_mid_f32", "argmax_mid_f32", "logsumexp_mid_f32"] {
-        let mut y = vec![0.0f32; outer * inner];
-        let dims = [outer, mid, inner].map(|d| Arg::value(d as u32));
-        let [d0, d1, d2] = dims;
-        e.launch(kernel, grid_for(outer * inner), &mut [Arg::input(r), Arg::output(&mut y), d0, d1, d2]).unwrap();
+    for reduction in [None, Some(MidReduction::Argmax), Some(MidReduction::LogSumExp)] {
+        let mut dy = uninit(&g, outer * inner);
+        match reduction {
+            None => g.sum_mid_dev(&dr.slice(..), &mut dy, (outer, mid, inner)),
+            Some(red) => g.reduce_mid_dev(red, &dr.slice(..), &mut dy, (outer, mid, inner)),
+        }
+        .unwrap();
+        let y = down(&g, &dy);
         for o in 0..outer {
             for i in 0..inner {
                 let got = y[o * inner + i];
-                let want = match kernel {
-                    "sum_mid_f32" => column(o, i).map(f64::from).sum::<f64>() as f32,
-                    "argmax_mid_f32" => {
+                let want = match reduction {
+                    None => column(o, i).map(f64::from).sum::<f64>() as f32,
+                    Some(MidReduction::Argmax) => {
                         let mut best = 0;
                         for (j, v) in column(o, i).enumerate() {
                             if v.is_nan() {
@@ -324,7 +369,7 @@ fn tensor_kernels_match_their_formulas_in_emulation() {
                         }
                         best as f32
                     }
-                    _ => {
+                    Some(MidReduction::LogSumExp) => {
                         let m = column(o, i).fold(f32::NEG_INFINITY, f32::max);
                         if m == f32::NEG_INFINITY {
                             m
@@ -333,12 +378,12 @@ fn tensor_kernels_match_their_formulas_in_emulation() {
                         }
                     }
                 };
-                let ok = if kernel == "sum_mid_f32" || kernel == "argmax_mid_f32" || !want.is_finite() {
+                let ok = if reduction != Some(MidReduction::LogSumExp) || !want.is_finite() {
                     got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan())
                 } else {
                     (got - want).abs() <= 1e-6 * (1.0 + want.abs())
                 };
-                assert!(ok, "{kernel} [{o}, {i}]: {got} vs {want}");
+                assert!(ok, "{reduction:?} [{o}, {i}]: {got} vs {want}");
             }
         }
     }
@@ -347,18 +392,6 @@ fn tensor_kernels_match_their_formulas_in_emulation() {
 #[test]
 fn adamw_matches_the_cpu() {
     let Some(g) = gpu("adamw_matches_the_cpu") else { return };
-    adamw(&g);
-}
-
-#[test]
-fn adamw_matches_the_cpu_in_emulation() {
-    let Some(e) = emulator("adamw_matches_the_cpu_in_emulation") else { return };
-    adamw(e);
-}
-
-/// Bit for bit: the kernel leaves nvcc nothing to contract, and its division and square root
-/// round correctly, as the CPU's do.
-fn adamw(k: &impl Kernels) {
     let n = 5000;
     let (p0, grad, m0, mut v0) = (values(n, 5), values(n, 6), values(n, 7), values(n, 8));
     v0.iter_mut().for_each(|x| *x = x.abs());
@@ -366,7 +399,7 @@ fn adamw(k: &impl Kernels) {
     let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
     adamw_step(&mut p, &grad, &mut m, &mut v, &hp);
     let (mut p2, mut m2, mut v2) = (p0.clone(), m0.clone(), v0.clone());
-    k.adamw_step(&mut p2, &grad, &mut m2, &mut v2, &hp).unwrap();
+    g.adamw_step(&mut p2, &grad, &mut m2, &mut v2, &hp).unwrap();
     assert_eq!((bits(&p2), bits(&m2), bits(&v2)), (bits(&p), bits(&m), bits(&v)), "adamw");
 
     // bf16 moments: the CPU widens them, takes the f32 step and rounds them back.
@@ -376,7 +409,7 @@ fn adamw(k: &impl Kernels) {
     let (mut p, mut m, mut v) = (p0.clone(), widen(&mb), widen(&vb));
     adamw_step(&mut p, &grad, &mut m, &mut v, &hp);
     let (mut p2, mut m2, mut v2) = (p0, mb, vb);
-    k.adamw_step_bf16(&mut p2, &grad, &mut m2, &mut v2, &hp).unwrap();
+    g.adamw_step_bf16(&mut p2, &grad, &mut m2, &mut v2, &hp).unwrap();
     assert_eq!(bits(&p2), bits(&p), "adamw with bf16 moments: parameters");
     assert_eq!((m2, v2), (narrow(&m), narrow(&v)), "adamw with bf16 moments: moments");
 }
@@ -392,21 +425,14 @@ fn fp8_kernels_match_the_cpu() {
     check_fp8_gemm(&g, &cpu, &wq, Fp8GemmKernel::Simple);
 }
 
-#[test]
-fn fp8_kernels_match_the_cpu_in_emulation() {
-    let Some(e) = emulator("fp8_kernels_match_the_cpu_in_emulation") else { return };
-    let (cpu, wq) = fp8_kernels(e);
-    check_fp8_gemm(e, &cpu, &wq, Fp8GemmKernel::Simple);
-}
-
 /// The activation quantisation (straight and transposed) and the weight transpose against the
 /// CPU twins; returns the CPU's quantized activations and weight for the GEMM check.
-fn fp8_kernels(k: &impl Kernels) -> (Fp8Blocks, Fp8Blocks) {
+fn fp8_kernels(g: &Gpu) -> (Fp8Blocks, Fp8Blocks) {
     // Ragged: 130 rows (two weight blocks), K = 300 (three tiles, one partial).
     let (m, n, kk) = (33, 130, 300);
     let x: Vec<f32> = values(m * kk, 9).iter().enumerate().map(|(i, v)| v * (1 + i % 5) as f32).collect();
     let cpu = Fp8Blocks::quantize(&x, m, kk, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
-    let got = k.fp8_quantize_1x128(&x, m, kk).unwrap();
+    let got = g.fp8_quantize_1x128(&x, m, kk).unwrap();
     assert_eq!(got.scales, cpu.scales, "tile scales");
     assert_eq!(got.codes, cpu.codes, "E4M3 codes (CUDA's converter against ours)");
     let w = values(n * kk, 10);
@@ -416,23 +442,23 @@ fn fp8_kernels(k: &impl Kernels) -> (Fp8Blocks, Fp8Blocks) {
     for (rows, cols, v) in [(m, kk, x.clone()), (300, 40, values(300 * 40, 11))] {
         let want =
             Fp8Blocks::quantize(&transpose(&v, rows, cols), cols, rows, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
-        let got = k.fp8_quantize_transposed(&v, rows, cols).unwrap();
+        let got = g.fp8_quantize_transposed(&v, rows, cols).unwrap();
         assert_eq!(
             (got.codes, got.scales),
             (want.codes, want.scales),
             "[{rows}, {cols}] transposed 1x128 quantisation"
         );
     }
-    let (gt, ct) = (k.fp8_transpose(&wq).unwrap(), wq.transpose());
+    let (gt, ct) = (g.fp8_transpose(&wq).unwrap(), wq.transpose());
     assert_eq!((gt.codes, gt.scales, gt.rows, gt.cols), (ct.codes, ct.scales, ct.rows, ct.cols), "weight transpose");
     (cpu, wq)
 }
 
 /// Both FP8 GEMM kernels against the CPU twin: the block partial sums run in another order than
 /// the CPU's, so they agree to f32 rounding of the largest output.
-fn check_fp8_gemm(k: &impl Kernels, a: &Fp8Blocks, b: &Fp8Blocks, kernel: Fp8GemmKernel) {
+fn check_fp8_gemm(g: &Gpu, a: &Fp8Blocks, b: &Fp8Blocks, kernel: Fp8GemmKernel) {
     let want = fp8_gemm(a, b, Accumulation::F32);
-    let got = k.fp8_gemm_with(a, b, kernel).unwrap();
+    let got = g.fp8_gemm_with(a, b, kernel).unwrap();
     let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     assert_eq!(got.len(), want.len());
     let n = b.rows;
@@ -496,17 +522,9 @@ fn check_fp8_gemm_kernel(test: &str, kernel: Fp8GemmKernel) {
     fp8_gemm_shapes(&g, kernel);
 }
 
-#[test]
-fn every_fp8_gemm_kernel_matches_the_cpu_in_emulation() {
-    let Some(e) = emulator("every_fp8_gemm_kernel_matches_the_cpu_in_emulation") else { return };
-    for kernel in [Fp8GemmKernel::Simple, Fp8GemmKernel::TensorCore, Fp8GemmKernel::Wgmma] {
-        fp8_gemm_shapes(e, kernel);
-    }
-}
-
 /// Whole tiles, ragged M / N / K edges (K a multiple of 16 but not of 128), per-row and
 /// per-128-row B scales, more K blocks than the wgmma kernel's pipeline stages.
-fn fp8_gemm_shapes(dev: &impl Kernels, kernel: Fp8GemmKernel) {
+fn fp8_gemm_shapes(g: &Gpu, kernel: Fp8GemmKernel) {
     let shapes =
         [(128, 128, 256, 128), (200, 300, 400, 128), (33, 130, 144, 1), (1, 257, 512, 128), (130, 140, 880, 128)];
     for (m, n, k, b_rows) in shapes {
@@ -514,7 +532,7 @@ fn fp8_gemm_shapes(dev: &impl Kernels, kernel: Fp8GemmKernel) {
         let w: Vec<f32> = values(n * k, 32).iter().enumerate().map(|(i, v)| v / (1 + (i / 977) % 5) as f32).collect();
         let a = Fp8Blocks::quantize(&x, m, k, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
         let b = Fp8Blocks::quantize(&w, n, k, (b_rows, 128), Fp8Format::E4M3, ScaleFormat::F32);
-        check_fp8_gemm(dev, &a, &b, kernel);
+        check_fp8_gemm(g, &a, &b, kernel);
     }
 }
 
@@ -530,21 +548,11 @@ fn an_fp8_gemm_kernel_the_gpu_cannot_run_is_an_error() {
 #[test]
 fn backward_kernels_match_the_cpu() {
     let Some(g) = gpu("backward_kernels_match_the_cpu") else { return };
-    backward_kernels(&g);
-}
-
-#[test]
-fn backward_kernels_match_the_cpu_in_emulation() {
-    let Some(e) = emulator("backward_kernels_match_the_cpu_in_emulation") else { return };
-    backward_kernels(e);
-}
-
-fn backward_kernels(k: &impl Kernels) {
     let n = 999;
     let (gate, up, dout) = (values(n, 11), values(n, 12), values(n, 13));
     let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
     swiglu_backward(&gate, &up, &dout, Some(&mut dg), Some(&mut du));
-    let (gdg, gdu) = k.swiglu_backward(&gate, &up, &dout).unwrap();
+    let (gdg, gdu) = g.swiglu_backward(&gate, &up, &dout).unwrap();
     assert_close("swiglu dgate", &gdg, &dg, 1e-5);
     assert_close("swiglu dup", &gdu, &du, 1e-5);
 
@@ -554,7 +562,7 @@ fn backward_kernels(k: &impl Kernels) {
     rmsnorm_forward(&x, &w, dim, 1e-6, &mut y, &mut rstd);
     let (mut dx, mut dw) = (vec![0.0; rows * dim], vec![0.0; dim]);
     rmsnorm_backward(&x, &w, &rstd, &dy, dim, Some(&mut dx), Some(&mut dw));
-    let (gdx, gdw) = k.rmsnorm_backward(&x, &w, &rstd, &dy).unwrap();
+    let (gdx, gdw) = g.rmsnorm_backward(&x, &w, &rstd, &dy).unwrap();
     assert_close("rmsnorm dx", &gdx, &dx, 1e-5);
     assert_close("rmsnorm dweight", &gdw, &dw, 1e-5);
 
@@ -562,7 +570,7 @@ fn backward_kernels(k: &impl Kernels) {
     softmax_forward(&x, dim, &mut s);
     let mut ds = vec![0.0; rows * dim];
     softmax_backward(&s, &dy, dim, &mut ds);
-    assert_close("softmax dx", &k.softmax_backward(&s, &dy, dim).unwrap(), &ds, 1e-5);
+    assert_close("softmax dx", &g.softmax_backward(&s, &dy, dim).unwrap(), &ds, 1e-5);
 }
 
 #[test]
@@ -575,19 +583,13 @@ fn cross_entropy_matches_the_cpu() {
     );
 }
 
-#[test]
-fn cross_entropy_matches_the_cpu_in_emulation() {
-    let Some(e) = emulator("cross_entropy_matches_the_cpu_in_emulation") else { return };
-    cross_entropy(e);
-}
-
-fn cross_entropy(k: &impl Kernels) {
+fn cross_entropy(g: &Gpu) {
     let (rows, vocab) = (9, 1000);
     let logits: Vec<f32> = values(rows * vocab, 17).iter().map(|v| 4.0 * v).collect();
     let targets: Vec<i64> = (0..rows as i64).map(|r| if r == 4 { -100 } else { (r * 97) % vocab as i64 }).collect();
     let (mut loss, mut lse) = (vec![0.0; rows], vec![0.0; rows]);
     cross_entropy_forward(&logits, vocab, &targets, -100, &mut loss, &mut lse);
-    let (gl, glse) = k.cross_entropy_forward(&logits, vocab, &targets, -100).unwrap();
+    let (gl, glse) = g.cross_entropy_forward(&logits, vocab, &targets, -100).unwrap();
     assert_close("cross entropy loss", &gl, &loss, 1e-5);
     assert_close("cross entropy lse", &glse, &lse, 1e-5);
     let dloss = values(rows, 18);
@@ -595,7 +597,7 @@ fn cross_entropy(k: &impl Kernels) {
     cross_entropy_backward(&logits, vocab, &targets, -100, &lse, &dloss, &mut dx);
     assert_close(
         "cross entropy dlogits",
-        &k.cross_entropy_backward(&logits, vocab, &targets, -100, &lse, &dloss).unwrap(),
+        &g.cross_entropy_backward(&logits, vocab, &targets, -100, &lse, &dloss).unwrap(),
         &dx,
         1e-5,
     );
@@ -604,16 +606,6 @@ fn cross_entropy(k: &impl Kernels) {
 #[test]
 fn rope_matches_the_cpu_both_ways_and_both_pairings() {
     let Some(g) = gpu("rope_matches_the_cpu_both_ways_and_both_pairings") else { return };
-    rope_both_ways(&g);
-}
-
-#[test]
-fn rope_matches_the_cpu_both_ways_and_both_pairings_in_emulation() {
-    let Some(e) = emulator("rope_matches_the_cpu_both_ways_and_both_pairings_in_emulation") else { return };
-    rope_both_ways(e);
-}
-
-fn rope_both_ways(k: &impl Kernels) {
     let (outer, seq, heads, d) = (2, 5, 3, 16);
     let x = values(outer * seq * heads * d, 19);
     let angles: Vec<f32> = (0..seq * d / 2).map(|i| (i / (d / 2)) as f32 * 0.37 / (1 + i % (d / 2)) as f32).collect();
@@ -623,7 +615,7 @@ fn rope_both_ways(k: &impl Kernels) {
             let mut y = vec![0.0; x.len()];
             let f = if interleaved { rope_interleaved } else { rope_half };
             f(&x, &cos, &sin, outer, seq, heads, d, inverse, &mut y);
-            let got = k.rope(&x, &cos, &sin, (outer, seq, heads, d), interleaved, inverse).unwrap();
+            let got = g.rope(&x, &cos, &sin, (outer, seq, heads, d), interleaved, inverse).unwrap();
             assert_close(&format!("rope interleaved={interleaved} inverse={inverse}"), &got, &y, 1e-6);
         }
     }
@@ -636,39 +628,23 @@ fn embedding_matches_the_cpu() {
     assert!(g.embedding_forward(&[0.0; 50 * 64], 64, &[50]).is_err(), "an id past the table is an error");
 }
 
-#[test]
-fn embedding_matches_the_cpu_in_emulation() {
-    let Some(e) = emulator("embedding_matches_the_cpu_in_emulation") else { return };
-    embedding(e);
-}
-
-fn embedding(k: &impl Kernels) {
+fn embedding(g: &Gpu) {
     let (rows, dim) = (50, 64);
     let table = values(rows * dim, 20);
     let ids: Vec<u32> = (0..37).map(|i| (i * 7 % rows) as u32).chain([3, 3, 3]).collect();
     let mut out = vec![0.0; ids.len() * dim];
     embedding_forward(&table, dim, &ids, &mut out);
-    assert_eq!(k.embedding_forward(&table, dim, &ids).unwrap(), out);
+    assert_eq!(g.embedding_forward(&table, dim, &ids).unwrap(), out);
     let dout = values(ids.len() * dim, 21);
     let mut dt = vec![0.0; rows * dim];
     embedding_backward(&dout, dim, &ids, &mut dt);
     // atomicAdd adds repeated ids in any order: f32 rounding.
-    assert_close("embedding dtable", &k.embedding_backward(&dout, dim, &ids, rows * dim).unwrap(), &dt, 1e-6);
+    assert_close("embedding dtable", &g.embedding_backward(&dout, dim, &ids, rows * dim).unwrap(), &dt, 1e-6);
 }
 
 #[test]
 fn bf16_storage_rounds_as_the_cpu() {
     let Some(g) = gpu("bf16_storage_rounds_as_the_cpu") else { return };
-    bf16_storage(&g);
-}
-
-#[test]
-fn bf16_storage_rounds_as_the_cpu_in_emulation() {
-    let Some(e) = emulator("bf16_storage_rounds_as_the_cpu_in_emulation") else { return };
-    bf16_storage(e);
-}
-
-fn bf16_storage(k: &impl Kernels) {
     // Ties (the low 16 bits exactly 0x8000) both ways, subnormals, the overflow edge, infinities.
     let mut x: Vec<f32> =
         [0x3f80_8000u32, 0x3f81_8000, 0xbf80_8000, 0x0000_8000, 0x0001_7fff, 0x7f7f_ffff, 0x7f80_0000]
@@ -677,7 +653,7 @@ fn bf16_storage(k: &impl Kernels) {
             .collect();
     x.extend(values(10_000, 70).iter().map(|v| v * 1e3));
     x.extend((0..10_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761) & 0x7f7f_ffff)));
-    let (bits, back) = k.round_trip_bf16(&x).unwrap();
+    let (bits, back) = g.round_trip_bf16(&x).unwrap();
     for (i, (&v, (&b, &w))) in x.iter().zip(bits.iter().zip(&back)).enumerate() {
         assert_eq!(b.to_bits(), bf16::from_f32(v).to_bits(), "[{i}] {v:e}: bits");
         assert_eq!(w, b.to_f32(), "[{i}] {v:e}: widened");
@@ -694,17 +670,9 @@ fn token_dispatch_matches_the_cpu_bit_for_bit() {
     assert!(g.moe_permute(&x[dim..], dim, &plan, None).is_err(), "too few tokens is an error");
 }
 
-#[test]
-fn token_dispatch_matches_the_cpu_bit_for_bit_in_emulation() {
-    let Some(e) = emulator("token_dispatch_matches_the_cpu_bit_for_bit_in_emulation") else { return };
-    // Narrower than DeepSeek-V3 (the emulation runs a fiber per thread), and not a multiple of
-    // the combine's block.
-    token_dispatch(e, 200);
-}
-
 /// 300 tokens, top-6 of 64 experts (a few tokens with fewer: as expert parallelism leaves them),
 /// rows of `dim`: permute, combine and the combine's weight gradient against the CPU twins.
-fn token_dispatch(k: &impl Kernels, dim: usize) -> DispatchPlan {
+fn token_dispatch(g: &Gpu, dim: usize) -> DispatchPlan {
     let (tokens, experts, top_k) = (300, 64, 6);
     let assignments: Vec<(usize, usize)> = (0..tokens)
         .flat_map(|t| (0..if t % 17 == 0 { 2 } else { top_k }).map(move |j| (t, (t * 13 + j * 11) % experts)))
@@ -715,22 +683,22 @@ fn token_dispatch(k: &impl Kernels, dim: usize) -> DispatchPlan {
     let (scale, weight) = (values(plan.len(), 61), values(plan.len(), 62));
     let mut want = vec![0.0; plan.len() * dim];
     permute(&x, dim, &plan.rows, None, &mut want);
-    assert_eq!(k.moe_permute(&x, dim, &plan, None).unwrap(), want, "permute");
+    assert_eq!(g.moe_permute(&x, dim, &plan, None).unwrap(), want, "permute");
     permute(&x, dim, &plan.rows, Some(&scale), &mut want);
-    assert_eq!(k.moe_permute(&x, dim, &plan, Some(&scale)).unwrap(), want, "scaled permute");
+    assert_eq!(g.moe_permute(&x, dim, &plan, Some(&scale)).unwrap(), want, "scaled permute");
     let y = values(plan.len() * dim, 63);
     let mut combined = vec![0.0; tokens * dim];
     unpermute(&y, dim, Some(&weight), lists, &mut combined);
-    assert_eq!(k.moe_unpermute(&y, dim, &plan, Some(&weight)).unwrap(), combined, "weighted combine");
+    assert_eq!(g.moe_unpermute(&y, dim, &plan, Some(&weight)).unwrap(), combined, "weighted combine");
     unpermute(&y, dim, None, lists, &mut combined);
-    assert_eq!(k.moe_unpermute(&y, dim, &plan, None).unwrap(), combined, "plain combine");
+    assert_eq!(g.moe_unpermute(&y, dim, &plan, None).unwrap(), combined, "plain combine");
     let dout = values(tokens * dim, 64);
     let mut dw = vec![0.0; plan.len()];
     unpermute_weight_grad(&dout, &y, dim, &plan.rows, &mut dw);
     // Both sum the f32 products in f64, in other orders: the bound is relative to the sum of
     // |products| (about 7e3 at 7168 wide), not to the possibly tiny result; f64 keeps the
     // difference far below it (the final rounding to f32 aside, about 1e-16 of it).
-    let got = k.moe_unpermute_weight_grad(&dout, &y, dim, &plan).unwrap();
+    let got = g.moe_unpermute_weight_grad(&dout, &y, dim, &plan).unwrap();
     for (p, (&a, &b)) in got.iter().zip(&dw).enumerate() {
         let t = plan.rows[p] as usize;
         let magnitude: f32 = (0..dim).map(|c| (dout[t * dim + c] * y[p * dim + c]).abs()).sum();
@@ -740,55 +708,6 @@ fn token_dispatch(k: &impl Kernels, dim: usize) -> DispatchPlan {
         );
     }
     plan
-}
-
-#[test]
-fn attention_forward_matches_the_cpu_for_training_and_mla_decode() {
-    let Some(g) = gpu("attention_forward_matches_the_cpu_for_training_and_mla_decode") else { return };
-    let shape = |batch, heads, lens, dims, scale: f32, causal| AttnShape {
-        scale,
-        ..AttnShape::new(batch, heads, lens, dims, causal)
-    };
-    // MLA decode, absorbed: one KV head whose key is [c ; k_pe] and whose value is c (V3: 512 + 64
-    // and 512, scale 1 / sqrt(128 + 64)).
-    let mla = 192f32.powf(-0.5);
-    let cases = [
-        ("training", shape(2, (4, 2), (33, 33), (24, 16), 24f32.powf(-0.5), true)),
-        ("tile-ragged causal GQA", shape(2, (4, 2), (200, 200), (64, 40), 0.125, true)),
-        ("more queries than keys", shape(1, (2, 1), (130, 70), (36, 20), 0.17, true)),
-        ("non-causal, distinct widths", shape(1, (2, 2), (70, 200), (33, 17), 0.17, false)),
-        ("MLA training heads", shape(1, (2, 2), (100, 130), (192, 128), mla, true)),
-        ("heads of 256", shape(1, (2, 1), (70, 90), (200, 160), 0.07, true)),
-        ("wider than the tiled kernels", shape(1, (2, 1), (4, 50), (600, 520), 0.04, true)),
-        // A small decode: 8 heads over a 300-token cache (c of 64, k_pe of 16).
-        ("small MLA decode", shape(1, (8, 1), (1, 300), (80, 64), 0.11, true)),
-        // Few sequences: the keys are split across blocks and the splits merged.
-        ("MLA decode, 3 sequences", shape(3, (16, 1), (1, 700), (576, 512), mla, true)),
-        ("MLA decode, 2 new tokens", shape(2, (16, 1), (2, 300), (576, 512), mla, true)),
-        // Enough blocks to fill an H200 without splitting the keys.
-        ("MLA decode, 9 sequences of 128 heads", shape(9, (128, 1), (2, 260), (576, 512), mla, true)),
-        ("zero-width keys", shape(1, (2, 1), (3, 5), (0, 4), 0.5, true)),
-        ("zero-width values", shape(1, (2, 1), (3, 5), (4, 0), 0.5, true)),
-        ("no keys", shape(1, (2, 1), (3, 0), (4, 4), 0.5, false)),
-    ];
-    // The simple kernels and the tiled ones, each against the CPU twin.
-    for kernels in [AttentionKernels::Simple, AttentionKernels::Tiled] {
-        g.set_attention_kernels(kernels);
-        for (seed, &(what, s)) in cases.iter().enumerate() {
-            let what = format!("{kernels:?}: {what}");
-            let (qr, kr) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);
-            let seed = 22 + 3 * seed as u32;
-            let (q, k, v) =
-                (values(qr * s.qk_dim, seed), values(kr * s.qk_dim, seed + 1), values(kr * s.v_dim, seed + 2));
-            let (mut o, mut lse) = (vec![0.0; qr * s.v_dim], vec![0.0; qr]);
-            attention_forward(&s, &q, &k, &v, &mut o, &mut lse);
-            let (go, glse) = g.attention_forward(&s, &q, &k, &v).unwrap();
-            // Online softmax in another order than the CPU's tiles: f32 rounding. Fully masked rows
-            // (causal with more queries than keys, or no keys): zeros and an lse of -inf.
-            assert_close(&format!("{what} o"), &go, &o, 1e-5);
-            assert_lse(&what, &glse, &lse);
-        }
-    }
 }
 
 /// Row-major `[rows, cols]` operand (or its transpose) for the CPU oracle.
