@@ -2,8 +2,10 @@
 // pipelining, edges) on a machine without a GPU: a kernel file compiled as C++ with
 // WHALE_HOST_EMULATION gets these definitions in place of shared_memory.cuh's PTX (and
 // sm90_host.h, mma_host.h those of sm90.cuh's wgmma and mma.cuh's mma.sync).
-// - Every CUDA thread of a block is a fiber (ucontext) on one OS thread, run until it waits;
-//   blocks run one after another. Runs are deterministic.
+// - Every CUDA thread of a block runs on a fiber of one OS thread, until it waits; blocks run one
+//   after another. Runs are deterministic. A fiber (its own stack, entered once with ucontext)
+//   runs thread i of every block in turn; switches are _setjmp/_longjmp, which, unlike
+//   swapcontext, make no system call (they leave the signal mask alone).
 // - __syncthreads and the warp shuffles are barriers: a fiber waits until every thread of its
 //   block (warp) has arrived. When every unfinished fiber waits and none can go on (threads
 //   waiting at barriers the others never reach) the run stops with an error.
@@ -29,6 +31,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <ucontext.h>
 
@@ -104,7 +107,6 @@ struct Barrier {
 };
 
 struct Thread {
-    ucontext_t context;
     dim3 idx;
     unsigned linear = 0; // x + y * blockDim.x + z * blockDim.x * blockDim.y: warps are runs of 32
     bool done = false;
@@ -116,7 +118,7 @@ struct Block {
     unsigned smem_bytes = 0;
     std::vector<Thread> threads;
     Thread* current = nullptr;
-    ucontext_t scheduler;
+    jmp_buf scheduler;           // where a fiber that waits, ends or fails goes back to
     Barrier all;                 // __syncthreads
     std::vector<Barrier> warps;  // the shuffles'
     std::vector<float> shuffled; // a value per thread
@@ -136,19 +138,30 @@ alignas(1024) inline unsigned char shared_window[kSharedBytes];
 constexpr unsigned kDynamicOffset = 16;
 constexpr size_t kStackBytes = 128 * 1024;
 
-// Fiber stacks, kept from block to block.
-inline std::vector<std::unique_ptr<char[]>> stacks;
+// The fiber that runs thread i of each block: a stack, the context that enters it the first time,
+// and where it goes on (mid-thread after a wait, or at the next block's thread).
+struct Fiber {
+    std::unique_ptr<char[]> stack{new char[kStackBytes]};
+    ucontext_t entry;
+    jmp_buf resume;
+    bool started = false; // false: enter by `entry` (new, or its stack abandoned by a failure)
+};
+
+// Kept from block to block and launch to launch (a ucontext_t points into itself: never moved).
+inline std::vector<std::unique_ptr<Fiber>> fibers;
 
 [[noreturn]] inline void fail(const char* what) {
     if (block && block->current) { // a fiber: hand the failure to the scheduler, never to resume
         block->failure = what;
-        swapcontext(&block->current->context, &block->scheduler);
-        std::abort(); // unreachable: a failed block is not resumed
+        _longjmp(block->scheduler, 1);
     }
     throw std::runtime_error(std::string("emulation: ") + what);
 }
 
-inline void yield() { swapcontext(&block->current->context, &block->scheduler); }
+// Back to the scheduler; on again from here when it resumes this thread.
+inline void yield() {
+    if (_setjmp(fibers[block->current->linear]->resume) == 0) _longjmp(block->scheduler, 1);
+}
 
 inline void wait(Barrier& b) {
     unsigned generation = b.generation;
@@ -161,17 +174,21 @@ inline void wait(Barrier& b) {
     while (b.generation == generation) yield();
 }
 
-inline void run_thread() {
-    (*body)();
-    if (block->current->mmas.pending())
-        fail("wgmma: the thread ended with MMAs it never waited for");
-    block->current->done = true;
-    ++block->progress;
-} // returns to uc_link: the scheduler
+// A fiber's life: run the current block's thread of its index, then wait for the next block's.
+inline void fiber_main() {
+    for (;;) {
+        (*body)();
+        if (block->current->mmas.pending())
+            fail("wgmma: the thread ended with MMAs it never waited for");
+        block->current->done = true;
+        ++block->progress;
+        yield();
+    }
+}
 
 // Faults of a fiber become the launch's failure: the handler, on the thread's alternate stack
-// where it has one, records what and where and resumes the scheduler (which the fault left
-// between two switches). Faults of other threads, or outside a launch, go to the handlers that
+// where it has one, records what and where and jumps back to the scheduler (which the fault left
+// between two switches; SA_NODEFER leaves the signal unblocked for the next fault). Faults of other threads, or outside a launch, go to the handlers that
 // were installed before.
 constexpr int kFaults[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
 inline struct sigaction previous_handlers[4];
@@ -195,7 +212,7 @@ inline void on_fault(int sig, siginfo_t* info, void*) {
     std::snprintf(fault_message, sizeof fault_message, "%s at %p in thread (%u, %u, %u) of block (%u, %u, %u)", what,
                   info->si_addr, t.x, t.y, t.z, b.x, b.y, b.z);
     block->faulted = true;
-    setcontext(&block->scheduler);
+    _longjmp(block->scheduler, 1);
 }
 
 struct FaultHandlers {
@@ -203,7 +220,7 @@ struct FaultHandlers {
         launching_thread = pthread_self();
         struct sigaction sa {};
         sa.sa_sigaction = on_fault;
-        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
         sigemptyset(&sa.sa_mask);
         for (int i = 0; i < 4; ++i) sigaction(kFaults[i], &sa, &previous_handlers[i]);
     }
@@ -220,9 +237,12 @@ void launch(dim3 grid, dim3 threads, unsigned smem_bytes, Kernel kernel) {
     if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("launch: an empty grid");
     const std::function<void()> f = kernel;
     body = &f;
-    while (stacks.size() < n) stacks.emplace_back(new char[kStackBytes]);
+    while (fibers.size() < n) fibers.emplace_back(new Fiber);
     struct Reset {
         ~Reset() {
+            // A launch that failed left fibers mid-thread: their stacks are abandoned.
+            if (std::uncaught_exceptions() > 0)
+                for (auto& f : fibers) f->started = false;
             block = nullptr;
             body = nullptr;
         }
@@ -241,7 +261,8 @@ void launch(dim3 grid, dim3 threads, unsigned smem_bytes, Kernel kernel) {
                 b.warps.resize(warps);
                 for (unsigned w = 0; w < warps; ++w) b.warps[w].expected = min(32u, n - 32 * w);
                 b.shuffled.resize(32 * warps);
-                std::memset(shared_window, 0x3b, sizeof shared_window);
+                // The launch's part of the window (a kernel touching the rest is already wrong).
+                std::memset(shared_window, 0x3b, kDynamicOffset + smem_bytes);
                 if (unsigned char *begin = __start_whale_shared, *end = __stop_whale_shared; begin != end)
                     std::memset(begin, 0x3b, size_t(end - begin));
                 b.threads.resize(n);
@@ -249,11 +270,6 @@ void launch(dim3 grid, dim3 threads, unsigned smem_bytes, Kernel kernel) {
                     Thread& th = b.threads[t];
                     th.idx = dim3{t % threads.x, t / threads.x % threads.y, t / (threads.x * threads.y)};
                     th.linear = t;
-                    getcontext(&th.context);
-                    th.context.uc_stack.ss_sp = stacks[t].get();
-                    th.context.uc_stack.ss_size = kStackBytes;
-                    th.context.uc_link = &b.scheduler;
-                    makecontext(&th.context, run_thread, 0);
                 }
                 block = &b;
                 for (bool running = true; running;) {
@@ -262,7 +278,17 @@ void launch(dim3 grid, dim3 threads, unsigned smem_bytes, Kernel kernel) {
                     for (Thread& th : b.threads) {
                         if (th.done) continue;
                         b.current = &th;
-                        swapcontext(&b.scheduler, &th.context);
+                        if (_setjmp(b.scheduler) == 0) {
+                            Fiber& f = *fibers[th.linear];
+                            if (f.started) _longjmp(f.resume, 1);
+                            f.started = true;
+                            getcontext(&f.entry);
+                            f.entry.uc_stack.ss_sp = f.stack.get();
+                            f.entry.uc_stack.ss_size = kStackBytes;
+                            f.entry.uc_link = nullptr; // fiber_main never returns
+                            makecontext(&f.entry, fiber_main, 0);
+                            setcontext(&f.entry);
+                        }
                         b.current = nullptr;
                         if (b.faulted) fail(fault_message);
                         if (!b.failure.empty()) fail(b.failure.c_str());

@@ -18,8 +18,9 @@ use whale_tensor::{DType, Device, Rng};
 
 /// Greedy and speculative decoding of tiny DeepSeek-V3 on the emulated driver (whale-kernels'
 /// tests/common/emulator.rs): the model on whale-tensor's CUDA backend, as it is, over the host
-/// emulation of the kernels. The training tests pass there too, but take about six minutes of
-/// fibers, too long for every CI run (`WHALE_EMULATED_GPU=1` runs them).
+/// emulation of the kernels. The training tests pass there too, but take about 80 s of a debug
+/// build, too long for every CI run: `WHALE_EMULATED_GPU=1 cargo test -p whale-model --test
+/// cuda_model -- --skip in_emulation` runs them.
 #[test]
 fn decoding_on_the_emulated_driver_in_emulation() {
     let only = ["tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu"];

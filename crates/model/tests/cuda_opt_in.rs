@@ -2,15 +2,25 @@
 //! run has passed them: the tiled attention backward and, on sm_90, the wgmma FP8 GEMM, against
 //! the same model on the CPU, as tests/cuda_model.rs does with the default kernels. A test binary
 //! of its own, because kernel choices belong to the GPU that every test of a process shares.
-//! Skipped, saying so, without a GPU.
+//! Skipped, saying so, without a GPU; in CI it runs on the emulated driver
+//! (`the_opt_in_kernels_train_on_the_emulated_driver_in_emulation`).
 
 mod common;
 
+use common::emulator::run_gpu_tests_on_the_emulated_driver;
 use common::gpu_training::{gpu, gradients_agree, losses_agree, losses_agree_on, tokens};
 use whale_kernels::cuda::{AttentionKernels, Fp8GemmKernel};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::DType;
+
+/// The training below on the emulated driver, in a child process: the tiled attention backward
+/// and the wgmma GEMM (the emulated GPU is an sm_90) inside a whole model's training, against the
+/// CPU, in every CI run. The hardware's part waits for a GPU run.
+#[test]
+fn the_opt_in_kernels_train_on_the_emulated_driver_in_emulation() {
+    run_gpu_tests_on_the_emulated_driver("the_opt_in_kernels_train_on_the_emulated_driver_in_emulation", &[], &[]);
+}
 
 #[test]
 fn tiny_deepseek_v3_trains_on_the_opt_in_kernels_as_on_the_cpu() {

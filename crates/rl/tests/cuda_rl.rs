@@ -2,7 +2,12 @@
 //! a GRPO step (policy and reference on the GPU), its checkpoint resumed onto the GPU, and a PPO
 //! step (critic there too); a dense Qwen2-style student's greedy decoding and SFT, and the reward
 //! model's Bradley-Terry training, loss by loss. Without a GPU each body runs with the CPU in the
-//! GPU's place (saying so), which checks the bodies and the CPU's own device plumbing.
+//! GPU's place (saying so), which checks the bodies and the CPU's own device plumbing; in CI they
+//! also run on the emulated driver (`grpo_loss_on_the_emulated_driver_in_emulation`).
+
+#[allow(dead_code)]
+#[path = "../../kernels/tests/common/emulator.rs"]
+mod emulator;
 
 use whale_rl::grpo::{aggregation_weights, grpo_loss, GrpoConfig, GrpoTrainer, LossInputs, LossType};
 use whale_rl::parallel::model::config::DeepSeekV3Config;
@@ -20,13 +25,27 @@ use whale_rl::rollout::{sample_groups, score, PackedBatch, RolloutConfig};
 use whale_rl::sft::{sft, Example, SftConfig};
 use whale_rl::tasks::{Split, TaskSet};
 
-/// GPU 0, or the CPU after saying that the test compares the CPU with itself.
+/// GPU 0 (the emulated one under `WHALE_EMULATED_GPU`), or the CPU after saying that the test
+/// compares the CPU with itself.
 fn gpu(test: &str) -> Device {
+    if emulator::on_the_emulated_driver() {
+        emulator::emulated_gpu(test).expect("the emulated driver");
+    }
     if !Device::cuda_is_available(0) {
         eprintln!("{test}: no CUDA driver or GPU on this machine; the CPU stands in for it");
         return Device::Cpu;
     }
     Device::cuda(0).unwrap()
+}
+
+/// GRPO's loss and gradients on the emulated driver (whale-tensor's CUDA backend over
+/// whale-kernels' launchers), in a child process. The other tests of this file pass there too, in
+/// about 4 minutes of a debug build, too long for every CI run: run them with
+/// `WHALE_EMULATED_GPU=1 cargo test -p whale-rl --test cuda_rl -- --skip in_emulation`.
+#[test]
+fn grpo_loss_on_the_emulated_driver_in_emulation() {
+    let test = "grpo_loss_on_the_emulated_driver_in_emulation";
+    emulator::run_gpu_tests_on_the_emulated_driver(test, &["grpo_loss_and_gradients"], &[]);
 }
 
 fn tiny(seed: u64) -> DeepSeekV3 {
