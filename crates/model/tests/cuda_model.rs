@@ -16,15 +16,13 @@ use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::{DType, Device, Rng};
 
-/// Greedy and speculative decoding of tiny DeepSeek-V3 on the emulated driver (whale-kernels'
-/// tests/common/emulator.rs): the model on whale-tensor's CUDA backend, as it is, over the host
-/// emulation of the kernels. The training tests pass there too, but take about 80 s of a debug
-/// build, too long for every CI run: `WHALE_EMULATED_GPU=1 cargo test -p whale-model --test
-/// cuda_model -- --skip in_emulation` runs them.
+/// Every GPU test of this file on the emulated driver (whale-kernels' tests/common/emulator.rs):
+/// tiny DeepSeek-V3 on whale-tensor's CUDA backend, as it is, over the host emulation of the
+/// kernels, trained (f32, bf16, FP8 GEMMs) and decoding (greedy, speculative, an FP8 release)
+/// against the CPU, in a child process (about 80 s of a debug build).
 #[test]
-fn decoding_on_the_emulated_driver_in_emulation() {
-    let only = ["tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu"];
-    run_gpu_tests_on_the_emulated_driver("decoding_on_the_emulated_driver_in_emulation", &only, &[]);
+fn the_model_on_the_emulated_driver_in_emulation() {
+    run_gpu_tests_on_the_emulated_driver("the_model_on_the_emulated_driver_in_emulation", &[], &[]);
 }
 
 #[test]
