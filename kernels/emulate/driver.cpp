@@ -20,6 +20,8 @@
 //   asking for more than 48 KB of dynamic shared memory without cuFuncSetAttribute's leave;
 // - during a launch, an allocation that the kernel reaches only through `const` pointers is read
 //   only, so a kernel writing its input faults.
+// With WHALE_EMULATED_EAGER_COPIES=1, cp.async copies land when issued instead of when waited
+// for (cuda_host.h), which shows a stage refilled before every thread has read it.
 // With WHALE_EMULATED_LAUNCHES set to a path, the name of each kernel launched is appended to
 // that file (once per process): the tests check with it that every kernel ran.
 #include <dlfcn.h>
@@ -138,7 +140,10 @@ __attribute__((visibility("default"))) int whale_emulated_driver_add_module(cons
     if (!h) return -1;
     auto signature = reinterpret_cast<SignatureFn>(dlsym(h, "whale_emulate_signature"));
     auto launch = reinterpret_cast<LaunchFn>(dlsym(h, "whale_emulate_launch"));
-    if (!signature || !launch) return -1;
+    auto eager = reinterpret_cast<void (*)(int)>(dlsym(h, "whale_emulate_eager_copies"));
+    if (!signature || !launch || !eager) return -1;
+    const char* mode = std::getenv("WHALE_EMULATED_EAGER_COPIES");
+    eager(mode && std::strcmp(mode, "0") != 0);
     std::lock_guard<std::mutex> g(lock);
     libraries.push_back(std::unique_ptr<Library>(new Library{signature, launch}));
     return 0;

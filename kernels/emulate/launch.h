@@ -8,9 +8,11 @@
 //
 // and builds it as a shared library. whale_emulate_launch takes the kernel's name, the launch's
 // shape and `args`, a pointer to each argument's value, as cuLaunchKernel does; it returns 0, or
-// -1 with the reason in `error`. whale_emulate_signature describes a kernel's parameters, so the
-// driver can check pointer arguments before a launch: per parameter, its size in bytes, the size
-// of what a pointer points at (0 for a value), and whether that is const (read only).
+// -1 with the reason in `error`. whale_emulate_eager_copies sets when cp.async copies land
+// (cuda_host.h: when waited for or, eager, when issued). whale_emulate_signature describes a
+// kernel's parameters, so the driver can check pointer arguments before a launch: per
+// parameter, its size in bytes, the size of what a pointer points at (0 for a value), and
+// whether that is const (read only).
 #pragma once
 
 #include <cstring>
@@ -76,6 +78,9 @@ inline void copy_error(const char* what, char* error, size_t len) {
         *params = k->params;                                                                                         \
         *n = k->n_params;                                                                                            \
         return 0;                                                                                                    \
+    }                                                                                                                \
+    extern "C" __attribute__((visibility("default"))) void whale_emulate_eager_copies(int eager) {                \
+        emu::eager_copies = eager != 0;                                                                              \
     }                                                                                                                \
     extern "C" __attribute__((visibility("default"))) int whale_emulate_launch(                                   \
         const char* name, const unsigned* grid, const unsigned* threads, unsigned smem_bytes, void** args,          \

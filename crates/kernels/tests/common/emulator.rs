@@ -254,6 +254,17 @@ pub fn on_the_emulated_driver() -> bool {
 /// time; fails `test` with the child's output if any fails. Returns the kernels the child
 /// launched (`None` where [`can_emulate`] says no).
 pub fn run_gpu_tests_on_the_emulated_driver(test: &str, only: &[&str], skip: &[&str]) -> Option<BTreeSet<String>> {
+    run_gpu_tests_on_the_emulated_driver_with(test, only, skip, &[])
+}
+
+/// [`run_gpu_tests_on_the_emulated_driver`], with `env` set in the child (the driver's modes:
+/// `WHALE_EMULATED_EAGER_COPIES`, kernels/emulate/driver.cpp).
+pub fn run_gpu_tests_on_the_emulated_driver_with(
+    test: &str,
+    only: &[&str],
+    skip: &[&str],
+    env: &[(&str, &str)],
+) -> Option<BTreeSet<String>> {
     if !can_emulate(test) {
         return None;
     }
@@ -270,7 +281,7 @@ pub fn run_gpu_tests_on_the_emulated_driver(test: &str, only: &[&str], skip: &[&
         "--skip",
         "the_embedded_ptx",
     ]);
-    cmd.args(only);
+    cmd.envs(env.iter().copied()).args(only);
     for s in skip {
         cmd.args(["--skip", s]);
     }
