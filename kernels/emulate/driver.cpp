@@ -22,6 +22,7 @@
 //   only, so a kernel writing its input faults.
 // With WHALE_EMULATED_EAGER_COPIES=1, cp.async copies land when issued instead of when waited
 // for (cuda_host.h), which shows a stage refilled before every thread has read it.
+// Modules come from whale_emulated_driver_add_module, or from WHALE_EMULATED_MODULES (cuInit).
 // With WHALE_EMULATED_LAUNCHES set to a path, the name of each kernel launched is appended to
 // that file (once per process): the tests check with it that every kernel ran.
 #include <dlfcn.h>
@@ -157,7 +158,30 @@ __attribute__((visibility("default"))) void whale_emulated_driver_last_error(cha
 
 #define API extern "C" __attribute__((visibility("default")))
 
-API CUresult cuInit(unsigned) { return kSuccess; }
+// A process that did not register its modules itself (a program run with this library first on
+// LD_LIBRARY_PATH, like `whale pretrain --device cuda`) names them in WHALE_EMULATED_MODULES,
+// separated by ':'; cuInit registers them, once.
+API CUresult cuInit(unsigned) {
+    static const CUresult registered = [] {
+        const char* list = std::getenv("WHALE_EMULATED_MODULES");
+        std::string paths = list ? list : "";
+        for (size_t start = 0; start < paths.size();) {
+            size_t end = paths.find(':', start);
+            if (end == std::string::npos) end = paths.size();
+            std::string path = paths.substr(start, end - start);
+            if (!path.empty() && whale_emulated_driver_add_module(path.c_str()) != 0) {
+                const char* why = dlerror();
+                std::lock_guard<std::mutex> g(lock);
+                complain("WHALE_EMULATED_MODULES: %s is not a kernel module's host emulation%s%s", path.c_str(),
+                         why ? ": " : "", why ? why : "");
+                return kNotFound;
+            }
+            start = end + 1;
+        }
+        return kSuccess;
+    }();
+    return registered;
+}
 API CUresult cuDriverGetVersion(int* v) {
     *v = 13000;
     return kSuccess;

@@ -1,5 +1,10 @@
 //! The `whale` binary end to end: a run killed with SIGKILL while it checkpoints every step still
-//! resumes; an existing run is never overwritten; config files reject unknown keys; plots render.
+//! resumes; an existing run is never overwritten; config files reject unknown keys; plots render;
+//! pretraining and generation on a GPU (the emulated driver in CI) match the CPU.
+
+#[allow(dead_code)]
+#[path = "../../kernels/tests/common/emulator.rs"]
+mod emulator;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -344,4 +349,65 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("no verified"), "{stderr}");
+}
+
+/// The lines of a run's metrics.jsonl.
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// What scripts/gpu-check.sh runs on the GPU, the `whale` binary as it is, on the emulated driver
+/// (whale-kernels' tests/common/emulator.rs): `pretrain --device cuda` in f32 takes the CPU's
+/// steps (losses and gradient norms), and in FP8 with bf16 moments, DeepSeek-V3's recipe, it
+/// trains; `generate --device cuda` from the GPU-trained checkpoint continues a prompt as the CPU
+/// does. The checkpoint written from the GPU is the one the CPU reads.
+#[test]
+fn pretrain_and_generate_on_a_gpu_match_the_cpu_on_the_emulated_driver_in_emulation() {
+    let test = "pretrain_and_generate_on_a_gpu_match_the_cpu_on_the_emulated_driver_in_emulation";
+    let Some(env) = emulator::emulated_driver_env(test) else { return };
+    let dir = tmpdir("emulated-gpu");
+    let run = |device: &str, precision: &str, moments: &str| {
+        let out_dir = dir.join(format!("{device}-{precision}"));
+        let out = whale()
+            .envs(env.clone())
+            .args(["pretrain", "--out", out_dir.to_str().unwrap(), "--steps", "2", "--grad-accum", "1"])
+            .args(["--device", device, "--precision", precision, "--moments", moments])
+            .args(SMALL)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && stdout.contains("pass@1"), "{device} {precision}: {stdout}{stderr}");
+        out_dir
+    };
+    // The tolerances of tiny DeepSeek-V3's training tests on the GPU (crates/model/tests/
+    // cuda_model.rs): f32 agrees to rounding; in FP8 with bf16 activations and moments, a value
+    // the devices round to neighbouring bf16 or E4M3 codes moves the loss by well under 1e-2.
+    let gpu = run("cuda", "fp32", "fp32");
+    for (precision, moments, tolerance) in [("fp32", "fp32", 1e-4), ("fp8", "bf16", 1e-2)] {
+        let on_cpu = metrics(&run("cpu", precision, moments));
+        let on_gpu = if precision == "fp32" { metrics(&gpu) } else { metrics(&run("cuda", precision, moments)) };
+        assert_eq!(on_cpu.len(), on_gpu.len(), "{precision}: steps logged");
+        for (step, (c, g)) in on_cpu.iter().zip(&on_gpu).enumerate() {
+            for key in ["loss", "main_loss", "mtp_loss", "grad_norm"] {
+                let (c, g) = (c[key].as_f64().unwrap(), g[key].as_f64().unwrap());
+                let close = (c - g).abs() <= tolerance * c.abs();
+                assert!(close, "{precision} step {step}: {key} {g} on the GPU, {c} on the CPU");
+            }
+        }
+    }
+
+    let checkpoint = gpu.join("checkpoint");
+    let generate = |device: &str| {
+        let out = whale()
+            .envs(env.clone())
+            .args(["generate", "--checkpoint", checkpoint.to_str().unwrap(), "--prompt", "12+7="])
+            .args(["--max-new-tokens", "8", "--greedy", "--device", device])
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && stderr.contains(&format!("on {device}")), "{device}: {stdout}{stderr}");
+        stdout.into_owned()
+    };
+    assert_eq!(generate("cuda"), generate("cpu"), "greedy decoding on the GPU and on the CPU");
 }

@@ -60,6 +60,23 @@ fn build_modules() -> Result<Vec<PathBuf>, String> {
     })
 }
 
+/// The emulated driver and cuBLAS (`libcuda.so` and `libcublas.so` by their sonames), built once
+/// per test process.
+fn driver_libraries() -> Result<&'static [PathBuf; 2], String> {
+    static BUILT: OnceLock<Result<[PathBuf; 2], String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulate");
+        std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+        let build = |name: &str, soname: &str| {
+            let source = kernels_dir().join(format!("emulate/{name}.cpp"));
+            let text = std::fs::read_to_string(&source).map_err(|e| format!("{}: {e}", source.display()))?;
+            build_library(name, &text, &out, &[&format!("-Wl,-soname,{soname}"), "-ldl"])
+        };
+        Ok([build("driver", "libcuda.so")?, build("cublas", "libcublas.so")?])
+    });
+    built.as_ref().map_err(Clone::clone)
+}
+
 /// The emulated driver and cuBLAS, once loaded.
 static DRIVER: OnceLock<Result<[libloading::Library; 2], String>> = OnceLock::new();
 
@@ -74,19 +91,16 @@ pub fn emulated_gpu(test: &str) -> Option<Gpu> {
         return None;
     }
     let driver = DRIVER.get_or_init(|| {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulate");
         // RTLD_GLOBAL: the loader matches cudarc's later dlopen("libcuda.so") (and "libcublas.so")
         // to these libraries by their sonames.
-        let open = |name: &str, soname: &str| -> Result<libloading::Library, String> {
-            let source = kernels_dir().join(format!("emulate/{name}.cpp"));
-            let text = std::fs::read_to_string(&source).map_err(|e| format!("{}: {e}", source.display()))?;
-            let lib = build_library(name, &text, &out, &[&format!("-Wl,-soname,{soname}"), "-ldl"])?;
+        let open = |lib: &PathBuf| -> Result<libloading::Library, String> {
             // SAFETY: our library, whose initialisers only set up empty tables.
-            let opened = unsafe { libloading::os::unix::Library::open(Some(&lib), libc_flags()) }
+            let opened = unsafe { libloading::os::unix::Library::open(Some(lib), libc_flags()) }
                 .map_err(|err| format!("{}: {err}", lib.display()))?;
             Ok(opened.into())
         };
-        let (cuda, cublas) = (open("driver", "libcuda.so")?, open("cublas", "libcublas.so")?);
+        let [driver, cublas] = driver_libraries()?;
+        let (cuda, cublas) = (open(driver)?, open(cublas)?);
         // SAFETY: the function is defined by driver.cpp with this signature.
         let add =
             unsafe { cuda.get::<unsafe extern "C" fn(*const c_char) -> i32>(b"whale_emulated_driver_add_module\0") }
@@ -104,6 +118,34 @@ pub fn emulated_gpu(test: &str) -> Option<Gpu> {
         panic!("{test}: building the emulated driver: {err}");
     }
     Some(Gpu::new(0).unwrap_or_else(|err| panic!("{test}: the emulated GPU does not open: {err}")))
+}
+
+/// The environment that puts another program (a binary of this workspace, run as a child) on the
+/// emulated driver: `LD_LIBRARY_PATH` leads to a folder where the driver and cuBLAS are
+/// `libcuda.so` and `libcublas.so`, so cudarc's `dlopen` finds them, and
+/// `WHALE_EMULATED_MODULES` names every module's library for the driver's `cuInit` to register.
+/// `None` where [`can_emulate`] says no.
+pub fn emulated_driver_env(test: &str) -> Option<[(String, String); 2]> {
+    if !can_emulate(test) {
+        return None;
+    }
+    let [driver, cublas] =
+        driver_libraries().unwrap_or_else(|err| panic!("{test}: building the emulated driver: {err}"));
+    // One folder per build of the two (their names carry the stamps of their sources).
+    let stem = |p: &Path| p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+    let folder = driver.with_file_name(format!("ld-{}-{}", stem(driver), stem(cublas)));
+    std::fs::create_dir_all(&folder).unwrap_or_else(|e| panic!("{test}: {}: {e}", folder.display()));
+    for (name, lib) in [("libcuda.so", driver), ("libcublas.so", cublas)] {
+        match std::os::unix::fs::symlink(lib, folder.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => panic!("{test}: {}: {e}", folder.display()),
+            _ => {}
+        }
+    }
+    let modules: Vec<String> = module_libraries().iter().map(|m| m.to_string_lossy().into_owned()).collect();
+    Some([
+        ("LD_LIBRARY_PATH".to_string(), folder.to_string_lossy().into_owned()),
+        ("WHALE_EMULATED_MODULES".to_string(), modules.join(":")),
+    ])
 }
 
 /// The emulated driver's newest complaint (what a failed call or launch said on stderr), or an
