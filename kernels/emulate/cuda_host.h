@@ -3,9 +3,10 @@
 // WHALE_HOST_EMULATION gets these definitions in place of shared_memory.cuh's PTX (and
 // sm90_host.h, mma_host.h those of sm90.cuh's wgmma and mma.cuh's mma.sync).
 // - Every CUDA thread of a block runs on a fiber of one OS thread, until it waits; blocks run one
-//   after another. Runs are deterministic. A fiber (its own stack, entered once with ucontext)
-//   runs thread i of every block in turn; switches are _setjmp/_longjmp, which, unlike
-//   swapcontext, make no system call (they leave the signal mask alone).
+//   after another. Runs are deterministic. A fiber (its own stack) runs thread i of every block
+//   in turn. On x86-64 a switch saves the callee-saved registers on the fiber's stack and swaps
+//   stack pointers, a dozen instructions (switch_stack); elsewhere it is swapcontext, which makes
+//   a system call for the signal mask and is several times slower.
 // - __syncthreads and the warp shuffles are barriers: a fiber waits until every thread of its
 //   block (warp) has arrived. When every unfinished fiber waits and none can go on (threads
 //   waiting at barriers the others never reach) the run stops with an error.
@@ -31,10 +32,10 @@
 
 #include <math.h>
 #include <pthread.h>
-#include <setjmp.h>
 #include <signal.h>
 #include <ucontext.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -100,11 +101,68 @@ struct AsyncGroups {
             for (auto& op : committed.front()) op();
     }
     bool pending() const { return !open.empty() || !committed.empty(); }
+    void clear() {
+        open.clear();
+        committed.clear();
+    }
 };
 
 struct Barrier {
     unsigned expected = 0, arrived = 0, generation = 0;
 };
+
+// Where a switch goes back to: the scheduler, or a fiber that waits.
+#if defined(__x86_64__)
+struct Context {
+    void* sp = nullptr; // the rest (the callee-saved registers, where to return) is on that stack
+};
+
+// Saves the running code's callee-saved registers on its stack and its stack pointer in *save,
+// then goes on where `load` was saved. To the compiler it is a plain call that preserves those
+// registers, so no local can be clobbered. (The x87 and SSE control words are never changed
+// here, so they are not saved.)
+__attribute__((naked, noinline)) inline void switch_stack(void** /*save*/, void* /*load*/) {
+    asm volatile(
+        "pushq %rbp\n\tpushq %rbx\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n\t"
+        "movq %rsp, (%rdi)\n\tmovq %rsi, %rsp\n\t"
+        "popq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbx\n\tpopq %rbp\n\tret");
+}
+
+inline void switch_context(Context& from, const Context& to) { switch_stack(&from.sp, to.sp); }
+
+// Makes `c` start `entry` (which never returns) on the stack [stack, stack + bytes): the first
+// switch to it pops six zero registers and returns into `entry`, whose own return address, never
+// used, is zero. The ABI's alignment holds: rsp + 8 is 16-aligned on entry.
+inline void make_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+    auto top = reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t(15);
+    auto* slot = reinterpret_cast<void**>(top);
+    *--slot = nullptr; // entry's return address
+    *--slot = reinterpret_cast<void*>(entry);
+    for (int i = 0; i < 6; ++i) *--slot = nullptr;
+    c.sp = slot;
+}
+#else
+struct Context {
+    ucontext_t uc;
+};
+
+inline void switch_context(Context& from, const Context& to) { swapcontext(&from.uc, &to.uc); }
+
+inline void make_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr; // entry never returns
+    makecontext(&c.uc, entry, 0);
+}
+#endif
+
+// Goes to `to` for good: the running fiber is abandoned mid-thread.
+[[noreturn]] inline void jump_to(const Context& to) {
+    Context abandoned;
+    switch_context(abandoned, to);
+    __builtin_unreachable();
+}
 
 struct Thread {
     dim3 idx;
@@ -118,7 +176,7 @@ struct Block {
     unsigned smem_bytes = 0;
     std::vector<Thread> threads;
     Thread* current = nullptr;
-    jmp_buf scheduler;           // where a fiber that waits, ends or fails goes back to
+    Context scheduler;           // where a fiber that waits, ends or fails goes back to
     Barrier all;                 // __syncthreads
     std::vector<Barrier> warps;  // the shuffles'
     std::vector<float> shuffled; // a value per thread
@@ -138,13 +196,12 @@ alignas(1024) inline unsigned char shared_window[kSharedBytes];
 constexpr unsigned kDynamicOffset = 16;
 constexpr size_t kStackBytes = 128 * 1024;
 
-// The fiber that runs thread i of each block: a stack, the context that enters it the first time,
-// and where it goes on (mid-thread after a wait, or at the next block's thread).
+// The fiber that runs thread i of each block: a stack, and where it goes on (its start, mid-thread
+// after a wait, or at the next block's thread).
 struct Fiber {
     std::unique_ptr<char[]> stack{new char[kStackBytes]};
-    ucontext_t entry;
-    jmp_buf resume;
-    bool started = false; // false: enter by `entry` (new, or its stack abandoned by a failure)
+    Context resume;
+    bool started = false; // false: start afresh (new, or its stack abandoned by a failure)
 };
 
 // Kept from block to block and launch to launch (a ucontext_t points into itself: never moved).
@@ -153,14 +210,14 @@ inline std::vector<std::unique_ptr<Fiber>> fibers;
 [[noreturn]] inline void fail(const char* what) {
     if (block && block->current) { // a fiber: hand the failure to the scheduler, never to resume
         block->failure = what;
-        _longjmp(block->scheduler, 1);
+        jump_to(block->scheduler);
     }
     throw std::runtime_error(std::string("emulation: ") + what);
 }
 
 // Back to the scheduler; on again from here when it resumes this thread.
 inline void yield() {
-    if (_setjmp(fibers[block->current->linear]->resume) == 0) _longjmp(block->scheduler, 1);
+    switch_context(fibers[block->current->linear]->resume, block->scheduler);
 }
 
 inline void wait(Barrier& b) {
@@ -187,9 +244,9 @@ inline void fiber_main() {
 }
 
 // Faults of a fiber become the launch's failure: the handler, on the thread's alternate stack
-// where it has one, records what and where and jumps back to the scheduler (which the fault left
-// between two switches; SA_NODEFER leaves the signal unblocked for the next fault). Faults of other threads, or outside a launch, go to the handlers that
-// were installed before.
+// where it has one, records what and where and jumps back to the scheduler, abandoning the
+// fiber (SA_NODEFER leaves the signal unblocked for the next fault). Faults of other threads, or
+// outside a launch, go to the handlers that were installed before.
 constexpr int kFaults[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
 inline struct sigaction previous_handlers[4];
 inline pthread_t launching_thread;
@@ -212,7 +269,7 @@ inline void on_fault(int sig, siginfo_t* info, void*) {
     std::snprintf(fault_message, sizeof fault_message, "%s at %p in thread (%u, %u, %u) of block (%u, %u, %u)", what,
                   info->si_addr, t.x, t.y, t.z, b.x, b.y, b.z);
     block->faulted = true;
-    _longjmp(block->scheduler, 1);
+    jump_to(block->scheduler);
 }
 
 struct FaultHandlers {
@@ -248,29 +305,38 @@ void launch(dim3 grid, dim3 threads, unsigned smem_bytes, Kernel kernel) {
         }
     } reset;
     FaultHandlers faults;
+    // One Block for the launch, its threads and barriers reset for each block (building them anew
+    // took a fifth of the emulation's time in malloc).
+    Block b;
+    b.dim = threads;
+    b.grid = grid;
+    b.smem_bytes = smem_bytes;
+    b.all.expected = n;
+    const unsigned warps = (n + 31) / 32;
+    b.warps.resize(warps);
+    for (unsigned w = 0; w < warps; ++w) b.warps[w].expected = min(32u, n - 32 * w);
+    b.shuffled.resize(32 * warps);
+    b.threads.resize(n);
+    for (unsigned t = 0; t < n; ++t) {
+        Thread& th = b.threads[t];
+        th.idx = dim3{t % threads.x, t / threads.x % threads.y, t / (threads.x * threads.y)};
+        th.linear = t;
+    }
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
-                Block b;
                 b.idx = dim3{bx, by, bz};
-                b.dim = threads;
-                b.grid = grid;
-                b.smem_bytes = smem_bytes;
-                b.all.expected = n;
-                unsigned warps = (n + 31) / 32;
-                b.warps.resize(warps);
-                for (unsigned w = 0; w < warps; ++w) b.warps[w].expected = min(32u, n - 32 * w);
-                b.shuffled.resize(32 * warps);
+                b.all.arrived = 0;
+                for (Barrier& w : b.warps) w.arrived = 0;
+                for (Thread& th : b.threads) {
+                    th.done = false;
+                    th.copies.clear(); // copies a thread never waited for die with its block
+                    th.mmas.clear();
+                }
                 // The launch's part of the window (a kernel touching the rest is already wrong).
                 std::memset(shared_window, 0x3b, kDynamicOffset + smem_bytes);
                 if (unsigned char *begin = __start_whale_shared, *end = __stop_whale_shared; begin != end)
                     std::memset(begin, 0x3b, size_t(end - begin));
-                b.threads.resize(n);
-                for (unsigned t = 0; t < n; ++t) {
-                    Thread& th = b.threads[t];
-                    th.idx = dim3{t % threads.x, t / threads.x % threads.y, t / (threads.x * threads.y)};
-                    th.linear = t;
-                }
                 block = &b;
                 for (bool running = true; running;) {
                     unsigned long before = b.progress;
@@ -278,17 +344,10 @@ void launch(dim3 grid, dim3 threads, unsigned smem_bytes, Kernel kernel) {
                     for (Thread& th : b.threads) {
                         if (th.done) continue;
                         b.current = &th;
-                        if (_setjmp(b.scheduler) == 0) {
-                            Fiber& f = *fibers[th.linear];
-                            if (f.started) _longjmp(f.resume, 1);
-                            f.started = true;
-                            getcontext(&f.entry);
-                            f.entry.uc_stack.ss_sp = f.stack.get();
-                            f.entry.uc_stack.ss_size = kStackBytes;
-                            f.entry.uc_link = nullptr; // fiber_main never returns
-                            makecontext(&f.entry, fiber_main, 0);
-                            setcontext(&f.entry);
-                        }
+                        Fiber& f = *fibers[th.linear];
+                        if (!f.started) make_context(f.resume, f.stack.get(), kStackBytes, fiber_main);
+                        f.started = true;
+                        switch_context(b.scheduler, f.resume);
                         b.current = nullptr;
                         if (b.faulted) fail(fault_message);
                         if (!b.failure.empty()) fail(b.failure.c_str());

@@ -201,9 +201,6 @@ pub fn gxx_flags() -> Vec<String> {
         // Kernels read shared memory as float4 and float alike, as CUDA code does.
         "-fno-strict-aliasing",
         "-ffp-contract=off",
-        // Fibers switch stacks by _longjmp, which a fortified glibc refuses when the target
-        // stack lies below the current one.
-        "-U_FORTIFY_SOURCE",
         "-DWHALE_HOST_EMULATION",
     ]
     .map(String::from)
