@@ -52,7 +52,7 @@ logs="${OUT:-/tmp}"
             skipped=1
             echo "$n messages of tests without a GPU, e.g.: $(grep -m 1 -e "skipped" -e "stands in" "$logs/test-$bin.log")"
         fi
-        echo "exit status: $rc"
+        echo "exit status: $rc (at ${SECONDS} s)"
         [ "$rc" -eq 0 ] || status=1
         echo '```'
         echo
@@ -64,7 +64,7 @@ logs="${OUT:-/tmp}"
         rc=$?
         if [ -f /tmp/gpu-bench.md ]; then cat /tmp/gpu-bench.md; else tail -20 "$logs/bench.log"; fi
         echo
-        echo "bench exit status: $rc"
+        echo "bench exit status: $rc (at ${SECONDS} s)"
         [ "$rc" -eq 0 ] || status=1
     else
         echo "gpu-bin/gpu is missing"
@@ -83,7 +83,7 @@ logs="${OUT:-/tmp}"
             timeout 300 gpu-bin/whale-cli pretrain --device "$dev" --precision "$precision" --moments "$moments" \
                 --out "/tmp/gpu-check-$name" --steps 30 --eval-problems 16 --k 2 >"$logs/pretrain-$name.log" 2>&1
             rc=$?
-            echo "$name: exit status $rc; $(grep -E 'trained in|^\| base' "$logs/pretrain-$name.log" | tr '\n' ' ')"
+            echo "$name: exit status $rc (at ${SECONDS} s); $(grep -E 'trained in|^\| base' "$logs/pretrain-$name.log" | tr '\n' ' ')"
             echo "$name: last step $(tail -1 "/tmp/gpu-check-$name/metrics.jsonl" 2>/dev/null)"
             [ "$rc" -eq 0 ] || { status=1; grep -m 1 -A 3 -E "^Error|panicked" "$logs/pretrain-$name.log"; }
         done
