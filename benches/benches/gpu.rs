@@ -446,10 +446,23 @@ fn main() {
         .sample_size(10)
         .configure_from_args();
     let mut rows = vec![];
-    copy_bandwidth(&mut c, &g, &mut rows);
-    matmuls(&mut c, &g, &mut rows);
-    fp8_gemms(&mut c, &g, &mut rows);
-    attention(&mut c, &g, &mut rows);
+    // The table is written after every group, so a run cut short (the GPU check's time limit)
+    // keeps the figures it measured.
+    let path = std::env::var("WHALE_GPU_BENCH_OUT").unwrap_or_else(|_| "target/gpu-bench.md".into());
+    let arch = g.arch;
+    let save = |rows: &[Row], failed: &str| {
+        let text = format!("GPU: compute capability {}.{}\n\n{}{failed}", arch.0, arch.1, table(rows));
+        if let Err(e) = std::fs::write(&path, &text) {
+            eprintln!("could not write {path}: {e}");
+        }
+        text
+    };
+    type Kernels<'a> = &'a dyn Fn(&mut Criterion, &Gpu, &mut Vec<Row>);
+    let kernels: [Kernels; 4] = [&copy_bandwidth, &matmuls, &fp8_gemms, &attention];
+    for group in kernels {
+        group(&mut c, &g, &mut rows);
+        save(&rows, "");
+    }
     // The tensor-level groups run whole models, and the wgmma kernel has not yet run on a GPU:
     // a group that fails is reported, and the others (and the table) still come out.
     let mut failed = String::new();
@@ -467,14 +480,10 @@ fn main() {
             let why = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
             failed += &format!("\n{name}: FAILED: {}\n", why.unwrap_or_default());
         }
+        save(&rows, &failed);
     }
     c.final_summary();
-    let text = format!("GPU: compute capability {}.{}\n\n{}{failed}", g.arch.0, g.arch.1, table(&rows));
-    println!("\n{text}");
-    let path = std::env::var("WHALE_GPU_BENCH_OUT").unwrap_or_else(|_| "target/gpu-bench.md".into());
-    if let Err(e) = std::fs::write(&path, text) {
-        eprintln!("could not write {path}: {e}");
-    }
+    println!("\n{}", save(&rows, &failed));
     if !failed.is_empty() {
         std::process::exit(1);
     }

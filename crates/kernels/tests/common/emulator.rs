@@ -135,6 +135,13 @@ pub fn emulated_driver_env(test: &str) -> Option<[(String, String); 2]> {
     let stem = |p: &Path| p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
     let folder = driver.with_file_name(format!("ld-{}-{}", stem(driver), stem(cublas)));
     std::fs::create_dir_all(&folder).unwrap_or_else(|e| panic!("{test}: {}: {e}", folder.display()));
+    // Folders of older builds, whose libraries build_library has removed, go.
+    let out = folder.parent().expect("the emulation's folder");
+    for entry in std::fs::read_dir(out).unwrap_or_else(|e| panic!("{test}: {}: {e}", out.display())).flatten() {
+        if entry.file_name().to_string_lossy().starts_with("ld-") && entry.path() != folder {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
     for (name, lib) in [("libcuda.so", driver), ("libcublas.so", cublas)] {
         match std::os::unix::fs::symlink(lib, folder.join(name)) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => panic!("{test}: {}: {e}", folder.display()),
@@ -184,7 +191,10 @@ pub fn have_gxx(test: &str) -> bool {
 
 /// The repository's kernels/ directory.
 pub fn kernels_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels")
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernels");
+    // One spelling for every crate that includes this file: the paths go into the libraries'
+    // stamps, and test binaries that spelled them apart rebuilt every library in turn.
+    dir.canonicalize().unwrap_or(dir)
 }
 
 /// The g++ flags of every emulation build: C++20, warnings as errors, the host's CUDA headers,
