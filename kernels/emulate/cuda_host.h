@@ -4,9 +4,11 @@
 // sm90_host.h, mma_host.h those of sm90.cuh's wgmma and mma.cuh's mma.sync).
 // - Every CUDA thread of a block runs on a fiber of one OS thread, until it waits; blocks run one
 //   after another. Runs are deterministic. A fiber (its own stack) runs thread i of every block
-//   in turn. On x86-64 a switch saves the callee-saved registers on the fiber's stack and swaps
-//   stack pointers, a dozen instructions (switch_stack); elsewhere it is swapcontext, which makes
-//   a system call for the signal mask and is several times slower.
+//   in turn. A thread that waits hands over to the next unfinished one directly, in order, and
+//   the last of a pass to the scheduler, which starts the next pass. On x86-64 a switch saves the
+//   callee-saved registers on the fiber's stack and swaps stack pointers, a dozen instructions
+//   (switch_stack); elsewhere it is swapcontext, which makes a system call for the signal mask
+//   and is several times slower.
 // - __syncthreads and the warp shuffles are barriers: a fiber waits until every thread of its
 //   block (warp) has arrived. When every unfinished fiber waits and none can go on (threads
 //   waiting at barriers the others never reach) the run stops with an error.
@@ -179,7 +181,7 @@ struct Block {
     Context scheduler;           // where a fiber that waits, ends or fails goes back to
     Barrier all;                 // __syncthreads
     std::vector<Barrier> warps;  // the shuffles'
-    std::vector<float> shuffled; // a value per thread
+    std::vector<float> shuffled; // two values per thread (__shfl_xor_sync)
     std::vector<unsigned> exchange; // words per thread for warp-collective instructions (mma_host.h)
     unsigned long progress = 0;  // arrivals and finished threads: a pass without any is a deadlock
     std::string failure;         // set by a fiber that failed, which then never runs again
@@ -215,9 +217,31 @@ inline std::vector<std::unique_ptr<Fiber>> fibers;
     throw std::runtime_error(std::string("emulation: ") + what);
 }
 
-// Back to the scheduler; on again from here when it resumes this thread.
+inline void fiber_main();
+
+// The fiber of thread `t`, ready to be switched to (started afresh if it never ran or a failure
+// abandoned its stack).
+inline Fiber& ready(Thread& t) {
+    Fiber& f = *fibers[t.linear];
+    if (!f.started) make_context(f.resume, f.stack.get(), kStackBytes, fiber_main);
+    f.started = true;
+    return f;
+}
+
+// Hands over to the next unfinished thread of this pass, straight from fiber to fiber (one switch
+// per waiting thread; going through the scheduler took two), or to the scheduler after the last;
+// on again from here when this thread's turn comes back.
 inline void yield() {
-    switch_context(fibers[block->current->linear]->resume, block->scheduler);
+    Block& b = *block;
+    Thread* from = b.current;
+    Context& save = fibers[from->linear]->resume;
+    for (Thread *t = from + 1, *end = b.threads.data() + b.threads.size(); t != end; ++t) {
+        if (t->done) continue;
+        b.current = t;
+        switch_context(save, ready(*t).resume);
+        return;
+    }
+    switch_context(save, b.scheduler);
 }
 
 inline void wait(Barrier& b) {
@@ -315,7 +339,7 @@ void launch(dim3 grid, dim3 threads, unsigned smem_bytes, Kernel kernel) {
     const unsigned warps = (n + 31) / 32;
     b.warps.resize(warps);
     for (unsigned w = 0; w < warps; ++w) b.warps[w].expected = min(32u, n - 32 * w);
-    b.shuffled.resize(32 * warps);
+    b.shuffled.resize(2 * 32 * warps);
     b.threads.resize(n);
     for (unsigned t = 0; t < n; ++t) {
         Thread& th = b.threads[t];
@@ -338,22 +362,22 @@ void launch(dim3 grid, dim3 threads, unsigned smem_bytes, Kernel kernel) {
                 if (unsigned char *begin = __start_whale_shared, *end = __stop_whale_shared; begin != end)
                     std::memset(begin, 0x3b, size_t(end - begin));
                 block = &b;
-                for (bool running = true; running;) {
+                // Passes over the unfinished threads in order, each handing over to the next
+                // (yield), until all are done; a pass that nobody got further in is a deadlock.
+                for (Thread* first = b.threads.data(); first;) {
                     unsigned long before = b.progress;
-                    running = false;
-                    for (Thread& th : b.threads) {
-                        if (th.done) continue;
-                        b.current = &th;
-                        Fiber& f = *fibers[th.linear];
-                        if (!f.started) make_context(f.resume, f.stack.get(), kStackBytes, fiber_main);
-                        f.started = true;
-                        switch_context(b.scheduler, f.resume);
-                        b.current = nullptr;
-                        if (b.faulted) fail(fault_message);
-                        if (!b.failure.empty()) fail(b.failure.c_str());
-                        running |= !th.done;
-                    }
-                    if (running && b.progress == before) fail("deadlock: threads wait at barriers the others never reach");
+                    b.current = first;
+                    switch_context(b.scheduler, ready(*first).resume);
+                    b.current = nullptr;
+                    if (b.faulted) fail(fault_message);
+                    if (!b.failure.empty()) fail(b.failure.c_str());
+                    first = nullptr;
+                    for (Thread& th : b.threads)
+                        if (!th.done) {
+                            first = &th;
+                            break;
+                        }
+                    if (first && b.progress == before) fail("deadlock: threads wait at barriers the others never reach");
                 }
             }
 }
@@ -407,11 +431,13 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
     if (mask != 0xffffffffu) emu::fail("__shfl_xor_sync: only full warps are emulated");
     unsigned t = emu::block->current->linear, warp = t / 32, lane = t % 32, other = lane ^ unsigned(lane_mask);
     if (other >= emu::block->warps[warp].expected) emu::fail("__shfl_xor_sync: lane past the warp");
-    emu::block->shuffled[t] = v;
-    emu::wait(emu::block->warps[warp]);
-    float r = emu::block->shuffled[32 * warp + other];
-    emu::wait(emu::block->warps[warp]); // everyone has read before anyone writes again
-    return r;
+    // Two buffers, taking turns by the warp barrier's generation: a lane writes one only after
+    // every lane has passed the barrier that follows its previous use, so all have read it.
+    emu::Barrier& b = emu::block->warps[warp];
+    float* shuffled = emu::block->shuffled.data() + 32 * emu::block->warps.size() * (b.generation & 1);
+    shuffled[t] = v;
+    emu::wait(b);
+    return shuffled[32 * warp + other];
 }
 
 // shared_memory.cuh's functions.

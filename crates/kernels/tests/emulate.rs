@@ -18,6 +18,11 @@ use std::process::Command;
 use common::emulator::{gxx_flags, have_gxx};
 
 #[test]
+fn the_host_emulation_keeps_cuda_semantics_and_names_failures() {
+    emulate("the_host_emulation_keeps_cuda_semantics_and_names_failures", "harness");
+}
+
+#[test]
 fn the_wgmma_fp8_gemm_in_host_emulation_matches_the_block_scaled_product() {
     emulate("the_wgmma_fp8_gemm_in_host_emulation_matches_the_block_scaled_product", "fp8_gemm_wgmma");
 }

@@ -2,8 +2,8 @@
 //! a GRPO step (policy and reference on the GPU), its checkpoint resumed onto the GPU, and a PPO
 //! step (critic there too); a dense Qwen2-style student's greedy decoding and SFT, and the reward
 //! model's Bradley-Terry training, loss by loss. Without a GPU each body runs with the CPU in the
-//! GPU's place (saying so), which checks the bodies and the CPU's own device plumbing; in CI the
-//! GRPO and PPO ones also run on the emulated driver (`grpo_and_ppo_on_the_emulated_driver_in_emulation`).
+//! GPU's place (saying so), which checks the bodies and the CPU's own device plumbing; in CI they
+//! all run on the emulated driver too (`the_rl_gpu_tests_pass_on_the_emulated_driver_in_emulation`).
 
 #[allow(dead_code)]
 #[path = "../../kernels/tests/common/emulator.rs"]
@@ -38,16 +38,15 @@ fn gpu(test: &str) -> Device {
     Device::cuda(0).unwrap()
 }
 
-/// GRPO's loss and gradients, and GRPO and PPO steps with a checkpoint resumed onto the GPU, on
-/// the emulated driver (whale-tensor's CUDA backend over whale-kernels' launchers), in a child
-/// process (about 70 s of a debug build). The dense student and the reward model pass there too,
-/// in another 70 s, left out of CI for time: run every test of this file there with
-/// `WHALE_EMULATED_GPU=1 cargo test -p whale-rl --test cuda_rl -- --skip in_emulation`.
+/// Every test of this file on the emulated driver (whale-tensor's CUDA backend over whale-kernels'
+/// launchers), in a child process (about 65 s of a debug build).
 #[test]
-fn grpo_and_ppo_on_the_emulated_driver_in_emulation() {
-    let test = "grpo_and_ppo_on_the_emulated_driver_in_emulation";
-    let only = ["grpo_loss_and_gradients", "grpo_and_ppo_train_on_a_gpu"];
-    emulator::run_gpu_tests_on_the_emulated_driver(test, &only, &[]);
+fn the_rl_gpu_tests_pass_on_the_emulated_driver_in_emulation() {
+    emulator::run_gpu_tests_on_the_emulated_driver(
+        "the_rl_gpu_tests_pass_on_the_emulated_driver_in_emulation",
+        &[],
+        &[],
+    );
 }
 
 fn tiny(seed: u64) -> DeepSeekV3 {
