@@ -178,7 +178,7 @@ struct Block {
     unsigned smem_bytes = 0;
     std::vector<Thread> threads;
     Thread* current = nullptr;
-    Context scheduler;           // where a fiber that waits, ends or fails goes back to
+    Context scheduler;           // where the last fiber of a pass, or one that fails, goes back to
     Barrier all;                 // __syncthreads
     std::vector<Barrier> warps;  // the shuffles'
     std::vector<float> shuffled; // two values per thread (__shfl_xor_sync)
@@ -228,20 +228,25 @@ inline Fiber& ready(Thread& t) {
     return f;
 }
 
+// The first unfinished thread of block `b` from `t` on (in order), or null.
+inline Thread* next_unfinished(Block& b, Thread* t) {
+    for (Thread* end = b.threads.data() + b.threads.size(); t != end; ++t)
+        if (!t->done) return t;
+    return nullptr;
+}
+
 // Hands over to the next unfinished thread of this pass, straight from fiber to fiber (one switch
 // per waiting thread; going through the scheduler took two), or to the scheduler after the last;
 // on again from here when this thread's turn comes back.
 inline void yield() {
     Block& b = *block;
-    Thread* from = b.current;
-    Context& save = fibers[from->linear]->resume;
-    for (Thread *t = from + 1, *end = b.threads.data() + b.threads.size(); t != end; ++t) {
-        if (t->done) continue;
-        b.current = t;
-        switch_context(save, ready(*t).resume);
-        return;
+    Context& save = fibers[b.current->linear]->resume;
+    if (Thread* next = next_unfinished(b, b.current + 1)) {
+        b.current = next;
+        switch_context(save, ready(*next).resume);
+    } else {
+        switch_context(save, b.scheduler);
     }
-    switch_context(save, b.scheduler);
 }
 
 inline void wait(Barrier& b) {
@@ -364,19 +369,14 @@ void launch(dim3 grid, dim3 threads, unsigned smem_bytes, Kernel kernel) {
                 block = &b;
                 // Passes over the unfinished threads in order, each handing over to the next
                 // (yield), until all are done; a pass that nobody got further in is a deadlock.
-                for (Thread* first = b.threads.data(); first;) {
+                for (Thread* first = next_unfinished(b, b.threads.data()); first;) {
                     unsigned long before = b.progress;
                     b.current = first;
                     switch_context(b.scheduler, ready(*first).resume);
                     b.current = nullptr;
                     if (b.faulted) fail(fault_message);
                     if (!b.failure.empty()) fail(b.failure.c_str());
-                    first = nullptr;
-                    for (Thread& th : b.threads)
-                        if (!th.done) {
-                            first = &th;
-                            break;
-                        }
+                    first = next_unfinished(b, b.threads.data());
                     if (first && b.progress == before) fail("deadlock: threads wait at barriers the others never reach");
                 }
             }

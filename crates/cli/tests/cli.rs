@@ -23,6 +23,12 @@ fn tmpdir(name: &str) -> TempDir {
 const SMALL: [&str; 10] =
     ["--micro-batch", "2", "--seq-len", "24", "--eval-problems", "2", "--k", "2", "--tasks", "add:2"];
 
+/// The lines of a run's metrics.jsonl.
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 fn checkpoint_step(run: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(run.join("checkpoint/trainer.json")).ok()?;
     serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
@@ -155,9 +161,9 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{algo}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
         assert!(stdout.contains("| base |") && stdout.contains("| R1-Zero") && stdout.contains("pass@1"), "{stdout}");
-        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-        assert_eq!(metrics.lines().count(), 2, "one metrics line per step");
-        let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+        let lines = metrics(&run);
+        assert_eq!(lines.len(), 2, "one metrics line per step");
+        let first = &lines[0];
         assert!(first["reward"].is_number() && first["completions/mean_length"].is_number(), "{first}");
         assert!(run.join("checkpoint/model.safetensors").exists() && run.join("eval_before.json").exists());
         assert!(std::fs::read_to_string(run.join("completions.jsonl")).unwrap().contains("\"completion\""));
@@ -171,7 +177,7 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
             more.status.success() && stdout.contains("resuming") && stdout.contains("step 2 of 3"),
             "{stdout}{stderr}"
         );
-        assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 3);
+        assert_eq!(metrics(&run).len(), 3);
     }
     // A user's JSONL prompts instead of the generators.
     let data = dir.join("prompts.jsonl");
@@ -349,12 +355,6 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("no verified"), "{stderr}");
-}
-
-/// The lines of a run's metrics.jsonl.
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 /// What scripts/gpu-check.sh runs on the GPU, the `whale` binary as it is, on the emulated driver
