@@ -11,10 +11,21 @@ pub struct MatRef<'a> {
     pub col_stride: isize,
 }
 
+/// The longest stretch of K that one `gemm` call sums.
+///
+/// `gemm` sizes its K block from the L1 data cache (1024 on a 48 KiB 12-way L1, 512 on a 32 KiB
+/// 8-way one), so left to itself the same product rounds differently on different CPUs. It never
+/// splits a K of 512 or less, so [`matmul`] hands it K in balanced blocks of at most this many and
+/// adds their products to `c` in order.
+pub const K_BLOCK: usize = 512;
+const _: () = assert!(K_BLOCK <= 512, "gemm splits a K block longer than 512 by cache size");
+
 /// `c[m, n] = a[m, k] @ b[k, n]` (or `c += a @ b` when `accumulate`), `c` row-major contiguous.
 ///
-/// `threads` is the rayon parallelism handed to `gemm` (1 = sequential). With the same thread count
-/// the summation order is fixed, so results are reproducible bit for bit.
+/// `threads` is the rayon parallelism handed to `gemm` (1 = sequential); `gemm` splits rows and
+/// columns over threads, never K, and K comes in the fixed blocks of [`K_BLOCK`]. So the result
+/// is the same bits for any thread count and any cache sizes; only the SIMD instruction set
+/// (FMA or not) can change it.
 pub fn matmul(
     m: usize,
     n: usize,
@@ -38,30 +49,35 @@ pub fn matmul(
         return;
     }
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: `check_extent` proved every (i, j) index of both operands lies inside its slice, and
-    // `c` is exactly m*n long and exclusively borrowed; gemm reads/writes only those elements.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr().add(a.offset),
-            a.col_stride,
-            a.row_stride,
-            b.data.as_ptr().add(b.offset),
-            b.col_stride,
-            b.row_stride,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+    let block = k.div_ceil(k.div_ceil(K_BLOCK));
+    for k0 in (0..k).step_by(block) {
+        let kb = block.min(k - k0);
+        // SAFETY: `check_extent` proved every (i, j) index of both operands lies inside its slice,
+        // so the K block [k0, k0 + kb) of each does too; `c` is exactly m*n long and exclusively
+        // borrowed; gemm reads/writes only those elements.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                kb,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate || k0 > 0,
+                a.data.as_ptr().offset(a.offset as isize + k0 as isize * a.col_stride),
+                a.col_stride,
+                a.row_stride,
+                b.data.as_ptr().offset(b.offset as isize + k0 as isize * b.row_stride),
+                b.col_stride,
+                b.row_stride,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
     }
 }
 
@@ -146,6 +162,68 @@ mod tests {
         let want = matmul_reference(m, n, k, row_major(&a, k), row_major(&b, n));
         for (x, y) in c.iter().zip(&want) {
             assert!((x - (y + 1.5)).abs() <= 1e-4 * (1.0 + y.abs()));
+        }
+    }
+
+    /// What the product is on gemm's microkernel path (m * n > 256, neither a vector): each
+    /// balanced K block of at most [`K_BLOCK`] summed by fused multiply-adds in order from zero,
+    /// the blocks' sums added to `c` in order.
+    fn blocked_fma(m: usize, n: usize, k: usize, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], accumulate: bool) {
+        let at = |x: &MatRef<'_>, i: usize, j: usize| {
+            x.data[(x.offset as isize + i as isize * x.row_stride + j as isize * x.col_stride) as usize]
+        };
+        let blocks = k.div_ceil(K_BLOCK);
+        let block = k.div_ceil(blocks);
+        for i in 0..m {
+            for j in 0..n {
+                let mut out = accumulate.then_some(c[i * n + j]);
+                for k0 in (0..k).step_by(block) {
+                    let sum = (k0..k.min(k0 + block)).fold(0.0f32, |s, p| at(&a, i, p).mul_add(at(&b, p, j), s));
+                    out = Some(out.map_or(sum, |o| o + sum));
+                }
+                c[i * n + j] = out.unwrap();
+            }
+        }
+    }
+
+    /// gemm picks its own K block from the L1 cache's size, which made the same product round
+    /// differently on CPUs with different L1s; `matmul` must sum K in the same fixed blocks on
+    /// every machine, whatever the thread count. Without the fixed blocks the first shape fails
+    /// on every CPU (gemm's small-matrix path cuts 1300 into 512 + 512 + 276) and the larger
+    /// ones where the L1 lets gemm take longer blocks (a 48 KiB 12-way L1: 2 x 528 for 1056).
+    #[test]
+    fn sums_k_in_the_same_blocks_on_every_cpu() {
+        if !cfg!(target_arch = "x86_64") || !std::arch::is_x86_feature_detected!("fma") {
+            eprintln!("skipped: the bitwise model is gemm's FMA kernel, and this CPU has no x86 FMA");
+            return;
+        }
+        // (m, n, k, b transposed): gemm's small-matrix path (m, n <= 64), its cache-sized path,
+        // K at and just over one block, and an uneven split (1300 = 3 x 434 - 2).
+        for (m, n, k, bt) in [
+            (24, 40, 1300, false),
+            (70, 9, 1056, true),
+            (33, 65, 512, false),
+            (17, 80, 513, true),
+            (130, 66, 2048, false),
+        ] {
+            let a = seq(m * k);
+            let bd = seq(k * n);
+            let b = if bt {
+                MatRef { data: &bd, offset: 0, row_stride: 1, col_stride: k as isize }
+            } else {
+                row_major(&bd, n)
+            };
+            for accumulate in [false, true] {
+                let start: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32 * 0.375 - 1.0).collect();
+                let mut want = start.clone();
+                blocked_fma(m, n, k, row_major(&a, k), b, &mut want, accumulate);
+                for threads in [1, 2] {
+                    let mut c = start.clone();
+                    matmul(m, n, k, row_major(&a, k), b, &mut c, accumulate, threads);
+                    let diff = c.iter().zip(&want).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+                    assert_eq!(diff, 0, "{m}x{n}x{k} (b transposed: {bt}, accumulate: {accumulate}, {threads} threads): {diff} elements differ from the fixed K blocks");
+                }
+            }
         }
     }
 
