@@ -124,7 +124,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     std::fs::write(out.join("settings.json"), serde_json::to_string_pretty(&s)?)?;
     let tok = CharTokenizer::new();
-    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters);
+    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
     let eval_cfg = EvalConfig { samples: s.k, ..EvalConfig::default() };
 
@@ -157,8 +157,9 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
                 cfg.param_count() as f64 / 1e6
             );
             let model = moved_to(Box::new(DenseModel::new(cfg, s.seed)?), &device)?;
-            let mut corpus = Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters), s.imperfect, s.seed ^ 0x57)
-                .with_mixing(s.mixing);
+            let mut corpus =
+                Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters)?, s.imperfect, s.seed ^ 0x57)?
+                    .with_mixing(s.mixing)?;
             let n = (s.student_pretrain.steps as usize * s.student_pretrain.batch).min(20_000);
             let docs: Vec<Example> = (0..n)
                 .map(|_| {

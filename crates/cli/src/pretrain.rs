@@ -337,7 +337,9 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let mesh = mesh(&s)?;
     let device = device(&s)?;
     let tok = CharTokenizer::new();
-    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters);
+    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
+    // The corpus's shares (`imperfect`, `mixing`) are refused before anything is written.
+    Corpus::new(TaskSet::parse(&s.tasks)?, s.imperfect, s.seed)?.with_mixing(s.mixing)?;
     let ckpt = s.out.join("checkpoint");
     let metrics = s.out.join("metrics.jsonl");
     let model = if args.resume {
@@ -457,7 +459,7 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
     let lead = comm.rank() == 0;
     // Every rank reads the same stream (same seed) and keeps its replica's micro-batches.
     let corpus =
-        Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters), s.imperfect, s.seed).with_mixing(s.mixing);
+        Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters)?, s.imperfect, s.seed)?.with_mixing(s.mixing)?;
     let stream: Box<dyn DataSource> = Box::new(CorpusData::new(corpus, plan.tok.clone()));
     let data = Box::new(plan.mesh.shard(comm.rank(), stream));
     let trainer = match &plan.model {

@@ -230,7 +230,7 @@ impl Pipeline {
     }
 
     fn reasoning_tasks(&self) -> Result<TaskSet> {
-        Ok(TaskSet::parse(&self.s.tasks)?.with_letters(self.s.letters))
+        Ok(TaskSet::parse(&self.s.tasks)?.with_letters(self.s.letters)?)
     }
 
     fn eval(&self, model: &dyn CausalLm, dir: &Path) -> Result<EvalReport> {
@@ -386,7 +386,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     std::fs::write(out.join("settings.json"), serde_json::to_string_pretty(&s)?)?;
     let pool = args.data.as_ref().map(|p| load_jsonl(p)).transpose()?;
-    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters);
+    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
     let p = Pipeline { s: s.clone(), out: out.clone(), tok: CharTokenizer::new(), heldout, pool, device };
     let mut results = Vec::new();

@@ -106,6 +106,10 @@ pub struct R1ZeroArgs {
     /// Training tasks, e.g. add:2-3.
     #[arg(long)]
     pub tasks: Option<String>,
+    /// Share of the training and held-out problems posed in letter numerals (0 to 1; 0 for a
+    /// base pretrained on digits only).
+    #[arg(long)]
+    pub letters: Option<f64>,
     /// JSONL training prompts ({"prompt", "answer"}) instead of the task generators.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -140,7 +144,7 @@ impl R1ZeroArgs {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { g.$field = v; } )* };
         }
-        set!(steps, lr, prompts_per_step, group_size, beta, rewards, tasks, seed);
+        set!(steps, lr, prompts_per_step, group_size, beta, rewards, tasks, letters, seed);
         if let Some(v) = &self.loss_type {
             g.loss_type = parse_enum::<LossType>("loss-type", v)?;
         }
@@ -246,7 +250,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     std::fs::write(&settings_path, serde_json::to_string_pretty(&s)?)
         .with_context(|| settings_path.display().to_string())?;
 
-    let problems = TaskSet::parse(&s.grpo.tasks)?.with_letters(s.grpo.letters).held_out(s.eval_problems, s.eval_seed);
+    let problems = TaskSet::parse(&s.grpo.tasks)?.with_letters(s.grpo.letters)?.held_out(s.eval_problems, s.eval_seed);
     let eval_cfg = EvalConfig { samples: s.k, max_new_tokens: s.grpo.max_new_tokens.max(96), ..EvalConfig::default() };
     let t0 = Instant::now();
     let before = evaluate(&*base, &tok, &problems, &eval_cfg)?;
@@ -307,7 +311,7 @@ impl Validation {
     /// 32 held-out problems of `tasks` (a task spec such as `add:3-4,mul`; `letters` of them in
     /// letter numerals), from their own seed (not the final test set).
     pub fn new(tasks: &str, letters: f64, seed: u64, history: PathBuf, every: u64) -> Result<Self> {
-        let tasks = TaskSet::parse(tasks)?.with_letters(letters);
+        let tasks = TaskSet::parse(tasks)?.with_letters(letters)?;
         Ok(Validation { problems: tasks.held_out(32, seed.wrapping_add(0x5A11)), every, history })
     }
 

@@ -130,6 +130,24 @@ fn an_existing_run_is_not_overwritten_and_bad_config_keys_are_named() {
 }
 
 #[test]
+fn shares_out_of_range_are_named_before_anything_is_written() {
+    let dir = tmpdir("shares");
+    for (key, value) in [("letters", "1.5"), ("imperfect", "-0.1"), ("mixing", "2")] {
+        let run = dir.join(key);
+        let out =
+            whale().args(["pretrain", "--out", run.to_str().unwrap(), &format!("--{key}={value}")]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(&format!("`{key}` = {value}")), "--{key}: {err}");
+        assert!(!run.exists(), "--{key}: nothing is written");
+    }
+    // r1-zero refuses its settings before it reads the base.
+    let out =
+        whale().args(["r1-zero", "--base", dir.join("missing").to_str().unwrap(), "--letters", "2"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("`letters`"), "{err}");
+}
+
+#[test]
 fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after() {
     let dir = tmpdir("r1zero");
     let base = dir.join("base");

@@ -90,7 +90,8 @@ mod tests {
 
     #[test]
     fn rows_hold_whole_documents_and_resume_exactly() {
-        let mk = || CorpusData::new(Corpus::new(TaskSet::parse("add:2-3").unwrap(), 0.5, 1), CharTokenizer::new());
+        let mk =
+            || CorpusData::new(Corpus::new(TaskSet::parse("add:2-3").unwrap(), 0.5, 1).unwrap(), CharTokenizer::new());
         let mut a = mk();
         let (ids, targets) = a.next_batch(4, 48).unwrap();
         let (ids, targets) = (ids.to_vec::<i64>().unwrap(), targets.to_vec::<i64>().unwrap());

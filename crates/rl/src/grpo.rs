@@ -190,6 +190,9 @@ impl GrpoConfig {
         if self.micro_batch == 0 {
             return bad("micro_batch", "must be at least 1");
         }
+        if !(0.0..=1.0).contains(&self.letters) {
+            return bad("letters", "a share of the problems, so between 0 and 1");
+        }
         Ok(())
     }
 
@@ -552,7 +555,7 @@ impl RlRun {
     pub fn new(config: GrpoConfig, tokenizer: Box<dyn Tokenizer>, salt: u64) -> Result<Self> {
         config.validate()?;
         Ok(RlRun {
-            tasks: TaskSet::parse(&config.tasks)?.with_letters(config.letters),
+            tasks: TaskSet::parse(&config.tasks)?.with_letters(config.letters)?,
             rewards: RewardSet::parse(&config.rewards, config.max_new_tokens)?,
             rng: Rng::new(config.seed ^ salt),
             config,

@@ -89,10 +89,11 @@ impl TaskSet {
         Ok(TaskSet { entries, letters: 0.0 })
     }
 
-    /// Poses a `share` of the numeric problems in letter numerals instead of digits.
-    pub fn with_letters(mut self, share: f64) -> Self {
-        self.letters = share.clamp(0.0, 1.0);
-        self
+    /// Poses a `share` of the numeric problems in letter numerals instead of digits (the `letters`
+    /// setting; outside 0..=1 it is an error naming it).
+    pub fn with_letters(mut self, share: f64) -> Result<Self> {
+        self.letters = share_of("letters", share)?;
+        Ok(self)
     }
 
     /// One problem from `split` (generators are re-drawn until the prompt falls on that side).
@@ -171,14 +172,28 @@ pub struct Corpus {
     pub cursor: u64,
 }
 
+/// `value` if it is a share (0 to 1), else an error naming the setting `key`: a share of 1.5 or
+/// NaN is a typo to report, not a value to clamp.
+fn share_of(key: &str, value: f64) -> Result<f64> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(Error::Task(format!("`{key}` = {value}: a share, so between 0 and 1")))
+    }
+}
+
 impl Corpus {
-    pub fn new(tasks: TaskSet, imperfect: f64, seed: u64) -> Self {
-        Corpus { tasks, imperfect: imperfect.clamp(0.0, 1.0), mixing: 0.0, rng: Rng::new(seed), cursor: 0 }
+    /// A corpus of `tasks` with an `imperfect` share of traces holding a wrong step (an error
+    /// naming `imperfect` outside 0..=1).
+    pub fn new(tasks: TaskSet, imperfect: f64, seed: u64) -> Result<Self> {
+        let imperfect = share_of("imperfect", imperfect)?;
+        Ok(Corpus { tasks, imperfect, mixing: 0.0, rng: Rng::new(seed), cursor: 0 })
     }
 
-    pub fn with_mixing(mut self, share: f64) -> Self {
-        self.mixing = share.clamp(0.0, 1.0);
-        self
+    /// Lets a `share` of letter-numeral traces drift into digits (the `mixing` setting).
+    pub fn with_mixing(mut self, share: f64) -> Result<Self> {
+        self.mixing = share_of("mixing", share)?;
+        Ok(self)
     }
 
     /// The generator state, for checkpoints.
@@ -252,6 +267,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shares_outside_zero_to_one_are_errors_naming_the_setting() {
+        let tasks = || TaskSet::parse("add").unwrap();
+        for bad in [-0.1, 1.5, f64::NAN] {
+            let err = |r: Result<()>| r.unwrap_err().to_string();
+            assert!(err(tasks().with_letters(bad).map(drop)).contains("`letters`"));
+            assert!(err(Corpus::new(tasks(), bad, 1).map(drop)).contains("`imperfect`"));
+            assert!(err(Corpus::new(tasks(), 0.5, 1).unwrap().with_mixing(bad).map(drop)).contains("`mixing`"));
+        }
+        for ok in [0.0, 0.25, 1.0] {
+            assert_eq!(tasks().with_letters(ok).unwrap().letters, ok);
+            assert_eq!(Corpus::new(tasks(), ok, 1).unwrap().with_mixing(ok).unwrap().mixing, ok);
+        }
+    }
+
+    #[test]
     fn train_and_held_out_never_overlap() {
         let set = TaskSet::parse("add,mul,modchain,countdown,sort,reverse").unwrap();
         let train: HashSet<String> = set.problems(4000, 1, Split::Train).into_iter().map(|p| p.prompt).collect();
@@ -264,7 +294,7 @@ mod tests {
 
     #[test]
     fn corpus_mixes_in_the_requested_share_of_imperfect_traces() {
-        let mut c = Corpus::new(TaskSet::parse("add").unwrap(), 0.3, 5);
+        let mut c = Corpus::new(TaskSet::parse("add").unwrap(), 0.3, 5).unwrap();
         let docs: Vec<String> = (0..2000).map(|_| c.next_document()).collect();
         let wrong = docs
             .iter()
@@ -283,7 +313,7 @@ mod tests {
             .count();
         assert!((wrong as f64 / 2000.0 - 0.3).abs() < 0.04, "{wrong}");
         let (state, cursor) = c.state();
-        let mut d = Corpus::new(TaskSet::parse("add").unwrap(), 0.3, 99);
+        let mut d = Corpus::new(TaskSet::parse("add").unwrap(), 0.3, 99).unwrap();
         d.restore(state, cursor);
         assert_eq!(c.next_document(), d.next_document());
     }
@@ -291,8 +321,8 @@ mod tests {
     #[test]
     fn mixed_language_traces_keep_their_value_and_drift_into_digits() {
         use crate::tasks::language::language_share;
-        let tasks = TaskSet::parse("add:3").unwrap().with_letters(1.0);
-        let mut c = Corpus::new(tasks, 0.0, 4).with_mixing(1.0);
+        let tasks = TaskSet::parse("add:3").unwrap().with_letters(1.0).unwrap();
+        let mut c = Corpus::new(tasks, 0.0, 4).unwrap().with_mixing(1.0).unwrap();
         let mut drifted = 0;
         for _ in 0..200 {
             let doc = c.next_document();
