@@ -121,10 +121,12 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     if out.join("distilled/checkpoint").exists() {
         anyhow::bail!("{} already holds a distillation run; choose another --out", out.display());
     }
+    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
+    // The student corpus's shares are refused before anything is written.
+    Corpus::new(TaskSet::parse(&s.tasks)?, s.imperfect, s.seed)?.with_mixing(s.mixing)?;
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     std::fs::write(out.join("settings.json"), serde_json::to_string_pretty(&s)?)?;
     let tok = CharTokenizer::new();
-    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
     let eval_cfg = EvalConfig { samples: s.k, ..EvalConfig::default() };
 

@@ -383,10 +383,10 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
     let s = args.settings()?;
     let out = args.out.clone().unwrap_or_else(|| sibling_run(&args.from, "r1"));
+    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     std::fs::write(out.join("settings.json"), serde_json::to_string_pretty(&s)?)?;
     let pool = args.data.as_ref().map(|p| load_jsonl(p)).transpose()?;
-    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
     let p = Pipeline { s: s.clone(), out: out.clone(), tok: CharTokenizer::new(), heldout, pool, device };
     let mut results = Vec::new();

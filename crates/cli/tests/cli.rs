@@ -141,10 +141,24 @@ fn shares_out_of_range_are_named_before_anything_is_written() {
         assert!(!run.exists(), "--{key}: nothing is written");
     }
     // r1-zero refuses its settings before it reads the base.
-    let out =
-        whale().args(["r1-zero", "--base", dir.join("missing").to_str().unwrap(), "--letters", "2"]).output().unwrap();
+    let missing = dir.join("missing");
+    let out = whale().args(["r1-zero", "--base", missing.to_str().unwrap(), "--letters", "2"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("`letters`"), "{err}");
+    // r1 and distill read theirs from a config file and refuse them the same way.
+    let cfg = dir.join("shares.toml");
+    std::fs::write(&cfg, "letters = 2.0\n").unwrap();
+    for command in ["r1", "distill"] {
+        let run = dir.join(command);
+        let out = whale()
+            .args([command, "--from", missing.to_str().unwrap(), "--out", run.to_str().unwrap()])
+            .args(["--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("`letters` = 2"), "{command}: {err}");
+        assert!(!run.exists(), "{command}: nothing is written");
+    }
 }
 
 #[test]
