@@ -121,9 +121,11 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     if out.join("distilled/checkpoint").exists() {
         anyhow::bail!("{} already holds a distillation run; choose another --out", out.display());
     }
-    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
-    // The student corpus's shares are refused before anything is written.
-    Corpus::new(TaskSet::parse(&s.tasks)?, s.imperfect, s.seed)?.with_mixing(s.mixing)?;
+    // The student's pretraining corpus (used when no --student is given); building it refuses
+    // its shares before anything is written.
+    let mut corpus = Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters)?, s.imperfect, s.seed ^ 0x57)?
+        .with_mixing(s.mixing)?;
+    let tasks = &corpus.tasks;
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     std::fs::write(out.join("settings.json"), serde_json::to_string_pretty(&s)?)?;
     let tok = CharTokenizer::new();
@@ -159,9 +161,6 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
                 cfg.param_count() as f64 / 1e6
             );
             let model = moved_to(Box::new(DenseModel::new(cfg, s.seed)?), &device)?;
-            let mut corpus =
-                Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters)?, s.imperfect, s.seed ^ 0x57)?
-                    .with_mixing(s.mixing)?;
             let n = (s.student_pretrain.steps as usize * s.student_pretrain.batch).min(20_000);
             let docs: Vec<Example> = (0..n)
                 .map(|_| {

@@ -337,9 +337,9 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let mesh = mesh(&s)?;
     let device = device(&s)?;
     let tok = CharTokenizer::new();
-    let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
-    // The corpus's shares (`imperfect`, `mixing`) are refused before anything is written.
-    Corpus::new(TaskSet::parse(&s.tasks)?, s.imperfect, s.seed)?.with_mixing(s.mixing)?;
+    // Building the corpus refuses its shares (`letters`, `imperfect`, `mixing`) before anything
+    // is written.
+    let tasks = corpus(&s)?.tasks;
     let ckpt = s.out.join("checkpoint");
     let metrics = s.out.join("metrics.jsonl");
     let model = if args.resume {
@@ -418,6 +418,12 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     Ok(s.out)
 }
 
+/// The pretraining text the settings describe, from its start (an error naming any share out of
+/// range).
+fn corpus(s: &PretrainSettings) -> Result<Corpus> {
+    Ok(Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters)?, s.imperfect, s.seed)?.with_mixing(s.mixing)?)
+}
+
 /// What every rank of a run works from.
 struct RankPlan<'a> {
     s: &'a PretrainSettings,
@@ -458,9 +464,7 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
     let s = plan.s;
     let lead = comm.rank() == 0;
     // Every rank reads the same stream (same seed) and keeps its replica's micro-batches.
-    let corpus =
-        Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters)?, s.imperfect, s.seed)?.with_mixing(s.mixing)?;
-    let stream: Box<dyn DataSource> = Box::new(CorpusData::new(corpus, plan.tok.clone()));
+    let stream: Box<dyn DataSource> = Box::new(CorpusData::new(corpus(s)?, plan.tok.clone()));
     let data = Box::new(plan.mesh.shard(comm.rank(), stream));
     let trainer = match &plan.model {
         None => {
