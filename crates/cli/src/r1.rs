@@ -384,6 +384,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let s = args.settings()?;
     let out = args.out.clone().unwrap_or_else(|| sibling_run(&args.from, "r1"));
     let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
+    crate::settings::note_letters_mismatch(args.base.as_ref().unwrap_or(&args.from), s.letters);
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     std::fs::write(out.join("settings.json"), serde_json::to_string_pretty(&s)?)?;
     let pool = args.data.as_ref().map(|p| load_jsonl(p)).transpose()?;

@@ -250,6 +250,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     std::fs::write(&settings_path, serde_json::to_string_pretty(&s)?)
         .with_context(|| settings_path.display().to_string())?;
 
+    crate::settings::note_letters_mismatch(&args.base, s.grpo.letters);
     let problems = TaskSet::parse(&s.grpo.tasks)?.with_letters(s.grpo.letters)?.held_out(s.eval_problems, s.eval_seed);
     let eval_cfg = EvalConfig { samples: s.k, max_new_tokens: s.grpo.max_new_tokens.max(96), ..EvalConfig::default() };
     let t0 = Instant::now();
