@@ -514,10 +514,9 @@ pub fn rollout_metrics(scored: &[Scored], rewards: &RewardSet, group: usize) -> 
     }
     let (mean, std) = mean_std(scored.iter().map(|s| s.scores.total)).unwrap_or((f64::NAN, f64::NAN));
     m.insert("reward".into(), mean);
-    // TRL's reward_std: the mean over groups of the within-group std.
-    let stds: Vec<f64> =
-        scored.chunks(group).filter_map(|g| mean_std(g.iter().map(|s| s.scores.total)).map(|x| x.1)).collect();
-    m.insert("reward_std".into(), if stds.is_empty() { std } else { stds.iter().sum::<f64>() / stds.len() as f64 });
+    // TRL's reward_std: the sample std of the whole batch's rewards (early TRL releases logged
+    // the mean within-group std; frac_reward_zero_std tells of the groups).
+    m.insert("reward_std".into(), std);
     let zero = zero_std_groups(scored, group);
     m.insert("frac_reward_zero_std".into(), zero.iter().filter(|&&z| z).count() as f64 / zero.len().max(1) as f64);
     m.insert(
@@ -912,6 +911,9 @@ impl GrpoTrainer {
                     let adv: Vec<Vec<f32>> =
                         scored[rows.clone()].iter().map(|s| s.advantages.iter().map(|&a| a as f32).collect()).collect();
                     let scored_now = score(&*self.policy, batch, cfg.temperature)?;
+                    // Over the loss's tokens: a truncated completion `mask_truncated` leaves out is
+                    // left out of the entropy too.
+                    entropy += scored_now.entropy_over(&weights.to_vec_f32()?).0;
                     let inputs = LossInputs {
                         old: old[c].clone().unwrap_or_else(|| scored_now.logprobs.detach()),
                         logprobs: scored_now.logprobs,
@@ -927,7 +929,6 @@ impl GrpoTrainer {
                     }
                     loss.backward()?;
                     loss_sum += lv;
-                    entropy += scored_now.entropy * s.tokens;
                     stats.add(&s);
                 }
                 let norm = clip_grad_norm(self.policy.params(), cfg.grad_clip)?;
@@ -963,4 +964,36 @@ pub fn grid(rows: &[Vec<f32>]) -> Result<Tensor> {
     let cols = rows.first().map_or(0, |r| r.len());
     let flat: Vec<f32> = rows.iter().flatten().copied().collect();
     Ok(Tensor::from_vec(flat, &[rows.len(), cols], &Device::Cpu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reward_std_is_the_whole_batchs_sample_std() {
+        // Two groups of two: rewards 1, 0 and 1, 1. Mean 0.75, squared deviations sum to 0.75,
+        // over n - 1 = 3: a std of 0.5 (the mean within-group std would be 0.354).
+        let rewards = RewardSet::parse("accuracy", 8).unwrap();
+        let scored: Vec<Scored> = [1.0, 0.0, 1.0, 1.0]
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| Scored {
+                rollout: Rollout {
+                    problem: i / 2,
+                    prompt: vec![1],
+                    tokens: vec![2, 3],
+                    sample_logprobs: vec![0.0; 2],
+                    truncated: false,
+                    text: String::new(),
+                },
+                scores: Scores { each: vec![Some(r)], total: r },
+                advantages: vec![0.0; 2],
+            })
+            .collect();
+        let m = rollout_metrics(&scored, &rewards, 2);
+        assert!((m["reward_std"] - 0.5).abs() < 1e-12, "reward_std {}", m["reward_std"]);
+        assert_eq!(m["reward"], 0.75);
+        assert_eq!(m["frac_reward_zero_std"], 0.5);
+    }
 }

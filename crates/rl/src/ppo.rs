@@ -304,6 +304,7 @@ impl PpoTrainer {
                 };
                 let weights = batch.scatter_tokens(&batch.lengths.iter().map(|&l| vec![w; l]).collect::<Vec<_>>())?;
                 let now = score(&*self.policy, batch, cfg.temperature)?;
+                entropy += now.entropy_over(&batch.mask).0;
                 let inputs = LossInputs {
                     logprobs: now.logprobs,
                     old: old[k].clone(),
@@ -328,7 +329,6 @@ impl PpoTrainer {
                 vf.backward()?;
                 pg_sum += pgv;
                 vf_sum += vfv;
-                entropy += now.entropy * s.tokens;
                 stats.add(&s);
             }
             clip_grad_norm(self.policy.params(), cfg.grad_clip)?;

@@ -165,8 +165,18 @@ pub struct Scored {
     /// `[n, len - 1]` log-probs of each next token at the temperature (differentiable when
     /// gradients are on); meaningful where the batch mask is 1.
     pub logprobs: Tensor,
-    /// Mean entropy (nats) of the next-token distribution over the masked positions.
-    pub entropy: f64,
+    /// `[n * (len - 1)]`: the entropy (nats) of each next-token distribution on the batch mask,
+    /// 0 off it.
+    pub entropies: Vec<f64>,
+}
+
+impl Scored {
+    /// The sum and count of the entropies at the positions `keep` (`[n * (len - 1)]`) marks
+    /// non-zero: the batch mask, or a loss's weights, so that a logged entropy covers the tokens
+    /// the loss trains on (TRL's `entropy`), not completions the loss leaves out.
+    pub fn entropy_over(&self, keep: &[f32]) -> (f64, f64) {
+        self.entropies.iter().zip(keep).filter(|(_, &k)| k != 0.0).fold((0.0, 0.0), |(s, c), (&e, _)| (s + e, c + 1.0))
+    }
 }
 
 /// Per-token log-probs of the packed rollouts under `model` with logits divided by `temperature`.
@@ -179,22 +189,18 @@ pub fn score(model: &dyn CausalLm, batch: &PackedBatch, temperature: f32) -> Res
     let logp = logits.mul_scalar(1.0 / temperature)?.log_softmax_last_dim()?;
     let next = batch.ids.narrow(1, 1, cols)?.contiguous()?.unsqueeze(2)?;
     let logprobs = logp.gather(2, &next)?.squeeze(2)?;
-    let entropy = {
-        let vocab = logp.dims()[2];
-        let lp = logp.detach().to_vec_f32()?;
-        let (mut sum, mut count) = (0.0f64, 0.0f64);
-        for (row, &m) in batch.mask.iter().enumerate().take(n * cols) {
+    let vocab = logp.dims()[2];
+    let lp = logp.detach().to_vec_f32()?;
+    let entropies = batch.mask[..n * cols]
+        .iter()
+        .enumerate()
+        .map(|(row, &m)| {
             if m > 0.0 {
-                let l = &lp[row * vocab..(row + 1) * vocab];
-                sum -= l.iter().map(|&x| (x as f64).exp() * x as f64).sum::<f64>();
-                count += 1.0;
+                -lp[row * vocab..(row + 1) * vocab].iter().map(|&x| (x as f64).exp() * x as f64).sum::<f64>()
+            } else {
+                0.0
             }
-        }
-        if count > 0.0 {
-            sum / count
-        } else {
-            0.0
-        }
-    };
-    Ok(Scored { logprobs, entropy })
+        })
+        .collect();
+    Ok(Scored { logprobs, entropies })
 }

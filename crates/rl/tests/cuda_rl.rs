@@ -92,6 +92,7 @@ fn grpo_loss_and_gradients_on_a_gpu_match_the_cpu() {
         let s = score(model, &batch, cfg.temperature).unwrap();
         assert_eq!(s.logprobs.device(), *device, "log-probs on the model's device");
         let old = s.logprobs.detach().sub(&batch.scatter_tokens(&shifts).unwrap()).unwrap();
+        let entropy = s.entropy_over(&batch.mask).0;
         let inputs = LossInputs {
             reference: Some(old.add_scalar(0.1).unwrap()),
             old,
@@ -101,7 +102,7 @@ fn grpo_loss_and_gradients_on_a_gpu_match_the_cpu() {
         };
         let (loss, stats) = grpo_loss(&inputs, 0.2, 0.28, 0.04).unwrap();
         loss.backward().unwrap();
-        (loss.to_scalar().unwrap(), stats, s.entropy)
+        (loss.to_scalar().unwrap(), stats, entropy)
     };
     let (lc, sc, ec) = run(&cpu, &Device::Cpu);
     let (lg, sg, eg) = run(&on_gpu, &device);

@@ -230,7 +230,16 @@ fn scoring_a_rollout_gives_the_log_probs_it_was_sampled_with() {
             assert!((a - b).abs() < 2e-4, "rollout {i}: scored {a} vs sampled {b}");
         }
     }
-    assert!(s.entropy > 0.0 && s.entropy < (tok.vocab_size() as f64).ln() + 1e-6);
+    let (sum, count) = s.entropy_over(&batch.mask);
+    assert_eq!(count, rollouts.iter().map(|r| r.tokens.len()).sum::<usize>() as f64, "every completion token");
+    let mean = sum / count;
+    assert!(mean > 0.0 && mean < (tok.vocab_size() as f64).ln() + 1e-6, "mean entropy {mean}");
+    assert!(s.entropies.iter().zip(&batch.mask).all(|(&e, &m)| m != 0.0 || e == 0.0), "0 off the mask");
+    // A loss's weights that leave out every row but the first keep only its tokens.
+    let first: Vec<Vec<f32>> =
+        rollouts.iter().enumerate().map(|(i, r)| vec![if i == 0 { 0.5 } else { 0.0 }; r.tokens.len()]).collect();
+    let first = batch.scatter_tokens(&first).unwrap().to_vec_f32().unwrap();
+    assert_eq!(s.entropy_over(&first).1, rollouts[0].tokens.len() as f64);
 }
 
 #[test]
