@@ -118,6 +118,13 @@ struct Lens {
 fn check(s: &AttnShape, what: &str, lens: Lens, exact: bool) -> Result<()> {
     let ok = |have: usize, need: usize| if exact { have == need } else { have >= need };
     let (q_rows, kv_rows) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);
+    // The kernels count rows (and the simple ones their blocks) in 32-bit ints.
+    if q_rows > i32::MAX as usize || kv_rows > i32::MAX as usize {
+        return Err(GpuError::Shape(format!(
+            "{what}: {q_rows} query rows and {kv_rows} key rows of {s:?}; the kernels take at most {} of each",
+            i32::MAX
+        )));
+    }
     let fits = s.kv_heads > 0
         && s.q_heads % s.kv_heads == 0
         && ok(lens.q, q_rows * s.qk_dim)
@@ -392,6 +399,30 @@ mod tests {
         let backward: Vec<(usize, usize)> = BACKWARD.iter().map(|(dq, dkv)| (dq.smem, dkv.smem)).collect();
         assert_eq!(backward, [(103_680, 137_216), (152_832, 169_984), (185_600, 202_752)]);
         assert!(FORWARD.iter().chain(BACKWARD.iter().flat_map(|(a, b)| [a, b])).all(|t| t.smem <= 227 * 1024));
+    }
+
+    #[test]
+    fn rows_past_32_bits_are_a_shape_error() {
+        let s = |q_len: usize| AttnShape {
+            batch: 2,
+            q_heads: 8,
+            kv_heads: 1,
+            q_len,
+            kv_len: q_len,
+            qk_dim: 1,
+            v_dim: 1,
+            scale: 1.0,
+            causal: true,
+        };
+        let lens = |s: &AttnShape| {
+            let (q, kv) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);
+            Lens { q, k: kv, v: kv, o_lse: Some((q, q)) }
+        };
+        let fits = s(1 << 26); // 2^30 query rows
+        assert!(check(&fits, "attention", lens(&fits), true).is_ok());
+        let over = s(1 << 27); // 2^31
+        let err = check(&over, "attention", lens(&over), true).unwrap_err().to_string();
+        assert!(err.contains("2147483648 query rows"), "{err}");
     }
 
     #[test]
