@@ -481,12 +481,13 @@ pub fn score_rollouts(
         .collect()
 }
 
-/// Whether all rewards of each group are equal (no learning signal).
-pub fn zero_std_groups(scored: &[Scored], group: usize) -> Vec<bool> {
-    scored
+/// Whether all rewards (`totals`, in groups of `group`) of each group are equal: no learning
+/// signal.
+pub fn zero_std_groups(totals: &[f64], group: usize) -> Vec<bool> {
+    totals
         .chunks(group)
         .map(|g| {
-            let v: Vec<f64> = g.iter().map(|s| s.scores.total).filter(|x| x.is_finite()).collect();
+            let v: Vec<f64> = g.iter().copied().filter(|x| x.is_finite()).collect();
             v.windows(2).all(|w| w[0] == w[1])
         })
         .collect()
@@ -518,7 +519,8 @@ pub fn rollout_metrics(scored: &[Scored], rewards: &RewardSet, group: usize) -> 
     // TRL's reward_std: the sample std of the whole batch's rewards (early TRL releases logged
     // the mean within-group std; frac_reward_zero_std tells of the groups).
     m.insert("reward_std".into(), std);
-    let zero = zero_std_groups(scored, group);
+    let totals: Vec<f64> = scored.iter().map(|s| s.scores.total).collect();
+    let zero = zero_std_groups(&totals, group);
     m.insert("frac_reward_zero_std".into(), zero.iter().filter(|&&z| z).count() as f64 / zero.len().max(1) as f64);
     m.insert(
         "num_tokens".into(),
@@ -809,10 +811,12 @@ impl GrpoTrainer {
     }
 
     /// Samples and scores one step's rollout; with dynamic sampling, groups without reward spread
-    /// are dropped and more prompts sampled (at most `max_resample_rounds` extra rounds).
+    /// are dropped and more prompts sampled (at most `max_resample_rounds` extra rounds). The
+    /// advantages come from the kept groups only, once, so that `batch` scaling divides by the
+    /// std of the batch that trains (DAPO's filter, then the advantages), not of one round.
     fn collect(&mut self) -> Result<(Vec<Problem>, Vec<Scored>, f64)> {
         let cfg = self.run.config.clone();
-        let (mut problems, mut scored) = (Vec::new(), Vec::new());
+        let (mut problems, mut rollouts, mut scores) = (Vec::new(), Vec::new(), Vec::new());
         let mut first_zero_frac = None;
         for round in 0..=if cfg.dynamic_sampling { cfg.max_resample_rounds } else { 0 } {
             let want = cfg.prompts_per_step - problems.len();
@@ -820,25 +824,27 @@ impl GrpoTrainer {
                 break;
             }
             let batch = self.run.sample_problems(want);
-            let rollouts =
+            let sampled =
                 sample_groups(&*self.policy, &*self.run.tokenizer, &batch, &cfg.rollout(), &mut self.run.rng)?;
-            let scores = self.run.score(&rollouts, &batch)?;
-            let s = score_rollouts(rollouts, scores, &batch, &cfg, &*self.run.tokenizer);
-            let zero = zero_std_groups(&s, cfg.group_size);
+            let scored = self.run.score(&sampled, &batch)?;
+            let totals: Vec<f64> = scored.iter().map(|s| s.total).collect();
+            let zero = zero_std_groups(&totals, cfg.group_size);
             first_zero_frac.get_or_insert(zero.iter().filter(|&&z| z).count() as f64 / zero.len() as f64);
             let last_round = round == cfg.max_resample_rounds;
-            for (g, (p, group)) in batch.into_iter().zip(s.chunks(cfg.group_size)).enumerate() {
-                if cfg.dynamic_sampling && zero[g] && !last_round {
+            let (mut sampled, mut scored) = (sampled.into_iter(), scored.into_iter());
+            for (p, zero) in batch.into_iter().zip(zero) {
+                let group: Vec<Rollout> = sampled.by_ref().take(cfg.group_size).collect();
+                let group_scores: Vec<Scores> = scored.by_ref().take(cfg.group_size).collect();
+                if cfg.dynamic_sampling && zero && !last_round {
                     continue;
                 }
                 let base = problems.len();
                 problems.push(p);
-                scored.extend(group.iter().cloned().map(|mut x| {
-                    x.rollout.problem = base;
-                    x
-                }));
+                rollouts.extend(group.into_iter().map(|r| Rollout { problem: base, ..r }));
+                scores.extend(group_scores);
             }
         }
+        let scored = score_rollouts(rollouts, scores, &problems, &cfg, &*self.run.tokenizer);
         Ok((problems, scored, first_zero_frac.unwrap_or(0.0)))
     }
 
@@ -996,5 +1002,38 @@ mod tests {
         assert!((m["reward_std"] - 0.5).abs() < 1e-12, "reward_std {}", m["reward_std"]);
         assert_eq!(m["reward"], 0.75);
         assert_eq!(m["frac_reward_zero_std"], 0.5);
+    }
+
+    #[test]
+    fn dynamic_sampling_scales_by_the_std_of_the_kept_batch() {
+        use whale_parallel::model::config::DeepSeekV3Config;
+        use whale_parallel::model::tokenizer::CharTokenizer;
+        use whale_parallel::model::DeepSeekV3;
+        // Seed 10's first round has one group of four without reward spread: it is dropped, a
+        // second round samples a replacement, and the kept batch mixes both rounds.
+        let cfg = GrpoConfig {
+            prompts_per_step: 4,
+            group_size: 4,
+            max_new_tokens: 8,
+            dynamic_sampling: true,
+            max_resample_rounds: 2,
+            scale_rewards: ScaleRewards::Batch,
+            rewards: "accuracy,format:0.5,overlong,language".into(),
+            tasks: "add:1".into(),
+            seed: 10,
+            ..GrpoConfig::default()
+        };
+        let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 10).unwrap();
+        let mut t = GrpoTrainer::new(Box::new(model), cfg, Box::new(CharTokenizer::new())).unwrap();
+        let (problems, scored, first_round_zero) = t.collect().unwrap();
+        assert_eq!(first_round_zero, 0.25, "the first round drops one group");
+        assert_eq!(problems.len(), 4);
+        assert!(scored.iter().enumerate().all(|(i, s)| s.rollout.problem == i / 4), "renumbered in order");
+        let totals: Vec<f64> = scored.iter().map(|s| s.scores.total).collect();
+        assert!(zero_std_groups(&totals, 4).iter().all(|&z| !z), "every kept group has spread");
+        let want = group_advantages(&totals, 4, ScaleRewards::Batch);
+        for (s, want) in scored.iter().zip(want) {
+            assert!(s.advantages.iter().all(|&a| a == want), "{:?} vs {want}", s.advantages);
+        }
     }
 }
