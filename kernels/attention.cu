@@ -163,7 +163,7 @@ struct Tiles {
     static constexpr int TY = T / TX, TMS = BM / TY, TNS = BN / TX;
     static constexpr int LQ = DQ + 4, LV = DV + 4, LC = KC + 4, LP = BM + 4;
     static_assert(T % 32 == 0 && 32 % TX == 0 && TX >= 8 && BM % TY == 0 && BN % TX == 0, "score layout");
-    static_assert(DQ % KC == 0 && KC % 4 == 0 && BN % NC == 0 && BM % 4 == 0, "stages");
+    static_assert(DQ % KC == 0 && DV % KC == 0 && KC % 4 == 0 && BN % NC == 0 && BM % 4 == 0, "stages");
 };
 
 // Output layout of a DW-wide accumulator over BM rows: T / (DW / 8) row groups of TMO rows.
