@@ -166,7 +166,10 @@ impl R1ZeroArgs {
         if let Some(n) = self.eval_every {
             s.eval_every = n;
         }
-        s.grpo.validate()?;
+        match s.algo {
+            Algo::Grpo => s.grpo.validate()?,
+            Algo::Ppo => s.ppo.validate(&s.grpo)?,
+        }
         Ok(s)
     }
 

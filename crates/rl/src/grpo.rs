@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -481,6 +482,25 @@ pub fn score_rollouts(
         .collect()
 }
 
+/// An optimizer step's `rows` split into `minibatches` ranges of whole `unit`s (a GRPO group, a
+/// PPO completion), one optimizer update each, and every minibatch into chunks of at most
+/// `micro_batch` rows, one forward and backward each: (minibatches, chunks).
+pub(crate) fn split_rows(
+    rows: usize,
+    unit: usize,
+    minibatches: usize,
+    micro_batch: usize,
+) -> (Vec<Range<usize>>, Vec<Range<usize>>) {
+    let units = rows / unit.max(1);
+    let per_mb = units.div_ceil(minibatches.max(1)).max(1);
+    let mbs: Vec<Range<usize>> = (0..units).step_by(per_mb).map(|u| u * unit..(u + per_mb).min(units) * unit).collect();
+    let chunks = mbs
+        .iter()
+        .flat_map(|mb| (mb.start..mb.end).step_by(micro_batch.max(1)).map(|s| s..(s + micro_batch).min(mb.end)))
+        .collect();
+    (mbs, chunks)
+}
+
 /// Whether all rewards (`totals`, in groups of `group`) of each group are equal: no learning
 /// signal.
 pub fn zero_std_groups(totals: &[f64], group: usize) -> Vec<bool> {
@@ -863,21 +883,12 @@ impl GrpoTrainer {
 
         let n = scored.len();
         let active: Vec<bool> = scored.iter().map(|s| !(cfg.mask_truncated && s.rollout.truncated)).collect();
-        // Minibatches of whole groups.
-        let groups = n / cfg.group_size;
-        let per_mb = groups.div_ceil(cfg.minibatches);
-        let minibatches: Vec<std::ops::Range<usize>> = (0..groups)
-            .step_by(per_mb.max(1))
-            .map(|g| g * cfg.group_size..((g + per_mb).min(groups)) * cfg.group_size)
-            .collect();
+        // Minibatches of whole groups, in micro-batch chunks.
+        let (minibatches, chunks) = split_rows(n, cfg.group_size, cfg.minibatches, cfg.micro_batch);
         let off_policy = cfg.num_iterations > 1 || minibatches.len() > 1;
 
         // Frozen log-probs: the sampling policy's (needed once the policy moves within a step)
         // and the reference's, per micro-batch chunk.
-        let chunks: Vec<std::ops::Range<usize>> = minibatches
-            .iter()
-            .flat_map(|mb| (mb.start..mb.end).step_by(cfg.micro_batch).map(|s| s..(s + cfg.micro_batch).min(mb.end)))
-            .collect();
         let packed: Vec<PackedBatch> = chunks
             .iter()
             .map(|c| PackedBatch::new(&scored[c.clone()].iter().map(|s| &s.rollout).collect::<Vec<_>>(), pad, &device))
@@ -1002,6 +1013,18 @@ mod tests {
         assert!((m["reward_std"] - 0.5).abs() < 1e-12, "reward_std {}", m["reward_std"]);
         assert_eq!(m["reward"], 0.75);
         assert_eq!(m["frac_reward_zero_std"], 0.5);
+    }
+
+    #[test]
+    fn rows_split_into_minibatches_of_whole_units_then_micro_batch_chunks() {
+        // Two groups of four in two minibatches, chunks of at most three rows.
+        let (mbs, chunks) = split_rows(8, 4, 2, 3);
+        assert_eq!(mbs, [0..4, 4..8]);
+        assert_eq!(chunks, [0..3, 3..4, 4..7, 7..8]);
+        // Nine single completions in two minibatches: 5 + 4; one chunk each.
+        assert_eq!(split_rows(9, 1, 2, 64), (vec![0..5, 5..9], vec![0..5, 5..9]));
+        // Three groups in two minibatches: two groups, then one.
+        assert_eq!(split_rows(6, 2, 2, 64).0, [0..4, 4..6]);
     }
 
     #[test]

@@ -15,7 +15,9 @@ use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::{load_pretrained, moved_to, CausalLm};
 use whale_parallel::trainer::{write_dir_atomically, write_json_synced};
 
-use crate::grpo::{grpo_loss, rollout_metrics, to_parallel, GrpoConfig, LossInputs, LossStats, RlRun, Scored, StepLog};
+use crate::grpo::{
+    grpo_loss, rollout_metrics, split_rows, to_parallel, GrpoConfig, LossInputs, LossStats, RlRun, Scored, StepLog,
+};
 use crate::rollout::{sample_groups, score, PackedBatch};
 use crate::{Error, Result};
 
@@ -49,6 +51,29 @@ impl Default for PpoConfig {
             ppo_epochs: 1,
             whiten_advantages: true,
         }
+    }
+}
+
+impl PpoConfig {
+    /// An error naming the first key out of range, of these settings or of the GRPO settings PPO
+    /// shares (`config`).
+    pub fn validate(&self, config: &GrpoConfig) -> Result<()> {
+        config.validate()?;
+        if self.ppo_epochs == 0 {
+            return Err(Error::Rl("ppo config `ppo_epochs`: must be at least 1".into()));
+        }
+        if config.num_iterations != 1 {
+            return Err(Error::Rl(format!(
+                "grpo config `num_iterations` = {}: GRPO's passes over a rollout; PPO's are `ppo_epochs`",
+                config.num_iterations
+            )));
+        }
+        if !(self.kl_coef >= 0.0 && self.critic_lr_scale > 0.0 && self.cliprange > 0.0 && self.cliprange_value > 0.0) {
+            return Err(Error::Rl(
+                "ppo config: `kl_coef` must be >= 0 and `critic_lr_scale`, `cliprange`, `cliprange_value` > 0".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -151,14 +176,15 @@ impl std::fmt::Debug for PpoTrainer {
     }
 }
 
-/// Whitens the values where `mask` is set: `(x - mean) / sqrt(var + 1e-8)`.
+/// Whitens every completion token's value over the batch: `(x - mean) / sqrt(var + 1e-8)` with
+/// the unbiased variance, the mean not added back (TRL's `masked_whiten`).
 fn whiten(x: &mut [Vec<f64>]) {
     let all: Vec<f64> = x.iter().flatten().copied().collect();
     if all.len() < 2 {
         return;
     }
     let mean = all.iter().sum::<f64>() / all.len() as f64;
-    let var = all.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / all.len() as f64;
+    let var = all.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (all.len() - 1) as f64;
     let scale = 1.0 / (var + 1e-8).sqrt();
     x.iter_mut().flatten().for_each(|v| *v = (*v - mean) * scale);
 }
@@ -170,14 +196,7 @@ impl PpoTrainer {
         ppo: PpoConfig,
         tokenizer: Box<dyn Tokenizer>,
     ) -> Result<Self> {
-        if ppo.ppo_epochs == 0 {
-            return Err(Error::Rl("ppo config `ppo_epochs`: must be at least 1".into()));
-        }
-        if !(ppo.kl_coef >= 0.0 && ppo.critic_lr_scale > 0.0 && ppo.cliprange > 0.0 && ppo.cliprange_value > 0.0) {
-            return Err(Error::Rl(
-                "ppo config: `kl_coef` must be >= 0 and `critic_lr_scale`, `cliprange`, `cliprange_value` > 0".into(),
-            ));
-        }
+        ppo.validate(&config)?;
         let reference = if ppo.kl_coef > 0.0 { Some(policy.duplicate()?) } else { None };
         let critic = ValueModel::from_policy(&*policy)?;
         Ok(PpoTrainer {
@@ -238,7 +257,7 @@ impl PpoTrainer {
         let rollouts = sample_groups(&*self.policy, &*self.run.tokenizer, &problems, &rollout_cfg, &mut self.run.rng)?;
         let t_sample = t0.elapsed().as_secs_f64();
         let scores = self.run.score(&rollouts, &problems)?;
-        let scored: Vec<Scored> = rollouts
+        let mut scored: Vec<Scored> = rollouts
             .into_iter()
             .zip(scores)
             .map(|(rollout, scores)| Scored { rollout, scores, advantages: Vec::new() })
@@ -249,8 +268,7 @@ impl PpoTrainer {
 
         // Per chunk: frozen policy, reference and value estimates, then GAE per completion.
         let (pad, device) = (self.run.tokenizer.pad_id(), self.policy.device());
-        let chunks: Vec<std::ops::Range<usize>> =
-            (0..n).step_by(cfg.micro_batch).map(|s| s..(s + cfg.micro_batch).min(n)).collect();
+        let (minibatches, chunks) = split_rows(n, 1, cfg.minibatches, cfg.micro_batch);
         let packed: Vec<PackedBatch> = chunks
             .iter()
             .map(|c| PackedBatch::new(&scored[c.clone()].iter().map(|s| &s.rollout).collect::<Vec<_>>(), pad, &device))
@@ -292,66 +310,102 @@ impl PpoTrainer {
         if ppo.whiten_advantages {
             whiten(&mut advantages);
         }
+        for (s, a) in scored.iter_mut().zip(&advantages) {
+            s.advantages.clone_from(a);
+        }
         let total_tokens: usize = scored.iter().map(|s| s.rollout.tokens.len()).sum();
-        let w = 1.0 / total_tokens.max(1) as f32;
 
         let lr = cfg.schedule().lr(self.run.step);
-        let (mut stats, mut pg_sum, mut vf_sum, mut entropy) = (LossStats::default(), 0.0, 0.0, 0.0);
+        let (mut stats, mut pg_sum, mut vf_sum, mut entropy, mut grad_norm) =
+            (LossStats::default(), 0.0, 0.0, 0.0, 0.0);
         for _ in 0..ppo.ppo_epochs {
-            for (k, (c, batch)) in chunks.iter().zip(&packed).enumerate() {
-                let to_f32 = |rows: &[Vec<f64>]| -> Vec<Vec<f32>> {
-                    rows.iter().map(|r| r.iter().map(|&x| x as f32).collect()).collect()
-                };
-                let weights = batch.scatter_tokens(&batch.lengths.iter().map(|&l| vec![w; l]).collect::<Vec<_>>())?;
-                let now = score(&*self.policy, batch, cfg.temperature)?;
-                entropy += now.entropy_over(&batch.mask).0;
-                let inputs = LossInputs {
-                    logprobs: now.logprobs,
-                    old: old[k].clone(),
-                    reference: None,
-                    advantages: batch.scatter_tokens(&to_f32(&advantages[c.clone()]))?,
-                    weights: weights.clone(),
-                };
-                let (pg, s) = grpo_loss(&inputs, ppo.cliprange, ppo.cliprange, 0.0)?;
-                let v = self.critic.values(batch)?;
-                let rets = batch.scatter_tokens(&to_f32(&returns[c.clone()]))?;
-                let vf = value_loss(&v, &old_values[k], &rets, &weights, ppo.cliprange_value)?;
-                let (pgv, vfv) = (pg.to_scalar()? as f64, vf.to_scalar()? as f64);
-                if !pgv.is_finite() || !vfv.is_finite() {
+            for mb in &minibatches {
+                // Token means over the minibatch: one optimizer update each.
+                let mb_tokens: usize = scored[mb.clone()].iter().map(|s| s.rollout.tokens.len()).sum();
+                let w = 1.0 / mb_tokens.max(1) as f32;
+                for k in (0..chunks.len()).filter(|&k| chunks[k].start >= mb.start && chunks[k].end <= mb.end) {
+                    let (c, batch) = (&chunks[k], &packed[k]);
+                    let to_f32 = |rows: &[Vec<f64>]| -> Vec<Vec<f32>> {
+                        rows.iter().map(|r| r.iter().map(|&x| x as f32).collect()).collect()
+                    };
+                    let weights =
+                        batch.scatter_tokens(&batch.lengths.iter().map(|&l| vec![w; l]).collect::<Vec<_>>())?;
+                    let now = score(&*self.policy, batch, cfg.temperature)?;
+                    entropy += now.entropy_over(&batch.mask).0;
+                    let inputs = LossInputs {
+                        logprobs: now.logprobs,
+                        old: old[k].clone(),
+                        reference: None,
+                        advantages: batch.scatter_tokens(&to_f32(&advantages[c.clone()]))?,
+                        weights: weights.clone(),
+                    };
+                    let (pg, s) = grpo_loss(&inputs, ppo.cliprange, ppo.cliprange, 0.0)?;
+                    let v = self.critic.values(batch)?;
+                    let rets = batch.scatter_tokens(&to_f32(&returns[c.clone()]))?;
+                    let vf = value_loss(&v, &old_values[k], &rets, &weights, ppo.cliprange_value)?;
+                    let (pgv, vfv) = (pg.to_scalar()? as f64, vf.to_scalar()? as f64);
+                    if !pgv.is_finite() || !vfv.is_finite() {
+                        self.policy.params().zero_grad();
+                        self.critic.params.zero_grad();
+                        return Err(Error::Rl(format!(
+                            "step {}: PPO loss not finite (policy {pgv}, value {vfv})",
+                            self.run.step
+                        )));
+                    }
+                    pg.backward()?;
+                    vf.backward()?;
+                    pg_sum += pgv;
+                    vf_sum += vfv;
+                    stats.add(&s);
+                }
+                let norm = clip_grad_norm(self.policy.params(), cfg.grad_clip)?;
+                let critic_norm = clip_grad_norm(&self.critic.params, cfg.grad_clip)?;
+                if !norm.is_finite() || !critic_norm.is_finite() {
                     self.policy.params().zero_grad();
                     self.critic.params.zero_grad();
                     return Err(Error::Rl(format!(
-                        "step {}: PPO loss not finite (policy {pgv}, value {vfv})",
+                        "step {}: non-finite gradient norm (policy {norm}, critic {critic_norm})",
                         self.run.step
                     )));
                 }
-                pg.backward()?;
-                vf.backward()?;
-                pg_sum += pgv;
-                vf_sum += vfv;
-                stats.add(&s);
+                grad_norm += norm;
+                self.opt.step(self.policy.params(), lr)?;
+                self.critic_opt.step(&self.critic.params, lr * ppo.critic_lr_scale)?;
+                self.policy.params().zero_grad();
+                self.critic.params.zero_grad();
             }
-            clip_grad_norm(self.policy.params(), cfg.grad_clip)?;
-            clip_grad_norm(&self.critic.params, cfg.grad_clip)?;
-            self.opt.step(self.policy.params(), lr)?;
-            self.critic_opt.step(&self.critic.params, lr * ppo.critic_lr_scale)?;
-            self.policy.params().zero_grad();
-            self.critic.params.zero_grad();
         }
         let tokens = stats.tokens.max(1.0);
-        let epochs = ppo.ppo_epochs as f64;
-        values.insert("policy_loss".into(), pg_sum / epochs);
-        values.insert("value_loss".into(), vf_sum / epochs);
+        let updates = (ppo.ppo_epochs * minibatches.len()) as f64;
+        values.insert("policy_loss".into(), pg_sum / updates);
+        values.insert("value_loss".into(), vf_sum / updates);
+        values.insert("grad_norm".into(), grad_norm / updates);
         values.insert("entropy".into(), entropy / tokens);
         values.insert("clip_ratio/low_mean".into(), stats.clip_low / tokens);
         values.insert("clip_ratio/high_mean".into(), stats.clip_high / tokens);
         values.insert("clip_ratio/region_mean".into(), (stats.clip_low + stats.clip_high) / tokens);
         if self.reference.is_some() {
+            // The per-token mean of the penalty's k1 = l_old - l_ref at rollout time (GRPO's `kl`
+            // is k3 under the current policy; TRL's PPO logs the per-sequence sum, objective/kl).
             values.insert("kl".into(), kl_sum / total_tokens.max(1) as f64);
         }
         values.insert("learning_rate".into(), lr as f64);
         values.insert("sample_time".into(), t_sample);
         values.insert("step_time".into(), t0.elapsed().as_secs_f64());
         self.run.finish_step(values, &problems, &scored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whitening_uses_the_unbiased_variance_over_every_token() {
+        // Tokens 1, 2 | 3: mean 2, squared deviations 1 + 0 + 1 over n - 1 = 2: variance 1.
+        let mut x = vec![vec![1.0, 2.0], vec![3.0]];
+        whiten(&mut x);
+        let s = 1.0 / (1.0f64 + 1e-8).sqrt();
+        assert_eq!(x, [vec![-s, 0.0], vec![s]]);
     }
 }

@@ -369,6 +369,31 @@ fn ppo_steps_train_the_policy_and_the_critic_on_the_same_budget() {
     let err =
         PpoTrainer::new(Box::new(tiny_model(5)), small_run(64, LossType::Grpo), bad, Box::new(CharTokenizer::new()));
     assert!(err.unwrap_err().to_string().contains("ppo_epochs"));
+    // GRPO's passes over a rollout are not PPO's: a setting PPO would ignore is an error.
+    let err = PpoConfig::default().validate(&small_run(64, LossType::Grpo)).unwrap_err().to_string();
+    assert!(err.contains("num_iterations"), "{err}");
+}
+
+#[test]
+fn ppo_minibatches_are_separate_updates_whose_token_means_cover_the_batch() {
+    use whale_rl::ppo::{PpoConfig, PpoTrainer};
+    let run = |minibatches: usize, micro_batch: usize| {
+        let cfg = GrpoConfig { beta: 0.0, num_iterations: 1, minibatches, ..small_run(micro_batch, LossType::Grpo) };
+        let ppo = PpoConfig { kl_coef: 0.0, ..PpoConfig::default() };
+        let mut t = PpoTrainer::new(Box::new(tiny_model(5)), cfg, ppo, Box::new(CharTokenizer::new())).unwrap();
+        let log = t.train_step().unwrap();
+        (lm_head(&*t.policy), log)
+    };
+    // One minibatch: micro-batching changes nothing (each chunk's weights are 1 / the batch's tokens).
+    let (whole, log) = run(1, 64);
+    let (split, _) = run(1, 5);
+    let diff = whole.iter().zip(&split).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(diff < 1e-6, "micro-batches: max difference {diff}");
+    assert!(log.get("grad_norm").is_finite() && log.get("grad_norm") > 0.0);
+    // Three minibatches: three updates, a different end point, the same rollout.
+    let (three, log3) = run(3, 64);
+    assert_ne!(three, whole, "three updates move the policy differently from one");
+    assert_eq!(log3.get("reward"), log.get("reward"), "the same rollout");
 }
 
 fn lm_head(policy: &dyn CausalLm) -> Vec<f32> {
@@ -397,7 +422,7 @@ fn grpo_and_ppo_resume_bit_identically_from_a_checkpoint() {
     assert!(resumed.done());
     assert_eq!(lm_head(&*straight.policy), lm_head(&*resumed.policy));
 
-    let ppo_cfg = GrpoConfig { beta: 0.0, ..cfg };
+    let ppo_cfg = GrpoConfig { beta: 0.0, num_iterations: 1, ..cfg };
     let mut straight = PpoTrainer::new(Box::new(tiny_model(8)), ppo_cfg.clone(), PpoConfig::default(), tok()).unwrap();
     let mut interrupted = PpoTrainer::new(Box::new(tiny_model(8)), ppo_cfg, PpoConfig::default(), tok()).unwrap();
     straight.train_step().unwrap();
