@@ -145,6 +145,18 @@ fn shares_out_of_range_are_named_before_anything_is_written() {
     let out = whale().args(["r1-zero", "--base", missing.to_str().unwrap(), "--letters", "2"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("`letters`"), "{err}");
+    // So does PPO a GRPO setting it has no use for.
+    let ppo = dir.join("ppo.toml");
+    std::fs::write(&ppo, "algo = \"ppo\"\n[grpo]\nnum_iterations = 2\n").unwrap();
+    let run = dir.join("ppo");
+    let out = whale()
+        .args(["r1-zero", "--base", missing.to_str().unwrap(), "--out", run.to_str().unwrap()])
+        .args(["--config", ppo.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("`num_iterations` = 2"), "{err}");
+    assert!(!run.exists(), "ppo: nothing is written");
     // r1 and distill read theirs from a config file and refuse them the same way.
     let cfg = dir.join("shares.toml");
     std::fs::write(&cfg, "letters = 2.0\n").unwrap();

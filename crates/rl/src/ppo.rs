@@ -248,6 +248,13 @@ impl PpoTrainer {
         Ok(PpoTrainer { policy, reference, critic, opt, critic_opt, ppo, run })
     }
 
+    /// Drops this step's gradients and reports `what` went wrong (a non-finite loss or norm).
+    fn abandon_step(&self, what: String) -> Error {
+        self.policy.params().zero_grad();
+        self.critic.params.zero_grad();
+        Error::Rl(format!("step {}: {what}", self.run.step))
+    }
+
     pub fn train_step(&mut self) -> Result<StepLog> {
         let t0 = Instant::now();
         let (cfg, ppo) = (self.run.config.clone(), self.ppo.clone());
@@ -345,12 +352,7 @@ impl PpoTrainer {
                     let vf = value_loss(&v, &old_values[k], &rets, &weights, ppo.cliprange_value)?;
                     let (pgv, vfv) = (pg.to_scalar()? as f64, vf.to_scalar()? as f64);
                     if !pgv.is_finite() || !vfv.is_finite() {
-                        self.policy.params().zero_grad();
-                        self.critic.params.zero_grad();
-                        return Err(Error::Rl(format!(
-                            "step {}: PPO loss not finite (policy {pgv}, value {vfv})",
-                            self.run.step
-                        )));
+                        return Err(self.abandon_step(format!("PPO loss not finite (policy {pgv}, value {vfv})")));
                     }
                     pg.backward()?;
                     vf.backward()?;
@@ -361,12 +363,9 @@ impl PpoTrainer {
                 let norm = clip_grad_norm(self.policy.params(), cfg.grad_clip)?;
                 let critic_norm = clip_grad_norm(&self.critic.params, cfg.grad_clip)?;
                 if !norm.is_finite() || !critic_norm.is_finite() {
-                    self.policy.params().zero_grad();
-                    self.critic.params.zero_grad();
-                    return Err(Error::Rl(format!(
-                        "step {}: non-finite gradient norm (policy {norm}, critic {critic_norm})",
-                        self.run.step
-                    )));
+                    return Err(
+                        self.abandon_step(format!("non-finite gradient norm (policy {norm}, critic {critic_norm})"))
+                    );
                 }
                 grad_norm += norm;
                 self.opt.step(self.policy.params(), lr)?;
