@@ -145,31 +145,24 @@ fn shares_out_of_range_are_named_before_anything_is_written() {
     let out = whale().args(["r1-zero", "--base", missing.to_str().unwrap(), "--letters", "2"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("`letters`"), "{err}");
-    // So does PPO a GRPO setting it has no use for.
-    let ppo = dir.join("ppo.toml");
-    std::fs::write(&ppo, "algo = \"ppo\"\n[grpo]\nnum_iterations = 2\n").unwrap();
-    let run = dir.join("ppo");
-    let out = whale()
-        .args(["r1-zero", "--base", missing.to_str().unwrap(), "--out", run.to_str().unwrap()])
-        .args(["--config", ppo.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("`num_iterations` = 2"), "{err}");
-    assert!(!run.exists(), "ppo: nothing is written");
-    // r1 and distill read theirs from a config file and refuse them the same way.
-    let cfg = dir.join("shares.toml");
-    std::fs::write(&cfg, "letters = 2.0\n").unwrap();
-    for command in ["r1", "distill"] {
-        let run = dir.join(command);
+    // Commands reading a config file: `whale <command> <input flag> missing --out <run> --config
+    // <file holding config>` must fail naming `named` and leave <run> unwritten.
+    let refused = |command: &str, input: &str, config: &str, named: &str| {
+        let (run, cfg) = (dir.join(command), dir.join(format!("{command}.toml")));
+        std::fs::write(&cfg, config).unwrap();
         let out = whale()
-            .args([command, "--from", missing.to_str().unwrap(), "--out", run.to_str().unwrap()])
+            .args([command, input, missing.to_str().unwrap(), "--out", run.to_str().unwrap()])
             .args(["--config", cfg.to_str().unwrap()])
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains("`letters` = 2"), "{command}: {err}");
+        assert!(!out.status.success() && err.contains(named), "{command}: {err}");
         assert!(!run.exists(), "{command}: nothing is written");
+    };
+    // PPO refuses a GRPO setting it has no use for; r1 and distill refuse shares the same way.
+    refused("r1-zero", "--base", "algo = \"ppo\"\n[grpo]\nnum_iterations = 2\n", "`num_iterations` = 2");
+    for command in ["r1", "distill"] {
+        refused(command, "--from", "letters = 2.0\n", "`letters` = 2");
     }
 }
 
