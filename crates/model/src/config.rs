@@ -142,12 +142,19 @@ impl DeepSeekV3Config {
         let mut v: Value = serde_json::from_str(text).map_err(|e| Error::config("<json>", e.to_string()))?;
         if let Some(obj) = v.as_object_mut() {
             if let Some(rp) = obj.remove("rope_parameters") {
+                // Its rope_theta wins over a top-level one (HF 5's convert_rope_params_to_dict).
                 if let Some(theta) = rp.get("rope_theta").cloned() {
-                    obj.entry("rope_theta").or_insert(theta);
+                    obj.insert("rope_theta".into(), theta);
                 }
                 let kind = rp.get("rope_type").or_else(|| rp.get("type")).and_then(Value::as_str).unwrap_or("default");
                 if kind != "default" && !obj.contains_key("rope_scaling") {
                     obj.insert("rope_scaling".into(), rp);
+                }
+            }
+            // transformers 4 saves `type` beside `rope_type` (a copy kept for old readers).
+            if let Some(Value::Object(r)) = obj.get_mut("rope_scaling") {
+                if r.contains_key("rope_type") {
+                    r.remove("type");
                 }
             }
             if obj.get("rope_scaling").is_some_and(|r| {
@@ -156,9 +163,14 @@ impl DeepSeekV3Config {
                 obj.insert("rope_scaling".into(), Value::Null);
             }
         }
-        let cfg: DeepSeekV3Config = serde_json::from_value(v).map_err(|e| {
-            let msg = e.to_string();
-            let key = msg.split('`').nth(1).unwrap_or("<config>").to_string();
+        let cfg: DeepSeekV3Config = serde_path_to_error::deserialize(v).map_err(|e| {
+            let msg = e.inner().to_string();
+            // The path of a bad value (`rope_scaling.factor`); a missing or unknown key is named
+            // only in the message, in backquotes.
+            let key = match e.path().to_string() {
+                p if p != "." => p,
+                _ => msg.split('`').nth(1).unwrap_or("<config>").to_string(),
+            };
             Error::Config { key, msg }
         })?;
         cfg.validate()?;
@@ -295,8 +307,9 @@ impl DeepSeekV3Config {
         Ok(())
     }
 
+    /// Whether any decoder layer routes tokens to experts, the MTP modules' layers included.
     pub fn has_moe(&self) -> bool {
-        self.n_routed_experts > 0 && self.first_k_dense_replace < self.num_hidden_layers
+        (0..self.num_hidden_layers + self.num_nextn_predict_layers).any(|i| self.is_moe_layer(i))
     }
 
     /// Whether decoder layer `i` (including MTP layers, numbered after the main ones) is MoE.

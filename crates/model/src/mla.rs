@@ -10,6 +10,10 @@ use crate::config::DeepSeekV3Config;
 use crate::nn::{Linear, ParamBuilder, RmsNorm, RotaryEmbedding};
 use crate::Result;
 
+/// The epsilon of the latent RMSNorms (`q_a_layernorm`, `kv_a_layernorm`): fixed at 1e-6 in
+/// DeepSeek's inference code and in HF's DeepseekV3Attention, whatever `rms_norm_eps` says.
+const LATENT_NORM_EPS: f64 = 1e-6;
+
 /// The query projection: `q_a_proj -> q_a_layernorm -> q_b_proj`, or one `q_proj` when
 /// `q_lora_rank` is null.
 #[derive(Debug, Clone)]
@@ -125,7 +129,7 @@ impl MultiHeadLatentAttention {
         let q = match cfg.q_lora_rank {
             Some(r) => QueryProj::LowRank {
                 q_a_proj: Linear::new(b, "q_a_proj", d, r)?,
-                q_a_layernorm: RmsNorm::new(b, "q_a_layernorm", r, cfg.rms_norm_eps)?,
+                q_a_layernorm: RmsNorm::new(b, "q_a_layernorm", r, LATENT_NORM_EPS)?,
                 q_b_proj: Linear::new(b, "q_b_proj", r, h * qk)?,
             },
             None => QueryProj::Full { q_proj: Linear::new(b, "q_proj", d, h * qk)? },
@@ -134,7 +138,7 @@ impl MultiHeadLatentAttention {
         Ok(MultiHeadLatentAttention {
             q,
             kv_a_proj_with_mqa: Linear::new(b, "kv_a_proj_with_mqa", d, cfg.kv_lora_rank + cfg.qk_rope_head_dim)?,
-            kv_a_layernorm: RmsNorm::new(b, "kv_a_layernorm", cfg.kv_lora_rank, cfg.rms_norm_eps)?,
+            kv_a_layernorm: RmsNorm::new(b, "kv_a_layernorm", cfg.kv_lora_rank, LATENT_NORM_EPS)?,
             kv_b_proj: Linear::new(b, "kv_b_proj", cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim))?,
             o_proj: Linear::new(b, "o_proj", h * cfg.v_head_dim, d)?,
             rotary: RotaryEmbedding::new(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref(), layout),

@@ -43,6 +43,9 @@ fn reads_the_newer_rope_parameters_spelling() {
     let cfg = DeepSeekV3Config::from_json_str(&newer).unwrap();
     assert_eq!(cfg.rope_theta, 10000.0);
     assert_eq!(cfg.rope_scaling.unwrap().factor, 40.0);
+    // rope_parameters' theta wins over a stale top-level one, as in transformers 5.
+    let both = newer.replacen('{', r#"{"rope_theta": 5000, "#, 1);
+    assert_eq!(DeepSeekV3Config::from_json_str(&both).unwrap().rope_theta, 10000.0);
 }
 
 #[test]
@@ -95,6 +98,41 @@ fn out_of_range_keys_are_named() {
     let missing = HUB_V3.replace(r#""kv_lora_rank": 512, "#, "");
     assert_eq!(key_of(DeepSeekV3Config::from_json_str(&missing).unwrap_err()), "kv_lora_rank");
     let wrong_type = HUB_V3.replace(r#""n_group": 8"#, r#""n_group": "eight""#);
-    let err = DeepSeekV3Config::from_json_str(&wrong_type).unwrap_err().to_string();
-    assert!(err.contains("eight"), "{err}");
+    let err = DeepSeekV3Config::from_json_str(&wrong_type).unwrap_err();
+    assert!(err.to_string().contains("eight"), "{err}");
+    assert_eq!(key_of(err), "n_group");
+    // A value of the wrong sign or kind is named by its key, not by the value.
+    let negative = HUB_V3.replace(r#""num_hidden_layers": 61"#, r#""num_hidden_layers": -1"#);
+    assert_eq!(key_of(DeepSeekV3Config::from_json_str(&negative).unwrap_err()), "num_hidden_layers");
+    let nested = HUB_V3.replace(r#""factor": 40"#, r#""factor": "forty""#);
+    assert_eq!(key_of(DeepSeekV3Config::from_json_str(&nested).unwrap_err()), "rope_scaling.factor");
+    // The MTP module's layer routes too: its top-k is checked when every main layer is dense.
+    let mut c = tiny.clone();
+    (c.first_k_dense_replace, c.num_experts_per_tok) = (c.num_hidden_layers, c.n_routed_experts + 1);
+    assert_eq!(key_of(c.validate().unwrap_err()), "num_experts_per_tok");
+}
+
+#[test]
+fn a_config_saved_by_transformers_4_with_both_rope_type_spellings_loads() {
+    let both = HUB_V3.replace(r#""rope_scaling": {"#, r#""rope_scaling": {"rope_type": "yarn", "#);
+    assert!(both.contains(r#""type": "yarn""#) && both.contains(r#""rope_type""#), "{both}");
+    let a = DeepSeekV3Config::from_json_str(&both).unwrap();
+    assert_eq!(a, DeepSeekV3Config::from_json_str(HUB_V3).unwrap());
+}
+
+#[test]
+fn the_latent_norms_keep_their_own_epsilon() {
+    use whale_model::mla::QueryProj;
+    use whale_model::DeepSeekV3;
+    // DeepSeek's code and HF fix q_a_layernorm's and kv_a_layernorm's epsilon at 1e-6; the
+    // config's rms_norm_eps is every other norm's.
+    let cfg = DeepSeekV3Config { rms_norm_eps: 1e-3, ..DeepSeekV3Config::tiny() };
+    let model = DeepSeekV3::new(cfg, 1).unwrap();
+    let layer = &model.layers[0];
+    assert_eq!(layer.input_layernorm.eps, 1e-3);
+    assert_eq!(layer.self_attn.kv_a_layernorm.eps, 1e-6);
+    match &layer.self_attn.q {
+        QueryProj::LowRank { q_a_layernorm, .. } => assert_eq!(q_a_layernorm.eps, 1e-6),
+        QueryProj::Full { .. } => panic!("the tiny preset compresses queries"),
+    }
 }
