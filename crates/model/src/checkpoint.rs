@@ -262,12 +262,19 @@ fn tensor_bytes(t: &Tensor, dtype: SaveDType) -> Result<(Dtype, Vec<u8>)> {
     })
 }
 
+/// Tensors stored in f32 whatever the save dtype, as DeepSeek's releases store them: the gate's
+/// selection bias (a bf16 step at |b| ~ 0.1 is about half the bias update's gamma) and FP8 block
+/// scales.
+fn keeps_f32(name: &str) -> bool {
+    name.ends_with("e_score_correction_bias") || name.ends_with("weight_scale_inv")
+}
+
 /// Writes `tensors` to `path` (through `path.tmp` and a rename, so a crash never leaves a
 /// half-written file under the real name). Float tensors are stored as `dtype`.
 pub fn save_file(path: &Path, tensors: &BTreeMap<String, Tensor>, dtype: SaveDType) -> Result<()> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let (dt, bytes) = tensor_bytes(t, dtype)?;
+        let (dt, bytes) = tensor_bytes(t, if keeps_f32(name) { SaveDType::F32 } else { dtype })?;
         owned.push((name.clone(), dt, t.dims().to_vec(), bytes));
     }
     let views = owned

@@ -112,6 +112,9 @@ pub struct DeepSeekV3Config {
     #[serde(default)]
     pub seq_aux_alpha: f64,
     /// alpha of a classic batch-level auxiliary balance loss, for comparison; 0 disables it.
+    /// Written with `"seq_aux": false`, HF's DeepSeek-V2 spelling of "batch-level"; a config
+    /// with `"seq_aux": true` (the hub's V2 and V3 files) means `aux_loss_alpha` as the
+    /// sequence-wise weight, and is read into `seq_aux_alpha`.
     #[serde(default)]
     pub aux_loss_alpha: f64,
     /// lambda of the MTP loss (spec 3.2).
@@ -149,6 +152,14 @@ impl DeepSeekV3Config {
                 let kind = rp.get("rope_type").or_else(|| rp.get("type")).and_then(Value::as_str).unwrap_or("default");
                 if kind != "default" && !obj.contains_key("rope_scaling") {
                     obj.insert("rope_scaling".into(), rp);
+                }
+            }
+            // HF's DeepSeek-V2 gate (the hub's modeling_deepseek.py): `aux_loss_alpha` weighs a
+            // sequence-wise loss when `seq_aux` is true, a batch-level one when it is false.
+            if obj.remove("seq_aux").and_then(|v| v.as_bool()) == Some(true) {
+                let alpha = obj.insert("aux_loss_alpha".into(), Value::from(0.0));
+                if let Some(alpha) = alpha {
+                    obj.entry("seq_aux_alpha").or_insert(alpha);
                 }
             }
             // transformers 4 saves `type` beside `rope_type` (a copy kept for old readers).
@@ -189,6 +200,7 @@ impl DeepSeekV3Config {
         obj.insert("architectures".into(), serde_json::json!(["DeepseekV3ForCausalLM"]));
         obj.insert("model_type".into(), serde_json::json!("deepseek_v3"));
         obj.insert("hidden_act".into(), serde_json::json!("silu"));
+        obj.insert("seq_aux".into(), serde_json::json!(false));
         serde_json::to_string_pretty(&v).map_err(|e| Error::Model(e.to_string()))
     }
 
@@ -493,8 +505,9 @@ impl DeepSeekV3Config {
             bos_token_id: Some(100_000),
             eos_token_id: Some(100_001),
             bias_update_speed: 0.0,
-            seq_aux_alpha: 0.0,
-            aux_loss_alpha: 0.001,
+            // The hub's V2-Lite config.json: aux_loss_alpha 0.001 with seq_aux true.
+            seq_aux_alpha: 0.001,
+            aux_loss_alpha: 0.0,
             mtp_loss_weight: 0.0,
         }
     }

@@ -136,3 +136,20 @@ fn the_latent_norms_keep_their_own_epsilon() {
         QueryProj::Full { .. } => panic!("the tiny preset compresses queries"),
     }
 }
+
+#[test]
+fn hf_aux_loss_alpha_is_sequence_wise_when_seq_aux_is_set() {
+    // The hub's V3 config.json carries V2's gate keys: with seq_aux true, aux_loss_alpha weighs
+    // the sequence-wise balance loss, not a batch-level one.
+    let hub = HUB_V3.replacen('{', r#"{"aux_loss_alpha": 0.001, "seq_aux": true, "#, 1);
+    let cfg = DeepSeekV3Config::from_json_str(&hub).unwrap();
+    assert_eq!((cfg.seq_aux_alpha, cfg.aux_loss_alpha), (0.001, 0.0));
+    // seq_aux false: the batch-level loss.
+    let batch = HUB_V3.replacen('{', r#"{"aux_loss_alpha": 0.001, "seq_aux": false, "#, 1);
+    let cfg = DeepSeekV3Config::from_json_str(&batch).unwrap();
+    assert_eq!((cfg.seq_aux_alpha, cfg.aux_loss_alpha), (0.0, 0.001));
+    // Our own files say which they mean, and round-trip.
+    let text = cfg.to_json_string().unwrap();
+    assert!(text.contains(r#""seq_aux": false"#), "{text}");
+    assert_eq!(DeepSeekV3Config::from_json_str(&text).unwrap(), cfg);
+}

@@ -388,3 +388,25 @@ fn fp8_weights_can_stay_fp8_for_inference_and_save_back_byte_identical() {
     assert_eq!(exported_raw[name].0, safetensors::Dtype::F8_E4M3);
     assert_eq!(exported_raw["model.layers.1.mlp.gate.weight"].0, safetensors::Dtype::F32);
 }
+
+#[test]
+fn a_bf16_export_keeps_the_gate_bias_and_fp8_scales_in_f32() {
+    let dir = tmpdir("bf16-export");
+    let file = dir.join("model.safetensors");
+    let t = || Tensor::from_vec(vec![0.1f32, -0.2003], &[2], &Device::Cpu).unwrap();
+    let names = ["a.mlp.gate.e_score_correction_bias", "a.q_proj.weight_scale_inv", "a.q_proj.weight"];
+    let tensors: BTreeMap<String, Tensor> = names.iter().map(|n| (n.to_string(), t())).collect();
+    save_file(&file, &tensors, SaveDType::BF16).unwrap();
+    // The safetensors header: an 8-byte length, then JSON naming each tensor's dtype.
+    let bytes = std::fs::read(&file).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let dtype = |n: &str| header[n]["dtype"].as_str().unwrap().to_string();
+    assert_eq!(dtype(names[0]), "F32");
+    assert_eq!(dtype(names[1]), "F32");
+    assert_eq!(dtype(names[2]), "BF16");
+    // And the bias comes back exactly (bf16 would give 0.10009766).
+    let bias: BTreeMap<String, Tensor> = [(names[0].to_string(), t())].into();
+    save_file(&file, &bias, SaveDType::BF16).unwrap();
+    assert_eq!(load_file(&file).unwrap()[names[0]].to_vec_f32().unwrap(), [0.1, -0.2003]);
+}
