@@ -298,7 +298,12 @@ impl DeepSeekV3 {
             let mut prev = h;
             for (k, module) in self.mtp.iter().enumerate().map(|(i, m)| (i + 1, m)) {
                 if k >= seq {
-                    break;
+                    // No position has a token k ahead: the module routes nothing. A zero load
+                    // (which leaves its bias alone) keeps one load vector per MoE layer.
+                    if module.block.moe().is_some() {
+                        loads.push(vec![0; self.config.n_routed_experts]);
+                    }
+                    continue;
                 }
                 let s = seq - k;
                 let emb = self.embed(&input_ids.narrow(1, k, s)?)?;

@@ -410,3 +410,21 @@ fn a_bf16_export_keeps_the_gate_bias_and_fp8_scales_in_f32() {
     save_file(&file, &bias, SaveDType::BF16).unwrap();
     assert_eq!(load_file(&file).unwrap()[names[0]].to_vec_f32().unwrap(), [0.1, -0.2003]);
 }
+
+#[test]
+fn a_sequence_too_short_for_the_mtp_module_still_reports_every_moe_layers_load() {
+    // One token: no target lies one ahead, so the MTP module routes nothing; its load is zeros
+    // and the bias update (which needs one load per MoE layer) still runs.
+    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 3).unwrap();
+    assert!(!model.mtp.is_empty(), "the tiny preset has an MTP module");
+    let ids = Tensor::from_vec(vec![5i64, 7], &[2, 1], &Device::Cpu).unwrap();
+    let out = model.forward(&ids, Some(&ids)).unwrap();
+    assert_eq!(out.expert_load.len(), model.moe_layers().len());
+    assert!(out.expert_load.last().unwrap().iter().all(|&c| c == 0), "the MTP layer routed nothing");
+    let mtp_bias = |m: &DeepSeekV3| {
+        m.moe_layers().last().unwrap().gate.e_score_correction_bias.as_ref().unwrap().to_vec_f32().unwrap()
+    };
+    let before = mtp_bias(&model);
+    model.update_balancing_biases(&out.expert_load).unwrap();
+    assert_eq!(mtp_bias(&model), before, "a layer that routed nothing keeps its bias");
+}
