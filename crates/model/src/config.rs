@@ -157,8 +157,7 @@ impl DeepSeekV3Config {
             // HF's DeepSeek-V2 gate (the hub's modeling_deepseek.py): `aux_loss_alpha` weighs a
             // sequence-wise loss when `seq_aux` is true, a batch-level one when it is false.
             if obj.remove("seq_aux").and_then(|v| v.as_bool()) == Some(true) {
-                let alpha = obj.insert("aux_loss_alpha".into(), Value::from(0.0));
-                if let Some(alpha) = alpha {
+                if let Some(alpha) = obj.remove("aux_loss_alpha") {
                     obj.entry("seq_aux_alpha").or_insert(alpha);
                 }
             }

@@ -482,22 +482,32 @@ pub fn score_rollouts(
         .collect()
 }
 
-/// An optimizer step's `rows` split into `minibatches` ranges of whole `unit`s (a GRPO group, a
-/// PPO completion), one optimizer update each, and every minibatch into chunks of at most
-/// `micro_batch` rows, one forward and backward each: (minibatches, chunks).
+/// One optimizer update's share of a step: its rows, and the indices of the micro-batch chunks
+/// (see [`split_rows`]) that cover them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Minibatch {
+    pub rows: Range<usize>,
+    pub chunks: Range<usize>,
+}
+
+/// An optimizer step's `rows` split into `minibatches` of whole `unit`s (a GRPO group, a PPO
+/// completion), one optimizer update each, and every minibatch into chunks of at most
+/// `micro_batch` rows, one forward and backward each: (minibatches, chunks in order).
 pub(crate) fn split_rows(
     rows: usize,
     unit: usize,
     minibatches: usize,
     micro_batch: usize,
-) -> (Vec<Range<usize>>, Vec<Range<usize>>) {
+) -> (Vec<Minibatch>, Vec<Range<usize>>) {
     let units = rows / unit.max(1);
     let per_mb = units.div_ceil(minibatches.max(1)).max(1);
-    let mbs: Vec<Range<usize>> = (0..units).step_by(per_mb).map(|u| u * unit..(u + per_mb).min(units) * unit).collect();
-    let chunks = mbs
-        .iter()
-        .flat_map(|mb| (mb.start..mb.end).step_by(micro_batch.max(1)).map(|s| s..(s + micro_batch).min(mb.end)))
-        .collect();
+    let (mut mbs, mut chunks) = (Vec::new(), Vec::new());
+    for u in (0..units).step_by(per_mb) {
+        let rows = u * unit..(u + per_mb).min(units) * unit;
+        let first = chunks.len();
+        chunks.extend(rows.clone().step_by(micro_batch.max(1)).map(|s| s..(s + micro_batch).min(rows.end)));
+        mbs.push(Minibatch { rows, chunks: first..chunks.len() });
+    }
     (mbs, chunks)
 }
 
@@ -910,20 +920,18 @@ impl GrpoTrainer {
             (LossStats::default(), 0.0, 0.0, 0.0, 0);
         for _ in 0..cfg.num_iterations {
             for mb in &minibatches {
-                let lengths: Vec<usize> = scored[mb.clone()].iter().map(|s| s.rollout.tokens.len()).collect();
-                let mb_active = &active[mb.clone()];
-                let in_mb: Vec<usize> =
-                    (0..chunks.len()).filter(|&c| chunks[c].start >= mb.start && chunks[c].end <= mb.end).collect();
-                for &c in &in_mb {
+                let lengths: Vec<usize> = scored[mb.rows.clone()].iter().map(|s| s.rollout.tokens.len()).collect();
+                let mb_active = &active[mb.rows.clone()];
+                for c in mb.chunks.clone() {
                     let (rows, batch) = (&chunks[c], &packed[c]);
-                    let local = rows.start - mb.start..rows.end - mb.start;
+                    let local = rows.start - mb.rows.start..rows.end - mb.rows.start;
                     let weights = aggregation_weights(
                         cfg.loss_type,
                         batch,
                         local,
                         mb_active,
                         &lengths,
-                        in_mb.len(),
+                        mb.chunks.len(),
                         cfg.max_new_tokens,
                     )?;
                     let adv: Vec<Vec<f32>> =
@@ -1018,13 +1026,14 @@ mod tests {
     #[test]
     fn rows_split_into_minibatches_of_whole_units_then_micro_batch_chunks() {
         // Two groups of four in two minibatches, chunks of at most three rows.
+        let mb = |rows: Range<usize>, chunks: Range<usize>| Minibatch { rows, chunks };
         let (mbs, chunks) = split_rows(8, 4, 2, 3);
-        assert_eq!(mbs, [0..4, 4..8]);
+        assert_eq!(mbs, [mb(0..4, 0..2), mb(4..8, 2..4)]);
         assert_eq!(chunks, [0..3, 3..4, 4..7, 7..8]);
         // Nine single completions in two minibatches: 5 + 4; one chunk each.
-        assert_eq!(split_rows(9, 1, 2, 64), (vec![0..5, 5..9], vec![0..5, 5..9]));
+        assert_eq!(split_rows(9, 1, 2, 64), (vec![mb(0..5, 0..1), mb(5..9, 1..2)], vec![0..5, 5..9]));
         // Three groups in two minibatches: two groups, then one.
-        assert_eq!(split_rows(6, 2, 2, 64).0, [0..4, 4..6]);
+        assert_eq!(split_rows(6, 2, 2, 64).0, [mb(0..4, 0..1), mb(4..6, 1..2)]);
     }
 
     #[test]

@@ -328,9 +328,9 @@ impl PpoTrainer {
         for _ in 0..ppo.ppo_epochs {
             for mb in &minibatches {
                 // Token means over the minibatch: one optimizer update each.
-                let mb_tokens: usize = scored[mb.clone()].iter().map(|s| s.rollout.tokens.len()).sum();
+                let mb_tokens: usize = scored[mb.rows.clone()].iter().map(|s| s.rollout.tokens.len()).sum();
                 let w = 1.0 / mb_tokens.max(1) as f32;
-                for k in (0..chunks.len()).filter(|&k| chunks[k].start >= mb.start && chunks[k].end <= mb.end) {
+                for k in mb.chunks.clone() {
                     let (c, batch) = (&chunks[k], &packed[k]);
                     let to_f32 = |rows: &[Vec<f64>]| -> Vec<Vec<f32>> {
                         rows.iter().map(|r| r.iter().map(|&x| x as f32).collect()).collect()
