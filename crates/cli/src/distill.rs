@@ -48,7 +48,7 @@ pub struct DistillSettings {
 
 impl Default for DistillSettings {
     fn default() -> Self {
-        DistillSettings {
+        let mut s = DistillSettings {
             tasks: "add:2-3".into(),
             letters: 0.25,
             student_pretrain: SftConfig {
@@ -70,7 +70,21 @@ impl Default for DistillSettings {
             k: 8,
             eval_seed: 0,
             seed: 0,
-        }
+        };
+        crate::settings::Settings::derive(&mut s);
+        s
+    }
+}
+
+impl crate::settings::Settings for DistillSettings {
+    const DERIVED: &'static [(&'static str, &'static str)] = &[
+        ("rl.tasks", "the RL-only arm trains on the top-level `tasks`"),
+        ("rl.letters", "both arms pose the top-level `letters` share"),
+    ];
+
+    fn derive(&mut self) {
+        self.rl.tasks = self.tasks.clone();
+        self.rl.letters = self.letters;
     }
 }
 
@@ -192,7 +206,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     // Arm 2: GRPO on the student base for the same wall-clock time.
     let rl_dir = out.join("rl-only");
     std::fs::create_dir_all(&rl_dir)?;
-    let rl_cfg = GrpoConfig { tasks: s.tasks.clone(), letters: s.letters, ..s.rl.clone() };
+    let rl_cfg = s.rl.clone();
     let mut t = GrpoTrainer::new(student.duplicate()?, rl_cfg.clone(), Box::new(tok.clone()))?;
     t.run.log_to(&rl_dir.join("metrics.jsonl"), &rl_dir.join("completions.jsonl"))?;
     let pb = progress(rl_cfg.steps);

@@ -55,6 +55,9 @@ pub struct PretrainSettings {
     pub mixing: f64,
     /// The auxiliary-loss-free bias update speed (the preset's when unset; 0 disables it).
     pub gamma: Option<f64>,
+    /// The step from which the balancing biases stay put (DeepSeek-V3's gamma = 0 for its last
+    /// 500B tokens); unset: they move every step.
+    pub freeze_bias_at: Option<u64>,
     pub checkpoint_every: u64,
     /// Steps between validation evaluations during training (0: only the final evaluation).
     pub eval_every: u64,
@@ -71,6 +74,8 @@ pub struct PretrainSettings {
     /// Where the model trains: cpu, or cuda / cuda:N (one GPU, fp32, one rank).
     pub device: String,
 }
+
+impl crate::settings::Settings for PretrainSettings {}
 
 impl Default for PretrainSettings {
     fn default() -> Self {
@@ -96,6 +101,7 @@ impl Default for PretrainSettings {
             letters: 0.25,
             mixing: 0.5,
             gamma: None,
+            freeze_bias_at: None,
             checkpoint_every: 100,
             eval_every: 0,
             eval_problems: 128,
@@ -164,6 +170,9 @@ pub struct PretrainArgs {
     /// Bias update speed of the auxiliary-loss-free balancing (0 disables it).
     #[arg(long)]
     pub gamma: Option<f64>,
+    /// Stop the bias update from this step on, as DeepSeek-V3 does for its last 500B tokens.
+    #[arg(long)]
+    pub freeze_bias_at: Option<u64>,
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
     /// Evaluate on a validation set every N steps (0: off), logged to eval_history.jsonl.
@@ -246,6 +255,9 @@ impl PretrainArgs {
         if self.gamma.is_some() {
             s.gamma = self.gamma;
         }
+        if self.freeze_bias_at.is_some() {
+            s.freeze_bias_at = self.freeze_bias_at;
+        }
         Ok(s)
     }
 }
@@ -263,6 +275,7 @@ pub fn train_config(s: &PretrainSettings) -> Result<TrainConfig> {
         checkpoint_every: s.checkpoint_every,
         precision: Precision::parse(&s.precision)?,
         moments: MomentPrecision::parse(&s.moments)?,
+        freeze_bias_at: s.freeze_bias_at,
         ..TrainConfig::default()
     })
 }

@@ -114,8 +114,8 @@ impl Default for RmSettings {
 
 impl Default for R1Settings {
     fn default() -> Self {
-        let rl = GrpoConfig { steps: 30, rewards: "accuracy,format:0.1,language:0.5".into(), ..GrpoConfig::default() };
-        R1Settings {
+        let rl = GrpoConfig { steps: 30, rewards: ALL_RL_RULES.into(), ..GrpoConfig::default() };
+        let mut s = R1Settings {
             tasks: "add:2-3".into(),
             letters: 0.25,
             non_reasoning: "reverse:3-5".into(),
@@ -123,7 +123,7 @@ impl Default for R1Settings {
             cold_start: ColdStart::default(),
             // Fewer steps at half the rate: the reward model is right on ~90% of held-out pairs,
             // and R1 too kept general rewards to the end of its last stage.
-            all_rl: GrpoConfig { steps: 20, lr: 5e-5, tasks: "add:2-3,reverse:3-5".into(), ..rl.clone() },
+            all_rl: GrpoConfig { steps: 20, lr: 5e-5, ..rl.clone() },
             reasoning_rl: rl,
             rejection: Rejection::default(),
             reward_model: RmSettings::default(),
@@ -131,7 +131,31 @@ impl Default for R1Settings {
             k: 8,
             eval_seed: 0,
             eval_every: 20,
-        }
+        };
+        crate::settings::Settings::derive(&mut s);
+        s
+    }
+}
+
+/// Stage 4's rule rewards: accuracy on the reasoning prompts, format and language on all, and
+/// the reward model (added in code) on the non-reasoning ones.
+const ALL_RL_RULES: &str = "accuracy,format:0.1,language:0.5";
+
+impl crate::settings::Settings for R1Settings {
+    const DERIVED: &'static [(&'static str, &'static str)] = &[
+        ("reasoning_rl.tasks", "stage 2 trains on the top-level `tasks`"),
+        ("reasoning_rl.letters", "every stage poses the top-level `letters` share"),
+        ("all_rl.tasks", "stage 4 trains on the top-level `tasks` and `non_reasoning`"),
+        ("all_rl.letters", "every stage poses the top-level `letters` share"),
+        ("all_rl.rewards", "stage 4 scores with its rule rewards and the reward model trained before it"),
+    ];
+
+    fn derive(&mut self) {
+        self.reasoning_rl.tasks = self.tasks.clone();
+        self.all_rl.tasks = format!("{},{}", self.tasks, self.non_reasoning);
+        self.reasoning_rl.letters = self.letters;
+        self.all_rl.letters = self.letters;
+        self.all_rl.rewards = ALL_RL_RULES.into();
     }
 }
 
@@ -218,6 +242,8 @@ struct Pipeline {
     s: R1Settings,
     out: PathBuf,
     tok: CharTokenizer,
+    /// The reasoning tasks, with `letters` applied.
+    tasks: TaskSet,
     heldout: Vec<Problem>,
     pool: Option<Vec<Problem>>,
     device: Device,
@@ -227,10 +253,6 @@ impl Pipeline {
     /// The checkpoint at `dir`, on this run's device.
     fn load(&self, dir: &Path) -> Result<Box<dyn CausalLm>> {
         crate::device::load(dir, &self.device, "the model")
-    }
-
-    fn reasoning_tasks(&self) -> Result<TaskSet> {
-        Ok(TaskSet::parse(&self.s.tasks)?.with_letters(self.s.letters)?)
     }
 
     fn eval(&self, model: &dyn CausalLm, dir: &Path) -> Result<EvalReport> {
@@ -268,12 +290,8 @@ impl Pipeline {
         let dir = self.stage_dir(Stage::ColdStart)?;
         let model = self.load(base)?;
         let c = &self.s.cold_start;
-        let data: Vec<Example> = self
-            .reasoning_tasks()?
-            .problems(c.problems, self.s.seed ^ 0xC01D, Split::Train)
-            .iter()
-            .map(Example::solution)
-            .collect();
+        let data: Vec<Example> =
+            self.tasks.problems(c.problems, self.s.seed ^ 0xC01D, Split::Train).iter().map(Example::solution).collect();
         println!("{}: SFT on {} readable traces", Stage::ColdStart.label(), data.len());
         crate::distill::sft_with_bar(&*model, &self.tok, &data, &c.sft, Some(&dir.join("sft_metrics.jsonl")))?;
         self.finish(Stage::ColdStart, dir, &*model, t0, false)
@@ -283,8 +301,7 @@ impl Pipeline {
         let t0 = Instant::now();
         let dir = self.stage_dir(stage)?;
         let model = self.load(from)?;
-        let mut cfg = cfg.clone();
-        cfg.letters = self.s.letters;
+        let cfg = cfg.clone();
         let tok = Box::new(self.tok.clone());
         let mut t = match rewards {
             Some(r) => GrpoTrainer::with_rewards(model, cfg.clone(), tok, r)?,
@@ -314,7 +331,7 @@ impl Pipeline {
         let teacher = self.load(sampler)?;
         let prompts = match &self.pool {
             Some(p) => p.clone(),
-            None => self.reasoning_tasks()?.problems(r.problems, self.s.seed ^ 0x4E1, Split::Train),
+            None => self.tasks.problems(r.problems, self.s.seed ^ 0x4E1, Split::Train),
         };
         let mut rng = Rng::new(self.s.seed ^ 0x5A3);
         let (mut data, stats) =
@@ -353,6 +370,7 @@ impl Pipeline {
         );
         let rewards = RewardSet {
             entries: vec![
+                // ALL_RL_RULES, with accuracy on the reasoning prompts only.
                 (Box::new(ReasoningOnly(Box::new(Accuracy { gated: false }))), 1.0),
                 (Box::new(Format), 0.1),
                 (Box::new(LanguageConsistency), 0.5),
@@ -371,6 +389,7 @@ impl Pipeline {
 
 impl R1Args {
     fn settings(&self) -> Result<R1Settings> {
+        // Derived keys are set by the load and by the defaults.
         Ok(match &self.config {
             Some(p) => crate::settings::load(p)?,
             None => R1Settings::default(),
@@ -389,7 +408,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     std::fs::write(out.join("settings.json"), serde_json::to_string_pretty(&s)?)?;
     let pool = args.data.as_ref().map(|p| load_jsonl(p)).transpose()?;
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
-    let p = Pipeline { s: s.clone(), out: out.clone(), tok: CharTokenizer::new(), heldout, pool, device };
+    let p = Pipeline { s: s.clone(), out: out.clone(), tok: CharTokenizer::new(), tasks, heldout, pool, device };
     let mut results = Vec::new();
     match args.stage {
         Stage::All => {

@@ -47,6 +47,8 @@ pub struct R1ZeroSettings {
     pub eval_every: u64,
 }
 
+impl crate::settings::Settings for R1ZeroSettings {}
+
 impl Default for R1ZeroSettings {
     fn default() -> Self {
         R1ZeroSettings {

@@ -3,19 +3,90 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
 
-/// Reads `path` as JSON (`.json`) or TOML (anything else) into `T`, which rejects unknown keys.
-pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T> {
+/// A command's run settings: every key has a default, and a file may set any subset of them.
+pub trait Settings: Serialize + DeserializeOwned + Default {
+    /// Keys (dotted paths into nested tables) that [`Settings::derive`] sets from other keys, with
+    /// where their value comes from. A file may hold one (a run's own `settings.json` does) only
+    /// with the value it derives to; any other value is refused rather than overridden.
+    const DERIVED: &'static [(&'static str, &'static str)] = &[];
+
+    /// Sets the derived keys from the keys they follow.
+    fn derive(&mut self) {}
+}
+
+/// Reads `path` as JSON (`.json`) or TOML (anything else) onto `T`'s defaults. A nested table
+/// overrides only the keys it holds: `[all_rl] steps = 40` keeps the stage's other defaults, not
+/// those of the table's type. Unknown and derived keys are errors naming the key and the file.
+pub fn load<T: Settings>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
     let is_json = path.extension().is_some_and(|e| e == "json");
-    let parsed = if is_json {
+    let file: Value = if is_json {
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{e}"))
     } else {
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{e}"))
-    };
-    parsed.with_context(|| format!("config file {}", path.display()))
+    }
+    .with_context(|| format!("config file {}", path.display()))?;
+    from_value(file).with_context(|| format!("config file {}", path.display()))
+}
+
+/// `file` laid over `T::default()` and read into `T`, with its derived keys set and checked
+/// against any the file holds.
+fn from_value<T: Settings>(file: Value) -> Result<T> {
+    let mut merged = serde_json::to_value(T::default()).context("the default settings")?;
+    overlay(&mut merged, file.clone());
+    let mut settings: T = serde_path_to_error::deserialize(merged).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            anyhow::anyhow!("{inner}")
+        } else {
+            anyhow::anyhow!("`{path}`: {inner}")
+        }
+    })?;
+    settings.derive();
+    let derived = serde_json::to_value(&settings)?;
+    for (key, from) in T::DERIVED {
+        let (given, value) = (at(&file, key), at(&derived, key));
+        if let Some(given) = given.filter(|&g| !same(g, value.unwrap_or(&Value::Null))) {
+            bail!("`{key}` = {given}: {from}; this run's value is {}", value.unwrap_or(&Value::Null));
+        }
+    }
+    Ok(settings)
+}
+
+/// The value at a dotted `key`.
+fn at<'v>(v: &'v Value, key: &str) -> Option<&'v Value> {
+    key.split('.').try_fold(v, |v, part| v.get(part))
+}
+
+/// Equal values, numbers by value (TOML's `0` and `0.0` alike).
+fn same(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Sets every key of `over` in `base`, descending into tables both have.
+fn overlay(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => overlay(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
 }
 
 /// The `letters` share a base was pretrained with, when the base is `<run>/checkpoint` of a
@@ -44,6 +115,45 @@ pub fn note_letters_mismatch(base: &Path, letters: f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::r1::R1Settings;
+
+    fn r1(toml: &str) -> Result<R1Settings> {
+        from_value(toml::from_str(toml).unwrap())
+    }
+
+    #[test]
+    fn a_partial_table_keeps_the_commands_defaults_for_its_other_keys() {
+        let s = r1("tasks = \"add:3\"\n[all_rl]\nsteps = 7\n[cold_start.sft]\nsteps = 3\n").unwrap();
+        let d = R1Settings::default();
+        assert_eq!(s.all_rl.steps, 7);
+        // R1's stage-4 learning rate, not GrpoConfig's default (1e-4).
+        assert_eq!((s.all_rl.lr, s.all_rl.prompts_per_step), (d.all_rl.lr, d.all_rl.prompts_per_step));
+        assert_eq!(s.reasoning_rl.rewards, "accuracy,format:0.1,language:0.5");
+        assert_eq!((s.cold_start.sft.steps, s.cold_start.sft.lr, s.cold_start.problems), (3, 1e-3, 384));
+        // The RL stages follow the top-level tasks.
+        assert_eq!((s.reasoning_rl.tasks.as_str(), s.all_rl.tasks.as_str()), ("add:3", "add:3,reverse:3-5"));
+    }
+
+    #[test]
+    fn derived_keys_are_refused_unless_they_hold_the_derived_value() {
+        let err = r1("[all_rl]\ntasks = \"add:1\"\n").unwrap_err().to_string();
+        assert!(err.contains("`all_rl.tasks`") && err.contains("non_reasoning"), "{err}");
+        let err = r1("letters = 0.5\n[reasoning_rl]\nletters = 0\n").unwrap_err().to_string();
+        assert!(err.contains("`reasoning_rl.letters`"), "{err}");
+        // A run's own settings.json holds them with their derived values: it loads back unchanged.
+        let s = r1("tasks = \"add:4\"\nletters = 0\n").unwrap();
+        let again: R1Settings = from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(serde_json::to_value(&again).unwrap(), serde_json::to_value(&s).unwrap());
+        assert_eq!(r1("letters = 0\n[all_rl]\nletters = 0.0\n").unwrap().all_rl.letters, 0.0);
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_named_with_their_table() {
+        let err = r1("[reasoning_rl]\nlearning_rate = 0.1\n").unwrap_err().to_string();
+        assert!(err.contains("reasoning_rl") && err.contains("learning_rate"), "{err}");
+        let err = r1("[cold_start.sft]\nsteps = \"ten\"\n").unwrap_err().to_string();
+        assert!(err.contains("cold_start.sft.steps"), "{err}");
+    }
 
     #[test]
     fn a_pretrain_runs_letters_are_read_next_to_its_checkpoint() {

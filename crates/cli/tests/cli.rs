@@ -308,6 +308,7 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
 
 const TINY_R1: &str = r#"
 tasks = "add:1"
+non_reasoning = "reverse:3"
 eval_problems = 4
 k = 2
 eval_every = 1
@@ -318,7 +319,6 @@ sft = { steps = 2, batch = 4 }
 steps = 1
 prompts_per_step = 2
 group_size = 2
-rewards = "accuracy,format:0.1,language:0.5"
 [rejection]
 problems = 4
 samples = 2
@@ -333,7 +333,6 @@ batch = 2
 steps = 1
 prompts_per_step = 2
 group_size = 2
-tasks = "add:1,reverse:3"
 "#;
 
 #[test]

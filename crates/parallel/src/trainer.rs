@@ -104,6 +104,9 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     pub seed: u64,
     pub on_non_finite: NonFinitePolicy,
+    /// From this step on the MoE balancing biases stay where they are: DeepSeek-V3 sets the bias
+    /// update speed to 0 for its last 500B of 14.8T tokens (TR 4.2). None: they move every step.
+    pub freeze_bias_at: Option<u64>,
 }
 
 impl Default for TrainConfig {
@@ -125,6 +128,7 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             seed: 0,
             on_non_finite: NonFinitePolicy::Skip,
+            freeze_bias_at: None,
         }
     }
 }
@@ -369,7 +373,8 @@ impl Trainer {
     /// The end of a step whose gradients are final (summed over ranks, scaled and clipped), shared
     /// by every way of computing them: a step with a problem drops its gradients and is skipped
     /// or stopped as the config says; otherwise `update` runs the optimizer at the scheduled
-    /// learning rate and the balancing biases move by the step's whole-batch load. Then the
+    /// learning rate and the balancing biases move by the step's whole-batch load (until
+    /// `freeze_bias_at`). Then the
     /// metrics line (`sequences` in the whole batch) is written and the step counted.
     pub(crate) fn finish_step(
         &mut self,
@@ -389,7 +394,9 @@ impl Trainer {
             eprintln!("warning: step {}: non-finite {what} first appears in {location}; step skipped", self.step);
         } else {
             update(self, lr)?;
-            self.model.update_balancing_biases(&measured.loads)?;
+            if self.config.freeze_bias_at.is_none_or(|at| self.step < at) {
+                self.model.update_balancing_biases(&measured.loads)?;
+            }
             self.model.params.zero_grad();
         }
         let tokens = (sequences * self.config.seq_len) as f64;

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 use whale_model::tensor::testing::TempDir;
-use whale_model::tensor::Rng;
+use whale_model::tensor::{Rng, Tensor};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_parallel::trainer::{DataSource, NonFinitePolicy, Precision, TokenWalk, TrainConfig, Trainer};
 use whale_parallel::Error;
@@ -186,4 +186,26 @@ fn fp8_training_ends_within_one_percent_of_fp32() {
     assert!((lq - lf).abs() < 0.01 * lf, "training loss: fp8 {lq} vs fp32 {lf}");
     assert!((hq - hf).abs() < 0.01 * hf, "held-out loss: fp8 {hq} vs fp32 {hf}");
     assert!(f.iter().zip(&q).any(|(a, b)| a != b), "fp8 must actually quantize");
+}
+
+#[test]
+fn balancing_biases_stop_moving_at_freeze_bias_at() {
+    let cfg = TrainConfig { freeze_bias_at: Some(2), ..config(4) };
+    let mut t = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), cfg, data(5)).unwrap();
+    let biases = |t: &Trainer| -> Vec<u32> {
+        let b: Vec<&Tensor> =
+            t.model.buffers.iter().filter(|(n, _)| n.ends_with("e_score_correction_bias")).map(|(_, b)| b).collect();
+        assert!(!b.is_empty());
+        b.iter().flat_map(|b| b.to_vec_f32().unwrap()).map(f32::to_bits).collect()
+    };
+    let mut seen = vec![biases(&t)];
+    while !t.done() {
+        t.train_step().unwrap();
+        seen.push(biases(&t));
+    }
+    // Steps 0 and 1 move them (the loads are never perfectly even), steps 2 and 3 do not.
+    assert_ne!(seen[0], seen[1]);
+    assert_ne!(seen[1], seen[2]);
+    assert_eq!(seen[2], seen[3]);
+    assert_eq!(seen[3], seen[4]);
 }
