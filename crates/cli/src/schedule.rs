@@ -78,11 +78,8 @@ pub fn run(a: ScheduleArgs) -> Result<()> {
         method.bubble_formula(),
         fmt_time(method.table_bubble(a.pp, &cost))
     );
-    if !method.table_assumes(&cost) {
-        println!(
-            "note: the table assumes no latency{}; with these costs the simulated bubble may differ",
-            if method == Method::OneFOneB { "" } else { " and B = F + W with W <= F" }
-        );
+    if !method.table_assumes(a.pp, a.micro, &cost) {
+        println!("note: the table assumes {}; here the simulated bubble may differ", method.table_assumptions());
     }
     println!("peak activations: {} (table: {})", timeline.peak_activations(), method.table_activations(a.pp));
     println!("total time: {}", fmt_time(timeline.total));

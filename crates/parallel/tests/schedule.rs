@@ -88,7 +88,7 @@ fn simulated_bubbles_equal_the_table_for_pp_4_8_16() {
             for micro in micro_counts(method, pp) {
                 let s = Schedule::new(method, pp, micro).unwrap();
                 for (i, cost) in TABLE_COSTS.iter().enumerate() {
-                    assert!(method.table_assumes(cost));
+                    assert!(method.table_assumes(pp, micro, cost));
                     let t = simulate(&s, cost).unwrap();
                     let table = method.table_bubble(pp, cost);
                     let at = format!("{method} PP={pp} M={micro} cost {cost:?}");
@@ -132,9 +132,23 @@ fn formula_is_not_exact_off_its_assumptions() {
     let heavy_w = Cost { f: 1.0, b: 3.0, w: 2.0, fb: 3.0, comm: 0.0 };
     assert_eq!(Method::DualPipe.table_bubble(8, &heavy_w), 0.0);
     assert!(simulate(&dualpipe, &heavy_w).unwrap().max_bubble() > 0.0);
-    assert!(!Method::DualPipe.table_assumes(&cheap_w) && !Method::DualPipe.table_assumes(&heavy_w));
+    assert!(!Method::DualPipe.table_assumes(8, 20, &cheap_w) && !Method::DualPipe.table_assumes(8, 20, &heavy_w));
+    // Overlapping that saves more than a forward (F&B < B) or costs more than F + B: the table
+    // says 0 and 18, the schedule idles 2 and 20.
+    let cheap_fb = Cost { fb: 1.0, ..Cost::default() };
+    let t = simulate(&Schedule::new(Method::DualPipe, 4, 8).unwrap(), &cheap_fb).unwrap();
+    assert_eq!((t.max_bubble(), Method::DualPipe.table_bubble(4, &cheap_fb)), (2.0, 0.0));
+    let dear_fb = Cost { f: 2.0, b: 3.0, w: 1.0, fb: 6.0, comm: 0.0 };
+    let t = simulate(&Schedule::new(Method::DualPipe, 8, 24).unwrap(), &dear_fb).unwrap();
+    assert_eq!((t.max_bubble(), Method::DualPipe.table_bubble(8, &dear_fb)), (20.0, 18.0));
+    assert!(!Method::DualPipe.table_assumes(4, 8, &cheap_fb) && !Method::DualPipe.table_assumes(8, 24, &dear_fb));
+    // ZB1P with fewer micro-batches than stages: 12 against the table's 9.
+    let zb = Cost { f: 2.0, b: 3.0, w: 1.0, fb: 5.0, comm: 0.0 };
+    let t = simulate(&Schedule::new(Method::Zb1p, 4, 1).unwrap(), &zb).unwrap();
+    assert_eq!((t.max_bubble(), Method::Zb1p.table_bubble(4, &zb)), (12.0, 9.0));
+    assert!(!Method::Zb1p.table_assumes(4, 1, &zb) && Method::Zb1p.table_assumes(4, 4, &zb));
     // 1F1B has no such assumption.
-    assert!(Method::OneFOneB.table_assumes(&heavy_w));
+    assert!(Method::OneFOneB.table_assumes(8, 20, &heavy_w) && Method::OneFOneB.table_assumes(8, 2, &heavy_w));
     let t = simulate(&Schedule::new(Method::OneFOneB, 8, 20).unwrap(), &heavy_w).unwrap();
     assert_eq!(t.max_bubble(), Method::OneFOneB.table_bubble(8, &heavy_w));
 }

@@ -1,7 +1,8 @@
 //! Pipeline-parallel schedules as data: for every rank, the ordered list of operations it runs
 //! (forward, full backward, input-only backward, deferred weight backward, overlapped
-//! forward&backward pairs). Generators build 1F1B, ZB1P (ZB-H1), DualPipe and DualPipeV in the
-//! reference's exact order; [`simulator`] times a schedule under a cost model and [`svg`] draws it.
+//! forward&backward pairs). Generators build 1F1B, ZB1P (ZB-H1), and DualPipe and DualPipeV in
+//! the exact order of deepseek-ai/DualPipe; [`simulator`] times a schedule under a cost model
+//! and [`svg`] draws it.
 //!
 //! A micro-batch flows along a [`Path`] of stages, each stage a (rank, chunk) [`Place`]. 1F1B and
 //! ZB1P have one path over the ranks. DualPipe has two: direction 0 enters at rank 0 (chunk 0 of
@@ -108,12 +109,28 @@ impl Method {
         }
     }
 
-    /// Whether `cost` meets the assumptions under which [`Method::table_bubble`] is what the
-    /// simulator finds: no latency and, but for 1F1B, an input-gradient backward as long as a
-    /// forward (B = F + W) with W <= F. Off them the simulated bubble can differ either way.
-    pub fn table_assumes(self, cost: &Cost) -> bool {
+    /// Whether `pp` stages, `micro` micro-batches and `cost` meet the assumptions under which
+    /// [`Method::table_bubble`] is what the simulator finds ([`Method::table_assumptions`]). Off
+    /// them the simulated bubble can differ either way.
+    pub fn table_assumes(self, pp: usize, micro: usize, cost: &Cost) -> bool {
         let split_like_forward = (cost.b - cost.w - cost.f).abs() < 1e-12 && cost.w <= cost.f;
-        cost.comm == 0.0 && (self == Method::OneFOneB || split_like_forward)
+        cost.comm == 0.0
+            && match self {
+                Method::OneFOneB => true,
+                Method::Zb1p => split_like_forward && micro >= pp,
+                Method::DualPipe | Method::DualPipeV => {
+                    split_like_forward && cost.b <= cost.fb && cost.fb <= cost.f + cost.b
+                }
+            }
+    }
+
+    /// What [`Method::table_assumes`] checks, in words.
+    pub fn table_assumptions(self) -> &'static str {
+        match self {
+            Method::OneFOneB => "no latency",
+            Method::Zb1p => "no latency, B = F + W with W <= F, and at least PP micro-batches",
+            Method::DualPipe | Method::DualPipeV => "no latency, B = F + W with W <= F, and B <= F&B <= F + B",
+        }
     }
 
     /// The table's activation column: chunk activations alive at once on the busiest device.
@@ -428,9 +445,11 @@ impl OpList {
         }
     }
 
-    /// The oldest deferred W. With none deferred nothing is pushed, and validation reports the
-    /// b that lacks its W.
+    /// The oldest deferred W. The generators issue a W only after its b (the reference asserts
+    /// its queue is not empty); were one to run ahead, nothing is pushed and validation reports
+    /// the b left without its W.
     fn weight(&mut self) {
+        debug_assert!(!self.deferred.is_empty(), "a W with no deferred weight gradient");
         if let Some(w) = self.deferred.pop_front() {
             self.ops.push(Op::W(w));
         }
