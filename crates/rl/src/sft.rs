@@ -38,7 +38,8 @@ pub struct SftConfig {
     pub steps: u64,
     /// Examples per step.
     pub batch: usize,
-    /// Tokens per row (longer examples are cut).
+    /// Tokens per row: prompt, completion and EOS must fit in `seq_len + 1` (inputs and shifted
+    /// targets); a longer example is an error, not a silently cut trace.
     pub seq_len: usize,
     pub lr: f32,
     pub min_lr: f32,
@@ -101,6 +102,31 @@ pub fn sft_batch(
     Ok((Tensor::from_vec(ids, &shape, &Device::Cpu)?, Tensor::from_vec(targets, &shape, &Device::Cpu)?))
 }
 
+/// Refuses examples longer than a row: cut, a trace would teach its reasoning without its
+/// `</answer>` and EOS.
+fn check_lengths(tok: &dyn Tokenizer, data: &[Example], seq_len: usize) -> Result<()> {
+    let mut long = (0, 0, None);
+    for ex in data {
+        let len = tok.encode(&ex.prompt)?.len() + tok.encode(&ex.completion)?.len() + 1;
+        if len > seq_len + 1 {
+            long.0 += 1;
+            if len > long.1 {
+                long = (long.0, len, Some(ex));
+            }
+        }
+    }
+    match long {
+        (n, longest, Some(ex)) => Err(Error::Rl(format!(
+            "SFT: {n} of {} examples do not fit `seq_len` = {seq_len} (prompt + completion + EOS up to {longest} \
+             tokens, e.g. {:?}); set `seq_len` to at least {}",
+            data.len(),
+            ex.prompt,
+            longest - 1
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Fine-tunes `model` in place on `data` (shuffled, cycled), calling `on_step` after each step.
 pub fn sft(
     model: &dyn CausalLm,
@@ -115,6 +141,7 @@ pub fn sft(
     if cfg.batch == 0 || cfg.seq_len < 2 {
         return Err(Error::Rl("sft config: `batch` must be >= 1 and `seq_len` >= 2".into()));
     }
+    check_lengths(tok, data, cfg.seq_len)?;
     let mut opt = AdamW::new(AdamWConfig {
         weight_decay: cfg.weight_decay,
         beta1: 0.9,

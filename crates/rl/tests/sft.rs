@@ -58,6 +58,14 @@ fn sft_fits_a_small_dataset_for_both_model_families() {
         assert!(last < 0.3 * first, "{m:?}: loss {first} -> {last}");
     }
     assert!(sft(&DenseModel::new(DenseConfig::student(62), 1).unwrap(), &tok, &[], &cfg, |_| {}).is_err());
+    // "9+9=" + "<answer>18</answer>" + EOS is 4 + 4 + 1 = 9 tokens (tags are one token): seq_len
+    // 8 fits it, 7 would cut its EOS and is refused, naming the setting and the length that fits.
+    let m = DenseModel::new(DenseConfig::student(tok.vocab_size()), 1).unwrap();
+    let long = [Example { prompt: "9+9=".into(), completion: "<answer>18</answer>".into() }];
+    let fits = SftConfig { steps: 1, batch: 1, seq_len: 8, ..SftConfig::default() };
+    assert!(sft(&m, &tok, &long, &fits, |_| {}).is_ok());
+    let err = sft(&m, &tok, &long, &SftConfig { seq_len: 7, ..fits }, |_| {}).unwrap_err().to_string();
+    assert!(err.contains("`seq_len` = 7") && err.contains("at least 8"), "{err}");
 }
 
 #[test]
