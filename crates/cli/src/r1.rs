@@ -28,7 +28,7 @@ use whale_rl::parallel::model::CausalLm;
 use whale_rl::reward_model::{preference_pairs, LearnedReward, ReasoningOnly, RewardModel, RmReport};
 use whale_rl::rewards::{Accuracy, Format, LanguageConsistency, RewardSet};
 use whale_rl::sft::{rejection_sample, Example, RejectionStats, SftConfig};
-use whale_rl::tasks::{load_jsonl, Problem, Split, TaskSet};
+use whale_rl::tasks::{Problem, Split, TaskSet};
 
 use crate::pretrain::{print_report, write_eval};
 use crate::r1_zero::{train_loop, Validation};
@@ -51,6 +51,9 @@ pub struct Rejection {
     pub temperature: f32,
     /// Non-reasoning examples mixed in.
     pub non_reasoning: usize,
+    /// Fewer unique reasoning traces than this stop the run: a stage-2 model that solves nothing
+    /// would leave a stage 3 trained on non-reasoning data alone (0 allows it).
+    pub min_traces: usize,
     pub sft: SftConfig,
 }
 
@@ -101,6 +104,7 @@ impl Default for Rejection {
             samples: 2,
             temperature: 1.0,
             non_reasoning: 128,
+            min_traces: 1,
             sft: SftConfig { steps: 100, lr: 1e-3, ..SftConfig::default() },
         }
     }
@@ -337,6 +341,17 @@ impl Pipeline {
         let (mut data, stats) =
             rejection_sample(&*teacher, &self.tok, &prompts, r.samples, r.temperature, 96, &mut rng)?;
         let reasoning = data.len();
+        if reasoning < r.min_traces {
+            bail!(
+                "{}: the stage-2 model {} wrote {reasoning} unique verified, well-formatted traces in their \
+                 prompt's language in {} samples ({} correct), fewer than `rejection.min_traces` = {}",
+                Stage::RejectionSft.label(),
+                sampler.display(),
+                stats.sampled,
+                stats.correct,
+                r.min_traces
+            );
+        }
         let non = TaskSet::parse(&self.s.non_reasoning)?.problems(r.non_reasoning, self.s.seed ^ 0x404, Split::Train);
         data.extend(non.iter().map(Example::solution));
         println!(
@@ -406,7 +421,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     crate::settings::note_letters_mismatch(args.base.as_ref().unwrap_or(&args.from), s.letters);
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     std::fs::write(out.join("settings.json"), serde_json::to_string_pretty(&s)?)?;
-    let pool = args.data.as_ref().map(|p| load_jsonl(p)).transpose()?;
+    let pool = args.data.as_deref().map(crate::settings::training_pool).transpose()?;
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
     let p = Pipeline { s: s.clone(), out: out.clone(), tok: CharTokenizer::new(), tasks, heldout, pool, device };
     let mut results = Vec::new();

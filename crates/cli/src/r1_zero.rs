@@ -14,7 +14,7 @@ use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, RlRun, ScaleRewards, Ste
 use whale_rl::parallel::model::tokenizer::CharTokenizer;
 use whale_rl::parallel::model::CausalLm;
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
-use whale_rl::tasks::{load_jsonl, Problem, TaskSet};
+use whale_rl::tasks::{Problem, TaskSet};
 
 use crate::pretrain::{print_report, write_eval};
 
@@ -218,6 +218,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     let (metrics, completions) = (out.join("metrics.jsonl"), out.join("completions.jsonl"));
     let settings_path = out.join("settings.json");
     let tok = CharTokenizer::new();
+    let pool = args.data.as_deref().map(crate::settings::training_pool).transpose()?;
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
     let base = crate::device::load(&args.base, &device, "the base model")?;
     let mut trainer: Box<dyn RlTrainer> = if args.resume {
@@ -248,8 +249,8 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
         t.run_mut().log_to(&metrics, &completions)?;
         t
     };
-    if let Some(path) = &args.data {
-        trainer.run_mut().pool = Some(load_jsonl(path)?);
+    if let Some(pool) = pool {
+        trainer.run_mut().pool = Some(pool);
     }
     s.base = args.base.clone();
     std::fs::write(&settings_path, serde_json::to_string_pretty(&s)?)

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
+use whale_rl::tasks::{load_training_jsonl, Problem};
 
 /// A command's run settings: every key has a default, and a file may set any subset of them.
 pub trait Settings: Serialize + DeserializeOwned + Default {
@@ -87,6 +88,20 @@ fn overlay(base: &mut Value, over: Value) {
         }
         (slot, v) => *slot = v,
     }
+}
+
+/// The prompts of a `--data` JSONL file to train on, saying on stderr how many of them are left
+/// out for belonging to the held-out split the run evaluates on.
+pub fn training_pool(path: &Path) -> Result<Vec<Problem>> {
+    let (pool, held_out) = load_training_jsonl(path)?;
+    if held_out > 0 {
+        eprintln!(
+            "note: {}: {held_out} of {} prompts are in the held-out split evaluation draws from; training leaves them out",
+            path.display(),
+            pool.len() + held_out
+        );
+    }
+    Ok(pool)
 }
 
 /// The `letters` share a base was pretrained with, when the base is `<run>/checkpoint` of a

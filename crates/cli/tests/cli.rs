@@ -323,6 +323,7 @@ group_size = 2
 problems = 4
 samples = 2
 non_reasoning = 4
+min_traces = 0
 sft = { steps = 2, batch = 4 }
 [reward_model]
 train_pairs = 8
@@ -381,6 +382,18 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
         .output()
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--base"));
+    // Nor does a stage 3 fine-tune on non-reasoning data alone when rejection sampling keeps no
+    // trace (the first run allowed it with min_traces = 0).
+    let rcfg = dir.join("rejection.toml");
+    std::fs::write(&rcfg, "[rejection]\nproblems = 4\nsamples = 2\n").unwrap();
+    let out = whale()
+        .args(["r1", "--stage", "rejection-sft", "--from", from.to_str().unwrap(), "--out", alone.to_str().unwrap()])
+        .args(["--base", ckpt.to_str().unwrap(), "--config", rcfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("`rejection.min_traces` = 1"), "{stderr}");
+    assert!(!alone.join("3-rejection-sft/checkpoint").exists());
     // A teacher that solves nothing has nothing to distil: a clear error, not an empty student.
     let dcfg = dir.join("distill.toml");
     std::fs::write(&dcfg, "trace_problems = 4\ntrace_samples = 2\n").unwrap();

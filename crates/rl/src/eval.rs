@@ -10,7 +10,7 @@ use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::CausalLm;
 
 use crate::rewards::{LanguageConsistency, Sample};
-use crate::tasks::{extract_answer, verify, Problem};
+use crate::tasks::{answer_key, verify, AnswerKey, Problem};
 use crate::Result;
 
 /// The unbiased pass@k estimator `1 - C(n-c, k) / C(n, k)` for `c` correct of `n` samples.
@@ -75,6 +75,20 @@ impl Default for EvalConfig {
     }
 }
 
+/// The completion whose answer most of `texts` give (cons@k), compared by value (a numeral in
+/// either script, a countdown expression's value: see [`answer_key`]); ties go to the answer
+/// seen first. `None` when no completion has an answer.
+pub fn majority_vote(p: &Problem, texts: &[String]) -> Option<usize> {
+    let keys: Vec<Option<AnswerKey>> = texts.iter().map(|t| answer_key(p, t)).collect();
+    let mut votes: HashMap<&AnswerKey, (usize, std::cmp::Reverse<usize>)> = HashMap::new();
+    for (i, key) in keys.iter().enumerate() {
+        if let Some(key) = key {
+            votes.entry(key).or_insert((0, std::cmp::Reverse(i))).0 += 1;
+        }
+    }
+    votes.into_values().max().map(|(_, std::cmp::Reverse(first))| first)
+}
+
 /// Evaluates `model` on `problems`.
 pub fn evaluate(
     model: &dyn CausalLm,
@@ -104,20 +118,8 @@ pub fn evaluate(
         let correct = texts.iter().filter(|t| verify(p, t)).count();
         p1 += correct as f64 / k as f64;
         pk += pass_at_k(k, correct, k);
-        let mut votes: HashMap<&str, usize> = HashMap::new();
-        for t in &texts {
-            if let Some(a) = extract_answer(t) {
-                *votes.entry(a).or_default() += 1;
-            }
-        }
-        // Most votes; ties to the answer seen first, so the vote is deterministic.
-        let best = texts
-            .iter()
-            .filter_map(|t| extract_answer(t))
-            .max_by_key(|a| (votes[a], std::cmp::Reverse(texts.iter().position(|t| extract_answer(t) == Some(a)))));
-        if let Some(best) = best {
-            let winner = texts.iter().find(|t| extract_answer(t) == Some(best)).expect("voted answer exists");
-            cons += verify(p, winner) as u8 as f64;
+        if let Some(winner) = majority_vote(p, &texts) {
+            cons += verify(p, &texts[winner]) as u8 as f64;
         }
         len += sampled[i * k..(i + 1) * k].iter().map(|g| g.tokens.len()).sum::<usize>() as f64 / k as f64;
         fmt += texts.iter().filter(|t| well_formatted(t)).count() as f64 / k as f64;
@@ -166,6 +168,37 @@ mod tests {
         assert_eq!(pass_at_k(8, 0, 8), 0.0);
         assert_eq!(pass_at_k(8, 1, 8), 1.0);
         assert!((pass_at_k(8, 2, 1) - 0.25).abs() < 1e-12);
+    }
+
+    #[test]
+    fn majority_vote_counts_answers_by_value() {
+        use crate::tasks::language::to_digits;
+        use crate::tasks::{Split, TaskSet};
+        let answer = |a: &str| format!("<think>x</think><answer>{a}</answer>");
+        // `c3,7,25t35=`: three spellings of one right expression outvote two identical wrong ones
+        // (voting on the text alone, `25*7*3` would win 2 to 1).
+        let p = Problem {
+            task: "countdown".into(),
+            prompt: "c3,7,25t35=".into(),
+            answer: "(25+7)+3".into(),
+            solution: String::new(),
+        };
+        let texts: Vec<String> = ["25*7*3", "(25+7)+3", "25*7*3", "25+(7+3)", "3+7+25", "<think>no answer"]
+            .iter()
+            .map(|a| if a.starts_with('<') { a.to_string() } else { answer(a) })
+            .collect();
+        let winner = majority_vote(&p, &texts).unwrap();
+        assert!(verify(&p, &texts[winner]), "{}", texts[winner]);
+        // Ties go to the answer seen first; no answer at all, no vote.
+        assert_eq!(majority_vote(&p, &texts[..3]), Some(0));
+        assert_eq!(majority_vote(&p, &texts[5..]), None);
+        // A letter-numeral problem answered in either script: one answer.
+        let tasks = TaskSet::parse("add:2").unwrap().with_letters(1.0).unwrap();
+        let p = &tasks.problems(1, 3, Split::Train)[0];
+        let (letters, digits) = (p.answer.clone(), to_digits(&p.answer));
+        assert_ne!(letters, digits);
+        let texts = vec![answer("1"), answer(&letters), answer("1"), answer(&digits), answer(&digits)];
+        assert!(verify(p, &texts[majority_vote(p, &texts).unwrap()]));
     }
 
     #[test]

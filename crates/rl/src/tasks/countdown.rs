@@ -126,6 +126,16 @@ impl Task for Countdown {
         used.sort_unstable();
         value == target && used == nums
     }
+
+    /// Any expression over exactly the prompt's numbers, by its value: `(25+7)+3` and `25+(7+3)`
+    /// are one answer.
+    fn answer_value(&self, p: &Problem, answer: &str) -> Option<String> {
+        let (mut nums, _) = parse_prompt(&p.prompt);
+        let (value, mut used) = evaluate(answer)?;
+        nums.sort_unstable();
+        used.sort_unstable();
+        (used == nums).then(|| value.to_string())
+    }
 }
 
 #[cfg(test)]

@@ -158,6 +158,26 @@ pub fn verify(problem: &Problem, completion: &str) -> bool {
     }
 }
 
+/// One answer for majority voting (cons@k): the value the `<answer>` denotes where its task
+/// says ([`Task::answer_value`]), else its text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AnswerKey {
+    Value(String),
+    Text(String),
+}
+
+/// The answer `completion` gives to `problem`, such that two completions with the same key are
+/// both right or both wrong: a letter-numeral problem's answer by its digits (either script is
+/// accepted), a countdown expression by its value. `None` without an `<answer>`.
+pub fn answer_key(problem: &Problem, completion: &str) -> Option<AnswerKey> {
+    if Language::of_problem(problem) == Some(Language::Letters) {
+        return answer_key(&translate(problem, Language::Digits), &to_digits(completion));
+    }
+    let answer = extract_answer(completion)?;
+    let value = task_by_name(&problem.task).and_then(|t| t.answer_value(problem, answer));
+    Some(value.map_or_else(|| AnswerKey::Text(answer.to_string()), AnswerKey::Value))
+}
+
 /// Pretraining text: `prompt + completion + <eos>` from the train split, a `imperfect` fraction
 /// of the completions carrying one wrong step. Deterministic for a seed; `cursor` counts the
 /// documents drawn so a resumed run continues the same stream.
@@ -262,6 +282,22 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Problem>> {
     Ok(out)
 }
 
+/// A user dataset to train on ([`load_jsonl`]) without the prompts of the held-out split, which
+/// evaluation draws from: the problems and the number left out. No prompt left is an error.
+pub fn load_training_jsonl(path: &Path) -> Result<(Vec<Problem>, usize)> {
+    let all = load_jsonl(path)?;
+    let total = all.len();
+    let train: Vec<Problem> = all.into_iter().filter(|p| Split::of(&p.prompt) == Split::Train).collect();
+    if train.is_empty() {
+        return Err(Error::Task(format!(
+            "{}: no training prompts ({total} lines, all in the held-out split or none at all)",
+            path.display()
+        )));
+    }
+    let held_out = total - train.len();
+    Ok((train, held_out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,5 +392,23 @@ mod tests {
         let err = load_jsonl(&f).unwrap_err().to_string();
         assert!(err.contains("data.jsonl:1") && err.contains("answer"), "{err}");
         assert!(TaskSet::parse("add,division").unwrap_err().to_string().contains("division"));
+    }
+
+    #[test]
+    fn a_training_pool_leaves_out_the_held_out_split() {
+        let dir = whale_parallel::model::tensor::testing::TempDir::new("pool");
+        let f = dir.join("pool.jsonl");
+        let tasks = TaskSet::parse("add:2").unwrap();
+        let (train, held) = (tasks.problems(20, 1, Split::Train), tasks.held_out(5, 1));
+        let line = |p: &Problem| format!("{{\"prompt\": {:?}, \"answer\": {:?}}}\n", p.prompt, p.answer);
+        std::fs::write(&f, train.iter().chain(&held).map(line).collect::<String>()).unwrap();
+        let (pool, left_out) = load_training_jsonl(&f).unwrap();
+        assert_eq!((pool.len(), left_out), (20, 5));
+        assert!(pool.iter().map(|p| &p.prompt).eq(train.iter().map(|p| &p.prompt)));
+        std::fs::write(&f, held.iter().map(line).collect::<String>()).unwrap();
+        let err = load_training_jsonl(&f).unwrap_err().to_string();
+        assert!(err.contains("pool.jsonl") && err.contains("no training prompts"), "{err}");
+        std::fs::write(&f, "").unwrap();
+        assert!(load_training_jsonl(&f).is_err());
     }
 }

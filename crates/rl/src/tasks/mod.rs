@@ -13,7 +13,7 @@ mod listops;
 
 pub use arith::{Addition, ModChain, Multiplication};
 pub use countdown::Countdown;
-pub use dataset::{load_jsonl, verify, Corpus, Split, TaskSet};
+pub use dataset::{answer_key, load_jsonl, load_training_jsonl, verify, AnswerKey, Corpus, Split, TaskSet};
 pub use language::Language;
 pub use listops::{Reverse, Sort};
 
@@ -42,6 +42,14 @@ pub trait Task: Send + Sync {
     /// Whether `completion` solves `problem`. Default: the `<answer>` text equals the answer.
     fn verify(&self, problem: &Problem, completion: &str) -> bool {
         extract_answer(completion).is_some_and(|a| a == problem.answer)
+    }
+
+    /// The value an `<answer>` text denotes, where the task accepts more than one spelling of
+    /// it (a countdown expression's value over the prompt's numbers); `None`: the text itself.
+    /// Answers with the same value must be both right or both wrong (majority voting groups
+    /// them, see [`answer_key`]).
+    fn answer_value(&self, _problem: &Problem, _answer: &str) -> Option<String> {
+        None
     }
 }
 
