@@ -68,6 +68,51 @@ fn adamw_state_round_trips() {
 }
 
 #[test]
+fn a_parameter_first_updated_late_is_bias_corrected_for_its_own_updates() {
+    // `late` has no gradient in the first two steps (an FP8 expert no token reached): PyTorch
+    // counts `state["step"]` per parameter, so its first update is corrected with t = 1, exactly
+    // a fresh optimizer's first update.
+    let mut params = ParamStore::new();
+    let early = params.insert("early", &randn(&[2, 3], 1)).unwrap();
+    let late = params.insert("late", &randn(&[3, 3], 2)).unwrap();
+    let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+    for s in 0..2 {
+        early.set_grad(Some(randn(&[2, 3], 10 + s))).unwrap();
+        opt.step(&params, 0.01).unwrap();
+    }
+    let mut alone = ParamStore::new();
+    let twin = alone.insert("late", &late.deep_clone().unwrap()).unwrap();
+    let mut fresh = AdamW::new(AdamWConfig::default()).unwrap();
+    for s in 0..3 {
+        let g = randn(&[3, 3], 20 + s);
+        early.set_grad(Some(randn(&[2, 3], 30 + s))).unwrap();
+        late.set_grad(Some(g.clone())).unwrap();
+        twin.set_grad(Some(g)).unwrap();
+        opt.step(&params, 0.01).unwrap();
+        fresh.step(&alone, 0.01).unwrap();
+        assert_eq!(late.to_vec_f32().unwrap(), twin.to_vec_f32().unwrap(), "update {s}");
+    }
+    // The counts are saved per parameter and restored; a state without them (older checkpoints)
+    // takes the optimizer's count, and a count outside 1..=steps is refused.
+    let saved: std::collections::BTreeMap<_, _> = opt.state_tensors().unwrap().into_iter().collect();
+    let count = |state: &std::collections::BTreeMap<String, whale_tensor::Tensor>, name: &str| {
+        state[&format!("{name}.step")].to_vec_i64().unwrap()
+    };
+    assert_eq!((count(&saved, "early"), count(&saved, "late"), opt.steps()), (vec![5], vec![3], 5));
+    let mut restored = AdamW::new(AdamWConfig::default()).unwrap();
+    restored.load_state(5, &saved, &params).unwrap();
+    assert_eq!(count(&restored.state_tensors().unwrap().into_iter().collect(), "late"), vec![3]);
+    let mut old = saved.clone();
+    old.retain(|k, _| !k.ends_with(".step"));
+    restored.load_state(5, &old, &params).unwrap();
+    assert_eq!(count(&restored.state_tensors().unwrap().into_iter().collect(), "late"), vec![5]);
+    let mut bad = saved.clone();
+    bad.insert("late.step".into(), whale_tensor::optim::step_tensor(6).unwrap());
+    let err = restored.load_state(5, &bad, &params).unwrap_err().to_string();
+    assert!(err.contains("late.step"), "{err}");
+}
+
+#[test]
 fn clipping_scales_to_max_norm() {
     let mut params = ParamStore::new();
     let a = params.insert("a", &randn(&[10], 1)).unwrap();
@@ -99,7 +144,8 @@ fn bf16_moments_are_stored_in_bf16_track_f32_moments_and_restore_exactly() {
     let (_, w32, _) = run(DType::F32);
     let (params, w16, opt) = run(DType::BF16);
     let state = opt.state_tensors().unwrap();
-    assert!(state.iter().all(|(_, t)| t.dtype() == DType::BF16), "moments are stored in bf16");
+    let moments: Vec<_> = state.iter().filter(|(n, _)| !n.ends_with(".step")).collect();
+    assert!(moments.len() == 2 && moments.iter().all(|(_, t)| t.dtype() == DType::BF16), "stored in bf16");
     let (a, b) = (w32.to_vec_f32().unwrap(), w16.to_vec_f32().unwrap());
     let moved: f32 = a.iter().zip(&randn(&[64, 16], 1).to_vec_f32().unwrap()).map(|(x, y)| (x - y).abs()).sum();
     let diff: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum();

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use whale_model::tensor::optim::{AdamW, AdamWConfig};
+use whale_model::tensor::optim::{read_step, step_tensor, AdamW, AdamWConfig};
 use whale_model::tensor::{Device, ParamStore, Tensor};
 
 use super::{Bucket, Slot};
@@ -74,6 +74,10 @@ impl Zero1 {
                         let piece = t.to_vec_f32()?[param_start..param_start + len].to_vec();
                         seg_state.insert(format!("{name}.{suffix}"), Tensor::from_vec(piece, &[len], &Device::Cpu)?);
                     }
+                }
+                // Every piece of a parameter has the parameter's update count.
+                if let Some(t) = state.get(&format!("{}.step", slots[i].name)) {
+                    seg_state.insert(format!("{name}.step"), t.clone());
                 }
                 segments.push(Segment { slot: i, param_start, shard_start: base + a - lo, len, var, name });
             }
@@ -171,6 +175,16 @@ impl Zero1 {
             }
         }
         let all = comm.all_gather(&local)?;
+        // Each parameter's update count: the same on every rank holding a piece of it, so the
+        // sum over holders divided by their number.
+        let mut steps = vec![0u64; 2 * slots.len()];
+        for seg in &self.segments {
+            if let Some(t) = state.get(&format!("{}.step", seg.name)) {
+                steps[seg.slot] += read_step(t, self.opt.steps()).unwrap_or(0);
+                steps[slots.len() + seg.slot] += 1;
+            }
+        }
+        comm.all_reduce_u64(&mut steps)?;
         let mut out = BTreeMap::new();
         for (k, b) in buckets.iter().enumerate() {
             let (m, v) = (self.unshard_strided(&all, stride, 0, k), self.unshard_strided(&all, stride, 1, k));
@@ -185,6 +199,7 @@ impl Zero1 {
                         format!("{name}.exp_avg_sq"),
                         Tensor::from_vec(v[off..off + len].to_vec(), &[len], &Device::Cpu)?,
                     );
+                    out.insert(format!("{name}.step"), step_tensor(steps[i] / steps[slots.len() + i].max(1))?);
                 }
             }
         }

@@ -91,16 +91,21 @@ impl Moment {
     }
 }
 
-/// First and second moments of one parameter.
+/// First and second moments of one parameter, and the updates it has had.
 #[derive(Debug, Clone)]
 struct Moments {
     m: Moment,
     v: Moment,
+    /// The bias corrections' t: this parameter's own count, as PyTorch keeps `state["step"]`
+    /// per parameter. A parameter without a gradient in some steps (an FP8 expert that got no
+    /// token, an MTP module with too short a sequence) is corrected for the updates it had.
+    step: u64,
 }
 
 #[derive(Debug, Clone)]
 pub struct AdamW {
     pub config: AdamWConfig,
+    /// Optimizer steps taken (a parameter's own count can be lower).
     step: u64,
     state: BTreeMap<String, Moments>,
 }
@@ -130,10 +135,12 @@ impl AdamW {
             let Some(g) = p.grad() else { continue };
             let n = p.elem_count();
             let dtype = self.config.moment_dtype;
-            let moments = self
-                .state
-                .entry(name.to_string())
-                .or_insert_with(|| Moments { m: Moment::zeros(n, dtype), v: Moment::zeros(n, dtype) });
+            let moments = self.state.entry(name.to_string()).or_insert_with(|| Moments {
+                m: Moment::zeros(n, dtype),
+                v: Moment::zeros(n, dtype),
+                step: 0,
+            });
+            moments.step += 1;
             let decay = if p.rank() >= 2 || self.config.decay_1d { self.config.weight_decay } else { 0.0 };
             let hp = AdamWStep {
                 lr,
@@ -141,9 +148,9 @@ impl AdamW {
                 beta2: self.config.beta2,
                 eps: self.config.eps,
                 weight_decay: decay,
-                step: self.step,
+                step: moments.step,
             };
-            let Moments { m, v } = moments;
+            let Moments { m, v, .. } = moments;
             if p.device().is_cuda() {
                 let (m, v) = (m.on(p.device())?, v.on(p.device())?);
                 crate::cuda::adamw_step(p, &g, &m, &v, &hp)
@@ -159,18 +166,21 @@ impl AdamW {
         Ok(())
     }
 
-    /// The state as named tensors in the moments' dtype (`{name}.exp_avg`, `{name}.exp_avg_sq`),
-    /// for checkpoints.
+    /// The state as named tensors, for checkpoints: `{name}.exp_avg` and `{name}.exp_avg_sq` in
+    /// the moments' dtype, and `{name}.step`, the parameter's own update count (one i64).
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for (name, mo) in &self.state {
             out.push((format!("{name}.exp_avg"), mo.m.to_tensor()?));
             out.push((format!("{name}.exp_avg_sq"), mo.v.to_tensor()?));
+            out.push((format!("{name}.step"), step_tensor(mo.step)?));
         }
         Ok(out)
     }
 
-    /// Restores what [`AdamW::state_tensors`] saved, after `steps` optimizer steps.
+    /// Restores what [`AdamW::state_tensors`] saved, after `steps` optimizer steps. A parameter
+    /// saved without its `{name}.step` (checkpoints from before per-parameter counts) takes
+    /// `steps`, the count every parameter was corrected with then.
     pub fn load_state(&mut self, steps: u64, tensors: &BTreeMap<String, Tensor>, params: &ParamStore) -> Result<()> {
         let mut state = BTreeMap::new();
         for (name, p) in params.iter() {
@@ -190,7 +200,15 @@ impl AdamW {
             };
             match (fetch("exp_avg")?, fetch("exp_avg_sq")?) {
                 (Some(m), Some(v)) => {
-                    state.insert(name.to_string(), Moments { m, v });
+                    let step = match tensors.get(&format!("{name}.step")) {
+                        None => steps,
+                        Some(t) => read_step(t, steps).ok_or_else(|| {
+                            Error::Params(format!(
+                                "optimizer state `{name}.step` must be one count from 1 to the {steps} steps taken"
+                            ))
+                        })?,
+                    };
+                    state.insert(name.to_string(), Moments { m, v, step });
                 }
                 (None, None) => {}
                 _ => {
@@ -201,5 +219,18 @@ impl AdamW {
         self.state = state;
         self.step = steps;
         Ok(())
+    }
+}
+
+/// A parameter's update count as a checkpoint tensor.
+pub fn step_tensor(step: u64) -> Result<Tensor> {
+    Tensor::from_vec(vec![step as i64], &[1], &Device::Cpu)
+}
+
+/// The count a `{name}.step` tensor holds, if it is one count in `1..=steps`.
+pub fn read_step(t: &Tensor, steps: u64) -> Option<u64> {
+    match t.to_vec_i64().ok()?.as_slice() {
+        &[n] if n >= 1 && n as u64 <= steps => Some(n as u64),
+        _ => None,
     }
 }

@@ -4,6 +4,6 @@ mod adamw;
 mod clip;
 mod schedule;
 
-pub use adamw::{AdamW, AdamWConfig};
+pub use adamw::{read_step, step_tensor, AdamW, AdamWConfig};
 pub use clip::{clip_grad_norm, grad_norm};
 pub use schedule::{Constant, DeepSeekV3Schedule, LrSchedule, WarmupCosine};
