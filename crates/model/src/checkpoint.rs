@@ -194,7 +194,7 @@ pub fn load_dir(dir: &Path) -> Result<(BTreeMap<String, Tensor>, PathBuf)> {
 
 /// [`load_dir`] with a choice of what happens to FP8 weights.
 pub fn load_dir_with(dir: &Path, fp8_weights: Fp8Weights) -> Result<(BTreeMap<String, Tensor>, PathBuf)> {
-    let index = dir.join("model.safetensors.index.json");
+    let index = dir.join(INDEX);
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&index, e))?;
@@ -265,6 +265,21 @@ fn tensor_bytes(t: &Tensor, dtype: SaveDType) -> Result<(Dtype, Vec<u8>)> {
 /// Tensors stored in f32 whatever the save dtype, as DeepSeek's releases store them: the gate's
 /// selection bias (a bf16 step at |b| ~ 0.1 is about half the bias update's gamma) and FP8 block
 /// scales.
+/// Bytes `t` takes in a file saved as `dtype`, as [`save_file`] writes it: FP8 codes, integers
+/// as i64, floats as `dtype` or f32 ([`keeps_f32`]).
+fn stored_bytes(name: &str, t: &Tensor, dtype: SaveDType) -> usize {
+    let elem = if t.dtype().fp8_format().is_some() {
+        1
+    } else if !t.dtype().is_float() {
+        8
+    } else if keeps_f32(name) || matches!(dtype, SaveDType::F32) {
+        4
+    } else {
+        2
+    };
+    t.elem_count() * elem
+}
+
 fn keeps_f32(name: &str) -> bool {
     name.ends_with("e_score_correction_bias") || name.ends_with("weight_scale_inv")
 }
@@ -301,19 +316,10 @@ pub fn save_sharded(
     dtype: SaveDType,
     max_shard_bytes: usize,
 ) -> Result<()> {
-    // Bytes a tensor takes in the file: FP8 tensors keep their codes, floats are stored as `dtype`.
-    let file_bytes = |t: &Tensor| {
-        let elem = match (t.dtype().fp8_format(), dtype) {
-            (Some(_), _) => 1,
-            (None, SaveDType::F32) => 4,
-            (None, _) => 2,
-        };
-        t.elem_count() * elem
-    };
     let mut shards: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new()];
     let mut size = 0;
     for (name, t) in tensors {
-        let bytes = file_bytes(t);
+        let bytes = stored_bytes(name, t, dtype);
         if size > 0 && size + bytes > max_shard_bytes {
             shards.push(BTreeMap::new());
             size = 0;
@@ -322,6 +328,7 @@ pub fn save_sharded(
         shards.last_mut().expect("one shard").insert(name.clone(), t.clone());
     }
     let n = shards.len();
+    let previous = listed_shards(dir);
     let mut weight_map = serde_json::Map::new();
     let mut total = 0usize;
     for (i, shard) in shards.iter().enumerate() {
@@ -329,14 +336,48 @@ pub fn save_sharded(
         save_file(&dir.join(&file), shard, dtype)?;
         for (name, t) in shard {
             weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
-            total += file_bytes(t);
+            total += stored_bytes(name, t, dtype);
         }
     }
     let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-    let path = dir.join("model.safetensors.index.json");
+    let path = dir.join(INDEX);
     let tmp = dir.join("model.safetensors.index.json.tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(&index).expect("json")).map_err(|e| Error::file(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::file(&path, e))
+    std::fs::rename(&tmp, &path).map_err(|e| Error::file(&path, e))?;
+    // What an earlier save left that this one does not use: its single file and extra shards.
+    let written: Vec<String> = (1..=n).map(|i| format!("model-{i:05}-of-{n:05}.safetensors")).collect();
+    let stale = previous.into_iter().chain(["model.safetensors".to_string()]).filter(|f| !written.contains(f));
+    remove_files(dir, stale)
+}
+
+const INDEX: &str = "model.safetensors.index.json";
+
+/// The shard files `dir`'s index lists (none without a readable index).
+fn listed_shards(dir: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(dir.join(INDEX)) else { return Vec::new() };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return Vec::new() };
+    let mut files: Vec<String> = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .map(|m| m.values().filter_map(|f| f.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    files.sort_unstable();
+    files.dedup();
+    // Only plain file names: an index is not a licence to delete outside `dir`.
+    files.retain(|f| Path::new(f).file_name().is_some_and(|n| n == f.as_str()));
+    files
+}
+
+/// Removes `files` (names in `dir`) where they exist.
+fn remove_files(dir: &Path, files: impl IntoIterator<Item = String>) -> Result<()> {
+    for f in files {
+        let path = dir.join(f);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::file(&path, e)),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Writes an HF model directory: `config.json` (through a temporary file and a rename) and
@@ -352,5 +393,9 @@ pub fn save_model_dir(
     let tmp = dir.join("config.json.tmp");
     std::fs::write(&tmp, config_json).map_err(|e| Error::file(&tmp, e))?;
     std::fs::rename(&tmp, &cfg_path).map_err(|e| Error::file(&cfg_path, e))?;
-    save_file(&dir.join("model.safetensors"), tensors, dtype)
+    // Saving over a sharded checkpoint: loading prefers an index, so the old one and its shards
+    // go once the new file is in place (as HF's save_pretrained cleans up earlier shards).
+    let previous = listed_shards(dir).into_iter().filter(|f| f != "model.safetensors");
+    save_file(&dir.join("model.safetensors"), tensors, dtype)?;
+    remove_files(dir, [INDEX.to_string()].into_iter().chain(previous))
 }

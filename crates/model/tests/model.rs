@@ -49,6 +49,27 @@ fn save_and_load_round_trip_exactly_including_biases_and_mtp() {
     assert_eq!(tensors.len(), model.state_dict().len());
     assert!(std::fs::read_dir(&sharded).unwrap().count() > 3, "several shards");
     assert_eq!(logits_bits(&model, &ids), logits_bits(&DeepSeekV3::from_pretrained(&sharded).unwrap(), &ids));
+    // Saving a changed model over the sharded copy: the stale index and shards go (loading
+    // prefers an index, so they would have brought the old weights back), and so on back again.
+    let files = |d: &std::path::Path| -> Vec<String> {
+        let mut f: Vec<String> =
+            std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        f.sort();
+        f
+    };
+    let changed = DeepSeekV3::new(cfg.clone(), 99).unwrap();
+    changed.save_pretrained(&sharded, SaveDType::F32).unwrap();
+    assert_eq!(files(&sharded), ["config.json", "model.safetensors"]);
+    assert_eq!(logits_bits(&changed, &ids), logits_bits(&DeepSeekV3::from_pretrained(&sharded).unwrap(), &ids));
+    save_sharded(&sharded, &changed.state_dict(), SaveDType::F32, 20_000).unwrap();
+    let many = files(&sharded).len();
+    save_sharded(&sharded, &model.state_dict(), SaveDType::F32, 40_000).unwrap();
+    let index = std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap();
+    let shards: Vec<String> = files(&sharded).into_iter().filter(|f| f.ends_with(".safetensors")).collect();
+    assert!(
+        files(&sharded).len() < many && shards.iter().all(|f| f.starts_with("model-") && index.contains(f.as_str()))
+    );
+    assert_eq!(logits_bits(&model, &ids), logits_bits(&DeepSeekV3::from_pretrained(&sharded).unwrap(), &ids));
 
     let bf = tmpdir("bf16");
     model.save_pretrained(&bf, SaveDType::BF16).unwrap();
