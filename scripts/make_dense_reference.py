@@ -14,12 +14,13 @@ attention, float32) — the architectures of DeepSeek-R1-Distill-Qwen and -Llama
 Weights are drawn larger than HF's init (and biases and norm weights are non-trivial) so every
 term of the forward matters.
 
-Run once from the repo root (CI never does):
+Run once from the repo root (CI never does); name configs to write only those:
   python3 -m venv .venv && .venv/bin/pip install torch transformers safetensors
-  .venv/bin/python scripts/make_dense_reference.py
+  .venv/bin/python scripts/make_dense_reference.py [NAME ...]
 """
 
 import os
+import sys
 
 import torch
 from safetensors.torch import save_file
@@ -44,6 +45,12 @@ CONFIGS = {
     "qwen2_tied": (Qwen2Config, Qwen2ForCausalLM, dict(rope_theta=1_000_000.0, tie_word_embeddings=True)),
     # Llama: no biases, untied head (as DeepSeek-R1-Distill-Llama).
     "llama_untied": (LlamaConfig, LlamaForCausalLM, dict(rope_theta=500_000.0, tie_word_embeddings=False)),
+    # Llama's attention_bias: biases on q/k/v and on o_proj too.
+    "llama_biased": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(rope_theta=500_000.0, tie_word_embeddings=False, attention_bias=True),
+    ),
 }
 
 
@@ -59,7 +66,9 @@ def randomise(model, gen):
 
 
 def main():
-    for name, (config_cls, model_cls, extra) in CONFIGS.items():
+    names = sys.argv[1:] or list(CONFIGS)
+    for name in names:
+        config_cls, model_cls, extra = CONFIGS[name]
         gen = torch.Generator().manual_seed(7)
         config = config_cls(**COMMON, **extra)
         model = model_cls(config).float()

@@ -33,7 +33,7 @@ pub struct DenseConfig {
     pub rope_theta: f64,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
-    /// Biases on q/k/v (always for Qwen2; Llama's `attention_bias`).
+    /// Biases on q/k/v (always for Qwen2; Llama's `attention_bias`, which biases o_proj too).
     pub attention_bias: bool,
     pub initializer_range: f64,
     pub bos_token_id: Option<u32>,
@@ -41,6 +41,12 @@ pub struct DenseConfig {
 }
 
 impl DenseConfig {
+    /// Whether o_proj has a bias: Llama's `attention_bias` covers all four projections
+    /// (modeling_llama.py), Qwen2's biases are on q/k/v only.
+    pub fn o_proj_bias(&self) -> bool {
+        self.attention_bias && self.model_type == "llama"
+    }
+
     /// Parses an HF config.json text; errors name the key.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
         let v: Value = serde_json::from_str(text).map_err(|e| Error::file(path, e))?;
@@ -191,7 +197,8 @@ impl DenseConfig {
     /// Total parameters.
     pub fn param_count(&self) -> usize {
         let (d, h, kv, hd) = (self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim);
-        let attn = d * h * hd * 2 + d * kv * hd * 2 + if self.attention_bias { h * hd + 2 * kv * hd } else { 0 };
+        let qkv_bias = if self.attention_bias { h * hd + 2 * kv * hd } else { 0 };
+        let attn = d * h * hd * 2 + d * kv * hd * 2 + qkv_bias + if self.o_proj_bias() { d } else { 0 };
         let layer = attn + 3 * d * self.intermediate_size + 2 * d;
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
         self.vocab_size * d + self.num_hidden_layers * layer + d + head
@@ -231,7 +238,7 @@ pub struct DenseAttention {
     pub q_proj: BiasedLinear,
     pub k_proj: BiasedLinear,
     pub v_proj: BiasedLinear,
-    pub o_proj: Linear,
+    pub o_proj: BiasedLinear,
     pub rotary: RotaryEmbedding,
     pub heads: usize,
     pub kv_heads: usize,
@@ -246,7 +253,7 @@ impl DenseAttention {
             q_proj: BiasedLinear::new(b, "q_proj", d, h * hd, cfg.attention_bias)?,
             k_proj: BiasedLinear::new(b, "k_proj", d, kv * hd, cfg.attention_bias)?,
             v_proj: BiasedLinear::new(b, "v_proj", d, kv * hd, cfg.attention_bias)?,
-            o_proj: Linear::new(b, "o_proj", h * hd, d)?,
+            o_proj: BiasedLinear::new(b, "o_proj", h * hd, d, cfg.o_proj_bias())?,
             rotary: RotaryEmbedding::new(hd, cfg.rope_theta, None, RopeLayout::HalfRotated),
             heads: h,
             kv_heads: kv,

@@ -54,6 +54,14 @@ fn llama_with_an_untied_head_matches_transformers() {
 }
 
 #[test]
+fn llama_with_attention_bias_biases_o_proj_too_as_transformers_does() {
+    check("llama_biased");
+    let model = DenseModel::from_pretrained(&fixture("llama_biased")).unwrap();
+    assert!(model.params.get("model.layers.1.self_attn.o_proj.bias").is_ok());
+    assert_eq!(model.params.iter().map(|(_, p)| p.elem_count()).sum::<usize>(), model.config.param_count());
+}
+
+#[test]
 fn a_student_saves_loads_and_duplicates_exactly() {
     let model = DenseModel::new(DenseConfig::student(64), 3).unwrap();
     assert_eq!(model.params.num_elements(), model.config.param_count());
