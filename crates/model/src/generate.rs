@@ -56,7 +56,9 @@ impl KvCache {
 pub struct SamplingConfig {
     /// 0 means greedy (argmax).
     pub temperature: f32,
+    /// Keep the tokens scoring at least the k-th highest (ties kept, as HF does); 0 is off.
     pub top_k: Option<usize>,
+    /// Keep the most probable tokens until their mass reaches p, measured on what top-k kept.
     pub top_p: Option<f32>,
     pub max_new_tokens: usize,
     /// Generation of a sequence stops after any of these tokens (which is kept).
@@ -108,17 +110,23 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> (u32
         }
         return (best as u32, (scaled[best] - lse) as f32);
     }
-    // Candidates in descending probability, cut by top-k and top-p, then renormalised.
+    // Candidates in descending probability, cut by top-k and then top-p (HF's order of the
+    // warpers), then renormalised.
     let mut order: Vec<usize> = (0..scaled.len()).collect();
-    order.sort_by(|&a, &b| scaled[b].partial_cmp(&scaled[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
-    if let Some(k) = cfg.top_k {
-        order.truncate(k.max(1));
+    order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
+    // The probability mass top-k leaves (1 without it): top-p measures against it.
+    let mut kept_mass = 1.0;
+    if let Some(k) = cfg.top_k.filter(|&k| k > 0 && k < order.len()) {
+        // Every token scoring at least the k-th (HF's TopKLogitsWarper keeps ties); 0 is off.
+        let kth = scaled[order[k - 1]];
+        order.truncate(order.iter().take_while(|&&i| scaled[i] >= kth).count());
+        kept_mass = order.iter().map(|&i| (scaled[i] - lse).exp()).sum();
     }
     if let Some(p) = cfg.top_p {
         let mut acc = 0.0;
         let mut keep = 0;
         for &i in &order {
-            acc += (scaled[i] - lse).exp();
+            acc += (scaled[i] - lse).exp() / kept_mass;
             keep += 1;
             if acc >= p as f64 {
                 break;

@@ -1,6 +1,6 @@
 //! The cached decode path against the training forward, and batch-independence of generation.
 
-use whale_model::generate::{CacheMode, KvCache, SamplingConfig};
+use whale_model::generate::{sample_token, CacheMode, KvCache, SamplingConfig};
 use whale_model::{CausalLm, DeepSeekV3, DeepSeekV3Config};
 use whale_tensor::{no_grad, Device, Rng, Tensor};
 
@@ -114,4 +114,31 @@ fn greedy_speculative_decoding_yields_the_plain_greedy_tokens() {
     no_mtp.num_nextn_predict_layers = 0;
     let m = DeepSeekV3::new(no_mtp, 1).unwrap();
     assert!(m.generate_speculative(&[10], 4, &[], CacheMode::Naive).unwrap_err().to_string().contains("MTP"));
+}
+
+#[test]
+fn top_k_then_top_p_sample_as_hf_warpers_do() {
+    let draw = |logits: &[f32], top_k: Option<usize>, top_p: Option<f32>| -> Vec<(u32, f32)> {
+        let cfg = SamplingConfig { top_k, top_p, ..SamplingConfig::sampled(1.0, 1, vec![]) };
+        let mut rng = Rng::new(7);
+        (0..400).map(|_| sample_token(logits, &cfg, &mut rng)).collect()
+    };
+    let seen = |d: &[(u32, f32)]| -> Vec<u32> {
+        let mut t: Vec<u32> = d.iter().map(|x| x.0).collect();
+        t.sort_unstable();
+        t.dedup();
+        t
+    };
+    // Probabilities 0.5, 0.3, 0.2. Top-k 2 renormalises to 0.625 / 0.375, so top-p 0.6 keeps the
+    // first token alone (HF), not both (0.5 < 0.6 of the unrenormalised mass).
+    let probs = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+    let d = draw(&probs, Some(2), Some(0.6));
+    assert_eq!(seen(&d), [0]);
+    assert!(d.iter().all(|&(_, lp)| lp.abs() < 1e-6), "log-prob of the only candidate is 0");
+    // Top-p alone measures against the whole distribution: 0.5 < 0.6 keeps two.
+    assert_eq!(seen(&draw(&probs, None, Some(0.6))), [0, 1]);
+    // Top-k keeps ties with its k-th score; 0 turns it off.
+    assert_eq!(seen(&draw(&[1.0, 1.0, 1.0, -1.0], Some(2), None)), [0, 1, 2]);
+    assert_eq!(seen(&draw(&[0.0, 0.0, 0.0], Some(0), None)), [0, 1, 2]);
+    assert_eq!(seen(&draw(&probs, Some(1), None)), [0]);
 }
