@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use whale_parallel::model::checkpoint::{load_file, save_file, SaveDType};
 use whale_parallel::model::generate::CacheMode;
-use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, WarmupCosine};
+use whale_parallel::model::tensor::optim::{AdamW, AdamWConfig, LrSchedule, WarmupCosine};
 use whale_parallel::model::tensor::{no_grad, Device, ParamStore, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::{load_pretrained, moved_to, CausalLm};
@@ -957,11 +957,8 @@ impl GrpoTrainer {
                     loss_sum += lv;
                     stats.add(&s);
                 }
-                let norm = clip_grad_norm(self.policy.params(), cfg.grad_clip)?;
-                if !norm.is_finite() {
-                    self.policy.params().zero_grad();
-                    return Err(Error::Rl(format!("step {}: non-finite gradient norm", self.run.step)));
-                }
+                let norm =
+                    crate::clip_finite(self.policy.params(), cfg.grad_clip, || format!("step {}", self.run.step))?;
                 grad_norm += norm;
                 self.opt.step(self.policy.params(), lr)?;
                 self.policy.params().zero_grad();

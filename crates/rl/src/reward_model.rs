@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use serde::Serialize;
-use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use whale_parallel::model::tensor::optim::{AdamW, AdamWConfig};
 use whale_parallel::model::tensor::{no_grad, DType, Device, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::CausalLm;
@@ -113,7 +113,7 @@ impl RewardModel {
                 return Err(Error::Rl(format!("reward model step {step}: the loss is not finite")));
             }
             loss.backward()?;
-            clip_grad_norm(&self.model.params, 1.0)?;
+            crate::clip_finite(&self.model.params, 1.0, || format!("reward model step {step}"))?;
             opt.step(&self.model.params, lr)?;
             self.model.params.zero_grad();
         }

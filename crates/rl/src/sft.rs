@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use whale_parallel::model::generate::{CacheMode, SamplingConfig};
-use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, WarmupCosine};
+use whale_parallel::model::tensor::optim::{AdamW, AdamWConfig, LrSchedule, WarmupCosine};
 use whale_parallel::model::tensor::{Device, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::{CausalLm, IGNORE_INDEX};
@@ -174,7 +174,7 @@ pub fn sft(
             return Err(Error::Rl(format!("SFT step {step}: the loss is not finite ({lv})")));
         }
         loss.backward()?;
-        clip_grad_norm(model.params(), cfg.grad_clip)?;
+        crate::clip_finite(model.params(), cfg.grad_clip, || format!("SFT step {step}"))?;
         let lr = schedule.lr(step);
         opt.step(model.params(), lr)?;
         model.params().zero_grad();
