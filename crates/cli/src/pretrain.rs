@@ -390,9 +390,10 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     std::fs::write(&settings_path, serde_json::to_string_pretty(&s)?)
         .with_context(|| settings_path.display().to_string())?;
 
+    let problems = tasks.held_out(s.eval_problems, s.seed);
     let plan = RankPlan {
-        // Validation problems: held-out side of the split, their own seed (not the final test set).
-        validation: tasks.held_out(32, s.seed.wrapping_add(0x5A11)),
+        // Validation problems: held-out side of the split, their own seed, none of the test set's.
+        validation: crate::r1_zero::validation_problems(&tasks, s.seed, &problems),
         history: s.out.join("eval_history.jsonl"),
         s: &s,
         mesh,
@@ -410,7 +411,6 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let vio: Vec<String> = last_vio.iter().map(|v| format!("{v:.2}")).collect();
     println!("final expert-load MaxVio per MoE layer: [{}]", vio.join(", "));
 
-    let problems = tasks.held_out(s.eval_problems, s.seed);
     let eval_cfg = EvalConfig { samples: s.k, ..EvalConfig::default() };
     let t0 = Instant::now();
     let report = evaluate_on_cpu(&trainer.model, device, &tok, &problems, &eval_cfg)?;

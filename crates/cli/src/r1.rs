@@ -321,6 +321,7 @@ impl Pipeline {
             &self.s.tasks,
             cfg.letters,
             self.s.eval_seed,
+            &self.heldout,
             dir.join("eval_history.jsonl"),
             self.s.eval_every,
         )?;

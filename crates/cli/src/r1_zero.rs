@@ -274,8 +274,14 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     print_report("base", &before);
     write_eval(&out.join("eval_before.json"), &before)?;
 
-    let validation =
-        Validation::new(&s.grpo.tasks, s.grpo.letters, s.eval_seed, out.join("eval_history.jsonl"), s.eval_every)?;
+    let validation = Validation::new(
+        &s.grpo.tasks,
+        s.grpo.letters,
+        s.eval_seed,
+        &problems,
+        out.join("eval_history.jsonl"),
+        s.eval_every,
+    )?;
     let first = trainer.run_mut().step;
     let train_seconds = train_loop(&mut *trainer, &ckpt, s.checkpoint_every, Some(&validation))?;
     let steps_run = (s.grpo.steps - first).max(1) as f64;
@@ -305,6 +311,12 @@ pub struct R1ZeroOutcome {
     pub after: EvalReport,
 }
 
+/// The validation problems of a run evaluated on `test`: 32 held-out problems of `tasks` from
+/// the run seed's validation stream, none of them in `test`.
+pub fn validation_problems(tasks: &TaskSet, seed: u64, test: &[Problem]) -> Vec<Problem> {
+    tasks.held_out_besides(32, seed.wrapping_add(0x5A11), test)
+}
+
 /// A small validation set evaluated every `every` steps of an RL run (pass@1 of 4 samples),
 /// appended to `history` as JSON lines: the pass@1-over-steps curve.
 #[derive(Debug)]
@@ -316,10 +328,10 @@ pub struct Validation {
 
 impl Validation {
     /// 32 held-out problems of `tasks` (a task spec such as `add:3-4,mul`; `letters` of them in
-    /// letter numerals), from their own seed (not the final test set).
-    pub fn new(tasks: &str, letters: f64, seed: u64, history: PathBuf, every: u64) -> Result<Self> {
+    /// letter numerals) from their own seed, none of them in `test` (the final evaluation's).
+    pub fn new(tasks: &str, letters: f64, seed: u64, test: &[Problem], history: PathBuf, every: u64) -> Result<Self> {
         let tasks = TaskSet::parse(tasks)?.with_letters(letters)?;
-        Ok(Validation { problems: tasks.held_out(32, seed.wrapping_add(0x5A11)), every, history })
+        Ok(Validation { problems: validation_problems(&tasks, seed, test), every, history })
     }
 
     fn record(&self, model: &dyn CausalLm, step: u64) -> Result<EvalReport> {

@@ -133,6 +133,15 @@ impl TaskSet {
         self.problems(n, seed ^ 0x0000_E0A1, Split::HeldOut)
     }
 
+    /// `n` held-out problems as [`TaskSet::held_out`] draws them, leaving out any of `test` (read
+    /// as digits, so neither script of a test problem): a validation set that never scores a
+    /// problem of the final evaluation.
+    pub fn held_out_besides(&self, n: usize, seed: u64, test: &[Problem]) -> Vec<Problem> {
+        let test: HashSet<String> = test.iter().map(|p| to_digits(&p.prompt)).collect();
+        let drawn = self.held_out(n + test.len(), seed);
+        drawn.into_iter().filter(|p| !test.contains(&to_digits(&p.prompt))).take(n).collect()
+    }
+
     /// An imperfect completion of `p` from its own task.
     pub fn corrupt(&self, rng: &mut Rng, p: &Problem) -> String {
         if Language::of_problem(p) == Some(Language::Letters) {
@@ -392,6 +401,22 @@ mod tests {
         let err = load_jsonl(&f).unwrap_err().to_string();
         assert!(err.contains("data.jsonl:1") && err.contains("answer"), "{err}");
         assert!(TaskSet::parse("add,division").unwrap_err().to_string().contains("division"));
+    }
+
+    #[test]
+    fn validation_problems_leave_out_the_test_set_in_either_script() {
+        // A small problem space (one-digit sums), so two held-out draws overlap.
+        let tasks = TaskSet::parse("add:1").unwrap().with_letters(0.5).unwrap();
+        let test = tasks.held_out(6, 0);
+        let plain = tasks.held_out(6, 0x5A11);
+        let digits = |ps: &[Problem]| -> HashSet<String> { ps.iter().map(|p| to_digits(&p.prompt)).collect() };
+        assert!(!digits(&plain).is_disjoint(&digits(&test)), "the draws must overlap for this test");
+        let validation = tasks.held_out_besides(6, 0x5A11, &test);
+        assert!(digits(&validation).is_disjoint(&digits(&test)));
+        assert!(validation.iter().all(|p| Split::of(&p.prompt) == Split::HeldOut));
+        // What did not overlap is drawn as before, in order.
+        let kept: Vec<&Problem> = plain.iter().filter(|p| !digits(&test).contains(&to_digits(&p.prompt))).collect();
+        assert!(kept.iter().zip(&validation).all(|(a, b)| *a == b));
     }
 
     #[test]
