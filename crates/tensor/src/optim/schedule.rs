@@ -14,8 +14,10 @@ impl LrSchedule for Constant {
     }
 }
 
-/// Linear warmup from 0 to `peak` over `warmup` steps, then cosine decay to `min` at `total`,
-/// then `min`.
+/// Linear warmup to `peak` over `warmup` steps, then cosine decay to `min` at `total`, then
+/// `min`. Warmup step i (0-based) takes `peak * (i + 1) / warmup`, so no step has a zero rate and
+/// the last warmup step reaches `peak` (Megatron's and nanoGPT's convention; HF's
+/// `get_cosine_schedule_with_warmup` starts at 0 and reaches `peak` one step later).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WarmupCosine {
     pub peak: f32,
