@@ -168,6 +168,8 @@ fn check(dp: usize, ep: usize, pp: usize, schedule: Method) -> Vec<Outcome> {
 #[test]
 fn meshes_of_every_kind_take_one_rank_steps() {
     check(2, 2, 1, Method::OneFOneB); // experts over the replicas, one stage
+    check(4, 4, 1, Method::OneFOneB); // two experts a rank: a token's top-2 can be on two ranks
+    check(4, 2, 1, Method::OneFOneB); // two expert-parallel groups, each expert on two replicas
     check(1, 1, 2, Method::OneFOneB); // a pipeline alone
     check(2, 1, 2, Method::DualPipe); // PP = 2 needs an even count of at least 4 micro-batches
     check(2, 2, 2, Method::DualPipe); // overlapped pairs with expert all-to-alls on both halves
