@@ -11,7 +11,7 @@
 //! contribution, each as a u32 length and bytes.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use crate::{Error, Result};
@@ -35,7 +35,12 @@ impl LaunchEnv {
     }
 
     /// Reads the launch variables; `None` when `RANK` and `WORLD_SIZE` are both unset (a plain,
-    /// single-process run). A malformed or missing variable is an error naming it.
+    /// single-process run). A malformed or missing variable is an error naming it (`MASTER_ADDR`
+    /// and `MASTER_PORT` may be left out only by a world of one, as torch's `env://` requires).
+    ///
+    /// Under torchrun's default static rendezvous its agent's own store already listens on
+    /// `MASTER_PORT` (it sets `TORCHELASTIC_USE_AGENT_STORE=True`): Whale's rendezvous then needs
+    /// a port of its own in `WHALE_RDZV_PORT`, on the same master.
     pub fn from_env() -> Result<Option<LaunchEnv>> {
         Self::from_vars(|k| std::env::var(k).ok())
     }
@@ -58,10 +63,31 @@ impl LaunchEnv {
             Some(_) => num("LOCAL_RANK")?,
             None => rank,
         };
-        let master_addr = get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".to_string());
-        let port = get("MASTER_PORT").unwrap_or_else(|| "29500".to_string());
-        let master_port =
-            port.trim().parse().map_err(|_| Error::Train(format!("launch: `MASTER_PORT`={port:?} is not a port")))?;
+        let alone = |k: &str, default: &str| match get(k) {
+            Some(v) => Ok(v),
+            None if world_size == 1 => Ok(default.to_string()),
+            None => var(k),
+        };
+        let master_addr = alone("MASTER_ADDR", "127.0.0.1")?;
+        let agent_store = get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let port_var = match get("WHALE_RDZV_PORT") {
+            Some(_) => "WHALE_RDZV_PORT",
+            None if agent_store && world_size > 1 => {
+                return Err(Error::Train(
+                    "launch: `TORCHELASTIC_USE_AGENT_STORE`=True: torchrun's store listens on MASTER_PORT, so set \
+                     `WHALE_RDZV_PORT` to a free port on the master for Whale's rendezvous"
+                        .into(),
+                ))
+            }
+            None => "MASTER_PORT",
+        };
+        let port = alone(port_var, "29500")?;
+        let master_port = port
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&p: &u16| p != 0)
+            .ok_or_else(|| Error::Train(format!("launch: `{port_var}`={port:?} is not a port (1 to 65535)")))?;
         Ok(Some(LaunchEnv { rank, world_size, local_rank, master_addr, master_port }))
     }
 }
@@ -87,8 +113,9 @@ pub fn rendezvous(
         return Ok((blob.to_vec(), all));
     }
     let mut stream = connect(&addr, deadline)?;
-    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-    stream.set_read_timeout(Some(remaining)).map_err(|e| io_err("timeout", e))?;
+    // Connected, this rank waits for the last one to arrive: up to the master's whole timeout
+    // (the master may have started later than this rank and still be inside its own).
+    stream.set_read_timeout(Some(timeout.max(Duration::from_millis(1)))).map_err(|e| io_err("timeout", e))?;
     let mut hello = Vec::with_capacity(12 + mine.len());
     hello.extend((env.rank as u32).to_le_bytes());
     hello.extend((env.world_size as u32).to_le_bytes());
@@ -102,8 +129,18 @@ pub fn rendezvous(
     Ok((blob, all))
 }
 
+/// The longest blob or contribution a rendezvous carries (an NCCL id is 128 bytes, an address
+/// a few dozen): a longer length means the other end speaks another protocol.
+const MAX_MESSAGE: usize = 1 << 20;
+
 fn read_bytes(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let len = read_u32(s)? as usize;
+    if len > MAX_MESSAGE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a message of {len} bytes: not a Whale rendezvous (is another service on this port?)"),
+        ));
+    }
     let mut out = vec![0u8; len];
     s.read_exact(&mut out)?;
     Ok(out)
@@ -137,16 +174,48 @@ pub(crate) fn read_u32(s: &mut TcpStream) -> std::io::Result<u32> {
     Ok(u32::from_le_bytes(b))
 }
 
+/// The next connection to `listener` (made non-blocking here), or `None` once `deadline` passes.
+/// The connection comes back blocking, with reads timing out after `read_timeout`.
+pub(crate) fn accept_before(
+    listener: &TcpListener,
+    deadline: Instant,
+    read_timeout: Duration,
+) -> std::io::Result<Option<(TcpStream, SocketAddr)>> {
+    listener.set_nonblocking(true)?;
+    loop {
+        match listener.accept() {
+            Ok((s, from)) => {
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(read_timeout))?;
+                return Ok(Some((s, from)));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Rank 0's listener: every interface on the master's port (MASTER_ADDR names the master for
+/// the others; a name that resolves to a loopback address on the master itself must not keep
+/// other machines out), in the address family MASTER_ADDR resolves to.
+fn listen_on_master(addr: &str, port: u16) -> Result<TcpListener> {
+    let v6 = addr.to_socket_addrs().ok().and_then(|mut a| a.next()).is_some_and(|a| a.is_ipv6());
+    let any: IpAddr = if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+    TcpListener::bind(SocketAddr::new(any, port)).map_err(|e| io_err(&format!("listening on port {port}"), e))
+}
+
 fn serve(env: &LaunchEnv, addr: &str, blob: &[u8], mine: &[u8], deadline: Instant) -> Result<Vec<Vec<u8>>> {
-    let listener = TcpListener::bind(addr).map_err(|e| io_err(&format!("listening on {addr}"), e))?;
-    listener.set_nonblocking(true).map_err(|e| io_err("listener", e))?;
+    let listener = listen_on_master(addr, env.master_port)?;
     let mut peers: Vec<Option<(TcpStream, Vec<u8>)>> = (0..env.world_size).map(|_| None).collect();
     let mut arrived = 1; // rank 0 itself
     while arrived < env.world_size {
-        match listener.accept() {
-            Ok((mut s, from)) => {
-                s.set_nonblocking(false).map_err(|e| io_err("peer socket", e))?;
-                s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| io_err("peer socket", e))?;
+        match accept_before(&listener, deadline, Duration::from_secs(10)) {
+            Ok(Some((mut s, from))) => {
                 let rank = read_u32(&mut s).map_err(|e| io_err(&format!("reading a rank from {from}"), e))? as usize;
                 let world = read_u32(&mut s).map_err(|e| io_err(&format!("reading a world size from {from}"), e))?;
                 if world as usize != env.world_size {
@@ -165,12 +234,9 @@ fn serve(env: &LaunchEnv, addr: &str, blob: &[u8], mine: &[u8], deadline: Instan
                 peers[rank] = Some((s, theirs));
                 arrived += 1;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let missing: Vec<usize> = (1..env.world_size).filter(|&r| peers[r].is_none()).collect();
-                    return Err(Error::Train(format!("rendezvous: ranks {missing:?} did not arrive in time")));
-                }
-                std::thread::sleep(Duration::from_millis(10));
+            Ok(None) => {
+                let missing: Vec<usize> = (1..env.world_size).filter(|&r| peers[r].is_none()).collect();
+                return Err(Error::Train(format!("rendezvous: ranks {missing:?} did not arrive in time")));
             }
             Err(e) => return Err(io_err("accepting", e)),
         }
@@ -216,6 +282,34 @@ mod tests {
         assert!(vars(&[("RANK", "4"), ("WORLD_SIZE", "4")]).unwrap_err().to_string().contains("not below"));
         assert!(vars(&[("RANK", "x"), ("WORLD_SIZE", "4")]).unwrap_err().to_string().contains("`RANK`"));
         assert!(vars(&[("RANK", "0")]).unwrap_err().to_string().contains("`WORLD_SIZE`"));
+        // A world of one needs no master; a larger one names what it misses.
+        let one = vars(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap().unwrap();
+        assert_eq!((one.master_addr.as_str(), one.master_port), ("127.0.0.1", 29500));
+        let err = vars(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).unwrap_err().to_string();
+        assert!(err.contains("`MASTER_ADDR`"), "{err}");
+        let two = [("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "node0")];
+        assert!(vars(&two).unwrap_err().to_string().contains("`MASTER_PORT`"));
+        let port = |p: &str| vars(&[two[0], two[1], two[2], ("MASTER_PORT", p)]);
+        assert!(port("0").unwrap_err().to_string().contains("not a port"));
+        // Under torchrun's agent store, MASTER_PORT is taken: Whale's rendezvous needs its own.
+        let torchrun = [two[0], two[1], two[2], ("MASTER_PORT", "29500"), ("TORCHELASTIC_USE_AGENT_STORE", "True")];
+        assert!(vars(&torchrun).unwrap_err().to_string().contains("`WHALE_RDZV_PORT`"));
+        let own = [torchrun[0], torchrun[1], torchrun[2], torchrun[3], torchrun[4], ("WHALE_RDZV_PORT", "29600")];
+        assert_eq!(vars(&own).unwrap().unwrap().master_port, 29600);
+    }
+
+    #[test]
+    fn a_service_that_is_not_a_rendezvous_is_an_error_not_a_huge_allocation() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let _ = s.write_all(&[0xff; 16]);
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        let err = rendezvous(&env(1, 2, port), None, b"me", Duration::from_secs(5)).unwrap_err().to_string();
+        assert!(err.contains("not a Whale rendezvous"), "{err}");
+        server.join().unwrap();
     }
 
     #[test]

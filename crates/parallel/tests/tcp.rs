@@ -134,3 +134,30 @@ fn a_pipeline_step_over_tcp_equals_one_device() {
         assert!(g.iter().zip(&g_ref).all(|(a, b)| (a - b).abs() <= 1e-5 * scale));
     }
 }
+
+#[test]
+fn a_rank_that_leaves_after_the_rendezvous_is_an_error_not_a_hang() {
+    // Rank 1 meets rank 0 at the rendezvous but never joins the mesh: rank 0 waits for its
+    // connection until the timeout, then says which rank is missing.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let err = std::thread::scope(|s| {
+        s.spawn(move || {
+            let env = LaunchEnv::localhost(1, 2, port);
+            whale_parallel::launch::rendezvous(&env, None, b"127.0.0.1:9", Duration::from_secs(20)).unwrap()
+        });
+        let env = LaunchEnv::localhost(0, 2, port);
+        TcpComm::connect(&env, Duration::from_millis(1500), Duration::from_secs(20)).unwrap_err().to_string()
+    });
+    assert!(err.contains("[1]") && err.contains("did not connect"), "{err}");
+}
+
+#[test]
+fn split_colours_and_keys_are_full_64_bit() {
+    // Colours that agree in their low 32 bits are still different groups.
+    let out = on_tcp(3, |c| {
+        let colour = if c.rank() == 2 { 1usize << 33 } else { (1usize << 34) | (1 << 33) };
+        let sub = c.split(colour, (2 - c.rank()) << 32).unwrap();
+        (sub.world_size(), sub.rank())
+    });
+    assert_eq!(out, vec![(2, 1), (2, 0), (1, 0)]);
+}

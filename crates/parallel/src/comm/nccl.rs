@@ -51,6 +51,8 @@ fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Train(format!("nccl: {what}: {e:?}"))
 }
 
+/// NCCL's reduction for `op`. Unlike [`ReduceOp`]'s contract for Max/Min (NaN wins), NCCL's
+/// max/min drop NaN; only Sum is used by the trainers.
 fn nccl_op(op: ReduceOp) -> nccl::ReduceOp {
     match op {
         ReduceOp::Sum => nccl::ReduceOp::Sum,
@@ -106,6 +108,12 @@ impl NcclComm {
         buf: &mut [f32],
         f: impl FnOnce(&nccl::Comm, &mut cudarc::driver::CudaSlice<f32>) -> std::result::Result<(), nccl::result::NcclError>,
     ) -> Result<()> {
+        // Every rank's buffer is empty (collectives agree on lengths): nothing to move, and CUDA
+        // refuses a zero-byte allocation.
+        if buf.is_empty() {
+            self.count(0);
+            return Ok(());
+        }
         let mut d = self.stream.clone_htod(buf).map_err(|e| cuda_err("copy to GPU", e))?;
         f(&self.nccl.lock().expect("nccl lock").0, &mut d).map_err(|e| cuda_err("collective", e))?;
         self.stream.memcpy_dtoh(&d, buf).map_err(|e| cuda_err("copy from GPU", e))?;
@@ -125,6 +133,10 @@ impl NcclComm {
             &mut cudarc::driver::CudaSlice<f32>,
         ) -> std::result::Result<(), nccl::result::NcclError>,
     ) -> Result<Vec<f32>> {
+        if input.is_empty() || out_len == 0 {
+            self.count(input.len());
+            return Ok(vec![0.0; out_len]);
+        }
         let src = self.stream.clone_htod(input).map_err(|e| cuda_err("copy to GPU", e))?;
         let mut dst = self.stream.alloc_zeros::<f32>(out_len).map_err(|e| cuda_err("allocating", e))?;
         f(&self.nccl.lock().expect("nccl lock").0, &src, &mut dst).map_err(|e| cuda_err("collective", e))?;
@@ -174,16 +186,18 @@ impl Comm for NcclComm {
         let incoming: Vec<usize> = (0..w).map(|j| all[j * w + me].to_bits() as usize).collect();
         let mut src = Vec::with_capacity(w);
         let mut dst = Vec::with_capacity(w);
+        // No device buffer for an empty message (CUDA refuses zero-byte allocations).
         for j in 0..w {
-            src.push(self.stream.clone_htod(&send[j]).map_err(|e| cuda_err("copy to GPU", e))?);
+            let buffer = (!send[j].is_empty()).then(|| self.stream.clone_htod(&send[j])).transpose();
+            src.push(buffer.map_err(|e| cuda_err("copy to GPU", e))?);
             dst.push(self.stream.alloc_zeros::<f32>(incoming[j].max(1)).map_err(|e| cuda_err("allocating", e))?);
         }
         {
             let guard = self.nccl.lock().expect("nccl lock");
             group_start().map_err(|e| cuda_err("group start", e))?;
             for j in 0..w {
-                if !send[j].is_empty() {
-                    guard.0.send(&src[j], j as i32).map_err(|e| cuda_err("send", e))?;
+                if let Some(src) = &src[j] {
+                    guard.0.send(src, j as i32).map_err(|e| cuda_err("send", e))?;
                 }
                 if incoming[j] > 0 {
                     guard.0.recv(&mut dst[j], j as i32).map_err(|e| cuda_err("recv", e))?;
@@ -223,6 +237,10 @@ impl Comm for NcclComm {
         }
     }
 
+    /// A communicator for a colour's ranks on this one's stream. NCCL needs the collectives of
+    /// communicators used at the same time to be issued in one order on every rank: two splits
+    /// driven from two threads at once (DualPipe's overlapped halves with expert parallelism)
+    /// can deadlock. Not yet run on more than one GPU.
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Comm>> {
         let host = self.host.split_tcp(color, key)?;
         Ok(Box::new(NcclComm::over(host, self.stream.clone())?))

@@ -17,13 +17,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{combine, single, Collective, Comm, CommError, CommStats, ReduceOp, Traffic};
-use crate::launch::{read_u32, rendezvous, LaunchEnv};
+use super::{
+    combine, f32_bits_to_u64, single, u64_to_f32_bits, Collective, Comm, CommError, CommStats, ReduceOp, Traffic,
+};
+use crate::launch::{accept_before, read_u32, rendezvous, LaunchEnv};
 use crate::{Error, Result};
 
 /// Frame header: source rank (u32), channel (u64), tag (u64), payload length in floats (u64).
@@ -66,7 +68,14 @@ impl Mesh {
         frame.extend((data.len() as u64).to_le_bytes());
         data.iter().for_each(|x| frame.extend(x.to_le_bytes()));
         let writer = self.writers[to].as_ref().expect("a connection to every other rank");
-        writer.lock().expect("writer lock").write_all(&frame)
+        let mut stream = writer.lock().expect("writer lock");
+        let sent = stream.write_all(&frame);
+        if sent.is_err() {
+            // Part of a frame may be out: nothing after it could be read right, so the connection
+            // ends here (the peer's reader sees it end).
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        sent
     }
 
     fn recv(&self, from: usize, channel: u64, tag: u64) -> std::result::Result<Vec<f32>, String> {
@@ -143,12 +152,12 @@ impl Drop for TcpComm {
 }
 
 /// This machine's address as the master sees it (the interface that routes to it).
-fn reachable_ip(master: &str, port: u16) -> String {
+fn reachable_ip(master: &str, port: u16) -> IpAddr {
     UdpSocket::bind("0.0.0.0:0")
         .and_then(|s| s.connect((master, port)).map(|_| s))
         .and_then(|s| s.local_addr())
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|_| "127.0.0.1".to_string())
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }
 
 fn io(op: &str, e: impl std::fmt::Display) -> Error {
@@ -159,9 +168,11 @@ impl TcpComm {
     /// Joins the world `env` describes (every rank calls this; see [`LaunchEnv::from_env`]).
     /// A receive that hears nothing for `patience` fails rather than hang.
     pub fn connect(env: &LaunchEnv, timeout: Duration, patience: Duration) -> Result<TcpComm> {
-        let listener = TcpListener::bind("0.0.0.0:0").map_err(|e| io("listening", e))?;
+        let ip = reachable_ip(&env.master_addr, env.master_port);
+        let any: IpAddr = if ip.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+        let listener = TcpListener::bind(SocketAddr::new(any, 0)).map_err(|e| io("listening", e))?;
         let port = listener.local_addr().map_err(|e| io("listening", e))?.port();
-        let me = format!("{}:{port}", reachable_ip(&env.master_addr, env.master_port));
+        let me = SocketAddr::new(ip, port).to_string();
         let blob = (env.rank == 0).then_some(&b"whale-tcp"[..]);
         let (_, addrs) = rendezvous(env, blob, me.as_bytes(), timeout)?;
         let (rank, world) = (env.rank, env.world_size);
@@ -173,12 +184,21 @@ impl TcpComm {
             s.write_all(&(rank as u32).to_le_bytes()).map_err(|e| io("greeting", e))?;
             streams[peer] = Some(s);
         }
+        // The ranks above connect to this one right after the rendezvous: a rank that died
+        // since is an error after `timeout`, not a wait forever.
+        let deadline = Instant::now() + timeout;
         for _ in rank + 1..world {
-            let (mut s, _) = listener.accept().map_err(|e| io("accepting", e))?;
-            let peer = read_u32(&mut s).map_err(|e| io("reading a greeting", e))? as usize;
+            let Some((mut s, from)) = accept_before(&listener, deadline, timeout).map_err(|e| io("accepting", e))?
+            else {
+                let missing: Vec<usize> = (rank + 1..world).filter(|&r| streams[r].is_none()).collect();
+                return Err(io("accepting", format!("ranks {missing:?} did not connect in {timeout:?}")));
+            };
+            let peer = read_u32(&mut s).map_err(|e| io(&format!("reading a greeting from {from}"), e))? as usize;
             if peer <= rank || peer >= world || streams[peer].is_some() {
                 return Err(io("accepting", format!("a connection claims rank {peer}")));
             }
+            // Frames wait as long as the program does; `patience` bounds a receive instead.
+            s.set_read_timeout(None).map_err(|e| io("socket", e))?;
             streams[peer] = Some(s);
         }
         let mut writers = Vec::with_capacity(world);
@@ -187,6 +207,9 @@ impl TcpComm {
             match s {
                 Some(s) => {
                     s.set_nodelay(true).map_err(|e| io("socket", e))?;
+                    // A peer that stops reading fails the send after `patience` instead of
+                    // blocking it (and every later send to that peer) for good.
+                    s.set_write_timeout(Some(patience.max(Duration::from_millis(1)))).map_err(|e| io("socket", e))?;
                     readers.push((peer, s.try_clone().map_err(|e| io("socket", e))?));
                     writers.push(Some(Mutex::new(s)));
                 }
@@ -237,12 +260,13 @@ impl TcpComm {
     /// [`Comm::split`] with the concrete type (the NCCL communicator splits its host mesh).
     pub fn split_tcp(&self, color: usize, key: usize) -> Result<TcpComm> {
         let n = self.splits.fetch_add(1, Ordering::SeqCst);
-        let all = self.all_gather(&[f32::from_bits(color as u32), f32::from_bits(key as u32)])?;
-        let mut group: Vec<(usize, usize)> = all
+        let all = self.all_gather(&u64_to_f32_bits(&[color as u64, key as u64]))?;
+        let words: Vec<u64> = f32_bits_to_u64(&all).collect();
+        let mut group: Vec<(u64, usize)> = words
             .chunks_exact(2)
             .enumerate()
-            .filter(|(_, ck)| ck[0].to_bits() as usize == color)
-            .map(|(r, ck)| (ck[1].to_bits() as usize, r))
+            .filter(|(_, ck)| ck[0] == color as u64)
+            .map(|(r, ck)| (ck[1], r))
             .collect();
         group.sort_unstable();
         let members: Vec<usize> = group.iter().map(|&(_, r)| self.members[r]).collect();
