@@ -177,6 +177,29 @@ pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
     Ok(Box::new(HfTokenizer::from_file(&path, id("bos_token_id"), id("eos_token_id"))?))
 }
 
+/// The tokens that end a generation from the checkpoint at `dir`: the tokenizer's EOS and every
+/// `eos_token_id` its config.json and generation_config.json list (Llama 3 lists several, and
+/// HF's `generate` stops at any of them).
+pub fn stop_tokens_for(dir: &Path, tok: &dyn Tokenizer) -> Vec<u32> {
+    let mut stop = vec![tok.eos_id()];
+    for file in ["config.json", "generation_config.json"] {
+        let Some(v) = std::fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        else {
+            continue;
+        };
+        let ids = match &v["eos_token_id"] {
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).collect(),
+            x => x.as_u64().into_iter().collect::<Vec<_>>(),
+        };
+        stop.extend(ids.into_iter().filter_map(|x| u32::try_from(x).ok()).filter(|&x| (x as usize) < tok.vocab_size()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    stop.retain(|t| seen.insert(*t));
+    stop
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +216,18 @@ mod tests {
         assert!(t.encode("A").is_err());
         // A lone '<' that starts no special token is an ordinary (unknown here) character.
         assert!(t.encode("<x").is_err());
+    }
+
+    #[test]
+    fn generation_stops_at_every_eos_the_configs_list() {
+        let dir = std::env::temp_dir().join(format!("whale-stop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = CharTokenizer::new();
+        assert_eq!(stop_tokens_for(&dir, &t), [t.eos_id()], "no configs: the tokenizer's EOS");
+        std::fs::write(dir.join("config.json"), r#"{"eos_token_id": 5}"#).unwrap();
+        std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": [5, 7, 100000]}"#).unwrap();
+        // Deduplicated, in order; an id outside the vocabulary cannot be generated anyway.
+        assert_eq!(stop_tokens_for(&dir, &t), [t.eos_id(), 5, 7]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
