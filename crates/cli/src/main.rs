@@ -81,6 +81,7 @@ fn main_job(args: pretrain::PretrainArgs) -> Result<()> {
         config: None,
         data: None,
         device: device.clone(),
+        resume: false,
     })?;
     let teacher = stages.last().expect("four stages").checkpoint.clone();
     let distilled = distill::run(distill::DistillArgs {

@@ -572,12 +572,45 @@ fn append_history(path: &Path, step: u64, r: &EvalReport) -> Result<()> {
     writeln!(f, "{line}").with_context(|| path.display().to_string())
 }
 
-pub fn write_eval(path: &Path, r: &EvalReport) -> Result<()> {
-    let v = serde_json::json!({
+/// An evaluation as `eval.json` holds it.
+pub fn eval_json(r: &EvalReport) -> serde_json::Value {
+    serde_json::json!({
         "problems": r.problems, "samples": r.samples, "greedy": r.greedy, "pass@1": r.pass1,
         "pass@k": r.pass_k, "cons@k": r.cons_k, "mean_length": r.mean_length, "format_rate": r.format_rate,
         "language": if r.language.is_finite() { serde_json::json!(r.language) } else { serde_json::Value::Null },
         "per_task": r.per_task,
-    });
-    std::fs::write(path, serde_json::to_string_pretty(&v)?).with_context(|| path.display().to_string())
+    })
+}
+
+/// [`eval_json`] read back; `None` when a field is missing or of the wrong type.
+pub fn eval_from_json(v: &serde_json::Value) -> Option<EvalReport> {
+    let num = |k: &str| v.get(k)?.as_f64();
+    let count = |k: &str| v.get(k)?.as_u64().map(|n| n as usize);
+    let per_task =
+        v.get("per_task")?.as_array()?.iter().map(|p| Some((p.get(0)?.as_str()?.to_string(), p.get(1)?.as_f64()?)));
+    Some(EvalReport {
+        problems: count("problems")?,
+        samples: count("samples")?,
+        greedy: num("greedy")?,
+        pass1: num("pass@1")?,
+        pass_k: num("pass@k")?,
+        cons_k: num("cons@k")?,
+        mean_length: num("mean_length")?,
+        format_rate: num("format_rate")?,
+        language: if v.get("language")?.is_null() { f64::NAN } else { num("language")? },
+        per_task: per_task.collect::<Option<_>>()?,
+    })
+}
+
+/// Writes `value` as pretty JSON through `path.tmp` and a rename: a reader never sees half of it.
+pub fn write_json_atomically(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, serde_json::to_string_pretty(value)?).with_context(|| tmp.display().to_string())?;
+    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())
+}
+
+pub fn write_eval(path: &Path, r: &EvalReport) -> Result<()> {
+    write_json_atomically(path, &eval_json(r))
 }

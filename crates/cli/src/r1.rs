@@ -25,12 +25,12 @@ use whale_rl::parallel::model::checkpoint::SaveDType;
 use whale_rl::parallel::model::tensor::{Device, Rng};
 use whale_rl::parallel::model::tokenizer::CharTokenizer;
 use whale_rl::parallel::model::CausalLm;
-use whale_rl::reward_model::{preference_pairs, LearnedReward, ReasoningOnly, RewardModel, RmReport};
+use whale_rl::reward_model::{preference_pairs, LearnedReward, ReasoningOnly, RewardModel};
 use whale_rl::rewards::{Accuracy, Format, LanguageConsistency, RewardSet};
-use whale_rl::sft::{rejection_sample, Example, RejectionStats, SftConfig};
+use whale_rl::sft::{rejection_sample, Example, SftConfig};
 use whale_rl::tasks::{Problem, Split, TaskSet};
 
-use crate::pretrain::{print_report, write_eval};
+use crate::pretrain::{eval_from_json, eval_json, print_report, write_eval, write_json_atomically};
 use crate::r1_zero::{train_loop, Validation};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -218,6 +218,10 @@ pub struct R1Args {
     /// reward model) sample and train there; rewards and advantages are host data.
     #[arg(long)]
     pub device: Option<String>,
+    /// Continue the run in --out with its own settings.json: stages that finished are read back
+    /// (their checkpoint and evaluation), and the first unfinished one starts over.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 /// One stage's result.
@@ -251,7 +255,12 @@ struct Pipeline {
     heldout: Vec<Problem>,
     pool: Option<Vec<Problem>>,
     device: Device,
+    /// Finished stages are read back instead of run again.
+    resume: bool,
 }
+
+/// What a finished stage leaves in its folder, written last: its presence marks the stage done.
+const STAGE_FILE: &str = "stage.json";
 
 impl Pipeline {
     /// The checkpoint at `dir`, on this run's device.
@@ -268,11 +277,42 @@ impl Pipeline {
 
     fn stage_dir(&self, stage: Stage) -> Result<PathBuf> {
         let dir = self.out.join(stage.folder());
-        if dir.join("checkpoint").exists() {
-            bail!("{} already holds this stage; choose another --out", dir.display());
+        if self.resume {
+            // What an interrupted attempt left: the stage starts over.
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).with_context(|| dir.display().to_string())?;
+            }
+        } else if dir.join("checkpoint").exists() || dir.join(STAGE_FILE).exists() {
+            bail!(
+                "{} already holds this stage; pass --resume to continue the run or choose another --out",
+                dir.display()
+            );
         }
         std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
         Ok(dir)
+    }
+
+    /// `stage` read back from its folder when resuming a run that finished it, else run.
+    fn stage(&self, stage: Stage, run: impl FnOnce() -> Result<StageResult>) -> Result<StageResult> {
+        let dir = self.out.join(stage.folder());
+        let marker = dir.join(STAGE_FILE);
+        if !(self.resume && marker.exists()) {
+            return run();
+        }
+        let text = std::fs::read_to_string(&marker).with_context(|| marker.display().to_string())?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| marker.display().to_string())?;
+        let (report, seconds, rl) = (eval_from_json(&v["report"]), v["seconds"].as_f64(), v["rl"].as_bool());
+        let (Some(report), Some(seconds), Some(rl)) = (report, seconds, rl) else {
+            bail!("{}: not a finished stage's record (report, seconds, rl)", marker.display());
+        };
+        let ckpt = dir.join("checkpoint");
+        if !ckpt.join("config.json").exists() {
+            bail!("{}: the stage is marked finished but its checkpoint is missing", dir.display());
+        }
+        println!("{} finished earlier ({seconds:.0} s); held-out:", stage.label());
+        print_report(stage.label(), &report);
+        println!();
+        Ok(StageResult { label: stage.label().into(), checkpoint: ckpt, report, seconds, rl_dir: rl.then_some(dir) })
     }
 
     fn finish(&self, stage: Stage, dir: PathBuf, model: &dyn CausalLm, t0: Instant, rl: bool) -> Result<StageResult> {
@@ -283,6 +323,9 @@ impl Pipeline {
         }
         let seconds = t0.elapsed().as_secs_f64();
         let report = self.eval(model, &dir)?;
+        let record =
+            serde_json::json!({ "label": stage.label(), "seconds": seconds, "rl": rl, "report": eval_json(&report) });
+        write_json_atomically(&dir.join(STAGE_FILE), &record)?;
         println!("{} done in {seconds:.0} s; held-out:", stage.label());
         print_report(stage.label(), &report);
         println!();
@@ -329,7 +372,7 @@ impl Pipeline {
         self.finish(stage, dir, &*t.policy, t0, true)
     }
 
-    fn rejection_sft(&self, sampler: &Path, base: &Path) -> Result<(StageResult, RejectionStats)> {
+    fn rejection_sft(&self, sampler: &Path, base: &Path) -> Result<StageResult> {
         let t0 = Instant::now();
         let dir = self.stage_dir(Stage::RejectionSft)?;
         let r = &self.s.rejection;
@@ -368,10 +411,10 @@ impl Pipeline {
         std::fs::write(dir.join("data.jsonl"), jsonl).context("data.jsonl")?;
         let model = self.load(base)?;
         crate::distill::sft_with_bar(&*model, &self.tok, &data, &r.sft, Some(&dir.join("sft_metrics.jsonl")))?;
-        Ok((self.finish(Stage::RejectionSft, dir, &*model, t0, false)?, stats))
+        self.finish(Stage::RejectionSft, dir, &*model, t0, false)
     }
 
-    fn all_scenarios(&self, from: &Path) -> Result<(StageResult, RmReport)> {
+    fn all_scenarios(&self, from: &Path) -> Result<StageResult> {
         let model = self.load(from)?;
         let m = &self.s.reward_model;
         let non = TaskSet::parse(&self.s.non_reasoning)?;
@@ -399,13 +442,24 @@ impl Pipeline {
             self.out.join(Stage::AllRl.folder()).join("reward_model.json"),
             serde_json::to_string_pretty(&report)?,
         )?;
-        Ok((result, report))
+        Ok(result)
     }
 }
 
 impl R1Args {
-    fn settings(&self) -> Result<R1Settings> {
-        // Derived keys are set by the load and by the defaults.
+    /// The settings: with --resume the run's own (`out`/settings.json), else --config's or the
+    /// defaults. Derived keys are set by the load and by the defaults.
+    fn settings(&self, out: &Path) -> Result<R1Settings> {
+        if self.resume {
+            if self.config.is_some() {
+                bail!("--resume continues with the run's own settings.json; drop --config");
+            }
+            let path = out.join("settings.json");
+            if !path.exists() {
+                bail!("--resume: {} has no settings.json; no run to continue there", out.display());
+            }
+            return crate::settings::load(&path).context("resuming: the run's settings");
+        }
         Ok(match &self.config {
             Some(p) => crate::settings::load(p)?,
             None => R1Settings::default(),
@@ -416,32 +470,44 @@ impl R1Args {
 /// Runs the requested stage(s); returns each stage's result in order.
 pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
-    let s = args.settings()?;
     let out = args.out.clone().unwrap_or_else(|| sibling_run(&args.from, "r1"));
+    let s = args.settings(&out)?;
     let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
     crate::settings::note_letters_mismatch(args.base.as_ref().unwrap_or(&args.from), s.letters);
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
-    std::fs::write(out.join("settings.json"), serde_json::to_string_pretty(&s)?)?;
+    write_json_atomically(&out.join("settings.json"), &serde_json::to_value(&s)?)?;
     let pool = args.data.as_deref().map(crate::settings::training_pool).transpose()?;
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
-    let p = Pipeline { s: s.clone(), out: out.clone(), tok: CharTokenizer::new(), tasks, heldout, pool, device };
-    let mut results = Vec::new();
-    match args.stage {
+    let p = Pipeline {
+        s: s.clone(),
+        out: out.clone(),
+        tok: CharTokenizer::new(),
+        tasks,
+        heldout,
+        pool,
+        device,
+        resume: args.resume,
+    };
+    let cold_start = |from: &Path| p.stage(Stage::ColdStart, || p.cold_start(from));
+    let reasoning_rl =
+        |from: &Path| p.stage(Stage::ReasoningRl, || p.rl(Stage::ReasoningRl, from, &s.reasoning_rl, None));
+    let rejection_sft = |from: &Path, base: &Path| p.stage(Stage::RejectionSft, || p.rejection_sft(from, base));
+    let all_rl = |from: &Path| p.stage(Stage::AllRl, || p.all_scenarios(from));
+    Ok(match args.stage {
         Stage::All => {
             let base = args.base.clone().unwrap_or_else(|| args.from.clone());
-            let s1 = p.cold_start(&args.from)?;
-            let s2 = p.rl(Stage::ReasoningRl, &s1.checkpoint, &s.reasoning_rl, None)?;
-            let (s3, _) = p.rejection_sft(&s2.checkpoint, &base)?;
-            let (s4, _) = p.all_scenarios(&s3.checkpoint)?;
-            results.extend([s1, s2, s3, s4]);
+            let s1 = cold_start(&args.from)?;
+            let s2 = reasoning_rl(&s1.checkpoint)?;
+            let s3 = rejection_sft(&s2.checkpoint, &base)?;
+            let s4 = all_rl(&s3.checkpoint)?;
+            vec![s1, s2, s3, s4]
         }
-        Stage::ColdStart => results.push(p.cold_start(&args.from)?),
-        Stage::ReasoningRl => results.push(p.rl(Stage::ReasoningRl, &args.from, &s.reasoning_rl, None)?),
+        Stage::ColdStart => vec![cold_start(&args.from)?],
+        Stage::ReasoningRl => vec![reasoning_rl(&args.from)?],
         Stage::RejectionSft => {
             let base = args.base.as_ref().context("--stage rejection-sft needs --base (the model to fine-tune)")?;
-            results.push(p.rejection_sft(&args.from, base)?.0);
+            vec![rejection_sft(&args.from, base)?]
         }
-        Stage::AllRl => results.push(p.all_scenarios(&args.from)?.0),
-    }
-    Ok(results)
+        Stage::AllRl => vec![all_rl(&args.from)?],
+    })
 }
