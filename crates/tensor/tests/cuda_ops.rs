@@ -250,9 +250,12 @@ fn adamw_updates_on_the_gpu_as_on_the_cpu() {
         for s in 0..3 {
             step(&mut opt, s)?;
         }
-        let saved = opt.state_tensors()?;
+        // The moments; each parameter's update count is checked here, on both devices.
+        let (saved, counts): (Vec<_>, Vec<_>) =
+            opt.state_tensors()?.into_iter().partition(|(n, _)| !n.ends_with(".step"));
+        assert!(counts.len() == 2 && counts.iter().all(|(_, t)| t.to_vec_i64().unwrap() == [3]), "{counts:?}");
         let mut resumed = AdamW::new(config)?;
-        resumed.load_state(opt.steps(), &saved.iter().cloned().collect(), &params)?;
+        resumed.load_state(opt.steps(), &saved.iter().chain(&counts).cloned().collect(), &params)?;
         step(&mut resumed, 3)?;
         // A small in-place write goes through the host on a GPU.
         b.with_f32_mut(|v| v[0] += 1.0)?;
