@@ -15,7 +15,7 @@ use whale_rl::parallel::model::checkpoint::SaveDType;
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{moved_to, CausalLm, DenseConfig, DenseModel};
-use whale_rl::sft::{rejection_sample, Example, SftConfig};
+use whale_rl::sft::{fitting, rejection_sample, Example, SftConfig};
 use whale_rl::tasks::{Corpus, Split, TaskSet};
 
 use crate::pretrain::{print_report, report_row, write_eval};
@@ -152,6 +152,10 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     let (traces, stats) =
         rejection_sample(&*teacher, &tok, &prompts, s.trace_samples, 1.0, 96, &mut Rng::new(s.seed ^ 0x7EAC))?;
     drop(teacher);
+    let (traces, long) = fitting(&tok, traces, s.sft.seq_len)?;
+    if long > 0 {
+        println!("distill: {long} traces longer than `sft.seq_len` left out");
+    }
     if traces.is_empty() {
         anyhow::bail!(
             "the teacher {} wrote no verified, well-formatted trace in {} samples: nothing to distil",
@@ -182,7 +186,8 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
                     Example { prompt, completion }
                 })
                 .collect();
-            sft_with_bar(&*model, &tok, &docs, &s.student_pretrain, None)?;
+            sft_with_bar(&*model, &tok, &docs, &s.student_pretrain, None)
+                .context("the student's pretraining (`student_pretrain`)")?;
             model
         }
     };
@@ -195,7 +200,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     // Arm 1: SFT on the teacher's traces.
     let t0 = Instant::now();
     let distilled = student.duplicate()?;
-    sft_with_bar(&*distilled, &tok, &traces, &s.sft, None)?;
+    sft_with_bar(&*distilled, &tok, &traces, &s.sft, None).context("distillation SFT (`sft`)")?;
     let distill_seconds = t0.elapsed().as_secs_f64();
     let dir = out.join("distilled");
     std::fs::create_dir_all(&dir)?;

@@ -399,6 +399,7 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
         mesh,
         model,
         steps: args.steps,
+        freeze_bias_at: args.freeze_bias_at,
         tok: &tok,
         ckpt: &ckpt,
         metrics: &metrics,
@@ -445,6 +446,9 @@ struct RankPlan<'a> {
     model: Option<DeepSeekV3Config>,
     /// An explicit --steps, which extends (or ends) a resumed run.
     steps: Option<u64>,
+    /// An explicit --freeze-bias-at, which a resumed run takes too (say, to freeze the biases
+    /// for the last stretch of a run extended with --steps).
+    freeze_bias_at: Option<u64>,
     tok: &'a CharTokenizer,
     ckpt: &'a Path,
     metrics: &'a Path,
@@ -485,6 +489,9 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
                 .with_context(|| format!("resuming from {}", plan.ckpt.display()))?;
             if let Some(steps) = plan.steps {
                 t.config.steps = steps;
+            }
+            if plan.freeze_bias_at.is_some() {
+                t.config.freeze_bias_at = plan.freeze_bias_at;
             }
             if lead {
                 println!("resuming {} at step {} of {}", s.out.display(), t.step, t.config.steps);

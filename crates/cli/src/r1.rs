@@ -12,6 +12,7 @@
 //! Every stage writes `<out>/<stage>/checkpoint` and `eval.json`, and can run alone from a
 //! checkpoint (`--stage NAME --from DIR`).
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,7 +28,7 @@ use whale_rl::parallel::model::tokenizer::CharTokenizer;
 use whale_rl::parallel::model::CausalLm;
 use whale_rl::reward_model::{preference_pairs, LearnedReward, ReasoningOnly, RewardModel};
 use whale_rl::rewards::{Accuracy, Format, LanguageConsistency, RewardSet};
-use whale_rl::sft::{rejection_sample, Example, SftConfig};
+use whale_rl::sft::{fitting, rejection_sample, Example, SftConfig};
 use whale_rl::tasks::{Problem, Split, TaskSet};
 
 use crate::pretrain::{eval_from_json, eval_json, print_report, write_eval, write_json_atomically};
@@ -255,8 +256,13 @@ struct Pipeline {
     heldout: Vec<Problem>,
     pool: Option<Vec<Problem>>,
     device: Device,
-    /// Finished stages are read back instead of run again.
+    /// Finished stages are read back instead of run again, up to the first that runs.
     resume: bool,
+    /// Set once a stage runs: every later stage runs too (a stage read back was trained on the
+    /// earlier stages' old output).
+    ran: Cell<bool>,
+    /// The input checkpoints (canonical): a stage folder holding one is never cleared.
+    inputs: Vec<PathBuf>,
 }
 
 /// What a finished stage leaves in its folder, written last: its presence marks the stage done.
@@ -280,6 +286,14 @@ impl Pipeline {
         if self.resume {
             // What an interrupted attempt left: the stage starts over.
             if dir.exists() {
+                let canonical = dir.canonicalize().with_context(|| dir.display().to_string())?;
+                if let Some(input) = self.inputs.iter().find(|i| i.starts_with(&canonical)) {
+                    bail!(
+                        "{} is inside {}, which --resume would clear to rerun the stage",
+                        input.display(),
+                        dir.display()
+                    );
+                }
                 std::fs::remove_dir_all(&dir).with_context(|| dir.display().to_string())?;
             }
         } else if dir.join("checkpoint").exists() || dir.join(STAGE_FILE).exists() {
@@ -296,7 +310,8 @@ impl Pipeline {
     fn stage(&self, stage: Stage, run: impl FnOnce() -> Result<StageResult>) -> Result<StageResult> {
         let dir = self.out.join(stage.folder());
         let marker = dir.join(STAGE_FILE);
-        if !(self.resume && marker.exists()) {
+        if !self.resume || self.ran.get() || !marker.exists() {
+            self.ran.set(true);
             return run();
         }
         let text = std::fs::read_to_string(&marker).with_context(|| marker.display().to_string())?;
@@ -340,11 +355,20 @@ impl Pipeline {
         let data: Vec<Example> =
             self.tasks.problems(c.problems, self.s.seed ^ 0xC01D, Split::Train).iter().map(Example::solution).collect();
         println!("{}: SFT on {} readable traces", Stage::ColdStart.label(), data.len());
-        crate::distill::sft_with_bar(&*model, &self.tok, &data, &c.sft, Some(&dir.join("sft_metrics.jsonl")))?;
+        crate::distill::sft_with_bar(&*model, &self.tok, &data, &c.sft, Some(&dir.join("sft_metrics.jsonl")))
+            .context("cold-start SFT (`cold_start.sft`)")?;
         self.finish(Stage::ColdStart, dir, &*model, t0, false)
     }
 
-    fn rl(&self, stage: Stage, from: &Path, cfg: &GrpoConfig, rewards: Option<RewardSet>) -> Result<StageResult> {
+    /// An RL stage; `records` are files written into its folder before its `stage.json`.
+    fn rl(
+        &self,
+        stage: Stage,
+        from: &Path,
+        cfg: &GrpoConfig,
+        rewards: Option<RewardSet>,
+        records: &[(&str, String)],
+    ) -> Result<StageResult> {
         let t0 = Instant::now();
         let dir = self.stage_dir(stage)?;
         let model = self.load(from)?;
@@ -369,6 +393,9 @@ impl Pipeline {
             self.s.eval_every,
         )?;
         train_loop(&mut t, &dir.join("checkpoint"), 0, Some(&validation))?;
+        for (name, text) in records {
+            std::fs::write(dir.join(name), text).with_context(|| dir.join(name).display().to_string())?;
+        }
         self.finish(stage, dir, &*t.policy, t0, true)
     }
 
@@ -382,8 +409,12 @@ impl Pipeline {
             None => self.tasks.problems(r.problems, self.s.seed ^ 0x4E1, Split::Train),
         };
         let mut rng = Rng::new(self.s.seed ^ 0x5A3);
-        let (mut data, stats) =
+        let (sampled, stats) =
             rejection_sample(&*teacher, &self.tok, &prompts, r.samples, r.temperature, 96, &mut rng)?;
+        let (mut data, long) = fitting(&self.tok, sampled, r.sft.seq_len)?;
+        if long > 0 {
+            println!("{}: {long} traces longer than `rejection.sft.seq_len` left out", Stage::RejectionSft.label());
+        }
         let reasoning = data.len();
         if reasoning < r.min_traces {
             bail!(
@@ -410,7 +441,8 @@ impl Pipeline {
         let jsonl: String = data.iter().map(|e| serde_json::to_string(e).expect("json") + "\n").collect();
         std::fs::write(dir.join("data.jsonl"), jsonl).context("data.jsonl")?;
         let model = self.load(base)?;
-        crate::distill::sft_with_bar(&*model, &self.tok, &data, &r.sft, Some(&dir.join("sft_metrics.jsonl")))?;
+        crate::distill::sft_with_bar(&*model, &self.tok, &data, &r.sft, Some(&dir.join("sft_metrics.jsonl")))
+            .context("rejection-sampling SFT (`rejection.sft`)")?;
         self.finish(Stage::RejectionSft, dir, &*model, t0, false)
     }
 
@@ -437,12 +469,8 @@ impl Pipeline {
             ],
         };
         drop(model);
-        let result = self.rl(Stage::AllRl, from, &self.s.all_rl, Some(rewards))?;
-        std::fs::write(
-            self.out.join(Stage::AllRl.folder()).join("reward_model.json"),
-            serde_json::to_string_pretty(&report)?,
-        )?;
-        Ok(result)
+        let record = [("reward_model.json", serde_json::to_string_pretty(&report)?)];
+        self.rl(Stage::AllRl, from, &self.s.all_rl, Some(rewards), &record)
     }
 }
 
@@ -474,8 +502,41 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let s = args.settings(&out)?;
     let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
     crate::settings::note_letters_mismatch(args.base.as_ref().unwrap_or(&args.from), s.letters);
+    let stages = match args.stage {
+        Stage::All => vec![Stage::ColdStart, Stage::ReasoningRl, Stage::RejectionSft, Stage::AllRl],
+        one => vec![one],
+    };
+    // The inputs a run was started with: --resume must be given the same ones.
+    let inputs = serde_json::json!({ "from": args.from, "base": args.base, "data": args.data });
+    let run_file = out.join("run.json");
+    if args.resume {
+        if let Ok(text) = std::fs::read_to_string(&run_file) {
+            let recorded: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| run_file.display().to_string())?;
+            for flag in ["from", "base", "data"] {
+                if recorded[flag] != inputs[flag] {
+                    bail!(
+                        "--resume: --{flag} {} differs from the run's ({}, in {})",
+                        inputs[flag],
+                        recorded[flag],
+                        run_file.display()
+                    );
+                }
+            }
+        }
+    } else if let Some(done) = stages
+        .iter()
+        .map(|st| out.join(st.folder()))
+        .find(|d| d.join("checkpoint").exists() || d.join(STAGE_FILE).exists())
+    {
+        // Before anything is written: a refused command leaves the run's settings alone.
+        bail!("{} already holds this stage; pass --resume to continue the run or choose another --out", done.display());
+    }
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     write_json_atomically(&out.join("settings.json"), &serde_json::to_value(&s)?)?;
+    if !args.resume {
+        write_json_atomically(&run_file, &inputs)?;
+    }
     let pool = args.data.as_deref().map(crate::settings::training_pool).transpose()?;
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
     let p = Pipeline {
@@ -487,10 +548,16 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
         pool,
         device,
         resume: args.resume,
+        ran: Cell::new(false),
+        inputs: [Some(&args.from), args.base.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.canonicalize().ok())
+            .collect(),
     };
     let cold_start = |from: &Path| p.stage(Stage::ColdStart, || p.cold_start(from));
     let reasoning_rl =
-        |from: &Path| p.stage(Stage::ReasoningRl, || p.rl(Stage::ReasoningRl, from, &s.reasoning_rl, None));
+        |from: &Path| p.stage(Stage::ReasoningRl, || p.rl(Stage::ReasoningRl, from, &s.reasoning_rl, None, &[]));
     let rejection_sft = |from: &Path, base: &Path| p.stage(Stage::RejectionSft, || p.rejection_sft(from, base));
     let all_rl = |from: &Path| p.stage(Stage::AllRl, || p.all_scenarios(from));
     Ok(match args.stage {

@@ -367,10 +367,12 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
     assert!(stdout.contains("held-out pair accuracy"), "{stdout}");
     assert!(run.join("3-rejection-sft/data.jsonl").exists());
     assert!(std::fs::read_to_string(run.join("2-reasoning-rl/eval_history.jsonl")).unwrap().lines().count() >= 2);
-    // A run interrupted in stage 4 (its record never written): the same command refuses to
-    // overwrite it; --resume reads stages 1-3 back and runs stage 4 again, with the run's settings.
-    let stage4 = run.join("4-all-scenarios-rl");
-    std::fs::remove_file(stage4.join("stage.json")).unwrap();
+    // A run interrupted in stage 3 (its record never written): the same command refuses to
+    // overwrite it and leaves its settings alone; --resume reads stages 1-2 back and runs stages 3
+    // and 4 again (4 was trained on the old stage 3), with the run's settings and inputs.
+    let (stage3, stage4) = (run.join("3-rejection-sft"), run.join("4-all-scenarios-rl"));
+    std::fs::remove_file(stage3.join("stage.json")).unwrap();
+    let settings = std::fs::read_to_string(run.join("settings.json")).unwrap();
     let again = |extra: &[&str]| {
         whale()
             .args(["r1", "--from", ckpt.to_str().unwrap(), "--out", run.to_str().unwrap()])
@@ -378,15 +380,21 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
             .output()
             .unwrap()
     };
-    let out = again(&["--config", cfg.to_str().unwrap()]);
+    let out = again(&[]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--resume"));
+    assert_eq!(std::fs::read_to_string(run.join("settings.json")).unwrap(), settings, "a refused run writes nothing");
     let out = again(&["--resume", "--config", cfg.to_str().unwrap()]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("drop --config"));
+    let out = again(&["--resume", "--base", base.join("checkpoint").to_str().unwrap()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--base"));
     let out = again(&["--resume"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(stdout.matches("finished earlier").count(), 3, "{stdout}");
-    assert!(stdout.contains("R1 stage 4 (all-scenario RL) done in") && stage4.join("stage.json").exists(), "{stdout}");
+    assert_eq!(stdout.matches("finished earlier").count(), 2, "{stdout}");
+    for (stage, dir) in [("R1 stage 3 (rejection-sampling SFT)", &stage3), ("R1 stage 4 (all-scenario RL)", &stage4)] {
+        assert!(stdout.contains(&format!("{stage} done in")) && dir.join("stage.json").exists(), "{stdout}");
+    }
+    assert!(stage4.join("reward_model.json").exists());
     // One stage alone from a checkpoint, into its own folder.
     let alone = dir.join("alone");
     let from = run.join("1-cold-start/checkpoint");

@@ -262,9 +262,6 @@ fn tensor_bytes(t: &Tensor, dtype: SaveDType) -> Result<(Dtype, Vec<u8>)> {
     })
 }
 
-/// Tensors stored in f32 whatever the save dtype, as DeepSeek's releases store them: the gate's
-/// selection bias (a bf16 step at |b| ~ 0.1 is about half the bias update's gamma) and FP8 block
-/// scales.
 /// Bytes `t` takes in a file saved as `dtype`, as [`save_file`] writes it: FP8 codes, integers
 /// as i64, floats as `dtype` or f32 ([`keeps_f32`]).
 fn stored_bytes(name: &str, t: &Tensor, dtype: SaveDType) -> usize {
@@ -280,6 +277,9 @@ fn stored_bytes(name: &str, t: &Tensor, dtype: SaveDType) -> usize {
     t.elem_count() * elem
 }
 
+/// Tensors stored in f32 whatever the save dtype, as DeepSeek's releases store them: the gate's
+/// selection bias (a bf16 step at |b| ~ 0.1 is about half the bias update's gamma) and FP8 block
+/// scales.
 fn keeps_f32(name: &str) -> bool {
     name.ends_with("e_score_correction_bias") || name.ends_with("weight_scale_inv")
 }
@@ -363,8 +363,8 @@ fn listed_shards(dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     files.sort_unstable();
     files.dedup();
-    // Only plain file names: an index is not a licence to delete outside `dir`.
-    files.retain(|f| Path::new(f).file_name().is_some_and(|n| n == f.as_str()));
+    // Only plain safetensors file names: an index is not a licence to delete anything else.
+    files.retain(|f| f.ends_with(".safetensors") && Path::new(f).file_name().is_some_and(|n| n == f.as_str()));
     files
 }
 

@@ -119,7 +119,7 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> (u32
     if let Some(k) = cfg.top_k.filter(|&k| k > 0 && k < order.len()) {
         // Every token scoring at least the k-th (HF's TopKLogitsWarper keeps ties); 0 is off.
         let kth = scaled[order[k - 1]];
-        order.truncate(order.iter().take_while(|&&i| scaled[i] >= kth).count());
+        order.truncate(order.iter().take_while(|&&i| scaled[i] >= kth).count().max(1));
         kept_mass = order.iter().map(|&i| (scaled[i] - lse).exp()).sum();
     }
     if let Some(p) = cfg.top_p {

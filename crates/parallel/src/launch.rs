@@ -92,6 +92,16 @@ impl LaunchEnv {
     }
 }
 
+impl LaunchEnv {
+    /// `MASTER_ADDR:port`, an IPv6 literal in brackets.
+    pub fn master(&self) -> String {
+        match self.master_addr.parse::<Ipv6Addr>() {
+            Ok(ip) => SocketAddr::new(ip.into(), self.master_port).to_string(),
+            Err(_) => format!("{}:{}", self.master_addr, self.master_port),
+        }
+    }
+}
+
 fn io_err(what: &str, e: std::io::Error) -> Error {
     Error::Train(format!("rendezvous: {what}: {e}"))
 }
@@ -106,7 +116,7 @@ pub fn rendezvous(
     timeout: Duration,
 ) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
     let deadline = Instant::now() + timeout;
-    let addr = format!("{}:{}", env.master_addr, env.master_port);
+    let addr = env.master();
     if env.rank == 0 {
         let blob = blob.ok_or_else(|| Error::Train("rendezvous: rank 0 has no blob to hand out".into()))?;
         let all = serve(env, &addr, blob, mine, deadline)?;
@@ -296,6 +306,11 @@ mod tests {
         assert!(vars(&torchrun).unwrap_err().to_string().contains("`WHALE_RDZV_PORT`"));
         let own = [torchrun[0], torchrun[1], torchrun[2], torchrun[3], torchrun[4], ("WHALE_RDZV_PORT", "29600")];
         assert_eq!(vars(&own).unwrap().unwrap().master_port, 29600);
+        let at = |addr: &str| LaunchEnv { master_addr: addr.into(), ..env(0, 2, 29500) }.master();
+        assert_eq!(
+            (at("node0"), at("10.0.0.1"), at("::1")),
+            ("node0:29500".into(), "10.0.0.1:29500".into(), "[::1]:29500".into())
+        );
     }
 
     #[test]

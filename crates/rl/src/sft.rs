@@ -102,12 +102,32 @@ pub fn sft_batch(
     Ok((Tensor::from_vec(ids, &shape, &Device::Cpu)?, Tensor::from_vec(targets, &shape, &Device::Cpu)?))
 }
 
+/// Tokens `ex` takes in a row: prompt, completion and EOS (a row holds `seq_len + 1`).
+fn row_len(tok: &dyn Tokenizer, ex: &Example) -> Result<usize> {
+    Ok(tok.encode(&ex.prompt)?.len() + tok.encode(&ex.completion)?.len() + 1)
+}
+
+/// The examples of `data` that fit a row of `seq_len`, and how many did not: sampled traces
+/// (rejection sampling, a teacher's) can run longer than any reference solution, and a filter
+/// drops them rather than stop the run.
+pub fn fitting(tok: &dyn Tokenizer, data: Vec<Example>, seq_len: usize) -> Result<(Vec<Example>, usize)> {
+    let total = data.len();
+    let mut kept = Vec::with_capacity(total);
+    for ex in data {
+        if row_len(tok, &ex)? <= seq_len + 1 {
+            kept.push(ex);
+        }
+    }
+    let dropped = total - kept.len();
+    Ok((kept, dropped))
+}
+
 /// Refuses examples longer than a row: cut, a trace would teach its reasoning without its
 /// `</answer>` and EOS.
 fn check_lengths(tok: &dyn Tokenizer, data: &[Example], seq_len: usize) -> Result<()> {
     let mut long = (0, 0, None);
     for ex in data {
-        let len = tok.encode(&ex.prompt)?.len() + tok.encode(&ex.completion)?.len() + 1;
+        let len = row_len(tok, ex)?;
         if len > seq_len + 1 {
             long.0 += 1;
             if len > long.1 {

@@ -8,7 +8,7 @@ mod common;
 use common::reversal_pair;
 use whale_rl::reward_model::{LearnedReward, PreferencePair, RewardModel};
 use whale_rl::rewards::{Reward, Sample};
-use whale_rl::sft::{sft, sft_batch, Example, SftConfig};
+use whale_rl::sft::{fitting, sft, sft_batch, Example, SftConfig};
 use whale_rl::tasks::Problem;
 
 #[test]
@@ -66,6 +66,10 @@ fn sft_fits_a_small_dataset_for_both_model_families() {
     assert!(sft(&m, &tok, &long, &fits, |_| {}).is_ok());
     let err = sft(&m, &tok, &long, &SftConfig { seq_len: 7, ..fits }, |_| {}).unwrap_err().to_string();
     assert!(err.contains("`seq_len` = 7") && err.contains("at least 8"), "{err}");
+    // Sampled traces are filtered to what fits instead.
+    let short = Example { prompt: "1+1=".into(), completion: "<answer>2</answer>".into() };
+    let (kept, dropped) = fitting(&tok, vec![long[0].clone(), short.clone()], 7).unwrap();
+    assert_eq!((kept, dropped), (vec![short], 1));
 }
 
 #[test]
