@@ -609,13 +609,19 @@ pub fn eval_from_json(v: &serde_json::Value) -> Option<EvalReport> {
     })
 }
 
-/// Writes `value` as pretty JSON through `path.tmp` and a rename: a reader never sees half of it.
-pub fn write_json_atomically(path: &Path, value: &serde_json::Value) -> Result<()> {
+/// Writes `text` beside `path` (`path.tmp`) and renames it into place: a reader never sees half
+/// of it.
+pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, serde_json::to_string_pretty(value)?).with_context(|| tmp.display().to_string())?;
-    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// [`write_atomically`] of `value` as pretty JSON.
+pub fn write_json_atomically(path: &Path, value: &serde_json::Value) -> Result<()> {
+    write_atomically(path, &serde_json::to_string_pretty(value)?)
 }
 
 pub fn write_eval(path: &Path, r: &EvalReport) -> Result<()> {

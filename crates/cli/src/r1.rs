@@ -265,6 +265,21 @@ struct Pipeline {
     inputs: Vec<PathBuf>,
 }
 
+/// A finished stage's result (its checkpoint in `dir`), its evaluation printed after `how`
+/// ("done in", "finished earlier in") and its time.
+fn finished(stage: Stage, dir: PathBuf, report: EvalReport, seconds: f64, rl: bool, how: &str) -> StageResult {
+    println!("{} {how} {seconds:.0} s; held-out:", stage.label());
+    print_report(stage.label(), &report);
+    println!();
+    StageResult {
+        label: stage.label().into(),
+        checkpoint: dir.join("checkpoint"),
+        report,
+        seconds,
+        rl_dir: rl.then_some(dir),
+    }
+}
+
 /// What a finished stage leaves in its folder, written last: its presence marks the stage done.
 const STAGE_FILE: &str = "stage.json";
 
@@ -296,12 +311,8 @@ impl Pipeline {
                 }
                 std::fs::remove_dir_all(&dir).with_context(|| dir.display().to_string())?;
             }
-        } else if dir.join("checkpoint").exists() || dir.join(STAGE_FILE).exists() {
-            bail!(
-                "{} already holds this stage; pass --resume to continue the run or choose another --out",
-                dir.display()
-            );
         }
+        // Without --resume, `run` has refused a stage folder already in use.
         std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
         Ok(dir)
     }
@@ -324,10 +335,7 @@ impl Pipeline {
         if !ckpt.join("config.json").exists() {
             bail!("{}: the stage is marked finished but its checkpoint is missing", dir.display());
         }
-        println!("{} finished earlier ({seconds:.0} s); held-out:", stage.label());
-        print_report(stage.label(), &report);
-        println!();
-        Ok(StageResult { label: stage.label().into(), checkpoint: ckpt, report, seconds, rl_dir: rl.then_some(dir) })
+        Ok(finished(stage, dir, report, seconds, rl, "finished earlier in"))
     }
 
     fn finish(&self, stage: Stage, dir: PathBuf, model: &dyn CausalLm, t0: Instant, rl: bool) -> Result<StageResult> {
@@ -341,10 +349,7 @@ impl Pipeline {
         let record =
             serde_json::json!({ "label": stage.label(), "seconds": seconds, "rl": rl, "report": eval_json(&report) });
         write_json_atomically(&dir.join(STAGE_FILE), &record)?;
-        println!("{} done in {seconds:.0} s; held-out:", stage.label());
-        print_report(stage.label(), &report);
-        println!();
-        Ok(StageResult { label: stage.label().into(), checkpoint: ckpt, report, seconds, rl_dir: rl.then_some(dir) })
+        Ok(finished(stage, dir, report, seconds, rl, "done in"))
     }
 
     fn cold_start(&self, base: &Path) -> Result<StageResult> {
@@ -372,7 +377,6 @@ impl Pipeline {
         let t0 = Instant::now();
         let dir = self.stage_dir(stage)?;
         let model = self.load(from)?;
-        let cfg = cfg.clone();
         let tok = Box::new(self.tok.clone());
         let mut t = match rewards {
             Some(r) => GrpoTrainer::with_rewards(model, cfg.clone(), tok, r)?,

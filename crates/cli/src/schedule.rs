@@ -2,10 +2,12 @@
 //! rank's bubble against the DeepSeek-V3 table's formula, the peak activations and the total
 //! time; optionally draws the timeline as an SVG.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use whale_rl::parallel::schedule::svg::timeline_svg;
+
+use crate::pretrain::write_atomically;
 use whale_rl::parallel::schedule::{fmt_time, simulate, Cost, Method, Schedule};
 
 #[derive(clap::Args, Debug)]
@@ -88,13 +90,4 @@ pub fn run(a: ScheduleArgs) -> Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
-}
-
-/// Writes beside `path` and renames into place, so a reader never sees half a file.
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
