@@ -24,8 +24,36 @@ use crate::{Error, Result};
 /// `weight_scale_inv` (which must be in the same file; [`load_dir`] pairs across shards).
 pub fn load_file(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let mut tensors = load_file_raw(path)?;
-    resolve_fp8(&mut tensors, FP8_BLOCK, path, Fp8Weights::Dequantize)?;
+    resolve_fp8(&mut tensors, FP8_BLOCK, &TensorFiles::from(path.to_path_buf()), Fp8Weights::Dequantize)?;
     Ok(tensors)
+}
+
+/// Which file holds each tensor of a loaded checkpoint, so that an error about a tensor names
+/// the shard it is in. A name no file holds (a tensor the config wants and the checkpoint
+/// lacks) is reported under `path`: the single file, or the index of a sharded checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorFiles {
+    pub path: PathBuf,
+    shard: HashMap<String, PathBuf>,
+}
+
+impl TensorFiles {
+    /// The file to name in an error about tensor `name`.
+    pub fn of(&self, name: &str) -> &Path {
+        self.shard.get(name).unwrap_or(&self.path)
+    }
+
+    /// An error about tensor `name`, naming its file.
+    pub fn error(&self, name: &str, msg: impl Into<String>) -> Error {
+        Error::Checkpoint { path: self.of(name).to_path_buf(), name: name.to_string(), msg: msg.into() }
+    }
+}
+
+/// Every tensor in one file (or in memory, under a made-up name such as `<copy on Cpu>`).
+impl From<PathBuf> for TensorFiles {
+    fn from(path: PathBuf) -> Self {
+        TensorFiles { path, shard: HashMap::new() }
+    }
 }
 
 /// What loading does with a checkpoint's FP8 weights.
@@ -61,10 +89,10 @@ fn load_file_raw(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 fn resolve_fp8(
     tensors: &mut BTreeMap<String, Tensor>,
     block: (usize, usize),
-    path: &Path,
+    files: &TensorFiles,
     mode: Fp8Weights,
 ) -> Result<()> {
-    let err = |name: &str, msg: String| Error::Checkpoint { path: path.to_path_buf(), name: name.to_string(), msg };
+    let err = |name: &str, msg: String| files.error(name, msg);
     let fp8: Vec<String> =
         tensors.iter().filter(|(_, t)| t.dtype().fp8_format().is_some()).map(|(n, _)| n.clone()).collect();
     for name in &fp8 {
@@ -186,14 +214,14 @@ fn to_tensor(view: &TensorView<'_>) -> std::result::Result<Tensor, String> {
 }
 
 /// Loads a checkpoint directory: `model.safetensors`, or the shards listed in
-/// `model.safetensors.index.json`. Returns the tensors and the file they are reported under.
+/// `model.safetensors.index.json`. Returns the tensors and the file each came from (for errors).
 /// FP8 weights are dequantised.
-pub fn load_dir(dir: &Path) -> Result<(BTreeMap<String, Tensor>, PathBuf)> {
+pub fn load_dir(dir: &Path) -> Result<(BTreeMap<String, Tensor>, TensorFiles)> {
     load_dir_with(dir, Fp8Weights::Dequantize)
 }
 
 /// [`load_dir`] with a choice of what happens to FP8 weights.
-pub fn load_dir_with(dir: &Path, fp8_weights: Fp8Weights) -> Result<(BTreeMap<String, Tensor>, PathBuf)> {
+pub fn load_dir_with(dir: &Path, fp8_weights: Fp8Weights) -> Result<(BTreeMap<String, Tensor>, TensorFiles)> {
     let index = dir.join(INDEX);
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
@@ -206,6 +234,7 @@ pub fn load_dir_with(dir: &Path, fp8_weights: Fp8Weights) -> Result<(BTreeMap<St
         shards.sort_unstable();
         shards.dedup();
         let mut all = BTreeMap::new();
+        let mut files = TensorFiles::from(index.clone());
         for shard in shards {
             let path = dir.join(shard);
             for (name, t) in load_file_raw(&path)? {
@@ -216,21 +245,19 @@ pub fn load_dir_with(dir: &Path, fp8_weights: Fp8Weights) -> Result<(BTreeMap<St
                         msg: "is not listed for this shard in the index".into(),
                     });
                 }
+                files.shard.insert(name.clone(), path.clone());
                 all.insert(name, t);
             }
         }
         if let Some(missing) = map.keys().find(|k| !all.contains_key(*k)) {
-            return Err(Error::Checkpoint {
-                path: index,
-                name: missing.clone(),
-                msg: "listed in the index but absent from its shard".into(),
-            });
+            let shard = map[missing].as_str().map_or_else(|| "no file".to_string(), |f| format!("`{f}`"));
+            return Err(files.error(missing, format!("listed in the index under {shard}, which does not hold it")));
         }
-        resolve_fp8(&mut all, fp8_block(dir), &index, fp8_weights)?;
-        return Ok((all, index));
+        resolve_fp8(&mut all, fp8_block(dir), &files, fp8_weights)?;
+        return Ok((all, files));
     }
-    let single = dir.join("model.safetensors");
-    let mut all = load_file_raw(&single)?;
+    let single = TensorFiles::from(dir.join("model.safetensors"));
+    let mut all = load_file_raw(&single.path)?;
     resolve_fp8(&mut all, fp8_block(dir), &single, fp8_weights)?;
     Ok((all, single))
 }

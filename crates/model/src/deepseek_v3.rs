@@ -2,13 +2,13 @@
 //! output head, and the MTP modules; its training forward returns the main and MTP losses apart.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::{DType, Device, ParamStore, Rng, Tensor};
 
 use crate::block::DecoderLayer;
-use crate::checkpoint::{self, Fp8Weights, SaveDType};
+use crate::checkpoint::{self, Fp8Weights, SaveDType, TensorFiles};
 use crate::config::DeepSeekV3Config;
 use crate::moe::{max_violation, update_balancing_bias};
 use crate::mtp::MtpModule;
@@ -81,19 +81,19 @@ impl DeepSeekV3 {
     /// Loads `config.json` and the safetensors weights from an HF-style directory.
     pub fn from_pretrained(dir: &Path) -> Result<Self> {
         let config = DeepSeekV3Config::from_file(&dir.join("config.json"))?;
-        let (tensors, path) = checkpoint::load_dir(dir)?;
-        Self::from_tensors(config, tensors, path)
+        let (tensors, files) = checkpoint::load_dir(dir)?;
+        Self::from_tensors(config, tensors, files)
     }
 
-    /// A model from named tensors (as a checkpoint holds them; `path` is named in errors).
-    /// Every tensor must be used.
+    /// A model from named tensors (as a checkpoint holds them; `files`, or one path, is named in
+    /// errors). Every tensor must be used.
     pub fn from_tensors(
         config: DeepSeekV3Config,
         mut tensors: BTreeMap<String, Tensor>,
-        path: std::path::PathBuf,
+        files: impl Into<TensorFiles>,
     ) -> Result<Self> {
         Self::drop_non_parameters(&config, &mut tensors);
-        Self::build(config, WeightSource::Loaded { path, tensors })
+        Self::build(config, WeightSource::Loaded { files: files.into(), tensors })
     }
 
     /// An independent copy (own weights, buffers and compute dtype): the frozen reference policy
@@ -114,8 +114,8 @@ impl DeepSeekV3 {
             .map(|(n, t)| Ok((n, t.to_device(device)?.detach())))
             .collect::<whale_tensor::Result<_>>()?;
         Self::drop_non_parameters(&self.config, &mut tensors);
-        let path = format!("<copy on {device:?}>").into();
-        let mut copy = Self::build(self.config.clone(), WeightSource::Loaded { path, tensors })?;
+        let files = TensorFiles::from(PathBuf::from(format!("<copy on {device:?}>")));
+        let mut copy = Self::build(self.config.clone(), WeightSource::Loaded { files, tensors })?;
         copy.compute_dtype = self.compute_dtype;
         copy.set_fp8(self.fp8());
         Ok(copy)
@@ -187,8 +187,8 @@ impl DeepSeekV3 {
     /// FP8 inference; saving writes them back unchanged.
     pub fn from_pretrained_fp8(dir: &Path) -> Result<Self> {
         let config = DeepSeekV3Config::from_file(&dir.join("config.json"))?;
-        let (tensors, path) = checkpoint::load_dir_with(dir, Fp8Weights::Keep)?;
-        Self::from_tensors(config, tensors, path)
+        let (tensors, files) = checkpoint::load_dir_with(dir, Fp8Weights::Keep)?;
+        Self::from_tensors(config, tensors, files)
     }
 
     /// Writes the model as a DeepSeek-V3 FP8 release: projection and expert weights in E4M3 with

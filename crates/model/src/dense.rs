@@ -4,13 +4,13 @@
 //! head; HF checkpoint names, so HF Qwen2 and Llama checkpoints load as they are.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use whale_tensor::{DType, ParamStore, Rng, RopeLayout, Tensor};
 
-use crate::checkpoint::{self, SaveDType};
+use crate::checkpoint::{self, SaveDType, TensorFiles};
 use crate::generate::KvCache;
 use crate::mla::LayerCache;
 use crate::nn::{in_dtype_of, Linear, ParamBuilder, RmsNorm, RotaryEmbedding, SwiGluMlp, WeightSource};
@@ -312,17 +312,22 @@ impl DenseModel {
     /// An HF Qwen2 or Llama checkpoint directory (config.json + safetensors, single or sharded).
     pub fn from_pretrained(dir: &Path) -> Result<Self> {
         let config = DenseConfig::from_file(&dir.join("config.json"))?;
-        let (tensors, path) = checkpoint::load_dir(dir)?;
-        Self::from_tensors(config, tensors, path)
+        let (tensors, files) = checkpoint::load_dir(dir)?;
+        Self::from_tensors(config, tensors, files)
     }
 
-    pub fn from_tensors(config: DenseConfig, mut tensors: BTreeMap<String, Tensor>, path: PathBuf) -> Result<Self> {
+    /// A model from named tensors (`files`, or one path, is named in errors).
+    pub fn from_tensors(
+        config: DenseConfig,
+        mut tensors: BTreeMap<String, Tensor>,
+        files: impl Into<TensorFiles>,
+    ) -> Result<Self> {
         if config.tie_word_embeddings {
             // Some tied checkpoints store the head anyway; it is the embedding.
             tensors.remove("lm_head.weight");
         }
         tensors.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
-        Self::build(config, WeightSource::Loaded { path, tensors })
+        Self::build(config, WeightSource::Loaded { files: files.into(), tensors })
     }
 
     fn build(config: DenseConfig, mut source: WeightSource) -> Result<Self> {

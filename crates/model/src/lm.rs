@@ -77,7 +77,7 @@ impl CausalLm for DenseModel {
             // The builder copies every tensor into a buffer of its own.
             .map(|(n, t)| Ok((n.to_string(), t.to_device(device)?.detach())))
             .collect::<whale_tensor::Result<_>>()?;
-        let path = format!("<copy on {device:?}>").into();
+        let path = std::path::PathBuf::from(format!("<copy on {device:?}>"));
         let mut copy = DenseModel::from_tensors(self.config.clone(), tensors, path)?;
         copy.compute_dtype = self.compute_dtype;
         Ok(Box::new(copy))

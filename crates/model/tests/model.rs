@@ -82,9 +82,13 @@ fn save_and_load_round_trip_exactly_including_biases_and_mtp() {
 }
 
 fn expect_checkpoint_error(dir: &std::path::Path, tensor: &str, words: &str) {
+    expect_checkpoint_error_in(dir, "model.safetensors", tensor, words)
+}
+
+fn expect_checkpoint_error_in(dir: &std::path::Path, file: &str, tensor: &str, words: &str) {
     match DeepSeekV3::from_pretrained(dir) {
         Err(Error::Checkpoint { path, name, msg }) => {
-            assert!(path.ends_with("model.safetensors"), "{path:?}");
+            assert_eq!(path, dir.join(file));
             assert_eq!(name, tensor);
             assert!(msg.contains(words), "{msg}");
         }
@@ -116,6 +120,29 @@ fn bad_checkpoints_name_the_file_and_tensor() {
     extra.insert("model.layers.9.mystery.weight".into(), Tensor::zeros(&[2], DType::F32, &Device::Cpu).unwrap());
     save_file(&file, &extra, SaveDType::F32).unwrap();
     expect_checkpoint_error(&dir, "model.layers.9.mystery.weight", "unexpected");
+
+    // Sharded: an error about a tensor names the shard that holds it; one about a tensor no
+    // shard holds names the index.
+    let sharded = tmpdir("bad-sharded");
+    std::fs::copy(dir.join("config.json"), sharded.join("config.json")).unwrap();
+    let shard_of = |name: &str| -> String {
+        let index = std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&index).unwrap();
+        v["weight_map"][name].as_str().unwrap().to_string()
+    };
+    save_sharded(&sharded, &reshaped, SaveDType::F32, 20_000).unwrap();
+    let shard = shard_of(victim);
+    assert_ne!(shard, shard_of("model.embed_tokens.weight"), "the victim is not in the first shard");
+    expect_checkpoint_error_in(&sharded, &shard, victim, "[3, 3]");
+    save_sharded(&sharded, &extra, SaveDType::F32, 20_000).unwrap();
+    expect_checkpoint_error_in(
+        &sharded,
+        &shard_of("model.layers.9.mystery.weight"),
+        "model.layers.9.mystery.weight",
+        "unexpected",
+    );
+    save_sharded(&sharded, &missing, SaveDType::F32, 20_000).unwrap();
+    expect_checkpoint_error_in(&sharded, "model.safetensors.index.json", victim, "missing");
 
     std::fs::write(&file, b"definitely not safetensors").unwrap();
     let err = DeepSeekV3::from_pretrained(&dir).unwrap_err().to_string();

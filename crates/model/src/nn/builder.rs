@@ -2,32 +2,29 @@
 //! checkpoint, so the model code is written once for both.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use whale_tensor::{DType, ParamStore, Rng, Tensor};
 
-use crate::{Error, Result};
+use crate::checkpoint::TensorFiles;
+use crate::Result;
 
 /// Where parameter values come from.
 #[derive(Debug)]
 pub enum WeightSource {
     /// Normal(0, std) weights; norms at 1, biases at 0.
     Random { rng: Rng, std: f32 },
-    /// Tensors read from a checkpoint (`path` is named in errors). Each is taken once; what is
-    /// left afterwards was unexpected.
-    Loaded { path: PathBuf, tensors: BTreeMap<String, Tensor> },
+    /// Tensors read from a checkpoint (`files` says which file to name in errors). Each is
+    /// taken once; what is left afterwards was unexpected.
+    Loaded { files: TensorFiles, tensors: BTreeMap<String, Tensor> },
 }
 
 impl WeightSource {
     /// After building: an error naming a checkpoint tensor no parameter took.
     pub fn check_all_used(&self) -> Result<()> {
-        if let WeightSource::Loaded { path, tensors } = self {
+        if let WeightSource::Loaded { files, tensors } = self {
             if let Some(name) = tensors.keys().next() {
-                return Err(Error::Checkpoint {
-                    path: path.clone(),
-                    name: name.clone(),
-                    msg: format!("unexpected tensor (and {} more) for this config", tensors.len() - 1),
-                });
+                let more = tensors.len() - 1;
+                return Err(files.error(name, format!("unexpected tensor (and {more} more) for this config")));
             }
         }
         Ok(())
@@ -72,18 +69,12 @@ impl<'a> ParamBuilder<'a> {
         let full = self.full_name(name);
         match self.source {
             WeightSource::Random { rng, std } => init(rng, *std),
-            WeightSource::Loaded { path, tensors } => {
-                let t = tensors.remove(&full).ok_or_else(|| Error::Checkpoint {
-                    path: path.clone(),
-                    name: full.clone(),
-                    msg: format!("missing (expected shape {shape:?})"),
-                })?;
+            WeightSource::Loaded { files, tensors } => {
+                let t = tensors
+                    .remove(&full)
+                    .ok_or_else(|| files.error(&full, format!("missing (expected shape {shape:?})")))?;
                 if t.dims() != shape {
-                    return Err(Error::Checkpoint {
-                        path: path.clone(),
-                        name: full,
-                        msg: format!("has shape {:?}, the config expects {shape:?}", t.dims()),
-                    });
+                    return Err(files.error(&full, format!("has shape {:?}, the config expects {shape:?}", t.dims())));
                 }
                 // Master weights are f32 whatever the file stores.
                 Ok(t.to_dtype(DType::F32)?.contiguous()?.deep_clone()?)
@@ -102,11 +93,11 @@ impl<'a> ParamBuilder<'a> {
     /// as buffers (saved with the model, not trained).
     pub fn linear_weight(&mut self, name: &str, shape: &[usize]) -> Result<(Tensor, Option<Tensor>)> {
         let full = self.full_name(name);
-        if let WeightSource::Loaded { path, tensors } = &mut *self.source {
+        if let WeightSource::Loaded { files, tensors } = &mut *self.source {
             if tensors.get(&full).is_some_and(|t| t.dtype().fp8_format().is_some()) {
                 let codes = tensors.remove(&full).expect("present");
                 let scale_name = format!("{full}_scale_inv");
-                let err = |name: &str, msg: String| Error::Checkpoint { path: path.clone(), name: name.into(), msg };
+                let err = |name: &str, msg: String| files.error(name, msg);
                 if codes.dims() != shape {
                     return Err(err(&full, format!("has shape {:?}, the config expects {shape:?}", codes.dims())));
                 }
