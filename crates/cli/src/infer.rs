@@ -30,9 +30,11 @@ pub struct GenerateArgs {
     /// Sampling temperature (> 0).
     #[arg(long)]
     pub temperature: Option<f32>,
-    #[arg(long)]
+    /// Sample among the k most likely tokens (ties kept; 0 is off). Needs --temperature.
+    #[arg(long, requires = "temperature")]
     pub top_k: Option<usize>,
-    #[arg(long)]
+    /// Sample among the most likely tokens holding mass p, in (0, 1]. Needs --temperature.
+    #[arg(long, requires = "temperature")]
     pub top_p: Option<f32>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
@@ -40,7 +42,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "absorb")]
     pub cache: String,
     /// Draft with the MTP module and verify with the main model (greedy only).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "temperature")]
     pub speculative: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -73,9 +75,6 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let stop = stop_tokens_for(&a.checkpoint, &*tok);
     let t0 = Instant::now();
     let (tokens, note) = if a.speculative {
-        if a.temperature.is_some() {
-            bail!("--speculative decodes greedily; drop --temperature");
-        }
         let ds = model.as_deepseek().context("--speculative needs a DeepSeek-V3 checkpoint with an MTP module")?;
         let (g, stats) = ds.generate_speculative(&prompt, a.max_new_tokens, &stop, cache)?;
         let note = format!(

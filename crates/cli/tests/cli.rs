@@ -276,6 +276,20 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
             assert!(stderr.contains("drafts accepted"), "{stderr}");
         }
     }
+    // Settings that would be ignored or sample from something else are refused.
+    for (extra, words) in [
+        (vec!["--top-p", "0.9"], "--temperature"),
+        (vec!["--speculative", "--temperature", "0.8"], "--temperature"),
+        (vec!["--temperature", "0.8", "--top-p", "1.5"], "top_p 1.5 must be in (0, 1]"),
+    ] {
+        let out = whale()
+            .args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "12+7=", "--max-new-tokens", "6"])
+            .args(&extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(words), "{extra:?}: {stderr}");
+    }
     // Exported as an FP8 release and run with its weights kept in FP8.
     let fp8 = dir.join("fp8");
     let out = whale().args(["quantize", ckpt.to_str().unwrap(), "--out", fp8.to_str().unwrap()]).output().unwrap();

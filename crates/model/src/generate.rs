@@ -95,21 +95,62 @@ pub struct Generation {
     pub truncated: bool,
 }
 
-/// Picks a token from `logits` (one row). Returns (token, log-prob under the sampling distribution).
-pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> (u32, f32) {
-    let t = if cfg.temperature > 0.0 { cfg.temperature } else { 1.0 };
-    let scaled: Vec<f64> = logits.iter().map(|&l| l as f64 / t as f64).collect();
-    let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let lse = max + scaled.iter().map(|&x| (x - max).exp()).sum::<f64>().ln();
-    if cfg.temperature <= 0.0 {
-        let mut best = 0;
-        for (i, &x) in scaled.iter().enumerate() {
-            if x > scaled[best] {
-                best = i;
-            }
+impl SamplingConfig {
+    /// Refuses settings that would otherwise sample silently from something else: a temperature
+    /// that is negative or not finite, a top-p outside (0, 1] (HF's warpers refuse both).
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(Error::Model(format!(
+                "sampling: temperature {} must be 0 (greedy) or positive",
+                self.temperature
+            )));
         }
-        return (best as u32, (scaled[best] - lse) as f32);
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            return Err(Error::Model(format!("sampling: top_p {p} must be in (0, 1]")));
+        }
+        Ok(())
     }
+}
+
+/// The scaled logits of one row as f64, refused when a logit is NaN or +inf or none is finite
+/// (an overflowed forward): sampling from them would pick an arbitrary token.
+fn scaled_logits(logits: &[f32], temperature: f64) -> Result<Vec<f64>> {
+    if let Some(i) = logits.iter().position(|l| l.is_nan() || *l == f32::INFINITY) {
+        return Err(Error::Model(format!("sampling: the logit of token {i} is {}", logits[i])));
+    }
+    if !logits.iter().any(|l| l.is_finite()) {
+        return Err(Error::Model("sampling: no token has a finite logit".into()));
+    }
+    Ok(logits.iter().map(|&l| l as f64 / temperature).collect())
+}
+
+/// log-sum-exp of finite-maximum `x`.
+fn log_sum_exp(x: &[f64]) -> f64 {
+    let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    max + x.iter().map(|&v| (v - max).exp()).sum::<f64>().ln()
+}
+
+/// The argmax of one row of logits (the first of equal maxima, as `torch.argmax`) and its
+/// log-probability; an error for NaN or +inf logits.
+pub fn greedy_token(logits: &[f32]) -> Result<(u32, f32)> {
+    let scaled = scaled_logits(logits, 1.0)?;
+    let mut best = 0;
+    for (i, &x) in scaled.iter().enumerate() {
+        if x > scaled[best] {
+            best = i;
+        }
+    }
+    Ok((best as u32, (scaled[best] - log_sum_exp(&scaled)) as f32))
+}
+
+/// Picks a token from `logits` (one row). Returns (token, log-prob under the sampling
+/// distribution); an error for NaN or +inf logits.
+pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> Result<(u32, f32)> {
+    if cfg.temperature <= 0.0 {
+        return greedy_token(logits);
+    }
+    let scaled = scaled_logits(logits, cfg.temperature as f64)?;
+    let lse = log_sum_exp(&scaled);
     // Candidates in descending probability, cut by top-k and then top-p (HF's order of the
     // warpers), then renormalised.
     let mut order: Vec<usize> = (0..scaled.len()).collect();
@@ -134,7 +175,10 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> (u32
         }
         order.truncate(keep.max(1));
     }
-    let probs: Vec<f64> = order.iter().map(|&i| (scaled[i] - lse).exp()).collect();
+    // Tokens whose probability underflows to 0 cannot be drawn (the first, the most probable,
+    // never does); without them the fall-through below is a token that can.
+    let probs: Vec<f64> = order.iter().map(|&i| (scaled[i] - lse).exp()).take_while(|&p| p > 0.0).collect();
+    order.truncate(probs.len());
     let total: f64 = probs.iter().sum();
     let mut u = rng.uniform_f64() * total;
     let mut pick = order[order.len() - 1];
@@ -147,7 +191,7 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> (u32
         }
         u -= p;
     }
-    (pick as u32, (pick_p / total).ln() as f32)
+    Ok((pick as u32, (pick_p / total).ln() as f32))
 }
 
 impl DeepSeekV3 {
@@ -197,6 +241,9 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     fn duplicate(&self) -> Result<Box<dyn CausalLm>>;
     /// A copy whose weights live on `device` (forward, backward and AdamW then run there).
     fn to_device(&self, device: &Device) -> Result<Box<dyn CausalLm>>;
+    /// Positions the model is built for (config.json's `max_position_embeddings`): generation
+    /// refuses longer prompts and stops a continuation there, as DeepSeek-V3's `generate.py` does.
+    fn max_positions(&self) -> usize;
     /// Where the weights live: the device of every tensor this model computes.
     fn device(&self) -> Device {
         self.params().iter().next().map_or(Device::Cpu, |(_, p)| p.device())
@@ -211,7 +258,8 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     }
 
     /// Continues each prompt (token ids) per `cfg`. Prompt `i` samples from the `i`-th stream
-    /// forked from `rng`, so its tokens do not depend on the other prompts in the batch.
+    /// forked from `rng`, so its tokens do not depend on the other prompts in the batch. A
+    /// continuation that reaches [`CausalLm::max_positions`] stops there, truncated.
     fn generate(&self, prompts: &[Vec<u32>], cfg: &SamplingConfig, rng: &mut Rng) -> Result<Vec<Generation>> {
         let mut streams: Vec<Rng> = prompts.iter().map(|_| rng.fork()).collect();
         self.generate_with_streams(prompts, cfg, &mut streams)
@@ -224,8 +272,16 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
         cfg: &SamplingConfig,
         streams: &mut [Rng],
     ) -> Result<Vec<Generation>> {
-        if prompts.iter().any(|p| p.is_empty()) {
-            return Err(Error::Model("generate: empty prompt".into()));
+        cfg.validate()?;
+        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+            return Err(Error::Model(format!("generate: prompt {i} is empty")));
+        }
+        let max = self.max_positions();
+        if let Some(i) = prompts.iter().position(|p| p.len() > max) {
+            return Err(Error::Model(format!(
+                "generate: prompt {i} has {} tokens, more than the model's {max} positions (max_position_embeddings)",
+                prompts[i].len()
+            )));
         }
         if streams.len() != prompts.len() {
             return Err(Error::Model(format!(
@@ -241,7 +297,8 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
         let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
         no_grad(|| -> Result<()> {
             for (len, members) in groups {
-                let gens = generate_group(self, prompts, &members, len, cfg, streams)?;
+                let budget = cfg.max_new_tokens.min(max - len);
+                let gens = generate_group(self, prompts, &members, len, budget, cfg, streams)?;
                 for (i, g) in members.into_iter().zip(gens) {
                     out[i] = Some(g);
                 }
@@ -257,6 +314,7 @@ fn generate_group<M: CausalLm + ?Sized>(
     prompts: &[Vec<u32>],
     members: &[usize],
     len: usize,
+    max_new_tokens: usize,
     cfg: &SamplingConfig,
     streams: &mut [Rng],
 ) -> Result<Vec<Generation>> {
@@ -268,11 +326,11 @@ fn generate_group<M: CausalLm + ?Sized>(
         model.forward_cached(&Tensor::from_vec(ids, &[b, len], &Device::Cpu)?, &mut cache)?.narrow(1, len - 1, 1)?;
     let mut gens: Vec<Generation> = vec![Generation { tokens: vec![], logprobs: vec![], truncated: false }; b];
     let mut done = vec![false; b];
-    for step in 0..cfg.max_new_tokens {
+    for step in 0..max_new_tokens {
         let rows = logits.to_vec_f32()?;
         let mut next = Vec::with_capacity(b);
         for (j, &m) in members.iter().enumerate() {
-            let (tok, lp) = sample_token(&rows[j * vocab..(j + 1) * vocab], cfg, &mut streams[m]);
+            let (tok, lp) = sample_token(&rows[j * vocab..(j + 1) * vocab], cfg, &mut streams[m])?;
             if !done[j] {
                 gens[j].tokens.push(tok);
                 gens[j].logprobs.push(lp);
@@ -280,7 +338,7 @@ fn generate_group<M: CausalLm + ?Sized>(
             }
             next.push(tok as i64);
         }
-        if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
+        if done.iter().all(|&d| d) || step + 1 == max_new_tokens {
             break;
         }
         logits = model.forward_cached(&Tensor::from_vec(next, &[b, 1], &Device::Cpu)?, &mut cache)?;

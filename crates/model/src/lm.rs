@@ -23,6 +23,9 @@ macro_rules! causal_lm_common {
         fn num_layers(&self) -> usize {
             self.layers.len()
         }
+        fn max_positions(&self) -> usize {
+            self.config.max_position_embeddings
+        }
         fn params(&self) -> &ParamStore {
             &self.params
         }

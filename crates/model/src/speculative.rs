@@ -12,7 +12,7 @@
 use whale_tensor::{no_grad, DType, Device, Tensor};
 
 use crate::deepseek_v3::DeepSeekV3;
-use crate::generate::{CacheMode, Generation, KvCache, LayerCache};
+use crate::generate::{greedy_token, CacheMode, Generation, KvCache, LayerCache};
 use crate::{Error, Result};
 
 /// What a speculative decode measured.
@@ -46,19 +46,6 @@ impl SpeculativeStats {
     }
 }
 
-/// (argmax, its log-probability) of one row of logits.
-fn greedy_pick(row: &[f32]) -> (u32, f32) {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    let max = row[best] as f64;
-    let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-    (best as u32, (row[best] as f64 - lse) as f32)
-}
-
 fn ids(tokens: &[u32]) -> Result<Tensor> {
     Ok(Tensor::from_vec(tokens.iter().map(|&t| t as i64).collect::<Vec<i64>>(), &[1, tokens.len()], &Device::Cpu)?)
 }
@@ -78,6 +65,16 @@ impl DeepSeekV3 {
         if prompt.is_empty() {
             return Err(Error::Model("generate: empty prompt".into()));
         }
+        let max = self.config.max_position_embeddings;
+        if prompt.len() > max {
+            return Err(Error::Model(format!(
+                "generate: the prompt has {} tokens, more than the model's {max} positions (max_position_embeddings)",
+                prompt.len()
+            )));
+        }
+        // As plain generation: the continuation stops at the last position. A draft is only
+        // verified when a token after it may still be kept, so it never sits past that either.
+        let max_new_tokens = max_new_tokens.min(max - prompt.len());
         no_grad(|| {
             let vocab = self.config.vocab_size;
             let n = prompt.len();
@@ -87,7 +84,7 @@ impl DeepSeekV3 {
             let (h, logits) = self.forward_cached_hidden(&ids(prompt)?, &mut cache)?;
             stats.main_forwards += 1;
             let row = |l: &Tensor, i: usize| -> Result<Vec<f32>> { Ok(l.narrow(1, i, 1)?.to_vec_f32()?) };
-            let mut next = greedy_pick(&row(&logits, n - 1)?);
+            let mut next = greedy_token(&row(&logits, n - 1)?)?;
             let mut last_h = h.narrow(1, n - 1, 1)?;
             let mut pending_h = if n > 1 { Some(h.narrow(1, 0, n - 1)?) } else { None };
             let mut pending_tokens = prompt[1..].to_vec();
@@ -115,12 +112,12 @@ impl DeepSeekV3 {
                 pending_tokens.clear();
                 let last = normed.narrow(1, normed.dims()[1] - 1, 1)?;
                 let draft_logits = self.lm_head.forward(&last)?.to_dtype(DType::F32)?.to_vec_f32()?;
-                let draft = greedy_pick(&draft_logits[..vocab]).0;
+                let draft = greedy_token(&draft_logits[..vocab])?.0;
                 stats.drafted += 1;
                 // Verify the next token and the draft in one forward.
                 let (hv, lv) = self.forward_cached_hidden(&ids(&[next.0, draft])?, &mut cache)?;
                 stats.main_forwards += 1;
-                let (p1, p2) = (greedy_pick(&row(&lv, 0)?), greedy_pick(&row(&lv, 1)?));
+                let (p1, p2) = (greedy_token(&row(&lv, 0)?)?, greedy_token(&row(&lv, 1)?)?);
                 if p1.0 == draft {
                     stats.accepted += 1;
                     if emit(&mut gen, p1) {

@@ -121,7 +121,7 @@ fn top_k_then_top_p_sample_as_hf_warpers_do() {
     let draw = |logits: &[f32], top_k: Option<usize>, top_p: Option<f32>| -> Vec<(u32, f32)> {
         let cfg = SamplingConfig { top_k, top_p, ..SamplingConfig::sampled(1.0, 1, vec![]) };
         let mut rng = Rng::new(7);
-        (0..400).map(|_| sample_token(logits, &cfg, &mut rng)).collect()
+        (0..400).map(|_| sample_token(logits, &cfg, &mut rng).unwrap()).collect()
     };
     let seen = |d: &[(u32, f32)]| -> Vec<u32> {
         let mut t: Vec<u32> = d.iter().map(|x| x.0).collect();
@@ -141,4 +141,72 @@ fn top_k_then_top_p_sample_as_hf_warpers_do() {
     assert_eq!(seen(&draw(&[1.0, 1.0, 1.0, -1.0], Some(2), None)), [0, 1, 2]);
     assert_eq!(seen(&draw(&[0.0, 0.0, 0.0], Some(0), None)), [0, 1, 2]);
     assert_eq!(seen(&draw(&probs, Some(1), None)), [0]);
+}
+
+#[test]
+fn sampling_refuses_non_finite_logits_and_out_of_range_settings() {
+    let sampled = SamplingConfig::sampled(1.0, 4, vec![]);
+    let greedy = SamplingConfig::greedy(4, vec![]);
+    let mut rng = Rng::new(3);
+    for bad in [vec![f32::NAN, 0.0, 1.0], vec![f32::INFINITY, 0.0, 1.0], vec![f32::NEG_INFINITY; 3]] {
+        for cfg in [&sampled, &greedy] {
+            let err = sample_token(&bad, cfg, &mut rng).unwrap_err().to_string();
+            assert!(err.contains("logit"), "{bad:?}: {err}");
+        }
+    }
+    // A -inf logit is a masked token: legal, and never drawn.
+    for _ in 0..50 {
+        assert_ne!(sample_token(&[f32::NEG_INFINITY, 0.0, 1.0], &sampled, &mut rng).unwrap().0, 0);
+    }
+    // Tokens whose probability underflows to 0 are never drawn and the log-prob stays finite.
+    for _ in 0..50 {
+        let (t, lp) = sample_token(&[0.0, -2000.0, -2000.0], &sampled, &mut rng).unwrap();
+        assert_eq!((t, lp), (0, 0.0));
+    }
+
+    let with = |temperature: f32, top_p: Option<f32>| SamplingConfig {
+        top_p,
+        ..SamplingConfig::sampled(temperature, 4, vec![])
+    };
+    for ok in [with(0.0, None), with(0.7, Some(1.0)), with(1.0, Some(0.01))] {
+        ok.validate().unwrap();
+    }
+    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 1).unwrap();
+    for (bad, key) in [
+        (with(f32::NAN, None), "temperature"),
+        (with(-1.0, None), "temperature"),
+        (with(f32::INFINITY, None), "temperature"),
+        (with(1.0, Some(0.0)), "top_p"),
+        (with(1.0, Some(1.5)), "top_p"),
+        (with(1.0, Some(f32::NAN)), "top_p"),
+    ] {
+        let err = model.generate(&[vec![5, 6]], &bad, &mut Rng::new(0)).unwrap_err().to_string();
+        assert!(err.contains(key), "{bad:?}: {err}");
+    }
+}
+
+#[test]
+fn generation_stops_at_the_models_last_position() {
+    let mut cfg = DeepSeekV3Config::tiny();
+    cfg.max_position_embeddings = 8;
+    let short = DeepSeekV3::new(cfg.clone(), 4).unwrap();
+    cfg.max_position_embeddings = 64;
+    let long = DeepSeekV3::new(cfg, 4).unwrap();
+    let prompts = vec![vec![5u32, 9, 12, 3, 7], vec![1u32; 8]];
+    let sampling = SamplingConfig::greedy(10, vec![]);
+    let capped = short.generate(&prompts, &sampling, &mut Rng::new(0)).unwrap();
+    let free = long.generate(&prompts, &sampling, &mut Rng::new(0)).unwrap();
+    // 8 positions: 3 new tokens after a 5-token prompt, none after an 8-token one; both truncated,
+    // and the tokens are the unlimited model's (RoPE does not depend on the limit).
+    assert_eq!(capped[0].tokens, free[0].tokens[..3]);
+    assert!(capped[1].tokens.is_empty());
+    assert!(capped.iter().all(|g| g.truncated));
+    let (spec, _) = short.generate_speculative(&prompts[0], 10, &[], CacheMode::Absorb).unwrap();
+    assert_eq!(spec.tokens, capped[0].tokens);
+    assert!(spec.truncated);
+
+    let err = short.generate(&[vec![5], vec![1; 9]], &sampling, &mut Rng::new(0)).unwrap_err().to_string();
+    assert!(err.contains("prompt 1 has 9 tokens") && err.contains("8 positions"), "{err}");
+    let err = short.generate_speculative(&[1; 9], 2, &[], CacheMode::Absorb).unwrap_err().to_string();
+    assert!(err.contains("9 tokens") && err.contains("8 positions"), "{err}");
 }
