@@ -34,7 +34,7 @@ use std::time::Instant;
 use whale_model::tensor::{DType, Device, Tensor, WeightGradWork};
 use whale_model::DeepSeekV3;
 
-use crate::comm::{Comm, ReduceOp};
+use crate::comm::{Comm, ReduceOp, RANK_STACK};
 use crate::schedule::{Op, Schedule, Work};
 use crate::trainer::Accumulated;
 use crate::{Error, Result};
@@ -211,10 +211,14 @@ impl Pipeline<'_> {
                     let p = pending.remove(&b).ok_or_else(|| runner.order_error(op))?;
                     let ((fp, measured), work) = if exec.overlap {
                         std::thread::scope(|s| {
-                            let fwd = s.spawn(|| {
-                                runner.comm.join_thread();
-                                runner.forward(f)
-                            });
+                            let fwd = std::thread::Builder::new()
+                                .name(format!("rank {rank} forward"))
+                                .stack_size(RANK_STACK)
+                                .spawn_scoped(s, || {
+                                    runner.comm.join_thread();
+                                    runner.forward(f)
+                                })
+                                .map_err(|e| Error::Train(format!("rank {rank}: spawning {op}'s forward: {e}")))?;
                             let bwd = runner.backward(b, p, false);
                             let fwd = fwd
                                 .join()
@@ -259,7 +263,9 @@ fn add(total: &mut Accumulated, part: Accumulated) {
 }
 
 /// Every parameter's gradient summed over the ranks (missing ones count as zero), in one
-/// all-reduce of the flattened gradients.
+/// all-reduce of the flattened gradients and a has-gradient flag per parameter. A parameter no
+/// rank gave a gradient keeps none, as on one device (AdamW leaves it alone; a zero gradient
+/// would still decay it and move it by its momentum).
 fn sum_gradients(comm: &dyn Comm, model: &DeepSeekV3) -> Result<()> {
     let params: Vec<&Tensor> = model.params.iter().map(|(_, p)| p).collect();
     let mut flat = Vec::new();
@@ -269,11 +275,17 @@ fn sum_gradients(comm: &dyn Comm, model: &DeepSeekV3) -> Result<()> {
             None => flat.extend(std::iter::repeat_n(0.0, p.elem_count())),
         }
     }
+    let values = flat.len();
+    flat.extend(params.iter().map(|p| p.grad().is_some() as u8 as f32));
     comm.all_reduce(&mut flat, ReduceOp::Sum)?;
+    let present = flat.split_off(values);
     let mut start = 0;
-    for p in params {
+    for (p, present) in params.into_iter().zip(present) {
         let n = p.elem_count();
-        p.set_grad(Some(Tensor::from_vec(flat[start..start + n].to_vec(), p.dims(), &Device::Cpu)?))?;
+        let grad = (present > 0.0)
+            .then(|| Tensor::from_vec(flat[start..start + n].to_vec(), p.dims(), &Device::Cpu))
+            .transpose()?;
+        p.set_grad(grad)?;
         start += n;
     }
     Ok(())

@@ -76,6 +76,36 @@ fn every_schedule_trains_like_one_device() {
 }
 
 #[test]
+fn a_parameter_no_stage_gives_a_gradient_keeps_none() {
+    // FP8 experts that receive no token are not run, so on one device their weights have no
+    // gradient (AdamW then leaves them alone). A bias no score can overcome keeps expert 0 of
+    // every MoE layer out; after the pipeline's sum its weights must still have none.
+    let mut model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 5).unwrap();
+    model.set_fp8(Some(whale_model::tensor::fp8::Fp8Recipe::F32_ACCUMULATION));
+    for moe in model.moe_layers() {
+        moe.gate.e_score_correction_bias.as_ref().unwrap().with_f32_mut(|b| b[0] = -1e6).unwrap();
+    }
+    let micro = micro_batches(4, 3);
+    let single = model.duplicate().unwrap();
+    for mb in &micro {
+        single.forward(&mb.input_ids, Some(&mb.targets)).unwrap().loss.unwrap().backward().unwrap();
+    }
+    let want: Vec<(String, bool)> = single.params.iter().map(|(n, p)| (n.to_string(), p.grad().is_some())).collect();
+    assert!(want.iter().any(|(n, has)| n.contains("experts.0.") && !has));
+    assert!(want.iter().filter(|(_, has)| *has).count() > want.len() / 2);
+    let schedule = Schedule::new(Method::OneFOneB, 2, 4).unwrap();
+    let plan = StagePlan::even(4, 2).unwrap();
+    let ranks = LocalComm::run(2, |comm| {
+        let mine = model.duplicate().unwrap();
+        run_step(comm, &schedule, &plan, &mine, &micro, Execution::default()).unwrap();
+        mine.params.iter().map(|(n, p)| (n.to_string(), p.grad().is_some())).collect::<Vec<_>>()
+    });
+    for got in ranks {
+        assert_eq!(got, want);
+    }
+}
+
+#[test]
 fn stage_plans_split_layers_evenly_and_refuse_impossible_splits() {
     assert_eq!(StagePlan::even(7, 3).unwrap().layers, vec![0..3, 3..5, 5..7]);
     assert_eq!(StagePlan::even(4, 4).unwrap().layers, vec![0..1, 1..2, 2..3, 3..4]);

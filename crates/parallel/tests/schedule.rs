@@ -147,6 +147,14 @@ fn formula_is_not_exact_off_its_assumptions() {
     let t = simulate(&Schedule::new(Method::Zb1p, 4, 1).unwrap(), &zb).unwrap();
     assert_eq!((t.max_bubble(), Method::Zb1p.table_bubble(4, &zb)), (12.0, 9.0));
     assert!(!Method::Zb1p.table_assumes(4, 1, &zb) && Method::Zb1p.table_assumes(4, 4, &zb));
+    // B = F + W holds for costs in microseconds too, though their sum rounds (b - w - f is
+    // -7.3e-12 here), and the table is what the simulator finds.
+    let us = Cost { f: 44047.1, w: 36245.3, b: 80292.4, fb: 124339.5, comm: 0.0 };
+    assert_ne!(us.b - us.w - us.f, 0.0);
+    let t = simulate(&Schedule::new(Method::Zb1p, 4, 8).unwrap(), &us).unwrap();
+    assert!(Method::Zb1p.table_assumes(4, 8, &us));
+    assert!((t.max_bubble() - Method::Zb1p.table_bubble(4, &us)).abs() < 1e-6);
+    assert!(!Method::Zb1p.table_assumes(4, 8, &Cost { b: 80292.5, ..us }));
     // 1F1B has no such assumption.
     assert!(Method::OneFOneB.table_assumes(8, 20, &heavy_w) && Method::OneFOneB.table_assumes(8, 2, &heavy_w));
     let t = simulate(&Schedule::new(Method::OneFOneB, 8, 20).unwrap(), &heavy_w).unwrap();

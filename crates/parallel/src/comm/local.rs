@@ -36,8 +36,9 @@ use super::{
 };
 use crate::Result;
 
-/// Stack of each rank thread in [`LocalComm::run`] (a model's forward and backward run there).
-const RANK_STACK: usize = 16 << 20;
+/// Stack of each rank thread in [`LocalComm::run`] (a model's forward and backward run there),
+/// and of the thread a pipeline rank runs an overlapped forward on.
+pub(crate) const RANK_STACK: usize = 16 << 20;
 
 /// How long every rank must stay blocked, with nothing changing, before it is a deadlock.
 const DEADLOCK_GRACE: Duration = Duration::from_secs(2);

@@ -113,7 +113,9 @@ impl Method {
     /// [`Method::table_bubble`] is what the simulator finds ([`Method::table_assumptions`]). Off
     /// them the simulated bubble can differ either way.
     pub fn table_assumes(self, pp: usize, micro: usize, cost: &Cost) -> bool {
-        let split_like_forward = (cost.b - cost.w - cost.f).abs() < 1e-12 && cost.w <= cost.f;
+        // B = F + W up to the rounding of the sum (costs in microseconds round at ~1e-11).
+        let b_is_f_plus_w = (cost.b - cost.w - cost.f).abs() <= 1e-12 * cost.b.abs().max(1.0);
+        let split_like_forward = b_is_f_plus_w && cost.w <= cost.f;
         cost.comm == 0.0
             && match self {
                 Method::OneFOneB => true,
