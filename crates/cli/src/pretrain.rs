@@ -24,7 +24,7 @@ use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{DeepSeekV3, DeepSeekV3Config};
 use whale_rl::parallel::parallel_trainer::{Mesh, ParallelTrainer};
 use whale_rl::parallel::schedule::Method;
-use whale_rl::parallel::trainer::{DataSource, MomentPrecision, Precision, TrainConfig, Trainer};
+use whale_rl::parallel::trainer::{DataSource, LrShape, MomentPrecision, Precision, TrainConfig, Trainer};
 use whale_rl::parallel::Error as ParallelError;
 use whale_rl::tasks::{Corpus, Problem, TaskSet};
 
@@ -44,6 +44,11 @@ pub struct PretrainSettings {
     pub lr: f32,
     pub min_lr: f32,
     pub warmup: u64,
+    /// The learning rate's shape: cosine, or deepseek-v3 (warmup, constant, cosine, two steps).
+    pub lr_schedule: String,
+    /// `STEP:WEIGHT`: from STEP on the MTP loss weight is WEIGHT (DeepSeek-V3 goes from 0.3 to
+    /// 0.1 after 10T of its 14.8T tokens); unset: the preset's throughout.
+    pub mtp_weight_from: Option<String>,
     pub seed: u64,
     /// Tasks and difficulty ranges, e.g. `add:3-4,mul`.
     pub tasks: String,
@@ -95,6 +100,8 @@ impl Default for PretrainSettings {
             lr: 3e-3,
             min_lr: 3e-4,
             warmup: 30,
+            lr_schedule: "cosine".into(),
+            mtp_weight_from: None,
             seed: 0,
             tasks: "add:2-3".into(),
             imperfect: 0.2,
@@ -153,6 +160,15 @@ pub struct PretrainArgs {
     pub min_lr: Option<f32>,
     #[arg(long)]
     pub warmup: Option<u64>,
+    /// cosine (warmup, then cosine to --min-lr) or deepseek-v3 (DeepSeek-V3's shape over the
+    /// run: warmup, --lr for 10/14.8 of the steps, cosine to --min-lr by 14.3/14.8, then
+    /// --min-lr and --min-lr x 7.3/22).
+    #[arg(long)]
+    pub lr_schedule: Option<String>,
+    /// STEP:WEIGHT: the MTP loss weight from STEP on (DeepSeek-V3: 0.3, then 0.1 for the last
+    /// third of its tokens); unset: the preset's mtp_loss_weight throughout.
+    #[arg(long)]
+    pub mtp_weight_from: Option<String>,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Tasks with optional difficulty ranges, e.g. add:3-4,mul:1-2.
@@ -237,6 +253,7 @@ impl PretrainArgs {
             lr,
             min_lr,
             warmup,
+            lr_schedule,
             seed,
             tasks,
             imperfect,
@@ -258,6 +275,9 @@ impl PretrainArgs {
         if self.freeze_bias_at.is_some() {
             s.freeze_bias_at = self.freeze_bias_at;
         }
+        if self.mtp_weight_from.is_some() {
+            s.mtp_weight_from = self.mtp_weight_from.clone();
+        }
         Ok(s)
     }
 }
@@ -276,8 +296,16 @@ pub fn train_config(s: &PretrainSettings) -> Result<TrainConfig> {
         precision: Precision::parse(&s.precision)?,
         moments: MomentPrecision::parse(&s.moments)?,
         freeze_bias_at: s.freeze_bias_at,
+        lr_schedule: LrShape::parse(&s.lr_schedule)?,
+        mtp_weight_from: s.mtp_weight_from.as_deref().map(parse_step_weight).transpose()?,
         ..TrainConfig::default()
     })
+}
+
+/// `STEP:WEIGHT` of `mtp_weight_from`.
+fn parse_step_weight(text: &str) -> Result<(u64, f64)> {
+    let parsed = text.split_once(':').and_then(|(step, w)| Some((step.trim().parse().ok()?, w.trim().parse().ok()?)));
+    parsed.with_context(|| format!("mtp_weight_from `{text}`: expected STEP:WEIGHT, e.g. 650:0.1"))
 }
 
 /// The parallel layout the settings ask for.
@@ -349,6 +377,8 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let s = args.settings()?;
     let mesh = mesh(&s)?;
     let device = device(&s)?;
+    // Training settings out of range are refused before anything is written.
+    train_config(&s)?.validate()?;
     let tok = CharTokenizer::new();
     // Building the corpus refuses its shares (`letters`, `imperfect`, `mixing`) before anything
     // is written.
@@ -400,6 +430,7 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
         model,
         steps: args.steps,
         freeze_bias_at: args.freeze_bias_at,
+        mtp_weight_from: args.mtp_weight_from.as_deref().map(parse_step_weight).transpose()?,
         tok: &tok,
         ckpt: &ckpt,
         metrics: &metrics,
@@ -449,6 +480,8 @@ struct RankPlan<'a> {
     /// An explicit --freeze-bias-at, which a resumed run takes too (say, to freeze the biases
     /// for the last stretch of a run extended with --steps).
     freeze_bias_at: Option<u64>,
+    /// An explicit --mtp-weight-from, which a resumed run takes too.
+    mtp_weight_from: Option<(u64, f64)>,
     tok: &'a CharTokenizer,
     ckpt: &'a Path,
     metrics: &'a Path,
@@ -492,6 +525,9 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
             }
             if plan.freeze_bias_at.is_some() {
                 t.config.freeze_bias_at = plan.freeze_bias_at;
+            }
+            if plan.mtp_weight_from.is_some() {
+                t.config.mtp_weight_from = plan.mtp_weight_from;
             }
             if lead {
                 println!("resuming {} at step {} of {}", s.out.display(), t.step, t.config.steps);

@@ -140,6 +140,18 @@ fn shares_out_of_range_are_named_before_anything_is_written() {
         assert!(!out.status.success() && err.contains(&format!("`{key}` = {value}")), "--{key}: {err}");
         assert!(!run.exists(), "--{key}: nothing is written");
     }
+    // So are the training schedules.
+    for (flag, value, words) in [
+        ("--lr-schedule", "linear", "unknown learning-rate schedule `linear`"),
+        ("--mtp-weight-from", "650", "mtp_weight_from `650`: expected STEP:WEIGHT"),
+        ("--mtp-weight-from", "650:-1", "`mtp_weight_from`"),
+    ] {
+        let run = dir.join("schedule");
+        let out = whale().args(["pretrain", "--out", run.to_str().unwrap(), flag, value]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(words), "{flag} {value}: {err}");
+        assert!(!run.exists(), "{flag} {value}: nothing is written");
+    }
     // r1-zero refuses its settings before it reads the base.
     let missing = dir.join("missing");
     let out = whale().args(["r1-zero", "--base", missing.to_str().unwrap(), "--letters", "2"]).output().unwrap();

@@ -34,6 +34,10 @@ pub struct DeepSeekV3 {
     pub buffers: BTreeMap<String, Tensor>,
     /// Dtype of activations and matmuls (f32 or bf16); master weights, gating and losses stay f32.
     pub compute_dtype: DType,
+    /// The MTP loss weight the training loss uses (spec 3.2's lambda): config.json's
+    /// `mtp_loss_weight` until a trainer's schedule sets another (DeepSeek-V3: 0.3 for its first
+    /// 10T tokens, 0.1 for the last 4.8T). Saving writes the config's value, not this one.
+    pub mtp_loss_weight: f64,
 }
 
 /// What a run of decoder layers produced.
@@ -117,6 +121,7 @@ impl DeepSeekV3 {
         let files = TensorFiles::from(PathBuf::from(format!("<copy on {device:?}>")));
         let mut copy = Self::build(self.config.clone(), WeightSource::Loaded { files, tensors })?;
         copy.compute_dtype = self.compute_dtype;
+        copy.mtp_loss_weight = self.mtp_loss_weight;
         copy.set_fp8(self.fp8());
         Ok(copy)
     }
@@ -160,7 +165,19 @@ impl DeepSeekV3 {
             Linear::new(&mut root, "lm_head", d, v)?
         };
         source.check_all_used()?;
-        Ok(DeepSeekV3 { config, embed_tokens, layers, norm, lm_head, mtp, params, buffers, compute_dtype: DType::F32 })
+        let mtp_loss_weight = config.mtp_loss_weight;
+        Ok(DeepSeekV3 {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            mtp,
+            params,
+            buffers,
+            compute_dtype: DType::F32,
+            mtp_loss_weight,
+        })
     }
 
     /// Writes `config.json` and `model.safetensors` (f32, HF names; MTP layers with their copies
@@ -321,7 +338,7 @@ impl DeepSeekV3 {
             }
             let mut total = main.clone();
             if let Some(m) = &mtp_loss {
-                let w = self.config.mtp_loss_weight as f32 / self.mtp.len() as f32;
+                let w = self.mtp_loss_weight as f32 / self.mtp.len() as f32;
                 total = total.add(&m.mul_scalar(w)?)?;
             }
             if let Some(a) = &aux {

@@ -362,6 +362,7 @@ impl<'c> DataParallelTrainer<'c> {
 
     /// One optimizer step on every rank (a collective call).
     pub fn train_step(&mut self) -> Result<StepMetrics> {
+        self.trainer.begin_step();
         let t0 = Instant::now();
         let cfg = self.trainer.config.clone();
         let world = self.comm.world_size();

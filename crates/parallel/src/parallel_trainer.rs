@@ -202,6 +202,7 @@ impl<'c> ParallelTrainer<'c> {
                 _ => self.dp.train_step(),
             };
         };
+        self.dp.trainer.begin_step();
         let t0 = Instant::now();
         let cfg = self.dp.trainer.config.clone();
         let micro = (0..cfg.grad_accum)

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use whale_model::checkpoint::{load_file, save_file, SaveDType};
 use whale_model::tensor::fp8::Fp8Recipe;
-use whale_model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, WarmupCosine};
+use whale_model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, DeepSeekV3Schedule, LrSchedule, WarmupCosine};
 use whale_model::tensor::{no_grad, DType, Device, Rng, Tensor};
 use whale_model::DeepSeekV3;
 
@@ -71,6 +71,28 @@ impl MomentPrecision {
     }
 }
 
+/// The shape of the learning rate over a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrShape {
+    /// Linear warmup, then cosine from `lr` to `min_lr` at the last step.
+    #[default]
+    Cosine,
+    /// DeepSeek-V3's (spec 6.2) on the run's steps: warmup, `lr` held for 10/14.8 of the run,
+    /// cosine to `min_lr` by 14.3/14.8, `min_lr` to 14.633/14.8, then `min_lr` x 7.3/22.
+    DeepseekV3,
+}
+
+impl LrShape {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "cosine" => Ok(LrShape::Cosine),
+            "deepseek-v3" => Ok(LrShape::DeepseekV3),
+            other => Err(Error::Train(format!("unknown learning-rate schedule `{other}` (cosine, deepseek-v3)"))),
+        }
+    }
+}
+
 /// What to do with a step whose loss or gradient is not finite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -107,6 +129,10 @@ pub struct TrainConfig {
     /// From this step on the MoE balancing biases stay where they are: DeepSeek-V3 sets the bias
     /// update speed to 0 for its last 500B of 14.8T tokens (TR 4.2). None: they move every step.
     pub freeze_bias_at: Option<u64>,
+    pub lr_schedule: LrShape,
+    /// From this step on the MTP loss weight is this value instead of config.json's
+    /// `mtp_loss_weight` (DeepSeek-V3: 0.3 for its first 10T of 14.8T tokens, then 0.1, TR 4.2).
+    pub mtp_weight_from: Option<(u64, f64)>,
 }
 
 impl Default for TrainConfig {
@@ -129,6 +155,8 @@ impl Default for TrainConfig {
             seed: 0,
             on_non_finite: NonFinitePolicy::Skip,
             freeze_bias_at: None,
+            lr_schedule: LrShape::Cosine,
+            mtp_weight_from: None,
         }
     }
 }
@@ -154,6 +182,9 @@ impl TrainConfig {
         if self.grad_clip.is_nan() || self.grad_clip <= 0.0 {
             return bad("grad_clip", "must be positive");
         }
+        if self.mtp_weight_from.is_some_and(|(_, w)| !(w.is_finite() && w >= 0.0)) {
+            return bad("mtp_weight_from", "the weight must be a non-negative number");
+        }
         AdamW::new(self.adamw())?;
         Ok(())
     }
@@ -172,8 +203,20 @@ impl TrainConfig {
         }
     }
 
-    pub fn schedule(&self) -> WarmupCosine {
-        WarmupCosine { peak: self.lr, min: self.min_lr, warmup: self.warmup, total: self.steps }
+    pub fn schedule(&self) -> Box<dyn LrSchedule> {
+        let (peak, min, warmup, total) = (self.lr, self.min_lr, self.warmup, self.steps);
+        match self.lr_schedule {
+            LrShape::Cosine => Box::new(WarmupCosine { peak, min, warmup, total }),
+            LrShape::DeepseekV3 => Box::new(DeepSeekV3Schedule::shaped(peak, min, total, warmup)),
+        }
+    }
+
+    /// The MTP loss weight of `step` for a model whose config says `configured`.
+    pub fn mtp_weight(&self, step: u64, configured: f64) -> f64 {
+        match self.mtp_weight_from {
+            Some((from, w)) if step >= from => w,
+            _ => configured,
+        }
     }
 }
 
@@ -236,6 +279,9 @@ pub struct StepMetrics {
     pub mtp_loss: Option<f64>,
     pub aux_loss: Option<f64>,
     pub lr: f32,
+    /// The weight the loss gave the MTP loss (with MTP modules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtp_weight: Option<f64>,
     pub grad_norm: f64,
     pub tokens_per_s: f64,
     pub max_vio: Vec<f64>,
@@ -355,8 +401,15 @@ impl Trainer {
         Ok(total / batches.max(1) as f64)
     }
 
+    /// What a step's forward passes take from the step's index (every way of taking a step
+    /// calls this first): the scheduled MTP loss weight.
+    pub(crate) fn begin_step(&mut self) {
+        self.model.mtp_loss_weight = self.config.mtp_weight(self.step, self.model.config.mtp_loss_weight);
+    }
+
     /// One optimizer step.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
+        self.begin_step();
         let t0 = Instant::now();
         let cfg = self.config.clone();
         let mut acc = self.accumulate_gradients()?;
@@ -407,6 +460,7 @@ impl Trainer {
             mtp_loss: measured.mtp_loss,
             aux_loss: measured.aux_loss,
             lr,
+            mtp_weight: measured.mtp_loss.map(|_| self.model.mtp_loss_weight),
             grad_norm,
             tokens_per_s: tokens / started.elapsed().as_secs_f64().max(1e-9),
             max_vio: DeepSeekV3::max_violations(&measured.loads),

@@ -22,8 +22,17 @@ fn walk() -> Box<dyn DataSource> {
 }
 
 fn trainer(grad_accum: usize, data: Box<dyn DataSource>) -> Trainer {
-    // lr 3e-3 decaying to 3e-4 (the defaults) after 2 warm-up steps.
-    let config = TrainConfig { steps: STEPS, micro_batch: 1, grad_accum, seq_len: 16, warmup: 2, ..Default::default() };
+    // lr 3e-3 decaying to 3e-4 (the defaults) after 2 warm-up steps; the MTP loss weighs 0.3 (the
+    // preset's), then 0.1 in the last step: every way of taking a step must use the schedule.
+    let config = TrainConfig {
+        steps: STEPS,
+        micro_batch: 1,
+        grad_accum,
+        seq_len: 16,
+        warmup: 2,
+        mtp_weight_from: Some((2, 0.1)),
+        ..Default::default()
+    };
     Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), config, data).unwrap()
 }
 
@@ -115,6 +124,7 @@ fn assert_same_steps(a: &Outcome, b: &Outcome, what: &str) {
         assert!(close(gx, gy), "{what}: step {} gradient norm {gx} vs {gy}", x.step);
         assert_eq!(x.expert_load, y.expert_load, "{what}: step {}: the reported load is the global one", x.step);
         assert_eq!(x.lr, y.lr);
+        assert_eq!(x.mtp_weight, y.mtp_weight);
     }
 }
 

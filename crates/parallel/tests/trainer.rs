@@ -3,10 +3,11 @@
 //! trains within 1% of fp32.
 
 use serde_json::Value;
+use whale_model::tensor::optim::{DeepSeekV3Schedule, LrSchedule};
 use whale_model::tensor::testing::TempDir;
 use whale_model::tensor::{Rng, Tensor};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
-use whale_parallel::trainer::{DataSource, NonFinitePolicy, Precision, TokenWalk, TrainConfig, Trainer};
+use whale_parallel::trainer::{DataSource, LrShape, NonFinitePolicy, Precision, TokenWalk, TrainConfig, Trainer};
 use whale_parallel::Error;
 
 fn data(seed: u64) -> Box<dyn DataSource> {
@@ -208,4 +209,42 @@ fn balancing_biases_stop_moving_at_freeze_bias_at() {
     assert_ne!(seen[1], seen[2]);
     assert_eq!(seen[2], seen[3]);
     assert_eq!(seen[3], seen[4]);
+}
+
+#[test]
+fn the_learning_rate_and_the_mtp_weight_follow_their_schedules() {
+    let cfg = TrainConfig { lr_schedule: LrShape::DeepseekV3, mtp_weight_from: Some((3, 0.1)), ..config(15) };
+    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap();
+    let configured = model.config.mtp_loss_weight;
+    assert_eq!(configured, 0.3);
+    let mut t = Trainer::new(model, cfg, data(5)).unwrap();
+    let want = DeepSeekV3Schedule::shaped(3e-3, 3e-4, 15, 2);
+    let mut rates = Vec::new();
+    while !t.done() {
+        let m = t.train_step().unwrap();
+        assert_eq!(m.lr, want.lr(m.step));
+        rates.push(m.lr);
+        let w = if m.step < 3 { 0.3 } else { 0.1 };
+        assert_eq!(m.mtp_weight, Some(w), "step {}", m.step);
+        // One MTP module: the loss is main + w x MTP + balance.
+        let parts = m.main_loss + w * m.mtp_loss.unwrap() + m.aux_loss.unwrap_or(0.0);
+        assert!((m.loss - parts).abs() < 1e-5 * m.loss, "step {}: {} vs {parts}", m.step, m.loss);
+    }
+    // 15 steps: warmup to the peak, held to step 10 (10/14.8 of the run), cosine down to
+    // 3e-4 by step 14 (14.3/14.8); the tails are too short to show at this length.
+    assert!(rates[1..=10].iter().all(|&r| r == 3e-3), "{rates:?}");
+    assert!(rates[11] < 3e-3 && rates[13] > 3e-4 && rates[12] < rates[11], "{rates:?}");
+    assert_eq!(rates[14], 3e-4);
+    // The schedule's weight is the trainer's: config.json keeps the preset's.
+    let dir = tmpdir("mtp-weight");
+    t.save_checkpoint(&dir.join("checkpoint")).unwrap();
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint/config.json")).unwrap()).unwrap();
+    assert_eq!(json["mtp_loss_weight"], 0.3);
+    let resumed = Trainer::resume(&dir.join("checkpoint"), data(5), None).unwrap();
+    assert_eq!(resumed.config.mtp_weight_from, Some((3, 0.1)));
+    assert_eq!(resumed.config.lr_schedule, LrShape::DeepseekV3);
+    let bad = TrainConfig { mtp_weight_from: Some((3, f64::NAN)), ..config(4) };
+    let err = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 1).unwrap(), bad, data(1)).unwrap_err();
+    assert!(err.to_string().contains("mtp_weight_from"), "{err}");
 }

@@ -63,14 +63,22 @@ impl DeepSeekV3Schedule {
     /// tokens V3 spent at peak (10T of 14.8T), cosine to 2.2e-5 (the next 4.3T), then 2.2e-5 and
     /// 7.3e-6 for the last 333B and 167B.
     pub fn scaled(total: u64, warmup: u64) -> Self {
+        let mut s = Self::shaped(2.2e-4, 2.2e-5, total, warmup);
+        s.tail[1].1 = 7.3e-6; // the paper's value, not 2.2e-5 x 7.3/22 rounded
+        s
+    }
+
+    /// The paper's shape with another `peak` and decay target `min`: `min` until 14.633/14.8
+    /// of the run, then `min` x 7.3/22 (V3's 7.3e-6 after 2.2e-5).
+    pub fn shaped(peak: f32, min: f32, total: u64, warmup: u64) -> Self {
         let at = |tokens_t: f64| (total as f64 * tokens_t / 14.8).round() as u64;
         DeepSeekV3Schedule {
-            peak: 2.2e-4,
+            peak,
             warmup,
             decay_start: at(10.0).max(warmup),
-            decay_end: at(14.3),
-            decay_min: 2.2e-5,
-            tail: vec![(at(14.633), 2.2e-5), (total, 7.3e-6)],
+            decay_end: at(14.3).max(warmup),
+            decay_min: min,
+            tail: vec![(at(14.633), min), (total, (min as f64 * 7.3 / 22.0) as f32)],
         }
     }
 }
@@ -122,5 +130,19 @@ mod tests {
         assert_eq!(s.lr(14_400), 2.2e-5);
         assert_eq!(s.lr(14_700), 7.3e-6);
         assert_eq!(s.lr(20_000), 7.3e-6);
+    }
+
+    #[test]
+    fn deepseek_v3_shape_with_another_peak_and_minimum() {
+        let s = DeepSeekV3Schedule::shaped(3e-3, 3e-4, 1480, 10);
+        assert_eq!((s.decay_start, s.decay_end), (1000, 1430));
+        assert_eq!(s.lr(999), 3e-3);
+        assert!((s.lr(1215) - 1.65e-3).abs() < 1e-9);
+        assert_eq!(s.lr(1430), 3e-4);
+        assert_eq!(s.lr(1462), 3e-4);
+        assert_eq!(s.lr(1463), (3e-4f32 as f64 * 7.3 / 22.0) as f32);
+        // A run shorter than its warmup keeps the pieces in order.
+        let short = DeepSeekV3Schedule::shaped(1.0, 0.1, 5, 8);
+        assert!(short.decay_start <= short.decay_end && short.lr(7) == 1.0 && short.lr(8) < 1.0);
     }
 }
