@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use whale_rl::eval::{evaluate, EvalConfig};
+use whale_rl::eval::{completion_text, evaluate, EvalConfig};
 use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
-use whale_rl::tasks::{load_jsonl, verify, TaskSet};
+use whale_rl::tasks::{load_jsonl, verify, Problem, Split, TaskSet};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -18,12 +18,17 @@ pub struct EvalArgs {
     /// Tasks with optional difficulty ranges, e.g. add:3-4,mul.
     #[arg(long, default_value = "add:2-3")]
     pub tasks: String,
-    /// A JSONL file of {"prompt", "answer"} problems instead of the embedded tasks.
+    /// A JSONL file of {"prompt", "answer"} problems instead of the embedded tasks: its
+    /// held-out prompts (those training on the file leaves out), or every line with --all-lines.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// With --data: evaluate every line of the file (a test set no run trained on).
+    #[arg(long, requires = "data")]
+    pub all_lines: bool,
     /// Samples per problem.
     #[arg(long, default_value_t = 8)]
     pub k: usize,
+    /// Held-out problems drawn from --tasks (a --data file's are all evaluated).
     #[arg(long, default_value_t = 128)]
     pub problems: usize,
     #[arg(long, default_value_t = 1.0)]
@@ -45,7 +50,22 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let device = crate::device::open(&a.device)?;
     let model = crate::device::load(&a.checkpoint, &device, "the checkpoint")?;
     let problems = match &a.data {
-        Some(path) => load_jsonl(path)?,
+        Some(path) => {
+            let all = load_jsonl(path)?;
+            let lines = all.len();
+            let chosen: Vec<Problem> = if a.all_lines {
+                all
+            } else {
+                all.into_iter().filter(|p| Split::of(&p.prompt) == Split::HeldOut).collect()
+            };
+            if chosen.is_empty() {
+                bail!(
+                    "{}: none of its {lines} prompts is in the held-out split (--all-lines takes every line)",
+                    path.display()
+                );
+            }
+            chosen
+        }
         None => TaskSet::parse(&a.tasks)?.held_out(a.problems, a.seed),
     };
     let cache = CacheMode::parse(&a.cache).with_context(|| format!("--cache {}: expected naive or absorb", a.cache))?;
@@ -56,10 +76,23 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let prompts: Vec<Vec<u32>> = shown.iter().map(|p| tok.encode(&p.prompt)).collect::<Result<_, _>>()?;
         let cfg = SamplingConfig { cache, ..SamplingConfig::greedy(cfg.max_new_tokens, vec![tok.eos_id()]) };
         for (p, g) in shown.iter().zip(model.generate(&prompts, &cfg, &mut Rng::new(a.seed))?) {
-            let text = tok.decode(&g.tokens);
-            println!("{}{}  [{}]", p.prompt, text, if verify(p, &text) { "correct" } else { "wrong" });
+            let text = completion_text(&tok, &g);
+            let verdict = if g.truncated {
+                "truncated"
+            } else if verify(p, &text) {
+                "correct"
+            } else {
+                "wrong"
+            };
+            println!("{}{}  [{verdict}]", p.prompt, text);
         }
     }
+    let source = match &a.data {
+        Some(path) if a.all_lines => format!("every line of {}", path.display()),
+        Some(path) => format!("the held-out prompts of {}", path.display()),
+        None => format!("held-out {}", a.tasks),
+    };
+    println!("evaluating {} problems: {source}", problems.len());
     let t0 = std::time::Instant::now();
     let r = evaluate(&*model, &tok, &problems, &cfg)?;
     println!("evaluated in {:.1} s ({:?} cache)", t0.elapsed().as_secs_f64(), cache);

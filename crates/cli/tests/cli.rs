@@ -288,6 +288,24 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
             assert!(stderr.contains("drafts accepted"), "{stderr}");
         }
     }
+    // A JSONL file: its held-out prompts (what training on it leaves out), or every line.
+    let data = dir.join("sums.jsonl");
+    let lines: String = (10..70).map(|a| format!("{{\"prompt\": \"{a}+7=\", \"answer\": \"{}\"}}\n", a + 7)).collect();
+    std::fs::write(&data, lines).unwrap();
+    let eval = |extra: &[&str]| {
+        let out = whale()
+            .args(["eval", "--checkpoint", ckpt.to_str().unwrap(), "--data", data.to_str().unwrap(), "--k", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let n: usize = stdout.split_once("evaluating ").unwrap().1.split(' ').next().unwrap().parse().unwrap();
+        n
+    };
+    let held_out = eval(&[]);
+    assert!(held_out > 0 && held_out < 20, "{held_out} of 60");
+    assert_eq!(eval(&["--all-lines"]), 60);
     // Settings that would be ignored or sample from something else are refused.
     for (extra, words) in [
         (vec!["--top-p", "0.9"], "--temperature"),

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use whale_parallel::model::generate::{CacheMode, SamplingConfig};
+use whale_parallel::model::generate::{CacheMode, Generation, SamplingConfig};
 use whale_parallel::model::tensor::Rng;
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::CausalLm;
@@ -25,11 +25,18 @@ pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
     1.0 - ((n - c + 1)..=n).map(|i| 1.0 - k as f64 / i as f64).product::<f64>()
 }
 
-/// Whether a completion follows the R1 template: `<think>...</think>` then `<answer>...</answer>`,
-/// each once, in that order, and nothing after but the end-of-sequence token.
+/// A generation as rewards and evaluation read it: its tokens decoded without the stop token
+/// that ended it (whatever text that token decodes to in the tokenizer at hand).
+pub fn completion_text(tok: &dyn Tokenizer, g: &Generation) -> String {
+    let tokens =
+        if g.truncated { &g.tokens[..] } else { g.tokens.split_last().map_or(&g.tokens[..], |(_, rest)| rest) };
+    tok.decode(tokens)
+}
+
+/// Whether a completion ([`completion_text`]) follows the R1 template: `<think>...</think>` then
+/// `<answer>...</answer>`, each once, in that order, and nothing after.
 pub fn well_formatted(completion: &str) -> bool {
-    let body = completion.strip_suffix("<eos>").unwrap_or(completion);
-    let Some(rest) = body.strip_prefix("<think>") else { return false };
+    let Some(rest) = completion.strip_prefix("<think>") else { return false };
     let Some((think, rest)) = rest.split_once("</think>") else { return false };
     let Some(rest) = rest.strip_prefix("<answer>") else { return false };
     let Some((answer, tail)) = rest.split_once("</answer>") else { return false };
@@ -89,6 +96,20 @@ pub fn majority_vote(p: &Problem, texts: &[String]) -> Option<usize> {
     votes.into_values().max().map(|(_, std::cmp::Reverse(first))| first)
 }
 
+/// How many of one problem's samples solve it, and whether their majority answer does. A
+/// truncated sample (`None`: it never ended) neither solves it nor votes, as the accuracy
+/// reward has it.
+pub fn score_samples(p: &Problem, samples: &[Option<String>]) -> (usize, bool) {
+    let correct = samples.iter().flatten().filter(|t| verify(p, t)).count();
+    let texts: Vec<String> = samples.iter().map(|t| t.clone().unwrap_or_default()).collect();
+    (correct, majority_vote(p, &texts).is_some_and(|w| verify(p, &texts[w])))
+}
+
+/// A generation's text, `None` when it was truncated.
+fn finished(tok: &dyn Tokenizer, g: &Generation) -> Option<String> {
+    (!g.truncated).then(|| completion_text(tok, g))
+}
+
 /// Evaluates `model` on `problems`.
 pub fn evaluate(
     model: &dyn CausalLm,
@@ -113,14 +134,13 @@ pub fn evaluate(
     let (mut lang, mut lang_n) = (0.0, 0usize);
     let mut per_task: HashMap<String, (f64, usize)> = HashMap::new();
     for (i, p) in problems.iter().enumerate() {
-        g_ok += verify(p, &tok.decode(&greedy[i].tokens)) as u8 as f64;
-        let texts: Vec<String> = sampled[i * k..(i + 1) * k].iter().map(|g| tok.decode(&g.tokens)).collect();
-        let correct = texts.iter().filter(|t| verify(p, t)).count();
+        g_ok += score_samples(p, &[finished(tok, &greedy[i])]).0 as f64;
+        let group = &sampled[i * k..(i + 1) * k];
+        let texts: Vec<String> = group.iter().map(|g| completion_text(tok, g)).collect();
+        let (correct, majority) = score_samples(p, &group.iter().map(|g| finished(tok, g)).collect::<Vec<_>>());
         p1 += correct as f64 / k as f64;
         pk += pass_at_k(k, correct, k);
-        if let Some(winner) = majority_vote(p, &texts) {
-            cons += verify(p, &texts[winner]) as u8 as f64;
-        }
+        cons += majority as u8 as f64;
         len += sampled[i * k..(i + 1) * k].iter().map(|g| g.tokens.len()).sum::<usize>() as f64 / k as f64;
         fmt += texts.iter().filter(|t| well_formatted(t)).count() as f64 / k as f64;
         for (t, g) in texts.iter().zip(&sampled[i * k..(i + 1) * k]) {
@@ -202,8 +222,20 @@ mod tests {
     }
 
     #[test]
+    fn truncated_samples_neither_solve_nor_vote() {
+        let p = Problem { task: "add".into(), prompt: "12+7=".into(), answer: "19".into(), solution: String::new() };
+        let text = |a: &str| Some(format!("<think>x</think><answer>{a}</answer>"));
+        assert_eq!(score_samples(&p, &[text("19"), text("18"), text("18")]), (1, false));
+        // The two right answers never ended: no credit, and the one finished answer wins the vote.
+        assert_eq!(score_samples(&p, &[None, None, text("18")]), (0, false));
+        assert_eq!(score_samples(&p, &[None, None, text("19")]), (1, true));
+        assert_eq!(score_samples(&p, &[None]), (0, false));
+    }
+
+    #[test]
     fn format_check_is_strict_about_order_and_repetition() {
-        assert!(well_formatted("<think>1+1=2</think><answer>2</answer><eos>"));
+        assert!(well_formatted("<think>1+1=2</think><answer>2</answer>"));
+        assert!(!well_formatted("<think>1+1=2</think><answer>2</answer><eos>"), "texts end before the stop token");
         assert!(well_formatted("<think></think><answer>2</answer>"));
         assert!(!well_formatted("<answer>2</answer><think>x</think>"));
         assert!(!well_formatted("<think>a</think><answer>2</answer>junk"));

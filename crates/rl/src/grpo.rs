@@ -1038,7 +1038,7 @@ mod tests {
         use whale_parallel::model::config::DeepSeekV3Config;
         use whale_parallel::model::tokenizer::CharTokenizer;
         use whale_parallel::model::DeepSeekV3;
-        // Seed 10's first round has one group of four without reward spread: it is dropped, a
+        // Seed 11's first round has one group of four without reward spread: it is dropped, a
         // second round samples a replacement, and the kept batch mixes both rounds.
         let cfg = GrpoConfig {
             prompts_per_step: 4,
@@ -1049,7 +1049,7 @@ mod tests {
             scale_rewards: ScaleRewards::Batch,
             rewards: "accuracy,format:0.5,overlong,language".into(),
             tasks: "add:1".into(),
-            seed: 10,
+            seed: 11,
             ..GrpoConfig::default()
         };
         let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 10).unwrap();

@@ -152,9 +152,7 @@ impl Reward for LearnedReward {
         if Language::of_problem(s.problem).is_some() {
             return Ok(None);
         }
-        let tok = &*self.tokenizer;
-        let eos = tok.decode(&[tok.eos_id()]);
-        let text = s.text.strip_suffix(&eos).unwrap_or(s.text);
+        let (tok, text) = (&*self.tokenizer, s.text);
         // Text the tokenizer cannot read back (a sampled id with no character decodes to U+FFFD)
         // gets no learned reward; a model that fails on what it can read stops the run.
         let Ok(row) = reward_row(tok, &s.problem.prompt, text) else { return Ok(None) };

@@ -69,11 +69,13 @@ impl Reward for Format {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LanguageConsistency;
 
-/// The text of the `<think>` block (everything before `</think>` when it is not closed; the whole
-/// text when there is no block).
+/// The text of the `<think>` block, up to `</think>` (or, unclosed, up to an `<answer>`); empty
+/// without a block: an answer alone has no reasoning to be consistent, and scores 0 rather than
+/// the full reward a consistent chain of thought earns.
 fn reasoning(text: &str) -> &str {
-    let body = text.split_once("<think>").map_or(text, |(_, r)| r);
-    body.split_once("</think>").map_or(body, |(t, _)| t)
+    let Some((_, body)) = text.split_once("<think>") else { return "" };
+    let end = body.find("</think>").or_else(|| body.find("<answer>")).unwrap_or(body.len());
+    &body[..end]
 }
 
 impl LanguageConsistency {
@@ -253,8 +255,8 @@ mod tests {
     #[test]
     fn accuracy_and_format_follow_the_verifier_and_the_template() {
         let p = add_problem();
-        let good = "<think>2+7+0=9;1+0+0=1</think><answer>19</answer><eos>";
-        let unformatted = "<answer>19</answer><eos>";
+        let good = "<think>2+7+0=9;1+0+0=1</think><answer>19</answer>";
+        let unformatted = "<answer>19</answer>";
         let set = RewardSet::parse("accuracy,accuracy_gated,format:0.5", 96).unwrap();
         assert_eq!(set.score(&sample(&p, good, 20, false)).unwrap().each, vec![Some(1.0), Some(1.0), Some(1.0)]);
         assert_eq!(set.score(&sample(&p, good, 20, false)).unwrap().total, 2.5);
@@ -279,6 +281,10 @@ mod tests {
         // Half the reasoning in each script; the answer block does not count.
         let mixed = "<think>m+u+k=w;1+0+0=1</think><answer>19</answer>";
         assert_eq!(r.score(&sample(&q, mixed, 0, false)).unwrap(), Some(0.5));
+        // No reasoning is not consistent reasoning: an answer alone scores 0, not 1; an unclosed
+        // block ends at the answer.
+        assert_eq!(r.score(&sample(&q, "<answer>lw</answer>", 0, false)).unwrap(), Some(0.0));
+        assert_eq!(r.score(&sample(&q, "<think>m+u+k=w<answer>19</answer>", 0, false)).unwrap(), Some(1.0));
         let rev =
             Problem { task: "reverse".into(), prompt: "rab=".into(), answer: "ba".into(), solution: String::new() };
         assert_eq!(r.score(&sample(&rev, "<think>b;a</think><answer>ba</answer>", 0, false)).unwrap(), None);

@@ -52,7 +52,7 @@ pub struct Rollout {
     pub sample_logprobs: Vec<f32>,
     /// Stopped by the length limit, not by EOS.
     pub truncated: bool,
-    /// The decoded completion (ends at EOS: rewards never see text past it).
+    /// The decoded completion without its EOS ([`crate::eval::completion_text`]).
     pub text: String,
 }
 
@@ -78,7 +78,7 @@ pub fn sample_groups(
         .enumerate()
         .map(|(i, (g, prompt))| Rollout {
             problem: i / cfg.group_size,
-            text: tok.decode(&g.tokens),
+            text: crate::eval::completion_text(tok, &g),
             prompt,
             tokens: g.tokens,
             sample_logprobs: g.logprobs,

@@ -13,9 +13,10 @@ use whale_parallel::model::tensor::{Device, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::{CausalLm, IGNORE_INDEX};
 
-use crate::eval::well_formatted;
+use crate::eval::{completion_text, well_formatted};
 use crate::rewards::{LanguageConsistency, Sample};
-use crate::tasks::{verify, Problem};
+use crate::tasks::language::language_share;
+use crate::tasks::{verify, Language, Problem};
 use crate::{Error, Result};
 
 /// One training example: the completion is learnt given the prompt; EOS is appended.
@@ -216,6 +217,16 @@ pub struct RejectionStats {
     pub unique: usize,
 }
 
+/// Whether a correct completion of `p` ([`completion_text`]) is fit to fine-tune on: in the R1
+/// template and, where the problem has a language, with its reasoning and its answer all in it
+/// (R1 filters out mixed languages; the verifier accepts an answer's value in either script).
+pub fn fit_for_sft(p: &Problem, text: &str) -> bool {
+    let sample = Sample { problem: p, text, tokens: 0, truncated: false };
+    let consistent = LanguageConsistency.share(&sample).is_none_or(|s| s == 1.0)
+        && Language::of_problem(p).is_none_or(|l| language_share(text, l).is_none_or(|s| s == 1.0));
+    well_formatted(text) && consistent
+}
+
 /// R1's rejection sampling: `samples` completions per problem at `temperature`; keep those whose
 /// answer verifies, that follow the template, that are not truncated and whose reasoning is all
 /// in the prompt's language; drop duplicates.
@@ -242,19 +253,16 @@ pub fn rejection_sample(
     let (mut kept, mut seen) = (Vec::new(), HashSet::new());
     for (i, g) in gens.iter().enumerate() {
         let p = &problems[i / samples.max(1)];
-        let text = tok.decode(&g.tokens);
+        let text = completion_text(tok, g);
         if g.truncated || !verify(p, &text) {
             continue;
         }
         stats.correct += 1;
-        let sample = Sample { problem: p, text: &text, tokens: g.tokens.len(), truncated: false };
-        let consistent = LanguageConsistency.share(&sample).is_none_or(|s| s == 1.0);
-        if !well_formatted(&text) || !consistent {
+        if !fit_for_sft(p, &text) {
             continue;
         }
         stats.accepted += 1;
-        let completion = text.strip_suffix(&tok.decode(&[tok.eos_id()])).unwrap_or(&text).to_string();
-        let ex = Example { prompt: p.prompt.clone(), completion };
+        let ex = Example { prompt: p.prompt.clone(), completion: text };
         if seen.insert(ex.clone()) {
             kept.push(ex);
         }

@@ -8,8 +8,9 @@ mod common;
 use common::reversal_pair;
 use whale_rl::reward_model::{LearnedReward, PreferencePair, RewardModel};
 use whale_rl::rewards::{Reward, Sample};
-use whale_rl::sft::{fitting, sft, sft_batch, Example, SftConfig};
-use whale_rl::tasks::Problem;
+use whale_rl::sft::{fit_for_sft, fitting, sft, sft_batch, Example, SftConfig};
+use whale_rl::tasks::language::translate;
+use whale_rl::tasks::{Language, Problem};
 
 #[test]
 fn sft_rows_learn_only_the_completion_and_its_eos() {
@@ -109,4 +110,17 @@ fn the_reward_model_learns_preferences_with_the_bradley_terry_loss() {
     let broken = LearnedReward { model: std::sync::Arc::new(broken), tokenizer };
     let err = score(&broken, &problem("reverse", "rdog=")).unwrap_err().to_string();
     assert!(err.contains("the learned reward model failed"), "{err}");
+}
+
+#[test]
+fn rejection_keeps_templated_completions_wholly_in_the_prompts_script() {
+    let digits = Problem { task: "add".into(), prompt: "12+7=".into(), answer: "19".into(), solution: String::new() };
+    let letters = translate(&digits, Language::Letters);
+    assert!(fit_for_sft(&digits, "<think>2+7+0=9;1+0+0=1</think><answer>19</answer>"));
+    assert!(fit_for_sft(&letters, "<think>m+u+k=w;l+k+k=l</think><answer>lw</answer>"));
+    // Right answers all, but: the answer in the other script, the reasoning in it, no template.
+    assert!(!fit_for_sft(&letters, "<think>m+u+k=w;l+k+k=l</think><answer>19</answer>"));
+    assert!(!fit_for_sft(&digits, "<think>2+7+0=9;1+0+0=1</think><answer>lw</answer>"));
+    assert!(!fit_for_sft(&letters, "<think>2+7+0=9;l+k+k=l</think><answer>lw</answer>"));
+    assert!(!fit_for_sft(&digits, "<answer>19</answer>"));
 }

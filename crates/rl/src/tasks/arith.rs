@@ -30,7 +30,9 @@ fn add_trace(a: u64, b: u64, wrong: Option<(usize, i64)>) -> (String, String) {
         let mut s = x + y + carry;
         if let Some((w, e)) = wrong {
             if w == i {
-                s = (s + e).clamp(0, 19);
+                // A digit sum is 0..=19; where the slip would leave that range it goes the
+                // other way, so the step is always wrong.
+                s = if (0..=19).contains(&(s + e)) { s + e } else { s - e };
             }
         }
         steps.push(format!("{x}+{y}+{carry}={s}"));
@@ -59,6 +61,11 @@ impl MapAnswer for (String, String) {
 impl Task for Addition {
     fn name(&self) -> &'static str {
         "add"
+    }
+
+    /// Two 18-digit operands still sum below 2^63.
+    fn max_difficulty(&self) -> u32 {
+        18
     }
 
     fn generate(&self, rng: &mut Rng, difficulty: u32) -> Problem {
@@ -96,7 +103,9 @@ fn mul_trace(a: u64, b: u64, wrong: Option<(usize, i64)>) -> (String, String) {
         let mut p = (a * d) as i64 * 10i64.pow(i as u32);
         if let Some((w, e)) = wrong {
             if w == i {
-                p = (p + e * 10i64.pow(i as u32)).max(0);
+                // A partial product of 0 slips up, never below 0, so the step is always wrong.
+                let slip = e * 10i64.pow(i as u32);
+                p = if p + slip >= 0 { p + slip } else { p - slip };
             }
         }
         steps.push(format!("{a}*{d}{}={p}", "0".repeat(i)));
@@ -110,6 +119,11 @@ fn mul_trace(a: u64, b: u64, wrong: Option<(usize, i64)>) -> (String, String) {
 impl Task for Multiplication {
     fn name(&self) -> &'static str {
         "mul"
+    }
+
+    /// A (d + 1)-digit by d-digit product has at most 2d + 1 digits: 17 stays below 2^63.
+    fn max_difficulty(&self) -> u32 {
+        8
     }
 
     fn generate(&self, rng: &mut Rng, difficulty: u32) -> Problem {
@@ -189,6 +203,12 @@ impl Task for ModChain {
     fn corrupt(&self, rng: &mut Rng, p: &Problem) -> String {
         let (x0, ops, m) = parse_chain(&p.prompt);
         let (think, answer) = chain_trace(x0, &ops, m, Some(rng.below(ops.len() as u64) as usize));
+        if answer != p.answer {
+            return template(&think, &answer);
+        }
+        // A later multiplier divisible by the modulus erased the slip; one in the last step
+        // always reaches the answer.
+        let (think, answer) = chain_trace(x0, &ops, m, Some(ops.len() - 1));
         template(&think, &answer)
     }
 }
@@ -204,14 +224,27 @@ mod tests {
         let tasks: [&dyn Task; 3] = [&Addition, &Multiplication, &ModChain];
         for task in tasks {
             for d in 1..5 {
-                let p = task.generate(&mut rng, d);
-                assert!(task.verify(&p, &p.solution), "{p:?}");
-                let bad = task.corrupt(&mut rng, &p);
-                assert!(extract_answer(&bad).is_some());
-                if task.name() != "modchain" {
+                for _ in 0..50 {
+                    let p = task.generate(&mut rng, d);
+                    assert!(task.verify(&p, &p.solution), "{p:?}");
+                    let bad = task.corrupt(&mut rng, &p);
+                    assert!(extract_answer(&bad).is_some());
                     assert!(!task.verify(&p, &bad), "{} {bad}", p.prompt);
                 }
             }
+        }
+        // The slips that had cancelled: a digit sum of 0 down, a partial product of 0 down, a
+        // step before a multiplier divisible by the modulus.
+        assert_eq!(add_trace(10, 20, Some((0, -1))).1, "31");
+        assert_eq!(mul_trace(23, 40, Some((0, -1))).1, "921");
+        let chain = Problem {
+            task: "modchain".into(),
+            prompt: "x=3;*2+1;*7+0;%7=".into(),
+            answer: "0".into(),
+            solution: String::new(),
+        };
+        for seed in 0..8 {
+            assert!(!ModChain.verify(&chain, &ModChain.corrupt(&mut Rng::new(seed), &chain)));
         }
         let p = Problem { task: "add".into(), prompt: "347+85=".into(), answer: "432".into(), solution: String::new() };
         assert_eq!(add_trace(347, 85, None).0, "7+5+0=12;4+8+1=13;3+0+1=4");

@@ -92,6 +92,11 @@ impl Task for Countdown {
         "countdown"
     }
 
+    /// Numbers up to 25: a product of 13 stays below 2^63 (25^13 is about 1.5e18).
+    fn max_difficulty(&self) -> u32 {
+        13
+    }
+
     fn generate(&self, rng: &mut Rng, difficulty: u32) -> Problem {
         let k = difficulty.max(2) as usize;
         let nums: Vec<i64> = (0..k).map(|_| 1 + rng.below(25) as i64).collect();

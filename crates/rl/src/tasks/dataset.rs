@@ -18,11 +18,12 @@ pub enum Split {
 }
 
 impl Split {
-    /// One prompt in ten is held out (FNV-1a hash of the prompt with letter numerals read as
-    /// digits, so a problem and its translation are on the same side).
+    /// One problem in ten is held out: an FNV-1a hash of the prompt's [`problem_key`], so a
+    /// problem, its translation and its rewordings (`85+47=` for `47+85=`, another order of a
+    /// list to sort or of countdown's numbers) are all on the same side.
     pub fn of(prompt: &str) -> Split {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in to_digits(prompt).bytes() {
+        for b in problem_key(prompt).bytes() {
             h ^= b as u64;
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
@@ -32,6 +33,29 @@ impl Split {
             Split::Train
         }
     }
+}
+
+/// The problem a prompt poses, written the same for every prompt that poses it: letter numerals
+/// as digits, the operands of a sum or product (`a+b=`, `a*b=`) in increasing order, a list to
+/// sort (`s5,2,9=`) and countdown's numbers (`c7,3,25t46=`) sorted. Other prompts (a chain, a
+/// string to reverse, a user's) are keys as they are, read as digits.
+pub fn problem_key(prompt: &str) -> String {
+    let digits = to_digits(prompt);
+    let sorted = |items: &str, sep: char| -> Option<String> {
+        let mut v: Vec<u64> = items.split(sep).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        v.sort_unstable();
+        Some(v.iter().map(u64::to_string).collect::<Vec<_>>().join(&sep.to_string()))
+    };
+    let key = digits.strip_suffix('=').and_then(|body| {
+        if let Some(list) = body.strip_prefix('s') {
+            return Some(format!("s{}=", sorted(list, ',')?));
+        }
+        if let Some((numbers, target)) = body.strip_prefix('c').and_then(|b| b.split_once('t')) {
+            return Some(format!("c{}t{}=", sorted(numbers, ',')?, target.parse::<i64>().ok()?));
+        }
+        ['+', '*'].into_iter().find_map(|op| Some(format!("{}=", sorted(body, op).filter(|_| body.contains(op))?)))
+    });
+    key.unwrap_or(digits)
 }
 
 /// A mix of tasks, each with its difficulty range, sampled uniformly.
@@ -81,6 +105,13 @@ impl TaskSet {
             if range.is_empty() {
                 return Err(Error::Task(format!("empty difficulty range in `{item}`")));
             }
+            if *range.end() > task.max_difficulty() {
+                return Err(Error::Task(format!(
+                    "difficulty {} in `{item}`: `{name}` goes up to {} (its numbers must fit in 64 bits)",
+                    range.end(),
+                    task.max_difficulty()
+                )));
+            }
             entries.push((task, range));
         }
         if entries.is_empty() {
@@ -111,7 +142,8 @@ impl TaskSet {
         }
     }
 
-    /// `n` distinct problems of `split` from `seed`.
+    /// `n` distinct problems of `split` from `seed` (no two posing the same problem, see
+    /// [`problem_key`]; fewer where the split has fewer).
     pub fn problems(&self, n: usize, seed: u64, split: Split) -> Vec<Problem> {
         let mut rng = Rng::new(seed);
         let mut seen = HashSet::new();
@@ -120,7 +152,7 @@ impl TaskSet {
         while out.len() < n && attempts < 100 * n + 1000 {
             attempts += 1;
             let p = self.sample(&mut rng, split);
-            if seen.insert(p.prompt.clone()) {
+            if seen.insert(problem_key(&p.prompt)) {
                 out.push(p);
             }
         }
@@ -133,13 +165,13 @@ impl TaskSet {
         self.problems(n, seed ^ 0x0000_E0A1, Split::HeldOut)
     }
 
-    /// `n` held-out problems as [`TaskSet::held_out`] draws them, leaving out any of `test` (read
-    /// as digits, so neither script of a test problem): a validation set that never scores a
-    /// problem of the final evaluation.
+    /// `n` held-out problems as [`TaskSet::held_out`] draws them, leaving out any of `test` (by
+    /// [`problem_key`], so neither script nor a rewording of a test problem): a validation set
+    /// that never scores a problem of the final evaluation.
     pub fn held_out_besides(&self, n: usize, seed: u64, test: &[Problem]) -> Vec<Problem> {
-        let test: HashSet<String> = test.iter().map(|p| to_digits(&p.prompt)).collect();
+        let test: HashSet<String> = test.iter().map(|p| problem_key(&p.prompt)).collect();
         let drawn = self.held_out(n + test.len(), seed);
-        drawn.into_iter().filter(|p| !test.contains(&to_digits(&p.prompt))).take(n).collect()
+        drawn.into_iter().filter(|p| !test.contains(&problem_key(&p.prompt))).take(n).collect()
     }
 
     /// An imperfect completion of `p` from its own task.
@@ -154,12 +186,19 @@ impl TaskSet {
     }
 }
 
+/// A numeric problem and a completion both read as digits, so an answer counts by its value in
+/// either script (the language reward asks for the prompt's); `None` when both already are.
+fn read_as_digits(problem: &Problem, completion: &str) -> Option<(Problem, String)> {
+    let language = Language::of_problem(problem)?;
+    let digits = to_digits(completion);
+    (language == Language::Letters || digits != completion).then(|| (translate(problem, Language::Digits), digits))
+}
+
 /// Whether `completion` solves `problem`: the task's own verifier, or (for user datasets) the
 /// `<answer>` text equal to the expected answer.
 pub fn verify(problem: &Problem, completion: &str) -> bool {
-    if Language::of_problem(problem) == Some(Language::Letters) {
-        // The value counts, in either script (the language reward asks for the prompt's script).
-        return verify(&translate(problem, Language::Digits), &to_digits(completion));
+    if let Some((problem, completion)) = read_as_digits(problem, completion) {
+        return verify(&problem, &completion);
     }
     match task_by_name(&problem.task) {
         Some(t) => t.verify(problem, completion),
@@ -176,11 +215,11 @@ pub enum AnswerKey {
 }
 
 /// The answer `completion` gives to `problem`, such that two completions with the same key are
-/// both right or both wrong: a letter-numeral problem's answer by its digits (either script is
+/// both right or both wrong: a numeric problem's answer by its digits (either script is
 /// accepted), a countdown expression by its value. `None` without an `<answer>`.
 pub fn answer_key(problem: &Problem, completion: &str) -> Option<AnswerKey> {
-    if Language::of_problem(problem) == Some(Language::Letters) {
-        return answer_key(&translate(problem, Language::Digits), &to_digits(completion));
+    if let Some((problem, completion)) = read_as_digits(problem, completion) {
+        return answer_key(&problem, &completion);
     }
     let answer = extract_answer(completion)?;
     let value = task_by_name(&problem.task).and_then(|t| t.answer_value(problem, answer));
@@ -279,11 +318,14 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Problem>> {
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let at = || format!("{}:{}", path.display(), i + 1);
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Task(format!("{}: {e}", at())))?;
-        let field = |k: &str| {
-            v.get(k)
-                .and_then(|x| x.as_str())
-                .map(str::to_string)
-                .ok_or_else(|| Error::Task(format!("{}: missing string field `{k}`", at())))
+        let field = |k: &str| match v.get(k) {
+            None => Err(Error::Task(format!("{}: missing string field `{k}`", at()))),
+            Some(serde_json::Value::String(x)) if x.trim().is_empty() => {
+                // An empty answer would make every empty `<answer>` right.
+                Err(Error::Task(format!("{}: field `{k}` is empty", at())))
+            }
+            Some(serde_json::Value::String(x)) => Ok(x.clone()),
+            Some(other) => Err(Error::Task(format!("{}: field `{k}` is not a string: {other}", at()))),
         };
         let (prompt, answer) = (field("prompt")?, field("answer")?);
         out.push(Problem { task: "jsonl".into(), solution: template("", &answer), prompt, answer });
@@ -397,26 +439,93 @@ mod tests {
         assert_eq!(ps.len(), 2);
         assert!(verify(&ps[1], "<think>3*3</think><answer>9</answer>"));
         assert!(!verify(&ps[1], "<answer>8</answer>"));
-        std::fs::write(&f, "{\"prompt\": \"2+2=\"}\n").unwrap();
-        let err = load_jsonl(&f).unwrap_err().to_string();
-        assert!(err.contains("data.jsonl:1") && err.contains("answer"), "{err}");
+        for (line, words) in [
+            ("{\"prompt\": \"2+2=\"}", "missing string field `answer`"),
+            ("{\"prompt\": \"2+2=\", \"answer\": 4}", "field `answer` is not a string: 4"),
+            ("{\"prompt\": \"2+2=\", \"answer\": \" \"}", "field `answer` is empty"),
+            ("{\"prompt\": \"\", \"answer\": \"4\"}", "field `prompt` is empty"),
+        ] {
+            std::fs::write(&f, format!("{{\"prompt\": \"1+1=\", \"answer\": \"2\"}}\n{line}\n")).unwrap();
+            let err = load_jsonl(&f).unwrap_err().to_string();
+            assert!(err.contains("data.jsonl:2") && err.contains(words), "{err}");
+        }
         assert!(TaskSet::parse("add,division").unwrap_err().to_string().contains("division"));
+        for (spec, limit) in [("mul:9", "up to 8"), ("add:3-19", "up to 18"), ("countdown:14", "up to 13")] {
+            let err = TaskSet::parse(spec).unwrap_err().to_string();
+            assert!(err.contains(spec) && err.contains(limit), "{err}");
+        }
+        assert!(TaskSet::parse("mul:8,add:18,countdown:13").is_ok());
     }
 
     #[test]
     fn validation_problems_leave_out_the_test_set_in_either_script() {
-        // A small problem space (one-digit sums), so two held-out draws overlap.
+        // A small problem space: one-digit sums hold three held-out problems, so two draws of
+        // two overlap.
         let tasks = TaskSet::parse("add:1").unwrap().with_letters(0.5).unwrap();
-        let test = tasks.held_out(6, 0);
-        let plain = tasks.held_out(6, 0x5A11);
-        let digits = |ps: &[Problem]| -> HashSet<String> { ps.iter().map(|p| to_digits(&p.prompt)).collect() };
-        assert!(!digits(&plain).is_disjoint(&digits(&test)), "the draws must overlap for this test");
-        let validation = tasks.held_out_besides(6, 0x5A11, &test);
-        assert!(digits(&validation).is_disjoint(&digits(&test)));
+        let test = tasks.held_out(2, 0);
+        let plain = tasks.held_out(2, 0x5A11);
+        let keys = |ps: &[Problem]| -> HashSet<String> { ps.iter().map(|p| problem_key(&p.prompt)).collect() };
+        assert!(!keys(&plain).is_disjoint(&keys(&test)), "the draws must overlap for this test");
+        let validation = tasks.held_out_besides(2, 0x5A11, &test);
+        assert!(!validation.is_empty() && keys(&validation).is_disjoint(&keys(&test)));
         assert!(validation.iter().all(|p| Split::of(&p.prompt) == Split::HeldOut));
         // What did not overlap is drawn as before, in order.
-        let kept: Vec<&Problem> = plain.iter().filter(|p| !digits(&test).contains(&to_digits(&p.prompt))).collect();
+        let kept: Vec<&Problem> = plain.iter().filter(|p| !keys(&test).contains(&problem_key(&p.prompt))).collect();
         assert!(kept.iter().zip(&validation).all(|(a, b)| *a == b));
+    }
+
+    #[test]
+    fn an_answer_counts_by_its_value_in_either_script() {
+        let digits =
+            Problem { task: "add".into(), prompt: "12+7=".into(), answer: "19".into(), solution: String::new() };
+        let letters = translate(&digits, Language::Letters);
+        for p in [&digits, &letters] {
+            for answer in ["19", "lw"] {
+                let completion = format!("<think>x</think><answer>{answer}</answer>");
+                assert!(verify(p, &completion), "{} {answer}", p.prompt);
+                assert_eq!(answer_key(p, &completion), Some(AnswerKey::Text("19".into())));
+            }
+            assert!(!verify(p, "<think>x</think><answer>lv</answer>"));
+        }
+    }
+
+    #[test]
+    fn rewordings_of_a_problem_share_its_side_of_the_split() {
+        for (a, b) in [
+            ("47+85=", "85+47="),
+            ("7*123=", "123*7="),
+            ("s5,2,9=", "s2,9,5="),
+            ("c3,7,25t46=", "c25,3,7t46="),
+            ("vp+ou=", "85+47="),
+            ("sm,w,p=", "s2,9,5="),
+        ] {
+            assert_eq!(problem_key(a), problem_key(b), "{a} {b}");
+        }
+        assert_eq!(problem_key("c5,19,11t-3="), problem_key("c11,19,5t-3="));
+        for (a, b) in [("47+85=", "47*85="), ("c3,7t46=", "c3,7t47="), ("r123=", "r321="), ("s1,2=", "s1,2,2=")] {
+            assert_ne!(problem_key(a), problem_key(b), "{a} {b}");
+        }
+        assert_eq!(problem_key("x=3;*2+1;%7="), "x=3;*2+1;%7=");
+        // Every held-out problem's rewordings are held out too, so none is trained on.
+        let set = TaskSet::parse("add:2,mul:1,countdown,sort").unwrap();
+        for p in set.problems(300, 3, Split::HeldOut) {
+            let reworded = match p.task.as_str() {
+                "add" | "mul" => {
+                    let op = if p.task == "add" { '+' } else { '*' };
+                    let (x, y) = p.prompt.trim_end_matches('=').split_once(op).unwrap();
+                    format!("{y}{op}{x}=")
+                }
+                _ => {
+                    let (list, rest) = p.prompt[1..].split_once(['t', '=']).unwrap();
+                    let sep = &p.prompt[1 + list.len()..p.prompt.len() - rest.len()];
+                    let mut items: Vec<&str> = list.split(',').collect();
+                    items.reverse();
+                    format!("{}{}{sep}{rest}", &p.prompt[..1], items.join(","))
+                }
+            };
+            assert_ne!(reworded, "", "{}", p.prompt);
+            assert_eq!(Split::of(&reworded), Split::HeldOut, "{} -> {reworded}", p.prompt);
+        }
     }
 
     #[test]

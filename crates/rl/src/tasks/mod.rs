@@ -13,7 +13,9 @@ mod listops;
 
 pub use arith::{Addition, ModChain, Multiplication};
 pub use countdown::Countdown;
-pub use dataset::{answer_key, load_jsonl, load_training_jsonl, verify, AnswerKey, Corpus, Split, TaskSet};
+pub use dataset::{
+    answer_key, load_jsonl, load_training_jsonl, problem_key, verify, AnswerKey, Corpus, Split, TaskSet,
+};
 pub use language::Language;
 pub use listops::{Reverse, Sort};
 
@@ -35,6 +37,12 @@ pub trait Task: Send + Sync {
 
     /// A problem at `difficulty` (task-specific: digits, chain length, list length...).
     fn generate(&self, rng: &mut Rng, difficulty: u32) -> Problem;
+
+    /// The largest difficulty whose problems the task computes exactly (its numbers fit in 64
+    /// bits); a task set asking for more is refused.
+    fn max_difficulty(&self) -> u32 {
+        u32::MAX
+    }
 
     /// An imperfect completion: one step wrong and the error carried to the answer.
     fn corrupt(&self, rng: &mut Rng, problem: &Problem) -> String;
