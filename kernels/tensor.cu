@@ -106,7 +106,7 @@ extern "C" __global__ void binary_f32(const float* a, const float* b, float* out
         case 1: r = x - z; break;
         case 2: r = x * z; break;
         case 3: r = x / z; break;
-        case 4: r = fmaxf(x, z); break;
+        case 4: r = (x != x || z != z) ? x + z : fmaxf(x, z); break; // NaN wins, as torch.maximum
         case 5: r = x >= z ? 1.0f : 0.0f; break;
         case 6: r = x != 0.0f ? z : 0.0f; break;
         default: r = x != 0.0f ? 0.0f : z;
@@ -193,6 +193,11 @@ struct LogSumExp {
         float m = -INFINITY;
         for (unsigned j = 0; j < n; ++j) m = fmaxf(m, p[j * stride]);
         if (m == -INFINITY) return m;
+        if (m == INFINITY) { // +inf, or NaN when a NaN is there too (torch.logsumexp)
+            for (unsigned j = 0; j < n; ++j)
+                if (p[j * stride] != p[j * stride]) return p[j * stride];
+            return m;
+        }
         double acc = 0.0;
         for (unsigned j = 0; j < n; ++j) acc += exp((double)(p[j * stride] - m));
         return m + (float)log(acc);

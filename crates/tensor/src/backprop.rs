@@ -264,8 +264,11 @@ fn run_backward(seeds: Vec<(Tensor, Tensor)>, pass: Pass) -> Result<WeightGradWo
         match &t.0.grad {
             GradInfo::None => {}
             GradInfo::Leaf { grad, .. } => {
+                // Summed from a copy of the slot, so a failed sum leaves the gradient as it was.
                 let mut slot = grad.lock().expect("grad lock poisoned");
-                *slot = Some(sum_into(slot.take(), g)?);
+                let sum = sum_into(slot.clone(), g)?;
+                check_grad_shape("accumulated gradient", &t, &sum)?;
+                *slot = Some(sum);
             }
             GradInfo::Node { op, inputs, .. } => {
                 let needs: Vec<bool> = inputs.iter().map(|i| pass.visits(i)).collect();
@@ -309,6 +312,9 @@ impl Tensor {
 
     /// Backward from a tensor of any shape, given the gradient of some loss with respect to it.
     pub fn backward_with_grad(&self, grad: &Tensor) -> Result<()> {
+        if !self.requires_grad() {
+            return Err(Error::Backward("the tensor does not depend on any variable".into()));
+        }
         run_backward(vec![(self.clone(), grad.clone())], Pass::Full).map(|_| ())
     }
 
@@ -318,7 +324,13 @@ impl Tensor {
     pub fn backward_split(&self, grad: Option<&Tensor>) -> Result<WeightGradWork> {
         let seed = match grad {
             Some(g) => g.clone(),
-            None => Tensor::ones(self.dims(), self.dtype(), &self.device())?,
+            None if self.elem_count() == 1 => Tensor::ones(self.dims(), self.dtype(), &self.device())?,
+            None => {
+                return Err(Error::Backward(format!(
+                    "backward_split(None) needs a one-element loss, got shape {:?}; pass its gradient",
+                    self.dims()
+                )))
+            }
         };
         if !self.requires_grad() {
             return Ok(WeightGradWork::default());

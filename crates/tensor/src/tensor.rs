@@ -361,8 +361,11 @@ impl Tensor {
         if self.rank() != 2 {
             return Err(Error::invalid("to_vec2_f32", format!("rank {} is not 2", self.rank())));
         }
-        let cols = self.dims()[1];
-        Ok(self.to_vec_f32()?.chunks(cols.max(1)).map(|c| c.to_vec()).collect())
+        let (rows, cols) = (self.dims()[0], self.dims()[1]);
+        if cols == 0 {
+            return Ok(vec![Vec::new(); rows]);
+        }
+        Ok(self.to_vec_f32()?.chunks(cols).map(|c| c.to_vec()).collect())
     }
 
     /// This tensor's values on `device` (the same tensor when already there); differentiable.
@@ -490,14 +493,29 @@ impl Tensor {
         self.take_grad();
     }
 
-    /// Replaces the accumulated gradient (data parallelism writes the all-reduced one back).
+    /// Replaces the accumulated gradient (data parallelism writes the all-reduced one back). It
+    /// must have this variable's shape and dtype and live on its device (as torch's `.grad =`).
     pub fn set_grad(&self, g: Option<Tensor>) -> Result<()> {
-        match &self.0.grad {
-            GradInfo::Leaf { grad, .. } => {
-                *grad.lock().expect("grad lock poisoned") = g;
-                Ok(())
+        let GradInfo::Leaf { grad, .. } = &self.0.grad else {
+            return Err(Error::invalid("set_grad", "only variables hold gradients"));
+        };
+        if let Some(g) = &g {
+            if g.dims() != self.dims() || g.dtype() != self.dtype() || g.device() != self.device() {
+                return Err(Error::invalid(
+                    "set_grad",
+                    format!(
+                        "a {:?} {:?} gradient on {:?} for a {:?} {:?} variable on {:?}",
+                        g.dims(),
+                        g.dtype(),
+                        g.device(),
+                        self.dims(),
+                        self.dtype(),
+                        self.device()
+                    ),
+                ));
             }
-            _ => Err(Error::invalid("set_grad", "only variables hold gradients")),
         }
+        *grad.lock().expect("grad lock poisoned") = g;
+        Ok(())
     }
 }

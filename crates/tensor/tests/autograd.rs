@@ -139,3 +139,50 @@ fn casts_send_gradients_back_in_the_source_dtype() {
     assert_eq!(g.dtype(), DType::F32);
     assert_eq!(g.to_vec_f32().unwrap(), vec![3.0; 5]);
 }
+
+#[test]
+fn gradients_keep_their_variables_shape_and_bad_calls_are_errors() {
+    let w = Tensor::zeros(&[3], DType::F32, &Device::Cpu).unwrap().variable();
+    // A gradient of another shape, dtype or device is refused (it had broadcast into [3, 3]).
+    for bad in [
+        Tensor::zeros(&[3, 1], DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros(&[2], DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros(&[3], DType::BF16, &Device::Cpu).unwrap(),
+    ] {
+        let err = w.set_grad(Some(bad)).unwrap_err().to_string();
+        assert!(err.contains("set_grad") && err.contains("[3]"), "{err}");
+    }
+    assert!(w.grad().is_none());
+    w.set_grad(Some(Tensor::ones(&[3], DType::F32, &Device::Cpu).unwrap())).unwrap();
+    w.sum_all().unwrap().backward().unwrap();
+    assert_eq!(w.grad().unwrap().to_vec_f32().unwrap(), [2.0; 3]);
+    // backward_with_grad and backward_split(None) refuse what backward() refuses.
+    let constant = Tensor::ones(&[2], DType::F32, &Device::Cpu).unwrap();
+    assert!(constant.backward_with_grad(&constant).is_err());
+    let y = w.mul_scalar(2.0).unwrap();
+    assert!(y.backward_split(None).unwrap_err().to_string().contains("one-element"));
+    // index_add takes one row of indices, as its backward does.
+    let x = Tensor::zeros(&[4, 2], DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::from_vec(vec![0i64, 1, 2, 3], &[2, 2], &Device::Cpu).unwrap();
+    let src = Tensor::ones(&[4, 2], DType::F32, &Device::Cpu).unwrap();
+    assert!(x.index_add(0, &ids, &src).unwrap_err().to_string().contains("1-D"));
+    let empty = Tensor::zeros(&[3, 0], DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(empty.to_vec2_f32().unwrap(), vec![Vec::<f32>::new(); 3]);
+}
+
+#[test]
+fn non_finite_values_follow_torch() {
+    let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+    let (nan, inf) = (f32::NAN, f32::INFINITY);
+    // maximum propagates NaN (f32::max had dropped it).
+    let m = t(vec![nan, 1.0, -2.0, 3.0], &[4]).maximum(&t(vec![0.0, nan, -1.0, 2.0], &[4])).unwrap();
+    let m = m.to_vec_f32().unwrap();
+    assert!(m[0].is_nan() && m[1].is_nan() && m[2] == -1.0 && m[3] == 3.0, "{m:?}");
+    // logsumexp: a +inf row is +inf, with a NaN too NaN, all -inf rows -inf.
+    let l = t(vec![inf, 0.0, inf, nan, -inf, -inf], &[3, 2]).logsumexp(1).unwrap().to_vec_f32().unwrap();
+    assert!(l[0] == inf && l[1].is_nan() && l[2] == -inf, "{l:?}");
+    // d(x^0)/dx is 0, at 0 too.
+    let x = t(vec![0.0, 2.0], &[2]).variable();
+    x.powf(0.0).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(x.grad().unwrap().to_vec_f32().unwrap(), [0.0, 0.0]);
+}

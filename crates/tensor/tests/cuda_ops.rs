@@ -135,6 +135,28 @@ fn broadcasting_binary_ops() {
     on_every_device("add a narrowed view", vec![a], |v| v[0].narrow(2, 1, 4)?.add(&v[0].narrow(2, 2, 4)?));
 }
 
+/// [`close`], where a NaN must meet a NaN.
+fn close_or_both_nan(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if w.is_nan() || w.is_infinite() {
+            assert!(g.is_nan() == w.is_nan() && (w.is_nan() || g == w), "{what}[{i}]: CUDA {g} vs CPU {w}");
+        } else {
+            close(what, &[*g], &[*w]);
+        }
+    }
+}
+
+#[test]
+fn non_finite_values_as_torch_has_them() {
+    let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+    let (nan, inf) = (f32::NAN, f32::INFINITY);
+    let (a, b) = (t(vec![nan, 1.0, -2.0, 3.0], &[4]), t(vec![0.0, nan, -1.0, 2.0], &[4]));
+    on_every_device_with("maximum with NaN", vec![a, b], close_or_both_nan, |v| v[0].maximum(&v[1]));
+    let rows = t(vec![inf, 0.0, inf, nan, -inf, -inf, 1.0, 2.0], &[4, 2]);
+    on_every_device_with("logsumexp of non-finite rows", vec![rows], close_or_both_nan, |v| v[0].logsumexp(1));
+}
+
 #[test]
 fn reductions_and_shapes() {
     let x = randn(&[3, 4, 5], 6);

@@ -18,7 +18,10 @@ const CHUNK: usize = 1 << 14;
 
 /// The scalars of one step, computed as torch does: `_single_tensor_adamw` computes them as
 /// Python floats (f64), each rounded to f32 where it meets an f32 tensor op. The CUDA kernel takes
-/// the same values.
+/// the same values. Our hyper-parameters are f32, widened here; torch's Python floats hold the
+/// decimal value itself, so the two agree to the bit for values f32 holds exactly (0.5, 0.75, a
+/// power of two) and otherwise differ by a few ulp in a scalar (beta1 = 0.9: the lerp weight is
+/// 0.10000002 here, 0.10000000 in torch).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWScalars {
     pub decay: f32,

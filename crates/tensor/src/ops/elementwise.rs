@@ -62,7 +62,9 @@ impl Tensor {
 
     /// `x^e` for a scalar exponent.
     pub fn powf(&self, e: f32) -> Result<Tensor> {
-        self.unary_op(("powf", UnaryOp::Powf(e)), move |x| x.powf(e), move |x, _| e * x.powf(e - 1.0))
+        // x^0 is constant: its derivative is 0 everywhere, 0 included (0 x 0^-1 would be NaN).
+        let grad = move |x: f32, _| if e == 0.0 { 0.0 } else { e * x.powf(e - 1.0) };
+        self.unary_op(("powf", UnaryOp::Powf(e)), move |x| x.powf(e), grad)
     }
 
     pub fn sigmoid(&self) -> Result<Tensor> {
@@ -207,9 +209,12 @@ impl Tensor {
         )
     }
 
-    /// Elementwise maximum; the gradient goes to `self` where `self >= rhs`, else to `rhs`.
+    /// Elementwise maximum, NaN where either is NaN (as torch.maximum: a NaN must reach the
+    /// loss checks, not be replaced by the other side); the gradient goes to `self` where
+    /// `self >= rhs`, else to `rhs`.
     pub fn maximum(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary_op(rhs, ("maximum", BinaryOp::Maximum), f32::max, |a, b, g, n| {
+        let max = |a: f32, b: f32| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) };
+        self.binary_op(rhs, ("maximum", BinaryOp::Maximum), max, |a, b, g, n| {
             let mask = a.ge(b)?;
             Ok([grad_if(n[0], || mask.masked(g, true))?, grad_if(n[1], || mask.masked(g, false))?])
         })

@@ -85,6 +85,10 @@ impl Tensor {
     pub fn index_add(&self, dim: usize, ids: &Tensor, src: &Tensor) -> Result<Tensor> {
         super::check_same_dtype_any_device("index_add", self, src)?;
         self.layout().check_dim("index_add", dim)?;
+        if ids.rank() > 1 {
+            // As torch: the backward's index_select takes one row of indices.
+            return Err(Error::invalid("index_add", format!("ids must be 0-D or 1-D, got shape {:?}", ids.dims())));
+        }
         let (outer, n, inner) = split_at_dim(self.dims(), dim);
         let idx = checked_indices("index_add", ids, n)?;
         let m = idx.len();
@@ -95,7 +99,7 @@ impl Tensor {
                 rhs: src.dims().to_vec(),
             });
         }
-        let ids_kept = ids.detach();
+        let ids_kept = ids.detach().flatten_all()?;
         let back = backward_fn("index_add", move |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
             Ok(vec![
                 if needs[0] { Some(g.clone()) } else { None },

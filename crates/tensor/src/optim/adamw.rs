@@ -134,6 +134,13 @@ impl AdamW {
         for (name, p) in params.iter() {
             let Some(g) = p.grad() else { continue };
             let n = p.elem_count();
+            if g.dims() != p.dims() {
+                return Err(Error::Params(format!(
+                    "AdamW cannot update `{name}` {:?} with a {:?} gradient",
+                    p.dims(),
+                    g.dims()
+                )));
+            }
             let dtype = self.config.moment_dtype;
             let moments = self.state.entry(name.to_string()).or_insert_with(|| Moments {
                 m: Moment::zeros(n, dtype),
