@@ -105,6 +105,9 @@ pub struct DistillArgs {
     /// cpu (the default), or cuda / cuda:N: the teacher samples and the students train there.
     #[arg(long)]
     pub device: Option<String>,
+    /// The main job's tasks and evaluation set (over the settings' own).
+    #[arg(skip)]
+    pub shared: Option<crate::settings::Shared>,
 }
 
 /// The three students' held-out results.
@@ -127,13 +130,19 @@ fn save(model: &dyn CausalLm, dir: &Path) -> Result<()> {
 
 pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
-    let s: DistillSettings = match &args.config {
+    let mut s: DistillSettings = match &args.config {
         Some(p) => crate::settings::load(p)?,
         None => DistillSettings::default(),
     };
+    if let Some(sh) = &args.shared {
+        (s.tasks, s.letters, s.eval_seed, s.eval_problems, s.k) =
+            (sh.tasks.clone(), sh.letters, sh.eval_seed, sh.eval_problems, sh.k);
+        crate::settings::Settings::derive(&mut s);
+    }
     let out = args.out.clone().unwrap_or_else(|| crate::r1::sibling_run(&args.from, "distill"));
-    if out.join("distilled/checkpoint").exists() {
-        anyhow::bail!("{} already holds a distillation run; choose another --out", out.display());
+    // Any arm's folder in use, finished or not, is another run's: refused before any work.
+    if let Some(arm) = ["student-base", "distilled", "rl-only"].iter().map(|a| out.join(a)).find(|d| d.exists()) {
+        anyhow::bail!("{} already holds a distillation run ({}); choose another --out", out.display(), arm.display());
     }
     // The student's pretraining corpus (used when no --student is given); building it refuses
     // its shares before anything is written.

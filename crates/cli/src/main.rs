@@ -25,6 +25,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Job {
     /// The main job: pretrain -> R1-Zero -> R1 (four stages) -> distill, then a results table.
+    /// `--out` is the run folder (default: the first free `runs/main[-N]`); the pretraining
+    /// flags' tasks, letters, seed, eval-problems and k hold for every stage.
     All(pretrain::PretrainArgs),
     /// Pretrain a DeepSeek-V3 model (MLA, DeepSeekMoE, MTP) on the embedded reasoning corpus.
     Pretrain(pretrain::PretrainArgs),
@@ -56,19 +58,45 @@ enum Job {
 /// The whole chain with embedded defaults: pretraining, R1-Zero, the four R1 stages and
 /// distillation, each into its folder of the run; then the results table (printed and written
 /// as `results.md`) and the RL charts.
-fn main_job(args: pretrain::PretrainArgs) -> Result<()> {
+fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    println!("whale: the main job (pretrain -> R1-Zero -> R1 in four stages -> distill)\n");
-    // Every stage runs where pretraining ran (`--device`, or its config file's `device`).
-    let device = Some(args.settings()?.device);
+    if args.resume {
+        anyhow::bail!(
+            "the main job has no --resume: continue its stages one by one (whale pretrain --resume --out RUN/pretrain, \
+             whale r1-zero --resume, whale r1 --resume, then whale distill)"
+        );
+    }
+    let run = args.out.take().unwrap_or_else(pretrain::free_main_run);
+    if let Some(used) =
+        ["pretrain", "r1-zero", "r1", "distill", "results.md"].iter().map(|d| run.join(d)).find(|d| d.exists())
+    {
+        anyhow::bail!("{} already holds a run ({}); choose another --out", run.display(), used.display());
+    }
+    args.out = Some(run.join("pretrain"));
+    println!("whale: the main job (pretrain -> R1-Zero -> R1 in four stages -> distill) in {}\n", run.display());
+    // Every stage runs where pretraining ran (`--device`, or its config file's `device`), on its
+    // tasks and evaluation set.
+    let ps = args.settings()?;
+    let device = Some(ps.device.clone());
+    let shared = crate::settings::Shared {
+        tasks: ps.tasks.clone(),
+        letters: ps.letters,
+        eval_seed: ps.seed,
+        eval_problems: ps.eval_problems,
+        k: ps.k,
+    };
     let out = pretrain::run(args)?;
-    let run = out.parent().map(std::path::Path::to_path_buf).unwrap_or_else(|| out.clone());
     let base = out.join("checkpoint");
     println!();
     let zero = r1_zero::run(r1_zero::R1ZeroArgs {
         base: base.clone(),
         out: Some(run.join("r1-zero")),
         steps: Some(50),
+        tasks: Some(shared.tasks.clone()),
+        letters: Some(shared.letters),
+        eval_seed: Some(shared.eval_seed),
+        eval_problems: Some(shared.eval_problems),
+        k: Some(shared.k),
         device: device.clone(),
         ..Default::default()
     })?;
@@ -82,6 +110,7 @@ fn main_job(args: pretrain::PretrainArgs) -> Result<()> {
         data: None,
         device: device.clone(),
         resume: false,
+        shared: Some(shared.clone()),
     })?;
     let teacher = stages.last().expect("four stages").checkpoint.clone();
     let distilled = distill::run(distill::DistillArgs {
@@ -90,6 +119,7 @@ fn main_job(args: pretrain::PretrainArgs) -> Result<()> {
         out: Some(run.join("distill")),
         config: None,
         device,
+        shared: Some(shared),
     })?;
 
     let mut rows =
@@ -138,7 +168,7 @@ fn main_job(args: pretrain::PretrainArgs) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        None => main_job(pretrain::PretrainArgs::main_job()),
+        None => main_job(pretrain::PretrainArgs::default()),
         Some(Job::All(args)) => main_job(args),
         Some(Job::Pretrain(args)) => pretrain::run(args).map(|_| ()),
         Some(Job::Eval(args)) => eval_cmd::run(args),

@@ -222,22 +222,66 @@ pub struct PretrainArgs {
     pub device: Option<String>,
 }
 
-impl PretrainArgs {
-    /// The main job's first stage: the defaults, in `runs/main` (or the first free `runs/main-N`,
-    /// so running the main job again never touches an earlier run).
-    pub fn main_job() -> Self {
-        let out = (1..)
-            .map(|n| if n == 1 { PathBuf::from("runs/main") } else { PathBuf::from(format!("runs/main-{n}")) })
-            .find(|dir| !dir.exists())
-            .expect("an unbounded range has a free name");
-        PretrainArgs { out: Some(out.join("pretrain")), ..Default::default() }
-    }
+/// The main job's run folder: `runs/main`, or the first free `runs/main-N`, so running the main
+/// job again never touches an earlier run.
+pub fn free_main_run() -> PathBuf {
+    (1..)
+        .map(|n| if n == 1 { PathBuf::from("runs/main") } else { PathBuf::from(format!("runs/main-{n}")) })
+        .find(|dir| !dir.exists())
+        .expect("an unbounded range has a free name")
+}
 
+impl PretrainArgs {
     pub fn settings(&self) -> Result<PretrainSettings> {
+        if self.resume {
+            return self.resumed_settings();
+        }
         let mut s: PretrainSettings = match &self.config {
             Some(path) => crate::settings::load(path)?,
             None => PretrainSettings::default(),
         };
+        self.overlay(&mut s);
+        Ok(s)
+    }
+
+    /// With --resume: the run's own settings.json. A continued run may change --steps,
+    /// --freeze-bias-at, --mtp-weight-from and --device; any other flag must repeat the run's
+    /// value (the corpus, the evaluation set and the saved settings would otherwise mix two runs).
+    fn resumed_settings(&self) -> Result<PretrainSettings> {
+        if self.config.is_some() {
+            bail!("--resume continues with the run's own settings.json; drop --config");
+        }
+        let out = self.out.clone().unwrap_or_else(|| PretrainSettings::default().out);
+        let path = out.join("settings.json");
+        if !path.exists() {
+            bail!("--resume: {} has no settings.json; no run to continue there", out.display());
+        }
+        let saved: PretrainSettings = crate::settings::load(&path).context("resuming: the run's settings")?;
+        let mut asked = saved.clone();
+        self.overlay(&mut asked);
+        asked.out = out;
+        let (was, now) = (serde_json::to_value(&saved)?, serde_json::to_value(&asked)?);
+        const MAY_CHANGE: [&str; 5] = ["out", "steps", "freeze_bias_at", "mtp_weight_from", "device"];
+        let changed: Vec<String> = now
+            .as_object()
+            .expect("settings are an object")
+            .iter()
+            .filter(|(k, v)| !MAY_CHANGE.contains(&k.as_str()) && was.get(k.as_str()) != Some(v))
+            .map(|(k, v)| format!("--{} {v} (the run's: {})", k.replace('_', "-"), was[k.as_str()]))
+            .collect();
+        if !changed.is_empty() {
+            bail!(
+                "--resume continues {} with its own settings; only --steps, --freeze-bias-at, --mtp-weight-from and \
+                 --device may change: {}",
+                path.display(),
+                changed.join(", ")
+            );
+        }
+        Ok(asked)
+    }
+
+    /// The flags given, laid over `s`.
+    fn overlay(&self, s: &mut PretrainSettings) {
         macro_rules! over {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { s.$f = v.clone(); } )* };
         }
@@ -278,7 +322,6 @@ impl PretrainArgs {
         if self.mtp_weight_from.is_some() {
             s.mtp_weight_from = self.mtp_weight_from.clone();
         }
-        Ok(s)
     }
 }
 

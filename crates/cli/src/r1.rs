@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer};
@@ -223,6 +223,9 @@ pub struct R1Args {
     /// (their checkpoint and evaluation), and the first unfinished one starts over.
     #[arg(long)]
     pub resume: bool,
+    /// The main job's tasks and evaluation set (over the settings' own).
+    #[arg(skip)]
+    pub shared: Option<crate::settings::Shared>,
 }
 
 /// One stage's result.
@@ -503,21 +506,31 @@ impl R1Args {
 pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
     let out = args.out.clone().unwrap_or_else(|| sibling_run(&args.from, "r1"));
-    let s = args.settings(&out)?;
+    let mut s = args.settings(&out)?;
+    if let Some(sh) = &args.shared {
+        (s.tasks, s.letters, s.eval_seed, s.eval_problems, s.k) =
+            (sh.tasks.clone(), sh.letters, sh.eval_seed, sh.eval_problems, sh.k);
+        crate::settings::Settings::derive(&mut s);
+    }
     let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
     crate::settings::note_letters_mismatch(args.base.as_ref().unwrap_or(&args.from), s.letters);
     let stages = match args.stage {
         Stage::All => vec![Stage::ColdStart, Stage::ReasoningRl, Stage::RejectionSft, Stage::AllRl],
         one => vec![one],
     };
-    // The inputs a run was started with: --resume must be given the same ones.
-    let inputs = serde_json::json!({ "from": args.from, "base": args.base, "data": args.data });
+    // The inputs a run was started with: --resume must be given the same ones (a run's `stage`
+    // decides what its stages start from: stage 2 of `all` from stage 1, alone from --from).
+    let stage_name = args.stage.to_possible_value().map(|v| v.get_name().to_string());
+    let inputs = serde_json::json!({ "from": args.from, "base": args.base, "data": args.data, "stage": stage_name });
     let run_file = out.join("run.json");
     if args.resume {
         if let Ok(text) = std::fs::read_to_string(&run_file) {
             let recorded: serde_json::Value =
                 serde_json::from_str(&text).with_context(|| run_file.display().to_string())?;
-            for flag in ["from", "base", "data"] {
+            // (`stage` is recorded since it was checked: a run.json without it has none to compare.)
+            let flags =
+                ["from", "base", "data", "stage"].into_iter().filter(|f| *f != "stage" || !recorded[f].is_null());
+            for flag in flags {
                 if recorded[flag] != inputs[flag] {
                     bail!(
                         "--resume: --{flag} {} differs from the run's ({}, in {})",
@@ -528,12 +541,11 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
                 }
             }
         }
-    } else if let Some(done) = stages
-        .iter()
-        .map(|st| out.join(st.folder()))
-        .find(|d| d.join("checkpoint").exists() || d.join(STAGE_FILE).exists())
+    } else if let Some(done) =
+        stages.iter().map(|st| out.join(st.folder())).find(|d| d.read_dir().is_ok_and(|mut e| e.next().is_some()))
     {
-        // Before anything is written: a refused command leaves the run's settings alone.
+        // Before anything is written: a refused command leaves the run's settings alone. A
+        // folder an interrupted attempt left counts too (its logs would be appended to).
         bail!("{} already holds this stage; pass --resume to continue the run or choose another --out", done.display());
     }
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;

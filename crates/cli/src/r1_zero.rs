@@ -31,6 +31,8 @@ pub enum Algo {
 pub struct R1ZeroSettings {
     /// The base checkpoint (recorded from `--base`).
     pub base: PathBuf,
+    /// The JSONL prompt pool (recorded from `--data`); none: the embedded tasks.
+    pub data: Option<PathBuf>,
     pub algo: Algo,
     pub grpo: GrpoConfig,
     /// PPO's own knobs; its rollout budget, learning rate and tasks come from `grpo`.
@@ -53,6 +55,7 @@ impl Default for R1ZeroSettings {
     fn default() -> Self {
         R1ZeroSettings {
             base: PathBuf::new(),
+            data: None,
             algo: Algo::Grpo,
             grpo: GrpoConfig::default(),
             ppo: PpoConfig::default(),
@@ -119,6 +122,9 @@ pub struct R1ZeroArgs {
     pub seed: Option<u64>,
     #[arg(long)]
     pub eval_problems: Option<usize>,
+    /// Seed of the held-out set (the pretraining run's --seed gives the problems it reported).
+    #[arg(long)]
+    pub eval_seed: Option<u64>,
     #[arg(long)]
     pub k: Option<usize>,
     #[arg(long)]
@@ -158,6 +164,9 @@ impl R1ZeroArgs {
         }
         if let Some(n) = self.eval_problems {
             s.eval_problems = n;
+        }
+        if let Some(seed) = self.eval_seed {
+            s.eval_seed = seed;
         }
         if let Some(k) = self.k {
             s.k = k;
@@ -218,19 +227,47 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     let (metrics, completions) = (out.join("metrics.jsonl"), out.join("completions.jsonl"));
     let settings_path = out.join("settings.json");
     let tok = CharTokenizer::new();
-    let pool = args.data.as_deref().map(crate::settings::training_pool).transpose()?;
-    let device = crate::device::open_or_cpu(args.device.as_deref())?;
-    let base = crate::device::load(&args.base, &device, "the base model")?;
-    let mut trainer: Box<dyn RlTrainer> = if args.resume {
-        // The run's own settings, not this command line's, except an explicit --steps.
+    if args.resume {
+        // The run's own settings, not this command line's, except an explicit --steps; its base
+        // and prompt pool are the run's too.
         s = crate::settings::load(&settings_path).context("resuming: the run's settings")?;
         if let Some(steps) = args.steps {
             s.grpo.steps = steps;
         }
+        let same =
+            |a: &Path, b: &Path| a.canonicalize().ok().zip(b.canonicalize().ok()).map_or(a == b, |(a, b)| a == b);
+        if !same(&args.base, &s.base) {
+            bail!(
+                "--resume: {} was started from --base {}, not {}",
+                out.display(),
+                s.base.display(),
+                args.base.display()
+            );
+        }
+        match (&args.data, &s.data) {
+            (Some(given), Some(recorded)) if !same(given, recorded) => {
+                bail!("--resume: {} trains on --data {}, not {}", out.display(), recorded.display(), given.display())
+            }
+            (Some(given), None) => {
+                bail!("--resume: {} trains on the embedded tasks, not --data {}", out.display(), given.display())
+            }
+            _ => {}
+        }
+    } else {
+        s.base = args.base.clone();
+        s.data = args.data.clone();
+    }
+    let pool = s.data.as_deref().map(crate::settings::training_pool).transpose()?;
+    let device = crate::device::open_or_cpu(args.device.as_deref())?;
+    let base = crate::device::load(&args.base, &device, "the base model")?;
+    let mut trainer: Box<dyn RlTrainer> = if args.resume {
         let mut t: Box<dyn RlTrainer> = match s.algo {
             Algo::Grpo => Box::new(GrpoTrainer::resume(&ckpt, Box::new(tok.clone()), &device)?),
             Algo::Ppo => Box::new(PpoTrainer::resume(&ckpt, Box::new(tok.clone()), &device)?),
         };
+        if s.grpo.steps < t.run_mut().step {
+            bail!("--steps {}: {} is already at step {}", s.grpo.steps, out.display(), t.run_mut().step);
+        }
         t.run_mut().config.steps = s.grpo.steps;
         t.run_mut().resume_logs(&metrics, &completions)?;
         println!("resuming {} at step {} of {}", out.display(), t.run_mut().step, s.grpo.steps);
@@ -252,7 +289,6 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     if let Some(pool) = pool {
         trainer.run_mut().pool = Some(pool);
     }
-    s.base = args.base.clone();
     std::fs::write(&settings_path, serde_json::to_string_pretty(&s)?)
         .with_context(|| settings_path.display().to_string())?;
 
@@ -284,7 +320,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     )?;
     let first = trainer.run_mut().step;
     let train_seconds = train_loop(&mut *trainer, &ckpt, s.checkpoint_every, Some(&validation))?;
-    let steps_run = (s.grpo.steps - first).max(1) as f64;
+    let steps_run = s.grpo.steps.saturating_sub(first).max(1) as f64;
     let policy = trainer.policy();
 
     let after = evaluate(policy, &tok, &problems, &eval_cfg)?;

@@ -20,6 +20,19 @@ pub trait Settings: Serialize + DeserializeOwned + Default {
     fn derive(&mut self) {}
 }
 
+/// What the main job's later stages (R1-Zero, R1, distillation) take from its pretraining
+/// settings, so every row of its table trains on the same tasks and is evaluated on the same
+/// held-out problems with the same number of samples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shared {
+    pub tasks: String,
+    pub letters: f64,
+    /// The held-out set's seed: pretraining's seed, whose problems it reported.
+    pub eval_seed: u64,
+    pub eval_problems: usize,
+    pub k: usize,
+}
+
 /// Reads `path` as JSON (`.json`) or TOML (anything else) onto `T`'s defaults. A nested table
 /// overrides only the keys it holds: `[all_rl] steps = 40` keeps the stage's other defaults, not
 /// those of the table's type. Unknown and derived keys are errors naming the key and the file.

@@ -65,6 +65,14 @@ fn sigkill_during_checkpointing_leaves_a_resumable_run() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("resuming") && stdout.contains("pass@1"), "{stdout}");
+    // The run's own settings: a flag that would change its corpus or evaluation is refused.
+    let out = whale()
+        .args(["pretrain", "--out", run.to_str().unwrap(), "--resume", "--steps", "1", "--letters", "0.5"])
+        .args(SMALL)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--letters 0.5 (the run's: 0.25)"), "{stderr}");
 }
 
 #[test]
@@ -121,6 +129,16 @@ fn an_existing_run_is_not_overwritten_and_bad_config_keys_are_named() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("learning_rate") && err.contains("run.toml"), "{err}");
 
+    // The main job's --out is its run folder; one in use is refused before any work, and it has
+    // no --resume to mix two runs' stages.
+    let all = dir.join("all");
+    std::fs::create_dir_all(all.join("r1")).unwrap();
+    let out = whale().args(["all", "--out", all.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already holds a run"));
+    assert!(!all.join("pretrain").exists());
+    let out = whale().args(["all", "--resume"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no --resume"));
+
     let plot = whale().args(["plot", run.to_str().unwrap()]).output().unwrap();
     assert!(plot.status.success(), "{}", String::from_utf8_lossy(&plot.stderr));
     for chart in ["loss.svg", "lr.svg", "max_vio.svg", "expert_load.svg"] {
@@ -173,6 +191,7 @@ fn shares_out_of_range_are_named_before_anything_is_written() {
     };
     // PPO refuses a GRPO setting it has no use for; r1 and distill refuse shares the same way.
     refused("r1-zero", "--base", "algo = \"ppo\"\n[grpo]\nnum_iterations = 2\n", "`num_iterations` = 2");
+    refused("r1-zero", "--base", "algo = \"ppo\"\n[grpo]\nbeta = 0.04\n", "`beta` is GRPO's");
     for command in ["r1", "distill"] {
         refused(command, "--from", "letters = 2.0\n", "`letters` = 2");
     }
@@ -227,6 +246,9 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
             "{stdout}{stderr}"
         );
         assert_eq!(metrics(&run).len(), 3);
+        // Resuming below the step reached, or on another prompt pool, is refused.
+        let fewer = whale().args(args).args(["--resume", "--steps", "1"]).output().unwrap();
+        assert!(String::from_utf8_lossy(&fewer.stderr).contains("already at step 3"), "{fewer:?}");
     }
     // A user's JSONL prompts instead of the generators.
     let data = dir.join("prompts.jsonl");
@@ -242,6 +264,24 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let logged = std::fs::read_to_string(run.join("completions.jsonl")).unwrap();
     assert!(logged.contains("\"2+2=\"") || logged.contains("\"3+4=\""), "{logged}");
+    let resume = |extra: &[&str]| {
+        whale()
+            .args(["r1-zero", "--base", ckpt.to_str().unwrap(), "--out", run.to_str().unwrap(), "--resume"])
+            .args(["--steps", "2"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let other = dir.join("other.jsonl");
+    std::fs::write(&other, "{\"prompt\": \"5+4=\", \"answer\": \"9\"}\n").unwrap();
+    let refused = resume(&["--data", other.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("trains on --data"), "{refused:?}");
+    // Without --data the run keeps its own pool.
+    let out = resume(&[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("settings.json")).unwrap()).unwrap();
+    assert!(settings["data"].as_str().unwrap().ends_with("prompts.jsonl"), "{settings}");
     let bad = whale().args(["r1-zero", "--base", dir.join("missing").to_str().unwrap()]).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("missing"));
 }
@@ -431,6 +471,9 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("drop --config"));
     let out = again(&["--resume", "--base", base.join("checkpoint").to_str().unwrap()]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--base"));
+    // Stage 2 alone would start from --from (the base), not from this run's stage 1.
+    let out = again(&["--resume", "--stage", "reasoning-rl"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--stage"), "{out:?}");
     let out = again(&["--resume"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));

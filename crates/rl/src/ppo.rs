@@ -68,6 +68,23 @@ impl PpoConfig {
                 config.num_iterations
             )));
         }
+        // GRPO's own knobs, which PPO would silently ignore: only their defaults are accepted.
+        let d = GrpoConfig::default();
+        let grpo_only = [
+            ("beta", config.beta != d.beta, "PPO's KL penalty is `ppo.kl_coef`"),
+            ("epsilon", config.epsilon != d.epsilon, "PPO clips at `ppo.cliprange`"),
+            ("epsilon_high", config.epsilon_high != d.epsilon_high, "PPO clips at `ppo.cliprange`"),
+            ("loss_type", config.loss_type != d.loss_type, "PPO's loss is per token"),
+            ("scale_rewards", config.scale_rewards != d.scale_rewards, "PPO's advantages come from GAE"),
+            ("ref_sync_every", config.ref_sync_every != d.ref_sync_every, "PPO's reference stays the base"),
+            ("dynamic_sampling", config.dynamic_sampling != d.dynamic_sampling, "a GRPO group filter"),
+            ("max_resample_rounds", config.max_resample_rounds != d.max_resample_rounds, "a GRPO group filter"),
+            ("mask_truncated", config.mask_truncated != d.mask_truncated, "a GRPO loss mask"),
+            ("process_supervision", config.process_supervision != d.process_supervision, "GRPO's step advantages"),
+        ];
+        if let Some((key, _, why)) = grpo_only.iter().find(|(_, set, _)| *set) {
+            return Err(Error::Rl(format!("grpo config `{key}` is GRPO's and PPO does not use it ({why}); drop it")));
+        }
         if !(self.kl_coef >= 0.0 && self.critic_lr_scale > 0.0 && self.cliprange > 0.0 && self.cliprange_value > 0.0) {
             return Err(Error::Rl(
                 "ppo config: `kl_coef` must be >= 0 and `critic_lr_scale`, `cliprange`, `cliprange_value` > 0".into(),
