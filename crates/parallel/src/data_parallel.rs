@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use whale_model::tensor::optim::clip_grad_norm;
-use whale_model::tensor::{Device, Tensor, TensorId};
+use whale_model::tensor::{Tensor, TensorId};
 
 use crate::comm::{Comm, ReduceOp};
 use crate::trainer::{Accumulated, DataSource, StepMetrics, Trainer};
@@ -121,7 +121,7 @@ impl Bucket {
             let g = present[i]
                 .then(|| {
                     let v = sum[off..off + s.len].iter().map(|&g| g * scale).collect();
-                    Tensor::from_vec(v, s.tensor.dims(), &Device::Cpu)
+                    Tensor::from_vec(v, s.tensor.dims(), &s.tensor.device())
                 })
                 .transpose()?;
             s.tensor.set_grad(g)?;

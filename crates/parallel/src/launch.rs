@@ -7,8 +7,10 @@
 //! until the deadline, since the master may start last) and sends its rank and the world size
 //! as two little-endian u32, then its own contribution (a u32 length and bytes: its listening
 //! address, for a mesh of direct connections); the master checks them (each rank once, the same
-//! world size) and, once all ranks have arrived, answers each with the blob and every rank's
-//! contribution, each as a u32 length and bytes.
+//! world size) and, once all ranks have arrived, answers each with the blob, every rank's
+//! contribution and the address it saw each rank connect from (empty for rank 0), each as a u32
+//! length and bytes. A connection that fails before its hello is whole (a port scanner, a health
+//! check) is dropped, and the master keeps waiting for the ranks.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -106,21 +108,33 @@ fn io_err(what: &str, e: std::io::Error) -> Error {
     Error::Train(format!("rendezvous: {what}: {e}"))
 }
 
+/// What a rendezvous hands every rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Met {
+    /// Rank 0's blob.
+    pub blob: Vec<u8>,
+    /// Every rank's contribution, by rank.
+    pub contributions: Vec<Vec<u8>>,
+    /// Where each rank is as this rank can reach it, when known: rank 0 at the address this rank
+    /// reached the master on, the others where the master saw them connect from. A rank that
+    /// advertises a loopback address (its host name maps to 127.0.1.1, as Debian's /etc/hosts
+    /// has it) is reachable there from other machines.
+    pub seen: Vec<Option<IpAddr>>,
+}
+
 /// Meets the other ranks at the master. Returns rank 0's `blob` (rank 0 must pass `Some`, the
-/// others `None`) and every rank's `mine`, by rank. Fails after `timeout` if a rank does not
-/// arrive.
-pub fn rendezvous(
-    env: &LaunchEnv,
-    blob: Option<&[u8]>,
-    mine: &[u8],
-    timeout: Duration,
-) -> Result<(Vec<u8>, Vec<Vec<u8>>)> {
+/// others `None`), every rank's `mine`, by rank, and where each was seen. Fails after `timeout`
+/// if a rank does not arrive. A world of one meets no one (and binds no port).
+pub fn rendezvous(env: &LaunchEnv, blob: Option<&[u8]>, mine: &[u8], timeout: Duration) -> Result<Met> {
     let deadline = Instant::now() + timeout;
     let addr = env.master();
     if env.rank == 0 {
         let blob = blob.ok_or_else(|| Error::Train("rendezvous: rank 0 has no blob to hand out".into()))?;
-        let all = serve(env, &addr, blob, mine, deadline)?;
-        return Ok((blob.to_vec(), all));
+        if env.world_size == 1 {
+            return Ok(Met { blob: blob.to_vec(), contributions: vec![mine.to_vec()], seen: vec![None] });
+        }
+        let (contributions, seen) = serve(env, &addr, blob, mine, deadline)?;
+        return Ok(Met { blob: blob.to_vec(), contributions, seen });
     }
     let mut stream = connect(&addr, deadline)?;
     // Connected, this rank waits for the last one to arrive: up to the master's whole timeout
@@ -133,10 +147,16 @@ pub fn rendezvous(
     hello.extend_from_slice(mine);
     stream.write_all(&hello).map_err(|e| io_err("sending the rank", e))?;
     let blob = read_bytes(&mut stream).map_err(|e| io_err(&format!("waiting for the master at {addr}"), e))?;
-    let all = (0..env.world_size)
-        .map(|_| read_bytes(&mut stream).map_err(|e| io_err("reading the ranks' contributions", e)))
-        .collect::<Result<Vec<_>>>()?;
-    Ok((blob, all))
+    let mut read_all = |what: &str| {
+        (0..env.world_size).map(|_| read_bytes(&mut stream).map_err(|e| io_err(what, e))).collect::<Result<Vec<_>>>()
+    };
+    let contributions = read_all("reading the ranks' contributions")?;
+    let mut seen: Vec<Option<IpAddr>> = read_all("reading where the ranks were seen")?
+        .iter()
+        .map(|ip| std::str::from_utf8(ip).ok().and_then(|ip| ip.parse().ok()))
+        .collect();
+    seen[0] = stream.peer_addr().ok().map(|a| a.ip());
+    Ok(Met { blob, contributions, seen })
 }
 
 /// The longest blob or contribution a rendezvous carries (an NCCL id is 128 bytes, an address
@@ -219,16 +239,31 @@ fn listen_on_master(addr: &str, port: u16) -> Result<TcpListener> {
     TcpListener::bind(SocketAddr::new(any, port)).map_err(|e| io_err(&format!("listening on port {port}"), e))
 }
 
-fn serve(env: &LaunchEnv, addr: &str, blob: &[u8], mine: &[u8], deadline: Instant) -> Result<Vec<Vec<u8>>> {
+/// A rank's hello: its rank, the world size it was given and its contribution.
+fn read_hello(s: &mut TcpStream) -> std::io::Result<(usize, usize, Vec<u8>)> {
+    let rank = read_u32(s)? as usize;
+    let world = read_u32(s)? as usize;
+    Ok((rank, world, read_bytes(s)?))
+}
+
+/// The master's side: every rank's contribution and the address each was seen connecting from.
+type Served = (Vec<Vec<u8>>, Vec<Option<IpAddr>>);
+
+fn serve(env: &LaunchEnv, addr: &str, blob: &[u8], mine: &[u8], deadline: Instant) -> Result<Served> {
     let listener = listen_on_master(addr, env.master_port)?;
-    let mut peers: Vec<Option<(TcpStream, Vec<u8>)>> = (0..env.world_size).map(|_| None).collect();
+    let mut peers: Vec<Option<(TcpStream, Vec<u8>, SocketAddr)>> = (0..env.world_size).map(|_| None).collect();
     let mut arrived = 1; // rank 0 itself
     while arrived < env.world_size {
         match accept_before(&listener, deadline, Duration::from_secs(10)) {
             Ok(Some((mut s, from))) => {
-                let rank = read_u32(&mut s).map_err(|e| io_err(&format!("reading a rank from {from}"), e))? as usize;
-                let world = read_u32(&mut s).map_err(|e| io_err(&format!("reading a world size from {from}"), e))?;
-                if world as usize != env.world_size {
+                let (rank, world, theirs) = match read_hello(&mut s) {
+                    Ok(hello) => hello,
+                    Err(e) => {
+                        eprintln!("rendezvous: dropped a connection from {from} that sent no hello ({e})");
+                        continue;
+                    }
+                };
+                if world != env.world_size {
                     return Err(Error::Train(format!(
                         "rendezvous: rank {rank} ({from}) says WORLD_SIZE {world}, the master {}",
                         env.world_size
@@ -239,9 +274,7 @@ fn serve(env: &LaunchEnv, addr: &str, blob: &[u8], mine: &[u8], deadline: Instan
                         "rendezvous: {from} claims rank {rank}, which is taken or out of range"
                     )));
                 }
-                let theirs =
-                    read_bytes(&mut s).map_err(|e| io_err(&format!("reading rank {rank}'s contribution"), e))?;
-                peers[rank] = Some((s, theirs));
+                peers[rank] = Some((s, theirs, from));
                 arrived += 1;
             }
             Ok(None) => {
@@ -254,14 +287,16 @@ fn serve(env: &LaunchEnv, addr: &str, blob: &[u8], mine: &[u8], deadline: Instan
     let all: Vec<Vec<u8>> = std::iter::once(mine.to_vec())
         .chain(peers.iter().skip(1).map(|p| p.as_ref().expect("every rank arrived").1.clone()))
         .collect();
+    let seen: Vec<Option<IpAddr>> = peers.iter().map(|p| p.as_ref().map(|p| p.2.ip())).collect();
     let mut answer = Vec::new();
     put_bytes(&mut answer, blob);
     all.iter().for_each(|c| put_bytes(&mut answer, c));
+    seen.iter().for_each(|ip| put_bytes(&mut answer, ip.map(|ip| ip.to_string()).unwrap_or_default().as_bytes()));
     for (rank, peer) in peers.iter_mut().enumerate().skip(1) {
-        let (s, _) = peer.as_mut().expect("every rank arrived");
+        let (s, _, _) = peer.as_mut().expect("every rank arrived");
         s.write_all(&answer).map_err(|e| io_err(&format!("answering rank {rank}"), e))?;
     }
-    Ok(all)
+    Ok((all, seen))
 }
 
 #[cfg(test)]
@@ -331,7 +366,7 @@ mod tests {
     fn every_rank_gets_the_masters_blob_whoever_starts_first() {
         let port = free_port();
         let blob: Vec<u8> = (0..128).map(|i| (i * 7) as u8).collect();
-        let got: Vec<(Vec<u8>, Vec<Vec<u8>>)> = std::thread::scope(|s| {
+        let got: Vec<Met> = std::thread::scope(|s| {
             // The workers start before the master and retry until it listens.
             let workers: Vec<_> = (1..4)
                 .map(|r| {
@@ -343,7 +378,31 @@ mod tests {
             std::iter::once(master).chain(workers.into_iter().map(|w| w.join().unwrap())).collect()
         });
         let contributions = vec![b"zero".to_vec(), vec![1; 3], vec![2; 3], vec![3; 3]];
-        assert!(got.iter().all(|(b, all)| *b == blob && *all == contributions));
+        assert!(got.iter().all(|m| m.blob == blob && m.contributions == contributions));
+        // Each rank knows where the master saw the others (and where it reached the master).
+        let local = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(got[0].seen, [None, local, local, local]);
+        assert!(got[1..].iter().all(|m| m.seen == [local; 4]));
+        // A world of one meets no one.
+        let alone = rendezvous(&env(0, 1, port), Some(b"id"), b"me", Duration::from_millis(1)).unwrap();
+        assert_eq!(alone.contributions, [b"me".to_vec()]);
+    }
+
+    #[test]
+    fn a_connection_that_is_not_a_rank_is_dropped() {
+        let port = free_port();
+        let met = std::thread::scope(|s| {
+            let master = s.spawn(move || rendezvous(&env(0, 2, port), Some(b"id"), b"zero", Duration::from_secs(20)));
+            // A health check: connects, says nothing a rank would, leaves.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut probe = connect(&format!("127.0.0.1:{port}"), deadline).unwrap();
+            probe.write_all(&[1, 0]).unwrap();
+            drop(probe);
+            let worker = rendezvous(&env(1, 2, port), None, b"one", Duration::from_secs(20)).unwrap();
+            (master.join().unwrap().unwrap(), worker)
+        });
+        assert_eq!(met.0.contributions, [b"zero".to_vec(), b"one".to_vec()]);
+        assert_eq!(met.1.blob, b"id");
     }
 
     #[test]

@@ -143,7 +143,7 @@ fn a_rank_that_leaves_after_the_rendezvous_is_an_error_not_a_hang() {
     let err = std::thread::scope(|s| {
         s.spawn(move || {
             let env = LaunchEnv::localhost(1, 2, port);
-            whale_parallel::launch::rendezvous(&env, None, b"127.0.0.1:9", Duration::from_secs(20)).unwrap()
+            whale_parallel::launch::rendezvous(&env, None, b"127.0.0.1:9", Duration::from_secs(20)).unwrap();
         });
         let env = LaunchEnv::localhost(0, 2, port);
         TcpComm::connect(&env, Duration::from_millis(1500), Duration::from_secs(20)).unwrap_err().to_string()
@@ -160,4 +160,43 @@ fn split_colours_and_keys_are_full_64_bit() {
         (sub.world_size(), sub.rank())
     });
     assert_eq!(out, vec![(2, 1), (2, 0), (1, 0)]);
+}
+
+#[test]
+fn a_large_message_still_arriving_is_not_a_silence() {
+    // Rank 1, by hand: a 3 MiB message trickled in 1 MiB pieces 250 ms apart takes longer than
+    // rank 0's patience (400 ms), but no gap between its bytes does.
+    use std::io::Write;
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let floats = 3 * (1 << 18);
+    let got = std::thread::scope(|s| {
+        s.spawn(move || {
+            let env = LaunchEnv::localhost(1, 2, port);
+            let met = whale_parallel::launch::rendezvous(&env, None, b"127.0.0.1:9", Duration::from_secs(20)).unwrap();
+            let rank0 = String::from_utf8(met.contributions[0].clone()).unwrap();
+            let mut stream = std::net::TcpStream::connect(rank0).unwrap();
+            stream.write_all(&1u32.to_le_bytes()).unwrap();
+            let mut head = Vec::new();
+            head.extend(1u32.to_le_bytes());
+            head.extend(0u64.to_le_bytes()); // the world's point-to-point channel
+            head.extend(7u64.to_le_bytes()); // tag
+            head.extend((floats as u64).to_le_bytes());
+            stream.write_all(&head).unwrap();
+            let body: Vec<u8> = (0..floats).flat_map(|i| (i as f32).to_le_bytes()).collect();
+            for piece in body.chunks(1 << 20) {
+                std::thread::sleep(Duration::from_millis(250));
+                stream.write_all(piece).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let env = LaunchEnv::localhost(0, 2, port);
+        let c = TcpComm::connect(&env, Duration::from_secs(20), Duration::from_millis(400)).unwrap();
+        let started = std::time::Instant::now();
+        let got = c.recv(1, 7);
+        assert!(started.elapsed() > Duration::from_millis(600), "the message took longer than the patience");
+        got
+    });
+    let got = got.unwrap();
+    assert_eq!(got.len(), floats);
+    assert!(got.iter().enumerate().all(|(i, &x)| x == i as f32));
 }

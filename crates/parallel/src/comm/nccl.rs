@@ -180,6 +180,9 @@ impl Comm for NcclComm {
         if send.len() != w {
             return Err(Error::Train(format!("nccl: all_to_all needs {w} buffers, got {}", send.len())));
         }
+        if let Some(b) = send.iter().find(|b| b.len() > u32::MAX as usize) {
+            return Err(Error::Train(format!("nccl: all_to_all of a {}-float buffer (at most 2^32 - 1)", b.len())));
+        }
         // Everyone learns what it will receive, then one NCCL group moves the data.
         let sizes: Vec<f32> = send.iter().map(|b| f32::from_bits(b.len() as u32)).collect();
         let all = self.host.all_gather(&sizes)?;

@@ -37,7 +37,8 @@ struct Mesh {
     writers: Vec<Option<Mutex<TcpStream>>>,
     state: Mutex<MeshState>,
     arrived: Condvar,
-    /// How long a receive waits before it reports the silence as an error.
+    /// How long a receive waits with no byte from its peer before it reports the silence as an
+    /// error (a large message that is still arriving does not time out).
     patience: Duration,
 }
 
@@ -46,7 +47,12 @@ struct MeshState {
     mailbox: HashMap<(usize, u64, u64), VecDeque<Vec<f32>>>,
     /// Peers whose connection ended, with why.
     gone: HashMap<usize, String>,
+    /// When bytes last arrived from each peer.
+    heard: HashMap<usize, Instant>,
 }
+
+/// A message body is read in pieces of this many bytes, each one news that the peer is there.
+const READ_PIECE: usize = 1 << 20;
 
 impl Mesh {
     fn deliver(&self, from: usize, channel: u64, tag: u64, data: Vec<f32>) {
@@ -79,7 +85,7 @@ impl Mesh {
     }
 
     fn recv(&self, from: usize, channel: u64, tag: u64) -> std::result::Result<Vec<f32>, String> {
-        let deadline = Instant::now() + self.patience;
+        let start = Instant::now();
         let mut st = self.state.lock().expect("mailbox lock");
         loop {
             if let Some(m) = st.mailbox.get_mut(&(from, channel, tag)).and_then(VecDeque::pop_front) {
@@ -88,26 +94,36 @@ impl Mesh {
             if let Some(why) = st.gone.get(&from) {
                 return Err(format!("the connection to rank {from} ended ({why})"));
             }
+            let quiet_since = st.heard.get(&from).map_or(start, |&t| t.max(start));
+            let deadline = quiet_since + self.patience;
             let now = Instant::now();
             if now >= deadline {
-                return Err(format!("nothing from rank {from} in {:?}", self.patience));
+                return Err(format!("nothing from rank {from} for {:?}", self.patience));
             }
             st = self.arrived.wait_timeout(st, deadline - now).expect("mailbox lock").0;
         }
     }
 
+    fn heard_from(&self, peer: usize) {
+        self.state.lock().expect("mailbox lock").heard.insert(peer, Instant::now());
+    }
+
     /// Reads frames from `peer` until the connection ends.
     fn read_loop(self: Arc<Self>, peer: usize, mut stream: TcpStream) {
-        let why = loop {
+        let why = 'frames: loop {
             let mut head = [0u8; HEADER];
             if let Err(e) = stream.read_exact(&mut head) {
                 break e.to_string();
             }
+            self.heard_from(peer);
             let word = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
             let (channel, tag, len) = (word(4), word(12), word(20) as usize);
             let mut body = vec![0u8; 4 * len];
-            if let Err(e) = stream.read_exact(&mut body) {
-                break e.to_string();
+            for piece in body.chunks_mut(READ_PIECE) {
+                if let Err(e) = stream.read_exact(piece) {
+                    break 'frames e.to_string();
+                }
+                self.heard_from(peer);
             }
             let data = body.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
             self.deliver(peer, channel, tag, data);
@@ -160,13 +176,28 @@ fn reachable_ip(master: &str, port: u16) -> IpAddr {
         .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }
 
+/// Where to connect to a peer that advertised `advertised`: there, unless that is a loopback or
+/// unspecified address (its host name maps to 127.0.1.1) and the rendezvous knows better: where
+/// the master saw the peer connect from, or, when that was a loopback too (the peer shares the
+/// master's machine), where this rank reached the master.
+fn reachable_at(advertised: SocketAddr, seen: Option<IpAddr>, master: Option<IpAddr>) -> SocketAddr {
+    let local = |ip: &IpAddr| ip.is_loopback() || ip.is_unspecified();
+    if !local(&advertised.ip()) {
+        return advertised;
+    }
+    let elsewhere = seen.filter(|ip| !local(ip)).or(master.filter(|ip| !local(ip)));
+    elsewhere.map_or(advertised, |ip| SocketAddr::new(ip, advertised.port()))
+}
+
 fn io(op: &str, e: impl std::fmt::Display) -> Error {
     Error::Train(format!("tcp comm: {op}: {e}"))
 }
 
 impl TcpComm {
     /// Joins the world `env` describes (every rank calls this; see [`LaunchEnv::from_env`]).
-    /// A receive that hears nothing for `patience` fails rather than hang.
+    /// A receive that hears nothing from its peer for `patience` fails rather than hang (torch's
+    /// collective timeout): make it longer than any pause a rank takes alone while the others
+    /// wait for it, such as rank 0 writing a checkpoint.
     pub fn connect(env: &LaunchEnv, timeout: Duration, patience: Duration) -> Result<TcpComm> {
         let ip = reachable_ip(&env.master_addr, env.master_port);
         let any: IpAddr = if ip.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
@@ -174,13 +205,15 @@ impl TcpComm {
         let port = listener.local_addr().map_err(|e| io("listening", e))?.port();
         let me = SocketAddr::new(ip, port).to_string();
         let blob = (env.rank == 0).then_some(&b"whale-tcp"[..]);
-        let (_, addrs) = rendezvous(env, blob, me.as_bytes(), timeout)?;
+        let met = rendezvous(env, blob, me.as_bytes(), timeout)?;
         let (rank, world) = (env.rank, env.world_size);
         let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
-        for (peer, addr) in addrs.iter().enumerate().take(rank) {
-            let addr = String::from_utf8_lossy(addr).to_string();
-            let mut s =
-                TcpStream::connect(&addr).map_err(|e| io(&format!("connecting to rank {peer} at {addr}"), e))?;
+        for (peer, addr) in met.contributions.iter().enumerate().take(rank) {
+            let advertised: SocketAddr = String::from_utf8_lossy(addr)
+                .parse()
+                .map_err(|e| io(&format!("rank {peer}'s address {:?}", String::from_utf8_lossy(addr)), e))?;
+            let addr = reachable_at(advertised, met.seen[peer], met.seen[0]);
+            let mut s = TcpStream::connect(addr).map_err(|e| io(&format!("connecting to rank {peer} at {addr}"), e))?;
             s.write_all(&(rank as u32).to_le_bytes()).map_err(|e| io("greeting", e))?;
             streams[peer] = Some(s);
         }
@@ -278,6 +311,9 @@ impl TcpComm {
 
     /// Runs one collective: every member's call goes to every member, each computes the results.
     fn collective(&self, kind: Collective, bufs: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        if let Some(b) = bufs.iter().find(|b| b.len() > u32::MAX as usize) {
+            return Err(self.failed(&kind.to_string(), format!("a buffer of {} floats (at most 2^32 - 1)", b.len())));
+        }
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let w = self.members.len();
         let mine = encode(kind, &bufs);
@@ -313,7 +349,8 @@ impl TcpComm {
     }
 }
 
-/// A call as floats: kind, its parameter, the number of buffers, their lengths, their values.
+/// A call as floats: kind, its parameter, the number of buffers, their lengths, their values
+/// (each count a u32: a longer buffer is refused by [`TcpComm::collective`]).
 fn encode(kind: Collective, bufs: &[Vec<f32>]) -> Vec<f32> {
     let op_code = |op: ReduceOp| match op {
         ReduceOp::Sum => 0,
@@ -403,4 +440,26 @@ fn mix(a: u64, b: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     (z ^ (z >> 31)) >> 1 // the top bit stays clear: channels are doubled
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loopback_address_is_replaced_by_where_the_rendezvous_saw_the_peer() {
+        let at = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let ip = |s: &str| -> Option<IpAddr> { Some(s.parse().unwrap()) };
+        // A routable address is used as advertised.
+        assert_eq!(reachable_at(at("10.0.0.2:4000"), ip("10.0.0.9"), ip("10.0.0.1")), at("10.0.0.2:4000"));
+        // Rank 0 on a host whose name maps to 127.0.1.1: where this rank reached the master.
+        assert_eq!(reachable_at(at("127.0.1.1:4000"), ip("10.0.0.1"), ip("10.0.0.1")), at("10.0.0.1:4000"));
+        // Another rank: where the master saw it; on the master's machine, the master's address.
+        assert_eq!(reachable_at(at("127.0.0.1:4001"), ip("10.0.0.2"), ip("10.0.0.1")), at("10.0.0.2:4001"));
+        assert_eq!(reachable_at(at("127.0.1.1:4002"), ip("127.0.1.1"), ip("10.0.0.1")), at("10.0.0.1:4002"));
+        assert_eq!(reachable_at(at("0.0.0.0:4003"), None, ip("10.0.0.1")), at("10.0.0.1:4003"));
+        // One machine: loopback all along.
+        assert_eq!(reachable_at(at("127.0.0.1:4004"), ip("127.0.0.1"), ip("127.0.0.1")), at("127.0.0.1:4004"));
+        assert_eq!(reachable_at(at("[::1]:4005"), ip("::1"), None), at("[::1]:4005"));
+    }
 }
