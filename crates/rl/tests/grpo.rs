@@ -422,7 +422,7 @@ fn grpo_and_ppo_resume_bit_identically_from_a_checkpoint() {
     assert!(resumed.done());
     assert_eq!(lm_head(&*straight.policy), lm_head(&*resumed.policy));
 
-    let ppo_cfg = GrpoConfig { beta: 0.0, num_iterations: 1, ..cfg };
+    let ppo_cfg = GrpoConfig { beta: 0.0, num_iterations: 1, loss_type: LossType::Grpo, ..cfg };
     let mut straight = PpoTrainer::new(Box::new(tiny_model(8)), ppo_cfg.clone(), PpoConfig::default(), tok()).unwrap();
     let mut interrupted = PpoTrainer::new(Box::new(tiny_model(8)), ppo_cfg, PpoConfig::default(), tok()).unwrap();
     straight.train_step().unwrap();
