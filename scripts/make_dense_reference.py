@@ -51,6 +51,24 @@ CONFIGS = {
         LlamaForCausalLM,
         dict(rope_theta=500_000.0, tie_word_embeddings=False, attention_bias=True),
     ),
+    # Llama 3.1's RoPE scaling (DeepSeek-R1-Distill-Llama's config.json has factor 8, 1, 4 over
+    # 8192 positions); over 64 here, so the 8 rotary pairs of a 16-wide head fall in all three
+    # bands: the first kept, the second blended, the rest divided by the factor.
+    "llama3_scaled": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500_000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
 }
 
 

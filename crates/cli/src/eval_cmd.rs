@@ -7,7 +7,7 @@ use clap::Args;
 use whale_rl::eval::{completion_text, evaluate, EvalConfig};
 use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_rl::parallel::model::tensor::Rng;
-use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
+use whale_rl::parallel::model::tokenizer::tokenizer_for;
 use whale_rl::tasks::{load_jsonl, verify, Problem, Split, TaskSet};
 
 #[derive(Args, Debug)]
@@ -70,13 +70,15 @@ pub fn run(a: EvalArgs) -> Result<()> {
     };
     let cache = CacheMode::parse(&a.cache).with_context(|| format!("--cache {}: expected naive or absorb", a.cache))?;
     let cfg = EvalConfig { samples: a.k, temperature: a.temperature, cache, ..EvalConfig::default() };
-    let tok = CharTokenizer::new();
+    // The checkpoint's tokenizer: the character one for our own runs, tokenizer.json for an HF
+    // model (whose vocabulary the character one cannot be).
+    let tok = tokenizer_for(&a.checkpoint)?;
     if a.show > 0 {
         let shown = &problems[..a.show.min(problems.len())];
         let prompts: Vec<Vec<u32>> = shown.iter().map(|p| tok.encode(&p.prompt)).collect::<Result<_, _>>()?;
         let cfg = SamplingConfig { cache, ..SamplingConfig::greedy(cfg.max_new_tokens, vec![tok.eos_id()]) };
         for (p, g) in shown.iter().zip(model.generate(&prompts, &cfg, &mut Rng::new(a.seed))?) {
-            let text = completion_text(&tok, &g);
+            let text = completion_text(&*tok, &g);
             let verdict = if g.truncated {
                 "truncated"
             } else if verify(p, &text) {
@@ -94,7 +96,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     };
     println!("evaluating {} problems: {source}", problems.len());
     let t0 = std::time::Instant::now();
-    let r = evaluate(&*model, &tok, &problems, &cfg)?;
+    let r = evaluate(&*model, &*tok, &problems, &cfg)?;
     println!("evaluated in {:.1} s ({:?} cache)", t0.elapsed().as_secs_f64(), cache);
     crate::pretrain::print_report(&a.checkpoint.display().to_string(), &r);
     for (task, p1) in &r.per_task {

@@ -68,7 +68,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     };
     let model = moved_to(model, &device).with_context(|| format!("moving the model to {}", a.device))?;
     let tok = tokenizer_for(&a.checkpoint)?;
-    let prompt = tok.encode(&a.prompt).with_context(|| "encoding the prompt")?;
+    let prompt = tok.encode_prompt(&a.prompt).with_context(|| "encoding the prompt")?;
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
@@ -98,7 +98,12 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         (g.tokens, None)
     };
     let secs = t0.elapsed().as_secs_f64();
-    println!("{}{}", a.prompt, tok.decode(&tokens));
+    // Decoded with the prompt, as HF's TextStreamer does: a tokenizer that strips the space a
+    // word starts with at the beginning of a text (Metaspace) keeps it after the prompt.
+    let shown = tok.decode(&prompt);
+    let whole = tok.decode(&[prompt.as_slice(), &tokens].concat());
+    let continuation = whole.strip_prefix(shown.as_str()).map_or_else(|| tok.decode(&tokens), str::to_string);
+    println!("{}{continuation}", a.prompt);
     eprintln!(
         "\n{} new tokens in {:.2} s ({:.1} tokens/s, prompt {} tokens, {:?} cache, on {})",
         tokens.len(),

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use whale_tensor::{DType, ParamStore, Rng, RopeLayout, Tensor};
+use whale_tensor::{DType, ParamStore, Rng, Tensor};
 
 use crate::checkpoint::{self, SaveDType, TensorFiles};
 use crate::generate::KvCache;
@@ -31,6 +31,9 @@ pub struct DenseConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// HF's `rope_scaling` (or transformers 5's `rope_parameters`): none, linear or llama3.
+    #[serde(default)]
+    pub rope_scaling: Option<DenseRopeScaling>,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// Biases on q/k/v (always for Qwen2; Llama's `attention_bias`, which biases o_proj too).
@@ -38,6 +41,85 @@ pub struct DenseConfig {
     pub initializer_range: f64,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+}
+
+/// How a dense checkpoint scales its RoPE frequencies, as config.json spells it (`rope_type` and
+/// its parameters; transformers' `_compute_linear_scaling_rope_parameters` and
+/// `_compute_llama3_parameters`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum DenseRopeScaling {
+    /// Every frequency divided by `factor` (position interpolation).
+    Linear { factor: f64 },
+    /// Llama 3.1's (the R1-Distill-Llama models'): wavelengths longer than
+    /// `original_max_position_embeddings / low_freq_factor` divided by `factor`, those shorter than
+    /// `original_max_position_embeddings / high_freq_factor` kept, a smooth blend between.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+}
+
+impl DenseRopeScaling {
+    /// `plain` frequencies (per rotary pair) scaled.
+    pub fn inv_freq(&self, plain: &[f64]) -> Vec<f64> {
+        match *self {
+            DenseRopeScaling::Linear { factor } => plain.iter().map(|f| f / factor).collect(),
+            DenseRopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings,
+            } => {
+                let context = original_max_position_embeddings as f64;
+                plain
+                    .iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < context / high {
+                            f
+                        } else if wavelen > context / low {
+                            f / factor
+                        } else {
+                            let smooth = (context / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The scaling a config.json object (`rope_scaling` or `rope_parameters`) describes; errors
+    /// name `key` (the object's key) and the missing or bad parameter.
+    fn parse(obj: &Value, key: &str, bad: &dyn Fn(&str, &str) -> Error) -> Result<Option<Self>> {
+        let kind = obj["rope_type"].as_str().or_else(|| obj["type"].as_str()).unwrap_or("default");
+        let num = |name: &str| -> Result<f64> {
+            obj[name]
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| bad(&format!("{key}.{name}"), "missing or not a positive number"))
+        };
+        Ok(match kind {
+            "default" => None,
+            "linear" => Some(DenseRopeScaling::Linear { factor: num("factor")? }),
+            "llama3" => {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
+                    return Err(bad(&format!("{key}.high_freq_factor"), "must be above low_freq_factor"));
+                }
+                Some(DenseRopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+                })
+            }
+            other => {
+                return Err(bad(
+                    key,
+                    &format!("rope type `{other}` is not supported for dense students (linear, llama3)"),
+                ))
+            }
+        })
+    }
 }
 
 impl DenseConfig {
@@ -66,13 +148,11 @@ impl DenseConfig {
         let head_dim = if v["head_dim"].is_null() { hidden / heads.max(1) } else { usize_key("head_dim")? };
         let rope_theta =
             v["rope_theta"].as_f64().or_else(|| v["rope_parameters"]["rope_theta"].as_f64()).unwrap_or(10_000.0);
-        for scaling in [&v["rope_scaling"], &v["rope_parameters"]] {
-            let kind = scaling["rope_type"].as_str().or_else(|| scaling["type"].as_str()).unwrap_or("default");
-            if kind != "default" {
-                return Err(bad(
-                    "rope_scaling",
-                    &format!("rope type `{kind}` is not supported for dense students yet"),
-                ));
+        // transformers 4 writes `rope_scaling`, 5 `rope_parameters` (with rope_theta inside).
+        let mut rope_scaling = None;
+        for key in ["rope_scaling", "rope_parameters"] {
+            if let Some(s) = DenseRopeScaling::parse(&v[key], key, &bad)? {
+                rope_scaling = Some(s);
             }
         }
         if v["use_sliding_window"].as_bool() == Some(true) {
@@ -99,6 +179,7 @@ impl DenseConfig {
             head_dim,
             rms_norm_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
             rope_theta,
+            rope_scaling,
             max_position_embeddings: v["max_position_embeddings"].as_u64().unwrap_or(4096) as usize,
             tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
             initializer_range: v["initializer_range"].as_f64().unwrap_or(0.02),
@@ -159,6 +240,7 @@ impl DenseConfig {
             head_dim: 24,
             rms_norm_eps: 1e-6,
             rope_theta: 10_000.0,
+            rope_scaling: None,
             max_position_embeddings: 256,
             tie_word_embeddings: true,
             attention_bias: true,
@@ -183,6 +265,7 @@ impl DenseConfig {
             "head_dim": self.head_dim,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias,
@@ -254,7 +337,7 @@ impl DenseAttention {
             k_proj: BiasedLinear::new(b, "k_proj", d, kv * hd, cfg.attention_bias)?,
             v_proj: BiasedLinear::new(b, "v_proj", d, kv * hd, cfg.attention_bias)?,
             o_proj: BiasedLinear::new(b, "o_proj", h * hd, d, cfg.o_proj_bias())?,
-            rotary: RotaryEmbedding::new(hd, cfg.rope_theta, None, RopeLayout::HalfRotated),
+            rotary: RotaryEmbedding::dense(hd, cfg.rope_theta, cfg.rope_scaling.as_ref()),
             heads: h,
             kv_heads: kv,
             head_dim: hd,

@@ -7,7 +7,14 @@ use std::path::Path;
 use crate::{Error, Result};
 
 pub trait Tokenizer: Send + Sync {
+    /// The ids of `text` as it is (no BOS or other template tokens added).
     fn encode(&self, text: &str) -> Result<Vec<u32>>;
+    /// The ids of a prompt as HF's `tokenizer(prompt)` gives them: with the special tokens the
+    /// tokenizer's post-processor adds (Llama 3's and R1-Distill's BOS). The character tokenizer
+    /// adds none.
+    fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode(text)
+    }
     fn decode(&self, ids: &[u32]) -> String;
     fn vocab_size(&self) -> usize;
     fn bos_id(&self) -> u32;
@@ -120,13 +127,17 @@ const EOS_NAMES: [&str; 5] = ["<｜end▁of▁sentence｜>", "<|eot_id|>", "<|en
 impl HfTokenizer {
     /// Loads `path`; BOS/EOS/PAD ids are the given ones, else found by their usual names.
     pub fn from_file(path: &Path, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::file(path, e))?;
+        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::file(path, e))?;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let eos = eos.or_else(|| find(&EOS_NAMES)).ok_or_else(|| {
             Error::file(path, "no end-of-sequence token (none of the usual names; give its id in config.json)")
         })?;
         let bos = bos.or_else(|| find(&BOS_NAMES)).unwrap_or(eos);
         let pad = inner.get_padding().map(|p| p.pad_id).unwrap_or(eos);
+        // A truncation or padding a tokenizer.json carries would cut a prompt or pad it before
+        // generation; transformers turns both off unless a call asks for them.
+        inner.with_truncation(None).map_err(|e| Error::file(path, e))?;
+        inner.with_padding(None);
         Ok(HfTokenizer { inner, bos, eos, pad })
     }
 }
@@ -134,6 +145,11 @@ impl HfTokenizer {
 impl Tokenizer for HfTokenizer {
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| Error::Model(format!("tokenizer: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, true).map_err(|e| Error::Model(format!("tokenizer: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -162,18 +178,41 @@ impl Tokenizer for HfTokenizer {
     }
 }
 
+/// The largest vocabulary a checkpoint without a tokenizer.json may have: its model was trained
+/// with the character tokenizer.
+const CHAR_MODEL_VOCAB_LIMIT: u64 = 1024;
+
+/// A JSON file of `dir`, `Null` when it is absent or unreadable.
+fn json_of(dir: &Path, file: &str) -> serde_json::Value {
+    std::fs::read_to_string(dir.join(file)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+}
+
 /// The tokenizer of a checkpoint directory: its `tokenizer.json` when there is one (BOS/EOS ids
-/// from config.json when it gives them), else the built-in character tokenizer.
+/// from generation_config.json, else config.json, when they give them: R1-Distill-Qwen's
+/// config.json names the end-of-sentence token as its BOS, its generation_config.json the right
+/// one), else the built-in character tokenizer, for a model whose vocabulary it can be.
 pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
     let path = dir.join("tokenizer.json");
+    let (cfg, generation) = (json_of(dir, "config.json"), json_of(dir, "generation_config.json"));
     if !path.exists() {
-        return Ok(Box::new(CharTokenizer::new()));
+        // Our own runs' models round their vocabulary up a little (the presets have 64 ids or
+        // so); one of thousands is a subword model whose tokenizer is missing.
+        let chars = CharTokenizer::new();
+        if let Some(vocab) = cfg["vocab_size"].as_u64().filter(|&v| v > CHAR_MODEL_VOCAB_LIMIT) {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "missing: a vocabulary of {vocab} needs the checkpoint's own tokenizer (the built-in character \
+                     tokenizer has {} ids)",
+                    chars.vocab_size()
+                ),
+            ));
+        }
+        return Ok(Box::new(chars));
     }
-    let cfg: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
-    let id = |k: &str| cfg[k].as_u64().or_else(|| cfg[k][0].as_u64()).map(|x| x as u32);
+    let id = |k: &str| {
+        [&generation, &cfg].into_iter().find_map(|v| v[k].as_u64().or_else(|| v[k][0].as_u64())).map(|x| x as u32)
+    };
     Ok(Box::new(HfTokenizer::from_file(&path, id("bos_token_id"), id("eos_token_id"))?))
 }
 
@@ -183,12 +222,7 @@ pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
 pub fn stop_tokens_for(dir: &Path, tok: &dyn Tokenizer) -> Vec<u32> {
     let mut stop = vec![tok.eos_id()];
     for file in ["config.json", "generation_config.json"] {
-        let Some(v) = std::fs::read_to_string(dir.join(file))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        else {
-            continue;
-        };
+        let v = json_of(dir, file);
         let ids = match &v["eos_token_id"] {
             serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).collect(),
             x => x.as_u64().into_iter().collect::<Vec<_>>(),

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use common::{assert_close, fixture, shifted_targets};
 use whale_model::checkpoint::{load_file, SaveDType};
+use whale_model::dense::DenseRopeScaling;
 use whale_model::generate::{CacheMode, SamplingConfig};
 use whale_model::{load_pretrained, CausalLm, DenseConfig, DenseModel};
 use whale_tensor::{Device, Rng, Tensor};
@@ -62,6 +63,23 @@ fn llama_with_attention_bias_biases_o_proj_too_as_transformers_does() {
 }
 
 #[test]
+fn llama3_rope_scaling_matches_transformers() {
+    check("llama3_scaled");
+    let cfg = DenseConfig::from_file(&fixture("llama3_scaled").join("config.json")).unwrap();
+    let want = DenseRopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64,
+    };
+    assert_eq!(cfg.rope_scaling, Some(want));
+    // Written back as HF spells it, and read back the same.
+    let dir = whale_tensor::testing::TempDir::new("llama3-roundtrip");
+    std::fs::write(dir.join("config.json"), cfg.to_json_string()).unwrap();
+    assert_eq!(DenseConfig::from_file(&dir.join("config.json")).unwrap(), cfg);
+}
+
+#[test]
 fn a_student_saves_loads_and_duplicates_exactly() {
     let model = DenseModel::new(DenseConfig::student(64), 3).unwrap();
     assert_eq!(model.params.num_elements(), model.config.param_count());
@@ -95,9 +113,16 @@ fn bad_dense_configs_name_the_key() {
         "num_hidden_layers": 1, "num_attention_heads": 2"#;
     let err = DenseConfig::from_json(&format!("{{{base}, \"num_key_value_heads\": 3}}"), p).unwrap_err().to_string();
     assert!(err.contains("num_key_value_heads"), "{err}");
-    let err = DenseConfig::from_json(&format!("{{{base}, \"rope_scaling\": {{\"rope_type\": \"llama3\"}}}}"), p)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("rope_scaling") && err.contains("llama3"), "{err}");
+    let err = |extra: &str| DenseConfig::from_json(&format!("{{{base}, {extra}}}"), p).unwrap_err().to_string();
+    // A llama3 scaling without its parameters, one the code does not implement, in either key.
+    let e = err(r#""rope_scaling": {"rope_type": "llama3"}"#);
+    assert!(e.contains("rope_scaling.low_freq_factor"), "{e}");
+    let e = err(r#""rope_parameters": {"rope_type": "dynamic", "factor": 2.0}"#);
+    assert!(e.contains("rope_parameters") && e.contains("`dynamic`"), "{e}");
+    let e = err(r#""rope_scaling": {"type": "linear", "factor": -2.0}"#);
+    assert!(e.contains("rope_scaling.factor"), "{e}");
+    let linear =
+        DenseConfig::from_json(&format!("{{{base}, \"rope_scaling\": {{\"type\": \"linear\", \"factor\": 4}}}}"), p);
+    assert_eq!(linear.unwrap().rope_scaling, Some(DenseRopeScaling::Linear { factor: 4.0 }));
     assert!(DenseConfig::from_json(&format!("{{{base}}}"), p).is_ok());
 }

@@ -27,4 +27,46 @@ fn hf_tokenizer_json_encodes_and_decodes_like_transformers() {
     assert_eq!(tokenizer_for(&dir).unwrap().vocab_size(), tok.vocab_size());
     let err = HfTokenizer::from_file(&dir.join("missing.json"), None, None).unwrap_err().to_string();
     assert!(err.contains("missing.json"), "{err}");
+
+    // BOS/EOS ids: generation_config.json's before config.json's (R1-Distill-Qwen's config.json
+    // gives its end-of-sentence id as BOS).
+    let ids = whale_tensor::testing::TempDir::new("tokenizer-ids");
+    std::fs::copy(dir.join("tokenizer.json"), ids.join("tokenizer.json")).unwrap();
+    std::fs::write(ids.join("config.json"), r#"{"bos_token_id": 3, "eos_token_id": 3}"#).unwrap();
+    std::fs::write(ids.join("generation_config.json"), r#"{"bos_token_id": 4, "eos_token_id": [3, 5]}"#).unwrap();
+    let t = tokenizer_for(&ids).unwrap();
+    assert_eq!((t.bos_id(), t.eos_id()), (4, 3));
+    // A subword model without its tokenizer.json is an error, not the character tokenizer.
+    let bare = whale_tensor::testing::TempDir::new("bare-checkpoint");
+    std::fs::write(bare.join("config.json"), r#"{"vocab_size": 32000}"#).unwrap();
+    let err = tokenizer_for(&bare).err().expect("refused").to_string();
+    assert!(err.contains("tokenizer.json") && err.contains("32000"), "{err}");
+}
+
+#[test]
+fn prompts_get_the_post_processors_tokens_and_nothing_is_truncated_or_padded() {
+    // The fixture with a truncation to 2 tokens, right padding to 32 and a BOS template, as some
+    // checkpoints' tokenizer.json carry them.
+    let dir = common::fixture("tokenizer");
+    let plain = HfTokenizer::from_file(&dir.join("tokenizer.json"), None, None).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
+    let bos = plain.special_id("<|endoftext|>").unwrap();
+    json["truncation"] =
+        serde_json::json!({"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0});
+    json["padding"] = serde_json::json!({"strategy": {"Fixed": 32}, "direction": "Right", "pad_to_multiple_of": null,
+        "pad_id": bos, "pad_type_id": 0, "pad_token": "<|endoftext|>"});
+    json["post_processor"] = serde_json::json!({"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [bos], "tokens": ["<|endoftext|>"]}}});
+    let tmp = whale_tensor::testing::TempDir::new("tokenizer-template");
+    std::fs::write(tmp.join("tokenizer.json"), json.to_string()).unwrap();
+    let tok = HfTokenizer::from_file(&tmp.join("tokenizer.json"), None, None).unwrap();
+    let text = "twelve plus seven makes nineteen";
+    let ids = plain.encode(text).unwrap();
+    assert!(ids.len() > 2);
+    assert_eq!(tok.encode(text).unwrap(), ids, "neither truncated nor padded");
+    assert_eq!(tok.encode_prompt(text).unwrap(), [&[bos][..], &ids].concat(), "BOS from the template");
+    assert_eq!(plain.encode_prompt(text).unwrap(), ids, "no template, nothing added");
 }

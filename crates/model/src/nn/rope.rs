@@ -52,6 +52,18 @@ impl RotaryEmbedding {
         RotaryEmbedding { inv_freq, attention_factor: attention_factor as f32, layout }
     }
 
+    /// A dense (Llama / Qwen2) checkpoint's: rotate-half pairs, `theta_i = base^(-2i/dim)` with
+    /// its config's scaling, attention factor 1.
+    pub fn dense(dim: usize, base: f64, scaling: Option<&crate::dense::DenseRopeScaling>) -> Self {
+        let plain: Vec<f64> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64)).collect();
+        let inv_freq = scaling.map_or(plain.clone(), |s| s.inv_freq(&plain));
+        RotaryEmbedding {
+            inv_freq: inv_freq.iter().map(|&f| f as f32).collect(),
+            attention_factor: 1.0,
+            layout: RopeLayout::HalfRotated,
+        }
+    }
+
     /// cos/sin tables `[positions, dim/2]`, scaled by the attention factor.
     pub fn tables(&self, positions: &[usize]) -> Result<(Tensor, Tensor)> {
         let (cos, sin) = rope_tables(positions, &self.inv_freq)?;
