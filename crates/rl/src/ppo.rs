@@ -195,15 +195,18 @@ impl std::fmt::Debug for PpoTrainer {
 
 /// Whitens every completion token's value over the batch: `(x - mean) / sqrt(var + 1e-8)` with
 /// the unbiased variance, the mean not added back (TRL's `masked_whiten`).
-fn whiten(x: &mut [Vec<f64>]) {
-    let all: Vec<f64> = x.iter().flatten().copied().collect();
+fn whiten(x: &mut [Vec<f64>], active: &[bool]) {
+    let all: Vec<f64> = x.iter().zip(active).filter(|(_, &on)| on).flat_map(|(r, _)| r.iter().copied()).collect();
     if all.len() < 2 {
         return;
     }
     let mean = all.iter().sum::<f64>() / all.len() as f64;
     let var = all.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (all.len() - 1) as f64;
     let scale = 1.0 / (var + 1e-8).sqrt();
-    x.iter_mut().flatten().for_each(|v| *v = (*v - mean) * scale);
+    x.iter_mut()
+        .zip(active)
+        .filter(|(_, &on)| on)
+        .for_each(|(r, _)| r.iter_mut().for_each(|v| *v = (*v - mean) * scale));
 }
 
 impl PpoTrainer {
@@ -297,6 +300,10 @@ impl PpoTrainer {
             .iter()
             .map(|c| PackedBatch::new(&scored[c.clone()].iter().map(|s| &s.rollout).collect::<Vec<_>>(), pad, &device))
             .collect::<Result<_>>()?;
+        // A completion no reward applies to (its total is NaN) teaches nothing, as in GRPO (whose
+        // advantage for it is 0): it is left out of whitening and of both losses, rather than
+        // trained as a score of 0.
+        let active: Vec<bool> = scored.iter().map(|s| s.scores.total.is_finite()).collect();
         let (mut old, mut old_values, mut advantages, mut returns) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut kl_sum = 0.0;
         for (c, batch) in chunks.iter().zip(&packed) {
@@ -320,9 +327,9 @@ impl PpoTrainer {
                 };
                 kl_sum += k1.iter().sum::<f64>();
                 let mut r: Vec<f64> = k1.iter().map(|k| -(ppo.kl_coef as f64) * k).collect();
-                let total = scored[i].scores.total;
                 if let Some(last) = r.last_mut() {
-                    *last += if total.is_finite() { total } else { 0.0 };
+                    // Unscored rows (no reward applied: NaN) are left out of the loss below.
+                    *last += if active[i] { scored[i].scores.total } else { 0.0 };
                 }
                 let (a, g) = gae(&r, &vals, ppo.gamma, ppo.lam);
                 advantages.push(a);
@@ -332,7 +339,10 @@ impl PpoTrainer {
             old_values.push(v);
         }
         if ppo.whiten_advantages {
-            whiten(&mut advantages);
+            whiten(&mut advantages, &active);
+        }
+        for (a, _) in advantages.iter_mut().zip(&active).filter(|(_, &on)| !on) {
+            a.fill(0.0);
         }
         for (s, a) in scored.iter_mut().zip(&advantages) {
             s.advantages.clone_from(a);
@@ -345,15 +355,17 @@ impl PpoTrainer {
         for _ in 0..ppo.ppo_epochs {
             for mb in &minibatches {
                 // Token means over the minibatch: one optimizer update each.
-                let mb_tokens: usize = scored[mb.rows.clone()].iter().map(|s| s.rollout.tokens.len()).sum();
+                let mb_tokens: usize =
+                    mb.rows.clone().filter(|&i| active[i]).map(|i| scored[i].rollout.tokens.len()).sum();
                 let w = 1.0 / mb_tokens.max(1) as f32;
                 for k in mb.chunks.clone() {
                     let (c, batch) = (&chunks[k], &packed[k]);
                     let to_f32 = |rows: &[Vec<f64>]| -> Vec<Vec<f32>> {
                         rows.iter().map(|r| r.iter().map(|&x| x as f32).collect()).collect()
                     };
-                    let weights =
-                        batch.scatter_tokens(&batch.lengths.iter().map(|&l| vec![w; l]).collect::<Vec<_>>())?;
+                    let row_weights: Vec<Vec<f32>> =
+                        c.clone().zip(&batch.lengths).map(|(i, &l)| vec![if active[i] { w } else { 0.0 }; l]).collect();
+                    let weights = batch.scatter_tokens(&row_weights)?;
                     let now = score(&*self.policy, batch, cfg.temperature)?;
                     entropy += now.entropy_over(&batch.mask).0;
                     let inputs = LossInputs {
@@ -420,8 +432,12 @@ mod tests {
     fn whitening_uses_the_unbiased_variance_over_every_token() {
         // Tokens 1, 2 | 3: mean 2, squared deviations 1 + 0 + 1 over n - 1 = 2: variance 1.
         let mut x = vec![vec![1.0, 2.0], vec![3.0]];
-        whiten(&mut x);
+        whiten(&mut x, &[true, true]);
         let s = 1.0 / (1.0f64 + 1e-8).sqrt();
         assert_eq!(x, [vec![-s, 0.0], vec![s]]);
+        // An unscored row neither counts nor changes.
+        let mut y = vec![vec![1.0, 2.0], vec![100.0, -7.0], vec![3.0]];
+        whiten(&mut y, &[true, false, true]);
+        assert_eq!(y, [vec![-s, 0.0], vec![100.0, -7.0], vec![s]]);
     }
 }

@@ -33,7 +33,8 @@ pub struct RewardModel {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct RmReport {
     pub final_loss: f64,
-    /// Share of held-out pairs where r(chosen) > r(rejected).
+    /// Share of held-out pairs where r(chosen) > r(rejected), a tie counting half (NaN without
+    /// held-out pairs).
     pub heldout_accuracy: f64,
     pub train_pairs: usize,
     pub heldout_pairs: usize,
@@ -117,13 +118,23 @@ impl RewardModel {
             opt.step(&self.model.params, lr)?;
             self.model.params.zero_grad();
         }
+        // A tie is half right (a coin flip would split it); no held-out pairs: not measured.
         let correct = heldout
             .iter()
-            .map(|p| Ok((self.score(tok, &p.prompt, &p.chosen)? > self.score(tok, &p.prompt, &p.rejected)?) as usize))
-            .sum::<Result<usize>>()?;
+            .map(|p| {
+                let (c, r) = (self.score(tok, &p.prompt, &p.chosen)?, self.score(tok, &p.prompt, &p.rejected)?);
+                Ok(if c > r {
+                    1.0
+                } else if c == r {
+                    0.5
+                } else {
+                    0.0
+                })
+            })
+            .sum::<Result<f64>>()?;
         Ok(RmReport {
             final_loss,
-            heldout_accuracy: correct as f64 / heldout.len().max(1) as f64,
+            heldout_accuracy: if heldout.is_empty() { f64::NAN } else { correct / heldout.len() as f64 },
             train_pairs: train.len(),
             heldout_pairs: heldout.len(),
         })

@@ -375,6 +375,24 @@ fn ppo_steps_train_the_policy_and_the_critic_on_the_same_budget() {
 }
 
 #[test]
+fn ppo_leaves_completions_no_reward_applies_to_out_of_its_losses() {
+    use whale_rl::ppo::{PpoConfig, PpoTrainer};
+    // The language reward does not apply to string reversal: every total is NaN. GRPO gives such
+    // completions no advantage; PPO must not train them as a score of 0 either.
+    let cfg = GrpoConfig {
+        beta: 0.0,
+        num_iterations: 1,
+        rewards: "language".into(),
+        tasks: "reverse:3".into(),
+        ..small_run(64, LossType::Grpo)
+    };
+    let mut t =
+        PpoTrainer::new(Box::new(tiny_model(5)), cfg, PpoConfig::default(), Box::new(CharTokenizer::new())).unwrap();
+    let log = t.train_step().unwrap();
+    assert_eq!((log.get("policy_loss"), log.get("value_loss")), (0.0, 0.0), "nothing to learn from");
+}
+
+#[test]
 fn ppo_minibatches_are_separate_updates_whose_token_means_cover_the_batch() {
     use whale_rl::ppo::{PpoConfig, PpoTrainer};
     let run = |minibatches: usize, micro_batch: usize| {
