@@ -24,7 +24,9 @@ use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{DeepSeekV3, DeepSeekV3Config};
 use whale_rl::parallel::parallel_trainer::{Mesh, ParallelTrainer};
 use whale_rl::parallel::schedule::Method;
-use whale_rl::parallel::trainer::{DataSource, LrShape, MomentPrecision, Precision, TrainConfig, Trainer};
+use whale_rl::parallel::trainer::{
+    truncate_metrics, DataSource, LrShape, MomentPrecision, Precision, TrainConfig, Trainer,
+};
 use whale_rl::parallel::Error as ParallelError;
 use whale_rl::tasks::{Corpus, Problem, TaskSet};
 
@@ -571,6 +573,10 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
             }
             if plan.mtp_weight_from.is_some() {
                 t.config.mtp_weight_from = plan.mtp_weight_from;
+            }
+            if lead {
+                // Validations after the checkpoint's step are redone: their lines go.
+                truncate_metrics(&plan.history, t.step + 1)?;
             }
             if lead {
                 println!("resuming {} at step {} of {}", s.out.display(), t.step, t.config.steps);

@@ -13,6 +13,7 @@ use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, RlRun, ScaleRewards, StepLog};
 use whale_rl::parallel::model::tokenizer::CharTokenizer;
 use whale_rl::parallel::model::CausalLm;
+use whale_rl::parallel::trainer::truncate_metrics;
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
 use whale_rl::tasks::{Problem, TaskSet};
 
@@ -270,6 +271,10 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
         }
         t.run_mut().config.steps = s.grpo.steps;
         t.run_mut().resume_logs(&metrics, &completions)?;
+        // Validations after the checkpoint's step are redone: their lines go (kept, they would
+        // appear twice).
+        let step = t.run_mut().step;
+        truncate_metrics(&out.join("eval_history.jsonl"), step + 1)?;
         println!("resuming {} at step {} of {}", out.display(), t.run_mut().step, s.grpo.steps);
         t
     } else {

@@ -56,7 +56,9 @@ fn sigkill_during_checkpointing_leaves_a_resumable_run() {
         child.kill().unwrap(); // SIGKILL on Unix
         child.wait().unwrap();
     }
-    // Whatever moment the kill hit, the run resumes (from checkpoint or checkpoint.old).
+    // Whatever moment the kill hit, the run resumes (from checkpoint or checkpoint.old), and a
+    // validation line from after its checkpoint goes.
+    std::fs::write(run.join("eval_history.jsonl"), "{\"step\": 999999, \"pass@1\": 0.0}\n").unwrap();
     let out = whale()
         .args(["pretrain", "--out", run.to_str().unwrap(), "--resume", "--steps", "1"])
         .args(SMALL)
@@ -65,6 +67,7 @@ fn sigkill_during_checkpointing_leaves_a_resumable_run() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("resuming") && stdout.contains("pass@1"), "{stdout}");
+    assert!(!std::fs::read_to_string(run.join("eval_history.jsonl")).unwrap().contains("999999"));
     // The run's own settings: a flag that would change its corpus or evaluation is refused.
     let out = whale()
         .args(["pretrain", "--out", run.to_str().unwrap(), "--resume", "--steps", "1", "--letters", "0.5"])
@@ -249,6 +252,16 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
         // Resuming below the step reached, or on another prompt pool, is refused.
         let fewer = whale().args(args).args(["--resume", "--steps", "1"]).output().unwrap();
         assert!(String::from_utf8_lossy(&fewer.stderr).contains("already at step 3"), "{fewer:?}");
+        // A validation written after the checkpoint (the run died before its next one) is
+        // dropped on resume, so no step appears twice.
+        let history = run.join("eval_history.jsonl");
+        let mut lines = std::fs::read_to_string(&history).unwrap_or_default();
+        lines.push_str("{\"step\": 4, \"pass@1\": 0.0}\n");
+        std::fs::write(&history, lines).unwrap();
+        let again = whale().args(args).args(["--resume", "--steps", "3"]).output().unwrap();
+        assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+        assert!(!std::fs::read_to_string(&history).unwrap().contains("\"step\":4"));
+        assert!(!std::fs::read_to_string(&history).unwrap().contains("\"step\": 4"));
     }
     // A user's JSONL prompts instead of the generators.
     let data = dir.join("prompts.jsonl");
