@@ -135,9 +135,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
         None => DistillSettings::default(),
     };
     if let Some(sh) = &args.shared {
-        (s.tasks, s.letters, s.eval_seed, s.eval_problems, s.k) =
-            (sh.tasks.clone(), sh.letters, sh.eval_seed, sh.eval_problems, sh.k);
-        crate::settings::Settings::derive(&mut s);
+        s = sh.lay_over(s)?;
     }
     let out = args.out.clone().unwrap_or_else(|| crate::r1::sibling_run(&args.from, "distill"));
     // Any arm's folder in use, finished or not, is another run's: refused before any work.

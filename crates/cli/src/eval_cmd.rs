@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use whale_rl::eval::{completion_text, evaluate, EvalConfig};
 use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::tokenizer_for;
-use whale_rl::tasks::{load_jsonl, verify, Problem, Split, TaskSet};
+use whale_rl::tasks::{load_jsonl, load_jsonl_split, verify, Split, TaskSet};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -50,21 +50,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let device = crate::device::open(&a.device)?;
     let model = crate::device::load(&a.checkpoint, &device, "the checkpoint")?;
     let problems = match &a.data {
+        Some(path) if a.all_lines => load_jsonl(path)?,
         Some(path) => {
-            let all = load_jsonl(path)?;
-            let lines = all.len();
-            let chosen: Vec<Problem> = if a.all_lines {
-                all
-            } else {
-                all.into_iter().filter(|p| Split::of(&p.prompt) == Split::HeldOut).collect()
-            };
-            if chosen.is_empty() {
-                bail!(
-                    "{}: none of its {lines} prompts is in the held-out split (--all-lines takes every line)",
-                    path.display()
-                );
-            }
-            chosen
+            let context =
+                || format!("evaluating the held-out prompts of {} (--all-lines takes every line)", path.display());
+            load_jsonl_split(path, Split::HeldOut).with_context(context)?.0
         }
         None => TaskSet::parse(&a.tasks)?.held_out(a.problems, a.seed),
     };

@@ -577,8 +577,6 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
             if lead {
                 // Validations after the checkpoint's step are redone: their lines go.
                 truncate_metrics(&plan.history, t.step + 1)?;
-            }
-            if lead {
                 println!("resuming {} at step {} of {}", s.out.display(), t.step, t.config.steps);
             }
             t

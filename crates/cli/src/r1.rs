@@ -508,9 +508,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let out = args.out.clone().unwrap_or_else(|| sibling_run(&args.from, "r1"));
     let mut s = args.settings(&out)?;
     if let Some(sh) = &args.shared {
-        (s.tasks, s.letters, s.eval_seed, s.eval_problems, s.k) =
-            (sh.tasks.clone(), sh.letters, sh.eval_seed, sh.eval_problems, sh.k);
-        crate::settings::Settings::derive(&mut s);
+        s = sh.lay_over(s)?;
     }
     let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
     crate::settings::note_letters_mismatch(args.base.as_ref().unwrap_or(&args.from), s.letters);

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use whale_rl::tasks::{load_training_jsonl, Problem};
+use whale_rl::tasks::{load_jsonl_split, Problem, Split};
 
 /// A command's run settings: every key has a default, and a file may set any subset of them.
 pub trait Settings: Serialize + DeserializeOwned + Default {
@@ -31,6 +31,22 @@ pub struct Shared {
     pub eval_seed: u64,
     pub eval_problems: usize,
     pub k: usize,
+}
+
+impl Shared {
+    /// `s` with these values in its top-level keys of the same names (R1's and distillation's
+    /// settings hold all five), and its derived keys set from them again.
+    pub fn lay_over<T: Settings>(&self, s: T) -> Result<T> {
+        let mut value = serde_json::to_value(s).context("the settings")?;
+        let shared = serde_json::json!({
+            "tasks": self.tasks, "letters": self.letters, "eval_seed": self.eval_seed,
+            "eval_problems": self.eval_problems, "k": self.k,
+        });
+        overlay(&mut value, shared);
+        let mut s: T = serde_json::from_value(value).context("the main job's shared settings")?;
+        s.derive();
+        Ok(s)
+    }
 }
 
 /// Reads `path` as JSON (`.json`) or TOML (anything else) onto `T`'s defaults. A nested table
@@ -106,7 +122,7 @@ fn overlay(base: &mut Value, over: Value) {
 /// The prompts of a `--data` JSONL file to train on, saying on stderr how many of them are left
 /// out for belonging to the held-out split the run evaluates on.
 pub fn training_pool(path: &Path) -> Result<Vec<Problem>> {
-    let (pool, held_out) = load_training_jsonl(path)?;
+    let (pool, held_out) = load_jsonl_split(path, Split::Train)?;
     if held_out > 0 {
         eprintln!(
             "note: {}: {held_out} of {} prompts are in the held-out split evaluation draws from; training leaves them out",
@@ -173,6 +189,19 @@ mod tests {
         let again: R1Settings = from_value(serde_json::to_value(&s).unwrap()).unwrap();
         assert_eq!(serde_json::to_value(&again).unwrap(), serde_json::to_value(&s).unwrap());
         assert_eq!(r1("letters = 0\n[all_rl]\nletters = 0.0\n").unwrap().all_rl.letters, 0.0);
+    }
+
+    #[test]
+    fn the_main_jobs_shared_keys_reach_every_stage_and_what_derives_from_them() {
+        let shared = Shared { tasks: "add:3".into(), letters: 0.5, eval_seed: 9, eval_problems: 12, k: 4 };
+        let s = shared.lay_over(r1("[all_rl]\nsteps = 7\n").unwrap()).unwrap();
+        assert_eq!((s.tasks.as_str(), s.letters, s.eval_seed, s.eval_problems, s.k), ("add:3", 0.5, 9, 12, 4));
+        assert_eq!((s.reasoning_rl.tasks.as_str(), s.all_rl.tasks.as_str()), ("add:3", "add:3,reverse:3-5"));
+        assert_eq!((s.reasoning_rl.letters, s.all_rl.letters, s.all_rl.steps), (0.5, 0.5, 7));
+        let d = crate::distill::DistillSettings::default();
+        let s = shared.lay_over(d).unwrap();
+        assert_eq!((s.tasks.as_str(), s.letters, s.eval_seed, s.eval_problems, s.k), ("add:3", 0.5, 9, 12, 4));
+        assert_eq!((s.rl.tasks.as_str(), s.rl.letters), ("add:3", 0.5));
     }
 
     #[test]

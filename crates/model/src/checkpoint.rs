@@ -49,7 +49,14 @@ impl TensorFiles {
     }
 }
 
-/// Every tensor in one file (or in memory, under a made-up name such as `<copy on Cpu>`).
+impl TensorFiles {
+    /// The tensors of a model being copied to `device` (named so in errors).
+    pub fn copy_on(device: &Device) -> Self {
+        TensorFiles::from(PathBuf::from(format!("<copy on {device:?}>")))
+    }
+}
+
+/// Every tensor in one file.
 impl From<PathBuf> for TensorFiles {
     fn from(path: PathBuf) -> Self {
         TensorFiles { path, shard: HashMap::new() }

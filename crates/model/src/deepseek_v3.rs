@@ -2,7 +2,7 @@
 //! output head, and the MTP modules; its training forward returns the main and MTP losses apart.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::{DType, Device, ParamStore, Rng, Tensor};
@@ -118,7 +118,7 @@ impl DeepSeekV3 {
             .map(|(n, t)| Ok((n, t.to_device(device)?.detach())))
             .collect::<whale_tensor::Result<_>>()?;
         Self::drop_non_parameters(&self.config, &mut tensors);
-        let files = TensorFiles::from(PathBuf::from(format!("<copy on {device:?}>")));
+        let files = TensorFiles::copy_on(device);
         let mut copy = Self::build(self.config.clone(), WeightSource::Loaded { files, tensors })?;
         copy.compute_dtype = self.compute_dtype;
         copy.mtp_loss_weight = self.mtp_loss_weight;

@@ -277,11 +277,8 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
             return Err(Error::Model(format!("generate: prompt {i} is empty")));
         }
         let max = self.max_positions();
-        if let Some(i) = prompts.iter().position(|p| p.len() > max) {
-            return Err(Error::Model(format!(
-                "generate: prompt {i} has {} tokens, more than the model's {max} positions (max_position_embeddings)",
-                prompts[i].len()
-            )));
+        for (i, p) in prompts.iter().enumerate() {
+            new_tokens_allowed(|| format!("prompt {i}"), p.len(), max, 0)?;
         }
         if streams.len() != prompts.len() {
             return Err(Error::Model(format!(
@@ -297,7 +294,7 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
         let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
         no_grad(|| -> Result<()> {
             for (len, members) in groups {
-                let budget = cfg.max_new_tokens.min(max - len);
+                let budget = new_tokens_allowed(|| "a prompt".into(), len, max, cfg.max_new_tokens)?;
                 let gens = generate_group(self, prompts, &members, len, budget, cfg, streams)?;
                 for (i, g) in members.into_iter().zip(gens) {
                     out[i] = Some(g);
@@ -307,6 +304,24 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
         })?;
         Ok(out.into_iter().map(|g| g.expect("every prompt is in a group")).collect())
     }
+}
+
+/// How many of `max_new_tokens` a continuation of a `len`-token prompt may have on a model of
+/// `max` positions: it stops at the last position, as DeepSeek-V3's `generate.py` does; a prompt
+/// that does not fit is an error naming it (`what`).
+pub(crate) fn new_tokens_allowed(
+    what: impl FnOnce() -> String,
+    len: usize,
+    max: usize,
+    max_new_tokens: usize,
+) -> Result<usize> {
+    if len > max {
+        return Err(Error::Model(format!(
+            "generate: {} has {len} tokens, more than the model's {max} positions (max_position_embeddings)",
+            what()
+        )));
+    }
+    Ok(max_new_tokens.min(max - len))
 }
 
 fn generate_group<M: CausalLm + ?Sized>(

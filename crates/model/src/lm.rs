@@ -5,7 +5,7 @@ use std::path::Path;
 
 use whale_tensor::{Device, ParamStore, Tensor};
 
-use crate::checkpoint::SaveDType;
+use crate::checkpoint::{SaveDType, TensorFiles};
 use crate::deepseek_v3::{DeepSeekV3, IGNORE_INDEX};
 use crate::dense::DenseModel;
 use crate::generate::{CausalLm, KvCache};
@@ -80,8 +80,7 @@ impl CausalLm for DenseModel {
             // The builder copies every tensor into a buffer of its own.
             .map(|(n, t)| Ok((n.to_string(), t.to_device(device)?.detach())))
             .collect::<whale_tensor::Result<_>>()?;
-        let path = std::path::PathBuf::from(format!("<copy on {device:?}>"));
-        let mut copy = DenseModel::from_tensors(self.config.clone(), tensors, path)?;
+        let mut copy = DenseModel::from_tensors(self.config.clone(), tensors, TensorFiles::copy_on(device))?;
         copy.compute_dtype = self.compute_dtype;
         Ok(Box::new(copy))
     }

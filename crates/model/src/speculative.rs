@@ -12,7 +12,7 @@
 use whale_tensor::{no_grad, DType, Device, Tensor};
 
 use crate::deepseek_v3::DeepSeekV3;
-use crate::generate::{greedy_token, CacheMode, Generation, KvCache, LayerCache};
+use crate::generate::{greedy_token, new_tokens_allowed, CacheMode, Generation, KvCache, LayerCache};
 use crate::{Error, Result};
 
 /// What a speculative decode measured.
@@ -65,16 +65,10 @@ impl DeepSeekV3 {
         if prompt.is_empty() {
             return Err(Error::Model("generate: empty prompt".into()));
         }
-        let max = self.config.max_position_embeddings;
-        if prompt.len() > max {
-            return Err(Error::Model(format!(
-                "generate: the prompt has {} tokens, more than the model's {max} positions (max_position_embeddings)",
-                prompt.len()
-            )));
-        }
         // As plain generation: the continuation stops at the last position. A draft is only
         // verified when a token after it may still be kept, so it never sits past that either.
-        let max_new_tokens = max_new_tokens.min(max - prompt.len());
+        let max = self.config.max_position_embeddings;
+        let max_new_tokens = new_tokens_allowed(|| "the prompt".into(), prompt.len(), max, max_new_tokens)?;
         no_grad(|| {
             let vocab = self.config.vocab_size;
             let n = prompt.len();

@@ -105,9 +105,9 @@ pub fn score_samples(p: &Problem, samples: &[Option<String>]) -> (usize, bool) {
     (correct, majority_vote(p, &texts).is_some_and(|w| verify(p, &texts[w])))
 }
 
-/// A generation's text, `None` when it was truncated.
-fn finished(tok: &dyn Tokenizer, g: &Generation) -> Option<String> {
-    (!g.truncated).then(|| completion_text(tok, g))
+/// `text`, the completion of `g`, as [`score_samples`] takes it: `None` when `g` was truncated.
+fn finished(g: &Generation, text: &str) -> Option<String> {
+    (!g.truncated).then(|| text.to_string())
 }
 
 /// Evaluates `model` on `problems`.
@@ -134,10 +134,11 @@ pub fn evaluate(
     let (mut lang, mut lang_n) = (0.0, 0usize);
     let mut per_task: HashMap<String, (f64, usize)> = HashMap::new();
     for (i, p) in problems.iter().enumerate() {
-        g_ok += score_samples(p, &[finished(tok, &greedy[i])]).0 as f64;
+        g_ok += score_samples(p, &[finished(&greedy[i], &completion_text(tok, &greedy[i]))]).0 as f64;
         let group = &sampled[i * k..(i + 1) * k];
         let texts: Vec<String> = group.iter().map(|g| completion_text(tok, g)).collect();
-        let (correct, majority) = score_samples(p, &group.iter().map(|g| finished(tok, g)).collect::<Vec<_>>());
+        let samples: Vec<Option<String>> = group.iter().zip(&texts).map(|(g, t)| finished(g, t)).collect();
+        let (correct, majority) = score_samples(p, &samples);
         p1 += correct as f64 / k as f64;
         pk += pass_at_k(k, correct, k);
         cons += majority as u8 as f64;

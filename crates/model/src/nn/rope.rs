@@ -5,6 +5,11 @@ use whale_tensor::{rope_tables, RopeLayout, Tensor};
 use crate::config::{yarn_mscale, RopeScaling};
 use crate::Result;
 
+/// `theta_i = base^(-2i/dim)` for each rotary pair of a `dim`-wide head, in f64.
+fn plain_inv_freq(dim: usize, base: f64) -> Vec<f64> {
+    (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64)).collect()
+}
+
 /// Frequencies of one rotary head dimension, and the factor YaRN multiplies cos/sin by.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RotaryEmbedding {
@@ -17,7 +22,7 @@ pub struct RotaryEmbedding {
 impl RotaryEmbedding {
     /// `theta_i = base^(-2i/dim)`, YaRN-corrected when `scaling` is given.
     pub fn new(dim: usize, base: f64, scaling: Option<&RopeScaling>, layout: RopeLayout) -> Self {
-        let plain: Vec<f64> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64)).collect();
+        let plain = plain_inv_freq(dim, base);
         let Some(s) = scaling else {
             return RotaryEmbedding {
                 inv_freq: plain.iter().map(|&f| f as f32).collect(),
@@ -55,7 +60,7 @@ impl RotaryEmbedding {
     /// A dense (Llama / Qwen2) checkpoint's: rotate-half pairs, `theta_i = base^(-2i/dim)` with
     /// its config's scaling, attention factor 1.
     pub fn dense(dim: usize, base: f64, scaling: Option<&crate::dense::DenseRopeScaling>) -> Self {
-        let plain: Vec<f64> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64)).collect();
+        let plain = plain_inv_freq(dim, base);
         let inv_freq = scaling.map_or(plain.clone(), |s| s.inv_freq(&plain));
         RotaryEmbedding {
             inv_freq: inv_freq.iter().map(|&f| f as f32).collect(),

@@ -333,20 +333,26 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Problem>> {
     Ok(out)
 }
 
-/// A user dataset to train on ([`load_jsonl`]) without the prompts of the held-out split, which
-/// evaluation draws from: the problems and the number left out. No prompt left is an error.
-pub fn load_training_jsonl(path: &Path) -> Result<(Vec<Problem>, usize)> {
+/// The prompts of a user dataset ([`load_jsonl`]) on one side of the split: to train on
+/// (`Split::Train`, leaving out the prompts evaluation draws from) or to evaluate
+/// (`Split::HeldOut`). Returns them and how many were on the other side; none on this side is an
+/// error.
+pub fn load_jsonl_split(path: &Path, side: Split) -> Result<(Vec<Problem>, usize)> {
     let all = load_jsonl(path)?;
     let total = all.len();
-    let train: Vec<Problem> = all.into_iter().filter(|p| Split::of(&p.prompt) == Split::Train).collect();
-    if train.is_empty() {
+    let kept: Vec<Problem> = all.into_iter().filter(|p| Split::of(&p.prompt) == side).collect();
+    if kept.is_empty() {
+        let (this, other) = match side {
+            Split::Train => ("training", "held-out"),
+            Split::HeldOut => ("held-out", "training"),
+        };
         return Err(Error::Task(format!(
-            "{}: no training prompts ({total} lines, all in the held-out split or none at all)",
+            "{}: no {this} prompts ({total} lines, all in the {other} split or none at all)",
             path.display()
         )));
     }
-    let held_out = total - train.len();
-    Ok((train, held_out))
+    let other = total - kept.len();
+    Ok((kept, other))
 }
 
 #[cfg(test)]
@@ -536,13 +542,13 @@ mod tests {
         let (train, held) = (tasks.problems(20, 1, Split::Train), tasks.held_out(5, 1));
         let line = |p: &Problem| format!("{{\"prompt\": {:?}, \"answer\": {:?}}}\n", p.prompt, p.answer);
         std::fs::write(&f, train.iter().chain(&held).map(line).collect::<String>()).unwrap();
-        let (pool, left_out) = load_training_jsonl(&f).unwrap();
+        let (pool, left_out) = load_jsonl_split(&f, Split::Train).unwrap();
         assert_eq!((pool.len(), left_out), (20, 5));
         assert!(pool.iter().map(|p| &p.prompt).eq(train.iter().map(|p| &p.prompt)));
         std::fs::write(&f, held.iter().map(line).collect::<String>()).unwrap();
-        let err = load_training_jsonl(&f).unwrap_err().to_string();
+        let err = load_jsonl_split(&f, Split::Train).unwrap_err().to_string();
         assert!(err.contains("pool.jsonl") && err.contains("no training prompts"), "{err}");
         std::fs::write(&f, "").unwrap();
-        assert!(load_training_jsonl(&f).is_err());
+        assert!(load_jsonl_split(&f, Split::Train).is_err());
     }
 }

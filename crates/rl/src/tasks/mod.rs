@@ -13,9 +13,7 @@ mod listops;
 
 pub use arith::{Addition, ModChain, Multiplication};
 pub use countdown::Countdown;
-pub use dataset::{
-    answer_key, load_jsonl, load_training_jsonl, problem_key, verify, AnswerKey, Corpus, Split, TaskSet,
-};
+pub use dataset::{answer_key, load_jsonl, load_jsonl_split, problem_key, verify, AnswerKey, Corpus, Split, TaskSet};
 pub use language::Language;
 pub use listops::{Reverse, Sort};
 
