@@ -23,14 +23,19 @@ inline void mma_m16n8k32_e4m3(float (&c)[4], const unsigned (&a)[4], const unsig
     auto a_at = [&](unsigned row, unsigned k) { return emu::e4m3(byte((row % 8) * 4 + (k % 16) / 4, row / 8 + 2 * (k / 16), k)); };
     // B[k][col]: lane col * 4 + (k % 16) / 4, register 4 + k / 16.
     auto b_at = [&](unsigned k, unsigned col) { return emu::e4m3(byte(col * 4 + (k % 16) / 4, 4 + k / 16, k)); };
+    // This lane's outputs: rows g and g + 8 by columns 2q and 2q + 1 (c[r]: row g + 8 (r / 2),
+    // column 2q + r % 2). Their operands decoded once, the four sums run side by side.
     const unsigned g = lane / 4, q = lane % 4;
-    float d[4];
-    for (unsigned r = 0; r < 4; ++r) {
-        unsigned row = g + 8 * (r / 2), col = 2 * q + r % 2;
-        double sum = 0.0;
-        for (unsigned k = 0; k < 32; ++k) sum += double(a_at(row, k)) * b_at(k, col);
-        d[r] = c[r] + float(sum);
+    float ar[2][32], bc[2][32];
+    for (unsigned k = 0; k < 32; ++k) {
+        for (unsigned h = 0; h < 2; ++h) ar[h][k] = a_at(g + 8 * h, k);
+        for (unsigned h = 0; h < 2; ++h) bc[h][k] = b_at(k, 2 * q + h);
     }
+    double sum[4] = {0.0, 0.0, 0.0, 0.0};
+    for (unsigned k = 0; k < 32; ++k)
+        for (unsigned r = 0; r < 4; ++r) sum[r] += double(ar[r / 2][k]) * bc[r % 2][k];
+    float d[4];
+    for (unsigned r = 0; r < 4; ++r) d[r] = c[r] + float(sum[r]);
     emu::wait(blk.warps[warp]); // every lane has read the fragments before any posts new ones
     for (unsigned r = 0; r < 4; ++r) c[r] = d[r];
 }

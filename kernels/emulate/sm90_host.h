@@ -7,16 +7,29 @@
 // before waiting for the MMAs on them gets wrong results; one that never waits fails.
 #pragma once
 
+#include <array>
+
 #include "cuda_host.h"
 
 namespace emu {
 
 // E4M3 (bias 7, no infinities; 0x7f and 0xff are NaN) to f32.
-inline float e4m3(unsigned char c) {
+inline float e4m3_decoded(unsigned char c) {
     int sign = c >> 7, exp = (c >> 3) & 15, man = c & 7;
-    if (exp == 15 && man == 7) fail("NaN E4M3 operand");
     float v = exp == 0 ? man / 8.0f / 64.0f : (1.0f + man / 8.0f) * float(1 << exp) / 128.0f;
     return sign ? -v : v;
+}
+
+// Every byte's value, decoded once: the MMAs read each operand byte many times.
+inline const std::array<float, 256> kE4m3 = [] {
+    std::array<float, 256> t{};
+    for (unsigned c = 0; c < 256; ++c) t[c] = e4m3_decoded((unsigned char)c);
+    return t;
+}();
+
+inline float e4m3(unsigned char c) {
+    if ((c & 0x7f) == 0x7f) fail("NaN E4M3 operand");
+    return kE4m3[c];
 }
 
 // Byte `kk` (< 32) of row `row` of a wgmma operand: the K-major, 128-byte-swizzled canonical
@@ -54,12 +67,19 @@ inline void wgmma_wait_all() { wgmma_wait<0>(); }
 inline void wgmma_m64n128k32_e4m3(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) {
     unsigned t = threadIdx.x % 128, w = t / 32, l = t % 32;
     emu::block->current->mmas.open.push_back([&d, a, b, accumulate, w, l] {
+        // The fragment's two rows of A and 32 columns of B (column 8j + 2(l%4) + h is cols[2j + h]),
+        // each operand byte read and decoded once.
+        float rows[2][32], cols[32][32];
+        for (unsigned h = 0; h < 2; ++h)
+            for (unsigned kk = 0; kk < 32; ++kk) rows[h][kk] = emu::e4m3(emu::operand(a, 16 * w + l / 4 + 8 * h, kk));
+        for (unsigned c = 0; c < 32; ++c)
+            for (unsigned kk = 0; kk < 32; ++kk)
+                cols[c][kk] = emu::e4m3(emu::operand(b, 8 * (c / 2) + 2 * (l % 4) + c % 2, kk));
         for (unsigned j = 0; j < 16; ++j)
             for (unsigned r = 0; r < 4; ++r) {
-                unsigned row = 16 * w + l / 4 + 8 * (r / 2), col = 8 * j + 2 * (l % 4) + r % 2;
+                const float *ar = rows[r / 2], *bc = cols[2 * j + r % 2];
                 float acc = accumulate ? d[4 * j + r] : 0.0f;
-                for (unsigned kk = 0; kk < 32; ++kk)
-                    acc += emu::e4m3(emu::operand(a, row, kk)) * emu::e4m3(emu::operand(b, col, kk));
+                for (unsigned kk = 0; kk < 32; ++kk) acc += ar[kk] * bc[kk];
                 d[4 * j + r] = acc;
             }
     });

@@ -19,7 +19,7 @@ use whale_tensor::{DType, Device, Rng};
 /// Every GPU test of this file on the emulated driver (whale-kernels' tests/common/emulator.rs):
 /// tiny DeepSeek-V3 on whale-tensor's CUDA backend, as it is, over the host emulation of the
 /// kernels, trained (f32, bf16, FP8 GEMMs) and decoding (greedy, speculative, an FP8 release)
-/// against the CPU, in a child process (about 80 s of a debug build).
+/// against the CPU, each in a child process (about 20 s of a debug build on two cores).
 #[test]
 fn the_model_on_the_emulated_driver_in_emulation() {
     run_gpu_tests_on_the_emulated_driver("the_model_on_the_emulated_driver_in_emulation", &[], &[]);

@@ -39,7 +39,7 @@ fn gpu(test: &str) -> Device {
 }
 
 /// Every test of this file on the emulated driver (whale-tensor's CUDA backend over whale-kernels'
-/// launchers), in a child process (about 55 s of a debug build).
+/// launchers), each in a child process (about 20 s of a debug build on two cores).
 #[test]
 fn the_rl_gpu_tests_pass_on_the_emulated_driver_in_emulation() {
     emulator::run_gpu_tests_on_the_emulated_driver(

@@ -145,9 +145,14 @@ fn grid_for(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// One block per row, `THREADS` threads reducing in shared memory.
-fn rows_config(rows: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 4 * THREADS }
+/// One block per row of `width` values, reducing in shared memory: `THREADS` threads, or for a
+/// narrower row the least power of two (at least a warp) that gives each value its own thread.
+/// The kernels stride their rows by `blockDim.x` and reduce in a tree, so the narrower block sums
+/// the same products in the same order (the wide one's extra threads only add zeros first) and
+/// skips the idle threads' rounds of barriers.
+fn rows_config(rows: usize, width: usize) -> LaunchConfig {
+    let threads = (width.next_power_of_two() as u32).clamp(32, THREADS);
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 4 * threads }
 }
 
 impl Gpu {

@@ -306,14 +306,14 @@ pub fn on_the_emulated_driver() -> bool {
 }
 
 /// Runs this test binary's GPU tests (those matching `only`, or all when it is empty; never the
-/// emulation's, the source stamp or `skip`) in a child process on the emulated driver, one at a
-/// time; fails `test` with the child's output if any fails. Returns the kernels the child
-/// launched (`None` where [`can_emulate`] says no).
+/// emulation's, the source stamp or `skip`) on the emulated driver, each in a child process of its
+/// own, as many at a time as the machine has cores; fails `test` with the children's output if any
+/// fails. Returns the kernels the children launched (`None` where [`can_emulate`] says no).
 pub fn run_gpu_tests_on_the_emulated_driver(test: &str, only: &[&str], skip: &[&str]) -> Option<BTreeSet<String>> {
     run_gpu_tests_on_the_emulated_driver_with(test, only, skip, &[])
 }
 
-/// [`run_gpu_tests_on_the_emulated_driver`], with `env` set in the child (the driver's modes:
+/// [`run_gpu_tests_on_the_emulated_driver`], with `env` set in the children (the driver's modes:
 /// `WHALE_EMULATED_EAGER_COPIES`, kernels/emulate/driver.cpp).
 pub fn run_gpu_tests_on_the_emulated_driver_with(
     test: &str,
@@ -326,29 +326,64 @@ pub fn run_gpu_tests_on_the_emulated_driver_with(
     }
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulate");
     std::fs::create_dir_all(&out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
-    let log = out.join(format!("launches-{}-{test}.txt", std::process::id()));
-    let _ = std::fs::remove_file(&log);
     let exe = std::env::current_exe().expect("the test binary's path");
-    let mut cmd = Command::new(exe);
-    cmd.env("WHALE_EMULATED_GPU", "1").env("WHALE_EMULATED_LAUNCHES", &log).args([
-        "--test-threads=1",
-        "--skip",
-        "in_emulation",
-        "--skip",
-        "the_embedded_ptx",
-    ]);
-    cmd.envs(env.iter().copied()).args(only);
+    let mut list = Command::new(&exe);
+    list.args(["--list", "--format=terse", "--skip", "in_emulation", "--skip", "the_embedded_ptx"]).args(only);
     for s in skip {
-        cmd.args(["--skip", s]);
+        list.args(["--skip", s]);
     }
-    let run = cmd.output().expect("running the test binary again");
-    let text = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
-    println!("{text}");
-    assert!(run.status.success(), "{test}: GPU tests failed on the emulated driver:\n{text}");
-    let no_gpu = text.contains("skipped, no CUDA driver") || text.contains("the CPU stands in");
-    assert!(!no_gpu, "{test}: the child found no emulated GPU:\n{text}");
-    assert!(!text.contains("test result: ok. 0 passed"), "{test}: the child ran no GPU test:\n{text}");
-    let launched = std::fs::read_to_string(&log).unwrap_or_default().lines().map(String::from).collect();
-    let _ = std::fs::remove_file(&log);
+    let listed = list.output().expect("listing the test binary's tests");
+    assert!(listed.status.success(), "{test}: listing the tests: {}", String::from_utf8_lossy(&listed.stderr));
+    let names: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(String::from)
+        .collect();
+    assert!(!names.is_empty(), "{test}: no GPU test to run on the emulated driver");
+
+    // One child per test: the children share the cores, the slowest test sets the time.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(names.len());
+    let run_one = |name: &str| {
+        let log = out.join(format!("launches-{}-{name}.txt", std::process::id()));
+        let _ = std::fs::remove_file(&log);
+        let run = Command::new(&exe)
+            .env("WHALE_EMULATED_GPU", "1")
+            .env("WHALE_EMULATED_LAUNCHES", &log)
+            .envs(env.iter().copied())
+            .args(["--test-threads=1", "--exact", name])
+            .output()
+            .expect("running the test binary again");
+        let text = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+        let launched: Vec<String> =
+            std::fs::read_to_string(&log).unwrap_or_default().lines().map(String::from).collect();
+        let _ = std::fs::remove_file(&log);
+        (name.to_string(), run.status.success(), text, launched)
+    };
+    let mut runs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(name) = names.get(i) else { break mine };
+                        mine.push((i, run_one(name)));
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("a child's runner")).collect()
+    });
+    runs.sort_by_key(|(i, _)| *i);
+    let mut launched = BTreeSet::new();
+    for (_, (name, ok, text, kernels)) in runs {
+        println!("{name} on the emulated driver:\n{text}");
+        assert!(ok, "{test}: {name} failed on the emulated driver:\n{text}");
+        let no_gpu = text.contains("skipped, no CUDA driver") || text.contains("the CPU stands in");
+        assert!(!no_gpu, "{test}: {name}'s child found no emulated GPU:\n{text}");
+        assert!(text.contains("test result: ok. 1 passed"), "{test}: the child did not run {name}:\n{text}");
+        launched.extend(kernels);
+    }
     Some(launched)
 }

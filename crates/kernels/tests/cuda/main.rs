@@ -77,7 +77,7 @@ fn every_kernel_has_a_launcher() {
 
 /// Every GPU test of this binary, on the emulated driver (kernels/emulate/driver.cpp): the
 /// launchers of crates/kernels/src/cuda as they are (their launch shapes, argument lists and
-/// buffer handling), cudarc and all, over the host emulation of the kernels. They run in a child
+/// buffer handling), cudarc and all, over the host emulation of the kernels. Each runs in a child
 /// process, which loads the driver in place of a GPU's. Between them they launch every kernel of
 /// the manifest.
 #[test]
