@@ -9,6 +9,7 @@ use whale_kernels::cpu::fp8::{Fp8Format, Overflow};
 use whale_kernels::cuda::cudarc::driver::CudaSlice;
 use whale_kernels::cuda::Gpu;
 
+use crate::dtype::to_bf16;
 use crate::layout::Layout;
 use crate::{DType, Device, Error, Result};
 
@@ -88,7 +89,7 @@ impl CpuStorage {
     pub(crate) fn from_f32(values: Vec<f32>, dtype: DType) -> CpuStorage {
         match dtype {
             DType::F32 => CpuStorage::F32(values),
-            DType::BF16 => CpuStorage::BF16(values.into_iter().map(bf16::from_f32).collect()),
+            DType::BF16 => CpuStorage::BF16(values.iter().map(|&x| to_bf16(x)).collect()),
             DType::F16 => CpuStorage::F16(values.into_iter().map(f16::from_f32).collect()),
             DType::F8E4M3 => CpuStorage::F8E4M3(encode(&values, Fp8Format::E4M3)),
             DType::F8E5M2 => CpuStorage::F8E5M2(encode(&values, Fp8Format::E5M2)),

@@ -8,6 +8,7 @@ use half::bf16;
 
 use whale_kernels::cpu::adamw::{adamw_step, AdamWStep};
 
+use crate::dtype::to_bf16;
 use crate::{DType, Device, Error, ParamStore, Result, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,7 +50,7 @@ impl Moment {
     fn from_tensor(t: &Tensor, dtype: DType) -> Result<Moment> {
         let v = t.to_vec_f32()?;
         Ok(match dtype {
-            DType::BF16 => Moment::BF16(v.into_iter().map(bf16::from_f32).collect()),
+            DType::BF16 => Moment::BF16(v.iter().map(|&x| to_bf16(x)).collect()),
             _ => Moment::F32(v),
         })
     }
@@ -84,7 +85,7 @@ impl Moment {
             Moment::BF16(v) => {
                 let mut wide: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
                 let r = f(&mut wide);
-                v.iter_mut().zip(&wide).for_each(|(x, &w)| *x = bf16::from_f32(w));
+                v.iter_mut().zip(&wide).for_each(|(x, &w)| *x = to_bf16(w));
                 Ok(r)
             }
         }
