@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use super::wide_fn;
+
 /// Hyper-parameters of one step. `step` is 1-based (the count after this update).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWStep {
@@ -61,23 +63,18 @@ impl AdamWScalars {
 /// for it (AVX2 lanes and a fused instruction for the lerp's `mul_add`, which the portable build
 /// calls `fmaf` for, element by element); the numbers are the same bits either way.
 pub fn adamw_step(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamWStep) {
-    step_with(param, grad, m, v, hp, fma_available());
+    step_with(param, grad, m, v, hp, update_wide);
 }
 
 /// [`adamw_step`] in the portable build only: the benchmarks' baseline and the FMA build's twin
 /// in the tests.
 pub fn adamw_step_portable(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamWStep) {
-    step_with(param, grad, m, v, hp, false);
+    step_with(param, grad, m, v, hp, update);
 }
 
-fn fma_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
+type Update = fn(&mut [f32], &[f32], &mut [f32], &mut [f32], &AdamWScalars);
 
-fn step_with(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamWStep, fma: bool) {
+fn step_with(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamWStep, update: Update) {
     let n = param.len();
     assert!(grad.len() == n && m.len() == n && v.len() == n, "adamw_step: buffers differ in length");
     assert!(hp.step >= 1, "adamw_step: step is 1-based");
@@ -87,22 +84,10 @@ fn step_with(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: 
         .zip(grad.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
-        .for_each(|(((p, g), m), v)| {
-            #[cfg(target_arch = "x86_64")]
-            if fma {
-                // SAFETY: the CPU has AVX2 and FMA (checked by `fma_available`).
-                return unsafe { update_fma(p, g, m, v, &s) };
-            }
-            let _ = fma;
-            update(p, g, m, v, &s)
-        });
+        .for_each(|(((p, g), m), v)| update(p, g, m, v, &s));
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn update_fma(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamWScalars) {
-    update(p, g, m, v, s)
-}
+wide_fn!(fn update_wide => update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamWScalars));
 
 /// One chunk's update: the element-wise sequence mirrors torch's tensor ops, one by one, in the
 /// same order.

@@ -11,7 +11,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::reduce;
+use super::{reduce, wide_fn};
 
 /// Sizes of one attention call. Query head `h` reads key/value head `h / (q_heads / kv_heads)` (GQA;
 /// MQA when `kv_heads == 1`). `qk_dim` may differ from `v_dim` (MLA: 192 vs 128).
@@ -53,13 +53,18 @@ pub fn attention_forward(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32], o: 
         let o = if s.v_dim == 0 { &mut o_scratch[..] } else { o };
         return attention_forward(&w, &q, &k, &v, o, lse);
     }
-    o.par_chunks_mut(s.q_len * s.v_dim).zip(lse.par_chunks_mut(s.q_len)).enumerate().for_each(|(bh, (o, lse))| {
-        let head = s.head(bh, q, k, v);
-        o.par_chunks_mut(QUERY_BLOCK * s.v_dim)
-            .zip(lse.par_chunks_mut(QUERY_BLOCK))
-            .enumerate()
-            .for_each(|(block, (o, lse))| forward_block(&s, &head, block * QUERY_BLOCK, o, lse));
-    });
+    // The query rows of a key/value head's group are contiguous: one task's transposed key tile
+    // serves rows of every head of the group (all of them at once in a decode step, q_len = 1).
+    let group_rows = s.group() * s.q_len;
+    o.par_chunks_mut(group_rows * s.v_dim).zip(lse.par_chunks_mut(group_rows)).enumerate().for_each(
+        |(bkv, (o, lse))| {
+            let head = s.group_rows(bkv, q, k, v);
+            o.par_chunks_mut(QUERY_BLOCK * s.v_dim)
+                .zip(lse.par_chunks_mut(QUERY_BLOCK))
+                .enumerate()
+                .for_each(|(block, (o, lse))| forward_block_wide(&s, &head, block * QUERY_BLOCK, o, lse));
+        },
+    );
 }
 
 /// Backward of [`attention_forward`]; `dq`, `dk`, `dv` are overwritten.
@@ -106,17 +111,17 @@ pub fn attention_backward(
     // Pass 1, over query rows: dq, and D_i = dot(dO_i, O_i) for pass 2.
     let mut delta = vec![0.0f32; s.q_rows()];
     if s.q_rows() > 0 {
-        dq.par_chunks_mut(s.q_len * s.qk_dim).zip(delta.par_chunks_mut(s.q_len)).enumerate().for_each(
-            |(bh, (dq, delta))| {
-                let head = s.head(bh, q, k, v);
-                let rows = bh * s.q_len..(bh + 1) * s.q_len;
+        let group_rows = s.group() * s.q_len;
+        dq.par_chunks_mut(group_rows * s.qk_dim).zip(delta.par_chunks_mut(group_rows)).enumerate().for_each(
+            |(bkv, (dq, delta))| {
+                let head = s.group_rows(bkv, q, k, v);
+                let rows = bkv * group_rows..(bkv + 1) * group_rows;
                 let o = &o[rows.start * s.v_dim..rows.end * s.v_dim];
                 let d_o = &d_o[rows.start * s.v_dim..rows.end * s.v_dim];
                 let lse = &lse[rows];
-                dq.par_chunks_mut(QUERY_BLOCK * s.qk_dim)
-                    .zip(delta.par_chunks_mut(QUERY_BLOCK))
-                    .enumerate()
-                    .for_each(|(block, (dq, delta))| dq_block(&s, &head, o, d_o, lse, block * QUERY_BLOCK, dq, delta));
+                dq.par_chunks_mut(QUERY_BLOCK * s.qk_dim).zip(delta.par_chunks_mut(QUERY_BLOCK)).enumerate().for_each(
+                    |(block, (dq, delta))| dq_block_wide(&s, &head, o, d_o, lse, block * QUERY_BLOCK, dq, delta),
+                );
             },
         );
     }
@@ -129,13 +134,14 @@ pub fn attention_backward(
                 dk.par_chunks_mut(KEY_BLOCK * s.qk_dim)
                     .zip(dv.par_chunks_mut(KEY_BLOCK * s.v_dim))
                     .enumerate()
-                    .for_each(|(block, (dk, dv))| dkv_block(&s, bkv, k, v, &grads, block * KEY_BLOCK, dk, dv));
+                    .for_each(|(block, (dk, dv))| dkv_block_wide(&s, bkv, k, v, &grads, block * KEY_BLOCK, dk, dv));
             },
         );
     }
 }
 
-/// The rows of one (batch, query head) and of the key/value head it reads.
+/// The query rows of one (batch, key/value head)'s group of query heads, head after head (packed
+/// row `p` is query `p % q_len`), and that key/value head's rows.
 struct Head<'a> {
     q: &'a [f32],
     k: &'a [f32],
@@ -235,24 +241,40 @@ impl AttnShape {
         }
     }
 
-    /// Slices of query head `bh = b * q_heads + h` and of its key/value head.
-    fn head<'a>(&self, bh: usize, q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> Head<'a> {
-        let kv = self.kv_of(bh);
+    /// Slices of the query heads of key/value head `bkv = b * kv_heads + kv` (query heads
+    /// `b * q_heads + kv * group ..` onwards, contiguous) and of that key/value head.
+    fn group_rows<'a>(&self, bkv: usize, q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> Head<'a> {
+        let rows = self.group() * self.q_len;
         Head {
-            q: &q[bh * self.q_len * self.qk_dim..][..self.q_len * self.qk_dim],
-            k: &k[kv * self.kv_len * self.qk_dim..][..self.kv_len * self.qk_dim],
-            v: &v[kv * self.kv_len * self.v_dim..][..self.kv_len * self.v_dim],
+            q: &q[bkv * rows * self.qk_dim..][..rows * self.qk_dim],
+            k: &k[bkv * self.kv_len * self.qk_dim..][..self.kv_len * self.qk_dim],
+            v: &v[bkv * self.kv_len * self.v_dim..][..self.kv_len * self.v_dim],
         }
     }
 
-    /// Index `b * kv_heads + kv_head` of the key/value head read by query head `bh`.
-    fn kv_of(&self, bh: usize) -> usize {
-        let (b, h) = (bh / self.q_heads, bh % self.q_heads);
-        b * self.kv_heads + h / self.group()
+    /// Keys visible to packed row `p` of a group ([`Head`]).
+    fn visible_packed(&self, p: usize) -> usize {
+        self.visible(p % self.q_len)
+    }
+
+    /// Keys visible to any of the packed rows `row0..row0 + rows`.
+    fn visible_any(&self, row0: usize, rows: usize) -> usize {
+        (row0..row0 + rows).map(|p| self.visible_packed(p)).max().unwrap_or(0)
     }
 }
 
-/// Forward for query rows `row0..row0 + lse.len()` of one head, writing their `o` rows and `lse`.
+// The blocks, built for AVX2 + FMA where the CPU has them (the same bits; `wide_fn!`).
+wide_fn!(fn forward_block_wide => forward_block(s: &AttnShape, head: &Head, row0: usize, o: &mut [f32], lse: &mut [f32]));
+wide_fn!(fn dq_block_wide => dq_block(
+    s: &AttnShape, head: &Head, o: &[f32], d_o: &[f32], lse: &[f32], row0: usize, dq: &mut [f32], delta: &mut [f32],
+));
+wide_fn!(fn dkv_block_wide => dkv_block(
+    s: &AttnShape, bkv: usize, k: &[f32], v: &[f32], g: &QueryGrads, key0: usize, dk: &mut [f32], dv: &mut [f32],
+));
+
+/// Forward for packed query rows `row0..row0 + lse.len()` of one group ([`Head`]), writing their
+/// `o` rows and `lse`.
+#[inline(always)]
 fn forward_block(s: &AttnShape, head: &Head, row0: usize, o: &mut [f32], lse: &mut [f32]) {
     let (dqk, dv) = (s.qk_dim, s.v_dim);
     let rows = lse.len();
@@ -263,12 +285,12 @@ fn forward_block(s: &AttnShape, head: &Head, row0: usize, o: &mut [f32], lse: &m
     let mut p = [0.0f32; TILE];
     o.fill(0.0);
     // Tiles outer, rows inner: one transposed tile of keys serves the whole block of rows.
-    let keys = s.visible(row0 + rows - 1);
+    let keys = s.visible_any(row0, rows);
     for t0 in (0..keys).step_by(TILE) {
         let t1 = (t0 + TILE).min(keys);
         transpose_tile(&head.k[t0 * dqk..t1 * dqk], &mut k_t);
         for r in 0..rows {
-            let end = s.visible(row0 + r).min(t1);
+            let end = s.visible_packed(row0 + r).min(t1);
             if end <= t0 {
                 continue;
             }
@@ -290,7 +312,7 @@ fn forward_block(s: &AttnShape, head: &Head, row0: usize, o: &mut [f32], lse: &m
         }
     }
     for r in 0..rows {
-        if s.visible(row0 + r) == 0 {
+        if s.visible_packed(row0 + r) == 0 {
             // A fully masked row: output zeros (already there) and an empty logsumexp.
             lse[r] = f32::NEG_INFINITY;
             continue;
@@ -300,8 +322,9 @@ fn forward_block(s: &AttnShape, head: &Head, row0: usize, o: &mut [f32], lse: &m
     }
 }
 
-/// dq for query rows `row0..row0 + delta.len()` of one head (`o`, `d_o`, `lse` are that head's), and
-/// `delta = dot(dO, O)` of the same rows.
+/// dq for packed query rows `row0..row0 + delta.len()` of one group ([`Head`]; `o`, `d_o`, `lse` are
+/// the group's), and `delta = dot(dO, O)` of the same rows.
+#[inline(always)]
 fn dq_block(
     s: &AttnShape,
     head: &Head,
@@ -321,14 +344,14 @@ fn dq_block(
     let (mut k_t, mut v_t) = (vec![0.0f32; dqk * TILE], vec![0.0f32; dv * TILE]);
     let (mut p, mut dp) = ([0.0f32; TILE], [0.0f32; TILE]);
     dq.fill(0.0);
-    let keys = s.visible(row0 + rows - 1);
+    let keys = s.visible_any(row0, rows);
     for t0 in (0..keys).step_by(TILE) {
         let t1 = (t0 + TILE).min(keys);
         transpose_tile(&head.k[t0 * dqk..t1 * dqk], &mut k_t);
         transpose_tile(&head.v[t0 * dv..t1 * dv], &mut v_t);
         for r in 0..rows {
             let i = row0 + r;
-            let end = s.visible(i).min(t1);
+            let end = s.visible_packed(i).min(t1);
             if end <= t0 {
                 continue;
             }
@@ -346,6 +369,7 @@ fn dq_block(
 }
 
 /// dk and dv for keys `key0..key0 + dk.len() / qk_dim` of key/value head `bkv = b * kv_heads + kv`.
+#[inline(always)]
 fn dkv_block(
     s: &AttnShape,
     bkv: usize,
@@ -398,6 +422,7 @@ fn dkv_block(
 }
 
 /// Writes `rows` ([n, dim], n <= TILE) transposed into `out` ([dim, TILE]), zero past column n.
+#[inline(always)]
 fn transpose_tile(rows: &[f32], out: &mut [f32]) {
     let dim = out.len() / TILE;
     for (c, col) in out.chunks_exact_mut(TILE).enumerate() {
@@ -412,6 +437,7 @@ fn transpose_tile(rows: &[f32], out: &mut [f32]) {
 /// `out[j] = scale * dot(x, row j of the tile)` for every column of a transposed tile `t`
 /// ([x.len(), TILE]): a register-blocked axpy over `x` instead of TILE horizontal reductions. Each
 /// entry sums `x[c] * t[c, j]` in order of `c`.
+#[inline(always)]
 fn scores(x: &[f32], t: &[f32], scale: f32, out: &mut [f32; TILE]) {
     out.fill(0.0);
     add_weighted_rows(out, x, t);
@@ -424,6 +450,7 @@ const LANES: usize = 32;
 
 /// `out += sum_r w[r] * rows[r]`, `rows` being `w.len()` contiguous rows of `out.len()`. Each output
 /// element accumulates in row order; a block of them is held in registers across all the rows.
+#[inline(always)]
 fn add_weighted_rows(out: &mut [f32], w: &[f32], rows: &[f32]) {
     let len = out.len();
     debug_assert_eq!(rows.len(), w.len() * len);
@@ -720,6 +747,32 @@ mod tests {
             })
         };
         assert_eq!(run(1), run(3));
+    }
+
+    /// Grouped heads share their key tiles (the rows of a group are packed into one task's
+    /// blocks), which must not change a bit: GQA and MQA equal the same attention with every
+    /// query head given its own copy of its key/value head, forward and dq, for prefill, for a
+    /// query block spanning heads (q_len 5), and for a decode step.
+    #[test]
+    fn grouped_heads_equal_their_heads_with_copied_keys_bit_for_bit() {
+        for (q_heads, kv_heads, q_len, kv_len) in [(4, 2, 100, 100), (8, 1, 5, 70), (6, 3, 1, 90), (8, 1, 1, 130)] {
+            let s = AttnShape::new(2, (q_heads, kv_heads), (q_len, kv_len), (48, 40), true);
+            let data = inputs(&s, 31);
+            let group = q_heads / kv_heads;
+            // K and V with each key/value head repeated for every query head of its group.
+            let repeat = |x: &[f32], dim: usize| -> Vec<f32> {
+                x.chunks(kv_len * dim).flat_map(|head| std::iter::repeat_n(head, group).flatten().copied()).collect()
+            };
+            let mha = AttnShape::new(2, (q_heads, q_heads), (q_len, kv_len), (48, 40), true);
+            let copied = [data[0].clone(), repeat(&data[1], 48), repeat(&data[2], 40), data[3].clone()];
+            let (o, lse) = run_forward(&s, &data[0], &data[1], &data[2]);
+            let (o_mha, lse_mha) = run_forward(&mha, &copied[0], &copied[1], &copied[2]);
+            assert_eq!(bits(&o), bits(&o_mha), "o of {s:?}");
+            assert_eq!(bits(&lse), bits(&lse_mha), "lse of {s:?}");
+            let [dq, ..] = run_backward(&s, &data);
+            let [dq_mha, ..] = run_backward(&mha, &copied);
+            assert_eq!(bits(&dq), bits(&dq_mha), "dq of {s:?}");
+        }
     }
 
     #[test]
