@@ -153,6 +153,10 @@ impl crate::settings::Settings for R1Settings {
         ("all_rl.tasks", "stage 4 trains on the top-level `tasks` and `non_reasoning`"),
         ("all_rl.letters", "every stage poses the top-level `letters` share"),
         ("all_rl.rewards", "stage 4 scores with its rule rewards and the reward model trained before it"),
+        ("cold_start.sft.seed", "every stage draws from the top-level `seed`"),
+        ("reasoning_rl.seed", "every stage draws from the top-level `seed`"),
+        ("rejection.sft.seed", "every stage draws from the top-level `seed`"),
+        ("all_rl.seed", "every stage draws from the top-level `seed`"),
     ];
 
     fn derive(&mut self) {
@@ -161,6 +165,11 @@ impl crate::settings::Settings for R1Settings {
         self.reasoning_rl.letters = self.letters;
         self.all_rl.letters = self.letters;
         self.all_rl.rewards = ALL_RL_RULES.into();
+        // One seed for the run: its SFT batches and RL rollouts too, not only its data.
+        self.cold_start.sft.seed = self.seed;
+        self.reasoning_rl.seed = self.seed;
+        self.rejection.sft.seed = self.seed;
+        self.all_rl.seed = self.seed;
     }
 }
 

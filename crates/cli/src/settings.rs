@@ -204,6 +204,19 @@ mod tests {
         assert_eq!((s.rl.tasks.as_str(), s.rl.letters), ("add:3", 0.5));
     }
 
+    /// R1's top-level seed is every stage's: the cold-start and rejection SFT batches and both RL
+    /// stages' rollouts draw from it (they had kept seed 0 whatever `seed` said), and a stage seed
+    /// of its own is refused, naming the key.
+    #[test]
+    fn r1s_seed_reaches_every_stage() {
+        let s = r1("seed = 7\n").unwrap();
+        let seeds = [s.cold_start.sft.seed, s.reasoning_rl.seed, s.rejection.sft.seed, s.all_rl.seed];
+        assert_eq!(seeds, [7; 4]);
+        let err = r1("seed = 7\n[reasoning_rl]\nseed = 3\n").unwrap_err().to_string();
+        assert!(err.contains("`reasoning_rl.seed`") && err.contains("top-level `seed`"), "{err}");
+        assert_eq!(r1("seed = 7\n[all_rl]\nseed = 7\n").unwrap().all_rl.seed, 7, "the derived value loads back");
+    }
+
     #[test]
     fn unknown_and_mistyped_keys_are_named_with_their_table() {
         let err = r1("[reasoning_rl]\nlearning_rate = 0.1\n").unwrap_err().to_string();
