@@ -240,13 +240,15 @@ fn compile(m: &whale_kernels::cuda::PtxModule, out: &Path) -> Result<PathBuf, St
 /// Builds the translation unit `text` into `out`/lib`name`-`stamp`.so with the emulation's flags
 /// and `extra` ones, unless a build of the same sources is there; older builds of `name` go.
 fn build_library(name: &str, text: &str, out: &Path, extra: &[&str]) -> Result<PathBuf, String> {
-    let source = out.join(format!("{name}.cpp"));
-    std::fs::write(&source, text).map_err(|e| format!("{}: {e}", source.display()))?;
     let flags: Vec<String> = gxx_flags().into_iter().chain(extra.iter().map(|f| f.to_string())).collect();
     let lib = out.join(format!("lib{name}-{:016x}.so", sources_stamp(&format!("{text}\n{}", flags.join(" ")))?));
     if lib.exists() {
         return Ok(lib);
     }
+    // This process's own source and partial library: another test process building the same
+    // module at the same time must not rewrite a file this g++ reads.
+    let source = out.join(format!("{name}.{}.cpp", std::process::id()));
+    std::fs::write(&source, text).map_err(|e| format!("{}: {e}", source.display()))?;
     let partial = out.join(format!("{name}.so.{}.partial", std::process::id()));
     let build = Command::new("g++")
         .args(&flags)
@@ -259,6 +261,7 @@ fn build_library(name: &str, text: &str, out: &Path, extra: &[&str]) -> Result<P
     if !build.status.success() {
         return Err(format!("g++ {}:\n{}", source.display(), String::from_utf8_lossy(&build.stderr)));
     }
+    let _ = std::fs::remove_file(&source); // kept above, for a failed build's message
     std::fs::rename(&partial, &lib).map_err(|e| format!("{}: {e}", lib.display()))?;
     // Builds of older sources go (a process still holding one keeps its mapping).
     let prefix = format!("lib{name}-");
@@ -324,8 +327,11 @@ pub fn run_gpu_tests_on_the_emulated_driver_with(
     if !can_emulate(test) {
         return None;
     }
+    // Built here, once, before the children load them (they would each build every library,
+    // all at once, on a cold cache).
+    module_libraries();
+    driver_libraries().unwrap_or_else(|err| panic!("{test}: building the emulated driver: {err}"));
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulate");
-    std::fs::create_dir_all(&out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
     let exe = std::env::current_exe().expect("the test binary's path");
     let mut list = Command::new(&exe);
     list.args(["--list", "--format=terse", "--skip", "in_emulation", "--skip", "the_embedded_ptx"]).args(only);
