@@ -275,7 +275,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
         // appear twice).
         let step = t.run_mut().step;
         truncate_metrics(&out.join("eval_history.jsonl"), step + 1)?;
-        println!("resuming {} at step {} of {}", out.display(), t.run_mut().step, s.grpo.steps);
+        println!("resuming {} at step {step} of {}", out.display(), s.grpo.steps);
         t
     } else {
         if ckpt.exists() || metrics.exists() {

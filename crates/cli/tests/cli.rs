@@ -260,8 +260,8 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
         std::fs::write(&history, lines).unwrap();
         let again = whale().args(args).args(["--resume", "--steps", "3"]).output().unwrap();
         assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
-        assert!(!std::fs::read_to_string(&history).unwrap().contains("\"step\":4"));
-        assert!(!std::fs::read_to_string(&history).unwrap().contains("\"step\": 4"));
+        let kept = std::fs::read_to_string(&history).unwrap();
+        assert!(!kept.contains("\"step\":4") && !kept.contains("\"step\": 4"), "{kept}");
     }
     // A user's JSONL prompts instead of the generators.
     let data = dir.join("prompts.jsonl");

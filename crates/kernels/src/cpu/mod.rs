@@ -25,7 +25,7 @@ pub(crate) fn rows_per_task(row_len: usize) -> usize {
 }
 
 /// Whether this CPU runs the AVX2 + FMA builds of [`wide_fn!`].
-pub fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     return std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
     #[cfg(not(target_arch = "x86_64"))]

@@ -159,6 +159,12 @@ fn key_splits(blocks: usize, key_tiles: usize, sms: usize) -> (usize, usize) {
     (key_tiles.div_ceil(per_split).max(1), per_split)
 }
 
+/// The simple kernels' launch: a block per row, each thread owning strided slices of the wider of
+/// the two head widths.
+fn simple_config(rows: usize, s: &AttnShape) -> LaunchConfig {
+    rows_config(rows, s.qk_dim.max(s.v_dim))
+}
+
 fn tiled_config(t: &Tiled, (x, y, z): (usize, usize, usize)) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (x as u32, y as u32, z as u32),
@@ -220,7 +226,7 @@ impl Gpu {
             l.arg(&s.scale).arg(&causal);
             // SAFETY: one block per query row reads its q row and its KV head's rows (shapes checked
             // above), writes its o row and lse; v_dim fits the per-thread slices.
-            unsafe { l.launch(rows_config(q_rows, s.qk_dim.max(s.v_dim))) }.map_err(cuda("attention_forward_f32"))?;
+            unsafe { l.launch(simple_config(q_rows, s)) }.map_err(cuda("attention_forward_f32"))?;
             return Ok(());
         };
         let heads = s.batch * s.kv_heads;
@@ -314,7 +320,7 @@ impl Gpu {
         // Pass 1 (dq and delta) before pass 2 (dk, dv), which reads delta.
         let (kernel, cfg) = match self.tiled_for(BACKWARD.map(|p| p.0), s, true)? {
             Some(t) => (self.tiled_function(&t), tiled_config(&t, ((q_rows / heads).div_ceil(t.rows), heads, 1))),
-            None => (self.function("attention_backward_dq_f32"), rows_config(q_rows, s.qk_dim.max(s.v_dim))),
+            None => (self.function("attention_backward_dq_f32"), simple_config(q_rows, s)),
         };
         let mut l = self.stream.launch_builder(kernel);
         l.arg(q).arg(k).arg(v).arg(o).arg(lse).arg(d_o).arg(&mut grads.dq).arg(&mut grads.delta);
@@ -330,7 +336,7 @@ impl Gpu {
 
         let (kernel, cfg) = match self.tiled_for(BACKWARD.map(|p| p.1), s, true)? {
             Some(t) => (self.tiled_function(&t), tiled_config(&t, (s.kv_len.div_ceil(t.rows), heads, 1))),
-            None => (self.function("attention_backward_dkv_f32"), rows_config(kv_rows, s.qk_dim.max(s.v_dim))),
+            None => (self.function("attention_backward_dkv_f32"), simple_config(kv_rows, s)),
         };
         let mut l = self.stream.launch_builder(kernel);
         l.arg(q).arg(k).arg(v).arg(d_o).arg(lse).arg(&grads.delta).arg(&mut grads.dk).arg(&mut grads.dv);

@@ -364,7 +364,7 @@ pub fn run_gpu_tests_on_the_emulated_driver_with(
         let launched: Vec<String> =
             std::fs::read_to_string(&log).unwrap_or_default().lines().map(String::from).collect();
         let _ = std::fs::remove_file(&log);
-        (name.to_string(), run.status.success(), text, launched)
+        (run.status.success(), text, launched)
     };
     let mut runs: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
@@ -383,7 +383,8 @@ pub fn run_gpu_tests_on_the_emulated_driver_with(
     });
     runs.sort_by_key(|(i, _)| *i);
     let mut launched = BTreeSet::new();
-    for (_, (name, ok, text, kernels)) in runs {
+    for (i, (ok, text, kernels)) in runs {
+        let name = &names[i];
         println!("{name} on the emulated driver:\n{text}");
         assert!(ok, "{test}: {name} failed on the emulated driver:\n{text}");
         let no_gpu = text.contains("skipped, no CUDA driver") || text.contains("the CPU stands in");
