@@ -38,7 +38,8 @@ fn parse_prompt(prompt: &str) -> (Vec<i64>, i64) {
 }
 
 /// Evaluates an expression of integers, + - * and parentheses (usual precedence); `None` when
-/// malformed. Also returns the numbers it used.
+/// malformed (a number with a leading zero included, as in Python). Also returns the numbers it
+/// used.
 fn evaluate(expr: &str) -> Option<(i64, Vec<i64>)> {
     struct P<'a> {
         s: &'a [u8],
@@ -76,7 +77,12 @@ fn evaluate(expr: &str) -> Option<(i64, Vec<i64>)> {
             while self.i < self.s.len() && self.s[self.i].is_ascii_digit() {
                 self.i += 1;
             }
-            let n: i64 = std::str::from_utf8(&self.s[start..self.i]).ok()?.parse().ok()?;
+            let digits = &self.s[start..self.i];
+            // `07` is not a number Python's eval (TinyZero's checker) accepts.
+            if digits.len() > 1 && digits[0] == b'0' {
+                return None;
+            }
+            let n: i64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
             self.used.push(n);
             Some(n)
         }
@@ -160,6 +166,8 @@ mod tests {
         assert!(!Countdown.verify(&p, "<answer>25+21</answer>"), "21 is not a given number");
         assert!(!Countdown.verify(&p, "<answer>25+7*3+0</answer>"), "0 not given");
         assert!(!Countdown.verify(&p, "<answer>(25+7*3</answer>"), "malformed");
+        assert!(!Countdown.verify(&p, "<answer>25+07*3</answer>"), "a leading zero is malformed");
+        assert!(!Countdown.verify(&p, "<answer>25+7*03</answer>"), "a leading zero is malformed");
         let mut rng = Rng::new(3);
         for d in 2..5 {
             let p = Countdown.generate(&mut rng, d);
