@@ -1,9 +1,11 @@
 //! `--device`: where a command's models live and compute.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use whale_rl::parallel::model::tensor::Device;
+use whale_rl::parallel::model::tokenizer::{tokenizer_for, Tokenizer};
 use whale_rl::parallel::model::{load_pretrained, moved_to, CausalLm};
 
 /// `--device`: cpu, cuda or cuda:N, opened (an error that names the flag and says why when the
@@ -29,4 +31,31 @@ pub fn open_or_cpu(flag: Option<&str>) -> Result<Device> {
 pub fn load(dir: &Path, device: &Device, what: &str) -> Result<Box<dyn CausalLm>> {
     let model = load_pretrained(dir).with_context(|| format!("loading {what} from {}", dir.display()))?;
     moved_to(model, device).with_context(|| format!("moving {what} to {device:?}"))
+}
+
+/// The tokenizer of the checkpoint at `dir` (`what` it is, for errors): its `tokenizer.json`
+/// (an HF model's), else the character tokenizer of our own runs.
+pub fn tokenizer(dir: &Path, what: &str) -> Result<Arc<dyn Tokenizer>> {
+    Ok(tokenizer_for(dir).with_context(|| format!("the tokenizer of {what} ({})", dir.display()))?.into())
+}
+
+/// Refuses a tokenizer with ids `model` (from `dir`, `what` it is) has no embedding for.
+pub fn check_fits(tok: &dyn Tokenizer, model: &dyn CausalLm, dir: &Path, what: &str) -> Result<()> {
+    if tok.vocab_size() > model.vocab_size() {
+        bail!(
+            "{what} ({}): the tokenizer has {} ids but the model only {} embeddings",
+            dir.display(),
+            tok.vocab_size(),
+            model.vocab_size()
+        );
+    }
+    Ok(())
+}
+
+/// The checkpoint at `dir` on `device` ([`load`]) and its [`tokenizer`], which must fit it.
+pub fn load_with_tokenizer(dir: &Path, device: &Device, what: &str) -> Result<(Box<dyn CausalLm>, Arc<dyn Tokenizer>)> {
+    let model = load(dir, device, what)?;
+    let tok = tokenizer(dir, what)?;
+    check_fits(&*tok, &*model, dir, what)?;
+    Ok((model, tok))
 }

@@ -13,7 +13,7 @@ use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer};
 use whale_rl::parallel::model::checkpoint::SaveDType;
 use whale_rl::parallel::model::tensor::Rng;
-use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
+use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::{moved_to, CausalLm, DenseConfig, DenseModel};
 use whale_rl::sft::{fitting, rejection_sample, Example, SftConfig};
 use whale_rl::tasks::{Corpus, Split, TaskSet};
@@ -122,9 +122,11 @@ pub struct DistillOutcome {
     pub rl_dir: PathBuf,
 }
 
-fn save(model: &dyn CausalLm, dir: &Path) -> Result<()> {
+/// `dir/checkpoint`: the model with its tokenizer's files, written aside and renamed in.
+fn save(model: &dyn CausalLm, tok: &dyn Tokenizer, dir: &Path) -> Result<()> {
     let tmp = dir.join("checkpoint.tmp");
     model.save_pretrained(&tmp, SaveDType::F32)?;
+    tok.save_pretrained(&tmp)?;
     std::fs::rename(&tmp, dir.join("checkpoint")).with_context(|| dir.display().to_string())
 }
 
@@ -149,17 +151,21 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     let tasks = &corpus.tasks;
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     std::fs::write(out.join("settings.json"), serde_json::to_string_pretty(&s)?)?;
-    let tok = CharTokenizer::new();
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
     let eval_cfg = EvalConfig { samples: s.k, ..EvalConfig::default() };
 
     // The teacher's verified traces.
-    let teacher = crate::device::load(&args.from, &device, "the teacher")?;
+    let (teacher, teacher_tok) = crate::device::load_with_tokenizer(&args.from, &device, "the teacher")?;
+    // The student reads the traces as text, through its own tokenizer (a fresh one the teacher's).
+    let tok = match &args.student {
+        Some(dir) => crate::device::tokenizer(dir, "the student")?,
+        None => teacher_tok.clone(),
+    };
     let prompts = tasks.problems(s.trace_problems, s.seed ^ 0xD157, Split::Train);
     let (traces, stats) =
-        rejection_sample(&*teacher, &tok, &prompts, s.trace_samples, 1.0, 96, &mut Rng::new(s.seed ^ 0x7EAC))?;
+        rejection_sample(&*teacher, &*teacher_tok, &prompts, s.trace_samples, 1.0, 96, &mut Rng::new(s.seed ^ 0x7EAC))?;
     drop(teacher);
-    let (traces, long) = fitting(&tok, traces, s.sft.seq_len)?;
+    let (traces, long) = fitting(&*tok, traces, s.sft.seq_len)?;
     if long > 0 {
         println!("distill: {long} traces longer than `sft.seq_len` left out");
     }
@@ -177,7 +183,11 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
 
     // The student base.
     let student: Box<dyn CausalLm> = match &args.student {
-        Some(dir) => crate::device::load(dir, &device, "the student")?,
+        Some(dir) => {
+            let model = crate::device::load(dir, &device, "the student")?;
+            crate::device::check_fits(&*tok, &*model, dir, "the student")?;
+            model
+        }
         None => {
             let cfg = DenseConfig::student(tok.vocab_size());
             println!(
@@ -193,26 +203,26 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
                     Example { prompt, completion }
                 })
                 .collect();
-            sft_with_bar(&*model, &tok, &docs, &s.student_pretrain, None)
+            sft_with_bar(&*model, &*tok, &docs, &s.student_pretrain, None)
                 .context("the student's pretraining (`student_pretrain`)")?;
             model
         }
     };
     let base_dir = out.join("student-base");
     std::fs::create_dir_all(&base_dir)?;
-    save(&*student, &base_dir)?;
-    let student_base = evaluate(&*student, &tok, &heldout, &eval_cfg)?;
+    save(&*student, &*tok, &base_dir)?;
+    let student_base = evaluate(&*student, &*tok, &heldout, &eval_cfg)?;
     write_eval(&base_dir.join("eval.json"), &student_base)?;
 
     // Arm 1: SFT on the teacher's traces.
     let t0 = Instant::now();
     let distilled = student.duplicate()?;
-    sft_with_bar(&*distilled, &tok, &traces, &s.sft, None).context("distillation SFT (`sft`)")?;
+    sft_with_bar(&*distilled, &*tok, &traces, &s.sft, None).context("distillation SFT (`sft`)")?;
     let distill_seconds = t0.elapsed().as_secs_f64();
     let dir = out.join("distilled");
     std::fs::create_dir_all(&dir)?;
-    save(&*distilled, &dir)?;
-    let distilled_report = evaluate(&*distilled, &tok, &heldout, &eval_cfg)?;
+    save(&*distilled, &*tok, &dir)?;
+    let distilled_report = evaluate(&*distilled, &*tok, &heldout, &eval_cfg)?;
     write_eval(&dir.join("eval.json"), &distilled_report)?;
 
     // Arm 2: GRPO on the student base for the same wall-clock time.
@@ -231,8 +241,8 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     pb.finish_and_clear();
     let rl_steps = t.run.step;
     let rl_seconds = t1.elapsed().as_secs_f64();
-    save(&*t.policy, &rl_dir)?;
-    let rl_only = evaluate(&*t.policy, &tok, &heldout, &eval_cfg)?;
+    save(&*t.policy, &*tok, &rl_dir)?;
+    let rl_only = evaluate(&*t.policy, &*tok, &heldout, &eval_cfg)?;
     write_eval(&rl_dir.join("eval.json"), &rl_only)?;
 
     println!(

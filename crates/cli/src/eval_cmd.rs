@@ -66,7 +66,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.show > 0 {
         let shown = &problems[..a.show.min(problems.len())];
         let prompts: Vec<Vec<u32>> = shown.iter().map(|p| tok.encode(&p.prompt)).collect::<Result<_, _>>()?;
-        let cfg = SamplingConfig { cache, ..SamplingConfig::greedy(cfg.max_new_tokens, vec![tok.eos_id()]) };
+        let cfg = SamplingConfig { cache, ..SamplingConfig::greedy(cfg.max_new_tokens, tok.stop_ids()) };
         for (p, g) in shown.iter().zip(model.generate(&prompts, &cfg, &mut Rng::new(a.seed))?) {
             let text = completion_text(&*tok, &g);
             let verdict = if g.truncated {

@@ -14,7 +14,7 @@ use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_rl::parallel::model::lm::model_type;
 use whale_rl::parallel::model::mla::mha_cache_elements;
 use whale_rl::parallel::model::tensor::Rng;
-use whale_rl::parallel::model::tokenizer::{stop_tokens_for, tokenizer_for};
+use whale_rl::parallel::model::tokenizer::tokenizer_for;
 use whale_rl::parallel::model::{load_pretrained, moved_to, CausalLm, DeepSeekV3, DenseConfig};
 
 #[derive(Args, Debug)]
@@ -72,7 +72,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
-    let stop = stop_tokens_for(&a.checkpoint, &*tok);
+    let stop = tok.stop_ids();
     let t0 = Instant::now();
     let (tokens, note) = if a.speculative {
         let ds = model.as_deepseek().context("--speculative needs a DeepSeek-V3 checkpoint with an MTP module")?;

@@ -24,7 +24,7 @@ use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer};
 use whale_rl::parallel::model::checkpoint::SaveDType;
 use whale_rl::parallel::model::tensor::{Device, Rng};
-use whale_rl::parallel::model::tokenizer::CharTokenizer;
+use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
 use whale_rl::reward_model::{preference_pairs, LearnedReward, ReasoningOnly, RewardModel};
 use whale_rl::rewards::{Accuracy, Format, LanguageConsistency, RewardSet};
@@ -262,7 +262,8 @@ pub fn sibling_run(from: &Path, name: &str) -> PathBuf {
 struct Pipeline {
     s: R1Settings,
     out: PathBuf,
-    tok: CharTokenizer,
+    /// `--from`'s tokenizer (every input's: they are one family).
+    tok: Arc<dyn Tokenizer>,
     /// The reasoning tasks, with `letters` applied.
     tasks: TaskSet,
     heldout: Vec<Problem>,
@@ -298,12 +299,14 @@ const STAGE_FILE: &str = "stage.json";
 impl Pipeline {
     /// The checkpoint at `dir`, on this run's device.
     fn load(&self, dir: &Path) -> Result<Box<dyn CausalLm>> {
-        crate::device::load(dir, &self.device, "the model")
+        let model = crate::device::load(dir, &self.device, "the model")?;
+        crate::device::check_fits(&*self.tok, &*model, dir, "the model")?;
+        Ok(model)
     }
 
     fn eval(&self, model: &dyn CausalLm, dir: &Path) -> Result<EvalReport> {
         let cfg = EvalConfig { samples: self.s.k, seed: 1234, ..EvalConfig::default() };
-        let r = evaluate(model, &self.tok, &self.heldout, &cfg)?;
+        let r = evaluate(model, &*self.tok, &self.heldout, &cfg)?;
         write_eval(&dir.join("eval.json"), &r)?;
         Ok(r)
     }
@@ -353,7 +356,9 @@ impl Pipeline {
     fn finish(&self, stage: Stage, dir: PathBuf, model: &dyn CausalLm, t0: Instant, rl: bool) -> Result<StageResult> {
         let ckpt = dir.join("checkpoint");
         if !rl {
-            model.save_pretrained(&dir.join("checkpoint.tmp"), SaveDType::F32)?;
+            let tmp = dir.join("checkpoint.tmp");
+            model.save_pretrained(&tmp, SaveDType::F32)?;
+            self.tok.save_pretrained(&tmp)?;
             std::fs::rename(dir.join("checkpoint.tmp"), &ckpt).with_context(|| ckpt.display().to_string())?;
         }
         let seconds = t0.elapsed().as_secs_f64();
@@ -401,6 +406,7 @@ impl Pipeline {
         println!("{}: GRPO, {} steps, rewards {}", stage.label(), cfg.steps, t.run.rewards.describe());
         // Validation on the reasoning tasks, the same for every stage.
         let validation = Validation::new(
+            self.tok.clone(),
             &self.s.tasks,
             cfg.letters,
             self.s.eval_seed,
@@ -481,7 +487,7 @@ impl Pipeline {
                 (Box::new(ReasoningOnly(Box::new(Accuracy { gated: false }))), 1.0),
                 (Box::new(Format), 0.1),
                 (Box::new(LanguageConsistency), 0.5),
-                (Box::new(LearnedReward { model: Arc::new(rm), tokenizer: Arc::new(self.tok.clone()) }), 1.0),
+                (Box::new(LearnedReward { model: Arc::new(rm), tokenizer: self.tok.clone() }), 1.0),
             ],
         };
         drop(model);
@@ -521,6 +527,19 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     }
     let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
     crate::settings::note_letters_mismatch(args.base.as_ref().unwrap_or(&args.from), s.letters);
+    // The stages pass text from one input's model to another's: --from's tokenizer serves them
+    // all, and --base must have the same.
+    let tok = crate::device::tokenizer(&args.from, "--from")?;
+    if let Some(base) = &args.base {
+        let other = crate::device::tokenizer(base, "--base")?;
+        let probe = "12+7=<think>2+7=9</think><answer>19</answer>";
+        let same = other.vocab_size() == tok.vocab_size()
+            && other.stop_ids() == tok.stop_ids()
+            && other.encode(probe).ok() == tok.encode(probe).ok();
+        if !same {
+            bail!("--base {} and --from {} have different tokenizers", base.display(), args.from.display());
+        }
+    }
     let stages = match args.stage {
         Stage::All => vec![Stage::ColdStart, Stage::ReasoningRl, Stage::RejectionSft, Stage::AllRl],
         one => vec![one],
@@ -565,7 +584,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let p = Pipeline {
         s: s.clone(),
         out: out.clone(),
-        tok: CharTokenizer::new(),
+        tok,
         tasks,
         heldout,
         pool,

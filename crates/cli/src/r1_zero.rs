@@ -3,6 +3,7 @@
 //! pass@1 / pass@k / length / format before and after.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -11,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, RlRun, ScaleRewards, StepLog};
-use whale_rl::parallel::model::tokenizer::CharTokenizer;
+use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
 use whale_rl::parallel::trainer::truncate_metrics;
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
@@ -227,7 +228,6 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     let ckpt = out.join("checkpoint");
     let (metrics, completions) = (out.join("metrics.jsonl"), out.join("completions.jsonl"));
     let settings_path = out.join("settings.json");
-    let tok = CharTokenizer::new();
     if args.resume {
         // The run's own settings, not this command line's, except an explicit --steps; its base
         // and prompt pool are the run's too.
@@ -260,7 +260,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     }
     let pool = s.data.as_deref().map(crate::settings::training_pool).transpose()?;
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
-    let base = crate::device::load(&args.base, &device, "the base model")?;
+    let (base, tok) = crate::device::load_with_tokenizer(&args.base, &device, "the base model")?;
     let mut trainer: Box<dyn RlTrainer> = if args.resume {
         let mut t: Box<dyn RlTrainer> = match s.algo {
             Algo::Grpo => Box::new(GrpoTrainer::resume(&ckpt, Box::new(tok.clone()), &device)?),
@@ -316,6 +316,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     write_eval(&out.join("eval_before.json"), &before)?;
 
     let validation = Validation::new(
+        tok.clone(),
         &s.grpo.tasks,
         s.grpo.letters,
         s.eval_seed,
@@ -360,8 +361,8 @@ pub fn validation_problems(tasks: &TaskSet, seed: u64, test: &[Problem]) -> Vec<
 
 /// A small validation set evaluated every `every` steps of an RL run (pass@1 of 4 samples),
 /// appended to `history` as JSON lines: the pass@1-over-steps curve.
-#[derive(Debug)]
 pub struct Validation {
+    pub tokenizer: Arc<dyn Tokenizer>,
     pub problems: Vec<Problem>,
     pub every: u64,
     pub history: PathBuf,
@@ -370,15 +371,23 @@ pub struct Validation {
 impl Validation {
     /// 32 held-out problems of `tasks` (a task spec such as `add:3-4,mul`; `letters` of them in
     /// letter numerals) from their own seed, none of them in `test` (the final evaluation's).
-    pub fn new(tasks: &str, letters: f64, seed: u64, test: &[Problem], history: PathBuf, every: u64) -> Result<Self> {
+    pub fn new(
+        tokenizer: Arc<dyn Tokenizer>,
+        tasks: &str,
+        letters: f64,
+        seed: u64,
+        test: &[Problem],
+        history: PathBuf,
+        every: u64,
+    ) -> Result<Self> {
         let tasks = TaskSet::parse(tasks)?.with_letters(letters)?;
-        Ok(Validation { problems: validation_problems(&tasks, seed, test), every, history })
+        Ok(Validation { tokenizer, problems: validation_problems(&tasks, seed, test), every, history })
     }
 
     fn record(&self, model: &dyn CausalLm, step: u64) -> Result<EvalReport> {
         use std::io::Write;
         let cfg = EvalConfig { samples: 4, ..EvalConfig::default() };
-        let r = evaluate(model, &CharTokenizer::new(), &self.problems, &cfg)?;
+        let r = evaluate(model, &*self.tokenizer, &self.problems, &cfg)?;
         let line = serde_json::json!({ "step": step, "pass@1": r.pass1, "pass@k": r.pass_k, "greedy": r.greedy });
         let mut f = std::fs::OpenOptions::new()
             .create(true)

@@ -300,6 +300,81 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
 }
 
 #[test]
+fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
+    use whale_rl::parallel::model::checkpoint::SaveDType;
+    use whale_rl::parallel::model::{DenseConfig, DenseModel};
+    let dir = tmpdir("hf-tokenizer");
+    // A one-layer Qwen2-style model over the fixture's byte-level BPE vocabulary (353 ids),
+    // saved as HF does, with its tokenizer and generation config next to it.
+    let base = dir.join("base");
+    let cfg = DenseConfig {
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 16,
+        ..DenseConfig::student(353)
+    };
+    DenseModel::new(cfg.clone(), 3).unwrap().save_pretrained(&base, SaveDType::F32).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tokenizer/tokenizer.json");
+    std::fs::copy(&fixture, base.join("tokenizer.json")).unwrap();
+    std::fs::write(base.join("generation_config.json"), r#"{"eos_token_id": [0, 5]}"#).unwrap();
+    // Prompts the character tokenizer cannot spell (capitals): only the model's own reads them.
+    let data = dir.join("prompts.jsonl");
+    let lines: String =
+        (1..=12).map(|i| format!("{{\"prompt\": \"Twelve plus {i}=\", \"answer\": \"{}\"}}\n", 12 + i)).collect();
+    std::fs::write(&data, lines).unwrap();
+    let run = dir.join("run");
+    let out = whale()
+        .args(["r1-zero", "--base", base.to_str().unwrap(), "--out", run.to_str().unwrap(), "--steps", "1"])
+        .args(["--prompts-per-step", "2", "--group-size", "2", "--eval-problems", "2", "--k", "2"])
+        .args(["--data", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The checkpoint carries the tokenizer it trained with, so it evaluates and generates alone.
+    let ckpt = run.join("checkpoint");
+    assert_eq!(std::fs::read(ckpt.join("tokenizer.json")).unwrap(), std::fs::read(&fixture).unwrap());
+    assert_eq!(std::fs::read_to_string(ckpt.join("generation_config.json")).unwrap(), r#"{"eos_token_id": [0, 5]}"#);
+    let eval = whale()
+        .args(["eval", "--checkpoint", ckpt.to_str().unwrap(), "--problems", "2", "--k", "2"])
+        .args(["--data", data.to_str().unwrap(), "--all-lines"])
+        .output()
+        .unwrap();
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let generate = whale()
+        .args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "Twelve plus 7="])
+        .args(["--greedy", "--max-new-tokens", "4"])
+        .output()
+        .unwrap();
+    assert!(generate.status.success(), "{}", String::from_utf8_lossy(&generate.stderr));
+    // The R1 stages pass text between --from's model and --base's: their tokenizers must agree.
+    let chars = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/qwen2_tied");
+    let out = whale()
+        .args(["r1", "--stage", "rejection-sft", "--from", ckpt.to_str().unwrap(), "--base", chars.to_str().unwrap()])
+        .args(["--out", dir.join("r1").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("different tokenizers"), "{stderr}");
+    assert!(!dir.join("r1").exists(), "refused before anything is written");
+    // A tokenizer with ids the model has no embedding for is refused, naming the checkpoint.
+    let small = dir.join("small");
+    DenseModel::new(DenseConfig { vocab_size: 100, ..cfg }, 3)
+        .unwrap()
+        .save_pretrained(&small, SaveDType::F32)
+        .unwrap();
+    std::fs::copy(&fixture, small.join("tokenizer.json")).unwrap();
+    let out = whale()
+        .args(["r1-zero", "--base", small.to_str().unwrap(), "--out", dir.join("r").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("353 ids") && stderr.contains("small"), "{stderr}");
+}
+
+#[test]
 fn info_reads_any_config_and_generate_continues_a_prompt() {
     let dir = tmpdir("info");
     // The V3 config alone (no weights): counts and cache sizes come from config.json.

@@ -40,7 +40,9 @@ pub struct DenseConfig {
     pub attention_bias: bool,
     pub initializer_range: f64,
     pub bos_token_id: Option<u32>,
-    pub eos_token_id: Option<u32>,
+    /// config.json's `eos_token_id`: one id, or the list Llama 3 gives (kept whole, so a saved
+    /// checkpoint stops generation where the loaded one did).
+    pub eos_token_ids: Vec<u32>,
 }
 
 /// How a dense checkpoint scales its RoPE frequencies, as config.json spells it (`rope_type` and
@@ -184,7 +186,10 @@ impl DenseConfig {
             tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
             initializer_range: v["initializer_range"].as_f64().unwrap_or(0.02),
             bos_token_id: token("bos_token_id"),
-            eos_token_id: token("eos_token_id"),
+            eos_token_ids: match &v["eos_token_id"] {
+                Value::Array(ids) => ids.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                x => x.as_u64().map(|x| x as u32).into_iter().collect(),
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -246,7 +251,7 @@ impl DenseConfig {
             attention_bias: true,
             initializer_range: 0.02,
             bos_token_id: None,
-            eos_token_id: None,
+            eos_token_ids: vec![],
         }
     }
 
@@ -272,7 +277,11 @@ impl DenseConfig {
             "hidden_act": "silu",
             "initializer_range": self.initializer_range,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": match self.eos_token_ids.as_slice() {
+                [] => Value::Null,
+                [one] => serde_json::json!(one),
+                many => serde_json::json!(many),
+            },
         });
         serde_json::to_string_pretty(&v).expect("json")
     }

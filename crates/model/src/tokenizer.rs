@@ -22,6 +22,52 @@ pub trait Tokenizer: Send + Sync {
     fn pad_id(&self) -> u32;
     /// The id of a special token such as `<think>`.
     fn special_id(&self, token: &str) -> Option<u32>;
+    /// Every token that ends a generation: EOS, and for a checkpoint's tokenizer
+    /// ([`tokenizer_for`]) each `eos_token_id` its config.json and generation_config.json list
+    /// (Llama 3 lists several, and HF's `generate` stops at any of them).
+    fn stop_ids(&self) -> Vec<u32> {
+        vec![self.eos_id()]
+    }
+    /// Writes into the checkpoint directory `dir` the files [`tokenizer_for`] reads this
+    /// tokenizer back from, as HF's `tokenizer.save_pretrained` does (none for the character
+    /// tokenizer, which `tokenizer_for` falls back to).
+    fn save_pretrained(&self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A shared tokenizer is one: runs hand the same one to several trainers.
+impl<T: Tokenizer + ?Sized> Tokenizer for std::sync::Arc<T> {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        (**self).encode(text)
+    }
+    fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        (**self).encode_prompt(text)
+    }
+    fn decode(&self, ids: &[u32]) -> String {
+        (**self).decode(ids)
+    }
+    fn vocab_size(&self) -> usize {
+        (**self).vocab_size()
+    }
+    fn bos_id(&self) -> u32 {
+        (**self).bos_id()
+    }
+    fn eos_id(&self) -> u32 {
+        (**self).eos_id()
+    }
+    fn pad_id(&self) -> u32 {
+        (**self).pad_id()
+    }
+    fn special_id(&self, token: &str) -> Option<u32> {
+        (**self).special_id(token)
+    }
+    fn stop_ids(&self) -> Vec<u32> {
+        (**self).stop_ids()
+    }
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        (**self).save_pretrained(dir)
+    }
 }
 
 /// The special tokens, in id order (ids 0..7).
@@ -112,6 +158,9 @@ pub struct HfTokenizer {
     bos: u32,
     eos: u32,
     pad: u32,
+    stops: Vec<u32>,
+    /// The files it was read from (name, bytes), written back as they were by `save_pretrained`.
+    files: Vec<(String, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for HfTokenizer {
@@ -127,7 +176,8 @@ const EOS_NAMES: [&str; 5] = ["<｜end▁of▁sentence｜>", "<|eot_id|>", "<|en
 impl HfTokenizer {
     /// Loads `path`; BOS/EOS/PAD ids are the given ones, else found by their usual names.
     pub fn from_file(path: &Path, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
-        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::file(path, e))?;
+        let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
+        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| Error::file(path, e))?;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let eos = eos.or_else(|| find(&EOS_NAMES)).ok_or_else(|| {
             Error::file(path, "no end-of-sequence token (none of the usual names; give its id in config.json)")
@@ -138,7 +188,7 @@ impl HfTokenizer {
         // generation; transformers turns both off unless a call asks for them.
         inner.with_truncation(None).map_err(|e| Error::file(path, e))?;
         inner.with_padding(None);
-        Ok(HfTokenizer { inner, bos, eos, pad })
+        Ok(HfTokenizer { inner, bos, eos, pad, stops: vec![eos], files: vec![(TOKENIZER_FILE.into(), bytes)] })
     }
 }
 
@@ -176,6 +226,18 @@ impl Tokenizer for HfTokenizer {
     fn special_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
+
+    fn stop_ids(&self) -> Vec<u32> {
+        self.stops.clone()
+    }
+
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        for (name, bytes) in &self.files {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).map_err(|e| Error::file(&path, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// The largest vocabulary a checkpoint without a tokenizer.json may have: its model was trained
@@ -187,12 +249,23 @@ fn json_of(dir: &Path, file: &str) -> serde_json::Value {
     std::fs::read_to_string(dir.join(file)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
 }
 
+/// The tokenizer file of a checkpoint directory.
+const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// The files next to `tokenizer.json` that belong to the tokenizer (HF's `save_pretrained`
+/// writes the first two; the third holds the BOS/EOS ids and stop tokens generation uses).
+const COMPANION_FILES: [&str; 3] = ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
+
 /// The tokenizer of a checkpoint directory: its `tokenizer.json` when there is one (BOS/EOS ids
 /// from generation_config.json, else config.json, when they give them: R1-Distill-Qwen's
 /// config.json names the end-of-sentence token as its BOS, its generation_config.json the right
-/// one), else the built-in character tokenizer, for a model whose vocabulary it can be.
+/// one), else the built-in character tokenizer, for a model whose vocabulary it can be. Its
+/// [`Tokenizer::stop_ids`] are the EOS and every `eos_token_id` the two configs list (within
+/// the vocabulary), and its [`Tokenizer::save_pretrained`] writes `tokenizer.json` and the
+/// companion files the directory has, so a checkpoint trained from this one reads back the same
+/// tokenizer.
 pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
-    let path = dir.join("tokenizer.json");
+    let path = dir.join(TOKENIZER_FILE);
     let (cfg, generation) = (json_of(dir, "config.json"), json_of(dir, "generation_config.json"));
     if !path.exists() {
         // Our own runs' models round their vocabulary up a little (the presets have 64 ids or
@@ -213,25 +286,24 @@ pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
     let id = |k: &str| {
         [&generation, &cfg].into_iter().find_map(|v| v[k].as_u64().or_else(|| v[k][0].as_u64())).map(|x| x as u32)
     };
-    Ok(Box::new(HfTokenizer::from_file(&path, id("bos_token_id"), id("eos_token_id"))?))
-}
-
-/// The tokens that end a generation from the checkpoint at `dir`: the tokenizer's EOS and every
-/// `eos_token_id` its config.json and generation_config.json list (Llama 3 lists several, and
-/// HF's `generate` stops at any of them).
-pub fn stop_tokens_for(dir: &Path, tok: &dyn Tokenizer) -> Vec<u32> {
-    let mut stop = vec![tok.eos_id()];
-    for file in ["config.json", "generation_config.json"] {
-        let v = json_of(dir, file);
-        let ids = match &v["eos_token_id"] {
+    let mut tok = HfTokenizer::from_file(&path, id("bos_token_id"), id("eos_token_id"))?;
+    for v in [&cfg, &generation] {
+        let listed = match &v["eos_token_id"] {
             serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).collect(),
             x => x.as_u64().into_iter().collect::<Vec<_>>(),
         };
-        stop.extend(ids.into_iter().filter_map(|x| u32::try_from(x).ok()).filter(|&x| (x as usize) < tok.vocab_size()));
+        let vocab = tok.vocab_size();
+        tok.stops.extend(listed.into_iter().filter_map(|x| u32::try_from(x).ok()).filter(|&x| (x as usize) < vocab));
     }
     let mut seen = std::collections::HashSet::new();
-    stop.retain(|t| seen.insert(*t));
-    stop
+    tok.stops.retain(|t| seen.insert(*t));
+    for name in COMPANION_FILES {
+        let file = dir.join(name);
+        if file.exists() {
+            tok.files.push((name.into(), std::fs::read(&file).map_err(|e| Error::file(&file, e))?));
+        }
+    }
+    Ok(Box::new(tok))
 }
 
 #[cfg(test)]
@@ -250,18 +322,5 @@ mod tests {
         assert!(t.encode("A").is_err());
         // A lone '<' that starts no special token is an ordinary (unknown here) character.
         assert!(t.encode("<x").is_err());
-    }
-
-    #[test]
-    fn generation_stops_at_every_eos_the_configs_list() {
-        let dir = std::env::temp_dir().join(format!("whale-stop-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let t = CharTokenizer::new();
-        assert_eq!(stop_tokens_for(&dir, &t), [t.eos_id()], "no configs: the tokenizer's EOS");
-        std::fs::write(dir.join("config.json"), r#"{"eos_token_id": 5}"#).unwrap();
-        std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": [5, 7, 100000]}"#).unwrap();
-        // Deduplicated, in order; an id outside the vocabulary cannot be generated anyway.
-        assert_eq!(stop_tokens_for(&dir, &t), [t.eos_id(), 5, 7]);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -80,6 +80,23 @@ fn llama3_rope_scaling_matches_transformers() {
 }
 
 #[test]
+fn every_eos_id_a_config_lists_is_written_back() {
+    let dir = whale_tensor::testing::TempDir::new("dense-eos-list");
+    for (eos, written) in [("[128001, 128008, 128009]", "[128001,128008,128009]"), ("7", "7"), ("null", "null")] {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(fixture("llama3_scaled").join("config.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["eos_token_id"] = serde_json::from_str(eos).unwrap();
+        std::fs::write(&path, v.to_string()).unwrap();
+        let cfg = DenseConfig::from_file(&path).unwrap();
+        let back: serde_json::Value = serde_json::from_str(&cfg.to_json_string()).unwrap();
+        assert_eq!(back["eos_token_id"].to_string(), written);
+        std::fs::write(&path, cfg.to_json_string()).unwrap();
+        assert_eq!(DenseConfig::from_file(&path).unwrap(), cfg);
+    }
+}
+
+#[test]
 fn a_student_saves_loads_and_duplicates_exactly() {
     let model = DenseModel::new(DenseConfig::student(64), 3).unwrap();
     assert_eq!(model.params.num_elements(), model.config.param_count());

@@ -70,3 +70,36 @@ fn prompts_get_the_post_processors_tokens_and_nothing_is_truncated_or_padded() {
     assert_eq!(tok.encode_prompt(text).unwrap(), [&[bos][..], &ids].concat(), "BOS from the template");
     assert_eq!(plain.encode_prompt(text).unwrap(), ids, "no template, nothing added");
 }
+
+#[test]
+fn a_checkpoints_tokenizer_stops_at_every_listed_eos_and_saves_back_the_same() {
+    let fixture = common::fixture("tokenizer");
+    let dir = whale_tensor::testing::TempDir::new("tokenizer-checkpoint");
+    std::fs::copy(fixture.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    std::fs::write(dir.join("config.json"), r#"{"vocab_size": 353, "eos_token_id": 5}"#).unwrap();
+    let generation = r#"{"bos_token_id": 4, "eos_token_id": [5, 7, 100000]}"#;
+    std::fs::write(dir.join("generation_config.json"), generation).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"model_max_length": 128}"#).unwrap();
+    let tok = tokenizer_for(&dir).unwrap();
+    // EOS first, then each id the configs list, once; one outside the vocabulary is never sampled.
+    assert_eq!(tok.eos_id(), 5);
+    assert_eq!(tok.stop_ids(), [5, 7]);
+
+    // Saved into a checkpoint (whose config.json the model writes), it reads back the same.
+    let saved = whale_tensor::testing::TempDir::new("tokenizer-saved");
+    std::fs::write(saved.join("config.json"), r#"{"vocab_size": 353, "eos_token_id": 5}"#).unwrap();
+    tok.save_pretrained(&saved).unwrap();
+    for file in ["tokenizer.json", "generation_config.json", "tokenizer_config.json"] {
+        assert_eq!(std::fs::read(saved.join(file)).unwrap(), std::fs::read(dir.join(file)).unwrap(), "{file}");
+    }
+    assert!(!saved.join("special_tokens_map.json").exists(), "only the files it came with");
+    let back = tokenizer_for(&saved).unwrap();
+    assert_eq!((back.bos_id(), back.eos_id(), back.stop_ids()), (tok.bos_id(), tok.eos_id(), tok.stop_ids()));
+    let text = "12+7=<think>2+7=9</think><answer>19</answer>";
+    assert_eq!(back.encode(text).unwrap(), tok.encode(text).unwrap());
+
+    // The character tokenizer writes nothing: a checkpoint without tokenizer.json reads it back.
+    let chars = whale_tensor::testing::TempDir::new("tokenizer-chars");
+    tokenizer_for(&common::fixture("qwen2_tied")).unwrap().save_pretrained(&chars).unwrap();
+    assert_eq!(std::fs::read_dir(&chars).unwrap().count(), 0);
+}

@@ -117,7 +117,7 @@ pub fn evaluate(
     problems: &[Problem],
     cfg: &EvalConfig,
 ) -> Result<EvalReport> {
-    let stop = vec![tok.eos_id()];
+    let stop = tok.stop_ids();
     let prompts: Vec<Vec<u32>> =
         problems.iter().map(|p| tok.encode(&p.prompt)).collect::<std::result::Result<_, _>>()?;
     let mut rng = Rng::new(cfg.seed);

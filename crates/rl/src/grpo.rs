@@ -637,9 +637,10 @@ impl RlRun {
             .collect()
     }
 
-    /// Saves the policy, its optimizer state and this run's state (step, config, random stream)
-    /// into `dir` (a directory being written by [`write_dir_atomically`]); `extra` names more
-    /// models to save in subfolders. `rl_state.json` is written last.
+    /// Saves the policy with its tokenizer's files, its optimizer state and this run's state
+    /// (step, config, random stream) into `dir` (a directory being written by
+    /// [`write_dir_atomically`]); `extra` names more models to save in subfolders.
+    /// `rl_state.json` is written last.
     pub fn save(
         &self,
         dir: &Path,
@@ -648,6 +649,7 @@ impl RlRun {
         extra: &[(&str, &dyn CausalLm)],
     ) -> Result<()> {
         policy.save_pretrained(dir, SaveDType::F32)?;
+        self.tokenizer.save_pretrained(dir)?;
         let mut opt_steps = serde_json::Map::new();
         for (name, opt) in opts {
             let state: BTreeMap<String, Tensor> = opt.state_tensors()?.into_iter().collect();

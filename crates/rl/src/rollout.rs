@@ -28,13 +28,13 @@ pub struct RolloutConfig {
 }
 
 impl RolloutConfig {
-    fn sampling(&self, eos: u32) -> SamplingConfig {
+    fn sampling(&self, stop_tokens: Vec<u32>) -> SamplingConfig {
         SamplingConfig {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
             max_new_tokens: self.max_new_tokens,
-            stop_tokens: vec![eos],
+            stop_tokens,
             cache: self.cache,
         }
     }
@@ -71,7 +71,7 @@ pub fn sample_groups(
     let prompts: Vec<Vec<u32>> =
         problems.iter().map(|p| tok.encode(&p.prompt)).collect::<std::result::Result<_, _>>()?;
     let repeated: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), cfg.group_size)).collect();
-    let gens = model.generate(&repeated, &cfg.sampling(tok.eos_id()), rng)?;
+    let gens = model.generate(&repeated, &cfg.sampling(tok.stop_ids()), rng)?;
     Ok(gens
         .into_iter()
         .zip(repeated)

@@ -246,7 +246,7 @@ pub fn rejection_sample(
         .collect::<std::result::Result<_, _>>()?;
     let cfg = SamplingConfig {
         cache: CacheMode::Absorb,
-        ..SamplingConfig::sampled(temperature, max_new_tokens, vec![tok.eos_id()])
+        ..SamplingConfig::sampled(temperature, max_new_tokens, tok.stop_ids())
     };
     let gens = model.generate(&prompts, &cfg, rng)?;
     let mut stats = RejectionStats { sampled: gens.len(), ..Default::default() };
