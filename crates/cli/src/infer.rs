@@ -133,10 +133,12 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let model =
         DeepSeekV3::from_pretrained(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
     model.save_pretrained_fp8(&a.out, SaveDType::F32).with_context(|| format!("writing {}", a.out.display()))?;
-    let tokenizer = a.checkpoint.join("tokenizer.json");
-    if tokenizer.exists() {
-        std::fs::copy(&tokenizer, a.out.join("tokenizer.json"))
-            .with_context(|| format!("copying {}", tokenizer.display()))?;
+    // The release keeps the tokenizer and generation settings (a model of the character
+    // tokenizer has none to keep).
+    if a.checkpoint.join("tokenizer.json").exists() {
+        tokenizer_for(&a.checkpoint)?
+            .save_pretrained(&a.out)
+            .with_context(|| format!("writing {}", a.out.display()))?;
     }
     let size = |dir: &std::path::Path| std::fs::metadata(dir.join("model.safetensors")).map(|m| m.len() as usize);
     println!(

@@ -468,6 +468,25 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
         .output()
         .unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("12+7="));
+    // A checkpoint with an HF tokenizer keeps it, and its generation config, in the release.
+    let with_tokenizer = dir.join("with-tokenizer");
+    std::fs::create_dir_all(&with_tokenizer).unwrap();
+    for entry in std::fs::read_dir(&ckpt).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, with_tokenizer.join(path.file_name().unwrap())).unwrap();
+    }
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tokenizer/tokenizer.json");
+    std::fs::copy(&fixture, with_tokenizer.join("tokenizer.json")).unwrap();
+    std::fs::write(with_tokenizer.join("generation_config.json"), r#"{"eos_token_id": 0}"#).unwrap();
+    let released = dir.join("fp8-with-tokenizer");
+    let out = whale()
+        .args(["quantize", with_tokenizer.to_str().unwrap(), "--out", released.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for file in ["tokenizer.json", "generation_config.json"] {
+        assert_eq!(std::fs::read(released.join(file)).unwrap(), std::fs::read(with_tokenizer.join(file)).unwrap());
+    }
     // No machine has this GPU: an error that names the flag, before anything loads.
     let out = whale()
         .args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "1+1=", "--device", "cuda:4096"])
