@@ -363,14 +363,9 @@ impl DenseAttention {
         let k = self.rotary.apply(&split(self.k_proj.forward(x)?, self.kv_heads)?, positions)?;
         let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
         let to_heads = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(1, 2)?.contiguous()?) };
-        let (mut k, mut v) = (to_heads(&k)?, to_heads(&v)?);
-        if let Some(LayerCache::Naive { k: k0, v: v0 }) = cache.as_ref() {
-            k = Tensor::cat(&[k0.clone(), k], 2)?;
-            v = Tensor::cat(&[v0.clone(), v], 2)?;
-        }
+        let (k, v) = LayerCache::extend_naive(cache, to_heads(&k)?, to_heads(&v)?)?;
         let scale = 1.0 / (hd as f32).sqrt();
         let o = Tensor::scaled_dot_product_attention(&to_heads(&q)?, &k, &v, scale, true)?;
-        *cache = Some(LayerCache::Naive { k, v });
         self.o_proj.forward(&o.transpose(1, 2)?.reshape(&[b, s, self.heads * hd])?)
     }
 }

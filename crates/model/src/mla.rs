@@ -3,7 +3,9 @@
 //! values; inference caches either those (`naive`) or only the latent and the rotated shared key
 //! with W_UK absorbed into the query and W_UV into the output (`absorb`, spec 1.5).
 
+use std::sync::Arc;
 use whale_tensor::fp8::Fp8Recipe;
+
 use whale_tensor::{RopeLayout, Tensor};
 
 use crate::config::DeepSeekV3Config;
@@ -56,22 +58,84 @@ pub fn mha_cache_elements(cfg: &DeepSeekV3Config) -> usize {
     2 * cfg.num_attention_heads * cfg.v_head_dim
 }
 
+/// The cached positions of one tensor `[batch, heads, positions, dim]`: the first `len` of a
+/// buffer with room for more. A decode step writes its token in place and attention reads the
+/// positions where they lie, so a step costs what it adds, not what the cache holds (capacity
+/// doubles when full: each position is copied about once on average). Clones share the buffer
+/// until one of them appends, which then writes into a copy of its own.
+#[derive(Debug, Clone)]
+pub struct CacheBuffer {
+    buffer: Tensor,
+    len: usize,
+    /// Held by every clone sharing `buffer`: an append writes in place only when it is alone.
+    owners: Arc<()>,
+}
+
+impl CacheBuffer {
+    /// A cache of `first` (`[batch, heads, s, dim]`, its positions so far); the tensor itself
+    /// becomes the buffer (no copy: a training forward never appends).
+    pub fn new(first: Tensor) -> Result<Self> {
+        let buffer = if first.is_contiguous() { first } else { first.contiguous()? };
+        Ok(CacheBuffer { len: buffer.dims()[2], buffer, owners: Arc::new(()) })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions the buffer holds before it must grow.
+    pub fn capacity(&self) -> usize {
+        self.buffer.dims()[2]
+    }
+
+    /// The cached positions, a view of the buffer. Positions a [`CacheBuffer::truncate`] drops
+    /// are rewritten by later appends, so a view is read before the cache moves on.
+    pub fn view(&self) -> Result<Tensor> {
+        Ok(self.buffer.narrow(2, 0, self.len)?)
+    }
+
+    /// Appends `new` (`[batch, heads, s, dim]`).
+    pub fn append(&mut self, new: &Tensor) -> Result<()> {
+        let need = self.len + new.dims()[2];
+        let shared = Arc::strong_count(&self.owners) > 1;
+        if need > self.capacity() || shared {
+            let mut dims = self.buffer.dims().to_vec();
+            dims[2] = if need > self.capacity() { need.max(2 * self.capacity()) } else { self.capacity() };
+            let own = Tensor::zeros(&dims, self.buffer.dtype(), &self.buffer.device())?;
+            own.write_window(2, 0, &self.view()?)?;
+            (self.buffer, self.owners) = (own, Arc::new(()));
+        }
+        self.buffer.write_window(2, self.len, new)?;
+        self.len = need;
+        Ok(())
+    }
+
+    /// Keeps the first `len` positions.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
 /// One layer's cached tokens.
 #[derive(Debug, Clone)]
 pub enum LayerCache {
     /// Keys `[batch, heads, t, nope + rope]` and values `[batch, heads, t, v]`.
-    Naive { k: Tensor, v: Tensor },
+    Naive { k: CacheBuffer, v: CacheBuffer },
     /// `[batch, 1, t, kv_lora_rank + rope]`: `[c ; k_pe]`, the one key all heads share (its
     /// first `kv_lora_rank` columns are the shared value).
-    Absorb { latent: Tensor },
+    Absorb { latent: CacheBuffer },
 }
 
 impl LayerCache {
     /// Cached positions.
     pub fn len(&self) -> usize {
         match self {
-            LayerCache::Naive { k, .. } => k.dims()[2],
-            LayerCache::Absorb { latent } => latent.dims()[2],
+            LayerCache::Naive { k, .. } => k.len(),
+            LayerCache::Absorb { latent } => latent.len(),
         }
     }
 
@@ -83,12 +147,25 @@ impl LayerCache {
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         match self {
             LayerCache::Naive { k, v } => {
-                *k = k.narrow(2, 0, len.min(k.dims()[2]))?;
-                *v = v.narrow(2, 0, len.min(v.dims()[2]))?;
+                k.truncate(len);
+                v.truncate(len);
             }
-            LayerCache::Absorb { latent } => *latent = latent.narrow(2, 0, len.min(latent.dims()[2]))?,
+            LayerCache::Absorb { latent } => latent.truncate(len),
         }
         Ok(())
+    }
+
+    /// Per-head keys and values extended by `k`, `v` (this step's, `[batch, heads, s, dim]`):
+    /// the cache's views, or `k`, `v` themselves when the cache starts here (a training forward
+    /// differentiates through them).
+    pub(crate) fn extend_naive(cache: &mut Option<LayerCache>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        if let Some(LayerCache::Naive { k: kc, v: vc }) = cache {
+            kc.append(&k)?;
+            vc.append(&v)?;
+            return Ok((kc.view()?, vc.view()?));
+        }
+        *cache = Some(LayerCache::Naive { k: CacheBuffer::new(k.clone())?, v: CacheBuffer::new(v.clone())? });
+        Ok((k, v))
     }
 }
 
@@ -221,13 +298,8 @@ impl MultiHeadLatentAttention {
         let k = Tensor::cat(&[kv_parts[0].clone(), k_pe.broadcast_as(&[b, s, h, self.rope])?], 3)?;
 
         let to_heads = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(1, 2)?.contiguous()?) };
-        let (mut k, mut v) = (to_heads(&k)?, to_heads(&kv_parts[1])?);
-        if let Some(LayerCache::Naive { k: k0, v: v0 }) = cache.as_ref() {
-            k = Tensor::cat(&[k0.clone(), k], 2)?;
-            v = Tensor::cat(&[v0.clone(), v], 2)?;
-        }
+        let (k, v) = LayerCache::extend_naive(cache, to_heads(&k)?, to_heads(&kv_parts[1])?)?;
         let o = Tensor::scaled_dot_product_attention(&to_heads(&q)?, &k, &v, self.softmax_scale, true)?;
-        *cache = Some(LayerCache::Naive { k, v });
         let o = o.transpose(1, 2)?.reshape(&[b, s, h * self.v_dim])?;
         self.o_proj.forward(&o)
     }
@@ -253,11 +325,19 @@ impl MultiHeadLatentAttention {
         let q = Tensor::cat(&[q_lat, q_pe.transpose(1, 2)?], 3)?.contiguous()?;
 
         let (c, k_pe) = self.latent(x, positions)?;
-        let mut latent = Tensor::cat(&[c.unsqueeze(1)?, k_pe.transpose(1, 2)?], 3)?.contiguous()?;
-        if let Some(LayerCache::Absorb { latent: l0 }) = cache.as_ref() {
-            latent = Tensor::cat(&[l0.clone(), latent], 2)?;
-        }
-        let value = latent.narrow(3, 0, r)?.contiguous()?;
+        let new = Tensor::cat(&[c.unsqueeze(1)?, k_pe.transpose(1, 2)?], 3)?.contiguous()?;
+        let latent = match cache {
+            Some(LayerCache::Absorb { latent: l }) => {
+                l.append(&new)?;
+                l.view()?
+            }
+            _ => {
+                *cache = Some(LayerCache::Absorb { latent: CacheBuffer::new(new.clone())? });
+                new
+            }
+        };
+        // The value is the latent's first r columns, read where they lie.
+        let value = latent.narrow(3, 0, r)?;
         let o_lat = Tensor::scaled_dot_product_attention(&q, &latent, &value, self.softmax_scale, true)?;
         // o[h] = o_lat[h] W_UV[h]^T: [heads, b*s, r] x [heads, r, v].
         let o_lat = o_lat.permute(&[1, 0, 2, 3])?.contiguous()?.reshape(&[h, b * s, r])?;
@@ -267,7 +347,6 @@ impl MultiHeadLatentAttention {
             s,
             h * self.v_dim,
         ])?;
-        *cache = Some(LayerCache::Absorb { latent });
         self.o_proj.forward(&o)
     }
 }

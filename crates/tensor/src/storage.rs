@@ -98,6 +98,38 @@ impl CpuStorage {
         }
     }
 
+    /// Copies `src` (the same dtype, `outer * block` values) into `outer` blocks of `block`
+    /// values of this buffer, the first at `at`, each `stride` after the previous.
+    pub(crate) fn write_blocks(
+        &mut self,
+        at: usize,
+        stride: usize,
+        outer: usize,
+        block: usize,
+        src: &CpuStorage,
+    ) -> crate::Result<()> {
+        fn copy<T: Copy>(dst: &mut [T], src: &[T], at: usize, stride: usize, block: usize) {
+            for (o, chunk) in src.chunks_exact(block).enumerate() {
+                dst[at + o * stride..][..block].copy_from_slice(chunk);
+            }
+        }
+        debug_assert_eq!(src.len(), outer * block);
+        match (self, src) {
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => copy(d, s, at, stride, block),
+            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => copy(d, s, at, stride, block),
+            (CpuStorage::F16(d), CpuStorage::F16(s)) => copy(d, s, at, stride, block),
+            (CpuStorage::F8E4M3(d), CpuStorage::F8E4M3(s)) | (CpuStorage::F8E5M2(d), CpuStorage::F8E5M2(s)) => {
+                copy(d, s, at, stride, block)
+            }
+            (CpuStorage::U32(d), CpuStorage::U32(s)) => copy(d, s, at, stride, block),
+            (CpuStorage::I64(d), CpuStorage::I64(s)) => copy(d, s, at, stride, block),
+            (d, s) => {
+                return Err(crate::Error::DTypeMismatch { op: "write_window", lhs: d.dtype(), rhs: s.dtype() });
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn gather_same(&self, layout: &Layout) -> CpuStorage {
         match self {
             CpuStorage::F32(v) => CpuStorage::F32(layout.gather(v)),

@@ -307,6 +307,32 @@ impl Tensor {
         Ok(F32Data::Owned(guard.host(self.device())?.gather_f32(&self.0.layout)))
     }
 
+    /// The values of a `[batch, heads, len, dim]` tensor as f32 rows and where each row lies: a
+    /// host f32 view whose rows are contiguous (a decode cache's first positions of a longer
+    /// buffer, an MLA latent's first columns) is read in place, anything else is packed.
+    pub(crate) fn f32_rows(&self) -> (F32Data<'_>, whale_kernels::cpu::attention::RowLayout) {
+        use whale_kernels::cpu::attention::RowLayout;
+        let (d, st) = (self.dims(), self.0.layout.strides());
+        let guard = self.0.storage.read().expect("tensor storage lock poisoned");
+        let rows_in_place = d.len() == 4
+            && matches!(&*guard, Storage::Cpu(CpuStorage::F32(_)))
+            && (d[3] <= 1 || st[3] == 1)
+            && (d[2] <= 1 || st[2] >= d[3]);
+        if rows_in_place {
+            // A stride of a dimension of one element is never applied.
+            let rows = RowLayout { batch: st[0], head: st[1], row: if d[2] <= 1 { d[3] } else { st[2] } };
+            let span = if d.contains(&0) {
+                0
+            } else {
+                (d[0] - 1) * rows.batch + (d[1] - 1) * rows.head + (d[2] - 1) * rows.row + d[3]
+            };
+            return (F32Data::Borrowed(guard, self.0.layout.offset(), span), rows);
+        }
+        drop(guard);
+        let rows = if d.len() == 4 { RowLayout::contiguous(d[1], d[2], d[3]) } else { RowLayout::contiguous(0, 0, 0) };
+        (self.f32_data(), rows)
+    }
+
     /// The values as f32 in row-major order (any dtype; floats widen exactly, integers convert),
     /// copied to the host from a GPU.
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
@@ -401,6 +427,52 @@ impl Tensor {
                 why: "in-place updates need f32 (master weights are f32)",
             }),
         }
+    }
+
+    /// Writes `src` into positions `start..start + src.dims()[dim]` along `dim` of this tensor, in
+    /// place: how a decode cache appends tokens to its buffers without copying what they hold.
+    /// This tensor must be contiguous; `src` has its shape except along `dim`, its dtype and its
+    /// device. Not differentiable (a cache is never trained through).
+    pub fn write_window(&self, dim: usize, start: usize, src: &Tensor) -> Result<()> {
+        let same_but_dim = src.rank() == self.rank()
+            && dim < self.rank()
+            && src.dims().iter().zip(self.dims()).enumerate().all(|(d, (a, b))| d == dim || a == b);
+        if !same_but_dim {
+            return Err(Error::ShapeMismatch {
+                op: "write_window",
+                lhs: self.dims().to_vec(),
+                rhs: src.dims().to_vec(),
+            });
+        }
+        if src.dtype() != self.dtype() {
+            return Err(Error::DTypeMismatch { op: "write_window", lhs: self.dtype(), rhs: src.dtype() });
+        }
+        if src.device() != self.device() {
+            return Err(Error::DeviceMismatch { op: "write_window", lhs: self.device(), rhs: src.device() });
+        }
+        if !self.is_contiguous() {
+            return Err(Error::invalid("write_window", "the destination is not contiguous"));
+        }
+        let window = self.0.layout.narrow(dim, start, src.dims()[dim])?;
+        if src.elem_count() == 0 {
+            return Ok(());
+        }
+        if self.device().is_cuda() {
+            return crate::cuda::write_window(self, &window, src);
+        }
+        let values = {
+            let guard = src.0.storage.read().expect("tensor storage lock poisoned");
+            guard.host(src.device())?.gather_same(&src.0.layout)
+        };
+        let mut guard = self.0.storage.write().expect("tensor storage lock poisoned");
+        let Storage::Cpu(dst) = &mut *guard else {
+            return Err(Error::invalid("write_window", "a GPU tensor reached the host path"));
+        };
+        // The window of a contiguous tensor: `outer` blocks of `block` contiguous values, one
+        // per index before `dim`, `stride` apart.
+        let block = src.dims()[dim..].iter().product::<usize>();
+        let (outer, stride) = (src.elem_count() / block, if dim == 0 { 0 } else { window.strides()[dim - 1] });
+        dst.write_blocks(window.offset(), stride, outer, block, &values)
     }
 
     /// Copies `src`'s values into this tensor's storage in place (same shape).

@@ -499,3 +499,41 @@ fn ops_without_a_cuda_kernel_say_so() {
     let back = x.to_device(&Device::Cpu).unwrap();
     assert_eq!(back.to_vec_f32().unwrap(), randn(&[4, 8], 30).to_vec_f32().unwrap(), "to_device both ways is exact");
 }
+
+#[test]
+fn a_window_is_written_in_place_on_every_device() {
+    // Positions 1..3 of dim 2 of a [2, 3, 5, 4] buffer from a view (a transposed [2, 3, 4, 2]).
+    let (dst, src) = (randn(&[2, 3, 5, 4], 80), randn(&[2, 3, 4, 2], 81).transpose(2, 3).unwrap());
+    let (d, s) = (dst.to_vec_f32().unwrap(), src.to_vec_f32().unwrap());
+    let mut want = d.clone();
+    for bh in 0..6 {
+        want[bh * 20 + 4..][..8].copy_from_slice(&s[bh * 8..][..8]);
+    }
+    let mut devices = vec![Device::Cpu];
+    if cuda_available() {
+        devices.push(Device::cuda(0).unwrap());
+    } else {
+        eprintln!("write_window: CUDA half skipped, no CUDA driver or GPU on this machine");
+    }
+    for device in devices {
+        let (dst, src) = (dst.to_device(&device).unwrap().deep_clone().unwrap(), src.to_device(&device).unwrap());
+        let view = dst.narrow(2, 0, 3).unwrap();
+        dst.write_window(2, 1, &src).unwrap();
+        assert_eq!(dst.to_vec_f32().unwrap(), want, "{device:?}: only the window changes, to src");
+        assert_eq!(
+            view.to_vec_f32().unwrap(),
+            dst.narrow(2, 0, 3).unwrap().to_vec_f32().unwrap(),
+            "{device:?}: in place"
+        );
+        // Refused: past the end, another shape, another dtype, a strided destination.
+        assert!(dst.write_window(2, 4, &src).is_err(), "{device:?}: 4..6 of 5");
+        assert!(dst.write_window(1, 0, &src).is_err(), "{device:?}: shape");
+        assert!(dst.write_window(2, 0, &src.to_dtype(DType::BF16).unwrap()).is_err(), "{device:?}: dtype");
+        assert!(dst.transpose(0, 1).unwrap().write_window(2, 0, &src.transpose(0, 1).unwrap()).is_err());
+    }
+    // bf16 buffers too (a bf16 model's cache), on the host.
+    let (b, sb) = (dst.to_dtype(DType::BF16).unwrap(), src.to_dtype(DType::BF16).unwrap());
+    b.write_window(2, 1, &sb).unwrap();
+    let want_bf16: Vec<f32> = want.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+    assert_eq!(b.to_vec_f32().unwrap(), want_bf16);
+}

@@ -37,28 +37,84 @@ const QUERY_BLOCK: usize = 16;
 /// Keys per rayon task in the dk/dv pass.
 const KEY_BLOCK: usize = 32;
 
+/// Where the rows of a key or value tensor `[batch, kv_heads, kv_len, dim]` lie in its slice: row
+/// `j` of head `h` of batch `b` starts at `b * batch + h * head + j * row`, its `dim` values
+/// contiguous. A decode cache's view of the first positions of a longer buffer has `head` and
+/// `batch` strides of the buffer's capacity, and an MLA latent's value (its first columns) a `row`
+/// stride wider than the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowLayout {
+    pub batch: usize,
+    pub head: usize,
+    pub row: usize,
+}
+
+impl RowLayout {
+    /// Rows of `dim` packed head after head: `[batch, kv_heads, kv_len, dim]` row-major.
+    pub fn contiguous(kv_heads: usize, kv_len: usize, dim: usize) -> Self {
+        RowLayout { batch: kv_heads * kv_len * dim, head: kv_len * dim, row: dim }
+    }
+
+    /// Elements a slice must hold for `heads` heads of `len` rows of `dim` in this layout.
+    fn span(&self, batch: usize, heads: usize, len: usize, dim: usize) -> usize {
+        if batch == 0 || heads == 0 || len == 0 || dim == 0 {
+            return 0;
+        }
+        (batch - 1) * self.batch + (heads - 1) * self.head + (len - 1) * self.row + dim
+    }
+}
+
 /// `q`: [batch, q_heads, q_len, qk_dim], `k`: [batch, kv_heads, kv_len, qk_dim],
 /// `v`: [batch, kv_heads, kv_len, v_dim] -> `o`: [batch, q_heads, q_len, v_dim], `lse`: [batch, q_heads, q_len].
 pub fn attention_forward(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32], o: &mut [f32], lse: &mut [f32]) {
     let s = *shape;
     s.check(q, k, v, "attention_forward");
+    let (k_rows, v_rows) = (s.k_layout(), s.v_layout());
+    attention_forward_strided(shape, q, (k, k_rows), (v, v_rows), o, lse);
+}
+
+/// [`attention_forward`] with keys and values laid out as `RowLayout`s say (the same bits as
+/// their contiguous copies): a decode step reads its cache where it lies.
+pub fn attention_forward_strided(
+    shape: &AttnShape,
+    q: &[f32],
+    (k, k_rows): (&[f32], RowLayout),
+    (v, v_rows): (&[f32], RowLayout),
+    o: &mut [f32],
+    lse: &mut [f32],
+) {
+    let s = *shape;
+    assert_eq!(q.len(), s.q_rows() * s.qk_dim, "attention_forward: q is not [batch, q_heads, q_len, qk_dim]");
+    assert!(k_rows.row >= s.qk_dim && v_rows.row >= s.v_dim, "attention_forward: rows overlap");
+    assert!(
+        k.len() >= k_rows.span(s.batch, s.kv_heads, s.kv_len, s.qk_dim),
+        "attention_forward: k is too short for [batch, kv_heads, kv_len, qk_dim] in {k_rows:?}"
+    );
+    assert!(
+        v.len() >= v_rows.span(s.batch, s.kv_heads, s.kv_len, s.v_dim),
+        "attention_forward: v is too short for [batch, kv_heads, kv_len, v_dim] in {v_rows:?}"
+    );
     assert_eq!(o.len(), s.q_rows() * s.v_dim, "attention_forward: o is not [batch, q_heads, q_len, v_dim]");
     assert_eq!(lse.len(), s.q_rows(), "attention_forward: lse is not [batch, q_heads, q_len]");
     if s.q_rows() == 0 {
         return;
     }
     if let Some(w) = s.widened() {
-        let (q, k, v) = (s.widen_qk(q, s.q_rows()), s.widen_qk(k, s.kv_rows()), s.widen_v(v, s.kv_rows()));
+        // Zero-width rows hold nothing: the widened heads are contiguous zeros.
+        let (k, v) = (s.widen_qk(k, s.kv_rows()), s.widen_v(v, s.kv_rows()));
+        let k = if s.qk_dim == 0 { (&k[..], w.k_layout()) } else { (&k[..], k_rows) };
+        let v = if s.v_dim == 0 { (&v[..], w.v_layout()) } else { (&v[..], v_rows) };
+        let q = s.widen_qk(q, s.q_rows());
         let mut o_scratch = vec![0.0; if s.v_dim == 0 { s.q_rows() } else { 0 }];
         let o = if s.v_dim == 0 { &mut o_scratch[..] } else { o };
-        return attention_forward(&w, &q, &k, &v, o, lse);
+        return attention_forward_strided(&w, &q, k, v, o, lse);
     }
     // The query rows of a key/value head's group are contiguous: one task's transposed key tile
     // serves rows of every head of the group (all of them at once in a decode step, q_len = 1).
     let group_rows = s.group() * s.q_len;
     o.par_chunks_mut(group_rows * s.v_dim).zip(lse.par_chunks_mut(group_rows)).enumerate().for_each(
         |(bkv, (o, lse))| {
-            let head = s.group_rows(bkv, q, k, v);
+            let head = s.group_rows(bkv, q, (k, k_rows), (v, v_rows));
             o.par_chunks_mut(QUERY_BLOCK * s.v_dim)
                 .zip(lse.par_chunks_mut(QUERY_BLOCK))
                 .enumerate()
@@ -114,7 +170,7 @@ pub fn attention_backward(
         let group_rows = s.group() * s.q_len;
         dq.par_chunks_mut(group_rows * s.qk_dim).zip(delta.par_chunks_mut(group_rows)).enumerate().for_each(
             |(bkv, (dq, delta))| {
-                let head = s.group_rows(bkv, q, k, v);
+                let head = s.group_rows(bkv, q, (k, s.k_layout()), (v, s.v_layout()));
                 let rows = bkv * group_rows..(bkv + 1) * group_rows;
                 let o = &o[rows.start * s.v_dim..rows.end * s.v_dim];
                 let d_o = &d_o[rows.start * s.v_dim..rows.end * s.v_dim];
@@ -141,11 +197,14 @@ pub fn attention_backward(
 }
 
 /// The query rows of one (batch, key/value head)'s group of query heads, head after head (packed
-/// row `p` is query `p % q_len`), and that key/value head's rows.
+/// row `p` is query `p % q_len`), and that key/value head's rows (row `j` at `j * k_row`, `j *
+/// v_row`).
 struct Head<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
+    k_row: usize,
+    v_row: usize,
 }
 
 /// Per-query inputs of the dk/dv pass, all batches and heads.
@@ -241,14 +300,35 @@ impl AttnShape {
         }
     }
 
+    /// Keys `[batch, kv_heads, kv_len, qk_dim]` packed row-major.
+    fn k_layout(&self) -> RowLayout {
+        RowLayout::contiguous(self.kv_heads, self.kv_len, self.qk_dim)
+    }
+
+    /// Values `[batch, kv_heads, kv_len, v_dim]` packed row-major.
+    fn v_layout(&self) -> RowLayout {
+        RowLayout::contiguous(self.kv_heads, self.kv_len, self.v_dim)
+    }
+
     /// Slices of the query heads of key/value head `bkv = b * kv_heads + kv` (query heads
-    /// `b * q_heads + kv * group ..` onwards, contiguous) and of that key/value head.
-    fn group_rows<'a>(&self, bkv: usize, q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> Head<'a> {
+    /// `b * q_heads + kv * group ..` onwards, contiguous) and of that key/value head's rows.
+    fn group_rows<'a>(
+        &self,
+        bkv: usize,
+        q: &'a [f32],
+        (k, k_rows): (&'a [f32], RowLayout),
+        (v, v_rows): (&'a [f32], RowLayout),
+    ) -> Head<'a> {
         let rows = self.group() * self.q_len;
+        let (b, kv) = (bkv / self.kv_heads.max(1), bkv % self.kv_heads.max(1));
+        let k_span = k_rows.span(1, 1, self.kv_len, self.qk_dim);
+        let v_span = v_rows.span(1, 1, self.kv_len, self.v_dim);
         Head {
             q: &q[bkv * rows * self.qk_dim..][..rows * self.qk_dim],
-            k: &k[bkv * self.kv_len * self.qk_dim..][..self.kv_len * self.qk_dim],
-            v: &v[bkv * self.kv_len * self.v_dim..][..self.kv_len * self.v_dim],
+            k: &k[b * k_rows.batch + kv * k_rows.head..][..k_span],
+            v: &v[b * v_rows.batch + kv * v_rows.head..][..v_span],
+            k_row: k_rows.row,
+            v_row: v_rows.row,
         }
     }
 
@@ -288,7 +368,7 @@ fn forward_block(s: &AttnShape, head: &Head, row0: usize, o: &mut [f32], lse: &m
     let keys = s.visible_any(row0, rows);
     for t0 in (0..keys).step_by(TILE) {
         let t1 = (t0 + TILE).min(keys);
-        transpose_tile(&head.k[t0 * dqk..t1 * dqk], &mut k_t);
+        transpose_tile(&head.k[t0 * head.k_row..], t1 - t0, head.k_row, &mut k_t);
         for r in 0..rows {
             let end = s.visible_packed(row0 + r).min(t1);
             if end <= t0 {
@@ -308,7 +388,7 @@ fn forward_block(s: &AttnShape, head: &Head, row0: usize, o: &mut [f32], lse: &m
                 *x = (*x - max[r]).exp();
                 sum[r] += *x;
             }
-            add_weighted_rows(o, p, &head.v[t0 * dv..end * dv]);
+            add_weighted_rows(o, p, &head.v[t0 * head.v_row..], head.v_row);
         }
     }
     for r in 0..rows {
@@ -347,8 +427,8 @@ fn dq_block(
     let keys = s.visible_any(row0, rows);
     for t0 in (0..keys).step_by(TILE) {
         let t1 = (t0 + TILE).min(keys);
-        transpose_tile(&head.k[t0 * dqk..t1 * dqk], &mut k_t);
-        transpose_tile(&head.v[t0 * dv..t1 * dv], &mut v_t);
+        transpose_tile(&head.k[t0 * head.k_row..], t1 - t0, head.k_row, &mut k_t);
+        transpose_tile(&head.v[t0 * head.v_row..], t1 - t0, head.v_row, &mut v_t);
         for r in 0..rows {
             let i = row0 + r;
             let end = s.visible_packed(i).min(t1);
@@ -362,7 +442,7 @@ fn dq_block(
                 let prob = (*x - lse[i]).exp();
                 *x = prob * (dp - delta[r]);
             }
-            add_weighted_rows(&mut dq[r * dqk..][..dqk], &p[..end - t0], &head.k[t0 * dqk..end * dqk]);
+            add_weighted_rows(&mut dq[r * dqk..][..dqk], &p[..end - t0], &head.k[t0 * head.k_row..], head.k_row);
         }
     }
     dq.iter_mut().for_each(|x| *x *= s.scale);
@@ -397,8 +477,8 @@ fn dkv_block(
         // Query tiles outer, keys inner: one transposed tile of q and dO serves the whole key block.
         for i0 in (s.first_query(key0)..s.q_len).step_by(TILE) {
             let i1 = (i0 + TILE).min(s.q_len);
-            transpose_tile(&q[i0 * dqk..i1 * dqk], &mut q_t);
-            transpose_tile(&d_o[i0 * dvd..i1 * dvd], &mut d_o_t);
+            transpose_tile(&q[i0 * dqk..], i1 - i0, dqk, &mut q_t);
+            transpose_tile(&d_o[i0 * dvd..], i1 - i0, dvd, &mut d_o_t);
             for j in 0..keys {
                 let first = s.first_query(key0 + j).max(i0);
                 if first >= i1 {
@@ -413,25 +493,26 @@ fn dkv_block(
                     let prob = (p[r] - lse[i]).exp();
                     (p[r], ds[r]) = (prob, prob * (ds[r] - delta[i]));
                 }
-                add_weighted_rows(&mut dv[j * dvd..][..dvd], &p[tile.clone()], &d_o[first * dvd..i1 * dvd]);
-                add_weighted_rows(&mut dk[j * dqk..][..dqk], &ds[tile], &q[first * dqk..i1 * dqk]);
+                add_weighted_rows(&mut dv[j * dvd..][..dvd], &p[tile.clone()], &d_o[first * dvd..], dvd);
+                add_weighted_rows(&mut dk[j * dqk..][..dqk], &ds[tile], &q[first * dqk..], dqk);
             }
         }
     }
     dk.iter_mut().for_each(|x| *x *= s.scale);
 }
 
-/// Writes `rows` ([n, dim], n <= TILE) transposed into `out` ([dim, TILE]), zero past column n.
+/// Writes `n <= TILE` rows of `dim` (row `j` at `rows[j * stride..]`) transposed into `out`
+/// ([dim, TILE]), zero past column n.
 #[inline(always)]
-fn transpose_tile(rows: &[f32], out: &mut [f32]) {
+fn transpose_tile(rows: &[f32], n: usize, stride: usize, out: &mut [f32]) {
     let dim = out.len() / TILE;
     for (c, col) in out.chunks_exact_mut(TILE).enumerate() {
-        let n = rows.len() / dim;
-        for (x, row) in col.iter_mut().zip(rows.chunks_exact(dim)) {
-            *x = row[c];
+        for (j, x) in col[..n].iter_mut().enumerate() {
+            *x = rows[j * stride + c];
         }
         col[n..].fill(0.0);
     }
+    debug_assert!(n == 0 || rows.len() >= (n - 1) * stride + dim);
 }
 
 /// `out[j] = scale * dot(x, row j of the tile)` for every column of a transposed tile `t`
@@ -440,7 +521,7 @@ fn transpose_tile(rows: &[f32], out: &mut [f32]) {
 #[inline(always)]
 fn scores(x: &[f32], t: &[f32], scale: f32, out: &mut [f32; TILE]) {
     out.fill(0.0);
-    add_weighted_rows(out, x, t);
+    add_weighted_rows(out, x, t, TILE);
     out.iter_mut().for_each(|s| *s *= scale);
 }
 
@@ -452,17 +533,18 @@ const LANES: usize = 64;
 /// Partial sums of `delta = dot(dO, O)` (this fixes its summation order).
 const DOT_LANES: usize = 32;
 
-/// `out += sum_r w[r] * rows[r]`, `rows` being `w.len()` contiguous rows of `out.len()`. Each output
-/// element accumulates in row order; a block of them is held in registers across all the rows.
+/// `out += sum_r w[r] * rows[r]`, row `r` of `out.len()` values starting at `rows[r * stride..]`.
+/// Each output element accumulates in row order; a block of them is held in registers across all
+/// the rows.
 #[inline(always)]
-fn add_weighted_rows(out: &mut [f32], w: &[f32], rows: &[f32]) {
+fn add_weighted_rows(out: &mut [f32], w: &[f32], rows: &[f32], stride: usize) {
     let len = out.len();
-    debug_assert_eq!(rows.len(), w.len() * len);
+    let row = |r: usize| &rows[r * stride..][..len];
     let (main, tail) = out.split_at_mut(len - len % LANES);
     for (c, out) in main.chunks_exact_mut(LANES).enumerate() {
         let mut acc: [f32; LANES] = (&*out).try_into().unwrap();
-        for (&w, row) in w.iter().zip(rows.chunks_exact(len)) {
-            let row: &[f32; LANES] = row[c * LANES..][..LANES].try_into().unwrap();
+        for (r, &w) in w.iter().enumerate() {
+            let row: &[f32; LANES] = row(r)[c * LANES..][..LANES].try_into().unwrap();
             for l in 0..LANES {
                 acc[l] += w * row[l];
             }
@@ -470,8 +552,8 @@ fn add_weighted_rows(out: &mut [f32], w: &[f32], rows: &[f32]) {
         out.copy_from_slice(&acc);
     }
     let start = main.len();
-    for (&w, row) in w.iter().zip(rows.chunks_exact(len)) {
-        for (o, &x) in tail.iter_mut().zip(&row[start..]) {
+    for (r, &w) in w.iter().enumerate() {
+        for (o, &x) in tail.iter_mut().zip(&row(r)[start..]) {
             *o += w * x;
         }
     }
@@ -789,5 +871,33 @@ mod tests {
             [o, lse, dq, dk, dv].map(|x| bits(&x))
         };
         assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn keys_and_values_read_in_place_give_the_bits_of_their_contiguous_copies() {
+        // A decode cache: the first kv_len positions of buffers of `cap` positions per head, and
+        // an MLA latent whose value is its first v_dim columns (rows of qk_dim).
+        for (q_heads, kv_heads, q_len, kv_len, cap) in [(4, 2, 1, 70, 100), (8, 1, 3, 130, 131), (2, 2, 5, 5, 9)] {
+            let (batch, qk, vd) = (2, 40, 24);
+            let s = AttnShape::new(batch, (q_heads, kv_heads), (q_len, kv_len), (qk, vd), true);
+            let mut rng = Rng::new(7);
+            let q = rng.vec(s.q_rows() * qk, 1.0);
+            let buffer = rng.vec(batch * kv_heads * cap * qk, 1.0);
+            let k_rows = RowLayout { batch: kv_heads * cap * qk, head: cap * qk, row: qk };
+            // The contiguous copies of the views: keys, and the latent's first vd columns.
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            for bh in 0..batch * kv_heads {
+                for j in 0..kv_len {
+                    let row = &buffer[bh * cap * qk + j * qk..][..qk];
+                    k.extend_from_slice(row);
+                    v.extend_from_slice(&row[..vd]);
+                }
+            }
+            let (o, lse) = run_forward(&s, &q, &k, &v);
+            let (mut o_view, mut lse_view) = (vec![f32::NAN; o.len()], vec![f32::NAN; lse.len()]);
+            attention_forward_strided(&s, &q, (&buffer, k_rows), (&buffer, k_rows), &mut o_view, &mut lse_view);
+            assert_eq!(bits(&o), bits(&o_view), "o of {s:?} in {cap} positions");
+            assert_eq!(bits(&lse), bits(&lse_view), "lse of {s:?} in {cap} positions");
+        }
     }
 }

@@ -593,6 +593,23 @@ pub(crate) fn index_add_rows(
     tensor(g, out, x.dims(), x.dtype(), &[x, src], back)
 }
 
+/// `src` written into the `window` (a view of its storage) of the contiguous CUDA tensor `dst`,
+/// in place ([`Tensor::write_window`]).
+pub(crate) fn write_window(dst: &Tensor, window: &Layout, src: &Tensor) -> Result<()> {
+    let dev = dst.device();
+    let s = Strided::new(window.shape(), (window.strides(), window.offset()), (window.strides(), window.offset()))
+        .map_err(gpu_error(dev))?;
+    let sp = packed(src)?;
+    with_buffer(&sp, |g, sb| {
+        let mut guard = dst.0.storage.write().expect("tensor storage lock poisoned");
+        let Storage::Cuda(c) = &mut *guard else {
+            return Err(Error::invalid("write_window", "a host tensor reached the CUDA backend"));
+        };
+        let buf = c.f32_mut("write_window")?;
+        g.strided_write_dev(&sb.slice(..), &s, buf, src.elem_count()).map_err(gpu_error(dev))
+    })
+}
+
 /// Runs `f` on the values of a contiguous CUDA tensor in place, through the host (copy out, `f`,
 /// copy back): for small, rare writes such as the router's balancing bias or loading a
 /// checkpoint, not for anything per element per step.
