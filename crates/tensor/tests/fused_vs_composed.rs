@@ -97,6 +97,32 @@ fn attention_matches_materialised_softmax() {
 }
 
 #[test]
+fn attention_reads_views_with_contiguous_rows_in_place_with_the_packed_bits() {
+    // A decode cache: the first 9 of 16 positions of key and latent buffers; the value is the
+    // latent's first 5 columns (MLA's absorbed cache). Values and gradients equal the packed
+    // copies' to the bit.
+    let q = randn(&[2, 4, 3, 8], 11);
+    let k_buffer = randn(&[2, 2, 16, 8], 12);
+    let latent = randn(&[2, 2, 16, 8], 13);
+    let run = |pack: bool| {
+        let vars: Vec<Tensor> = [&q, &k_buffer, &latent].iter().map(|t| t.deep_clone().unwrap().variable()).collect();
+        let (k, v) = (vars[1].narrow(2, 0, 9).unwrap(), vars[2].narrow(2, 0, 9).unwrap().narrow(3, 0, 5).unwrap());
+        assert!(!k.is_contiguous() && !v.is_contiguous());
+        let (k, v) = if pack { (k.contiguous().unwrap(), v.contiguous().unwrap()) } else { (k, v) };
+        let out = Tensor::scaled_dot_product_attention(&vars[0], &k, &v, 0.3, true).unwrap();
+        out.mul(&randn(out.dims(), 14)).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads: Vec<Vec<f32>> = vars.iter().map(|v| v.grad().unwrap().to_vec_f32().unwrap()).collect();
+        (out.to_vec_f32().unwrap(), grads)
+    };
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let ((o, g), (o_packed, g_packed)) = (run(false), run(true));
+    assert_eq!(bits(&o), bits(&o_packed), "output");
+    for (i, (a, b)) in g.iter().zip(&g_packed).enumerate() {
+        assert_eq!(bits(a), bits(b), "gradient of input {i}");
+    }
+}
+
+#[test]
 fn swiglu_matches_silu_times_up() {
     assert_twins(
         &[randn(&[4, 8], 8), randn(&[4, 8], 9)],
