@@ -244,9 +244,15 @@ impl Tokenizer for HfTokenizer {
 /// with the character tokenizer.
 const CHAR_MODEL_VOCAB_LIMIT: u64 = 1024;
 
-/// A JSON file of `dir`, `Null` when it is absent or unreadable.
-fn json_of(dir: &Path, file: &str) -> serde_json::Value {
-    std::fs::read_to_string(dir.join(file)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+/// A JSON file of `dir`, `Null` when it is absent; an error naming it when it cannot be read or
+/// parsed (its BOS/EOS ids would otherwise be silently replaced).
+fn json_of(dir: &Path, file: &str) -> Result<serde_json::Value> {
+    let path = dir.join(file);
+    if !path.exists() {
+        return Ok(serde_json::Value::Null);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(&path, e))
 }
 
 /// The tokenizer file of a checkpoint directory.
@@ -266,7 +272,7 @@ const COMPANION_FILES: [&str; 3] = ["tokenizer_config.json", "special_tokens_map
 /// tokenizer.
 pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
     let path = dir.join(TOKENIZER_FILE);
-    let (cfg, generation) = (json_of(dir, "config.json"), json_of(dir, "generation_config.json"));
+    let (cfg, generation) = (json_of(dir, "config.json")?, json_of(dir, "generation_config.json")?);
     if !path.exists() {
         // Our own runs' models round their vocabulary up a little (the presets have 64 ids or
         // so); one of thousands is a subword model whose tokenizer is missing.

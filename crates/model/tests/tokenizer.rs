@@ -98,6 +98,11 @@ fn a_checkpoints_tokenizer_stops_at_every_listed_eos_and_saves_back_the_same() {
     let text = "12+7=<think>2+7=9</think><answer>19</answer>";
     assert_eq!(back.encode(text).unwrap(), tok.encode(text).unwrap());
 
+    // A generation config that does not parse is an error naming it, not ids silently dropped.
+    std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": [5, 7"#).unwrap();
+    let err = tokenizer_for(&dir).err().expect("refused").to_string();
+    assert!(err.contains("generation_config.json"), "{err}");
+
     // The character tokenizer writes nothing: a checkpoint without tokenizer.json reads it back.
     let chars = whale_tensor::testing::TempDir::new("tokenizer-chars");
     tokenizer_for(&common::fixture("qwen2_tied")).unwrap().save_pretrained(&chars).unwrap();
