@@ -59,3 +59,10 @@ pub fn load_with_tokenizer(dir: &Path, device: &Device, what: &str) -> Result<(B
     check_fits(&*tok, &*model, dir, what)?;
     Ok((model, tok))
 }
+
+/// Whether two tokenizers read text alike: the same vocabulary size, stop tokens and ids for a
+/// probe of the tasks' template.
+pub fn same_tokenizer(a: &dyn Tokenizer, b: &dyn Tokenizer) -> bool {
+    let probe = "12+7=<think>2+7=9</think><answer>19</answer>";
+    a.vocab_size() == b.vocab_size() && a.stop_ids() == b.stop_ids() && a.encode(probe).ok() == b.encode(probe).ok()
+}

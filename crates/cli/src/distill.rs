@@ -189,7 +189,13 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
             model
         }
         None => {
-            let cfg = DenseConfig::student(tok.vocab_size());
+            // Its config names the tokenizer's BOS and stop tokens, so its checkpoints stop
+            // generation where this run does.
+            let cfg = DenseConfig {
+                bos_token_id: Some(tok.bos_id()),
+                eos_token_ids: tok.stop_ids(),
+                ..DenseConfig::student(tok.vocab_size())
+            };
             println!(
                 "distill: pretraining a {}-layer Qwen2-style student ({:.2}M parameters) on the task corpus",
                 cfg.num_hidden_layers,

@@ -132,13 +132,12 @@ pub struct QuantizeArgs {
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let model =
         DeepSeekV3::from_pretrained(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
-    model.save_pretrained_fp8(&a.out, SaveDType::F32).with_context(|| format!("writing {}", a.out.display()))?;
     // The release keeps the tokenizer and generation settings (a model of the character
-    // tokenizer has none to keep).
-    if a.checkpoint.join("tokenizer.json").exists() {
-        tokenizer_for(&a.checkpoint)?
-            .save_pretrained(&a.out)
-            .with_context(|| format!("writing {}", a.out.display()))?;
+    // tokenizer has none to keep); read before anything is written.
+    let tok = a.checkpoint.join("tokenizer.json").exists().then(|| tokenizer_for(&a.checkpoint)).transpose()?;
+    model.save_pretrained_fp8(&a.out, SaveDType::F32).with_context(|| format!("writing {}", a.out.display()))?;
+    if let Some(tok) = tok {
+        tok.save_pretrained(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
     }
     let size = |dir: &std::path::Path| std::fs::metadata(dir.join("model.safetensors")).map(|m| m.len() as usize);
     println!(

@@ -532,11 +532,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let tok = crate::device::tokenizer(&args.from, "--from")?;
     if let Some(base) = &args.base {
         let other = crate::device::tokenizer(base, "--base")?;
-        let probe = "12+7=<think>2+7=9</think><answer>19</answer>";
-        let same = other.vocab_size() == tok.vocab_size()
-            && other.stop_ids() == tok.stop_ids()
-            && other.encode(probe).ok() == tok.encode(probe).ok();
-        if !same {
+        if !crate::device::same_tokenizer(&*tok, &*other) {
             bail!("--base {} and --from {} have different tokenizers", base.display(), args.from.display());
         }
     }

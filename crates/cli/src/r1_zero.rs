@@ -261,6 +261,17 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     let pool = s.data.as_deref().map(crate::settings::training_pool).transpose()?;
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
     let (base, tok) = crate::device::load_with_tokenizer(&args.base, &device, "the base model")?;
+    if args.resume {
+        // The run's checkpoint carries the tokenizer it trained with: the base's must be it.
+        let trained = crate::device::tokenizer(&ckpt, "the run's checkpoint")?;
+        if !crate::device::same_tokenizer(&*tok, &*trained) {
+            bail!(
+                "--resume: {} was trained with another tokenizer than --base {}'s",
+                ckpt.display(),
+                args.base.display()
+            );
+        }
+    }
     let mut trainer: Box<dyn RlTrainer> = if args.resume {
         let mut t: Box<dyn RlTrainer> = match s.algo {
             Algo::Grpo => Box::new(GrpoTrainer::resume(&ckpt, Box::new(tok.clone()), &device)?),

@@ -349,6 +349,22 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
         .output()
         .unwrap();
     assert!(generate.status.success(), "{}", String::from_utf8_lossy(&generate.stderr));
+    // The run resumes with its base's tokenizer; a checkpoint trained with another (here: one
+    // without tokenizer.json, as runs wrote before they kept it) is refused.
+    let resume = |steps: &str| {
+        whale()
+            .args(["r1-zero", "--base", base.to_str().unwrap(), "--out", run.to_str().unwrap(), "--resume"])
+            .args(["--steps", steps])
+            .output()
+            .unwrap()
+    };
+    let out = resume("2");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_file(ckpt.join("tokenizer.json")).unwrap();
+    let out = resume("3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("another tokenizer"), "{stderr}");
+    std::fs::copy(&fixture, ckpt.join("tokenizer.json")).unwrap();
     // The R1 stages pass text between --from's model and --base's: their tokenizers must agree.
     let chars = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/qwen2_tied");
     let out = whale()

@@ -315,17 +315,14 @@ impl Tensor {
         let (d, st) = (self.dims(), self.0.layout.strides());
         let guard = self.0.storage.read().expect("tensor storage lock poisoned");
         let rows_in_place = d.len() == 4
+            && !d.contains(&0)
             && matches!(&*guard, Storage::Cpu(CpuStorage::F32(_)))
             && (d[3] <= 1 || st[3] == 1)
             && (d[2] <= 1 || st[2] >= d[3]);
         if rows_in_place {
             // A stride of a dimension of one element is never applied.
             let rows = RowLayout { batch: st[0], head: st[1], row: if d[2] <= 1 { d[3] } else { st[2] } };
-            let span = if d.contains(&0) {
-                0
-            } else {
-                (d[0] - 1) * rows.batch + (d[1] - 1) * rows.head + (d[2] - 1) * rows.row + d[3]
-            };
+            let span = (d[0] - 1) * rows.batch + (d[1] - 1) * rows.head + (d[2] - 1) * rows.row + d[3];
             return (F32Data::Borrowed(guard, self.0.layout.offset(), span), rows);
         }
         drop(guard);
@@ -469,10 +466,12 @@ impl Tensor {
             return Err(Error::invalid("write_window", "a GPU tensor reached the host path"));
         };
         // The window of a contiguous tensor: `outer` blocks of `block` contiguous values, one
-        // per index before `dim`, `stride` apart.
+        // per index before `dim`, `stride` apart. From the dims, not the strides: a dimension of
+        // one element may carry any stride in a contiguous tensor.
         let block = src.dims()[dim..].iter().product::<usize>();
-        let (outer, stride) = (src.elem_count() / block, if dim == 0 { 0 } else { window.strides()[dim - 1] });
-        dst.write_blocks(window.offset(), stride, outer, block, &values)
+        let inner = self.dims()[dim + 1..].iter().product::<usize>();
+        let (outer, stride) = (src.elem_count() / block, self.dims()[dim..].iter().product::<usize>());
+        dst.write_blocks(self.0.layout.offset() + start * inner, stride, outer, block, &values)
     }
 
     /// Copies `src`'s values into this tensor's storage in place (same shape).

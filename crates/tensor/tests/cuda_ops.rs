@@ -531,6 +531,17 @@ fn a_window_is_written_in_place_on_every_device() {
         assert!(dst.write_window(2, 0, &src.to_dtype(DType::BF16).unwrap()).is_err(), "{device:?}: dtype");
         assert!(dst.transpose(0, 1).unwrap().write_window(2, 0, &src.transpose(0, 1).unwrap()).is_err());
     }
+    // A contiguous destination whose dimension of one element carries an odd stride (a
+    // transposed [2, 5, 1, 4]: strides [20, 4, 4, 1]) is written by its dims, not that stride.
+    let odd = randn(&[2, 5, 1, 4], 82).transpose(1, 2).unwrap();
+    assert!(odd.is_contiguous());
+    let part = randn(&[2, 1, 2, 4], 83);
+    let mut expected = odd.to_vec_f32().unwrap();
+    for (b, chunk) in part.to_vec_f32().unwrap().chunks(8).enumerate() {
+        expected[b * 20 + 4..][..8].copy_from_slice(chunk);
+    }
+    odd.write_window(2, 1, &part).unwrap();
+    assert_eq!(odd.to_vec_f32().unwrap(), expected);
     // bf16 buffers too (a bf16 model's cache), on the host.
     let (b, sb) = (dst.to_dtype(DType::BF16).unwrap(), src.to_dtype(DType::BF16).unwrap());
     b.write_window(2, 1, &sb).unwrap();

@@ -84,6 +84,12 @@ pub fn attention_forward_strided(
     lse: &mut [f32],
 ) {
     let s = *shape;
+    assert!(
+        s.q_heads == 0 || (s.kv_heads > 0 && s.q_heads % s.kv_heads == 0),
+        "attention_forward: q_heads {} is not a multiple of kv_heads {}",
+        s.q_heads,
+        s.kv_heads
+    );
     assert_eq!(q.len(), s.q_rows() * s.qk_dim, "attention_forward: q is not [batch, q_heads, q_len, qk_dim]");
     assert!(k_rows.row >= s.qk_dim && v_rows.row >= s.v_dim, "attention_forward: rows overlap");
     assert!(
