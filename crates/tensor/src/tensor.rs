@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use half::{bf16, f16};
+use whale_kernels::cpu::attention::RowLayout;
 use whale_kernels::cpu::fp8::Fp8Format;
 
 use crate::backprop::{self, BackwardOp, GradInfo, VarKind};
@@ -307,27 +308,60 @@ impl Tensor {
         Ok(F32Data::Owned(guard.host(self.device())?.gather_f32(&self.0.layout)))
     }
 
-    /// The values of a `[batch, heads, len, dim]` tensor as f32 rows and where each row lies: a
-    /// host f32 view whose rows are contiguous (a decode cache's first positions of a longer
-    /// buffer, an MLA latent's first columns) is read in place, anything else is packed.
-    pub(crate) fn f32_rows(&self) -> (F32Data<'_>, whale_kernels::cpu::attention::RowLayout) {
-        use whale_kernels::cpu::attention::RowLayout;
+    /// Where the rows of a `[batch, heads, len, dim]` host f32 tensor lie in its storage, when
+    /// each row's values are contiguous: (offset, strides, elements spanned).
+    fn rows_in_place(&self) -> Option<(usize, RowLayout, usize)> {
         let (d, st) = (self.dims(), self.0.layout.strides());
-        let guard = self.0.storage.read().expect("tensor storage lock poisoned");
-        let rows_in_place = d.len() == 4
-            && !d.contains(&0)
-            && matches!(&*guard, Storage::Cpu(CpuStorage::F32(_)))
-            && (d[3] <= 1 || st[3] == 1)
-            && (d[2] <= 1 || st[2] >= d[3]);
-        if rows_in_place {
-            // A stride of a dimension of one element is never applied.
-            let rows = RowLayout { batch: st[0], head: st[1], row: if d[2] <= 1 { d[3] } else { st[2] } };
-            let span = (d[0] - 1) * rows.batch + (d[1] - 1) * rows.head + (d[2] - 1) * rows.row + d[3];
-            return (F32Data::Borrowed(guard, self.0.layout.offset(), span), rows);
+        let f32_host =
+            matches!(&*self.0.storage.read().expect("tensor storage lock poisoned"), Storage::Cpu(CpuStorage::F32(_)));
+        let rows_contiguous =
+            d.len() == 4 && !d.contains(&0) && (d[3] == 1 || st[3] == 1) && (d[2] == 1 || st[2] >= d[3]);
+        if !(f32_host && rows_contiguous) {
+            return None;
         }
-        drop(guard);
-        let rows = if d.len() == 4 { RowLayout::contiguous(d[1], d[2], d[3]) } else { RowLayout::contiguous(0, 0, 0) };
-        (self.f32_data(), rows)
+        // A stride of a dimension of one element is never applied.
+        let rows = RowLayout { batch: st[0], head: st[1], row: if d[2] == 1 { d[3] } else { st[2] } };
+        let span = (d[0] - 1) * rows.batch + (d[1] - 1) * rows.head + (d[2] - 1) * rows.row + d[3];
+        Some((self.0.layout.offset(), rows, span))
+    }
+
+    /// Runs `f` on the values of `[batch, heads, len, dim]` tensors as f32 rows and where each row
+    /// lies: a host f32 view whose rows are contiguous (a decode cache's first positions of a
+    /// longer buffer, an MLA latent's first columns) is read in place, anything else packed. One
+    /// read lock per storage, however many of the tensors share it.
+    pub(crate) fn with_f32_rows<R, const N: usize>(
+        ts: [&Tensor; N],
+        f: impl FnOnce([(&[f32], RowLayout); N]) -> R,
+    ) -> Result<R> {
+        let places = ts.map(Tensor::rows_in_place);
+        let mut packed: Vec<Option<Vec<f32>>> = Vec::with_capacity(N);
+        for (t, place) in ts.iter().zip(&places) {
+            packed.push(if place.is_none() { Some(t.to_vec_f32()?) } else { None });
+        }
+        let mut storages: Vec<&Arc<RwLock<Storage>>> = Vec::new();
+        let slots = std::array::from_fn::<usize, N, _>(|i| {
+            let s = &ts[i].0.storage;
+            storages.iter().position(|u| Arc::ptr_eq(u, s)).unwrap_or_else(|| {
+                storages.push(s);
+                storages.len() - 1
+            })
+        });
+        let guards: Vec<RwLockReadGuard<'_, Storage>> =
+            storages.iter().map(|s| s.read().expect("tensor storage lock poisoned")).collect();
+        let rows = std::array::from_fn(|i| match (&places[i], &packed[i]) {
+            (Some((offset, rows, span)), _) => match &*guards[slots[i]] {
+                Storage::Cpu(CpuStorage::F32(v)) => (&v[*offset..offset + span], *rows),
+                _ => unreachable!("rows_in_place only places host f32 storage"),
+            },
+            (None, Some(values)) => {
+                let d = ts[i].dims();
+                let rows =
+                    if d.len() == 4 { RowLayout::contiguous(d[1], d[2], d[3]) } else { RowLayout::contiguous(0, 0, 0) };
+                (&values[..], rows)
+            }
+            (None, None) => unreachable!("a tensor not read in place is packed"),
+        });
+        Ok(f(rows))
     }
 
     /// The values as f32 in row-major order (any dtype; floats widen exactly, integers convert),

@@ -217,16 +217,10 @@ impl Tensor {
         let mut lse = vec![0.0f32; shape.batch * shape.q_heads * shape.q_len];
         // Keys and values are read where they lie: a decode cache's view of its buffers is not
         // copied. The backward (training) reads packed copies.
-        let ((k_data, k_rows), (v_data, v_rows)) = (k.f32_rows(), v.f32_rows());
-        attention::attention_forward_strided(
-            &shape,
-            &q.f32_data(),
-            (&k_data, k_rows),
-            (&v_data, v_rows),
-            &mut o,
-            &mut lse,
-        );
-        drop((k_data, v_data));
+        let q_packed = if q.is_contiguous() { q.clone() } else { q.contiguous()? };
+        Tensor::with_f32_rows([&q_packed, k, v], |[(q_data, _), k_rows, v_rows]| {
+            attention::attention_forward_strided(&shape, q_data, k_rows, v_rows, &mut o, &mut lse)
+        })?;
         let back = backward_fn("attention", move |inputs: &[Tensor], out: &Tensor, g: &Tensor, needs: &[bool]| {
             let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
             let (mut dq, mut dk, mut dv) =
