@@ -350,6 +350,11 @@ impl Pipeline {
         if !ckpt.join("config.json").exists() {
             bail!("{}: the stage is marked finished but its checkpoint is missing", dir.display());
         }
+        // Its checkpoint carries the tokenizer it trained with: the run's must be it (a stage
+        // written before checkpoints kept their tokenizer trained on the character one).
+        if !crate::device::same_tokenizer(&*self.tok, &*crate::device::tokenizer(&ckpt, "a finished stage")?) {
+            bail!("--resume: {} was trained with another tokenizer than --from's", ckpt.display());
+        }
         Ok(finished(stage, dir, report, seconds, rl, "finished earlier in"))
     }
 

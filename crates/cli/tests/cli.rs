@@ -375,6 +375,26 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("different tokenizers"), "{stderr}");
     assert!(!dir.join("r1").exists(), "refused before anything is written");
+    // An R1 stage trains with it too, and a resumed run does not read back a stage checkpoint
+    // trained with another.
+    let cfg_file = dir.join("r1.toml");
+    std::fs::write(&cfg_file, TINY_R1).unwrap();
+    let r1 = |extra: &[&str]| {
+        whale()
+            .args(["r1", "--stage", "cold-start", "--from", base.to_str().unwrap()])
+            .args(["--out", dir.join("r1-hf").to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = r1(&["--config", cfg_file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stage = dir.join("r1-hf/1-cold-start/checkpoint");
+    assert_eq!(std::fs::read(stage.join("tokenizer.json")).unwrap(), std::fs::read(&fixture).unwrap());
+    std::fs::remove_file(stage.join("tokenizer.json")).unwrap();
+    let resumed = r1(&["--resume"]);
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(!resumed.status.success() && stderr.contains("another tokenizer"), "{stderr}");
     // A tokenizer with ids the model has no embedding for is refused, naming the checkpoint.
     let small = dir.join("small");
     DenseModel::new(DenseConfig { vocab_size: 100, ..cfg }, 3)
