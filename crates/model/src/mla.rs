@@ -75,7 +75,7 @@ impl CacheBuffer {
     /// A cache of `first` (`[batch, heads, s, dim]`, its positions so far); the tensor itself
     /// becomes the buffer (no copy: a training forward never appends).
     pub fn new(first: Tensor) -> Result<Self> {
-        let buffer = if first.is_contiguous() { first } else { first.contiguous()? };
+        let buffer = first.contiguous()?;
         Ok(CacheBuffer { len: buffer.dims()[2], buffer, owners: Arc::new(()) })
     }
 

@@ -321,8 +321,7 @@ impl Tensor {
         }
         // A stride of a dimension of one element is never applied.
         let rows = RowLayout { batch: st[0], head: st[1], row: if d[2] == 1 { d[3] } else { st[2] } };
-        let span = (d[0] - 1) * rows.batch + (d[1] - 1) * rows.head + (d[2] - 1) * rows.row + d[3];
-        Some((self.0.layout.offset(), rows, span))
+        Some((self.0.layout.offset(), rows, rows.span(d[0], d[1], d[2], d[3])))
     }
 
     /// Runs `f` on the values of `[batch, heads, len, dim]` tensors as f32 rows and where each row
@@ -338,16 +337,7 @@ impl Tensor {
         for (t, place) in ts.iter().zip(&places) {
             packed.push(if place.is_none() { Some(t.to_vec_f32()?) } else { None });
         }
-        let mut storages: Vec<&Arc<RwLock<Storage>>> = Vec::new();
-        let slots = std::array::from_fn::<usize, N, _>(|i| {
-            let s = &ts[i].0.storage;
-            storages.iter().position(|u| Arc::ptr_eq(u, s)).unwrap_or_else(|| {
-                storages.push(s);
-                storages.len() - 1
-            })
-        });
-        let guards: Vec<RwLockReadGuard<'_, Storage>> =
-            storages.iter().map(|s| s.read().expect("tensor storage lock poisoned")).collect();
+        let (guards, slots) = read_storages(ts);
         let rows = std::array::from_fn(|i| match (&places[i], &packed[i]) {
             (Some((offset, rows, span)), _) => match &*guards[slots[i]] {
                 Storage::Cpu(CpuStorage::F32(v)) => (&v[*offset..offset + span], *rows),
@@ -623,4 +613,22 @@ impl Tensor {
         *grad.lock().expect("grad lock poisoned") = g;
         Ok(())
     }
+}
+
+/// The storages behind `ts`, each once (a tensor may appear twice, or two views share one
+/// buffer: one read lock each, never two on the same lock), read-locked, and which of them each
+/// tensor uses.
+pub(crate) fn read_storages<'a, const N: usize>(
+    ts: [&'a Tensor; N],
+) -> (Vec<RwLockReadGuard<'a, Storage>>, [usize; N]) {
+    let mut unique: Vec<&Arc<RwLock<Storage>>> = Vec::new();
+    let slots = ts.map(|t| match unique.iter().position(|u| Arc::ptr_eq(u, &t.0.storage)) {
+        Some(i) => i,
+        None => {
+            unique.push(&t.0.storage);
+            unique.len() - 1
+        }
+    });
+    let guards = unique.iter().map(|s| s.read().expect("tensor storage lock poisoned")).collect();
+    (guards, slots)
 }

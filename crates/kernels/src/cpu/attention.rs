@@ -55,8 +55,9 @@ impl RowLayout {
         RowLayout { batch: kv_heads * kv_len * dim, head: kv_len * dim, row: dim }
     }
 
-    /// Elements a slice must hold for `heads` heads of `len` rows of `dim` in this layout.
-    fn span(&self, batch: usize, heads: usize, len: usize, dim: usize) -> usize {
+    /// Elements a slice must hold for `batch` x `heads` heads of `len` rows of `dim` in this
+    /// layout.
+    pub fn span(&self, batch: usize, heads: usize, len: usize, dim: usize) -> usize {
         if batch == 0 || heads == 0 || len == 0 || dim == 0 {
             return 0;
         }
@@ -84,12 +85,7 @@ pub fn attention_forward_strided(
     lse: &mut [f32],
 ) {
     let s = *shape;
-    assert!(
-        s.q_heads == 0 || (s.kv_heads > 0 && s.q_heads % s.kv_heads == 0),
-        "attention_forward: q_heads {} is not a multiple of kv_heads {}",
-        s.q_heads,
-        s.kv_heads
-    );
+    s.check_heads("attention_forward");
     assert_eq!(q.len(), s.q_rows() * s.qk_dim, "attention_forward: q is not [batch, q_heads, q_len, qk_dim]");
     assert!(k_rows.row >= s.qk_dim && v_rows.row >= s.v_dim, "attention_forward: rows overlap");
     assert!(
@@ -247,13 +243,17 @@ impl AttnShape {
         self.q_heads / self.kv_heads
     }
 
-    fn check(&self, q: &[f32], k: &[f32], v: &[f32], what: &str) {
+    fn check_heads(&self, what: &str) {
         assert!(
             self.q_heads == 0 || (self.kv_heads > 0 && self.q_heads % self.kv_heads == 0),
             "{what}: q_heads {} is not a multiple of kv_heads {}",
             self.q_heads,
             self.kv_heads
         );
+    }
+
+    fn check(&self, q: &[f32], k: &[f32], v: &[f32], what: &str) {
+        self.check_heads(what);
         assert_eq!(q.len(), self.q_rows() * self.qk_dim, "{what}: q is not [batch, q_heads, q_len, qk_dim]");
         assert_eq!(k.len(), self.kv_rows() * self.qk_dim, "{what}: k is not [batch, kv_heads, kv_len, qk_dim]");
         assert_eq!(v.len(), self.kv_rows() * self.v_dim, "{what}: v is not [batch, kv_heads, kv_len, v_dim]");

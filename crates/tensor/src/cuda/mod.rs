@@ -24,6 +24,7 @@ use crate::backprop::{backward_fn, BackwardOp};
 use crate::device::gpu;
 use crate::layout::Layout;
 use crate::storage::{CudaBuf, CudaStorage, Storage};
+use crate::tensor::read_storages;
 use crate::{DType, Device, Error, Result, Tensor};
 
 pub(crate) mod dispatch;
@@ -44,22 +45,6 @@ pub(crate) fn driver_error(device: Device, what: &'static str) -> impl Fn(Driver
 pub(crate) fn upload<T: DeviceRepr + Default + Copy>(g: &Gpu, device: Device, v: &[T]) -> Result<CudaSlice<T>> {
     let v = if v.is_empty() { vec![T::default()] } else { v.to_vec() };
     g.stream.clone_htod(&v).map_err(driver_error(device, "copying to the GPU"))
-}
-
-/// The storages behind `ts`, each once (a tensor may appear twice, or two views share one
-/// buffer: one read lock each, never two on the same lock), read-locked, and which of them each
-/// tensor uses.
-fn read_storages<'a, const N: usize>(ts: [&'a Tensor; N]) -> (Vec<RwLockReadGuard<'a, Storage>>, [usize; N]) {
-    let mut unique: Vec<&Arc<RwLock<Storage>>> = Vec::new();
-    let slots = ts.map(|t| match unique.iter().position(|u| Arc::ptr_eq(u, &t.0.storage)) {
-        Some(i) => i,
-        None => {
-            unique.push(&t.0.storage);
-            unique.len() - 1
-        }
-    });
-    let guards = unique.iter().map(|s| s.read().expect("tensor storage lock poisoned")).collect();
-    (guards, slots)
 }
 
 /// The GPU behind `device` (for an op named `op` that only runs there).

@@ -217,7 +217,7 @@ impl Tensor {
         let mut lse = vec![0.0f32; shape.batch * shape.q_heads * shape.q_len];
         // Keys and values are read where they lie: a decode cache's view of its buffers is not
         // copied. The backward (training) reads packed copies.
-        let q_packed = if q.is_contiguous() { q.clone() } else { q.contiguous()? };
+        let q_packed = q.contiguous()?;
         Tensor::with_f32_rows([&q_packed, k, v], |[(q_data, _), k_rows, v_rows]| {
             attention::attention_forward_strided(&shape, q_data, k_rows, v_rows, &mut o, &mut lse)
         })?;
