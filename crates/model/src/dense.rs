@@ -14,6 +14,7 @@ use crate::checkpoint::{self, SaveDType, TensorFiles};
 use crate::generate::KvCache;
 use crate::mla::LayerCache;
 use crate::nn::{in_dtype_of, Linear, ParamBuilder, RmsNorm, RotaryEmbedding, SwiGluMlp, WeightSource};
+use crate::tokenizer::config_token_ids;
 use crate::{Error, Result};
 
 /// The keys of an HF `LlamaConfig` / `Qwen2Config` that matter here; the rest are ignored.
@@ -168,7 +169,7 @@ impl DenseConfig {
                 return Err(bad("hidden_act", &format!("`{act}`: only silu (SwiGLU) is supported")));
             }
         }
-        let token = |key: &str| v[key].as_u64().map(|x| x as u32).or_else(|| v[key][0].as_u64().map(|x| x as u32));
+        let token_ids = |key: &str| config_token_ids(&v, key).map_err(|e| bad(key, &e));
         let cfg = DenseConfig {
             attention_bias: model_type == "qwen2" || v["attention_bias"].as_bool().unwrap_or(false),
             model_type,
@@ -185,11 +186,8 @@ impl DenseConfig {
             max_position_embeddings: v["max_position_embeddings"].as_u64().unwrap_or(4096) as usize,
             tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
             initializer_range: v["initializer_range"].as_f64().unwrap_or(0.02),
-            bos_token_id: token("bos_token_id"),
-            eos_token_ids: match &v["eos_token_id"] {
-                Value::Array(ids) => ids.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
-                x => x.as_u64().map(|x| x as u32).into_iter().collect(),
-            },
+            bos_token_id: token_ids("bos_token_id")?.first().copied(),
+            eos_token_ids: token_ids("eos_token_id")?,
         };
         cfg.validate()?;
         Ok(cfg)

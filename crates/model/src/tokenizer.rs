@@ -255,6 +255,21 @@ fn json_of(dir: &Path, file: &str) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| Error::file(&path, e))
 }
 
+/// The token ids an HF config gives under `key` (`bos_token_id`, `eos_token_id`): one id, a list
+/// (Llama 3 lists several EOS ids), or none when the key is absent or null. Anything else is an
+/// error message for the caller to attach to its key and file: an id that does not fit a u32
+/// would otherwise be silently wrapped to another token.
+pub(crate) fn config_token_ids(config: &serde_json::Value, key: &str) -> std::result::Result<Vec<u32>, String> {
+    use serde_json::Value;
+    let id = |x: &Value| x.as_u64().and_then(|x| u32::try_from(x).ok());
+    let bad = |x: &Value| format!("`{x}` is not a token id or a list of them");
+    match &config[key] {
+        Value::Null => Ok(vec![]),
+        Value::Array(ids) => ids.iter().map(|x| id(x).ok_or_else(|| bad(x))).collect(),
+        x => id(x).map(|x| vec![x]).ok_or_else(|| bad(x)),
+    }
+}
+
 /// The tokenizer file of a checkpoint directory.
 const TOKENIZER_FILE: &str = "tokenizer.json";
 
@@ -289,18 +304,18 @@ pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
         }
         return Ok(Box::new(chars));
     }
-    let id = |k: &str| {
-        [&generation, &cfg].into_iter().find_map(|v| v[k].as_u64().or_else(|| v[k][0].as_u64())).map(|x| x as u32)
+    // Each config's ids per key, generation_config.json's first.
+    let ids = |key: &str| -> Result<Vec<Vec<u32>>> {
+        [("generation_config.json", &generation), ("config.json", &cfg)]
+            .into_iter()
+            .map(|(file, v)| config_token_ids(v, key).map_err(|e| Error::file(dir.join(file), format!("{key}: {e}"))))
+            .collect()
     };
-    let mut tok = HfTokenizer::from_file(&path, id("bos_token_id"), id("eos_token_id"))?;
-    for v in [&cfg, &generation] {
-        let listed = match &v["eos_token_id"] {
-            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).collect(),
-            x => x.as_u64().into_iter().collect::<Vec<_>>(),
-        };
-        let vocab = tok.vocab_size();
-        tok.stops.extend(listed.into_iter().filter_map(|x| u32::try_from(x).ok()).filter(|&x| (x as usize) < vocab));
-    }
+    let first = |lists: &[Vec<u32>]| lists.iter().find_map(|ids| ids.first().copied());
+    let (bos, eos) = (ids("bos_token_id")?, ids("eos_token_id")?);
+    let mut tok = HfTokenizer::from_file(&path, first(&bos), first(&eos))?;
+    let vocab = tok.vocab_size();
+    tok.stops.extend(eos.iter().rev().flatten().filter(|&&x| (x as usize) < vocab));
     let mut seen = std::collections::HashSet::new();
     tok.stops.retain(|t| seen.insert(*t));
     for name in COMPANION_FILES {

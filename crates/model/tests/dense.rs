@@ -94,6 +94,16 @@ fn every_eos_id_a_config_lists_is_written_back() {
         std::fs::write(&path, cfg.to_json_string()).unwrap();
         assert_eq!(DenseConfig::from_file(&path).unwrap(), cfg);
     }
+    // An id that is no u32 would wrap to another token: refused, naming the key.
+    for (key, bad) in [("eos_token_id", "[128001, 4294967297]"), ("bos_token_id", "-1")] {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(fixture("llama3_scaled").join("config.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v[key] = serde_json::from_str(bad).unwrap();
+        std::fs::write(&path, v.to_string()).unwrap();
+        let err = DenseConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("config.json"), "{key} = {bad}: {err}");
+    }
 }
 
 #[test]

@@ -36,6 +36,13 @@ fn hf_tokenizer_json_encodes_and_decodes_like_transformers() {
     std::fs::write(ids.join("generation_config.json"), r#"{"bos_token_id": 4, "eos_token_id": [3, 5]}"#).unwrap();
     let t = tokenizer_for(&ids).unwrap();
     assert_eq!((t.bos_id(), t.eos_id()), (4, 3));
+    // An id that is no u32 (it would wrap to another token) or no id is an error naming the file
+    // and key.
+    for bad in ["4294967296", "[3, -1]", "\"</s>\""] {
+        std::fs::write(ids.join("generation_config.json"), format!(r#"{{"eos_token_id": {bad}}}"#)).unwrap();
+        let err = tokenizer_for(&ids).err().expect("refused").to_string();
+        assert!(err.contains("generation_config.json") && err.contains("eos_token_id"), "{bad}: {err}");
+    }
     // A subword model without its tokenizer.json is an error, not the character tokenizer.
     let bare = whale_tensor::testing::TempDir::new("bare-checkpoint");
     std::fs::write(bare.join("config.json"), r#"{"vocab_size": 32000}"#).unwrap();
