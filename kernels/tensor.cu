@@ -124,13 +124,23 @@ extern "C" __global__ void strided_copy_f32(const float* x, float* y, unsigned n
     }
 }
 
-// The view s.b of y (its other elements untouched) = x (contiguous, `n` elements).
-extern "C" __global__ void strided_write_f32(const float* x, float* y, unsigned n, Strided s) {
+// The view s.b of y (its other elements untouched) = x (contiguous, `n` elements), values moved
+// as they are: f32, and bf16 storage as its raw bits (a decode cache's append).
+template <typename T>
+__device__ __forceinline__ void strided_write(const T* x, T* y, unsigned n, const Strided& s) {
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         unsigned long long oa, ob;
         offsets(s, i, oa, ob);
         y[ob] = x[i];
     }
+}
+
+extern "C" __global__ void strided_write_f32(const float* x, float* y, unsigned n, Strided s) {
+    strided_write(x, y, n, s);
+}
+
+extern "C" __global__ void strided_write_bf16(const unsigned short* x, unsigned short* y, unsigned n, Strided s) {
+    strided_write(x, y, n, s);
 }
 
 extern "C" __global__ void fill_f32(float* y, unsigned n, float v) {

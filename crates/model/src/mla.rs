@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use whale_tensor::fp8::Fp8Recipe;
 
-use whale_tensor::{DType, RopeLayout, Tensor};
+use whale_tensor::{RopeLayout, Tensor};
 
 use crate::config::DeepSeekV3Config;
 use crate::nn::{Linear, ParamBuilder, RmsNorm, RotaryEmbedding};
@@ -101,12 +101,6 @@ impl CacheBuffer {
     /// Appends `new` (`[batch, heads, s, dim]`).
     pub fn append(&mut self, new: &Tensor) -> Result<()> {
         let need = self.len + new.dims()[2];
-        if self.buffer.device().is_cuda() && self.buffer.dtype() != DType::F32 {
-            // No in-place write for bf16 GPU buffers yet: the cache is concatenated, as before.
-            (self.buffer, self.owners) = (Tensor::cat(&[self.view()?, new.clone()], 2)?, Arc::new(()));
-            self.len = need;
-            return Ok(());
-        }
         let shared = Arc::strong_count(&self.owners) > 1;
         if need > self.capacity() || shared {
             let mut dims = self.buffer.dims().to_vec();

@@ -94,6 +94,14 @@ fn tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu() {
 }
 
 #[test]
+fn decode_caches_append_in_place_on_a_gpu_in_f32_and_bf16() {
+    let Some(device) = gpu("decode_caches_append_in_place_on_a_gpu_in_f32_and_bf16") else { return };
+    for dtype in [DType::F32, DType::BF16] {
+        common::cache_buffer_appends_in_place(&device, dtype);
+    }
+}
+
+#[test]
 fn an_fp8_release_decodes_on_a_gpu_with_its_weights_kept_in_fp8() {
     let Some(device) = gpu("an_fp8_release_decodes_on_a_gpu_with_its_weights_kept_in_fp8") else { return };
     let cfg = DeepSeekV3Config::tiny();

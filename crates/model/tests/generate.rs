@@ -1,8 +1,10 @@
 //! The cached decode path against the training forward, and batch-independence of generation.
 
+mod common;
+
 use whale_model::generate::{sample_token, CacheMode, KvCache, SamplingConfig};
 use whale_model::{CausalLm, DeepSeekV3, DeepSeekV3Config};
-use whale_tensor::{no_grad, Device, Rng, Tensor};
+use whale_tensor::{no_grad, DType, Device, Rng, Tensor};
 
 #[test]
 fn cached_decode_gives_the_training_forward_logits_token_by_token() {
@@ -215,31 +217,7 @@ fn generation_stops_at_the_models_last_position() {
 
 #[test]
 fn a_cache_buffer_appends_in_place_grows_by_doubling_and_copies_on_write() {
-    use whale_model::mla::CacheBuffer;
-    let rows = |start: usize, n: usize| {
-        let v: Vec<f32> = (start * 6..(start + n) * 6).map(|x| x as f32).collect();
-        // [batch 1, heads 2, n positions, dim 3]: position p, head h, column d holds 6p + 3h + d.
-        Tensor::from_vec(v, &[n, 2, 3], &Device::Cpu).unwrap().transpose(0, 1).unwrap().unsqueeze(0).unwrap()
-    };
-    let want = |n: usize| rows(0, n).contiguous().unwrap().to_vec_f32().unwrap();
-    let mut c = CacheBuffer::new(rows(0, 3)).unwrap();
-    assert_eq!((c.len(), c.capacity()), (3, 3));
-    c.append(&rows(3, 1)).unwrap();
-    assert_eq!((c.len(), c.capacity()), (4, 6), "full: the capacity doubles");
-    c.append(&rows(4, 2)).unwrap();
-    assert_eq!((c.len(), c.capacity()), (6, 6), "room left: written in place");
-    assert_eq!(c.view().unwrap().to_vec_f32().unwrap(), want(6));
-    // A clone shares the buffer until one appends: each then sees only its own positions.
-    let mut other = c.clone();
-    other.truncate(5);
-    other.append(&rows(9, 1)).unwrap();
-    c.append(&rows(6, 1)).unwrap();
-    assert_eq!(c.view().unwrap().to_vec_f32().unwrap(), want(7));
-    let mut expected = rows(0, 5).contiguous().unwrap();
-    expected = Tensor::cat(&[expected, rows(9, 1)], 2).unwrap();
-    assert_eq!(other.view().unwrap().to_vec_f32().unwrap(), expected.to_vec_f32().unwrap());
-    // A truncated cache overwrites the positions it dropped.
-    c.truncate(2);
-    c.append(&rows(2, 1)).unwrap();
-    assert_eq!(c.view().unwrap().to_vec_f32().unwrap(), want(3));
+    for dtype in [DType::F32, DType::BF16] {
+        common::cache_buffer_appends_in_place(&Device::Cpu, dtype);
+    }
 }

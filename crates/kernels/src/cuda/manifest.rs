@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0x723415d3952a425c;
+pub const SOURCE_HASH: u64 = 0xaba9d873bc0698ed;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -124,6 +124,7 @@ pub const MODULES: &[PtxModule] = &[
             "binary_f32",
             "strided_copy_f32",
             "strided_write_f32",
+            "strided_write_bf16",
             "fill_f32",
             "f32_to_bf16",
             "bf16_to_f32",

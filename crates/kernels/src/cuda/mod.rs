@@ -23,7 +23,7 @@ pub use blas::{BlasFloat, GemmShape};
 pub use cudarc;
 pub use dispatch::DispatchIndices;
 pub use fp8_gemm::{Fp8GemmKernel, Fp8Operand, Fp8View, WGMMA_SHARED_BYTES};
-pub use tensor_ops::{BinaryOp, MidReduction, Strided, UnaryOp, MAX_RANK};
+pub use tensor_ops::{BinaryOp, MidReduction, Strided, StridedElement, UnaryOp, MAX_RANK};
 
 use std::collections::HashMap;
 use std::path::Path;

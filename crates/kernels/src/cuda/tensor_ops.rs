@@ -26,6 +26,19 @@ pub struct Strided {
 // SAFETY: a plain `repr(C)` struct of integers, laid out as the kernels' `Strided`.
 unsafe impl DeviceRepr for Strided {}
 
+/// A storage element the strided write moves unchanged, with its kernel.
+pub trait StridedElement: DeviceRepr {
+    const WRITE_KERNEL: &'static str;
+}
+
+impl StridedElement for f32 {
+    const WRITE_KERNEL: &'static str = "strided_write_f32";
+}
+
+impl StridedElement for bf16 {
+    const WRITE_KERNEL: &'static str = "strided_write_bf16";
+}
+
 impl Strided {
     /// `shape` read through `a` (strides and offset) and, for binary ops, `b` (a broadcast
     /// operand has stride 0 along its broadcast dimensions).
@@ -172,20 +185,20 @@ impl Gpu {
     }
 
     /// The view `s.b` of `y` = `x` (contiguous, `n` elements); `y`'s other elements keep their
-    /// values. The view must not overlap itself (no stride-0 dimensions).
-    pub fn strided_write_dev(
+    /// values. The view must not overlap itself (no stride-0 dimensions). f32 or bf16 (as bits).
+    pub fn strided_write_dev<T: StridedElement>(
         &self,
-        x: &CudaView<'_, f32>,
+        x: &CudaView<'_, T>,
         s: &Strided,
-        y: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<T>,
         n: usize,
     ) -> Result<()> {
         need("strided write", x.len(), n)?;
         let n32 = n as u32;
-        let mut l = self.stream.launch_builder(self.function("strided_write_f32"));
+        let mut l = self.stream.launch_builder(self.function(T::WRITE_KERNEL));
         l.arg(x).arg(y).arg(&n32).arg(s);
         // SAFETY: every offset `s.b` produces lies inside y (the caller's layout), and x holds n.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("strided_write_f32"))?;
+        unsafe { l.launch(grid_for(n)) }.map_err(cuda(T::WRITE_KERNEL))?;
         Ok(())
     }
 

@@ -331,6 +331,18 @@ fn tensor_kernels_match_their_formulas() {
     let mut back = uninit(&g, 120);
     g.strided_write_dev(&copy.slice(..), &write, &mut back, 120).unwrap();
     assert_eq!(down(&g, &back), a, "strided write");
+    // bf16 storage is written as its bits, and only in the window: positions 2..4 of dim 1 of a
+    // [4, 6, 3] buffer from a contiguous [4, 2, 3] source (a decode cache's append).
+    let buffer: Vec<bf16> = (0..72).map(|i| bf16::from_f32(-(i as f32))).collect();
+    let src: Vec<bf16> = values(24, 84).iter().map(|&v| bf16::from_f32(v)).collect();
+    let window = Strided::new(&[4, 2, 3], (&[6, 3, 1], 0), (&[18, 3, 1], 6)).unwrap();
+    let mut dbuf = up(&g, &buffer);
+    g.strided_write_dev(&up(&g, &src).slice(..), &window, &mut dbuf, 24).unwrap();
+    let mut want = buffer.clone();
+    for (i, &v) in src.iter().enumerate() {
+        want[i / 6 * 18 + 6 + i % 6] = v;
+    }
+    assert_eq!(down(&g, &dbuf), want, "strided write of bf16 bits");
     let mut filled = uninit(&g, 300);
     g.fill_dev(&mut filled, 300, 2.5).unwrap();
     assert!(down(&g, &filled).iter().all(|&v| v == 2.5), "fill");

@@ -35,3 +35,39 @@ pub fn shifted_targets(labels: &Tensor) -> Tensor {
     let t: Vec<i64> = (0..batch * seq).map(|p| if p % seq + 1 < seq { l[p + 1] } else { IGNORE_INDEX }).collect();
     Tensor::from_vec(t, &[batch, seq], &Device::Cpu).unwrap()
 }
+
+/// A decode cache's buffer ([`whale_model::mla::CacheBuffer`]) of `dtype` on `device`: appends
+/// are written in place, a full buffer doubles, a clone copies on its first write, a truncated
+/// cache overwrites what it dropped. The values are small integers, exact in bf16.
+pub fn cache_buffer_appends_in_place(device: &Device, dtype: whale_tensor::DType) {
+    use whale_model::mla::CacheBuffer;
+    let what = format!("{device:?} {dtype:?}");
+    let rows = |start: usize, n: usize| {
+        let v: Vec<f32> = (start * 6..(start + n) * 6).map(|x| x as f32).collect();
+        // [batch 1, heads 2, n positions, dim 3]: position p, head h, column d holds 6p + 3h + d.
+        let t = Tensor::from_vec(v, &[n, 2, 3], &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        t.to_device(device).unwrap().transpose(0, 1).unwrap().unsqueeze(0).unwrap()
+    };
+    let want = |n: usize| rows(0, n).contiguous().unwrap().to_vec_f32().unwrap();
+    let mut c = CacheBuffer::new(rows(0, 3)).unwrap();
+    assert_eq!((c.len(), c.capacity()), (3, 3));
+    c.append(&rows(3, 1)).unwrap();
+    assert_eq!((c.len(), c.capacity()), (4, 6), "{what}: full, the capacity doubles");
+    c.append(&rows(4, 2)).unwrap();
+    assert_eq!((c.len(), c.capacity()), (6, 6), "{what}: room left, written in place");
+    let view = c.view().unwrap();
+    assert_eq!((view.dtype(), view.device()), (dtype, *device), "{what}");
+    assert_eq!(view.to_vec_f32().unwrap(), want(6), "{what}");
+    // A clone shares the buffer until one appends: each then sees only its own positions.
+    let mut other = c.clone();
+    other.truncate(5);
+    other.append(&rows(9, 1)).unwrap();
+    c.append(&rows(6, 1)).unwrap();
+    assert_eq!(c.view().unwrap().to_vec_f32().unwrap(), want(7), "{what}");
+    let expected = Tensor::cat(&[rows(0, 5), rows(9, 1)], 2).unwrap();
+    assert_eq!(other.view().unwrap().to_vec_f32().unwrap(), expected.to_vec_f32().unwrap(), "{what}: the clone");
+    // A truncated cache overwrites the positions it dropped.
+    c.truncate(2);
+    c.append(&rows(2, 1)).unwrap();
+    assert_eq!(c.view().unwrap().to_vec_f32().unwrap(), want(3), "{what}: after truncation");
+}

@@ -584,15 +584,21 @@ pub(crate) fn write_window(dst: &Tensor, window: &Layout, src: &Tensor) -> Resul
     let dev = dst.device();
     let s = Strided::new(window.shape(), (window.strides(), window.offset()), (window.strides(), window.offset()))
         .map_err(gpu_error(dev))?;
-    let sp = packed(src)?;
-    with_buffer(&sp, |g, sb| {
-        let mut guard = dst.0.storage.write().expect("tensor storage lock poisoned");
-        let Storage::Cuda(c) = &mut *guard else {
-            return Err(Error::invalid("write_window", "a host tensor reached the CUDA backend"));
-        };
-        let buf = c.f32_mut("write_window")?;
-        g.strided_write_dev(&sb.slice(..), &s, buf, src.elem_count()).map_err(gpu_error(dev))
-    })
+    // A contiguous source in a storage of its own: dst's is write-locked while it is read.
+    let sp = if Arc::ptr_eq(&src.0.storage, &dst.0.storage) { contiguous(&src.detach())? } else { packed(src)? };
+    let n = src.elem_count();
+    let source = sp.0.storage.read().expect("tensor storage lock poisoned");
+    let mut target = dst.0.storage.write().expect("tensor storage lock poisoned");
+    let (Storage::Cuda(d), Storage::Cuda(sc)) = (&mut *target, &*source) else {
+        return Err(Error::invalid("write_window", "a host tensor reached the CUDA backend"));
+    };
+    let g = d.gpu.clone();
+    match (&mut d.buf, &sc.buf) {
+        (CudaBuf::F32(d), CudaBuf::F32(x)) => g.strided_write_dev(&x.slice(..), &s, d, n),
+        (CudaBuf::Bf16(d), CudaBuf::Bf16(x)) => g.strided_write_dev(&x.slice(..), &s, d, n),
+        _ => return Err(Error::UnsupportedDType { op: "write_window", dtype: dst.dtype(), why: GPU_DTYPES }),
+    }
+    .map_err(gpu_error(dev))
 }
 
 /// Runs `f` on the values of a contiguous CUDA tensor in place, through the host (copy out, `f`,
