@@ -10,6 +10,10 @@
 //!
 //! NaN is preserved in both modes (sign kept).
 
+use rayon::prelude::*;
+
+use super::wide_fn;
+
 /// An 8-bit float format: exponent and mantissa widths and what the top exponent means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fp8Format {
@@ -135,6 +139,34 @@ impl Fp8Format {
         let m = ((r >> drop) & ((1 << m_bits) - 1)) as u8;
         sign | (((e + self.bias()) as u8) << m_bits) | m
     }
+
+    /// [`Fp8Format::encode`] with [`Overflow::Saturate`], the same code for every f32, computed
+    /// without branches (both roundings, then a select) so that the quantizers' loop over a tile
+    /// becomes SIMD code.
+    #[inline(always)]
+    pub fn encode_saturating(self, x: f32) -> u8 {
+        let m_bits = self.mantissa_bits() as u32;
+        let bits = x.to_bits();
+        let sign = (bits >> 24) as u8 & 0x80;
+        let abs = bits & 0x7FFF_FFFF;
+        // Non-negative floats order as their bits: past the max (infinity included) encodes as
+        // the max. NaN, above infinity, is set apart at the end.
+        let a = abs.min(self.max().to_bits());
+        // Below the smallest normal, count quanta of the smallest subnormal: adding 2^23 quanta
+        // leaves one quantum per unit in the last place, so the f32 addition rounds to whole
+        // quanta, ties to even, and the count is what the sum's bits gain.
+        let magic = f32::from_bits(((self.min_exp() - m_bits as i32 + 23 + 127) as u32) << 23);
+        let subnormal = (f32::from_bits(a) + magic).to_bits().wrapping_sub(magic.to_bits());
+        // A normal: round the mantissa to m_bits, ties to even (a carry moves into the exponent),
+        // and re-bias the exponent from f32's 127 to the format's.
+        let drop = 23 - m_bits;
+        let rounded = a.wrapping_add((1 << (drop - 1)) - 1 + ((a >> drop) & 1)) >> drop;
+        let normal = rounded.wrapping_sub(((127 - self.bias()) as u32) << m_bits);
+        let smallest_normal = ((self.min_exp() + 127) as u32) << 23;
+        let code = if a < smallest_normal { subnormal } else { normal };
+        let code = if abs > f32::INFINITY.to_bits() { self.nan_code() as u32 } else { code };
+        sign | code as u8
+    }
 }
 
 #[cfg(test)]
@@ -233,6 +265,32 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn the_branch_free_encoder_gives_encodes_saturated_codes() {
+        for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            let check = |bits: u32| {
+                let x = f32::from_bits(bits);
+                assert_eq!(fmt.encode_saturating(x), fmt.encode(x, Overflow::Saturate), "{fmt:?} {x:e} ({bits:#010x})");
+            };
+            // A sweep of every 509th f32 bit pattern (both signs, NaNs, infinities, f32
+            // subnormals), and every pattern within 2^12 of each code's value and of each
+            // midpoint between neighbours, where the roundings decide.
+            (0..=u32::MAX).step_by(509).for_each(check);
+            let finite: Vec<f64> = (0..0x80u8).filter_map(|c| reference(fmt, c)).collect();
+            let midpoints = finite.windows(2).map(|w| (w[0] + w[1]) / 2.0);
+            for v in finite.iter().copied().chain(midpoints).chain([fmt.max() as f64 * 1.0625, 1e30]) {
+                let b = (v as f32).to_bits();
+                for bits in b.saturating_sub(1 << 12)..=b.saturating_add(1 << 12) {
+                    check(bits);
+                    check(bits | 0x8000_0000);
+                }
+            }
+            for x in [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::MIN_POSITIVE] {
+                check(x.to_bits());
+            }
+        }
+    }
 }
 
 /// A row-major `[rows, cols]` matrix as `[cols, rows]`.
@@ -257,6 +315,72 @@ pub enum ScaleFormat {
 /// Smallest amax a block is scaled for: an all-zero block would otherwise get scale 0 and divide
 /// 0 by 0 (the reference's `act_quant` clamps at 1e-4 too; spec section 9, item 11).
 pub const MIN_AMAX: f32 = 1e-4;
+
+/// Values per parallel task of [`Fp8Blocks::quantize`]: a fixed size, so the partition depends
+/// only on the shape (each block's codes depend only on its own values anyway).
+const QUANTIZE_TASK: usize = 1 << 15;
+
+/// How [`Fp8Blocks::quantize`] tiles and encodes a matrix: its width, the width of a block, the
+/// codes' format and the scales'.
+#[derive(Clone, Copy)]
+struct Tiling {
+    cols: usize,
+    bc: usize,
+    format: Fp8Format,
+    scale_format: ScaleFormat,
+}
+
+wide_fn! {
+    /// One row of blocks: `x` (rows of `t.cols` values, at most a block high) into `codes`, and
+    /// a scale per block into `scales`.
+    fn quantize_block_row => quantize_block_row_with(x: &[f32], codes: &mut [u8], scales: &mut [f32], t: Tiling)
+}
+
+#[inline(always)]
+fn quantize_block_row_with(x: &[f32], codes: &mut [u8], scales: &mut [f32], t: Tiling) {
+    let Tiling { cols, bc, format, scale_format } = t;
+    for (bj, scale_slot) in scales.iter_mut().enumerate() {
+        let (c0, c1) = (bj * bc, ((bj + 1) * bc).min(cols));
+        let mut amax = 0;
+        for row in x.chunks(cols) {
+            amax = amax.max(amax_bits(&row[c0..c1]));
+        }
+        let mut scale = f32::from_bits(amax).max(MIN_AMAX) / format.max();
+        if scale_format == ScaleFormat::Ue8m0 {
+            scale = 2f32.powi(scale.log2().ceil() as i32);
+        }
+        *scale_slot = scale;
+        for (row, out) in x.chunks(cols).zip(codes.chunks_mut(cols)) {
+            // One loop per format, its constants known to the compiler.
+            match format {
+                Fp8Format::E4M3 => encode_scaled(&row[c0..c1], scale, &mut out[c0..c1], Fp8Format::E4M3),
+                Fp8Format::E5M2 => encode_scaled(&row[c0..c1], scale, &mut out[c0..c1], Fp8Format::E5M2),
+            }
+        }
+    }
+}
+
+/// The bits of the largest |v|: non-negative floats order as their bits do. A NaN (above
+/// infinity) is left out, as `f32::max` would leave it.
+#[inline(always)]
+fn amax_bits(v: &[f32]) -> u32 {
+    let mut m = [0u32; 8];
+    for chunk in v.chunks(8) {
+        for (m, x) in m.iter_mut().zip(chunk) {
+            let b = x.to_bits() & 0x7FFF_FFFF;
+            *m = (*m).max(b & ((b <= f32::INFINITY.to_bits()) as u32).wrapping_neg());
+        }
+    }
+    m.into_iter().fold(0, u32::max)
+}
+
+/// `out = encode_saturating(x / scale)`, value by value.
+#[inline(always)]
+fn encode_scaled(x: &[f32], scale: f32, out: &mut [u8], format: Fp8Format) {
+    for (c, &v) in out.iter_mut().zip(x) {
+        *c = format.encode_saturating(v / scale);
+    }
+}
 
 /// A row-major `[rows, cols]` matrix quantized in blocks of `block = (block_rows, block_cols)`:
 /// 1x128 activation tiles, 128x1 tiles of an activation reused along the other axis, 128x128
@@ -287,30 +411,26 @@ impl Fp8Blocks {
         scale_format: ScaleFormat,
     ) -> Fp8Blocks {
         assert_eq!(x.len(), rows * cols, "Fp8Blocks::quantize: buffer does not match [{rows}, {cols}]");
+        assert!(block.0 > 0 && block.1 > 0, "Fp8Blocks::quantize: block {block:?} has a zero edge");
         let (br, bc) = block;
         let (gr, gc) = (rows.div_ceil(br), cols.div_ceil(bc));
         let mut scales = vec![0.0f32; gr * gc];
         let mut codes = vec![0u8; rows * cols];
-        for bi in 0..gr {
-            for bj in 0..gc {
-                let (r0, r1, c0, c1) = (bi * br, ((bi + 1) * br).min(rows), bj * bc, ((bj + 1) * bc).min(cols));
-                let mut amax = 0.0f32;
-                for r in r0..r1 {
-                    for &v in &x[r * cols + c0..r * cols + c1] {
-                        amax = amax.max(v.abs());
+        // Bands of whole block rows, about QUANTIZE_TASK values each, quantized in parallel.
+        let band = br * QUANTIZE_TASK.div_ceil(br * cols.max(1)).max(1);
+        let tiling = Tiling { cols, bc, format, scale_format };
+        if cols > 0 {
+            codes
+                .par_chunks_mut(band * cols)
+                .zip(scales.par_chunks_mut(band / br * gc))
+                .zip(x.par_chunks(band * cols))
+                .for_each(|((codes, scales), x)| {
+                    for ((x, codes), scales) in
+                        x.chunks(br * cols).zip(codes.chunks_mut(br * cols)).zip(scales.chunks_mut(gc))
+                    {
+                        quantize_block_row(x, codes, scales, tiling);
                     }
-                }
-                let mut scale = amax.max(MIN_AMAX) / format.max();
-                if scale_format == ScaleFormat::Ue8m0 {
-                    scale = 2f32.powi(scale.log2().ceil() as i32);
-                }
-                scales[bi * gc + bj] = scale;
-                for r in r0..r1 {
-                    for c in c0..c1 {
-                        codes[r * cols + c] = format.encode(x[r * cols + c] / scale, Overflow::Saturate);
-                    }
-                }
-            }
+                });
         }
         Fp8Blocks { codes, scales, rows, cols, block, format }
     }
