@@ -149,8 +149,10 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     let mut corpus = Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters)?, s.imperfect, s.seed ^ 0x57)?
         .with_mixing(s.mixing)?;
     let tasks = &corpus.tasks;
+    // The RL arm's settings are checked before the student and the distillation train.
+    s.rl.validate().context("the distill settings' [rl]")?;
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
-    std::fs::write(out.join("settings.json"), serde_json::to_string_pretty(&s)?)?;
+    crate::pretrain::write_json_atomically(&out.join("settings.json"), &serde_json::to_value(&s)?)?;
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
     let eval_cfg = EvalConfig { samples: s.k, ..EvalConfig::default() };
 

@@ -18,6 +18,10 @@ pub struct EvalArgs {
     /// Tasks with optional difficulty ranges, e.g. add:3-4,mul.
     #[arg(long, default_value = "add:2-3")]
     pub tasks: String,
+    /// The share of --tasks problems whose operands are written as English words, as the runs'
+    /// `letters` (0.25 by default, as pretraining's): the same value draws the run's problems.
+    #[arg(long, default_value_t = 0.25)]
+    pub letters: f64,
     /// A JSONL file of {"prompt", "answer"} problems instead of the embedded tasks: its
     /// held-out prompts (those training on the file leaves out), or every line with --all-lines.
     #[arg(long)]
@@ -31,6 +35,7 @@ pub struct EvalArgs {
     /// Held-out problems drawn from --tasks (a --data file's are all evaluated).
     #[arg(long, default_value_t = 128)]
     pub problems: usize,
+    /// Sampling temperature (> 0: pass@1 and pass@k are over samples, never greedy decoding).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
     #[arg(long, default_value_t = 0)]
@@ -47,6 +52,12 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    if !(a.temperature > 0.0 && a.temperature.is_finite()) {
+        anyhow::bail!(
+            "--temperature {}: must be > 0 (pass@k scores samples; --show prints greedy ones)",
+            a.temperature
+        );
+    }
     let device = crate::device::open(&a.device)?;
     let model = crate::device::load(&a.checkpoint, &device, "the checkpoint")?;
     let problems = match &a.data {
@@ -56,7 +67,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 || format!("evaluating the held-out prompts of {} (--all-lines takes every line)", path.display());
             load_jsonl_split(path, Split::HeldOut).with_context(context)?.0
         }
-        None => TaskSet::parse(&a.tasks)?.held_out(a.problems, a.seed),
+        None => TaskSet::parse(&a.tasks)?.with_letters(a.letters)?.held_out(a.problems, a.seed),
     };
     let cache = CacheMode::parse(&a.cache).with_context(|| format!("--cache {}: expected naive or absorb", a.cache))?;
     let cfg = EvalConfig { samples: a.k, temperature: a.temperature, cache, ..EvalConfig::default() };

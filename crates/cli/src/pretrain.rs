@@ -25,7 +25,8 @@ use whale_rl::parallel::model::{DeepSeekV3, DeepSeekV3Config};
 use whale_rl::parallel::parallel_trainer::{Mesh, ParallelTrainer};
 use whale_rl::parallel::schedule::Method;
 use whale_rl::parallel::trainer::{
-    truncate_metrics, DataSource, LrShape, MomentPrecision, Precision, TrainConfig, Trainer,
+    complete_checkpoint, truncate_metrics, DataSource, LrShape, MomentPrecision, Precision, TrainConfig, Trainer,
+    TRAINER_FILE,
 };
 use whale_rl::parallel::Error as ParallelError;
 use whale_rl::tasks::{Corpus, Problem, TaskSet};
@@ -430,10 +431,18 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let tasks = corpus(&s)?.tasks;
     let ckpt = s.out.join("checkpoint");
     let metrics = s.out.join("metrics.jsonl");
-    let model = if args.resume {
+    // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
+    // (its logs, all of steps not checkpointed, go).
+    let restart = args.resume && complete_checkpoint(&ckpt, TRAINER_FILE).is_err();
+    let model = if args.resume && !restart {
         None
     } else {
-        if ckpt.exists() || metrics.exists() {
+        if restart {
+            println!("{} stopped before its first checkpoint: starting it again", s.out.display());
+            for log in [&metrics, &s.out.join("eval_history.jsonl")] {
+                truncate_metrics(log, 0)?;
+            }
+        } else if ckpt.exists() || metrics.exists() {
             bail!("{} already holds a run; pass --resume to continue it or choose another --out", s.out.display());
         }
         let cfg = model_config(&s, &tok)?;
@@ -461,9 +470,7 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
             s.micro_batch
         );
     }
-    let settings_path = s.out.join("settings.json");
-    std::fs::write(&settings_path, serde_json::to_string_pretty(&s)?)
-        .with_context(|| settings_path.display().to_string())?;
+    write_json_atomically(&s.out.join("settings.json"), &serde_json::to_value(&s)?)?;
 
     let problems = tasks.held_out(s.eval_problems, s.seed);
     let plan = RankPlan {

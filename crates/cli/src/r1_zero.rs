@@ -11,14 +11,14 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
-use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, RlRun, ScaleRewards, StepLog};
+use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, RlRun, ScaleRewards, StepLog, RL_STATE_FILE};
 use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
-use whale_rl::parallel::trainer::truncate_metrics;
+use whale_rl::parallel::trainer::{complete_checkpoint, truncate_metrics};
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
 use whale_rl::tasks::{Problem, TaskSet};
 
-use crate::pretrain::{print_report, write_eval};
+use crate::pretrain::{print_report, write_eval, write_json_atomically};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -256,14 +256,21 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
         }
     } else {
         s.base = args.base.clone();
-        s.data = args.data.clone();
+        // --data over the config file's `data`, as every flag overrides the file.
+        if args.data.is_some() {
+            s.data = args.data.clone();
+        }
     }
     let pool = s.data.as_deref().map(crate::settings::training_pool).transpose()?;
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
     let (base, tok) = crate::device::load_with_tokenizer(&args.base, &device, "the base model")?;
-    if args.resume {
+    // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
+    // (its logs, all of steps not checkpointed, go).
+    let saved = complete_checkpoint(&ckpt, RL_STATE_FILE).ok();
+    let resume = args.resume && saved.is_some();
+    if let Some(saved) = saved.as_ref().filter(|_| resume) {
         // The run's checkpoint carries the tokenizer it trained with: the base's must be it.
-        let trained = crate::device::tokenizer(&ckpt, "the run's checkpoint")?;
+        let trained = crate::device::tokenizer(saved, "the run's checkpoint")?;
         if !crate::device::same_tokenizer(&*tok, &*trained) {
             bail!(
                 "--resume: {} was trained with another tokenizer than --base {}'s",
@@ -272,7 +279,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
             );
         }
     }
-    let mut trainer: Box<dyn RlTrainer> = if args.resume {
+    let mut trainer: Box<dyn RlTrainer> = if resume {
         let mut t: Box<dyn RlTrainer> = match s.algo {
             Algo::Grpo => Box::new(GrpoTrainer::resume(&ckpt, Box::new(tok.clone()), &device)?),
             Algo::Ppo => Box::new(PpoTrainer::resume(&ckpt, Box::new(tok.clone()), &device)?),
@@ -289,7 +296,12 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
         println!("resuming {} at step {step} of {}", out.display(), s.grpo.steps);
         t
     } else {
-        if ckpt.exists() || metrics.exists() {
+        if args.resume {
+            println!("{} stopped before its first checkpoint: starting it again", out.display());
+            for log in [&metrics, &completions, &out.join("eval_history.jsonl")] {
+                truncate_metrics(log, 0)?;
+            }
+        } else if ckpt.exists() || metrics.exists() {
             bail!("{} already holds a run; pass --resume to continue it or choose another --out", out.display());
         }
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -305,8 +317,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     if let Some(pool) = pool {
         trainer.run_mut().pool = Some(pool);
     }
-    std::fs::write(&settings_path, serde_json::to_string_pretty(&s)?)
-        .with_context(|| settings_path.display().to_string())?;
+    write_json_atomically(&settings_path, &serde_json::to_value(&s)?)?;
 
     crate::settings::note_letters_mismatch(&args.base, s.grpo.letters);
     let problems = TaskSet::parse(&s.grpo.tasks)?.with_letters(s.grpo.letters)?.held_out(s.eval_problems, s.eval_seed);

@@ -122,6 +122,17 @@ fn an_existing_run_is_not_overwritten_and_bad_config_keys_are_named() {
         whale().args(["pretrain", "--out", run.to_str().unwrap(), "--steps", "2"]).args(SMALL).output().unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+    // A run stopped before its first checkpoint (its logs and settings written, no checkpoint):
+    // --resume starts it again, its logs rewritten from step 0.
+    let early = dir.join("early");
+    let ok = whale().args(["pretrain", "--out", early.to_str().unwrap(), "--steps", "2"]).args(SMALL).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    std::fs::remove_dir_all(early.join("checkpoint")).unwrap();
+    let again = whale().args(["pretrain", "--out", early.to_str().unwrap(), "--resume"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success() && stdout.contains("starting it again"), "{stdout}{again:?}");
+    assert_eq!(metrics(&early).iter().map(|m| m["step"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(checkpoint_step(&early), Some(2));
 
     let cfg = dir.join("run.toml");
     std::fs::write(&cfg, "steps = 2\nlearning_rate = 0.1\n").unwrap();
@@ -198,6 +209,9 @@ fn shares_out_of_range_are_named_before_anything_is_written() {
     for command in ["r1", "distill"] {
         refused(command, "--from", "letters = 2.0\n", "`letters` = 2");
     }
+    // Their RL stages' settings too, before the stages ahead of them run.
+    refused("r1", "--from", "[all_rl]\nminibatches = 64\n", "[all_rl]");
+    refused("distill", "--from", "[rl]\ngroup_size = 0\n", "[rl]");
 }
 
 #[test]
@@ -295,6 +309,24 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     let settings: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("settings.json")).unwrap()).unwrap();
     assert!(settings["data"].as_str().unwrap().ends_with("prompts.jsonl"), "{settings}");
+    // Stopped before its first checkpoint: --resume starts it again.
+    std::fs::remove_dir_all(run.join("checkpoint")).unwrap();
+    let out = resume(&[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("starting it again"), "{stdout}{out:?}");
+    assert_eq!(metrics(&run).iter().map(|m| m["step"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1]);
+    // A config file's `data` is the pool when no --data overrides it.
+    let (cfg, from_file) = (dir.join("data.toml"), dir.join("from-file"));
+    std::fs::write(&cfg, format!("data = {:?}\n[grpo]\nsteps = 1\nprompts_per_step = 2\ngroup_size = 2\n", data))
+        .unwrap();
+    let out = whale()
+        .args(["r1-zero", "--base", ckpt.to_str().unwrap(), "--out", from_file.to_str().unwrap()])
+        .args(["--config", cfg.to_str().unwrap(), "--eval-problems", "2", "--k", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let logged = std::fs::read_to_string(from_file.join("completions.jsonl")).unwrap();
+    assert!(logged.contains("\"2+2=\"") || logged.contains("\"3+4=\""), "{logged}");
     let bad = whale().args(["r1-zero", "--base", dir.join("missing").to_str().unwrap()]).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("missing"));
 }
@@ -343,6 +375,9 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
         .output()
         .unwrap();
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    // pass@k is over samples: a temperature of 0 (greedy) is refused.
+    let greedy = whale().args(["eval", "--checkpoint", ckpt.to_str().unwrap(), "--temperature", "0"]).output().unwrap();
+    assert!(!greedy.status.success() && String::from_utf8_lossy(&greedy.stderr).contains("--temperature 0"));
     let generate = whale()
         .args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "Twelve plus 7="])
         .args(["--greedy", "--max-new-tokens", "4"])

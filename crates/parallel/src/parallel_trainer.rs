@@ -179,6 +179,10 @@ impl<'c> ParallelTrainer<'c> {
             let exec = Execution::default();
             let stages = Stages { pipeline, schedule, plan, exec, experts };
             (Some(stages), DataParallelConfig { overlap: false, ..dp_config })
+        } else if comm.world_size() == 1 {
+            // One rank steps the trainer's own optimizer (below): a ZeRO-1 shard of it would
+            // never step, and syncing it back at a checkpoint would reset the moments.
+            (None, DataParallelConfig { zero1: false, ..dp_config })
         } else {
             (None, dp_config)
         };

@@ -318,7 +318,8 @@ impl std::fmt::Debug for Trainer {
     }
 }
 
-const TRAINER_FILE: &str = "trainer.json";
+/// The trainer state file of a checkpoint (its marker: a checkpoint without it is incomplete).
+pub const TRAINER_FILE: &str = "trainer.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// The first layer named in a parameter name (`model.layers.3.` -> `model.layers.3`).

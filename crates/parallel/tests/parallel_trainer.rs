@@ -203,6 +203,22 @@ fn a_world_of_one_is_the_plain_trainer() {
 }
 
 #[test]
+fn a_world_of_one_asked_for_zero1_is_the_plain_trainer_across_a_checkpoint() {
+    // One rank steps its own optimizer: a checkpoint mid-run must not reset it to a ZeRO-1
+    // shard that never stepped.
+    let dir = whale_model::tensor::testing::TempDir::new("one-rank-zero1");
+    let comm = LocalComm::single();
+    let dp = DataParallelConfig { zero1: true, ..DataParallelConfig::default() };
+    let mut t = ParallelTrainer::new(trainer(GLOBAL_MICRO, walk()), &comm, Mesh::default(), dp).unwrap();
+    let mut metrics = vec![t.train_step().unwrap()];
+    let first = first_moments(t.trainer());
+    t.save_checkpoint(&dir.join("checkpoint")).unwrap();
+    metrics.extend((1..STEPS).map(|_| t.train_step().unwrap()));
+    let ran = outcome(&t.into_trainer(), metrics, first);
+    assert!(bits(&ran.weights) == bits(&reference().0.weights));
+}
+
+#[test]
 fn impossible_meshes_are_refused_with_the_reason() {
     let cfg = DeepSeekV3Config::tiny();
     let cases = [
