@@ -438,10 +438,7 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
         None
     } else {
         if restart {
-            println!("{} stopped before its first checkpoint: starting it again", s.out.display());
-            for log in [&metrics, &s.out.join("eval_history.jsonl")] {
-                truncate_metrics(log, 0)?;
-            }
+            start_again(&s.out, &[&metrics, &s.out.join("eval_history.jsonl")])?;
         } else if ckpt.exists() || metrics.exists() {
             bail!("{} already holds a run; pass --resume to continue it or choose another --out", s.out.display());
         }
@@ -697,6 +694,16 @@ pub fn eval_from_json(v: &serde_json::Value) -> Option<EvalReport> {
         language: if v.get("language")?.is_null() { f64::NAN } else { num("language")? },
         per_task: per_task.collect::<Option<_>>()?,
     })
+}
+
+/// A run (in `out`) stopped before its first checkpoint, started again: its `logs`, all of steps
+/// no checkpoint kept, are emptied.
+pub fn start_again(out: &Path, logs: &[&Path]) -> Result<()> {
+    println!("{} stopped before its first checkpoint: starting it again", out.display());
+    for log in logs {
+        truncate_metrics(log, 0)?;
+    }
+    Ok(())
 }
 
 /// Writes `text` beside `path` (`path.tmp`) and renames it into place: a reader never sees half

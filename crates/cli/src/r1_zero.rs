@@ -18,7 +18,7 @@ use whale_rl::parallel::trainer::{complete_checkpoint, truncate_metrics};
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
 use whale_rl::tasks::{Problem, TaskSet};
 
-use crate::pretrain::{print_report, write_eval, write_json_atomically};
+use crate::pretrain::{print_report, start_again, write_eval, write_json_atomically};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -297,10 +297,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
         t
     } else {
         if args.resume {
-            println!("{} stopped before its first checkpoint: starting it again", out.display());
-            for log in [&metrics, &completions, &out.join("eval_history.jsonl")] {
-                truncate_metrics(log, 0)?;
-            }
+            start_again(&out, &[&metrics, &completions, &out.join("eval_history.jsonl")])?;
         } else if ckpt.exists() || metrics.exists() {
             bail!("{} already holds a run; pass --resume to continue it or choose another --out", out.display());
         }

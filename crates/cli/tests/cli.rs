@@ -24,6 +24,17 @@ const SMALL: [&str; 10] =
     ["--micro-batch", "2", "--seq-len", "24", "--eval-problems", "2", "--k", "2", "--tasks", "add:2"];
 
 /// The lines of a run's metrics.jsonl.
+/// `whale r1-zero` from `base` into `run`: one step of 2 prompts x 2 samples, 2 held-out
+/// problems at k = 2, then `extra` (the prompts: `--data FILE` or a `--config`).
+fn r1_zero_one_step(base: &Path, run: &Path, extra: &[&str]) -> std::process::Output {
+    whale()
+        .args(["r1-zero", "--base", base.to_str().unwrap(), "--out", run.to_str().unwrap(), "--steps", "1"])
+        .args(["--prompts-per-step", "2", "--group-size", "2", "--eval-problems", "2", "--k", "2"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
@@ -282,12 +293,7 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     std::fs::write(&data, "{\"prompt\": \"2+2=\", \"answer\": \"4\"}\n{\"prompt\": \"3+4=\", \"answer\": \"7\"}\n")
         .unwrap();
     let run = dir.join("jsonl");
-    let out = whale()
-        .args(["r1-zero", "--base", ckpt.to_str().unwrap(), "--out", run.to_str().unwrap(), "--steps", "1"])
-        .args(["--prompts-per-step", "2", "--group-size", "2", "--eval-problems", "2", "--k", "2"])
-        .args(["--data", data.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = r1_zero_one_step(&ckpt, &run, &["--data", data.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let logged = std::fs::read_to_string(run.join("completions.jsonl")).unwrap();
     assert!(logged.contains("\"2+2=\"") || logged.contains("\"3+4=\""), "{logged}");
@@ -317,13 +323,8 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     assert_eq!(metrics(&run).iter().map(|m| m["step"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1]);
     // A config file's `data` is the pool when no --data overrides it.
     let (cfg, from_file) = (dir.join("data.toml"), dir.join("from-file"));
-    std::fs::write(&cfg, format!("data = {:?}\n[grpo]\nsteps = 1\nprompts_per_step = 2\ngroup_size = 2\n", data))
-        .unwrap();
-    let out = whale()
-        .args(["r1-zero", "--base", ckpt.to_str().unwrap(), "--out", from_file.to_str().unwrap()])
-        .args(["--config", cfg.to_str().unwrap(), "--eval-problems", "2", "--k", "2"])
-        .output()
-        .unwrap();
+    std::fs::write(&cfg, format!("data = {data:?}\n")).unwrap();
+    let out = r1_zero_one_step(&ckpt, &from_file, &["--config", cfg.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let logged = std::fs::read_to_string(from_file.join("completions.jsonl")).unwrap();
     assert!(logged.contains("\"2+2=\"") || logged.contains("\"3+4=\""), "{logged}");
@@ -358,12 +359,7 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
         (1..=12).map(|i| format!("{{\"prompt\": \"Twelve plus {i}=\", \"answer\": \"{}\"}}\n", 12 + i)).collect();
     std::fs::write(&data, lines).unwrap();
     let run = dir.join("run");
-    let out = whale()
-        .args(["r1-zero", "--base", base.to_str().unwrap(), "--out", run.to_str().unwrap(), "--steps", "1"])
-        .args(["--prompts-per-step", "2", "--group-size", "2", "--eval-problems", "2", "--k", "2"])
-        .args(["--data", data.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = r1_zero_one_step(&base, &run, &["--data", data.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The checkpoint carries the tokenizer it trained with, so it evaluates and generates alone.
     let ckpt = run.join("checkpoint");

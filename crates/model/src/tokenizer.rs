@@ -315,6 +315,7 @@ pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
     let (bos, eos) = (ids("bos_token_id")?, ids("eos_token_id")?);
     let mut tok = HfTokenizer::from_file(&path, first(&bos), first(&eos))?;
     let vocab = tok.vocab_size();
+    // The stops after the EOS: config.json's list, then generation_config.json's.
     tok.stops.extend(eos.iter().rev().flatten().filter(|&&x| (x as usize) < vocab));
     let mut seen = std::collections::HashSet::new();
     tok.stops.retain(|t| seen.insert(*t));

@@ -351,11 +351,7 @@ fn quantize_block_row_with(x: &[f32], codes: &mut [u8], scales: &mut [f32], t: T
         }
         *scale_slot = scale;
         for (row, out) in x.chunks(cols).zip(codes.chunks_mut(cols)) {
-            // One loop per format, its constants known to the compiler.
-            match format {
-                Fp8Format::E4M3 => encode_scaled(&row[c0..c1], scale, &mut out[c0..c1], Fp8Format::E4M3),
-                Fp8Format::E5M2 => encode_scaled(&row[c0..c1], scale, &mut out[c0..c1], Fp8Format::E5M2),
-            }
+            encode_scaled(&row[c0..c1], scale, &mut out[c0..c1], format);
         }
     }
 }
