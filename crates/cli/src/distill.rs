@@ -122,12 +122,13 @@ pub struct DistillOutcome {
     pub rl_dir: PathBuf,
 }
 
-/// `dir/checkpoint`: the model with its tokenizer's files, written aside and renamed in.
-fn save(model: &dyn CausalLm, tok: &dyn Tokenizer, dir: &Path) -> Result<()> {
-    let tmp = dir.join("checkpoint.tmp");
-    model.save_pretrained(&tmp, SaveDType::F32)?;
-    tok.save_pretrained(&tmp)?;
-    std::fs::rename(&tmp, dir.join("checkpoint")).with_context(|| dir.display().to_string())
+/// `dir/checkpoint`: the model with its tokenizer's files, written aside and swapped in (over a
+/// checkpoint an interrupted run left there).
+pub(crate) fn save(model: &dyn CausalLm, tok: &dyn Tokenizer, dir: &Path) -> Result<()> {
+    Ok(whale_rl::parallel::trainer::write_dir_atomically(&dir.join("checkpoint"), |tmp| {
+        model.save_pretrained(tmp, SaveDType::F32)?;
+        Ok(tok.save_pretrained(tmp)?)
+    })?)
 }
 
 pub fn run(args: DistillArgs) -> Result<DistillOutcome> {

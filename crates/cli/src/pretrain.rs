@@ -265,13 +265,7 @@ impl PretrainArgs {
         asked.out = out;
         let (was, now) = (serde_json::to_value(&saved)?, serde_json::to_value(&asked)?);
         const MAY_CHANGE: [&str; 5] = ["out", "steps", "freeze_bias_at", "mtp_weight_from", "device"];
-        let changed: Vec<String> = now
-            .as_object()
-            .expect("settings are an object")
-            .iter()
-            .filter(|(k, v)| !MAY_CHANGE.contains(&k.as_str()) && was.get(k.as_str()) != Some(v))
-            .map(|(k, v)| format!("--{} {v} (the run's: {})", k.replace('_', "-"), was[k.as_str()]))
-            .collect();
+        let changed = crate::settings::changed_flags(&was, &now, &MAY_CHANGE);
         if !changed.is_empty() {
             bail!(
                 "--resume continues {} with its own settings; only --steps, --freeze-bias-at, --mtp-weight-from and \
@@ -709,11 +703,7 @@ pub fn start_again(out: &Path, logs: &[&Path]) -> Result<()> {
 /// Writes `text` beside `path` (`path.tmp`) and renames it into place: a reader never sees half
 /// of it.
 pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    Ok(whale_rl::parallel::model::checkpoint::write_atomically(path, text.as_bytes())?)
 }
 
 /// [`write_atomically`] of `value` as pretty JSON.

@@ -22,7 +22,6 @@ use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer};
-use whale_rl::parallel::model::checkpoint::SaveDType;
 use whale_rl::parallel::model::tensor::{Device, Rng};
 use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
@@ -359,12 +358,8 @@ impl Pipeline {
     }
 
     fn finish(&self, stage: Stage, dir: PathBuf, model: &dyn CausalLm, t0: Instant, rl: bool) -> Result<StageResult> {
-        let ckpt = dir.join("checkpoint");
         if !rl {
-            let tmp = dir.join("checkpoint.tmp");
-            model.save_pretrained(&tmp, SaveDType::F32)?;
-            self.tok.save_pretrained(&tmp)?;
-            std::fs::rename(dir.join("checkpoint.tmp"), &ckpt).with_context(|| ckpt.display().to_string())?;
+            crate::distill::save(model, &*self.tok, &dir)?;
         }
         let seconds = t0.elapsed().as_secs_f64();
         let report = self.eval(model, &dir)?;

@@ -150,6 +150,32 @@ impl R1ZeroArgs {
             Some(p) => crate::settings::load(p)?,
             None => R1ZeroSettings::default(),
         };
+        self.overlay(&mut s)?;
+        Ok(s)
+    }
+
+    /// With --resume: the run's own settings.json, with an explicit --steps (which extends or
+    /// ends the run). Any other flag must repeat the run's value: the policy's optimizer, its
+    /// sampling streams and its logs belong to those settings. --base and --data are checked by
+    /// [`run`], which names the folders.
+    fn resumed_settings(&self, path: &Path) -> Result<R1ZeroSettings> {
+        let saved: R1ZeroSettings = crate::settings::load(path).context("resuming: the run's settings")?;
+        let mut asked = saved.clone();
+        self.overlay(&mut asked)?;
+        let (was, now) = (serde_json::to_value(&saved)?, serde_json::to_value(&asked)?);
+        let changed = crate::settings::changed_flags(&was, &now, &["base", "data", "grpo.steps"]);
+        if !changed.is_empty() {
+            bail!(
+                "--resume continues {} with its own settings; only --steps and --device may change: {}",
+                path.display(),
+                changed.join(", ")
+            );
+        }
+        Ok(asked)
+    }
+
+    /// The flags given, laid over `s`, which must then hold together.
+    fn overlay(&self, s: &mut R1ZeroSettings) -> Result<()> {
         let g = &mut s.grpo;
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { g.$field = v; } )* };
@@ -183,7 +209,7 @@ impl R1ZeroArgs {
             Algo::Grpo => s.grpo.validate()?,
             Algo::Ppo => s.ppo.validate(&s.grpo)?,
         }
-        Ok(s)
+        Ok(())
     }
 
     fn out_dir(&self, algo: Algo) -> PathBuf {
@@ -223,18 +249,18 @@ pub fn progress(total: u64) -> ProgressBar {
 }
 
 pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
+    if args.resume && args.config.is_some() {
+        bail!("--resume continues with the run's own settings.json; drop --config");
+    }
     let mut s = args.settings()?;
     let out = args.out_dir(s.algo);
     let ckpt = out.join("checkpoint");
     let (metrics, completions) = (out.join("metrics.jsonl"), out.join("completions.jsonl"));
     let settings_path = out.join("settings.json");
     if args.resume {
-        // The run's own settings, not this command line's, except an explicit --steps; its base
-        // and prompt pool are the run's too.
-        s = crate::settings::load(&settings_path).context("resuming: the run's settings")?;
-        if let Some(steps) = args.steps {
-            s.grpo.steps = steps;
-        }
+        // The run's own settings, with an explicit --steps; its base and prompt pool are the
+        // run's too.
+        s = args.resumed_settings(&settings_path)?;
         let same =
             |a: &Path, b: &Path| a.canonicalize().ok().zip(b.canonicalize().ok()).map_or(a == b, |(a, b)| a == b);
         if !same(&args.base, &s.base) {

@@ -119,6 +119,29 @@ fn overlay(base: &mut Value, over: Value) {
     }
 }
 
+/// What a `--resume` command line changes of the run's own settings (`was`): each key of `now`
+/// with another value, outside `may_change` (dotted keys), as `--flag new (the run's: old)`.
+/// Nested tables are compared key by key and named by their last key (`grpo.lr` is `--lr`).
+pub fn changed_flags(was: &Value, now: &Value, may_change: &[&str]) -> Vec<String> {
+    fn walk(was: &Value, now: &Value, prefix: &str, may_change: &[&str], out: &mut Vec<String>) {
+        let Some(now) = now.as_object() else { return };
+        for (k, v) in now {
+            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let old = was.get(k).unwrap_or(&Value::Null);
+            if may_change.contains(&key.as_str()) {
+                continue;
+            } else if v.is_object() && old.is_object() {
+                walk(old, v, &key, may_change, out);
+            } else if !same(old, v) {
+                out.push(format!("--{} {v} (the run's: {old})", k.replace('_', "-")));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(was, now, "", may_change, &mut out);
+    out
+}
+
 /// The prompts of a `--data` JSONL file to train on, saying on stderr how many of them are left
 /// out for belonging to the held-out split the run evaluates on.
 pub fn training_pool(path: &Path) -> Result<Vec<Problem>> {

@@ -309,6 +309,13 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     std::fs::write(&other, "{\"prompt\": \"5+4=\", \"answer\": \"9\"}\n").unwrap();
     let refused = resume(&["--data", other.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&refused.stderr).contains("trains on --data"), "{refused:?}");
+    // Any other setting is the run's: a flag that changes one is refused, naming it; one that
+    // repeats the run's value is not.
+    let refused = resume(&["--lr", "0.5", "--group-size", "2"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("--lr 0.5") && !stderr.contains("group-size"), "{stderr}");
+    let refused = resume(&["--config", data.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("drop --config"), "{refused:?}");
     // Without --data the run keeps its own pool.
     let out = resume(&[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -339,8 +340,47 @@ pub fn save_file(path: &Path, tensors: &BTreeMap<String, Tensor>, dtype: SaveDTy
     let tmp = path.with_extension("safetensors.tmp");
     let meta: HashMap<String, String> = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| Error::file(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))?;
+    sync(&tmp)?;
+    rename_synced(&tmp, path)
+}
+
+/// Flushes `path` (a file or, on Unix, a directory's entries) to the disk.
+fn sync(path: &Path) -> Result<()> {
+    if path.is_dir() && !cfg!(unix) {
+        return Ok(()); // Only Unix opens a directory to sync it.
+    }
+    File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::file(path, format!("syncing: {e}")))
+}
+
+/// Writes `bytes` to `path` and flushes them to the disk.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::file(path, e))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| Error::file(path, e))
+}
+
+/// Renames `from` (a flushed file, or a directory of flushed files) to `to` and flushes the
+/// directories involved, so that after a power loss `to` is either the old or the new one.
+pub fn rename_synced(from: &Path, to: &Path) -> Result<()> {
+    if from.is_dir() {
+        sync(from)?;
+    }
+    std::fs::rename(from, to).map_err(|e| Error::file(to, format!("renaming {} here: {e}", from.display())))?;
+    let parent = |p: &Path| p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    sync(&parent(to))?;
+    if parent(from) != parent(to) {
+        sync(&parent(from))?;
+    }
     Ok(())
+}
+
+/// Writes `bytes` to `path.tmp`, flushes them and renames the file into place: a reader (or a
+/// restart after a crash) sees the old contents or the new, never part of them.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    write_synced(&tmp, bytes)?;
+    rename_synced(&tmp, path)
 }
 
 /// Writes `tensors` as shards of at most `max_shard_bytes` plus `model.safetensors.index.json`.
@@ -374,10 +414,7 @@ pub fn save_sharded(
         }
     }
     let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-    let path = dir.join(INDEX);
-    let tmp = dir.join("model.safetensors.index.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&index).expect("json")).map_err(|e| Error::file(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::file(&path, e))?;
+    write_atomically(&dir.join(INDEX), serde_json::to_string_pretty(&index).expect("json").as_bytes())?;
     // What an earlier save left that this one does not use: its single file and extra shards.
     let written: Vec<String> = (1..=n).map(|i| format!("model-{i:05}-of-{n:05}.safetensors")).collect();
     let stale = previous.into_iter().chain(["model.safetensors".to_string()]).filter(|f| !written.contains(f));
@@ -423,10 +460,7 @@ pub fn save_model_dir(
     dtype: SaveDType,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
-    let cfg_path = dir.join("config.json");
-    let tmp = dir.join("config.json.tmp");
-    std::fs::write(&tmp, config_json).map_err(|e| Error::file(&tmp, e))?;
-    std::fs::rename(&tmp, &cfg_path).map_err(|e| Error::file(&cfg_path, e))?;
+    write_atomically(&dir.join("config.json"), config_json.as_bytes())?;
     // Saving over a sharded checkpoint: loading prefers an index, so the old one and its shards
     // go once the new file is in place (as HF's save_pretrained cleans up earlier shards).
     let previous = listed_shards(dir).into_iter().filter(|f| f != "model.safetensors");

@@ -233,8 +233,7 @@ impl Tokenizer for HfTokenizer {
 
     fn save_pretrained(&self, dir: &Path) -> Result<()> {
         for (name, bytes) in &self.files {
-            let path = dir.join(name);
-            std::fs::write(&path, bytes).map_err(|e| Error::file(&path, e))?;
+            crate::checkpoint::write_synced(&dir.join(name), bytes)?;
         }
         Ok(())
     }

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use whale_model::checkpoint::{load_dir, load_file, save_file, save_sharded, SaveDType};
+use whale_model::checkpoint::{
+    load_dir, load_file, rename_synced, save_file, save_sharded, write_atomically, SaveDType,
+};
 use whale_model::{DeepSeekV3, DeepSeekV3Config, Error};
 use whale_tensor::testing::TempDir;
 use whale_tensor::{DType, Device, Rng, Tensor};
@@ -79,6 +81,28 @@ fn save_and_load_round_trip_exactly_including_biases_and_mtp() {
     for (a, b) in w.iter().zip(&w_bf) {
         assert_eq!(DType::BF16.round_f32(*a), *b);
     }
+}
+
+#[test]
+fn atomic_writes_replace_whole_files_and_name_the_path_they_could_not_write() {
+    let dir = tmpdir("atomic");
+    let path = dir.join("trainer.json");
+    write_atomically(&path, b"first, longer contents").unwrap();
+    write_atomically(&path, b"second").unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"second");
+    assert!(!dir.join("trainer.json.tmp").exists());
+
+    // A directory renamed into place keeps its files; a missing source is an error naming both.
+    let staged = dir.join("checkpoint.tmp");
+    std::fs::create_dir(&staged).unwrap();
+    write_atomically(&staged.join("config.json"), b"{}").unwrap();
+    rename_synced(&staged, &dir.join("checkpoint")).unwrap();
+    assert_eq!(std::fs::read(dir.join("checkpoint/config.json")).unwrap(), b"{}");
+    let err = rename_synced(&staged, &dir.join("elsewhere")).unwrap_err().to_string();
+    assert!(err.contains("elsewhere") && err.contains("checkpoint.tmp"), "{err}");
+
+    let err = write_atomically(&dir.join("no-such-dir/config.json"), b"{}").unwrap_err().to_string();
+    assert!(err.contains("no-such-dir/config.json.tmp"), "{err}");
 }
 
 fn expect_checkpoint_error(dir: &std::path::Path, tensor: &str, words: &str) {

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use whale_model::checkpoint::{load_file, save_file, SaveDType};
+use whale_model::checkpoint::{load_file, rename_synced, save_file, write_atomically, write_synced, SaveDType};
 use whale_model::tensor::fp8::Fp8Recipe;
 use whale_model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, DeepSeekV3Schedule, LrSchedule, WarmupCosine};
 use whale_model::tensor::{no_grad, DType, Device, Rng, Tensor};
@@ -582,9 +582,9 @@ pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>)
         if old.exists() {
             std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
         }
-        std::fs::rename(dir, &old).map_err(|e| Error::file(dir, e))?;
+        rename_synced(dir, &old)?;
     }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::file(&tmp, e))?;
+    rename_synced(&tmp, dir)?;
     if old.exists() {
         std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
     }
@@ -605,9 +605,7 @@ pub fn complete_checkpoint(dir: &Path, marker: &str) -> Result<PathBuf> {
 
 /// Writes pretty JSON and syncs it to disk.
 pub fn write_json_synced(path: &Path, value: &Value) -> Result<()> {
-    let mut f = File::create(path).map_err(|e| Error::file(path, e))?;
-    f.write_all(serde_json::to_string_pretty(value).expect("json").as_bytes()).map_err(|e| Error::file(path, e))?;
-    f.sync_all().map_err(|e| Error::file(path, e))
+    Ok(write_synced(path, serde_json::to_string_pretty(value).expect("json").as_bytes())?)
 }
 
 /// Keeps only the metrics lines of steps before `step`.
@@ -618,8 +616,5 @@ pub fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         .map_while(|l| l.ok())
         .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s < step))
         .collect();
-    let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, keep.iter().map(|l| format!("{l}\n")).collect::<String>())
-        .map_err(|e| Error::file(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
+    Ok(write_atomically(path, keep.iter().map(|l| format!("{l}\n")).collect::<String>().as_bytes())?)
 }
