@@ -152,6 +152,8 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     let tasks = &corpus.tasks;
     // The RL arm's settings are checked before the student and the distillation train.
     s.rl.validate().context("the distill settings' [rl]")?;
+    s.student_pretrain.validate().context("the distill settings' [student_pretrain]")?;
+    s.sft.validate().context("the distill settings' [sft]")?;
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     crate::pretrain::write_json_atomically(&out.join("settings.json"), &serde_json::to_value(&s)?)?;
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);

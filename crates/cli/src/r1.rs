@@ -526,10 +526,13 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
         s = sh.lay_over(s)?;
     }
     let tasks = TaskSet::parse(&s.tasks)?.with_letters(s.letters)?;
-    // Both RL stages' settings are checked before anything runs: a bad [all_rl] would otherwise
-    // stop the run after stages 1-3.
+    // Every stage's training settings are checked before anything runs: a bad [all_rl] would
+    // otherwise stop the run after stages 1-3.
     for (table, rl) in [("reasoning_rl", &s.reasoning_rl), ("all_rl", &s.all_rl)] {
         rl.validate().with_context(|| format!("the r1 settings' [{table}]"))?;
+    }
+    for (table, sft) in [("cold_start.sft", &s.cold_start.sft), ("rejection.sft", &s.rejection.sft)] {
+        sft.validate().with_context(|| format!("the r1 settings' [{table}]"))?;
     }
     crate::settings::note_letters_mismatch(args.base.as_ref().unwrap_or(&args.from), s.letters);
     // The stages pass text from one input's model to another's: --from's tokenizer serves them

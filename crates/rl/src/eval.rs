@@ -13,9 +13,10 @@ use crate::rewards::{LanguageConsistency, Sample};
 use crate::tasks::{answer_key, verify, AnswerKey, Problem};
 use crate::Result;
 
-/// The unbiased pass@k estimator `1 - C(n-c, k) / C(n, k)` for `c` correct of `n` samples.
+/// The unbiased pass@k estimator `1 - C(n-c, k) / C(n, k)` for `c` correct of `n` samples;
+/// NaN where it is undefined (`k > n`, or more correct samples than samples).
 pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
-    if k > n {
+    if k > n || c > n {
         return f64::NAN;
     }
     if n - c < k {

@@ -30,7 +30,7 @@ use whale_parallel::trainer::{complete_checkpoint, truncate_metrics, write_dir_a
 
 use crate::rewards::{RewardSet, Sample, Scores};
 use crate::rollout::{sample_groups, score, PackedBatch, Rollout, RolloutConfig};
-use crate::tasks::{extract_answer, Problem, Split, TaskSet};
+use crate::tasks::{verify, Problem, Split, TaskSet};
 use crate::{Error, Result};
 
 /// How per-token losses are averaged (TRL's `loss_type`).
@@ -191,6 +191,25 @@ impl GrpoConfig {
         if self.micro_batch == 0 {
             return bad("micro_batch", "must be at least 1");
         }
+        if !(self.grad_clip > 0.0 && self.grad_clip.is_finite()) {
+            return bad("grad_clip", "must be positive (a gradient norm)");
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad("weight_decay", "must be non-negative");
+        }
+        for (key, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(key, "an AdamW moment decay, so in [0, 1)");
+            }
+        }
+        let rewards = RewardSet::parse(&self.rewards, self.max_new_tokens)?;
+        if self.process_supervision && rewards.names() != ["accuracy"] {
+            return bad(
+                "rewards",
+                "process supervision scores the reasoning steps and the answer; set `rewards` to `accuracy` \
+                 (other rewards would not reach its advantages)",
+            );
+        }
         if !(0.0..=1.0).contains(&self.letters) {
             return bad("letters", "a share of the problems, so between 0 and 1");
         }
@@ -277,10 +296,16 @@ pub fn group_advantages(rewards: &[f64], group: usize, scale: ScaleRewards) -> V
 }
 
 /// Process-supervised advantages (spec 1.4) for one group: `steps[i]` lists, for completion i,
-/// each step's (index of the token that ends it, reward). Rewards are normalised over all steps
-/// of the group; token t's advantage is the sum of the normalised rewards of the steps ending at
-/// or after t. `lengths[i]` is completion i's token count.
-pub fn process_advantages(steps: &[Vec<(usize, f64)>], lengths: &[usize]) -> Vec<Vec<f64>> {
+/// each step's (index of the token that ends it, reward). Rewards are centred on the mean of all
+/// steps of the group and scaled as outcome rewards are (`batch_std`: the std of every step of
+/// the batch, for [`ScaleRewards::Batch`]); token t's advantage is the sum of the normalised
+/// rewards of the steps ending at or after t. `lengths[i]` is completion i's token count.
+pub fn process_advantages(
+    steps: &[Vec<(usize, f64)>],
+    lengths: &[usize],
+    scale: ScaleRewards,
+    batch_std: f64,
+) -> Vec<Vec<f64>> {
     let stats = mean_std(steps.iter().flatten().map(|&(_, r)| r));
     steps
         .iter()
@@ -289,7 +314,11 @@ pub fn process_advantages(steps: &[Vec<(usize, f64)>], lengths: &[usize]) -> Vec
             let mut adv = vec![0.0; len];
             let Some((mean, std)) = stats else { return adv };
             for &(end, r) in s {
-                let norm = (r - mean) / (std + STD_EPS);
+                let norm = match scale {
+                    ScaleRewards::Group => (r - mean) / (std + STD_EPS),
+                    ScaleRewards::Batch => (r - mean) / (batch_std + STD_EPS),
+                    ScaleRewards::None => r - mean,
+                };
                 for a in adv.iter_mut().take((end + 1).min(len)) {
                     *a += norm;
                 }
@@ -301,36 +330,40 @@ pub fn process_advantages(steps: &[Vec<(usize, f64)>], lengths: &[usize]) -> Vec
 
 /// The checkable steps of a completion for tasks with one right trace (add, mul, modchain, sort,
 /// reverse): step j of the `<think>` block (split at `;`) is right when it equals step j of the
-/// reference solution; the answer is one more step. Returns (byte offset where each step ends,
-/// reward 0/1). `None` for tasks with many right traces (countdown) or no reference steps.
-pub fn checkable_steps(problem: &Problem, text: &str) -> Option<Vec<(usize, f64)>> {
+/// reference solution; a completion without the block has one wrong step, its missing reasoning,
+/// up to its answer. The answer is one more step, right as the accuracy reward is (verified, and
+/// not truncated). Returns (byte offset where each step ends, reward 0/1); `None` for tasks with
+/// many right traces (countdown) or no reference steps.
+pub fn checkable_steps(problem: &Problem, text: &str, truncated: bool) -> Option<Vec<(usize, f64)>> {
     if matches!(problem.task.as_str(), "countdown" | "jsonl") {
         return None;
     }
     let reference = problem.solution.strip_prefix("<think>")?.split_once("</think>")?.0;
     let want: Vec<&str> = reference.split(';').collect();
-    let start = text.find("<think>")? + "<think>".len();
-    let end = text[start..].find("</think>").map_or(text.len(), |e| start + e);
     let mut out = Vec::new();
-    let mut at = start;
-    for (j, step) in text[start..end].split(';').enumerate() {
-        at += step.len();
-        out.push((at, (want.get(j) == Some(&step)) as u8 as f64));
-        at += 1;
+    match text.find("<think>") {
+        Some(open) => {
+            let start = open + "<think>".len();
+            let end = text[start..].find("</think>").map_or(text.len(), |e| start + e);
+            let mut at = start;
+            for (j, step) in text[start..end].split(';').enumerate() {
+                at += step.len();
+                out.push((at, (want.get(j) == Some(&step)) as u8 as f64));
+                at += 1;
+            }
+        }
+        None => out.push((text.find("<answer>").unwrap_or(text.len()), 0.0)),
     }
     let answer_end = text.find("</answer>").map_or(text.len(), |e| e + "</answer>".len());
-    out.push((answer_end, (extract_answer(text) == Some(problem.answer.as_str())) as u8 as f64));
+    out.push((answer_end, (!truncated && verify(problem, text)) as u8 as f64));
     Some(out)
 }
 
-/// The index of the token in which each byte offset of the decoded text falls.
+/// The index of the token in which each byte offset of the decoded text falls. Token ends come
+/// from decoding each prefix: a token decoded alone may read differently (a leading-space marker
+/// dropped, half a multi-byte character).
 pub fn token_of_offsets(tok: &dyn Tokenizer, tokens: &[u32], offsets: &[usize]) -> Vec<usize> {
-    let mut ends = Vec::with_capacity(tokens.len());
-    let mut total = 0;
-    for &t in tokens {
-        total += tok.decode(&[t]).len();
-        ends.push(total);
-    }
+    let ends: Vec<usize> = (1..=tokens.len()).map(|i| tok.decode(&tokens[..i]).len()).collect();
     offsets.iter().map(|&o| ends.iter().position(|&e| e >= o).unwrap_or(tokens.len().saturating_sub(1))).collect()
 }
 
@@ -380,9 +413,11 @@ pub fn grpo_loss(inp: &LossInputs, eps_low: f32, eps_high: f32, beta: f32) -> Re
     let mut kl_values = None;
     if beta > 0.0 {
         let r = inp.reference.as_ref().ok_or_else(|| Error::Rl("beta > 0 needs reference log-probs".into()))?;
-        // k3 = exp(ref - l) - (ref - l) - 1 >= 0, with the log-ratio clamped as verl does.
+        // k3 = exp(ref - l) - (ref - l) - 1 >= 0, clamped as verl does: the log-ratio to
+        // [-20, 20] and k3 to at most 10 (one token far from the reference cannot swamp the
+        // policy term).
         let d = r.sub(&inp.logprobs)?.clamp(-20.0, 20.0)?;
-        let k3 = d.exp()?.sub(&d)?.add_scalar(-1.0)?;
+        let k3 = d.exp()?.sub(&d)?.add_scalar(-1.0)?.clamp(-10.0, 10.0)?;
         kl_values = Some(k3.detach().to_vec_f32()?);
         per_token = per_token.add(&k3.mul_scalar(beta)?)?;
     }
@@ -457,20 +492,29 @@ pub fn score_rollouts(
     let outcome = group_advantages(&totals, cfg.group_size, cfg.scale_rewards);
     let mut per_token: Vec<Vec<f64>> = rollouts.iter().zip(&outcome).map(|(r, &a)| vec![a; r.tokens.len()]).collect();
     if cfg.process_supervision {
-        for (g, group) in rollouts.chunks(cfg.group_size).enumerate() {
-            let steps: Option<Vec<Vec<(usize, f64)>>> = group
-                .iter()
-                .map(|r| {
-                    let s = checkable_steps(&problems[r.problem], &r.text)?;
-                    let at = token_of_offsets(tok, &r.tokens, &s.iter().map(|x| x.0).collect::<Vec<_>>());
-                    Some(at.into_iter().zip(s.iter().map(|x| x.1)).collect())
-                })
-                .collect();
-            if let Some(steps) = steps {
-                let lengths: Vec<usize> = group.iter().map(|r| r.tokens.len()).collect();
-                for (j, adv) in process_advantages(&steps, &lengths).into_iter().enumerate() {
-                    per_token[g * cfg.group_size + j] = adv;
-                }
+        // Per group (one problem): its completions' steps as (token index, reward), or `None`
+        // where the task has no checkable steps and the outcome advantages stay.
+        type GroupSteps = Option<Vec<Vec<(usize, f64)>>>;
+        let steps: Vec<GroupSteps> = rollouts
+            .chunks(cfg.group_size)
+            .map(|group| {
+                group
+                    .iter()
+                    .map(|r| {
+                        let s = checkable_steps(&problems[r.problem], &r.text, r.truncated)?;
+                        let at = token_of_offsets(tok, &r.tokens, &s.iter().map(|x| x.0).collect::<Vec<_>>());
+                        Some(at.into_iter().zip(s.iter().map(|x| x.1)).collect())
+                    })
+                    .collect()
+            })
+            .collect();
+        let all = steps.iter().flatten().flatten().flatten().map(|&(_, r)| r);
+        let batch_std = mean_std(all).map_or(0.0, |(_, s)| s);
+        for (g, (group, steps)) in rollouts.chunks(cfg.group_size).zip(&steps).enumerate() {
+            let Some(steps) = steps else { continue };
+            let lengths: Vec<usize> = group.iter().map(|r| r.tokens.len()).collect();
+            for (j, adv) in process_advantages(steps, &lengths, cfg.scale_rewards, batch_std).into_iter().enumerate() {
+                per_token[g * cfg.group_size + j] = adv;
             }
         }
     }
@@ -491,7 +535,7 @@ pub(crate) struct Minibatch {
 }
 
 /// An optimizer step's `rows` split into `minibatches` of whole `unit`s (a GRPO group, a PPO
-/// completion), one optimizer update each, and every minibatch into chunks of at most
+/// completion; sizes differ by one unit at most), one optimizer update each, and every minibatch into chunks of at most
 /// `micro_batch` rows, one forward and backward each: (minibatches, chunks in order).
 pub(crate) fn split_rows(
     rows: usize,
@@ -500,10 +544,12 @@ pub(crate) fn split_rows(
     micro_batch: usize,
 ) -> (Vec<Minibatch>, Vec<Range<usize>>) {
     let units = rows / unit.max(1);
-    let per_mb = units.div_ceil(minibatches.max(1)).max(1);
+    // As even as whole units allow: the first `units % m` minibatches take one unit more.
+    let m = minibatches.clamp(1, units.max(1));
+    let start = |i: usize| i * (units / m) + i.min(units % m);
     let (mut mbs, mut chunks) = (Vec::new(), Vec::new());
-    for u in (0..units).step_by(per_mb) {
-        let rows = u * unit..(u + per_mb).min(units) * unit;
+    for i in 0..m {
+        let rows = start(i) * unit..start(i + 1) * unit;
         let first = chunks.len();
         chunks.extend(rows.clone().step_by(micro_batch.max(1)).map(|s| s..(s + micro_batch).min(rows.end)));
         mbs.push(Minibatch { rows, chunks: first..chunks.len() });
@@ -1033,6 +1079,9 @@ mod tests {
         assert_eq!(split_rows(9, 1, 2, 64), (vec![mb(0..5, 0..1), mb(5..9, 1..2)], vec![0..5, 5..9]));
         // Three groups in two minibatches: two groups, then one.
         assert_eq!(split_rows(6, 2, 2, 64).0, [mb(0..4, 0..1), mb(4..6, 1..2)]);
+        // Five prompts in four minibatches: four updates (2 + 1 + 1 + 1), as asked.
+        let sizes: Vec<usize> = split_rows(20, 4, 4, 64).0.iter().map(|m| m.rows.len() / 4).collect();
+        assert_eq!(sizes, [2, 1, 1, 1]);
     }
 
     #[test]

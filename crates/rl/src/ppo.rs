@@ -90,6 +90,12 @@ impl PpoConfig {
                 "ppo config: `kl_coef` must be >= 0 and `critic_lr_scale`, `cliprange`, `cliprange_value` > 0".into(),
             ));
         }
+        if !((0.0..=1.0).contains(&self.gamma) && (0.0..=1.0).contains(&self.lam)) {
+            return Err(Error::Rl(format!(
+                "ppo config `gamma` = {}, `lam` = {}: GAE's discount and lambda must be in [0, 1]",
+                self.gamma, self.lam
+            )));
+        }
         Ok(())
     }
 }
@@ -367,7 +373,8 @@ impl PpoTrainer {
                         c.clone().zip(&batch.lengths).map(|(i, &l)| vec![if active[i] { w } else { 0.0 }; l]).collect();
                     let weights = batch.scatter_tokens(&row_weights)?;
                     let now = score(&*self.policy, batch, cfg.temperature)?;
-                    entropy += now.entropy_over(&batch.mask).0;
+                    // Over the tokens the loss counts, as `tokens` below does.
+                    entropy += now.entropy_over(&weights.to_vec_f32()?).0;
                     let inputs = LossInputs {
                         logprobs: now.logprobs,
                         old: old[k].clone(),

@@ -226,8 +226,18 @@ impl RewardSet {
         self.entries.iter().map(|(r, w)| format!("{}:{w}", r.name())).collect::<Vec<_>>().join(",")
     }
 
+    /// Each reward and their weighted sum. A reward that is not a finite number is an error naming
+    /// it and the prompt: counted as "not applicable", it would silently zero the advantages.
     pub fn score(&self, s: &Sample<'_>) -> Result<Scores> {
         let each: Vec<Option<f64>> = self.entries.iter().map(|(r, _)| r.score(s)).collect::<Result<_>>()?;
+        if let Some(((r, _), v)) = self.entries.iter().zip(&each).find(|(_, v)| v.is_some_and(|v| !v.is_finite())) {
+            return Err(Error::Rl(format!(
+                "reward `{}` is {} for the completion of prompt {:?}",
+                r.name(),
+                v.unwrap_or_default(),
+                s.problem.prompt
+            )));
+        }
         let applicable: Vec<f64> = each.iter().zip(&self.entries).filter_map(|(v, (_, w))| v.map(|v| v * w)).collect();
         let total = if applicable.is_empty() { f64::NAN } else { applicable.iter().sum() };
         Ok(Scores { each, total })
@@ -267,6 +277,19 @@ mod tests {
             Some(0.0)
         );
         assert!(RewardSet::parse("accuracy:x", 96).unwrap_err().to_string().contains("accuracy"));
+        // A reward that is not a number (a learned reward gone NaN) stops the step, naming it.
+        struct Broken;
+        impl Reward for Broken {
+            fn name(&self) -> &str {
+                "broken"
+            }
+            fn score(&self, _: &Sample<'_>) -> Result<Option<f64>> {
+                Ok(Some(f64::NAN))
+            }
+        }
+        let set = RewardSet { entries: vec![(Box::new(Accuracy::default()), 1.0), (Box::new(Broken), 0.5)] };
+        let err = set.score(&sample(&p, good, 20, false)).unwrap_err().to_string();
+        assert!(err.contains("`broken` is NaN") && err.contains("12+7="), "{err}");
         assert!(RewardSet::parse("speed", 96).unwrap_err().to_string().contains("speed"));
     }
 

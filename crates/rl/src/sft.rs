@@ -69,6 +69,31 @@ impl Default for SftConfig {
     }
 }
 
+impl SftConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |k: &str, why: &str| Err(Error::Rl(format!("sft config `{k}`: {why}")));
+        if self.batch == 0 {
+            return bad("batch", "must be at least 1");
+        }
+        if self.seq_len < 2 {
+            return bad("seq_len", "must be at least 2");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("lr", "must be positive");
+        }
+        if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return bad("min_lr", "must be between 0 and `lr`");
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad("weight_decay", "must be non-negative");
+        }
+        if !(self.grad_clip > 0.0 && self.grad_clip.is_finite()) {
+            return bad("grad_clip", "must be positive (a gradient norm)");
+        }
+        Ok(())
+    }
+}
+
 /// One SFT step's measurements.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct SftLog {
@@ -159,9 +184,7 @@ pub fn sft(
     if data.is_empty() {
         return Err(Error::Rl("SFT: no training examples".into()));
     }
-    if cfg.batch == 0 || cfg.seq_len < 2 {
-        return Err(Error::Rl("sft config: `batch` must be >= 1 and `seq_len` >= 2".into()));
-    }
+    cfg.validate()?;
     check_lengths(tok, data, cfg.seq_len)?;
     let mut opt = AdamW::new(AdamWConfig {
         weight_decay: cfg.weight_decay,

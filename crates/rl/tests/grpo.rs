@@ -1,8 +1,8 @@
 //! GRPO's maths (spec/rl.md section 7's tests) and the rollout plumbing it stands on.
 
 use whale_rl::grpo::{
-    aggregation_weights, checkable_steps, grid, group_advantages, grpo_loss, process_advantages, GrpoConfig,
-    GrpoTrainer, LossInputs, LossType, ScaleRewards,
+    aggregation_weights, checkable_steps, grid, group_advantages, grpo_loss, process_advantages, score_rollouts,
+    GrpoConfig, GrpoTrainer, LossInputs, LossType, ScaleRewards,
 };
 use whale_rl::parallel::model::config::DeepSeekV3Config;
 use whale_rl::parallel::model::generate::CacheMode;
@@ -10,6 +10,7 @@ use whale_rl::parallel::model::tensor::testing::GradCheck;
 use whale_rl::parallel::model::tensor::{Device, Rng};
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{CausalLm, DeepSeekV3};
+use whale_rl::rewards::{RewardSet, Sample};
 use whale_rl::rollout::{sample_groups, score, PackedBatch, Rollout, RolloutConfig};
 use whale_rl::tasks::{Problem, Split, TaskSet};
 
@@ -45,14 +46,19 @@ fn advantages_are_group_normalised_with_sample_std() {
 fn process_advantages_sum_the_normalised_rewards_of_later_steps() {
     // Two completions, steps ending at tokens: A: (1, r=1), (3, r=0); B: (2, r=1).
     let steps = vec![vec![(1, 1.0), (3, 0.0)], vec![(2, 1.0)]];
-    let adv = process_advantages(&steps, &[4, 3]);
     let (mean, std) = (2.0 / 3.0, (1.0f64 / 3.0).sqrt());
-    let n = |r: f64| (r - mean) / (std + 1e-4);
-    assert!(close(adv[0][0], n(1.0) + n(0.0), 1e-12));
-    assert!(close(adv[0][1], n(1.0) + n(0.0), 1e-12));
-    assert!(close(adv[0][2], n(0.0), 1e-12));
-    assert!(close(adv[0][3], n(0.0), 1e-12));
-    assert!(adv[1].iter().all(|&a| close(a, n(1.0), 1e-12)));
+    // Scaled by the group's std, the batch's, or not at all, as outcome rewards are.
+    for (scale, div) in
+        [(ScaleRewards::Group, std + 1e-4), (ScaleRewards::Batch, 0.25 + 1e-4), (ScaleRewards::None, 1.0)]
+    {
+        let adv = process_advantages(&steps, &[4, 3], scale, 0.25);
+        let n = |r: f64| (r - mean) / div;
+        assert!(close(adv[0][0], n(1.0) + n(0.0), 1e-12));
+        assert!(close(adv[0][1], n(1.0) + n(0.0), 1e-12));
+        assert!(close(adv[0][2], n(0.0), 1e-12));
+        assert!(close(adv[0][3], n(0.0), 1e-12));
+        assert!(adv[1].iter().all(|&a| close(a, n(1.0), 1e-12)));
+    }
 }
 
 #[test]
@@ -64,13 +70,77 @@ fn addition_steps_are_checked_one_by_one() {
         solution: "<think>2+7+0=9;1+0+0=1</think><answer>19</answer>".into(),
     };
     let text = "<think>2+7+0=9;1+0+0=2</think><answer>29</answer><eos>";
-    let steps = checkable_steps(&p, text).unwrap();
+    let steps = checkable_steps(&p, text, false).unwrap();
     assert_eq!(steps.iter().map(|s| s.1).collect::<Vec<_>>(), vec![1.0, 0.0, 0.0]);
     assert_eq!(&text[..steps[0].0], "<think>2+7+0=9");
     assert_eq!(&text[..steps[1].0], "<think>2+7+0=9;1+0+0=2");
     assert!(text[..steps[2].0].ends_with("</answer>"));
+    // The answer step is right as the accuracy reward is: not when the completion ran out of
+    // tokens after it.
+    let right = "<think>2+7+0=9;1+0+0=1</think><answer>19</answer>";
+    assert_eq!(checkable_steps(&p, right, false).unwrap().last().unwrap().1, 1.0);
+    assert_eq!(checkable_steps(&p, right, true).unwrap().last().unwrap().1, 0.0);
+    // No reasoning block: one wrong step up to the answer, then the answer.
+    let bare = "xy<answer>19</answer>";
+    assert_eq!(checkable_steps(&p, bare, false).unwrap(), vec![(2, 0.0), (bare.len(), 1.0)]);
     let count = Problem { task: "countdown".into(), ..p };
-    assert!(checkable_steps(&count, text).is_none());
+    assert!(checkable_steps(&count, text, false).is_none());
+}
+
+#[test]
+fn process_supervision_scores_every_completion_of_a_checkable_group_by_its_steps() {
+    let tok = CharTokenizer::new();
+    let add = Problem {
+        task: "add".into(),
+        prompt: "12+7=".into(),
+        answer: "19".into(),
+        solution: "<think>2+7+0=9;1+0+0=1</think><answer>19</answer>".into(),
+    };
+    let count = Problem { task: "countdown".into(), prompt: "c3,7t10=".into(), answer: "3+7".into(), ..add.clone() };
+    let problems = [add, count];
+    let texts = [
+        "<think>2+7+0=9;1+0+0=1</think><answer>19</answer>",
+        "<answer>18</answer>", // no reasoning block: still scored by its (wrong) steps
+        "<think></think><answer>3+7</answer>",
+        "<answer>1</answer>",
+    ];
+    let rollouts: Vec<Rollout> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Rollout {
+            problem: i / 2,
+            prompt: tok.encode(&problems[i / 2].prompt).unwrap(),
+            tokens: tok.encode(t).unwrap(),
+            sample_logprobs: vec![0.0; t.len()],
+            truncated: false,
+            text: t.to_string(),
+        })
+        .collect();
+    let rewards = RewardSet::parse("accuracy", 64).unwrap();
+    let scores = rollouts
+        .iter()
+        .map(|r| {
+            let sample =
+                Sample { problem: &problems[r.problem], text: &r.text, tokens: r.tokens.len(), truncated: false };
+            rewards.score(&sample).unwrap()
+        })
+        .collect();
+    let cfg = GrpoConfig { process_supervision: true, group_size: 2, rewards: "accuracy".into(), ..Default::default() };
+    let scored = score_rollouts(rollouts, scores, &problems, &cfg, &tok);
+    // Group one's steps: [1, 1, 1] and [0, 0]; mean 0.6, std sqrt(0.3).
+    let n = |r: f64| (r - 0.6) / (0.3f64.sqrt() + 1e-4);
+    let first = &scored[0].advantages;
+    assert!(close(first[0], 3.0 * n(1.0), 1e-9), "{first:?}");
+    // The first step ends with the token before `;` (`<think>` is one token).
+    let semi = scored[0].rollout.tokens.iter().position(|&t| t == tok.encode(";").unwrap()[0]).unwrap();
+    assert!(close(first[semi - 1], 3.0 * n(1.0), 1e-9) && close(first[semi], 2.0 * n(1.0), 1e-9), "{first:?}");
+    assert!(close(*first.last().unwrap(), n(1.0), 1e-9));
+    let second = &scored[1].advantages;
+    assert!(close(second[0], 2.0 * n(0.0), 1e-9) && close(*second.last().unwrap(), n(0.0), 1e-9), "{second:?}");
+    // Countdown has no checkable steps: its group keeps the outcome advantages (+-0.7071).
+    let out = 0.5 / (0.5f64.sqrt() + 1e-4);
+    assert!(scored[2].advantages.iter().all(|&a| close(a, out, 1e-9)));
+    assert!(scored[3].advantages.iter().all(|&a| close(a, -out, 1e-9)));
 }
 
 /// Log-probs as variables, the others as constants, for the loss-level tests.
@@ -246,7 +316,7 @@ fn scoring_a_rollout_gives_the_log_probs_it_was_sampled_with() {
 fn a_group_with_constant_rewards_gives_no_policy_gradient() {
     let model = tiny_model(3);
     let tok = CharTokenizer::new();
-    let problems = TaskSet::parse("add:2").unwrap().problems(1, 2, Split::Train);
+    let problems = TaskSet::parse("add:2").unwrap().problems(2, 2, Split::Train);
     let cfg = RolloutConfig {
         group_size: 4,
         temperature: 1.0,
@@ -256,24 +326,37 @@ fn a_group_with_constant_rewards_gives_no_policy_gradient() {
         cache: CacheMode::Naive,
     };
     let rollouts = sample_groups(&model, &tok, &problems, &cfg, &mut Rng::new(4)).unwrap();
-    let adv = group_advantages(&[0.0; 4], 4, ScaleRewards::Group);
+    // The first group's rewards are all equal, the second's are not.
+    let adv = group_advantages(&[1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0], 4, ScaleRewards::Group);
     let batch = PackedBatch::new(&rollouts.iter().collect::<Vec<_>>(), tok.pad_id(), &Device::Cpu).unwrap();
     let lengths: Vec<usize> = rollouts.iter().map(|r| r.tokens.len()).collect();
-    let s = score(&model, &batch, 1.0).unwrap();
-    let per_row: Vec<Vec<f32>> = lengths.iter().zip(&adv).map(|(&n, &a)| vec![a as f32; n]).collect();
-    let inp = LossInputs {
-        old: s.logprobs.detach(),
-        logprobs: s.logprobs,
-        reference: None,
-        advantages: batch.scatter_tokens(&per_row).unwrap(),
-        weights: aggregation_weights(LossType::Grpo, &batch, 0..4, &[true; 4], &lengths, 1, 10).unwrap(),
+    let rows = |f: &dyn Fn(usize) -> f32| -> Vec<Vec<f32>> {
+        lengths.iter().enumerate().map(|(i, &n)| vec![f(i); n]).collect()
     };
-    let (loss, _) = grpo_loss(&inp, 0.2, 0.2, 0.0).unwrap();
-    loss.backward().unwrap();
-    for (name, p) in model.params.iter() {
-        if let Some(g) = p.grad() {
-            assert!(g.to_vec_f32().unwrap().iter().all(|&x| x == 0.0), "{name} has a gradient");
-        }
+    let weights = aggregation_weights(LossType::Grpo, &batch, 0..8, &[true; 8], &lengths, 1, 10).unwrap();
+    // The policy gradient of the batch, with every row's weight or with the first group's zeroed.
+    let gradient = |keep_first_group: bool| -> Vec<f32> {
+        let s = score(&model, &batch, 1.0).unwrap();
+        let keep = batch.scatter_tokens(&rows(&|i| (keep_first_group || i >= 4) as u8 as f32)).unwrap();
+        let inp = LossInputs {
+            old: s.logprobs.detach(),
+            logprobs: s.logprobs,
+            reference: None,
+            advantages: batch.scatter_tokens(&rows(&|i| adv[i] as f32)).unwrap(),
+            weights: weights.mul(&keep).unwrap(),
+        };
+        grpo_loss(&inp, 0.2, 0.2, 0.0).unwrap().0.backward().unwrap();
+        // (The MTP module's parameters take no part in the logits and have no gradient.)
+        let g: Vec<f32> =
+            model.params.iter().filter_map(|(_, p)| p.grad()).flat_map(|g| g.to_vec_f32().unwrap()).collect();
+        model.params.zero_grad();
+        g
+    };
+    let (with, without) = (gradient(true), gradient(false));
+    assert!(without.iter().any(|&x| x != 0.0), "the mixed group moves the policy");
+    let scale = without.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    for (a, b) in with.iter().zip(&without) {
+        assert!((a - b).abs() <= 1e-6 * scale, "the constant group adds {} to a gradient of {b}", a - b);
     }
 }
 
@@ -323,6 +406,18 @@ fn config_errors_name_the_key() {
     let bad = GrpoConfig { minibatches: 0, ..GrpoConfig::default() };
     let err = GrpoTrainer::new(Box::new(tiny_model(1)), bad, Box::new(CharTokenizer::new())).unwrap_err().to_string();
     assert!(err.contains("minibatches"), "{err}");
+    // A negative clip would turn every update uphill, a zero one stop training; process
+    // supervision has no place for the format reward.
+    let d = GrpoConfig::default;
+    for (cfg, key) in [
+        (GrpoConfig { grad_clip: -1.0, ..d() }, "`grad_clip`"),
+        (GrpoConfig { grad_clip: 0.0, ..d() }, "`grad_clip`"),
+        (GrpoConfig { beta2: 1.0, ..d() }, "`beta2`"),
+        (GrpoConfig { process_supervision: true, ..d() }, "`rewards`"),
+    ] {
+        assert!(cfg.validate().unwrap_err().to_string().contains(key), "{key}");
+    }
+    assert!(GrpoConfig { process_supervision: true, rewards: "accuracy:1".into(), ..d() }.validate().is_ok());
     let err = serde_json::from_str::<GrpoConfig>(r#"{"epsilon_hi": 0.3}"#).unwrap_err().to_string();
     assert!(err.contains("epsilon_hi"), "{err}");
     let fresh = GrpoConfig { rewards: "accuracy,speed".into(), ..GrpoConfig::default() };
@@ -372,6 +467,10 @@ fn ppo_steps_train_the_policy_and_the_critic_on_the_same_budget() {
     // GRPO's passes over a rollout are not PPO's: a setting PPO would ignore is an error.
     let err = PpoConfig::default().validate(&small_run(64, LossType::Grpo)).unwrap_err().to_string();
     assert!(err.contains("num_iterations"), "{err}");
+    let grpo = GrpoConfig::default();
+    assert!(PpoConfig::default().validate(&grpo).is_ok());
+    let err = PpoConfig { lam: 1.5, ..PpoConfig::default() }.validate(&grpo).unwrap_err().to_string();
+    assert!(err.contains("`lam` = 1.5"), "{err}");
 }
 
 #[test]
@@ -463,7 +562,12 @@ fn every_grpo_option_runs_a_step_with_finite_metrics() {
     let variants = [
         GrpoConfig { dynamic_sampling: true, max_resample_rounds: 1, ..small_run(64, LossType::Dapo) },
         GrpoConfig { mask_truncated: true, max_new_tokens: 4, ..small_run(64, LossType::Bnpo) },
-        GrpoConfig { process_supervision: true, scale_rewards: ScaleRewards::None, ..small_run(4, LossType::DrGrpo) },
+        GrpoConfig {
+            process_supervision: true,
+            scale_rewards: ScaleRewards::None,
+            rewards: "accuracy".into(),
+            ..small_run(4, LossType::DrGrpo)
+        },
         GrpoConfig {
             minibatches: 3,
             ref_sync_every: 1,

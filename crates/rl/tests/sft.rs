@@ -67,6 +67,14 @@ fn sft_fits_a_small_dataset_for_both_model_families() {
     assert!(sft(&m, &tok, &long, &fits, |_| {}).is_ok());
     let err = sft(&m, &tok, &long, &SftConfig { seq_len: 7, ..fits }, |_| {}).unwrap_err().to_string();
     assert!(err.contains("`seq_len` = 7") && err.contains("at least 8"), "{err}");
+    for (bad, key) in [
+        (SftConfig { lr: -1e-3, ..fits }, "`lr`"),
+        (SftConfig { min_lr: 1.0, ..fits }, "`min_lr`"),
+        (SftConfig { grad_clip: 0.0, ..fits }, "`grad_clip`"),
+    ] {
+        let err = sft(&m, &tok, &long, &bad, |_| {}).unwrap_err().to_string();
+        assert!(err.contains(key), "{err}");
+    }
     // Sampled traces are filtered to what fits instead.
     let short = Example { prompt: "1+1=".into(), completion: "<answer>2</answer>".into() };
     let (kept, dropped) = fitting(&tok, vec![long[0].clone(), short.clone()], 7).unwrap();

@@ -107,7 +107,7 @@ impl TaskSet {
             }
             if *range.end() > task.max_difficulty() {
                 return Err(Error::Task(format!(
-                    "difficulty {} in `{item}`: `{name}` goes up to {} (its numbers must fit in 64 bits)",
+                    "difficulty {} in `{item}`: `{name}` goes up to {}",
                     range.end(),
                     task.max_difficulty()
                 )));
@@ -456,7 +456,12 @@ mod tests {
             assert!(err.contains("data.jsonl:2") && err.contains(words), "{err}");
         }
         assert!(TaskSet::parse("add,division").unwrap_err().to_string().contains("division"));
-        for (spec, limit) in [("mul:9", "up to 8"), ("add:3-19", "up to 18"), ("countdown:14", "up to 13")] {
+        for (spec, limit) in [
+            ("mul:9", "up to 8"),
+            ("add:3-19", "up to 18"),
+            ("countdown:14", "up to 13"),
+            ("modchain:4000000000", "up to 1024"),
+        ] {
             let err = TaskSet::parse(spec).unwrap_err().to_string();
             assert!(err.contains(spec) && err.contains(limit), "{err}");
         }

@@ -37,9 +37,11 @@ pub trait Task: Send + Sync {
     fn generate(&self, rng: &mut Rng, difficulty: u32) -> Problem;
 
     /// The largest difficulty whose problems the task computes exactly (its numbers fit in 64
-    /// bits); a task set asking for more is refused.
+    /// bits); a task set asking for more is refused. Tasks whose difficulty is a length (a list,
+    /// a chain) stop at 1024: a problem is a prompt and a trace a model reads, not a buffer of
+    /// billions of elements.
     fn max_difficulty(&self) -> u32 {
-        u32::MAX
+        1024
     }
 
     /// An imperfect completion: one step wrong and the error carried to the answer.
