@@ -202,8 +202,9 @@ struct LogSumExp {
     __device__ float operator()(const float* p, unsigned n, unsigned long long stride) const {
         float m = -INFINITY;
         for (unsigned j = 0; j < n; ++j) m = fmaxf(m, p[j * stride]);
-        if (m == -INFINITY) return m;
-        if (m == INFINITY) { // +inf, or NaN when a NaN is there too (torch.logsumexp)
+        // fmaxf skips NaN: an infinite max (all -inf, or a +inf) is the answer unless a NaN is
+        // there too (torch.logsumexp), which a finite max passes on through the sum.
+        if (isinf(m)) {
             for (unsigned j = 0; j < n; ++j)
                 if (p[j * stride] != p[j * stride]) return p[j * stride];
             return m;

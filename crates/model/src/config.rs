@@ -23,6 +23,10 @@ pub struct RopeScaling {
     pub mscale: f64,
     #[serde(default)]
     pub mscale_all_dim: f64,
+    /// Overrides the cos/sin scale computed from `mscale` and `mscale_all_dim` (HF's
+    /// `_compute_yarn_parameters`); the softmax scale does not read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_factor: Option<f64>,
 }
 
 fn default_beta_fast() -> f64 {
@@ -150,9 +154,17 @@ impl DeepSeekV3Config {
                     obj.insert("rope_theta".into(), theta);
                 }
                 let kind = rp.get("rope_type").or_else(|| rp.get("type")).and_then(Value::as_str).unwrap_or("default");
-                if kind != "default" && !obj.contains_key("rope_scaling") {
+                // HF reads `rope_scaling or rope_parameters`: a null rope_scaling defers to it.
+                if kind != "default" && obj.get("rope_scaling").is_none_or(Value::is_null) {
                     obj.insert("rope_scaling".into(), rp);
                 }
+            }
+            // The experts and dense MLPs are SwiGLU (HF's `hidden_act` "silu"); another activation
+            // would run as SiLU, so it is refused.
+            match obj.get("hidden_act") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(a)) if a == "silu" || a == "swish" => {}
+                Some(other) => return Err(Error::config("hidden_act", format!("{other}: only silu is supported"))),
             }
             // HF's DeepSeek-V2 gate (the hub's modeling_deepseek.py): `aux_loss_alpha` weighs a
             // sequence-wise loss when `seq_aux` is true, a batch-level one when it is false.
@@ -268,6 +280,27 @@ impl DeepSeekV3Config {
                 ));
             }
         }
+        // The selection rules: V3's `noaux_tc` and V2's `group_limited_greedy` limit the groups
+        // (as `n_group`/`topk_group` say); V2's `greedy` has no groups.
+        match self.topk_method.as_deref() {
+            None | Some("noaux_tc" | "group_limited_greedy") => {}
+            Some("greedy") if self.topk_group == self.n_group => {}
+            Some("greedy") => {
+                return Err(Error::config(
+                    "topk_method",
+                    format!(
+                        "`greedy` selects without groups, but topk_group {} < n_group {}; set both to 1",
+                        self.topk_group, self.n_group
+                    ),
+                ))
+            }
+            Some(other) => {
+                return Err(Error::config(
+                    "topk_method",
+                    format!("`{other}` is not supported (noaux_tc, group_limited_greedy, greedy)"),
+                ))
+            }
+        }
         if !matches!(self.scoring_func.as_str(), "sigmoid" | "softmax") {
             return Err(Error::config(
                 "scoring_func",
@@ -302,14 +335,31 @@ impl DeepSeekV3Config {
                     format!("`{}` is not supported (only yarn)", r.rope_type),
                 ));
             }
-            if r.factor.is_nan() || r.factor < 1.0 {
+            if !r.factor.is_finite() || r.factor < 1.0 {
                 return Err(Error::config("rope_scaling.factor", format!("{} must be >= 1", r.factor)));
             }
             if r.original_max_position_embeddings == 0 {
                 return Err(Error::config("rope_scaling.original_max_position_embeddings", "must be at least 1"));
             }
-            if !(r.beta_fast > 0.0 && r.beta_slow > 0.0) {
+            if !(r.beta_fast > 0.0 && r.beta_slow > 0.0 && r.beta_fast.is_finite()) {
                 return Err(Error::config("rope_scaling.beta_fast", "beta_fast and beta_slow must be positive"));
+            }
+            if r.beta_fast <= r.beta_slow {
+                return Err(Error::config(
+                    "rope_scaling.beta_fast",
+                    format!(
+                        "{} must exceed beta_slow {} (the rotations that bound the interpolated band)",
+                        r.beta_fast, r.beta_slow
+                    ),
+                ));
+            }
+            for (key, v) in [("rope_scaling.mscale", r.mscale), ("rope_scaling.mscale_all_dim", r.mscale_all_dim)] {
+                if !v.is_finite() {
+                    return Err(Error::config(key, format!("{v} is not a finite number")));
+                }
+            }
+            if r.attention_factor.is_some_and(|a| !(a.is_finite() && a > 0.0)) {
+                return Err(Error::config("rope_scaling.attention_factor", "must be a positive finite number"));
             }
         }
         if self.attention_bias {
@@ -452,6 +502,7 @@ impl DeepSeekV3Config {
                 beta_slow: 1.0,
                 mscale: 1.0,
                 mscale_all_dim: 1.0,
+                attention_factor: None,
             }),
             max_position_embeddings: 256,
             ..Self::tiny()
@@ -493,6 +544,7 @@ impl DeepSeekV3Config {
                 beta_slow: 1.0,
                 mscale: 0.707,
                 mscale_all_dim: 0.707,
+                attention_factor: None,
             }),
             rope_interleave: true,
             max_position_embeddings: 163_840,
@@ -546,6 +598,7 @@ impl DeepSeekV3Config {
                 beta_slow: 1.0,
                 mscale: 1.0,
                 mscale_all_dim: 1.0,
+                attention_factor: None,
             }),
             rope_interleave: true,
             max_position_embeddings: 163_840,

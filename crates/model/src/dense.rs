@@ -149,8 +149,28 @@ impl DenseConfig {
         let (hidden, heads) = (usize_key("hidden_size")?, usize_key("num_attention_heads")?);
         let kv_heads = if v["num_key_value_heads"].is_null() { heads } else { usize_key("num_key_value_heads")? };
         let head_dim = if v["head_dim"].is_null() { hidden / heads.max(1) } else { usize_key("head_dim")? };
-        let rope_theta =
-            v["rope_theta"].as_f64().or_else(|| v["rope_parameters"]["rope_theta"].as_f64()).unwrap_or(10_000.0);
+        // Optional keys take their default when absent (or null), and are an error when present
+        // with a value of the wrong type: a quoted number is not silently the default.
+        let optional = |value: &Value, key: &str, want: &str, fits: fn(&Value) -> bool| -> Result<Option<Value>> {
+            match value {
+                Value::Null => Ok(None),
+                x if fits(x) => Ok(Some(x.clone())),
+                x => Err(bad(key, &format!("{x} is not {want}"))),
+            }
+        };
+        let number = |key: &str, default: f64| -> Result<f64> {
+            Ok(optional(&v[key], key, "a number", Value::is_number)?.and_then(|x| x.as_f64()).unwrap_or(default))
+        };
+        let count = |key: &str, default: u64| -> Result<usize> {
+            let x = optional(&v[key], key, "a non-negative integer", Value::is_u64)?;
+            Ok(x.and_then(|x| x.as_u64()).unwrap_or(default) as usize)
+        };
+        let flag = |key: &str| -> Result<bool> {
+            Ok(optional(&v[key], key, "true or false", Value::is_boolean)?.and_then(|x| x.as_bool()).unwrap_or(false))
+        };
+        let nested_theta =
+            optional(&v["rope_parameters"]["rope_theta"], "rope_parameters.rope_theta", "a number", Value::is_number)?;
+        let rope_theta = number("rope_theta", nested_theta.and_then(|x| x.as_f64()).unwrap_or(10_000.0))?;
         // transformers 4 writes `rope_scaling`, 5 `rope_parameters` (with rope_theta inside).
         let mut rope_scaling = None;
         for key in ["rope_scaling", "rope_parameters"] {
@@ -158,10 +178,10 @@ impl DenseConfig {
                 rope_scaling = Some(s);
             }
         }
-        if v["use_sliding_window"].as_bool() == Some(true) {
+        if flag("use_sliding_window")? {
             return Err(bad("use_sliding_window", "sliding-window attention is not supported"));
         }
-        if v["mlp_bias"].as_bool() == Some(true) {
+        if flag("mlp_bias")? {
             return Err(bad("mlp_bias", "MLP biases are not supported"));
         }
         if let Some(act) = v["hidden_act"].as_str() {
@@ -171,7 +191,7 @@ impl DenseConfig {
         }
         let token_ids = |key: &str| config_token_ids(&v, key).map_err(|e| bad(key, &e));
         let cfg = DenseConfig {
-            attention_bias: model_type == "qwen2" || v["attention_bias"].as_bool().unwrap_or(false),
+            attention_bias: model_type == "qwen2" || flag("attention_bias")?,
             model_type,
             vocab_size: usize_key("vocab_size")?,
             hidden_size: hidden,
@@ -180,12 +200,12 @@ impl DenseConfig {
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
-            rms_norm_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
+            rms_norm_eps: number("rms_norm_eps", 1e-6)?,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: v["max_position_embeddings"].as_u64().unwrap_or(4096) as usize,
-            tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
-            initializer_range: v["initializer_range"].as_f64().unwrap_or(0.02),
+            max_position_embeddings: count("max_position_embeddings", 4096)?,
+            tie_word_embeddings: flag("tie_word_embeddings")?,
+            initializer_range: number("initializer_range", 0.02)?,
             bos_token_id: token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: token_ids("eos_token_id")?,
         };
@@ -224,8 +244,16 @@ impl DenseConfig {
         if self.head_dim % 2 != 0 {
             return bad("head_dim", format!("{} must be even for RoPE", self.head_dim));
         }
-        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
-            return bad("rope_theta", format!("{} must be positive", self.rope_theta));
+        for (key, v) in [("rope_theta", self.rope_theta), ("initializer_range", self.initializer_range)] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(key, format!("{v} must be a positive finite number"));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return bad("rms_norm_eps", format!("{} must be finite and >= 0", self.rms_norm_eps));
+        }
+        if self.max_position_embeddings == 0 {
+            return bad("max_position_embeddings", "must be at least 1".into());
         }
         Ok(())
     }

@@ -46,6 +46,9 @@ fn reads_the_newer_rope_parameters_spelling() {
     // rope_parameters' theta wins over a stale top-level one, as in transformers 5.
     let both = newer.replacen('{', r#"{"rope_theta": 5000, "#, 1);
     assert_eq!(DeepSeekV3Config::from_json_str(&both).unwrap().rope_theta, 10000.0);
+    // A null rope_scaling beside it defers to it, as HF's `rope_scaling or rope_parameters` does.
+    let null_beside = newer.replacen('{', r#"{"rope_scaling": null, "#, 1);
+    assert_eq!(DeepSeekV3Config::from_json_str(&null_beside).unwrap().rope_scaling.unwrap().factor, 40.0);
 }
 
 #[test]
@@ -95,6 +98,21 @@ fn out_of_range_keys_are_named() {
     assert_eq!(bad(&|c| c.rms_norm_eps = -1.0), "rms_norm_eps");
     assert_eq!(bad(&|c| c.q_lora_rank = Some(0)), "q_lora_rank");
     assert_eq!(bad(&|c| c.bias_update_speed = f64::NAN), "bias_update_speed");
+    // Settings the model would otherwise run as something else.
+    assert_eq!(bad(&|c| c.topk_method = Some("greedy".into())), "topk_method", "greedy with groups");
+    assert_eq!(bad(&|c| c.topk_method = Some("top1".into())), "topk_method");
+    let yarn = |f: &dyn Fn(&mut whale_model::RopeScaling)| {
+        bad(&|c| {
+            c.rope_scaling = DeepSeekV3Config::v3_671b().rope_scaling;
+            f(c.rope_scaling.as_mut().unwrap());
+        })
+    };
+    assert_eq!(yarn(&|r| (r.beta_fast, r.beta_slow) = (1.0, 32.0)), "rope_scaling.beta_fast");
+    assert_eq!(yarn(&|r| r.mscale = f64::INFINITY), "rope_scaling.mscale");
+    assert_eq!(yarn(&|r| r.factor = f64::INFINITY), "rope_scaling.factor");
+    assert_eq!(yarn(&|r| r.attention_factor = Some(-1.0)), "rope_scaling.attention_factor");
+    let gelu = HUB_V3.replace(r#""hidden_act": "silu""#, r#""hidden_act": "gelu""#);
+    assert_eq!(key_of(DeepSeekV3Config::from_json_str(&gelu).unwrap_err()), "hidden_act");
     let missing = HUB_V3.replace(r#""kv_lora_rank": 512, "#, "");
     assert_eq!(key_of(DeepSeekV3Config::from_json_str(&missing).unwrap_err()), "kv_lora_rank");
     let wrong_type = HUB_V3.replace(r#""n_group": 8"#, r#""n_group": "eight""#);

@@ -152,4 +152,18 @@ fn bad_dense_configs_name_the_key() {
         DenseConfig::from_json(&format!("{{{base}, \"rope_scaling\": {{\"type\": \"linear\", \"factor\": 4}}}}"), p);
     assert_eq!(linear.unwrap().rope_scaling, Some(DenseRopeScaling::Linear { factor: 4.0 }));
     assert!(DenseConfig::from_json(&format!("{{{base}}}"), p).is_ok());
+    // An optional key of the wrong type is an error, not its default; out of range too.
+    for (extra, words) in [
+        (r#""rope_theta": "1000000""#, "rope_theta"),
+        (r#""rms_norm_eps": "1e-6""#, "rms_norm_eps"),
+        (r#""max_position_embeddings": 4096.5"#, "max_position_embeddings"),
+        (r#""tie_word_embeddings": "yes""#, "tie_word_embeddings"),
+        (r#""rope_parameters": {"rope_theta": "1e6"}"#, "rope_parameters.rope_theta"),
+        (r#""rms_norm_eps": -1e-6"#, "rms_norm_eps"),
+    ] {
+        let e = err(extra);
+        assert!(e.contains(words), "{extra}: {e}");
+    }
+    let nulls = format!("{{{base}, \"rope_theta\": null, \"rms_norm_eps\": null}}");
+    assert_eq!(DenseConfig::from_json(&nulls, p).unwrap().rope_theta, 10_000.0);
 }

@@ -178,9 +178,11 @@ fn non_finite_values_follow_torch() {
     let m = t(vec![nan, 1.0, -2.0, 3.0], &[4]).maximum(&t(vec![0.0, nan, -1.0, 2.0], &[4])).unwrap();
     let m = m.to_vec_f32().unwrap();
     assert!(m[0].is_nan() && m[1].is_nan() && m[2] == -1.0 && m[3] == 3.0, "{m:?}");
-    // logsumexp: a +inf row is +inf, with a NaN too NaN, all -inf rows -inf.
-    let l = t(vec![inf, 0.0, inf, nan, -inf, -inf], &[3, 2]).logsumexp(1).unwrap().to_vec_f32().unwrap();
-    assert!(l[0] == inf && l[1].is_nan() && l[2] == -inf, "{l:?}");
+    // logsumexp: a +inf row is +inf, with a NaN too NaN, all -inf rows -inf, a NaN among -infs
+    // or alone NaN.
+    let rows = vec![inf, 0.0, inf, nan, -inf, -inf, nan, -inf, nan, nan];
+    let l = t(rows, &[5, 2]).logsumexp(1).unwrap().to_vec_f32().unwrap();
+    assert!(l[0] == inf && l[1].is_nan() && l[2] == -inf && l[3].is_nan() && l[4].is_nan(), "{l:?}");
     // d(x^0)/dx is 0, at 0 too.
     let x = t(vec![0.0, 2.0], &[2]).variable();
     x.powf(0.0).unwrap().sum_all().unwrap().backward().unwrap();

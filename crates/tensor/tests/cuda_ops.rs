@@ -153,7 +153,7 @@ fn non_finite_values_as_torch_has_them() {
     let (nan, inf) = (f32::NAN, f32::INFINITY);
     let (a, b) = (t(vec![nan, 1.0, -2.0, 3.0], &[4]), t(vec![0.0, nan, -1.0, 2.0], &[4]));
     on_every_device_with("maximum with NaN", vec![a, b], close_or_both_nan, |v| v[0].maximum(&v[1]));
-    let rows = t(vec![inf, 0.0, inf, nan, -inf, -inf, 1.0, 2.0], &[4, 2]);
+    let rows = t(vec![inf, 0.0, inf, nan, -inf, -inf, 1.0, 2.0, nan, -inf, nan, nan], &[6, 2]);
     on_every_device_with("logsumexp of non-finite rows", vec![rows], close_or_both_nan, |v| v[0].logsumexp(1));
 }
 

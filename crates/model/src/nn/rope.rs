@@ -49,10 +49,12 @@ impl RotaryEmbedding {
                 (f / s.factor * ramp + f * (1.0 - ramp)) as f32
             })
             .collect();
-        let attention_factor = if s.mscale != 0.0 && s.mscale_all_dim != 0.0 {
-            yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
-        } else {
-            yarn_mscale(s.factor, 1.0)
+        let attention_factor = match s.attention_factor {
+            Some(a) => a,
+            None if s.mscale != 0.0 && s.mscale_all_dim != 0.0 => {
+                yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+            }
+            None => yarn_mscale(s.factor, 1.0),
         };
         RotaryEmbedding { inv_freq, attention_factor: attention_factor as f32, layout }
     }
@@ -108,5 +110,12 @@ mod tests {
         // Softmax scale 192^-0.5 * 1.87386 = 0.135234.
         assert!((cfg.softmax_scale() - 0.135234).abs() < 1e-6, "{}", cfg.softmax_scale());
         assert!((DeepSeekV3Config::v2_lite().softmax_scale() - 0.114721).abs() < 1e-6);
+        // An explicit attention_factor replaces the computed one (cos/sin only, not the
+        // softmax scale), as in HF's `_compute_yarn_parameters`.
+        let mut given = cfg.clone();
+        given.rope_scaling.as_mut().unwrap().attention_factor = Some(1.25);
+        let r = RotaryEmbedding::new(64, 10_000.0, given.rope_scaling.as_ref(), RopeLayout::Interleaved);
+        assert_eq!(r.attention_factor, 1.25);
+        assert_eq!(given.softmax_scale(), cfg.softmax_scale());
     }
 }

@@ -129,8 +129,9 @@ impl Tensor {
             let v: Vec<f32> = it.collect();
             let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             if m.is_infinite() {
-                // All -inf: -inf; a +inf: +inf (NaN if a NaN is there too), as torch.logsumexp.
-                return if m > 0.0 && v.iter().any(|x| x.is_nan()) { f32::NAN } else { m };
+                // All -inf: -inf; a +inf: +inf; NaN if a NaN is there too (f32::max skips it), as
+                // torch.logsumexp.
+                return if v.iter().any(|x| x.is_nan()) { f32::NAN } else { m };
             }
             m + v.iter().map(|&x| ((x - m) as f64).exp()).sum::<f64>().ln() as f32
         });
