@@ -174,16 +174,22 @@ pub fn with_fp8_quantization_config(config_json: &str) -> Result<String> {
     Ok(serde_json::to_string_pretty(&v).expect("json"))
 }
 
-/// The FP8 block size a checkpoint's config.json declares (`quantization_config.weight_block_size`).
-fn fp8_block(dir: &Path) -> (usize, usize) {
-    let v: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+/// The FP8 block size a checkpoint's config.json declares (`quantization_config.weight_block_size`),
+/// 128x128 where it declares none; a declaration that is not two positive integers is an error
+/// (scales read on the wrong grid would be silently wrong weights).
+fn fp8_block(dir: &Path) -> Result<(usize, usize)> {
+    let path = dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(FP8_BLOCK) };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
     let b = &v["quantization_config"]["weight_block_size"];
-    match (b[0].as_u64(), b[1].as_u64()) {
-        (Some(r), Some(c)) if r > 0 && c > 0 => (r as usize, c as usize),
-        _ => FP8_BLOCK,
+    if b.is_null() {
+        return Ok(FP8_BLOCK);
+    }
+    match b.as_array().map(|a| a.iter().map(|x| x.as_u64().filter(|&n| n > 0)).collect::<Vec<_>>()).as_deref() {
+        Some([Some(r), Some(c)]) => Ok((*r as usize, *c as usize)),
+        _ => {
+            Err(Error::file(&path, format!("quantization_config.weight_block_size: {b} is not two positive integers")))
+        }
     }
 }
 
@@ -261,12 +267,12 @@ pub fn load_dir_with(dir: &Path, fp8_weights: Fp8Weights) -> Result<(BTreeMap<St
             let shard = map[missing].as_str().map_or_else(|| "no file".to_string(), |f| format!("`{f}`"));
             return Err(files.error(missing, format!("listed in the index under {shard}, which does not hold it")));
         }
-        resolve_fp8(&mut all, fp8_block(dir), &files, fp8_weights)?;
+        resolve_fp8(&mut all, fp8_block(dir)?, &files, fp8_weights)?;
         return Ok((all, files));
     }
     let single = TensorFiles::from(dir.join("model.safetensors"));
     let mut all = load_file_raw(&single.path)?;
-    resolve_fp8(&mut all, fp8_block(dir), &single, fp8_weights)?;
+    resolve_fp8(&mut all, fp8_block(dir)?, &single, fp8_weights)?;
     Ok((all, single))
 }
 
@@ -293,7 +299,13 @@ fn tensor_bytes(t: &Tensor, dtype: SaveDType) -> Result<(Dtype, Vec<u8>)> {
     Ok(match dtype {
         SaveDType::F32 => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
         SaveDType::BF16 => (Dtype::BF16, v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect()),
-        SaveDType::F16 => (Dtype::F16, v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect()),
+        SaveDType::F16 => {
+            let halves: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            if let Some((x, _)) = v.iter().zip(&halves).find(|(x, h)| x.is_finite() && h.is_infinite()) {
+                return Err(Error::Model(format!("{x} is beyond f16's range (65504); save as bf16 or f32")));
+            }
+            (Dtype::F16, halves.iter().flat_map(|h| h.to_le_bytes()).collect())
+        }
     })
 }
 
@@ -324,7 +336,8 @@ fn keeps_f32(name: &str) -> bool {
 pub fn save_file(path: &Path, tensors: &BTreeMap<String, Tensor>, dtype: SaveDType) -> Result<()> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let (dt, bytes) = tensor_bytes(t, if keeps_f32(name) { SaveDType::F32 } else { dtype })?;
+        let (dt, bytes) = tensor_bytes(t, if keeps_f32(name) { SaveDType::F32 } else { dtype })
+            .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), name: name.clone(), msg: e.to_string() })?;
         owned.push((name.clone(), dt, t.dims().to_vec(), bytes));
     }
     let views = owned

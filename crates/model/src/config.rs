@@ -370,7 +370,10 @@ impl DeepSeekV3Config {
 
     /// Whether any decoder layer routes tokens to experts, the MTP modules' layers included.
     pub fn has_moe(&self) -> bool {
-        (0..self.num_hidden_layers + self.num_nextn_predict_layers).any(|i| self.is_moe_layer(i))
+        // The first layer `is_moe_layer` accepts, if the model has that many.
+        let freq = self.moe_layer_freq.max(1);
+        let first = self.first_k_dense_replace.div_ceil(freq).saturating_mul(freq);
+        self.n_routed_experts > 0 && first < self.num_hidden_layers.saturating_add(self.num_nextn_predict_layers)
     }
 
     /// Whether decoder layer `i` (including MTP layers, numbered after the main ones) is MoE.

@@ -126,8 +126,8 @@ impl DeepSeekV3 {
         Ok(copy)
     }
 
-    /// The MTP layers store copies of the shared embedding and head (spec 3.4), and old
-    /// checkpoints carry RoPE buffers; neither is a parameter here.
+    /// The MTP layers store copies of the shared embedding and head (spec 3.4), a tied model
+    /// may store its head, and old checkpoints carry RoPE buffers; none is a parameter here.
     fn drop_non_parameters(config: &DeepSeekV3Config, tensors: &mut BTreeMap<String, Tensor>) {
         let l = config.num_hidden_layers;
         tensors.retain(|name, _| {
@@ -135,7 +135,9 @@ impl DeepSeekV3 {
                 name == &format!("model.layers.{}.embed_tokens.weight", l + k)
                     || name == &format!("model.layers.{}.shared_head.head.weight", l + k)
             });
-            !mtp_copy && !name.ends_with("rotary_emb.inv_freq")
+            // A tied checkpoint may store the head anyway; it is the embedding (as HF has it).
+            let tied_head = config.tie_word_embeddings && name == "lm_head.weight";
+            !mtp_copy && !tied_head && !name.ends_with("rotary_emb.inv_freq")
         });
     }
 

@@ -305,15 +305,28 @@ pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
     }
     // Each config's ids per key, generation_config.json's first.
     let ids = |key: &str| -> Result<Vec<Vec<u32>>> {
-        [("generation_config.json", &generation), ("config.json", &cfg)]
+        FILES
             .into_iter()
+            .zip([&generation, &cfg])
             .map(|(file, v)| config_token_ids(v, key).map_err(|e| Error::file(dir.join(file), format!("{key}: {e}"))))
             .collect()
     };
+    const FILES: [&str; 2] = ["generation_config.json", "config.json"];
     let first = |lists: &[Vec<u32>]| lists.iter().find_map(|ids| ids.first().copied());
     let (bos, eos) = (ids("bos_token_id")?, ids("eos_token_id")?);
     let mut tok = HfTokenizer::from_file(&path, first(&bos), first(&eos))?;
     let vocab = tok.vocab_size();
+    // The BOS and EOS the configs name must be tokens: an EOS outside the vocabulary never stops
+    // a generation, and pads (EOS by default) fail in the embedding.
+    for (key, lists) in [("bos_token_id", &bos), ("eos_token_id", &eos)] {
+        let named = FILES.iter().zip(lists.iter()).find_map(|(file, ids)| ids.first().map(|&id| (file, id)));
+        if let Some((file, id)) = named.filter(|&(_, id)| id as usize >= vocab) {
+            return Err(Error::file(
+                dir.join(file),
+                format!("{key} {id} is outside the tokenizer's {vocab} ids ({})", path.display()),
+            ));
+        }
+    }
     // The stops after the EOS: config.json's list, then generation_config.json's.
     tok.stops.extend(eos.iter().rev().flatten().filter(|&&x| (x as usize) < vocab));
     let mut seen = std::collections::HashSet::new();

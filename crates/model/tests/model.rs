@@ -105,6 +105,20 @@ fn atomic_writes_replace_whole_files_and_name_the_path_they_could_not_write() {
     assert!(err.contains("no-such-dir/config.json.tmp"), "{err}");
 }
 
+#[test]
+fn an_f16_save_refuses_values_beyond_its_range() {
+    let dir = tmpdir("f16");
+    let path = dir.join("model.safetensors");
+    let big = Tensor::from_vec(vec![1.0f32, 65504.0, 1e5], &[3], &Device::Cpu).unwrap();
+    let tensors = BTreeMap::from([("w".to_string(), big)]);
+    let err = save_file(&path, &tensors, SaveDType::F16).unwrap_err().to_string();
+    assert!(err.contains("`w`") && err.contains("100000") && err.contains("65504"), "{err}");
+    assert!(!path.exists() && !dir.join("model.safetensors.tmp").exists());
+    let fits = BTreeMap::from([("w".to_string(), Tensor::from_vec(vec![65504.0f32], &[1], &Device::Cpu).unwrap())]);
+    save_file(&path, &fits, SaveDType::F16).unwrap();
+    assert_eq!(load_file(&path).unwrap()["w"].to_vec_f32().unwrap(), [65504.0]);
+}
+
 fn expect_checkpoint_error(dir: &std::path::Path, tensor: &str, words: &str) {
     expect_checkpoint_error_in(dir, "model.safetensors", tensor, words)
 }
@@ -139,6 +153,21 @@ fn bad_checkpoints_name_the_file_and_tensor() {
     reshaped.insert(victim.into(), Tensor::zeros(&[3, 3], DType::F32, &Device::Cpu).unwrap());
     save_file(&file, &reshaped, SaveDType::F32).unwrap();
     expect_checkpoint_error(&dir, victim, "[3, 3]");
+
+    // Integers where a weight belongs would load as their float values.
+    let mut integers = good.clone();
+    let shape = good["model.norm.weight"].dims().to_vec();
+    integers.insert("model.norm.weight".into(), Tensor::zeros(&shape, DType::I64, &Device::Cpu).unwrap());
+    save_file(&file, &integers, SaveDType::F32).unwrap();
+    expect_checkpoint_error(&dir, "model.norm.weight", "a weight is a float");
+    // A NaN (here in the balancing bias, which only picks experts) is refused by name.
+    let mut nan = good.clone();
+    let bias = "model.layers.2.mlp.gate.e_score_correction_bias";
+    let mut values = good[bias].to_vec_f32().unwrap();
+    values[1] = f32::NAN;
+    nan.insert(bias.into(), Tensor::from_vec(values, good[bias].dims(), &Device::Cpu).unwrap());
+    save_file(&file, &nan, SaveDType::F32).unwrap();
+    expect_checkpoint_error(&dir, bias, "element 1 is NaN");
 
     let mut extra = good.clone();
     extra.insert("model.layers.9.mystery.weight".into(), Tensor::zeros(&[2], DType::F32, &Device::Cpu).unwrap());
@@ -391,6 +420,27 @@ fn fp8_checkpoints_with_block_scales_load_dequantised() {
     safetensors::serialize_to_file(kept, None, &dir.join("broken.safetensors")).unwrap();
     let err = load_file(&dir.join("broken.safetensors")).unwrap_err().to_string();
     assert!(err.contains(&victim) && err.contains("weight_scale_inv"), "{err}");
+    // A block size that is no block size is an error, not 128x128.
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(dir.join("config.json"), config.replace("[128,128]", "[128]")).unwrap();
+    let err = DeepSeekV3::from_pretrained(&dir).unwrap_err().to_string();
+    assert!(err.contains("config.json") && err.contains("weight_block_size"), "{err}");
+}
+
+#[test]
+fn a_tied_checkpoint_that_stores_its_head_loads_it_as_the_embedding() {
+    let cfg = DeepSeekV3Config { tie_word_embeddings: true, ..DeepSeekV3Config::tiny() };
+    let model = DeepSeekV3::new(cfg.clone(), 4).unwrap();
+    let dir = tmpdir("tied");
+    model.save_pretrained(&dir, SaveDType::F32).unwrap();
+    let file = dir.join("model.safetensors");
+    let mut tensors = load_file(&file).unwrap();
+    assert!(!tensors.contains_key("lm_head.weight"));
+    tensors.insert("lm_head.weight".into(), tensors["model.embed_tokens.weight"].clone());
+    save_file(&file, &tensors, SaveDType::F32).unwrap();
+    let back = DeepSeekV3::from_pretrained(&dir).unwrap();
+    let ids = tokens(&cfg, 1, 6, 2);
+    assert_eq!(logits_bits(&model, &ids), logits_bits(&back, &ids));
 }
 
 /// The raw tensors of a safetensors file: dtype and bytes by name.

@@ -38,6 +38,14 @@ fn hf_tokenizer_json_encodes_and_decodes_like_transformers() {
     assert_eq!((t.bos_id(), t.eos_id()), (4, 3));
     // An id that is no u32 (it would wrap to another token) or no id is an error naming the file
     // and key.
+    // The primary EOS (or BOS) outside the vocabulary would never stop a generation.
+    std::fs::write(ids.join("generation_config.json"), r#"{"bos_token_id": 4, "eos_token_id": [200000, 5]}"#).unwrap();
+    let err = tokenizer_for(&ids).err().expect("refused").to_string();
+    assert!(err.contains("generation_config.json") && err.contains("eos_token_id 200000"), "{err}");
+    std::fs::write(ids.join("generation_config.json"), "{}").unwrap();
+    std::fs::write(ids.join("config.json"), r#"{"bos_token_id": 999999, "eos_token_id": 3}"#).unwrap();
+    let err = tokenizer_for(&ids).err().expect("refused").to_string();
+    assert!(err.contains("config.json") && err.contains("bos_token_id 999999"), "{err}");
     for bad in ["4294967296", "[3, -1]", "\"</s>\""] {
         std::fs::write(ids.join("generation_config.json"), format!(r#"{{"eos_token_id": {bad}}}"#)).unwrap();
         let err = tokenizer_for(&ids).err().expect("refused").to_string();

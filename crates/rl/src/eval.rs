@@ -190,6 +190,7 @@ mod tests {
         assert_eq!(pass_at_k(8, 0, 8), 0.0);
         assert_eq!(pass_at_k(8, 1, 8), 1.0);
         assert!((pass_at_k(8, 2, 1) - 0.25).abs() < 1e-12);
+        assert!(pass_at_k(3, 5, 1).is_nan() && pass_at_k(3, 1, 4).is_nan(), "undefined, not a number");
     }
 
     #[test]

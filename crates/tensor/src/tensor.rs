@@ -184,9 +184,18 @@ impl Tensor {
 
     // ---------------------------------------------------------------- constructors
 
+    /// The element count of `shape`, an error where it overflows (a config's sizes multiplied
+    /// past usize would wrap to a small tensor with enormous dimensions).
+    fn checked_count(op: &'static str, shape: &[usize]) -> Result<usize> {
+        shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| Error::InvalidArgument {
+            op,
+            msg: format!("shape {shape:?} has more elements than memory can address"),
+        })
+    }
+
     pub fn from_vec<T: WithDType>(data: Vec<T>, shape: &[usize], device: &Device) -> Result<Tensor> {
         device.check_available()?;
-        let expected: usize = shape.iter().product();
+        let expected = Self::checked_count("from_vec", shape)?;
         if data.len() != expected {
             return Err(Error::DataLength { len: data.len(), shape: shape.to_vec(), expected });
         }
@@ -204,10 +213,10 @@ impl Tensor {
 
     pub fn full(value: f32, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         device.check_available()?;
+        let n = Self::checked_count("full", shape)?;
         if let Device::Cuda(i) = device {
             return crate::cuda::full(value, shape, dtype, *i);
         }
-        let n = shape.iter().product();
         Ok(Self::from_storage(CpuStorage::from_f32(vec![value; n], dtype), shape, *device))
     }
 
@@ -234,14 +243,14 @@ impl Tensor {
 
     /// Normal(mean, std) samples drawn from `rng`, stored as `dtype`.
     pub fn randn(shape: &[usize], mean: f32, std: f32, dtype: DType, rng: &mut Rng) -> Result<Tensor> {
-        let n = shape.iter().product();
+        let n = Self::checked_count("randn", shape)?;
         let v = (0..n).map(|_| mean + std * rng.normal()).collect();
         Ok(Self::from_storage(CpuStorage::from_f32(v, dtype), shape, Device::Cpu))
     }
 
     /// Uniform [lo, hi) samples drawn from `rng`, stored as `dtype`.
     pub fn rand_uniform(shape: &[usize], lo: f32, hi: f32, dtype: DType, rng: &mut Rng) -> Result<Tensor> {
-        let n = shape.iter().product();
+        let n = Self::checked_count("rand_uniform", shape)?;
         let v = (0..n).map(|_| lo + (hi - lo) * rng.uniform()).collect();
         Ok(Self::from_storage(CpuStorage::from_f32(v, dtype), shape, Device::Cpu))
     }
@@ -362,7 +371,7 @@ impl Tensor {
 
     /// A tensor of FP8 codes (`format`'s bit patterns) with dtype F8E4M3 or F8E5M2.
     pub fn from_fp8_codes(codes: Vec<u8>, shape: &[usize], format: Fp8Format) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
+        let n = Self::checked_count("from_fp8_codes", shape)?;
         if codes.len() != n {
             return Err(Error::invalid("from_fp8_codes", format!("{} codes for shape {shape:?}", codes.len())));
         }

@@ -3,7 +3,7 @@
 
 use whale_tensor::optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig};
 use whale_tensor::testing::randn;
-use whale_tensor::{DType, ParamStore};
+use whale_tensor::{DType, Device, ParamStore};
 
 #[test]
 fn adamw_matches_the_pytorch_update_rule() {
@@ -110,6 +110,16 @@ fn a_parameter_first_updated_late_is_bias_corrected_for_its_own_updates() {
     bad.insert("late.step".into(), whale_tensor::optim::step_tensor(6).unwrap());
     let err = restored.load_state(5, &bad, &params).unwrap_err().to_string();
     assert!(err.contains("late.step"), "{err}");
+    // A moment of another dtype, or of a parameter the model lacks, is named as such.
+    let mut bad = saved.clone();
+    let n = bad["late.exp_avg"].elem_count();
+    bad.insert("late.exp_avg".into(), whale_tensor::Tensor::zeros(&[n], DType::I64, &Device::Cpu).unwrap());
+    let err = restored.load_state(5, &bad, &params).unwrap_err().to_string();
+    assert!(err.contains("late.exp_avg") && err.contains("dtype"), "{err}");
+    let mut bad = saved.clone();
+    bad.insert("gone.exp_avg_sq".into(), saved["late.exp_avg_sq"].clone());
+    let err = restored.load_state(5, &bad, &params).unwrap_err().to_string();
+    assert!(err.contains("gone.exp_avg_sq") && err.contains("no parameter"), "{err}");
 }
 
 #[test]

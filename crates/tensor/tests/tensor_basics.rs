@@ -80,6 +80,12 @@ fn a_missing_gpu_is_a_clear_error_not_a_panic() {
 
 #[test]
 fn bad_input_gets_named_errors() {
+    // Sizes whose product overflows are refused, not wrapped to a small buffer.
+    let huge = [1usize << 33, 1 << 31];
+    let e = Tensor::zeros(&huge, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("full") && e.contains("8589934592"), "{e}");
+    let mut rng = whale_tensor::Rng::new(1);
+    assert!(Tensor::randn(&huge, 0.0, 1.0, DType::F32, &mut rng).is_err());
     let a = randn(&[2, 3], 1);
     let e = a.matmul(&randn(&[4, 2], 2)).unwrap_err().to_string();
     assert!(e.contains("matmul") && e.contains("[2, 3]") && e.contains("[4, 2]"), "{e}");

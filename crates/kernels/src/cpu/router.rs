@@ -78,10 +78,15 @@ fn select_row(row: &[f32], cfg: &RouterConfig) -> Vec<usize> {
     top_indices(&masked, cfg.top_k)
 }
 
-/// Indices of the `k` largest values, largest first; ties go to the lower index.
+/// Indices of the `k` largest values, largest first; ties go to the lower index. NaN counts as
+/// the largest (as `torch.topk` has it), which keeps the order total: no panic, and the NaN
+/// reaches the combine weights and the loss, where training stops on it.
 fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..v.len()).collect();
-    order.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        let nan_first = v[b].is_nan().cmp(&v[a].is_nan());
+        nan_first.then(v[b].partial_cmp(&v[a]).unwrap_or(std::cmp::Ordering::Equal)).then(a.cmp(&b))
+    });
     order.truncate(k);
     order
 }
@@ -165,6 +170,14 @@ mod tests {
         // Two tokens, token-major; one group: plain top-k with ties to the lower index.
         let two = [0.3, 0.7, 0.7, 0.1, 0.2, 0.2, 0.2, 0.9];
         assert_eq!(select_experts(&two, &config(4, 1, 1, 3)), vec![1, 2, 0, 3, 0, 1]);
+        // NaN among the scores ranks first, in a total order (a partial one may panic the sort
+        // with many experts); every finite score keeps its place.
+        let mut many: Vec<f32> = (0..256).map(|i| ((i * 37) % 101) as f32).collect();
+        many[5] = f32::NAN;
+        many[200] = f32::NAN;
+        let top = select_experts(&many, &config(256, 1, 1, 4));
+        assert_eq!(top[..2], [5, 200]);
+        assert_eq!(many[top[2]], 100.0);
     }
 
     #[test]

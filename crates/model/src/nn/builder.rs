@@ -76,8 +76,16 @@ impl<'a> ParamBuilder<'a> {
                 if t.dims() != shape {
                     return Err(files.error(&full, format!("has shape {:?}, the config expects {shape:?}", t.dims())));
                 }
-                // Master weights are f32 whatever the file stores.
-                Ok(t.to_dtype(DType::F32)?.contiguous()?.deep_clone()?)
+                if !t.dtype().is_float() {
+                    return Err(files.error(&full, format!("has dtype {:?}; a weight is a float", t.dtype())));
+                }
+                // Master weights are f32 whatever the file stores, and finite: a NaN would only
+                // surface steps later (or panic-free but arbitrary expert choices, for a bias).
+                let w = t.to_dtype(DType::F32)?.contiguous()?.deep_clone()?;
+                if let Some((i, x)) = w.with_f32_mut(|w| w.iter().copied().enumerate().find(|(_, x)| !x.is_finite()))? {
+                    return Err(files.error(&full, format!("element {i} is {x}; weights must be finite")));
+                }
+                Ok(w)
             }
         }
     }

@@ -196,14 +196,16 @@ impl AdamW {
                 let key = format!("{name}.{suffix}");
                 match tensors.get(&key) {
                     None => Ok(None),
-                    Some(t) if t.elem_count() == p.elem_count() && matches!(t.dtype(), DType::F32 | DType::BF16) => {
-                        Ok(Some(Moment::from_tensor(t, self.config.moment_dtype)?))
-                    }
-                    Some(t) => Err(Error::Params(format!(
+                    Some(t) if !matches!(t.dtype(), DType::F32 | DType::BF16) => Err(Error::Params(format!(
+                        "optimizer state `{key}` has dtype {:?}; moments are f32 or bf16",
+                        t.dtype()
+                    ))),
+                    Some(t) if t.elem_count() != p.elem_count() => Err(Error::Params(format!(
                         "optimizer state `{key}` has {} elements, parameter has {}",
                         t.elem_count(),
                         p.elem_count()
                     ))),
+                    Some(t) => Ok(Some(Moment::from_tensor(t, self.config.moment_dtype)?)),
                 }
             };
             match (fetch("exp_avg")?, fetch("exp_avg_sq")?) {
@@ -223,6 +225,14 @@ impl AdamW {
                     return Err(Error::Params(format!("optimizer state for `{name}` has only one of its two moments")))
                 }
             }
+        }
+        // State of a parameter the model does not have: another model's optimizer file.
+        let orphan = tensors.keys().find(|key| {
+            let name = [".exp_avg_sq", ".exp_avg", ".step"].iter().find_map(|suffix| key.strip_suffix(suffix));
+            name.is_some_and(|name| params.get(name).is_err())
+        });
+        if let Some(key) = orphan {
+            return Err(Error::Params(format!("optimizer state `{key}` belongs to no parameter of the model")));
         }
         self.state = state;
         self.step = steps;
