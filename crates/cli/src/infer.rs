@@ -123,22 +123,32 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 pub struct QuantizeArgs {
     /// A DeepSeek-V3 checkpoint directory.
     pub checkpoint: PathBuf,
-    /// Where to write the FP8 release (config.json with `quantization_config`, safetensors).
+    /// Where to write the FP8 release (config.json with `quantization_config`, safetensors): a
+    /// new folder, written aside and renamed into place.
     #[arg(long)]
     pub out: PathBuf,
 }
 
 /// Writes a checkpoint the way DeepSeek-V3's FP8 release stores it (spec 4.3).
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
+    // Written over an existing folder (the checkpoint itself, say), a crash would leave it half
+    // one model, half the other: the release goes to a new folder, as a whole.
+    if a.out.exists() {
+        bail!("--out {} already exists; the release is written to a new folder", a.out.display());
+    }
     let model =
         DeepSeekV3::from_pretrained(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
     // The release keeps the tokenizer and generation settings (a model of the character
     // tokenizer has none to keep); read before anything is written.
     let tok = a.checkpoint.join("tokenizer.json").exists().then(|| tokenizer_for(&a.checkpoint)).transpose()?;
-    model.save_pretrained_fp8(&a.out, SaveDType::F32).with_context(|| format!("writing {}", a.out.display()))?;
-    if let Some(tok) = tok {
-        tok.save_pretrained(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
-    }
+    whale_rl::parallel::trainer::write_dir_atomically(&a.out, |tmp| {
+        model.save_pretrained_fp8(tmp, SaveDType::F32)?;
+        match &tok {
+            Some(tok) => Ok(tok.save_pretrained(tmp)?),
+            None => Ok(()),
+        }
+    })
+    .with_context(|| format!("writing {}", a.out.display()))?;
     let size = |dir: &std::path::Path| std::fs::metadata(dir.join("model.safetensors")).map(|m| m.len() as usize);
     println!(
         "wrote {} (projection and expert weights in E4M3 with 128x128 block scales): {} -> {}",

@@ -528,6 +528,9 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("E4M3"));
     let config = std::fs::read_to_string(fp8.join("config.json")).unwrap();
     assert!(config.contains("weight_block_size"), "{config}");
+    // Never over an existing folder, the checkpoint least of all.
+    let out = whale().args(["quantize", ckpt.to_str().unwrap(), "--out", ckpt.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already exists"));
     let out = whale()
         .args([
             "generate",

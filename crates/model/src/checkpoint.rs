@@ -334,6 +334,17 @@ fn keeps_f32(name: &str) -> bool {
 /// Writes `tensors` to `path` (through `path.tmp` and a rename, so a crash never leaves a
 /// half-written file under the real name). Float tensors are stored as `dtype`.
 pub fn save_file(path: &Path, tensors: &BTreeMap<String, Tensor>, dtype: SaveDType) -> Result<()> {
+    save_file_then(path, tensors, dtype, || Ok(()))
+}
+
+/// [`save_file`], running `before_rename` once the file is written and synced under its
+/// temporary name.
+fn save_file_then(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    dtype: SaveDType,
+    before_rename: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let (dt, bytes) = tensor_bytes(t, if keeps_f32(name) { SaveDType::F32 } else { dtype })
@@ -354,6 +365,7 @@ pub fn save_file(path: &Path, tensors: &BTreeMap<String, Tensor>, dtype: SaveDTy
     let meta: HashMap<String, String> = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| Error::file(&tmp, e))?;
     sync(&tmp)?;
+    before_rename()?;
     rename_synced(&tmp, path)
 }
 
@@ -416,6 +428,9 @@ pub fn save_sharded(
     }
     let n = shards.len();
     let previous = listed_shards(dir);
+    // The old index goes first: a save cut short then leaves no index (an error on load), never
+    // an old index over a mix of new and old shards of the same names.
+    remove_files(dir, [INDEX.to_string()])?;
     let mut weight_map = serde_json::Map::new();
     let mut total = 0usize;
     for (i, shard) in shards.iter().enumerate() {
@@ -464,8 +479,12 @@ fn remove_files(dir: &Path, files: impl IntoIterator<Item = String>) -> Result<(
     Ok(())
 }
 
-/// Writes an HF model directory: `config.json` (through a temporary file and a rename) and
-/// `model.safetensors` with `tensors`.
+/// Writes an HF model directory: `model.safetensors` with `tensors`, then `config.json` (each
+/// through a temporary file and a rename). Saving over a sharded checkpoint removes its index
+/// before the new weights are renamed in (loading prefers an index: a save cut short must not
+/// leave the old one in charge), and its shards after (as HF's save_pretrained cleans up).
+/// Over an existing checkpoint the files are replaced one by one; a checkpoint that must switch
+/// as a whole is written with the parallel crate's `write_dir_atomically`.
 pub fn save_model_dir(
     dir: &Path,
     config_json: &str,
@@ -473,10 +492,9 @@ pub fn save_model_dir(
     dtype: SaveDType,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    let previous: Vec<String> = listed_shards(dir).into_iter().filter(|f| f != "model.safetensors").collect();
+    let weights = dir.join("model.safetensors");
+    save_file_then(&weights, tensors, dtype, || remove_files(dir, [INDEX.to_string()]))?;
     write_atomically(&dir.join("config.json"), config_json.as_bytes())?;
-    // Saving over a sharded checkpoint: loading prefers an index, so the old one and its shards
-    // go once the new file is in place (as HF's save_pretrained cleans up earlier shards).
-    let previous = listed_shards(dir).into_iter().filter(|f| f != "model.safetensors");
-    save_file(&dir.join("model.safetensors"), tensors, dtype)?;
-    remove_files(dir, [INDEX.to_string()].into_iter().chain(previous))
+    remove_files(dir, previous)
 }

@@ -183,9 +183,16 @@ impl DeepSeekV3 {
     }
 
     /// Writes `config.json` and `model.safetensors` (f32, HF names; MTP layers with their copies
-    /// of the embedding and head) into `dir`.
+    /// of the embedding and head) into `dir`. FP8 weights kept from a release are written back as
+    /// they were, and `config.json` says so (`quantization_config`): without it, HF readers would
+    /// take the codes for values.
     pub fn save_pretrained(&self, dir: &Path, dtype: SaveDType) -> Result<()> {
-        checkpoint::save_model_dir(dir, &self.config.to_json_string()?, &self.state_dict(), dtype)
+        let tensors = self.state_dict();
+        let mut config = self.config.to_json_string()?;
+        if tensors.values().any(|t| t.dtype().fp8_format().is_some()) {
+            config = checkpoint::with_fp8_quantization_config(&config)?;
+        }
+        checkpoint::save_model_dir(dir, &config, &tensors, dtype)
     }
 
     /// Runs the GEMMs of every attention projection and MLP/expert (main and MTP layers) in FP8

@@ -106,6 +106,27 @@ fn atomic_writes_replace_whole_files_and_name_the_path_they_could_not_write() {
 }
 
 #[test]
+fn a_sharded_save_cut_short_never_loads_as_a_mix_of_two_saves() {
+    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 5).unwrap();
+    let dir = tmpdir("cut-short");
+    let first = model.state_dict();
+    save_sharded(&dir, &first, SaveDType::F32, 200_000).unwrap();
+    let shards = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".safetensors"));
+    let n = shards.count();
+    assert!(n > 2, "{n} shards");
+    // A second save of other values fails at its second shard (a directory stands where its
+    // temporary file goes): the first shard is new, the others old, under the same names.
+    let second: BTreeMap<String, Tensor> = first.iter().map(|(k, t)| (k.clone(), t.add_scalar(1.0).unwrap())).collect();
+    std::fs::create_dir(dir.join(format!("model-00002-of-{n:05}.safetensors.tmp"))).unwrap();
+    assert!(save_sharded(&dir, &second, SaveDType::F32, 200_000).is_err());
+    // The old index went first, so nothing loads: an error, not the mix.
+    let Err(err) = load_dir(&dir) else { panic!("a mix of two saves loaded") };
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+}
+
+#[test]
 fn an_f16_save_refuses_values_beyond_its_range() {
     let dir = tmpdir("f16");
     let path = dir.join("model.safetensors");
@@ -497,6 +518,13 @@ fn fp8_weights_can_stay_fp8_for_inference_and_save_back_byte_identical() {
             assert_eq!(after.get(name), Some(&(*dtype, bytes.clone())), "{name}");
         }
     }
+    // ...and its config.json declares them (HF readers would take the codes for values).
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(again.join("config.json")).unwrap()).unwrap();
+    assert_eq!(written["quantization_config"]["weight_block_size"], serde_json::json!([128, 128]));
+    let plain_save = tmpdir("fp8-dequantised-saved");
+    dequantised.save_pretrained(&plain_save, SaveDType::F32).unwrap();
+    assert!(!std::fs::read_to_string(plain_save.join("config.json")).unwrap().contains("quantization_config"));
 
     // And a trained f32 model exported as a release is what the independent writer above made.
     let exported = tmpdir("fp8-export");
