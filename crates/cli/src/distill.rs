@@ -80,11 +80,19 @@ impl crate::settings::Settings for DistillSettings {
     const DERIVED: &'static [(&'static str, &'static str)] = &[
         ("rl.tasks", "the RL-only arm trains on the top-level `tasks`"),
         ("rl.letters", "both arms pose the top-level `letters` share"),
+        ("student_pretrain.seed", "every stream of the run draws from the top-level `seed`"),
+        ("sft.seed", "every stream of the run draws from the top-level `seed`"),
+        ("rl.seed", "every stream of the run draws from the top-level `seed`"),
     ];
 
     fn derive(&mut self) {
         self.rl.tasks = self.tasks.clone();
         self.rl.letters = self.letters;
+        // One seed for the run: the student's pretraining and SFT batches and the RL-only arm's
+        // rollouts, not only its corpus.
+        self.student_pretrain.seed = self.seed;
+        self.sft.seed = self.seed;
+        self.rl.seed = self.seed;
     }
 }
 

@@ -81,6 +81,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
     let shared = crate::settings::Shared {
         tasks: ps.tasks.clone(),
         letters: ps.letters,
+        seed: ps.seed,
         eval_seed: ps.seed,
         eval_problems: ps.eval_problems,
         k: ps.k,
@@ -94,6 +95,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
         steps: Some(50),
         tasks: Some(shared.tasks.clone()),
         letters: Some(shared.letters),
+        seed: Some(shared.seed),
         eval_seed: Some(shared.eval_seed),
         eval_problems: Some(shared.eval_problems),
         k: Some(shared.k),

@@ -22,11 +22,14 @@ pub trait Settings: Serialize + DeserializeOwned + Default {
 
 /// What the main job's later stages (R1-Zero, R1, distillation) take from its pretraining
 /// settings, so every row of its table trains on the same tasks and is evaluated on the same
-/// held-out problems with the same number of samples.
+/// held-out problems with the same number of samples, and one seed draws every stage's data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shared {
     pub tasks: String,
     pub letters: f64,
+    /// Pretraining's seed: every later stage's training streams (R1's and distillation's
+    /// top-level `seed`, R1-Zero's `grpo.seed`).
+    pub seed: u64,
     /// The held-out set's seed: pretraining's seed, whose problems it reported.
     pub eval_seed: u64,
     pub eval_problems: usize,
@@ -35,11 +38,11 @@ pub struct Shared {
 
 impl Shared {
     /// `s` with these values in its top-level keys of the same names (R1's and distillation's
-    /// settings hold all five), and its derived keys set from them again.
+    /// settings hold all six), and its derived keys set from them again.
     pub fn lay_over<T: Settings>(&self, s: T) -> Result<T> {
         let mut value = serde_json::to_value(s).context("the settings")?;
         let shared = serde_json::json!({
-            "tasks": self.tasks, "letters": self.letters, "eval_seed": self.eval_seed,
+            "tasks": self.tasks, "letters": self.letters, "seed": self.seed, "eval_seed": self.eval_seed,
             "eval_problems": self.eval_problems, "k": self.k,
         });
         overlay(&mut value, shared);
@@ -216,15 +219,18 @@ mod tests {
 
     #[test]
     fn the_main_jobs_shared_keys_reach_every_stage_and_what_derives_from_them() {
-        let shared = Shared { tasks: "add:3".into(), letters: 0.5, eval_seed: 9, eval_problems: 12, k: 4 };
+        let shared = Shared { tasks: "add:3".into(), letters: 0.5, seed: 5, eval_seed: 9, eval_problems: 12, k: 4 };
         let s = shared.lay_over(r1("[all_rl]\nsteps = 7\n").unwrap()).unwrap();
         assert_eq!((s.tasks.as_str(), s.letters, s.eval_seed, s.eval_problems, s.k), ("add:3", 0.5, 9, 12, 4));
         assert_eq!((s.reasoning_rl.tasks.as_str(), s.all_rl.tasks.as_str()), ("add:3", "add:3,reverse:3-5"));
         assert_eq!((s.reasoning_rl.letters, s.all_rl.letters, s.all_rl.steps), (0.5, 0.5, 7));
+        assert_eq!((s.seed, s.cold_start.sft.seed, s.all_rl.seed), (5, 5, 5));
         let d = crate::distill::DistillSettings::default();
         let s = shared.lay_over(d).unwrap();
         assert_eq!((s.tasks.as_str(), s.letters, s.eval_seed, s.eval_problems, s.k), ("add:3", 0.5, 9, 12, 4));
         assert_eq!((s.rl.tasks.as_str(), s.rl.letters), ("add:3", 0.5));
+        // Distillation's streams (the student's pretraining, its SFT, the RL-only arm) too.
+        assert_eq!([s.seed, s.student_pretrain.seed, s.sft.seed, s.rl.seed], [5; 4]);
     }
 
     /// R1's top-level seed is every stage's: the cold-start and rejection SFT batches and both RL

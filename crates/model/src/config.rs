@@ -19,8 +19,10 @@ pub struct RopeScaling {
     pub beta_fast: f64,
     #[serde(default = "default_beta_slow")]
     pub beta_slow: f64,
-    #[serde(default = "default_one")]
-    pub mscale: f64,
+    /// `None` when the config has no `mscale` (HF then scales cos/sin by `m(factor, 1)`, not by
+    /// the ratio below); a 0 counts as absent too, as HF's truthiness test has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mscale: Option<f64>,
     #[serde(default)]
     pub mscale_all_dim: f64,
     /// Overrides the cos/sin scale computed from `mscale` and `mscale_all_dim` (HF's
@@ -33,9 +35,6 @@ fn default_beta_fast() -> f64 {
     32.0
 }
 fn default_beta_slow() -> f64 {
-    1.0
-}
-fn default_one() -> f64 {
     1.0
 }
 fn default_true() -> bool {
@@ -353,7 +352,8 @@ impl DeepSeekV3Config {
                     ),
                 ));
             }
-            for (key, v) in [("rope_scaling.mscale", r.mscale), ("rope_scaling.mscale_all_dim", r.mscale_all_dim)] {
+            let mscale = r.mscale.unwrap_or(0.0);
+            for (key, v) in [("rope_scaling.mscale", mscale), ("rope_scaling.mscale_all_dim", r.mscale_all_dim)] {
                 if !v.is_finite() {
                     return Err(Error::config(key, format!("{v} is not a finite number")));
                 }
@@ -503,7 +503,7 @@ impl DeepSeekV3Config {
                 original_max_position_embeddings: 64,
                 beta_fast: 32.0,
                 beta_slow: 1.0,
-                mscale: 1.0,
+                mscale: Some(1.0),
                 mscale_all_dim: 1.0,
                 attention_factor: None,
             }),
@@ -545,7 +545,7 @@ impl DeepSeekV3Config {
                 original_max_position_embeddings: 4096,
                 beta_fast: 32.0,
                 beta_slow: 1.0,
-                mscale: 0.707,
+                mscale: Some(0.707),
                 mscale_all_dim: 0.707,
                 attention_factor: None,
             }),
@@ -599,7 +599,7 @@ impl DeepSeekV3Config {
                 original_max_position_embeddings: 4096,
                 beta_fast: 32.0,
                 beta_slow: 1.0,
-                mscale: 1.0,
+                mscale: Some(1.0),
                 mscale_all_dim: 1.0,
                 attention_factor: None,
             }),

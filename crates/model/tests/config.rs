@@ -108,7 +108,7 @@ fn out_of_range_keys_are_named() {
         })
     };
     assert_eq!(yarn(&|r| (r.beta_fast, r.beta_slow) = (1.0, 32.0)), "rope_scaling.beta_fast");
-    assert_eq!(yarn(&|r| r.mscale = f64::INFINITY), "rope_scaling.mscale");
+    assert_eq!(yarn(&|r| r.mscale = Some(f64::INFINITY)), "rope_scaling.mscale");
     assert_eq!(yarn(&|r| r.factor = f64::INFINITY), "rope_scaling.factor");
     assert_eq!(yarn(&|r| r.attention_factor = Some(-1.0)), "rope_scaling.attention_factor");
     let gelu = HUB_V3.replace(r#""hidden_act": "silu""#, r#""hidden_act": "gelu""#);

@@ -521,8 +521,16 @@ mod quant_tests {
                         let s = scales[(i / cols / block.0) * gc + (i % cols) / block.1];
                         assert!((a - b).abs() <= half_ulp * s * (1.0 + 1e-6), "{fmt:?} {sf:?} element {i}: {a} -> {b}");
                     }
-                    if sf == ScaleFormat::Ue8m0 {
-                        assert!(scales.iter().all(|s| s.log2().fract() == 0.0), "powers of two");
+                    // Each block's own scale: its amax over the format's max (at least 1e-4 over
+                    // it), rounded up to a power of two for UE8M0.
+                    for (b, &got) in scales.iter().enumerate() {
+                        let (br, bc) = (b / gc, b % gc);
+                        let amax = (br * block.0..((br + 1) * block.0).min(rows))
+                            .flat_map(|r| (bc * block.1..((bc + 1) * block.1).min(cols)).map(move |c| r * cols + c))
+                            .fold(0.0f32, |m, i| m.max(x[i].abs()));
+                        let want = amax.max(MIN_AMAX) / fmt.max();
+                        let want = if sf == ScaleFormat::Ue8m0 { 2f32.powi(want.log2().ceil() as i32) } else { want };
+                        assert_eq!(got, want, "{fmt:?} {sf:?} block {b}");
                     }
                 }
             }

@@ -56,7 +56,7 @@ impl Gpu {
         l.arg(x).arg(&ix.rows).arg(scale.unwrap_or(x)).arg(&has_scale).arg(out).arg(&n32).arg(&dim32);
         // SAFETY: the plan's rows address tokens of `x` (checked when it was built); one thread
         // per output element of a buffer holding at least n_rows * dim.
-        unsafe { l.launch(grid_for(ix.n_rows * dim)) }.map_err(cuda("moe_permute_f32"))?;
+        unsafe { l.launch(grid_for(ix.n_rows * dim)?) }.map_err(cuda("moe_permute_f32"))?;
         Ok(())
     }
 

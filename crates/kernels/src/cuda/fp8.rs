@@ -115,7 +115,7 @@ impl Gpu {
         l.arg(&e5m2);
         // SAFETY: a grid-stride loop over the `n` codes and outputs; each reads the scale of its
         // block, inside the grid checked above.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("fp8_dequantize"))?;
+        unsafe { l.launch(grid_for(n)?) }.map_err(cuda("fp8_dequantize"))?;
         Ok(())
     }
 

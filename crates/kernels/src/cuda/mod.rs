@@ -140,9 +140,22 @@ pub enum AttentionKernels {
 
 const THREADS: u32 = 256;
 
-fn grid_for(n: usize) -> LaunchConfig {
-    let blocks = (n as u32).div_ceil(THREADS).clamp(1, 65_535);
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+const MAX_BLOCKS: u32 = 65_535;
+
+/// The most elements a grid-stride kernel takes: they index with 32-bit `unsigned`, and
+/// `i + gridDim.x * blockDim.x` must not wrap past it.
+pub const MAX_GRID_ELEMENTS: usize = (u32::MAX - MAX_BLOCKS * THREADS) as usize;
+
+/// A grid-stride launch over `n` elements; more than [`MAX_GRID_ELEMENTS`] is an error (a
+/// count cast to 32 bits would silently cover only part of the tensor).
+fn grid_for(n: usize) -> Result<LaunchConfig> {
+    if n > MAX_GRID_ELEMENTS {
+        return Err(GpuError::Shape(format!(
+            "{n} elements: the CUDA kernels index with 32 bits, at most {MAX_GRID_ELEMENTS} per launch"
+        )));
+    }
+    let blocks = (n as u32).div_ceil(THREADS).clamp(1, MAX_BLOCKS);
+    Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 })
 }
 
 /// One block per row of `width` values, reducing in shared memory: `THREADS` threads, or for a
@@ -290,7 +303,7 @@ impl Gpu {
         l.arg(&da).arg(&db).arg(&mut out).arg(&n32);
         // SAFETY: the kernel reads `n` floats of `da` and `db` and writes `n` of `out`, all
         // allocated with at least that many.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda(kernel))?;
+        unsafe { l.launch(grid_for(n)?) }.map_err(cuda(kernel))?;
         self.download(&out, n)
     }
 
@@ -536,7 +549,7 @@ impl Gpu {
         l.arg(&s.bias_correction2_sqrt).arg(&s.eps).arg(&s.neg_step_size);
         // SAFETY: one thread per element of four buffers holding at least `n` values of the
         // kernel's types (f32 parameters and gradients, moments of T).
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda(kernel))?;
+        unsafe { l.launch(grid_for(n)?) }.map_err(cuda(kernel))?;
         Ok(())
     }
 

@@ -20,7 +20,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("swiglu_forward_f32"));
         l.arg(gate).arg(up).arg(out).arg(&n32);
         // SAFETY: one thread per element of three buffers holding at least n.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("swiglu_forward_f32"))?;
+        unsafe { l.launch(grid_for(n)?) }.map_err(cuda("swiglu_forward_f32"))?;
         Ok(())
     }
 
@@ -39,7 +39,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("swiglu_backward_f32"));
         l.arg(gate).arg(up).arg(dout).arg(dgate).arg(dup).arg(&n32);
         // SAFETY: one thread per element of five buffers holding at least n.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("swiglu_backward_f32"))?;
+        unsafe { l.launch(grid_for(n)?) }.map_err(cuda("swiglu_backward_f32"))?;
         Ok(())
     }
 
@@ -86,7 +86,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("rmsnorm_backward_weight_f32"));
         l.arg(x).arg(rstd).arg(dy).arg(dw).arg(&rows32).arg(&dim32);
         // SAFETY: one thread per channel reads its column of `rows` rows.
-        unsafe { l.launch(grid_for(dim)) }.map_err(cuda("rmsnorm_backward_weight_f32"))?;
+        unsafe { l.launch(grid_for(dim)?) }.map_err(cuda("rmsnorm_backward_weight_f32"))?;
         Ok(())
     }
 
@@ -226,7 +226,7 @@ impl Gpu {
         l.arg(x).arg(cos).arg(sin).arg(y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]);
         l.arg(&inter).arg(&sign);
         // SAFETY: one thread per pair of an [outer, seq, heads, d] buffer and its [seq, d/2] tables.
-        unsafe { l.launch(grid_for(n / 2)) }.map_err(cuda("rope_f32"))?;
+        unsafe { l.launch(grid_for(n / 2)?) }.map_err(cuda("rope_f32"))?;
         Ok(())
     }
 
@@ -247,7 +247,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("embedding_forward_f32"));
         l.arg(table).arg(ids).arg(out).arg(&n32).arg(&dim32);
         // SAFETY: ids address rows of the table; one thread per output element.
-        unsafe { l.launch(grid_for(n_ids * dim)) }.map_err(cuda("embedding_forward_f32"))?;
+        unsafe { l.launch(grid_for(n_ids * dim)?) }.map_err(cuda("embedding_forward_f32"))?;
         Ok(())
     }
 
@@ -267,7 +267,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("embedding_backward_f32"));
         l.arg(dout).arg(ids).arg(dtable).arg(&n32).arg(&dim32);
         // SAFETY: as the forward; atomic adds into rows the ids address.
-        unsafe { l.launch(grid_for(n_ids * dim)) }.map_err(cuda("embedding_backward_f32"))?;
+        unsafe { l.launch(grid_for(n_ids * dim)?) }.map_err(cuda("embedding_backward_f32"))?;
         Ok(())
     }
 }

@@ -130,7 +130,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("unary_f32"));
         l.arg(x).arg(y).arg(&n32).arg(&code).arg(&p0).arg(&p1);
         // SAFETY: a grid-stride loop over n elements of two buffers that hold at least n.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("unary_f32"))?;
+        unsafe { l.launch(grid_for(n)?) }.map_err(cuda("unary_f32"))?;
         Ok(())
     }
 
@@ -149,7 +149,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("unary_backward_f32"));
         l.arg(x).arg(y).arg(g).arg(dx).arg(&n32).arg(&code).arg(&p0).arg(&p1);
         // SAFETY: a grid-stride loop over n elements of four buffers that hold at least n.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("unary_backward_f32"))?;
+        unsafe { l.launch(grid_for(n)?) }.map_err(cuda("unary_backward_f32"))?;
         Ok(())
     }
 
@@ -169,7 +169,7 @@ impl Gpu {
         l.arg(a).arg(b).arg(out).arg(&n32).arg(&code).arg(s);
         // SAFETY: every offset `s` produces lies inside a and b (the caller's layouts), and out
         // holds n values.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("binary_f32"))?;
+        unsafe { l.launch(grid_for(n)?) }.map_err(cuda("binary_f32"))?;
         Ok(())
     }
 
@@ -180,7 +180,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("strided_copy_f32"));
         l.arg(x).arg(y).arg(&n32).arg(s);
         // SAFETY: as for binary_dev, with one operand.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("strided_copy_f32"))?;
+        unsafe { l.launch(grid_for(n)?) }.map_err(cuda("strided_copy_f32"))?;
         Ok(())
     }
 
@@ -198,7 +198,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function(T::WRITE_KERNEL));
         l.arg(x).arg(y).arg(&n32).arg(s);
         // SAFETY: every offset `s.b` produces lies inside y (the caller's layout), and x holds n.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda(T::WRITE_KERNEL))?;
+        unsafe { l.launch(grid_for(n)?) }.map_err(cuda(T::WRITE_KERNEL))?;
         Ok(())
     }
 
@@ -209,7 +209,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("fill_f32"));
         l.arg(y).arg(&n32).arg(&value);
         // SAFETY: writes n values of a buffer that holds at least n.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("fill_f32"))?;
+        unsafe { l.launch(grid_for(n)?) }.map_err(cuda("fill_f32"))?;
         Ok(())
     }
 
@@ -222,7 +222,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("f32_to_bf16"));
         l.arg(x).arg(y).arg(&n32);
         // SAFETY: a grid-stride loop over n values of two buffers holding at least n.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("f32_to_bf16"))?;
+        unsafe { l.launch(grid_for(n)?) }.map_err(cuda("f32_to_bf16"))?;
         Ok(())
     }
 
@@ -234,7 +234,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("bf16_to_f32"));
         l.arg(x).arg(y).arg(&n32);
         // SAFETY: a grid-stride loop over n values of two buffers holding at least n.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("bf16_to_f32"))?;
+        unsafe { l.launch(grid_for(n)?) }.map_err(cuda("bf16_to_f32"))?;
         Ok(())
     }
 
@@ -260,7 +260,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("sum_mid_f32"));
         l.arg(x).arg(y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
         // SAFETY: one thread per output reads its n inputs, all inside x.
-        unsafe { l.launch(grid_for(outer * inner)) }.map_err(cuda("sum_mid_f32"))?;
+        unsafe { l.launch(grid_for(outer * inner)?) }.map_err(cuda("sum_mid_f32"))?;
         Ok(())
     }
 }
@@ -289,7 +289,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("select_f32"));
         l.arg(c).arg(t).arg(f).arg(out).arg(&n32);
         // SAFETY: a grid-stride loop over n elements of four buffers holding at least n.
-        unsafe { l.launch(grid_for(n)) }.map_err(cuda("select_f32"))?;
+        unsafe { l.launch(grid_for(n)?) }.map_err(cuda("select_f32"))?;
         Ok(())
     }
 
@@ -311,7 +311,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function(kernel));
         l.arg(x).arg(y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
         // SAFETY: one thread per output reads its n inputs, all inside x.
-        unsafe { l.launch(grid_for(outer * inner)) }.map_err(cuda(kernel))?;
+        unsafe { l.launch(grid_for(outer * inner)?) }.map_err(cuda(kernel))?;
         Ok(())
     }
 }

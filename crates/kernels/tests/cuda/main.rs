@@ -53,6 +53,32 @@ fn the_embedded_ptx_was_built_from_the_current_sources() {
     }
 }
 
+/// AdamW promises the CPU twin's bits, so nvcc must not fuse the decayed weight and the update
+/// into one FMA (by default it did: one rounding where torch and the CPU round twice). The
+/// emulated driver, built without contraction, cannot see that; the PTX can: no FMA adds a
+/// quotient (the update `step * m / denom`), and an add.rn does.
+#[test]
+fn the_adamw_ptx_adds_the_update_with_its_own_rounding() {
+    let adamw = manifest::MODULES.iter().find(|m| m.name == "adamw").unwrap();
+    for ptx in [adamw.sm_90, adamw.sm_80] {
+        let mut quotients = std::collections::HashSet::new();
+        let mut rounded_adds = 0;
+        for line in ptx.lines() {
+            let words: Vec<&str> =
+                line.split(|c: char| c.is_whitespace() || c == ',' || c == ';').filter(|w| !w.is_empty()).collect();
+            match words.as_slice() {
+                ["div.rn.f32", dst, ..] => {
+                    quotients.insert(dst.to_string());
+                }
+                ["fma.rn.f32", _, _, _, addend] => assert!(!quotients.contains(*addend), "contracted: {line}"),
+                ["add.rn.f32", _, a, b] => rounded_adds += [a, b].iter().any(|r| quotients.contains(**r)) as usize,
+                _ => {}
+            }
+        }
+        assert!(rounded_adds >= 2, "each AdamW kernel adds its update with add.rn.f32");
+    }
+}
+
 /// Every kernel of the manifest has a launcher: its name appears in crates/kernels/src/cuda.
 #[test]
 fn every_kernel_has_a_launcher() {

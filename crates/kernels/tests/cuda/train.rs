@@ -90,6 +90,12 @@ fn moe_route_ties_included(g: &Gpu) {
             assert_eq!(got.ids[..cfg.top_k], (0..cfg.top_k).collect::<Vec<_>>()[..], "{what}: ties to the lower index");
         }
     }
+    // A NaN affinity ranks first on both (as in torch.topk), ahead of the largest number.
+    let one_group =
+        RouterConfig { n_experts: 4, n_group: 1, topk_group: 1, top_k: 2, routed_scaling_factor: 1.0, ..v3 };
+    let logits = [0.0, 1.0, 2.0, f32::NAN];
+    let got = g.moe_route(&logits, None, &one_group).unwrap();
+    assert_eq!((got.ids.clone(), route(&logits, None, &one_group).ids), (vec![3, 2], vec![3, 2]), "NaN first");
 }
 
 #[test]

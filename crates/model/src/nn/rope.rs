@@ -49,12 +49,12 @@ impl RotaryEmbedding {
                 (f / s.factor * ramp + f * (1.0 - ramp)) as f32
             })
             .collect();
-        let attention_factor = match s.attention_factor {
-            Some(a) => a,
-            None if s.mscale != 0.0 && s.mscale_all_dim != 0.0 => {
-                yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+        let attention_factor = match (s.attention_factor, s.mscale.filter(|&m| m != 0.0)) {
+            (Some(a), _) => a,
+            (None, Some(m)) if s.mscale_all_dim != 0.0 => {
+                yarn_mscale(s.factor, m) / yarn_mscale(s.factor, s.mscale_all_dim)
             }
-            None => yarn_mscale(s.factor, 1.0),
+            _ => yarn_mscale(s.factor, 1.0),
         };
         RotaryEmbedding { inv_freq, attention_factor: attention_factor as f32, layout }
     }
@@ -117,5 +117,11 @@ mod tests {
         let r = RotaryEmbedding::new(64, 10_000.0, given.rope_scaling.as_ref(), RopeLayout::Interleaved);
         assert_eq!(r.attention_factor, 1.25);
         assert_eq!(given.softmax_scale(), cfg.softmax_scale());
+        // Without `mscale` (HF reads None, which is falsy) cos/sin take m(factor, 1) = 1.3689,
+        // not the ratio m(factor, 1) / m(factor, mscale_all_dim) = 1 a default of 1 would give.
+        let mut absent = cfg.clone();
+        absent.rope_scaling.as_mut().unwrap().mscale = None;
+        let r = RotaryEmbedding::new(64, 10_000.0, absent.rope_scaling.as_ref(), RopeLayout::Interleaved);
+        assert!((r.attention_factor - 1.368_888_8).abs() < 1e-6, "{}", r.attention_factor);
     }
 }

@@ -14,13 +14,15 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
-/// Every element within `atol + rtol * |reference|`; the message names the worst one.
+/// Every element within `atol + rtol * |reference|`; the message names the worst one. A NaN on
+/// either side is never close (its excess counts as infinite).
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f32, rtol: f32) {
     assert_eq!(got.dims(), want.dims(), "{what}: shape");
     let (g, w) = (got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
     let mut worst = (0.0f32, 0usize);
     for (i, (a, b)) in g.iter().zip(&w).enumerate() {
         let excess = (a - b).abs() - (atol + rtol * b.abs());
+        let excess = if excess.is_nan() { f32::INFINITY } else { excess };
         if excess > worst.0 {
             worst = (excess, i);
         }
