@@ -52,7 +52,7 @@ __device__ float unary(int op, float x, float p0, float p1) {
     case 9: return fmaxf(x, 0.0f);
     case 10: return x * sigmoidf(x);
     case 11: return 0.5f * x * (1.0f + tanhf(GELU_C * (x + 0.044715f * x * x * x)));
-    case 12: return fminf(fmaxf(x, p0), p1);
+    case 12: return isnan(x) ? x : fminf(fmaxf(x, p0), p1); // NaN stays NaN, as f32::clamp
     default: return x * p0 + p1; // 13: affine
     }
 }
@@ -66,7 +66,7 @@ __device__ float unary_derivative(int op, float x, float y, float p0, float p1) 
     case 3: return 0.5f / y;
     case 4: return -0.5f * y / x;
     case 5: return 2.0f * x;
-    case 6: return p0 * powf(x, p0 - 1.0f);
+    case 6: return p0 == 0.0f ? 0.0f : p0 * powf(x, p0 - 1.0f); // d(x^0)/dx = 0, at 0 too
     case 7: return y * (1.0f - y);
     case 8: return 1.0f - y * y;
     case 9: return x > 0.0f ? 1.0f : 0.0f;

@@ -155,6 +155,11 @@ fn non_finite_values_as_torch_has_them() {
     on_every_device_with("maximum with NaN", vec![a, b], close_or_both_nan, |v| v[0].maximum(&v[1]));
     let rows = t(vec![inf, 0.0, inf, nan, -inf, -inf, 1.0, 2.0, nan, -inf, nan, nan], &[6, 2]);
     on_every_device_with("logsumexp of non-finite rows", vec![rows], close_or_both_nan, |v| v[0].logsumexp(1));
+    // clamp keeps NaN (as f32::clamp; fmaxf had made it the lower bound), and d(x^0)/dx is 0
+    // at 0 too (0 * inf had made it NaN).
+    let x = t(vec![nan, -30.0, 0.5, 30.0], &[4]);
+    on_every_device_with("clamp with NaN", vec![x], close_or_both_nan, |v| v[0].clamp(-20.0, 20.0));
+    on_every_device_with("x^0 at 0", vec![t(vec![0.0, 2.0], &[2])], close_or_both_nan, |v| v[0].powf(0.0));
 }
 
 #[test]

@@ -73,7 +73,9 @@ impl Fp8GemmKernel {
     pub fn runs_on(self, arch: (u32, u32), k: usize) -> bool {
         match self {
             Fp8GemmKernel::Wgmma => arch == (9, 0) && k % 16 == 0,
-            Fp8GemmKernel::TensorCore => arch >= (8, 9) && k % 16 == 0,
+            // Ada (8.9) has FP8 mma too, but GPUs below 9.0 load the sm_80 PTX, in which the
+            // kernel's body is a trap.
+            Fp8GemmKernel::TensorCore => arch >= (9, 0) && k % 16 == 0,
             Fp8GemmKernel::Simple => true,
         }
     }
@@ -223,8 +225,8 @@ mod tests {
         // (preferred, compute capability, k) -> chosen
         let cases = [
             (Wgmma, (9, 0), 128, Wgmma),
-            (Wgmma, (9, 0), 100, Simple), // 16-byte copies need k % 16 == 0
-            (Wgmma, (8, 9), 128, TensorCore),
+            (Wgmma, (9, 0), 100, Simple),      // 16-byte copies need k % 16 == 0
+            (Wgmma, (8, 9), 128, Simple),      // Ada loads the sm_80 PTX: no FP8 mma there
             (Wgmma, (10, 0), 128, TensorCore), // compute_90a PTX loads on sm_90 only
             (Wgmma, (8, 0), 128, Simple),      // no FP8 tensor cores
             (TensorCore, (9, 0), 128, TensorCore),

@@ -212,6 +212,19 @@ pub(crate) fn check_gpu_float(op: &'static str, t: &Tensor) -> Result<()> {
     check_gpu_dtype(op, t.dtype())
 }
 
+/// Row ids for the gather/scatter kernels, which take 32-bit ids: a larger one is an error (cast,
+/// it would pick another row).
+pub(crate) fn ids_u32(op: &'static str, idx: &[usize]) -> Result<Vec<u32>> {
+    idx.iter()
+        .map(|&i| {
+            u32::try_from(i).map_err(|_| Error::InvalidArgument {
+                op,
+                msg: format!("index {i} is beyond the 32-bit ids of the CUDA kernels"),
+            })
+        })
+        .collect()
+}
+
 /// `value` everywhere, on GPU `ordinal`.
 pub(crate) fn full(value: f32, shape: &[usize], dtype: DType, ordinal: usize) -> Result<Tensor> {
     let device = Device::Cuda(ordinal);
@@ -565,7 +578,7 @@ pub(crate) fn index_add_rows(
     check_gpu_float("index_add", x)?;
     let dev = x.device();
     let (xp, sp) = (packed(x)?, packed(src)?);
-    let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+    let ids = ids_u32("index_add", idx)?;
     let (g, out) = with_buffers([&xp, &sp], |g, [xb, sb]| {
         let mut out = g.stream.clone_dtod(xb).map_err(driver_error(dev, "copying on the GPU"))?;
         if !ids.is_empty() && inner > 0 {
@@ -631,6 +644,9 @@ pub(crate) fn adamw_step(
     v: &Tensor,
     hp: &whale_kernels::cpu::adamw::AdamWStep,
 ) -> Result<()> {
+    if !p.is_contiguous() {
+        return Err(Error::Params("AdamW updates a parameter in place: it must be contiguous, not a view".into()));
+    }
     let (start, n, dev) = (p.layout().offset(), p.elem_count(), p.device());
     let g = packed(grad)?;
     let gguard = g.0.storage.read().expect("tensor storage lock poisoned");

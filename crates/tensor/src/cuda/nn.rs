@@ -198,7 +198,7 @@ pub(crate) fn index_select_rows(x: &Tensor, idx: &[usize], inner: usize, out_sha
     check_gpu_float("index_select", x)?;
     let xp = packed(x)?;
     let dev = x.device();
-    let ids32: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+    let ids32 = super::ids_u32("index_select", idx)?;
     let (g, out, ids_dev) = with_buffer(&xp, |g, xb| {
         let ids_dev = Arc::new(upload(g, dev, &ids32)?);
         let mut out = alloc(g, dev, idx.len() * inner)?;
