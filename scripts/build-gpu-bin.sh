@@ -4,10 +4,10 @@
 # machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rm -rf gpu-bin && mkdir -p gpu-bin
+rm -rf gpu-bin && mkdir -p gpu-bin target
 copy() { # copy NAME JSON: the newest binary cargo printed for target NAME
     local path
-    path=$(grep -o "\"executable\":\"[^\"]*\"" "$2" | sed 's/"executable":"//; s/"$//' | grep "/$1-" | tail -1)
+    path=$(grep -o "\"executable\":\"[^\"]*\"" "$2" | sed 's/"executable":"//; s/"$//' | grep -E "/$1(-[0-9a-f]+)?$" | tail -1)
     [ -n "$path" ] || { echo "no binary for $1" >&2; exit 1; }
     cp "$path" "gpu-bin/$1" && strip "gpu-bin/$1"
 }
@@ -26,11 +26,22 @@ copy nccl target/gpu-bin-nccl.json
 cargo bench --no-run -p whale-benches --bench gpu --message-format=json > target/gpu-bin-bench.json
 copy gpu target/gpu-bin-bench.json
 # The CLI, for end-to-end runs on the GPU (pretraining beside the same run on the CPU, R1-Zero).
-cargo build --release -p whale
-cp target/release/whale gpu-bin/whale-cli && strip gpu-bin/whale-cli
+cargo build --release -p whale --message-format=json > target/gpu-bin-cli.json
+copy whale target/gpu-bin-cli.json
+mv gpu-bin/whale gpu-bin/whale-cli
+# The embedded PTX must be the current kernels' (the GPU machine cannot check: it has no sources
+# at the build-time path).
+gpu-bin/cuda --exact the_embedded_ptx_was_built_from_the_current_sources --quiet
 ls -la gpu-bin
 # Packed: gzip takes the binaries to under a third of their size, which keeps the checkout plus
 # gpu-bin under the device's 64 MiB carry limit. gpu-check.sh unpacks them.
 tar czf target/gpu-bin.tar.gz -C gpu-bin .
 rm -f gpu-bin/* && mv target/gpu-bin.tar.gz gpu-bin/bins.tar.gz
+# What they were built from: gpu-check.sh prints the stamp and refuses binaries older than the
+# checkout it runs in (any source file changed since).
+{
+    echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- crates kernels benches Cargo.lock || echo ' (with uncommitted changes)')"
+    echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+} > gpu-bin/BUILD
+git ls-files -z crates kernels benches Cargo.toml Cargo.lock | xargs -0 sha256sum > gpu-bin/SOURCES.sha256
 ls -la gpu-bin

@@ -11,8 +11,10 @@
 //! with the host, by wall clock.
 //!
 //! Without a GPU it says so and exits successfully. `cargo xtask bench gpu` runs it; the GPU
-//! check (`scripts/gpu-check.sh`) runs the prebuilt binary and copies the table it writes to
-//! `$WHALE_GPU_BENCH_OUT` (default `target/gpu-bench.md`).
+//! check (`scripts/gpu-check.sh`) runs the prebuilt binary, one process per set of groups
+//! (`$WHALE_GPU_BENCH_GROUPS`: kernels, linear, train_step, grpo_step, tiled_backward, wgmma,
+//! opt_in_step), each writing its table to `$WHALE_GPU_BENCH_OUT` (default
+//! `target/gpu-bench.md`).
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -41,9 +43,15 @@ struct Row {
     per_launch: RefCell<Vec<f64>>,
 }
 
+/// Samples per benchmark. Criterion calls `iter_custom` in its warm-up too (the cold first
+/// launch among them); in flat sampling the last `SAMPLES` calls are the measured ones.
+const SAMPLES: usize = 10;
+
 impl Row {
+    /// The median of the measured samples (the warm-up's calls left out).
     fn median(&self) -> f64 {
-        let mut v = self.per_launch.borrow().clone();
+        let all = self.per_launch.borrow();
+        let mut v = all[all.len().saturating_sub(SAMPLES)..].to_vec();
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     }
@@ -275,7 +283,7 @@ fn attention(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
 /// Times `step` (tensor ops that end by reading a value back, which synchronises) by wall clock.
 fn bench_wall(c: &mut Criterion, row: &Row, mut step: impl FnMut()) {
     let mut group = c.benchmark_group(&row.group);
-    group.sampling_mode(SamplingMode::Flat).sample_size(10);
+    group.sampling_mode(SamplingMode::Flat).sample_size(SAMPLES);
     group.bench_function(&row.name, |b| {
         b.iter_custom(|iters| {
             let start = std::time::Instant::now();
@@ -470,7 +478,7 @@ fn main() {
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1))
-        .sample_size(10)
+        .sample_size(SAMPLES)
         .configure_from_args();
     let mut rows = vec![];
     // The table is written after every group, so a run cut short (the GPU check's time limit)
@@ -489,11 +497,18 @@ fn main() {
         }
         text
     };
+    // `WHALE_GPU_BENCH_GROUPS` (comma-separated names below; default: all) picks the groups, so
+    // the GPU check runs the kernels no GPU has run yet in processes of their own: a fault there
+    // leaves the CUDA context unusable for whatever would follow in the same process.
+    let picked = std::env::var("WHALE_GPU_BENCH_GROUPS").ok();
+    let wanted = |name: &str| picked.as_deref().is_none_or(|p| p.split(',').any(|w| w.trim() == name));
     type Kernels<'a> = &'a dyn Fn(&mut Criterion, &Gpu, &mut Vec<Row>);
     let kernels: [Kernels; 4] = [&copy_bandwidth, &matmuls, &fp8_gemms, &attention];
-    for group in kernels {
-        group(&mut c, &g, &mut rows);
-        save(&rows, "");
+    if wanted("kernels") {
+        for group in kernels {
+            group(&mut c, &g, &mut rows);
+            save(&rows, "");
+        }
     }
     // The tensor-level groups run whole models, and the wgmma kernel has not yet run on a GPU:
     // a group that fails is reported, and the others (and the table) still come out.
@@ -503,11 +518,11 @@ fn main() {
         ("linear", &linear_layers),
         ("train_step", &training_step),
         ("grpo_step", &grpo_step),
-        ("attention backward tiled", &|c, rows| tiled_attention_backward(c, &g, rows)),
-        ("fp8_gemm wgmma", &|c, rows| wgmma_fp8_gemms(c, &g, rows)),
-        ("train_step on the opt-in kernels", &opt_in_training_step),
+        ("tiled_backward", &|c, rows| tiled_attention_backward(c, &g, rows)),
+        ("wgmma", &|c, rows| wgmma_fp8_gemms(c, &g, rows)),
+        ("opt_in_step", &opt_in_training_step),
     ];
-    for (name, group) in groups {
+    for (name, group) in groups.into_iter().filter(|(name, _)| wanted(name)) {
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| group(&mut c, &mut rows)));
         if let Err(e) = run {
             let why = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));

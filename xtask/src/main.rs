@@ -12,7 +12,8 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
-  bench [FILTER] [--out FILE]   run the criterion benches (optionally only those matching FILTER)
+  bench [FILTER] [--out FILE]   run the criterion benches (a bench target's name, e.g. gpu or fp8,
+                                runs that target; any other FILTER only the benches matching it)
                                 and write a markdown summary of every bench with its ratio to
                                 the baseline measured in the same run (default: target/bench-summary.md)
   build-kernels [--check]       compile kernels/*.cu to PTX for sm_90/sm_80 and regenerate the
@@ -266,9 +267,17 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace_root()).args(["bench", "-p", "whale-benches", "--"]);
-    if let Some(f) = &filter {
-        cmd.arg(f);
+    cmd.current_dir(workspace_root()).args(["bench", "-p", "whale-benches"]);
+    // The name of a bench target (`gpu`, `fp8`) runs that target whole; anything else filters
+    // the benchmarks of every target by name.
+    match &filter {
+        Some(f) if workspace_root().join("benches/benches").join(format!("{f}.rs")).exists() => {
+            cmd.args(["--bench", f]);
+        }
+        Some(f) => {
+            cmd.args(["--", f]);
+        }
+        None => {}
     }
     let status = cmd.status().map_err(|e| format!("cannot run cargo bench: {e}"))?;
     if !status.success() {
