@@ -181,17 +181,21 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
+/// A connection to the master, retried until `deadline`: the master may start later than this
+/// rank, and its name may not resolve yet (a cluster's DNS entry appears with the master's pod).
 fn connect(addr: &str, deadline: Instant) -> Result<TcpStream> {
     loop {
-        let attempt = addr
-            .to_socket_addrs()
-            .map_err(|e| io_err(&format!("resolving {addr}"), e))?
-            .find_map(|a| TcpStream::connect_timeout(&a, Duration::from_millis(500)).ok());
-        if let Some(s) = attempt {
-            return Ok(s);
-        }
+        let why = match addr.to_socket_addrs() {
+            Ok(mut addrs) => {
+                match addrs.find_map(|a| TcpStream::connect_timeout(&a, Duration::from_millis(500)).ok()) {
+                    Some(s) => return Ok(s),
+                    None => "did not answer".to_string(),
+                }
+            }
+            Err(e) => format!("did not resolve ({e})"),
+        };
         if Instant::now() >= deadline {
-            return Err(Error::Train(format!("rendezvous: the master at {addr} did not answer in time")));
+            return Err(Error::Train(format!("rendezvous: the master at {addr} {why} in time")));
         }
         std::thread::sleep(Duration::from_millis(50));
     }

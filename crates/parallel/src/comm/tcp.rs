@@ -193,6 +193,46 @@ fn io(op: &str, e: impl std::fmt::Display) -> Error {
     Error::Train(format!("tcp comm: {op}: {e}"))
 }
 
+/// The connections of ranks `rank + 1 .. world`, which connect to this one right after the
+/// rendezvous and greet it with their rank. A rank that died since is an error after `timeout`,
+/// not a wait forever; a connection that greets with no rank of theirs (a port scan, a health
+/// check) is dropped, as the rendezvous drops one; two that claim the same rank are an error.
+fn accept_peers(
+    listener: &TcpListener,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+) -> Result<Vec<(usize, TcpStream)>> {
+    let deadline = Instant::now() + timeout;
+    let mut peers: Vec<(usize, TcpStream)> = Vec::new();
+    while peers.len() < world - rank - 1 {
+        // A rank greets at once: a connection silent for seconds is not one.
+        let greeting = timeout.min(Duration::from_secs(5));
+        let Some((mut s, from)) = accept_before(listener, deadline, greeting).map_err(|e| io("accepting", e))? else {
+            let missing: Vec<usize> = (rank + 1..world).filter(|r| !peers.iter().any(|(p, _)| p == r)).collect();
+            return Err(io("accepting", format!("ranks {missing:?} did not connect in {timeout:?}")));
+        };
+        let peer = match read_u32(&mut s) {
+            Ok(p) if (rank + 1..world).contains(&(p as usize)) => p as usize,
+            Ok(p) => {
+                eprintln!("tcp comm: dropped a connection from {from} that claims rank {p} (not a rank above {rank})");
+                continue;
+            }
+            Err(e) => {
+                eprintln!("tcp comm: dropped a connection from {from} that sent no rank ({e})");
+                continue;
+            }
+        };
+        if peers.iter().any(|(p, _)| *p == peer) {
+            return Err(io("accepting", format!("two connections claim rank {peer}")));
+        }
+        // Frames wait as long as the program does; `patience` bounds a receive instead.
+        s.set_read_timeout(None).map_err(|e| io("socket", e))?;
+        peers.push((peer, s));
+    }
+    Ok(peers)
+}
+
 impl TcpComm {
     /// Joins the world `env` describes (every rank calls this; see [`LaunchEnv::from_env`]).
     /// A receive that hears nothing from its peer for `patience` fails rather than hang (torch's
@@ -213,25 +253,12 @@ impl TcpComm {
                 .parse()
                 .map_err(|e| io(&format!("rank {peer}'s address {:?}", String::from_utf8_lossy(addr)), e))?;
             let addr = reachable_at(advertised, met.seen[peer], met.seen[0]);
-            let mut s = TcpStream::connect(addr).map_err(|e| io(&format!("connecting to rank {peer} at {addr}"), e))?;
+            let mut s = TcpStream::connect_timeout(&addr, timeout.max(Duration::from_millis(1)))
+                .map_err(|e| io(&format!("connecting to rank {peer} at {addr}"), e))?;
             s.write_all(&(rank as u32).to_le_bytes()).map_err(|e| io("greeting", e))?;
             streams[peer] = Some(s);
         }
-        // The ranks above connect to this one right after the rendezvous: a rank that died
-        // since is an error after `timeout`, not a wait forever.
-        let deadline = Instant::now() + timeout;
-        for _ in rank + 1..world {
-            let Some((mut s, from)) = accept_before(&listener, deadline, timeout).map_err(|e| io("accepting", e))?
-            else {
-                let missing: Vec<usize> = (rank + 1..world).filter(|&r| streams[r].is_none()).collect();
-                return Err(io("accepting", format!("ranks {missing:?} did not connect in {timeout:?}")));
-            };
-            let peer = read_u32(&mut s).map_err(|e| io(&format!("reading a greeting from {from}"), e))? as usize;
-            if peer <= rank || peer >= world || streams[peer].is_some() {
-                return Err(io("accepting", format!("a connection claims rank {peer}")));
-            }
-            // Frames wait as long as the program does; `patience` bounds a receive instead.
-            s.set_read_timeout(None).map_err(|e| io("socket", e))?;
+        for (peer, s) in accept_peers(&listener, rank, world, timeout)? {
             streams[peer] = Some(s);
         }
         let mut writers = Vec::with_capacity(world);
@@ -461,5 +488,32 @@ mod tests {
         // One machine: loopback all along.
         assert_eq!(reachable_at(at("127.0.0.1:4004"), ip("127.0.0.1"), ip("127.0.0.1")), at("127.0.0.1:4004"));
         assert_eq!(reachable_at(at("[::1]:4005"), ip("::1"), None), at("[::1]:4005"));
+    }
+
+    #[test]
+    fn connections_that_are_not_ranks_are_dropped_and_the_ranks_are_kept() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let greet = |rank: Option<u32>| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            if let Some(r) = rank {
+                s.write_all(&r.to_le_bytes()).unwrap();
+            }
+            s
+        };
+        // Rank 1 of 4 accepts ranks 2 and 3; a health check that says nothing and a stray that
+        // claims rank 9 come first.
+        let (_silent, _stray, _two, _three) = (greet(None), greet(Some(9)), greet(Some(2)), greet(Some(3)));
+        drop(_silent);
+        let mut got: Vec<usize> =
+            accept_peers(&listener, 1, 4, Duration::from_secs(10)).unwrap().into_iter().map(|(p, _)| p).collect();
+        got.sort_unstable();
+        assert_eq!(got, [2, 3]);
+        // A rank claimed twice is an error, and so is one that never comes.
+        let (_a, _b) = (greet(Some(2)), greet(Some(2)));
+        let err = accept_peers(&listener, 1, 4, Duration::from_secs(10)).unwrap_err().to_string();
+        assert!(err.contains("two connections claim rank 2"), "{err}");
+        let err = accept_peers(&listener, 2, 4, Duration::from_millis(300)).unwrap_err().to_string();
+        assert!(err.contains("[3]"), "{err}");
     }
 }
