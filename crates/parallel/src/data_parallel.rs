@@ -135,16 +135,40 @@ struct Watch {
     /// Each parameter's gradient tensor before the last micro-batch's backward.
     before: Vec<Option<TensorId>>,
     backward_done: AtomicBool,
+    /// The backward panicked: its gradients will never be final.
+    aborted: AtomicBool,
 }
 
 impl Watch {
     fn new(slots: &[Slot], backward_done: bool) -> Watch {
         let before = slots.iter().map(|s| s.tensor.grad().map(|g| g.id())).collect();
-        Watch { before, backward_done: AtomicBool::new(backward_done) }
+        Watch { before, backward_done: AtomicBool::new(backward_done), aborted: AtomicBool::new(false) }
     }
 
     fn is_final(&self, slots: &[Slot], i: usize) -> bool {
         slots[i].tensor.grad().map(|g| g.id()) != self.before[i]
+    }
+
+    /// Whether the backward has ended; an error when it panicked (the reducer then stops without
+    /// communicating: reducing half a backward's gradients with the other ranks would hand them
+    /// wrong sums, and waiting for the rest would never end).
+    fn backward_over(&self) -> Result<bool> {
+        if self.aborted.load(Ordering::Acquire) {
+            return Err(Error::Train("data parallel: the backward panicked; its gradients were not reduced".into()));
+        }
+        Ok(self.backward_done.load(Ordering::Acquire))
+    }
+}
+
+/// Ends the backward for the reducer when dropped, whether the backward returned or unwound.
+struct EndOfBackward<'a>(&'a Watch);
+
+impl Drop for EndOfBackward<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.aborted.store(true, Ordering::Release);
+        }
+        self.0.backward_done.store(true, Ordering::Release);
     }
 }
 
@@ -172,7 +196,7 @@ fn reduce_buckets(
     let mut reduced = Vec::with_capacity(buckets.len());
     for b in buckets {
         loop {
-            let done = watch.backward_done.load(Ordering::Acquire);
+            let done = watch.backward_over()?;
             let mut look = |i: usize| {
                 if !seen[i] && watch.is_final(slots, i) {
                     seen[i] = true;
@@ -492,8 +516,9 @@ impl<'c> DataParallelTrainer<'c> {
                     .name(format!("rank {} gradient reduction", comm.rank()))
                     .spawn_scoped(s, || reduce_buckets(comm, slots, buckets, how, &watch, record))
                     .map_err(|e| Error::Train(format!("data parallel: cannot start the communication thread: {e}")))?;
+                let end = EndOfBackward(&watch);
                 let last = micro_batch(trainer);
-                watch.backward_done.store(true, Ordering::Release);
+                drop(end);
                 let t = Instant::now();
                 let reduced = reducer.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
                 Ok::<_, Error>((last, reduced, t.elapsed()))
@@ -567,5 +592,38 @@ impl<'c> DataParallelTrainer<'c> {
             self.trainer.save_checkpoint(dir)?;
         }
         self.comm.barrier()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backward that panics while the reducer waits for it: the step unwinds (the scope joins
+    /// the reducer, which stops) instead of hanging in the join.
+    #[test]
+    fn a_backward_that_panics_stops_the_reducer_instead_of_hanging_the_step() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let watch = Watch::new(&[], false);
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                std::thread::scope(|s| {
+                    let reducer = s.spawn(|| loop {
+                        if watch.backward_over()? {
+                            return Ok::<_, Error>(());
+                        }
+                        std::thread::sleep(POLL);
+                    });
+                    let _end = EndOfBackward(&watch);
+                    if !reducer.is_finished() {
+                        panic!("the backward fails");
+                    }
+                })
+            }));
+            let _ = tx.send((step.is_err(), watch.backward_over().map_err(|e| e.to_string())));
+        });
+        let (unwound, over) = rx.recv_timeout(Duration::from_secs(20)).expect("the step hung");
+        assert!(unwound);
+        assert!(over.unwrap_err().contains("panicked"));
     }
 }
