@@ -617,6 +617,9 @@ pub struct RlRun {
     pub rng: Rng,
     /// Prompts to sample from instead of the task generators (a user's JSONL dataset).
     pub pool: Option<Vec<Problem>>,
+    /// The rewards were built in code ([`GrpoTrainer::with_rewards`]), not from `config.rewards`
+    /// (which then only describes them): a resume must be given them again.
+    pub rewards_in_code: bool,
     metrics: Option<File>,
     completions: Option<File>,
 }
@@ -640,6 +643,7 @@ impl RlRun {
             step: 0,
             tokenizer,
             pool: None,
+            rewards_in_code: false,
             metrics: None,
             completions: None,
         })
@@ -710,22 +714,51 @@ impl RlRun {
             "optimizer_steps": opt_steps,
             "rng": self.rng.state(),
             "config": self.config,
+            "rewards_in_code": self.rewards_in_code,
         });
         Ok(write_json_synced(&dir.join(RL_STATE_FILE), &state)?)
     }
 
     /// The run state and policy saved by [`RlRun::save`] in `dir` (or `dir.old` after a crash
     /// during the swap), with the directory they came from.
-    pub fn load(dir: &Path, tokenizer: Box<dyn Tokenizer>, salt: u64) -> Result<(Self, Box<dyn CausalLm>, PathBuf)> {
+    /// A run whose rewards were built in code needs them again as `rewards` (their description
+    /// must be the saved one); any other run takes `None`.
+    pub fn load(
+        dir: &Path,
+        tokenizer: Box<dyn Tokenizer>,
+        salt: u64,
+        rewards: Option<RewardSet>,
+    ) -> Result<(Self, Box<dyn CausalLm>, PathBuf)> {
         let dir = complete_checkpoint(dir, RL_STATE_FILE)?;
         let path = dir.join(RL_STATE_FILE);
         let bad = |what: String| Error::Rl(format!("{}: {what}", path.display()));
         let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
         let state: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let config: GrpoConfig =
+        let mut config: GrpoConfig =
             serde_json::from_value(state["config"].clone()).map_err(|e| bad(format!("config: {e}")))?;
         let rng: [u64; 4] = serde_json::from_value(state["rng"].clone()).map_err(|e| bad(format!("rng: {e}")))?;
+        let in_code = state["rewards_in_code"].as_bool().unwrap_or(false);
+        let saved = config.rewards.clone();
+        match (in_code, &rewards) {
+            (true, None) => {
+                return Err(bad(format!(
+                    "its rewards ({saved}) were built in code: resume it with GrpoTrainer::resume_with_rewards"
+                )))
+            }
+            (false, Some(_)) => {
+                return Err(bad(format!("its rewards come from its config ({saved}); resume it plainly")))
+            }
+            (true, Some(r)) if r.describe() != saved => {
+                return Err(bad(format!("it trained with the rewards {saved}, not {}", r.describe())))
+            }
+            // The config's string only describes them: it is parsed for a set that is replaced.
+            (true, Some(_)) => config.rewards = "accuracy".into(),
+            (false, None) => {}
+        }
         let mut run = RlRun::new(config, tokenizer, salt)?;
+        if let Some(r) = rewards {
+            (run.config.rewards, run.rewards, run.rewards_in_code) = (saved, r, true);
+        }
         run.step = state["step"].as_u64().ok_or_else(|| bad("missing `step`".into()))?;
         run.rng = Rng::from_state(rng);
         let policy = load_pretrained(&dir)?;
@@ -853,6 +886,7 @@ impl GrpoTrainer {
         let mut t = Self::new(policy, config, tokenizer)?;
         t.run.config.rewards = rewards.describe();
         t.run.rewards = rewards;
+        t.run.rewards_in_code = true;
         Ok(t)
     }
 
@@ -875,7 +909,27 @@ impl GrpoTrainer {
     /// Continues from a checkpoint of [`GrpoTrainer::save_checkpoint`], its models on `device`;
     /// the continuation is bit-identical to the uninterrupted run on the same device.
     pub fn resume(dir: &Path, tokenizer: Box<dyn Tokenizer>, device: &Device) -> Result<Self> {
-        let (run, policy, dir) = RlRun::load(dir, tokenizer, GRPO_SALT)?;
+        Self::resume_from(dir, tokenizer, device, None)
+    }
+
+    /// [`GrpoTrainer::resume`] of a run started with [`GrpoTrainer::with_rewards`]: `rewards`
+    /// are built again in code (their description must be the one saved).
+    pub fn resume_with_rewards(
+        dir: &Path,
+        tokenizer: Box<dyn Tokenizer>,
+        device: &Device,
+        rewards: RewardSet,
+    ) -> Result<Self> {
+        Self::resume_from(dir, tokenizer, device, Some(rewards))
+    }
+
+    fn resume_from(
+        dir: &Path,
+        tokenizer: Box<dyn Tokenizer>,
+        device: &Device,
+        rewards: Option<RewardSet>,
+    ) -> Result<Self> {
+        let (run, policy, dir) = RlRun::load(dir, tokenizer, GRPO_SALT, rewards)?;
         let policy = moved_to(policy, device)?;
         let reference = if run.config.beta > 0.0 {
             let r = dir.join("reference");

@@ -260,7 +260,7 @@ impl PpoTrainer {
     /// Continues from a checkpoint of [`PpoTrainer::save_checkpoint`], its models (policy,
     /// reference, critic) on `device`.
     pub fn resume(dir: &Path, tokenizer: Box<dyn Tokenizer>, device: &Device) -> Result<Self> {
-        let (run, policy, dir) = RlRun::load(dir, tokenizer, PPO_SALT)?;
+        let (run, policy, dir) = RlRun::load(dir, tokenizer, PPO_SALT, None)?;
         let policy = moved_to(policy, device)?;
         let path = dir.join(PPO_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::Rl(format!("{}: {e}", path.display())))?;

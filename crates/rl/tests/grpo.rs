@@ -539,7 +539,7 @@ fn grpo_and_ppo_resume_bit_identically_from_a_checkpoint() {
     assert!(resumed.done());
     assert_eq!(lm_head(&*straight.policy), lm_head(&*resumed.policy));
 
-    let ppo_cfg = GrpoConfig { beta: 0.0, num_iterations: 1, loss_type: LossType::Grpo, ..cfg };
+    let ppo_cfg = GrpoConfig { beta: 0.0, num_iterations: 1, loss_type: LossType::Grpo, ..cfg.clone() };
     let mut straight = PpoTrainer::new(Box::new(tiny_model(8)), ppo_cfg.clone(), PpoConfig::default(), tok()).unwrap();
     let mut interrupted = PpoTrainer::new(Box::new(tiny_model(8)), ppo_cfg, PpoConfig::default(), tok()).unwrap();
     straight.train_step().unwrap();
@@ -554,6 +554,29 @@ fn grpo_and_ppo_resume_bit_identically_from_a_checkpoint() {
     assert_eq!(straight.critic.head.to_vec_f32().unwrap(), resumed.critic.head.to_vec_f32().unwrap());
     let err = GrpoTrainer::resume(&dir.join("nothing"), tok(), &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("nothing") && err.contains("rl_state.json"), "{err}");
+
+    // Rewards built in code (R1's stage 4 filters accuracy to the reasoning prompts) are not
+    // what the saved string says: a plain resume is refused, and a resume given them again
+    // continues the run bit for bit.
+    use whale_rl::reward_model::ReasoningOnly;
+    use whale_rl::rewards::{Accuracy, Format, RewardSet};
+    let in_code = || RewardSet {
+        entries: vec![(Box::new(ReasoningOnly(Box::new(Accuracy::default()))), 1.0), (Box::new(Format), 0.1)],
+    };
+    let mut straight = GrpoTrainer::with_rewards(Box::new(tiny_model(8)), cfg.clone(), tok(), in_code()).unwrap();
+    let mut interrupted = GrpoTrainer::with_rewards(Box::new(tiny_model(8)), cfg.clone(), tok(), in_code()).unwrap();
+    straight.train_step().unwrap();
+    interrupted.train_step().unwrap();
+    interrupted.save_checkpoint(&dir.join("in-code")).unwrap();
+    let err = GrpoTrainer::resume(&dir.join("in-code"), tok(), &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("resume_with_rewards"), "{err}");
+    let other = RewardSet::parse("accuracy,format:0.5", 10).unwrap();
+    let err = GrpoTrainer::resume_with_rewards(&dir.join("in-code"), tok(), &Device::Cpu, other).unwrap_err();
+    assert!(err.to_string().contains("format:0.5"), "{err}");
+    let mut resumed = GrpoTrainer::resume_with_rewards(&dir.join("in-code"), tok(), &Device::Cpu, in_code()).unwrap();
+    straight.train_step().unwrap();
+    resumed.train_step().unwrap();
+    assert_eq!(lm_head(&*straight.policy), lm_head(&*resumed.policy));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
