@@ -76,7 +76,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let tok = tokenizer_for(&a.checkpoint)?;
     if a.show > 0 {
         let shown = &problems[..a.show.min(problems.len())];
-        let prompts: Vec<Vec<u32>> = shown.iter().map(|p| tok.encode(&p.prompt)).collect::<Result<_, _>>()?;
+        let prompts = whale_rl::rollout::problem_prompts(&*tok, shown)?;
         let cfg = SamplingConfig { cache, ..SamplingConfig::greedy(cfg.max_new_tokens, tok.stop_ids()) };
         for (p, g) in shown.iter().zip(model.generate(&prompts, &cfg, &mut Rng::new(a.seed))?) {
             let text = completion_text(&*tok, &g);

@@ -290,6 +290,13 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     let pool = s.data.as_deref().map(crate::settings::training_pool).transpose()?;
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
     let (base, tok) = crate::device::load_with_tokenizer(&args.base, &device, "the base model")?;
+    // Every prompt of a --data pool reads in the base's tokenizer, checked now rather than when a
+    // step first draws it.
+    if let (Some(pool), Some(path)) = (&pool, &s.data) {
+        for p in pool {
+            whale_rl::rollout::prompt_ids(&*tok, &p.prompt).with_context(|| format!("--data {}", path.display()))?;
+        }
+    }
     // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
     // (its logs, all of steps not checkpointed, go).
     let saved = complete_checkpoint(&ckpt, RL_STATE_FILE).ok();

@@ -328,6 +328,15 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.contains("starting it again"), "{stdout}{out:?}");
     assert_eq!(metrics(&run).iter().map(|m| m["step"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1]);
+    // A prompt the base's tokenizer cannot read is named before anything trains.
+    let upper = dir.join("upper.jsonl");
+    let lines: String =
+        (0..8).map(|i| format!("{{\"prompt\": \"What is {i}+2?\", \"answer\": \"{}\"}}\n", i + 2)).collect();
+    std::fs::write(&upper, lines).unwrap();
+    let out = r1_zero_one_step(&ckpt, &dir.join("upper"), &["--data", upper.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--data") && stderr.contains("prompt \"What is"), "{stderr}");
+    assert!(!dir.join("upper").join("metrics.jsonl").exists());
     // A config file's `data` is the pool when no --data overrides it.
     let (cfg, from_file) = (dir.join("data.toml"), dir.join("from-file"));
     std::fs::write(&cfg, format!("data = {data:?}\n")).unwrap();

@@ -119,8 +119,7 @@ pub fn evaluate(
     cfg: &EvalConfig,
 ) -> Result<EvalReport> {
     let stop = tok.stop_ids();
-    let prompts: Vec<Vec<u32>> =
-        problems.iter().map(|p| tok.encode(&p.prompt)).collect::<std::result::Result<_, _>>()?;
+    let prompts = crate::rollout::problem_prompts(tok, problems)?;
     let mut rng = Rng::new(cfg.seed);
     let greedy_cfg = SamplingConfig { cache: cfg.cache, ..SamplingConfig::greedy(cfg.max_new_tokens, stop.clone()) };
     let greedy = model.generate(&prompts, &greedy_cfg, &mut rng)?;

@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use whale_parallel::model::checkpoint::{load_file, save_file, SaveDType};
 use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, LrSchedule};
-use whale_parallel::model::tensor::{no_grad, DType, Device, ParamStore, Tensor};
+use whale_parallel::model::tensor::{no_grad, DType, Device, ParamStore, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::{load_pretrained, moved_to, CausalLm};
 use whale_parallel::trainer::{write_dir_atomically, write_json_synced};
@@ -310,6 +310,7 @@ impl PpoTrainer {
         // advantage for it is 0): it is left out of whitening and of both losses, rather than
         // trained as a score of 0.
         let active: Vec<bool> = scored.iter().map(|s| s.scores.total.is_finite()).collect();
+        // Per completion: its frozen log-probs and value estimates, advantages and returns.
         let (mut old, mut old_values, mut advantages, mut returns) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut kl_sum = 0.0;
         for (c, batch) in chunks.iter().zip(&packed) {
@@ -325,6 +326,8 @@ impl PpoTrainer {
             let rfv = rf.as_ref().map(|r| r.to_vec_f32()).transpose()?;
             for (j, i) in c.clone().enumerate() {
                 let l_old = batch.row_tokens(&lpv, j);
+                old.push(l_old.to_vec());
+                old_values.push(batch.row_tokens(&vv, j).to_vec());
                 let vals: Vec<f64> = batch.row_tokens(&vv, j).iter().map(|&x| x as f64).collect();
                 // k1 = l_old - l_ref per token, as a penalty in the reward (spec 4.2).
                 let k1: Vec<f64> = match &rfv {
@@ -341,8 +344,6 @@ impl PpoTrainer {
                 advantages.push(a);
                 returns.push(g);
             }
-            old.push(lp);
-            old_values.push(v);
         }
         if ppo.whiten_advantages {
             whiten(&mut advantages, &active);
@@ -358,34 +359,42 @@ impl PpoTrainer {
         let lr = cfg.schedule().lr(self.run.step);
         let (mut stats, mut pg_sum, mut vf_sum, mut entropy, mut grad_norm) =
             (LossStats::default(), 0.0, 0.0, 0.0, 0.0);
+        let to_f32 = |row: &[f64]| -> Vec<f32> { row.iter().map(|&x| x as f32).collect() };
         for _ in 0..ppo.ppo_epochs {
+            // Each epoch splits the completions into minibatches of a new random order (TRL's
+            // `np.random.permutation` per PPO epoch); one minibatch takes them all, in any order.
+            let order = match minibatches.len() {
+                1 => (0..n).collect(),
+                _ => permutation(n, &mut self.run.rng),
+            };
             for mb in &minibatches {
                 // Token means over the minibatch: one optimizer update each.
-                let mb_tokens: usize =
-                    mb.rows.clone().filter(|&i| active[i]).map(|i| scored[i].rollout.tokens.len()).sum();
+                let rows = mb.rows.clone().map(|p| order[p]);
+                let mb_tokens: usize = rows.filter(|&i| active[i]).map(|i| scored[i].rollout.tokens.len()).sum();
                 let w = 1.0 / mb_tokens.max(1) as f32;
                 for k in mb.chunks.clone() {
-                    let (c, batch) = (&chunks[k], &packed[k]);
-                    let to_f32 = |rows: &[Vec<f64>]| -> Vec<Vec<f32>> {
-                        rows.iter().map(|r| r.iter().map(|&x| x as f32).collect()).collect()
+                    let c: Vec<usize> = chunks[k].clone().map(|p| order[p]).collect();
+                    let batch =
+                        PackedBatch::new(&c.iter().map(|&i| &scored[i].rollout).collect::<Vec<_>>(), pad, &device)?;
+                    let per_row = |f: &dyn Fn(usize) -> Vec<f32>| {
+                        batch.scatter_tokens(&c.iter().map(|&i| f(i)).collect::<Vec<_>>())
                     };
-                    let row_weights: Vec<Vec<f32>> =
-                        c.clone().zip(&batch.lengths).map(|(i, &l)| vec![if active[i] { w } else { 0.0 }; l]).collect();
-                    let weights = batch.scatter_tokens(&row_weights)?;
-                    let now = score(&*self.policy, batch, cfg.temperature)?;
+                    let weights = per_row(&|i| vec![if active[i] { w } else { 0.0 }; scored[i].rollout.tokens.len()])?;
+                    let now = score(&*self.policy, &batch, cfg.temperature)?;
                     // Over the tokens the loss counts, as `tokens` below does.
                     entropy += now.entropy_over(&weights.to_vec_f32()?).0;
                     let inputs = LossInputs {
                         logprobs: now.logprobs,
-                        old: old[k].clone(),
+                        old: per_row(&|i| old[i].clone())?,
                         reference: None,
-                        advantages: batch.scatter_tokens(&to_f32(&advantages[c.clone()]))?,
+                        advantages: per_row(&|i| to_f32(&advantages[i]))?,
                         weights: weights.clone(),
                     };
                     let (pg, s) = grpo_loss(&inputs, ppo.cliprange, ppo.cliprange, 0.0)?;
-                    let v = self.critic.values(batch)?;
-                    let rets = batch.scatter_tokens(&to_f32(&returns[c.clone()]))?;
-                    let vf = value_loss(&v, &old_values[k], &rets, &weights, ppo.cliprange_value)?;
+                    let v = self.critic.values(&batch)?;
+                    let rets = per_row(&|i| to_f32(&returns[i]))?;
+                    let vf =
+                        value_loss(&v, &per_row(&|i| old_values[i].clone())?, &rets, &weights, ppo.cliprange_value)?;
                     let (pgv, vfv) = (pg.to_scalar()? as f64, vf.to_scalar()? as f64);
                     if !pgv.is_finite() || !vfv.is_finite() {
                         return Err(self.abandon_step(format!("PPO loss not finite (policy {pgv}, value {vfv})")));
@@ -431,9 +440,31 @@ impl PpoTrainer {
     }
 }
 
+/// A uniformly random order of `0..n` (Fisher-Yates on `rng`).
+fn permutation(n: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    order
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_epochs_order_is_a_fresh_permutation() {
+        let mut rng = Rng::new(5);
+        let (a, b) = (permutation(32, &mut rng), permutation(32, &mut rng));
+        for p in [&a, &b] {
+            let mut sorted = p.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..32).collect::<Vec<_>>());
+        }
+        assert!(a != b && a != (0..32).collect::<Vec<_>>(), "{a:?} {b:?}");
+        assert!(permutation(0, &mut rng).is_empty() && permutation(1, &mut rng) == [0]);
+    }
 
     #[test]
     fn whitening_uses_the_unbiased_variance_over_every_token() {

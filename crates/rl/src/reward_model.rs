@@ -174,7 +174,7 @@ impl Reward for LearnedReward {
 
 /// `prompt + completion + EOS` as the reward model reads it.
 fn reward_row(tok: &dyn Tokenizer, prompt: &str, completion: &str) -> Result<Vec<u32>> {
-    let mut row = tok.encode(prompt)?;
+    let mut row = crate::rollout::prompt_ids(tok, prompt)?;
     row.extend(tok.encode(completion)?);
     row.push(tok.eos_id());
     Ok(row)

@@ -40,6 +40,18 @@ impl RolloutConfig {
     }
 }
 
+/// The ids of a prompt as every stage reads it (sampling, scoring, SFT, evaluation): with the
+/// special tokens HF's `tokenizer(prompt)` adds (a Llama-style BOS; none for the character
+/// tokenizer). An error names the prompt.
+pub fn prompt_ids(tok: &dyn Tokenizer, prompt: &str) -> Result<Vec<u32>> {
+    tok.encode_prompt(prompt).map_err(|e| Error::Rl(format!("prompt {prompt:?}: {e}")))
+}
+
+/// The ids of every problem's prompt ([`prompt_ids`]).
+pub fn problem_prompts(tok: &dyn Tokenizer, problems: &[Problem]) -> Result<Vec<Vec<u32>>> {
+    problems.iter().map(|p| prompt_ids(tok, &p.prompt)).collect()
+}
+
 /// One sampled completion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rollout {
@@ -68,8 +80,7 @@ pub fn sample_groups(
     if cfg.group_size == 0 {
         return Err(Error::Rl("rollout group_size must be at least 1".into()));
     }
-    let prompts: Vec<Vec<u32>> =
-        problems.iter().map(|p| tok.encode(&p.prompt)).collect::<std::result::Result<_, _>>()?;
+    let prompts = problem_prompts(tok, problems)?;
     let repeated: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), cfg.group_size)).collect();
     let gens = model.generate(&repeated, &cfg.sampling(tok.stop_ids()), rng)?;
     Ok(gens

@@ -15,6 +15,7 @@ use whale_parallel::model::{CausalLm, IGNORE_INDEX};
 
 use crate::eval::{completion_text, well_formatted};
 use crate::rewards::{LanguageConsistency, Sample};
+use crate::rollout::prompt_ids;
 use crate::tasks::language::language_share;
 use crate::tasks::{verify, Language, Problem};
 use crate::{Error, Result};
@@ -113,7 +114,7 @@ pub fn sft_batch(
 ) -> Result<(Tensor, Tensor)> {
     let (mut ids, mut targets) = (Vec::new(), Vec::new());
     for ex in examples {
-        let prompt = tok.encode(&ex.prompt)?;
+        let prompt = prompt_ids(tok, &ex.prompt)?;
         let mut row = prompt.clone();
         row.extend(tok.encode(&ex.completion)?);
         row.push(tok.eos_id());
@@ -130,7 +131,7 @@ pub fn sft_batch(
 
 /// Tokens `ex` takes in a row: prompt, completion and EOS (a row holds `seq_len + 1`).
 fn row_len(tok: &dyn Tokenizer, ex: &Example) -> Result<usize> {
-    Ok(tok.encode(&ex.prompt)?.len() + tok.encode(&ex.completion)?.len() + 1)
+    Ok(prompt_ids(tok, &ex.prompt)?.len() + tok.encode(&ex.completion)?.len() + 1)
 }
 
 /// The examples of `data` that fit a row of `seq_len`, and how many did not: sampled traces
@@ -265,8 +266,8 @@ pub fn rejection_sample(
     let prompts: Vec<Vec<u32>> = problems
         .iter()
         .flat_map(|p| std::iter::repeat_n(p, samples))
-        .map(|p| tok.encode(&p.prompt))
-        .collect::<std::result::Result<_, _>>()?;
+        .map(|p| prompt_ids(tok, &p.prompt))
+        .collect::<Result<_>>()?;
     let cfg = SamplingConfig {
         cache: CacheMode::Absorb,
         ..SamplingConfig::sampled(temperature, max_new_tokens, tok.stop_ids())

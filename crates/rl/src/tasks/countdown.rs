@@ -87,7 +87,16 @@ fn evaluate(expr: &str) -> Option<(i64, Vec<i64>)> {
             Some(n)
         }
     }
-    let compact: String = expr.chars().filter(|c| !c.is_whitespace()).collect();
+    // Spaces between tokens are fine; inside a number (`2 5`) they make two numbers, which
+    // Python's eval refuses, not 25.
+    let parts: Vec<&str> = expr.split_whitespace().collect();
+    if parts
+        .windows(2)
+        .any(|w| w[0].ends_with(|c: char| c.is_ascii_digit()) && w[1].starts_with(|c: char| c.is_ascii_digit()))
+    {
+        return None;
+    }
+    let compact: String = parts.concat();
     let mut p = P { s: compact.as_bytes(), i: 0, used: Vec::new() };
     let v = p.expr()?;
     (p.i == p.s.len()).then_some((v, p.used))
@@ -168,6 +177,8 @@ mod tests {
         assert!(!Countdown.verify(&p, "<answer>(25+7*3</answer>"), "malformed");
         assert!(!Countdown.verify(&p, "<answer>25+07*3</answer>"), "a leading zero is malformed");
         assert!(!Countdown.verify(&p, "<answer>25+7*03</answer>"), "a leading zero is malformed");
+        assert!(Countdown.verify(&p, "<answer> 25 + 7 * 3 </answer>"), "spaces between tokens");
+        assert!(!Countdown.verify(&p, "<answer>2 5+7*3</answer>"), "a space inside a number makes two");
         let mut rng = Rng::new(3);
         for d in 2..5 {
             let p = Countdown.generate(&mut rng, d);

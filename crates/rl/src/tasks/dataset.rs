@@ -134,7 +134,10 @@ impl TaskSet {
             let d = range.start() + rng.below((range.end() - range.start() + 1) as u64) as u32;
             let p = task.generate(rng, d);
             if Split::of(&p.prompt) == split {
-                if self.letters > 0.0 && rng.uniform_f64() < self.letters && Language::of_problem(&p).is_some() {
+                // Drawn whatever the share: the same seed poses the same problems at any
+                // `letters`, only their script differs.
+                let script = rng.uniform_f64();
+                if script < self.letters && Language::of_problem(&p).is_some() {
                     return translate(&p, Language::Letters);
                 }
                 return p;
@@ -376,13 +379,21 @@ mod tests {
 
     #[test]
     fn train_and_held_out_never_overlap() {
-        let set = TaskSet::parse("add,mul,modchain,countdown,sort,reverse").unwrap();
-        let train: HashSet<String> = set.problems(4000, 1, Split::Train).into_iter().map(|p| p.prompt).collect();
+        // Half the problems in letter numerals: the split is by the problem, not its wording.
+        let set = TaskSet::parse("add,mul,modchain,countdown,sort,reverse").unwrap().with_letters(0.5).unwrap();
+        let train: HashSet<String> =
+            set.problems(4000, 1, Split::Train).iter().map(|p| problem_key(&p.prompt)).collect();
         let held = set.problems(500, 2, Split::HeldOut);
         assert_eq!(held.len(), 500);
-        assert!(held.iter().all(|p| !train.contains(&p.prompt)));
+        assert!(held.iter().any(|p| Language::of_problem(p) == Some(Language::Letters)));
+        assert!(held.iter().all(|p| !train.contains(&problem_key(&p.prompt))));
         // Even a training stream from the held-out seed stays on its side.
         assert!(set.problems(500, 2, Split::Train).iter().all(|p| Split::of(&p.prompt) == Split::Train));
+        // The same seed poses the same problems at any share of letter numerals.
+        let digits = TaskSet::parse("add,sort").unwrap().problems(50, 3, Split::HeldOut);
+        let some = TaskSet::parse("add,sort").unwrap().with_letters(0.5).unwrap().problems(50, 3, Split::HeldOut);
+        let keys = |ps: &[Problem]| ps.iter().map(|p| problem_key(&p.prompt)).collect::<Vec<_>>();
+        assert_eq!(keys(&digits), keys(&some));
     }
 
     #[test]
