@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf gpu-bin && mkdir -p gpu-bin target
+# The sources the binaries are built from (tracked or new, not ignored), hashed before the build
+# and checked again after it: a file edited meanwhile would make the stamp lie.
+sources() { git ls-files -z -co --exclude-standard crates kernels benches Cargo.toml Cargo.lock | xargs -0 sha256sum; }
+sources > target/gpu-bin-sources.sha256
 copy() { # copy NAME JSON: the newest binary cargo printed for target NAME
     local path
     path=$(grep -o "\"executable\":\"[^\"]*\"" "$2" | sed 's/"executable":"//; s/"$//' | grep -E "/$1(-[0-9a-f]+)?$" | tail -1)
@@ -31,7 +35,8 @@ copy whale target/gpu-bin-cli.json
 mv gpu-bin/whale gpu-bin/whale-cli
 # The embedded PTX must be the current kernels' (the GPU machine cannot check: it has no sources
 # at the build-time path).
-gpu-bin/cuda --exact the_embedded_ptx_was_built_from_the_current_sources --quiet
+gpu-bin/cuda --exact the_embedded_ptx_was_built_from_the_current_sources | tee target/gpu-bin-stamp.log
+grep -q "1 passed" target/gpu-bin-stamp.log || { echo "the PTX stamp test did not run" >&2; exit 1; }
 ls -la gpu-bin
 # Packed: gzip takes the binaries to under a third of their size, which keeps the checkout plus
 # gpu-bin under the device's 64 MiB carry limit. gpu-check.sh unpacks them.
@@ -43,5 +48,10 @@ rm -f gpu-bin/* && mv target/gpu-bin.tar.gz gpu-bin/bins.tar.gz
     echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- crates kernels benches Cargo.lock || echo ' (with uncommitted changes)')"
     echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } > gpu-bin/BUILD
-git ls-files -z crates kernels benches Cargo.toml Cargo.lock | xargs -0 sha256sum > gpu-bin/SOURCES.sha256
+sources > gpu-bin/SOURCES.sha256
+cmp -s target/gpu-bin-sources.sha256 gpu-bin/SOURCES.sha256 || {
+    echo "sources changed during the build: run it again" >&2
+    rm -rf gpu-bin
+    exit 1
+}
 ls -la gpu-bin

@@ -66,6 +66,7 @@ tee_pid=$!
     # process of their own, their table written to $OUT/gpu-bench-NAME.md as they go.
     bench() {
         local table="$out_dir/gpu-bench-$1.md"
+        rm -f "$table" # never an earlier run's figures
         echo "### $1 ($2)"
         echo
         if [ ! -x "$bins/gpu" ]; then

@@ -268,10 +268,12 @@ fn bench(args: &[String]) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root()).args(["bench", "-p", "whale-benches"]);
-    // The name of a bench target (`gpu`, `fp8`) runs that target whole; anything else filters
-    // the benchmarks of every target by name.
+    // The name of a bench target (`gpu`, `fp8`) runs that target whole (and the summary shows
+    // all of its groups); anything else filters the benchmarks of every target by name.
+    let target =
+        filter.as_deref().is_some_and(|f| workspace_root().join("benches/benches").join(format!("{f}.rs")).exists());
     match &filter {
-        Some(f) if workspace_root().join("benches/benches").join(format!("{f}.rs")).exists() => {
+        Some(f) if target => {
             cmd.args(["--bench", f]);
         }
         Some(f) => {
@@ -283,7 +285,7 @@ fn bench(args: &[String]) -> Result<(), String> {
     if !status.success() {
         return Err(format!("cargo bench failed ({status})"));
     }
-    let rows = collect(&target_dir().join("criterion"), filter.as_deref())?;
+    let rows = collect(&target_dir().join("criterion"), filter.as_deref().filter(|_| !target))?;
     let table = render(&rows);
     print!("\n{table}");
     if let Some(dir) = out.parent() {

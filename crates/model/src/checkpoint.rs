@@ -451,9 +451,23 @@ pub fn save_sharded(
 
 const INDEX: &str = "model.safetensors.index.json";
 
-/// The shard files `dir`'s index lists (none without a readable index).
+/// The shard files `dir`'s index lists; without a readable index (a save cut short removed it),
+/// the files named as shards are (`model-00001-of-00003.safetensors`).
 fn listed_shards(dir: &Path) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string(dir.join(INDEX)) else { return Vec::new() };
+    let Ok(text) = std::fs::read_to_string(dir.join(INDEX)) else {
+        let is_shard = |f: &str| {
+            let Some(rest) = f.strip_prefix("model-").and_then(|r| r.strip_suffix(".safetensors")) else {
+                return false;
+            };
+            rest.split_once("-of-")
+                .is_some_and(|(a, b)| [a, b].iter().all(|n| n.len() == 5 && n.bytes().all(|c| c.is_ascii_digit())))
+        };
+        let names = std::fs::read_dir(dir).into_iter().flatten().flatten();
+        let mut files: Vec<String> =
+            names.filter_map(|e| e.file_name().into_string().ok()).filter(|f| is_shard(f)).collect();
+        files.sort_unstable();
+        return files;
+    };
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return Vec::new() };
     let mut files: Vec<String> = v
         .get("weight_map")

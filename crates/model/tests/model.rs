@@ -124,6 +124,17 @@ fn a_sharded_save_cut_short_never_loads_as_a_mix_of_two_saves() {
     // The old index went first, so nothing loads: an error, not the mix.
     let Err(err) = load_dir(&dir) else { panic!("a mix of two saves loaded") };
     assert!(err.to_string().contains("model.safetensors"), "{err}");
+    // The next save (in fewer shards) finds the cut-short one's shards by their names and
+    // removes them: only its own remain.
+    std::fs::remove_dir(dir.join(format!("model-00002-of-{n:05}.safetensors.tmp"))).unwrap();
+    save_sharded(&dir, &second, SaveDType::F32, 2_000_000).unwrap();
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|f| f.ends_with(".safetensors"))
+        .collect();
+    assert!(!left.is_empty() && left.iter().all(|f| !f.ends_with(&format!("-of-{n:05}.safetensors"))), "{left:?}");
+    assert!(load_dir(&dir).is_ok());
 }
 
 #[test]
@@ -521,6 +532,18 @@ fn fp8_weights_can_stay_fp8_for_inference_and_save_back_byte_identical() {
             assert_eq!(after.get(name), Some(&(*dtype, bytes.clone())), "{name}");
         }
     }
+    // A scale that is not finite is refused by name, as any weight.
+    let broken = tmpdir("fp8-nan-scale");
+    let (mut raw, _) =
+        whale_model::checkpoint::load_dir_with(&again, whale_model::checkpoint::Fp8Weights::Keep).unwrap();
+    let scale_name = format!("{name}_scale_inv");
+    let mut scale = raw[&scale_name].to_vec_f32().unwrap();
+    scale[0] = f32::INFINITY;
+    raw.insert(scale_name.clone(), Tensor::from_vec(scale, raw[&scale_name].dims(), &Device::Cpu).unwrap());
+    std::fs::copy(again.join("config.json"), broken.join("config.json")).unwrap();
+    save_file(&broken.join("model.safetensors"), &raw, SaveDType::F32).unwrap();
+    let err = DeepSeekV3::from_pretrained_fp8(&broken).unwrap_err().to_string();
+    assert!(err.contains(&scale_name) && err.contains("inf"), "{err}");
     // ...and its config.json declares them (HF readers would take the codes for values).
     let written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(again.join("config.json")).unwrap()).unwrap();

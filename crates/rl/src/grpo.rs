@@ -359,12 +359,27 @@ pub fn checkable_steps(problem: &Problem, text: &str, truncated: bool) -> Option
     Some(out)
 }
 
-/// The index of the token in which each byte offset of the decoded text falls. Token ends come
-/// from decoding each prefix: a token decoded alone may read differently (a leading-space marker
-/// dropped, half a multi-byte character).
+/// The index of the token in which each byte offset of the decoded text falls: the first token
+/// whose prefix decodes to at least that many bytes. Prefixes are decoded whole (a token decoded
+/// alone may read differently: a leading-space marker dropped, half a multi-byte character), by
+/// binary search, so a long completion costs a few decodes per offset, not one per token.
 pub fn token_of_offsets(tok: &dyn Tokenizer, tokens: &[u32], offsets: &[usize]) -> Vec<usize> {
-    let ends: Vec<usize> = (1..=tokens.len()).map(|i| tok.decode(&tokens[..i]).len()).collect();
-    offsets.iter().map(|&o| ends.iter().position(|&e| e >= o).unwrap_or(tokens.len().saturating_sub(1))).collect()
+    let end_of = |i: usize| tok.decode(&tokens[..=i]).len();
+    offsets
+        .iter()
+        .map(|&o| {
+            let (mut lo, mut hi) = (0, tokens.len());
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                if end_of(mid) >= o {
+                    hi = mid;
+                } else {
+                    lo = mid + 1;
+                }
+            }
+            lo.min(tokens.len().saturating_sub(1))
+        })
+        .collect()
 }
 
 /// The tensors one loss chunk needs, all `[n, len - 1]` over a packed batch.

@@ -83,7 +83,11 @@ impl SftConfig {
             return bad("lr", "must be positive");
         }
         if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
-            return bad("min_lr", "must be between 0 and `lr`");
+            let why = format!(
+                "{} must be between 0 and `lr` {} (the cosine ends there; above it, the rate would rise): set `min_lr` with `lr`",
+                self.min_lr, self.lr
+            );
+            return bad("min_lr", &why);
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             return bad("weight_decay", "must be non-negative");

@@ -82,8 +82,8 @@ impl<'a> ParamBuilder<'a> {
                 // Master weights are f32 whatever the file stores, and finite: a NaN would only
                 // surface steps later (or panic-free but arbitrary expert choices, for a bias).
                 let w = t.to_dtype(DType::F32)?.contiguous()?.deep_clone()?;
-                if let Some((i, x)) = w.with_f32_mut(|w| w.iter().copied().enumerate().find(|(_, x)| !x.is_finite()))? {
-                    return Err(files.error(&full, format!("element {i} is {x}; weights must be finite")));
+                if let Some(why) = w.with_f32_mut(|w| not_finite(w))? {
+                    return Err(files.error(&full, why));
                 }
                 Ok(w)
             }
@@ -113,6 +113,12 @@ impl<'a> ParamBuilder<'a> {
                     .remove(&scale_name)
                     .ok_or_else(|| err(&full, format!("is FP8 but `{scale_name}` is missing")))?
                     .to_dtype(DType::F32)?;
+                // The codes (E4M3 has NaN codes) and their scales, finite as every weight is.
+                for (name, t) in [(&full, &codes), (&scale_name, &scale)] {
+                    if let Some(why) = not_finite(&t.to_vec_f32()?) {
+                        return Err(err(name, why));
+                    }
+                }
                 self.buffers.insert(full, codes.clone());
                 self.buffers.insert(scale_name, scale.clone());
                 return Ok((codes, Some(scale)));
@@ -139,4 +145,10 @@ impl<'a> ParamBuilder<'a> {
         self.buffers.insert(self.full_name(name), t.clone());
         Ok(t)
     }
+}
+
+/// Why `values` (a loaded weight) cannot be a weight: its first element that is not finite.
+fn not_finite(values: &[f32]) -> Option<String> {
+    let (i, x) = values.iter().enumerate().find(|(_, x)| !x.is_finite())?;
+    Some(format!("element {i} is {x}; weights must be finite"))
 }
