@@ -293,9 +293,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     // Every prompt of a --data pool reads in the base's tokenizer, checked now rather than when a
     // step first draws it.
     if let (Some(pool), Some(path)) = (&pool, &s.data) {
-        for p in pool {
-            whale_rl::rollout::prompt_ids(&*tok, &p.prompt).with_context(|| format!("--data {}", path.display()))?;
-        }
+        whale_rl::rollout::problem_prompts(&*tok, pool).with_context(|| format!("--data {}", path.display()))?;
     }
     // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
     // (its logs, all of steps not checkpointed, go).

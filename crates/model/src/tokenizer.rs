@@ -312,15 +312,15 @@ pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
             .collect()
     };
     const FILES: [&str; 2] = ["generation_config.json", "config.json"];
-    let first = |lists: &[Vec<u32>]| lists.iter().find_map(|ids| ids.first().copied());
+    // The first id a key lists, generation_config.json's before config.json's, with its file.
+    let first = |lists: &[Vec<u32>]| FILES.into_iter().zip(lists).find_map(|(file, ids)| Some((file, *ids.first()?)));
     let (bos, eos) = (ids("bos_token_id")?, ids("eos_token_id")?);
-    let mut tok = HfTokenizer::from_file(&path, first(&bos), first(&eos))?;
+    let mut tok = HfTokenizer::from_file(&path, first(&bos).map(|x| x.1), first(&eos).map(|x| x.1))?;
     let vocab = tok.vocab_size();
     // The BOS and EOS the configs name must be tokens: an EOS outside the vocabulary never stops
     // a generation, and pads (EOS by default) fail in the embedding.
     for (key, lists) in [("bos_token_id", &bos), ("eos_token_id", &eos)] {
-        let named = FILES.iter().zip(lists.iter()).find_map(|(file, ids)| ids.first().map(|&id| (file, id)));
-        if let Some((file, id)) = named.filter(|&(_, id)| id as usize >= vocab) {
+        if let Some((file, id)) = first(lists).filter(|&(_, id)| id as usize >= vocab) {
             return Err(Error::file(
                 dir.join(file),
                 format!("{key} {id} is outside the tokenizer's {vocab} ids ({})", path.display()),

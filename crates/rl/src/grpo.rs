@@ -664,6 +664,14 @@ impl RlRun {
         })
     }
 
+    /// Scores with `rewards`, built in code: `config.rewards` then only describes them, and a
+    /// checkpoint records that a resume must be given them again.
+    pub fn use_rewards(&mut self, rewards: RewardSet) {
+        self.config.rewards = rewards.describe();
+        self.rewards = rewards;
+        self.rewards_in_code = true;
+    }
+
     /// Appends metrics (one JSON object per step) to `metrics` and sample completions to
     /// `completions`.
     pub fn log_to(&mut self, metrics: &Path, completions: &Path) -> Result<()> {
@@ -772,7 +780,7 @@ impl RlRun {
         }
         let mut run = RlRun::new(config, tokenizer, salt)?;
         if let Some(r) = rewards {
-            (run.config.rewards, run.rewards, run.rewards_in_code) = (saved, r, true);
+            run.use_rewards(r);
         }
         run.step = state["step"].as_u64().ok_or_else(|| bad("missing `step`".into()))?;
         run.rng = Rng::from_state(rng);
@@ -899,9 +907,7 @@ impl GrpoTrainer {
         rewards: RewardSet,
     ) -> Result<Self> {
         let mut t = Self::new(policy, config, tokenizer)?;
-        t.run.config.rewards = rewards.describe();
-        t.run.rewards = rewards;
-        t.run.rewards_in_code = true;
+        t.run.use_rewards(rewards);
         Ok(t)
     }
 

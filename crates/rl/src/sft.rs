@@ -15,7 +15,7 @@ use whale_parallel::model::{CausalLm, IGNORE_INDEX};
 
 use crate::eval::{completion_text, well_formatted};
 use crate::rewards::{LanguageConsistency, Sample};
-use crate::rollout::prompt_ids;
+use crate::rollout::{problem_prompts, prompt_ids};
 use crate::tasks::language::language_share;
 use crate::tasks::{verify, Language, Problem};
 use crate::{Error, Result};
@@ -267,11 +267,8 @@ pub fn rejection_sample(
     max_new_tokens: usize,
     rng: &mut Rng,
 ) -> Result<(Vec<Example>, RejectionStats)> {
-    let prompts: Vec<Vec<u32>> = problems
-        .iter()
-        .flat_map(|p| std::iter::repeat_n(p, samples))
-        .map(|p| prompt_ids(tok, &p.prompt))
-        .collect::<Result<_>>()?;
+    let prompts: Vec<Vec<u32>> =
+        problem_prompts(tok, problems)?.into_iter().flat_map(|p| std::iter::repeat_n(p, samples)).collect();
     let cfg = SamplingConfig {
         cache: CacheMode::Absorb,
         ..SamplingConfig::sampled(temperature, max_new_tokens, tok.stop_ids())

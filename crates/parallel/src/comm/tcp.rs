@@ -204,10 +204,10 @@ fn accept_peers(
     timeout: Duration,
 ) -> Result<Vec<(usize, TcpStream)>> {
     let deadline = Instant::now() + timeout;
+    // A rank greets at once: a connection silent for seconds is not one.
+    let greeting = timeout.min(Duration::from_secs(5));
     let mut peers: Vec<(usize, TcpStream)> = Vec::new();
     while peers.len() < world - rank - 1 {
-        // A rank greets at once: a connection silent for seconds is not one.
-        let greeting = timeout.min(Duration::from_secs(5));
         let Some((mut s, from)) = accept_before(listener, deadline, greeting).map_err(|e| io("accepting", e))? else {
             let missing: Vec<usize> = (rank + 1..world).filter(|r| !peers.iter().any(|(p, _)| p == r)).collect();
             return Err(io("accepting", format!("ranks {missing:?} did not connect in {timeout:?}")));
