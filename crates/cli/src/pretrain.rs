@@ -621,7 +621,8 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
     }
     trainer.save_checkpoint(plan.ckpt)?;
     pb.finish_and_clear();
-    Ok(lead.then(|| (trainer.into_trainer(), last_vio)))
+    let trainer = trainer.into_trainer()?;
+    Ok(lead.then_some((trainer, last_vio)))
 }
 
 /// Rank 0's result, or the error that stopped the run: the first rank's that failed on its own

@@ -194,6 +194,8 @@ impl<'c> ParallelTrainer<'c> {
         self.mesh
     }
 
+    /// This rank's trainer. With ZeRO-1 its optimizer holds the AdamW state as of the last
+    /// [`ParallelTrainer::save_checkpoint`] (the live state is sharded over the ranks).
     pub fn trainer(&self) -> &Trainer {
         &self.dp.trainer
     }
@@ -242,10 +244,13 @@ impl<'c> ParallelTrainer<'c> {
         r
     }
 
-    /// This rank's trainer, every expert run here again (see [`ParallelTrainer::with_whole_model`]).
-    pub fn into_trainer(mut self) -> Trainer {
+    /// This rank's trainer, every expert run here again (see [`ParallelTrainer::with_whole_model`]),
+    /// its optimizer holding the whole AdamW state (with ZeRO-1 gathered from the shards): a
+    /// collective call.
+    pub fn into_trainer(mut self) -> Result<Trainer> {
+        self.dp.sync_optimizer()?;
         self.set_dispatch(false);
-        self.dp.trainer
+        Ok(self.dp.trainer)
     }
 
     fn set_dispatch(&mut self, on: bool) {

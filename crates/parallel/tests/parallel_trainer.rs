@@ -42,6 +42,8 @@ struct Outcome {
     weights: Vec<(String, Vec<f32>)>,
     metrics: Vec<StepMetrics>,
     first_gradient: Vec<(String, Vec<f32>)>,
+    /// The AdamW state after the last step (both moments of every parameter).
+    optimizer: Vec<(String, Vec<f32>)>,
 }
 
 /// First moments by parameter name.
@@ -53,7 +55,9 @@ fn first_moments(t: &Trainer) -> Vec<(String, Vec<f32>)> {
 fn outcome(t: &Trainer, metrics: Vec<StepMetrics>, first_gradient: Vec<(String, Vec<f32>)>) -> Outcome {
     let mut weights: Vec<_> = t.model.params.iter().map(|(n, p)| (n.to_string(), p.to_vec_f32().unwrap())).collect();
     weights.extend(t.model.buffers.iter().map(|(n, b)| (n.clone(), b.to_vec_f32().unwrap())));
-    Outcome { weights, metrics, first_gradient }
+    let state = t.opt.state_tensors().unwrap().into_iter();
+    let optimizer = state.map(|(n, s)| (n, s.to_vec_f32().unwrap())).collect();
+    Outcome { weights, metrics, first_gradient, optimizer }
 }
 
 /// One rank accumulating every step's micro-batches, `micro_batch` sequences each.
@@ -86,7 +90,7 @@ fn run(mesh: Mesh, dp: DataParallelConfig) -> Vec<Outcome> {
         let mut metrics = vec![t.train_step().unwrap()];
         let first = first_moments(t.trainer());
         metrics.extend((1..STEPS).map(|_| t.train_step().unwrap()));
-        outcome(&t.into_trainer(), metrics, first)
+        outcome(&t.into_trainer().unwrap(), metrics, first)
     })
 }
 
@@ -184,11 +188,15 @@ fn meshes_of_every_kind_take_one_rank_steps() {
     check(2, 1, 2, Method::DualPipe); // PP = 2 needs an even count of at least 4 micro-batches
     check(2, 2, 2, Method::DualPipe); // overlapped pairs with expert all-to-alls on both halves
     let all = check(2, 2, 2, Method::Zb1p); // all three, with ZeroBubble's deferred weight gradients
-                                            // ZeRO-1 over the world: AdamW on each rank's shard is the same arithmetic, so the same bits.
+
+    // ZeRO-1 over the world: AdamW on each rank's shard is the same arithmetic, so the same bits,
+    // and the trainer each rank gets back holds the whole AdamW state, gathered from the shards.
     let mesh = Mesh { dp: 2, ep: 2, pp: 2, schedule: Method::Zb1p };
     let zero1 = run(mesh, DataParallelConfig { zero1: true, ..DataParallelConfig::default() });
+    assert!(!all[0].optimizer.is_empty());
     for rank in &zero1 {
         assert!(bits(&rank.weights) == bits(&all[0].weights), "ZeRO-1 changes no bits");
+        assert!(bits(&rank.optimizer) == bits(&all[0].optimizer), "ZeRO-1's gathered AdamW state");
     }
 }
 
@@ -214,7 +222,7 @@ fn a_world_of_one_asked_for_zero1_is_the_plain_trainer_across_a_checkpoint() {
     let first = first_moments(t.trainer());
     t.save_checkpoint(&dir.join("checkpoint")).unwrap();
     metrics.extend((1..STEPS).map(|_| t.train_step().unwrap()));
-    let ran = outcome(&t.into_trainer(), metrics, first);
+    let ran = outcome(&t.into_trainer().unwrap(), metrics, first);
     assert!(bits(&ran.weights) == bits(&reference().0.weights));
 }
 
