@@ -11,7 +11,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer};
-use whale_rl::parallel::model::checkpoint::SaveDType;
+use whale_rl::parallel::model::checkpoint::{write_dir_atomically, SaveDType};
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::{moved_to, CausalLm, DenseConfig, DenseModel};
@@ -133,9 +133,9 @@ pub struct DistillOutcome {
 /// `dir/checkpoint`: the model with its tokenizer's files, written aside and swapped in (over a
 /// checkpoint an interrupted run left there).
 pub(crate) fn save(model: &dyn CausalLm, tok: &dyn Tokenizer, dir: &Path) -> Result<()> {
-    Ok(whale_rl::parallel::trainer::write_dir_atomically(&dir.join("checkpoint"), |tmp| {
+    Ok(write_dir_atomically(&dir.join("checkpoint"), |tmp| {
         model.save_pretrained(tmp, SaveDType::F32)?;
-        Ok(tok.save_pretrained(tmp)?)
+        tok.save_pretrained(tmp)
     })?)
 }
 

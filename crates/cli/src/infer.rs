@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use whale_rl::parallel::model::checkpoint::SaveDType;
+use whale_rl::parallel::model::checkpoint::{write_dir_atomically, SaveDType};
 use whale_rl::parallel::model::config::DeepSeekV3Config;
 use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_rl::parallel::model::lm::model_type;
@@ -141,12 +141,9 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     // The release keeps the tokenizer and generation settings (a model of the character
     // tokenizer has none to keep); read before anything is written.
     let tok = a.checkpoint.join("tokenizer.json").exists().then(|| tokenizer_for(&a.checkpoint)).transpose()?;
-    whale_rl::parallel::trainer::write_dir_atomically(&a.out, |tmp| {
+    write_dir_atomically(&a.out, |tmp| {
         model.save_pretrained_fp8(tmp, SaveDType::F32)?;
-        match &tok {
-            Some(tok) => Ok(tok.save_pretrained(tmp)?),
-            None => Ok(()),
-        }
+        tok.as_ref().map_or(Ok(()), |tok| tok.save_pretrained(tmp))
     })
     .with_context(|| format!("writing {}", a.out.display()))?;
     let size = |dir: &std::path::Path| std::fs::metadata(dir.join("model.safetensors")).map(|m| m.len() as usize);

@@ -19,14 +19,14 @@ use whale_rl::data::CorpusData;
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::parallel::comm::{Comm, CommError, LocalComm};
 use whale_rl::parallel::data_parallel::DataParallelConfig;
+use whale_rl::parallel::model::checkpoint::complete_checkpoint;
 use whale_rl::parallel::model::tensor::Device;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{DeepSeekV3, DeepSeekV3Config};
 use whale_rl::parallel::parallel_trainer::{Mesh, ParallelTrainer};
 use whale_rl::parallel::schedule::Method;
 use whale_rl::parallel::trainer::{
-    complete_checkpoint, truncate_metrics, DataSource, LrShape, MomentPrecision, Precision, TrainConfig, Trainer,
-    TRAINER_FILE,
+    truncate_metrics, DataSource, LrShape, MomentPrecision, Precision, TrainConfig, Trainer, TRAINER_FILE,
 };
 use whale_rl::parallel::Error as ParallelError;
 use whale_rl::tasks::{Corpus, Problem, TaskSet};

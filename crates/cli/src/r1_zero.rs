@@ -12,9 +12,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, RlRun, ScaleRewards, StepLog, RL_STATE_FILE};
+use whale_rl::parallel::model::checkpoint::complete_checkpoint;
 use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
-use whale_rl::parallel::trainer::{complete_checkpoint, truncate_metrics};
+use whale_rl::parallel::trainer::truncate_metrics;
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
 use whale_rl::tasks::{Problem, TaskSet};
 

@@ -408,6 +408,58 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     rename_synced(&tmp, path)
 }
 
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".{suffix}"));
+    dir.with_file_name(name)
+}
+
+/// Writes a directory at `dir` atomically: `write` fills `dir.tmp` (its last file should be the
+/// one that marks it complete); then the old directory moves to `dir.old`, the new one into
+/// place, and `dir.old` is removed. A crash at any point leaves `dir` or `dir.old` complete.
+/// Generic over the caller's error, so that `write` can fail with the caller's own.
+pub fn write_dir_atomically<E: From<Error>>(
+    dir: &Path,
+    write: impl FnOnce(&Path) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    let tmp = sibling(dir, "tmp");
+    let old = sibling(dir, "old");
+    let remove = |d: &Path| std::fs::remove_dir_all(d).map_err(|e| Error::file(d, e));
+    if tmp.exists() {
+        remove(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
+    write(&tmp)?;
+    if dir.exists() {
+        if old.exists() {
+            remove(&old)?;
+        }
+        rename_synced(dir, &old)?;
+    }
+    rename_synced(&tmp, dir)?;
+    if old.exists() {
+        remove(&old)?;
+    }
+    Ok(())
+}
+
+/// The complete checkpoint at `dir`, or at `dir.old` when a crash interrupted the swap of
+/// [`write_dir_atomically`]; `marker` is the file written last.
+pub fn complete_checkpoint(dir: &Path, marker: &str) -> Result<PathBuf> {
+    if dir.join(marker).exists() {
+        Ok(dir.to_path_buf())
+    } else if sibling(dir, "old").join(marker).exists() {
+        Ok(sibling(dir, "old"))
+    } else {
+        Err(Error::file(dir, format!("no complete checkpoint here (no {marker})")))
+    }
+}
+
+/// Writes pretty JSON and flushes it to the disk.
+pub fn write_json_synced(path: &Path, value: &serde_json::Value) -> Result<()> {
+    write_synced(path, serde_json::to_string_pretty(value).expect("a JSON value serialises").as_bytes())
+}
+
 /// Writes `tensors` as shards of at most `max_shard_bytes` plus `model.safetensors.index.json`.
 pub fn save_sharded(
     dir: &Path,

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use whale_model::checkpoint::{
-    load_dir, load_file, rename_synced, save_file, save_sharded, write_atomically, SaveDType,
+    complete_checkpoint, load_dir, load_file, rename_synced, save_file, save_sharded, write_atomically,
+    write_dir_atomically, SaveDType,
 };
 use whale_model::{DeepSeekV3, DeepSeekV3Config, Error};
 use whale_tensor::testing::TempDir;
@@ -103,6 +104,55 @@ fn atomic_writes_replace_whole_files_and_name_the_path_they_could_not_write() {
 
     let err = write_atomically(&dir.join("no-such-dir/config.json"), b"{}").unwrap_err().to_string();
     assert!(err.contains("no-such-dir/config.json.tmp"), "{err}");
+}
+
+#[test]
+fn a_directory_written_atomically_is_the_old_one_or_the_new_one_whole() {
+    let root = tmpdir("atomic-dir");
+    let ckpt = root.join("checkpoint");
+    let fill = |text: &'static str| {
+        move |tmp: &std::path::Path| -> Result<(), Error> {
+            write_atomically(&tmp.join("weights"), text.as_bytes())?;
+            write_atomically(&tmp.join("done"), b"")
+        }
+    };
+    let read = |dir: &std::path::Path| std::fs::read_to_string(dir.join("weights")).unwrap();
+    write_dir_atomically(&ckpt, fill("first")).unwrap();
+    assert_eq!(read(&complete_checkpoint(&ckpt, "done").unwrap()), "first");
+
+    // A write that fails half-way leaves the old directory in place, and the caller's own error.
+    enum Caller {
+        DiskFull,
+        Model(Error),
+    }
+    impl From<Error> for Caller {
+        fn from(e: Error) -> Self {
+            Caller::Model(e)
+        }
+    }
+    let failed = write_dir_atomically(&ckpt, |tmp: &std::path::Path| -> Result<(), Caller> {
+        write_atomically(&tmp.join("weights"), b"half")?;
+        Err(Caller::DiskFull)
+    });
+    match failed {
+        Err(Caller::DiskFull) => {}
+        Err(Caller::Model(e)) => panic!("the write's own error was replaced by {e}"),
+        Ok(()) => panic!("a failed write reported success"),
+    }
+    assert_eq!(read(&complete_checkpoint(&ckpt, "done").unwrap()), "first");
+
+    // A crash between the two renames of the swap: the old directory is found under `.old`, and
+    // the next write replaces both.
+    rename_synced(&ckpt, &root.join("checkpoint.old")).unwrap();
+    assert_eq!(complete_checkpoint(&ckpt, "done").unwrap(), root.join("checkpoint.old"));
+    write_dir_atomically(&ckpt, fill("second")).unwrap();
+    assert_eq!(read(&complete_checkpoint(&ckpt, "done").unwrap()), "second");
+    assert!(!root.join("checkpoint.old").exists() && !root.join("checkpoint.tmp").exists());
+
+    // Neither complete: an error naming the directory and the missing marker.
+    std::fs::remove_file(ckpt.join("done")).unwrap();
+    let err = complete_checkpoint(&ckpt, "done").unwrap_err().to_string();
+    assert!(err.contains("checkpoint") && err.contains("no done"), "{err}");
 }
 
 #[test]

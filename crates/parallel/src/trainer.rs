@@ -6,12 +6,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use whale_model::checkpoint::{load_file, rename_synced, save_file, write_atomically, write_synced, SaveDType};
+use whale_model::checkpoint::{
+    complete_checkpoint, load_file, save_file, write_atomically, write_dir_atomically, write_json_synced, SaveDType,
+};
 use whale_model::tensor::fp8::Fp8Recipe;
 use whale_model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, DeepSeekV3Schedule, LrSchedule, WarmupCosine};
 use whale_model::tensor::{no_grad, DType, Device, Rng, Tensor};
@@ -530,7 +532,7 @@ impl Trainer {
                 "config": self.config,
                 "data": self.data.state(),
             });
-            write_json_synced(&tmp.join(TRAINER_FILE), &state)
+            Ok(write_json_synced(&tmp.join(TRAINER_FILE), &state)?)
         })
     }
 
@@ -559,53 +561,6 @@ impl Trainer {
         }
         Ok(t)
     }
-}
-
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
-    let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".{suffix}"));
-    dir.with_file_name(name)
-}
-
-/// Writes a directory at `dir` atomically: `write` fills `dir.tmp` (its last file should be the
-/// one that marks it complete); then the old directory moves to `dir.old`, the new one into
-/// place, and `dir.old` is removed. A crash at any point leaves `dir` or `dir.old` complete.
-pub fn write_dir_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = sibling(dir, "tmp");
-    let old = sibling(dir, "old");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
-    write(&tmp)?;
-    if dir.exists() {
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
-        }
-        rename_synced(dir, &old)?;
-    }
-    rename_synced(&tmp, dir)?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
-    }
-    Ok(())
-}
-
-/// The complete checkpoint at `dir`, or at `dir.old` when a crash interrupted the swap of
-/// [`write_dir_atomically`]; `marker` is the file written last.
-pub fn complete_checkpoint(dir: &Path, marker: &str) -> Result<PathBuf> {
-    if dir.join(marker).exists() {
-        Ok(dir.to_path_buf())
-    } else if sibling(dir, "old").join(marker).exists() {
-        Ok(sibling(dir, "old"))
-    } else {
-        Err(Error::file(dir, format!("no complete checkpoint here (no {marker})")))
-    }
-}
-
-/// Writes pretty JSON and syncs it to disk.
-pub fn write_json_synced(path: &Path, value: &Value) -> Result<()> {
-    Ok(write_synced(path, serde_json::to_string_pretty(value).expect("json").as_bytes())?)
 }
 
 /// Keeps only the metrics lines of steps before `step`.

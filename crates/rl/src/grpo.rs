@@ -20,13 +20,14 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use whale_parallel::model::checkpoint::{complete_checkpoint, write_dir_atomically, write_json_synced};
 use whale_parallel::model::checkpoint::{load_file, save_file, SaveDType};
 use whale_parallel::model::generate::CacheMode;
 use whale_parallel::model::tensor::optim::{AdamW, AdamWConfig, LrSchedule, WarmupCosine};
 use whale_parallel::model::tensor::{no_grad, Device, ParamStore, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::{load_pretrained, moved_to, CausalLm};
-use whale_parallel::trainer::{complete_checkpoint, truncate_metrics, write_dir_atomically, write_json_synced};
+use whale_parallel::trainer::truncate_metrics;
 
 use crate::rewards::{RewardSet, Sample, Scores};
 use crate::rollout::{sample_groups, score, PackedBatch, Rollout, RolloutConfig};

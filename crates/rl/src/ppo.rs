@@ -8,12 +8,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use whale_parallel::model::checkpoint::{load_file, save_file, SaveDType};
+use whale_parallel::model::checkpoint::{load_file, save_file, write_dir_atomically, write_json_synced, SaveDType};
 use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, LrSchedule};
 use whale_parallel::model::tensor::{no_grad, DType, Device, ParamStore, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::{load_pretrained, moved_to, CausalLm};
-use whale_parallel::trainer::{write_dir_atomically, write_json_synced};
 
 use crate::grpo::{
     grpo_loss, rollout_metrics, split_rows, to_parallel, GrpoConfig, LossInputs, LossStats, RlRun, Scored, StepLog,
