@@ -3,15 +3,16 @@
 #pragma once
 
 // Sum of `v` over the block (blockDim.x a power of two, at most 1024), returned to every thread.
-// `shared` holds blockDim.x floats.
-__device__ inline float block_sum(float v, float* shared) {
+// `shared` holds blockDim.x values of T.
+template <class T>
+__device__ inline T block_sum(T v, T* shared) {
     shared[threadIdx.x] = v;
     __syncthreads();
     for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
         if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
         __syncthreads();
     }
-    float total = shared[0];
+    T total = shared[0];
     __syncthreads();
     return total;
 }

@@ -8,6 +8,9 @@
 
 #include <cuda_bf16.h>
 
+#include "common.cuh"
+#include "shared_memory.cuh"
+
 #define MAX_RANK 6
 
 // Up to two strided operands over one row-major index space `shape`.
@@ -234,4 +237,22 @@ extern "C" __global__ void logsumexp_mid_f32(const float* x, float* y, unsigned 
 
 extern "C" __global__ void sum_mid_f32(const float* x, float* y, unsigned outer, unsigned n, unsigned inner) {
     reduce_mid(x, y, outer, n, inner, Sum());
+}
+
+// The same sum when the outputs are too few to keep the GPU busy one thread each and the axis is
+// long (the whole-tensor sums of the gradient norm): one block per output (grid-stride), each
+// thread summing every blockDim.x-th of the n values in f64, then the block's tree. The f64
+// additions come in another order than the CPU's single pass, so the f32 result is the CPU's
+// unless the exact sum lies within f64 rounding of an f32 rounding boundary (then one ulp off).
+// Dynamic shared memory: blockDim.x doubles.
+extern "C" __global__ void sum_mid_wide_f32(const float* x, float* y, unsigned outer, unsigned n, unsigned inner) {
+    double* shared = reinterpret_cast<double*>(dynamic_shared_memory());
+    unsigned long long total = (unsigned long long)outer * inner;
+    for (unsigned long long t = blockIdx.x; t < total; t += gridDim.x) {
+        const float* p = x + (t / inner) * n * inner + t % inner;
+        double acc = 0.0;
+        for (unsigned j = threadIdx.x; j < n; j += blockDim.x) acc += p[(unsigned long long)j * inner];
+        acc = block_sum(acc, shared);
+        if (threadIdx.x == 0) y[t] = (float)acc;
+    }
 }

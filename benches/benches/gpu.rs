@@ -206,6 +206,11 @@ fn copy_bandwidth(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
     let r = row("memory", "device_copy/1GiB", 2.0 * 4.0 * n as f64, "GB/s");
     bench(c, g, &r, || g.stream.memcpy_dtod(&src, &mut dst).expect("copy"));
     rows.push(r);
+    // A whole tensor's sum (the gradient norm's): bytes read per second, beside the copy's.
+    let mut total = g.stream.alloc_zeros::<f32>(1).expect("alloc");
+    let r = row("memory", "sum_all/1GiB", 4.0 * n as f64, "GB/s");
+    bench(c, g, &r, || g.sum_mid_dev(&src.slice(..), &mut total, (1, n, 1)).expect("sum"));
+    rows.push(r);
 }
 
 /// Training attention's shape (causal, 16 heads of 128, 2048 tokens) and its FLOPs forward.

@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0xa7c35fa56e63e3a7;
+pub const SOURCE_HASH: u64 = 0xfda648b27eec35c4;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -132,6 +132,7 @@ pub const MODULES: &[PtxModule] = &[
             "argmax_mid_f32",
             "logsumexp_mid_f32",
             "sum_mid_f32",
+            "sum_mid_wide_f32",
         ],
         sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/tensor.sm_90.ptx"),

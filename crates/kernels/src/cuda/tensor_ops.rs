@@ -2,10 +2,10 @@
 //! take device buffers (views for inputs, so a tensor's offset into shared storage costs nothing)
 //! and never copy to the host.
 
-use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{cuda, grid_for, need, Gpu, GpuError, Result};
+use super::{cuda, grid_for, need, Gpu, GpuError, Result, MAX_BLOCKS, THREADS};
 
 /// The most dimensions a strided operand of these kernels has.
 pub const MAX_RANK: usize = 6;
@@ -247,7 +247,11 @@ impl Gpu {
         Ok((self.download(&bits, n)?, self.download(&back, n)?))
     }
 
-    /// `y[o, i] = Σ_j x[o, j, i]` for contiguous `x` `[outer, n, inner]`, in f64 like the CPU.
+    /// `y[o, i] = Σ_j x[o, j, i]` for contiguous `x` `[outer, n, inner]`, in f64 like the CPU: one
+    /// thread per output, or, for a long axis of few outputs or of contiguous values (a whole
+    /// tensor's sum), one block per output whose threads split the axis (f64 sums in another
+    /// order: the CPU's f32 result, or one ulp off it when the exact sum lies within f64 rounding
+    /// of a boundary).
     pub fn sum_mid_dev(
         &self,
         x: &CudaView<'_, f32>,
@@ -256,13 +260,37 @@ impl Gpu {
     ) -> Result<()> {
         need("sum", x.len(), outer * n * inner)?;
         need("sum", y.len(), outer * inner)?;
-        let dims = [outer as u32, n as u32, inner as u32];
-        let mut l = self.stream.launch_builder(self.function("sum_mid_f32"));
+        let dims = mid_dims("sum", (outer, n, inner))?;
+        let kernel = if sums_wide(outer, n, inner) { "sum_mid_wide_f32" } else { "sum_mid_f32" };
+        let mut l = self.stream.launch_builder(self.function(kernel));
         l.arg(x).arg(y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
-        // SAFETY: one thread per output reads its n inputs, all inside x.
-        unsafe { l.launch(grid_for(outer * inner)?) }.map_err(cuda("sum_mid_f32"))?;
+        let config = if sums_wide(outer, n, inner) {
+            let blocks = (outer * inner).clamp(1, MAX_BLOCKS as usize) as u32;
+            LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 8 * THREADS }
+        } else {
+            grid_for(outer * inner)?
+        };
+        // SAFETY: each output (a thread's, or a block's in grid-stride) reads its n inputs, all
+        // inside x; the wide kernel's shared memory holds a double per thread.
+        unsafe { l.launch(config) }.map_err(cuda(kernel))?;
         Ok(())
     }
+}
+
+/// `[outer, n, inner]` as the kernels' 32-bit sizes (their offsets are 64-bit).
+fn mid_dims(kernel: &str, (outer, n, inner): (usize, usize, usize)) -> Result<[u32; 3]> {
+    let fit = |d: usize| {
+        u32::try_from(d).map_err(|_| GpuError::Shape(format!("{kernel}: an axis of {d} values exceeds 32-bit sizes")))
+    };
+    Ok([fit(outer)?, fit(n)?, fit(inner)?])
+}
+
+/// Whether [`Gpu::sum_mid_dev`] gives each output a block: the axis is long (`WIDE_SUM_MIN`
+/// values), and its values are contiguous (`inner == 1`, so a block's threads read them
+/// coalesced) or the outputs too few to fill the GPU one thread each.
+fn sums_wide(outer: usize, n: usize, inner: usize) -> bool {
+    const WIDE_SUM_MIN: usize = 4096;
+    n >= WIDE_SUM_MIN && (inner == 1 || outer * inner <= 1024)
 }
 
 /// The reductions over the middle axis of `[outer, n, inner]` besides the sum.
@@ -307,7 +335,7 @@ impl Gpu {
             MidReduction::Argmax => "argmax_mid_f32",
             MidReduction::LogSumExp => "logsumexp_mid_f32",
         };
-        let dims = [outer as u32, n as u32, inner as u32];
+        let dims = mid_dims(kernel, (outer, n, inner))?;
         let mut l = self.stream.launch_builder(self.function(kernel));
         l.arg(x).arg(y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
         // SAFETY: one thread per output reads its n inputs, all inside x.

@@ -432,6 +432,24 @@ fn tensor_kernels_match_their_formulas() {
             }
         }
     }
+
+    // Long axes of contiguous values, or of few outputs, take the sum with a block per output:
+    // f64 partial sums added in another order than the CPU's, so its f32 result, or one ulp off
+    // it where the exact sum lies within f64 rounding of an f32 boundary.
+    for (outer, mid, inner) in [(3usize, 5000usize, 1usize), (1, 9001, 3)] {
+        let x = values(outer * mid * inner, 85);
+        let mut dy = uninit(&g, outer * inner);
+        g.sum_mid_dev(&up(&g, &x).slice(..), &mut dy, (outer, mid, inner)).unwrap();
+        let y = down(&g, &dy);
+        for o in 0..outer {
+            for i in 0..inner {
+                let want = (0..mid).map(|j| f64::from(x[(o * mid + j) * inner + i])).sum::<f64>() as f32;
+                let got = y[o * inner + i];
+                let ulps = (i64::from(got.to_bits() as i32) - i64::from(want.to_bits() as i32)).abs();
+                assert!(ulps <= 1, "wide sum of [{outer}, {mid}, {inner}] at [{o}, {i}]: {got} vs {want}");
+            }
+        }
+    }
 }
 
 #[test]
