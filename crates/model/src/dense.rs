@@ -489,9 +489,7 @@ impl DenseModel {
                 &mut fresh
             }
         };
-        if cache.layers.len() != self.layers.len() {
-            *cache = KvCache::new(self.layers.len());
-        }
+        cache.fit(self.layers.len())?;
         let start = cache.len();
         let positions: Vec<usize> = (start..start + ids.dims()[1]).collect();
         let mut h = self.embed_tokens.embedding(ids)?.to_dtype(self.compute_dtype)?;

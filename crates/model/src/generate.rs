@@ -33,6 +33,23 @@ impl KvCache {
         Ok(())
     }
 
+    /// Makes an empty cache (of any layer count, as `KvCache::default()`) one of `n_layers`; a
+    /// cache holding positions of another model's layer count is an error, not silently reset.
+    pub fn fit(&mut self, n_layers: usize) -> Result<()> {
+        if self.layers.len() == n_layers {
+            return Ok(());
+        }
+        if self.layers.iter().any(Option::is_some) {
+            return Err(Error::Model(format!(
+                "a cache of {} layers holding {} positions, given to a model of {n_layers} layers",
+                self.layers.len(),
+                self.len()
+            )));
+        }
+        *self = KvCache::with_mode(n_layers, self.mode);
+        Ok(())
+    }
+
     /// An empty naive cache.
     pub fn new(n_layers: usize) -> Self {
         Self::with_mode(n_layers, CacheMode::Naive)
@@ -89,7 +106,8 @@ impl SamplingConfig {
 pub struct Generation {
     /// New tokens, up to and including the stop token.
     pub tokens: Vec<u32>,
-    /// Log-probability of each new token under the sampling distribution (temperature applied).
+    /// Log-probability of each new token under the sampling distribution (temperature, top-k and
+    /// top-p applied); greedy decoding gives the log-softmax of the logits (temperature 1).
     pub logprobs: Vec<f32>,
     /// Hit `max_new_tokens` without a stop token.
     pub truncated: bool,
@@ -144,9 +162,11 @@ pub fn greedy_token(logits: &[f32]) -> Result<(u32, f32)> {
 }
 
 /// Picks a token from `logits` (one row). Returns (token, log-prob under the sampling
-/// distribution); an error for NaN or +inf logits.
+/// distribution, or for greedy the log-softmax); an error for NaN or +inf logits or settings
+/// [`SamplingConfig::validate`] refuses.
 pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> Result<(u32, f32)> {
-    if cfg.temperature <= 0.0 {
+    cfg.validate()?;
+    if cfg.temperature == 0.0 {
         return greedy_token(logits);
     }
     let scaled = scaled_logits(logits, cfg.temperature as f64)?;
@@ -203,9 +223,7 @@ impl DeepSeekV3 {
     /// [`DeepSeekV3::forward_cached`] that also returns the last decoder layer's hidden states
     /// (before the final norm: what the first MTP module reads), `[batch, s, hidden]`.
     pub fn forward_cached_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<(Tensor, Tensor)> {
-        if cache.layers.len() != self.layers.len() {
-            *cache = KvCache::with_mode(self.layers.len(), cache.mode);
-        }
+        cache.fit(self.layers.len())?;
         let start = cache.len();
         let positions: Vec<usize> = (start..start + ids.dims()[1]).collect();
         let mut h = self.embed(ids)?;
@@ -345,12 +363,16 @@ fn generate_group<M: CausalLm + ?Sized>(
         let rows = logits.to_vec_f32()?;
         let mut next = Vec::with_capacity(b);
         for (j, &m) in members.iter().enumerate() {
-            let (tok, lp) = sample_token(&rows[j * vocab..(j + 1) * vocab], cfg, &mut streams[m])?;
-            if !done[j] {
-                gens[j].tokens.push(tok);
-                gens[j].logprobs.push(lp);
-                done[j] = cfg.stop_tokens.contains(&tok);
+            // A finished sequence samples nothing more (its logits may be anything, its stream
+            // stays where it would alone); it feeds its stop token again, whose output is unused.
+            if done[j] {
+                next.push(*gens[j].tokens.last().expect("a finished sequence has its stop token") as i64);
+                continue;
             }
+            let (tok, lp) = sample_token(&rows[j * vocab..(j + 1) * vocab], cfg, &mut streams[m])?;
+            gens[j].tokens.push(tok);
+            gens[j].logprobs.push(lp);
+            done[j] = cfg.stop_tokens.contains(&tok);
             next.push(tok as i64);
         }
         if done.iter().all(|&d| d) || step + 1 == max_new_tokens {

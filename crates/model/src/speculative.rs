@@ -3,7 +3,9 @@
 //! token and the draft in one forward of two positions. When the draft agrees with the main
 //! model's own prediction both tokens are kept (two tokens for one main forward); otherwise the
 //! draft's cache entry is dropped. Every kept token is the main model's greedy choice given the
-//! kept prefix, so the output is exactly greedy decoding's.
+//! kept prefix, so the output is greedy decoding's: the same tokens, up to float rounding (a
+//! forward of two positions may round a logit differently from one of a single position, which
+//! could only matter where two logits tie to the last bits).
 //!
 //! Invariant between steps (m tokens so far): the main cache holds positions `0..m`; the MTP
 //! cache holds the pairs (main hidden at i, token i + 1) for the positions whose pair is known,

@@ -2,9 +2,12 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use whale_model::checkpoint::SaveDType;
 use whale_model::generate::{sample_token, CacheMode, KvCache, SamplingConfig};
 use whale_model::{CausalLm, DeepSeekV3, DeepSeekV3Config};
-use whale_tensor::{no_grad, DType, Device, Rng, Tensor};
+use whale_tensor::{no_grad, DType, Device, ParamStore, Rng, Tensor};
 
 #[test]
 fn cached_decode_gives_the_training_forward_logits_token_by_token() {
@@ -86,6 +89,83 @@ fn a_prompt_generates_the_same_alone_and_in_a_batch() {
         assert!(batch.iter().all(|g| !g.tokens.is_empty() && g.tokens.len() <= 12));
         assert!(batch.iter().all(|g| g.logprobs.iter().all(|&l| l <= 0.0 && l.is_finite())));
     }
+}
+
+/// A model of 4 tokens whose rows are scripted by decode step: row 0 stops (token 3) at once and
+/// has NaN logits after that; row 1 always prefers token 1. Only what `generate` calls is here.
+#[derive(Debug, Default)]
+struct Scripted {
+    params: ParamStore,
+    forwards: AtomicUsize,
+}
+
+impl CausalLm for Scripted {
+    fn vocab_size(&self) -> usize {
+        4
+    }
+    fn hidden_size(&self) -> usize {
+        1
+    }
+    fn num_layers(&self) -> usize {
+        0
+    }
+    fn params(&self) -> &ParamStore {
+        &self.params
+    }
+    fn max_positions(&self) -> usize {
+        64
+    }
+    fn forward_cached(&self, ids: &Tensor, _: &mut KvCache) -> whale_model::Result<Tensor> {
+        let (b, s) = (ids.dims()[0], ids.dims()[1]);
+        let after_stop = self.forwards.fetch_add(1, Ordering::SeqCst) > 0;
+        let row = |r: usize| match r {
+            0 if after_stop => [f32::NAN; 4],
+            0 => [0.0, 0.0, 0.0, 5.0],
+            _ => [f32::NEG_INFINITY, 5.0, 0.0, f32::NEG_INFINITY],
+        };
+        let v: Vec<f32> = (0..b).flat_map(|r| (0..s).flat_map(move |_| row(r))).collect();
+        Ok(Tensor::from_vec(v, &[b, s, 4], &Device::Cpu)?)
+    }
+    fn logits(&self, _: &Tensor) -> whale_model::Result<Tensor> {
+        unreachable!("generate decodes through forward_cached")
+    }
+    fn hidden_states(&self, _: &Tensor) -> whale_model::Result<Tensor> {
+        unreachable!("generate decodes through forward_cached")
+    }
+    fn train_loss(&self, _: &Tensor, _: &Tensor) -> whale_model::Result<Tensor> {
+        unreachable!("not trained")
+    }
+    fn save_pretrained(&self, _: &std::path::Path, _: SaveDType) -> whale_model::Result<()> {
+        unreachable!("not saved")
+    }
+    fn duplicate(&self) -> whale_model::Result<Box<dyn CausalLm>> {
+        unreachable!("not copied")
+    }
+    fn to_device(&self, _: &Device) -> whale_model::Result<Box<dyn CausalLm>> {
+        unreachable!("not moved")
+    }
+}
+
+#[test]
+fn a_finished_sequence_samples_nothing_more_so_its_later_logits_cannot_fail_the_batch() {
+    for cfg in [SamplingConfig::greedy(4, vec![3]), SamplingConfig::sampled(1.0, 4, vec![3])] {
+        let gens = Scripted::default().generate(&[vec![1, 2], vec![2, 1]], &cfg, &mut Rng::new(0)).unwrap();
+        assert_eq!((gens[0].tokens.as_slice(), gens[0].truncated), (&[3u32][..], false));
+        assert_eq!(gens[1].tokens.len(), 4);
+        assert!(gens[1].truncated);
+    }
+}
+
+#[test]
+fn a_filled_cache_of_another_layer_count_is_refused_not_reset() {
+    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 1).unwrap();
+    let ids = Tensor::from_vec(vec![5i64, 6, 7], &[1, 3], &Device::Cpu).unwrap();
+    let mut cache = KvCache::default();
+    no_grad(|| model.forward_cached(&ids, &mut cache)).unwrap();
+    assert_eq!(cache.len(), 3);
+    cache.layers.push(None);
+    let err = no_grad(|| model.forward_cached(&ids, &mut cache)).unwrap_err().to_string();
+    assert!(err.contains("holding 3 positions"), "{err}");
 }
 
 #[test]
@@ -180,6 +260,9 @@ fn sampling_refuses_non_finite_logits_and_out_of_range_settings() {
         ok.validate().unwrap();
     }
     let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 1).unwrap();
+    // sample_token checks its settings itself (a NaN temperature would sample from NaNs).
+    let err = sample_token(&[0.0, 1.0], &with(f32::NAN, None), &mut rng).unwrap_err().to_string();
+    assert!(err.contains("temperature"), "{err}");
     for (bad, key) in [
         (with(f32::NAN, None), "temperature"),
         (with(-1.0, None), "temperature"),

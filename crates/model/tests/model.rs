@@ -321,34 +321,42 @@ fn grouped_dispatch_equals_a_per_token_loop() {
 
 #[test]
 fn balance_losses_match_their_formulas() {
-    let mut cfg = DeepSeekV3Config::tiny();
-    cfg.seq_aux_alpha = 0.01;
-    cfg.aux_loss_alpha = 0.0;
-    let model = DeepSeekV3::new(cfg.clone(), 6).unwrap();
-    let moe = model.moe_layers()[0];
-    let (b, s, e, k) = (2, 6, cfg.n_routed_experts, cfg.num_experts_per_tok);
-    let x = Tensor::randn(&[b, s, cfg.hidden_size], 0.0, 1.0, DType::F32, &mut Rng::new(4)).unwrap();
-    let got = moe.forward(&x).unwrap().aux_loss.unwrap().to_scalar().unwrap() as f64;
+    // Spec 2.4, computed here in f64 from the routing: alpha * sum_i f_i P_i with
+    // f_i = E/(K T) * count_i, P_i the mean affinity normalised over all experts; per sequence
+    // (T = s, averaged over the batch) and over the whole batch (T = b * s).
+    let (seq_alpha, batch_alpha) = (0.01, 0.003);
+    for (seq_aux, batch_aux) in [(seq_alpha, 0.0), (0.0, batch_alpha), (seq_alpha, batch_alpha)] {
+        let mut cfg = DeepSeekV3Config::tiny();
+        cfg.seq_aux_alpha = seq_aux;
+        cfg.aux_loss_alpha = batch_aux;
+        let model = DeepSeekV3::new(cfg.clone(), 6).unwrap();
+        let moe = model.moe_layers()[0];
+        let (b, s, e, k) = (2, 6, cfg.n_routed_experts, cfg.num_experts_per_tok);
+        let x = Tensor::randn(&[b, s, cfg.hidden_size], 0.0, 1.0, DType::F32, &mut Rng::new(4)).unwrap();
+        let got = moe.forward(&x).unwrap().aux_loss.unwrap().to_scalar().unwrap() as f64;
 
-    let routing = moe.gate.route(&x.reshape(&[b * s, cfg.hidden_size]).unwrap()).unwrap();
-    let scores = routing.scores.to_vec_f32().unwrap();
-    let mut want = 0.0f64;
-    for seq in 0..b {
-        let mut f = vec![0.0f64; e];
-        let mut p = vec![0.0f64; e];
-        for t in seq * s..(seq + 1) * s {
-            for j in 0..k {
-                f[routing.experts[t * k + j]] += e as f64 / (k * s) as f64;
+        let routing = moe.gate.route(&x.reshape(&[b * s, cfg.hidden_size]).unwrap()).unwrap();
+        let scores = routing.scores.to_vec_f32().unwrap();
+        // f and P over the tokens `range`, T of them.
+        let loss = |range: std::ops::Range<usize>| {
+            let t_count = range.len() as f64;
+            let (mut f, mut p) = (vec![0.0f64; e], vec![0.0f64; e]);
+            for t in range {
+                for j in 0..k {
+                    f[routing.experts[t * k + j]] += e as f64 / (k as f64 * t_count);
+                }
+                let row = &scores[t * e..(t + 1) * e];
+                let z: f64 = row.iter().map(|&v| v as f64).sum();
+                for i in 0..e {
+                    p[i] += row[i] as f64 / z / t_count;
+                }
             }
-            let row = &scores[t * e..(t + 1) * e];
-            let z: f64 = row.iter().map(|&v| v as f64).sum();
-            for i in 0..e {
-                p[i] += row[i] as f64 / z / s as f64;
-            }
-        }
-        want += 0.01 * f.iter().zip(&p).map(|(a, b)| a * b).sum::<f64>() / b as f64;
+            f.iter().zip(&p).map(|(a, b)| a * b).sum::<f64>()
+        };
+        let per_sequence = (0..b).map(|q| loss(q * s..(q + 1) * s)).sum::<f64>() / b as f64;
+        let want = seq_aux * per_sequence + batch_aux * loss(0..b * s);
+        assert!((got - want).abs() < 1e-7, "alphas {seq_aux}, {batch_aux}: {got} vs {want}");
     }
-    assert!((got - want).abs() < 1e-7, "{got} vs {want}");
 }
 
 #[test]

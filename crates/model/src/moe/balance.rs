@@ -2,11 +2,18 @@
 
 use whale_tensor::Tensor;
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// `b_i += gamma * sign(mean_load - load_i)` in place: overloaded experts become less likely to
-/// be chosen, underloaded ones more. `load` must be the step's whole-batch count.
+/// be chosen, underloaded ones more. `load` must be the step's whole-batch count, one per expert.
 pub fn update_balancing_bias(bias: &Tensor, load: &[usize], gamma: f32) -> Result<()> {
+    if load.len() != bias.elem_count() {
+        return Err(Error::Model(format!(
+            "balancing bias update: a load of {} experts for a bias of {}",
+            load.len(),
+            bias.elem_count()
+        )));
+    }
     if gamma == 0.0 || load.is_empty() {
         return Ok(());
     }
@@ -48,6 +55,14 @@ mod tests {
         assert_eq!(b.to_vec_f32().unwrap(), vec![-0.5, 0.5, 0.5, 0.5], "balanced load: no change");
         assert!((max_violation(&[10, 2, 4, 4]) - 1.0).abs() < 1e-12);
         assert_eq!(max_violation(&[3, 3, 3]), 0.0);
+    }
+
+    #[test]
+    fn a_load_of_another_expert_count_is_refused_and_moves_nothing() {
+        let b = Tensor::zeros(&[8], DType::F32, &Device::Cpu).unwrap();
+        let err = update_balancing_bias(&b, &[10, 0], 0.5).unwrap_err().to_string();
+        assert!(err.contains("2 experts") && err.contains("bias of 8"), "{err}");
+        assert_eq!(b.to_vec_f32().unwrap(), vec![0.0; 8]);
     }
 
     fn as_f32(x: f64) -> f32 {
