@@ -1,20 +1,26 @@
 //! TcpComm: ranks joined over TCP (here threads of one process on localhost, as separate
 //! processes would be): every collective against its definition, variable all-to-all, tagged
-//! point-to-point, split groups, mismatches and departed ranks as errors, and a pipeline step
-//! over TCP equal to one device.
+//! point-to-point, split groups, mismatches, departed ranks and silent ones as errors (told
+//! apart), and a pipeline step over TCP equal to one device.
 
 use std::net::TcpListener;
 use std::time::Duration;
 
 use whale_model::tensor::{Device, Rng, Tensor};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
-use whale_parallel::comm::{Comm, ReduceOp, TcpComm};
+use whale_parallel::comm::{Comm, CommError, ReduceOp, TcpComm};
 use whale_parallel::launch::LaunchEnv;
 use whale_parallel::pipeline::{run_step, Execution, MicroBatch, StagePlan};
 use whale_parallel::schedule::{Method, Schedule};
+use whale_parallel::Error;
 
 /// Runs `f` on `world` ranks joined over localhost TCP, each on its own thread.
 fn on_tcp<R: Send>(world: usize, f: impl Fn(TcpComm) -> R + Sync) -> Vec<R> {
+    on_tcp_with_patience(world, Duration::from_secs(20), f)
+}
+
+/// [`on_tcp`] whose receives give up after `patience` of silence.
+fn on_tcp_with_patience<R: Send>(world: usize, patience: Duration, f: impl Fn(TcpComm) -> R + Sync) -> Vec<R> {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let f = &f;
     std::thread::scope(|s| {
@@ -22,7 +28,7 @@ fn on_tcp<R: Send>(world: usize, f: impl Fn(TcpComm) -> R + Sync) -> Vec<R> {
             .map(|rank| {
                 s.spawn(move || {
                     let env = LaunchEnv::localhost(rank, world, port);
-                    f(TcpComm::connect(&env, Duration::from_secs(20), Duration::from_secs(20)).unwrap())
+                    f(TcpComm::connect(&env, Duration::from_secs(20), patience).unwrap())
                 })
             })
             .collect();
@@ -86,15 +92,35 @@ fn tagged_messages_splits_mismatches_and_departures() {
     assert_eq!(sub_ranks, vec![1, 1, 0, 0]);
     assert!(out.iter().all(|o| o.3.contains("buffer lengths differ")), "{}", out[0].3);
 
-    // A rank that leaves: the others' receives fail instead of waiting.
+    // A rank that leaves: the others' receives fail at once (the connection ends), not after
+    // the 20 s patience.
     let errs = on_tcp(2, |c| {
         if c.rank() == 1 {
             drop(c);
-            return String::new();
+            return None;
         }
-        c.recv(1, 0).unwrap_err().to_string()
+        let started = std::time::Instant::now();
+        Some((c.recv(1, 0).unwrap_err(), started.elapsed()))
     });
-    assert!(errs[0].contains("left"), "{}", errs[0]);
+    let (err, took) = errs[0].as_ref().unwrap();
+    assert!(matches!(err, Error::Comm(CommError::RankLeft { peer: 1, .. })), "{err}");
+    assert!(err.to_string().contains("ended") && *took < Duration::from_secs(10), "{err} after {took:?}");
+}
+
+#[test]
+fn a_peer_silent_past_the_patience_is_a_timeout_not_a_departure() {
+    let errs = on_tcp_with_patience(2, Duration::from_millis(300), |c| {
+        if c.rank() == 1 {
+            // Connected and silent until rank 0 has given up.
+            std::thread::sleep(Duration::from_millis(1500));
+            return None;
+        }
+        Some(c.recv(1, 0).unwrap_err())
+    });
+    let err = errs[0].as_ref().unwrap();
+    let after = Duration::from_millis(300);
+    assert!(matches!(err, Error::Comm(CommError::Timeout { peer: 1, after: a, .. }) if *a == after), "{err}");
+    assert!(err.to_string().contains("still open"), "{err}");
 }
 
 #[test]

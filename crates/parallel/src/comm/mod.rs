@@ -134,6 +134,10 @@ pub enum CommError {
     /// A rank dropped its communicator (returned, failed or panicked) before taking part.
     #[error("rank {rank}: {op}: rank {peer} has left (its communicator was dropped) without taking part")]
     RankLeft { rank: usize, op: String, peer: usize },
+    /// Nothing came from a peer that is still connected for the receive's patience: it may be
+    /// hung, or slower than the patience allows (TCP; torch's collective timeout).
+    #[error("rank {rank}: {op}: nothing from rank {peer} for {after:?}, its connection still open (hung, or slower than the patience)")]
+    Timeout { rank: usize, op: String, peer: usize, after: std::time::Duration },
     /// Every rank is blocked and none can proceed.
     #[error("rank {rank}: deadlock: every rank waits and none can proceed ({detail})")]
     Deadlock { rank: usize, detail: String },
@@ -147,7 +151,8 @@ pub enum CommError {
 /// Contract, for every implementation:
 /// - Collectives are matched by call order: the n-th collective of every rank is one operation,
 ///   so every rank must call them in the same order (from one thread at a time per rank).
-///   A mismatch (another collective, other lengths or root) is an error on every rank.
+///   A mismatch (another collective, other lengths or root) is an error on every rank
+///   (`NcclComm`'s NCCL collectives excepted: NCCL does not check).
 /// - Every rank receives bit-identical results. [`LocalComm`] reduces in rank order, so results
 ///   are also reproducible run to run.
 /// - `send` does not wait for the matching `recv`; messages between two ranks with the same tag

@@ -13,8 +13,13 @@
 //! Buffers are host slices: each call copies in and out of the GPU. Device-resident tensors
 //! arrive with whale-tensor's CUDA backend, and with them collectives without the copies.
 //!
-//! No GPU was available where this was written: it is built (`cargo build -p whale-parallel
-//! --features cuda`) but its results on GPUs are pending a GPU run.
+//! Its test (tests/nccl.rs) passed on one H200 with one rank (scripts/reports/); more than one
+//! GPU has not been available, so results across GPUs are pending such a run.
+//!
+//! Unlike [`LocalComm`](super::LocalComm) and [`TcpComm`], the collectives that run in NCCL are
+//! not matched by the host first: ranks that call different collectives, or one with other
+//! lengths, hang or fail in NCCL rather than erroring on every rank (the [`Comm`] contract's
+//! exception; the host-side calls, `barrier`, `send`/`recv`, the all-to-all's sizes, still check).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -54,6 +54,24 @@ struct MeshState {
 /// A message body is read in pieces of this many bytes, each one news that the peer is there.
 const READ_PIECE: usize = 1 << 20;
 
+/// Why a receive from a peer got nothing.
+enum Quiet {
+    /// The connection ended (the peer dropped its communicator, exited or crashed).
+    Ended(String),
+    /// The connection is open but nothing came for the patience.
+    For(Duration),
+}
+
+impl Quiet {
+    fn error(self, rank: usize, op: String, peer: usize) -> Error {
+        match self {
+            Quiet::Ended(why) => CommError::RankLeft { rank, op: format!("{op} ({why})"), peer },
+            Quiet::For(after) => CommError::Timeout { rank, op, peer, after },
+        }
+        .into()
+    }
+}
+
 impl Mesh {
     fn deliver(&self, from: usize, channel: u64, tag: u64, data: Vec<f32>) {
         let mut st = self.state.lock().expect("mailbox lock");
@@ -84,7 +102,7 @@ impl Mesh {
         sent
     }
 
-    fn recv(&self, from: usize, channel: u64, tag: u64) -> std::result::Result<Vec<f32>, String> {
+    fn recv(&self, from: usize, channel: u64, tag: u64) -> std::result::Result<Vec<f32>, Quiet> {
         let start = Instant::now();
         let mut st = self.state.lock().expect("mailbox lock");
         loop {
@@ -92,13 +110,13 @@ impl Mesh {
                 return Ok(m);
             }
             if let Some(why) = st.gone.get(&from) {
-                return Err(format!("the connection to rank {from} ended ({why})"));
+                return Err(Quiet::Ended(format!("the connection to rank {from} ended ({why})")));
             }
             let quiet_since = st.heard.get(&from).map_or(start, |&t| t.max(start));
             let deadline = quiet_since + self.patience;
             let now = Instant::now();
             if now >= deadline {
-                return Err(format!("nothing from rank {from} for {:?}", self.patience));
+                return Err(Quiet::For(self.patience));
             }
             st = self.arrived.wait_timeout(st, deadline - now).expect("mailbox lock").0;
         }
@@ -358,10 +376,7 @@ impl TcpComm {
                 calls.push((kind, bufs.clone()));
                 continue;
             }
-            let msg = self
-                .mesh
-                .recv(global, channel, seq)
-                .map_err(|m| Error::from(CommError::RankLeft { rank: self.rank, op: format!("{kind} ({m})"), peer }))?;
+            let msg = self.mesh.recv(global, channel, seq).map_err(|q| q.error(self.rank, kind.to_string(), peer))?;
             calls.push(
                 decode(&msg)
                     .ok_or_else(|| self.failed(&kind.to_string(), format!("rank {peer} sent a garbled call")))?,
@@ -447,9 +462,7 @@ impl Comm for TcpComm {
 
     fn recv(&self, from: usize, tag: u64) -> Result<Vec<f32>> {
         let global = *self.members.get(from).ok_or_else(|| self.failed("recv", format!("no rank {from}")))?;
-        self.mesh.recv(global, self.channel * 2, tag).map_err(|m| {
-            CommError::RankLeft { rank: self.rank, op: format!("recv (tag {tag}): {m}"), peer: from }.into()
-        })
+        self.mesh.recv(global, self.channel * 2, tag).map_err(|q| q.error(self.rank, format!("recv (tag {tag})"), from))
     }
 
     fn stats(&self) -> CommStats {
