@@ -594,36 +594,3 @@ impl<'c> DataParallelTrainer<'c> {
         self.comm.barrier()
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A backward that panics while the reducer waits for it: the step unwinds (the scope joins
-    /// the reducer, which stops) instead of hanging in the join.
-    #[test]
-    fn a_backward_that_panics_stops_the_reducer_instead_of_hanging_the_step() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let watch = Watch::new(&[], false);
-            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                std::thread::scope(|s| {
-                    let reducer = s.spawn(|| loop {
-                        if watch.backward_over()? {
-                            return Ok::<_, Error>(());
-                        }
-                        std::thread::sleep(POLL);
-                    });
-                    let _end = EndOfBackward(&watch);
-                    if !reducer.is_finished() {
-                        panic!("the backward fails");
-                    }
-                })
-            }));
-            let _ = tx.send((step.is_err(), watch.backward_over().map_err(|e| e.to_string())));
-        });
-        let (unwound, over) = rx.recv_timeout(Duration::from_secs(20)).expect("the step hung");
-        assert!(unwound);
-        assert!(over.unwrap_err().contains("panicked"));
-    }
-}

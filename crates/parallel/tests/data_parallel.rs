@@ -3,12 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use whale_model::tensor::Rng;
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_parallel::comm::{Comm, LocalComm};
 use whale_parallel::data_parallel::{DataParallelConfig, DataParallelTrainer, ShardedData};
 use whale_parallel::trainer::{DataSource, StepMetrics, TokenWalk, TrainConfig, Trainer};
+use whale_parallel::Result;
 
 const STEPS: u64 = 3;
 /// Sequences per optimizer step, over all ranks.
@@ -208,4 +210,48 @@ fn a_zero1_checkpoint_resumes_bit_identically() {
         assert!(bits(&a.optimizer) == bits(&b.optimizer), "AdamW state after resuming");
         assert_eq!(a.metrics[0].loss, b.metrics[0].loss);
     }
+}
+
+/// A stream that panics on its `at`-th batch (from 1).
+struct PanicsAt {
+    inner: Box<dyn DataSource>,
+    calls: usize,
+    at: usize,
+}
+
+impl DataSource for PanicsAt {
+    fn next_batch(
+        &mut self,
+        batch: usize,
+        seq: usize,
+    ) -> Result<(whale_model::tensor::Tensor, whale_model::tensor::Tensor)> {
+        self.calls += 1;
+        assert!(self.calls != self.at, "the data source fails");
+        self.inner.next_batch(batch, seq)
+    }
+    fn state(&self) -> serde_json::Value {
+        self.inner.state()
+    }
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+        self.inner.restore(state)
+    }
+}
+
+#[test]
+fn a_last_micro_batch_that_panics_unwinds_the_step_instead_of_hanging_the_reducer() {
+    // The last micro-batch runs beside the thread that reduces its gradients as they become
+    // final; when it panics, the reducer must stop (it would otherwise wait for gradients that
+    // never come, and the step for the reducer).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let unwound = LocalComm::run(2, |comm| {
+            let data = Box::new(PanicsAt { inner: walk(), calls: 0, at: 2 });
+            let mut t = DataParallelTrainer::new(trainer(1, 2, data), comm, dp(false)).unwrap();
+            assert!(t.config().overlap);
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.train_step())).is_err()
+        });
+        let _ = tx.send(unwound);
+    });
+    let unwound = rx.recv_timeout(Duration::from_secs(60)).expect("the step hung");
+    assert_eq!(unwound, [true, true], "the panic reaches each rank's caller");
 }
