@@ -154,7 +154,13 @@ impl Default for GrpoConfig {
 }
 
 impl GrpoConfig {
+    /// Refuses settings out of range, naming the key.
     pub fn validate(&self) -> Result<()> {
+        self.validated_rewards().map(drop)
+    }
+
+    /// [`GrpoConfig::validate`], returning the parsed `rewards`.
+    fn validated_rewards(&self) -> Result<RewardSet> {
         let bad = |k: &str, why: &str| Err(Error::Rl(format!("grpo config `{k}`: {why}")));
         if self.prompts_per_step == 0 {
             return bad("prompts_per_step", "must be at least 1");
@@ -214,7 +220,7 @@ impl GrpoConfig {
         if !(0.0..=1.0).contains(&self.letters) {
             return bad("letters", "a share of the problems, so between 0 and 1");
         }
-        Ok(())
+        Ok(rewards)
     }
 
     pub fn epsilon_high(&self) -> f32 {
@@ -650,10 +656,10 @@ impl RlRun {
     /// Validates `config` and builds its tasks and rewards; `salt` separates the random streams
     /// of different algorithms.
     pub fn new(config: GrpoConfig, tokenizer: Box<dyn Tokenizer>, salt: u64) -> Result<Self> {
-        config.validate()?;
+        let rewards = config.validated_rewards()?;
         Ok(RlRun {
             tasks: TaskSet::parse(&config.tasks)?.with_letters(config.letters)?,
-            rewards: RewardSet::parse(&config.rewards, config.max_new_tokens)?,
+            rewards,
             rng: Rng::new(config.seed ^ salt),
             config,
             step: 0,
