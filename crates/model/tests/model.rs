@@ -360,6 +360,36 @@ fn balance_losses_match_their_formulas() {
 }
 
 #[test]
+fn an_fp8_expert_without_tokens_gets_zero_gradients_as_in_higher_precision() {
+    // A bias no score can overcome keeps expert 0 of every MoE layer out. Its weights get zero
+    // gradients (so AdamW still decays them) with the experts in FP8 as without.
+    let cfg = DeepSeekV3Config::tiny();
+    let base = DeepSeekV3::new(cfg.clone(), 5).unwrap();
+    for moe in base.moe_layers() {
+        moe.gate.e_score_correction_bias.as_ref().unwrap().with_f32_mut(|b| b[0] = -1e6).unwrap();
+    }
+    let ids = tokens(&cfg, 2, 8, 3);
+    let grads = |m: &DeepSeekV3| {
+        m.forward(&ids, Some(&ids)).unwrap().loss.unwrap().backward().unwrap();
+        let grad = |p: &Tensor| p.grad().map(|g| g.to_vec_f32().unwrap());
+        m.params.iter().map(|(n, p)| (n.to_string(), grad(p))).collect::<Vec<_>>()
+    };
+    let plain = grads(&base.duplicate().unwrap());
+    let mut fp8 = base.duplicate().unwrap();
+    fp8.set_fp8(Some(whale_tensor::fp8::Fp8Recipe::F32_ACCUMULATION));
+    let quantized = grads(&fp8);
+    let idle: Vec<_> = quantized.iter().filter(|(n, _)| n.contains(".experts.0.")).collect();
+    assert!(!idle.is_empty());
+    for (name, g) in idle {
+        let g = g.as_ref().unwrap_or_else(|| panic!("{name}: no gradient under FP8"));
+        assert!(g.iter().all(|&v| v == 0.0), "{name}: an expert without tokens has a non-zero gradient");
+    }
+    for ((name, a), (_, b)) in plain.iter().zip(&quantized) {
+        assert_eq!(a.is_some(), b.is_some(), "{name}: a gradient in one precision only");
+    }
+}
+
+#[test]
 fn the_bias_update_steers_routing_away_from_an_overloaded_expert() {
     // gamma small against the spread of the affinities (about 0.04 at this init): a large step
     // makes every token flip experts at once and the load oscillates instead of settling.

@@ -169,6 +169,10 @@ impl Gpu {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        if k == 0 {
+            // An empty sum (a Wgrad over no tokens: an expert that got none).
+            return self.stream.memset_zeros(y).map_err(cuda("fp8 gemm with k = 0"));
+        }
         let name = kernel.entry();
         let tiles = ((n as u32).div_ceil(128), (m as u32).div_ceil(128), 1);
         let (cfg, function) = match kernel {

@@ -486,6 +486,15 @@ fn fp8_kernels_match_the_cpu() {
     let Some(g) = gpu("fp8_kernels_match_the_cpu") else { return };
     let (cpu, wq) = fp8_kernels(&g);
     check_fp8_gemm(&g, &cpu, &wq, Fp8GemmKernel::Simple);
+    // An empty sum (the Wgrad of an expert that got no tokens, K = 0): zeros, as on the CPU.
+    let empty = |rows: usize| Fp8Blocks::quantize(&[], rows, 0, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
+    let want = fp8_gemm(&empty(5), &empty(7), Accumulation::F32);
+    assert_eq!(want, vec![0.0; 35]);
+    for kernel in [Fp8GemmKernel::Simple, Fp8GemmKernel::TensorCore, Fp8GemmKernel::Wgmma] {
+        if g.runs_fp8_gemm(kernel, 0) {
+            assert_eq!(g.fp8_gemm_with(&empty(5), &empty(7), kernel).unwrap(), want, "{kernel:?} with K = 0");
+        }
+    }
 }
 
 /// The activation quantisation (straight and transposed) and the weight transpose against the

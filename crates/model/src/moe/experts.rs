@@ -146,20 +146,16 @@ pub fn run_experts(
     let sizes = &dispatch.plan.sizes;
     let dispatched = x.moe_permute(&dispatch)?;
     let expert_out = if experts.iter().any(SwiGluMlp::is_fp8) {
-        // FP8 experts quantize their own block (its 1x128 tiles are per token anyway).
+        // FP8 experts quantize their own block (its 1x128 tiles are per token anyway). An
+        // expert without tokens runs on its empty block too, so its weights get zero gradients
+        // (as the grouped GEMM's empty groups do) and AdamW still decays them.
         let mut start = 0;
-        let mut blocks = Vec::new();
+        let mut blocks = Vec::with_capacity(experts.len());
         for (e, &size) in experts.iter().zip(sizes) {
-            if size > 0 {
-                blocks.push(e.forward(&dispatched.narrow(0, start, size)?)?);
-            }
+            blocks.push(e.forward(&dispatched.narrow(0, start, size)?)?);
             start += size;
         }
-        if blocks.is_empty() {
-            dispatched.clone()
-        } else {
-            Tensor::cat(&blocks, 0)?
-        }
+        Tensor::cat(&blocks, 0)?
     } else {
         let weights = |f: fn(&SwiGluMlp) -> &Tensor| -> Result<Vec<Tensor>> {
             experts.iter().map(|e| in_dtype_of(f(e), x)).collect()
