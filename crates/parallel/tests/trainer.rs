@@ -3,6 +3,7 @@
 //! trains within 1% of fp32.
 
 use serde_json::Value;
+use whale_model::tensor::fp8::Fp8Recipe;
 use whale_model::tensor::optim::{DeepSeekV3Schedule, LrSchedule};
 use whale_model::tensor::testing::TempDir;
 use whale_model::tensor::{Rng, Tensor};
@@ -173,6 +174,10 @@ fn fp8_training_ends_within_one_percent_of_fp32() {
         let walk = |seed| TokenWalk { rng: Rng::new(seed), vocab: 64, max_step: 2 };
         let mut t =
             Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), cfg, Box::new(walk(5))).unwrap();
+        // The precision reaches the model: FP8 GEMMs on (bf16 compute alone would also move
+        // the losses), with the recipe's 1x128 / 128x128 online scaling.
+        let want = (precision == Precision::Fp8).then(Fp8Recipe::default);
+        assert_eq!(t.model.fp8(), want, "{precision:?}: the model's FP8 GEMMs");
         let losses: Vec<f64> = (0..steps).map(|_| t.train_step().unwrap().main_loss).collect();
         let held_out = t.held_out_loss(&mut walk(1234), 32).unwrap();
         eprintln!("{precision:?}: {:.1} s", t0.elapsed().as_secs_f64());

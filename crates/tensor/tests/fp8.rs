@@ -94,7 +94,7 @@ fn casts_round_ties_to_even_through_subnormals_and_overflow_like_torch() {
 }
 
 #[test]
-fn quantize_fp8_saturates_per_block_and_checks_its_scale_grid() {
+fn quantize_fp8_rounds_within_half_a_step_of_each_blocks_scale_and_checks_its_scale_grid() {
     let x = randn(&[3, 300], 1).mul_scalar(1000.0).unwrap();
     let (codes, scales) = x.quantize_fp8((1, BLOCK), Fp8Format::E4M3, ScaleFormat::F32).unwrap();
     assert_eq!((codes.dtype(), scales.dims()), (DType::F8E4M3, &[3usize, 3][..]));
