@@ -8,10 +8,14 @@
 
 #define BLOCK 128
 
-// One block per 1x128 tile of a row-major [rows, cols] matrix: scale = max(amax, 1e-4) / 448,
-// codes = x / scale as E4M3 (saturating). scales: [rows, ceil(cols / 128)].
+// Each quantiser scales a tile for max(amax, min_amax): 1e-4 for activations and weights (the
+// reference's clamp, MIN_AMAX), the least that keeps the scale a normal f32 for output gradients
+// (GRADIENT_MIN_AMAX), so that only an all-zero tile is guarded there.
+
+// One block per 1x128 tile of a row-major [rows, cols] matrix: scale = max(amax, min_amax) /
+// 448, codes = x / scale as E4M3 (saturating). scales: [rows, ceil(cols / 128)].
 extern "C" __global__ void fp8_quantize_1x128(
-    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols) {
+    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols, float min_amax) {
     __shared__ float amax[BLOCK];
     unsigned tiles = (cols + BLOCK - 1) / BLOCK;
     unsigned row = blockIdx.x / tiles, tile = blockIdx.x % tiles;
@@ -23,7 +27,7 @@ extern "C" __global__ void fp8_quantize_1x128(
         if (threadIdx.x < s) amax[threadIdx.x] = fmaxf(amax[threadIdx.x], amax[threadIdx.x + s]);
         __syncthreads();
     }
-    float scale = fmaxf(amax[0], 1e-4f) / 448.0f;
+    float scale = fmaxf(amax[0], min_amax) / 448.0f;
     if (row < rows && col < cols) {
         codes[(size_t)row * cols + col] = (unsigned char)__nv_cvt_float_to_fp8(v / scale, __NV_SATFINITE, __NV_E4M3);
     }
@@ -36,7 +40,7 @@ extern "C" __global__ void fp8_quantize_1x128(
 // exactly fp8_quantize_1x128 of the transpose (the Wgrad GEMM's operands, tiled along the
 // tokens). Grid (ceil(rows / 128), ceil(cols / 32)), 256 threads (8 warps).
 extern "C" __global__ void fp8_quantize_1x128_transposed(
-    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols) {
+    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols, float min_amax) {
     __shared__ float tile[BLOCK][33];
     __shared__ float warp_max[8][32];
     __shared__ float scale[32];
@@ -55,7 +59,7 @@ extern "C" __global__ void fp8_quantize_1x128_transposed(
     if (threadIdx.x < 32) {
         float amax = 0.0f;
         for (unsigned w = 0; w < 8; ++w) amax = fmaxf(amax, warp_max[w][threadIdx.x]);
-        float s = fmaxf(amax, 1e-4f) / 448.0f;
+        float s = fmaxf(amax, min_amax) / 448.0f;
         scale[threadIdx.x] = s;
         if (c0 + threadIdx.x < cols) scales[(size_t)(c0 + threadIdx.x) * tiles + blockIdx.x] = s;
     }
@@ -73,10 +77,10 @@ extern "C" __global__ void fp8_quantize_1x128_transposed(
 
 // One block of BLOCK_THREADS threads per 128x128 block of a row-major [rows, cols] matrix (the
 // bottom and right blocks may be partial: their amax covers only the elements that exist, which
-// equals zero-padding them). scale = max(amax, 1e-4) / 448, codes = x / scale as E4M3
+// equals zero-padding them). scale = max(amax, min_amax) / 448, codes = x / scale as E4M3
 // (saturating). scales: [ceil(rows / 128), ceil(cols / 128)], row-major.
 extern "C" __global__ void fp8_quantize_128x128(
-    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols) {
+    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols, float min_amax) {
     __shared__ float amax[BLOCK_THREADS];
     unsigned grid_cols = (cols + BLOCK - 1) / BLOCK;
     unsigned bi = blockIdx.x / grid_cols, bj = blockIdx.x % grid_cols;
@@ -92,7 +96,7 @@ extern "C" __global__ void fp8_quantize_128x128(
         if (threadIdx.x < s) amax[threadIdx.x] = fmaxf(amax[threadIdx.x], amax[threadIdx.x + s]);
         __syncthreads();
     }
-    float scale = fmaxf(amax[0], 1e-4f) / 448.0f;
+    float scale = fmaxf(amax[0], min_amax) / 448.0f;
     if (col < cols) {
         for (unsigned r = r0; r < r1; r += step) {
             size_t i = (size_t)r * cols + col;

@@ -9,11 +9,15 @@
 //! Each GEMM is [`fp8_gemm`]: per 128 elements of K a partial sum, then promotion by the two
 //! scales into an f32 accumulator. The straight-through gradient is the recipe's: quantization is
 //! not differentiated, the GEMMs of the backward pass simply run on quantized operands too.
+//!
+//! Every tile's scale is its amax / 448; activations and weights floor the amax at 1e-4 (the
+//! reference's guard against an all-zero tile), output gradients only at the least that keeps the
+//! scale a normal f32 ([`GRADIENT_MIN_AMAX`]): their tiles are often far smaller than 1e-4.
 
 use std::sync::Arc;
 
 use whale_kernels::cpu::fp8::transpose;
-pub use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat};
+pub use whale_kernels::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat, GRADIENT_MIN_AMAX, MIN_AMAX};
 use whale_kernels::cpu::fp8_gemm::fp8_gemm;
 pub use whale_kernels::cpu::fp8_gemm::{Accumulation, BLOCK};
 
@@ -166,14 +170,20 @@ impl Tensor {
             let x = &inputs[0];
             let dx = grad_if(needs[0], || {
                 // Dgrad: [m, n] x [n, k], K = n.
-                let dyq = Fp8Blocks::quantize(&dy, m, n, (1, BLOCK), fmt, sfmt);
+                let dyq = Fp8Blocks::quantize_with_min_amax(&dy, (m, n), (1, BLOCK), (fmt, sfmt), GRADIENT_MIN_AMAX);
                 Ok(plain(fp8_gemm(&dyq, &wq.transpose(), recipe.accumulation), x.dims(), x.dtype()))
             })?;
             let mut grads = vec![dx];
             if let Some(w) = inputs.get(1) {
                 grads.push(grad_if(needs[1], || {
                     // Wgrad: [n, m] x [m, k], K = m (the tokens): both operands tiled along it.
-                    let dyt = Fp8Blocks::quantize(&transpose(&dy, m, n), n, m, (1, BLOCK), fmt, sfmt);
+                    let dyt = Fp8Blocks::quantize_with_min_amax(
+                        &transpose(&dy, m, n),
+                        (n, m),
+                        (1, BLOCK),
+                        (fmt, sfmt),
+                        GRADIENT_MIN_AMAX,
+                    );
                     let xt = Fp8Blocks::quantize(&transpose(&x.f32_data(), m, k), k, m, (1, BLOCK), fmt, sfmt);
                     Ok(plain(fp8_gemm(&dyt, &xt, recipe.accumulation), w.dims(), w.dtype()))
                 })?);

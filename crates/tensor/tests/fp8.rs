@@ -167,6 +167,29 @@ fn fp8_linear_equals_its_twin_of_dequantized_operands_in_all_three_gemms() {
 }
 
 #[test]
+fn fp8_linear_gradients_scale_exactly_with_the_loss_however_small() {
+    // Online scaling (scale = amax / 448 per tile) makes the three GEMMs scale-invariant: a loss
+    // times a power of two gives every gradient times it, to the bit, down to gradients far
+    // below the activations' 1e-4 amax floor (a floor on output-gradient tiles would scale them
+    // for 1e-4 instead: at c = 2^-40 every code rounds to zero).
+    let (x0, w0, r) = (randn(&[2, 3, 256], 5), randn(&[150, 256], 6).mul_scalar(0.1).unwrap(), randn(&[2, 3, 150], 7));
+    let gradients = |c: f32| {
+        let (x, w) = (x0.variable(), w0.variable());
+        let y = x.fp8_linear(&w, &Fp8Recipe::default()).unwrap();
+        y.mul(&r).unwrap().sum_all().unwrap().mul_scalar(c).unwrap().backward().unwrap();
+        (x.grad().unwrap().to_vec_f32().unwrap(), w.grad().unwrap().to_vec_f32().unwrap())
+    };
+    let ((dx, dw), c) = (gradients(1.0), 2f32.powi(-40));
+    let (dx_c, dw_c) = gradients(c);
+    for (what, one, small) in [("dx", &dx, &dx_c), ("dW", &dw, &dw_c)] {
+        assert!(one.iter().any(|&v| v != 0.0));
+        for (i, (a, b)) in one.iter().zip(small).enumerate() {
+            assert_eq!((a * c).to_bits(), b.to_bits(), "{what}[{i}]: {a} x 2^-40 vs {b}");
+        }
+    }
+}
+
+#[test]
 fn the_emulated_14_bit_accumulator_stays_close_to_the_f32_one() {
     let x = randn(&[4, 512], 5);
     let w = randn(&[64, 512], 6).mul_scalar(0.05).unwrap();

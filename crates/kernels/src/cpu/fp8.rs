@@ -312,9 +312,17 @@ pub enum ScaleFormat {
     Ue8m0,
 }
 
-/// Smallest amax a block is scaled for: an all-zero block would otherwise get scale 0 and divide
-/// 0 by 0 (the reference's `act_quant` clamps at 1e-4 too; spec section 9, item 11).
+/// Smallest amax a block of activations or weights is scaled for: an all-zero block would
+/// otherwise get scale 0 and divide 0 by 0 (the reference's `act_quant` clamps at 1e-4 too; spec
+/// section 9, item 11).
 pub const MIN_AMAX: f32 = 1e-4;
+
+/// Smallest amax a tile of output gradients is scaled for: the lowest that keeps an E4M3 scale
+/// (amax / 448) a normal f32, so only the all-zero tile is guarded. Gradients are routinely far
+/// below 1e-4 (a per-token mean loss, divided again by the accumulation): with `MIN_AMAX` their
+/// tiles would use a fraction of E4M3's range, and values under ~3.5e-9 would lose bits or
+/// flush to zero, where scale = amax / 448 (the paper's online scaling) keeps them.
+pub const GRADIENT_MIN_AMAX: f32 = f32::MIN_POSITIVE * 448.0;
 
 /// Values per parallel task of [`Fp8Blocks::quantize`]: a fixed size, so the partition depends
 /// only on the shape (each block's codes depend only on its own values anyway).
@@ -328,6 +336,7 @@ struct Tiling {
     bc: usize,
     format: Fp8Format,
     scale_format: ScaleFormat,
+    min_amax: f32,
 }
 
 wide_fn! {
@@ -338,14 +347,14 @@ wide_fn! {
 
 #[inline(always)]
 fn quantize_block_row_with(x: &[f32], codes: &mut [u8], scales: &mut [f32], t: Tiling) {
-    let Tiling { cols, bc, format, scale_format } = t;
+    let Tiling { cols, bc, format, scale_format, min_amax } = t;
     for (bj, scale_slot) in scales.iter_mut().enumerate() {
         let (c0, c1) = (bj * bc, ((bj + 1) * bc).min(cols));
         let mut amax = 0;
         for row in x.chunks(cols) {
             amax = amax.max(amax_bits(&row[c0..c1]));
         }
-        let mut scale = f32::from_bits(amax).max(MIN_AMAX) / format.max();
+        let mut scale = f32::from_bits(amax).max(min_amax) / format.max();
         if scale_format == ScaleFormat::Ue8m0 {
             scale = 2f32.powi(scale.log2().ceil() as i32);
         }
@@ -406,6 +415,18 @@ impl Fp8Blocks {
         format: Fp8Format,
         scale_format: ScaleFormat,
     ) -> Fp8Blocks {
+        Self::quantize_with_min_amax(x, (rows, cols), block, (format, scale_format), MIN_AMAX)
+    }
+
+    /// [`Fp8Blocks::quantize`] with another floor under each block's amax:
+    /// [`GRADIENT_MIN_AMAX`] for output gradients.
+    pub fn quantize_with_min_amax(
+        x: &[f32],
+        (rows, cols): (usize, usize),
+        block: (usize, usize),
+        (format, scale_format): (Fp8Format, ScaleFormat),
+        min_amax: f32,
+    ) -> Fp8Blocks {
         assert_eq!(x.len(), rows * cols, "Fp8Blocks::quantize: buffer does not match [{rows}, {cols}]");
         assert!(block.0 > 0 && block.1 > 0, "Fp8Blocks::quantize: block {block:?} has a zero edge");
         let (br, bc) = block;
@@ -414,7 +435,7 @@ impl Fp8Blocks {
         let mut codes = vec![0u8; rows * cols];
         // Bands of whole block rows, about QUANTIZE_TASK values each, quantized in parallel.
         let band = br * QUANTIZE_TASK.div_ceil(br * cols.max(1)).max(1);
-        let tiling = Tiling { cols, bc, format, scale_format };
+        let tiling = Tiling { cols, bc, format, scale_format, min_amax };
         if cols > 0 {
             codes
                 .par_chunks_mut(band * cols)

@@ -4,18 +4,20 @@
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
 use super::{cuda, grid_for, need, Fp8Operand, Fp8View, Gpu, GpuError, Result};
-use crate::cpu::fp8::{Fp8Blocks, Fp8Format};
+use crate::cpu::fp8::{Fp8Blocks, Fp8Format, MIN_AMAX};
 
 impl Gpu {
     /// E4M3 quantisation of `x` (`[rows, cols]`, a device view) with f32 scales in tiles of
-    /// `block_rows` x 128: 1 (activation tiles) or 128 (weight blocks; ragged edges give partial
-    /// blocks, scaled by the elements they hold). Twin: `Fp8Blocks::quantize` with that block,
-    /// E4M3 and f32 scales.
+    /// `block_rows` x 128: 1 (activation or gradient tiles) or 128 (weight blocks; ragged edges
+    /// give partial blocks, scaled by the elements they hold), each scaled for at least
+    /// `min_amax` (`MIN_AMAX`, or `GRADIENT_MIN_AMAX` for output gradients). Twin:
+    /// `Fp8Blocks::quantize_with_min_amax` with that block, E4M3 and f32 scales.
     pub fn fp8_quantize_dev(
         &self,
         x: &CudaView<'_, f32>,
         (rows, cols): (usize, usize),
         block_rows: usize,
+        min_amax: f32,
     ) -> Result<Fp8Operand> {
         need("fp8 quantize", x.len(), rows * cols)?;
         let (grid_rows, grid_cols) = (rows.div_ceil(block_rows.max(1)), cols.div_ceil(128));
@@ -33,7 +35,7 @@ impl Gpu {
         if blocks > 0 {
             let (r32, c32) = (rows as u32, cols as u32);
             let mut l = self.stream.launch_builder(self.function(name));
-            l.arg(x).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32);
+            l.arg(x).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32).arg(&min_amax);
             let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: one block per tile (1x128: 128 threads, one element each; 128x128: 256
             // threads over its columns); each reads and writes only in-bounds elements of its
@@ -44,13 +46,14 @@ impl Gpu {
     }
 
     /// The 1x128 E4M3 quantisation of `xᵀ` for `x` `[rows, cols]` (a device view), without
-    /// forming the transpose: an operand `[cols, rows]` tiled along `rows` (twin:
-    /// `Fp8Blocks::quantize` of `cpu::fp8::transpose(x)` in (1, 128) blocks). The Wgrad GEMM's
-    /// operands, both tiled along the tokens.
+    /// forming the transpose: an operand `[cols, rows]` tiled along `rows`, each tile scaled for
+    /// at least `min_amax` (twin: `Fp8Blocks::quantize_with_min_amax` of `cpu::fp8::transpose(x)`
+    /// in (1, 128) blocks). The Wgrad GEMM's operands, both tiled along the tokens.
     pub fn fp8_quantize_transposed_dev(
         &self,
         x: &CudaView<'_, f32>,
         (rows, cols): (usize, usize),
+        min_amax: f32,
     ) -> Result<Fp8Operand> {
         need("fp8 quantize (transposed)", x.len(), rows * cols)?;
         let (tiles, col_blocks) = (rows.div_ceil(128), cols.div_ceil(32));
@@ -64,7 +67,7 @@ impl Gpu {
             let (r32, c32) = (rows as u32, cols as u32);
             let name = "fp8_quantize_1x128_transposed";
             let mut l = self.stream.launch_builder(self.function(name));
-            l.arg(x).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32);
+            l.arg(x).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32).arg(&min_amax);
             let cfg = LaunchConfig {
                 grid_dim: (tiles as u32, col_blocks as u32, 1),
                 block_dim: (256, 1, 1),
@@ -79,8 +82,8 @@ impl Gpu {
     }
 
     /// [`Gpu::fp8_quantize_transposed_dev`] from the host, for the tests.
-    pub fn fp8_quantize_transposed(&self, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Blocks> {
-        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_transposed_dev(dx, (rows, cols)))
+    pub fn fp8_quantize_transposed(&self, x: &[f32], (rows, cols): (usize, usize), min_amax: f32) -> Result<Fp8Blocks> {
+        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_transposed_dev(dx, (rows, cols), min_amax))
     }
 
     /// `out = decode(code) * scale` for codes `[rows, cols]` in `block`s of either format, with
@@ -167,16 +170,17 @@ impl Gpu {
         Ok(Fp8Operand { codes, scales, rows: cols, cols: rows, block_rows: 128 })
     }
 
-    /// E4M3 quantisation of `x` (`[rows, cols]`) in 1x128 tiles with f32 scales (twin:
-    /// `Fp8Blocks::quantize` with block (1, 128), E4M3, f32 scales).
-    pub fn fp8_quantize_1x128(&self, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Blocks> {
-        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_dev(dx, (rows, cols), 1))
+    /// E4M3 quantisation of `x` (`[rows, cols]`) in 1x128 tiles with f32 scales, each scaled
+    /// for at least `min_amax` (twin: `Fp8Blocks::quantize_with_min_amax` with block (1, 128),
+    /// E4M3, f32 scales).
+    pub fn fp8_quantize_1x128(&self, x: &[f32], (rows, cols): (usize, usize), min_amax: f32) -> Result<Fp8Blocks> {
+        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_dev(dx, (rows, cols), 1, min_amax))
     }
 
     /// E4M3 quantisation of `x` (`[rows, cols]`) in 128x128 blocks with f32 scales, the weights'
     /// tiling (twin: `Fp8Blocks::quantize` with block (128, 128), E4M3, f32 scales).
     pub fn fp8_quantize_128x128(&self, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Blocks> {
-        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_dev(dx, (rows, cols), 128))
+        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_dev(dx, (rows, cols), 128, MIN_AMAX))
     }
 
     /// `x` (`[rows, cols]`) copied in, quantized on the GPU by `quantize`, copied back.

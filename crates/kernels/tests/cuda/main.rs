@@ -18,7 +18,7 @@ use whale_kernels::cpu::adamw::{adamw_step, AdamWStep};
 use whale_kernels::cpu::cross_entropy::{cross_entropy_backward, cross_entropy_forward};
 use whale_kernels::cpu::dispatch::{permute, unpermute, unpermute_weight_grad, DispatchPlan};
 use whale_kernels::cpu::embedding::{embedding_backward, embedding_forward};
-use whale_kernels::cpu::fp8::{transpose, Fp8Blocks, Fp8Format, ScaleFormat};
+use whale_kernels::cpu::fp8::{transpose, Fp8Blocks, Fp8Format, ScaleFormat, GRADIENT_MIN_AMAX, MIN_AMAX};
 use whale_kernels::cpu::fp8_gemm::{fp8_gemm, Accumulation};
 use whale_kernels::cpu::matmul::{matmul_reference, MatRef};
 use whale_kernels::cpu::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
@@ -504,21 +504,31 @@ fn fp8_kernels(g: &Gpu) -> (Fp8Blocks, Fp8Blocks) {
     let (m, n, kk) = (33, 130, 300);
     let x: Vec<f32> = values(m * kk, 9).iter().enumerate().map(|(i, v)| v * (1 + i % 5) as f32).collect();
     let cpu = Fp8Blocks::quantize(&x, m, kk, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
-    let got = g.fp8_quantize_1x128(&x, m, kk).unwrap();
+    let got = g.fp8_quantize_1x128(&x, (m, kk), MIN_AMAX).unwrap();
     assert_eq!(got.scales, cpu.scales, "tile scales");
     assert_eq!(got.codes, cpu.codes, "E4M3 codes (CUDA's converter against ours)");
+    // Output gradients far below the activations' 1e-4 floor, and an all-zero tile: scaled by
+    // their own amax (the zero tile by the floor).
+    let e4m3 = (Fp8Format::E4M3, ScaleFormat::F32);
+    let mut tiny: Vec<f32> = x.iter().map(|v| v * 1e-9).collect();
+    tiny[..128].fill(0.0);
+    let want = Fp8Blocks::quantize_with_min_amax(&tiny, (m, kk), (1, 128), e4m3, GRADIENT_MIN_AMAX);
+    let got = g.fp8_quantize_1x128(&tiny, (m, kk), GRADIENT_MIN_AMAX).unwrap();
+    assert_eq!((got.codes, got.scales), (want.codes.clone(), want.scales.clone()), "gradient tiles");
+    assert!(want.scales[1] < 1e-9 && want.scales[0] == GRADIENT_MIN_AMAX / 448.0, "{:?}", &want.scales[..2]);
     let w = values(n * kk, 10);
     let wq = Fp8Blocks::quantize(&w, n, kk, (128, 128), Fp8Format::E4M3, ScaleFormat::F32);
     // Wgrad's operands: a transpose tiled 1x128 along the tokens, quantized without forming it
     // (short and tall: partial tiles along both edges).
-    for (rows, cols, v) in [(m, kk, x.clone()), (300, 40, values(300 * 40, 11))] {
-        let want =
-            Fp8Blocks::quantize(&transpose(&v, rows, cols), cols, rows, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
-        let got = g.fp8_quantize_transposed(&v, rows, cols).unwrap();
+    for (rows, cols, v, floor) in
+        [(m, kk, x.clone(), MIN_AMAX), (300, 40, values(300 * 40, 11), MIN_AMAX), (m, kk, tiny, GRADIENT_MIN_AMAX)]
+    {
+        let want = Fp8Blocks::quantize_with_min_amax(&transpose(&v, rows, cols), (cols, rows), (1, 128), e4m3, floor);
+        let got = g.fp8_quantize_transposed(&v, (rows, cols), floor).unwrap();
         assert_eq!(
             (got.codes, got.scales),
             (want.codes, want.scales),
-            "[{rows}, {cols}] transposed 1x128 quantisation"
+            "[{rows}, {cols}] transposed 1x128 quantisation (amax floor {floor:e})"
         );
     }
     let (gt, ct) = (g.fp8_transpose(&wq).unwrap(), wq.transpose());

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use whale_kernels::cpu::fp8::Fp8Format;
+use whale_kernels::cpu::fp8::{Fp8Format, GRADIENT_MIN_AMAX, MIN_AMAX};
 use whale_kernels::cuda::cudarc::driver::{CudaSlice, CudaView};
 use whale_kernels::cuda::{Fp8View, Gpu};
 
@@ -63,7 +63,7 @@ pub(crate) fn quantize(x: &Tensor, block_rows: usize) -> Result<(Tensor, Tensor)
     let (rows, cols, dev) = (x.dims()[0], x.dims()[1], x.device());
     let xp = packed(x)?;
     let (g, q) = with_buffer(&xp, |g, xb| {
-        Ok((g.clone(), g.fp8_quantize_dev(&xb.slice(..), (rows, cols), block_rows).map_err(gpu_error(dev))?))
+        Ok((g.clone(), g.fp8_quantize_dev(&xb.slice(..), (rows, cols), block_rows, MIN_AMAX).map_err(gpu_error(dev))?))
     })?;
     let grid = [rows.div_ceil(block_rows), cols.div_ceil(128)];
     let scales = tensor(g.clone(), q.scales, &grid, DType::F32, &[], NoBackward)?;
@@ -102,7 +102,7 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
     let xp = packed(x)?;
     // Each operand is quantized under its own read lock, released before the next is taken.
     let (g, xq) = with_buffer(&xp, |g, xb| {
-        Ok((g.clone(), g.fp8_quantize_dev(&xb.slice(..), (m, k), 1).map_err(gpu_error(dev))?))
+        Ok((g.clone(), g.fp8_quantize_dev(&xb.slice(..), (m, k), 1, MIN_AMAX).map_err(gpu_error(dev))?))
     })?;
     let mut y = alloc(&g, dev, m * n)?;
     let mut gemm =
@@ -111,7 +111,7 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
         Fp8Weight::Master(w) => {
             check_gpu_float("fp8_linear (weight)", w)?;
             let wq = with_buffer(&packed(w)?, |_, wb| {
-                g.fp8_quantize_dev(&wb.slice(..), (n, k), 128).map_err(gpu_error(dev))
+                g.fp8_quantize_dev(&wb.slice(..), (n, k), 128, MIN_AMAX).map_err(gpu_error(dev))
             })?;
             gemm(&wq.view())?;
             Some(Arc::new(wq))
@@ -133,7 +133,7 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
         let dx = if needs[0] {
             // Dgrad: [m, n] x ([k, n])ᵀ, K = n.
             let dx = with_buffer(&dy, |g, dyb| {
-                let dyq = g.fp8_quantize_dev(&dyb.slice(..), (m, n), 1).map_err(gpu_error(dev))?;
+                let dyq = g.fp8_quantize_dev(&dyb.slice(..), (m, n), 1, GRADIENT_MIN_AMAX).map_err(gpu_error(dev))?;
                 let transpose = |w: &Fp8View<'_>| g.fp8_transpose_dev(w).map_err(gpu_error(dev));
                 let wt = match (&kept, &stored) {
                     (Some(wq), _) => transpose(&wq.view())?,
@@ -155,8 +155,10 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
                 // in 1x128 tiles along it, straight from dy and x.
                 let xp = packed(x)?;
                 let (g, dw) = super::with_buffers([&dy, &xp], |g, [dyb, xb]| {
-                    let dyt = g.fp8_quantize_transposed_dev(&dyb.slice(..), (m, n)).map_err(gpu_error(dev))?;
-                    let xt = g.fp8_quantize_transposed_dev(&xb.slice(..), (m, k)).map_err(gpu_error(dev))?;
+                    let dyt = g
+                        .fp8_quantize_transposed_dev(&dyb.slice(..), (m, n), GRADIENT_MIN_AMAX)
+                        .map_err(gpu_error(dev))?;
+                    let xt = g.fp8_quantize_transposed_dev(&xb.slice(..), (m, k), MIN_AMAX).map_err(gpu_error(dev))?;
                     let mut dw = alloc(g, dev, n * k)?;
                     g.fp8_gemm_dev(&dyt.view(), &xt.view(), &mut dw, g.fp8_gemm_kernel(m)).map_err(gpu_error(dev))?;
                     Ok((g.clone(), dw))
