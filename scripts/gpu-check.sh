@@ -52,7 +52,18 @@ tee_pid=$!
     skipped=0
     # Binaries built from other sources than this checkout's test other code: refused, so no
     # report claims what the checkout does not hold.
-    if [ -f gpu-bin/SOURCES.sha256 ] && ! sha256sum -c --quiet gpu-bin/SOURCES.sha256 >"$logs/stale.log" 2>&1; then
+    if [ ! -f gpu-bin/SOURCES.sha256 ]; then
+        echo "UNSTAMPED: gpu-bin/ has no SOURCES.sha256 (build it with scripts/build-gpu-bin.sh)"
+        echo
+        echo "overall: FAIL (unstamped binaries; nothing run)"
+        exit 1
+    fi
+    # A changed or removed source fails the hashes; a source added since the build is not in them.
+    find crates kernels benches Cargo.toml Cargo.lock -type f | sort >"$logs/sources-now.txt"
+    sed 's/^[0-9a-f]*  //' gpu-bin/SOURCES.sha256 | sort >"$logs/sources-built.txt"
+    if ! sha256sum -c --quiet gpu-bin/SOURCES.sha256 >"$logs/stale.log" 2>&1 ||
+        ! comm -23 "$logs/sources-now.txt" "$logs/sources-built.txt" | sed 's/^/new since the build: /' >>"$logs/stale.log" ||
+        [ -s "$logs/stale.log" ]; then
         echo "STALE: gpu-bin/ was built from other sources than this checkout (rerun scripts/build-gpu-bin.sh):"
         head -5 "$logs/stale.log"
         echo

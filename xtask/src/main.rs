@@ -25,11 +25,11 @@ usage: cargo xtask build-kernels [--check]
 
 Compiles every kernels/*.cu to PTX for sm_90 (compute_90a where a kernel uses wgmma) and sm_80,
 writes the PTX and a manifest (kernel names, a hash of the sources) into crates/kernels, which
-embeds them. Uses nvcc from PATH or CUDA_HOME, otherwise the pinned CUDA 13.0 compiler from PyPI
-installed into .cuda/13.0. --check fails when the committed PTX does not match the sources.
+embeds them. Uses nvcc from NVCC, PATH or CUDA_HOME, otherwise the pinned CUDA 13.0 compiler from
+PyPI installed into .cuda/13.0. --check fails when the committed PTX does not match the sources.
 
 Kernels using wgmma (marked `// uses: wgmma` in their source) compile for compute_90a. Where ptxas
-sits beside nvcc, every PTX is validated with it for its target.
+sits beside nvcc or on PATH, every PTX is validated with it for its target (else it says so).
 ";
 
 fn main() -> ExitCode {
@@ -92,7 +92,10 @@ fn build_kernels(args: &[String]) -> Result<(), String> {
             nvcc.display()
         ));
     }
-    let ptxas = nvcc.with_file_name("ptxas");
+    let ptxas = find_ptxas(&nvcc);
+    if ptxas.is_none() {
+        println!("no ptxas beside {} or on PATH: the PTX is compiled but not validated", nvcc.display());
+    }
     let out_dir = if check { target_dir().join("ptx-check") } else { ptx_dir.clone() };
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
     let mut sources: Vec<PathBuf> = std::fs::read_dir(&src_dir)
@@ -112,10 +115,10 @@ fn build_kernels(args: &[String]) -> Result<(), String> {
             let include = format!("-I{}", src_dir.display());
             let flags = ["-ptx", "-O3", "-std=c++17", &include, &format!("-arch={arch}"), "-o"];
             run_capture(Command::new(&nvcc).args(flags).arg(&out).arg(src))?;
-            if ptxas.exists() {
+            if let Some(ptxas) = &ptxas {
                 let sass = if wgmma && suffix == "sm_90" { "sm_90a" } else { sass };
                 let null = target_dir().join("ptxas-check.cubin");
-                run_capture(Command::new(&ptxas).arg(format!("-arch={sass}")).arg(&out).arg("-o").arg(&null))
+                run_capture(Command::new(ptxas).arg(format!("-arch={sass}")).arg(&out).arg("-o").arg(&null))
                     .map_err(|e| format!("ptxas rejects {}: {e}", out.display()))?;
             }
         }
@@ -209,6 +212,13 @@ fn rustfmt(root: &Path, text: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
+/// ptxas beside `nvcc` (a path), or on PATH (nvcc found there by its bare name): the one that runs.
+fn find_ptxas(nvcc: &Path) -> Option<PathBuf> {
+    let beside = nvcc.parent().filter(|d| !d.as_os_str().is_empty()).map(|d| d.join("ptxas"));
+    let works = |p: &PathBuf| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success());
+    beside.into_iter().chain([PathBuf::from("ptxas")]).find(works)
+}
+
 /// nvcc from `NVCC`, PATH or CUDA_HOME, else the pinned one from PyPI in `.cuda/13.0` (installed on
 /// first use with pip).
 fn find_nvcc(root: &Path) -> Result<PathBuf, String> {
@@ -281,11 +291,12 @@ fn bench(args: &[String]) -> Result<(), String> {
         }
         None => {}
     }
+    let started = std::time::SystemTime::now();
     let status = cmd.status().map_err(|e| format!("cannot run cargo bench: {e}"))?;
     if !status.success() {
         return Err(format!("cargo bench failed ({status})"));
     }
-    let rows = collect(&target_dir().join("criterion"), filter.as_deref().filter(|_| !target))?;
+    let rows = collect(&target_dir().join("criterion"), filter.as_deref().filter(|_| !target), started)?;
     let table = render(&rows);
     print!("\n{table}");
     if let Some(dir) = out.parent() {
@@ -317,13 +328,19 @@ fn elements(path: &Path) -> Option<f64> {
     v["throughput"]["Elements"].as_f64()
 }
 
-fn collect(dir: &Path, filter: Option<&str>) -> Result<Vec<Row>, String> {
+/// The groups under `dir` (criterion's folder) matching `filter` that this run measured: those
+/// whose `whale` estimates were written since `since` (older groups are earlier runs' figures).
+fn collect(dir: &Path, filter: Option<&str>, since: std::time::SystemTime) -> Result<Vec<Row>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e} (did the benches run?)", dir.display()))?;
+    let measured_now = |group: &str| {
+        let estimates = dir.join(group).join("whale").join("new").join("estimates.json");
+        std::fs::metadata(estimates).and_then(|m| m.modified()).is_ok_and(|t| t >= since)
+    };
     let mut rows: Vec<Row> = entries
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_dir())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|g| g != "report" && filter.is_none_or(|f| g.contains(f)))
+        .filter(|g| g != "report" && filter.is_none_or(|f| g.contains(f)) && measured_now(g))
         .map(|group| {
             let at = |f: &str| mean_ns(&dir.join(&group).join(f).join("new").join("estimates.json"));
             let elements = elements(&dir.join(&group).join("whale").join("new").join("benchmark.json"));

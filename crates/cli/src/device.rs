@@ -36,7 +36,18 @@ pub fn load(dir: &Path, device: &Device, what: &str) -> Result<Box<dyn CausalLm>
 /// The tokenizer of the checkpoint at `dir` (`what` it is, for errors): its `tokenizer.json`
 /// (an HF model's), else the character tokenizer of our own runs.
 pub fn tokenizer(dir: &Path, what: &str) -> Result<Arc<dyn Tokenizer>> {
+    require_checkpoint(dir, what)?;
     Ok(tokenizer_for(dir).with_context(|| format!("the tokenizer of {what} ({})", dir.display()))?.into())
+}
+
+/// Refuses a folder without config.json (`what` it should be), before any work: it would read
+/// as the character tokenizer, and a mistyped path would fail only when its model is loaded,
+/// perhaps after a stage's sampling.
+pub fn require_checkpoint(dir: &Path, what: &str) -> Result<()> {
+    if !dir.join("config.json").is_file() {
+        bail!("{what} ({}): no config.json there, so not a model checkpoint", dir.display());
+    }
+    Ok(())
 }
 
 /// Refuses a tokenizer with ids `model` (from `dir`, `what` it is) has no embedding for.

@@ -105,7 +105,8 @@ pub struct DistillArgs {
     /// Qwen2-style model pretrained here on the task corpus.
     #[arg(long)]
     pub student: Option<PathBuf>,
-    /// Run folder (default: `<run>/distill`).
+    /// Run folder (default: `distill` beside the folder of --from's run, e.g. `runs/NAME/r1/distill`
+    /// for `runs/NAME/r1/4-all-scenarios-rl/checkpoint`).
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[arg(long)]
@@ -162,6 +163,9 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     s.rl.validate().context("the distill settings' [rl]")?;
     s.student_pretrain.validate().context("the distill settings' [student_pretrain]")?;
     s.sft.validate().context("the distill settings' [sft]")?;
+    // Both models' folders, checked before the teacher samples for minutes.
+    crate::device::require_checkpoint(&args.from, "the teacher (--from)")?;
+    let student_tok = args.student.as_deref().map(|dir| crate::device::tokenizer(dir, "the student")).transpose()?;
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     crate::pretrain::write_json_atomically(&out.join("settings.json"), &serde_json::to_value(&s)?)?;
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
@@ -170,10 +174,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     // The teacher's verified traces.
     let (teacher, teacher_tok) = crate::device::load_with_tokenizer(&args.from, &device, "the teacher")?;
     // The student reads the traces as text, through its own tokenizer (a fresh one the teacher's).
-    let tok = match &args.student {
-        Some(dir) => crate::device::tokenizer(dir, "the student")?,
-        None => teacher_tok.clone(),
-    };
+    let tok = student_tok.unwrap_or_else(|| teacher_tok.clone());
     let prompts = tasks.problems(s.trace_problems, s.seed ^ 0xD157, Split::Train);
     let (traces, stats) =
         rejection_sample(&*teacher, &*teacher_tok, &prompts, s.trace_samples, 1.0, 96, &mut Rng::new(s.seed ^ 0x7EAC))?;

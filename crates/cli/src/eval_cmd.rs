@@ -32,7 +32,8 @@ pub struct EvalArgs {
     /// Samples per problem.
     #[arg(long, default_value_t = 8)]
     pub k: usize,
-    /// Held-out problems drawn from --tasks (a --data file's are all evaluated).
+    /// Held-out problems drawn from --tasks (with --data, the file's held-out lines, or every
+    /// line with --all-lines, are evaluated instead).
     #[arg(long, default_value_t = 128)]
     pub problems: usize,
     /// Sampling temperature (> 0: pass@1 and pass@k are over samples, never greedy decoding).

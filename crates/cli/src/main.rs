@@ -27,6 +27,10 @@ enum Job {
     /// The main job: pretrain -> R1-Zero -> R1 (four stages) -> distill, then a results table.
     /// `--out` is the run folder (default: the first free `runs/main[-N]`); the pretraining
     /// flags' tasks, letters, seed, eval-problems and k hold for every stage.
+    #[command(
+        mut_arg("out", |a| a.help("The main job's folder, holding pretrain/, r1-zero/, r1/, distill/ and results.md (default: the first free runs/main[-N])")),
+        mut_arg("resume", |a| a.hide(true))
+    )]
     All(pretrain::PretrainArgs),
     /// Pretrain a DeepSeek-V3 model (MLA, DeepSeekMoE, MTP) on the embedded reasoning corpus.
     Pretrain(pretrain::PretrainArgs),

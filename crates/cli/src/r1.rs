@@ -560,8 +560,13 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
             // (`stage` is recorded since it was checked: a run.json without it has none to compare.)
             let flags =
                 ["from", "base", "data", "stage"].into_iter().filter(|f| *f != "stage" || !recorded[f].is_null());
+            // Paths compare resolved: `./runs/a` and `runs/a/` are the run's `runs/a`.
+            let same = |a: &serde_json::Value, b: &serde_json::Value| match (a.as_str(), b.as_str()) {
+                (Some(a), Some(b)) => crate::settings::same_path(Path::new(a), Path::new(b)),
+                _ => a == b,
+            };
             for flag in flags {
-                if recorded[flag] != inputs[flag] {
+                if !same(&recorded[flag], &inputs[flag]) {
                     bail!(
                         "--resume: --{flag} {} differs from the run's ({}, in {})",
                         inputs[flag],
@@ -578,12 +583,16 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
         // folder an interrupted attempt left counts too (its logs would be appended to).
         bail!("{} already holds this stage; pass --resume to continue the run or choose another --out", done.display());
     }
+    // The inputs a stage needs, checked before anything is written.
+    if args.stage == Stage::RejectionSft && args.base.is_none() {
+        bail!("--stage rejection-sft needs --base (the model to fine-tune)");
+    }
+    let pool = args.data.as_deref().map(crate::settings::training_pool).transpose()?;
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     write_json_atomically(&out.join("settings.json"), &serde_json::to_value(&s)?)?;
     if !args.resume {
         write_json_atomically(&run_file, &inputs)?;
     }
-    let pool = args.data.as_deref().map(crate::settings::training_pool).transpose()?;
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
     let p = Pipeline {
         s: s.clone(),

@@ -160,6 +160,10 @@ impl R1ZeroArgs {
     /// sampling streams and its logs belong to those settings. --base and --data are checked by
     /// [`run`], which names the folders.
     fn resumed_settings(&self, path: &Path) -> Result<R1ZeroSettings> {
+        if !path.exists() {
+            let out = path.parent().unwrap_or(path);
+            bail!("--resume: {} has no settings.json; no run to continue there", out.display());
+        }
         let saved: R1ZeroSettings = crate::settings::load(path).context("resuming: the run's settings")?;
         let mut asked = saved.clone();
         self.overlay(&mut asked)?;
@@ -262,8 +266,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
         // The run's own settings, with an explicit --steps; its base and prompt pool are the
         // run's too.
         s = args.resumed_settings(&settings_path)?;
-        let same =
-            |a: &Path, b: &Path| a.canonicalize().ok().zip(b.canonicalize().ok()).map_or(a == b, |(a, b)| a == b);
+        let same = crate::settings::same_path;
         if !same(&args.base, &s.base) {
             bail!(
                 "--resume: {} was started from --base {}, not {}",
@@ -282,6 +285,15 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
             _ => {}
         }
     } else {
+        // --base is required, so a config file's `base` could only be overridden: refuse one
+        // that names another model rather than drop it silently.
+        if !s.base.as_os_str().is_empty() && !crate::settings::same_path(&s.base, &args.base) {
+            bail!(
+                "the config's `base` ({}) differs from --base {}: --base sets it",
+                s.base.display(),
+                args.base.display()
+            );
+        }
         s.base = args.base.clone();
         // --data over the config file's `data`, as every flag overrides the file.
         if args.data.is_some() {

@@ -145,6 +145,15 @@ pub fn changed_flags(was: &Value, now: &Value, may_change: &[&str]) -> Vec<Strin
     out
 }
 
+/// Whether two paths name the same file or folder (compared resolved where both exist:
+/// `./runs/a`, `runs/a/` and an absolute path are one).
+pub fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 /// The prompts of a `--data` JSONL file to train on, saying on stderr how many of them are left
 /// out for belonging to the held-out split the run evaluates on.
 pub fn training_pool(path: &Path) -> Result<Vec<Problem>> {

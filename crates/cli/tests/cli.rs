@@ -217,6 +217,8 @@ fn shares_out_of_range_are_named_before_anything_is_written() {
     // PPO refuses a GRPO setting it has no use for; r1 and distill refuse shares the same way.
     refused("r1-zero", "--base", "algo = \"ppo\"\n[grpo]\nnum_iterations = 2\n", "`num_iterations` = 2");
     refused("r1-zero", "--base", "algo = \"ppo\"\n[grpo]\nbeta = 0.04\n", "`beta` is GRPO's");
+    // --base sets the base: a config naming another is refused, not silently dropped.
+    refused("r1-zero", "--base", "base = \"elsewhere\"\n", "differs from --base");
     for command in ["r1", "distill"] {
         refused(command, "--from", "letters = 2.0\n", "`letters` = 2");
     }
@@ -667,7 +669,11 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
     // Stage 2 alone would start from --from (the base), not from this run's stage 1.
     let out = again(&["--resume", "--stage", "reasoning-rl"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--stage"), "{out:?}");
-    let out = again(&["--resume"]);
+    // --from spelled another way (a trailing slash) names the run's own input.
+    let out = whale()
+        .args(["r1", "--from", &format!("{}/", ckpt.display()), "--out", run.to_str().unwrap(), "--resume"])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout.matches("finished earlier").count(), 2, "{stdout}");
@@ -685,11 +691,14 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(alone.join("2-reasoning-rl/checkpoint").exists() && !alone.join("1-cold-start").exists());
+    let alone_settings = std::fs::read_to_string(alone.join("settings.json")).unwrap();
     let out = whale()
         .args(["r1", "--stage", "rejection-sft", "--from", from.to_str().unwrap(), "--out", alone.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--base"));
+    let written = std::fs::read_to_string(alone.join("settings.json")).unwrap();
+    assert!(written == alone_settings && !alone.join("3-rejection-sft").exists(), "refused before writing");
     // Nor does a stage 3 fine-tune on non-reasoning data alone when rejection sampling keeps no
     // trace (the first run allowed it with min_traces = 0).
     let rcfg = dir.join("rejection.toml");
@@ -712,6 +721,19 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("no verified"), "{stderr}");
+    // A mistyped student folder is refused before the teacher samples, and nothing is written.
+    let d2 = dir.join("d2");
+    let out = whale()
+        .args(["distill", "--from", ckpt.to_str().unwrap(), "--out", d2.to_str().unwrap()])
+        .args(["--student", dir.join("no-such-student").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("no-such-student") && stderr.contains("no config.json"),
+        "{stderr}"
+    );
+    assert!(!d2.exists());
 }
 
 /// What scripts/gpu-check.sh runs on the GPU, the `whale` binary as it is, on the emulated driver
