@@ -256,6 +256,16 @@ if __name__ == "__main__":
     torch.use_deterministic_algorithms(True)
     # Dense + MoE layers, n_group > 1, YaRN, q_lora, one MTP module.
     make("yarn_qlora_mtp", base_config(), batch=2, seq=11, seed=0, write_config=write_hf_config)
+    # Two chained MTP modules (depth 2: each reads the previous module's hidden states, the
+    # embedding k ahead, targets k ahead; the weight divided by D).
+    make(
+        "mtp2",
+        base_config(num_hidden_layers=2, num_nextn_predict_layers=2),
+        batch=2,
+        seq=10,
+        seed=2,
+        write_config=write_hf_config,
+    )
     # No query compression, YaRN with mscale != mscale_all_dim (cos/sin scaled), no MTP.
     make(
         "no_qlora",

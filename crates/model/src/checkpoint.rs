@@ -151,7 +151,8 @@ pub fn quantize_fp8_release(tensors: &BTreeMap<String, Tensor>) -> Result<BTreeM
     for (name, t) in tensors {
         let quantize = t.dtype().is_float() && t.dtype().fp8_format().is_none();
         if quantize && is_fp8_release_weight(name, t.dims()) {
-            let (codes, scales) = t.quantize_fp8(FP8_BLOCK, Fp8Format::E4M3, ScaleFormat::F32)?;
+            // A saved copy: the model's own weights may be variables.
+            let (codes, scales) = t.detach().quantize_fp8(FP8_BLOCK, Fp8Format::E4M3, ScaleFormat::F32)?;
             out.insert(format!("{name}_scale_inv"), scales);
             out.insert(name.clone(), codes);
         } else {

@@ -168,16 +168,29 @@ impl DenseConfig {
         let flag = |key: &str| -> Result<bool> {
             Ok(optional(&v[key], key, "true or false", Value::is_boolean)?.and_then(|x| x.as_bool()).unwrap_or(false))
         };
+        // transformers 4 writes `rope_theta` and `rope_scaling`, 5 `rope_parameters` (with
+        // rope_theta inside). Both spellings may be there; values that disagree are refused
+        // rather than one silently preferred.
         let nested_theta =
-            optional(&v["rope_parameters"]["rope_theta"], "rope_parameters.rope_theta", "a number", Value::is_number)?;
-        let rope_theta = number("rope_theta", nested_theta.and_then(|x| x.as_f64()).unwrap_or(10_000.0))?;
-        // transformers 4 writes `rope_scaling`, 5 `rope_parameters` (with rope_theta inside).
-        let mut rope_scaling = None;
-        for key in ["rope_scaling", "rope_parameters"] {
-            if let Some(s) = DenseRopeScaling::parse(&v[key], key, &bad)? {
-                rope_scaling = Some(s);
+            optional(&v["rope_parameters"]["rope_theta"], "rope_parameters.rope_theta", "a number", Value::is_number)?
+                .and_then(|x| x.as_f64());
+        let top_theta =
+            optional(&v["rope_theta"], "rope_theta", "a number", Value::is_number)?.and_then(|x| x.as_f64());
+        if let (Some(a), Some(b)) = (top_theta, nested_theta) {
+            if a != b {
+                return Err(bad("rope_theta", &format!("{a} disagrees with rope_parameters.rope_theta {b}")));
             }
         }
+        let rope_theta = top_theta.or(nested_theta).unwrap_or(10_000.0);
+        let old_scaling = DenseRopeScaling::parse(&v["rope_scaling"], "rope_scaling", &bad)?;
+        let new_scaling = DenseRopeScaling::parse(&v["rope_parameters"], "rope_parameters", &bad)?;
+        if !v["rope_scaling"].is_null() && !v["rope_parameters"].is_null() && old_scaling != new_scaling {
+            return Err(bad(
+                "rope_scaling",
+                &format!("{old_scaling:?} disagrees with rope_parameters' {new_scaling:?} (one spelling, or the same values)"),
+            ));
+        }
+        let rope_scaling = old_scaling.or(new_scaling);
         if flag("use_sliding_window")? {
             return Err(bad("use_sliding_window", "sliding-window attention is not supported"));
         }
@@ -190,6 +203,8 @@ impl DenseConfig {
             }
         }
         let token_ids = |key: &str| config_token_ids(&v, key).map_err(|e| bad(key, &e));
+        // transformers' defaults when the key is absent: LlamaConfig 2048, Qwen2Config 32768.
+        let default_positions = if model_type == "qwen2" { 32_768 } else { 2_048 };
         let cfg = DenseConfig {
             attention_bias: model_type == "qwen2" || flag("attention_bias")?,
             model_type,
@@ -203,7 +218,7 @@ impl DenseConfig {
             rms_norm_eps: number("rms_norm_eps", 1e-6)?,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: count("max_position_embeddings", 4096)?,
+            max_position_embeddings: count("max_position_embeddings", default_positions)?,
             tie_word_embeddings: flag("tie_word_embeddings")?,
             initializer_range: number("initializer_range", 0.02)?,
             bos_token_id: token_ids("bos_token_id")?.first().copied(),
@@ -514,6 +529,7 @@ impl DenseModel {
 
     /// Logits for `ids` continuing the cached positions.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        crate::generate::decoding_only("DenseModel::forward_cached")?;
         Ok(self.lm_head.forward(&self.run(ids, Some(cache))?)?.to_dtype(DType::F32)?)
     }
 

@@ -17,6 +17,17 @@ use crate::deepseek_v3::DeepSeekV3;
 pub use crate::mla::{CacheMode, LayerCache};
 use crate::{Error, Result};
 
+/// Refuses a cached forward while gradients are recorded: the cache holds past keys and values
+/// as data, so a gradient would silently stop there. Decoding runs under `no_grad`.
+pub(crate) fn decoding_only(op: &str) -> Result<()> {
+    if whale_tensor::is_grad_enabled() {
+        return Err(Error::Model(format!(
+            "{op}: a decode cache is not differentiated through; run it under no_grad (train with the full forward)"
+        )));
+    }
+    Ok(())
+}
+
 /// Every layer's cached tokens, in one [`CacheMode`].
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
@@ -223,6 +234,7 @@ impl DeepSeekV3 {
     /// [`DeepSeekV3::forward_cached`] that also returns the last decoder layer's hidden states
     /// (before the final norm: what the first MTP module reads), `[batch, s, hidden]`.
     pub fn forward_cached_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<(Tensor, Tensor)> {
+        decoding_only("DeepSeekV3::forward_cached")?;
         cache.fit(self.layers.len())?;
         let start = cache.len();
         let positions: Vec<usize> = (start..start + ids.dims()[1]).collect();

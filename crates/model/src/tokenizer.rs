@@ -254,6 +254,52 @@ fn json_of(dir: &Path, file: &str) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| Error::file(&path, e))
 }
 
+/// Refuses a `tokenizer_config.json` whose settings transformers would act on but
+/// `tokenizer.json` does not hold, so that the text is never silently encoded otherwise: special
+/// tokens split as text (`split_special_tokens`), or a special or added token that is not in
+/// `tokenizer.json` (with its id, for `added_tokens_decoder`), which transformers would add.
+fn check_tokenizer_config(dir: &Path, tok: &HfTokenizer) -> Result<()> {
+    const FILE: &str = "tokenizer_config.json";
+    let config = json_of(dir, FILE)?;
+    let refuse = |msg: String| Err(Error::file(dir.join(FILE), msg));
+    if config["split_special_tokens"].as_bool() == Some(true) {
+        return refuse("split_special_tokens: true (special tokens encoded as plain text) is not supported".into());
+    }
+    // A token is a string or an AddedToken object with its `content`.
+    let content = |v: &serde_json::Value| v.as_str().or_else(|| v["content"].as_str()).map(str::to_string);
+    let mut wanted: Vec<(String, String, Option<u32>)> = Vec::new();
+    for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+        if let Some(c) = content(&config[key]) {
+            wanted.push((key.into(), c, None));
+        }
+    }
+    for v in config["additional_special_tokens"].as_array().into_iter().flatten() {
+        if let Some(c) = content(v) {
+            wanted.push(("additional_special_tokens".into(), c, None));
+        }
+    }
+    for (id, v) in config["added_tokens_decoder"].as_object().into_iter().flatten() {
+        let id = id.parse::<u32>().ok();
+        if let (Some(c), Some(id)) = (content(v), id) {
+            wanted.push(("added_tokens_decoder".into(), c, Some(id)));
+        }
+    }
+    for (key, token, id) in wanted {
+        match (tok.inner.token_to_id(&token), id) {
+            (None, _) => {
+                return refuse(format!(
+                    "{key} `{token}` is not in {TOKENIZER_FILE} (transformers would add it as a new token)"
+                ))
+            }
+            (Some(found), Some(id)) if found != id => {
+                return refuse(format!("{key}: `{token}` has id {id} here but {found} in {TOKENIZER_FILE}"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// The token ids an HF config gives under `key` (`bos_token_id`, `eos_token_id`): one id, a list
 /// (Llama 3 lists several EOS ids), or none when the key is absent or null. Anything else is an
 /// error message for the caller to attach to its key and file: an id that does not fit a u32
@@ -327,6 +373,7 @@ pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
             ));
         }
     }
+    check_tokenizer_config(dir, &tok)?;
     // The stops after the EOS: config.json's list, then generation_config.json's.
     tok.stops.extend(eos.iter().rev().flatten().filter(|&&x| (x as usize) < vocab));
     let mut seen = std::collections::HashSet::new();

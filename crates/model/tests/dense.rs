@@ -123,8 +123,11 @@ fn a_student_saves_loads_and_duplicates_exactly() {
     let mut got = Vec::new();
     for t in 0..7 {
         let tok = Tensor::from_vec(vec![(t * 5 % 64) as i64], &[1, 1], &Device::Cpu).unwrap();
-        got.extend(model.forward_cached(&tok, &mut cache).unwrap().to_vec_f32().unwrap());
+        got.extend(whale_tensor::no_grad(|| model.forward_cached(&tok, &mut cache)).unwrap().to_vec_f32().unwrap());
     }
+    // Decoding only: with gradients recorded, the cache's past keys and values would stop them.
+    let err = model.forward_cached(&ids, &mut whale_model::generate::KvCache::new(0)).unwrap_err().to_string();
+    assert!(err.contains("no_grad"), "{err}");
     for (i, (x, y)) in got.iter().zip(&a[..7 * 64]).enumerate() {
         assert!((x - y).abs() < 1e-5 + 1e-4 * y.abs(), "position {}: {x} vs {y}", i / 64);
     }
@@ -166,4 +169,20 @@ fn bad_dense_configs_name_the_key() {
     }
     let nulls = format!("{{{base}, \"rope_theta\": null, \"rms_norm_eps\": null}}");
     assert_eq!(DenseConfig::from_json(&nulls, p).unwrap().rope_theta, 10_000.0);
+    // Both spellings of RoPE (transformers 4's and 5's): the same values are one setting, other
+    // values are refused rather than one silently preferred.
+    let both = r#""rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 2},
+        "rope_parameters": {"rope_type": "linear", "factor": 2, "rope_theta": 1e6}"#;
+    let agreed = DenseConfig::from_json(&format!("{{{base}, {both}}}"), p).unwrap();
+    assert_eq!((agreed.rope_theta, agreed.rope_scaling), (1e6, Some(DenseRopeScaling::Linear { factor: 2.0 })));
+    let e = err(r#""rope_theta": 10000, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}"#);
+    assert!(e.contains("rope_theta") && e.contains("disagrees"), "{e}");
+    let e = err(
+        r#""rope_scaling": {"type": "linear", "factor": 2}, "rope_parameters": {"rope_type": "linear", "factor": 4}"#,
+    );
+    assert!(e.contains("rope_scaling") && e.contains("disagrees"), "{e}");
+    // Without max_position_embeddings: transformers' defaults, Llama's 2048 and Qwen2's 32768.
+    assert_eq!(DenseConfig::from_json(&format!("{{{base}}}"), p).unwrap().max_position_embeddings, 2048);
+    let qwen2 = base.replace("\"llama\"", "\"qwen2\"");
+    assert_eq!(DenseConfig::from_json(&format!("{{{qwen2}}}"), p).unwrap().max_position_embeddings, 32_768);
 }

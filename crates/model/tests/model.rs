@@ -360,6 +360,22 @@ fn balance_losses_match_their_formulas() {
 }
 
 #[test]
+fn the_balance_losses_pass_their_gradient_to_the_affinities() {
+    // P_i is the mean of the affinities normalised over all experts, with their gradient (f_i,
+    // from the counts, has none). Experts 0 and 1 (one group) are pinned above the rest by their
+    // bias, which only chooses, so no finite difference moves the choice; large alphas make the
+    // gradient large against the checker's absolute tolerance.
+    let mut cfg = DeepSeekV3Config::tiny();
+    (cfg.seq_aux_alpha, cfg.aux_loss_alpha) = (30.0, 10.0);
+    let model = DeepSeekV3::new(cfg.clone(), 6).unwrap();
+    let moe = model.moe_layers()[0];
+    moe.gate.e_score_correction_bias.as_ref().unwrap().with_f32_mut(|b| b[..2].fill(10.0)).unwrap();
+    let x = whale_tensor::testing::randn(&[2, 3, cfg.hidden_size], 9);
+    let aux = |v: &[Tensor]| Ok(moe.forward(&v[0]).expect("the MoE forward").aux_loss.expect("alphas > 0"));
+    whale_tensor::testing::GradCheck::default().run(&[x], aux).unwrap();
+}
+
+#[test]
 fn an_fp8_expert_without_tokens_gets_zero_gradients_as_in_higher_precision() {
     // A bias no score can overcome keeps expert 0 of every MoE layer out. Its weights get zero
     // gradients (so AdamW still decays them) with the experts in FP8 as without.

@@ -49,6 +49,11 @@ fn matches_hf_with_yarn_qlora_moe_groups_and_mtp() {
 }
 
 #[test]
+fn matches_hf_with_two_chained_mtp_modules() {
+    check("mtp2");
+}
+
+#[test]
 fn matches_hf_without_query_compression() {
     check("no_qlora");
 }

@@ -5,21 +5,38 @@ mod common;
 
 use whale_model::tokenizer::{tokenizer_for, HfTokenizer, Tokenizer};
 
-#[test]
-fn hf_tokenizer_json_encodes_and_decodes_like_transformers() {
-    let dir = common::fixture("tokenizer");
+/// The fixture `name`'s tokenizer, checked against the ids and decodings HF's `tokenizers`
+/// (Python, oniguruma regexes) gave for each text.
+fn encodes_and_decodes_as_hf(name: &str) -> HfTokenizer {
+    let dir = common::fixture(name);
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let tok = HfTokenizer::from_file(&dir.join("tokenizer.json"), None, None).unwrap();
-    assert_eq!(tok.vocab_size() as u64, expected["vocab_size"].as_u64().unwrap());
-    assert_eq!(tok.eos_id() as u64, expected["eos"].as_u64().unwrap(), "<|endoftext|> found by name");
+    assert_eq!(tok.vocab_size() as u64, expected["vocab_size"].as_u64().unwrap(), "{name}");
+    assert_eq!(tok.eos_id() as u64, expected["eos"].as_u64().unwrap(), "{name}: <|endoftext|> found by name");
     for case in expected["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         let ids = tok.encode(text).unwrap();
-        assert_eq!(ids, want, "{text:?}");
-        assert_eq!(tok.decode(&ids), case["decoded"].as_str().unwrap());
+        assert_eq!(ids, want, "{name}: {text:?}");
+        assert_eq!(tok.decode(&ids), case["decoded"].as_str().unwrap(), "{name}: {text:?}");
     }
+    tok
+}
+
+#[test]
+fn qwen2_and_llama3_style_pipelines_encode_as_hf() {
+    // A Split on each model's regex before a regex-free ByteLevel, NFC (Qwen2), digits in threes
+    // and ignore_merges (Llama-3), `<think>` an added non-special token (R1-Distill-Qwen).
+    let qwen2 = encodes_and_decodes_as_hf("tokenizer_qwen2");
+    assert_eq!(qwen2.encode("<think>").unwrap(), vec![qwen2.special_id("<think>").unwrap()]);
+    encodes_and_decodes_as_hf("tokenizer_llama3");
+}
+
+#[test]
+fn hf_tokenizer_json_encodes_and_decodes_like_hf() {
+    let dir = common::fixture("tokenizer");
+    let tok = encodes_and_decodes_as_hf("tokenizer");
     // The R1 tags are single special tokens.
     assert_eq!(tok.encode("<think>").unwrap(), vec![tok.special_id("<think>").unwrap()]);
     // Without a tokenizer.json a checkpoint directory gets the character tokenizer.
@@ -56,6 +73,33 @@ fn hf_tokenizer_json_encodes_and_decodes_like_transformers() {
     std::fs::write(bare.join("config.json"), r#"{"vocab_size": 32000}"#).unwrap();
     let err = tokenizer_for(&bare).err().expect("refused").to_string();
     assert!(err.contains("tokenizer.json") && err.contains("32000"), "{err}");
+}
+
+#[test]
+fn a_tokenizer_config_naming_what_tokenizer_json_lacks_is_refused() {
+    // transformers acts on these tokenizer_config.json settings; tokenizer.json alone would
+    // encode the text otherwise, so they are refused, naming the file and the key.
+    let fixture = common::fixture("tokenizer");
+    let dir = whale_tensor::testing::TempDir::new("tokenizer-config");
+    std::fs::copy(fixture.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let think = tokenizer_for(&dir).unwrap().special_id("<think>").unwrap();
+    let config = |text: &str| std::fs::write(dir.join("tokenizer_config.json"), text).unwrap();
+    // What tokenizer.json holds, as strings or AddedToken objects, with the same ids: accepted.
+    config(&format!(
+        r#"{{"eos_token": "<|endoftext|>", "bos_token": {{"content": "<|endoftext|>"}}, "pad_token": null,
+            "split_special_tokens": false, "added_tokens_decoder": {{"{think}": {{"content": "<think>"}}}}}}"#
+    ));
+    tokenizer_for(&dir).unwrap();
+    for (text, words) in [
+        (r#"{"split_special_tokens": true}"#.to_string(), "split_special_tokens"),
+        (r#"{"eos_token": "<|im_end|>"}"#.to_string(), "eos_token `<|im_end|>` is not in tokenizer.json"),
+        (r#"{"additional_special_tokens": [{"content": "<tool>"}]}"#.to_string(), "`<tool>`"),
+        (format!(r#"{{"added_tokens_decoder": {{"{}": {{"content": "<think>"}}}}}}"#, think + 1), "but"),
+    ] {
+        config(&text);
+        let err = tokenizer_for(&dir).err().expect("refused").to_string();
+        assert!(err.contains("tokenizer_config.json") && err.contains(words), "{text}: {err}");
+    }
 }
 
 #[test]

@@ -7,15 +7,21 @@ use whale_rl::grpo::{
 use whale_rl::parallel::model::config::DeepSeekV3Config;
 use whale_rl::parallel::model::generate::CacheMode;
 use whale_rl::parallel::model::tensor::testing::GradCheck;
-use whale_rl::parallel::model::tensor::{Device, Rng};
+use whale_rl::parallel::model::tensor::{Device, Rng, Tensor};
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{CausalLm, DeepSeekV3};
+use whale_rl::ppo::value_loss;
 use whale_rl::rewards::{RewardSet, Sample};
 use whale_rl::rollout::{sample_groups, score, PackedBatch, Rollout, RolloutConfig};
 use whale_rl::tasks::{Problem, Split, TaskSet};
 
 fn tiny_model(seed: u64) -> DeepSeekV3 {
     DeepSeekV3::new(DeepSeekV3Config::tiny(), seed).unwrap()
+}
+
+/// An RL error as the gradient checker's (tensor) error.
+fn tensor_error(e: whale_rl::Error) -> whale_rl::parallel::model::tensor::Error {
+    whale_rl::parallel::model::tensor::Error::InvalidArgument { op: "rl loss", msg: e.to_string() }
 }
 
 fn close(a: f64, b: f64, tol: f64) -> bool {
@@ -196,6 +202,30 @@ fn on_policy_loss_is_zero_but_its_gradient_is_the_closed_form() {
 }
 
 #[test]
+fn ppo_value_loss_takes_the_larger_of_the_clipped_and_unclipped_errors() {
+    // TRL's 0.5 * max((V - G)^2, (V_clip - G)^2), V_clip = V_old + clip(V - V_old, +-0.2).
+    let t = |v: &[f32]| Tensor::from_vec(v.to_vec(), &[1, v.len()], &Device::Cpu).unwrap();
+    let (old, returns, w) = (t(&[0.0, 0.3, -0.2]), t(&[2.0, 0.5, 0.4]), t(&[1.0, 0.5, 2.0]));
+    // Token 0 moved past the clip toward G: its clipped error (0.2 - 2)^2 = 3.24 is the larger,
+    // and the clip passes no gradient. Token 1 stays inside: (0.35 - 0.5)^2. Token 2 moved past
+    // the clip away from G: its own error (-0.7 - 0.4)^2 = 1.21 is the larger.
+    let values = t(&[1.0, 0.35, -0.7]).variable();
+    let loss = value_loss(&values, &old, &returns, &w, 0.2).unwrap();
+    let want = 0.5 * (3.24 + 0.5 * 0.0225 + 2.0 * 1.21);
+    assert!(close(loss.to_scalar().unwrap() as f64, want, 1e-6), "{} vs {want}", loss.to_scalar().unwrap());
+    loss.backward().unwrap();
+    let g = values.grad().unwrap().to_vec_f32().unwrap();
+    let want = [0.0, 0.5 * 0.5 * 2.0 * (0.35 - 0.5), 0.5 * 2.0 * 2.0 * (-0.7 - 0.4)];
+    for (a, b) in g.iter().zip(want) {
+        assert!(close(*a as f64, b, 1e-5), "{g:?} vs {want:?}");
+    }
+    // And against finite differences at these points (none within eps of a kink).
+    GradCheck::default()
+        .run(&[t(&[1.0, 0.35, -0.7])], |v| value_loss(&v[0], &old, &returns, &w, 0.2).map_err(tensor_error))
+        .unwrap();
+}
+
+#[test]
 fn off_policy_loss_gradient_matches_finite_differences_and_clips() {
     // rho away from the kinks at 0.8 and 1.2: inside, clipped above with A > 0 (no gradient),
     // clipped below with A < 0 (no gradient), and outside the clip on the harmless side.
@@ -226,12 +256,7 @@ fn off_policy_loss_gradient_matches_finite_differences_and_clips() {
                 advantages: a.clone(),
                 weights: wt.clone(),
             };
-            Ok(grpo_loss(&inp, 0.2, 0.2, 0.1)
-                .map_err(|e| whale_rl::parallel::model::tensor::Error::InvalidArgument {
-                    op: "grpo_loss",
-                    msg: e.to_string(),
-                })?
-                .0)
+            Ok(grpo_loss(&inp, 0.2, 0.2, 0.1).map_err(tensor_error)?.0)
         })
         .unwrap();
 }

@@ -23,7 +23,7 @@ pub use whale_kernels::cpu::fp8_gemm::{Accumulation, BLOCK};
 
 use crate::backprop::{backward_fn, NoBackward};
 use crate::cuda::fp8::Fp8Weight;
-use crate::ops::{check_float, check_float_any_device, grad_if};
+use crate::ops::{check_float, check_float_any_device, check_no_gradient_wanted, grad_if};
 use crate::{DType, Error, Result, Tensor};
 
 /// How a linear layer's GEMMs run in FP8.
@@ -68,6 +68,7 @@ impl Tensor {
         scale_format: ScaleFormat,
     ) -> Result<(Tensor, Tensor)> {
         check_float_any_device("quantize_fp8", self)?;
+        check_no_gradient_wanted("quantize_fp8", "the tensor quantized", self)?;
         let [rows, cols] = self.dims()[..] else {
             return Err(Error::invalid("quantize_fp8", format!("needs a 2-D tensor, got {:?}", self.dims())));
         };
@@ -105,6 +106,7 @@ impl Tensor {
 
     /// `code * scale` per block, as f32, on the codes' device.
     pub fn dequantize_fp8(codes: &Tensor, scales: &Tensor, block: (usize, usize)) -> Result<Tensor> {
+        check_no_gradient_wanted("dequantize_fp8", "the scale grid", scales)?;
         if codes.device().is_cuda() {
             check_fp8_grid(codes, scales, block)?;
             if scales.device() != codes.device() {
@@ -140,6 +142,7 @@ impl Tensor {
     /// 128x128-block scale grid, as DeepSeek-V3's checkpoints store them): FP8 inference. The
     /// weight is frozen; a gradient still flows to `x` (through the Dgrad GEMM).
     pub fn fp8_linear_quantized(&self, codes: &Tensor, scale_inv: &Tensor, recipe: &Fp8Recipe) -> Result<Tensor> {
+        check_no_gradient_wanted("fp8_linear", "the stored weight's scale_inv", scale_inv)?;
         if self.device().is_cuda() {
             let (n, k) = check_fp8_grid(codes, scale_inv, (BLOCK, BLOCK))?;
             check_linear_input(self, k, n)?;

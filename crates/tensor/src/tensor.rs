@@ -462,8 +462,10 @@ impl Tensor {
     /// Writes `src` into positions `start..start + src.dims()[dim]` along `dim` of this tensor, in
     /// place: how a decode cache appends tokens to its buffers without copying what they hold.
     /// This tensor must be contiguous; `src` has its shape except along `dim`, its dtype and its
-    /// device. Not differentiable (a cache is never trained through).
+    /// device. Not differentiable (a cache is never trained through): a `src` that requires a
+    /// gradient is refused unless gradients are off.
     pub fn write_window(&self, dim: usize, start: usize, src: &Tensor) -> Result<()> {
+        crate::ops::check_no_gradient_wanted("write_window", "the written tensor", src)?;
         let same_but_dim = src.rank() == self.rank()
             && dim < self.rank()
             && src.dims().iter().zip(self.dims()).enumerate().all(|(d, (a, b))| d == dim || a == b);

@@ -1,8 +1,9 @@
 //! Autograd semantics: accumulation, no_grad, detach, the B/W split, determinism.
 
+use whale_tensor::fp8::{Fp8Format, ScaleFormat};
 use whale_tensor::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use whale_tensor::testing::randn;
-use whale_tensor::{no_grad, DType, Device, ParamStore, Result, Rng, Tensor};
+use whale_tensor::{no_grad, rope_tables, DType, Device, ParamStore, Result, Rng, RopeLayout, Tensor};
 
 #[test]
 fn gradients_accumulate_until_cleared() {
@@ -30,6 +31,31 @@ fn no_grad_and_detach_record_nothing() {
 /// pipeline stage runs.
 fn stage(x: &Tensor, norm: &Tensor, w1: &Tensor, w2: &Tensor) -> Result<Tensor> {
     x.rms_norm(norm, 1e-6)?.matmul(&w1.t()?)?.silu()?.matmul(&w2.t()?)
+}
+
+#[test]
+fn ops_that_pass_no_gradient_refuse_inputs_that_want_one() {
+    // Each of these reads an input as plain data: a variable there would silently keep no
+    // gradient. Refused while gradients are recorded; detached (or under no_grad) it is fine.
+    let w = randn(&[4, 256], 1).variable();
+    let (codes, scales) = w.detach().quantize_fp8((1, 128), Fp8Format::E4M3, ScaleFormat::F32).unwrap();
+    let (cos, sin) = rope_tables(&[0, 1, 2], &[1.0, 0.5]).unwrap();
+    let x = randn(&[1, 3, 2, 4], 2);
+    let buffer = Tensor::zeros(&[2, 8], DType::F32, &Device::Cpu).unwrap();
+    let src = randn(&[2, 3], 3).variable();
+    let attempts: [(&str, &dyn Fn() -> Result<()>); 5] = [
+        ("quantize_fp8", &|| w.quantize_fp8((1, 128), Fp8Format::E4M3, ScaleFormat::F32).map(drop)),
+        ("dequantize_fp8", &|| Tensor::dequantize_fp8(&codes, &scales.variable(), (1, 128)).map(drop)),
+        ("rope", &|| x.rope(&cos.variable(), &sin, RopeLayout::HalfRotated).map(drop)),
+        ("rope", &|| x.rope(&cos, &sin.variable(), RopeLayout::Interleaved).map(drop)),
+        ("write_window", &|| buffer.write_window(1, 2, &src)),
+    ];
+    for (op, attempt) in attempts {
+        let err = attempt().unwrap_err().to_string();
+        assert!(err.contains(op) && err.contains("detach"), "{op}: {err}");
+        no_grad(attempt).unwrap();
+    }
+    buffer.write_window(1, 2, &src.detach()).unwrap();
 }
 
 #[test]

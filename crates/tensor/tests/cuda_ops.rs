@@ -193,6 +193,15 @@ fn fused_nn_ops() {
     on_every_device("swiglu", vec![x.clone(), randn(&[6, 40], 42)], |v| Tensor::swiglu(&v[0], &v[1]));
     // Row 2 ignored; the loss is a mean over the other rows.
     let targets = Tensor::from_vec(vec![3i64, 39, -100, 0, 17, 5], &[6], &Device::Cpu).unwrap();
+    // Every row ignored: the loss is 0 and so is every gradient (not 0 / 0), on each device.
+    let ignored = Tensor::from_vec(vec![-100i64; 6], &[6], &Device::Cpu).unwrap();
+    let none = |v: &[Tensor]| v[0].cross_entropy(&ignored, -100)?.reshape(&[1]);
+    on_every_device("cross_entropy of ignored rows", vec![x.clone()], none);
+    let xv = x.variable();
+    let loss = xv.cross_entropy(&ignored, -100).unwrap();
+    assert_eq!(loss.to_scalar().unwrap(), 0.0);
+    loss.backward().unwrap();
+    assert!(xv.grad().unwrap().to_vec_f32().unwrap().iter().all(|&g| g == 0.0));
     on_every_device("cross_entropy", vec![x], |v| v[0].cross_entropy(&targets, -100)?.reshape(&[1]));
     let (cos, sin) = rope_tables(&[0, 1, 2, 5, 9], &rope_inv_freq(8, 10_000.0)).unwrap();
     let q = randn(&[2, 5, 3, 8], 43);

@@ -99,9 +99,18 @@ fn quantize_fp8_rounds_within_half_a_step_of_each_blocks_scale_and_checks_its_sc
     let (codes, scales) = x.quantize_fp8((1, BLOCK), Fp8Format::E4M3, ScaleFormat::F32).unwrap();
     assert_eq!((codes.dtype(), scales.dims()), (DType::F8E4M3, &[3usize, 3][..]));
     let back = Tensor::dequantize_fp8(&codes, &scales, (1, BLOCK)).unwrap().to_vec_f32().unwrap();
-    let xv = x.to_vec_f32().unwrap();
+    let (xv, sv) = (x.to_vec_f32().unwrap(), scales.to_vec_f32().unwrap());
     for (i, (a, b)) in xv.iter().zip(&back).enumerate() {
-        let s = scales.to_vec_f32().unwrap()[(i / 300) * 3 + (i % 300) / BLOCK];
+        // Each element's own tile: its scale is the tile's amax / 448, and the element the
+        // nearest E4M3 value of a / scale (well within half the top binade's step, 16).
+        let (row, tile) = (i / 300, (i % 300) / BLOCK);
+        let amax = xv[row * 300 + tile * BLOCK..row * 300 + ((tile + 1) * BLOCK).min(300)]
+            .iter()
+            .fold(0.0f32, |m, v| m.max(v.abs()));
+        let s = sv[row * 3 + tile];
+        assert_eq!(s, amax / 448.0, "element {i}'s tile scale");
+        let nearest = Fp8Format::E4M3.decode(Fp8Format::E4M3.encode_saturating(a / s)) * s;
+        assert_eq!(*b, nearest, "element {i}: {a}");
         assert!((a - b).abs() <= 16.0 * s * 1.000001, "element {i}: {a} vs {b}");
     }
     let wrong = Tensor::zeros(&[2, 2], DType::F32, &Device::Cpu).unwrap();

@@ -131,6 +131,15 @@ fn rope_both_layouts() {
 }
 
 #[test]
+fn rope_angles_are_the_references_f32_products() {
+    // torch.outer(t, freqs) in f32 (DeepSeek-V3's precompute_freqs_cis, HF's rotary embedding)
+    // at position 1000001 and frequency 0.1f32 gives the angle 100000.1015625 and
+    // cos -0.99783558 (the exact angle, 100000.1014901..., would give -0.99784034).
+    let (cos, _) = rope_tables(&[1_000_001], &[0.1]).unwrap();
+    assert_eq!(cos.to_vec_f32().unwrap(), [-0.997_835_6_f32]);
+}
+
+#[test]
 fn attention_causal_gqa_and_uneven_head_dims() {
     let (b, hq, hk, s, dqk, dv) = (2, 4, 2, 5, 6, 3);
     let q = randn(&[b, hq, s, dqk], 90);

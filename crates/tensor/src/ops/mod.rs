@@ -86,6 +86,19 @@ pub(crate) fn check_float(op: &'static str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an input the op passes no gradient to (`what` it is) when that input would want one:
+/// a variable, or a result of variables, with gradients recorded. Detaching it (or running under
+/// `no_grad`) says the gradient is not wanted; otherwise it would silently stay `None`.
+pub(crate) fn check_no_gradient_wanted(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
+    if crate::backprop::is_grad_enabled() && t.requires_grad() {
+        return Err(Error::invalid(
+            op,
+            format!("{what} is not differentiated here but requires a gradient: detach it, or run under no_grad"),
+        ));
+    }
+    Ok(())
+}
+
 /// Two float tensors of one dtype on one device (any device): for ops with a CUDA path.
 pub(crate) fn check_same_dtype_any_device(op: &'static str, a: &Tensor, b: &Tensor) -> Result<DType> {
     check_float_any_device(op, a)?;

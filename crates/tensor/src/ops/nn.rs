@@ -3,7 +3,7 @@
 
 use whale_kernels::cpu::{attention, cross_entropy, rmsnorm, rope, softmax, swiglu};
 
-use super::{check_float_any_device, check_same_dtype_any_device, check_shape};
+use super::{check_float_any_device, check_no_gradient_wanted, check_same_dtype_any_device, check_shape};
 use crate::backprop::backward_fn;
 use crate::rng::Rng;
 use crate::{Error, Result, Tensor};
@@ -153,6 +153,8 @@ impl Tensor {
         }
         check_shape("rope (cos)", cos, &[s, d / 2])?;
         check_shape("rope (sin)", sin, &[s, d / 2])?;
+        check_no_gradient_wanted("rope", "the cos table", cos)?;
+        check_no_gradient_wanted("rope", "the sin table", sin)?;
         let (cos, sin) = (cos.to_vec_f32()?, sin.to_vec_f32()?);
         if self.device().is_cuda() {
             return crate::cuda::nn::rope(self, cos, sin, layout);
@@ -307,8 +309,11 @@ pub fn rope_tables(positions: &[usize], inv_freq: &[f32]) -> Result<(Tensor, Ten
     let mut sin = Vec::with_capacity(positions.len() * half);
     for &p in positions {
         for &f in inv_freq {
-            // The angle in f64 so large positions keep their precision before rounding.
-            let a = p as f64 * f as f64;
+            // The angle as the references compute it, an f32 product (DeepSeek-V3's
+            // `torch.outer(t, freqs)`, HF's f32 `inv_freq @ position_ids`): far out it differs
+            // from the exact angle (by ~1e-3 rad at 100k positions), and checkpoints were trained
+            // with theirs. Its cos and sin in f64, rounded once.
+            let a = (p as f32 * f) as f64;
             cos.push(a.cos() as f32);
             sin.push(a.sin() as f32);
         }
