@@ -218,7 +218,12 @@ fn a_prequantized_weight_gives_the_same_output_and_keeps_its_dtype() {
     let b = x.fp8_linear_quantized(&codes, &scale_inv, &recipe).unwrap();
     assert_eq!(a.dtype(), DType::BF16);
     assert_eq!(a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+    // The same Dgrad too: the stored weight's blocks are the master's quantised once.
     b.sum_all().unwrap().backward().unwrap();
+    let from_codes = x.grad().unwrap().to_vec_f32().unwrap();
+    x.zero_grad();
+    a.sum_all().unwrap().backward().unwrap();
+    assert_eq!(from_codes, x.grad().unwrap().to_vec_f32().unwrap());
     assert_eq!(x.grad().unwrap().dims(), &[5, 130]);
     let bad = Tensor::zeros(&[1, 1], DType::F32, &Device::Cpu).unwrap();
     assert!(x.fp8_linear_quantized(&codes, &bad, &recipe).is_err());
