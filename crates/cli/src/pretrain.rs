@@ -255,11 +255,7 @@ impl PretrainArgs {
             bail!("--resume continues with the run's own settings.json; drop --config");
         }
         let out = self.out.clone().unwrap_or_else(|| PretrainSettings::default().out);
-        let path = out.join("settings.json");
-        if !path.exists() {
-            bail!("--resume: {} has no settings.json; no run to continue there", out.display());
-        }
-        let saved: PretrainSettings = crate::settings::load(&path).context("resuming: the run's settings")?;
+        let saved: PretrainSettings = crate::settings::run_settings(&out)?;
         let mut asked = saved.clone();
         self.overlay(&mut asked);
         asked.out = out;
@@ -270,7 +266,7 @@ impl PretrainArgs {
             bail!(
                 "--resume continues {} with its own settings; only --steps, --freeze-bias-at, --mtp-weight-from and \
                  --device may change: {}",
-                path.display(),
+                asked.out.join("settings.json").display(),
                 changed.join(", ")
             );
         }

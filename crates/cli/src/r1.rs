@@ -504,11 +504,7 @@ impl R1Args {
             if self.config.is_some() {
                 bail!("--resume continues with the run's own settings.json; drop --config");
             }
-            let path = out.join("settings.json");
-            if !path.exists() {
-                bail!("--resume: {} has no settings.json; no run to continue there", out.display());
-            }
-            return crate::settings::load(&path).context("resuming: the run's settings");
+            return crate::settings::run_settings(out);
         }
         Ok(match &self.config {
             Some(p) => crate::settings::load(p)?,

@@ -159,12 +159,8 @@ impl R1ZeroArgs {
     /// ends the run). Any other flag must repeat the run's value: the policy's optimizer, its
     /// sampling streams and its logs belong to those settings. --base and --data are checked by
     /// [`run`], which names the folders.
-    fn resumed_settings(&self, path: &Path) -> Result<R1ZeroSettings> {
-        if !path.exists() {
-            let out = path.parent().unwrap_or(path);
-            bail!("--resume: {} has no settings.json; no run to continue there", out.display());
-        }
-        let saved: R1ZeroSettings = crate::settings::load(path).context("resuming: the run's settings")?;
+    fn resumed_settings(&self, out: &Path) -> Result<R1ZeroSettings> {
+        let saved: R1ZeroSettings = crate::settings::run_settings(out)?;
         let mut asked = saved.clone();
         self.overlay(&mut asked)?;
         let (was, now) = (serde_json::to_value(&saved)?, serde_json::to_value(&asked)?);
@@ -172,7 +168,7 @@ impl R1ZeroArgs {
         if !changed.is_empty() {
             bail!(
                 "--resume continues {} with its own settings; only --steps and --device may change: {}",
-                path.display(),
+                out.join("settings.json").display(),
                 changed.join(", ")
             );
         }
@@ -265,7 +261,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     if args.resume {
         // The run's own settings, with an explicit --steps; its base and prompt pool are the
         // run's too.
-        s = args.resumed_settings(&settings_path)?;
+        s = args.resumed_settings(&out)?;
         let same = crate::settings::same_path;
         if !same(&args.base, &s.base) {
             bail!(

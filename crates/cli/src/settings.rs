@@ -52,6 +52,16 @@ impl Shared {
     }
 }
 
+/// The settings.json of the run in `out`, for --resume; a folder without one is no run to
+/// continue.
+pub fn run_settings<T: Settings>(out: &Path) -> Result<T> {
+    let path = out.join("settings.json");
+    if !path.exists() {
+        bail!("--resume: {} has no settings.json; no run to continue there", out.display());
+    }
+    load(&path).context("resuming: the run's settings")
+}
+
 /// Reads `path` as JSON (`.json`) or TOML (anything else) onto `T`'s defaults. A nested table
 /// overrides only the keys it holds: `[all_rl] steps = 40` keeps the stage's other defaults, not
 /// those of the table's type. Unknown and derived keys are errors naming the key and the file.

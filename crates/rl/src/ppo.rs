@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use whale_parallel::model::checkpoint::{load_file, save_file, write_dir_atomically, write_json_synced, SaveDType};
 use whale_parallel::model::tensor::optim::{clip_grad_norm, AdamW, LrSchedule};
-use whale_parallel::model::tensor::{no_grad, DType, Device, ParamStore, Rng, Tensor};
+use whale_parallel::model::tensor::{no_grad, DType, Device, ParamStore, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::{load_pretrained, moved_to, CausalLm};
 
@@ -364,7 +364,7 @@ impl PpoTrainer {
             // `np.random.permutation` per PPO epoch); one minibatch takes them all, in any order.
             let order = match minibatches.len() {
                 1 => (0..n).collect(),
-                _ => permutation(n, &mut self.run.rng),
+                _ => self.run.rng.permutation(n),
             };
             for mb in &minibatches {
                 // Token means over the minibatch: one optimizer update each.
@@ -439,31 +439,9 @@ impl PpoTrainer {
     }
 }
 
-/// A uniformly random order of `0..n` (Fisher-Yates on `rng`).
-fn permutation(n: usize, rng: &mut Rng) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        order.swap(i, rng.below(i as u64 + 1) as usize);
-    }
-    order
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn each_epochs_order_is_a_fresh_permutation() {
-        let mut rng = Rng::new(5);
-        let (a, b) = (permutation(32, &mut rng), permutation(32, &mut rng));
-        for p in [&a, &b] {
-            let mut sorted = p.clone();
-            sorted.sort_unstable();
-            assert_eq!(sorted, (0..32).collect::<Vec<_>>());
-        }
-        assert!(a != b && a != (0..32).collect::<Vec<_>>(), "{a:?} {b:?}");
-        assert!(permutation(0, &mut rng).is_empty() && permutation(1, &mut rng) == [0]);
-    }
 
     #[test]
     fn whitening_uses_the_unbiased_variance_over_every_token() {

@@ -208,10 +208,7 @@ pub fn sft(
         let mut batch = Vec::with_capacity(cfg.batch);
         while batch.len() < cfg.batch {
             if order.is_empty() {
-                order = (0..data.len()).collect();
-                for i in (1..order.len()).rev() {
-                    order.swap(i, rng.below(i as u64 + 1) as usize);
-                }
+                order = rng.permutation(data.len());
             }
             batch.push(&data[order.pop().expect("refilled")]);
         }

@@ -67,6 +67,16 @@ impl Rng {
         }
     }
 
+    /// A uniformly random order of `0..n` (Fisher-Yates, drawing `below(i + 1)` for i from
+    /// n - 1 down to 1).
+    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            order.swap(i, self.below(i as u64 + 1) as usize);
+        }
+        order
+    }
+
     /// Standard normal sample (Box-Muller in f64).
     pub fn normal(&mut self) -> f32 {
         let u1 = 1.0 - self.uniform_f64(); // (0, 1]: ln never sees 0
@@ -83,6 +93,19 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_permutation_holds_each_index_once_and_draws_a_fresh_order_each_time() {
+        let mut rng = Rng::new(5);
+        let (a, b) = (rng.permutation(32), rng.permutation(32));
+        for p in [&a, &b] {
+            let mut sorted = p.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..32).collect::<Vec<_>>());
+        }
+        assert!(a != b && a != (0..32).collect::<Vec<_>>(), "{a:?} {b:?}");
+        assert!(rng.permutation(0).is_empty() && rng.permutation(1) == [0]);
+    }
 
     #[test]
     fn same_seed_same_stream_and_state_roundtrip() {

@@ -261,10 +261,11 @@ impl Gpu {
         need("sum", x.len(), outer * n * inner)?;
         need("sum", y.len(), outer * inner)?;
         let dims = mid_dims("sum", (outer, n, inner))?;
-        let kernel = if sums_wide(outer, n, inner) { "sum_mid_wide_f32" } else { "sum_mid_f32" };
+        let wide = sums_wide(outer, n, inner);
+        let kernel = if wide { "sum_mid_wide_f32" } else { "sum_mid_f32" };
         let mut l = self.stream.launch_builder(self.function(kernel));
         l.arg(x).arg(y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
-        let config = if sums_wide(outer, n, inner) {
+        let config = if wide {
             let blocks = (outer * inner).clamp(1, MAX_BLOCKS as usize) as u32;
             LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 8 * THREADS }
         } else {
