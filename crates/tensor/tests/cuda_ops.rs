@@ -382,6 +382,45 @@ fn selections_and_max_reductions() {
     }
 }
 
+/// `to_device` is differentiable both ways: a CPU leaf used on the GPU and a GPU leaf used on the
+/// CPU each get their gradient on their own device and in their own dtype, with the values of the
+/// same chain run on the CPU alone.
+#[test]
+fn gradients_flow_back_across_devices() {
+    // a is used on `there` (squared), comes back and meets b on the CPU: d/da = 2ab, d/db = a².
+    // Each leaf's gradient, read back to the host.
+    let grads = |a: &Tensor, b: &Tensor, there: &Device| -> Result<(Tensor, Tensor)> {
+        let (a, b) = (a.clone().variable(), b.to_device(there)?.detach().variable());
+        let prod = a.to_device(there)?.sqr()?.to_device(&Device::Cpu)?.mul(&b.to_device(&Device::Cpu)?)?;
+        prod.sum_all()?.backward()?;
+        Ok((a.grad().expect("a's gradient"), b.grad().expect("b's gradient")))
+    };
+    let (a, b) = (randn(&[3, 4], 110), randn(&[3, 4], 111));
+    let (da, db) = grads(&a, &b, &Device::Cpu).unwrap();
+    let (av, bv) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+    close("CPU d/da", &da.to_vec_f32().unwrap(), &av.iter().zip(&bv).map(|(x, y)| 2.0 * x * y).collect::<Vec<_>>());
+    close("CPU d/db", &db.to_vec_f32().unwrap(), &av.iter().map(|x| x * x).collect::<Vec<_>>());
+    if !cuda_available() {
+        eprintln!("gradients_flow_back_across_devices: CUDA half skipped, no CUDA driver or GPU on this machine");
+        return;
+    }
+    let gpu = Device::cuda(0).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let (a, b) = (a.to_dtype(dtype).unwrap(), b.to_dtype(dtype).unwrap());
+        let (want_a, want_b) = grads(&a, &b, &Device::Cpu).unwrap();
+        let (da, db) = grads(&a, &b, &gpu).unwrap();
+        assert_eq!(
+            (da.device(), db.device()),
+            (Device::Cpu, gpu.clone()),
+            "{dtype:?}: each gradient on its leaf's device"
+        );
+        assert_eq!((da.dtype(), db.dtype()), (dtype, dtype), "{dtype:?}: each gradient in its leaf's dtype");
+        let check = if dtype == DType::F32 { close } else { close_bf16 };
+        check(&format!("{dtype:?} d/da"), &da.to_vec_f32().unwrap(), &want_a.to_vec_f32().unwrap());
+        check(&format!("{dtype:?} d/db"), &db.to_vec_f32().unwrap(), &want_b.to_vec_f32().unwrap());
+    }
+}
+
 #[test]
 fn a_small_mlp_trains_the_same_on_both_devices() {
     // A whole forward and backward through composed ops: x -> silu(x W1ᵀ + b1) W2ᵀ, squared error.
