@@ -1,7 +1,8 @@
 //! Expert parallelism over LocalComm ranks equals the single-rank MoE layer: outputs, the
 //! gradients of the tokens, of the local experts (each on the rank that owns it) and of the
 //! replicated router and shared experts (summed over ranks, as data parallelism would), with
-//! node-limited routing keeping every token within its allowed nodes.
+//! node-limited routing keeping every token within its allowed nodes, and the sequence-wise
+//! balance loss (each rank's sequences are its own; their mean over ranks is the whole batch's).
 
 use std::sync::Arc;
 
@@ -13,12 +14,21 @@ use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_parallel::comm::{Comm, LocalComm};
 use whale_parallel::expert_parallel::{EpComms, ExpertParallel};
 
-/// The tiny preset's first MoE layer with the balance losses off (they do not touch the output).
-fn moe_of(model: &DeepSeekV3) -> DeepSeekMoE {
+/// The tiny preset's first MoE layer with the sequence-wise balance loss weighted `alpha` (0: off).
+fn moe_of(model: &DeepSeekV3, alpha: f32) -> DeepSeekMoE {
     let FeedForward::Moe(moe) = &model.layers[1].mlp else { panic!("layer 1 is an MoE layer") };
     let mut moe = moe.clone();
-    moe.seq_aux_alpha = 0.0;
+    moe.seq_aux_alpha = alpha;
     moe
+}
+
+/// `sum(out * r)` plus the balance loss times `weight`, and the balance loss's value (0 if off).
+fn loss_of(out: &whale_model::moe::MoeOutput, r: &Tensor, weight: f32) -> (Tensor, f32) {
+    let loss = out.output.mul(r).unwrap().sum_all().unwrap();
+    match &out.aux_loss {
+        Some(aux) => (loss.add(&aux.mul_scalar(weight).unwrap()).unwrap(), aux.to_vec_f32().unwrap()[0]),
+        None => (loss, 0.0),
+    }
 }
 
 /// Every trainable tensor of an MoE layer with its name (`gate`, `experts.3.up_proj`, ...).
@@ -48,19 +58,24 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-/// Runs the layer on `world` ranks (`ranks_per_node` each node) and checks it against one rank.
-fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_rank: usize) -> Vec<usize> {
+/// Runs the layer on `world` ranks (`ranks_per_node` each node), one sequence each, and checks it
+/// against one rank on all of them, the sequence-wise balance loss weighted `alpha`: each rank
+/// adds its loss divided by `world` (a data-parallel mean), so the replicated weights' gradients
+/// summed over ranks are the whole batch's.
+fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_rank: usize, alpha: f32) -> Vec<usize> {
     let model = DeepSeekV3::new(cfg.clone(), 3).unwrap();
     let d = cfg.hidden_size;
     let x = randn(&[world, tokens_per_rank, d], 7);
     let r = randn(&[world, tokens_per_rank, d], 8);
 
     // One rank, all tokens.
-    let reference = moe_of(&model.duplicate().unwrap());
+    let reference = moe_of(&model.duplicate().unwrap(), alpha);
     let xv = x.detach().variable();
-    let out = reference.forward(&xv).unwrap().output;
-    out.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
-    let ref_out = out.to_vec_f32().unwrap();
+    let out = reference.forward(&xv).unwrap();
+    assert_eq!(out.aux_loss.is_some(), alpha > 0.0, "a balance loss exactly when it is on");
+    let (loss, ref_aux) = loss_of(&out, &r, 1.0);
+    loss.backward().unwrap();
+    let ref_out = out.output.to_vec_f32().unwrap();
     let ref_grads: Vec<(String, Vec<f32>)> =
         named_weights(&reference).into_iter().map(|(n, t)| (n, t.grad().unwrap().to_vec_f32().unwrap())).collect();
     let ref_dx = xv.grad().unwrap().to_vec_f32().unwrap();
@@ -74,22 +89,24 @@ fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_
                 let (model, x, r) = (&model, &x, &r);
                 s.spawn(move || {
                     let comms = EpComms::new(Arc::new(comm)).unwrap();
-                    let mut moe = moe_of(&model.duplicate().unwrap());
+                    let mut moe = moe_of(&model.duplicate().unwrap(), alpha);
                     let ep = ExpertParallel::install(&comms, ranks_per_node, &mut moe).unwrap();
                     let xr = x.narrow(0, rank, 1).unwrap().contiguous().unwrap().variable();
-                    let out = moe.forward(&xr).unwrap().output;
-                    out.mul(&r.narrow(0, rank, 1).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+                    let out = moe.forward(&xr).unwrap();
+                    let (loss, aux) = loss_of(&out, &r.narrow(0, rank, 1).unwrap(), 1.0 / world as f32);
+                    loss.backward().unwrap();
                     let grads: Vec<(String, Option<Vec<f32>>)> = named_weights(&moe)
                         .into_iter()
                         .map(|(n, t)| (n, t.grad().map(|g| g.to_vec_f32().unwrap())))
                         .collect();
                     let local = ep.local_experts(moe.experts.len());
                     (
-                        out.to_vec_f32().unwrap(),
+                        out.output.to_vec_f32().unwrap(),
                         xr.grad().unwrap().to_vec_f32().unwrap(),
                         grads,
                         local,
                         ep.last_dispatch(),
+                        aux,
                     )
                 })
             })
@@ -99,7 +116,12 @@ fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_
 
     let n = tokens_per_rank * d;
     let mut max_nodes = Vec::new();
-    for (rank, (out, dx, _, _, stats)) in per_rank.iter().enumerate() {
+    let mean_aux = per_rank.iter().map(|p| p.5).sum::<f32>() / world as f32;
+    assert!(
+        (mean_aux - ref_aux).abs() <= 1e-6 * ref_aux.abs(),
+        "balance loss: mean over ranks {mean_aux} vs {ref_aux}"
+    );
+    for (rank, (out, dx, _, _, stats, _)) in per_rank.iter().enumerate() {
         assert_close(&format!("rank {rank} output"), out, &ref_out[rank * n..(rank + 1) * n]);
         assert_close(&format!("rank {rank} input gradient"), dx, &ref_dx[rank * n..(rank + 1) * n]);
         max_nodes.push(stats.max_nodes_per_token);
@@ -109,7 +131,7 @@ fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_
         match expert {
             // A routed expert's gradient is computed by its owner only.
             Some(e) => {
-                for (rank, (_, _, grads, local, _)) in per_rank.iter().enumerate() {
+                for (rank, (_, _, grads, local, _, _)) in per_rank.iter().enumerate() {
                     if local.contains(&e) {
                         assert_close(&format!("{name} on rank {rank}"), grads[i].1.as_ref().unwrap(), want);
                     } else {
@@ -120,7 +142,7 @@ fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_
             // Replicated weights: each rank's gradient covers its tokens; the sum is the whole.
             None => {
                 let mut sum = vec![0.0f32; want.len()];
-                for (_, _, grads, _, _) in &per_rank {
+                for (_, _, grads, _, _, _) in &per_rank {
                     sum.iter_mut().zip(grads[i].1.as_ref().unwrap()).for_each(|(s, g)| *s += g);
                 }
                 assert_close(&format!("{name} summed over ranks"), &sum, want);
@@ -135,25 +157,31 @@ fn expert_parallel_over_2_and_4_ranks_equals_one_rank() {
     // 8 experts, top-2, groups of 4 (n_group 2): 4 or 2 experts per rank.
     let cfg = DeepSeekV3Config::tiny();
     for world in [2, 4] {
-        check(world, world, cfg.clone(), 12);
+        check(world, world, cfg.clone(), 12, 0.0);
     }
+}
+
+#[test]
+fn the_sequence_wise_balance_loss_under_expert_parallelism_is_the_whole_batchs() {
+    // A heavy weight, so its gradient through the router is as large as the output's.
+    check(4, 4, DeepSeekV3Config::tiny(), 12, 0.5);
 }
 
 #[test]
 fn node_limited_routing_sends_each_token_to_at_most_m_nodes() {
     // 4 ranks on 2 nodes; the router's 2 groups are the nodes and topk_group = 1 = M.
     let cfg = DeepSeekV3Config { n_group: 2, topk_group: 1, ..DeepSeekV3Config::tiny() };
-    let max_nodes = check(4, 2, cfg.clone(), 16);
+    let max_nodes = check(4, 2, cfg.clone(), 16, 0.0);
     assert!(max_nodes.iter().all(|&m| m == 1), "M = 1: {max_nodes:?}");
     // With both groups allowed, tokens do spread over the two nodes.
-    let spread = check(4, 2, DeepSeekV3Config { topk_group: 2, ..cfg }, 16);
+    let spread = check(4, 2, DeepSeekV3Config { topk_group: 2, ..cfg }, 16, 0.0);
     assert!(spread.contains(&2), "topk_group 2: {spread:?}");
 }
 
 #[test]
 fn a_layout_that_cannot_shard_is_an_error() {
     let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 3).unwrap();
-    let moe = moe_of(&model);
+    let moe = moe_of(&model, 0.0);
     for (world, per_node, words) in [(3, 3, "do not split evenly"), (4, 1, "one router group per node")] {
         let comm: Arc<dyn Comm> = Arc::new(LocalComm::world(world, None).remove(0));
         let comms = EpComms { forward: comm.clone(), backward: comm };
