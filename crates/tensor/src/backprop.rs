@@ -87,8 +87,18 @@ pub enum VarKind {
 
 pub(crate) enum GradInfo {
     None,
-    Leaf { kind: VarKind, grad: Mutex<Option<Tensor>> },
-    Node { op: Box<dyn BackwardOp>, inputs: Vec<Tensor>, input_path: bool },
+    Leaf {
+        kind: VarKind,
+        grad: Mutex<Option<Tensor>>,
+    },
+    /// An op's output: the op, its inputs, and the versions of the inputs' buffers and then of
+    /// the output's own when the op ran (see [`crate::storage::SharedStorage`]).
+    Node {
+        op: Box<dyn BackwardOp>,
+        inputs: Vec<Tensor>,
+        versions: Vec<u64>,
+        input_path: bool,
+    },
 }
 
 thread_local! {
@@ -176,7 +186,7 @@ impl WeightGradWork {
         let _guard = NoGradGuard::new();
         let mut seeds = self.seeds;
         for (out, mask, grad) in self.items {
-            let (op, inputs) = node_parts(&out);
+            let (op, inputs) = node_parts(&out)?;
             let grads = op.backward(inputs, &out, &grad, &mask)?;
             for ((input, g), wanted) in inputs.iter().zip(grads).zip(&mask) {
                 if let (true, Some(g)) = (*wanted, g) {
@@ -191,11 +201,26 @@ impl WeightGradWork {
     }
 }
 
-fn node_parts(t: &Tensor) -> (&dyn BackwardOp, &[Tensor]) {
-    match &t.0.grad {
-        GradInfo::Node { op, inputs, .. } => (op.as_ref(), inputs.as_slice()),
-        _ => unreachable!("only op outputs are queued"),
+/// The op that made `t` and its inputs, once it is checked that none of the values its backward
+/// may read (its inputs and its output) has been written in place since it ran.
+fn node_parts(t: &Tensor) -> Result<(&dyn BackwardOp, &[Tensor])> {
+    let GradInfo::Node { op, inputs, versions, .. } = &t.0.grad else { unreachable!("only op outputs are queued") };
+    let saved = inputs.iter().map(|i| (i, "input")).chain(std::iter::once((t, "output")));
+    for (n, ((tensor, what), &then)) in saved.zip(versions).enumerate() {
+        let now = tensor.0.storage.version();
+        if now != then {
+            let which = if what == "input" { format!("input {n}") } else { what.to_string() };
+            return Err(Error::Backward(format!(
+                "op `{}`: its {which} ({:?} {:?}) was written in place after the op ran (version {now}, \
+                 {then} when recorded), so its gradient would come from other values; run backward before \
+                 the write (an optimizer step, assign, write_window) or write into a copy",
+                op.name(),
+                tensor.dtype(),
+                tensor.dims(),
+            )));
+        }
     }
+    Ok((op.as_ref(), inputs.as_slice()))
 }
 
 fn check_grad_shape(op: &str, input: &Tensor, g: &Tensor) -> Result<()> {
@@ -270,7 +295,8 @@ fn run_backward(seeds: Vec<(Tensor, Tensor)>, pass: Pass) -> Result<WeightGradWo
                 check_grad_shape("accumulated gradient", &t, &sum)?;
                 *slot = Some(sum);
             }
-            GradInfo::Node { op, inputs, .. } => {
+            GradInfo::Node { .. } => {
+                let (op, inputs) = node_parts(&t)?;
                 let needs: Vec<bool> = inputs.iter().map(|i| pass.visits(i)).collect();
                 if needs.iter().any(|&n| n) {
                     let input_grads = op.backward(inputs, &t, &g, &needs)?;

@@ -2,7 +2,8 @@
 //! shared (views) and sits behind a lock so an optimizer can update parameters in place.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LockResult, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use half::{bf16, f16};
 use whale_kernels::cpu::fp8::{Fp8Format, Overflow};
@@ -150,6 +151,38 @@ fn decode(codes: &[u8], layout: &Layout, format: Fp8Format) -> Vec<f32> {
 
 fn encode(values: &[f32], format: Fp8Format) -> Vec<u8> {
     values.iter().map(|&x| format.encode(x, Overflow::Ieee)).collect()
+}
+
+/// A buffer as the tensors that view it share it, with a version counter that every write
+/// through [`SharedStorage::write`] (the in-place ops: optimizer steps, `write_window`, `assign`)
+/// bumps. Autograd records the versions of an op's inputs and output when it records the op and
+/// refuses to run its backward once one has changed: PyTorch's version counter, so an in-place
+/// write between a forward and its backward is an error instead of gradients from the new values.
+#[derive(Debug)]
+pub struct SharedStorage {
+    lock: RwLock<Storage>,
+    version: AtomicU64,
+}
+
+impl SharedStorage {
+    pub fn new(storage: Storage) -> Arc<SharedStorage> {
+        Arc::new(SharedStorage { lock: RwLock::new(storage), version: AtomicU64::new(0) })
+    }
+
+    pub fn read(&self) -> LockResult<RwLockReadGuard<'_, Storage>> {
+        self.lock.read()
+    }
+
+    /// The buffer, to change in place: a new version.
+    pub fn write(&self) -> LockResult<RwLockWriteGuard<'_, Storage>> {
+        self.version.fetch_add(1, Ordering::Relaxed);
+        self.lock.write()
+    }
+
+    /// How many in-place writes this buffer has had.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Relaxed)
+    }
 }
 
 /// A tensor's buffer: on the host, or on a GPU.

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLockReadGuard};
 
 use half::{bf16, f16};
 use whale_kernels::cpu::attention::RowLayout;
@@ -14,7 +14,7 @@ use whale_kernels::cpu::fp8::Fp8Format;
 use crate::backprop::{self, BackwardOp, GradInfo, VarKind};
 use crate::layout::Layout;
 use crate::rng::Rng;
-use crate::storage::{CpuStorage, Storage};
+use crate::storage::{CpuStorage, SharedStorage, Storage};
 use crate::{DType, Device, Error, Result};
 
 /// A unique id per tensor handle, the key of gradient maps.
@@ -30,7 +30,7 @@ impl TensorId {
 
 pub(crate) struct Inner {
     pub(crate) id: TensorId,
-    pub(crate) storage: Arc<RwLock<Storage>>,
+    pub(crate) storage: Arc<SharedStorage>,
     pub(crate) layout: Layout,
     pub(crate) dtype: DType,
     pub(crate) device: Device,
@@ -108,7 +108,7 @@ impl Tensor {
         debug_assert_eq!(storage.len(), shape.iter().product::<usize>());
         Tensor(Arc::new(Inner {
             id: TensorId::next(),
-            storage: Arc::new(RwLock::new(Storage::Cpu(storage))),
+            storage: SharedStorage::new(Storage::Cpu(storage)),
             layout: Layout::contiguous(shape),
             dtype,
             device,
@@ -127,7 +127,7 @@ impl Tensor {
     ) -> Tensor {
         // Host values make a host tensor, whatever its inputs: a CPU op that missed its device
         // check then fails loudly (device mismatch) instead of mislabelling host data.
-        let storage = Arc::new(RwLock::new(Storage::Cpu(CpuStorage::from_f32(values, dtype))));
+        let storage = SharedStorage::new(Storage::Cpu(CpuStorage::from_f32(values, dtype)));
         Self::with_history_on(storage, Layout::contiguous(shape), dtype, Device::Cpu, inputs, op)
     }
 
@@ -150,7 +150,7 @@ impl Tensor {
 
     /// A tensor over `storage`/`layout` that records `op` when it needs to (see [`Tensor::from_op`]).
     pub(crate) fn with_history(
-        storage: Arc<RwLock<Storage>>,
+        storage: Arc<SharedStorage>,
         layout: Layout,
         dtype: DType,
         inputs: &[&Tensor],
@@ -163,7 +163,7 @@ impl Tensor {
     /// [`Tensor::with_history`] on an explicit device (an op whose result lives elsewhere than its
     /// inputs: `to_device`).
     pub(crate) fn with_history_on(
-        storage: Arc<RwLock<Storage>>,
+        storage: Arc<SharedStorage>,
         layout: Layout,
         dtype: DType,
         device: Device,
@@ -175,6 +175,7 @@ impl Tensor {
                 input_path: inputs.iter().any(|t| t.on_input_path()),
                 op: Box::new(op),
                 inputs: inputs.iter().map(|&t| t.clone()).collect(),
+                versions: inputs.iter().map(|t| t.0.storage.version()).chain([storage.version()]).collect(),
             }
         } else {
             GradInfo::None
@@ -632,7 +633,7 @@ impl Tensor {
 pub(crate) fn read_storages<'a, const N: usize>(
     ts: [&'a Tensor; N],
 ) -> (Vec<RwLockReadGuard<'a, Storage>>, [usize; N]) {
-    let mut unique: Vec<&Arc<RwLock<Storage>>> = Vec::new();
+    let mut unique: Vec<&Arc<SharedStorage>> = Vec::new();
     let slots = ts.map(|t| match unique.iter().position(|u| Arc::ptr_eq(u, &t.0.storage)) {
         Some(i) => i,
         None => {

@@ -214,3 +214,57 @@ fn non_finite_values_follow_torch() {
     x.powf(0.0).unwrap().sum_all().unwrap().backward().unwrap();
     assert_eq!(x.grad().unwrap().to_vec_f32().unwrap(), [0.0, 0.0]);
 }
+
+/// PyTorch's version counter: a value an op's backward may read (an input, the op's own output,
+/// or a view sharing their buffer) written in place between the forward and the backward makes
+/// the backward an error naming the op, instead of gradients computed from the new values. A
+/// write after the backward (the training loop's order) is fine.
+#[test]
+fn in_place_writes_into_values_a_backward_reads_are_refused() {
+    let refused = |r: Result<()>, op: &str, which: &str| {
+        let err = r.expect_err("a backward through overwritten values").to_string();
+        assert!(err.contains(&format!("op `{op}`")) && err.contains(which), "{err}");
+        assert!(err.contains("written in place"), "{err}");
+    };
+    let x = randn(&[2, 3], 2);
+    // An input: the product's gradient for x is w, which an optimizer-like write changed.
+    let w = randn(&[2, 3], 1).variable();
+    let loss = w.mul(&x).unwrap().sum_all().unwrap();
+    w.with_f32_mut(|v| v[0] += 1.0).unwrap();
+    refused(loss.backward(), "mul", "input 0");
+    assert!(w.grad().is_none(), "nothing accumulated");
+    // An op's output (exp's backward reads exp(w)): the first op to reach it in the backward is
+    // refused, here the sum over it. Every input counts, whether or not its op's backward reads
+    // it: stricter than PyTorch, which checks only the tensors an op saved.
+    let e = w.exp().unwrap();
+    let loss = e.sum_all().unwrap();
+    e.assign(&x).unwrap();
+    refused(loss.backward(), "sum", "input 0");
+    let e = w.exp().unwrap();
+    e.assign(&x).unwrap();
+    refused(e.backward_with_grad(&Tensor::ones(&[2, 3], DType::F32, &Device::Cpu).unwrap()), "exp", "output");
+    // Through a view: narrowing w shares its buffer, so writing w changes what the view's
+    // consumer saved.
+    let view = w.narrow(1, 0, 2).unwrap();
+    let loss = view.sqr().unwrap().sum_all().unwrap();
+    w.assign(&randn(&[2, 3], 3)).unwrap();
+    refused(loss.backward(), "sqr", "input 0");
+    // The deferred weight gradients of a split backward (a pipeline's W pass) are checked too:
+    // an optimizer step between the B and the W pass would otherwise mix two weights' values.
+    let a = x.input_variable();
+    let loss = a.matmul(&w.t().unwrap()).unwrap().sqr().unwrap().sum_all().unwrap();
+    let work = loss.backward_split(None).unwrap();
+    assert!(!work.is_empty());
+    w.with_f32_mut(|v| v[1] -= 1.0).unwrap();
+    let err = work.run().expect_err("a W pass through a stepped weight").to_string();
+    assert!(err.contains("written in place"), "{err}");
+    // Forward, backward, write, forward, backward: a training loop's order is fine, and the
+    // second gradient is the new weight's.
+    w.zero_grad();
+    w.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    w.with_f32_mut(|v| v.iter_mut().for_each(|v| *v *= 0.5)).unwrap();
+    w.zero_grad();
+    w.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let want: Vec<f32> = w.to_vec_f32().unwrap().iter().map(|v| 2.0 * v).collect();
+    assert_eq!(w.grad().unwrap().to_vec_f32().unwrap(), want);
+}

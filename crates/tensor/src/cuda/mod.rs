@@ -12,7 +12,7 @@
 //! cuBLAS's bf16 GEMM). Index tensors are host data. What the GPU does not hold (f16) is an
 //! error that names the op (`check_gpu_float`): nothing silently computes on the host.
 
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLockReadGuard};
 
 use half::bf16;
 
@@ -23,7 +23,7 @@ use whale_kernels::cuda::{BinaryOp, BlasFloat, GemmShape, Gpu, GpuError, MidRedu
 use crate::backprop::{backward_fn, BackwardOp};
 use crate::device::gpu;
 use crate::layout::Layout;
-use crate::storage::{CudaBuf, CudaStorage, Storage};
+use crate::storage::{CudaBuf, CudaStorage, SharedStorage, Storage};
 use crate::tensor::read_storages;
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -188,7 +188,7 @@ pub(crate) fn wrap(
     let storage = CudaStorage { gpu: g, buf };
     let dtype = storage.dtype();
     Tensor::with_history_on(
-        Arc::new(RwLock::new(Storage::Cuda(storage))),
+        SharedStorage::new(Storage::Cuda(storage)),
         Layout::contiguous(shape),
         dtype,
         device,
@@ -255,7 +255,7 @@ pub(crate) fn to_device(t: &Tensor, device: &Device) -> Result<Tensor> {
             // f32 and bf16 values both convert exactly.
             let storage = Storage::Cpu(crate::storage::CpuStorage::from_f32(t.to_vec_f32()?, t.dtype()));
             let layout = Layout::contiguous(t.dims());
-            Ok(Tensor::with_history_on(Arc::new(RwLock::new(storage)), layout, t.dtype(), Device::Cpu, &[t], back))
+            Ok(Tensor::with_history_on(SharedStorage::new(storage), layout, t.dtype(), Device::Cpu, &[t], back))
         }
         Device::Cuda(i) => {
             check_gpu_float("to_device", t)?;

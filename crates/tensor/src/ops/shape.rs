@@ -133,7 +133,7 @@ impl Tensor {
         }
         let storage = self.0.storage.read().expect("tensor storage lock poisoned");
         let storage = crate::storage::Storage::Cpu(storage.host(self.device())?.gather_same(self.layout()));
-        let storage = std::sync::Arc::new(std::sync::RwLock::new(storage));
+        let storage = crate::storage::SharedStorage::new(storage);
         let op =
             backward_fn("contiguous", |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| Ok(vec![Some(g.clone())]));
         Ok(Tensor::with_history(storage, Layout::contiguous(self.dims()), self.dtype(), &[self], op))
