@@ -411,7 +411,7 @@ fn gradients_flow_back_across_devices() {
         let (da, db) = grads(&a, &b, &gpu).unwrap();
         assert_eq!(
             (da.device(), db.device()),
-            (Device::Cpu, gpu.clone()),
+            (Device::Cpu, gpu),
             "{dtype:?}: each gradient on its leaf's device"
         );
         assert_eq!((da.dtype(), db.dtype()), (dtype, dtype), "{dtype:?}: each gradient in its leaf's dtype");
