@@ -52,7 +52,7 @@ __device__ float unary(int op, float x, float p0, float p1) {
     case 6: return powf(x, p0);
     case 7: return sigmoidf(x);
     case 8: return tanhf(x);
-    case 9: return fmaxf(x, 0.0f);
+    case 9: return isnan(x) ? x : fmaxf(x, 0.0f); // NaN stays NaN, as torch.relu
     case 10: return x * sigmoidf(x);
     case 11: return 0.5f * x * (1.0f + tanhf(GELU_C * (x + 0.044715f * x * x * x)));
     case 12: return isnan(x) ? x : fminf(fmaxf(x, p0), p1); // NaN stays NaN, as f32::clamp
@@ -72,7 +72,7 @@ __device__ float unary_derivative(int op, float x, float y, float p0, float p1) 
     case 6: return p0 == 0.0f ? 0.0f : p0 * powf(x, p0 - 1.0f); // d(x^0)/dx = 0, at 0 too
     case 7: return y * (1.0f - y);
     case 8: return 1.0f - y * y;
-    case 9: return x > 0.0f ? 1.0f : 0.0f;
+    case 9: return x <= 0.0f ? 0.0f : 1.0f; // torch: zero where x <= 0, NaN passes
     case 10: {
         float s = sigmoidf(x);
         return s * (1.0f + x * (1.0f - s));

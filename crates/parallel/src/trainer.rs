@@ -267,7 +267,7 @@ impl DataSource for TokenWalk {
     fn restore(&mut self, state: &Value) -> Result<()> {
         let s: [u64; 4] =
             serde_json::from_value(state["rng"].clone()).map_err(|e| Error::Train(format!("token walk state: {e}")))?;
-        self.rng = Rng::from_state(s);
+        self.rng = Rng::from_state(s).map_err(|e| Error::Train(format!("token walk state: {e}")))?;
         Ok(())
     }
 }

@@ -77,8 +77,7 @@ impl<T: Tokenizer + 'static> DataSource for CorpusData<T> {
         let rng: [u64; 4] = serde_json::from_value(state["rng"].clone()).map_err(|_| bad("rng"))?;
         let cursor = state["cursor"].as_u64().ok_or_else(|| bad("cursor"))?;
         self.pending = serde_json::from_value(state["pending"].clone()).map_err(|_| bad("pending"))?;
-        self.corpus.restore(rng, cursor);
-        Ok(())
+        self.corpus.restore(rng, cursor).map_err(|e| whale_parallel::Error::Train(format!("data state: {e}")))
     }
 }
 

@@ -790,7 +790,7 @@ impl RlRun {
             run.use_rewards(r);
         }
         run.step = state["step"].as_u64().ok_or_else(|| bad("missing `step`".into()))?;
-        run.rng = Rng::from_state(rng);
+        run.rng = Rng::from_state(rng).map_err(|e| bad(format!("`rng`: {e}")))?;
         let policy = load_pretrained(&dir)?;
         Ok((run, policy, dir))
     }

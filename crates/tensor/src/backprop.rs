@@ -15,7 +15,7 @@
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::tensor::{Tensor, TensorId};
 use crate::{Error, Result};
@@ -269,6 +269,17 @@ fn sum_into(prev: Option<Tensor>, g: Tensor) -> Result<Tensor> {
     }
 }
 
+/// `g` as a leaf keeps it: a contiguous buffer of its own, as PyTorch's AccumulateGrad keeps
+/// only a gradient nothing else holds. A pass-through backward (add's, a seed's) hands on the very
+/// tensor the caller holds, and a broadcast's is a stride-0 view: stored as they are, a write into
+/// one gradient would change another, or the caller's seed, and in-place updates would refuse it.
+fn owned_gradient(g: Tensor) -> Result<Tensor> {
+    if g.is_contiguous() && Arc::strong_count(&g.0) == 1 && Arc::strong_count(&g.0.storage) == 1 {
+        return Ok(g);
+    }
+    g.deep_clone()
+}
+
 fn accumulate(map: &mut HashMap<TensorId, Tensor>, t: &Tensor, g: Tensor) -> Result<()> {
     let sum = sum_into(map.remove(&t.id()), g)?;
     map.insert(t.id(), sum);
@@ -291,7 +302,7 @@ fn run_backward(seeds: Vec<(Tensor, Tensor)>, pass: Pass) -> Result<WeightGradWo
             GradInfo::Leaf { grad, .. } => {
                 // Summed from a copy of the slot, so a failed sum leaves the gradient as it was.
                 let mut slot = grad.lock().expect("grad lock poisoned");
-                let sum = sum_into(slot.clone(), g)?;
+                let sum = owned_gradient(sum_into(slot.clone(), g)?)?;
                 check_grad_shape("accumulated gradient", &t, &sum)?;
                 *slot = Some(sum);
             }

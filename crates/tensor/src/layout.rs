@@ -114,10 +114,11 @@ impl Layout {
 
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Layout> {
         self.check_dim("narrow", dim)?;
-        if start + len > self.shape[dim] {
+        // Checked: a wrapping `start + len` would pass and view memory outside the tensor.
+        if start.checked_add(len).is_none_or(|end| end > self.shape[dim]) {
             return Err(Error::invalid(
                 "narrow",
-                format!("range {start}..{} exceeds size {} of dim {dim}", start + len, self.shape[dim]),
+                format!("range of {len} from {start} exceeds size {} of dim {dim}", self.shape[dim]),
             ));
         }
         let mut l = self.clone();

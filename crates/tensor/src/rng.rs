@@ -28,8 +28,13 @@ impl Rng {
         self.s
     }
 
-    pub fn from_state(s: [u64; 4]) -> Self {
-        Rng { s }
+    /// The generator [`Rng::state`] gave. All zeros is refused: xoshiro never leaves it (every
+    /// draw 0), and [`Rng::new`] never makes it, so it can only be a damaged checkpoint.
+    pub fn from_state(s: [u64; 4]) -> crate::Result<Self> {
+        if s == [0; 4] {
+            return Err(crate::Error::invalid("Rng::from_state", "an all-zero state (not one Rng::state gives)"));
+        }
+        Ok(Rng { s })
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -114,9 +119,12 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(a.next_u64(), b.next_u64());
         }
-        let mut c = Rng::from_state(a.state());
+        let mut c = Rng::from_state(a.state()).unwrap();
         assert_eq!(a.next_u64(), c.next_u64());
         assert_ne!(Rng::new(8).next_u64(), Rng::new(7).next_u64());
+        // The one state xoshiro never leaves (every draw 0): a damaged checkpoint.
+        let err = Rng::from_state([0; 4]).unwrap_err().to_string();
+        assert!(err.contains("all-zero"), "{err}");
     }
 
     #[test]

@@ -148,10 +148,24 @@ fn same_seed_same_threads_gives_bit_identical_training() {
 #[test]
 fn bf16_parameters_are_rejected_by_the_f32_optimizer_with_a_clear_error() {
     let mut params = ParamStore::new();
+    // `a` comes first in name order: a refused step must not have updated it already.
+    let a = params.insert("a", &randn(&[2, 2], 2)).unwrap();
     let w = params.insert("w", &randn(&[2, 2], 1).to_dtype(DType::BF16).unwrap()).unwrap();
-    w.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-    let err = AdamW::new(AdamWConfig::default()).unwrap().step(&params, 0.1).unwrap_err().to_string();
+    a.mul(&w.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    let before = a.to_vec_f32().unwrap();
+    let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+    let err = opt.step(&params, 0.1).unwrap_err().to_string();
     assert!(err.contains("`w`") && err.contains("f32"), "{err}");
+    assert_eq!((a.to_vec_f32().unwrap(), opt.steps()), (before.clone(), 0), "a refused step changes nothing");
+    // A learning rate torch.optim.AdamW would refuse.
+    w.zero_grad();
+    for lr in [f32::NAN, -1e-3, f32::INFINITY] {
+        let err = opt.step(&params, lr).unwrap_err().to_string();
+        assert!(err.contains("learning rate"), "{err}");
+    }
+    assert_eq!((a.to_vec_f32().unwrap(), opt.steps()), (before, 0));
+    opt.step(&params, 0.1).unwrap();
+    assert_eq!(opt.steps(), 1);
 }
 
 #[test]
@@ -267,4 +281,25 @@ fn in_place_writes_into_values_a_backward_reads_are_refused() {
     w.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     let want: Vec<f32> = w.to_vec_f32().unwrap().iter().map(|v| 2.0 * v).collect();
     assert_eq!(w.grad().unwrap().to_vec_f32().unwrap(), want);
+}
+
+/// A leaf's gradient is a contiguous buffer of its own (PyTorch's AccumulateGrad copies what it
+/// does not solely own): add's backward passes the caller's seed to both inputs and a broadcast's
+/// is a stride-0 view, and stored as they were, writing one gradient changed the other and the
+/// seed, and in-place updates refused the view.
+#[test]
+fn leaf_gradients_own_their_buffers() {
+    let (a, b) = (randn(&[2, 3], 1).variable(), randn(&[2, 3], 2).variable());
+    let seed = randn(&[2, 3], 3);
+    a.add(&b).unwrap().backward_with_grad(&seed).unwrap();
+    let (ga, gb) = (a.grad().unwrap(), b.grad().unwrap());
+    assert!(!ga.same_storage(&seed) && !gb.same_storage(&seed) && !ga.same_storage(&gb));
+    ga.with_f32_mut(|v| v.fill(0.0)).unwrap();
+    assert_eq!(gb.to_vec_f32().unwrap(), seed.to_vec_f32().unwrap(), "b's gradient is untouched");
+    // The gradient of a sum over a broadcast: a full, writable buffer.
+    let w = randn(&[3], 4).variable();
+    w.broadcast_as(&[4, 3]).unwrap().sum_all().unwrap().backward().unwrap();
+    let gw = w.grad().unwrap();
+    assert!(gw.is_contiguous());
+    assert_eq!(gw.with_f32_mut(|v| v.to_vec()).unwrap(), vec![4.0; 3]);
 }

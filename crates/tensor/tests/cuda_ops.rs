@@ -160,6 +160,11 @@ fn non_finite_values_as_torch_has_them() {
     let x = t(vec![nan, -30.0, 0.5, 30.0], &[4]);
     on_every_device_with("clamp with NaN", vec![x], close_or_both_nan, |v| v[0].clamp(-20.0, 20.0));
     on_every_device_with("x^0 at 0", vec![t(vec![0.0, 2.0], &[2])], close_or_both_nan, |v| v[0].powf(0.0));
+    // relu keeps NaN (fmaxf and f32::max had made it 0) and passes its gradient, as torch.relu.
+    let x = t(vec![nan, -1.0, 0.0, 2.0], &[4]);
+    let y = x.relu().unwrap().to_vec_f32().unwrap();
+    assert!(y[0].is_nan() && y[1..] == [0.0, 0.0, 2.0], "relu: {y:?}");
+    on_every_device_with("relu with NaN", vec![x], close_or_both_nan, |v| v[0].relu());
 }
 
 #[test]
@@ -409,11 +414,7 @@ fn gradients_flow_back_across_devices() {
         let (a, b) = (a.to_dtype(dtype).unwrap(), b.to_dtype(dtype).unwrap());
         let (want_a, want_b) = grads(&a, &b, &Device::Cpu).unwrap();
         let (da, db) = grads(&a, &b, &gpu).unwrap();
-        assert_eq!(
-            (da.device(), db.device()),
-            (Device::Cpu, gpu),
-            "{dtype:?}: each gradient on its leaf's device"
-        );
+        assert_eq!((da.device(), db.device()), (Device::Cpu, gpu), "{dtype:?}: each gradient on its leaf's device");
         assert_eq!((da.dtype(), db.dtype()), (dtype, dtype), "{dtype:?}: each gradient in its leaf's dtype");
         let check = if dtype == DType::F32 { close } else { close_bf16 };
         check(&format!("{dtype:?} d/da"), &da.to_vec_f32().unwrap(), &want_a.to_vec_f32().unwrap());

@@ -146,6 +146,13 @@ fn clipping_scales_to_max_norm() {
     // Below the threshold nothing changes.
     assert!((clip_grad_norm(&params, 10.0).unwrap() - after).abs() < 1e-12);
     assert!((grad_norm(&params).unwrap() - after).abs() < 1e-12);
+    // A NaN or negative max_norm is refused (torch would make every gradient NaN); infinity
+    // clips nothing.
+    for bad in [f64::NAN, -1.0] {
+        assert!(clip_grad_norm(&params, bad).unwrap_err().to_string().contains("max_norm"));
+    }
+    assert!((clip_grad_norm(&params, f64::INFINITY).unwrap() - after).abs() < 1e-12);
+    assert!((grad_norm(&params).unwrap() - after).abs() < 1e-12);
 }
 
 #[test]

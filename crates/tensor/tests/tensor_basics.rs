@@ -27,6 +27,23 @@ fn views_share_storage() {
     assert_eq!(x.t().unwrap().to_vec2_f32().unwrap()[1][2], x.to_vec2_f32().unwrap()[2][1]);
 }
 
+/// argmax's indices are exact past f32's 2^24 (they were carried as f32: 2^24 + 1 read back as
+/// 2^24), and max gathers the value there; an empty dimension has no argmax.
+#[test]
+fn argmax_is_exact_for_long_dimensions_and_refuses_empty_ones() {
+    let n = (1 << 24) + 2;
+    let mut v = vec![0.0f32; n];
+    v[n - 1] = 1.0;
+    let x = Tensor::from_vec(v, &[1, n], &Device::Cpu).unwrap();
+    assert_eq!(x.argmax(1).unwrap().to_vec::<i64>().unwrap(), vec![n as i64 - 1]);
+    let empty = Tensor::zeros(&[2, 0], DType::F32, &Device::Cpu).unwrap();
+    let err = empty.argmax(1).unwrap_err().to_string();
+    assert!(err.contains("argmax") && err.contains("empty"), "{err}");
+    assert!(empty.max(1).is_err());
+    // Nothing to reduce over zero rows: an empty result, not an error.
+    assert_eq!(Tensor::zeros(&[0, 3], DType::F32, &Device::Cpu).unwrap().argmax(1).unwrap().dims(), &[0]);
+}
+
 #[test]
 fn hand_checked_values() {
     let a = t(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]);
@@ -98,6 +115,13 @@ fn bad_input_gets_named_errors() {
     assert!(e.contains("targets") && e.contains('3'), "{e}");
     assert!(a.transpose(0, 2).is_err());
     assert!(a.reshape(&[5]).is_err());
+    // Overflowing sizes and offsets are errors, not views that wrap around to other memory
+    // (2^63 + 1) * 2 wraps to 2 on 64 bits, and usize::MAX + 1 to 0.
+    assert!(randn(&[2], 4).reshape(&[(1 << 63) + 1, 2]).is_err());
+    let e = a.narrow(1, usize::MAX, 1).unwrap_err().to_string();
+    assert!(e.contains("narrow") && e.contains("exceeds size 3"), "{e}");
+    let cache = Tensor::zeros(&[2, 3], DType::F32, &Device::Cpu).unwrap();
+    assert!(cache.write_window(1, usize::MAX, &Tensor::zeros(&[2, 1], DType::F32, &Device::Cpu).unwrap()).is_err());
     assert!(Tensor::from_vec(vec![1.0f32; 5], &[2, 3], &Device::Cpu).is_err());
     assert!(a.to_dtype(DType::I64).unwrap().exp().is_err());
     assert!(a.backward().is_err(), "backward from a non-scalar");

@@ -272,9 +272,10 @@ impl Corpus {
         (self.rng.state(), self.cursor)
     }
 
-    pub fn restore(&mut self, state: [u64; 4], cursor: u64) {
-        self.rng = Rng::from_state(state);
+    pub fn restore(&mut self, state: [u64; 4], cursor: u64) -> Result<()> {
+        self.rng = Rng::from_state(state).map_err(|e| Error::Task(format!("corpus generator: {e}")))?;
         self.cursor = cursor;
+        Ok(())
     }
 
     pub fn next_document(&mut self) -> String {
@@ -418,7 +419,7 @@ mod tests {
         assert!((wrong as f64 / 2000.0 - 0.3).abs() < 0.04, "{wrong}");
         let (state, cursor) = c.state();
         let mut d = Corpus::new(TaskSet::parse("add").unwrap(), 0.3, 99).unwrap();
-        d.restore(state, cursor);
+        d.restore(state, cursor).unwrap();
         assert_eq!(c.next_document(), d.next_document());
     }
 

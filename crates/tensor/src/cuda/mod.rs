@@ -548,6 +548,13 @@ fn reduce_mid(
 /// data here), shaped `out_shape`.
 pub(crate) fn argmax(t: &Tensor, split: (usize, usize, usize), out_shape: &[usize]) -> Result<Tensor> {
     check_gpu_float("argmax", t)?;
+    // The kernel writes indices into an f32 buffer: exact up to 2^24.
+    if split.1 > 1 << 24 {
+        return Err(Error::invalid(
+            "argmax",
+            format!("a dimension of {} entries on a GPU (indices are exact up to 2^24); move it to the CPU", split.1),
+        ));
+    }
     let (g, out) = reduce_mid(t, MidReduction::Argmax, split)?;
     let n = split.0 * split.2;
     let host = g.stream.clone_dtoh(&out).map_err(driver_error(t.device(), "copying indices to the host"))?;

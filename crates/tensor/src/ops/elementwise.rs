@@ -75,8 +75,11 @@ impl Tensor {
         self.unary_op(("tanh", UnaryOp::Tanh), f32::tanh, |_, y| 1.0 - y * y)
     }
 
+    /// `max(x, 0)` with NaN kept (as torch.relu; `f32::max` would return 0), and torch's
+    /// gradient: zero where `x <= 0`, passed through elsewhere (NaN included).
     pub fn relu(&self) -> Result<Tensor> {
-        self.unary_op(("relu", UnaryOp::Relu), |x| x.max(0.0), |x, _| if x > 0.0 { 1.0 } else { 0.0 })
+        let f = |x: f32| if x.is_nan() { x } else { x.max(0.0) };
+        self.unary_op(("relu", UnaryOp::Relu), f, |x, _| if x <= 0.0 { 0.0 } else { 1.0 })
     }
 
     /// SiLU (swish): `x * sigmoid(x)`.

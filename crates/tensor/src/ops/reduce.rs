@@ -3,8 +3,8 @@
 use rayon::prelude::*;
 
 use super::{check_float_any_device, split_at_dim};
-use crate::backprop::{backward_fn, NoBackward};
-use crate::{DType, Result, Tensor};
+use crate::backprop::backward_fn;
+use crate::{Device, Error, Result, Tensor};
 
 /// Reduces `[outer, n, inner]` over the middle axis with `f(values along n) -> value`, in parallel
 /// over outer rows.
@@ -84,27 +84,40 @@ impl Tensor {
     }
 
     /// Index (i64) of the first maximum along `dim`, kept as size 1. NaN counts as the maximum.
+    /// An empty `dim` is an error (as torch: no index to give).
     pub fn argmax_keepdim(&self, dim: usize) -> Result<Tensor> {
         check_float_any_device("argmax", self)?;
         self.layout().check_dim("argmax", dim)?;
         let (outer, n, inner) = split_at_dim(self.dims(), dim);
-        if self.device().is_cuda() {
-            return crate::cuda::argmax(self, (outer, n, inner), &keepdim_shape(self.dims(), dim));
-        }
-        let out = reduce_mid(&self.f32_data(), outer, n, inner, |it| {
-            let mut best = (0usize, f32::NEG_INFINITY);
-            for (j, v) in it.enumerate() {
-                if v.is_nan() {
-                    return j as f32;
-                }
-                if v > best.1 || j == 0 {
-                    best = (j, v);
-                }
-            }
-            best.0 as f32
-        });
         let shape = keepdim_shape(self.dims(), dim);
-        Ok(Tensor::from_op(out, &shape, DType::I64, &[], NoBackward))
+        if n == 0 && outer * inner > 0 {
+            return Err(Error::invalid("argmax", format!("dimension {dim} of {:?} is empty", self.dims())));
+        }
+        if self.device().is_cuda() {
+            return crate::cuda::argmax(self, (outer, n, inner), &shape);
+        }
+        let x = self.f32_data();
+        let mut out = vec![0i64; outer * inner];
+        if inner > 0 {
+            out.par_chunks_mut(inner).enumerate().for_each(|(o, row)| {
+                let base = o * n * inner;
+                for (i, r) in row.iter_mut().enumerate() {
+                    let mut best = (0usize, f32::NEG_INFINITY);
+                    for j in 0..n {
+                        let v = x[base + j * inner + i];
+                        if v.is_nan() {
+                            best.0 = j;
+                            break;
+                        }
+                        if v > best.1 || j == 0 {
+                            best = (j, v);
+                        }
+                    }
+                    *r = best.0 as i64;
+                }
+            });
+        }
+        Tensor::from_vec(out, &shape, &Device::Cpu)
     }
 
     pub fn argmax(&self, dim: usize) -> Result<Tensor> {

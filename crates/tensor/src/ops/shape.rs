@@ -22,8 +22,9 @@ impl Tensor {
 
     /// Same elements, new shape. A view when the tensor is contiguous; otherwise a copy first.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        if n != self.elem_count() {
+        // Checked: a product that wraps could equal the element count.
+        let n = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        if n != Some(self.elem_count()) {
             return Err(Error::invalid(
                 "reshape",
                 format!("cannot view {:?} ({} elements) as {shape:?}", self.dims(), self.elem_count()),

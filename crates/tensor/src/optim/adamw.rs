@@ -129,19 +129,28 @@ impl AdamW {
         self.step
     }
 
-    /// One update of every parameter that has a gradient, at learning rate `lr`.
+    /// One update of every parameter that has a gradient, at learning rate `lr` (finite, not
+    /// negative, as PyTorch requires). Every parameter is checked before any is updated, so a
+    /// refused step changes nothing: no weight, moment or count.
     pub fn step(&mut self, params: &ParamStore, lr: f32) -> Result<()> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(Error::invalid("AdamW", format!("learning rate {lr} (it must be finite and not negative)")));
+        }
+        for (name, p) in params.iter() {
+            let Some(g) = p.grad() else { continue };
+            let why = if g.dims() != p.dims() {
+                format!("a {:?} gradient", g.dims())
+            } else if p.dtype() != DType::F32 || !p.is_contiguous() {
+                format!("{:?} storage that is not contiguous f32 (master weights are)", p.dtype())
+            } else {
+                continue;
+            };
+            return Err(Error::Params(format!("AdamW cannot update `{name}` {:?}: {why}", p.dims())));
+        }
         self.step += 1;
         for (name, p) in params.iter() {
             let Some(g) = p.grad() else { continue };
             let n = p.elem_count();
-            if g.dims() != p.dims() {
-                return Err(Error::Params(format!(
-                    "AdamW cannot update `{name}` {:?} with a {:?} gradient",
-                    p.dims(),
-                    g.dims()
-                )));
-            }
             let dtype = self.config.moment_dtype;
             let moments = self.state.entry(name.to_string()).or_insert_with(|| Moments {
                 m: Moment::zeros(n, dtype),

@@ -30,8 +30,12 @@ pub fn grad_norm(params: &ParamStore) -> Result<f64> {
 
 /// Scales all gradients by `max_norm / (norm + 1e-6)` when that is below 1, and returns the norm
 /// before clipping. A non-finite norm is returned as is and nothing is scaled: the caller decides
-/// whether to skip the step or stop.
+/// whether to skip the step or stop (torch would scale by 0 or NaN). `max_norm` is not NaN and
+/// not negative (infinity: no clipping); torch would turn every gradient into NaN.
 pub fn clip_grad_norm(params: &ParamStore, max_norm: f64) -> Result<f64> {
+    if max_norm.is_nan() || max_norm < 0.0 {
+        return Err(crate::Error::invalid("clip_grad_norm", format!("max_norm {max_norm}")));
+    }
     let norm = grad_norm(params)?;
     if !norm.is_finite() {
         return Ok(norm);
