@@ -78,7 +78,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.show > 0 {
         let shown = &problems[..a.show.min(problems.len())];
         let prompts = whale_rl::rollout::problem_prompts(&*tok, shown)?;
-        let cfg = SamplingConfig { cache, ..SamplingConfig::greedy(cfg.max_new_tokens, tok.stop_ids()) };
+        let cfg =
+            SamplingConfig { cache, ..SamplingConfig::greedy(cfg.max_new_tokens, tok.stop_ids()) }.limited_to(&*tok);
         for (p, g) in shown.iter().zip(model.generate(&prompts, &cfg, &mut Rng::new(a.seed))?) {
             let text = completion_text(&*tok, &g);
             let verdict = if g.truncated {

@@ -93,6 +93,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         };
         cfg.top_k = a.top_k;
         cfg.top_p = a.top_p;
+        cfg.vocab_limit = Some(tok.vocab_size());
         cfg.cache = cache;
         let g = model.generate(std::slice::from_ref(&prompt), &cfg, &mut Rng::new(a.seed))?.remove(0);
         (g.tokens, None)

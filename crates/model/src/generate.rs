@@ -93,6 +93,10 @@ pub struct SamplingConfig {
     pub stop_tokens: Vec<u32>,
     /// What the decode cache keeps (the tokens do not depend on it beyond float rounding).
     pub cache: CacheMode,
+    /// Only ids below this are generated (`None`: every row of the logits): the tokenizer's
+    /// vocabulary, where the model's embedding table is padded past it. Padding ids decode to
+    /// nothing a tokenizer reads back, so a completion holding one cannot be trained on.
+    pub vocab_limit: Option<usize>,
 }
 
 impl SamplingConfig {
@@ -104,11 +108,17 @@ impl SamplingConfig {
             max_new_tokens,
             stop_tokens,
             cache: CacheMode::Naive,
+            vocab_limit: None,
         }
     }
 
     pub fn sampled(temperature: f32, max_new_tokens: usize, stop_tokens: Vec<u32>) -> Self {
-        SamplingConfig { temperature, top_k: None, top_p: None, max_new_tokens, stop_tokens, cache: CacheMode::Naive }
+        SamplingConfig { temperature, ..SamplingConfig::greedy(max_new_tokens, stop_tokens) }
+    }
+
+    /// The same settings, generating only ids `tok` has (see [`SamplingConfig::vocab_limit`]).
+    pub fn limited_to(self, tok: &dyn crate::tokenizer::Tokenizer) -> Self {
+        SamplingConfig { vocab_limit: Some(tok.vocab_size()), ..self }
     }
 }
 
@@ -136,6 +146,9 @@ impl SamplingConfig {
         }
         if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
             return Err(Error::Model(format!("sampling: top_p {p} must be in (0, 1]")));
+        }
+        if self.vocab_limit == Some(0) {
+            return Err(Error::Model("sampling: a vocab_limit of 0 leaves no token".into()));
         }
         Ok(())
     }
@@ -172,11 +185,12 @@ pub fn greedy_token(logits: &[f32]) -> Result<(u32, f32)> {
     Ok((best as u32, (scaled[best] - log_sum_exp(&scaled)) as f32))
 }
 
-/// Picks a token from `logits` (one row). Returns (token, log-prob under the sampling
-/// distribution, or for greedy the log-softmax); an error for NaN or +inf logits or settings
-/// [`SamplingConfig::validate`] refuses.
+/// Picks a token from `logits` (one row), below `cfg.vocab_limit`. Returns (token, log-prob under
+/// the sampling distribution, or for greedy the log-softmax, both over the ids allowed); an error
+/// for NaN or +inf logits or settings [`SamplingConfig::validate`] refuses.
 pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> Result<(u32, f32)> {
     cfg.validate()?;
+    let logits = cfg.vocab_limit.map_or(logits, |n| &logits[..n.min(logits.len())]);
     if cfg.temperature == 0.0 {
         return greedy_token(logits);
     }

@@ -16,6 +16,11 @@ pub trait Tokenizer: Send + Sync {
         self.encode(text)
     }
     fn decode(&self, ids: &[u32]) -> String;
+    /// One past its largest id: the ids it can give and decode. A model's embedding table may
+    /// have more rows (padding: the tiny preset's 64 for the character tokenizer's 62, Qwen2's
+    /// 151,936 for 151,665 tokens); generation stays below this ([`SamplingConfig::limited_to`]).
+    ///
+    /// [`SamplingConfig::limited_to`]: crate::generate::SamplingConfig::limited_to
     fn vocab_size(&self) -> usize;
     fn bos_id(&self) -> u32;
     fn eos_id(&self) -> u32;
@@ -159,6 +164,9 @@ pub struct HfTokenizer {
     eos: u32,
     pad: u32,
     stops: Vec<u32>,
+    /// One past its largest id (added tokens included): its vocabulary size even where the ids
+    /// have gaps, which a count of its tokens would miss.
+    id_bound: usize,
     /// The files it was read from (name, bytes), written back as they were by `save_pretrained`.
     files: Vec<(String, Vec<u8>)>,
 }
@@ -188,7 +196,16 @@ impl HfTokenizer {
         // generation; transformers turns both off unless a call asks for them.
         inner.with_truncation(None).map_err(|e| Error::file(path, e))?;
         inner.with_padding(None);
-        Ok(HfTokenizer { inner, bos, eos, pad, stops: vec![eos], files: vec![(TOKENIZER_FILE.into(), bytes)] })
+        let id_bound = inner.get_vocab(true).values().max().map_or(0, |&id| id as usize + 1);
+        Ok(HfTokenizer {
+            inner,
+            bos,
+            eos,
+            pad,
+            stops: vec![eos],
+            id_bound,
+            files: vec![(TOKENIZER_FILE.into(), bytes)],
+        })
     }
 }
 
@@ -208,7 +225,7 @@ impl Tokenizer for HfTokenizer {
     }
 
     fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.id_bound
     }
 
     fn bos_id(&self) -> u32 {

@@ -276,6 +276,34 @@ fn sampling_refuses_non_finite_logits_and_out_of_range_settings() {
     }
 }
 
+/// `vocab_limit` (a tokenizer's vocabulary under a padded embedding table): no id at or above it
+/// is generated, greedy or sampled, and the log-probs are over the ids allowed.
+#[test]
+fn generation_stays_within_the_vocab_limit() {
+    let mut rng = Rng::new(5);
+    // The padding ids score highest: without the limit greedy would pick id 3.
+    let logits = [0.0f32, 1.0, 0.5, 9.0, 8.0];
+    let limited = |cfg: SamplingConfig| SamplingConfig { vocab_limit: Some(3), ..cfg };
+    let (t, lp) = sample_token(&logits, &limited(SamplingConfig::greedy(1, vec![])), &mut rng).unwrap();
+    let lse = (0.0f64.exp() + 1.0f64.exp() + 0.5f64.exp()).ln();
+    assert_eq!(t, 1);
+    assert!((lp as f64 - (1.0 - lse)).abs() < 1e-6, "{lp}");
+    assert_eq!(sample_token(&logits, &SamplingConfig::greedy(1, vec![]), &mut rng).unwrap().0, 3);
+    let sampled = limited(SamplingConfig::sampled(1.0, 1, vec![]));
+    let draws: Vec<u32> = (0..300).map(|_| sample_token(&logits, &sampled, &mut rng).unwrap().0).collect();
+    assert!(draws.iter().all(|&t| t < 3) && (0..3).all(|i| draws.contains(&i)), "{draws:?}");
+    let err = sample_token(&logits, &SamplingConfig { vocab_limit: Some(0), ..sampled }, &mut rng).unwrap_err();
+    assert!(err.to_string().contains("vocab_limit"), "{err}");
+    // A fresh tiny model (64 ids) sampled at temperature 1 under a limit of 62 (the character
+    // tokenizer's): 640 draws would give an id of 62 or 63 about 20 times without it.
+    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 9).unwrap();
+    let cfg = SamplingConfig { vocab_limit: Some(62), ..SamplingConfig::sampled(1.0, 20, vec![]) };
+    let gens = model.generate(&vec![vec![5u32, 6]; 32], &cfg, &mut Rng::new(1)).unwrap();
+    assert!(gens.iter().flat_map(|g| &g.tokens).all(|&t| t < 62));
+    let free = model.generate(&vec![vec![5u32, 6]; 32], &SamplingConfig::sampled(1.0, 20, vec![]), &mut Rng::new(1));
+    assert!(free.unwrap().iter().flat_map(|g| &g.tokens).any(|&t| t >= 62), "the limit is what keeps them out");
+}
+
 #[test]
 fn generation_stops_at_the_models_last_position() {
     let mut cfg = DeepSeekV3Config::tiny();

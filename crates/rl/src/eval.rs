@@ -121,12 +121,14 @@ pub fn evaluate(
     let stop = tok.stop_ids();
     let prompts = crate::rollout::problem_prompts(tok, problems)?;
     let mut rng = Rng::new(cfg.seed);
-    let greedy_cfg = SamplingConfig { cache: cfg.cache, ..SamplingConfig::greedy(cfg.max_new_tokens, stop.clone()) };
+    let greedy_cfg =
+        SamplingConfig { cache: cfg.cache, ..SamplingConfig::greedy(cfg.max_new_tokens, stop.clone()) }.limited_to(tok);
     let greedy = model.generate(&prompts, &greedy_cfg, &mut rng)?;
     let k = cfg.samples.max(1);
     let repeated: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
     let sampled_cfg =
-        SamplingConfig { cache: cfg.cache, ..SamplingConfig::sampled(cfg.temperature, cfg.max_new_tokens, stop) };
+        SamplingConfig { cache: cfg.cache, ..SamplingConfig::sampled(cfg.temperature, cfg.max_new_tokens, stop) }
+            .limited_to(tok);
     let sampled = model.generate(&repeated, &sampled_cfg, &mut rng)?;
 
     let n = problems.len().max(1) as f64;

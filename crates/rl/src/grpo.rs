@@ -30,7 +30,7 @@ use whale_parallel::model::{load_pretrained, moved_to, CausalLm};
 use whale_parallel::trainer::truncate_metrics;
 
 use crate::rewards::{RewardSet, Sample, Scores};
-use crate::rollout::{sample_groups, score, PackedBatch, Rollout, RolloutConfig};
+use crate::rollout::{logprobs, sample_groups, score, PackedBatch, Rollout, RolloutConfig};
 use crate::tasks::{verify, Problem, Split, TaskSet};
 use crate::{Error, Result};
 
@@ -180,8 +180,10 @@ impl GrpoConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad("lr", "must be positive");
         }
-        if !(self.epsilon >= 0.0 && self.epsilon < 1.0) {
-            return bad("epsilon", "must be in [0, 1)");
+        // 1 or more leaves the ratio unclipped below (it is positive): R1 used 10 (spec 1.8),
+        // and TRL takes it.
+        if !(self.epsilon >= 0.0 && self.epsilon.is_finite()) {
+            return bad("epsilon", "must be non-negative");
         }
         if self.epsilon_high.is_some_and(|e| !(e >= 0.0 && e.is_finite())) {
             return bad("epsilon_high", "must be non-negative");
@@ -338,8 +340,10 @@ pub fn process_advantages(
 /// The checkable steps of a completion for tasks with one right trace (add, mul, modchain, sort,
 /// reverse): step j of the `<think>` block (split at `;`) is right when it equals step j of the
 /// reference solution; a completion without the block has one wrong step, its missing reasoning,
-/// up to its answer. The answer is one more step, right as the accuracy reward is (verified, and
-/// not truncated). Returns (byte offset where each step ends, reward 0/1); `None` for tasks with
+/// up to its answer. The answer is the last step, right as the accuracy reward is (verified, and
+/// not truncated), and it ends with the completion: whatever follows `</answer>`, and the EOS
+/// token after the text, take its reward (so stopping gets a gradient, as it does under outcome
+/// supervision). Returns (byte offset where each step ends, reward 0/1); `None` for tasks with
 /// many right traces (countdown) or no reference steps.
 pub fn checkable_steps(problem: &Problem, text: &str, truncated: bool) -> Option<Vec<(usize, f64)>> {
     if matches!(problem.task.as_str(), "countdown" | "jsonl") {
@@ -361,8 +365,7 @@ pub fn checkable_steps(problem: &Problem, text: &str, truncated: bool) -> Option
         }
         None => out.push((text.find("<answer>").unwrap_or(text.len()), 0.0)),
     }
-    let answer_end = text.find("</answer>").map_or(text.len(), |e| e + "</answer>".len());
-    out.push((answer_end, (!truncated && verify(problem, text)) as u8 as f64));
+    out.push((text.len(), (!truncated && verify(problem, text)) as u8 as f64));
     Some(out)
 }
 
@@ -524,7 +527,11 @@ pub fn score_rollouts(
                     .iter()
                     .map(|r| {
                         let s = checkable_steps(&problems[r.problem], &r.text, r.truncated)?;
-                        let at = token_of_offsets(tok, &r.tokens, &s.iter().map(|x| x.0).collect::<Vec<_>>());
+                        let mut at = token_of_offsets(tok, &r.tokens, &s.iter().map(|x| x.0).collect::<Vec<_>>());
+                        // The answer step ends at the last token: EOS, past the decoded text.
+                        if let Some(last) = at.last_mut() {
+                            *last = r.tokens.len().saturating_sub(1);
+                        }
                         Some(at.into_iter().zip(s.iter().map(|x| x.1)).collect())
                     })
                     .collect()
@@ -1019,7 +1026,7 @@ impl GrpoTrainer {
         let t_sample = t0.elapsed().as_secs_f64();
         let mut values = rollout_metrics(&scored, &self.run.rewards, cfg.group_size);
         values.insert("frac_reward_zero_std".into(), zero_frac_sampled);
-        let (pad, device) = (self.run.tokenizer.pad_id(), self.policy.device());
+        let (tok, device) = (&*self.run.tokenizer, self.policy.device());
 
         let n = scored.len();
         let active: Vec<bool> = scored.iter().map(|s| !(cfg.mask_truncated && s.rollout.truncated)).collect();
@@ -1031,10 +1038,10 @@ impl GrpoTrainer {
         // and the reference's, per micro-batch chunk.
         let packed: Vec<PackedBatch> = chunks
             .iter()
-            .map(|c| PackedBatch::new(&scored[c.clone()].iter().map(|s| &s.rollout).collect::<Vec<_>>(), pad, &device))
+            .map(|c| PackedBatch::new(&scored[c.clone()].iter().map(|s| &s.rollout).collect::<Vec<_>>(), tok, &device))
             .collect::<Result<_>>()?;
         let frozen = |model: &dyn CausalLm, b: &PackedBatch| -> Result<Tensor> {
-            no_grad(|| Ok(score(model, b, cfg.temperature)?.logprobs.detach()))
+            no_grad(|| Ok(logprobs(model, b, cfg.temperature)?.detach()))
         };
         let old: Vec<Option<Tensor>> = packed
             .iter()

@@ -17,7 +17,7 @@ use whale_parallel::model::{load_pretrained, moved_to, CausalLm};
 use crate::grpo::{
     grpo_loss, rollout_metrics, split_rows, to_parallel, GrpoConfig, LossInputs, LossStats, RlRun, Scored, StepLog,
 };
-use crate::rollout::{sample_groups, score, PackedBatch};
+use crate::rollout::{logprobs, sample_groups, score, PackedBatch};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -299,11 +299,11 @@ impl PpoTrainer {
         values.remove("reward_std");
 
         // Per chunk: frozen policy, reference and value estimates, then GAE per completion.
-        let (pad, device) = (self.run.tokenizer.pad_id(), self.policy.device());
+        let (tok, device) = (&*self.run.tokenizer, self.policy.device());
         let (minibatches, chunks) = split_rows(n, 1, cfg.minibatches, cfg.micro_batch);
         let packed: Vec<PackedBatch> = chunks
             .iter()
-            .map(|c| PackedBatch::new(&scored[c.clone()].iter().map(|s| &s.rollout).collect::<Vec<_>>(), pad, &device))
+            .map(|c| PackedBatch::new(&scored[c.clone()].iter().map(|s| &s.rollout).collect::<Vec<_>>(), tok, &device))
             .collect::<Result<_>>()?;
         // A completion no reward applies to (its total is NaN) teaches nothing, as in GRPO (whose
         // advantage for it is 0): it is left out of whitening and of both losses, rather than
@@ -314,9 +314,9 @@ impl PpoTrainer {
         let mut kl_sum = 0.0;
         for (c, batch) in chunks.iter().zip(&packed) {
             let (lp, rf, v) = no_grad(|| -> Result<(Tensor, Option<Tensor>, Tensor)> {
-                let lp = score(&*self.policy, batch, cfg.temperature)?.logprobs.detach();
+                let lp = logprobs(&*self.policy, batch, cfg.temperature)?.detach();
                 let rf = match &self.reference {
-                    Some(r) => Some(score(&**r, batch, cfg.temperature)?.logprobs.detach()),
+                    Some(r) => Some(logprobs(&**r, batch, cfg.temperature)?.detach()),
                     None => None,
                 };
                 Ok((lp, rf, self.critic.values(batch)?.detach()))
@@ -374,7 +374,7 @@ impl PpoTrainer {
                 for k in mb.chunks.clone() {
                     let c: Vec<usize> = chunks[k].clone().map(|p| order[p]).collect();
                     let batch =
-                        PackedBatch::new(&c.iter().map(|&i| &scored[i].rollout).collect::<Vec<_>>(), pad, &device)?;
+                        PackedBatch::new(&c.iter().map(|&i| &scored[i].rollout).collect::<Vec<_>>(), tok, &device)?;
                     let per_row = |f: &dyn Fn(usize) -> Vec<f32>| {
                         batch.scatter_tokens(&c.iter().map(|&i| f(i)).collect::<Vec<_>>())
                     };

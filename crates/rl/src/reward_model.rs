@@ -164,9 +164,11 @@ impl Reward for LearnedReward {
             return Ok(None);
         }
         let (tok, text) = (&*self.tokenizer, s.text);
-        // Text the tokenizer cannot read back (a sampled id with no character decodes to U+FFFD)
-        // gets no learned reward; a model that fails on what it can read stops the run.
-        let Ok(row) = reward_row(tok, &s.problem.prompt, text) else { return Ok(None) };
+        // Sampling stays within the tokenizer's ids, so every completion reads back; one that
+        // did not would have no score comparable with its group's (a `None` here would leave it
+        // its rule rewards alone), so it stops the run.
+        let row = reward_row(tok, &s.problem.prompt, text)
+            .map_err(|e| Error::Rl(format!("the learned reward cannot read a completion back: {e}")))?;
         let r = self.model.score_row(tok, row);
         Ok(Some(r.map_err(|e| Error::Rl(format!("the learned reward model failed: {e}")))?))
     }

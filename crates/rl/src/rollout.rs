@@ -7,7 +7,7 @@
 //! temperature in both places).
 
 use whale_parallel::model::generate::{CacheMode, SamplingConfig};
-use whale_parallel::model::tensor::{Device, Rng, Tensor};
+use whale_parallel::model::tensor::{no_grad, Device, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::CausalLm;
 
@@ -28,15 +28,16 @@ pub struct RolloutConfig {
 }
 
 impl RolloutConfig {
-    fn sampling(&self, stop_tokens: Vec<u32>) -> SamplingConfig {
+    /// These settings for `tok`'s completions: its stop tokens, and only ids it has.
+    fn sampling(&self, tok: &dyn Tokenizer) -> SamplingConfig {
         SamplingConfig {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
-            max_new_tokens: self.max_new_tokens,
-            stop_tokens,
             cache: self.cache,
+            ..SamplingConfig::greedy(self.max_new_tokens, tok.stop_ids())
         }
+        .limited_to(tok)
     }
 }
 
@@ -82,7 +83,7 @@ pub fn sample_groups(
     }
     let prompts = problem_prompts(tok, problems)?;
     let repeated: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), cfg.group_size)).collect();
-    let gens = model.generate(&repeated, &cfg.sampling(tok.stop_ids()), rng)?;
+    let gens = model.generate(&repeated, &cfg.sampling(tok), rng)?;
     Ok(gens
         .into_iter()
         .zip(repeated)
@@ -115,11 +116,17 @@ pub struct PackedBatch {
     pub lengths: Vec<usize>,
     /// First column of each row's completion (`prompt_len - 1`).
     pub starts: Vec<usize>,
+    /// The tokenizer's ids (one past its largest): the policy is scored over these, as it
+    /// samples over them ([`SamplingConfig::limited_to`]), whatever padding rows the model's
+    /// embedding table has.
+    pub vocab: usize,
 }
 
 impl PackedBatch {
-    /// Packs `rollouts`; the value tensors it makes live on `device`.
-    pub fn new(rollouts: &[&Rollout], pad: u32, device: &Device) -> Result<Self> {
+    /// Packs `rollouts`, completions of `tok`'s (padded with its pad id); the value tensors it
+    /// makes live on `device`.
+    pub fn new(rollouts: &[&Rollout], tok: &dyn Tokenizer, device: &Device) -> Result<Self> {
+        let pad = tok.pad_id();
         let n = rollouts.len();
         if n == 0 {
             return Err(Error::Rl("cannot pack an empty batch of rollouts".into()));
@@ -141,7 +148,7 @@ impl PackedBatch {
             starts.push(start);
         }
         let ids = Tensor::from_vec(ids, &[n, len], &Device::Cpu)?;
-        Ok(PackedBatch { ids, device: *device, n, len, mask, lengths, starts })
+        Ok(PackedBatch { ids, device: *device, n, len, mask, lengths, starts, vocab: tok.vocab_size() })
     }
 
     /// The `[n, len - 1]` mask as a tensor.
@@ -190,28 +197,48 @@ impl Scored {
     }
 }
 
-/// Per-token log-probs of the packed rollouts under `model` with logits divided by `temperature`.
-pub fn score(model: &dyn CausalLm, batch: &PackedBatch, temperature: f32) -> Result<Scored> {
+/// `[n, len - 1, vocab]` next-token log-probs of the packed rows under `model`, logits divided by
+/// `temperature`, over the tokenizer's ids (`batch.vocab`: the distribution the policy samples
+/// from).
+fn next_token_log_softmax(model: &dyn CausalLm, batch: &PackedBatch, temperature: f32) -> Result<Tensor> {
     if temperature <= 0.0 {
         return Err(Error::Rl(format!("scoring temperature must be positive, got {temperature}")));
     }
-    let (n, cols) = (batch.n, batch.len - 1);
-    let logits = model.logits(&batch.ids.narrow(1, 0, cols)?)?;
-    let logp = logits.mul_scalar(1.0 / temperature)?.log_softmax_last_dim()?;
-    let next = batch.ids.narrow(1, 1, cols)?.contiguous()?.unsqueeze(2)?;
-    let logprobs = logp.gather(2, &next)?.squeeze(2)?;
-    let vocab = logp.dims()[2];
-    let lp = logp.detach().to_vec_f32()?;
-    let entropies = batch.mask[..n * cols]
+    let cols = batch.len - 1;
+    let mut logits = model.logits(&batch.ids.narrow(1, 0, cols)?)?;
+    let rows = logits.dims()[2];
+    if batch.vocab > rows {
+        return Err(Error::Rl(format!("the tokenizer has {} ids, the model's logits only {rows}", batch.vocab)));
+    }
+    if batch.vocab < rows {
+        logits = logits.narrow(2, 0, batch.vocab)?;
+    }
+    Ok(logits.mul_scalar(1.0 / temperature)?.log_softmax_last_dim()?)
+}
+
+/// The log-prob of each packed row's next token in `logp` (`[n, len - 1, vocab]`).
+fn next_token_logprobs(batch: &PackedBatch, logp: &Tensor) -> Result<Tensor> {
+    let next = batch.ids.narrow(1, 1, batch.len - 1)?.contiguous()?.unsqueeze(2)?;
+    Ok(logp.gather(2, &next)?.squeeze(2)?)
+}
+
+/// `[n, len - 1]` log-probs of each packed token under `model` (logits divided by
+/// `temperature`), without entropies: the frozen passes (old policy, reference).
+pub fn logprobs(model: &dyn CausalLm, batch: &PackedBatch, temperature: f32) -> Result<Tensor> {
+    next_token_logprobs(batch, &next_token_log_softmax(model, batch, temperature)?)
+}
+
+/// Per-token log-probs of the packed rollouts under `model` with logits divided by `temperature`,
+/// and the entropy of each next-token distribution (computed where the logits are: only
+/// `[n, len - 1]` values come to the host).
+pub fn score(model: &dyn CausalLm, batch: &PackedBatch, temperature: f32) -> Result<Scored> {
+    let logp = next_token_log_softmax(model, batch, temperature)?;
+    let logprobs = next_token_logprobs(batch, &logp)?;
+    let per_position = no_grad(|| logp.detach().exp()?.mul(&logp.detach())?.sum(2)?.neg()?.to_vec_f32())?;
+    let entropies = batch.mask[..batch.n * (batch.len - 1)]
         .iter()
-        .enumerate()
-        .map(|(row, &m)| {
-            if m > 0.0 {
-                -lp[row * vocab..(row + 1) * vocab].iter().map(|&x| (x as f64).exp() * x as f64).sum::<f64>()
-            } else {
-                0.0
-            }
-        })
+        .zip(per_position)
+        .map(|(&m, e)| if m > 0.0 { e as f64 } else { 0.0 })
         .collect();
     Ok(Scored { logprobs, entropies })
 }

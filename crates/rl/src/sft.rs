@@ -269,7 +269,8 @@ pub fn rejection_sample(
     let cfg = SamplingConfig {
         cache: CacheMode::Absorb,
         ..SamplingConfig::sampled(temperature, max_new_tokens, tok.stop_ids())
-    };
+    }
+    .limited_to(tok);
     let gens = model.generate(&prompts, &cfg, rng)?;
     let mut stats = RejectionStats { sampled: gens.len(), ..Default::default() };
     let (mut kept, mut seen) = (Vec::new(), HashSet::new());

@@ -80,7 +80,7 @@ fn addition_steps_are_checked_one_by_one() {
     assert_eq!(steps.iter().map(|s| s.1).collect::<Vec<_>>(), vec![1.0, 0.0, 0.0]);
     assert_eq!(&text[..steps[0].0], "<think>2+7+0=9");
     assert_eq!(&text[..steps[1].0], "<think>2+7+0=9;1+0+0=2");
-    assert!(text[..steps[2].0].ends_with("</answer>"));
+    assert_eq!(steps[2].0, text.len(), "the answer step ends with the completion");
     // The answer step is right as the accuracy reward is: not when the completion ran out of
     // tokens after it.
     let right = "<think>2+7+0=9;1+0+0=1</think><answer>19</answer>";
@@ -116,7 +116,8 @@ fn process_supervision_scores_every_completion_of_a_checkable_group_by_its_steps
         .map(|(i, t)| Rollout {
             problem: i / 2,
             prompt: tok.encode(&problems[i / 2].prompt).unwrap(),
-            tokens: tok.encode(t).unwrap(),
+            // As sampled: the completion and its EOS.
+            tokens: tok.encode(t).unwrap().into_iter().chain([tok.eos_id()]).collect(),
             sample_logprobs: vec![0.0; t.len()],
             truncated: false,
             text: t.to_string(),
@@ -140,6 +141,8 @@ fn process_supervision_scores_every_completion_of_a_checkable_group_by_its_steps
     // The first step ends with the token before `;` (`<think>` is one token).
     let semi = scored[0].rollout.tokens.iter().position(|&t| t == tok.encode(";").unwrap()[0]).unwrap();
     assert!(close(first[semi - 1], 3.0 * n(1.0), 1e-9) && close(first[semi], 2.0 * n(1.0), 1e-9), "{first:?}");
+    // The EOS token is the answer step's last: stopping is trained.
+    assert_eq!(scored[0].rollout.tokens.last(), Some(&tok.eos_id()));
     assert!(close(*first.last().unwrap(), n(1.0), 1e-9));
     let second = &scored[1].advantages;
     assert!(close(second[0], 2.0 * n(0.0), 1e-9) && close(*second.last().unwrap(), n(0.0), 1e-9), "{second:?}");
@@ -278,7 +281,7 @@ fn dr_grpo_weights_do_not_depend_on_completion_length_and_dapo_counts_the_whole_
     let refs: Vec<&Rollout> = rs.iter().collect();
     let lengths = [2usize, 6, 4];
     let active = [true; 3];
-    let batch = PackedBatch::new(&refs, 0, &Device::Cpu).unwrap();
+    let batch = PackedBatch::new(&refs, &CharTokenizer::new(), &Device::Cpu).unwrap();
     let weights = |lt| aggregation_weights(lt, &batch, 0..3, &active, &lengths, 1, 10).unwrap().to_vec_f32().unwrap();
     let row_weights = |w: &[f32], i: usize| batch.row_tokens(w, i).to_vec();
     let dr = weights(LossType::DrGrpo);
@@ -294,7 +297,7 @@ fn dr_grpo_weights_do_not_depend_on_completion_length_and_dapo_counts_the_whole_
     assert!((dapo.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     assert_eq!(dapo.iter().filter(|&&x| x > 0.0).count(), 12, "only completion tokens carry weight");
     // Split the step in two micro-batches: dapo weights are unchanged (global token count).
-    let first = PackedBatch::new(&refs[..2], 0, &Device::Cpu).unwrap();
+    let first = PackedBatch::new(&refs[..2], &CharTokenizer::new(), &Device::Cpu).unwrap();
     let w1 = aggregation_weights(LossType::Dapo, &first, 0..2, &active, &lengths, 2, 10).unwrap().to_vec_f32().unwrap();
     assert!(w1.iter().filter(|&&x| x > 0.0).all(|&x| (x - 1.0 / 12.0).abs() < 1e-9));
 }
@@ -315,8 +318,12 @@ fn scoring_a_rollout_gives_the_log_probs_it_was_sampled_with() {
     let rollouts = sample_groups(&model, &tok, &problems, &cfg, &mut Rng::new(1)).unwrap();
     assert_eq!(rollouts.len(), 9);
     assert!(rollouts.iter().all(|r| r.truncated != r.tokens.ends_with(&[tok.eos_id()])));
+    // The tiny preset's 64 embedding rows pad the character tokenizer's 62 ids: only real ids
+    // are sampled, and scored over the same 62 (the sampled log-probs match below).
+    assert_eq!((model.config.vocab_size, tok.vocab_size()), (64, 62));
+    assert!(rollouts.iter().flat_map(|r| &r.tokens).all(|&t| (t as usize) < tok.vocab_size()));
     // Ragged prompts (1-3 digit operands) and completions packed in one batch.
-    let batch = PackedBatch::new(&rollouts.iter().collect::<Vec<_>>(), tok.pad_id(), &Device::Cpu).unwrap();
+    let batch = PackedBatch::new(&rollouts.iter().collect::<Vec<_>>(), &tok, &Device::Cpu).unwrap();
     let s = score(&model, &batch, 0.7).unwrap();
     let lp = s.logprobs.to_vec_f32().unwrap();
     for (i, r) in rollouts.iter().enumerate() {
@@ -353,7 +360,7 @@ fn a_group_with_constant_rewards_gives_no_policy_gradient() {
     let rollouts = sample_groups(&model, &tok, &problems, &cfg, &mut Rng::new(4)).unwrap();
     // The first group's rewards are all equal, the second's are not.
     let adv = group_advantages(&[1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0], 4, ScaleRewards::Group);
-    let batch = PackedBatch::new(&rollouts.iter().collect::<Vec<_>>(), tok.pad_id(), &Device::Cpu).unwrap();
+    let batch = PackedBatch::new(&rollouts.iter().collect::<Vec<_>>(), &tok, &Device::Cpu).unwrap();
     let lengths: Vec<usize> = rollouts.iter().map(|r| r.tokens.len()).collect();
     let rows = |f: &dyn Fn(usize) -> f32| -> Vec<Vec<f32>> {
         lengths.iter().enumerate().map(|(i, &n)| vec![f(i); n]).collect()
@@ -439,10 +446,14 @@ fn config_errors_name_the_key() {
         (GrpoConfig { grad_clip: 0.0, ..d() }, "`grad_clip`"),
         (GrpoConfig { beta2: 1.0, ..d() }, "`beta2`"),
         (GrpoConfig { process_supervision: true, ..d() }, "`rewards`"),
+        (GrpoConfig { epsilon: -0.1, ..d() }, "`epsilon`"),
+        (GrpoConfig { epsilon: f32::NAN, ..d() }, "`epsilon`"),
     ] {
         assert!(cfg.validate().unwrap_err().to_string().contains(key), "{key}");
     }
     assert!(GrpoConfig { process_supervision: true, rewards: "accuracy:1".into(), ..d() }.validate().is_ok());
+    // R1's clip ratio (spec 1.8; TRL takes it): no lower clip, the ratio being positive.
+    assert!(GrpoConfig { epsilon: 10.0, ..d() }.validate().is_ok());
     let err = serde_json::from_str::<GrpoConfig>(r#"{"epsilon_hi": 0.3}"#).unwrap_err().to_string();
     assert!(err.contains("epsilon_hi"), "{err}");
     let fresh = GrpoConfig { rewards: "accuracy,speed".into(), ..GrpoConfig::default() };

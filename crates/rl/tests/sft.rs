@@ -95,8 +95,9 @@ fn the_reward_model_learns_preferences_with_the_bradley_terry_loss() {
     assert!(rm.score(&tok, &p.prompt, &p.chosen).unwrap() > rm.score(&tok, &p.prompt, &p.rejected).unwrap());
 
     // As a reward: it scores non-reasoning prompts and leaves reasoning ones to the rules; text
-    // its tokenizer cannot read gets no learned reward; a model that fails is an error, never a
-    // silent "no reward".
+    // its tokenizer cannot read (which sampling within its ids never gives) and a model that
+    // fails are errors, never a silent "no reward" that would leave one completion of a group
+    // on its rule rewards alone.
     let problem = |task: &str, prompt: &str| Problem {
         task: task.into(),
         prompt: prompt.into(),
@@ -111,7 +112,8 @@ fn the_reward_model_learns_preferences_with_the_bradley_terry_loss() {
     let learned = LearnedReward { model: std::sync::Arc::new(rm), tokenizer: tokenizer.clone() };
     assert!(score(&learned, &problem("reverse", "rdog=")).unwrap().is_some_and(f64::is_finite));
     assert_eq!(score(&learned, &problem("add", "1+2=")).unwrap(), None, "reasoning prompts are the rules'");
-    assert_eq!(score(&learned, &problem("reverse", "r\u{fffd}=")).unwrap(), None, "unreadable text");
+    let err = score(&learned, &problem("reverse", "r\u{fffd}=")).unwrap_err().to_string();
+    assert!(err.contains("cannot read a completion back"), "{err}");
     // A head that does not fit its trunk: the model itself fails.
     let mut broken = RewardModel::from_policy(&policy).unwrap();
     broken.model.head = Tensor::zeros(&[1, d + 1], DType::F32, &Device::Cpu).unwrap();
