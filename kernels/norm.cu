@@ -74,14 +74,15 @@ extern "C" __global__ void rmsnorm_backward_input_f32(
     }
 }
 
-// RMSNorm weight gradient: one thread per channel sums dy * x * rstd over the rows, in row order.
+// RMSNorm weight gradient: one thread per channel sums dy * x * rstd over the rows, in row order
+// (a grid-stride loop: the launch caps its grid, and channels past it are visited again).
 extern "C" __global__ void rmsnorm_backward_weight_f32(
     const float* x, const float* rstd, const float* dy, float* dw, unsigned rows, unsigned dim) {
-    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= dim) return;
-    float acc = 0.0f;
-    for (unsigned r = 0; r < rows; ++r) acc += dy[(size_t)r * dim + i] * x[(size_t)r * dim + i] * rstd[r];
-    dw[i] = acc;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < dim; i += gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (unsigned r = 0; r < rows; ++r) acc += dy[(size_t)r * dim + i] * x[(size_t)r * dim + i] * rstd[r];
+        dw[i] = acc;
+    }
 }
 
 // Softmax backward per row: dx = y * (dy - sum(dy * y)).

@@ -73,10 +73,19 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         bail!("the prompt encodes to no tokens");
     }
     let stop = tok.stop_ids();
+    let mut cfg = match a.temperature {
+        Some(t) if t > 0.0 => SamplingConfig::sampled(t, a.max_new_tokens, stop),
+        Some(t) => bail!("--temperature {t}: must be positive (or use --greedy)"),
+        None => SamplingConfig::greedy(a.max_new_tokens, stop),
+    };
+    cfg.top_k = a.top_k;
+    cfg.top_p = a.top_p;
+    cfg.cache = cache;
+    let cfg = cfg.limited_to(&*tok);
     let t0 = Instant::now();
     let (tokens, note) = if a.speculative {
         let ds = model.as_deepseek().context("--speculative needs a DeepSeek-V3 checkpoint with an MTP module")?;
-        let (g, stats) = ds.generate_speculative(&prompt, a.max_new_tokens, &stop, cache)?;
+        let (g, stats) = ds.generate_speculative(&prompt, &cfg)?;
         let note = format!(
             "speculative: {} of {} drafts accepted ({:.0}%), {:.2} tokens per main-model forward",
             stats.accepted,
@@ -86,15 +95,6 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         );
         (g.tokens, Some(note))
     } else {
-        let mut cfg = match a.temperature {
-            Some(t) if t > 0.0 => SamplingConfig::sampled(t, a.max_new_tokens, stop),
-            Some(t) => bail!("--temperature {t}: must be positive (or use --greedy)"),
-            None => SamplingConfig::greedy(a.max_new_tokens, stop),
-        };
-        cfg.top_k = a.top_k;
-        cfg.top_p = a.top_p;
-        cfg.vocab_limit = Some(tok.vocab_size());
-        cfg.cache = cache;
         let g = model.generate(std::slice::from_ref(&prompt), &cfg, &mut Rng::new(a.seed))?.remove(0);
         (g.tokens, None)
     };

@@ -77,7 +77,9 @@ pub enum Fp8Weights {
 /// DeepSeek-V3's `weight_block_size`.
 pub const FP8_BLOCK: (usize, usize) = (128, 128);
 
-fn load_file_raw(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+/// The tensors of one safetensors file as stored: FP8 codes and their `weight_scale_inv` kept
+/// apart ([`load_file`] dequantises them).
+pub fn load_file_raw(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let file = File::open(path).map_err(|e| Error::file(path, e))?;
     // SAFETY: the mapping is read-only and dropped before this function returns; a concurrent
     // truncation of the file by another process is outside what we guard against (as every

@@ -65,9 +65,11 @@ pub struct DeepSeekV3Config {
     pub n_shared_experts: usize,
     pub n_routed_experts: usize,
     pub num_experts_per_tok: usize,
-    #[serde(default = "one_usize")]
+    /// Router groups and how many a token may use; missing keys take HF's `DeepseekV3Config`
+    /// defaults (8 and 4, V3's own values).
+    #[serde(default = "default_n_group")]
     pub n_group: usize,
-    #[serde(default = "one_usize")]
+    #[serde(default = "default_topk_group")]
     pub topk_group: usize,
     pub routed_scaling_factor: f64,
     #[serde(default = "default_true")]
@@ -79,7 +81,9 @@ pub struct DeepSeekV3Config {
     pub first_k_dense_replace: usize,
     #[serde(default = "one_usize")]
     pub moe_layer_freq: usize,
-    /// `None` (JSON null) means no query compression: one `q_proj`.
+    /// `None` (JSON null) means no query compression: one `q_proj`. A missing key takes HF's
+    /// default, 1536 (V3's).
+    #[serde(default = "default_q_lora_rank")]
     pub q_lora_rank: Option<usize>,
     pub kv_lora_rank: usize,
     pub qk_nope_head_dim: usize,
@@ -127,6 +131,15 @@ pub struct DeepSeekV3Config {
 
 fn one_usize() -> usize {
     1
+}
+fn default_n_group() -> usize {
+    8
+}
+fn default_topk_group() -> usize {
+    4
+}
+fn default_q_lora_rank() -> Option<usize> {
+    Some(1536)
 }
 fn default_init() -> f64 {
     0.006
@@ -211,6 +224,11 @@ impl DeepSeekV3Config {
         obj.insert("model_type".into(), serde_json::json!("deepseek_v3"));
         obj.insert("hidden_act".into(), serde_json::json!("silu"));
         obj.insert("seq_aux".into(), serde_json::json!(false));
+        // transformers 4's copy of `rope_type`, which the hub's modeling_deepseek.py reads.
+        if let Some(Value::Object(r)) = obj.get_mut("rope_scaling") {
+            let t = r.get("rope_type").cloned().unwrap_or(Value::Null);
+            r.insert("type".into(), t);
+        }
         serde_json::to_string_pretty(&v).map_err(|e| Error::Model(e.to_string()))
     }
 
@@ -281,6 +299,23 @@ impl DeepSeekV3Config {
         }
         // The selection rules: V3's `noaux_tc` and V2's `group_limited_greedy` limit the groups
         // (as `n_group`/`topk_group` say); V2's `greedy` has no groups.
+        // The router takes its rule from `scoring_func`: V3's (a correction bias, groups scored
+        // by their top-2 sum) with sigmoid, V2's (groups scored by their max, no bias) with
+        // softmax; a `topk_method` naming the other rule is refused, not routed differently.
+        match (self.topk_method.as_deref(), self.scoring_func.as_str()) {
+            (Some("noaux_tc"), "softmax") | (Some("group_limited_greedy"), "sigmoid") => {
+                return Err(Error::config(
+                    "topk_method",
+                    format!(
+                        "`{}` with scoring_func `{}` is not supported: noaux_tc goes with sigmoid (V3), \
+                         group_limited_greedy with softmax (V2)",
+                        self.topk_method.as_deref().unwrap_or_default(),
+                        self.scoring_func
+                    ),
+                ))
+            }
+            _ => {}
+        }
         match self.topk_method.as_deref() {
             None | Some("noaux_tc" | "group_limited_greedy") => {}
             Some("greedy") if self.topk_group == self.n_group => {}
@@ -340,17 +375,11 @@ impl DeepSeekV3Config {
             if r.original_max_position_embeddings == 0 {
                 return Err(Error::config("rope_scaling.original_max_position_embeddings", "must be at least 1"));
             }
-            if !(r.beta_fast > 0.0 && r.beta_slow > 0.0 && r.beta_fast.is_finite()) {
-                return Err(Error::config("rope_scaling.beta_fast", "beta_fast and beta_slow must be positive"));
-            }
-            if r.beta_fast <= r.beta_slow {
-                return Err(Error::config(
-                    "rope_scaling.beta_fast",
-                    format!(
-                        "{} must exceed beta_slow {} (the rotations that bound the interpolated band)",
-                        r.beta_fast, r.beta_slow
-                    ),
-                ));
+            // Any order, as HF: equal ones (Kimi-K2's 1 and 1) leave a band one dimension wide.
+            for (key, v) in [("rope_scaling.beta_fast", r.beta_fast), ("rope_scaling.beta_slow", r.beta_slow)] {
+                if !(v > 0.0 && v.is_finite()) {
+                    return Err(Error::config(key, format!("{v} must be positive")));
+                }
             }
             let mscale = r.mscale.unwrap_or(0.0);
             for (key, v) in [("rope_scaling.mscale", mscale), ("rope_scaling.mscale_all_dim", r.mscale_all_dim)] {

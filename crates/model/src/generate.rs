@@ -120,6 +120,11 @@ impl SamplingConfig {
     pub fn limited_to(self, tok: &dyn crate::tokenizer::Tokenizer) -> Self {
         SamplingConfig { vocab_limit: Some(tok.vocab_size()), ..self }
     }
+
+    /// The logits of the ids that may be generated (the first `vocab_limit`).
+    pub(crate) fn allowed<'a>(&self, logits: &'a [f32]) -> &'a [f32] {
+        self.vocab_limit.map_or(logits, |n| &logits[..n.min(logits.len())])
+    }
 }
 
 /// One generated continuation.
@@ -190,7 +195,7 @@ pub fn greedy_token(logits: &[f32]) -> Result<(u32, f32)> {
 /// for NaN or +inf logits or settings [`SamplingConfig::validate`] refuses.
 pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> Result<(u32, f32)> {
     cfg.validate()?;
-    let logits = cfg.vocab_limit.map_or(logits, |n| &logits[..n.min(logits.len())]);
+    let logits = cfg.allowed(logits);
     if cfg.temperature == 0.0 {
         return greedy_token(logits);
     }

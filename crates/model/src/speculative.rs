@@ -14,7 +14,7 @@
 use whale_tensor::{no_grad, DType, Device, Tensor};
 
 use crate::deepseek_v3::DeepSeekV3;
-use crate::generate::{greedy_token, new_tokens_allowed, CacheMode, Generation, KvCache, LayerCache};
+use crate::generate::{greedy_token, new_tokens_allowed, Generation, KvCache, LayerCache, SamplingConfig};
 use crate::{Error, Result};
 
 /// What a speculative decode measured.
@@ -53,14 +53,21 @@ fn ids(tokens: &[u32]) -> Result<Tensor> {
 }
 
 impl DeepSeekV3 {
-    /// Greedy decoding of one prompt, drafting with the first MTP module.
-    pub fn generate_speculative(
-        &self,
-        prompt: &[u32],
-        max_new_tokens: usize,
-        stop_tokens: &[u32],
-        mode: CacheMode,
-    ) -> Result<(Generation, SpeculativeStats)> {
+    /// Greedy decoding of one prompt, drafting with the first MTP module: `cfg` is greedy
+    /// (temperature 0; top-k and top-p do not change an argmax), and its length limit, stop
+    /// tokens, cache and vocabulary limit apply as in [`CausalLm::generate`].
+    ///
+    /// [`CausalLm::generate`]: crate::CausalLm::generate
+    pub fn generate_speculative(&self, prompt: &[u32], cfg: &SamplingConfig) -> Result<(Generation, SpeculativeStats)> {
+        cfg.validate()?;
+        if cfg.temperature != 0.0 {
+            return Err(Error::Model(format!(
+                "speculative decoding is greedy here (temperature 0), not temperature {}",
+                cfg.temperature
+            )));
+        }
+        let (max_new_tokens, stop_tokens, mode) = (cfg.max_new_tokens, &cfg.stop_tokens[..], cfg.cache);
+        let pick = |logits: &[f32]| greedy_token(cfg.allowed(logits));
         let mtp = self.mtp.first().ok_or_else(|| {
             Error::Model("speculative decoding drafts with the MTP module, and this model has none".into())
         })?;
@@ -80,7 +87,7 @@ impl DeepSeekV3 {
             let (h, logits) = self.forward_cached_hidden(&ids(prompt)?, &mut cache)?;
             stats.main_forwards += 1;
             let row = |l: &Tensor, i: usize| -> Result<Vec<f32>> { Ok(l.narrow(1, i, 1)?.to_vec_f32()?) };
-            let mut next = greedy_token(&row(&logits, n - 1)?)?;
+            let mut next = pick(&row(&logits, n - 1)?)?;
             let mut last_h = h.narrow(1, n - 1, 1)?;
             let mut pending_h = if n > 1 { Some(h.narrow(1, 0, n - 1)?) } else { None };
             let mut pending_tokens = prompt[1..].to_vec();
@@ -108,12 +115,12 @@ impl DeepSeekV3 {
                 pending_tokens.clear();
                 let last = normed.narrow(1, normed.dims()[1] - 1, 1)?;
                 let draft_logits = self.lm_head.forward(&last)?.to_dtype(DType::F32)?.to_vec_f32()?;
-                let draft = greedy_token(&draft_logits[..vocab])?.0;
+                let draft = pick(&draft_logits[..vocab])?.0;
                 stats.drafted += 1;
                 // Verify the next token and the draft in one forward.
                 let (hv, lv) = self.forward_cached_hidden(&ids(&[next.0, draft])?, &mut cache)?;
                 stats.main_forwards += 1;
-                let (p1, p2) = (greedy_token(&row(&lv, 0)?)?, greedy_token(&row(&lv, 1)?)?);
+                let (p1, p2) = (pick(&row(&lv, 0)?)?, pick(&row(&lv, 1)?)?);
                 if p1.0 == draft {
                     stats.accepted += 1;
                     if emit(&mut gen, p1) {

@@ -107,7 +107,15 @@ fn out_of_range_keys_are_named() {
             f(c.rope_scaling.as_mut().unwrap());
         })
     };
-    assert_eq!(yarn(&|r| (r.beta_fast, r.beta_slow) = (1.0, 32.0)), "rope_scaling.beta_fast");
+    assert_eq!(yarn(&|r| r.beta_slow = 0.0), "rope_scaling.beta_slow");
+    assert_eq!(yarn(&|r| r.beta_fast = f64::NAN), "rope_scaling.beta_fast");
+    // A topk_method naming the other router rule than scoring_func's.
+    assert_eq!(bad(&|c| c.topk_method = Some("group_limited_greedy".into())), "topk_method", "V2's rule, sigmoid");
+    assert_eq!(
+        bad(&|c| (c.topk_method, c.scoring_func) = (Some("noaux_tc".into()), "softmax".into())),
+        "topk_method",
+        "V3's rule, softmax"
+    );
     assert_eq!(yarn(&|r| r.mscale = Some(f64::INFINITY)), "rope_scaling.mscale");
     assert_eq!(yarn(&|r| r.factor = f64::INFINITY), "rope_scaling.factor");
     assert_eq!(yarn(&|r| r.attention_factor = Some(-1.0)), "rope_scaling.attention_factor");
@@ -128,6 +136,32 @@ fn out_of_range_keys_are_named() {
     let mut c = tiny.clone();
     (c.first_k_dense_replace, c.num_experts_per_tok) = (c.num_hidden_layers, c.n_routed_experts + 1);
     assert_eq!(key_of(c.validate().unwrap_err()), "num_experts_per_tok");
+}
+
+/// What HF's `DeepseekV3Config` reads differently from a bare parse: missing router and query
+/// keys take its defaults, YaRN betas may be equal (Kimi-K2 ships 1 and 1), and a saved config
+/// carries `type` beside `rope_type` (the hub's modeling_deepseek.py reads `type`).
+#[test]
+fn configs_read_and_write_as_hf_does() {
+    let hub = DeepSeekV3Config::from_json_str(HUB_V3).unwrap();
+    let mut bare = HUB_V3.to_string();
+    for key in [r#""n_group": 8, "#, r#""topk_group": 4,"#, r#""q_lora_rank": 1536, "#] {
+        assert!(bare.contains(key), "{key}");
+        bare = bare.replace(key, "");
+    }
+    assert_eq!(DeepSeekV3Config::from_json_str(&bare).unwrap(), hub, "HF's defaults are V3's values");
+    let lite = DeepSeekV3Config::v2_lite();
+    assert_eq!(lite.q_lora_rank, None);
+    assert_eq!(DeepSeekV3Config::from_json_str(&lite.to_json_string().unwrap()).unwrap(), lite, "an explicit null");
+    let mut kimi = hub.clone();
+    let r = kimi.rope_scaling.as_mut().unwrap();
+    (r.beta_fast, r.beta_slow) = (1.0, 1.0);
+    kimi.validate().unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&hub.to_json_string().unwrap()).unwrap();
+    assert_eq!(
+        (saved["rope_scaling"]["type"].as_str(), saved["rope_scaling"]["rope_type"].as_str()),
+        (Some("yarn"), Some("yarn"))
+    );
 }
 
 #[test]

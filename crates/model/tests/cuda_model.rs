@@ -89,7 +89,12 @@ fn tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu() {
         let g = gpu.generate(std::slice::from_ref(&prompt), &sampling, &mut Rng::new(1)).unwrap();
         assert_greedy_agrees(&cpu, &prompt, &g[0].tokens, 1e-4, &format!("{cache:?} cache"));
     }
-    let (g, _) = gpu.generate_speculative(&prompt, 12, &[], CacheMode::Absorb).unwrap();
+    let (g, _) = gpu
+        .generate_speculative(
+            &prompt,
+            &SamplingConfig { cache: CacheMode::Absorb, ..SamplingConfig::greedy(12, vec![]) },
+        )
+        .unwrap();
     assert_greedy_agrees(&cpu, &prompt, &g.tokens, 1e-4, "MTP speculative decoding");
 }
 

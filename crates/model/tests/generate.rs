@@ -178,7 +178,7 @@ fn greedy_speculative_decoding_yields_the_plain_greedy_tokens() {
             for prompt in [vec![10u32, 11, 12], vec![13], vec![12, 13, 14, 10, 11, 12, 13]] {
                 let cfg = SamplingConfig { cache: mode, ..SamplingConfig::greedy(17, vec![2]) };
                 let plain = model.generate(std::slice::from_ref(&prompt), &cfg, &mut Rng::new(0)).unwrap().remove(0);
-                let (spec, stats) = model.generate_speculative(&prompt, 17, &[2], mode).unwrap();
+                let (spec, stats) = model.generate_speculative(&prompt, &cfg).unwrap();
                 assert_eq!(spec.tokens, plain.tokens, "{name} {mode:?} {prompt:?}");
                 assert_eq!(spec.truncated, plain.truncated);
                 for (a, b) in spec.logprobs.iter().zip(&plain.logprobs) {
@@ -201,7 +201,15 @@ fn greedy_speculative_decoding_yields_the_plain_greedy_tokens() {
     let mut no_mtp = DeepSeekV3Config::tiny();
     no_mtp.num_nextn_predict_layers = 0;
     let m = DeepSeekV3::new(no_mtp, 1).unwrap();
-    assert!(m.generate_speculative(&[10], 4, &[], CacheMode::Naive).unwrap_err().to_string().contains("MTP"));
+    assert!(m.generate_speculative(&[10], &SamplingConfig::greedy(4, vec![])).unwrap_err().to_string().contains("MTP"));
+    // It is greedy only, and keeps a vocabulary limit as plain generation does.
+    let err = trained.generate_speculative(&[10], &SamplingConfig::sampled(1.0, 4, vec![])).unwrap_err();
+    assert!(err.to_string().contains("greedy"), "{err}");
+    let limited = SamplingConfig { vocab_limit: Some(12), ..SamplingConfig::greedy(17, vec![]) };
+    let plain = trained.generate(&[vec![10u32, 11]], &limited, &mut Rng::new(0)).unwrap().remove(0);
+    let (spec, _) = trained.generate_speculative(&[10, 11], &limited).unwrap();
+    assert_eq!(spec.tokens, plain.tokens);
+    assert!(spec.tokens.iter().all(|&t| t < 12), "{:?}", spec.tokens);
 }
 
 #[test]
@@ -320,13 +328,18 @@ fn generation_stops_at_the_models_last_position() {
     assert_eq!(capped[0].tokens, free[0].tokens[..3]);
     assert!(capped[1].tokens.is_empty());
     assert!(capped.iter().all(|g| g.truncated));
-    let (spec, _) = short.generate_speculative(&prompts[0], 10, &[], CacheMode::Absorb).unwrap();
+    let (spec, _) = short
+        .generate_speculative(
+            &prompts[0],
+            &SamplingConfig { cache: CacheMode::Absorb, ..SamplingConfig::greedy(10, vec![]) },
+        )
+        .unwrap();
     assert_eq!(spec.tokens, capped[0].tokens);
     assert!(spec.truncated);
 
     let err = short.generate(&[vec![5], vec![1; 9]], &sampling, &mut Rng::new(0)).unwrap_err().to_string();
     assert!(err.contains("prompt 1 has 9 tokens") && err.contains("8 positions"), "{err}");
-    let err = short.generate_speculative(&[1; 9], 2, &[], CacheMode::Absorb).unwrap_err().to_string();
+    let err = short.generate_speculative(&[1; 9], &SamplingConfig::greedy(2, vec![])).unwrap_err().to_string();
     assert!(err.contains("9 tokens") && err.contains("8 positions"), "{err}");
 }
 

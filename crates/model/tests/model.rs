@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use whale_model::checkpoint::{
-    complete_checkpoint, load_dir, load_file, rename_synced, save_file, save_sharded, write_atomically,
+    complete_checkpoint, load_dir, load_file, load_file_raw, rename_synced, save_file, save_sharded, write_atomically,
     write_dir_atomically, SaveDType,
 };
 use whale_model::{DeepSeekV3, DeepSeekV3Config, Error};
@@ -440,7 +440,8 @@ fn the_bias_update_steers_routing_away_from_an_overloaded_expert() {
 #[test]
 fn softmax_scoring_v2_style_routes_without_normalising() {
     let mut cfg = DeepSeekV3Config::tiny();
-    cfg.scoring_func = "softmax".into();
+    // V2-Lite's gate: softmax scores, plain top-k (one group), no renormalisation.
+    (cfg.scoring_func, cfg.topk_method) = ("softmax".into(), Some("greedy".into()));
     cfg.norm_topk_prob = false;
     cfg.routed_scaling_factor = 1.0;
     cfg.n_group = 1;
@@ -569,6 +570,24 @@ fn fp8_checkpoints_with_block_scales_load_dequantised() {
     std::fs::write(dir.join("config.json"), config.replace("[128,128]", "[128]")).unwrap();
     let err = DeepSeekV3::from_pretrained(&dir).unwrap_err().to_string();
     assert!(err.contains("config.json") && err.contains("weight_block_size"), "{err}");
+}
+
+/// A model built from tensors (no checkpoint loader in between) checks a kept FP8 weight's scale
+/// grid too, and names the scale: it failed at the first forward, naming neither.
+#[test]
+fn fp8_tensors_with_a_wrong_scale_grid_are_refused_by_name() {
+    let cfg = DeepSeekV3Config::tiny();
+    let dir = tmpdir("fp8-grid");
+    write_fp8_checkpoint(&DeepSeekV3::new(cfg.clone(), 9).unwrap(), &dir);
+    let file = dir.join("model.safetensors");
+    // The FP8 codes and scales as stored (load_file would dequantise them).
+    let mut tensors = load_file_raw(&file).unwrap();
+    DeepSeekV3::from_tensors(cfg.clone(), tensors.clone(), file.clone()).unwrap();
+    let victim = "model.layers.1.mlp.experts.0.down_proj.weight_scale_inv";
+    let grid = tensors[victim].dims().to_vec();
+    tensors.insert(victim.into(), Tensor::ones(&[grid[0], grid[1] + 1], DType::F32, &Device::Cpu).unwrap());
+    let err = DeepSeekV3::from_tensors(cfg, tensors, file).unwrap_err().to_string();
+    assert!(err.contains(victim) && err.contains("128x128"), "{err}");
 }
 
 #[test]

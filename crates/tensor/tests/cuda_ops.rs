@@ -9,6 +9,7 @@
 mod emulator;
 
 use whale_kernels::cpu::fp8::{Fp8Format, ScaleFormat};
+use whale_kernels::cuda::Fp8GemmKernel;
 use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::{rope_inv_freq, rope_tables, DType, Device, Error, Result, Rng, RopeLayout, Tensor, TokenDispatch};
 
@@ -506,6 +507,25 @@ fn fp8_linear_trains_on_the_gpu_as_on_the_cpu() {
     let on_gpu = xg.fp8_linear_quantized(&gc, &gs, &recipe).unwrap().to_vec_f32().unwrap();
     let from_host = xg.fp8_linear_quantized(&codes, &scales, &recipe).unwrap().to_vec_f32().unwrap();
     assert_eq!(on_gpu, from_host, "codes on the GPU or the host: the same product");
+    // Codes one byte into their buffer (a view of a flat buffer): the tensor-core kernels load
+    // 16 bytes at a time from aligned addresses, so such a view is copied first (the emulated
+    // wgmma kernel's cp.async refused it before). The same product on every kernel.
+    let mut flat = vec![0u8];
+    flat.extend(codes.fp8_codes().unwrap());
+    let shifted = Tensor::from_fp8_codes(flat, &[1 + 160 * 256], Fp8Format::E4M3).unwrap().to_device(&gpu).unwrap();
+    let shifted = shifted.narrow(0, 1, 160 * 256).unwrap().reshape(&[160, 256]).unwrap();
+    let g = gpu.gpu().unwrap();
+    let preferred = g.preferred_fp8_gemm_kernel();
+    for kernel in [Fp8GemmKernel::Wgmma, Fp8GemmKernel::TensorCore, Fp8GemmKernel::Simple] {
+        if !g.runs_fp8_gemm(kernel, 256) {
+            continue;
+        }
+        g.set_fp8_gemm_kernel(kernel);
+        let y = xg.fp8_linear_quantized(&shifted, &gs, &recipe).and_then(|y| y.to_vec_f32());
+        let aligned = xg.fp8_linear_quantized(&gc, &gs, &recipe).and_then(|y| y.to_vec_f32());
+        g.set_fp8_gemm_kernel(preferred);
+        assert_eq!(y.unwrap(), aligned.unwrap(), "{kernel:?}: codes at an odd offset");
+    }
 }
 
 #[test]

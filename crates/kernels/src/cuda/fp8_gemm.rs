@@ -86,6 +86,9 @@ impl Fp8GemmKernel {
     }
 }
 
+/// The most blocks a launch's grid has along y (CUDA's limit).
+const MAX_GRID_Y: usize = 65_535;
+
 /// kernels/fp8_gemm_wgmma.cu's WG_SMEM_BYTES: 4 stages of two 16 KB E4M3 tiles and their 1 KB
 /// of scales, and 1 KB of slack to align the first stage to 1024 bytes.
 pub const WGMMA_SHARED_BYTES: usize = 1024 + 4 * (2 * 128 * 128 + 2 * 128 * 4);
@@ -173,34 +176,41 @@ impl Gpu {
             // An empty sum (a Wgrad over no tokens: an expert that got none).
             return self.stream.memset_zeros(y).map_err(cuda("fp8 gemm with k = 0"));
         }
+        if 128 % a.block_rows != 0 {
+            return Err(GpuError::Shape(format!("fp8 gemm: row blocks of {} do not divide 128", a.block_rows)));
+        }
         let name = kernel.entry();
-        let tiles = ((n as u32).div_ceil(128), (m as u32).div_ceil(128), 1);
-        let (cfg, function) = match kernel {
-            Fp8GemmKernel::Wgmma => (
-                LaunchConfig { grid_dim: tiles, block_dim: (256, 1, 1), shared_mem_bytes: WGMMA_SHARED_BYTES as u32 },
-                self.function(name),
-            ),
-            Fp8GemmKernel::TensorCore => {
-                (LaunchConfig { grid_dim: tiles, block_dim: (256, 1, 1), shared_mem_bytes: 0 }, self.function(name))
-            }
-            Fp8GemmKernel::Simple => (
-                LaunchConfig {
-                    grid_dim: ((n as u32).div_ceil(16), (m as u32).div_ceil(16), 1),
-                    block_dim: (16, 16, 1),
-                    shared_mem_bytes: 0,
-                },
-                self.function(name),
-            ),
+        let (row_tile, block_dim, shared) = match kernel {
+            Fp8GemmKernel::Wgmma => (128, (256, 1, 1), WGMMA_SHARED_BYTES as u32),
+            Fp8GemmKernel::TensorCore => (128, (256, 1, 1), 0),
+            Fp8GemmKernel::Simple => (16, (16, 16, 1), 0),
         };
-        let (ar, br, m32, n32, k32) = (a.block_rows as u32, b.block_rows as u32, m as u32, n as u32, k as u32);
-        let mut l = self.stream.launch_builder(function);
-        l.arg(&a.codes).arg(&a.scales).arg(&ar).arg(&b.codes).arg(&b.scales).arg(&br);
-        l.arg(y).arg(&m32).arg(&n32).arg(&k32);
-        // SAFETY: every kernel reads only rows < m (n) and columns < k of the operands, whose
-        // scale grids `Fp8Blocks` guarantees, and writes y inside [m, n]; the tensor-core
-        // kernels' 16-byte loads need k % 16 == 0, checked above (runs_fp8_gemm), and the wgmma
-        // kernel its shared memory, allowed by Gpu::new (an sm_90 GPU has it).
-        unsafe { l.launch(cfg) }.map_err(cuda(name))?;
+        // A grid's y (the row tiles) stops at 65535: taller products run in chunks of rows,
+        // a launch each over their slice of `a`, its scales and `y` (whole scale blocks).
+        let chunk = MAX_GRID_Y * row_tile / 128 * 128;
+        let scale_cols = k.div_ceil(128);
+        let (ar, br, n32, k32) = (a.block_rows as u32, b.block_rows as u32, n as u32, k as u32);
+        for r0 in (0..m).step_by(chunk) {
+            let rows = chunk.min(m - r0);
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(row_tile) as u32, rows.div_ceil(row_tile) as u32, 1),
+                block_dim,
+                shared_mem_bytes: shared,
+            };
+            let (codes, scales) =
+                (a.codes.slice(r0 * k..(r0 + rows) * k), a.scales.slice(r0 / a.block_rows * scale_cols..));
+            let mut out = y.slice_mut(r0 * n..(r0 + rows) * n);
+            let m32 = rows as u32;
+            let mut l = self.stream.launch_builder(self.function(name));
+            l.arg(&codes).arg(&scales).arg(&ar).arg(&b.codes).arg(&b.scales).arg(&br);
+            l.arg(&mut out).arg(&m32).arg(&n32).arg(&k32);
+            // SAFETY: every kernel reads only rows < m (n) and columns < k of the operands, whose
+            // scale grids `Fp8Blocks` guarantees, and writes y inside [m, n] (here: this chunk's
+            // rows of each); the tensor-core kernels' 16-byte loads need k % 16 == 0, checked
+            // above (runs_fp8_gemm), and chunks start at multiples of 128 rows, so at multiples
+            // of 16 bytes; the wgmma kernel needs its shared memory, allowed by Gpu::new.
+            unsafe { l.launch(cfg) }.map_err(cuda(name))?;
+        }
         Ok(())
     }
 

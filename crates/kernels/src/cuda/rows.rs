@@ -85,7 +85,7 @@ impl Gpu {
         unsafe { l.launch(rows_config(rows, dim)) }.map_err(cuda("rmsnorm_backward_input_f32"))?;
         let mut l = self.stream.launch_builder(self.function("rmsnorm_backward_weight_f32"));
         l.arg(x).arg(rstd).arg(dy).arg(dw).arg(&rows32).arg(&dim32);
-        // SAFETY: one thread per channel reads its column of `rows` rows.
+        // SAFETY: each channel (grid-stride) reads its column of `rows` rows.
         unsafe { l.launch(grid_for(dim)?) }.map_err(cuda("rmsnorm_backward_weight_f32"))?;
         Ok(())
     }

@@ -497,6 +497,18 @@ fn fp8_kernels_match_the_cpu() {
     }
 }
 
+/// A product taller than a grid's 65535 row tiles (the simple kernel's 16-row tiles: 1,048,560
+/// rows; an A100's forward over 2^20 tokens) runs in chunks of rows, one launch each: its launch
+/// failed before. Both chunks, the seam included, against the CPU.
+#[test]
+fn an_fp8_gemm_taller_than_a_grid_runs_in_row_chunks() {
+    let Some(g) = gpu("an_fp8_gemm_taller_than_a_grid_runs_in_row_chunks") else { return };
+    let (m, n, k) = (1_048_560 + 48, 16, 16);
+    let a = Fp8Blocks::quantize(&values(m * k, 21), m, k, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
+    let b = Fp8Blocks::quantize(&values(n * k, 22), n, k, (128, 128), Fp8Format::E4M3, ScaleFormat::F32);
+    check_fp8_gemm(&g, &a, &b, Fp8GemmKernel::Simple);
+}
+
 /// The activation quantisation (straight and transposed) and the weight transpose against the
 /// CPU twins; returns the CPU's quantized activations and weight for the GEMM check.
 fn fp8_kernels(g: &Gpu) -> (Fp8Blocks, Fp8Blocks) {

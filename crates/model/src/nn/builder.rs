@@ -113,6 +113,15 @@ impl<'a> ParamBuilder<'a> {
                     .remove(&scale_name)
                     .ok_or_else(|| err(&full, format!("is FP8 but `{scale_name}` is missing")))?
                     .to_dtype(DType::F32)?;
+                // Kept FP8 weights run in 128x128 blocks (checkpoint loading checks this too; a
+                // model built from tensors gets here without it).
+                let grid = [shape[0].div_ceil(128), shape[1].div_ceil(128)];
+                if scale.dims() != grid {
+                    return Err(err(
+                        &scale_name,
+                        format!("has shape {:?}; a {shape:?} weight in 128x128 blocks needs {grid:?}", scale.dims()),
+                    ));
+                }
                 // The codes (E4M3 has NaN codes) and their scales, finite as every weight is.
                 for (name, t) in [(&full, &codes), (&scale_name, &scale)] {
                     if let Some(why) = not_finite(&t.to_vec_f32()?) {

@@ -10,7 +10,7 @@ use whale_kernels::cpu::fp8::{Fp8Format, GRADIENT_MIN_AMAX, MIN_AMAX};
 use whale_kernels::cuda::cudarc::driver::{CudaSlice, CudaView};
 use whale_kernels::cuda::{Fp8View, Gpu};
 
-use super::{alloc, check_gpu_float, gpu_error, packed, tensor, with_buffer};
+use super::{alloc, check_gpu_float, driver_error, gpu_error, packed, tensor, with_buffer};
 use crate::backprop::{backward_fn, NoBackward};
 use crate::storage::{CudaBuf, CudaStorage, Storage};
 use crate::{DType, Device, Error, Result, Tensor};
@@ -30,7 +30,9 @@ fn codes_tensor(g: Arc<Gpu>, codes: CudaSlice<u8>, shape: &[usize], format: Fp8F
     super::wrap(g, CudaBuf::Fp8(codes, format), shape, &[], NoBackward)
 }
 
-/// Runs `f` on the GPU and the codes (and format) of a contiguous FP8 tensor on it.
+/// Runs `f` on the GPU and the codes (and format) of a contiguous FP8 tensor on it, 16-byte
+/// aligned as the tensor-core GEMMs' vector loads need (a view starting elsewhere in its buffer
+/// is copied; fresh buffers are aligned).
 fn with_codes<R>(t: &Tensor, f: impl FnOnce(&Arc<Gpu>, CudaView<'_, u8>, Fp8Format) -> Result<R>) -> Result<R> {
     if !t.is_contiguous() {
         return Err(Error::invalid("fp8 codes", "FP8 codes on a GPU must be contiguous"));
@@ -38,6 +40,10 @@ fn with_codes<R>(t: &Tensor, f: impl FnOnce(&Arc<Gpu>, CudaView<'_, u8>, Fp8Form
     let guard = t.0.storage.read().expect("tensor storage lock poisoned");
     let (start, n) = (t.layout().offset(), t.elem_count());
     match &*guard {
+        Storage::Cuda(CudaStorage { gpu, buf: CudaBuf::Fp8(codes, format) }) if start % 16 != 0 => {
+            let copy = gpu.stream.clone_dtod(&codes.slice(start..start + n));
+            f(gpu, copy.map_err(driver_error(t.device(), "aligning FP8 codes"))?.slice(..), *format)
+        }
         Storage::Cuda(CudaStorage { gpu, buf: CudaBuf::Fp8(codes, format) }) => {
             f(gpu, codes.slice(start..start + n), *format)
         }
