@@ -57,7 +57,9 @@ impl Device {
 /// The open GPU `ordinal`, shared by every tensor on it.
 pub(crate) fn gpu(ordinal: usize) -> Result<Arc<Gpu>> {
     static OPEN: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
-    let mut open = OPEN.get_or_init(Default::default).lock().expect("GPU registry lock poisoned");
+    // A panic while a GPU opened (a driver symbol cudarc could not load) leaves the map as it
+    // was: the lock is taken back rather than failing every later op.
+    let mut open = OPEN.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(g) = open.get(&ordinal) {
         return Ok(g.clone());
     }

@@ -373,6 +373,9 @@ fn selections_and_max_reductions() {
     let cond = Tensor::from_vec(vec![1.0f32, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0], &[7], &Device::Cpu).unwrap();
     on_every_device("where_cond", vec![x.clone(), randn(&[5, 1], 101)], |v| cond.where_cond(&v[0], &v[1]));
     on_every_device("masked_fill", vec![x.clone()], |v| v[0].masked_fill(&cond, -3.0));
+    // A condition of integers, as the CPU takes it (a GPU holds float data: it goes up as f32).
+    let icond = Tensor::from_vec(vec![1i64, 0, 2, 1, 0, 0, -1], &[7], &Device::Cpu).unwrap();
+    on_every_device("masked_fill, i64 mask", vec![x.clone()], |v| v[0].masked_fill(&icond, -3.0));
     let idx = Tensor::from_vec(vec![0i64, 2, 2, 4, 1, 0, 3, 3, 2, 1], &[2, 5], &Device::Cpu).unwrap();
     on_every_device("scatter_add", vec![x.clone(), randn(&[2, 5], 102)], |v| {
         v[0].narrow(0, 0, 5)?.narrow(1, 0, 5)?.contiguous()?.scatter_add(0, &idx, &v[1])
@@ -572,6 +575,12 @@ fn ops_without_a_cuda_kernel_say_so() {
     assert_eq!(bf16.to_vec_f32().unwrap(), want.to_vec_f32().unwrap(), "bf16 rounding on the GPU and on the host");
     let back = x.to_device(&Device::Cpu).unwrap();
     assert_eq!(back.to_vec_f32().unwrap(), randn(&[4, 8], 30).to_vec_f32().unwrap(), "to_device both ways is exact");
+    // A shape a kernel refuses (a strided copy of rank 7) is an invalid argument, not a GPU that
+    // is unavailable (it works on).
+    let deep = randn(&[2, 1, 2, 1, 2, 1, 2], 31).to_device(&x.device()).unwrap().transpose(0, 6).unwrap();
+    let err = deep.contiguous().unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    assert_eq!(x.sum_all().unwrap().device(), x.device());
 }
 
 #[test]

@@ -31,8 +31,13 @@ pub(crate) mod dispatch;
 pub(crate) mod fp8;
 pub(crate) mod nn;
 
+/// A launcher's error: a shape it refuses is an invalid argument (the device works); anything
+/// else is the device's.
 pub(crate) fn gpu_error(device: Device) -> impl Fn(GpuError) -> Error {
-    move |e| Error::DeviceUnavailable { device, why: e.to_string() }
+    move |e| match e {
+        GpuError::Shape(msg) => Error::InvalidArgument { op: "CUDA kernel", msg },
+        e => Error::DeviceUnavailable { device, why: e.to_string() },
+    }
 }
 
 /// A failed driver call (a copy, an allocation) on `device` as an error naming what failed.
@@ -655,6 +660,11 @@ pub(crate) fn adamw_step(
         return Err(Error::Params("AdamW updates a parameter in place: it must be contiguous, not a view".into()));
     }
     let (start, n, dev) = (p.layout().offset(), p.elem_count(), p.device());
+    // One GPU for all four: a kernel on the parameter's GPU reading another's buffers faults
+    // (or, with peer access, silently works across the link).
+    if let Some(t) = [grad, m, v].into_iter().find(|t| t.device() != dev) {
+        return Err(Error::DeviceMismatch { op: "AdamW", lhs: dev, rhs: t.device() });
+    }
     let g = packed(grad)?;
     let gguard = g.0.storage.read().expect("tensor storage lock poisoned");
     let (mut pg, mut mg, mut vg) = (

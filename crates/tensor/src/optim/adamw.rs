@@ -66,7 +66,13 @@ impl Moment {
     /// This moment on `device`, in its dtype (moments follow their parameter to a GPU).
     fn on(&mut self, device: Device) -> Result<Tensor> {
         if let Moment::Cuda(t) = self {
-            return Ok(t.clone());
+            if t.device() == device {
+                return Ok(t.clone());
+            }
+            // The parameter moved to another GPU: its moments follow.
+            let moved = t.to_device(&device)?;
+            *self = Moment::Cuda(moved.clone());
+            return Ok(moved);
         }
         let t = self.to_tensor()?.to_device(&device)?;
         *self = Moment::Cuda(t.clone());
