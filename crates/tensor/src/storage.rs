@@ -211,6 +211,15 @@ pub enum CudaBuf {
 }
 
 impl CudaStorage {
+    /// Elements the buffer holds.
+    pub(crate) fn len(&self) -> usize {
+        match &self.buf {
+            CudaBuf::F32(b) => b.len(),
+            CudaBuf::Bf16(b) => b.len(),
+            CudaBuf::Fp8(b, _) => b.len(),
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         match &self.buf {
             CudaBuf::F32(_) => DType::F32,

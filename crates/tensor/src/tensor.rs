@@ -315,6 +315,18 @@ impl Tensor {
         if matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) && self.is_contiguous() {
             return Ok(F32Data::Borrowed(guard, self.0.layout.offset(), self.elem_count()));
         }
+        // A view of part of a GPU buffer (the last position's logits of a prompt) is packed on
+        // the GPU first, so only its values cross to the host, not the whole buffer.
+        if let Storage::Cuda(c) = &*guard {
+            if self.elem_count() == 0 {
+                return Ok(F32Data::Owned(Vec::new()));
+            }
+            let whole = self.is_contiguous() && self.0.layout.offset() == 0 && c.len() == self.elem_count();
+            if !whole && c.dtype().fp8_format().is_none() {
+                drop(guard);
+                return Ok(F32Data::Owned(crate::cuda::copy(&self.detach())?.to_vec_f32()?));
+            }
+        }
         Ok(F32Data::Owned(guard.host(self.device())?.gather_f32(&self.0.layout)))
     }
 

@@ -575,6 +575,16 @@ fn ops_without_a_cuda_kernel_say_so() {
     assert_eq!(bf16.to_vec_f32().unwrap(), want.to_vec_f32().unwrap(), "bf16 rounding on the GPU and on the host");
     let back = x.to_device(&Device::Cpu).unwrap();
     assert_eq!(back.to_vec_f32().unwrap(), randn(&[4, 8], 30).to_vec_f32().unwrap(), "to_device both ways is exact");
+    // Views of part of a GPU buffer are packed there before they cross: the view's values.
+    let host = randn(&[4, 8], 30);
+    for (name, view, want) in [
+        ("a row range", x.narrow(0, 1, 2).unwrap(), host.narrow(0, 1, 2).unwrap()),
+        ("a transposed slice", x.t().unwrap().narrow(0, 3, 2).unwrap(), host.t().unwrap().narrow(0, 3, 2).unwrap()),
+        ("a bf16 column", bf16.narrow(1, 5, 1).unwrap(), want.narrow(1, 5, 1).unwrap()),
+        ("nothing", x.narrow(1, 8, 0).unwrap(), host.narrow(1, 8, 0).unwrap()),
+    ] {
+        assert_eq!(view.to_vec_f32().unwrap(), want.to_vec_f32().unwrap(), "{name}");
+    }
     // A shape a kernel refuses (a strided copy of rank 7) is an invalid argument, not a GPU that
     // is unavailable (it works on).
     let deep = randn(&[2, 1, 2, 1, 2, 1, 2], 31).to_device(&x.device()).unwrap().transpose(0, 6).unwrap();
