@@ -505,14 +505,27 @@ pub struct Scored {
     pub advantages: Vec<f64>,
 }
 
-/// Advantages (outcome, or per step with process supervision) of scored rollouts.
+/// Advantages (outcome, or per step with process supervision) of scored rollouts: `scores[i]`
+/// is rollout i's, in whole groups of `cfg.group_size`; an error otherwise (a shorter list would
+/// silently drop rollouts, a ragged group shift every baseline after it).
 pub fn score_rollouts(
     rollouts: Vec<Rollout>,
     scores: Vec<Scores>,
     problems: &[Problem],
     cfg: &GrpoConfig,
     tok: &dyn Tokenizer,
-) -> Vec<Scored> {
+) -> Result<Vec<Scored>> {
+    if scores.len() != rollouts.len() || rollouts.len() % cfg.group_size.max(1) != 0 {
+        return Err(Error::Rl(format!(
+            "{} scores for {} rollouts in groups of {}",
+            scores.len(),
+            rollouts.len(),
+            cfg.group_size
+        )));
+    }
+    if let Some(r) = rollouts.iter().find(|r| r.problem >= problems.len()) {
+        return Err(Error::Rl(format!("a rollout of problem {} among {} problems", r.problem, problems.len())));
+    }
     let totals: Vec<f64> = scores.iter().map(|s| s.total).collect();
     let outcome = group_advantages(&totals, cfg.group_size, cfg.scale_rewards);
     let mut per_token: Vec<Vec<f64>> = rollouts.iter().zip(&outcome).map(|(r, &a)| vec![a; r.tokens.len()]).collect();
@@ -547,12 +560,12 @@ pub fn score_rollouts(
             }
         }
     }
-    rollouts
+    Ok(rollouts
         .into_iter()
         .zip(scores)
         .zip(per_token)
         .map(|((rollout, scores), advantages)| Scored { rollout, scores, advantages })
-        .collect()
+        .collect())
 }
 
 /// One optimizer update's share of a step: its rows, and the indices of the micro-batch chunks
@@ -1011,7 +1024,7 @@ impl GrpoTrainer {
                 scores.extend(group_scores);
             }
         }
-        let scored = score_rollouts(rollouts, scores, &problems, &cfg, &*self.run.tokenizer);
+        let scored = score_rollouts(rollouts, scores, &problems, &cfg, &*self.run.tokenizer)?;
         Ok((problems, scored, first_zero_frac.unwrap_or(0.0)))
     }
 

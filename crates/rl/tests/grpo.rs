@@ -131,9 +131,14 @@ fn process_supervision_scores_every_completion_of_a_checkable_group_by_its_steps
                 Sample { problem: &problems[r.problem], text: &r.text, tokens: r.tokens.len(), truncated: false };
             rewards.score(&sample).unwrap()
         })
-        .collect();
+        .collect::<Vec<_>>();
     let cfg = GrpoConfig { process_supervision: true, group_size: 2, rewards: "accuracy".into(), ..Default::default() };
-    let scored = score_rollouts(rollouts, scores, &problems, &cfg, &tok);
+    // A score list that does not match the rollouts is an error, not a shorter batch.
+    let mut fewer: Vec<_> = scores.clone();
+    fewer.pop();
+    let err = score_rollouts(rollouts.clone(), fewer, &problems, &cfg, &tok).unwrap_err().to_string();
+    assert!(err.contains("3 scores for 4 rollouts"), "{err}");
+    let scored = score_rollouts(rollouts, scores, &problems, &cfg, &tok).unwrap();
     // Group one's steps: [1, 1, 1] and [0, 0]; mean 0.6, std sqrt(0.3).
     let n = |r: f64| (r - 0.6) / (0.3f64.sqrt() + 1e-4);
     let first = &scored[0].advantages;
