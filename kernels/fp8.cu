@@ -36,11 +36,12 @@ extern "C" __global__ void fp8_quantize_1x128(
 
 // The 1x128 quantisation of x^T without forming it: x [rows, cols] is read in tiles of 128 rows
 // x 32 columns (coalesced along the columns), each column's 128 values are one tile of x^T,
-// and the codes are written transposed, codes [cols, rows] with scales [cols, ceil(rows / 128)]:
-// exactly fp8_quantize_1x128 of the transpose (the Wgrad GEMM's operands, tiled along the
-// tokens). Grid (ceil(rows / 128), ceil(cols / 32)), 256 threads (8 warps).
+// and the codes are written transposed, codes [cols, ld] (ld >= rows; the launcher zeroes the
+// padding, which a GEMM's K may then cover: E4M3 zero codes add nothing) with scales
+// [cols, ceil(rows / 128)]: exactly fp8_quantize_1x128 of the transpose (the Wgrad GEMM's
+// operands, tiled along the tokens). Grid (ceil(rows / 128), ceil(cols / 32)), 256 threads.
 extern "C" __global__ void fp8_quantize_1x128_transposed(
-    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols, float min_amax) {
+    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols, unsigned ld, float min_amax) {
     __shared__ float tile[BLOCK][33];
     __shared__ float warp_max[8][32];
     __shared__ float scale[32];
@@ -67,7 +68,7 @@ extern "C" __global__ void fp8_quantize_1x128_transposed(
     for (unsigned i = threadIdx.x; i < BLOCK * 32; i += blockDim.x) {
         unsigned c = i / BLOCK, r = i % BLOCK;
         if (r0 + r < rows && c0 + c < cols) {
-            codes[(size_t)(c0 + c) * rows + r0 + r] =
+            codes[(size_t)(c0 + c) * ld + r0 + r] =
                 (unsigned char)__nv_cvt_float_to_fp8(tile[r][c] / scale[c], __NV_SATFINITE, __NV_E4M3);
         }
     }

@@ -48,26 +48,34 @@ impl Gpu {
     /// The 1x128 E4M3 quantisation of `xᵀ` for `x` `[rows, cols]` (a device view), without
     /// forming the transpose: an operand `[cols, rows]` tiled along `rows`, each tile scaled for
     /// at least `min_amax` (twin: `Fp8Blocks::quantize_with_min_amax` of `cpu::fp8::transpose(x)`
-    /// in (1, 128) blocks). The Wgrad GEMM's operands, both tiled along the tokens.
+    /// in (1, 128) blocks). The Wgrad GEMM's operands, both tiled along the tokens. Each row of
+    /// the operand is zero-padded to a multiple of `pad` (1: none): a token count the tensor-core
+    /// GEMMs cannot take (they need K % 16 == 0) becomes one they can, the zero codes adding
+    /// nothing to the sums (the tile scales are the same: 16 divides 128).
     pub fn fp8_quantize_transposed_dev(
         &self,
         x: &CudaView<'_, f32>,
         (rows, cols): (usize, usize),
         min_amax: f32,
+        pad: usize,
     ) -> Result<Fp8Operand> {
         need("fp8 quantize (transposed)", x.len(), rows * cols)?;
+        if pad == 0 || 128 % pad != 0 {
+            return Err(GpuError::Shape(format!("fp8 quantize (transposed): padding to {pad} (it must divide 128)")));
+        }
+        let ld = rows.next_multiple_of(pad);
         let (tiles, col_blocks) = (rows.div_ceil(128), cols.div_ceil(32));
         if col_blocks > 65_535 || rows > u32::MAX as usize {
             return Err(GpuError::Shape(format!(
                 "fp8 quantize (transposed): [{rows}, {cols}] exceeds the kernel's grid"
             )));
         }
-        let (mut codes, mut scales) = (self.zeros::<u8>(rows * cols)?, self.zeros::<f32>(cols * tiles)?);
+        let (mut codes, mut scales) = (self.zeros::<u8>(ld * cols)?, self.zeros::<f32>(cols * tiles)?);
         if rows * cols > 0 {
-            let (r32, c32) = (rows as u32, cols as u32);
+            let (r32, c32, ld32) = (rows as u32, cols as u32, ld as u32);
             let name = "fp8_quantize_1x128_transposed";
             let mut l = self.stream.launch_builder(self.function(name));
-            l.arg(x).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32).arg(&min_amax);
+            l.arg(x).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32).arg(&ld32).arg(&min_amax);
             let cfg = LaunchConfig {
                 grid_dim: (tiles as u32, col_blocks as u32, 1),
                 block_dim: (256, 1, 1),
@@ -75,15 +83,21 @@ impl Gpu {
             };
             // SAFETY: each block reads its 128 x 32 tile of x (bounded by [rows, cols]) into
             // static shared memory and writes the transposed codes and one scale per column of
-            // the tile, inside [cols, rows] and [cols, ceil(rows / 128)].
+            // the tile, inside [cols, ld] (ld >= rows) and [cols, ceil(rows / 128)].
             unsafe { l.launch(cfg) }.map_err(cuda(name))?;
         }
-        Ok(Fp8Operand { codes, scales, rows: cols, cols: rows, block_rows: 1 })
+        Ok(Fp8Operand { codes, scales, rows: cols, cols: ld, block_rows: 1 })
     }
 
     /// [`Gpu::fp8_quantize_transposed_dev`] from the host, for the tests.
-    pub fn fp8_quantize_transposed(&self, x: &[f32], (rows, cols): (usize, usize), min_amax: f32) -> Result<Fp8Blocks> {
-        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_transposed_dev(dx, (rows, cols), min_amax))
+    pub fn fp8_quantize_transposed(
+        &self,
+        x: &[f32],
+        (rows, cols): (usize, usize),
+        min_amax: f32,
+        pad: usize,
+    ) -> Result<Fp8Blocks> {
+        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_transposed_dev(dx, (rows, cols), min_amax, pad))
     }
 
     /// `out = decode(code) * scale` for codes `[rows, cols]` in `block`s of either format, with

@@ -536,12 +536,20 @@ fn fp8_kernels(g: &Gpu) -> (Fp8Blocks, Fp8Blocks) {
         [(m, kk, x.clone(), MIN_AMAX), (300, 40, values(300 * 40, 11), MIN_AMAX), (m, kk, tiny, GRADIENT_MIN_AMAX)]
     {
         let want = Fp8Blocks::quantize_with_min_amax(&transpose(&v, rows, cols), (cols, rows), (1, 128), e4m3, floor);
-        let got = g.fp8_quantize_transposed(&v, (rows, cols), floor).unwrap();
+        let got = g.fp8_quantize_transposed(&v, (rows, cols), floor, 1).unwrap();
         assert_eq!(
-            (got.codes, got.scales),
-            (want.codes, want.scales),
+            (&got.codes, &got.scales),
+            (&want.codes, &want.scales),
             "[{rows}, {cols}] transposed 1x128 quantisation (amax floor {floor:e})"
         );
+        // Padded to 16 tokens (the Wgrad GEMM's K on the tensor cores): each row the same codes
+        // then zeros, the same scales.
+        let ld = rows.next_multiple_of(16);
+        let padded = g.fp8_quantize_transposed(&v, (rows, cols), floor, 16).unwrap();
+        let want_codes: Vec<u8> =
+            want.codes.chunks(rows).flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0, ld - rows))).collect();
+        assert_eq!((padded.rows, padded.cols), (cols, ld));
+        assert_eq!((padded.codes, padded.scales), (want_codes, want.scales), "[{rows}, {cols}] padded to {ld}");
     }
     let (gt, ct) = (g.fp8_transpose(&wq).unwrap(), wq.transpose());
     assert_eq!((gt.codes, gt.scales, gt.rows, gt.cols), (ct.codes, ct.scales, ct.rows, ct.cols), "weight transpose");

@@ -158,15 +158,17 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
         if let Some(w) = inputs.get(1) {
             grads.push(if needs[1] {
                 // Wgrad: dyᵀ [n, m] x (xᵀ [k, m])ᵀ, K = m (the tokens): both transposes quantized
-                // in 1x128 tiles along it, straight from dy and x.
+                // in 1x128 tiles along it, straight from dy and x, zero-padded to a multiple of
+                // 16 tokens so that any token count (an expert's) runs on the tensor cores.
                 let xp = packed(x)?;
                 let (g, dw) = super::with_buffers([&dy, &xp], |g, [dyb, xb]| {
-                    let dyt = g
-                        .fp8_quantize_transposed_dev(&dyb.slice(..), (m, n), GRADIENT_MIN_AMAX)
-                        .map_err(gpu_error(dev))?;
-                    let xt = g.fp8_quantize_transposed_dev(&xb.slice(..), (m, k), MIN_AMAX).map_err(gpu_error(dev))?;
+                    let quantize = |b: &CudaSlice<f32>, cols, floor| {
+                        g.fp8_quantize_transposed_dev(&b.slice(..), (m, cols), floor, 16).map_err(gpu_error(dev))
+                    };
+                    let (dyt, xt) = (quantize(dyb, n, GRADIENT_MIN_AMAX)?, quantize(xb, k, MIN_AMAX)?);
                     let mut dw = alloc(g, dev, n * k)?;
-                    g.fp8_gemm_dev(&dyt.view(), &xt.view(), &mut dw, g.fp8_gemm_kernel(m)).map_err(gpu_error(dev))?;
+                    g.fp8_gemm_dev(&dyt.view(), &xt.view(), &mut dw, g.fp8_gemm_kernel(dyt.cols))
+                        .map_err(gpu_error(dev))?;
                     Ok((g.clone(), dw))
                 })?;
                 Some(tensor(g, dw, w.dims(), w.dtype(), &[], NoBackward)?)
