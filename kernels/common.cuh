@@ -17,6 +17,20 @@ __device__ inline T block_sum(T v, T* shared) {
     return total;
 }
 
+// No index (a thread's empty share of an axis, a slot not yet taken).
+#define RANK_NONE 0xffffffffu
+
+// (v, i) ranks before (w, j) in a descending order with first indices first: NaN first (as
+// torch.topk and torch.argmax have it), then the larger value, ties (NaNs included) to the lower
+// index; RANK_NONE ranks last.
+__device__ inline bool ranks_before(float v, unsigned i, float w, unsigned j) {
+    if (i == RANK_NONE) return false;
+    if (j == RANK_NONE) return true;
+    bool v_nan = isnan(v), w_nan = isnan(w);
+    if (v_nan != w_nan) return v_nan;
+    return (v_nan || v == w) ? i < j : v > w;
+}
+
 // Max of `v` over the block, as block_sum.
 __device__ inline float block_max(float v, float* shared) {
     shared[threadIdx.x] = v;

@@ -7,17 +7,7 @@
 #include "common.cuh"
 #include "shared_memory.cuh"
 
-#define NONE 0xffffffffu
-
-// (v, i) ranks before (w, j): NaN first (as torch.topk and the CPU twin have it), then the larger
-// value, ties to the lower index; NONE ranks last.
-__device__ inline bool ranks_before(float v, unsigned i, float w, unsigned j) {
-    if (i == NONE) return false;
-    if (j == NONE) return true;
-    bool v_nan = isnan(v), w_nan = isnan(w);
-    if (v_nan != w_nan) return v_nan;
-    return (v_nan || v == w) ? i < j : v > w;
-}
+#define NONE RANK_NONE
 
 // Dynamic shared memory, in 4-byte words: s [E], choice [E], taken [E], best_v [blockDim.x],
 // best_i [blockDim.x], group_score [n_group], kept [n_group]. blockDim.x is a power of two.

@@ -256,3 +256,70 @@ extern "C" __global__ void sum_mid_wide_f32(const float* x, float* y, unsigned o
         if (threadIdx.x == 0) y[t] = (float)acc;
     }
 }
+
+// argmax_mid_f32 with one block per output (grid-stride), for a long axis (a vocabulary's logits
+// in greedy decoding): each thread keeps the first of every blockDim.x-th value in
+// `ranks_before`'s order, then the block's tree the first of those; the same index as the
+// one-thread scan (that order is total). Dynamic shared memory: blockDim.x floats and as many unsigned.
+extern "C" __global__ void argmax_mid_wide_f32(const float* x, float* y, unsigned outer, unsigned n, unsigned inner) {
+    float* sv = reinterpret_cast<float*>(dynamic_shared_memory());
+    unsigned* sj = reinterpret_cast<unsigned*>(sv + blockDim.x);
+    unsigned long long total = (unsigned long long)outer * inner;
+    for (unsigned long long t = blockIdx.x; t < total; t += gridDim.x) {
+        const float* p = x + (t / inner) * n * inner + t % inner;
+        float bv = -INFINITY;
+        unsigned bj = RANK_NONE;
+        for (unsigned j = threadIdx.x; j < n; j += blockDim.x) {
+            float v = p[(unsigned long long)j * inner];
+            if (ranks_before(v, j, bv, bj)) {
+                bv = v;
+                bj = j;
+            }
+        }
+        sv[threadIdx.x] = bv;
+        sj[threadIdx.x] = bj;
+        __syncthreads();
+        for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+            if (threadIdx.x < s && ranks_before(sv[threadIdx.x + s], sj[threadIdx.x + s], sv[threadIdx.x], sj[threadIdx.x])) {
+                sv[threadIdx.x] = sv[threadIdx.x + s];
+                sj[threadIdx.x] = sj[threadIdx.x + s];
+            }
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) y[t] = sj[0] == RANK_NONE ? 0.0f : (float)sj[0];
+        __syncthreads();
+    }
+}
+
+// logsumexp_mid_f32 with one block per output (grid-stride), for a long axis: the block's max
+// (fmaxf: NaN skipped), then, for a finite max, the f64 sum of exp(x - max) split over the threads
+// (another order than the one-thread sum: the same f32 result unless the exact value lies within
+// f64 rounding of an f32 boundary); an infinite max is the answer unless the axis holds a NaN.
+// Dynamic shared memory: blockDim.x doubles.
+extern "C" __global__ void logsumexp_mid_wide_f32(const float* x, float* y, unsigned outer, unsigned n, unsigned inner) {
+    double* shared = reinterpret_cast<double*>(dynamic_shared_memory());
+    float* fshared = reinterpret_cast<float*>(shared);
+    unsigned long long total = (unsigned long long)outer * inner;
+    for (unsigned long long t = blockIdx.x; t < total; t += gridDim.x) {
+        const float* p = x + (t / inner) * n * inner + t % inner;
+        float m = -INFINITY;
+        double nans = 0.0;
+        for (unsigned j = threadIdx.x; j < n; j += blockDim.x) {
+            float v = p[(unsigned long long)j * inner];
+            m = fmaxf(m, v);
+            nans += isnan(v) ? 1.0 : 0.0;
+        }
+        m = block_max(m, fshared);
+        nans = block_sum(nans, shared);
+        float r;
+        if (isinf(m)) {
+            r = nans > 0.0 ? nanf("") : m;
+        } else {
+            double acc = 0.0;
+            for (unsigned j = threadIdx.x; j < n; j += blockDim.x) acc += exp((double)(p[(unsigned long long)j * inner] - m));
+            acc = block_sum(acc, shared);
+            r = m + (float)log(acc);
+        }
+        if (threadIdx.x == 0) y[t] = r;
+    }
+}

@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0xd9c3680eba838ba5;
+pub const SOURCE_HASH: u64 = 0x762a76fd612302c9;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -133,6 +133,8 @@ pub const MODULES: &[PtxModule] = &[
             "logsumexp_mid_f32",
             "sum_mid_f32",
             "sum_mid_wide_f32",
+            "argmax_mid_wide_f32",
+            "logsumexp_mid_wide_f32",
         ],
         sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/tensor.sm_90.ptx"),

@@ -265,17 +265,21 @@ impl Gpu {
         let kernel = if wide { "sum_mid_wide_f32" } else { "sum_mid_f32" };
         let mut l = self.stream.launch_builder(self.function(kernel));
         l.arg(x).arg(y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
-        let config = if wide {
-            let blocks = (outer * inner).clamp(1, MAX_BLOCKS as usize) as u32;
-            LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 8 * THREADS }
-        } else {
-            grid_for(outer * inner)?
-        };
         // SAFETY: each output (a thread's, or a block's in grid-stride) reads its n inputs, all
         // inside x; the wide kernel's shared memory holds a double per thread.
-        unsafe { l.launch(config) }.map_err(cuda(kernel))?;
+        unsafe { l.launch(mid_config(wide, outer * inner)?) }.map_err(cuda(kernel))?;
         Ok(())
     }
+}
+
+/// The launch of a middle-axis reduction with `outputs` outputs: a thread each, or for the wide
+/// kernels a block each (grid-stride) with 8 bytes of shared memory per thread.
+fn mid_config(wide: bool, outputs: usize) -> Result<LaunchConfig> {
+    if !wide {
+        return grid_for(outputs);
+    }
+    let blocks = outputs.clamp(1, MAX_BLOCKS as usize) as u32;
+    Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 8 * THREADS })
 }
 
 /// `[outer, n, inner]` as the kernels' 32-bit sizes (their offsets are 64-bit).
@@ -332,15 +336,21 @@ impl Gpu {
     ) -> Result<()> {
         need("reduction", x.len(), outer * n * inner)?;
         need("reduction", y.len(), outer * inner)?;
-        let kernel = match reduction {
-            MidReduction::Argmax => "argmax_mid_f32",
-            MidReduction::LogSumExp => "logsumexp_mid_f32",
+        // A long axis of few outputs (a vocabulary's logits) gets a block per output, as the sum.
+        let wide = sums_wide(outer, n, inner);
+        let kernel = match (reduction, wide) {
+            (MidReduction::Argmax, false) => "argmax_mid_f32",
+            (MidReduction::Argmax, true) => "argmax_mid_wide_f32",
+            (MidReduction::LogSumExp, false) => "logsumexp_mid_f32",
+            (MidReduction::LogSumExp, true) => "logsumexp_mid_wide_f32",
         };
         let dims = mid_dims(kernel, (outer, n, inner))?;
         let mut l = self.stream.launch_builder(self.function(kernel));
         l.arg(x).arg(y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
-        // SAFETY: one thread per output reads its n inputs, all inside x.
-        unsafe { l.launch(grid_for(outer * inner)?) }.map_err(cuda(kernel))?;
+        // SAFETY: each output (a thread's, or a block's in grid-stride) reads its n inputs, all
+        // inside x; the wide kernels' shared memory holds 8 bytes per thread (a double, or a
+        // float and an index).
+        unsafe { l.launch(mid_config(wide, outer * inner)?) }.map_err(cuda(kernel))?;
         Ok(())
     }
 }

@@ -378,60 +378,86 @@ fn tensor_kernels_match_their_formulas() {
     let want: Vec<f32> = (0..120).map(|i| if mask[i] != 0.0 { a[i] } else { copied[i] }).collect();
     assert_eq!(down(&g, &selected), want, "select");
 
-    // Reductions over the middle axis of [outer, n, inner], with a NaN for argmax and a row of
-    // -inf for logsumexp.
+    // Reductions over the middle axis of [outer, n, inner], each against its definition: the
+    // one-thread kernels on a short axis (a NaN for argmax, a row of -inf for logsumexp), the
+    // block-per-output ones on long axes (ties far apart, two NaNs, all -inf, a +inf).
+    let check_mid = |r: &[f32], (outer, mid, inner): (usize, usize, usize)| {
+        let dr = up(&g, r);
+        let column = |o: usize, i: usize| (0..mid).map(move |j| r[(o * mid + j) * inner + i]);
+        for reduction in [None, Some(MidReduction::Argmax), Some(MidReduction::LogSumExp)] {
+            let mut dy = uninit(&g, outer * inner);
+            match reduction {
+                None => g.sum_mid_dev(&dr.slice(..), &mut dy, (outer, mid, inner)),
+                Some(red) => g.reduce_mid_dev(red, &dr.slice(..), &mut dy, (outer, mid, inner)),
+            }
+            .unwrap();
+            let y = down(&g, &dy);
+            for o in 0..outer {
+                for i in 0..inner {
+                    let got = y[o * inner + i];
+                    let want = match reduction {
+                        None => column(o, i).map(f64::from).sum::<f64>() as f32,
+                        Some(MidReduction::Argmax) => {
+                            let mut best = 0;
+                            for (j, v) in column(o, i).enumerate() {
+                                if v.is_nan() {
+                                    best = j;
+                                    break;
+                                }
+                                if v > column(o, i).nth(best).unwrap() {
+                                    best = j;
+                                }
+                            }
+                            best as f32
+                        }
+                        Some(MidReduction::LogSumExp) => {
+                            let m = column(o, i).fold(f32::NEG_INFINITY, f32::max);
+                            if m.is_infinite() {
+                                if column(o, i).any(f32::is_nan) {
+                                    f32::NAN
+                                } else {
+                                    m
+                                }
+                            } else {
+                                m + column(o, i).map(|v| ((v - m) as f64).exp()).sum::<f64>().ln() as f32
+                            }
+                        }
+                    };
+                    let ok = match reduction {
+                        Some(MidReduction::LogSumExp) if want.is_finite() => {
+                            (got - want).abs() <= 1e-6 * (1.0 + want.abs())
+                        }
+                        // The sum in f64 in another order on a long axis: one ulp at most.
+                        None if mid >= 4096 => {
+                            (i64::from(got.to_bits() as i32) - i64::from(want.to_bits() as i32)).abs() <= 1
+                        }
+                        _ => got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                    };
+                    assert!(ok, "{reduction:?} of [{outer}, {mid}, {inner}] at [{o}, {i}]: {got} vs {want}");
+                }
+            }
+        }
+    };
     let (outer, mid, inner) = (3usize, 50usize, 7usize);
     let mut r = values(outer * mid * inner, 84);
     r[(mid + 9) * inner + 2] = f32::NAN; // outer 1, j 9, inner 2
     for j in 0..mid {
         r[(2 * mid + j) * inner + 4] = f32::NEG_INFINITY;
     }
-    let (r, dr) = (&r, up(&g, &r));
-    let column = |o: usize, i: usize| (0..mid).map(move |j| r[(o * mid + j) * inner + i]);
-    for reduction in [None, Some(MidReduction::Argmax), Some(MidReduction::LogSumExp)] {
-        let mut dy = uninit(&g, outer * inner);
-        match reduction {
-            None => g.sum_mid_dev(&dr.slice(..), &mut dy, (outer, mid, inner)),
-            Some(red) => g.reduce_mid_dev(red, &dr.slice(..), &mut dy, (outer, mid, inner)),
-        }
-        .unwrap();
-        let y = down(&g, &dy);
-        for o in 0..outer {
-            for i in 0..inner {
-                let got = y[o * inner + i];
-                let want = match reduction {
-                    None => column(o, i).map(f64::from).sum::<f64>() as f32,
-                    Some(MidReduction::Argmax) => {
-                        let mut best = 0;
-                        for (j, v) in column(o, i).enumerate() {
-                            if v.is_nan() {
-                                best = j;
-                                break;
-                            }
-                            if v > column(o, i).nth(best).unwrap() {
-                                best = j;
-                            }
-                        }
-                        best as f32
-                    }
-                    Some(MidReduction::LogSumExp) => {
-                        let m = column(o, i).fold(f32::NEG_INFINITY, f32::max);
-                        if m == f32::NEG_INFINITY {
-                            m
-                        } else {
-                            m + column(o, i).map(|v| ((v - m) as f64).exp()).sum::<f64>().ln() as f32
-                        }
-                    }
-                };
-                let ok = if reduction != Some(MidReduction::LogSumExp) || !want.is_finite() {
-                    got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan())
-                } else {
-                    (got - want).abs() <= 1e-6 * (1.0 + want.abs())
-                };
-                assert!(ok, "{reduction:?} [{o}, {i}]: {got} vs {want}");
-            }
-        }
+    check_mid(&r, (outer, mid, inner));
+    // A vocabulary's logits per row (contiguous): the maximum tied at 17 and 4000 (the first
+    // wins), two NaNs (the first wins); and three long columns of few outputs: all -inf, a +inf,
+    // plain values.
+    let mut rows = values(2 * 5000, 86);
+    (rows[17], rows[4000]) = (9.0, 9.0);
+    (rows[5000 + 3000], rows[5000 + 4500]) = (f32::NAN, f32::NAN);
+    check_mid(&rows, (2, 5000, 1));
+    let mut cols = values(9001 * 3, 87);
+    for j in 0..9001 {
+        cols[j * 3] = f32::NEG_INFINITY;
     }
+    cols[5 * 3 + 1] = f32::INFINITY;
+    check_mid(&cols, (1, 9001, 3));
 
     // Long axes of contiguous values, or of few outputs, take the sum with a block per output:
     // f64 partial sums added in another order than the CPU's, so its f32 result, or one ulp off
