@@ -67,10 +67,17 @@ ONLY=",${GPU_CHECK_ONLY:-new,opt_in,tests,kernels,steps,cli},"
 wanted() { [[ "$ONLY" == *",$1,"* ]]; }
 # `limited N CMD...`: CMD for at most N seconds, or what is left of the budget when that is less
 # (SIGKILL 10 s after SIGTERM); with under 10 s left, CMD is not run (exit status 125).
+# `budget_bound` says which limit applied: a step killed at its own cap hung (a failure), one
+# cut by the budget ran out of time.
+budget_bound=0
 limited() {
     local t=$1 left=$((BUDGET - SECONDS))
     shift
-    [ "$left" -lt "$t" ] && t=$left
+    budget_bound=0
+    if [ "$left" -lt "$t" ]; then
+        t=$left
+        budget_bound=1
+    fi
     if [ "$t" -lt 10 ]; then
         echo "not run: out of time (at ${SECONDS} s)"
         return 125
@@ -105,11 +112,13 @@ tee_pid=$!
     status=0     # a failure
     skipped=0    # a test that found no GPU
     incomplete=0 # a step cut short or not run for time
-    # A step's exit status: 0, a failure, or out of time (125 not run, 124/137 killed).
+    # A step's exit status: 0; out of time (125: not run; 124/137: killed when the budget, not
+    # the step's own cap, was the limit); or a failure (a hang past its cap included).
     judge() {
         case $1 in
         0) ;;
-        124 | 125 | 137) incomplete=1 ;;
+        125) incomplete=1 ;;
+        124 | 137) if [ "$budget_bound" -eq 1 ]; then incomplete=1; else echo "(killed at its own time cap: a hang?)"; status=1; fi ;;
         *) status=1 ;;
         esac
     }
@@ -233,26 +242,31 @@ tee_pid=$!
         }
         pretrain_run cuda fp32
         echo
-        echo "generate, greedy, from the cuda-fp32 checkpoint:"
-        for dev in cuda cpu; do
-            limited 30 "$bins/whale-cli" generate --checkpoint /tmp/gpu-check-cuda-fp32/checkpoint --prompt "12+7=" \
-                --max-new-tokens 24 --greedy --device "$dev" >"$logs/generate-$dev.out" 2>"$logs/generate-$dev.log"
+        if [ ! -f /tmp/gpu-check-cuda-fp32/checkpoint/config.json ]; then
+            # Their failures would only repeat the pretraining's.
+            echo "generate and r1-zero: not run, the cuda-fp32 pretraining wrote no checkpoint"
+        else
+            echo "generate, greedy, from the cuda-fp32 checkpoint:"
+            for dev in cuda cpu; do
+                limited 30 "$bins/whale-cli" generate --checkpoint /tmp/gpu-check-cuda-fp32/checkpoint --prompt "12+7=" \
+                    --max-new-tokens 24 --greedy --device "$dev" >"$logs/generate-$dev.out" 2>"$logs/generate-$dev.log"
+                rc=$?
+                echo "$dev: exit status $rc; $(head -1 "$logs/generate-$dev.out"); $(grep -o '[0-9.]* tokens/s' "$logs/generate-$dev.log")"
+                [ "$rc" -eq 0 ] || grep -m 1 -A 3 -E "^Error|panicked" "$logs/generate-$dev.log"
+                judge $rc
+            done
+            echo
+            echo "r1-zero (GRPO, 3 steps) from the cuda-fp32 checkpoint on the GPU:"
+            rm -rf /tmp/gpu-check-r1-zero
+            limited 90 "$bins/whale-cli" r1-zero --base /tmp/gpu-check-cuda-fp32/checkpoint --device cuda \
+                --out /tmp/gpu-check-r1-zero --steps 3 --prompts-per-step 4 --group-size 4 --eval-every 0 \
+                --eval-problems 16 --k 2 >"$logs/r1-zero.log" 2>&1
             rc=$?
-            echo "$dev: exit status $rc; $(head -1 "$logs/generate-$dev.out"); $(grep -o '[0-9.]* tokens/s' "$logs/generate-$dev.log")"
-            [ "$rc" -eq 0 ] || grep -m 1 -A 3 -E "^Error|panicked" "$logs/generate-$dev.log"
+            echo "exit status $rc; $(grep -E 's/step|pass@1 |not run' "$logs/r1-zero.log" | tr '\n' ' ')"
+            echo "last step: $(tail -1 /tmp/gpu-check-r1-zero/metrics.jsonl 2>/dev/null | cut -c1-400)"
+            [ "$rc" -eq 0 ] || grep -m 1 -A 3 -E "^Error|panicked" "$logs/r1-zero.log"
             judge $rc
-        done
-        echo
-        echo "r1-zero (GRPO, 3 steps) from the cuda-fp32 checkpoint on the GPU:"
-        rm -rf /tmp/gpu-check-r1-zero
-        limited 90 "$bins/whale-cli" r1-zero --base /tmp/gpu-check-cuda-fp32/checkpoint --device cuda \
-            --out /tmp/gpu-check-r1-zero --steps 3 --prompts-per-step 4 --group-size 4 --eval-every 0 \
-            --eval-problems 16 --k 2 >"$logs/r1-zero.log" 2>&1
-        rc=$?
-        echo "exit status $rc; $(grep -E 's/step|pass@1 |not run' "$logs/r1-zero.log" | tr '\n' ' ')"
-        echo "last step: $(tail -1 /tmp/gpu-check-r1-zero/metrics.jsonl 2>/dev/null | cut -c1-400)"
-        [ "$rc" -eq 0 ] || grep -m 1 -A 3 -E "^Error|panicked" "$logs/r1-zero.log"
-        judge $rc
+        fi
         echo
         pretrain_run cuda bf16
         pretrain_run cuda fp8
@@ -275,4 +289,6 @@ tee_pid=$!
         echo "overall: PASS"
     fi
     echo "elapsed: ${SECONDS} s"
+    # The device's exit status says it too: 1 a failure, 3 incomplete, 0 a pass (or skipped).
+    if [ $status -ne 0 ]; then exit 1; elif [ $incomplete -ne 0 ]; then exit 3; fi
 }

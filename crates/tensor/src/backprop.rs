@@ -273,8 +273,11 @@ fn sum_into(prev: Option<Tensor>, g: Tensor) -> Result<Tensor> {
 /// only a gradient nothing else holds. A pass-through backward (add's, a seed's) hands on the very
 /// tensor the caller holds, and a broadcast's is a stride-0 view: stored as they are, a write into
 /// one gradient would change another, or the caller's seed, and in-place updates would refuse it.
+/// A view of part of a larger buffer (cat's backward narrows its gradient) is copied too, so a
+/// leaf's gradient does not keep the whole buffer alive.
 fn owned_gradient(g: Tensor) -> Result<Tensor> {
-    if g.is_contiguous() && Arc::strong_count(&g.0) == 1 && Arc::strong_count(&g.0.storage) == 1 {
+    let len = g.0.storage.read().expect("tensor storage lock poisoned").len();
+    if g.spans_its_buffer(len) && Arc::strong_count(&g.0) == 1 && Arc::strong_count(&g.0.storage) == 1 {
         return Ok(g);
     }
     g.deep_clone()

@@ -258,6 +258,14 @@ impl Storage {
         }
     }
 
+    /// Elements the buffer holds.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Storage::Cpu(s) => s.len(),
+            Storage::Cuda(c) => c.len(),
+        }
+    }
+
     /// The values on the host: borrowed for host storage, copied from the GPU otherwise. A failed
     /// copy is an error that names the device.
     pub(crate) fn host(&self, device: Device) -> Result<Cow<'_, CpuStorage>> {

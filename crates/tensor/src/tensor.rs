@@ -321,13 +321,26 @@ impl Tensor {
             if self.elem_count() == 0 {
                 return Ok(F32Data::Owned(Vec::new()));
             }
-            let whole = self.is_contiguous() && self.0.layout.offset() == 0 && c.len() == self.elem_count();
-            if !whole && c.dtype().fp8_format().is_none() {
+            if !self.spans_its_buffer(c.len()) && c.dtype().fp8_format().is_none() {
                 drop(guard);
-                return Ok(F32Data::Owned(crate::cuda::copy(&self.detach())?.to_vec_f32()?));
+                match crate::cuda::copy(&self.detach()) {
+                    Ok(packed) => return Ok(F32Data::Owned(packed.to_vec_f32()?)),
+                    // A view the strided copy cannot take (rank over 6, a dimension over 32
+                    // bits): gathered on the host from the whole buffer, as before.
+                    Err(Error::InvalidArgument { .. }) => {
+                        let guard = self.0.storage.read().expect("tensor storage lock poisoned");
+                        return Ok(F32Data::Owned(guard.host(self.device())?.gather_f32(&self.0.layout)));
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(F32Data::Owned(guard.host(self.device())?.gather_f32(&self.0.layout)))
+    }
+
+    /// Whether this tensor is the whole of its `len`-element buffer, in order.
+    pub(crate) fn spans_its_buffer(&self, len: usize) -> bool {
+        self.is_contiguous() && self.0.layout.offset() == 0 && len == self.elem_count()
     }
 
     /// Where the rows of a `[batch, heads, len, dim]` host f32 tensor lie in its storage, when
@@ -456,19 +469,26 @@ impl Tensor {
         if !self.is_contiguous() {
             return Err(Error::invalid("with_f32_mut", "tensor is not contiguous"));
         }
+        // Checked under a read lock first: a refused call writes nothing, so it takes no new
+        // version (a backward through the tensor would be refused for it).
+        let on_gpu = match (&*self.0.storage.read().expect("tensor storage lock poisoned"), self.dtype()) {
+            (Storage::Cpu(_) | Storage::Cuda(_), DType::F32) => self.device().is_cuda(),
+            (_, dtype) => {
+                return Err(Error::UnsupportedDType {
+                    op: "with_f32_mut",
+                    dtype,
+                    why: "in-place updates need f32 (master weights are f32)",
+                })
+            }
+        };
+        if on_gpu {
+            return crate::cuda::with_f32_mut(self, f);
+        }
         let mut guard = self.0.storage.write().expect("tensor storage lock poisoned");
         let (start, len) = (self.0.layout.offset(), self.elem_count());
         match &mut *guard {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(f(&mut v[start..start + len])),
-            Storage::Cuda(_) => {
-                drop(guard);
-                crate::cuda::with_f32_mut(self, f)
-            }
-            other => Err(Error::UnsupportedDType {
-                op: "with_f32_mut",
-                dtype: other.dtype(),
-                why: "in-place updates need f32 (master weights are f32)",
-            }),
+            _ => Err(Error::invalid("with_f32_mut", "the storage changed kind while it was checked")),
         }
     }
 

@@ -272,6 +272,12 @@ fn in_place_writes_into_values_a_backward_reads_are_refused() {
     w.with_f32_mut(|v| v[1] -= 1.0).unwrap();
     let err = work.run().expect_err("a W pass through a stepped weight").to_string();
     assert!(err.contains("written in place"), "{err}");
+    // A refused in-place update writes nothing and takes no new version: the backward through
+    // the bf16 tensor it was refused on still runs.
+    let h = randn(&[2, 3], 4).to_dtype(DType::BF16).unwrap().variable();
+    let loss = h.sqr().unwrap().sum_all().unwrap();
+    assert!(h.with_f32_mut(|v| v.fill(0.0)).is_err());
+    loss.backward().unwrap();
     // Forward, backward, write, forward, backward: a training loop's order is fine, and the
     // second gradient is the new weight's.
     w.zero_grad();

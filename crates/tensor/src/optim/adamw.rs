@@ -148,6 +148,10 @@ impl AdamW {
                 format!("a {:?} gradient", g.dims())
             } else if p.dtype() != DType::F32 || !p.is_contiguous() {
                 format!("{:?} storage that is not contiguous f32 (master weights are)", p.dtype())
+            } else if g.device() != p.device() {
+                format!("a gradient on {:?}, the parameter on {:?}", g.device(), p.device())
+            } else if p.device().is_cuda() && g.dtype() != DType::F32 {
+                format!("a {:?} gradient on the GPU (the fused step reads f32)", g.dtype())
             } else {
                 continue;
             };
@@ -163,7 +167,8 @@ impl AdamW {
                 v: Moment::zeros(n, dtype),
                 step: 0,
             });
-            moments.step += 1;
+            // Counted once the update has been made (a failed one leaves the count as it was).
+            let step = moments.step + 1;
             let decay = if p.rank() >= 2 || self.config.decay_1d { self.config.weight_decay } else { 0.0 };
             let hp = AdamWStep {
                 lr,
@@ -171,20 +176,21 @@ impl AdamW {
                 beta2: self.config.beta2,
                 eps: self.config.eps,
                 weight_decay: decay,
-                step: moments.step,
+                step,
             };
-            let Moments { m, v, .. } = moments;
+            let Moments { m, v, step: count } = moments;
             if p.device().is_cuda() {
                 let (m, v) = (m.on(p.device())?, v.on(p.device())?);
                 crate::cuda::adamw_step(p, &g, &m, &v, &hp)
                     .map_err(|e| Error::Params(format!("AdamW cannot update `{name}`: {e}")))?;
-                continue;
+            } else {
+                let grad = g.to_vec_f32()?;
+                p.with_f32_mut(|w| m.with_f32(|m| v.with_f32(|v| adamw_step(w, &grad, m, v, &hp))))
+                    .and_then(|r| r)
+                    .and_then(|r| r)
+                    .map_err(|e| Error::Params(format!("AdamW cannot update `{name}`: {e}")))?;
             }
-            let grad = g.to_vec_f32()?;
-            p.with_f32_mut(|w| m.with_f32(|m| v.with_f32(|v| adamw_step(w, &grad, m, v, &hp))))
-                .and_then(|r| r)
-                .and_then(|r| r)
-                .map_err(|e| Error::Params(format!("AdamW cannot update `{name}`: {e}")))?;
+            *count = step;
         }
         Ok(())
     }
