@@ -303,14 +303,13 @@ impl DeepSeekV3Config {
         // by their top-2 sum) with sigmoid, V2's (groups scored by their max, no bias) with
         // softmax; a `topk_method` naming the other rule is refused, not routed differently.
         match (self.topk_method.as_deref(), self.scoring_func.as_str()) {
-            (Some("noaux_tc"), "softmax") | (Some("group_limited_greedy"), "sigmoid") => {
+            (Some(method @ "noaux_tc"), scoring @ "softmax")
+            | (Some(method @ "group_limited_greedy"), scoring @ "sigmoid") => {
                 return Err(Error::config(
                     "topk_method",
                     format!(
-                        "`{}` with scoring_func `{}` is not supported: noaux_tc goes with sigmoid (V3), \
-                         group_limited_greedy with softmax (V2)",
-                        self.topk_method.as_deref().unwrap_or_default(),
-                        self.scoring_func
+                        "`{method}` with scoring_func `{scoring}` is not supported: noaux_tc goes with sigmoid \
+                         (V3), group_limited_greedy with softmax (V2)"
                     ),
                 ))
             }

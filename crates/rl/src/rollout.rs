@@ -234,7 +234,8 @@ pub fn logprobs(model: &dyn CausalLm, batch: &PackedBatch, temperature: f32) -> 
 pub fn score(model: &dyn CausalLm, batch: &PackedBatch, temperature: f32) -> Result<Scored> {
     let logp = next_token_log_softmax(model, batch, temperature)?;
     let logprobs = next_token_logprobs(batch, &logp)?;
-    let per_position = no_grad(|| logp.detach().exp()?.mul(&logp.detach())?.sum(2)?.neg()?.to_vec_f32())?;
+    let lp = logp.detach();
+    let per_position = no_grad(|| lp.exp()?.mul(&lp)?.sum(2)?.neg()?.to_vec_f32())?;
     let entropies = batch.mask[..batch.n * (batch.len - 1)]
         .iter()
         .zip(per_position)

@@ -323,18 +323,22 @@ impl Tensor {
             }
             if !self.spans_its_buffer(c.len()) && c.dtype().fp8_format().is_none() {
                 drop(guard);
-                match crate::cuda::copy(&self.detach()) {
-                    Ok(packed) => return Ok(F32Data::Owned(packed.to_vec_f32()?)),
+                return match crate::cuda::copy(&self.detach()) {
+                    Ok(packed) => Ok(F32Data::Owned(packed.to_vec_f32()?)),
                     // A view the strided copy cannot take (rank over 6, a dimension over 32
                     // bits): gathered on the host from the whole buffer, as before.
-                    Err(Error::InvalidArgument { .. }) => {
-                        let guard = self.0.storage.read().expect("tensor storage lock poisoned");
-                        return Ok(F32Data::Owned(guard.host(self.device())?.gather_f32(&self.0.layout)));
-                    }
-                    Err(e) => return Err(e),
-                }
+                    Err(Error::InvalidArgument { .. }) => self.gathered_on_host(),
+                    Err(e) => Err(e),
+                };
             }
         }
+        drop(guard);
+        self.gathered_on_host()
+    }
+
+    /// The values gathered on the host from the whole buffer (copied from the GPU first there).
+    fn gathered_on_host(&self) -> Result<F32Data<'_>> {
+        let guard = self.0.storage.read().expect("tensor storage lock poisoned");
         Ok(F32Data::Owned(guard.host(self.device())?.gather_f32(&self.0.layout)))
     }
 
@@ -469,19 +473,16 @@ impl Tensor {
         if !self.is_contiguous() {
             return Err(Error::invalid("with_f32_mut", "tensor is not contiguous"));
         }
-        // Checked under a read lock first: a refused call writes nothing, so it takes no new
+        // Checked before the write lock: a refused call writes nothing, so it takes no new
         // version (a backward through the tensor would be refused for it).
-        let on_gpu = match (&*self.0.storage.read().expect("tensor storage lock poisoned"), self.dtype()) {
-            (Storage::Cpu(_) | Storage::Cuda(_), DType::F32) => self.device().is_cuda(),
-            (_, dtype) => {
-                return Err(Error::UnsupportedDType {
-                    op: "with_f32_mut",
-                    dtype,
-                    why: "in-place updates need f32 (master weights are f32)",
-                })
-            }
-        };
-        if on_gpu {
+        if self.dtype() != DType::F32 {
+            return Err(Error::UnsupportedDType {
+                op: "with_f32_mut",
+                dtype: self.dtype(),
+                why: "in-place updates need f32 (master weights are f32)",
+            });
+        }
+        if self.device().is_cuda() {
             return crate::cuda::with_f32_mut(self, f);
         }
         let mut guard = self.0.storage.write().expect("tensor storage lock poisoned");

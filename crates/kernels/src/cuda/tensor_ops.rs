@@ -261,7 +261,7 @@ impl Gpu {
         need("sum", x.len(), outer * n * inner)?;
         need("sum", y.len(), outer * inner)?;
         let dims = mid_dims("sum", (outer, n, inner))?;
-        let wide = sums_wide(outer, n, inner);
+        let wide = reduces_wide(outer, n, inner);
         let kernel = if wide { "sum_mid_wide_f32" } else { "sum_mid_f32" };
         let mut l = self.stream.launch_builder(self.function(kernel));
         l.arg(x).arg(y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
@@ -290,10 +290,11 @@ fn mid_dims(kernel: &str, (outer, n, inner): (usize, usize, usize)) -> Result<[u
     Ok([fit(outer)?, fit(n)?, fit(inner)?])
 }
 
-/// Whether [`Gpu::sum_mid_dev`] gives each output a block: the axis is long (`WIDE_SUM_MIN`
-/// values), and its values are contiguous (`inner == 1`, so a block's threads read them
-/// coalesced) or the outputs too few to fill the GPU one thread each.
-fn sums_wide(outer: usize, n: usize, inner: usize) -> bool {
+/// Whether a middle-axis reduction ([`Gpu::sum_mid_dev`], [`Gpu::reduce_mid_dev`]) gives each
+/// output a block: the axis is long (`WIDE_SUM_MIN` values), and its values are contiguous
+/// (`inner == 1`, so a block's threads read them coalesced) or the outputs too few to fill the
+/// GPU one thread each.
+fn reduces_wide(outer: usize, n: usize, inner: usize) -> bool {
     const WIDE_SUM_MIN: usize = 4096;
     n >= WIDE_SUM_MIN && (inner == 1 || outer * inner <= 1024)
 }
@@ -337,7 +338,7 @@ impl Gpu {
         need("reduction", x.len(), outer * n * inner)?;
         need("reduction", y.len(), outer * inner)?;
         // A long axis of few outputs (a vocabulary's logits) gets a block per output, as the sum.
-        let wide = sums_wide(outer, n, inner);
+        let wide = reduces_wide(outer, n, inner);
         let kernel = match (reduction, wide) {
             (MidReduction::Argmax, false) => "argmax_mid_f32",
             (MidReduction::Argmax, true) => "argmax_mid_wide_f32",

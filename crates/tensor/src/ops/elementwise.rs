@@ -7,7 +7,7 @@ use super::{check_float_any_device, check_same_dtype, check_same_dtype_any_devic
 use super::{par_map, par_map2, par_map3};
 use crate::backprop::backward_fn;
 use crate::layout::broadcast_shape;
-use crate::{Device, Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
 
 /// sqrt(2/pi), for the tanh form of GELU.
 const GELU_C: f32 = 0.797_884_6;
@@ -272,11 +272,7 @@ impl Tensor {
         if on_true.device().is_cuda() {
             // A condition of any dtype, as on the CPU: its 0/1 pattern goes up as f32 (a GPU
             // holds only float data).
-            let cond = if self.dtype().is_float() {
-                self.detach()
-            } else {
-                Tensor::from_vec(self.to_vec_f32()?, self.dims(), &Device::Cpu)?
-            };
+            let cond = if self.dtype().is_float() { self.detach() } else { self.to_dtype(DType::F32)? };
             let cond = cond.to_device(&on_true.device())?.detach();
             return crate::cuda::select((&cond, on_true, on_false), &shape, back(cond.broadcast_as(&shape)?));
         }
