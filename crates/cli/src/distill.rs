@@ -169,15 +169,23 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     crate::pretrain::write_json_atomically(&out.join("settings.json"), &serde_json::to_value(&s)?)?;
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
-    let eval_cfg = EvalConfig { samples: s.k, ..EvalConfig::default() };
+    // The teacher's traces and every evaluation may run as long as the RL arm's completions.
+    let eval_cfg = EvalConfig::covering(s.k, s.rl.max_new_tokens);
 
     // The teacher's verified traces.
     let (teacher, teacher_tok) = crate::device::load_with_tokenizer(&args.from, &device, "the teacher")?;
     // The student reads the traces as text, through its own tokenizer (a fresh one the teacher's).
     let tok = student_tok.unwrap_or_else(|| teacher_tok.clone());
     let prompts = tasks.problems(s.trace_problems, s.seed ^ 0xD157, Split::Train);
-    let (traces, stats) =
-        rejection_sample(&*teacher, &*teacher_tok, &prompts, s.trace_samples, 1.0, 96, &mut Rng::new(s.seed ^ 0x7EAC))?;
+    let (traces, stats) = rejection_sample(
+        &*teacher,
+        &*teacher_tok,
+        &prompts,
+        s.trace_samples,
+        1.0,
+        eval_cfg.max_new_tokens,
+        &mut Rng::new(s.seed ^ 0x7EAC),
+    )?;
     drop(teacher);
     let (traces, long) = fitting(&*tok, traces, s.sft.seq_len)?;
     if long > 0 {

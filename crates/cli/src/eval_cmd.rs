@@ -39,6 +39,10 @@ pub struct EvalArgs {
     /// Sampling temperature (> 0: pass@1 and pass@k are over samples, never greedy decoding).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
+    /// The completion length limit: at least the `max_new_tokens` the model was trained with (a
+    /// completion cut off counts as wrong).
+    #[arg(long, default_value_t = EvalConfig::default().max_new_tokens)]
+    pub max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The decode cache: naive (per-head K/V) or absorb (the MLA latent).
@@ -59,6 +63,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             a.temperature
         );
     }
+    if a.max_new_tokens == 0 {
+        anyhow::bail!("--max-new-tokens 0: a completion needs at least one token (its answer and EOS)");
+    }
     let device = crate::device::open(&a.device)?;
     let model = crate::device::load(&a.checkpoint, &device, "the checkpoint")?;
     let problems = match &a.data {
@@ -71,7 +78,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
         None => TaskSet::parse(&a.tasks)?.with_letters(a.letters)?.held_out(a.problems, a.seed),
     };
     let cache = CacheMode::parse(&a.cache).with_context(|| format!("--cache {}: expected naive or absorb", a.cache))?;
-    let cfg = EvalConfig { samples: a.k, temperature: a.temperature, cache, ..EvalConfig::default() };
+    let cfg = EvalConfig {
+        samples: a.k,
+        temperature: a.temperature,
+        max_new_tokens: a.max_new_tokens,
+        cache,
+        ..EvalConfig::default()
+    };
     // The checkpoint's tokenizer: the character one for our own runs, tokenizer.json for an HF
     // model (whose vocabulary the character one cannot be).
     let tok = tokenizer_for(&a.checkpoint)?;

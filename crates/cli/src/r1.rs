@@ -145,6 +145,9 @@ impl Default for R1Settings {
 /// the reward model (added in code) on the non-reasoning ones.
 const ALL_RL_RULES: &str = "accuracy,format:0.1,language:0.5";
 
+/// Mixed into the seed of stages 3 and 4 (see `derive`).
+const SECOND_PASS_SALT: u64 = 0x5EC0_0D00_0000_0000;
+
 impl crate::settings::Settings for R1Settings {
     const DERIVED: &'static [(&'static str, &'static str)] = &[
         ("reasoning_rl.tasks", "stage 2 trains on the top-level `tasks`"),
@@ -154,8 +157,8 @@ impl crate::settings::Settings for R1Settings {
         ("all_rl.rewards", "stage 4 scores with its rule rewards and the reward model trained before it"),
         ("cold_start.sft.seed", "every stage draws from the top-level `seed`"),
         ("reasoning_rl.seed", "every stage draws from the top-level `seed`"),
-        ("rejection.sft.seed", "every stage draws from the top-level `seed`"),
-        ("all_rl.seed", "every stage draws from the top-level `seed`"),
+        ("rejection.sft.seed", "every stage draws from the top-level `seed` (stages 3 and 4 salted)"),
+        ("all_rl.seed", "every stage draws from the top-level `seed` (stages 3 and 4 salted)"),
     ];
 
     fn derive(&mut self) {
@@ -164,11 +167,13 @@ impl crate::settings::Settings for R1Settings {
         self.reasoning_rl.letters = self.letters;
         self.all_rl.letters = self.letters;
         self.all_rl.rewards = ALL_RL_RULES.into();
-        // One seed for the run: its SFT batches and RL rollouts too, not only its data.
+        // One seed for the run: its SFT batches and RL rollouts too, not only its data. Stages 3
+        // and 4 are SFT and GRPO again: salted, they draw their own streams rather than replay
+        // stage 1's batch order and stage 2's sampling.
         self.cold_start.sft.seed = self.seed;
         self.reasoning_rl.seed = self.seed;
-        self.rejection.sft.seed = self.seed;
-        self.all_rl.seed = self.seed;
+        self.rejection.sft.seed = self.seed ^ SECOND_PASS_SALT;
+        self.all_rl.seed = self.seed ^ SECOND_PASS_SALT;
     }
 }
 
@@ -303,8 +308,15 @@ impl Pipeline {
         Ok(model)
     }
 
+    /// How long a completion the evaluations and rejection sampling let a model write: the RL
+    /// stages' limit, or the evaluation default's where that is longer.
+    fn generation_limit(&self) -> usize {
+        let rl = self.s.reasoning_rl.max_new_tokens.max(self.s.all_rl.max_new_tokens);
+        EvalConfig::covering(0, rl).max_new_tokens
+    }
+
     fn eval(&self, model: &dyn CausalLm, dir: &Path) -> Result<EvalReport> {
-        let cfg = EvalConfig { samples: self.s.k, seed: 1234, ..EvalConfig::default() };
+        let cfg = EvalConfig::covering(self.s.k, self.generation_limit());
         let r = evaluate(model, &*self.tok, &self.heldout, &cfg)?;
         write_eval(&dir.join("eval.json"), &r)?;
         Ok(r)
@@ -413,7 +425,8 @@ impl Pipeline {
             &self.heldout,
             dir.join("eval_history.jsonl"),
             self.s.eval_every,
-        )?;
+        )?
+        .covering(cfg.max_new_tokens);
         train_loop(&mut t, &dir.join("checkpoint"), 0, Some(&validation))?;
         for (name, text) in records {
             std::fs::write(dir.join(name), text).with_context(|| dir.join(name).display().to_string())?;
@@ -431,8 +444,15 @@ impl Pipeline {
             None => self.tasks.problems(r.problems, self.s.seed ^ 0x4E1, Split::Train),
         };
         let mut rng = Rng::new(self.s.seed ^ 0x5A3);
-        let (sampled, stats) =
-            rejection_sample(&*teacher, &self.tok, &prompts, r.samples, r.temperature, 96, &mut rng)?;
+        let (sampled, stats) = rejection_sample(
+            &*teacher,
+            &self.tok,
+            &prompts,
+            r.samples,
+            r.temperature,
+            self.generation_limit(),
+            &mut rng,
+        )?;
         let (mut data, long) = fitting(&self.tok, sampled, r.sft.seq_len)?;
         if long > 0 {
             println!("{}: {long} traces longer than `rejection.sft.seq_len` left out", Stage::RejectionSft.label());
@@ -589,7 +609,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     if !args.resume {
         write_json_atomically(&run_file, &inputs)?;
     }
-    let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
+    let heldout = crate::settings::held_out_problems(args.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;
     let p = Pipeline {
         s: s.clone(),
         out: out.clone(),

@@ -357,8 +357,9 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     write_json_atomically(&settings_path, &serde_json::to_value(&s)?)?;
 
     crate::settings::note_letters_mismatch(&args.base, s.grpo.letters);
-    let problems = TaskSet::parse(&s.grpo.tasks)?.with_letters(s.grpo.letters)?.held_out(s.eval_problems, s.eval_seed);
-    let eval_cfg = EvalConfig { samples: s.k, max_new_tokens: s.grpo.max_new_tokens.max(96), ..EvalConfig::default() };
+    let tasks = TaskSet::parse(&s.grpo.tasks)?.with_letters(s.grpo.letters)?;
+    let problems = crate::settings::held_out_problems(s.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;
+    let eval_cfg = EvalConfig::covering(s.k, s.grpo.max_new_tokens);
     let t0 = Instant::now();
     let before = evaluate(&*base, &tok, &problems, &eval_cfg)?;
     println!(
@@ -382,7 +383,8 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
         &problems,
         out.join("eval_history.jsonl"),
         s.eval_every,
-    )?;
+    )?
+    .covering(s.grpo.max_new_tokens);
     let first = trainer.run_mut().step;
     let train_seconds = train_loop(&mut *trainer, &ckpt, s.checkpoint_every, Some(&validation))?;
     let steps_run = s.grpo.steps.saturating_sub(first).max(1) as f64;
@@ -425,6 +427,8 @@ pub struct Validation {
     pub problems: Vec<Problem>,
     pub every: u64,
     pub history: PathBuf,
+    /// The completion length limit of the run it validates (the evaluation default's when shorter).
+    pub max_new_tokens: usize,
 }
 
 impl Validation {
@@ -440,12 +444,18 @@ impl Validation {
         every: u64,
     ) -> Result<Self> {
         let tasks = TaskSet::parse(tasks)?.with_letters(letters)?;
-        Ok(Validation { tokenizer, problems: validation_problems(&tasks, seed, test), every, history })
+        let problems = validation_problems(&tasks, seed, test);
+        Ok(Validation { tokenizer, problems, every, history, max_new_tokens: 0 })
+    }
+
+    /// Validation of a run that writes up to `max_new_tokens` tokens.
+    pub fn covering(self, max_new_tokens: usize) -> Self {
+        Validation { max_new_tokens, ..self }
     }
 
     fn record(&self, model: &dyn CausalLm, step: u64) -> Result<EvalReport> {
         use std::io::Write;
-        let cfg = EvalConfig { samples: 4, ..EvalConfig::default() };
+        let cfg = EvalConfig::covering(4, self.max_new_tokens);
         let r = evaluate(model, &*self.tokenizer, &self.problems, &cfg)?;
         let line = serde_json::json!({ "step": step, "pass@1": r.pass1, "pass@k": r.pass_k, "greedy": r.greedy });
         let mut f = std::fs::OpenOptions::new()

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use whale_rl::tasks::{load_jsonl_split, Problem, Split};
+use whale_rl::tasks::{load_jsonl, load_jsonl_split, Problem, Split, TaskSet};
 
 /// A command's run settings: every key has a default, and a file may set any subset of them.
 pub trait Settings: Serialize + DeserializeOwned + Default {
@@ -176,6 +176,23 @@ pub fn training_pool(path: &Path) -> Result<Vec<Problem>> {
         );
     }
     Ok(pool)
+}
+
+/// The held-out problems a run reports: with a `--data` file, up to `n` of its prompts in the
+/// held-out split (those `training_pool` leaves out: the numbers then describe the user's data);
+/// otherwise, or when the file has none, `n` held-out problems of `tasks` from `seed`.
+pub fn held_out_problems(data: Option<&Path>, tasks: &TaskSet, n: usize, seed: u64) -> Result<Vec<Problem>> {
+    if let Some(path) = data {
+        let mut held: Vec<Problem> =
+            load_jsonl(path)?.into_iter().filter(|p| Split::of(&p.prompt) == Split::HeldOut).collect();
+        if !held.is_empty() {
+            held.truncate(n);
+            println!("held-out: {} prompts of {}", held.len(), path.display());
+            return Ok(held);
+        }
+        eprintln!("note: {} has no held-out prompts; the held-out problems are the tasks'", path.display());
+    }
+    Ok(tasks.held_out(n, seed))
 }
 
 /// The `letters` share a base was pretrained with, when the base is `<run>/checkpoint` of a

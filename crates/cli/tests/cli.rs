@@ -379,6 +379,14 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
     let run = dir.join("run");
     let out = r1_zero_one_step(&base, &run, &["--data", data.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The numbers it reports are on the file's held-out prompts, those training left out.
+    let held = (1..=12)
+        .filter(|i| whale_rl::tasks::Split::of(&format!("Twelve plus {i}=")) == whale_rl::tasks::Split::HeldOut);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    match held.count() {
+        0 => assert!(stderr.contains("has no held-out prompts"), "{stderr}"),
+        n => assert!(stdout.contains(&format!("held-out: {n} prompts of")), "{stdout}"),
+    }
     // The checkpoint carries the tokenizer it trained with, so it evaluates and generates alone.
     let ckpt = run.join("checkpoint");
     assert_eq!(std::fs::read(ckpt.join("tokenizer.json")).unwrap(), std::fs::read(&fixture).unwrap());

@@ -59,7 +59,8 @@ pub struct EvalReport {
     pub cons_k: f64,
     /// Mean completion length in tokens (sampled).
     pub mean_length: f64,
-    /// Share of sampled completions in the R1 template.
+    /// Share of sampled completions in the R1 template and ended (a truncated one is not, as the
+    /// format reward has it).
     pub format_rate: f64,
     /// Mean language consistency of the sampled completions of problems that have a language
     /// (the share of the reasoning's numerals in the prompt's script); NaN when none has one.
@@ -80,6 +81,16 @@ pub struct EvalConfig {
 impl Default for EvalConfig {
     fn default() -> Self {
         EvalConfig { samples: 8, temperature: 1.0, max_new_tokens: 96, seed: 1234, cache: CacheMode::Absorb }
+    }
+}
+
+impl EvalConfig {
+    /// The defaults with `samples` per problem and room for the completions of a model trained
+    /// to write up to `trained` tokens (an RL run's `max_new_tokens`): a longer limit than the
+    /// default's is kept, so a correct long answer is not cut off and counted wrong.
+    pub fn covering(samples: usize, trained: usize) -> Self {
+        let d = EvalConfig::default();
+        EvalConfig { samples, max_new_tokens: d.max_new_tokens.max(trained), ..d }
     }
 }
 
@@ -145,7 +156,7 @@ pub fn evaluate(
         pk += pass_at_k(k, correct, k);
         cons += majority as u8 as f64;
         len += sampled[i * k..(i + 1) * k].iter().map(|g| g.tokens.len()).sum::<usize>() as f64 / k as f64;
-        fmt += texts.iter().filter(|t| well_formatted(t)).count() as f64 / k as f64;
+        fmt += samples.iter().flatten().filter(|t| well_formatted(t)).count() as f64 / k as f64;
         for (t, g) in texts.iter().zip(&sampled[i * k..(i + 1) * k]) {
             let s = Sample { problem: p, text: t, tokens: g.tokens.len(), truncated: g.truncated };
             if let Some(v) = LanguageConsistency.share(&s) {

@@ -95,7 +95,8 @@ pub struct GrpoConfig {
     pub micro_batch: usize,
     /// Reset the reference to the current policy every this many steps (0: never; R1 used 400).
     pub ref_sync_every: u64,
-    /// Drop groups whose rewards are all equal and sample more prompts (DAPO).
+    /// Drop groups whose accuracy is all equal (all right or all wrong; the total reward without
+    /// an `accuracy` reward) and sample more prompts (DAPO).
     pub dynamic_sampling: bool,
     /// Extra sampling rounds dynamic sampling may use per step.
     pub max_resample_rounds: usize,
@@ -611,6 +612,23 @@ pub fn zero_std_groups(totals: &[f64], group: usize) -> Vec<bool> {
         .collect()
 }
 
+/// Which groups (of `group` rollouts) dynamic sampling drops: those whose accuracy is the same
+/// for all (DAPO: keep `0 < #correct < G`), read from the set's `accuracy` reward (`names`, in
+/// the set's order); without one, those whose total reward is (a learned reward's spread).
+/// Filtering on the total would keep an all-wrong group that varies only in format, to teach
+/// format alone, and with length shaping almost every group.
+pub fn uninformative_groups(scores: &[Scores], names: &[String], group: usize) -> Vec<bool> {
+    let accuracy = names.iter().position(|n| n == "accuracy");
+    let values: Vec<f64> = scores
+        .iter()
+        .map(|s| match accuracy {
+            Some(i) => s.each[i].unwrap_or(f64::NAN),
+            None => s.total,
+        })
+        .collect();
+    zero_std_groups(&values, group)
+}
+
 /// The completion and reward metrics TRL logs, under TRL's names.
 pub fn rollout_metrics(scored: &[Scored], rewards: &RewardSet, group: usize) -> BTreeMap<String, f64> {
     let mut m = BTreeMap::new();
@@ -979,9 +997,10 @@ impl GrpoTrainer {
     ) -> Result<Self> {
         let (run, policy, dir) = RlRun::load(dir, tokenizer, GRPO_SALT, rewards)?;
         let policy = moved_to(policy, device)?;
+        // The KL anchor the run had, never a copy of the resumed policy (which would quietly
+        // move it): a checkpoint without one is an error naming the folder.
         let reference = if run.config.beta > 0.0 {
-            let r = dir.join("reference");
-            Some(if r.exists() { moved_to(load_pretrained(&r)?, device)? } else { policy.duplicate()? })
+            Some(moved_to(load_pretrained(&dir.join("reference"))?, device)?)
         } else {
             None
         };
@@ -990,8 +1009,8 @@ impl GrpoTrainer {
         Ok(GrpoTrainer { policy, reference, opt, run })
     }
 
-    /// Samples and scores one step's rollout; with dynamic sampling, groups without reward spread
-    /// are dropped and more prompts sampled (at most `max_resample_rounds` extra rounds). The
+    /// Samples and scores one step's rollout; with dynamic sampling, groups without accuracy
+    /// spread ([`uninformative_groups`]) are dropped and more prompts sampled (at most `max_resample_rounds` extra rounds). The
     /// advantages come from the kept groups only, once, so that `batch` scaling divides by the
     /// std of the batch that trains (DAPO's filter, then the advantages), not of one round.
     fn collect(&mut self) -> Result<(Vec<Problem>, Vec<Scored>, f64)> {
@@ -1010,12 +1029,13 @@ impl GrpoTrainer {
             let totals: Vec<f64> = scored.iter().map(|s| s.total).collect();
             let zero = zero_std_groups(&totals, cfg.group_size);
             first_zero_frac.get_or_insert(zero.iter().filter(|&&z| z).count() as f64 / zero.len() as f64);
+            let drop = uninformative_groups(&scored, &self.run.rewards.names(), cfg.group_size);
             let last_round = round == cfg.max_resample_rounds;
             let (mut sampled, mut scored) = (sampled.into_iter(), scored.into_iter());
-            for (p, zero) in batch.into_iter().zip(zero) {
+            for (p, drop) in batch.into_iter().zip(drop) {
                 let group: Vec<Rollout> = sampled.by_ref().take(cfg.group_size).collect();
                 let group_scores: Vec<Scores> = scored.by_ref().take(cfg.group_size).collect();
-                if cfg.dynamic_sampling && zero && !last_round {
+                if cfg.dynamic_sampling && drop && !last_round {
                     continue;
                 }
                 let base = problems.len();
@@ -1192,7 +1212,8 @@ mod tests {
         use whale_parallel::model::tokenizer::CharTokenizer;
         use whale_parallel::model::DeepSeekV3;
         // Seed 11's first round has one group of four without reward spread: it is dropped, a
-        // second round samples a replacement, and the kept batch mixes both rounds.
+        // second round samples a replacement, and the kept batch mixes both rounds. (Without an
+        // accuracy reward the filter reads the total: an untrained model solves nothing.)
         let cfg = GrpoConfig {
             prompts_per_step: 4,
             group_size: 4,
@@ -1200,7 +1221,7 @@ mod tests {
             dynamic_sampling: true,
             max_resample_rounds: 2,
             scale_rewards: ScaleRewards::Batch,
-            rewards: "accuracy,format:0.5,overlong,language".into(),
+            rewards: "format:0.5,overlong,language".into(),
             tasks: "add:1".into(),
             seed: 11,
             ..GrpoConfig::default()
@@ -1217,5 +1238,29 @@ mod tests {
         for (s, want) in scored.iter().zip(want) {
             assert!(s.advantages.iter().all(|&a| a == want), "{:?} vs {want}", s.advantages);
         }
+    }
+
+    #[test]
+    fn dynamic_sampling_drops_groups_by_accuracy_not_by_the_total() {
+        let names: Vec<String> = ["format", "accuracy"].map(String::from).to_vec();
+        let sc = |format: f64, acc: f64| Scores { each: vec![Some(format), Some(acc)], total: 0.1 * format + acc };
+        let scores = [
+            // All wrong, spread in format only: no accuracy signal, dropped.
+            sc(1.0, 0.0),
+            sc(0.0, 0.0),
+            // One right: kept.
+            sc(1.0, 1.0),
+            sc(1.0, 0.0),
+            // All right: dropped.
+            sc(0.0, 1.0),
+            sc(1.0, 1.0),
+        ];
+        assert_eq!(uninformative_groups(&scores, &names, 2), [true, false, true]);
+        let totals: Vec<f64> = scores.iter().map(|s| s.total).collect();
+        assert_eq!(zero_std_groups(&totals, 2), [false, false, false], "the total has spread everywhere");
+        // Without an accuracy reward, the total decides.
+        assert_eq!(uninformative_groups(&scores, &names[..1], 2), [false, false, false]);
+        let flat = [sc(1.0, 0.0), sc(1.0, 0.0)];
+        assert_eq!(uninformative_groups(&flat, &names[..1], 2), [true]);
     }
 }

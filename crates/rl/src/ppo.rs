@@ -311,7 +311,8 @@ impl PpoTrainer {
         let active: Vec<bool> = scored.iter().map(|s| s.scores.total.is_finite()).collect();
         // Per completion: its frozen log-probs and value estimates, advantages and returns.
         let (mut old, mut old_values, mut advantages, mut returns) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut kl_sum = 0.0;
+        // The logged KL covers the completions the loss trains on (`active`).
+        let (mut kl_sum, mut kl_tokens) = (0.0, 0usize);
         for (c, batch) in chunks.iter().zip(&packed) {
             let (lp, rf, v) = no_grad(|| -> Result<(Tensor, Option<Tensor>, Tensor)> {
                 let lp = logprobs(&*self.policy, batch, cfg.temperature)?.detach();
@@ -333,7 +334,10 @@ impl PpoTrainer {
                     Some(rf) => l_old.iter().zip(batch.row_tokens(rf, j)).map(|(&a, &b)| (a - b) as f64).collect(),
                     None => vec![0.0; l_old.len()],
                 };
-                kl_sum += k1.iter().sum::<f64>();
+                if active[i] {
+                    kl_sum += k1.iter().sum::<f64>();
+                    kl_tokens += k1.len();
+                }
                 let mut r: Vec<f64> = k1.iter().map(|k| -(ppo.kl_coef as f64) * k).collect();
                 if let Some(last) = r.last_mut() {
                     // Unscored rows (no reward applied: NaN) are left out of the loss below.
@@ -353,7 +357,6 @@ impl PpoTrainer {
         for (s, a) in scored.iter_mut().zip(&advantages) {
             s.advantages.clone_from(a);
         }
-        let total_tokens: usize = scored.iter().map(|s| s.rollout.tokens.len()).sum();
 
         let lr = cfg.schedule().lr(self.run.step);
         let (mut stats, mut pg_sum, mut vf_sum, mut entropy, mut grad_norm) =
@@ -430,7 +433,7 @@ impl PpoTrainer {
         if self.reference.is_some() {
             // The per-token mean of the penalty's k1 = l_old - l_ref at rollout time (GRPO's `kl`
             // is k3 under the current policy; TRL's PPO logs the per-sequence sum, objective/kl).
-            values.insert("kl".into(), kl_sum / total_tokens.max(1) as f64);
+            values.insert("kl".into(), kl_sum / kl_tokens.max(1) as f64);
         }
         values.insert("learning_rate".into(), lr as f64);
         values.insert("sample_time".into(), t_sample);

@@ -48,11 +48,11 @@ impl RewardModel {
 
     /// Rewards of `prompt + completion + EOS` texts, `[n]` (differentiable).
     fn rewards(&self, tok: &dyn Tokenizer, texts: &[(&str, &str)]) -> Result<Tensor> {
-        let rows: Vec<Vec<u32>> = texts.iter().map(|(p, c)| reward_row(tok, p, c)).collect::<Result<_>>()?;
+        let rows: Vec<Vec<u32>> = texts.iter().map(|(p, c)| reward_row(tok, p, c, true)).collect::<Result<_>>()?;
         self.rewards_of_rows(tok, &rows)
     }
 
-    /// Rewards of token rows (each ending in EOS), `[n]` (differentiable).
+    /// Rewards of token rows (read at each row's last token), `[n]` (differentiable).
     fn rewards_of_rows(&self, tok: &dyn Tokenizer, rows: &[Vec<u32>]) -> Result<Tensor> {
         let len = rows.iter().map(Vec::len).max().unwrap_or(1);
         let n = rows.len();
@@ -73,7 +73,7 @@ impl RewardModel {
 
     /// The reward of one completion (no gradients).
     pub fn score(&self, tok: &dyn Tokenizer, prompt: &str, completion: &str) -> Result<f64> {
-        self.score_row(tok, reward_row(tok, prompt, completion)?)
+        self.score_row(tok, reward_row(tok, prompt, completion, true)?)
     }
 
     /// The reward of one token row (no gradients).
@@ -167,18 +167,23 @@ impl Reward for LearnedReward {
         // Sampling stays within the tokenizer's ids, so every completion reads back; one that
         // did not would have no score comparable with its group's (a `None` here would leave it
         // its rule rewards alone), so it stops the run.
-        let row = reward_row(tok, &s.problem.prompt, text)
+        // A truncated completion is scored as written, without the EOS it never produced (as
+        // TRL's reward models read the sequence as generated): appending one would score a text
+        // that runs to the limit as a finished answer.
+        let row = reward_row(tok, &s.problem.prompt, text, !s.truncated)
             .map_err(|e| Error::Rl(format!("the learned reward cannot read a completion back: {e}")))?;
         let r = self.model.score_row(tok, row);
         Ok(Some(r.map_err(|e| Error::Rl(format!("the learned reward model failed: {e}")))?))
     }
 }
 
-/// `prompt + completion + EOS` as the reward model reads it.
-fn reward_row(tok: &dyn Tokenizer, prompt: &str, completion: &str) -> Result<Vec<u32>> {
+/// `prompt + completion`, and the EOS when the completion `ended`, as the reward model reads it.
+fn reward_row(tok: &dyn Tokenizer, prompt: &str, completion: &str, ended: bool) -> Result<Vec<u32>> {
     let mut row = crate::rollout::prompt_ids(tok, prompt)?;
     row.extend(tok.encode(completion)?);
-    row.push(tok.eos_id());
+    if ended {
+        row.push(tok.eos_id());
+    }
     Ok(row)
 }
 
@@ -262,5 +267,31 @@ mod tests {
         assert!(pairs[2].rejected.ends_with("</answer>rabcd="));
         assert_eq!(cut_in_half("<think>ab</think><answer>ba</answer>"), "<think>ab</think>");
         assert_eq!(cut_in_half("<think>abcdefgh</think>"), "<think>abcd");
+    }
+
+    #[test]
+    fn a_truncated_completion_is_scored_without_an_eos() {
+        use whale_parallel::model::config::DeepSeekV3Config;
+        use whale_parallel::model::tokenizer::CharTokenizer;
+        use whale_parallel::model::DeepSeekV3;
+        let policy = DeepSeekV3::new(DeepSeekV3Config::tiny(), 3).unwrap();
+        let rm = RewardModel::from_policy(&policy).unwrap();
+        // A head that reads the hidden state (the zero one scores everything 0).
+        let h = rm.model.head.elem_count();
+        rm.model
+            .head
+            .with_f32_mut(|w| w.iter_mut().enumerate().for_each(|(i, x)| *x = (i as f32 / h as f32) - 0.5))
+            .unwrap();
+        let tok: Arc<dyn Tokenizer> = Arc::new(CharTokenizer::new());
+        let reward = LearnedReward { model: Arc::new(rm), tokenizer: tok.clone() };
+        let p = Problem { task: "reverse".into(), prompt: "rab=".into(), answer: "ba".into(), solution: String::new() };
+        let text = "<think>b;a</think><answer>ba</answer>";
+        let sample = |truncated| Sample { problem: &p, text, tokens: text.len() + 1, truncated };
+        let (ended, cut) =
+            (reward.score(&sample(false)).unwrap().unwrap(), reward.score(&sample(true)).unwrap().unwrap());
+        let with_eos = reward.model.score_row(&*tok, reward_row(&*tok, &p.prompt, text, true).unwrap()).unwrap();
+        let without = reward.model.score_row(&*tok, reward_row(&*tok, &p.prompt, text, false).unwrap()).unwrap();
+        assert_eq!((ended, cut), (with_eos, without));
+        assert_ne!(ended, cut, "the EOS is read");
     }
 }

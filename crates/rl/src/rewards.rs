@@ -48,8 +48,9 @@ impl Reward for Accuracy {
 }
 
 /// 1 when the completion is exactly `<think>...</think><answer>...</answer>` (each tag once, in
-/// order, nothing after but EOS), else 0. A structural check, so there is no regex to get wrong
-/// (spec/rl.md section 5, item 10: DOTALL and multiple blocks).
+/// order, nothing after but EOS), else 0; a truncated completion has no EOS and gets 0 (spec/rl.md
+/// 6.2: truncated -> 0), even when the limit fell just after `</answer>`. A structural check, so
+/// there is no regex to get wrong (spec/rl.md section 5, item 10: DOTALL and multiple blocks).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Format;
 
@@ -59,7 +60,7 @@ impl Reward for Format {
     }
 
     fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
-        Ok(Some(well_formatted(s.text) as u8 as f64))
+        Ok(Some((!s.truncated && well_formatted(s.text)) as u8 as f64))
     }
 }
 
@@ -124,7 +125,9 @@ impl Reward for OverlongPenalty {
 /// The cosine length reward (Yeo et al., open-r1's `get_cosine_scaled_reward`): with
 /// `c = cos(pi * len / max_len)`, a correct answer gets `min_correct + (max_correct - min_correct)
 /// (1 + c) / 2` (short correct answers best) and a wrong one `max_wrong + (min_wrong - max_wrong)
-/// (1 + c) / 2` (long wrong answers penalised less).
+/// (1 + c) / 2` (long wrong answers penalised less). A truncated completion gets `exceed`
+/// instead (the authors' exceed-length penalty): scored as a wrong answer at the limit it would
+/// get `max_wrong`, the best a wrong answer can, and running to the limit would pay.
 #[derive(Debug, Clone, Copy)]
 pub struct CosineLength {
     pub min_wrong: f64,
@@ -132,12 +135,14 @@ pub struct CosineLength {
     pub min_correct: f64,
     pub max_correct: f64,
     pub max_len: usize,
+    pub exceed: f64,
 }
 
 impl CosineLength {
-    /// open-r1's defaults with our length limit.
+    /// open-r1's defaults with our length limit; a truncated completion gets `min_wrong`, what
+    /// the shortest wrong answer gets, so that no finished answer scores below it.
     pub fn new(max_len: usize) -> Self {
-        CosineLength { min_wrong: -1.0, max_wrong: -0.5, min_correct: 0.5, max_correct: 1.0, max_len }
+        CosineLength { min_wrong: -1.0, max_wrong: -0.5, min_correct: 0.5, max_correct: 1.0, max_len, exceed: -1.0 }
     }
 }
 
@@ -147,9 +152,12 @@ impl Reward for CosineLength {
     }
 
     fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
+        if s.truncated {
+            return Ok(Some(self.exceed));
+        }
         let p = (s.tokens as f64 / self.max_len.max(1) as f64).min(1.0);
         let half = (1.0 + (std::f64::consts::PI * p).cos()) / 2.0;
-        let correct = !s.truncated && verify(s.problem, s.text);
+        let correct = verify(s.problem, s.text);
         Ok(Some(if correct {
             self.min_correct + (self.max_correct - self.min_correct) * half
         } else {
@@ -271,11 +279,13 @@ mod tests {
         assert_eq!(set.score(&sample(&p, good, 20, false)).unwrap().each, vec![Some(1.0), Some(1.0), Some(1.0)]);
         assert_eq!(set.score(&sample(&p, good, 20, false)).unwrap().total, 2.5);
         assert_eq!(set.score(&sample(&p, unformatted, 8, false)).unwrap().each, vec![Some(1.0), Some(0.0), Some(0.0)]);
-        // Truncated: no credit even with the right answer inside.
+        // Truncated: no credit even with the right answer inside, nor for the template when the
+        // limit fell just after `</answer>` (there is no EOS).
         assert_eq!(
             set.score(&sample(&p, "<think></think><answer>19</answer>19", 96, true)).unwrap().each[0],
             Some(0.0)
         );
+        assert_eq!(set.score(&sample(&p, good, 96, true)).unwrap().each, vec![Some(0.0), Some(0.0), Some(0.0)]);
         assert!(RewardSet::parse("accuracy:x", 96).unwrap_err().to_string().contains("accuracy"));
         // A reward that is not a number (a learned reward gone NaN) stops the step, naming it.
         struct Broken;
@@ -338,5 +348,10 @@ mod tests {
         assert!((cos(bad, 0) + 1.0).abs() < 1e-12);
         assert!((cos(bad, 100) + 0.5).abs() < 1e-12);
         assert!((cos(bad, 200) + 0.5).abs() < 1e-12, "capped at max_len");
+        // Truncated: the exceed penalty, below every finished answer, right or wrong.
+        for text in [good, bad] {
+            assert_eq!(c.score(&sample(&p, text, 100, true)).unwrap(), Some(-1.0));
+        }
+        assert!((0..=100).all(|n| cos(bad, n) >= c.exceed));
     }
 }

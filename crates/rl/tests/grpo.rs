@@ -579,6 +579,10 @@ fn grpo_and_ppo_resume_bit_identically_from_a_checkpoint() {
     }
     assert!(resumed.done());
     assert_eq!(lm_head(&*straight.policy), lm_head(&*resumed.policy));
+    // A run with a KL term resumes against the reference it had, never a copy of the policy.
+    std::fs::remove_dir_all(dir.join("grpo/reference")).unwrap();
+    let err = GrpoTrainer::resume(&dir.join("grpo"), tok(), &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("reference"), "{err}");
 
     let ppo_cfg = GrpoConfig { beta: 0.0, num_iterations: 1, loss_type: LossType::Grpo, ..cfg.clone() };
     let mut straight = PpoTrainer::new(Box::new(tiny_model(8)), ppo_cfg.clone(), PpoConfig::default(), tok()).unwrap();

@@ -161,7 +161,7 @@ fn key_splits(blocks: usize, key_tiles: usize, sms: usize) -> (usize, usize) {
 
 /// The simple kernels' launch: a block per row, each thread owning strided slices of the wider of
 /// the two head widths.
-fn simple_config(rows: usize, s: &AttnShape) -> LaunchConfig {
+fn simple_config(rows: usize, s: &AttnShape) -> Result<LaunchConfig> {
     rows_config(rows, s.qk_dim.max(s.v_dim))
 }
 
@@ -226,7 +226,7 @@ impl Gpu {
             l.arg(&s.scale).arg(&causal);
             // SAFETY: one block per query row reads its q row and its KV head's rows (shapes checked
             // above), writes its o row and lse; v_dim fits the per-thread slices.
-            unsafe { l.launch(simple_config(q_rows, s)) }.map_err(cuda("attention_forward_f32"))?;
+            unsafe { l.launch(simple_config(q_rows, s)?) }.map_err(cuda("attention_forward_f32"))?;
             return Ok(());
         };
         let heads = s.batch * s.kv_heads;
@@ -308,7 +308,9 @@ impl Gpu {
         check(s, what, g, false)?;
         let (q_rows, kv_rows) = (s.batch * s.q_heads * s.q_len, s.batch * s.kv_heads * s.kv_len);
         if q_rows == 0 || kv_rows == 0 {
-            // No queries: keys get no gradient. No keys: every row is fully masked.
+            // No queries: keys get no gradient. No keys: every row is fully masked (its output
+            // is 0, so is its delta = rowsum(dO * O)). Every buffer is written, as documented.
+            self.stream.memset_zeros(&mut grads.delta).map_err(cuda(what))?;
             self.stream.memset_zeros(&mut grads.dq).map_err(cuda(what))?;
             self.stream.memset_zeros(&mut grads.dk).map_err(cuda(what))?;
             return self.stream.memset_zeros(&mut grads.dv).map_err(cuda(what));
@@ -320,7 +322,7 @@ impl Gpu {
         // Pass 1 (dq and delta) before pass 2 (dk, dv), which reads delta.
         let (kernel, cfg) = match self.tiled_for(BACKWARD.map(|p| p.0), s, true)? {
             Some(t) => (self.tiled_function(&t), tiled_config(&t, ((q_rows / heads).div_ceil(t.rows), heads, 1))),
-            None => (self.function("attention_backward_dq_f32"), simple_config(q_rows, s)),
+            None => (self.function("attention_backward_dq_f32"), simple_config(q_rows, s)?),
         };
         let mut l = self.stream.launch_builder(kernel);
         l.arg(q).arg(k).arg(v).arg(o).arg(lse).arg(d_o).arg(&mut grads.dq).arg(&mut grads.delta);
@@ -336,7 +338,7 @@ impl Gpu {
 
         let (kernel, cfg) = match self.tiled_for(BACKWARD.map(|p| p.1), s, true)? {
             Some(t) => (self.tiled_function(&t), tiled_config(&t, (s.kv_len.div_ceil(t.rows), heads, 1))),
-            None => (self.function("attention_backward_dkv_f32"), simple_config(kv_rows, s)),
+            None => (self.function("attention_backward_dkv_f32"), simple_config(kv_rows, s)?),
         };
         let mut l = self.stream.launch_builder(kernel);
         l.arg(q).arg(k).arg(v).arg(d_o).arg(lse).arg(&grads.delta).arg(&mut grads.dk).arg(&mut grads.dv);

@@ -4,7 +4,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
-use super::{cuda, grid_for, need, Gpu, GpuError, Result, THREADS};
+use super::{count32, cuda, grid_for, need, Gpu, GpuError, Result, THREADS};
 use crate::cpu::dispatch::DispatchPlan;
 
 type View<'a> = CudaView<'a, f32>;
@@ -77,13 +77,16 @@ impl Gpu {
         if ix.n_tokens * dim == 0 {
             return Ok(());
         }
-        let (has_weight, dim32) = (i32::from(weight.is_some()), dim as u32);
+        let (has_weight, dim32) = (i32::from(weight.is_some()), count32("row width", dim)?);
         let mut l = self.stream.launch_builder(self.function("moe_unpermute_f32"));
         l.arg(y).arg(weight.unwrap_or(y)).arg(&has_weight).arg(&ix.token_offsets).arg(&ix.token_rows);
         l.arg(out).arg(&dim32);
         let threads = (dim as u32).next_power_of_two().clamp(32, THREADS);
-        let cfg =
-            LaunchConfig { grid_dim: (ix.n_tokens as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (count32("tokens", ix.n_tokens)?, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: one block per token reads the CSR range of its rows (offsets [T + 1], rows < P)
         // and writes its own output row.
         unsafe { l.launch(cfg) }.map_err(cuda("moe_unpermute_f32"))?;
@@ -104,11 +107,11 @@ impl Gpu {
         if ix.n_rows == 0 {
             return Ok(());
         }
-        let dim32 = dim as u32;
+        let dim32 = count32("row width", dim)?;
         let mut l = self.stream.launch_builder(self.function("moe_unpermute_weight_grad_f32"));
         l.arg(dout).arg(y).arg(&ix.rows).arg(dweight).arg(&dim32);
         let cfg = LaunchConfig {
-            grid_dim: (ix.n_rows as u32, 1, 1),
+            grid_dim: (count32("rows", ix.n_rows)?, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 8 * THREADS,
         };

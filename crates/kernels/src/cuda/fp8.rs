@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
-use super::{cuda, grid_for, need, Fp8Operand, Fp8View, Gpu, GpuError, Result};
+use super::{count32, cuda, grid_for, need, Fp8Operand, Fp8View, Gpu, GpuError, Result};
 use crate::cpu::fp8::{Fp8Blocks, Fp8Format, MIN_AMAX};
 
 impl Gpu {
@@ -33,10 +33,11 @@ impl Gpu {
         };
         let (mut codes, mut scales) = (self.zeros::<u8>(rows * cols)?, self.zeros::<f32>(blocks)?);
         if blocks > 0 {
-            let (r32, c32) = (rows as u32, cols as u32);
+            let (r32, c32) = (count32("rows", rows)?, count32("columns", cols)?);
             let mut l = self.stream.launch_builder(self.function(name));
             l.arg(x).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32).arg(&min_amax);
-            let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+            let grid = (count32("blocks", blocks)?, 1, 1);
+            let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: one block per tile (1x128: 128 threads, one element each; 128x128: 256
             // threads over its columns); each reads and writes only in-bounds elements of its
             // tile and thread 0 its scale, in buffers sized above.

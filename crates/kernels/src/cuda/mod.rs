@@ -163,9 +163,22 @@ fn grid_for(n: usize) -> Result<LaunchConfig> {
 /// The kernels stride their rows by `blockDim.x` and reduce in a tree, so the narrower block sums
 /// the same products in the same order (the wide one's extra threads only add zeros first) and
 /// skips the idle threads' rounds of barriers.
-fn rows_config(rows: usize, width: usize) -> LaunchConfig {
+/// More than 2^31 - 1 rows (the grid's x limit) or a row wider than 32 bits index is an error,
+/// never a count cast short that would cover only part of the tensor.
+fn rows_config(rows: usize, width: usize) -> Result<LaunchConfig> {
+    count32("rows", rows)?;
+    count32("row width", width)?;
     let threads = (width.next_power_of_two() as u32).clamp(32, THREADS);
-    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 4 * threads }
+    Ok(LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 4 * threads })
+}
+
+/// `n` as a launch count (a grid dimension, or a length a kernel indexes with `int`): an error
+/// above `i32::MAX`.
+fn count32(what: &str, n: usize) -> Result<u32> {
+    if n > i32::MAX as usize {
+        return Err(GpuError::Shape(format!("{n} {what}: a CUDA launch takes at most {} here", i32::MAX)));
+    }
+    Ok(n as u32)
 }
 
 impl Gpu {

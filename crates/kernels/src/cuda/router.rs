@@ -2,7 +2,7 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{cuda, Gpu, GpuError, Result, THREADS};
+use super::{count32, cuda, Gpu, GpuError, Result, THREADS};
 use crate::cpu::router::{Routed, RouterConfig};
 
 /// Static shared memory a block may use without opting in.
@@ -45,8 +45,11 @@ impl Gpu {
             l.arg(d);
         }
         l.arg(&flags[1]).arg(&flags[2]).arg(&cfg.routed_scaling_factor);
-        let launch =
-            LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
+        let launch = LaunchConfig {
+            grid_dim: (count32("tokens", t)?, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
         // SAFETY: one block per token reads its row of E logits and the E-float bias (a dummy,
         // never read, when absent), writes its K ids and weights and E scores; the shared memory
         // holds the layout the kernel documents, and top_k <= E so every round finds an expert.

@@ -61,7 +61,7 @@ impl Gpu {
         l.arg(x).arg(w).arg(y).arg(rstd).arg(&dim32).arg(&eps);
         // SAFETY: one block per row reads its `dim` inputs and writes its outputs; shared memory
         // holds one float per thread.
-        unsafe { l.launch(rows_config(rows, dim)) }.map_err(cuda("rmsnorm_forward_f32"))?;
+        unsafe { l.launch(rows_config(rows, dim)?) }.map_err(cuda("rmsnorm_forward_f32"))?;
         Ok(())
     }
 
@@ -82,7 +82,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("rmsnorm_backward_input_f32"));
         l.arg(x).arg(w).arg(rstd).arg(dy).arg(dx).arg(&dim32);
         // SAFETY: one block per row, as the forward.
-        unsafe { l.launch(rows_config(rows, dim)) }.map_err(cuda("rmsnorm_backward_input_f32"))?;
+        unsafe { l.launch(rows_config(rows, dim)?) }.map_err(cuda("rmsnorm_backward_input_f32"))?;
         let mut l = self.stream.launch_builder(self.function("rmsnorm_backward_weight_f32"));
         l.arg(x).arg(rstd).arg(dy).arg(dw).arg(&rows32).arg(&dim32);
         // SAFETY: each channel (grid-stride) reads its column of `rows` rows.
@@ -100,7 +100,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("softmax_forward_f32"));
         l.arg(x).arg(y).arg(&dim32);
         // SAFETY: one block per row of `dim`, as RMSNorm.
-        unsafe { l.launch(rows_config(rows, dim)) }.map_err(cuda("softmax_forward_f32"))?;
+        unsafe { l.launch(rows_config(rows, dim)?) }.map_err(cuda("softmax_forward_f32"))?;
         Ok(())
     }
 
@@ -119,7 +119,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("log_softmax_forward_f32"));
         l.arg(x).arg(y).arg(&dim32);
         // SAFETY: one block per row of `dim`, as RMSNorm.
-        unsafe { l.launch(rows_config(rows, dim)) }.map_err(cuda("log_softmax_forward_f32"))?;
+        unsafe { l.launch(rows_config(rows, dim)?) }.map_err(cuda("log_softmax_forward_f32"))?;
         Ok(())
     }
 
@@ -138,7 +138,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("log_softmax_backward_f32"));
         l.arg(y).arg(dy).arg(dx).arg(&dim32);
         // SAFETY: as the forward.
-        unsafe { l.launch(rows_config(rows, dim)) }.map_err(cuda("log_softmax_backward_f32"))?;
+        unsafe { l.launch(rows_config(rows, dim)?) }.map_err(cuda("log_softmax_backward_f32"))?;
         Ok(())
     }
 
@@ -157,7 +157,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("softmax_backward_f32"));
         l.arg(y).arg(dy).arg(dx).arg(&dim32);
         // SAFETY: as the forward.
-        unsafe { l.launch(rows_config(rows, dim)) }.map_err(cuda("softmax_backward_f32"))?;
+        unsafe { l.launch(rows_config(rows, dim)?) }.map_err(cuda("softmax_backward_f32"))?;
         Ok(())
     }
 
@@ -178,7 +178,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("cross_entropy_forward_f32"));
         l.arg(logits).arg(targets).arg(&ignore).arg(loss).arg(lse).arg(&vocab32);
         // SAFETY: one block per row; targets lie in the vocabulary or are ignored.
-        unsafe { l.launch(rows_config(rows, vocab)) }.map_err(cuda("cross_entropy_forward_f32"))?;
+        unsafe { l.launch(rows_config(rows, vocab)?) }.map_err(cuda("cross_entropy_forward_f32"))?;
         Ok(())
     }
 
@@ -199,7 +199,7 @@ impl Gpu {
         let mut l = self.stream.launch_builder(self.function("cross_entropy_backward_f32"));
         l.arg(logits).arg(targets).arg(&ignore).arg(lse).arg(dloss).arg(dx).arg(&vocab32);
         // SAFETY: as the forward.
-        unsafe { l.launch(rows_config(rows, vocab)) }.map_err(cuda("cross_entropy_backward_f32"))?;
+        unsafe { l.launch(rows_config(rows, vocab)?) }.map_err(cuda("cross_entropy_backward_f32"))?;
         Ok(())
     }
 
