@@ -21,10 +21,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
-use whale_rl::grpo::{GrpoConfig, GrpoTrainer};
+use whale_rl::grpo::{GrpoConfig, GrpoTrainer, RL_STATE_FILE};
+use whale_rl::parallel::model::checkpoint::complete_checkpoint;
 use whale_rl::parallel::model::tensor::{Device, Rng};
 use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
+use whale_rl::parallel::trainer::truncate_metrics;
 use whale_rl::reward_model::{preference_pairs, LearnedReward, ReasoningOnly, RewardModel};
 use whale_rl::rewards::{Accuracy, Format, LanguageConsistency, RewardSet};
 use whale_rl::sft::{fitting, rejection_sample, Example, SftConfig};
@@ -88,6 +90,9 @@ pub struct R1Settings {
     pub eval_seed: u64,
     /// Steps between validation evaluations in the RL stages (0: none).
     pub eval_every: u64,
+    /// Steps between checkpoints of the RL stages (0: only at the end); `--resume` continues an
+    /// interrupted RL stage from its last one.
+    pub checkpoint_every: u64,
 }
 
 impl Default for ColdStart {
@@ -135,6 +140,7 @@ impl Default for R1Settings {
             k: 8,
             eval_seed: 0,
             eval_every: 20,
+            checkpoint_every: 10,
         };
         crate::settings::Settings::derive(&mut s);
         s
@@ -278,6 +284,9 @@ struct Pipeline {
     /// Set once a stage runs: every later stage runs too (a stage read back was trained on the
     /// earlier stages' old output).
     ran: Cell<bool>,
+    /// The checkpoint an interrupted attempt of the RL stage about to run left, which it
+    /// continues from (set by `stage`, taken by `rl`).
+    continuing: Cell<Option<PathBuf>>,
     /// The input checkpoints (canonical): a stage folder holding one is never cleared.
     inputs: Vec<PathBuf>,
 }
@@ -322,9 +331,11 @@ impl Pipeline {
         Ok(r)
     }
 
-    fn stage_dir(&self, stage: Stage) -> Result<PathBuf> {
+    /// The stage's folder, created; with --resume, what an interrupted attempt left there is
+    /// cleared unless `keep` (an RL stage continuing from its checkpoint).
+    fn stage_dir(&self, stage: Stage, keep: bool) -> Result<PathBuf> {
         let dir = self.out.join(stage.folder());
-        if self.resume {
+        if self.resume && !keep {
             // What an interrupted attempt left: the stage starts over.
             if dir.exists() {
                 let canonical = dir.canonicalize().with_context(|| dir.display().to_string())?;
@@ -348,6 +359,10 @@ impl Pipeline {
         let dir = self.out.join(stage.folder());
         let marker = dir.join(STAGE_FILE);
         if !self.resume || self.ran.get() || !marker.exists() {
+            // An RL stage an interrupted attempt checkpointed continues from there, unless an
+            // earlier stage ran again (the checkpoint trained on its old output).
+            let saved = complete_checkpoint(&dir.join("checkpoint"), RL_STATE_FILE).ok();
+            self.continuing.set(saved.filter(|_| self.resume && !self.ran.get()));
             self.ran.set(true);
             return run();
         }
@@ -383,7 +398,7 @@ impl Pipeline {
 
     fn cold_start(&self, base: &Path) -> Result<StageResult> {
         let t0 = Instant::now();
-        let dir = self.stage_dir(Stage::ColdStart)?;
+        let dir = self.stage_dir(Stage::ColdStart, false)?;
         let model = self.load(base)?;
         let c = &self.s.cold_start;
         let data: Vec<Example> =
@@ -404,17 +419,29 @@ impl Pipeline {
         records: &[(&str, String)],
     ) -> Result<StageResult> {
         let t0 = Instant::now();
-        let dir = self.stage_dir(stage)?;
-        let model = self.load(from)?;
+        let saved = self.continuing.take();
+        let dir = self.stage_dir(stage, saved.is_some())?;
         let tok = Box::new(self.tok.clone());
-        let mut t = match rewards {
-            Some(r) => GrpoTrainer::with_rewards(model, cfg.clone(), tok, r)?,
-            None => GrpoTrainer::new(model, cfg.clone(), tok)?,
+        let (metrics, completions) = (dir.join("metrics.jsonl"), dir.join("completions.jsonl"));
+        let mut t = match (&saved, rewards) {
+            (Some(ckpt), Some(r)) => GrpoTrainer::resume_with_rewards(ckpt, tok, &self.device, r)?,
+            (Some(ckpt), None) => GrpoTrainer::resume(ckpt, tok, &self.device)?,
+            (None, Some(r)) => GrpoTrainer::with_rewards(self.load(from)?, cfg.clone(), tok, r)?,
+            (None, None) => GrpoTrainer::new(self.load(from)?, cfg.clone(), tok)?,
         };
+        if saved.is_some() {
+            // Lines written after the checkpoint's step are redone: they go (kept, they would
+            // appear twice).
+            let step = t.run.step;
+            t.run.resume_logs(&metrics, &completions)?;
+            truncate_metrics(&dir.join("eval_history.jsonl"), step + 1)?;
+            println!("{}: resuming at step {step} of {}", stage.label(), cfg.steps);
+        } else {
+            t.run.log_to(&metrics, &completions)?;
+        }
         if stage == Stage::ReasoningRl {
             t.run.pool = self.pool.clone();
         }
-        t.run.log_to(&dir.join("metrics.jsonl"), &dir.join("completions.jsonl"))?;
         println!("{}: GRPO, {} steps, rewards {}", stage.label(), cfg.steps, t.run.rewards.describe());
         // Validation on the reasoning tasks, the same for every stage.
         let validation = Validation::new(
@@ -427,7 +454,7 @@ impl Pipeline {
             self.s.eval_every,
         )?
         .covering(cfg.max_new_tokens);
-        train_loop(&mut t, &dir.join("checkpoint"), 0, Some(&validation))?;
+        train_loop(&mut t, &dir.join("checkpoint"), self.s.checkpoint_every, Some(&validation))?;
         for (name, text) in records {
             std::fs::write(dir.join(name), text).with_context(|| dir.join(name).display().to_string())?;
         }
@@ -436,7 +463,7 @@ impl Pipeline {
 
     fn rejection_sft(&self, sampler: &Path, base: &Path) -> Result<StageResult> {
         let t0 = Instant::now();
-        let dir = self.stage_dir(Stage::RejectionSft)?;
+        let dir = self.stage_dir(Stage::RejectionSft, false)?;
         let r = &self.s.rejection;
         let teacher = self.load(sampler)?;
         let prompts = match &self.pool {
@@ -620,6 +647,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
         device,
         resume: args.resume,
         ran: Cell::new(false),
+        continuing: Cell::new(None),
         inputs: [Some(&args.from), args.base.as_ref()]
             .into_iter()
             .flatten()

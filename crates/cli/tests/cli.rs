@@ -599,6 +599,7 @@ non_reasoning = "reverse:3"
 eval_problems = 4
 k = 2
 eval_every = 1
+checkpoint_every = 1
 [cold_start]
 problems = 8
 sft = { steps = 2, batch = 4 }
@@ -618,7 +619,7 @@ heldout_pairs = 4
 steps = 2
 batch = 2
 [all_rl]
-steps = 1
+steps = 2
 prompts_per_step = 2
 group_size = 2
 "#;
@@ -689,6 +690,22 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
         assert!(stdout.contains(&format!("{stage} done in")) && dir.join("stage.json").exists(), "{stdout}");
     }
     assert!(stage4.join("reward_model.json").exists());
+    // Interrupted in stage 4 after its step-1 checkpoint (its record never written; the
+    // checkpoint's step set back to 1 as that checkpoint had it): --resume continues the stage
+    // there, each log line once.
+    std::fs::remove_file(stage4.join("stage.json")).unwrap();
+    let state_path = stage4.join("checkpoint/rl_state.json");
+    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    state["step"] = 1.into();
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    let out = again(&["--resume"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.matches("finished earlier").count(), 3, "{stdout}");
+    assert!(stdout.contains("R1 stage 4 (all-scenario RL): resuming at step 1 of 2"), "{stdout}");
+    let lines = |file: &str| std::fs::read_to_string(stage4.join(file)).unwrap().lines().count();
+    assert_eq!((lines("metrics.jsonl"), lines("eval_history.jsonl")), (2, 3), "steps 0-1 (metrics), 0-2 (validation)");
+    assert!(stage4.join("stage.json").exists());
     // One stage alone from a checkpoint, into its own folder.
     let alone = dir.join("alone");
     let from = run.join("1-cold-start/checkpoint");
