@@ -65,7 +65,8 @@ impl Default for DistillSettings {
             trace_problems: 1024,
             trace_samples: 2,
             sft: SftConfig { steps: 200, lr: 1e-3, ..SftConfig::default() },
-            rl: GrpoConfig { steps: 10, rewards: "accuracy,format:0.1,language:0.5".into(), ..GrpoConfig::default() },
+            // The R1 model's rewards: the two arms differ only in how the student learns.
+            rl: GrpoConfig { steps: 10, rewards: crate::r1::ALL_RL_RULES.into(), ..GrpoConfig::default() },
             eval_problems: 128,
             k: 8,
             eval_seed: 0,

@@ -28,7 +28,7 @@ use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
 use whale_rl::parallel::trainer::truncate_metrics;
 use whale_rl::reward_model::{preference_pairs, LearnedReward, ReasoningOnly, RewardModel};
-use whale_rl::rewards::{Accuracy, Format, LanguageConsistency, RewardSet};
+use whale_rl::rewards::{Reward, RewardSet};
 use whale_rl::sft::{fitting, rejection_sample, Example, SftConfig};
 use whale_rl::tasks::{Problem, Split, TaskSet};
 
@@ -147,12 +147,13 @@ impl Default for R1Settings {
     }
 }
 
-/// Stage 4's rule rewards: accuracy on the reasoning prompts, format and language on all, and
-/// the reward model (added in code) on the non-reasoning ones.
-const ALL_RL_RULES: &str = "accuracy,format:0.1,language:0.5";
+/// The RL stages' rule rewards: accuracy plus language consistency summed directly, as R1's
+/// stage 2 (spec/rl.md 2.2), and TinyZero's 0.1 for the template. Stage 4 applies accuracy to
+/// the reasoning prompts only and adds the reward model (in code) on the non-reasoning ones.
+pub(crate) const ALL_RL_RULES: &str = "accuracy,format:0.1,language";
 
 /// Mixed into the seed of stages 3 and 4 (see `derive`).
-const SECOND_PASS_SALT: u64 = 0x5EC0_0D00_0000_0000;
+pub(crate) const SECOND_PASS_SALT: u64 = 0x5EC0_0D00_0000_0000;
 
 impl crate::settings::Settings for R1Settings {
     const DERIVED: &'static [(&'static str, &'static str)] = &[
@@ -528,15 +529,23 @@ impl Pipeline {
             "reward model: Bradley-Terry on {} pairs, final loss {:.3}, held-out pair accuracy {:.3} ({} pairs)",
             report.train_pairs, report.final_loss, report.heldout_accuracy, report.heldout_pairs
         );
-        let rewards = RewardSet {
-            entries: vec![
-                // ALL_RL_RULES, with accuracy on the reasoning prompts only.
-                (Box::new(ReasoningOnly(Box::new(Accuracy { gated: false }))), 1.0),
-                (Box::new(Format), 0.1),
-                (Box::new(LanguageConsistency), 0.5),
-                (Box::new(LearnedReward { model: Arc::new(rm), tokenizer: self.tok.clone() }), 1.0),
-            ],
-        };
+        // ALL_RL_RULES, with accuracy on the reasoning prompts only, and the reward model.
+        let rules = RewardSet::parse(ALL_RL_RULES, self.s.all_rl.max_new_tokens)?;
+        let mut entries: Vec<(Box<dyn Reward>, f64)> = rules
+            .entries
+            .into_iter()
+            .map(
+                |(r, w)| {
+                    if r.name() == "accuracy" {
+                        (Box::new(ReasoningOnly(r)) as Box<dyn Reward>, w)
+                    } else {
+                        (r, w)
+                    }
+                },
+            )
+            .collect();
+        entries.push((Box::new(LearnedReward { model: Arc::new(rm), tokenizer: self.tok.clone() }), 1.0));
+        let rewards = RewardSet { entries };
         drop(model);
         let record = [("reward_model.json", serde_json::to_string_pretty(&report)?)];
         self.rl(Stage::AllRl, from, &self.s.all_rl, Some(rewards), &record)

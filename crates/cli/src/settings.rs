@@ -234,7 +234,7 @@ mod tests {
         assert_eq!(s.all_rl.steps, 7);
         // R1's stage-4 learning rate, not GrpoConfig's default (1e-4).
         assert_eq!((s.all_rl.lr, s.all_rl.prompts_per_step), (d.all_rl.lr, d.all_rl.prompts_per_step));
-        assert_eq!(s.reasoning_rl.rewards, "accuracy,format:0.1,language:0.5");
+        assert_eq!(s.reasoning_rl.rewards, "accuracy,format:0.1,language");
         assert_eq!((s.cold_start.sft.steps, s.cold_start.sft.lr, s.cold_start.problems), (3, 1e-3, 384));
         // The RL stages follow the top-level tasks.
         assert_eq!((s.reasoning_rl.tasks.as_str(), s.all_rl.tasks.as_str()), ("add:3", "add:3,reverse:3-5"));
@@ -260,7 +260,7 @@ mod tests {
         assert_eq!((s.tasks.as_str(), s.letters, s.eval_seed, s.eval_problems, s.k), ("add:3", 0.5, 9, 12, 4));
         assert_eq!((s.reasoning_rl.tasks.as_str(), s.all_rl.tasks.as_str()), ("add:3", "add:3,reverse:3-5"));
         assert_eq!((s.reasoning_rl.letters, s.all_rl.letters, s.all_rl.steps), (0.5, 0.5, 7));
-        assert_eq!((s.seed, s.cold_start.sft.seed, s.all_rl.seed), (5, 5, 5));
+        assert_eq!((s.seed, s.cold_start.sft.seed, s.all_rl.seed), (5, 5, 5 ^ crate::r1::SECOND_PASS_SALT));
         let d = crate::distill::DistillSettings::default();
         let s = shared.lay_over(d).unwrap();
         assert_eq!((s.tasks.as_str(), s.letters, s.eval_seed, s.eval_problems, s.k), ("add:3", 0.5, 9, 12, 4));
@@ -270,16 +270,21 @@ mod tests {
     }
 
     /// R1's top-level seed is every stage's: the cold-start and rejection SFT batches and both RL
-    /// stages' rollouts draw from it (they had kept seed 0 whatever `seed` said), and a stage seed
-    /// of its own is refused, naming the key.
+    /// stages' rollouts draw from it (they had kept seed 0 whatever `seed` said), stages 3 and 4
+    /// salted (they would replay stages 1 and 2's streams), and a stage seed of its own is
+    /// refused, naming the key.
     #[test]
     fn r1s_seed_reaches_every_stage() {
+        use crate::r1::SECOND_PASS_SALT;
         let s = r1("seed = 7\n").unwrap();
         let seeds = [s.cold_start.sft.seed, s.reasoning_rl.seed, s.rejection.sft.seed, s.all_rl.seed];
-        assert_eq!(seeds, [7; 4]);
+        assert_eq!(seeds, [7, 7, 7 ^ SECOND_PASS_SALT, 7 ^ SECOND_PASS_SALT]);
         let err = r1("seed = 7\n[reasoning_rl]\nseed = 3\n").unwrap_err().to_string();
         assert!(err.contains("`reasoning_rl.seed`") && err.contains("top-level `seed`"), "{err}");
-        assert_eq!(r1("seed = 7\n[all_rl]\nseed = 7\n").unwrap().all_rl.seed, 7, "the derived value loads back");
+        let err = r1("seed = 7\n[all_rl]\nseed = 7\n").unwrap_err().to_string();
+        assert!(err.contains("`all_rl.seed`"), "{err}");
+        let derived = format!("seed = 7\n[all_rl]\nseed = {}\n", 7 ^ SECOND_PASS_SALT);
+        assert_eq!(r1(&derived).unwrap().all_rl.seed, 7 ^ SECOND_PASS_SALT, "the derived value loads back");
     }
 
     #[test]
