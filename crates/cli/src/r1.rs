@@ -431,11 +431,11 @@ impl Pipeline {
             (None, None) => GrpoTrainer::new(self.load(from)?, cfg.clone(), tok)?,
         };
         if saved.is_some() {
-            // Lines written after the checkpoint's step are redone: they go (kept, they would
-            // appear twice).
+            // Lines from the checkpoint's step on are redone (validation of that step too, which
+            // a crash right after the checkpoint left unwritten): they go.
             let step = t.run.step;
             t.run.resume_logs(&metrics, &completions)?;
-            truncate_metrics(&dir.join("eval_history.jsonl"), step + 1)?;
+            truncate_metrics(&dir.join("eval_history.jsonl"), step)?;
             println!("{}: resuming at step {step} of {}", stage.label(), cfg.steps);
         } else {
             t.run.log_to(&metrics, &completions)?;

@@ -329,10 +329,11 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
         }
         t.run_mut().config.steps = s.grpo.steps;
         t.run_mut().resume_logs(&metrics, &completions)?;
-        // Validations after the checkpoint's step are redone: their lines go (kept, they would
-        // appear twice).
+        // Validations from the checkpoint's step on are redone (`train_loop` validates the step
+        // it starts at, which a crash just after the checkpoint left unwritten): their lines go
+        // (kept, they would appear twice).
         let step = t.run_mut().step;
-        truncate_metrics(&out.join("eval_history.jsonl"), step + 1)?;
+        truncate_metrics(&out.join("eval_history.jsonl"), step)?;
         println!("resuming {} at step {step} of {}", out.display(), s.grpo.steps);
         t
     } else {
@@ -489,9 +490,9 @@ pub fn train_loop(
         }
         Ok(())
     };
-    if first == 0 {
-        validate(&*trainer, 0)?;
-    }
+    // The step it starts at: 0, or a resumed checkpoint's (whose validation, if due, a crash
+    // right after the checkpoint may have kept from being written).
+    validate(&*trainer, first)?;
     while !trainer.run_mut().done() {
         let log = trainer.train_step()?;
         let step = log.step + 1;
