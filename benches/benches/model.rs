@@ -59,7 +59,7 @@ fn moe_vs_dense(c: &mut Criterion) {
     g.bench_function("whale", |bench| {
         bench.iter(|| {
             let xv = x.input_variable();
-            moe.forward(&xv).unwrap().output.sum_all().unwrap().backward().unwrap();
+            moe.forward(&xv, None).unwrap().output.sum_all().unwrap().backward().unwrap();
             black_box(xv.grad());
         })
     });

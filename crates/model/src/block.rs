@@ -6,7 +6,7 @@ use whale_tensor::Tensor;
 
 use crate::config::DeepSeekV3Config;
 use crate::mla::{CacheMode, LayerCache, MultiHeadLatentAttention};
-use crate::moe::DeepSeekMoE;
+use crate::moe::{DeepSeekMoE, RealTokens};
 use crate::nn::{ParamBuilder, RmsNorm, SwiGluMlp};
 use crate::Result;
 
@@ -58,14 +58,15 @@ impl DecoderLayer {
         })
     }
 
-    /// `h`: `[batch, seq, hidden]` at `positions`.
-    pub fn forward(&self, h: &Tensor, positions: &[usize]) -> Result<LayerOutput> {
+    /// `h`: `[batch, seq, hidden]` at `positions`; `real`: the tokens an MoE layer counts in its
+    /// load and balance losses (`None`: all).
+    pub fn forward(&self, h: &Tensor, positions: &[usize], real: Option<&RealTokens>) -> Result<LayerOutput> {
         let h = h.add(&self.self_attn.forward(&self.input_layernorm.forward(h)?, positions)?)?;
         let x = self.post_attention_layernorm.forward(&h)?;
         Ok(match &self.mlp {
             FeedForward::Dense(mlp) => LayerOutput { hidden: h.add(&mlp.forward(&x)?)?, load: None, aux_loss: None },
             FeedForward::Moe(moe) => {
-                let out = moe.forward(&x)?;
+                let out = moe.forward(&x, real)?;
                 LayerOutput { hidden: h.add(&out.output)?, load: Some(out.load), aux_loss: out.aux_loss }
             }
         })
@@ -93,7 +94,7 @@ impl DecoderLayer {
         let x = self.post_attention_layernorm.forward(&h)?;
         let f = match &self.mlp {
             FeedForward::Dense(mlp) => mlp.forward(&x)?,
-            FeedForward::Moe(moe) => moe.forward(&x)?.output,
+            FeedForward::Moe(moe) => moe.forward(&x, None)?.output,
         };
         Ok(h.add(&f)?)
     }

@@ -10,7 +10,7 @@ use whale_tensor::{DType, Device, ParamStore, Rng, Tensor};
 use crate::block::DecoderLayer;
 use crate::checkpoint::{self, Fp8Weights, SaveDType, TensorFiles};
 use crate::config::DeepSeekV3Config;
-use crate::moe::{max_violation, update_balancing_bias};
+use crate::moe::{max_violation, update_balancing_bias, RealTokens};
 use crate::mtp::MtpModule;
 use crate::nn::{Linear, ParamBuilder, RmsNorm, WeightSource};
 use crate::{Error, Result};
@@ -244,20 +244,31 @@ impl DeepSeekV3 {
     }
 
     /// Hidden states after the last decoder layer, before the final norm: `[batch, seq, hidden]`.
-    fn trunk(&self, input_ids: &Tensor, loads: &mut Vec<Vec<usize>>, aux: &mut Option<Tensor>) -> Result<Tensor> {
-        let out = self.run_layers(0..self.layers.len(), &self.embed(input_ids)?)?;
+    fn trunk(
+        &self,
+        input_ids: &Tensor,
+        real: Option<&RealTokens>,
+        loads: &mut Vec<Vec<usize>>,
+        aux: &mut Option<Tensor>,
+    ) -> Result<Tensor> {
+        let out = self.run_layers(0..self.layers.len(), &self.embed(input_ids)?, real)?;
         loads.extend(out.expert_load);
         *aux = add_opt(aux.take(), out.aux_loss)?;
         Ok(out.hidden)
     }
 
     /// Decoder layers `layers` on `h` (`[batch, seq, hidden]`, positions from 0): a pipeline
-    /// stage's share of the trunk.
-    pub fn run_layers(&self, layers: std::ops::Range<usize>, h: &Tensor) -> Result<StageOutput> {
+    /// stage's share of the trunk. `real`: the tokens the MoE layers count (`None`: all).
+    pub fn run_layers(
+        &self,
+        layers: std::ops::Range<usize>,
+        h: &Tensor,
+        real: Option<&RealTokens>,
+    ) -> Result<StageOutput> {
         let positions: Vec<usize> = (0..h.dims()[1]).collect();
         let (mut h, mut expert_load, mut aux_loss) = (h.clone(), Vec::new(), None);
         for layer in &self.layers[layers] {
-            let out = layer.forward(&h, &positions)?;
+            let out = layer.forward(&h, &positions, real)?;
             h = out.hidden;
             expert_load.extend(out.load);
             aux_loss = add_opt(aux_loss, out.aux_loss)?;
@@ -269,7 +280,7 @@ impl DeepSeekV3 {
     /// reads them too). No MTP, no losses.
     pub fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (mut loads, mut aux) = (Vec::new(), None);
-        let h = self.trunk(input_ids, &mut loads, &mut aux)?;
+        let h = self.trunk(input_ids, None, &mut loads, &mut aux)?;
         self.norm.forward(&h)
     }
 
@@ -282,6 +293,17 @@ impl DeepSeekV3 {
     /// should follow position i (`IGNORE_INDEX` to skip). MTP depth k at position i predicts
     /// `targets[b, i + k]` from its hidden state and the embedding of `input_ids[b, i + k]`.
     pub fn forward(&self, input_ids: &Tensor, targets: Option<&Tensor>) -> Result<ForwardOutput> {
+        self.forward_counting(input_ids, targets, None)
+    }
+
+    /// [`DeepSeekV3::forward`] whose MoE layers count only the `real` tokens in their loads and
+    /// balance losses (padding left out; `None`: every token).
+    pub fn forward_counting(
+        &self,
+        input_ids: &Tensor,
+        targets: Option<&Tensor>,
+        real: Option<&RealTokens>,
+    ) -> Result<ForwardOutput> {
         if input_ids.rank() != 2 {
             return Err(Error::Model(format!("input_ids must be [batch, seq], got {:?}", input_ids.dims())));
         }
@@ -295,17 +317,18 @@ impl DeepSeekV3 {
             }
         }
         let (mut loads, mut aux) = (Vec::new(), None);
-        let h = self.trunk(input_ids, &mut loads, &mut aux)?;
-        self.head_and_losses(input_ids, targets, &h, loads, aux)
+        let h = self.trunk(input_ids, real, &mut loads, &mut aux)?;
+        self.head_and_losses(input_ids, targets, real, &h, loads, aux)
     }
 
-    /// The last pipeline stage's part of [`DeepSeekV3::forward`]: final norm, output head, the MTP
-    /// modules and the losses, from the trunk's output `h`; `loads` and `aux` are what the
-    /// decoder layers before it reported.
+    /// The last pipeline stage's part of [`DeepSeekV3::forward_counting`]: final norm, output
+    /// head, the MTP modules and the losses, from the trunk's output `h`; `loads` and `aux` are
+    /// what the decoder layers before it reported.
     pub fn head_and_losses(
         &self,
         input_ids: &Tensor,
         targets: Option<&Tensor>,
+        real: Option<&RealTokens>,
         h: &Tensor,
         mut loads: Vec<Vec<usize>>,
         mut aux: Option<Tensor>,
@@ -333,7 +356,9 @@ impl DeepSeekV3 {
                 }
                 let s = seq - k;
                 let emb = self.embed(&input_ids.narrow(1, k, s)?)?;
-                let (out, normed) = module.forward(&prev.narrow(1, 0, s)?, &emb)?;
+                // Position i reads token i + k: real where that token is.
+                let shifted = real.map(|r| r.shifted(k));
+                let (out, normed) = module.forward(&prev.narrow(1, 0, s)?, &emb, shifted.as_ref())?;
                 loads.extend(out.load.clone());
                 aux = add_opt(aux, out.aux_loss.clone())?;
                 let tk = targets.narrow(1, k, s)?.contiguous()?.reshape(&[batch * s])?;

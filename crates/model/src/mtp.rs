@@ -7,6 +7,7 @@ use whale_tensor::Tensor;
 use crate::block::{DecoderLayer, LayerOutput};
 use crate::config::DeepSeekV3Config;
 use crate::mla::{CacheMode, LayerCache};
+use crate::moe::RealTokens;
 use crate::nn::{Linear, ParamBuilder, RmsNorm};
 use crate::Result;
 
@@ -38,11 +39,11 @@ impl MtpModule {
     /// `prev`: `[batch, s, hidden]` (depth k-1's hidden at positions 0..s), `emb`: `[batch, s,
     /// hidden]` (embeddings of tokens k..k+s). Returns the block output (depth k's hidden) and
     /// the normalised state for the head.
-    pub fn forward(&self, prev: &Tensor, emb: &Tensor) -> Result<(LayerOutput, Tensor)> {
+    pub fn forward(&self, prev: &Tensor, emb: &Tensor, real: Option<&RealTokens>) -> Result<(LayerOutput, Tensor)> {
         let x = Tensor::cat(&[self.enorm.forward(emb)?, self.hnorm.forward(prev)?], 2)?;
         let x = self.eh_proj.forward(&x)?;
         let positions: Vec<usize> = (0..x.dims()[1]).collect();
-        let out = self.block.forward(&x, &positions)?;
+        let out = self.block.forward(&x, &positions, real)?;
         let normed = self.head_norm.forward(&out.hidden)?;
         Ok((out, normed))
     }

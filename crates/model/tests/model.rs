@@ -8,7 +8,8 @@ use whale_model::checkpoint::{
     complete_checkpoint, load_dir, load_file, load_file_raw, rename_synced, save_file, save_sharded, write_atomically,
     write_dir_atomically, SaveDType,
 };
-use whale_model::{DeepSeekV3, DeepSeekV3Config, Error};
+use whale_model::moe::RealTokens;
+use whale_model::{DeepSeekV3, DeepSeekV3Config, Error, IGNORE_INDEX};
 use whale_tensor::testing::TempDir;
 use whale_tensor::{DType, Device, Rng, Tensor};
 
@@ -299,7 +300,7 @@ fn grouped_dispatch_equals_a_per_token_loop() {
     let model = DeepSeekV3::new(cfg.clone(), 5).unwrap();
     let moe = model.moe_layers()[0];
     let x = Tensor::randn(&[2, 5, cfg.hidden_size], 0.0, 1.0, DType::F32, &mut Rng::new(9)).unwrap();
-    let out = moe.forward(&x).unwrap().output.to_vec_f32().unwrap();
+    let out = moe.forward(&x, None).unwrap().output.to_vec_f32().unwrap();
 
     let tokens = x.reshape(&[10, cfg.hidden_size]).unwrap();
     let routing = moe.gate.route(&tokens).unwrap();
@@ -328,40 +329,62 @@ fn grouped_dispatch_equals_a_per_token_loop() {
 fn balance_losses_match_their_formulas() {
     // Spec 2.4, computed here in f64 from the routing: alpha * sum_i f_i P_i with
     // f_i = E/(K T) * count_i, P_i the mean affinity normalised over all experts; per sequence
-    // (T = s, averaged over the batch) and over the whole batch (T = b * s).
+    // (T = s, averaged over the batch) and over the whole batch (T = b * s). With padding, over
+    // the real tokens: T is theirs, and a sequence without one is left out of the batch mean.
     let (seq_alpha, batch_alpha) = (0.01, 0.003);
-    for (seq_aux, batch_aux) in [(seq_alpha, 0.0), (0.0, batch_alpha), (seq_alpha, batch_alpha)] {
-        let mut cfg = DeepSeekV3Config::tiny();
-        cfg.seq_aux_alpha = seq_aux;
-        cfg.aux_loss_alpha = batch_aux;
-        let model = DeepSeekV3::new(cfg.clone(), 6).unwrap();
-        let moe = model.moe_layers()[0];
-        let (b, s, e, k) = (2, 6, cfg.n_routed_experts, cfg.num_experts_per_tok);
-        let x = Tensor::randn(&[b, s, cfg.hidden_size], 0.0, 1.0, DType::F32, &mut Rng::new(4)).unwrap();
-        let got = moe.forward(&x).unwrap().aux_loss.unwrap().to_scalar().unwrap() as f64;
+    let (b, s) = (3, 6);
+    // Rows of 6, 4 and 0 real tokens (each row's first position always counts as real: the
+    // third row's targets are all ignored, so only its position 0 is).
+    let targets: Vec<i64> =
+        [6, 4, 0].iter().flat_map(|&n| (0..s).map(move |i| if i + 1 < n { 1 } else { IGNORE_INDEX })).collect();
+    let targets = Tensor::from_vec(targets, &[b, s], &Device::Cpu).unwrap();
+    let real = RealTokens::from_targets(&targets, IGNORE_INDEX).unwrap();
+    assert_eq!((0..b).map(|q| real.in_row(q)).collect::<Vec<_>>(), [6, 4, 1]);
+    for masked in [false, true] {
+        for (seq_aux, batch_aux) in [(seq_alpha, 0.0), (0.0, batch_alpha), (seq_alpha, batch_alpha)] {
+            let mut cfg = DeepSeekV3Config::tiny();
+            cfg.seq_aux_alpha = seq_aux;
+            cfg.aux_loss_alpha = batch_aux;
+            let model = DeepSeekV3::new(cfg.clone(), 6).unwrap();
+            let moe = model.moe_layers()[0];
+            let (e, k) = (cfg.n_routed_experts, cfg.num_experts_per_tok);
+            let x = Tensor::randn(&[b, s, cfg.hidden_size], 0.0, 1.0, DType::F32, &mut Rng::new(4)).unwrap();
+            let out = moe.forward(&x, masked.then_some(&real)).unwrap();
+            let got = out.aux_loss.unwrap().to_scalar().unwrap() as f64;
 
-        let routing = moe.gate.route(&x.reshape(&[b * s, cfg.hidden_size]).unwrap()).unwrap();
-        let scores = routing.scores.to_vec_f32().unwrap();
-        // f and P over the tokens `range`, T of them.
-        let loss = |range: std::ops::Range<usize>| {
-            let t_count = range.len() as f64;
-            let (mut f, mut p) = (vec![0.0f64; e], vec![0.0f64; e]);
-            for t in range {
-                for j in 0..k {
-                    f[routing.experts[t * k + j]] += e as f64 / (k as f64 * t_count);
+            let routing = moe.gate.route(&x.reshape(&[b * s, cfg.hidden_size]).unwrap()).unwrap();
+            let scores = routing.scores.to_vec_f32().unwrap();
+            let counted = |t: usize| !masked || real.is_real(t);
+            // f and P over the counted tokens of `range`, T of them.
+            let loss = |range: std::ops::Range<usize>| {
+                let tokens: Vec<usize> = range.filter(|&t| counted(t)).collect();
+                let t_count = tokens.len() as f64;
+                let (mut f, mut p) = (vec![0.0f64; e], vec![0.0f64; e]);
+                for &t in &tokens {
+                    for j in 0..k {
+                        f[routing.experts[t * k + j]] += e as f64 / (k as f64 * t_count);
+                    }
+                    let row = &scores[t * e..(t + 1) * e];
+                    let z: f64 = row.iter().map(|&v| v as f64).sum();
+                    for i in 0..e {
+                        p[i] += row[i] as f64 / z / t_count;
+                    }
                 }
-                let row = &scores[t * e..(t + 1) * e];
-                let z: f64 = row.iter().map(|&v| v as f64).sum();
-                for i in 0..e {
-                    p[i] += row[i] as f64 / z / t_count;
-                }
-            }
-            f.iter().zip(&p).map(|(a, b)| a * b).sum::<f64>()
-        };
-        let per_sequence = (0..b).map(|q| loss(q * s..(q + 1) * s)).sum::<f64>() / b as f64;
-        let want = seq_aux * per_sequence + batch_aux * loss(0..b * s);
-        assert!((got - want).abs() < 1e-7, "alphas {seq_aux}, {batch_aux}: {got} vs {want}");
+                f.iter().zip(&p).map(|(a, b)| a * b).sum::<f64>()
+            };
+            let per_sequence = (0..b).map(|q| loss(q * s..(q + 1) * s)).sum::<f64>() / b as f64;
+            let want = seq_aux * per_sequence + batch_aux * loss(0..b * s);
+            assert!((got - want).abs() < 1e-7, "masked {masked}, alphas {seq_aux}, {batch_aux}: {got} vs {want}");
+            // The load: the counted tokens' choices.
+            let mut load = vec![0usize; e];
+            (0..b * s).filter(|&t| counted(t)).for_each(|t| (0..k).for_each(|j| load[routing.experts[t * k + j]] += 1));
+            assert_eq!(out.load, load, "masked {masked}");
+        }
     }
+    // A mask of another batch's shape is an error, not a misread.
+    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 6).unwrap();
+    let x = Tensor::zeros(&[2, s, model.config.hidden_size], DType::F32, &Device::Cpu).unwrap();
+    assert!(model.moe_layers()[0].forward(&x, Some(&real)).unwrap_err().to_string().contains("real tokens"));
 }
 
 #[test]
@@ -376,7 +399,13 @@ fn the_balance_losses_pass_their_gradient_to_the_affinities() {
     let moe = model.moe_layers()[0];
     moe.gate.e_score_correction_bias.as_ref().unwrap().with_f32_mut(|b| b[..2].fill(10.0)).unwrap();
     let x = whale_tensor::testing::randn(&[2, 3, cfg.hidden_size], 9);
-    let aux = |v: &[Tensor]| Ok(moe.forward(&v[0]).expect("the MoE forward").aux_loss.expect("alphas > 0"));
+    let aux = |v: &[Tensor]| Ok(moe.forward(&v[0], None).expect("the MoE forward").aux_loss.expect("alphas > 0"));
+    whale_tensor::testing::GradCheck::default().run(std::slice::from_ref(&x), aux).unwrap();
+    // Over the real tokens only (the second row's last is padding).
+    let targets = Tensor::from_vec(vec![1i64, 1, 1, 1, IGNORE_INDEX, IGNORE_INDEX], &[2, 3], &Device::Cpu).unwrap();
+    let real = RealTokens::from_targets(&targets, IGNORE_INDEX).unwrap();
+    let aux =
+        |v: &[Tensor]| Ok(moe.forward(&v[0], Some(&real)).expect("the MoE forward").aux_loss.expect("alphas > 0"));
     whale_tensor::testing::GradCheck::default().run(&[x], aux).unwrap();
 }
 

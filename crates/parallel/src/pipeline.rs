@@ -31,8 +31,9 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use whale_model::moe::RealTokens;
 use whale_model::tensor::{DType, Device, Tensor, WeightGradWork};
-use whale_model::DeepSeekV3;
+use whale_model::{DeepSeekV3, IGNORE_INDEX};
 
 use crate::comm::{Comm, ReduceOp, RANK_STACK};
 use crate::schedule::{Op, Schedule, Work};
@@ -368,7 +369,9 @@ impl Runner<'_> {
             None => self.model.embed(&mb.input_ids)?,
         };
         let layers = self.plan.layers[at.stage].clone();
-        let out = self.model.run_layers(layers.clone(), &h)?;
+        // The MoE layers count the micro-batch's tokens, not its padding (as the trainer does).
+        let real = RealTokens::from_targets(&mb.targets, IGNORE_INDEX)?;
+        let out = self.model.run_layers(layers.clone(), &h, Some(&real))?;
         let mut measured = nothing_measured(self.model);
         // MoE layers report in model order: the trunk's, then the MTP modules'.
         let first_moe = self.model.layers[..layers.start].iter().filter(|l| l.moe().is_some()).count();
@@ -379,8 +382,14 @@ impl Runner<'_> {
         place(first_moe, &out.expert_load);
         let scale = self.scale as f64;
         if last {
-            let fo =
-                self.model.head_and_losses(&mb.input_ids, Some(&mb.targets), &out.hidden, Vec::new(), out.aux_loss)?;
+            let fo = self.model.head_and_losses(
+                &mb.input_ids,
+                Some(&mb.targets),
+                Some(&real),
+                &out.hidden,
+                Vec::new(),
+                out.aux_loss,
+            )?;
             place(trunk_moe, &fo.expert_load);
             let loss = fo.loss.expect("targets were given").mul_scalar(self.scale)?;
             measured.loss = loss.to_scalar()? as f64;

@@ -14,10 +14,11 @@ use serde_json::{json, Value};
 use whale_model::checkpoint::{
     complete_checkpoint, load_file, save_file, write_atomically, write_dir_atomically, write_json_synced, SaveDType,
 };
+use whale_model::moe::RealTokens;
 use whale_model::tensor::fp8::Fp8Recipe;
 use whale_model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, DeepSeekV3Schedule, LrSchedule, WarmupCosine};
 use whale_model::tensor::{no_grad, DType, Device, Rng, Tensor};
-use whale_model::DeepSeekV3;
+use whale_model::{DeepSeekV3, IGNORE_INDEX};
 
 use crate::{Error, Result};
 
@@ -226,7 +227,9 @@ impl TrainConfig {
 /// same batches.
 pub trait DataSource: Send {
     /// The next micro-batch: `(input_ids, targets)`, both `[batch, seq]`, targets aligned with
-    /// positions (`IGNORE_INDEX` to skip).
+    /// positions (`IGNORE_INDEX` to skip). A row's tokens are the positions up to its last
+    /// target; the rest is padding, which the MoE layers leave out of their loads and balance
+    /// losses ([`RealTokens::from_targets`]).
     fn next_batch(&mut self, batch: usize, seq: usize) -> Result<(Tensor, Tensor)>;
     fn state(&self) -> Value;
     fn restore(&mut self, state: &Value) -> Result<()>;
@@ -364,7 +367,9 @@ impl Trainer {
         let mut acc = Accumulated::default();
         for _ in 0..cfg.grad_accum {
             let (ids, targets) = self.data.next_batch(cfg.micro_batch, cfg.seq_len)?;
-            let out = self.model.forward(&ids, Some(&targets))?;
+            // The MoE layers count the real tokens, not the padding after each row's last target.
+            let real = RealTokens::from_targets(&targets, IGNORE_INDEX)?;
+            let out = self.model.forward_counting(&ids, Some(&targets), Some(&real))?;
             let l = out.loss.expect("targets were given");
             let lv = l.to_scalar()? as f64;
             if !lv.is_finite() && acc.problem.is_none() {
@@ -488,7 +493,7 @@ impl Trainer {
                 return Ok("model.embed_tokens".into());
             }
             for (i, layer) in self.model.layers.iter().enumerate() {
-                h = layer.forward(&h, &positions)?.hidden;
+                h = layer.forward(&h, &positions, None)?.hidden;
                 if non_finite(&h)? {
                     return Ok(format!("model.layers.{i}"));
                 }

@@ -71,7 +71,7 @@ fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_
     // One rank, all tokens.
     let reference = moe_of(&model.duplicate().unwrap(), alpha);
     let xv = x.detach().variable();
-    let out = reference.forward(&xv).unwrap();
+    let out = reference.forward(&xv, None).unwrap();
     assert_eq!(out.aux_loss.is_some(), alpha > 0.0, "a balance loss exactly when it is on");
     let (loss, ref_aux) = loss_of(&out, &r, 1.0);
     loss.backward().unwrap();
@@ -92,7 +92,7 @@ fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_
                     let mut moe = moe_of(&model.duplicate().unwrap(), alpha);
                     let ep = ExpertParallel::install(&comms, ranks_per_node, &mut moe).unwrap();
                     let xr = x.narrow(0, rank, 1).unwrap().contiguous().unwrap().variable();
-                    let out = moe.forward(&xr).unwrap();
+                    let out = moe.forward(&xr, None).unwrap();
                     let (loss, aux) = loss_of(&out, &r.narrow(0, rank, 1).unwrap(), 1.0 / world as f32);
                     loss.backward().unwrap();
                     let grads: Vec<(String, Option<Vec<f32>>)> = named_weights(&moe)

@@ -281,3 +281,53 @@ fn the_learning_rate_and_the_mtp_weight_follow_their_schedules() {
     let err = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 1).unwrap(), bad, data(1)).unwrap_err();
     assert!(err.to_string().contains("mtp_weight_from"), "{err}");
 }
+
+/// Rows of `real` tokens of a walk, then padding (id 0, targets ignored), as the pretraining
+/// corpus lays out one document per row.
+struct Padded {
+    walk: TokenWalk,
+    real: usize,
+}
+
+impl DataSource for Padded {
+    fn next_batch(&mut self, batch: usize, seq: usize) -> whale_parallel::Result<(Tensor, Tensor)> {
+        let (ids, targets) = self.walk.next_batch(batch, seq)?;
+        let (mut ids, mut targets) = (ids.to_vec_i64().unwrap(), targets.to_vec_i64().unwrap());
+        for p in 0..batch * seq {
+            if p % seq >= self.real {
+                ids[p] = 0;
+            }
+            if p % seq + 1 >= self.real {
+                targets[p] = whale_model::IGNORE_INDEX;
+            }
+        }
+        let device = whale_model::tensor::Device::Cpu;
+        Ok((Tensor::from_vec(ids, &[batch, seq], &device)?, Tensor::from_vec(targets, &[batch, seq], &device)?))
+    }
+    fn state(&self) -> Value {
+        Value::Null
+    }
+    fn restore(&mut self, _: &Value) -> whale_parallel::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn the_expert_loads_count_real_tokens_not_padding() {
+    let cfg = config(1);
+    let (k, real) = (DeepSeekV3Config::tiny().num_experts_per_tok, 5);
+    let walk = TokenWalk { rng: Rng::new(5), vocab: 64, max_step: 1 };
+    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap();
+    let mut t = Trainer::new(model, cfg.clone(), Box::new(Padded { walk, real })).unwrap();
+    let m = t.train_step().unwrap();
+    let trunk_moe = t.model.layers.iter().filter(|l| l.moe().is_some()).count();
+    let (trunk, mtp) = m.expert_load.split_at(trunk_moe);
+    for load in trunk {
+        assert_eq!(load.iter().sum::<usize>(), cfg.micro_batch * real * k, "{load:?}");
+    }
+    // MTP depth 1 reads token i + 1 at position i: one real token fewer per row.
+    for load in mtp {
+        assert_eq!(load.iter().sum::<usize>(), cfg.micro_batch * (real - 1) * k, "{load:?}");
+    }
+    assert!(!mtp.is_empty());
+}

@@ -31,6 +31,62 @@ pub fn update_balancing_bias(bias: &Tensor, load: &[usize], gamma: f32) -> Resul
     Ok(())
 }
 
+/// Which positions of a `[batch, seq]` batch are real tokens, the rest padding: the MoE layers
+/// leave padding out of their load counts (which move the balancing biases and give MaxVio)
+/// and balance losses. DeepSeek-V3 packs its data and has none; a row of one document and
+/// padding would otherwise count the padding, which all sits at one embedding and context and so
+/// crowds a few experts, steering the real tokens away from them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RealTokens {
+    batch: usize,
+    seq: usize,
+    real: Vec<bool>,
+}
+
+impl RealTokens {
+    /// From next-token `targets` (`[batch, seq]`) whose padding is the end of each row: position
+    /// `i` is real when it is the row's first or the previous position's target (not
+    /// `ignore`). A prompt masked out of the loss would count as padding here: this is the
+    /// pretraining layout (`whale_parallel`'s `DataSource`).
+    pub fn from_targets(targets: &Tensor, ignore: i64) -> Result<Self> {
+        let [batch, seq] = targets.dims() else {
+            return Err(Error::Model(format!("real tokens: targets must be [batch, seq], got {:?}", targets.dims())));
+        };
+        let (batch, seq) = (*batch, *seq);
+        let t = targets.to_vec_i64()?;
+        let real = (0..batch * seq).map(|p| p % seq == 0 || t[p - 1] != ignore).collect();
+        Ok(RealTokens { batch, seq, real })
+    }
+
+    /// The positions `k..` of each row: MTP depth `k`'s, whose position `i` reads token `i + k`.
+    pub fn shifted(&self, k: usize) -> RealTokens {
+        let s = self.seq.saturating_sub(k);
+        let real =
+            (0..self.batch).flat_map(|b| self.real[b * self.seq + self.seq - s..(b + 1) * self.seq].to_vec()).collect();
+        RealTokens { batch: self.batch, seq: s, real }
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.batch, self.seq)
+    }
+
+    /// Whether token `t` (row-major over `[batch, seq]`) is real.
+    pub fn is_real(&self, t: usize) -> bool {
+        self.real[t]
+    }
+
+    /// Real tokens in row `b`.
+    pub fn in_row(&self, b: usize) -> usize {
+        self.real[b * self.seq..(b + 1) * self.seq].iter().filter(|&&r| r).count()
+    }
+
+    /// As a `[batch * seq, 1]` 0/1 column on `device`.
+    pub fn column(&self, device: &whale_tensor::Device) -> Result<Tensor> {
+        let v: Vec<f32> = self.real.iter().map(|&r| r as u8 as f32).collect();
+        Ok(Tensor::from_vec(v, &[self.real.len(), 1], device)?)
+    }
+}
+
 /// MaxVio = max_load / mean_load - 1 (0 when perfectly balanced or nothing was routed).
 pub fn max_violation(load: &[usize]) -> f64 {
     let total: usize = load.iter().sum();

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::{Device, Tensor, TokenDispatch};
 
+use super::balance::RealTokens;
 use super::router::{Router, Routing};
 use crate::config::DeepSeekV3Config;
 use crate::nn::{in_dtype_of, ParamBuilder, SwiGluMlp};
@@ -37,7 +38,7 @@ pub struct DeepSeekMoE {
 #[derive(Debug, Clone)]
 pub struct MoeOutput {
     pub output: Tensor,
-    /// Tokens routed to each expert in this call.
+    /// Real tokens (all without a [`RealTokens`]) routed to each expert in this call.
     pub load: Vec<usize>,
     /// The balance losses that are enabled (sequence-wise and/or batch-level), already weighted.
     pub aux_loss: Option<Tensor>,
@@ -70,10 +71,19 @@ impl DeepSeekMoE {
         self.experts.iter_mut().chain(self.shared_experts.as_mut()).for_each(|e| e.set_fp8(recipe));
     }
 
-    /// `x`: `[batch, seq, hidden]`.
-    pub fn forward(&self, x: &Tensor) -> Result<MoeOutput> {
+    /// `x`: `[batch, seq, hidden]`; `real`: which of its tokens count in the load and the balance
+    /// losses (`None`: all). Padding is still routed and computed (rows are independent: no real
+    /// token reads it).
+    pub fn forward(&self, x: &Tensor, real: Option<&RealTokens>) -> Result<MoeOutput> {
         let dims = x.dims().to_vec();
         let (batch, seq, d) = (dims[0], dims[1], dims[2]);
+        if let Some(r) = real.filter(|r| r.dims() != (batch, seq)) {
+            return Err(crate::Error::Model(format!(
+                "MoE: real tokens {:?} for a batch of {:?}",
+                r.dims(),
+                (batch, seq)
+            )));
+        }
         let tokens = x.reshape(&[batch * seq, d])?;
         let routing = self.gate.route(&tokens)?;
         let routed = self.dispatch_and_combine(&tokens, &routing)?;
@@ -81,8 +91,15 @@ impl DeepSeekMoE {
             Some(shared) => routed.add(&shared.forward(&tokens)?)?,
             None => routed,
         };
-        let aux_loss = self.balance_losses(&routing, batch, seq)?;
-        Ok(MoeOutput { output: out.reshape(&dims)?, load: routing.load, aux_loss })
+        let Some(real) = real else {
+            let aux_loss = self.balance_losses(&routing, batch, seq)?;
+            return Ok(MoeOutput { output: out.reshape(&dims)?, load: routing.load, aux_loss });
+        };
+        let k = self.gate.top_k;
+        let mut load = vec![0usize; routing.load.len()];
+        routing.experts.iter().enumerate().filter(|(slot, _)| real.is_real(slot / k)).for_each(|(_, &e)| load[e] += 1);
+        let aux_loss = self.balance_losses_of_real(&routing, real, &load)?;
+        Ok(MoeOutput { output: out.reshape(&dims)?, load, aux_loss })
     }
 
     /// The routed experts' weighted outputs for every token, here or through `self.dispatch`.
@@ -127,6 +144,46 @@ impl DeepSeekMoE {
             add(f.mul(&p)?.sum_all()?.mul_scalar(self.aux_loss_alpha)?)?;
         }
         Ok(total)
+    }
+
+    /// [`Self::balance_losses`] over the `real` tokens only (`load`: theirs): each sequence's T
+    /// is its real tokens, and `P_i` their mean affinity; a sequence without one adds nothing and
+    /// is not counted in the batch mean.
+    fn balance_losses_of_real(&self, routing: &Routing, real: &RealTokens, load: &[usize]) -> Result<Option<Tensor>> {
+        let (e, k) = (self.gate.n_experts(), self.gate.top_k);
+        let (batch, seq) = real.dims();
+        let device = routing.scores.device();
+        let counts: Vec<usize> = (0..batch).map(|b| real.in_row(b)).collect();
+        let (rows, total) = (counts.iter().filter(|&&c| c > 0).count(), counts.iter().sum::<usize>());
+        if total == 0 || (self.seq_aux_alpha <= 0.0 && self.aux_loss_alpha <= 0.0) {
+            return Ok(None);
+        }
+        // Affinities normalised over all experts, zero on padding.
+        let masked = routing.scores.div(&routing.scores.sum_keepdim(1)?)?.mul(&real.column(&device)?)?;
+        let mut total_loss: Option<Tensor> = None;
+        if self.seq_aux_alpha > 0.0 {
+            let mut f = vec![0.0f32; batch * e];
+            for (slot, &ex) in routing.experts.iter().enumerate().filter(|(slot, _)| real.is_real(slot / k)) {
+                let b = slot / k / seq;
+                f[b * e + ex] += e as f32 / (k * counts[b]) as f32;
+            }
+            let f = Tensor::from_vec(f, &[batch, e], &device)?;
+            let inv: Vec<f32> = counts.iter().map(|&c| if c == 0 { 0.0 } else { 1.0 / c as f32 }).collect();
+            let p = masked.reshape(&[batch, seq, e])?.sum(1)?.mul(&Tensor::from_vec(inv, &[batch, 1], &device)?)?;
+            let per_row = f.mul(&p)?.sum(1)?;
+            total_loss = Some(per_row.sum_all()?.mul_scalar(self.seq_aux_alpha / rows as f32)?);
+        }
+        if self.aux_loss_alpha > 0.0 {
+            let f: Vec<f32> = load.iter().map(|&c| c as f32 * e as f32 / (k * total) as f32).collect();
+            let f = Tensor::from_vec(f, &[e], &device)?;
+            let p = masked.sum(0)?.mul_scalar(1.0 / total as f32)?;
+            let batch_loss = f.mul(&p)?.sum_all()?.mul_scalar(self.aux_loss_alpha)?;
+            total_loss = Some(match total_loss {
+                Some(prev) => prev.add(&batch_loss)?,
+                None => batch_loss,
+            });
+        }
+        Ok(total_loss)
     }
 }
 

@@ -6,6 +6,6 @@ mod balance;
 mod experts;
 mod router;
 
-pub use balance::{max_violation, update_balancing_bias};
+pub use balance::{max_violation, update_balancing_bias, RealTokens};
 pub use experts::{run_experts, DeepSeekMoE, ExpertDispatch, MoeOutput};
 pub use router::{Router, Routing};
