@@ -20,13 +20,15 @@ use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::parallel::comm::{Comm, CommError, LocalComm};
 use whale_rl::parallel::data_parallel::DataParallelConfig;
 use whale_rl::parallel::model::checkpoint::complete_checkpoint;
+use whale_rl::parallel::model::tensor::optim::DeepSeekV3Schedule;
 use whale_rl::parallel::model::tensor::Device;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{DeepSeekV3, DeepSeekV3Config};
 use whale_rl::parallel::parallel_trainer::{Mesh, ParallelTrainer};
 use whale_rl::parallel::schedule::Method;
 use whale_rl::parallel::trainer::{
-    truncate_metrics, DataSource, LrShape, MomentPrecision, Precision, TrainConfig, Trainer, TRAINER_FILE,
+    truncate_metrics, DataSource, LrShape, MomentPrecision, NonFinitePolicy, Precision, TrainConfig, Trainer,
+    TRAINER_FILE,
 };
 use whale_rl::parallel::Error as ParallelError;
 use whale_rl::tasks::{Corpus, Problem, TaskSet};
@@ -81,6 +83,9 @@ pub struct PretrainSettings {
     pub schedule: String,
     /// Where the model trains: cpu, or cuda / cuda:N (one GPU, fp32, one rank).
     pub device: String,
+    /// A step with a non-finite loss or gradient: `stop` (an error naming the step and layer)
+    /// or `skip` (dropped; ten in a row stop the run).
+    pub on_non_finite: NonFinitePolicy,
 }
 
 impl crate::settings::Settings for PretrainSettings {}
@@ -121,6 +126,7 @@ impl Default for PretrainSettings {
             pp: 1,
             schedule: "1f1b".into(),
             device: "cpu".into(),
+            on_non_finite: NonFinitePolicy::Stop,
         }
     }
 }
@@ -165,7 +171,8 @@ pub struct PretrainArgs {
     pub warmup: Option<u64>,
     /// cosine (warmup, then cosine to --min-lr) or deepseek-v3 (DeepSeek-V3's shape over the
     /// run: warmup, --lr for 10/14.8 of the steps, cosine to --min-lr by 14.3/14.8, then
-    /// --min-lr and --min-lr x 7.3/22).
+    /// --min-lr and --min-lr x 7.3/22; with it, unless given, the MTP weight is 0.1 from the
+    /// decay's start and the balancing biases freeze at its end, as V3's).
     #[arg(long)]
     pub lr_schedule: Option<String>,
     /// STEP:WEIGHT: the MTP loss weight from STEP on (DeepSeek-V3: 0.3, then 0.1 for the last
@@ -319,6 +326,17 @@ impl PretrainArgs {
 }
 
 pub fn train_config(s: &PretrainSettings) -> Result<TrainConfig> {
+    let lr_schedule = LrShape::parse(&s.lr_schedule)?;
+    let mut mtp_weight_from = s.mtp_weight_from.as_deref().map(parse_step_weight).transpose()?;
+    let mut freeze_bias_at = s.freeze_bias_at;
+    if lr_schedule == LrShape::DeepseekV3 {
+        // V3's schedule is more than its learning rate (TR 4.2): the MTP weight drops from 0.3
+        // to 0.1 where the decay starts (10T of 14.8T tokens) and the bias update stops where
+        // it ends (the last 500B), unless set otherwise.
+        let shape = DeepSeekV3Schedule::shaped(s.lr, s.min_lr, s.steps, s.warmup);
+        mtp_weight_from = mtp_weight_from.or(Some((shape.decay_start, 0.1)));
+        freeze_bias_at = freeze_bias_at.or(Some(shape.decay_end));
+    }
     Ok(TrainConfig {
         steps: s.steps,
         micro_batch: s.micro_batch,
@@ -331,9 +349,10 @@ pub fn train_config(s: &PretrainSettings) -> Result<TrainConfig> {
         checkpoint_every: s.checkpoint_every,
         precision: Precision::parse(&s.precision)?,
         moments: MomentPrecision::parse(&s.moments)?,
-        freeze_bias_at: s.freeze_bias_at,
-        lr_schedule: LrShape::parse(&s.lr_schedule)?,
-        mtp_weight_from: s.mtp_weight_from.as_deref().map(parse_step_weight).transpose()?,
+        freeze_bias_at,
+        lr_schedule,
+        mtp_weight_from,
+        on_non_finite: s.on_non_finite,
         ..TrainConfig::default()
     })
 }
@@ -559,8 +578,18 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
         None => {
             let mut t = Trainer::resume(plan.ckpt, data, lead.then_some(plan.metrics))
                 .with_context(|| format!("resuming from {}", plan.ckpt.display()))?;
-            if let Some(steps) = plan.steps {
-                t.config.steps = steps;
+            if let Some(steps) = plan.steps.filter(|&n| n != t.config.steps) {
+                // The schedule's horizon is `steps`: moving it moves the learning rate from here
+                // on (a finished cosine run extended climbs back from its floor), which is said.
+                let before = t.config.schedule().lr(t.step);
+                let old = std::mem::replace(&mut t.config.steps, steps);
+                let after = t.config.schedule().lr(t.step);
+                if lead && before != after {
+                    println!(
+                        "note: --steps {steps} (was {old}) stretches the learning-rate schedule: step {} trains at {after:.3e}, not {before:.3e}",
+                        t.step
+                    );
+                }
             }
             if plan.freeze_bias_at.is_some() {
                 t.config.freeze_bias_at = plan.freeze_bias_at;
@@ -569,8 +598,9 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
                 t.config.mtp_weight_from = plan.mtp_weight_from;
             }
             if lead {
-                // Validations after the checkpoint's step are redone: their lines go.
-                truncate_metrics(&plan.history, t.step + 1)?;
+                // Validations from the checkpoint's step on are redone (its own below, which a
+                // crash right after the checkpoint may have left unwritten): their lines go.
+                truncate_metrics(&plan.history, t.step)?;
                 println!("resuming {} at step {} of {}", s.out.display(), t.step, t.config.steps);
             }
             t
@@ -591,6 +621,22 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
         .with_context(|| layout_flags(s))?;
     let (steps, done) = (trainer.trainer().config.steps, trainer.trainer().step);
     let pb = if lead { progress(steps, done) } else { ProgressBar::hidden() };
+    // The validation after `step` steps, when one is due (not after the last: the final
+    // evaluation is that).
+    let validate = |trainer: &mut ParallelTrainer, step: u64| -> Result<()> {
+        if !(lead && s.eval_every > 0 && step > 0 && step % s.eval_every == 0 && !trainer.trainer().done()) {
+            return Ok(());
+        }
+        let cfg = EvalConfig { samples: 4, ..EvalConfig::default() };
+        let r =
+            trainer.with_whole_model(|t| evaluate_on_cpu(&t.model, plan.device, plan.tok, &plan.validation, &cfg))?;
+        pb.suspend(|| {
+            println!("step {step}: validation greedy {:.3}, pass@1 {:.3}, pass@4 {:.3}", r.greedy, r.pass1, r.pass_k)
+        });
+        append_history(&plan.history, step, &r)
+    };
+    // A resumed run's own step first (its line was cut above).
+    validate(&mut trainer, done)?;
     let mut last_vio = Vec::new();
     while !trainer.trainer().done() {
         let m = trainer.train_step()?;
@@ -602,18 +648,7 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
         if every > 0 && step % every == 0 && !done {
             trainer.save_checkpoint(plan.ckpt)?;
         }
-        if lead && s.eval_every > 0 && step % s.eval_every == 0 && !done {
-            let cfg = EvalConfig { samples: 4, ..EvalConfig::default() };
-            let r = trainer
-                .with_whole_model(|t| evaluate_on_cpu(&t.model, plan.device, plan.tok, &plan.validation, &cfg))?;
-            pb.suspend(|| {
-                println!(
-                    "step {step}: validation greedy {:.3}, pass@1 {:.3}, pass@4 {:.3}",
-                    r.greedy, r.pass1, r.pass_k
-                )
-            });
-            append_history(&plan.history, step, &r)?;
-        }
+        validate(&mut trainer, step)?;
     }
     trainer.save_checkpoint(plan.ckpt)?;
     pb.finish_and_clear();
@@ -710,4 +745,22 @@ pub fn write_json_atomically(path: &Path, value: &serde_json::Value) -> Result<(
 
 pub fn write_eval(path: &Path, r: &EvalReport) -> Result<()> {
     write_json_atomically(path, &eval_json(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deepseek_v3s_schedule_brings_its_mtp_weight_drop_and_bias_freeze() {
+        let s = PretrainSettings { steps: 1480, warmup: 20, lr_schedule: "deepseek-v3".into(), ..Default::default() };
+        let c = train_config(&s).unwrap();
+        assert_eq!((c.mtp_weight_from, c.freeze_bias_at), (Some((1000, 0.1)), Some(1430)));
+        // Given ones stay; the cosine shape brings none.
+        let given = PretrainSettings { mtp_weight_from: Some("5:0.2".into()), freeze_bias_at: Some(7), ..s.clone() };
+        let c = train_config(&given).unwrap();
+        assert_eq!((c.mtp_weight_from, c.freeze_bias_at), (Some((5, 0.2)), Some(7)));
+        let c = train_config(&PretrainSettings { lr_schedule: "cosine".into(), ..s }).unwrap();
+        assert_eq!((c.mtp_weight_from, c.freeze_bias_at), (None, None));
+    }
 }

@@ -90,6 +90,37 @@ fn sigkill_during_checkpointing_leaves_a_resumable_run() {
 }
 
 #[test]
+fn an_extended_run_validates_its_checkpoints_step_and_says_the_schedule_moved() {
+    let dir = tmpdir("extend");
+    let run = dir.join("run");
+    let pretrain = |steps: &str, extra: &[&str]| {
+        whale()
+            .args(["pretrain", "--out", run.to_str().unwrap(), "--steps", steps, "--eval-every", "2", "--warmup", "1"])
+            .args(SMALL)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = pretrain("2", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The last step has no validation line (the final evaluation is that); extended, step 2 is
+    // no longer the last and is validated when the run resumes there, as it would have been
+    // had the run gone on (or had a crash fallen between its checkpoint and its validation).
+    let history = run.join("eval_history.jsonl");
+    assert!(std::fs::read_to_string(&history).unwrap_or_default().is_empty());
+    let out = pretrain("4", &["--resume"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("--steps 4 (was 2) stretches the learning-rate schedule"), "{stdout}");
+    let steps: Vec<u64> = std::fs::read_to_string(&history)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [2]);
+}
+
+#[test]
 fn a_device_that_cannot_train_is_a_clear_error_before_anything_is_written() {
     let dir = tmpdir("device");
     let cases: [(&[&str], &str); 3] = [

@@ -96,7 +96,9 @@ impl LrShape {
     }
 }
 
-/// What to do with a step whose loss or gradient is not finite.
+/// What to do with a step whose loss or gradient is not finite: stop with an error naming the
+/// step and where the value first appears (the default), or skip the step (at most
+/// [`MAX_SKIPS_IN_A_ROW`] in a row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NonFinitePolicy {
@@ -156,7 +158,7 @@ impl Default for TrainConfig {
             moments: MomentPrecision::Fp32,
             checkpoint_every: 0,
             seed: 0,
-            on_non_finite: NonFinitePolicy::Skip,
+            on_non_finite: NonFinitePolicy::Stop,
             freeze_bias_at: None,
             lr_schedule: LrShape::Cosine,
             mtp_weight_from: None,
@@ -315,7 +317,13 @@ pub struct Trainer {
     pub step: u64,
     pub data: Box<dyn DataSource>,
     metrics: Option<File>,
+    /// Steps skipped in a row for non-finite values (`NonFinitePolicy::Skip`).
+    skipped_in_a_row: u64,
 }
+
+/// With `NonFinitePolicy::Skip`, this many skipped steps in a row stop the run: a transient
+/// overflow skips a step, a diverged model would otherwise "train" to the end updating nothing.
+pub const MAX_SKIPS_IN_A_ROW: u64 = 10;
 
 impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -345,7 +353,7 @@ impl Trainer {
         config.validate()?;
         config.precision.apply(&mut model);
         let opt = AdamW::new(config.adamw())?;
-        Ok(Trainer { model, opt, config, step: 0, data, metrics: None })
+        Ok(Trainer { model, opt, config, step: 0, data, metrics: None, skipped_in_a_row: 0 })
     }
 
     /// Appends one JSON object per step to `path` (created if needed).
@@ -449,11 +457,17 @@ impl Trainer {
         let skipped = measured.problem.is_some();
         if let Some((what, location)) = measured.problem.take() {
             self.model.params.zero_grad();
+            self.skipped_in_a_row += 1;
             if self.config.on_non_finite == NonFinitePolicy::Stop {
+                return Err(Error::NonFinite { step: self.step, what, location });
+            }
+            if self.skipped_in_a_row >= MAX_SKIPS_IN_A_ROW {
+                let what = format!("{what} (the {MAX_SKIPS_IN_A_ROW}th step skipped in a row)");
                 return Err(Error::NonFinite { step: self.step, what, location });
             }
             eprintln!("warning: step {}: non-finite {what} first appears in {location}; step skipped", self.step);
         } else {
+            self.skipped_in_a_row = 0;
             update(self, lr)?;
             if self.config.freeze_bias_at.is_none_or(|at| self.step < at) {
                 self.model.update_balancing_biases(&measured.loads)?;

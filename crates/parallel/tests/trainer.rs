@@ -8,7 +8,9 @@ use whale_model::tensor::optim::{DeepSeekV3Schedule, LrSchedule};
 use whale_model::tensor::testing::TempDir;
 use whale_model::tensor::{Rng, Tensor};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
-use whale_parallel::trainer::{DataSource, LrShape, NonFinitePolicy, Precision, TokenWalk, TrainConfig, Trainer};
+use whale_parallel::trainer::{
+    DataSource, LrShape, NonFinitePolicy, Precision, TokenWalk, TrainConfig, Trainer, MAX_SKIPS_IN_A_ROW,
+};
 use whale_parallel::Error;
 
 fn data(seed: u64) -> Box<dyn DataSource> {
@@ -93,7 +95,9 @@ fn an_interrupted_checkpoint_swap_leaves_a_loadable_checkpoint() {
 
 #[test]
 fn non_finite_values_are_located_and_skipped_or_stopped() {
-    let mut t = trainer(4);
+    let mut t = trainer(20);
+    assert_eq!(t.config.on_non_finite, NonFinitePolicy::Stop, "stopping is the default");
+    t.config.on_non_finite = NonFinitePolicy::Skip;
     let w = t.model.params.get("model.layers.2.self_attn.o_proj.weight").unwrap().clone();
     w.with_f32_mut(|v| v[3] = f32::NAN).unwrap();
     let before = bits(&t);
@@ -108,6 +112,22 @@ fn non_finite_values_are_located_and_skipped_or_stopped() {
         }
         other => panic!("expected a non-finite error, got {other:?}"),
     }
+    // Skipping has a limit: a model that stays non-finite stops the run.
+    t.config.on_non_finite = NonFinitePolicy::Skip;
+    let mut skipped = 0;
+    let err = loop {
+        match t.train_step() {
+            Ok(m) => {
+                assert!(m.skipped);
+                skipped += 1;
+            }
+            Err(e) => break e,
+        }
+    };
+    // Two non-finite steps in a row already (the skipped one and the stopped one); seven more
+    // are skipped and the tenth stops.
+    assert_eq!(skipped, MAX_SKIPS_IN_A_ROW - 3);
+    assert!(err.to_string().contains("in a row"), "{err}");
 }
 
 #[test]
