@@ -12,7 +12,7 @@ mod r1_zero;
 mod schedule;
 mod settings;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -162,7 +162,8 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
         times.join(", "),
         t0.elapsed().as_secs_f64()
     );
-    std::fs::write(run.join("results.md"), &doc)?;
+    crate::pretrain::write_atomically(&run.join("results.md"), &doc)
+        .with_context(|| format!("writing {}", run.join("results.md").display()))?;
     println!(
         "\n{table}\nmain job done in {:.0} s; table in {}",
         t0.elapsed().as_secs_f64(),

@@ -25,7 +25,13 @@ struct Series {
 }
 
 /// A line chart with axes, ticks and a legend.
+/// `text` as SVG character data (run folder names go into titles and legends).
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
 fn line_chart(title: &str, y_label: &str, series: &[Series], log_y: bool) -> String {
+    let title = escape(title);
     let (w, h, l, r, t, b) = (720.0, 400.0, 70.0, 170.0, 40.0, 50.0);
     let tf = |y: f64| if log_y { y.max(1e-12).log10() } else { y };
     let pts = series.iter().flat_map(|s| s.points.iter()).filter(|p| p.1.is_finite());
@@ -98,7 +104,7 @@ fn line_chart(title: &str, y_label: &str, series: &[Series], log_y: bool) -> Str
             w - r + 30.0,
             w - r + 36.0,
             ly + 4.0,
-            se.name
+            escape(&se.name)
         );
     }
     s.push_str("</svg>\n");
@@ -107,6 +113,7 @@ fn line_chart(title: &str, y_label: &str, series: &[Series], log_y: bool) -> Str
 
 /// Rows = MoE layers, columns = experts, shade = share of that layer's routed tokens.
 fn heatmap(title: &str, loads: &[Vec<f64>]) -> String {
+    let title = escape(title);
     let experts = loads.iter().map(Vec::len).max().unwrap_or(0).max(1);
     let (cell, l, t) = (22.0, 90.0, 50.0);
     let (w, h) = (l + cell * experts as f64 + 120.0, t + cell * loads.len() as f64 + 40.0);
@@ -173,7 +180,7 @@ fn mean_max_vio(rows: &[Value]) -> Vec<(f64, f64)> {
 }
 
 fn write(path: &Path, svg: String) -> Result<()> {
-    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+    crate::pretrain::write_atomically(path, &svg).with_context(|| format!("writing {}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(())
 }
@@ -246,8 +253,8 @@ fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
-        .filter(|l| !l.trim().is_empty())
         .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1)))
         .collect()
 }
@@ -269,4 +276,22 @@ pub fn rl_charts(dir: &Path, runs: &[(String, PathBuf)]) -> Result<()> {
     write(&dir.join("rl_length.svg"), line_chart("Completion length", "tokens", &length, false))?;
     pass1.retain(|s| !s.points.is_empty());
     write(&dir.join("rl_pass1.svg"), line_chart("Validation pass@1 (4 samples)", "pass@1", &pass1, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_escaped_and_bad_lines_named_by_their_number() {
+        let series = [Series { name: "runs/a&b<1>".into(), points: vec![(0.0, 1.0), (1.0, 2.0)] }];
+        let svg = line_chart("loss of \"a&b\"", "loss", &series, false);
+        assert!(svg.contains("runs/a&amp;b&lt;1&gt;") && svg.contains("loss of &quot;a&amp;b&quot;"), "{svg}");
+        assert!(!svg.contains("a&b"));
+        let dir = whale_rl::parallel::model::tensor::testing::TempDir::new("plot-lines");
+        let path = dir.join("eval_history.jsonl");
+        std::fs::write(&path, "{\"step\": 0}\n\n{oops\n").unwrap();
+        let err = format!("{:#}", read_jsonl(&path).unwrap_err());
+        assert!(err.contains("eval_history.jsonl:3"), "{err}");
+    }
 }

@@ -19,7 +19,7 @@ use whale_rl::data::CorpusData;
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::parallel::comm::{Comm, CommError, LocalComm};
 use whale_rl::parallel::data_parallel::DataParallelConfig;
-use whale_rl::parallel::model::checkpoint::complete_checkpoint;
+use whale_rl::parallel::model::checkpoint::find_checkpoint;
 use whale_rl::parallel::model::tensor::optim::DeepSeekV3Schedule;
 use whale_rl::parallel::model::tensor::Device;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
@@ -442,7 +442,7 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let metrics = s.out.join("metrics.jsonl");
     // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
     // (its logs, all of steps not checkpointed, go).
-    let restart = args.resume && complete_checkpoint(&ckpt, TRAINER_FILE).is_err();
+    let restart = args.resume && find_checkpoint(&ckpt, TRAINER_FILE)?.is_none();
     let model = if args.resume && !restart {
         None
     } else {

@@ -22,7 +22,7 @@ use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer, RL_STATE_FILE};
-use whale_rl::parallel::model::checkpoint::complete_checkpoint;
+use whale_rl::parallel::model::checkpoint::find_checkpoint;
 use whale_rl::parallel::model::tensor::{Device, Rng};
 use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
@@ -362,7 +362,7 @@ impl Pipeline {
         if !self.resume || self.ran.get() || !marker.exists() {
             // An RL stage an interrupted attempt checkpointed continues from there, unless an
             // earlier stage ran again (the checkpoint trained on its old output).
-            let saved = complete_checkpoint(&dir.join("checkpoint"), RL_STATE_FILE).ok();
+            let saved = find_checkpoint(&dir.join("checkpoint"), RL_STATE_FILE)?;
             self.continuing.set(saved.filter(|_| self.resume && !self.ran.get()));
             self.ran.set(true);
             return run();
@@ -605,8 +605,18 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let stage_name = args.stage.to_possible_value().map(|v| v.get_name().to_string());
     let inputs = serde_json::json!({ "from": args.from, "base": args.base, "data": args.data, "stage": stage_name });
     let run_file = out.join("run.json");
+    // A run without one (stopped between its settings and its run.json) records this call's.
+    let mut record_inputs = !args.resume;
     if args.resume {
-        if let Ok(text) = std::fs::read_to_string(&run_file) {
+        let recorded = match std::fs::read_to_string(&run_file) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                record_inputs = true;
+                None
+            }
+            Err(e) => bail!("{}: {e}", run_file.display()),
+        };
+        if let Some(text) = recorded {
             let recorded: serde_json::Value =
                 serde_json::from_str(&text).with_context(|| run_file.display().to_string())?;
             // (`stage` is recorded since it was checked: a run.json without it has none to compare.)
@@ -642,7 +652,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let pool = args.data.as_deref().map(crate::settings::training_pool).transpose()?;
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     write_json_atomically(&out.join("settings.json"), &serde_json::to_value(&s)?)?;
-    if !args.resume {
+    if record_inputs {
         write_json_atomically(&run_file, &inputs)?;
     }
     let heldout = crate::settings::held_out_problems(args.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, RlRun, ScaleRewards, StepLog, RL_STATE_FILE};
-use whale_rl::parallel::model::checkpoint::complete_checkpoint;
+use whale_rl::parallel::model::checkpoint::find_checkpoint;
 use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
 use whale_rl::parallel::trainer::truncate_metrics;
@@ -306,7 +306,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     }
     // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
     // (its logs, all of steps not checkpointed, go).
-    let saved = complete_checkpoint(&ckpt, RL_STATE_FILE).ok();
+    let saved = find_checkpoint(&ckpt, RL_STATE_FILE)?;
     let resume = args.resume && saved.is_some();
     if let Some(saved) = saved.as_ref().filter(|_| resume) {
         // The run's checkpoint carries the tokenizer it trained with: the base's must be it.

@@ -125,7 +125,7 @@ fn resolve_fp8(
             ));
         }
         if mode == Fp8Weights::Dequantize {
-            let w = Tensor::dequantize_fp8(q, scale, block)?;
+            let w = Tensor::dequantize_fp8(q, scale, block).map_err(|e| err(name, e.to_string()))?;
             tensors.remove(&scale_name);
             tensors.insert(name.clone(), w);
         }
@@ -182,7 +182,11 @@ pub fn with_fp8_quantization_config(config_json: &str) -> Result<String> {
 /// (scales read on the wrong grid would be silently wrong weights).
 fn fp8_block(dir: &Path) -> Result<(usize, usize)> {
     let path = dir.join("config.json");
-    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(FP8_BLOCK) };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(FP8_BLOCK),
+        Err(e) => return Err(Error::file(&path, e)),
+    };
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
     let b = &v["quantization_config"]["weight_block_size"];
     if b.is_null() {
@@ -449,13 +453,21 @@ pub fn write_dir_atomically<E: From<Error>>(
 /// The complete checkpoint at `dir`, or at `dir.old` when a crash interrupted the swap of
 /// [`write_dir_atomically`]; `marker` is the file written last.
 pub fn complete_checkpoint(dir: &Path, marker: &str) -> Result<PathBuf> {
-    if dir.join(marker).exists() {
-        Ok(dir.to_path_buf())
-    } else if sibling(dir, "old").join(marker).exists() {
-        Ok(sibling(dir, "old"))
+    find_checkpoint(dir, marker)?.ok_or_else(|| Error::file(dir, format!("no complete checkpoint here (no {marker})")))
+}
+
+/// [`complete_checkpoint`], `None` when there is none. A marker that cannot be checked (no
+/// permission, an I/O error) is an error, never "none": a resume that took it for a run to
+/// start over would replace the checkpoint.
+pub fn find_checkpoint(dir: &Path, marker: &str) -> Result<Option<PathBuf>> {
+    let has = |d: &Path| d.join(marker).try_exists().map_err(|e| Error::file(d.join(marker), e));
+    Ok(if has(dir)? {
+        Some(dir.to_path_buf())
+    } else if has(&sibling(dir, "old"))? {
+        Some(sibling(dir, "old"))
     } else {
-        Err(Error::file(dir, format!("no complete checkpoint here (no {marker})")))
-    }
+        None
+    })
 }
 
 /// Writes pretty JSON and flushes it to the disk.

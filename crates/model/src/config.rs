@@ -234,6 +234,36 @@ impl DeepSeekV3Config {
 
     /// Checks every field's range and the relations between fields; errors name the key.
     pub fn validate(&self) -> Result<()> {
+        let widths = [
+            self.hidden_size,
+            self.intermediate_size,
+            self.moe_intermediate_size,
+            self.num_attention_heads,
+            self.kv_lora_rank,
+            self.q_lora_rank.unwrap_or(0),
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.v_head_dim,
+        ];
+        let keys = [
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "q_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+        ];
+        check_bounds(keys.iter().zip(widths).map(|(&k, v)| (k, v, MAX_WIDTH)))?;
+        check_bounds([
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_nextn_predict_layers", self.num_nextn_predict_layers, MAX_LAYERS),
+            ("n_routed_experts", self.n_routed_experts, MAX_EXPERTS),
+            ("n_shared_experts", self.n_shared_experts, MAX_EXPERTS),
+        ])?;
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -666,4 +696,22 @@ pub fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
     } else {
         0.1 * mscale * scale.ln() + 1.0
     }
+}
+
+/// The largest sizes a config may declare, far beyond any model trained (DeepSeek-V3: hidden
+/// 7168, vocabulary 129280, 61 layers, 256 experts): their products (parameter counts, shapes)
+/// stay within 64 bits, so a bogus config.json is an error naming its key, not an overflow.
+pub const MAX_WIDTH: usize = 1 << 17;
+pub const MAX_VOCAB: usize = 1 << 24;
+pub const MAX_LAYERS: usize = 1 << 10;
+pub const MAX_EXPERTS: usize = 1 << 12;
+
+/// Each `(key, value, max)` with `value <= max`, else an error naming the key.
+pub(crate) fn check_bounds<'a>(sizes: impl IntoIterator<Item = (&'a str, usize, usize)>) -> Result<()> {
+    for (key, v, max) in sizes {
+        if v > max {
+            return Err(Error::config(key, format!("{v} is beyond {max}, the most this code takes")));
+        }
+    }
+    Ok(())
 }

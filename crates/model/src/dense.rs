@@ -235,6 +235,16 @@ impl DenseConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, msg: String| Err(Error::Config { key: key.into(), msg });
+        use crate::config::{check_bounds, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH};
+        check_bounds([
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("num_attention_heads", self.num_attention_heads, MAX_WIDTH),
+            ("num_key_value_heads", self.num_key_value_heads, MAX_WIDTH),
+            ("head_dim", self.head_dim, MAX_WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+        ])?;
         for (key, v) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),

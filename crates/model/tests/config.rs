@@ -136,6 +136,20 @@ fn out_of_range_keys_are_named() {
     let mut c = tiny.clone();
     (c.first_k_dense_replace, c.num_experts_per_tok) = (c.num_hidden_layers, c.n_routed_experts + 1);
     assert_eq!(key_of(c.validate().unwrap_err()), "num_experts_per_tok");
+    // Sizes beyond any model, whose products (parameter counts, shapes) would overflow.
+    let huge = HUB_V3.replace(r#""vocab_size": 129280"#, r#""vocab_size": 1099511627776"#);
+    assert_eq!(key_of(DeepSeekV3Config::from_json_str(&huge).unwrap_err()), "vocab_size");
+    assert_eq!(bad(&|c| c.moe_intermediate_size = 1 << 30), "moe_intermediate_size");
+    assert_eq!(bad(&|c| c.n_routed_experts = 1 << 20), "n_routed_experts");
+    let mut dense = whale_model::DenseConfig::student(353);
+    dense.hidden_size = 1 << 30;
+    assert_eq!(key_of(dense.validate().unwrap_err()), "hidden_size");
+    // The largest config allowed still counts without overflow.
+    let mut max = tiny.clone();
+    (max.hidden_size, max.moe_intermediate_size, max.num_hidden_layers) = (1 << 17, 1 << 17, 1 << 10);
+    (max.n_routed_experts, max.n_group, max.topk_group) = (1 << 12, 1, 1);
+    max.validate().unwrap();
+    assert!(max.param_counts().total > 1 << 57);
 }
 
 /// What HF's `DeepseekV3Config` reads differently from a bare parse: missing router and query

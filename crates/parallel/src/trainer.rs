@@ -5,7 +5,7 @@
 //! temporary path and renamed into place; `resume` continues bit-identically.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -582,13 +582,36 @@ impl Trainer {
     }
 }
 
-/// Keeps only the metrics lines of steps before `step`.
+/// Keeps only the metrics lines of steps before `step` (a missing file is no lines). The last
+/// line may be cut short (a crash while it was appended) and goes; any other line that is not a
+/// JSON object with a `step` is an error naming the file and line, not silently dropped.
 pub fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    let Ok(f) = File::open(path) else { return Ok(()) };
-    let keep: Vec<String> = BufReader::new(f)
-        .lines()
-        .map_while(|l| l.ok())
-        .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s < step))
-        .collect();
-    Ok(write_atomically(path, keep.iter().map(|l| format!("{l}\n")).collect::<String>().as_bytes())?)
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::Train(format!("{}: {e}", path.display()))),
+    };
+    let lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+    let mut keep = String::new();
+    for (i, line) in lines.iter().enumerate() {
+        let parsed = std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| Some((l, serde_json::from_str::<Value>(l).ok()?["step"].as_u64()?)));
+        match parsed {
+            Some((l, s)) if s < step => {
+                keep.push_str(l);
+                keep.push('\n');
+            }
+            Some(_) => {}
+            None if i + 1 == lines.len() => {}
+            None => {
+                return Err(Error::Train(format!(
+                    "{}: line {} is not a metrics line with a `step`",
+                    path.display(),
+                    i + 1
+                )))
+            }
+        }
+    }
+    Ok(write_atomically(path, keep.as_bytes())?)
 }

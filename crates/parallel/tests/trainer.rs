@@ -351,3 +351,19 @@ fn the_expert_loads_count_real_tokens_not_padding() {
     }
     assert!(!mtp.is_empty());
 }
+
+#[test]
+fn truncating_metrics_drops_a_torn_last_line_and_names_a_bad_one() {
+    use whale_parallel::trainer::truncate_metrics;
+    let dir = tmpdir("truncate");
+    let path = dir.join("metrics.jsonl");
+    truncate_metrics(&path, 3).unwrap();
+    assert!(!path.exists(), "a missing file is no lines");
+    std::fs::write(&path, "{\"step\": 0}\n\n{\"step\": 1}\n{\"step\": 2}\n{\"step\": 3, \"lo").unwrap();
+    truncate_metrics(&path, 2).unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"step\": 0}\n{\"step\": 1}\n");
+    std::fs::write(&path, "{\"step\": 0}\nnot json\n{\"step\": 1}\n").unwrap();
+    let err = truncate_metrics(&path, 2).unwrap_err().to_string();
+    assert!(err.contains("metrics.jsonl") && err.contains("line 2"), "{err}");
+    assert!(std::fs::read_to_string(&path).unwrap().contains("not json"), "left as it was");
+}

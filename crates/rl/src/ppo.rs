@@ -264,6 +264,7 @@ impl PpoTrainer {
         let path = dir.join(PPO_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::Rl(format!("{}: {e}", path.display())))?;
         let ppo: PpoConfig = serde_json::from_str(&text).map_err(|e| Error::Rl(format!("{}: {e}", path.display())))?;
+        ppo.validate(&run.config).map_err(|e| Error::Rl(format!("{}: {e}", path.display())))?;
         let reference =
             if ppo.kl_coef > 0.0 { Some(moved_to(load_pretrained(&dir.join("reference"))?, device)?) } else { None };
         let critic = ValueModel::from_pretrained(&dir.join("critic"), device)?;

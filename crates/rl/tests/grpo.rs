@@ -597,6 +597,13 @@ fn grpo_and_ppo_resume_bit_identically_from_a_checkpoint() {
     }
     assert_eq!(lm_head(&*straight.policy), lm_head(&*resumed.policy));
     assert_eq!(straight.critic.head.to_vec_f32().unwrap(), resumed.critic.head.to_vec_f32().unwrap());
+    // Its PPO settings are checked as a new run's are, naming the file.
+    let ppo_file = dir.join("ppo/ppo.json");
+    let mut saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ppo_file).unwrap()).unwrap();
+    saved["ppo_epochs"] = 0.into();
+    std::fs::write(&ppo_file, saved.to_string()).unwrap();
+    let err = PpoTrainer::resume(&dir.join("ppo"), tok(), &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("ppo.json") && err.contains("ppo_epochs"), "{err}");
     let err = GrpoTrainer::resume(&dir.join("nothing"), tok(), &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("nothing") && err.contains("rl_state.json"), "{err}");
 

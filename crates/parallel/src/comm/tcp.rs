@@ -135,10 +135,17 @@ impl Mesh {
             }
             self.heard_from(peer);
             let word = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
-            let (channel, tag, len) = (word(4), word(12), word(20) as usize);
-            let mut body = vec![0u8; 4 * len];
-            for piece in body.chunks_mut(READ_PIECE) {
-                if let Err(e) = stream.read_exact(piece) {
+            let (channel, tag, len) = (word(4), word(12), word(20));
+            // The body grows as it arrives: a corrupt header ends the connection (its bytes
+            // never come) rather than sizing one huge allocation.
+            let Some(bytes) = usize::try_from(len).ok().and_then(|n| n.checked_mul(4)) else {
+                break format!("a frame header of {len} floats");
+            };
+            let mut body = Vec::with_capacity(bytes.min(READ_PIECE));
+            while body.len() < bytes {
+                let start = body.len();
+                body.resize(start + (bytes - start).min(READ_PIECE), 0);
+                if let Err(e) = stream.read_exact(&mut body[start..]) {
                     break 'frames e.to_string();
                 }
                 self.heard_from(peer);
@@ -423,6 +430,9 @@ fn decode(msg: &[f32]) -> Option<(Collective, Vec<Vec<f32>>)> {
         _ => None,
     };
     let (k, param, n) = (word(0)?, word(1)?, word(2)? as usize);
+    if n > msg.len() {
+        return None;
+    }
     let kind = match k {
         0 => Collective::AllReduce(op(param)?),
         1 => Collective::Broadcast { root: param as usize },
