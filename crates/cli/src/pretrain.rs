@@ -326,18 +326,7 @@ impl PretrainArgs {
 }
 
 pub fn train_config(s: &PretrainSettings) -> Result<TrainConfig> {
-    let lr_schedule = LrShape::parse(&s.lr_schedule)?;
-    let mut mtp_weight_from = s.mtp_weight_from.as_deref().map(parse_step_weight).transpose()?;
-    let mut freeze_bias_at = s.freeze_bias_at;
-    if lr_schedule == LrShape::DeepseekV3 {
-        // V3's schedule is more than its learning rate (TR 4.2): the MTP weight drops from 0.3
-        // to 0.1 where the decay starts (10T of 14.8T tokens) and the bias update stops where
-        // it ends (the last 500B), unless set otherwise.
-        let shape = DeepSeekV3Schedule::shaped(s.lr, s.min_lr, s.steps, s.warmup);
-        mtp_weight_from = mtp_weight_from.or(Some((shape.decay_start, 0.1)));
-        freeze_bias_at = freeze_bias_at.or(Some(shape.decay_end));
-    }
-    Ok(TrainConfig {
+    let mut c = TrainConfig {
         steps: s.steps,
         micro_batch: s.micro_batch,
         grad_accum: s.grad_accum,
@@ -349,12 +338,31 @@ pub fn train_config(s: &PretrainSettings) -> Result<TrainConfig> {
         checkpoint_every: s.checkpoint_every,
         precision: Precision::parse(&s.precision)?,
         moments: MomentPrecision::parse(&s.moments)?,
-        freeze_bias_at,
-        lr_schedule,
-        mtp_weight_from,
+        freeze_bias_at: s.freeze_bias_at,
+        lr_schedule: LrShape::parse(&s.lr_schedule)?,
+        mtp_weight_from: s.mtp_weight_from.as_deref().map(parse_step_weight).transpose()?,
         on_non_finite: s.on_non_finite,
         ..TrainConfig::default()
-    })
+    };
+    v3_switches(&mut c, s);
+    Ok(c)
+}
+
+/// V3's schedule is more than its learning rate (TR 4.2): under `--lr-schedule deepseek-v3` the
+/// MTP weight drops from 0.3 to 0.1 where the decay starts (10T of 14.8T tokens) and the bias
+/// update stops where it ends (the last 500B), on `c`'s steps, unless the run's settings `s`
+/// give either.
+fn v3_switches(c: &mut TrainConfig, s: &PretrainSettings) {
+    if c.lr_schedule != LrShape::DeepseekV3 {
+        return;
+    }
+    let shape = DeepSeekV3Schedule::shaped(c.lr, c.min_lr, c.steps, c.warmup);
+    if s.mtp_weight_from.is_none() {
+        c.mtp_weight_from = Some((shape.decay_start, 0.1));
+    }
+    if s.freeze_bias_at.is_none() {
+        c.freeze_bias_at = Some(shape.decay_end);
+    }
 }
 
 /// `STEP:WEIGHT` of `mtp_weight_from`.
@@ -583,6 +591,8 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
                 // on (a finished cosine run extended climbs back from its floor), which is said.
                 let before = t.config.schedule().lr(t.step);
                 let old = std::mem::replace(&mut t.config.steps, steps);
+                // V3's switches stretch with it (those the run was not given).
+                v3_switches(&mut t.config, s);
                 let after = t.config.schedule().lr(t.step);
                 if lead && before != after {
                     println!(
@@ -754,8 +764,12 @@ mod tests {
     #[test]
     fn deepseek_v3s_schedule_brings_its_mtp_weight_drop_and_bias_freeze() {
         let s = PretrainSettings { steps: 1480, warmup: 20, lr_schedule: "deepseek-v3".into(), ..Default::default() };
-        let c = train_config(&s).unwrap();
+        let mut c = train_config(&s).unwrap();
         assert_eq!((c.mtp_weight_from, c.freeze_bias_at), (Some((1000, 0.1)), Some(1430)));
+        // A resumed run given more steps moves them with its schedule.
+        c.steps = 2960;
+        v3_switches(&mut c, &s);
+        assert_eq!((c.mtp_weight_from, c.freeze_bias_at), (Some((2000, 0.1)), Some(2860)));
         // Given ones stay; the cosine shape brings none.
         let given = PretrainSettings { mtp_weight_from: Some("5:0.2".into()), freeze_bias_at: Some(7), ..s.clone() };
         let c = train_config(&given).unwrap();

@@ -332,27 +332,25 @@ impl Pipeline {
         Ok(r)
     }
 
-    /// The stage's folder, created; with --resume, what an interrupted attempt left there is
-    /// cleared unless `keep` (an RL stage continuing from its checkpoint).
-    fn stage_dir(&self, stage: Stage, keep: bool) -> Result<PathBuf> {
+    /// The stage's folder, created (without --resume, `run` has refused one already in use; with
+    /// it, `stage` has cleared what an attempt left unless the stage continues from it).
+    fn stage_dir(&self, stage: Stage) -> Result<PathBuf> {
         let dir = self.out.join(stage.folder());
-        if self.resume && !keep {
-            // What an interrupted attempt left: the stage starts over.
-            if dir.exists() {
-                let canonical = dir.canonicalize().with_context(|| dir.display().to_string())?;
-                if let Some(input) = self.inputs.iter().find(|i| i.starts_with(&canonical)) {
-                    bail!(
-                        "{} is inside {}, which --resume would clear to rerun the stage",
-                        input.display(),
-                        dir.display()
-                    );
-                }
-                std::fs::remove_dir_all(&dir).with_context(|| dir.display().to_string())?;
-            }
-        }
-        // Without --resume, `run` has refused a stage folder already in use.
         std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
         Ok(dir)
+    }
+
+    /// Clears what an interrupted attempt left in `stage`'s folder: the stage starts over.
+    fn clear(&self, stage: Stage) -> Result<()> {
+        let dir = self.out.join(stage.folder());
+        if dir.try_exists().with_context(|| dir.display().to_string())? {
+            let canonical = dir.canonicalize().with_context(|| dir.display().to_string())?;
+            if let Some(input) = self.inputs.iter().find(|i| i.starts_with(&canonical)) {
+                bail!("{} is inside {}, which --resume would clear to rerun the stage", input.display(), dir.display());
+            }
+            std::fs::remove_dir_all(&dir).with_context(|| dir.display().to_string())?;
+        }
+        Ok(())
     }
 
     /// `stage` read back from its folder when resuming a run that finished it, else run.
@@ -361,9 +359,18 @@ impl Pipeline {
         let marker = dir.join(STAGE_FILE);
         if !self.resume || self.ran.get() || !marker.exists() {
             // An RL stage an interrupted attempt checkpointed continues from there, unless an
-            // earlier stage ran again (the checkpoint trained on its old output).
-            let saved = find_checkpoint(&dir.join("checkpoint"), RL_STATE_FILE)?;
-            self.continuing.set(saved.filter(|_| self.resume && !self.ran.get()));
+            // earlier stage ran again (the checkpoint trained on its old output). Anything else
+            // an attempt left goes now, before the stage does any work: a crash in that work
+            // must not leave a stale checkpoint for the next --resume to continue.
+            let saved = if self.resume && !self.ran.get() {
+                find_checkpoint(&dir.join("checkpoint"), RL_STATE_FILE)?
+            } else {
+                None
+            };
+            if self.resume && saved.is_none() {
+                self.clear(stage)?;
+            }
+            self.continuing.set(saved);
             self.ran.set(true);
             return run();
         }
@@ -399,7 +406,7 @@ impl Pipeline {
 
     fn cold_start(&self, base: &Path) -> Result<StageResult> {
         let t0 = Instant::now();
-        let dir = self.stage_dir(Stage::ColdStart, false)?;
+        let dir = self.stage_dir(Stage::ColdStart)?;
         let model = self.load(base)?;
         let c = &self.s.cold_start;
         let data: Vec<Example> =
@@ -421,7 +428,7 @@ impl Pipeline {
     ) -> Result<StageResult> {
         let t0 = Instant::now();
         let saved = self.continuing.take();
-        let dir = self.stage_dir(stage, saved.is_some())?;
+        let dir = self.stage_dir(stage)?;
         let tok = Box::new(self.tok.clone());
         let (metrics, completions) = (dir.join("metrics.jsonl"), dir.join("completions.jsonl"));
         let mut t = match (&saved, rewards) {
@@ -464,7 +471,7 @@ impl Pipeline {
 
     fn rejection_sft(&self, sampler: &Path, base: &Path) -> Result<StageResult> {
         let t0 = Instant::now();
-        let dir = self.stage_dir(Stage::RejectionSft, false)?;
+        let dir = self.stage_dir(Stage::RejectionSft)?;
         let r = &self.s.rejection;
         let teacher = self.load(sampler)?;
         let prompts = match &self.pool {
@@ -529,8 +536,9 @@ impl Pipeline {
             "reward model: Bradley-Terry on {} pairs, final loss {:.3}, held-out pair accuracy {:.3} ({} pairs)",
             report.train_pairs, report.final_loss, report.heldout_accuracy, report.heldout_pairs
         );
-        // ALL_RL_RULES, with accuracy on the reasoning prompts only, and the reward model.
-        let rules = RewardSet::parse(ALL_RL_RULES, self.s.all_rl.max_new_tokens)?;
+        // The stage's rule rewards (ALL_RL_RULES, or what an earlier version's run recorded),
+        // with accuracy on the reasoning prompts only, and the reward model.
+        let rules = RewardSet::parse(&self.s.all_rl.rewards, self.s.all_rl.max_new_tokens)?;
         let mut entries: Vec<(Box<dyn Reward>, f64)> = rules
             .entries
             .into_iter()

@@ -59,27 +59,43 @@ pub fn run_settings<T: Settings>(out: &Path) -> Result<T> {
     if !path.exists() {
         bail!("--resume: {} has no settings.json; no run to continue there", out.display());
     }
-    load(&path).context("resuming: the run's settings")
+    read_value(&path)
+        .and_then(|file| from_value(file, Derived::AsRecorded))
+        .with_context(|| format!("resuming: the run's settings {}", path.display()))
 }
 
 /// Reads `path` as JSON (`.json`) or TOML (anything else) onto `T`'s defaults. A nested table
 /// overrides only the keys it holds: `[all_rl] steps = 40` keeps the stage's other defaults, not
 /// those of the table's type. Unknown and derived keys are errors naming the key and the file.
 pub fn load<T: Settings>(path: &Path) -> Result<T> {
+    let file = read_value(path)?;
+    from_value(file, Derived::Checked).with_context(|| format!("config file {}", path.display()))
+}
+
+/// What a file's derived keys do: a config file's are checked against the derivation, a run's
+/// own settings.json keeps what it recorded (a run started by an earlier version, whose
+/// derivation differed, resumes with its own values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Derived {
+    Checked,
+    AsRecorded,
+}
+
+/// `path` as JSON (`.json`) or TOML (anything else).
+fn read_value(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
     let is_json = path.extension().is_some_and(|e| e == "json");
-    let file: Value = if is_json {
+    let file: Result<Value> = if is_json {
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{e}"))
     } else {
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{e}"))
-    }
-    .with_context(|| format!("config file {}", path.display()))?;
-    from_value(file).with_context(|| format!("config file {}", path.display()))
+    };
+    file.with_context(|| format!("config file {}", path.display()))
 }
 
 /// `file` laid over `T::default()` and read into `T`, with its derived keys set and checked
-/// against any the file holds.
-fn from_value<T: Settings>(file: Value) -> Result<T> {
+/// against any the file holds (or, `AsRecorded`, set back to them).
+fn from_value<T: Settings>(file: Value, derived_keys: Derived) -> Result<T> {
     let mut merged = serde_json::to_value(T::default()).context("the default settings")?;
     overlay(&mut merged, file.clone());
     let mut settings: T = serde_path_to_error::deserialize(merged).map_err(|e| {
@@ -92,12 +108,20 @@ fn from_value<T: Settings>(file: Value) -> Result<T> {
         }
     })?;
     settings.derive();
-    let derived = serde_json::to_value(&settings)?;
+    let mut derived = serde_json::to_value(&settings)?;
+    let mut kept = false;
     for (key, from) in T::DERIVED {
-        let (given, value) = (at(&file, key), at(&derived, key));
-        if let Some(given) = given.filter(|&g| !same(g, value.unwrap_or(&Value::Null))) {
-            bail!("`{key}` = {given}: {from}; this run's value is {}", value.unwrap_or(&Value::Null));
+        let (given, value) = (at(&file, key), at(&derived, key).cloned().unwrap_or(Value::Null));
+        let Some(given) = given.filter(|&g| !same(g, &value)) else { continue };
+        if derived_keys == Derived::Checked {
+            bail!("`{key}` = {given}: {from}; this run's value is {value}");
         }
+        println!("note: the run records `{key}` = {given} (derived as {value} now); it keeps its own");
+        overlay(&mut derived, key.split('.').rev().fold(given.clone(), |v, part| serde_json::json!({ part: v })));
+        kept = true;
+    }
+    if kept {
+        settings = serde_json::from_value(derived).context("the run's settings")?;
     }
     Ok(settings)
 }
@@ -224,7 +248,7 @@ mod tests {
     use crate::r1::R1Settings;
 
     fn r1(toml: &str) -> Result<R1Settings> {
-        from_value(toml::from_str(toml).unwrap())
+        from_value(toml::from_str(toml).unwrap(), Derived::Checked)
     }
 
     #[test]
@@ -248,7 +272,7 @@ mod tests {
         assert!(err.contains("`reasoning_rl.letters`"), "{err}");
         // A run's own settings.json holds them with their derived values: it loads back unchanged.
         let s = r1("tasks = \"add:4\"\nletters = 0\n").unwrap();
-        let again: R1Settings = from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        let again: R1Settings = from_value(serde_json::to_value(&s).unwrap(), Derived::Checked).unwrap();
         assert_eq!(serde_json::to_value(&again).unwrap(), serde_json::to_value(&s).unwrap());
         assert_eq!(r1("letters = 0\n[all_rl]\nletters = 0.0\n").unwrap().all_rl.letters, 0.0);
     }
@@ -282,7 +306,7 @@ mod tests {
         let err = r1("seed = 7\n[reasoning_rl]\nseed = 3\n").unwrap_err().to_string();
         assert!(err.contains("`reasoning_rl.seed`") && err.contains("top-level `seed`"), "{err}");
         let err = r1("seed = 7\n[all_rl]\nseed = 7\n").unwrap_err().to_string();
-        assert!(err.contains("`all_rl.seed`"), "{err}");
+        assert!(err.contains("`all_rl.") && err.contains("this run's value is"), "{err}");
         let derived = format!("seed = 7\n[all_rl]\nseed = {}\n", 7 ^ SECOND_PASS_SALT);
         assert_eq!(r1(&derived).unwrap().all_rl.seed, 7 ^ SECOND_PASS_SALT, "the derived value loads back");
     }
@@ -309,5 +333,20 @@ mod tests {
         std::fs::write(run.join("settings.json"), "{ not json").unwrap();
         assert_eq!(pretrained_letters(&ckpt), None);
         std::fs::remove_dir_all(&run).unwrap();
+    }
+
+    /// A run started by an earlier version recorded derived keys this one derives otherwise (R1
+    /// stage 4's seed was the top-level one, its language weight 0.5): it resumes with its own,
+    /// where a config file with them is refused.
+    #[test]
+    fn a_runs_own_settings_keep_the_derived_values_it_recorded() {
+        let run = whale_rl::parallel::model::tensor::testing::TempDir::new("old-r1-run");
+        let old = r#"{"seed": 7, "all_rl": {"seed": 7, "rewards": "accuracy,format:0.1,language:0.5"}}"#;
+        std::fs::write(run.join("settings.json"), old).unwrap();
+        let s: R1Settings = run_settings(&run).unwrap();
+        assert_eq!((s.all_rl.seed, s.all_rl.rewards.as_str()), (7, "accuracy,format:0.1,language:0.5"));
+        assert_eq!(s.rejection.sft.seed, 7 ^ crate::r1::SECOND_PASS_SALT, "what it did not record is derived");
+        let err = format!("{:#}", load::<R1Settings>(&run.join("settings.json")).unwrap_err());
+        assert!(err.contains("`all_rl.") && err.contains("this run's value is"), "{err}");
     }
 }

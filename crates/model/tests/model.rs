@@ -340,7 +340,12 @@ fn balance_losses_match_their_formulas() {
     let targets = Tensor::from_vec(targets, &[b, s], &Device::Cpu).unwrap();
     let real = RealTokens::from_targets(&targets, IGNORE_INDEX).unwrap();
     assert_eq!((0..b).map(|q| real.in_row(q)).collect::<Vec<_>>(), [6, 4, 1]);
-    for masked in [false, true] {
+    // MTP depth 1's view: positions 1.., where the third row has no real token left, so it is
+    // out of the per-sequence mean.
+    let depth1 = real.shifted(1);
+    assert_eq!((0..b).map(|q| depth1.in_row(q)).collect::<Vec<_>>(), [5, 3, 0]);
+    for (mask, s) in [(None, s), (Some(&real), s), (Some(&depth1), s - 1)] {
+        let masked = mask.is_some();
         for (seq_aux, batch_aux) in [(seq_alpha, 0.0), (0.0, batch_alpha), (seq_alpha, batch_alpha)] {
             let mut cfg = DeepSeekV3Config::tiny();
             cfg.seq_aux_alpha = seq_aux;
@@ -349,12 +354,12 @@ fn balance_losses_match_their_formulas() {
             let moe = model.moe_layers()[0];
             let (e, k) = (cfg.n_routed_experts, cfg.num_experts_per_tok);
             let x = Tensor::randn(&[b, s, cfg.hidden_size], 0.0, 1.0, DType::F32, &mut Rng::new(4)).unwrap();
-            let out = moe.forward(&x, masked.then_some(&real)).unwrap();
+            let out = moe.forward(&x, mask).unwrap();
             let got = out.aux_loss.unwrap().to_scalar().unwrap() as f64;
 
             let routing = moe.gate.route(&x.reshape(&[b * s, cfg.hidden_size]).unwrap()).unwrap();
             let scores = routing.scores.to_vec_f32().unwrap();
-            let counted = |t: usize| !masked || real.is_real(t);
+            let counted = |t: usize| mask.is_none_or(|m| m.is_real(t));
             // f and P over the counted tokens of `range`, T of them.
             let loss = |range: std::ops::Range<usize>| {
                 let tokens: Vec<usize> = range.filter(|&t| counted(t)).collect();
@@ -372,7 +377,8 @@ fn balance_losses_match_their_formulas() {
                 }
                 f.iter().zip(&p).map(|(a, b)| a * b).sum::<f64>()
             };
-            let per_sequence = (0..b).map(|q| loss(q * s..(q + 1) * s)).sum::<f64>() / b as f64;
+            let rows: Vec<usize> = (0..b).filter(|&q| (q * s..(q + 1) * s).any(counted)).collect();
+            let per_sequence = rows.iter().map(|&q| loss(q * s..(q + 1) * s)).sum::<f64>() / rows.len() as f64;
             let want = seq_aux * per_sequence + batch_aux * loss(0..b * s);
             assert!((got - want).abs() < 1e-7, "masked {masked}, alphas {seq_aux}, {batch_aux}: {got} vs {want}");
             // The load: the counted tokens' choices.

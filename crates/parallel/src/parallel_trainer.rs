@@ -176,7 +176,9 @@ impl<'c> ParallelTrainer<'c> {
                     experts.push(ExpertParallel::install(&ep_comms, mesh.ep, moe)?);
                 }
             }
-            let exec = Execution::default();
+            // A pair's halves overlap on two threads, each with its expert all-to-alls, only
+            // where the communicator allows it (not NCCL's: see `Comm::concurrent_splits`).
+            let exec = Execution { overlap: mesh.ep == 1 || comm.concurrent_splits() };
             let stages = Stages { pipeline, schedule, plan, exec, experts };
             (Some(stages), DataParallelConfig { overlap: false, ..dp_config })
         } else if comm.world_size() == 1 {

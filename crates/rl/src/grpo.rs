@@ -614,19 +614,22 @@ pub fn zero_std_groups(totals: &[f64], group: usize) -> Vec<bool> {
 
 /// Which groups (of `group` rollouts) dynamic sampling drops: those whose accuracy is the same
 /// for all (DAPO: keep `0 < #correct < G`), read from the set's `accuracy` reward (`names`, in
-/// the set's order); without one, those whose total reward is (a learned reward's spread).
-/// Filtering on the total would keep an all-wrong group that varies only in format, to teach
-/// format alone, and with length shaping almost every group.
+/// the set's order); a group it does not apply to (R1 stage 4's non-reasoning prompts), or a
+/// set without one, by its total reward (a learned reward's spread). Filtering on the total
+/// would keep an all-wrong group that varies only in format, to teach format alone, and with
+/// length shaping almost every group.
 pub fn uninformative_groups(scores: &[Scores], names: &[String], group: usize) -> Vec<bool> {
     let accuracy = names.iter().position(|n| n == "accuracy");
-    let values: Vec<f64> = scores
-        .iter()
-        .map(|s| match accuracy {
-            Some(i) => s.each[i].unwrap_or(f64::NAN),
-            None => s.total,
+    scores
+        .chunks(group.max(1))
+        .map(|g| {
+            let acc: Option<Vec<f64>> = accuracy.and_then(|i| {
+                g.iter().any(|s| s.each[i].is_some()).then(|| g.iter().map(|s| s.each[i].unwrap_or(f64::NAN)).collect())
+            });
+            let values = acc.unwrap_or_else(|| g.iter().map(|s| s.total).collect());
+            zero_std_groups(&values, values.len().max(1)).first().copied().unwrap_or(true)
         })
-        .collect();
-    zero_std_groups(&values, group)
+        .collect()
 }
 
 /// The completion and reward metrics TRL logs, under TRL's names.
@@ -1262,5 +1265,9 @@ mod tests {
         assert_eq!(uninformative_groups(&scores, &names[..1], 2), [false, false, false]);
         let flat = [sc(1.0, 0.0), sc(1.0, 0.0)];
         assert_eq!(uninformative_groups(&flat, &names[..1], 2), [true]);
+        // A group accuracy does not apply to (R1 stage 4's non-reasoning prompts, scored by a
+        // learned reward) is judged by its total.
+        let na = |total: f64| Scores { each: vec![Some(1.0), None], total };
+        assert_eq!(uninformative_groups(&[na(0.3), na(0.7), na(0.5), na(0.5)], &names, 2), [false, true]);
     }
 }

@@ -16,12 +16,15 @@ use crate::rewards::{Reward, Sample};
 use crate::tasks::{Language, Problem};
 use crate::{Error, Result};
 
-/// A preferred and a dispreferred completion of one prompt.
+/// A preferred and a dispreferred completion of one prompt. The chosen one ended (EOS); the
+/// rejected one did unless `rejected_ended` is false (cut off at a length limit: the reward
+/// model reads it without an EOS, as it reads a truncated rollout).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreferencePair {
     pub prompt: String,
     pub chosen: String,
     pub rejected: String,
+    pub rejected_ended: bool,
 }
 
 #[derive(Debug)]
@@ -46,9 +49,11 @@ impl RewardModel {
         Ok(RewardModel { model: ValueModel::from_policy(policy)? })
     }
 
-    /// Rewards of `prompt + completion + EOS` texts, `[n]` (differentiable).
-    fn rewards(&self, tok: &dyn Tokenizer, texts: &[(&str, &str)]) -> Result<Tensor> {
-        let rows: Vec<Vec<u32>> = texts.iter().map(|(p, c)| reward_row(tok, p, c, true)).collect::<Result<_>>()?;
+    /// Rewards of `(prompt, completion, ended)` texts (`prompt + completion`, and EOS where
+    /// ended), `[n]` (differentiable).
+    fn rewards(&self, tok: &dyn Tokenizer, texts: &[(&str, &str, bool)]) -> Result<Tensor> {
+        let rows: Vec<Vec<u32>> =
+            texts.iter().map(|&(p, c, ended)| reward_row(tok, p, c, ended)).collect::<Result<_>>()?;
         self.rewards_of_rows(tok, &rows)
     }
 
@@ -71,9 +76,14 @@ impl RewardModel {
         Ok(picked.matmul(&self.model.head.t()?)?.reshape(&[n])?)
     }
 
-    /// The reward of one completion (no gradients).
+    /// The reward of one completion that ended (no gradients).
     pub fn score(&self, tok: &dyn Tokenizer, prompt: &str, completion: &str) -> Result<f64> {
-        self.score_row(tok, reward_row(tok, prompt, completion, true)?)
+        self.score_as(tok, prompt, completion, true)
+    }
+
+    /// The reward of one completion, read with an EOS when it `ended` (no gradients).
+    pub fn score_as(&self, tok: &dyn Tokenizer, prompt: &str, completion: &str, ended: bool) -> Result<f64> {
+        self.score_row(tok, reward_row(tok, prompt, completion, ended)?)
     }
 
     /// The reward of one token row (no gradients).
@@ -102,8 +112,9 @@ impl RewardModel {
         for step in 0..steps {
             let pairs: Vec<&PreferencePair> =
                 (0..batch).map(|_| &train[rng.below(train.len() as u64) as usize]).collect();
-            let mut texts: Vec<(&str, &str)> = pairs.iter().map(|p| (p.prompt.as_str(), p.chosen.as_str())).collect();
-            texts.extend(pairs.iter().map(|p| (p.prompt.as_str(), p.rejected.as_str())));
+            let mut texts: Vec<(&str, &str, bool)> =
+                pairs.iter().map(|p| (p.prompt.as_str(), p.chosen.as_str(), true)).collect();
+            texts.extend(pairs.iter().map(|p| (p.prompt.as_str(), p.rejected.as_str(), p.rejected_ended)));
             let r = self.rewards(tok, &texts)?;
             let margin = r.narrow(0, 0, batch)?.sub(&r.narrow(0, batch, batch)?)?;
             // -log sigmoid(m) = softplus(-m) = logsumexp([0, -m]).
@@ -122,7 +133,8 @@ impl RewardModel {
         let correct = heldout
             .iter()
             .map(|p| {
-                let (c, r) = (self.score(tok, &p.prompt, &p.chosen)?, self.score(tok, &p.prompt, &p.rejected)?);
+                let c = self.score(tok, &p.prompt, &p.chosen)?;
+                let r = self.score_as(tok, &p.prompt, &p.rejected, p.rejected_ended)?;
                 Ok(if c > r {
                     1.0
                 } else if c == r {
@@ -220,7 +232,8 @@ fn cut_in_half(text: &str) -> String {
 
 /// Preference pairs for `problems`: the reference solution is preferred to a worse response,
 /// one of four kinds in turn: a wrong one (`corrupt`: one step wrong), one without its reasoning,
-/// one that rambles on after its answer, and one cut off half-way.
+/// one that rambles on after its answer, and one cut off half-way without an EOS (what a rollout
+/// truncated at the length limit is, which the learned reward then scores as written).
 pub fn preference_pairs(
     problems: &[Problem],
     corrupt: impl Fn(&mut Rng, &Problem) -> String,
@@ -238,7 +251,7 @@ pub fn preference_pairs(
                 2 => format!("{good}{}", &p.prompt),
                 _ => cut_in_half(good),
             };
-            PreferencePair { prompt: p.prompt.clone(), chosen: good.clone(), rejected }
+            PreferencePair { prompt: p.prompt.clone(), chosen: good.clone(), rejected, rejected_ended: i % 4 != 3 }
         })
         .filter(|pair| pair.chosen != pair.rejected)
         .collect()
@@ -264,6 +277,8 @@ mod tests {
             tok.encode(&pair.rejected).unwrap();
         }
         assert_eq!(pairs[1].rejected, "<answer>dcba</answer>");
+        // The one cut off is read as a truncated rollout is: without an EOS.
+        assert_eq!(pairs.iter().map(|p| p.rejected_ended).collect::<Vec<_>>()[..4], [true, true, true, false]);
         assert!(pairs[2].rejected.ends_with("</answer>rabcd="));
         assert_eq!(cut_in_half("<think>ab</think><answer>ba</answer>"), "<think>ab</think>");
         assert_eq!(cut_in_half("<think>abcdefgh</think>"), "<think>abcd");

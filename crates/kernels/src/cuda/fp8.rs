@@ -66,7 +66,7 @@ impl Gpu {
         }
         let ld = rows.next_multiple_of(pad);
         let (tiles, col_blocks) = (rows.div_ceil(128), cols.div_ceil(32));
-        if col_blocks > 65_535 || rows > u32::MAX as usize {
+        if col_blocks > 65_535 || rows > i32::MAX as usize || ld > i32::MAX as usize {
             return Err(GpuError::Shape(format!(
                 "fp8 quantize (transposed): [{rows}, {cols}] exceeds the kernel's grid"
             )));
@@ -154,7 +154,7 @@ impl Gpu {
         if rows.div_ceil(32) > 65_535 {
             return Err(GpuError::Shape(format!("{kernel}: {rows} rows exceed the grid's 65535 x 32")));
         }
-        let (r32, c32) = (rows as u32, cols as u32);
+        let (r32, c32) = (count32("rows", rows)?, count32("columns", cols)?);
         let mut l = self.stream.launch_builder(self.function(kernel));
         l.arg(x).arg(y).arg(&r32).arg(&c32);
         let cfg = LaunchConfig {

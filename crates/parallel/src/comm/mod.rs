@@ -205,6 +205,14 @@ pub trait Comm: Send + Sync {
     /// call on this communicator; the new one's collectives are independent of this one's.
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Comm>>;
 
+    /// Whether communicators split from this one may run collectives from two threads at once
+    /// (DualPipe's overlapped halves, each with its expert all-to-alls). NCCL's, queued on one
+    /// stream in whatever order the threads reach it, may not: two ranks queueing them in other
+    /// orders would each wait on the other's kernel.
+    fn concurrent_splits(&self) -> bool {
+        true
+    }
+
     /// Exact sums of integers (expert loads, token counts) across ranks, in rank order (wrapping
     /// on overflow). The values travel as bit patterns in an [`Comm::all_gather`].
     fn all_reduce_u64(&self, values: &mut [u64]) -> Result<()> {

@@ -246,11 +246,15 @@ impl Comm for NcclComm {
     }
 
     /// A communicator for a colour's ranks on this one's stream. NCCL needs the collectives of
-    /// communicators used at the same time to be issued in one order on every rank: two splits
-    /// driven from two threads at once (DualPipe's overlapped halves with expert parallelism)
-    /// can deadlock. Not yet run on more than one GPU.
+    /// communicators used at the same time to be issued in one order on every rank, so splits
+    /// are not driven from two threads at once ([`Comm::concurrent_splits`]: the pipeline then
+    /// runs DualPipe's paired halves one after the other). Not yet run on more than one GPU.
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Comm>> {
         let host = self.host.split_tcp(color, key)?;
         Ok(Box::new(NcclComm::over(host, self.stream.clone())?))
+    }
+
+    fn concurrent_splits(&self) -> bool {
+        false
     }
 }

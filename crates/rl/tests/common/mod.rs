@@ -10,5 +10,6 @@ pub fn reversal_pair(s: &str) -> PreferencePair {
         prompt: format!("r{s}="),
         chosen: format!("<think></think><answer>{rev}</answer>"),
         rejected: format!("<think></think><answer>{rev}</answer>zz"),
+        rejected_ended: true,
     }
 }
