@@ -46,7 +46,8 @@ rm -f gpu-bin.new/* && mv target/gpu-bin.tar.gz gpu-bin.new/bins.tar.gz
 # What they were built from: gpu-check.sh prints the stamp and refuses binaries older than the
 # checkout it runs in (any source file changed since).
 {
-    echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- crates kernels benches Cargo.lock || echo ' (with uncommitted changes)')"
+    dirty=$(git status --porcelain -- crates kernels benches Cargo.toml Cargo.lock)
+    echo "commit $(git rev-parse HEAD)${dirty:+ (with uncommitted or untracked changes)}"
     echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } > gpu-bin.new/BUILD
 sources > gpu-bin.new/SOURCES.sha256
