@@ -289,8 +289,10 @@ tee_pid=$!
         # test's tolerance, crates/cli/tests/cli.rs); later steps are reported, as rounding
         # differences grow with training.
         pretrain_run cpu fp32
-        if command -v python3 >/dev/null; then
-            python3 - /tmp/gpu-check-cuda-fp32/metrics.jsonl /tmp/gpu-check-cpu-fp32/metrics.jsonl <<'PY'
+        if [ ! -s /tmp/gpu-check-cuda-fp32/metrics.jsonl ] || [ ! -s /tmp/gpu-check-cpu-fp32/metrics.jsonl ]; then
+            echo "GPU vs CPU fp32: not compared (a run above logged no step)"
+        elif command -v python3 >/dev/null; then
+            python3 - /tmp/gpu-check-cuda-fp32/metrics.jsonl /tmp/gpu-check-cpu-fp32/metrics.jsonl 2>&1 <<'PY'
 import json, sys
 rows = [[json.loads(l) for l in open(p) if l.strip()] for p in sys.argv[1:]]
 worst, bad = 0.0, []
