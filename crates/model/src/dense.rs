@@ -543,6 +543,15 @@ impl DenseModel {
         Ok(self.lm_head.forward(&self.run(ids, Some(cache))?)?.to_dtype(DType::F32)?)
     }
 
+    /// [`DenseModel::forward_cached`]'s logits of the last position only, `[batch, 1, vocab]`
+    /// (a prompt's prefill: HF's `logits_to_keep = 1`).
+    pub fn forward_cached_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        crate::generate::decoding_only("DenseModel::forward_cached")?;
+        let h = self.run(ids, Some(cache))?;
+        let last = h.narrow(1, h.dims()[1].saturating_sub(1), 1)?;
+        Ok(self.lm_head.forward(&last)?.to_dtype(DType::F32)?)
+    }
+
     /// Writes `config.json` and `model.safetensors` (HF names; a tied head is not stored).
     pub fn save_pretrained(&self, dir: &Path, dtype: SaveDType) -> Result<()> {
         let state: BTreeMap<String, Tensor> = self.params.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();

@@ -253,6 +253,21 @@ impl DeepSeekV3 {
     /// [`DeepSeekV3::forward_cached`] that also returns the last decoder layer's hidden states
     /// (before the final norm: what the first MTP module reads), `[batch, s, hidden]`.
     pub fn forward_cached_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<(Tensor, Tensor)> {
+        let h = self.cached_trunk(ids, cache)?;
+        let logits = self.head_logits(&h)?;
+        Ok((h, logits))
+    }
+
+    /// [`DeepSeekV3::forward_cached`]'s logits of the last position only, `[batch, 1, vocab]`:
+    /// a prompt's prefill (HF's `logits_to_keep = 1`), whose other positions' logits would be
+    /// `len` times the memory for nothing.
+    pub fn forward_cached_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.cached_trunk(ids, cache)?;
+        self.head_logits(&h.narrow(1, h.dims()[1].saturating_sub(1), 1)?)
+    }
+
+    /// The decoder layers over `ids` continuing `cache`: hidden states before the final norm.
+    pub(crate) fn cached_trunk(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         decoding_only("DeepSeekV3::forward_cached")?;
         cache.fit(self.layers.len())?;
         let start = cache.len();
@@ -261,8 +276,12 @@ impl DeepSeekV3 {
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             h = layer.forward_cached(&h, &positions, slot, cache.mode)?;
         }
-        let logits = self.lm_head.forward(&self.norm.forward(&h)?)?.to_dtype(whale_tensor::DType::F32)?;
-        Ok((h, logits))
+        Ok(h)
+    }
+
+    /// f32 logits of hidden states `h` (before the final norm).
+    pub(crate) fn head_logits(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(&self.norm.forward(h)?)?.to_dtype(whale_tensor::DType::F32)?)
     }
 }
 
@@ -281,6 +300,12 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     /// Logits for `ids` continuing the cached positions (MLA models honour the cache's mode;
     /// others keep per-head K/V).
     fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+    /// [`CausalLm::forward_cached`]'s logits of the last position only, `[batch, 1, vocab]` (a
+    /// prompt's prefill: the models here never compute the other positions' logits).
+    fn forward_cached_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let logits = self.forward_cached(ids, cache)?;
+        Ok(logits.narrow(1, logits.dims()[1].saturating_sub(1), 1)?)
+    }
     /// The training loss for `targets` (`IGNORE_INDEX` skipped): DeepSeek-V3 adds its MTP and
     /// balance terms, a dense model is plain next-token cross-entropy.
     fn train_loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor>;
@@ -386,8 +411,7 @@ fn generate_group<M: CausalLm + ?Sized>(
     let vocab = model.vocab_size();
     let ids: Vec<i64> = members.iter().flat_map(|&i| prompts[i].iter().map(|&t| t as i64)).collect();
     let mut cache = KvCache::with_mode(model.num_layers(), cfg.cache);
-    let mut logits =
-        model.forward_cached(&Tensor::from_vec(ids, &[b, len], &Device::Cpu)?, &mut cache)?.narrow(1, len - 1, 1)?;
+    let mut logits = model.forward_cached_last(&Tensor::from_vec(ids, &[b, len], &Device::Cpu)?, &mut cache)?;
     let mut gens: Vec<Generation> = vec![Generation { tokens: vec![], logprobs: vec![], truncated: false }; b];
     let mut done = vec![false; b];
     for step in 0..max_new_tokens {

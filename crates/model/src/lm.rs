@@ -38,6 +38,9 @@ macro_rules! causal_lm_common {
         fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
             <$t>::forward_cached(self, ids, cache)
         }
+        fn forward_cached_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+            <$t>::forward_cached_last(self, ids, cache)
+        }
         fn save_pretrained(&self, dir: &Path, dtype: SaveDType) -> Result<()> {
             <$t>::save_pretrained(self, dir, dtype)
         }

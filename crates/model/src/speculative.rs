@@ -84,10 +84,12 @@ impl DeepSeekV3 {
             let mut stats = SpeculativeStats::default();
             let mut cache = KvCache::with_mode(self.layers.len(), mode);
             let mut mtp_cache: Option<LayerCache> = None;
-            let (h, logits) = self.forward_cached_hidden(&ids(prompt)?, &mut cache)?;
+            // The prompt's hidden states all feed the MTP module; only the last position's logits
+            // are needed.
+            let h = self.cached_trunk(&ids(prompt)?, &mut cache)?;
             stats.main_forwards += 1;
             let row = |l: &Tensor, i: usize| -> Result<Vec<f32>> { Ok(l.narrow(1, i, 1)?.to_vec_f32()?) };
-            let mut next = pick(&row(&logits, n - 1)?)?;
+            let mut next = pick(&row(&self.head_logits(&h.narrow(1, n - 1, 1)?)?, 0)?)?;
             let mut last_h = h.narrow(1, n - 1, 1)?;
             let mut pending_h = if n > 1 { Some(h.narrow(1, 0, n - 1)?) } else { None };
             let mut pending_tokens = prompt[1..].to_vec();

@@ -391,8 +391,10 @@ pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
         }
     }
     check_tokenizer_config(dir, &tok)?;
-    // The stops after the EOS: config.json's list, then generation_config.json's.
-    tok.stops.extend(eos.iter().rev().flatten().filter(|&&x| (x as usize) < vocab));
+    // The stops after the EOS: generation_config.json's list where it gives one, else
+    // config.json's (HF's generate reads generation_config.json alone when it has the key).
+    let stop_list = eos.iter().find(|l| !l.is_empty()).cloned().unwrap_or_default();
+    tok.stops.extend(stop_list.into_iter().filter(|&x| (x as usize) < vocab));
     let mut seen = std::collections::HashSet::new();
     tok.stops.retain(|t| seen.insert(*t));
     for name in COMPANION_FILES {

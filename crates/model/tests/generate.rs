@@ -52,6 +52,25 @@ fn decode_matches_forward(mode: CacheMode) {
     assert!(cache.layers.iter().all(|l| per_token(l) == mode.elements_per_token(&cfg)), "{mode:?}");
 }
 
+/// A prompt's prefill computes only its last position's logits, the values of the last row of
+/// the full cached forward (DeepSeek-V3 and a dense student) to the head GEMM's rounding (a
+/// one-row product may sum in another order than a seven-row one).
+#[test]
+fn the_prefill_keeps_the_last_positions_logits_only() {
+    let v3 = DeepSeekV3::new(DeepSeekV3Config::tiny(), 3).unwrap();
+    let dense = whale_model::DenseModel::new(whale_model::DenseConfig::student(353), 4).unwrap();
+    for model in [&v3 as &dyn CausalLm, &dense] {
+        let ids = Tensor::from_vec((0..2 * 7).map(|i| i % 50).collect::<Vec<i64>>(), &[2, 7], &Device::Cpu).unwrap();
+        let all = no_grad(|| model.forward_cached(&ids, &mut KvCache::new(0))).unwrap();
+        let last = no_grad(|| model.forward_cached_last(&ids, &mut KvCache::new(0))).unwrap();
+        assert_eq!(last.dims(), [2, 1, model.vocab_size()]);
+        let want = all.narrow(1, 6, 1).unwrap().to_vec_f32().unwrap();
+        for (g, w) in last.to_vec_f32().unwrap().iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
+        }
+    }
+}
+
 #[test]
 fn cache_sizes_match_the_spec_table_for_v3() {
     // spec 1.5: bytes per token per layer in BF16.

@@ -154,6 +154,14 @@ fn a_checkpoints_tokenizer_stops_at_every_listed_eos_and_saves_back_the_same() {
     assert!(!saved.join("special_tokens_map.json").exists(), "only the files it came with");
     let back = tokenizer_for(&saved).unwrap();
     assert_eq!((back.bos_id(), back.eos_id(), back.stop_ids()), (tok.bos_id(), tok.eos_id(), tok.stop_ids()));
+    // As HF's generate: generation_config.json's list where it has one, config.json's only
+    // without it (not their union).
+    let other = whale_tensor::testing::TempDir::new("tokenizer-stops");
+    std::fs::copy(fixture.join("tokenizer.json"), other.join("tokenizer.json")).unwrap();
+    std::fs::write(other.join("config.json"), r#"{"vocab_size": 353, "eos_token_id": [5, 9]}"#).unwrap();
+    assert_eq!(tokenizer_for(&other).unwrap().stop_ids(), [5, 9]);
+    std::fs::write(other.join("generation_config.json"), r#"{"eos_token_id": 7}"#).unwrap();
+    assert_eq!(tokenizer_for(&other).unwrap().stop_ids(), [7]);
     let text = "12+7=<think>2+7=9</think><answer>19</answer>";
     assert_eq!(back.encode(text).unwrap(), tok.encode(text).unwrap());
 

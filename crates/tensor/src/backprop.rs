@@ -295,6 +295,9 @@ fn run_backward(seeds: Vec<(Tensor, Tensor)>, pass: Pass) -> Result<WeightGradWo
     let roots: Vec<Tensor> = seeds.iter().map(|(t, _)| t.clone()).collect();
     for (t, g) in seeds {
         check_grad_shape("seed", &t, &g)?;
+        // A seed of another dtype is cast to its tensor's (torch's engine does the same), so
+        // every gradient below is in its tensor's dtype.
+        let g = if g.dtype() == t.dtype() { g } else { g.to_dtype(t.dtype())? };
         accumulate(&mut grads, &t, g)?;
     }
     let mut work = WeightGradWork::default();

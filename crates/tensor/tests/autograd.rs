@@ -218,6 +218,12 @@ fn non_finite_values_follow_torch() {
     let m = t(vec![nan, 1.0, -2.0, 3.0], &[4]).maximum(&t(vec![0.0, nan, -1.0, 2.0], &[4])).unwrap();
     let m = m.to_vec_f32().unwrap();
     assert!(m[0].is_nan() && m[1].is_nan() && m[2] == -1.0 && m[3] == 3.0, "{m:?}");
+    // Its gradient as torch's: to the larger side, half each on a tie, whole to both with a NaN.
+    let (a, b) =
+        (t(vec![nan, 1.0, -2.0, 3.0, 5.0], &[5]).variable(), t(vec![0.0, nan, -1.0, 2.0, 5.0], &[5]).variable());
+    a.maximum(&b).unwrap().mul_scalar(2.0).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(a.grad().unwrap().to_vec_f32().unwrap(), [2.0, 2.0, 0.0, 2.0, 1.0]);
+    assert_eq!(b.grad().unwrap().to_vec_f32().unwrap(), [2.0, 2.0, 2.0, 0.0, 1.0]);
     // logsumexp: a +inf row is +inf, with a NaN too NaN, all -inf rows -inf, a NaN among -infs
     // or alone NaN.
     let rows = vec![inf, 0.0, inf, nan, -inf, -inf, nan, -inf, nan, nan];
@@ -287,6 +293,20 @@ fn in_place_writes_into_values_a_backward_reads_are_refused() {
     w.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     let want: Vec<f32> = w.to_vec_f32().unwrap().iter().map(|v| 2.0 * v).collect();
     assert_eq!(w.grad().unwrap().to_vec_f32().unwrap(), want);
+    // A seed gradient of another dtype is cast to its tensor's, as torch does.
+    let (p, q) =
+        (randn(&[3], 6).to_dtype(DType::BF16).unwrap().variable(), randn(&[3], 7).to_dtype(DType::BF16).unwrap());
+    p.mul(&q).unwrap().backward_with_grad(&Tensor::ones(&[3], DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let pg = p.grad().unwrap();
+    assert_eq!((pg.dtype(), pg.to_vec_f32().unwrap()), (DType::BF16, q.to_vec_f32().unwrap()));
+    // Indices are read as the forward read them: rewriting them before the backward (an
+    // integer tensor has no gradient to refuse) does not move the gradient to other rows.
+    let table = randn(&[4, 2], 5).variable();
+    let ids = Tensor::from_vec(vec![1i64, 3], &[2], &Device::Cpu).unwrap();
+    let rows = table.index_select(0, &ids).unwrap();
+    ids.write_window(0, 0, &Tensor::from_vec(vec![0i64, 0], &[2], &Device::Cpu).unwrap()).unwrap();
+    rows.sum_all().unwrap().backward().unwrap();
+    assert_eq!(table.grad().unwrap().to_vec_f32().unwrap(), [0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]);
 }
 
 /// A leaf's gradient is a contiguous buffer of its own (PyTorch's AccumulateGrad copies what it

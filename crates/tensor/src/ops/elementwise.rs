@@ -213,13 +213,18 @@ impl Tensor {
     }
 
     /// Elementwise maximum, NaN where either is NaN (as torch.maximum: a NaN must reach the
-    /// loss checks, not be replaced by the other side); the gradient goes to `self` where
-    /// `self >= rhs`, else to `rhs`.
+    /// loss checks, not be replaced by the other side). The gradient is torch's: to the larger
+    /// side, half to each on a tie, and whole to both where either is NaN.
     pub fn maximum(&self, rhs: &Tensor) -> Result<Tensor> {
         let max = |a: f32, b: f32| if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) };
         self.binary_op(rhs, ("maximum", BinaryOp::Maximum), max, |a, b, g, n| {
-            let mask = a.ge(b)?;
-            Ok([grad_if(n[0], || mask.masked(g, true))?, grad_if(n[1], || mask.masked(g, false))?])
+            // 0/1 masks: a tie where both `>=` hold; a strict side where only its own does
+            // (neither holds for NaN).
+            let (ge_ab, ge_ba) = (a.ge(b)?, b.ge(a)?);
+            let tie = ge_ab.mul(&ge_ba)?;
+            let shared = tie.where_cond(&g.mul_scalar(0.5)?, g)?;
+            let (a_less, b_less) = (ge_ba.sub(&tie)?, ge_ab.sub(&tie)?);
+            Ok([grad_if(n[0], || a_less.masked(&shared, false))?, grad_if(n[1], || b_less.masked(&shared, false))?])
         })
     }
 

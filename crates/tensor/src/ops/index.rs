@@ -24,6 +24,13 @@ fn checked_indices(op: &'static str, ids: &Tensor, size: usize) -> Result<Vec<us
         .collect()
 }
 
+/// The indices `idx` (checked from `ids`) as a tensor of their own, for a backward: kept as
+/// `ids` itself, a later in-place write to `ids` would move the gradient to other rows unseen
+/// (the version check covers an op's inputs, which the indices are not).
+fn kept_indices(ids: &Tensor, idx: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(idx.iter().map(|&i| i as i64).collect::<Vec<_>>(), ids.dims(), &ids.device())
+}
+
 fn with_dim(shape: &[usize], dim: usize, size: usize) -> Vec<usize> {
     let mut s = shape.to_vec();
     s[dim] = size;
@@ -74,7 +81,7 @@ impl Tensor {
                 row.copy_from_slice(&x[src..src + inner]);
             });
         }
-        let ids = ids.detach();
+        let ids = kept_indices(ids, &idx)?;
         let back = backward_fn("index_select", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
             Ok(vec![Some(inputs[0].zeros_like()?.index_add(dim, &ids, g)?)])
         });
@@ -99,7 +106,7 @@ impl Tensor {
                 rhs: src.dims().to_vec(),
             });
         }
-        let ids_kept = ids.detach().flatten_all()?;
+        let ids_kept = kept_indices(ids, &idx)?.flatten_all()?;
         let back = backward_fn("index_add", move |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
             Ok(vec![
                 if needs[0] { Some(g.clone()) } else { None },
@@ -161,7 +168,7 @@ impl Tensor {
             }
         }
         let shape = idx.dims().to_vec();
-        let idx = idx.detach();
+        let idx = kept_indices(idx, &ix)?;
         let back = backward_fn("gather", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
             Ok(vec![Some(inputs[0].zeros_like()?.scatter_add(dim, &idx, g)?)])
         });
@@ -200,7 +207,7 @@ impl Tensor {
                 }
             }
         }
-        let idx = idx.detach();
+        let idx = kept_indices(idx, &ix)?;
         let back = backward_fn("scatter_add", move |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
             Ok(vec![
                 if needs[0] { Some(g.clone()) } else { None },
