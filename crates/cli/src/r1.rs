@@ -240,7 +240,8 @@ pub struct R1Args {
     #[arg(long)]
     pub device: Option<String>,
     /// Continue the run in --out with its own settings.json: stages that finished are read back
-    /// (their checkpoint and evaluation), and the first unfinished one starts over.
+    /// (their checkpoint and evaluation), and the first unfinished one starts over (an RL stage
+    /// continues from its last checkpoint).
     #[arg(long)]
     pub resume: bool,
     /// The main job's tasks and evaluation set (over the settings' own).

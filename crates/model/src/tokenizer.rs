@@ -28,8 +28,8 @@ pub trait Tokenizer: Send + Sync {
     /// The id of a special token such as `<think>`.
     fn special_id(&self, token: &str) -> Option<u32>;
     /// Every token that ends a generation: EOS, and for a checkpoint's tokenizer
-    /// ([`tokenizer_for`]) each `eos_token_id` its config.json and generation_config.json list
-    /// (Llama 3 lists several, and HF's `generate` stops at any of them).
+    /// ([`tokenizer_for`]) each `eos_token_id` its generation_config.json lists, or config.json
+    /// without one (Llama 3 lists several, and HF's `generate` stops at any of them).
     fn stop_ids(&self) -> Vec<u32> {
         vec![self.eos_id()]
     }
@@ -343,8 +343,8 @@ const COMPANION_FILES: [&str; 3] = ["tokenizer_config.json", "special_tokens_map
 /// from generation_config.json, else config.json, when they give them: R1-Distill-Qwen's
 /// config.json names the end-of-sentence token as its BOS, its generation_config.json the right
 /// one), else the built-in character tokenizer, for a model whose vocabulary it can be. Its
-/// [`Tokenizer::stop_ids`] are the EOS and every `eos_token_id` the two configs list (within
-/// the vocabulary), and its [`Tokenizer::save_pretrained`] writes `tokenizer.json` and the
+/// [`Tokenizer::stop_ids`] are the EOS and every `eos_token_id` generation_config.json lists, or
+/// config.json without one (within the vocabulary), and its [`Tokenizer::save_pretrained`] writes `tokenizer.json` and the
 /// companion files the directory has, so a checkpoint trained from this one reads back the same
 /// tokenizer.
 pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
