@@ -30,7 +30,8 @@ pub struct GenerateArgs {
     /// Sampling temperature (> 0).
     #[arg(long)]
     pub temperature: Option<f32>,
-    /// Sample among the k most likely tokens (ties kept; 0 is off). Needs --temperature.
+    /// Sample among the k most likely tokens (ties kept; 0 is off). Needs --temperature. Unset,
+    /// the whole distribution (HF's generate defaults to 50).
     #[arg(long, requires = "temperature")]
     pub top_k: Option<usize>,
     /// Sample among the most likely tokens holding mass p, in (0, 1]. Needs --temperature.

@@ -314,6 +314,22 @@ fn check_tokenizer_config(dir: &Path, tok: &HfTokenizer) -> Result<()> {
             _ => {}
         }
     }
+    // transformers rebuilds a Llama tokenizer's post-processor from these flags
+    // (`LlamaTokenizerFast.update_post_processor`): a tokenizer.json template that disagrees
+    // would put a BOS (or EOS) on prompts there and not here, or the reverse.
+    if config["tokenizer_class"].as_str().is_some_and(|c| c.starts_with("LlamaTokenizer")) {
+        let probe = tok.encode_prompt("a")?;
+        let adds =
+            [("add_bos_token", probe.first() == Some(&tok.bos)), ("add_eos_token", probe.last() == Some(&tok.eos))];
+        for (key, adds) in adds {
+            if let Some(want) = config[key].as_bool().filter(|&want| want != adds) {
+                let does = if adds { "adds one" } else { "adds none" };
+                return refuse(format!(
+                    "{key}: {want}, but {TOKENIZER_FILE}'s post-processor {does} (transformers would follow the flag)"
+                ));
+            }
+        }
+    }
     Ok(())
 }
 

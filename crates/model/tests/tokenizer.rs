@@ -100,6 +100,23 @@ fn a_tokenizer_config_naming_what_tokenizer_json_lacks_is_refused() {
         let err = tokenizer_for(&dir).err().expect("refused").to_string();
         assert!(err.contains("tokenizer_config.json") && err.contains(words), "{text}: {err}");
     }
+    // A Llama tokenizer's add_bos_token / add_eos_token, which transformers builds the
+    // post-processor from: accepted where tokenizer.json's template does the same.
+    config(r#"{}"#);
+    let tok = tokenizer_for(&dir).unwrap();
+    let probe = tok.encode_prompt("a").unwrap();
+    let (adds_bos, adds_eos) = (probe.first() == Some(&tok.bos_id()), probe.last() == Some(&tok.eos_id()));
+    let llama = |bos: bool, eos: bool| {
+        config(&format!(
+            r#"{{"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": {bos}, "add_eos_token": {eos}}}"#
+        ));
+        tokenizer_for(&dir).map(|_| ()).map_err(|e| e.to_string())
+    };
+    llama(adds_bos, adds_eos).unwrap();
+    let err = llama(!adds_bos, adds_eos).unwrap_err();
+    assert!(err.contains("tokenizer_config.json") && err.contains("add_bos_token"), "{err}");
+    let err = llama(adds_bos, !adds_eos).unwrap_err();
+    assert!(err.contains("add_eos_token"), "{err}");
 }
 
 #[test]
