@@ -290,6 +290,10 @@ pub struct StepMetrics {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtp_weight: Option<f64>,
     pub grad_norm: f64,
+    /// The step's real tokens (padding left out), over the whole batch.
+    #[serde(default)]
+    pub tokens: usize,
+    /// `tokens` per second of the step.
     pub tokens_per_s: f64,
     pub max_vio: Vec<f64>,
     pub expert_load: Vec<Vec<usize>>,
@@ -474,7 +478,13 @@ impl Trainer {
             }
             self.model.params.zero_grad();
         }
-        let tokens = (sequences * self.config.seq_len) as f64;
+        // Real tokens, not padded positions: each routes top-k experts in the first MoE layer,
+        // whose whole-batch load counts real tokens only (positions without an MoE layer).
+        let top_k = self.model.config.num_experts_per_tok;
+        let tokens = match measured.loads.first() {
+            Some(load) if top_k > 0 => load.iter().sum::<usize>() / top_k,
+            _ => sequences * self.config.seq_len,
+        };
         let m = StepMetrics {
             step: self.step,
             loss: measured.loss,
@@ -484,7 +494,8 @@ impl Trainer {
             lr,
             mtp_weight: measured.mtp_loss.map(|_| self.model.mtp_loss_weight),
             grad_norm,
-            tokens_per_s: tokens / started.elapsed().as_secs_f64().max(1e-9),
+            tokens,
+            tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
             max_vio: DeepSeekV3::max_violations(&measured.loads),
             expert_load: measured.loads,
             skipped,

@@ -340,6 +340,7 @@ fn the_expert_loads_count_real_tokens_not_padding() {
     let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap();
     let mut t = Trainer::new(model, cfg.clone(), Box::new(Padded { walk, real })).unwrap();
     let m = t.train_step().unwrap();
+    assert_eq!(m.tokens, cfg.micro_batch * real, "tokens (and tokens/s) count real tokens");
     let trunk_moe = t.model.layers.iter().filter(|l| l.moe().is_some()).count();
     let (trunk, mtp) = m.expert_load.split_at(trunk_moe);
     for load in trunk {
