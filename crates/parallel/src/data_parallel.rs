@@ -323,6 +323,32 @@ impl std::fmt::Debug for DataParallelTrainer<'_> {
     }
 }
 
+/// The bucket order every rank uses: rank 0's (`order`, indices into `slots`, which every rank
+/// holds in name order), once every rank is seen to hold the same parameters. The order follows
+/// creation (the backward reaches the last-made parameters first); a rank whose model was made
+/// another way (a copy, whose tensors are made in name order) would otherwise bucket other
+/// tensors together, and equal-length buckets would add another rank's gradients into the wrong
+/// parameters without an error.
+fn agreed_order(comm: &dyn Comm, slots: &[Slot], order: Vec<usize>) -> Result<Vec<usize>> {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for s in slots {
+        for b in s.name.bytes().chain(s.len.to_le_bytes()).chain([0]) {
+            hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let mut sum = [hash];
+    comm.all_reduce_u64(&mut sum)?;
+    if sum[0] != hash.wrapping_mul(comm.world_size() as u64) {
+        return Err(Error::Train(format!(
+            "data parallel: rank {}'s parameters (names and sizes) differ from another rank's",
+            comm.rank()
+        )));
+    }
+    let mut agreed: Vec<f32> = order.iter().map(|&i| i as f32).collect();
+    comm.broadcast(&mut agreed, 0)?;
+    Ok(agreed.into_iter().map(|i| i as usize).collect())
+}
+
 impl<'c> DataParallelTrainer<'c> {
     /// Wraps `trainer` (a collective call: every rank at once). Rank 0's weights and buffers are
     /// copied to every rank, as DDP does; with ZeRO-1 the trainer's AdamW state (a resumed one)
@@ -339,6 +365,7 @@ impl<'c> DataParallelTrainer<'c> {
             .collect();
         let mut order: Vec<usize> = (0..slots.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(slots[i].tensor.id()));
+        let order = agreed_order(comm, &slots, order)?;
         let buckets = Bucket::build(&slots, &order, config.bucket_bytes, comm.world_size());
         for b in &buckets {
             let mut values = b.flatten(&slots, false)?;

@@ -255,3 +255,40 @@ fn a_last_micro_batch_that_panics_unwinds_the_step_instead_of_hanging_the_reduce
     let unwound = rx.recv_timeout(Duration::from_secs(60)).expect("the step hung");
     assert_eq!(unwound, [true, true], "the panic reaches each rank's caller");
 }
+
+/// The gradient buckets follow rank 0's order: a rank whose model is a copy (its tensors made
+/// in name order, not construction order) trains the same bits; a rank with other parameters is
+/// an error, not gradients added into the wrong tensors.
+#[test]
+fn ranks_bucket_in_one_order_and_must_hold_the_same_parameters() {
+    let (world, micro) = (2, GLOBAL_BATCH / 2);
+    let run = |copy_on_rank_1: bool| {
+        LocalComm::run(world, |comm| {
+            let data = Box::new(ShardedData { inner: walk(), rank: comm.rank(), world });
+            let mut model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap();
+            if copy_on_rank_1 && comm.rank() == 1 {
+                model = model.duplicate().unwrap();
+            }
+            let t = Trainer::new(model, config(micro, 1), data).unwrap();
+            let mut t = DataParallelTrainer::new(t, comm, dp(false)).unwrap();
+            let metrics = (0..STEPS).map(|_| t.train_step().unwrap()).collect();
+            outcome(&t.trainer, metrics)
+        })
+    };
+    let (plain, copied) = (run(false), run(true));
+    for (a, b) in plain.iter().zip(&copied) {
+        assert!(bits(&a.weights) == bits(&b.weights), "a copied model trains the same bits");
+    }
+    let errors = LocalComm::run(world, |comm| {
+        let mut cfg = DeepSeekV3Config::tiny();
+        if comm.rank() == 1 {
+            cfg.moe_intermediate_size += 8;
+        }
+        let data = Box::new(ShardedData { inner: walk(), rank: comm.rank(), world });
+        let t = Trainer::new(DeepSeekV3::new(cfg, 11).unwrap(), config(micro, 1), data).unwrap();
+        DataParallelTrainer::new(t, comm, dp(false)).err().map(|e| e.to_string())
+    });
+    for e in &errors {
+        assert!(e.as_deref().is_some_and(|e| e.contains("differ from another rank's")), "{errors:?}");
+    }
+}
