@@ -169,6 +169,9 @@ pub struct HfTokenizer {
     id_bound: usize,
     /// The files it was read from (name, bytes), written back as they were by `save_pretrained`.
     files: Vec<(String, Vec<u8>)>,
+    /// tokenizer_config.json's `clean_up_tokenization_spaces`: decoding then drops the space
+    /// before punctuation and contractions, as HF's `decode` does.
+    clean_up_spaces: bool,
 }
 
 impl std::fmt::Debug for HfTokenizer {
@@ -205,6 +208,7 @@ impl HfTokenizer {
             stops: vec![eos],
             id_bound,
             files: vec![(TOKENIZER_FILE.into(), bytes)],
+            clean_up_spaces: false,
         })
     }
 }
@@ -221,7 +225,15 @@ impl Tokenizer for HfTokenizer {
     }
 
     fn decode(&self, ids: &[u32]) -> String {
-        self.inner.decode(ids, false).unwrap_or_else(|e| format!("<undecodable: {e}>"))
+        let text = self.inner.decode(ids, false).unwrap_or_else(|e| format!("<undecodable: {e}>"));
+        if !self.clean_up_spaces {
+            return text;
+        }
+        // HF's `clean_up_tokenization`, in its order.
+        [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m")]
+            .into_iter()
+            .chain([(" 's", "'s"), (" 've", "'ve"), (" 're", "'re")])
+            .fold(text, |t, (from, to)| t.replace(from, to))
     }
 
     fn vocab_size(&self) -> usize {
@@ -407,6 +419,8 @@ pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
         }
     }
     check_tokenizer_config(dir, &tok)?;
+    tok.clean_up_spaces =
+        json_of(dir, "tokenizer_config.json")?["clean_up_tokenization_spaces"].as_bool() == Some(true);
     // The stops after the EOS: generation_config.json's list where it gives one, else
     // config.json's (HF's generate reads generation_config.json alone when it has the key).
     let stop_list = eos.iter().find(|l| !l.is_empty()).cloned().unwrap_or_default();

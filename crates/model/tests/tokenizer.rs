@@ -117,6 +117,14 @@ fn a_tokenizer_config_naming_what_tokenizer_json_lacks_is_refused() {
     assert!(err.contains("tokenizer_config.json") && err.contains("add_bos_token"), "{err}");
     let err = llama(adds_bos, !adds_eos).unwrap_err();
     assert!(err.contains("add_eos_token"), "{err}");
+    // clean_up_tokenization_spaces: true makes decoding drop the space before punctuation and
+    // contractions, as HF's decode does; without it the text comes back as written.
+    let text = "it is n't so , is it ?";
+    for (flag, want) in [("false", text), ("true", "it isn't so, is it?")] {
+        config(&format!(r#"{{"clean_up_tokenization_spaces": {flag}}}"#));
+        let tok = tokenizer_for(&dir).unwrap();
+        assert_eq!(tok.decode(&tok.encode(text).unwrap()), want, "clean_up_tokenization_spaces {flag}");
+    }
 }
 
 #[test]
