@@ -291,10 +291,29 @@ fn bench(args: &[String]) -> Result<(), String> {
         }
         None => {}
     }
+    // The GPU benchmarks write their own table (each row beside its baseline, rates and ratios),
+    // which is the summary: their criterion ids are not `whale`/`baseline` pairs.
+    let gpu_table = target_dir().join("gpu-bench.md");
+    if target && filter.as_deref() == Some("gpu") {
+        let _ = std::fs::remove_file(&gpu_table);
+        cmd.env("WHALE_GPU_BENCH_OUT", &gpu_table);
+    }
     let started = std::time::SystemTime::now();
     let status = cmd.status().map_err(|e| format!("cannot run cargo bench: {e}"))?;
     if !status.success() {
         return Err(format!("cargo bench failed ({status})"));
+    }
+    if target && filter.as_deref() == Some("gpu") {
+        let Ok(table) = std::fs::read_to_string(&gpu_table) else {
+            println!("no GPU table: the GPU benchmarks found no GPU (see above)");
+            return Ok(());
+        };
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        std::fs::write(&out, &table).map_err(|e| format!("{}: {e}", out.display()))?;
+        println!("summary (the GPU benchmarks' table) written to {}", out.display());
+        return Ok(());
     }
     let rows = collect(&target_dir().join("criterion"), filter.as_deref().filter(|_| !target), started)?;
     let table = render(&rows);
