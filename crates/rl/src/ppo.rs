@@ -36,6 +36,9 @@ pub struct PpoConfig {
     pub ppo_epochs: usize,
     /// Whiten advantages over the batch's tokens.
     pub whiten_advantages: bool,
+    /// Subtracted from the score of a completion that never wrote EOS (TRL's
+    /// `missing_eos_penalty`: pushes completions to end within `max_new_tokens`); none by default.
+    pub missing_eos_penalty: Option<f64>,
 }
 
 impl Default for PpoConfig {
@@ -49,8 +52,20 @@ impl Default for PpoConfig {
             critic_lr_scale: 10.0,
             ppo_epochs: 1,
             whiten_advantages: true,
+            missing_eos_penalty: None,
         }
     }
+}
+
+/// The score a completion's last token receives: its total reward, less `missing_eos_penalty`
+/// when it never wrote EOS (TRL); an unscored row (no reward applied: NaN, `active` false) gets
+/// 0 and is left out of the loss.
+pub fn final_score(s: &Scored, active: bool, missing_eos_penalty: Option<f64>) -> f64 {
+    if !active {
+        return 0.0;
+    }
+    let penalty = if s.rollout.truncated { missing_eos_penalty.unwrap_or(0.0) } else { 0.0 };
+    s.scores.total - penalty
 }
 
 impl PpoConfig {
@@ -88,6 +103,9 @@ impl PpoConfig {
             return Err(Error::Rl(
                 "ppo config: `kl_coef` must be >= 0 and `critic_lr_scale`, `cliprange`, `cliprange_value` > 0".into(),
             ));
+        }
+        if let Some(p) = self.missing_eos_penalty.filter(|p| !(p.is_finite() && *p >= 0.0)) {
+            return Err(Error::Rl(format!("ppo config `missing_eos_penalty` = {p}: must be a finite value >= 0")));
         }
         if !((0.0..=1.0).contains(&self.gamma) && (0.0..=1.0).contains(&self.lam)) {
             return Err(Error::Rl(format!(
@@ -341,8 +359,7 @@ impl PpoTrainer {
                 }
                 let mut r: Vec<f64> = k1.iter().map(|k| -(ppo.kl_coef as f64) * k).collect();
                 if let Some(last) = r.last_mut() {
-                    // Unscored rows (no reward applied: NaN) are left out of the loss below.
-                    *last += if active[i] { scored[i].scores.total } else { 0.0 };
+                    *last += final_score(&scored[i], active[i], ppo.missing_eos_penalty);
                 }
                 let (a, g) = gae(&r, &vals, ppo.gamma, ppo.lam);
                 advantages.push(a);
@@ -446,6 +463,29 @@ impl PpoTrainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_completion_without_eos_loses_the_missing_eos_penalty() {
+        let row = |truncated: bool, total: f64| Scored {
+            rollout: crate::rollout::Rollout {
+                problem: 0,
+                prompt: vec![1],
+                tokens: vec![5, 6],
+                sample_logprobs: vec![-0.1, -0.2],
+                truncated,
+                text: String::new(),
+            },
+            scores: crate::rewards::Scores { each: vec![Some(total)], total },
+            advantages: vec![],
+        };
+        assert_eq!(final_score(&row(true, 1.0), true, Some(0.5)), 0.5);
+        assert_eq!(final_score(&row(false, 1.0), true, Some(0.5)), 1.0, "it wrote EOS");
+        assert_eq!(final_score(&row(true, 1.0), true, None), 1.0, "no penalty by default");
+        assert_eq!(final_score(&row(true, f64::NAN), false, Some(0.5)), 0.0, "unscored rows stay out");
+        let bad = PpoConfig { missing_eos_penalty: Some(f64::NAN), ..PpoConfig::default() };
+        let err = bad.validate(&GrpoConfig::default()).unwrap_err().to_string();
+        assert!(err.contains("missing_eos_penalty"), "{err}");
+    }
 
     #[test]
     fn whitening_uses_the_unbiased_variance_over_every_token() {
