@@ -161,21 +161,22 @@ tee_pid=$!
             echo "$n messages of tests without a GPU, e.g.: $(grep -m 1 -e "skipped" -e "stands in" "$1")"
         fi
     }
-    # `run_tests BIN CAP [ARGS...]`: a test binary, its summary in the report.
-    run_tests() {
-        local bin=$1 cap=$2 log="$logs/test-$1.log"
-        shift 2
-        echo "## tests: $bin"
+    # `test_step TITLE LOG CAP EXPECT CMD...`: a test run (CMD, for at most CAP seconds, its
+    # output in LOG) as a section of the report: its results, skip messages and exit status.
+    # With EXPECT (an ERE), a run whose log does not match it ran no test and fails: a binary
+    # built without its feature, or a filter matching nothing, passes with "0 passed".
+    test_step() {
+        local title=$1 log=$2 cap=$3 expect=$4
+        shift 4
+        echo "## $title"
         echo
         echo '```'
-        limited "$cap" "$bins/$bin" --test-threads=1 --show-output "${host_only[@]}" "$@" >>"$log" 2>&1
+        limited "$cap" "$@" >>"$log" 2>&1
         local rc=$?
         grep -E "^test |test result|panicked|not run: out of time" "$log" | tail -40
         note_skips "$log"
-        # A binary that ran no test (built without its feature, a filter matching nothing)
-        # passes with "0 passed": that is no result.
-        if [ "$rc" -eq 0 ] && ! grep -qE "test result: ok. [1-9][0-9]* passed" "$log"; then
-            echo "NO TESTS RAN in $bin"
+        if [ "$rc" -eq 0 ] && [ -n "$expect" ] && ! grep -qE "$expect" "$log"; then
+            echo "NO TESTS RAN: $title"
             rc=1
         fi
         echo "exit status: $rc (at ${SECONDS} s)"
@@ -183,6 +184,13 @@ tee_pid=$!
         echo
         judge $rc
         pack_logs
+    }
+    # `run_tests BIN CAP [ARGS...]`: a test binary, its summary in the report.
+    run_tests() {
+        local bin=$1 cap=$2
+        shift 2
+        test_step "tests: $bin" "$logs/test-$bin.log" "$cap" "test result: ok. [1-9][0-9]* passed" \
+            "$bins/$bin" --test-threads=1 --show-output "${host_only[@]}" "$@"
     }
     # `bench NAME GROUPS SECONDS`: the GPU benchmarks' GROUPS (WHALE_GPU_BENCH_GROUPS) in a
     # process of their own (baselines among them), their table written to
@@ -218,40 +226,14 @@ tee_pid=$!
         # The first process compiles every module's PTX (the attention module's is 1.6 MB):
         # a test known to pass, with room for that, so no never-run test below is cut at its
         # cap by the compilation.
-        log="$logs/test-warmup.log"
-        echo "## warm-up (the driver compiles the PTX): elementwise_kernels_match_the_cpu"
-        echo
-        echo '```'
-        limited 120 "$bins/cuda" --exact elementwise_kernels_match_the_cpu --show-output >"$log" 2>&1
-        rc=$?
-        grep -E "^test |test result|panicked|not run: out of time" "$log" | tail -5
-        note_skips "$log"
-        echo "exit status: $rc (at ${SECONDS} s)"
-        echo '```'
-        echo
-        judge $rc
-        pack_logs
+        test_step "warm-up (the driver compiles the PTX): elementwise_kernels_match_the_cpu" \
+            "$logs/test-warmup.log" 120 "" "$bins/cuda" --exact elementwise_kernels_match_the_cpu --show-output
     fi
     if wanted new; then
         for entry in "${isolated[@]}"; do
-            bin=${entry%%:*} t=${entry#*:} log="$logs/test-new-${entry//[:\/]/_}.log"
-            echo "## new kernels: $t"
-            echo
-            echo '```'
-            limited 25 "$bins/$bin" --exact "$t" --show-output >"$log" 2>&1
-            rc=$?
-            grep -E "^test |test result|panicked|not run: out of time" "$log" | tail -20
-            note_skips "$log"
-            # An --exact name that matches nothing passes with "0 passed": that is no result.
-            if [ "$rc" -eq 0 ] && ! grep -q "test result: ok. 1 passed" "$log"; then
-                echo "NO SUCH TEST: $t ran nothing"
-                rc=1
-            fi
-            echo "exit status: $rc (at ${SECONDS} s)"
-            echo '```'
-            echo
-            judge $rc
-            pack_logs
+            bin=${entry%%:*} t=${entry#*:}
+            test_step "new kernels: $t" "$logs/test-new-${entry//[:\/]/_}.log" 25 "test result: ok. 1 passed" \
+                "$bins/$bin" --exact "$t" --show-output
         done
     fi
     wanted opt_in && run_tests cuda_opt_in 45

@@ -293,31 +293,32 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
     // The GPU benchmarks write their own table (each row beside its baseline, rates and ratios),
     // which is the summary: their criterion ids are not `whale`/`baseline` pairs.
-    let gpu_table = target_dir().join("gpu-bench.md");
-    if target && filter.as_deref() == Some("gpu") {
-        let _ = std::fs::remove_file(&gpu_table);
-        cmd.env("WHALE_GPU_BENCH_OUT", &gpu_table);
+    let gpu_table = (target && filter.as_deref() == Some("gpu")).then(|| target_dir().join("gpu-bench.md"));
+    if let Some(path) = &gpu_table {
+        let _ = std::fs::remove_file(path);
+        cmd.env("WHALE_GPU_BENCH_OUT", path);
     }
     let started = std::time::SystemTime::now();
     let status = cmd.status().map_err(|e| format!("cannot run cargo bench: {e}"))?;
     if !status.success() {
         return Err(format!("cargo bench failed ({status})"));
     }
-    if target && filter.as_deref() == Some("gpu") {
-        let Ok(table) = std::fs::read_to_string(&gpu_table) else {
-            println!("no GPU table: the GPU benchmarks found no GPU (see above)");
-            return Ok(());
-        };
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let table = match &gpu_table {
+        // The bench printed its table as it finished.
+        Some(path) => {
+            let Ok(table) = std::fs::read_to_string(path) else {
+                println!("no GPU table: the GPU benchmarks found no GPU (see above)");
+                return Ok(());
+            };
+            table
         }
-        std::fs::write(&out, &table).map_err(|e| format!("{}: {e}", out.display()))?;
-        println!("summary (the GPU benchmarks' table) written to {}", out.display());
-        return Ok(());
-    }
-    let rows = collect(&target_dir().join("criterion"), filter.as_deref().filter(|_| !target), started)?;
-    let table = render(&rows);
-    print!("\n{table}");
+        None => {
+            let rows = collect(&target_dir().join("criterion"), filter.as_deref().filter(|_| !target), started)?;
+            let table = render(&rows);
+            print!("\n{table}");
+            table
+        }
+    };
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }

@@ -24,12 +24,12 @@ struct Series {
     points: Vec<(f64, f64)>,
 }
 
-/// A line chart with axes, ticks and a legend.
 /// `text` as SVG character data (run folder names go into titles and legends).
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// A line chart with axes, ticks and a legend.
 fn line_chart(title: &str, y_label: &str, series: &[Series], log_y: bool) -> String {
     let title = escape(title);
     let (w, h, l, r, t, b) = (720.0, 400.0, 70.0, 170.0, 40.0, 50.0);

@@ -234,30 +234,16 @@ impl DeepSeekV3Config {
 
     /// Checks every field's range and the relations between fields; errors name the key.
     pub fn validate(&self) -> Result<()> {
-        let widths = [
-            self.hidden_size,
-            self.intermediate_size,
-            self.moe_intermediate_size,
-            self.num_attention_heads,
-            self.kv_lora_rank,
-            self.q_lora_rank.unwrap_or(0),
-            self.qk_nope_head_dim,
-            self.qk_rope_head_dim,
-            self.v_head_dim,
-        ];
-        let keys = [
-            "hidden_size",
-            "intermediate_size",
-            "moe_intermediate_size",
-            "num_attention_heads",
-            "kv_lora_rank",
-            "q_lora_rank",
-            "qk_nope_head_dim",
-            "qk_rope_head_dim",
-            "v_head_dim",
-        ];
-        check_bounds(keys.iter().zip(widths).map(|(&k, v)| (k, v, MAX_WIDTH)))?;
         check_bounds([
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("moe_intermediate_size", self.moe_intermediate_size, MAX_WIDTH),
+            ("num_attention_heads", self.num_attention_heads, MAX_WIDTH),
+            ("kv_lora_rank", self.kv_lora_rank, MAX_WIDTH),
+            ("q_lora_rank", self.q_lora_rank.unwrap_or(0), MAX_WIDTH),
+            ("qk_nope_head_dim", self.qk_nope_head_dim, MAX_WIDTH),
+            ("qk_rope_head_dim", self.qk_rope_head_dim, MAX_WIDTH),
+            ("v_head_dim", self.v_head_dim, MAX_WIDTH),
             ("vocab_size", self.vocab_size, MAX_VOCAB),
             ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
             ("num_nextn_predict_layers", self.num_nextn_predict_layers, MAX_LAYERS),

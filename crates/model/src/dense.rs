@@ -547,8 +547,7 @@ impl DenseModel {
     /// (a prompt's prefill: HF's `logits_to_keep = 1`).
     pub fn forward_cached_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         crate::generate::decoding_only("DenseModel::forward_cached")?;
-        let h = self.run(ids, Some(cache))?;
-        let last = h.narrow(1, h.dims()[1].saturating_sub(1), 1)?;
+        let last = crate::generate::last_position(&self.run(ids, Some(cache))?)?;
         Ok(self.lm_head.forward(&last)?.to_dtype(DType::F32)?)
     }
 

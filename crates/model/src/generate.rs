@@ -262,8 +262,7 @@ impl DeepSeekV3 {
     /// a prompt's prefill (HF's `logits_to_keep = 1`), whose other positions' logits would be
     /// `len` times the memory for nothing.
     pub fn forward_cached_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.cached_trunk(ids, cache)?;
-        self.head_logits(&h.narrow(1, h.dims()[1].saturating_sub(1), 1)?)
+        self.head_logits(&last_position(&self.cached_trunk(ids, cache)?)?)
     }
 
     /// The decoder layers over `ids` continuing `cache`: hidden states before the final norm.
@@ -285,6 +284,11 @@ impl DeepSeekV3 {
     }
 }
 
+/// The last position of a `[batch, seq, ...]` tensor, `[batch, 1, ...]`.
+pub(crate) fn last_position(t: &Tensor) -> Result<Tensor> {
+    Ok(t.narrow(1, t.dims()[1].saturating_sub(1), 1)?)
+}
+
 /// What generation, RL and fine-tuning need from a causal language model: DeepSeek-V3 and the
 /// dense Llama / Qwen2 students both implement it.
 pub trait CausalLm: Send + Sync + std::fmt::Debug {
@@ -303,8 +307,7 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     /// [`CausalLm::forward_cached`]'s logits of the last position only, `[batch, 1, vocab]` (a
     /// prompt's prefill: the models here never compute the other positions' logits).
     fn forward_cached_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let logits = self.forward_cached(ids, cache)?;
-        Ok(logits.narrow(1, logits.dims()[1].saturating_sub(1), 1)?)
+        last_position(&self.forward_cached(ids, cache)?)
     }
     /// The training loss for `targets` (`IGNORE_INDEX` skipped): DeepSeek-V3 adds its MTP and
     /// balance terms, a dense model is plain next-token cross-entropy.

@@ -287,7 +287,8 @@ fn json_of(dir: &Path, file: &str) -> Result<serde_json::Value> {
 /// `tokenizer.json` does not hold, so that the text is never silently encoded otherwise: special
 /// tokens split as text (`split_special_tokens`), or a special or added token that is not in
 /// `tokenizer.json` (with its id, for `added_tokens_decoder`), which transformers would add.
-fn check_tokenizer_config(dir: &Path, tok: &HfTokenizer) -> Result<()> {
+/// Returns the config (null without the file), for the settings the tokenizer honours.
+fn check_tokenizer_config(dir: &Path, tok: &HfTokenizer) -> Result<serde_json::Value> {
     const FILE: &str = "tokenizer_config.json";
     let config = json_of(dir, FILE)?;
     let refuse = |msg: String| Err(Error::file(dir.join(FILE), msg));
@@ -342,7 +343,7 @@ fn check_tokenizer_config(dir: &Path, tok: &HfTokenizer) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(config)
 }
 
 /// The token ids an HF config gives under `key` (`bos_token_id`, `eos_token_id`): one id, a list
@@ -372,9 +373,9 @@ const COMPANION_FILES: [&str; 3] = ["tokenizer_config.json", "special_tokens_map
 /// config.json names the end-of-sentence token as its BOS, its generation_config.json the right
 /// one), else the built-in character tokenizer, for a model whose vocabulary it can be. Its
 /// [`Tokenizer::stop_ids`] are the EOS and every `eos_token_id` generation_config.json lists, or
-/// config.json without one (within the vocabulary), and its [`Tokenizer::save_pretrained`] writes `tokenizer.json` and the
-/// companion files the directory has, so a checkpoint trained from this one reads back the same
-/// tokenizer.
+/// config.json without one (within the vocabulary), and its [`Tokenizer::save_pretrained`]
+/// writes `tokenizer.json` and the companion files the directory has, so a checkpoint trained
+/// from this one reads back the same tokenizer.
 pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
     let path = dir.join(TOKENIZER_FILE);
     let (cfg, generation) = (json_of(dir, "config.json")?, json_of(dir, "generation_config.json")?);
@@ -418,9 +419,8 @@ pub fn tokenizer_for(dir: &Path) -> Result<Box<dyn Tokenizer>> {
             ));
         }
     }
-    check_tokenizer_config(dir, &tok)?;
-    tok.clean_up_spaces =
-        json_of(dir, "tokenizer_config.json")?["clean_up_tokenization_spaces"].as_bool() == Some(true);
+    let config = check_tokenizer_config(dir, &tok)?;
+    tok.clean_up_spaces = config["clean_up_tokenization_spaces"].as_bool() == Some(true);
     // The stops after the EOS: generation_config.json's list where it gives one, else
     // config.json's (HF's generate reads generation_config.json alone when it has the key).
     let stop_list = eos.iter().find(|l| !l.is_empty()).cloned().unwrap_or_default();

@@ -603,13 +603,14 @@ pub(crate) fn split_rows(
 /// Whether all rewards (`totals`, in groups of `group`) of each group are equal: no learning
 /// signal.
 pub fn zero_std_groups(totals: &[f64], group: usize) -> Vec<bool> {
-    totals
-        .chunks(group)
-        .map(|g| {
-            let v: Vec<f64> = g.iter().copied().filter(|x| x.is_finite()).collect();
-            v.windows(2).all(|w| w[0] == w[1])
-        })
-        .collect()
+    totals.chunks(group).map(no_spread).collect()
+}
+
+/// Whether the finite values of `values` are all equal (NaN, a reward that does not apply, is
+/// left out).
+fn no_spread(values: &[f64]) -> bool {
+    let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    v.windows(2).all(|w| w[0] == w[1])
 }
 
 /// Which groups (of `group` rollouts) dynamic sampling drops: those whose accuracy is the same
@@ -626,8 +627,7 @@ pub fn uninformative_groups(scores: &[Scores], names: &[String], group: usize) -
             let acc: Option<Vec<f64>> = accuracy.and_then(|i| {
                 g.iter().any(|s| s.each[i].is_some()).then(|| g.iter().map(|s| s.each[i].unwrap_or(f64::NAN)).collect())
             });
-            let values = acc.unwrap_or_else(|| g.iter().map(|s| s.total).collect());
-            zero_std_groups(&values, values.len().max(1)).first().copied().unwrap_or(true)
+            no_spread(&acc.unwrap_or_else(|| g.iter().map(|s| s.total).collect()))
         })
         .collect()
 }
@@ -1013,9 +1013,10 @@ impl GrpoTrainer {
     }
 
     /// Samples and scores one step's rollout; with dynamic sampling, groups without accuracy
-    /// spread ([`uninformative_groups`]) are dropped and more prompts sampled (at most `max_resample_rounds` extra rounds). The
-    /// advantages come from the kept groups only, once, so that `batch` scaling divides by the
-    /// std of the batch that trains (DAPO's filter, then the advantages), not of one round.
+    /// spread ([`uninformative_groups`]) are dropped and more prompts sampled (at most
+    /// `max_resample_rounds` extra rounds). The advantages come from the kept groups only, once,
+    /// so that `batch` scaling divides by the std of the batch that trains (DAPO's filter, then
+    /// the advantages), not of one round.
     fn collect(&mut self) -> Result<(Vec<Problem>, Vec<Scored>, f64)> {
         let cfg = self.run.config.clone();
         let (mut problems, mut rollouts, mut scores) = (Vec::new(), Vec::new(), Vec::new());

@@ -142,7 +142,8 @@ impl CosineLength {
     /// open-r1's defaults with our length limit; a truncated completion gets `min_wrong`, what
     /// the shortest wrong answer gets, so that no finished answer scores below it.
     pub fn new(max_len: usize) -> Self {
-        CosineLength { min_wrong: -1.0, max_wrong: -0.5, min_correct: 0.5, max_correct: 1.0, max_len, exceed: -1.0 }
+        let min_wrong = -1.0;
+        CosineLength { min_wrong, max_wrong: -0.5, min_correct: 0.5, max_correct: 1.0, max_len, exceed: min_wrong }
     }
 }
 

@@ -224,25 +224,19 @@ impl Tensor {
             let tie = ge_ab.mul(&ge_ba)?;
             let shared = tie.where_cond(&g.mul_scalar(0.5)?, g)?;
             let (a_less, b_less) = (ge_ba.sub(&tie)?, ge_ab.sub(&tie)?);
-            Ok([grad_if(n[0], || a_less.masked(&shared, false))?, grad_if(n[1], || b_less.masked(&shared, false))?])
+            Ok([grad_if(n[0], || a_less.masked_out(&shared))?, grad_if(n[1], || b_less.masked_out(&shared))?])
         })
     }
 
-    /// `where(self, g, 0)` when `keep`, else `where(self, 0, g)`, for a 0/1 mask `self` (the
-    /// gradient routing of `maximum`), on either device.
-    fn masked(&self, g: &Tensor, keep: bool) -> Result<Tensor> {
+    /// `where(self, 0, g)` for a 0/1 mask `self` (the gradient routing of `maximum`), on either
+    /// device.
+    fn masked_out(&self, g: &Tensor) -> Result<Tensor> {
         if g.device().is_cuda() {
             let shape = broadcast_shape("masked", self.dims(), g.dims())?;
-            let op = if keep { BinaryOp::Keep } else { BinaryOp::Drop };
             let out = (&shape[..], g.dtype());
-            return crate::cuda::binary((self, g), out, ("masked", op), &[], crate::backprop::NoBackward);
+            return crate::cuda::binary((self, g), out, ("masked", BinaryOp::Drop), &[], crate::backprop::NoBackward);
         }
-        let zeros = g.zeros_like()?;
-        if keep {
-            self.where_cond(g, &zeros)
-        } else {
-            self.where_cond(&zeros, g)
-        }
+        self.where_cond(&g.zeros_like()?, g)
     }
 
     /// 1.0 where `self >= rhs`, else 0.0 (a mask, not differentiable).
