@@ -75,7 +75,7 @@ fn speculative(c: &mut Criterion) {
     let prompt = vec![10u32, 11, 12];
     let new = 48;
     let cfg = SamplingConfig { cache: CacheMode::Absorb, ..SamplingConfig::greedy(new, vec![]) };
-    let (_, stats) = model.generate_speculative(&prompt, &cfg).unwrap();
+    let (_, stats) = model.generate_speculative(&prompt, &cfg, &mut Rng::new(0)).unwrap();
     eprintln!(
         "speculative: acceptance {:.2}, {:.2} tokens per main-model forward",
         stats.acceptance_rate(),
@@ -83,7 +83,9 @@ fn speculative(c: &mut Criterion) {
     );
     let mut g = c.benchmark_group(format!("speculative_greedy_tiny_{new}_tokens"));
     g.throughput(Throughput::Elements(new as u64));
-    g.bench_function("whale", |bench| bench.iter(|| black_box(model.generate_speculative(&prompt, &cfg).unwrap())));
+    g.bench_function("whale", |bench| {
+        bench.iter(|| black_box(model.generate_speculative(&prompt, &cfg, &mut Rng::new(0)).unwrap()))
+    });
     g.bench_function("baseline", |bench| {
         bench.iter(|| black_box(model.generate(std::slice::from_ref(&prompt), &cfg, &mut Rng::new(0)).unwrap()))
     });

@@ -42,8 +42,9 @@ pub struct GenerateArgs {
     /// MLA decode cache: naive (per-head K/V) or absorb (latent + rotated k_pe).
     #[arg(long, default_value = "absorb")]
     pub cache: String,
-    /// Draft with the MTP module and verify with the main model (greedy only).
-    #[arg(long, conflicts_with = "temperature")]
+    /// Draft with the MTP module and verify with the main model: greedy, or with --temperature
+    /// speculative sampling (the tokens follow plain sampling's distribution).
+    #[arg(long)]
     pub speculative: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -86,7 +87,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     let (tokens, note) = if a.speculative {
         let ds = model.as_deepseek().context("--speculative needs a DeepSeek-V3 checkpoint with an MTP module")?;
-        let (g, stats) = ds.generate_speculative(&prompt, &cfg)?;
+        let (g, stats) = ds.generate_speculative(&prompt, &cfg, &mut Rng::new(a.seed))?;
         let note = format!(
             "speculative: {} of {} drafts accepted ({:.0}%), {:.2} tokens per main-model forward",
             stats.accepted,

@@ -195,53 +195,102 @@ pub fn greedy_token(logits: &[f32]) -> Result<(u32, f32)> {
 /// for NaN or +inf logits or settings [`SamplingConfig::validate`] refuses.
 pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, rng: &mut Rng) -> Result<(u32, f32)> {
     cfg.validate()?;
-    let logits = cfg.allowed(logits);
     if cfg.temperature == 0.0 {
-        return greedy_token(logits);
+        return greedy_token(cfg.allowed(logits));
     }
-    let scaled = scaled_logits(logits, cfg.temperature as f64)?;
-    let lse = log_sum_exp(&scaled);
-    // Candidates in descending probability, cut by top-k and then top-p (HF's order of the
-    // warpers), then renormalised.
-    let mut order: Vec<usize> = (0..scaled.len()).collect();
-    order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
-    // The probability mass top-k leaves (1 without it): top-p measures against it.
-    let mut kept_mass = 1.0;
-    if let Some(k) = cfg.top_k.filter(|&k| k > 0 && k < order.len()) {
-        // Every token scoring at least the k-th (HF's TopKLogitsWarper keeps ties); 0 is off.
-        let kth = scaled[order[k - 1]];
-        order.truncate(order.iter().take_while(|&&i| scaled[i] >= kth).count().max(1));
-        kept_mass = order.iter().map(|&i| (scaled[i] - lse).exp()).sum();
-    }
-    if let Some(p) = cfg.top_p {
-        let mut acc = 0.0;
-        let mut keep = 0;
-        for &i in &order {
-            acc += (scaled[i] - lse).exp() / kept_mass;
-            keep += 1;
-            if acc >= p as f64 {
-                break;
+    Ok(Warped::new(logits, cfg)?.draw(rng))
+}
+
+/// The distribution temperature sampling draws from for one row of logits: the ids below
+/// `cfg.vocab_limit` that top-k and then top-p keep (HF's order of the warpers), in descending
+/// probability, each with its softmax probability over all allowed ids; renormalised over the
+/// kept ones by `total`.
+pub(crate) struct Warped {
+    ids: Vec<usize>,
+    probs: Vec<f64>,
+    total: f64,
+}
+
+impl Warped {
+    /// `cfg` samples (temperature > 0) and has been validated.
+    pub(crate) fn new(logits: &[f32], cfg: &SamplingConfig) -> Result<Warped> {
+        let scaled = scaled_logits(cfg.allowed(logits), cfg.temperature as f64)?;
+        let lse = log_sum_exp(&scaled);
+        let mut order: Vec<usize> = (0..scaled.len()).collect();
+        order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
+        // The probability mass top-k leaves (1 without it): top-p measures against it.
+        let mut kept_mass = 1.0;
+        if let Some(k) = cfg.top_k.filter(|&k| k > 0 && k < order.len()) {
+            // Every token scoring at least the k-th (HF's TopKLogitsWarper keeps ties); 0 is off.
+            let kth = scaled[order[k - 1]];
+            order.truncate(order.iter().take_while(|&&i| scaled[i] >= kth).count().max(1));
+            kept_mass = order.iter().map(|&i| (scaled[i] - lse).exp()).sum();
+        }
+        if let Some(p) = cfg.top_p {
+            let mut acc = 0.0;
+            let mut keep = 0;
+            for &i in &order {
+                acc += (scaled[i] - lse).exp() / kept_mass;
+                keep += 1;
+                if acc >= p as f64 {
+                    break;
+                }
             }
+            order.truncate(keep.max(1));
         }
-        order.truncate(keep.max(1));
+        // Tokens whose probability underflows to 0 cannot be drawn (the first, the most
+        // probable, never does); without them the fall-through of a draw is a token that can.
+        let probs: Vec<f64> = order.iter().map(|&i| (scaled[i] - lse).exp()).take_while(|&p| p > 0.0).collect();
+        order.truncate(probs.len());
+        let total = probs.iter().sum();
+        Ok(Warped { ids: order, probs, total })
     }
-    // Tokens whose probability underflows to 0 cannot be drawn (the first, the most probable,
-    // never does); without them the fall-through below is a token that can.
-    let probs: Vec<f64> = order.iter().map(|&i| (scaled[i] - lse).exp()).take_while(|&p| p > 0.0).collect();
-    order.truncate(probs.len());
-    let total: f64 = probs.iter().sum();
+
+    /// The probability of drawing `id` (0 for an id top-k or top-p dropped).
+    pub(crate) fn prob(&self, id: u32) -> f64 {
+        self.ids.iter().position(|&i| i == id as usize).map_or(0.0, |k| self.probs[k] / self.total)
+    }
+
+    /// A token and its log-probability.
+    pub(crate) fn draw(&self, rng: &mut Rng) -> (u32, f32) {
+        let k = pick_weighted(&self.probs, self.total, rng);
+        (self.ids[k] as u32, (self.probs[k] / self.total).ln() as f32)
+    }
+}
+
+/// The index a uniform draw lands on among `weights` (non-negative, summing to `total` > 0, the
+/// last positive): the last positive one where rounding runs past the end.
+fn pick_weighted(weights: &[f64], total: f64, rng: &mut Rng) -> usize {
     let mut u = rng.uniform_f64() * total;
-    let mut pick = order[order.len() - 1];
-    let mut pick_p = probs[probs.len() - 1];
-    for (&i, &p) in order.iter().zip(&probs) {
-        if u < p {
-            pick = i;
-            pick_p = p;
-            break;
+    for (k, &w) in weights.iter().enumerate() {
+        if u < w {
+            return k;
         }
-        u -= p;
+        u -= w;
     }
-    Ok((pick as u32, (pick_p / total).ln() as f32))
+    weights.iter().rposition(|&w| w > 0.0).unwrap_or(weights.len() - 1)
+}
+
+/// Speculative sampling's check of a draft (Leviathan et al. 2023, Chen et al. 2023): `draft`,
+/// drawn from `q`, is kept with probability min(1, p/q); otherwise a token is drawn from
+/// max(0, p - q) renormalised. Either way the token returned is distributed exactly as `p`.
+/// Returns (token, its log-probability under `p`, whether the draft was kept).
+pub(crate) fn verify_draft(p: &Warped, q: &Warped, draft: u32, rng: &mut Rng) -> (u32, f32, bool) {
+    let (p_draft, q_draft) = (p.prob(draft), q.prob(draft));
+    if rng.uniform_f64() * q_draft < p_draft {
+        return (draft, p_draft.ln() as f32, true);
+    }
+    let residual: Vec<f64> =
+        p.ids.iter().zip(&p.probs).map(|(&i, &pi)| (pi / p.total - q.prob(i as u32)).max(0.0)).collect();
+    let total: f64 = residual.iter().sum();
+    // p == q to the last bit leaves nothing to correct (and a rejection only by rounding).
+    let (tok, lp) = if total > 0.0 {
+        let k = pick_weighted(&residual, total, rng);
+        (p.ids[k] as u32, (p.probs[k] / p.total).ln() as f32)
+    } else {
+        p.draw(rng)
+    };
+    (tok, lp, false)
 }
 
 impl DeepSeekV3 {
@@ -442,4 +491,43 @@ fn generate_group<M: CausalLm + ?Sized>(
         g.truncated = !d;
     }
     Ok(gens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verified_draft_is_distributed_as_the_target_whatever_the_draft_distribution() {
+        let p_logits = [2.0f32, 1.0, 0.5, 0.0, -1.0, -3.0];
+        let q_logits = [-1.0f32, 0.5, 2.0, 0.0, 1.0, 0.0];
+        // Without a cut, and with top-k cutting p and q to different supports (p keeps 0, 1, 2;
+        // q keeps 2, 4, 1): the residual must bring back what q never drafts.
+        for top_k in [None, Some(3)] {
+            let cfg = SamplingConfig { top_k, ..SamplingConfig::sampled(1.0, 1, vec![]) };
+            let (p, q) = (Warped::new(&p_logits, &cfg).unwrap(), Warped::new(&q_logits, &cfg).unwrap());
+            let n = 200_000;
+            let mut rng = Rng::new(5);
+            let (mut counts, mut kept) = (vec![0usize; 6], 0);
+            for _ in 0..n {
+                let draft = q.draw(&mut rng).0;
+                let (tok, lp, was_kept) = verify_draft(&p, &q, draft, &mut rng);
+                assert_eq!(lp, (p.prob(tok).ln()) as f32);
+                assert!(!was_kept || tok == draft);
+                counts[tok as usize] += 1;
+                kept += was_kept as usize;
+            }
+            let within = |got: usize, want: f64| {
+                let sd = (want * (1.0 - want) / n as f64).sqrt();
+                (got as f64 / n as f64 - want).abs() <= 5.0 * sd + 1e-12
+            };
+            for (t, &c) in counts.iter().enumerate() {
+                assert!(within(c, p.prob(t as u32)), "{top_k:?}: token {t}: {c} of {n} vs p {}", p.prob(t as u32));
+            }
+            // A draft is kept with probability sum_x min(p(x), q(x)).
+            let overlap: f64 = (0..6u32).map(|t| p.prob(t).min(q.prob(t))).sum();
+            assert!(within(kept, overlap), "{top_k:?}: kept {kept} vs {overlap}");
+            assert!(overlap < 0.8, "the test needs p and q apart: {overlap}");
+        }
+    }
 }

@@ -1,20 +1,30 @@
-//! Self-speculative greedy decoding with the MTP module (spec 3.3): the first MTP module drafts
-//! the token after next from the main model's hidden state, and the main model checks the next
-//! token and the draft in one forward of two positions. When the draft agrees with the main
-//! model's own prediction both tokens are kept (two tokens for one main forward); otherwise the
-//! draft's cache entry is dropped. Every kept token is the main model's greedy choice given the
-//! kept prefix, so the output is greedy decoding's: the same tokens, up to float rounding (a
-//! forward of two positions may round a logit differently from one of a single position, which
-//! could only matter where two logits tie to the last bits).
+//! Self-speculative decoding with the MTP module (spec 3.3): the first MTP module drafts the
+//! token after next from the main model's hidden state, and the main model checks the next token
+//! and the draft in one forward of two positions. A kept draft gives two tokens for one main
+//! forward; a rejected one has its cache entry dropped.
+//!
+//! Greedy (temperature 0), a draft is kept when it is the main model's own argmax, so every kept
+//! token is the main model's greedy choice given the kept prefix: the output is greedy decoding's,
+//! up to float rounding (a forward of two positions may round a logit differently from one of a
+//! single position, which could only matter where two logits tie to the last bits).
+//!
+//! Sampled (temperature > 0, with top-k / top-p), the draft is drawn from the MTP module's
+//! distribution q under the same settings, kept with probability min(1, p/q) against the main
+//! model's p, and replaced on rejection by a draw from max(0, p - q) renormalised (speculative
+//! sampling, Leviathan et al. 2023 and Chen et al. 2023): each token is distributed exactly as
+//! plain sampling's, though not the same tokens for a seed, as the draws differ.
 //!
 //! Invariant between steps (m tokens so far): the main cache holds positions `0..m`; the MTP
 //! cache holds the pairs (main hidden at i, token i + 1) for the positions whose pair is known,
-//! the rest wait in `pending`; `next` is the main model's prediction for position m.
+//! the rest wait in `pending`; `next` is the main model's pick for position m.
 
-use whale_tensor::{no_grad, DType, Device, Tensor};
+use whale_tensor::{no_grad, DType, Device, Rng, Tensor};
 
 use crate::deepseek_v3::DeepSeekV3;
-use crate::generate::{greedy_token, new_tokens_allowed, Generation, KvCache, LayerCache, SamplingConfig};
+use crate::generate::{
+    greedy_token, new_tokens_allowed, sample_token, verify_draft, Generation, KvCache, LayerCache, SamplingConfig,
+    Warped,
+};
 use crate::{Error, Result};
 
 /// What a speculative decode measured.
@@ -53,21 +63,20 @@ fn ids(tokens: &[u32]) -> Result<Tensor> {
 }
 
 impl DeepSeekV3 {
-    /// Greedy decoding of one prompt, drafting with the first MTP module: `cfg` is greedy
-    /// (temperature 0; top-k and top-p do not change an argmax), and its length limit, stop
-    /// tokens, cache and vocabulary limit apply as in [`CausalLm::generate`].
+    /// Decodes one prompt, drafting with the first MTP module: greedy for temperature 0, else
+    /// speculative sampling (each token distributed as [`CausalLm::generate`]'s, its draws from
+    /// `rng`). `cfg`'s length limit, stop tokens, cache and vocabulary limit apply as there.
     ///
     /// [`CausalLm::generate`]: crate::CausalLm::generate
-    pub fn generate_speculative(&self, prompt: &[u32], cfg: &SamplingConfig) -> Result<(Generation, SpeculativeStats)> {
+    pub fn generate_speculative(
+        &self,
+        prompt: &[u32],
+        cfg: &SamplingConfig,
+        rng: &mut Rng,
+    ) -> Result<(Generation, SpeculativeStats)> {
         cfg.validate()?;
-        if cfg.temperature != 0.0 {
-            return Err(Error::Model(format!(
-                "speculative decoding is greedy here (temperature 0), not temperature {}",
-                cfg.temperature
-            )));
-        }
         let (max_new_tokens, stop_tokens, mode) = (cfg.max_new_tokens, &cfg.stop_tokens[..], cfg.cache);
-        let pick = |logits: &[f32]| greedy_token(cfg.allowed(logits));
+        let greedy = cfg.temperature == 0.0;
         let mtp = self.mtp.first().ok_or_else(|| {
             Error::Model("speculative decoding drafts with the MTP module, and this model has none".into())
         })?;
@@ -89,7 +98,7 @@ impl DeepSeekV3 {
             let h = self.cached_trunk(&ids(prompt)?, &mut cache)?;
             stats.main_forwards += 1;
             let row = |l: &Tensor, i: usize| -> Result<Vec<f32>> { Ok(l.narrow(1, i, 1)?.to_vec_f32()?) };
-            let mut next = pick(&row(&self.head_logits(&h.narrow(1, n - 1, 1)?)?, 0)?)?;
+            let mut next = sample_token(&row(&self.head_logits(&h.narrow(1, n - 1, 1)?)?, 0)?, cfg, rng)?;
             let mut last_h = h.narrow(1, n - 1, 1)?;
             let mut pending_h = if n > 1 { Some(h.narrow(1, 0, n - 1)?) } else { None };
             let mut pending_tokens = prompt[1..].to_vec();
@@ -117,25 +126,36 @@ impl DeepSeekV3 {
                 pending_tokens.clear();
                 let last = normed.narrow(1, normed.dims()[1] - 1, 1)?;
                 let draft_logits = self.lm_head.forward(&last)?.to_dtype(DType::F32)?.to_vec_f32()?;
-                let draft = pick(&draft_logits[..vocab])?.0;
+                let q = if greedy { None } else { Some(Warped::new(&draft_logits[..vocab], cfg)?) };
+                let draft = match &q {
+                    None => greedy_token(cfg.allowed(&draft_logits[..vocab]))?.0,
+                    Some(q) => q.draw(rng).0,
+                };
                 stats.drafted += 1;
-                // Verify the next token and the draft in one forward.
+                // Verify the next token and the draft in one forward: row 0 is the main model's
+                // distribution where the draft stands, row 1 the one after it.
                 let (hv, lv) = self.forward_cached_hidden(&ids(&[next.0, draft])?, &mut cache)?;
                 stats.main_forwards += 1;
-                let (p1, p2) = (pick(&row(&lv, 0)?)?, pick(&row(&lv, 1)?)?);
-                if p1.0 == draft {
+                let (tok, lp, kept) = match &q {
+                    None => {
+                        let (t, lp) = greedy_token(cfg.allowed(&row(&lv, 0)?))?;
+                        (t, lp, t == draft)
+                    }
+                    Some(q) => verify_draft(&Warped::new(&row(&lv, 0)?, cfg)?, q, draft, rng),
+                };
+                if kept {
                     stats.accepted += 1;
-                    if emit(&mut gen, p1) {
+                    if emit(&mut gen, (tok, lp)) {
                         break;
                     }
                     pending_h = Some(hv.narrow(1, 0, 1)?);
                     pending_tokens.push(draft);
                     last_h = hv.narrow(1, 1, 1)?;
-                    next = p2;
+                    next = sample_token(&row(&lv, 1)?, cfg, rng)?;
                 } else {
                     cache.truncate(cache.len() - 1)?;
                     last_h = hv.narrow(1, 0, 1)?;
-                    next = p1;
+                    next = (tok, lp);
                 }
             }
             gen.truncated = !gen.tokens.last().is_some_and(|t| stop_tokens.contains(t));

@@ -93,6 +93,7 @@ fn tiny_deepseek_v3_generates_the_same_tokens_on_a_gpu() {
         .generate_speculative(
             &prompt,
             &SamplingConfig { cache: CacheMode::Absorb, ..SamplingConfig::greedy(12, vec![]) },
+            &mut Rng::new(0),
         )
         .unwrap();
     assert_greedy_agrees(&cpu, &prompt, &g.tokens, 1e-4, "MTP speculative decoding");

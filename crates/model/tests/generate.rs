@@ -197,7 +197,7 @@ fn greedy_speculative_decoding_yields_the_plain_greedy_tokens() {
             for prompt in [vec![10u32, 11, 12], vec![13], vec![12, 13, 14, 10, 11, 12, 13]] {
                 let cfg = SamplingConfig { cache: mode, ..SamplingConfig::greedy(17, vec![2]) };
                 let plain = model.generate(std::slice::from_ref(&prompt), &cfg, &mut Rng::new(0)).unwrap().remove(0);
-                let (spec, stats) = model.generate_speculative(&prompt, &cfg).unwrap();
+                let (spec, stats) = model.generate_speculative(&prompt, &cfg, &mut Rng::new(0)).unwrap();
                 assert_eq!(spec.tokens, plain.tokens, "{name} {mode:?} {prompt:?}");
                 assert_eq!(spec.truncated, plain.truncated);
                 for (a, b) in spec.logprobs.iter().zip(&plain.logprobs) {
@@ -220,15 +220,101 @@ fn greedy_speculative_decoding_yields_the_plain_greedy_tokens() {
     let mut no_mtp = DeepSeekV3Config::tiny();
     no_mtp.num_nextn_predict_layers = 0;
     let m = DeepSeekV3::new(no_mtp, 1).unwrap();
-    assert!(m.generate_speculative(&[10], &SamplingConfig::greedy(4, vec![])).unwrap_err().to_string().contains("MTP"));
-    // It is greedy only, and keeps a vocabulary limit as plain generation does.
-    let err = trained.generate_speculative(&[10], &SamplingConfig::sampled(1.0, 4, vec![])).unwrap_err();
-    assert!(err.to_string().contains("greedy"), "{err}");
+    let err = m.generate_speculative(&[10], &SamplingConfig::greedy(4, vec![]), &mut Rng::new(0)).unwrap_err();
+    assert!(err.to_string().contains("MTP"), "{err}");
+    // It keeps a vocabulary limit as plain generation does.
     let limited = SamplingConfig { vocab_limit: Some(12), ..SamplingConfig::greedy(17, vec![]) };
     let plain = trained.generate(&[vec![10u32, 11]], &limited, &mut Rng::new(0)).unwrap().remove(0);
-    let (spec, _) = trained.generate_speculative(&[10, 11], &limited).unwrap();
+    let (spec, _) = trained.generate_speculative(&[10, 11], &limited, &mut Rng::new(0)).unwrap();
     assert_eq!(spec.tokens, plain.tokens);
     assert!(spec.tokens.iter().all(|&t| t < 12), "{:?}", spec.tokens);
+}
+
+#[test]
+fn speculative_sampling_near_temperature_zero_keeps_greedy_tokens_through_kept_and_rejected_drafts() {
+    // At a temperature this low both distributions are one-hot on their argmax, so speculative
+    // sampling must walk the greedy path: a bookkeeping slip after a rejection (a cache entry
+    // left behind, the wrong hidden state drafting next) would change the tokens.
+    let trained = whale_model::testing::periodic_pattern_model(11);
+    let random = DeepSeekV3::new(DeepSeekV3Config::tiny(), 2).unwrap();
+    for (name, model) in [("trained", &trained), ("random", &random)] {
+        let mut total = whale_model::speculative::SpeculativeStats::default();
+        for mode in [CacheMode::Naive, CacheMode::Absorb] {
+            for prompt in [vec![10u32, 11, 12], vec![13], vec![12, 13, 14, 10, 11, 12, 13]] {
+                let greedy = SamplingConfig { cache: mode, ..SamplingConfig::greedy(17, vec![2]) };
+                let plain = model.generate(std::slice::from_ref(&prompt), &greedy, &mut Rng::new(0)).unwrap();
+                let cold = SamplingConfig { temperature: 1e-5, ..greedy };
+                let (spec, stats) = model.generate_speculative(&prompt, &cold, &mut Rng::new(3)).unwrap();
+                assert_eq!(spec.tokens, plain[0].tokens, "{name} {mode:?} {prompt:?}");
+                assert!(spec.logprobs.iter().all(|&lp| lp > -1e-3), "{name}: {:?}", spec.logprobs);
+                total.add(&stats);
+            }
+        }
+        // Rejections happened (the random model's MTP module never agrees with it); the trained
+        // model kept drafts too.
+        assert!(total.accepted < total.drafted && (name == "random" || total.accepted > 0), "{name}: {total:?}");
+    }
+}
+
+/// The exact probability of each continuation of `len` tokens under plain sampling with `cfg`
+/// (temperature, every id below `cfg.vocab_limit`; no top-k / top-p), by enumeration.
+fn continuation_probs(model: &DeepSeekV3, prompt: &[u32], cfg: &SamplingConfig, len: usize) -> Vec<(Vec<u32>, f64)> {
+    let vocab = cfg.vocab_limit.unwrap();
+    let mut out = vec![(vec![], 1.0)];
+    for _ in 0..len {
+        let mut longer = vec![];
+        for (seq, p) in out {
+            let ids: Vec<i64> = prompt.iter().chain(&seq).map(|&t| t as i64).collect();
+            let ids = Tensor::from_vec(ids.clone(), &[1, ids.len()], &Device::Cpu).unwrap();
+            let logits = no_grad(|| model.forward_cached_last(&ids, &mut KvCache::default())).unwrap();
+            let z: Vec<f64> =
+                logits.to_vec_f32().unwrap()[..vocab].iter().map(|&l| l as f64 / cfg.temperature as f64).collect();
+            let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = z.iter().map(|&v| (v - max).exp()).sum();
+            for (t, &v) in z.iter().enumerate() {
+                longer.push(([seq.as_slice(), &[t as u32]].concat(), p * (v - max).exp() / sum));
+            }
+        }
+        out = longer;
+    }
+    out
+}
+
+#[test]
+fn speculative_sampling_draws_continuations_with_plain_samplings_probabilities() {
+    // Three tokens over a vocabulary of three: 27 continuations whose exact probabilities the
+    // model gives. The second and third tokens go through drafts kept with probability
+    // min(1, p/q) and the residual draw, so a wrong acceptance rule skews their frequencies
+    // (keeping every draft gives a chi-square of about 16000 here). Temperature 0.2 sets the
+    // MTP module's q and the model's p apart: about half the drafts are kept.
+    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 5).unwrap();
+    let prompt = [7u32, 3, 9];
+    let cfg =
+        SamplingConfig { vocab_limit: Some(3), cache: CacheMode::Absorb, ..SamplingConfig::sampled(0.2, 3, vec![]) };
+    let exact = continuation_probs(&model, &prompt, &cfg, 3);
+    let n = 3000;
+    let mut rng = Rng::new(11);
+    let mut counts = vec![0usize; exact.len()];
+    let mut total = whale_model::speculative::SpeculativeStats::default();
+    for _ in 0..n {
+        let (g, stats) = model.generate_speculative(&prompt, &cfg, &mut rng).unwrap();
+        counts[exact.iter().position(|(seq, _)| *seq == g.tokens).unwrap()] += 1;
+        // Each token's log-probability is the plain sampling distribution's.
+        let lp: f64 = g.logprobs.iter().map(|&l| l as f64).sum();
+        let want = exact.iter().find(|(seq, _)| *seq == g.tokens).unwrap().1.ln();
+        assert!((lp - want).abs() < 1e-3, "{:?}: log-prob {lp} vs {want}", g.tokens);
+        total.add(&stats);
+    }
+    assert!(total.acceptance_rate() > 0.2 && total.acceptance_rate() < 0.9, "{total:?}");
+    // Pearson's chi-square over the continuations expected at least 5 times, against its 1e-6
+    // tail for their degrees of freedom (Wilson-Hilferty; z = 4.75).
+    let cells: Vec<(f64, usize)> =
+        exact.iter().zip(&counts).map(|((_, p), &c)| (p * n as f64, c)).filter(|(e, _)| *e >= 5.0).collect();
+    let chi2: f64 = cells.iter().map(|&(e, c)| (c as f64 - e).powi(2) / e).sum();
+    let df = (cells.len() - 1) as f64;
+    let tail = df * (1.0 - 2.0 / (9.0 * df) + 4.75 * (2.0 / (9.0 * df)).sqrt()).powi(3);
+    assert!(cells.len() >= 10, "too few well-filled cells: {}", cells.len());
+    assert!(chi2 < tail, "chi-square {chi2} over {} cells (tail {tail}): counts {counts:?} vs {exact:?}", cells.len());
 }
 
 #[test]
@@ -351,6 +437,7 @@ fn generation_stops_at_the_models_last_position() {
         .generate_speculative(
             &prompts[0],
             &SamplingConfig { cache: CacheMode::Absorb, ..SamplingConfig::greedy(10, vec![]) },
+            &mut Rng::new(0),
         )
         .unwrap();
     assert_eq!(spec.tokens, capped[0].tokens);
@@ -358,7 +445,8 @@ fn generation_stops_at_the_models_last_position() {
 
     let err = short.generate(&[vec![5], vec![1; 9]], &sampling, &mut Rng::new(0)).unwrap_err().to_string();
     assert!(err.contains("prompt 1 has 9 tokens") && err.contains("8 positions"), "{err}");
-    let err = short.generate_speculative(&[1; 9], &SamplingConfig::greedy(2, vec![])).unwrap_err().to_string();
+    let err = short.generate_speculative(&[1; 9], &SamplingConfig::greedy(2, vec![]), &mut Rng::new(0));
+    let err = err.unwrap_err().to_string();
     assert!(err.contains("9 tokens") && err.contains("8 positions"), "{err}");
 }
 
