@@ -8,8 +8,11 @@ use serde_json::Value;
 
 use crate::{Error, Result};
 
-/// YaRN context extension (spec section 1.4). `rope_type` accepts HF's `type` spelling too.
+/// YaRN context extension (spec section 1.4). `rope_type` accepts HF's `type` spelling too. A key
+/// not listed here is refused by name: HF reads every one it knows, so one dropped here could
+/// change the frequencies silently.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RopeScaling {
     #[serde(alias = "type")]
     pub rope_type: String,
@@ -29,6 +32,10 @@ pub struct RopeScaling {
     /// `_compute_yarn_parameters`); the softmax scale does not read it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_factor: Option<f64>,
+    /// Whether the correction range's ends are rounded to whole dimensions (floor / ceil);
+    /// `None` as HF's default, true (`_compute_yarn_parameters`' `truncate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncate: Option<bool>,
 }
 
 fn default_beta_fast() -> f64 {
@@ -160,9 +167,9 @@ impl DeepSeekV3Config {
     pub fn from_json_str(text: &str) -> Result<Self> {
         let mut v: Value = serde_json::from_str(text).map_err(|e| Error::config("<json>", e.to_string()))?;
         if let Some(obj) = v.as_object_mut() {
-            if let Some(rp) = obj.remove("rope_parameters") {
+            if let Some(mut rp) = obj.remove("rope_parameters") {
                 // Its rope_theta wins over a top-level one (HF 5's convert_rope_params_to_dict).
-                if let Some(theta) = rp.get("rope_theta").cloned() {
+                if let Some(theta) = rp.as_object_mut().and_then(|r| r.remove("rope_theta")) {
                     obj.insert("rope_theta".into(), theta);
                 }
                 let kind = rp.get("rope_type").or_else(|| rp.get("type")).and_then(Value::as_str).unwrap_or("default");
@@ -173,14 +180,23 @@ impl DeepSeekV3Config {
             }
             // The experts and dense MLPs are SwiGLU (HF's `hidden_act` "silu"); another activation
             // would run as SiLU, so it is refused.
+            // Dropout in attention (HF's `attention_dropout`, applied while training) is not
+            // implemented: a config asking for it would train without it.
+            if let Some(p) = obj.get("attention_dropout").filter(|p| !p.is_null() && p.as_f64() != Some(0.0)) {
+                return Err(Error::config(
+                    "attention_dropout",
+                    format!("{p}: attention dropout is not supported (0 only)"),
+                ));
+            }
             match obj.get("hidden_act") {
                 None | Some(Value::Null) => {}
                 Some(Value::String(a)) if a == "silu" || a == "swish" => {}
                 Some(other) => return Err(Error::config("hidden_act", format!("{other}: only silu is supported"))),
             }
             // HF's DeepSeek-V2 gate (the hub's modeling_deepseek.py): `aux_loss_alpha` weighs a
-            // sequence-wise loss when `seq_aux` is true, a batch-level one when it is false.
-            if obj.remove("seq_aux").and_then(|v| v.as_bool()) == Some(true) {
+            // sequence-wise loss when `seq_aux` is true, a batch-level one when it is false;
+            // without the key, its default, true (the hub's configuration_deepseek.py).
+            if obj.remove("seq_aux").map_or(Some(true), |v| v.as_bool()) == Some(true) {
                 if let Some(alpha) = obj.remove("aux_loss_alpha") {
                     obj.entry("seq_aux_alpha").or_insert(alpha);
                 }
@@ -331,17 +347,25 @@ impl DeepSeekV3Config {
             }
             _ => {}
         }
-        match self.topk_method.as_deref() {
+        // A missing topk_method is the default of the family `scoring_func` names: V3's noaux_tc
+        // with sigmoid, V2's greedy with softmax (HF's DeepseekV2Config).
+        let method = match (self.topk_method.as_deref(), self.scoring_func.as_str()) {
+            (None, "softmax") => Some("greedy"),
+            (m, _) => m,
+        };
+        match method {
             None | Some("noaux_tc" | "group_limited_greedy") => {}
             Some("greedy") if self.topk_group == self.n_group => {}
             Some("greedy") => {
+                let named = if self.topk_method.is_some() { "" } else { " (the default with softmax scoring)" };
                 return Err(Error::config(
                     "topk_method",
                     format!(
-                        "`greedy` selects without groups, but topk_group {} < n_group {}; set both to 1",
+                        "`greedy`{named} selects without groups, but topk_group {} < n_group {}; set both to 1, \
+                         or topk_method to group_limited_greedy",
                         self.topk_group, self.n_group
                     ),
-                ))
+                ));
             }
             Some(other) => {
                 return Err(Error::config(
@@ -409,6 +433,17 @@ impl DeepSeekV3Config {
         if self.attention_bias {
             return Err(Error::config("attention_bias", "DeepSeek-V3 attention has no biases"));
         }
+        // MLA gives every head its own keys and values from the shared latent; HF's attention
+        // would repeat them per group of heads and fail on such a config.
+        if let Some(kv) = self.num_key_value_heads.filter(|&kv| kv != self.num_attention_heads) {
+            return Err(Error::config(
+                "num_key_value_heads",
+                format!(
+                    "{kv} differs from num_attention_heads {}: MLA has one key and value per head",
+                    self.num_attention_heads
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -459,8 +494,14 @@ impl DeepSeekV3Config {
         let embed_and_head = if self.tie_word_embeddings { vocab } else { 2 * vocab };
         total += embed_and_head + d;
         active += embed_and_head + d;
-        let mtp_layer = attn + norms + moe_fixed + e * expert;
-        let mtp = self.num_nextn_predict_layers as u64 * (mtp_layer + 2 * d + 2 * d * d + d);
+        // Each MTP module's block is numbered after the main layers, and is MoE or dense by the
+        // same rule; its own norms (enorm, hnorm, the head's) and eh_proj come on top.
+        let mtp = (0..self.num_nextn_predict_layers)
+            .map(|k| {
+                let ffn = if self.is_moe_layer(self.num_hidden_layers + k) { moe_fixed + e * expert } else { dense };
+                attn + norms + ffn + 2 * d + 2 * d * d + d
+            })
+            .sum();
         ParamCounts { total, activated: active, mtp }
     }
 
@@ -550,6 +591,7 @@ impl DeepSeekV3Config {
                 mscale: Some(1.0),
                 mscale_all_dim: 1.0,
                 attention_factor: None,
+                truncate: None,
             }),
             max_position_embeddings: 256,
             ..Self::tiny()
@@ -592,6 +634,7 @@ impl DeepSeekV3Config {
                 mscale: Some(0.707),
                 mscale_all_dim: 0.707,
                 attention_factor: None,
+                truncate: None,
             }),
             rope_interleave: true,
             max_position_embeddings: 163_840,
@@ -646,6 +689,7 @@ impl DeepSeekV3Config {
                 mscale: Some(1.0),
                 mscale_all_dim: 1.0,
                 attention_factor: None,
+                truncate: None,
             }),
             rope_interleave: true,
             max_position_embeddings: 163_840,

@@ -119,6 +119,20 @@ fn out_of_range_keys_are_named() {
     assert_eq!(yarn(&|r| r.mscale = Some(f64::INFINITY)), "rope_scaling.mscale");
     assert_eq!(yarn(&|r| r.factor = f64::INFINITY), "rope_scaling.factor");
     assert_eq!(yarn(&|r| r.attention_factor = Some(-1.0)), "rope_scaling.attention_factor");
+    // V2's default rule for softmax scoring is greedy, which has no groups to limit to.
+    let mut softmax = tiny.clone();
+    (softmax.scoring_func, softmax.topk_method) = ("softmax".into(), None);
+    let msg = softmax.validate().unwrap_err().to_string();
+    assert!(msg.contains("topk_method") && msg.contains("default with softmax"), "{msg}");
+    (softmax.n_group, softmax.topk_group) = (1, 1);
+    softmax.validate().unwrap();
+    assert_eq!(bad(&|c| c.num_key_value_heads = Some(1)), "num_key_value_heads");
+    // Keys HF reads that would change the numbers here if dropped.
+    let dropout = HUB_V3.replace(r#""attention_dropout": 0.0"#, r#""attention_dropout": 0.1"#);
+    assert_eq!(key_of(DeepSeekV3Config::from_json_str(&dropout).unwrap_err()), "attention_dropout");
+    let llama3 = HUB_V3.replace(r#""beta_slow": 1,"#, r#""beta_slow": 1, "low_freq_factor": 1,"#);
+    let err = DeepSeekV3Config::from_json_str(&llama3).unwrap_err().to_string();
+    assert!(err.contains("low_freq_factor"), "{err}");
     let gelu = HUB_V3.replace(r#""hidden_act": "silu""#, r#""hidden_act": "gelu""#);
     assert_eq!(key_of(DeepSeekV3Config::from_json_str(&gelu).unwrap_err()), "hidden_act");
     let missing = HUB_V3.replace(r#""kv_lora_rank": 512, "#, "");
@@ -210,6 +224,10 @@ fn hf_aux_loss_alpha_is_sequence_wise_when_seq_aux_is_set() {
     let hub = HUB_V3.replacen('{', r#"{"aux_loss_alpha": 0.001, "seq_aux": true, "#, 1);
     let cfg = DeepSeekV3Config::from_json_str(&hub).unwrap();
     assert_eq!((cfg.seq_aux_alpha, cfg.aux_loss_alpha), (0.001, 0.0));
+    // Without seq_aux, its default (true): sequence-wise.
+    let default = HUB_V3.replacen('{', r#"{"aux_loss_alpha": 0.001, "#, 1);
+    let cfg = DeepSeekV3Config::from_json_str(&default).unwrap();
+    assert_eq!((cfg.seq_aux_alpha, cfg.aux_loss_alpha), (0.001, 0.0));
     // seq_aux false: the batch-level loss.
     let batch = HUB_V3.replacen('{', r#"{"aux_loss_alpha": 0.001, "seq_aux": false, "#, 1);
     let cfg = DeepSeekV3Config::from_json_str(&batch).unwrap();
@@ -218,4 +236,22 @@ fn hf_aux_loss_alpha_is_sequence_wise_when_seq_aux_is_set() {
     let text = cfg.to_json_string().unwrap();
     assert!(text.contains(r#""seq_aux": false"#), "{text}");
     assert_eq!(DeepSeekV3Config::from_json_str(&text).unwrap(), cfg);
+}
+
+#[test]
+fn parameter_counts_equal_the_built_models_with_dense_and_moe_mtp_blocks() {
+    // Every other layer MoE: the MTP block (index 3) is dense, index 4's would be MoE.
+    for (layers, freq) in [(3, 2), (4, 2), (2, 1)] {
+        let mut cfg = DeepSeekV3Config::tiny();
+        (cfg.num_hidden_layers, cfg.moe_layer_freq, cfg.first_k_dense_replace) = (layers, freq, 0);
+        let model = whale_model::DeepSeekV3::new(cfg.clone(), 1).unwrap();
+        let mtp_prefix = format!("model.layers.{layers}.");
+        let (mut main, mut mtp) = (0u64, 0u64);
+        let tensors = model.params.iter().map(|(n, t)| (n.to_string(), t.elem_count()));
+        for (name, n) in tensors.chain(model.buffers.iter().map(|(n, t)| (n.clone(), t.elem_count()))) {
+            *(if name.starts_with(&mtp_prefix) { &mut mtp } else { &mut main }) += n as u64;
+        }
+        let counts = cfg.param_counts();
+        assert_eq!((counts.total, counts.mtp), (main, mtp), "{layers} layers, moe_layer_freq {freq}");
+    }
 }

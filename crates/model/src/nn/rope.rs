@@ -35,8 +35,11 @@ impl RotaryEmbedding {
             dim as f64 * (s.original_max_position_embeddings as f64 / (n_rot * 2.0 * std::f64::consts::PI)).ln()
                 / (2.0 * base.ln())
         };
-        let low = corr_dim(s.beta_fast).floor().max(0.0);
-        let mut high = corr_dim(s.beta_slow).ceil().min(dim as f64 - 1.0);
+        // Rounded to whole dimensions unless the config says `truncate: false` (HF's
+        // find_correction_range).
+        let (low, high) = (corr_dim(s.beta_fast), corr_dim(s.beta_slow));
+        let (low, high) = if s.truncate.unwrap_or(true) { (low.floor(), high.ceil()) } else { (low, high) };
+        let (low, mut high) = (low.max(0.0), high.min(dim as f64 - 1.0));
         if low == high {
             high += 0.001;
         }
@@ -123,5 +126,30 @@ mod tests {
         absent.rope_scaling.as_mut().unwrap().mscale = None;
         let r = RotaryEmbedding::new(64, 10_000.0, absent.rope_scaling.as_ref(), RopeLayout::Interleaved);
         assert!((r.attention_factor - 1.368_888_8).abs() < 1e-6, "{}", r.attention_factor);
+    }
+
+    #[test]
+    fn yarn_without_truncation_ramps_between_the_unrounded_correction_dims() {
+        // HF's find_correction_range with truncate false: low = 10.47, high = 22.51 for V3's
+        // settings, where the rounded range is 10..23.
+        let mut cfg = DeepSeekV3Config::v3_671b();
+        cfg.rope_scaling.as_mut().unwrap().truncate = Some(false);
+        let r = RotaryEmbedding::new(64, 10_000.0, cfg.rope_scaling.as_ref(), RopeLayout::Interleaved);
+        let corr = |rot: f64| 64.0 * (4096.0 / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * 10_000f64.ln());
+        let (low, high) = (corr(32.0), corr(1.0));
+        assert!((low - 10.47).abs() < 0.01 && (high - 22.51).abs() < 0.01, "{low} {high}");
+        for i in 0..32 {
+            let plain = 10_000f64.powf(-(2.0 * i as f64) / 64.0);
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            let want = (plain / 40.0 * ramp + plain * (1.0 - ramp)) as f32;
+            assert!((r.inv_freq[i] - want).abs() <= want * 1e-6, "dim {i}: {} vs {want}", r.inv_freq[i]);
+        }
+        let rounded = RotaryEmbedding::new(
+            64,
+            10_000.0,
+            DeepSeekV3Config::v3_671b().rope_scaling.as_ref(),
+            RopeLayout::Interleaved,
+        );
+        assert_ne!(r.inv_freq[16], rounded.inv_freq[16]);
     }
 }
