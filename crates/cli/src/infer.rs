@@ -130,6 +130,11 @@ pub struct QuantizeArgs {
     /// new folder, written aside and renamed into place.
     #[arg(long)]
     pub out: PathBuf,
+    /// How the tensors left unquantised are stored (embedding, head, router, norms, eh_proj):
+    /// bf16 as DeepSeek-V3's release (the router's correction bias and the block scales stay
+    /// f32), or f32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
 }
 
 /// Writes a checkpoint the way DeepSeek-V3's FP8 release stores it (spec 4.3).
@@ -139,13 +144,18 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     if a.out.exists() {
         bail!("--out {} already exists; the release is written to a new folder", a.out.display());
     }
+    let dtype = match a.dtype.as_str() {
+        "bf16" => SaveDType::BF16,
+        "f32" => SaveDType::F32,
+        other => bail!("--dtype {other}: expected bf16 or f32"),
+    };
     let model =
         DeepSeekV3::from_pretrained(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
     // The release keeps the tokenizer and generation settings (a model of the character
     // tokenizer has none to keep); read before anything is written.
     let tok = a.checkpoint.join("tokenizer.json").exists().then(|| tokenizer_for(&a.checkpoint)).transpose()?;
     write_dir_atomically(&a.out, |tmp| {
-        model.save_pretrained_fp8(tmp, SaveDType::F32)?;
+        model.save_pretrained_fp8(tmp, dtype)?;
         tok.as_ref().map_or(Ok(()), |tok| tok.save_pretrained(tmp))
     })
     .with_context(|| format!("writing {}", a.out.display()))?;

@@ -145,8 +145,9 @@ pub struct PretrainArgs {
     /// Run folder (checkpoint/, metrics.jsonl, eval.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// fp32, bf16, or fp8 (DeepSeek-V3's recipe: bf16 activations, FP8 E4M3 GEMMs in every
-    /// attention projection and MLP/expert layer with 1x128 / 128x128 scales).
+    /// fp32, bf16, or fp8 (DeepSeek-V3's GEMM recipe: bf16 activations, FP8 E4M3 GEMMs in every
+    /// attention projection and MLP/expert layer with 1x128 / 128x128 scales; add
+    /// `--moments bf16` for its optimizer states).
     #[arg(long)]
     pub precision: Option<String>,
     /// AdamW moments: fp32 or bf16 (DeepSeek-V3's choice).

@@ -580,6 +580,18 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("E4M3"));
     let config = std::fs::read_to_string(fp8.join("config.json")).unwrap();
     assert!(config.contains("weight_block_size"), "{config}");
+    // Stored as the release stores it: the rest in bf16, the router's bias and the scales in f32.
+    let bytes = std::fs::read(fp8.join("model.safetensors")).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    for (name, dtype) in [
+        ("model.embed_tokens.weight", "BF16"),
+        ("model.layers.1.mlp.gate.e_score_correction_bias", "F32"),
+        ("model.layers.1.self_attn.o_proj.weight", "F8_E4M3"),
+        ("model.layers.1.self_attn.o_proj.weight_scale_inv", "F32"),
+    ] {
+        assert_eq!(header[name]["dtype"], dtype, "{name}");
+    }
     // Never over an existing folder, the checkpoint least of all.
     let out = whale().args(["quantize", ckpt.to_str().unwrap(), "--out", ckpt.to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already exists"));

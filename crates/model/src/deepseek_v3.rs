@@ -210,10 +210,17 @@ impl DeepSeekV3 {
     }
 
     /// Loads a DeepSeek-V3 FP8 release keeping its FP8 weights (codes and `weight_scale_inv`) for
-    /// FP8 inference; saving writes them back unchanged.
+    /// FP8 inference; saving writes them back unchanged. A checkpoint without FP8 weights is an
+    /// error: it would run no FP8 GEMM.
     pub fn from_pretrained_fp8(dir: &Path) -> Result<Self> {
         let config = DeepSeekV3Config::from_file(&dir.join("config.json"))?;
         let (tensors, files) = checkpoint::load_dir_with(dir, Fp8Weights::Keep)?;
+        if !tensors.values().any(|t| t.dtype().fp8_format().is_some()) {
+            return Err(Error::Model(format!(
+                "{}: no FP8 weights (F8_E4M3 with weight_scale_inv) to keep; `whale quantize` writes an FP8 release",
+                dir.display()
+            )));
+        }
         Self::from_tensors(config, tensors, files)
     }
 

@@ -749,6 +749,20 @@ fn fp8_weights_can_stay_fp8_for_inference_and_save_back_byte_identical() {
     let plain_save = tmpdir("fp8-dequantised-saved");
     dequantised.save_pretrained(&plain_save, SaveDType::F32).unwrap();
     assert!(!std::fs::read_to_string(plain_save.join("config.json")).unwrap().contains("quantization_config"));
+    // Kept in FP8, a checkpoint with no FP8 weight would run no FP8 GEMM: refused.
+    let err = DeepSeekV3::from_pretrained_fp8(&plain_save).unwrap_err().to_string();
+    assert!(err.contains("no FP8 weights"), "{err}");
+    // DeepSeek-V3.1's power-of-two activation scales are not run as f32 ones: refused kept,
+    // loaded dequantised (its weight scales are values).
+    let v31 = tmpdir("fp8-ue8m0");
+    let mut config = written.clone();
+    config["quantization_config"]["scale_fmt"] = serde_json::json!("ue8m0");
+    std::fs::write(v31.join("config.json"), serde_json::to_string(&config).unwrap()).unwrap();
+    std::fs::copy(again.join("model.safetensors"), v31.join("model.safetensors")).unwrap();
+    let err = DeepSeekV3::from_pretrained_fp8(&v31).unwrap_err().to_string();
+    assert!(err.contains("scale_fmt") && err.contains("ue8m0") && err.contains("config.json"), "{err}");
+    let loaded = DeepSeekV3::from_pretrained(&v31).unwrap();
+    assert_eq!(logits_bits(&loaded, &ids), logits_bits(&DeepSeekV3::from_pretrained(&again).unwrap(), &ids));
 
     // And a trained f32 model exported as a release is what the independent writer above made.
     let exported = tmpdir("fp8-export");
