@@ -24,7 +24,9 @@ pub struct GenerateArgs {
     pub checkpoint: PathBuf,
     #[arg(long)]
     pub prompt: String,
-    /// Argmax decoding (the default when no temperature is given).
+    /// Argmax decoding. Without it or --temperature, the checkpoint's generation_config.json
+    /// decides, as in HF's generate: its do_sample, temperature, top_k (HF's default 50) and
+    /// top_p; greedy without the file.
     #[arg(long, conflicts_with = "temperature")]
     pub greedy: bool,
     /// Sampling temperature (> 0).
@@ -75,13 +77,26 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         bail!("the prompt encodes to no tokens");
     }
     let stop = tok.stop_ids();
-    let mut cfg = match a.temperature {
-        Some(t) if t > 0.0 => SamplingConfig::sampled(t, a.max_new_tokens, stop),
+    let (mut cfg, source) = match a.temperature {
+        Some(t) if t > 0.0 => {
+            let sampled =
+                SamplingConfig { top_k: a.top_k, top_p: a.top_p, ..SamplingConfig::sampled(t, a.max_new_tokens, stop) };
+            (sampled, "--temperature")
+        }
         Some(t) => bail!("--temperature {t}: must be positive (or use --greedy)"),
-        None => SamplingConfig::greedy(a.max_new_tokens, stop),
+        None if a.greedy => (SamplingConfig::greedy(a.max_new_tokens, stop), "--greedy"),
+        None => {
+            let (cfg, unapplied) = SamplingConfig::from_generation_config(&a.checkpoint, a.max_new_tokens, stop)?;
+            if !unapplied.is_empty() {
+                eprintln!(
+                    "note: generation_config.json also sets {}, which whale does not apply (HF's tokens would differ)",
+                    unapplied.join(", ")
+                );
+            }
+            let found = a.checkpoint.join("generation_config.json").exists();
+            (cfg, if found { "generation_config.json" } else { "the default (no generation_config.json)" })
+        }
     };
-    cfg.top_k = a.top_k;
-    cfg.top_p = a.top_p;
     cfg.cache = cache;
     let cfg = cfg.limited_to(&*tok);
     let t0 = Instant::now();
@@ -101,6 +116,14 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         (g.tokens, None)
     };
     let secs = t0.elapsed().as_secs_f64();
+    let how = match cfg.temperature {
+        0.0 => "greedy".to_string(),
+        t => format!(
+            "sampled at temperature {t}{}{}",
+            cfg.top_k.map_or(String::new(), |k| format!(", top-k {k}")),
+            cfg.top_p.map_or(String::new(), |p| format!(", top-p {p}"))
+        ),
+    };
     // Decoded with the prompt, as HF's TextStreamer does: a tokenizer that strips the space a
     // word starts with at the beginning of a text (Metaspace) keeps it after the prompt.
     let shown = tok.decode(&prompt);
@@ -108,7 +131,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let continuation = whole.strip_prefix(shown.as_str()).map_or_else(|| tok.decode(&tokens), str::to_string);
     println!("{}{continuation}", a.prompt);
     eprintln!(
-        "\n{} new tokens in {:.2} s ({:.1} tokens/s, prompt {} tokens, {:?} cache, on {})",
+        "\n{} new tokens in {:.2} s ({:.1} tokens/s, prompt {} tokens, {:?} cache, on {}; {how}, settings from {source})",
         tokens.len(),
         secs,
         tokens.len() as f64 / secs.max(1e-9),

@@ -35,6 +35,21 @@ fn r1_zero_one_step(base: &Path, run: &Path, extra: &[&str]) -> std::process::Ou
         .unwrap()
 }
 
+/// `whale generate` of `checkpoint` continuing "12+7=" by up to `new` tokens, with `extra` flags.
+fn generate(checkpoint: &Path, new: usize, extra: &[&str]) -> std::process::Output {
+    let args = ["generate", "--checkpoint", checkpoint.to_str().unwrap(), "--prompt", "12+7=", "--max-new-tokens"];
+    whale().args(args).arg(new.to_string()).args(extra).output().unwrap()
+}
+
+/// A copy of the files of checkpoint folder `from` in a new folder `to`.
+fn copy_checkpoint(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+}
+
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
@@ -531,17 +546,31 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
         vec!["--temperature", "0.8", "--top-p", "0.9"],
         vec!["--speculative", "--temperature", "0.8", "--top-k", "5"],
     ] {
-        let out = whale()
-            .args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "12+7=", "--max-new-tokens", "6"])
-            .args(&extra)
-            .output()
-            .unwrap();
+        let out = generate(&ckpt, 6, &extra);
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success() && stdout.starts_with("12+7="), "{extra:?}: {stdout}{stderr}");
         assert!(stderr.contains("tokens/s"), "{stderr}");
         if extra.contains(&"--speculative") {
             assert!(stderr.contains("drafts accepted"), "{stderr}");
         }
+    }
+    // Without --greedy or --temperature, generation_config.json decides, as in HF's generate.
+    let sampling = dir.join("with-generation-config");
+    copy_checkpoint(&ckpt, &sampling);
+    let generation = r#"{"do_sample": true, "temperature": 0.6, "top_p": 0.95, "repetition_penalty": 1.1}"#;
+    std::fs::write(sampling.join("generation_config.json"), generation).unwrap();
+    for (checkpoint, want) in [
+        (&sampling, "sampled at temperature 0.6, top-k 50, top-p 0.95, settings from generation_config.json"),
+        (&ckpt, "greedy, settings from the default (no generation_config.json)"),
+    ] {
+        let out = generate(checkpoint, 4, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && stderr.contains(want), "{stderr}");
+        assert_eq!(
+            stderr.contains("repetition_penalty 1.1, which whale does not apply"),
+            checkpoint == &sampling,
+            "{stderr}"
+        );
     }
     // A JSONL file: its held-out prompts (what training on it leaves out), or every line.
     let data = dir.join("sums.jsonl");
@@ -566,11 +595,7 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
         (vec!["--top-p", "0.9"], "--temperature"),
         (vec!["--temperature", "0.8", "--top-p", "1.5"], "top_p 1.5 must be in (0, 1]"),
     ] {
-        let out = whale()
-            .args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "12+7=", "--max-new-tokens", "6"])
-            .args(&extra)
-            .output()
-            .unwrap();
+        let out = generate(&ckpt, 6, &extra);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && stderr.contains(words), "{extra:?}: {stderr}");
     }
@@ -595,27 +620,11 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
     // Never over an existing folder, the checkpoint least of all.
     let out = whale().args(["quantize", ckpt.to_str().unwrap(), "--out", ckpt.to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already exists"));
-    let out = whale()
-        .args([
-            "generate",
-            "--checkpoint",
-            fp8.to_str().unwrap(),
-            "--prompt",
-            "12+7=",
-            "--max-new-tokens",
-            "4",
-            "--fp8",
-        ])
-        .output()
-        .unwrap();
+    let out = generate(&fp8, 4, &["--fp8"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("12+7="));
     // A checkpoint with an HF tokenizer keeps it, and its generation config, in the release.
     let with_tokenizer = dir.join("with-tokenizer");
-    std::fs::create_dir_all(&with_tokenizer).unwrap();
-    for entry in std::fs::read_dir(&ckpt).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, with_tokenizer.join(path.file_name().unwrap())).unwrap();
-    }
+    copy_checkpoint(&ckpt, &with_tokenizer);
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/tokenizer/tokenizer.json");
     std::fs::copy(&fixture, with_tokenizer.join("tokenizer.json")).unwrap();
     std::fs::write(with_tokenizer.join("generation_config.json"), r#"{"eos_token_id": 0}"#).unwrap();

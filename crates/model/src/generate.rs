@@ -127,6 +127,82 @@ impl SamplingConfig {
     }
 }
 
+/// Keys of generation_config.json that change HF's tokens away from their defaults, and are not
+/// applied here: each with the value that leaves the tokens alone (`None`: only null, absent or
+/// an empty list does).
+const UNAPPLIED_GENERATION_KEYS: [(&str, Option<f64>); 14] = [
+    ("repetition_penalty", Some(1.0)),
+    ("num_beams", Some(1.0)),
+    ("no_repeat_ngram_size", Some(0.0)),
+    ("min_new_tokens", Some(0.0)),
+    ("min_length", Some(0.0)),
+    ("min_p", Some(0.0)),
+    ("typical_p", Some(1.0)),
+    ("epsilon_cutoff", Some(0.0)),
+    ("eta_cutoff", Some(0.0)),
+    ("bad_words_ids", None),
+    ("suppress_tokens", None),
+    ("begin_suppress_tokens", None),
+    ("forced_bos_token_id", None),
+    ("forced_eos_token_id", None),
+];
+
+impl SamplingConfig {
+    /// What HF's `generate` decodes with when a call gives no settings: the checkpoint's
+    /// generation_config.json. With `do_sample` true it samples with its `temperature`, `top_k`
+    /// and `top_p` (HF's defaults 1.0, 50 and 1.0 for the ones it lacks); without the file or
+    /// with `do_sample` false, greedily. Also returns the keys the file sets that would change
+    /// HF's tokens and are not applied here (a repetition penalty, say), as `key value`, so a
+    /// caller can say so.
+    pub fn from_generation_config(
+        dir: &Path,
+        max_new_tokens: usize,
+        stop_tokens: Vec<u32>,
+    ) -> Result<(SamplingConfig, Vec<String>)> {
+        const FILE: &str = "generation_config.json";
+        let g = crate::tokenizer::json_of(dir, FILE)?;
+        let bad = |key: &str, why: String| Error::file(dir.join(FILE), format!("{key}: {why}"));
+        let number = |key: &str, default: f64| -> Result<f64> {
+            match &g[key] {
+                serde_json::Value::Null => Ok(default),
+                v => v.as_f64().ok_or_else(|| bad(key, format!("{v} is not a number"))),
+            }
+        };
+        let sampling = match &g["do_sample"] {
+            serde_json::Value::Null => false,
+            v => v.as_bool().ok_or_else(|| bad("do_sample", format!("{v} is not true or false")))?,
+        };
+        let mut cfg = SamplingConfig::greedy(max_new_tokens, stop_tokens);
+        if sampling {
+            let temperature = number("temperature", 1.0)?;
+            if !(temperature > 0.0 && temperature.is_finite()) {
+                return Err(bad("temperature", format!("{temperature} must be positive to sample")));
+            }
+            let top_k = number("top_k", 50.0)?;
+            if top_k < 0.0 || top_k.fract() != 0.0 {
+                return Err(bad("top_k", format!("{top_k} is not a count")));
+            }
+            let top_p = number("top_p", 1.0)?;
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                return Err(bad("top_p", format!("{top_p} is not in (0, 1]")));
+            }
+            cfg.temperature = temperature as f32;
+            cfg.top_k = Some(top_k as usize).filter(|&k| k > 0);
+            cfg.top_p = Some(top_p as f32).filter(|&p| p < 1.0);
+        }
+        let unapplied = UNAPPLIED_GENERATION_KEYS
+            .iter()
+            .filter(|(key, neutral)| {
+                let v = &g[*key];
+                let empty = v.is_null() || v.as_array().is_some_and(Vec::is_empty);
+                !empty && (neutral.is_none() || v.as_f64() != *neutral)
+            })
+            .map(|(key, _)| format!("{key} {}", g[*key]))
+            .collect();
+        Ok((cfg, unapplied))
+    }
+}
+
 /// One generated continuation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {

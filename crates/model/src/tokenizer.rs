@@ -274,7 +274,7 @@ const CHAR_MODEL_VOCAB_LIMIT: u64 = 1024;
 
 /// A JSON file of `dir`, `Null` when it is absent; an error naming it when it cannot be read or
 /// parsed (its BOS/EOS ids would otherwise be silently replaced).
-fn json_of(dir: &Path, file: &str) -> Result<serde_json::Value> {
+pub(crate) fn json_of(dir: &Path, file: &str) -> Result<serde_json::Value> {
     let path = dir.join(file);
     if !path.exists() {
         return Ok(serde_json::Value::Null);

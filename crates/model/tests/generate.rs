@@ -456,3 +456,44 @@ fn a_cache_buffer_appends_in_place_grows_by_doubling_and_copies_on_write() {
         common::cache_buffer_appends_in_place(&Device::Cpu, dtype);
     }
 }
+
+#[test]
+fn generation_config_json_sets_the_default_sampling_as_in_hf_generate() {
+    let dir = whale_tensor::testing::TempDir::new("generate-test-generation-config");
+    let read = |json: Option<&str>| {
+        let path = dir.join("generation_config.json");
+        match json {
+            Some(text) => std::fs::write(&path, text).unwrap(),
+            None => std::fs::remove_file(&path).unwrap_or(()),
+        }
+        SamplingConfig::from_generation_config(&dir, 32, vec![1])
+    };
+    // No file, or do_sample false (its temperature then unused): greedy.
+    let greedy = SamplingConfig::greedy(32, vec![1]);
+    assert_eq!(read(None).unwrap(), (greedy.clone(), vec![]));
+    assert_eq!(read(Some(r#"{"do_sample": false, "temperature": 0.6}"#)).unwrap().0, greedy);
+    // DeepSeek-R1's: temperature and top-p, with HF's default top-k of 50.
+    let (r1, unapplied) =
+        read(Some(r#"{"bos_token_id": 0, "do_sample": true, "temperature": 0.6, "top_p": 0.95}"#)).unwrap();
+    assert_eq!((r1.temperature, r1.top_k, r1.top_p), (0.6, Some(50), Some(0.95)));
+    assert!(unapplied.is_empty(), "{unapplied:?}");
+    // Qwen2.5-Instruct's: a repetition penalty is named as not applied; neutral values are not.
+    let qwen = r#"{"do_sample": true, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05,
+                  "num_beams": 1, "min_p": 0.0, "suppress_tokens": []}"#;
+    let (cfg, unapplied) = read(Some(qwen)).unwrap();
+    assert_eq!((cfg.temperature, cfg.top_k, cfg.top_p), (0.7, Some(20), Some(0.8)));
+    assert_eq!(unapplied, vec!["repetition_penalty 1.05".to_string()]);
+    // top_k 0 and top_p 1 are off, as in HF's warpers.
+    let (off, _) = read(Some(r#"{"do_sample": true, "top_k": 0, "top_p": 1.0}"#)).unwrap();
+    assert_eq!((off.temperature, off.top_k, off.top_p), (1.0, None, None));
+    // Values HF would refuse are named with the file.
+    for (json, key) in [
+        (r#"{"do_sample": true, "temperature": 0.0}"#, "temperature"),
+        (r#"{"do_sample": "yes"}"#, "do_sample"),
+        (r#"{"do_sample": true, "top_p": 1.5}"#, "top_p"),
+        (r#"{"do_sample": true, "top_k": 2.5}"#, "top_k"),
+    ] {
+        let err = read(Some(json)).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("generation_config.json"), "{json}: {err}");
+    }
+}
