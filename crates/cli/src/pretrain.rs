@@ -447,6 +447,10 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     // Building the corpus refuses its shares (`letters`, `imperfect`, `mixing`) before anything
     // is written.
     let tasks = corpus(&s)?.tasks;
+    // So are tasks whose documents do not fit the rows (the stream refuses one mid-run too).
+    CorpusData::new(corpus(&s)?, tok.clone())
+        .check_fit(s.seq_len, 4096)
+        .with_context(|| format!("--seq-len {}: rows too short for --tasks {}", s.seq_len, s.tasks))?;
     let ckpt = s.out.join("checkpoint");
     let metrics = s.out.join("metrics.jsonl");
     // A run stopped before its first checkpoint has nothing to continue: --resume starts it again

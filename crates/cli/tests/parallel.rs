@@ -25,7 +25,7 @@ const SMALL: [&str; 12] = [
     "--grad-accum",
     "2",
     "--seq-len",
-    "24",
+    "30",
     "--eval-problems",
     "2",
     "--k",

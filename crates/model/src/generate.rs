@@ -434,9 +434,11 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     fn forward_cached_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         last_position(&self.forward_cached(ids, cache)?)
     }
-    /// The training loss for `targets` (`IGNORE_INDEX` skipped): DeepSeek-V3 adds its MTP and
-    /// balance terms, a dense model is plain next-token cross-entropy.
-    fn train_loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor>;
+    /// The training loss for `targets` (`IGNORE_INDEX` skipped) of rows whose first `lengths[b]`
+    /// tokens are real and the rest padding: DeepSeek-V3 adds its MTP and balance terms (its MoE
+    /// layers count the real tokens only, the prompt's included), a dense model is plain
+    /// next-token cross-entropy.
+    fn train_loss(&self, ids: &Tensor, targets: &Tensor, lengths: &[usize]) -> Result<Tensor>;
     /// config.json + safetensors in HF layout.
     fn save_pretrained(&self, dir: &Path, dtype: SaveDType) -> Result<()>;
     /// An independent copy.

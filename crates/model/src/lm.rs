@@ -9,6 +9,7 @@ use crate::checkpoint::{SaveDType, TensorFiles};
 use crate::deepseek_v3::{DeepSeekV3, IGNORE_INDEX};
 use crate::dense::DenseModel;
 use crate::generate::{CausalLm, KvCache};
+use crate::moe::RealTokens;
 use crate::{Error, Result};
 
 /// The methods both families answer from their fields and inherent methods.
@@ -49,8 +50,12 @@ macro_rules! causal_lm_common {
 
 impl CausalLm for DeepSeekV3 {
     causal_lm_common!(DeepSeekV3);
-    fn train_loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        Ok(self.forward(ids, Some(targets))?.loss.expect("targets were given"))
+    fn train_loss(&self, ids: &Tensor, targets: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let [batch, seq] = ids.dims()[..] else {
+            return Err(Error::Model(format!("input_ids must be [batch, seq], got {:?}", ids.dims())));
+        };
+        let real = RealTokens::from_lengths(batch, seq, lengths)?;
+        Ok(self.forward_counting(ids, Some(targets), Some(&real))?.loss.expect("targets were given"))
     }
     fn duplicate(&self) -> Result<Box<dyn CausalLm>> {
         Ok(Box::new(DeepSeekV3::duplicate(self)?))
@@ -65,7 +70,9 @@ impl CausalLm for DeepSeekV3 {
 
 impl CausalLm for DenseModel {
     causal_lm_common!(DenseModel);
-    fn train_loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    fn train_loss(&self, ids: &Tensor, targets: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        // No layer counts tokens; the lengths are checked all the same.
+        RealTokens::from_lengths(ids.dims()[0], ids.dims().get(1).copied().unwrap_or(0), lengths)?;
         if targets.dims() != ids.dims() {
             return Err(Error::Model(format!("targets {:?} do not match input_ids {:?}", targets.dims(), ids.dims())));
         }

@@ -22,7 +22,8 @@ fn check(name: &str) {
     let targets = shifted_targets(&reference["labels"]);
 
     assert_close("logits", &model.logits(ids).unwrap(), &reference["logits"], 1e-5, 1e-4);
-    let loss = model.train_loss(ids, &targets).unwrap();
+    let (batch, seq) = (ids.dims()[0], ids.dims()[1]);
+    let loss = model.train_loss(ids, &targets, &vec![seq; batch]).unwrap();
     assert_close("loss", &loss.reshape(&[1]).unwrap(), &reference["loss"], 1e-5, 1e-5);
     loss.backward().unwrap();
     for (pname, p) in model.params.iter() {

@@ -151,7 +151,7 @@ impl CausalLm for Scripted {
     fn hidden_states(&self, _: &Tensor) -> whale_model::Result<Tensor> {
         unreachable!("generate decodes through forward_cached")
     }
-    fn train_loss(&self, _: &Tensor, _: &Tensor) -> whale_model::Result<Tensor> {
+    fn train_loss(&self, _: &Tensor, _: &Tensor, _: &[usize]) -> whale_model::Result<Tensor> {
         unreachable!("not trained")
     }
     fn save_pretrained(&self, _: &std::path::Path, _: SaveDType) -> whale_model::Result<()> {

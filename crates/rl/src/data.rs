@@ -1,6 +1,7 @@
 //! The pretraining data source: corpus documents tokenized and packed into rows. A row starts at
 //! a document boundary and holds whole documents while they fit; the rest is padding whose
-//! targets are ignored. A document longer than a row is cut.
+//! targets are ignored. A document longer than a row is an error, not cut: cut before its answer
+//! and EOS, it would teach the model traces that never end.
 
 use serde_json::{json, Value};
 use whale_parallel::model::tensor::{Device, Tensor};
@@ -35,6 +36,34 @@ impl<T: Tokenizer> CorpusData<T> {
         let text = self.corpus.next_document();
         Ok(self.tokenizer.encode(&text)?)
     }
+
+    /// Draws `documents` documents and refuses a `seq` that cannot hold the longest of them in a
+    /// row, naming the length it needs: run on a fresh source before training, so that a task
+    /// too long for the rows is an error before anything is written, not one mid-run.
+    pub fn check_fit(&mut self, seq: usize, documents: usize) -> whale_parallel::Result<()> {
+        let mut longest = Vec::new();
+        for _ in 0..documents {
+            let doc = self.next_doc()?;
+            if doc.len() > longest.len() {
+                longest = doc;
+            }
+        }
+        too_long(&self.tokenizer, &longest, seq)
+    }
+}
+
+/// The error for a document of more than `seq + 1` tokens (a row's inputs and targets).
+fn too_long(tok: &dyn Tokenizer, doc: &[u32], seq: usize) -> whale_parallel::Result<()> {
+    if doc.len() <= seq + 1 {
+        return Ok(());
+    }
+    Err(whale_parallel::Error::Train(format!(
+        "a pretraining document of {} tokens does not fit a row of seq_len {seq} (+1 for the last target), so it would \
+         be cut before its end: {:?}; set seq_len to at least {}",
+        doc.len(),
+        tok.decode(doc),
+        doc.len() - 1
+    )))
 }
 
 impl<T: Tokenizer + 'static> DataSource for CorpusData<T> {
@@ -46,8 +75,9 @@ impl<T: Tokenizer + 'static> DataSource for CorpusData<T> {
             let mut row: Vec<u32> = Vec::with_capacity(seq + 1);
             loop {
                 let doc = self.next_doc()?;
-                if row.is_empty() || row.len() + doc.len() <= seq + 1 {
-                    row.extend(doc.iter().take(seq + 1 - row.len()));
+                too_long(&self.tokenizer, &doc, seq)?;
+                if row.len() + doc.len() <= seq + 1 {
+                    row.extend(doc);
                 } else {
                     self.pending = Some(doc);
                     break;
@@ -112,5 +142,25 @@ mod tests {
             a.next_batch(3, 48).unwrap().0.to_vec::<i64>().unwrap(),
             b.next_batch(3, 48).unwrap().0.to_vec::<i64>().unwrap()
         );
+    }
+
+    #[test]
+    fn a_document_longer_than_a_row_is_refused_not_cut() {
+        // 3-4 digit additions run to 55 tokens: rows of 44 would cut half of them before their
+        // answer and EOS.
+        let mk = || CorpusData::new(Corpus::new(TaskSet::parse("add").unwrap(), 0.0, 1).unwrap(), CharTokenizer::new());
+        let err = mk().check_fit(44, 512).unwrap_err().to_string();
+        assert!(err.contains("seq_len 44") && err.contains("at least 5"), "{err}");
+        let err = mk().next_batch(8, 44).unwrap_err().to_string();
+        assert!(err.contains("does not fit a row of seq_len 44"), "{err}");
+        mk().check_fit(54, 512).unwrap();
+        let (_, targets) = mk().next_batch(8, 54).unwrap();
+        // Every row ends its document: its last real target is the EOS.
+        let tok = CharTokenizer::new();
+        let t = targets.to_vec::<i64>().unwrap();
+        for row in t.chunks(54) {
+            let last = row.iter().rev().find(|&&x| x != IGNORE_INDEX).unwrap();
+            assert_eq!(*last, tok.eos_id() as i64);
+        }
     }
 }

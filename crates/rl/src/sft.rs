@@ -108,21 +108,23 @@ pub struct SftLog {
     pub seconds: f64,
 }
 
-/// `(ids, targets)` rows for `examples`: targets are the next tokens, `IGNORE_INDEX` on padding
-/// (and on the prompt unless `loss_on_prompt`).
+/// `(ids, targets, lengths)` rows for `examples`: targets are the next tokens, `IGNORE_INDEX` on
+/// padding (and on the prompt unless `loss_on_prompt`); `lengths` counts each row's real inputs
+/// (prompt and completion), the rest being padding.
 pub fn sft_batch(
     tok: &dyn Tokenizer,
     examples: &[&Example],
     seq_len: usize,
     loss_on_prompt: bool,
-) -> Result<(Tensor, Tensor)> {
-    let (mut ids, mut targets) = (Vec::new(), Vec::new());
+) -> Result<(Tensor, Tensor, Vec<usize>)> {
+    let (mut ids, mut targets, mut lengths) = (Vec::new(), Vec::new(), Vec::new());
     for ex in examples {
         let prompt = prompt_ids(tok, &ex.prompt)?;
         let mut row = prompt.clone();
         row.extend(tok.encode(&ex.completion)?);
         row.push(tok.eos_id());
         row.truncate(seq_len + 1);
+        lengths.push(row.len().min(seq_len));
         for t in 0..seq_len {
             ids.push(*row.get(t).unwrap_or(&tok.pad_id()) as i64);
             let learn = t + 1 < row.len() && (loss_on_prompt || t + 1 >= prompt.len());
@@ -130,7 +132,7 @@ pub fn sft_batch(
         }
     }
     let shape = [examples.len(), seq_len];
-    Ok((Tensor::from_vec(ids, &shape, &Device::Cpu)?, Tensor::from_vec(targets, &shape, &Device::Cpu)?))
+    Ok((Tensor::from_vec(ids, &shape, &Device::Cpu)?, Tensor::from_vec(targets, &shape, &Device::Cpu)?, lengths))
 }
 
 /// Tokens `ex` takes in a row: prompt, completion and EOS (a row holds `seq_len + 1`).
@@ -212,8 +214,8 @@ pub fn sft(
             }
             batch.push(&data[order.pop().expect("refilled")]);
         }
-        let (ids, targets) = sft_batch(tok, &batch, cfg.seq_len, cfg.loss_on_prompt)?;
-        let loss = model.train_loss(&ids, &targets)?;
+        let (ids, targets, lengths) = sft_batch(tok, &batch, cfg.seq_len, cfg.loss_on_prompt)?;
+        let loss = model.train_loss(&ids, &targets, &lengths)?;
         let lv = loss.to_scalar()? as f64;
         if !lv.is_finite() {
             model.params().zero_grad();

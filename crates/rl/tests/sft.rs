@@ -1,6 +1,6 @@
 //! SFT batching and training, rejection sampling's filter, and the Bradley-Terry reward model.
 
-use whale_rl::parallel::model::tensor::{DType, Device, Tensor};
+use whale_rl::parallel::model::tensor::{no_grad, DType, Device, Tensor};
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{CausalLm, DeepSeekV3, DeepSeekV3Config, DenseConfig, DenseModel, IGNORE_INDEX};
 mod common;
@@ -16,7 +16,8 @@ use whale_rl::tasks::{Language, Problem};
 fn sft_rows_learn_only_the_completion_and_its_eos() {
     let tok = CharTokenizer::new();
     let ex = Example { prompt: "1+2=".into(), completion: "<think></think><answer>3</answer>".into() };
-    let (ids, targets) = sft_batch(&tok, &[&ex], 12, false).unwrap();
+    let (ids, targets, lengths) = sft_batch(&tok, &[&ex], 12, false).unwrap();
+    assert_eq!(lengths, [10]);
     let (ids, targets) = (ids.to_vec_i64().unwrap(), targets.to_vec_i64().unwrap());
     let mut full: Vec<i64> =
         tok.encode("1+2=<think></think><answer>3</answer>").unwrap().iter().map(|&t| t as i64).collect();
@@ -28,15 +29,17 @@ fn sft_rows_learn_only_the_completion_and_its_eos() {
     assert!(targets[..3].iter().all(|&t| t == IGNORE_INDEX));
     assert_eq!(targets[3..9], full[4..10]);
     assert!(targets[9..].iter().all(|&t| t == IGNORE_INDEX));
-    let (_, t2) = sft_batch(&tok, &[&ex], 12, true).unwrap();
+    let (_, t2, _) = sft_batch(&tok, &[&ex], 12, true).unwrap();
     assert_eq!(t2.to_vec_i64().unwrap()[..3], full[1..4]);
     // Cut to seq_len: the row keeps its first seq_len + 1 tokens.
-    let (cut, cut_t) = sft_batch(&tok, &[&ex], 6, false).unwrap();
+    let (cut, cut_t, lengths) = sft_batch(&tok, &[&ex], 6, false).unwrap();
+    assert_eq!(lengths, [6]);
     assert_eq!(cut.to_vec_i64().unwrap(), full[..6].to_vec());
     assert_eq!(cut_t.to_vec_i64().unwrap()[5], full[6]);
     // A short example: EOS is the last target, then padding is ignored.
     let short = Example { prompt: "1=".into(), completion: "1".into() };
-    let (ids, targets) = sft_batch(&tok, &[&short], 6, false).unwrap();
+    let (ids, targets, lengths) = sft_batch(&tok, &[&short], 6, false).unwrap();
+    assert_eq!(lengths, [4]);
     let t = targets.to_vec_i64().unwrap();
     assert_eq!(t, vec![IGNORE_INDEX, tok.encode("1").unwrap()[0] as i64, tok.eos_id() as i64, -100, -100, -100]);
     assert_eq!(ids.to_vec_i64().unwrap()[3..], [tok.eos_id() as i64, tok.pad_id() as i64, tok.pad_id() as i64]);
@@ -133,4 +136,23 @@ fn rejection_keeps_templated_completions_wholly_in_the_prompts_script() {
     assert!(!fit_for_sft(&digits, "<think>2+7+0=9;1+0+0=1</think><answer>lw</answer>"));
     assert!(!fit_for_sft(&letters, "<think>2+7+0=9;l+k+k=l</think><answer>lw</answer>"));
     assert!(!fit_for_sft(&digits, "<answer>19</answer>"));
+}
+
+#[test]
+fn padding_does_not_move_a_moe_models_sft_loss() {
+    // With a sequence-wise balance loss on, the MoE layers' loads must count the prompt and the
+    // completion and leave the padding out: more padding, the same loss.
+    let tok = CharTokenizer::new();
+    let cfg = DeepSeekV3Config { seq_aux_alpha: 0.05, ..DeepSeekV3Config::tiny() };
+    let model = DeepSeekV3::new(cfg, 3).unwrap();
+    let examples: Vec<Example> = (0..3)
+        .map(|i| Example { prompt: format!("{i}{i}+7="), completion: format!("<answer>{}</answer>", 11 * i + 7) })
+        .collect();
+    let refs: Vec<&Example> = examples.iter().collect();
+    let loss = |seq_len: usize| {
+        let (ids, targets, lengths) = sft_batch(&tok, &refs, seq_len, false).unwrap();
+        no_grad(|| model.train_loss(&ids, &targets, &lengths)).unwrap().to_scalar().unwrap()
+    };
+    let (short, long) = (loss(20), loss(40));
+    assert!((short - long).abs() <= 1e-6 * short.abs(), "{short} vs {long}");
 }

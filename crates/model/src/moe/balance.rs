@@ -58,6 +58,18 @@ impl RealTokens {
         Ok(RealTokens { batch, seq, real })
     }
 
+    /// Rows of `batch` x `seq` whose first `lengths[b]` positions are real: a prompt and its
+    /// completion, whose prompt is masked out of the loss but is real text (SFT's layout).
+    pub fn from_lengths(batch: usize, seq: usize, lengths: &[usize]) -> Result<Self> {
+        if lengths.len() != batch || lengths.iter().any(|&l| l > seq) {
+            return Err(Error::Model(format!(
+                "real tokens: row lengths {lengths:?} for a batch of {batch} rows of {seq}"
+            )));
+        }
+        let real = lengths.iter().flat_map(|&l| (0..seq).map(move |i| i < l)).collect();
+        Ok(RealTokens { batch, seq, real })
+    }
+
     /// The positions `k..` of each row: MTP depth `k`'s, whose position `i` reads token `i + k`.
     pub fn shifted(&self, k: usize) -> RealTokens {
         let s = self.seq.saturating_sub(k);
