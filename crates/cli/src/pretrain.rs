@@ -4,9 +4,11 @@
 //! With `--dp`, `--ep` and `--pp` (and `--schedule`) the run is a
 //! [`whale_rl::parallel::parallel_trainer::Mesh`] of ranks, each a thread of this process on
 //! `LocalComm`: data-parallel replicas, the routed experts split over `--ep` of them, the layers
-//! over `--pp` pipeline stages. It takes the steps one rank would take on the same global batch
-//! (`dp x grad-accum x micro-batch` sequences); rank 0 writes the checkpoints and metrics, and the
-//! run folder is the single-rank run's.
+//! over `--pp` pipeline stages. It takes the steps one rank would take on the same micro-batches
+//! with `--grad-accum` dp x grad-accum (`dp x grad-accum x micro-batch` sequences a step): each
+//! micro-batch's loss is the mean over its own real tokens and a step averages the micro-batches,
+//! as torch's DDP and Megatron's default do, not a mean over every token of the global batch.
+//! Rank 0 writes the checkpoints and metrics, and the run folder is the single-rank run's.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -436,8 +436,9 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Writes a directory at `dir` atomically: `write` fills `dir.tmp` (its last file should be the
-/// one that marks it complete); then the old directory moves to `dir.old`, the new one into
-/// place, and `dir.old` is removed. A crash at any point leaves `dir` or `dir.old` complete.
+/// one that marks it complete, each flushed before it), which is flushed; then the old directory
+/// moves to `dir.old`, the new one into place, and `dir.old` is removed. A crash at any point
+/// leaves `dir`, or between the two renames both `dir.old` and the newer `dir.tmp`, complete.
 /// Generic over the caller's error, so that `write` can fail with the caller's own.
 pub fn write_dir_atomically<E: From<Error>>(
     dir: &Path,
@@ -451,6 +452,9 @@ pub fn write_dir_atomically<E: From<Error>>(
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
     write(&tmp)?;
+    // Its entries on the disk before the old directory moves aside: between the renames it is
+    // the newest complete copy.
+    sync(&tmp)?;
     if dir.exists() {
         if old.exists() {
             remove(&old)?;
@@ -464,8 +468,9 @@ pub fn write_dir_atomically<E: From<Error>>(
     Ok(())
 }
 
-/// The complete checkpoint at `dir`, or at `dir.old` when a crash interrupted the swap of
-/// [`write_dir_atomically`]; `marker` is the file written last.
+/// The complete checkpoint at `dir`; when a crash interrupted the swap of
+/// [`write_dir_atomically`] (no `dir`), the new one at `dir.tmp` if it was complete, else the
+/// old one at `dir.old`; `marker` is the file written last.
 pub fn complete_checkpoint(dir: &Path, marker: &str) -> Result<PathBuf> {
     find_checkpoint(dir, marker)?.ok_or_else(|| Error::file(dir, format!("no complete checkpoint here (no {marker})")))
 }
@@ -475,13 +480,14 @@ pub fn complete_checkpoint(dir: &Path, marker: &str) -> Result<PathBuf> {
 /// start over would replace the checkpoint.
 pub fn find_checkpoint(dir: &Path, marker: &str) -> Result<Option<PathBuf>> {
     let has = |d: &Path| d.join(marker).try_exists().map_err(|e| Error::file(d.join(marker), e));
-    Ok(if has(dir)? {
-        Some(dir.to_path_buf())
-    } else if has(&sibling(dir, "old"))? {
-        Some(sibling(dir, "old"))
-    } else {
-        None
-    })
+    // With `dir` in place a complete `dir.tmp` is a write that had not begun its swap: `dir` is
+    // the checkpoint (the next save replaces the other).
+    for candidate in [dir.to_path_buf(), sibling(dir, "tmp"), sibling(dir, "old")] {
+        if has(&candidate)? {
+            return Ok(Some(candidate));
+        }
+    }
+    Ok(None)
 }
 
 /// Writes pretty JSON and flushes it to the disk.

@@ -149,6 +149,18 @@ fn a_directory_written_atomically_is_the_old_one_or_the_new_one_whole() {
     write_dir_atomically(&ckpt, fill("second")).unwrap();
     assert_eq!(read(&complete_checkpoint(&ckpt, "done").unwrap()), "second");
     assert!(!root.join("checkpoint.old").exists() && !root.join("checkpoint.tmp").exists());
+    // The same crash after the new directory was complete: it is the newer checkpoint, taken
+    // over the old one (which held `second`); with `checkpoint` in place, that one.
+    rename_synced(&ckpt, &root.join("checkpoint.old")).unwrap();
+    let tmp = root.join("checkpoint.tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    fill("third")(&tmp).unwrap();
+    assert_eq!(complete_checkpoint(&ckpt, "done").unwrap(), tmp);
+    write_dir_atomically(&ckpt, fill("fourth")).unwrap();
+    std::fs::create_dir_all(&tmp).unwrap();
+    fill("fifth")(&tmp).unwrap();
+    assert_eq!(read(&complete_checkpoint(&ckpt, "done").unwrap()), "fourth");
+    std::fs::remove_dir_all(&tmp).unwrap();
 
     // Neither complete: an error naming the directory and the missing marker.
     std::fs::remove_file(ckpt.join("done")).unwrap();

@@ -16,8 +16,9 @@ impl LrSchedule for Constant {
 
 /// Linear warmup to `peak` over `warmup` steps, then cosine decay to `min` at `total`, then
 /// `min`. Warmup step i (0-based) takes `peak * (i + 1) / warmup`, so no step has a zero rate and
-/// the last warmup step reaches `peak` (Megatron's and nanoGPT's convention; HF's
-/// `get_cosine_schedule_with_warmup` starts at 0 and reaches `peak` one step later).
+/// the last warmup step reaches `peak`. Megatron's scheduler and HF's
+/// `get_cosine_schedule_with_warmup` take `peak * i / warmup` (a first step at rate 0, `peak` one
+/// step later); nanoGPT's takes `peak * (i + 1) / (warmup + 1)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WarmupCosine {
     pub peak: f32,
