@@ -15,10 +15,10 @@ use whale_rl::parallel::model::checkpoint::{write_dir_atomically, SaveDType};
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::{moved_to, CausalLm, DenseConfig, DenseModel};
-use whale_rl::sft::{fitting, rejection_sample, Example, SftConfig};
+use whale_rl::sft::{fitting, rejection_sample, Example, RejectionStats, SftConfig};
 use whale_rl::tasks::{Corpus, Split, TaskSet};
 
-use crate::pretrain::{print_report, report_row, write_eval};
+use crate::pretrain::{eval_from_json, eval_json, print_report, report_row, write_eval, write_json_atomically};
 use crate::r1_zero::progress;
 
 /// Every setting of a distillation run; a config file holds any subset.
@@ -32,9 +32,10 @@ pub struct DistillSettings {
     /// Share of the student's pretraining traces with a wrong step, and with language mixing.
     pub imperfect: f64,
     pub mixing: f64,
-    /// Prompts the teacher answers, and samples per prompt.
+    /// Prompts the teacher answers, samples per prompt, and the temperature it samples them at.
     pub trace_problems: usize,
     pub trace_samples: usize,
+    pub trace_temperature: f32,
     pub sft: SftConfig,
     /// The RL-only arm: GRPO for `rl.steps` steps, calibrated to take about the distillation
     /// arm's time on a 2-core machine (both times are reported; a step count keeps the run
@@ -64,6 +65,7 @@ impl Default for DistillSettings {
             // A correct trace of a problem is unique, so prompts, not samples, make the data.
             trace_problems: 1024,
             trace_samples: 2,
+            trace_temperature: 1.0,
             sft: SftConfig { steps: 200, lr: 1e-3, ..SftConfig::default() },
             // The R1 model's rewards: the two arms differ only in how the student learns.
             rl: GrpoConfig { steps: 10, rewards: crate::r1::ALL_RL_RULES.into(), ..GrpoConfig::default() },
@@ -115,6 +117,10 @@ pub struct DistillArgs {
     /// cpu (the default), or cuda / cuda:N: the teacher samples and the students train there.
     #[arg(long)]
     pub device: Option<String>,
+    /// Continue an interrupted run in --out with its own settings: the teacher's saved traces
+    /// and every finished arm are kept, an unfinished arm runs again.
+    #[arg(long)]
+    pub resume: bool,
     /// The main job's tasks and evaluation set (over the settings' own).
     #[arg(skip)]
     pub shared: Option<crate::settings::Shared>,
@@ -141,154 +147,289 @@ pub(crate) fn save(model: &dyn CausalLm, tok: &dyn Tokenizer, dir: &Path) -> Res
     })?)
 }
 
+/// What marks an arm finished: its record (report, seconds, steps), written after its checkpoint.
+const ARM_FILE: &str = "arm.json";
+/// The teacher's verified traces, kept so that a resumed run does not sample them again.
+const TRACES_FILE: &str = "traces.json";
+const ARMS: [&str; 3] = ["student-base", "distilled", "rl-only"];
+
+/// A finished arm's record: its held-out report, its training time and steps.
+struct Arm {
+    report: EvalReport,
+    seconds: f64,
+    steps: u64,
+}
+
+/// The arm at `dir` if a run finished it (with --resume), else `None` after clearing what an
+/// interrupted attempt left there.
+fn finished_arm(dir: &Path, resume: bool) -> Result<Option<Arm>> {
+    let marker = dir.join(ARM_FILE);
+    if resume && marker.exists() {
+        let text = std::fs::read_to_string(&marker).with_context(|| marker.display().to_string())?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| marker.display().to_string())?;
+        let (report, seconds, steps) = (eval_from_json(&v["report"]), v["seconds"].as_f64(), v["steps"].as_u64());
+        let (Some(report), Some(seconds), Some(steps)) = (report, seconds, steps) else {
+            anyhow::bail!("{}: not a finished arm's record (report, seconds, steps)", marker.display());
+        };
+        println!("distill: {} finished earlier", dir.display());
+        return Ok(Some(Arm { report, seconds, steps }));
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {} to run it again", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    Ok(None)
+}
+
+/// Saves `model` into the arm's folder, evaluates it, and writes the arm's record last.
+#[allow(clippy::too_many_arguments)]
+fn finish_arm(
+    dir: &Path,
+    model: &dyn CausalLm,
+    tok: &dyn Tokenizer,
+    heldout: &[whale_rl::tasks::Problem],
+    eval_cfg: &EvalConfig,
+    seconds: f64,
+    steps: u64,
+) -> Result<Arm> {
+    save(model, tok, dir)?;
+    let report = evaluate(model, tok, heldout, eval_cfg)?;
+    write_eval(&dir.join("eval.json"), &report)?;
+    let record = serde_json::json!({ "report": eval_json(&report), "seconds": seconds, "steps": steps });
+    write_json_atomically(&dir.join(ARM_FILE), &record)?;
+    Ok(Arm { report, seconds, steps })
+}
+
 pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
-    let mut s: DistillSettings = match &args.config {
-        Some(p) => crate::settings::load(p)?,
-        None => DistillSettings::default(),
+    let out = args.out.clone().unwrap_or_else(|| crate::r1::sibling_run(&args.from, "distill"));
+    let mut s: DistillSettings = if args.resume {
+        if args.config.is_some() {
+            anyhow::bail!("--resume continues with the run's own settings.json; drop --config");
+        }
+        crate::settings::run_settings(&out)?
+    } else {
+        match &args.config {
+            Some(p) => crate::settings::load(p)?,
+            None => DistillSettings::default(),
+        }
     };
     if let Some(sh) = &args.shared {
         s = sh.lay_over(s)?;
     }
-    let out = args.out.clone().unwrap_or_else(|| crate::r1::sibling_run(&args.from, "distill"));
-    // Any arm's folder in use, finished or not, is another run's: refused before any work.
-    if let Some(arm) = ["student-base", "distilled", "rl-only"].iter().map(|a| out.join(a)).find(|d| d.exists()) {
-        anyhow::bail!("{} already holds a distillation run ({}); choose another --out", out.display(), arm.display());
+    // The inputs a run was started with; --resume must be given the same ones.
+    let inputs = serde_json::json!({ "from": args.from, "student": args.student });
+    let run_file = out.join("run.json");
+    if args.resume {
+        if let Ok(text) = std::fs::read_to_string(&run_file) {
+            let recorded: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| run_file.display().to_string())?;
+            for flag in ["from", "student"] {
+                let same = match (recorded[flag].as_str(), inputs[flag].as_str()) {
+                    (Some(a), Some(b)) => crate::settings::same_path(Path::new(a), Path::new(b)),
+                    (a, b) => a == b,
+                };
+                if !same {
+                    anyhow::bail!(
+                        "--resume: --{flag} {} differs from the run's ({}, in {})",
+                        inputs[flag],
+                        recorded[flag],
+                        run_file.display()
+                    );
+                }
+            }
+        }
+    } else if let Some(used) = ARMS.iter().chain(&[TRACES_FILE]).map(|a| out.join(a)).find(|d| d.exists()) {
+        // Any arm's folder in use, finished or not, is another run's: refused before any work.
+        anyhow::bail!(
+            "{} already holds a distillation run ({}); pass --resume to continue it or choose another --out",
+            out.display(),
+            used.display()
+        );
     }
     // The student's pretraining corpus (used when no --student is given); building it refuses
     // its shares before anything is written.
     let mut corpus = Corpus::new(TaskSet::parse(&s.tasks)?.with_letters(s.letters)?, s.imperfect, s.seed ^ 0x57)?
         .with_mixing(s.mixing)?;
+    // The student's pretraining documents (none with --student), drawn before the corpus lends
+    // its tasks to the rest of the run.
+    let pretraining_docs: Vec<Example> = if args.student.is_none() {
+        let n = (s.student_pretrain.steps as usize * s.student_pretrain.batch).min(20_000);
+        (0..n)
+            .map(|_| {
+                let (prompt, completion) = corpus.next_pair();
+                Example { prompt, completion }
+            })
+            .collect()
+    } else {
+        vec![]
+    };
     let tasks = &corpus.tasks;
-    // The RL arm's settings are checked before the student and the distillation train.
+    // Every arm's settings are checked before any trains.
     s.rl.validate().context("the distill settings' [rl]")?;
     s.student_pretrain.validate().context("the distill settings' [student_pretrain]")?;
     s.sft.validate().context("the distill settings' [sft]")?;
-    // Both models' folders, checked before the teacher samples for minutes.
+    if !(s.trace_temperature > 0.0 && s.trace_temperature.is_finite()) {
+        anyhow::bail!("the distill settings' `trace_temperature` = {}: must be positive", s.trace_temperature);
+    }
+    // Both models, and the student's pretraining data, checked before the teacher samples for
+    // minutes.
     crate::device::require_checkpoint(&args.from, "the teacher (--from)")?;
-    let student_tok = args.student.as_deref().map(|dir| crate::device::tokenizer(dir, "the student")).transpose()?;
+    let teacher_tok = crate::device::tokenizer(&args.from, "the teacher")?;
+    // The student reads the traces as text, through its own tokenizer (a fresh one the teacher's).
+    let tok = match args.student.as_deref() {
+        Some(dir) => crate::device::tokenizer(dir, "the student")?,
+        None => teacher_tok.clone(),
+    };
+    let given_student = match &args.student {
+        Some(dir) => {
+            let model = crate::device::load(dir, &device, "the student")?;
+            crate::device::check_fits(&*tok, &*model, dir, "the student")?;
+            Some(model)
+        }
+        None => None,
+    };
+    whale_rl::sft::check_lengths(&*tok, &pretraining_docs, s.student_pretrain.seq_len)
+        .context("the student's pretraining corpus (`student_pretrain.seq_len`)")?;
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
-    crate::pretrain::write_json_atomically(&out.join("settings.json"), &serde_json::to_value(&s)?)?;
+    write_json_atomically(&out.join("settings.json"), &serde_json::to_value(&s)?)?;
+    write_json_atomically(&run_file, &inputs)?;
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
     // The teacher's traces and every evaluation may run as long as the RL arm's completions.
     let eval_cfg = EvalConfig::covering(s.k, s.rl.max_new_tokens);
 
-    // The teacher's verified traces.
-    let (teacher, teacher_tok) = crate::device::load_with_tokenizer(&args.from, &device, "the teacher")?;
-    // The student reads the traces as text, through its own tokenizer (a fresh one the teacher's).
-    let tok = student_tok.unwrap_or_else(|| teacher_tok.clone());
-    let prompts = tasks.problems(s.trace_problems, s.seed ^ 0xD157, Split::Train);
-    let (traces, stats) = rejection_sample(
-        &*teacher,
-        &*teacher_tok,
-        &prompts,
-        s.trace_samples,
-        1.0,
-        eval_cfg.max_new_tokens,
-        &mut Rng::new(s.seed ^ 0x7EAC),
-    )?;
-    drop(teacher);
-    let (traces, long) = fitting(&*tok, traces, s.sft.seq_len)?;
-    if long > 0 {
-        println!("distill: {long} traces longer than `sft.seq_len` left out");
-    }
-    if traces.is_empty() {
-        anyhow::bail!(
-            "the teacher {} wrote no verified, well-formatted trace in {} samples: nothing to distil",
-            args.from.display(),
-            stats.sampled
-        );
-    }
+    // The teacher's verified traces, sampled once and kept.
+    let traces_file = out.join(TRACES_FILE);
+    let (traces, stats): (Vec<Example>, RejectionStats) = if args.resume && traces_file.exists() {
+        let text = std::fs::read_to_string(&traces_file).with_context(|| traces_file.display().to_string())?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| traces_file.display().to_string())?;
+        let traces = serde_json::from_value(v["traces"].clone()).with_context(|| traces_file.display().to_string())?;
+        let stats = serde_json::from_value(v["stats"].clone()).with_context(|| traces_file.display().to_string())?;
+        println!("distill: the teacher's traces from {}", traces_file.display());
+        (traces, stats)
+    } else {
+        let teacher = crate::device::load(&args.from, &device, "the teacher")?;
+        let prompts = tasks.problems(s.trace_problems, s.seed ^ 0xD157, Split::Train);
+        let (traces, stats) = rejection_sample(
+            &*teacher,
+            &*teacher_tok,
+            &prompts,
+            s.trace_samples,
+            s.trace_temperature,
+            eval_cfg.max_new_tokens,
+            &mut Rng::new(s.seed ^ 0x7EAC),
+        )?;
+        write_json_atomically(&traces_file, &serde_json::json!({ "stats": stats, "traces": traces }))?;
+        (traces, stats)
+    };
     println!(
         "distill: the teacher wrote {} samples, {} correct, {} kept, {} unique traces",
         stats.sampled, stats.correct, stats.accepted, stats.unique
     );
+    let unique = traces.len();
+    let (traces, long) = fitting(&*tok, traces, s.sft.seq_len)?;
+    if long > 0 {
+        println!(
+            "distill: {long} of {unique} traces are longer than `sft.seq_len` = {} and are left out (raise it to keep them)",
+            s.sft.seq_len
+        );
+    }
+    if traces.is_empty() {
+        anyhow::bail!(
+            "nothing to distil: the teacher {} wrote {} verified, well-formatted traces in {} samples, and {long} of them \
+             are longer than `sft.seq_len` = {}",
+            args.from.display(),
+            unique,
+            stats.sampled,
+            s.sft.seq_len
+        );
+    }
 
     // The student base.
-    let student: Box<dyn CausalLm> = match &args.student {
-        Some(dir) => {
-            let model = crate::device::load(dir, &device, "the student")?;
-            crate::device::check_fits(&*tok, &*model, dir, "the student")?;
-            model
-        }
+    let base_dir = out.join("student-base");
+    let (student, student_base) = match finished_arm(&base_dir, args.resume)? {
+        Some(arm) => (crate::device::load(&base_dir.join("checkpoint"), &device, "the student base")?, arm.report),
         None => {
-            // Its config names the tokenizer's BOS and stop tokens, so its checkpoints stop
-            // generation where this run does.
-            let cfg = DenseConfig {
-                bos_token_id: Some(tok.bos_id()),
-                eos_token_ids: tok.stop_ids(),
-                ..DenseConfig::student(tok.vocab_size())
+            let t0 = Instant::now();
+            let student: Box<dyn CausalLm> = match given_student {
+                Some(model) => model,
+                None => {
+                    // Its config names the tokenizer's BOS and stop tokens, so its checkpoints
+                    // stop generation where this run does.
+                    let cfg = DenseConfig {
+                        bos_token_id: Some(tok.bos_id()),
+                        eos_token_ids: tok.stop_ids(),
+                        ..DenseConfig::student(tok.vocab_size())
+                    };
+                    println!(
+                        "distill: pretraining a {}-layer Qwen2-style student ({:.2}M parameters) on the task corpus",
+                        cfg.num_hidden_layers,
+                        cfg.param_count() as f64 / 1e6
+                    );
+                    let model = moved_to(Box::new(DenseModel::new(cfg, s.seed)?), &device)?;
+                    sft_with_bar(&*model, &*tok, &pretraining_docs, &s.student_pretrain, None)
+                        .context("the student's pretraining (`student_pretrain`)")?;
+                    model
+                }
             };
-            println!(
-                "distill: pretraining a {}-layer Qwen2-style student ({:.2}M parameters) on the task corpus",
-                cfg.num_hidden_layers,
-                cfg.param_count() as f64 / 1e6
-            );
-            let model = moved_to(Box::new(DenseModel::new(cfg, s.seed)?), &device)?;
-            let n = (s.student_pretrain.steps as usize * s.student_pretrain.batch).min(20_000);
-            let docs: Vec<Example> = (0..n)
-                .map(|_| {
-                    let (prompt, completion) = corpus.next_pair();
-                    Example { prompt, completion }
-                })
-                .collect();
-            sft_with_bar(&*model, &*tok, &docs, &s.student_pretrain, None)
-                .context("the student's pretraining (`student_pretrain`)")?;
-            model
+            let steps = if args.student.is_some() { 0 } else { s.student_pretrain.steps };
+            let arm = finish_arm(&base_dir, &*student, &*tok, &heldout, &eval_cfg, t0.elapsed().as_secs_f64(), steps)?;
+            (student, arm.report)
         }
     };
-    let base_dir = out.join("student-base");
-    std::fs::create_dir_all(&base_dir)?;
-    save(&*student, &*tok, &base_dir)?;
-    let student_base = evaluate(&*student, &*tok, &heldout, &eval_cfg)?;
-    write_eval(&base_dir.join("eval.json"), &student_base)?;
 
     // Arm 1: SFT on the teacher's traces.
-    let t0 = Instant::now();
-    let distilled = student.duplicate()?;
-    sft_with_bar(&*distilled, &*tok, &traces, &s.sft, None).context("distillation SFT (`sft`)")?;
-    let distill_seconds = t0.elapsed().as_secs_f64();
     let dir = out.join("distilled");
-    std::fs::create_dir_all(&dir)?;
-    save(&*distilled, &*tok, &dir)?;
-    let distilled_report = evaluate(&*distilled, &*tok, &heldout, &eval_cfg)?;
-    write_eval(&dir.join("eval.json"), &distilled_report)?;
+    let distilled = match finished_arm(&dir, args.resume)? {
+        Some(arm) => arm,
+        None => {
+            let t0 = Instant::now();
+            let distilled = student.duplicate()?;
+            sft_with_bar(&*distilled, &*tok, &traces, &s.sft, None).context("distillation SFT (`sft`)")?;
+            let seconds = t0.elapsed().as_secs_f64();
+            finish_arm(&dir, &*distilled, &*tok, &heldout, &eval_cfg, seconds, s.sft.steps)?
+        }
+    };
 
     // Arm 2: GRPO on the student base for the same wall-clock time.
     let rl_dir = out.join("rl-only");
-    std::fs::create_dir_all(&rl_dir)?;
-    let rl_cfg = s.rl.clone();
-    let mut t = GrpoTrainer::new(student.duplicate()?, rl_cfg.clone(), Box::new(tok.clone()))?;
-    t.run.log_to(&rl_dir.join("metrics.jsonl"), &rl_dir.join("completions.jsonl"))?;
-    let pb = progress(rl_cfg.steps);
-    let t1 = Instant::now();
-    while !t.run.done() {
-        let log = t.train_step()?;
-        pb.set_position(log.step + 1);
-        pb.set_message(format!("RL-only student: reward {:.3}", log.get("reward")));
-    }
-    pb.finish_and_clear();
-    let rl_steps = t.run.step;
-    let rl_seconds = t1.elapsed().as_secs_f64();
-    save(&*t.policy, &*tok, &rl_dir)?;
-    let rl_only = evaluate(&*t.policy, &*tok, &heldout, &eval_cfg)?;
-    write_eval(&rl_dir.join("eval.json"), &rl_only)?;
+    let rl_only = match finished_arm(&rl_dir, args.resume)? {
+        Some(arm) => arm,
+        None => {
+            let rl_cfg = s.rl.clone();
+            let mut t = GrpoTrainer::new(student.duplicate()?, rl_cfg.clone(), Box::new(tok.clone()))?;
+            t.run.log_to(&rl_dir.join("metrics.jsonl"), &rl_dir.join("completions.jsonl"))?;
+            let pb = progress(rl_cfg.steps);
+            let t1 = Instant::now();
+            while !t.run.done() {
+                let log = t.train_step()?;
+                pb.set_position(log.step + 1);
+                pb.set_message(format!("RL-only student: reward {:.3}", log.get("reward")));
+            }
+            pb.finish_and_clear();
+            let seconds = t1.elapsed().as_secs_f64();
+            finish_arm(&rl_dir, &*t.policy, &*tok, &heldout, &eval_cfg, seconds, t.run.step)?
+        }
+    };
 
     println!(
-        "\ndistillation vs RL on the same student (SFT {} steps on {} traces in {distill_seconds:.0} s vs GRPO {rl_steps} steps in {rl_seconds:.0} s):",
-        s.sft.steps,
-        traces.len()
+        "\ndistillation vs RL on the same student (SFT {} steps on {} traces in {:.0} s vs GRPO {} steps in {:.0} s):",
+        distilled.steps,
+        traces.len(),
+        distilled.seconds,
+        rl_only.steps,
+        rl_only.seconds
     );
     print_report("student base", &student_base);
-    println!("{}", report_row("distilled (SFT on R1 traces)", &distilled_report));
-    println!("{}", report_row("RL-only (GRPO, same compute)", &rl_only));
+    println!("{}", report_row("distilled (SFT on R1 traces)", &distilled.report));
+    println!("{}", report_row("RL-only (GRPO, same compute)", &rl_only.report));
     Ok(DistillOutcome {
         student_base,
-        distilled: distilled_report,
-        rl_only,
-        distill_seconds,
-        rl_seconds,
-        rl_steps,
+        distilled: distilled.report,
+        rl_only: rl_only.report,
+        distill_seconds: distilled.seconds,
+        rl_seconds: rl_only.seconds,
+        rl_steps: rl_only.steps,
         rl_dir,
     })
 }

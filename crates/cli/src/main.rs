@@ -67,7 +67,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
     if args.resume {
         anyhow::bail!(
             "the main job has no --resume: continue its stages one by one (whale pretrain --resume --out RUN/pretrain, \
-             whale r1-zero --resume, whale r1 --resume, then whale distill)"
+             whale r1-zero --resume, whale r1 --resume, then whale distill --resume)"
         );
     }
     let run = args.out.take().unwrap_or_else(pretrain::free_main_run);
@@ -126,6 +126,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
         config: None,
         device,
         shared: Some(shared),
+        resume: false,
     })?;
 
     let mut rows =

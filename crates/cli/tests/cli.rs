@@ -800,14 +800,50 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
     assert!(!alone.join("3-rejection-sft/checkpoint").exists());
     // A teacher that solves nothing has nothing to distil: a clear error, not an empty student.
     let dcfg = dir.join("distill.toml");
-    std::fs::write(&dcfg, "trace_problems = 4\ntrace_samples = 2\n").unwrap();
+    let tiny_distill = "tasks = \"add:1\"\ntrace_problems = 4\ntrace_samples = 2\neval_problems = 2\nk = 2\n\
+                        [student_pretrain]\nsteps = 2\nbatch = 2\n[sft]\nsteps = 2\nbatch = 2\n\
+                        [rl]\nsteps = 1\nprompts_per_step = 2\ngroup_size = 2\n";
+    std::fs::write(&dcfg, tiny_distill).unwrap();
+    let d = dir.join("d");
+    let distill = |extra: &[&str]| {
+        let mut command = whale();
+        let out = command.args(["distill", "--from", ckpt.to_str().unwrap(), "--out", d.to_str().unwrap()]);
+        let out = out.args(extra).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, said) = distill(&["--config", dcfg.to_str().unwrap()]);
+    assert!(!ok && said.contains("nothing to distil") && said.contains("wrote 0 verified"), "{said}");
+    // Its traces were kept: a run resumed with traces (here written by hand, as a teacher that
+    // solves its problems would) trains the three arms without sampling again...
+    let traces: Vec<serde_json::Value> = (1..5)
+        .map(|a| serde_json::json!({"prompt": format!("{a}+4="), "completion": format!("<think>{a}+4+0={}</think><answer>{}</answer>", a + 4, a + 4)}))
+        .collect();
+    let stats = serde_json::json!({"sampled": 8, "correct": 4, "accepted": 4, "unique": 4});
+    std::fs::write(d.join("traces.json"), serde_json::json!({"stats": stats, "traces": traces}).to_string()).unwrap();
+    let (ok, said) = distill(&["--resume"]);
+    assert!(ok && said.contains("traces from") && !said.contains("finished earlier"), "{said}");
+    let eval = |arm: &str| std::fs::read_to_string(d.join(arm).join("eval.json")).unwrap();
+    let (distilled, rl_only) = (eval("distilled"), eval("rl-only"));
+    // ...and one cut short after its student base redoes only what it had not finished, to the
+    // same numbers.
+    std::fs::remove_file(d.join("distilled/arm.json")).unwrap();
+    std::fs::remove_dir_all(d.join("rl-only")).unwrap();
+    let (ok, said) = distill(&["--resume"]);
+    assert!(ok && said.contains("student-base finished earlier"), "{said}");
+    assert_eq!((eval("distilled"), eval("rl-only")), (distilled, rl_only));
+    // A finished run is not started over, nor resumed with other settings or another teacher.
+    let (ok, said) = distill(&[]);
+    assert!(!ok && said.contains("pass --resume"), "{said}");
+    let (ok, said) = distill(&["--resume", "--config", dcfg.to_str().unwrap()]);
+    assert!(!ok && said.contains("drop --config"), "{said}");
     let out = whale()
-        .args(["distill", "--from", ckpt.to_str().unwrap(), "--out", dir.join("d").to_str().unwrap()])
-        .args(["--config", dcfg.to_str().unwrap()])
+        .args(["distill", "--resume", "--from", base.to_str().unwrap(), "--out", d.to_str().unwrap()])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("no verified"), "{stderr}");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--from"));
     // A mistyped student folder is refused before the teacher samples, and nothing is written.
     let d2 = dir.join("d2");
     let out = whale()

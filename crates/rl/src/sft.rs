@@ -155,9 +155,10 @@ pub fn fitting(tok: &dyn Tokenizer, data: Vec<Example>, seq_len: usize) -> Resul
     Ok((kept, dropped))
 }
 
-/// Refuses examples longer than a row: cut, a trace would teach its reasoning without its
-/// `</answer>` and EOS.
-fn check_lengths(tok: &dyn Tokenizer, data: &[Example], seq_len: usize) -> Result<()> {
+/// Refuses `data` when an example does not fit a row of `seq_len` (prompt, completion and EOS in
+/// `seq_len + 1` tokens), naming how many and the length they need: cut, a trace would teach its
+/// reasoning without its `</answer>` and EOS.
+pub fn check_lengths(tok: &dyn Tokenizer, data: &[Example], seq_len: usize) -> Result<()> {
     let mut long = (0, 0, None);
     for ex in data {
         let len = row_len(tok, ex)?;
@@ -234,7 +235,7 @@ pub fn sft(
 }
 
 /// How many samples rejection sampling drew and kept.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct RejectionStats {
     pub sampled: usize,
     pub correct: usize,
