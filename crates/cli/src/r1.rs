@@ -69,6 +69,38 @@ pub struct RmSettings {
     pub lr: f32,
 }
 
+impl Rejection {
+    /// Refuses settings that would fail stage 3 only after stages 1 and 2, or sample from
+    /// something else (the SFT settings are checked with the others).
+    fn validate(&self) -> Result<()> {
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            bail!("`temperature` = {}: rejection sampling samples, so it must be positive", self.temperature);
+        }
+        for (key, v) in [("problems", self.problems), ("samples", self.samples)] {
+            if v == 0 {
+                bail!("`{key}` = 0: rejection sampling would draw nothing");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RmSettings {
+    /// Refuses settings that would fail stage 4 after stages 1-3, or train nothing (0 steps would
+    /// leave a reward that ties every pair).
+    fn validate(&self) -> Result<()> {
+        for (key, v) in [("train_pairs", self.train_pairs), ("steps", self.steps), ("batch", self.batch)] {
+            if v == 0 {
+                bail!("`{key}` = 0: the reward model would not train");
+            }
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("`lr` = {}: must be positive", self.lr);
+        }
+        Ok(())
+    }
+}
+
 /// Every setting of the R1 pipeline; a config file holds any subset.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -476,7 +508,12 @@ impl Pipeline {
         let r = &self.s.rejection;
         let teacher = self.load(sampler)?;
         let prompts = match &self.pool {
-            Some(p) => p.clone(),
+            // `problems` of the file's training prompts, drawn without repeats (all of a smaller
+            // file).
+            Some(pool) => {
+                let order = Rng::new(self.s.seed ^ 0x4E1).permutation(pool.len());
+                order.into_iter().take(r.problems).map(|i| pool[i].clone()).collect()
+            }
             None => self.tasks.problems(r.problems, self.s.seed ^ 0x4E1, Split::Train),
         };
         let mut rng = Rng::new(self.s.seed ^ 0x5A3);
@@ -489,19 +526,30 @@ impl Pipeline {
             self.generation_limit(),
             &mut rng,
         )?;
+        // The base fine-tunes next: the sampler's memory goes first.
+        drop(teacher);
         let (mut data, long) = fitting(&self.tok, sampled, r.sft.seq_len)?;
         if long > 0 {
-            println!("{}: {long} traces longer than `rejection.sft.seq_len` left out", Stage::RejectionSft.label());
+            println!(
+                "{}: {long} of {} unique traces are longer than `rejection.sft.seq_len` = {} and are left out (raise \
+                 it to keep them)",
+                Stage::RejectionSft.label(),
+                stats.unique,
+                r.sft.seq_len
+            );
         }
         let reasoning = data.len();
         if reasoning < r.min_traces {
             bail!(
-                "{}: the stage-2 model {} wrote {reasoning} unique verified, well-formatted traces in their \
-                 prompt's language in {} samples ({} correct), fewer than `rejection.min_traces` = {}",
+                "{}: the stage-2 model {} wrote {} unique verified, well-formatted traces in their prompt's \
+                 language in {} samples ({} correct), {long} of them longer than `rejection.sft.seq_len` = {}: \
+                 {reasoning} left, fewer than `rejection.min_traces` = {}",
                 Stage::RejectionSft.label(),
                 sampler.display(),
+                stats.unique,
                 stats.sampled,
                 stats.correct,
+                r.sft.seq_len,
                 r.min_traces
             );
         }
@@ -595,6 +643,8 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     for (table, sft) in [("cold_start.sft", &s.cold_start.sft), ("rejection.sft", &s.rejection.sft)] {
         sft.validate().with_context(|| format!("the r1 settings' [{table}]"))?;
     }
+    s.rejection.validate().context("the r1 settings' [rejection]")?;
+    s.reward_model.validate().context("the r1 settings' [reward_model]")?;
     crate::settings::note_letters_mismatch(args.base.as_ref().unwrap_or(&args.from), s.letters);
     // The stages pass text from one input's model to another's: --from's tokenizer serves them
     // all, and --base must have the same.

@@ -272,6 +272,8 @@ fn shares_out_of_range_are_named_before_anything_is_written() {
     }
     // Their RL stages' settings too, before the stages ahead of them run.
     refused("r1", "--from", "[all_rl]\nminibatches = 64\n", "[all_rl]");
+    refused("r1", "--from", "[rejection]\ntemperature = 0.0\n", "[rejection]");
+    refused("r1", "--from", "[reward_model]\nsteps = 0\n", "[reward_model]");
     refused("distill", "--from", "[rl]\ngroup_size = 0\n", "[rl]");
 }
 

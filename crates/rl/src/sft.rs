@@ -256,8 +256,9 @@ pub fn fit_for_sft(p: &Problem, text: &str) -> bool {
 }
 
 /// R1's rejection sampling: `samples` completions per problem at `temperature`; keep those whose
-/// answer verifies, that follow the template, that are not truncated and whose reasoning is all
-/// in the prompt's language; drop duplicates.
+/// answer verifies, that follow the template, that are not truncated, that hold no control token
+/// before their stop (a BOS, padding or an EOS mid-text decodes to markup fine-tuning would teach)
+/// and whose reasoning is all in the prompt's language; drop duplicates.
 pub fn rejection_sample(
     model: &dyn CausalLm,
     tok: &dyn Tokenizer,
@@ -277,6 +278,7 @@ pub fn rejection_sample(
     let gens = model.generate(&prompts, &cfg, rng)?;
     let mut stats = RejectionStats { sampled: gens.len(), ..Default::default() };
     let (mut kept, mut seen) = (Vec::new(), HashSet::new());
+    let control: HashSet<u32> = [tok.bos_id(), tok.pad_id(), tok.eos_id()].into_iter().chain(tok.stop_ids()).collect();
     for (i, g) in gens.iter().enumerate() {
         let p = &problems[i / samples.max(1)];
         let text = completion_text(tok, g);
@@ -284,7 +286,9 @@ pub fn rejection_sample(
             continue;
         }
         stats.correct += 1;
-        if !fit_for_sft(p, &text) {
+        // The tokens before the stop token that ended the completion.
+        let body = g.tokens.split_last().map_or(&[][..], |(_, body)| body);
+        if !fit_for_sft(p, &text) || body.iter().any(|t| control.contains(t)) {
             continue;
         }
         stats.accepted += 1;

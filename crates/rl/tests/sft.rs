@@ -8,7 +8,7 @@ mod common;
 use common::reversal_pair;
 use whale_rl::reward_model::{LearnedReward, PreferencePair, RewardModel};
 use whale_rl::rewards::{Reward, Sample};
-use whale_rl::sft::{fit_for_sft, fitting, sft, sft_batch, Example, SftConfig};
+use whale_rl::sft::{fit_for_sft, fitting, rejection_sample, sft, sft_batch, Example, SftConfig};
 use whale_rl::tasks::language::translate;
 use whale_rl::tasks::{Language, Problem};
 
@@ -155,4 +155,90 @@ fn padding_does_not_move_a_moe_models_sft_loss() {
     };
     let (short, long) = (loss(20), loss(40));
     assert!((short - long).abs() <= 1e-6 * short.abs(), "{short} vs {long}");
+}
+
+/// A teacher that writes a scripted completion per row (row r of a decode batch follows
+/// `scripts[r]`, one token per forward, then EOS); only what `generate` calls is here.
+#[derive(Debug)]
+struct ScriptedTeacher {
+    scripts: Vec<Vec<u32>>,
+    vocab: usize,
+    params: whale_rl::parallel::model::tensor::ParamStore,
+    forwards: std::sync::atomic::AtomicUsize,
+}
+
+impl CausalLm for ScriptedTeacher {
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    fn hidden_size(&self) -> usize {
+        1
+    }
+    fn num_layers(&self) -> usize {
+        0
+    }
+    fn params(&self) -> &whale_rl::parallel::model::tensor::ParamStore {
+        &self.params
+    }
+    fn max_positions(&self) -> usize {
+        256
+    }
+    fn forward_cached(
+        &self,
+        ids: &Tensor,
+        _: &mut whale_rl::parallel::model::generate::KvCache,
+    ) -> whale_rl::parallel::model::Result<Tensor> {
+        let (b, s) = (ids.dims()[0], ids.dims()[1]);
+        let step = self.forwards.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut v = vec![-50.0f32; b * s * self.vocab];
+        for r in 0..b {
+            let next = self.scripts[r].get(step).copied().unwrap_or(CharTokenizer::new().eos_id());
+            v[(r * s + s - 1) * self.vocab + next as usize] = 50.0;
+        }
+        Ok(Tensor::from_vec(v, &[b, s, self.vocab], &Device::Cpu)?)
+    }
+    fn logits(&self, _: &Tensor) -> whale_rl::parallel::model::Result<Tensor> {
+        unreachable!("generate decodes through forward_cached")
+    }
+    fn hidden_states(&self, _: &Tensor) -> whale_rl::parallel::model::Result<Tensor> {
+        unreachable!("generate decodes through forward_cached")
+    }
+    fn train_loss(&self, _: &Tensor, _: &Tensor, _: &[usize]) -> whale_rl::parallel::model::Result<Tensor> {
+        unreachable!("not trained")
+    }
+    fn save_pretrained(
+        &self,
+        _: &std::path::Path,
+        _: whale_rl::parallel::model::checkpoint::SaveDType,
+    ) -> whale_rl::parallel::model::Result<()> {
+        unreachable!("not saved")
+    }
+    fn duplicate(&self) -> whale_rl::parallel::model::Result<Box<dyn CausalLm>> {
+        unreachable!("not copied")
+    }
+    fn to_device(&self, _: &Device) -> whale_rl::parallel::model::Result<Box<dyn CausalLm>> {
+        unreachable!("not moved")
+    }
+}
+
+#[test]
+fn rejection_sampling_drops_correct_traces_that_hold_a_control_token() {
+    // Two samples of one problem, both right and in the template; the second has a BOS inside
+    // its reasoning, which decodes to markup SFT would teach.
+    let tok = CharTokenizer::new();
+    let clean = tok.encode("<think>2+7+0=9;1+0+0=1</think><answer>19</answer>").unwrap();
+    let mut stray = clean.clone();
+    stray.insert(3, tok.bos_id());
+    let teacher = ScriptedTeacher {
+        scripts: vec![clean, stray],
+        vocab: tok.vocab_size(),
+        params: Default::default(),
+        forwards: Default::default(),
+    };
+    let problem = Problem { task: "add".into(), prompt: "12+7=".into(), answer: "19".into(), solution: String::new() };
+    let (kept, stats) =
+        rejection_sample(&teacher, &tok, &[problem], 2, 1.0, 64, &mut whale_rl::parallel::model::tensor::Rng::new(0))
+            .unwrap();
+    assert_eq!((stats.sampled, stats.correct, stats.accepted, stats.unique), (2, 2, 1, 1), "{kept:?}");
+    assert_eq!(kept[0].completion, "<think>2+7+0=9;1+0+0=1</think><answer>19</answer>");
 }
