@@ -12,6 +12,8 @@ mod r1_zero;
 mod schedule;
 mod settings;
 
+use std::path::PathBuf;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
@@ -61,22 +63,32 @@ enum Job {
 
 /// The whole chain with embedded defaults: pretraining, R1-Zero, the four R1 stages and
 /// distillation, each into its folder of the run; then the results table (printed and written
-/// as `results.md`) and the RL charts.
+/// as `results.md`) and the RL charts. With `--resume` (in `--out`, by default `runs/main`) each
+/// stage a run started continues with its own `--resume` (a finished one is read back or
+/// evaluated again), and the stages it had not reached run.
 fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    if args.resume {
+    const STAGES: [&str; 4] = ["pretrain", "r1-zero", "r1", "distill"];
+    let resume = args.resume;
+    let run = match args.out.take() {
+        Some(run) => run,
+        None if resume => PathBuf::from("runs/main"),
+        None => pretrain::free_main_run(),
+    };
+    // A stage continues where it wrote its settings (each does before any work).
+    let started = |stage: &str| resume && run.join(stage).join("settings.json").exists();
+    if resume && !STAGES.iter().any(|s| started(s)) {
+        anyhow::bail!("--resume: {} holds no main job to continue", run.display());
+    }
+    if let Some(used) = STAGES.iter().chain(&["results.md"]).map(|d| run.join(d)).find(|d| d.exists() && !resume) {
         anyhow::bail!(
-            "the main job has no --resume: continue its stages one by one (whale pretrain --resume --out RUN/pretrain, \
-             whale r1-zero --resume, whale r1 --resume, then whale distill --resume)"
+            "{} already holds a run ({}); pass --resume to continue it or choose another --out",
+            run.display(),
+            used.display()
         );
     }
-    let run = args.out.take().unwrap_or_else(pretrain::free_main_run);
-    if let Some(used) =
-        ["pretrain", "r1-zero", "r1", "distill", "results.md"].iter().map(|d| run.join(d)).find(|d| d.exists())
-    {
-        anyhow::bail!("{} already holds a run ({}); choose another --out", run.display(), used.display());
-    }
     args.out = Some(run.join("pretrain"));
+    args.resume = started("pretrain");
     println!("whale: the main job (pretrain -> R1-Zero -> R1 in four stages -> distill) in {}\n", run.display());
     // Every stage runs where pretraining ran (`--device`, or its config file's `device`), on its
     // tasks and evaluation set.
@@ -104,6 +116,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
         eval_problems: Some(shared.eval_problems),
         k: Some(shared.k),
         device: device.clone(),
+        resume: started("r1-zero"),
         ..Default::default()
     })?;
     println!();
@@ -115,7 +128,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
         config: None,
         data: None,
         device: device.clone(),
-        resume: false,
+        resume: started("r1"),
         shared: Some(shared.clone()),
     })?;
     let teacher = stages.last().expect("four stages").checkpoint.clone();
@@ -126,7 +139,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
         config: None,
         device,
         shared: Some(shared),
-        resume: false,
+        resume: started("distill"),
     })?;
 
     let mut rows =
