@@ -281,14 +281,12 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
         Some(dir) => crate::device::tokenizer(dir, "the student")?,
         None => teacher_tok.clone(),
     };
-    let given_student = match &args.student {
-        Some(dir) => {
-            let model = crate::device::load(dir, &device, "the student")?;
-            crate::device::check_fits(&*tok, &*model, dir, "the student")?;
-            Some(model)
-        }
-        None => None,
-    };
+    // Loaded to be checked, then dropped: the teacher samples alone in memory, and the student
+    // loads again only if its base arm runs.
+    if let Some(dir) = &args.student {
+        let model = crate::device::load(dir, &device, "the student")?;
+        crate::device::check_fits(&*tok, &*model, dir, "the student")?;
+    }
     whale_rl::sft::check_lengths(&*tok, &pretraining_docs, s.student_pretrain.seq_len)
         .context("the student's pretraining corpus (`student_pretrain.seq_len`)")?;
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
@@ -319,7 +317,6 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
             eval_cfg.max_new_tokens,
             &mut Rng::new(s.seed ^ 0x7EAC),
         )?;
-        write_json_atomically(&traces_file, &serde_json::json!({ "stats": stats, "traces": traces }))?;
         (traces, stats)
     };
     println!(
@@ -327,6 +324,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
         stats.sampled, stats.correct, stats.accepted, stats.unique
     );
     let unique = traces.len();
+    let traces_to_keep = traces.clone();
     let (traces, long) = fitting(&*tok, traces, s.sft.seq_len)?;
     if long > 0 {
         println!(
@@ -344,6 +342,11 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
             s.sft.seq_len
         );
     }
+    // Kept once they can be used (a run with no usable trace leaves none, so that a new run with
+    // other settings may take the folder).
+    if !traces_file.exists() {
+        write_json_atomically(&traces_file, &serde_json::json!({ "stats": stats, "traces": traces_to_keep }))?;
+    }
 
     // The student base.
     let base_dir = out.join("student-base");
@@ -351,8 +354,8 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
         Some(arm) => (crate::device::load(&base_dir.join("checkpoint"), &device, "the student base")?, arm.report),
         None => {
             let t0 = Instant::now();
-            let student: Box<dyn CausalLm> = match given_student {
-                Some(model) => model,
+            let student: Box<dyn CausalLm> = match &args.student {
+                Some(dir) => crate::device::load(dir, &device, "the student")?,
                 None => {
                     // Its config names the tokenizer's BOS and stop tokens, so its checkpoints
                     // stop generation where this run does.

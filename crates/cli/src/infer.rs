@@ -24,19 +24,20 @@ pub struct GenerateArgs {
     pub checkpoint: PathBuf,
     #[arg(long)]
     pub prompt: String,
-    /// Argmax decoding. Without it or --temperature, the checkpoint's generation_config.json
-    /// decides, as in HF's generate: its do_sample, temperature, top_k (HF's default 50) and
-    /// top_p; greedy without the file.
-    #[arg(long, conflicts_with = "temperature")]
+    /// Argmax decoding. Without it the checkpoint's generation_config.json decides, as in HF's
+    /// generate: its do_sample, temperature, top_k (HF's default 50) and top_p; greedy without
+    /// the file. The flags below replace its values.
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
     pub greedy: bool,
-    /// Sampling temperature (> 0).
+    /// Sample, at this temperature (> 0), with the file's top-k and top-p unless given.
     #[arg(long)]
     pub temperature: Option<f32>,
     /// Sample among the k most likely tokens (ties kept; 0 is off). Needs --temperature. Unset,
-    /// the whole distribution (HF's generate defaults to 50).
+    /// generation_config.json's, or HF's default 50.
     #[arg(long, requires = "temperature")]
     pub top_k: Option<usize>,
     /// Sample among the most likely tokens holding mass p, in (0, 1]. Needs --temperature.
+    /// Unset, generation_config.json's, or 1 (off).
     #[arg(long, requires = "temperature")]
     pub top_p: Option<f32>,
     #[arg(long, default_value_t = 64)]
@@ -77,25 +78,41 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         bail!("the prompt encodes to no tokens");
     }
     let stop = tok.stop_ids();
-    let (mut cfg, source) = match a.temperature {
-        Some(t) if t > 0.0 => {
-            let sampled =
-                SamplingConfig { top_k: a.top_k, top_p: a.top_p, ..SamplingConfig::sampled(t, a.max_new_tokens, stop) };
-            (sampled, "--temperature")
+    let (mut cfg, source) = if a.greedy {
+        (SamplingConfig::greedy(a.max_new_tokens, stop), "--greedy".to_string())
+    } else {
+        if let Some(t) = a.temperature.filter(|t| t.is_nan() || *t <= 0.0) {
+            bail!("--temperature {t}: must be positive (or use --greedy)");
         }
-        Some(t) => bail!("--temperature {t}: must be positive (or use --greedy)"),
-        None if a.greedy => (SamplingConfig::greedy(a.max_new_tokens, stop), "--greedy"),
-        None => {
-            let (cfg, unapplied) = SamplingConfig::from_generation_config(&a.checkpoint, a.max_new_tokens, stop)?;
-            if !unapplied.is_empty() {
-                eprintln!(
-                    "note: generation_config.json also sets {}, which whale does not apply (HF's tokens would differ)",
-                    unapplied.join(", ")
-                );
-            }
-            let found = a.checkpoint.join("generation_config.json").exists();
-            (cfg, if found { "generation_config.json" } else { "the default (no generation_config.json)" })
+        let (mut cfg, unapplied) =
+            SamplingConfig::from_generation_config(&a.checkpoint, a.max_new_tokens, stop, a.temperature)?;
+        if !unapplied.is_empty() {
+            eprintln!(
+                "note: generation_config.json also sets {}, which whale does not apply (HF's tokens would differ)",
+                unapplied.join(", ")
+            );
         }
+        // The flags replace the file's cuts (0 turns top-k off).
+        if let Some(k) = a.top_k {
+            cfg.top_k = Some(k).filter(|&k| k > 0);
+        }
+        if let Some(p) = a.top_p {
+            cfg.top_p = Some(p);
+        }
+        let file = if a.checkpoint.join("generation_config.json").exists() {
+            "generation_config.json"
+        } else {
+            "HF's defaults (no generation_config.json)"
+        };
+        let flags: Vec<&str> = [
+            ("--temperature", a.temperature.is_some()),
+            ("--top-k", a.top_k.is_some()),
+            ("--top-p", a.top_p.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect();
+        (cfg, if flags.is_empty() { file.to_string() } else { format!("{} over {file}", flags.join(", ")) })
     };
     cfg.cache = cache;
     let cfg = cfg.limited_to(&*tok);
@@ -131,7 +148,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let continuation = whole.strip_prefix(shown.as_str()).map_or_else(|| tok.decode(&tokens), str::to_string);
     println!("{}{continuation}", a.prompt);
     eprintln!(
-        "\n{} new tokens in {:.2} s ({:.1} tokens/s, prompt {} tokens, {:?} cache, on {}; {how}, settings from {source})",
+        "\n{} new tokens in {:.2} s ({:.1} tokens/s, prompt {} tokens, {:?} cache, on {}; {how}: {source})",
         tokens.len(),
         secs,
         tokens.len() as f64 / secs.max(1e-9),

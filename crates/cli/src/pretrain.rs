@@ -451,7 +451,7 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let tasks = corpus(&s)?.tasks;
     // So are tasks whose documents do not fit the rows (the stream refuses one mid-run too).
     CorpusData::new(corpus(&s)?, tok.clone())
-        .check_fit(s.seq_len, 4096)
+        .check_fit(s.seq_len, 16_384)
         .with_context(|| format!("--seq-len {}: rows too short for --tasks {}", s.seq_len, s.tasks))?;
     let ckpt = s.out.join("checkpoint");
     let metrics = s.out.join("metrics.jsonl");

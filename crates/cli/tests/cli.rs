@@ -200,15 +200,15 @@ fn an_existing_run_is_not_overwritten_and_bad_config_keys_are_named() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("learning_rate") && err.contains("run.toml"), "{err}");
 
-    // The main job's --out is its run folder; one in use is refused before any work, and it has
-    // no --resume to mix two runs' stages.
+    // The main job's --out is its run folder; one in use is refused before any work, and one
+    // whose stages wrote nothing has nothing to resume.
     let all = dir.join("all");
     std::fs::create_dir_all(all.join("r1")).unwrap();
     let out = whale().args(["all", "--out", all.to_str().unwrap()]).output().unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already holds a run"));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("pass --resume"));
     assert!(!all.join("pretrain").exists());
-    let out = whale().args(["all", "--resume"]).output().unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no --resume"));
+    let out = whale().args(["all", "--resume", "--out", all.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("holds no main job to continue"));
 
     let plot = whale().args(["plot", run.to_str().unwrap()]).output().unwrap();
     assert!(plot.status.success(), "{}", String::from_utf8_lossy(&plot.stderr));
@@ -544,16 +544,19 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ckpt = base.join("checkpoint");
-    for extra in [
-        vec!["--greedy"],
-        vec!["--speculative", "--cache", "naive"],
-        vec!["--temperature", "0.8", "--top-p", "0.9"],
-        vec!["--speculative", "--temperature", "0.8", "--top-k", "5"],
+    for (extra, how) in [
+        (vec!["--greedy"], "greedy: --greedy"),
+        (vec!["--speculative", "--cache", "naive"], "greedy: HF's defaults"),
+        (
+            vec!["--temperature", "0.8", "--top-p", "0.9"],
+            "temperature 0.8, top-k 50, top-p 0.9: --temperature, --top-p over",
+        ),
+        (vec!["--speculative", "--temperature", "0.8", "--top-k", "5"], "top-k 5: --temperature, --top-k over"),
     ] {
         let out = generate(&ckpt, 6, &extra);
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success() && stdout.starts_with("12+7="), "{extra:?}: {stdout}{stderr}");
-        assert!(stderr.contains("tokens/s"), "{stderr}");
+        assert!(stderr.contains("tokens/s") && stderr.contains(how), "{extra:?}: {stderr}");
         if extra.contains(&"--speculative") {
             assert!(stderr.contains("drafts accepted"), "{stderr}");
         }
@@ -564,8 +567,8 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
     let generation = r#"{"do_sample": true, "temperature": 0.6, "top_p": 0.95, "repetition_penalty": 1.1}"#;
     std::fs::write(sampling.join("generation_config.json"), generation).unwrap();
     for (checkpoint, want) in [
-        (&sampling, "sampled at temperature 0.6, top-k 50, top-p 0.95, settings from generation_config.json"),
-        (&ckpt, "greedy, settings from the default (no generation_config.json)"),
+        (&sampling, "sampled at temperature 0.6, top-k 50, top-p 0.95: generation_config.json)"),
+        (&ckpt, "greedy: HF's defaults (no generation_config.json)"),
     ] {
         let out = generate(checkpoint, 4, &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -818,8 +821,10 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
     };
     let (ok, said) = distill(&["--config", dcfg.to_str().unwrap()]);
     assert!(!ok && said.contains("nothing to distil") && said.contains("wrote 0 verified"), "{said}");
-    // Its traces were kept: a run resumed with traces (here written by hand, as a teacher that
-    // solves its problems would) trains the three arms without sampling again...
+    // It keeps no traces, so a new run may take the folder. A run resumed with traces (here
+    // written by hand, as a teacher that solves its problems would) trains the three arms
+    // without sampling again...
+    assert!(!d.join("traces.json").exists());
     let traces: Vec<serde_json::Value> = (1..5)
         .map(|a| serde_json::json!({"prompt": format!("{a}+4="), "completion": format!("<think>{a}+4+0={}</think><answer>{}</answer>", a + 4, a + 4)}))
         .collect();

@@ -469,8 +469,9 @@ pub fn write_dir_atomically<E: From<Error>>(
 }
 
 /// The complete checkpoint at `dir`; when a crash interrupted the swap of
-/// [`write_dir_atomically`] (no `dir`), the new one at `dir.tmp` if it was complete, else the
-/// old one at `dir.old`; `marker` is the file written last.
+/// [`write_dir_atomically`] (no `dir`), the new one at `dir.tmp` if it was complete (the swap is
+/// then finished: it moves to `dir`, so that the next save does not delete the newest copy while
+/// it writes), else the old one at `dir.old`; `marker` is the file written last.
 pub fn complete_checkpoint(dir: &Path, marker: &str) -> Result<PathBuf> {
     find_checkpoint(dir, marker)?.ok_or_else(|| Error::file(dir, format!("no complete checkpoint here (no {marker})")))
 }
@@ -482,12 +483,21 @@ pub fn find_checkpoint(dir: &Path, marker: &str) -> Result<Option<PathBuf>> {
     let has = |d: &Path| d.join(marker).try_exists().map_err(|e| Error::file(d.join(marker), e));
     // With `dir` in place a complete `dir.tmp` is a write that had not begun its swap: `dir` is
     // the checkpoint (the next save replaces the other).
-    for candidate in [dir.to_path_buf(), sibling(dir, "tmp"), sibling(dir, "old")] {
-        if has(&candidate)? {
-            return Ok(Some(candidate));
-        }
+    if has(dir)? {
+        return Ok(Some(dir.to_path_buf()));
     }
-    Ok(None)
+    let (tmp, old) = (sibling(dir, "tmp"), sibling(dir, "old"));
+    if has(&tmp)? {
+        // Where the swap cannot be finished (a read-only copy of a run), read it where it lies.
+        if rename_synced(&tmp, dir).is_err() {
+            return Ok(Some(tmp));
+        }
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
+        }
+        return Ok(Some(dir.to_path_buf()));
+    }
+    Ok(has(&old)?.then_some(old))
 }
 
 /// Writes pretty JSON and flushes it to the disk.

@@ -130,7 +130,7 @@ impl SamplingConfig {
 /// Keys of generation_config.json that change HF's tokens away from their defaults, and are not
 /// applied here: each with the value that leaves the tokens alone (`None`: only null, absent or
 /// an empty list does).
-const UNAPPLIED_GENERATION_KEYS: [(&str, Option<f64>); 14] = [
+const UNAPPLIED_GENERATION_KEYS: [(&str, Option<f64>); 22] = [
     ("repetition_penalty", Some(1.0)),
     ("num_beams", Some(1.0)),
     ("no_repeat_ngram_size", Some(0.0)),
@@ -145,19 +145,28 @@ const UNAPPLIED_GENERATION_KEYS: [(&str, Option<f64>); 14] = [
     ("begin_suppress_tokens", None),
     ("forced_bos_token_id", None),
     ("forced_eos_token_id", None),
+    ("forced_decoder_ids", None),
+    ("penalty_alpha", Some(0.0)),
+    ("sequence_bias", None),
+    ("guidance_scale", Some(1.0)),
+    ("encoder_repetition_penalty", Some(1.0)),
+    ("num_beam_groups", Some(1.0)),
+    ("diversity_penalty", Some(0.0)),
+    ("watermarking_config", None),
 ];
 
 impl SamplingConfig {
-    /// What HF's `generate` decodes with when a call gives no settings: the checkpoint's
-    /// generation_config.json. With `do_sample` true it samples with its `temperature`, `top_k`
-    /// and `top_p` (HF's defaults 1.0, 50 and 1.0 for the ones it lacks); without the file or
-    /// with `do_sample` false, greedily. Also returns the keys the file sets that would change
-    /// HF's tokens and are not applied here (a repetition penalty, say), as `key value`, so a
-    /// caller can say so.
+    /// What HF's `generate` decodes with given at most a `temperature`: the checkpoint's
+    /// generation_config.json. With `do_sample` true, or a `temperature` given, it samples at
+    /// that temperature (else the file's) with the file's `top_k` and `top_p` (HF's defaults
+    /// 1.0, 50 and 1.0 for the keys it lacks; a null top_k is off); otherwise, without the file
+    /// too, greedily. Also returns the keys the file sets that would change HF's tokens and are
+    /// not applied here (a repetition penalty, say), as `key value`, so a caller can say so.
     pub fn from_generation_config(
         dir: &Path,
         max_new_tokens: usize,
         stop_tokens: Vec<u32>,
+        temperature: Option<f32>,
     ) -> Result<(SamplingConfig, Vec<String>)> {
         const FILE: &str = "generation_config.json";
         let g = crate::tokenizer::json_of(dir, FILE)?;
@@ -173,12 +182,18 @@ impl SamplingConfig {
             v => v.as_bool().ok_or_else(|| bad("do_sample", format!("{v} is not true or false")))?,
         };
         let mut cfg = SamplingConfig::greedy(max_new_tokens, stop_tokens);
-        if sampling {
-            let temperature = number("temperature", 1.0)?;
+        if sampling || temperature.is_some() {
+            let temperature = match temperature {
+                Some(t) => t as f64,
+                None => number("temperature", 1.0)?,
+            };
             if !(temperature > 0.0 && temperature.is_finite()) {
                 return Err(bad("temperature", format!("{temperature} must be positive to sample")));
             }
-            let top_k = number("top_k", 50.0)?;
+            // A null top_k is off (HF adds the warper only for a set, non-zero one); a missing one
+            // is HF's default, 50.
+            let top_k =
+                if g.get("top_k").is_some_and(serde_json::Value::is_null) { 0.0 } else { number("top_k", 50.0)? };
             if top_k < 0.0 || top_k.fract() != 0.0 {
                 return Err(bad("top_k", format!("{top_k} is not a count")));
             }
@@ -285,6 +300,9 @@ pub(crate) struct Warped {
     ids: Vec<usize>,
     probs: Vec<f64>,
     total: f64,
+    /// Each allowed id's renormalised probability (0 where dropped): a draft's check reads it
+    /// per id, so over a 129K vocabulary a search would be quadratic.
+    by_id: Vec<f64>,
 }
 
 impl Warped {
@@ -318,13 +336,17 @@ impl Warped {
         // probable, never does); without them the fall-through of a draw is a token that can.
         let probs: Vec<f64> = order.iter().map(|&i| (scaled[i] - lse).exp()).take_while(|&p| p > 0.0).collect();
         order.truncate(probs.len());
-        let total = probs.iter().sum();
-        Ok(Warped { ids: order, probs, total })
+        let total: f64 = probs.iter().sum();
+        let mut by_id = vec![0.0; scaled.len()];
+        for (&i, &p) in order.iter().zip(&probs) {
+            by_id[i] = p / total;
+        }
+        Ok(Warped { ids: order, probs, total, by_id })
     }
 
-    /// The probability of drawing `id` (0 for an id top-k or top-p dropped).
+    /// The probability of drawing `id` (0 for an id top-k or top-p dropped, or not allowed).
     pub(crate) fn prob(&self, id: u32) -> f64 {
-        self.ids.iter().position(|&i| i == id as usize).map_or(0.0, |k| self.probs[k] / self.total)
+        self.by_id.get(id as usize).copied().unwrap_or(0.0)
     }
 
     /// A token and its log-probability.

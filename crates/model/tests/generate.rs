@@ -460,14 +460,15 @@ fn a_cache_buffer_appends_in_place_grows_by_doubling_and_copies_on_write() {
 #[test]
 fn generation_config_json_sets_the_default_sampling_as_in_hf_generate() {
     let dir = whale_tensor::testing::TempDir::new("generate-test-generation-config");
-    let read = |json: Option<&str>| {
+    let read_at = |json: Option<&str>, temperature: Option<f32>| {
         let path = dir.join("generation_config.json");
         match json {
             Some(text) => std::fs::write(&path, text).unwrap(),
             None => std::fs::remove_file(&path).unwrap_or(()),
         }
-        SamplingConfig::from_generation_config(&dir, 32, vec![1])
+        SamplingConfig::from_generation_config(&dir, 32, vec![1], temperature)
     };
+    let read = |json: Option<&str>| read_at(json, None);
     // No file, or do_sample false (its temperature then unused): greedy.
     let greedy = SamplingConfig::greedy(32, vec![1]);
     assert_eq!(read(None).unwrap(), (greedy.clone(), vec![]));
@@ -483,9 +484,16 @@ fn generation_config_json_sets_the_default_sampling_as_in_hf_generate() {
     let (cfg, unapplied) = read(Some(qwen)).unwrap();
     assert_eq!((cfg.temperature, cfg.top_k, cfg.top_p), (0.7, Some(20), Some(0.8)));
     assert_eq!(unapplied, vec!["repetition_penalty 1.05".to_string()]);
-    // top_k 0 and top_p 1 are off, as in HF's warpers.
-    let (off, _) = read(Some(r#"{"do_sample": true, "top_k": 0, "top_p": 1.0}"#)).unwrap();
-    assert_eq!((off.temperature, off.top_k, off.top_p), (1.0, None, None));
+    // top_k 0 or null and top_p 1 are off, as in HF's warpers.
+    for json in [r#"{"do_sample": true, "top_k": 0, "top_p": 1.0}"#, r#"{"do_sample": true, "top_k": null}"#] {
+        let (off, _) = read(Some(json)).unwrap();
+        assert_eq!((off.temperature, off.top_k, off.top_p), (1.0, None, None), "{json}");
+    }
+    // A temperature given samples at it with the file's cuts, HF's defaults without the file.
+    let (given, _) = read_at(Some(r#"{"do_sample": false, "temperature": 0.6, "top_p": 0.9}"#), Some(0.8)).unwrap();
+    assert_eq!((given.temperature, given.top_k, given.top_p), (0.8, Some(50), Some(0.9)));
+    let (bare, _) = read_at(None, Some(0.8)).unwrap();
+    assert_eq!((bare.temperature, bare.top_k, bare.top_p), (0.8, Some(50), None));
     // Values HF would refuse are named with the file.
     for (json, key) in [
         (r#"{"do_sample": true, "temperature": 0.0}"#, "temperature"),
