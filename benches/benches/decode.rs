@@ -74,22 +74,26 @@ fn speculative(c: &mut Criterion) {
     let model = whale_model::testing::periodic_pattern_model(11);
     let prompt = vec![10u32, 11, 12];
     let new = 48;
-    let cfg = SamplingConfig { cache: CacheMode::Absorb, ..SamplingConfig::greedy(new, vec![]) };
-    let (_, stats) = model.generate_speculative(&prompt, &cfg, &mut Rng::new(0)).unwrap();
-    eprintln!(
-        "speculative: acceptance {:.2}, {:.2} tokens per main-model forward",
-        stats.acceptance_rate(),
-        stats.tokens_per_forward()
-    );
-    let mut g = c.benchmark_group(format!("speculative_greedy_tiny_{new}_tokens"));
-    g.throughput(Throughput::Elements(new as u64));
-    g.bench_function("whale", |bench| {
-        bench.iter(|| black_box(model.generate_speculative(&prompt, &cfg, &mut Rng::new(0)).unwrap()))
-    });
-    g.bench_function("baseline", |bench| {
-        bench.iter(|| black_box(model.generate(std::slice::from_ref(&prompt), &cfg, &mut Rng::new(0)).unwrap()))
-    });
-    g.finish();
+    // Greedy, and speculative sampling at temperature 1 (no stop token: every run makes `new`
+    // tokens), each against plain decoding in the same mode.
+    for (mode, temperature) in [("greedy", 0.0), ("sampled", 1.0)] {
+        let cfg = SamplingConfig { cache: CacheMode::Absorb, temperature, ..SamplingConfig::greedy(new, vec![]) };
+        let (_, stats) = model.generate_speculative(&prompt, &cfg, &mut Rng::new(0)).unwrap();
+        eprintln!(
+            "speculative {mode}: acceptance {:.2}, {:.2} tokens per main-model forward",
+            stats.acceptance_rate(),
+            stats.tokens_per_forward()
+        );
+        let mut g = c.benchmark_group(format!("speculative_{mode}_tiny_{new}_tokens"));
+        g.throughput(Throughput::Elements(new as u64));
+        g.bench_function("whale", |bench| {
+            bench.iter(|| black_box(model.generate_speculative(&prompt, &cfg, &mut Rng::new(0)).unwrap()))
+        });
+        g.bench_function("baseline", |bench| {
+            bench.iter(|| black_box(model.generate(std::slice::from_ref(&prompt), &cfg, &mut Rng::new(0)).unwrap()))
+        });
+        g.finish();
+    }
 }
 
 criterion_group!(benches, decode, speculative);

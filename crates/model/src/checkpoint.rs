@@ -164,8 +164,9 @@ pub fn quantize_fp8_release(tensors: &BTreeMap<String, Tensor>) -> Result<BTreeM
     Ok(out)
 }
 
-/// `config.json` text with the FP8 release's `quantization_config` added.
-pub fn with_fp8_quantization_config(config_json: &str) -> Result<String> {
+/// `config.json` text with the FP8 release's `quantization_config` added: activations quantized
+/// with `activation_scales` (UE8M0 is DeepSeek-V3.1's `scale_fmt`).
+pub fn with_fp8_quantization_config(config_json: &str, activation_scales: ScaleFormat) -> Result<String> {
     let mut v: serde_json::Value =
         serde_json::from_str(config_json).map_err(|e| Error::config("quantization_config", e.to_string()))?;
     v["quantization_config"] = serde_json::json!({
@@ -174,17 +175,32 @@ pub fn with_fp8_quantization_config(config_json: &str) -> Result<String> {
         "activation_scheme": "dynamic",
         "weight_block_size": [FP8_BLOCK.0, FP8_BLOCK.1],
     });
+    if activation_scales == ScaleFormat::Ue8m0 {
+        v["quantization_config"]["scale_fmt"] = serde_json::json!("ue8m0");
+    }
     Ok(serde_json::to_string_pretty(&v).expect("json"))
+}
+
+/// How a release's activations are quantized for its FP8 GEMMs: `quantization_config.scale_fmt`
+/// in its config.json, absent for f32 scales (V3's), `ue8m0` for power-of-two ones (V3.1's, the
+/// reference's `act_quant(x, 128, scale_fmt)`); another value is an error naming the key.
+pub fn fp8_activation_scales(dir: &Path) -> Result<ScaleFormat> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
+    match &v["quantization_config"]["scale_fmt"] {
+        serde_json::Value::Null => Ok(ScaleFormat::F32),
+        serde_json::Value::String(s) if s == "ue8m0" => Ok(ScaleFormat::Ue8m0),
+        other => {
+            Err(Error::file(&path, format!("quantization_config.scale_fmt: {other} is not supported (ue8m0 or none)")))
+        }
+    }
 }
 
 /// The FP8 block size a checkpoint's config.json declares (`quantization_config.weight_block_size`),
 /// 128x128 where it declares none; a declaration that is not two positive integers is an error
-/// (scales read on the wrong grid would be silently wrong weights). Kept in FP8, the weights run
-/// with activations quantized as the release's `scale_fmt` says; only its absence (f32 scales,
-/// V3's) is implemented, so DeepSeek-V3.1's `ue8m0` (power-of-two activation scales) is refused
-/// there rather than run with other scales. Dequantised, any `scale_fmt` loads (its weight
-/// scales are values like any other).
-fn fp8_block(dir: &Path, mode: Fp8Weights) -> Result<(usize, usize)> {
+/// (scales read on the wrong grid would be silently wrong weights).
+fn fp8_block(dir: &Path) -> Result<(usize, usize)> {
     let path = dir.join("config.json");
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
@@ -192,16 +208,6 @@ fn fp8_block(dir: &Path, mode: Fp8Weights) -> Result<(usize, usize)> {
         Err(e) => return Err(Error::file(&path, e)),
     };
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
-    let scale_fmt = &v["quantization_config"]["scale_fmt"];
-    if mode == Fp8Weights::Keep && !scale_fmt.is_null() {
-        return Err(Error::file(
-            &path,
-            format!(
-                "quantization_config.scale_fmt: {scale_fmt} activation scales are not implemented for FP8 inference \
-                 (f32 scales only); load it dequantised (without --fp8)"
-            ),
-        ));
-    }
     let b = &v["quantization_config"]["weight_block_size"];
     if b.is_null() {
         return Ok(FP8_BLOCK);
@@ -288,12 +294,12 @@ pub fn load_dir_with(dir: &Path, fp8_weights: Fp8Weights) -> Result<(BTreeMap<St
             let shard = map[missing].as_str().map_or_else(|| "no file".to_string(), |f| format!("`{f}`"));
             return Err(files.error(missing, format!("listed in the index under {shard}, which does not hold it")));
         }
-        resolve_fp8(&mut all, fp8_block(dir, fp8_weights)?, &files, fp8_weights)?;
+        resolve_fp8(&mut all, fp8_block(dir)?, &files, fp8_weights)?;
         return Ok((all, files));
     }
     let single = TensorFiles::from(dir.join("model.safetensors"));
     let mut all = load_file_raw(&single.path)?;
-    resolve_fp8(&mut all, fp8_block(dir, fp8_weights)?, &single, fp8_weights)?;
+    resolve_fp8(&mut all, fp8_block(dir)?, &single, fp8_weights)?;
     Ok((all, single))
 }
 

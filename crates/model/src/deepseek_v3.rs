@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use whale_tensor::fp8::Fp8Recipe;
+use whale_tensor::fp8::{Fp8Recipe, ScaleFormat};
 use whale_tensor::{DType, Device, ParamStore, Rng, Tensor};
 
 use crate::block::DecoderLayer;
@@ -190,7 +190,7 @@ impl DeepSeekV3 {
         let tensors = self.state_dict();
         let mut config = self.config.to_json_string()?;
         if tensors.values().any(|t| t.dtype().fp8_format().is_some()) {
-            config = checkpoint::with_fp8_quantization_config(&config)?;
+            config = checkpoint::with_fp8_quantization_config(&config, self.activation_scales())?;
         }
         checkpoint::save_model_dir(dir, &config, &tensors, dtype)
     }
@@ -211,9 +211,12 @@ impl DeepSeekV3 {
 
     /// Loads a DeepSeek-V3 FP8 release keeping its FP8 weights (codes and `weight_scale_inv`) for
     /// FP8 inference; saving writes them back unchanged. A checkpoint without FP8 weights is an
-    /// error: it would run no FP8 GEMM.
+    /// error: it would run no FP8 GEMM. Activations are quantized as its config's `scale_fmt`
+    /// says: f32 scales (V3), or UE8M0 power-of-two ones (V3.1; the FP8 recipe then holds them,
+    /// CPU only, as the GPU kernels take f32 scales).
     pub fn from_pretrained_fp8(dir: &Path) -> Result<Self> {
         let config = DeepSeekV3Config::from_file(&dir.join("config.json"))?;
+        let activation_scales = checkpoint::fp8_activation_scales(dir)?;
         let (tensors, files) = checkpoint::load_dir_with(dir, Fp8Weights::Keep)?;
         if !tensors.values().any(|t| t.dtype().fp8_format().is_some()) {
             return Err(Error::Model(format!(
@@ -221,7 +224,16 @@ impl DeepSeekV3 {
                 dir.display()
             )));
         }
-        Self::from_tensors(config, tensors, files)
+        let mut model = Self::from_tensors(config, tensors, files)?;
+        if activation_scales == ScaleFormat::Ue8m0 {
+            model.set_fp8(Some(Fp8Recipe { scale_format: ScaleFormat::Ue8m0, ..Fp8Recipe::default() }));
+        }
+        Ok(model)
+    }
+
+    /// How the FP8 GEMMs quantize activations (a release's `scale_fmt`): the recipe's, f32 without one.
+    fn activation_scales(&self) -> ScaleFormat {
+        self.fp8().map_or(ScaleFormat::F32, |r| r.scale_format)
     }
 
     /// Writes the model as a DeepSeek-V3 FP8 release: projection and expert weights in E4M3 with
@@ -229,7 +241,8 @@ impl DeepSeekV3 {
     /// and `quantization_config` in `config.json`.
     pub fn save_pretrained_fp8(&self, dir: &Path, dtype: SaveDType) -> Result<()> {
         let tensors = checkpoint::quantize_fp8_release(&self.state_dict())?;
-        let config = checkpoint::with_fp8_quantization_config(&self.config.to_json_string()?)?;
+        let config =
+            checkpoint::with_fp8_quantization_config(&self.config.to_json_string()?, self.activation_scales())?;
         checkpoint::save_model_dir(dir, &config, &tensors, dtype)
     }
 

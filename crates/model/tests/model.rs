@@ -767,17 +767,54 @@ fn fp8_weights_can_stay_fp8_for_inference_and_save_back_byte_identical() {
     // Kept in FP8, a checkpoint with no FP8 weight would run no FP8 GEMM: refused.
     let err = DeepSeekV3::from_pretrained_fp8(&plain_save).unwrap_err().to_string();
     assert!(err.contains("no FP8 weights"), "{err}");
-    // DeepSeek-V3.1's power-of-two activation scales are not run as f32 ones: refused kept,
-    // loaded dequantised (its weight scales are values).
+    // DeepSeek-V3.1's `scale_fmt: ue8m0`: kept, its activations are quantized with power-of-two
+    // scales (the reference's act_quant with scale_fmt), bit for bit the dequantised model's FP8
+    // GEMMs with that recipe, and not the f32-scale run; dequantised, it loads as any release.
     let v31 = tmpdir("fp8-ue8m0");
-    let mut config = written.clone();
-    config["quantization_config"]["scale_fmt"] = serde_json::json!("ue8m0");
-    std::fs::write(v31.join("config.json"), serde_json::to_string(&config).unwrap()).unwrap();
+    let with_scale_fmt = |fmt: &str| {
+        let mut config = written.clone();
+        config["quantization_config"]["scale_fmt"] = serde_json::json!(fmt);
+        std::fs::write(v31.join("config.json"), serde_json::to_string(&config).unwrap()).unwrap();
+    };
+    with_scale_fmt("ue8m0");
     std::fs::copy(again.join("model.safetensors"), v31.join("model.safetensors")).unwrap();
-    let err = DeepSeekV3::from_pretrained_fp8(&v31).unwrap_err().to_string();
-    assert!(err.contains("scale_fmt") && err.contains("ue8m0") && err.contains("config.json"), "{err}");
+    let kept31 = DeepSeekV3::from_pretrained_fp8(&v31).unwrap();
+    let ue8m0 = whale_tensor::fp8::Fp8Recipe {
+        scale_format: whale_tensor::fp8::ScaleFormat::Ue8m0,
+        ..whale_tensor::fp8::Fp8Recipe::default()
+    };
+    assert_eq!(kept31.fp8(), Some(ue8m0));
+    assert_ne!(logits_bits(&kept31, &ids), logits_bits(&kept, &ids));
+    // One stored layer against its definition: x in 1x128 tiles with power-of-two scales, times
+    // the stored blocks, both decoded, in f32 (the GEMM promotes per 128 of K: rounding only).
+    let o_proj = &kept31.layers[1].self_attn.o_proj;
+    let width = o_proj.weight.dims()[1];
+    let mut rng = Rng::new(17);
+    let x: Vec<f32> = (0..3 * width).map(|_| rng.normal()).collect();
+    let x = Tensor::from_vec(x, &[3, width], &Device::Cpu).unwrap();
+    let (xq, xs) = x.quantize_fp8((1, 128), whale_tensor::fp8::Fp8Format::E4M3, ue8m0.scale_format).unwrap();
+    assert!(xs.to_vec_f32().unwrap().iter().all(|s| s.log2().fract() == 0.0), "UE8M0 scales are powers of two");
+    let want = Tensor::dequantize_fp8(&xq, &xs, (1, 128))
+        .unwrap()
+        .matmul(&o_proj.dense_weight().unwrap().t().unwrap())
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
+    let got = whale_tensor::no_grad(|| o_proj.forward(&x)).unwrap().to_vec_f32().unwrap();
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-5 * scale, "{g} vs {w}");
+    }
     let loaded = DeepSeekV3::from_pretrained(&v31).unwrap();
     assert_eq!(logits_bits(&loaded, &ids), logits_bits(&DeepSeekV3::from_pretrained(&again).unwrap(), &ids));
+    // Saved, it says so again; another scale format is refused by name.
+    let resaved = tmpdir("fp8-ue8m0-saved");
+    kept31.save_pretrained(&resaved, SaveDType::F32).unwrap();
+    assert!(std::fs::read_to_string(resaved.join("config.json")).unwrap().contains(r#""scale_fmt": "ue8m0""#));
+    assert_eq!(logits_bits(&DeepSeekV3::from_pretrained_fp8(&resaved).unwrap(), &ids), logits_bits(&kept31, &ids));
+    with_scale_fmt("e5m2");
+    let err = DeepSeekV3::from_pretrained_fp8(&v31).unwrap_err().to_string();
+    assert!(err.contains("scale_fmt") && err.contains("e5m2") && err.contains("config.json"), "{err}");
 
     // And a trained f32 model exported as a release is what the independent writer above made.
     let exported = tmpdir("fp8-export");
