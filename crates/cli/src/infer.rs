@@ -45,8 +45,9 @@ pub struct GenerateArgs {
     /// MLA decode cache: naive (per-head K/V) or absorb (latent + rotated k_pe).
     #[arg(long, default_value = "absorb")]
     pub cache: String,
-    /// Draft with the MTP module and verify with the main model: greedy, or with --temperature
-    /// speculative sampling (the tokens follow plain sampling's distribution).
+    /// Draft with the MTP module and verify with the main model: greedy, or, when the settings
+    /// sample (--temperature, or generation_config.json's do_sample), speculative sampling (the
+    /// tokens follow plain sampling's distribution).
     #[arg(long)]
     pub speculative: bool,
     #[arg(long, default_value_t = 0)]

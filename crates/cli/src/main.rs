@@ -31,7 +31,7 @@ enum Job {
     /// flags' tasks, letters, seed, eval-problems and k hold for every stage.
     #[command(
         mut_arg("out", |a| a.help("The main job's folder, holding pretrain/, r1-zero/, r1/, distill/ and results.md (default: the first free runs/main[-N])")),
-        mut_arg("resume", |a| a.hide(true))
+        mut_arg("resume", |a| a.help("Continue the main job in --out (default runs/main): each stage it started resumes, the rest run"))
     )]
     All(pretrain::PretrainArgs),
     /// Pretrain a DeepSeek-V3 model (MLA, DeepSeekMoE, MTP) on the embedded reasoning corpus.

@@ -83,7 +83,7 @@ pub struct PretrainSettings {
     pub pp: usize,
     /// Pipeline schedule: 1f1b, zb1p, dualpipe or dualpipev.
     pub schedule: String,
-    /// Where the model trains: cpu, or cuda / cuda:N (one GPU, fp32, one rank).
+    /// Where the model trains: cpu, or cuda / cuda:N (one GPU, one rank, any precision).
     pub device: String,
     /// A step with a non-finite loss or gradient: `stop` (an error naming the step and layer)
     /// or `skip` (dropped; ten in a row stop the run).
