@@ -89,7 +89,10 @@ pub struct GrpoConfig {
     pub scale_rewards: ScaleRewards,
     /// Passes over each rollout (mu).
     pub num_iterations: usize,
-    /// Optimizer steps per pass over a rollout (TRL's `steps_per_generation`).
+    /// Optimizer steps per pass over a rollout, each on whole groups taken in order (TRL's
+    /// `steps_per_generation / gradient_accumulation_steps`; TRL shuffles the completions before
+    /// splitting them). `dapo` divides each step's loss by that minibatch's tokens (DAPO's
+    /// definition; TRL divides by the whole generation batch's, the same with one minibatch).
     pub minibatches: usize,
     /// Completions per forward/backward chunk (memory, not maths).
     pub micro_batch: usize,
