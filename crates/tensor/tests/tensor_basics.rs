@@ -126,3 +126,26 @@ fn bad_input_gets_named_errors() {
     assert!(a.to_dtype(DType::I64).unwrap().exp().is_err());
     assert!(a.backward().is_err(), "backward from a non-scalar");
 }
+
+#[test]
+fn integer_casts_are_exact_past_f32s_mantissa() {
+    // A flat index of a large tensor (here 2^24 + 1) must not round through f32.
+    let big = [(1i64 << 24) + 1, (1 << 31) + 3, 7];
+    let t = Tensor::from_vec(big.to_vec(), &[3], &Device::Cpu).unwrap();
+    let u = t.to_dtype(DType::U32).unwrap();
+    assert_eq!(u.to_vec::<u32>().unwrap(), vec![(1 << 24) + 1, (1 << 31) + 3, 7]);
+    assert_eq!(u.to_dtype(DType::I64).unwrap().to_vec::<i64>().unwrap(), big.to_vec());
+    // Out of u32's range, it wraps as torch's cast does.
+    let neg = Tensor::from_vec(vec![-1i64], &[1], &Device::Cpu).unwrap();
+    assert_eq!(neg.to_dtype(DType::U32).unwrap().to_vec::<u32>().unwrap(), vec![u32::MAX]);
+}
+
+#[test]
+fn a_bf16_mean_rounds_once_as_torchs() {
+    // torch.tensor([1, 2, 258], dtype=torch.bfloat16).mean() is 87: the sum 261 rounded to bf16
+    // (260) and then scaled would give 86.5.
+    let x = t(&[1.0, 2.0, 258.0], &[3]).to_dtype(DType::BF16).unwrap();
+    assert_eq!(x.mean(0).unwrap().to_vec_f32().unwrap(), vec![87.0]);
+    assert_eq!(x.mean_all().unwrap().dtype(), DType::BF16);
+    assert_eq!(x.mean_all().unwrap().to_vec_f32().unwrap(), vec![87.0]);
+}

@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use super::{check_float_any_device, split_at_dim};
 use crate::backprop::backward_fn;
-use crate::{Device, Error, Result, Tensor};
+use crate::{DType, Device, Error, Result, Tensor};
 
 /// Reduces `[outer, n, inner]` over the middle axis with `f(values along n) -> value`, in parallel
 /// over outer rows.
@@ -54,9 +54,21 @@ impl Tensor {
         self.sum_keepdim(dim)?.squeeze(dim)
     }
 
+    /// The mean over `dim`, kept as size 1: for bf16/f16, summed and scaled in f32 and rounded
+    /// once, as torch's mean (rounded after the sum and again after the scale, `mean([1, 2, 258])`
+    /// in bf16 gave 86.5 where torch gives 87).
     pub fn mean_keepdim(&self, dim: usize) -> Result<Tensor> {
         let n = self.dim(dim)?;
-        self.sum_keepdim(dim)?.mul_scalar(1.0 / n as f32)
+        self.in_f32(|x| x.sum_keepdim(dim)?.mul_scalar(1.0 / n as f32))
+    }
+
+    /// `f` of this tensor widened to f32 (a bf16/f16 one; an f32 one as it is), rounded back to
+    /// this dtype once.
+    fn in_f32(&self, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        match self.dtype() {
+            DType::BF16 | DType::F16 => f(&self.to_dtype(DType::F32)?)?.to_dtype(self.dtype()),
+            _ => f(self),
+        }
     }
 
     pub fn mean(&self, dim: usize) -> Result<Tensor> {
@@ -68,9 +80,10 @@ impl Tensor {
         self.flatten_all()?.sum(0)
     }
 
+    /// The mean of all elements, a rank-0 tensor (bf16/f16 rounded once, as [`Tensor::mean_keepdim`]).
     pub fn mean_all(&self) -> Result<Tensor> {
         let n = self.elem_count();
-        self.sum_all()?.mul_scalar(1.0 / n as f32)
+        self.in_f32(|x| x.sum_all()?.mul_scalar(1.0 / n as f32))
     }
 
     /// Max over `dim`, kept as size 1. The gradient goes to the first maximal element.

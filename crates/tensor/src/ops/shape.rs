@@ -4,7 +4,7 @@
 use super::{check_float, split_at_dim};
 use crate::backprop::backward_fn;
 use crate::layout::Layout;
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Device, Error, Result, Tensor};
 
 impl Tensor {
     /// A view of the same storage under a new layout, differentiable through `back`.
@@ -140,13 +140,24 @@ impl Tensor {
         Ok(Tensor::with_history(storage, Layout::contiguous(self.dims()), self.dtype(), &[self], op))
     }
 
-    /// Converts to `dtype` (float to float rounds to nearest even; the gradient is cast back).
+    /// Converts to `dtype` (float to float rounds to nearest even; the gradient is cast back;
+    /// integer to integer is exact, wrapping into u32 as torch's cast does).
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
         if self.device().is_cuda() {
             return crate::cuda::to_dtype(self, dtype);
+        }
+        if !self.dtype().is_float() && !dtype.is_float() {
+            // Not through f32, whose 24-bit mantissa would round an index past 2^24.
+            let v = self.to_vec_i64()?;
+            return match dtype {
+                DType::U32 => {
+                    Tensor::from_vec(v.into_iter().map(|x| x as u32).collect::<Vec<u32>>(), self.dims(), &Device::Cpu)
+                }
+                _ => Tensor::from_vec(v, self.dims(), &Device::Cpu),
+            };
         }
         let values = self.f32_data().to_vec();
         if self.dtype().is_float() && dtype.is_float() {
