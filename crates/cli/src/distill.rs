@@ -328,7 +328,8 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     let (traces, long) = fitting(&*tok, traces, s.sft.seq_len)?;
     if long > 0 {
         println!(
-            "distill: {long} of {unique} traces are longer than `sft.seq_len` = {} and are left out (raise it to keep them)",
+            "distill: {long} of {unique} traces are longer than `sft.seq_len` = {} and are left out (a new run with it \
+             raised keeps them, sampling the teacher again)",
             s.sft.seq_len
         );
     }

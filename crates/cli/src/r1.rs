@@ -464,9 +464,12 @@ impl Pipeline {
         let dir = self.stage_dir(stage)?;
         let tok = Box::new(self.tok.clone());
         let (metrics, completions) = (dir.join("metrics.jsonl"), dir.join("completions.jsonl"));
+        // Resumed through the stage's checkpoint path (not where `saved` was found), so that a
+        // swap cut short is finished before the stage saves again.
+        let ckpt = dir.join("checkpoint");
         let mut t = match (&saved, rewards) {
-            (Some(ckpt), Some(r)) => GrpoTrainer::resume_with_rewards(ckpt, tok, &self.device, r)?,
-            (Some(ckpt), None) => GrpoTrainer::resume(ckpt, tok, &self.device)?,
+            (Some(_), Some(r)) => GrpoTrainer::resume_with_rewards(&ckpt, tok, &self.device, r)?,
+            (Some(_), None) => GrpoTrainer::resume(&ckpt, tok, &self.device)?,
             (None, Some(r)) => GrpoTrainer::with_rewards(self.load(from)?, cfg.clone(), tok, r)?,
             (None, None) => GrpoTrainer::new(self.load(from)?, cfg.clone(), tok)?,
         };

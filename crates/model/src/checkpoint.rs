@@ -474,36 +474,41 @@ pub fn write_dir_atomically<E: From<Error>>(
     Ok(())
 }
 
-/// The complete checkpoint at `dir`; when a crash interrupted the swap of
-/// [`write_dir_atomically`] (no `dir`), the new one at `dir.tmp` if it was complete (the swap is
-/// then finished: it moves to `dir`, so that the next save does not delete the newest copy while
-/// it writes), else the old one at `dir.old`; `marker` is the file written last.
+/// The complete checkpoint [`find_checkpoint`] finds, for a run that resumes from it: one found in
+/// `dir.tmp` (a swap cut between its renames) has its swap finished first, so that the run's next
+/// save, which starts by clearing `dir.tmp`, cannot delete the newest copy while it writes.
 pub fn complete_checkpoint(dir: &Path, marker: &str) -> Result<PathBuf> {
-    find_checkpoint(dir, marker)?.ok_or_else(|| Error::file(dir, format!("no complete checkpoint here (no {marker})")))
+    let found = find_checkpoint(dir, marker)?
+        .ok_or_else(|| Error::file(dir, format!("no complete checkpoint here (no {marker})")))?;
+    if found != sibling(dir, "tmp") {
+        return Ok(found);
+    }
+    // A rename that cannot be made (a read-only copy of a run) leaves it to be read where it
+    // lies; one whose flush failed after it was made is in place all the same.
+    if rename_synced(&found, dir).is_err() && !dir.join(marker).exists() {
+        return Ok(found);
+    }
+    // The next save removes a leftover `dir.old` too.
+    let _ = std::fs::remove_dir_all(sibling(dir, "old"));
+    Ok(dir.to_path_buf())
 }
 
-/// [`complete_checkpoint`], `None` when there is none. A marker that cannot be checked (no
-/// permission, an I/O error) is an error, never "none": a resume that took it for a run to
-/// start over would replace the checkpoint.
+/// The complete checkpoint at `dir`; when a crash interrupted the swap of
+/// [`write_dir_atomically`] (no `dir`), the new one at `dir.tmp` if it was complete, else the old
+/// one at `dir.old`; `None` when there is none (`marker` is the file written last). It only
+/// reads: [`complete_checkpoint`] finishes an interrupted swap for a run that resumes. A marker
+/// that cannot be checked (no permission, an I/O error) is an error, never "none": a resume that
+/// took it for a run to start over would replace the checkpoint.
 pub fn find_checkpoint(dir: &Path, marker: &str) -> Result<Option<PathBuf>> {
     let has = |d: &Path| d.join(marker).try_exists().map_err(|e| Error::file(d.join(marker), e));
     // With `dir` in place a complete `dir.tmp` is a write that had not begun its swap: `dir` is
     // the checkpoint (the next save replaces the other).
-    if has(dir)? {
-        return Ok(Some(dir.to_path_buf()));
-    }
-    let (tmp, old) = (sibling(dir, "tmp"), sibling(dir, "old"));
-    if has(&tmp)? {
-        // Where the swap cannot be finished (a read-only copy of a run), read it where it lies.
-        if rename_synced(&tmp, dir).is_err() {
-            return Ok(Some(tmp));
+    for candidate in [dir.to_path_buf(), sibling(dir, "tmp"), sibling(dir, "old")] {
+        if has(&candidate)? {
+            return Ok(Some(candidate));
         }
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
-        }
-        return Ok(Some(dir.to_path_buf()));
     }
-    Ok(has(&old)?.then_some(old))
+    Ok(None)
 }
 
 /// Writes pretty JSON and flushes it to the disk.

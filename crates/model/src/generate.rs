@@ -129,38 +129,38 @@ impl SamplingConfig {
 
 /// Keys of generation_config.json that change HF's tokens away from their defaults, and are not
 /// applied here: each with the value that leaves the tokens alone (`None`: only null, absent or
-/// an empty list does).
-const UNAPPLIED_GENERATION_KEYS: [(&str, Option<f64>); 22] = [
-    ("repetition_penalty", Some(1.0)),
-    ("num_beams", Some(1.0)),
-    ("no_repeat_ngram_size", Some(0.0)),
-    ("min_new_tokens", Some(0.0)),
-    ("min_length", Some(0.0)),
-    ("min_p", Some(0.0)),
-    ("typical_p", Some(1.0)),
-    ("epsilon_cutoff", Some(0.0)),
-    ("eta_cutoff", Some(0.0)),
-    ("bad_words_ids", None),
-    ("suppress_tokens", None),
-    ("begin_suppress_tokens", None),
-    ("forced_bos_token_id", None),
-    ("forced_eos_token_id", None),
-    ("forced_decoder_ids", None),
-    ("penalty_alpha", Some(0.0)),
-    ("sequence_bias", None),
-    ("guidance_scale", Some(1.0)),
-    ("encoder_repetition_penalty", Some(1.0)),
-    ("num_beam_groups", Some(1.0)),
-    ("diversity_penalty", Some(0.0)),
-    ("watermarking_config", None),
+/// an empty list does), and whether it acts only when sampling (HF's greedy search ignores it).
+const UNAPPLIED_GENERATION_KEYS: [(&str, Option<f64>, bool); 22] = [
+    ("repetition_penalty", Some(1.0), false),
+    ("num_beams", Some(1.0), false),
+    ("no_repeat_ngram_size", Some(0.0), false),
+    ("min_new_tokens", Some(0.0), false),
+    ("min_length", Some(0.0), false),
+    ("min_p", Some(0.0), true),
+    ("typical_p", Some(1.0), true),
+    ("epsilon_cutoff", Some(0.0), true),
+    ("eta_cutoff", Some(0.0), true),
+    ("bad_words_ids", None, false),
+    ("suppress_tokens", None, false),
+    ("begin_suppress_tokens", None, false),
+    ("forced_bos_token_id", None, false),
+    ("forced_eos_token_id", None, false),
+    ("forced_decoder_ids", None, false),
+    ("penalty_alpha", Some(0.0), false),
+    ("sequence_bias", None, false),
+    ("guidance_scale", Some(1.0), false),
+    ("encoder_repetition_penalty", Some(1.0), false),
+    ("num_beam_groups", Some(1.0), false),
+    ("diversity_penalty", Some(0.0), false),
+    ("watermarking_config", None, false),
 ];
 
 impl SamplingConfig {
-    /// What HF's `generate` decodes with given at most a `temperature`: the checkpoint's
-    /// generation_config.json. With `do_sample` true, or a `temperature` given, it samples at
-    /// that temperature (else the file's) with the file's `top_k` and `top_p` (HF's defaults
-    /// 1.0, 50 and 1.0 for the keys it lacks; a null top_k is off); otherwise, without the file
-    /// too, greedily. Also returns the keys the file sets that would change HF's tokens and are
+    /// What HF's `generate` decodes with given no settings: the checkpoint's
+    /// generation_config.json. With `do_sample` true it samples at its `temperature` with its
+    /// `top_k` and `top_p` (HF's defaults 1.0, 50 and 1.0 for the keys it lacks; a null top_k is
+    /// off); otherwise, without the file too, greedily. A `temperature` given turns sampling on
+    /// at it, with the file's cuts (where HF would keep a `do_sample: false`). Also returns the keys the file sets that would change HF's tokens and are
     /// not applied here (a repetition penalty, say), as `key value`, so a caller can say so.
     pub fn from_generation_config(
         dir: &Path,
@@ -205,14 +205,15 @@ impl SamplingConfig {
             cfg.top_k = Some(top_k as usize).filter(|&k| k > 0);
             cfg.top_p = Some(top_p as f32).filter(|&p| p < 1.0);
         }
+        let sampling = cfg.temperature > 0.0;
         let unapplied = UNAPPLIED_GENERATION_KEYS
             .iter()
-            .filter(|(key, neutral)| {
+            .filter(|(key, neutral, sampling_only)| {
                 let v = &g[*key];
                 let empty = v.is_null() || v.as_array().is_some_and(Vec::is_empty);
-                !empty && (neutral.is_none() || v.as_f64() != *neutral)
+                !empty && (neutral.is_none() || v.as_f64() != *neutral) && (sampling || !sampling_only)
             })
-            .map(|(key, _)| format!("{key} {}", g[*key]))
+            .map(|(key, ..)| format!("{key} {}", g[*key]))
             .collect();
         Ok((cfg, unapplied))
     }

@@ -484,6 +484,12 @@ fn generation_config_json_sets_the_default_sampling_as_in_hf_generate() {
     let (cfg, unapplied) = read(Some(qwen)).unwrap();
     assert_eq!((cfg.temperature, cfg.top_k, cfg.top_p), (0.7, Some(20), Some(0.8)));
     assert_eq!(unapplied, vec!["repetition_penalty 1.05".to_string()]);
+    // A sampling-only key is named when the file samples, not when it decodes greedily (HF's
+    // greedy search ignores it); a repetition penalty acts on both.
+    let (_, unapplied) = read(Some(r#"{"do_sample": true, "min_p": 0.1}"#)).unwrap();
+    assert_eq!(unapplied, vec!["min_p 0.1".to_string()]);
+    let (_, unapplied) = read(Some(r#"{"min_p": 0.1, "repetition_penalty": 1.2}"#)).unwrap();
+    assert_eq!(unapplied, vec!["repetition_penalty 1.2".to_string()]);
     // top_k 0 or null and top_p 1 are off, as in HF's warpers.
     for json in [r#"{"do_sample": true, "top_k": 0, "top_p": 1.0}"#, r#"{"do_sample": true, "top_k": null}"#] {
         let (off, _) = read(Some(json)).unwrap();

@@ -155,7 +155,9 @@ fn a_directory_written_atomically_is_the_old_one_or_the_new_one_whole() {
     let tmp = root.join("checkpoint.tmp");
     std::fs::create_dir_all(&tmp).unwrap();
     fill("third")(&tmp).unwrap();
-    // (The swap is finished as it is found: the next save cannot delete the newest copy.)
+    // Found, it is only read; resumed from, its swap is finished (the next save cannot delete
+    // the newest copy).
+    assert_eq!(whale_model::checkpoint::find_checkpoint(&ckpt, "done").unwrap(), Some(tmp.clone()));
     assert_eq!(complete_checkpoint(&ckpt, "done").unwrap(), ckpt);
     assert_eq!(read(&ckpt), "third");
     assert!(!tmp.exists() && !root.join("checkpoint.old").exists());
