@@ -6,7 +6,7 @@ use whale_kernels::cpu::{attention, cross_entropy, rmsnorm, rope, softmax, swigl
 use super::{check_float_any_device, check_no_gradient_wanted, check_same_dtype_any_device, check_shape};
 use crate::backprop::backward_fn;
 use crate::rng::Rng;
-use crate::{Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
 
 pub use whale_kernels::cpu::attention::AttnShape;
 
@@ -73,7 +73,10 @@ impl Tensor {
         self.transpose(dim, last)?.softmax_last_dim()?.transpose(dim, last)
     }
 
-    /// RMSNorm over the last dim: `x * rsqrt(mean(x^2) + eps) * weight`, `weight`: `[dim]`.
+    /// RMSNorm over the last dim: `x * rsqrt(mean(x^2) + eps) * weight`, `weight`: `[dim]`. In
+    /// bf16/f16 the normalised `x` is rounded to the dtype before the weight multiplies it, as
+    /// torch's `F.rms_norm` (DeepSeek's reference) and HF's RMSNorm do (`.type_as(input)`, then
+    /// `* weight`); in f32 it is one fused pass.
     pub fn rms_norm(&self, weight: &Tensor, eps: f32) -> Result<Tensor> {
         let dtype = check_same_dtype_any_device("rms_norm", self, weight)?;
         let d = last_dim("rms_norm", self)?;
@@ -81,6 +84,16 @@ impl Tensor {
         if eps.is_nan() || eps < 0.0 {
             return Err(Error::invalid("rms_norm", format!("eps must be >= 0, got {eps}")));
         }
+        if matches!(dtype, DType::BF16 | DType::F16) {
+            let unit = Tensor::ones(&[d], dtype, &self.device())?;
+            return self.rms_norm_fused(&unit, d, eps)?.mul(weight);
+        }
+        self.rms_norm_fused(weight, d, eps)
+    }
+
+    /// [`Tensor::rms_norm`] in one pass, `x * rstd * weight` rounded once to the dtype.
+    fn rms_norm_fused(&self, weight: &Tensor, d: usize, eps: f32) -> Result<Tensor> {
+        let dtype = self.dtype();
         if self.device().is_cuda() {
             return crate::cuda::nn::rms_norm(self, weight, d, eps);
         }
@@ -254,6 +267,11 @@ impl Tensor {
     pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         let dtype = check_same_dtype_any_device("swiglu", gate, up)?;
         check_shape("swiglu (up)", up, gate.dims())?;
+        if matches!(dtype, DType::BF16 | DType::F16) {
+            // As DeepSeek's and HF's `silu(gate) * up` in the model's dtype: the activation is
+            // rounded before the product (one fused pass would round once).
+            return gate.silu()?.mul(up);
+        }
         if gate.device().is_cuda() {
             return crate::cuda::nn::swiglu(gate, up);
         }
