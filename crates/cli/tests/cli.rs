@@ -919,4 +919,21 @@ fn pretrain_and_generate_on_a_gpu_match_the_cpu_on_the_emulated_driver_in_emulat
         stdout.into_owned()
     };
     assert_eq!(generate("cuda"), generate("cpu"), "greedy decoding on the GPU and on the CPU");
+    // A DeepSeek-V3.1 release (UE8M0 activation scales) kept in FP8 is refused on the GPU before
+    // it loads, with what to do instead.
+    let release = dir.join("v31");
+    let out =
+        whale().args(["quantize", checkpoint.to_str().unwrap(), "--out", release.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config_path = release.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["quantization_config"]["scale_fmt"] = serde_json::json!("ue8m0");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let out = whale()
+        .envs(env.clone())
+        .args(["generate", "--checkpoint", release.to_str().unwrap(), "--prompt", "12+7=", "--fp8", "--device", "cuda"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("UE8M0") && stderr.contains("without --fp8"), "{stderr}");
 }
