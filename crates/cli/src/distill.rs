@@ -165,8 +165,7 @@ struct Arm {
 fn finished_arm(dir: &Path, resume: bool) -> Result<Option<Arm>> {
     let marker = dir.join(ARM_FILE);
     if resume && marker.exists() {
-        let text = std::fs::read_to_string(&marker).with_context(|| marker.display().to_string())?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| marker.display().to_string())?;
+        let v = crate::settings::read_json(&marker)?;
         let (report, seconds, steps) = (eval_from_json(&v["report"]), v["seconds"].as_f64(), v["steps"].as_u64());
         let (Some(report), Some(seconds), Some(steps)) = (report, seconds, steps) else {
             anyhow::bail!("{}: not a finished arm's record (report, seconds, steps)", marker.display());
@@ -203,43 +202,15 @@ fn finish_arm(
 pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
     let out = args.out.clone().unwrap_or_else(|| crate::r1::sibling_run(&args.from, "distill"));
-    let mut s: DistillSettings = if args.resume {
-        if args.config.is_some() {
-            anyhow::bail!("--resume continues with the run's own settings.json; drop --config");
-        }
-        crate::settings::run_settings(&out)?
-    } else {
-        match &args.config {
-            Some(p) => crate::settings::load(p)?,
-            None => DistillSettings::default(),
-        }
-    };
+    let mut s: DistillSettings = crate::settings::for_run(&out, args.config.as_deref(), args.resume)?;
     if let Some(sh) = &args.shared {
         s = sh.lay_over(s)?;
     }
     // The inputs a run was started with; --resume must be given the same ones.
     let inputs = serde_json::json!({ "from": args.from, "student": args.student });
     let run_file = out.join("run.json");
-    if args.resume {
-        if let Ok(text) = std::fs::read_to_string(&run_file) {
-            let recorded: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| run_file.display().to_string())?;
-            for flag in ["from", "student"] {
-                let same = match (recorded[flag].as_str(), inputs[flag].as_str()) {
-                    (Some(a), Some(b)) => crate::settings::same_path(Path::new(a), Path::new(b)),
-                    (a, b) => a == b,
-                };
-                if !same {
-                    anyhow::bail!(
-                        "--resume: --{flag} {} differs from the run's ({}, in {})",
-                        inputs[flag],
-                        recorded[flag],
-                        run_file.display()
-                    );
-                }
-            }
-        }
-    } else if let Some(used) = ARMS.iter().chain(&[TRACES_FILE]).map(|a| out.join(a)).find(|d| d.exists()) {
+    let record_inputs = crate::settings::check_run_inputs(&run_file, &inputs, &["from", "student"], args.resume)?;
+    if let Some(used) = ARMS.iter().chain(&[TRACES_FILE]).map(|a| out.join(a)).find(|d| !args.resume && d.exists()) {
         // Any arm's folder in use, finished or not, is another run's: refused before any work.
         anyhow::bail!(
             "{} already holds a distillation run ({}); pass --resume to continue it or choose another --out",
@@ -291,7 +262,9 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
         .context("the student's pretraining corpus (`student_pretrain.seq_len`)")?;
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     write_json_atomically(&out.join("settings.json"), &serde_json::to_value(&s)?)?;
-    write_json_atomically(&run_file, &inputs)?;
+    if record_inputs {
+        write_json_atomically(&run_file, &inputs)?;
+    }
     let heldout = tasks.held_out(s.eval_problems, s.eval_seed);
     // The teacher's traces and every evaluation may run as long as the RL arm's completions.
     let eval_cfg = EvalConfig::covering(s.k, s.rl.max_new_tokens);
@@ -299,8 +272,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     // The teacher's verified traces, sampled once and kept.
     let traces_file = out.join(TRACES_FILE);
     let (traces, stats): (Vec<Example>, RejectionStats) = if args.resume && traces_file.exists() {
-        let text = std::fs::read_to_string(&traces_file).with_context(|| traces_file.display().to_string())?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| traces_file.display().to_string())?;
+        let v = crate::settings::read_json(&traces_file)?;
         let traces = serde_json::from_value(v["traces"].clone()).with_context(|| traces_file.display().to_string())?;
         let stats = serde_json::from_value(v["stats"].clone()).with_context(|| traces_file.display().to_string())?;
         println!("distill: the teacher's traces from {}", traces_file.display());

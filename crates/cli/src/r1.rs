@@ -407,8 +407,7 @@ impl Pipeline {
             self.ran.set(true);
             return run();
         }
-        let text = std::fs::read_to_string(&marker).with_context(|| marker.display().to_string())?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| marker.display().to_string())?;
+        let v = crate::settings::read_json(&marker)?;
         let (report, seconds, rl) = (eval_from_json(&v["report"]), v["seconds"].as_f64(), v["rl"].as_bool());
         let (Some(report), Some(seconds), Some(rl)) = (report, seconds, rl) else {
             bail!("{}: not a finished stage's record (report, seconds, rl)", marker.display());
@@ -612,28 +611,12 @@ impl Pipeline {
     }
 }
 
-impl R1Args {
-    /// The settings: with --resume the run's own (`out`/settings.json), else --config's or the
-    /// defaults. Derived keys are set by the load and by the defaults.
-    fn settings(&self, out: &Path) -> Result<R1Settings> {
-        if self.resume {
-            if self.config.is_some() {
-                bail!("--resume continues with the run's own settings.json; drop --config");
-            }
-            return crate::settings::run_settings(out);
-        }
-        Ok(match &self.config {
-            Some(p) => crate::settings::load(p)?,
-            None => R1Settings::default(),
-        })
-    }
-}
-
 /// Runs the requested stage(s); returns each stage's result in order.
 pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
     let out = args.out.clone().unwrap_or_else(|| sibling_run(&args.from, "r1"));
-    let mut s = args.settings(&out)?;
+    // Derived keys are set by the load and by the defaults.
+    let mut s: R1Settings = crate::settings::for_run(&out, args.config.as_deref(), args.resume)?;
     if let Some(sh) = &args.shared {
         s = sh.lay_over(s)?;
     }
@@ -667,44 +650,14 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let stage_name = args.stage.to_possible_value().map(|v| v.get_name().to_string());
     let inputs = serde_json::json!({ "from": args.from, "base": args.base, "data": args.data, "stage": stage_name });
     let run_file = out.join("run.json");
-    // A run without one (stopped between its settings and its run.json) records this call's.
-    let mut record_inputs = !args.resume;
-    if args.resume {
-        let recorded = match std::fs::read_to_string(&run_file) {
-            Ok(text) => Some(text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                record_inputs = true;
-                None
-            }
-            Err(e) => bail!("{}: {e}", run_file.display()),
-        };
-        if let Some(text) = recorded {
-            let recorded: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| run_file.display().to_string())?;
-            // (`stage` is recorded since it was checked: a run.json without it has none to compare.)
-            let flags =
-                ["from", "base", "data", "stage"].into_iter().filter(|f| *f != "stage" || !recorded[f].is_null());
-            // Paths compare resolved: `./runs/a` and `runs/a/` are the run's `runs/a`.
-            let same = |a: &serde_json::Value, b: &serde_json::Value| match (a.as_str(), b.as_str()) {
-                (Some(a), Some(b)) => crate::settings::same_path(Path::new(a), Path::new(b)),
-                _ => a == b,
-            };
-            for flag in flags {
-                if !same(&recorded[flag], &inputs[flag]) {
-                    bail!(
-                        "--resume: --{flag} {} differs from the run's ({}, in {})",
-                        inputs[flag],
-                        recorded[flag],
-                        run_file.display()
-                    );
-                }
-            }
-        }
-    } else if let Some(done) =
-        stages.iter().map(|st| out.join(st.folder())).find(|d| d.read_dir().is_ok_and(|mut e| e.next().is_some()))
-    {
-        // Before anything is written: a refused command leaves the run's settings alone. A
-        // folder an interrupted attempt left counts too (its logs would be appended to).
+    // (`stage` is recorded since it was checked: a run.json without it has none to compare.)
+    let record_inputs =
+        crate::settings::check_run_inputs(&run_file, &inputs, &["from", "base", "data", "stage"], args.resume)?;
+    // A new run refuses a stage folder in use before anything is written (a refused command
+    // leaves the run's settings alone); one an interrupted attempt left counts too (its logs
+    // would be appended to).
+    let in_use = |d: &PathBuf| d.read_dir().is_ok_and(|mut e| e.next().is_some());
+    if let Some(done) = stages.iter().map(|st| out.join(st.folder())).find(|d| !args.resume && in_use(d)) {
         bail!("{} already holds this stage; pass --resume to continue the run or choose another --out", done.display());
     }
     // The inputs a stage needs, checked before anything is written.

@@ -81,6 +81,51 @@ enum Derived {
     AsRecorded,
 }
 
+/// A run's settings: with `resume` its own settings.json in `out` (a `config` file is refused:
+/// a resumed run keeps what it started with), else `config`'s or the defaults.
+pub fn for_run<T: Settings>(out: &Path, config: Option<&Path>, resume: bool) -> Result<T> {
+    if resume {
+        if config.is_some() {
+            bail!("--resume continues with the run's own settings.json; drop --config");
+        }
+        return run_settings(out);
+    }
+    config.map_or_else(|| Ok(T::default()), load)
+}
+
+/// Checks the inputs a run is given against those it started with, recorded in `run_file`
+/// (`run.json`): with `resume` each of `flags` must be the same (paths compared resolved:
+/// `./runs/a` and `runs/a/` are the run's `runs/a`); a flag the record lacks (written before it
+/// was recorded) is not compared. Returns whether to record `inputs` now: on a new run, or on a
+/// resumed one stopped between its settings and its record.
+pub fn check_run_inputs(run_file: &Path, inputs: &Value, flags: &[&str], resume: bool) -> Result<bool> {
+    if !resume {
+        return Ok(true);
+    }
+    let text = match std::fs::read_to_string(run_file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => bail!("{}: {e}", run_file.display()),
+    };
+    let recorded: Value = serde_json::from_str(&text).with_context(|| run_file.display().to_string())?;
+    let same = |a: &Value, b: &Value| match (a.as_str(), b.as_str()) {
+        (Some(a), Some(b)) => same_path(Path::new(a), Path::new(b)),
+        _ => a == b,
+    };
+    for &flag in flags {
+        if let Some(was) = recorded.get(flag).filter(|was| !same(was, &inputs[flag])) {
+            bail!("--resume: --{flag} {} differs from the run's ({was}, in {})", inputs[flag], run_file.display());
+        }
+    }
+    Ok(false)
+}
+
+/// A JSON file a run wrote (a stage's or an arm's record), errors naming it.
+pub fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    serde_json::from_str(&text).with_context(|| path.display().to_string())
+}
+
 /// `path` as JSON (`.json`) or TOML (anything else).
 fn read_value(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;

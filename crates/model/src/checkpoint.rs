@@ -185,10 +185,8 @@ pub fn with_fp8_quantization_config(config_json: &str, activation_scales: ScaleF
 /// in its config.json, absent for f32 scales (V3's), `ue8m0` for power-of-two ones (V3.1's, the
 /// reference's `act_quant(x, 128, scale_fmt)`); another value is an error naming the key.
 pub fn fp8_activation_scales(dir: &Path) -> Result<ScaleFormat> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
-    match &v["quantization_config"]["scale_fmt"] {
+    let (path, q) = quantization_config(dir)?;
+    match &q["scale_fmt"] {
         serde_json::Value::Null => Ok(ScaleFormat::F32),
         serde_json::Value::String(s) if s == "ue8m0" => Ok(ScaleFormat::Ue8m0),
         other => {
@@ -201,14 +199,8 @@ pub fn fp8_activation_scales(dir: &Path) -> Result<ScaleFormat> {
 /// 128x128 where it declares none; a declaration that is not two positive integers is an error
 /// (scales read on the wrong grid would be silently wrong weights).
 fn fp8_block(dir: &Path) -> Result<(usize, usize)> {
-    let path = dir.join("config.json");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(FP8_BLOCK),
-        Err(e) => return Err(Error::file(&path, e)),
-    };
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
-    let b = &v["quantization_config"]["weight_block_size"];
+    let (path, q) = quantization_config(dir)?;
+    let b = &q["weight_block_size"];
     if b.is_null() {
         return Ok(FP8_BLOCK);
     }
@@ -218,6 +210,20 @@ fn fp8_block(dir: &Path) -> Result<(usize, usize)> {
             Err(Error::file(&path, format!("quantization_config.weight_block_size: {b} is not two positive integers")))
         }
     }
+}
+
+/// The `quantization_config` of `dir`'s config.json (null without one, or without the file),
+/// with the file's path for errors.
+fn quantization_config(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
+    let path = dir.join("config.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((path, serde_json::Value::Null)),
+        Err(e) => return Err(Error::file(&path, e)),
+    };
+    let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&path, e))?;
+    let q = v.get_mut("quantization_config").map_or(serde_json::Value::Null, serde_json::Value::take);
+    Ok((path, q))
 }
 
 fn to_tensor(view: &TensorView<'_>) -> std::result::Result<Tensor, String> {
