@@ -160,8 +160,9 @@ impl SamplingConfig {
     /// generation_config.json. With `do_sample` true it samples at its `temperature` with its
     /// `top_k` and `top_p` (HF's defaults 1.0, 50 and 1.0 for the keys it lacks; a null top_k is
     /// off); otherwise, without the file too, greedily. A `temperature` given turns sampling on
-    /// at it, with the file's cuts (where HF would keep a `do_sample: false`). Also returns the keys the file sets that would change HF's tokens and are
-    /// not applied here (a repetition penalty, say), as `key value`, so a caller can say so.
+    /// at it, with the file's cuts (where HF would keep a `do_sample: false`). Also returns the
+    /// keys the file sets that would change HF's tokens and are not applied here (a repetition
+    /// penalty, say), as `key value`, so a caller can say so.
     pub fn from_generation_config(
         dir: &Path,
         max_new_tokens: usize,
@@ -177,12 +178,12 @@ impl SamplingConfig {
                 v => v.as_f64().ok_or_else(|| bad(key, format!("{v} is not a number"))),
             }
         };
-        let sampling = match &g["do_sample"] {
+        let do_sample = match &g["do_sample"] {
             serde_json::Value::Null => false,
             v => v.as_bool().ok_or_else(|| bad("do_sample", format!("{v} is not true or false")))?,
         };
         let mut cfg = SamplingConfig::greedy(max_new_tokens, stop_tokens);
-        if sampling || temperature.is_some() {
+        if do_sample || temperature.is_some() {
             let temperature = match temperature {
                 Some(t) => t as f64,
                 None => number("temperature", 1.0)?,
