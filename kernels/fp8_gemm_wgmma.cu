@@ -54,6 +54,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) fp8_gemm_wgmma(
     const unsigned char* b, const float* b_scales, unsigned b_rows_per_scale,
     float* y, unsigned m, unsigned n, unsigned k) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(WHALE_HOST_EMULATION)
+    if (dynamic_smem_bytes() < WG_SMEM_BYTES) __trap();
     unsigned char* raw = dynamic_shared_memory();
     unsigned raw_addr = smem_address(raw), tiles = (raw_addr + 1023) & ~1023u;
     float* scales = (float*)(raw + (tiles - raw_addr) + WG_STAGES * WG_STAGE_BYTES);

@@ -1,7 +1,10 @@
 // fp8_gemm_wgmma (kernels/fp8_gemm_wgmma.cu) run in host emulation (sm90_host.h) against the
-// block-scaled product computed directly in double: whole tiles, ragged M / N / K edges (K a
-// multiple of 16 but not of 128), more K blocks than pipeline stages, per-row and per-128-row
-// B scales. Exit status 1 on any mismatch. Built and run by crates/kernels/tests/emulate.rs.
+// block-scaled product computed directly: each K block's partial sum in k32 steps through the
+// emulation's model of Hopper's accumulator (emu::hopper_fp8_step, the same steps the kernel's
+// four wgmmas take), promoted in double, so the kernel must agree to f32 rounding. Whole tiles,
+// ragged M / N / K edges (K a multiple of 16 but not of 128), more K blocks than pipeline
+// stages, per-row and per-128-row B scales. Exit status 1 on any mismatch. Built and run by
+// crates/kernels/tests/emulate.rs.
 #include "../fp8_gemm_wgmma.cu"
 
 #include <cmath>
@@ -43,10 +46,17 @@ bool check(unsigned m, unsigned n, unsigned k, unsigned b_rows, unsigned seed) {
         for (unsigned j = 0; j < n; ++j) {
             double total = 0;
             for (unsigned blk = 0; blk < kb; ++blk) {
-                double partial = 0;
-                for (unsigned t = blk * 128; t < std::min(k, blk * 128 + 128); ++t)
-                    partial += double(emu::e4m3(a.codes[size_t(i) * k + t])) * emu::e4m3(b.codes[size_t(j) * k + t]);
-                total += partial * a.scales[size_t(i) * kb + blk] * b.scales[size_t(j / b_rows) * kb + blk];
+                float partial = 0.0f;
+                for (unsigned step = 0; step < 4; ++step) {
+                    float av[32], bv[32]; // zeros past K, as the kernel's zero-filled edge
+                    for (unsigned kk = 0; kk < 32; ++kk) {
+                        unsigned t = blk * 128 + step * 32 + kk;
+                        av[kk] = t < k ? emu::e4m3(a.codes[size_t(i) * k + t]) : 0.0f;
+                        bv[kk] = t < k ? emu::e4m3(b.codes[size_t(j) * k + t]) : 0.0f;
+                    }
+                    partial = emu::hopper_fp8_step(partial, av, bv);
+                }
+                total += double(partial) * a.scales[size_t(i) * kb + blk] * b.scales[size_t(j / b_rows) * kb + blk];
             }
             want[size_t(i) * n + j] = total;
             largest = std::max(largest, std::abs(total));

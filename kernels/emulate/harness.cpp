@@ -2,9 +2,10 @@
 // order shared-memory traffic across the block and across blocks of a grid, warp shuffles
 // exchange the right lanes' values many times in a row, threads that end early leave the others
 // running, and failures (a deadlock, a fault, __trap) end the launch with an error naming the
-// thread and block, after which the next launch runs normally. Exit status 1 on any failure.
+// thread and block, after which the next launch runs normally; and the model of Hopper's FP8
+// accumulator (sm90_host.h) keeps what the measurements say. Exit status 1 on any failure.
 // Built and run by crates/kernels/tests/emulate.rs.
-#include "cuda_host.h"
+#include "sm90_host.h"
 
 #include <sys/mman.h>
 
@@ -134,7 +135,23 @@ void failures_name_the_thread_and_block() {
 
 } // namespace
 
+// The measurements the model follows: an accumulator with more than 13 mantissa bits comes back
+// with the low 10 bits of its f32 zeroed (SageAttention2, A = B = 0); a product under the largest
+// one's 2^-13 quantum is floored away (DeepSeek-V3's report, 3.5.2: truncated after the
+// sign-filled shift, so a negative one costs a whole quantum); sums within 14 bits are exact.
+void the_fp8_accumulator_model_keeps_14_bits() {
+    float zeros[32] = {}, ones[32] = {}, b[32] = {};
+    for (float& v : ones) v = 1.0f;
+    expect(emu::hopper_fp8_step(1.0f + std::ldexp(1.0f, -20), zeros, zeros) == 1.0f, "fp8 accumulator: C to 13 bits");
+    expect(emu::hopper_fp8_step(-3.0f - std::ldexp(1.0f, -14), zeros, zeros) == -3.0f, "fp8 accumulator: toward zero");
+    float a[32] = {448.0f, 7.5f, std::ldexp(1.0f, -6), -std::ldexp(1.0f, -6)};
+    b[0] = b[1] = b[2] = b[3] = 1.0f; // quantum 2^(8 - 13): 2^-6 floors to 0, -2^-6 to -2^-5
+    expect(emu::hopper_fp8_step(0.0f, a, b) == 448.0f + 7.5f - std::ldexp(1.0f, -5), "fp8 accumulator: aligned products");
+    expect(emu::hopper_fp8_step(100.0f, ones, ones) == 132.0f, "fp8 accumulator: exact within 14 bits");
+}
+
 int main() {
+    the_fp8_accumulator_model_keeps_14_bits();
     barriers_order_shared_memory();
     shuffles_exchange_lane_values();
     early_exits_leave_the_rest_running();

@@ -1,13 +1,17 @@
 // sm90.cuh's functions on the host (see cuda_host.h): the proxy fence and wgmma's fences are
 // no-ops (copies land when waited for), and each thread computes its own accumulators of the
 // E4M3 wgmma from the operands its descriptors point at, as the PTX ISA defines the K-major
-// 128-byte-swizzled layout and the m64nNk32 accumulator fragment. wgmma is asynchronous as on
+// 128-byte-swizzled layout and the m64nNk32 accumulator fragment, with the limited-precision
+// accumulation Hopper is measured to have (hopper_fp8_step). wgmma is asynchronous as on
 // the GPU, at its latest: an MMA runs when its group is waited for, reading shared memory and its
 // accumulators then. So a kernel that refills a stage, or reads or writes the accumulators,
 // before waiting for the MMAs on them gets wrong results; one that never waits fails.
 #pragma once
 
+#include <algorithm>
 #include <array>
+#include <cmath>
+#include <cstring>
 
 #include "cuda_host.h"
 
@@ -46,6 +50,35 @@ inline unsigned char operand(unsigned long long desc, unsigned row, unsigned kk)
     return shared_window[addr];
 }
 
+// Hopper's FP8 tensor-core accumulation as DeepSeek-V3's report (section 3.5.2) and
+// SageAttention2 measured it: the 32 exact products of a k32 step are aligned to the largest
+// one's exponent and keep the 14 high bits of each sign-filled right shift (a floor to a multiple
+// of 2^(e_max - 13)); the accumulator they are added to keeps 13 mantissa bits (the low 10 bits
+// of its f32 zeroed, on the way in and on the way out). A model, not NVIDIA's documentation: a
+// kernel that promotes every 128 of K keeps this error to a block, and tests bound it.
+inline float truncated_13(double x) {
+    if (x == 0.0 || !std::isfinite(x)) return float(x);
+    unsigned long long bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    bits &= ~((1ull << (52 - 13)) - 1); // a double's 52 mantissa bits down to 13, toward zero
+    std::memcpy(&x, &bits, sizeof bits);
+    return float(x); // exact: 14 significant bits
+}
+
+inline float hopper_fp8_step(float c, const float* a, const float* b) {
+    double products[32], largest = 0.0;
+    for (unsigned k = 0; k < 32; ++k) {
+        products[k] = double(a[k]) * b[k]; // exact: 4-bit significands
+        largest = std::max(largest, std::fabs(products[k]));
+    }
+    double sum = 0.0;
+    if (largest > 0.0) {
+        double quantum = std::ldexp(1.0, std::ilogb(largest) - 13);
+        for (unsigned k = 0; k < 32; ++k) sum += std::floor(products[k] / quantum) * quantum; // exact
+    }
+    return truncated_13(double(truncated_13(c)) + sum);
+}
+
 } // namespace emu
 
 inline void fence_proxy_async() {}
@@ -78,9 +111,7 @@ inline void wgmma_m64n128k32_e4m3(float (&d)[64], unsigned long long a, unsigned
         for (unsigned j = 0; j < 16; ++j)
             for (unsigned r = 0; r < 4; ++r) {
                 const float *ar = rows[r / 2], *bc = cols[2 * j + r % 2];
-                float acc = accumulate ? d[4 * j + r] : 0.0f;
-                for (unsigned kk = 0; kk < 32; ++kk) acc += ar[kk] * bc[kk];
-                d[4 * j + r] = acc;
+                d[4 * j + r] = emu::hopper_fp8_step(accumulate ? d[4 * j + r] : 0.0f, ar, bc);
             }
     });
 }

@@ -2,7 +2,7 @@
 //! `y[m, n] = a[m, k] · b[n, k]ᵀ` on E4M3 operands with per-block f32 scales, the partial sums
 //! of every 128 of K promoted to f32 with the two scales.
 
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::{cuda, Gpu, GpuError, Result};
 use crate::cpu::fp8::{Fp8Blocks, Fp8Format};
@@ -178,6 +178,15 @@ impl Gpu {
         }
         if 128 % a.block_rows != 0 {
             return Err(GpuError::Shape(format!("fp8 gemm: row blocks of {} do not divide 128", a.block_rows)));
+        }
+        // The tensor-core kernels copy 16 bytes at a time: a view starting elsewhere in its
+        // buffer is the caller's to copy (whale-tensor does), never a misaligned load.
+        let aligned = |o: &Fp8View<'_>| o.codes.device_ptr(&self.stream).0 % 16 == 0;
+        if kernel != Fp8GemmKernel::Simple && !(aligned(a) && aligned(b)) {
+            return Err(GpuError::Shape(format!(
+                "fp8 gemm: the {kernel:?} kernel loads 16 bytes at a time, so both operands' codes must start \
+                 16-byte aligned (copy a view that starts inside its buffer)"
+            )));
         }
         let name = kernel.entry();
         let (row_tile, block_dim, shared) = match kernel {

@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0x762a76fd612302c9;
+pub const SOURCE_HASH: u64 = 0x939b177e84d1ea0e;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
