@@ -92,19 +92,18 @@ fn tagged_messages_splits_mismatches_and_departures() {
     assert_eq!(sub_ranks, vec![1, 1, 0, 0]);
     assert!(out.iter().all(|o| o.3.contains("buffer lengths differ")), "{}", out[0].3);
 
-    // A rank that leaves: the others' receives fail at once (the connection ends), not after
-    // the 20 s patience.
+    // A rank that leaves: the others' receives fail because the connection ended, not at the
+    // 20 s patience (that would be a timeout, another error).
     let errs = on_tcp(2, |c| {
         if c.rank() == 1 {
             drop(c);
             return None;
         }
-        let started = std::time::Instant::now();
-        Some((c.recv(1, 0).unwrap_err(), started.elapsed()))
+        Some(c.recv(1, 0).unwrap_err())
     });
-    let (err, took) = errs[0].as_ref().unwrap();
+    let err = errs[0].as_ref().unwrap();
     assert!(matches!(err, Error::Comm(CommError::RankLeft { peer: 1, .. })), "{err}");
-    assert!(err.to_string().contains("ended") && *took < Duration::from_secs(10), "{err} after {took:?}");
+    assert!(err.to_string().contains("ended"), "{err}");
 }
 
 #[test]

@@ -269,6 +269,30 @@ fn off_policy_loss_gradient_matches_finite_differences_and_clips() {
         .unwrap();
 }
 
+#[test]
+fn clip_higher_bounds_the_ratio_by_epsilon_high_above_and_epsilon_below() {
+    // DAPO's clip-higher, eps_low 0.2 and eps_high 0.28: rho = 1.25 with A > 0 lies inside
+    // [0.8, 1.28] (a gradient), rho = 1.3 past it (none); rho = 0.75 with A < 0 past 0.8 (none),
+    // rho = 0.85 inside. Swapped bounds ([0.72, 1.2]) would clip the first and keep the third.
+    let old = vec![vec![0.0f32; 4]];
+    let l = vec![[1.25f32, 1.3, 0.75, 0.85].map(f32::ln).to_vec()];
+    let adv = vec![vec![1.0f32, 1.0, -1.0, -1.0]];
+    let w = vec![vec![1.0f32; 4]];
+    let inp = inputs(&l, &old, &old, &adv, &w);
+    let (loss, stats) = grpo_loss(&inp, 0.2, 0.28, 0.0).unwrap();
+    assert_eq!((stats.clip_high, stats.clip_low), (1.0, 1.0), "{stats:?}");
+    // -min(rho A, clip(rho) A) per token: -1.25, -1.28, 0.8, 0.85.
+    let want = -1.25 - 1.28 + 0.8 + 0.85;
+    assert!(close(loss.to_scalar().unwrap() as f64, want, 1e-6), "{} vs {want}", loss.to_scalar().unwrap());
+    loss.backward().unwrap();
+    let g = inp.logprobs.grad().unwrap().to_vec_f32().unwrap();
+    // d(-rho A)/dl = -rho A where unclipped; 0 where the clip holds.
+    let want = [-1.25, 0.0, 0.0, 0.85];
+    for (t, (a, b)) in g.iter().zip(want).enumerate() {
+        assert!(close(*a as f64, b, 1e-5), "token {t}: {g:?} vs {want:?}");
+    }
+}
+
 fn rollout(prompt: usize, tokens: usize) -> Rollout {
     Rollout {
         problem: 0,

@@ -67,6 +67,12 @@ fn maximum() {
     let a = randn(&[4, 5], 22);
     let b = a.add(&away_from_zero(&[4, 5], 23)).unwrap(); // never within eps of a tie
     assert_gradients(&[a, b], |x| x[0].maximum(&x[1]));
+    // Broadcast: [2, 3, 4] against [3, 1], the smaller side's gradient summed over the copies
+    // it won (no two values within eps of each other: distinct multiples of 0.1 apart).
+    let big = Tensor::from_vec((0..24).map(|i| ((i * 7) % 24) as f32 * 0.1 - 1.15).collect(), &[2, 3, 4], &Device::Cpu)
+        .unwrap();
+    let small = Tensor::from_vec(vec![-0.5f32, 0.02, 0.61], &[3, 1], &Device::Cpu).unwrap();
+    assert_gradients(&[big, small], |x| x[0].maximum(&x[1]));
 }
 
 #[test]
@@ -199,6 +205,11 @@ fn cat_stack_split_and_where() {
     let cond = Tensor::from_vec(vec![1u32, 0, 1], &[3], &Device::Cpu).unwrap();
     let c = randn(&[2, 3], 132);
     assert_gradients(&[a.clone(), c], |t| cond.where_cond(&t[0], &t[1]));
+    // Broadcast operands: each gradient summed back to its own shape.
+    let (row, col) = (randn(&[1, 3], 133), randn(&[2, 1], 134));
+    assert_gradients(&[row.clone(), col.clone()], |t| cond.where_cond(&t[0], &t[1]));
+    let cond2 = Tensor::from_vec(vec![1u32, 0, 0, 1, 1, 0], &[2, 3], &Device::Cpu).unwrap();
+    assert_gradients(&[row, a.clone()], |t| cond2.where_cond(&t[0], &t[1]));
     assert_gradients(&[a], |t| t[0].masked_fill(&cond, -5.0));
 }
 

@@ -163,3 +163,24 @@ fn bf16_rms_norm_and_swiglu_round_where_torch_does() {
     let y = Tensor::swiglu(&bf(&[-1.3359375]), &bf(&[1.7734375])).unwrap();
     assert_eq!(y.to_vec_f32().unwrap(), vec![-0.4921875]);
 }
+
+#[test]
+fn dropout_keeps_each_value_with_probability_one_minus_p_scaled_by_its_inverse() {
+    // A million ones at p = 0.3: about 70% kept (the standard deviation of the fraction is
+    // 4.6e-4; 0.0025 is 5.4 of them), each exactly 1 / 0.7 in f32, the rest 0; the gradient
+    // of the sum is the same mask. An inverted keep or a scale of 1 / p fails it.
+    let n = 1_000_000;
+    let x = Tensor::from_vec(vec![1.0f32; n], &[n], &Device::Cpu).unwrap().variable();
+    let y = x.dropout(0.3, &mut whale_tensor::Rng::new(5)).unwrap();
+    let (v, keep) = (y.to_vec_f32().unwrap(), 1.0f32 / 0.7);
+    assert!(v.iter().all(|&e| e == 0.0 || e == keep), "values other than 0 and 1 / 0.7");
+    let kept = v.iter().filter(|&&e| e != 0.0).count() as f64 / n as f64;
+    assert!((kept - 0.7).abs() < 0.0025, "kept {kept}");
+    y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(x.grad().unwrap().to_vec_f32().unwrap(), v, "the gradient is the mask");
+    // bf16: the scale rounded to bf16 once, in the forward and the backward alike.
+    let xb = x.detach().to_dtype(DType::BF16).unwrap();
+    let vb = xb.dropout(0.3, &mut whale_tensor::Rng::new(5)).unwrap().to_vec_f32().unwrap();
+    let keep_bf16 = half::bf16::from_f32(keep).to_f32();
+    assert!(vb.iter().zip(&v).all(|(&b, &f)| b == if f == 0.0 { 0.0 } else { keep_bf16 }), "bf16: the same mask");
+}
