@@ -718,17 +718,26 @@ fn fp8_weights_can_stay_fp8_for_inference_and_save_back_byte_identical() {
             );
         }
         // The cached logits themselves, step by step, against the full forward's rows.
-        let mut kv = whale_model::generate::KvCache::with_mode(0, cache);
-        let step = |from: usize, len: usize, kv: &mut whale_model::generate::KvCache| {
-            whale_tensor::no_grad(|| kept.forward_cached(&full.narrow(1, from, len)?, kv))
-                .unwrap()
-                .to_vec_f32()
-                .unwrap()
+        let stepped_on = |model: &DeepSeekV3| {
+            let mut kv = whale_model::generate::KvCache::with_mode(0, cache);
+            let mut step = |from: usize, len: usize| {
+                whale_tensor::no_grad(|| model.forward_cached(&full.narrow(1, from, len)?, &mut kv))
+                    .unwrap()
+                    .to_vec_f32()
+                    .unwrap()
+            };
+            let mut stepped = step(0, 3);
+            for p in 3..6 {
+                stepped.extend(step(p, 1));
+            }
+            stepped
         };
-        let mut stepped = step(0, 3, &mut kv);
-        for p in 3..6 {
-            stepped.extend(step(p, 1, &mut kv));
-        }
+        let stepped = stepped_on(&kept);
+        // The kept codes decode as the dequantised model does (its weights are codes x scales,
+        // re-quantised to the same blocks), bit for bit: absorb's W_UK / W_UV read from the
+        // FP8 blocks are the dequantised weight exactly.
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&stepped), bits(&stepped_on(&dequantised)), "{cache:?}: kept FP8 vs dequantised");
         let diff = stepped.iter().zip(&logits).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
         let err = diff / logits.iter().map(|b| b * b).sum::<f32>().sqrt();
         // Naive: the same FP8 GEMMs, rounding only (measured 2e-7). Absorb: kv_b_proj runs in f32
