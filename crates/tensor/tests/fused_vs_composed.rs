@@ -157,3 +157,34 @@ fn grouped_matmul_matches_per_group_matmuls() {
         },
     );
 }
+
+#[test]
+fn rope_matches_rotation_by_primitives() {
+    // x [batch, seq, heads, d]; theta_i per position and pair. Half-rotated (HF's rotate_half):
+    // (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) on the two halves; interleaved (DeepSeek's
+    // complex product): each pair (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos).
+    let (b, s, h, d) = (2, 5, 3, 8);
+    let x = randn(&[b, s, h, d], 5);
+    let (cos, sin) = whale_tensor::rope_tables(&[0, 1, 2, 7, 30], &whale_tensor::rope_inv_freq(d, 10_000.0)).unwrap();
+    let per_position = |t: &Tensor| t.reshape(&[1, s, 1, d / 2]);
+    let (c, sn) = (per_position(&cos).unwrap(), per_position(&sin).unwrap());
+    use whale_tensor::RopeLayout;
+    assert_twins(
+        std::slice::from_ref(&x),
+        |t| t[0].rope(&cos, &sin, RopeLayout::HalfRotated),
+        |t| {
+            let (x1, x2) = (t[0].narrow(3, 0, d / 2)?, t[0].narrow(3, d / 2, d / 2)?);
+            Tensor::cat(&[x1.mul(&c)?.sub(&x2.mul(&sn)?)?, x2.mul(&c)?.add(&x1.mul(&sn)?)?], 3)
+        },
+    );
+    assert_twins(
+        &[x],
+        |t| t[0].rope(&cos, &sin, RopeLayout::Interleaved),
+        |t| {
+            let pairs = t[0].reshape(&[b, s, h, d / 2, 2])?;
+            let (x0, x1) = (pairs.narrow(4, 0, 1)?.squeeze(4)?, pairs.narrow(4, 1, 1)?.squeeze(4)?);
+            let rotated = [x0.mul(&c)?.sub(&x1.mul(&sn)?)?, x0.mul(&sn)?.add(&x1.mul(&c)?)?];
+            Tensor::stack(&rotated, 4)?.reshape(&[b, s, h, d])
+        },
+    );
+}

@@ -232,3 +232,40 @@ fn grouped_matmul_with_an_empty_group() {
     let (w0, w1, w2) = (randn(&[3, 4], 151), randn(&[3, 4], 152), randn(&[3, 4], 153));
     assert_gradients(&[x, w0, w1, w2], |t| Tensor::grouped_matmul(&t[0], &[2, 0, 4], &t[1..]));
 }
+
+#[test]
+fn fused_ops_on_strided_inputs() {
+    // Views that are not contiguous (a permutation, a transpose, row-strided halves): the fused
+    // ops read them through their strides or copy them first, and the gradients land back in
+    // the layout of the input they belong to.
+    let (cos, sin) = rope_tables(&[0, 1, 2, 7, 30], &rope_inv_freq(8, 10_000.0)).unwrap();
+    for layout in [RopeLayout::Interleaved, RopeLayout::HalfRotated] {
+        assert_gradients(&[randn(&[2, 8, 3, 5], 160)], |t| t[0].permute(&[0, 3, 2, 1])?.rope(&cos, &sin, layout));
+    }
+    assert_gradients(&[randn(&[8, 6], 161), randn(&[8], 162)], |t| t[0].t()?.rms_norm(&t[1], 1e-6));
+    assert_gradients(&[randn(&[3, 12], 163)], |t| Tensor::swiglu(&t[0].narrow(1, 0, 6)?, &t[0].narrow(1, 6, 6)?));
+    let targets = ids(&[3, -100, 0, 6, 2]);
+    assert_gradients(&[randn(&[7, 5], 164)], |t| t[0].t()?.cross_entropy(&targets, -100));
+    let (q, k, v) = (randn(&[2, 5, 3, 4], 165), randn(&[2, 5, 3, 4], 166), randn(&[2, 5, 3, 2], 167));
+    assert_gradients(&[q, k, v], |t| {
+        let heads = |x: &Tensor| x.transpose(1, 2);
+        Tensor::scaled_dot_product_attention(&heads(&t[0])?, &heads(&t[1])?, &heads(&t[2])?, 0.5, true)
+    });
+}
+
+#[test]
+fn attention_rows_with_no_key_to_attend() {
+    // Causal, 5 queries at the end of 3 keys: the first two see none, output zeros and pass no
+    // gradient; the rest as usual.
+    let (q, k, v) = (randn(&[1, 2, 5, 4], 170), randn(&[1, 2, 3, 4], 171), randn(&[1, 2, 3, 2], 172));
+    let out = Tensor::scaled_dot_product_attention(&q, &k, &v, 0.5, true).unwrap().to_vec_f32().unwrap();
+    assert!(out.chunks(10).all(|head| head[..4].iter().all(|&x| x == 0.0)), "{out:?}");
+    assert_gradients(&[q, k, v], |t| Tensor::scaled_dot_product_attention(&t[0], &t[1], &t[2], 0.5, true));
+}
+
+#[test]
+fn max_sends_the_gradient_to_the_first_of_tied_maxima() {
+    let x = Tensor::from_vec(vec![1.0f32, 3.0, 3.0, 2.0, 5.0, 5.0], &[2, 3], &Device::Cpu).unwrap().variable();
+    x.max(1).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(x.grad().unwrap().to_vec_f32().unwrap(), vec![0.0, 1.0, 0.0, 0.0, 1.0, 0.0]);
+}

@@ -315,7 +315,7 @@ fn tensor_kernels_match_their_formulas() {
             .zip(down(&g, &dg))
             .map(|(&v, gv)| (gv as f64 * (f(v as f64 + h) - f(v as f64 - h)) / (2.0 * h)) as f32)
             .collect();
-        assert_close(&format!("{op:?} backward"), &down(&g, &dx), &want, 1e-4);
+        assert_close(&format!("{op:?} backward"), &down(&g, &dx), &want, 1e-5);
     }
 
     // Binary ops over a broadcast: a [4, 5, 6] against b [5, 1] (strides 0 where broadcast), a
