@@ -3,7 +3,8 @@
 
 Independent implementation: HF transformers' DeepseekV3ForCausalLM (eager attention, float32),
 plus a Multi-Token Prediction module assembled here from HF's own blocks following
-../shared/spec/deepseek-v3.md section 3 (HF does not implement MTP). For each config it writes:
+../shared/spec/deepseek-v3.md section 3 (HF does not implement MTP), and HF's native
+DeepseekV2ForCausalLM for DeepSeek-V2's router (v2_group_limited). For each config it writes:
 
   crates/model/tests/fixtures/<name>/config.json          the HF config
   crates/model/tests/fixtures/<name>/model.safetensors    weights under HF checkpoint names
@@ -15,6 +16,8 @@ plus a Multi-Token Prediction module assembled here from HF's own blocks followi
 
 Run once from the repo root (CI never does):
   python3 -m venv .venv && .venv/bin/pip install torch transformers safetensors
+(written with torch 2.15 and transformers 5.24; the V3 fixtures predate them, and a newer torch
+rewrites their reference values in the last bits)
   .venv/bin/python scripts/make_reference.py
 """
 
@@ -24,7 +27,7 @@ import os
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3DecoderLayer,
     DeepseekV3RMSNorm,
@@ -98,12 +101,12 @@ def hf_names_block(name, p):
     return {name: (p, lambda t: t)}
 
 
-def make(name, config, batch, seq, seed, write_config):
+def make(name, config, batch, seq, seed, write_config, model_class=DeepseekV3ForCausalLM):
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
-    model = DeepseekV3ForCausalLM(config).float().eval()
+    model = model_class(config).float().eval()
     n_layers = config.num_hidden_layers
-    depth = config.num_nextn_predict_layers
+    depth = getattr(config, "num_nextn_predict_layers", 0)
     mtp = nn.ModuleList([MtpModule(config, n_layers + k) for k in range(depth)]).float()
     rotary = DeepseekV3RotaryEmbedding(config)
 
@@ -111,7 +114,7 @@ def make(name, config, batch, seq, seed, write_config):
     # notices if either is ignored.
     with torch.no_grad():
         for mod in list(model.modules()) + list(mtp.modules()):
-            if isinstance(mod, DeepseekV3RMSNorm):
+            if type(mod).__name__.endswith("RMSNorm"):
                 mod.weight.add_(0.1 * torch.randn_like(mod.weight))
             if hasattr(mod, "e_score_correction_bias"):
                 mod.e_score_correction_bias.copy_(0.05 * torch.randn_like(mod.e_score_correction_bias))
@@ -157,7 +160,7 @@ def make(name, config, batch, seq, seed, write_config):
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         grads["grad." + n] = view(g).contiguous().clone()
     for i, layer in enumerate(model.model.layers):
-        if hasattr(layer.mlp, "gate"):
+        if hasattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias"):
             weights[f"model.layers.{i}.mlp.gate.e_score_correction_bias"] = layer.mlp.gate.e_score_correction_bias.clone()
     for k, m in enumerate(mtp):
         weights[f"model.layers.{n_layers + k}.mlp.gate.e_score_correction_bias"] = (
@@ -185,7 +188,8 @@ def make(name, config, batch, seq, seed, write_config):
 
 
 def write_hf_config(config, d):
-    """transformers' own serialisation (the newer `rope_parameters` spelling)."""
+    """transformers' own serialisation (the newer `rope_parameters` spelling; for DeepSeek-V2
+    without `scoring_func`, which HF's native DeepseekV2 does not have: always softmax)."""
     config.save_pretrained(d)
     with open(os.path.join(d, "config.json")) as f:
         cfg = json.load(f)
@@ -252,8 +256,47 @@ def base_config(**kw):
     return cfg
 
 
+def v2_config(**kw):
+    """A DeepSeek-V2-style router: softmax scores, group-limited greedy top-k (groups ranked by
+    their best expert), weights not renormalised but scaled; no query compression, plain RoPE."""
+    args = dict(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=80,
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=2,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        topk_method="group_limited_greedy",
+        norm_topk_prob=False,
+        routed_scaling_factor=1.5,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        head_dim=8,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    )
+    args.update(kw)
+    return DeepseekV2Config(**args)
+
+
 if __name__ == "__main__":
     torch.use_deterministic_algorithms(True)
+    # DeepSeek-V2's router (HF's native DeepseekV2ForCausalLM): softmax, group-limited greedy.
+    make("v2_group_limited", v2_config(), batch=2, seq=9, seed=3, write_config=write_hf_config,
+         model_class=DeepseekV2ForCausalLM)
     # Dense + MoE layers, n_group > 1, YaRN, q_lora, one MTP module.
     make("yarn_qlora_mtp", base_config(), batch=2, seq=11, seed=0, write_config=write_hf_config)
     # Two chained MTP modules (depth 2: each reads the previous module's hidden states, the

@@ -178,6 +178,22 @@ impl DeepSeekV3Config {
                     obj.insert("rope_scaling".into(), rp);
                 }
             }
+            // A DeepSeek-V2 config (`model_type` deepseek_v2) takes HF's DeepseekV2Config defaults
+            // where a key is missing or null, not V3's: softmax scores (HF's native V2 writes no
+            // `scoring_func`: it is always softmax), no router groups, weights not renormalised.
+            if obj.get("model_type").and_then(Value::as_str) == Some("deepseek_v2") {
+                let defaults = [
+                    ("scoring_func", Value::from("softmax")),
+                    ("norm_topk_prob", Value::from(false)),
+                    ("n_group", Value::from(1)),
+                    ("topk_group", Value::from(1)),
+                ];
+                for (key, default) in defaults {
+                    if obj.get(key).is_none_or(Value::is_null) {
+                        obj.insert(key.into(), default);
+                    }
+                }
+            }
             // The experts and dense MLPs are SwiGLU (HF's `hidden_act` "silu"); another activation
             // would run as SiLU, so it is refused.
             // Dropout in attention (HF's `attention_dropout`, applied while training) is not

@@ -255,3 +255,27 @@ fn parameter_counts_equal_the_built_models_with_dense_and_moe_mtp_blocks() {
         assert_eq!((counts.total, counts.mtp), (main, mtp), "{layers} layers, moe_layer_freq {freq}");
     }
 }
+
+#[test]
+fn a_deepseek_v2_config_takes_v2_defaults_not_v3_ones() {
+    // What transformers' native DeepseekV2Config writes by default: no scoring_func (HF's V2 is
+    // always softmax), null groups, greedy top-k, weights not renormalised. Read with V3's
+    // defaults it was refused (group-less greedy under sigmoid scoring's 8 groups).
+    let text = r#"{"model_type": "deepseek_v2", "vocab_size": 96, "hidden_size": 48, "intermediate_size": 80,
+      "moe_intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+      "n_shared_experts": 2, "n_routed_experts": 8, "num_experts_per_tok": 3, "n_group": null, "topk_group": null,
+      "topk_method": "greedy", "routed_scaling_factor": 1.0, "first_k_dense_replace": 0, "q_lora_rank": null,
+      "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12,
+      "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "max_position_embeddings": 64,
+      "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_dropout": 0.0, "tie_word_embeddings": false}"#;
+    let cfg = DeepSeekV3Config::from_json_str(text).unwrap();
+    assert_eq!(cfg.scoring_func, "softmax");
+    assert_eq!((cfg.n_group, cfg.topk_group, cfg.norm_topk_prob), (1, 1, false));
+    // Given explicitly (the hub's V2 files do), the file's values stand; a V3 config keeps V3's
+    // defaults.
+    let explicit = text.replace(r#""topk_method": "greedy","#, r#""topk_method": "greedy", "norm_topk_prob": true,"#);
+    assert!(DeepSeekV3Config::from_json_str(&explicit).unwrap().norm_topk_prob);
+    let v3 = HUB_V3.replace(r#""norm_topk_prob": true, "scoring_func": "sigmoid", "#, "");
+    let v3 = DeepSeekV3Config::from_json_str(&v3).unwrap();
+    assert_eq!((v3.scoring_func.as_str(), v3.norm_topk_prob), ("sigmoid", true));
+}

@@ -90,3 +90,13 @@ fn cached_decode_matches_hf_on_both_mla_caches() {
     check_cached_decode("yarn_qlora_mtp");
     check_cached_decode("no_qlora");
 }
+
+/// DeepSeek-V2's router against HF's native DeepseekV2ForCausalLM: softmax scores, groups ranked
+/// by their best expert (group-limited greedy), weights scaled but not renormalised, no
+/// correction bias; read from the config.json transformers writes for it (`model_type`
+/// deepseek_v2, no `scoring_func`: HF's V2 is always softmax).
+#[test]
+fn matches_hf_deepseek_v2_with_group_limited_greedy_routing() {
+    check("v2_group_limited");
+    check_cached_decode("v2_group_limited");
+}
