@@ -213,7 +213,9 @@ def write_legacy_config(config, d):
         json.dump(cfg, f, indent=2, sort_keys=True)
 
 
-def base_config(**kw):
+def small_args(**kw):
+    """The shape every fixture shares (dense layer 1, then MoE layers of 8 routed experts in 4
+    groups, top-3 of 2 groups, MLA), with `kw` set on top."""
     args = dict(
         vocab_size=96,
         hidden_size=48,
@@ -222,16 +224,12 @@ def base_config(**kw):
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=4,
-        n_shared_experts=1,
         n_routed_experts=8,
         num_experts_per_tok=3,
         n_group=4,
         topk_group=2,
-        routed_scaling_factor=2.5,
         first_k_dense_replace=1,
-        norm_topk_prob=True,
         kv_lora_rank=16,
-        q_lora_rank=24,
         qk_nope_head_dim=8,
         qk_rope_head_dim=8,
         v_head_dim=12,
@@ -239,6 +237,17 @@ def base_config(**kw):
         initializer_range=0.1,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
+    )
+    args.update(kw)
+    return args
+
+
+def base_config(**kw):
+    args = small_args(
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        q_lora_rank=24,
         rope_parameters=dict(
             rope_type="yarn",
             rope_theta=10000.0,
@@ -256,40 +265,20 @@ def base_config(**kw):
     return cfg
 
 
-def v2_config(**kw):
+def v2_config():
     """A DeepSeek-V2-style router: softmax scores, group-limited greedy top-k (groups ranked by
     their best expert), weights not renormalised but scaled; no query compression, plain RoPE."""
-    args = dict(
-        vocab_size=96,
-        hidden_size=48,
-        intermediate_size=80,
-        moe_intermediate_size=24,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_shared_experts=2,
-        n_routed_experts=8,
-        num_experts_per_tok=3,
-        n_group=4,
-        topk_group=2,
-        topk_method="group_limited_greedy",
-        norm_topk_prob=False,
-        routed_scaling_factor=1.5,
-        first_k_dense_replace=1,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=12,
-        head_dim=8,
-        max_position_embeddings=64,
-        initializer_range=0.1,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    return DeepseekV2Config(
+        **small_args(
+            n_shared_experts=2,
+            topk_method="group_limited_greedy",
+            norm_topk_prob=False,
+            routed_scaling_factor=1.5,
+            q_lora_rank=None,
+            head_dim=8,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        )
     )
-    args.update(kw)
-    return DeepseekV2Config(**args)
 
 
 if __name__ == "__main__":
