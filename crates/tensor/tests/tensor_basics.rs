@@ -152,9 +152,9 @@ fn a_bf16_mean_rounds_once_as_torchs() {
 
 #[test]
 fn bf16_rms_norm_and_swiglu_round_where_torch_does() {
-    // torch's F.rms_norm / HF's RMSNorm round x * rstd to bf16 before the weight multiplies it:
-    // x = [1, 1.75], w = 1.75, x0 * rstd = 0.7016 -> 0.703125, times 1.75 = 1.23047 -> 1.234375
-    // (one rounding of 0.7016 * 1.75 would give 1.2265625).
+    // HF's RMSNorm rounds x * rstd to bf16 before the weight multiplies it: x = [1, 1.75],
+    // w = 1.75, x0 * rstd = 0.7016 -> 0.703125, times 1.75 = 1.23047 -> 1.234375 (torch 2.15's
+    // fused F.rms_norm, DeepSeek's inference code, rounds once: 1.2265625).
     let bf = |v: &[f32]| t(v, &[v.len()]).to_dtype(DType::BF16).unwrap();
     let y = bf(&[1.0, 1.75]).rms_norm(&bf(&[1.75, 1.75]), 1e-6).unwrap();
     assert_eq!(y.to_vec_f32().unwrap()[0], 1.234375);

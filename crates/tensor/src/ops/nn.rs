@@ -75,8 +75,9 @@ impl Tensor {
 
     /// RMSNorm over the last dim: `x * rsqrt(mean(x^2) + eps) * weight`, `weight`: `[dim]`. In
     /// bf16/f16 the normalised `x` is rounded to the dtype before the weight multiplies it, as
-    /// torch's `F.rms_norm` (DeepSeek's reference) and HF's RMSNorm do (`.type_as(input)`, then
-    /// `* weight`); in f32 it is one fused pass.
+    /// HF's RMSNorm does (`.to(input_dtype)`, then `* weight`: the fixtures' reference); torch's
+    /// fused `F.rms_norm`, which DeepSeek's inference code calls, rounds once instead (spec,
+    /// discrepancy 10). In f32 it is one fused pass.
     pub fn rms_norm(&self, weight: &Tensor, eps: f32) -> Result<Tensor> {
         let dtype = check_same_dtype_any_device("rms_norm", self, weight)?;
         let d = last_dim("rms_norm", self)?;
