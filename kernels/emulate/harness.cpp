@@ -137,8 +137,9 @@ void failures_name_the_thread_and_block() {
 
 // The measurements the model follows: an accumulator with more than 13 mantissa bits comes back
 // with the low 10 bits of its f32 zeroed (SageAttention2, A = B = 0); a product under the largest
-// one's 2^-13 quantum is floored away (DeepSeek-V3's report, 3.5.2: truncated after the
-// sign-filled shift, so a negative one costs a whole quantum); sums within 14 bits are exact.
+// one's 2^-13 quantum is floored (DeepSeek-V3's report, 3.5.2: truncated after the sign-filled
+// shift, so a small positive one drops to 0 and a small negative one to minus a quantum); sums
+// within 14 bits are exact.
 void the_fp8_accumulator_model_keeps_14_bits() {
     float zeros[32] = {}, ones[32] = {}, b[32] = {};
     for (float& v : ones) v = 1.0f;

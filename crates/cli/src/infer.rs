@@ -251,7 +251,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
     println!("{}: {kind}", a.dir.display());
     // (layout, elements per token per layer) and the layer count.
     let (rows, layers): (Vec<(&str, usize)>, usize) = match kind.as_str() {
-        "deepseek_v3" => {
+        "deepseek_v3" | "deepseek_v2" => {
             let text = std::fs::read_to_string(&config_path).with_context(|| config_path.display().to_string())?;
             let c = DeepSeekV3Config::from_json_str(&text).with_context(|| config_path.display().to_string())?;
             let p = c.param_counts();
@@ -308,7 +308,10 @@ pub fn info(a: InfoArgs) -> Result<()> {
             println!("  parameters: {} total, {} activated per token (dense)", human(n), human(n));
             (vec![("GQA (K and V of the KV heads)", c.cache_elements_per_token())], c.num_hidden_layers)
         }
-        other => bail!("{}: model_type `{other}` is not supported (deepseek_v3, qwen2, llama)", config_path.display()),
+        other => bail!(
+            "{}: model_type `{other}` is not supported (deepseek_v3, deepseek_v2, qwen2, llama)",
+            config_path.display()
+        ),
     };
     println!("  KV cache per token:");
     println!("  | layout | elements / layer | bf16 / layer | bf16, all {layers} layers |");

@@ -73,7 +73,8 @@ pub struct DeepSeekV3Config {
     pub n_routed_experts: usize,
     pub num_experts_per_tok: usize,
     /// Router groups and how many a token may use; missing keys take HF's `DeepseekV3Config`
-    /// defaults (8 and 4, V3's own values).
+    /// defaults (8 and 4, V3's own values), or for a `deepseek_v2` config its DeepseekV2Config's
+    /// (none: 1 and 1).
     #[serde(default = "default_n_group")]
     pub n_group: usize,
     #[serde(default = "default_topk_group")]
@@ -168,9 +169,13 @@ impl DeepSeekV3Config {
         let mut v: Value = serde_json::from_str(text).map_err(|e| Error::config("<json>", e.to_string()))?;
         if let Some(obj) = v.as_object_mut() {
             if let Some(mut rp) = obj.remove("rope_parameters") {
-                // Its rope_theta wins over a top-level one (HF 5's convert_rope_params_to_dict).
+                // Its rope_theta wins over a top-level one (HF 5's convert_rope_params_to_dict),
+                // unless a rope_scaling is given: HF reads `rope_scaling or rope_parameters`.
+                let scaling_given = obj.get("rope_scaling").is_some_and(|r| !r.is_null());
                 if let Some(theta) = rp.as_object_mut().and_then(|r| r.remove("rope_theta")) {
-                    obj.insert("rope_theta".into(), theta);
+                    if !scaling_given || !obj.contains_key("rope_theta") {
+                        obj.insert("rope_theta".into(), theta);
+                    }
                 }
                 let kind = rp.get("rope_type").or_else(|| rp.get("type")).and_then(Value::as_str).unwrap_or("default");
                 // HF reads `rope_scaling or rope_parameters`: a null rope_scaling defers to it.
@@ -182,6 +187,19 @@ impl DeepSeekV3Config {
             // where a key is missing or null, not V3's: softmax scores (HF's native V2 writes no
             // `scoring_func`: it is always softmax), no router groups, weights not renormalised.
             if obj.get("model_type").and_then(Value::as_str) == Some("deepseek_v2") {
+                // Renormalised top-k weights: transformers' V2 ignores the key (scaled, never
+                // renormalised), the Hub's V2 code renormalises and then does not scale; this
+                // router would do both, which matches neither unless the scale is 1.
+                let scale = obj.get("routed_scaling_factor").and_then(Value::as_f64).unwrap_or(1.0);
+                if obj.get("norm_topk_prob") == Some(&Value::Bool(true)) && scale != 1.0 {
+                    return Err(Error::config(
+                        "norm_topk_prob",
+                        format!(
+                            "true with routed_scaling_factor {scale} in a deepseek_v2 config: transformers' \
+                             DeepseekV2 ignores it and the Hub's code skips the scaling, so its routing is ambiguous"
+                        ),
+                    ));
+                }
                 let defaults = [
                     ("scoring_func", Value::from("softmax")),
                     ("norm_topk_prob", Value::from(false)),
@@ -252,8 +270,14 @@ impl DeepSeekV3Config {
     pub fn to_json_string(&self) -> Result<String> {
         let mut v = serde_json::to_value(self).map_err(|e| Error::Model(e.to_string()))?;
         let obj = v.as_object_mut().expect("a struct serialises to an object");
-        obj.insert("architectures".into(), serde_json::json!(["DeepseekV3ForCausalLM"]));
-        obj.insert("model_type".into(), serde_json::json!("deepseek_v3"));
+        // transformers' DeepseekV3 routes with sigmoid whatever `scoring_func` says; a softmax
+        // router is its DeepseekV2 (which has no groups rule of V3's and no correction bias).
+        let (architecture, model_type) = match self.scoring_func.as_str() {
+            "softmax" => ("DeepseekV2ForCausalLM", "deepseek_v2"),
+            _ => ("DeepseekV3ForCausalLM", "deepseek_v3"),
+        };
+        obj.insert("architectures".into(), serde_json::json!([architecture]));
+        obj.insert("model_type".into(), serde_json::json!(model_type));
         obj.insert("hidden_act".into(), serde_json::json!("silu"));
         obj.insert("seq_aux".into(), serde_json::json!(false));
         // transformers 4's copy of `rope_type`, which the hub's modeling_deepseek.py reads.

@@ -169,19 +169,24 @@ impl DenseConfig {
             Ok(optional(&v[key], key, "true or false", Value::is_boolean)?.and_then(|x| x.as_bool()).unwrap_or(false))
         };
         // transformers 4 writes `rope_theta` and `rope_scaling`, 5 `rope_parameters` (with
-        // rope_theta inside). Both spellings may be there; values that disagree are refused
-        // rather than one silently preferred.
-        let nested_theta =
-            optional(&v["rope_parameters"]["rope_theta"], "rope_parameters.rope_theta", "a number", Value::is_number)?
-                .and_then(|x| x.as_f64());
-        let top_theta =
-            optional(&v["rope_theta"], "rope_theta", "a number", Value::is_number)?.and_then(|x| x.as_f64());
-        if let (Some(a), Some(b)) = (top_theta, nested_theta) {
-            if a != b {
-                return Err(bad("rope_theta", &format!("{a} disagrees with rope_parameters.rope_theta {b}")));
+        // rope_theta inside; 5's `rope_scaling` getter returns that dict, so a file written back
+        // from it carries rope_theta inside rope_scaling, which transformers then prefers). The
+        // spellings may be there together; values that disagree are refused rather than one
+        // silently preferred.
+        let mut thetas = Vec::new();
+        for (key, value) in [
+            ("rope_theta", &v["rope_theta"]),
+            ("rope_parameters.rope_theta", &v["rope_parameters"]["rope_theta"]),
+            ("rope_scaling.rope_theta", &v["rope_scaling"]["rope_theta"]),
+        ] {
+            if let Some(x) = optional(value, key, "a number", Value::is_number)?.and_then(|x| x.as_f64()) {
+                thetas.push((key, x));
             }
         }
-        let rope_theta = top_theta.or(nested_theta).unwrap_or(10_000.0);
+        if let Some((key, b)) = thetas.iter().find(|(_, x)| *x != thetas[0].1) {
+            return Err(bad(thetas[0].0, &format!("{} disagrees with {key} {b}", thetas[0].1)));
+        }
+        let rope_theta = thetas.first().map_or(10_000.0, |t| t.1);
         let old_scaling = DenseRopeScaling::parse(&v["rope_scaling"], "rope_scaling", &bad)?;
         let new_scaling = DenseRopeScaling::parse(&v["rope_parameters"], "rope_parameters", &bad)?;
         if !v["rope_scaling"].is_null() && !v["rope_parameters"].is_null() && old_scaling != new_scaling {

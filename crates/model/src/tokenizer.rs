@@ -327,9 +327,10 @@ fn check_tokenizer_config(dir: &Path, tok: &HfTokenizer) -> Result<serde_json::V
             _ => {}
         }
     }
-    // transformers rebuilds a Llama tokenizer's post-processor from these flags
-    // (`LlamaTokenizerFast.update_post_processor`): a tokenizer.json template that disagrees
-    // would put a BOS (or EOS) on prompts there and not here, or the reverse.
+    // transformers 4 rebuilds a Llama tokenizer's post-processor from these flags
+    // (`LlamaTokenizerFast.update_post_processor`), transformers 5 drops them when there is a
+    // tokenizer.json: a template that disagrees with them puts a BOS (or EOS) on prompts under
+    // one version and not the other, so the tokenizer is refused as ambiguous.
     if config["tokenizer_class"].as_str().is_some_and(|c| c.starts_with("LlamaTokenizer")) {
         let probe = tok.encode_prompt("a")?;
         let adds =
@@ -338,7 +339,8 @@ fn check_tokenizer_config(dir: &Path, tok: &HfTokenizer) -> Result<serde_json::V
             if let Some(want) = config[key].as_bool().filter(|&want| want != adds) {
                 let does = if adds { "adds one" } else { "adds none" };
                 return refuse(format!(
-                    "{key}: {want}, but {TOKENIZER_FILE}'s post-processor {does} (transformers would follow the flag)"
+                    "{key}: {want}, but {TOKENIZER_FILE}'s post-processor {does} (transformers 4 follows the flag, \
+                     5 the post-processor)"
                 ));
             }
         }
@@ -365,8 +367,11 @@ pub(crate) fn config_token_ids(config: &serde_json::Value, key: &str) -> std::re
 const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// The files next to `tokenizer.json` that belong to the tokenizer (HF's `save_pretrained`
-/// writes the first two; the third holds the BOS/EOS ids and stop tokens generation uses).
-const COMPANION_FILES: [&str; 3] = ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
+/// writes `tokenizer_config.json`, and `special_tokens_map.json` in transformers 4 or
+/// `chat_template.jinja` in 5, where the chat template left tokenizer_config.json;
+/// generation_config.json holds the BOS/EOS ids and stop tokens generation uses).
+const COMPANION_FILES: [&str; 4] =
+    ["tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"];
 
 /// The tokenizer of a checkpoint directory: its `tokenizer.json` when there is one (BOS/EOS ids
 /// from generation_config.json, else config.json, when they give them: R1-Distill-Qwen's

@@ -275,6 +275,18 @@ fn a_deepseek_v2_config_takes_v2_defaults_not_v3_ones() {
     // defaults.
     let explicit = text.replace(r#""topk_method": "greedy","#, r#""topk_method": "greedy", "norm_topk_prob": true,"#);
     assert!(DeepSeekV3Config::from_json_str(&explicit).unwrap().norm_topk_prob);
+    // Renormalised and scaled weights, which neither transformers' V2 (neither) nor the Hub's
+    // V2 code (renormalised, unscaled) computes, are refused; with a scale of 1 they agree.
+    let scaled = explicit.replace(r#""routed_scaling_factor": 1.0"#, r#""routed_scaling_factor": 2.0"#);
+    let err = DeepSeekV3Config::from_json_str(&scaled).unwrap_err();
+    assert_eq!(key_of(err), "norm_topk_prob");
+    // Written back as transformers reads it: a softmax router is its DeepseekV2 (its
+    // DeepseekV3 routes with sigmoid whatever scoring_func says), and it reads back the same.
+    let json = cfg.to_json_string().unwrap();
+    assert!(json.contains(r#""model_type": "deepseek_v2""#) && json.contains("DeepseekV2ForCausalLM"), "{json}");
+    assert_eq!(DeepSeekV3Config::from_json_str(&json).unwrap(), cfg);
+    let lite = DeepSeekV3Config::v2_lite().to_json_string().unwrap();
+    assert!(lite.contains(r#""model_type": "deepseek_v2""#), "{lite}");
     let v3 = HUB_V3.replace(r#""norm_topk_prob": true, "scoring_func": "sigmoid", "#, "");
     let v3 = DeepSeekV3Config::from_json_str(&v3).unwrap();
     assert_eq!((v3.scoring_func.as_str(), v3.norm_topk_prob), ("sigmoid", true));

@@ -182,6 +182,14 @@ fn bad_dense_configs_name_the_key() {
         r#""rope_scaling": {"type": "linear", "factor": 2}, "rope_parameters": {"rope_type": "linear", "factor": 4}"#,
     );
     assert!(e.contains("rope_scaling") && e.contains("disagrees"), "{e}");
+    // rope_theta inside rope_scaling (transformers 5's rope_scaling getter, written back): read,
+    // and against a top-level value that differs, refused.
+    let llama3 = r#""type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
+        "original_max_position_embeddings": 8192, "rope_theta": 500000"#;
+    let inside = DenseConfig::from_json(&format!("{{{base}, \"rope_scaling\": {{{llama3}}}}}"), p).unwrap();
+    assert_eq!(inside.rope_theta, 500_000.0);
+    let e = err(&format!("\"rope_theta\": 10000, \"rope_scaling\": {{{llama3}}}"));
+    assert!(e.contains("rope_scaling.rope_theta") && e.contains("disagrees"), "{e}");
     // Without max_position_embeddings: transformers' defaults, Llama's 2048 and Qwen2's 32768.
     assert_eq!(DenseConfig::from_json(&format!("{{{base}}}"), p).unwrap().max_position_embeddings, 2048);
     let qwen2 = base.replace("\"llama\"", "\"qwen2\"");

@@ -88,6 +88,7 @@ fn check_cached_decode(name: &str) {
 #[test]
 fn cached_decode_matches_hf_on_both_mla_caches() {
     check_cached_decode("yarn_qlora_mtp");
+    check_cached_decode("mtp2");
     check_cached_decode("no_qlora");
 }
 

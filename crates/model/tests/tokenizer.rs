@@ -164,6 +164,8 @@ fn a_checkpoints_tokenizer_stops_at_every_listed_eos_and_saves_back_the_same() {
     let generation = r#"{"bos_token_id": 4, "eos_token_id": [5, 7, 100000]}"#;
     std::fs::write(dir.join("generation_config.json"), generation).unwrap();
     std::fs::write(dir.join("tokenizer_config.json"), r#"{"model_max_length": 128}"#).unwrap();
+    // transformers 5 keeps the chat template in a file of its own.
+    std::fs::write(dir.join("chat_template.jinja"), "{% for m in messages %}{{ m['content'] }}{% endfor %}").unwrap();
     let tok = tokenizer_for(&dir).unwrap();
     // EOS first, then each id the configs list, once; one outside the vocabulary is never sampled.
     assert_eq!(tok.eos_id(), 5);
@@ -173,7 +175,7 @@ fn a_checkpoints_tokenizer_stops_at_every_listed_eos_and_saves_back_the_same() {
     let saved = whale_tensor::testing::TempDir::new("tokenizer-saved");
     std::fs::write(saved.join("config.json"), r#"{"vocab_size": 353, "eos_token_id": 5}"#).unwrap();
     tok.save_pretrained(&saved).unwrap();
-    for file in ["tokenizer.json", "generation_config.json", "tokenizer_config.json"] {
+    for file in ["tokenizer.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja"] {
         assert_eq!(std::fs::read(saved.join(file)).unwrap(), std::fs::read(dir.join(file)).unwrap(), "{file}");
     }
     assert!(!saved.join("special_tokens_map.json").exists(), "only the files it came with");

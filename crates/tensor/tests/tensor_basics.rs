@@ -151,7 +151,7 @@ fn a_bf16_mean_rounds_once_as_torchs() {
 }
 
 #[test]
-fn bf16_rms_norm_and_swiglu_round_where_torch_does() {
+fn bf16_rms_norm_and_swiglu_round_where_hf_does() {
     // HF's RMSNorm rounds x * rstd to bf16 before the weight multiplies it: x = [1, 1.75],
     // w = 1.75, x0 * rstd = 0.7016 -> 0.703125, times 1.75 = 1.23047 -> 1.234375 (torch 2.15's
     // fused F.rms_norm, DeepSeek's inference code, rounds once: 1.2265625).

@@ -10,7 +10,9 @@
 //! is multiplied by the two scales and added to an f32 accumulator on the CUDA cores. The
 //! emulation rounds the running sum to `mantissa_bits` after every addition (round to nearest
 //! even), so a test can show the error with and without promotion; without it the whole dot
-//! product runs in the limited accumulator over the scaled products.
+//! product runs in the limited accumulator over the scaled products. (A simpler rule than the
+//! hardware's as DeepSeek-V3's report describes it, which the emulated GPU driver's wgmma
+//! follows: kernels/emulate/sm90_host.h, `hopper_fp8_step`.)
 
 use rayon::prelude::*;
 
