@@ -24,6 +24,7 @@ import sys
 
 import torch
 from safetensors.torch import save_file
+from provenance import stamp
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "crates", "model", "tests", "fixtures")
@@ -117,7 +118,8 @@ def main():
             )
         tensors["greedy_prompt"] = prompt.contiguous()
         tensors["greedy"] = greedy[:, 5:].contiguous()
-        save_file(tensors, os.path.join(out, "reference.safetensors"))
+        meta = stamp(__file__, ["torch", "transformers"])
+        save_file(tensors, os.path.join(out, "reference.safetensors"), metadata=meta)
         print(name, "loss", result.loss.item(), "greedy", greedy[0, 5:].tolist())
 
 

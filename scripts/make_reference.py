@@ -16,8 +16,8 @@ DeepseekV2ForCausalLM for DeepSeek-V2's router (v2_group_limited). For each conf
 
 Run once from the repo root (CI never does):
   python3 -m venv .venv && .venv/bin/pip install torch transformers safetensors
-(written with torch 2.15 and transformers 5.24; the V3 fixtures predate them, and a newer torch
-rewrites their reference values in the last bits)
+(the fixtures record the versions that wrote them, torch 2.15 and transformers 5.24 at the
+last run, and a hash of this script: crates/model/tests/fixtures.rs fails once it changes)
   .venv/bin/python scripts/make_reference.py
 """
 
@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+from provenance import stamp
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3DecoderLayer,
     DeepseekV3RMSNorm,
@@ -183,7 +184,7 @@ def make(name, config, batch, seq, seed, write_config, model_class=DeepseekV3For
         "total_loss": total.detach().reshape(()),
     }
     ref.update(grads)
-    save_file(ref, os.path.join(d, "reference.safetensors"))
+    save_file(ref, os.path.join(d, "reference.safetensors"), metadata=stamp(__file__, ["torch", "transformers"]))
     print(f"{name}: main {main_loss.item():.6f} mtp {mtp_loss.item():.6f} total {total.item():.6f}, {len(grads)} grads")
 
 

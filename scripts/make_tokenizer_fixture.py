@@ -12,6 +12,7 @@ Run once from the repo root (CI never does): .venv/bin/python scripts/make_token
 import json
 import os
 
+from provenance import stamp
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "crates", "model", "tests", "fixtures")
@@ -87,8 +88,9 @@ def write(name, build):
         ids = tok.encode(text, add_special_tokens=False).ids
         expected.append({"text": text, "ids": ids, "decoded": tok.decode(ids, skip_special_tokens=False)})
     with open(os.path.join(out, "expected.json"), "w") as f:
-        json.dump({"vocab_size": tok.get_vocab_size(), "eos": tok.token_to_id("<|endoftext|>"), "cases": expected}, f,
-                  ensure_ascii=False, indent=1)
+        record = {"vocab_size": tok.get_vocab_size(), "eos": tok.token_to_id("<|endoftext|>"), "cases": expected}
+        record["provenance"] = stamp(__file__, ["tokenizers"])
+        json.dump(record, f, ensure_ascii=False, indent=1)
     print(name, "vocab", tok.get_vocab_size(), [len(e["ids"]) for e in expected])
 
 
