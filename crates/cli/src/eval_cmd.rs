@@ -18,8 +18,9 @@ pub struct EvalArgs {
     /// Tasks with optional difficulty ranges, e.g. add:3-4,mul.
     #[arg(long, default_value = "add:2-3")]
     pub tasks: String,
-    /// The share of --tasks problems whose operands are written as English words, as the runs'
-    /// `letters` (0.25 by default, as pretraining's): the same value draws the run's problems.
+    /// The share of --tasks problems whose operands are written in letter numerals (0-9 as
+    /// k l m n o p q u v w), as the runs' `letters` (0.25 by default, as pretraining's): the same
+    /// value draws the run's problems.
     #[arg(long, default_value_t = 0.25)]
     pub letters: f64,
     /// A JSONL file of {"prompt", "answer"} problems instead of the embedded tasks: its
@@ -32,8 +33,8 @@ pub struct EvalArgs {
     /// Samples per problem.
     #[arg(long, default_value_t = 8)]
     pub k: usize,
-    /// Held-out problems drawn from --tasks (with --data, the file's held-out lines, or every
-    /// line with --all-lines, are evaluated instead).
+    /// Held-out problems drawn from --tasks; with --data, the first this many of the file's
+    /// held-out problems, as a run's table reports them (every line with --all-lines).
     #[arg(long, default_value_t = 128)]
     pub problems: usize,
     /// Sampling temperature (> 0: pass@1 and pass@k are over samples, never greedy decoding).
@@ -73,7 +74,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         Some(path) => {
             let context =
                 || format!("evaluating the held-out prompts of {} (--all-lines takes every line)", path.display());
-            load_jsonl_split(path, Split::HeldOut).with_context(context)?.0
+            // The first --problems of them, each problem once, as a run's table reports.
+            let mut held = load_jsonl_split(path, Split::HeldOut).with_context(context)?.0;
+            held.truncate(a.problems);
+            held
         }
         None => TaskSet::parse(&a.tasks)?.with_letters(a.letters)?.held_out(a.problems, a.seed),
     };

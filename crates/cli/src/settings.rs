@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use whale_rl::tasks::{load_jsonl, load_jsonl_split, Problem, Split, TaskSet};
+use whale_rl::tasks::{jsonl_side, load_jsonl_split, Problem, Split, TaskSet};
 
 /// A command's run settings: every key has a default, and a file may set any subset of them.
 pub trait Settings: Serialize + DeserializeOwned + Default {
@@ -252,8 +252,7 @@ pub fn training_pool(path: &Path) -> Result<Vec<Problem>> {
 /// otherwise, or when the file has none, `n` held-out problems of `tasks` from `seed`.
 pub fn held_out_problems(data: Option<&Path>, tasks: &TaskSet, n: usize, seed: u64) -> Result<Vec<Problem>> {
     if let Some(path) = data {
-        let mut held: Vec<Problem> =
-            load_jsonl(path)?.into_iter().filter(|p| Split::of(&p.prompt) == Split::HeldOut).collect();
+        let (mut held, _) = jsonl_side(path, Split::HeldOut)?;
         if !held.is_empty() {
             held.truncate(n);
             println!("held-out: {} prompts of {}", held.len(), path.display());

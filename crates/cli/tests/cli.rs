@@ -431,7 +431,7 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The numbers it reports are on the file's held-out prompts, those training left out.
     let held = (1..=12)
-        .filter(|i| whale_rl::tasks::Split::of(&format!("Twelve plus {i}=")) == whale_rl::tasks::Split::HeldOut);
+        .filter(|i| whale_rl::tasks::Split::of_line(&format!("Twelve plus {i}=")) == whale_rl::tasks::Split::HeldOut);
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     match held.count() {
         0 => assert!(stderr.contains("has no held-out prompts"), "{stderr}"),

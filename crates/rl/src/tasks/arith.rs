@@ -63,6 +63,10 @@ impl Task for Addition {
         "add"
     }
 
+    fn integer_answer(&self) -> bool {
+        true
+    }
+
     /// Two 18-digit operands still sum below 2^63.
     fn max_difficulty(&self) -> u32 {
         18
@@ -119,6 +123,10 @@ fn mul_trace(a: u64, b: u64, wrong: Option<(usize, i64)>) -> (String, String) {
 impl Task for Multiplication {
     fn name(&self) -> &'static str {
         "mul"
+    }
+
+    fn integer_answer(&self) -> bool {
+        true
     }
 
     /// A (d + 1)-digit by d-digit product has at most 2d + 1 digits: 17 stays below 2^63.
@@ -184,6 +192,10 @@ fn parse_chain(prompt: &str) -> (u64, Vec<(u64, u64)>, u64) {
 impl Task for ModChain {
     fn name(&self) -> &'static str {
         "modchain"
+    }
+
+    fn integer_answer(&self) -> bool {
+        true
     }
 
     fn generate(&self, rng: &mut Rng, difficulty: u32) -> Problem {

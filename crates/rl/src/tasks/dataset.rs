@@ -22,8 +22,18 @@ impl Split {
     /// problem, its translation and its rewordings (`85+47=` for `47+85=`, another order of a
     /// list to sort or of countdown's numbers) are all on the same side.
     pub fn of(prompt: &str) -> Split {
+        Split::of_key(&problem_key(prompt))
+    }
+
+    /// The side of a user dataset's prompt: [`Split::of`] on its [`line_key`], so spellings
+    /// that differ in whitespace or a trailing `=`, `?` or `.` are one problem.
+    pub fn of_line(prompt: &str) -> Split {
+        Split::of_key(&line_key(prompt))
+    }
+
+    fn of_key(key: &str) -> Split {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in problem_key(prompt).bytes() {
+        for b in key.bytes() {
             h ^= b as u64;
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
@@ -56,6 +66,16 @@ pub fn problem_key(prompt: &str) -> String {
         ['+', '*'].into_iter().find_map(|op| Some(format!("{}=", sorted(body, op).filter(|_| body.contains(op))?)))
     });
     key.unwrap_or(digits)
+}
+
+/// The problem a user's prompt poses: its text without whitespace and without a trailing `=`,
+/// `?` or `.`, keyed as a built-in prompt ending in `=` ([`problem_key`]), so `10+11= `,
+/// `10 + 11` and `11+10=` are one problem and a file cannot train on one spelling of a problem
+/// it evaluates on. (A prompt in other words, `What is 10+11?`, is another text: the split
+/// cannot see that it poses the same sum.)
+pub fn line_key(prompt: &str) -> String {
+    let compact: String = prompt.chars().filter(|c| !c.is_whitespace()).collect();
+    problem_key(&format!("{}=", compact.trim_end_matches(['=', '?', '.'])))
 }
 
 /// A mix of tasks, each with its difficulty range, sampled uniformly.
@@ -218,13 +238,15 @@ pub enum AnswerKey {
 }
 
 /// The answer `completion` gives to `problem`, such that two completions with the same key are
-/// both right or both wrong: a numeric problem's answer by its digits (either script is
-/// accepted), a countdown expression by its value. `None` without an `<answer>`.
+/// both right or both wrong: a numeric problem's answer by its integer value (either script is
+/// accepted), a countdown expression by its value. `None` without an `<answer>` or with an empty
+/// one (majority voting never picks "no answer").
 pub fn answer_key(problem: &Problem, completion: &str) -> Option<AnswerKey> {
     if let Some((problem, completion)) = read_as_digits(problem, completion) {
         return answer_key(&problem, &completion);
     }
-    let answer = extract_answer(completion)?;
+    // An empty `<answer></answer>` gives no answer: it does not vote.
+    let answer = extract_answer(completion).filter(|a| !a.is_empty())?;
     let value = task_by_name(&problem.task).and_then(|t| t.answer_value(problem, answer));
     Some(value.map_or_else(|| AnswerKey::Text(answer.to_string()), AnswerKey::Value))
 }
@@ -337,14 +359,27 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Problem>> {
     Ok(out)
 }
 
-/// The prompts of a user dataset ([`load_jsonl`]) on one side of the split: to train on
-/// (`Split::Train`, leaving out the prompts evaluation draws from) or to evaluate
-/// (`Split::HeldOut`). Returns them and how many were on the other side; none on this side is an
-/// error.
-pub fn load_jsonl_split(path: &Path, side: Split) -> Result<(Vec<Problem>, usize)> {
+/// The problems of a user dataset ([`load_jsonl`]) on one side of the split ([`Split::of_line`])
+/// and the file's line count. On the held-out side each problem comes once (its first line), so
+/// a repeated line is not scored twice; it may be empty.
+pub fn jsonl_side(path: &Path, side: Split) -> Result<(Vec<Problem>, usize)> {
     let all = load_jsonl(path)?;
     let total = all.len();
-    let kept: Vec<Problem> = all.into_iter().filter(|p| Split::of(&p.prompt) == side).collect();
+    let mut seen = HashSet::new();
+    let kept = all
+        .into_iter()
+        .filter(|p| Split::of_line(&p.prompt) == side)
+        .filter(|p| side == Split::Train || seen.insert(line_key(&p.prompt)))
+        .collect();
+    Ok((kept, total))
+}
+
+/// The prompts of a user dataset ([`load_jsonl`]) on one side of the split: to train on
+/// (`Split::Train`, leaving out the prompts evaluation draws from) or to evaluate
+/// (`Split::HeldOut`, each problem once). Returns them and how many lines were not kept; none
+/// on this side is an error.
+pub fn load_jsonl_split(path: &Path, side: Split) -> Result<(Vec<Problem>, usize)> {
+    let (kept, total) = jsonl_side(path, side)?;
     if kept.is_empty() {
         let (this, other) = match side {
             Split::Train => ("training", "held-out"),
@@ -506,7 +541,7 @@ mod tests {
             for answer in ["19", "lw"] {
                 let completion = format!("<think>x</think><answer>{answer}</answer>");
                 assert!(verify(p, &completion), "{} {answer}", p.prompt);
-                assert_eq!(answer_key(p, &completion), Some(AnswerKey::Text("19".into())));
+                assert_eq!(answer_key(p, &completion), Some(AnswerKey::Value("19".into())));
             }
             assert!(!verify(p, "<think>x</think><answer>lv</answer>"));
         }
@@ -567,5 +602,55 @@ mod tests {
         assert!(err.contains("pool.jsonl") && err.contains("no training prompts"), "{err}");
         std::fs::write(&f, "").unwrap();
         assert!(load_jsonl_split(&f, Split::Train).is_err());
+    }
+
+    #[test]
+    fn a_files_spellings_of_one_problem_are_on_one_side_and_held_out_once() {
+        // Whitespace, a missing or extra `=`/`?`/`.`, and the operands' order: one problem.
+        let spellings = ["10+11=", "10+11= ", "10 + 11", "11+10=?", " 10+11 ."];
+        assert!(spellings.iter().all(|p| line_key(p) == line_key("10+11=")), "{:?}", spellings.map(line_key));
+        assert_eq!(line_key("10+11="), problem_key("10+11="), "a built-in prompt keeps its key");
+        // A held-out problem and its spellings: all held out, scored once.
+        let held = (10..100u32).map(|a| format!("{a}+11=")).find(|p| Split::of(p) == Split::HeldOut).unwrap();
+        let dir = whale_parallel::model::tensor::testing::TempDir::new("spellings");
+        let f = dir.join("spellings.jsonl");
+        let body = held.trim_end_matches('=');
+        let lines: String = [held.clone(), format!("{body} = "), body.to_string(), held.clone()]
+            .iter()
+            .map(|p| format!("{{\"prompt\": {p:?}, \"answer\": \"1\"}}\n"))
+            .collect();
+        std::fs::write(&f, lines).unwrap();
+        assert!(load_jsonl_split(&f, Split::Train).is_err(), "no spelling of it is trained on");
+        let (kept, total) = jsonl_side(&f, Split::HeldOut).unwrap();
+        assert_eq!((kept.len(), total), (1, 4));
+        assert_eq!(kept[0].prompt, held);
+    }
+
+    #[test]
+    fn integer_answers_count_by_value_and_empty_answers_do_not_vote() {
+        let p = Problem { task: "add".into(), prompt: "12+7=".into(), solution: String::new(), answer: "19".into() };
+        let said = |a: &str| format!("<think>2+7=9</think><answer>{a}</answer>");
+        for right in ["19", "019", "+19", "19.", " 19 "] {
+            assert!(verify(&p, &said(right)), "{right}");
+            assert_eq!(answer_key(&p, &said(right)), Some(AnswerKey::Value("19".into())), "{right}");
+        }
+        for wrong in ["-19", "1 9", "19.0", "0x13", "", "nineteen", "+-19"] {
+            assert!(!verify(&p, &said(wrong)), "{wrong}");
+        }
+        let zero = Problem { answer: "0".into(), prompt: "0+0=".into(), ..p.clone() };
+        assert!(verify(&zero, &said("-0")) && verify(&zero, &said("00")));
+        // The last complete answer block counts (TinyZero's rule), not one inside the reasoning.
+        let revised = "<think>try <answer>18</answer></think><answer>19</answer>";
+        assert!(verify(&p, revised));
+        assert!(!verify(&p, "<think>x</think><answer>19</answer><answer>18</answer>"));
+        assert!(verify(&p, "<think>x</think><answer>19</answer><answer>18"), "an unclosed block is no answer");
+        // An empty answer gives no vote: two empty ones do not outvote one right answer.
+        assert_eq!(answer_key(&p, &said("")), None);
+        let texts = [said(""), said(""), said("19")];
+        assert_eq!(crate::eval::majority_vote(&p, &texts), Some(2));
+        // A text answer's task keeps comparing text.
+        let sort =
+            Problem { task: "sort".into(), prompt: "s3,1=".into(), solution: String::new(), answer: "1,3".into() };
+        assert!(verify(&sort, &said("1,3")) && !verify(&sort, &said("1, 3")));
     }
 }

@@ -13,7 +13,10 @@ mod listops;
 
 pub use arith::{Addition, ModChain, Multiplication};
 pub use countdown::Countdown;
-pub use dataset::{answer_key, load_jsonl, load_jsonl_split, problem_key, verify, AnswerKey, Corpus, Split, TaskSet};
+pub use dataset::{
+    answer_key, jsonl_side, line_key, load_jsonl, load_jsonl_split, problem_key, verify, AnswerKey, Corpus, Split,
+    TaskSet,
+};
 pub use language::Language;
 pub use listops::{Reverse, Sort};
 
@@ -47,25 +50,66 @@ pub trait Task: Send + Sync {
     /// An imperfect completion: one step wrong and the error carried to the answer.
     fn corrupt(&self, rng: &mut Rng, problem: &Problem) -> String;
 
-    /// Whether `completion` solves `problem`. Default: the `<answer>` text equals the answer.
+    /// Whether the answer is an integer, verified by value (rl.md's "exact int": `019`, `+19`
+    /// and `19.` are 19), not by its text.
+    fn integer_answer(&self) -> bool {
+        false
+    }
+
+    /// Whether `completion` solves `problem`. Default: the `<answer>` text equals the answer
+    /// (as an integer where [`Task::integer_answer`]).
     fn verify(&self, problem: &Problem, completion: &str) -> bool {
-        extract_answer(completion).is_some_and(|a| a == problem.answer)
+        let Some(answer) = extract_answer(completion) else { return false };
+        match self.answer_value(problem, answer) {
+            Some(value) => value == problem.answer,
+            None => !self.integer_answer() && answer == problem.answer,
+        }
     }
 
     /// The value an `<answer>` text denotes, where the task accepts more than one spelling of
-    /// it (a countdown expression's value over the prompt's numbers); `None`: the text itself.
-    /// Answers with the same value must be both right or both wrong (majority voting groups
-    /// them, see [`answer_key`]).
-    fn answer_value(&self, _problem: &Problem, _answer: &str) -> Option<String> {
-        None
+    /// it (an integer's canonical digits, a countdown expression's value over the prompt's
+    /// numbers); `None`: the text itself. Answers with the same value must be both right or
+    /// both wrong (majority voting groups them, see [`answer_key`]).
+    fn answer_value(&self, _problem: &Problem, answer: &str) -> Option<String> {
+        if self.integer_answer() {
+            integer(answer)
+        } else {
+            None
+        }
     }
 }
 
-/// The text between the first `<answer>` and the following `</answer>`, trimmed.
+/// The text of the last complete `<answer>...</answer>` block, trimmed (TinyZero's rule: a
+/// completion that answers inside its reasoning and again after it is scored on the last).
 pub fn extract_answer(completion: &str) -> Option<&str> {
-    let start = completion.find("<answer>")? + "<answer>".len();
-    let end = completion[start..].find("</answer>")? + start;
-    Some(completion[start..end].trim())
+    let (open, close) = ("<answer>", "</answer>");
+    let mut last = None;
+    let mut from = 0;
+    while let Some(s) = completion[from..].find(open) {
+        let start = from + s + open.len();
+        let Some(e) = completion[start..].find(close) else { break };
+        last = Some(completion[start..start + e].trim());
+        from = start + e + close.len();
+    }
+    last
+}
+
+/// An answer read as an integer: an optional sign, digits, an optional trailing `.`; its
+/// canonical digits (`019`, `+19` and `19.` give `19`, `-0` gives `0`). `None` otherwise.
+pub fn integer(answer: &str) -> Option<String> {
+    let s = answer.strip_suffix('.').unwrap_or(answer);
+    let (negative, digits) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let magnitude = match digits.trim_start_matches('0') {
+        "" => "0",
+        m => m,
+    };
+    Some(if negative && magnitude != "0" { format!("-{magnitude}") } else { magnitude.to_string() })
 }
 
 /// Wraps steps and an answer in the R1 template.
