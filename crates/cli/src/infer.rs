@@ -11,7 +11,7 @@ use clap::Args;
 use whale_rl::parallel::model::checkpoint::{self, write_dir_atomically, SaveDType};
 use whale_rl::parallel::model::config::DeepSeekV3Config;
 use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
-use whale_rl::parallel::model::lm::model_type;
+use whale_rl::parallel::model::lm::{model_type, MODEL_TYPES};
 use whale_rl::parallel::model::mla::mha_cache_elements;
 use whale_rl::parallel::model::tensor::fp8::ScaleFormat;
 use whale_rl::parallel::model::tensor::Rng;
@@ -308,10 +308,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
             println!("  parameters: {} total, {} activated per token (dense)", human(n), human(n));
             (vec![("GQA (K and V of the KV heads)", c.cache_elements_per_token())], c.num_hidden_layers)
         }
-        other => bail!(
-            "{}: model_type `{other}` is not supported (deepseek_v3, deepseek_v2, qwen2, llama)",
-            config_path.display()
-        ),
+        other => bail!("{}: model_type `{other}` is not supported ({MODEL_TYPES})", config_path.display()),
     };
     println!("  KV cache per token:");
     println!("  | layout | elements / layer | bf16 / layer | bf16, all {layers} layers |");

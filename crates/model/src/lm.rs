@@ -104,18 +104,20 @@ pub fn model_type(dir: &Path) -> Result<String> {
     v["model_type"]
         .as_str()
         .map(str::to_string)
-        .ok_or_else(|| Error::file(&path, "no `model_type` (expected deepseek_v3, deepseek_v2, qwen2 or llama)"))
+        .ok_or_else(|| Error::file(&path, format!("no `model_type` (expected one of {MODEL_TYPES})")))
 }
+
+/// The `model_type`s [`load_pretrained`] loads.
+pub const MODEL_TYPES: &str = "deepseek_v3, deepseek_v2, qwen2, llama";
 
 /// A DeepSeek-V3 (or V2), Qwen2 or Llama checkpoint directory, by its config's `model_type`.
 pub fn load_pretrained(dir: &Path) -> Result<Box<dyn CausalLm>> {
     match model_type(dir)?.as_str() {
         "deepseek_v3" | "deepseek_v2" => Ok(Box::new(DeepSeekV3::from_pretrained(dir)?)),
         "qwen2" | "llama" => Ok(Box::new(DenseModel::from_pretrained(dir)?)),
-        other => Err(Error::file(
-            dir.join("config.json"),
-            format!("model_type `{other}` is not supported (deepseek_v3, deepseek_v2, qwen2, llama)"),
-        )),
+        other => {
+            Err(Error::file(dir.join("config.json"), format!("model_type `{other}` is not supported ({MODEL_TYPES})")))
+        }
     }
 }
 

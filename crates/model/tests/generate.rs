@@ -23,23 +23,9 @@ fn decode_matches_forward(mode: CacheMode) {
     let ids: Vec<i64> = (0..2 * 9).map(|_| rng.below(cfg.vocab_size as u64) as i64).collect();
     let full = Tensor::from_vec(ids.clone(), &[2, 9], &Device::Cpu).unwrap();
     let want = no_grad(|| model.forward(&full, None)).unwrap().logits.to_vec_f32().unwrap();
-    let mut cache = KvCache::with_mode(0, mode);
     // Prefill 4 tokens, then one at a time.
-    let mut got = vec![Vec::new(); 2];
-    let mut step = |from: usize, len: usize| {
-        let chunk: Vec<i64> = (0..2).flat_map(|b| ids[b * 9 + from..b * 9 + from + len].to_vec()).collect();
-        let t = Tensor::from_vec(chunk, &[2, len], &Device::Cpu).unwrap();
-        let l = no_grad(|| model.forward_cached(&t, &mut cache)).unwrap().to_vec_f32().unwrap();
-        let v = cfg.vocab_size;
-        for b in 0..2 {
-            got[b].extend_from_slice(&l[b * len * v..(b + 1) * len * v]);
-        }
-    };
-    step(0, 4);
-    for i in 4..9 {
-        step(i, 1);
-    }
-    let got: Vec<f32> = got.concat();
+    let (got, cache) = common::cached_logits(&model, &full, 4, mode);
+    let got = got.to_vec_f32().unwrap();
     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
         assert!((a - b).abs() <= 1e-5 + 1e-4 * b.abs(), "{mode:?} element {i}: cached {a} vs full {b}");
     }

@@ -2,6 +2,8 @@
 //! errors for bad files, the grouped MoE dispatch against a per-token loop, the balance losses
 //! against their formulas, and the bias update steering the router.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use whale_model::checkpoint::{
@@ -718,20 +720,7 @@ fn fp8_weights_can_stay_fp8_for_inference_and_save_back_byte_identical() {
             );
         }
         // The cached logits themselves, step by step, against the full forward's rows.
-        let stepped_on = |model: &DeepSeekV3| {
-            let mut kv = whale_model::generate::KvCache::with_mode(0, cache);
-            let mut step = |from: usize, len: usize| {
-                whale_tensor::no_grad(|| model.forward_cached(&full.narrow(1, from, len)?, &mut kv))
-                    .unwrap()
-                    .to_vec_f32()
-                    .unwrap()
-            };
-            let mut stepped = step(0, 3);
-            for p in 3..6 {
-                stepped.extend(step(p, 1));
-            }
-            stepped
-        };
+        let stepped_on = |model: &DeepSeekV3| common::cached_logits(model, &full, 3, cache).0.to_vec_f32().unwrap();
         let stepped = stepped_on(&kept);
         // The kept codes decode as the dequantised model does (its weights are codes x scales,
         // re-quantised to the same blocks), bit for bit: absorb's W_UK / W_UV read from the

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{assert_close, fixture, shifted_targets};
+use common::{assert_close, cached_logits, fixture, shifted_targets};
 use whale_model::checkpoint::load_file;
 use whale_model::DeepSeekV3;
 
@@ -63,23 +63,14 @@ fn matches_hf_without_query_compression() {
 /// the output, spec 1.5), so each is checked against an independent implementation, not only
 /// against this crate's training forward.
 fn check_cached_decode(name: &str) {
-    use whale_model::generate::{CacheMode, KvCache};
-    use whale_tensor::{no_grad, Tensor};
+    use whale_model::generate::CacheMode;
     let dir = fixture(name);
     let model = DeepSeekV3::from_pretrained(&dir).unwrap();
     let reference = load_file(&dir.join("reference.safetensors")).unwrap();
     let (ids, want) = (&reference["input_ids"], &reference["logits"]);
     let (b, s) = (ids.dims()[0], ids.dims()[1]);
     for mode in [CacheMode::Naive, CacheMode::Absorb] {
-        let mut cache = KvCache::with_mode(0, mode);
-        let mut pieces = Vec::new();
-        let mut from = 0;
-        for len in std::iter::once(3).chain(std::iter::repeat_n(1, s - 3)) {
-            let chunk = ids.narrow(1, from, len).unwrap().contiguous().unwrap();
-            pieces.push(no_grad(|| model.forward_cached(&chunk, &mut cache)).unwrap());
-            from += len;
-        }
-        let got = Tensor::cat(&pieces, 1).unwrap();
+        let (got, _) = cached_logits(&model, ids, 3, mode);
         assert_eq!(got.dims(), &[b, s, model.config.vocab_size][..]);
         assert_close(&format!("{name}: {mode:?} cached logits"), &got, want, 1e-5, 1e-4);
     }

@@ -7,8 +7,9 @@ pub mod gpu_training;
 
 use std::path::{Path, PathBuf};
 
-use whale_model::IGNORE_INDEX;
-use whale_tensor::{Device, Tensor};
+use whale_model::generate::{CacheMode, KvCache};
+use whale_model::{DeepSeekV3, IGNORE_INDEX};
+use whale_tensor::{no_grad, Device, Tensor};
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -28,6 +29,22 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f32, rtol: f3
         }
     }
     assert!(worst.0 <= 0.0, "{what}: element {} is {} vs reference {}", worst.1, g[worst.1], w[worst.1]);
+}
+
+/// `model`'s logits for `ids` (`[batch, seq]`) through a decode cache in `mode`: the first
+/// `prefill` positions in one forward, then one position at a time, `[batch, seq, vocab]`; and
+/// the cache as the last step left it.
+pub fn cached_logits(model: &DeepSeekV3, ids: &Tensor, prefill: usize, mode: CacheMode) -> (Tensor, KvCache) {
+    let mut cache = KvCache::with_mode(0, mode);
+    let seq = ids.dims()[1];
+    let mut pieces = Vec::new();
+    let mut from = 0;
+    for len in std::iter::once(prefill).chain(std::iter::repeat_n(1, seq - prefill)) {
+        let chunk = ids.narrow(1, from, len).unwrap().contiguous().unwrap();
+        pieces.push(no_grad(|| model.forward_cached(&chunk, &mut cache)).unwrap());
+        from += len;
+    }
+    (Tensor::cat(&pieces, 1).unwrap(), cache)
 }
 
 /// Our targets from HF's unshifted labels: the target at position i is `labels[i + 1]`.

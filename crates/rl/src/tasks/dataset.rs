@@ -368,8 +368,10 @@ pub fn jsonl_side(path: &Path, side: Split) -> Result<(Vec<Problem>, usize)> {
     let mut seen = HashSet::new();
     let kept = all
         .into_iter()
-        .filter(|p| Split::of_line(&p.prompt) == side)
-        .filter(|p| side == Split::Train || seen.insert(line_key(&p.prompt)))
+        .filter(|p| {
+            let key = line_key(&p.prompt);
+            Split::of_key(&key) == side && (side == Split::Train || seen.insert(key))
+        })
         .collect();
     Ok((kept, total))
 }

@@ -96,7 +96,7 @@ pub fn extract_answer(completion: &str) -> Option<&str> {
 
 /// An answer read as an integer: an optional sign, digits, an optional trailing `.`; its
 /// canonical digits (`019`, `+19` and `19.` give `19`, `-0` gives `0`). `None` otherwise.
-pub fn integer(answer: &str) -> Option<String> {
+fn integer(answer: &str) -> Option<String> {
     let s = answer.strip_suffix('.').unwrap_or(answer);
     let (negative, digits) = match s.strip_prefix('-') {
         Some(rest) => (true, rest),
