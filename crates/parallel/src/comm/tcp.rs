@@ -8,16 +8,20 @@
 //! channel, tag), so a send returns once its bytes are written and a receive waits only for its
 //! own message.
 //!
-//! Collectives: every rank sends its call (the collective and its buffers) to every other rank,
-//! and each rank checks all the calls and computes the result with the same code as
-//! [`LocalComm`](super::LocalComm) (rank-order reductions: bit-identical on every rank). This moves
-//! `W - 1` copies of each buffer per rank, more than a ring; it is simple and exact, and meant for
-//! CPU runs and small control messages. Sub-communicators from [`Comm::split`] share the
-//! connections under their own channel.
+//! Collectives: every rank sends its call (the collective and its buffers' lengths) to every
+//! other rank, with the part of its buffers that rank needs ([`part_for`]: all of them for an
+//! all-reduce or all-gather, the root's for a broadcast, the receiver's slice for a
+//! reduce-scatter, the receiver's buffer for an all-to-all), and each rank checks all the calls
+//! and computes its result with the same code as [`LocalComm`](super::LocalComm) (rank-order
+//! reductions: bit-identical on every rank). An all-reduce thus moves `W - 1` copies of the
+//! buffer per rank, more than a ring; it is simple and exact, and meant for CPU runs and small
+//! control messages. Sub-communicators from [`Comm::split`] share the connections under their
+//! own channel.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -368,12 +372,11 @@ impl TcpComm {
         }
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let w = self.members.len();
-        let mine = encode(kind, &bufs);
         let channel = self.channel * 2 + 1;
         for (peer, &global) in self.members.iter().enumerate() {
             if peer != self.rank {
                 self.mesh
-                    .send(global, channel, seq, &mine)
+                    .send(global, channel, seq, &encode(kind, &bufs, &part_for(kind, &bufs, self.rank, peer, w)))
                     .map_err(|e| self.failed(&kind.to_string(), e.to_string()))?;
             }
         }
@@ -398,9 +401,35 @@ impl TcpComm {
     }
 }
 
-/// A call as floats: kind, its parameter, the number of buffers, their lengths, their values
-/// (each count a u32: a longer buffer is refused by [`TcpComm::collective`]).
-fn encode(kind: Collective, bufs: &[Vec<f32>]) -> Vec<f32> {
+/// What rank `to` needs of the buffers of rank `from`'s call, as a range of each: all of them
+/// where every rank folds or gathers every buffer, the root's for a broadcast (the others'
+/// lengths are still checked), `to`'s slice for a reduce-scatter and `to`'s buffer for an
+/// all-to-all.
+fn part_for(kind: Collective, bufs: &[Vec<f32>], from: usize, to: usize, w: usize) -> Vec<Range<usize>> {
+    let all = |b: &Vec<f32>| 0..b.len();
+    match kind {
+        Collective::AllReduce(_) | Collective::AllGather | Collective::Barrier => bufs.iter().map(all).collect(),
+        Collective::Broadcast { root } => bufs.iter().map(|b| if from == root { all(b) } else { 0..0 }).collect(),
+        Collective::ReduceScatter(_) => bufs
+            .iter()
+            .map(|b| {
+                // A length that is not a multiple of the world is refused on every rank anyway.
+                let s = b.len() / w;
+                if b.len() % w == 0 {
+                    to * s..(to + 1) * s
+                } else {
+                    0..0
+                }
+            })
+            .collect(),
+        Collective::AllToAll => bufs.iter().enumerate().map(|(j, b)| if j == to { all(b) } else { 0..0 }).collect(),
+    }
+}
+
+/// A call as floats: kind, its parameter, the number of buffers, their lengths, the range of each
+/// that is sent, the values in those ranges (each count a u32: a longer buffer is refused by
+/// [`TcpComm::collective`]).
+fn encode(kind: Collective, bufs: &[Vec<f32>], sent: &[Range<usize>]) -> Vec<f32> {
     let op_code = |op: ReduceOp| match op {
         ReduceOp::Sum => 0,
         ReduceOp::Max => 1,
@@ -417,7 +446,8 @@ fn encode(kind: Collective, bufs: &[Vec<f32>]) -> Vec<f32> {
     let bits = |x: u32| f32::from_bits(x);
     let mut out = vec![bits(k), bits(param), bits(bufs.len() as u32)];
     out.extend(bufs.iter().map(|b| bits(b.len() as u32)));
-    bufs.iter().for_each(|b| out.extend_from_slice(b));
+    out.extend(sent.iter().flat_map(|r| [bits(r.start as u32), bits(r.len() as u32)]));
+    bufs.iter().zip(sent).for_each(|(b, r)| out.extend_from_slice(&b[r.clone()]));
     out
 }
 
@@ -430,7 +460,7 @@ fn decode(msg: &[f32]) -> Option<(Collective, Vec<Vec<f32>>)> {
         _ => None,
     };
     let (k, param, n) = (word(0)?, word(1)?, word(2)? as usize);
-    if n > msg.len() {
+    if n.checked_mul(3).is_none_or(|words| words > msg.len()) {
         return None;
     }
     let kind = match k {
@@ -442,12 +472,16 @@ fn decode(msg: &[f32]) -> Option<(Collective, Vec<Vec<f32>>)> {
         5 => Collective::Barrier,
         _ => return None,
     };
-    let mut start = 3 + n;
+    // What was not sent is zeros: `combine` computes every rank's output and this rank keeps its
+    // own, which reads only what was sent.
+    let mut at = 3 + 3 * n;
     let mut bufs = Vec::with_capacity(n);
     for i in 0..n {
-        let len = word(3 + i)? as usize;
-        bufs.push(msg.get(start..start + len)?.to_vec());
-        start += len;
+        let (len, start, count) = (word(3 + i)? as usize, word(3 + n + 2 * i)? as usize, word(4 + n + 2 * i)? as usize);
+        let mut buf = vec![0.0; len];
+        buf.get_mut(start..start.checked_add(count)?)?.copy_from_slice(msg.get(at..at + count)?);
+        bufs.push(buf);
+        at += count;
     }
     Some((kind, bufs))
 }
@@ -495,6 +529,86 @@ fn mix(a: u64, b: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each rank's result from the parts its peers send equals its result from their whole calls,
+    /// disagreements are found as they are from whole calls, and an all-to-all or reduce-scatter
+    /// sends each peer only its own share.
+    #[test]
+    fn each_peer_gets_the_part_it_needs_and_the_same_result() {
+        let kinds = [
+            Collective::AllReduce(ReduceOp::Sum),
+            Collective::AllReduce(ReduceOp::Max),
+            Collective::Broadcast { root: 0 },
+            Collective::Broadcast { root: 2 },
+            Collective::AllGather,
+            Collective::ReduceScatter(ReduceOp::Sum),
+            Collective::AllToAll,
+            Collective::Barrier,
+        ];
+        let value = |r: usize, j: usize, i: usize| (r * 100 + j * 10 + i) as f32 + 0.25;
+        // A world's calls: `n` floats per buffer (all-to-all: rank r sends r + j + 1 to rank j).
+        let calls = |kind: Collective, w: usize, n: &dyn Fn(usize) -> usize| -> Vec<(Collective, Vec<Vec<f32>>)> {
+            (0..w)
+                .map(|r| {
+                    let bufs = match kind {
+                        Collective::Barrier => Vec::new(),
+                        Collective::AllToAll => {
+                            (0..w).map(|j| (0..r + j + 1).map(|i| value(r, j, i)).collect()).collect()
+                        }
+                        _ => vec![(0..n(r)).map(|i| value(r, 0, i)).collect()],
+                    };
+                    (kind, bufs)
+                })
+                .collect()
+        };
+        // What rank `me` computes from the frames its peers would send it.
+        let at_rank = |me: usize, whole: &[(Collective, Vec<Vec<f32>>)]| {
+            let w = whole.len();
+            let mut sent = 0;
+            let got: Vec<(Collective, Vec<Vec<f32>>)> = whole
+                .iter()
+                .enumerate()
+                .map(|(r, (kind, bufs))| {
+                    if r == me {
+                        return (*kind, bufs.clone());
+                    }
+                    let parts = part_for(*kind, bufs, r, me, w);
+                    sent += parts.iter().map(Range::len).sum::<usize>();
+                    decode(&encode(*kind, bufs, &parts)).expect("a frame decodes")
+                })
+                .collect();
+            (combine(got).map(|mut c| std::mem::take(&mut c.outputs[me])), sent)
+        };
+        for w in 1..=4 {
+            for kind in kinds {
+                if matches!(kind, Collective::Broadcast { root } if root >= w) {
+                    continue;
+                }
+                let whole = calls(kind, w, &|_| 3 * w);
+                let want = combine(whole.clone()).map(|c| c.outputs).unwrap();
+                for me in 0..w {
+                    let (got, sent) = at_rank(me, &whole);
+                    assert_eq!(got.unwrap(), want[me], "{kind} at rank {me} of {w}");
+                    let least = match kind {
+                        Collective::AllReduce(_) | Collective::AllGather => (w - 1) * 3 * w,
+                        Collective::Broadcast { root } => usize::from(root != me) * 3 * w,
+                        Collective::ReduceScatter(_) => (w - 1) * 3,
+                        Collective::AllToAll => (0..w).filter(|&r| r != me).map(|r| r + me + 1).sum(),
+                        Collective::Barrier => 0,
+                    };
+                    assert_eq!(sent, least, "{kind} at rank {me} of {w}: floats received");
+                }
+                // A rank whose buffer has another length is named as from whole calls.
+                if w > 1 && !matches!(kind, Collective::AllToAll | Collective::Barrier) {
+                    let odd = calls(kind, w, &|r| if r == 1 { 3 * w + 1 } else { 3 * w });
+                    for me in 0..w {
+                        assert_eq!(at_rank(me, &odd).0.err(), combine(odd.clone()).err(), "{kind} at rank {me}");
+                    }
+                }
+            }
+        }
+        assert!(decode(&[]).is_none());
+    }
 
     #[test]
     fn a_loopback_address_is_replaced_by_where_the_rendezvous_saw_the_peer() {
