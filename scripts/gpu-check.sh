@@ -207,14 +207,23 @@ tee_pid=$!
             cat "$table"
             # Killed at its cap while still measuring (its table written as it went): its
             # remaining rows are missing, which is out of time, not a hang.
+            # The log's last lines name the benchmark it was in: one stuck there (a hang, not
+            # slowness: each takes a few seconds) shows as criterion's "Benchmarking ..." line.
             if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-                echo "(cut at its time cap: the rows above are what it measured)"
+                echo "(cut at its time cap: the rows above are what it measured; the log ended with:)"
+                grep -v '^$' "$logs/bench-$1.log" | tail -2
                 budget_bound=1
             fi
         else
             tail -20 "$logs/bench-$1.log"
-            # A GPU that is there but whose libraries did not load leaves no table.
-            [ "$rc" -eq 0 ] && [ -n "$gpu_name" ] && { echo "no table from a GPU machine"; rc=1; }
+            # A GPU that is there but whose libraries did not load leaves no table; with no GPU
+            # at all the benchmarks skip, and so does the report.
+            if [ "$rc" -eq 0 ] && [ -n "$gpu_name" ]; then
+                echo "no table from a GPU machine"
+                rc=1
+            elif [ "$rc" -eq 0 ]; then
+                skipped=1
+            fi
         fi
         echo
         echo "bench exit status: $rc (at ${SECONDS} s)"

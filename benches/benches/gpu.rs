@@ -14,7 +14,7 @@
 //! check (`scripts/gpu-check.sh`) runs the prebuilt binary, one process per set of groups
 //! (`$WHALE_GPU_BENCH_GROUPS`: kernels, linear, train_step, opt_in_step, train_step_cpu,
 //! grpo_step, tiled_backward, wgmma), each writing its table to `$WHALE_GPU_BENCH_OUT` (default
-//! `target/gpu-bench.md`).
+//! the workspace's `target/gpu-bench.md`).
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -107,6 +107,11 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// [`values`] rounded to bf16.
+fn bf16_values(n: usize, seed: u64) -> Vec<bf16> {
+    values(n, seed).into_iter().map(bf16::from_f32).collect()
+}
+
 fn upload<T: DeviceRepr>(g: &Gpu, v: &[T]) -> CudaSlice<T> {
     g.stream.clone_htod(v).expect("upload")
 }
@@ -123,16 +128,13 @@ fn fp8_operand(g: &Gpu, rows: usize, cols: usize, block_rows: usize, seed: u64) 
 fn matmuls(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
     for n in [4096usize, 8192] {
         let s = GemmShape::new(n, n, n);
-        let (a, b) = (values(n * n, 1), values(n * n, 2));
-        let (ah, bh): (Vec<bf16>, Vec<bf16>) =
-            (a.iter().map(|&x| bf16::from_f32(x)).collect(), b.iter().map(|&x| bf16::from_f32(x)).collect());
-        let (da, db) = (upload(g, &ah), upload(g, &bh));
+        let (da, db) = (upload(g, &bf16_values(n * n, 1)), upload(g, &bf16_values(n * n, 2)));
         let mut dc = g.stream.alloc_zeros::<bf16>(n * n).expect("alloc");
         let r = row("matmul", &format!("cublas_bf16/{n}^3"), s.flops(), "TFLOP/s");
         bench(c, g, &r, || g.gemm_dev(&s, &da, &db, &mut dc).expect("gemm"));
         rows.push(r);
         if n == 4096 {
-            let (da, db) = (upload(g, &a), upload(g, &b));
+            let (da, db) = (upload(g, &values(n * n, 1)), upload(g, &values(n * n, 2)));
             let mut dc = g.stream.alloc_zeros::<f32>(n * n).expect("alloc");
             let r = row("matmul", &format!("cublas_f32/{n}^3"), s.flops(), "TFLOP/s");
             bench(c, g, &r, || g.gemm_dev(&s, &da, &db, &mut dc).expect("gemm"));
@@ -156,10 +158,12 @@ fn fp8_gemms(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
         let kernels: &[Fp8GemmKernel] =
             if i == 0 { &[Fp8GemmKernel::TensorCore, Fp8GemmKernel::Simple] } else { &[Fp8GemmKernel::TensorCore] };
         fp8_gemm_kernels(c, g, rows, (m, n, k), i as u64, kernels);
-        // The baseline at the same shape: cuBLAS in bf16 (twice the operand bytes).
+        // The baseline at the same shape: cuBLAS in bf16 (twice the operand bytes), on random
+        // operands as the FP8 kernels' (on zeros tensor cores draw less power and clock higher).
         let s = GemmShape::linear(m, n, k);
-        let zeros = |len: usize| g.stream.alloc_zeros::<bf16>(len).expect("alloc");
-        let (da, db, mut dc) = (zeros(m * k), zeros(n * k), zeros(m * n));
+        let random = |len: usize, seed: u64| upload(g, &bf16_values(len, seed));
+        let (da, db) = (random(m * k, 30 + i as u64), random(n * k, 40 + i as u64));
+        let mut dc = g.stream.alloc_zeros::<bf16>(m * n).expect("alloc");
         let r = row("fp8_gemm", &format!("cublas_bf16/{m}x{n}x{k}"), s.flops(), "TFLOP/s");
         bench(c, g, &r, || g.gemm_dev(&s, &da, &db, &mut dc).expect("gemm"));
         rows.push(r);
@@ -427,7 +431,9 @@ fn grpo_step(c: &mut Criterion, rows: &mut Vec<Row>) {
 /// decode, the share of their ceiling.
 fn table(rows: &[Row]) -> String {
     let mut out = String::from("| benchmark | time | rate | vs baseline |\n| --- | --- | --- | --- |\n");
-    for r in rows {
+    // A row criterion's filter left out has no samples.
+    let rows: Vec<&Row> = rows.iter().filter(|r| !r.per_launch.borrow().is_empty()).collect();
+    for &r in &rows {
         let shape = r.name.split('/').nth(1).unwrap_or("");
         let base = match (r.group.as_str(), r.name.split('/').next()) {
             ("fp8_gemm", Some(k)) if k != "cublas_bf16" => {
@@ -490,7 +496,9 @@ fn main() {
     let mut rows = vec![];
     // The table is written after every group, so a run cut short (the GPU check's time limit)
     // keeps the figures it measured.
-    let path = std::env::var("WHALE_GPU_BENCH_OUT").unwrap_or_else(|_| "target/gpu-bench.md".into());
+    // Cargo runs a bench from its package's folder: the default is the workspace's target/.
+    let path = std::env::var("WHALE_GPU_BENCH_OUT")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/gpu-bench.md").into());
     let arch = g.arch;
     // A driver that would not load the wgmma module leaves its rows out: say so in the header.
     let unloaded = match g.unloaded_modules() {
