@@ -65,8 +65,10 @@ extern "C" __global__ void moe_route_f32(
             for (unsigned g = 0; g < n_group; ++g) {
                 const float* grp = choice + g * per_group;
                 float top0 = -INFINITY, top1 = -INFINITY;
+                bool nan = false;
                 for (unsigned e = 0; e < per_group; ++e) {
                     float v = grp[e];
+                    nan |= isnan(v);
                     if (v > top0) {
                         top1 = top0;
                         top0 = v;
@@ -74,7 +76,8 @@ extern "C" __global__ void moe_route_f32(
                         top1 = v;
                     }
                 }
-                group_score[g] = sigmoid ? top0 + top1 : top0;
+                // A NaN in the group makes its score NaN (torch's topk-sum and max), ranked first.
+                group_score[g] = nan ? NAN : sigmoid ? top0 + top1 : top0;
                 kept[g] = 0;
             }
             for (unsigned r = 0; r < topk_group && r < n_group; ++r) {

@@ -60,8 +60,9 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// The CUDA version whose driver runs our GPU machines: newer nvcc emits PTX it cannot load.
-const PINNED_CUDA: &str = "13.0";
+use whale_kernels::cuda::ptx_recipe::{CUDA_RELEASE, NVCC_FLAGS, TARGETS, WGMMA_ARCH, WGMMA_MARK};
+
+/// What `pip` installs when no nvcc is found: the CUDA release of [`CUDA_RELEASE`].
 const PIP_PACKAGES: [&str; 5] = [
     "nvidia-cuda-nvcc==13.0.88",
     "nvidia-cuda-crt==13.0.88",
@@ -69,8 +70,12 @@ const PIP_PACKAGES: [&str; 5] = [
     "nvidia-cuda-runtime==13.0.96",
     "nvidia-cuda-cccl==13.0.85",
 ];
-/// (file suffix, nvcc -arch for ordinary kernels, ptxas -arch).
-const TARGETS: [(&str, &str, &str); 2] = [("sm_90", "compute_90", "sm_90"), ("sm_80", "compute_80", "sm_80")];
+
+/// PTX without its comment lines: nvcc's header (its exact version and build id) is all that
+/// differs between the patch releases of one CUDA release, so `--check` compares the rest.
+fn ptx_code(ptx: &[u8]) -> Vec<&[u8]> {
+    ptx.split(|&b| b == b'\n').filter(|l| !l.trim_ascii_start().starts_with(b"//")).collect()
+}
 
 fn build_kernels(args: &[String]) -> Result<(), String> {
     if args.iter().any(|a| a == "-h" || a == "--help") {
@@ -86,9 +91,9 @@ fn build_kernels(args: &[String]) -> Result<(), String> {
     let ptx_dir = src_dir.join("ptx");
     let nvcc = find_nvcc(&root)?;
     let version = run_capture(Command::new(&nvcc).arg("--version"))?;
-    if !version.contains(&format!("release {PINNED_CUDA}")) {
+    if !version.contains(&format!("release {CUDA_RELEASE},")) {
         return Err(format!(
-            "{} is not CUDA {PINNED_CUDA} (newer nvcc emits PTX the CUDA {PINNED_CUDA} driver cannot load):\n{version}",
+            "{} is not CUDA {CUDA_RELEASE} (newer nvcc emits PTX the CUDA {CUDA_RELEASE} driver cannot load):\n{version}",
             nvcc.display()
         ));
     }
@@ -96,7 +101,12 @@ fn build_kernels(args: &[String]) -> Result<(), String> {
     if ptxas.is_none() {
         println!("no ptxas beside {} or on PATH: the PTX is compiled but not validated", nvcc.display());
     }
-    let out_dir = if check { target_dir().join("ptx-check") } else { ptx_dir.clone() };
+    let hash_sources = || whale_kernels::cuda::source_hash(&src_dir).map_err(|e| format!("{}: {e}", src_dir.display()));
+    let hash = hash_sources()?;
+    // Everything is compiled here first: a failure part-way leaves the committed PTX and manifest
+    // as they were.
+    let out_dir = target_dir().join(if check { "ptx-check" } else { "ptx-build" });
+    let _ = std::fs::remove_dir_all(&out_dir);
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
     let mut sources: Vec<PathBuf> = std::fs::read_dir(&src_dir)
         .map_err(|e| format!("{}: {e}", src_dir.display()))?
@@ -108,16 +118,22 @@ fn build_kernels(args: &[String]) -> Result<(), String> {
     for src in &sources {
         let stem = src.file_stem().expect("a file").to_string_lossy().to_string();
         let text = std::fs::read_to_string(src).map_err(|e| format!("{}: {e}", src.display()))?;
-        let wgmma = text.contains("// uses: wgmma");
+        let wgmma = text.lines().any(|l| l.trim() == WGMMA_MARK);
         for (suffix, arch, sass) in TARGETS {
-            let arch = if wgmma && suffix == "sm_90" { "compute_90a" } else { arch };
+            let (arch, sass) = if wgmma && suffix == "sm_90" { WGMMA_ARCH } else { (arch, sass) };
             let out = out_dir.join(format!("{stem}.{suffix}.ptx"));
             let include = format!("-I{}", src_dir.display());
-            let flags = ["-ptx", "-O3", "-std=c++17", &include, &format!("-arch={arch}"), "-o"];
-            run_capture(Command::new(&nvcc).args(flags).arg(&out).arg(src))?;
+            run_capture(
+                Command::new(&nvcc)
+                    .args(NVCC_FLAGS)
+                    .arg(&include)
+                    .arg(format!("-arch={arch}"))
+                    .arg("-o")
+                    .arg(&out)
+                    .arg(src),
+            )?;
             if let Some(ptxas) = &ptxas {
-                let sass = if wgmma && suffix == "sm_90" { "sm_90a" } else { sass };
-                let null = target_dir().join("ptxas-check.cubin");
+                let null = out_dir.join("ptxas-check.cubin");
                 run_capture(Command::new(ptxas).arg(format!("-arch={sass}")).arg(&out).arg("-o").arg(&null))
                     .map_err(|e| format!("ptxas rejects {}: {e}", out.display()))?;
             }
@@ -125,22 +141,25 @@ fn build_kernels(args: &[String]) -> Result<(), String> {
         modules.push((stem, kernel_names(&text), wgmma));
         println!("compiled {}", src.display());
     }
-    let hash = whale_kernels::cuda::source_hash(&src_dir).map_err(|e| format!("{}: {e}", src_dir.display()))?;
+    if hash_sources()? != hash {
+        return Err("kernels/ changed while it was being compiled: run the build again".into());
+    }
     let manifest = rustfmt(&root, &render_manifest(&modules, hash))?;
     let manifest_path = root.join("crates/kernels/src/cuda/manifest.rs");
+    let ptx_names: Vec<String> = modules
+        .iter()
+        .flat_map(|(stem, _, _)| TARGETS.iter().map(move |(suffix, _, _)| format!("{stem}.{suffix}.ptx")))
+        .collect();
     if check {
         let committed = std::fs::read_to_string(&manifest_path).unwrap_or_default();
         let mut stale: Vec<String> = Vec::new();
         if committed != manifest {
             stale.push(manifest_path.display().to_string());
         }
-        for (stem, _, _) in &modules {
-            for (suffix, _, _) in TARGETS {
-                let name = format!("{stem}.{suffix}.ptx");
-                let (new, old) = (std::fs::read(out_dir.join(&name)), std::fs::read(ptx_dir.join(&name)));
-                if new.ok() != old.ok() {
-                    stale.push(name);
-                }
+        for name in &ptx_names {
+            let (new, old) = (std::fs::read(out_dir.join(name)), std::fs::read(ptx_dir.join(name)));
+            if !matches!((&new, &old), (Ok(n), Ok(o)) if ptx_code(n) == ptx_code(o)) {
+                stale.push(name.clone());
             }
         }
         if !stale.is_empty() {
@@ -149,7 +168,17 @@ fn build_kernels(args: &[String]) -> Result<(), String> {
         println!("PTX and manifest are up to date with kernels/*.cu");
         return Ok(());
     }
-    std::fs::write(&manifest_path, manifest).map_err(|e| format!("{}: {e}", manifest_path.display()))?;
+    // Each file replaced by a rename, the manifest (which stamps the PTX as current) last.
+    std::fs::create_dir_all(&ptx_dir).map_err(|e| format!("{}: {e}", ptx_dir.display()))?;
+    for name in &ptx_names {
+        // (copied beside its place first: the target folder may be on another file system)
+        let (tmp, dest) = (ptx_dir.join(format!("{name}.tmp")), ptx_dir.join(name));
+        std::fs::copy(out_dir.join(name), &tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    }
+    let tmp = manifest_path.with_extension("rs.tmp");
+    std::fs::write(&tmp, manifest).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &manifest_path).map_err(|e| format!("{}: {e}", manifest_path.display()))?;
     println!("wrote {} PTX modules and {}", modules.len(), manifest_path.display());
     Ok(())
 }
@@ -177,7 +206,7 @@ fn render_manifest(modules: &[(String, Vec<String>, bool)], hash: u64) -> String
          use super::PtxModule;\n\n",
     );
     out.push_str(&format!(
-        "/// FNV-1a of `kernels/*.cu` (see [`super::source_hash`]).\npub const SOURCE_HASH: u64 = {hash:#018x};\n\n"
+        "/// FNV-1a of the build recipe and `kernels/*.cu` (see [`super::source_hash`]).\npub const SOURCE_HASH: u64 = {hash:#018x};\n\n"
     ));
     out.push_str("pub const MODULES: &[PtxModule] = &[\n");
     for (stem, kernels, sm_90a) in modules {
@@ -237,7 +266,7 @@ fn find_nvcc(root: &Path) -> Result<PathBuf, String> {
     if let Some(found) = candidates.iter().find(|p| works(p)) {
         return Ok(found.clone());
     }
-    println!("no nvcc found: installing the pinned CUDA {PINNED_CUDA} compiler from PyPI into {}", pinned.display());
+    println!("no nvcc found: installing the pinned CUDA {CUDA_RELEASE} compiler from PyPI into {}", pinned.display());
     let python = if Command::new("python3").arg("--version").output().is_ok() { "python3" } else { "python" };
     let status = Command::new(python)
         .args(["-m", "pip", "install", "--no-deps", "--target"])
@@ -332,8 +361,15 @@ struct Row {
     group: String,
     whale: Option<f64>,
     baseline: Option<f64>,
-    /// Elements (tokens) per iteration, when the bench declares a throughput.
-    elements: Option<f64>,
+    /// What one iteration processes, when the bench declares a throughput.
+    throughput: Option<Throughput>,
+}
+
+/// A bench's declared work per iteration (criterion's `Throughput`).
+enum Throughput {
+    /// Elements: tokens, or FLOPs where the bench counts them (the FP8 GEMMs and linear layer).
+    Elements(f64),
+    Bytes(f64),
 }
 
 fn mean_ns(path: &Path) -> Option<f64> {
@@ -342,29 +378,33 @@ fn mean_ns(path: &Path) -> Option<f64> {
     v["mean"]["point_estimate"].as_f64()
 }
 
-fn elements(path: &Path) -> Option<f64> {
+fn throughput(path: &Path) -> Option<Throughput> {
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["throughput"]["Elements"].as_f64()
+    let t = &v["throughput"];
+    t["Elements"]
+        .as_f64()
+        .map(Throughput::Elements)
+        .or_else(|| t["Bytes"].as_f64().or_else(|| t["BytesDecimal"].as_f64()).map(Throughput::Bytes))
 }
 
 /// The groups under `dir` (criterion's folder) matching `filter` that this run measured: those
-/// whose `whale` estimates were written since `since` (older groups are earlier runs' figures).
+/// whose estimates were written since `since` (older ones are earlier runs' figures, and a
+/// baseline left from one is not paired with a new whale time).
 fn collect(dir: &Path, filter: Option<&str>, since: std::time::SystemTime) -> Result<Vec<Row>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e} (did the benches run?)", dir.display()))?;
-    let measured_now = |group: &str| {
-        let estimates = dir.join(group).join("whale").join("new").join("estimates.json");
-        std::fs::metadata(estimates).and_then(|m| m.modified()).is_ok_and(|t| t >= since)
-    };
+    let fresh = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|t| t >= since);
+    let estimates = |group: &str, who: &str| dir.join(group).join(who).join("new").join("estimates.json");
+    let measured_now = |group: &str| fresh(&estimates(group, "whale")) || fresh(&estimates(group, "baseline"));
     let mut rows: Vec<Row> = entries
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_dir())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|g| g != "report" && filter.is_none_or(|f| g.contains(f)) && measured_now(g))
         .map(|group| {
-            let at = |f: &str| mean_ns(&dir.join(&group).join(f).join("new").join("estimates.json"));
-            let elements = elements(&dir.join(&group).join("whale").join("new").join("benchmark.json"));
-            Row { whale: at("whale"), baseline: at("baseline"), elements, group }
+            let at = |who: &str| Some(estimates(&group, who)).filter(|p| fresh(p)).and_then(|p| mean_ns(&p));
+            let throughput = throughput(&dir.join(&group).join("whale").join("new").join("benchmark.json"));
+            Row { whale: at("whale"), baseline: at("baseline"), throughput, group }
         })
         .filter(|r| r.whale.is_some() || r.baseline.is_some())
         .collect();
@@ -389,8 +429,12 @@ fn render(rows: &[Row]) -> String {
             (Some(w), Some(b)) if b > 0.0 => format!("{:.3}", w / b),
             _ => "—".into(),
         };
-        let rate = match (r.elements, r.whale) {
-            (Some(n), Some(w)) if w > 0.0 => format!("{:.0} /s", n / (w / 1e9)),
+        let per_second = |n: f64| n / (r.whale.unwrap_or(f64::NAN) / 1e9);
+        let rate = match r.throughput {
+            Some(Throughput::Elements(n)) if r.whale.is_some() => format!("{:.3e} elem/s", per_second(n)),
+            Some(Throughput::Bytes(n)) if r.whale.is_some() => {
+                format!("{:.2} GiB/s", per_second(n) / (1u64 << 30) as f64)
+            }
             _ => "—".into(),
         };
         s.push_str(&format!(
@@ -404,7 +448,8 @@ fn render(rows: &[Row]) -> String {
     }
     s.push_str(
         "\nMean time per iteration (criterion). A ratio below 1 means whale is faster than its baseline; \
-         throughput is elements (tokens) per second where the bench declares it; \
+         throughput is what the bench declares per second: elements (tokens; FLOPs for the FP8 GEMMs \
+         and linear layer) or bytes; \
          `—` marks a bench with no baseline (an absolute measurement).\n",
     );
     s

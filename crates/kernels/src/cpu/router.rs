@@ -52,9 +52,13 @@ fn select_row(row: &[f32], cfg: &RouterConfig) -> Vec<usize> {
     let per_group = row.len() / cfg.n_group;
     let mut masked = row.to_vec();
     if cfg.n_group > 1 {
+        // A NaN in a group makes its score NaN, as torch's topk-sum (V3) and max (V2) have it,
+        // so the group is kept and the NaN reaches the output.
         let group_score = |g: usize| {
             let grp = &row[g * per_group..(g + 1) * per_group];
-            if cfg.sigmoid {
+            if grp.iter().any(|v| v.is_nan()) {
+                f32::NAN
+            } else if cfg.sigmoid {
                 let mut top = [f32::NEG_INFINITY; 2];
                 for &v in grp {
                     if v > top[0] {
@@ -178,6 +182,15 @@ mod tests {
         let top = select_experts(&many, &config(256, 1, 1, 4));
         assert_eq!(top[..2], [5, 200]);
         assert_eq!(many[top[2]], 100.0);
+        // With groups, a NaN makes its group's score NaN (torch's topk-sum or max), so the group
+        // is kept and the NaN expert chosen, where ignoring it would mask the group and hide it.
+        let row = [f32::NAN, 0.0, 0.9, 0.8];
+        assert_eq!(select_experts(&row, &config(4, 2, 1, 1)), vec![0]);
+        let max = RouterConfig { sigmoid: false, ..config(4, 2, 1, 1) };
+        assert_eq!(select_experts(&row, &max), vec![0]);
+        // A group of three that would lose is kept for its NaN; its finite experts follow it.
+        let row = [0.1, f32::NAN, 0.2, 0.9, 0.8, 0.7];
+        assert_eq!(select_experts(&row, &config(6, 2, 1, 2)), vec![1, 2]);
     }
 
     #[test]

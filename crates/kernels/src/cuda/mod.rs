@@ -48,9 +48,26 @@ pub struct PtxModule {
     pub sm_80: &'static str,
 }
 
-/// FNV-1a (64-bit) over the `.cu` and `.cuh` files of `dir` in name order (name, 0, contents, 0):
-/// the stamp the manifest records, so a plain `cargo test` notices PTX older than its sources.
+/// How `cargo xtask build-kernels` compiles each `kernels/*.cu` to PTX. It is part of
+/// [`source_hash`], so changing it makes the embedded PTX stale as a source change does.
+pub mod ptx_recipe {
+    /// The CUDA release of the nvcc used (newer ones emit PTX its driver cannot load).
+    pub const CUDA_RELEASE: &str = "13.0";
+    /// nvcc's flags, before `-I<kernels>`, `-arch=...` and the output.
+    pub const NVCC_FLAGS: [&str; 3] = ["-ptx", "-O3", "-std=c++17"];
+    /// (file suffix, nvcc `-arch`, ptxas `-arch` to validate with) per embedded target.
+    pub const TARGETS: [(&str, &str, &str); 2] = [("sm_90", "compute_90", "sm_90"), ("sm_80", "compute_80", "sm_80")];
+    /// A source holding this line uses wgmma: its `sm_90` PTX is built for [`WGMMA_ARCH`].
+    pub const WGMMA_MARK: &str = "// uses: wgmma";
+    /// (nvcc `-arch`, ptxas `-arch`) of a wgmma module's `sm_90` PTX.
+    pub const WGMMA_ARCH: (&str, &str) = ("compute_90a", "sm_90a");
+}
+
+/// FNV-1a (64-bit) over the build recipe ([`ptx_recipe`]) and then the `.cu` and `.cuh` files of
+/// `dir` in name order (name, 0, contents, 0): the stamp the manifest records, so a plain `cargo
+/// test` notices PTX older than its sources or its recipe.
 pub fn source_hash(dir: &Path) -> std::io::Result<u64> {
+    use ptx_recipe::*;
     let mut files: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "cu" || x == "cuh"))
@@ -62,6 +79,10 @@ pub fn source_hash(dir: &Path) -> std::io::Result<u64> {
             h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
         }
     };
+    eat(CUDA_RELEASE.as_bytes());
+    NVCC_FLAGS.iter().for_each(|f| eat(f.as_bytes()));
+    TARGETS.iter().flat_map(|&(a, b, c)| [a, b, c]).for_each(|t| eat(t.as_bytes()));
+    [WGMMA_MARK, WGMMA_ARCH.0, WGMMA_ARCH.1].iter().for_each(|t| eat(t.as_bytes()));
     for f in files {
         eat(f.file_name().expect("a file").to_string_lossy().as_bytes());
         eat(&std::fs::read(&f)?);

@@ -96,6 +96,14 @@ fn moe_route_ties_included(g: &Gpu) {
     let logits = [0.0, 1.0, 2.0, f32::NAN];
     let got = g.moe_route(&logits, None, &one_group).unwrap();
     assert_eq!((got.ids.clone(), route(&logits, None, &one_group).ids), (vec![3, 2], vec![3, 2]), "NaN first");
+    // With groups, a NaN makes its group's score NaN (torch's topk-sum and max): group 0 would
+    // lose on its numbers, is kept for its NaN, and the NaN expert is chosen first.
+    let logits = [-3.0, f32::NAN, -3.0, -3.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0];
+    // (A softmax spreads the NaN over the whole row: every score ties, the first experts win.)
+    for (cfg, want) in [(small, vec![1, 8, 9]), (RouterConfig { sigmoid: false, ..small }, vec![0, 1, 2])] {
+        let got = g.moe_route(&logits, None, &cfg).unwrap();
+        assert_eq!((got.ids, route(&logits, None, &cfg).ids), (want.clone(), want), "a NaN's group, {cfg:?}");
+    }
 }
 
 #[test]
