@@ -43,6 +43,10 @@ fn decode(c: &mut Criterion) {
     let mut rng = Rng::new(1);
     let shapes: &[(usize, usize)] =
         if whale_benches::bench_mode() { &[(1, 128), (8, 128), (1, 2048), (8, 2048)] } else { &[(1, 16), (2, 16)] };
+    // (Long prefills: only when these benchmarks may run.)
+    if !whale_benches::filter_may_select("decode_") {
+        return;
+    }
     for &(b, ctx) in shapes {
         let prompt = ids(&mut rng, cfg.vocab_size, b, ctx);
         let step_ids: Vec<Tensor> = (0..STEPS).map(|_| ids(&mut rng, cfg.vocab_size, b, 1)).collect();

@@ -56,8 +56,11 @@ fn error_table() {
 }
 
 fn gemm(c: &mut Criterion) {
-    error_table();
-    training_curves();
+    // Minutes of training: only when this target's benchmarks may run.
+    if whale_benches::filter_may_select("fp8_") {
+        error_table();
+        training_curves();
+    }
     let (m, n, k) = (64, 256, 1024);
     let x = vec(m * k, 3);
     let w: Vec<f32> = vec(n * k, 4).into_iter().map(|v| v * 0.05).collect();
