@@ -368,3 +368,40 @@ fn truncating_metrics_drops_a_torn_last_line_and_names_a_bad_one() {
     assert!(err.contains("metrics.jsonl") && err.contains("line 2"), "{err}");
     assert!(std::fs::read_to_string(&path).unwrap().contains("not json"), "left as it was");
 }
+
+#[test]
+fn a_finite_loss_with_a_gradient_that_overflows_is_located_and_skipped_or_stopped() {
+    // The head's weights at +-f32::MAX and the final norm's at 2e-39 keep the logits finite
+    // (the tiny norm weight cancels the huge head), but on the first batch the final norm's
+    // gradient, a sum of products of both orders of magnitude, overflows: the loss is finite, a
+    // gradient is not. (Data-dependent: each trainer below takes that same first batch.)
+    let poisoned = |policy: NonFinitePolicy| {
+        let mut c = DeepSeekV3Config::tiny();
+        c.num_nextn_predict_layers = 0; // the MTP head's own norm would send its logits to inf
+        let cfg = TrainConfig { on_non_finite: policy, ..config(20) };
+        let t = Trainer::new(DeepSeekV3::new(c, 11).unwrap(), cfg, data(5)).unwrap();
+        let sign = |i: usize| if (i * 7919) % 3 == 0 { 1.0 } else { -1.0 };
+        let head = t.model.params.get("lm_head.weight").unwrap();
+        head.with_f32_mut(|v| v.iter_mut().enumerate().for_each(|(i, x)| *x = sign(i) * f32::MAX)).unwrap();
+        t.model.params.get("model.norm.weight").unwrap().with_f32_mut(|v| v.fill(2e-39)).unwrap();
+        t
+    };
+    let mut t = poisoned(NonFinitePolicy::Skip);
+    let acc = t.accumulate_gradients().unwrap();
+    assert!(acc.loss.is_finite() && acc.problem.is_none(), "a finite loss: {}", acc.loss);
+    let norm_grad = t.model.params.get("model.norm.weight").unwrap().grad().unwrap().to_vec_f32().unwrap();
+    assert!(norm_grad.iter().any(|g| !g.is_finite()), "the final norm's gradient overflows");
+
+    let mut t = poisoned(NonFinitePolicy::Skip);
+    let before = bits(&t);
+    assert!(t.train_step().unwrap().skipped);
+    assert_eq!(before, bits(&t), "a skipped step changes no weight");
+    let mut t = poisoned(NonFinitePolicy::Stop);
+    match t.train_step() {
+        Err(Error::NonFinite { step, what, location }) => {
+            assert_eq!((step, what.as_str(), location.as_str()), (0, "gradient", "model.norm"))
+        }
+        other => panic!("expected a non-finite gradient, got {other:?}"),
+    }
+    assert_eq!(before, bits(&t), "a stopped step changes no weight");
+}

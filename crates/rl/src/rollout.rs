@@ -213,7 +213,10 @@ fn next_token_log_softmax(model: &dyn CausalLm, batch: &PackedBatch, temperature
     if batch.vocab < rows {
         logits = logits.narrow(2, 0, batch.vocab)?;
     }
-    Ok(logits.mul_scalar(1.0 / temperature)?.log_softmax_last_dim()?)
+    // Divided, as TRL's `logits / temperature` (a product with a rounded 1 / T is one ulp off
+    // about a quarter of the time); the logits are f32.
+    let t = Tensor::full(temperature, &[], logits.dtype(), &logits.device())?;
+    Ok(logits.div(&t)?.log_softmax_last_dim()?)
 }
 
 /// The log-prob of each packed row's next token in `logp` (`[n, len - 1, vocab]`).

@@ -160,7 +160,8 @@ impl Tensor {
         check_float("fp8_linear", self)?;
         let (n, k) = (wq.rows, wq.cols);
         check_linear_input(self, k, n)?;
-        let m = self.elem_count() / k.max(1);
+        // The rows are the leading dims (`elem_count / k` loses them when k is 0).
+        let m: usize = self.dims()[..self.rank() - 1].iter().product();
         let recipe = *recipe;
         let (fmt, sfmt) = (recipe.format, recipe.scale_format);
         let xq = Fp8Blocks::quantize(&self.f32_data(), m, k, (1, BLOCK), fmt, sfmt);

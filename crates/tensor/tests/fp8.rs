@@ -229,3 +229,23 @@ fn a_prequantized_weight_gives_the_same_output_and_keeps_its_dtype() {
     assert!(x.fp8_linear_quantized(&codes, &bad, &recipe).is_err());
     assert!(x.fp8_linear_quantized(&w, &scale_inv, &recipe).is_err(), "f32 is not FP8 codes");
 }
+
+#[test]
+fn fp8_linear_with_no_input_features_is_zeros_as_a_matmul() {
+    // K = 0: torch's linear gives zeros of [.., out] and zero gradients; so does the f32 matmul.
+    let x = Tensor::zeros(&[2, 3, 0], DType::F32, &Device::Cpu).unwrap().variable();
+    let w = Tensor::zeros(&[4, 0], DType::F32, &Device::Cpu).unwrap().variable();
+    let y = x.fp8_linear(&w, &Fp8Recipe::default()).unwrap();
+    assert_eq!(y.dims(), [2, 3, 4]);
+    assert_eq!(y.to_vec_f32().unwrap(), vec![0.0; 24]);
+    y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(x.grad().unwrap().dims(), [2, 3, 0]);
+    assert_eq!(w.grad().unwrap().dims(), [4, 0]);
+    // No tokens: an empty output of the right shape, and zero weight gradients.
+    let x = Tensor::zeros(&[0, 200], DType::F32, &Device::Cpu).unwrap().variable();
+    let w = randn(&[150, 200], 1).variable();
+    let y = x.fp8_linear(&w, &Fp8Recipe::default()).unwrap();
+    assert_eq!(y.dims(), [0, 150]);
+    y.sum_all().unwrap().backward().unwrap();
+    assert!(w.grad().unwrap().to_vec_f32().unwrap().iter().all(|&g| g == 0.0));
+}

@@ -151,6 +151,18 @@ fn a_bf16_mean_rounds_once_as_torchs() {
 }
 
 #[test]
+fn a_mean_divides_its_sum_by_the_count_as_torchs() {
+    // torch.tensor([7., 0., 0.]).mean() is 7 / 3 = 2.3333333 (0x40155555); times a rounded 1 / 3
+    // it would be 2.3333335. The gradient is g / 3 likewise.
+    let x = t(&[7.0, 0.0, 0.0], &[3]).variable();
+    let m = x.mean_all().unwrap();
+    assert_eq!(m.to_vec_f32().unwrap()[0].to_bits(), (7.0f32 / 3.0).to_bits());
+    assert_eq!(x.mean(0).unwrap().to_vec_f32().unwrap()[0].to_bits(), (7.0f32 / 3.0).to_bits());
+    m.mul_scalar(7.0).unwrap().backward().unwrap();
+    assert_eq!(x.grad().unwrap().to_vec_f32().unwrap(), vec![7.0f32 / 3.0; 3]);
+}
+
+#[test]
 fn bf16_rms_norm_and_swiglu_round_where_hf_does() {
     // HF's RMSNorm rounds x * rstd to bf16 before the weight multiplies it: x = [1, 1.75],
     // w = 1.75, x0 * rstd = 0.7016 -> 0.703125, times 1.75 = 1.23047 -> 1.234375 (torch 2.15's

@@ -59,7 +59,13 @@ impl Tensor {
     /// in bf16 gave 86.5 where torch gives 87).
     pub fn mean_keepdim(&self, dim: usize) -> Result<Tensor> {
         let n = self.dim(dim)?;
-        self.in_f32(|x| x.sum_keepdim(dim)?.mul_scalar(1.0 / n as f32))
+        self.in_f32(|x| x.sum_keepdim(dim)?.div_by_count(n))
+    }
+
+    /// This sum divided by the `n` values it summed, as torch's mean (`sum / n`, and the gradient
+    /// `g / n`): a product with a rounded `1 / n` is one ulp off about a quarter of the time.
+    fn div_by_count(&self, n: usize) -> Result<Tensor> {
+        self.div(&Tensor::full(n as f32, &[], self.dtype(), &self.device())?)
     }
 
     /// `f` of this tensor widened to f32 (a bf16/f16 one; an f32 one as it is), rounded back to
@@ -83,7 +89,7 @@ impl Tensor {
     /// The mean of all elements, a rank-0 tensor (bf16/f16 rounded once, as [`Tensor::mean_keepdim`]).
     pub fn mean_all(&self) -> Result<Tensor> {
         let n = self.elem_count();
-        self.in_f32(|x| x.sum_all()?.mul_scalar(1.0 / n as f32))
+        self.in_f32(|x| x.sum_all()?.div_by_count(n))
     }
 
     /// Max over `dim`, kept as size 1. The gradient goes to the first maximal element.
