@@ -50,6 +50,13 @@ pub fn require_checkpoint(dir: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The positions the checkpoint at `dir` holds (its config.json's `max_position_embeddings`),
+/// read without loading its weights; `usize::MAX` for a config that does not say.
+pub fn max_positions(dir: &Path) -> Result<usize> {
+    let config = crate::settings::read_json(&dir.join("config.json"))?;
+    Ok(config.get("max_position_embeddings").and_then(|v| v.as_u64()).map_or(usize::MAX, |n| n as usize))
+}
+
 /// Refuses a tokenizer with ids `model` (from `dir`, `what` it is) has no embedding for.
 pub fn check_fits(tok: &dyn Tokenizer, model: &dyn CausalLm, dir: &Path, what: &str) -> Result<()> {
     if tok.vocab_size() > model.vocab_size() {

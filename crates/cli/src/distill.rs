@@ -243,6 +243,12 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     if !(s.trace_temperature > 0.0 && s.trace_temperature.is_finite()) {
         anyhow::bail!("the distill settings' `trace_temperature` = {}: must be positive", s.trace_temperature);
     }
+    crate::settings::check_evaluation(
+        s.eval_problems,
+        s.k,
+        "the distill settings' `eval_problems`",
+        "the distill settings' `k`",
+    )?;
     // Both models, and the student's pretraining data, checked before the teacher samples for
     // minutes.
     crate::device::require_checkpoint(&args.from, "the teacher (--from)")?;

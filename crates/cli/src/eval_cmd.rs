@@ -67,6 +67,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.max_new_tokens == 0 {
         anyhow::bail!("--max-new-tokens 0: a completion needs at least one token (its answer and EOS)");
     }
+    // (--all-lines scores every line of the file, which has at least one.)
+    crate::settings::check_evaluation(if a.all_lines { usize::MAX } else { a.problems }, a.k, "--problems", "--k")?;
     let device = crate::device::open(&a.device)?;
     let model = crate::device::load(&a.checkpoint, &device, "the checkpoint")?;
     let problems = match &a.data {
@@ -92,6 +94,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
     // The checkpoint's tokenizer: the character one for our own runs, tokenizer.json for an HF
     // model (whose vocabulary the character one cannot be).
     let tok = tokenizer_for(&a.checkpoint)?;
+    crate::device::check_fits(&*tok, &*model, &a.checkpoint, "the checkpoint")?;
+    if let Some(path) = &a.data {
+        crate::settings::check_data_prompts(&*tok, model.max_positions(), &problems, path)?;
+    }
     if a.show > 0 {
         let shown = &problems[..a.show.min(problems.len())];
         let prompts = whale_rl::rollout::problem_prompts(&*tok, shown)?;

@@ -84,6 +84,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     };
     let model = moved_to(model, &device).with_context(|| format!("moving the model to {}", a.device))?;
     let tok = tokenizer_for(&a.checkpoint)?;
+    crate::device::check_fits(&*tok, &*model, &a.checkpoint, "the checkpoint")?;
     let prompt = tok.encode_prompt(&a.prompt).with_context(|| "encoding the prompt")?;
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");

@@ -438,6 +438,13 @@ pub fn report_row(name: &str, r: &EvalReport) -> String {
     )
 }
 
+/// The step a pretraining checkpoint (`dir`, holding `trainer.json`) was saved at.
+fn checkpoint_step(dir: &Path) -> Result<u64> {
+    let path = dir.join(TRAINER_FILE);
+    let state = crate::settings::read_json(&path)?;
+    state.get("step").and_then(serde_json::Value::as_u64).with_context(|| format!("{}: no `step`", path.display()))
+}
+
 /// Runs (or resumes) pretraining; returns the run folder.
 pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let s = args.settings()?;
@@ -445,6 +452,7 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let device = device(&s)?;
     // Training settings out of range are refused before anything is written.
     train_config(&s)?.validate()?;
+    crate::settings::check_evaluation(s.eval_problems, s.k, "--eval-problems", "--k")?;
     let tok = CharTokenizer::new();
     // Building the corpus refuses its shares (`letters`, `imperfect`, `mixing`) before anything
     // is written.
@@ -457,8 +465,17 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let metrics = s.out.join("metrics.jsonl");
     // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
     // (its logs, all of steps not checkpointed, go).
-    let restart = args.resume && find_checkpoint(&ckpt, TRAINER_FILE)?.is_none();
-    let model = if args.resume && !restart {
+    let saved = find_checkpoint(&ckpt, TRAINER_FILE)?;
+    let restart = args.resume && saved.is_none();
+    let model = if let Some(saved) = saved.filter(|_| args.resume) {
+        // --steps below the checkpoint's step would rewrite the run's settings and re-save its
+        // checkpoint as a run of fewer steps than it took.
+        if let Some(steps) = args.steps {
+            let at = checkpoint_step(&saved)?;
+            if steps < at {
+                bail!("--steps {steps}: {} is already at step {at}", s.out.display());
+            }
+        }
         None
     } else {
         if restart {
@@ -467,6 +484,16 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
             bail!("{} already holds a run; pass --resume to continue it or choose another --out", s.out.display());
         }
         let cfg = model_config(&s, &tok)?;
+        // Positions past the model's would train RoPE angles no saved config admits (generation
+        // and evaluation refuse them).
+        if s.seq_len > cfg.max_position_embeddings {
+            bail!(
+                "--seq-len {}: the `{}` preset holds {} positions (max_position_embeddings)",
+                s.seq_len,
+                s.preset,
+                cfg.max_position_embeddings
+            );
+        }
         // An impossible layout is refused before anything is written.
         mesh.plan(&cfg, s.grad_accum).with_context(|| layout_flags(&s))?;
         std::fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
@@ -496,7 +523,7 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let problems = tasks.held_out(s.eval_problems, s.seed);
     let plan = RankPlan {
         // Validation problems: held-out side of the split, their own seed, none of the test set's.
-        validation: crate::r1_zero::validation_problems(&tasks, s.seed, &problems),
+        validation: crate::r1_zero::validation_problems(&tasks, s.seed, &problems, s.eval_every),
         history: s.out.join("eval_history.jsonl"),
         s: &s,
         mesh,
@@ -641,7 +668,13 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
     // The validation after `step` steps, when one is due (not after the last: the final
     // evaluation is that).
     let validate = |trainer: &mut ParallelTrainer, step: u64| -> Result<()> {
-        if !(lead && s.eval_every > 0 && step > 0 && step % s.eval_every == 0 && !trainer.trainer().done()) {
+        if !(lead
+            && s.eval_every > 0
+            && !plan.validation.is_empty()
+            && step > 0
+            && step % s.eval_every == 0
+            && !trainer.trainer().done())
+        {
             return Ok(());
         }
         let cfg = EvalConfig { samples: 4, ..EvalConfig::default() };

@@ -631,6 +631,12 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     }
     s.rejection.validate().context("the r1 settings' [rejection]")?;
     s.reward_model.validate().context("the r1 settings' [reward_model]")?;
+    crate::settings::check_evaluation(
+        s.eval_problems,
+        s.k,
+        "the r1 settings' `eval_problems`",
+        "the r1 settings' `k`",
+    )?;
     crate::settings::note_letters_mismatch(args.base.as_ref().unwrap_or(&args.from), s.letters);
     // The stages pass text from one input's model to another's: --from's tokenizer serves them
     // all, and --base must have the same.
@@ -665,12 +671,20 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
         bail!("--stage rejection-sft needs --base (the model to fine-tune)");
     }
     let pool = args.data.as_deref().map(crate::settings::training_pool).transpose()?;
+    let heldout = crate::settings::held_out_problems(args.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;
+    // A --data file's prompts read in the tokenizer and fit the model, checked before stage 1
+    // trains (the held-out ones are first scored after it, the pool's when a step draws them).
+    if let (Some(path), Some(pool)) = (&args.data, &pool) {
+        let positions = crate::device::max_positions(&args.from)?;
+        for problems in [pool, &heldout] {
+            crate::settings::check_data_prompts(&*tok, positions, problems, path)?;
+        }
+    }
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     write_json_atomically(&out.join("settings.json"), &serde_json::to_value(&s)?)?;
     if record_inputs {
         write_json_atomically(&run_file, &inputs)?;
     }
-    let heldout = crate::settings::held_out_problems(args.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;
     let p = Pipeline {
         s: s.clone(),
         out: out.clone(),

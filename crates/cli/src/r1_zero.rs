@@ -210,7 +210,7 @@ impl R1ZeroArgs {
             Algo::Grpo => s.grpo.validate()?,
             Algo::Ppo => s.ppo.validate(&s.grpo)?,
         }
-        Ok(())
+        crate::settings::check_evaluation(s.eval_problems, s.k, "eval_problems (--eval-problems)", "k (--k)")
     }
 
     fn out_dir(&self, algo: Algo) -> PathBuf {
@@ -299,10 +299,10 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     let pool = s.data.as_deref().map(crate::settings::training_pool).transpose()?;
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
     let (base, tok) = crate::device::load_with_tokenizer(&args.base, &device, "the base model")?;
-    // Every prompt of a --data pool reads in the base's tokenizer, checked now rather than when a
-    // step first draws it.
+    // Every prompt of a --data pool reads in the base's tokenizer and fits the model, checked now
+    // rather than when a step first draws it.
     if let (Some(pool), Some(path)) = (&pool, &s.data) {
-        whale_rl::rollout::problem_prompts(&*tok, pool).with_context(|| format!("--data {}", path.display()))?;
+        crate::settings::check_data_prompts(&*tok, base.max_positions(), pool, path)?;
     }
     // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
     // (its logs, all of steps not checkpointed, go).
@@ -360,6 +360,9 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     crate::settings::note_letters_mismatch(&args.base, s.grpo.letters);
     let tasks = TaskSet::parse(&s.grpo.tasks)?.with_letters(s.grpo.letters)?;
     let problems = crate::settings::held_out_problems(s.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;
+    if let Some(path) = &s.data {
+        crate::settings::check_data_prompts(&*tok, base.max_positions(), &problems, path)?;
+    }
     let eval_cfg = EvalConfig::covering(s.k, s.grpo.max_new_tokens);
     let t0 = Instant::now();
     let before = evaluate(&*base, &tok, &problems, &eval_cfg)?;
@@ -416,9 +419,18 @@ pub struct R1ZeroOutcome {
 }
 
 /// The validation problems of a run evaluated on `test`: 32 held-out problems of `tasks` from
-/// the run seed's validation stream, none of them in `test`.
-pub fn validation_problems(tasks: &TaskSet, seed: u64, test: &[Problem]) -> Vec<Problem> {
-    tasks.held_out_besides(32, seed.wrapping_add(0x5A11), test)
+/// the run seed's validation stream, none of them in `test`. A task set whose held-out side the
+/// test takes whole has none: validation every `every` steps (0: none) is then off, and says so
+/// (scoring no problems would log 0.000 for a model never asked).
+pub fn validation_problems(tasks: &TaskSet, seed: u64, test: &[Problem], every: u64) -> Vec<Problem> {
+    let problems = tasks.held_out_besides(32, seed.wrapping_add(0x5A11), test);
+    if problems.is_empty() && every > 0 {
+        println!(
+            "no validation during training: the final evaluation's {} problems take every held-out problem of the tasks",
+            test.len()
+        );
+    }
+    problems
 }
 
 /// A small validation set evaluated every `every` steps of an RL run (pass@1 of 4 samples),
@@ -445,7 +457,8 @@ impl Validation {
         every: u64,
     ) -> Result<Self> {
         let tasks = TaskSet::parse(tasks)?.with_letters(letters)?;
-        let problems = validation_problems(&tasks, seed, test);
+        let problems = validation_problems(&tasks, seed, test, every);
+        let every = if problems.is_empty() { 0 } else { every };
         Ok(Validation { tokenizer, problems, every, history, max_new_tokens: 0 })
     }
 
@@ -545,3 +558,22 @@ macro_rules! rl_trainer {
 
 rl_trainer!(GrpoTrainer);
 rl_trainer!(PpoTrainer);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use whale_rl::parallel::model::tokenizer::CharTokenizer;
+
+    #[test]
+    fn validation_is_off_where_the_test_takes_every_held_out_problem() {
+        let tasks = TaskSet::parse("add:1").unwrap();
+        let all = tasks.held_out(10_000, 3);
+        let new = |test: &[Problem]| {
+            Validation::new(Arc::new(CharTokenizer::new()), "add:1", 0.0, 3, test, PathBuf::from("h.jsonl"), 2).unwrap()
+        };
+        let v = new(&all);
+        assert!(v.problems.is_empty() && v.every == 0, "{} problems, every {}", v.problems.len(), v.every);
+        let v = new(&all[..1]);
+        assert!(!v.problems.is_empty() && v.every == 2, "{} problems, every {}", v.problems.len(), v.every);
+    }
+}

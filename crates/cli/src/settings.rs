@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
+use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::tasks::{jsonl_side, load_jsonl_split, Problem, Split, TaskSet};
 
 /// A command's run settings: every key has a default, and a file may set any subset of them.
@@ -231,6 +232,39 @@ pub fn same_path(a: &Path, b: &Path) -> bool {
         (Ok(a), Ok(b)) => a == b,
         _ => a == b,
     }
+}
+
+/// `eval_problems` and `k` (samples per problem) as a run's held-out evaluation takes them:
+/// zero of either would report 0.000 for a model that was never asked (`key_problems` and
+/// `key_k` name them as the command does: a flag or a settings key).
+pub fn check_evaluation(eval_problems: usize, k: usize, key_problems: &str, key_k: &str) -> Result<()> {
+    if eval_problems == 0 {
+        bail!("{key_problems} 0: the held-out evaluation would score no problem");
+    }
+    if k == 0 {
+        bail!("{key_k} 0: pass@k and cons@k need at least one sample per problem");
+    }
+    Ok(())
+}
+
+/// Every prompt of `problems` (read from the `--data` file `path`) in `tok`'s ids, with room
+/// left for a completion in the model's `max_positions`: checked when a run starts, not when
+/// a step first draws the prompt (or the evaluation after a stage has trained).
+pub fn check_data_prompts(tok: &dyn Tokenizer, max_positions: usize, problems: &[Problem], path: &Path) -> Result<()> {
+    let prompts =
+        whale_rl::rollout::problem_prompts(tok, problems).with_context(|| format!("--data {}", path.display()))?;
+    for (p, ids) in problems.iter().zip(&prompts) {
+        if ids.len() >= max_positions {
+            bail!(
+                "--data {}: the prompt {:?} is {} tokens, and the model holds {max_positions} positions: no room for a \
+                 completion",
+                path.display(),
+                p.prompt,
+                ids.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The prompts of a `--data` JSONL file to train on, saying on stderr how many of them are left

@@ -56,7 +56,12 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
 }
 
 fn checkpoint_step(run: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(run.join("checkpoint/trainer.json")).ok()?;
+    saved_step(&run.join("checkpoint"))
+}
+
+/// The step of the checkpoint folder `dir`, if it holds a readable one.
+fn saved_step(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join("trainer.json")).ok()?;
     serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
 }
 
@@ -85,8 +90,11 @@ fn sigkill_during_checkpointing_leaves_a_resumable_run() {
     // Whatever moment the kill hit, the run resumes (from checkpoint or checkpoint.old), and a
     // validation line from after its checkpoint goes.
     std::fs::write(run.join("eval_history.jsonl"), "{\"step\": 999999, \"pass@1\": 0.0}\n").unwrap();
+    // One step past the checkpoint the kill left (fewer than it holds are refused).
+    let saved = ["checkpoint", "checkpoint.tmp", "checkpoint.old"].map(|d| saved_step(&run.join(d)));
+    let steps = (saved.iter().flatten().max().copied().unwrap_or(0) + 1).to_string();
     let out = whale()
-        .args(["pretrain", "--out", run.to_str().unwrap(), "--resume", "--steps", "1"])
+        .args(["pretrain", "--out", run.to_str().unwrap(), "--resume", "--steps", &steps])
         .args(SMALL)
         .output()
         .unwrap();
@@ -96,7 +104,7 @@ fn sigkill_during_checkpointing_leaves_a_resumable_run() {
     assert!(!std::fs::read_to_string(run.join("eval_history.jsonl")).unwrap().contains("999999"));
     // The run's own settings: a flag that would change its corpus or evaluation is refused.
     let out = whale()
-        .args(["pretrain", "--out", run.to_str().unwrap(), "--resume", "--steps", "1", "--letters", "0.5"])
+        .args(["pretrain", "--out", run.to_str().unwrap(), "--resume", "--steps", &steps, "--letters", "0.5"])
         .args(SMALL)
         .output()
         .unwrap();
@@ -133,6 +141,13 @@ fn an_extended_run_validates_its_checkpoints_step_and_says_the_schedule_moved() 
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, [2]);
+    // Fewer steps than the checkpoint took is refused, and the run's settings keep theirs.
+    let out = pretrain("3", &["--resume"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--steps 3") && err.contains("already at step 4"), "{err}");
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("settings.json")).unwrap()).unwrap();
+    assert_eq!(settings["steps"], 4);
 }
 
 #[test]
@@ -236,6 +251,11 @@ fn shares_out_of_range_are_named_before_anything_is_written() {
         ("--mtp-weight-from", "650:-1", "`mtp_weight_from`"),
         // 3-4 digit additions do not fit the default rows: refused, not cut before their end.
         ("--tasks", "add", "set seq_len to at least"),
+        // An evaluation of nothing would report 0.000; rows past the model's positions would
+        // train angles no saved config admits.
+        ("--eval-problems", "0", "--eval-problems 0"),
+        ("--k", "0", "--k 0"),
+        ("--seq-len", "300", "max_position_embeddings"),
     ] {
         let run = dir.join("schedule");
         let out = whale().args(["pretrain", "--out", run.to_str().unwrap(), flag, value]).output().unwrap();
@@ -275,6 +295,11 @@ fn shares_out_of_range_are_named_before_anything_is_written() {
     refused("r1", "--from", "[rejection]\ntemperature = 0.0\n", "[rejection]");
     refused("r1", "--from", "[reward_model]\nsteps = 0\n", "[reward_model]");
     refused("distill", "--from", "[rl]\ngroup_size = 0\n", "[rl]");
+    refused("r1", "--from", "k = 0\n", "`k` 0");
+    refused("distill", "--from", "eval_problems = 0\n", "`eval_problems` 0");
+    let out = whale().args(["r1-zero", "--base", missing.to_str().unwrap(), "--eval-problems", "0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--eval-problems) 0"), "{err}");
 }
 
 #[test]
@@ -389,6 +414,14 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("--data") && stderr.contains("prompt \"What is"), "{stderr}");
     assert!(!dir.join("upper").join("metrics.jsonl").exists());
+    // So is one too long for the model's positions (256 in this preset).
+    let long = dir.join("long.jsonl");
+    let lines: String =
+        (0..8).map(|i| format!("{{\"prompt\": \"{}{i}+2=\", \"answer\": \"{}\"}}\n", "0".repeat(300), i + 2)).collect();
+    std::fs::write(&long, lines).unwrap();
+    let out = r1_zero_one_step(&ckpt, &dir.join("long"), &["--data", long.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no room for a completion"), "{stderr}");
     // A config file's `data` is the pool when no --data overrides it.
     let (cfg, from_file) = (dir.join("data.toml"), dir.join("from-file"));
     std::fs::write(&cfg, format!("data = {data:?}\n")).unwrap();
@@ -655,7 +688,7 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
 }
 
 const TINY_R1: &str = r#"
-tasks = "add:1"
+tasks = "add:1-2"
 non_reasoning = "reverse:3"
 eval_problems = 4
 k = 2
@@ -715,6 +748,20 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
     }
     assert!(stdout.contains("held-out pair accuracy"), "{stdout}");
     assert!(run.join("3-rejection-sft/data.jsonl").exists());
+    // A --data prompt the tokenizer cannot read is named before stage 1 trains, nothing written.
+    let upper = dir.join("upper.jsonl");
+    let lines: String =
+        (0..8).map(|i| format!("{{\"prompt\": \"What is {i}+2?\", \"answer\": \"{}\"}}\n", i + 2)).collect();
+    std::fs::write(&upper, lines).unwrap();
+    let refused_run = dir.join("r1-upper");
+    let out = whale()
+        .args(["r1", "--from", ckpt.to_str().unwrap(), "--out", refused_run.to_str().unwrap()])
+        .args(["--config", cfg.to_str().unwrap(), "--data", upper.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--data") && stderr.contains("prompt \"What is"), "{stderr}");
+    assert!(!refused_run.exists(), "nothing is written");
     assert!(std::fs::read_to_string(run.join("2-reasoning-rl/eval_history.jsonl")).unwrap().lines().count() >= 2);
     // A run interrupted in stage 3 (its record never written): the same command refuses to
     // overwrite it and leaves its settings alone; --resume reads stages 1-2 back and runs stages 3

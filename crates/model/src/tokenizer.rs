@@ -194,12 +194,18 @@ impl HfTokenizer {
             Error::file(path, "no end-of-sequence token (none of the usual names; give its id in config.json)")
         })?;
         let bos = bos.or_else(|| find(&BOS_NAMES)).unwrap_or(eos);
-        let pad = inner.get_padding().map(|p| p.pad_id).unwrap_or(eos);
+        let padding_id = inner.get_padding().map(|p| p.pad_id);
+        let pad = padding_id.unwrap_or(eos);
         // A truncation or padding a tokenizer.json carries would cut a prompt or pad it before
         // generation; transformers turns both off unless a call asks for them.
         inner.with_truncation(None).map_err(|e| Error::file(path, e))?;
         inner.with_padding(None);
         let id_bound = inner.get_vocab(true).values().max().map_or(0, |&id| id as usize + 1);
+        // A padding block's id must be a token: rows padded with it would fail in the embedding
+        // far from this file.
+        if let Some(pad) = padding_id.filter(|&id| id as usize >= id_bound) {
+            return Err(Error::file(path, format!("padding.pad_id {pad} is outside the tokenizer's {id_bound} ids")));
+        }
         Ok(HfTokenizer {
             inner,
             bos,

@@ -153,6 +153,11 @@ fn prompts_get_the_post_processors_tokens_and_nothing_is_truncated_or_padded() {
     assert_eq!(tok.encode(text).unwrap(), ids, "neither truncated nor padded");
     assert_eq!(tok.encode_prompt(text).unwrap(), [&[bos][..], &ids].concat(), "BOS from the template");
     assert_eq!(plain.encode_prompt(text).unwrap(), ids, "no template, nothing added");
+    // A padding block whose id is no token is refused, naming the file.
+    json["padding"]["pad_id"] = serde_json::json!(1_000_000);
+    std::fs::write(tmp.join("tokenizer.json"), json.to_string()).unwrap();
+    let err = HfTokenizer::from_file(&tmp.join("tokenizer.json"), None, None).unwrap_err().to_string();
+    assert!(err.contains("pad_id 1000000") && err.contains("tokenizer.json"), "{err}");
 }
 
 #[test]

@@ -559,6 +559,8 @@ impl Trainer {
             let state = json!({
                 "step": self.step,
                 "optimizer_steps": self.opt.steps(),
+                // A resumed run counts a streak of skipped steps on from where it was.
+                "skipped_in_a_row": self.skipped_in_a_row,
                 "config": self.config,
                 "data": self.data.state(),
             });
@@ -585,6 +587,10 @@ impl Trainer {
         let opt_state = load_file(&dir.join(OPTIMIZER_FILE))?;
         t.opt.load_state(opt_steps, &opt_state, &t.model.params)?;
         t.step = step;
+        // (A checkpoint written before the streak was saved has none.)
+        t.skipped_in_a_row = state.get("skipped_in_a_row").map_or(Ok(0), |v| {
+            v.as_u64().ok_or_else(|| Error::file(&path, format!("`skipped_in_a_row` {v} is not a count")))
+        })?;
         if let Some(m) = metrics {
             truncate_metrics(m, step)?;
             t.log_metrics_to(m)?;
@@ -625,4 +631,36 @@ pub fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         }
     }
     Ok(write_atomically(path, keep.as_bytes())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use whale_model::tensor::testing::TempDir;
+    use whale_model::DeepSeekV3Config;
+
+    fn walk() -> Box<dyn DataSource> {
+        Box::new(TokenWalk { rng: Rng::new(1), vocab: 64, max_step: 1 })
+    }
+
+    #[test]
+    fn a_streak_of_skipped_steps_survives_a_resume() {
+        let config = TrainConfig { micro_batch: 2, seq_len: 8, ..TrainConfig::default() };
+        let mut t = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 1).unwrap(), config, walk()).unwrap();
+        t.skipped_in_a_row = 7;
+        let dir = TempDir::new("trainer-skips");
+        let ckpt = dir.join("checkpoint");
+        t.save_checkpoint(&ckpt).unwrap();
+        assert_eq!(Trainer::resume(&ckpt, walk(), None).unwrap().skipped_in_a_row, 7);
+        // A checkpoint from before the streak was saved starts it at 0; a damaged one is an error.
+        let path = ckpt.join(TRAINER_FILE);
+        let mut state: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        state.as_object_mut().unwrap().remove("skipped_in_a_row");
+        std::fs::write(&path, state.to_string()).unwrap();
+        assert_eq!(Trainer::resume(&ckpt, walk(), None).unwrap().skipped_in_a_row, 0);
+        state["skipped_in_a_row"] = json!("seven");
+        std::fs::write(&path, state.to_string()).unwrap();
+        let err = Trainer::resume(&ckpt, walk(), None).unwrap_err().to_string();
+        assert!(err.contains("skipped_in_a_row") && err.contains("trainer.json"), "{err}");
+    }
 }

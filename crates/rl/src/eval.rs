@@ -11,7 +11,7 @@ use whale_parallel::model::CausalLm;
 
 use crate::rewards::{LanguageConsistency, Sample};
 use crate::tasks::{answer_key, verify, AnswerKey, Problem};
-use crate::Result;
+use crate::{Error, Result};
 
 /// The unbiased pass@k estimator `1 - C(n-c, k) / C(n, k)` for `c` correct of `n` samples;
 /// NaN where it is undefined (`k > n`, or more correct samples than samples).
@@ -129,20 +129,28 @@ pub fn evaluate(
     problems: &[Problem],
     cfg: &EvalConfig,
 ) -> Result<EvalReport> {
+    // Either would report 0.000 for a model that was never asked.
+    if problems.is_empty() || cfg.samples == 0 {
+        return Err(Error::Rl(format!(
+            "evaluation of {} problems with {} samples each: there is nothing to score",
+            problems.len(),
+            cfg.samples
+        )));
+    }
     let stop = tok.stop_ids();
     let prompts = crate::rollout::problem_prompts(tok, problems)?;
     let mut rng = Rng::new(cfg.seed);
     let greedy_cfg =
         SamplingConfig { cache: cfg.cache, ..SamplingConfig::greedy(cfg.max_new_tokens, stop.clone()) }.limited_to(tok);
     let greedy = model.generate(&prompts, &greedy_cfg, &mut rng)?;
-    let k = cfg.samples.max(1);
+    let k = cfg.samples;
     let repeated: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
     let sampled_cfg =
         SamplingConfig { cache: cfg.cache, ..SamplingConfig::sampled(cfg.temperature, cfg.max_new_tokens, stop) }
             .limited_to(tok);
     let sampled = model.generate(&repeated, &sampled_cfg, &mut rng)?;
 
-    let n = problems.len().max(1) as f64;
+    let n = problems.len() as f64;
     let (mut g_ok, mut p1, mut pk, mut cons, mut len, mut fmt) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
     let (mut lang, mut lang_n) = (0.0, 0usize);
     let mut per_task: HashMap<String, (f64, usize)> = HashMap::new();
