@@ -159,11 +159,24 @@ fn heatmap(title: &str, loads: &[Vec<f64>]) -> String {
 fn read_metrics(run: &Path) -> Result<Vec<Value>> {
     let path = run.join("metrics.jsonl");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1)))
-        .collect()
+    parse_jsonl(&path, &text)
+}
+
+/// The rows of JSON-lines `text` (read from `path`, which errors name with the line number). A
+/// last line without its newline that does not parse is a write a killed run left half done (a
+/// resume cuts it as well): it is left out.
+fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Value>> {
+    let torn = !text.is_empty() && !text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    let mut rows = Vec::with_capacity(lines.len());
+    for (i, l) in lines.iter().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        match serde_json::from_str(l) {
+            Ok(row) => rows.push(row),
+            Err(_) if torn && i + 1 == lines.len() => {}
+            Err(e) => return Err(e).with_context(|| format!("{}:{}", path.display(), i + 1)),
+        }
+    }
+    Ok(rows)
 }
 
 fn field(rows: &[Value], key: &str) -> Vec<(f64, f64)> {
@@ -252,11 +265,7 @@ fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
         return Ok(Vec::new());
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1)))
-        .collect()
+    parse_jsonl(path, &text)
 }
 
 /// Reward, mean completion length and validation pass@1 over steps for RL runs (`(name, run
@@ -293,5 +302,11 @@ mod tests {
         std::fs::write(&path, "{\"step\": 0}\n\n{oops\n").unwrap();
         let err = format!("{:#}", read_jsonl(&path).unwrap_err());
         assert!(err.contains("eval_history.jsonl:3"), "{err}");
+        // A last line cut mid-write (no newline) is a killed run's: left out. One inside is not.
+        std::fs::write(&path, "{\"step\": 0}\n{\"step\": 1, \"pass").unwrap();
+        assert_eq!(read_jsonl(&path).unwrap(), vec![serde_json::json!({"step": 0})]);
+        std::fs::write(&path, "{\"step\": 0}\n{\"step\": 1, \"pass\n{\"step\": 2}").unwrap();
+        let err = format!("{:#}", read_jsonl(&path).unwrap_err());
+        assert!(err.contains("eval_history.jsonl:2"), "{err}");
     }
 }

@@ -109,6 +109,10 @@ pub fn check_run_inputs(run_file: &Path, inputs: &Value, flags: &[&str], resume:
         Err(e) => bail!("{}: {e}", run_file.display()),
     };
     let recorded: Value = serde_json::from_str(&text).with_context(|| run_file.display().to_string())?;
+    // Anything but an object would hold no flag, and every comparison would pass.
+    if !recorded.is_object() {
+        bail!("{}: not a JSON object of the run's inputs", run_file.display());
+    }
     let same = |a: &Value, b: &Value| match (a.as_str(), b.as_str()) {
         (Some(a), Some(b)) => same_path(Path::new(a), Path::new(b)),
         _ => a == b,
@@ -426,5 +430,24 @@ mod tests {
         assert_eq!(s.rejection.sft.seed, 7 ^ crate::r1::SECOND_PASS_SALT, "what it did not record is derived");
         let err = format!("{:#}", load::<R1Settings>(&run.join("settings.json")).unwrap_err());
         assert!(err.contains("`all_rl.") && err.contains("this run's value is"), "{err}");
+    }
+
+    #[test]
+    fn a_run_record_is_compared_flag_by_flag_and_must_be_an_object() {
+        let run = whale_rl::parallel::model::tensor::testing::TempDir::new("run-record");
+        let file = run.join("run.json");
+        let inputs = serde_json::json!({"from": run.to_str().unwrap(), "data": null});
+        assert!(check_run_inputs(&file, &inputs, &["from"], true).unwrap(), "no record: record now");
+        let spelled_otherwise = serde_json::json!({"from": format!("{}/./", run.display())});
+        std::fs::write(&file, spelled_otherwise.to_string()).unwrap();
+        assert!(!check_run_inputs(&file, &inputs, &["from", "data"], true).unwrap(), "the same path");
+        std::fs::write(&file, r#"{"from": "runs/b"}"#).unwrap();
+        let err = check_run_inputs(&file, &inputs, &["from"], true).unwrap_err().to_string();
+        assert!(err.contains("--from") && err.contains("runs/b"), "{err}");
+        for bad in ["[]", "\"runs/a\"", "null"] {
+            std::fs::write(&file, bad).unwrap();
+            let err = check_run_inputs(&file, &inputs, &["from"], true).unwrap_err().to_string();
+            assert!(err.contains("run.json") && err.contains("not a JSON object"), "{bad}: {err}");
+        }
     }
 }

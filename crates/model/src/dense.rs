@@ -93,7 +93,13 @@ impl DenseRopeScaling {
     /// The scaling a config.json object (`rope_scaling` or `rope_parameters`) describes; errors
     /// name `key` (the object's key) and the missing or bad parameter.
     fn parse(obj: &Value, key: &str, bad: &dyn Fn(&str, &str) -> Error) -> Result<Option<Self>> {
-        let kind = obj["rope_type"].as_str().or_else(|| obj["type"].as_str()).unwrap_or("default");
+        if !(obj.is_null() || obj.is_object()) {
+            return Err(bad(key, "must be an object (or null)"));
+        }
+        let kind = match obj.get("rope_type").filter(|t| !t.is_null()).or_else(|| obj.get("type")) {
+            None | Some(Value::Null) => "default",
+            Some(t) => t.as_str().ok_or_else(|| bad(&format!("{key}.rope_type"), "must be a string"))?,
+        };
         let num = |name: &str| -> Result<f64> {
             obj[name]
                 .as_f64()

@@ -164,6 +164,10 @@ fn bad_dense_configs_name_the_key() {
         (r#""tie_word_embeddings": "yes""#, "tie_word_embeddings"),
         (r#""rope_parameters": {"rope_theta": "1e6"}"#, "rope_parameters.rope_theta"),
         (r#""rms_norm_eps": -1e-6"#, "rms_norm_eps"),
+        // Not an object, or a type that is no name: neither reads as "no scaling".
+        (r#""rope_scaling": 2.0"#, "`rope_scaling`: must be an object"),
+        (r#""rope_parameters": "linear""#, "`rope_parameters`: must be an object"),
+        (r#""rope_scaling": {"rope_type": 3, "factor": 2}"#, "rope_scaling.rope_type"),
     ] {
         let e = err(extra);
         assert!(e.contains(words), "{extra}: {e}");
