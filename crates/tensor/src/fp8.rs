@@ -88,7 +88,7 @@ impl Tensor {
             }
             return crate::cuda::fp8::quantize(self, block.0);
         }
-        let q = Fp8Blocks::quantize(&self.f32_data(), rows, cols, block, format, scale_format);
+        let q = Fp8Blocks::quantize(&self.f32_data()?, rows, cols, block, format, scale_format);
         let grid = [rows.div_ceil(block.0), cols.div_ceil(block.1)];
         Ok((
             Tensor::from_fp8_codes(q.codes, &[rows, cols], format)?,
@@ -134,7 +134,7 @@ impl Tensor {
             check_gpu_recipe(recipe)?;
             return crate::cuda::fp8::linear(self, Fp8Weight::Master(weight), (n, k));
         }
-        let wq = Fp8Blocks::quantize(&weight.f32_data(), n, k, (BLOCK, BLOCK), recipe.format, recipe.scale_format);
+        let wq = Fp8Blocks::quantize(&weight.f32_data()?, n, k, (BLOCK, BLOCK), recipe.format, recipe.scale_format);
         self.fp8_linear_with(Arc::new(wq), Some(weight), recipe)
     }
 
@@ -164,13 +164,13 @@ impl Tensor {
         let m: usize = self.dims()[..self.rank() - 1].iter().product();
         let recipe = *recipe;
         let (fmt, sfmt) = (recipe.format, recipe.scale_format);
-        let xq = Fp8Blocks::quantize(&self.f32_data(), m, k, (1, BLOCK), fmt, sfmt);
+        let xq = Fp8Blocks::quantize(&self.f32_data()?, m, k, (1, BLOCK), fmt, sfmt);
         let y = fp8_gemm(&xq, &wq, recipe.accumulation);
         let mut out_shape = self.dims().to_vec();
         *out_shape.last_mut().expect("rank >= 1") = n;
 
         let back = backward_fn("fp8_linear", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
-            let dy = g.f32_data();
+            let dy = g.f32_data()?;
             let x = &inputs[0];
             let dx = grad_if(needs[0], || {
                 // Dgrad: [m, n] x [n, k], K = n.
@@ -188,7 +188,7 @@ impl Tensor {
                         (fmt, sfmt),
                         GRADIENT_MIN_AMAX,
                     );
-                    let xt = Fp8Blocks::quantize(&transpose(&x.f32_data(), m, k), k, m, (1, BLOCK), fmt, sfmt);
+                    let xt = Fp8Blocks::quantize(&transpose(&x.f32_data()?, m, k), k, m, (1, BLOCK), fmt, sfmt);
                     Ok(plain(fp8_gemm(&dyt, &xt, recipe.accumulation), w.dims(), w.dtype()))
                 })?);
             }

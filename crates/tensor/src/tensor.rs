@@ -305,12 +305,9 @@ impl Tensor {
 
     /// The values as contiguous f32 on the host, for the CPU kernels. CPU ops refuse CUDA tensors
     /// before they get here (`ops::check_float`); reading a CUDA tensor copies it to the host,
-    /// which only the explicit readers below (`to_vec_f32`, ...) do.
-    pub(crate) fn f32_data(&self) -> F32Data<'_> {
-        self.try_f32_data().unwrap_or_else(|_| F32Data::Owned(vec![f32::NAN; self.elem_count()]))
-    }
-
-    fn try_f32_data(&self) -> Result<F32Data<'_>> {
+    /// which only the explicit readers below (`to_vec_f32`, ...) do; a failed copy is an error
+    /// (no stand-in values).
+    pub(crate) fn f32_data(&self) -> Result<F32Data<'_>> {
         let guard = self.0.storage.read().expect("tensor storage lock poisoned");
         if matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) && self.is_contiguous() {
             return Ok(F32Data::Borrowed(guard, self.0.layout.offset(), self.elem_count()));
@@ -396,7 +393,7 @@ impl Tensor {
     /// The values as f32 in row-major order (any dtype; floats widen exactly, integers convert),
     /// copied to the host from a GPU.
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
-        Ok(self.try_f32_data()?.to_vec())
+        Ok(self.f32_data()?.to_vec())
     }
 
     /// A tensor of FP8 codes (`format`'s bit patterns) with dtype F8E4M3 or F8E5M2.
@@ -439,7 +436,7 @@ impl Tensor {
         if self.elem_count() != 1 {
             return Err(Error::invalid("to_scalar", format!("tensor has shape {:?}, not one element", self.dims())));
         }
-        Ok(self.try_f32_data()?[0])
+        Ok(self.f32_data()?[0])
     }
 
     /// Rows of a rank-2 tensor as f32.

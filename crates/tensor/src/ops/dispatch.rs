@@ -107,8 +107,8 @@ fn permute_rows(x: &Tensor, d: &Arc<TokenDispatch>, scale: Option<&Tensor>) -> R
         return crate::cuda::dispatch::permute(x, d, scale, dim);
     }
     let mut out = vec![0.0f32; d.plan.len() * dim];
-    let s = scale.map(Tensor::f32_data);
-    permute(&x.f32_data(), dim, &d.plan.rows, s.as_deref(), &mut out);
+    let s = scale.map(Tensor::f32_data).transpose()?;
+    permute(&x.f32_data()?, dim, &d.plan.rows, s.as_deref(), &mut out);
     Ok(Tensor::from_op(out, &[d.plan.len(), dim], x.dtype(), &[], NoBackward))
 }
 
@@ -119,8 +119,8 @@ fn combine_rows(y: &Tensor, d: &Arc<TokenDispatch>, weight: Option<&Tensor>) -> 
         return crate::cuda::dispatch::combine(y, d, weight, dim);
     }
     let mut out = vec![0.0f32; d.plan.n_tokens() * dim];
-    let w = weight.map(Tensor::f32_data);
-    unpermute(&y.f32_data(), dim, w.as_deref(), (&d.plan.token_offsets, &d.plan.token_rows), &mut out);
+    let w = weight.map(Tensor::f32_data).transpose()?;
+    unpermute(&y.f32_data()?, dim, w.as_deref(), (&d.plan.token_offsets, &d.plan.token_rows), &mut out);
     Ok(Tensor::from_op(out, &[d.plan.n_tokens(), dim], y.dtype(), &[], NoBackward))
 }
 
@@ -131,7 +131,7 @@ fn combine_weight_grad(dout: &Tensor, y: &Tensor, d: &Arc<TokenDispatch>) -> Res
         return crate::cuda::dispatch::weight_grad(dout, y, d, dim);
     }
     let mut dw = vec![0.0f32; d.plan.len()];
-    unpermute_weight_grad(&dout.f32_data(), &y.f32_data(), dim, &d.plan.rows, &mut dw);
+    unpermute_weight_grad(&dout.f32_data()?, &y.f32_data()?, dim, &d.plan.rows, &mut dw);
     Ok(Tensor::from_op(dw, &[d.plan.len()], y.dtype(), &[], NoBackward))
 }
 

@@ -26,11 +26,11 @@ impl Tensor {
         if self.device().is_cuda() {
             return crate::cuda::unary(self, name, kind);
         }
-        let out = par_map(&self.f32_data(), f);
+        let out = par_map(&self.f32_data()?, f);
         let back = backward_fn(name, move |inputs: &[Tensor], output: &Tensor, g: &Tensor, _: &[bool]| {
-            let x = inputs[0].f32_data();
-            let y = output.f32_data();
-            let gi = par_map3(&x, &y, &g.f32_data(), |x, y, g| g * df(x, y));
+            let x = inputs[0].f32_data()?;
+            let y = output.f32_data()?;
+            let gi = par_map3(&x, &y, &g.f32_data()?, |x, y, g| g * df(x, y));
             Ok(vec![Some(Tensor::from_op(gi, inputs[0].dims(), inputs[0].dtype(), &[], crate::backprop::NoBackward))])
         });
         Ok(Tensor::from_op(out, self.dims(), self.dtype(), &[self], back))
@@ -136,12 +136,12 @@ impl Tensor {
     fn broadcast_pair(&self, rhs: &Tensor, op: &'static str) -> Result<(Vec<usize>, Vec<f32>, Vec<f32>)> {
         let shape = broadcast_shape(op, self.dims(), rhs.dims())?;
         let a = if self.dims() == shape.as_slice() {
-            self.f32_data().to_vec()
+            self.f32_data()?.to_vec()
         } else {
             self.broadcast_as(&shape)?.to_vec_f32()?
         };
         let b = if rhs.dims() == shape.as_slice() {
-            rhs.f32_data().to_vec()
+            rhs.f32_data()?.to_vec()
         } else {
             rhs.broadcast_as(&shape)?.to_vec_f32()?
         };
@@ -168,7 +168,7 @@ impl Tensor {
             return crate::cuda::binary((self, rhs), (&shape, dtype), (name, kind), &[self, rhs], back);
         }
         let (shape, out) = if self.dims() == rhs.dims() {
-            (self.dims().to_vec(), par_map2(&self.f32_data(), &rhs.f32_data(), f))
+            (self.dims().to_vec(), par_map2(&self.f32_data()?, &rhs.f32_data()?, f))
         } else {
             let (shape, a, b) = self.broadcast_pair(rhs, name)?;
             (shape, par_map2(&a, &b, f))

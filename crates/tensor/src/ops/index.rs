@@ -72,7 +72,7 @@ impl Tensor {
             let flat = slice_elements((outer, n, inner), &idx);
             return crate::cuda::nn::index_select_rows(&self.flatten_all()?, &flat, 1, &[flat.len()])?.reshape(&shape);
         }
-        let x = self.f32_data();
+        let x = self.f32_data()?;
         let mut out = vec![0.0f32; outer * m * inner];
         if inner > 0 {
             out.par_chunks_mut(inner).enumerate().for_each(|(r, row)| {
@@ -120,8 +120,8 @@ impl Tensor {
             // Single elements of the flattened tensor.
             return self.add_at_elements(&slice_elements((outer, n, inner), &idx), src);
         }
-        let mut out = self.f32_data().to_vec();
-        let s = src.f32_data();
+        let mut out = self.f32_data()?.to_vec();
+        let s = src.f32_data()?;
         for o in 0..outer {
             for (j, &t) in idx.iter().enumerate() {
                 let (d, sr) = ((o * n + t) * inner, (o * m + j) * inner);
@@ -157,7 +157,7 @@ impl Tensor {
         if self.device().is_cuda() {
             return crate::cuda::gather(self, dim, &ix, idx.dims());
         }
-        let x = self.f32_data();
+        let x = self.f32_data()?;
         let mut out = vec![0.0f32; outer * m * inner];
         for o in 0..outer {
             for j in 0..m {
@@ -197,8 +197,8 @@ impl Tensor {
             // An index_add of single elements of the flattened tensor (its backward: gather).
             return self.add_at_elements(&crate::cuda::flat_indices(self.dims(), dim, m, &ix), src);
         }
-        let mut out = self.f32_data().to_vec();
-        let s = src.f32_data();
+        let mut out = self.f32_data()?.to_vec();
+        let s = src.f32_data()?;
         for o in 0..outer {
             for j in 0..m {
                 for i in 0..inner {
@@ -228,7 +228,7 @@ impl Tensor {
         if k > n {
             return Err(Error::invalid("topk", format!("k = {k} exceeds the last dim {n} of {:?}", self.dims())));
         }
-        let x = if self.device().is_cuda() { F32Data::Owned(self.to_vec_f32()?) } else { self.f32_data() };
+        let x = if self.device().is_cuda() { F32Data::Owned(self.to_vec_f32()?) } else { self.f32_data()? };
         let rows = x.len().checked_div(n).unwrap_or(0);
         let mut idx = vec![0i64; rows * k];
         if k > 0 {

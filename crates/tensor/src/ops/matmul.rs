@@ -151,13 +151,13 @@ impl Tensor {
             }
             return Tensor::cat(&parts, 0);
         }
-        let xs = x.f32_data();
+        let xs = x.f32_data()?;
         let mut out = vec![0.0f32; rows * n];
         let threads = rayon::current_num_threads();
         let mut start = 0;
         for (w, &g) in weights.iter().zip(group_sizes) {
             if g > 0 {
-                let wd = w.f32_data();
+                let wd = w.f32_data()?;
                 let a = MatRef { data: &xs, offset: start * k, row_stride: k as isize, col_stride: 1 };
                 let b = MatRef { data: &wd, offset: 0, row_stride: 1, col_stride: k as isize }; // W^T
                 gemm_matmul(g, n, k, a, b, &mut out[start * n..(start + g) * n], false, threads);
@@ -167,7 +167,7 @@ impl Tensor {
         let sizes = group_sizes.to_vec();
         let back = backward_fn(op, move |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
             let (x, ws) = (&inputs[0], &inputs[1..]);
-            let gd = g.f32_data();
+            let gd = g.f32_data()?;
             let threads = rayon::current_num_threads();
             let mut grads: Vec<Option<Tensor>> = vec![None; inputs.len()];
             if needs[0] {
@@ -176,7 +176,7 @@ impl Tensor {
                 let mut start = 0;
                 for (w, &s) in ws.iter().zip(&sizes) {
                     if s > 0 {
-                        let wd = w.f32_data();
+                        let wd = w.f32_data()?;
                         let a = MatRef { data: &gd, offset: start * n, row_stride: n as isize, col_stride: 1 };
                         let b = MatRef { data: &wd, offset: 0, row_stride: k as isize, col_stride: 1 };
                         gemm_matmul(s, k, n, a, b, &mut dx[start * k..(start + s) * k], false, threads);
@@ -185,7 +185,7 @@ impl Tensor {
                 }
                 grads[0] = Some(Tensor::from_op(dx, x.dims(), x.dtype(), &[], crate::backprop::NoBackward));
             }
-            let xs = x.f32_data();
+            let xs = x.f32_data()?;
             let mut start = 0;
             for (e, (w, &s)) in ws.iter().zip(&sizes).enumerate() {
                 if needs[1 + e] {

@@ -37,10 +37,10 @@ impl Tensor {
             return crate::cuda::nn::softmax_last_dim(self, d, false);
         }
         let mut y = vec![0.0f32; self.elem_count()];
-        softmax::softmax_forward(&self.f32_data(), d, &mut y);
+        softmax::softmax_forward(&self.f32_data()?, d, &mut y);
         let back = backward_fn("softmax", move |inputs: &[Tensor], out: &Tensor, g: &Tensor, _: &[bool]| {
             let mut dx = vec![0.0f32; g.elem_count()];
-            softmax::softmax_backward(&out.f32_data(), &g.f32_data(), d, &mut dx);
+            softmax::softmax_backward(&out.f32_data()?, &g.f32_data()?, d, &mut dx);
             Ok(vec![Some(grad_tensor(dx, &inputs[0]))])
         });
         Ok(Tensor::from_op(y, self.dims(), self.dtype(), &[self], back))
@@ -54,10 +54,10 @@ impl Tensor {
             return crate::cuda::nn::softmax_last_dim(self, d, true);
         }
         let mut y = vec![0.0f32; self.elem_count()];
-        softmax::log_softmax_forward(&self.f32_data(), d, &mut y);
+        softmax::log_softmax_forward(&self.f32_data()?, d, &mut y);
         let back = backward_fn("log_softmax", move |inputs: &[Tensor], out: &Tensor, g: &Tensor, _: &[bool]| {
             let mut dx = vec![0.0f32; g.elem_count()];
-            softmax::log_softmax_backward(&out.f32_data(), &g.f32_data(), d, &mut dx);
+            softmax::log_softmax_backward(&out.f32_data()?, &g.f32_data()?, d, &mut dx);
             Ok(vec![Some(grad_tensor(dx, &inputs[0]))])
         });
         Ok(Tensor::from_op(y, self.dims(), self.dtype(), &[self], back))
@@ -100,16 +100,16 @@ impl Tensor {
         }
         let rows = self.elem_count() / d.max(1);
         let (mut y, mut rstd) = (vec![0.0f32; self.elem_count()], vec![0.0f32; rows]);
-        rmsnorm::rmsnorm_forward(&self.f32_data(), &weight.f32_data(), d, eps, &mut y, &mut rstd);
+        rmsnorm::rmsnorm_forward(&self.f32_data()?, &weight.f32_data()?, d, eps, &mut y, &mut rstd);
         let back = backward_fn("rms_norm", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
             let (x, w) = (&inputs[0], &inputs[1]);
             let mut dx = needs[0].then(|| vec![0.0f32; x.elem_count()]);
             let mut dw = needs[1].then(|| vec![0.0f32; d]);
             rmsnorm::rmsnorm_backward(
-                &x.f32_data(),
-                &w.f32_data(),
+                &x.f32_data()?,
+                &w.f32_data()?,
                 &rstd,
-                &g.f32_data(),
+                &g.f32_data()?,
                 d,
                 dx.as_deref_mut(),
                 dw.as_deref_mut(),
@@ -141,14 +141,14 @@ impl Tensor {
         }
         let (mut loss, mut lse) = (vec![0.0f32; rows], vec![0.0f32; rows]);
         let count =
-            cross_entropy::cross_entropy_forward(&self.f32_data(), vocab, &t, ignore_index, &mut loss, &mut lse);
+            cross_entropy::cross_entropy_forward(&self.f32_data()?, vocab, &t, ignore_index, &mut loss, &mut lse);
         let scale = if count == 0 { 0.0 } else { 1.0 / count as f64 };
         let mean = (loss.iter().map(|&l| l as f64).sum::<f64>() * scale) as f32;
         let back = backward_fn("cross_entropy", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
             let x = &inputs[0];
             let dl = vec![(g.to_scalar()? as f64 * scale) as f32; rows];
             let mut dx = vec![0.0f32; x.elem_count()];
-            cross_entropy::cross_entropy_backward(&x.f32_data(), vocab, &t, ignore_index, &lse, &dl, &mut dx);
+            cross_entropy::cross_entropy_backward(&x.f32_data()?, vocab, &t, ignore_index, &lse, &dl, &mut dx);
             Ok(vec![Some(grad_tensor(dx, x))])
         });
         Ok(Tensor::from_op(vec![mean], &[], self.dtype(), &[self], back))
@@ -181,10 +181,10 @@ impl Tensor {
             }
             y
         };
-        let y = apply(&self.f32_data(), false);
+        let y = apply(&self.f32_data()?, false);
         let back = backward_fn("rope", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
             // A rotation's transpose is the rotation by the opposite angle.
-            Ok(vec![Some(grad_tensor(apply(&g.f32_data(), true), &inputs[0]))])
+            Ok(vec![Some(grad_tensor(apply(&g.f32_data()?, true), &inputs[0]))])
         });
         Ok(Tensor::from_op(y, self.dims(), self.dtype(), &[self], back))
     }
@@ -241,15 +241,15 @@ impl Tensor {
             let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
             let (mut dq, mut dk, mut dv) =
                 (vec![0.0f32; q.elem_count()], vec![0.0f32; k.elem_count()], vec![0.0f32; v.elem_count()]);
-            let (qv, kv, vv) = (q.f32_data(), k.f32_data(), v.f32_data());
+            let (qv, kv, vv) = (q.f32_data()?, k.f32_data()?, v.f32_data()?);
             attention::attention_backward(
                 &shape,
                 &qv,
                 &kv,
                 &vv,
-                &out.f32_data(),
+                &out.f32_data()?,
                 &lse,
-                &g.f32_data(),
+                &g.f32_data()?,
                 &mut dq,
                 &mut dk,
                 &mut dv,
@@ -277,15 +277,15 @@ impl Tensor {
             return crate::cuda::nn::swiglu(gate, up);
         }
         let mut out = vec![0.0f32; gate.elem_count()];
-        swiglu::swiglu_forward(&gate.f32_data(), &up.f32_data(), &mut out);
+        swiglu::swiglu_forward(&gate.f32_data()?, &up.f32_data()?, &mut out);
         let back = backward_fn("swiglu", |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
             let (gate, up) = (&inputs[0], &inputs[1]);
             let mut dg = needs[0].then(|| vec![0.0f32; gate.elem_count()]);
             let mut du = needs[1].then(|| vec![0.0f32; up.elem_count()]);
             swiglu::swiglu_backward(
-                &gate.f32_data(),
-                &up.f32_data(),
-                &g.f32_data(),
+                &gate.f32_data()?,
+                &up.f32_data()?,
+                &g.f32_data()?,
                 dg.as_deref_mut(),
                 du.as_deref_mut(),
             );
@@ -311,7 +311,7 @@ impl Tensor {
             // The same draws as on the CPU, so a seed drops the same elements on every device.
             return self.mul(&Tensor::from_vec(mask, self.dims(), &self.device())?.to_dtype(self.dtype())?);
         }
-        let out = super::par_map2(&self.f32_data(), &mask, |x, m| x * m);
+        let out = super::par_map2(&self.f32_data()?, &mask, |x, m| x * m);
         let mask = Tensor::from_vec(mask, self.dims(), &self.device())?.to_dtype(self.dtype())?;
         let back = backward_fn("dropout", move |_: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
             Ok(vec![Some(g.mul(&mask)?)])

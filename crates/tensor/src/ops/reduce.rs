@@ -43,7 +43,7 @@ impl Tensor {
         if self.device().is_cuda() {
             return crate::cuda::sum_mid(self, (outer, n, inner), &keepdim_shape(self.dims(), dim));
         }
-        let out = reduce_mid(&self.f32_data(), outer, n, inner, |it| it.map(f64::from).sum::<f64>() as f32);
+        let out = reduce_mid(&self.f32_data()?, outer, n, inner, |it| it.map(f64::from).sum::<f64>() as f32);
         let back = backward_fn("sum", |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
             Ok(vec![Some(g.broadcast_as(inputs[0].dims())?)])
         });
@@ -115,7 +115,7 @@ impl Tensor {
         if self.device().is_cuda() {
             return crate::cuda::argmax(self, (outer, n, inner), &shape);
         }
-        let x = self.f32_data();
+        let x = self.f32_data()?;
         let mut out = vec![0i64; outer * inner];
         if inner > 0 {
             out.par_chunks_mut(inner).enumerate().for_each(|(o, row)| {
@@ -156,7 +156,7 @@ impl Tensor {
         if self.device().is_cuda() {
             return crate::cuda::logsumexp(self, (outer, n, inner), &keepdim_shape(self.dims(), dim), back);
         }
-        let x = self.f32_data();
+        let x = self.f32_data()?;
         let out = reduce_mid(&x, outer, n, inner, |it| {
             let v: Vec<f32> = it.collect();
             let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -75,7 +75,7 @@ impl Tensor {
         }
         let (outer, full, inner) = split_at_dim(shape, dim);
         let len = self.dims()[dim];
-        let src = self.f32_data();
+        let src = self.f32_data()?;
         let mut out = vec![0.0f32; outer * full * inner];
         for o in 0..outer {
             let dst = (o * full + start) * inner;
@@ -159,7 +159,7 @@ impl Tensor {
                 _ => Tensor::from_vec(v, self.dims(), &Device::Cpu),
             };
         }
-        let values = self.f32_data().to_vec();
+        let values = self.f32_data()?.to_vec();
         if self.dtype().is_float() && dtype.is_float() {
             let back = backward_fn("to_dtype", |inputs: &[Tensor], _: &Tensor, g: &Tensor, _: &[bool]| {
                 Ok(vec![Some(g.to_dtype(inputs[0].dtype())?)])
@@ -217,7 +217,7 @@ impl Tensor {
         let mut starts = Vec::with_capacity(tensors.len());
         for t in tensors {
             let len = t.dims()[dim];
-            let src = t.f32_data();
+            let src = t.f32_data()?;
             for o in 0..outer {
                 let dst = (o * total + at) * inner;
                 out[dst..dst + len * inner].copy_from_slice(&src[o * len * inner..(o + 1) * len * inner]);
