@@ -166,11 +166,29 @@ impl Default for TrainConfig {
     }
 }
 
+/// The most token positions one batch may hold: the CUDA kernels count rows in 32-bit ints.
+pub const MAX_BATCH_TOKENS: usize = i32::MAX as usize;
+
+/// `rows` rows of `row_len` tokens as one batch: an error, saying why, past
+/// [`MAX_BATCH_TOKENS`] (such a setting would fail in its first allocation, taking the process
+/// with it, instead of at its check).
+pub fn check_batch_tokens(rows: usize, row_len: usize) -> std::result::Result<(), String> {
+    match rows.checked_mul(row_len) {
+        Some(n) if n <= MAX_BATCH_TOKENS => Ok(()),
+        _ => Err(format!(
+            "{rows} rows of {row_len} tokens is more than the {MAX_BATCH_TOKENS} positions a batch may hold"
+        )),
+    }
+}
+
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |k: &str, why: &str| Err(Error::Train(format!("train config `{k}`: {why}")));
         if self.micro_batch == 0 {
             return bad("micro_batch", "must be at least 1");
+        }
+        if let Err(why) = check_batch_tokens(self.micro_batch, self.seq_len) {
+            return bad("micro_batch", &why);
         }
         if self.grad_accum == 0 {
             return bad("grad_accum", "must be at least 1");

@@ -300,6 +300,12 @@ fn the_learning_rate_and_the_mtp_weight_follow_their_schedules() {
     let bad = TrainConfig { mtp_weight_from: Some((3, f64::NAN)), ..config(4) };
     let err = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 1).unwrap(), bad, data(1)).unwrap_err();
     assert!(err.to_string().contains("mtp_weight_from"), "{err}");
+    // A micro-batch past what a batch may hold is refused at the check, not in its allocation.
+    for micro_batch in [usize::MAX / 2, (1 << 31) / 16] {
+        let err = TrainConfig { micro_batch, ..config(4) }.validate().unwrap_err().to_string();
+        assert!(err.contains("`micro_batch`") && err.contains("rows of 16 tokens"), "{err}");
+    }
+    assert!(TrainConfig { micro_batch: (1 << 31) / 16 - 1, ..config(4) }.validate().is_ok());
 }
 
 /// Rows of `real` tokens of a walk, then padding (id 0, targets ignored), as the pretraining

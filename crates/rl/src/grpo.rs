@@ -27,6 +27,7 @@ use whale_parallel::model::tensor::optim::{AdamW, AdamWConfig, LrSchedule, Warmu
 use whale_parallel::model::tensor::{no_grad, Device, ParamStore, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::{load_pretrained, moved_to, CausalLm};
+use whale_parallel::trainer::check_batch_tokens;
 use whale_parallel::trainer::truncate_metrics;
 
 use crate::rewards::{RewardSet, Sample, Scores};
@@ -180,6 +181,14 @@ impl GrpoConfig {
         }
         if self.max_new_tokens == 0 {
             return bad("max_new_tokens", "must be at least 1");
+        }
+        // A step's completions, one row per sample.
+        let rows = self.prompts_per_step.saturating_mul(self.group_size);
+        if let Err(why) = check_batch_tokens(rows, self.max_new_tokens) {
+            return bad(
+                "prompts_per_step",
+                &format!("{} x group_size {}: {why}", self.prompts_per_step, self.group_size),
+            );
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad("lr", "must be positive");

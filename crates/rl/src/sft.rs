@@ -12,6 +12,7 @@ use whale_parallel::model::tensor::optim::{AdamW, AdamWConfig, LrSchedule, Warmu
 use whale_parallel::model::tensor::{Device, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::{CausalLm, IGNORE_INDEX};
+use whale_parallel::trainer::check_batch_tokens;
 
 use crate::eval::{completion_text, well_formatted};
 use crate::rewards::{LanguageConsistency, Sample};
@@ -78,6 +79,9 @@ impl SftConfig {
         }
         if self.seq_len < 2 {
             return bad("seq_len", "must be at least 2");
+        }
+        if let Err(why) = check_batch_tokens(self.batch, self.seq_len) {
+            return bad("batch", &why);
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad("lr", "must be positive");
@@ -205,7 +209,7 @@ pub fn sft(
     let schedule = WarmupCosine { peak: cfg.lr, min: cfg.min_lr, warmup: cfg.warmup, total: cfg.steps };
     let mut rng = Rng::new(cfg.seed ^ 0x5F7);
     let mut order: Vec<usize> = Vec::new();
-    let mut logs = Vec::with_capacity(cfg.steps as usize);
+    let mut logs = Vec::new();
     for step in 0..cfg.steps {
         let t0 = Instant::now();
         let mut batch = Vec::with_capacity(cfg.batch);

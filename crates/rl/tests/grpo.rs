@@ -477,6 +477,10 @@ fn config_errors_name_the_key() {
         (GrpoConfig { process_supervision: true, ..d() }, "`rewards`"),
         (GrpoConfig { epsilon: -0.1, ..d() }, "`epsilon`"),
         (GrpoConfig { epsilon: f32::NAN, ..d() }, "`epsilon`"),
+        // A step's completions past what a batch holds (or past usize) fail at the check, not
+        // in their first allocation.
+        (GrpoConfig { prompts_per_step: 1 << 40, group_size: 1 << 30, ..d() }, "`prompts_per_step`"),
+        (GrpoConfig { prompts_per_step: 1 << 20, group_size: 64, max_new_tokens: 1 << 10, ..d() }, "positions"),
     ] {
         assert!(cfg.validate().unwrap_err().to_string().contains(key), "{key}");
     }

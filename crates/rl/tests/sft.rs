@@ -74,6 +74,7 @@ fn sft_fits_a_small_dataset_for_both_model_families() {
         (SftConfig { lr: -1e-3, ..fits }, "`lr`"),
         (SftConfig { min_lr: 1.0, ..fits }, "`min_lr`"),
         (SftConfig { grad_clip: 0.0, ..fits }, "`grad_clip`"),
+        (SftConfig { batch: usize::MAX / 4, ..fits }, "`batch`"),
     ] {
         let err = sft(&m, &tok, &long, &bad, |_| {}).unwrap_err().to_string();
         assert!(err.contains(key), "{err}");

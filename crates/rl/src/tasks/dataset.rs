@@ -166,21 +166,30 @@ impl TaskSet {
     }
 
     /// `n` distinct problems of `split` from `seed` (no two posing the same problem, see
-    /// [`problem_key`]; fewer where the split has fewer).
+    /// [`problem_key`]; fewer where the split has fewer: the draw stops after `100 n + 1000`
+    /// samples, or after [`TaskSet::GIVE_UP`] in a row that were all seen, so an `n` beyond the
+    /// split's size ends once the split is spent).
     pub fn problems(&self, n: usize, seed: u64, split: Split) -> Vec<Problem> {
         let mut rng = Rng::new(seed);
         let mut seen = HashSet::new();
-        let mut out = Vec::with_capacity(n);
-        let mut attempts = 0;
-        while out.len() < n && attempts < 100 * n + 1000 {
+        let mut out = Vec::new();
+        let (mut attempts, mut misses) = (0usize, 0usize);
+        let limit = n.saturating_mul(100).saturating_add(1000);
+        while out.len() < n && attempts < limit && misses < Self::GIVE_UP {
             attempts += 1;
             let p = self.sample(&mut rng, split);
             if seen.insert(problem_key(&p.prompt)) {
                 out.push(p);
+                misses = 0;
+            } else {
+                misses += 1;
             }
         }
         out
     }
+
+    /// Draws in a row that found no new problem after which [`TaskSet::problems`] stops.
+    pub const GIVE_UP: usize = 100_000;
 
     /// `n` held-out evaluation problems for a run seed (their own seed stream, distinct from the
     /// corpus's).
@@ -193,7 +202,7 @@ impl TaskSet {
     /// that never scores a problem of the final evaluation.
     pub fn held_out_besides(&self, n: usize, seed: u64, test: &[Problem]) -> Vec<Problem> {
         let test: HashSet<String> = test.iter().map(|p| problem_key(&p.prompt)).collect();
-        let drawn = self.held_out(n + test.len(), seed);
+        let drawn = self.held_out(n.saturating_add(test.len()), seed);
         drawn.into_iter().filter(|p| !test.contains(&problem_key(&p.prompt))).take(n).collect()
     }
 
@@ -515,6 +524,18 @@ mod tests {
             assert!(err.contains(spec) && err.contains(limit), "{err}");
         }
         assert!(TaskSet::parse("mul:8,add:18,countdown:13").is_ok());
+    }
+
+    #[test]
+    fn asking_for_more_problems_than_a_split_holds_gives_the_split() {
+        // One-digit sums in digits hold three held-out problems (see below): any larger ask
+        // draws the same three, in the same order, and ends.
+        let tasks = TaskSet::parse("add:1").unwrap();
+        let three = tasks.held_out(3, 7);
+        assert_eq!(three.len(), 3);
+        assert_eq!(tasks.held_out(1000, 7), three);
+        assert_eq!(tasks.held_out(usize::MAX, 7), three);
+        assert_eq!(tasks.held_out_besides(usize::MAX, 7, &three[..1]), three[1..]);
     }
 
     #[test]
