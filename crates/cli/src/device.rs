@@ -50,11 +50,11 @@ pub fn require_checkpoint(dir: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// The positions the checkpoint at `dir` holds (its config.json's `max_position_embeddings`),
-/// read without loading its weights; `usize::MAX` for a config that does not say.
-pub fn max_positions(dir: &Path) -> Result<usize> {
-    let config = crate::settings::read_json(&dir.join("config.json"))?;
-    Ok(config.get("max_position_embeddings").and_then(|v| v.as_u64()).map_or(usize::MAX, |n| n as usize))
+/// The positions the checkpoint at `dir` (`what` it is) holds, as its model will read them
+/// (its config's `max_position_embeddings` or its family's default), without loading its weights.
+pub fn max_positions(dir: &Path, what: &str) -> Result<usize> {
+    whale_rl::parallel::model::lm::checkpoint_max_positions(dir)
+        .with_context(|| format!("reading {what} at {}", dir.display()))
 }
 
 /// Refuses a tokenizer with ids `model` (from `dir`, `what` it is) has no embedding for.

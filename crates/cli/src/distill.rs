@@ -225,7 +225,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     // The student's pretraining documents (none with --student), drawn before the corpus lends
     // its tasks to the rest of the run.
     let pretraining_docs: Vec<Example> = if args.student.is_none() {
-        let n = (s.student_pretrain.steps as usize * s.student_pretrain.batch).min(20_000);
+        let n = (s.student_pretrain.steps as usize).saturating_mul(s.student_pretrain.batch).min(20_000);
         (0..n)
             .map(|_| {
                 let (prompt, completion) = corpus.next_pair();

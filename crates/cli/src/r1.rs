@@ -675,7 +675,11 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     // A --data file's prompts read in the tokenizer and fit the model, checked before stage 1
     // trains (the held-out ones are first scored after it, the pool's when a step draws them).
     if let (Some(path), Some(pool)) = (&args.data, &pool) {
-        let positions = crate::device::max_positions(&args.from)?;
+        // Every model a stage samples from: --from, and --base where stage 3 fine-tunes it.
+        let mut positions = crate::device::max_positions(&args.from, "--from")?;
+        if let Some(base) = &args.base {
+            positions = positions.min(crate::device::max_positions(base, "--base")?);
+        }
         for problems in [pool, &heldout] {
             crate::settings::check_data_prompts(&*tok, positions, problems, path)?;
         }

@@ -304,6 +304,12 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     if let (Some(pool), Some(path)) = (&pool, &s.data) {
         crate::settings::check_data_prompts(&*tok, base.max_positions(), pool, path)?;
     }
+    // The held-out set too, before anything is written.
+    let tasks = TaskSet::parse(&s.grpo.tasks)?.with_letters(s.grpo.letters)?;
+    let problems = crate::settings::held_out_problems(s.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;
+    if let Some(path) = &s.data {
+        crate::settings::check_data_prompts(&*tok, base.max_positions(), &problems, path)?;
+    }
     // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
     // (its logs, all of steps not checkpointed, go).
     let saved = find_checkpoint(&ckpt, RL_STATE_FILE)?;
@@ -358,11 +364,6 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     write_json_atomically(&settings_path, &serde_json::to_value(&s)?)?;
 
     crate::settings::note_letters_mismatch(&args.base, s.grpo.letters);
-    let tasks = TaskSet::parse(&s.grpo.tasks)?.with_letters(s.grpo.letters)?;
-    let problems = crate::settings::held_out_problems(s.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;
-    if let Some(path) = &s.data {
-        crate::settings::check_data_prompts(&*tok, base.max_positions(), &problems, path)?;
-    }
     let eval_cfg = EvalConfig::covering(s.k, s.grpo.max_new_tokens);
     let t0 = Instant::now();
     let before = evaluate(&*base, &tok, &problems, &eval_cfg)?;

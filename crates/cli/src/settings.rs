@@ -248,6 +248,10 @@ pub fn check_evaluation(eval_problems: usize, k: usize, key_problems: &str, key_
     if k == 0 {
         bail!("{key_k} 0: pass@k and cons@k need at least one sample per problem");
     }
+    // Each problem's samples are rows of one generation.
+    if let Err(why) = whale_rl::parallel::trainer::check_batch_tokens(k, 1) {
+        bail!("{key_k} {k}: {why}");
+    }
     Ok(())
 }
 
@@ -448,6 +452,15 @@ mod tests {
             std::fs::write(&file, bad).unwrap();
             let err = check_run_inputs(&file, &inputs, &["from"], true).unwrap_err().to_string();
             assert!(err.contains("run.json") && err.contains("not a JSON object"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_evaluation_is_checked_for_problems_and_samples() {
+        assert!(check_evaluation(4, 2, "--eval-problems", "--k").is_ok());
+        for (n, k, words) in [(0, 2, "--eval-problems 0"), (4, 0, "--k 0"), (4, usize::MAX / 2, "positions")] {
+            let err = check_evaluation(n, k, "--eval-problems", "--k").unwrap_err().to_string();
+            assert!(err.contains(words), "{err}");
         }
     }
 }

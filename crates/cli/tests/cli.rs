@@ -422,6 +422,7 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     let out = r1_zero_one_step(&ckpt, &dir.join("long"), &["--data", long.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("no room for a completion"), "{stderr}");
+    assert!(!dir.join("long").exists(), "refused before anything is written");
     // A config file's `data` is the pool when no --data overrides it.
     let (cfg, from_file) = (dir.join("data.toml"), dir.join("from-file"));
     std::fs::write(&cfg, format!("data = {data:?}\n")).unwrap();

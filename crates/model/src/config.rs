@@ -168,7 +168,14 @@ impl DeepSeekV3Config {
     pub fn from_json_str(text: &str) -> Result<Self> {
         let mut v: Value = serde_json::from_str(text).map_err(|e| Error::config("<json>", e.to_string()))?;
         if let Some(obj) = v.as_object_mut() {
-            if let Some(mut rp) = obj.remove("rope_parameters") {
+            if let Some(mut rp) = obj.remove("rope_parameters").filter(|rp| !rp.is_null()) {
+                // Anything but an object, or a type that is no name, would read as no scaling.
+                if !rp.is_object() {
+                    return Err(Error::config("rope_parameters", "must be an object (or null)"));
+                }
+                if rp.get("rope_type").or_else(|| rp.get("type")).is_some_and(|t| !(t.is_string() || t.is_null())) {
+                    return Err(Error::config("rope_parameters.rope_type", "must be a string"));
+                }
                 // Its rope_theta wins over a top-level one (HF 5's convert_rope_params_to_dict),
                 // unless a rope_scaling is given: HF reads `rope_scaling or rope_parameters`.
                 let scaling_given = obj.get("rope_scaling").is_some_and(|r| !r.is_null());

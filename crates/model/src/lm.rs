@@ -7,10 +7,10 @@ use whale_tensor::{Device, ParamStore, Tensor};
 
 use crate::checkpoint::{SaveDType, TensorFiles};
 use crate::deepseek_v3::{DeepSeekV3, IGNORE_INDEX};
-use crate::dense::DenseModel;
+use crate::dense::{DenseConfig, DenseModel};
 use crate::generate::{CausalLm, KvCache};
 use crate::moe::RealTokens;
-use crate::{Error, Result};
+use crate::{DeepSeekV3Config, Error, Result};
 
 /// The methods both families answer from their fields and inherent methods.
 macro_rules! causal_lm_common {
@@ -118,6 +118,17 @@ pub fn load_pretrained(dir: &Path) -> Result<Box<dyn CausalLm>> {
         other => {
             Err(Error::file(dir.join("config.json"), format!("model_type `{other}` is not supported ({MODEL_TYPES})")))
         }
+    }
+}
+
+/// The positions the checkpoint at `dir` holds (the `max_position_embeddings` its config gives
+/// or its family's default), read from its config.json without loading its weights.
+pub fn checkpoint_max_positions(dir: &Path) -> Result<usize> {
+    let path = dir.join("config.json");
+    match model_type(dir)?.as_str() {
+        "deepseek_v3" | "deepseek_v2" => Ok(DeepSeekV3Config::from_file(&path)?.max_position_embeddings),
+        "qwen2" | "llama" => Ok(DenseConfig::from_file(&path)?.max_position_embeddings),
+        other => Err(Error::file(path, format!("model_type `{other}` is not supported ({MODEL_TYPES})"))),
     }
 }
 

@@ -49,6 +49,15 @@ fn reads_the_newer_rope_parameters_spelling() {
     // A null rope_scaling beside it defers to it, as HF's `rope_scaling or rope_parameters` does.
     let null_beside = newer.replacen('{', r#"{"rope_scaling": null, "#, 1);
     assert_eq!(DeepSeekV3Config::from_json_str(&null_beside).unwrap().rope_scaling.unwrap().factor, 40.0);
+    // Not an object, or a type that is no name: refused, naming the key, not read as no scaling.
+    let not_object = HUB_V3.replacen('{', r#"{"rope_parameters": "yarn", "#, 1);
+    let err = DeepSeekV3Config::from_json_str(&not_object).unwrap_err().to_string();
+    assert!(err.contains("rope_parameters") && err.contains("object"), "{err}");
+    let numbered = newer.replace(r#""rope_type": "yarn""#, r#""rope_type": 3"#);
+    let err = DeepSeekV3Config::from_json_str(&numbered).unwrap_err().to_string();
+    assert!(err.contains("rope_parameters.rope_type"), "{err}");
+    let null = HUB_V3.replacen('{', r#"{"rope_parameters": null, "#, 1);
+    assert_eq!(DeepSeekV3Config::from_json_str(&null).unwrap(), DeepSeekV3Config::from_json_str(HUB_V3).unwrap());
 }
 
 #[test]

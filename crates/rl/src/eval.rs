@@ -8,6 +8,7 @@ use whale_parallel::model::generate::{CacheMode, Generation, SamplingConfig};
 use whale_parallel::model::tensor::Rng;
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::CausalLm;
+use whale_parallel::trainer::check_batch_tokens;
 
 use crate::rewards::{LanguageConsistency, Sample};
 use crate::tasks::{answer_key, verify, AnswerKey, Problem};
@@ -133,6 +134,14 @@ pub fn evaluate(
     if problems.is_empty() || cfg.samples == 0 {
         return Err(Error::Rl(format!(
             "evaluation of {} problems with {} samples each: there is nothing to score",
+            problems.len(),
+            cfg.samples
+        )));
+    }
+    // Every problem's samples are one generation's rows.
+    if let Err(why) = check_batch_tokens(problems.len().saturating_mul(cfg.samples), cfg.max_new_tokens) {
+        return Err(Error::Rl(format!(
+            "evaluation of {} problems with {} samples each: {why}",
             problems.len(),
             cfg.samples
         )));
@@ -264,5 +273,25 @@ mod tests {
         assert!(!well_formatted("<think>a</think><answer>2</answer>junk"));
         assert!(!well_formatted("<think>a<think>b</think><answer>2</answer>"));
         assert!(!well_formatted("<think>a</think><answer>2"));
+    }
+
+    #[test]
+    fn an_evaluation_that_would_score_nothing_or_cannot_be_held_is_refused() {
+        use whale_parallel::model::tokenizer::CharTokenizer;
+        use whale_parallel::model::{DeepSeekV3, DeepSeekV3Config};
+        let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 1).unwrap();
+        let tok = CharTokenizer::new();
+        let problems = crate::tasks::TaskSet::parse("add:1").unwrap().held_out(2, 0);
+        let cfg = EvalConfig::covering(2, 4);
+        for (problems, cfg, words) in [
+            (&problems[..0], cfg.clone(), "0 problems with 2 samples each: there is nothing to score"),
+            (&problems[..], EvalConfig { samples: 0, ..cfg.clone() }, "2 problems with 0 samples each"),
+            (&problems[..], EvalConfig { samples: usize::MAX / 2, ..cfg.clone() }, "positions a batch may hold"),
+        ] {
+            let err = evaluate(&model, &tok, problems, &cfg).unwrap_err().to_string();
+            assert!(err.contains(words), "{err}");
+        }
+        let report = evaluate(&model, &tok, &problems, &cfg).unwrap();
+        assert!((0.0..=1.0).contains(&report.pass1));
     }
 }
