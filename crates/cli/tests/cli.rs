@@ -423,6 +423,22 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("no room for a completion"), "{stderr}");
     assert!(!dir.join("long").exists(), "refused before anything is written");
+    // And one of the held-out prompts alone (the pool fits): the evaluation's set is checked
+    // before anything is written too.
+    use whale_rl::tasks::Split;
+    let lines: String = (0..80)
+        .map(|i| {
+            let long = format!("{}{i}+2=", "0".repeat(300));
+            let prompt = if Split::of_line(&long) == Split::HeldOut { long } else { format!("{i}+2=") };
+            format!("{{\"prompt\": \"{prompt}\", \"answer\": \"{}\"}}\n", i + 2)
+        })
+        .collect();
+    assert!(lines.contains(&"0".repeat(300)), "some long prompt is held out");
+    std::fs::write(&long, lines).unwrap();
+    let out = r1_zero_one_step(&ckpt, &dir.join("long-held-out"), &["--data", long.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no room for a completion"), "{stderr}");
+    assert!(!dir.join("long-held-out").exists(), "refused before anything is written");
     // A config file's `data` is the pool when no --data overrides it.
     let (cfg, from_file) = (dir.join("data.toml"), dir.join("from-file"));
     std::fs::write(&cfg, format!("data = {data:?}\n")).unwrap();
