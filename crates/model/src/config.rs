@@ -173,9 +173,11 @@ impl DeepSeekV3Config {
                 if !rp.is_object() {
                     return Err(Error::config("rope_parameters", "must be an object (or null)"));
                 }
-                if rp.get("rope_type").or_else(|| rp.get("type")).is_some_and(|t| !(t.is_string() || t.is_null())) {
-                    return Err(Error::config("rope_parameters.rope_type", "must be a string"));
-                }
+                let kind = match rp.get("rope_type").or_else(|| rp.get("type")) {
+                    None | Some(Value::Null) => "default".to_string(),
+                    Some(Value::String(t)) => t.clone(),
+                    Some(_) => return Err(Error::config("rope_parameters.rope_type", "must be a string")),
+                };
                 // Its rope_theta wins over a top-level one (HF 5's convert_rope_params_to_dict),
                 // unless a rope_scaling is given: HF reads `rope_scaling or rope_parameters`.
                 let scaling_given = obj.get("rope_scaling").is_some_and(|r| !r.is_null());
@@ -184,7 +186,6 @@ impl DeepSeekV3Config {
                         obj.insert("rope_theta".into(), theta);
                     }
                 }
-                let kind = rp.get("rope_type").or_else(|| rp.get("type")).and_then(Value::as_str).unwrap_or("default");
                 // HF reads `rope_scaling or rope_parameters`: a null rope_scaling defers to it.
                 if kind != "default" && obj.get("rope_scaling").is_none_or(Value::is_null) {
                     obj.insert("rope_scaling".into(), rp);

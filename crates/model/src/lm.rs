@@ -110,26 +110,41 @@ pub fn model_type(dir: &Path) -> Result<String> {
 /// The `model_type`s [`load_pretrained`] loads.
 pub const MODEL_TYPES: &str = "deepseek_v3, deepseek_v2, qwen2, llama";
 
-/// A DeepSeek-V3 (or V2), Qwen2 or Llama checkpoint directory, by its config's `model_type`.
-pub fn load_pretrained(dir: &Path) -> Result<Box<dyn CausalLm>> {
+/// The two families a checkpoint's `model_type` names.
+enum Family {
+    /// DeepSeek-V3 or V2 (MLA, MoE).
+    DeepSeek,
+    /// Qwen2 or Llama.
+    Dense,
+}
+
+/// The family of the checkpoint at `dir`, by its config's `model_type`.
+fn family(dir: &Path) -> Result<Family> {
     match model_type(dir)?.as_str() {
-        "deepseek_v3" | "deepseek_v2" => Ok(Box::new(DeepSeekV3::from_pretrained(dir)?)),
-        "qwen2" | "llama" => Ok(Box::new(DenseModel::from_pretrained(dir)?)),
+        "deepseek_v3" | "deepseek_v2" => Ok(Family::DeepSeek),
+        "qwen2" | "llama" => Ok(Family::Dense),
         other => {
             Err(Error::file(dir.join("config.json"), format!("model_type `{other}` is not supported ({MODEL_TYPES})")))
         }
     }
 }
 
+/// A DeepSeek-V3 (or V2), Qwen2 or Llama checkpoint directory, by its config's `model_type`.
+pub fn load_pretrained(dir: &Path) -> Result<Box<dyn CausalLm>> {
+    Ok(match family(dir)? {
+        Family::DeepSeek => Box::new(DeepSeekV3::from_pretrained(dir)?),
+        Family::Dense => Box::new(DenseModel::from_pretrained(dir)?),
+    })
+}
+
 /// The positions the checkpoint at `dir` holds (the `max_position_embeddings` its config gives
 /// or its family's default), read from its config.json without loading its weights.
 pub fn checkpoint_max_positions(dir: &Path) -> Result<usize> {
     let path = dir.join("config.json");
-    match model_type(dir)?.as_str() {
-        "deepseek_v3" | "deepseek_v2" => Ok(DeepSeekV3Config::from_file(&path)?.max_position_embeddings),
-        "qwen2" | "llama" => Ok(DenseConfig::from_file(&path)?.max_position_embeddings),
-        other => Err(Error::file(path, format!("model_type `{other}` is not supported ({MODEL_TYPES})"))),
-    }
+    Ok(match family(dir)? {
+        Family::DeepSeek => DeepSeekV3Config::from_file(&path)?.max_position_embeddings,
+        Family::Dense => DenseConfig::from_file(&path)?.max_position_embeddings,
+    })
 }
 
 /// `model` on `device`: itself when it is there already, else a copy moved there.
