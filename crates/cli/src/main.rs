@@ -188,7 +188,10 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    match cli.command {
+    keep_freed_memory();
+    // The job computes on a rayon pool of its own, as each rank of a mesh does (see
+    // whale_parallel::threads: a parallel loop started outside a pool costs two wake-ups).
+    whale_rl::parallel::threads::in_own_pool(0, "whale", || match cli.command {
         None => main_job(pretrain::PretrainArgs::default()),
         Some(Job::All(args)) => main_job(args),
         Some(Job::Pretrain(args)) => pretrain::run(args).map(|_| ()),
@@ -201,5 +204,22 @@ fn main() -> Result<()> {
         Some(Job::Info(args)) => infer::info(args),
         Some(Job::Quantize(args)) => infer::quantize(args),
         Some(Job::Schedule(args)) => schedule::run(args),
+    })?
+}
+
+/// glibc's malloc gives a freed block of over 128 KiB back to the kernel (and trims its heaps),
+/// so the next training step faults the same pages in again, zero-filled: a step of a small model
+/// frees thousands of activation-sized buffers. The job keeps what it frees for its next
+/// allocations instead: 100 steps and an evaluation of `tiny` on two cores took 11.4 s instead of
+/// 13.3 s, for 60 MB more resident memory at the peak.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    // SAFETY: mallopt only sets the allocator's thresholds; nothing else runs yet.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}

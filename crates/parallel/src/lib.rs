@@ -14,6 +14,7 @@ pub mod launch;
 pub mod parallel_trainer;
 pub mod pipeline;
 pub mod schedule;
+pub mod threads;
 pub mod trainer;
 
 pub use whale_model as model;

@@ -35,8 +35,9 @@ use whale_model::moe::RealTokens;
 use whale_model::tensor::{DType, Device, Tensor, WeightGradWork};
 use whale_model::{DeepSeekV3, IGNORE_INDEX};
 
-use crate::comm::{Comm, ReduceOp, RANK_STACK};
+use crate::comm::{Comm, ReduceOp};
 use crate::schedule::{Op, Schedule, Work};
+use crate::threads::COMPUTE_STACK;
 use crate::trainer::Accumulated;
 use crate::{Error, Result};
 
@@ -214,7 +215,7 @@ impl Pipeline<'_> {
                         std::thread::scope(|s| {
                             let fwd = std::thread::Builder::new()
                                 .name(format!("rank {rank} forward"))
-                                .stack_size(RANK_STACK)
+                                .stack_size(COMPUTE_STACK)
                                 .spawn_scoped(s, || {
                                     runner.comm.join_thread();
                                     runner.forward(f)

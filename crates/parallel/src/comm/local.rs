@@ -34,11 +34,8 @@ use super::{
     combine, f32_bits_to_u64, single, u64_to_f32_bits, Collective, Comm, CommError, CommStats, LinkModel, ReduceOp,
     Traffic,
 };
+use crate::threads::in_own_pool;
 use crate::Result;
-
-/// Stack of each rank thread in [`LocalComm::run`] (a model's forward and backward run there),
-/// and of the thread a pipeline rank runs an overlapped forward on.
-pub(crate) const RANK_STACK: usize = 16 << 20;
 
 /// How long every rank must stay blocked, with nothing changing, before it is a deadlock.
 const DEADLOCK_GRACE: Duration = Duration::from_secs(2);
@@ -302,16 +299,23 @@ impl LocalComm {
     }
 
     /// [`LocalComm::run`] on a modelled link.
+    ///
+    /// Each rank computes on a rayon pool of its own ([`in_own_pool`]), of an equal share of the
+    /// caller's threads (at least one), as if it were a process of its own.
     pub fn run_with<R: Send>(size: usize, link: Option<LinkModel>, f: impl Fn(&LocalComm) -> R + Sync) -> Vec<R> {
         let f = &f;
+        let threads = (rayon::current_num_threads() / size.max(1)).max(1);
         std::thread::scope(|s| {
             let threads: Vec<_> = Self::world(size, link)
                 .into_iter()
                 .map(|comm| {
+                    let name = format!("rank {}", comm.rank);
                     std::thread::Builder::new()
-                        .name(format!("rank {}", comm.rank))
-                        .stack_size(RANK_STACK)
-                        .spawn_scoped(s, move || f(&comm))
+                        .name(name.clone())
+                        .spawn_scoped(s, move || match in_own_pool(threads, &name, || f(&comm)) {
+                            Ok(r) => r,
+                            Err(e) => panic!("{e}"),
+                        })
                         .expect("spawning a rank thread")
                 })
                 .collect();

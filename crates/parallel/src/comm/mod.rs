@@ -50,7 +50,6 @@ mod tcp;
 use std::time::Duration;
 
 pub use local::LocalComm;
-pub(crate) use local::RANK_STACK;
 #[cfg(feature = "cuda")]
 pub use nccl::NcclComm;
 pub use tcp::TcpComm;
