@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::Value;
+use whale_rl::parallel::trainer::read_jsonl;
 
 #[derive(Args, Debug)]
 pub struct PlotArgs {
@@ -157,26 +158,13 @@ fn heatmap(title: &str, loads: &[Vec<f64>]) -> String {
 }
 
 fn read_metrics(run: &Path) -> Result<Vec<Value>> {
-    let path = run.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    parse_jsonl(&path, &text)
+    rows(&run.join("metrics.jsonl"))
 }
 
-/// The rows of JSON-lines `text` (read from `path`, which errors name with the line number). A
-/// last line without its newline that does not parse is a write a killed run left half done (a
-/// resume cuts it as well): it is left out.
-fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Value>> {
-    let torn = !text.is_empty() && !text.ends_with('\n');
-    let lines: Vec<&str> = text.lines().collect();
-    let mut rows = Vec::with_capacity(lines.len());
-    for (i, l) in lines.iter().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        match serde_json::from_str(l) {
-            Ok(row) => rows.push(row),
-            Err(_) if torn && i + 1 == lines.len() => {}
-            Err(e) => return Err(e).with_context(|| format!("{}:{}", path.display(), i + 1)),
-        }
-    }
-    Ok(rows)
+/// The values of a JSON-lines file's lines (whale-parallel's `read_jsonl`: a torn last line is
+/// left out, another bad line named).
+fn rows(path: &Path) -> Result<Vec<Value>> {
+    Ok(read_jsonl(path)?.into_iter().map(|l| l.value).collect())
 }
 
 fn field(rows: &[Value], key: &str) -> Vec<(f64, f64)> {
@@ -260,12 +248,12 @@ pub fn run(a: PlotArgs) -> Result<()> {
 }
 
 /// Rows of a JSON-lines file, or none when it does not exist.
-fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
-    if !path.exists() {
-        return Ok(Vec::new());
+fn rows_if_any(path: &Path) -> Result<Vec<Value>> {
+    if path.exists() {
+        rows(path)
+    } else {
+        Ok(Vec::new())
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    parse_jsonl(path, &text)
 }
 
 /// Reward, mean completion length and validation pass@1 over steps for RL runs (`(name, run
@@ -275,10 +263,10 @@ pub fn rl_charts(dir: &Path, runs: &[(String, PathBuf)]) -> Result<()> {
     let mut length = Vec::new();
     let mut pass1 = Vec::new();
     for (name, run) in runs {
-        let rows = read_jsonl(&run.join("metrics.jsonl"))?;
+        let rows = rows_if_any(&run.join("metrics.jsonl"))?;
         reward.push(Series { name: name.clone(), points: field(&rows, "reward") });
         length.push(Series { name: name.clone(), points: field(&rows, "completions/mean_length") });
-        let history = read_jsonl(&run.join("eval_history.jsonl"))?;
+        let history = rows_if_any(&run.join("eval_history.jsonl"))?;
         pass1.push(Series { name: name.clone(), points: field(&history, "pass@1") });
     }
     write(&dir.join("rl_reward.svg"), line_chart("Reward per step", "mean reward", &reward, false))?;
@@ -300,13 +288,13 @@ mod tests {
         let dir = whale_rl::parallel::model::tensor::testing::TempDir::new("plot-lines");
         let path = dir.join("eval_history.jsonl");
         std::fs::write(&path, "{\"step\": 0}\n\n{oops\n").unwrap();
-        let err = format!("{:#}", read_jsonl(&path).unwrap_err());
-        assert!(err.contains("eval_history.jsonl:3"), "{err}");
+        let err = format!("{:#}", rows_if_any(&path).unwrap_err());
+        assert!(err.contains("eval_history.jsonl: line 3"), "{err}");
         // A last line cut mid-write (no newline) is a killed run's: left out. One inside is not.
         std::fs::write(&path, "{\"step\": 0}\n{\"step\": 1, \"pass").unwrap();
-        assert_eq!(read_jsonl(&path).unwrap(), vec![serde_json::json!({"step": 0})]);
+        assert_eq!(rows_if_any(&path).unwrap(), vec![serde_json::json!({"step": 0})]);
         std::fs::write(&path, "{\"step\": 0}\n{\"step\": 1, \"pass\n{\"step\": 2}").unwrap();
-        let err = format!("{:#}", read_jsonl(&path).unwrap_err());
-        assert!(err.contains("eval_history.jsonl:2"), "{err}");
+        let err = format!("{:#}", rows_if_any(&path).unwrap_err());
+        assert!(err.contains("eval_history.jsonl: line 2"), "{err}");
     }
 }

@@ -617,35 +617,49 @@ impl Trainer {
     }
 }
 
-/// Keeps only the metrics lines of steps before `step` (a missing file is no lines). The last
-/// line may be cut short (a crash while it was appended) and goes; any other line that is not a
-/// JSON object with a `step` is an error naming the file and line, not silently dropped.
+/// One line of a JSON-lines file: its number (from 1), text and value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JsonLine {
+    pub number: usize,
+    pub text: String,
+    pub value: Value,
+}
+
+/// The lines of the JSON-lines file at `path` (blank ones skipped). A last line without its
+/// newline that does not parse is a write a killed run left half done: it is left out (a resume
+/// cuts it too). Any other line that does not parse is an error naming the file and the line.
+pub fn read_jsonl(path: &Path) -> Result<Vec<JsonLine>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
+    // A write cut inside a character leaves bytes that are no UTF-8: they can only be in the torn line.
+    let text = String::from_utf8_lossy(&bytes);
+    let torn = !text.is_empty() && !text.ends_with('\n');
+    let count = text.lines().count();
+    let mut rows = Vec::with_capacity(count);
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        match serde_json::from_str(line) {
+            Ok(value) => rows.push(JsonLine { number: i + 1, text: line.to_string(), value }),
+            Err(_) if torn && i + 1 == count => {}
+            Err(e) => return Err(Error::file(path, format!("line {}: {e}", i + 1))),
+        }
+    }
+    Ok(rows)
+}
+
+/// Keeps only the metrics lines of steps before `step` (a missing file is no lines), read as
+/// [`read_jsonl`] reads them; a line that is not a JSON object with a `step` is an error naming
+/// the file and line, and the file is left as it was.
 pub fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::Train(format!("{}: {e}", path.display()))),
-    };
-    let lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+    if !path.exists() {
+        return Ok(());
+    }
     let mut keep = String::new();
-    for (i, line) in lines.iter().enumerate() {
-        let parsed = std::str::from_utf8(line)
-            .ok()
-            .and_then(|l| Some((l, serde_json::from_str::<Value>(l).ok()?["step"].as_u64()?)));
-        match parsed {
-            Some((l, s)) if s < step => {
-                keep.push_str(l);
-                keep.push('\n');
-            }
-            Some(_) => {}
-            None if i + 1 == lines.len() => {}
-            None => {
-                return Err(Error::Train(format!(
-                    "{}: line {} is not a metrics line with a `step`",
-                    path.display(),
-                    i + 1
-                )))
-            }
+    for line in read_jsonl(path)? {
+        let at = line.value["step"]
+            .as_u64()
+            .ok_or_else(|| Error::file(path, format!("line {} is not a metrics line with a `step`", line.number)))?;
+        if at < step {
+            keep.push_str(&line.text);
+            keep.push('\n');
         }
     }
     Ok(write_atomically(path, keep.as_bytes())?)

@@ -373,6 +373,20 @@ fn truncating_metrics_drops_a_torn_last_line_and_names_a_bad_one() {
     let err = truncate_metrics(&path, 2).unwrap_err().to_string();
     assert!(err.contains("metrics.jsonl") && err.contains("line 2"), "{err}");
     assert!(std::fs::read_to_string(&path).unwrap().contains("not json"), "left as it was");
+    // Torn is a last line without its newline, even cut inside a character; a bad last line that
+    // ends with one was written whole, and is an error.
+    let mut torn = b"{\"step\": 0}\n{\"step\": 1, \"name\": \"\xc3".to_vec();
+    std::fs::write(&path, &torn).unwrap();
+    truncate_metrics(&path, 5).unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"step\": 0}\n");
+    torn.truncate(torn.len() - 1);
+    torn.extend_from_slice(b"\n");
+    std::fs::write(&path, &torn).unwrap();
+    let err = truncate_metrics(&path, 5).unwrap_err().to_string();
+    assert!(err.contains("line 2"), "{err}");
+    std::fs::write(&path, "{\"step\": 0}\n{\"loss\": 1.5}\n").unwrap();
+    let err = truncate_metrics(&path, 5).unwrap_err().to_string();
+    assert!(err.contains("line 2 is not a metrics line with a `step`"), "{err}");
 }
 
 #[test]
