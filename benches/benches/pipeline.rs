@@ -66,7 +66,7 @@ fn pipeline(c: &mut Criterion) {
 /// Seconds of `iters` training steps on a dp 2 x ep 2 x pp 2 mesh running `schedule`, after one
 /// warm-up step: the slowest rank's time (schedules leave different ranks last in a step).
 fn mesh_steps(schedule: Method, link: LinkModel, iters: u64) -> Duration {
-    let mesh = Mesh { dp: 2, ep: 2, pp: 2, schedule };
+    let mesh = Mesh { dp: 2, ep: 2, pp: 2, schedule, ep_nodes: 1 };
     let times = LocalComm::run_with(mesh.world_size(), Some(link), |comm| {
         let config = TrainConfig { micro_batch: 2, seq_len: 32, grad_accum: 4, ..TrainConfig::default() };
         let walk = Box::new(TokenWalk { rng: Rng::new(1), vocab: 64, max_step: 3 });

@@ -79,6 +79,9 @@ pub struct PretrainSettings {
     pub dp: usize,
     /// Expert-parallel ranks (among the replicas).
     pub ep: usize,
+    /// Nodes an expert-parallel group spans: node-limited routing, the router's groups being the
+    /// nodes (n_group = ep_nodes); 1: one node.
+    pub ep_nodes: usize,
     /// Pipeline stages.
     pub pp: usize,
     /// Pipeline schedule: 1f1b, zb1p, dualpipe or dualpipev.
@@ -125,6 +128,7 @@ impl Default for PretrainSettings {
             k: 8,
             dp: 1,
             ep: 1,
+            ep_nodes: 1,
             pp: 1,
             schedule: "1f1b".into(),
             device: "cpu".into(),
@@ -221,6 +225,11 @@ pub struct PretrainArgs {
     /// replicas (must divide --dp and the number of routed experts).
     #[arg(long)]
     pub ep: Option<usize>,
+    /// Node-limited routing (DeepSeek-V3's): the --ep ranks are spread over this many nodes
+    /// (dividing --ep), which must be the preset's router groups (n_group: 2 for tiny), so a token
+    /// reaches at most topk_group nodes; 1 (the default): one node.
+    #[arg(long)]
+    pub ep_nodes: Option<usize>,
     /// Pipeline stages (at most the number of decoder layers); the world is dp x pp ranks
     /// (dp x pp/2 with dualpipev).
     #[arg(long)]
@@ -312,6 +321,7 @@ impl PretrainArgs {
             k,
             dp,
             ep,
+            ep_nodes,
             pp,
             schedule,
             device
@@ -377,10 +387,10 @@ fn parse_step_weight(text: &str) -> Result<(u64, f64)> {
 /// The parallel layout the settings ask for.
 pub fn mesh(s: &PretrainSettings) -> Result<Mesh> {
     let schedule: Method = s.schedule.parse()?;
-    if s.dp == 0 || s.ep == 0 || s.pp == 0 {
-        bail!("{}: dp, ep and pp must be at least 1", layout_flags(s));
+    if s.dp == 0 || s.ep == 0 || s.pp == 0 || s.ep_nodes == 0 {
+        bail!("{}: dp, ep, ep-nodes and pp must be at least 1", layout_flags(s));
     }
-    Ok(Mesh { dp: s.dp, ep: s.ep, pp: s.pp, schedule })
+    Ok(Mesh { dp: s.dp, ep: s.ep, pp: s.pp, schedule, ep_nodes: s.ep_nodes })
 }
 
 /// The device the settings ask for, opened (an error that says why when it cannot be): GPU
@@ -394,8 +404,8 @@ pub fn device(s: &PretrainSettings) -> Result<Device> {
 
 /// The flags of the parallel layout, for errors.
 fn layout_flags(s: &PretrainSettings) -> String {
-    let (dp, ep, pp, schedule, accum) = (s.dp, s.ep, s.pp, &s.schedule, s.grad_accum);
-    format!("--dp {dp} --ep {ep} --pp {pp} --schedule {schedule} --grad-accum {accum}")
+    let (dp, ep, nodes, pp, schedule, accum) = (s.dp, s.ep, s.ep_nodes, s.pp, &s.schedule, s.grad_accum);
+    format!("--dp {dp} --ep {ep} --ep-nodes {nodes} --pp {pp} --schedule {schedule} --grad-accum {accum}")
 }
 
 fn model_config(s: &PretrainSettings, tok: &CharTokenizer) -> Result<DeepSeekV3Config> {

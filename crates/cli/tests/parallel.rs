@@ -38,11 +38,15 @@ const SMALL: [&str; 12] = [
 fn dp_ep_pp_pretraining_checkpoints_like_one_rank_and_resumes() {
     let dir = scratch("mesh");
     let run = dir.join("run");
-    let mesh = ["--dp", "2", "--ep", "2", "--pp", "2", "--schedule", "1f1b"];
+    // The two expert-parallel ranks on two nodes: node-limited routing over tiny's two groups.
+    let mesh = ["--dp", "2", "--ep", "2", "--ep-nodes", "2", "--pp", "2", "--schedule", "1f1b"];
     let out = pretrain(&run, &[&mesh[..], &["--steps", "2"]].concat());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("dp 2 x ep 2 x pp 2 (1f1b), 4 ranks") && stdout.contains("pass@1"), "{stdout}");
+    assert!(
+        stdout.contains("dp 2 x ep 2 over 2 nodes x pp 2 (1f1b), 4 ranks") && stdout.contains("pass@1"),
+        "{stdout}"
+    );
     // One checkpoint, one metrics line per step (rank 0 writes them), the evaluation.
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/trainer.json")).unwrap()).unwrap();
@@ -64,11 +68,13 @@ fn dp_ep_pp_pretraining_checkpoints_like_one_rank_and_resumes() {
 #[test]
 fn impossible_layouts_are_refused_with_the_reason() {
     let dir = scratch("refused");
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--ep", "3"], "ep (3) must divide dp (1)"),
         (&["--dp", "3", "--ep", "3"], "8 routed experts do not split evenly over 3"),
         (&["--pp", "5"], "cannot split 4 decoder layers into 5 pipeline stages"),
         (&["--pp", "2", "--schedule", "dualpipe"], "DualPipe needs at least 2*PP micro-batches"),
+        (&["--dp", "2", "--ep", "2", "--ep-nodes", "3"], "ep_nodes (3) must divide ep (2)"),
+        (&["--dp", "4", "--ep", "4", "--ep-nodes", "4"], "n_group is 2 for 4 nodes"),
     ];
     for (i, (flags, reason)) in cases.into_iter().enumerate() {
         let run = dir.join(format!("run{i}"));

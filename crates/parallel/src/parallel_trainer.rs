@@ -54,18 +54,24 @@ pub struct Mesh {
     /// Pipeline stages (the schedule's PP).
     pub pp: usize,
     pub schedule: Method,
+    /// Nodes an expert-parallel group spans (`ep / ep_nodes` ranks each; divides `ep`). With more
+    /// than one, the router's groups are the nodes (`n_group` = `ep_nodes`, experts laid out node
+    /// by node), so a token reaches at most `topk_group` of them: DeepSeek-V3's node-limited
+    /// routing (M = 4 nodes of 8 in V3), which bounds the slow cross-node traffic of the dispatch.
+    pub ep_nodes: usize,
 }
 
 impl Default for Mesh {
     fn default() -> Self {
-        Mesh { dp: 1, ep: 1, pp: 1, schedule: Method::OneFOneB }
+        Mesh { dp: 1, ep: 1, pp: 1, schedule: Method::OneFOneB, ep_nodes: 1 }
     }
 }
 
 impl std::fmt::Display for Mesh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (dp, ep, pp, method) = (self.dp, self.ep, self.pp, self.schedule.cli_name());
-        write!(f, "dp {dp} x ep {ep} x pp {pp} ({method})")
+        let nodes = if self.ep_nodes == 1 { String::new() } else { format!(" over {} nodes", self.ep_nodes) };
+        write!(f, "dp {dp} x ep {ep}{nodes} x pp {pp} ({method})")
     }
 }
 
@@ -101,8 +107,8 @@ impl Mesh {
     /// its schedule and stage plan.
     pub fn plan(&self, model: &DeepSeekV3Config, micro: usize) -> Result<(Schedule, StagePlan)> {
         let bad = |msg: String| Error::Train(format!("parallel layout {self}: {msg}"));
-        if self.dp == 0 || self.ep == 0 || self.pp == 0 {
-            return Err(bad("dp, ep and pp must be at least 1".into()));
+        if self.dp == 0 || self.ep == 0 || self.pp == 0 || self.ep_nodes == 0 {
+            return Err(bad("dp, ep, pp and ep_nodes must be at least 1".into()));
         }
         if self.dp % self.ep != 0 {
             return Err(bad(format!(
@@ -114,6 +120,15 @@ impl Mesh {
         if self.ep > 1 && experts % self.ep != 0 {
             let msg = format!("{experts} routed experts do not split evenly over {} expert-parallel ranks", self.ep);
             return Err(bad(msg));
+        }
+        if self.ep % self.ep_nodes != 0 {
+            return Err(bad(format!("ep_nodes ({}) must divide ep ({})", self.ep_nodes, self.ep)));
+        }
+        if self.ep_nodes > 1 && model.n_group != self.ep_nodes {
+            return Err(bad(format!(
+                "node-limited routing takes one router group per node: n_group is {} for {} nodes",
+                model.n_group, self.ep_nodes
+            )));
         }
         let plan = StagePlan::even(model.num_hidden_layers, self.pp).map_err(|e| bad(e.to_string()))?;
         let schedule = Schedule::new(self.schedule, self.pp, micro).map_err(|e| bad(e.to_string()))?;
@@ -173,7 +188,7 @@ impl<'c> ParallelTrainer<'c> {
                 let group = stage * (mesh.dp / mesh.ep) + replica / mesh.ep;
                 let ep_comms = EpComms::new(Arc::from(comm.split(group, replica % mesh.ep)?))?;
                 for moe in moe_layers_mut(&mut trainer.model) {
-                    experts.push(ExpertParallel::install(&ep_comms, mesh.ep, moe)?);
+                    experts.push(ExpertParallel::install(&ep_comms, mesh.ep / mesh.ep_nodes, moe)?);
                 }
             }
             // A pair's halves overlap on two threads, each with its expert all-to-alls, only
@@ -194,6 +209,14 @@ impl<'c> ParallelTrainer<'c> {
 
     pub fn mesh(&self) -> Mesh {
         self.mesh
+    }
+
+    /// The most nodes one of this rank's tokens was sent to by an MoE layer in its last
+    /// micro-batch's forward (at most `topk_group` where `ep_nodes` > 1; 0 without expert
+    /// parallelism).
+    pub fn max_nodes_per_token(&self) -> usize {
+        let experts = self.stages.as_ref().map_or(&[][..], |s| &s.experts[..]);
+        experts.iter().map(|e| e.last_dispatch().max_nodes_per_token).max().unwrap_or(0)
     }
 
     /// This rank's trainer. With ZeRO-1 its optimizer holds the AdamW state as of the last

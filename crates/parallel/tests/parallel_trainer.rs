@@ -22,6 +22,10 @@ fn walk() -> Box<dyn DataSource> {
 }
 
 fn trainer(grad_accum: usize, data: Box<dyn DataSource>) -> Trainer {
+    trainer_of(DeepSeekV3Config::tiny(), grad_accum, data)
+}
+
+fn trainer_of(model: DeepSeekV3Config, grad_accum: usize, data: Box<dyn DataSource>) -> Trainer {
     // lr 3e-3 decaying to 3e-4 (the defaults) after 2 warm-up steps; the MTP loss weighs 0.3 (the
     // preset's), then 0.1 in the last step: every way of taking a step must use the schedule.
     let config = TrainConfig {
@@ -33,7 +37,7 @@ fn trainer(grad_accum: usize, data: Box<dyn DataSource>) -> Trainer {
         mtp_weight_from: Some((2, 0.1)),
         ..Default::default()
     };
-    Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), config, data).unwrap()
+    Trainer::new(DeepSeekV3::new(model, 11).unwrap(), config, data).unwrap()
 }
 
 /// What a run ends with: weights and buffers (the balancing biases) by name, the step metrics,
@@ -44,6 +48,8 @@ struct Outcome {
     first_gradient: Vec<(String, Vec<f32>)>,
     /// The AdamW state after the last step (both moments of every parameter).
     optimizer: Vec<(String, Vec<f32>)>,
+    /// The most nodes a token of the rank's last micro-batch was sent to (0: one rank).
+    max_nodes: usize,
 }
 
 /// First moments by parameter name.
@@ -57,7 +63,7 @@ fn outcome(t: &Trainer, metrics: Vec<StepMetrics>, first_gradient: Vec<(String, 
     weights.extend(t.model.buffers.iter().map(|(n, b)| (n.clone(), b.to_vec_f32().unwrap())));
     let state = t.opt.state_tensors().unwrap().into_iter();
     let optimizer = state.map(|(n, s)| (n, s.to_vec_f32().unwrap())).collect();
-    Outcome { weights, metrics, first_gradient, optimizer }
+    Outcome { weights, metrics, first_gradient, optimizer, max_nodes: 0 }
 }
 
 /// One rank accumulating every step's micro-batches, `micro_batch` sequences each.
@@ -90,7 +96,8 @@ fn run(mesh: Mesh, dp: DataParallelConfig) -> Vec<Outcome> {
         let mut metrics = vec![t.train_step().unwrap()];
         let first = first_moments(t.trainer());
         metrics.extend((1..STEPS).map(|_| t.train_step().unwrap()));
-        outcome(&t.into_trainer().unwrap(), metrics, first)
+        let max_nodes = t.max_nodes_per_token();
+        Outcome { max_nodes, ..outcome(&t.into_trainer().unwrap(), metrics, first) }
     })
 }
 
@@ -146,7 +153,10 @@ fn weight_distance(a: &Outcome, b: &Outcome) -> (usize, f32) {
 }
 
 fn check(dp: usize, ep: usize, pp: usize, schedule: Method) -> Vec<Outcome> {
-    let mesh = Mesh { dp, ep, pp, schedule };
+    check_mesh(Mesh { dp, ep, pp, schedule, ep_nodes: 1 })
+}
+
+fn check_mesh(mesh: Mesh) -> Vec<Outcome> {
     let t0 = std::time::Instant::now();
     let ranks = run(mesh, DataParallelConfig::default());
     let seconds = t0.elapsed().as_secs_f64();
@@ -188,15 +198,39 @@ fn meshes_of_every_kind_take_one_rank_steps() {
     check(2, 1, 2, Method::DualPipe); // PP = 2 needs an even count of at least 4 micro-batches
     check(2, 2, 2, Method::DualPipe); // overlapped pairs with expert all-to-alls on both halves
     let all = check(2, 2, 2, Method::Zb1p); // all three, with ZeroBubble's deferred weight gradients
+                                            // Node-limited routing: 4 expert-parallel ranks on 2 nodes, the tiny preset's 2 router groups
+                                            // (4 experts each, on one node's 2 ranks) with topk_group 1: a token's top-2 may go to two
+                                            // ranks, but of one node.
+    let nodes = check_mesh(Mesh { dp: 4, ep: 4, ep_nodes: 2, ..Mesh::default() });
+    assert!(nodes.iter().all(|r| r.max_nodes == 1), "a token reached more nodes than topk_group");
+    assert!(all.iter().all(|r| r.max_nodes == 1), "one node: every token reaches it");
 
     // ZeRO-1 over the world: AdamW on each rank's shard is the same arithmetic, so the same bits,
     // and the trainer each rank gets back holds the whole AdamW state, gathered from the shards.
-    let mesh = Mesh { dp: 2, ep: 2, pp: 2, schedule: Method::Zb1p };
+    let mesh = Mesh { dp: 2, ep: 2, pp: 2, schedule: Method::Zb1p, ep_nodes: 1 };
     let zero1 = run(mesh, DataParallelConfig { zero1: true, ..DataParallelConfig::default() });
     assert!(!all[0].optimizer.is_empty());
     for rank in &zero1 {
         assert!(bits(&rank.weights) == bits(&all[0].weights), "ZeRO-1 changes no bits");
         assert!(bits(&rank.optimizer) == bits(&all[0].optimizer), "ZeRO-1's gathered AdamW state");
+    }
+}
+
+#[test]
+fn node_limited_routing_bounds_the_nodes_a_token_reaches() {
+    // 4 expert-parallel ranks on 2 nodes: 2 ranks and 4 experts a node, the tiny preset's two
+    // router groups. Free to pick experts of both groups (topk_group 2), some token reaches both
+    // nodes; limited to one group, none does.
+    let mesh = Mesh { dp: 4, ep: 4, ep_nodes: 2, ..Mesh::default() };
+    for (topk_group, most) in [(2, 2), (1, 1)] {
+        let nodes = LocalComm::run(mesh.world_size(), |comm| {
+            let cfg = DeepSeekV3Config { topk_group, ..DeepSeekV3Config::tiny() };
+            let t = trainer_of(cfg, GLOBAL_MICRO / mesh.dp, Box::new(mesh.shard(comm.rank(), walk())));
+            let mut t = ParallelTrainer::new(t, comm, mesh, DataParallelConfig::default()).unwrap();
+            t.train_step().unwrap();
+            t.max_nodes_per_token()
+        });
+        assert_eq!(nodes.iter().max(), Some(&most), "topk_group {topk_group}: nodes per token on each rank {nodes:?}");
     }
 }
 
@@ -235,6 +269,9 @@ fn impossible_meshes_are_refused_with_the_reason() {
         (Mesh { pp: 5, ..Mesh::default() }, 8, "cannot split 4 decoder layers into 5"),
         (Mesh { pp: 2, schedule: Method::DualPipe, ..Mesh::default() }, 2, "at least 2*PP micro-batches"),
         (Mesh { pp: 3, schedule: Method::DualPipeV, ..Mesh::default() }, 8, "even number of stages"),
+        (Mesh { dp: 2, ep: 2, ep_nodes: 3, ..Mesh::default() }, 1, "ep_nodes (3) must divide ep (2)"),
+        (Mesh { dp: 4, ep: 4, ep_nodes: 4, ..Mesh::default() }, 1, "n_group is 2 for 4 nodes"),
+        (Mesh { ep_nodes: 0, ..Mesh::default() }, 1, "must be at least 1"),
     ];
     for (mesh, micro, words) in cases {
         let err = mesh.plan(&cfg, micro).unwrap_err().to_string();
