@@ -6,15 +6,19 @@
 //! step of a small model runs thousands of loops, and the wake-ups (futex and sched_yield system
 //! calls) were a quarter of pretraining `tiny` on two cores. Started on a pool's own worker, the
 //! same loop goes on that worker's queue, the worker takes part in it and only the other workers
-//! are woken: 100 steps and an evaluation of `tiny` went from 17.5 s to 13.5 s. So a rank (and the `whale` command) runs as the job of a pool of its own, as a
-//! process of its own would; results do not depend on it (every kernel gives the same bits for
-//! any thread count).
+//! are woken: 100 steps and an evaluation of `tiny` went from 17.5 s to 13.5 s. So a rank (and
+//! the `whale` command) runs as the job of a pool of its own, as a process of its own would;
+//! results do not depend on it (every kernel gives the same bits for any thread count).
+//!
+//! The threads a rank starts for itself (the data-parallel reducer, which only communicates, and
+//! DualPipe's overlapped forward) are plain threads: their loops go to rayon's global pool. The
+//! forward cannot share its rank's pool: on a pool of one worker it would run nested inside the
+//! backward it overlaps, which may wait for it.
 
 use crate::{Error, Result};
 
 /// Stack of every thread a model's forward and backward run on: the workers of
-/// [`in_own_pool`], the rank threads of [`crate::comm::LocalComm::run`] and a pipeline rank's
-/// overlapped forward.
+/// [`in_own_pool`] and a pipeline rank's overlapped forward.
 pub const COMPUTE_STACK: usize = 16 << 20;
 
 /// Runs `f` as the first job of a new rayon pool of `threads` workers (0: rayon's default,

@@ -626,18 +626,27 @@ pub struct JsonLine {
 }
 
 /// The lines of the JSON-lines file at `path` (blank ones skipped). A last line without its
-/// newline that does not parse is a write a killed run left half done: it is left out (a resume
-/// cuts it too). Any other line that does not parse is an error naming the file and the line.
+/// newline that is no UTF-8 or does not parse is a write a killed run left half done (cut inside
+/// a character, perhaps): it is left out (a resume cuts it too). Any other such line is an error
+/// naming the file and the line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<JsonLine>> {
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
-    // A write cut inside a character leaves bytes that are no UTF-8: they can only be in the torn line.
-    let text = String::from_utf8_lossy(&bytes);
-    let torn = !text.is_empty() && !text.ends_with('\n');
-    let count = text.lines().count();
+    let torn = bytes.last().is_some_and(|&b| b != b'\n');
+    let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+    if !torn {
+        lines.pop(); // what follows the last newline: nothing
+    }
+    let count = lines.len();
     let mut rows = Vec::with_capacity(count);
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        match serde_json::from_str(line) {
-            Ok(value) => rows.push(JsonLine { number: i + 1, text: line.to_string(), value }),
+    for (i, raw) in lines.into_iter().enumerate() {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let parsed = std::str::from_utf8(raw).map_err(|e| e.to_string()).and_then(|text| {
+            let value = (!text.trim().is_empty()).then(|| serde_json::from_str(text)).transpose();
+            value.map(|v| v.map(|value| (text, value))).map_err(|e| e.to_string())
+        });
+        match parsed {
+            Ok(Some((text, value))) => rows.push(JsonLine { number: i + 1, text: text.to_string(), value }),
+            Ok(None) => {}
             Err(_) if torn && i + 1 == count => {}
             Err(e) => return Err(Error::file(path, format!("line {}: {e}", i + 1))),
         }

@@ -198,9 +198,10 @@ fn meshes_of_every_kind_take_one_rank_steps() {
     check(2, 1, 2, Method::DualPipe); // PP = 2 needs an even count of at least 4 micro-batches
     check(2, 2, 2, Method::DualPipe); // overlapped pairs with expert all-to-alls on both halves
     let all = check(2, 2, 2, Method::Zb1p); // all three, with ZeroBubble's deferred weight gradients
-                                            // Node-limited routing: 4 expert-parallel ranks on 2 nodes, the tiny preset's 2 router groups
-                                            // (4 experts each, on one node's 2 ranks) with topk_group 1: a token's top-2 may go to two
-                                            // ranks, but of one node.
+
+    // Node-limited routing: 4 expert-parallel ranks on 2 nodes, the tiny preset's 2 router groups
+    // (4 experts each, on one node's 2 ranks) with topk_group 1: a token's top-2 may go to two
+    // ranks, but of one node.
     let nodes = check_mesh(Mesh { dp: 4, ep: 4, ep_nodes: 2, ..Mesh::default() });
     assert!(nodes.iter().all(|r| r.max_nodes == 1), "a token reached more nodes than topk_group");
     assert!(all.iter().all(|r| r.max_nodes == 1), "one node: every token reaches it");
@@ -218,11 +219,12 @@ fn meshes_of_every_kind_take_one_rank_steps() {
 
 #[test]
 fn node_limited_routing_bounds_the_nodes_a_token_reaches() {
-    // 4 expert-parallel ranks on 2 nodes: 2 ranks and 4 experts a node, the tiny preset's two
-    // router groups. Free to pick experts of both groups (topk_group 2), some token reaches both
-    // nodes; limited to one group, none does.
-    let mesh = Mesh { dp: 4, ep: 4, ep_nodes: 2, ..Mesh::default() };
-    for (topk_group, most) in [(2, 2), (1, 1)] {
+    // 4 expert-parallel ranks on 2 nodes (2 ranks and 4 experts a node, the tiny preset's two
+    // router groups), and 2 ranks on 2 nodes (one a node). Free to pick experts of both groups
+    // (topk_group 2), some token reaches both nodes; limited to one group, none does.
+    let four = Mesh { dp: 4, ep: 4, ep_nodes: 2, ..Mesh::default() };
+    let two = Mesh { dp: 2, ep: 2, ep_nodes: 2, ..Mesh::default() };
+    for (mesh, topk_group, most) in [(four, 2, 2), (four, 1, 1), (two, 2, 2)] {
         let nodes = LocalComm::run(mesh.world_size(), |comm| {
             let cfg = DeepSeekV3Config { topk_group, ..DeepSeekV3Config::tiny() };
             let t = trainer_of(cfg, GLOBAL_MICRO / mesh.dp, Box::new(mesh.shard(comm.rank(), walk())));
@@ -230,7 +232,7 @@ fn node_limited_routing_bounds_the_nodes_a_token_reaches() {
             t.train_step().unwrap();
             t.max_nodes_per_token()
         });
-        assert_eq!(nodes.iter().max(), Some(&most), "topk_group {topk_group}: nodes per token on each rank {nodes:?}");
+        assert_eq!(nodes.iter().max(), Some(&most), "{mesh}, topk_group {topk_group}: nodes per token {nodes:?}");
     }
 }
 

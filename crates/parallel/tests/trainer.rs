@@ -384,6 +384,13 @@ fn truncating_metrics_drops_a_torn_last_line_and_names_a_bad_one() {
     std::fs::write(&path, &torn).unwrap();
     let err = truncate_metrics(&path, 5).unwrap_err().to_string();
     assert!(err.contains("line 2"), "{err}");
+    // Bytes that are no UTF-8 inside the file are no torn write: an error, the file unchanged.
+    std::fs::write(&path, b"{\"step\": 0, \"name\": \"\xff\"}\r\n{\"step\": 1}\r\n").unwrap();
+    let err = truncate_metrics(&path, 5).unwrap_err().to_string();
+    assert!(err.contains("line 1") && err.contains("utf-8"), "{err}");
+    std::fs::write(&path, "{\"step\": 0}\r\n\r\n{\"step\": 1}\r\n").unwrap();
+    truncate_metrics(&path, 1).unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"step\": 0}\n", "CRLF lines read");
     std::fs::write(&path, "{\"step\": 0}\n{\"loss\": 1.5}\n").unwrap();
     let err = truncate_metrics(&path, 5).unwrap_err().to_string();
     assert!(err.contains("line 2 is not a metrics line with a `step`"), "{err}");

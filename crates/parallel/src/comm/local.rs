@@ -301,10 +301,11 @@ impl LocalComm {
     /// [`LocalComm::run`] on a modelled link.
     ///
     /// Each rank computes on a rayon pool of its own ([`in_own_pool`]), of an equal share of the
-    /// caller's threads (at least one), as if it were a process of its own.
+    /// caller's threads (at least one), as if it were a process of its own; the rank threads
+    /// themselves only wait for their pools.
     pub fn run_with<R: Send>(size: usize, link: Option<LinkModel>, f: impl Fn(&LocalComm) -> R + Sync) -> Vec<R> {
         let f = &f;
-        let threads = (rayon::current_num_threads() / size.max(1)).max(1);
+        let share = (rayon::current_num_threads() / size.max(1)).max(1);
         std::thread::scope(|s| {
             let threads: Vec<_> = Self::world(size, link)
                 .into_iter()
@@ -312,7 +313,7 @@ impl LocalComm {
                     let name = format!("rank {}", comm.rank);
                     std::thread::Builder::new()
                         .name(name.clone())
-                        .spawn_scoped(s, move || match in_own_pool(threads, &name, || f(&comm)) {
+                        .spawn_scoped(s, move || match in_own_pool(share, &name, || f(&comm)) {
                             Ok(r) => r,
                             Err(e) => panic!("{e}"),
                         })
