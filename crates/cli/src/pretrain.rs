@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use whale_rl::data::CorpusData;
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
-use whale_rl::parallel::comm::{Comm, CommError, LocalComm};
+use whale_rl::parallel::comm::{Comm, CommError, LocalComm, ReduceOp};
 use whale_rl::parallel::data_parallel::DataParallelConfig;
 use whale_rl::parallel::model::checkpoint::find_checkpoint;
 use whale_rl::parallel::model::tensor::optim::DeepSeekV3Schedule;
@@ -548,10 +548,15 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     };
     let start = Instant::now();
     let ranks = LocalComm::run(mesh.world_size(), |comm| train_rank(comm, &plan));
-    let (trainer, last_vio) = rank_zero(ranks)?;
+    let (trainer, last_vio, nodes) = rank_zero(ranks)?;
     println!("trained in {:.0} s", start.elapsed().as_secs_f64());
     let vio: Vec<String> = last_vio.iter().map(|v| format!("{v:.2}")).collect();
     println!("final expert-load MaxVio per MoE layer: [{}]", vio.join(", "));
+    if mesh.ep_nodes > 1 {
+        // Node-limited routing: at most topk_group of the nodes.
+        let most = trainer.model.config.topk_group;
+        println!("the last step's tokens reached at most {nodes} of {} nodes (topk_group {most})", mesh.ep_nodes);
+    }
 
     let eval_cfg = EvalConfig { samples: s.k, ..EvalConfig::default() };
     let t0 = Instant::now();
@@ -614,8 +619,9 @@ fn evaluate_on_cpu(
     Ok(evaluate(copy.as_ref().unwrap_or(model), tok, problems, cfg)?)
 }
 
-/// Rank 0's trainer at the end of the run and the last step's MaxVio per MoE layer.
-type Trained = (Trainer, Vec<f64>);
+/// Rank 0's trainer at the end of the run, the last step's MaxVio per MoE layer, and the most
+/// nodes a token reached in that step (0 without expert parallelism).
+type Trained = (Trainer, Vec<f64>, usize);
 
 /// One rank's training loop (all ranks at once, in step). Rank 0 writes the metrics, checkpoints
 /// and validation history and returns its trainer, every expert local again, with the last
@@ -712,8 +718,11 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
     }
     trainer.save_checkpoint(plan.ckpt)?;
     pb.finish_and_clear();
+    // The most nodes a token reached in the last step, over every rank (a collective call).
+    let mut nodes = [trainer.max_nodes_per_token() as f32];
+    comm.all_reduce(&mut nodes, ReduceOp::Max)?;
     let trainer = trainer.into_trainer()?;
-    Ok(lead.then_some((trainer, last_vio)))
+    Ok(lead.then_some((trainer, last_vio, nodes[0] as usize)))
 }
 
 /// Rank 0's result, or the error that stopped the run: the first rank's that failed on its own

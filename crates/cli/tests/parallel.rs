@@ -47,6 +47,8 @@ fn dp_ep_pp_pretraining_checkpoints_like_one_rank_and_resumes() {
         stdout.contains("dp 2 x ep 2 over 2 nodes x pp 2 (1f1b), 4 ranks") && stdout.contains("pass@1"),
         "{stdout}"
     );
+    // tiny's topk_group 1: every token on one node.
+    assert!(stdout.contains("the last step's tokens reached at most 1 of 2 nodes (topk_group 1)"), "{stdout}");
     // One checkpoint, one metrics line per step (rank 0 writes them), the evaluation.
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/trainer.json")).unwrap()).unwrap();
