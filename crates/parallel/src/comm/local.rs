@@ -261,6 +261,13 @@ thread_local! {
     static REGISTRATIONS: Registrations = const { Registrations(RefCell::new(Vec::new())) };
 }
 
+/// Rank `rank`'s share of `threads` threads over `ranks` ranks: as even as whole threads allow
+/// (the first `threads % ranks` ranks take one more), and at least one.
+fn thread_share(threads: usize, ranks: usize, rank: usize) -> usize {
+    let ranks = ranks.max(1);
+    (threads / ranks + usize::from(rank < threads % ranks)).max(1)
+}
+
 fn sleep_until(t: Instant) {
     let now = Instant::now();
     if t > now {
@@ -300,17 +307,17 @@ impl LocalComm {
 
     /// [`LocalComm::run`] on a modelled link.
     ///
-    /// Each rank computes on a rayon pool of its own ([`in_own_pool`]), of an equal share of the
-    /// caller's threads (at least one), as if it were a process of its own; the rank threads
+    /// Each rank computes on a rayon pool of its own ([`in_own_pool`]), of its share of the
+    /// caller's threads ([`thread_share`]), as if it were a process of its own; the rank threads
     /// themselves only wait for their pools.
     pub fn run_with<R: Send>(size: usize, link: Option<LinkModel>, f: impl Fn(&LocalComm) -> R + Sync) -> Vec<R> {
         let f = &f;
-        let share = (rayon::current_num_threads() / size.max(1)).max(1);
+        let available = rayon::current_num_threads();
         std::thread::scope(|s| {
             let threads: Vec<_> = Self::world(size, link)
                 .into_iter()
                 .map(|comm| {
-                    let name = format!("rank {}", comm.rank);
+                    let (name, share) = (format!("rank {}", comm.rank), thread_share(available, size, comm.rank));
                     std::thread::Builder::new()
                         .name(name.clone())
                         .spawn_scoped(s, move || match in_own_pool(share, &name, || f(&comm)) {
@@ -521,5 +528,19 @@ impl Comm for LocalComm {
             st.groups.remove(&(split, color as u64));
         }
         Ok(Box::new(LocalComm::member(rank, world)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thread_share;
+
+    #[test]
+    fn ranks_share_the_threads_as_evenly_as_whole_threads_allow() {
+        let shares = |threads, ranks| (0..ranks).map(|r| thread_share(threads, ranks, r)).collect::<Vec<_>>();
+        assert_eq!(shares(3, 2), [2, 1]);
+        assert_eq!(shares(8, 4), [2, 2, 2, 2]);
+        assert_eq!(shares(2, 4), [1, 1, 1, 1], "at least one each");
+        assert_eq!(shares(7, 3).iter().sum::<usize>(), 7);
     }
 }
