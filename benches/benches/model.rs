@@ -1,12 +1,14 @@
 //! DeepSeek-V3 training: one step (forward + backward + AdamW) of the `tiny` and `small` presets,
 //! reported as tokens/s; and one MoE layer (grouped dispatch) against a dense SwiGLU layer with
-//! the same activated FLOPs per token, forward + backward.
+//! the same activated FLOPs per token, forward + backward; and the `tiny` step on a pool of its own
+//! against started from outside one.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
 use whale_benches::{config, randn};
 use whale_model::nn::SwiGluMlp;
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
+use whale_parallel::threads::compute_pool;
 use whale_tensor::optim::{AdamW, AdamWConfig};
 use whale_tensor::{Device, Rng, Tensor};
 
@@ -37,6 +39,30 @@ fn train_step(c: &mut Criterion) {
         });
         g.finish();
     }
+}
+
+/// The same `tiny` step run as the job of a pool of its own (how `whale` and every rank run,
+/// `whale_parallel::threads`) against run from a thread outside any pool, whose every parallel
+/// loop is queued to the global pool and waited for.
+fn train_step_in_own_pool(c: &mut Criterion) {
+    let (b, s) = (24, 44);
+    let cfg = DeepSeekV3Config::tiny();
+    let model = DeepSeekV3::new(cfg.clone(), 0).unwrap();
+    let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+    let (ids, targets) = batch(&cfg, b, s, 1);
+    let mut step = || {
+        let out = model.forward(&ids, Some(&targets)).unwrap();
+        out.loss.unwrap().backward().unwrap();
+        opt.step(&model.params, 1e-3).unwrap();
+        model.update_balancing_biases(&out.expert_load).unwrap();
+        model.params.zero_grad();
+    };
+    let pool = compute_pool(rayon::current_num_threads(), "bench").unwrap();
+    let mut g = c.benchmark_group(format!("train_step_tiny_b{b}_s{s}_own_pool_vs_outside"));
+    g.throughput(Throughput::Elements((b * s) as u64));
+    g.bench_function("whale", |bench| bench.iter(|| pool.install(&mut step)));
+    g.bench_function("baseline", |bench| bench.iter(&mut step));
+    g.finish();
 }
 
 fn moe_vs_dense(c: &mut Criterion) {
@@ -73,5 +99,5 @@ fn moe_vs_dense(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group! { name = benches; config = config(); targets = train_step, moe_vs_dense }
+criterion_group! { name = benches; config = config(); targets = train_step, train_step_in_own_pool, moe_vs_dense }
 criterion_main!(benches);

@@ -21,19 +21,24 @@ use crate::{Error, Result};
 /// [`in_own_pool`] and a pipeline rank's overlapped forward.
 pub const COMPUTE_STACK: usize = 16 << 20;
 
-/// Runs `f` as the first job of a new rayon pool of `threads` workers (0: rayon's default,
-/// `RAYON_NUM_THREADS` or one per core) with [`COMPUTE_STACK`]-byte stacks, and returns its result
-/// (a panic in `f` is raised here). The calling thread waits; the parallel loops inside `f` run on
-/// the pool.
-pub fn in_own_pool<R: Send>(threads: usize, name: &str, f: impl FnOnce() -> R + Send) -> Result<R> {
+/// A rayon pool of `threads` workers (0: rayon's default, `RAYON_NUM_THREADS` or one per core)
+/// with [`COMPUTE_STACK`]-byte stacks, its threads named `{name} worker {i}`. Run a job on it with
+/// `install` (which [`in_own_pool`] does once).
+pub fn compute_pool(threads: usize, name: &str) -> Result<rayon::ThreadPool> {
     let prefix = name.to_string();
-    let pool = rayon::ThreadPoolBuilder::new()
+    rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .stack_size(COMPUTE_STACK)
         .thread_name(move |i| format!("{prefix} worker {i}"))
         .build()
-        .map_err(|e| Error::Train(format!("{name}: starting its compute threads: {e}")))?;
-    Ok(pool.install(f))
+        .map_err(|e| Error::Train(format!("{name}: starting its compute threads: {e}")))
+}
+
+/// Runs `f` as the first job of a new [`compute_pool`] of `threads` workers and returns its
+/// result (a panic in `f` is raised here). The calling thread waits; the parallel loops inside
+/// `f` run on the pool.
+pub fn in_own_pool<R: Send>(threads: usize, name: &str, f: impl FnOnce() -> R + Send) -> Result<R> {
+    Ok(compute_pool(threads, name)?.install(f))
 }
 
 #[cfg(test)]
