@@ -1,12 +1,13 @@
 //! DeepSeek-V3 training: one step (forward + backward + AdamW) of the `tiny` and `small` presets,
 //! reported as tokens/s; and one MoE layer (grouped dispatch) against a dense SwiGLU layer with
-//! the same activated FLOPs per token, forward + backward; and the `tiny` step on a pool of its own
-//! against started from outside one.
+//! the same activated FLOPs per token, forward + backward; the `tiny` step on a pool of its own
+//! against started from outside one; and the `small` step recomputing its attention and MLP
+//! sublayers in the backward against keeping their activations.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
 use whale_benches::{config, randn};
-use whale_model::nn::SwiGluMlp;
+use whale_model::nn::{Recompute, SwiGluMlp};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_parallel::threads::compute_pool;
 use whale_tensor::optim::{AdamW, AdamWConfig};
@@ -65,6 +66,31 @@ fn train_step_in_own_pool(c: &mut Criterion) {
     g.finish();
 }
 
+/// The `small` step recomputing every attention sublayer and dense MLP in the backward
+/// (`whale_model::nn::Recompute`) against keeping their activations: what the memory it saves
+/// costs in time (`crates/model/tests/recompute.rs` measures the memory).
+fn train_step_recomputing(c: &mut Criterion) {
+    let (b, s) = (4, 128);
+    let cfg = DeepSeekV3Config::small();
+    let mut model = DeepSeekV3::new(cfg.clone(), 0).unwrap();
+    let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+    let (ids, targets) = batch(&cfg, b, s, 1);
+    let mut g = c.benchmark_group(format!("train_step_small_b{b}_s{s}_recompute_vs_keep"));
+    g.throughput(Throughput::Elements((b * s) as u64));
+    for (id, recompute) in [("whale", Recompute { attention: true, mlp: true }), ("baseline", Recompute::default())] {
+        model.set_recompute(recompute);
+        g.bench_function(id, |bench| {
+            bench.iter(|| {
+                let out = model.forward(&ids, Some(&targets)).unwrap();
+                out.loss.unwrap().backward().unwrap();
+                opt.step(&model.params, 1e-3).unwrap();
+                model.params.zero_grad();
+            })
+        });
+    }
+    g.finish();
+}
+
 fn moe_vs_dense(c: &mut Criterion) {
     let cfg = DeepSeekV3Config::small();
     let model = DeepSeekV3::new(cfg.clone(), 0).unwrap();
@@ -99,5 +125,5 @@ fn moe_vs_dense(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group! { name = benches; config = config(); targets = train_step, train_step_in_own_pool, moe_vs_dense }
+criterion_group! { name = benches; config = config(); targets = train_step, train_step_in_own_pool, train_step_recomputing, moe_vs_dense }
 criterion_main!(benches);

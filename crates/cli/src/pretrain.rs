@@ -22,6 +22,7 @@ use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::parallel::comm::{Comm, CommError, LocalComm, ReduceOp};
 use whale_rl::parallel::data_parallel::DataParallelConfig;
 use whale_rl::parallel::model::checkpoint::find_checkpoint;
+use whale_rl::parallel::model::nn::Recompute;
 use whale_rl::parallel::model::tensor::optim::DeepSeekV3Schedule;
 use whale_rl::parallel::model::tensor::Device;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
@@ -91,6 +92,8 @@ pub struct PretrainSettings {
     /// A step with a non-finite loss or gradient: `stop` (an error naming the step and layer)
     /// or `skip` (dropped; ten in a row stop the run).
     pub on_non_finite: NonFinitePolicy,
+    /// Sublayers recomputed in the backward instead of kept: none, or attention and/or mlp.
+    pub recompute: Recompute,
 }
 
 impl crate::settings::Settings for PretrainSettings {}
@@ -133,6 +136,7 @@ impl Default for PretrainSettings {
             schedule: "1f1b".into(),
             device: "cpu".into(),
             on_non_finite: NonFinitePolicy::Stop,
+            recompute: Recompute::default(),
         }
     }
 }
@@ -242,6 +246,18 @@ pub struct PretrainArgs {
     /// that GPU (one rank, any --precision and --moments); evaluation runs on a CPU copy.
     #[arg(long)]
     pub device: Option<String>,
+    /// Sublayers whose activations the backward recomputes instead of keeping them: none (the
+    /// default), or attention and/or mlp, comma-separated (attention: the whole MLA sublayer,
+    /// DeepSeek-V3's recomputed RMSNorms and up-projections among it; mlp: dense layers' SwiGLU
+    /// MLP). The same gradients bit for bit, less memory, a second forward of those sublayers;
+    /// a resumed run may change it.
+    #[arg(long, value_parser = parse_recompute)]
+    pub recompute: Option<Recompute>,
+}
+
+/// `--recompute`'s value.
+fn parse_recompute(text: &str) -> std::result::Result<Recompute, String> {
+    Recompute::parse(text).ok_or_else(|| format!("`{text}`: expected none, or attention and/or mlp (comma-separated)"))
 }
 
 /// The main job's run folder: `runs/main`, or the first free `runs/main-N`, so running the main
@@ -279,12 +295,12 @@ impl PretrainArgs {
         self.overlay(&mut asked);
         asked.out = out;
         let (was, now) = (serde_json::to_value(&saved)?, serde_json::to_value(&asked)?);
-        const MAY_CHANGE: [&str; 5] = ["out", "steps", "freeze_bias_at", "mtp_weight_from", "device"];
+        const MAY_CHANGE: [&str; 6] = ["out", "steps", "freeze_bias_at", "mtp_weight_from", "device", "recompute"];
         let changed = crate::settings::changed_flags(&was, &now, &MAY_CHANGE);
         if !changed.is_empty() {
             bail!(
-                "--resume continues {} with its own settings; only --steps, --freeze-bias-at, --mtp-weight-from and \
-                 --device may change: {}",
+                "--resume continues {} with its own settings; only --steps, --freeze-bias-at, --mtp-weight-from, \
+                 --device and --recompute may change: {}",
                 asked.out.join("settings.json").display(),
                 changed.join(", ")
             );
@@ -324,7 +340,8 @@ impl PretrainArgs {
             ep_nodes,
             pp,
             schedule,
-            device
+            device,
+            recompute
         );
         if self.gamma.is_some() {
             s.gamma = self.gamma;
@@ -355,6 +372,7 @@ pub fn train_config(s: &PretrainSettings) -> Result<TrainConfig> {
         lr_schedule: LrShape::parse(&s.lr_schedule)?,
         mtp_weight_from: s.mtp_weight_from.as_deref().map(parse_step_weight).transpose()?,
         on_non_finite: s.on_non_finite,
+        recompute: s.recompute,
         ..TrainConfig::default()
     };
     v3_switches(&mut c, s);
@@ -657,6 +675,7 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
             if plan.mtp_weight_from.is_some() {
                 t.config.mtp_weight_from = plan.mtp_weight_from;
             }
+            t.set_recompute(s.recompute);
             if lead {
                 // Validations from the checkpoint's step on are redone (its own below, which a
                 // crash right after the checkpoint may have left unwritten): their lines go.

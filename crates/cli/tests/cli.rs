@@ -151,6 +151,46 @@ fn an_extended_run_validates_its_checkpoints_step_and_says_the_schedule_moved() 
 }
 
 #[test]
+fn recomputing_sublayers_trains_the_same_bits_and_a_resumed_run_may_change_it() {
+    let dir = tmpdir("recompute");
+    let pretrain = |run: &str, steps: &str, extra: &[&str]| {
+        let out = whale()
+            .args(["pretrain", "--out", dir.join(run).to_str().unwrap(), "--steps", steps, "--warmup", "1"])
+            .args(SMALL)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    pretrain("plain", "4", &[]);
+    pretrain("recomputed", "2", &["--recompute", "attention,mlp"]);
+    pretrain("recomputed", "4", &["--resume", "--recompute", "mlp"]);
+    // Every step's numbers but its speed.
+    let numbers = |run: &str| -> Vec<serde_json::Value> {
+        let mut rows = metrics(&dir.join(run));
+        rows.iter_mut().for_each(|r| drop(r.as_object_mut().unwrap().remove("tokens_per_s")));
+        rows
+    };
+    assert_eq!(numbers("recomputed"), numbers("plain"));
+    assert_eq!(numbers("plain").len(), 4);
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("recomputed/settings.json")).unwrap()).unwrap();
+    assert_eq!(settings["recompute"], "mlp", "the resumed run's setting is kept");
+    let trainer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("recomputed/checkpoint/trainer.json")).unwrap())
+            .unwrap();
+    assert_eq!(trainer["config"]["recompute"], "mlp", "and the trainer's");
+
+    let out = whale()
+        .args(["pretrain", "--out", dir.join("bad").to_str().unwrap(), "--recompute", "norms"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--recompute") && err.contains("attention and/or mlp"), "{err}");
+    assert!(!dir.join("bad").exists());
+}
+
+#[test]
 fn a_device_that_cannot_train_is_a_clear_error_before_anything_is_written() {
     let dir = tmpdir("device");
     let cases: [(&[&str], &str); 3] = [

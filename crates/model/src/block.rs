@@ -7,7 +7,7 @@ use whale_tensor::Tensor;
 use crate::config::DeepSeekV3Config;
 use crate::mla::{CacheMode, LayerCache, MultiHeadLatentAttention};
 use crate::moe::{DeepSeekMoE, RealTokens};
-use crate::nn::{ParamBuilder, RmsNorm, SwiGluMlp};
+use crate::nn::{ParamBuilder, Recompute, RmsNorm, SwiGluMlp};
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -22,6 +22,8 @@ pub struct DecoderLayer {
     pub self_attn: MultiHeadLatentAttention,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: FeedForward,
+    /// The sublayers a training forward recomputes in the backward.
+    pub recompute: Recompute,
 }
 
 /// A layer's output and, for MoE layers, its routing statistics.
@@ -55,18 +57,28 @@ impl DecoderLayer {
             self_attn: MultiHeadLatentAttention::new(&mut b.sub("self_attn"), cfg)?,
             post_attention_layernorm: RmsNorm::new(b, "post_attention_layernorm", d, cfg.rms_norm_eps)?,
             mlp,
+            recompute: Recompute::default(),
         })
     }
 
     /// `h`: `[batch, seq, hidden]` at `positions`; `real`: the tokens an MoE layer counts in its
     /// load and balance losses (`None`: all).
     pub fn forward(&self, h: &Tensor, positions: &[usize], real: Option<&RealTokens>) -> Result<LayerOutput> {
-        let h = h.add(&self.self_attn.forward(&self.input_layernorm.forward(h)?, positions)?)?;
-        let x = self.post_attention_layernorm.forward(&h)?;
+        let (norm, attn, at) = (self.input_layernorm.clone(), self.self_attn.clone(), positions.to_vec());
+        let attention = move |h: &Tensor| attn.forward(&norm.forward(h)?, &at);
+        let h = h.add(&recomputed(self.recompute.attention, "attention sublayer", h, attention)?)?;
         Ok(match &self.mlp {
-            FeedForward::Dense(mlp) => LayerOutput { hidden: h.add(&mlp.forward(&x)?)?, load: None, aux_loss: None },
+            FeedForward::Dense(mlp) => {
+                let (norm, mlp) = (self.post_attention_layernorm.clone(), mlp.clone());
+                let ffn = move |h: &Tensor| mlp.forward(&norm.forward(h)?);
+                LayerOutput {
+                    hidden: h.add(&recomputed(self.recompute.mlp, "MLP sublayer", &h, ffn)?)?,
+                    load: None,
+                    aux_loss: None,
+                }
+            }
             FeedForward::Moe(moe) => {
-                let out = moe.forward(&x, real)?;
+                let out = moe.forward(&self.post_attention_layernorm.forward(&h)?, real)?;
                 LayerOutput { hidden: h.add(&out.output)?, load: Some(out.load), aux_loss: out.aux_loss }
             }
         })
@@ -97,5 +109,17 @@ impl DecoderLayer {
             FeedForward::Moe(moe) => moe.forward(&x, None)?.output,
         };
         Ok(h.add(&f)?)
+    }
+}
+
+/// `sublayer(x)`, through a [`whale_tensor::checkpoint`] named `what` when `recompute` is set.
+pub(crate) fn recomputed<F>(recompute: bool, what: &'static str, x: &Tensor, sublayer: F) -> Result<Tensor>
+where
+    F: Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    if recompute {
+        whale_tensor::checkpoint(what, &[x], move |x: &[Tensor]| sublayer(&x[0]))
+    } else {
+        sublayer(x)
     }
 }

@@ -12,7 +12,7 @@ use crate::checkpoint::{self, Fp8Weights, SaveDType, TensorFiles};
 use crate::config::DeepSeekV3Config;
 use crate::moe::{max_violation, update_balancing_bias, RealTokens};
 use crate::mtp::MtpModule;
-use crate::nn::{Linear, ParamBuilder, RmsNorm, WeightSource};
+use crate::nn::{Linear, ParamBuilder, Recompute, RmsNorm, WeightSource};
 use crate::{Error, Result};
 
 /// Targets equal to this are not predicted (HF's convention).
@@ -123,6 +123,7 @@ impl DeepSeekV3 {
         copy.compute_dtype = self.compute_dtype;
         copy.mtp_loss_weight = self.mtp_loss_weight;
         copy.set_fp8(self.fp8());
+        copy.set_recompute(self.recompute());
         Ok(copy)
     }
 
@@ -202,6 +203,19 @@ impl DeepSeekV3 {
         for layer in self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block)) {
             layer.set_fp8(recipe);
         }
+    }
+
+    /// Recomputes these sublayers of every decoder layer (main and MTP) in the backward instead
+    /// of keeping their activations (see [`Recompute`]).
+    pub fn set_recompute(&mut self, recompute: Recompute) {
+        for layer in self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block)) {
+            layer.recompute = recompute;
+        }
+    }
+
+    /// What [`DeepSeekV3::set_recompute`] last set (read from the first layer).
+    pub fn recompute(&self) -> Recompute {
+        self.layers.first().map(|l| l.recompute).unwrap_or_default()
     }
 
     /// The FP8 training recipe [`DeepSeekV3::set_fp8`] last set (read from the first layer).

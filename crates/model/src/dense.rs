@@ -10,10 +10,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use whale_tensor::{DType, ParamStore, Rng, Tensor};
 
+use crate::block::recomputed;
 use crate::checkpoint::{self, SaveDType, TensorFiles};
 use crate::generate::KvCache;
 use crate::mla::LayerCache;
-use crate::nn::{in_dtype_of, Linear, ParamBuilder, RmsNorm, RotaryEmbedding, SwiGluMlp, WeightSource};
+use crate::nn::{in_dtype_of, Linear, ParamBuilder, Recompute, RmsNorm, RotaryEmbedding, SwiGluMlp, WeightSource};
 use crate::tokenizer::config_token_ids;
 use crate::{Error, Result};
 
@@ -438,6 +439,27 @@ pub struct DenseLayer {
     pub self_attn: DenseAttention,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: SwiGluMlp,
+    /// The sublayers a training forward recomputes in the backward.
+    pub recompute: Recompute,
+}
+
+impl DenseLayer {
+    /// `h += attention(norm(h))`, then `h += mlp(norm(h))`. `cache`: the layer's decoding cache,
+    /// extended; `None`: a training forward (which may recompute, see [`Recompute`]).
+    fn forward(&self, h: &Tensor, positions: &[usize], cache: Option<&mut Option<LayerCache>>) -> Result<Tensor> {
+        let a = match cache {
+            Some(slot) => self.self_attn.forward(&self.input_layernorm.forward(h)?, positions, slot)?,
+            None => {
+                let (norm, attn, at) = (self.input_layernorm.clone(), self.self_attn.clone(), positions.to_vec());
+                let sublayer = move |h: &Tensor| attn.forward(&norm.forward(h)?, &at, &mut None);
+                recomputed(self.recompute.attention, "attention sublayer", h, sublayer)?
+            }
+        };
+        let h = h.add(&a)?;
+        let (norm, mlp) = (self.post_attention_layernorm.clone(), self.mlp.clone());
+        let f = recomputed(self.recompute.mlp, "MLP sublayer", &h, move |h: &Tensor| mlp.forward(&norm.forward(h)?))?;
+        Ok(h.add(&f)?)
+    }
 }
 
 /// A Llama / Qwen2 causal language model.
@@ -500,6 +522,7 @@ impl DenseModel {
                             config.rms_norm_eps,
                         )?,
                         mlp: SwiGluMlp::new(&mut l.sub("mlp"), d, config.intermediate_size)?,
+                        recompute: Recompute::default(),
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -515,25 +538,35 @@ impl DenseModel {
         Ok(DenseModel { config, embed_tokens, layers, norm, lm_head, params, compute_dtype: DType::F32 })
     }
 
+    /// Recomputes these sublayers of every layer in the backward instead of keeping their
+    /// activations (see [`Recompute`]).
+    pub fn set_recompute(&mut self, recompute: Recompute) {
+        self.layers.iter_mut().for_each(|l| l.recompute = recompute);
+    }
+
+    /// What [`DenseModel::set_recompute`] last set (read from the first layer).
+    pub fn recompute(&self) -> Recompute {
+        self.layers.first().map(|l| l.recompute).unwrap_or_default()
+    }
+
     /// Hidden states after the final norm, continuing `cache` (`None`: a fresh full sequence).
     fn run(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let mut fresh;
-        let cache = match cache {
-            Some(c) => c,
-            None => {
-                fresh = KvCache::new(self.layers.len());
-                &mut fresh
-            }
-        };
-        cache.fit(self.layers.len())?;
-        let start = cache.len();
-        let positions: Vec<usize> = (start..start + ids.dims()[1]).collect();
         let mut h = self.embed_tokens.embedding(ids)?.to_dtype(self.compute_dtype)?;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let a = layer.self_attn.forward(&layer.input_layernorm.forward(&h)?, &positions, slot)?;
-            h = h.add(&a)?;
-            let f = layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?)?;
-            h = h.add(&f)?;
+        match cache {
+            Some(cache) => {
+                cache.fit(self.layers.len())?;
+                let start = cache.len();
+                let positions: Vec<usize> = (start..start + ids.dims()[1]).collect();
+                for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                    h = layer.forward(&h, &positions, Some(slot))?;
+                }
+            }
+            None => {
+                let positions: Vec<usize> = (0..ids.dims()[1]).collect();
+                for layer in &self.layers {
+                    h = layer.forward(&h, &positions, None)?;
+                }
+            }
         }
         self.norm.forward(&h)
     }

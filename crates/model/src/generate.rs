@@ -465,7 +465,11 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     fn train_loss(&self, ids: &Tensor, targets: &Tensor, lengths: &[usize]) -> Result<Tensor>;
     /// config.json + safetensors in HF layout.
     fn save_pretrained(&self, dir: &Path, dtype: SaveDType) -> Result<()>;
-    /// An independent copy.
+    /// Recomputes these sublayers of every layer in the backward instead of keeping their
+    /// activations (the same gradients; see [`crate::nn::Recompute`]). A model without decoder
+    /// layers (a scripted test double) has nothing to recompute.
+    fn set_recompute(&mut self, _recompute: crate::nn::Recompute) {}
+    /// An independent copy (its recompute setting too).
     fn duplicate(&self) -> Result<Box<dyn CausalLm>>;
     /// A copy whose weights live on `device` (forward, backward and AdamW then run there).
     fn to_device(&self, device: &Device) -> Result<Box<dyn CausalLm>>;

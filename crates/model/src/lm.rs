@@ -45,6 +45,9 @@ macro_rules! causal_lm_common {
         fn save_pretrained(&self, dir: &Path, dtype: SaveDType) -> Result<()> {
             <$t>::save_pretrained(self, dir, dtype)
         }
+        fn set_recompute(&mut self, recompute: crate::nn::Recompute) {
+            <$t>::set_recompute(self, recompute)
+        }
     };
 }
 
@@ -92,6 +95,7 @@ impl CausalLm for DenseModel {
             .collect::<whale_tensor::Result<_>>()?;
         let mut copy = DenseModel::from_tensors(self.config.clone(), tensors, TensorFiles::copy_on(device))?;
         copy.compute_dtype = self.compute_dtype;
+        copy.set_recompute(self.recompute());
         Ok(Box::new(copy))
     }
 }

@@ -15,6 +15,7 @@ use whale_model::checkpoint::{
     complete_checkpoint, load_file, save_file, write_atomically, write_dir_atomically, write_json_synced, SaveDType,
 };
 use whale_model::moe::RealTokens;
+use whale_model::nn::Recompute;
 use whale_model::tensor::fp8::Fp8Recipe;
 use whale_model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, DeepSeekV3Schedule, LrSchedule, WarmupCosine};
 use whale_model::tensor::{no_grad, DType, Device, Rng, Tensor};
@@ -138,6 +139,9 @@ pub struct TrainConfig {
     /// From this step on the MTP loss weight is this value instead of config.json's
     /// `mtp_loss_weight` (DeepSeek-V3: 0.3 for its first 10T of 14.8T tokens, then 0.1, TR 4.2).
     pub mtp_weight_from: Option<(u64, f64)>,
+    /// The sublayers recomputed in the backward instead of kept (the same gradients, less
+    /// memory; a resumed run may change it).
+    pub recompute: Recompute,
 }
 
 impl Default for TrainConfig {
@@ -162,6 +166,7 @@ impl Default for TrainConfig {
             freeze_bias_at: None,
             lr_schedule: LrShape::Cosine,
             mtp_weight_from: None,
+            recompute: Recompute::default(),
         }
     }
 }
@@ -374,8 +379,16 @@ impl Trainer {
     pub fn new(mut model: DeepSeekV3, config: TrainConfig, data: Box<dyn DataSource>) -> Result<Self> {
         config.validate()?;
         config.precision.apply(&mut model);
+        model.set_recompute(config.recompute);
         let opt = AdamW::new(config.adamw())?;
         Ok(Trainer { model, opt, config, step: 0, data, metrics: None, skipped_in_a_row: 0 })
+    }
+
+    /// Recomputes these sublayers in the backward from the next step on (the same gradients:
+    /// a resumed run may change it).
+    pub fn set_recompute(&mut self, recompute: Recompute) {
+        self.config.recompute = recompute;
+        self.model.set_recompute(recompute);
     }
 
     /// Appends one JSON object per step to `path` (created if needed).

@@ -5,6 +5,7 @@
 
 use std::sync::OnceLock;
 
+use whale_model::nn::Recompute;
 use whale_model::tensor::Rng;
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_parallel::comm::{Comm, LocalComm};
@@ -89,9 +90,15 @@ fn reference() -> &'static (Outcome, (usize, f32)) {
 }
 
 fn run(mesh: Mesh, dp: DataParallelConfig) -> Vec<Outcome> {
+    run_recomputing(mesh, dp, Recompute::default())
+}
+
+/// [`run`], recomputing `recompute`'s sublayers in the backward.
+fn run_recomputing(mesh: Mesh, dp: DataParallelConfig, recompute: Recompute) -> Vec<Outcome> {
     LocalComm::run(mesh.world_size(), |comm| {
         let data = Box::new(mesh.shard(comm.rank(), walk()));
-        let t = trainer(GLOBAL_MICRO / mesh.dp, data);
+        let mut t = trainer(GLOBAL_MICRO / mesh.dp, data);
+        t.set_recompute(recompute);
         let mut t = ParallelTrainer::new(t, comm, mesh, dp.clone()).unwrap();
         let mut metrics = vec![t.train_step().unwrap()];
         let first = first_moments(t.trainer());
@@ -196,8 +203,20 @@ fn meshes_of_every_kind_take_one_rank_steps() {
     check(4, 2, 1, Method::OneFOneB); // two expert-parallel groups, each expert on two replicas
     check(1, 1, 2, Method::OneFOneB); // a pipeline alone
     check(2, 1, 2, Method::DualPipe); // PP = 2 needs an even count of at least 4 micro-batches
-    check(2, 2, 2, Method::DualPipe); // overlapped pairs with expert all-to-alls on both halves
+    let dualpipe = check(2, 2, 2, Method::DualPipe); // overlapped pairs with expert all-to-alls on both halves
     let all = check(2, 2, 2, Method::Zb1p); // all three, with ZeroBubble's deferred weight gradients
+
+    // Recomputed sublayers change no bits: not in DualPipe's overlapped pairs, nor in ZB1P's
+    // split backward (its B pass recomputes for the input gradients, the deferred W pass again).
+    let recompute = Recompute { attention: true, mlp: true };
+    for (ranks, schedule) in [(&dualpipe, Method::DualPipe), (&all, Method::Zb1p)] {
+        let mesh = Mesh { dp: 2, ep: 2, pp: 2, schedule, ep_nodes: 1 };
+        let recomputed = run_recomputing(mesh, DataParallelConfig::default(), recompute);
+        for (rank, plain) in recomputed.iter().zip(ranks) {
+            assert!(bits(&rank.weights) == bits(&plain.weights), "{mesh} recomputing: weights");
+            assert!(bits(&rank.first_gradient) == bits(&plain.first_gradient), "{mesh} recomputing: gradients");
+        }
+    }
 
     // Node-limited routing: 4 expert-parallel ranks on 2 nodes, the tiny preset's 2 router groups
     // (4 experts each, on one node's 2 ranks) with topk_group 1: a token's top-2 may go to two

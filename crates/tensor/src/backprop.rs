@@ -139,6 +139,19 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Runs `f` recording autograd history even inside [`no_grad`] or a backward pass (a backward
+/// that recomputes its forward: [`crate::checkpoint`]); restores the previous mode after.
+pub(crate) fn enable_grad<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GRAD_ENABLED.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GRAD_ENABLED.with(|g| g.replace(true)));
+    f()
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Pass {
     /// Everything that requires a gradient.
@@ -236,6 +249,12 @@ fn check_grad_shape(op: &str, input: &Tensor, g: &Tensor) -> Result<()> {
 
 /// Tensors reachable from `roots` through visited nodes, outputs before their inputs.
 fn topo_order(roots: &[Tensor], pass: Pass) -> Vec<Tensor> {
+    topo_order_within(roots, pass, &HashSet::new())
+}
+
+/// [`topo_order`] that does not enter the history of the tensors in `bounds` (they are listed,
+/// their inputs are not).
+fn topo_order_within(roots: &[Tensor], pass: Pass, bounds: &HashSet<TensorId>) -> Vec<Tensor> {
     let mut order = Vec::new();
     let mut done: HashSet<TensorId> = HashSet::new();
     // Iterative post-order DFS: deep models would overflow a recursive one.
@@ -249,6 +268,9 @@ fn topo_order(roots: &[Tensor], pass: Pass) -> Vec<Tensor> {
             continue;
         }
         stack.push((t.clone(), true));
+        if bounds.contains(&t.id()) {
+            continue;
+        }
         if let GradInfo::Node { inputs, .. } = &t.0.grad {
             for input in inputs {
                 if pass.visits(input) && !done.contains(&input.id()) {
@@ -334,6 +356,63 @@ fn run_backward(seeds: Vec<(Tensor, Tensor)>, pass: Pass) -> Result<WeightGradWo
         }
     }
     Ok(work)
+}
+
+/// Gradients of `output` (seeded with `grad`, the gradient of some loss with respect to it) with
+/// respect to each of `targets`, returned instead of accumulated (`torch.autograd.grad`): no
+/// variable's gradient changes. The graph is walked only where it leads to a target, and not into
+/// a target's own history. A target the output does not depend on gets `None`.
+pub fn grad(output: &Tensor, grad: &Tensor, targets: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
+    grad_within(output, grad, targets, &[])
+}
+
+/// [`grad`], also stopping at `bounds` (tensors whose history must not be walked, though no
+/// gradient is wanted for them).
+pub(crate) fn grad_within(
+    output: &Tensor,
+    grad: &Tensor,
+    targets: &[Tensor],
+    bounds: &[Tensor],
+) -> Result<Vec<Option<Tensor>>> {
+    let _guard = NoGradGuard::new();
+    check_grad_shape("seed", output, grad)?;
+    let wanted: HashSet<TensorId> = targets.iter().map(Tensor::id).collect();
+    let stops: HashSet<TensorId> = wanted.iter().copied().chain(bounds.iter().map(Tensor::id)).collect();
+    let order = topo_order_within(std::slice::from_ref(output), Pass::Full, &stops);
+    // Whether a tensor leads to a target: inputs come after their outputs in `order`.
+    let mut leads: HashSet<TensorId> = HashSet::new();
+    for t in order.iter().rev() {
+        let reaches = wanted.contains(&t.id())
+            || (!stops.contains(&t.id())
+                && matches!(&t.0.grad, GradInfo::Node { inputs, .. } if inputs.iter().any(|i| leads.contains(&i.id()))));
+        if reaches {
+            leads.insert(t.id());
+        }
+    }
+    let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
+    let seed = if grad.dtype() == output.dtype() { grad.clone() } else { grad.to_dtype(output.dtype())? };
+    accumulate(&mut grads, output, seed)?;
+    let mut found: HashMap<TensorId, Tensor> = HashMap::new();
+    for t in &order {
+        if !leads.contains(&t.id()) {
+            continue;
+        }
+        let Some(g) = grads.remove(&t.id()) else { continue };
+        if wanted.contains(&t.id()) {
+            found.insert(t.id(), g);
+            continue;
+        }
+        let (op, inputs) = node_parts(t)?;
+        let needs: Vec<bool> = inputs.iter().map(|i| leads.contains(&i.id())).collect();
+        let input_grads = op.backward(inputs, t, &g, &needs)?;
+        for ((input, ig), &need) in inputs.iter().zip(input_grads).zip(&needs) {
+            if let (true, Some(ig)) = (need, ig) {
+                check_grad_shape(op.name(), input, &ig)?;
+                accumulate(&mut grads, input, ig)?;
+            }
+        }
+    }
+    Ok(targets.iter().map(|t| found.get(&t.id()).cloned()).collect())
 }
 
 impl Tensor {

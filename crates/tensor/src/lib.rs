@@ -6,7 +6,8 @@
 //! - [`tensor`]: the handle, constructors, reading and writing values, variables and gradients.
 //! - `ops/`: elementwise, reductions, matmul, views and shape ops, indexing, fused NN ops.
 //! - [`fp8`]: fine-grained FP8 quantization and the FP8 linear layer (Fprop/Dgrad/Wgrad in FP8).
-//! - [`backprop`]: the backward pass and ZeroBubble's B/W split.
+//! - [`backprop`]: the backward pass and ZeroBubble's B/W split. [`checkpoint`]: activation
+//!   recomputation.
 //! - [`params`]: the named parameter store. [`optim`]: AdamW, clipping, schedules.
 //! - [`layout`], [`storage`], [`dtype`], [`device`], [`rng`], [`error`].
 //!
@@ -15,6 +16,7 @@
 //! on the CUDA kernels (`cuda/`); what the GPU does not hold is an error that names the op.
 
 pub mod backprop;
+pub mod checkpoint;
 mod cuda;
 pub mod device;
 pub mod dtype;
@@ -30,6 +32,7 @@ pub mod tensor;
 pub mod testing;
 
 pub use backprop::{is_grad_enabled, no_grad, BackwardOp, NoGradGuard, WeightGradWork};
+pub use checkpoint::checkpoint;
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};

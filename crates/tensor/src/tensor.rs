@@ -21,10 +21,17 @@ use crate::{DType, Device, Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TensorId(u64);
 
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 impl TensorId {
     fn next() -> Self {
-        static COUNTER: AtomicU64 = AtomicU64::new(1);
-        TensorId(COUNTER.fetch_add(1, Ordering::Relaxed))
+        TensorId(NEXT_ID.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// An id below every id handed out after this call: the tensors a computation makes from
+    /// here on are the ones at or above it.
+    pub(crate) fn watermark() -> Self {
+        TensorId(NEXT_ID.load(Ordering::Relaxed))
     }
 }
 

@@ -12,6 +12,70 @@ use whale_tensor::Tensor;
 
 use crate::Result;
 
+/// Which sublayers of a decoder layer keep no activations for the backward and compute them again
+/// there ([`whale_tensor::checkpoint`]): memory traded for a second forward of the sublayer, the
+/// gradients the same bits. DeepSeek-V3 recomputes its RMSNorms and MLA up-projections (TR
+/// 3.2.3); `attention` recomputes the whole attention sublayer, which holds them, and
+/// `attention` + `mlp` on a dense layer is HF's gradient checkpointing of the layer. Only
+/// training forwards recompute; decoding with a cache never records a graph.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recompute {
+    /// The attention sublayer: its RMSNorm, projections (MLA's down- and up-projections and
+    /// latent norms), RoPE and the attention itself; only its input and output are kept.
+    pub attention: bool,
+    /// The feed-forward sublayer (RMSNorm and SwiGLU MLP) of dense layers. An MoE layer keeps its
+    /// activations: its router's expert loads and balance loss leave the sublayer, and expert
+    /// parallelism would run its all-to-all again.
+    pub mlp: bool,
+}
+
+impl Recompute {
+    /// `none`, or a comma-separated list of `attention` and `mlp`.
+    pub fn parse(text: &str) -> Option<Recompute> {
+        let mut r = Recompute::default();
+        if text.trim() == "none" {
+            return Some(r);
+        }
+        for part in text.split(',') {
+            match part.trim() {
+                "attention" => r.attention = true,
+                "mlp" => r.mlp = true,
+                _ => return None,
+            }
+        }
+        Some(r)
+    }
+}
+
+/// As its text (`"attention,mlp"`), the form the CLI's settings and a trainer's config take.
+impl serde::Serialize for Recompute {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Recompute {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Recompute::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "recompute `{text}`: expected none, or attention and/or mlp (comma-separated)"
+            ))
+        })
+    }
+}
+
+impl std::fmt::Display for Recompute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match (self.attention, self.mlp) {
+            (false, false) => "none",
+            (true, false) => "attention",
+            (false, true) => "mlp",
+            (true, true) => "attention,mlp",
+        })
+    }
+}
+
 /// `w` in the compute dtype of `x` (a differentiable cast; a no-op when they agree).
 pub fn in_dtype_of(w: &Tensor, x: &Tensor) -> Result<Tensor> {
     Ok(if w.dtype() == x.dtype() { w.clone() } else { w.to_dtype(x.dtype())? })

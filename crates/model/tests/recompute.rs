@@ -1,0 +1,159 @@
+//! Recomputation ([`whale_model::nn::Recompute`]): recomputed sublayers give the gradients of the
+//! plain graph bit for bit, in both model families and every precision, while the graph keeps
+//! less memory alive between the forward and the backward.
+//!
+//! One test in this binary, so the allocator's count is this test's alone.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use whale_model::nn::Recompute;
+use whale_model::{CausalLm, DeepSeekV3, DeepSeekV3Config, DenseConfig, DenseModel};
+use whale_tensor::fp8::Fp8Recipe;
+use whale_tensor::{DType, Device, Rng, Tensor};
+
+/// The system allocator, counting the bytes live and the most live since the last reset.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(bytes: usize) {
+    let now = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            grew(new_size);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// One training step's loss and gradients (as bits, by parameter name), and its memory: the
+/// bytes the graph holds between the forward and the backward, and the most live at any point
+/// of both, each above what was live before the forward.
+struct Step {
+    loss: u32,
+    grads: Vec<(String, Vec<u32>)>,
+    held: usize,
+    peak: usize,
+}
+
+fn step(model: &dyn CausalLm, ids: &Tensor, targets: &Tensor, lengths: &[usize]) -> Step {
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let loss = model.train_loss(ids, targets, lengths).unwrap();
+    let held = LIVE.load(Ordering::Relaxed) - base;
+    loss.backward().unwrap();
+    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let grads = model
+        .params()
+        .iter()
+        .map(|(name, p)| {
+            let g = p.take_grad().unwrap_or_else(|| panic!("{name} got no gradient"));
+            (name.to_string(), g.to_vec_f32().unwrap().into_iter().map(f32::to_bits).collect())
+        })
+        .collect();
+    Step { loss: loss.to_scalar().unwrap().to_bits(), grads, held, peak }
+}
+
+/// Rows of random tokens, the last row half padding.
+fn batch(vocab: usize, rows: usize, seq: usize) -> (Tensor, Tensor, Vec<usize>) {
+    let mut rng = Rng::new(7);
+    let ids: Vec<i64> = (0..rows * seq).map(|_| rng.below(vocab as u64) as i64).collect();
+    let mut lengths = vec![seq; rows];
+    lengths[rows - 1] = seq / 2;
+    let targets: Vec<i64> = (0..rows * seq)
+        .map(|i| {
+            let (r, t) = (i / seq, i % seq);
+            if t + 1 < lengths[r] {
+                ids[i + 1]
+            } else {
+                whale_model::IGNORE_INDEX
+            }
+        })
+        .collect();
+    let t = |v: Vec<i64>| Tensor::from_vec(v, &[rows, seq], &Device::Cpu).unwrap();
+    (t(ids), t(targets), lengths)
+}
+
+/// `model` with each recompute setting: the same loss and gradient bits as without, and less
+/// memory held between forward and backward. Prints the bytes.
+fn check(what: &str, model: &mut dyn CausalLm, vocab: usize) {
+    let (ids, targets, lengths) = batch(vocab, 6, 40);
+    model.set_recompute(Recompute::default());
+    let plain = step(model, &ids, &targets, &lengths);
+    for setting in ["attention", "mlp", "attention,mlp"] {
+        let r = Recompute::parse(setting).unwrap();
+        model.set_recompute(r);
+        let got = step(model, &ids, &targets, &lengths);
+        assert_eq!(got.loss, plain.loss, "{what}, recompute {r}: loss");
+        for ((name, a), (_, b)) in got.grads.iter().zip(&plain.grads) {
+            assert!(a == b, "{what}, recompute {r}: the gradient of {name} differs");
+        }
+        println!(
+            "{what}, recompute {r}: graph holds {} KiB (plain {} KiB, {:.2}x), peak {} KiB (plain {} KiB, {:.2}x)",
+            got.held / 1024,
+            plain.held / 1024,
+            got.held as f64 / plain.held as f64,
+            got.peak / 1024,
+            plain.peak / 1024,
+            got.peak as f64 / plain.peak as f64
+        );
+        assert!(got.held < plain.held, "{what}, recompute {r}: held {} bytes, plain {}", got.held, plain.held);
+    }
+}
+
+#[test]
+fn recomputed_sublayers_give_the_same_gradients_and_hold_less() {
+    let cfg = DeepSeekV3Config::tiny();
+    for precision in ["f32", "bf16", "fp8"] {
+        let mut model = DeepSeekV3::new(cfg.clone(), 3).unwrap();
+        if precision != "f32" {
+            model.compute_dtype = DType::BF16;
+        }
+        if precision == "fp8" {
+            model.set_fp8(Some(Fp8Recipe::default()));
+        }
+        check(&format!("tiny DeepSeek-V3 ({precision})"), &mut model, cfg.vocab_size);
+        // A copy keeps the setting.
+        model.set_recompute(Recompute { attention: true, mlp: false });
+        assert_eq!(model.duplicate().unwrap().recompute(), model.recompute());
+    }
+    let student = DenseConfig::student(cfg.vocab_size);
+    let mut dense = DenseModel::new(student.clone(), 4).unwrap();
+    check("dense student (f32)", &mut dense, student.vocab_size);
+    dense.compute_dtype = DType::BF16;
+    check("dense student (bf16)", &mut dense, student.vocab_size);
+
+    assert_eq!(Recompute::parse("none"), Some(Recompute::default()));
+    assert_eq!(Recompute::parse(" mlp , attention"), Some(Recompute { attention: true, mlp: true }));
+    assert_eq!(Recompute::parse("norms"), None);
+    assert_eq!(Recompute::parse("attention,mlp").unwrap().to_string(), "attention,mlp");
+}
