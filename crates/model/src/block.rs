@@ -22,8 +22,8 @@ pub struct DecoderLayer {
     pub self_attn: MultiHeadLatentAttention,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: FeedForward,
-    /// The sublayers a training forward recomputes in the backward.
-    pub recompute: Recompute,
+    /// The sublayers a training forward recomputes in the backward ([`DecoderLayer::set_recompute`]).
+    recompute: Recompute,
 }
 
 /// A layer's output and, for MoE layers, its routing statistics.
@@ -82,6 +82,20 @@ impl DecoderLayer {
                 LayerOutput { hidden: h.add(&out.output)?, load: Some(out.load), aux_loss: out.aux_loss }
             }
         })
+    }
+
+    /// Recomputes these sublayers in the backward: the attention sublayer, and the dense MLP or
+    /// the MoE layer's experts (its router stays outside, see [`DeepSeekMoE::recompute_experts`]).
+    pub fn set_recompute(&mut self, recompute: Recompute) {
+        self.recompute = recompute;
+        if let FeedForward::Moe(moe) = &mut self.mlp {
+            moe.recompute_experts = recompute.mlp;
+        }
+    }
+
+    /// What [`DecoderLayer::set_recompute`] last set.
+    pub fn recompute(&self) -> Recompute {
+        self.recompute
     }
 
     pub fn moe(&self) -> Option<&DeepSeekMoE> {

@@ -209,13 +209,13 @@ impl DeepSeekV3 {
     /// of keeping their activations (see [`Recompute`]).
     pub fn set_recompute(&mut self, recompute: Recompute) {
         for layer in self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block)) {
-            layer.recompute = recompute;
+            layer.set_recompute(recompute);
         }
     }
 
     /// What [`DeepSeekV3::set_recompute`] last set (read from the first layer).
     pub fn recompute(&self) -> Recompute {
-        self.layers.first().map(|l| l.recompute).unwrap_or_default()
+        self.layers.first().map(DecoderLayer::recompute).unwrap_or_default()
     }
 
     /// The FP8 training recipe [`DeepSeekV3::set_fp8`] last set (read from the first layer).

@@ -439,11 +439,21 @@ pub struct DenseLayer {
     pub self_attn: DenseAttention,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: SwiGluMlp,
-    /// The sublayers a training forward recomputes in the backward.
-    pub recompute: Recompute,
+    /// The sublayers a training forward recomputes in the backward ([`DenseLayer::set_recompute`]).
+    recompute: Recompute,
 }
 
 impl DenseLayer {
+    /// Recomputes these sublayers in the backward (see [`Recompute`]).
+    pub fn set_recompute(&mut self, recompute: Recompute) {
+        self.recompute = recompute;
+    }
+
+    /// What [`DenseLayer::set_recompute`] last set.
+    pub fn recompute(&self) -> Recompute {
+        self.recompute
+    }
+
     /// `h += attention(norm(h))`, then `h += mlp(norm(h))`. `cache`: the layer's decoding cache,
     /// extended; `None`: a training forward (which may recompute, see [`Recompute`]).
     fn forward(&self, h: &Tensor, positions: &[usize], cache: Option<&mut Option<LayerCache>>) -> Result<Tensor> {
@@ -541,12 +551,12 @@ impl DenseModel {
     /// Recomputes these sublayers of every layer in the backward instead of keeping their
     /// activations (see [`Recompute`]).
     pub fn set_recompute(&mut self, recompute: Recompute) {
-        self.layers.iter_mut().for_each(|l| l.recompute = recompute);
+        self.layers.iter_mut().for_each(|l| l.set_recompute(recompute));
     }
 
     /// What [`DenseModel::set_recompute`] last set (read from the first layer).
     pub fn recompute(&self) -> Recompute {
-        self.layers.first().map(|l| l.recompute).unwrap_or_default()
+        self.layers.first().map(DenseLayer::recompute).unwrap_or_default()
     }
 
     /// Hidden states after the final norm, continuing `cache` (`None`: a fresh full sequence).

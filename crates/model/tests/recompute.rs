@@ -142,9 +142,17 @@ fn recomputed_sublayers_give_the_same_gradients_and_hold_less() {
             model.set_fp8(Some(Fp8Recipe::default()));
         }
         check(&format!("tiny DeepSeek-V3 ({precision})"), &mut model, cfg.vocab_size);
-        // A copy keeps the setting.
+        // A copy keeps the setting; an MoE layer's experts (MTP's too) take `mlp`.
         model.set_recompute(Recompute { attention: true, mlp: false });
         assert_eq!(model.duplicate().unwrap().recompute(), model.recompute());
+        let experts = |m: &DeepSeekV3| -> Vec<bool> {
+            let layers = m.layers.iter().chain(m.mtp.iter().map(|m| &m.block));
+            layers.filter_map(|l| l.moe()).map(|moe| moe.recompute_experts).collect()
+        };
+        assert!(experts(&model).iter().all(|&r| !r));
+        model.set_recompute(Recompute { attention: false, mlp: true });
+        assert!(experts(&model).iter().all(|&r| r));
+        assert!(model.mtp.iter().all(|m| m.block.moe().is_some()), "the tiny preset's MTP block is MoE");
     }
     let student = DenseConfig::student(cfg.vocab_size);
     let mut dense = DenseModel::new(student.clone(), 4).unwrap();

@@ -32,6 +32,11 @@ pub struct DeepSeekMoE {
     pub aux_loss_alpha: f32,
     /// Expert parallelism: where the routed experts run (`None`: all here).
     pub dispatch: Option<Arc<dyn ExpertDispatch>>,
+    /// The routed and shared experts' SwiGLU MLPs keep no activations for the backward and run
+    /// again there (DeepSeek-V3 recomputes its MoE SwiGLU outputs, TR 3.3.2; the router stays
+    /// outside, so its loads and balance loss are taken once). The decoder layer's
+    /// [`crate::nn::Recompute::mlp`].
+    pub recompute_experts: bool,
 }
 
 /// What one MoE layer returns besides its output.
@@ -63,6 +68,7 @@ impl DeepSeekMoE {
             seq_aux_alpha: cfg.seq_aux_alpha as f32,
             aux_loss_alpha: cfg.aux_loss_alpha as f32,
             dispatch: None,
+            recompute_experts: false,
         })
     }
 
@@ -88,7 +94,18 @@ impl DeepSeekMoE {
         let routing = self.gate.route(&tokens)?;
         let routed = self.dispatch_and_combine(&tokens, &routing)?;
         let out = match &self.shared_experts {
-            Some(shared) => routed.add(&shared.forward(&tokens)?)?,
+            Some(shared) => {
+                // `tokens` has other readers (the router, the routed experts): given twice (see
+                // `SwiGluMlp::forward_pair`), a recomputed MLP keeps the gradients' bits.
+                let out = if self.recompute_experts {
+                    let shared = shared.clone();
+                    let mlp = move |x: &[Tensor]| shared.forward_pair(&x[0], &x[1]);
+                    whale_tensor::checkpoint("shared experts", &[&tokens, &tokens], mlp)?
+                } else {
+                    shared.forward(&tokens)?
+                };
+                routed.add(&out)?
+            }
             None => routed,
         };
         let Some(real) = real else {
@@ -110,7 +127,7 @@ impl DeepSeekMoE {
         let k = self.gate.top_k;
         let assignments: Vec<(usize, usize)> =
             routing.experts.iter().enumerate().map(|(slot, &e)| (slot / k, e)).collect();
-        run_experts(&self.experts, tokens, &assignments, &routing.weights.flatten_all()?)
+        run_experts(&self.experts, tokens, &assignments, &routing.weights.flatten_all()?, self.recompute_experts)
     }
 
     /// Spec section 2.4: `alpha * sum_i f_i P_i` with `f_i = E/(K T) * count_i` (from the actual
@@ -192,17 +209,32 @@ impl DeepSeekMoE {
 /// (`[assignments.len()]`, differentiable) in the order of `assignments`. The rows are permuted
 /// into expert order (stably, so each expert's block keeps row order) and every expert runs once
 /// on its contiguous block: a grouped GEMM, or one FP8 linear per expert. The combine gathers
-/// each row's outputs back in a fixed order (deterministic on every device).
+/// each row's outputs back in a fixed order (deterministic on every device). With `recompute`,
+/// the experts' MLPs keep no activations and run again in the backward.
 pub fn run_experts(
     experts: &[SwiGluMlp],
     x: &Tensor,
     assignments: &[(usize, usize)],
     weights: &Tensor,
+    recompute: bool,
 ) -> Result<Tensor> {
     let dispatch = TokenDispatch::new(assignments, x.dims()[0], experts.len())?;
-    let sizes = &dispatch.plan.sizes;
     let dispatched = x.moe_permute(&dispatch)?;
-    let expert_out = if experts.iter().any(SwiGluMlp::is_fp8) {
+    let (owned, sizes) = (experts.to_vec(), dispatch.plan.sizes.clone());
+    let mlps = move |x: &Tensor| expert_mlps(&owned, x, &sizes);
+    let expert_out = crate::block::recomputed(recompute, "routed experts", &dispatched, mlps)?;
+    // The gate weights in dispatch order. Indices are host data on every device (the CUDA ops
+    // copy them in).
+    let slots: Vec<i64> = dispatch.plan.slots.iter().map(|&s| i64::from(s)).collect();
+    let slots = Tensor::from_vec(slots, &[dispatch.plan.len()], &Device::Cpu)?;
+    let w = in_dtype_of(&weights.index_select(0, &slots)?, x)?;
+    Ok(expert_out.moe_unpermute(&w, &dispatch)?)
+}
+
+/// Each expert's SwiGLU MLP on its block of `dispatched` (`[rows, hidden]`, expert after expert,
+/// `sizes[e]` rows each).
+fn expert_mlps(experts: &[SwiGluMlp], dispatched: &Tensor, sizes: &[usize]) -> Result<Tensor> {
+    Ok(if experts.iter().any(SwiGluMlp::is_fp8) {
         // FP8 experts quantize their own block (its 1x128 tiles are per token anyway). An
         // expert without tokens runs on its empty block too, so its weights get zero gradients
         // (as the grouped GEMM's empty groups do) and AdamW still decays them.
@@ -215,17 +247,11 @@ pub fn run_experts(
         Tensor::cat(&blocks, 0)?
     } else {
         let weights = |f: fn(&SwiGluMlp) -> &Tensor| -> Result<Vec<Tensor>> {
-            experts.iter().map(|e| in_dtype_of(f(e), x)).collect()
+            experts.iter().map(|e| in_dtype_of(f(e), dispatched)).collect()
         };
-        let gate = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.gate_proj.weight)?)?;
-        let up = Tensor::grouped_matmul(&dispatched, sizes, &weights(|e| &e.up_proj.weight)?)?;
+        let gate = Tensor::grouped_matmul(dispatched, sizes, &weights(|e| &e.gate_proj.weight)?)?;
+        let up = Tensor::grouped_matmul(dispatched, sizes, &weights(|e| &e.up_proj.weight)?)?;
         let hidden = Tensor::swiglu(&gate, &up)?;
         Tensor::grouped_matmul(&hidden, sizes, &weights(|e| &e.down_proj.weight)?)?
-    };
-    // The gate weights in dispatch order. Indices are host data on every device (the CUDA ops
-    // copy them in).
-    let slots: Vec<i64> = dispatch.plan.slots.iter().map(|&s| i64::from(s)).collect();
-    let slots = Tensor::from_vec(slots, &[dispatch.plan.len()], &Device::Cpu)?;
-    let w = in_dtype_of(&weights.index_select(0, &slots)?, x)?;
-    Ok(expert_out.moe_unpermute(&w, &dispatch)?)
+    })
 }

@@ -23,9 +23,10 @@ pub struct Recompute {
     /// The attention sublayer: its RMSNorm, projections (MLA's down- and up-projections and
     /// latent norms), RoPE and the attention itself; only its input and output are kept.
     pub attention: bool,
-    /// The feed-forward sublayer (RMSNorm and SwiGLU MLP) of dense layers. An MoE layer keeps its
-    /// activations: its router's expert loads and balance loss leave the sublayer, and expert
-    /// parallelism would run its all-to-all again.
+    /// The SwiGLU MLPs: a dense layer's whole feed-forward sublayer (its RMSNorm with it); in an
+    /// MoE layer every routed and shared expert (DeepSeek-V3 recomputes its MoE SwiGLU outputs),
+    /// while the RMSNorm, the router (its expert loads and balance loss are taken once) and
+    /// expert parallelism's all-to-alls keep theirs.
     pub mlp: bool,
 }
 
@@ -167,7 +168,15 @@ impl SwiGluMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = Tensor::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.forward_pair(x, x)
+    }
+
+    /// `down(silu(gate(x_gate)) * up(x_up))`: [`SwiGluMlp::forward`] given its input once for
+    /// each projection. A recomputed MLP whose input has other readers takes it twice, so that
+    /// its two input gradients join theirs one at a time, as when the MLP is kept: summed first
+    /// inside the region, they would round differently.
+    pub fn forward_pair(&self, x_gate: &Tensor, x_up: &Tensor) -> Result<Tensor> {
+        let h = Tensor::swiglu(&self.gate_proj.forward(x_gate)?, &self.up_proj.forward(x_up)?)?;
         self.down_proj.forward(&h)
     }
 
