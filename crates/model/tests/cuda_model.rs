@@ -1,7 +1,8 @@
 //! DeepSeek-V3 (the tiny preset: MLA, DeepSeekMoE with the bias-balanced gate, MTP) on a GPU
 //! against the same model on the CPU: the loss and every gradient of one backward, then the loss
 //! of each of three AdamW steps with the balancing update; then three steps in bf16, and in
-//! bf16 with FP8 GEMMs (DeepSeek-V3's recipe); then greedy, speculative and FP8-release decoding,
+//! bf16 with FP8 GEMMs (DeepSeek-V3's recipe); recomputed sublayers against kept ones; then
+//! greedy, speculative and FP8-release decoding,
 //! each GPU token checked against the CPU's logits for the same prefix. Skipped, saying so,
 //! without a GPU.
 
@@ -11,10 +12,11 @@ use common::emulator::run_gpu_tests_on_the_emulated_driver;
 use common::gpu_training::{gpu, gradients_agree, losses_agree, tokens};
 use whale_model::checkpoint::SaveDType;
 use whale_model::generate::{CacheMode, CausalLm, SamplingConfig};
+use whale_model::nn::Recompute;
 use whale_model::testing::assert_greedy_agrees;
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_tensor::fp8::Fp8Recipe;
-use whale_tensor::{DType, Device, Rng};
+use whale_tensor::{DType, Device, Rng, Tensor};
 
 /// Every GPU test of this file on the emulated driver (whale-kernels' tests/common/emulator.rs):
 /// tiny DeepSeek-V3 on whale-tensor's CUDA backend, as it is, over the host emulation of the
@@ -52,6 +54,34 @@ fn tiny_deepseek_v3_trains_in_bf16_and_with_fp8_gemms_on_a_gpu_as_on_the_cpu() {
         // differ in their last bits, a rounding lands one bf16 step (2^-8) apart, and FP8 codes
         // one E4M3 step: rare, small, and averaged over the loss's tokens, well inside 1e-2.
         losses_agree(&cpu, &gpu, 500, 1e-2, what);
+    }
+}
+
+/// Recomputed sublayers on the GPU: the loss and every gradient the bits of keeping them (the
+/// kernels are deterministic; the region runs the same launches twice), in f32 and with FP8
+/// GEMMs.
+#[test]
+fn recomputed_sublayers_give_the_same_gradients_on_a_gpu() {
+    let Some(device) = gpu("recomputed_sublayers_give_the_same_gradients_on_a_gpu") else { return };
+    let cfg = DeepSeekV3Config::tiny();
+    let (ids, targets) = (tokens(&cfg, 2, 12, 400), tokens(&cfg, 2, 12, 401));
+    for fp8 in [false, true] {
+        let mut m = DeepSeekV3::new(cfg.clone(), 14).unwrap().to_device(&device).unwrap();
+        if fp8 {
+            m.compute_dtype = DType::BF16;
+            m.set_fp8(Some(Fp8Recipe::F32_ACCUMULATION));
+        }
+        let mut run = |recompute: Recompute| -> Vec<Vec<u32>> {
+            m.set_recompute(recompute);
+            let loss = m.forward(&ids, Some(&targets)).unwrap().loss.unwrap();
+            loss.backward().unwrap();
+            let bits = |t: Tensor| t.to_vec_f32().unwrap().into_iter().map(f32::to_bits).collect::<Vec<u32>>();
+            let mut all = vec![bits(loss)];
+            all.extend(m.params.iter().map(|(name, p)| bits(p.take_grad().unwrap_or_else(|| panic!("{name}")))));
+            all
+        };
+        let kept = run(Recompute::default());
+        assert!(run(Recompute { attention: true, mlp: true }) == kept, "fp8 {fp8}: recomputing changed a gradient");
     }
 }
 
