@@ -66,9 +66,10 @@ fn train_step_in_own_pool(c: &mut Criterion) {
     g.finish();
 }
 
-/// The `small` step recomputing every attention sublayer and dense MLP in the backward
-/// (`whale_model::nn::Recompute`) against keeping their activations: what the memory it saves
-/// costs in time (`crates/model/tests/recompute.rs` measures the memory).
+/// The `small` step recomputing every attention sublayer and SwiGLU MLP (dense, routed and
+/// shared experts) in the backward (`whale_model::nn::Recompute`, "whale") against keeping their
+/// activations ("baseline"): what the memory it saves costs in time
+/// (`crates/model/tests/recompute.rs` measures the memory).
 fn train_step_recomputing(c: &mut Criterion) {
     let (b, s) = (4, 128);
     let cfg = DeepSeekV3Config::small();

@@ -248,8 +248,9 @@ pub struct PretrainArgs {
     pub device: Option<String>,
     /// Sublayers whose activations the backward recomputes instead of keeping them: none (the
     /// default), or attention and/or mlp, comma-separated (attention: the whole MLA sublayer,
-    /// DeepSeek-V3's recomputed RMSNorms and up-projections among it; mlp: dense layers' SwiGLU
-    /// MLP). The same gradients bit for bit, less memory, a second forward of those sublayers;
+    /// DeepSeek-V3's recomputed RMSNorms and up-projections among it; mlp: every SwiGLU MLP, a
+    /// dense layer's with its RMSNorm, an MoE layer's routed and shared experts, its router
+    /// kept). The same gradients bit for bit, less memory, a second forward of those sublayers;
     /// a resumed run may change it.
     #[arg(long, value_parser = parse_recompute)]
     pub recompute: Option<Recompute>,
@@ -283,7 +284,7 @@ impl PretrainArgs {
     }
 
     /// With --resume: the run's own settings.json. A continued run may change --steps,
-    /// --freeze-bias-at, --mtp-weight-from and --device; any other flag must repeat the run's
+    /// --freeze-bias-at, --mtp-weight-from, --device and --recompute; any other flag must repeat the run's
     /// value (the corpus, the evaluation set and the saved settings would otherwise mix two runs).
     fn resumed_settings(&self) -> Result<PretrainSettings> {
         if self.config.is_some() {

@@ -7,7 +7,7 @@ use whale_tensor::Tensor;
 use crate::config::DeepSeekV3Config;
 use crate::mla::{CacheMode, LayerCache, MultiHeadLatentAttention};
 use crate::moe::{DeepSeekMoE, RealTokens};
-use crate::nn::{ParamBuilder, Recompute, RmsNorm, SwiGluMlp};
+use crate::nn::{recomputed, ParamBuilder, Recompute, RmsNorm, SwiGluMlp};
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -123,17 +123,5 @@ impl DecoderLayer {
             FeedForward::Moe(moe) => moe.forward(&x, None)?.output,
         };
         Ok(h.add(&f)?)
-    }
-}
-
-/// `sublayer(x)`, through a [`whale_tensor::checkpoint`] named `what` when `recompute` is set.
-pub(crate) fn recomputed<F>(recompute: bool, what: &'static str, x: &Tensor, sublayer: F) -> Result<Tensor>
-where
-    F: Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
-{
-    if recompute {
-        whale_tensor::checkpoint(what, &[x], move |x: &[Tensor]| sublayer(&x[0]))
-    } else {
-        sublayer(x)
     }
 }

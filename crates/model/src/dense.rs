@@ -10,11 +10,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use whale_tensor::{DType, ParamStore, Rng, Tensor};
 
-use crate::block::recomputed;
 use crate::checkpoint::{self, SaveDType, TensorFiles};
 use crate::generate::KvCache;
 use crate::mla::LayerCache;
-use crate::nn::{in_dtype_of, Linear, ParamBuilder, Recompute, RmsNorm, RotaryEmbedding, SwiGluMlp, WeightSource};
+use crate::nn::{
+    in_dtype_of, recomputed, Linear, ParamBuilder, Recompute, RmsNorm, RotaryEmbedding, SwiGluMlp, WeightSource,
+};
 use crate::tokenizer::config_token_ids;
 use crate::{Error, Result};
 

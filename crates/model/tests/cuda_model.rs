@@ -15,6 +15,7 @@ use whale_model::generate::{CacheMode, CausalLm, SamplingConfig};
 use whale_model::nn::Recompute;
 use whale_model::testing::assert_greedy_agrees;
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
+use whale_tensor::checkpoint::recomputations;
 use whale_tensor::fp8::Fp8Recipe;
 use whale_tensor::{DType, Device, Rng, Tensor};
 
@@ -81,7 +82,9 @@ fn recomputed_sublayers_give_the_same_gradients_on_a_gpu() {
             all
         };
         let kept = run(Recompute::default());
+        let before = recomputations();
         assert!(run(Recompute { attention: true, mlp: true }) == kept, "fp8 {fp8}: recomputing changed a gradient");
+        assert!(recomputations() > before, "the regions were rerun");
     }
 }
 

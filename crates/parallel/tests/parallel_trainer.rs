@@ -6,6 +6,7 @@
 use std::sync::OnceLock;
 
 use whale_model::nn::Recompute;
+use whale_model::tensor::checkpoint::recomputations;
 use whale_model::tensor::Rng;
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_parallel::comm::{Comm, LocalComm};
@@ -211,7 +212,10 @@ fn meshes_of_every_kind_take_one_rank_steps() {
     let recompute = Recompute { attention: true, mlp: true };
     for (ranks, schedule) in [(&dualpipe, Method::DualPipe), (&all, Method::Zb1p)] {
         let mesh = Mesh { dp: 2, ep: 2, pp: 2, schedule, ep_nodes: 1 };
+        let before = recomputations();
         let recomputed = run_recomputing(mesh, DataParallelConfig::default(), recompute);
+        // Every rank's attention and expert regions (2 ranks x 2 stages x 8 micro-batches at least).
+        assert!(recomputations() - before >= 32, "{mesh}: the regions were not rerun");
         for (rank, plain) in recomputed.iter().zip(ranks) {
             assert!(bits(&rank.weights) == bits(&plain.weights), "{mesh} recomputing: weights");
             assert!(bits(&rank.first_gradient) == bits(&plain.first_gradient), "{mesh} recomputing: gradients");

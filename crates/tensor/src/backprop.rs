@@ -360,14 +360,16 @@ fn run_backward(seeds: Vec<(Tensor, Tensor)>, pass: Pass) -> Result<WeightGradWo
 
 /// Gradients of `output` (seeded with `grad`, the gradient of some loss with respect to it) with
 /// respect to each of `targets`, returned instead of accumulated (`torch.autograd.grad`): no
-/// variable's gradient changes. The graph is walked only where it leads to a target, and not into
-/// a target's own history. A target the output does not depend on gets `None`.
+/// variable's gradient changes. The graph is walked only where it leads to a target; a target
+/// that depends on another gets its gradient and passes it on. A target the output does not
+/// depend on gets `None`.
 pub fn grad(output: &Tensor, grad: &Tensor, targets: &[Tensor]) -> Result<Vec<Option<Tensor>>> {
     grad_within(output, grad, targets, &[])
 }
 
-/// [`grad`], also stopping at `bounds` (tensors whose history must not be walked, though no
-/// gradient is wanted for them).
+/// [`grad`], not walking into the history of `bounds` (tensors made outside a recomputed region:
+/// their gradients, when targets, are the region's to return, and the outer backward's to take
+/// further).
 pub(crate) fn grad_within(
     output: &Tensor,
     grad: &Tensor,
@@ -377,15 +379,14 @@ pub(crate) fn grad_within(
     let _guard = NoGradGuard::new();
     check_grad_shape("seed", output, grad)?;
     let wanted: HashSet<TensorId> = targets.iter().map(Tensor::id).collect();
-    let stops: HashSet<TensorId> = wanted.iter().copied().chain(bounds.iter().map(Tensor::id)).collect();
+    let stops: HashSet<TensorId> = bounds.iter().map(Tensor::id).collect();
     let order = topo_order_within(std::slice::from_ref(output), Pass::Full, &stops);
     // Whether a tensor leads to a target: inputs come after their outputs in `order`.
     let mut leads: HashSet<TensorId> = HashSet::new();
     for t in order.iter().rev() {
-        let reaches = wanted.contains(&t.id())
-            || (!stops.contains(&t.id())
-                && matches!(&t.0.grad, GradInfo::Node { inputs, .. } if inputs.iter().any(|i| leads.contains(&i.id()))));
-        if reaches {
+        let through = !stops.contains(&t.id())
+            && matches!(&t.0.grad, GradInfo::Node { inputs, .. } if inputs.iter().any(|i| leads.contains(&i.id())));
+        if wanted.contains(&t.id()) || through {
             leads.insert(t.id());
         }
     }
@@ -397,13 +398,19 @@ pub(crate) fn grad_within(
         if !leads.contains(&t.id()) {
             continue;
         }
+        // Every reader of `t` comes before it in `order`: its gradient is whole here.
         let Some(g) = grads.remove(&t.id()) else { continue };
         if wanted.contains(&t.id()) {
-            found.insert(t.id(), g);
+            found.insert(t.id(), g.clone());
+        }
+        if stops.contains(&t.id()) || !matches!(t.0.grad, GradInfo::Node { .. }) {
             continue;
         }
         let (op, inputs) = node_parts(t)?;
         let needs: Vec<bool> = inputs.iter().map(|i| leads.contains(&i.id())).collect();
+        if !needs.iter().any(|&n| n) {
+            continue;
+        }
         let input_grads = op.backward(inputs, t, &g, &needs)?;
         for ((input, ig), &need) in inputs.iter().zip(input_grads).zip(&needs) {
             if let (true, Some(ig)) = (need, ig) {

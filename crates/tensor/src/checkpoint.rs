@@ -14,6 +14,7 @@
 //! weights'.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::backprop::{enable_grad, grad_within, is_grad_enabled, BackwardOp, GradInfo};
@@ -40,15 +41,17 @@ where
     if !is_grad_enabled() {
         return f(&owned);
     }
-    // The first run records, to find which tensors from outside the region (captured weights)
-    // the output depends on; its graph is dropped on return, keeping the output's values.
+    // The first run records, to find what from outside the region (captured weights, buffers)
+    // the output depends on; its graph goes on return, the output's values stay. So the region's
+    // activations are all alive once, during this call, as they are again in its backward.
     let leaves: Vec<Tensor> = owned.iter().map(stand_in).collect();
     let from = TensorId::watermark();
     let out = f(&leaves)?;
-    let captured = captured_by(name, &out, &leaves, from)?;
-    let node_inputs: Vec<&Tensor> = inputs.iter().copied().chain(&captured).collect();
+    let outside = Outside::of(name, &out, &leaves, from)?;
+    let node_inputs: Vec<&Tensor> = inputs.iter().copied().chain(&outside.captured).collect();
     let f = move |x: &[Tensor]| f(x).map_err(|e| e.to_string());
-    let op = Recompute { name, f: Arc::new(f), n_inputs: inputs.len() };
+    let read = outside.read.into_iter().map(|t| (t.0.storage.version(), t)).collect();
+    let op = Recompute { name, f: Arc::new(f), n_inputs: inputs.len(), read };
     Ok(Tensor::with_history_on(
         out.0.storage.clone(),
         out.layout().clone(),
@@ -69,42 +72,68 @@ fn stand_in(t: &Tensor) -> Tensor {
     }
 }
 
-/// The tensors made before `from` (outside the region), other than the `leaves`, that `out`'s
-/// graph reaches and that require a gradient, in the order a depth-first walk meets them.
-fn captured_by(name: &str, out: &Tensor, leaves: &[Tensor], from: TensorId) -> Result<Vec<Tensor>> {
-    let own: HashSet<TensorId> = leaves.iter().map(Tensor::id).collect();
-    let mut seen: HashSet<TensorId> = HashSet::new();
-    let mut captured = Vec::new();
-    let mut stack = vec![out.clone()];
-    while let Some(t) = stack.pop() {
-        if !t.requires_grad() || own.contains(&t.id()) || !seen.insert(t.id()) {
-            continue;
-        }
-        if t.id() < from {
-            captured.push(t);
-            continue;
-        }
-        match &t.0.grad {
-            GradInfo::Node { inputs, .. } => stack.extend(inputs.iter().rev().cloned()),
-            _ => {
-                return Err(Error::Backward(format!(
-                    "checkpoint `{name}`: the function made a variable of its own ({:?} {:?}), whose \
-                     gradient a recomputation would lose; make it outside and capture or pass it",
-                    t.dtype(),
-                    t.dims()
-                )))
+/// What a region's graph reads from outside it: tensors made before the region ran (other than
+/// its arguments' stand-ins), found by a depth-first walk from its output.
+struct Outside {
+    /// Those that require a gradient, in the order the walk meets them.
+    captured: Vec<Tensor>,
+    /// Those that do not (frozen weights, buffers, tables): read again by the rerun, so checked
+    /// for writes in place.
+    read: Vec<Tensor>,
+}
+
+impl Outside {
+    fn of(name: &str, out: &Tensor, leaves: &[Tensor], from: TensorId) -> Result<Outside> {
+        let own: HashSet<TensorId> = leaves.iter().map(Tensor::id).collect();
+        let mut seen: HashSet<TensorId> = HashSet::new();
+        let (mut captured, mut read) = (Vec::new(), Vec::new());
+        let mut stack = vec![out.clone()];
+        while let Some(t) = stack.pop() {
+            if own.contains(&t.id()) || !seen.insert(t.id()) {
+                continue;
+            }
+            if t.id() < from {
+                if t.requires_grad() {
+                    captured.push(t);
+                } else {
+                    read.push(t);
+                }
+                continue;
+            }
+            match &t.0.grad {
+                GradInfo::Node { inputs, .. } => stack.extend(inputs.iter().rev().cloned()),
+                GradInfo::None => {}
+                GradInfo::Leaf { .. } => {
+                    return Err(Error::Backward(format!(
+                        "checkpoint `{name}`: the function made a variable of its own ({:?} {:?}), whose \
+                         gradient a recomputation would lose; make it outside and capture or pass it",
+                        t.dtype(),
+                        t.dims()
+                    )))
+                }
             }
         }
+        Ok(Outside { captured, read })
     }
-    Ok(captured)
 }
 
 /// The backward of a [`checkpoint`]: its inputs are the function's `n_inputs` arguments, then the
-/// captured tensors.
+/// captured tensors; `read` holds what else the region read from outside, with the version of
+/// its values then.
 struct Recompute {
     name: &'static str,
     f: Arc<Region>,
     n_inputs: usize,
+    read: Vec<(u64, Tensor)>,
+}
+
+impl Recompute {
+    fn differs(&self, what: String) -> Error {
+        Error::Backward(format!(
+            "checkpoint `{}`: the recomputation {what}; the function must compute the same each time",
+            self.name
+        ))
+    }
 }
 
 impl BackwardOp for Recompute {
@@ -119,22 +148,41 @@ impl BackwardOp for Recompute {
         grad: &Tensor,
         needs: &[bool],
     ) -> Result<Vec<Option<Tensor>>> {
+        // (The arguments and captured tensors are checked as every node's inputs are.)
+        for (then, t) in &self.read {
+            if t.0.storage.version() != *then {
+                return Err(Error::Backward(format!(
+                    "checkpoint `{}`: a tensor it reads ({:?} {:?}) was written in place after the forward, so \
+                     the recomputation would see other values",
+                    self.name,
+                    t.dtype(),
+                    t.dims()
+                )));
+            }
+        }
+        RECOMPUTATIONS.fetch_add(1, Ordering::Relaxed);
         let (args, captured) = inputs.split_at(self.n_inputs);
         // Arguments whose gradient is not asked for this time are constants of the rerun.
         let leaves: Vec<Tensor> =
             args.iter().zip(needs).map(|(t, &need)| if need { stand_in(t) } else { t.detach() }).collect();
+        let from = TensorId::watermark();
         let out = enable_grad(|| (self.f)(&leaves))
             .map_err(|e| Error::Backward(format!("checkpoint `{}`: recomputing: {e}", self.name)))?;
         if out.dims() != output.dims() || out.dtype() != output.dtype() {
-            return Err(Error::Backward(format!(
-                "checkpoint `{}`: the recomputation gave {:?} {:?}, the forward {:?} {:?}; the function \
-                 must compute the same each time",
-                self.name,
-                out.dtype(),
-                out.dims(),
-                output.dtype(),
-                output.dims()
-            )));
+            let (now, then) = ((out.dtype(), out.dims()), (output.dtype(), output.dims()));
+            return Err(self.differs(format!("gave {now:?}, the forward {then:?}")));
+        }
+        // The rerun must depend on the tensors from outside the forward did, and only on them:
+        // its gradients stop there, where the outer backward takes them on.
+        let reached: HashSet<TensorId> =
+            Outside::of(self.name, &out, &leaves, from)?.captured.iter().map(Tensor::id).collect();
+        if reached != captured.iter().map(Tensor::id).collect() {
+            let what = format!(
+                "reached {} tensors from outside that need a gradient, the forward {}",
+                reached.len(),
+                captured.len()
+            );
+            return Err(self.differs(what));
         }
         let wanted: Vec<usize> = (0..inputs.len()).filter(|&i| needs[i]).collect();
         let targets: Vec<Tensor> =
@@ -147,6 +195,14 @@ impl BackwardOp for Recompute {
         Ok(all)
     }
 }
+
+/// Regions run again by backward passes in this process so far (each half of a split backward
+/// counts): what a test or a profile reads to see that recomputation happened.
+pub fn recomputations() -> u64 {
+    RECOMPUTATIONS.load(Ordering::Relaxed)
+}
+
+static RECOMPUTATIONS: AtomicU64 = AtomicU64::new(0);
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use whale_tensor::backprop::grad;
+use whale_tensor::checkpoint::recomputations;
 use whale_tensor::testing::{assert_gradients, randn};
 use whale_tensor::{checkpoint, no_grad, Result, Tensor};
 
@@ -157,6 +158,71 @@ fn what_cannot_be_recomputed_is_an_error_naming_the_region() {
 }
 
 #[test]
+fn captured_tensors_of_every_kind_get_their_gradients() {
+    // A weight captured both as it is and as a cast made outside the region (the cast's gradient
+    // flows on to the weight through the outer graph), in a full and in a split backward, and an
+    // activation on the input path captured rather than passed.
+    let w = randn(&[4, 4], 20).variable();
+    let x = randn(&[3, 4], 21).input_variable();
+    let cast = w.mul_scalar(2.0).unwrap();
+    let plain = |x: &Tensor| x.matmul(&w)?.tanh()?.matmul(&cast)?.mul(&x.exp()?);
+    plain(&x).unwrap().sum_all().unwrap().backward().unwrap();
+    let want = [&w, &x].map(|t| t.take_grad().unwrap().to_vec_f32().unwrap());
+
+    let (w2, cast2) = (w.clone(), cast.clone());
+    let region = move |a: &[Tensor]| a[0].matmul(&w2)?.tanh()?.matmul(&cast2);
+    let out = checkpoint("both", &[&x], region.clone()).unwrap().mul(&x.exp().unwrap()).unwrap();
+    out.sum_all().unwrap().backward().unwrap();
+    assert_eq!([&w, &x].map(|t| t.take_grad().unwrap().to_vec_f32().unwrap()), want);
+
+    let out = checkpoint("both", &[&x], region).unwrap().mul(&x.exp().unwrap()).unwrap();
+    let work = out.sum_all().unwrap().backward_split(None).unwrap();
+    assert!(w.grad().is_none());
+    work.run().unwrap();
+    assert_eq!([&w, &x].map(|t| t.take_grad().unwrap().to_vec_f32().unwrap()), want);
+
+    // `x` captured: the split's B pass must still reach it through the region.
+    let x2 = x.clone();
+    let w3 = w.clone();
+    let out = checkpoint("captures x", &[], move |_: &[Tensor]| x2.matmul(&w3)?.tanh()).unwrap();
+    let work = out.sum_all().unwrap().backward_split(None).unwrap();
+    let b_pass = x.grad().expect("the B pass gives the captured input its gradient").to_vec_f32().unwrap();
+    work.run().unwrap();
+    x.zero_grad();
+    x.matmul(&w).unwrap().tanh().unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(b_pass, x.take_grad().unwrap().to_vec_f32().unwrap());
+}
+
+#[test]
+fn recomputations_are_counted_and_frozen_reads_checked() {
+    let x = randn(&[2, 3], 22).input_variable();
+    let frozen = randn(&[3], 23);
+    let f2 = frozen.clone();
+    let before = recomputations();
+    let out = checkpoint("frozen", &[&x], move |a: &[Tensor]| a[0].mul(&f2)?.exp()).unwrap();
+    out.sum_all().unwrap().backward().unwrap();
+    assert!(recomputations() > before, "the backward reran the region");
+    // A tensor without a gradient the region reads, written in place before the backward.
+    let f3 = frozen.clone();
+    let out = checkpoint("frozen", &[&x], move |a: &[Tensor]| a[0].mul(&f3)?.exp()).unwrap();
+    frozen.assign(&randn(&[3], 24)).unwrap();
+    let err = out.sum_all().unwrap().backward().unwrap_err().to_string();
+    assert!(err.contains("checkpoint `frozen`") && err.contains("written in place"), "{err}");
+
+    // A rerun that reaches a tensor from outside the forward did not.
+    let (w, v) = (randn(&[3], 25).variable(), randn(&[3], 26).variable());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (w2, v2, r2) = (w.clone(), v.clone(), runs.clone());
+    let out = checkpoint("switches", &[&x], move |a: &[Tensor]| {
+        let by = if r2.fetch_add(1, Ordering::Relaxed) == 0 { &w2 } else { &v2 };
+        a[0].mul(by)
+    })
+    .unwrap();
+    let err = out.sum_all().unwrap().backward().unwrap_err().to_string();
+    assert!(err.contains("checkpoint `switches`") && err.contains("same each time"), "{err}");
+}
+
+#[test]
 fn grad_returns_gradients_without_accumulating_them() {
     let s = setup();
     let runs = Arc::new(AtomicUsize::new(0));
@@ -170,4 +236,16 @@ fn grad_returns_gradients_without_accumulating_them() {
     l.backward().unwrap();
     assert_eq!(got[0].as_ref().unwrap().to_vec_f32().unwrap(), s.w.grad().unwrap().to_vec_f32().unwrap());
     assert_eq!(got[1].as_ref().unwrap().to_vec_f32().unwrap(), s.x.grad().unwrap().to_vec_f32().unwrap());
+
+    // A target that depends on another passes its gradient on (torch.autograd.grad): d/dx
+    // through h = tanh(x) whether or not h is asked for too.
+    let x = randn(&[4], 17).input_variable();
+    let h = x.tanh().unwrap();
+    let l = h.sqr().unwrap().sum_all().unwrap();
+    let one = Tensor::ones(&[], l.dtype(), &l.device()).unwrap();
+    let alone = grad(&l, &one, std::slice::from_ref(&x)).unwrap().remove(0).unwrap().to_vec_f32().unwrap();
+    let both = grad(&l, &one, &[h.clone(), x.clone()]).unwrap();
+    assert_eq!(both[1].as_ref().unwrap().to_vec_f32().unwrap(), alone);
+    let dh: Vec<f32> = h.to_vec_f32().unwrap().iter().map(|v| 2.0 * v).collect();
+    assert_eq!(both[0].as_ref().unwrap().to_vec_f32().unwrap(), dh);
 }

@@ -96,7 +96,10 @@ impl DeepSeekMoE {
         let out = match &self.shared_experts {
             Some(shared) => {
                 // `tokens` has other readers (the router, the routed experts): given twice (see
-                // `SwiGluMlp::forward_pair`), a recomputed MLP keeps the gradients' bits.
+                // `SwiGluMlp::forward_pair`), a recomputed MLP keeps the gradients' bits. That
+                // rests on the backward's order (`backprop::topo_order`) taking the gate's and the
+                // up projection's gradients one after the other, as the node's two inputs are;
+                // tests/recompute.rs holds it to the bit.
                 let out = if self.recompute_experts {
                     let shared = shared.clone();
                     let mlp = move |x: &[Tensor]| shared.forward_pair(&x[0], &x[1]);
@@ -222,7 +225,7 @@ pub fn run_experts(
     let dispatched = x.moe_permute(&dispatch)?;
     let (owned, sizes) = (experts.to_vec(), dispatch.plan.sizes.clone());
     let mlps = move |x: &Tensor| expert_mlps(&owned, x, &sizes);
-    let expert_out = crate::block::recomputed(recompute, "routed experts", &dispatched, mlps)?;
+    let expert_out = crate::nn::recomputed(recompute, "routed experts", &dispatched, mlps)?;
     // The gate weights in dispatch order. Indices are host data on every device (the CUDA ops
     // copy them in).
     let slots: Vec<i64> = dispatch.plan.slots.iter().map(|&s| i64::from(s)).collect();

@@ -77,6 +77,18 @@ impl std::fmt::Display for Recompute {
     }
 }
 
+/// `sublayer(x)`, through a [`whale_tensor::checkpoint`] named `what` when `recompute` is set.
+pub(crate) fn recomputed<F>(recompute: bool, what: &'static str, x: &Tensor, sublayer: F) -> Result<Tensor>
+where
+    F: Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    if recompute {
+        whale_tensor::checkpoint(what, &[x], move |x: &[Tensor]| sublayer(&x[0]))
+    } else {
+        sublayer(x)
+    }
+}
+
 /// `w` in the compute dtype of `x` (a differentiable cast; a no-op when they agree).
 pub fn in_dtype_of(w: &Tensor, x: &Tensor) -> Result<Tensor> {
     Ok(if w.dtype() == x.dtype() { w.clone() } else { w.to_dtype(x.dtype())? })
