@@ -21,7 +21,7 @@ use whale_rl::data::CorpusData;
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::parallel::comm::{Comm, CommError, LocalComm, ReduceOp};
 use whale_rl::parallel::data_parallel::DataParallelConfig;
-use whale_rl::parallel::model::checkpoint::find_checkpoint;
+use whale_rl::parallel::model::checkpoint::{find_checkpoint, write_dir_atomically, SaveDType};
 use whale_rl::parallel::model::nn::Recompute;
 use whale_rl::parallel::model::tensor::optim::DeepSeekV3Schedule;
 use whale_rl::parallel::model::tensor::Device;
@@ -94,6 +94,9 @@ pub struct PretrainSettings {
     pub on_non_finite: NonFinitePolicy,
     /// Sublayers recomputed in the backward instead of kept: none, or attention and/or mlp.
     pub recompute: Recompute,
+    /// Keep an exponential moving average of the parameters with this decay (evaluated and saved
+    /// as `ema/` at the end); unset: none.
+    pub ema_decay: Option<f64>,
 }
 
 impl crate::settings::Settings for PretrainSettings {}
@@ -137,6 +140,7 @@ impl Default for PretrainSettings {
             device: "cpu".into(),
             on_non_finite: NonFinitePolicy::Stop,
             recompute: Recompute::default(),
+            ema_decay: None,
         }
     }
 }
@@ -254,6 +258,12 @@ pub struct PretrainArgs {
     /// a resumed run may change it.
     #[arg(long, value_parser = parse_recompute)]
     pub recompute: Option<Recompute>,
+    /// Keep an exponential moving average of the parameters with this decay, in (0, 1), e.g.
+    /// 0.99 (DeepSeek-V3's EMA in host memory: an early look at the model after the learning
+    /// rate decays). It is blended on a thread of its own after each step, checkpointed, evaluated
+    /// beside the model at the end and saved as a model folder, `ema/`, in the run folder.
+    #[arg(long = "ema")]
+    pub ema_decay: Option<f64>,
 }
 
 /// `--recompute`'s value.
@@ -353,6 +363,9 @@ impl PretrainArgs {
         if self.mtp_weight_from.is_some() {
             s.mtp_weight_from = self.mtp_weight_from.clone();
         }
+        if self.ema_decay.is_some() {
+            s.ema_decay = self.ema_decay;
+        }
     }
 }
 
@@ -374,6 +387,7 @@ pub fn train_config(s: &PretrainSettings) -> Result<TrainConfig> {
         mtp_weight_from: s.mtp_weight_from.as_deref().map(parse_step_weight).transpose()?,
         on_non_finite: s.on_non_finite,
         recompute: s.recompute,
+        ema_decay: s.ema_decay,
         ..TrainConfig::default()
     };
     v3_switches(&mut c, s);
@@ -481,6 +495,9 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let device = device(&s)?;
     // Training settings out of range are refused before anything is written.
     train_config(&s)?.validate()?;
+    if s.ema_decay.is_some() && mesh.world_size() > 1 {
+        bail!("--ema: the parameters' moving average is kept on one rank in this build ({})", layout_flags(&s));
+    }
     crate::settings::check_evaluation(s.eval_problems, s.k, "--eval-problems", "--k")?;
     let tok = CharTokenizer::new();
     // Building the corpus refuses its shares (`letters`, `imperfect`, `mixing`) before anything
@@ -588,6 +605,18 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     );
     print_report("base", &report);
     write_eval(&s.out.join("eval.json"), &report)?;
+    if let Some(average) = trainer.ema_model()? {
+        // The same problems and sampling streams: the rows compare the weights alone.
+        let ema = evaluate_on_cpu(&average, device, &tok, &problems, &eval_cfg)?;
+        print_report(
+            &format!("base, EMA of the weights (decay {})", trainer.config.ema_decay.unwrap_or_default()),
+            &ema,
+        );
+        let dir = s.out.join("ema");
+        write_dir_atomically(&dir, |tmp| average.save_pretrained(tmp, SaveDType::F32))?;
+        write_eval(&dir.join("eval.json"), &ema)?;
+        println!("the average's model: {}", dir.display());
+    }
     println!(
         "\ncheckpoint: {}   metrics: {}   charts: whale plot {}",
         ckpt.display(),

@@ -191,6 +191,44 @@ fn recomputing_sublayers_trains_the_same_bits_and_a_resumed_run_may_change_it() 
 }
 
 #[test]
+fn an_ema_of_the_weights_is_evaluated_saved_and_resumed() {
+    let dir = tmpdir("ema");
+    let run = dir.join("run");
+    let pretrain = |steps: &str, extra: &[&str]| {
+        whale()
+            .args(["pretrain", "--out", run.to_str().unwrap(), "--steps", steps, "--warmup", "1", "--ema", "0.9"])
+            .args(SMALL)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = pretrain("2", &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("| base, EMA of the weights (decay 0.9) |"), "{stdout}");
+    assert!(run.join("checkpoint/ema.safetensors").exists());
+    let out = pretrain("3", &["--resume"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The average's folder is a model `whale eval` reads, and its evaluation is kept beside it.
+    assert!(run.join("ema/eval.json").exists());
+    let out = whale()
+        .args(["eval", "--checkpoint", run.join("ema").to_str().unwrap(), "--tasks", "add:2", "--k", "2"])
+        .args(["--problems", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Refused before anything is written: a decay out of range, an average over several ranks.
+    for (flags, words) in [(&["--ema", "1.5"][..], "ema_decay"), (&["--ema", "0.9", "--dp", "2"][..], "one rank")] {
+        let bad = dir.join("bad");
+        let out = whale().args(["pretrain", "--out", bad.to_str().unwrap()]).args(flags).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(words), "{flags:?}: {err}");
+        assert!(!bad.exists(), "{flags:?}");
+    }
+}
+
+#[test]
 fn a_device_that_cannot_train_is_a_clear_error_before_anything_is_written() {
     let dir = tmpdir("device");
     let cases: [(&[&str], &str); 3] = [

@@ -17,7 +17,9 @@ use whale_model::checkpoint::{
 use whale_model::moe::RealTokens;
 use whale_model::nn::Recompute;
 use whale_model::tensor::fp8::Fp8Recipe;
-use whale_model::tensor::optim::{clip_grad_norm, AdamW, AdamWConfig, DeepSeekV3Schedule, LrSchedule, WarmupCosine};
+use whale_model::tensor::optim::{
+    clip_grad_norm, AdamW, AdamWConfig, DeepSeekV3Schedule, Ema, LrSchedule, WarmupCosine,
+};
 use whale_model::tensor::{no_grad, DType, Device, Rng, Tensor};
 use whale_model::{DeepSeekV3, IGNORE_INDEX};
 
@@ -142,6 +144,9 @@ pub struct TrainConfig {
     /// The sublayers recomputed in the backward instead of kept (the same gradients, less
     /// memory; a resumed run may change it).
     pub recompute: Recompute,
+    /// Keep an exponential moving average of the parameters with this decay (DeepSeek-V3's EMA
+    /// in host memory, TR 3.2.3; one rank). None: no average.
+    pub ema_decay: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -167,6 +172,7 @@ impl Default for TrainConfig {
             lr_schedule: LrShape::Cosine,
             mtp_weight_from: None,
             recompute: Recompute::default(),
+            ema_decay: None,
         }
     }
 }
@@ -197,6 +203,9 @@ impl TrainConfig {
         }
         if self.grad_accum == 0 {
             return bad("grad_accum", "must be at least 1");
+        }
+        if let Some(d) = self.ema_decay.filter(|d| !(*d > 0.0 && *d < 1.0)) {
+            return bad("ema_decay", &format!("{d} is not in (0, 1)"));
         }
         if self.seq_len < 2 {
             return bad("seq_len", "must be at least 2");
@@ -346,6 +355,8 @@ pub struct Trainer {
     metrics: Option<File>,
     /// Steps skipped in a row for non-finite values (`NonFinitePolicy::Skip`).
     skipped_in_a_row: u64,
+    /// The parameters' moving average (`config.ema_decay`), blended in after each step taken.
+    pub ema: Option<Ema>,
 }
 
 /// With `NonFinitePolicy::Skip`, this many skipped steps in a row stop the run: a transient
@@ -361,6 +372,8 @@ impl std::fmt::Debug for Trainer {
 /// The trainer state file of a checkpoint (its marker: a checkpoint without it is incomplete).
 pub const TRAINER_FILE: &str = "trainer.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The parameters' moving average in a checkpoint (with `ema_decay`), by parameter name.
+pub const EMA_FILE: &str = "ema.safetensors";
 
 /// The first layer named in a parameter name (`model.layers.3.` -> `model.layers.3`).
 fn layer_of(name: &str) -> String {
@@ -381,7 +394,20 @@ impl Trainer {
         config.precision.apply(&mut model);
         model.set_recompute(config.recompute);
         let opt = AdamW::new(config.adamw())?;
-        Ok(Trainer { model, opt, config, step: 0, data, metrics: None, skipped_in_a_row: 0 })
+        let ema = config.ema_decay.map(|d| Ema::new(d, &model.params)).transpose()?;
+        Ok(Trainer { model, opt, config, step: 0, data, metrics: None, skipped_in_a_row: 0, ema })
+    }
+
+    /// A copy of the model holding the parameters' moving average (on the model's device, with
+    /// its current balancing biases), or `None` without `ema_decay`.
+    pub fn ema_model(&self) -> Result<Option<DeepSeekV3>> {
+        let Some(ema) = &self.ema else { return Ok(None) };
+        let model = self.model.duplicate()?;
+        let device = model.device();
+        for (name, average) in ema.average()? {
+            model.params.get(&name)?.assign(&average.to_device(&device)?)?;
+        }
+        Ok(Some(model))
     }
 
     /// Recomputes these sublayers in the backward from the next step on (the same gradients:
@@ -507,6 +533,9 @@ impl Trainer {
             if self.config.freeze_bias_at.is_none_or(|at| self.step < at) {
                 self.model.update_balancing_biases(&measured.loads)?;
             }
+            if let Some(ema) = &mut self.ema {
+                ema.update(&self.model.params)?;
+            }
             self.model.params.zero_grad();
         }
         // Real tokens, not padded positions: each routes top-k experts in the first MoE layer,
@@ -587,6 +616,9 @@ impl Trainer {
             self.model.save_pretrained(tmp, SaveDType::F32)?;
             let opt: std::collections::BTreeMap<String, Tensor> = self.opt.state_tensors()?.into_iter().collect();
             save_file(&tmp.join(OPTIMIZER_FILE), &opt, SaveDType::F32)?;
+            if let Some(ema) = &self.ema {
+                save_file(&tmp.join(EMA_FILE), &ema.average()?, SaveDType::F32)?;
+            }
             let state = json!({
                 "step": self.step,
                 "optimizer_steps": self.opt.steps(),
@@ -617,6 +649,11 @@ impl Trainer {
         let mut t = Trainer::new(model, config, data)?;
         let opt_state = load_file(&dir.join(OPTIMIZER_FILE))?;
         t.opt.load_state(opt_steps, &opt_state, &t.model.params)?;
+        if let Some(decay) = t.config.ema_decay {
+            let saved = load_file(&dir.join(EMA_FILE))?;
+            let ema = Ema::resume(decay, &t.model.params, &saved).map_err(|e| Error::file(dir.join(EMA_FILE), e))?;
+            t.ema = Some(ema);
+        }
         t.step = step;
         // (A checkpoint written before the streak was saved has none.)
         t.skipped_in_a_row = state.get("skipped_in_a_row").map_or(Ok(0), |v| {

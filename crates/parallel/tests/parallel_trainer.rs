@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use whale_model::nn::Recompute;
 use whale_model::tensor::checkpoint::recomputations;
+use whale_model::tensor::optim::Ema;
 use whale_model::tensor::Rng;
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_parallel::comm::{Comm, LocalComm};
@@ -308,4 +309,10 @@ fn impossible_meshes_are_refused_with_the_reason() {
     let err = ParallelTrainer::new(trainer(4, walk()), &comm, mesh, DataParallelConfig::default()).unwrap_err();
     assert!(err.to_string().contains("needs 2 ranks"), "{err}");
     assert_eq!(comm.world_size(), 1);
+    // The parameters' moving average is one rank's.
+    let mut t = trainer(4, walk());
+    t.config.ema_decay = Some(0.9);
+    t.ema = Some(Ema::new(0.9, &t.model.params).unwrap());
+    let err = ParallelTrainer::new(t, &comm, mesh, DataParallelConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("ema_decay") && err.to_string().contains("one rank"), "{err}");
 }

@@ -432,3 +432,55 @@ fn a_finite_loss_with_a_gradient_that_overflows_is_located_and_skipped_or_stoppe
     }
     assert_eq!(before, bits(&t), "a stopped step changes no weight");
 }
+
+/// The parameters' values by name.
+fn weights(params: &whale_model::tensor::ParamStore) -> Vec<(String, Vec<f32>)> {
+    params.iter().map(|(n, p)| (n.to_string(), p.to_vec_f32().unwrap())).collect()
+}
+
+#[test]
+fn the_parameters_moving_average_follows_the_steps_and_resumes_bit_for_bit() {
+    let ema_config = |steps| TrainConfig { ema_decay: Some(0.5), ..config(steps) };
+    let new = |steps| Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), ema_config(steps), data(5));
+    // The average starts at the initial weights and blends each step's in: by hand, with the
+    // weights after each step (decay 0.5: each step's weights count half).
+    let mut t = new(3).unwrap();
+    let mut want = weights(&t.model.params);
+    while !t.done() {
+        t.train_step().unwrap();
+        for ((_, avg), (_, w)) in want.iter_mut().zip(weights(&t.model.params)) {
+            avg.iter_mut().zip(w).for_each(|(a, p)| *a = 0.5 * *a + 0.5 * p);
+        }
+    }
+    let average = t.ema_model().unwrap().expect("an EMA model");
+    assert_eq!(weights(&average.params), want);
+    assert!(weights(&average.params) != weights(&t.model.params), "the average trails the weights");
+    assert!(trainer(1).ema_model().unwrap().is_none(), "no average unless asked for");
+
+    // Checkpointed and resumed, it ends where an uninterrupted run's does.
+    let mut straight = new(4).unwrap();
+    while !straight.done() {
+        straight.train_step().unwrap();
+    }
+    let dir = tmpdir("ema");
+    let ckpt = dir.join("checkpoint");
+    let mut first = new(4).unwrap();
+    first.train_step().unwrap();
+    first.train_step().unwrap();
+    first.save_checkpoint(&ckpt).unwrap();
+    drop(first);
+    let mut resumed = Trainer::resume(&ckpt, data(5), None).unwrap();
+    while !resumed.done() {
+        resumed.train_step().unwrap();
+    }
+    let avg = |t: &Trainer| weights(&t.ema_model().unwrap().unwrap().params);
+    assert_eq!(avg(&resumed), avg(&straight));
+
+    // A checkpoint without its average is named; a decay outside (0, 1) is refused.
+    std::fs::remove_file(ckpt.join(whale_parallel::trainer::EMA_FILE)).unwrap();
+    let err = Trainer::resume(&ckpt, data(5), None).unwrap_err().to_string();
+    assert!(err.contains("ema.safetensors"), "{err}");
+    let bad = TrainConfig { ema_decay: Some(1.0), ..config(1) };
+    let err = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), bad, data(5)).unwrap_err();
+    assert!(err.to_string().contains("ema_decay"), "{err}");
+}
