@@ -209,8 +209,11 @@ fn an_ema_of_the_weights_is_evaluated_saved_and_resumed() {
     assert!(run.join("checkpoint/ema.safetensors").exists());
     let out = pretrain("3", &["--resume"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // The average's folder is a model `whale eval` reads, and its evaluation is kept beside it.
+    // The average's folder is a model `whale eval` reads, and its evaluation is kept beside it;
+    // its weights are not the model's.
     assert!(run.join("ema/eval.json").exists());
+    let read = |p: &str| std::fs::read(run.join(p)).unwrap();
+    assert!(read("ema/model.safetensors") != read("checkpoint/model.safetensors"));
     let out = whale()
         .args(["eval", "--checkpoint", run.join("ema").to_str().unwrap(), "--tasks", "add:2", "--k", "2"])
         .args(["--problems", "2"])

@@ -173,7 +173,7 @@ impl<'c> ParallelTrainer<'c> {
     /// `zero1` the AdamW state is sharded over the whole world.
     pub fn new(mut trainer: Trainer, comm: &'c dyn Comm, mesh: Mesh, dp_config: DataParallelConfig) -> Result<Self> {
         let (schedule, plan) = mesh.plan(&trainer.model.config, trainer.config.grad_accum)?;
-        if trainer.ema.is_some() && mesh.world_size() > 1 {
+        if trainer.config.ema_decay.is_some() && mesh.world_size() > 1 {
             return Err(Error::Train(format!(
                 "train config `ema_decay`: the parameters' moving average is kept on one rank in this build, not on {mesh}"
             )));

@@ -356,7 +356,7 @@ pub struct Trainer {
     /// Steps skipped in a row for non-finite values (`NonFinitePolicy::Skip`).
     skipped_in_a_row: u64,
     /// The parameters' moving average (`config.ema_decay`), blended in after each step taken.
-    pub ema: Option<Ema>,
+    ema: Option<Ema>,
 }
 
 /// With `NonFinitePolicy::Skip`, this many skipped steps in a row stop the run: a transient
@@ -398,14 +398,18 @@ impl Trainer {
         Ok(Trainer { model, opt, config, step: 0, data, metrics: None, skipped_in_a_row: 0, ema })
     }
 
-    /// A copy of the model holding the parameters' moving average (on the model's device, with
-    /// its current balancing biases), or `None` without `ema_decay`.
+    /// The parameters' moving average (`config.ema_decay`), if the run keeps one.
+    pub fn ema(&self) -> Option<&Ema> {
+        self.ema.as_ref()
+    }
+
+    /// A copy of the model on the host holding the parameters' moving average (with the model's
+    /// balancing biases), or `None` without `ema_decay`.
     pub fn ema_model(&self) -> Result<Option<DeepSeekV3>> {
         let Some(ema) = &self.ema else { return Ok(None) };
-        let model = self.model.duplicate()?;
-        let device = model.device();
+        let model = self.model.to_device(&Device::Cpu)?;
         for (name, average) in ema.average()? {
-            model.params.get(&name)?.assign(&average.to_device(&device)?)?;
+            model.params.get(&name)?.assign(&average)?;
         }
         Ok(Some(model))
     }
@@ -646,7 +650,10 @@ impl Trainer {
             state["optimizer_steps"].as_u64().ok_or_else(|| Error::file(&path, "missing `optimizer_steps`"))?;
         data.restore(&state["data"])?;
         let model = DeepSeekV3::from_pretrained(&dir)?;
-        let mut t = Trainer::new(model, config, data)?;
+        // The average comes from the checkpoint, not from these weights.
+        let ema_decay = config.ema_decay;
+        let mut t = Trainer::new(model, TrainConfig { ema_decay: None, ..config }, data)?;
+        t.config.ema_decay = ema_decay;
         let opt_state = load_file(&dir.join(OPTIMIZER_FILE))?;
         t.opt.load_state(opt_steps, &opt_state, &t.model.params)?;
         if let Some(decay) = t.config.ema_decay {

@@ -7,7 +7,6 @@ use std::sync::OnceLock;
 
 use whale_model::nn::Recompute;
 use whale_model::tensor::checkpoint::recomputations;
-use whale_model::tensor::optim::Ema;
 use whale_model::tensor::Rng;
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_parallel::comm::{Comm, LocalComm};
@@ -312,7 +311,6 @@ fn impossible_meshes_are_refused_with_the_reason() {
     // The parameters' moving average is one rank's.
     let mut t = trainer(4, walk());
     t.config.ema_decay = Some(0.9);
-    t.ema = Some(Ema::new(0.9, &t.model.params).unwrap());
     let err = ParallelTrainer::new(t, &comm, mesh, DataParallelConfig::default()).unwrap_err();
     assert!(err.to_string().contains("ema_decay") && err.to_string().contains("one rank"), "{err}");
 }

@@ -5,10 +5,11 @@
 //! `average = decay * average + (1 - decay) * parameter`, element by element in f32, from the
 //! parameters' values when the average starts. [`Ema::update`] only copies the parameters (a
 //! device-to-host copy on a GPU): the blend runs on the averaging thread while the next step
-//! computes, and [`Ema::average`] waits for the blends sent before it.
+//! computes, and [`Ema::average`] waits for the blends sent before it. At most one copy waits
+//! for the thread: a step that outruns the blend waits for it rather than queueing copies.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -21,7 +22,7 @@ pub struct Ema {
     /// Shapes by parameter name, in the store's order.
     shapes: Vec<(String, Vec<usize>)>,
     averages: Arc<Mutex<Vec<Vec<f32>>>>,
-    jobs: Option<Sender<Job>>,
+    jobs: Option<SyncSender<Job>>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -72,7 +73,7 @@ impl Ema {
         }
         let shapes = params.iter().map(|(n, p)| (n.to_string(), p.dims().to_vec())).collect();
         let averages = Arc::new(Mutex::new(values));
-        let (jobs, inbox) = channel();
+        let (jobs, inbox) = sync_channel(1);
         let mine = averages.clone();
         let worker = std::thread::Builder::new()
             .name("ema".into())
@@ -88,7 +89,9 @@ impl Ema {
     /// Blends `params` (the store the average started from, just updated) in: their values are
     /// copied now, the arithmetic runs on the averaging thread.
     pub fn update(&mut self, params: &ParamStore) -> Result<()> {
-        if params.len() != self.shapes.len() || params.iter().zip(&self.shapes).any(|((n, _), (m, _))| n != m) {
+        let same =
+            |((name, p), (n, shape)): ((&str, &Tensor), &(String, Vec<usize>))| name == n && p.dims() == &shape[..];
+        if params.len() != self.shapes.len() || !params.iter().zip(&self.shapes).all(same) {
             return Err(Error::Params("EMA: the parameters are not the ones the average started from".into()));
         }
         let values = params.iter().map(|(_, p)| p.to_vec_f32()).collect::<Result<Vec<_>>>()?;
@@ -190,9 +193,11 @@ mod tests {
         assert!(Ema::resume(0.9, &params, &wrong).unwrap_err().to_string().contains("shape [3]"));
         let missing = BTreeMap::new();
         assert!(Ema::resume(0.9, &params, &missing).unwrap_err().to_string().contains("no average for parameter `w`"));
-        let mut other = ParamStore::new();
-        other.insert("v", &randn(&[2], 1)).unwrap();
         let mut ema = Ema::new(0.9, &params).unwrap();
-        assert!(ema.update(&other).unwrap_err().to_string().contains("not the ones"));
+        for (name, shape) in [("v", [2]), ("w", [3])] {
+            let mut other = ParamStore::new();
+            other.insert(name, &randn(&shape, 1)).unwrap();
+            assert!(ema.update(&other).unwrap_err().to_string().contains("not the ones"), "{name} {shape:?}");
+        }
     }
 }
