@@ -267,7 +267,7 @@ pub struct PretrainArgs {
 }
 
 /// `--recompute`'s value.
-fn parse_recompute(text: &str) -> std::result::Result<Recompute, String> {
+pub(crate) fn parse_recompute(text: &str) -> std::result::Result<Recompute, String> {
     Recompute::parse(text).ok_or_else(|| format!("`{text}`: expected none, or attention and/or mlp (comma-separated)"))
 }
 

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, RlRun, ScaleRewards, StepLog, RL_STATE_FILE};
 use whale_rl::parallel::model::checkpoint::find_checkpoint;
+use whale_rl::parallel::model::nn::Recompute;
 use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
 use whale_rl::parallel::trainer::truncate_metrics;
@@ -139,6 +140,11 @@ pub struct R1ZeroArgs {
     /// score and train there; rewards and advantages are host data.
     #[arg(long)]
     pub device: Option<String>,
+    /// The policy's sublayers whose activations its backward recomputes instead of keeping them:
+    /// none (the default), or attention and/or mlp (as `whale pretrain --recompute`; the same
+    /// gradients, less memory, so a resumed run may give another).
+    #[arg(long, value_parser = crate::pretrain::parse_recompute)]
+    pub recompute: Option<Recompute>,
 }
 
 fn parse_enum<T: serde::de::DeserializeOwned>(flag: &str, v: &str) -> Result<T> {
@@ -361,6 +367,9 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     if let Some(pool) = pool {
         trainer.run_mut().pool = Some(pool);
     }
+    if let Some(recompute) = args.recompute {
+        trainer.policy_mut().set_recompute(recompute);
+    }
     write_json_atomically(&settings_path, &serde_json::to_value(&s)?)?;
 
     crate::settings::note_letters_mismatch(&args.base, s.grpo.letters);
@@ -534,6 +543,7 @@ pub fn train_loop(
 pub trait RlTrainer {
     fn train_step(&mut self) -> whale_rl::Result<StepLog>;
     fn policy(&self) -> &dyn CausalLm;
+    fn policy_mut(&mut self) -> &mut dyn CausalLm;
     fn run_mut(&mut self) -> &mut RlRun;
     fn save_checkpoint(&self, dir: &Path) -> whale_rl::Result<()>;
 }
@@ -546,6 +556,9 @@ macro_rules! rl_trainer {
             }
             fn policy(&self) -> &dyn CausalLm {
                 &*self.policy
+            }
+            fn policy_mut(&mut self) -> &mut dyn CausalLm {
+                &mut *self.policy
             }
             fn run_mut(&mut self) -> &mut RlRun {
                 &mut self.run

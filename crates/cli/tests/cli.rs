@@ -446,6 +446,27 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
         let kept = std::fs::read_to_string(&history).unwrap();
         assert!(!kept.contains("\"step\":4") && !kept.contains("\"step\": 4"), "{kept}");
     }
+    // A policy recomputing its sublayers takes the same steps (the first two of the GRPO run),
+    // but for their times.
+    let recomputed = dir.join("grpo-recompute");
+    let out = whale()
+        .args(["r1-zero", "--base", ckpt.to_str().unwrap(), "--out", recomputed.to_str().unwrap(), "--steps", "2"])
+        .args(["--prompts-per-step", "2", "--group-size", "2", "--eval-problems", "2", "--k", "2", "--tasks", "add:1"])
+        .args(["--recompute", "attention,mlp"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let timeless = |run: &Path| -> Vec<serde_json::Value> {
+        let mut rows = metrics(run);
+        rows.iter_mut().for_each(|r| {
+            let r = r.as_object_mut().unwrap();
+            r.retain(|k, _| !k.ends_with("_time"));
+        });
+        rows.truncate(2);
+        rows
+    };
+    assert_eq!(timeless(&recomputed), timeless(&dir.join("grpo")));
+
     // A user's JSONL prompts instead of the generators.
     let data = dir.join("prompts.jsonl");
     std::fs::write(&data, "{\"prompt\": \"2+2=\", \"answer\": \"4\"}\n{\"prompt\": \"3+4=\", \"answer\": \"7\"}\n")
