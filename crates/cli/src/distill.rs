@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer};
 use whale_rl::parallel::model::checkpoint::{write_dir_atomically, SaveDType};
+use whale_rl::parallel::model::nn::Recompute;
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::{moved_to, CausalLm, DenseConfig, DenseModel};
@@ -117,6 +118,11 @@ pub struct DistillArgs {
     /// cpu (the default), or cuda / cuda:N: the teacher samples and the students train there.
     #[arg(long)]
     pub device: Option<String>,
+    /// The sublayers the students recompute in their backward instead of keeping their
+    /// activations: none (the default), or attention and/or mlp (as `whale pretrain
+    /// --recompute`; the same gradients, so a resumed run may give another).
+    #[arg(long, value_parser = crate::pretrain::parse_recompute)]
+    pub recompute: Option<Recompute>,
     /// Continue an interrupted run in --out with its own settings: the teacher's saved traces
     /// and every finished arm are kept, an unfinished arm runs again.
     #[arg(long)]
@@ -327,14 +333,20 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
         write_json_atomically(&traces_file, &serde_json::json!({ "stats": stats, "traces": traces_to_keep }))?;
     }
 
-    // The student base.
+    // The student base (its copies, the arms' students, keep what it recomputes).
+    let recompute = args.recompute.unwrap_or_default();
+    let load_student = |dir: &Path, what: &str| -> Result<Box<dyn CausalLm>> {
+        let mut model = crate::device::load(dir, &device, what)?;
+        model.set_recompute(recompute);
+        Ok(model)
+    };
     let base_dir = out.join("student-base");
     let (student, student_base) = match finished_arm(&base_dir, args.resume)? {
-        Some(arm) => (crate::device::load(&base_dir.join("checkpoint"), &device, "the student base")?, arm.report),
+        Some(arm) => (load_student(&base_dir.join("checkpoint"), "the student base")?, arm.report),
         None => {
             let t0 = Instant::now();
             let student: Box<dyn CausalLm> = match &args.student {
-                Some(dir) => crate::device::load(dir, &device, "the student")?,
+                Some(dir) => load_student(dir, "the student")?,
                 None => {
                     // Its config names the tokenizer's BOS and stop tokens, so its checkpoints
                     // stop generation where this run does.
@@ -348,7 +360,8 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
                         cfg.num_hidden_layers,
                         cfg.param_count() as f64 / 1e6
                     );
-                    let model = moved_to(Box::new(DenseModel::new(cfg, s.seed)?), &device)?;
+                    let mut model = moved_to(Box::new(DenseModel::new(cfg, s.seed)?), &device)?;
+                    model.set_recompute(recompute);
                     sft_with_bar(&*model, &*tok, &pretraining_docs, &s.student_pretrain, None)
                         .context("the student's pretraining (`student_pretrain`)")?;
                     model

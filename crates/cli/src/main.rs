@@ -94,6 +94,8 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
     // tasks and evaluation set.
     let ps = args.settings()?;
     let device = Some(ps.device.clone());
+    // And recomputes what pretraining does (the same numbers either way).
+    let recompute = Some(ps.recompute);
     let shared = crate::settings::Shared {
         tasks: ps.tasks.clone(),
         letters: ps.letters,
@@ -116,6 +118,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
         eval_problems: Some(shared.eval_problems),
         k: Some(shared.k),
         device: device.clone(),
+        recompute,
         resume: started("r1-zero"),
         ..Default::default()
     })?;
@@ -128,6 +131,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
         config: None,
         data: None,
         device: device.clone(),
+        recompute,
         resume: started("r1"),
         shared: Some(shared.clone()),
     })?;
@@ -138,6 +142,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
         out: Some(run.join("distill")),
         config: None,
         device,
+        recompute,
         shared: Some(shared),
         resume: started("distill"),
     })?;

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer, RL_STATE_FILE};
 use whale_rl::parallel::model::checkpoint::find_checkpoint;
+use whale_rl::parallel::model::nn::Recompute;
 use whale_rl::parallel::model::tensor::{Device, Rng};
 use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
@@ -271,6 +272,11 @@ pub struct R1Args {
     /// reward model) sample and train there; rewards and advantages are host data.
     #[arg(long)]
     pub device: Option<String>,
+    /// The sublayers every stage's trained model recomputes in its backward instead of keeping
+    /// their activations: none (the default), or attention and/or mlp (as `whale pretrain
+    /// --recompute`; the same gradients, so a resumed run may give another).
+    #[arg(long, value_parser = crate::pretrain::parse_recompute)]
+    pub recompute: Option<Recompute>,
     /// Continue the run in --out with its own settings.json: stages that finished are read back
     /// (their checkpoint and evaluation), and the first unfinished one starts over (an RL stage
     /// continues from its last checkpoint).
@@ -313,6 +319,8 @@ struct Pipeline {
     heldout: Vec<Problem>,
     pool: Option<Vec<Problem>>,
     device: Device,
+    /// What the models trained recompute in their backward.
+    recompute: Recompute,
     /// Finished stages are read back instead of run again, up to the first that runs.
     resume: bool,
     /// Set once a stage runs: every later stage runs too (a stage read back was trained on the
@@ -344,10 +352,11 @@ fn finished(stage: Stage, dir: PathBuf, report: EvalReport, seconds: f64, rl: bo
 const STAGE_FILE: &str = "stage.json";
 
 impl Pipeline {
-    /// The checkpoint at `dir`, on this run's device.
+    /// The checkpoint at `dir`, on this run's device, recomputing what the run asks for.
     fn load(&self, dir: &Path) -> Result<Box<dyn CausalLm>> {
-        let model = crate::device::load(dir, &self.device, "the model")?;
+        let mut model = crate::device::load(dir, &self.device, "the model")?;
         crate::device::check_fits(&*self.tok, &*model, dir, "the model")?;
+        model.set_recompute(self.recompute);
         Ok(model)
     }
 
@@ -472,6 +481,7 @@ impl Pipeline {
             (None, Some(r)) => GrpoTrainer::with_rewards(self.load(from)?, cfg.clone(), tok, r)?,
             (None, None) => GrpoTrainer::new(self.load(from)?, cfg.clone(), tok)?,
         };
+        t.policy.set_recompute(self.recompute);
         if saved.is_some() {
             // Lines from the checkpoint's step on are redone (validation of that step too, which
             // a crash right after the checkpoint left unwritten): they go.
@@ -697,6 +707,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
         heldout,
         pool,
         device,
+        recompute: args.recompute.unwrap_or_default(),
         resume: args.resume,
         ran: Cell::new(false),
         continuing: Cell::new(None),

@@ -949,6 +949,28 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(alone.join("2-reasoning-rl/checkpoint").exists() && !alone.join("1-cold-start").exists());
+    // The same stage recomputing its policy's sublayers takes the same steps but for their times.
+    let recomputed = dir.join("alone-recomputed");
+    let out = whale()
+        .args([
+            "r1",
+            "--stage",
+            "reasoning-rl",
+            "--from",
+            from.to_str().unwrap(),
+            "--out",
+            recomputed.to_str().unwrap(),
+        ])
+        .args(["--config", cfg.to_str().unwrap(), "--recompute", "attention,mlp"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let timeless = |run: &Path| -> Vec<serde_json::Value> {
+        let mut rows = metrics(&run.join("2-reasoning-rl"));
+        rows.iter_mut().for_each(|r| r.as_object_mut().unwrap().retain(|k, _| !k.ends_with("_time")));
+        rows
+    };
+    assert_eq!(timeless(&recomputed), timeless(&alone));
     let alone_settings = std::fs::read_to_string(alone.join("settings.json")).unwrap();
     let out = whale()
         .args(["r1", "--stage", "rejection-sft", "--from", from.to_str().unwrap(), "--out", alone.to_str().unwrap()])
