@@ -140,9 +140,9 @@ pub struct R1ZeroArgs {
     /// score and train there; rewards and advantages are host data.
     #[arg(long)]
     pub device: Option<String>,
-    /// The policy's sublayers whose activations its backward recomputes instead of keeping them:
-    /// none (the default), or attention and/or mlp (as `whale pretrain --recompute`; the same
-    /// gradients, less memory, so a resumed run may give another).
+    /// The sublayers whose activations the policy's backward (and PPO's critic's) recomputes
+    /// instead of keeping them: none (the default), or attention and/or mlp (as `whale pretrain
+    /// --recompute`; the same gradients, less memory, so a resumed run may give another).
     #[arg(long, value_parser = crate::pretrain::parse_recompute)]
     pub recompute: Option<Recompute>,
 }
@@ -368,7 +368,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
         trainer.run_mut().pool = Some(pool);
     }
     if let Some(recompute) = args.recompute {
-        trainer.policy_mut().set_recompute(recompute);
+        trainer.set_recompute(recompute);
     }
     write_json_atomically(&settings_path, &serde_json::to_value(&s)?)?;
 
@@ -543,13 +543,14 @@ pub fn train_loop(
 pub trait RlTrainer {
     fn train_step(&mut self) -> whale_rl::Result<StepLog>;
     fn policy(&self) -> &dyn CausalLm;
-    fn policy_mut(&mut self) -> &mut dyn CausalLm;
+    /// Recomputes these sublayers in the backward of every model it trains.
+    fn set_recompute(&mut self, recompute: Recompute);
     fn run_mut(&mut self) -> &mut RlRun;
     fn save_checkpoint(&self, dir: &Path) -> whale_rl::Result<()>;
 }
 
 macro_rules! rl_trainer {
-    ($t:ty) => {
+    ($t:ty, $trained:expr) => {
         impl RlTrainer for $t {
             fn train_step(&mut self) -> whale_rl::Result<StepLog> {
                 <$t>::train_step(self)
@@ -557,8 +558,9 @@ macro_rules! rl_trainer {
             fn policy(&self) -> &dyn CausalLm {
                 &*self.policy
             }
-            fn policy_mut(&mut self) -> &mut dyn CausalLm {
-                &mut *self.policy
+            fn set_recompute(&mut self, recompute: Recompute) {
+                let trained: fn(&mut $t) -> Vec<&mut dyn CausalLm> = $trained;
+                trained(self).into_iter().for_each(|m| m.set_recompute(recompute));
             }
             fn run_mut(&mut self) -> &mut RlRun {
                 &mut self.run
@@ -570,8 +572,8 @@ macro_rules! rl_trainer {
     };
 }
 
-rl_trainer!(GrpoTrainer);
-rl_trainer!(PpoTrainer);
+rl_trainer!(GrpoTrainer, |t| vec![&mut *t.policy]);
+rl_trainer!(PpoTrainer, |t| vec![&mut *t.policy, &mut *t.critic.trunk]);
 
 #[cfg(test)]
 mod tests {

@@ -446,16 +446,8 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
         let kept = std::fs::read_to_string(&history).unwrap();
         assert!(!kept.contains("\"step\":4") && !kept.contains("\"step\": 4"), "{kept}");
     }
-    // A policy recomputing its sublayers takes the same steps (the first two of the GRPO run),
-    // but for their times.
-    let recomputed = dir.join("grpo-recompute");
-    let out = whale()
-        .args(["r1-zero", "--base", ckpt.to_str().unwrap(), "--out", recomputed.to_str().unwrap(), "--steps", "2"])
-        .args(["--prompts-per-step", "2", "--group-size", "2", "--eval-problems", "2", "--k", "2", "--tasks", "add:1"])
-        .args(["--recompute", "attention,mlp"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A policy (and PPO's critic) recomputing its sublayers takes the same steps (the first two
+    // of each run above), but for their times.
     let timeless = |run: &Path| -> Vec<serde_json::Value> {
         let mut rows = metrics(run);
         rows.iter_mut().for_each(|r| {
@@ -465,7 +457,17 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
         rows.truncate(2);
         rows
     };
-    assert_eq!(timeless(&recomputed), timeless(&dir.join("grpo")));
+    for algo in ["grpo", "ppo"] {
+        let recomputed = dir.join(format!("{algo}-recompute"));
+        let out = whale()
+            .args(["r1-zero", "--base", ckpt.to_str().unwrap(), "--out", recomputed.to_str().unwrap(), "--steps", "2"])
+            .args(["--prompts-per-step", "2", "--group-size", "2", "--eval-problems", "2", "--k", "2"])
+            .args(["--tasks", "add:1", "--algo", algo, "--recompute", "attention,mlp"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{algo}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(timeless(&recomputed), timeless(&dir.join(algo)), "{algo}");
+    }
 
     // A user's JSONL prompts instead of the generators.
     let data = dir.join("prompts.jsonl");
