@@ -121,7 +121,7 @@ pub struct DistillArgs {
     /// The sublayers the students recompute in their backward instead of keeping their
     /// activations: none (the default), or attention and/or mlp (as `whale pretrain
     /// --recompute`; the same gradients, so a resumed run may give another).
-    #[arg(long, value_parser = crate::pretrain::parse_recompute)]
+    #[arg(long)]
     pub recompute: Option<Recompute>,
     /// Continue an interrupted run in --out with its own settings: the teacher's saved traces
     /// and every finished arm are kept, an unfinished arm runs again.

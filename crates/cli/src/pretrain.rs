@@ -256,7 +256,7 @@ pub struct PretrainArgs {
     /// dense layer's with its RMSNorm, an MoE layer's routed and shared experts, its router
     /// kept). The same gradients bit for bit, less memory, a second forward of those sublayers;
     /// a resumed run may change it.
-    #[arg(long, value_parser = parse_recompute)]
+    #[arg(long)]
     pub recompute: Option<Recompute>,
     /// Keep an exponential moving average of the parameters with this decay, in (0, 1), e.g.
     /// 0.99 (DeepSeek-V3's EMA in host memory: an early look at the model after the learning
@@ -264,11 +264,6 @@ pub struct PretrainArgs {
     /// beside the model at the end and saved as a model folder, `ema/`, in the run folder.
     #[arg(long = "ema")]
     pub ema_decay: Option<f64>,
-}
-
-/// `--recompute`'s value.
-pub(crate) fn parse_recompute(text: &str) -> std::result::Result<Recompute, String> {
-    Recompute::parse(text).ok_or_else(|| format!("`{text}`: expected none, or attention and/or mlp (comma-separated)"))
 }
 
 /// The main job's run folder: `runs/main`, or the first free `runs/main-N`, so running the main

@@ -275,7 +275,7 @@ pub struct R1Args {
     /// The sublayers every stage's trained model recomputes in its backward instead of keeping
     /// their activations: none (the default), or attention and/or mlp (as `whale pretrain
     /// --recompute`; the same gradients, so a resumed run may give another).
-    #[arg(long, value_parser = crate::pretrain::parse_recompute)]
+    #[arg(long)]
     pub recompute: Option<Recompute>,
     /// Continue the run in --out with its own settings.json: stages that finished are read back
     /// (their checkpoint and evaluation), and the first unfinished one starts over (an RL stage

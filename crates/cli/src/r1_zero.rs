@@ -143,7 +143,7 @@ pub struct R1ZeroArgs {
     /// The sublayers whose activations the policy's backward (and PPO's critic's) recomputes
     /// instead of keeping them: none (the default), or attention and/or mlp (as `whale pretrain
     /// --recompute`; the same gradients, less memory, so a resumed run may give another).
-    #[arg(long, value_parser = crate::pretrain::parse_recompute)]
+    #[arg(long)]
     pub recompute: Option<Recompute>,
 }
 

@@ -55,6 +55,16 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
+/// [`metrics`] without what depends on the machine's speed (`tokens_per_s`, `*_time`): what a
+/// run that must take the same steps as another logs the same.
+fn metrics_but_speed(run: &Path) -> Vec<serde_json::Value> {
+    let mut rows = metrics(run);
+    for row in &mut rows {
+        row.as_object_mut().unwrap().retain(|k, _| k != "tokens_per_s" && !k.ends_with("_time"));
+    }
+    rows
+}
+
 fn checkpoint_step(run: &Path) -> Option<u64> {
     saved_step(&run.join("checkpoint"))
 }
@@ -166,13 +176,8 @@ fn recomputing_sublayers_trains_the_same_bits_and_a_resumed_run_may_change_it() 
     pretrain("recomputed", "2", &["--recompute", "attention,mlp"]);
     pretrain("recomputed", "4", &["--resume", "--recompute", "mlp"]);
     // Every step's numbers but its speed.
-    let numbers = |run: &str| -> Vec<serde_json::Value> {
-        let mut rows = metrics(&dir.join(run));
-        rows.iter_mut().for_each(|r| drop(r.as_object_mut().unwrap().remove("tokens_per_s")));
-        rows
-    };
-    assert_eq!(numbers("recomputed"), numbers("plain"));
-    assert_eq!(numbers("plain").len(), 4);
+    assert_eq!(metrics_but_speed(&dir.join("recomputed")), metrics_but_speed(&dir.join("plain")));
+    assert_eq!(metrics(&dir.join("plain")).len(), 4);
     let settings: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("recomputed/settings.json")).unwrap()).unwrap();
     assert_eq!(settings["recompute"], "mlp", "the resumed run's setting is kept");
@@ -448,15 +453,7 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     }
     // A policy (and PPO's critic) recomputing its sublayers takes the same steps (the first two
     // of each run above), but for their times.
-    let timeless = |run: &Path| -> Vec<serde_json::Value> {
-        let mut rows = metrics(run);
-        rows.iter_mut().for_each(|r| {
-            let r = r.as_object_mut().unwrap();
-            r.retain(|k, _| !k.ends_with("_time"));
-        });
-        rows.truncate(2);
-        rows
-    };
+    let first_two = |run: &Path| metrics_but_speed(run).into_iter().take(2).collect::<Vec<_>>();
     for algo in ["grpo", "ppo"] {
         let recomputed = dir.join(format!("{algo}-recompute"));
         let out = whale()
@@ -466,7 +463,7 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
             .output()
             .unwrap();
         assert!(out.status.success(), "{algo}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(timeless(&recomputed), timeless(&dir.join(algo)), "{algo}");
+        assert_eq!(first_two(&recomputed), first_two(&dir.join(algo)), "{algo}");
     }
 
     // A user's JSONL prompts instead of the generators.
@@ -967,12 +964,8 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let timeless = |run: &Path| -> Vec<serde_json::Value> {
-        let mut rows = metrics(&run.join("2-reasoning-rl"));
-        rows.iter_mut().for_each(|r| r.as_object_mut().unwrap().retain(|k, _| !k.ends_with("_time")));
-        rows
-    };
-    assert_eq!(timeless(&recomputed), timeless(&alone));
+    let stage = |run: &Path| metrics_but_speed(&run.join("2-reasoning-rl"));
+    assert_eq!(stage(&recomputed), stage(&alone));
     let alone_settings = std::fs::read_to_string(alone.join("settings.json")).unwrap();
     let out = whale()
         .args(["r1", "--stage", "rejection-sft", "--from", from.to_str().unwrap(), "--out", alone.to_str().unwrap()])

@@ -110,7 +110,7 @@ fn check(what: &str, model: &mut dyn CausalLm, vocab: usize) {
     model.set_recompute(Recompute::default());
     let plain = step(model, &ids, &targets, &lengths);
     for setting in ["attention", "mlp", "attention,mlp"] {
-        let r = Recompute::parse(setting).unwrap();
+        let r: Recompute = setting.parse().unwrap();
         model.set_recompute(r);
         let got = step(model, &ids, &targets, &lengths);
         assert_eq!(got.loss, plain.loss, "{what}, recompute {r}: loss");
@@ -160,8 +160,8 @@ fn recomputed_sublayers_give_the_same_gradients_and_hold_less() {
     dense.compute_dtype = DType::BF16;
     check("dense student (bf16)", &mut dense, student.vocab_size);
 
-    assert_eq!(Recompute::parse("none"), Some(Recompute::default()));
-    assert_eq!(Recompute::parse(" mlp , attention"), Some(Recompute { attention: true, mlp: true }));
-    assert_eq!(Recompute::parse("norms"), None);
-    assert_eq!(Recompute::parse("attention,mlp").unwrap().to_string(), "attention,mlp");
+    assert_eq!("none".parse(), Ok(Recompute::default()));
+    assert_eq!(" mlp , attention".parse(), Ok(Recompute { attention: true, mlp: true }));
+    assert!("norms".parse::<Recompute>().is_err_and(|e| e.contains("`norms`")));
+    assert_eq!("attention,mlp".parse::<Recompute>().unwrap().to_string(), "attention,mlp");
 }

@@ -311,16 +311,43 @@ fn accumulate(map: &mut HashMap<TensorId, Tensor>, t: &Tensor, g: Tensor) -> Res
     Ok(())
 }
 
+/// Adds `g`, the gradient of some loss with respect to `t`, to `grads` as a seed. A seed of
+/// another dtype is cast to its tensor's (torch's engine does the same), so every gradient below
+/// is in its tensor's dtype.
+fn seed(grads: &mut HashMap<TensorId, Tensor>, t: &Tensor, g: Tensor) -> Result<()> {
+    check_grad_shape("seed", t, &g)?;
+    let g = if g.dtype() == t.dtype() { g } else { g.to_dtype(t.dtype())? };
+    accumulate(grads, t, g)
+}
+
+/// Hands `g`, the whole gradient of `t`, to the op that made it, and adds what comes back for
+/// the inputs marked in `needs` to `grads`.
+fn propagate(
+    grads: &mut HashMap<TensorId, Tensor>,
+    (op, inputs): (&dyn BackwardOp, &[Tensor]),
+    t: &Tensor,
+    g: &Tensor,
+    needs: &[bool],
+) -> Result<()> {
+    if !needs.iter().any(|&n| n) {
+        return Ok(());
+    }
+    let input_grads = op.backward(inputs, t, g, needs)?;
+    for ((input, ig), &need) in inputs.iter().zip(input_grads).zip(needs) {
+        if let (true, Some(ig)) = (need, ig) {
+            check_grad_shape(op.name(), input, &ig)?;
+            accumulate(grads, input, ig)?;
+        }
+    }
+    Ok(())
+}
+
 fn run_backward(seeds: Vec<(Tensor, Tensor)>, pass: Pass) -> Result<WeightGradWork> {
     let _guard = NoGradGuard::new();
     let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
     let roots: Vec<Tensor> = seeds.iter().map(|(t, _)| t.clone()).collect();
     for (t, g) in seeds {
-        check_grad_shape("seed", &t, &g)?;
-        // A seed of another dtype is cast to its tensor's (torch's engine does the same), so
-        // every gradient below is in its tensor's dtype.
-        let g = if g.dtype() == t.dtype() { g } else { g.to_dtype(t.dtype())? };
-        accumulate(&mut grads, &t, g)?;
+        seed(&mut grads, &t, g)?;
     }
     let mut work = WeightGradWork::default();
     for t in topo_order(&roots, pass) {
@@ -337,15 +364,7 @@ fn run_backward(seeds: Vec<(Tensor, Tensor)>, pass: Pass) -> Result<WeightGradWo
             GradInfo::Node { .. } => {
                 let (op, inputs) = node_parts(&t)?;
                 let needs: Vec<bool> = inputs.iter().map(|i| pass.visits(i)).collect();
-                if needs.iter().any(|&n| n) {
-                    let input_grads = op.backward(inputs, &t, &g, &needs)?;
-                    for ((input, ig), &need) in inputs.iter().zip(input_grads).zip(&needs) {
-                        if let (true, Some(ig)) = (need, ig) {
-                            check_grad_shape(op.name(), input, &ig)?;
-                            accumulate(&mut grads, input, ig)?;
-                        }
-                    }
-                }
+                propagate(&mut grads, (op, inputs), &t, &g, &needs)?;
                 if pass == Pass::InputsOnly {
                     let deferred: Vec<bool> = inputs.iter().map(|i| i.requires_grad() && !i.on_input_path()).collect();
                     if deferred.iter().any(|&d| d) {
@@ -377,7 +396,6 @@ pub(crate) fn grad_within(
     bounds: &[Tensor],
 ) -> Result<Vec<Option<Tensor>>> {
     let _guard = NoGradGuard::new();
-    check_grad_shape("seed", output, grad)?;
     let wanted: HashSet<TensorId> = targets.iter().map(Tensor::id).collect();
     let stops: HashSet<TensorId> = bounds.iter().map(Tensor::id).collect();
     let order = topo_order_within(std::slice::from_ref(output), Pass::Full, &stops);
@@ -391,8 +409,7 @@ pub(crate) fn grad_within(
         }
     }
     let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
-    let seed = if grad.dtype() == output.dtype() { grad.clone() } else { grad.to_dtype(output.dtype())? };
-    accumulate(&mut grads, output, seed)?;
+    seed(&mut grads, output, grad.clone())?;
     let mut found: HashMap<TensorId, Tensor> = HashMap::new();
     for t in &order {
         if !leads.contains(&t.id()) {
@@ -408,16 +425,7 @@ pub(crate) fn grad_within(
         }
         let (op, inputs) = node_parts(t)?;
         let needs: Vec<bool> = inputs.iter().map(|i| leads.contains(&i.id())).collect();
-        if !needs.iter().any(|&n| n) {
-            continue;
-        }
-        let input_grads = op.backward(inputs, t, &g, &needs)?;
-        for ((input, ig), &need) in inputs.iter().zip(input_grads).zip(&needs) {
-            if let (true, Some(ig)) = (need, ig) {
-                check_grad_shape(op.name(), input, &ig)?;
-                accumulate(&mut grads, input, ig)?;
-            }
-        }
+        propagate(&mut grads, (op, inputs), t, &g, &needs)?;
     }
     Ok(targets.iter().map(|t| found.get(&t.id()).cloned()).collect())
 }

@@ -223,9 +223,14 @@ pub fn run_experts(
 ) -> Result<Tensor> {
     let dispatch = TokenDispatch::new(assignments, x.dims()[0], experts.len())?;
     let dispatched = x.moe_permute(&dispatch)?;
-    let (owned, sizes) = (experts.to_vec(), dispatch.plan.sizes.clone());
-    let mlps = move |x: &Tensor| expert_mlps(&owned, x, &sizes);
-    let expert_out = crate::nn::recomputed(recompute, "routed experts", &dispatched, mlps)?;
+    let expert_out = if recompute {
+        // The region owns the experts it reruns (a copy of every handle: only when recomputing).
+        let (owned, sizes) = (experts.to_vec(), dispatch.plan.sizes.clone());
+        let mlps = move |x: &[Tensor]| expert_mlps(&owned, &x[0], &sizes);
+        whale_tensor::checkpoint("routed experts", &[&dispatched], mlps)?
+    } else {
+        expert_mlps(experts, &dispatched, &dispatch.plan.sizes)?
+    };
     // The gate weights in dispatch order. Indices are host data on every device (the CUDA ops
     // copy them in).
     let slots: Vec<i64> = dispatch.plan.slots.iter().map(|&s| i64::from(s)).collect();

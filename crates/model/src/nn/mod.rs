@@ -30,21 +30,26 @@ pub struct Recompute {
     pub mlp: bool,
 }
 
-impl Recompute {
-    /// `none`, or a comma-separated list of `attention` and `mlp`.
-    pub fn parse(text: &str) -> Option<Recompute> {
+/// `none`, or a comma-separated list of `attention` and `mlp` (the text of a flag or a settings
+/// key); anything else is an error naming the text.
+impl std::str::FromStr for Recompute {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Recompute, String> {
         let mut r = Recompute::default();
         if text.trim() == "none" {
-            return Some(r);
+            return Ok(r);
         }
         for part in text.split(',') {
             match part.trim() {
                 "attention" => r.attention = true,
                 "mlp" => r.mlp = true,
-                _ => return None,
+                _ => {
+                    return Err(format!("recompute `{text}`: expected none, or attention and/or mlp (comma-separated)"))
+                }
             }
         }
-        Some(r)
+        Ok(r)
     }
 }
 
@@ -57,12 +62,7 @@ impl serde::Serialize for Recompute {
 
 impl<'de> serde::Deserialize<'de> for Recompute {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        Recompute::parse(&text).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "recompute `{text}`: expected none, or attention and/or mlp (comma-separated)"
-            ))
-        })
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
