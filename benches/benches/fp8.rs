@@ -7,8 +7,9 @@
 //! - FP8 1x128 quantisation throughput, against one thread encoding value by value;
 //! - printed before the timings: the GEMM's relative error against an f64 GEMM of the dequantised
 //!   operands for K = 512..8192 with and without promotion (DeepSeek-V3 reports ~2% at K = 4096
-//!   without), and the `tiny` preset trained in fp32, bf16 and fp8 from the same seed, whose loss
-//!   curves go to `target/fp8-loss-curves.jsonl` (300 steps when benchmarking, 3 in the smoke test).
+//!   without), and the `tiny` preset trained in fp32, bf16 and fp8 (also with the MoE dispatch in
+//!   FP8, V3's low-precision communication) from the same seed, whose loss curves go to
+//!   `target/fp8-loss-curves.jsonl` (300 steps when benchmarking, 3 in the smoke test).
 
 use std::hint::black_box;
 use std::path::Path;
@@ -113,12 +114,19 @@ fn linear(c: &mut Criterion) {
     g.finish();
 }
 
-/// The `tiny` preset trained from one seed on the same token walk in fp32, bf16 and fp8; the
+/// The `tiny` preset trained from one seed on the same token walk in fp32, bf16, fp8 and fp8 with
+/// an FP8 dispatch; the
 /// curves go to `target/fp8-loss-curves.jsonl` and the end points and step times are printed.
 fn training_curves() {
     let steps: u64 = if bench_mode() { 300 } else { 3 };
-    let mut curves: Vec<(Precision, Vec<f64>, f64, f64)> = Vec::new();
-    for precision in [Precision::Fp32, Precision::Bf16, Precision::Fp8] {
+    let mut curves: Vec<(&str, Vec<f64>, f64, f64)> = Vec::new();
+    let runs = [
+        ("fp32", Precision::Fp32, false),
+        ("bf16", Precision::Bf16, false),
+        ("fp8", Precision::Fp8, false),
+        ("fp8_dispatch", Precision::Fp8, true),
+    ];
+    for (label, precision, fp8_dispatch) in runs {
         let cfg = TrainConfig {
             steps,
             micro_batch: 4,
@@ -127,6 +135,7 @@ fn training_curves() {
             min_lr: 3e-4,
             warmup: 2,
             precision,
+            fp8_dispatch,
             ..TrainConfig::default()
         };
         // Steps of 1 or 2: the loss nears the walk's entropy (ln 2) in these steps, where the
@@ -140,14 +149,14 @@ fn training_curves() {
         let per_step = t0.elapsed().as_secs_f64() / steps as f64;
         let mut held_out = walk(1234);
         let held = t.held_out_loss(&mut held_out, 64).expect("held-out loss");
-        curves.push((precision, losses, per_step, held));
+        curves.push((label, losses, per_step, held));
     }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fp8-loss-curves.jsonl");
     let mut text = String::new();
     for i in 0..steps as usize {
         let mut line = serde_json::json!({ "step": i + 1 });
         for (p, losses, _, _) in &curves {
-            line[format!("{p:?}").to_lowercase()] = serde_json::json!(losses[i]);
+            line[*p] = serde_json::json!(losses[i]);
         }
         text.push_str(&format!("{line}\n"));
     }
@@ -165,7 +174,7 @@ fn training_curves() {
     for (p, losses, per_step, held) in &curves {
         let l = tail(losses);
         eprintln!(
-            "| {p:?} | {l:.4} | {:+.2}% | {held:.4} | {:+.2}% | {per_step:.3} | {:.2} |",
+            "| {p} | {l:.4} | {:+.2}% | {held:.4} | {:+.2}% | {per_step:.3} | {:.2} |",
             100.0 * (l - base) / base,
             100.0 * (held - base_held) / base_held,
             per_step / base_step

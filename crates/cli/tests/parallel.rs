@@ -87,3 +87,36 @@ fn impossible_layouts_are_refused_with_the_reason() {
         assert!(!run.exists(), "{flags:?}: nothing is written");
     }
 }
+
+#[test]
+fn an_fp8_dispatch_over_expert_parallel_ranks_takes_one_ranks_first_step() {
+    let dir = scratch("fp8-dispatch");
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    // The same global batch: one rank accumulating 4 micro-batches, or 2 replicas of 2 (SMALL's).
+    let run = |dir: &Path, flags: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_whale"));
+        cmd.args(["pretrain", "--out", dir.to_str().unwrap(), "--fp8-dispatch"]).args(&SMALL[..2]).args(&SMALL[4..]);
+        let out = cmd.args(flags).output().unwrap();
+        assert!(out.status.success(), "{flags:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&one, &["--steps", "1", "--grad-accum", "4"]);
+    run(&two, &["--steps", "1", "--grad-accum", "2", "--dp", "2", "--ep", "2"]);
+    let first = |run: &Path| -> serde_json::Value {
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        serde_json::from_str(text.lines().next().unwrap()).unwrap()
+    };
+    let (a, b) = (first(&one), first(&two));
+    for key in ["loss", "grad_norm"] {
+        let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-5 * y.abs(), "{key}: one rank {x}, two {y}");
+    }
+    let trainer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(two.join("checkpoint/trainer.json")).unwrap()).unwrap();
+    assert_eq!(trainer["config"]["fp8_dispatch"], true);
+
+    // A setting of the run like --precision: the resumed run keeps it.
+    run(&one, &["--resume", "--steps", "2", "--grad-accum", "4"]);
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(one.join("settings.json")).unwrap()).unwrap();
+    assert_eq!(settings["fp8_dispatch"], true);
+}

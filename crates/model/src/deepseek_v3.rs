@@ -7,7 +7,7 @@ use std::path::Path;
 use whale_tensor::fp8::{Fp8Recipe, ScaleFormat};
 use whale_tensor::{DType, Device, ParamStore, Rng, Tensor};
 
-use crate::block::DecoderLayer;
+use crate::block::{DecoderLayer, FeedForward};
 use crate::checkpoint::{self, Fp8Weights, SaveDType, TensorFiles};
 use crate::config::DeepSeekV3Config;
 use crate::moe::{max_violation, update_balancing_bias, RealTokens};
@@ -106,8 +106,8 @@ impl DeepSeekV3 {
         self.to_device(&self.device())
     }
 
-    /// An independent copy whose weights and buffers live on `device`, with the same compute dtype
-    /// and FP8 recipe: on a GPU every op of its forward and backward runs there (whale-tensor's
+    /// An independent copy whose weights and buffers live on `device`, with the same compute dtype,
+    /// FP8 recipe and dispatch, and recomputation: on a GPU every op of its forward and backward runs there (whale-tensor's
     /// CUDA backend), and AdamW updates it there.
     pub fn to_device(&self, device: &whale_tensor::Device) -> Result<Self> {
         let mut tensors: BTreeMap<String, Tensor> = self
@@ -124,6 +124,7 @@ impl DeepSeekV3 {
         copy.mtp_loss_weight = self.mtp_loss_weight;
         copy.set_fp8(self.fp8());
         copy.set_recompute(self.recompute());
+        copy.set_fp8_dispatch(self.fp8_dispatch());
         Ok(copy)
     }
 
@@ -211,6 +212,20 @@ impl DeepSeekV3 {
         for layer in self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block)) {
             layer.set_recompute(recompute);
         }
+    }
+
+    /// Sends every MoE layer's dispatch in FP8 (see [`DeepSeekMoE::fp8_dispatch`]), main and MTP.
+    pub fn set_fp8_dispatch(&mut self, on: bool) {
+        for layer in self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block)) {
+            if let FeedForward::Moe(moe) = &mut layer.mlp {
+                moe.fp8_dispatch = on;
+            }
+        }
+    }
+
+    /// What [`DeepSeekV3::set_fp8_dispatch`] last set (false without an MoE layer).
+    pub fn fp8_dispatch(&self) -> bool {
+        self.layers.iter().any(|l| matches!(&l.mlp, FeedForward::Moe(moe) if moe.fp8_dispatch))
     }
 
     /// What [`DeepSeekV3::set_recompute`] last set (read from the first layer).

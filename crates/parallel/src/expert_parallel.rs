@@ -8,6 +8,11 @@
 //! - the receiving rank runs its experts on what arrived and sums each row's weighted outputs;
 //! - **combine** sends those partial sums back, unweighted, and the source adds them per token.
 //!
+//! With the layer's `fp8_dispatch` (DeepSeek-V3's low-precision communication) the dispatch
+//! carries the tokens, and the combine's backward their gradients, as E4M3 codes with
+//! power-of-two scales ([`Wire::Fp8`]); the layer has already rounded them to that grid, so the
+//! numbers are one rank's, in about a quarter of the bytes. The combine itself stays f32.
+//!
 //! Both all-to-alls are differentiable (the backward of one is the other's reverse), so the
 //! gradients of the tokens, the gating weights and the local experts come out as on one rank.
 //! Forward all-to-alls run on one communicator of the group and backward ones on a second
@@ -22,6 +27,7 @@
 use std::sync::{Arc, Mutex};
 
 use whale_model::moe::{run_experts, DeepSeekMoE, ExpertDispatch, Routing};
+use whale_model::tensor::fp8::{Fp8Blocks, Fp8Format, ScaleFormat, BLOCK, GRADIENT_MIN_AMAX};
 use whale_model::tensor::{BackwardOp, Device, Tensor};
 
 use crate::comm::Comm;
@@ -34,6 +40,8 @@ pub struct DispatchStats {
     pub rows_sent: Vec<usize>,
     /// The most nodes any one token was sent to.
     pub max_nodes_per_token: usize,
+    /// Bytes the tokens took on the wire, over all destinations (this rank's own included).
+    pub token_bytes: usize,
 }
 
 /// An expert-parallel group's two communicators: the forward's all-to-alls on one, the
@@ -135,6 +143,9 @@ impl ExpertDispatch for ExpertParallel {
         let mut ids: Vec<Vec<f32>> = vec![Vec::new(); world];
         let mut weight_index: Vec<Vec<i64>> = vec![Vec::new(); world];
         let mut max_nodes = 0;
+        // An FP8 dispatch's tokens (and, in the backward, the gradients its combine sends back to
+        // the experts) are already rounded to the wire's grid by the MoE layer: they move as codes.
+        let wire = if moe.fp8_dispatch { Wire::Fp8 } else { Wire::F32 };
         for tok in 0..t {
             let slots = &routing.experts[tok * k..(tok + 1) * k];
             let mut nodes: Vec<usize> = slots.iter().map(|&e| e / per / self.ranks_per_node).collect();
@@ -154,8 +165,9 @@ impl ExpertDispatch for ExpertParallel {
             }
         }
         let counts: Vec<usize> = rows.iter().map(Vec::len).collect();
+        let token_bytes = counts.iter().sum::<usize>() * 4 * wire.words_per_row(tokens.dims()[1]);
         *self.last.lock().expect("stats lock") =
-            DispatchStats { rows_sent: counts.clone(), max_nodes_per_token: max_nodes };
+            DispatchStats { rows_sent: counts.clone(), max_nodes_per_token: max_nodes, token_bytes };
         let dev = Device::Cpu;
         let flat = |v: Vec<Vec<i64>>| -> whale_model::Result<Tensor> {
             let v: Vec<i64> = v.concat();
@@ -168,8 +180,8 @@ impl ExpertDispatch for ExpertParallel {
         let w_send = padded_weights.index_select(0, &flat(weight_index)?)?.reshape(&[x_send.dims()[0], k])?;
 
         let comms = &self.comms;
-        let (x_recv, recv_counts) = all_to_all_rows(comms, &x_send, &counts).map_err(model_err)?;
-        let (w_recv, _) = all_to_all_rows(comms, &w_send, &counts).map_err(model_err)?;
+        let (x_recv, recv_counts) = all_to_all_rows(comms, &x_send, &counts, wire, Wire::F32).map_err(model_err)?;
+        let (w_recv, _) = all_to_all_rows(comms, &w_send, &counts, Wire::F32, Wire::F32).map_err(model_err)?;
         let ids_recv: Vec<f32> = self.comms.forward.all_to_all(ids).map_err(model_err)?.concat();
 
         // The local experts on what arrived, each row's weighted sum.
@@ -187,15 +199,101 @@ impl ExpertDispatch for ExpertParallel {
         let partial = run_experts(local, &x_recv, &assignments, &w_local, moe.recompute_experts)?;
 
         // Combine: the partial sums go back to their tokens' ranks and add up per token.
-        let (back, _) = all_to_all_rows(comms, &partial, &recv_counts).map_err(model_err)?;
+        let (back, _) = all_to_all_rows(comms, &partial, &recv_counts, Wire::F32, wire).map_err(model_err)?;
         Ok(tokens.zeros_like()?.index_add(0, &send_rows, &back)?)
     }
 }
 
-/// Sends `counts[d]` consecutive rows of `x` (`[n, c]`) to rank `d` and returns the rows
-/// received, grouped by source rank in rank order, with their counts. Differentiable in `x`: the
-/// backward sends the gradient rows back the way they came, on `comms.backward`.
-pub fn all_to_all_rows(comms: &EpComms, x: &Tensor, counts: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+/// How rows cross an all-to-all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// As f32 values.
+    F32,
+    /// DeepSeek-V3's low-precision communication: each row as E4M3 codes, four to a word, then
+    /// the power-of-two scale of each of its 1x128 tiles. For values already rounded to that grid
+    /// ([`Tensor::fp8_comm_round`]), which it carries exactly; a value off the grid is an error,
+    /// never silently changed.
+    Fp8,
+}
+
+impl Wire {
+    /// The f32 words one row of `cols` values takes.
+    pub fn words_per_row(self, cols: usize) -> usize {
+        match self {
+            Wire::F32 => cols,
+            Wire::Fp8 => cols.div_ceil(4) + cols.div_ceil(BLOCK),
+        }
+    }
+
+    /// `rows` (`n` rows of `cols` values, row-major) on this wire.
+    fn encode(self, rows: &[f32], cols: usize) -> Result<Vec<f32>> {
+        if self == Wire::F32 || rows.is_empty() {
+            return Ok(rows.to_vec());
+        }
+        let n = rows.len() / cols;
+        let formats = (Fp8Format::E4M3, ScaleFormat::Ue8m0);
+        // The least amax floor: a rounded value re-encodes exactly whatever floor rounded it.
+        let q = Fp8Blocks::quantize_with_min_amax(rows, (n, cols), (1, BLOCK), formats, GRADIENT_MIN_AMAX);
+        let same = |(a, b): (&f32, &f32)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        if let Some(i) = q.dequantize().iter().zip(rows).position(|p| !same(p)) {
+            return Err(Error::Train(format!(
+                "FP8 wire: row {} column {} holds {}, which is not on the E4M3 grid of its tile (send values \
+                 rounded by fp8_comm_round)",
+                i / cols,
+                i % cols,
+                rows[i]
+            )));
+        }
+        let (code_words, tiles) = (cols.div_ceil(4), cols.div_ceil(BLOCK));
+        let mut out = Vec::with_capacity(n * (code_words + tiles));
+        for (codes, scales) in q.codes.chunks(cols).zip(q.scales.chunks(tiles)) {
+            out.extend(codes.chunks(4).map(|c| {
+                let mut word = [0u8; 4];
+                word[..c.len()].copy_from_slice(c);
+                f32::from_bits(u32::from_le_bytes(word))
+            }));
+            out.extend_from_slice(scales);
+        }
+        Ok(out)
+    }
+
+    /// The rows of `words` (received on this wire) as f32 values.
+    fn decode(self, words: &[f32], cols: usize) -> Result<Vec<f32>> {
+        let per_row = self.words_per_row(cols);
+        if self == Wire::F32 || words.is_empty() {
+            return Ok(words.to_vec());
+        }
+        if words.len() % per_row != 0 {
+            return Err(Error::Train(format!(
+                "FP8 wire: {} words are not whole rows of {cols} values ({per_row} words each)",
+                words.len()
+            )));
+        }
+        let code_words = cols.div_ceil(4);
+        let (mut codes, mut scales) = (Vec::new(), Vec::new());
+        for row in words.chunks(per_row) {
+            let bytes = row[..code_words].iter().flat_map(|w| w.to_bits().to_le_bytes());
+            codes.extend(bytes.take(cols));
+            scales.extend_from_slice(&row[code_words..]);
+        }
+        let n = words.len() / per_row;
+        let q = Fp8Blocks::from_parts(codes, scales, (n, cols), (1, BLOCK), Fp8Format::E4M3)
+            .map_err(|e| Error::Train(format!("FP8 wire: {e}")))?;
+        Ok(q.dequantize())
+    }
+}
+
+/// Sends `counts[d]` consecutive rows of `x` (`[n, c]`) to rank `d` on the `forward` wire and
+/// returns the rows received, grouped by source rank in rank order, with their counts.
+/// Differentiable in `x`: the backward sends the gradient rows back the way they came, on
+/// `comms.backward` and the `backward` wire.
+pub fn all_to_all_rows(
+    comms: &EpComms,
+    x: &Tensor,
+    counts: &[usize],
+    forward: Wire,
+    backward: Wire,
+) -> Result<(Tensor, Vec<usize>)> {
     let comm = &comms.forward;
     let [n, c] = x.dims()[..] else {
         return Err(Error::Train(format!("all_to_all_rows: rows must be 2-D, got {:?}", x.dims())));
@@ -203,25 +301,36 @@ pub fn all_to_all_rows(comms: &EpComms, x: &Tensor, counts: &[usize]) -> Result<
     if counts.len() != comm.world_size() || counts.iter().sum::<usize>() != n {
         return Err(Error::Train(format!("all_to_all_rows: counts {counts:?} do not split {n} rows over the ranks")));
     }
-    let values = x.to_vec_f32()?;
-    let recv = comm.all_to_all(split_rows(&values, counts, c))?;
-    let recv_counts: Vec<usize> = recv.iter().map(|v| v.len() / c.max(1)).collect();
+    let (recv, recv_counts) = exchange(comm.as_ref(), &x.to_vec_f32()?, counts, c, forward)?;
     let total: usize = recv_counts.iter().sum();
-    let back = AllToAllBackward { comm: comms.backward.clone(), counts: recv_counts.clone(), cols: c };
-    let y = Tensor::from_custom_op(recv.concat(), &[total, c], x.dtype(), &[x], back)?;
+    let back = AllToAllBackward { comm: comms.backward.clone(), counts: recv_counts.clone(), cols: c, wire: backward };
+    let y = Tensor::from_custom_op(recv, &[total, c], x.dtype(), &[x], back)?;
     Ok((y, recv_counts))
 }
 
-fn split_rows(values: &[f32], counts: &[usize], cols: usize) -> Vec<Vec<f32>> {
+/// One all-to-all of rows: `counts[d]` consecutive rows of `values` (`cols` wide) to rank `d` on
+/// `wire`; the rows received in rank order, and how many came from each rank.
+fn exchange(
+    comm: &dyn Comm,
+    values: &[f32],
+    counts: &[usize],
+    cols: usize,
+    wire: Wire,
+) -> Result<(Vec<f32>, Vec<usize>)> {
     let mut start = 0;
-    counts
-        .iter()
-        .map(|&n| {
-            let part = values[start * cols..(start + n) * cols].to_vec();
-            start += n;
-            part
-        })
-        .collect()
+    let mut parts = Vec::with_capacity(counts.len());
+    for &n in counts {
+        parts.push(wire.encode(&values[start * cols..(start + n) * cols], cols)?);
+        start += n;
+    }
+    let per_row = wire.words_per_row(cols).max(1);
+    let mut recv = Vec::new();
+    let mut recv_counts = Vec::with_capacity(counts.len());
+    for part in comm.all_to_all(parts)? {
+        recv_counts.push(part.len() / per_row);
+        recv.extend(wire.decode(&part, cols)?);
+    }
+    Ok((recv, recv_counts))
 }
 
 /// The reverse all-to-all: the gradient rows received from rank `d` (`counts[d]` of them) go back to it.
@@ -229,6 +338,7 @@ struct AllToAllBackward {
     comm: Arc<dyn Comm>,
     counts: Vec<usize>,
     cols: usize,
+    wire: Wire,
 }
 
 impl BackwardOp for AllToAllBackward {
@@ -244,13 +354,10 @@ impl BackwardOp for AllToAllBackward {
         needs: &[bool],
     ) -> whale_model::tensor::Result<Vec<Option<Tensor>>> {
         // Every rank takes part even when it needs no gradient: the collective is matched by order.
-        let g = grad.to_vec_f32()?;
-        let sent = self
-            .comm
-            .all_to_all(split_rows(&g, &self.counts, self.cols))
+        let (sent, _) = exchange(self.comm.as_ref(), &grad.to_vec_f32()?, &self.counts, self.cols, self.wire)
             .map_err(|e| whale_model::tensor::Error::Backward(format!("all_to_all_rows: {e}")))?;
         let x = &inputs[0];
-        let grad = Tensor::from_vec(sent.concat(), x.dims(), &Device::Cpu)?.to_dtype(x.dtype())?;
+        let grad = Tensor::from_vec(sent, x.dims(), &Device::Cpu)?.to_dtype(x.dtype())?;
         Ok(vec![needs[0].then_some(grad)])
     }
 }

@@ -147,6 +147,10 @@ pub struct TrainConfig {
     /// Keep an exponential moving average of the parameters with this decay (DeepSeek-V3's EMA
     /// in host memory, TR 3.2.3; one rank). None: no average.
     pub ema_decay: Option<f64>,
+    /// Send the MoE layers' dispatch in FP8 (DeepSeek-V3's low-precision communication, TR
+    /// 3.3.2: tokens and the gradients back to the experts as E4M3 with power-of-two scales, the
+    /// combine in high precision): rounded alike on one rank and under expert parallelism.
+    pub fp8_dispatch: bool,
 }
 
 impl Default for TrainConfig {
@@ -173,6 +177,7 @@ impl Default for TrainConfig {
             mtp_weight_from: None,
             recompute: Recompute::default(),
             ema_decay: None,
+            fp8_dispatch: false,
         }
     }
 }
@@ -393,6 +398,7 @@ impl Trainer {
         config.validate()?;
         config.precision.apply(&mut model);
         model.set_recompute(config.recompute);
+        model.set_fp8_dispatch(config.fp8_dispatch);
         let opt = AdamW::new(config.adamw())?;
         let ema = config.ema_decay.map(|d| Ema::new(d, &model.params)).transpose()?;
         Ok(Trainer { model, opt, config, step: 0, data, metrics: None, skipped_in_a_row: 0, ema })

@@ -2,7 +2,8 @@
 //! gradients of the tokens, of the local experts (each on the rank that owns it) and of the
 //! replicated router and shared experts (summed over ranks, as data parallelism would), with
 //! node-limited routing keeping every token within its allowed nodes, and the sequence-wise
-//! balance loss (each rank's sequences are its own; their mean over ranks is the whole batch's).
+//! balance loss (each rank's sequences are its own; their mean over ranks is the whole batch's),
+//! and with an FP8 dispatch (the rounding on one rank, the codes on the wire).
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use whale_model::tensor::testing::randn;
 use whale_model::tensor::Tensor;
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_parallel::comm::{Comm, LocalComm};
-use whale_parallel::expert_parallel::{EpComms, ExpertParallel};
+use whale_parallel::expert_parallel::{all_to_all_rows, DispatchStats, EpComms, ExpertParallel, Wire};
 
 /// The tiny preset's first MoE layer with the sequence-wise balance loss weighted `alpha` (0: off).
 fn moe_of(model: &DeepSeekV3, alpha: f32) -> DeepSeekMoE {
@@ -62,14 +63,24 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 /// against one rank on all of them, the sequence-wise balance loss weighted `alpha`: each rank
 /// adds its loss divided by `world` (a data-parallel mean), so the replicated weights' gradients
 /// summed over ranks are the whole batch's.
-fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_rank: usize, alpha: f32) -> Vec<usize> {
+/// With `fp8`, the layer's dispatch is FP8 on both sides. Returns each rank's dispatch stats and
+/// the bytes its backward all-to-alls moved.
+fn check(
+    world: usize,
+    ranks_per_node: usize,
+    cfg: DeepSeekV3Config,
+    tokens_per_rank: usize,
+    alpha: f32,
+    fp8: bool,
+) -> Vec<(DispatchStats, u64)> {
     let model = DeepSeekV3::new(cfg.clone(), 3).unwrap();
     let d = cfg.hidden_size;
     let x = randn(&[world, tokens_per_rank, d], 7);
     let r = randn(&[world, tokens_per_rank, d], 8);
 
     // One rank, all tokens.
-    let reference = moe_of(&model.duplicate().unwrap(), alpha);
+    let mut reference = moe_of(&model.duplicate().unwrap(), alpha);
+    reference.fp8_dispatch = fp8;
     let xv = x.detach().variable();
     let out = reference.forward(&xv, None).unwrap();
     assert_eq!(out.aux_loss.is_some(), alpha > 0.0, "a balance loss exactly when it is on");
@@ -90,6 +101,7 @@ fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_
                 s.spawn(move || {
                     let comms = EpComms::new(Arc::new(comm)).unwrap();
                     let mut moe = moe_of(&model.duplicate().unwrap(), alpha);
+                    moe.fp8_dispatch = fp8;
                     let ep = ExpertParallel::install(&comms, ranks_per_node, &mut moe).unwrap();
                     let xr = x.narrow(0, rank, 1).unwrap().contiguous().unwrap().variable();
                     let out = moe.forward(&xr, None).unwrap();
@@ -105,7 +117,7 @@ fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_
                         xr.grad().unwrap().to_vec_f32().unwrap(),
                         grads,
                         local,
-                        ep.last_dispatch(),
+                        (ep.last_dispatch(), comms.backward.stats().bytes),
                         aux,
                     )
                 })
@@ -115,16 +127,16 @@ fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_
     });
 
     let n = tokens_per_rank * d;
-    let mut max_nodes = Vec::new();
+    let mut stats = Vec::new();
     let mean_aux = per_rank.iter().map(|p| p.5).sum::<f32>() / world as f32;
     assert!(
         (mean_aux - ref_aux).abs() <= 1e-6 * ref_aux.abs(),
         "balance loss: mean over ranks {mean_aux} vs {ref_aux}"
     );
-    for (rank, (out, dx, _, _, stats, _)) in per_rank.iter().enumerate() {
+    for (rank, (out, dx, _, _, rank_stats, _)) in per_rank.iter().enumerate() {
         assert_close(&format!("rank {rank} output"), out, &ref_out[rank * n..(rank + 1) * n]);
         assert_close(&format!("rank {rank} input gradient"), dx, &ref_dx[rank * n..(rank + 1) * n]);
-        max_nodes.push(stats.max_nodes_per_token);
+        stats.push(rank_stats.clone());
     }
     for (i, (name, want)) in ref_grads.iter().enumerate() {
         let expert: Option<usize> = name.strip_prefix("experts.").and_then(|s| s.split('.').next()?.parse().ok());
@@ -149,7 +161,12 @@ fn check(world: usize, ranks_per_node: usize, cfg: DeepSeekV3Config, tokens_per_
             }
         }
     }
-    max_nodes
+    stats
+}
+
+/// The most nodes a token reached, per rank.
+fn max_nodes(stats: &[(DispatchStats, u64)]) -> Vec<usize> {
+    stats.iter().map(|(s, _)| s.max_nodes_per_token).collect()
 }
 
 #[test]
@@ -157,25 +174,68 @@ fn expert_parallel_over_2_and_4_ranks_equals_one_rank() {
     // 8 experts, top-2, groups of 4 (n_group 2): 4 or 2 experts per rank.
     let cfg = DeepSeekV3Config::tiny();
     for world in [2, 4] {
-        check(world, world, cfg.clone(), 12, 0.0);
+        check(world, world, cfg.clone(), 12, 0.0, false);
     }
 }
 
 #[test]
 fn the_sequence_wise_balance_loss_under_expert_parallelism_is_the_whole_batchs() {
     // A heavy weight, so its gradient through the router is as large as the output's.
-    check(4, 4, DeepSeekV3Config::tiny(), 12, 0.5);
+    check(4, 4, DeepSeekV3Config::tiny(), 12, 0.5, false);
 }
 
 #[test]
 fn node_limited_routing_sends_each_token_to_at_most_m_nodes() {
     // 4 ranks on 2 nodes; the router's 2 groups are the nodes and topk_group = 1 = M.
     let cfg = DeepSeekV3Config { n_group: 2, topk_group: 1, ..DeepSeekV3Config::tiny() };
-    let max_nodes = check(4, 2, cfg.clone(), 16, 0.0);
-    assert!(max_nodes.iter().all(|&m| m == 1), "M = 1: {max_nodes:?}");
+    let limited = max_nodes(&check(4, 2, cfg.clone(), 16, 0.0, false));
+    assert!(limited.iter().all(|&m| m == 1), "M = 1: {limited:?}");
     // With both groups allowed, tokens do spread over the two nodes.
-    let spread = check(4, 2, DeepSeekV3Config { topk_group: 2, ..cfg }, 16, 0.0);
+    let spread = max_nodes(&check(4, 2, DeepSeekV3Config { topk_group: 2, ..cfg }, 16, 0.0, false));
     assert!(spread.contains(&2), "topk_group 2: {spread:?}");
+}
+
+#[test]
+fn an_fp8_dispatch_equals_one_rank_doing_the_same_in_about_a_quarter_of_the_bytes() {
+    let cfg = DeepSeekV3Config::tiny();
+    let d = cfg.hidden_size;
+    // The flag is not a no-op: one rank's output moves with the tokens' rounding.
+    let model = DeepSeekV3::new(cfg.clone(), 3).unwrap();
+    let x = randn(&[1, 12, d], 7);
+    let mut moe = moe_of(&model, 0.0);
+    let plain = moe.forward(&x, None).unwrap().output.to_vec_f32().unwrap();
+    moe.fp8_dispatch = true;
+    assert_ne!(moe.forward(&x, None).unwrap().output.to_vec_f32().unwrap(), plain);
+
+    for world in [2, 4] {
+        let f32_wire = check(world, world, cfg.clone(), 12, 0.0, false);
+        let fp8_wire = check(world, world, cfg.clone(), 12, 0.5, true);
+        let fp8_same_loss = check(world, world, cfg.clone(), 12, 0.0, true);
+        for (rank, ((a, a_back), (b, b_back))) in f32_wire.iter().zip(&fp8_same_loss).enumerate() {
+            assert_eq!(a.rows_sent, b.rows_sent, "rank {rank}: the same routing");
+            // d values per row against d/4 words of codes and a scale per 128 columns.
+            assert_eq!(a.token_bytes * (d / 4 + d.div_ceil(128)), b.token_bytes * d, "rank {rank}");
+            // The backward's combine gradients shrink the same way (its other all-to-alls stay f32).
+            assert!(b_back < a_back, "rank {rank}: backward bytes {b_back} vs {a_back}");
+        }
+        assert_eq!(fp8_wire.len(), world);
+    }
+}
+
+#[test]
+fn the_fp8_wire_refuses_values_off_its_grid() {
+    let comm: Arc<dyn Comm> = Arc::new(LocalComm::single());
+    let comms = EpComms { forward: comm.clone(), backward: comm };
+    let x = randn(&[3, 130], 1);
+    let err = all_to_all_rows(&comms, &x, &[3], Wire::Fp8, Wire::F32).unwrap_err().to_string();
+    assert!(err.contains("not on the E4M3 grid") && err.contains("row 0"), "{err}");
+    // Rounded first, the rows arrive as they were sent, and so does their gradient (f32 back).
+    let rounded = x.fp8_comm_round().unwrap().variable();
+    let (y, counts) = all_to_all_rows(&comms, &rounded, &[3], Wire::Fp8, Wire::F32).unwrap();
+    assert_eq!((y.to_vec_f32().unwrap(), counts), (rounded.to_vec_f32().unwrap(), vec![3]));
+    let r = randn(&[3, 130], 2);
+    y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(rounded.grad().unwrap().to_vec_f32().unwrap(), r.to_vec_f32().unwrap());
 }
 
 #[test]

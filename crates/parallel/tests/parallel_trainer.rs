@@ -314,3 +314,32 @@ fn impossible_meshes_are_refused_with_the_reason() {
     let err = ParallelTrainer::new(t, &comm, mesh, DataParallelConfig::default()).unwrap_err();
     assert!(err.to_string().contains("ema_decay") && err.to_string().contains("one rank"), "{err}");
 }
+
+#[test]
+fn an_fp8_dispatch_under_expert_parallelism_takes_one_ranks_fp8_dispatch_step() {
+    // One step: the mesh's sums run in another order, so after an update its weights are one
+    // rank's to f32 rounding only, and a value that close to a rounding boundary of E4M3 (a step
+    // of 1/16) may round the other way, which a later step's loss and norm then show (measured:
+    // the second step's gradient norm 6e-5 apart). The first step's tokens are the same bits on
+    // both, so its gradients and losses agree as the plain mesh's do.
+    let config = TrainConfig { fp8_dispatch: true, steps: STEPS, ..trainer(1, walk()).config };
+    let fp8 = |grad_accum: usize, data: Box<dyn DataSource>| {
+        let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap();
+        Trainer::new(model, TrainConfig { grad_accum, ..config.clone() }, data).unwrap()
+    };
+    let mut t = fp8(GLOBAL_MICRO, walk());
+    assert!(t.model.fp8_dispatch(), "the trainer's switch reaches the model");
+    let metrics = vec![t.train_step().unwrap()];
+    let single = outcome(&t, metrics, first_moments(&t));
+    assert_ne!(single.metrics[0].loss, reference().0.metrics[0].loss, "FP8 rounding changes the loss");
+
+    let mesh = Mesh { dp: 2, ep: 2, ..Mesh::default() };
+    let ranks = LocalComm::run(mesh.world_size(), |comm| {
+        let t = fp8(GLOBAL_MICRO / mesh.dp, Box::new(mesh.shard(comm.rank(), walk())));
+        let mut t = ParallelTrainer::new(t, comm, mesh, DataParallelConfig::default()).unwrap();
+        let metrics = vec![t.train_step().unwrap()];
+        let first = first_moments(t.trainer());
+        outcome(&t.into_trainer().unwrap(), metrics, first)
+    });
+    assert_same_steps(&ranks[0], &single, "dp 2 x ep 2, FP8 dispatch");
+}

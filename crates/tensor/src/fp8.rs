@@ -199,6 +199,63 @@ impl Tensor {
     }
 }
 
+/// Low-precision communication (spec 4.2, TR 3.3.2): DeepSeek-V3 sends the tokens of an MoE
+/// dispatch, and the gradients that come back to the experts in the backward, as E4M3 in 1x128
+/// tiles with power-of-two scales. These two ops give a value the rounding of that wire on any
+/// number of ranks, so that expert parallelism (which then moves the codes, losslessly: a value
+/// already on the grid re-encodes exactly) and one rank compute the same numbers.
+impl Tensor {
+    /// The values as they arrive from an FP8 dispatch: each 1x128 tile along the last dim in
+    /// E4M3 with scale `2^ceil(log2(max(amax, 1e-4) / 448))`. The gradient goes straight
+    /// through (the dispatch's backward, a combine, stays in high precision). On a GPU the
+    /// rounding runs on the host.
+    pub fn fp8_comm_round(&self) -> Result<Tensor> {
+        self.on_host("fp8_comm_round", |x| {
+            let values = comm_rounded(&x.f32_data()?, x.dims(), MIN_AMAX);
+            let back = backward_fn("fp8_comm_round", |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+                Ok(vec![needs[0].then(|| g.clone())])
+            });
+            Ok(Tensor::from_op(values, x.dims(), x.dtype(), &[x], back))
+        })
+    }
+
+    /// The values unchanged; in the backward their gradient is rounded as
+    /// [`Tensor::fp8_comm_round`] rounds values (output gradients' amax floor,
+    /// [`GRADIENT_MIN_AMAX`]): the gradient an FP8 combine-backward delivers to the experts.
+    pub fn fp8_comm_round_grad(&self) -> Result<Tensor> {
+        self.on_host("fp8_comm_round_grad", |x| {
+            let back = backward_fn("fp8_comm_round_grad", |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+                grad_if(needs[0], || {
+                    Ok(plain(comm_rounded(&g.f32_data()?, g.dims(), GRADIENT_MIN_AMAX), g.dims(), g.dtype()))
+                })
+                .map(|g| vec![g])
+            });
+            Ok(Tensor::from_op(x.to_vec_f32()?, x.dims(), x.dtype(), &[x], back))
+        })
+    }
+
+    /// `f` on a host copy of `self` (a float tensor of rank >= 1), its result moved back to
+    /// `self`'s device (both moves differentiable).
+    fn on_host(&self, op: &'static str, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        check_float_any_device(op, self)?;
+        if self.rank() == 0 {
+            return Err(Error::invalid(op, "needs a tensor of rank >= 1 (tiles run along the last dim)"));
+        }
+        if self.device().is_cuda() {
+            return f(&self.to_device(&crate::Device::Cpu)?)?.to_device(&self.device());
+        }
+        f(self)
+    }
+}
+
+/// `x` (`dims`, tiles of 1x128 along the last dim) through E4M3 with power-of-two scales and back.
+fn comm_rounded(x: &[f32], dims: &[usize], min_amax: f32) -> Vec<f32> {
+    let cols = *dims.last().expect("rank >= 1");
+    let rows = x.len().checked_div(cols).unwrap_or(0);
+    let format = (Fp8Format::E4M3, ScaleFormat::Ue8m0);
+    Fp8Blocks::quantize_with_min_amax(x, (rows, cols), (1, BLOCK), format, min_amax).dequantize()
+}
+
 /// `x` is `[..., k]` for a weight `[n, k]`.
 fn check_linear_input(x: &Tensor, k: usize, n: usize) -> Result<()> {
     if x.rank() == 0 || x.dims()[x.rank() - 1] != k {

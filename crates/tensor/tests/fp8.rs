@@ -249,3 +249,75 @@ fn fp8_linear_with_no_input_features_is_zeros_as_a_matmul() {
     y.sum_all().unwrap().backward().unwrap();
     assert!(w.grad().unwrap().to_vec_f32().unwrap().iter().all(|&g| g == 0.0));
 }
+
+/// Low-precision communication's rounding from its definition: per 1x128 tile along the last
+/// dim, scale = the least power of two >= max(amax, floor) / 448, and each value the E4M3 value
+/// nearest `v / scale` (ties to the even code, saturating at 448) times the scale.
+fn comm_rounded_by_definition(x: &[f32], cols: usize, floor: f32) -> Vec<f32> {
+    let grid: Vec<(f64, u8)> =
+        (0..0x7Fu8).map(|c| (definition(DType::F8E4M3, 3, 7, c).expect("finite below 0x7F"), c)).collect();
+    let nearest = |v: f64| -> f64 {
+        let a = v.abs().min(448.0);
+        let mut best = grid[0];
+        for &(g, c) in &grid[1..] {
+            let (d, db) = ((g - a).abs(), (best.0 - a).abs());
+            if d < db || (d == db && c % 2 == 0) {
+                best = (g, c);
+            }
+        }
+        best.0.copysign(v)
+    };
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(cols) {
+        for tile in row.chunks(BLOCK) {
+            let amax = tile.iter().fold(floor, |m, v| m.max(v.abs())) as f64;
+            let scale = 2f64.powi((amax / 448.0).log2().ceil() as i32);
+            out.extend(tile.iter().map(|&v| (nearest(v as f64 / scale) * scale) as f32));
+        }
+    }
+    out
+}
+
+/// Rows of widely different magnitudes (one under the 1e-4 floor, one all zero), 200 columns:
+/// a full tile and a partial one per row.
+fn comm_rows() -> Tensor {
+    let magnitudes = Tensor::from_vec(vec![1.0f32, 3e-3, 40.0, 2e-6, 0.0, 0.5], &[2, 3, 1], &Device::Cpu).unwrap();
+    randn(&[2, 3, 200], 11).mul(&magnitudes).unwrap()
+}
+
+#[test]
+fn fp8_comm_round_is_e4m3_with_power_of_two_tile_scales_and_a_straight_through_gradient() {
+    for dtype in [DType::F32, DType::BF16] {
+        let x = comm_rows().to_dtype(dtype).unwrap().variable();
+        let y = x.fp8_comm_round().unwrap();
+        assert_eq!((y.dtype(), y.dims()), (dtype, x.dims()));
+        let got = y.to_vec_f32().unwrap();
+        assert_eq!(got, comm_rounded_by_definition(&x.to_vec_f32().unwrap(), 200, 1e-4), "{dtype:?}");
+        assert!(got != x.to_vec_f32().unwrap(), "{dtype:?}: the values were rounded");
+        // Values on the grid stay where they are: a second trip (the wire's re-encoding) is exact.
+        assert_eq!(y.detach().fp8_comm_round().unwrap().to_vec_f32().unwrap(), got);
+        let r = randn(&[2, 3, 200], 12).to_dtype(dtype).unwrap();
+        y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(x.grad().unwrap().to_vec_f32().unwrap(), r.to_vec_f32().unwrap(), "straight through");
+    }
+    let scalar = Tensor::from_vec(vec![1.0f32], &[], &Device::Cpu).unwrap();
+    let err = scalar.fp8_comm_round().unwrap_err().to_string();
+    assert!(err.contains("fp8_comm_round") && err.contains("rank"), "{err}");
+}
+
+#[test]
+fn fp8_comm_round_grad_passes_values_and_rounds_their_gradient_however_small() {
+    let x = comm_rows().variable();
+    let y = x.fp8_comm_round_grad().unwrap();
+    assert_eq!(y.to_vec_f32().unwrap(), x.to_vec_f32().unwrap(), "the values unchanged");
+    // Gradients far under the activations' 1e-4 floor keep their bits' worth of E4M3.
+    let r = comm_rows().mul_scalar(1e-7).unwrap();
+    y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let got = x.grad().unwrap().to_vec_f32().unwrap();
+    let want = comm_rounded_by_definition(&r.to_vec_f32().unwrap(), 200, whale_tensor::fp8::GRADIENT_MIN_AMAX);
+    assert_eq!(got, want);
+    let rv = r.to_vec_f32().unwrap();
+    let worst =
+        got.iter().zip(&rv).filter(|(_, &b)| b.abs() > 1e-12).map(|(a, b)| ((a - b) / b).abs()).fold(0.0, f32::max);
+    assert!(worst > 0.0 && worst <= 1.0 / 16.0 + 1e-6, "rounded to E4M3's 3 mantissa bits: worst {worst}");
+}

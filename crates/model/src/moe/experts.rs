@@ -37,6 +37,12 @@ pub struct DeepSeekMoE {
     /// outside, so its loads and balance loss are taken once). The decoder layer's
     /// [`crate::nn::Recompute::mlp`].
     pub recompute_experts: bool,
+    /// Low-precision communication (DeepSeek-V3, TR 3.3.2): the routed experts' inputs are
+    /// rounded as an FP8 dispatch sends them, and in the backward so are the gradients of their
+    /// combined output (before the down-projections); the combine stays high precision. The same
+    /// numbers on one rank as under expert parallelism, whose all-to-alls then carry the codes.
+    /// The experts' own FP8 GEMMs quantize again in their tiles (V3's read the dispatched codes).
+    pub fp8_dispatch: bool,
 }
 
 /// What one MoE layer returns besides its output.
@@ -69,6 +75,7 @@ impl DeepSeekMoE {
             aux_loss_alpha: cfg.aux_loss_alpha as f32,
             dispatch: None,
             recompute_experts: false,
+            fp8_dispatch: false,
         })
     }
 
@@ -122,8 +129,16 @@ impl DeepSeekMoE {
         Ok(MoeOutput { output: out.reshape(&dims)?, load, aux_loss })
     }
 
-    /// The routed experts' weighted outputs for every token, here or through `self.dispatch`.
+    /// The routed experts' weighted outputs for every token, here or through `self.dispatch`,
+    /// in FP8 with [`Self::fp8_dispatch`].
     fn dispatch_and_combine(&self, tokens: &Tensor, routing: &Routing) -> Result<Tensor> {
+        if self.fp8_dispatch {
+            return Ok(self.run_routed(&tokens.fp8_comm_round()?, routing)?.fp8_comm_round_grad()?);
+        }
+        self.run_routed(tokens, routing)
+    }
+
+    fn run_routed(&self, tokens: &Tensor, routing: &Routing) -> Result<Tensor> {
         if let Some(d) = &self.dispatch {
             return d.dispatch_and_combine(self, tokens, routing);
         }
