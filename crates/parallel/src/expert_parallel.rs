@@ -11,7 +11,8 @@
 //! With the layer's `fp8_dispatch` (DeepSeek-V3's low-precision communication) the dispatch
 //! carries the tokens, and the combine's backward their gradients, as E4M3 codes with
 //! power-of-two scales ([`Wire::Fp8`]); the layer has already rounded them to that grid, so the
-//! numbers are one rank's, in about a quarter of the bytes. The combine itself stays f32.
+//! numbers are one rank's, in about a quarter of the bytes. Otherwise rows cross in their own
+//! dtype (bf16 two to a word, as DeepEP's BF16 dispatch and combine).
 //!
 //! Both all-to-alls are differentiable (the backward of one is the other's reverse), so the
 //! gradients of the tokens, the gating weights and the local experts come out as on one rank.
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex};
 
 use whale_model::moe::{run_experts, DeepSeekMoE, ExpertDispatch, Routing};
 use whale_model::tensor::fp8::{Fp8Blocks, Fp8Format, ScaleFormat, BLOCK, GRADIENT_MIN_AMAX};
-use whale_model::tensor::{BackwardOp, Device, Tensor};
+use whale_model::tensor::{BackwardOp, DType, Device, Tensor};
 
 use crate::comm::Comm;
 use crate::{Error, Result};
@@ -145,7 +146,7 @@ impl ExpertDispatch for ExpertParallel {
         let mut max_nodes = 0;
         // An FP8 dispatch's tokens (and, in the backward, the gradients its combine sends back to
         // the experts) are already rounded to the wire's grid by the MoE layer: they move as codes.
-        let wire = if moe.fp8_dispatch { Wire::Fp8 } else { Wire::F32 };
+        let wire = if moe.fp8_dispatch { Wire::Fp8 } else { Wire::Plain };
         for tok in 0..t {
             let slots = &routing.experts[tok * k..(tok + 1) * k];
             let mut nodes: Vec<usize> = slots.iter().map(|&e| e / per / self.ranks_per_node).collect();
@@ -165,7 +166,7 @@ impl ExpertDispatch for ExpertParallel {
             }
         }
         let counts: Vec<usize> = rows.iter().map(Vec::len).collect();
-        let token_bytes = counts.iter().sum::<usize>() * 4 * wire.words_per_row(tokens.dims()[1]);
+        let token_bytes = counts.iter().sum::<usize>() * 4 * wire.words_per_row(tokens.dims()[1], tokens.dtype());
         *self.last.lock().expect("stats lock") =
             DispatchStats { rows_sent: counts.clone(), max_nodes_per_token: max_nodes, token_bytes };
         let dev = Device::Cpu;
@@ -180,8 +181,8 @@ impl ExpertDispatch for ExpertParallel {
         let w_send = padded_weights.index_select(0, &flat(weight_index)?)?.reshape(&[x_send.dims()[0], k])?;
 
         let comms = &self.comms;
-        let (x_recv, recv_counts) = all_to_all_rows(comms, &x_send, &counts, wire, Wire::F32).map_err(model_err)?;
-        let (w_recv, _) = all_to_all_rows(comms, &w_send, &counts, Wire::F32, Wire::F32).map_err(model_err)?;
+        let (x_recv, recv_counts) = all_to_all_rows(comms, &x_send, &counts, wire, Wire::Plain).map_err(model_err)?;
+        let (w_recv, _) = all_to_all_rows(comms, &w_send, &counts, Wire::Plain, Wire::Plain).map_err(model_err)?;
         let ids_recv: Vec<f32> = self.comms.forward.all_to_all(ids).map_err(model_err)?.concat();
 
         // The local experts on what arrived, each row's weighted sum.
@@ -199,7 +200,7 @@ impl ExpertDispatch for ExpertParallel {
         let partial = run_experts(local, &x_recv, &assignments, &w_local, moe.recompute_experts)?;
 
         // Combine: the partial sums go back to their tokens' ranks and add up per token.
-        let (back, _) = all_to_all_rows(comms, &partial, &recv_counts, Wire::F32, wire).map_err(model_err)?;
+        let (back, _) = all_to_all_rows(comms, &partial, &recv_counts, Wire::Plain, wire).map_err(model_err)?;
         Ok(tokens.zeros_like()?.index_add(0, &send_rows, &back)?)
     }
 }
@@ -207,8 +208,8 @@ impl ExpertDispatch for ExpertParallel {
 /// How rows cross an all-to-all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wire {
-    /// As f32 values.
-    F32,
+    /// In the tensor's own dtype, exactly: f32 values, or bf16 two to a word.
+    Plain,
     /// DeepSeek-V3's low-precision communication: each row as E4M3 codes, four to a word, then
     /// the power-of-two scale of each of its 1x128 tiles. For values already rounded to that grid
     /// ([`Tensor::fp8_comm_round`]), which it carries exactly; a value off the grid is an error,
@@ -217,18 +218,35 @@ pub enum Wire {
 }
 
 impl Wire {
-    /// The f32 words one row of `cols` values takes.
-    pub fn words_per_row(self, cols: usize) -> usize {
+    /// The f32 words one row of `cols` values of `dtype` takes.
+    pub fn words_per_row(self, cols: usize, dtype: DType) -> usize {
         match self {
-            Wire::F32 => cols,
+            Wire::Plain if dtype == DType::BF16 => cols.div_ceil(2),
+            Wire::Plain => cols,
             Wire::Fp8 => cols.div_ceil(4) + cols.div_ceil(BLOCK),
         }
     }
 
-    /// `rows` (`n` rows of `cols` values, row-major) on this wire.
-    fn encode(self, rows: &[f32], cols: usize) -> Result<Vec<f32>> {
-        if self == Wire::F32 || rows.is_empty() {
+    /// `rows` (`n` rows of `cols` values of `dtype`, row-major) on this wire.
+    fn encode(self, rows: &[f32], cols: usize, dtype: DType) -> Result<Vec<f32>> {
+        if rows.is_empty() || (self == Wire::Plain && dtype != DType::BF16) {
             return Ok(rows.to_vec());
+        }
+        let off_grid = |i: usize, grid: &str| {
+            Error::Train(format!(
+                "{self:?} wire: row {} column {} holds {}, which is not on the {grid}",
+                i / cols,
+                i % cols,
+                rows[i]
+            ))
+        };
+        if self == Wire::Plain {
+            // bf16 values are f32s whose low 16 bits are zero: two fit in a word.
+            if let Some(i) = rows.iter().position(|v| v.to_bits() & 0xFFFF != 0) {
+                return Err(off_grid(i, "bf16 grid"));
+            }
+            let halves: Vec<u8> = rows.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+            return Ok(pack(&halves, 2 * cols, |_| Vec::new()));
         }
         let n = rows.len() / cols;
         let formats = (Fp8Format::E4M3, ScaleFormat::Ue8m0);
@@ -236,51 +254,61 @@ impl Wire {
         let q = Fp8Blocks::quantize_with_min_amax(rows, (n, cols), (1, BLOCK), formats, GRADIENT_MIN_AMAX);
         let same = |(a, b): (&f32, &f32)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
         if let Some(i) = q.dequantize().iter().zip(rows).position(|p| !same(p)) {
-            return Err(Error::Train(format!(
-                "FP8 wire: row {} column {} holds {}, which is not on the E4M3 grid of its tile (send values \
-                 rounded by fp8_comm_round)",
-                i / cols,
-                i % cols,
-                rows[i]
-            )));
+            return Err(off_grid(i, "E4M3 grid of its tile (send values rounded by fp8_comm_round)"));
         }
-        let (code_words, tiles) = (cols.div_ceil(4), cols.div_ceil(BLOCK));
-        let mut out = Vec::with_capacity(n * (code_words + tiles));
-        for (codes, scales) in q.codes.chunks(cols).zip(q.scales.chunks(tiles)) {
-            out.extend(codes.chunks(4).map(|c| {
-                let mut word = [0u8; 4];
-                word[..c.len()].copy_from_slice(c);
-                f32::from_bits(u32::from_le_bytes(word))
-            }));
-            out.extend_from_slice(scales);
-        }
-        Ok(out)
+        let tiles = cols.div_ceil(BLOCK);
+        Ok(pack(&q.codes, cols, |r| q.scales[r * tiles..(r + 1) * tiles].to_vec()))
     }
 
-    /// The rows of `words` (received on this wire) as f32 values.
-    fn decode(self, words: &[f32], cols: usize) -> Result<Vec<f32>> {
-        let per_row = self.words_per_row(cols);
-        if self == Wire::F32 || words.is_empty() {
+    /// The rows of `words` (received on this wire, values of `dtype`) as f32 values.
+    fn decode(self, words: &[f32], cols: usize, dtype: DType) -> Result<Vec<f32>> {
+        if words.is_empty() || (self == Wire::Plain && dtype != DType::BF16) {
             return Ok(words.to_vec());
         }
+        let per_row = self.words_per_row(cols, dtype);
         if words.len() % per_row != 0 {
             return Err(Error::Train(format!(
-                "FP8 wire: {} words are not whole rows of {cols} values ({per_row} words each)",
+                "{self:?} wire: {} words are not whole rows of {cols} values ({per_row} words each)",
                 words.len()
             )));
         }
-        let code_words = cols.div_ceil(4);
-        let (mut codes, mut scales) = (Vec::new(), Vec::new());
-        for row in words.chunks(per_row) {
-            let bytes = row[..code_words].iter().flat_map(|w| w.to_bits().to_le_bytes());
-            codes.extend(bytes.take(cols));
-            scales.extend_from_slice(&row[code_words..]);
-        }
         let n = words.len() / per_row;
+        let packed = cols.div_ceil(if self == Wire::Plain { 2 } else { 4 });
+        let bytes = |row: &[f32]| -> Vec<u8> {
+            row[..packed].iter().flat_map(|w| w.to_bits().to_le_bytes()).collect::<Vec<u8>>()
+        };
+        if self == Wire::Plain {
+            let mut out = Vec::with_capacity(n * cols);
+            for row in words.chunks(per_row) {
+                let halves = bytes(row);
+                out.extend(halves.chunks(2).take(cols).map(|h| f32::from_bits(u32::from_le_bytes([0, 0, h[0], h[1]]))));
+            }
+            return Ok(out);
+        }
+        let (mut codes, mut scales) = (Vec::with_capacity(n * cols), Vec::new());
+        for row in words.chunks(per_row) {
+            codes.extend(bytes(row).into_iter().take(cols));
+            scales.extend_from_slice(&row[packed..]);
+        }
         let q = Fp8Blocks::from_parts(codes, scales, (n, cols), (1, BLOCK), Fp8Format::E4M3)
-            .map_err(|e| Error::Train(format!("FP8 wire: {e}")))?;
+            .map_err(|e| Error::Train(format!("Fp8 wire: {e}")))?;
         Ok(q.dequantize())
     }
+}
+
+/// Rows of `row_bytes` bytes, four to a little-endian word (the last word of a row zero-padded),
+/// each row followed by `tail(row)`.
+fn pack(bytes: &[u8], row_bytes: usize, tail: impl Fn(usize) -> Vec<f32>) -> Vec<f32> {
+    let mut out = Vec::new();
+    for (r, row) in bytes.chunks(row_bytes).enumerate() {
+        out.extend(row.chunks(4).map(|group| {
+            let mut word = [0u8; 4];
+            word[..group.len()].copy_from_slice(group);
+            f32::from_bits(u32::from_le_bytes(word))
+        }));
+        out.extend(tail(r));
+    }
+    out
 }
 
 /// Sends `counts[d]` consecutive rows of `x` (`[n, c]`) to rank `d` on the `forward` wire and
@@ -301,34 +329,34 @@ pub fn all_to_all_rows(
     if counts.len() != comm.world_size() || counts.iter().sum::<usize>() != n {
         return Err(Error::Train(format!("all_to_all_rows: counts {counts:?} do not split {n} rows over the ranks")));
     }
-    let (recv, recv_counts) = exchange(comm.as_ref(), &x.to_vec_f32()?, counts, c, forward)?;
+    let (recv, recv_counts) = exchange(comm.as_ref(), &x.to_vec_f32()?, counts, (c, x.dtype()), forward)?;
     let total: usize = recv_counts.iter().sum();
     let back = AllToAllBackward { comm: comms.backward.clone(), counts: recv_counts.clone(), cols: c, wire: backward };
     let y = Tensor::from_custom_op(recv, &[total, c], x.dtype(), &[x], back)?;
     Ok((y, recv_counts))
 }
 
-/// One all-to-all of rows: `counts[d]` consecutive rows of `values` (`cols` wide) to rank `d` on
-/// `wire`; the rows received in rank order, and how many came from each rank.
+/// One all-to-all of rows: `counts[d]` consecutive rows of `values` (`cols` wide, of `dtype`) to
+/// rank `d` on `wire`; the rows received in rank order, and how many came from each rank.
 fn exchange(
     comm: &dyn Comm,
     values: &[f32],
     counts: &[usize],
-    cols: usize,
+    (cols, dtype): (usize, DType),
     wire: Wire,
 ) -> Result<(Vec<f32>, Vec<usize>)> {
     let mut start = 0;
     let mut parts = Vec::with_capacity(counts.len());
     for &n in counts {
-        parts.push(wire.encode(&values[start * cols..(start + n) * cols], cols)?);
+        parts.push(wire.encode(&values[start * cols..(start + n) * cols], cols, dtype)?);
         start += n;
     }
-    let per_row = wire.words_per_row(cols).max(1);
+    let per_row = wire.words_per_row(cols, dtype).max(1);
     let mut recv = Vec::new();
     let mut recv_counts = Vec::with_capacity(counts.len());
     for part in comm.all_to_all(parts)? {
         recv_counts.push(part.len() / per_row);
-        recv.extend(wire.decode(&part, cols)?);
+        recv.extend(wire.decode(&part, cols, dtype)?);
     }
     Ok((recv, recv_counts))
 }
@@ -354,9 +382,11 @@ impl BackwardOp for AllToAllBackward {
         needs: &[bool],
     ) -> whale_model::tensor::Result<Vec<Option<Tensor>>> {
         // Every rank takes part even when it needs no gradient: the collective is matched by order.
-        let (sent, _) = exchange(self.comm.as_ref(), &grad.to_vec_f32()?, &self.counts, self.cols, self.wire)
-            .map_err(|e| whale_model::tensor::Error::Backward(format!("all_to_all_rows: {e}")))?;
+        // The gradient crosses in the dtype it ends in, the rows' own.
         let x = &inputs[0];
+        let g = grad.to_dtype(x.dtype())?.to_vec_f32()?;
+        let (sent, _) = exchange(self.comm.as_ref(), &g, &self.counts, (self.cols, x.dtype()), self.wire)
+            .map_err(|e| whale_model::tensor::Error::Backward(format!("all_to_all_rows: {e}")))?;
         let grad = Tensor::from_vec(sent, x.dims(), &Device::Cpu)?.to_dtype(x.dtype())?;
         Ok(vec![needs[0].then_some(grad)])
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use whale_model::block::FeedForward;
 use whale_model::moe::DeepSeekMoE;
 use whale_model::tensor::testing::randn;
-use whale_model::tensor::Tensor;
+use whale_model::tensor::{DType, Tensor};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
 use whale_parallel::comm::{Comm, LocalComm};
 use whale_parallel::expert_parallel::{all_to_all_rows, DispatchStats, EpComms, ExpertParallel, Wire};
@@ -227,15 +227,51 @@ fn the_fp8_wire_refuses_values_off_its_grid() {
     let comm: Arc<dyn Comm> = Arc::new(LocalComm::single());
     let comms = EpComms { forward: comm.clone(), backward: comm };
     let x = randn(&[3, 130], 1);
-    let err = all_to_all_rows(&comms, &x, &[3], Wire::Fp8, Wire::F32).unwrap_err().to_string();
+    let err = all_to_all_rows(&comms, &x, &[3], Wire::Fp8, Wire::Plain).unwrap_err().to_string();
     assert!(err.contains("not on the E4M3 grid") && err.contains("row 0"), "{err}");
     // Rounded first, the rows arrive as they were sent, and so does their gradient (f32 back).
     let rounded = x.fp8_comm_round().unwrap().variable();
-    let (y, counts) = all_to_all_rows(&comms, &rounded, &[3], Wire::Fp8, Wire::F32).unwrap();
+    let (y, counts) = all_to_all_rows(&comms, &rounded, &[3], Wire::Fp8, Wire::Plain).unwrap();
     assert_eq!((y.to_vec_f32().unwrap(), counts), (rounded.to_vec_f32().unwrap(), vec![3]));
     let r = randn(&[3, 130], 2);
     y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
     assert_eq!(rounded.grad().unwrap().to_vec_f32().unwrap(), r.to_vec_f32().unwrap());
+}
+
+#[test]
+fn bf16_rows_cross_two_to_a_word_and_exactly() {
+    // Two ranks swap halves of 3 rows of 129 bf16 values (an odd count: a padded last word).
+    let sent = LocalComm::run(2, |comm| {
+        let comm: Arc<dyn Comm> = Arc::from(comm.split(0, comm.rank()).unwrap());
+        let comms = EpComms { forward: comm.clone(), backward: comm.clone() };
+        let x = randn(&[3, 129], 10 + comm.rank() as u64).to_dtype(DType::BF16).unwrap().variable();
+        let (y, counts) = all_to_all_rows(&comms, &x, &[1, 2], Wire::Plain, Wire::Plain).unwrap();
+        let bytes = comm.stats().bytes;
+        // The gradient, f32 through the cast, crosses as bf16.
+        let r = randn(y.dims(), 20 + comm.rank() as u64);
+        y.to_dtype(DType::F32).unwrap().mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        (x.to_vec_f32().unwrap(), y, counts, r, x.grad().unwrap(), bytes)
+    });
+    let rows = |v: &[f32], range: std::ops::Range<usize>| v[range.start * 129..range.end * 129].to_vec();
+    for (rank, (_, y, counts, _, grad, bytes)) in sent.iter().enumerate() {
+        assert_eq!(y.dtype(), DType::BF16);
+        let (want_rows, want_counts) = if rank == 0 {
+            ([rows(&sent[0].0, 0..1), rows(&sent[1].0, 0..1)].concat(), vec![1, 1])
+        } else {
+            ([rows(&sent[0].0, 1..3), rows(&sent[1].0, 1..3)].concat(), vec![2, 2])
+        };
+        assert_eq!((y.to_vec_f32().unwrap(), counts.clone()), (want_rows, want_counts), "rank {rank}");
+        // 65 words a row, f32 would take 129: rank 0 sends 2 rows to rank 1, rank 1 one to rank 0.
+        assert_eq!(*bytes, [2 * 65 * 4, 65 * 4][rank], "rank {rank}");
+        let back: Vec<f32> = if rank == 0 {
+            [rows(&sent[0].3.to_vec_f32().unwrap(), 0..1), rows(&sent[1].3.to_vec_f32().unwrap(), 0..2)].concat()
+        } else {
+            [rows(&sent[0].3.to_vec_f32().unwrap(), 1..2), rows(&sent[1].3.to_vec_f32().unwrap(), 2..4)].concat()
+        };
+        let rounded = Tensor::from_vec(back, &[3, 129], &whale_model::tensor::Device::Cpu).unwrap();
+        let rounded = rounded.to_dtype(DType::BF16).unwrap().to_vec_f32().unwrap();
+        assert_eq!(grad.to_vec_f32().unwrap(), rounded, "rank {rank}'s gradient");
+    }
 }
 
 #[test]
