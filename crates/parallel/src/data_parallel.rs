@@ -35,7 +35,7 @@ use whale_model::tensor::optim::clip_grad_norm;
 use whale_model::tensor::{Tensor, TensorId};
 
 use crate::comm::{Comm, ReduceOp};
-use crate::trainer::{Accumulated, DataSource, StepMetrics, Trainer};
+use crate::trainer::{check_ema_on_one_rank, Accumulated, DataSource, StepMetrics, Trainer};
 use crate::{Error, Result};
 
 mod zero1;
@@ -357,6 +357,8 @@ impl<'c> DataParallelTrainer<'c> {
         if config.bucket_bytes == 0 {
             return Err(Error::Train("data parallel: bucket_bytes must be positive".into()));
         }
+        let ranks = comm.world_size();
+        check_ema_on_one_rank(&trainer.config, ranks, &format_args!("{ranks} data-parallel ranks"))?;
         let slots: Vec<Slot> = trainer
             .model
             .params

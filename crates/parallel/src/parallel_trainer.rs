@@ -39,7 +39,7 @@ use crate::data_parallel::{DataParallelConfig, DataParallelTrainer, ShardedData,
 use crate::expert_parallel::{EpComms, ExpertParallel};
 use crate::pipeline::{Execution, MicroBatch, Pipeline, StagePlan};
 use crate::schedule::{Method, Schedule};
-use crate::trainer::{DataSource, StepMetrics, Trainer};
+use crate::trainer::{check_ema_on_one_rank, DataSource, StepMetrics, Trainer};
 use crate::{Error, Result};
 
 /// How a world of ranks is laid out: data-parallel replicas, expert-parallel groups among them,
@@ -173,11 +173,7 @@ impl<'c> ParallelTrainer<'c> {
     /// `zero1` the AdamW state is sharded over the whole world.
     pub fn new(mut trainer: Trainer, comm: &'c dyn Comm, mesh: Mesh, dp_config: DataParallelConfig) -> Result<Self> {
         let (schedule, plan) = mesh.plan(&trainer.model.config, trainer.config.grad_accum)?;
-        if trainer.config.ema_decay.is_some() && mesh.world_size() > 1 {
-            return Err(Error::Train(format!(
-                "train config `ema_decay`: the parameters' moving average is kept on one rank in this build, not on {mesh}"
-            )));
-        }
+        check_ema_on_one_rank(&trainer.config, mesh.world_size(), &mesh)?;
         if comm.world_size() != mesh.world_size() {
             return Err(Error::Train(format!(
                 "parallel layout {mesh} needs {} ranks, the communicator has {}",

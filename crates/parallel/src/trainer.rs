@@ -182,6 +182,17 @@ impl Default for TrainConfig {
     }
 }
 
+/// The parameters' moving average (`ema_decay`) lives on one rank in this build: an error naming
+/// the key and `layout` when the run has more.
+pub(crate) fn check_ema_on_one_rank(config: &TrainConfig, ranks: usize, layout: &dyn std::fmt::Display) -> Result<()> {
+    if config.ema_decay.is_some() && ranks > 1 {
+        return Err(Error::Train(format!(
+            "train config `ema_decay`: the parameters' moving average is kept on one rank in this build, not on {layout}"
+        )));
+    }
+    Ok(())
+}
+
 /// The most token positions one batch may hold: the CUDA kernels count rows in 32-bit ints.
 pub const MAX_BATCH_TOKENS: usize = i32::MAX as usize;
 

@@ -182,6 +182,19 @@ fn a_world_of_one_is_the_plain_trainer() {
 }
 
 #[test]
+fn a_moving_average_of_the_weights_is_refused_on_several_ranks() {
+    // Each replica would keep its own average of the same weights: refused, not duplicated.
+    let errs = LocalComm::run(2, |comm| {
+        let mut t = trainer(2, 1, walk());
+        t.config.ema_decay = Some(0.9);
+        DataParallelTrainer::new(t, comm, dp(true)).map(|_| ()).unwrap_err().to_string()
+    });
+    for err in errs {
+        assert!(err.contains("ema_decay") && err.contains("2 data-parallel ranks"), "{err}");
+    }
+}
+
+#[test]
 fn a_zero1_checkpoint_resumes_bit_identically() {
     let dir = std::env::temp_dir().join(format!("whale-dp-{}", std::process::id()));
     let ckpt = dir.join("checkpoint");

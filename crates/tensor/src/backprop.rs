@@ -33,6 +33,11 @@ pub trait BackwardOp: Send + Sync {
         grad: &Tensor,
         needs: &[bool],
     ) -> Result<Vec<Option<Tensor>>>;
+
+    /// How an error names input `n` (`input 2`; a checkpoint names its captured tensors).
+    fn input_name(&self, n: usize) -> String {
+        format!("input {n}")
+    }
 }
 
 /// A backward written as a closure, which keeps each op's forward and backward side by side.
@@ -222,7 +227,7 @@ fn node_parts(t: &Tensor) -> Result<(&dyn BackwardOp, &[Tensor])> {
     for (n, ((tensor, what), &then)) in saved.zip(versions).enumerate() {
         let now = tensor.0.storage.version();
         if now != then {
-            let which = if what == "input" { format!("input {n}") } else { what.to_string() };
+            let which = if what == "input" { op.input_name(n) } else { what.to_string() };
             return Err(Error::Backward(format!(
                 "op `{}`: its {which} ({:?} {:?}) was written in place after the op ran (version {now}, \
                  {then} when recorded), so its gradient would come from other values; run backward before \

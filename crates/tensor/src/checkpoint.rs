@@ -141,6 +141,13 @@ impl BackwardOp for Recompute {
         self.name
     }
 
+    fn input_name(&self, n: usize) -> String {
+        match n.checked_sub(self.n_inputs) {
+            None => format!("argument {n}"),
+            Some(c) => format!("captured tensor {c} (a weight the function reads from outside)"),
+        }
+    }
+
     fn backward(
         &self,
         inputs: &[Tensor],

@@ -154,7 +154,7 @@ fn what_cannot_be_recomputed_is_an_error_naming_the_region() {
     let out = checkpoint("stale", &[&x], move |a| a[0].mul(&w2)).unwrap();
     w.assign(&randn(&[3], 15)).unwrap();
     let err = out.sum_all().unwrap().backward().unwrap_err().to_string();
-    assert!(err.contains("`stale`") && err.contains("written in place"), "{err}");
+    assert!(err.contains("`stale`") && err.contains("captured tensor 0") && err.contains("written in place"), "{err}");
 }
 
 #[test]
