@@ -30,8 +30,8 @@ use whale_rl::parallel::model::{DeepSeekV3, DeepSeekV3Config};
 use whale_rl::parallel::parallel_trainer::{Mesh, ParallelTrainer};
 use whale_rl::parallel::schedule::Method;
 use whale_rl::parallel::trainer::{
-    truncate_metrics, DataSource, LrShape, MomentPrecision, NonFinitePolicy, Precision, TrainConfig, Trainer,
-    TRAINER_FILE,
+    truncate_metrics, BatchRamp, DataSource, LrShape, MomentPrecision, NonFinitePolicy, Precision, TrainConfig,
+    Trainer, TRAINER_FILE,
 };
 use whale_rl::parallel::Error as ParallelError;
 use whale_rl::tasks::{Corpus, Problem, TaskSet};
@@ -57,6 +57,10 @@ pub struct PretrainSettings {
     /// `STEP:WEIGHT`: from STEP on the MTP loss weight is WEIGHT (DeepSeek-V3 goes from 0.3 to
     /// 0.1 after 10T of its 14.8T tokens); unset: the preset's throughout.
     pub mtp_weight_from: Option<String>,
+    /// `START:SEQUENCES`: the batch grows from START sequences a step (over all replicas) to the
+    /// whole `dp x grad_accum x micro_batch` over the run's first SEQUENCES (DeepSeek-V3's
+    /// batch-size schedule); unset: every step takes the whole batch.
+    pub batch_ramp: Option<String>,
     pub seed: u64,
     /// Tasks and difficulty ranges, e.g. `add:3-4,mul`.
     pub tasks: String,
@@ -123,6 +127,7 @@ impl Default for PretrainSettings {
             warmup: 30,
             lr_schedule: "cosine".into(),
             mtp_weight_from: None,
+            batch_ramp: None,
             seed: 0,
             tasks: "add:2-3".into(),
             imperfect: 0.2,
@@ -197,6 +202,12 @@ pub struct PretrainArgs {
     /// third of its tokens); unset: the preset's mtp_loss_weight throughout.
     #[arg(long)]
     pub mtp_weight_from: Option<String>,
+    /// START:SEQUENCES: the batch grows from START sequences a step (a multiple of --dp x
+    /// --micro-batch, below the whole batch) to --dp x --grad-accum x --micro-batch over the
+    /// run's first SEQUENCES, one micro-batch per replica at a time, as DeepSeek-V3's did from
+    /// 3072 to 15360 over its first 469B tokens (Megatron-LM's --rampup-batch-size rule).
+    #[arg(long)]
+    pub batch_ramp: Option<String>,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Tasks with optional difficulty ranges, e.g. add:3-4,mul:1-2.
@@ -368,6 +379,9 @@ impl PretrainArgs {
         if self.mtp_weight_from.is_some() {
             s.mtp_weight_from = self.mtp_weight_from.clone();
         }
+        if self.batch_ramp.is_some() {
+            s.batch_ramp = self.batch_ramp.clone();
+        }
         if self.ema_decay.is_some() {
             s.ema_decay = self.ema_decay;
         }
@@ -393,6 +407,7 @@ pub fn train_config(s: &PretrainSettings) -> Result<TrainConfig> {
         freeze_bias_at: s.freeze_bias_at,
         lr_schedule: LrShape::parse(&s.lr_schedule)?,
         mtp_weight_from: s.mtp_weight_from.as_deref().map(parse_step_weight).transpose()?,
+        batch_ramp: s.batch_ramp.as_deref().map(|text| parse_batch_ramp(text, s)).transpose()?,
         on_non_finite: s.on_non_finite,
         recompute: s.recompute,
         ema_decay: s.ema_decay,
@@ -418,6 +433,26 @@ fn v3_switches(c: &mut TrainConfig, s: &PretrainSettings) {
     if s.freeze_bias_at.is_none() {
         c.freeze_bias_at = Some(shape.decay_end);
     }
+}
+
+/// `START:SEQUENCES` of `batch_ramp`, START in sequences a step over all replicas, as the ramp
+/// of micro-batches per replica it is.
+fn parse_batch_ramp(text: &str, s: &PretrainSettings) -> Result<BatchRamp> {
+    let parsed = text.split_once(':').and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
+    let (start, sequences): (usize, u64) =
+        parsed.with_context(|| format!("batch_ramp `{text}`: expected START:SEQUENCES, e.g. 48:20000"))?;
+    let unit = s.dp * s.micro_batch;
+    if unit == 0 || start % unit != 0 || start == 0 || start >= unit * s.grad_accum {
+        bail!(
+            "batch_ramp `{text}`: START must be a multiple of --dp x --micro-batch ({unit}) below the whole batch \
+             ({} sequences: --dp {} x --grad-accum {} x --micro-batch {})",
+            unit * s.grad_accum,
+            s.dp,
+            s.grad_accum,
+            s.micro_batch
+        );
+    }
+    Ok(BatchRamp { start: start / unit, sequences })
 }
 
 /// `STEP:WEIGHT` of `mtp_weight_from`.
@@ -549,8 +584,14 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
                 cfg.max_position_embeddings
             );
         }
-        // An impossible layout is refused before anything is written.
-        mesh.plan(&cfg, s.grad_accum).with_context(|| layout_flags(&s))?;
+        // An impossible layout is refused before anything is written (with a batch ramp, for
+        // every count of micro-batches a step takes).
+        for micro in train_config(&s)?.micro_batch_counts() {
+            mesh.plan(&cfg, micro).with_context(|| match &s.batch_ramp {
+                Some(ramp) => format!("{} --batch-ramp {ramp} (a step of {micro} micro-batches)", layout_flags(&s)),
+                None => layout_flags(&s),
+            })?;
+        }
         std::fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
         let counts = cfg.param_counts();
         println!(
@@ -562,6 +603,10 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
             s.dp * s.grad_accum * s.micro_batch,
             s.seq_len
         );
+        if let Some(ramp) = &s.batch_ramp {
+            let (start, over) = ramp.split_once(':').expect("checked by train_config");
+            println!("the batch grows from {start} sequences a step over the first {over} sequences");
+        }
         Some(cfg)
     };
     if mesh.world_size() > 1 {

@@ -196,6 +196,43 @@ fn recomputing_sublayers_trains_the_same_bits_and_a_resumed_run_may_change_it() 
 }
 
 #[test]
+fn a_batch_ramp_grows_the_steps_and_bad_ramps_are_named() {
+    let dir = tmpdir("batch-ramp");
+    let run = dir.join("run");
+    // 2 sequences a micro-batch, up to 2 a step: the second micro-batch from 4 sequences on.
+    let out = whale()
+        .args(["pretrain", "--out", run.to_str().unwrap(), "--steps", "3", "--warmup", "1"])
+        .args(SMALL)
+        .args(["--grad-accum", "2", "--batch-ramp", "2:4"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("the batch grows from 2 sequences a step over the first 4"), "{stdout}");
+    let tokens: Vec<u64> = metrics(&run).iter().map(|m| m["tokens"].as_u64().unwrap()).collect();
+    // Real tokens (documents differ in length): one micro-batch's worth, again, then two.
+    let ratio = |a: u64, b: u64| a as f64 / b as f64;
+    assert!(ratio(tokens[1], tokens[0]) < 1.5 && ratio(tokens[2], tokens[1]) > 1.5, "consumed 0, 2, 4: {tokens:?}");
+    let trainer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/trainer.json")).unwrap()).unwrap();
+    assert_eq!(trainer["config"]["batch_ramp"], serde_json::json!({ "start": 1, "sequences": 4 }));
+
+    let cases: [(&[&str], &str); 4] = [
+        (&["--grad-accum", "2", "--batch-ramp", "3:4"], "multiple of --dp x --micro-batch (2)"),
+        (&["--grad-accum", "2", "--batch-ramp", "4:4"], "below the whole batch (4 sequences"),
+        (&["--grad-accum", "2", "--batch-ramp", "2"], "expected START:SEQUENCES"),
+        (&["--pp", "2", "--schedule", "dualpipe", "--grad-accum", "4", "--batch-ramp", "2:8"], "--batch-ramp 2:8"),
+    ];
+    for (flags, words) in cases {
+        let bad = dir.join("bad");
+        let out = whale().args(["pretrain", "--out", bad.to_str().unwrap()]).args(SMALL).args(flags).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(words), "{flags:?}: {err}");
+        assert!(!bad.exists(), "{flags:?}");
+    }
+}
+
+#[test]
 fn an_ema_of_the_weights_is_evaluated_saved_and_resumed() {
     let dir = tmpdir("ema");
     let run = dir.join("run");

@@ -226,10 +226,7 @@ fn reduce_buckets(
 
 /// One micro-batch's forward and backward through the trainer, its loss unscaled.
 fn micro_batch(trainer: &mut Trainer) -> Result<Accumulated> {
-    let accum = std::mem::replace(&mut trainer.config.grad_accum, 1);
-    let out = trainer.accumulate_gradients();
-    trainer.config.grad_accum = accum;
-    out
+    trainer.accumulate_micro_batches(1)
 }
 
 /// The step's micro-batches together: mean losses, summed loads, the first problem.
@@ -419,16 +416,17 @@ impl<'c> DataParallelTrainer<'c> {
         let t0 = Instant::now();
         let cfg = self.trainer.config.clone();
         let world = self.comm.world_size();
-        let mut accs = Vec::with_capacity(cfg.grad_accum);
-        for _ in 1..cfg.grad_accum {
+        let n = cfg.micro_batches_at(self.trainer.step, world);
+        let mut accs = Vec::with_capacity(n);
+        for _ in 1..n {
             accs.push(micro_batch(&mut self.trainer)?);
         }
         let (last, reduced) = self.last_micro_batch(self.reduction())?;
         accs.push(last);
         let shape = StepShape {
-            grad_scale: 1.0 / (world * cfg.grad_accum) as f32,
+            grad_scale: 1.0 / (world * n) as f32,
             loss_divisor: world,
-            sequences: cfg.micro_batch * cfg.grad_accum * world,
+            sequences: cfg.micro_batch * n * world,
         };
         self.update(t0, merge(accs), reduced, shape)
     }

@@ -27,6 +27,7 @@
 //! too: forward all-to-alls go on one communicator of the expert group and backward ones on
 //! another ([`EpComms`]), so each keeps its call order.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -140,7 +141,8 @@ impl Mesh {
 struct Stages {
     /// This rank's replica's pipeline ranks.
     pipeline: Box<dyn Comm>,
-    schedule: Schedule,
+    /// The schedule of each count of micro-batches a step may take (one without a batch ramp).
+    schedules: BTreeMap<usize, Schedule>,
     plan: StagePlan,
     exec: Execution,
     /// The dispatch installed on each MoE layer (model order), when `ep > 1`.
@@ -172,7 +174,18 @@ impl<'c> ParallelTrainer<'c> {
     /// sharded mesh the gradients are summed after the pipeline's last op (no overlap), and with
     /// `zero1` the AdamW state is sharded over the whole world.
     pub fn new(mut trainer: Trainer, comm: &'c dyn Comm, mesh: Mesh, dp_config: DataParallelConfig) -> Result<Self> {
-        let (schedule, plan) = mesh.plan(&trainer.model.config, trainer.config.grad_accum)?;
+        let mut schedules = BTreeMap::new();
+        let mut plan = None;
+        for micro in trainer.config.micro_batch_counts() {
+            let (schedule, stages) =
+                mesh.plan(&trainer.model.config, micro).map_err(|e| match &trainer.config.batch_ramp {
+                    Some(ramp) => Error::Train(format!("{e} (a step of the batch ramp {ramp:?} takes {micro})")),
+                    None => e,
+                })?;
+            schedules.insert(micro, schedule);
+            plan = Some(stages);
+        }
+        let plan = plan.expect("at least grad_accum");
         check_ema_on_one_rank(&trainer.config, mesh.world_size(), &mesh)?;
         if comm.world_size() != mesh.world_size() {
             return Err(Error::Train(format!(
@@ -195,7 +208,7 @@ impl<'c> ParallelTrainer<'c> {
             // A pair's halves overlap on two threads, each with its expert all-to-alls, only
             // where the communicator allows it (not NCCL's: see `Comm::concurrent_splits`).
             let exec = Execution { overlap: mesh.ep == 1 || comm.concurrent_splits() };
-            let stages = Stages { pipeline, schedule, plan, exec, experts };
+            let stages = Stages { pipeline, schedules, plan, exec, experts };
             (Some(stages), DataParallelConfig { overlap: false, ..dp_config })
         } else if comm.world_size() == 1 {
             // One rank steps the trainer's own optimizer (below): a ZeRO-1 shard of it would
@@ -237,20 +250,20 @@ impl<'c> ParallelTrainer<'c> {
         self.dp.trainer.begin_step();
         let t0 = Instant::now();
         let cfg = self.dp.trainer.config.clone();
-        let micro = (0..cfg.grad_accum)
+        let n = cfg.micro_batches_at(self.dp.trainer.step, self.mesh.dp);
+        let micro = (0..n)
             .map(|_| {
                 let (input_ids, targets) = self.dp.trainer.data.next_batch(cfg.micro_batch, cfg.seq_len)?;
                 Ok(MicroBatch { input_ids, targets })
             })
             .collect::<Result<Vec<_>>>()?;
-        let scale = 1.0 / (self.mesh.dp * cfg.grad_accum) as f32;
+        let scale = 1.0 / (self.mesh.dp * n) as f32;
         let model = &self.dp.trainer.model;
-        let pipeline = Pipeline { schedule: &stages.schedule, plan: &stages.plan, exec: stages.exec };
+        let pipeline = Pipeline { schedule: &stages.schedules[&n], plan: &stages.plan, exec: stages.exec };
         let local = pipeline.run_ops(stages.pipeline.as_ref(), model, &micro, scale)?;
         // The losses are already shares of the global mean and the gradients those of the mean
         // loss: the sums over the world need no further scaling.
-        let shape =
-            StepShape { grad_scale: 1.0, loss_divisor: 1, sequences: cfg.micro_batch * cfg.grad_accum * self.mesh.dp };
+        let shape = StepShape { grad_scale: 1.0, loss_divisor: 1, sequences: cfg.micro_batch * n * self.mesh.dp };
         self.dp.reduce_and_update(t0, local, shape)
     }
 

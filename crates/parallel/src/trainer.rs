@@ -151,6 +151,35 @@ pub struct TrainConfig {
     /// 3.3.2: tokens and the gradients back to the experts as E4M3 with power-of-two scales, the
     /// combine in high precision): rounded alike on one rank and under expert parallelism.
     pub fp8_dispatch: bool,
+    /// Grow the batch over the run's first sequences (DeepSeek-V3's batch-size schedule); None:
+    /// every step takes `grad_accum` micro-batches per replica.
+    pub batch_ramp: Option<BatchRamp>,
+}
+
+/// DeepSeek-V3's batch-size schedule (TR 4.2: 3072 sequences a step, growing to 15360 over the
+/// first 469B tokens), by Megatron-LM's rule for `--rampup-batch-size`: a step that begins after
+/// `consumed` sequences takes `start + floor(consumed / (sequences / (grad_accum - start)))`
+/// micro-batches per replica, so one more each time another `1 / (grad_accum - start)` of the
+/// ramp's sequences has gone by, and `grad_accum` from `sequences` on. The losses stay means over
+/// the step's sequences; the learning-rate schedule still counts steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRamp {
+    /// Micro-batches per replica in the first step: at least 1, fewer than `grad_accum`.
+    pub start: usize,
+    /// Sequences, over all replicas, the ramp spans.
+    pub sequences: u64,
+}
+
+impl BatchRamp {
+    /// Micro-batches per replica of a step that begins after `consumed` sequences.
+    pub fn micro_batches(&self, consumed: u64, grad_accum: usize) -> usize {
+        if consumed >= self.sequences || self.start >= grad_accum {
+            return grad_accum;
+        }
+        let per_increment = self.sequences as f64 / (grad_accum - self.start) as f64;
+        (self.start + (consumed as f64 / per_increment) as usize).min(grad_accum)
+    }
 }
 
 impl Default for TrainConfig {
@@ -178,6 +207,7 @@ impl Default for TrainConfig {
             recompute: Recompute::default(),
             ema_decay: None,
             fp8_dispatch: false,
+            batch_ramp: None,
         }
     }
 }
@@ -220,6 +250,18 @@ impl TrainConfig {
         if self.grad_accum == 0 {
             return bad("grad_accum", "must be at least 1");
         }
+        if let Some(r) = self.batch_ramp {
+            if r.start == 0 || r.start >= self.grad_accum {
+                let why = format!(
+                    "starts at {} micro-batches, which must be in [1, grad_accum {})",
+                    r.start, self.grad_accum
+                );
+                return bad("batch_ramp", &why);
+            }
+            if r.sequences == 0 {
+                return bad("batch_ramp", "must span at least one sequence");
+            }
+        }
         if let Some(d) = self.ema_decay.filter(|d| !(*d > 0.0 && *d < 1.0)) {
             return bad("ema_decay", &format!("{d} is not in (0, 1)"));
         }
@@ -254,6 +296,27 @@ impl TrainConfig {
                 MomentPrecision::Bf16 => DType::BF16,
             },
         }
+    }
+
+    /// Micro-batches per replica in step `step` (from 0) of a run with `replicas` replicas:
+    /// `grad_accum`, or where the [`BatchRamp`] has got to by then.
+    pub fn micro_batches_at(&self, step: u64, replicas: usize) -> usize {
+        let Some(ramp) = self.batch_ramp else { return self.grad_accum };
+        let mut consumed = 0u64;
+        for _ in 0..step {
+            let n = ramp.micro_batches(consumed, self.grad_accum);
+            if n == self.grad_accum {
+                return n;
+            }
+            consumed += (n * self.micro_batch * replicas) as u64;
+        }
+        ramp.micro_batches(consumed, self.grad_accum)
+    }
+
+    /// Every count of micro-batches per replica a step of this run may take (the ramp's, then
+    /// `grad_accum`), for checks that depend on it (a pipeline schedule's).
+    pub fn micro_batch_counts(&self) -> std::ops::RangeInclusive<usize> {
+        self.batch_ramp.map_or(self.grad_accum, |r| r.start)..=self.grad_accum
     }
 
     pub fn schedule(&self) -> Box<dyn LrSchedule> {
@@ -449,13 +512,19 @@ impl Trainer {
         self.step >= self.config.steps
     }
 
-    /// The forward and backward passes of one step over its micro-batches: gradients accumulate
-    /// in the parameters (each micro-batch's loss scaled by 1 / grad_accum), nothing is updated.
+    /// The forward and backward passes of one step over its micro-batches (`grad_accum`, or the
+    /// batch ramp's count for this step): gradients accumulate in the parameters (each
+    /// micro-batch's loss divided by their number), nothing is updated.
     pub fn accumulate_gradients(&mut self) -> Result<Accumulated> {
+        self.accumulate_micro_batches(self.config.micro_batches_at(self.step, 1))
+    }
+
+    /// [`Trainer::accumulate_gradients`] over the next `n` micro-batches.
+    pub(crate) fn accumulate_micro_batches(&mut self, n: usize) -> Result<Accumulated> {
         let cfg = self.config.clone();
-        let scale = 1.0 / cfg.grad_accum as f64;
+        let scale = 1.0 / n as f64;
         let mut acc = Accumulated::default();
-        for _ in 0..cfg.grad_accum {
+        for _ in 0..n {
             let (ids, targets) = self.data.next_batch(cfg.micro_batch, cfg.seq_len)?;
             // The MoE layers count the real tokens, not the padding after each row's last target.
             let real = RealTokens::from_targets(&targets, IGNORE_INDEX)?;
@@ -510,13 +579,14 @@ impl Trainer {
         self.begin_step();
         let t0 = Instant::now();
         let cfg = self.config.clone();
-        let mut acc = self.accumulate_gradients()?;
+        let micro_batches = cfg.micro_batches_at(self.step, 1);
+        let mut acc = self.accumulate_micro_batches(micro_batches)?;
         let grad_norm =
             if acc.problem.is_none() { clip_grad_norm(&self.model.params, cfg.grad_clip)? } else { f64::NAN };
         if acc.problem.is_none() && !grad_norm.is_finite() {
             acc.problem = Some(("gradient".into(), self.locate_in_gradients()?));
         }
-        self.finish_step(acc, grad_norm, cfg.micro_batch * cfg.grad_accum, t0, |t, lr| {
+        self.finish_step(acc, grad_norm, cfg.micro_batch * micro_batches, t0, |t, lr| {
             Ok(t.opt.step(&t.model.params, lr)?)
         })
     }

@@ -484,3 +484,66 @@ fn the_parameters_moving_average_follows_the_steps_and_resumes_bit_for_bit() {
     let err = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), bad, data(5)).unwrap_err();
     assert!(err.to_string().contains("ema_decay"), "{err}");
 }
+
+#[test]
+fn the_batch_ramp_follows_megatrons_rule() {
+    use whale_parallel::trainer::BatchRamp;
+    // From 1 to 4 micro-batches over 12 sequences: one more every 4.
+    let ramp = BatchRamp { start: 1, sequences: 12 };
+    let at: Vec<usize> = [0, 3, 4, 7, 8, 11, 12, 100].iter().map(|&c| ramp.micro_batches(c, 4)).collect();
+    assert_eq!(at, [1, 1, 2, 2, 3, 3, 4, 4]);
+    // Steps of 2-sequence micro-batches on one replica: consumed 0, 2, 4, 8, 14.
+    let cfg = TrainConfig { micro_batch: 2, grad_accum: 4, batch_ramp: Some(ramp), ..config(8) };
+    let steps: Vec<usize> = (0..6).map(|s| cfg.micro_batches_at(s, 1)).collect();
+    assert_eq!(steps, [1, 1, 2, 3, 4, 4]);
+    // Two replicas consume twice as fast: 0, 4 (2), 12 (4).
+    assert_eq!((0..3).map(|s| cfg.micro_batches_at(s, 2)).collect::<Vec<_>>(), [1, 2, 4]);
+    assert_eq!(cfg.micro_batch_counts(), 1..=4);
+
+    for (ramp, words) in [
+        (BatchRamp { start: 0, sequences: 12 }, "starts at 0 micro-batches"),
+        (BatchRamp { start: 4, sequences: 12 }, "grad_accum 4"),
+        (BatchRamp { start: 1, sequences: 0 }, "at least one sequence"),
+    ] {
+        let err = TrainConfig { batch_ramp: Some(ramp), ..cfg.clone() }.validate().unwrap_err().to_string();
+        assert!(err.contains("batch_ramp") && err.contains(words), "{err}");
+    }
+}
+
+#[test]
+fn a_ramped_run_takes_its_steps_micro_batches_and_resumes_bit_for_bit() {
+    use whale_parallel::trainer::BatchRamp;
+    let ramp = BatchRamp { start: 1, sequences: 12 };
+    let ramped = |steps| TrainConfig { grad_accum: 3, batch_ramp: Some(ramp), ..config(steps) };
+    let mut t = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), ramped(4), data(5)).unwrap();
+    // The same steps taken by hand: grad_accum set to the ramp's count before each.
+    let mut by_hand = trainer(4);
+    by_hand.config.grad_accum = 1;
+    let (mut counts, mut tokens) = (Vec::new(), Vec::new());
+    while !t.done() {
+        let n = t.config.micro_batches_at(t.step, 1);
+        let m = t.train_step().unwrap();
+        counts.push(n);
+        tokens.push(m.tokens);
+        by_hand.config.grad_accum = n;
+        let h = by_hand.train_step().unwrap();
+        assert_eq!((m.loss, m.grad_norm, m.lr), (h.loss, h.grad_norm, h.lr), "step {}", m.step);
+    }
+    // 4 sequences a micro-batch, one more micro-batch every 6 sequences: consumed 0, 4, 8, 16.
+    assert_eq!(counts, [1, 1, 2, 3]);
+    // The metrics count each step's whole batch (a walk's rows are all real tokens).
+    assert_eq!(tokens.iter().map(|&t| t / tokens[0]).collect::<Vec<_>>(), counts);
+    assert_eq!(bits(&t), bits(&by_hand));
+
+    let dir = tmpdir("ramp");
+    let ckpt = dir.join("checkpoint");
+    let mut first = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), ramped(4), data(5)).unwrap();
+    first.train_step().unwrap();
+    first.save_checkpoint(&ckpt).unwrap();
+    let mut resumed = Trainer::resume(&ckpt, data(999), None).unwrap();
+    assert_eq!(resumed.config.batch_ramp, Some(ramp));
+    while !resumed.done() {
+        resumed.train_step().unwrap();
+    }
+    assert_eq!(bits(&resumed), bits(&t), "mid-ramp resume");
+}
