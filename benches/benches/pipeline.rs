@@ -9,12 +9,11 @@
 //! - one training step on 4 expert-parallel ranks over a 20 MB/s link, the dispatch in FP8
 //!   (whale) against f32 (baseline).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use std::sync::Arc;
 use whale_benches::config;
-
 use whale_model::block::FeedForward;
 use whale_model::tensor::{DType, Device, Rng, Tensor};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};

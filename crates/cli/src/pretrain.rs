@@ -282,9 +282,10 @@ pub struct PretrainArgs {
     /// with --precision fp8 in its recipe): E4M3 in 1x128 tiles with power-of-two scales, and
     /// so the gradients sent back to the experts; the combine stays high precision. Under --ep
     /// the all-to-alls carry the codes (about a quarter of the bytes); on one rank the tokens
-    /// are rounded the same way, so both runs compute the same numbers.
-    #[arg(long)]
-    pub fp8_dispatch: bool,
+    /// are rounded the same way, so both runs compute the same numbers. CPU only;
+    /// `--fp8-dispatch false` turns off a config file's.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub fp8_dispatch: Option<bool>,
 }
 
 /// The main job's run folder: `runs/main`, or the first free `runs/main-N`, so running the main
@@ -385,8 +386,8 @@ impl PretrainArgs {
         if self.ema_decay.is_some() {
             s.ema_decay = self.ema_decay;
         }
-        if self.fp8_dispatch {
-            s.fp8_dispatch = true;
+        if let Some(on) = self.fp8_dispatch {
+            s.fp8_dispatch = on;
         }
     }
 }
@@ -475,6 +476,9 @@ pub fn mesh(s: &PretrainSettings) -> Result<Mesh> {
 pub fn device(s: &PretrainSettings) -> Result<Device> {
     if s.device != "cpu" && s.dp * s.pp * s.ep != 1 {
         bail!("--device {}: GPU training runs on one rank in this build ({})", s.device, layout_flags(s));
+    }
+    if s.device != "cpu" && s.fp8_dispatch {
+        bail!("--device {}: --fp8-dispatch rounds on the CPU only in this build (no GPU kernel)", s.device);
     }
     crate::device::open(&s.device)
 }

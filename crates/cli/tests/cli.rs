@@ -276,11 +276,12 @@ fn an_ema_of_the_weights_is_evaluated_saved_and_resumed() {
 #[test]
 fn a_device_that_cannot_train_is_a_clear_error_before_anything_is_written() {
     let dir = tmpdir("device");
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
         (&["--device", "gpu"], "expected cpu, cuda or cuda:N"),
         // No machine has this GPU (and without a CUDA driver, none at all).
         (&["--device", "cuda:4096"], "--device cuda:4096"),
         (&["--device", "cuda", "--dp", "2"], "one rank"),
+        (&["--device", "cuda", "--fp8-dispatch"], "--fp8-dispatch rounds on the CPU only"),
     ];
     for (i, (flags, words)) in cases.iter().enumerate() {
         let run = dir.join(format!("run{i}"));

@@ -93,14 +93,15 @@ fn an_fp8_dispatch_over_expert_parallel_ranks_takes_one_ranks_first_step() {
     let dir = scratch("fp8-dispatch");
     let (one, two) = (dir.join("one"), dir.join("two"));
     // The same global batch: one rank accumulating 4 micro-batches, or 2 replicas of 2 (SMALL's).
+    // (SMALL but its --grad-accum.)
     let run = |dir: &Path, flags: &[&str]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_whale"));
-        cmd.args(["pretrain", "--out", dir.to_str().unwrap(), "--fp8-dispatch"]).args(&SMALL[..2]).args(&SMALL[4..]);
-        let out = cmd.args(flags).output().unwrap();
-        assert!(out.status.success(), "{flags:?}: {}", String::from_utf8_lossy(&out.stderr));
+        cmd.args(["pretrain", "--out", dir.to_str().unwrap()]).args(&SMALL[..2]).args(&SMALL[4..]);
+        cmd.args(flags).output().unwrap()
     };
-    run(&one, &["--steps", "1", "--grad-accum", "4"]);
-    run(&two, &["--steps", "1", "--grad-accum", "2", "--dp", "2", "--ep", "2"]);
+    let ok = |out: Output| assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ok(run(&one, &["--steps", "1", "--grad-accum", "4", "--fp8-dispatch"]));
+    ok(run(&two, &["--steps", "1", "--grad-accum", "2", "--dp", "2", "--ep", "2", "--fp8-dispatch"]));
     let first = |run: &Path| -> serde_json::Value {
         let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
         serde_json::from_str(text.lines().next().unwrap()).unwrap()
@@ -114,9 +115,17 @@ fn an_fp8_dispatch_over_expert_parallel_ranks_takes_one_ranks_first_step() {
         serde_json::from_str(&std::fs::read_to_string(two.join("checkpoint/trainer.json")).unwrap()).unwrap();
     assert_eq!(trainer["config"]["fp8_dispatch"], true);
 
-    // A setting of the run like --precision: the resumed run keeps it.
-    run(&one, &["--resume", "--steps", "2", "--grad-accum", "4"]);
-    let settings: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(one.join("settings.json")).unwrap()).unwrap();
-    assert_eq!(settings["fp8_dispatch"], true);
+    // A setting of the run like --precision: the resumed run keeps it, and may not turn it off,
+    // nor a plain run's on.
+    ok(run(&one, &["--resume", "--steps", "2", "--grad-accum", "4"]));
+    let trainer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(one.join("checkpoint/trainer.json")).unwrap()).unwrap();
+    assert_eq!((trainer["step"].as_u64(), trainer["config"]["fp8_dispatch"].as_bool()), (Some(2), Some(true)));
+    let plain = dir.join("plain");
+    ok(run(&plain, &["--steps", "1", "--grad-accum", "4"]));
+    for (run_dir, flag) in [(&one, "--fp8-dispatch=false"), (&plain, "--fp8-dispatch")] {
+        let out = run(run_dir, &["--resume", "--steps", "3", "--grad-accum", "4", flag]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("--fp8-dispatch"), "{flag}: {err}");
+    }
 }

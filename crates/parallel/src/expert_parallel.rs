@@ -11,8 +11,8 @@
 //! With the layer's `fp8_dispatch` (DeepSeek-V3's low-precision communication) the dispatch
 //! carries the tokens, and the combine's backward their gradients, as E4M3 codes with
 //! power-of-two scales ([`Wire::Fp8`]); the layer has already rounded them to that grid, so the
-//! numbers are one rank's, in about a quarter of the bytes. Otherwise rows cross in their own
-//! dtype (bf16 two to a word, as DeepEP's BF16 dispatch and combine).
+//! numbers are one rank's, in about a quarter of the bytes. Otherwise rows cross exactly, bf16
+//! two to a word (as DeepEP's BF16 dispatch and combine), other dtypes as f32.
 //!
 //! Both all-to-alls are differentiable (the backward of one is the other's reverse), so the
 //! gradients of the tokens, the gating weights and the local experts come out as on one rank.
@@ -28,7 +28,7 @@
 use std::sync::{Arc, Mutex};
 
 use whale_model::moe::{run_experts, DeepSeekMoE, ExpertDispatch, Routing};
-use whale_model::tensor::fp8::{Fp8Blocks, Fp8Format, ScaleFormat, BLOCK, GRADIENT_MIN_AMAX};
+use whale_model::tensor::fp8::{fp8_comm_quantize, Fp8Blocks, Fp8Format, BLOCK, GRADIENT_MIN_AMAX};
 use whale_model::tensor::{BackwardOp, DType, Device, Tensor};
 
 use crate::comm::Comm;
@@ -41,8 +41,6 @@ pub struct DispatchStats {
     pub rows_sent: Vec<usize>,
     /// The most nodes any one token was sent to.
     pub max_nodes_per_token: usize,
-    /// Bytes the tokens took on the wire, over all destinations (this rank's own included).
-    pub token_bytes: usize,
 }
 
 /// An expert-parallel group's two communicators: the forward's all-to-alls on one, the
@@ -166,9 +164,8 @@ impl ExpertDispatch for ExpertParallel {
             }
         }
         let counts: Vec<usize> = rows.iter().map(Vec::len).collect();
-        let token_bytes = counts.iter().sum::<usize>() * 4 * wire.words_per_row(tokens.dims()[1], tokens.dtype());
         *self.last.lock().expect("stats lock") =
-            DispatchStats { rows_sent: counts.clone(), max_nodes_per_token: max_nodes, token_bytes };
+            DispatchStats { rows_sent: counts.clone(), max_nodes_per_token: max_nodes };
         let dev = Device::Cpu;
         let flat = |v: Vec<Vec<i64>>| -> whale_model::Result<Tensor> {
             let v: Vec<i64> = v.concat();
@@ -208,7 +205,7 @@ impl ExpertDispatch for ExpertParallel {
 /// How rows cross an all-to-all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wire {
-    /// In the tensor's own dtype, exactly: f32 values, or bf16 two to a word.
+    /// The values exactly: bf16 two to a word, any other dtype as f32.
     Plain,
     /// DeepSeek-V3's low-precision communication: each row as E4M3 codes, four to a word, then
     /// the power-of-two scale of each of its 1x128 tiles. For values already rounded to that grid
@@ -248,10 +245,8 @@ impl Wire {
             let halves: Vec<u8> = rows.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
             return Ok(pack(&halves, 2 * cols, |_| Vec::new()));
         }
-        let n = rows.len() / cols;
-        let formats = (Fp8Format::E4M3, ScaleFormat::Ue8m0);
         // The least amax floor: a rounded value re-encodes exactly whatever floor rounded it.
-        let q = Fp8Blocks::quantize_with_min_amax(rows, (n, cols), (1, BLOCK), formats, GRADIENT_MIN_AMAX);
+        let q = fp8_comm_quantize(rows, cols, GRADIENT_MIN_AMAX);
         let same = |(a, b): (&f32, &f32)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
         if let Some(i) = q.dequantize().iter().zip(rows).position(|p| !same(p)) {
             return Err(off_grid(i, "E4M3 grid of its tile (send values rounded by fp8_comm_round)"));
@@ -347,8 +342,9 @@ fn exchange(
 ) -> Result<(Vec<f32>, Vec<usize>)> {
     let mut start = 0;
     let mut parts = Vec::with_capacity(counts.len());
-    for &n in counts {
-        parts.push(wire.encode(&values[start * cols..(start + n) * cols], cols, dtype)?);
+    for (dest, &n) in counts.iter().enumerate() {
+        let part = wire.encode(&values[start * cols..(start + n) * cols], cols, dtype);
+        parts.push(part.map_err(|e| Error::Train(format!("the rows for rank {dest}: {e}")))?);
         start += n;
     }
     let per_row = wire.words_per_row(cols, dtype).max(1);

@@ -216,9 +216,8 @@ impl Default for TrainConfig {
 /// the key and `layout` when the run has more.
 pub(crate) fn check_ema_on_one_rank(config: &TrainConfig, ranks: usize, layout: &dyn std::fmt::Display) -> Result<()> {
     if config.ema_decay.is_some() && ranks > 1 {
-        return Err(Error::Train(format!(
-            "train config `ema_decay`: the parameters' moving average is kept on one rank in this build, not on {layout}"
-        )));
+        let why = "the parameters' moving average is kept on one rank in this build";
+        return Err(Error::Train(format!("train config `ema_decay`: {why}, not on {layout}")));
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use whale_model::block::FeedForward;
 use whale_model::moe::DeepSeekMoE;
+use whale_model::tensor::fp8::{fp8_comm_quantize, GRADIENT_MIN_AMAX};
 use whale_model::tensor::testing::randn;
 use whale_model::tensor::{DType, Tensor};
 use whale_model::{DeepSeekV3, DeepSeekV3Config};
@@ -64,7 +65,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 /// adds its loss divided by `world` (a data-parallel mean), so the replicated weights' gradients
 /// summed over ranks are the whole batch's.
 /// With `fp8`, the layer's dispatch is FP8 on both sides. Returns each rank's dispatch stats and
-/// the bytes its backward all-to-alls moved.
+/// the bytes its forward and backward all-to-alls sent.
 fn check(
     world: usize,
     ranks_per_node: usize,
@@ -72,7 +73,7 @@ fn check(
     tokens_per_rank: usize,
     alpha: f32,
     fp8: bool,
-) -> Vec<(DispatchStats, u64)> {
+) -> Vec<(DispatchStats, u64, u64)> {
     let model = DeepSeekV3::new(cfg.clone(), 3).unwrap();
     let d = cfg.hidden_size;
     let x = randn(&[world, tokens_per_rank, d], 7);
@@ -117,7 +118,7 @@ fn check(
                         xr.grad().unwrap().to_vec_f32().unwrap(),
                         grads,
                         local,
-                        (ep.last_dispatch(), comms.backward.stats().bytes),
+                        (ep.last_dispatch(), comms.forward.stats().bytes, comms.backward.stats().bytes),
                         aux,
                     )
                 })
@@ -165,8 +166,8 @@ fn check(
 }
 
 /// The most nodes a token reached, per rank.
-fn max_nodes(stats: &[(DispatchStats, u64)]) -> Vec<usize> {
-    stats.iter().map(|(s, _)| s.max_nodes_per_token).collect()
+fn max_nodes(stats: &[(DispatchStats, u64, u64)]) -> Vec<usize> {
+    stats.iter().map(|(s, _, _)| s.max_nodes_per_token).collect()
 }
 
 #[test]
@@ -196,7 +197,7 @@ fn node_limited_routing_sends_each_token_to_at_most_m_nodes() {
 }
 
 #[test]
-fn an_fp8_dispatch_equals_one_rank_doing_the_same_in_about_a_quarter_of_the_bytes() {
+fn an_fp8_dispatch_equals_one_rank_doing_the_same_in_a_quarter_of_the_token_bytes() {
     let cfg = DeepSeekV3Config::tiny();
     let d = cfg.hidden_size;
     // The flag is not a no-op: one rank's output moves with the tokens' rounding.
@@ -207,35 +208,60 @@ fn an_fp8_dispatch_equals_one_rank_doing_the_same_in_about_a_quarter_of_the_byte
     moe.fp8_dispatch = true;
     assert_ne!(moe.forward(&x, None).unwrap().output.to_vec_f32().unwrap(), plain);
 
+    // A row of d values takes d/4 words of codes and a scale per 128 columns instead of d.
+    let saved_per_row = 4 * (d - (d / 4 + d.div_ceil(128))) as u64;
     for world in [2, 4] {
         let f32_wire = check(world, world, cfg.clone(), 12, 0.0, false);
-        let fp8_wire = check(world, world, cfg.clone(), 12, 0.5, true);
-        let fp8_same_loss = check(world, world, cfg.clone(), 12, 0.0, true);
-        for (rank, ((a, a_back), (b, b_back))) in f32_wire.iter().zip(&fp8_same_loss).enumerate() {
+        let fp8_wire = check(world, world, cfg.clone(), 12, 0.0, true);
+        check(world, world, cfg.clone(), 12, 0.5, true); // with the balance loss's router gradient
+        for (rank, ((a, a_fwd, a_back), (b, b_fwd, b_back))) in f32_wire.iter().zip(&fp8_wire).enumerate() {
             assert_eq!(a.rows_sent, b.rows_sent, "rank {rank}: the same routing");
-            // d values per row against d/4 words of codes and a scale per 128 columns.
-            assert_eq!(a.token_bytes * (d / 4 + d.div_ceil(128)), b.token_bytes * d, "rank {rank}");
-            // The backward's combine gradients shrink the same way (its other all-to-alls stay f32).
-            assert!(b_back < a_back, "rank {rank}: backward bytes {b_back} vs {a_back}");
+            // The tokens sent to other ranks shrink in the forward, and so do the gradients their
+            // combine sends back in the backward; the other all-to-alls are the same.
+            let rows: u64 = a.rows_sent.iter().enumerate().filter(|&(r, _)| r != rank).map(|(_, &n)| n as u64).sum();
+            assert!(rows > 0, "rank {rank} sends tokens away");
+            assert_eq!(a_fwd - b_fwd, rows * saved_per_row, "rank {rank}: forward bytes");
+            assert_eq!(a_back - b_back, rows * saved_per_row, "rank {rank}: backward bytes");
         }
-        assert_eq!(fp8_wire.len(), world);
     }
 }
 
 #[test]
-fn the_fp8_wire_refuses_values_off_its_grid() {
+fn the_fp8_wire_carries_rounded_rows_exactly_and_refuses_others() {
     let comm: Arc<dyn Comm> = Arc::new(LocalComm::single());
     let comms = EpComms { forward: comm.clone(), backward: comm };
     let x = randn(&[3, 130], 1);
     let err = all_to_all_rows(&comms, &x, &[3], Wire::Fp8, Wire::Plain).unwrap_err().to_string();
-    assert!(err.contains("not on the E4M3 grid") && err.contains("row 0"), "{err}");
-    // Rounded first, the rows arrive as they were sent, and so does their gradient (f32 back).
-    let rounded = x.fp8_comm_round().unwrap().variable();
-    let (y, counts) = all_to_all_rows(&comms, &rounded, &[3], Wire::Fp8, Wire::Plain).unwrap();
-    assert_eq!((y.to_vec_f32().unwrap(), counts), (rounded.to_vec_f32().unwrap(), vec![3]));
-    let r = randn(&[3, 130], 2);
-    y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
-    assert_eq!(rounded.grad().unwrap().to_vec_f32().unwrap(), r.to_vec_f32().unwrap());
+    assert!(err.contains("not on the E4M3 grid") && err.contains("rows for rank 0") && err.contains("row 0"), "{err}");
+
+    // Rows of every kind, rounded with either floor (the activations' 1e-4, the gradients'
+    // least), arrive bit for bit, values and gradients: ordinary, under the 1e-4 floor, far
+    // under it, zeros with a negative zero, large, and one with a NaN; partial words and tiles.
+    let same =
+        |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits() || p.is_nan() && q.is_nan());
+    for cols in [3, 130, 200] {
+        let mut v = randn(&[6, cols], cols as u64).to_vec_f32().unwrap();
+        for (row, scale) in [1.0, 2e-6, 1e-30, 0.0, 40.0, 1.0].into_iter().enumerate() {
+            v[row * cols..(row + 1) * cols].iter_mut().for_each(|x| *x *= scale);
+        }
+        v[3 * cols] = -0.0;
+        v[5 * cols + 1] = f32::NAN;
+        let x = Tensor::from_vec(v.clone(), &[6, cols], &whale_model::tensor::Device::Cpu).unwrap();
+        let by_gradient_floor = fp8_comm_quantize(&v, cols, GRADIENT_MIN_AMAX).dequantize();
+        let by_gradient_floor =
+            Tensor::from_vec(by_gradient_floor, &[6, cols], &whale_model::tensor::Device::Cpu).unwrap();
+        for rounded in [x.fp8_comm_round().unwrap(), by_gradient_floor] {
+            let rounded = rounded.variable();
+            let (y, _) = all_to_all_rows(&comms, &rounded, &[6], Wire::Fp8, Wire::Fp8).unwrap();
+            assert!(same(&y.to_vec_f32().unwrap(), &rounded.to_vec_f32().unwrap()), "{cols} columns");
+            // The gradient back on the FP8 wire: one rounded as fp8_comm_round_grad rounds.
+            let r = y.fp8_comm_round_grad().unwrap();
+            let g = randn(&[6, cols], 3).mul_scalar(1e-3).unwrap();
+            r.mul(&g).unwrap().sum_all().unwrap().backward().unwrap();
+            let want = fp8_comm_quantize(&g.to_vec_f32().unwrap(), cols, GRADIENT_MIN_AMAX).dequantize();
+            assert!(same(&rounded.grad().unwrap().to_vec_f32().unwrap(), &want), "{cols} columns: gradient");
+        }
+    }
 }
 
 #[test]
@@ -246,11 +272,12 @@ fn bf16_rows_cross_two_to_a_word_and_exactly() {
         let comms = EpComms { forward: comm.clone(), backward: comm.clone() };
         let x = randn(&[3, 129], 10 + comm.rank() as u64).to_dtype(DType::BF16).unwrap().variable();
         let (y, counts) = all_to_all_rows(&comms, &x, &[1, 2], Wire::Plain, Wire::Plain).unwrap();
-        let bytes = comm.stats().bytes;
+        let forward = comm.stats().bytes;
         // The gradient, f32 through the cast, crosses as bf16.
         let r = randn(y.dims(), 20 + comm.rank() as u64);
         y.to_dtype(DType::F32).unwrap().mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
-        (x.to_vec_f32().unwrap(), y, counts, r, x.grad().unwrap(), bytes)
+        let backward = comm.stats().bytes - forward;
+        (x.to_vec_f32().unwrap(), y, counts, r, x.grad().unwrap(), (forward, backward))
     });
     let rows = |v: &[f32], range: std::ops::Range<usize>| v[range.start * 129..range.end * 129].to_vec();
     for (rank, (_, y, counts, _, grad, bytes)) in sent.iter().enumerate() {
@@ -261,8 +288,9 @@ fn bf16_rows_cross_two_to_a_word_and_exactly() {
             ([rows(&sent[0].0, 1..3), rows(&sent[1].0, 1..3)].concat(), vec![2, 2])
         };
         assert_eq!((y.to_vec_f32().unwrap(), counts.clone()), (want_rows, want_counts), "rank {rank}");
-        // 65 words a row, f32 would take 129: rank 0 sends 2 rows to rank 1, rank 1 one to rank 0.
-        assert_eq!(*bytes, [2 * 65 * 4, 65 * 4][rank], "rank {rank}");
+        // 65 words a row, f32 would take 129: rank 0 sends 2 rows to rank 1, rank 1 one to rank 0,
+        // and each returns the gradients of the rows it received.
+        assert_eq!(*bytes, [(2 * 65 * 4, 65 * 4), (65 * 4, 2 * 65 * 4)][rank], "rank {rank}");
         let back: Vec<f32> = if rank == 0 {
             [rows(&sent[0].3.to_vec_f32().unwrap(), 0..1), rows(&sent[1].3.to_vec_f32().unwrap(), 0..2)].concat()
         } else {

@@ -205,55 +205,51 @@ impl Tensor {
 /// number of ranks, so that expert parallelism (which then moves the codes, losslessly: a value
 /// already on the grid re-encodes exactly) and one rank compute the same numbers.
 impl Tensor {
-    /// The values as they arrive from an FP8 dispatch: each 1x128 tile along the last dim in
-    /// E4M3 with scale `2^ceil(log2(max(amax, 1e-4) / 448))`. The gradient goes straight
-    /// through (the dispatch's backward, a combine, stays in high precision). On a GPU the
-    /// rounding runs on the host.
+    /// The values as they arrive from an FP8 dispatch ([`fp8_comm_quantize`] with the
+    /// activations' amax floor, 1e-4, and back). The gradient goes straight through (the
+    /// dispatch's backward, a combine, stays in high precision). CPU only.
     pub fn fp8_comm_round(&self) -> Result<Tensor> {
-        self.on_host("fp8_comm_round", |x| {
-            let values = comm_rounded(&x.f32_data()?, x.dims(), MIN_AMAX);
-            let back = backward_fn("fp8_comm_round", |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
-                Ok(vec![needs[0].then(|| g.clone())])
-            });
-            Ok(Tensor::from_op(values, x.dims(), x.dtype(), &[x], back))
-        })
+        let cols = check_comm_rows("fp8_comm_round", self)?;
+        let values = fp8_comm_quantize(&self.f32_data()?, cols, MIN_AMAX).dequantize();
+        let back = backward_fn("fp8_comm_round", |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+            Ok(vec![grad_if(needs[0], || Ok(g.clone()))?])
+        });
+        Ok(Tensor::from_op(values, self.dims(), self.dtype(), &[self], back))
     }
 
-    /// The values unchanged; in the backward their gradient is rounded as
-    /// [`Tensor::fp8_comm_round`] rounds values (output gradients' amax floor,
-    /// [`GRADIENT_MIN_AMAX`]): the gradient an FP8 combine-backward delivers to the experts.
+    /// The values unchanged (no copy); in the backward their gradient is rounded as
+    /// [`Tensor::fp8_comm_round`] rounds values, with output gradients' amax floor
+    /// ([`GRADIENT_MIN_AMAX`]): the gradient an FP8 combine-backward delivers to the experts.
+    /// CPU only.
     pub fn fp8_comm_round_grad(&self) -> Result<Tensor> {
-        self.on_host("fp8_comm_round_grad", |x| {
-            let back = backward_fn("fp8_comm_round_grad", |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
-                grad_if(needs[0], || {
-                    Ok(plain(comm_rounded(&g.f32_data()?, g.dims(), GRADIENT_MIN_AMAX), g.dims(), g.dtype()))
-                })
-                .map(|g| vec![g])
-            });
-            Ok(Tensor::from_op(x.to_vec_f32()?, x.dims(), x.dtype(), &[x], back))
-        })
-    }
-
-    /// `f` on a host copy of `self` (a float tensor of rank >= 1), its result moved back to
-    /// `self`'s device (both moves differentiable).
-    fn on_host(&self, op: &'static str, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-        check_float_any_device(op, self)?;
-        if self.rank() == 0 {
-            return Err(Error::invalid(op, "needs a tensor of rank >= 1 (tiles run along the last dim)"));
-        }
-        if self.device().is_cuda() {
-            return f(&self.to_device(&crate::Device::Cpu)?)?.to_device(&self.device());
-        }
-        f(self)
+        let cols = check_comm_rows("fp8_comm_round_grad", self)?;
+        let back = backward_fn("fp8_comm_round_grad", move |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
+            let rounded = || {
+                let values = fp8_comm_quantize(&g.f32_data()?, cols, GRADIENT_MIN_AMAX).dequantize();
+                Ok(plain(values, g.dims(), g.dtype()))
+            };
+            Ok(vec![grad_if(needs[0], rounded)?])
+        });
+        Ok(Tensor::with_history(self.0.storage.clone(), self.0.layout.clone(), self.dtype(), &[self], back))
     }
 }
 
-/// `x` (`dims`, tiles of 1x128 along the last dim) through E4M3 with power-of-two scales and back.
-fn comm_rounded(x: &[f32], dims: &[usize], min_amax: f32) -> Vec<f32> {
-    let cols = *dims.last().expect("rank >= 1");
+/// The FP8 wire of DeepSeek-V3's low-precision communication: `x` (rows of `cols` values) as
+/// E4M3 in 1x128 tiles with power-of-two scales (the least power of two at or above
+/// `max(amax, min_amax) / 448`). Rounding by it is idempotent: values it gave re-encode exactly,
+/// whatever the floor (a smaller one only halves the scale, which E4M3's codes absorb), which is
+/// what lets an all-to-all carry them as codes.
+pub fn fp8_comm_quantize(x: &[f32], cols: usize, min_amax: f32) -> Fp8Blocks {
     let rows = x.len().checked_div(cols).unwrap_or(0);
     let format = (Fp8Format::E4M3, ScaleFormat::Ue8m0);
-    Fp8Blocks::quantize_with_min_amax(x, (rows, cols), (1, BLOCK), format, min_amax).dequantize()
+    Fp8Blocks::quantize_with_min_amax(x, (rows, cols), (1, BLOCK), format, min_amax)
+}
+
+/// A CPU float tensor of rank >= 1, whose last dim the tiles run along: that dim.
+fn check_comm_rows(op: &'static str, t: &Tensor) -> Result<usize> {
+    check_float(op, t)?;
+    let why = "needs a tensor of rank >= 1 (tiles run along the last dim)";
+    t.dims().last().copied().ok_or_else(|| Error::invalid(op, why))
 }
 
 /// `x` is `[..., k]` for a weight `[n, k]`.

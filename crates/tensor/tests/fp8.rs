@@ -294,7 +294,7 @@ fn fp8_comm_round_is_e4m3_with_power_of_two_tile_scales_and_a_straight_through_g
         let got = y.to_vec_f32().unwrap();
         assert_eq!(got, comm_rounded_by_definition(&x.to_vec_f32().unwrap(), 200, 1e-4), "{dtype:?}");
         assert!(got != x.to_vec_f32().unwrap(), "{dtype:?}: the values were rounded");
-        // Values on the grid stay where they are: a second trip (the wire's re-encoding) is exact.
+        // Values on the grid stay where they are: rounding them again changes nothing.
         assert_eq!(y.detach().fp8_comm_round().unwrap().to_vec_f32().unwrap(), got);
         let r = randn(&[2, 3, 200], 12).to_dtype(dtype).unwrap();
         y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();

@@ -356,13 +356,22 @@ fn quantize_block_row_with(x: &[f32], codes: &mut [u8], scales: &mut [f32], t: T
         }
         let mut scale = f32::from_bits(amax).max(min_amax) / format.max();
         if scale_format == ScaleFormat::Ue8m0 {
-            scale = 2f32.powi(scale.log2().ceil() as i32);
+            scale = pow2_ceil(scale);
         }
         *scale_slot = scale;
         for (row, out) in x.chunks(cols).zip(codes.chunks_mut(cols)) {
             encode_scaled(&row[c0..c1], scale, &mut out[c0..c1], format);
         }
     }
+}
+
+/// The least power of two at or above `s` (positive), its exponent read from the bits as the
+/// reference's `fast_log2_ceil` reads it (an f32 `log2` rounds a value just above a power of two
+/// down onto it, and the tile's largest value would then saturate).
+fn pow2_ceil(s: f32) -> f32 {
+    let bits = s.to_bits();
+    let exponent = ((bits >> 23) & 0xFF) as i32 - 127 + i32::from(bits & 0x7F_FFFF != 0);
+    2f32.powi(exponent)
 }
 
 /// The bits of the largest |v|: non-negative floats order as their bits do. A NaN (above
@@ -550,11 +559,35 @@ mod quant_tests {
                             .flat_map(|r| (bc * block.1..((bc + 1) * block.1).min(cols)).map(move |c| r * cols + c))
                             .fold(0.0f32, |m, i| m.max(x[i].abs()));
                         let want = amax.max(MIN_AMAX) / fmt.max();
-                        let want = if sf == ScaleFormat::Ue8m0 { 2f32.powi(want.log2().ceil() as i32) } else { want };
+                        let want = if sf == ScaleFormat::Ue8m0 {
+                            // The least power of two at or above it, found by doubling.
+                            let mut p = 2f32.powi(-126);
+                            while p < want {
+                                p *= 2.0;
+                            }
+                            p
+                        } else {
+                            want
+                        };
                         assert_eq!(got, want, "{fmt:?} {sf:?} block {b}");
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn ue8m0_scales_round_up_even_just_above_a_power_of_two() {
+        // amax / 448 one ulp above 2^-20, where an f32 log2 gives exactly -20.
+        let above = f32::from_bits(2f32.powi(-20).to_bits() + 1);
+        assert_eq!(above.log2().ceil(), -20.0, "the case a log2 gets wrong");
+        for (amax, want) in [(above * 448.0, 2f32.powi(-19)), (2f32.powi(-20) * 448.0, 2f32.powi(-20))] {
+            let x: Vec<f32> = (0..128).map(|i| if i == 5 { -amax } else { amax / 3.0 }).collect();
+            let q = Fp8Blocks::quantize(&x, 1, 128, (1, 128), Fp8Format::E4M3, ScaleFormat::Ue8m0);
+            assert_eq!(q.scales, [want], "amax {amax:e}");
+            // No value saturates: the largest comes back within E4M3's rounding.
+            let back = q.dequantize()[5];
+            assert!((back + amax).abs() <= amax / 16.0, "{back} for {}", -amax);
         }
     }
 
