@@ -57,9 +57,10 @@ pub struct PretrainSettings {
     /// `STEP:WEIGHT`: from STEP on the MTP loss weight is WEIGHT (DeepSeek-V3 goes from 0.3 to
     /// 0.1 after 10T of its 14.8T tokens); unset: the preset's throughout.
     pub mtp_weight_from: Option<String>,
-    /// `START:SEQUENCES`: the batch grows from START sequences a step (over all replicas) to the
-    /// whole `dp x grad_accum x micro_batch` over the run's first SEQUENCES (DeepSeek-V3's
-    /// batch-size schedule); unset: every step takes the whole batch.
+    /// `START[:INCREMENT]:SEQUENCES`: the batch grows from START sequences a step (over all
+    /// replicas) to the whole `dp x grad_accum x micro_batch`, INCREMENT at a time, over the
+    /// run's first SEQUENCES (DeepSeek-V3's batch-size schedule); unset: every step takes the
+    /// whole batch.
     pub batch_ramp: Option<String>,
     pub seed: u64,
     /// Tasks and difficulty ranges, e.g. `add:3-4,mul`.
@@ -202,10 +203,11 @@ pub struct PretrainArgs {
     /// third of its tokens); unset: the preset's mtp_loss_weight throughout.
     #[arg(long)]
     pub mtp_weight_from: Option<String>,
-    /// START:SEQUENCES: the batch grows from START sequences a step (a multiple of --dp x
-    /// --micro-batch, below the whole batch) to --dp x --grad-accum x --micro-batch over the
-    /// run's first SEQUENCES, one micro-batch per replica at a time, as DeepSeek-V3's did from
-    /// 3072 to 15360 over its first 469B tokens (Megatron-LM's --rampup-batch-size rule).
+    /// START[:INCREMENT]:SEQUENCES: the batch grows from START sequences a step to --dp x
+    /// --grad-accum x --micro-batch in equal steps of INCREMENT (multiples of --dp x
+    /// --micro-batch; by default one micro-batch per replica) spread over the run's first
+    /// SEQUENCES, as DeepSeek-V3's did from 3072 to 15360 over its first 469B tokens
+    /// (Megatron-LM's --rampup-batch-size rule). DualPipe needs an even START and INCREMENT.
     #[arg(long)]
     pub batch_ramp: Option<String>,
     #[arg(long)]
@@ -436,24 +438,35 @@ fn v3_switches(c: &mut TrainConfig, s: &PretrainSettings) {
     }
 }
 
-/// `START:SEQUENCES` of `batch_ramp`, START in sequences a step over all replicas, as the ramp
-/// of micro-batches per replica it is.
+/// `START[:INCREMENT]:SEQUENCES` of `batch_ramp`, START and INCREMENT in sequences a step over
+/// all replicas (INCREMENT by default one micro-batch a replica), as the ramp of micro-batches per
+/// replica it is.
 fn parse_batch_ramp(text: &str, s: &PretrainSettings) -> Result<BatchRamp> {
-    let parsed = text.split_once(':').and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
-    let (start, sequences): (usize, u64) =
-        parsed.with_context(|| format!("batch_ramp `{text}`: expected START:SEQUENCES, e.g. 48:20000"))?;
     let unit = s.dp * s.micro_batch;
-    if unit == 0 || start % unit != 0 || start == 0 || start >= unit * s.grad_accum {
+    let parts: Vec<&str> = text.split(':').map(str::trim).collect();
+    let count = |t: &str| t.parse::<usize>().ok();
+    let parsed = match parts[..] {
+        [start, sequences] => Some((count(start), Some(unit), sequences.parse::<u64>().ok())),
+        [start, increment, sequences] => Some((count(start), count(increment), sequences.parse::<u64>().ok())),
+        _ => None,
+    };
+    let Some((Some(start), Some(increment), Some(sequences))) = parsed else {
+        bail!("batch_ramp `{text}`: expected START[:INCREMENT]:SEQUENCES, e.g. 48:20000 or 48:48:20000");
+    };
+    let whole = unit * s.grad_accum;
+    let (dp, accum, micro) = (s.dp, s.grad_accum, s.micro_batch);
+    let batch = format!("{whole} sequences: --dp {dp} x --grad-accum {accum} x --micro-batch {micro}");
+    if unit == 0 || start % unit != 0 || start == 0 || start >= whole {
+        let what = format!("START must be a multiple of --dp x --micro-batch ({unit}) below the whole batch");
+        bail!("batch_ramp `{text}`: {what} ({batch})");
+    }
+    if increment == 0 || increment % unit != 0 || (whole - start) % increment != 0 {
         bail!(
-            "batch_ramp `{text}`: START must be a multiple of --dp x --micro-batch ({unit}) below the whole batch \
-             ({} sequences: --dp {} x --grad-accum {} x --micro-batch {})",
-            unit * s.grad_accum,
-            s.dp,
-            s.grad_accum,
-            s.micro_batch
+            "batch_ramp `{text}`: INCREMENT must be a multiple of --dp x --micro-batch ({unit}) that divides the rise \
+             from START to the whole batch ({batch})"
         );
     }
-    Ok(BatchRamp { start: start / unit, sequences })
+    Ok(BatchRamp { start: start / unit, increment: increment / unit, sequences })
 }
 
 /// `STEP:WEIGHT` of `mtp_weight_from`.
@@ -607,17 +620,24 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
             s.dp * s.grad_accum * s.micro_batch,
             s.seq_len
         );
-        if let Some(ramp) = &s.batch_ramp {
-            let (start, over) = ramp.split_once(':').expect("checked by train_config");
-            println!("the batch grows from {start} sequences a step over the first {over} sequences");
+        if let Some(ramp) = train_config(&s)?.batch_ramp {
+            let unit = s.dp * s.micro_batch;
+            println!(
+                "the batch grows from {} sequences a step, {} at a time, over the first {} sequences",
+                ramp.start * unit,
+                ramp.increment * unit,
+                ramp.sequences
+            );
         }
         Some(cfg)
     };
     if mesh.world_size() > 1 {
         println!(
-            "parallel: {mesh}, {} ranks as LocalComm threads; each step {} replicas x {} micro-batches x {} sequences",
+            "parallel: {mesh}, {} ranks as LocalComm threads; each step {} replicas x {}{} micro-batches x {} \
+             sequences",
             mesh.world_size(),
             s.dp,
+            if s.batch_ramp.is_some() { "up to " } else { "" },
             s.grad_accum,
             s.micro_batch
         );

@@ -208,19 +208,22 @@ fn a_batch_ramp_grows_the_steps_and_bad_ramps_are_named() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("the batch grows from 2 sequences a step over the first 4"), "{stdout}");
+    assert!(stdout.contains("the batch grows from 2 sequences a step, 2 at a time, over the first 4"), "{stdout}");
     let tokens: Vec<u64> = metrics(&run).iter().map(|m| m["tokens"].as_u64().unwrap()).collect();
     // Real tokens (documents differ in length): one micro-batch's worth, again, then two.
     let ratio = |a: u64, b: u64| a as f64 / b as f64;
     assert!(ratio(tokens[1], tokens[0]) < 1.5 && ratio(tokens[2], tokens[1]) > 1.5, "consumed 0, 2, 4: {tokens:?}");
     let trainer: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/trainer.json")).unwrap()).unwrap();
-    assert_eq!(trainer["config"]["batch_ramp"], serde_json::json!({ "start": 1, "sequences": 4 }));
+    assert_eq!(trainer["config"]["batch_ramp"], serde_json::json!({ "start": 1, "increment": 1, "sequences": 4 }));
+    assert_eq!(trainer["consumed_sequences"], 8, "2 + 2 + 4 sequences");
 
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--grad-accum", "2", "--batch-ramp", "3:4"], "multiple of --dp x --micro-batch (2)"),
         (&["--grad-accum", "2", "--batch-ramp", "4:4"], "below the whole batch (4 sequences"),
-        (&["--grad-accum", "2", "--batch-ramp", "2"], "expected START:SEQUENCES"),
+        (&["--grad-accum", "2", "--batch-ramp", "2"], "expected START[:INCREMENT]:SEQUENCES"),
+        (&["--grad-accum", "4", "--batch-ramp", "2:4:8"], "INCREMENT must be a multiple"),
+        // DualPipe on 2 stages: an even count of at least 4 micro-batches, not the ramp's 1.
         (&["--pp", "2", "--schedule", "dualpipe", "--grad-accum", "4", "--batch-ramp", "2:8"], "--batch-ramp 2:8"),
     ];
     for (flags, words) in cases {

@@ -297,7 +297,8 @@ pub(crate) struct StepShape {
 
 /// A [`Trainer`] on one rank of a data-parallel world. Every rank builds its own trainer (same
 /// model and config, its own data) and calls [`DataParallelTrainer::train_step`] in step with the
-/// others; the global batch is `world * grad_accum * micro_batch` sequences.
+/// others; the global batch is `world * grad_accum * micro_batch` sequences (fewer while a batch
+/// ramp rises).
 pub struct DataParallelTrainer<'c> {
     pub trainer: Trainer,
     config: DataParallelConfig,
@@ -416,7 +417,7 @@ impl<'c> DataParallelTrainer<'c> {
         let t0 = Instant::now();
         let cfg = self.trainer.config.clone();
         let world = self.comm.world_size();
-        let n = cfg.micro_batches_at(self.trainer.step, world);
+        let n = self.trainer.micro_batches_now();
         let mut accs = Vec::with_capacity(n);
         for _ in 1..n {
             accs.push(micro_batch(&mut self.trainer)?);

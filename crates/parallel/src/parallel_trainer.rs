@@ -11,9 +11,9 @@
 //!
 //! **A step.** Each rank keeps a whole model copy (a CPU simulation: it runs only its own
 //! stages, and of the routed experts only those its expert-parallel rank owns). Replica `d` draws
-//! its `grad_accum` micro-batches ([`Mesh::shard`]) and runs them through the schedule's op list
-//! ([`Pipeline::run_ops`]) with every micro-batch's loss scaled by `1 / (dp grad_accum)`,
-//! the factor of one rank accumulating all `dp grad_accum` micro-batches. A parameter's gradient is
+//! its `n` micro-batches ([`Mesh::shard`]; `grad_accum`, or a batch ramp's count) and runs them
+//! through the schedule's op list for `n` ([`Pipeline::run_ops`]) with every micro-batch's loss
+//! scaled by `1 / (dp n)`, the factor of one rank accumulating all `dp n` micro-batches. A parameter's gradient is
 //! then non-zero only on the ranks where it ran (its stage, DualPipe's two copies of a stage, the
 //! embedding used by the first stage and the MTP modules, a routed expert's owners), so one sum
 //! over all ranks gives every parameter its whole-batch gradient. That sum, the global clipping
@@ -152,7 +152,8 @@ struct Stages {
 /// One rank of a [`Mesh`]: a [`DataParallelTrainer`] over the whole world whose local gradients
 /// come from this rank's pipeline stages and experts. Every rank builds one (same model and
 /// config, its replica's data: [`Mesh::shard`]) and calls [`ParallelTrainer::train_step`] in
-/// step with the others; the global batch is `dp * grad_accum * micro_batch` sequences.
+/// step with the others; the global batch is `dp * grad_accum * micro_batch` sequences (fewer
+/// while a batch ramp rises).
 pub struct ParallelTrainer<'c> {
     /// The data-parallel step over the world; `dp.trainer` holds this rank's model copy.
     pub dp: DataParallelTrainer<'c>,
@@ -250,7 +251,7 @@ impl<'c> ParallelTrainer<'c> {
         self.dp.trainer.begin_step();
         let t0 = Instant::now();
         let cfg = self.dp.trainer.config.clone();
-        let n = cfg.micro_batches_at(self.dp.trainer.step, self.mesh.dp);
+        let n = self.dp.trainer.micro_batches_now();
         let micro = (0..n)
             .map(|_| {
                 let (input_ids, targets) = self.dp.trainer.data.next_batch(cfg.micro_batch, cfg.seq_len)?;

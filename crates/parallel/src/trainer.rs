@@ -157,16 +157,20 @@ pub struct TrainConfig {
 }
 
 /// DeepSeek-V3's batch-size schedule (TR 4.2: 3072 sequences a step, growing to 15360 over the
-/// first 469B tokens), by Megatron-LM's rule for `--rampup-batch-size`: a step that begins after
-/// `consumed` sequences takes `start + floor(consumed / (sequences / (grad_accum - start)))`
-/// micro-batches per replica, so one more each time another `1 / (grad_accum - start)` of the
-/// ramp's sequences has gone by, and `grad_accum` from `sequences` on. The losses stay means over
-/// the step's sequences; the learning-rate schedule still counts steps.
+/// first 469B tokens), by Megatron-LM's rule for `--rampup-batch-size`: the ramp rises in
+/// `(grad_accum - start) / increment` equal increments over its `sequences`, so a step that begins
+/// after `consumed` sequences (over all replicas) takes
+/// `start + increment * floor(consumed / (sequences / increments))` micro-batches per replica,
+/// and `grad_accum` once `consumed` is past `sequences`. The losses stay means over the step's
+/// sequences; the learning-rate schedule still counts steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRamp {
     /// Micro-batches per replica in the first step: at least 1, fewer than `grad_accum`.
     pub start: usize,
+    /// Micro-batches per replica each increment adds (dividing `grad_accum - start`): 2 keeps
+    /// an even start even, as DualPipe needs.
+    pub increment: usize,
     /// Sequences, over all replicas, the ramp spans.
     pub sequences: u64,
 }
@@ -174,11 +178,12 @@ pub struct BatchRamp {
 impl BatchRamp {
     /// Micro-batches per replica of a step that begins after `consumed` sequences.
     pub fn micro_batches(&self, consumed: u64, grad_accum: usize) -> usize {
-        if consumed >= self.sequences || self.start >= grad_accum {
+        let increments = grad_accum.saturating_sub(self.start) / self.increment.max(1);
+        if consumed > self.sequences || increments == 0 {
             return grad_accum;
         }
-        let per_increment = self.sequences as f64 / (grad_accum - self.start) as f64;
-        (self.start + (consumed as f64 / per_increment) as usize).min(grad_accum)
+        let per_increment = self.sequences as f64 / increments as f64;
+        (self.start + self.increment * (consumed as f64 / per_increment) as usize).min(grad_accum)
     }
 }
 
@@ -257,6 +262,13 @@ impl TrainConfig {
                 );
                 return bad("batch_ramp", &why);
             }
+            if r.increment == 0 || (self.grad_accum - r.start) % r.increment != 0 {
+                let (inc, rise) = (r.increment, self.grad_accum - r.start);
+                return bad(
+                    "batch_ramp",
+                    &format!("an increment of {inc} micro-batches does not divide the rise of {rise}"),
+                );
+            }
             if r.sequences == 0 {
                 return bad("batch_ramp", "must span at least one sequence");
             }
@@ -297,25 +309,19 @@ impl TrainConfig {
         }
     }
 
-    /// Micro-batches per replica in step `step` (from 0) of a run with `replicas` replicas:
-    /// `grad_accum`, or where the [`BatchRamp`] has got to by then.
-    pub fn micro_batches_at(&self, step: u64, replicas: usize) -> usize {
-        let Some(ramp) = self.batch_ramp else { return self.grad_accum };
-        let mut consumed = 0u64;
-        for _ in 0..step {
-            let n = ramp.micro_batches(consumed, self.grad_accum);
-            if n == self.grad_accum {
-                return n;
-            }
-            consumed += (n * self.micro_batch * replicas) as u64;
-        }
-        ramp.micro_batches(consumed, self.grad_accum)
+    /// Micro-batches per replica of a step that begins after `consumed` sequences (over all
+    /// replicas): `grad_accum`, or where the [`BatchRamp`] has got to by then.
+    pub fn micro_batches_after(&self, consumed: u64) -> usize {
+        self.batch_ramp.map_or(self.grad_accum, |r| r.micro_batches(consumed, self.grad_accum))
     }
 
     /// Every count of micro-batches per replica a step of this run may take (the ramp's, then
     /// `grad_accum`), for checks that depend on it (a pipeline schedule's).
-    pub fn micro_batch_counts(&self) -> std::ops::RangeInclusive<usize> {
-        self.batch_ramp.map_or(self.grad_accum, |r| r.start)..=self.grad_accum
+    pub fn micro_batch_counts(&self) -> Vec<usize> {
+        match self.batch_ramp {
+            Some(r) => (r.start..=self.grad_accum).step_by(r.increment.max(1)).collect(),
+            None => vec![self.grad_accum],
+        }
     }
 
     pub fn schedule(&self) -> Box<dyn LrSchedule> {
@@ -433,6 +439,9 @@ pub struct Trainer {
     metrics: Option<File>,
     /// Steps skipped in a row for non-finite values (`NonFinitePolicy::Skip`).
     skipped_in_a_row: u64,
+    /// Sequences the steps so far took, over all replicas (skipped steps too): where a
+    /// [`BatchRamp`] is.
+    consumed: u64,
     /// The parameters' moving average (`config.ema_decay`), blended in after each step taken.
     ema: Option<Ema>,
 }
@@ -474,7 +483,7 @@ impl Trainer {
         model.set_fp8_dispatch(config.fp8_dispatch);
         let opt = AdamW::new(config.adamw())?;
         let ema = config.ema_decay.map(|d| Ema::new(d, &model.params)).transpose()?;
-        Ok(Trainer { model, opt, config, step: 0, data, metrics: None, skipped_in_a_row: 0, ema })
+        Ok(Trainer { model, opt, config, step: 0, data, metrics: None, skipped_in_a_row: 0, consumed: 0, ema })
     }
 
     /// The parameters' moving average (`config.ema_decay`), if the run keeps one.
@@ -511,11 +520,21 @@ impl Trainer {
         self.step >= self.config.steps
     }
 
-    /// The forward and backward passes of one step over its micro-batches (`grad_accum`, or the
-    /// batch ramp's count for this step): gradients accumulate in the parameters (each
+    /// The forward and backward passes of one step over its micro-batches
+    /// ([`Trainer::micro_batches_now`]): gradients accumulate in the parameters (each
     /// micro-batch's loss divided by their number), nothing is updated.
     pub fn accumulate_gradients(&mut self) -> Result<Accumulated> {
-        self.accumulate_micro_batches(self.config.micro_batches_at(self.step, 1))
+        self.accumulate_micro_batches(self.micro_batches_now())
+    }
+
+    /// Micro-batches per replica the next step takes: `grad_accum`, or the batch ramp's count.
+    pub fn micro_batches_now(&self) -> usize {
+        self.config.micro_batches_after(self.consumed)
+    }
+
+    /// Sequences the steps so far took, over all replicas.
+    pub fn consumed_sequences(&self) -> u64 {
+        self.consumed
     }
 
     /// [`Trainer::accumulate_gradients`] over the next `n` micro-batches.
@@ -578,7 +597,7 @@ impl Trainer {
         self.begin_step();
         let t0 = Instant::now();
         let cfg = self.config.clone();
-        let micro_batches = cfg.micro_batches_at(self.step, 1);
+        let micro_batches = self.micro_batches_now();
         let mut acc = self.accumulate_micro_batches(micro_batches)?;
         let grad_norm =
             if acc.problem.is_none() { clip_grad_norm(&self.model.params, cfg.grad_clip)? } else { f64::NAN };
@@ -606,6 +625,7 @@ impl Trainer {
     ) -> Result<StepMetrics> {
         let lr = self.config.schedule().lr(self.step);
         let skipped = measured.problem.is_some();
+        self.consumed += sequences as u64;
         if let Some((what, location)) = measured.problem.take() {
             self.model.params.zero_grad();
             self.skipped_in_a_row += 1;
@@ -714,6 +734,8 @@ impl Trainer {
                 "optimizer_steps": self.opt.steps(),
                 // A resumed run counts a streak of skipped steps on from where it was.
                 "skipped_in_a_row": self.skipped_in_a_row,
+                // Where a batch ramp is, over all replicas (not a function of the steps alone).
+                "consumed_sequences": self.consumed,
                 "config": self.config,
                 "data": self.data.state(),
             });
@@ -751,6 +773,10 @@ impl Trainer {
         // (A checkpoint written before the streak was saved has none.)
         t.skipped_in_a_row = state.get("skipped_in_a_row").map_or(Ok(0), |v| {
             v.as_u64().ok_or_else(|| Error::file(&path, format!("`skipped_in_a_row` {v} is not a count")))
+        })?;
+        // (A checkpoint written before the count was saved has no batch ramp to place.)
+        t.consumed = state.get("consumed_sequences").map_or(Ok(0), |v| {
+            v.as_u64().ok_or_else(|| Error::file(&path, format!("`consumed_sequences` {v} is not a count")))
         })?;
         if let Some(m) = metrics {
             truncate_metrics(m, step)?;

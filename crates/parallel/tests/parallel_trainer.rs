@@ -347,22 +347,33 @@ fn an_fp8_dispatch_under_expert_parallelism_takes_one_ranks_fp8_dispatch_step() 
 #[test]
 fn a_batch_ramp_on_a_mesh_takes_one_ranks_growing_steps() {
     use whale_parallel::trainer::BatchRamp;
-    // 2 replicas of 2, 3 then 4 micro-batches (one more every 4 of the ramp's 8 sequences,
-    // consumed 0, 4, 10): one rank takes 4, 6 and 8 by hand.
-    let ramp = BatchRamp { start: 2, sequences: 8 };
-    let mut t = trainer(4, walk());
-    let mut metrics = vec![t.train_step().unwrap()];
-    let first = first_moments(&t);
-    for n in [6, 8] {
-        t.config.grad_accum = n;
-        metrics.push(t.train_step().unwrap());
-    }
-    let single = outcome(&t, metrics, first);
+    // One rank taking `global[s]` micro-batches in step s, by hand.
+    let by_hand = |global: [usize; 3]| {
+        let mut t = trainer(global[0], walk());
+        let mut metrics = vec![t.train_step().unwrap()];
+        let first = first_moments(&t);
+        for n in &global[1..] {
+            t.config.grad_accum = *n;
+            metrics.push(t.train_step().unwrap());
+        }
+        outcome(&t, metrics, first)
+    };
+    // 2 replicas of 2, 3, then 4 micro-batches (one more every 4 of the ramp's 8 sequences,
+    // consumed 0, 4, 10), or of 4 then 6 (two more every 8: consumed 0, 8, 20), on data
+    // parallelism alone (overlapping its gradient sums) and on whole meshes: 1F1B, and DualPipe,
+    // whose counts must be even.
+    let one = BatchRamp { start: 2, increment: 1, sequences: 8 };
+    let two = BatchRamp { start: 4, increment: 2, sequences: 8 };
     let pipelined = Mesh { dp: 2, ep: 2, pp: 2, schedule: Method::OneFOneB, ep_nodes: 1 };
-    // Data parallelism alone (overlapping its gradient sums), and a whole mesh.
-    for mesh in [Mesh { dp: 2, ..Mesh::default() }, pipelined] {
+    let dualpipe = Mesh { schedule: Method::DualPipe, ..pipelined };
+    let cases = [
+        (Mesh { dp: 2, ..Mesh::default() }, one, 4, [4, 6, 8]),
+        (pipelined, one, 4, [4, 6, 8]),
+        (dualpipe, two, 6, [8, 12, 12]),
+    ];
+    for (mesh, ramp, grad_accum, global) in cases {
         let ranks = LocalComm::run(mesh.world_size(), |comm| {
-            let mut t = trainer(4, Box::new(mesh.shard(comm.rank(), walk())));
+            let mut t = trainer(grad_accum, Box::new(mesh.shard(comm.rank(), walk())));
             t.config.batch_ramp = Some(ramp);
             let mut t = ParallelTrainer::new(t, comm, mesh, DataParallelConfig::default()).unwrap();
             let mut metrics = vec![t.train_step().unwrap()];
@@ -371,15 +382,15 @@ fn a_batch_ramp_on_a_mesh_takes_one_ranks_growing_steps() {
             outcome(&t.into_trainer().unwrap(), metrics, first)
         });
         let tokens: Vec<usize> = ranks[0].metrics.iter().map(|m| m.tokens).collect();
-        assert_eq!(tokens.iter().map(|&x| x * 4 / tokens[0]).collect::<Vec<_>>(), [4, 6, 8], "{mesh}");
-        assert_same_steps(&ranks[0], &single, &format!("{mesh}, ramped"));
+        let counts: Vec<usize> = tokens.iter().map(|&x| x * global[0] / tokens[0]).collect();
+        assert_eq!(counts, global, "{mesh}: global micro-batches");
+        assert_same_steps(&ranks[0], &by_hand(global), &format!("{mesh}, ramped"));
     }
 
-    // DualPipe on 2 stages needs an even count of at least 4 micro-batches, not the ramp's 2.
-    let dualpipe = Mesh { schedule: Method::DualPipe, ..pipelined };
+    // DualPipe refuses a ramp with an odd count on the way (4, 5, 6), naming it.
     let comm = LocalComm::single();
-    let mut t = trainer(4, walk());
-    t.config.batch_ramp = Some(ramp);
+    let mut t = trainer(6, walk());
+    t.config.batch_ramp = Some(BatchRamp { start: 4, increment: 1, sequences: 8 });
     let err = ParallelTrainer::new(t, &comm, dualpipe, DataParallelConfig::default()).unwrap_err().to_string();
-    assert!(err.contains("batch ramp") && err.contains("takes 2") && err.contains("DualPipe"), "{err}");
+    assert!(err.contains("batch ramp") && err.contains("takes 5") && err.contains("DualPipe"), "{err}");
 }

@@ -489,21 +489,43 @@ fn the_parameters_moving_average_follows_the_steps_and_resumes_bit_for_bit() {
 fn the_batch_ramp_follows_megatrons_rule() {
     use whale_parallel::trainer::BatchRamp;
     // From 1 to 4 micro-batches over 12 sequences: one more every 4.
-    let ramp = BatchRamp { start: 1, sequences: 12 };
+    let ramp = BatchRamp { start: 1, increment: 1, sequences: 12 };
     let at: Vec<usize> = [0, 3, 4, 7, 8, 11, 12, 100].iter().map(|&c| ramp.micro_batches(c, 4)).collect();
     assert_eq!(at, [1, 1, 2, 2, 3, 3, 4, 4]);
-    // Steps of 2-sequence micro-batches on one replica: consumed 0, 2, 4, 8, 14.
+    // Steps of 2-sequence micro-batches, each step's count from what the steps before took: one
+    // replica (consumed 0, 2, 4, 8, 14), or two taking twice as much (0, 4, 12).
     let cfg = TrainConfig { micro_batch: 2, grad_accum: 4, batch_ramp: Some(ramp), ..config(8) };
-    let steps: Vec<usize> = (0..6).map(|s| cfg.micro_batches_at(s, 1)).collect();
-    assert_eq!(steps, [1, 1, 2, 3, 4, 4]);
-    // Two replicas consume twice as fast: 0, 4 (2), 12 (4).
-    assert_eq!((0..3).map(|s| cfg.micro_batches_at(s, 2)).collect::<Vec<_>>(), [1, 2, 4]);
-    assert_eq!(cfg.micro_batch_counts(), 1..=4);
+    let steps = |replicas: usize, n: usize| -> Vec<usize> {
+        let mut consumed = 0;
+        let mut step = || {
+            let count = cfg.micro_batches_after(consumed);
+            consumed += (count * 2 * replicas) as u64;
+            count
+        };
+        (0..n).map(|_| step()).collect()
+    };
+    assert_eq!(steps(1, 6), [1, 1, 2, 3, 4, 4]);
+    assert_eq!(steps(2, 3), [1, 2, 4]);
+    assert_eq!(cfg.micro_batch_counts(), [1, 2, 3, 4]);
+    // Megatron's end: the whole batch only past the ramp's sequences, the float rounding of its
+    // increments kept (9 sequences in 7 increments: 9 / (9 / 7) is 6.999...).
+    let odd = BatchRamp { start: 1, increment: 1, sequences: 9 };
+    assert_eq!((odd.micro_batches(9, 8), odd.micro_batches(10, 8)), (7, 8));
+    // Two at a time from an even start stays even (DualPipe's counts).
+    let even = BatchRamp { start: 2, increment: 2, sequences: 8 };
+    assert_eq!([0, 3, 4, 8, 9].map(|c| even.micro_batches(c, 6)), [2, 2, 4, 6, 6]);
+    let cfg6 = TrainConfig { grad_accum: 6, batch_ramp: Some(even), ..cfg.clone() };
+    assert_eq!(cfg6.micro_batch_counts(), [2, 4, 6]);
 
     for (ramp, words) in [
-        (BatchRamp { start: 0, sequences: 12 }, "starts at 0 micro-batches"),
-        (BatchRamp { start: 4, sequences: 12 }, "grad_accum 4"),
-        (BatchRamp { start: 1, sequences: 0 }, "at least one sequence"),
+        (BatchRamp { start: 0, increment: 1, sequences: 12 }, "starts at 0 micro-batches"),
+        (BatchRamp { start: 4, increment: 1, sequences: 12 }, "grad_accum 4"),
+        (
+            BatchRamp { start: 1, increment: 2, sequences: 12 },
+            "increment of 2 micro-batches does not divide the rise of 3",
+        ),
+        (BatchRamp { start: 1, increment: 0, sequences: 12 }, "increment of 0"),
+        (BatchRamp { start: 1, increment: 1, sequences: 0 }, "at least one sequence"),
     ] {
         let err = TrainConfig { batch_ramp: Some(ramp), ..cfg.clone() }.validate().unwrap_err().to_string();
         assert!(err.contains("batch_ramp") && err.contains(words), "{err}");
@@ -513,7 +535,7 @@ fn the_batch_ramp_follows_megatrons_rule() {
 #[test]
 fn a_ramped_run_takes_its_steps_micro_batches_and_resumes_bit_for_bit() {
     use whale_parallel::trainer::BatchRamp;
-    let ramp = BatchRamp { start: 1, sequences: 12 };
+    let ramp = BatchRamp { start: 1, increment: 1, sequences: 12 };
     let ramped = |steps| TrainConfig { grad_accum: 3, batch_ramp: Some(ramp), ..config(steps) };
     let mut t = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), ramped(4), data(5)).unwrap();
     // The same steps taken by hand: grad_accum set to the ramp's count before each.
@@ -521,7 +543,7 @@ fn a_ramped_run_takes_its_steps_micro_batches_and_resumes_bit_for_bit() {
     by_hand.config.grad_accum = 1;
     let (mut counts, mut tokens) = (Vec::new(), Vec::new());
     while !t.done() {
-        let n = t.config.micro_batches_at(t.step, 1);
+        let n = t.micro_batches_now();
         let m = t.train_step().unwrap();
         counts.push(n);
         tokens.push(m.tokens);
@@ -539,9 +561,12 @@ fn a_ramped_run_takes_its_steps_micro_batches_and_resumes_bit_for_bit() {
     let ckpt = dir.join("checkpoint");
     let mut first = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), ramped(4), data(5)).unwrap();
     first.train_step().unwrap();
+    first.train_step().unwrap();
     first.save_checkpoint(&ckpt).unwrap();
+    // Mid-ramp: 8 sequences taken, the next step's 2 micro-batches from the saved count.
     let mut resumed = Trainer::resume(&ckpt, data(999), None).unwrap();
     assert_eq!(resumed.config.batch_ramp, Some(ramp));
+    assert_eq!((resumed.consumed_sequences(), resumed.micro_batches_now()), (8, 2));
     while !resumed.done() {
         resumed.train_step().unwrap();
     }
