@@ -255,14 +255,14 @@ impl DeepSeekV3 {
         }
         let mut model = Self::from_tensors(config, tensors, files)?;
         if activation_scales == ScaleFormat::Ue8m0 {
-            model.set_fp8(Some(Fp8Recipe { scale_format: ScaleFormat::Ue8m0, ..Fp8Recipe::default() }));
+            model.set_fp8(Some(Fp8Recipe { input_scales: ScaleFormat::Ue8m0, ..Fp8Recipe::default() }));
         }
         Ok(model)
     }
 
     /// How the FP8 GEMMs quantize activations (a release's `scale_fmt`): the recipe's, f32 without one.
     fn activation_scales(&self) -> ScaleFormat {
-        self.fp8().map_or(ScaleFormat::F32, |r| r.scale_format)
+        self.fp8().map_or(ScaleFormat::F32, |r| r.input_scales)
     }
 
     /// Writes the model as a DeepSeek-V3 FP8 release: projection and expert weights in E4M3 with

@@ -435,6 +435,43 @@ fn the_balance_losses_pass_their_gradient_to_the_affinities() {
 }
 
 #[test]
+fn fp8_experts_behind_an_fp8_dispatch_take_the_dispatched_values_per_token() {
+    // V3's recipe: the routed experts get the tokens as the dispatch rounded them, and their FP8
+    // GEMMs read those values as they are (power-of-two input tiles); the shared expert reads
+    // the tokens themselves.
+    use whale_tensor::fp8::{Fp8Recipe, ScaleFormat};
+    let cfg = DeepSeekV3Config::tiny();
+    let mut model = DeepSeekV3::new(cfg.clone(), 5).unwrap();
+    model.set_fp8(Some(Fp8Recipe::default()));
+    model.set_fp8_dispatch(true);
+    let moe = model.moe_layers()[0];
+    let x = Tensor::randn(&[2, 5, cfg.hidden_size], 0.0, 1.0, DType::F32, &mut Rng::new(9)).unwrap();
+    let out = moe.forward(&x, None).unwrap().output.to_vec_f32().unwrap();
+
+    let tokens = x.reshape(&[10, cfg.hidden_size]).unwrap();
+    let routing = moe.gate.route(&tokens).unwrap();
+    let w = routing.weights.to_vec_f32().unwrap();
+    let k = cfg.num_experts_per_tok;
+    let per_token = |input_scales: ScaleFormat| -> Vec<f32> {
+        let mut all = Vec::new();
+        for t in 0..10 {
+            let xt = tokens.narrow(0, t, 1).unwrap();
+            let sent = xt.fp8_comm_round().unwrap();
+            let mut want = moe.shared_experts.as_ref().unwrap().forward(&xt).unwrap();
+            for j in 0..k {
+                let e = moe.experts[routing.experts[t * k + j]].with_input_scales(input_scales);
+                want = want.add(&e.forward(&sent).unwrap().mul_scalar(w[t * k + j]).unwrap()).unwrap();
+            }
+            all.extend(want.to_vec_f32().unwrap());
+        }
+        all
+    };
+    let close = |want: &[f32]| out.iter().zip(want).all(|(a, b)| (a - b).abs() <= 1e-6 + 1e-5 * b.abs());
+    assert!(close(&per_token(ScaleFormat::Ue8m0)), "the dispatched values, read as they are");
+    assert!(!close(&per_token(ScaleFormat::F32)), "f32 input tiles would round them again");
+}
+
+#[test]
 fn an_fp8_expert_without_tokens_gets_zero_gradients_as_in_higher_precision() {
     // A bias no score can overcome keeps expert 0 of every MoE layer out. Its weights get zero
     // gradients (so AdamW still decays them) with the experts in FP8 as without.
@@ -780,7 +817,7 @@ fn fp8_weights_can_stay_fp8_for_inference_and_save_back_byte_identical() {
     std::fs::copy(again.join("model.safetensors"), v31.join("model.safetensors")).unwrap();
     let kept31 = DeepSeekV3::from_pretrained_fp8(&v31).unwrap();
     let ue8m0 = whale_tensor::fp8::Fp8Recipe {
-        scale_format: whale_tensor::fp8::ScaleFormat::Ue8m0,
+        input_scales: whale_tensor::fp8::ScaleFormat::Ue8m0,
         ..whale_tensor::fp8::Fp8Recipe::default()
     };
     assert_eq!(kept31.fp8(), Some(ue8m0));
@@ -792,7 +829,7 @@ fn fp8_weights_can_stay_fp8_for_inference_and_save_back_byte_identical() {
     let mut rng = Rng::new(17);
     let x: Vec<f32> = (0..3 * width).map(|_| rng.normal()).collect();
     let x = Tensor::from_vec(x, &[3, width], &Device::Cpu).unwrap();
-    let (xq, xs) = x.quantize_fp8((1, 128), whale_tensor::fp8::Fp8Format::E4M3, ue8m0.scale_format).unwrap();
+    let (xq, xs) = x.quantize_fp8((1, 128), whale_tensor::fp8::Fp8Format::E4M3, ue8m0.input_scales).unwrap();
     assert!(xs.to_vec_f32().unwrap().iter().all(|s| s.log2().fract() == 0.0), "UE8M0 scales are powers of two");
     let want = Tensor::dequantize_fp8(&xq, &xs, (1, 128))
         .unwrap()

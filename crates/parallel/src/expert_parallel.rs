@@ -194,7 +194,7 @@ impl ExpertDispatch for ExpertParallel {
         let w_index = Tensor::from_vec(w_index.clone(), &[w_index.len()], &dev)?;
         let local = &moe.experts[self.comms.forward.rank() * per..(self.comms.forward.rank() + 1) * per];
         let w_local = w_recv.flatten_all()?.index_select(0, &w_index)?;
-        let partial = run_experts(local, &x_recv, &assignments, &w_local, moe.recompute_experts)?;
+        let partial = run_experts(local, &x_recv, &assignments, &w_local, moe.expert_run())?;
 
         // Combine: the partial sums go back to their tokens' ranks and add up per token.
         let (back, _) = all_to_all_rows(comms, &partial, &recv_counts, Wire::Plain, wire).map_err(model_err)?;

@@ -31,19 +31,27 @@ use crate::{DType, Error, Result, Tensor};
 pub struct Fp8Recipe {
     /// E4M3 for every GEMM input, forward and backward (the recipe's choice).
     pub format: Fp8Format,
+    /// The scales of the weights' blocks and the output gradients' tiles.
     pub scale_format: ScaleFormat,
+    /// The scales of the input activations' tiles (Fprop's 1x128, Wgrad's re-tiled 128x1):
+    /// f32 in V3's training; UE8M0 (powers of two) in V3.1's `scale_fmt: "ue8m0"`, and for
+    /// inputs an FP8 dispatch delivered, which then are its codes exactly.
+    pub input_scales: ScaleFormat,
     pub accumulation: Accumulation,
 }
 
 impl Fp8Recipe {
     /// DeepSeek-V3 on Hopper: E4M3, f32 scales, a ~14-bit accumulator promoted every 128
     /// (emulated element by element: exact, and slow on a CPU).
-    pub const DEEPSEEK_V3: Fp8Recipe =
-        Fp8Recipe { format: Fp8Format::E4M3, scale_format: ScaleFormat::F32, accumulation: Accumulation::DEEPSEEK_V3 };
+    pub const DEEPSEEK_V3: Fp8Recipe = Fp8Recipe {
+        format: Fp8Format::E4M3,
+        scale_format: ScaleFormat::F32,
+        input_scales: ScaleFormat::F32,
+        accumulation: Accumulation::DEEPSEEK_V3,
+    };
     /// The same with an exact f32 partial sum per 128-K block (the reference's Triton kernel;
     /// runs at f32 GEMM speed): the training default.
-    pub const F32_ACCUMULATION: Fp8Recipe =
-        Fp8Recipe { format: Fp8Format::E4M3, scale_format: ScaleFormat::F32, accumulation: Accumulation::F32 };
+    pub const F32_ACCUMULATION: Fp8Recipe = Fp8Recipe { accumulation: Accumulation::F32, ..Fp8Recipe::DEEPSEEK_V3 };
 }
 
 impl Default for Fp8Recipe {
@@ -163,8 +171,8 @@ impl Tensor {
         // The rows are the leading dims (`elem_count / k` loses them when k is 0).
         let m: usize = self.dims()[..self.rank() - 1].iter().product();
         let recipe = *recipe;
-        let (fmt, sfmt) = (recipe.format, recipe.scale_format);
-        let xq = Fp8Blocks::quantize(&self.f32_data()?, m, k, (1, BLOCK), fmt, sfmt);
+        let (fmt, sfmt, xfmt) = (recipe.format, recipe.scale_format, recipe.input_scales);
+        let xq = Fp8Blocks::quantize(&self.f32_data()?, m, k, (1, BLOCK), fmt, xfmt);
         let y = fp8_gemm(&xq, &wq, recipe.accumulation);
         let mut out_shape = self.dims().to_vec();
         *out_shape.last_mut().expect("rank >= 1") = n;
@@ -188,7 +196,7 @@ impl Tensor {
                         (fmt, sfmt),
                         GRADIENT_MIN_AMAX,
                     );
-                    let xt = Fp8Blocks::quantize(&transpose(&x.f32_data()?, m, k), k, m, (1, BLOCK), fmt, sfmt);
+                    let xt = Fp8Blocks::quantize(&transpose(&x.f32_data()?, m, k), k, m, (1, BLOCK), fmt, xfmt);
                     Ok(plain(fp8_gemm(&dyt, &xt, recipe.accumulation), w.dims(), w.dtype()))
                 })?);
             }
@@ -274,12 +282,14 @@ fn check_gpu_recipe(recipe: &Fp8Recipe) -> Result<()> {
             ),
         ));
     }
-    if recipe.format != Fp8Format::E4M3 || recipe.scale_format != ScaleFormat::F32 {
+    let scales = (recipe.scale_format, recipe.input_scales);
+    if recipe.format != Fp8Format::E4M3 || scales != (ScaleFormat::F32, ScaleFormat::F32) {
         return Err(Error::invalid(
             "fp8_linear",
             format!(
-                "on a GPU the recipe must be E4M3 with f32 scales (the kernels' formats), got {:?} with {:?} scales",
-                recipe.format, recipe.scale_format
+                "on a GPU the recipe must be E4M3 with f32 scales (the kernels' formats), got {:?} with {:?} scales \
+                 (weights and gradients, inputs)",
+                recipe.format, scales
             ),
         ));
     }

@@ -321,3 +321,24 @@ fn fp8_comm_round_grad_passes_values_and_rounds_their_gradient_however_small() {
         got.iter().zip(&rv).filter(|(_, &b)| b.abs() > 1e-12).map(|(a, b)| ((a - b) / b).abs()).fold(0.0, f32::max);
     assert!(worst > 0.0 && worst <= 1.0 / 16.0 + 1e-6, "rounded to E4M3's 3 mantissa bits: worst {worst}");
 }
+
+#[test]
+fn an_fp8_linear_reading_power_of_two_input_tiles_takes_dispatched_values_as_they_are() {
+    // Tokens as an FP8 dispatch delivers them: already E4M3 in 1x128 tiles with power-of-two
+    // scales. A GEMM reading its input with UE8M0 tiles uses exactly those values (V3's expert
+    // GEMMs consume the dispatched codes): its twin multiplies them unquantised. With f32 tile
+    // scales (amax / 448) the values are rounded a second time.
+    let (m, n, k) = (6, 150, 200);
+    let dispatched = comm_rows().reshape(&[m, k]).unwrap().fp8_comm_round().unwrap();
+    let w = randn(&[n, k], 3).mul_scalar(0.1).unwrap();
+    let wq = dequantized(&w, (BLOCK, BLOCK));
+    let twin = dispatched.matmul(&wq.t().unwrap()).unwrap();
+    let recipe = Fp8Recipe { input_scales: ScaleFormat::Ue8m0, ..Fp8Recipe::default() };
+    let exact = max_rel(&dispatched.fp8_linear(&w, &recipe).unwrap(), &twin);
+    let again = max_rel(&dispatched.fp8_linear(&w, &Fp8Recipe::default()).unwrap(), &twin);
+    assert!(exact < 1e-6, "the dispatched values as they are: {exact}");
+    assert!(again > 1e-3, "f32 tile scales round them again: {again}");
+    // The weights' blocks keep f32 scales either way.
+    let (_, scales) = w.quantize_fp8((BLOCK, BLOCK), Fp8Format::E4M3, recipe.scale_format).unwrap();
+    assert!(scales.to_vec_f32().unwrap().iter().any(|s| s.log2().fract() != 0.0));
+}

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use whale_tensor::fp8::Fp8Recipe;
+use whale_tensor::fp8::{Fp8Recipe, ScaleFormat};
 use whale_tensor::{Device, Tensor, TokenDispatch};
 
 use super::balance::RealTokens;
@@ -41,8 +41,19 @@ pub struct DeepSeekMoE {
     /// rounded as an FP8 dispatch sends them, and in the backward so are the gradients of their
     /// combined output (before the down-projections); the combine stays high precision. The same
     /// numbers on one rank as under expert parallelism, whose all-to-alls then carry the codes.
-    /// The experts' own FP8 GEMMs quantize again in their tiles (V3's read the dispatched codes).
+    /// FP8 experts read those inputs with power-of-two tile scales, i.e. as the codes that
+    /// arrived (V3's expert GEMMs consume the dispatched FP8; f32 scales would round again).
     pub fp8_dispatch: bool,
+}
+
+/// How [`run_experts`] runs the experts: the layer's [`DeepSeekMoE::recompute_experts`] and
+/// [`DeepSeekMoE::fp8_dispatch`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpertRun {
+    /// Keep no activations of the experts' MLPs; run them again in the backward.
+    pub recompute: bool,
+    /// The rows were rounded by an FP8 dispatch: FP8 experts read them with UE8M0 tile scales.
+    pub fp8_dispatched: bool,
 }
 
 /// What one MoE layer returns besides its output.
@@ -145,7 +156,12 @@ impl DeepSeekMoE {
         let k = self.gate.top_k;
         let assignments: Vec<(usize, usize)> =
             routing.experts.iter().enumerate().map(|(slot, &e)| (slot / k, e)).collect();
-        run_experts(&self.experts, tokens, &assignments, &routing.weights.flatten_all()?, self.recompute_experts)
+        run_experts(&self.experts, tokens, &assignments, &routing.weights.flatten_all()?, self.expert_run())
+    }
+
+    /// How this layer's routed experts run ([`run_experts`]).
+    pub fn expert_run(&self) -> ExpertRun {
+        ExpertRun { recompute: self.recompute_experts, fp8_dispatched: self.fp8_dispatch }
     }
 
     /// Spec section 2.4: `alpha * sum_i f_i P_i` with `f_i = E/(K T) * count_i` (from the actual
@@ -227,24 +243,24 @@ impl DeepSeekMoE {
 /// (`[assignments.len()]`, differentiable) in the order of `assignments`. The rows are permuted
 /// into expert order (stably, so each expert's block keeps row order) and every expert runs once
 /// on its contiguous block: a grouped GEMM, or one FP8 linear per expert. The combine gathers
-/// each row's outputs back in a fixed order (deterministic on every device). With `recompute`,
-/// the experts' MLPs keep no activations and run again in the backward.
+/// each row's outputs back in a fixed order (deterministic on every device). `how` says whether
+/// the experts' MLPs keep their activations and how FP8 experts read their input.
 pub fn run_experts(
     experts: &[SwiGluMlp],
     x: &Tensor,
     assignments: &[(usize, usize)],
     weights: &Tensor,
-    recompute: bool,
+    how: ExpertRun,
 ) -> Result<Tensor> {
     let dispatch = TokenDispatch::new(assignments, x.dims()[0], experts.len())?;
     let dispatched = x.moe_permute(&dispatch)?;
-    let expert_out = if recompute {
+    let expert_out = if how.recompute {
         // The region owns the experts it reruns (a copy of every handle: only when recomputing).
         let (owned, sizes) = (experts.to_vec(), dispatch.plan.sizes.clone());
-        let mlps = move |x: &[Tensor]| expert_mlps(&owned, &x[0], &sizes);
+        let mlps = move |x: &[Tensor]| expert_mlps(&owned, &x[0], &sizes, how.fp8_dispatched);
         whale_tensor::checkpoint("routed experts", &[&dispatched], mlps)?
     } else {
-        expert_mlps(experts, &dispatched, &dispatch.plan.sizes)?
+        expert_mlps(experts, &dispatched, &dispatch.plan.sizes, how.fp8_dispatched)?
     };
     // The gate weights in dispatch order. Indices are host data on every device (the CUDA ops
     // copy them in).
@@ -255,8 +271,8 @@ pub fn run_experts(
 }
 
 /// Each expert's SwiGLU MLP on its block of `dispatched` (`[rows, hidden]`, expert after expert,
-/// `sizes[e]` rows each).
-fn expert_mlps(experts: &[SwiGluMlp], dispatched: &Tensor, sizes: &[usize]) -> Result<Tensor> {
+/// `sizes[e]` rows each); FP8 experts read rows an FP8 dispatch delivered with UE8M0 tile scales.
+fn expert_mlps(experts: &[SwiGluMlp], dispatched: &Tensor, sizes: &[usize], fp8_dispatched: bool) -> Result<Tensor> {
     Ok(if experts.iter().any(SwiGluMlp::is_fp8) {
         // FP8 experts quantize their own block (its 1x128 tiles are per token anyway). An
         // expert without tokens runs on its empty block too, so its weights get zero gradients
@@ -264,7 +280,12 @@ fn expert_mlps(experts: &[SwiGluMlp], dispatched: &Tensor, sizes: &[usize]) -> R
         let mut start = 0;
         let mut blocks = Vec::with_capacity(experts.len());
         for (e, &size) in experts.iter().zip(sizes) {
-            blocks.push(e.forward(&dispatched.narrow(0, start, size)?)?);
+            let block = dispatched.narrow(0, start, size)?;
+            blocks.push(if fp8_dispatched {
+                e.with_input_scales(ScaleFormat::Ue8m0).forward(&block)?
+            } else {
+                e.forward(&block)?
+            });
             start += size;
         }
         Tensor::cat(&blocks, 0)?

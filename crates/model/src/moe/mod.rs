@@ -7,5 +7,5 @@ mod experts;
 mod router;
 
 pub use balance::{max_violation, update_balancing_bias, RealTokens};
-pub use experts::{run_experts, DeepSeekMoE, ExpertDispatch, MoeOutput};
+pub use experts::{run_experts, DeepSeekMoE, ExpertDispatch, ExpertRun, MoeOutput};
 pub use router::{Router, Routing};

@@ -7,7 +7,7 @@ mod rope;
 pub use builder::{ParamBuilder, WeightSource};
 pub use rope::RotaryEmbedding;
 
-use whale_tensor::fp8::{Fp8Recipe, BLOCK};
+use whale_tensor::fp8::{Fp8Recipe, ScaleFormat, BLOCK};
 use whale_tensor::Tensor;
 
 use crate::Result;
@@ -200,5 +200,16 @@ impl SwiGluMlp {
 
     pub fn is_fp8(&self) -> bool {
         self.gate_proj.is_fp8() || self.up_proj.is_fp8() || self.down_proj.is_fp8()
+    }
+
+    /// A copy (the same weights) whose gate and up projections, if FP8, read their input in
+    /// tiles with `scales`: UE8M0 for the input an FP8 dispatch delivered, whose codes they then
+    /// take exactly as they arrived (DeepSeek-V3's expert GEMMs consume the dispatched FP8).
+    pub fn with_input_scales(&self, scales: ScaleFormat) -> SwiGluMlp {
+        let mut copy = self.clone();
+        for l in [&mut copy.gate_proj, &mut copy.up_proj] {
+            l.fp8 = l.fp8.map(|r| Fp8Recipe { input_scales: scales, ..r });
+        }
+        copy
     }
 }
