@@ -313,17 +313,25 @@ fn bad_checkpoints_name_the_file_and_tensor() {
     assert!(err.contains("config.json"), "{err}");
 }
 
+/// The first MoE layer of `model` on 10 random tokens: its output, the tokens (`[10, hidden]`),
+/// their routing and its weights.
+fn first_moe_on_ten_tokens(model: &DeepSeekV3) -> (Vec<f32>, Tensor, whale_model::moe::Routing, Vec<f32>) {
+    let moe = model.moe_layers()[0];
+    let d = model.config.hidden_size;
+    let x = Tensor::randn(&[2, 5, d], 0.0, 1.0, DType::F32, &mut Rng::new(9)).unwrap();
+    let out = moe.forward(&x, None).unwrap().output.to_vec_f32().unwrap();
+    let tokens = x.reshape(&[10, d]).unwrap();
+    let routing = moe.gate.route(&tokens).unwrap();
+    let w = routing.weights.to_vec_f32().unwrap();
+    (out, tokens, routing, w)
+}
+
 #[test]
 fn grouped_dispatch_equals_a_per_token_loop() {
     let cfg = DeepSeekV3Config::tiny();
     let model = DeepSeekV3::new(cfg.clone(), 5).unwrap();
     let moe = model.moe_layers()[0];
-    let x = Tensor::randn(&[2, 5, cfg.hidden_size], 0.0, 1.0, DType::F32, &mut Rng::new(9)).unwrap();
-    let out = moe.forward(&x, None).unwrap().output.to_vec_f32().unwrap();
-
-    let tokens = x.reshape(&[10, cfg.hidden_size]).unwrap();
-    let routing = moe.gate.route(&tokens).unwrap();
-    let w = routing.weights.to_vec_f32().unwrap();
+    let (out, tokens, routing, w) = first_moe_on_ten_tokens(&model);
     let k = cfg.num_experts_per_tok;
     for t in 0..10 {
         let xt = tokens.narrow(0, t, 1).unwrap();
@@ -445,12 +453,7 @@ fn fp8_experts_behind_an_fp8_dispatch_take_the_dispatched_values_per_token() {
     model.set_fp8(Some(Fp8Recipe::default()));
     model.set_fp8_dispatch(true);
     let moe = model.moe_layers()[0];
-    let x = Tensor::randn(&[2, 5, cfg.hidden_size], 0.0, 1.0, DType::F32, &mut Rng::new(9)).unwrap();
-    let out = moe.forward(&x, None).unwrap().output.to_vec_f32().unwrap();
-
-    let tokens = x.reshape(&[10, cfg.hidden_size]).unwrap();
-    let routing = moe.gate.route(&tokens).unwrap();
-    let w = routing.weights.to_vec_f32().unwrap();
+    let (out, tokens, routing, w) = first_moe_on_ten_tokens(&model);
     let k = cfg.num_experts_per_tok;
     let per_token = |input_scales: ScaleFormat| -> Vec<f32> {
         let mut all = Vec::new();
