@@ -556,9 +556,6 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let device = device(&s)?;
     // Training settings out of range are refused before anything is written.
     train_config(&s)?.validate()?;
-    if s.ema_decay.is_some() && mesh.world_size() > 1 {
-        bail!("--ema: the parameters' moving average is kept on one rank in this build ({})", layout_flags(&s));
-    }
     crate::settings::check_evaluation(s.eval_problems, s.k, "--eval-problems", "--k")?;
     let tok = CharTokenizer::new();
     // Building the corpus refuses its shares (`letters`, `imperfect`, `mixing`) before anything

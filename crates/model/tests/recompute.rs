@@ -133,14 +133,16 @@ fn check(what: &str, model: &mut dyn CausalLm, vocab: usize) {
 #[test]
 fn recomputed_sublayers_give_the_same_gradients_and_hold_less() {
     let cfg = DeepSeekV3Config::tiny();
-    for precision in ["f32", "bf16", "fp8"] {
+    // "fp8 dispatch": the routed experts on the dispatch's rounding, read in power-of-two tiles.
+    for precision in ["f32", "bf16", "fp8", "fp8 dispatch"] {
         let mut model = DeepSeekV3::new(cfg.clone(), 3).unwrap();
         if precision != "f32" {
             model.compute_dtype = DType::BF16;
         }
-        if precision == "fp8" {
+        if precision.starts_with("fp8") {
             model.set_fp8(Some(Fp8Recipe::default()));
         }
+        model.set_fp8_dispatch(precision == "fp8 dispatch");
         check(&format!("tiny DeepSeek-V3 ({precision})"), &mut model, cfg.vocab_size);
         // A copy keeps the setting; an MoE layer's experts (MTP's too) take `mlp`.
         model.set_recompute(Recompute { attention: true, mlp: false });

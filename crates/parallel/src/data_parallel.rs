@@ -35,7 +35,7 @@ use whale_model::tensor::optim::clip_grad_norm;
 use whale_model::tensor::{Tensor, TensorId};
 
 use crate::comm::{Comm, ReduceOp};
-use crate::trainer::{check_ema_on_one_rank, Accumulated, DataSource, StepMetrics, Trainer};
+use crate::trainer::{Accumulated, DataSource, StepMetrics, Trainer};
 use crate::{Error, Result};
 
 mod zero1;
@@ -351,12 +351,15 @@ impl<'c> DataParallelTrainer<'c> {
     /// Wraps `trainer` (a collective call: every rank at once). Rank 0's weights and buffers are
     /// copied to every rank, as DDP does; with ZeRO-1 the trainer's AdamW state (a resumed one)
     /// is split into the shards.
-    pub fn new(trainer: Trainer, comm: &'c dyn Comm, config: DataParallelConfig) -> Result<Self> {
+    pub fn new(mut trainer: Trainer, comm: &'c dyn Comm, config: DataParallelConfig) -> Result<Self> {
         if config.bucket_bytes == 0 {
             return Err(Error::Train("data parallel: bucket_bytes must be positive".into()));
         }
-        let ranks = comm.world_size();
-        check_ema_on_one_rank(&trainer.config, ranks, &format_args!("{ranks} data-parallel ranks"))?;
+        // Every rank ends each step with the same weights: rank 0's moving average is the run's.
+        // (Its average starts from its own weights, which the broadcast below gives every rank.)
+        if comm.rank() != 0 {
+            trainer.leave_ema_to_rank_zero();
+        }
         let slots: Vec<Slot> = trainer
             .model
             .params

@@ -40,7 +40,7 @@ use crate::data_parallel::{DataParallelConfig, DataParallelTrainer, ShardedData,
 use crate::expert_parallel::{EpComms, ExpertParallel};
 use crate::pipeline::{Execution, MicroBatch, Pipeline, StagePlan};
 use crate::schedule::{Method, Schedule};
-use crate::trainer::{check_ema_on_one_rank, DataSource, StepMetrics, Trainer};
+use crate::trainer::{DataSource, StepMetrics, Trainer};
 use crate::{Error, Result};
 
 /// How a world of ranks is laid out: data-parallel replicas, expert-parallel groups among them,
@@ -187,7 +187,6 @@ impl<'c> ParallelTrainer<'c> {
             plan = Some(stages);
         }
         let plan = plan.expect("at least grad_accum");
-        check_ema_on_one_rank(&trainer.config, mesh.world_size(), &mesh)?;
         if comm.world_size() != mesh.world_size() {
             return Err(Error::Train(format!(
                 "parallel layout {mesh} needs {} ranks, the communicator has {}",

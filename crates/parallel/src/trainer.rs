@@ -145,7 +145,7 @@ pub struct TrainConfig {
     /// memory; a resumed run may change it).
     pub recompute: Recompute,
     /// Keep an exponential moving average of the parameters with this decay (DeepSeek-V3's EMA
-    /// in host memory, TR 3.2.3; one rank). None: no average.
+    /// in host memory, TR 3.2.3; on a mesh, rank 0 keeps it). None: no average.
     pub ema_decay: Option<f64>,
     /// Send the MoE layers' dispatch in FP8 (DeepSeek-V3's low-precision communication, TR
     /// 3.3.2: tokens and the gradients back to the experts as E4M3 with power-of-two scales, the
@@ -215,16 +215,6 @@ impl Default for TrainConfig {
             batch_ramp: None,
         }
     }
-}
-
-/// The parameters' moving average (`ema_decay`) lives on one rank in this build: an error naming
-/// the key and `layout` when the run has more.
-pub(crate) fn check_ema_on_one_rank(config: &TrainConfig, ranks: usize, layout: &dyn std::fmt::Display) -> Result<()> {
-    if config.ema_decay.is_some() && ranks > 1 {
-        let why = "the parameters' moving average is kept on one rank in this build";
-        return Err(Error::Train(format!("train config `ema_decay`: {why}, not on {layout}")));
-    }
-    Ok(())
 }
 
 /// The most token positions one batch may hold: the CUDA kernels count rows in 32-bit ints.
@@ -486,7 +476,14 @@ impl Trainer {
         Ok(Trainer { model, opt, config, step: 0, data, metrics: None, skipped_in_a_row: 0, consumed: 0, ema })
     }
 
-    /// The parameters' moving average (`config.ema_decay`), if the run keeps one.
+    /// Drops the parameters' moving average: on a mesh every rank's weights are the same after
+    /// each step, so rank 0's average is the run's and the others keep none.
+    pub(crate) fn leave_ema_to_rank_zero(&mut self) {
+        self.ema = None;
+    }
+
+    /// The parameters' moving average (`config.ema_decay`), if the run keeps one (on a mesh,
+    /// rank 0's trainer does).
     pub fn ema(&self) -> Option<&Ema> {
         self.ema.as_ref()
     }

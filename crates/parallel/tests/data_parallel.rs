@@ -182,16 +182,39 @@ fn a_world_of_one_is_the_plain_trainer() {
 }
 
 #[test]
-fn a_moving_average_of_the_weights_is_refused_on_several_ranks() {
-    // Each replica would keep its own average of the same weights: refused, not duplicated.
-    let errs = LocalComm::run(2, |comm| {
-        let mut t = trainer(2, 1, walk());
-        t.config.ema_decay = Some(0.9);
-        DataParallelTrainer::new(t, comm, dp(true)).map(|_| ()).unwrap_err().to_string()
+fn rank_zero_keeps_the_moving_average_of_the_weights_all_ranks_hold() {
+    // Every rank ends each step with the same weights (two ranks of one micro-batch are one rank
+    // accumulating both, bit for bit): rank 0's average is the run's, across a checkpoint too,
+    // and the other ranks keep none.
+    let averaged = |micro, accum, data| {
+        let cfg = TrainConfig { ema_decay: Some(0.75), ..config(micro, accum) };
+        Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), cfg, data).unwrap()
+    };
+    let average_bits = |t: &Trainer| -> Option<Vec<u32>> {
+        let average = t.ema()?.average().unwrap();
+        Some(average.values().flat_map(|a| a.to_vec_f32().unwrap()).map(f32::to_bits).collect())
+    };
+    let mut one = averaged(2, 2, walk());
+    (0..STEPS).for_each(|_| drop(one.train_step().unwrap()));
+    let want = average_bits(&one).unwrap();
+
+    let dir = whale_model::tensor::testing::TempDir::new("dp-ema");
+    let ckpt = dir.join("checkpoint");
+    let data = |rank| Box::new(ShardedData { inner: walk(), rank, world: 2 });
+    LocalComm::run(2, |comm| {
+        let mut t = DataParallelTrainer::new(averaged(2, 1, data(comm.rank())), comm, dp(true)).unwrap();
+        t.train_step().unwrap();
+        t.save_checkpoint(&ckpt).unwrap();
     });
-    for err in errs {
-        assert!(err.contains("ema_decay") && err.contains("2 data-parallel ranks"), "{err}");
-    }
+    assert!(ckpt.join("ema.safetensors").exists(), "rank 0 writes its average");
+    let resumed = LocalComm::run(2, |comm| {
+        let t = Trainer::resume(&ckpt, data(comm.rank()), None).unwrap();
+        let mut t = DataParallelTrainer::new(t, comm, dp(true)).unwrap();
+        (1..STEPS).for_each(|_| drop(t.train_step().unwrap()));
+        average_bits(&t.trainer)
+    });
+    assert!(resumed[0].as_ref() == Some(&want), "rank 0's average is one rank's");
+    assert!(resumed[1].is_none(), "rank 1 keeps none");
 }
 
 #[test]

@@ -308,11 +308,37 @@ fn impossible_meshes_are_refused_with_the_reason() {
     let err = ParallelTrainer::new(trainer(4, walk()), &comm, mesh, DataParallelConfig::default()).unwrap_err();
     assert!(err.to_string().contains("needs 2 ranks"), "{err}");
     assert_eq!(comm.world_size(), 1);
-    // The parameters' moving average is one rank's.
-    let mut t = trainer(4, walk());
-    t.config.ema_decay = Some(0.9);
-    let err = ParallelTrainer::new(t, &comm, mesh, DataParallelConfig::default()).unwrap_err();
-    assert!(err.to_string().contains("ema_decay") && err.to_string().contains("one rank"), "{err}");
+}
+
+#[test]
+fn on_a_pipelined_mesh_rank_zero_keeps_the_moving_average() {
+    // Every rank's copy is the same after each step (the tests above), so rank 0's average is
+    // the run's; the other ranks keep none.
+    let mesh = Mesh { dp: 2, ep: 2, pp: 2, schedule: Method::OneFOneB, ep_nodes: 1 };
+    let averages = LocalComm::run(mesh.world_size(), |comm| {
+        let mut t = trainer(4, Box::new(mesh.shard(comm.rank(), walk())));
+        let config = TrainConfig { ema_decay: Some(0.5), ..t.config.clone() };
+        t = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), config, t.data).unwrap();
+        let mut t = ParallelTrainer::new(t, comm, mesh, DataParallelConfig::default()).unwrap();
+        t.train_step().unwrap();
+        let t = t.into_trainer().unwrap();
+        t.ema_model().unwrap().map(|m| (weights_of(&m), weights_of(&t.model)))
+    });
+    let (average, weights) = averages[0].as_ref().expect("rank 0 keeps the average");
+    assert!(averages[1..].iter().all(Option::is_none), "the other ranks keep none");
+    // Half the initial weights and half the stepped ones: not the weights themselves.
+    let initial = weights_of(&DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap());
+    let (mut moved, mut n) = (0, 0);
+    for ((a, w), i) in average.iter().zip(weights).zip(&initial) {
+        n += 1;
+        moved += ((a - (w + i) / 2.0).abs() <= 1e-6 * (1.0 + a.abs()) && w != i) as usize;
+    }
+    assert!(moved * 2 > n, "{moved} of {n} averaged weights are halfway between");
+}
+
+/// Every parameter's values, in name order.
+fn weights_of(m: &DeepSeekV3) -> Vec<f32> {
+    m.params.iter().flat_map(|(_, p)| p.to_vec_f32().unwrap()).collect()
 }
 
 #[test]

@@ -35,7 +35,8 @@ pub struct Fp8Recipe {
     pub scale_format: ScaleFormat,
     /// The scales of the input activations' tiles (Fprop's 1x128, Wgrad's re-tiled 128x1):
     /// f32 in V3's training; UE8M0 (powers of two) in V3.1's `scale_fmt: "ue8m0"`, and for
-    /// inputs an FP8 dispatch delivered, which then are its codes exactly.
+    /// inputs an FP8 dispatch delivered, whose codes Fprop then reads exactly (Wgrad's tiles
+    /// along the tokens round them again).
     pub input_scales: ScaleFormat,
     pub accumulation: Accumulation,
 }

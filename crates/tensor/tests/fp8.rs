@@ -325,20 +325,54 @@ fn fp8_comm_round_grad_passes_values_and_rounds_their_gradient_however_small() {
 #[test]
 fn an_fp8_linear_reading_power_of_two_input_tiles_takes_dispatched_values_as_they_are() {
     // Tokens as an FP8 dispatch delivers them: already E4M3 in 1x128 tiles with power-of-two
-    // scales. A GEMM reading its input with UE8M0 tiles uses exactly those values (V3's expert
-    // GEMMs consume the dispatched codes): its twin multiplies them unquantised. With f32 tile
-    // scales (amax / 448) the values are rounded a second time.
+    // scales (rows of every magnitude, one under the 1e-4 floor, one all zero). A GEMM reading
+    // its input with UE8M0 tiles uses exactly those values in Fprop (V3's expert GEMMs consume
+    // the dispatched codes): its twin multiplies them unquantised. With f32 tile scales
+    // (amax / 448) they are rounded a second time. Dgrad keeps the gradients' f32 tiles, and
+    // Wgrad re-tiles the input along the tokens with power-of-two scales.
     let (m, n, k) = (6, 150, 200);
-    let dispatched = comm_rows().reshape(&[m, k]).unwrap().fp8_comm_round().unwrap();
+    let recipe = Fp8Recipe { input_scales: ScaleFormat::Ue8m0, ..Fp8Recipe::default() };
     let w = randn(&[n, k], 3).mul_scalar(0.1).unwrap();
     let wq = dequantized(&w, (BLOCK, BLOCK));
-    let twin = dispatched.matmul(&wq.t().unwrap()).unwrap();
-    let recipe = Fp8Recipe { input_scales: ScaleFormat::Ue8m0, ..Fp8Recipe::default() };
-    let exact = max_rel(&dispatched.fp8_linear(&w, &recipe).unwrap(), &twin);
-    let again = max_rel(&dispatched.fp8_linear(&w, &Fp8Recipe::default()).unwrap(), &twin);
-    assert!(exact < 1e-6, "the dispatched values as they are: {exact}");
-    assert!(again > 1e-3, "f32 tile scales round them again: {again}");
-    // The weights' blocks keep f32 scales either way.
-    let (_, scales) = w.quantize_fp8((BLOCK, BLOCK), Fp8Format::E4M3, recipe.scale_format).unwrap();
-    assert!(scales.to_vec_f32().unwrap().iter().any(|s| s.log2().fract() != 0.0));
+    // Each row against its own largest value (zero rows exactly).
+    let rows_rel = |a: &Tensor, b: &Tensor| -> f32 {
+        let (a, b) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+        let per_row = a.chunks(n).zip(b.chunks(n)).map(|(x, y)| {
+            let scale = y.iter().fold(0.0f32, |s, v| s.max(v.abs()));
+            let diff = x.iter().zip(y).fold(0.0f32, |d, (p, q)| d.max((p - q).abs()));
+            if scale == 0.0 {
+                diff
+            } else {
+                diff / scale
+            }
+        });
+        per_row.fold(0.0, f32::max)
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let dispatched = comm_rows().reshape(&[m, k]).unwrap().to_dtype(dtype).unwrap().fp8_comm_round().unwrap();
+        let x = dispatched.detach().variable();
+        let wv = w.detach().variable();
+        let y = x.fp8_linear(&wv, &recipe).unwrap();
+        let twin = dispatched.to_dtype(DType::F32).unwrap().matmul(&wq.t().unwrap()).unwrap();
+        let exact = rows_rel(&y.to_dtype(DType::F32).unwrap(), &twin);
+        let again = rows_rel(&x.fp8_linear(&w, &Fp8Recipe::default()).unwrap().to_dtype(DType::F32).unwrap(), &twin);
+        let rounding = if dtype == DType::F32 { 1e-6 } else { 4e-3 }; // the output's own dtype
+        assert!(exact < rounding, "{dtype:?}: the dispatched values as they are: {exact}");
+        assert!(again > 1e-2, "{dtype:?}: f32 tile scales round them again: {again}");
+        if dtype == DType::F32 {
+            let dy = randn(&[m, n], 4);
+            y.mul(&dy).unwrap().sum_all().unwrap().backward().unwrap();
+            let dgrad = dequantized(&dy, (1, BLOCK)).matmul(&wq).unwrap();
+            assert!(max_rel(&x.grad().unwrap(), &dgrad) < 1e-5, "Dgrad: f32 gradient tiles");
+            let xt = dispatched.t().unwrap().contiguous().unwrap();
+            let (codes, scales) = xt.quantize_fp8((1, BLOCK), Fp8Format::E4M3, ScaleFormat::Ue8m0).unwrap();
+            let xt = Tensor::dequantize_fp8(&codes, &scales, (1, BLOCK)).unwrap();
+            let dyt = dequantized(&dy.t().unwrap().contiguous().unwrap(), (1, BLOCK));
+            let wgrad = dyt.matmul(&xt.t().unwrap()).unwrap();
+            assert!(max_rel(&wv.grad().unwrap(), &wgrad) < 1e-5, "Wgrad: the input re-tiled in power-of-two tiles");
+            let f32_tiles =
+                dyt.matmul(&dequantized(&dispatched.t().unwrap().contiguous().unwrap(), (1, BLOCK)).t().unwrap());
+            assert!(max_rel(&wv.grad().unwrap(), &f32_tiles.unwrap()) > 1e-4, "not f32 tiles");
+        }
+    }
 }

@@ -202,13 +202,16 @@ impl SwiGluMlp {
         self.gate_proj.is_fp8() || self.up_proj.is_fp8() || self.down_proj.is_fp8()
     }
 
-    /// A copy (the same weights) whose gate and up projections, if FP8, read their input in
-    /// tiles with `scales`: UE8M0 for the input an FP8 dispatch delivered, whose codes they then
-    /// take exactly as they arrived (DeepSeek-V3's expert GEMMs consume the dispatched FP8).
+    /// A copy (the same weights) whose gate and up projections, if FP8 (trained, or stored),
+    /// read their input in tiles with `scales`: UE8M0 for the input an FP8 dispatch delivered,
+    /// whose codes their Fprop then takes exactly as they arrived (DeepSeek-V3's expert GEMMs
+    /// consume the dispatched FP8; Wgrad re-tiles the input along the tokens, with those scales).
     pub fn with_input_scales(&self, scales: ScaleFormat) -> SwiGluMlp {
         let mut copy = self.clone();
         for l in [&mut copy.gate_proj, &mut copy.up_proj] {
-            l.fp8 = l.fp8.map(|r| Fp8Recipe { input_scales: scales, ..r });
+            if l.is_fp8() {
+                l.fp8 = Some(Fp8Recipe { input_scales: scales, ..l.fp8.unwrap_or_default() });
+            }
         }
         copy
     }
