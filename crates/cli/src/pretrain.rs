@@ -555,7 +555,8 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let mesh = mesh(&s)?;
     let device = device(&s)?;
     // Training settings out of range are refused before anything is written.
-    train_config(&s)?.validate()?;
+    let config = train_config(&s)?;
+    config.validate()?;
     crate::settings::check_evaluation(s.eval_problems, s.k, "--eval-problems", "--k")?;
     let tok = CharTokenizer::new();
     // Building the corpus refuses its shares (`letters`, `imperfect`, `mixing`) before anything
@@ -600,12 +601,10 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
         }
         // An impossible layout is refused before anything is written (with a batch ramp, for
         // every count of micro-batches a step takes).
-        for micro in train_config(&s)?.micro_batch_counts() {
-            mesh.plan(&cfg, micro).with_context(|| match &s.batch_ramp {
-                Some(ramp) => format!("{} --batch-ramp {ramp} (a step of {micro} micro-batches)", layout_flags(&s)),
-                None => layout_flags(&s),
-            })?;
-        }
+        mesh.plan_steps(&cfg, &config).with_context(|| match &s.batch_ramp {
+            Some(ramp) => format!("{} --batch-ramp {ramp}", layout_flags(&s)),
+            None => layout_flags(&s),
+        })?;
         std::fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
         let counts = cfg.param_counts();
         println!(
@@ -617,7 +616,7 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
             s.dp * s.grad_accum * s.micro_batch,
             s.seq_len
         );
-        if let Some(ramp) = train_config(&s)?.batch_ramp {
+        if let Some(ramp) = config.batch_ramp {
             let unit = s.dp * s.micro_batch;
             println!(
                 "the batch grows from {} sequences a step, {} at a time, over the first {} sequences",

@@ -23,7 +23,6 @@ fn tmpdir(name: &str) -> TempDir {
 const SMALL: [&str; 10] =
     ["--micro-batch", "2", "--seq-len", "30", "--eval-problems", "2", "--k", "2", "--tasks", "add:2"];
 
-/// The lines of a run's metrics.jsonl.
 /// `whale r1-zero` from `base` into `run`: one step of 2 prompts x 2 samples, 2 held-out
 /// problems at k = 2, then `extra` (the prompts: `--data FILE` or a `--config`).
 fn r1_zero_one_step(base: &Path, run: &Path, extra: &[&str]) -> std::process::Output {
@@ -50,6 +49,22 @@ fn copy_checkpoint(from: &Path, to: &Path) {
     }
 }
 
+/// `whale pretrain --out run --steps STEPS --warmup 1` with SMALL's settings, then `extra`.
+fn pretrain_small(run: &Path, steps: &str, extra: &[&str]) -> std::process::Output {
+    whale()
+        .args(["pretrain", "--out", run.to_str().unwrap(), "--steps", steps, "--warmup", "1"])
+        .args(SMALL)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// A JSON file (a run's settings.json, a checkpoint's trainer.json), parsed.
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The lines of a run's metrics.jsonl.
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
@@ -126,14 +141,7 @@ fn sigkill_during_checkpointing_leaves_a_resumable_run() {
 fn an_extended_run_validates_its_checkpoints_step_and_says_the_schedule_moved() {
     let dir = tmpdir("extend");
     let run = dir.join("run");
-    let pretrain = |steps: &str, extra: &[&str]| {
-        whale()
-            .args(["pretrain", "--out", run.to_str().unwrap(), "--steps", steps, "--eval-every", "2", "--warmup", "1"])
-            .args(SMALL)
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let pretrain = |steps: &str, extra: &[&str]| pretrain_small(&run, steps, &[&["--eval-every", "2"], extra].concat());
     let out = pretrain("2", &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The last step has no validation line (the final evaluation is that); extended, step 2 is
@@ -155,21 +163,14 @@ fn an_extended_run_validates_its_checkpoints_step_and_says_the_schedule_moved() 
     let out = pretrain("3", &["--resume"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--steps 3") && err.contains("already at step 4"), "{err}");
-    let settings: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("settings.json")).unwrap()).unwrap();
-    assert_eq!(settings["steps"], 4);
+    assert_eq!(read_json(&run.join("settings.json"))["steps"], 4);
 }
 
 #[test]
 fn recomputing_sublayers_trains_the_same_bits_and_a_resumed_run_may_change_it() {
     let dir = tmpdir("recompute");
     let pretrain = |run: &str, steps: &str, extra: &[&str]| {
-        let out = whale()
-            .args(["pretrain", "--out", dir.join(run).to_str().unwrap(), "--steps", steps, "--warmup", "1"])
-            .args(SMALL)
-            .args(extra)
-            .output()
-            .unwrap();
+        let out = pretrain_small(&dir.join(run), steps, extra);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     };
     pretrain("plain", "4", &[]);
@@ -178,12 +179,12 @@ fn recomputing_sublayers_trains_the_same_bits_and_a_resumed_run_may_change_it() 
     // Every step's numbers but its speed.
     assert_eq!(metrics_but_speed(&dir.join("recomputed")), metrics_but_speed(&dir.join("plain")));
     assert_eq!(metrics(&dir.join("plain")).len(), 4);
-    let settings: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("recomputed/settings.json")).unwrap()).unwrap();
-    assert_eq!(settings["recompute"], "mlp", "the resumed run's setting is kept");
-    let trainer: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("recomputed/checkpoint/trainer.json")).unwrap())
-            .unwrap();
+    assert_eq!(
+        read_json(&dir.join("recomputed/settings.json"))["recompute"],
+        "mlp",
+        "the resumed run's setting is kept"
+    );
+    let trainer = read_json(&dir.join("recomputed/checkpoint/trainer.json"));
     assert_eq!(trainer["config"]["recompute"], "mlp", "and the trainer's");
 
     let out = whale()
@@ -200,12 +201,7 @@ fn a_batch_ramp_grows_the_steps_and_bad_ramps_are_named() {
     let dir = tmpdir("batch-ramp");
     let run = dir.join("run");
     // 2 sequences a micro-batch, up to 2 a step: the second micro-batch from 4 sequences on.
-    let out = whale()
-        .args(["pretrain", "--out", run.to_str().unwrap(), "--steps", "3", "--warmup", "1"])
-        .args(SMALL)
-        .args(["--grad-accum", "2", "--batch-ramp", "2:4"])
-        .output()
-        .unwrap();
+    let out = pretrain_small(&run, "3", &["--grad-accum", "2", "--batch-ramp", "2:4"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("the batch grows from 2 sequences a step, 2 at a time, over the first 4"), "{stdout}");
@@ -213,8 +209,7 @@ fn a_batch_ramp_grows_the_steps_and_bad_ramps_are_named() {
     // Real tokens (documents differ in length): one micro-batch's worth, again, then two.
     let ratio = |a: u64, b: u64| a as f64 / b as f64;
     assert!(ratio(tokens[1], tokens[0]) < 1.5 && ratio(tokens[2], tokens[1]) > 1.5, "consumed 0, 2, 4: {tokens:?}");
-    let trainer: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/trainer.json")).unwrap()).unwrap();
+    let trainer = read_json(&run.join("checkpoint/trainer.json"));
     assert_eq!(trainer["config"]["batch_ramp"], serde_json::json!({ "start": 1, "increment": 1, "sequences": 4 }));
     assert_eq!(trainer["consumed_sequences"], 8, "2 + 2 + 4 sequences");
 
@@ -239,14 +234,7 @@ fn a_batch_ramp_grows_the_steps_and_bad_ramps_are_named() {
 fn an_ema_of_the_weights_is_evaluated_saved_and_resumed() {
     let dir = tmpdir("ema");
     let run = dir.join("run");
-    let pretrain = |steps: &str, extra: &[&str]| {
-        whale()
-            .args(["pretrain", "--out", run.to_str().unwrap(), "--steps", steps, "--warmup", "1", "--ema", "0.9"])
-            .args(SMALL)
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let pretrain = |steps: &str, extra: &[&str]| pretrain_small(&run, steps, &[&["--ema", "0.9"], extra].concat());
     let out = pretrain("2", &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -268,12 +256,7 @@ fn an_ema_of_the_weights_is_evaluated_saved_and_resumed() {
 
     // Two data-parallel ranks: rank 0 keeps the average (the ranks' weights are the same).
     let mesh = dir.join("mesh");
-    let out = whale()
-        .args(["pretrain", "--out", mesh.to_str().unwrap(), "--steps", "2", "--warmup", "1", "--ema", "0.9"])
-        .args(SMALL)
-        .args(["--dp", "2"])
-        .output()
-        .unwrap();
+    let out = pretrain_small(&mesh, "2", &["--ema", "0.9", "--dp", "2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(mesh.join("checkpoint/ema.safetensors").exists() && mesh.join("ema/eval.json").exists());
 
@@ -547,8 +530,7 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     // Without --data the run keeps its own pool.
     let out = resume(&[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let settings: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("settings.json")).unwrap()).unwrap();
+    let settings = read_json(&run.join("settings.json"));
     assert!(settings["data"].as_str().unwrap().ends_with("prompts.jsonl"), "{settings}");
     // Stopped before its first checkpoint: --resume starts it again.
     std::fs::remove_dir_all(run.join("checkpoint")).unwrap();

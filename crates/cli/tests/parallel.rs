@@ -18,6 +18,11 @@ fn pretrain(run: &Path, flags: &[&str]) -> Output {
     cmd.args(["pretrain", "--out", run.to_str().unwrap()]).args(SMALL).args(flags).output().unwrap()
 }
 
+/// A run's checkpoint/trainer.json, parsed.
+fn trainer_state(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/trainer.json")).unwrap()).unwrap()
+}
+
 /// As `SMALL` in tests/cli.rs, with two micro-batches per replica for the pipeline.
 const SMALL: [&str; 12] = [
     "--micro-batch",
@@ -50,8 +55,7 @@ fn dp_ep_pp_pretraining_checkpoints_like_one_rank_and_resumes() {
     // tiny's topk_group 1: every token on one node.
     assert!(stdout.contains("the last step's tokens reached at most 1 of 2 nodes (topk_group 1)"), "{stdout}");
     // One checkpoint, one metrics line per step (rank 0 writes them), the evaluation.
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint/trainer.json")).unwrap()).unwrap();
+    let state = trainer_state(&run);
     assert_eq!(state["step"], 2);
     assert_eq!(state["config"]["grad_accum"], 2);
     for file in ["checkpoint/model.safetensors", "checkpoint/optimizer.safetensors", "eval.json", "settings.json"] {
@@ -111,15 +115,12 @@ fn an_fp8_dispatch_over_expert_parallel_ranks_takes_one_ranks_first_step() {
         let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
         assert!((x - y).abs() <= 1e-5 * y.abs(), "{key}: one rank {x}, two {y}");
     }
-    let trainer: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(two.join("checkpoint/trainer.json")).unwrap()).unwrap();
-    assert_eq!(trainer["config"]["fp8_dispatch"], true);
+    assert_eq!(trainer_state(&two)["config"]["fp8_dispatch"], true);
 
     // A setting of the run like --precision: the resumed run keeps it, and may not turn it off,
     // nor a plain run's on.
     ok(run(&one, &["--resume", "--steps", "2", "--grad-accum", "4"]));
-    let trainer: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(one.join("checkpoint/trainer.json")).unwrap()).unwrap();
+    let trainer = trainer_state(&one);
     assert_eq!((trainer["step"].as_u64(), trainer["config"]["fp8_dispatch"].as_bool()), (Some(2), Some(true)));
     let plain = dir.join("plain");
     ok(run(&plain, &["--steps", "1", "--grad-accum", "4"]));

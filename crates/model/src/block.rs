@@ -88,7 +88,7 @@ impl DecoderLayer {
     /// the MoE layer's experts (its router stays outside, see [`DeepSeekMoE::recompute_experts`]).
     pub fn set_recompute(&mut self, recompute: Recompute) {
         self.recompute = recompute;
-        if let FeedForward::Moe(moe) = &mut self.mlp {
+        if let Some(moe) = self.moe_mut() {
             moe.recompute_experts = recompute.mlp;
         }
     }
@@ -100,6 +100,13 @@ impl DecoderLayer {
 
     pub fn moe(&self) -> Option<&DeepSeekMoE> {
         match &self.mlp {
+            FeedForward::Moe(m) => Some(m),
+            FeedForward::Dense(_) => None,
+        }
+    }
+
+    pub fn moe_mut(&mut self) -> Option<&mut DeepSeekMoE> {
+        match &mut self.mlp {
             FeedForward::Moe(m) => Some(m),
             FeedForward::Dense(_) => None,
         }

@@ -7,7 +7,7 @@ use std::path::Path;
 use whale_tensor::fp8::{Fp8Recipe, ScaleFormat};
 use whale_tensor::{DType, Device, ParamStore, Rng, Tensor};
 
-use crate::block::{DecoderLayer, FeedForward};
+use crate::block::DecoderLayer;
 use crate::checkpoint::{self, Fp8Weights, SaveDType, TensorFiles};
 use crate::config::DeepSeekV3Config;
 use crate::moe::{max_violation, update_balancing_bias, RealTokens};
@@ -216,16 +216,12 @@ impl DeepSeekV3 {
 
     /// Sends every MoE layer's dispatch in FP8 (see [`DeepSeekMoE::fp8_dispatch`]), main and MTP.
     pub fn set_fp8_dispatch(&mut self, on: bool) {
-        for layer in self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block)) {
-            if let FeedForward::Moe(moe) = &mut layer.mlp {
-                moe.fp8_dispatch = on;
-            }
-        }
+        self.moe_layers_mut().for_each(|moe| moe.fp8_dispatch = on);
     }
 
     /// What [`DeepSeekV3::set_fp8_dispatch`] last set (false without an MoE layer).
     pub fn fp8_dispatch(&self) -> bool {
-        self.layers.iter().any(|l| matches!(&l.mlp, FeedForward::Moe(moe) if moe.fp8_dispatch))
+        self.moe_layers().iter().any(|moe| moe.fp8_dispatch)
     }
 
     /// What [`DeepSeekV3::set_recompute`] last set (read from the first layer).
@@ -436,6 +432,11 @@ impl DeepSeekV3 {
     /// The MoE layers in the order `ForwardOutput::expert_load` reports them.
     pub fn moe_layers(&self) -> Vec<&crate::moe::DeepSeekMoE> {
         self.layers.iter().chain(self.mtp.iter().map(|m| &m.block)).filter_map(|l| l.moe()).collect()
+    }
+
+    /// [`DeepSeekV3::moe_layers`], to change.
+    pub fn moe_layers_mut(&mut self) -> impl Iterator<Item = &mut crate::moe::DeepSeekMoE> {
+        self.layers.iter_mut().chain(self.mtp.iter_mut().map(|m| &mut m.block)).filter_map(DecoderLayer::moe_mut)
     }
 
     /// The auxiliary-loss-free update after an optimizer step (spec 2.3): each MoE layer's bias

@@ -214,21 +214,36 @@ pub enum Wire {
     Fp8,
 }
 
+/// How a [`Wire`] lays out rows of a dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Packing {
+    F32,
+    /// bf16 values are f32s whose low 16 bits are zero: two fit in a word.
+    Bf16,
+    /// E4M3 codes, four to a word, then each 1x128 tile's power-of-two scale.
+    Fp8,
+}
+
 impl Wire {
+    fn packing(self, dtype: DType) -> Packing {
+        match self {
+            Wire::Plain if dtype == DType::BF16 => Packing::Bf16,
+            Wire::Plain => Packing::F32,
+            Wire::Fp8 => Packing::Fp8,
+        }
+    }
+
     /// The f32 words one row of `cols` values of `dtype` takes.
     pub fn words_per_row(self, cols: usize, dtype: DType) -> usize {
-        match self {
-            Wire::Plain if dtype == DType::BF16 => cols.div_ceil(2),
-            Wire::Plain => cols,
-            Wire::Fp8 => cols.div_ceil(4) + cols.div_ceil(BLOCK),
+        match self.packing(dtype) {
+            Packing::F32 => cols,
+            Packing::Bf16 => cols.div_ceil(2),
+            Packing::Fp8 => cols.div_ceil(4) + cols.div_ceil(BLOCK),
         }
     }
 
     /// `rows` (`n` rows of `cols` values of `dtype`, row-major) on this wire.
     fn encode(self, rows: &[f32], cols: usize, dtype: DType) -> Result<Vec<f32>> {
-        if rows.is_empty() || (self == Wire::Plain && dtype != DType::BF16) {
-            return Ok(rows.to_vec());
-        }
         let off_grid = |i: usize, grid: &str| {
             Error::Train(format!(
                 "{self:?} wire: row {} column {} holds {}, which is not on the {grid}",
@@ -237,27 +252,33 @@ impl Wire {
                 rows[i]
             ))
         };
-        if self == Wire::Plain {
-            // bf16 values are f32s whose low 16 bits are zero: two fit in a word.
-            if let Some(i) = rows.iter().position(|v| v.to_bits() & 0xFFFF != 0) {
-                return Err(off_grid(i, "bf16 grid"));
+        match self.packing(dtype) {
+            _ if rows.is_empty() => Ok(Vec::new()),
+            Packing::F32 => Ok(rows.to_vec()),
+            Packing::Bf16 => {
+                if let Some(i) = rows.iter().position(|v| v.to_bits() & 0xFFFF != 0) {
+                    return Err(off_grid(i, "bf16 grid"));
+                }
+                let halves: Vec<u8> = rows.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+                Ok(pack(&halves, 2 * cols, |_| Vec::new()))
             }
-            let halves: Vec<u8> = rows.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
-            return Ok(pack(&halves, 2 * cols, |_| Vec::new()));
+            Packing::Fp8 => {
+                // The least amax floor: a rounded value re-encodes exactly whatever floor rounded it.
+                let q = fp8_comm_quantize(rows, cols, GRADIENT_MIN_AMAX);
+                let same = |(a, b): (&f32, &f32)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+                if let Some(i) = q.dequantize().iter().zip(rows).position(|p| !same(p)) {
+                    return Err(off_grid(i, "E4M3 grid of its tile (send values rounded by fp8_comm_round)"));
+                }
+                let tiles = cols.div_ceil(BLOCK);
+                Ok(pack(&q.codes, cols, |r| q.scales[r * tiles..(r + 1) * tiles].to_vec()))
+            }
         }
-        // The least amax floor: a rounded value re-encodes exactly whatever floor rounded it.
-        let q = fp8_comm_quantize(rows, cols, GRADIENT_MIN_AMAX);
-        let same = |(a, b): (&f32, &f32)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
-        if let Some(i) = q.dequantize().iter().zip(rows).position(|p| !same(p)) {
-            return Err(off_grid(i, "E4M3 grid of its tile (send values rounded by fp8_comm_round)"));
-        }
-        let tiles = cols.div_ceil(BLOCK);
-        Ok(pack(&q.codes, cols, |r| q.scales[r * tiles..(r + 1) * tiles].to_vec()))
     }
 
     /// The rows of `words` (received on this wire, values of `dtype`) as f32 values.
     fn decode(self, words: &[f32], cols: usize, dtype: DType) -> Result<Vec<f32>> {
-        if words.is_empty() || (self == Wire::Plain && dtype != DType::BF16) {
+        let packing = self.packing(dtype);
+        if words.is_empty() || packing == Packing::F32 {
             return Ok(words.to_vec());
         }
         let per_row = self.words_per_row(cols, dtype);
@@ -268,11 +289,10 @@ impl Wire {
             )));
         }
         let n = words.len() / per_row;
-        let packed = cols.div_ceil(if self == Wire::Plain { 2 } else { 4 });
-        let bytes = |row: &[f32]| -> Vec<u8> {
-            row[..packed].iter().flat_map(|w| w.to_bits().to_le_bytes()).collect::<Vec<u8>>()
-        };
-        if self == Wire::Plain {
+        // The row's packed bytes (its first `packed` words), then what follows them.
+        let packed = if packing == Packing::Bf16 { cols.div_ceil(2) } else { cols.div_ceil(4) };
+        let bytes = |row: &[f32]| -> Vec<u8> { row[..packed].iter().flat_map(|w| w.to_bits().to_le_bytes()).collect() };
+        if packing == Packing::Bf16 {
             let mut out = Vec::with_capacity(n * cols);
             for row in words.chunks(per_row) {
                 let halves = bytes(row);

@@ -31,16 +31,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use whale_model::block::FeedForward;
-use whale_model::moe::{DeepSeekMoE, ExpertDispatch};
-use whale_model::{DeepSeekV3, DeepSeekV3Config};
+use whale_model::moe::ExpertDispatch;
+use whale_model::DeepSeekV3Config;
 
 use crate::comm::Comm;
 use crate::data_parallel::{DataParallelConfig, DataParallelTrainer, ShardedData, StepShape};
 use crate::expert_parallel::{EpComms, ExpertParallel};
 use crate::pipeline::{Execution, MicroBatch, Pipeline, StagePlan};
 use crate::schedule::{Method, Schedule};
-use crate::trainer::{DataSource, StepMetrics, Trainer};
+use crate::trainer::{DataSource, StepMetrics, TrainConfig, Trainer};
 use crate::{Error, Result};
 
 /// How a world of ranks is laid out: data-parallel replicas, expert-parallel groups among them,
@@ -135,6 +134,27 @@ impl Mesh {
         let schedule = Schedule::new(self.schedule, self.pp, micro).map_err(|e| bad(e.to_string()))?;
         Ok((schedule, plan))
     }
+
+    /// [`Mesh::plan`] for every count of micro-batches a step of `train` may take (its
+    /// `grad_accum`, or a batch ramp's counts): a schedule per count, and the stage plan. An error
+    /// names the ramp's step the schedule cannot run.
+    pub fn plan_steps(
+        &self,
+        model: &DeepSeekV3Config,
+        train: &TrainConfig,
+    ) -> Result<(BTreeMap<usize, Schedule>, StagePlan)> {
+        let mut schedules = BTreeMap::new();
+        let mut plan = None;
+        for micro in train.micro_batch_counts() {
+            let (schedule, stages) = self.plan(model, micro).map_err(|e| match &train.batch_ramp {
+                Some(ramp) => Error::Train(format!("{e} (a step of the batch ramp {ramp:?} takes {micro})")),
+                None => e,
+            })?;
+            schedules.insert(micro, schedule);
+            plan = Some(stages);
+        }
+        Ok((schedules, plan.expect("a run takes at least grad_accum micro-batches")))
+    }
 }
 
 /// What a sharded mesh adds to data parallelism on one rank.
@@ -175,18 +195,7 @@ impl<'c> ParallelTrainer<'c> {
     /// sharded mesh the gradients are summed after the pipeline's last op (no overlap), and with
     /// `zero1` the AdamW state is sharded over the whole world.
     pub fn new(mut trainer: Trainer, comm: &'c dyn Comm, mesh: Mesh, dp_config: DataParallelConfig) -> Result<Self> {
-        let mut schedules = BTreeMap::new();
-        let mut plan = None;
-        for micro in trainer.config.micro_batch_counts() {
-            let (schedule, stages) =
-                mesh.plan(&trainer.model.config, micro).map_err(|e| match &trainer.config.batch_ramp {
-                    Some(ramp) => Error::Train(format!("{e} (a step of the batch ramp {ramp:?} takes {micro})")),
-                    None => e,
-                })?;
-            schedules.insert(micro, schedule);
-            plan = Some(stages);
-        }
-        let plan = plan.expect("at least grad_accum");
+        let (schedules, plan) = mesh.plan_steps(&trainer.model.config, &trainer.config)?;
         if comm.world_size() != mesh.world_size() {
             return Err(Error::Train(format!(
                 "parallel layout {mesh} needs {} ranks, the communicator has {}",
@@ -201,7 +210,7 @@ impl<'c> ParallelTrainer<'c> {
             if mesh.ep > 1 {
                 let group = stage * (mesh.dp / mesh.ep) + replica / mesh.ep;
                 let ep_comms = EpComms::new(Arc::from(comm.split(group, replica % mesh.ep)?))?;
-                for moe in moe_layers_mut(&mut trainer.model) {
+                for moe in trainer.model.moe_layers_mut() {
                     experts.push(ExpertParallel::install(&ep_comms, mesh.ep / mesh.ep_nodes, moe)?);
                 }
             }
@@ -297,16 +306,8 @@ impl<'c> ParallelTrainer<'c> {
         if stages.experts.is_empty() {
             return;
         }
-        for (moe, ep) in moe_layers_mut(&mut self.dp.trainer.model).zip(&stages.experts) {
+        for (moe, ep) in self.dp.trainer.model.moe_layers_mut().zip(&stages.experts) {
             moe.dispatch = on.then(|| ep.clone() as Arc<dyn ExpertDispatch>);
         }
     }
-}
-
-/// The MoE layers of `model` in the order its expert loads are reported (trunk, then MTP).
-fn moe_layers_mut(model: &mut DeepSeekV3) -> impl Iterator<Item = &mut DeepSeekMoE> {
-    model.layers.iter_mut().chain(model.mtp.iter_mut().map(|m| &mut m.block)).filter_map(|l| match &mut l.mlp {
-        FeedForward::Moe(m) => Some(m),
-        FeedForward::Dense(_) => None,
-    })
 }

@@ -767,14 +767,15 @@ impl Trainer {
             t.ema = Some(ema);
         }
         t.step = step;
-        // (A checkpoint written before the streak was saved has none.)
-        t.skipped_in_a_row = state.get("skipped_in_a_row").map_or(Ok(0), |v| {
-            v.as_u64().ok_or_else(|| Error::file(&path, format!("`skipped_in_a_row` {v} is not a count")))
-        })?;
-        // (A checkpoint written before the count was saved has no batch ramp to place.)
-        t.consumed = state.get("consumed_sequences").map_or(Ok(0), |v| {
-            v.as_u64().ok_or_else(|| Error::file(&path, format!("`consumed_sequences` {v} is not a count")))
-        })?;
+        // A count a checkpoint written before it was saved lacks is 0: no streak of skipped
+        // steps, no batch ramp to place.
+        let count = |key: &str| {
+            state
+                .get(key)
+                .map_or(Ok(0), |v| v.as_u64().ok_or_else(|| Error::file(&path, format!("`{key}` {v} is not a count"))))
+        };
+        t.skipped_in_a_row = count("skipped_in_a_row")?;
+        t.consumed = count("consumed_sequences")?;
         if let Some(m) = metrics {
             truncate_metrics(m, step)?;
             t.log_metrics_to(m)?;

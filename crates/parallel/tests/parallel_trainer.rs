@@ -91,19 +91,20 @@ fn reference() -> &'static (Outcome, (usize, f32)) {
 }
 
 fn run(mesh: Mesh, dp: DataParallelConfig) -> Vec<Outcome> {
-    run_recomputing(mesh, dp, Recompute::default())
+    run_with(mesh, dp, STEPS, |_| {})
 }
 
-/// [`run`], recomputing `recompute`'s sublayers in the backward.
-fn run_recomputing(mesh: Mesh, dp: DataParallelConfig, recompute: Recompute) -> Vec<Outcome> {
+/// `steps` steps on `mesh`, each rank's trainer [`trainer`]'s on its shard, then changed by
+/// `setup`.
+fn run_with(mesh: Mesh, dp: DataParallelConfig, steps: u64, setup: impl Fn(&mut Trainer) + Sync) -> Vec<Outcome> {
     LocalComm::run(mesh.world_size(), |comm| {
         let data = Box::new(mesh.shard(comm.rank(), walk()));
         let mut t = trainer(GLOBAL_MICRO / mesh.dp, data);
-        t.set_recompute(recompute);
+        setup(&mut t);
         let mut t = ParallelTrainer::new(t, comm, mesh, dp.clone()).unwrap();
         let mut metrics = vec![t.train_step().unwrap()];
         let first = first_moments(t.trainer());
-        metrics.extend((1..STEPS).map(|_| t.train_step().unwrap()));
+        metrics.extend((1..steps).map(|_| t.train_step().unwrap()));
         let max_nodes = t.max_nodes_per_token();
         Outcome { max_nodes, ..outcome(&t.into_trainer().unwrap(), metrics, first) }
     })
@@ -213,7 +214,7 @@ fn meshes_of_every_kind_take_one_rank_steps() {
     for (ranks, schedule) in [(&dualpipe, Method::DualPipe), (&all, Method::Zb1p)] {
         let mesh = Mesh { dp: 2, ep: 2, pp: 2, schedule, ep_nodes: 1 };
         let before = recomputations();
-        let recomputed = run_recomputing(mesh, DataParallelConfig::default(), recompute);
+        let recomputed = run_with(mesh, DataParallelConfig::default(), STEPS, |t| t.set_recompute(recompute));
         // Every rank's attention and expert regions (2 ranks x 2 stages x 8 micro-batches at least).
         assert!(recomputations() - before >= 32, "{mesh}: the regions were not rerun");
         for (rank, plain) in recomputed.iter().zip(ranks) {
@@ -348,24 +349,17 @@ fn an_fp8_dispatch_under_expert_parallelism_takes_one_ranks_fp8_dispatch_step() 
     // of 1/16) may round the other way, which a later step's loss and norm then show (measured:
     // the second step's gradient norm 6e-5 apart). The first step's tokens are the same bits on
     // both, so its gradients and losses agree as the plain mesh's do.
-    let config = TrainConfig { fp8_dispatch: true, steps: STEPS, ..trainer(1, walk()).config };
-    let fp8 = |grad_accum: usize, data: Box<dyn DataSource>| {
-        let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap();
-        Trainer::new(model, TrainConfig { grad_accum, ..config.clone() }, data).unwrap()
-    };
-    let mut t = fp8(GLOBAL_MICRO, walk());
+    let config = TrainConfig { fp8_dispatch: true, ..trainer(GLOBAL_MICRO, walk()).config };
+    let mut t = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), config, walk()).unwrap();
     assert!(t.model.fp8_dispatch(), "the trainer's switch reaches the model");
     let metrics = vec![t.train_step().unwrap()];
     let single = outcome(&t, metrics, first_moments(&t));
     assert_ne!(single.metrics[0].loss, reference().0.metrics[0].loss, "FP8 rounding changes the loss");
 
     let mesh = Mesh { dp: 2, ep: 2, ..Mesh::default() };
-    let ranks = LocalComm::run(mesh.world_size(), |comm| {
-        let t = fp8(GLOBAL_MICRO / mesh.dp, Box::new(mesh.shard(comm.rank(), walk())));
-        let mut t = ParallelTrainer::new(t, comm, mesh, DataParallelConfig::default()).unwrap();
-        let metrics = vec![t.train_step().unwrap()];
-        let first = first_moments(t.trainer());
-        outcome(&t.into_trainer().unwrap(), metrics, first)
+    let ranks = run_with(mesh, DataParallelConfig::default(), 1, |t| {
+        t.config.fp8_dispatch = true;
+        t.model.set_fp8_dispatch(true);
     });
     assert_same_steps(&ranks[0], &single, "dp 2 x ep 2, FP8 dispatch");
 }
@@ -398,14 +392,9 @@ fn a_batch_ramp_on_a_mesh_takes_one_ranks_growing_steps() {
         (dualpipe, two, 6, [8, 12, 12]),
     ];
     for (mesh, ramp, grad_accum, global) in cases {
-        let ranks = LocalComm::run(mesh.world_size(), |comm| {
-            let mut t = trainer(grad_accum, Box::new(mesh.shard(comm.rank(), walk())));
+        let ranks = run_with(mesh, DataParallelConfig::default(), STEPS, |t| {
+            t.config.grad_accum = grad_accum;
             t.config.batch_ramp = Some(ramp);
-            let mut t = ParallelTrainer::new(t, comm, mesh, DataParallelConfig::default()).unwrap();
-            let mut metrics = vec![t.train_step().unwrap()];
-            let first = first_moments(t.trainer());
-            metrics.extend((1..STEPS).map(|_| t.train_step().unwrap()));
-            outcome(&t.into_trainer().unwrap(), metrics, first)
         });
         let tokens: Vec<usize> = ranks[0].metrics.iter().map(|m| m.tokens).collect();
         let counts: Vec<usize> = tokens.iter().map(|&x| x * global[0] / tokens[0]).collect();

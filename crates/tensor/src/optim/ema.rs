@@ -42,8 +42,7 @@ impl std::fmt::Debug for Ema {
 impl Ema {
     /// An average that starts at `params`' values. `decay` must lie in (0, 1).
     pub fn new(decay: f64, params: &ParamStore) -> Result<Ema> {
-        let values = params.iter().map(|(_, p)| p.to_vec_f32()).collect::<Result<Vec<_>>>()?;
-        Self::start(decay, params, values)
+        Self::start(decay, params, values_of(params)?)
     }
 
     /// An average restored from the tensors [`Ema::average`] gave (a checkpoint's), one per
@@ -94,8 +93,7 @@ impl Ema {
         if params.len() != self.shapes.len() || !params.iter().zip(&self.shapes).all(same) {
             return Err(Error::Params("EMA: the parameters are not the ones the average started from".into()));
         }
-        let values = params.iter().map(|(_, p)| p.to_vec_f32()).collect::<Result<Vec<_>>>()?;
-        self.send(Job::Blend(values))
+        self.send(Job::Blend(values_of(params)?))
     }
 
     /// The average (f32 host tensors by parameter name), once every blend sent so far is done.
@@ -124,6 +122,11 @@ impl Drop for Ema {
             let _ = w.join();
         }
     }
+}
+
+/// Every parameter's values on the host, in the store's order.
+fn values_of(params: &ParamStore) -> Result<Vec<Vec<f32>>> {
+    params.iter().map(|(_, p)| p.to_vec_f32()).collect()
 }
 
 /// The averaging thread: blends what arrives, in order, until the sender goes.
