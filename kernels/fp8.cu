@@ -1,5 +1,6 @@
 // FP8 quantisation (spec deepseek-v3.md section 4): 1x128 activation tiles and 128x128 weight
-// blocks to E4M3 with f32 scales, and dequantisation of either tiling (E4M3 or E5M2 codes).
+// blocks to E4M3 with f32 or power-of-two scales, and dequantisation of either tiling (E4M3 or
+// E5M2 codes).
 // CPU twins: whale_kernels::cpu::fp8::Fp8Blocks::quantize and ::dequantize. The conversions use
 // CUDA's own FP8 intrinsics (an independent implementation of the formats: round to nearest even,
 // saturating to 448).
@@ -10,12 +11,28 @@
 
 // Each quantiser scales a tile for max(amax, min_amax): 1e-4 for activations and weights (the
 // reference's clamp, MIN_AMAX), the least that keeps the scale a normal f32 for output gradients
-// (GRADIENT_MIN_AMAX), so that only an all-zero tile is guarded there.
+// (GRADIENT_MIN_AMAX), so that only an all-zero tile is guarded there. With pow2 set the scale is
+// then rounded up to a power of two (UE8M0 scales: DeepSeek-V3.1's `scale_fmt`, and V3's FP8
+// dispatch).
 
-// One block per 1x128 tile of a row-major [rows, cols] matrix: scale = max(amax, min_amax) /
-// 448, codes = x / scale as E4M3 (saturating). scales: [rows, ceil(cols / 128)].
+// The least power of two at or above s (positive; the floors keep it a normal f32), its exponent
+// read from the bits as the reference's fast_log2_ceil reads it. Twin: cpu::fp8::pow2_ceil.
+__device__ __forceinline__ float pow2_ceil(float s) {
+    unsigned bits = __float_as_uint(s);
+    int exponent = (int)((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0);
+    return __uint_as_float((unsigned)(exponent + 127) << 23);
+}
+
+// A tile's scale for its amax.
+__device__ __forceinline__ float tile_scale(float amax, float min_amax, int pow2) {
+    float scale = fmaxf(amax, min_amax) / 448.0f;
+    return pow2 ? pow2_ceil(scale) : scale;
+}
+
+// One block per 1x128 tile of a row-major [rows, cols] matrix: scale = tile_scale(amax),
+// codes = x / scale as E4M3 (saturating). scales: [rows, ceil(cols / 128)].
 extern "C" __global__ void fp8_quantize_1x128(
-    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols, float min_amax) {
+    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols, float min_amax, int pow2) {
     __shared__ float amax[BLOCK];
     unsigned tiles = (cols + BLOCK - 1) / BLOCK;
     unsigned row = blockIdx.x / tiles, tile = blockIdx.x % tiles;
@@ -27,7 +44,7 @@ extern "C" __global__ void fp8_quantize_1x128(
         if (threadIdx.x < s) amax[threadIdx.x] = fmaxf(amax[threadIdx.x], amax[threadIdx.x + s]);
         __syncthreads();
     }
-    float scale = fmaxf(amax[0], min_amax) / 448.0f;
+    float scale = tile_scale(amax[0], min_amax, pow2);
     if (row < rows && col < cols) {
         codes[(size_t)row * cols + col] = (unsigned char)__nv_cvt_float_to_fp8(v / scale, __NV_SATFINITE, __NV_E4M3);
     }
@@ -41,7 +58,8 @@ extern "C" __global__ void fp8_quantize_1x128(
 // [cols, ceil(rows / 128)]: exactly fp8_quantize_1x128 of the transpose (the Wgrad GEMM's
 // operands, tiled along the tokens). Grid (ceil(rows / 128), ceil(cols / 32)), 256 threads.
 extern "C" __global__ void fp8_quantize_1x128_transposed(
-    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols, unsigned ld, float min_amax) {
+    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols, unsigned ld, float min_amax,
+    int pow2) {
     __shared__ float tile[BLOCK][33];
     __shared__ float warp_max[8][32];
     __shared__ float scale[32];
@@ -60,7 +78,7 @@ extern "C" __global__ void fp8_quantize_1x128_transposed(
     if (threadIdx.x < 32) {
         float amax = 0.0f;
         for (unsigned w = 0; w < 8; ++w) amax = fmaxf(amax, warp_max[w][threadIdx.x]);
-        float s = fmaxf(amax, min_amax) / 448.0f;
+        float s = tile_scale(amax, min_amax, pow2);
         scale[threadIdx.x] = s;
         if (c0 + threadIdx.x < cols) scales[(size_t)(c0 + threadIdx.x) * tiles + blockIdx.x] = s;
     }
@@ -78,10 +96,10 @@ extern "C" __global__ void fp8_quantize_1x128_transposed(
 
 // One block of BLOCK_THREADS threads per 128x128 block of a row-major [rows, cols] matrix (the
 // bottom and right blocks may be partial: their amax covers only the elements that exist, which
-// equals zero-padding them). scale = max(amax, min_amax) / 448, codes = x / scale as E4M3
-// (saturating). scales: [ceil(rows / 128), ceil(cols / 128)], row-major.
+// equals zero-padding them). scale = tile_scale(amax), codes = x / scale as E4M3 (saturating).
+// scales: [ceil(rows / 128), ceil(cols / 128)], row-major.
 extern "C" __global__ void fp8_quantize_128x128(
-    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols, float min_amax) {
+    const float* x, unsigned char* codes, float* scales, unsigned rows, unsigned cols, float min_amax, int pow2) {
     __shared__ float amax[BLOCK_THREADS];
     unsigned grid_cols = (cols + BLOCK - 1) / BLOCK;
     unsigned bi = blockIdx.x / grid_cols, bj = blockIdx.x % grid_cols;
@@ -97,7 +115,7 @@ extern "C" __global__ void fp8_quantize_128x128(
         if (threadIdx.x < s) amax[threadIdx.x] = fmaxf(amax[threadIdx.x], amax[threadIdx.x + s]);
         __syncthreads();
     }
-    float scale = fmaxf(amax[0], min_amax) / 448.0f;
+    float scale = tile_scale(amax[0], min_amax, pow2);
     if (col < cols) {
         for (unsigned r = r0; r < r1; r += step) {
             size_t i = (size_t)r * cols + col;

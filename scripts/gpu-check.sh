@@ -259,17 +259,19 @@ tee_pid=$!
     wanted steps && bench steps linear,train_step,opt_in_step,train_step_cpu,grpo_step 120
 
     if wanted cli; then
-        echo "## whale pretrain (tiny preset, 30 steps: fp32, bf16, fp8 + bf16 moments on the GPU, fp32 on the CPU), generate, r1-zero"
+        echo "## whale pretrain (tiny preset, 30 steps: fp32, bf16, fp8 + bf16 moments, the same + --fp8-dispatch on the GPU, fp32 on the CPU), generate, r1-zero"
         echo
         echo '```'
-        # `pretrain_run DEVICE PRECISION`
+        # `pretrain_run DEVICE PRECISION [FLAG...]`
         pretrain_run() {
             local dev=$1 precision=$2 name="$1-$2" moments=fp32
+            shift 2
+            [ $# -gt 0 ] && name="$name$(echo "$@" | tr -d ' ' | tr -s '-' '-')"
             # The FP8 run takes DeepSeek-V3's whole recipe: bf16 AdamW moments too.
             [ "$precision" = fp8 ] && moments=bf16
             rm -rf "/tmp/gpu-check-$name"
             limited 60 "$bins/whale-cli" pretrain --device "$dev" --precision "$precision" --moments "$moments" \
-                --out "/tmp/gpu-check-$name" --steps 30 --eval-problems 16 --k 2 >"$logs/pretrain-$name.log" 2>&1
+                --out "/tmp/gpu-check-$name" --steps 30 --eval-problems 16 --k 2 "$@" >"$logs/pretrain-$name.log" 2>&1
             local rc=$?
             echo "$name: exit status $rc (at ${SECONDS} s); $(grep -E 'trained in|^\| base|not run' "$logs/pretrain-$name.log" | tr '\n' ' ')"
             echo "$name: last step $(tail -1 "/tmp/gpu-check-$name/metrics.jsonl" 2>/dev/null)"
@@ -340,6 +342,7 @@ PY
         echo
         pretrain_run cuda bf16
         pretrain_run cuda fp8
+        pretrain_run cuda fp8 --fp8-dispatch
         echo '```'
         echo
         pack_logs

@@ -425,6 +425,16 @@ inline float atomicAdd(float* p, float v) {
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline unsigned __float_as_uint(float v) {
+    unsigned bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    return bits;
+}
+inline float __uint_as_float(unsigned bits) {
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+}
 
 // The value `v` of lane (this lane ^ lane_mask); every lane of the warp takes part.
 inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {

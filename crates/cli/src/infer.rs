@@ -8,12 +8,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use whale_rl::parallel::model::checkpoint::{self, write_dir_atomically, SaveDType};
+use whale_rl::parallel::model::checkpoint::{write_dir_atomically, SaveDType};
 use whale_rl::parallel::model::config::DeepSeekV3Config;
 use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_rl::parallel::model::lm::{model_type, MODEL_TYPES};
 use whale_rl::parallel::model::mla::mha_cache_elements;
-use whale_rl::parallel::model::tensor::fp8::ScaleFormat;
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::tokenizer_for;
 use whale_rl::parallel::model::{load_pretrained, moved_to, CausalLm, DeepSeekV3, DenseConfig};
@@ -69,15 +68,6 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let device = crate::device::open(&a.device)?;
     let loading = || format!("loading {}", a.checkpoint.display());
     let model: Box<dyn CausalLm> = if a.fp8 {
-        // Refused before the weights load: the GPU's FP8 kernels take f32 activation scales.
-        if device.is_cuda() && checkpoint::fp8_activation_scales(&a.checkpoint)? == ScaleFormat::Ue8m0 {
-            bail!(
-                "--fp8 --device {}: {} quantizes activations with UE8M0 scales (scale_fmt, DeepSeek-V3.1's), which the \
-                 GPU kernels do not take (f32 scales); run it there without --fp8 (dequantised), or with --fp8 on the CPU",
-                a.device,
-                a.checkpoint.display()
-            );
-        }
         Box::new(DeepSeekV3::from_pretrained_fp8(&a.checkpoint).with_context(loading)?)
     } else {
         load_pretrained(&a.checkpoint).with_context(loading)?

@@ -237,8 +237,8 @@ impl DeepSeekV3 {
     /// Loads a DeepSeek-V3 FP8 release keeping its FP8 weights (codes and `weight_scale_inv`) for
     /// FP8 inference; saving writes them back unchanged. A checkpoint without FP8 weights is an
     /// error: it would run no FP8 GEMM. Activations are quantized as its config's `scale_fmt`
-    /// says: f32 scales (V3), or UE8M0 power-of-two ones (V3.1; the FP8 recipe then holds them,
-    /// CPU only, as the GPU kernels take f32 scales).
+    /// says: f32 scales (V3), or UE8M0 power-of-two ones (V3.1; the FP8 recipe then holds them),
+    /// on the CPU and on a GPU alike.
     pub fn from_pretrained_fp8(dir: &Path) -> Result<Self> {
         let config = DeepSeekV3Config::from_file(&dir.join("config.json"))?;
         let activation_scales = checkpoint::fp8_activation_scales(dir)?;

@@ -42,14 +42,18 @@ fn tiny_deepseek_v3_trains_the_same_on_a_gpu() {
 
 #[test]
 fn tiny_deepseek_v3_trains_in_bf16_and_with_fp8_gemms_on_a_gpu_as_on_the_cpu() {
+    // With the FP8 dispatch too: its rounding and the experts' UE8M0 input tiles on the GPU.
     let Some(device) = gpu("tiny_deepseek_v3_trains_in_bf16_and_with_fp8_gemms_on_a_gpu_as_on_the_cpu") else { return };
     let cfg = DeepSeekV3Config::tiny();
-    for (what, fp8) in [("bf16", false), ("fp8 (bf16 activations)", true)] {
+    let cases =
+        [("bf16", false, false), ("fp8 (bf16 activations)", true, false), ("fp8 and the FP8 dispatch", true, true)];
+    for (what, fp8, dispatch) in cases {
         let mut cpu = DeepSeekV3::new(cfg.clone(), 12).unwrap();
         let mut gpu = cpu.to_device(&device).unwrap();
         for m in [&mut cpu, &mut gpu] {
             m.compute_dtype = DType::BF16;
             m.set_fp8(fp8.then_some(Fp8Recipe::F32_ACCUMULATION));
+            m.set_fp8_dispatch(dispatch);
         }
         // Every op rounds its result to bf16 on both devices; where the devices' f32 values
         // differ in their last bits, a rounding lands one bf16 step (2^-8) apart, and FP8 codes

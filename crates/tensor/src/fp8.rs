@@ -86,16 +86,15 @@ impl Tensor {
         }
         if self.device().is_cuda() {
             let fits = matches!(block, (1, BLOCK) | (BLOCK, BLOCK));
-            if !fits || format != Fp8Format::E4M3 || scale_format != ScaleFormat::F32 {
+            if !fits || format != Fp8Format::E4M3 {
                 return Err(Error::invalid(
                     "quantize_fp8",
                     format!(
-                        "on a GPU: E4M3 with f32 scales in 1x128 or 128x128 blocks (the recipe's), got {format:?} \
-                         with {scale_format:?} scales in {block:?} blocks"
+                        "on a GPU: E4M3 in 1x128 or 128x128 blocks (the recipe's), got {format:?} in {block:?} blocks"
                     ),
                 ));
             }
-            return crate::cuda::fp8::quantize(self, block.0);
+            return crate::cuda::fp8::quantize(self, block.0, scale_format);
         }
         let q = Fp8Blocks::quantize(&self.f32_data()?, rows, cols, block, format, scale_format);
         let grid = [rows.div_ceil(block.0), cols.div_ceil(block.1)];
@@ -141,7 +140,8 @@ impl Tensor {
             }
             check_linear_input(self, k, n)?;
             check_gpu_recipe(recipe)?;
-            return crate::cuda::fp8::linear(self, Fp8Weight::Master(weight), (n, k));
+            let scales = (recipe.scale_format, recipe.input_scales);
+            return crate::cuda::fp8::linear(self, Fp8Weight::Master(weight), (n, k), scales);
         }
         let wq = Fp8Blocks::quantize(&weight.f32_data()?, n, k, (BLOCK, BLOCK), recipe.format, recipe.scale_format);
         self.fp8_linear_with(Arc::new(wq), Some(weight), recipe)
@@ -159,7 +159,9 @@ impl Tensor {
             if codes.device().is_cuda() && (codes.device() != self.device() || scale_inv.device() != self.device()) {
                 return Err(Error::DeviceMismatch { op: "fp8_linear", lhs: self.device(), rhs: codes.device() });
             }
-            return crate::cuda::fp8::linear(self, Fp8Weight::Stored { codes, scales: scale_inv }, (n, k));
+            let (weight, scales) =
+                (Fp8Weight::Stored { codes, scales: scale_inv }, (recipe.scale_format, recipe.input_scales));
+            return crate::cuda::fp8::linear(self, weight, (n, k), scales);
         }
         let wq = Self::fp8_blocks(codes, scale_inv, (BLOCK, BLOCK))?;
         self.fp8_linear_with(Arc::new(wq), None, recipe)
@@ -216,31 +218,36 @@ impl Tensor {
 impl Tensor {
     /// The values as they arrive from an FP8 dispatch ([`fp8_comm_quantize`] with the
     /// activations' amax floor, 1e-4, and back). The gradient goes straight through (the
-    /// dispatch's backward, a combine, stays in high precision). CPU only.
+    /// dispatch's backward, a combine, stays in high precision).
     pub fn fp8_comm_round(&self) -> Result<Tensor> {
-        let cols = check_comm_rows("fp8_comm_round", self)?;
-        let values = fp8_comm_quantize(&self.f32_data()?, cols, MIN_AMAX).dequantize();
+        let values = comm_rounded("fp8_comm_round", self, MIN_AMAX)?;
         let back = backward_fn("fp8_comm_round", |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
             Ok(vec![grad_if(needs[0], || Ok(g.clone()))?])
         });
-        Ok(Tensor::from_op(values, self.dims(), self.dtype(), &[self], back))
+        Ok(Tensor::with_history(values.0.storage.clone(), values.0.layout.clone(), self.dtype(), &[self], back))
     }
 
     /// The values unchanged (no copy); in the backward their gradient is rounded as
     /// [`Tensor::fp8_comm_round`] rounds values, with output gradients' amax floor
     /// ([`GRADIENT_MIN_AMAX`]): the gradient an FP8 combine-backward delivers to the experts.
-    /// CPU only.
     pub fn fp8_comm_round_grad(&self) -> Result<Tensor> {
-        let cols = check_comm_rows("fp8_comm_round_grad", self)?;
+        check_comm_rows("fp8_comm_round_grad", self)?;
         let back = backward_fn("fp8_comm_round_grad", move |_: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
-            let rounded = || {
-                let values = fp8_comm_quantize(&g.f32_data()?, cols, GRADIENT_MIN_AMAX).dequantize();
-                Ok(plain(values, g.dims(), g.dtype()))
-            };
-            Ok(vec![grad_if(needs[0], rounded)?])
+            Ok(vec![grad_if(needs[0], || comm_rounded("fp8_comm_round_grad", g, GRADIENT_MIN_AMAX))?])
         });
         Ok(Tensor::with_history(self.0.storage.clone(), self.0.layout.clone(), self.dtype(), &[self], back))
     }
+}
+
+/// `x` through the FP8 wire ([`fp8_comm_quantize`] with `min_amax`) and back, on its device:
+/// the values, with no history.
+fn comm_rounded(op: &'static str, x: &Tensor, min_amax: f32) -> Result<Tensor> {
+    let cols = check_comm_rows(op, x)?;
+    if x.device().is_cuda() {
+        return crate::cuda::fp8::comm_round(x, cols, min_amax);
+    }
+    let values = fp8_comm_quantize(&x.f32_data()?, cols, min_amax).dequantize();
+    Ok(plain(values, x.dims(), x.dtype()))
 }
 
 /// The FP8 wire of DeepSeek-V3's low-precision communication: `x` (rows of `cols` values) as
@@ -254,9 +261,9 @@ pub fn fp8_comm_quantize(x: &[f32], cols: usize, min_amax: f32) -> Fp8Blocks {
     Fp8Blocks::quantize_with_min_amax(x, (rows, cols), (1, BLOCK), format, min_amax)
 }
 
-/// A CPU float tensor of rank >= 1, whose last dim the tiles run along: that dim.
+/// A float tensor of rank >= 1, whose last dim the tiles run along: that dim.
 fn check_comm_rows(op: &'static str, t: &Tensor) -> Result<usize> {
-    check_float(op, t)?;
+    check_float_any_device(op, t)?;
     let why = "needs a tensor of rank >= 1 (tiles run along the last dim)";
     t.dims().last().copied().ok_or_else(|| Error::invalid(op, why))
 }
@@ -269,10 +276,10 @@ fn check_linear_input(x: &Tensor, k: usize, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// The GPU's FP8 kernels read E4M3 codes with f32 scales, and accumulate on the tensor cores with
-/// promotion to f32 every 128 of K: the recipe's `Accumulation::F32`. The CPU's emulation of a
-/// limited accumulator has no GPU twin (the tensor cores are the real thing), so it is refused
-/// rather than silently not followed.
+/// The GPU's FP8 kernels read E4M3 codes (with f32 or power-of-two scales), and accumulate on the
+/// tensor cores with promotion to f32 every 128 of K: the recipe's `Accumulation::F32`. The CPU's
+/// emulation of a limited accumulator has no GPU twin (the tensor cores are the real thing), so
+/// it is refused rather than silently not followed.
 fn check_gpu_recipe(recipe: &Fp8Recipe) -> Result<()> {
     if recipe.accumulation != Accumulation::F32 {
         return Err(Error::invalid(
@@ -283,15 +290,10 @@ fn check_gpu_recipe(recipe: &Fp8Recipe) -> Result<()> {
             ),
         ));
     }
-    let scales = (recipe.scale_format, recipe.input_scales);
-    if recipe.format != Fp8Format::E4M3 || scales != (ScaleFormat::F32, ScaleFormat::F32) {
+    if recipe.format != Fp8Format::E4M3 {
         return Err(Error::invalid(
             "fp8_linear",
-            format!(
-                "on a GPU the recipe must be E4M3 with f32 scales (the kernels' formats), got {:?} with {:?} scales \
-                 (weights and gradients, inputs)",
-                recipe.format, scales
-            ),
+            format!("on a GPU the recipe must be E4M3 (the kernels' format), got {:?}", recipe.format),
         ));
     }
     Ok(())

@@ -500,6 +500,13 @@ fn fp8_linear_trains_on_the_gpu_as_on_the_cpu() {
     on_every_device_with("fp8 linear, stored weight", vec![x.clone()], close_to_largest, |v| {
         v[0].fp8_linear_quantized(&codes, &scales, &recipe)
     });
+    // Power-of-two scales: V3.1's (every operand) and those of experts reading an FP8 dispatch
+    // (their inputs only).
+    let ue8m0 = Fp8Recipe { scale_format: ScaleFormat::Ue8m0, input_scales: ScaleFormat::Ue8m0, ..recipe };
+    let dispatched = Fp8Recipe { input_scales: ScaleFormat::Ue8m0, ..recipe };
+    for (name, r) in [("fp8 linear, UE8M0 scales", ue8m0), ("fp8 linear, UE8M0 input scales", dispatched)] {
+        on_every_device_with(name, vec![x.clone(), w.clone()], close_to_largest, |v| v[0].fp8_linear(&v[1], &r));
+    }
     if !cuda_available() {
         return;
     }
@@ -539,16 +546,17 @@ fn fp8_quantisation_on_the_gpu_gives_the_cpus_codes() {
     }
     let gpu = Device::cuda(0).unwrap();
     let x = randn(&[130, 300], 52);
-    for block in [(1, 128), (128, 128)] {
-        let (codes, scales) = x.quantize_fp8(block, Fp8Format::E4M3, ScaleFormat::F32).unwrap();
-        let (gc, gs) = x.to_device(&gpu).unwrap().quantize_fp8(block, Fp8Format::E4M3, ScaleFormat::F32).unwrap();
+    for (block, sf) in [(1, 128), (128, 128)].into_iter().flat_map(|b| [(b, ScaleFormat::F32), (b, ScaleFormat::Ue8m0)])
+    {
+        let (codes, scales) = x.quantize_fp8(block, Fp8Format::E4M3, sf).unwrap();
+        let (gc, gs) = x.to_device(&gpu).unwrap().quantize_fp8(block, Fp8Format::E4M3, sf).unwrap();
         assert_eq!((gc.device(), gc.dtype()), (gpu, DType::F8E4M3));
-        assert_eq!(gc.fp8_codes().unwrap(), codes.fp8_codes().unwrap(), "{block:?} codes");
-        assert_eq!(gs.to_vec_f32().unwrap(), scales.to_vec_f32().unwrap(), "{block:?} scales");
+        assert_eq!(gc.fp8_codes().unwrap(), codes.fp8_codes().unwrap(), "{block:?} codes, {sf:?} scales");
+        assert_eq!(gs.to_vec_f32().unwrap(), scales.to_vec_f32().unwrap(), "{block:?} {sf:?} scales");
         let back = Tensor::dequantize_fp8(&gc, &gs, block).unwrap();
         assert_eq!(back.device(), gpu);
         let want = Tensor::dequantize_fp8(&codes, &scales, block).unwrap();
-        assert_eq!(back.to_vec_f32().unwrap(), want.to_vec_f32().unwrap(), "{block:?} dequantised");
+        assert_eq!(back.to_vec_f32().unwrap(), want.to_vec_f32().unwrap(), "{block:?} {sf:?} dequantised");
         assert_eq!(gc.to_device(&Device::Cpu).unwrap().fp8_codes().unwrap(), codes.fp8_codes().unwrap());
         let copy = gc.deep_clone().unwrap();
         assert_eq!((copy.device(), copy.fp8_codes().unwrap()), (gpu, codes.fp8_codes().unwrap()), "a deep clone");
@@ -558,6 +566,25 @@ fn fp8_quantisation_on_the_gpu_gives_the_cpus_codes() {
     let (gc, _) = x.to_device(&gpu).unwrap().quantize_fp8((1, 128), Fp8Format::E4M3, ScaleFormat::F32).unwrap();
     let err = gc.exp().unwrap_err();
     assert!(matches!(err, Error::UnsupportedDType { .. }), "FP8 codes on a GPU feed only the FP8 ops: {err}");
+}
+
+/// The same bits.
+fn exact(what: &str, got: &[f32], want: &[f32]) {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(got), bits(want), "{what}");
+}
+
+#[test]
+fn fp8_dispatch_rounding_on_the_gpu_as_on_the_cpu() {
+    // Rank 3, a partial tile (300 = 2 x 128 + 44), f32 and bf16 tokens: the rounding of the
+    // tokens (the gradient straight through), and of a gradient far below the activations' floor.
+    let x = randn(&[2, 5, 300], 70);
+    for (name, t) in [("f32", x.clone()), ("bf16", bf16(x.clone()))] {
+        on_every_device_with(&format!("fp8_comm_round, {name}"), vec![t.clone()], exact, |v| v[0].fp8_comm_round());
+        on_every_device_with(&format!("fp8_comm_round_grad, {name}"), vec![t], exact, |v| {
+            v[0].fp8_comm_round_grad()?.mul_scalar(1e-9)
+        });
+    }
 }
 
 #[test]

@@ -4,20 +4,20 @@
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
 use super::{count32, cuda, grid_for, need, Fp8Operand, Fp8View, Gpu, GpuError, Result};
-use crate::cpu::fp8::{Fp8Blocks, Fp8Format, MIN_AMAX};
+use crate::cpu::fp8::{Fp8Blocks, Fp8Format, ScaleFormat, MIN_AMAX};
 
 impl Gpu {
-    /// E4M3 quantisation of `x` (`[rows, cols]`, a device view) with f32 scales in tiles of
-    /// `block_rows` x 128: 1 (activation or gradient tiles) or 128 (weight blocks; ragged edges
-    /// give partial blocks, scaled by the elements they hold), each scaled for at least
-    /// `min_amax` (`MIN_AMAX`, or `GRADIENT_MIN_AMAX` for output gradients). Twin:
-    /// `Fp8Blocks::quantize_with_min_amax` with that block, E4M3 and f32 scales.
+    /// E4M3 quantisation of `x` (`[rows, cols]`, a device view) in tiles of `block_rows` x 128:
+    /// 1 (activation or gradient tiles) or 128 (weight blocks; ragged edges give partial blocks,
+    /// scaled by the elements they hold), each scaled for at least `min_amax` (`MIN_AMAX`, or
+    /// `GRADIENT_MIN_AMAX` for output gradients), its scale an f32 or a power of two (`scales`).
+    /// Twin: `Fp8Blocks::quantize_with_min_amax` with that block, E4M3 and `scales`.
     pub fn fp8_quantize_dev(
         &self,
         x: &CudaView<'_, f32>,
         (rows, cols): (usize, usize),
         block_rows: usize,
-        min_amax: f32,
+        (min_amax, scales): (f32, ScaleFormat),
     ) -> Result<Fp8Operand> {
         need("fp8 quantize", x.len(), rows * cols)?;
         let (grid_rows, grid_cols) = (rows.div_ceil(block_rows.max(1)), cols.div_ceil(128));
@@ -31,11 +31,12 @@ impl Gpu {
                 )))
             }
         };
+        let pow2 = pow2_flag(scales);
         let (mut codes, mut scales) = (self.zeros::<u8>(rows * cols)?, self.zeros::<f32>(blocks)?);
         if blocks > 0 {
             let (r32, c32) = (count32("rows", rows)?, count32("columns", cols)?);
             let mut l = self.stream.launch_builder(self.function(name));
-            l.arg(x).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32).arg(&min_amax);
+            l.arg(x).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32).arg(&min_amax).arg(&pow2);
             let grid = (count32("blocks", blocks)?, 1, 1);
             let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: one block per tile (1x128: 128 threads, one element each; 128x128: 256
@@ -48,8 +49,8 @@ impl Gpu {
 
     /// The 1x128 E4M3 quantisation of `xᵀ` for `x` `[rows, cols]` (a device view), without
     /// forming the transpose: an operand `[cols, rows]` tiled along `rows`, each tile scaled for
-    /// at least `min_amax` (twin: `Fp8Blocks::quantize_with_min_amax` of `cpu::fp8::transpose(x)`
-    /// in (1, 128) blocks). The Wgrad GEMM's operands, both tiled along the tokens. Each row of
+    /// at least `min_amax` with `scales` (twin: `Fp8Blocks::quantize_with_min_amax` of
+    /// `cpu::fp8::transpose(x)` in (1, 128) blocks). The Wgrad GEMM's operands, both tiled along the tokens. Each row of
     /// the operand is zero-padded to a multiple of `pad` (1: none): a token count the tensor-core
     /// GEMMs cannot take (they need K % 16 == 0) becomes one they can, the zero codes adding
     /// nothing to the sums (the tile scales are the same: 16 divides 128).
@@ -57,7 +58,7 @@ impl Gpu {
         &self,
         x: &CudaView<'_, f32>,
         (rows, cols): (usize, usize),
-        min_amax: f32,
+        (min_amax, scales): (f32, ScaleFormat),
         pad: usize,
     ) -> Result<Fp8Operand> {
         need("fp8 quantize (transposed)", x.len(), rows * cols)?;
@@ -71,12 +72,13 @@ impl Gpu {
                 "fp8 quantize (transposed): [{rows}, {cols}] exceeds the kernel's grid"
             )));
         }
+        let pow2 = pow2_flag(scales);
         let (mut codes, mut scales) = (self.zeros::<u8>(ld * cols)?, self.zeros::<f32>(cols * tiles)?);
         if rows * cols > 0 {
             let (r32, c32, ld32) = (rows as u32, cols as u32, ld as u32);
             let name = "fp8_quantize_1x128_transposed";
             let mut l = self.stream.launch_builder(self.function(name));
-            l.arg(x).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32).arg(&ld32).arg(&min_amax);
+            l.arg(x).arg(&mut codes).arg(&mut scales).arg(&r32).arg(&c32).arg(&ld32).arg(&min_amax).arg(&pow2);
             let cfg = LaunchConfig {
                 grid_dim: (tiles as u32, col_blocks as u32, 1),
                 block_dim: (256, 1, 1),
@@ -95,10 +97,10 @@ impl Gpu {
         &self,
         x: &[f32],
         (rows, cols): (usize, usize),
-        min_amax: f32,
+        floor: (f32, ScaleFormat),
         pad: usize,
     ) -> Result<Fp8Blocks> {
-        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_transposed_dev(dx, (rows, cols), min_amax, pad))
+        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_transposed_dev(dx, (rows, cols), floor, pad))
     }
 
     /// `out = decode(code) * scale` for codes `[rows, cols]` in `block`s of either format, with
@@ -185,17 +187,27 @@ impl Gpu {
         Ok(Fp8Operand { codes, scales, rows: cols, cols: rows, block_rows: 128 })
     }
 
-    /// E4M3 quantisation of `x` (`[rows, cols]`) in 1x128 tiles with f32 scales, each scaled
-    /// for at least `min_amax` (twin: `Fp8Blocks::quantize_with_min_amax` with block (1, 128),
-    /// E4M3, f32 scales).
-    pub fn fp8_quantize_1x128(&self, x: &[f32], (rows, cols): (usize, usize), min_amax: f32) -> Result<Fp8Blocks> {
-        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_dev(dx, (rows, cols), 1, min_amax))
+    /// E4M3 quantisation of `x` (`[rows, cols]`) in 1x128 tiles, each scaled for at least
+    /// `min_amax` with `scales` (twin: `Fp8Blocks::quantize_with_min_amax` with block (1, 128)
+    /// and E4M3).
+    pub fn fp8_quantize_1x128(
+        &self,
+        x: &[f32],
+        (rows, cols): (usize, usize),
+        floor: (f32, ScaleFormat),
+    ) -> Result<Fp8Blocks> {
+        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_dev(dx, (rows, cols), 1, floor))
     }
 
-    /// E4M3 quantisation of `x` (`[rows, cols]`) in 128x128 blocks with f32 scales, the weights'
-    /// tiling (twin: `Fp8Blocks::quantize` with block (128, 128), E4M3, f32 scales).
-    pub fn fp8_quantize_128x128(&self, x: &[f32], rows: usize, cols: usize) -> Result<Fp8Blocks> {
-        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_dev(dx, (rows, cols), 128, MIN_AMAX))
+    /// E4M3 quantisation of `x` (`[rows, cols]`) in 128x128 blocks with `scales`, the weights'
+    /// tiling (twin: `Fp8Blocks::quantize` with block (128, 128) and E4M3).
+    pub fn fp8_quantize_128x128(
+        &self,
+        x: &[f32],
+        (rows, cols): (usize, usize),
+        scales: ScaleFormat,
+    ) -> Result<Fp8Blocks> {
+        self.fp8_quantize_host(x, (rows, cols), |dx| self.fp8_quantize_dev(dx, (rows, cols), 128, (MIN_AMAX, scales)))
     }
 
     /// `x` (`[rows, cols]`) copied in, quantized on the GPU by `quantize`, copied back.
@@ -248,4 +260,9 @@ impl Gpu {
         let t = self.fp8_transpose_dev(&op.view())?;
         self.download_fp8(&t, w.format)
     }
+}
+
+/// The kernels' `pow2` argument: whether a tile's scale is rounded up to a power of two.
+fn pow2_flag(scales: ScaleFormat) -> i32 {
+    i32::from(scales == ScaleFormat::Ue8m0)
 }

@@ -536,51 +536,67 @@ fn an_fp8_gemm_taller_than_a_grid_runs_in_row_chunks() {
     check_fp8_gemm(&g, &a, &b, Fp8GemmKernel::Simple);
 }
 
-/// The activation quantisation (straight and transposed) and the weight transpose against the
-/// CPU twins; returns the CPU's quantized activations and weight for the GEMM check.
+/// The activation quantisation (straight and transposed, with f32 and power-of-two scales) and
+/// the weight transpose against the CPU twins; returns the CPU's quantized activations (f32
+/// scales) and weight for the GEMM check.
 fn fp8_kernels(g: &Gpu) -> (Fp8Blocks, Fp8Blocks) {
     // Ragged: 130 rows (two weight blocks), K = 300 (three tiles, one partial).
     let (m, n, kk) = (33, 130, 300);
     let x: Vec<f32> = values(m * kk, 9).iter().enumerate().map(|(i, v)| v * (1 + i % 5) as f32).collect();
-    let cpu = Fp8Blocks::quantize(&x, m, kk, (1, 128), Fp8Format::E4M3, ScaleFormat::F32);
-    let got = g.fp8_quantize_1x128(&x, (m, kk), MIN_AMAX).unwrap();
-    assert_eq!(got.scales, cpu.scales, "tile scales");
-    assert_eq!(got.codes, cpu.codes, "E4M3 codes (CUDA's converter against ours)");
     // Output gradients far below the activations' 1e-4 floor, and an all-zero tile: scaled by
     // their own amax (the zero tile by the floor).
-    let e4m3 = (Fp8Format::E4M3, ScaleFormat::F32);
     let mut tiny: Vec<f32> = x.iter().map(|v| v * 1e-9).collect();
     tiny[..128].fill(0.0);
-    let want = Fp8Blocks::quantize_with_min_amax(&tiny, (m, kk), (1, 128), e4m3, GRADIENT_MIN_AMAX);
-    let got = g.fp8_quantize_1x128(&tiny, (m, kk), GRADIENT_MIN_AMAX).unwrap();
-    assert_eq!((got.codes, got.scales), (want.codes.clone(), want.scales.clone()), "gradient tiles");
-    assert!(want.scales[1] < 1e-9 && want.scales[0] == GRADIENT_MIN_AMAX / 448.0, "{:?}", &want.scales[..2]);
+    for sf in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
+        let cpu = Fp8Blocks::quantize(&x, m, kk, (1, 128), Fp8Format::E4M3, sf);
+        let got = g.fp8_quantize_1x128(&x, (m, kk), (MIN_AMAX, sf)).unwrap();
+        assert_eq!(bits(&got.scales), bits(&cpu.scales), "tile scales, {sf:?}");
+        assert_eq!(got.codes, cpu.codes, "E4M3 codes (CUDA's converter against ours), {sf:?}");
+        let floor = (Fp8Format::E4M3, sf);
+        let want = Fp8Blocks::quantize_with_min_amax(&tiny, (m, kk), (1, 128), floor, GRADIENT_MIN_AMAX);
+        let got = g.fp8_quantize_1x128(&tiny, (m, kk), (GRADIENT_MIN_AMAX, sf)).unwrap();
+        assert_eq!((got.codes, bits(&got.scales)), (want.codes.clone(), bits(&want.scales)), "gradient tiles, {sf:?}");
+        assert!(want.scales[1] < 1e-9 && want.scales[0] == GRADIENT_MIN_AMAX / 448.0, "{:?}", &want.scales[..2]);
+    }
+    // A power-of-two scale from the bits: amax / 448 one ulp above 2^-20 takes 2^-19 (an f32
+    // log2 would give 2^-20, and the largest value would saturate).
+    let above = f32::from_bits(2f32.powi(-20).to_bits() + 1) * 448.0;
+    let edge: Vec<f32> = (0..256).map(|i| if i % 128 == 5 { -above } else { above / 3.0 }).collect();
+    let got = g.fp8_quantize_1x128(&edge, (2, 128), (MIN_AMAX, ScaleFormat::Ue8m0)).unwrap();
+    assert_eq!(got.scales, [2f32.powi(-19); 2], "UE8M0 scales just above a power of two");
     let w = values(n * kk, 10);
     let wq = Fp8Blocks::quantize(&w, n, kk, (128, 128), Fp8Format::E4M3, ScaleFormat::F32);
     // Wgrad's operands: a transpose tiled 1x128 along the tokens, quantized without forming it
     // (short and tall: partial tiles along both edges).
-    for (rows, cols, v, floor) in
-        [(m, kk, x.clone(), MIN_AMAX), (300, 40, values(300 * 40, 11), MIN_AMAX), (m, kk, tiny, GRADIENT_MIN_AMAX)]
-    {
-        let want = Fp8Blocks::quantize_with_min_amax(&transpose(&v, rows, cols), (cols, rows), (1, 128), e4m3, floor);
-        let got = g.fp8_quantize_transposed(&v, (rows, cols), floor, 1).unwrap();
+    let cases =
+        [(m, kk, x.clone(), MIN_AMAX), (300, 40, values(300 * 40, 11), MIN_AMAX), (m, kk, tiny, GRADIENT_MIN_AMAX)];
+    for ((rows, cols, v, floor), sf) in cases.iter().flat_map(|c| [(c, ScaleFormat::F32), (c, ScaleFormat::Ue8m0)]) {
+        let (rows, cols, floor) = (*rows, *cols, *floor);
+        let want = Fp8Blocks::quantize_with_min_amax(
+            &transpose(v, rows, cols),
+            (cols, rows),
+            (1, 128),
+            (Fp8Format::E4M3, sf),
+            floor,
+        );
+        let got = g.fp8_quantize_transposed(v, (rows, cols), (floor, sf), 1).unwrap();
         assert_eq!(
-            (&got.codes, &got.scales),
-            (&want.codes, &want.scales),
-            "[{rows}, {cols}] transposed 1x128 quantisation (amax floor {floor:e})"
+            (&got.codes, bits(&got.scales)),
+            (&want.codes, bits(&want.scales)),
+            "[{rows}, {cols}] transposed 1x128 quantisation (amax floor {floor:e}, {sf:?} scales)"
         );
         // Padded to 16 tokens (the Wgrad GEMM's K on the tensor cores): each row the same codes
         // then zeros, the same scales.
         let ld = rows.next_multiple_of(16);
-        let padded = g.fp8_quantize_transposed(&v, (rows, cols), floor, 16).unwrap();
+        let padded = g.fp8_quantize_transposed(v, (rows, cols), (floor, sf), 16).unwrap();
         let want_codes: Vec<u8> =
             want.codes.chunks(rows).flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0, ld - rows))).collect();
         assert_eq!((padded.rows, padded.cols), (cols, ld));
-        assert_eq!((padded.codes, padded.scales), (want_codes, want.scales), "[{rows}, {cols}] padded to {ld}");
+        assert_eq!((padded.codes, padded.scales), (want_codes, want.scales), "[{rows}, {cols}] padded to {ld}, {sf:?}");
     }
     let (gt, ct) = (g.fp8_transpose(&wq).unwrap(), wq.transpose());
     assert_eq!((gt.codes, gt.scales, gt.rows, gt.cols), (ct.codes, ct.scales, ct.rows, ct.cols), "weight transpose");
-    (cpu, wq)
+    (Fp8Blocks::quantize(&x, m, kk, (1, 128), Fp8Format::E4M3, ScaleFormat::F32), wq)
 }
 
 /// An FP8 GEMM kernel against the CPU twin. The block partial sums run in another order than

@@ -110,7 +110,8 @@ fn moe_route_ties_included(g: &Gpu) {
 fn fp8_weight_blocks_and_dequantisation_match_the_cpu() {
     let Some(g) = gpu("fp8_weight_blocks_and_dequantisation_match_the_cpu") else { return };
     fp8_weight_blocks(&g);
-    assert!(g.fp8_quantize_128x128(&[0.0; 10], 3, 4).is_err(), "a buffer that is not [rows, cols] is an error");
+    let bad = g.fp8_quantize_128x128(&[0.0; 10], (3, 4), ScaleFormat::F32);
+    assert!(bad.is_err(), "a buffer that is not [rows, cols] is an error");
 }
 
 fn fp8_weight_blocks(g: &Gpu) {
@@ -127,11 +128,13 @@ fn fp8_weight_blocks(g: &Gpu) {
                 x[r * cols + c] = 0.0;
             }
         }
-        let cpu = Fp8Blocks::quantize(&x, rows, cols, (128, 128), Fp8Format::E4M3, ScaleFormat::F32);
-        let got = g.fp8_quantize_128x128(&x, rows, cols).unwrap();
-        assert_eq!(bits(&got.scales), bits(&cpu.scales), "[{rows}, {cols}] block scales");
-        assert_eq!(got.codes, cpu.codes, "[{rows}, {cols}] E4M3 codes (CUDA's converter against ours)");
-        assert_eq!((got.rows, got.cols, got.block, got.format), (rows, cols, (128, 128), Fp8Format::E4M3));
+        for sf in [ScaleFormat::F32, ScaleFormat::Ue8m0] {
+            let cpu = Fp8Blocks::quantize(&x, rows, cols, (128, 128), Fp8Format::E4M3, sf);
+            let got = g.fp8_quantize_128x128(&x, (rows, cols), sf).unwrap();
+            assert_eq!(bits(&got.scales), bits(&cpu.scales), "[{rows}, {cols}] block scales, {sf:?}");
+            assert_eq!(got.codes, cpu.codes, "[{rows}, {cols}] E4M3 codes (CUDA's converter against ours), {sf:?}");
+            assert_eq!((got.rows, got.cols, got.block, got.format), (rows, cols, (128, 128), Fp8Format::E4M3));
+        }
 
         // Dequantisation of both tilings and both formats, power-of-two scales too: exact.
         for block in [(128, 128), (1, 128)] {

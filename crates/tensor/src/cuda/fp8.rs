@@ -1,12 +1,13 @@
 //! FP8 on the GPU (`fp8.rs` holds the ops and their CPU paths): quantisation into FP8 codes kept
-//! on the GPU, dequantisation, and the FP8 linear layer, whose Fprop, Dgrad and Wgrad GEMMs run
-//! on the block-scaled FP8 GEMM kernels with the operands quantized on the GPU too. The kernels'
-//! formats are the recipe's: E4M3 codes with f32 scales. The GEMMs accumulate on the tensor cores
-//! and promote every 128 of K, as DeepGEMM does.
+//! on the GPU, dequantisation, the FP8 linear layer, whose Fprop, Dgrad and Wgrad GEMMs run on
+//! the block-scaled FP8 GEMM kernels with the operands quantized on the GPU too, and the rounding
+//! of the FP8 dispatch. The kernels' formats are the recipe's: E4M3 codes with f32 or
+//! power-of-two scales. The GEMMs accumulate on the tensor cores and promote every 128 of K, as
+//! DeepGEMM does.
 
 use std::sync::Arc;
 
-use whale_kernels::cpu::fp8::{Fp8Format, GRADIENT_MIN_AMAX, MIN_AMAX};
+use whale_kernels::cpu::fp8::{Fp8Format, ScaleFormat, GRADIENT_MIN_AMAX, MIN_AMAX};
 use whale_kernels::cuda::cudarc::driver::{CudaSlice, CudaView};
 use whale_kernels::cuda::{Fp8View, Gpu};
 
@@ -62,14 +63,15 @@ pub(crate) fn codes_to_device(t: &Tensor, ordinal: usize) -> Result<Tensor> {
     Ok(codes_tensor(g, codes, t.dims(), format))
 }
 
-/// E4M3 codes (a CUDA tensor of `x`'s shape) and f32 scales of the 2-D `x` in `block_rows` x 128
-/// blocks (1 or 128; the caller checks).
-pub(crate) fn quantize(x: &Tensor, block_rows: usize) -> Result<(Tensor, Tensor)> {
+/// E4M3 codes (a CUDA tensor of `x`'s shape) and the scales (`scale_format`) of the 2-D `x` in
+/// `block_rows` x 128 blocks (1 or 128; the caller checks).
+pub(crate) fn quantize(x: &Tensor, block_rows: usize, scale_format: ScaleFormat) -> Result<(Tensor, Tensor)> {
     check_gpu_float("quantize_fp8", x)?;
     let (rows, cols, dev) = (x.dims()[0], x.dims()[1], x.device());
     let xp = packed(x)?;
     let (g, q) = with_buffer(&xp, |g, xb| {
-        Ok((g.clone(), g.fp8_quantize_dev(&xb.slice(..), (rows, cols), block_rows, MIN_AMAX).map_err(gpu_error(dev))?))
+        let q = g.fp8_quantize_dev(&xb.slice(..), (rows, cols), block_rows, (MIN_AMAX, scale_format));
+        Ok((g.clone(), q.map_err(gpu_error(dev))?))
     })?;
     let grid = [rows.div_ceil(block_rows), cols.div_ceil(128)];
     let scales = tensor(g.clone(), q.scales, &grid, DType::F32, &[], NoBackward)?;
@@ -96,10 +98,17 @@ pub(crate) fn dequantize(codes: &Tensor, scales: &Tensor, block: (usize, usize))
 /// `x @ Wᵀ` for `x` `[..., k]` (f32 or bf16 on a GPU) and `weight` `[n, k]`, with the three GEMMs
 /// in FP8, as the CPU's `fp8_linear`: Fprop on `x` in 1x128 tiles and W in 128x128 blocks; Dgrad
 /// on `dy` in 1x128 tiles and Wᵀ (the forward's blocks transposed: they are square); Wgrad on
-/// `dyᵀ` and `xᵀ` in 1x128 tiles along the tokens. A master weight's FP8 blocks are kept from
-/// the forward for the Dgrad GEMM (one byte per weight), and its gradient comes back in its own
-/// dtype; a stored weight is frozen.
-pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) -> Result<Tensor> {
+/// `dyᵀ` and `xᵀ` in 1x128 tiles along the tokens. `x`'s tiles take `scales.1`, the master
+/// weight's blocks and `dy`'s tiles `scales.0` (the recipe's `input_scales` and
+/// `scale_format`). A master weight's FP8 blocks are kept from the forward for the Dgrad GEMM
+/// (one byte per weight), and its gradient comes back in its own dtype; a stored weight is
+/// frozen.
+pub(crate) fn linear(
+    x: &Tensor,
+    weight: Fp8Weight<'_>,
+    (n, k): (usize, usize),
+    (w_scales, x_scales): (ScaleFormat, ScaleFormat),
+) -> Result<Tensor> {
     check_gpu_float("fp8_linear", x)?;
     let dev = x.device();
     let m = x.elem_count() / k.max(1);
@@ -108,7 +117,7 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
     let xp = packed(x)?;
     // Each operand is quantized under its own read lock, released before the next is taken.
     let (g, xq) = with_buffer(&xp, |g, xb| {
-        Ok((g.clone(), g.fp8_quantize_dev(&xb.slice(..), (m, k), 1, MIN_AMAX).map_err(gpu_error(dev))?))
+        Ok((g.clone(), g.fp8_quantize_dev(&xb.slice(..), (m, k), 1, (MIN_AMAX, x_scales)).map_err(gpu_error(dev))?))
     })?;
     let mut y = alloc(&g, dev, m * n)?;
     let mut gemm =
@@ -117,7 +126,7 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
         Fp8Weight::Master(w) => {
             check_gpu_float("fp8_linear (weight)", w)?;
             let wq = with_buffer(&packed(w)?, |_, wb| {
-                g.fp8_quantize_dev(&wb.slice(..), (n, k), 128, MIN_AMAX).map_err(gpu_error(dev))
+                g.fp8_quantize_dev(&wb.slice(..), (n, k), 128, (MIN_AMAX, w_scales)).map_err(gpu_error(dev))
             })?;
             gemm(&wq.view())?;
             Some(Arc::new(wq))
@@ -139,7 +148,9 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
         let dx = if needs[0] {
             // Dgrad: [m, n] x ([k, n])ᵀ, K = n.
             let dx = with_buffer(&dy, |g, dyb| {
-                let dyq = g.fp8_quantize_dev(&dyb.slice(..), (m, n), 1, GRADIENT_MIN_AMAX).map_err(gpu_error(dev))?;
+                let dyq = g
+                    .fp8_quantize_dev(&dyb.slice(..), (m, n), 1, (GRADIENT_MIN_AMAX, w_scales))
+                    .map_err(gpu_error(dev))?;
                 let transpose = |w: &Fp8View<'_>| g.fp8_transpose_dev(w).map_err(gpu_error(dev));
                 let wt = match (&kept, &stored) {
                     (Some(wq), _) => transpose(&wq.view())?,
@@ -165,7 +176,8 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
                     let quantize = |b: &CudaSlice<f32>, cols, floor| {
                         g.fp8_quantize_transposed_dev(&b.slice(..), (m, cols), floor, 16).map_err(gpu_error(dev))
                     };
-                    let (dyt, xt) = (quantize(dyb, n, GRADIENT_MIN_AMAX)?, quantize(xb, k, MIN_AMAX)?);
+                    let (dyt, xt) =
+                        (quantize(dyb, n, (GRADIENT_MIN_AMAX, w_scales))?, quantize(xb, k, (MIN_AMAX, x_scales))?);
                     let mut dw = alloc(g, dev, n * k)?;
                     g.fp8_gemm_dev(&dyt.view(), &xt.view(), &mut dw, g.fp8_gemm_kernel(dyt.cols))
                         .map_err(gpu_error(dev))?;
@@ -183,6 +195,28 @@ pub(crate) fn linear(x: &Tensor, weight: Fp8Weight<'_>, (n, k): (usize, usize)) 
         Fp8Weight::Stored { .. } => vec![x],
     };
     tensor(g, y, &out_shape, x.dtype(), &inputs, back)
+}
+
+/// `x` (rows of `cols` values, f32 or bf16) through the FP8 wire and back: E4M3 in 1x128 tiles
+/// with power-of-two scales, each for at least `min_amax`, decoded. The values only (no
+/// history), in `x`'s dtype and shape. Twin: `fp8_comm_quantize(x, cols, min_amax).dequantize()`.
+pub(crate) fn comm_round(x: &Tensor, cols: usize, min_amax: f32) -> Result<Tensor> {
+    check_gpu_float("fp8_comm_round", x)?;
+    let (rows, dev) = (x.elem_count().checked_div(cols).unwrap_or(0), x.device());
+    let (g, out) = with_buffer(&packed(x)?, |g, xb| {
+        let q = g.fp8_quantize_dev(&xb.slice(..), (rows, cols), 1, (min_amax, ScaleFormat::Ue8m0));
+        let q = q.map_err(gpu_error(dev))?;
+        let mut out = alloc(g, dev, rows * cols)?;
+        g.fp8_dequantize_dev(
+            (&q.codes.slice(..), &q.scales.slice(..)),
+            &mut out,
+            (rows, cols),
+            ((1, 128), Fp8Format::E4M3),
+        )
+        .map_err(gpu_error(dev))?;
+        Ok((g.clone(), out))
+    })?;
+    tensor(g, out, x.dims(), x.dtype(), &[], NoBackward)
 }
 
 /// Runs `f` on a stored FP8 weight (`[n, k]` E4M3 codes in 128x128 blocks) as a GEMM operand on
