@@ -174,40 +174,156 @@ impl Tensor {
         // The rows are the leading dims (`elem_count / k` loses them when k is 0).
         let m: usize = self.dims()[..self.rank() - 1].iter().product();
         let recipe = *recipe;
-        let (fmt, sfmt, xfmt) = (recipe.format, recipe.scale_format, recipe.input_scales);
-        let xq = Fp8Blocks::quantize(&self.f32_data()?, m, k, (1, BLOCK), fmt, xfmt);
+        let xq = Fp8Blocks::quantize(&self.f32_data()?, m, k, (1, BLOCK), recipe.format, recipe.input_scales);
         let y = fp8_gemm(&xq, &wq, recipe.accumulation);
         let mut out_shape = self.dims().to_vec();
         *out_shape.last_mut().expect("rank >= 1") = n;
 
         let back = backward_fn("fp8_linear", move |inputs: &[Tensor], _: &Tensor, g: &Tensor, needs: &[bool]| {
-            let dy = g.f32_data()?;
-            let x = &inputs[0];
-            let dx = grad_if(needs[0], || {
-                // Dgrad: [m, n] x [n, k], K = n.
-                let dyq = Fp8Blocks::quantize_with_min_amax(&dy, (m, n), (1, BLOCK), (fmt, sfmt), GRADIENT_MIN_AMAX);
-                Ok(plain(fp8_gemm(&dyq, &wq.transpose(), recipe.accumulation), x.dims(), x.dtype()))
-            })?;
-            let mut grads = vec![dx];
-            if let Some(w) = inputs.get(1) {
-                grads.push(grad_if(needs[1], || {
-                    // Wgrad: [n, m] x [m, k], K = m (the tokens): both operands tiled along it.
-                    let dyt = Fp8Blocks::quantize_with_min_amax(
-                        &transpose(&dy, m, n),
-                        (n, m),
-                        (1, BLOCK),
-                        (fmt, sfmt),
-                        GRADIENT_MIN_AMAX,
-                    );
-                    let xt = Fp8Blocks::quantize(&transpose(&x.f32_data()?, m, k), k, m, (1, BLOCK), fmt, xfmt);
-                    Ok(plain(fp8_gemm(&dyt, &xt, recipe.accumulation), w.dims(), w.dtype()))
-                })?);
-            }
-            Ok(grads)
+            let weight = inputs.get(1).filter(|_| needs[1]).map(|w| (w.dims(), w.dtype()));
+            let (dx, dw) = cpu_linear_grads(&inputs[0], Some(&wq), g, &recipe, (needs[0], weight))?;
+            Ok(std::iter::once(dx).chain(inputs.get(1).map(|_| dw)).collect())
         });
         let inputs: Vec<&Tensor> = std::iter::once(self).chain(master).collect();
         Ok(Tensor::from_op(y, &out_shape, self.dtype(), &inputs, back))
     }
+}
+
+/// A tensor kept in FP8 by [`Tensor::fp8_swiglu_mlp`]: E4M3 codes in 1x128 tiles along its last
+/// dim, with f32 scales, and what it takes to give it back (rounded).
+struct Cached {
+    codes: Tensor,
+    scales: Tensor,
+    dims: Vec<usize>,
+    dtype: DType,
+}
+
+impl Cached {
+    fn of(t: &Tensor) -> Result<Cached> {
+        let cols = t.dims()[t.rank() - 1];
+        let rows = t.elem_count().checked_div(cols).unwrap_or(0);
+        let (codes, scales) = t.reshape(&[rows, cols])?.quantize_fp8((1, BLOCK), Fp8Format::E4M3, ScaleFormat::F32)?;
+        Ok(Cached { codes, scales, dims: t.dims().to_vec(), dtype: t.dtype() })
+    }
+
+    fn restore(&self) -> Result<Tensor> {
+        Tensor::dequantize_fp8(&self.codes, &self.scales, (1, BLOCK))?.reshape(&self.dims)?.to_dtype(self.dtype)
+    }
+}
+
+impl Tensor {
+    /// DeepSeek-V3's MoE expert MLP with its SwiGLU inputs cached in FP8 (TR 3.3.2):
+    /// `down(silu(x_gate gateᵀ) * (x_up upᵀ))`, each projection an FP8 linear layer with its
+    /// recipe (`recipes`: gate, up, down), `weights` their f32 master weights (gate, up, down).
+    /// The output is the plain composition's, bit for bit. The forward keeps neither the two
+    /// projections nor the SwiGLU's output, only the projections' E4M3 codes (1x128 tiles, f32
+    /// scales, a byte a value): the backward decodes them, takes the SwiGLU's gradient there,
+    /// and recomputes the SwiGLU output from them for the down-projection's Wgrad. The gate and
+    /// up GEMMs are not run again (their backward needs only `x` and the weights). `x_gate` and
+    /// `x_up` may be one tensor; each gets its own gradient.
+    pub fn fp8_swiglu_mlp(
+        (x_gate, x_up): (&Tensor, &Tensor),
+        weights: [&Tensor; 3],
+        recipes: [Fp8Recipe; 3],
+    ) -> Result<Tensor> {
+        let [gate_w, up_w, down_w] = weights;
+        let forward = || -> Result<(Tensor, [Cached; 2])> {
+            let gate = x_gate.fp8_linear(gate_w, &recipes[0])?;
+            let up = x_up.fp8_linear(up_w, &recipes[1])?;
+            let y = Tensor::swiglu(&gate, &up)?.fp8_linear(down_w, &recipes[2])?;
+            Ok((y, [Cached::of(&gate)?, Cached::of(&up)?]))
+        };
+        let (y, cached) = crate::no_grad(forward)?;
+        let inputs = [x_gate, x_up, gate_w, up_w, down_w];
+        let back =
+            backward_fn("fp8_swiglu_mlp", move |inputs: &[Tensor], _: &Tensor, grad: &Tensor, needs: &[bool]| {
+                let [x_gate, x_up, gate_w, up_w, down_w] = inputs else { unreachable!("five inputs") };
+                let needs_projections = needs[..4].iter().any(|&n| n);
+                // The SwiGLU again, recorded, at the cached values.
+                let (gate, up) = (cached[0].restore()?.input_variable(), cached[1].restore()?.input_variable());
+                let h = crate::backprop::enable_grad(|| Tensor::swiglu(&gate, &up))?;
+                let (dh, d_down) = linear_grads(&h.detach(), down_w, grad, &recipes[2], (needs_projections, needs[4]))?;
+                let mut grads = vec![None, None, None, None, d_down];
+                if let Some(dh) = dh {
+                    let d = crate::backprop::grad(&h, &dh, &[gate, up])?;
+                    let missing =
+                        || Error::Backward("fp8_swiglu_mlp: the SwiGLU gave no gradient to its inputs".into());
+                    let [d_gate, d_up] = [0, 1].map(|i| d[i].clone().ok_or_else(missing));
+                    let (d_gate, d_up) = (d_gate?, d_up?);
+                    (grads[0], grads[2]) = linear_grads(x_gate, gate_w, &d_gate, &recipes[0], (needs[0], needs[2]))?;
+                    (grads[1], grads[3]) = linear_grads(x_up, up_w, &d_up, &recipes[1], (needs[1], needs[3]))?;
+                }
+                Ok(grads)
+            });
+        Ok(Tensor::with_history(y.0.storage.clone(), y.0.layout.clone(), y.dtype(), &inputs, back))
+    }
+}
+
+/// The FP8 linear layer's gradients for its input `x` (`need.0`) and master `weight` (`need.1`)
+/// given the output's gradient, without its forward: [`Tensor::fp8_linear`]'s backward, on
+/// either device.
+fn linear_grads(
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    recipe: &Fp8Recipe,
+    (need_x, need_w): (bool, bool),
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dw = need_w.then(|| (weight.dims(), weight.dtype()));
+    if x.device().is_cuda() {
+        let scales = (recipe.scale_format, recipe.input_scales);
+        let kept = match need_x {
+            true => Some(crate::cuda::fp8::Kept::Blocks(crate::cuda::fp8::weight_blocks(weight, recipe.scale_format)?)),
+            false => None,
+        };
+        return crate::cuda::fp8::linear_grads(x, kept.as_ref(), grad, scales, (need_x, dw));
+    }
+    let [n, k] = weight.dims()[..] else { unreachable!("a checked [out, in] weight") };
+    let wq = need_x.then(|| {
+        let wf = weight.f32_data()?;
+        Ok::<_, Error>(Fp8Blocks::quantize(&wf, n, k, (BLOCK, BLOCK), recipe.format, recipe.scale_format))
+    });
+    let wq = wq.transpose()?;
+    cpu_linear_grads(x, wq.as_ref(), grad, recipe, (need_x, dw))
+}
+
+/// The FP8 linear layer's backward on the CPU: Dgrad `dx = dy W` (`dy` in 1x128 tiles, the
+/// weight's blocks transposed) when `need_x` (which needs `wq`), and Wgrad `dW = dyᵀ x` (both
+/// re-tiled along the tokens) when `weight` gives the master weight's shape and dtype, for `x`
+/// `[..., k]`, the weight's blocks `wq` `[n, k]` and `dy` `[..., n]`.
+fn cpu_linear_grads(
+    x: &Tensor,
+    wq: Option<&Fp8Blocks>,
+    dy: &Tensor,
+    recipe: &Fp8Recipe,
+    (need_x, weight): (bool, Option<(&[usize], DType)>),
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (n, k) = (dy.dims()[dy.rank() - 1], x.dims()[x.rank() - 1]);
+    let m: usize = x.dims()[..x.rank() - 1].iter().product();
+    let (fmt, sfmt, xfmt) = (recipe.format, recipe.scale_format, recipe.input_scales);
+    let dy = dy.f32_data()?;
+    let dx = grad_if(need_x, || {
+        let wq = wq.ok_or_else(|| Error::invalid("fp8_linear", "the input's gradient needs the weight"))?;
+        // Dgrad: [m, n] x [n, k], K = n.
+        let dyq = Fp8Blocks::quantize_with_min_amax(&dy, (m, n), (1, BLOCK), (fmt, sfmt), GRADIENT_MIN_AMAX);
+        Ok(plain(fp8_gemm(&dyq, &wq.transpose(), recipe.accumulation), x.dims(), x.dtype()))
+    })?;
+    let dw = match weight {
+        Some((dims, dtype)) => {
+            // Wgrad: [n, m] x [m, k], K = m (the tokens): both operands tiled along it.
+            let dyt = Fp8Blocks::quantize_with_min_amax(
+                &transpose(&dy, m, n),
+                (n, m),
+                (1, BLOCK),
+                (fmt, sfmt),
+                GRADIENT_MIN_AMAX,
+            );
+            let xt = Fp8Blocks::quantize(&transpose(&x.f32_data()?, m, k), k, m, (1, BLOCK), fmt, xfmt);
+            Some(plain(fp8_gemm(&dyt, &xt, recipe.accumulation), dims, dtype))
+        }
+        None => None,
+    };
+    Ok((dx, dw))
 }
 
 /// Low-precision communication (spec 4.2, TR 3.3.2): DeepSeek-V3 sends the tokens of an MoE

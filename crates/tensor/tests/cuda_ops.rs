@@ -500,6 +500,13 @@ fn fp8_linear_trains_on_the_gpu_as_on_the_cpu() {
     on_every_device_with("fp8 linear, stored weight", vec![x.clone()], close_to_largest, |v| {
         v[0].fp8_linear_quantized(&codes, &scales, &recipe)
     });
+    // The MoE expert MLP with its SwiGLU inputs cached in FP8: the backward decodes them on the
+    // GPU and runs the FP8 linear layers' backward GEMMs without their forward.
+    let (wg, wu, wd) =
+        (w.clone(), randn(&[160, 256], 54).mul_scalar(0.1).unwrap(), randn(&[256, 160], 55).mul_scalar(0.1).unwrap());
+    on_every_device_with("fp8 swiglu mlp, cached inputs", vec![x.clone(), wg, wu, wd], close_to_largest, |v| {
+        Tensor::fp8_swiglu_mlp((&v[0], &v[0]), [&v[1], &v[2], &v[3]], [recipe; 3])
+    });
     // Power-of-two scales: V3.1's (every operand) and those of experts reading an FP8 dispatch
     // (their inputs only).
     let ue8m0 = Fp8Recipe { scale_format: ScaleFormat::Ue8m0, input_scales: ScaleFormat::Ue8m0, ..recipe };

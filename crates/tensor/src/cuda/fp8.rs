@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use whale_kernels::cpu::fp8::{Fp8Format, ScaleFormat, GRADIENT_MIN_AMAX, MIN_AMAX};
 use whale_kernels::cuda::cudarc::driver::{CudaSlice, CudaView};
-use whale_kernels::cuda::{Fp8View, Gpu};
+use whale_kernels::cuda::{Fp8Operand, Fp8View, Gpu};
 
 use super::{alloc, check_gpu_float, driver_error, gpu_error, packed, tensor, with_buffer};
 use crate::backprop::{backward_fn, NoBackward};
@@ -124,12 +124,9 @@ pub(crate) fn linear(
         |w: &Fp8View<'_>| g.fp8_gemm_dev(&xq.view(), w, &mut y, g.fp8_gemm_kernel(k)).map_err(gpu_error(dev));
     let kept = match weight {
         Fp8Weight::Master(w) => {
-            check_gpu_float("fp8_linear (weight)", w)?;
-            let wq = with_buffer(&packed(w)?, |_, wb| {
-                g.fp8_quantize_dev(&wb.slice(..), (n, k), 128, (MIN_AMAX, w_scales)).map_err(gpu_error(dev))
-            })?;
+            let wq = weight_blocks(w, w_scales)?;
             gemm(&wq.view())?;
-            Some(Arc::new(wq))
+            Some(wq)
         }
         Fp8Weight::Stored { codes, scales } => {
             with_stored(&g, (codes, scales), |w| gemm(w))?;
@@ -137,64 +134,96 @@ pub(crate) fn linear(
         }
     };
 
-    // A master weight comes back as the op's second input; a stored one is kept here.
-    let stored = match weight {
-        Fp8Weight::Stored { codes, scales } => Some((codes.clone(), scales.clone())),
-        Fp8Weight::Master(_) => None,
+    let kept = match (kept, weight) {
+        (Some(wq), _) => Kept::Blocks(wq),
+        (None, Fp8Weight::Stored { codes, scales }) => Kept::Stored(codes.clone(), scales.clone()),
+        (None, Fp8Weight::Master(_)) => unreachable!("a master weight's blocks are kept"),
     };
     let back = backward_fn("fp8_linear", move |inputs: &[Tensor], _: &Tensor, grad: &Tensor, needs: &[bool]| {
-        let x = &inputs[0];
-        let dy = packed(grad)?.reshape(&[m, n])?;
-        let dx = if needs[0] {
-            // Dgrad: [m, n] x ([k, n])ᵀ, K = n.
-            let dx = with_buffer(&dy, |g, dyb| {
-                let dyq = g
-                    .fp8_quantize_dev(&dyb.slice(..), (m, n), 1, (GRADIENT_MIN_AMAX, w_scales))
-                    .map_err(gpu_error(dev))?;
-                let transpose = |w: &Fp8View<'_>| g.fp8_transpose_dev(w).map_err(gpu_error(dev));
-                let wt = match (&kept, &stored) {
-                    (Some(wq), _) => transpose(&wq.view())?,
-                    (None, Some((codes, scales))) => with_stored(g, (codes, scales), transpose)?,
-                    (None, None) => unreachable!("an FP8 linear has a weight"),
-                };
-                let mut dx = alloc(g, dev, m * k)?;
-                g.fp8_gemm_dev(&dyq.view(), &wt.view(), &mut dx, g.fp8_gemm_kernel(n)).map_err(gpu_error(dev))?;
-                Ok((g.clone(), dx))
-            })?;
-            Some(tensor(dx.0, dx.1, x.dims(), x.dtype(), &[], NoBackward)?)
-        } else {
-            None
-        };
-        let mut grads = vec![dx];
-        if let Some(w) = inputs.get(1) {
-            grads.push(if needs[1] {
-                // Wgrad: dyᵀ [n, m] x (xᵀ [k, m])ᵀ, K = m (the tokens): both transposes quantized
-                // in 1x128 tiles along it, straight from dy and x, zero-padded to a multiple of
-                // 16 tokens so that any token count (an expert's) runs on the tensor cores.
-                let xp = packed(x)?;
-                let (g, dw) = super::with_buffers([&dy, &xp], |g, [dyb, xb]| {
-                    let quantize = |b: &CudaSlice<f32>, cols, floor| {
-                        g.fp8_quantize_transposed_dev(&b.slice(..), (m, cols), floor, 16).map_err(gpu_error(dev))
-                    };
-                    let (dyt, xt) =
-                        (quantize(dyb, n, (GRADIENT_MIN_AMAX, w_scales))?, quantize(xb, k, (MIN_AMAX, x_scales))?);
-                    let mut dw = alloc(g, dev, n * k)?;
-                    g.fp8_gemm_dev(&dyt.view(), &xt.view(), &mut dw, g.fp8_gemm_kernel(dyt.cols))
-                        .map_err(gpu_error(dev))?;
-                    Ok((g.clone(), dw))
-                })?;
-                Some(tensor(g, dw, w.dims(), w.dtype(), &[], NoBackward)?)
-            } else {
-                None
-            });
-        }
-        Ok(grads)
+        // A master weight comes back as the op's second input.
+        let weight = inputs.get(1).filter(|_| needs[1]).map(|w| (w.dims(), w.dtype()));
+        let (dx, dw) = linear_grads(&inputs[0], Some(&kept), grad, (w_scales, x_scales), (needs[0], weight))?;
+        Ok(std::iter::once(dx).chain(inputs.get(1).map(|_| dw)).collect())
     });
     let inputs: Vec<&Tensor> = match weight {
         Fp8Weight::Master(w) => vec![x, w],
         Fp8Weight::Stored { .. } => vec![x],
     };
     tensor(g, y, &out_shape, x.dtype(), &inputs, back)
+}
+
+/// The FP8 weight a linear layer's backward reads (for the Dgrad GEMM): a master weight's
+/// blocks, quantized in the forward, or a stored weight's codes and scales.
+pub(crate) enum Kept {
+    Blocks(Arc<Fp8Operand>),
+    Stored(Tensor, Tensor),
+}
+
+/// The FP8 linear layer's backward on a GPU, for `x` `[..., k]` and `dy` `[..., n]`: Dgrad on
+/// `dy` in 1x128 tiles and Wᵀ (the weight's blocks transposed: they are square) when `need_x`
+/// (which needs `weight`); Wgrad on `dyᵀ` and `xᵀ` in 1x128 tiles along the tokens when
+/// `dw` gives the master weight's shape and dtype. `scales` as [`linear`]'s.
+pub(crate) fn linear_grads(
+    x: &Tensor,
+    weight: Option<&Kept>,
+    grad: &Tensor,
+    (w_scales, x_scales): (ScaleFormat, ScaleFormat),
+    (need_x, dw): (bool, Option<(&[usize], DType)>),
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (dev, k, n) = (x.device(), x.dims()[x.rank() - 1], grad.dims()[grad.rank() - 1]);
+    let m = x.elem_count() / k.max(1);
+    let dy = packed(grad)?.reshape(&[m, n])?;
+    let dx = if need_x {
+        let weight = weight.ok_or_else(|| Error::invalid("fp8_linear", "the input's gradient needs the weight"))?;
+        // Dgrad: [m, n] x ([k, n])ᵀ, K = n.
+        let dx = with_buffer(&dy, |g, dyb| {
+            let dyq =
+                g.fp8_quantize_dev(&dyb.slice(..), (m, n), 1, (GRADIENT_MIN_AMAX, w_scales)).map_err(gpu_error(dev))?;
+            let transpose = |w: &Fp8View<'_>| g.fp8_transpose_dev(w).map_err(gpu_error(dev));
+            let wt = match weight {
+                Kept::Blocks(wq) => transpose(&wq.view())?,
+                Kept::Stored(codes, scales) => with_stored(g, (codes, scales), transpose)?,
+            };
+            let mut dx = alloc(g, dev, m * k)?;
+            g.fp8_gemm_dev(&dyq.view(), &wt.view(), &mut dx, g.fp8_gemm_kernel(n)).map_err(gpu_error(dev))?;
+            Ok((g.clone(), dx))
+        })?;
+        Some(tensor(dx.0, dx.1, x.dims(), x.dtype(), &[], NoBackward)?)
+    } else {
+        None
+    };
+    let dw = match dw {
+        Some((dims, dtype)) => {
+            // Wgrad: dyᵀ [n, m] x (xᵀ [k, m])ᵀ, K = m (the tokens): both transposes quantized
+            // in 1x128 tiles along it, straight from dy and x, zero-padded to a multiple of 16
+            // tokens so that any token count (an expert's) runs on the tensor cores.
+            let xp = packed(x)?;
+            let (g, dw) = super::with_buffers([&dy, &xp], |g, [dyb, xb]| {
+                let quantize = |b: &CudaSlice<f32>, cols, floor| {
+                    g.fp8_quantize_transposed_dev(&b.slice(..), (m, cols), floor, 16).map_err(gpu_error(dev))
+                };
+                let (dyt, xt) =
+                    (quantize(dyb, n, (GRADIENT_MIN_AMAX, w_scales))?, quantize(xb, k, (MIN_AMAX, x_scales))?);
+                let mut dw = alloc(g, dev, n * k)?;
+                g.fp8_gemm_dev(&dyt.view(), &xt.view(), &mut dw, g.fp8_gemm_kernel(dyt.cols))
+                    .map_err(gpu_error(dev))?;
+                Ok((g.clone(), dw))
+            })?;
+            Some(tensor(g, dw, dims, dtype, &[], NoBackward)?)
+        }
+        None => None,
+    };
+    Ok((dx, dw))
+}
+
+/// The 128x128 blocks of a master weight `[n, k]` on a GPU.
+pub(crate) fn weight_blocks(w: &Tensor, scales: ScaleFormat) -> Result<Arc<Fp8Operand>> {
+    check_gpu_float("fp8_linear (weight)", w)?;
+    let (n, k, dev) = (w.dims()[0], w.dims()[1], w.device());
+    let wq = with_buffer(&packed(w)?, |g, wb| {
+        g.fp8_quantize_dev(&wb.slice(..), (n, k), 128, (MIN_AMAX, scales)).map_err(gpu_error(dev))
+    })?;
+    Ok(Arc::new(wq))
 }
 
 /// `x` (rows of `cols` values, f32 or bf16) through the FP8 wire and back: E4M3 in 1x128 tiles
