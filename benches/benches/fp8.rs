@@ -8,7 +8,8 @@
 //! - printed before the timings: the GEMM's relative error against an f64 GEMM of the dequantised
 //!   operands for K = 512..8192 with and without promotion (DeepSeek-V3 reports ~2% at K = 4096
 //!   without), and the `tiny` preset trained in fp32, bf16 and fp8 (also with the MoE dispatch in
-//!   FP8, V3's low-precision communication) from the same seed, whose loss curves go to
+//!   FP8, V3's low-precision communication, and with the experts' SwiGLU inputs cached in FP8)
+//!   from the same seed, whose loss curves go to
 //!   `target/fp8-loss-curves.jsonl` (300 steps when benchmarking, 3 in the smoke test).
 
 use std::hint::black_box;
@@ -114,19 +115,21 @@ fn linear(c: &mut Criterion) {
     g.finish();
 }
 
-/// The `tiny` preset trained from one seed on the same token walk in fp32, bf16, fp8 and fp8 with
-/// an FP8 dispatch; the
-/// curves go to `target/fp8-loss-curves.jsonl` and the end points and step times are printed.
+/// The `tiny` preset trained from one seed on the same token walk in fp32, bf16, fp8, fp8 with an
+/// FP8 dispatch and fp8 with the experts' SwiGLU inputs cached in FP8; the curves go to
+/// `target/fp8-loss-curves.jsonl` and the end points and step times are printed.
 fn training_curves() {
     let steps: u64 = if bench_mode() { 300 } else { 3 };
     let mut curves: Vec<(&str, Vec<f64>, f64, f64)> = Vec::new();
+    // (label, precision, FP8 dispatch, SwiGLU inputs cached in FP8)
     let runs = [
-        ("fp32", Precision::Fp32, false),
-        ("bf16", Precision::Bf16, false),
-        ("fp8", Precision::Fp8, false),
-        ("fp8_dispatch", Precision::Fp8, true),
+        ("fp32", Precision::Fp32, false, false),
+        ("bf16", Precision::Bf16, false, false),
+        ("fp8", Precision::Fp8, false, false),
+        ("fp8_dispatch", Precision::Fp8, true, false),
+        ("fp8_swiglu_cache", Precision::Fp8, false, true),
     ];
-    for (label, precision, fp8_dispatch) in runs {
+    for (label, precision, fp8_dispatch, fp8_swiglu_cache) in runs {
         let cfg = TrainConfig {
             steps,
             micro_batch: 4,
@@ -136,6 +139,7 @@ fn training_curves() {
             warmup: 2,
             precision,
             fp8_dispatch,
+            fp8_swiglu_cache,
             ..TrainConfig::default()
         };
         // Steps of 1 or 2: the loss nears the walk's entropy (ln 2) in these steps, where the

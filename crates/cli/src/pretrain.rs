@@ -104,6 +104,8 @@ pub struct PretrainSettings {
     pub ema_decay: Option<f64>,
     /// The MoE dispatch in FP8 (DeepSeek-V3's low-precision communication).
     pub fp8_dispatch: bool,
+    /// The FP8 experts' SwiGLU inputs kept in FP8, the SwiGLU output recomputed in the backward.
+    pub fp8_swiglu_cache: bool,
 }
 
 impl crate::settings::Settings for PretrainSettings {}
@@ -150,6 +152,7 @@ impl Default for PretrainSettings {
             recompute: Recompute::default(),
             ema_decay: None,
             fp8_dispatch: false,
+            fp8_swiglu_cache: false,
         }
     }
 }
@@ -284,10 +287,15 @@ pub struct PretrainArgs {
     /// with --precision fp8 in its recipe): E4M3 in 1x128 tiles with power-of-two scales, and
     /// so the gradients sent back to the experts; the combine stays high precision. Under --ep
     /// the all-to-alls carry the codes (about a quarter of the bytes); on one rank the tokens
-    /// are rounded the same way, so both runs compute the same numbers. CPU only;
+    /// are rounded the same way, so both runs compute the same numbers. On the CPU or a GPU;
     /// `--fp8-dispatch false` turns off a config file's.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub fp8_dispatch: Option<bool>,
+    /// With --precision fp8: keep the MoE experts' SwiGLU inputs in FP8 (a byte a value) instead
+    /// of their projections and the SwiGLU output in bf16, recomputing the SwiGLU output in the
+    /// backward (DeepSeek-V3's memory saver); the gradients are taken at the rounded inputs.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub fp8_swiglu_cache: Option<bool>,
 }
 
 /// The main job's run folder: `runs/main`, or the first free `runs/main-N`, so running the main
@@ -391,6 +399,9 @@ impl PretrainArgs {
         if let Some(on) = self.fp8_dispatch {
             s.fp8_dispatch = on;
         }
+        if let Some(on) = self.fp8_swiglu_cache {
+            s.fp8_swiglu_cache = on;
+        }
     }
 }
 
@@ -415,6 +426,7 @@ pub fn train_config(s: &PretrainSettings) -> Result<TrainConfig> {
         recompute: s.recompute,
         ema_decay: s.ema_decay,
         fp8_dispatch: s.fp8_dispatch,
+        fp8_swiglu_cache: s.fp8_swiglu_cache,
         ..TrainConfig::default()
     };
     v3_switches(&mut c, s);

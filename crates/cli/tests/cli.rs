@@ -197,6 +197,32 @@ fn recomputing_sublayers_trains_the_same_bits_and_a_resumed_run_may_change_it() 
 }
 
 #[test]
+fn the_fp8_swiglu_cache_trains_in_fp8_and_is_refused_elsewhere() {
+    let dir = tmpdir("swiglu-cache");
+    let (kept, cached) = (dir.join("kept"), dir.join("cached"));
+    for (run, extra) in [(&kept, &[][..]), (&cached, &["--fp8-swiglu-cache"][..])] {
+        let out = pretrain_small(run, "2", &[&["--precision", "fp8"], extra].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // The same forward (the first step's loss); the gradients are taken at the cached values.
+    let (a, b) = (metrics(&kept), metrics(&cached));
+    assert_eq!(a[0]["loss"], b[0]["loss"]);
+    assert_ne!(a[0]["grad_norm"], b[0]["grad_norm"]);
+    assert_eq!(read_json(&cached.join("settings.json"))["fp8_swiglu_cache"], true);
+    assert_eq!(read_json(&cached.join("checkpoint/trainer.json"))["config"]["fp8_swiglu_cache"], true);
+    // A setting of the run: a resume may not drop it.
+    let out = pretrain_small(&cached, "3", &["--precision", "fp8", "--resume", "--fp8-swiglu-cache=false"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--fp8-swiglu-cache false (the run's: true)"), "{err}");
+    // Without FP8 experts there is nothing to cache: refused before anything is written.
+    let bad = dir.join("bad");
+    let out = pretrain_small(&bad, "1", &["--fp8-swiglu-cache"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("fp8_swiglu_cache") && err.contains("precision fp8"), "{err}");
+    assert!(!bad.exists());
+}
+
+#[test]
 fn a_batch_ramp_grows_the_steps_and_bad_ramps_are_named() {
     let dir = tmpdir("batch-ramp");
     let run = dir.join("run");

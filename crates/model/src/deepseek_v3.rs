@@ -107,7 +107,7 @@ impl DeepSeekV3 {
     }
 
     /// An independent copy whose weights and buffers live on `device`, with the same compute dtype,
-    /// FP8 recipe and dispatch, and recomputation: on a GPU every op of its forward and backward
+    /// FP8 recipe, dispatch and SwiGLU cache, and recomputation: on a GPU every op of its forward and backward
     /// runs there (whale-tensor's CUDA backend), and AdamW updates it there.
     pub fn to_device(&self, device: &whale_tensor::Device) -> Result<Self> {
         let mut tensors: BTreeMap<String, Tensor> = self
@@ -125,6 +125,7 @@ impl DeepSeekV3 {
         copy.set_fp8(self.fp8());
         copy.set_recompute(self.recompute());
         copy.set_fp8_dispatch(self.fp8_dispatch());
+        copy.set_fp8_swiglu_cache(self.fp8_swiglu_cache());
         Ok(copy)
     }
 
@@ -222,6 +223,18 @@ impl DeepSeekV3 {
     /// What [`DeepSeekV3::set_fp8_dispatch`] last set (false without an MoE layer).
     pub fn fp8_dispatch(&self) -> bool {
         self.moe_layers().iter().any(|moe| moe.fp8_dispatch)
+    }
+
+    /// Keeps the SwiGLU inputs of every MoE layer's experts in FP8 when they train in FP8, the
+    /// SwiGLU output recomputed in the backward (TR 3.3.2; [`Tensor::fp8_swiglu_mlp`]), main and
+    /// MTP.
+    pub fn set_fp8_swiglu_cache(&mut self, on: bool) {
+        self.moe_layers_mut().for_each(|moe| moe.set_fp8_swiglu_cache(on));
+    }
+
+    /// What [`DeepSeekV3::set_fp8_swiglu_cache`] last set (false without an MoE layer).
+    pub fn fp8_swiglu_cache(&self) -> bool {
+        self.moe_layers().iter().any(|moe| moe.experts.iter().any(|e| e.fp8_swiglu_cache))
     }
 
     /// What [`DeepSeekV3::set_recompute`] last set (read from the first layer).

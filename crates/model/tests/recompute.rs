@@ -133,8 +133,9 @@ fn check(what: &str, model: &mut dyn CausalLm, vocab: usize) {
 #[test]
 fn recomputed_sublayers_give_the_same_gradients_and_hold_less() {
     let cfg = DeepSeekV3Config::tiny();
-    // "fp8 dispatch": the routed experts on the dispatch's rounding, read in power-of-two tiles.
-    for precision in ["f32", "bf16", "fp8", "fp8 dispatch"] {
+    // "fp8 dispatch": the routed experts on the dispatch's rounding, read in power-of-two tiles;
+    // "fp8 swiglu cache": the experts' SwiGLU inputs kept in FP8.
+    for precision in ["f32", "bf16", "fp8", "fp8 dispatch", "fp8 swiglu cache"] {
         let mut model = DeepSeekV3::new(cfg.clone(), 3).unwrap();
         if precision != "f32" {
             model.compute_dtype = DType::BF16;
@@ -143,7 +144,9 @@ fn recomputed_sublayers_give_the_same_gradients_and_hold_less() {
             model.set_fp8(Some(Fp8Recipe::default()));
         }
         model.set_fp8_dispatch(precision == "fp8 dispatch");
+        model.set_fp8_swiglu_cache(precision == "fp8 swiglu cache");
         check(&format!("tiny DeepSeek-V3 ({precision})"), &mut model, cfg.vocab_size);
+        assert_eq!(model.duplicate().unwrap().fp8_swiglu_cache(), precision == "fp8 swiglu cache");
         // A copy keeps the setting; an MoE layer's experts (MTP's too) take `mlp`.
         model.set_recompute(Recompute { attention: true, mlp: false });
         assert_eq!(model.duplicate().unwrap().recompute(), model.recompute());
@@ -156,6 +159,8 @@ fn recomputed_sublayers_give_the_same_gradients_and_hold_less() {
         assert!(experts(&model).iter().all(|&r| r));
         assert!(model.mtp.iter().all(|m| m.block.moe().is_some()), "the tiny preset's MTP block is MoE");
     }
+    swiglu_inputs_cached_in_fp8_hold_less(&cfg);
+
     let student = DenseConfig::student(cfg.vocab_size);
     let mut dense = DenseModel::new(student.clone(), 4).unwrap();
     check("dense student (f32)", &mut dense, student.vocab_size);
@@ -166,4 +171,41 @@ fn recomputed_sublayers_give_the_same_gradients_and_hold_less() {
     assert_eq!(" mlp , attention".parse(), Ok(Recompute { attention: true, mlp: true }));
     assert!("norms".parse::<Recompute>().is_err_and(|e| e.contains("`norms`")));
     assert_eq!("attention,mlp".parse::<Recompute>().unwrap().to_string(), "attention,mlp");
+}
+
+/// DeepSeek-V3's FP8 cache of its experts' SwiGLU inputs (TR 3.3.2): the same loss (the forward
+/// is the same), less held between forward and backward, and gradients within an E4M3 step of
+/// the kept activations' (the SwiGLU's gradient and the down-projections' Wgrad are taken at the
+/// rounded inputs).
+fn swiglu_inputs_cached_in_fp8_hold_less(cfg: &DeepSeekV3Config) {
+    let (ids, targets, lengths) = batch(cfg.vocab_size, 6, 40);
+    let mut model = DeepSeekV3::new(cfg.clone(), 3).unwrap();
+    model.compute_dtype = DType::BF16;
+    model.set_fp8(Some(Fp8Recipe::default()));
+    let kept = step(&model, &ids, &targets, &lengths);
+    model.set_fp8_swiglu_cache(true);
+    let cached = step(&model, &ids, &targets, &lengths);
+    assert_eq!(cached.loss, kept.loss, "the forward is the same");
+    println!(
+        "tiny DeepSeek-V3 (fp8), SwiGLU inputs cached in FP8: graph holds {} KiB (kept {} KiB, {:.2}x), peak {} KiB \
+         (kept {} KiB, {:.2}x)",
+        cached.held / 1024,
+        kept.held / 1024,
+        cached.held as f64 / kept.held as f64,
+        cached.peak / 1024,
+        kept.peak / 1024,
+        cached.peak as f64 / kept.peak as f64
+    );
+    assert!(cached.held < kept.held, "held {} bytes, kept {}", cached.held, kept.held);
+    let value = |bits: &[u32]| bits.iter().map(|&b| f64::from(f32::from_bits(b))).collect::<Vec<_>>();
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for ((name, a), (_, b)) in cached.grads.iter().zip(&kept.grads) {
+        let (a, b) = (value(a), value(b));
+        assert!(a.iter().all(|v| v.is_finite()), "{name}");
+        diff += a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>();
+        norm += b.iter().map(|y| y * y).sum::<f64>();
+    }
+    let rel = (diff / norm).sqrt();
+    println!("gradients: {rel:.4} from the kept activations' (relative, over all parameters)");
+    assert!(rel > 0.0 && rel < 1.0 / 16.0, "{rel}");
 }

@@ -151,6 +151,10 @@ pub struct TrainConfig {
     /// 3.3.2: tokens and the gradients back to the experts as E4M3 with power-of-two scales, the
     /// combine in high precision): rounded alike on one rank and under expert parallelism.
     pub fp8_dispatch: bool,
+    /// Keep the MoE experts' SwiGLU inputs in FP8 and recompute the SwiGLU output in the
+    /// backward (DeepSeek-V3's memory saver, TR 3.3.2; [`whale_model::nn::SwiGluMlp`]): with
+    /// `precision` fp8 only.
+    pub fp8_swiglu_cache: bool,
     /// Grow the batch over the run's first sequences (DeepSeek-V3's batch-size schedule); None:
     /// every step takes `grad_accum` micro-batches per replica.
     pub batch_ramp: Option<BatchRamp>,
@@ -212,6 +216,7 @@ impl Default for TrainConfig {
             recompute: Recompute::default(),
             ema_decay: None,
             fp8_dispatch: false,
+            fp8_swiglu_cache: false,
             batch_ramp: None,
         }
     }
@@ -262,6 +267,10 @@ impl TrainConfig {
             if r.sequences == 0 {
                 return bad("batch_ramp", "must span at least one sequence");
             }
+        }
+        if self.fp8_swiglu_cache && self.precision != Precision::Fp8 {
+            let why = format!("keeps FP8 experts' SwiGLU inputs in FP8: precision fp8 only, not {:?}", self.precision);
+            return bad("fp8_swiglu_cache", &why);
         }
         if let Some(d) = self.ema_decay.filter(|d| !(*d > 0.0 && *d < 1.0)) {
             return bad("ema_decay", &format!("{d} is not in (0, 1)"));
@@ -471,6 +480,7 @@ impl Trainer {
         config.precision.apply(&mut model);
         model.set_recompute(config.recompute);
         model.set_fp8_dispatch(config.fp8_dispatch);
+        model.set_fp8_swiglu_cache(config.fp8_swiglu_cache);
         let opt = AdamW::new(config.adamw())?;
         let ema = config.ema_decay.map(|d| Ema::new(d, &model.params)).transpose()?;
         Ok(Trainer { model, opt, config, step: 0, data, metrics: None, skipped_in_a_row: 0, consumed: 0, ema })

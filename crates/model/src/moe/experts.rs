@@ -95,6 +95,12 @@ impl DeepSeekMoE {
         self.experts.iter_mut().chain(self.shared_experts.as_mut()).for_each(|e| e.set_fp8(recipe));
     }
 
+    /// Every routed and shared expert keeps its SwiGLU's inputs in FP8 when it trains in FP8
+    /// ([`SwiGluMlp::fp8_swiglu_cache`]).
+    pub fn set_fp8_swiglu_cache(&mut self, on: bool) {
+        self.experts.iter_mut().chain(self.shared_experts.as_mut()).for_each(|e| e.fp8_swiglu_cache = on);
+    }
+
     /// `x`: `[batch, seq, hidden]`; `real`: which of its tokens count in the load and the balance
     /// losses (`None`: all). Padding is still routed and computed (rows are independent: no real
     /// token reads it).

@@ -168,6 +168,9 @@ pub struct SwiGluMlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// When every projection trains in FP8: keep the SwiGLU's inputs in FP8 and recompute its
+    /// output in the backward, as DeepSeek-V3's MoE experts do ([`Tensor::fp8_swiglu_mlp`]).
+    pub fp8_swiglu_cache: bool,
 }
 
 impl SwiGluMlp {
@@ -176,6 +179,7 @@ impl SwiGluMlp {
             gate_proj: Linear::new(b, "gate_proj", dim, hidden)?,
             up_proj: Linear::new(b, "up_proj", dim, hidden)?,
             down_proj: Linear::new(b, "down_proj", hidden, dim)?,
+            fp8_swiglu_cache: false,
         })
     }
 
@@ -188,6 +192,13 @@ impl SwiGluMlp {
     /// its two input gradients join theirs one at a time, as when the MLP is kept: summed first
     /// inside the region, they would round differently.
     pub fn forward_pair(&self, x_gate: &Tensor, x_up: &Tensor) -> Result<Tensor> {
+        let trained = |l: &Linear| l.fp8.filter(|_| l.weight_scale_inv.is_none());
+        if let (true, Some(g), Some(u), Some(d)) =
+            (self.fp8_swiglu_cache, trained(&self.gate_proj), trained(&self.up_proj), trained(&self.down_proj))
+        {
+            let weights = [&self.gate_proj.weight, &self.up_proj.weight, &self.down_proj.weight];
+            return Ok(Tensor::fp8_swiglu_mlp((x_gate, x_up), weights, [g, u, d])?);
+        }
         let h = Tensor::swiglu(&self.gate_proj.forward(x_gate)?, &self.up_proj.forward(x_up)?)?;
         self.down_proj.forward(&h)
     }
