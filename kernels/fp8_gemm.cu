@@ -1,3 +1,4 @@
+// uses: sm_89
 // The block-scaled FP8 GEMM with promotion to f32 every 128 elements of K (spec deepseek-v3.md
 // sections 4 and 8.1, DeepGEMM's numerics:
 // y[i, j] = sum_kb a_s[i, kb] * b_s[j / b_rows_per_scale, kb] * sum_{k in kb} a[i, k] * b[j, k]).

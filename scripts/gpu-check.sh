@@ -259,7 +259,7 @@ tee_pid=$!
     wanted steps && bench steps linear,train_step,opt_in_step,train_step_cpu,grpo_step 120
 
     if wanted cli; then
-        echo "## whale pretrain (tiny preset, 30 steps: fp32, bf16, fp8 + bf16 moments, the same + --fp8-dispatch on the GPU, fp32 on the CPU), generate, r1-zero"
+        echo "## whale pretrain (tiny preset, 30 steps: fp32, bf16, fp8 + bf16 moments, the same + --fp8-dispatch --fp8-swiglu-cache on the GPU, fp32 on the CPU), generate, r1-zero"
         echo
         echo '```'
         # `pretrain_run DEVICE PRECISION [FLAG...]`
@@ -342,7 +342,7 @@ PY
         echo
         pretrain_run cuda bf16
         pretrain_run cuda fp8
-        pretrain_run cuda fp8 --fp8-dispatch
+        pretrain_run cuda fp8 --fp8-dispatch --fp8-swiglu-cache
         echo '```'
         echo
         pack_logs

@@ -1109,7 +1109,7 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
 /// What scripts/gpu-check.sh runs on the GPU, the `whale` binary as it is, on the emulated driver
 /// (whale-kernels' tests/common/emulator.rs): `pretrain --device cuda` in f32 takes the CPU's
 /// steps (losses and gradient norms), and in FP8 with bf16 moments, DeepSeek-V3's recipe, with
-/// and without the FP8 dispatch, it trains; `generate --device cuda` from the GPU-trained
+/// and without the FP8 dispatch and SwiGLU cache, it trains; `generate --device cuda` from the GPU-trained
 /// checkpoint continues a prompt as the CPU does, and so does a V3.1 release of it kept in FP8.
 /// The checkpoint written from the GPU is the one the CPU reads.
 #[test]
@@ -1117,13 +1117,13 @@ fn pretrain_and_generate_on_a_gpu_match_the_cpu_on_the_emulated_driver_in_emulat
     let test = "pretrain_and_generate_on_a_gpu_match_the_cpu_on_the_emulated_driver_in_emulation";
     let Some(env) = emulator::emulated_driver_env(test) else { return };
     let dir = tmpdir("emulated-gpu");
-    let run = |device: &str, precision: &str, moments: &str, dispatch: bool| {
-        let out_dir = dir.join(format!("{device}-{precision}-{dispatch}"));
+    let run = |device: &str, precision: &str, moments: &str, v3_memory: bool| {
+        let out_dir = dir.join(format!("{device}-{precision}-{v3_memory}"));
         let out = whale()
             .envs(env.clone())
             .args(["pretrain", "--out", out_dir.to_str().unwrap(), "--steps", "2", "--grad-accum", "1"])
             .args(["--device", device, "--precision", precision, "--moments", moments])
-            .arg(format!("--fp8-dispatch={dispatch}"))
+            .args(v3_memory.then_some(["--fp8-dispatch", "--fp8-swiglu-cache"]).into_iter().flatten())
             .args(SMALL)
             .output()
             .unwrap();
@@ -1136,19 +1136,18 @@ fn pretrain_and_generate_on_a_gpu_match_the_cpu_on_the_emulated_driver_in_emulat
     // the devices round to neighbouring bf16 or E4M3 codes moves the loss by well under 1e-2.
     let gpu = run("cuda", "fp32", "fp32", false);
     let cases = [("fp32", "fp32", false, 1e-4), ("fp8", "bf16", false, 1e-2), ("fp8", "bf16", true, 1e-2)];
-    for (precision, moments, dispatch, tolerance) in cases {
-        let on_cpu = metrics(&run("cpu", precision, moments, dispatch));
+    // The last: with the FP8 dispatch and the experts' SwiGLU inputs cached in FP8.
+    for (precision, moments, v3_memory, tolerance) in cases {
+        let on_cpu = metrics(&run("cpu", precision, moments, v3_memory));
         let on_gpu =
-            if precision == "fp32" { metrics(&gpu) } else { metrics(&run("cuda", precision, moments, dispatch)) };
+            if precision == "fp32" { metrics(&gpu) } else { metrics(&run("cuda", precision, moments, v3_memory)) };
         assert_eq!(on_cpu.len(), on_gpu.len(), "{precision}: steps logged");
         for (step, (c, g)) in on_cpu.iter().zip(&on_gpu).enumerate() {
             for key in ["loss", "main_loss", "mtp_loss", "grad_norm"] {
                 let (c, g) = (c[key].as_f64().unwrap(), g[key].as_f64().unwrap());
                 let close = (c - g).abs() <= tolerance * c.abs();
-                assert!(
-                    close,
-                    "{precision} (FP8 dispatch {dispatch}) step {step}: {key} {g} on the GPU, {c} on the CPU"
-                );
+                let what = format!("{precision} (FP8 dispatch and SwiGLU cache: {v3_memory})");
+                assert!(close, "{what} step {step}: {key} {g} on the GPU, {c} on the CPU");
             }
         }
     }

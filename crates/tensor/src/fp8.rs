@@ -227,14 +227,23 @@ impl Tensor {
         recipes: [Fp8Recipe; 3],
     ) -> Result<Tensor> {
         let [gate_w, up_w, down_w] = weights;
-        let forward = || -> Result<(Tensor, [Cached; 2])> {
+        // The two projections and the output.
+        let mlp = || -> Result<[Tensor; 3]> {
             let gate = x_gate.fp8_linear(gate_w, &recipes[0])?;
             let up = x_up.fp8_linear(up_w, &recipes[1])?;
             let y = Tensor::swiglu(&gate, &up)?.fp8_linear(down_w, &recipes[2])?;
-            Ok((y, [Cached::of(&gate)?, Cached::of(&up)?]))
+            Ok([gate, up, y])
         };
-        let (y, cached) = crate::no_grad(forward)?;
         let inputs = [x_gate, x_up, gate_w, up_w, down_w];
+        if !(crate::is_grad_enabled() && inputs.iter().any(|t| t.requires_grad())) {
+            // No backward to come (evaluation, generation): nothing to cache.
+            let [_, _, y] = mlp()?;
+            return Ok(y);
+        }
+        let (y, cached) = crate::no_grad(|| -> Result<_> {
+            let [gate, up, y] = mlp()?;
+            Ok((y, [Cached::of(&gate)?, Cached::of(&up)?]))
+        })?;
         let back =
             backward_fn("fp8_swiglu_mlp", move |inputs: &[Tensor], _: &Tensor, grad: &Tensor, needs: &[bool]| {
                 let [x_gate, x_up, gate_w, up_w, down_w] = inputs else { unreachable!("five inputs") };
@@ -269,6 +278,9 @@ fn linear_grads(
     recipe: &Fp8Recipe,
     (need_x, need_w): (bool, bool),
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    if !(need_x || need_w) {
+        return Ok((None, None));
+    }
     let dw = need_w.then(|| (weight.dims(), weight.dtype()));
     if x.device().is_cuda() {
         let scales = (recipe.scale_format, recipe.input_scales);
@@ -360,7 +372,7 @@ impl Tensor {
 fn comm_rounded(op: &'static str, x: &Tensor, min_amax: f32) -> Result<Tensor> {
     let cols = check_comm_rows(op, x)?;
     if x.device().is_cuda() {
-        return crate::cuda::fp8::comm_round(x, cols, min_amax);
+        return crate::cuda::fp8::comm_round(op, x, cols, min_amax);
     }
     let values = fp8_comm_quantize(&x.f32_data()?, cols, min_amax).dequantize();
     Ok(plain(values, x.dims(), x.dtype()))

@@ -419,6 +419,9 @@ fn the_fp8_swiglu_mlp_gives_the_plain_output_and_the_gradients_at_its_cached_val
         };
         let (kept, kept_grads) = output_and_gradients(&inputs, &r, plain);
         assert_eq!(fused, kept, "{dtype:?}: the output is the plain composition's");
+        let w: Vec<&Tensor> = weights.iter().collect();
+        let eval = whale_tensor::no_grad(|| Tensor::fp8_swiglu_mlp((&x, &x), [w[0], w[1], w[2]], recipes));
+        assert_eq!(eval.unwrap().to_vec_f32().unwrap(), kept, "{dtype:?}: without a backward to come, too");
 
         // The twin, step by step: the down-projection and the SwiGLU's backward at the rounded
         // projections, whose gradients then go through the gate and up projections.

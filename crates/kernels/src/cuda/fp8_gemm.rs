@@ -73,9 +73,9 @@ impl Fp8GemmKernel {
     pub fn runs_on(self, arch: (u32, u32), k: usize) -> bool {
         match self {
             Fp8GemmKernel::Wgmma => arch == (9, 0) && k % 16 == 0,
-            // Ada (8.9) has FP8 mma too, but GPUs below 9.0 load the sm_80 PTX, in which the
+            // Ada (8.9) loads its module's sm_89 PTX (`// uses: sm_89`); in the sm_80 PTX the
             // kernel's body is a trap.
-            Fp8GemmKernel::TensorCore => arch >= (9, 0) && k % 16 == 0,
+            Fp8GemmKernel::TensorCore => arch >= (8, 9) && k % 16 == 0,
             Fp8GemmKernel::Simple => true,
         }
     }
@@ -248,12 +248,14 @@ mod tests {
         // (preferred, compute capability, k) -> chosen
         let cases = [
             (Wgmma, (9, 0), 128, Wgmma),
-            (Wgmma, (9, 0), 100, Simple),      // 16-byte copies need k % 16 == 0
-            (Wgmma, (8, 9), 128, Simple),      // Ada loads the sm_80 PTX: no FP8 mma there
+            (Wgmma, (9, 0), 100, Simple),     // 16-byte copies need k % 16 == 0
+            (Wgmma, (8, 9), 128, TensorCore), // Ada: FP8 mma.sync (its module's sm_89 PTX)
+            (Wgmma, (8, 9), 100, Simple),
             (Wgmma, (10, 0), 128, TensorCore), // compute_90a PTX loads on sm_90 only
             (Wgmma, (8, 0), 128, Simple),      // no FP8 tensor cores
             (TensorCore, (9, 0), 128, TensorCore),
             (TensorCore, (8, 0), 128, Simple),
+            (TensorCore, (8, 6), 128, Simple), // Ampere's consumer GPUs: no FP8 either
             (Simple, (9, 0), 128, Simple),
         ];
         for (preferred, arch, k, want) in cases {

@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of the build recipe and `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0xadaa5cfb38a0f0c2;
+pub const SOURCE_HASH: u64 = 0x5442e161eeccd671;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -12,6 +12,7 @@ pub const MODULES: &[PtxModule] = &[
         kernels: &["adamw_step_f32", "adamw_step_bf16_moments"],
         sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/adamw.sm_90.ptx"),
+        sm_89: None,
         sm_80: include_str!("../../../../kernels/ptx/adamw.sm_80.ptx"),
     },
     PtxModule {
@@ -34,6 +35,7 @@ pub const MODULES: &[PtxModule] = &[
         ],
         sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/attention.sm_90.ptx"),
+        sm_89: None,
         sm_80: include_str!("../../../../kernels/ptx/attention.sm_80.ptx"),
     },
     PtxModule {
@@ -41,6 +43,7 @@ pub const MODULES: &[PtxModule] = &[
         kernels: &["moe_permute_f32", "moe_unpermute_f32", "moe_unpermute_weight_grad_f32"],
         sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/dispatch.sm_90.ptx"),
+        sm_89: None,
         sm_80: include_str!("../../../../kernels/ptx/dispatch.sm_80.ptx"),
     },
     PtxModule {
@@ -48,6 +51,7 @@ pub const MODULES: &[PtxModule] = &[
         kernels: &["add_f32", "mul_f32", "swiglu_forward_f32", "swiglu_backward_f32"],
         sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/elementwise.sm_90.ptx"),
+        sm_89: None,
         sm_80: include_str!("../../../../kernels/ptx/elementwise.sm_80.ptx"),
     },
     PtxModule {
@@ -55,6 +59,7 @@ pub const MODULES: &[PtxModule] = &[
         kernels: &["embedding_forward_f32", "embedding_backward_f32"],
         sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/embedding.sm_90.ptx"),
+        sm_89: None,
         sm_80: include_str!("../../../../kernels/ptx/embedding.sm_80.ptx"),
     },
     PtxModule {
@@ -69,6 +74,7 @@ pub const MODULES: &[PtxModule] = &[
         ],
         sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/fp8.sm_90.ptx"),
+        sm_89: None,
         sm_80: include_str!("../../../../kernels/ptx/fp8.sm_80.ptx"),
     },
     PtxModule {
@@ -76,6 +82,7 @@ pub const MODULES: &[PtxModule] = &[
         kernels: &["fp8_gemm_promoted", "fp8_gemm_mma"],
         sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/fp8_gemm.sm_90.ptx"),
+        sm_89: Some(include_str!("../../../../kernels/ptx/fp8_gemm.sm_89.ptx")),
         sm_80: include_str!("../../../../kernels/ptx/fp8_gemm.sm_80.ptx"),
     },
     PtxModule {
@@ -83,6 +90,7 @@ pub const MODULES: &[PtxModule] = &[
         kernels: &["fp8_gemm_wgmma"],
         sm_90a: true,
         sm_90: include_str!("../../../../kernels/ptx/fp8_gemm_wgmma.sm_90.ptx"),
+        sm_89: None,
         sm_80: include_str!("../../../../kernels/ptx/fp8_gemm_wgmma.sm_80.ptx"),
     },
     PtxModule {
@@ -100,6 +108,7 @@ pub const MODULES: &[PtxModule] = &[
         ],
         sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/norm.sm_90.ptx"),
+        sm_89: None,
         sm_80: include_str!("../../../../kernels/ptx/norm.sm_80.ptx"),
     },
     PtxModule {
@@ -107,6 +116,7 @@ pub const MODULES: &[PtxModule] = &[
         kernels: &["rope_f32"],
         sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/rope.sm_90.ptx"),
+        sm_89: None,
         sm_80: include_str!("../../../../kernels/ptx/rope.sm_80.ptx"),
     },
     PtxModule {
@@ -114,6 +124,7 @@ pub const MODULES: &[PtxModule] = &[
         kernels: &["moe_route_f32"],
         sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/router.sm_90.ptx"),
+        sm_89: None,
         sm_80: include_str!("../../../../kernels/ptx/router.sm_80.ptx"),
     },
     PtxModule {
@@ -138,6 +149,7 @@ pub const MODULES: &[PtxModule] = &[
         ],
         sm_90a: false,
         sm_90: include_str!("../../../../kernels/ptx/tensor.sm_90.ptx"),
+        sm_89: None,
         sm_80: include_str!("../../../../kernels/ptx/tensor.sm_80.ptx"),
     },
 ];

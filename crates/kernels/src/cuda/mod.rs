@@ -44,6 +44,9 @@ pub struct PtxModule {
     pub sm_90a: bool,
     /// For sm_90 (Hopper) and newer.
     pub sm_90: &'static str,
+    /// For sm_89 (Ada) and newer below sm_90, in a module whose kernels use Ada's FP8 tensor
+    /// cores (`// uses: sm_89` in its source); other modules load `sm_80` there.
+    pub sm_89: Option<&'static str>,
     /// For sm_80 (Ampere) and newer.
     pub sm_80: &'static str,
 }
@@ -61,6 +64,11 @@ pub mod ptx_recipe {
     pub const WGMMA_MARK: &str = "// uses: wgmma";
     /// (nvcc `-arch`, ptxas `-arch`) of a wgmma module's `sm_90` PTX.
     pub const WGMMA_ARCH: (&str, &str) = ("compute_90a", "sm_90a");
+    /// A source holding this line uses FP8 `mma.sync` (sm_89+): it is built for [`ADA_TARGET`]
+    /// too.
+    pub const ADA_MARK: &str = "// uses: sm_89";
+    /// (file suffix, nvcc `-arch`, ptxas `-arch`) of the extra target of an [`ADA_MARK`] module.
+    pub const ADA_TARGET: (&str, &str, &str) = ("sm_89", "compute_89", "sm_89");
 }
 
 /// FNV-1a (64-bit) over the build recipe ([`ptx_recipe`]) and then the `.cu` and `.cuh` files of
@@ -83,6 +91,7 @@ pub fn source_hash(dir: &Path) -> std::io::Result<u64> {
     NVCC_FLAGS.iter().for_each(|f| eat(f.as_bytes()));
     TARGETS.iter().flat_map(|&(a, b, c)| [a, b, c]).for_each(|t| eat(t.as_bytes()));
     [WGMMA_MARK, WGMMA_ARCH.0, WGMMA_ARCH.1].iter().for_each(|t| eat(t.as_bytes()));
+    [ADA_MARK, ADA_TARGET.0, ADA_TARGET.1, ADA_TARGET.2].iter().for_each(|t| eat(t.as_bytes()));
     for f in files {
         eat(f.file_name().expect("a file").to_string_lossy().as_bytes());
         eat(&std::fs::read(&f)?);
@@ -219,7 +228,11 @@ impl Gpu {
         let (mut functions, mut unloaded) = (HashMap::new(), Vec::new());
         for m in manifest::MODULES {
             let hopper = if m.sm_90a { (major, minor) == (9, 0) } else { major >= 9 };
-            let ptx = if hopper { m.sm_90 } else { m.sm_80 };
+            let ptx = match m.sm_89 {
+                _ if hopper => m.sm_90,
+                Some(ada) if (major, minor) >= (8, 9) => ada,
+                _ => m.sm_80,
+            };
             let module = match ctx.load_module(Ptx::from_src(ptx)) {
                 Ok(module) => module,
                 // An architecture-specific module only holds kernels that are never the only

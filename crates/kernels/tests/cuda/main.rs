@@ -45,13 +45,29 @@ fn the_embedded_ptx_was_built_from_the_current_sources() {
     assert!(!manifest::MODULES.is_empty());
     for m in manifest::MODULES {
         let hopper = if m.sm_90a { "sm_90a" } else { "sm_90" };
-        for (arch, ptx) in [(hopper, m.sm_90), ("sm_80", m.sm_80)] {
+        let ada = m.sm_89.map(|ptx| ("sm_89", ptx));
+        for (arch, ptx) in [(hopper, m.sm_90), ("sm_80", m.sm_80)].into_iter().chain(ada) {
             assert!(ptx.contains(&format!(".target {arch}\n")), "{}: {arch} PTX has the wrong target", m.name);
             for k in m.kernels {
                 assert!(ptx.contains(&format!(".entry {k}(")), "{}: {k} is missing from its {arch} PTX", m.name);
             }
         }
     }
+}
+
+/// Ada (sm_89) runs the FP8 GEMM on its tensor cores: the module of the `mma.sync` kernel has
+/// an sm_89 build, in which the kernel is the real one (in the sm_80 build its body traps).
+#[test]
+fn ada_gpus_get_the_fp8_tensor_core_gemm() {
+    let module = manifest::MODULES.iter().find(|m| m.kernels.contains(&"fp8_gemm_mma")).unwrap();
+    let ada = module.sm_89.expect("an sm_89 build of the FP8 mma GEMM");
+    // The E4M3 mma exists from sm_89 (PTX ISA: mma.sync ... .e4m3); sm_80's build has none.
+    assert!(ada.contains("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32"), "FP8 mma in the sm_89 PTX");
+    assert!(!module.sm_80.contains(".e4m3.e4m3"), "no FP8 mma in the sm_80 PTX");
+    assert!(Fp8GemmKernel::TensorCore.runs_on((8, 9), 128));
+    // Only that module is built for sm_89: the others' sm_80 PTX serves Ada.
+    let with_ada: Vec<&str> = manifest::MODULES.iter().filter(|m| m.sm_89.is_some()).map(|m| m.name).collect();
+    assert_eq!(with_ada, [module.name]);
 }
 
 /// AdamW promises the CPU twin's bits, so nvcc must not fuse the decayed weight and the update

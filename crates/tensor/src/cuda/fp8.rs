@@ -228,9 +228,10 @@ pub(crate) fn weight_blocks(w: &Tensor, scales: ScaleFormat) -> Result<Arc<Fp8Op
 
 /// `x` (rows of `cols` values, f32 or bf16) through the FP8 wire and back: E4M3 in 1x128 tiles
 /// with power-of-two scales, each for at least `min_amax`, decoded. The values only (no
-/// history), in `x`'s dtype and shape. Twin: `fp8_comm_quantize(x, cols, min_amax).dequantize()`.
-pub(crate) fn comm_round(x: &Tensor, cols: usize, min_amax: f32) -> Result<Tensor> {
-    check_gpu_float("fp8_comm_round", x)?;
+/// history), in `x`'s dtype and shape; `op` names the caller in errors. Twin:
+/// `fp8_comm_quantize(x, cols, min_amax).dequantize()`.
+pub(crate) fn comm_round(op: &'static str, x: &Tensor, cols: usize, min_amax: f32) -> Result<Tensor> {
+    check_gpu_float(op, x)?;
     let (rows, dev) = (x.elem_count().checked_div(cols).unwrap_or(0), x.device());
     let (g, out) = with_buffer(&packed(x)?, |g, xb| {
         let q = g.fp8_quantize_dev(&xb.slice(..), (rows, cols), 1, (min_amax, ScaleFormat::Ue8m0));
