@@ -4,6 +4,7 @@
 //!   codes are decoded to f32; the emulation exists for its numerics);
 //! - the FP8 linear layer's forward and backward (three FP8 GEMMs plus online quantization)
 //!   against the f32 linear layer's;
+//! - the MoE expert MLP with its SwiGLU inputs cached in FP8 against the same MLP keeping them;
 //! - FP8 1x128 quantisation throughput, against one thread encoding value by value;
 //! - printed before the timings: the GEMM's relative error against an f64 GEMM of the dequantised
 //!   operands for K = 512..8192 with and without promotion (DeepSeek-V3 reports ~2% at K = 4096
@@ -115,6 +116,35 @@ fn linear(c: &mut Criterion) {
     g.finish();
 }
 
+/// The MoE expert MLP in FP8 with its SwiGLU inputs cached in FP8 (its backward decodes them and
+/// recomputes the SwiGLU output), forward and backward, against the same MLP keeping its
+/// activations (three FP8 linear layers and the SwiGLU): what the cache costs in time.
+fn swiglu_cache(c: &mut Criterion) {
+    let (m, d, h) = (512, 512, 256);
+    let x = randn(&[m, d], 8).variable();
+    let w: Vec<Tensor> = [([h, d], 9), ([h, d], 10), ([d, h], 11)]
+        .iter()
+        .map(|&(s, seed)| randn(&s, seed).mul_scalar(0.05).expect("scale").variable())
+        .collect();
+    let mut g = c.benchmark_group(format!("fp8_swiglu_mlp_fwd_bwd_{m}x{d}x{h}"));
+    g.throughput(Throughput::Elements((18 * m * d * h) as u64));
+    g.sample_size(10);
+    let recipes = [Fp8Recipe::default(); 3];
+    let step = |f: &dyn Fn() -> Tensor| {
+        f().sum_all().and_then(|l| l.backward()).expect("backward");
+        std::iter::once(&x).chain(&w).for_each(Tensor::zero_grad);
+    };
+    let cached = || Tensor::fp8_swiglu_mlp((&x, &x), [&w[0], &w[1], &w[2]], recipes).expect("fp8 swiglu mlp");
+    let kept = || {
+        let (gate, up) =
+            (x.fp8_linear(&w[0], &recipes[0]).expect("gate"), x.fp8_linear(&w[1], &recipes[1]).expect("up"));
+        Tensor::swiglu(&gate, &up).and_then(|a| a.fp8_linear(&w[2], &recipes[2])).expect("down")
+    };
+    g.bench_function("whale", |bench| bench.iter(|| step(&cached)));
+    g.bench_function("baseline", |bench| bench.iter(|| step(&kept)));
+    g.finish();
+}
+
 /// The `tiny` preset trained from one seed on the same token walk in fp32, bf16, fp8, fp8 with an
 /// FP8 dispatch and fp8 with the experts' SwiGLU inputs cached in FP8; the curves go to
 /// `target/fp8-loss-curves.jsonl` and the end points and step times are printed.
@@ -214,5 +244,5 @@ fn quantize(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemm, linear, quantize);
+criterion_group!(benches, gemm, linear, swiglu_cache, quantize);
 criterion_main!(benches);
