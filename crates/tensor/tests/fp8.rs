@@ -474,3 +474,27 @@ fn the_fp8_swiglu_mlp_of_no_tokens_gives_zero_weight_gradients() {
         .unwrap_err();
     assert!(err.to_string().contains("fp8_linear"), "{err}");
 }
+
+#[test]
+fn the_fp8_swiglu_mlp_splits_its_backward_as_zero_bubble_does() {
+    // B (the input's gradient now) and W (the weights', later) each rerun the cached backward
+    // for their own gradients: together, the full backward's bits.
+    let recipes = [Fp8Recipe::default(); 3];
+    let (x0, dy) = (randn(&[2, 5, 256], 70), randn(&[2, 5, 256], 71));
+    let w0 =
+        [randn(&[160, 256], 72), randn(&[160, 256], 73), randn(&[256, 160], 74)].map(|w| w.mul_scalar(0.08).unwrap());
+    let run = |x: &Tensor, w: &[Tensor]| Tensor::fp8_swiglu_mlp((x, x), [&w[0], &w[1], &w[2]], recipes).unwrap();
+    let grads = |x: &Tensor, w: &[Tensor]| -> Vec<Vec<f32>> {
+        std::iter::once(x).chain(w).map(|t| t.grad().unwrap().to_vec_f32().unwrap()).collect()
+    };
+    let (x, w) = (x0.input_variable(), w0.clone().map(|w| w.variable()));
+    run(&x, &w).backward_with_grad(&dy).unwrap();
+    let full = grads(&x, &w);
+
+    let (x, w) = (x0.input_variable(), w0.map(|w| w.variable()));
+    let work = run(&x, &w).backward_split(Some(&dy)).unwrap();
+    assert_eq!(x.grad().unwrap().to_vec_f32().unwrap(), full[0], "B: the input's gradient");
+    assert!(w.iter().all(|w| w.grad().is_none()), "no weight gradient in the B pass");
+    work.run().unwrap();
+    assert_eq!(grads(&x, &w), full, "B then W");
+}
