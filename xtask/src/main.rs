@@ -122,8 +122,8 @@ fn build_kernels(args: &[String]) -> Result<(), String> {
     for src in &sources {
         let stem = src.file_stem().expect("a file").to_string_lossy().to_string();
         let text = std::fs::read_to_string(src).map_err(|e| format!("{}: {e}", src.display()))?;
-        let wgmma = text.lines().any(|l| l.trim() == WGMMA_MARK);
-        let ada = text.lines().any(|l| l.trim() == ADA_MARK);
+        let marked = |mark: &str| text.lines().any(|l| l.trim() == mark);
+        let (wgmma, ada) = (marked(WGMMA_MARK), marked(ADA_MARK));
         for (suffix, arch, sass) in targets(ada) {
             let (arch, sass) = if wgmma && suffix == "sm_90" { WGMMA_ARCH } else { (arch, sass) };
             let out = out_dir.join(format!("{stem}.{suffix}.ptx"));

@@ -106,9 +106,9 @@ impl DeepSeekV3 {
         self.to_device(&self.device())
     }
 
-    /// An independent copy whose weights and buffers live on `device`, with the same compute dtype,
-    /// FP8 recipe, dispatch and SwiGLU cache, and recomputation: on a GPU every op of its forward and backward
-    /// runs there (whale-tensor's CUDA backend), and AdamW updates it there.
+    /// An independent copy whose weights and buffers live on `device`, with the same compute
+    /// dtype, FP8 recipe, dispatch and SwiGLU cache, and recomputation: on a GPU every op of its
+    /// forward and backward runs there (whale-tensor's CUDA backend), and AdamW updates it there.
     pub fn to_device(&self, device: &whale_tensor::Device) -> Result<Self> {
         let mut tensors: BTreeMap<String, Tensor> = self
             .state_dict()

@@ -83,6 +83,23 @@ fn step(model: &dyn CausalLm, ids: &Tensor, targets: &Tensor, lengths: &[usize])
     Step { loss: loss.to_scalar().unwrap().to_bits(), grads, held, peak }
 }
 
+impl Step {
+    /// This step's memory beside `base`'s (called `name`): the bytes held and the peak, with
+    /// their ratios.
+    fn memory_against(&self, base: &Step, name: &str) -> String {
+        let ratio = |a: usize, b: usize| a as f64 / b as f64;
+        format!(
+            "graph holds {} KiB ({name} {} KiB, {:.2}x), peak {} KiB ({name} {} KiB, {:.2}x)",
+            self.held / 1024,
+            base.held / 1024,
+            ratio(self.held, base.held),
+            self.peak / 1024,
+            base.peak / 1024,
+            ratio(self.peak, base.peak)
+        )
+    }
+}
+
 /// Rows of random tokens, the last row half padding.
 fn batch(vocab: usize, rows: usize, seq: usize) -> (Tensor, Tensor, Vec<usize>) {
     let mut rng = Rng::new(7);
@@ -117,15 +134,7 @@ fn check(what: &str, model: &mut dyn CausalLm, vocab: usize) {
         for ((name, a), (_, b)) in got.grads.iter().zip(&plain.grads) {
             assert!(a == b, "{what}, recompute {r}: the gradient of {name} differs");
         }
-        println!(
-            "{what}, recompute {r}: graph holds {} KiB (plain {} KiB, {:.2}x), peak {} KiB (plain {} KiB, {:.2}x)",
-            got.held / 1024,
-            plain.held / 1024,
-            got.held as f64 / plain.held as f64,
-            got.peak / 1024,
-            plain.peak / 1024,
-            got.peak as f64 / plain.peak as f64
-        );
+        println!("{what}, recompute {r}: {}", got.memory_against(&plain, "plain"));
         assert!(got.held < plain.held, "{what}, recompute {r}: held {} bytes, plain {}", got.held, plain.held);
     }
 }
@@ -186,16 +195,7 @@ fn swiglu_inputs_cached_in_fp8_hold_less(cfg: &DeepSeekV3Config) {
     model.set_fp8_swiglu_cache(true);
     let cached = step(&model, &ids, &targets, &lengths);
     assert_eq!(cached.loss, kept.loss, "the forward is the same");
-    println!(
-        "tiny DeepSeek-V3 (fp8), SwiGLU inputs cached in FP8: graph holds {} KiB (kept {} KiB, {:.2}x), peak {} KiB \
-         (kept {} KiB, {:.2}x)",
-        cached.held / 1024,
-        kept.held / 1024,
-        cached.held as f64 / kept.held as f64,
-        cached.peak / 1024,
-        kept.peak / 1024,
-        cached.peak as f64 / kept.peak as f64
-    );
+    println!("tiny DeepSeek-V3 (fp8), SwiGLU inputs cached in FP8: {}", cached.memory_against(&kept, "kept"));
     assert!(cached.held < kept.held, "held {} bytes, kept {}", cached.held, kept.held);
     let value = |bits: &[u32]| bits.iter().map(|&b| f64::from(f32::from_bits(b))).collect::<Vec<_>>();
     let (mut diff, mut norm) = (0.0, 0.0);

@@ -94,7 +94,7 @@ impl Tensor {
                     ),
                 ));
             }
-            return crate::cuda::fp8::quantize(self, block.0, scale_format);
+            return crate::cuda::fp8::quantize(self, block.0, (MIN_AMAX, scale_format));
         }
         let q = Fp8Blocks::quantize(&self.f32_data()?, rows, cols, block, format, scale_format);
         let grid = [rows.div_ceil(block.0), cols.div_ceil(block.1)];
@@ -143,8 +143,7 @@ impl Tensor {
             let scales = (recipe.scale_format, recipe.input_scales);
             return crate::cuda::fp8::linear(self, Fp8Weight::Master(weight), (n, k), scales);
         }
-        let wq = Fp8Blocks::quantize(&weight.f32_data()?, n, k, (BLOCK, BLOCK), recipe.format, recipe.scale_format);
-        self.fp8_linear_with(Arc::new(wq), Some(weight), recipe)
+        self.fp8_linear_with(Arc::new(weight_blocks(weight, recipe)?), Some(weight), recipe)
     }
 
     /// `x @ W^T` for a weight that already is FP8 (`codes` `[out, in]`, `scale_inv` its
@@ -290,13 +289,15 @@ fn linear_grads(
         };
         return crate::cuda::fp8::linear_grads(x, kept.as_ref(), grad, scales, (need_x, dw));
     }
-    let [n, k] = weight.dims()[..] else { unreachable!("a checked [out, in] weight") };
-    let wq = need_x.then(|| {
-        let wf = weight.f32_data()?;
-        Ok::<_, Error>(Fp8Blocks::quantize(&wf, n, k, (BLOCK, BLOCK), recipe.format, recipe.scale_format))
-    });
-    let wq = wq.transpose()?;
+    let wq = need_x.then(|| weight_blocks(weight, recipe)).transpose()?;
     cpu_linear_grads(x, wq.as_ref(), grad, recipe, (need_x, dw))
+}
+
+/// The 128x128 blocks of a master weight `[n, k]` (a checked 2-D float tensor on the CPU), in
+/// the recipe's format and weight scales.
+fn weight_blocks(weight: &Tensor, recipe: &Fp8Recipe) -> Result<Fp8Blocks> {
+    let [n, k] = weight.dims()[..] else { unreachable!("a checked [out, in] weight") };
+    Ok(Fp8Blocks::quantize(&weight.f32_data()?, n, k, (BLOCK, BLOCK), recipe.format, recipe.scale_format))
 }
 
 /// The FP8 linear layer's backward on the CPU: Dgrad `dx = dy W` (`dy` in 1x128 tiles, the

@@ -50,10 +50,11 @@ impl Gpu {
     /// The 1x128 E4M3 quantisation of `xᵀ` for `x` `[rows, cols]` (a device view), without
     /// forming the transpose: an operand `[cols, rows]` tiled along `rows`, each tile scaled for
     /// at least `min_amax` with `scales` (twin: `Fp8Blocks::quantize_with_min_amax` of
-    /// `cpu::fp8::transpose(x)` in (1, 128) blocks). The Wgrad GEMM's operands, both tiled along the tokens. Each row of
-    /// the operand is zero-padded to a multiple of `pad` (1: none): a token count the tensor-core
-    /// GEMMs cannot take (they need K % 16 == 0) becomes one they can, the zero codes adding
-    /// nothing to the sums (the tile scales are the same: 16 divides 128).
+    /// `cpu::fp8::transpose(x)` in (1, 128) blocks). The Wgrad GEMM's operands, both tiled along
+    /// the tokens. Each row of the operand is zero-padded to a multiple of `pad` (1: none): a
+    /// token count the tensor-core GEMMs cannot take (they need K % 16 == 0) becomes one they
+    /// can, the zero codes adding nothing to the sums (the tile scales are the same: 16 divides
+    /// 128).
     pub fn fp8_quantize_transposed_dev(
         &self,
         x: &CudaView<'_, f32>,

@@ -63,14 +63,15 @@ pub(crate) fn codes_to_device(t: &Tensor, ordinal: usize) -> Result<Tensor> {
     Ok(codes_tensor(g, codes, t.dims(), format))
 }
 
-/// E4M3 codes (a CUDA tensor of `x`'s shape) and the scales (`scale_format`) of the 2-D `x` in
-/// `block_rows` x 128 blocks (1 or 128; the caller checks).
-pub(crate) fn quantize(x: &Tensor, block_rows: usize, scale_format: ScaleFormat) -> Result<(Tensor, Tensor)> {
+/// E4M3 codes (a CUDA tensor of `x`'s shape) and the scales of the 2-D `x` in `block_rows` x 128
+/// blocks (1 or 128; the caller checks), each block scaled for at least `floor.0`, its scale an
+/// f32 or a power of two (`floor.1`).
+pub(crate) fn quantize(x: &Tensor, block_rows: usize, floor: (f32, ScaleFormat)) -> Result<(Tensor, Tensor)> {
     check_gpu_float("quantize_fp8", x)?;
     let (rows, cols, dev) = (x.dims()[0], x.dims()[1], x.device());
     let xp = packed(x)?;
     let (g, q) = with_buffer(&xp, |g, xb| {
-        let q = g.fp8_quantize_dev(&xb.slice(..), (rows, cols), block_rows, (MIN_AMAX, scale_format));
+        let q = g.fp8_quantize_dev(&xb.slice(..), (rows, cols), block_rows, floor);
         Ok((g.clone(), q.map_err(gpu_error(dev))?))
     })?;
     let grid = [rows.div_ceil(block_rows), cols.div_ceil(128)];
@@ -122,22 +123,17 @@ pub(crate) fn linear(
     let mut y = alloc(&g, dev, m * n)?;
     let mut gemm =
         |w: &Fp8View<'_>| g.fp8_gemm_dev(&xq.view(), w, &mut y, g.fp8_gemm_kernel(k)).map_err(gpu_error(dev));
+    // What the Dgrad GEMM reads: a master weight's blocks from here, a stored weight as it is.
     let kept = match weight {
         Fp8Weight::Master(w) => {
             let wq = weight_blocks(w, w_scales)?;
             gemm(&wq.view())?;
-            Some(wq)
+            Kept::Blocks(wq)
         }
         Fp8Weight::Stored { codes, scales } => {
             with_stored(&g, (codes, scales), |w| gemm(w))?;
-            None
+            Kept::Stored(codes.clone(), scales.clone())
         }
-    };
-
-    let kept = match (kept, weight) {
-        (Some(wq), _) => Kept::Blocks(wq),
-        (None, Fp8Weight::Stored { codes, scales }) => Kept::Stored(codes.clone(), scales.clone()),
-        (None, Fp8Weight::Master(_)) => unreachable!("a master weight's blocks are kept"),
     };
     let back = backward_fn("fp8_linear", move |inputs: &[Tensor], _: &Tensor, grad: &Tensor, needs: &[bool]| {
         // A master weight comes back as the op's second input.
@@ -232,21 +228,9 @@ pub(crate) fn weight_blocks(w: &Tensor, scales: ScaleFormat) -> Result<Arc<Fp8Op
 /// `fp8_comm_quantize(x, cols, min_amax).dequantize()`.
 pub(crate) fn comm_round(op: &'static str, x: &Tensor, cols: usize, min_amax: f32) -> Result<Tensor> {
     check_gpu_float(op, x)?;
-    let (rows, dev) = (x.elem_count().checked_div(cols).unwrap_or(0), x.device());
-    let (g, out) = with_buffer(&packed(x)?, |g, xb| {
-        let q = g.fp8_quantize_dev(&xb.slice(..), (rows, cols), 1, (min_amax, ScaleFormat::Ue8m0));
-        let q = q.map_err(gpu_error(dev))?;
-        let mut out = alloc(g, dev, rows * cols)?;
-        g.fp8_dequantize_dev(
-            (&q.codes.slice(..), &q.scales.slice(..)),
-            &mut out,
-            (rows, cols),
-            ((1, 128), Fp8Format::E4M3),
-        )
-        .map_err(gpu_error(dev))?;
-        Ok((g.clone(), out))
-    })?;
-    tensor(g, out, x.dims(), x.dtype(), &[], NoBackward)
+    let rows = x.elem_count().checked_div(cols).unwrap_or(0);
+    let (codes, scales) = quantize(&x.detach().reshape(&[rows, cols])?, 1, (min_amax, ScaleFormat::Ue8m0))?;
+    dequantize(&codes, &scales, (1, 128))?.reshape(x.dims())?.to_dtype(x.dtype())
 }
 
 /// Runs `f` on a stored FP8 weight (`[n, k]` E4M3 codes in 128x128 blocks) as a GEMM operand on
