@@ -211,6 +211,8 @@ pub struct PretrainArgs {
     /// --micro-batch; by default one micro-batch per replica) spread over the run's first
     /// SEQUENCES, as DeepSeek-V3's did from 3072 to 15360 over its first 469B tokens
     /// (Megatron-LM's --rampup-batch-size rule). DualPipe needs an even START and INCREMENT.
+    /// After the warmup the schedules (learning rate, --mtp-weight-from, --freeze-bias-at)
+    /// then count sequences, as V3's counted tokens.
     #[arg(long)]
     pub batch_ramp: Option<String>,
     #[arg(long)]
@@ -770,11 +772,16 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
             if let Some(steps) = plan.steps.filter(|&n| n != t.config.steps) {
                 // The schedule's horizon is `steps`: moving it moves the learning rate from here
                 // on (a finished cosine run extended climbs back from its floor), which is said.
-                let before = t.config.schedule().lr(t.step);
+                // (On the run's replicas: the trainer is not yet wrapped for the mesh.)
+                let lr = |t: &Trainer| {
+                    let position = t.config.schedule_position(t.step, t.consumed_sequences(), plan.mesh.dp);
+                    t.config.schedule().lr_at(position)
+                };
+                let before = lr(&t);
                 let old = std::mem::replace(&mut t.config.steps, steps);
                 // V3's switches stretch with it (those the run was not given).
                 v3_switches(&mut t.config, s);
-                let after = t.config.schedule().lr(t.step);
+                let after = lr(&t);
                 if lead && before != after {
                     println!(
                         "note: --steps {steps} (was {old}) stretches the learning-rate schedule: step {} trains at {after:.3e}, not {before:.3e}",

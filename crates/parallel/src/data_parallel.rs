@@ -360,6 +360,7 @@ impl<'c> DataParallelTrainer<'c> {
         if comm.rank() != 0 {
             trainer.leave_ema_to_rank_zero();
         }
+        trainer.set_replicas(comm.world_size());
         let slots: Vec<Slot> = trainer
             .model
             .params

@@ -226,7 +226,9 @@ impl<'c> ParallelTrainer<'c> {
         } else {
             (None, dp_config)
         };
-        let dp = DataParallelTrainer::new(trainer, comm, dp_config)?;
+        let mut dp = DataParallelTrainer::new(trainer, comm, dp_config)?;
+        // The world holds `dp` replicas of the model, each spread over its pipeline stages.
+        dp.trainer.set_replicas(mesh.dp);
         Ok(ParallelTrainer { dp, mesh, stages })
     }
 

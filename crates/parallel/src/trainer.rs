@@ -134,12 +134,14 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     pub seed: u64,
     pub on_non_finite: NonFinitePolicy,
-    /// From this step on the MoE balancing biases stay where they are: DeepSeek-V3 sets the bias
-    /// update speed to 0 for its last 500B of 14.8T tokens (TR 4.2). None: they move every step.
+    /// From this step of the schedule's clock on (the step itself without a batch ramp:
+    /// [`TrainConfig::schedule_position`]) the MoE balancing biases stay where they are:
+    /// DeepSeek-V3 sets the bias update speed to 0 for its last 500B of 14.8T tokens (TR 4.2).
+    /// None: they move every step.
     pub freeze_bias_at: Option<u64>,
     pub lr_schedule: LrShape,
-    /// From this step on the MTP loss weight is this value instead of config.json's
-    /// `mtp_loss_weight` (DeepSeek-V3: 0.3 for its first 10T of 14.8T tokens, then 0.1, TR 4.2).
+    /// From this step of the schedule's clock on the MTP loss weight is this value instead of
+    /// config.json's `mtp_loss_weight` (DeepSeek-V3: 0.3 for its first 10T of 14.8T tokens, then 0.1, TR 4.2).
     pub mtp_weight_from: Option<(u64, f64)>,
     /// The sublayers recomputed in the backward instead of kept (the same gradients, less
     /// memory; a resumed run may change it).
@@ -166,7 +168,8 @@ pub struct TrainConfig {
 /// after `consumed` sequences (over all replicas) takes
 /// `start + increment * floor(consumed / (sequences / increments))` micro-batches per replica,
 /// and `grad_accum` once `consumed` is past `sequences`. The losses stay means over the step's
-/// sequences; the learning-rate schedule still counts steps.
+/// sequences; after its warmup the learning-rate schedule counts sequences
+/// ([`TrainConfig::schedule_position`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRamp {
@@ -323,6 +326,41 @@ impl TrainConfig {
         }
     }
 
+    /// Sequences, over `replicas` replicas, the run's first `steps` steps take (skipped steps
+    /// too): `steps` full batches, less what a batch ramp leaves out of its steps.
+    pub fn sequences_in(&self, steps: u64, replicas: usize) -> u64 {
+        let per_micro_batch = (self.micro_batch * replicas) as u64;
+        let (mut consumed, mut step) = (0u64, 0u64);
+        while step < steps {
+            let n = self.micro_batches_after(consumed);
+            if n == self.grad_accum {
+                // Past the ramp every step is a full batch (the count never falls again).
+                let rest = (steps - step).saturating_mul(per_micro_batch * n as u64);
+                return consumed.saturating_add(rest);
+            }
+            consumed += per_micro_batch * n as u64;
+            step += 1;
+        }
+        consumed
+    }
+
+    /// Where the learning-rate schedule, and the switches placed on its steps
+    /// (`mtp_weight_from`, `freeze_bias_at`), are at `step` of a run on `replicas` replicas that
+    /// has taken `consumed` sequences. Without a batch ramp that is the step. Under one, as
+    /// DeepSeek-V3 (TR 4.2: warmup over its first 2K steps, then the decay placed by tokens),
+    /// warmup counts steps and the rest counts sequences: `warmup + (steps - warmup) * f`, where
+    /// `f` is the share of the sequences between the warmup's end and the run's end taken so far.
+    /// The last step of the warmup and the run's end are where they would be without a ramp.
+    pub fn schedule_position(&self, step: u64, consumed: u64, replicas: usize) -> f64 {
+        if self.batch_ramp.is_none() || step < self.warmup || self.steps <= self.warmup {
+            return step as f64;
+        }
+        let from = self.sequences_in(self.warmup, replicas);
+        let span = self.sequences_in(self.steps, replicas).saturating_sub(from).max(1);
+        let share = consumed.saturating_sub(from) as f64 / span as f64;
+        self.warmup as f64 + (self.steps - self.warmup) as f64 * share
+    }
+
     pub fn schedule(&self) -> Box<dyn LrSchedule> {
         let (peak, min, warmup, total) = (self.lr, self.min_lr, self.warmup, self.steps);
         match self.lr_schedule {
@@ -331,10 +369,11 @@ impl TrainConfig {
         }
     }
 
-    /// The MTP loss weight of `step` for a model whose config says `configured`.
-    pub fn mtp_weight(&self, step: u64, configured: f64) -> f64 {
+    /// The MTP loss weight at `position` on the schedule's clock
+    /// ([`TrainConfig::schedule_position`]) for a model whose config says `configured`.
+    pub fn mtp_weight(&self, position: f64, configured: f64) -> f64 {
         match self.mtp_weight_from {
-            Some((from, w)) if step >= from => w,
+            Some((from, w)) if position >= from as f64 => w,
             _ => configured,
         }
     }
@@ -441,6 +480,9 @@ pub struct Trainer {
     /// Sequences the steps so far took, over all replicas (skipped steps too): where a
     /// [`BatchRamp`] is.
     consumed: u64,
+    /// Data-parallel replicas the steps' batches are spread over (1 alone; set by the
+    /// data-parallel wrappers): with `consumed`, where the schedule's clock is.
+    replicas: usize,
     /// The parameters' moving average (`config.ema_decay`), blended in after each step taken.
     ema: Option<Ema>,
 }
@@ -483,7 +525,8 @@ impl Trainer {
         model.set_fp8_swiglu_cache(config.fp8_swiglu_cache);
         let opt = AdamW::new(config.adamw())?;
         let ema = config.ema_decay.map(|d| Ema::new(d, &model.params)).transpose()?;
-        Ok(Trainer { model, opt, config, step: 0, data, metrics: None, skipped_in_a_row: 0, consumed: 0, ema })
+        let (step, consumed, replicas, skipped_in_a_row) = (0, 0, 1, 0);
+        Ok(Trainer { model, opt, config, step, data, metrics: None, skipped_in_a_row, consumed, replicas, ema })
     }
 
     /// Drops the parameters' moving average: on a mesh every rank's weights are the same after
@@ -544,6 +587,22 @@ impl Trainer {
         self.consumed
     }
 
+    /// The next step's place on the learning-rate schedule's clock
+    /// ([`TrainConfig::schedule_position`]).
+    pub fn schedule_position(&self) -> f64 {
+        self.config.schedule_position(self.step, self.consumed, self.replicas)
+    }
+
+    /// The learning rate the next step takes.
+    pub fn scheduled_lr(&self) -> f32 {
+        self.config.schedule().lr_at(self.schedule_position())
+    }
+
+    /// The steps' batches are spread over `replicas` data-parallel replicas (a wrapper's call).
+    pub(crate) fn set_replicas(&mut self, replicas: usize) {
+        self.replicas = replicas;
+    }
+
     /// [`Trainer::accumulate_gradients`] over the next `n` micro-batches.
     pub(crate) fn accumulate_micro_batches(&mut self, n: usize) -> Result<Accumulated> {
         let cfg = self.config.clone();
@@ -596,7 +655,8 @@ impl Trainer {
     /// What a step's forward passes take from the step's index (every way of taking a step
     /// calls this first): the scheduled MTP loss weight.
     pub(crate) fn begin_step(&mut self) {
-        self.model.mtp_loss_weight = self.config.mtp_weight(self.step, self.model.config.mtp_loss_weight);
+        self.model.mtp_loss_weight =
+            self.config.mtp_weight(self.schedule_position(), self.model.config.mtp_loss_weight);
     }
 
     /// One optimizer step.
@@ -630,7 +690,10 @@ impl Trainer {
         started: Instant,
         update: impl FnOnce(&mut Trainer, f32) -> Result<()>,
     ) -> Result<StepMetrics> {
-        let lr = self.config.schedule().lr(self.step);
+        // The clock places the run's steps by the replicas it was told of.
+        debug_assert_eq!(sequences, self.config.micro_batch * self.micro_batches_now() * self.replicas);
+        let position = self.schedule_position();
+        let lr = self.config.schedule().lr_at(position);
         let skipped = measured.problem.is_some();
         self.consumed += sequences as u64;
         if let Some((what, location)) = measured.problem.take() {
@@ -647,7 +710,7 @@ impl Trainer {
         } else {
             self.skipped_in_a_row = 0;
             update(self, lr)?;
-            if self.config.freeze_bias_at.is_none_or(|at| self.step < at) {
+            if self.config.freeze_bias_at.is_none_or(|at| position < at as f64) {
                 self.model.update_balancing_biases(&measured.loads)?;
             }
             if let Some(ema) = &mut self.ema {

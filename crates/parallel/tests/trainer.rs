@@ -536,10 +536,13 @@ fn the_batch_ramp_follows_megatrons_rule() {
 fn a_ramped_run_takes_its_steps_micro_batches_and_resumes_bit_for_bit() {
     use whale_parallel::trainer::BatchRamp;
     let ramp = BatchRamp { start: 1, increment: 1, sequences: 12 };
-    let ramped = |steps| TrainConfig { grad_accum: 3, batch_ramp: Some(ramp), ..config(steps) };
+    // Warmup over the whole run: the schedule counts steps on both sides (the sequences it
+    // counts after a ramped run's warmup have their own test).
+    let ramped = |steps| TrainConfig { grad_accum: 3, batch_ramp: Some(ramp), warmup: 4, ..config(steps) };
     let mut t = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), ramped(4), data(5)).unwrap();
     // The same steps taken by hand: grad_accum set to the ramp's count before each.
     let mut by_hand = trainer(4);
+    by_hand.config.warmup = 4;
     by_hand.config.grad_accum = 1;
     let (mut counts, mut tokens) = (Vec::new(), Vec::new());
     while !t.done() {
@@ -571,4 +574,55 @@ fn a_ramped_run_takes_its_steps_micro_batches_and_resumes_bit_for_bit() {
         resumed.train_step().unwrap();
     }
     assert_eq!(bits(&resumed), bits(&t), "mid-ramp resume");
+}
+
+#[test]
+fn after_its_warmup_a_ramped_runs_schedule_counts_sequences() {
+    use whale_model::tensor::optim::WarmupCosine;
+    use whale_parallel::trainer::BatchRamp;
+    // 4 sequences a micro-batch, from 1 to 3 micro-batches over 12 sequences: the steps take
+    // 4, 4, 8, 12, 12, 12 sequences (consumed 0, 4, 8, 16, 28, 40, then 52).
+    let ramp = BatchRamp { start: 1, increment: 1, sequences: 12 };
+    let cfg = TrainConfig {
+        grad_accum: 3,
+        batch_ramp: Some(ramp),
+        mtp_weight_from: Some((3, 0.1)),
+        freeze_bias_at: Some(4),
+        ..config(6)
+    };
+    let taken: Vec<u64> = (0..=6).map(|k| cfg.sequences_in(k, 1)).collect();
+    assert_eq!(taken, [0, 4, 8, 16, 28, 40, 52]);
+    // Two replicas take twice the sequences a micro-batch, so the ramp ends sooner: 8, 16, 24.
+    assert_eq!((0..=4).map(|k| cfg.sequences_in(k, 2)).collect::<Vec<_>>(), [0, 8, 24, 48, 72]);
+    // Warmup by steps (0, 1); then from step 2 (8 sequences) to the end of step 6 (52), the
+    // share of the 44 sequences between placed on the 4 steps between.
+    let want = [0.0, 1.0, 2.0, 2.0 + 4.0 * 8.0 / 44.0, 2.0 + 4.0 * 20.0 / 44.0, 2.0 + 4.0 * 32.0 / 44.0];
+    let schedule = WarmupCosine { peak: cfg.lr, min: cfg.min_lr, warmup: 2, total: 6 };
+    // Without the ramp the clock is the step.
+    let plain = TrainConfig { batch_ramp: None, ..cfg.clone() };
+    assert_eq!(plain.schedule_position(4, 20, 1), 4.0);
+
+    let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap();
+    let biases = |t: &Trainer| -> Vec<u32> {
+        t.model.buffers.values().flat_map(|b| b.to_vec_f32().unwrap()).map(f32::to_bits).collect()
+    };
+    let mut t = Trainer::new(model, cfg, data(5)).unwrap();
+    let mut moved = Vec::new();
+    while !t.done() {
+        let position = t.schedule_position();
+        assert_eq!(position, want[t.step as usize], "step {}", t.step);
+        assert_eq!(t.scheduled_lr(), schedule.lr_at(position));
+        let before = biases(&t);
+        let m = t.train_step().unwrap();
+        assert_eq!(m.lr, schedule.lr_at(position), "step {}", m.step);
+        // The switches placed on the schedule's steps come by its clock too: the MTP weight
+        // drops at step 4 (clock 3.8), not 3 (2.7); the biases stop after step 4 (clock 3.8).
+        assert_eq!(m.mtp_weight, Some(if m.step < 4 { 0.3 } else { 0.1 }), "step {}", m.step);
+        moved.push(biases(&t) != before);
+    }
+    assert_eq!(moved, [true, true, true, true, true, false]);
+    // The ramp's small steps take little of the decay: step 3 trains at a higher rate than a
+    // step counter would give it.
+    let steps_rate = schedule.lr(3);
+    assert!(schedule.lr_at(want[3]) > steps_rate, "{} vs {steps_rate}", schedule.lr_at(want[3]));
 }

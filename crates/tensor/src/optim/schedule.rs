@@ -1,15 +1,23 @@
 //! Learning-rate schedules as pure functions of the step.
 
-/// The learning rate to use at `step` (0-based: the first optimizer step is step 0).
+/// The learning rate at a position on the schedule's clock, in steps (0-based: the first
+/// optimizer step is step 0). The clock is the step itself, or falls between steps where a run
+/// measures its progress in something finer (sequences, under a batch ramp).
 pub trait LrSchedule: Send + Sync {
-    fn lr(&self, step: u64) -> f32;
+    /// The rate at `position` steps; at a whole `position`, [`LrSchedule::lr`]'s rate.
+    fn lr_at(&self, position: f64) -> f32;
+
+    /// The rate of step `step`.
+    fn lr(&self, step: u64) -> f32 {
+        self.lr_at(step as f64)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Constant(pub f32);
 
 impl LrSchedule for Constant {
-    fn lr(&self, _: u64) -> f32 {
+    fn lr_at(&self, _: f64) -> f32 {
         self.0
     }
 }
@@ -27,8 +35,8 @@ pub struct WarmupCosine {
     pub total: u64,
 }
 
-fn warmup(peak: f32, warmup: u64, step: u64) -> Option<f32> {
-    (step < warmup).then(|| peak * (step + 1) as f32 / warmup as f32)
+fn warmup(peak: f32, warmup: u64, position: f64) -> Option<f32> {
+    (position < warmup as f64).then(|| peak * (position + 1.0) as f32 / warmup as f32)
 }
 
 fn cosine(from: f32, to: f32, progress: f64) -> f32 {
@@ -37,12 +45,12 @@ fn cosine(from: f32, to: f32, progress: f64) -> f32 {
 }
 
 impl LrSchedule for WarmupCosine {
-    fn lr(&self, step: u64) -> f32 {
-        if let Some(lr) = warmup(self.peak, self.warmup, step) {
+    fn lr_at(&self, position: f64) -> f32 {
+        if let Some(lr) = warmup(self.peak, self.warmup, position) {
             return lr;
         }
         let span = self.total.saturating_sub(self.warmup).max(1);
-        cosine(self.peak, self.min, (step - self.warmup) as f64 / span as f64)
+        cosine(self.peak, self.min, (position - self.warmup as f64) / span as f64)
     }
 }
 
@@ -85,19 +93,19 @@ impl DeepSeekV3Schedule {
 }
 
 impl LrSchedule for DeepSeekV3Schedule {
-    fn lr(&self, step: u64) -> f32 {
-        if let Some(lr) = warmup(self.peak, self.warmup, step) {
+    fn lr_at(&self, position: f64) -> f32 {
+        if let Some(lr) = warmup(self.peak, self.warmup, position) {
             return lr;
         }
-        if step < self.decay_start {
+        if position < self.decay_start as f64 {
             return self.peak;
         }
-        if step < self.decay_end {
+        if position < self.decay_end as f64 {
             let span = (self.decay_end - self.decay_start).max(1);
-            return cosine(self.peak, self.decay_min, (step - self.decay_start) as f64 / span as f64);
+            return cosine(self.peak, self.decay_min, (position - self.decay_start as f64) / span as f64);
         }
         for &(until, lr) in &self.tail {
-            if step < until {
+            if position < until as f64 {
                 return lr;
             }
         }
