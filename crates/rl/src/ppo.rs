@@ -32,7 +32,8 @@ pub struct PpoConfig {
     pub cliprange_value: f32,
     /// Critic learning rate as a multiple of the policy's (verl: 1e-5 vs 1e-6).
     pub critic_lr_scale: f32,
-    /// Passes over each rollout.
+    /// Passes over each rollout: 1 by default, verl's (TRL's is 4), as GRPO's `num_iterations`
+    /// is 1, so that GRPO and PPO compare on the same updates per rollout.
     pub ppo_epochs: usize,
     /// Whiten advantages over the batch's tokens.
     pub whiten_advantages: bool,
