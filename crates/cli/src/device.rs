@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use whale_rl::parallel::model::tensor::Device;
+use whale_rl::parallel::model::tensor::{DType, Device};
 use whale_rl::parallel::model::tokenizer::{tokenizer_for, Tokenizer};
 use whale_rl::parallel::model::{load_pretrained, moved_to, CausalLm};
 
@@ -25,6 +25,18 @@ pub fn open(flag: &str) -> Result<Device> {
 /// An optional `--device` (absent: the CPU), opened as [`open`] does.
 pub fn open_or_cpu(flag: Option<&str>) -> Result<Device> {
     open(flag.unwrap_or("cpu"))
+}
+
+/// `--precision` of the post-training commands (absent: fp32): the dtype their models compute
+/// in, weights and optimizer state staying f32 (pretraining's `--precision bf16`). FP8 GEMMs are
+/// pretraining's recipe alone, so fp8 is an error that says so.
+pub fn compute_dtype(flag: Option<&str>) -> Result<DType> {
+    match flag.unwrap_or("fp32") {
+        "fp32" | "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "fp8" => bail!("--precision fp8: post-training computes in fp32 or bf16 (FP8 GEMMs are pretraining's recipe)"),
+        other => bail!("--precision {other}: expected fp32 or bf16"),
+    }
 }
 
 /// The checkpoint at `dir` (`what` it is, for errors), its weights on `device`.

@@ -123,6 +123,11 @@ pub struct DistillArgs {
     /// --recompute`; the same gradients, so a resumed run may give another).
     #[arg(long)]
     pub recompute: Option<Recompute>,
+    /// fp32 (the default) or bf16: the dtype the teacher samples in and the students train and
+    /// are evaluated in (weights and AdamW stay f32). Like --device, a resumed run may give
+    /// another.
+    #[arg(long)]
+    pub precision: Option<String>,
     /// Continue an interrupted run in --out with its own settings: the teacher's saved traces
     /// and every finished arm are kept, an unfinished arm runs again.
     #[arg(long)]
@@ -207,6 +212,7 @@ fn finish_arm(
 
 pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
+    let dtype = crate::device::compute_dtype(args.precision.as_deref())?;
     let out = args.out.clone().unwrap_or_else(|| crate::r1::sibling_run(&args.from, "distill"));
     let mut s: DistillSettings = crate::settings::for_run(&out, args.config.as_deref(), args.resume)?;
     if let Some(sh) = &args.shared {
@@ -290,7 +296,8 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
         println!("distill: the teacher's traces from {}", traces_file.display());
         (traces, stats)
     } else {
-        let teacher = crate::device::load(&args.from, &device, "the teacher")?;
+        let mut teacher = crate::device::load(&args.from, &device, "the teacher")?;
+        teacher.set_compute_dtype(dtype);
         let prompts = tasks.problems(s.trace_problems, s.seed ^ 0xD157, Split::Train);
         let (traces, stats) = rejection_sample(
             &*teacher,
@@ -333,11 +340,12 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
         write_json_atomically(&traces_file, &serde_json::json!({ "stats": stats, "traces": traces_to_keep }))?;
     }
 
-    // The student base (its copies, the arms' students, keep what it recomputes).
+    // The student base (its copies, the arms' students, keep what it recomputes and its dtype).
     let recompute = args.recompute.unwrap_or_default();
     let load_student = |dir: &Path, what: &str| -> Result<Box<dyn CausalLm>> {
         let mut model = crate::device::load(dir, &device, what)?;
         model.set_recompute(recompute);
+        model.set_compute_dtype(dtype);
         Ok(model)
     };
     let base_dir = out.join("student-base");
@@ -362,6 +370,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
                     );
                     let mut model = moved_to(Box::new(DenseModel::new(cfg, s.seed)?), &device)?;
                     model.set_recompute(recompute);
+                    model.set_compute_dtype(dtype);
                     sft_with_bar(&*model, &*tok, &pretraining_docs, &s.student_pretrain, None)
                         .context("the student's pretraining (`student_pretrain`)")?;
                     model

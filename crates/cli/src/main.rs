@@ -94,8 +94,12 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
     // tasks and evaluation set.
     let ps = args.settings()?;
     let device = Some(ps.device.clone());
-    // And recomputes what pretraining does (the same numbers either way).
+    // And recomputes what pretraining does (the same numbers either way), and computes in its
+    // dtype: bf16 after a bf16 or fp8 run (whose non-GEMM compute is bf16; FP8 GEMMs are
+    // pretraining's alone).
     let recompute = Some(ps.recompute);
+    let trained_in = whale_rl::parallel::trainer::Precision::parse(&ps.precision)?;
+    let precision = (trained_in != whale_rl::parallel::trainer::Precision::Fp32).then(|| "bf16".to_string());
     let shared = crate::settings::Shared {
         tasks: ps.tasks.clone(),
         letters: ps.letters,
@@ -119,6 +123,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
         k: Some(shared.k),
         device: device.clone(),
         recompute,
+        precision: precision.clone(),
         resume: started("r1-zero"),
         ..Default::default()
     })?;
@@ -132,6 +137,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
         data: None,
         device: device.clone(),
         recompute,
+        precision: precision.clone(),
         resume: started("r1"),
         shared: Some(shared.clone()),
     })?;
@@ -143,6 +149,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
         config: None,
         device,
         recompute,
+        precision,
         shared: Some(shared),
         resume: started("distill"),
     })?;

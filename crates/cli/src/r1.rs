@@ -24,7 +24,7 @@ use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer, RL_STATE_FILE};
 use whale_rl::parallel::model::checkpoint::find_checkpoint;
 use whale_rl::parallel::model::nn::Recompute;
-use whale_rl::parallel::model::tensor::{Device, Rng};
+use whale_rl::parallel::model::tensor::{DType, Device, Rng};
 use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
 use whale_rl::parallel::trainer::truncate_metrics;
@@ -277,6 +277,11 @@ pub struct R1Args {
     /// --recompute`; the same gradients, so a resumed run may give another).
     #[arg(long)]
     pub recompute: Option<Recompute>,
+    /// fp32 (the default) or bf16: the dtype every stage's models compute in (the trained ones,
+    /// the rejection sampler, the reference, the reward model, the evaluations; weights and
+    /// AdamW stay f32). Like --device, a resumed run may give another.
+    #[arg(long)]
+    pub precision: Option<String>,
     /// Continue the run in --out with its own settings.json: stages that finished are read back
     /// (their checkpoint and evaluation), and the first unfinished one starts over (an RL stage
     /// continues from its last checkpoint).
@@ -321,6 +326,8 @@ struct Pipeline {
     device: Device,
     /// What the models trained recompute in their backward.
     recompute: Recompute,
+    /// What every model computes in.
+    dtype: DType,
     /// Finished stages are read back instead of run again, up to the first that runs.
     resume: bool,
     /// Set once a stage runs: every later stage runs too (a stage read back was trained on the
@@ -357,6 +364,7 @@ impl Pipeline {
         let mut model = crate::device::load(dir, &self.device, "the model")?;
         crate::device::check_fits(&*self.tok, &*model, dir, "the model")?;
         model.set_recompute(self.recompute);
+        model.set_compute_dtype(self.dtype);
         Ok(model)
     }
 
@@ -482,6 +490,8 @@ impl Pipeline {
             (None, None) => GrpoTrainer::new(self.load(from)?, cfg.clone(), tok)?,
         };
         t.policy.set_recompute(self.recompute);
+        // A resumed stage's models load in f32.
+        t.set_compute_dtype(self.dtype);
         if saved.is_some() {
             // Lines from the checkpoint's step on are redone (validation of that step too, which
             // a crash right after the checkpoint left unwritten): they go.
@@ -624,6 +634,7 @@ impl Pipeline {
 /// Runs the requested stage(s); returns each stage's result in order.
 pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
+    let dtype = crate::device::compute_dtype(args.precision.as_deref())?;
     let out = args.out.clone().unwrap_or_else(|| sibling_run(&args.from, "r1"));
     // Derived keys are set by the load and by the defaults.
     let mut s: R1Settings = crate::settings::for_run(&out, args.config.as_deref(), args.resume)?;
@@ -708,6 +719,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
         pool,
         device,
         recompute: args.recompute.unwrap_or_default(),
+        dtype,
         resume: args.resume,
         ran: Cell::new(false),
         continuing: Cell::new(None),

@@ -14,6 +14,7 @@ use whale_rl::eval::{evaluate, EvalConfig, EvalReport};
 use whale_rl::grpo::{GrpoConfig, GrpoTrainer, LossType, RlRun, ScaleRewards, StepLog, RL_STATE_FILE};
 use whale_rl::parallel::model::checkpoint::find_checkpoint;
 use whale_rl::parallel::model::nn::Recompute;
+use whale_rl::parallel::model::tensor::DType;
 use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
 use whale_rl::parallel::trainer::truncate_metrics;
@@ -145,6 +146,11 @@ pub struct R1ZeroArgs {
     /// --recompute`; the same gradients, less memory, so a resumed run may give another).
     #[arg(long)]
     pub recompute: Option<Recompute>,
+    /// fp32 (the default) or bf16: the dtype the policy, its reference and PPO's critic compute
+    /// in (sampling, scoring, the update; weights and AdamW stay f32), and the held-out
+    /// evaluations with them. Like --device, a resumed run may give another.
+    #[arg(long)]
+    pub precision: Option<String>,
 }
 
 fn parse_enum<T: serde::de::DeserializeOwned>(flag: &str, v: &str) -> Result<T> {
@@ -304,7 +310,10 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     }
     let pool = s.data.as_deref().map(crate::settings::training_pool).transpose()?;
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
-    let (base, tok) = crate::device::load_with_tokenizer(&args.base, &device, "the base model")?;
+    let dtype = crate::device::compute_dtype(args.precision.as_deref())?;
+    let (mut base, tok) = crate::device::load_with_tokenizer(&args.base, &device, "the base model")?;
+    // The base is evaluated as the policy will compute (which starts as its copy).
+    base.set_compute_dtype(dtype);
     // Every prompt of a --data pool reads in the base's tokenizer and fits the model, checked now
     // rather than when a step first draws it.
     if let (Some(pool), Some(path)) = (&pool, &s.data) {
@@ -370,6 +379,8 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     if let Some(recompute) = args.recompute {
         trainer.set_recompute(recompute);
     }
+    // A resumed run's models load in f32.
+    trainer.set_compute_dtype(dtype);
     write_json_atomically(&settings_path, &serde_json::to_value(&s)?)?;
 
     crate::settings::note_letters_mismatch(&args.base, s.grpo.letters);
@@ -545,6 +556,8 @@ pub trait RlTrainer {
     fn policy(&self) -> &dyn CausalLm;
     /// Recomputes these sublayers in the backward of every model it trains.
     fn set_recompute(&mut self, recompute: Recompute);
+    /// Every model it runs computes in `dtype` (the policy, its reference, PPO's critic).
+    fn set_compute_dtype(&mut self, dtype: DType);
     fn run_mut(&mut self) -> &mut RlRun;
     fn save_checkpoint(&self, dir: &Path) -> whale_rl::Result<()>;
 }
@@ -561,6 +574,9 @@ macro_rules! rl_trainer {
             fn set_recompute(&mut self, recompute: Recompute) {
                 let trained: fn(&mut $t) -> Vec<&mut dyn CausalLm> = $trained;
                 trained(self).into_iter().for_each(|m| m.set_recompute(recompute));
+            }
+            fn set_compute_dtype(&mut self, dtype: DType) {
+                <$t>::set_compute_dtype(self, dtype)
             }
             fn run_mut(&mut self) -> &mut RlRun {
                 &mut self.run

@@ -326,6 +326,20 @@ fn a_device_that_cannot_train_is_a_clear_error_before_anything_is_written() {
         assert!(!out.status.success() && err.contains("--device cuda:4096"), "{command}: {err}");
         assert!(!run.exists(), "{command}: nothing is written");
     }
+    // So is a --precision they do not compute in.
+    for (command, input) in [("r1-zero", "--base"), ("r1", "--from"), ("distill", "--from")] {
+        for (precision, words) in [("fp8", "pretraining's recipe"), ("fp16", "expected fp32 or bf16")] {
+            let run = dir.join(command);
+            let out = whale()
+                .args([command, input, base.to_str().unwrap(), "--precision", precision])
+                .args(["--out", run.to_str().unwrap()])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && err.contains(words), "{command} --precision {precision}: {err}");
+            assert!(!run.exists(), "{command}: nothing is written");
+        }
+    }
 }
 
 #[test]
@@ -512,16 +526,31 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     // A policy (and PPO's critic) recomputing its sublayers takes the same steps (the first two
     // of each run above), but for their times.
     let first_two = |run: &Path| metrics_but_speed(run).into_iter().take(2).collect::<Vec<_>>();
-    for algo in ["grpo", "ppo"] {
-        let recomputed = dir.join(format!("{algo}-recompute"));
+    // The runs above (2 steps of them) again into `name`, with `flags`.
+    let again_with = |algo: &str, name: &str, flags: &[&str]| {
+        let run = dir.join(format!("{algo}-{name}"));
         let out = whale()
-            .args(["r1-zero", "--base", ckpt.to_str().unwrap(), "--out", recomputed.to_str().unwrap(), "--steps", "2"])
+            .args(["r1-zero", "--base", ckpt.to_str().unwrap(), "--out", run.to_str().unwrap(), "--steps", "2"])
             .args(["--prompts-per-step", "2", "--group-size", "2", "--eval-problems", "2", "--k", "2"])
-            .args(["--tasks", "add:1", "--algo", algo, "--recompute", "attention,mlp"])
+            .args(["--tasks", "add:1", "--algo", algo])
+            .args(flags)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{algo}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(first_two(&recomputed), first_two(&dir.join(algo)), "{algo}");
+        assert!(out.status.success(), "{algo} {flags:?}: {}", String::from_utf8_lossy(&out.stderr));
+        first_two(&run)
+    };
+    for algo in ["grpo", "ppo"] {
+        assert_eq!(
+            again_with(algo, "recompute", &["--recompute", "attention,mlp"]),
+            first_two(&dir.join(algo)),
+            "{algo}"
+        );
+        // In bf16 the same run computes otherwise, and still trains (finite logs).
+        let logged = again_with(algo, "bf16", &["--precision", "bf16"]);
+        assert_ne!(logged, first_two(&dir.join(algo)), "{algo}: bf16 changes the numbers");
+        for m in &logged {
+            assert!(m["entropy"].as_f64().is_some_and(f64::is_finite), "{algo} bf16: {m}");
+        }
     }
 
     // A user's JSONL prompts instead of the generators.
@@ -961,9 +990,12 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
     // Stage 2 alone would start from --from (the base), not from this run's stage 1.
     let out = again(&["--resume", "--stage", "reasoning-rl"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--stage"), "{out:?}");
-    // --from spelled another way (a trailing slash) names the run's own input.
+    // --from spelled another way (a trailing slash) names the run's own input. (The stages it
+    // runs again compute in bf16: rejection sampling, SFT, the reward model and GRPO; a resumed
+    // run may give another --precision.)
     let out = whale()
         .args(["r1", "--from", &format!("{}/", ckpt.display()), "--out", run.to_str().unwrap(), "--resume"])
+        .args(["--precision", "bf16"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -1081,6 +1113,12 @@ fn r1_runs_its_four_stages_and_each_stage_alone() {
     let (ok, said) = distill(&["--resume"]);
     assert!(ok && said.contains("student-base finished earlier"), "{said}");
     assert_eq!((eval("distilled"), eval("rl-only")), (distilled, rl_only));
+    // Redone in bf16 (a resumed run may give another --precision), the arms train and are
+    // evaluated too.
+    std::fs::remove_file(d.join("distilled/arm.json")).unwrap();
+    std::fs::remove_dir_all(d.join("rl-only")).unwrap();
+    let (ok, said) = distill(&["--resume", "--precision", "bf16"]);
+    assert!(ok && said.contains("student-base finished earlier") && d.join("rl-only/arm.json").exists(), "{said}");
     // A finished run is not started over, nor resumed with other settings or another teacher.
     let (ok, said) = distill(&[]);
     assert!(!ok && said.contains("pass --resume"), "{said}");

@@ -469,7 +469,15 @@ pub trait CausalLm: Send + Sync + std::fmt::Debug {
     /// activations (the same gradients; see [`crate::nn::Recompute`]). A model without decoder
     /// layers (a scripted test double) has nothing to recompute.
     fn set_recompute(&mut self, _recompute: crate::nn::Recompute) {}
-    /// An independent copy (its recompute setting too).
+    /// Computes in `dtype` from the next forward on: f32, or bf16 with the weights kept in f32
+    /// and rounded where they are used (pretraining's `--precision bf16`); logits stay f32. A
+    /// model without decoder layers (a scripted test double) computes in f32 alone.
+    fn set_compute_dtype(&mut self, _dtype: whale_tensor::DType) {}
+    /// What [`CausalLm::set_compute_dtype`] last set.
+    fn compute_dtype(&self) -> whale_tensor::DType {
+        whale_tensor::DType::F32
+    }
+    /// An independent copy (its recompute setting and compute dtype too).
     fn duplicate(&self) -> Result<Box<dyn CausalLm>>;
     /// A copy whose weights live on `device` (forward, backward and AdamW then run there).
     fn to_device(&self, device: &Device) -> Result<Box<dyn CausalLm>>;

@@ -48,6 +48,12 @@ macro_rules! causal_lm_common {
         fn set_recompute(&mut self, recompute: crate::nn::Recompute) {
             <$t>::set_recompute(self, recompute)
         }
+        fn set_compute_dtype(&mut self, dtype: whale_tensor::DType) {
+            self.compute_dtype = dtype;
+        }
+        fn compute_dtype(&self) -> whale_tensor::DType {
+            self.compute_dtype
+        }
     };
 }
 

@@ -24,7 +24,7 @@ use whale_parallel::model::checkpoint::{complete_checkpoint, write_dir_atomicall
 use whale_parallel::model::checkpoint::{load_file, save_file, SaveDType};
 use whale_parallel::model::generate::CacheMode;
 use whale_parallel::model::tensor::optim::{AdamW, AdamWConfig, LrSchedule, WarmupCosine};
-use whale_parallel::model::tensor::{no_grad, Device, ParamStore, Rng, Tensor};
+use whale_parallel::model::tensor::{no_grad, DType, Device, ParamStore, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::{load_pretrained, moved_to, CausalLm};
 use whale_parallel::trainer::check_batch_tokens;
@@ -977,6 +977,14 @@ impl GrpoTrainer {
 
     pub fn done(&self) -> bool {
         self.run.done()
+    }
+
+    /// The policy and its reference compute in `dtype` (f32, or bf16 on f32 weights) from the
+    /// next step on: the rollouts, their log-probs and the update (a resumed run's models load
+    /// in f32).
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.policy.set_compute_dtype(dtype);
+        self.reference.iter_mut().for_each(|r| r.set_compute_dtype(dtype));
     }
 
     /// Writes a checkpoint directory atomically: policy, optimizer, reference, run state.

@@ -262,6 +262,15 @@ impl PpoTrainer {
         self.run.done()
     }
 
+    /// The policy, its reference and the critic's trunk compute in `dtype` (see
+    /// [`crate::grpo::GrpoTrainer::set_compute_dtype`]); the value head reads the trunk's
+    /// hidden states in f32.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.policy.set_compute_dtype(dtype);
+        self.reference.iter_mut().for_each(|r| r.set_compute_dtype(dtype));
+        self.critic.trunk.set_compute_dtype(dtype);
+    }
+
     /// Writes a checkpoint directory atomically: policy, critic, reference, both optimizers, the
     /// PPO settings and the run state.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
