@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use whale_rl::parallel::model::tensor::{DType, Device};
 use whale_rl::parallel::model::tokenizer::{tokenizer_for, Tokenizer};
 use whale_rl::parallel::model::{load_pretrained, moved_to, CausalLm};
+use whale_rl::parallel::trainer::Precision;
 
 /// `--device`: cpu, cuda or cuda:N, opened (an error that names the flag and says why when the
 /// GPU cannot be used).
@@ -30,12 +31,15 @@ pub fn open_or_cpu(flag: Option<&str>) -> Result<Device> {
 /// `--precision` of the post-training commands (absent: fp32): the dtype their models compute
 /// in, weights and optimizer state staying f32 (pretraining's `--precision bf16`). FP8 GEMMs are
 /// pretraining's recipe alone, so fp8 is an error that says so.
-pub fn compute_dtype(flag: Option<&str>) -> Result<DType> {
-    match flag.unwrap_or("fp32") {
-        "fp32" | "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "fp8" => bail!("--precision fp8: post-training computes in fp32 or bf16 (FP8 GEMMs are pretraining's recipe)"),
-        other => bail!("--precision {other}: expected fp32 or bf16"),
+pub fn post_training_dtype(flag: Option<&str>) -> Result<DType> {
+    let flag = flag.unwrap_or("fp32");
+    match Precision::parse(flag) {
+        Ok(Precision::Fp32) => Ok(DType::F32),
+        Ok(Precision::Bf16) => Ok(DType::BF16),
+        Ok(Precision::Fp8) => {
+            bail!("--precision fp8: post-training computes in fp32 or bf16 (FP8 GEMMs are pretraining's recipe)")
+        }
+        Err(_) => bail!("--precision {flag}: expected fp32 or bf16"),
     }
 }
 

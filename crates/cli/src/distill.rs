@@ -212,7 +212,7 @@ fn finish_arm(
 
 pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
-    let dtype = crate::device::compute_dtype(args.precision.as_deref())?;
+    let dtype = crate::device::post_training_dtype(args.precision.as_deref())?;
     let out = args.out.clone().unwrap_or_else(|| crate::r1::sibling_run(&args.from, "distill"));
     let mut s: DistillSettings = crate::settings::for_run(&out, args.config.as_deref(), args.resume)?;
     if let Some(sh) = &args.shared {

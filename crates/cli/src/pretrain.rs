@@ -773,10 +773,7 @@ fn train_rank(comm: &dyn Comm, plan: &RankPlan) -> Result<Option<Trained>> {
                 // The schedule's horizon is `steps`: moving it moves the learning rate from here
                 // on (a finished cosine run extended climbs back from its floor), which is said.
                 // (On the run's replicas: the trainer is not yet wrapped for the mesh.)
-                let lr = |t: &Trainer| {
-                    let position = t.config.schedule_position(t.step, t.consumed_sequences(), plan.mesh.dp);
-                    t.config.schedule().lr_at(position)
-                };
+                let lr = |t: &Trainer| t.config.lr_at(t.step, t.consumed_sequences(), plan.mesh.dp);
                 let before = lr(&t);
                 let old = std::mem::replace(&mut t.config.steps, steps);
                 // V3's switches stretch with it (those the run was not given).

@@ -634,7 +634,7 @@ impl Pipeline {
 /// Runs the requested stage(s); returns each stage's result in order.
 pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
-    let dtype = crate::device::compute_dtype(args.precision.as_deref())?;
+    let dtype = crate::device::post_training_dtype(args.precision.as_deref())?;
     let out = args.out.clone().unwrap_or_else(|| sibling_run(&args.from, "r1"));
     // Derived keys are set by the load and by the defaults.
     let mut s: R1Settings = crate::settings::for_run(&out, args.config.as_deref(), args.resume)?;

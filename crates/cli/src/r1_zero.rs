@@ -179,7 +179,7 @@ impl R1ZeroArgs {
         let changed = crate::settings::changed_flags(&was, &now, &["base", "data", "grpo.steps"]);
         if !changed.is_empty() {
             bail!(
-                "--resume continues {} with its own settings; only --steps and --device may change: {}",
+                "--resume continues {} with its own settings; only --steps may change (--device, --recompute and --precision are not settings): {}",
                 out.join("settings.json").display(),
                 changed.join(", ")
             );
@@ -310,7 +310,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     }
     let pool = s.data.as_deref().map(crate::settings::training_pool).transpose()?;
     let device = crate::device::open_or_cpu(args.device.as_deref())?;
-    let dtype = crate::device::compute_dtype(args.precision.as_deref())?;
+    let dtype = crate::device::post_training_dtype(args.precision.as_deref())?;
     let (mut base, tok) = crate::device::load_with_tokenizer(&args.base, &device, "the base model")?;
     // The base is evaluated as the policy will compute (which starts as its copy).
     base.set_compute_dtype(dtype);

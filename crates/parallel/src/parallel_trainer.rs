@@ -296,7 +296,8 @@ impl<'c> ParallelTrainer<'c> {
 
     /// This rank's trainer, every expert run here again (see [`ParallelTrainer::with_whole_model`]),
     /// its optimizer holding the whole AdamW state (with ZeRO-1 gathered from the shards): a
-    /// collective call.
+    /// collective call. It still counts the mesh's replicas (its schedule's clock places the
+    /// run's sequences by them): it is for evaluating and saving, not for stepping alone.
     pub fn into_trainer(mut self) -> Result<Trainer> {
         self.dp.sync_optimizer()?;
         self.set_dispatch(false);

@@ -361,6 +361,12 @@ impl TrainConfig {
         self.warmup as f64 + (self.steps - self.warmup) as f64 * share
     }
 
+    /// The learning rate of `step` after `consumed` sequences on `replicas` replicas: the
+    /// schedule at [`TrainConfig::schedule_position`].
+    pub fn lr_at(&self, step: u64, consumed: u64, replicas: usize) -> f32 {
+        self.schedule().lr_at(self.schedule_position(step, consumed, replicas))
+    }
+
     pub fn schedule(&self) -> Box<dyn LrSchedule> {
         let (peak, min, warmup, total) = (self.lr, self.min_lr, self.warmup, self.steps);
         match self.lr_schedule {
@@ -595,7 +601,7 @@ impl Trainer {
 
     /// The learning rate the next step takes.
     pub fn scheduled_lr(&self) -> f32 {
-        self.config.schedule().lr_at(self.schedule_position())
+        self.config.lr_at(self.step, self.consumed, self.replicas)
     }
 
     /// The steps' batches are spread over `replicas` data-parallel replicas (a wrapper's call).
@@ -652,7 +658,7 @@ impl Trainer {
         Ok(total / batches.max(1) as f64)
     }
 
-    /// What a step's forward passes take from the step's index (every way of taking a step
+    /// What a step's forward passes take from the schedule's clock (every way of taking a step
     /// calls this first): the scheduled MTP loss weight.
     pub(crate) fn begin_step(&mut self) {
         self.model.mtp_loss_weight =

@@ -606,7 +606,7 @@ fn after_its_warmup_a_ramped_runs_schedule_counts_sequences() {
     let biases = |t: &Trainer| -> Vec<u32> {
         t.model.buffers.values().flat_map(|b| b.to_vec_f32().unwrap()).map(f32::to_bits).collect()
     };
-    let mut t = Trainer::new(model, cfg, data(5)).unwrap();
+    let mut t = Trainer::new(model, cfg.clone(), data(5)).unwrap();
     let mut moved = Vec::new();
     while !t.done() {
         let position = t.schedule_position();
@@ -621,6 +621,20 @@ fn after_its_warmup_a_ramped_runs_schedule_counts_sequences() {
         moved.push(biases(&t) != before);
     }
     assert_eq!(moved, [true, true, true, true, true, false]);
+    // Resumed mid-ramp after its warmup, the clock goes on where it was: the same last steps.
+    let dir = tmpdir("ramp-clock");
+    let ckpt = dir.join("checkpoint");
+    let mut first = Trainer::new(DeepSeekV3::new(DeepSeekV3Config::tiny(), 11).unwrap(), cfg.clone(), data(5)).unwrap();
+    for _ in 0..4 {
+        first.train_step().unwrap();
+    }
+    first.save_checkpoint(&ckpt).unwrap();
+    let mut resumed = Trainer::resume(&ckpt, data(999), None).unwrap();
+    assert_eq!(resumed.schedule_position(), want[4]);
+    while !resumed.done() {
+        resumed.train_step().unwrap();
+    }
+    assert_eq!(bits(&resumed), bits(&t), "resumed after the warmup, mid-ramp");
     // The ramp's small steps take little of the decay: step 3 trains at a higher rate than a
     // step counter would give it.
     let steps_rate = schedule.lr(3);

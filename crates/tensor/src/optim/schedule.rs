@@ -1,4 +1,4 @@
-//! Learning-rate schedules as pure functions of the step.
+//! Learning-rate schedules as pure functions of a position in steps.
 
 /// The learning rate at a position on the schedule's clock, in steps (0-based: the first
 /// optimizer step is step 0). The clock is the step itself, or falls between steps where a run
