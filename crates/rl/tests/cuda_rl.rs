@@ -1,4 +1,5 @@
-//! RL on a GPU against the same on the CPU: GRPO's loss and every gradient for the same rollouts;
+//! RL on a GPU against the same on the CPU: GRPO's loss and every gradient for the same rollouts
+//! (f32, and bf16 as `--precision bf16` computes);
 //! a GRPO step (policy and reference on the GPU), its checkpoint resumed onto the GPU, and a PPO
 //! step (critic there too); a dense Qwen2-style student's greedy decoding and SFT, and the reward
 //! model's Bradley-Terry training, loss by loss. Without a GPU each body runs with the CPU in the
@@ -12,7 +13,7 @@ mod emulator;
 use whale_rl::grpo::{aggregation_weights, grpo_loss, GrpoConfig, GrpoTrainer, LossInputs, LossType};
 use whale_rl::parallel::model::config::DeepSeekV3Config;
 use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
-use whale_rl::parallel::model::tensor::{Device, Rng};
+use whale_rl::parallel::model::tensor::{DType, Device, Rng};
 use whale_rl::parallel::model::testing::assert_greedy_agrees;
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{CausalLm, DeepSeekV3, DenseConfig, DenseModel};
@@ -118,6 +119,35 @@ fn grpo_loss_and_gradients_on_a_gpu_match_the_cpu() {
                 assert_close(&g.to_vec_f32().unwrap(), &c.to_vec_f32().unwrap(), 1e-4, &format!("grad of {name}"))
             }
             _ => panic!("{name}: a gradient on one device only"),
+        }
+    }
+
+    // Post-training in bf16 (`--precision bf16`): both devices round every op's result to bf16,
+    // and where their f32 values differ in the last bits a rounding lands one bf16 step (2^-8)
+    // apart. Averaged over the loss's tokens that stays far inside 1e-2; a gradient, through a
+    // backward of such roundings, within a few steps (3e-2 relative; measured on the emulated
+    // driver: the loss 1e-7 apart, the gradients 0.2-0.9%).
+    let mut cpu16 = tiny(7);
+    CausalLm::set_compute_dtype(&mut cpu16, DType::BF16);
+    let gpu16 = cpu16.to_device(&device).unwrap();
+    assert_eq!(CausalLm::compute_dtype(&gpu16), DType::BF16, "the copy computes in bf16 too");
+    let f32_loss = lc;
+    let (lc, sc, ec) = run(&cpu16, &Device::Cpu);
+    let (lg, sg, eg) = run(&gpu16, &device);
+    assert!(lc != f32_loss, "bf16 computes otherwise than f32");
+    assert!((lc - lg).abs() <= 1e-2 * lc.abs().max(1e-3), "bf16 GRPO loss: GPU {lg} vs CPU {lc}");
+    assert!((sg.kl - sc.kl).abs() <= 1e-2 * sc.kl.abs(), "bf16 KL: GPU {} vs CPU {}", sg.kl, sc.kl);
+    assert!((eg - ec).abs() <= 1e-2 * ec, "bf16 entropy: GPU {eg} vs CPU {ec}");
+    for ((name, c), (_, g)) in cpu16.params.iter().zip(gpu16.params.iter()) {
+        match (c.grad(), g.grad()) {
+            (None, None) => {}
+            (Some(c), Some(g)) => {
+                let (c, g) = (c.to_vec_f32().unwrap(), g.to_vec_f32().unwrap());
+                let norm = c.iter().map(|x| x * x).sum::<f32>().sqrt();
+                let diff = c.iter().zip(&g).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+                assert!(diff <= 3e-2 * norm, "bf16 grad of {name}: GPU {diff} from CPU (norm {norm})");
+            }
+            _ => panic!("{name}: a bf16 gradient on one device only"),
         }
     }
 }
