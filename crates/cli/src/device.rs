@@ -28,19 +28,22 @@ pub fn open_or_cpu(flag: Option<&str>) -> Result<Device> {
     open(flag.unwrap_or("cpu"))
 }
 
-/// `--precision` of the post-training commands (absent: fp32): the dtype their models compute
-/// in, weights and optimizer state staying f32 (pretraining's `--precision bf16`). FP8 GEMMs are
-/// pretraining's recipe alone, so fp8 is an error that says so.
-pub fn post_training_dtype(flag: Option<&str>) -> Result<DType> {
+/// `--precision` of the commands that run a model they do not pretrain (absent: fp32): the
+/// dtype it computes in, the weights (and any optimizer state) staying f32, as pretraining's
+/// `--precision bf16`. fp8 is an error saying where FP8 GEMMs are (`fp8_is`).
+pub fn compute_dtype(flag: Option<&str>, fp8_is: &str) -> Result<DType> {
     let flag = flag.unwrap_or("fp32");
     match Precision::parse(flag) {
         Ok(Precision::Fp32) => Ok(DType::F32),
         Ok(Precision::Bf16) => Ok(DType::BF16),
-        Ok(Precision::Fp8) => {
-            bail!("--precision fp8: post-training computes in fp32 or bf16 (FP8 GEMMs are pretraining's recipe)")
-        }
+        Ok(Precision::Fp8) => bail!("--precision fp8: this command computes in fp32 or bf16 ({fp8_is})"),
         Err(_) => bail!("--precision {flag}: expected fp32 or bf16"),
     }
+}
+
+/// [`compute_dtype`] of the post-training commands (r1-zero, r1, distill).
+pub fn post_training_dtype(flag: Option<&str>) -> Result<DType> {
+    compute_dtype(flag, "FP8 GEMMs are pretraining's recipe")
 }
 
 /// The checkpoint at `dir` (`what` it is, for errors), its weights on `device`.

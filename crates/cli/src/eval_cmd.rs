@@ -55,6 +55,10 @@ pub struct EvalArgs {
     /// cpu (the default), or cuda / cuda:N: the model samples there.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// fp32 (the default) or bf16: the dtype the model computes in (as `--precision` of the
+    /// post-training commands, whose evaluations it then reproduces).
+    #[arg(long)]
+    pub precision: Option<String>,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -70,7 +74,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
     // (--all-lines scores every line of the file, which has at least one.)
     crate::settings::check_evaluation(if a.all_lines { usize::MAX } else { a.problems }, a.k, "--problems", "--k")?;
     let device = crate::device::open(&a.device)?;
-    let model = crate::device::load(&a.checkpoint, &device, "the checkpoint")?;
+    let dtype = crate::device::compute_dtype(a.precision.as_deref(), "FP8 GEMMs run in `whale generate --fp8`")?;
+    let mut model = crate::device::load(&a.checkpoint, &device, "the checkpoint")?;
+    model.set_compute_dtype(dtype);
     let problems = match &a.data {
         Some(path) if a.all_lines => load_jsonl(path)?,
         Some(path) => {

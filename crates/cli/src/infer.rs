@@ -61,18 +61,25 @@ pub struct GenerateArgs {
     /// stay FP8 on the GPU). Sampling reads each step's logits back.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// fp32 (the default) or bf16: the dtype the model computes in, its weights kept as loaded
+    /// (DeepSeek-V3's generate.py runs in bf16; with --fp8, bf16 activations quantised for the
+    /// FP8 GEMMs, as its act_quant takes them).
+    #[arg(long)]
+    pub precision: Option<String>,
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let cache = CacheMode::parse(&a.cache).with_context(|| format!("--cache {}: expected naive or absorb", a.cache))?;
     let device = crate::device::open(&a.device)?;
+    let dtype = crate::device::compute_dtype(a.precision.as_deref(), "--fp8 runs an FP8 release's GEMMs in FP8")?;
     let loading = || format!("loading {}", a.checkpoint.display());
     let model: Box<dyn CausalLm> = if a.fp8 {
         Box::new(DeepSeekV3::from_pretrained_fp8(&a.checkpoint).with_context(loading)?)
     } else {
         load_pretrained(&a.checkpoint).with_context(loading)?
     };
-    let model = moved_to(model, &device).with_context(|| format!("moving the model to {}", a.device))?;
+    let mut model = moved_to(model, &device).with_context(|| format!("moving the model to {}", a.device))?;
+    model.set_compute_dtype(dtype);
     let tok = tokenizer_for(&a.checkpoint)?;
     crate::device::check_fits(&*tok, &*model, &a.checkpoint, "the checkpoint")?;
     let prompt = tok.encode_prompt(&a.prompt).with_context(|| "encoding the prompt")?;

@@ -866,6 +866,16 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already exists"));
     let out = generate(&fp8, 4, &["--fp8"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("12+7="));
+    // In bf16, as the reference's generate.py runs (with --fp8 its activations are quantised
+    // from bf16), and evaluated so; fp8 is --fp8's, not --precision's.
+    for extra in [&["--precision", "bf16"][..], &["--fp8", "--precision", "bf16"]] {
+        let out = generate(&fp8, 4, extra);
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && stdout.starts_with("12+7="), "{extra:?}: {stdout}{stderr}");
+    }
+    assert_eq!(eval(&["--precision", "bf16"]), held_out);
+    let out = generate(&fp8, 4, &["--precision", "fp8"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--fp8 runs"));
     // A checkpoint with an HF tokenizer keeps it, and its generation config, in the release.
     let with_tokenizer = dir.join("with-tokenizer");
     copy_checkpoint(&ckpt, &with_tokenizer);
