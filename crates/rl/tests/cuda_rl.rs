@@ -112,15 +112,7 @@ fn grpo_loss_and_gradients_on_a_gpu_match_the_cpu() {
     assert!(sc.clip_low > 0.0 && sc.clip_high > 0.0, "both clips bind somewhere: {sc:?}");
     assert!((sg.kl - sc.kl).abs() <= 1e-4 * sc.kl.abs(), "KL: GPU {} vs CPU {}", sg.kl, sc.kl);
     assert!((eg - ec).abs() <= 1e-4 * ec, "entropy: GPU {eg} vs CPU {ec}");
-    for ((name, c), (_, g)) in cpu.params.iter().zip(on_gpu.params.iter()) {
-        match (c.grad(), g.grad()) {
-            (None, None) => {}
-            (Some(c), Some(g)) => {
-                assert_close(&g.to_vec_f32().unwrap(), &c.to_vec_f32().unwrap(), 1e-4, &format!("grad of {name}"))
-            }
-            _ => panic!("{name}: a gradient on one device only"),
-        }
-    }
+    each_gradient_pair(&cpu, &on_gpu, |name, c, g| assert_close(g, c, 1e-4, &format!("grad of {name}")));
 
     // Post-training in bf16 (`--precision bf16`): both devices round every op's result to bf16,
     // and where their f32 values differ in the last bits a rounding lands one bf16 step (2^-8)
@@ -138,16 +130,21 @@ fn grpo_loss_and_gradients_on_a_gpu_match_the_cpu() {
     assert!((lc - lg).abs() <= 1e-2 * lc.abs().max(1e-3), "bf16 GRPO loss: GPU {lg} vs CPU {lc}");
     assert!((sg.kl - sc.kl).abs() <= 1e-2 * sc.kl.abs(), "bf16 KL: GPU {} vs CPU {}", sg.kl, sc.kl);
     assert!((eg - ec).abs() <= 1e-2 * ec, "bf16 entropy: GPU {eg} vs CPU {ec}");
-    for ((name, c), (_, g)) in cpu16.params.iter().zip(gpu16.params.iter()) {
+    each_gradient_pair(&cpu16, &gpu16, |name, c, g| {
+        let norm = c.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let diff = c.iter().zip(g).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+        assert!(diff <= 3e-2 * norm, "bf16 grad of {name}: GPU {diff} from CPU (norm {norm})");
+    });
+}
+
+/// Runs `check(name, cpu, gpu)` on each parameter's gradient values, CPU model first; a gradient
+/// that only one of the two models has fails the test.
+fn each_gradient_pair(cpu: &DeepSeekV3, gpu: &DeepSeekV3, check: impl Fn(&str, &[f32], &[f32])) {
+    for ((name, c), (_, g)) in cpu.params.iter().zip(gpu.params.iter()) {
         match (c.grad(), g.grad()) {
             (None, None) => {}
-            (Some(c), Some(g)) => {
-                let (c, g) = (c.to_vec_f32().unwrap(), g.to_vec_f32().unwrap());
-                let norm = c.iter().map(|x| x * x).sum::<f32>().sqrt();
-                let diff = c.iter().zip(&g).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
-                assert!(diff <= 3e-2 * norm, "bf16 grad of {name}: GPU {diff} from CPU (norm {norm})");
-            }
-            _ => panic!("{name}: a bf16 gradient on one device only"),
+            (Some(c), Some(g)) => check(name, &c.to_vec_f32().unwrap(), &g.to_vec_f32().unwrap()),
+            _ => panic!("{name}: a gradient on one device only"),
         }
     }
 }
