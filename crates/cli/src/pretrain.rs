@@ -572,11 +572,11 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let tok = CharTokenizer::new();
     // Building the corpus refuses its shares (`letters`, `imperfect`, `mixing`) before anything
     // is written.
-    let tasks = corpus(&s)?.tasks;
+    let mut text = CorpusData::new(corpus(&s)?, tok.clone());
     // So are tasks whose documents do not fit the rows (the stream refuses one mid-run too).
-    CorpusData::new(corpus(&s)?, tok.clone())
-        .check_fit(s.seq_len, 16_384)
+    text.check_fit(s.seq_len, 16_384)
         .with_context(|| format!("--seq-len {}: rows too short for --tasks {}", s.seq_len, s.tasks))?;
+    let tasks = text.corpus.tasks;
     let ckpt = s.out.join("checkpoint");
     let metrics = s.out.join("metrics.jsonl");
     // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
