@@ -2,7 +2,7 @@
 
 use whale_rl::grpo::{
     aggregation_weights, checkable_steps, grid, group_advantages, grpo_loss, process_advantages, score_rollouts,
-    GrpoConfig, GrpoTrainer, LossInputs, LossType, ScaleRewards,
+    GrpoConfig, GrpoTrainer, LossInputs, LossStats, LossType, ScaleRewards,
 };
 use whale_rl::parallel::model::config::DeepSeekV3Config;
 use whale_rl::parallel::model::generate::CacheMode;
@@ -329,6 +329,85 @@ fn dr_grpo_weights_do_not_depend_on_completion_length_and_dapo_counts_the_whole_
     let first = PackedBatch::new(&refs[..2], &CharTokenizer::new(), &Device::Cpu).unwrap();
     let w1 = aggregation_weights(LossType::Dapo, &first, 0..2, &active, &lengths, 2, 10).unwrap().to_vec_f32().unwrap();
     assert!(w1.iter().filter(|&&x| x > 0.0).all(|&x| (x - 1.0 / 12.0).abs() < 1e-9));
+}
+
+/// TRL's GRPOTrainer._compute_loss, run by scripts/make_rl_reference.py on four completions of
+/// lengths 6, 3, 5 and 2 with both clips binding: for each aggregation (grpo, bnpo, dr_grpo,
+/// dapo), beta 0 and 0.04, and the step in one micro-batch or two, the summed loss and the
+/// gradient at every completion token; with one micro-batch also TRL's logged clip ratios and KL.
+/// Here each micro-batch is packed as a GRPO step packs it and weighted by `aggregation_weights`.
+#[test]
+fn grpo_loss_and_its_aggregations_match_trl() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trl_grpo_loss/expected.json");
+    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let f32s = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let rows = |key: &str| -> Vec<Vec<f32>> { e[key].as_array().unwrap().iter().map(f32s).collect() };
+    let (l, old, reference) = (rows("logprobs"), rows("old"), rows("reference"));
+    let lengths: Vec<usize> = l.iter().map(Vec::len).collect();
+    // TRL's advantages are one per completion, broadcast over its tokens.
+    let adv: Vec<Vec<f32>> = f32s(&e["advantages"]).iter().zip(&lengths).map(|(&a, &n)| vec![a; n]).collect();
+    let number = |key: &str| e[key].as_f64().unwrap();
+    let (eps_low, eps_high) = (number("epsilon_low") as f32, number("epsilon_high") as f32);
+    let max_len = e["max_completion_length"].as_u64().unwrap() as usize;
+    let rollouts: Vec<Rollout> = lengths.iter().map(|&n| rollout(2, n)).collect();
+    let active = vec![true; lengths.len()];
+    let cases = e["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 16, "4 aggregations x 2 betas x 2 micro-batchings");
+    for case in cases {
+        let loss_type: LossType = serde_json::from_value(case["loss_type"].clone()).unwrap();
+        let beta = case["beta"].as_f64().unwrap() as f32;
+        let micro: Vec<Vec<usize>> = serde_json::from_value(case["micro_batches"].clone()).unwrap();
+        let name = format!("{loss_type:?}, beta {beta}, {} micro-batches", micro.len());
+        let (mut loss, mut stats, mut grad) = (0.0f64, LossStats::default(), vec![Vec::new(); lengths.len()]);
+        for rows in &micro {
+            let refs: Vec<&Rollout> = rows.iter().map(|&i| &rollouts[i]).collect();
+            let batch = PackedBatch::new(&refs, &CharTokenizer::new(), &Device::Cpu).unwrap();
+            let pack = |v: &[Vec<f32>]| batch.scatter_tokens(&rows.iter().map(|&i| v[i].clone()).collect::<Vec<_>>());
+            let span = rows[0]..rows[rows.len() - 1] + 1;
+            let inp = LossInputs {
+                logprobs: pack(&l).unwrap().variable(),
+                old: pack(&old).unwrap(),
+                reference: Some(pack(&reference).unwrap()),
+                advantages: pack(&adv).unwrap(),
+                weights: aggregation_weights(loss_type, &batch, span, &active, &lengths, micro.len(), max_len).unwrap(),
+            };
+            let (part, part_stats) = grpo_loss(&inp, eps_low, eps_high, beta).unwrap();
+            part.backward().unwrap();
+            loss += part.to_scalar().unwrap() as f64;
+            stats.add(&part_stats);
+            let g = inp.logprobs.grad().unwrap().to_vec_f32().unwrap();
+            for (j, &i) in rows.iter().enumerate() {
+                grad[i] = batch.row_tokens(&g, j).to_vec();
+            }
+        }
+        // f32 arithmetic here against TRL's on float64 leaves: a few f32 roundings apart.
+        let want = case["loss"].as_f64().unwrap();
+        assert!(close(loss, want, 1e-5 * want.abs().max(1e-2)), "{name}: loss {loss} vs TRL's {want}");
+        let want: Vec<Vec<f32>> = case["grad"].as_array().unwrap().iter().map(f32s).collect();
+        let scale = want.iter().flatten().fold(0.0f32, |m, x| m.max(x.abs()));
+        for (i, (got, want)) in grad.iter().zip(&want).enumerate() {
+            assert_eq!(got.len(), want.len(), "{name}: completion {i}'s tokens");
+            for (t, (a, b)) in got.iter().zip(want).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * scale, "{name}: d loss / d logprob ({i},{t}): {a} vs TRL's {b}");
+            }
+        }
+        if micro.len() == 1 {
+            let mean = |sum: f64| sum / stats.tokens;
+            assert_eq!(mean(stats.clip_low), case["clip_ratio_low"].as_f64().unwrap(), "{name}: clip_ratio/low_mean");
+            assert_eq!(
+                mean(stats.clip_high),
+                case["clip_ratio_high"].as_f64().unwrap(),
+                "{name}: clip_ratio/high_mean"
+            );
+            assert!(stats.clip_low > 0.0 && stats.clip_high > 0.0, "{name}: both clips bind somewhere");
+            if beta > 0.0 {
+                let want = case["kl"].as_f64().unwrap();
+                assert!(close(mean(stats.kl), want, 1e-5 * want), "{name}: KL {} vs TRL's {want}", mean(stats.kl));
+            }
+        }
+    }
 }
 
 /// Three samples per prompt of up to 12 tokens at `temperature`, through the absorbed cache.
