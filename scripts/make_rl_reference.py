@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Writes crates/rl/tests/fixtures/trl_grpo_loss/expected.json: the GRPO objective as TRL computes
-it, which crates/rl/tests/grpo.rs compares whale_rl's grpo_loss and aggregation_weights against.
+"""Writes the RL fixtures crates/rl/tests/grpo.rs compares whale_rl against.
+
+crates/rl/tests/fixtures/trl_grpo_loss/expected.json: the GRPO objective as TRL computes it, for
+whale_rl's grpo_loss and aggregation_weights.
 
 Independent implementation: TRL's own GRPOTrainer._compute_loss, called unbound on a stand-in
 trainer that holds only the settings the loss reads, with the policy's per-token log-probs
@@ -12,8 +14,17 @@ batch's loss by the accumulation steps, and dapo by the whole generation batch's
 case records the summed loss, d loss / d log-prob at every completion token, and for the one-
 micro-batch cases TRL's logged clip_ratio/low_mean, clip_ratio/high_mean and kl.
 
+crates/rl/tests/fixtures/verl_ppo/expected.json: verl's own functions (verl.trainer.ppo.core_algos)
+on the same kind of inputs, for the rest of PPO and GRPO's arithmetic: compute_gae_advantage_return
+(GAE per completion, then the advantages whitened over the batch's tokens) against
+whale_rl::ppo::ppo_advantages; compute_value_loss (clipped, token-mean) and its gradient against
+value_loss; kl_penalty's low_var_kl (k3 with verl's clamps, both made to bind) and its gradient
+against grpo_loss's KL term; compute_grpo_outcome_advantage at TRL's epsilon 1e-4, groups of four
+and of one, against group_advantages.
+
 Run once from the repo root (CI never does):
   python3 -m venv .venv && .venv/bin/pip install torch trl
+  .venv/bin/pip install --no-deps verl && .venv/bin/pip install ray tensordict orjson codetiming omegaconf
   .venv/bin/python scripts/make_rl_reference.py
 """
 
@@ -24,10 +35,11 @@ from types import SimpleNamespace
 
 import torch
 from trl import GRPOTrainer
+from verl.trainer.ppo import core_algos
 
 from provenance import stamp
 
-OUT = os.path.join(os.path.dirname(__file__), "..", "crates", "rl", "tests", "fixtures", "trl_grpo_loss")
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "crates", "rl", "tests", "fixtures")
 # Four completions of one group, of different lengths, padded to the longest (TRL's layout).
 LENGTHS = [6, 3, 5, 2]
 MAX_COMPLETION_LENGTH = 6
@@ -128,7 +140,7 @@ def main():
                         case["kl"] = metrics["kl"][0]
                 cases.append(case)
     expected = {
-        "provenance": stamp(__file__, ["torch", "trl"]),
+        "provenance": stamp(__file__, ["torch", "trl", "verl"]),
         "epsilon_low": EPSILON_LOW,
         "epsilon_high": EPSILON_HIGH,
         "max_completion_length": MAX_COMPLETION_LENGTH,
@@ -138,11 +150,99 @@ def main():
         "advantages": advantages.tolist(),
         "cases": cases,
     }
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "expected.json"), "w") as f:
+    write("trl_grpo_loss", expected)
+    write("verl_ppo", verl_ppo())
+
+
+def write(name, expected):
+    out = os.path.join(FIXTURES, name)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1)
         f.write("\n")
-    print(f"wrote {len(cases)} cases to {os.path.relpath(OUT)}/expected.json")
+    print(f"wrote {os.path.relpath(out)}/expected.json")
+
+
+def rows_of(t, lengths):
+    return [t[i, :n].tolist() for i, n in enumerate(lengths)]
+
+
+def verl_ppo():
+    g = torch.Generator().manual_seed(1)
+    lengths = [6, 3, 5, 2]
+    b, t = len(lengths), max(lengths)
+    mask = torch.tensor([[1.0 if j < n else 0.0 for j in range(t)] for n in lengths], dtype=torch.float64)
+
+    def uniform(lo, hi):
+        return f32(lo + (hi - lo) * torch.rand(b, t, generator=g, dtype=torch.float64)) * mask
+
+    # GAE: per-token rewards as PPO builds them (a small KL penalty on every token, the score on
+    # the last) and value estimates; verl whitens the advantages over the batch's tokens.
+    token_rewards = uniform(-0.05, 0.05)
+    scores = [1.0, 0.0, 1.5, -0.5]
+    for i, n in enumerate(lengths):
+        token_rewards[i, n - 1] += scores[i]
+    token_rewards = f32(token_rewards)
+    values = uniform(-0.5, 1.0)
+    gae = []
+    for gamma, lam in [(1.0, 0.95), (0.99, 1.0)]:
+        advantages, returns = core_algos.compute_gae_advantage_return(token_rewards, values, mask, gamma, lam)
+        gae.append(
+            {
+                "gamma": gamma,
+                "lam": lam,
+                "advantages": rows_of(advantages, lengths),
+                "returns": rows_of(returns, lengths),
+            }
+        )
+
+    # The clipped value loss: predictions past the clip either side of the old values.
+    old_values = values
+    vpreds = f32(old_values + uniform(-0.5, 0.5)).requires_grad_(True)
+    returns = f32(returns)
+    vf_loss, _ = core_algos.compute_value_loss(vpreds, returns, old_values, mask, cliprange_value=0.2)
+    vf_loss.backward()
+    value = {
+        "cliprange_value": 0.2,
+        "vpreds": rows_of(vpreds.detach(), lengths),
+        "old_values": rows_of(old_values, lengths),
+        "returns": rows_of(returns, lengths),
+        "loss": vf_loss.item(),
+        "grad": rows_of(vpreds.grad, lengths),
+    }
+
+    # k3 with verl's clamps: log-ratios past +-20 and k3 past 10 among ordinary ones.
+    logprob = uniform(-2.5, -0.1)
+    ref = f32(logprob + uniform(-0.6, 0.6))
+    ref[0, 1] = logprob[0, 1] + 3.0  # k3 = e^3 - 4 > 10: clamped
+    ref[1, 0] = logprob[1, 0] - 12.0  # k3 = e^-12 + 11 > 10: clamped
+    ref[2, 3] = logprob[2, 3] + 25.0  # the log-ratio clamped to 20, then k3 too
+    ref = f32(ref)
+    leaf = logprob.clone().requires_grad_(True)
+    kl = core_algos.kl_penalty(leaf, ref, "low_var_kl")
+    (kl * mask).sum().backward()
+    k3 = {
+        "logprob": rows_of(logprob, lengths),
+        "reference": rows_of(ref, lengths),
+        "k3": rows_of(kl.detach(), lengths),
+        "grad": rows_of(leaf.grad, lengths),
+    }
+
+    # GRPO's outcome advantages: two groups of four (one with equal rewards) and two of one.
+    rewards = [1.0, 0.0, 0.5, 1.0, 0.5, 0.5, 0.5, 0.5, 0.7, -0.3]
+    index = ["a"] * 4 + ["b"] * 4 + ["c", "d"]
+    outcome_rewards = torch.tensor(rewards, dtype=torch.float64).unsqueeze(-1)
+    outcome, _ = core_algos.compute_grpo_outcome_advantage(
+        outcome_rewards, torch.ones_like(outcome_rewards), index, epsilon=1e-4
+    )
+    grpo = {"rewards": rewards, "groups": [4, 4, 1, 1], "epsilon": 1e-4, "advantages": outcome[:, 0].tolist()}
+    return {
+        "provenance": stamp(__file__, ["torch", "trl", "verl"]),
+        "gae": {"rewards": rows_of(token_rewards, lengths), "values": rows_of(values, lengths), "cases": gae},
+        "value_loss": value,
+        "k3": k3,
+        "grpo_advantages": grpo,
+    }
 
 
 if __name__ == "__main__":

@@ -295,13 +295,14 @@ fn mean_std(xs: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
 /// Outcome advantages (spec 1.3): `(r - group mean) / (std + 1e-4)` with the std of the group,
 /// of the batch, or none. NaN rewards (no reward applied) are left out of the statistics and get
 /// advantage 0. A group of one completion has no baseline: it is not centred, and `group` scaling
-/// leaves it the raw reward (verl's rule; `batch` still divides it by the batch's std).
+/// takes its std as 1, so it gets `r / (1 + 1e-4)` (verl's rule, at TRL's epsilon; `batch` still
+/// divides it by the batch's std).
 pub fn group_advantages(rewards: &[f64], group: usize, scale: ScaleRewards) -> Vec<f64> {
     let batch_std = mean_std(rewards.iter().copied()).map_or(0.0, |(_, s)| s);
     let mut out = vec![0.0; rewards.len()];
     for (g, chunk) in rewards.chunks(group.max(1)).enumerate() {
         let Some((mean, std)) = mean_std(chunk.iter().copied()) else { continue };
-        let (mean, std) = if group == 1 { (0.0, 1.0 - STD_EPS) } else { (mean, std) };
+        let (mean, std) = if group == 1 { (0.0, 1.0) } else { (mean, std) };
         for (j, &r) in chunk.iter().enumerate() {
             if !r.is_finite() {
                 continue;

@@ -134,6 +134,29 @@ pub fn gae(rewards: &[f64], values: &[f64], gamma: f64, lam: f64) -> (Vec<f64>, 
     (adv, returns)
 }
 
+/// PPO's advantages and returns for a batch (spec 4.3), from each completion's per-token rewards
+/// and value estimates: [`gae`] per completion with `(gamma, lambda)`, then, with `whiten`, the
+/// advantages of the `active` completions whitened together over their tokens (verl's
+/// `compute_gae_advantage_return`, TRL's PPO). An inactive completion (no reward applied) gets
+/// advantage 0 and is left out of the whitening.
+pub fn ppo_advantages(
+    rewards: &[Vec<f64>],
+    values: &[Vec<f64>],
+    active: &[bool],
+    (gamma, lam): (f64, f64),
+    whiten_advantages: bool,
+) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let (mut advantages, returns): (Vec<_>, Vec<_>) =
+        rewards.iter().zip(values).map(|(r, v)| gae(r, v, gamma, lam)).unzip();
+    if whiten_advantages {
+        whiten(&mut advantages, active);
+    }
+    for (a, _) in advantages.iter_mut().zip(active).filter(|(_, &on)| !on) {
+        a.fill(0.0);
+    }
+    (advantages, returns)
+}
+
 const PPO_FILE: &str = "ppo.json";
 const HEAD: &str = "value_head.weight";
 const HEAD_FILE: &str = "value_head.safetensors";
@@ -339,7 +362,8 @@ impl PpoTrainer {
         // trained as a score of 0.
         let active: Vec<bool> = scored.iter().map(|s| s.scores.total.is_finite()).collect();
         // Per completion: its frozen log-probs and value estimates, advantages and returns.
-        let (mut old, mut old_values, mut advantages, mut returns) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut old, mut old_values, mut token_rewards, mut estimates) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         // The logged KL covers the completions the loss trains on (`active`).
         let (mut kl_sum, mut kl_tokens) = (0.0, 0usize);
         for (c, batch) in chunks.iter().zip(&packed) {
@@ -357,7 +381,7 @@ impl PpoTrainer {
                 let l_old = batch.row_tokens(&lpv, j);
                 old.push(l_old.to_vec());
                 old_values.push(batch.row_tokens(&vv, j).to_vec());
-                let vals: Vec<f64> = batch.row_tokens(&vv, j).iter().map(|&x| x as f64).collect();
+                estimates.push(batch.row_tokens(&vv, j).iter().map(|&x| x as f64).collect());
                 // k1 = l_old - l_ref per token, as a penalty in the reward (spec 4.2).
                 let k1: Vec<f64> = match &rfv {
                     Some(rf) => l_old.iter().zip(batch.row_tokens(rf, j)).map(|(&a, &b)| (a - b) as f64).collect(),
@@ -371,17 +395,11 @@ impl PpoTrainer {
                 if let Some(last) = r.last_mut() {
                     *last += final_score(&scored[i], active[i], ppo.missing_eos_penalty);
                 }
-                let (a, g) = gae(&r, &vals, ppo.gamma, ppo.lam);
-                advantages.push(a);
-                returns.push(g);
+                token_rewards.push(r);
             }
         }
-        if ppo.whiten_advantages {
-            whiten(&mut advantages, &active);
-        }
-        for (a, _) in advantages.iter_mut().zip(&active).filter(|(_, &on)| !on) {
-            a.fill(0.0);
-        }
+        let (advantages, returns) =
+            ppo_advantages(&token_rewards, &estimates, &active, (ppo.gamma, ppo.lam), ppo.whiten_advantages);
         for (s, a) in scored.iter_mut().zip(&advantages) {
             s.advantages.clone_from(a);
         }

@@ -10,7 +10,7 @@ use whale_rl::parallel::model::tensor::testing::GradCheck;
 use whale_rl::parallel::model::tensor::{Device, Rng, Tensor};
 use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{CausalLm, DeepSeekV3};
-use whale_rl::ppo::value_loss;
+use whale_rl::ppo::{ppo_advantages, value_loss};
 use whale_rl::rewards::{RewardSet, Sample};
 use whale_rl::rollout::{sample_groups, score, PackedBatch, Rollout, RolloutConfig};
 use whale_rl::tasks::{Problem, Split, TaskSet};
@@ -338,13 +338,8 @@ fn dr_grpo_weights_do_not_depend_on_completion_length_and_dapo_counts_the_whole_
 /// Here each micro-batch is packed as a GRPO step packs it and weighted by `aggregation_weights`.
 #[test]
 fn grpo_loss_and_its_aggregations_match_trl() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trl_grpo_loss/expected.json");
-    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let f32s = |v: &serde_json::Value| -> Vec<f32> {
-        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-    };
-    let rows = |key: &str| -> Vec<Vec<f32>> { e[key].as_array().unwrap().iter().map(f32s).collect() };
-    let (l, old, reference) = (rows("logprobs"), rows("old"), rows("reference"));
+    let e = fixture("trl_grpo_loss");
+    let (l, old, reference) = (rows(&e["logprobs"]), rows(&e["old"]), rows(&e["reference"]));
     let lengths: Vec<usize> = l.iter().map(Vec::len).collect();
     // TRL's advantages are one per completion, broadcast over its tokens.
     let adv: Vec<Vec<f32>> = f32s(&e["advantages"]).iter().zip(&lengths).map(|(&a, &n)| vec![a; n]).collect();
@@ -385,7 +380,7 @@ fn grpo_loss_and_its_aggregations_match_trl() {
         // f32 arithmetic here against TRL's on float64 leaves: a few f32 roundings apart.
         let want = case["loss"].as_f64().unwrap();
         assert!(close(loss, want, 1e-5 * want.abs().max(1e-2)), "{name}: loss {loss} vs TRL's {want}");
-        let want: Vec<Vec<f32>> = case["grad"].as_array().unwrap().iter().map(f32s).collect();
+        let want = rows(&case["grad"]);
         let scale = want.iter().flatten().fold(0.0f32, |m, x| m.max(x.abs()));
         for (i, (got, want)) in grad.iter().zip(&want).enumerate() {
             assert_eq!(got.len(), want.len(), "{name}: completion {i}'s tokens");
@@ -407,6 +402,113 @@ fn grpo_loss_and_its_aggregations_match_trl() {
                 assert!(close(mean(stats.kl), want, 1e-5 * want), "{name}: KL {} vs TRL's {want}", mean(stats.kl));
             }
         }
+    }
+}
+
+/// A reference fixture of scripts/make_rl_reference.py.
+fn fixture(name: &str) -> serde_json::Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{name}/expected.json"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+fn f32s(v: &serde_json::Value) -> Vec<f32> {
+    f64s(v).into_iter().map(|x| x as f32).collect()
+}
+
+fn rows(v: &serde_json::Value) -> Vec<Vec<f32>> {
+    v.as_array().unwrap().iter().map(f32s).collect()
+}
+
+/// `got` within `tol` of `want` relative to `want`'s largest magnitude, value by value.
+fn assert_near(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!((a - b).abs() <= tol * scale, "{what}[{i}]: {a} vs the reference's {b}");
+    }
+}
+
+/// verl's own functions (verl.trainer.ppo.core_algos, run by scripts/make_rl_reference.py) on
+/// four completions of lengths 6, 3, 5 and 2: GAE then whitening at two (gamma, lambda), the
+/// clipped value loss and its gradient with predictions past the clip both ways, low_var_kl (k3)
+/// and its gradient with both of verl's clamps binding, and GRPO's outcome advantages for
+/// groups of four (one of equal rewards) and of one.
+#[test]
+fn ppo_and_grpo_arithmetic_match_verl() {
+    let e = fixture("verl_ppo");
+    let flat = |v: &serde_json::Value| rows(v).concat();
+
+    let gae = &e["gae"];
+    let to_f64 =
+        |r: Vec<Vec<f32>>| -> Vec<Vec<f64>> { r.into_iter().map(|r| r.into_iter().map(f64::from).collect()).collect() };
+    let (rewards, values) = (to_f64(rows(&gae["rewards"])), to_f64(rows(&gae["values"])));
+    let active = vec![true; rewards.len()];
+    for case in gae["cases"].as_array().unwrap() {
+        let (gamma, lam) = (case["gamma"].as_f64().unwrap(), case["lam"].as_f64().unwrap());
+        let (advantages, returns) = ppo_advantages(&rewards, &values, &active, (gamma, lam), true);
+        let narrow = |r: Vec<Vec<f64>>| -> Vec<f32> { r.concat().into_iter().map(|x| x as f32).collect() };
+        let what = format!("gamma {gamma}, lambda {lam}");
+        assert_near(&narrow(advantages), &flat(&case["advantages"]), 1e-6, &format!("{what}: whitened advantages"));
+        assert_near(&narrow(returns), &flat(&case["returns"]), 1e-6, &format!("{what}: returns"));
+    }
+
+    // The value loss over one row of every token, token-mean weights.
+    let v = &e["value_loss"];
+    let grid1 = |x: Vec<f32>| grid(&[x]).unwrap();
+    let preds = grid1(flat(&v["vpreds"])).variable();
+    let tokens = flat(&v["vpreds"]).len();
+    let weights = grid1(vec![1.0 / tokens as f32; tokens]);
+    let eps = v["cliprange_value"].as_f64().unwrap() as f32;
+    let loss = value_loss(&preds, &grid1(flat(&v["old_values"])), &grid1(flat(&v["returns"])), &weights, eps).unwrap();
+    let want = v["loss"].as_f64().unwrap();
+    assert!(
+        close(loss.to_scalar().unwrap() as f64, want, 1e-6),
+        "value loss {} vs verl's {want}",
+        loss.to_scalar().unwrap()
+    );
+    loss.backward().unwrap();
+    let clipped = flat(&v["grad"]).iter().filter(|&&g| g == 0.0).count();
+    assert!(clipped > 0 && clipped < tokens, "the clip binds on some tokens, not all ({clipped} of {tokens})");
+    assert_near(&preds.grad().unwrap().to_vec_f32().unwrap(), &flat(&v["grad"]), 1e-6, "value loss gradient");
+
+    // k3 is grpo_loss's KL term: zero advantages leave `beta * sum(w * k3)` with beta = w = 1.
+    let k = &e["k3"];
+    let l = flat(&k["logprob"]);
+    let zeros = grid1(vec![0.0; l.len()]);
+    let inp = LossInputs {
+        logprobs: grid1(l.clone()).variable(),
+        old: grid1(l.clone()),
+        reference: Some(grid1(flat(&k["reference"]))),
+        advantages: zeros.clone(),
+        weights: grid1(vec![1.0; l.len()]),
+    };
+    let (loss, stats) = grpo_loss(&inp, 0.2, 0.2, 1.0).unwrap();
+    let want: Vec<f32> = flat(&k["k3"]);
+    assert_eq!(want.iter().filter(|&&x| x == 10.0).count(), 3, "the fixture's three clamped tokens");
+    let sum: f64 = want.iter().map(|&x| x as f64).sum();
+    assert!(
+        close(stats.kl, sum, 1e-6) && close(loss.to_scalar().unwrap() as f64, sum, 1e-6),
+        "k3 sum {} vs verl's {sum}",
+        stats.kl
+    );
+    loss.backward().unwrap();
+    assert_near(&inp.logprobs.grad().unwrap().to_vec_f32().unwrap(), &flat(&k["grad"]), 1e-6, "k3 gradient");
+
+    // Outcome advantages: the groups of four in one call, the groups of one in another.
+    let o = &e["grpo_advantages"];
+    let (r, want) = (f64s(&o["rewards"]), f64s(&o["advantages"]));
+    assert_eq!(o["groups"], serde_json::json!([4, 4, 1, 1]));
+    assert_eq!(o["epsilon"].as_f64(), Some(1e-4), "TRL's epsilon, which group_advantages uses");
+    let got =
+        [group_advantages(&r[..8], 4, ScaleRewards::Group), group_advantages(&r[8..], 1, ScaleRewards::Group)].concat();
+    // verl holds a group of one's std as a float32 1, so its 1 + epsilon is rounded to f32
+    // (2^-24 relative); without the epsilon the groups of one would be 1e-4 off.
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(close(*a, *b, 1e-7), "completion {i}: advantage {a} vs verl's {b}");
     }
 }
 
