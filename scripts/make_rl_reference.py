@@ -18,7 +18,8 @@ crates/rl/tests/fixtures/verl_ppo/expected.json: verl's own functions (verl.trai
 on the same kind of inputs, for the rest of PPO and GRPO's arithmetic: compute_gae_advantage_return
 (GAE per completion, then the advantages whitened over the batch's tokens) against
 whale_rl::ppo::ppo_advantages; compute_value_loss (clipped, token-mean) and its gradient against
-value_loss; kl_penalty's low_var_kl (k3 with verl's clamps, both made to bind) and its gradient
+value_loss; kl_penalty's low_var_kl (k3, with verl's log-ratio clamp and k3's upper clamp made to
+bind) and its gradient
 against grpo_loss's KL term; compute_grpo_outcome_advantage at TRL's epsilon 1e-4, groups of four
 and of one, against group_advantages.
 
@@ -40,9 +41,11 @@ from verl.trainer.ppo import core_algos
 from provenance import stamp
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "crates", "rl", "tests", "fixtures")
-# Four completions of one group, of different lengths, padded to the longest (TRL's layout).
+# Four completions of one group, of different lengths, padded to the longest (TRL's layout); the
+# sampler's limit above the longest, so dr_grpo's divisor is told apart from the longest length.
 LENGTHS = [6, 3, 5, 2]
-MAX_COMPLETION_LENGTH = 6
+WIDTH = max(LENGTHS)
+MAX_COMPLETION_LENGTH = 8
 EPSILON_LOW, EPSILON_HIGH = 0.2, 0.28
 
 
@@ -53,7 +56,7 @@ def f32(t):
 
 def data():
     g = torch.Generator().manual_seed(0)
-    b, t = len(LENGTHS), MAX_COMPLETION_LENGTH
+    b, t = len(LENGTHS), WIDTH
     mask = torch.tensor([[1.0 if j < n else 0.0 for j in range(t)] for n in LENGTHS], dtype=torch.float64)
     logprobs = f32(-2.0 * torch.rand(b, t, generator=g, dtype=torch.float64) - 0.05)
     # The sampling policy 0.05-0.45 away, either side: both clips bind on some tokens.
@@ -101,7 +104,7 @@ def trl_loss(rows, loss_type, beta, accumulation, everything):
     inputs = {
         "prompt_ids": torch.zeros(n, 2, dtype=torch.long),
         "prompt_mask": torch.ones(n, 2, dtype=torch.long),
-        "completion_ids": torch.zeros(n, MAX_COMPLETION_LENGTH, dtype=torch.long),
+        "completion_ids": torch.zeros(n, WIDTH, dtype=torch.long),
         "completion_mask": mask[rows],
         "advantages": advantages[rows],
         "old_per_token_logps": old[rows],
@@ -216,7 +219,9 @@ def verl_ppo():
     ref = f32(logprob + uniform(-0.6, 0.6))
     ref[0, 1] = logprob[0, 1] + 3.0  # k3 = e^3 - 4 > 10: clamped
     ref[1, 0] = logprob[1, 0] - 12.0  # k3 = e^-12 + 11 > 10: clamped
-    ref[2, 3] = logprob[2, 3] + 25.0  # the log-ratio clamped to 20, then k3 too
+    # The log-ratio clamped to 20, then k3 too: unclamped, exp(100) overflows f32 and the
+    # gradient (0 from k3's clamp times an infinite derivative) is NaN.
+    ref[2, 3] = logprob[2, 3] + 100.0
     ref = f32(ref)
     leaf = logprob.clone().requires_grad_(True)
     kl = core_algos.kl_penalty(leaf, ref, "low_var_kl")

@@ -2,8 +2,8 @@
 //! repo as it is now: its provenance (reference.safetensors' metadata, or expected.json's
 //! `provenance`) names the script and an FNV-1a hash of the script's text, compared here with the
 //! file's, as the PTX's source hash is. A script changed since its fixtures were written fails
-//! until they are rewritten (the scripts need torch with transformers or TRL in a venv: see each
-//! script's header).
+//! until they are rewritten (the scripts need torch with transformers, or TRL and verl, in a venv:
+//! see each script's header).
 
 use std::path::Path;
 
@@ -35,7 +35,7 @@ fn provenance(dir: &Path) -> (String, String) {
 #[test]
 fn every_fixture_was_written_by_its_script_as_it_is_now() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    // The model's fixtures (HF transformers, tokenizers) and the RL crate's (TRL).
+    // The model's fixtures (HF transformers, tokenizers) and the RL crate's (TRL, verl).
     let in_dir = |dir: &str| -> Vec<_> {
         let mut dirs: Vec<_> = std::fs::read_dir(root.join(dir)).unwrap().map(|e| e.unwrap().path()).collect();
         dirs.sort();

@@ -45,7 +45,9 @@ pub enum LossType {
     Bnpo,
     /// Dr. GRPO: sum over tokens / (completions * max_new_tokens), independent of lengths.
     DrGrpo,
-    /// DAPO: sum over tokens / active tokens of the whole optimizer step's batch.
+    /// DAPO: sum over tokens / active tokens of the whole optimizer step's batch (with
+    /// `minibatches` > 1, each update's own tokens, as verl's token-mean; TRL divides every update
+    /// by the generation batch's tokens over the number of updates).
     Dapo,
 }
 
@@ -321,7 +323,8 @@ pub fn group_advantages(rewards: &[f64], group: usize, scale: ScaleRewards) -> V
 /// Process-supervised advantages (spec 1.4) for one group: `steps[i]` lists, for completion i,
 /// each step's (index of the token that ends it, reward). Rewards are centred on the mean of all
 /// steps of the group and scaled as outcome rewards are (`batch_std`: the std of every step of
-/// the batch, for [`ScaleRewards::Batch`]); token t's advantage is the sum of the normalised
+/// the batch, for [`ScaleRewards::Batch`]), a group of one included: its several steps give it a
+/// mean and a std of its own; token t's advantage is the sum of the normalised
 /// rewards of the steps ending at or after t. `lengths[i]` is completion i's token count.
 pub fn process_advantages(
     steps: &[Vec<(usize, f64)>],

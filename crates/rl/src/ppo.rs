@@ -135,7 +135,8 @@ pub fn gae(rewards: &[f64], values: &[f64], gamma: f64, lam: f64) -> (Vec<f64>, 
 }
 
 /// PPO's advantages and returns for a batch (spec 4.3), from each completion's per-token rewards
-/// and value estimates: [`gae`] per completion with `(gamma, lambda)`, then, with `whiten`, the
+/// and value estimates: [`gae`] per completion with `(gamma, lambda)`, then, with
+/// `whiten_advantages`, the
 /// advantages of the `active` completions whitened together over their tokens (verl's
 /// `compute_gae_advantage_return`, TRL's PPO). An inactive completion (no reward applied) gets
 /// advantage 0 and is left out of the whitening.
@@ -350,7 +351,7 @@ impl PpoTrainer {
         values.remove("frac_reward_zero_std");
         values.remove("reward_std");
 
-        // Per chunk: frozen policy, reference and value estimates, then GAE per completion.
+        // Per chunk: frozen policy, reference and value estimates; then advantages and returns.
         let (tok, device) = (&*self.run.tokenizer, self.policy.device());
         let (minibatches, chunks) = split_rows(n, 1, cfg.minibatches, cfg.micro_batch);
         let packed: Vec<PackedBatch> = chunks
@@ -361,7 +362,7 @@ impl PpoTrainer {
         // advantage for it is 0): it is left out of whitening and of both losses, rather than
         // trained as a score of 0.
         let active: Vec<bool> = scored.iter().map(|s| s.scores.total.is_finite()).collect();
-        // Per completion: its frozen log-probs and value estimates, advantages and returns.
+        // Per completion: its frozen log-probs and value estimates, and its per-token rewards.
         let (mut old, mut old_values, mut token_rewards, mut estimates) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         // The logged KL covers the completions the loss trains on (`active`).
