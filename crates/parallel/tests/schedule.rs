@@ -1,4 +1,5 @@
 //! Pipeline schedules: the reference's DualPipe order for PP=4, M=8 (spec section 5.3) literally,
+//! DualPipe and DualPipeV against the reference implementation's own `step` for 51 shapes,
 //! DualPipeV as half of DualPipe, the simulated bubbles and peak activations of spec section 5.2's
 //! table for PP = 4, 8 and 16, and clear errors for impossible shapes, malformed lists and
 //! deadlocks.
@@ -34,6 +35,34 @@ fn dualpipe_pp4_m8_is_the_reference_order() {
     assert_eq!(s.notation(1), R1);
     assert_eq!(s.notation(2), mirror(R1));
     assert_eq!(s.notation(3), mirror(R0));
+}
+
+/// DeepSeek's reference DualPipe and DualPipeV (deepseek-ai/DualPipe's `step`, recorded rank by
+/// rank by scripts/make_schedule_reference.py) for 23 and 28 shapes: 1 to 16 ranks, from the
+/// fewest micro-batches each allows to four times the ranks. Every rank's order is the same.
+#[test]
+fn dualpipe_and_dualpipev_follow_the_reference_step_for_every_shape() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dualpipe/expected.json");
+    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (method, key, shapes) in [(Method::DualPipe, "dualpipe", 23), (Method::DualPipeV, "dualpipev", 28)] {
+        let cases = e[key].as_array().unwrap();
+        assert_eq!(cases.len(), shapes, "{key}: shapes in the fixture");
+        for case in cases {
+            let (ranks, micro) = (case["ranks"].as_u64().unwrap() as usize, case["micro"].as_u64().unwrap() as usize);
+            // DualPipeV's pipeline has two stages on every rank.
+            let stages = if method == Method::DualPipeV { 2 * ranks } else { ranks };
+            let s = Schedule::new(method, stages, micro).unwrap();
+            let want = case["order"].as_array().unwrap();
+            assert_eq!(s.ranks.len(), want.len(), "{method} {ranks} ranks, {micro} micro-batches");
+            for (rank, want) in want.iter().enumerate() {
+                assert_eq!(
+                    s.notation(rank),
+                    want.as_str().unwrap(),
+                    "{method} {ranks} ranks, {micro} micro-batches: rank {rank}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
