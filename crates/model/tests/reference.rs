@@ -1,6 +1,7 @@
 //! Parity with HF transformers' DeepseekV3ForCausalLM (plus an MTP module built from HF blocks):
 //! logits, main/MTP/total loss and the gradient of every parameter, for the fixtures written by
-//! `scripts/make_reference.py`.
+//! `scripts/make_reference.py`; and with DeepSeek's own inference code (`official_v3`, written by
+//! `scripts/make_official_reference.py`): logits through both of its MLA caches.
 //!
 //! Tolerances: both sides compute in f32 with different summation orders (gemm blocking, attention
 //! tiling, f64 accumulators here), so elements agree to a few f32 ulps of the largest terms they
@@ -81,6 +82,33 @@ fn cached_decode_matches_hf_on_both_mla_caches() {
     check_cached_decode("yarn_qlora_mtp");
     check_cached_decode("mtp2");
     check_cached_decode("no_qlora");
+}
+
+/// DeepSeek's own inference code (deepseek-ai/DeepSeek-V3 `inference/model.py`, in f32 on the CPU,
+/// written by `scripts/make_official_reference.py`): every position's logits as its naive and its
+/// absorbed MLA cache give them token by token, and its prefill of the whole sequence. Whale's
+/// training forward, its two caches (prefill 3, then one token at a time) and its prefill of the
+/// whole sequence match them: YaRN, q_lora, groups, the correction bias, a dense first layer and
+/// a shared expert, read from the HF-style config.json and HF checkpoint names.
+#[test]
+fn matches_deepseeks_own_inference_code_on_both_of_its_caches() {
+    use whale_model::generate::CacheMode;
+    let dir = fixture("official_v3");
+    let model = DeepSeekV3::from_pretrained(&dir).unwrap();
+    let reference = load_file(&dir.join("reference.safetensors")).unwrap();
+    let ids = &reference["input_ids"];
+    let (b, s) = (ids.dims()[0], ids.dims()[1]);
+    let out = model.forward(ids, None).unwrap();
+    for want in ["logits", "logits_absorb"] {
+        assert_close(&format!("training forward vs the reference's {want}"), &out.logits, &reference[want], 1e-5, 1e-4);
+    }
+    for (mode, want) in [(CacheMode::Naive, "logits"), (CacheMode::Absorb, "logits_absorb")] {
+        let (got, _) = cached_logits(&model, ids, 3, mode);
+        assert_close(&format!("{mode:?} cache vs the reference's {want}"), &got, &reference[want], 1e-5, 1e-4);
+    }
+    let (whole, _) = cached_logits(&model, ids, s, CacheMode::Absorb);
+    let last = whole.narrow(1, s - 1, 1).unwrap().reshape(&[b, model.config.vocab_size]).unwrap();
+    assert_close("prefill's last position", &last, &reference["last_prefill"], 1e-5, 1e-4);
 }
 
 /// DeepSeek-V2's router against HF's native DeepseekV2ForCausalLM: softmax scores, groups ranked
