@@ -136,17 +136,32 @@ pub fn gae(rewards: &[f64], values: &[f64], gamma: f64, lam: f64) -> (Vec<f64>, 
 
 /// PPO's advantages and returns for a batch (spec 4.3), from each completion's per-token rewards
 /// and value estimates: [`gae`] per completion with `(gamma, lambda)`, then, with
-/// `whiten_advantages`, the
-/// advantages of the `active` completions whitened together over their tokens (verl's
-/// `compute_gae_advantage_return`, TRL's PPO). An inactive completion (no reward applied) gets
-/// advantage 0 and is left out of the whitening.
+/// `whiten_advantages`, the advantages of the `active` completions whitened together over their
+/// tokens (verl's `compute_gae_advantage_return`, TRL's PPO). An inactive completion (no reward
+/// applied) gets advantage 0 and is left out of the whitening. An error names the first
+/// completion whose rewards, values and flag do not line up.
 pub fn ppo_advantages(
     rewards: &[Vec<f64>],
     values: &[Vec<f64>],
     active: &[bool],
     (gamma, lam): (f64, f64),
     whiten_advantages: bool,
-) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+    if values.len() != rewards.len() || active.len() != rewards.len() {
+        return Err(Error::Rl(format!(
+            "ppo_advantages: {} completions' rewards, {} values, {} active flags",
+            rewards.len(),
+            values.len(),
+            active.len()
+        )));
+    }
+    if let Some(i) = rewards.iter().zip(values).position(|(r, v)| r.len() != v.len()) {
+        return Err(Error::Rl(format!(
+            "ppo_advantages: completion {i} has {} rewards and {} values",
+            rewards[i].len(),
+            values[i].len()
+        )));
+    }
     let (mut advantages, returns): (Vec<_>, Vec<_>) =
         rewards.iter().zip(values).map(|(r, v)| gae(r, v, gamma, lam)).unzip();
     if whiten_advantages {
@@ -155,7 +170,7 @@ pub fn ppo_advantages(
     for (a, _) in advantages.iter_mut().zip(active).filter(|(_, &on)| !on) {
         a.fill(0.0);
     }
-    (advantages, returns)
+    Ok((advantages, returns))
 }
 
 const PPO_FILE: &str = "ppo.json";
@@ -400,7 +415,7 @@ impl PpoTrainer {
             }
         }
         let (advantages, returns) =
-            ppo_advantages(&token_rewards, &estimates, &active, (ppo.gamma, ppo.lam), ppo.whiten_advantages);
+            ppo_advantages(&token_rewards, &estimates, &active, (ppo.gamma, ppo.lam), ppo.whiten_advantages)?;
         for (s, a) in scored.iter_mut().zip(&advantages) {
             s.advantages.clone_from(a);
         }

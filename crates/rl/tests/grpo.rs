@@ -454,7 +454,7 @@ fn ppo_and_grpo_arithmetic_match_verl() {
     let active = vec![true; rewards.len()];
     for case in gae["cases"].as_array().unwrap() {
         let (gamma, lam) = (case["gamma"].as_f64().unwrap(), case["lam"].as_f64().unwrap());
-        let (advantages, returns) = ppo_advantages(&rewards, &values, &active, (gamma, lam), true);
+        let (advantages, returns) = ppo_advantages(&rewards, &values, &active, (gamma, lam), true).unwrap();
         let checks = [
             ("whitened advantages", advantages, &case["advantages"], 1e-8),
             ("returns", returns, &case["returns"], 1e-12),
@@ -465,6 +465,11 @@ fn ppo_and_grpo_arithmetic_match_verl() {
             }
         }
     }
+
+    // Rows that do not line up are refused by index, not indexed out of bounds.
+    let short = [values[..2].to_vec(), vec![values[2][..1].to_vec()], values[3..].to_vec()].concat();
+    let err = ppo_advantages(&rewards, &short, &active, (1.0, 0.95), true).unwrap_err().to_string();
+    assert!(err.contains("completion 2 has 5 rewards and 1 values"), "{err}");
 
     // The value loss over one row of every token, token-mean weights.
     let v = &e["value_loss"];
