@@ -134,6 +134,9 @@ pub fn gae(rewards: &[f64], values: &[f64], gamma: f64, lam: f64) -> (Vec<f64>, 
     (adv, returns)
 }
 
+/// One value per token of each completion.
+pub type PerToken = Vec<Vec<f64>>;
+
 /// PPO's advantages and returns for a batch (spec 4.3), from each completion's per-token rewards
 /// and value estimates: [`gae`] per completion with `(gamma, lambda)`, then, with
 /// `whiten_advantages`, the advantages of the `active` completions whitened together over their
@@ -146,7 +149,7 @@ pub fn ppo_advantages(
     active: &[bool],
     (gamma, lam): (f64, f64),
     whiten_advantages: bool,
-) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+) -> Result<(PerToken, PerToken)> {
     if values.len() != rewards.len() || active.len() != rewards.len() {
         return Err(Error::Rl(format!(
             "ppo_advantages: {} completions' rewards, {} values, {} active flags",
