@@ -99,6 +99,8 @@ def hf_name(name):
 
 
 def hf_config(a):
+    # HF applies the rope_scaling written below always; the reference only past original_seq_len.
+    assert a["max_seq_len"] > a["original_seq_len"], "YaRN must be on in the reference too"
     return {
         "model_type": "deepseek_v3",
         "architectures": ["DeepseekV3ForCausalLM"],

@@ -141,8 +141,8 @@ pub type PerToken = Vec<Vec<f64>>;
 /// and value estimates: [`gae`] per completion with `(gamma, lambda)`, then, with
 /// `whiten_advantages`, the advantages of the `active` completions whitened together over their
 /// tokens (verl's `compute_gae_advantage_return`, TRL's PPO). An inactive completion (no reward
-/// applied) gets advantage 0 and is left out of the whitening. An error names the first
-/// completion whose rewards, values and flag do not line up.
+/// applied) gets advantage 0 and is left out of the whitening. An error gives the counts when
+/// the three lists differ in length, or names the first completion whose rewards and values do.
 pub fn ppo_advantages(
     rewards: &[Vec<f64>],
     values: &[Vec<f64>],
