@@ -1,10 +1,11 @@
 // Fused AdamW, one thread per element, in the order of torch's _single_tensor_adamw (the CPU
 // twin, whale_kernels::cpu::adamw::adamw_step, documents each step). The scalars are computed on
-// the host as the CPU twin computes them. The second moment's products and sum, the weight decay
-// and the parameter's update use __fmul_rn / __fadd_rn so nvcc cannot contract them into an FMA
-// (it does by default: `param * decay + update` became one fma.rn, rounding once where torch and
-// the CPU twin round twice), and division and sqrtf round correctly (no fast math): bit for bit
-// the CPU twin's arithmetic. The one FMA is the first moment's lerp, as torch's.
+// the host as the CPU twin computes them. The weight decay, the second moment's decay and the
+// parameter's update use __fmul_rn / __fadd_rn so nvcc cannot contract them into an FMA (it does
+// by default: `param * decay + update` became one fma.rn, rounding once where torch and the CPU
+// twin round twice), and division and sqrtf round correctly (no fast math): bit for bit the CPU
+// twin's arithmetic. Two FMAs are torch's: the first moment's lerp, and the second moment's
+// addcmul, which ATen builds as fma(value * grad, grad, v * beta2).
 // The moments are f32 or, as in DeepSeek-V3's recipe, bf16: widened to f32 (exact), one f32 step
 // (the parameter's update reads the unrounded moments), rounded back to nearest even, as the CPU
 // path of whale-tensor's AdamW does.
@@ -24,7 +25,7 @@ __device__ __forceinline__ void adamw(
         float p = __fmul_rn(param[i], decay);
         float base = lerp_from_m ? mo : g;
         float mi = fmaf(lerp_coeff, g - mo, base);
-        float vi = __fadd_rn(__fmul_rn(load(v + i), beta2), __fmul_rn(__fmul_rn(one_minus_beta2, g), g));
+        float vi = fmaf(__fmul_rn(one_minus_beta2, g), g, __fmul_rn(load(v + i), beta2));
         float denom = sqrtf(vi) / bias_correction2_sqrt + eps;
         param[i] = __fadd_rn(p, neg_step_size * mi / denom);
         store(m + i, mi);

@@ -1,9 +1,10 @@
-//! Every reference fixture, the model, RL and parallel crates', was written by the script in the
-//! repo as it is now: its provenance (reference.safetensors' metadata, or expected.json's
-//! `provenance`) names the script and an FNV-1a hash of the script's text, compared here with the
-//! file's, as the PTX's source hash is. A script changed since its fixtures were written fails
-//! until they are rewritten (the scripts need torch with transformers, or TRL and verl, in a venv,
-//! or a checkout of deepseek-ai/DualPipe: see each script's header).
+//! Every reference fixture (the tensor, model, RL and parallel crates' tests/fixtures) was written
+//! by the script in the repo as it is now: its provenance (reference.safetensors' metadata, or
+//! expected.json's `provenance`) names the script and an FNV-1a hash of the script's text,
+//! compared here with the file's, as the PTX's source hash is. A script changed since its fixtures
+//! were written fails until they are rewritten (the scripts need torch with transformers, or TRL
+//! and verl, in a venv, or a checkout of deepseek-ai/DualPipe or DeepSeek-V3: see each script's
+//! header).
 
 use std::path::Path;
 
@@ -35,17 +36,17 @@ fn provenance(dir: &Path) -> (String, String) {
 #[test]
 fn every_fixture_was_written_by_its_script_as_it_is_now() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    // The model's fixtures (HF transformers, tokenizers), the RL crate's (TRL, verl) and the
-    // pipeline schedules' (deepseek-ai/DualPipe).
+    // The model's fixtures (HF transformers, tokenizers, DeepSeek's inference code), the RL
+    // crate's (TRL, verl), the pipeline schedules' (deepseek-ai/DualPipe) and AdamW's (torch).
     let in_dir = |dir: &str| -> Vec<_> {
         let mut dirs: Vec<_> = std::fs::read_dir(root.join(dir)).unwrap().map(|e| e.unwrap().path()).collect();
         dirs.sort();
         dirs
     };
     let (model, rl) = (in_dir("crates/model/tests/fixtures"), in_dir("crates/rl/tests/fixtures"));
-    let parallel = in_dir("crates/parallel/tests/fixtures");
-    assert!(model.len() >= 11 && rl.len() >= 2 && !parallel.is_empty(), "{model:?} {rl:?} {parallel:?}");
-    for dir in model.into_iter().chain(rl).chain(parallel) {
+    let (parallel, tensor) = (in_dir("crates/parallel/tests/fixtures"), in_dir("crates/tensor/tests/fixtures"));
+    assert!(model.len() >= 12 && rl.len() >= 2 && !parallel.is_empty() && !tensor.is_empty());
+    for dir in model.into_iter().chain(rl).chain(parallel).chain(tensor) {
         let (generator, hash) = provenance(&dir);
         let script = root.join(&generator);
         let text = std::fs::read(&script).unwrap_or_else(|e| panic!("{}: {generator}: {e}", dir.display()));

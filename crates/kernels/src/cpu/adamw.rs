@@ -112,8 +112,10 @@ fn update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamWScala
         // exp_avg.lerp_(grad, 1 - beta1)
         let base = if lerp_from_m { m[i] } else { g };
         let mi = lerp_coeff.mul_add(g - m[i], base);
-        // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        let vi = v[i] * beta2 + one_minus_beta2 * g * g;
+        // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2): ATen's CPU addcmul is
+        // built with FMA contraction, so `self + value * t1 * t2` rounds as fma(value * t1, t2,
+        // self) (torch's bits, a fixture test)
+        let vi = (one_minus_beta2 * g).mul_add(g, v[i] * beta2);
         // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         let denom = vi.sqrt() / bias_correction2_sqrt + eps;
         // param.addcdiv_(exp_avg, denom, value=-step_size)
@@ -185,14 +187,16 @@ mod tests {
         }
     }
 
-    /// torch's op sequence transcribed one element at a time, each tensor op rounding to f32.
+    /// torch's op sequence transcribed one element at a time, each tensor op rounding to f32
+    /// (addcmul once, as ATen's FMA-contracted kernel does: whale-tensor's tests/optim.rs holds
+    /// the AdamW to torch's own bits).
     fn torch_transcription(p: &mut f32, g: f32, m: &mut f32, v: &mut f32, hp: &AdamWStep) {
         let (lr, b1, b2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
         *p *= (1.0 - lr * hp.weight_decay as f64) as f32;
         let w = (1.0 - b1) as f32;
         *m = if w.abs() < 0.5 { w.mul_add(g - *m, *m) } else { (w - 1.0).mul_add(g - *m, g) };
         *v *= hp.beta2;
-        *v += (1.0 - b2) as f32 * g * g;
+        *v = ((1.0 - b2) as f32 * g).mul_add(g, *v);
         let bc1 = 1.0 - b1.powf(hp.step as f64);
         let bc2 = 1.0 - b2.powf(hp.step as f64);
         let denom = v.sqrt() / (bc2.sqrt() as f32) + hp.eps;
