@@ -134,7 +134,7 @@ def main():
                     "beta": beta,
                     "micro_batches": micro_batches,
                     "loss": total,
-                    "grad": [grad[i, :n].tolist() for i, n in enumerate(LENGTHS)],
+                    "grad": rows_of(grad, LENGTHS),
                 }
                 if len(micro_batches) == 1:
                     case["clip_ratio_low"] = metrics["clip_ratio/low_mean"][0]
@@ -147,9 +147,9 @@ def main():
         "epsilon_low": EPSILON_LOW,
         "epsilon_high": EPSILON_HIGH,
         "max_completion_length": MAX_COMPLETION_LENGTH,
-        "logprobs": [logprobs[i, :n].tolist() for i, n in enumerate(LENGTHS)],
-        "old": [old[i, :n].tolist() for i, n in enumerate(LENGTHS)],
-        "reference": [reference[i, :n].tolist() for i, n in enumerate(LENGTHS)],
+        "logprobs": rows_of(logprobs, LENGTHS),
+        "old": rows_of(old, LENGTHS),
+        "reference": rows_of(reference, LENGTHS),
         "advantages": advantages.tolist(),
         "cases": cases,
     }

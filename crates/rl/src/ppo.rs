@@ -381,8 +381,7 @@ impl PpoTrainer {
         // trained as a score of 0.
         let active: Vec<bool> = scored.iter().map(|s| s.scores.total.is_finite()).collect();
         // Per completion: its frozen log-probs and value estimates, and its per-token rewards.
-        let (mut old, mut old_values, mut token_rewards, mut estimates) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut old, mut old_values, mut token_rewards) = (Vec::new(), Vec::new(), Vec::new());
         // The logged KL covers the completions the loss trains on (`active`).
         let (mut kl_sum, mut kl_tokens) = (0.0, 0usize);
         for (c, batch) in chunks.iter().zip(&packed) {
@@ -400,7 +399,6 @@ impl PpoTrainer {
                 let l_old = batch.row_tokens(&lpv, j);
                 old.push(l_old.to_vec());
                 old_values.push(batch.row_tokens(&vv, j).to_vec());
-                estimates.push(batch.row_tokens(&vv, j).iter().map(|&x| x as f64).collect());
                 // k1 = l_old - l_ref per token, as a penalty in the reward (spec 4.2).
                 let k1: Vec<f64> = match &rfv {
                     Some(rf) => l_old.iter().zip(batch.row_tokens(rf, j)).map(|(&a, &b)| (a - b) as f64).collect(),
@@ -417,6 +415,7 @@ impl PpoTrainer {
                 token_rewards.push(r);
             }
         }
+        let estimates: PerToken = old_values.iter().map(|r| r.iter().map(|&x| x as f64).collect()).collect();
         let (advantages, returns) =
             ppo_advantages(&token_rewards, &estimates, &active, (ppo.gamma, ppo.lam), ppo.whiten_advantages)?;
         for (s, a) in scored.iter_mut().zip(&advantages) {

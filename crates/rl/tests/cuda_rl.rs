@@ -20,7 +20,7 @@ use whale_rl::parallel::model::{CausalLm, DeepSeekV3, DenseConfig, DenseModel};
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
 mod common;
 
-use common::reversal_pair;
+use common::{assert_close, reversal_pair};
 use whale_rl::reward_model::{PreferencePair, RewardModel};
 use whale_rl::rollout::{sample_groups, score, PackedBatch, RolloutConfig};
 use whale_rl::sft::{sft, Example, SftConfig};
@@ -52,15 +52,6 @@ fn the_rl_gpu_tests_pass_on_the_emulated_driver_in_emulation() {
 
 fn tiny(seed: u64) -> DeepSeekV3 {
     DeepSeekV3::new(DeepSeekV3Config::tiny(), seed).unwrap()
-}
-
-/// `a` (GPU) within `tol` of `b` (CPU), relative to `b`'s largest magnitude.
-fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let scale = b.iter().fold(1e-12f32, |m, x| m.max(x.abs()));
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= tol * scale, "{what}[{i}]: GPU {x} vs CPU {y} (scale {scale})");
-    }
 }
 
 #[test]
@@ -112,7 +103,7 @@ fn grpo_loss_and_gradients_on_a_gpu_match_the_cpu() {
     assert!(sc.clip_low > 0.0 && sc.clip_high > 0.0, "both clips bind somewhere: {sc:?}");
     assert!((sg.kl - sc.kl).abs() <= 1e-4 * sc.kl.abs(), "KL: GPU {} vs CPU {}", sg.kl, sc.kl);
     assert!((eg - ec).abs() <= 1e-4 * ec, "entropy: GPU {eg} vs CPU {ec}");
-    each_gradient_pair(&cpu, &on_gpu, |name, c, g| assert_close(g, c, 1e-4, &format!("grad of {name}")));
+    each_gradient_pair(&cpu, &on_gpu, |name, c, g| assert_close(g, c, 1e-4, &format!("grad of {name}, GPU vs CPU")));
 
     // Post-training in bf16 (`--precision bf16`): both devices round every op's result to bf16,
     // and where their f32 values differ in the last bits a rounding lands one bf16 step (2^-8)
