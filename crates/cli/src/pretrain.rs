@@ -79,6 +79,9 @@ pub struct PretrainSettings {
     pub checkpoint_every: u64,
     /// Steps between validation evaluations during training (0: only the final evaluation).
     pub eval_every: u64,
+    /// Problems of each validation (4 samples each), none of them held out for the final
+    /// evaluation.
+    pub validation_problems: usize,
     pub eval_problems: usize,
     pub k: usize,
     /// Data-parallel replicas.
@@ -140,6 +143,7 @@ impl Default for PretrainSettings {
             freeze_bias_at: None,
             checkpoint_every: 100,
             eval_every: 0,
+            validation_problems: 32,
             eval_problems: 128,
             k: 8,
             dp: 1,
@@ -240,6 +244,9 @@ pub struct PretrainArgs {
     /// Evaluate on a validation set every N steps (0: off), logged to eval_history.jsonl.
     #[arg(long)]
     pub eval_every: Option<u64>,
+    /// Problems of each validation (default 32, 4 samples each).
+    #[arg(long)]
+    pub validation_problems: Option<usize>,
     /// Held-out problems evaluated at the end.
     #[arg(long)]
     pub eval_problems: Option<usize>,
@@ -373,6 +380,7 @@ impl PretrainArgs {
             mixing,
             checkpoint_every,
             eval_every,
+            validation_problems,
             eval_problems,
             k,
             dp,
@@ -569,6 +577,7 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let config = train_config(&s)?;
     config.validate()?;
     crate::settings::check_evaluation(s.eval_problems, s.k, "--eval-problems", "--k")?;
+    crate::settings::check_validation(s.validation_problems, s.eval_every, "--validation-problems", "--eval-every")?;
     let tok = CharTokenizer::new();
     // Building the corpus refuses its shares (`letters`, `imperfect`, `mixing`) before anything
     // is written.
@@ -654,7 +663,7 @@ pub fn run(args: PretrainArgs) -> Result<PathBuf> {
     let problems = tasks.held_out(s.eval_problems, s.seed);
     let plan = RankPlan {
         // Validation problems: held-out side of the split, their own seed, none of the test set's.
-        validation: crate::r1_zero::validation_problems(&tasks, s.seed, &problems, s.eval_every),
+        validation: crate::r1_zero::validation_problems(&tasks, s.seed, &problems, s.validation_problems, s.eval_every),
         history: s.out.join("eval_history.jsonl"),
         s: &s,
         mesh,

@@ -123,6 +123,9 @@ pub struct R1Settings {
     pub eval_seed: u64,
     /// Steps between validation evaluations in the RL stages (0: none).
     pub eval_every: u64,
+    /// Problems of each validation (4 samples each), none of them held out for the final
+    /// evaluation.
+    pub validation_problems: usize,
     /// Steps between checkpoints of the RL stages (0: only at the end); `--resume` continues an
     /// interrupted RL stage from its last one.
     pub checkpoint_every: u64,
@@ -173,6 +176,7 @@ impl Default for R1Settings {
             k: 8,
             eval_seed: 0,
             eval_every: 20,
+            validation_problems: 32,
             checkpoint_every: 10,
         };
         crate::settings::Settings::derive(&mut s);
@@ -514,7 +518,7 @@ impl Pipeline {
             self.s.eval_seed,
             &self.heldout,
             dir.join("eval_history.jsonl"),
-            self.s.eval_every,
+            (self.s.validation_problems, self.s.eval_every),
         )?
         .covering(cfg.max_new_tokens);
         train_loop(&mut t, &dir.join("checkpoint"), self.s.checkpoint_every, Some(&validation))?;
@@ -657,6 +661,12 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
         s.k,
         "the r1 settings' `eval_problems`",
         "the r1 settings' `k`",
+    )?;
+    crate::settings::check_validation(
+        s.validation_problems,
+        s.eval_every,
+        "the r1 settings' `validation_problems`",
+        "`eval_every`",
     )?;
     crate::settings::note_letters_mismatch(args.base.as_ref().unwrap_or(&args.from), s.letters);
     // The stages pass text from one input's model to another's: --from's tokenizer serves them

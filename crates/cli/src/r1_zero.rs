@@ -52,6 +52,9 @@ pub struct R1ZeroSettings {
     pub checkpoint_every: u64,
     /// Steps between validation evaluations (eval_history.jsonl; 0: none).
     pub eval_every: u64,
+    /// Problems of each validation (4 samples each), none of them held out for the final
+    /// evaluation.
+    pub validation_problems: usize,
 }
 
 impl crate::settings::Settings for R1ZeroSettings {}
@@ -69,6 +72,7 @@ impl Default for R1ZeroSettings {
             eval_seed: 0,
             checkpoint_every: 20,
             eval_every: 20,
+            validation_problems: 32,
         }
     }
 }
@@ -137,6 +141,9 @@ pub struct R1ZeroArgs {
     /// Steps between validation evaluations (0: none).
     #[arg(long)]
     pub eval_every: Option<u64>,
+    /// Problems of each validation (default 32, 4 samples each).
+    #[arg(long)]
+    pub validation_problems: Option<usize>,
     /// cpu (the default), or cuda / cuda:N: the policy, its reference and the PPO critic sample,
     /// score and train there; rewards and advantages are host data.
     #[arg(long)]
@@ -218,6 +225,15 @@ impl R1ZeroArgs {
         if let Some(n) = self.eval_every {
             s.eval_every = n;
         }
+        if let Some(n) = self.validation_problems {
+            s.validation_problems = n;
+        }
+        crate::settings::check_validation(
+            s.validation_problems,
+            s.eval_every,
+            "validation_problems (--validation-problems)",
+            "eval_every (--eval-every)",
+        )?;
         match s.algo {
             Algo::Grpo => s.grpo.validate()?,
             Algo::Ppo => s.ppo.validate(&s.grpo)?,
@@ -407,7 +423,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
         s.eval_seed,
         &problems,
         out.join("eval_history.jsonl"),
-        s.eval_every,
+        (s.validation_problems, s.eval_every),
     )?
     .covering(s.grpo.max_new_tokens);
     let first = trainer.run_mut().step;
@@ -439,12 +455,13 @@ pub struct R1ZeroOutcome {
     pub after: EvalReport,
 }
 
-/// The validation problems of a run evaluated on `test`: 32 held-out problems of `tasks` from
-/// the run seed's validation stream, none of them in `test`. A task set whose held-out side the
-/// test takes whole has none: validation every `every` steps (0: none) is then off, and says so
-/// (scoring no problems would log 0.000 for a model never asked).
-pub fn validation_problems(tasks: &TaskSet, seed: u64, test: &[Problem], every: u64) -> Vec<Problem> {
-    let problems = tasks.held_out_besides(32, seed.wrapping_add(0x5A11), test);
+/// The validation problems of a run evaluated on `test`: `count` held-out problems of `tasks`
+/// from the run seed's validation stream, none of them in `test` (fewer where the held-out side
+/// has fewer). A task set whose held-out side the test takes whole has none: validation every
+/// `every` steps (0: none) is then off, and says so (scoring no problems would log 0.000 for a
+/// model never asked).
+pub fn validation_problems(tasks: &TaskSet, seed: u64, test: &[Problem], count: usize, every: u64) -> Vec<Problem> {
+    let problems = tasks.held_out_besides(count, seed.wrapping_add(0x5A11), test);
     if problems.is_empty() && every > 0 {
         println!(
             "no validation during training: the final evaluation's {} problems take every held-out problem of the tasks",
@@ -466,8 +483,8 @@ pub struct Validation {
 }
 
 impl Validation {
-    /// 32 held-out problems of `tasks` (a task spec such as `add:3-4,mul`; `letters` of them in
-    /// letter numerals) from their own seed, none of them in `test` (the final evaluation's).
+    /// `count` held-out problems of `tasks` (a task spec such as `add:3-4,mul`; `letters` of them
+    /// in letter numerals) from their own seed, none of them in `test` (the final evaluation's).
     pub fn new(
         tokenizer: Arc<dyn Tokenizer>,
         tasks: &str,
@@ -475,10 +492,10 @@ impl Validation {
         seed: u64,
         test: &[Problem],
         history: PathBuf,
-        every: u64,
+        (count, every): (usize, u64),
     ) -> Result<Self> {
         let tasks = TaskSet::parse(tasks)?.with_letters(letters)?;
-        let problems = validation_problems(&tasks, seed, test, every);
+        let problems = validation_problems(&tasks, seed, test, count, every);
         let every = if problems.is_empty() { 0 } else { every };
         Ok(Validation { tokenizer, problems, every, history, max_new_tokens: 0 })
     }
@@ -601,7 +618,8 @@ mod tests {
         let tasks = TaskSet::parse("add:1").unwrap();
         let all = tasks.held_out(10_000, 3);
         let new = |test: &[Problem]| {
-            Validation::new(Arc::new(CharTokenizer::new()), "add:1", 0.0, 3, test, PathBuf::from("h.jsonl"), 2).unwrap()
+            Validation::new(Arc::new(CharTokenizer::new()), "add:1", 0.0, 3, test, PathBuf::from("h.jsonl"), (32, 2))
+                .unwrap()
         };
         let v = new(&all);
         assert!(v.problems.is_empty() && v.every == 0, "{} problems, every {}", v.problems.len(), v.every);

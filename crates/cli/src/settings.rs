@@ -255,6 +255,15 @@ pub fn check_evaluation(eval_problems: usize, k: usize, key_problems: &str, key_
     Ok(())
 }
 
+/// A run's validation, `problems` problems every `every` steps: none with validation on would
+/// log 0.000 for a model never asked (`every` 0 turns it off).
+pub fn check_validation(problems: usize, every: u64, key_problems: &str, key_every: &str) -> Result<()> {
+    if problems == 0 && every > 0 {
+        bail!("{key_problems} 0 with {key_every} {every}: the validation would score no problem (0 steps between validations turns it off)");
+    }
+    Ok(())
+}
+
 /// Every prompt of `problems` (read from the `--data` file `path`) in `tok`'s ids, with room
 /// left for a completion in the model's `max_positions`: checked when a run starts, not when
 /// a step first draws the prompt (or the evaluation after a stage has trained).
@@ -462,5 +471,10 @@ mod tests {
             let err = check_evaluation(n, k, "--eval-problems", "--k").unwrap_err().to_string();
             assert!(err.contains(words), "{err}");
         }
+        // A validation of no problems is refused while it is on, and is no validation when off.
+        assert!(check_validation(4, 20, "--validation-problems", "--eval-every").is_ok());
+        assert!(check_validation(0, 0, "--validation-problems", "--eval-every").is_ok());
+        let err = check_validation(0, 20, "--validation-problems", "--eval-every").unwrap_err().to_string();
+        assert!(err.contains("--validation-problems 0 with --eval-every 20"), "{err}");
     }
 }

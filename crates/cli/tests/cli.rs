@@ -24,11 +24,12 @@ const SMALL: [&str; 10] =
     ["--micro-batch", "2", "--seq-len", "30", "--eval-problems", "2", "--k", "2", "--tasks", "add:2"];
 
 /// `whale r1-zero` from `base` into `run`: one step of 2 prompts x 2 samples, 2 held-out
-/// problems at k = 2, then `extra` (the prompts: `--data FILE` or a `--config`).
+/// problems at k = 2, a validation of 2 problems at step 0, then `extra` (the prompts: `--data FILE` or a `--config`).
 fn r1_zero_one_step(base: &Path, run: &Path, extra: &[&str]) -> std::process::Output {
     whale()
         .args(["r1-zero", "--base", base.to_str().unwrap(), "--out", run.to_str().unwrap(), "--steps", "1"])
         .args(["--prompts-per-step", "2", "--group-size", "2", "--eval-problems", "2", "--k", "2"])
+        .args(["--validation-problems", "2"])
         .args(extra)
         .output()
         .unwrap()
@@ -141,7 +142,9 @@ fn sigkill_during_checkpointing_leaves_a_resumable_run() {
 fn an_extended_run_validates_its_checkpoints_step_and_says_the_schedule_moved() {
     let dir = tmpdir("extend");
     let run = dir.join("run");
-    let pretrain = |steps: &str, extra: &[&str]| pretrain_small(&run, steps, &[&["--eval-every", "2"], extra].concat());
+    let pretrain = |steps: &str, extra: &[&str]| {
+        pretrain_small(&run, steps, &[&["--eval-every", "2", "--validation-problems", "3"], extra].concat())
+    };
     let out = pretrain("2", &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The last step has no validation line (the final evaluation is that); extended, step 2 is
@@ -159,6 +162,7 @@ fn an_extended_run_validates_its_checkpoints_step_and_says_the_schedule_moved() 
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, [2]);
+    assert_eq!(read_json(&run.join("settings.json"))["validation_problems"], 3);
     // Fewer steps than the checkpoint took is refused, and the run's settings keep theirs.
     let out = pretrain("3", &["--resume"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -458,6 +462,12 @@ fn shares_out_of_range_are_named_before_anything_is_written() {
     let out = whale().args(["r1-zero", "--base", missing.to_str().unwrap(), "--eval-problems", "0"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--eval-problems) 0"), "{err}");
+    // So is a validation of no problems while validation is on (r1-zero's is, every 20 steps).
+    let out =
+        whale().args(["r1-zero", "--base", missing.to_str().unwrap(), "--validation-problems", "0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--validation-problems) 0 with eval_every"), "{err}");
+    refused("r1", "--from", "validation_problems = 0\n", "`validation_problems` 0");
 }
 
 #[test]
@@ -487,6 +497,8 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
             "2",
             "--tasks",
             "add:1",
+            "--validation-problems",
+            "2",
         ];
         let out = whale().args(args).args(["--steps", "2"]).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -532,7 +544,7 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
         let out = whale()
             .args(["r1-zero", "--base", ckpt.to_str().unwrap(), "--out", run.to_str().unwrap(), "--steps", "2"])
             .args(["--prompts-per-step", "2", "--group-size", "2", "--eval-problems", "2", "--k", "2"])
-            .args(["--tasks", "add:1", "--algo", algo])
+            .args(["--tasks", "add:1", "--algo", algo, "--validation-problems", "2"])
             .args(flags)
             .output()
             .unwrap();
@@ -907,6 +919,7 @@ non_reasoning = "reverse:3"
 eval_problems = 4
 k = 2
 eval_every = 1
+validation_problems = 2
 checkpoint_every = 1
 [cold_start]
 problems = 8
