@@ -65,17 +65,44 @@ Status gemm(int ta, int tb, int m, int n, int k, float alpha, const void* a, int
         // is along B's column j, or (j, p) transposed.
         pack(ap, a, atype, lda, z * sa, ta != kOpN, m, k);
         pack(bp, b, btype, ldb, z * sb, tb == kOpN, n, k);
-        for (int j = 0; j < n; ++j)
-            for (int i = 0; i < m; ++i) {
-                const float* ar = ap.data() + (size_t)i * k;
-                const float* br = bp.data() + (size_t)j * k;
-                double acc = 0.0;
-                for (int p = 0; p < k; ++p) acc += double(ar[p]) * double(br[p]);
-                long long ci = z * sc + i + (long long)j * ldc;
-                float r = alpha * float(acc);
-                if (beta != 0.0f) r += beta * load(c, ctype, ci);
-                store(c, ctype, ci, r);
+        // Four outputs at a time along the longer of op(C)'s sides, each its own sum over p in
+        // order (the same sums as one at a time): four independent chains of adds, where one
+        // chain waited on each add.
+        auto put = [&](int i, int j, double acc) {
+            long long ci = z * sc + i + (long long)j * ldc;
+            float r = alpha * float(acc);
+            if (beta != 0.0f) r += beta * load(c, ctype, ci);
+            store(c, ctype, ci, r);
+        };
+        const bool along_j = n >= m;
+        const int outer = along_j ? m : n, inner = along_j ? n : m;
+        const std::vector<float>& fixed = along_j ? ap : bp;
+        const std::vector<float>& moving = along_j ? bp : ap;
+        for (int o = 0; o < outer; ++o) {
+            const float* x = fixed.data() + (size_t)o * k;
+            int v = 0;
+            for (; v + 4 <= inner; v += 4) {
+                const float *y0 = moving.data() + (size_t)v * k, *y1 = y0 + k, *y2 = y1 + k, *y3 = y2 + k;
+                // Scalars, not an array: g++ kept an array's sums in memory, each add waiting on
+                // a store.
+                double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+                for (int p = 0; p < k; ++p) {
+                    const double xp = x[p];
+                    a0 += xp * double(y0[p]);
+                    a1 += xp * double(y1[p]);
+                    a2 += xp * double(y2[p]);
+                    a3 += xp * double(y3[p]);
+                }
+                const double acc[4] = {a0, a1, a2, a3};
+                for (int u = 0; u < 4; ++u) along_j ? put(o, v + u, acc[u]) : put(v + u, o, acc[u]);
             }
+            for (; v < inner; ++v) {
+                const float* y = moving.data() + (size_t)v * k;
+                double acc = 0.0;
+                for (int p = 0; p < k; ++p) acc += double(x[p]) * double(y[p]);
+                along_j ? put(o, v, acc) : put(v, o, acc);
+            }
+        }
     }
     return kSuccess;
 }
