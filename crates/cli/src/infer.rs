@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use whale_rl::parallel::model::chat::{ChatMessage, ChatTemplate};
 use whale_rl::parallel::model::checkpoint::{write_dir_atomically, SaveDType};
 use whale_rl::parallel::model::config::DeepSeekV3Config;
 use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
@@ -24,6 +25,15 @@ pub struct GenerateArgs {
     pub checkpoint: PathBuf,
     #[arg(long)]
     pub prompt: String,
+    /// The prompt as a user message in the checkpoint's chat template (chat_template.jinja or
+    /// tokenizer_config.json's), rendered as transformers' `apply_chat_template(...,
+    /// add_generation_prompt=True)` renders it and encoded without a BOS of the tokenizer's own
+    /// (the template writes it): what a chat model such as R1-Distill-Qwen was trained on.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message before the prompt (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     /// Argmax decoding. Without it the checkpoint's generation_config.json decides, as in HF's
     /// generate: its do_sample, temperature, top_k (HF's default 50) and top_p; greedy without
     /// the file. The flags below replace its values.
@@ -82,7 +92,21 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     model.set_compute_dtype(dtype);
     let tok = tokenizer_for(&a.checkpoint)?;
     crate::device::check_fits(&*tok, &*model, &a.checkpoint, "the checkpoint")?;
-    let prompt = tok.encode_prompt(&a.prompt).with_context(|| "encoding the prompt")?;
+    let (text, prompt) = if a.chat {
+        let template = ChatTemplate::from_dir(&a.checkpoint)?.with_context(|| {
+            format!(
+                "--chat: {} has no chat template (chat_template.jinja, or tokenizer_config.json's chat_template)",
+                a.checkpoint.display()
+            )
+        })?;
+        let system = a.system.iter().map(|s| ChatMessage::new("system", s.as_str()));
+        let messages: Vec<ChatMessage> = system.chain([ChatMessage::new("user", a.prompt.as_str())]).collect();
+        let text = template.render(&messages, true)?;
+        let ids = tok.encode(&text).with_context(|| "encoding the chat prompt")?;
+        (text, ids)
+    } else {
+        (a.prompt.clone(), tok.encode_prompt(&a.prompt).with_context(|| "encoding the prompt")?)
+    };
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
@@ -155,7 +179,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let shown = tok.decode(&prompt);
     let whole = tok.decode(&[prompt.as_slice(), &tokens].concat());
     let continuation = whole.strip_prefix(shown.as_str()).map_or_else(|| tok.decode(&tokens), str::to_string);
-    println!("{}{continuation}", a.prompt);
+    println!("{text}{continuation}");
     eprintln!(
         "\n{} new tokens in {:.2} s ({:.1} tokens/s, prompt {} tokens, {:?} cache, on {}; {how}: {source})",
         tokens.len(),

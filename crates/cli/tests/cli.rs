@@ -810,6 +810,21 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
             assert!(stderr.contains("drafts accepted"), "{stderr}");
         }
     }
+    // --chat puts the prompt (and --system's message before it) through the checkpoint's chat
+    // template with the generation prompt; a checkpoint without one is refused, naming it.
+    let out = generate(&ckpt, 2, &["--greedy", "--chat"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("has no chat template"), "{stderr}");
+    let chat = dir.join("with-chat-template");
+    copy_checkpoint(&ckpt, &chat);
+    let template = "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}<think>{% endif %}";
+    std::fs::write(chat.join("chat_template.jinja"), template).unwrap();
+    for (extra, rendered) in [(vec![], "12+7=<think>"), (vec!["--system", "1+1="], "1+1=12+7=<think>")] {
+        let out = generate(&chat, 2, &[&["--greedy", "--chat"], &extra[..]].concat());
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && stdout.starts_with(rendered), "{extra:?}: {stdout}{stderr}");
+        assert!(stderr.contains(&format!("prompt {} tokens", rendered.len() - "<think>".len() + 1)), "{stderr}");
+    }
     // Without --greedy or --temperature, generation_config.json decides, as in HF's generate.
     let sampling = dir.join("with-generation-config");
     copy_checkpoint(&ckpt, &sampling);

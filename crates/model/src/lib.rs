@@ -7,6 +7,7 @@
 //! [`mtp`], [`block`] (decoder layer), [`deepseek_v3`] (the model), [`checkpoint`] (safetensors).
 
 pub mod block;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod deepseek_v3;

@@ -1,0 +1,452 @@
+//! Chat templates: a checkpoint's Jinja template (`chat_template.jinja`, or tokenizer_config.json's
+//! `chat_template`) rendered as HF transformers' `apply_chat_template` renders it, so a chat
+//! model (R1-Distill-Qwen, a Qwen2.5 or Llama 3 instruct model) sees the prompt it was trained on.
+//!
+//! transformers renders with Jinja2 in a sandbox with `trim_blocks` and `lstrip_blocks`, loop
+//! controls (`break`, `continue`), the globals `raise_exception` and `strftime_now`, its own
+//! `tojson` (Python's `json.dumps`, not Jinja's HTML-escaping one), and the tokenizer's named
+//! special tokens (`bos_token`, `eos_token`, ...) as variables. Templates also call Python's
+//! string methods (`content.split('</think>')[-1]`): MiniJinja's Python-compatibility methods
+//! serve those. The rendered text is encoded as it is, no BOS added (`add_special_tokens=False`):
+//! the template writes its own.
+
+use std::path::{Path, PathBuf};
+
+use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::{Environment, ErrorKind};
+
+use crate::tokenizer::json_of;
+use crate::{Error, Result};
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant` (a template may know others, such as `tool`).
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+}
+
+/// A checkpoint's chat template with the special tokens it is rendered with.
+#[derive(Debug, Clone)]
+pub struct ChatTemplate {
+    source: String,
+    /// The file it came from, for errors.
+    origin: PathBuf,
+    /// The tokenizer's named special tokens (`bos_token`, ...), in HF's order.
+    special_tokens: Vec<(String, String)>,
+}
+
+/// The named special tokens transformers passes to a template (`SPECIAL_TOKENS_ATTRIBUTES`).
+const SPECIAL_TOKENS: [&str; 7] =
+    ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
+
+impl ChatTemplate {
+    /// A template `source` rendered with `special_tokens` (name, text); `origin` names it in errors.
+    pub fn new(source: impl Into<String>, origin: impl Into<PathBuf>, special_tokens: Vec<(String, String)>) -> Self {
+        ChatTemplate { source: source.into(), origin: origin.into(), special_tokens }
+    }
+
+    /// The chat template of checkpoint directory `dir`, as transformers loads it:
+    /// `chat_template.jinja` where there is one (transformers 5 writes it), else
+    /// tokenizer_config.json's `chat_template` (a string, or a list of named templates whose
+    /// `default` is the one), with the special tokens tokenizer_config.json names (a string or an
+    /// AddedToken's `content`; special_tokens_map.json's for those it leaves out). `None` when the
+    /// checkpoint has no template.
+    pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
+        let config_path = dir.join("tokenizer_config.json");
+        let config = json_of(dir, "tokenizer_config.json")?;
+        let jinja = dir.join("chat_template.jinja");
+        let (source, origin) = if jinja.exists() {
+            (std::fs::read_to_string(&jinja).map_err(|e| Error::file(&jinja, e))?, jinja)
+        } else {
+            match &config["chat_template"] {
+                serde_json::Value::Null => return Ok(None),
+                serde_json::Value::String(s) => (s.clone(), config_path.clone()),
+                serde_json::Value::Array(named) => {
+                    let default = named.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str());
+                    match default {
+                        Some(s) => (s.to_string(), config_path.clone()),
+                        None => {
+                            return Err(Error::file(
+                                &config_path,
+                                "chat_template: a list of named templates without a `default` one",
+                            ))
+                        }
+                    }
+                }
+                other => {
+                    return Err(Error::file(&config_path, format!("chat_template: a string or a list, not {other}")))
+                }
+            }
+        };
+        let map = json_of(dir, "special_tokens_map.json")?;
+        // A token is a string or an AddedToken object with its `content`.
+        let content = |v: &serde_json::Value| v.as_str().or_else(|| v["content"].as_str()).map(str::to_string);
+        let special_tokens = SPECIAL_TOKENS
+            .iter()
+            .filter_map(|&name| Some((name.to_string(), content(&config[name]).or_else(|| content(&map[name]))?)))
+            .collect();
+        Ok(Some(ChatTemplate { source, origin, special_tokens }))
+    }
+
+    /// The template's text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// `messages` rendered to the model's text; with `add_generation_prompt` it ends where the
+    /// assistant's reply starts. A template error (its `raise_exception` too) names the file.
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let env = environment();
+        let fail = |e: minijinja::Error| {
+            let line = e.line().map(|l| format!(" (template line {l})")).unwrap_or_default();
+            let what = e.detail().unwrap_or("").to_string();
+            let what = if what.is_empty() { e.kind().to_string() } else { what };
+            Error::file(&self.origin, format!("chat template: {what}{line}"))
+        };
+        let template = env.template_from_str(&self.source).map_err(fail)?;
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                Value::from_pairs([
+                    ("role", Value::from(m.role.as_str())),
+                    ("content", Value::from(m.content.as_str())),
+                ])
+            })
+            .collect();
+        let mut context: Vec<(String, Value)> =
+            self.special_tokens.iter().map(|(name, token)| (name.clone(), Value::from(token.as_str()))).collect();
+        context.push(("messages".into(), Value::from(messages)));
+        context.push(("tools".into(), Value::from(())));
+        context.push(("documents".into(), Value::from(())));
+        context.push(("add_generation_prompt".into(), Value::from(add_generation_prompt)));
+        template.render(Value::from_pairs(context)).map_err(fail)
+    }
+}
+
+/// The environment transformers renders chat templates in (`_compile_jinja_template`).
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    let syntax = minijinja::syntax::SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .build()
+        .expect("the default delimiters");
+    env.set_syntax(syntax);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |message: String| -> std::result::Result<Value, minijinja::Error> {
+        Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+    });
+    env.add_function("strftime_now", |format: String| -> std::result::Result<Value, minijinja::Error> {
+        let seconds =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        strftime(&format, seconds).map(Value::from)
+    });
+    env.add_filter("tojson", tojson);
+    env
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=None, separators=None,
+/// sort_keys=False)` with those keywords, as transformers' `tojson` filter.
+fn tojson(value: &Value, kwargs: Kwargs) -> std::result::Result<String, minijinja::Error> {
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let indent: Option<Value> = kwargs.get("indent")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    // Python: an int indent is that many spaces, a string is itself; None is one line.
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() => None,
+        Some(v) => match v.as_str() {
+            Some(s) => Some(s.to_string()),
+            None => Some(" ".repeat(v.as_usize().unwrap_or(0))),
+        },
+    };
+    let (item, key) = match separators.as_deref() {
+        Some([item, key]) => (item.clone(), key.clone()),
+        Some(_) => return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: separators is two strings")),
+        // Python's default item separator drops its space when indenting.
+        None => (if indent.is_some() { "," } else { ", " }.to_string(), ": ".to_string()),
+    };
+    let style =
+        JsonStyle { ascii: ensure_ascii.unwrap_or(false), indent, item, key, sort_keys: sort_keys.unwrap_or(false) };
+    let mut out = String::new();
+    style.write(value, 0, &mut out)?;
+    Ok(out)
+}
+
+struct JsonStyle {
+    ascii: bool,
+    indent: Option<String>,
+    item: String,
+    key: String,
+    sort_keys: bool,
+}
+
+impl JsonStyle {
+    fn write(&self, v: &Value, depth: usize, out: &mut String) -> std::result::Result<(), minijinja::Error> {
+        match v.kind() {
+            ValueKind::None => out.push_str("null"),
+            ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+            ValueKind::Number => out.push_str(&python_number(v)),
+            ValueKind::String => self.string(v.as_str().unwrap_or_default(), out),
+            ValueKind::Seq | ValueKind::Iterable => {
+                let items: Vec<Value> = v.try_iter()?.collect();
+                self.container(('[', ']'), items.len(), depth, out, |i, out| self.write(&items[i], depth + 1, out))?;
+            }
+            ValueKind::Map | ValueKind::Plain => {
+                let mut keys: Vec<Value> = v.try_iter()?.collect();
+                if self.sort_keys {
+                    keys.sort_by_key(key_text);
+                }
+                self.container(('{', '}'), keys.len(), depth, out, |i, out| {
+                    self.string(&key_text(&keys[i]), out);
+                    out.push_str(&self.key);
+                    self.write(&v.get_item(&keys[i])?, depth + 1, out)
+                })?;
+            }
+            kind => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("tojson: a value of kind {kind} is not JSON serializable"),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// `open`, the `n` items `each` writes separated as Python separates them, `close`.
+    fn container(
+        &self,
+        (open, close): (char, char),
+        n: usize,
+        depth: usize,
+        out: &mut String,
+        mut each: impl FnMut(usize, &mut String) -> std::result::Result<(), minijinja::Error>,
+    ) -> std::result::Result<(), minijinja::Error> {
+        out.push(open);
+        if n == 0 {
+            out.push(close);
+            return Ok(());
+        }
+        let newline = |out: &mut String, level: usize| {
+            if let Some(unit) = &self.indent {
+                out.push('\n');
+                out.push_str(&unit.repeat(level));
+            }
+        };
+        for i in 0..n {
+            if i > 0 {
+                out.push_str(&self.item);
+            }
+            newline(out, depth + 1);
+            each(i, out)?;
+        }
+        newline(out, depth);
+        out.push(close);
+        Ok(())
+    }
+
+    /// A JSON string as Python writes it: `"`, `\` and control characters escaped (`\n`, `\t`
+    /// and so on by name, others as `\u00XX`), and with `ensure_ascii` every non-ASCII character
+    /// as `\uXXXX` (a surrogate pair above U+FFFF).
+    fn string(&self, s: &str, out: &mut String) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                c if (c as u32) < 0x20 || (self.ascii && !c.is_ascii()) => {
+                    let mut units = [0u16; 2];
+                    for u in c.encode_utf16(&mut units) {
+                        out.push_str(&format!("\\u{u:04x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+}
+
+/// A map key as JSON writes it: a string as itself, anything else as its JSON text.
+fn key_text(k: &Value) -> String {
+    match k.kind() {
+        ValueKind::String => k.as_str().unwrap_or_default().to_string(),
+        ValueKind::None => "null".into(),
+        ValueKind::Bool => (if k.is_true() { "true" } else { "false" }).into(),
+        ValueKind::Number => python_number(k),
+        _ => k.to_string(),
+    }
+}
+
+/// A number as Python's `json.dumps` writes it: an integer in full; a float as `repr` (the
+/// shortest digits that read back, fixed point for exponents -4 to 15, else `1e+16`), `NaN`,
+/// `Infinity`, `-Infinity`.
+fn python_number(v: &Value) -> String {
+    if v.is_integer() {
+        return v.to_string();
+    }
+    let x = f64::try_from(v.clone()).unwrap_or(f64::NAN);
+    if x.is_nan() {
+        return "NaN".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    // Rust's `{:e}` gives the shortest round-trip digits: "1.5e-7".
+    let sci = format!("{x:e}");
+    let (mantissa, exp) = sci.split_once('e').expect("an exponent");
+    let exp: i32 = exp.parse().expect("an integer exponent");
+    let (sign, mantissa) = mantissa.strip_prefix('-').map_or(("", mantissa), |m| ("-", m));
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    if (-4..16).contains(&exp) {
+        let point = exp + 1; // digits before the decimal point
+        let text = if point <= 0 {
+            format!("0.{}{digits}", "0".repeat((-point) as usize))
+        } else if point as usize >= digits.len() {
+            format!("{digits}{}.0", "0".repeat(point as usize - digits.len()))
+        } else {
+            format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
+        };
+        return format!("{sign}{text}");
+    }
+    let mantissa = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits };
+    format!("{sign}{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+}
+
+/// `strftime(format)` of `seconds` since the epoch in UTC, for the specifiers chat templates
+/// use (Llama 3's `strftime_now("%d %b %Y")`): `%Y %y %m %d %e %B %b %A %a %H %I %M %S %p %j %%`.
+fn strftime(format: &str, seconds: i64) -> std::result::Result<String, minijinja::Error> {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    let days = seconds.div_euclid(86_400);
+    let secs = seconds.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(days);
+    // 1970-01-01 was a Thursday.
+    let weekday = (days + 3).rem_euclid(7) as usize;
+    let day_of_year = days - days_from_civil(year, 1, 1) + 1;
+    let (hour, minute, second) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year.rem_euclid(100))),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('e') => out.push_str(&format!("{day:>2}")),
+            Some('B') => out.push_str(MONTHS[month as usize - 1]),
+            Some('b') => out.push_str(&MONTHS[month as usize - 1][..3]),
+            Some('A') => out.push_str(DAYS[weekday]),
+            Some('a') => out.push_str(&DAYS[weekday][..3]),
+            Some('H') => out.push_str(&format!("{hour:02}")),
+            Some('I') => out.push_str(&format!("{:02}", (hour + 11) % 12 + 1)),
+            Some('M') => out.push_str(&format!("{minute:02}")),
+            Some('S') => out.push_str(&format!("{second:02}")),
+            Some('p') => out.push_str(if hour < 12 { "AM" } else { "PM" }),
+            Some('j') => out.push_str(&format!("{day_of_year:03}")),
+            Some('%') => out.push('%'),
+            other => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("strftime_now: unsupported format %{}", other.map(String::from).unwrap_or_default()),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The proleptic Gregorian (year, month, day) of `days` since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (the inverse of [`civil_from_days`]).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_numbers_are_written_as_python_writes_them() {
+        // 2026-12-04 03:05:09 UTC, a Friday, day 338.
+        let t = 1_796_353_509;
+        assert_eq!(
+            strftime("%Y-%m-%d %H:%M:%S %a %A %b %B %j %y %I%p %e %%", t).unwrap(),
+            "2026-12-04 03:05:09 Fri Friday Dec December 338 26 03AM  4 %"
+        );
+        assert_eq!(strftime("%d %b %Y", 0).unwrap(), "01 Jan 1970");
+        assert_eq!(strftime("%d %b %Y", 951_782_400).unwrap(), "29 Feb 2000");
+        assert!(strftime("%Z", 0).is_err());
+        for days in [-800_000, -1, 0, 59, 10_957, 20_000, 2_000_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+        let cases: [(f64, &str); 10] = [
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (-2.5, "-2.5"),
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (123456.789, "123456.789"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (1.5e-7, "1.5e-07"),
+            (-3.25e100, "-3.25e+100"),
+        ];
+        for (x, python) in cases {
+            assert_eq!(python_number(&Value::from(x)), python, "{x}");
+        }
+        assert_eq!(python_number(&Value::from(-12)), "-12");
+    }
+}
