@@ -119,6 +119,7 @@ meta: {{ {'users': ns.users, 'first': messages[0].role, 'text': messages[-1].con
 indented: {{ messages[0] | tojson(indent=2) }}
 sorted: {{ {'b': [1, 2.5, none, true], 'a': 'é"\\\\/'} | tojson(sort_keys=true, separators=[',', ':']) }}
 ascii: {{ messages[-1].content | tojson(ensure_ascii=true) }}
+reprs: {{ none }} {{ true }} {{ [1, 'a', none, 2.5, "it's"] }} {{ {'k': false, 'q': 'say "hi"\\n'} }} {{ 1e20 }} {{ 7 // 2 }} {{ 7 / 2 }} {{ tools }}
 count: {{ messages | length }} {{ messages | map(attribute='role') | join(',') }} {{ messages[-1].content.strip().count('a') }}
 {% if add_generation_prompt %}
 [ASSISTANT]{% if documents is none %} (no documents){% endif %}

@@ -7,7 +7,7 @@
 //! `tojson` (Python's `json.dumps`, not Jinja's HTML-escaping one), and the tokenizer's named
 //! special tokens (`bos_token`, `eos_token`, ...) as variables. Templates also call Python's
 //! string methods (`content.split('</think>')[-1]`): MiniJinja's Python-compatibility methods
-//! serve those. The rendered text is encoded as it is, no BOS added (`add_special_tokens=False`):
+//! serve those, and `{{ value }}` writes Python's `str()` of it (None, True, ['a']). The rendered text is encoded as it is, no BOS added (`add_special_tokens=False`):
 //! the template writes its own.
 
 use std::path::{Path, PathBuf};
@@ -149,7 +149,64 @@ fn environment() -> Environment<'static> {
         strftime(&format, seconds).map(Value::from)
     });
     env.add_filter("tojson", tojson);
+    // `{{ value }}` writes what Python's str() gives: None, True, [1, 'a'] (MiniJinja's own
+    // would be none, true, [1, "a"]).
+    env.set_formatter(|out, state, value| match value.kind() {
+        ValueKind::None | ValueKind::Bool | ValueKind::Number | ValueKind::Seq | ValueKind::Map => {
+            use std::fmt::Write;
+            out.write_str(&python_repr(value))
+                .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "writing the template's output"))
+        }
+        _ => minijinja::escape_formatter(out, state, value),
+    });
     env
+}
+
+/// Python's `repr` of a template value (`str` too, but for a string at the top level): None,
+/// True/False, numbers as `repr`, strings quoted as Python quotes them, lists and dicts of those.
+fn python_repr(v: &Value) -> String {
+    match v.kind() {
+        ValueKind::None => "None".into(),
+        ValueKind::Bool => (if v.is_true() { "True" } else { "False" }).into(),
+        ValueKind::Number => python_number(v),
+        ValueKind::String => python_string_repr(v.as_str().unwrap_or_default()),
+        ValueKind::Seq => {
+            let items: Vec<String> = v.try_iter().map(|it| it.map(|x| python_repr(&x)).collect()).unwrap_or_default();
+            format!("[{}]", items.join(", "))
+        }
+        ValueKind::Map => {
+            let keys: Vec<Value> = v.try_iter().map(|it| it.collect()).unwrap_or_default();
+            let items: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{}: {}", python_repr(k), python_repr(&v.get_item(k).unwrap_or_default())))
+                .collect();
+            format!("{{{}}}", items.join(", "))
+        }
+        _ => v.to_string(),
+    }
+}
+
+/// A string as Python's `repr` writes it: in single quotes unless it holds one and no double
+/// quote; backslashes, the quote and control characters escaped.
+fn python_string_repr(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let mut out = String::from(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
 }
 
 /// Python's `json.dumps(value, ensure_ascii=False, indent=None, separators=None,
