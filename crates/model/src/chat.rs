@@ -153,7 +153,6 @@ fn environment() -> Environment<'static> {
     // would be none, true, [1, "a"]).
     env.set_formatter(|out, state, value| match value.kind() {
         ValueKind::None | ValueKind::Bool | ValueKind::Number | ValueKind::Seq | ValueKind::Map => {
-            use std::fmt::Write;
             out.write_str(&python_repr(value))
                 .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "writing the template's output"))
         }
