@@ -11,7 +11,8 @@ Templates:
 - `chatml`: a Qwen2.5-style ChatML template with a default system prompt;
 - `features`: one written here to reach what templates use: namespace(), loop controls, macros,
   Python string methods, `tojson` with its keywords, `raise_exception`, trim_blocks/lstrip_blocks,
-  loop variables, tests and filters.
+  loop variables, tests and filters, values printed as Python prints them;
+- `line_endings`: `\r\n` and `\r` line endings and a final newline.
 
 `checkpoint/` is the `chatml` template saved by `tokenizer.save_pretrained` (transformers 5
 writes chat_template.jinja beside tokenizer_config.json), over the Qwen2-style tokenizer of
@@ -127,6 +128,9 @@ count: {{ messages | length }} {{ messages | map(attribute='role') | join(',') }
 {% endif %}
 """
 
+# Windows line endings (Jinja2 reads \r\n and \r as \n) and a final newline (dropped).
+LINE_ENDINGS = "{{ bos_token }}x\r\n{% for m in messages %}\r\n  {{ m.content }}\r{% endfor %}\r\n{{ 'a\r\nb' }}\nend\n"
+
 CONVERSATIONS = {
     "user": [{"role": "user", "content": "What is 12+7?"}],
     "system_user": [
@@ -158,6 +162,7 @@ TEMPLATES = {
     "deepseek_r1": (DEEPSEEK_R1, ["user", "system_user", "multi_turn", "unicode_quotes"]),
     "chatml": (CHATML, ["user", "system_user", "multi_turn", "unicode_quotes"]),
     "features": (FEATURES, list(CONVERSATIONS)),
+    "line_endings": (LINE_ENDINGS, ["multi_turn"]),
 }
 
 QWEN2_TOKENIZER = os.path.join(FIXTURES, "tokenizer_qwen2", "tokenizer.json")

@@ -107,6 +107,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
         eval_seed: ps.seed,
         eval_problems: ps.eval_problems,
         k: ps.k,
+        validation_problems: ps.validation_problems,
     };
     let out = pretrain::run(args)?;
     let base = out.join("checkpoint");
@@ -121,6 +122,7 @@ fn main_job(mut args: pretrain::PretrainArgs) -> Result<()> {
         eval_seed: Some(shared.eval_seed),
         eval_problems: Some(shared.eval_problems),
         k: Some(shared.k),
+        validation_problems: Some(shared.validation_problems),
         device: device.clone(),
         recompute,
         precision: precision.clone(),

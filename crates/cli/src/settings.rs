@@ -35,17 +35,23 @@ pub struct Shared {
     pub eval_seed: u64,
     pub eval_problems: usize,
     pub k: usize,
+    /// Problems of each validation, in the stages that validate (R1's RL stages).
+    pub validation_problems: usize,
 }
 
 impl Shared {
     /// `s` with these values in its top-level keys of the same names (R1's and distillation's
-    /// settings hold all six), and its derived keys set from them again.
+    /// settings hold the first six; `validation_problems` goes where there is one, R1's), and its
+    /// derived keys set from them again.
     pub fn lay_over<T: Settings>(&self, s: T) -> Result<T> {
         let mut value = serde_json::to_value(s).context("the settings")?;
-        let shared = serde_json::json!({
+        let mut shared = serde_json::json!({
             "tasks": self.tasks, "letters": self.letters, "seed": self.seed, "eval_seed": self.eval_seed,
             "eval_problems": self.eval_problems, "k": self.k,
         });
+        if value.get("validation_problems").is_some() {
+            shared["validation_problems"] = self.validation_problems.into();
+        }
         overlay(&mut value, shared);
         let mut s: T = serde_json::from_value(value).context("the main job's shared settings")?;
         s.derive();
@@ -374,9 +380,18 @@ mod tests {
 
     #[test]
     fn the_main_jobs_shared_keys_reach_every_stage_and_what_derives_from_them() {
-        let shared = Shared { tasks: "add:3".into(), letters: 0.5, seed: 5, eval_seed: 9, eval_problems: 12, k: 4 };
+        let shared = Shared {
+            tasks: "add:3".into(),
+            letters: 0.5,
+            seed: 5,
+            eval_seed: 9,
+            eval_problems: 12,
+            k: 4,
+            validation_problems: 6,
+        };
         let s = shared.lay_over(r1("[all_rl]\nsteps = 7\n").unwrap()).unwrap();
         assert_eq!((s.tasks.as_str(), s.letters, s.eval_seed, s.eval_problems, s.k), ("add:3", 0.5, 9, 12, 4));
+        assert_eq!(s.validation_problems, 6);
         assert_eq!((s.reasoning_rl.tasks.as_str(), s.all_rl.tasks.as_str()), ("add:3", "add:3,reverse:3-5"));
         assert_eq!((s.reasoning_rl.letters, s.all_rl.letters, s.all_rl.steps), (0.5, 0.5, 7));
         assert_eq!((s.seed, s.cold_start.sft.seed, s.all_rl.seed), (5, 5, 5 ^ crate::r1::SECOND_PASS_SALT));

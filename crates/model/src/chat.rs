@@ -7,7 +7,7 @@
 //! `tojson` (Python's `json.dumps`, not Jinja's HTML-escaping one), and the tokenizer's named
 //! special tokens (`bos_token`, `eos_token`, ...) as variables. Templates also call Python's
 //! string methods (`content.split('</think>')[-1]`): MiniJinja's Python-compatibility methods
-//! serve those, and `{{ value }}` writes Python's `str()` of it (None, True, ['a']). The rendered text is encoded as it is, no BOS added (`add_special_tokens=False`):
+//! serve those, and `{{ value }}` writes Python's `str()` of it (None, True, ['a'], 1e+20). The rendered text is encoded as it is, no BOS added (`add_special_tokens=False`):
 //! the template writes its own.
 
 use std::path::{Path, PathBuf};
@@ -56,12 +56,23 @@ impl ChatTemplate {
     /// `chat_template.jinja` where there is one (transformers 5 writes it), else
     /// tokenizer_config.json's `chat_template` (a string, or a list of named templates whose
     /// `default` is the one), with the special tokens tokenizer_config.json names (a string or an
-    /// AddedToken's `content`; special_tokens_map.json's for those it leaves out). `None` when the
-    /// checkpoint has no template.
+    /// AddedToken's `content`), or special_tokens_map.json's in their place for a config without
+    /// `added_tokens_decoder` (an older transformers' files), as transformers reads them. `None`
+    /// when the checkpoint has no template; an `additional_chat_templates/` folder without
+    /// `chat_template.jinja` is refused (its templates would replace the config's).
     pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
         let config_path = dir.join("tokenizer_config.json");
         let config = json_of(dir, "tokenizer_config.json")?;
         let jinja = dir.join("chat_template.jinja");
+        let named = dir.join("additional_chat_templates");
+        if named.is_dir() && !jinja.exists() {
+            // transformers 5 takes these in place of the config's template, and wants a default.
+            return Err(Error::file(
+                &named,
+                "named chat templates without chat_template.jinja are not supported: name the one to use \
+                 chat_template.jinja",
+            ));
+        }
         let (source, origin) = if jinja.exists() {
             (std::fs::read_to_string(&jinja).map_err(|e| Error::file(&jinja, e))?, jinja)
         } else {
@@ -85,12 +96,21 @@ impl ChatTemplate {
                 }
             }
         };
-        let map = json_of(dir, "special_tokens_map.json")?;
+        // transformers 5 reads special_tokens_map.json only for a config that predates
+        // `added_tokens_decoder` (which save_pretrained always writes), and then its tokens
+        // replace the config's.
+        let map = match config.get("added_tokens_decoder") {
+            Some(_) => serde_json::Value::Null,
+            None => json_of(dir, "special_tokens_map.json")?,
+        };
         // A token is a string or an AddedToken object with its `content`.
         let content = |v: &serde_json::Value| v.as_str().or_else(|| v["content"].as_str()).map(str::to_string);
         let special_tokens = SPECIAL_TOKENS
             .iter()
-            .filter_map(|&name| Some((name.to_string(), content(&config[name]).or_else(|| content(&map[name]))?)))
+            .filter_map(|&name| {
+                let token = if map.get(name).is_some() { content(&map[name]) } else { content(&config[name]) };
+                Some((name.to_string(), token?))
+            })
             .collect();
         Ok(Some(ChatTemplate { source, origin, special_tokens }))
     }
@@ -110,7 +130,10 @@ impl ChatTemplate {
             let what = if what.is_empty() { e.kind().to_string() } else { what };
             Error::file(&self.origin, format!("chat template: {what}{line}"))
         };
-        let template = env.template_from_str(&self.source).map_err(fail)?;
+        // Jinja2 reads `\r\n` and a lone `\r` as `\n` (in text and string literals alike), and
+        // transformers opens chat_template.jinja as text; MiniJinja keeps them.
+        let source = self.source.replace("\r\n", "\n").replace('\r', "\n");
+        let template = env.template_from_str(&source).map_err(fail)?;
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
@@ -149,63 +172,22 @@ fn environment() -> Environment<'static> {
         strftime(&format, seconds).map(Value::from)
     });
     env.add_filter("tojson", tojson);
-    // `{{ value }}` writes what Python's str() gives: None, True, [1, 'a'] (MiniJinja's own
-    // would be none, true, [1, "a"]).
-    env.set_formatter(|out, state, value| match value.kind() {
-        ValueKind::None | ValueKind::Bool | ValueKind::Number | ValueKind::Seq | ValueKind::Map => {
-            out.write_str(&python_repr(value))
-                .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "writing the template's output"))
+    // `{{ 1e20 }}` writes Python's str() of a float (1e+20, nan); MiniJinja's own would be
+    // 100000000000000000000.0 and NaN. (It already writes None, True and ['a'] as Python does.)
+    env.set_formatter(|out, state, value| {
+        if value.kind() == ValueKind::Number && !value.is_integer() {
+            let text = match f64::try_from(value.clone()) {
+                Ok(x) if x.is_nan() => "nan".to_string(),
+                Ok(x) if x.is_infinite() => (if x > 0.0 { "inf" } else { "-inf" }).to_string(),
+                _ => python_number(value),
+            };
+            return out
+                .write_str(&text)
+                .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "writing the template's output"));
         }
-        _ => minijinja::escape_formatter(out, state, value),
+        minijinja::escape_formatter(out, state, value)
     });
     env
-}
-
-/// Python's `repr` of a template value (`str` too, but for a string at the top level): None,
-/// True/False, numbers as `repr`, strings quoted as Python quotes them, lists and dicts of those.
-fn python_repr(v: &Value) -> String {
-    match v.kind() {
-        ValueKind::None => "None".into(),
-        ValueKind::Bool => (if v.is_true() { "True" } else { "False" }).into(),
-        ValueKind::Number => python_number(v),
-        ValueKind::String => python_string_repr(v.as_str().unwrap_or_default()),
-        ValueKind::Seq => {
-            let items: Vec<String> = v.try_iter().map(|it| it.map(|x| python_repr(&x)).collect()).unwrap_or_default();
-            format!("[{}]", items.join(", "))
-        }
-        ValueKind::Map => {
-            let keys: Vec<Value> = v.try_iter().map(|it| it.collect()).unwrap_or_default();
-            let items: Vec<String> = keys
-                .iter()
-                .map(|k| format!("{}: {}", python_repr(k), python_repr(&v.get_item(k).unwrap_or_default())))
-                .collect();
-            format!("{{{}}}", items.join(", "))
-        }
-        _ => v.to_string(),
-    }
-}
-
-/// A string as Python's `repr` writes it: in single quotes unless it holds one and no double
-/// quote; backslashes, the quote and control characters escaped.
-fn python_string_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
-    let mut out = String::from(quote);
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c == quote => {
-                out.push('\\');
-                out.push(c);
-            }
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push(quote);
-    out
 }
 
 /// Python's `json.dumps(value, ensure_ascii=False, indent=None, separators=None,
@@ -260,7 +242,14 @@ impl JsonStyle {
             ValueKind::Map | ValueKind::Plain => {
                 let mut keys: Vec<Value> = v.try_iter()?.collect();
                 if self.sort_keys {
-                    keys.sort_by_key(key_text);
+                    // As Python sorts the keys themselves: numbers by value, strings by text.
+                    if keys.iter().all(|k| k.kind() == ValueKind::Number) {
+                        keys.sort_by(|a, b| {
+                            f64::try_from(a.clone()).unwrap_or(0.0).total_cmp(&f64::try_from(b.clone()).unwrap_or(0.0))
+                        });
+                    } else {
+                        keys.sort_by_key(key_text);
+                    }
                 }
                 self.container(('{', '}'), keys.len(), depth, out, |i, out| {
                     self.string(&key_text(&keys[i]), out);
@@ -324,7 +313,7 @@ impl JsonStyle {
                 '\t' => out.push_str("\\t"),
                 '\u{8}' => out.push_str("\\b"),
                 '\u{c}' => out.push_str("\\f"),
-                c if (c as u32) < 0x20 || (self.ascii && !c.is_ascii()) => {
+                c if (c as u32) < 0x20 || (self.ascii && c as u32 >= 0x7f) => {
                     let mut units = [0u16; 2];
                     for u in c.encode_utf16(&mut units) {
                         out.push_str(&format!("\\u{u:04x}"));
@@ -383,8 +372,10 @@ fn python_number(v: &Value) -> String {
     format!("{sign}{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
 }
 
-/// `strftime(format)` of `seconds` since the epoch in UTC, for the specifiers chat templates
-/// use (Llama 3's `strftime_now("%d %b %Y")`): `%Y %y %m %d %e %B %b %A %a %H %I %M %S %p %j %%`.
+/// `strftime(format)` of `seconds` since the epoch in UTC (transformers' `datetime.now()` is the
+/// machine's local time), for the specifiers chat templates use (Llama 3's
+/// `strftime_now("%d %b %Y")`): `%Y %y %m %d %e %B %b %A %a %H %I %M %S %p %j %%`, glibc's
+/// unpadded `%-d` forms of the numbers, and a trailing `%` as itself.
 fn strftime(format: &str, seconds: i64) -> std::result::Result<String, minijinja::Error> {
     const MONTHS: [&str; 12] = [
         "January",
@@ -415,22 +406,30 @@ fn strftime(format: &str, seconds: i64) -> std::result::Result<String, minijinja
             out.push(c);
             continue;
         }
-        match chars.next() {
+        let mut spec = chars.next();
+        // `%-d`: the number without its padding.
+        let unpadded = spec == Some('-');
+        if unpadded {
+            spec = chars.next();
+        }
+        let number = |n: i64, width: usize| if unpadded { n.to_string() } else { format!("{n:0width$}") };
+        match spec {
+            None => out.push('%'),
             Some('Y') => out.push_str(&year.to_string()),
-            Some('y') => out.push_str(&format!("{:02}", year.rem_euclid(100))),
-            Some('m') => out.push_str(&format!("{month:02}")),
-            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('y') => out.push_str(&number(year.rem_euclid(100), 2)),
+            Some('m') => out.push_str(&number(month, 2)),
+            Some('d') => out.push_str(&number(day, 2)),
             Some('e') => out.push_str(&format!("{day:>2}")),
             Some('B') => out.push_str(MONTHS[month as usize - 1]),
             Some('b') => out.push_str(&MONTHS[month as usize - 1][..3]),
             Some('A') => out.push_str(DAYS[weekday]),
             Some('a') => out.push_str(&DAYS[weekday][..3]),
-            Some('H') => out.push_str(&format!("{hour:02}")),
-            Some('I') => out.push_str(&format!("{:02}", (hour + 11) % 12 + 1)),
-            Some('M') => out.push_str(&format!("{minute:02}")),
-            Some('S') => out.push_str(&format!("{second:02}")),
+            Some('H') => out.push_str(&number(hour, 2)),
+            Some('I') => out.push_str(&number((hour + 11) % 12 + 1, 2)),
+            Some('M') => out.push_str(&number(minute, 2)),
+            Some('S') => out.push_str(&number(second, 2)),
             Some('p') => out.push_str(if hour < 12 { "AM" } else { "PM" }),
-            Some('j') => out.push_str(&format!("{day_of_year:03}")),
+            Some('j') => out.push_str(&number(day_of_year, 3)),
             Some('%') => out.push('%'),
             other => {
                 return Err(minijinja::Error::new(
@@ -484,6 +483,7 @@ mod tests {
         assert_eq!(strftime("%d %b %Y", 0).unwrap(), "01 Jan 1970");
         assert_eq!(strftime("%d %b %Y", 951_782_400).unwrap(), "29 Feb 2000");
         assert!(strftime("%Z", 0).is_err());
+        assert_eq!(strftime("%-d/%-m/%y %-H:%M %-j 100%", 951_782_400 + 3600).unwrap(), "29/2/00 1:00 60 100%");
         for days in [-800_000, -1, 0, 59, 10_957, 20_000, 2_000_000] {
             let (y, m, d) = civil_from_days(days);
             assert_eq!(days_from_civil(y, m, d), days);

@@ -56,7 +56,7 @@ fn templates_render_as_transformers_renders_them() {
         let chat = ChatTemplate::new(template["source"].as_str().unwrap(), "expected.json", special.clone());
         cases += renders_as_transformers(&chat, template, &expected);
     }
-    assert_eq!(cases, 30, "every recorded case");
+    assert_eq!(cases, 32, "every recorded case");
 }
 
 /// A checkpoint transformers saved: its chat_template.jinja and tokenizer_config.json's special
@@ -76,7 +76,9 @@ fn a_saved_checkpoints_template_renders_and_encodes_as_transformers() {
             let (Some(text), Some(ids)) = (case["rendered"].as_str(), case["ids"].as_array()) else { continue };
             let want: Vec<u32> = ids.iter().map(|x| x.as_u64().unwrap() as u32).collect();
             assert_eq!(tok.encode(text).unwrap(), want, "{}: {text:?}", template["name"]);
-            assert_eq!(tok.encode_prompt(text).unwrap()[1..], want[..], "the post-processor adds a BOS");
+            let with_bos = tok.encode_prompt(text).unwrap();
+            let bos = tok.special_id(expected["special_tokens"]["bos_token"].as_str().unwrap()).unwrap();
+            assert_eq!((with_bos[0], &with_bos[1..]), (bos, &want[..]), "the post-processor adds a BOS");
         }
     }
 }
@@ -87,8 +89,10 @@ fn write(dir: &Path, file: &str, text: &str) {
 
 /// Where transformers finds a template: chat_template.jinja before tokenizer_config.json's
 /// `chat_template`, which is a string or a list of named templates (`default` is used); special
-/// tokens as strings or AddedToken objects, special_tokens_map.json filling in; none at all is
-/// no template; a list without `default` is an error naming the file.
+/// tokens as strings or AddedToken objects, special_tokens_map.json's in their place for a config
+/// without `added_tokens_decoder` (as transformers 5.25 renders these files); none at all is no
+/// template; a list without `default`, or named templates in additional_chat_templates/ alone,
+/// is an error naming the file.
 #[test]
 fn a_checkpoints_template_is_found_where_transformers_looks() {
     let dir = std::env::temp_dir().join(format!("whale-chat-{}", std::process::id()));
@@ -99,14 +103,18 @@ fn a_checkpoints_template_is_found_where_transformers_looks() {
     write(&dir, "tokenizer_config.json", r#"{"eos_token": "</s>"}"#);
     assert!(ChatTemplate::from_dir(&dir).unwrap().is_none(), "a config without one");
     let template = "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token }}{% endfor %}";
-    let config = serde_json::json!({
-        "bos_token": {"content": "<s>", "lstrip": false},
+    let mut config = serde_json::json!({
+        "bos_token": {"__type": "AddedToken", "content": "<s>", "lstrip": false},
+        "eos_token": "</s>",
         "chat_template": template,
     });
     write(&dir, "tokenizer_config.json", &config.to_string());
-    write(&dir, "special_tokens_map.json", r#"{"eos_token": "</s>", "bos_token": "<unused>"}"#);
+    write(&dir, "special_tokens_map.json", r#"{"bos_token": "<unused>"}"#);
     let render = |dir: &Path| ChatTemplate::from_dir(dir).unwrap().unwrap().render(&user, false).unwrap();
-    assert_eq!(render(&dir), "<s>user: hi</s>", "the config's AddedToken BOS, the map's EOS");
+    assert_eq!(render(&dir), "<unused>user: hi</s>", "an older config: the map's BOS replaces its own");
+    config["added_tokens_decoder"] = serde_json::json!({});
+    write(&dir, "tokenizer_config.json", &config.to_string());
+    assert_eq!(render(&dir), "<s>user: hi</s>", "the config's AddedToken BOS; the map is not read");
     let named = serde_json::json!({
         "eos_token": "</s>",
         "chat_template": [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": template}],
@@ -115,7 +123,12 @@ fn a_checkpoints_template_is_found_where_transformers_looks() {
     assert_eq!(render(&dir), "<unused>user: hi</s>");
     write(&dir, "chat_template.jinja", "jinja file: {{ messages[0].content }}");
     assert_eq!(render(&dir), "jinja file: hi", "chat_template.jinja comes first");
+    std::fs::create_dir(dir.join("additional_chat_templates")).unwrap();
+    assert_eq!(render(&dir), "jinja file: hi", "beside named templates too");
     std::fs::remove_file(dir.join("chat_template.jinja")).unwrap();
+    let err = ChatTemplate::from_dir(&dir).unwrap_err().to_string();
+    assert!(err.contains("additional_chat_templates") && err.contains("not supported"), "{err}");
+    std::fs::remove_dir(dir.join("additional_chat_templates")).unwrap();
     write(&dir, "tokenizer_config.json", r#"{"chat_template": [{"name": "tool_use", "template": "x"}]}"#);
     let err = ChatTemplate::from_dir(&dir).unwrap_err().to_string();
     assert!(err.contains("tokenizer_config.json") && err.contains("default"), "{err}");
