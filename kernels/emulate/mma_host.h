@@ -4,27 +4,35 @@
 // of E4M3 values are exact in double; each accumulator adds their sum, rounded once, to c.
 #pragma once
 
+#include <bit>
+
 #include "sm90_host.h" // emu::e4m3
 
 inline void mma_m16n8k32_e4m3(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
     emu::Block& blk = *emu::block;
     const unsigned t = blk.current->linear, warp = t / 32, lane = t % 32, base = 32 * warp;
     if (blk.warps[warp].expected != 32) emu::fail("mma.sync: a warp with fewer than 32 threads");
-    constexpr unsigned kWords = 6; // a[0..4), b[0..2)
-    if (blk.exchange.size() < kWords * blk.threads.size()) blk.exchange.resize(kWords * blk.threads.size());
-    unsigned* mine = &blk.exchange[kWords * t];
-    for (int i = 0; i < 4; ++i) mine[i] = a[i];
-    for (int i = 0; i < 2; ++i) mine[4 + i] = b[i];
+    // Each lane posts its fragments' 24 bytes decoded (a[0..4) as values 0..16, b[0..2) as
+    // 16..24), so each byte of the tiles is decoded once, not by each of the lanes that read it.
+    constexpr unsigned kValues = 24;
+    if (blk.exchange.size() < kValues * blk.threads.size()) blk.exchange.resize(kValues * blk.threads.size());
+    unsigned* mine = &blk.exchange[kValues * t];
+    for (unsigned i = 0; i < 6; ++i)
+        for (unsigned j = 0; j < 4; ++j) {
+            const unsigned word = i < 4 ? a[i] : b[i - 4];
+            mine[4 * i + j] = std::bit_cast<unsigned>(emu::e4m3((unsigned char)(word >> (8 * j))));
+        }
     emu::wait(blk.warps[warp]);
-    auto byte = [&](unsigned from_lane, unsigned word, unsigned k) {
-        return (unsigned char)(blk.exchange[kWords * (base + from_lane) + word] >> (8 * (k % 4)));
+    // Value `v` of register `reg`'s bytes (byte k % 4) as posted by `from_lane`.
+    auto value = [&](unsigned from_lane, unsigned reg, unsigned k) {
+        return std::bit_cast<float>(blk.exchange[kValues * (base + from_lane) + 4 * reg + k % 4]);
     };
     // A[row][k]: lane (row % 8) * 4 + (k % 16) / 4, register (row / 8) + 2 * (k / 16).
-    auto a_at = [&](unsigned row, unsigned k) { return emu::e4m3(byte((row % 8) * 4 + (k % 16) / 4, row / 8 + 2 * (k / 16), k)); };
+    auto a_at = [&](unsigned row, unsigned k) { return value((row % 8) * 4 + (k % 16) / 4, row / 8 + 2 * (k / 16), k); };
     // B[k][col]: lane col * 4 + (k % 16) / 4, register 4 + k / 16.
-    auto b_at = [&](unsigned k, unsigned col) { return emu::e4m3(byte(col * 4 + (k % 16) / 4, 4 + k / 16, k)); };
+    auto b_at = [&](unsigned k, unsigned col) { return value(col * 4 + (k % 16) / 4, 4 + k / 16, k); };
     // This lane's outputs: rows g and g + 8 by columns 2q and 2q + 1 (c[r]: row g + 8 (r / 2),
-    // column 2q + r % 2). Their operands decoded once, the four sums run side by side.
+    // column 2q + r % 2). Their operands gathered once, the four sums run side by side.
     const unsigned g = lane / 4, q = lane % 4;
     float ar[2][32], bc[2][32];
     for (unsigned k = 0; k < 32; ++k) {
