@@ -338,5 +338,10 @@ pub fn info(a: InfoArgs) -> Result<()> {
     for (name, e) in rows {
         println!("  | {name} | {e} | {} B | {} |", 2 * e, bytes(2 * e * layers));
     }
+    match ChatTemplate::from_dir(&a.dir) {
+        Ok(Some(t)) => println!("  chat template: {} (whale generate --chat)", t.origin().display()),
+        Ok(None) => println!("  chat template: none"),
+        Err(e) => println!("  chat template: not readable: {e}"),
+    }
     Ok(())
 }

@@ -782,7 +782,8 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
     assert!(stdout.contains("activated per token"), "{stdout}");
     let qwen = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/qwen2_tied");
     let out = whale().args(["info", qwen.to_str().unwrap()]).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("2 KV heads"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("2 KV heads") && stdout.contains("chat template: none"), "{stdout}");
 
     let base = dir.join("base");
     // Trained with DeepSeek-V3's FP8 recipe and bf16 optimizer moments.
@@ -819,6 +820,9 @@ fn info_reads_any_config_and_generate_continues_a_prompt() {
     copy_checkpoint(&ckpt, &chat);
     let template = "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}<think>{% endif %}";
     std::fs::write(chat.join("chat_template.jinja"), template).unwrap();
+    let out = whale().args(["info", chat.to_str().unwrap()]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("chat_template.jinja (whale generate --chat)"), "{stdout}");
     for (extra, rendered) in [(vec![], "12+7=<think>"), (vec!["--system", "1+1="], "1+1=12+7=<think>")] {
         let out = generate(&chat, 2, &[&["--greedy", "--chat"], &extra[..]].concat());
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

@@ -120,6 +120,11 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// The file the template was read from.
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
     /// `messages` rendered to the model's text; with `add_generation_prompt` it ends where the
     /// assistant's reply starts. A template error (its `raise_exception` too) names the file.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
