@@ -23,7 +23,7 @@ inline void mma_m16n8k32_e4m3(float (&c)[4], const unsigned (&a)[4], const unsig
             mine[4 * i + j] = std::bit_cast<unsigned>(emu::e4m3((unsigned char)(word >> (8 * j))));
         }
     emu::wait(blk.warps[warp]);
-    // Value `v` of register `reg`'s bytes (byte k % 4) as posted by `from_lane`.
+    // Byte k % 4 of register `reg` of lane `from_lane`, as that lane posted it decoded.
     auto value = [&](unsigned from_lane, unsigned reg, unsigned k) {
         return std::bit_cast<float>(blk.exchange[kValues * (base + from_lane) + 4 * reg + k % 4]);
     };

@@ -24,7 +24,8 @@ const SMALL: [&str; 10] =
     ["--micro-batch", "2", "--seq-len", "30", "--eval-problems", "2", "--k", "2", "--tasks", "add:2"];
 
 /// `whale r1-zero` from `base` into `run`: one step of 2 prompts x 2 samples, 2 held-out
-/// problems at k = 2, a validation of 2 problems at step 0, then `extra` (the prompts: `--data FILE` or a `--config`).
+/// problems at k = 2, a validation of 2 problems at step 0, then `extra` (the prompts: `--data
+/// FILE` or a `--config`).
 fn r1_zero_one_step(base: &Path, run: &Path, extra: &[&str]) -> std::process::Output {
     whale()
         .args(["r1-zero", "--base", base.to_str().unwrap(), "--out", run.to_str().unwrap(), "--steps", "1"])

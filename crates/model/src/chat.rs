@@ -7,15 +7,16 @@
 //! `tojson` (Python's `json.dumps`, not Jinja's HTML-escaping one), and the tokenizer's named
 //! special tokens (`bos_token`, `eos_token`, ...) as variables. Templates also call Python's
 //! string methods (`content.split('</think>')[-1]`): MiniJinja's Python-compatibility methods
-//! serve those, and `{{ value }}` writes Python's `str()` of it (None, True, ['a'], 1e+20). The rendered text is encoded as it is, no BOS added (`add_special_tokens=False`):
-//! the template writes its own.
+//! serve those, and `{{ value }}` writes Python's `str()` of it (None, True, ['a'], 1e+20). The
+//! rendered text is encoded as it is, no BOS added (`add_special_tokens=False`): the template
+//! writes its own.
 
 use std::path::{Path, PathBuf};
 
 use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{Environment, ErrorKind};
 
-use crate::tokenizer::json_of;
+use crate::tokenizer::{json_of, token_content, TOKENIZER_CONFIG_FILE};
 use crate::{Error, Result};
 
 /// One message of a conversation.
@@ -61,8 +62,8 @@ impl ChatTemplate {
     /// when the checkpoint has no template; an `additional_chat_templates/` folder without
     /// `chat_template.jinja` is refused (its templates would replace the config's).
     pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
-        let config_path = dir.join("tokenizer_config.json");
-        let config = json_of(dir, "tokenizer_config.json")?;
+        let config_path = dir.join(TOKENIZER_CONFIG_FILE);
+        let config = json_of(dir, TOKENIZER_CONFIG_FILE)?;
         let jinja = dir.join("chat_template.jinja");
         let named = dir.join("additional_chat_templates");
         if named.is_dir() && !jinja.exists() {
@@ -103,12 +104,10 @@ impl ChatTemplate {
             Some(_) => serde_json::Value::Null,
             None => json_of(dir, "special_tokens_map.json")?,
         };
-        // A token is a string or an AddedToken object with its `content`.
-        let content = |v: &serde_json::Value| v.as_str().or_else(|| v["content"].as_str()).map(str::to_string);
         let special_tokens = SPECIAL_TOKENS
             .iter()
             .filter_map(|&name| {
-                let token = if map.get(name).is_some() { content(&map[name]) } else { content(&config[name]) };
+                let token = token_content(if map.get(name).is_some() { &map[name] } else { &config[name] });
                 Some((name.to_string(), token?))
             })
             .collect();
@@ -131,8 +130,7 @@ impl ChatTemplate {
         let env = environment();
         let fail = |e: minijinja::Error| {
             let line = e.line().map(|l| format!(" (template line {l})")).unwrap_or_default();
-            let what = e.detail().unwrap_or("").to_string();
-            let what = if what.is_empty() { e.kind().to_string() } else { what };
+            let what = e.detail().filter(|d| !d.is_empty()).map_or_else(|| e.kind().to_string(), str::to_string);
             Error::file(&self.origin, format!("chat template: {what}{line}"))
         };
         // Jinja2 reads `\r\n` and a lone `\r` as `\n` (in text and string literals alike), and

@@ -289,34 +289,40 @@ pub(crate) fn json_of(dir: &Path, file: &str) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| Error::file(&path, e))
 }
 
+/// The tokenizer's settings file beside `tokenizer.json` (special tokens, the chat template).
+pub(crate) const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
+/// A special token as tokenizer_config.json and special_tokens_map.json give one: a string, or
+/// an AddedToken object with its `content`.
+pub(crate) fn token_content(v: &serde_json::Value) -> Option<String> {
+    v.as_str().or_else(|| v["content"].as_str()).map(str::to_string)
+}
+
 /// Refuses a `tokenizer_config.json` whose settings transformers would act on but
 /// `tokenizer.json` does not hold, so that the text is never silently encoded otherwise: special
 /// tokens split as text (`split_special_tokens`), or a special or added token that is not in
 /// `tokenizer.json` (with its id, for `added_tokens_decoder`), which transformers would add.
 /// Returns the config (null without the file), for the settings the tokenizer honours.
 fn check_tokenizer_config(dir: &Path, tok: &HfTokenizer) -> Result<serde_json::Value> {
-    const FILE: &str = "tokenizer_config.json";
-    let config = json_of(dir, FILE)?;
-    let refuse = |msg: String| Err(Error::file(dir.join(FILE), msg));
+    let config = json_of(dir, TOKENIZER_CONFIG_FILE)?;
+    let refuse = |msg: String| Err(Error::file(dir.join(TOKENIZER_CONFIG_FILE), msg));
     if config["split_special_tokens"].as_bool() == Some(true) {
         return refuse("split_special_tokens: true (special tokens encoded as plain text) is not supported".into());
     }
-    // A token is a string or an AddedToken object with its `content`.
-    let content = |v: &serde_json::Value| v.as_str().or_else(|| v["content"].as_str()).map(str::to_string);
     let mut wanted: Vec<(String, String, Option<u32>)> = Vec::new();
     for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
-        if let Some(c) = content(&config[key]) {
+        if let Some(c) = token_content(&config[key]) {
             wanted.push((key.into(), c, None));
         }
     }
     for v in config["additional_special_tokens"].as_array().into_iter().flatten() {
-        if let Some(c) = content(v) {
+        if let Some(c) = token_content(v) {
             wanted.push(("additional_special_tokens".into(), c, None));
         }
     }
     for (id, v) in config["added_tokens_decoder"].as_object().into_iter().flatten() {
         let id = id.parse::<u32>().ok();
-        if let (Some(c), Some(id)) = (content(v), id) {
+        if let (Some(c), Some(id)) = (token_content(v), id) {
             wanted.push(("added_tokens_decoder".into(), c, Some(id)));
         }
     }
