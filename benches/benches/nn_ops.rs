@@ -1,6 +1,7 @@
 //! Fused ops against the same math composed from primitive tensor ops (what a framework without
 //! the fused kernel would run), forward + backward: attention, RMSNorm, cross-entropy; and the
-//! fused AdamW step built for the CPU's FMA against its portable build.
+//! fused AdamW step built for the CPU's FMA against its portable build; whale's `expf` against
+//! libm's.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
@@ -77,5 +78,18 @@ fn adamw(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group! { name = benches; config = config(); targets = attention, rms_norm, cross_entropy, adamw }
+/// `exp` of 1M floats on one thread: whale's `expf` (inlined, vectorised, built for AVX2 + FMA
+/// where the CPU has them) against libm's `expf`, a call per element. Same bits on glibc (the
+/// kernel's tests).
+fn exp(c: &mut Criterion) {
+    use whale_kernels::cpu::expf::exp_slice;
+    let x: Vec<f32> = randn(&[1 << 20], 1).to_vec_f32().unwrap().iter().map(|x| 4.0 * x).collect();
+    let mut y = vec![0.0f32; x.len()];
+    let mut group = c.benchmark_group("exp_1M");
+    group.bench_function("whale", |b| b.iter(|| exp_slice(black_box(&x), &mut y)));
+    group.bench_function("baseline", |b| b.iter(|| y.iter_mut().zip(black_box(&x)).for_each(|(y, &x)| *y = x.exp())));
+    group.finish();
+}
+
+criterion_group! { name = benches; config = config(); targets = attention, rms_norm, cross_entropy, adamw, exp }
 criterion_main!(benches);

@@ -11,6 +11,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
+use super::expf::expf;
 use super::{reduce, wide_fn};
 
 /// Sizes of one attention call. Query head `h` reads key/value head `h / (q_heads / kv_heads)` (GQA;
@@ -385,15 +386,14 @@ fn forward_block(s: &AttnShape, head: &Head, row0: usize, o: &mut [f32], lse: &m
             let tile_max = reduce::max(p);
             let o = &mut o[r * dv..][..dv];
             if tile_max > max[r] {
-                let alpha = (max[r] - tile_max).exp();
+                let alpha = expf(max[r] - tile_max);
                 sum[r] *= alpha;
                 o.iter_mut().for_each(|x| *x *= alpha);
                 max[r] = tile_max;
             }
-            for x in p.iter_mut() {
-                *x = (*x - max[r]).exp();
-                sum[r] += *x;
-            }
+            // Two loops, so that the exponentials vectorise; the sum keeps its order.
+            p.iter_mut().for_each(|x| *x = expf(*x - max[r]));
+            sum[r] = p.iter().fold(sum[r], |acc, &x| acc + x);
             add_weighted_rows(o, p, &head.v[t0 * head.v_row..], head.v_row);
         }
     }
@@ -445,7 +445,7 @@ fn dq_block(
             scores(&d_o[i * dv..][..dv], &v_t, 1.0, &mut dp);
             // The scores in `p` become dS = P * (dP - D).
             for (x, &dp) in p[..end - t0].iter_mut().zip(&dp) {
-                let prob = (*x - lse[i]).exp();
+                let prob = expf(*x - lse[i]);
                 *x = prob * (dp - delta[r]);
             }
             add_weighted_rows(&mut dq[r * dqk..][..dqk], &p[..end - t0], &head.k[t0 * head.k_row..], head.k_row);
@@ -496,7 +496,7 @@ fn dkv_block(
                 scores(vj, &d_o_t, 1.0, &mut ds); // dP for now; dS below
                 let tile = first - i0..i1 - i0;
                 for (r, i) in tile.clone().zip(first..i1) {
-                    let prob = (p[r] - lse[i]).exp();
+                    let prob = expf(p[r] - lse[i]);
                     (p[r], ds[r]) = (prob, prob * (ds[r] - delta[i]));
                 }
                 add_weighted_rows(&mut dv[j * dvd..][..dvd], &p[tile.clone()], &d_o[first * dvd..], dvd);

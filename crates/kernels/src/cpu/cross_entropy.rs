@@ -3,8 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::reduce;
-use super::rows_per_task;
+use super::expf::expf;
+use super::{reduce, rows_per_task, wide_fn};
 
 /// Accumulator lanes of `sum(exp(x - max))` over a row (see [`super::reduce`]): a fixed summation
 /// order, and shorter rounding chains over a long vocabulary than one running sum.
@@ -38,16 +38,25 @@ pub fn cross_entropy_forward(
         .zip(loss.par_chunks_mut(chunk))
         .zip(lse.par_chunks_mut(chunk))
         .for_each(|(((logits, targets), loss), lse)| {
-            for (((x, &t), loss), lse) in logits.chunks_exact(vocab).zip(targets).zip(loss).zip(lse) {
-                let max = reduce::max(x);
-                let log_sum = reduce::sum_exp::<SUM_EXP_LANES>(x, max).ln();
-                *lse = max + log_sum;
-                // (max - x_t) + ln(sum) rather than lse - x_t: the first difference is exact for
-                // confident predictions, where the loss is small and lse - x_t would cancel.
-                *loss = if t == ignore_index { 0.0 } else { (max - x[t as usize]) + log_sum };
-            }
+            forward_rows_wide(logits, vocab, targets, ignore_index, loss, lse)
         });
     targets.iter().filter(|&&t| t != ignore_index).count()
+}
+
+wide_fn!(fn forward_rows_wide => forward_rows(
+    logits: &[f32], vocab: usize, targets: &[i64], ignore_index: i64, loss: &mut [f32], lse: &mut [f32],
+));
+
+#[inline(always)]
+fn forward_rows(logits: &[f32], vocab: usize, targets: &[i64], ignore_index: i64, loss: &mut [f32], lse: &mut [f32]) {
+    for (((x, &t), loss), lse) in logits.chunks_exact(vocab).zip(targets).zip(loss).zip(lse) {
+        let max = reduce::max(x);
+        let log_sum = reduce::sum_exp::<SUM_EXP_LANES>(x, max).ln();
+        *lse = max + log_sum;
+        // (max - x_t) + ln(sum) rather than lse - x_t: the first difference is exact for
+        // confident predictions, where the loss is small and lse - x_t would cancel.
+        *loss = if t == ignore_index { 0.0 } else { (max - x[t as usize]) + log_sum };
+    }
 }
 
 /// `dlogits[r] = dloss[r] * (softmax(logits[r]) - onehot(targets[r]))`, zero for ignored rows.
@@ -75,18 +84,35 @@ pub fn cross_entropy_backward(
         .zip(targets.par_chunks(chunk))
         .zip(lse.par_chunks(chunk).zip(dloss.par_chunks(chunk)))
         .for_each(|(((dx, logits), targets), (lse, dloss))| {
-            let rows = dx.chunks_exact_mut(vocab).zip(logits.chunks_exact(vocab));
-            for (((dx, x), &t), (&lse, &d)) in rows.zip(targets).zip(lse.iter().zip(dloss)) {
-                if t == ignore_index {
-                    dx.fill(0.0);
-                    continue;
-                }
-                for (dx, &x) in dx.iter_mut().zip(x) {
-                    *dx = d * (x - lse).exp();
-                }
-                dx[t as usize] = d * ((x[t as usize] - lse).exp() - 1.0);
-            }
+            backward_rows_wide(logits, vocab, targets, ignore_index, lse, dloss, dx)
         });
+}
+
+wide_fn!(fn backward_rows_wide => backward_rows(
+    logits: &[f32], vocab: usize, targets: &[i64], ignore_index: i64, lse: &[f32], dloss: &[f32], dlogits: &mut [f32],
+));
+
+#[inline(always)]
+fn backward_rows(
+    logits: &[f32],
+    vocab: usize,
+    targets: &[i64],
+    ignore_index: i64,
+    lse: &[f32],
+    dloss: &[f32],
+    dlogits: &mut [f32],
+) {
+    let rows = dlogits.chunks_exact_mut(vocab).zip(logits.chunks_exact(vocab));
+    for (((dx, x), &t), (&lse, &d)) in rows.zip(targets).zip(lse.iter().zip(dloss)) {
+        if t == ignore_index {
+            dx.fill(0.0);
+            continue;
+        }
+        for (dx, &x) in dx.iter_mut().zip(x) {
+            *dx = d * expf(x - lse);
+        }
+        dx[t as usize] = d * (expf(x[t as usize] - lse) - 1.0);
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod dispatch;
 pub mod embedding;
+pub mod expf;
 pub mod fp8;
 pub mod fp8_gemm;
 pub mod matmul;

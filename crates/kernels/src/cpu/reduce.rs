@@ -36,7 +36,7 @@ pub(crate) fn sum<const LANES: usize>(x: &[f32]) -> f32 {
 /// `sum(exp(x - max))`: the normaliser of a softmax whose inputs are shifted by their maximum.
 #[inline]
 pub(crate) fn sum_exp<const LANES: usize>(x: &[f32], max: f32) -> f32 {
-    sum_map::<LANES>(x, |v| (v - max).exp())
+    sum_map::<LANES>(x, |v| super::expf::expf(v - max))
 }
 
 /// `sum(f(x))`.

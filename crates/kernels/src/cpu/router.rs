@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::softmax::softmax_forward;
-use super::swiglu::sigmoid;
+use super::swiglu::sigmoid_forward;
 
 /// One gate's sizes and options, as in a DeepSeek config.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -122,7 +122,7 @@ pub fn route(logits: &[f32], bias: Option<&[f32]>, cfg: &RouterConfig) -> Routed
     }
     let mut scores = vec![0.0f32; logits.len()];
     if cfg.sigmoid {
-        scores.par_iter_mut().zip(logits).for_each(|(s, &l)| *s = sigmoid(l));
+        sigmoid_forward(logits, &mut scores);
     } else {
         softmax_forward(logits, e, &mut scores);
     }
@@ -140,6 +140,7 @@ pub fn route(logits: &[f32], bias: Option<&[f32]>, cfg: &RouterConfig) -> Routed
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::swiglu::sigmoid;
 
     fn config(n_experts: usize, n_group: usize, topk_group: usize, top_k: usize) -> RouterConfig {
         RouterConfig {

@@ -2,24 +2,29 @@
 
 use rayon::prelude::*;
 
-use super::reduce;
-use super::rows_per_task;
+use super::expf::expf;
+use super::{reduce, rows_per_task, wide_fn};
 
 /// Accumulator lanes of the row reductions (see [`super::reduce`]); fixes their summation order.
 const LANES: usize = 16;
 
 /// `x`, `y`: [rows, dim]. Numerically stable (max subtracted).
 pub fn softmax_forward(x: &[f32], dim: usize, y: &mut [f32]) {
-    rowwise(x, x, dim, y, "softmax_forward", |x, _, y| {
-        let max = reduce::max(x);
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = (x - max).exp();
-        }
-        let sum = reduce::sum::<LANES>(y);
-        for y in y.iter_mut() {
-            *y /= sum;
-        }
-    });
+    rowwise(x, x, dim, y, "softmax_forward", |x, _, y| softmax_row_wide(x, y));
+}
+
+wide_fn!(fn softmax_row_wide => softmax_row(x: &[f32], y: &mut [f32]));
+
+#[inline(always)]
+fn softmax_row(x: &[f32], y: &mut [f32]) {
+    let max = reduce::max(x);
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = expf(x - max);
+    }
+    let sum = reduce::sum::<LANES>(y);
+    for y in y.iter_mut() {
+        *y /= sum;
+    }
 }
 
 /// `dx = y * (dy - sum(dy * y))` per row, from the forward output `y`.
@@ -34,27 +39,37 @@ pub fn softmax_backward(y: &[f32], dy: &[f32], dim: usize, dx: &mut [f32]) {
 
 /// `y = x - logsumexp(x)` per row.
 pub fn log_softmax_forward(x: &[f32], dim: usize, y: &mut [f32]) {
-    rowwise(x, x, dim, y, "log_softmax_forward", |x, _, y| {
-        let max = reduce::max(x);
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = (x - max).exp();
-        }
-        let log_sum = reduce::sum::<LANES>(y).ln();
-        // (x - max) - ln(sum) rather than x - lse: the first difference is exact near the max.
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = (x - max) - log_sum;
-        }
-    });
+    rowwise(x, x, dim, y, "log_softmax_forward", |x, _, y| log_softmax_row_wide(x, y));
+}
+
+wide_fn!(fn log_softmax_row_wide => log_softmax_row(x: &[f32], y: &mut [f32]));
+
+#[inline(always)]
+fn log_softmax_row(x: &[f32], y: &mut [f32]) {
+    let max = reduce::max(x);
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = expf(x - max);
+    }
+    let log_sum = reduce::sum::<LANES>(y).ln();
+    // (x - max) - ln(sum) rather than x - lse: the first difference is exact near the max.
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = (x - max) - log_sum;
+    }
 }
 
 /// `dx = dy - exp(y) * sum(dy)` per row, from the forward output `y`.
 pub fn log_softmax_backward(y: &[f32], dy: &[f32], dim: usize, dx: &mut [f32]) {
-    rowwise(y, dy, dim, dx, "log_softmax_backward", |y, dy, dx| {
-        let s = reduce::sum::<LANES>(dy);
-        for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
-            *dx = dy - y.exp() * s;
-        }
-    });
+    rowwise(y, dy, dim, dx, "log_softmax_backward", log_softmax_backward_row_wide);
+}
+
+wide_fn!(fn log_softmax_backward_row_wide => log_softmax_backward_row(y: &[f32], dy: &[f32], dx: &mut [f32]));
+
+#[inline(always)]
+fn log_softmax_backward_row(y: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let s = reduce::sum::<LANES>(dy);
+    for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
+        *dx = dy - expf(y) * s;
+    }
 }
 
 /// Runs `f(a_row, b_row, out_row)` over the rows of three [rows, dim] buffers, in parallel chunks

@@ -2,17 +2,28 @@
 
 use rayon::prelude::*;
 
+use super::expf::expf;
+use super::wide_fn;
+
 /// Elements per rayon task: a fixed size, so the partition depends only on the length.
 const CHUNK: usize = 1 << 14;
 
 pub fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert_eq!(gate.len(), out.len(), "swiglu_forward: gate and out differ in length");
     assert_eq!(up.len(), out.len(), "swiglu_forward: up and out differ in length");
-    out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK)).zip(up.par_chunks(CHUNK)).for_each(|((out, gate), up)| {
-        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-            *o = g * sigmoid(g) * u;
-        }
-    });
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK))
+        .zip(up.par_chunks(CHUNK))
+        .for_each(|((out, gate), up)| forward_chunk_wide(gate, up, out));
+}
+
+wide_fn!(fn forward_chunk_wide => forward_chunk(gate: &[f32], up: &[f32], out: &mut [f32]));
+
+#[inline(always)]
+fn forward_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g * sigmoid(g) * u;
+    }
 }
 
 /// Each of `dgate` and `dup` is optional (only the requested gradients are computed); overwritten.
@@ -22,44 +33,81 @@ pub fn swiglu_backward(gate: &[f32], up: &[f32], dout: &[f32], dgate: Option<&mu
     for grad in [&dgate, &dup].into_iter().flatten() {
         assert_eq!(grad.len(), gate.len(), "swiglu_backward: a gradient has the wrong length");
     }
+    let inputs = gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)).zip(dout.par_chunks(CHUNK));
+    match (dgate, dup) {
+        (Some(dgate), Some(dup)) => dgate
+            .par_chunks_mut(CHUNK)
+            .zip(dup.par_chunks_mut(CHUNK))
+            .zip(inputs)
+            .for_each(|((dg, du), ((g, u), d))| backward_chunk_wide(g, u, d, Some(dg), Some(du))),
+        (Some(dgate), None) => dgate
+            .par_chunks_mut(CHUNK)
+            .zip(inputs)
+            .for_each(|(dg, ((g, u), d))| backward_chunk_wide(g, u, d, Some(dg), None)),
+        (None, Some(dup)) => dup
+            .par_chunks_mut(CHUNK)
+            .zip(inputs)
+            .for_each(|(du, ((g, u), d))| backward_chunk_wide(g, u, d, None, Some(du))),
+        (None, None) => {}
+    }
+}
+
+wide_fn!(fn backward_chunk_wide => backward_chunk(
+    gate: &[f32], up: &[f32], dout: &[f32], dgate: Option<&mut [f32]>, dup: Option<&mut [f32]>,
+));
+
+#[inline(always)]
+fn backward_chunk(gate: &[f32], up: &[f32], dout: &[f32], dgate: Option<&mut [f32]>, dup: Option<&mut [f32]>) {
     // d silu(g) / dg = sig(g) * (1 + g * (1 - sig(g)))
     let dgate_of = |g: f32, u: f32, d: f32| {
         let s = sigmoid(g);
         d * u * s * (1.0 + g * (1.0 - s))
     };
     let dup_of = |g: f32, d: f32| d * (g * sigmoid(g));
-    let inputs = gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)).zip(dout.par_chunks(CHUNK));
+    let (g, u, d) = (gate, up, dout);
     match (dgate, dup) {
-        (Some(dgate), Some(dup)) => dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).zip(inputs).for_each(
-            |((dg, du), ((g, u), d))| {
-                for i in 0..dg.len() {
-                    dg[i] = dgate_of(g[i], u[i], d[i]);
-                    du[i] = dup_of(g[i], d[i]);
-                }
-            },
-        ),
-        (Some(dgate), None) => dgate.par_chunks_mut(CHUNK).zip(inputs).for_each(|(dg, ((g, u), d))| {
+        (Some(dg), Some(du)) => {
+            for i in 0..dg.len() {
+                dg[i] = dgate_of(g[i], u[i], d[i]);
+                du[i] = dup_of(g[i], d[i]);
+            }
+        }
+        (Some(dg), None) => {
             for i in 0..dg.len() {
                 dg[i] = dgate_of(g[i], u[i], d[i]);
             }
-        }),
-        (None, Some(dup)) => dup.par_chunks_mut(CHUNK).zip(inputs).for_each(|(du, ((g, _), d))| {
+        }
+        (None, Some(du)) => {
             for i in 0..du.len() {
                 du[i] = dup_of(g[i], d[i]);
             }
-        }),
+        }
         (None, None) => {}
     }
 }
 
+/// `out[i] = sigmoid(x[i])`, in parallel chunks.
+pub fn sigmoid_forward(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "sigmoid_forward: x and out differ in length");
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(out, x)| sigmoid_chunk_wide(x, out));
+}
+
+wide_fn!(fn sigmoid_chunk_wide => sigmoid_chunk(x: &[f32], out: &mut [f32]));
+
+#[inline(always)]
+fn sigmoid_chunk(x: &[f32], out: &mut [f32]) {
+    out.iter_mut().zip(x).for_each(|(y, &x)| *y = sigmoid(x));
+}
+
 /// Logistic function that never overflows: `exp` only ever sees a non-positive argument, which also
-/// keeps full relative precision for large negative `x`.
-#[inline]
+/// keeps full relative precision for large negative `x`. Branch-free (both sides share
+/// `e = exp(-|x|)`), so loops over it vectorise.
+#[inline(always)]
 pub fn sigmoid(x: f32) -> f32 {
+    let e = expf(-x.abs());
     if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
+        1.0 / (1.0 + e)
     } else {
-        let e = x.exp();
         e / (1.0 + e)
     }
 }

@@ -4,7 +4,7 @@
 use whale_kernels::cuda::{BinaryOp, UnaryOp};
 
 use super::{check_float_any_device, check_same_dtype, check_same_dtype_any_device, grad_if};
-use super::{par_map, par_map2, par_map3};
+use super::{par_map2, par_map3, par_map_into};
 use crate::backprop::backward_fn;
 use crate::layout::broadcast_shape;
 use crate::{DType, Error, Result, Tensor};
@@ -12,21 +12,37 @@ use crate::{DType, Error, Result, Tensor};
 /// sqrt(2/pi), for the tanh form of GELU.
 const GELU_C: f32 = 0.797_884_6;
 
-use whale_kernels::cpu::swiglu::sigmoid;
+use whale_kernels::cpu::expf::exp_forward;
+use whale_kernels::cpu::swiglu::{sigmoid, sigmoid_forward};
 
 impl Tensor {
     /// `y = f(x)` elementwise, with `dy/dx = df(x, y)`.
     /// `kind` is the same map as a CUDA kernel op code.
-    fn unary_op<F, D>(&self, (name, kind): (&'static str, UnaryOp), f: F, df: D) -> Result<Tensor>
+    fn unary_op<F, D>(&self, op: (&'static str, UnaryOp), f: F, df: D) -> Result<Tensor>
     where
         F: Fn(f32) -> f32 + Sync,
+        D: Fn(f32, f32) -> f32 + Send + Sync + Copy + 'static,
+    {
+        self.unary_op_kernel(op, |x, y| par_map_into(x, y, f), df)
+    }
+
+    /// [`Self::unary_op`] with the forward as a CPU kernel over the whole buffer.
+    fn unary_op_kernel<D>(
+        &self,
+        (name, kind): (&'static str, UnaryOp),
+        kernel: impl FnOnce(&[f32], &mut [f32]),
+        df: D,
+    ) -> Result<Tensor>
+    where
         D: Fn(f32, f32) -> f32 + Send + Sync + Copy + 'static,
     {
         check_float_any_device(name, self)?;
         if self.device().is_cuda() {
             return crate::cuda::unary(self, name, kind);
         }
-        let out = par_map(&self.f32_data()?, f);
+        let x = self.f32_data()?;
+        let mut out = vec![0.0f32; x.len()];
+        kernel(&x, &mut out);
         let back = backward_fn(name, move |inputs: &[Tensor], output: &Tensor, g: &Tensor, _: &[bool]| {
             let x = inputs[0].f32_data()?;
             let y = output.f32_data()?;
@@ -41,7 +57,7 @@ impl Tensor {
     }
 
     pub fn exp(&self) -> Result<Tensor> {
-        self.unary_op(("exp", UnaryOp::Exp), f32::exp, |_, y| y)
+        self.unary_op_kernel(("exp", UnaryOp::Exp), exp_forward, |_, y| y)
     }
 
     pub fn log(&self) -> Result<Tensor> {
@@ -68,7 +84,7 @@ impl Tensor {
     }
 
     pub fn sigmoid(&self) -> Result<Tensor> {
-        self.unary_op(("sigmoid", UnaryOp::Sigmoid), sigmoid, |_, y| y * (1.0 - y))
+        self.unary_op_kernel(("sigmoid", UnaryOp::Sigmoid), sigmoid_forward, |_, y| y * (1.0 - y))
     }
 
     pub fn tanh(&self) -> Result<Tensor> {

@@ -17,8 +17,9 @@ const PAR_MIN: usize = 1 << 15;
 /// Elements per rayon task in elementwise loops (a pure function of the length: reproducible).
 const PAR_CHUNK: usize = 1 << 13;
 
-pub(crate) fn par_map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
+/// `out[i] = f(x[i])`.
+pub(crate) fn par_map_into(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
+    debug_assert_eq!(x.len(), out.len());
     if x.len() < PAR_MIN {
         out.iter_mut().zip(x).for_each(|(o, &a)| *o = f(a));
     } else {
@@ -26,7 +27,6 @@ pub(crate) fn par_map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
             o.iter_mut().zip(a).for_each(|(o, &a)| *o = f(a));
         });
     }
-    out
 }
 
 pub(crate) fn par_map2(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
