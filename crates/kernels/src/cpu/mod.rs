@@ -35,8 +35,8 @@ pub(crate) fn has_avx2_fma() -> bool {
 
 /// `fn $name(args)` calling `$inner(args)` (an `#[inline(always)]` function) from a copy compiled
 /// for AVX2 and FMA where the CPU has them: what `$inner` inlines gets 256-bit lanes and a fused
-/// instruction for each explicit `mul_add` (the portable build calls `fmaf`). Rust never fuses or
-/// reorders float operations on its own, so both builds give the same bits.
+/// instruction for each explicit `mul_add` (the portable build calls libm's `fmaf` or `fma`).
+/// Rust never fuses or reorders float operations on its own, so both builds give the same bits.
 macro_rules! wide_fn {
     ($(#[$m:meta])* $vis:vis fn $name:ident => $inner:ident($($arg:ident: $ty:ty),* $(,)?)) => {
         $(#[$m])*

@@ -13,7 +13,14 @@ use crate::{DType, Error, Result, Tensor};
 const GELU_C: f32 = 0.797_884_6;
 
 use whale_kernels::cpu::expf::exp_forward;
-use whale_kernels::cpu::swiglu::{sigmoid, sigmoid_forward};
+use whale_kernels::cpu::swiglu::{sigmoid_forward, silu_backward, silu_forward};
+
+/// The backward of an elementwise map from its derivative `df(x, y)`: `dx = dy * df(x, y)`.
+fn by_derivative(
+    df: impl Fn(f32, f32) -> f32 + Send + Sync + Copy + 'static,
+) -> impl Fn(&[f32], &[f32], &[f32]) -> Vec<f32> + Send + Sync + 'static {
+    move |x, y, dy| par_map3(x, y, dy, move |x, y, dy| dy * df(x, y))
+}
 
 impl Tensor {
     /// `y = f(x)` elementwise, with `dy/dx = df(x, y)`.
@@ -23,18 +30,19 @@ impl Tensor {
         F: Fn(f32) -> f32 + Sync,
         D: Fn(f32, f32) -> f32 + Send + Sync + Copy + 'static,
     {
-        self.unary_op_kernel(op, |x, y| par_map_into(x, y, f), df)
+        self.unary_op_kernel(op, |x, y| par_map_into(x, y, f), by_derivative(df))
     }
 
-    /// [`Self::unary_op`] with the forward as a CPU kernel over the whole buffer.
-    fn unary_op_kernel<D>(
+    /// [`Self::unary_op`] with CPU kernels over whole buffers: `forward(x, y)` writes `y`, and
+    /// `backward(x, y, dy)` returns `dx`.
+    fn unary_op_kernel<B>(
         &self,
         (name, kind): (&'static str, UnaryOp),
-        kernel: impl FnOnce(&[f32], &mut [f32]),
-        df: D,
+        forward: impl FnOnce(&[f32], &mut [f32]),
+        backward: B,
     ) -> Result<Tensor>
     where
-        D: Fn(f32, f32) -> f32 + Send + Sync + Copy + 'static,
+        B: Fn(&[f32], &[f32], &[f32]) -> Vec<f32> + Send + Sync + 'static,
     {
         check_float_any_device(name, self)?;
         if self.device().is_cuda() {
@@ -42,11 +50,9 @@ impl Tensor {
         }
         let x = self.f32_data()?;
         let mut out = vec![0.0f32; x.len()];
-        kernel(&x, &mut out);
+        forward(&x, &mut out);
         let back = backward_fn(name, move |inputs: &[Tensor], output: &Tensor, g: &Tensor, _: &[bool]| {
-            let x = inputs[0].f32_data()?;
-            let y = output.f32_data()?;
-            let gi = par_map3(&x, &y, &g.f32_data()?, |x, y, g| g * df(x, y));
+            let gi = backward(&inputs[0].f32_data()?, &output.f32_data()?, &g.f32_data()?);
             Ok(vec![Some(Tensor::from_op(gi, inputs[0].dims(), inputs[0].dtype(), &[], crate::backprop::NoBackward))])
         });
         Ok(Tensor::from_op(out, self.dims(), self.dtype(), &[self], back))
@@ -57,7 +63,7 @@ impl Tensor {
     }
 
     pub fn exp(&self) -> Result<Tensor> {
-        self.unary_op_kernel(("exp", UnaryOp::Exp), exp_forward, |_, y| y)
+        self.unary_op_kernel(("exp", UnaryOp::Exp), exp_forward, by_derivative(|_, y| y))
     }
 
     pub fn log(&self) -> Result<Tensor> {
@@ -84,7 +90,7 @@ impl Tensor {
     }
 
     pub fn sigmoid(&self) -> Result<Tensor> {
-        self.unary_op_kernel(("sigmoid", UnaryOp::Sigmoid), sigmoid_forward, |_, y| y * (1.0 - y))
+        self.unary_op_kernel(("sigmoid", UnaryOp::Sigmoid), sigmoid_forward, by_derivative(|_, y| y * (1.0 - y)))
     }
 
     pub fn tanh(&self) -> Result<Tensor> {
@@ -100,14 +106,11 @@ impl Tensor {
 
     /// SiLU (swish): `x * sigmoid(x)`.
     pub fn silu(&self) -> Result<Tensor> {
-        self.unary_op(
-            ("silu", UnaryOp::Silu),
-            |x| x * sigmoid(x),
-            |x, _| {
-                let s = sigmoid(x);
-                s * (1.0 + x * (1.0 - s))
-            },
-        )
+        self.unary_op_kernel(("silu", UnaryOp::Silu), silu_forward, |x, _, dy| {
+            let mut dx = vec![0.0f32; x.len()];
+            silu_backward(x, dy, &mut dx);
+            dx
+        })
     }
 
     /// GELU in its tanh approximation (GPT-2, llm.c): `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
