@@ -40,6 +40,13 @@ pub struct EvalArgs {
     /// Sampling temperature (> 0: pass@1 and pass@k are over samples, never greedy decoding).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
+    /// Sample from the K most probable tokens only (off by default).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample from the most probable tokens whose mass reaches P, in (0, 1] (off by default; the
+    /// R1 paper evaluates with --temperature 0.6 --top-p 0.95).
+    #[arg(long)]
+    pub top_p: Option<f32>,
     /// The completion length limit: at least the `max_new_tokens` the model was trained with (a
     /// completion cut off counts as wrong).
     #[arg(long, default_value_t = EvalConfig::default().max_new_tokens)]
@@ -68,6 +75,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
             a.temperature
         );
     }
+    if a.top_k == Some(0) {
+        anyhow::bail!("--top-k 0: keeps no token (leave it out to sample from every token)");
+    }
+    if let Some(p) = a.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+        anyhow::bail!("--top-p {p}: must be in (0, 1] (1 keeps every token)");
+    }
     if a.max_new_tokens == 0 {
         anyhow::bail!("--max-new-tokens 0: a completion needs at least one token (its answer and EOS)");
     }
@@ -93,6 +106,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let cfg = EvalConfig {
         samples: a.k,
         temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
         max_new_tokens: a.max_new_tokens,
         cache,
         ..EvalConfig::default()
@@ -126,7 +141,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         Some(path) => format!("the held-out prompts of {}", path.display()),
         None => format!("held-out {}", a.tasks),
     };
-    println!("evaluating {} problems: {source}", problems.len());
+    let filters = a.top_k.map_or(String::new(), |k| format!(", top-k {k}"))
+        + &a.top_p.map_or(String::new(), |p| format!(", top-p {p}"));
+    println!("evaluating {} problems: {source} ({} samples at T = {}{filters})", problems.len(), a.k, a.temperature);
     let t0 = std::time::Instant::now();
     let r = evaluate(&*model, &*tok, &problems, &cfg)?;
     println!("evaluated in {:.1} s ({:?} cache)", t0.elapsed().as_secs_f64(), cache);

@@ -691,15 +691,24 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
     let ckpt = run.join("checkpoint");
     assert_eq!(std::fs::read(ckpt.join("tokenizer.json")).unwrap(), std::fs::read(&fixture).unwrap());
     assert_eq!(std::fs::read_to_string(ckpt.join("generation_config.json")).unwrap(), r#"{"eos_token_id": [0, 5]}"#);
+    // Sampled as the R1 paper's evaluations sample.
     let eval = whale()
         .args(["eval", "--checkpoint", ckpt.to_str().unwrap(), "--problems", "2", "--k", "2"])
-        .args(["--data", data.to_str().unwrap(), "--all-lines"])
+        .args(["--data", data.to_str().unwrap(), "--all-lines", "--temperature", "0.6", "--top-p", "0.95"])
         .output()
         .unwrap();
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
-    // pass@k is over samples: a temperature of 0 (greedy) is refused.
-    let greedy = whale().args(["eval", "--checkpoint", ckpt.to_str().unwrap(), "--temperature", "0"]).output().unwrap();
-    assert!(!greedy.status.success() && String::from_utf8_lossy(&greedy.stderr).contains("--temperature 0"));
+    assert!(String::from_utf8_lossy(&eval.stdout).contains("(2 samples at T = 0.6, top-p 0.95)"));
+    // pass@k is over samples: a temperature of 0 (greedy) is refused, and so are filters that
+    // keep nothing or are not a probability.
+    for (flags, words) in [
+        (["--temperature", "0"], "--temperature 0"),
+        (["--top-k", "0"], "--top-k 0: keeps no token"),
+        (["--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+    ] {
+        let refused = whale().args(["eval", "--checkpoint", ckpt.to_str().unwrap()]).args(flags).output().unwrap();
+        assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains(words), "{flags:?}");
+    }
     let generate = whale()
         .args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "Twelve plus 7="])
         .args(["--greedy", "--max-new-tokens", "4"])

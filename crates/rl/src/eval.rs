@@ -74,6 +74,10 @@ pub struct EvalReport {
 pub struct EvalConfig {
     pub samples: usize,
     pub temperature: f32,
+    /// The samples' top-k and top-p filters ([`SamplingConfig`]'s); off by default. The R1
+    /// paper's evaluations sample at temperature 0.6 with top-p 0.95.
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
     pub max_new_tokens: usize,
     pub seed: u64,
     pub cache: CacheMode,
@@ -81,7 +85,15 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        EvalConfig { samples: 8, temperature: 1.0, max_new_tokens: 96, seed: 1234, cache: CacheMode::Absorb }
+        EvalConfig {
+            samples: 8,
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            max_new_tokens: 96,
+            seed: 1234,
+            cache: CacheMode::Absorb,
+        }
     }
 }
 
@@ -154,9 +166,13 @@ pub fn evaluate(
     let greedy = model.generate(&prompts, &greedy_cfg, &mut rng)?;
     let k = cfg.samples;
     let repeated: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
-    let sampled_cfg =
-        SamplingConfig { cache: cfg.cache, ..SamplingConfig::sampled(cfg.temperature, cfg.max_new_tokens, stop) }
-            .limited_to(tok);
+    let sampled_cfg = SamplingConfig {
+        cache: cfg.cache,
+        top_k: cfg.top_k,
+        top_p: cfg.top_p,
+        ..SamplingConfig::sampled(cfg.temperature, cfg.max_new_tokens, stop)
+    }
+    .limited_to(tok);
     let sampled = model.generate(&repeated, &sampled_cfg, &mut rng)?;
 
     let n = problems.len() as f64;
@@ -273,6 +289,32 @@ mod tests {
         assert!(!well_formatted("<think>a</think><answer>2</answer>junk"));
         assert!(!well_formatted("<think>a<think>b</think><answer>2</answer>"));
         assert!(!well_formatted("<think>a</think><answer>2"));
+    }
+
+    #[test]
+    fn top_k_and_top_p_reach_the_samples() {
+        use whale_parallel::model::tokenizer::CharTokenizer;
+        use whale_parallel::model::{DeepSeekV3, DeepSeekV3Config};
+        let model = DeepSeekV3::new(DeepSeekV3Config::tiny(), 3).unwrap();
+        let tok = CharTokenizer::new();
+        let problems = crate::tasks::TaskSet::parse("add:1").unwrap().held_out(6, 0);
+        let cfg = EvalConfig { samples: 4, max_new_tokens: 12, ..EvalConfig::default() };
+        // Keeping one token, every sample is the greedy completion: the samples' mean length is
+        // the greedy completions' mean length, and both filters give the same report.
+        let prompts = crate::rollout::problem_prompts(&tok, &problems).unwrap();
+        let greedy_cfg = SamplingConfig::greedy(cfg.max_new_tokens, tok.stop_ids()).limited_to(&tok);
+        let greedy = model.generate(&prompts, &greedy_cfg, &mut Rng::new(0)).unwrap();
+        let greedy_length = greedy.iter().map(|g| g.tokens.len()).sum::<usize>() as f64 / problems.len() as f64;
+        let top_k = evaluate(&model, &tok, &problems, &EvalConfig { top_k: Some(1), ..cfg.clone() }).unwrap();
+        let top_p = evaluate(&model, &tok, &problems, &EvalConfig { top_p: Some(1e-6), ..cfg.clone() }).unwrap();
+        let plain = evaluate(&model, &tok, &problems, &cfg).unwrap();
+        assert_eq!(top_k.mean_length, greedy_length);
+        assert_eq!(
+            (top_p.mean_length, top_p.format_rate, top_p.pass1),
+            (top_k.mean_length, top_k.format_rate, top_k.pass1)
+        );
+        assert_eq!(top_k.pass1, top_k.greedy);
+        assert_ne!(plain.mean_length, greedy_length, "an untrained model's samples at T = 1 wander");
     }
 
     #[test]
