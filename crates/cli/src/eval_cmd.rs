@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use whale_rl::eval::{completion_text, evaluate, EvalConfig};
+use whale_rl::eval::{completion_text, eval_prompts, evaluate, AnswerStyle, ChatPrompts, EvalConfig};
 use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::tokenizer_for;
@@ -66,6 +66,18 @@ pub struct EvalArgs {
     /// post-training commands, whose evaluations it then reproduces).
     #[arg(long)]
     pub precision: Option<String>,
+    /// Each prompt as a user message in the checkpoint's chat template, with the generation
+    /// prompt (as `whale generate --chat`): how a chat model such as R1-Distill-Qwen is asked.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message before each prompt (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Score the last \boxed{} after the completion's </think> rather than <answer> tags, and
+    /// (with --chat) ask for it after each prompt with the R1 paper's "Please reason step by
+    /// step, and put your final answer within \boxed{}.".
+    #[arg(long)]
+    pub boxed: bool,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -110,6 +122,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
         top_p: a.top_p,
         max_new_tokens: a.max_new_tokens,
         cache,
+        chat: a
+            .chat
+            .then(|| crate::infer::chat_template(&a.checkpoint))
+            .transpose()?
+            .map(|template| ChatPrompts { template, system: a.system.clone() }),
+        answers: if a.boxed { AnswerStyle::Boxed } else { AnswerStyle::Tags },
         ..EvalConfig::default()
     };
     // The checkpoint's tokenizer: the character one for our own runs, tokenizer.json for an HF
@@ -121,19 +139,21 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     if a.show > 0 {
         let shown = &problems[..a.show.min(problems.len())];
-        let prompts = whale_rl::rollout::problem_prompts(&*tok, shown)?;
-        let cfg =
+        let prompts = eval_prompts(&*tok, shown, &cfg)?;
+        let greedy =
             SamplingConfig { cache, ..SamplingConfig::greedy(cfg.max_new_tokens, tok.stop_ids()) }.limited_to(&*tok);
-        for (p, g) in shown.iter().zip(model.generate(&prompts, &cfg, &mut Rng::new(a.seed))?) {
+        for ((p, ids), g) in shown.iter().zip(&prompts).zip(model.generate(&prompts, &greedy, &mut Rng::new(a.seed))?) {
             let text = completion_text(&*tok, &g);
             let verdict = if g.truncated {
                 "truncated"
-            } else if verify(p, &text) {
+            } else if verify(p, &cfg.answers.as_template(&text)) {
                 "correct"
             } else {
                 "wrong"
             };
-            println!("{}{}  [{verdict}]", p.prompt, text);
+            // A chat prompt as the model read it, template and all.
+            let prompt = if cfg.chat.is_some() { tok.decode(ids) } else { p.prompt.clone() };
+            println!("{prompt}{text}  [{verdict}]");
         }
     }
     let source = match &a.data {
@@ -143,7 +163,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
     };
     let filters = a.top_k.map_or(String::new(), |k| format!(", top-k {k}"))
         + &a.top_p.map_or(String::new(), |p| format!(", top-p {p}"));
-    println!("evaluating {} problems: {source} ({} samples at T = {}{filters})", problems.len(), a.k, a.temperature);
+    let template = cfg.chat.as_ref().map(|c| format!(", in {}'s chat template", c.template.origin().display()));
+    let asked = template.unwrap_or_default() + if a.boxed { ", answers in \\boxed{}" } else { "" };
+    println!(
+        "evaluating {} problems: {source} ({} samples at T = {}{filters}{asked})",
+        problems.len(),
+        a.k,
+        a.temperature
+    );
     let t0 = std::time::Instant::now();
     let r = evaluate(&*model, &*tok, &problems, &cfg)?;
     println!("evaluated in {:.1} s ({:?} cache)", t0.elapsed().as_secs_f64(), cache);

@@ -3,7 +3,7 @@
 //! checkpoint directory holds: config, parameter counts, cache bytes per token) for DeepSeek-V3,
 //! Qwen2 and Llama checkpoints, ours or HF's.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -78,6 +78,17 @@ pub struct GenerateArgs {
     pub precision: Option<String>,
 }
 
+/// The chat template of the checkpoint `dir` (chat_template.jinja or tokenizer_config.json's),
+/// for `--chat`; an error when it has none.
+pub fn chat_template(dir: &Path) -> Result<ChatTemplate> {
+    ChatTemplate::from_dir(dir)?.with_context(|| {
+        format!(
+            "--chat: {} has no chat template (chat_template.jinja, or tokenizer_config.json's chat_template)",
+            dir.display()
+        )
+    })
+}
+
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let cache = CacheMode::parse(&a.cache).with_context(|| format!("--cache {}: expected naive or absorb", a.cache))?;
     let device = crate::device::open(&a.device)?;
@@ -93,12 +104,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let tok = tokenizer_for(&a.checkpoint)?;
     crate::device::check_fits(&*tok, &*model, &a.checkpoint, "the checkpoint")?;
     let (text, prompt) = if a.chat {
-        let template = ChatTemplate::from_dir(&a.checkpoint)?.with_context(|| {
-            format!(
-                "--chat: {} has no chat template (chat_template.jinja, or tokenizer_config.json's chat_template)",
-                a.checkpoint.display()
-            )
-        })?;
+        let template = chat_template(&a.checkpoint)?;
         let system = a.system.iter().map(|s| ChatMessage::new("system", s.as_str()));
         let messages: Vec<ChatMessage> = system.chain([ChatMessage::new("user", a.prompt.as_str())]).collect();
         let text = template.render(&messages, true)?;

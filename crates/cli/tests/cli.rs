@@ -709,6 +709,29 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
         let refused = whale().args(["eval", "--checkpoint", ckpt.to_str().unwrap()]).args(flags).output().unwrap();
         assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains(words), "{flags:?}");
     }
+    // As a chat model is asked: each prompt in the checkpoint's template with R1's \boxed{}
+    // instruction, shown as the model read it; a checkpoint without a template is refused.
+    let chat = |dir: &Path| {
+        whale()
+            .args(["eval", "--checkpoint", dir.to_str().unwrap(), "--problems", "2", "--k", "1", "--show", "1"])
+            .args(["--data", data.to_str().unwrap(), "--all-lines", "--max-new-tokens", "4"])
+            .args(["--chat", "--system", "Be brief.", "--boxed"])
+            .output()
+            .unwrap()
+    };
+    let no_template = chat(&ckpt);
+    assert!(String::from_utf8_lossy(&no_template.stderr).contains("has no chat template"));
+    let chat_ckpt = dir.join("chat");
+    copy_checkpoint(&ckpt, &chat_ckpt);
+    let template = "{% for m in messages %}[{{ m.role }}: {{ m.content }}]{% endfor %}\
+                    {% if add_generation_prompt %}<think>\n{% endif %}";
+    std::fs::write(chat_ckpt.join("chat_template.jinja"), template).unwrap();
+    let asked = chat(&chat_ckpt);
+    let stdout = String::from_utf8_lossy(&asked.stdout);
+    assert!(asked.status.success(), "{}", String::from_utf8_lossy(&asked.stderr));
+    let prompt = "[system: Be brief.][user: Twelve plus 1=\nPlease reason step by step, and put your final answer \
+                  within \\boxed{}.]<think>\n";
+    assert!(stdout.contains(prompt) && stdout.contains("chat template, answers in \\boxed{})"), "{stdout}");
     let generate = whale()
         .args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "Twelve plus 7="])
         .args(["--greedy", "--max-new-tokens", "4"])

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use whale_parallel::model::chat::{ChatMessage, ChatTemplate};
 use whale_parallel::model::generate::{CacheMode, Generation, SamplingConfig};
 use whale_parallel::model::tensor::Rng;
 use whale_parallel::model::tokenizer::Tokenizer;
@@ -11,7 +12,8 @@ use whale_parallel::model::CausalLm;
 use whale_parallel::trainer::check_batch_tokens;
 
 use crate::rewards::{LanguageConsistency, Sample};
-use crate::tasks::{answer_key, verify, AnswerKey, Problem};
+use crate::rollout::problem_prompts;
+use crate::tasks::{answer_key, extract_boxed, verify, AnswerKey, Problem};
 use crate::{Error, Result};
 
 /// The unbiased pass@k estimator `1 - C(n-c, k) / C(n, k)` for `c` correct of `n` samples;
@@ -81,6 +83,75 @@ pub struct EvalConfig {
     pub max_new_tokens: usize,
     pub seed: u64,
     pub cache: CacheMode,
+    /// Prompts through a chat template (`None`: as the runs encode them).
+    pub chat: Option<ChatPrompts>,
+    /// Where completions give their answers.
+    pub answers: AnswerStyle,
+}
+
+/// Prompts as a chat model takes them: each problem's prompt is the user message (after an
+/// optional system message), rendered by the checkpoint's template with the generation prompt.
+#[derive(Debug, Clone)]
+pub struct ChatPrompts {
+    pub template: ChatTemplate,
+    pub system: Option<String>,
+}
+
+/// The R1 paper's instruction after a math question, asking for the answer in `\boxed{}`.
+pub const BOXED_INSTRUCTION: &str = "Please reason step by step, and put your final answer within \\boxed{}.";
+
+/// Where a completion gives its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AnswerStyle {
+    /// The R1 template's `<think>...</think><answer>...</answer>`, what whale's runs train.
+    #[default]
+    Tags,
+    /// The last `\boxed{...}` after the reasoning's `</think>`, as the R1 paper scores its chat
+    /// models (R1, and the students distilled from it) on math; a chat prompt asks for it with
+    /// [`BOXED_INSTRUCTION`].
+    Boxed,
+}
+
+impl AnswerStyle {
+    /// `completion` in the R1 template, which the verifiers, majority voting and the format rate
+    /// read. A boxed answer after `</think>` becomes `<think>reasoning</think><answer>x</answer>`
+    /// (the reasoning without the `<think>` a chat template may have put in the prompt); without
+    /// `</think>`, the completion's last boxed answer still counts, but not as well formatted.
+    pub fn as_template(self, completion: &str) -> String {
+        match self {
+            AnswerStyle::Tags => completion.to_string(),
+            AnswerStyle::Boxed => match completion.rsplit_once("</think>") {
+                Some((reasoning, response)) => {
+                    let reasoning = reasoning.trim_start().strip_prefix("<think>").unwrap_or(reasoning);
+                    match extract_boxed(response) {
+                        Some(answer) => format!("<think>{reasoning}</think><answer>{answer}</answer>"),
+                        None => format!("<think>{reasoning}</think>"),
+                    }
+                }
+                None => extract_boxed(completion).map_or_else(String::new, |a| format!("<answer>{a}</answer>")),
+            },
+        }
+    }
+}
+
+/// The prompt ids of `problems`: each prompt as the runs encode it ([`problem_prompts`]), or with
+/// `cfg.chat` rendered as a user message (followed by [`BOXED_INSTRUCTION`] on a line of its own
+/// for boxed answers) and encoded without the tokenizer's own BOS, which the template writes.
+pub fn eval_prompts(tok: &dyn Tokenizer, problems: &[Problem], cfg: &EvalConfig) -> Result<Vec<Vec<u32>>> {
+    let Some(chat) = &cfg.chat else { return problem_prompts(tok, problems) };
+    problems
+        .iter()
+        .map(|p| {
+            let user = match cfg.answers {
+                AnswerStyle::Tags => p.prompt.clone(),
+                AnswerStyle::Boxed => format!("{}\n{BOXED_INSTRUCTION}", p.prompt),
+            };
+            let system = chat.system.iter().map(|s| ChatMessage::new("system", s.as_str()));
+            let messages: Vec<ChatMessage> = system.chain([ChatMessage::new("user", user)]).collect();
+            let text = chat.template.render(&messages, true)?;
+            tok.encode(&text).map_err(|e| Error::Rl(format!("the chat prompt of {:?}: {e}", p.prompt)))
+        })
+        .collect()
 }
 
 impl Default for EvalConfig {
@@ -93,6 +164,8 @@ impl Default for EvalConfig {
             max_new_tokens: 96,
             seed: 1234,
             cache: CacheMode::Absorb,
+            chat: None,
+            answers: AnswerStyle::Tags,
         }
     }
 }
@@ -159,7 +232,7 @@ pub fn evaluate(
         )));
     }
     let stop = tok.stop_ids();
-    let prompts = crate::rollout::problem_prompts(tok, problems)?;
+    let prompts = eval_prompts(tok, problems, cfg)?;
     let mut rng = Rng::new(cfg.seed);
     let greedy_cfg =
         SamplingConfig { cache: cfg.cache, ..SamplingConfig::greedy(cfg.max_new_tokens, stop.clone()) }.limited_to(tok);
@@ -180,9 +253,10 @@ pub fn evaluate(
     let (mut lang, mut lang_n) = (0.0, 0usize);
     let mut per_task: HashMap<String, (f64, usize)> = HashMap::new();
     for (i, p) in problems.iter().enumerate() {
-        g_ok += score_samples(p, &[finished(&greedy[i], &completion_text(tok, &greedy[i]))]).0 as f64;
+        let text = |g: &Generation| cfg.answers.as_template(&completion_text(tok, g));
+        g_ok += score_samples(p, &[finished(&greedy[i], &text(&greedy[i]))]).0 as f64;
         let group = &sampled[i * k..(i + 1) * k];
-        let texts: Vec<String> = group.iter().map(|g| completion_text(tok, g)).collect();
+        let texts: Vec<String> = group.iter().map(text).collect();
         let samples: Vec<Option<String>> = group.iter().zip(&texts).map(|(g, t)| finished(g, t)).collect();
         let (correct, majority) = score_samples(p, &samples);
         p1 += correct as f64 / k as f64;
@@ -289,6 +363,95 @@ mod tests {
         assert!(!well_formatted("<think>a</think><answer>2</answer>junk"));
         assert!(!well_formatted("<think>a<think>b</think><answer>2</answer>"));
         assert!(!well_formatted("<think>a</think><answer>2"));
+    }
+
+    #[test]
+    fn boxed_answers_read_as_the_template_would_write_them() {
+        let p = Problem { task: "add".into(), prompt: "12+7=".into(), answer: "19".into(), solution: String::new() };
+        let boxed = AnswerStyle::Boxed;
+        // R1-Distill's shape: the template opened <think>, the model closes it and answers.
+        let distill = "Okay, 12 and 7 make 19.\n</think>\n\nSo the sum is \\boxed{19}.";
+        assert_eq!(boxed.as_template(distill), "<think>Okay, 12 and 7 make 19.\n</think><answer>19</answer>");
+        assert!(verify(&p, &boxed.as_template(distill)) && well_formatted(&boxed.as_template(distill)));
+        // The model's own <think>, and a boxed guess inside the reasoning that the final one overrides.
+        let own = "<think>maybe \\boxed{18}? no</think>\\boxed{ 19 }";
+        assert_eq!(boxed.as_template(own), "<think>maybe \\boxed{18}? no</think><answer>19</answer>");
+        // No </think>: the answer counts, the format does not; no boxed answer after it: wrong.
+        assert_eq!(boxed.as_template("\\boxed{19}"), "<answer>19</answer>");
+        assert!(verify(&p, &boxed.as_template("\\boxed{19}")) && !well_formatted(&boxed.as_template("\\boxed{19}")));
+        assert!(!verify(&p, &boxed.as_template("\\boxed{19}</think>19")));
+        assert!(!verify(&p, &boxed.as_template("19")));
+        // Tags leave a completion as it is, and a boxed answer is not a tagged one.
+        assert_eq!(AnswerStyle::Tags.as_template(distill), distill);
+        assert!(!verify(&p, &AnswerStyle::Tags.as_template(distill)));
+    }
+
+    #[test]
+    fn the_last_balanced_box_is_the_answer() {
+        use crate::tasks::extract_boxed;
+        assert_eq!(extract_boxed("\\boxed{\\frac{1}{2}}"), Some("\\frac{1}{2}"));
+        assert_eq!(extract_boxed("\\boxed{1} then \\boxed{ 2 }"), Some("2"));
+        assert_eq!(extract_boxed("\\boxed{1} then \\boxed{2"), Some("1"), "an unclosed box is not an answer");
+        assert_eq!(extract_boxed("boxed{3} {4}"), None);
+        assert_eq!(extract_boxed("\\boxed{}"), Some(""));
+    }
+
+    /// Bytes, with a BOS that only `encode_prompt` adds (as HF's post-processors do).
+    struct ByteTokenizer;
+
+    impl Tokenizer for ByteTokenizer {
+        fn encode(&self, text: &str) -> whale_parallel::model::Result<Vec<u32>> {
+            Ok(text.bytes().map(u32::from).collect())
+        }
+        fn encode_prompt(&self, text: &str) -> whale_parallel::model::Result<Vec<u32>> {
+            Ok([self.bos_id()].into_iter().chain(self.encode(text)?).collect())
+        }
+        fn decode(&self, ids: &[u32]) -> String {
+            String::from_utf8(ids.iter().map(|&i| i as u8).collect()).unwrap()
+        }
+        fn vocab_size(&self) -> usize {
+            258
+        }
+        fn bos_id(&self) -> u32 {
+            256
+        }
+        fn eos_id(&self) -> u32 {
+            257
+        }
+        fn pad_id(&self) -> u32 {
+            257
+        }
+        fn special_id(&self, _: &str) -> Option<u32> {
+            None
+        }
+    }
+
+    #[test]
+    fn chat_prompts_are_the_rendered_user_message() {
+        let tok = ByteTokenizer;
+        let problems = crate::tasks::TaskSet::parse("add:1").unwrap().held_out(2, 0);
+        let template = ChatTemplate::new(
+            "{% for m in messages %}[{{ m.role }}: {{ m.content }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}",
+            "test",
+            vec![],
+        );
+        let chat = ChatPrompts { template, system: Some("Be brief.".into()) };
+        for answers in [AnswerStyle::Tags, AnswerStyle::Boxed] {
+            let cfg = EvalConfig { chat: Some(chat.clone()), answers, ..EvalConfig::default() };
+            let prompts = eval_prompts(&tok, &problems, &cfg).unwrap();
+            for (ids, p) in prompts.iter().zip(&problems) {
+                let user = match answers {
+                    AnswerStyle::Tags => p.prompt.clone(),
+                    AnswerStyle::Boxed => format!("{}\n{BOXED_INSTRUCTION}", p.prompt),
+                };
+                // The template's text alone: no BOS of the tokenizer's before it.
+                assert_eq!(ids, &tok.encode(&format!("[system: Be brief.][user: {user}]>")).unwrap());
+            }
+        }
+        // Without a template, the prompts the runs encode, BOS first.
+        let plain = eval_prompts(&tok, &problems, &EvalConfig::default()).unwrap();
+        assert_eq!(plain, problem_prompts(&tok, &problems).unwrap());
+        assert_eq!(plain[0][0], tok.bos_id());
     }
 
     #[test]

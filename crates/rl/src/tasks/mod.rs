@@ -94,6 +94,30 @@ pub fn extract_answer(completion: &str) -> Option<&str> {
     last
 }
 
+/// The text inside the last complete `\boxed{...}` (braces balanced), trimmed: how the R1 paper's
+/// math evaluations read a chat model's final answer. `None` without one.
+pub fn extract_boxed(completion: &str) -> Option<&str> {
+    let open = "\\boxed{";
+    let mut last = None;
+    let mut from = 0;
+    while let Some(s) = completion[from..].find(open) {
+        let start = from + s + open.len();
+        let mut depth = 1usize;
+        let close = completion[start..].char_indices().find_map(|(i, c)| {
+            match c {
+                '{' => depth += 1,
+                '}' => depth -= 1,
+                _ => {}
+            }
+            (depth == 0).then_some(start + i)
+        });
+        let Some(end) = close else { break };
+        last = Some(completion[start..end].trim());
+        from = end + 1;
+    }
+    last
+}
+
 /// An answer read as an integer: an optional sign, digits, an optional trailing `.`; its
 /// canonical digits (`019`, `+19` and `19.` give `19`, `-0` gives `0`). `None` otherwise.
 fn integer(answer: &str) -> Option<String> {
