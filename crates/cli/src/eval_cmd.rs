@@ -122,11 +122,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         top_p: a.top_p,
         max_new_tokens: a.max_new_tokens,
         cache,
-        chat: a
-            .chat
-            .then(|| crate::infer::chat_template(&a.checkpoint))
-            .transpose()?
-            .map(|template| ChatPrompts { template, system: a.system.clone() }),
+        chat: match a.chat {
+            true => Some(ChatPrompts::new(crate::infer::chat_template(&a.checkpoint)?, a.system.clone())?),
+            false => None,
+        },
         answers: if a.boxed { AnswerStyle::Boxed } else { AnswerStyle::Tags },
         ..EvalConfig::default()
     };
@@ -134,19 +133,26 @@ pub fn run(a: EvalArgs) -> Result<()> {
     // model (whose vocabulary the character one cannot be).
     let tok = tokenizer_for(&a.checkpoint)?;
     crate::device::check_fits(&*tok, &*model, &a.checkpoint, "the checkpoint")?;
-    if let Some(path) = &a.data {
-        crate::settings::check_data_prompts(&*tok, model.max_positions(), &problems, path)?;
-    }
+    // Every prompt as the model will read it (a chat template's text and all) leaves room for a
+    // completion.
+    let asked_by = match (&a.data, a.chat) {
+        (Some(path), false) => format!("--data {}", path.display()),
+        (Some(path), true) => format!("--data {} in the chat template", path.display()),
+        (None, false) => format!("--tasks {}", a.tasks),
+        (None, true) => format!("--tasks {} in the chat template", a.tasks),
+    };
+    let prompts = eval_prompts(&*tok, &problems, &cfg).with_context(|| asked_by.clone())?;
+    crate::settings::check_prompt_room(&prompts, &problems, model.max_positions(), &asked_by)?;
     if a.show > 0 {
-        let shown = &problems[..a.show.min(problems.len())];
-        let prompts = eval_prompts(&*tok, shown, &cfg)?;
+        let shown = a.show.min(problems.len());
         let greedy =
             SamplingConfig { cache, ..SamplingConfig::greedy(cfg.max_new_tokens, tok.stop_ids()) }.limited_to(&*tok);
-        for ((p, ids), g) in shown.iter().zip(&prompts).zip(model.generate(&prompts, &greedy, &mut Rng::new(a.seed))?) {
+        let completions = model.generate(&prompts[..shown], &greedy, &mut Rng::new(a.seed))?;
+        for ((p, ids), g) in problems.iter().zip(&prompts).zip(completions) {
             let text = completion_text(&*tok, &g);
             let verdict = if g.truncated {
                 "truncated"
-            } else if verify(p, &cfg.answers.as_template(&text)) {
+            } else if verify(p, &cfg.scored_text(&text)) {
                 "correct"
             } else {
                 "wrong"
@@ -163,7 +169,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     };
     let filters = a.top_k.map_or(String::new(), |k| format!(", top-k {k}"))
         + &a.top_p.map_or(String::new(), |p| format!(", top-p {p}"));
-    let template = cfg.chat.as_ref().map(|c| format!(", in {}'s chat template", c.template.origin().display()));
+    let template = cfg.chat.as_ref().map(|c| format!(", in {}'s chat template", c.template().origin().display()));
     let asked = template.unwrap_or_default() + if a.boxed { ", answers in \\boxed{}" } else { "" };
     println!(
         "evaluating {} problems: {source} ({} samples at T = {}{filters}{asked})",

@@ -274,14 +274,19 @@ pub fn check_validation(problems: usize, every: u64, key_problems: &str, key_eve
 /// left for a completion in the model's `max_positions`: checked when a run starts, not when
 /// a step first draws the prompt (or the evaluation after a stage has trained).
 pub fn check_data_prompts(tok: &dyn Tokenizer, max_positions: usize, problems: &[Problem], path: &Path) -> Result<()> {
-    let prompts =
-        whale_rl::rollout::problem_prompts(tok, problems).with_context(|| format!("--data {}", path.display()))?;
-    for (p, ids) in problems.iter().zip(&prompts) {
+    let source = format!("--data {}", path.display());
+    let prompts = whale_rl::rollout::problem_prompts(tok, problems).with_context(|| source.clone())?;
+    check_prompt_room(&prompts, problems, max_positions, &source)
+}
+
+/// Each of `prompts` (the ids of `problems`, from `source`) is shorter than the model's
+/// positions, so a completion has room.
+pub fn check_prompt_room(prompts: &[Vec<u32>], problems: &[Problem], max_positions: usize, source: &str) -> Result<()> {
+    for (p, ids) in problems.iter().zip(prompts) {
         if ids.len() >= max_positions {
             bail!(
-                "--data {}: the prompt {:?} is {} tokens, and the model holds {max_positions} positions: no room for a \
+                "{source}: the prompt {:?} is {} tokens, and the model holds {max_positions} positions: no room for a \
                  completion",
-                path.display(),
                 p.prompt,
                 ids.len()
             );

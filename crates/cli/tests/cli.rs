@@ -720,7 +720,9 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
             .unwrap()
     };
     let no_template = chat(&ckpt);
-    assert!(String::from_utf8_lossy(&no_template.stderr).contains("has no chat template"));
+    assert!(
+        !no_template.status.success() && String::from_utf8_lossy(&no_template.stderr).contains("has no chat template")
+    );
     let chat_ckpt = dir.join("chat");
     copy_checkpoint(&ckpt, &chat_ckpt);
     let template = "{% for m in messages %}[{{ m.role }}: {{ m.content }}]{% endfor %}\
@@ -732,6 +734,14 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
     let prompt = "[system: Be brief.][user: Twelve plus 1=\nPlease reason step by step, and put your final answer \
                   within \\boxed{}.]<think>\n";
     assert!(stdout.contains(prompt) && stdout.contains("chat template, answers in \\boxed{})"), "{stdout}");
+    // A template that leaves no room for a completion is refused before any generation.
+    std::fs::write(chat_ckpt.join("chat_template.jinja"), format!("{}{template}", "x".repeat(300))).unwrap();
+    let long = chat(&chat_ckpt);
+    let stderr = String::from_utf8_lossy(&long.stderr);
+    assert!(
+        !long.status.success() && stderr.contains("in the chat template: the prompt \"Twelve plus 1=\" is"),
+        "{stderr}"
+    );
     let generate = whale()
         .args(["generate", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "Twelve plus 7="])
         .args(["--greedy", "--max-new-tokens", "4"])

@@ -1,6 +1,8 @@
 //! Evaluation on held-out problems (spec/rl.md "Definitions"): greedy accuracy, pass@1 (mean
 //! accuracy of k samples at the sampling temperature), pass@k with the unbiased estimator,
-//! cons@k (majority vote over the k answers), mean completion length and format rate.
+//! cons@k (majority vote over the k answers), mean completion length and format rate. Prompts
+//! are the runs' own, or a chat template's rendering of them; answers are in `<answer>` tags, or
+//! in `\boxed{}` as the R1 paper scores its chat models.
 
 use std::collections::HashMap;
 
@@ -93,8 +95,31 @@ pub struct EvalConfig {
 /// optional system message), rendered by the checkpoint's template with the generation prompt.
 #[derive(Debug, Clone)]
 pub struct ChatPrompts {
-    pub template: ChatTemplate,
-    pub system: Option<String>,
+    template: ChatTemplate,
+    system: Option<String>,
+    /// The generation prompt ends in `<think>` (R1's and R1-Distill's templates): completions
+    /// start inside the reasoning, and are scored with the `<think>` put back in front.
+    opens_think: bool,
+}
+
+impl ChatPrompts {
+    pub fn new(template: ChatTemplate, system: Option<String>) -> Result<Self> {
+        let probe = ChatPrompts { template, system, opens_think: false };
+        let opens_think = probe.render("")?.trim_end().ends_with("<think>");
+        Ok(ChatPrompts { opens_think, ..probe })
+    }
+
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// The conversation up to the assistant's turn: the system message, `user`, the generation
+    /// prompt.
+    fn render(&self, user: &str) -> Result<String> {
+        let system = self.system.iter().map(|s| ChatMessage::new("system", s.as_str()));
+        let messages: Vec<ChatMessage> = system.chain([ChatMessage::new("user", user)]).collect();
+        Ok(self.template.render(&messages, true)?)
+    }
 }
 
 /// The R1 paper's instruction after a math question, asking for the answer in `\boxed{}`.
@@ -114,22 +139,35 @@ pub enum AnswerStyle {
 
 impl AnswerStyle {
     /// `completion` in the R1 template, which the verifiers, majority voting and the format rate
-    /// read. A boxed answer after `</think>` becomes `<think>reasoning</think><answer>x</answer>`
-    /// (the reasoning without the `<think>` a chat template may have put in the prompt); without
-    /// `</think>`, the completion's last boxed answer still counts, but not as well formatted.
+    /// read. A boxed answer after the last `</think>` becomes
+    /// `<think>reasoning</think><answer>x</answer>`, the reasoning rid of the template's tags (so
+    /// that an `<answer>` written while thinking neither scores nor swallows the boxed one);
+    /// without `</think>`, the completion's last boxed answer still counts, but not as well
+    /// formatted.
     pub fn as_template(self, completion: &str) -> String {
+        let untagged = |text: &str| {
+            ["<think>", "</think>", "<answer>", "</answer>"].iter().fold(text.to_string(), |t, tag| t.replace(tag, ""))
+        };
         match self {
             AnswerStyle::Tags => completion.to_string(),
             AnswerStyle::Boxed => match completion.rsplit_once("</think>") {
                 Some((reasoning, response)) => {
-                    let reasoning = reasoning.trim_start().strip_prefix("<think>").unwrap_or(reasoning);
-                    match extract_boxed(response) {
-                        Some(answer) => format!("<think>{reasoning}</think><answer>{answer}</answer>"),
-                        None => format!("<think>{reasoning}</think>"),
-                    }
+                    let answer = extract_boxed(response).map_or_else(String::new, |a| format!("<answer>{a}</answer>"));
+                    format!("<think>{}</think>{answer}", untagged(reasoning))
                 }
                 None => extract_boxed(completion).map_or_else(String::new, |a| format!("<answer>{a}</answer>")),
             },
+        }
+    }
+}
+
+impl EvalConfig {
+    /// A completion as the scoring reads it: after the `<think>` a chat prompt opened, and in the
+    /// R1 template ([`AnswerStyle::as_template`]).
+    pub fn scored_text(&self, completion: &str) -> String {
+        match &self.chat {
+            Some(chat) if chat.opens_think => self.answers.as_template(&format!("<think>{completion}")),
+            _ => self.answers.as_template(completion),
         }
     }
 }
@@ -142,13 +180,10 @@ pub fn eval_prompts(tok: &dyn Tokenizer, problems: &[Problem], cfg: &EvalConfig)
     problems
         .iter()
         .map(|p| {
-            let user = match cfg.answers {
-                AnswerStyle::Tags => p.prompt.clone(),
-                AnswerStyle::Boxed => format!("{}\n{BOXED_INSTRUCTION}", p.prompt),
+            let text = match cfg.answers {
+                AnswerStyle::Tags => chat.render(&p.prompt)?,
+                AnswerStyle::Boxed => chat.render(&format!("{}\n{BOXED_INSTRUCTION}", p.prompt))?,
             };
-            let system = chat.system.iter().map(|s| ChatMessage::new("system", s.as_str()));
-            let messages: Vec<ChatMessage> = system.chain([ChatMessage::new("user", user)]).collect();
-            let text = chat.template.render(&messages, true)?;
             tok.encode(&text).map_err(|e| Error::Rl(format!("the chat prompt of {:?}: {e}", p.prompt)))
         })
         .collect()
@@ -253,7 +288,7 @@ pub fn evaluate(
     let (mut lang, mut lang_n) = (0.0, 0usize);
     let mut per_task: HashMap<String, (f64, usize)> = HashMap::new();
     for (i, p) in problems.iter().enumerate() {
-        let text = |g: &Generation| cfg.answers.as_template(&completion_text(tok, g));
+        let text = |g: &Generation| cfg.scored_text(&completion_text(tok, g));
         g_ok += score_samples(p, &[finished(&greedy[i], &text(&greedy[i]))]).0 as f64;
         let group = &sampled[i * k..(i + 1) * k];
         let texts: Vec<String> = group.iter().map(text).collect();
@@ -381,19 +416,13 @@ mod tests {
         assert!(verify(&p, &boxed.as_template("\\boxed{19}")) && !well_formatted(&boxed.as_template("\\boxed{19}")));
         assert!(!verify(&p, &boxed.as_template("\\boxed{19}</think>19")));
         assert!(!verify(&p, &boxed.as_template("19")));
+        // Tags written while thinking neither score nor swallow the boxed answer.
+        assert!(verify(&p, &boxed.as_template("<answer>18</answer></think>\\boxed{19}")));
+        assert!(verify(&p, &boxed.as_template("so <answer> 1</think>\\boxed{19}")));
+        assert!(!verify(&p, &boxed.as_template("<answer>19</answer></think>no box")));
         // Tags leave a completion as it is, and a boxed answer is not a tagged one.
         assert_eq!(AnswerStyle::Tags.as_template(distill), distill);
         assert!(!verify(&p, &AnswerStyle::Tags.as_template(distill)));
-    }
-
-    #[test]
-    fn the_last_balanced_box_is_the_answer() {
-        use crate::tasks::extract_boxed;
-        assert_eq!(extract_boxed("\\boxed{\\frac{1}{2}}"), Some("\\frac{1}{2}"));
-        assert_eq!(extract_boxed("\\boxed{1} then \\boxed{ 2 }"), Some("2"));
-        assert_eq!(extract_boxed("\\boxed{1} then \\boxed{2"), Some("1"), "an unclosed box is not an answer");
-        assert_eq!(extract_boxed("boxed{3} {4}"), None);
-        assert_eq!(extract_boxed("\\boxed{}"), Some(""));
     }
 
     /// Bytes, with a BOS that only `encode_prompt` adds (as HF's post-processors do).
@@ -435,7 +464,7 @@ mod tests {
             "test",
             vec![],
         );
-        let chat = ChatPrompts { template, system: Some("Be brief.".into()) };
+        let chat = ChatPrompts::new(template, Some("Be brief.".into())).unwrap();
         for answers in [AnswerStyle::Tags, AnswerStyle::Boxed] {
             let cfg = EvalConfig { chat: Some(chat.clone()), answers, ..EvalConfig::default() };
             let prompts = eval_prompts(&tok, &problems, &cfg).unwrap();
@@ -452,6 +481,120 @@ mod tests {
         let plain = eval_prompts(&tok, &problems, &EvalConfig::default()).unwrap();
         assert_eq!(plain, problem_prompts(&tok, &problems).unwrap());
         assert_eq!(plain[0][0], tok.bos_id());
+    }
+
+    /// A model that writes `script` (as byte tokens, then EOS) whatever it is asked, every row.
+    #[derive(Debug)]
+    struct Scripted {
+        script: Vec<u32>,
+        params: whale_parallel::model::tensor::ParamStore,
+        step: std::sync::atomic::AtomicUsize,
+    }
+
+    impl CausalLm for Scripted {
+        fn vocab_size(&self) -> usize {
+            ByteTokenizer.vocab_size()
+        }
+        fn hidden_size(&self) -> usize {
+            1
+        }
+        fn num_layers(&self) -> usize {
+            0
+        }
+        fn params(&self) -> &whale_parallel::model::tensor::ParamStore {
+            &self.params
+        }
+        fn max_positions(&self) -> usize {
+            512
+        }
+        fn forward_cached(
+            &self,
+            ids: &whale_parallel::model::tensor::Tensor,
+            _: &mut whale_parallel::model::generate::KvCache,
+        ) -> whale_parallel::model::Result<whale_parallel::model::tensor::Tensor> {
+            use std::sync::atomic::Ordering;
+            let (b, s, vocab) = (ids.dims()[0], ids.dims()[1], self.vocab_size());
+            // A prompt (more than one position) starts a generation; each later call is a token.
+            let at = if s > 1 {
+                self.step.store(0, Ordering::SeqCst);
+                0
+            } else {
+                self.step.fetch_add(1, Ordering::SeqCst) + 1
+            };
+            let next = self.script.get(at).copied().unwrap_or(ByteTokenizer.eos_id());
+            let mut v = vec![-50.0f32; b * s * vocab];
+            for r in 0..b {
+                v[(r * s + s - 1) * vocab + next as usize] = 50.0;
+            }
+            Ok(whale_parallel::model::tensor::Tensor::from_vec(
+                v,
+                &[b, s, vocab],
+                &whale_parallel::model::tensor::Device::Cpu,
+            )?)
+        }
+        fn logits(
+            &self,
+            _: &whale_parallel::model::tensor::Tensor,
+        ) -> whale_parallel::model::Result<whale_parallel::model::tensor::Tensor> {
+            unreachable!("generate decodes through forward_cached")
+        }
+        fn hidden_states(
+            &self,
+            _: &whale_parallel::model::tensor::Tensor,
+        ) -> whale_parallel::model::Result<whale_parallel::model::tensor::Tensor> {
+            unreachable!("generate decodes through forward_cached")
+        }
+        fn train_loss(
+            &self,
+            _: &whale_parallel::model::tensor::Tensor,
+            _: &whale_parallel::model::tensor::Tensor,
+            _: &[usize],
+        ) -> whale_parallel::model::Result<whale_parallel::model::tensor::Tensor> {
+            unreachable!("not trained")
+        }
+        fn save_pretrained(
+            &self,
+            _: &std::path::Path,
+            _: whale_parallel::model::checkpoint::SaveDType,
+        ) -> whale_parallel::model::Result<()> {
+            unreachable!("not saved")
+        }
+        fn duplicate(&self) -> whale_parallel::model::Result<Box<dyn CausalLm>> {
+            unreachable!("not copied")
+        }
+        fn to_device(
+            &self,
+            _: &whale_parallel::model::tensor::Device,
+        ) -> whale_parallel::model::Result<Box<dyn CausalLm>> {
+            unreachable!("not moved")
+        }
+    }
+
+    #[test]
+    fn a_chat_model_is_scored_on_its_boxed_answers_after_the_thinking_its_template_opened() {
+        let tok = ByteTokenizer;
+        let p = [Problem { task: "add".into(), prompt: "12+7=".into(), answer: "19".into(), solution: String::new() }];
+        let model = |script: &str| Scripted {
+            script: tok.encode(script).unwrap(),
+            params: Default::default(),
+            step: Default::default(),
+        };
+        // R1-Distill's template opens the thinking in the generation prompt.
+        let template = ChatTemplate::new("{% for m in messages %}{{ m.content }}{% endfor %}<think>\n", "test", vec![]);
+        let chat = Some(ChatPrompts::new(template, None).unwrap());
+        let cfg =
+            EvalConfig { samples: 2, max_new_tokens: 64, chat, answers: AnswerStyle::Boxed, ..EvalConfig::default() };
+        let r = evaluate(&model("12 and 7: 19.\n</think>\n\n\\boxed{19}"), &tok, &p, &cfg).unwrap();
+        assert_eq!((r.greedy, r.pass1, r.pass_k, r.cons_k, r.format_rate), (1.0, 1.0, 1.0, 1.0, 1.0));
+        let r = evaluate(&model("12 and 7: 18.\n</think>\n\n\\boxed{18}"), &tok, &p, &cfg).unwrap();
+        assert_eq!((r.greedy, r.pass1, r.cons_k, r.format_rate), (0.0, 0.0, 0.0, 1.0));
+        // The same model scored on tags finds no answer; in the R1 template, the opened <think>
+        // makes its completion well formatted.
+        let tags = EvalConfig { answers: AnswerStyle::Tags, ..cfg.clone() };
+        let r = evaluate(&model("12 and 7: 19.\n</think>\n\n\\boxed{19}"), &tok, &p, &tags).unwrap();
+        assert_eq!((r.greedy, r.format_rate), (0.0, 0.0));
+        let r = evaluate(&model("12 and 7: 19.</think><answer>19</answer>"), &tok, &p, &tags).unwrap();
+        assert_eq!((r.greedy, r.pass1, r.format_rate), (1.0, 1.0, 1.0));
     }
 
     #[test]

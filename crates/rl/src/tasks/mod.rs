@@ -94,28 +94,21 @@ pub fn extract_answer(completion: &str) -> Option<&str> {
     last
 }
 
-/// The text inside the last complete `\boxed{...}` (braces balanced), trimmed: how the R1 paper's
-/// math evaluations read a chat model's final answer. `None` without one.
+/// The text inside the last `\boxed{...}`, trimmed, braces balanced: how the MATH benchmark's
+/// reference code and the R1 paper's math evaluations read a chat model's final answer. `None`
+/// without one, or when the last one never closes.
 pub fn extract_boxed(completion: &str) -> Option<&str> {
-    let open = "\\boxed{";
-    let mut last = None;
-    let mut from = 0;
-    while let Some(s) = completion[from..].find(open) {
-        let start = from + s + open.len();
-        let mut depth = 1usize;
-        let close = completion[start..].char_indices().find_map(|(i, c)| {
-            match c {
-                '{' => depth += 1,
-                '}' => depth -= 1,
-                _ => {}
-            }
-            (depth == 0).then_some(start + i)
-        });
-        let Some(end) = close else { break };
-        last = Some(completion[start..end].trim());
-        from = end + 1;
+    let start = completion.rfind("\\boxed{")? + "\\boxed{".len();
+    let mut depth = 1usize;
+    for (i, c) in completion[start..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 1 => return Some(completion[start..start + i].trim()),
+            '}' => depth -= 1,
+            _ => {}
+        }
     }
-    last
+    None
 }
 
 /// An answer read as an integer: an optional sign, digits, an optional trailing `.`; its
@@ -163,4 +156,20 @@ pub(crate) fn number_with_digits(rng: &mut Rng, digits: u32) -> u64 {
     }
     let lo = 10u64.pow(digits - 1);
     lo + rng.below(9 * lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_answer_is_the_last_box() {
+        assert_eq!(extract_boxed("\\boxed{\\frac{1}{2}}"), Some("\\frac{1}{2}"));
+        assert_eq!(extract_boxed("\\boxed{1} then \\boxed{ 2 }"), Some("2"));
+        assert_eq!(extract_boxed("\\boxed{1} then \\boxed{2"), None, "the last box never closes");
+        assert_eq!(extract_boxed("\\boxed{\\boxed{3}}"), Some("3"));
+        assert_eq!(extract_boxed("答えは\\boxed{１９}です"), Some("１９"));
+        assert_eq!(extract_boxed("boxed{3} {4}"), None);
+        assert_eq!(extract_boxed("\\boxed{}"), Some(""));
+    }
 }
