@@ -598,6 +598,24 @@ mod tests {
     }
 
     #[test]
+    fn deepseek_r1s_own_template_opens_the_thinking_and_chatml_does_not() {
+        // The templates transformers rendered for the chat fixtures (crates/model/tests).
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../model/tests/fixtures/chat_templates/expected.json");
+        let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let source = |name: &str| {
+            let templates = fixture["templates"].as_array().unwrap();
+            templates.iter().find(|t| t["name"] == name).unwrap()["source"].as_str().unwrap().to_string()
+        };
+        let tokens = vec![("bos_token".to_string(), "<｜begin▁of▁sentence｜>".to_string())];
+        let scored = |name: &str| {
+            let chat = ChatPrompts::new(ChatTemplate::new(source(name), name, tokens.clone()), None).unwrap();
+            EvalConfig { chat: Some(chat), ..EvalConfig::default() }.scored_text("12+7</think><answer>19</answer>")
+        };
+        assert_eq!(scored("deepseek_r1"), "<think>12+7</think><answer>19</answer>");
+        assert_eq!(scored("chatml"), "12+7</think><answer>19</answer>");
+    }
+
+    #[test]
     fn top_k_and_top_p_reach_the_samples() {
         use whale_parallel::model::tokenizer::CharTokenizer;
         use whale_parallel::model::{DeepSeekV3, DeepSeekV3Config};
