@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use whale_rl::eval::{completion_text, eval_prompts, evaluate, AnswerStyle, ChatPrompts, EvalConfig};
+use whale_rl::eval::{completion_text, eval_prompts, evaluate_prompts, AnswerStyle, ChatPrompts, EvalConfig};
 use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::tokenizer_for;
@@ -135,12 +135,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
     crate::device::check_fits(&*tok, &*model, &a.checkpoint, "the checkpoint")?;
     // Every prompt as the model will read it (a chat template's text and all) leaves room for a
     // completion.
-    let asked_by = match (&a.data, a.chat) {
-        (Some(path), false) => format!("--data {}", path.display()),
-        (Some(path), true) => format!("--data {} in the chat template", path.display()),
-        (None, false) => format!("--tasks {}", a.tasks),
-        (None, true) => format!("--tasks {} in the chat template", a.tasks),
+    let source_flag = match &a.data {
+        Some(path) => format!("--data {}", path.display()),
+        None => format!("--tasks {}", a.tasks),
     };
+    let asked_by = source_flag + if a.chat { " in the chat template" } else { "" };
     let prompts = eval_prompts(&*tok, &problems, &cfg).with_context(|| asked_by.clone())?;
     crate::settings::check_prompt_room(&prompts, &problems, model.max_positions(), &asked_by)?;
     if a.show > 0 {
@@ -178,7 +177,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         a.temperature
     );
     let t0 = std::time::Instant::now();
-    let r = evaluate(&*model, &*tok, &problems, &cfg)?;
+    let r = evaluate_prompts(&*model, &*tok, &problems, &prompts, &cfg)?;
     println!("evaluated in {:.1} s ({:?} cache)", t0.elapsed().as_secs_f64(), cache);
     crate::pretrain::print_report(&a.checkpoint.display().to_string(), &r);
     for (task, p1) in &r.per_task {

@@ -250,6 +250,19 @@ pub fn evaluate(
     problems: &[Problem],
     cfg: &EvalConfig,
 ) -> Result<EvalReport> {
+    evaluate_prompts(model, tok, problems, &eval_prompts(tok, problems, cfg)?, cfg)
+}
+
+/// [`evaluate`] on the problems' prompt ids, [`eval_prompts`]' for the same `cfg` (a caller that
+/// has already checked them need not build them twice).
+pub fn evaluate_prompts(
+    model: &dyn CausalLm,
+    tok: &dyn Tokenizer,
+    problems: &[Problem],
+    prompts: &[Vec<u32>],
+    cfg: &EvalConfig,
+) -> Result<EvalReport> {
+    assert_eq!(prompts.len(), problems.len(), "evaluate_prompts: one prompt a problem");
     // Either would report 0.000 for a model that was never asked.
     if problems.is_empty() || cfg.samples == 0 {
         return Err(Error::Rl(format!(
@@ -267,11 +280,10 @@ pub fn evaluate(
         )));
     }
     let stop = tok.stop_ids();
-    let prompts = eval_prompts(tok, problems, cfg)?;
     let mut rng = Rng::new(cfg.seed);
     let greedy_cfg =
         SamplingConfig { cache: cfg.cache, ..SamplingConfig::greedy(cfg.max_new_tokens, stop.clone()) }.limited_to(tok);
-    let greedy = model.generate(&prompts, &greedy_cfg, &mut rng)?;
+    let greedy = model.generate(prompts, &greedy_cfg, &mut rng)?;
     let k = cfg.samples;
     let repeated: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
     let sampled_cfg = SamplingConfig {
@@ -287,8 +299,8 @@ pub fn evaluate(
     let (mut g_ok, mut p1, mut pk, mut cons, mut len, mut fmt) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
     let (mut lang, mut lang_n) = (0.0, 0usize);
     let mut per_task: HashMap<String, (f64, usize)> = HashMap::new();
+    let text = |g: &Generation| cfg.scored_text(&completion_text(tok, g));
     for (i, p) in problems.iter().enumerate() {
-        let text = |g: &Generation| cfg.scored_text(&completion_text(tok, g));
         g_ok += score_samples(p, &[finished(&greedy[i], &text(&greedy[i]))]).0 as f64;
         let group = &sampled[i * k..(i + 1) * k];
         let texts: Vec<String> = group.iter().map(text).collect();

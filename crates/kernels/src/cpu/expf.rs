@@ -16,9 +16,7 @@
 //! Where the caller is built without FMA ([`super::wide_fn!`] builds the kernels with it where the
 //! CPU has it), each `f64::mul_add` is a call to libm's `fma`: the same bits, several times slower.
 
-use rayon::prelude::*;
-
-use super::wide_fn;
+use super::{map_chunks, wide_fn};
 
 /// `TAB[i]` holds the bits of the double nearest `2^(i/32)`, less `i << 47`: adding `k << 47` for
 /// `k = 32 e + i` then gives the bits of `2^(k/32)`, `e` landing in the exponent field.
@@ -71,14 +69,9 @@ const C2: f64 = f64::from_bits(0x3f962e42ff0c52d6);
 const LOWEST: f32 = -104.0;
 const HIGHEST: f32 = 89.0;
 
-/// Elements per rayon task of [`exp_forward`]: a fixed size, so the partition depends only on the
-/// length (not that the values could differ).
-const CHUNK: usize = 1 << 14;
-
 /// `out[i] = e^x[i]`, in parallel chunks.
 pub fn exp_forward(x: &[f32], out: &mut [f32]) {
-    assert_eq!(x.len(), out.len(), "exp_forward: x and out differ in length");
-    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(out, x)| exp_slice(x, out));
+    map_chunks("exp_forward", x, out, exp_slice);
 }
 
 wide_fn! {

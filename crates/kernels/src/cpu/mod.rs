@@ -19,6 +19,18 @@ pub(crate) mod reduce;
 #[cfg(test)]
 pub(crate) mod test_util;
 
+/// Elements per rayon task of the elementwise kernels: a fixed size, so the partition depends only
+/// on the length.
+pub(crate) const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
+/// `chunk(x_part, out_part)` over matching parts of `x` and `out`, [`ELEMENTWISE_CHUNK`] elements
+/// each, in parallel: an elementwise map whose chunks run a [`wide_fn!`] build.
+pub(crate) fn map_chunks(what: &str, x: &[f32], out: &mut [f32], chunk: impl Fn(&[f32], &mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    assert_eq!(x.len(), out.len(), "{what}: x and out differ in length");
+    out.par_chunks_mut(ELEMENTWISE_CHUNK).zip(x.par_chunks(ELEMENTWISE_CHUNK)).for_each(|(out, x)| chunk(x, out));
+}
+
 /// Rows per rayon task for row-wise kernels: big enough to amortise scheduling, small enough to
 /// balance over a few cores. Depends only on the row length, so partitions are reproducible.
 pub(crate) fn rows_per_task(row_len: usize) -> usize {

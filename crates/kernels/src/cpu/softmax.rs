@@ -15,12 +15,19 @@ pub fn softmax_forward(x: &[f32], dim: usize, y: &mut [f32]) {
 
 wide_fn!(fn softmax_row_wide => softmax_row(x: &[f32], y: &mut [f32]));
 
+/// `y = exp(x - max(x))`; returns `max(x)`.
 #[inline(always)]
-fn softmax_row(x: &[f32], y: &mut [f32]) {
+fn exp_less_max(x: &[f32], y: &mut [f32]) -> f32 {
     let max = reduce::max(x);
     for (y, &x) in y.iter_mut().zip(x) {
         *y = expf(x - max);
     }
+    max
+}
+
+#[inline(always)]
+fn softmax_row(x: &[f32], y: &mut [f32]) {
+    exp_less_max(x, y);
     let sum = reduce::sum::<LANES>(y);
     for y in y.iter_mut() {
         *y /= sum;
@@ -46,10 +53,7 @@ wide_fn!(fn log_softmax_row_wide => log_softmax_row(x: &[f32], y: &mut [f32]));
 
 #[inline(always)]
 fn log_softmax_row(x: &[f32], y: &mut [f32]) {
-    let max = reduce::max(x);
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = expf(x - max);
-    }
+    let max = exp_less_max(x, y);
     let log_sum = reduce::sum::<LANES>(y).ln();
     // (x - max) - ln(sum) rather than x - lse: the first difference is exact near the max.
     for (y, &x) in y.iter_mut().zip(x) {

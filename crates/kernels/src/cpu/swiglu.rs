@@ -5,8 +5,7 @@ use rayon::prelude::*;
 use super::expf::expf;
 use super::wide_fn;
 
-/// Elements per rayon task: a fixed size, so the partition depends only on the length.
-const CHUNK: usize = 1 << 14;
+use super::{map_chunks, ELEMENTWISE_CHUNK as CHUNK};
 
 pub fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert_eq!(gate.len(), out.len(), "swiglu_forward: gate and out differ in length");
@@ -88,8 +87,7 @@ pub fn silu_derivative(x: f32) -> f32 {
 /// `out[i] = silu(x[i]) = x[i] sigmoid(x[i])`, in parallel chunks (the bf16 path's unfused
 /// SwiGLU activation).
 pub fn silu_forward(x: &[f32], out: &mut [f32]) {
-    assert_eq!(x.len(), out.len(), "silu_forward: x and out differ in length");
-    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(out, x)| silu_chunk_wide(x, out));
+    map_chunks("silu_forward", x, out, silu_chunk_wide);
 }
 
 wide_fn!(fn silu_chunk_wide => silu_chunk(x: &[f32], out: &mut [f32]));
@@ -118,8 +116,7 @@ fn silu_backward_chunk(x: &[f32], dy: &[f32], dx: &mut [f32]) {
 
 /// `out[i] = sigmoid(x[i])`, in parallel chunks.
 pub fn sigmoid_forward(x: &[f32], out: &mut [f32]) {
-    assert_eq!(x.len(), out.len(), "sigmoid_forward: x and out differ in length");
-    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(out, x)| sigmoid_chunk_wide(x, out));
+    map_chunks("sigmoid_forward", x, out, sigmoid_chunk_wide);
 }
 
 wide_fn!(fn sigmoid_chunk_wide => sigmoid_chunk(x: &[f32], out: &mut [f32]));
