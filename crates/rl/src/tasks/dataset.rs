@@ -5,7 +5,7 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 
 use super::language::{to_digits, translate, Language};
-use super::{extract_answer, task_by_name, template, Problem, Task};
+use super::{extract_answer, math_answer, task_by_name, template, Problem, Task};
 use crate::{Error, Result};
 use whale_parallel::model::tensor::Rng;
 
@@ -227,14 +227,15 @@ fn read_as_digits(problem: &Problem, completion: &str) -> Option<(Problem, Strin
 }
 
 /// Whether `completion` solves `problem`: the task's own verifier, or (for user datasets) the
-/// `<answer>` text equal to the expected answer.
+/// `<answer>` text the same as the expected answer the way the MATH benchmark grades them
+/// ([`math_answer::equivalent`]: `\dfrac12`, `0.5` and `1/2` are one answer).
 pub fn verify(problem: &Problem, completion: &str) -> bool {
     if let Some((problem, completion)) = read_as_digits(problem, completion) {
         return verify(&problem, &completion);
     }
     match task_by_name(&problem.task) {
         Some(t) => t.verify(problem, completion),
-        None => extract_answer(completion).is_some_and(|a| a == problem.answer.trim()),
+        None => extract_answer(completion).is_some_and(|a| math_answer::equivalent(a, problem.answer.trim())),
     }
 }
 
@@ -248,15 +249,20 @@ pub enum AnswerKey {
 
 /// The answer `completion` gives to `problem`, such that two completions with the same key are
 /// both right or both wrong: a numeric problem's answer by its integer value (either script is
-/// accepted), a countdown expression by its value. `None` without an `<answer>` or with an empty
-/// one (majority voting never picks "no answer").
+/// accepted), a countdown expression by its value, a user dataset's answer by its normal form
+/// ([`math_answer::normalize`]) where both it and the expected answer have one. `None` without
+/// an `<answer>` or with an empty one (majority voting never picks "no answer").
 pub fn answer_key(problem: &Problem, completion: &str) -> Option<AnswerKey> {
     if let Some((problem, completion)) = read_as_digits(problem, completion) {
         return answer_key(&problem, &completion);
     }
     // An empty `<answer></answer>` gives no answer: it does not vote.
     let answer = extract_answer(completion).filter(|a| !a.is_empty())?;
-    let value = task_by_name(&problem.task).and_then(|t| t.answer_value(problem, answer));
+    let value = match task_by_name(&problem.task) {
+        Some(t) => t.answer_value(problem, answer),
+        // Without a normal form of the expected answer, every answer is right by its text alone.
+        None => math_answer::normalize(problem.answer.trim()).and_then(|_| math_answer::normalize(answer)),
+    };
     Some(value.map_or_else(|| AnswerKey::Text(answer.to_string()), AnswerKey::Value))
 }
 
@@ -363,6 +369,10 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Problem>> {
             Some(other) => Err(Error::Task(format!("{}: field `{k}` is not a string: {other}", at()))),
         };
         let (prompt, answer) = (field("prompt")?, field("answer")?);
+        if math_answer::normalize(answer.trim()).is_some_and(|n| n.is_empty()) {
+            // `k=` or `\\$`: graded as MATH grades, nothing would be left to compare.
+            return Err(Error::Task(format!("{}: field `answer` ({answer:?}) is empty once normalised", at())));
+        }
         out.push(Problem { task: "jsonl".into(), solution: template("", &answer), prompt, answer });
     }
     Ok(out)
@@ -494,6 +504,34 @@ mod tests {
     }
 
     #[test]
+    fn jsonl_answers_are_graded_as_math_grades_them() {
+        let p = |answer: &str| Problem {
+            task: "jsonl".into(),
+            prompt: "q".into(),
+            answer: answer.into(),
+            solution: String::new(),
+        };
+        let says = |a: &str| format!("<think>t</think><answer>{a}</answer>");
+        let half = p("\\frac{1}{2}");
+        for right in ["0.5", "1/2", "\\dfrac12", "x = \\tfrac{1}{2}"] {
+            assert!(verify(&half, &says(right)), "{right}");
+        }
+        for wrong in ["1/3", "", "\\frac{1}{2}/2"] {
+            assert!(!verify(&half, &says(wrong)), "{wrong}");
+        }
+        // Spellings of one answer vote together; one without a normal form votes by its text.
+        let key = |p: &Problem, a: &str| answer_key(p, &says(a)).unwrap();
+        assert_eq!(key(&half, "0.5"), key(&half, "\\dfrac12"));
+        assert_ne!(key(&half, "0.5"), key(&half, "1/3"));
+        assert_eq!(key(&half, "\\sqrt"), AnswerKey::Text("\\sqrt".into()));
+        // An expected answer without a normal form is right only as written, so every answer
+        // votes by its text.
+        let odd = p("x/4");
+        assert!(verify(&odd, &says("x/4")) && !verify(&odd, &says("x / 4")));
+        assert_eq!(key(&odd, "0.5"), AnswerKey::Text("0.5".into()));
+    }
+
+    #[test]
     fn jsonl_datasets_load_and_verify_with_named_errors() {
         let dir = whale_parallel::model::tensor::testing::TempDir::new("jsonl");
         let f = dir.join("data.jsonl");
@@ -508,6 +546,10 @@ mod tests {
             ("{\"prompt\": \"2+2=\", \"answer\": 4}", "field `answer` is not a string: 4"),
             ("{\"prompt\": \"2+2=\", \"answer\": \" \"}", "field `answer` is empty"),
             ("{\"prompt\": \"\", \"answer\": \"4\"}", "field `prompt` is empty"),
+            (
+                "{\"prompt\": \"1+1=\", \"answer\": \"k = \\\\$\"}",
+                "field `answer` (\"k = \\\\$\") is empty once normalised",
+            ),
         ] {
             std::fs::write(&f, format!("{{\"prompt\": \"1+1=\", \"answer\": \"2\"}}\n{line}\n")).unwrap();
             let err = load_jsonl(&f).unwrap_err().to_string();

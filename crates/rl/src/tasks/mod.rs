@@ -10,6 +10,7 @@ mod countdown;
 mod dataset;
 pub mod language;
 mod listops;
+pub mod math_answer;
 
 pub use arith::{Addition, ModChain, Multiplication};
 pub use countdown::Countdown;
@@ -94,16 +95,24 @@ pub fn extract_answer(completion: &str) -> Option<&str> {
     last
 }
 
-/// The text inside the last `\boxed{...}`, trimmed, braces balanced: how the MATH benchmark's
-/// reference code and the R1 paper's math evaluations read a chat model's final answer. `None`
-/// without one, or when the last one never closes.
+/// The text of the last boxed answer, trimmed: `\boxed{...}` or `\fbox{...}` with its braces
+/// balanced, or `\boxed 5` (up to a `$` or the line's end), the spellings the MATH benchmark's
+/// reference code reads; the R1 paper's math evaluations ask for the first. `None` without one,
+/// or when the last one never closes.
 pub fn extract_boxed(completion: &str) -> Option<&str> {
-    let start = completion.rfind("\\boxed{")? + "\\boxed{".len();
+    let (at, open) = ["\\boxed{", "\\fbox{", "\\boxed "]
+        .into_iter()
+        .filter_map(|open| completion.rfind(open).map(|at| (at, open)))
+        .max()?;
+    let inside = &completion[at + open.len()..];
+    if !open.ends_with('{') {
+        return Some(inside[..inside.find(['$', '\n']).unwrap_or(inside.len())].trim());
+    }
     let mut depth = 1usize;
-    for (i, c) in completion[start..].char_indices() {
+    for (i, c) in inside.char_indices() {
         match c {
             '{' => depth += 1,
-            '}' if depth == 1 => return Some(completion[start..start + i].trim()),
+            '}' if depth == 1 => return Some(inside[..i].trim()),
             '}' => depth -= 1,
             _ => {}
         }
@@ -171,5 +180,11 @@ mod tests {
         assert_eq!(extract_boxed("答えは\\boxed{１９}です"), Some("１９"));
         assert_eq!(extract_boxed("boxed{3} {4}"), None);
         assert_eq!(extract_boxed("\\boxed{}"), Some(""));
+        // The other spellings MATH's reference reads, the last of any spelling counting.
+        assert_eq!(extract_boxed("\\fbox{\\frac{1}{2}}"), Some("\\frac{1}{2}"));
+        assert_eq!(extract_boxed("so $\\boxed 5$."), Some("5"));
+        assert_eq!(extract_boxed("\\boxed 7\nsince 7 = 3 + 4"), Some("7"));
+        assert_eq!(extract_boxed("\\boxed 7 and then \\boxed{8}"), Some("8"));
+        assert_eq!(extract_boxed("\\boxed{7} and then \\fbox{8"), None);
     }
 }
