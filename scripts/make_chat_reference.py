@@ -12,7 +12,10 @@ Templates:
 - `features`: one written here to reach what templates use: namespace(), loop controls, macros,
   Python string methods, `tojson` with its keywords, `raise_exception`, trim_blocks/lstrip_blocks,
   loop variables, tests and filters, values printed as Python prints them;
-- `line_endings`: `\r\n` and `\r` line endings and a final newline.
+- `line_endings`: `\r\n` and `\r` line endings and a final newline;
+- `generation`: transformers' `{% generation %}` blocks (its AssistantTracker, which training
+  templates use to mark the assistant's tokens), with whitespace control on either side, a `set`
+  inside that must not outlive the block, and the enclosing loop read from inside it.
 
 `checkpoint/` is the `chatml` template saved by `tokenizer.save_pretrained` (transformers 5
 writes chat_template.jinja beside tokenizer_config.json), over the Qwen2-style tokenizer of
@@ -131,6 +134,25 @@ count: {{ messages | length }} {{ messages | map(attribute='role') | join(',') }
 # Windows line endings (Jinja2 reads \r\n and \r as \n) and a final newline (dropped).
 LINE_ENDINGS = "{{ bos_token }}x\r\n{% for m in messages %}\r\n  {{ m.content }}\r{% endfor %}\r\n{{ 'a\r\nb' }}\nend\n"
 
+# A ChatML template of the kind TRL's assistant-only loss asks for: the reply in a generation block.
+GENERATION = """{% set reply = 'none yet' %}
+{% for message in messages %}
+{% if message.role == 'assistant' %}
+{{ '<|im_start|>assistant\\n' }}
+{%- generation -%}
+{% set reply = message.content.split('</think>')[-1] %}
+  {{ reply }}{% if loop.last %} (last){% endif %}{{ '<|im_end|>' }}
+{%- endgeneration %}
+
+{% else %}
+{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{% endif %}
+{% endfor %}
+{%+ generation %}[{{ reply }}{% set reply = 'set inside' %}, {{ reply }}]{% endgeneration -%}
+    {{ reply }}
+    {% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}
+"""
+
 CONVERSATIONS = {
     "user": [{"role": "user", "content": "What is 12+7?"}],
     "system_user": [
@@ -163,6 +185,7 @@ TEMPLATES = {
     "chatml": (CHATML, ["user", "system_user", "multi_turn", "unicode_quotes"]),
     "features": (FEATURES, list(CONVERSATIONS)),
     "line_endings": (LINE_ENDINGS, ["multi_turn"]),
+    "generation": (GENERATION, ["user", "multi_turn"]),
 }
 
 QWEN2_TOKENIZER = os.path.join(FIXTURES, "tokenizer_qwen2", "tokenizer.json")

@@ -3,9 +3,9 @@
 //! model (R1-Distill-Qwen, a Qwen2.5 or Llama 3 instruct model) sees the prompt it was trained on.
 //!
 //! transformers renders with Jinja2 in a sandbox with `trim_blocks` and `lstrip_blocks`, loop
-//! controls (`break`, `continue`), the globals `raise_exception` and `strftime_now`, its own
-//! `tojson` (Python's `json.dumps`, not Jinja's HTML-escaping one), and the tokenizer's named
-//! special tokens (`bos_token`, `eos_token`, ...) as variables. Templates also call Python's
+//! controls (`break`, `continue`), its `{% generation %}` tag, the globals `raise_exception` and
+//! `strftime_now`, its own `tojson` (Python's `json.dumps`, not Jinja's HTML-escaping one), and
+//! the tokenizer's named special tokens (`bos_token`, `eos_token`, ...) as variables. Templates also call Python's
 //! string methods (`content.split('</think>')[-1]`): MiniJinja's Python-compatibility methods
 //! serve those, and `{{ value }}` writes Python's `str()` of it (None, True, ['a'], 1e+20). The
 //! rendered text is encoded as it is, no BOS added (`add_special_tokens=False`): the template
@@ -135,7 +135,7 @@ impl ChatTemplate {
         };
         // Jinja2 reads `\r\n` and a lone `\r` as `\n` (in text and string literals alike), and
         // transformers opens chat_template.jinja as text; MiniJinja keeps them.
-        let source = self.source.replace("\r\n", "\n").replace('\r', "\n");
+        let source = generation_blocks_as_scopes(&self.source.replace("\r\n", "\n").replace('\r', "\n"));
         let template = env.template_from_str(&source).map_err(fail)?;
         let messages: Vec<Value> = messages
             .iter()
@@ -154,6 +154,33 @@ impl ChatTemplate {
         context.push(("add_generation_prompt".into(), Value::from(add_generation_prompt)));
         template.render(Value::from_pairs(context)).map_err(fail)
     }
+}
+
+/// `source` with transformers' `{% generation %}...{% endgeneration %}` (its `AssistantTracker`
+/// extension, which marks the assistant's text for training masks) written as
+/// `{% with %}...{% endwith %}`, whitespace control kept: both render their body as it is, in a
+/// scope of its own (a `set` inside does not outlive it, as in transformers' call block), and
+/// MiniJinja has no such tag. (A tag spelled out inside a string literal would be rewritten too;
+/// no template does that.)
+fn generation_blocks_as_scopes(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(open) = rest.find("{%") {
+        let Some(len) = rest[open..].find("%}") else { break };
+        let (before, tag) = (&rest[..open + 2], &rest[open + 2..open + len]);
+        let word = tag.trim_matches(['-', '+']).trim();
+        let scope = match word {
+            "generation" => "with",
+            "endgeneration" => "endwith",
+            _ => word,
+        };
+        out.push_str(before);
+        out.push_str(&tag.replacen(word, scope, 1));
+        out.push_str("%}");
+        rest = &rest[open + len + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The environment transformers renders chat templates in (`_compile_jinja_template`).

@@ -1,6 +1,7 @@
 //! Chat templates rendered as HF transformers' `apply_chat_template` renders them (Jinja2 in its
 //! sandbox): the texts and ids scripts/make_chat_reference.py recorded, for DeepSeek-R1's
-//! template, a ChatML one and one that reaches the constructs templates use.
+//! template, a ChatML one, one that reaches the constructs templates use and one with
+//! transformers' `{% generation %}` blocks.
 
 mod common;
 
@@ -56,7 +57,7 @@ fn templates_render_as_transformers_renders_them() {
         let chat = ChatTemplate::new(template["source"].as_str().unwrap(), "expected.json", special.clone());
         cases += renders_as_transformers(&chat, template, &expected);
     }
-    assert_eq!(cases, 32, "every recorded case");
+    assert_eq!(cases, 36, "every recorded case");
 }
 
 /// A checkpoint transformers saved: its chat_template.jinja and tokenizer_config.json's special
