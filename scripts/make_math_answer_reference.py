@@ -9,9 +9,10 @@ that harness runs them), imported from the pinned release's own file. Only its `
 import is stood in for: the grader never touches it.
 
 Recorded: `strip_string` of each case (null where it raises, as `is_equiv` then compares the
-answers as written), `is_equiv` of every pair of the hand-written cases, and the code points
-of Python's decimal digits (`int()` reads every one of them, so which strings `int()` rejects,
-and with it the grader's fallback, depends on that list).
+answers as written), `is_equiv` of every pair of the hand-written cases, and every character
+that `strip_string` takes in front of (or behind) `5` in `5/1` without raising: which sides of
+an `a/b` Python's `int()` reads decides the grader's fallback, and it reads the decimal digits of
+every script and strips Unicode's whitespace, so this is its tables checked whole.
 
 Run once from the repo root (CI never does); it needs no venv, only pip:
   pip install --no-deps --target /tmp/lm_eval_0_4_13 lm_eval==0.4.13
@@ -48,7 +49,8 @@ HAND = [
     "123456789012345678901234567890/7", "\\frac{123456789012345678901234567890}{7}", "x^2+1",
     "x^{2}+1", "\\pi", "2\\pi", "\\infty", "-\\infty", "(-\\infty,0]", "\\text{(A)}", "A",
     "\\textbf{(A)}", "\\{1,2\\}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", "1.5", "\\frac{3}{2}",
-    "3/2", "1\u00a0/2", "\u00bd", "\u2153/3",
+    "3/2", "1\u00a0/2", "\u00bd", "\u2153/3", "\x1c3/4", "\u30003/4", "3/4\x85",
+    "1" * 4300 + "/7", "1" * 4301 + "/7", "1_" * 10 + "1" * 4291 + "/7",
 ]
 
 # Pieces the random cases are strung from: every rule's trigger, and the characters around it.
@@ -56,6 +58,7 @@ PIECES = [
     "\\frac", "\\dfrac", "tfrac", "\\sqrt", "{", "}", "1", "2", "7", "0", "/", ".", " ", "=", "k",
     "x", "\\text{ ", "\\text{", "\\%", "%", "\\$", "$", "^\\circ", "^{\\circ}", "\\left(",
     "\\right)", "\\\\", "\\!", "\n", "-", "+", "_", "\u0663", "\t", "\\", "0.5", "\\pi", ",",
+    "\x1c", "\xa0",
 ]
 
 
@@ -86,9 +89,9 @@ def main():
     drawn = ["".join(rng.choice(PIECES) for _ in range(rng.randint(1, 8))) for _ in range(3000)]
     cases = list(dict.fromkeys(HAND + drawn))
     pairs = ["".join("1" if grader.is_equiv(a, b) else "0" for b in HAND) for a in HAND]
-    digits = [c for c in range(sys.maxunicode + 1) if unicodedata.decimal(chr(c), None) is not None]
-    zeros = [c for c in digits if unicodedata.decimal(chr(c)) == 0]
-    assert digits == [z + d for z in zeros for d in range(10)], "decimal digits come in runs of ten"
+    characters = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c < 0xE000]
+    before = [ord(c) for c in characters if stripped(grader, c + "5/1") is not None]
+    behind = [ord(c) for c in characters if stripped(grader, "5" + c + "/1") is not None]
 
     meta = stamp(__file__, [])
     meta["lm_eval"] = LM_EVAL
@@ -99,14 +102,15 @@ def main():
         "strip_string": [[s, stripped(grader, s)] for s in cases],
         "hand": HAND,
         "is_equiv": pairs,
-        "decimal_zeros": zeros,
+        "reads_before_5": before,
+        "reads_behind_5": behind,
     }
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "expected.json"), "w") as f:
         json.dump(out, f, indent=0, ensure_ascii=True)
         f.write("\n")
     raised = sum(stripped(grader, s) is None for s in cases)
-    print(f"{len(cases)} cases ({raised} raise), {len(HAND)}^2 pairs, {len(zeros)} runs of decimal digits")
+    print(f"{len(cases)} cases ({raised} raise), {len(HAND)}^2 pairs, {len(before)}/{len(behind)} characters read")
 
 
 if __name__ == "__main__":

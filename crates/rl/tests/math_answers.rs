@@ -1,9 +1,9 @@
 //! whale_rl's MATH answer grader against the reference's own code (lm-evaluation-harness's
 //! `hendrycks_math` `strip_string` and `is_equiv`, run by scripts/make_math_answer_reference.py):
-//! the normal form of each case, or that the reference raised, and the verdict on every pair of
-//! the hand-written cases.
+//! the normal form of each case, or that the reference raised, the verdict on every pair of the
+//! hand-written cases, and which characters around an integer Python's `int()` reads.
 
-use whale_rl::tasks::math_answer::{equivalent, normalize, DECIMAL_ZEROS};
+use whale_rl::tasks::math_answer::{equivalent, normalize};
 
 fn fixture() -> serde_json::Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/math_answers/expected.json");
@@ -42,8 +42,21 @@ fn verdicts_on_every_pair_match_the_reference() {
 }
 
 #[test]
-fn decimal_digits_are_the_ones_the_reference_python_reads() {
+fn characters_around_an_integer_are_read_as_the_reference_python_reads_them() {
+    // Python's `int()` reads the decimal digits of every script and strips Unicode's whitespace;
+    // a side of `a/b` it refuses makes the grader compare as written. Every character, in front
+    // of and behind the `5` of `5/1`.
     let f = fixture();
-    let zeros: Vec<u64> = f["decimal_zeros"].as_array().unwrap().iter().map(|z| z.as_u64().unwrap()).collect();
-    assert_eq!(zeros, DECIMAL_ZEROS.iter().map(|&z| z as u64).collect::<Vec<_>>());
+    let listed = |key: &str| -> std::collections::HashSet<u32> {
+        f[key].as_array().unwrap().iter().map(|c| c.as_u64().unwrap() as u32).collect()
+    };
+    let before: fn(char) -> String = |c| format!("{c}5/1");
+    let behind: fn(char) -> String = |c| format!("5{c}/1");
+    for (key, place) in [("reads_before_5", before), ("reads_behind_5", behind)] {
+        let read = listed(key);
+        assert!(read.len() > 600, "{key}: the digits of every script and the spaces");
+        for c in (0..=char::MAX as u32).filter_map(char::from_u32) {
+            assert_eq!(normalize(&place(c)).is_some(), read.contains(&(c as u32)), "{key}: U+{:04X}", c as u32);
+        }
+    }
 }

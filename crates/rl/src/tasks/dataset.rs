@@ -260,8 +260,10 @@ pub fn answer_key(problem: &Problem, completion: &str) -> Option<AnswerKey> {
     let answer = extract_answer(completion).filter(|a| !a.is_empty())?;
     let value = match task_by_name(&problem.task) {
         Some(t) => t.answer_value(problem, answer),
-        // Without a normal form of the expected answer, every answer is right by its text alone.
-        None => math_answer::normalize(problem.answer.trim()).and_then(|_| math_answer::normalize(answer)),
+        // A user dataset's answer votes by its normal form only where the expected answer has
+        // one too: otherwise `verify` compares the texts alone.
+        None if math_answer::normalize(problem.answer.trim()).is_some() => math_answer::normalize(answer),
+        None => None,
     };
     Some(value.map_or_else(|| AnswerKey::Text(answer.to_string()), AnswerKey::Value))
 }
@@ -370,8 +372,12 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Problem>> {
         };
         let (prompt, answer) = (field("prompt")?, field("answer")?);
         if math_answer::normalize(answer.trim()).is_some_and(|n| n.is_empty()) {
-            // `k=` or `\\$`: graded as MATH grades, nothing would be left to compare.
-            return Err(Error::Task(format!("{}: field `answer` ({answer:?}) is empty once normalised", at())));
+            // `k=` or `\$`: graded as MATH grades them, an empty answer would be right.
+            return Err(Error::Task(format!(
+                "{}: field `answer` ({answer:?}) is empty once normalised as MATH's grader does (it drops `k=`, \
+                 `\\$`, units written `\\text{{ unit}}`)",
+                at()
+            )));
         }
         out.push(Problem { task: "jsonl".into(), solution: template("", &answer), prompt, answer });
     }

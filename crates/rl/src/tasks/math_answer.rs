@@ -6,7 +6,8 @@
 //! Python's `int()` cannot read), the answers compare as written.
 //!
 //! Bit for bit with the reference: crates/rl/tests/math_answers.rs checks the normal form of
-//! some 2,700 answers and every pair of a hundred against the reference's own code
+//! some 2,700 answers, every pair of a hundred, and which `a/b` every character before a digit
+//! turns into a fallback, against the reference's own code under Python 3.11
 //! (scripts/make_math_answer_reference.py).
 
 /// The grader's normal form of `answer`, rule by rule in the reference's order; `None` where the
@@ -132,22 +133,24 @@ fn slash_as_frac(s: String) -> Option<String> {
 fn canonical_integer(s: &str) -> bool {
     let digits = s.strip_prefix('-').unwrap_or(s);
     let ascii = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
-    ascii && (digits == "0" && s == "0" || !digits.starts_with('0'))
+    ascii && (s == "0" || !digits.starts_with('0'))
 }
 
 /// Whether Python's `int(s)` (base 10) reads `s`: whitespace around, an optional sign, then
-/// decimal digits of any script, single underscores allowed between digits. (Python 3.11 also
-/// refuses more than 4,300 digits, a guard of the interpreter's, not of the grader: not kept.)
+/// decimal digits of any script, single underscores allowed between them, and at most 4,300
+/// digits (Python's `sys.get_int_max_str_digits()` since 3.11, underscores not counted).
 fn python_int_reads(s: &str) -> bool {
-    let s = s.trim_matches(python_space);
+    // `int()` strips Unicode's White_Space, which is Rust's: not all of `str.isspace`, whose
+    // ASCII separators U+001C..U+001F it refuses.
+    let s = s.trim_matches(char::is_whitespace);
     let digits = s.strip_prefix(['+', '-']).unwrap_or(s);
-    !digits.is_empty() && digits.split('_').all(|run| !run.is_empty() && run.chars().all(decimal_digit))
+    let runs = || digits.split('_');
+    !digits.is_empty()
+        && runs().all(|run| !run.is_empty() && run.chars().all(decimal_digit))
+        && runs().map(|run| run.chars().count()).sum::<usize>() <= PYTHON_INT_MAX_STR_DIGITS
 }
 
-/// Python's `str.isspace`: Unicode's White_Space and the four ASCII separators U+001C..U+001F.
-fn python_space(c: char) -> bool {
-    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
-}
+const PYTHON_INT_MAX_STR_DIGITS: usize = 4300;
 
 /// Whether `c` is a decimal digit (Unicode Numeric_Type=Decimal, which Python's `int()` reads):
 /// one of the runs of ten from each zero below.
@@ -156,9 +159,8 @@ fn decimal_digit(c: char) -> bool {
     DECIMAL_ZEROS.iter().any(|&zero| (zero..zero + 10).contains(&c))
 }
 
-/// The zero of every run of ten decimal digits in Unicode 14.0 (Python 3.11's `unicodedata`);
-/// the fixture lists them as the reference's Python had them.
-pub const DECIMAL_ZEROS: [u32; 66] = [
+/// The zero of every run of ten decimal digits in Unicode 14.0 (Python 3.11's `unicodedata`).
+const DECIMAL_ZEROS: [u32; 66] = [
     0x30, 0x660, 0x6F0, 0x7C0, 0x966, 0x9E6, 0xA66, 0xAE6, 0xB66, 0xBE6, 0xC66, 0xCE6, 0xD66, 0xDE6, 0xE50, 0xED0,
     0xF20, 0x1040, 0x1090, 0x17E0, 0x1810, 0x1946, 0x19D0, 0x1A80, 0x1A90, 0x1B50, 0x1BB0, 0x1C40, 0x1C50, 0xA620,
     0xA8D0, 0xA900, 0xA9D0, 0xA9F0, 0xAA50, 0xABF0, 0xFF10, 0x104A0, 0x10D30, 0x11066, 0x110F0, 0x11136, 0x111D0,
@@ -202,12 +204,17 @@ mod tests {
 
     #[test]
     fn python_int_reads_what_python_reads() {
-        for yes in ["7", "-7", "+7", "007", "1_000", " 7\t", "\u{663}", "\u{1d7ce}\u{1d7cf}", "\u{1c}5"] {
+        for yes in ["7", "-7", "+7", "007", "1_000", " 7\t", "\u{663}", "\u{1d7ce}\u{1d7cf}", "\u{3000}5\u{85}"] {
             assert!(python_int_reads(yes), "{yes:?}");
         }
-        for no in ["", "-", "_1", "1_", "1__0", "- 1", "1.0", "x", "\u{bd}", "\u{2153}"] {
+        for no in ["", "-", "_1", "1_", "1__0", "- 1", "1.0", "x", "\u{bd}", "\u{2153}", "\u{1c}5", "5\u{1f}"] {
             assert!(!python_int_reads(no), "{no:?}");
         }
+        // Python's limit on digits, leading zeros counted, underscores and the sign not.
+        let digits = |n: usize| "1".repeat(n);
+        assert!(python_int_reads(&digits(4300)) && python_int_reads(&format!("-{}", digits(4300))));
+        assert!(!python_int_reads(&digits(4301)) && !python_int_reads(&format!("0{}", digits(4300))));
+        assert!(python_int_reads(&format!("1_{}", digits(4299))));
         assert!(canonical_integer("0") && canonical_integer("-12") && canonical_integer("120"));
         assert!(!canonical_integer("-0") && !canonical_integer("01") && !canonical_integer("+1"));
     }

@@ -96,23 +96,38 @@ pub fn extract_answer(completion: &str) -> Option<&str> {
 }
 
 /// The text of the last boxed answer, trimmed: `\boxed{...}` or `\fbox{...}` with its braces
-/// balanced, or `\boxed 5` (up to a `$` or the line's end), the spellings the MATH benchmark's
-/// reference code reads; the R1 paper's math evaluations ask for the first. `None` without one,
-/// or when the last one never closes.
+/// balanced (a space before the brace allowed), or `\boxed 5` up to a `$` or the line's end.
+/// These are the spellings the MATH benchmark's reference code reads, the R1 paper's math
+/// evaluations ask for the first, and which one counts is whale's rule: the last of any (the
+/// reference takes a `\boxed 5` before any other). `None` without one, or when the last one
+/// never closes.
 pub fn extract_boxed(completion: &str) -> Option<&str> {
-    let (at, open) = ["\\boxed{", "\\fbox{", "\\boxed "]
-        .into_iter()
-        .filter_map(|open| completion.rfind(open).map(|at| (at, open)))
-        .max()?;
-    let inside = &completion[at + open.len()..];
-    if !open.ends_with('{') {
-        return Some(inside[..inside.find(['$', '\n']).unwrap_or(inside.len())].trim());
+    let mut end = completion.len();
+    loop {
+        let (at, name) = ["\\boxed", "\\fbox"]
+            .into_iter()
+            .filter_map(|name| completion[..end].rfind(name).map(|at| (at, name)))
+            .max()?;
+        let after = &completion[at + name.len()..];
+        let argument = after.trim_start();
+        if let Some(inside) = argument.strip_prefix('{') {
+            return balanced(inside);
+        }
+        if name == "\\boxed" && argument.len() < after.len() {
+            return Some(argument[..argument.find(['$', '\n']).unwrap_or(argument.len())].trim());
+        }
+        // `\boxedsymbol` or `\fbox 5`: not a box; look further back.
+        end = at;
     }
+}
+
+/// `text` up to the `}` that closes a brace opened just before it, trimmed; `None` if none does.
+fn balanced(text: &str) -> Option<&str> {
     let mut depth = 1usize;
-    for (i, c) in inside.char_indices() {
+    for (i, c) in text.char_indices() {
         match c {
             '{' => depth += 1,
-            '}' if depth == 1 => return Some(inside[..i].trim()),
+            '}' if depth == 1 => return Some(text[..i].trim()),
             '}' => depth -= 1,
             _ => {}
         }
@@ -186,5 +201,7 @@ mod tests {
         assert_eq!(extract_boxed("\\boxed 7\nsince 7 = 3 + 4"), Some("7"));
         assert_eq!(extract_boxed("\\boxed 7 and then \\boxed{8}"), Some("8"));
         assert_eq!(extract_boxed("\\boxed{7} and then \\fbox{8"), None);
+        assert_eq!(extract_boxed("\\boxed {5}."), Some("5"), "a space before the brace is LaTeX");
+        assert_eq!(extract_boxed("\\boxed{5} is not \\boxedsymbol or \\fbox 6"), Some("5"));
     }
 }
