@@ -1,8 +1,9 @@
 //! Rule-based rewards (spec/rl.md 2.1, 3.4, 3.8): accuracy from the task's verifier, the R1
-//! template, language consistency, and length shaping (DAPO's soft overlong punishment, the
-//! cosine length reward). A reward may answer "not applicable" (`None`); a weighted sum skips
-//! those, and a completion for which every reward is `None` has no reward at all (NaN), which
-//! the advantage computation leaves out of its group baseline (TRL's convention).
+//! template, language consistency, length shaping (DAPO's soft overlong punishment, the cosine
+//! length reward), and open-r1's n-gram repetition penalty. A reward may answer "not
+//! applicable" (`None`); a weighted sum skips those, and a completion for which every reward is
+//! `None` has no reward at all (NaN), which the advantage computation leaves out of its group
+//! baseline (TRL's convention).
 
 use crate::eval::well_formatted;
 use crate::tasks::language::language_share;
@@ -167,6 +168,47 @@ impl Reward for CosineLength {
     }
 }
 
+/// open-r1's n-gram repetition penalty (`get_repetition_penalty_reward`, Yeo et al. 2502.03373
+/// App. C.2): `max_penalty` (at most 0) times the share of the completion's n-grams of words
+/// that repeat an earlier one, `1 - unique / total`, the words being the lowercased text split
+/// at whitespace as Python's `str.split()` splits; 0 for a completion of fewer than `n` words.
+#[derive(Debug, Clone, Copy)]
+pub struct RepetitionPenalty {
+    pub ngram: usize,
+    pub max_penalty: f64,
+}
+
+impl RepetitionPenalty {
+    /// open-r1's defaults (`repetition_n_grams` 3, `repetition_max_penalty` -1).
+    pub fn new(ngram: usize, max_penalty: f64) -> Result<Self> {
+        if ngram == 0 || max_penalty.is_nan() || max_penalty > 0.0 {
+            return Err(Error::Rl(format!(
+                "repetition penalty: n-grams of {ngram} words with max_penalty {max_penalty} (n >= 1, max_penalty <= 0)"
+            )));
+        }
+        Ok(RepetitionPenalty { ngram, max_penalty })
+    }
+}
+
+impl Reward for RepetitionPenalty {
+    fn name(&self) -> &str {
+        "repetition"
+    }
+
+    fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
+        // Python's `str.isspace`: Unicode's White_Space and the ASCII separators U+001C..U+001F.
+        let space = |c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c);
+        let lower = s.text.to_lowercase();
+        let words: Vec<&str> = lower.split(space).filter(|w| !w.is_empty()).collect();
+        if words.len() < self.ngram {
+            return Ok(Some(0.0));
+        }
+        let ngrams: Vec<&[&str]> = words.windows(self.ngram).collect();
+        let unique: std::collections::HashSet<&[&str]> = ngrams.iter().copied().collect();
+        Ok(Some(self.max_penalty * (1.0 - unique.len() as f64 / ngrams.len() as f64)))
+    }
+}
+
 /// Rewards with weights; the total is their weighted sum over the applicable ones.
 pub struct RewardSet {
     pub entries: Vec<(Box<dyn Reward>, f64)>,
@@ -189,8 +231,9 @@ pub struct Scores {
 
 impl RewardSet {
     /// From `name[:weight]` items separated by commas: `accuracy`, `accuracy_gated`, `format`,
-    /// `language`, `overlong` (buffer = a quarter of `max_len`), `cosine`. `max_len` is the
-    /// completion length limit in tokens.
+    /// `language`, `overlong` (buffer = a quarter of `max_len`), `cosine`, `repetition`
+    /// (open-r1's defaults: 3-grams, down to -1). `max_len` is the completion length limit in
+    /// tokens.
     pub fn parse(spec: &str, max_len: usize) -> Result<Self> {
         let mut entries: Vec<(Box<dyn Reward>, f64)> = Vec::new();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -212,9 +255,11 @@ impl RewardSet {
                 "language" => Box::new(LanguageConsistency),
                 "overlong" => Box::new(OverlongPenalty { max_len, buffer: (max_len / 4).max(1) }),
                 "cosine" => Box::new(CosineLength::new(max_len)),
+                "repetition" => Box::new(RepetitionPenalty::new(3, -1.0)?),
                 other => {
                     return Err(Error::Rl(format!(
-                        "unknown reward `{other}` (accuracy, accuracy_gated, format, language, overlong, cosine)"
+                        "unknown reward `{other}` (accuracy, accuracy_gated, format, language, overlong, cosine, \
+                         repetition)"
                     )))
                 }
             };
@@ -354,5 +399,28 @@ mod tests {
             assert_eq!(c.score(&sample(&p, text, 100, true)).unwrap(), Some(-1.0));
         }
         assert!((0..=100).all(|n| cos(bad, n) >= c.exceed));
+    }
+
+    #[test]
+    fn repetition_penalty_is_the_share_of_repeated_word_ngrams() {
+        let p = add_problem();
+        let r = RepetitionPenalty::new(3, -1.0).unwrap();
+        let score = |text: &str| r.score(&sample(&p, text, 0, false)).unwrap().unwrap();
+        // a b c | b c a | c a b | a b c: four trigrams, three distinct.
+        assert_eq!(score("a b c a b c"), -0.25);
+        assert_eq!(score("A b\tC\n a  B\u{1c}c"), -0.25, "lowercased, split at Python's whitespace");
+        assert_eq!(score("the cat sat on the mat"), 0.0);
+        assert_eq!(score("x x"), 0.0, "fewer words than n");
+        assert_eq!(score(""), 0.0);
+        // One word said n + k times: k + 1 trigrams, one distinct.
+        assert_eq!(score("so so so so so so"), -0.75);
+        assert_eq!(
+            RepetitionPenalty::new(1, -0.5).unwrap().score(&sample(&p, "a a b b", 0, false)).unwrap(),
+            Some(-0.25)
+        );
+        for (n, max) in [(0, -1.0), (3, 0.5), (3, f64::NAN)] {
+            assert!(RepetitionPenalty::new(n, max).unwrap_err().to_string().contains("repetition"));
+        }
+        assert_eq!(RewardSet::parse("accuracy,repetition:0.5", 96).unwrap().describe(), "accuracy:1,repetition:0.5");
     }
 }
