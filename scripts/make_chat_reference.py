@@ -15,7 +15,8 @@ Templates:
 - `line_endings`: `\r\n` and `\r` line endings and a final newline;
 - `generation`: transformers' `{% generation %}` blocks (its AssistantTracker, which training
   templates use to mark the assistant's tokens), with whitespace control on either side, a `set`
-  inside that must not outlive the block, and the enclosing loop read from inside it.
+  inside that must not outlive the block, the enclosing loop read from inside it, and the tag's
+  text in a comment, a string and a raw block, where it is no tag.
 
 `checkpoint/` is the `chatml` template saved by `tokenizer.save_pretrained` (transformers 5
 writes chat_template.jinja beside tokenizer_config.json), over the Qwen2-style tokenizer of
@@ -135,7 +136,8 @@ count: {{ messages | length }} {{ messages | map(attribute='role') | join(',') }
 LINE_ENDINGS = "{{ bos_token }}x\r\n{% for m in messages %}\r\n  {{ m.content }}\r{% endfor %}\r\n{{ 'a\r\nb' }}\nend\n"
 
 # A ChatML template of the kind TRL's assistant-only loss asks for: the reply in a generation block.
-GENERATION = """{% set reply = 'none yet' %}
+GENERATION = """{# a comment's {% is no tag #}{{ '{%}' }}{% raw %}{% generation %} stays{% endraw %}
+{% set reply = 'none yet' %}
 {% for message in messages %}
 {% if message.role == 'assistant' %}
 {{ '<|im_start|>assistant\\n' }}

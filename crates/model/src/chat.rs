@@ -3,9 +3,9 @@
 //! model (R1-Distill-Qwen, a Qwen2.5 or Llama 3 instruct model) sees the prompt it was trained on.
 //!
 //! transformers renders with Jinja2 in a sandbox with `trim_blocks` and `lstrip_blocks`, loop
-//! controls (`break`, `continue`), its `{% generation %}` tag, the globals `raise_exception` and
-//! `strftime_now`, its own `tojson` (Python's `json.dumps`, not Jinja's HTML-escaping one), and
-//! the tokenizer's named special tokens (`bos_token`, `eos_token`, ...) as variables. Templates also call Python's
+//! controls (`break`, `continue`), its `{% generation %}` tag, the globals `raise_exception`
+//! and `strftime_now`, its own `tojson` (Python's `json.dumps`, not Jinja's HTML-escaping one),
+//! and the tokenizer's named special tokens (`bos_token`, `eos_token`, ...) as variables. Templates also call Python's
 //! string methods (`content.split('</think>')[-1]`): MiniJinja's Python-compatibility methods
 //! serve those, and `{{ value }}` writes Python's `str()` of it (None, True, ['a'], 1e+20). The
 //! rendered text is encoded as it is, no BOS added (`add_special_tokens=False`): the template
@@ -159,28 +159,83 @@ impl ChatTemplate {
 /// `source` with transformers' `{% generation %}...{% endgeneration %}` (its `AssistantTracker`
 /// extension, which marks the assistant's text for training masks) written as
 /// `{% with %}...{% endwith %}`, whitespace control kept: both render their body as it is, in a
-/// scope of its own (a `set` inside does not outlive it, as in transformers' call block), and
-/// MiniJinja has no such tag. (A tag spelled out inside a string literal would be rewritten too;
-/// no template does that.)
+/// scope of its own (a `set` inside does not outlive it), and MiniJinja has no such tag. The
+/// scan steps over comments, expressions, strings and raw blocks, so only real tags change.
+/// (transformers renders the body as a call block's `caller`, so there `varargs`, `kwargs` and
+/// `caller` are the call's own and `break` cannot reach an enclosing loop; no template relies
+/// on either.)
 fn generation_blocks_as_scopes(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
-    let mut rest = source;
-    while let Some(open) = rest.find("{%") {
-        let Some(len) = rest[open..].find("%}") else { break };
-        let (before, tag) = (&rest[..open + 2], &rest[open + 2..open + len]);
-        let word = tag.trim_matches(['-', '+']).trim();
-        let scope = match word {
-            "generation" => "with",
-            "endgeneration" => "endwith",
-            _ => word,
+    let (mut copied, mut at) = (0, 0);
+    while let Some(found) = source[at..].find('{') {
+        let open = at + found;
+        let kind = source.as_bytes().get(open + 1).copied();
+        let Some(end) = (match kind {
+            Some(b'#') => source[open + 2..].find("#}").map(|e| open + 2 + e + 2),
+            Some(b'{') => end_of(source, open + 2, "}}"),
+            Some(b'%') => end_of(source, open + 2, "%}"),
+            _ => Some(open + 1),
+        }) else {
+            break;
         };
-        out.push_str(before);
-        out.push_str(&tag.replacen(word, scope, 1));
-        out.push_str("%}");
-        rest = &rest[open + len + 2..];
+        at = end;
+        if kind != Some(b'%') {
+            continue;
+        }
+        let tag = &source[open + 2..end - 2];
+        match tag_name(tag) {
+            "raw" => at = raw_end(source, end),
+            name @ ("generation" | "endgeneration") => {
+                let scope = if name == "generation" { "with" } else { "endwith" };
+                out.push_str(&source[copied..open + 2]);
+                out.push_str(&tag.replacen(name, scope, 1));
+                copied = end - 2;
+            }
+            _ => {}
+        }
     }
-    out.push_str(rest);
+    out.push_str(&source[copied..]);
     out
+}
+
+/// A block tag's content without its whitespace-control marks and spaces: `endraw` for
+/// `{%- endraw +%}`.
+fn tag_name(tag: &str) -> &str {
+    tag.trim_matches(['-', '+']).trim()
+}
+
+/// The index just past the first `close` at or after `from` that is not inside a quoted string
+/// (`'...'` or `"..."`, backslash escapes); `None` when there is none.
+fn end_of(source: &str, from: usize, close: &str) -> Option<usize> {
+    let bytes = source.as_bytes();
+    let (mut i, mut quote) = (from, None);
+    while i < bytes.len() {
+        match quote {
+            Some(_) if bytes[i] == b'\\' => i += 1,
+            Some(q) if bytes[i] == q => quote = None,
+            Some(_) => {}
+            None if bytes[i] == b'\'' || bytes[i] == b'"' => quote = Some(bytes[i]),
+            None if bytes[i..].starts_with(close.as_bytes()) => return Some(i + close.len()),
+            None => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The index just past the `{% endraw %}` that closes a raw block whose text starts at `from`
+/// (the end of `source` when none does: MiniJinja reports it).
+fn raw_end(source: &str, from: usize) -> usize {
+    let mut at = from;
+    while let Some(found) = source[at..].find("{%") {
+        let open = at + found;
+        let Some(close) = source[open + 2..].find("%}").map(|e| open + 2 + e) else { break };
+        if tag_name(&source[open + 2..close]) == "endraw" {
+            return close + 2;
+        }
+        at = open + 2;
+    }
+    source.len()
 }
 
 /// The environment transformers renders chat templates in (`_compile_jinja_template`).
@@ -501,6 +556,41 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_real_generation_tags_are_rewritten_and_nothing_panics() {
+        let rewritten = generation_blocks_as_scopes;
+        assert_eq!(rewritten("é{%-generation+%}ü{%endgeneration -%}"), "é{%-with+%}ü{%endwith -%}");
+        // Text that only looks like a tag, and unterminated tags, pass through unchanged.
+        for same in [
+            "{{ '{%}' }}{# {% generation %} #}",
+            "{{ \"}}{% generation %}\" }}",
+            "{% set x = '%}{% generation %}' %}",
+            "{% raw %}{% generation %}{%- endraw %}",
+            "{% raw %}{% generation %}",
+            "{%}",
+            "{%",
+            "{",
+            "{#",
+            "{% generation",
+            "{{ 'unclosed }}",
+            "{% set generation = 1 %}{% generation_x %}",
+        ] {
+            assert_eq!(rewritten(same), same, "{same:?}");
+        }
+        assert_eq!(rewritten("{% raw %}a{% endraw %}{% generation %}"), "{% raw %}a{% endraw %}{% with %}");
+        assert_eq!(rewritten("{# it's #}{%generation%}"), "{# it's #}{%with%}");
+        // Every string of up to five of the characters the scan reacts to: no panic, and nothing
+        // changes without a generation tag.
+        let alphabet = ['{', '%', '}', '#', '\'', '"', '\\', 'é'];
+        let mut strings = vec![String::new()];
+        for _ in 0..5 {
+            strings = strings.iter().flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}"))).collect();
+            for s in &strings {
+                assert_eq!(&rewritten(s), s);
+            }
+        }
+    }
 
     #[test]
     fn dates_and_numbers_are_written_as_python_writes_them() {
