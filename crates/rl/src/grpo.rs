@@ -758,20 +758,23 @@ impl RlRun {
         }
     }
 
-    /// Rewards of each rollout.
+    /// Rewards of each rollout, scored a prompt's group at a time (the rollouts of one problem
+    /// come together, as [`sample_groups`] makes them).
     pub fn score(&self, rollouts: &[Rollout], problems: &[Problem]) -> Result<Vec<Scores>> {
-        rollouts
-            .iter()
-            .map(|r| {
-                let s = Sample {
+        let mut scores = Vec::with_capacity(rollouts.len());
+        for group in rollouts.chunk_by(|a, b| a.problem == b.problem) {
+            let samples: Vec<Sample> = group
+                .iter()
+                .map(|r| Sample {
                     problem: &problems[r.problem],
                     text: &r.text,
                     tokens: r.tokens.len(),
                     truncated: r.truncated,
-                };
-                self.rewards.score(&s)
-            })
-            .collect()
+                })
+                .collect();
+            scores.extend(self.rewards.score_group(&samples)?);
+        }
+        Ok(scores)
     }
 
     /// Saves the policy with its tokenizer's files, its optimizer state and this run's state

@@ -219,6 +219,15 @@ impl Reward for ReasoningOnly {
             None => Ok(None),
         }
     }
+
+    /// The wrapped reward's group scores over the reasoning prompts' completions, so that a
+    /// group reward compares them with each other alone.
+    fn score_group(&self, group: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
+        let applies: Vec<bool> = group.iter().map(|s| Language::of_problem(s.problem).is_some()).collect();
+        let kept: Vec<Sample> = group.iter().zip(&applies).filter(|(_, &a)| a).map(|(s, _)| *s).collect();
+        let mut scores = self.0.score_group(&kept)?.into_iter();
+        Ok(applies.iter().map(|&a| if a { scores.next().flatten() } else { None }).collect())
+    }
 }
 
 /// The first half of `text`, never ending inside a `<tag>`.

@@ -1,6 +1,7 @@
 //! Rule-based rewards (spec/rl.md 2.1, 3.4, 3.8): accuracy from the task's verifier, the R1
 //! template, language consistency, length shaping (DAPO's soft overlong punishment, the cosine
-//! length reward), and open-r1's n-gram repetition penalty. A reward may answer "not
+//! length reward, Kimi's length reward within a group), and open-r1's n-gram repetition
+//! penalty. A reward may answer "not
 //! applicable" (`None`); a weighted sum skips those, and a completion for which every reward is
 //! `None` has no reward at all (NaN), which the advantage computation leaves out of its group
 //! baseline (TRL's convention).
@@ -27,6 +28,13 @@ pub trait Reward: Send + Sync {
     /// The reward, `None` where it does not apply; an error where it could not be computed (a
     /// learned reward whose model failed: the run stops rather than train without it).
     fn score(&self, s: &Sample<'_>) -> Result<Option<f64>>;
+
+    /// The rewards of one prompt's group of completions, in order. Most rewards score each
+    /// completion alone; one that compares a completion with the rest of its group (Kimi's
+    /// length reward) overrides this.
+    fn score_group(&self, group: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
+        group.iter().map(|s| self.score(s)).collect()
+    }
 }
 
 /// 1 when the verifier accepts the answer, else 0. Truncated completions get 0 (Dr. GRPO): an
@@ -209,6 +217,42 @@ impl Reward for RepetitionPenalty {
     }
 }
 
+/// Kimi k1.5's length reward (section 2.3.3; open-r1's `len_reward`): within a prompt's group,
+/// with the shortest and longest completions' lengths, `lambda = 0.5 - (len - min) / (max -
+/// min)`; a right answer gets `lambda` (short right answers gain, long ones lose) and a wrong one
+/// `min(0, lambda)` (long wrong answers lose, short ones gain nothing). All 0 when the lengths
+/// are equal, as for a group of one. Right is [`Accuracy`]'s verdict (a truncated completion is
+/// wrong); lengths in tokens, as Kimi counts them, and per group as Kimi defines it (open-r1
+/// counts characters, over the whole batch of prompts).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LengthReward;
+
+impl Reward for LengthReward {
+    fn name(&self) -> &str {
+        "length"
+    }
+
+    fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
+        Ok(self.score_group(std::slice::from_ref(s))?[0])
+    }
+
+    fn score_group(&self, group: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
+        let lengths = group.iter().map(|s| s.tokens);
+        let (min, max) = (lengths.clone().min().unwrap_or(0), lengths.max().unwrap_or(0));
+        let right = Accuracy { gated: false };
+        group
+            .iter()
+            .map(|s| {
+                if min == max {
+                    return Ok(Some(0.0));
+                }
+                let lambda = 0.5 - (s.tokens - min) as f64 / (max - min) as f64;
+                Ok(Some(if right.score(s)? == Some(1.0) { lambda } else { lambda.min(0.0) }))
+            })
+            .collect()
+    }
+}
+
 /// Rewards with weights; the total is their weighted sum over the applicable ones.
 pub struct RewardSet {
     pub entries: Vec<(Box<dyn Reward>, f64)>,
@@ -232,8 +276,8 @@ pub struct Scores {
 impl RewardSet {
     /// From `name[:weight]` items separated by commas: `accuracy`, `accuracy_gated`, `format`,
     /// `language`, `overlong` (buffer = a quarter of `max_len`), `cosine`, `repetition`
-    /// (open-r1's defaults: 3-grams, down to -1). `max_len` is the completion length limit in
-    /// tokens.
+    /// (open-r1's defaults: 3-grams, down to -1), `length` (Kimi's, within each group).
+    /// `max_len` is the completion length limit in tokens.
     pub fn parse(spec: &str, max_len: usize) -> Result<Self> {
         let mut entries: Vec<(Box<dyn Reward>, f64)> = Vec::new();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -256,10 +300,11 @@ impl RewardSet {
                 "overlong" => Box::new(OverlongPenalty { max_len, buffer: (max_len / 4).max(1) }),
                 "cosine" => Box::new(CosineLength::new(max_len)),
                 "repetition" => Box::new(RepetitionPenalty::new(3, -1.0)?),
+                "length" => Box::new(LengthReward),
                 other => {
                     return Err(Error::Rl(format!(
                         "unknown reward `{other}` (accuracy, accuracy_gated, format, language, overlong, cosine, \
-                         repetition)"
+                         repetition, length)"
                     )))
                 }
             };
@@ -280,10 +325,37 @@ impl RewardSet {
         self.entries.iter().map(|(r, w)| format!("{}:{w}", r.name())).collect::<Vec<_>>().join(",")
     }
 
-    /// Each reward and their weighted sum. A reward that is not a finite number is an error naming
-    /// it and the prompt: counted as "not applicable", it would silently zero the advantages.
+    /// One completion's rewards and their weighted sum, scored as a group of one.
     pub fn score(&self, s: &Sample<'_>) -> Result<Scores> {
-        let each: Vec<Option<f64>> = self.entries.iter().map(|(r, _)| r.score(s)).collect::<Result<_>>()?;
+        Ok(self.score_group(std::slice::from_ref(s))?.remove(0))
+    }
+
+    /// Each completion of one prompt's group: its rewards and their weighted sum. A reward that
+    /// is not a finite number is an error naming it and the prompt: counted as "not applicable",
+    /// it would silently zero the advantages.
+    pub fn score_group(&self, group: &[Sample<'_>]) -> Result<Vec<Scores>> {
+        let mut per_reward = Vec::with_capacity(self.entries.len());
+        for (r, _) in &self.entries {
+            let scores = r.score_group(group)?;
+            if scores.len() != group.len() {
+                return Err(Error::Rl(format!(
+                    "reward `{}` gave {} scores for a group of {}",
+                    r.name(),
+                    scores.len(),
+                    group.len()
+                )));
+            }
+            per_reward.push(scores);
+        }
+        group
+            .iter()
+            .enumerate()
+            .map(|(i, s)| self.total(s, per_reward.iter().map(|scores| scores[i]).collect()))
+            .collect()
+    }
+
+    /// `each` reward of `s` and their weighted sum over the applicable ones.
+    fn total(&self, s: &Sample<'_>, each: Vec<Option<f64>>) -> Result<Scores> {
         if let Some(((r, _), v)) = self.entries.iter().zip(&each).find(|(_, v)| v.is_some_and(|v| !v.is_finite())) {
             return Err(Error::Rl(format!(
                 "reward `{}` is {} for the completion of prompt {:?}",
@@ -399,6 +471,31 @@ mod tests {
             assert_eq!(c.score(&sample(&p, text, 100, true)).unwrap(), Some(-1.0));
         }
         assert!((0..=100).all(|n| cos(bad, n) >= c.exceed));
+    }
+
+    #[test]
+    fn length_reward_ranks_a_groups_lengths_as_kimi_defines_it() {
+        let p = add_problem();
+        let (good, bad) = ("<think></think><answer>19</answer>", "<think></think><answer>18</answer>");
+        // Lengths 10..=30: lambda 0.5 at the shortest, 0 halfway, -0.5 at the longest.
+        let group = [
+            sample(&p, good, 10, false),
+            sample(&p, good, 20, false),
+            sample(&p, good, 30, false),
+            sample(&p, bad, 10, false),
+            sample(&p, bad, 25, false),
+            sample(&p, good, 15, true),
+        ];
+        let got: Vec<f64> = LengthReward.score_group(&group).unwrap().into_iter().map(Option::unwrap).collect();
+        assert_eq!(got, vec![0.5, 0.0, -0.5, 0.0, -0.25, 0.0], "a truncated answer is wrong: min(0, 0.25)");
+        // Equal lengths, and a group of one: no length signal.
+        let same = [sample(&p, good, 12, false), sample(&p, bad, 12, false)];
+        assert_eq!(LengthReward.score_group(&same).unwrap(), vec![Some(0.0), Some(0.0)]);
+        assert_eq!(LengthReward.score(&group[0]).unwrap(), Some(0.0));
+        // Through a set, each completion's total sees its group.
+        let set = RewardSet::parse("accuracy,length:2", 96).unwrap();
+        let totals: Vec<f64> = set.score_group(&group).unwrap().iter().map(|s| s.total).collect();
+        assert_eq!(totals, vec![2.0, 1.0, 0.0, 0.0, -0.5, 0.0]);
     }
 
     #[test]

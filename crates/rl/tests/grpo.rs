@@ -523,6 +523,37 @@ fn three_samples_at(temperature: f32) -> RolloutConfig {
 }
 
 #[test]
+fn a_group_reward_compares_each_prompts_completions_with_each_other_alone() {
+    use whale_rl::grpo::RlRun;
+    use whale_rl::reward_model::ReasoningOnly;
+    use whale_rl::rewards::LengthReward;
+    let tok = CharTokenizer::new();
+    let problems: Vec<Problem> = TaskSet::parse("add:1-3").unwrap().problems(3, 5, Split::Train);
+    let rollouts = sample_groups(&tiny_model(7), &tok, &problems, &three_samples_at(1.0), &mut Rng::new(1)).unwrap();
+    let samples: Vec<Sample> = rollouts
+        .iter()
+        .map(|r| Sample {
+            problem: &problems[r.problem],
+            text: &r.text,
+            tokens: r.tokens.len(),
+            truncated: r.truncated,
+        })
+        .collect();
+    let run = RlRun::new(GrpoConfig { rewards: "length".into(), ..GrpoConfig::default() }, Box::new(tok), 0).unwrap();
+    let totals = |scores: Vec<whale_rl::rewards::Scores>| scores.iter().map(|s| s.total).collect::<Vec<f64>>();
+    let got = totals(run.score(&rollouts, &problems).unwrap());
+    let by_group: Vec<f64> = samples.chunks(3).flat_map(|g| totals(run.rewards.score_group(g).unwrap())).collect();
+    assert_eq!(got, by_group);
+    assert!(by_group.iter().any(|&r| r != 0.0), "lengths differ within a group: {by_group:?}");
+    // Not the batch as one group: its shortest and longest completions would set every lambda.
+    assert_ne!(got, totals(run.rewards.score_group(&samples).unwrap()));
+    // Restricted to the reasoning prompts, the group is still compared within itself.
+    let only = RewardSet { entries: vec![(Box::new(ReasoningOnly(Box::new(LengthReward))), 1.0)] };
+    let restricted: Vec<f64> = samples.chunks(3).flat_map(|g| totals(only.score_group(g).unwrap())).collect();
+    assert_eq!(restricted, by_group);
+}
+
+#[test]
 fn scoring_a_rollout_gives_the_log_probs_it_was_sampled_with() {
     let model = tiny_model(7);
     let tok = CharTokenizer::new();
