@@ -763,15 +763,7 @@ impl RlRun {
     pub fn score(&self, rollouts: &[Rollout], problems: &[Problem]) -> Result<Vec<Scores>> {
         let mut scores = Vec::with_capacity(rollouts.len());
         for group in rollouts.chunk_by(|a, b| a.problem == b.problem) {
-            let samples: Vec<Sample> = group
-                .iter()
-                .map(|r| Sample {
-                    problem: &problems[r.problem],
-                    text: &r.text,
-                    tokens: r.tokens.len(),
-                    truncated: r.truncated,
-                })
-                .collect();
+            let samples: Vec<Sample> = group.iter().map(|r| r.sample(problems)).collect();
             scores.extend(self.rewards.score_group(&samples)?);
         }
         Ok(scores)

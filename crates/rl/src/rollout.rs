@@ -11,6 +11,7 @@ use whale_parallel::model::tensor::{no_grad, Device, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
 use whale_parallel::model::CausalLm;
 
+use crate::rewards::Sample;
 use crate::tasks::Problem;
 use crate::{Error, Result};
 
@@ -67,6 +68,18 @@ pub struct Rollout {
     pub truncated: bool,
     /// The decoded completion without its EOS ([`crate::eval::completion_text`]).
     pub text: String,
+}
+
+impl Rollout {
+    /// The completion as rewards see it, `problems` being the slice it was sampled for.
+    pub fn sample<'a>(&'a self, problems: &'a [Problem]) -> Sample<'a> {
+        Sample {
+            problem: &problems[self.problem],
+            text: &self.text,
+            tokens: self.tokens.len(),
+            truncated: self.truncated,
+        }
+    }
 }
 
 /// `cfg.group_size` completions for each problem, grouped: rollouts `i*G .. (i+1)*G` belong to

@@ -530,15 +530,7 @@ fn a_group_reward_compares_each_prompts_completions_with_each_other_alone() {
     let tok = CharTokenizer::new();
     let problems: Vec<Problem> = TaskSet::parse("add:1-3").unwrap().problems(3, 5, Split::Train);
     let rollouts = sample_groups(&tiny_model(7), &tok, &problems, &three_samples_at(1.0), &mut Rng::new(1)).unwrap();
-    let samples: Vec<Sample> = rollouts
-        .iter()
-        .map(|r| Sample {
-            problem: &problems[r.problem],
-            text: &r.text,
-            tokens: r.tokens.len(),
-            truncated: r.truncated,
-        })
-        .collect();
+    let samples: Vec<Sample> = rollouts.iter().map(|r| r.sample(&problems)).collect();
     let run = RlRun::new(GrpoConfig { rewards: "length".into(), ..GrpoConfig::default() }, Box::new(tok), 0).unwrap();
     let totals = |scores: Vec<whale_rl::rewards::Scores>| scores.iter().map(|s| s.total).collect::<Vec<f64>>();
     let got = totals(run.score(&rollouts, &problems).unwrap());
