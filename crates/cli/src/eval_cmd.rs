@@ -73,7 +73,7 @@ pub struct EvalArgs {
     /// A system message before each prompt (with --chat).
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
-    /// Score the last \boxed{} after the completion's </think> rather than <answer> tags, and
+    /// Score the last `\boxed{}` after the completion's `</think>` rather than `<answer>` tags, and
     /// (with --chat) ask for it after each prompt with the R1 paper's "Please reason step by
     /// step, and put your final answer within \boxed{}.".
     #[arg(long)]

@@ -210,7 +210,7 @@ pub struct PretrainArgs {
     /// third of its tokens); unset: the preset's mtp_loss_weight throughout.
     #[arg(long)]
     pub mtp_weight_from: Option<String>,
-    /// START[:INCREMENT]:SEQUENCES: the batch grows from START sequences a step to --dp x
+    /// `START[:INCREMENT]:SEQUENCES`: the batch grows from START sequences a step to --dp x
     /// --grad-accum x --micro-batch in equal steps of INCREMENT (multiples of --dp x
     /// --micro-batch; by default one micro-batch per replica) spread over the run's first
     /// SEQUENCES, as DeepSeek-V3's did from 3072 to 15360 over its first 469B tokens

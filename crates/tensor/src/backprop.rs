@@ -145,7 +145,7 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Runs `f` recording autograd history even inside [`no_grad`] or a backward pass (a backward
-/// that recomputes its forward: [`crate::checkpoint`]); restores the previous mode after.
+/// that recomputes its forward: [`crate::checkpoint()`]); restores the previous mode after.
 pub(crate) fn enable_grad<R>(f: impl FnOnce() -> R) -> R {
     struct Restore(bool);
     impl Drop for Restore {

@@ -6,7 +6,7 @@
 //! - [`tensor`]: the handle, constructors, reading and writing values, variables and gradients.
 //! - `ops/`: elementwise, reductions, matmul, views and shape ops, indexing, fused NN ops.
 //! - [`fp8`]: fine-grained FP8 quantization and the FP8 linear layer (Fprop/Dgrad/Wgrad in FP8).
-//! - [`backprop`]: the backward pass and ZeroBubble's B/W split. [`checkpoint`]: activation
+//! - [`backprop`]: the backward pass and ZeroBubble's B/W split. [`mod@checkpoint`]: activation
 //!   recomputation.
 //! - [`params`]: the named parameter store. [`optim`]: AdamW, clipping, schedules.
 //! - [`layout`], [`storage`], [`dtype`], [`device`], [`rng`], [`error`].

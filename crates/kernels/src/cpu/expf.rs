@@ -13,7 +13,7 @@
 //! musl, macOS) libm's `expf` can differ in the last bit from this one. Its error is at most
 //! 0.502 ulp: only a value within 0.002 ulp of a rounding boundary can round the wrong way.
 //!
-//! Where the caller is built without FMA ([`super::wide_fn!`] builds the kernels with it where the
+//! Where the caller is built without FMA (`wide_fn!` builds the kernels with it where the
 //! CPU has it), each `f64::mul_add` is a call to libm's `fma`: the same bits, several times slower.
 
 use super::{map_chunks, wide_fn};

@@ -13,7 +13,7 @@ use whale_tensor::Tensor;
 use crate::Result;
 
 /// Which sublayers of a decoder layer keep no activations for the backward and compute them again
-/// there ([`whale_tensor::checkpoint`]): memory traded for a second forward of the sublayer, the
+/// there ([`whale_tensor::checkpoint()`]): memory traded for a second forward of the sublayer, the
 /// gradients the same bits. DeepSeek-V3 recomputes its RMSNorms and MLA up-projections (TR
 /// 3.2.3); `attention` recomputes the whole attention sublayer, which holds them, and
 /// `attention` + `mlp` on a dense layer is HF's gradient checkpointing of the layer. Only
@@ -77,7 +77,7 @@ impl std::fmt::Display for Recompute {
     }
 }
 
-/// `sublayer(x)`, through a [`whale_tensor::checkpoint`] named `what` when `recompute` is set.
+/// `sublayer(x)`, through a [`whale_tensor::checkpoint()`] named `what` when `recompute` is set.
 pub(crate) fn recomputed<F>(recompute: bool, what: &'static str, x: &Tensor, sublayer: F) -> Result<Tensor>
 where
     F: Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,

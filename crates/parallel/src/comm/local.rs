@@ -308,7 +308,7 @@ impl LocalComm {
     /// [`LocalComm::run`] on a modelled link.
     ///
     /// Each rank computes on a rayon pool of its own ([`in_own_pool`]), of its share of the
-    /// caller's threads ([`thread_share`]), as if it were a process of its own; the rank threads
+    /// caller's threads (`thread_share`), as if it were a process of its own; the rank threads
     /// themselves only wait for their pools.
     pub fn run_with<R: Send>(size: usize, link: Option<LinkModel>, f: impl Fn(&LocalComm) -> R + Sync) -> Vec<R> {
         let f = &f;
