@@ -17,6 +17,7 @@ use whale_parallel::model::{load_pretrained, moved_to, CausalLm};
 use crate::grpo::{
     grpo_loss, rollout_metrics, split_rows, to_parallel, GrpoConfig, LossInputs, LossStats, RlRun, Scored, StepLog,
 };
+use crate::rewards::RewardSet;
 use crate::rollout::{logprobs, sample_groups, score, PackedBatch};
 use crate::{Error, Result};
 
@@ -99,6 +100,14 @@ impl PpoConfig {
         ];
         if let Some((key, _, why)) = grpo_only.iter().find(|(_, set, _)| *set) {
             return Err(Error::Rl(format!("grpo config `{key}` is GRPO's and PPO does not use it ({why}); drop it")));
+        }
+        let rewards = RewardSet::parse(&config.rewards, config.max_new_tokens)?;
+        if let Some((r, _)) = rewards.entries.iter().find(|(r, _)| r.compares_within_group()) {
+            return Err(Error::Rl(format!(
+                "reward `{}` compares a prompt's completions with each other, and PPO samples one per prompt \
+                 (it would always be 0); drop it",
+                r.name()
+            )));
         }
         if !(self.kl_coef >= 0.0 && self.critic_lr_scale > 0.0 && self.cliprange > 0.0 && self.cliprange_value > 0.0) {
             return Err(Error::Rl(
@@ -531,6 +540,12 @@ mod tests {
         let bad = PpoConfig { missing_eos_penalty: Some(f64::NAN), ..PpoConfig::default() };
         let err = bad.validate(&GrpoConfig::default()).unwrap_err().to_string();
         assert!(err.contains("missing_eos_penalty"), "{err}");
+        // A group reward would be 0 for PPO's one completion per prompt, alone or restricted.
+        let grouped = GrpoConfig { rewards: "accuracy,length".into(), ..GrpoConfig::default() };
+        let err = PpoConfig::default().validate(&grouped).unwrap_err().to_string();
+        assert!(err.contains("`length`") && err.contains("one per prompt"), "{err}");
+        let restricted = crate::reward_model::ReasoningOnly(Box::new(crate::rewards::LengthReward));
+        assert!(crate::rewards::Reward::compares_within_group(&restricted));
     }
 
     #[test]

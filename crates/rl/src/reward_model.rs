@@ -225,8 +225,17 @@ impl Reward for ReasoningOnly {
     fn score_group(&self, group: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
         let applies: Vec<bool> = group.iter().map(|s| Language::of_problem(s.problem).is_some()).collect();
         let kept: Vec<Sample> = group.iter().zip(&applies).filter(|(_, &a)| a).map(|(s, _)| *s).collect();
-        let mut scores = self.0.score_group(&kept)?.into_iter();
+        let scores = self.0.score_group(&kept)?;
+        if scores.len() != kept.len() {
+            let (name, got, want) = (self.0.name(), scores.len(), kept.len());
+            return Err(Error::Rl(format!("reward `{name}` gave {got} scores for a group of {want}")));
+        }
+        let mut scores = scores.into_iter();
         Ok(applies.iter().map(|&a| if a { scores.next().flatten() } else { None }).collect())
+    }
+
+    fn compares_within_group(&self) -> bool {
+        self.0.compares_within_group()
     }
 }
 

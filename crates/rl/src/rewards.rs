@@ -35,6 +35,12 @@ pub trait Reward: Send + Sync {
     fn score_group(&self, group: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
         group.iter().map(|s| self.score(s)).collect()
     }
+
+    /// Whether the reward compares a completion with the rest of its group, so that a
+    /// completion scored alone (PPO's one per prompt) learns nothing from it.
+    fn compares_within_group(&self) -> bool {
+        false
+    }
 }
 
 /// 1 when the verifier accepts the answer, else 0. Truncated completions get 0 (Dr. GRPO): an
@@ -234,6 +240,10 @@ impl Reward for LengthReward {
 
     fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
         Ok(self.score_group(std::slice::from_ref(s))?[0])
+    }
+
+    fn compares_within_group(&self) -> bool {
+        true
     }
 
     fn score_group(&self, group: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
