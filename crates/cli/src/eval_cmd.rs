@@ -23,8 +23,10 @@ pub struct EvalArgs {
     /// value draws the run's problems.
     #[arg(long, default_value_t = 0.25)]
     pub letters: f64,
-    /// A JSONL file of {"prompt", "answer"} problems instead of the embedded tasks: its
-    /// held-out prompts (those training on the file leaves out), or every line with --all-lines.
+    /// A JSONL file of problems (`prompt`/`problem`/`question` and `answer`, or MATH's
+    /// `solution`: MATH-500, AIME and GSM8K files load as they are) instead of the embedded
+    /// tasks: its held-out prompts (those training on the file leaves out), or every line with
+    /// --all-lines.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// With --data: evaluate every line of the file (a test set no run trained on).

@@ -269,7 +269,8 @@ pub struct R1Args {
     /// A JSON or TOML file with any of the settings.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// JSONL reasoning prompts ({"prompt", "answer"}) instead of the embedded tasks.
+    /// JSONL reasoning prompts (`prompt`/`problem`/`question` with `answer`, as `whale eval
+    /// --data` reads them) instead of the embedded tasks.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// cpu (the default), or cuda / cuda:N: every stage's models (policy, rejection sampler,

@@ -124,7 +124,8 @@ pub struct R1ZeroArgs {
     /// base pretrained on digits only).
     #[arg(long)]
     pub letters: Option<f64>,
-    /// JSONL training prompts ({"prompt", "answer"}) instead of the task generators.
+    /// JSONL training prompts (`prompt`/`problem`/`question` with `answer`, as `whale eval
+    /// --data` reads them) instead of the task generators.
     #[arg(long)]
     pub data: Option<PathBuf>,
     #[arg(long)]

@@ -5,7 +5,7 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 
 use super::language::{to_digits, translate, Language};
-use super::{extract_answer, math_answer, task_by_name, template, Problem, Task};
+use super::{extract_answer, extract_boxed, math_answer, task_by_name, template, Problem, Task};
 use crate::{Error, Result};
 use whale_parallel::model::tensor::Rng;
 
@@ -353,35 +353,68 @@ fn mix_languages(completion: &str, rng: &mut Rng) -> String {
     format!("<think>{}</think>{rest}", mixed.join(";"))
 }
 
-/// A user dataset: one `{"prompt": ..., "answer": ...}` object per line. Errors name the file and
-/// line.
+/// A user dataset: one JSON object per line with a prompt and its expected answer, under the
+/// names the usual math benchmarks use, so their files load as they are:
+/// - the prompt: `prompt`, else `problem` (MATH, MATH-500, AIME), else `question` (GSM8K);
+/// - the answer: `answer`, a string or a number (AIME's integers); GSM8K's, which ends its
+///   worked solution with `#### 72`, is the text after the last `####`; without `answer`, the
+///   last `\boxed{}` of `solution` (MATH's own files).
+///
+/// Errors name the file, the line and the field.
 pub fn load_jsonl(path: &Path) -> Result<Vec<Problem>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Task(format!("{}: {e}", path.display())))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let at = || format!("{}:{}", path.display(), i + 1);
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Task(format!("{}: {e}", at())))?;
-        let field = |k: &str| match v.get(k) {
-            None => Err(Error::Task(format!("{}: missing string field `{k}`", at()))),
-            Some(serde_json::Value::String(x)) if x.trim().is_empty() => {
-                // An empty answer would make every empty `<answer>` right.
-                Err(Error::Task(format!("{}: field `{k}` is empty", at())))
-            }
-            Some(serde_json::Value::String(x)) => Ok(x.clone()),
-            Some(other) => Err(Error::Task(format!("{}: field `{k}` is not a string: {other}", at()))),
-        };
-        let (prompt, answer) = (field("prompt")?, field("answer")?);
-        if math_answer::normalize(answer.trim()).is_some_and(|n| n.is_empty()) {
-            // `k=` or `\$`: graded as MATH grades them, an empty answer would be right.
-            return Err(Error::Task(format!(
-                "{}: field `answer` ({answer:?}) is empty once normalised as MATH's grader does (it drops `k=`, \
-                 `\\$`, units written `\\text{{ unit}}`)",
-                at()
-            )));
-        }
+        let (prompt, answer) = line_fields(&v).map_err(|e| Error::Task(format!("{}: {e}", at())))?;
         out.push(Problem { task: "jsonl".into(), solution: template("", &answer), prompt, answer });
     }
     Ok(out)
+}
+
+/// The prompt and the expected answer of one line of a user dataset ([`load_jsonl`]).
+fn line_fields(v: &serde_json::Value) -> std::result::Result<(String, String), String> {
+    let text = |key: &str| -> std::result::Result<Option<String>, String> {
+        match v.get(key) {
+            None => Ok(None),
+            // An empty answer would make every empty `<answer>` right.
+            Some(serde_json::Value::String(x)) if x.trim().is_empty() => Err(format!("field `{key}` is empty")),
+            Some(serde_json::Value::String(x)) => Ok(Some(x.clone())),
+            Some(serde_json::Value::Number(n)) if key == "answer" => Ok(Some(n.to_string())),
+            Some(other) => Err(format!("field `{key}` is not a string: {other}")),
+        }
+    };
+    let mut prompt = None;
+    for key in ["prompt", "problem", "question"] {
+        if let Some(p) = text(key)? {
+            prompt = Some(p);
+            break;
+        }
+    }
+    let prompt = prompt.ok_or("missing string field `prompt` (or `problem`, `question`)")?;
+    let answer = match text("answer")? {
+        Some(a) => match a.rsplit_once("####") {
+            Some((_, last)) if !last.trim().is_empty() => last.trim().to_string(),
+            Some(_) => return Err(format!("field `answer` ({a:?}) has nothing after its `####`")),
+            None => a,
+        },
+        None => match text("solution")? {
+            Some(solution) => match extract_boxed(&solution) {
+                Some(boxed) if !boxed.is_empty() => boxed.to_string(),
+                _ => return Err("no field `answer`, and field `solution` has no `\\boxed{}` answer".into()),
+            },
+            None => return Err("missing string field `answer` (or a `solution` with a `\\boxed{}` answer)".into()),
+        },
+    };
+    if math_answer::normalize(answer.trim()).is_some_and(|n| n.is_empty()) {
+        // `k=` or `\$`: graded as MATH grades them, an empty answer would be right.
+        return Err(format!(
+            "field `answer` ({answer:?}) is empty once normalised as MATH's grader does (it drops `k=`, `\\$`, \
+             units written `\\text{{ unit}}`)"
+        ));
+    }
+    Ok((prompt, answer))
 }
 
 /// The problems of a user dataset ([`load_jsonl`]) on one side of the split ([`Split::of_line`])
@@ -538,6 +571,40 @@ mod tests {
     }
 
     #[test]
+    fn the_usual_math_benchmarks_files_load_as_they_are() {
+        let dir = whale_parallel::model::tensor::testing::TempDir::new("benchmarks");
+        let f = dir.join("mixed.jsonl");
+        let lines = [
+            // MATH-500: problem, solution, answer (and more).
+            r#"{"problem": "What is $\\frac{1}{2}+\\frac{1}{4}$?", "solution": "... $\\boxed{\\frac34}$.", "answer": "\\frac{3}{4}", "level": 1}"#,
+            // AIME: an integer answer.
+            r#"{"problem": "Find N.", "answer": 204, "id": 1}"#,
+            // GSM8K: the worked solution ends in #### and the number.
+            r#"{"question": "Natalia sold 48 clips...", "answer": "48/2 = <<48/2=24>>24\n48+24 = <<48+24=72>>72\n#### 72"}"#,
+            // MATH's own files: only a solution.
+            r#"{"problem": "Simplify.", "solution": "We get $\\boxed{x^{2} + 1}$ at the end."}"#,
+            // A prompt field wins over the others.
+            r#"{"prompt": "p", "problem": "not this", "answer": "1"}"#,
+        ];
+        std::fs::write(&f, lines.join("\n")).unwrap();
+        let ps = load_jsonl(&f).unwrap();
+        let got: Vec<(&str, &str)> = ps.iter().map(|p| (p.prompt.as_str(), p.answer.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                ("What is $\\frac{1}{2}+\\frac{1}{4}$?", "\\frac{3}{4}"),
+                ("Find N.", "204"),
+                ("Natalia sold 48 clips...", "72"),
+                ("Simplify.", "x^{2} + 1"),
+                ("p", "1"),
+            ]
+        );
+        let says = |a: &str| format!("<think>t</think><answer>{a}</answer>");
+        assert!(verify(&ps[0], &says("\\dfrac34")) && verify(&ps[1], &says("204")) && verify(&ps[2], &says("72")));
+        assert!(verify(&ps[3], &says("x^{2}+1")), "spaces are not part of the answer");
+    }
+
+    #[test]
     fn jsonl_datasets_load_and_verify_with_named_errors() {
         let dir = whale_parallel::model::tensor::testing::TempDir::new("jsonl");
         let f = dir.join("data.jsonl");
@@ -549,7 +616,11 @@ mod tests {
         assert!(!verify(&ps[1], "<answer>8</answer>"));
         for (line, words) in [
             ("{\"prompt\": \"2+2=\"}", "missing string field `answer`"),
-            ("{\"prompt\": \"2+2=\", \"answer\": 4}", "field `answer` is not a string: 4"),
+            ("{\"prompt\": \"2+2=\", \"answer\": [4]}", "field `answer` is not a string: [4]"),
+            ("{\"prompt\": 2, \"answer\": \"4\"}", "field `prompt` is not a string: 2"),
+            ("{\"question\": \"2+2=\", \"answer\": \"so 4 ####\"}", "nothing after its `####`"),
+            ("{\"problem\": \"2+2=\", \"solution\": \"it is 4\"}", "`solution` has no `\\boxed{}` answer"),
+            ("{\"answer\": \"4\"}", "missing string field `prompt` (or `problem`, `question`)"),
             ("{\"prompt\": \"2+2=\", \"answer\": \" \"}", "field `answer` is empty"),
             ("{\"prompt\": \"\", \"answer\": \"4\"}", "field `prompt` is empty"),
             (
