@@ -4,10 +4,10 @@
 //!
 //! transformers renders with Jinja2 in a sandbox with `trim_blocks` and `lstrip_blocks`, loop
 //! controls (`break`, `continue`), its `{% generation %}` tag, the globals `raise_exception`
-//! and `strftime_now`, its own `tojson` (Python's `json.dumps`, not Jinja's HTML-escaping one),
-//! and the tokenizer's named special tokens (`bos_token`, `eos_token`, ...) as variables. Templates also call Python's
-//! string methods (`content.split('</think>')[-1]`): MiniJinja's Python-compatibility methods
-//! serve those, and `{{ value }}` writes Python's `str()` of it (None, True, ['a'], 1e+20). The
+//! and `strftime_now` (local time, as Python's `datetime.now()`), its own `tojson` (Python's
+//! `json.dumps`, not Jinja's HTML-escaping one), and the tokenizer's named special tokens
+//! (`bos_token`, `eos_token`, ...) as variables. Templates also call Python's string methods
+//! (`content.split('</think>')[-1]`): MiniJinja's Python-compatibility methods serve those, and `{{ value }}` writes Python's `str()` of it (None, True, ['a'], 1e+20). The
 //! rendered text is encoded as it is, no BOS added (`add_special_tokens=False`): the template
 //! writes its own.
 
@@ -254,7 +254,7 @@ fn environment() -> Environment<'static> {
     env.add_function("strftime_now", |format: String| -> std::result::Result<Value, minijinja::Error> {
         let seconds =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-        strftime(&format, seconds).map(Value::from)
+        strftime(&format, seconds + utc_offset(seconds)).map(Value::from)
     });
     env.add_filter("tojson", tojson);
     // `{{ 1e20 }}` writes Python's str() of a float (1e+20, nan); MiniJinja's own would be
@@ -457,8 +457,31 @@ fn python_number(v: &Value) -> String {
     format!("{sign}{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
 }
 
-/// `strftime(format)` of `seconds` since the epoch in UTC (transformers' `datetime.now()` is the
-/// machine's local time), for the specifiers chat templates use (Llama 3's
+/// How far east of UTC local time is at `seconds` past the epoch, in seconds: C's `localtime_r`,
+/// which Python's `datetime.now()` reads too (the `TZ` variable, else /etc/localtime), so a
+/// template's date is the one transformers would write on this machine. 0 where C cannot say.
+#[cfg(unix)]
+fn utc_offset(seconds: i64) -> i64 {
+    // A 32-bit time_t wraps after 2038, as C's own clock would.
+    let t = seconds as libc::time_t;
+    // SAFETY: `tm` is plain data that localtime_r fills, both pointers are to live locals, and
+    // localtime_r is the reentrant form.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let filled = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if filled {
+        tm.tm_gmtoff as i64
+    } else {
+        0
+    }
+}
+
+#[cfg(not(unix))]
+fn utc_offset(_seconds: i64) -> i64 {
+    0
+}
+
+/// `strftime(format)` of the wall-clock time `seconds` since the epoch (UTC, or local time
+/// with [`utc_offset`] added), for the specifiers chat templates use (Llama 3's
 /// `strftime_now("%d %b %Y")`): `%Y %y %m %d %e %B %b %A %a %H %I %M %S %p %j %%`, glibc's
 /// unpadded `%-d` forms of the numbers, and a trailing `%` as itself.
 fn strftime(format: &str, seconds: i64) -> std::result::Result<String, minijinja::Error> {
@@ -556,6 +579,36 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This test's path, for the child process it starts.
+    const LOCAL_TIME_TEST: &str = "chat::tests::strftime_now_writes_the_local_time_python_writes";
+
+    #[test]
+    fn strftime_now_writes_the_local_time_python_writes() {
+        // The zone is the process's from its start: a child run of this test under a POSIX TZ
+        // (which glibc reads without a zone database) checks it. Python under the same TZ gives
+        // `time.localtime().tm_gmtoff` 19800.
+        if std::env::var_os("WHALE_LOCAL_TIME_CHILD").is_some() {
+            assert_eq!(utc_offset(1_796_353_509), 5 * 3600 + 30 * 60, "TZ=XST-5:30");
+            let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+            let template = ChatTemplate::new("{{ strftime_now('%d %b %Y %H:%M') }}", "t.jinja", vec![]);
+            let before = strftime("%d %b %Y %H:%M", now() + 19_800).unwrap();
+            let rendered = template.render(&[], false).unwrap();
+            let after = strftime("%d %b %Y %H:%M", now() + 19_800).unwrap();
+            assert!(rendered == before || rendered == after, "{rendered} at {before}..{after}");
+            return;
+        }
+        if cfg!(unix) {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", LOCAL_TIME_TEST, "--test-threads=1"])
+                .env("TZ", "XST-5:30")
+                .env("WHALE_LOCAL_TIME_CHILD", "1")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success() && stdout.contains("1 passed"), "{stdout}");
+        }
+    }
 
     #[test]
     fn only_real_generation_tags_are_rewritten_and_nothing_panics() {
