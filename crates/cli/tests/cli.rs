@@ -710,11 +710,17 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
         assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains(words), "{flags:?}");
     }
     // As a chat model is asked: each prompt in the checkpoint's template with R1's \boxed{}
-    // instruction, shown as the model read it; a checkpoint without a template is refused.
+    // instruction, shown as the model read it; a checkpoint without a template is refused. The
+    // problems are in MATH's own file format (`problem`, and the answer boxed in `solution`).
+    let math = dir.join("math.jsonl");
+    let lines: String = (1..=3)
+        .map(|i| format!("{{\"problem\": \"Twelve plus {i}=\", \"solution\": \"So \\\\boxed{{{}}}.\"}}\n", 12 + i))
+        .collect();
+    std::fs::write(&math, lines).unwrap();
     let chat = |dir: &Path| {
         whale()
             .args(["eval", "--checkpoint", dir.to_str().unwrap(), "--problems", "2", "--k", "1", "--show", "1"])
-            .args(["--data", data.to_str().unwrap(), "--all-lines", "--max-new-tokens", "4"])
+            .args(["--data", math.to_str().unwrap(), "--all-lines", "--max-new-tokens", "4"])
             .args(["--chat", "--system", "Be brief.", "--boxed"])
             .output()
             .unwrap()
