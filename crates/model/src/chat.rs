@@ -7,9 +7,9 @@
 //! and `strftime_now` (local time, as Python's `datetime.now()`), its own `tojson` (Python's
 //! `json.dumps`, not Jinja's HTML-escaping one), and the tokenizer's named special tokens
 //! (`bos_token`, `eos_token`, ...) as variables. Templates also call Python's string methods
-//! (`content.split('</think>')[-1]`): MiniJinja's Python-compatibility methods serve those, and `{{ value }}` writes Python's `str()` of it (None, True, ['a'], 1e+20). The
-//! rendered text is encoded as it is, no BOS added (`add_special_tokens=False`): the template
-//! writes its own.
+//! (`content.split('</think>')[-1]`): MiniJinja's Python-compatibility methods serve those, and
+//! `{{ value }}` writes Python's `str()` of it (None, True, ['a'], 1e+20). The rendered text is
+//! encoded as it is, no BOS added (`add_special_tokens=False`): the template writes its own.
 
 use std::path::{Path, PathBuf};
 
@@ -459,8 +459,17 @@ fn python_number(v: &Value) -> String {
 
 /// How far east of UTC local time is at `seconds` past the epoch, in seconds: C's `localtime_r`,
 /// which Python's `datetime.now()` reads too (the `TZ` variable, else /etc/localtime), so a
-/// template's date is the one transformers would write on this machine. 0 where C cannot say.
-#[cfg(unix)]
+/// template's date is the one transformers would write on this machine. 0 where C cannot say,
+/// and on systems whose `struct tm` has no `tm_gmtoff` (UTC there).
+#[cfg(any(
+    target_os = "linux",
+    target_os = "android",
+    target_vendor = "apple",
+    target_os = "freebsd",
+    target_os = "netbsd",
+    target_os = "openbsd",
+    target_os = "dragonfly"
+))]
 fn utc_offset(seconds: i64) -> i64 {
     // A 32-bit time_t wraps after 2038, as C's own clock would.
     let t = seconds as libc::time_t;
@@ -475,7 +484,15 @@ fn utc_offset(seconds: i64) -> i64 {
     }
 }
 
-#[cfg(not(unix))]
+#[cfg(not(any(
+    target_os = "linux",
+    target_os = "android",
+    target_vendor = "apple",
+    target_os = "freebsd",
+    target_os = "netbsd",
+    target_os = "openbsd",
+    target_os = "dragonfly"
+)))]
 fn utc_offset(_seconds: i64) -> i64 {
     0
 }
@@ -598,15 +615,23 @@ mod tests {
             assert!(rendered == before || rendered == after, "{rendered} at {before}..{after}");
             return;
         }
-        if cfg!(unix) {
+        if cfg!(any(
+            target_os = "linux",
+            target_os = "android",
+            target_vendor = "apple",
+            target_os = "freebsd",
+            target_os = "netbsd",
+            target_os = "openbsd",
+            target_os = "dragonfly"
+        )) {
             let out = std::process::Command::new(std::env::current_exe().unwrap())
                 .args(["--exact", LOCAL_TIME_TEST, "--test-threads=1"])
                 .env("TZ", "XST-5:30")
                 .env("WHALE_LOCAL_TIME_CHILD", "1")
                 .output()
                 .unwrap();
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(out.status.success() && stdout.contains("1 passed"), "{stdout}");
+            let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success() && stdout.contains("1 passed"), "{stdout}{stderr}");
         }
     }
 

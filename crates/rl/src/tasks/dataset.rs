@@ -375,14 +375,24 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Problem>> {
 
 /// The prompt and the expected answer of one line of a user dataset ([`load_jsonl`]).
 fn line_fields(v: &serde_json::Value) -> std::result::Result<(String, String), String> {
+    let keys = || v.as_object().map(|o| o.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "));
     let text = |key: &str| -> std::result::Result<Option<String>, String> {
-        match v.get(key) {
-            None => Ok(None),
+        // The key as written, else one that differs only in case (AIME 2024's `Problem`).
+        let Some((name, value)) = v.get(key).map(|value| (key, value)).or_else(|| {
+            v.as_object()?.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(k, value)| (k.as_str(), value))
+        }) else {
+            return Ok(None);
+        };
+        match value {
             // An empty answer would make every empty `<answer>` right.
-            Some(serde_json::Value::String(x)) if x.trim().is_empty() => Err(format!("field `{key}` is empty")),
-            Some(serde_json::Value::String(x)) => Ok(Some(x.clone())),
-            Some(serde_json::Value::Number(n)) if key == "answer" => Ok(Some(n.to_string())),
-            Some(other) => Err(format!("field `{key}` is not a string: {other}")),
+            serde_json::Value::String(x) if x.trim().is_empty() => Err(format!("field `{name}` is empty")),
+            serde_json::Value::String(x) => Ok(Some(x.clone())),
+            serde_json::Value::Number(n) if key == "answer" => Ok(Some(number_text(n))),
+            other => {
+                let kind = if key == "answer" { "a string or a number" } else { "a string" };
+                let shown: String = other.to_string().chars().take(80).collect();
+                Err(format!("field `{name}` is not {kind}: {shown}"))
+            }
         }
     };
     let mut prompt = None;
@@ -392,10 +402,12 @@ fn line_fields(v: &serde_json::Value) -> std::result::Result<(String, String), S
             break;
         }
     }
-    let prompt = prompt.ok_or("missing string field `prompt` (or `problem`, `question`)")?;
+    let prompt = prompt.ok_or_else(|| {
+        format!("missing string field `prompt` (or `problem`, `question`); the line has {}", keys().unwrap_or_default())
+    })?;
     let answer = match text("answer")? {
         Some(a) => match a.rsplit_once("####") {
-            Some((_, last)) if !last.trim().is_empty() => last.trim().to_string(),
+            Some((_, last)) if !last.trim().is_empty() => gsm8k_number(last.trim()),
             Some(_) => return Err(format!("field `answer` ({a:?}) has nothing after its `####`")),
             None => a,
         },
@@ -415,6 +427,28 @@ fn line_fields(v: &serde_json::Value) -> std::result::Result<(String, String), S
         ));
     }
     Ok((prompt, answer))
+}
+
+/// A JSON number as an answer's text: an integer in its digits, a whole float too (`72.0` is
+/// `72`, as the MATH grader would not see it), others as JSON writes them.
+fn number_text(n: &serde_json::Number) -> String {
+    match (n.as_i64(), n.as_u64(), n.as_f64()) {
+        (Some(i), _, _) => i.to_string(),
+        (_, Some(u), _) => u.to_string(),
+        (_, _, Some(x)) if x.fract() == 0.0 && x.abs() < 2f64.powi(53) => (x as i64).to_string(),
+        _ => n.to_string(),
+    }
+}
+
+/// GSM8K's final answer after `####` as its graders read it: thousands separators dropped
+/// (`1,000` is `1000`), other text as it is.
+fn gsm8k_number(tail: &str) -> String {
+    let numeric = tail.chars().all(|c| c.is_ascii_digit() || matches!(c, ',' | '.' | '-'));
+    if numeric {
+        tail.replace(',', "")
+    } else {
+        tail.to_string()
+    }
 }
 
 /// The problems of a user dataset ([`load_jsonl`]) on one side of the split ([`Split::of_line`])
@@ -585,6 +619,9 @@ mod tests {
             r#"{"problem": "Simplify.", "solution": "We get $\\boxed{x^{2} + 1}$ at the end."}"#,
             // A prompt field wins over the others.
             r#"{"prompt": "p", "problem": "not this", "answer": "1"}"#,
+            // Another AIME file: capitalised keys; a whole float; GSM8K's thousands separator.
+            r#"{"ID": "2024-I-1", "Problem": "Every morning...", "Answer": 204.0}"#,
+            r#"{"question": "How many?", "answer": "so 1000\n#### 1,000"}"#,
         ];
         std::fs::write(&f, lines.join("\n")).unwrap();
         let ps = load_jsonl(&f).unwrap();
@@ -597,6 +634,8 @@ mod tests {
                 ("Natalia sold 48 clips...", "72"),
                 ("Simplify.", "x^{2} + 1"),
                 ("p", "1"),
+                ("Every morning...", "204"),
+                ("How many?", "1000"),
             ]
         );
         let says = |a: &str| format!("<think>t</think><answer>{a}</answer>");
@@ -616,11 +655,11 @@ mod tests {
         assert!(!verify(&ps[1], "<answer>8</answer>"));
         for (line, words) in [
             ("{\"prompt\": \"2+2=\"}", "missing string field `answer`"),
-            ("{\"prompt\": \"2+2=\", \"answer\": [4]}", "field `answer` is not a string: [4]"),
+            ("{\"prompt\": \"2+2=\", \"answer\": [4]}", "field `answer` is not a string or a number: [4]"),
             ("{\"prompt\": 2, \"answer\": \"4\"}", "field `prompt` is not a string: 2"),
             ("{\"question\": \"2+2=\", \"answer\": \"so 4 ####\"}", "nothing after its `####`"),
             ("{\"problem\": \"2+2=\", \"solution\": \"it is 4\"}", "`solution` has no `\\boxed{}` answer"),
-            ("{\"answer\": \"4\"}", "missing string field `prompt` (or `problem`, `question`)"),
+            ("{\"answer\": \"4\", \"q\": 1}", "(or `problem`, `question`); the line has `answer`, `q`"),
             ("{\"prompt\": \"2+2=\", \"answer\": \" \"}", "field `answer` is empty"),
             ("{\"prompt\": \"\", \"answer\": \"4\"}", "field `prompt` is empty"),
             (
