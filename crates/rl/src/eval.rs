@@ -40,14 +40,18 @@ pub fn completion_text(tok: &dyn Tokenizer, g: &Generation) -> String {
 }
 
 /// Whether a completion ([`completion_text`]) follows the R1 template: `<think>...</think>` then
-/// `<answer>...</answer>`, each once, in that order, and nothing after.
+/// `<answer>...</answer>`, each once, in that order, and nothing after. ASCII whitespace may
+/// come before, between and after the blocks: the R1 paper's template writes
+/// `<think> reasoning process here </think> <answer> answer here </answer>`, open-r1's puts
+/// newlines there, and a prompt ending in `Assistant:` is continued with a space.
 pub fn well_formatted(completion: &str) -> bool {
-    let Some(rest) = completion.strip_prefix("<think>") else { return false };
+    let space = |c: char| c.is_ascii_whitespace();
+    let Some(rest) = completion.trim_start_matches(space).strip_prefix("<think>") else { return false };
     let Some((think, rest)) = rest.split_once("</think>") else { return false };
-    let Some(rest) = rest.strip_prefix("<answer>") else { return false };
+    let Some(rest) = rest.trim_start_matches(space).strip_prefix("<answer>") else { return false };
     let Some((answer, tail)) = rest.split_once("</answer>") else { return false };
     let tags = ["<think>", "</think>", "<answer>", "</answer>"];
-    tail.is_empty() && !tags.iter().any(|t| think.contains(t) || answer.contains(t))
+    tail.trim_matches(space).is_empty() && !tags.iter().any(|t| think.contains(t) || answer.contains(t))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -410,6 +414,12 @@ mod tests {
         assert!(!well_formatted("<think>a</think><answer>2</answer>junk"));
         assert!(!well_formatted("<think>a<think>b</think><answer>2</answer>"));
         assert!(!well_formatted("<think>a</think><answer>2"));
+        // Whitespace around the blocks, as the R1 paper's template and open-r1's write them.
+        assert!(well_formatted(" <think> reasoning </think> <answer> 2 </answer>"));
+        assert!(well_formatted("<think>\nreasoning\n</think>\n<answer>\n2\n</answer>\n"));
+        assert!(!well_formatted("<think>a</think> so <answer>2</answer>"), "only whitespace between");
+        assert!(!well_formatted("x <think>a</think><answer>2</answer>"));
+        assert!(!well_formatted("\u{a0}<think>a</think><answer>2</answer>"), "ASCII whitespace only");
     }
 
     #[test]

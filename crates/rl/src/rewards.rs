@@ -62,10 +62,11 @@ impl Reward for Accuracy {
     }
 }
 
-/// 1 when the completion is exactly `<think>...</think><answer>...</answer>` (each tag once, in
-/// order, nothing after but EOS), else 0; a truncated completion has no EOS and gets 0 (spec/rl.md
-/// 6.2: truncated -> 0), even when the limit fell just after `</answer>`. A structural check, so
-/// there is no regex to get wrong (spec/rl.md section 5, item 10: DOTALL and multiple blocks).
+/// 1 when the completion is `<think>...</think><answer>...</answer>` (each tag once, in order,
+/// nothing but whitespace around the blocks, nothing after but EOS: [`well_formatted`]), else
+/// 0; a truncated completion has no EOS and gets 0 (spec/rl.md 6.2: truncated -> 0), even when
+/// the limit fell just after `</answer>`. A structural check, so there is no regex to get wrong
+/// (spec/rl.md section 5, item 10: DOTALL and multiple blocks).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Format;
 
