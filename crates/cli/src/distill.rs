@@ -250,6 +250,7 @@ pub fn run(args: DistillArgs) -> Result<DistillOutcome> {
     let tasks = &corpus.tasks;
     // Every arm's settings are checked before any trains.
     s.rl.validate().context("the distill settings' [rl]")?;
+    crate::settings::plain_prompts_only(&s.rl, "the distill settings' [rl]")?;
     s.student_pretrain.validate().context("the distill settings' [student_pretrain]")?;
     s.sft.validate().context("the distill settings' [sft]")?;
     if !(s.trace_temperature > 0.0 && s.trace_temperature.is_finite()) {

@@ -8,6 +8,7 @@ use whale_rl::eval::{completion_text, eval_prompts, evaluate_prompts, AnswerStyl
 use whale_rl::parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_rl::parallel::model::tensor::Rng;
 use whale_rl::parallel::model::tokenizer::tokenizer_for;
+use whale_rl::rollout::PromptTemplate;
 use whale_rl::tasks::{load_jsonl, load_jsonl_split, verify, Split, TaskSet};
 
 #[derive(Args, Debug)]
@@ -72,6 +73,10 @@ pub struct EvalArgs {
     /// prompt (as `whale generate --chat`): how a chat model such as R1-Distill-Qwen is asked.
     #[arg(long)]
     pub chat: bool,
+    /// What each prompt is written in, as the run being evaluated wrote it: `plain`, or `r1`
+    /// (R1-Zero's template, `whale r1-zero --template r1`).
+    #[arg(long, conflicts_with = "chat")]
+    pub template: Option<String>,
     /// A system message before each prompt (with --chat).
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
@@ -129,6 +134,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
             false => None,
         },
         answers: if a.boxed { AnswerStyle::Boxed } else { AnswerStyle::Tags },
+        template: match &a.template {
+            Some(name) => PromptTemplate::parse(name).map_err(|e| anyhow::anyhow!("--template: {e}"))?,
+            None => PromptTemplate::Plain,
+        },
         ..EvalConfig::default()
     };
     // The checkpoint's tokenizer: the character one for our own runs, tokenizer.json for an HF
@@ -141,7 +150,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
         Some(path) => format!("--data {}", path.display()),
         None => format!("--tasks {}", a.tasks),
     };
-    let asked_by = source_flag + if a.chat { " in the chat template" } else { "" };
+    let asked_by = source_flag
+        + match (a.chat, cfg.template) {
+            (true, _) => " in the chat template",
+            (false, PromptTemplate::R1) => " in R1-Zero's template",
+            (false, PromptTemplate::Plain) => "",
+        };
     let prompts = eval_prompts(&*tok, &problems, &cfg).with_context(|| asked_by.clone())?;
     crate::settings::check_prompt_room(&prompts, &problems, model.max_positions(), &asked_by)?;
     if a.show > 0 {
@@ -158,8 +172,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             } else {
                 "wrong"
             };
-            // A chat prompt as the model read it, template and all.
-            let prompt = if cfg.chat.is_some() { tok.decode(ids) } else { p.prompt.clone() };
+            // A chat or R1-Zero prompt as the model read it, template and all.
+            let templated = cfg.chat.is_some() || cfg.template != PromptTemplate::Plain;
+            let prompt = if templated { tok.decode(ids) } else { p.prompt.clone() };
             println!("{prompt}{text}  [{verdict}]");
         }
     }

@@ -30,6 +30,7 @@ use whale_rl::parallel::model::CausalLm;
 use whale_rl::parallel::trainer::truncate_metrics;
 use whale_rl::reward_model::{preference_pairs, LearnedReward, ReasoningOnly, RewardModel};
 use whale_rl::rewards::{Reward, RewardSet};
+use whale_rl::rollout::PromptTemplate;
 use whale_rl::sft::{fitting, rejection_sample, Example, SftConfig};
 use whale_rl::tasks::{Problem, Split, TaskSet};
 
@@ -651,6 +652,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     // otherwise stop the run after stages 1-3.
     for (table, rl) in [("reasoning_rl", &s.reasoning_rl), ("all_rl", &s.all_rl)] {
         rl.validate().with_context(|| format!("the r1 settings' [{table}]"))?;
+        crate::settings::plain_prompts_only(rl, &format!("the r1 settings' [{table}]"))?;
     }
     for (table, sft) in [("cold_start.sft", &s.cold_start.sft), ("rejection.sft", &s.rejection.sft)] {
         sft.validate().with_context(|| format!("the r1 settings' [{table}]"))?;
@@ -713,7 +715,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
             positions = positions.min(crate::device::max_positions(base, "--base")?);
         }
         for problems in [pool, &heldout] {
-            crate::settings::check_data_prompts(&*tok, positions, problems, path)?;
+            crate::settings::check_data_prompts(&*tok, positions, problems, path, PromptTemplate::Plain)?;
         }
     }
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;

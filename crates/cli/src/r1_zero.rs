@@ -19,6 +19,7 @@ use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
 use whale_rl::parallel::trainer::truncate_metrics;
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
+use whale_rl::rollout::PromptTemplate;
 use whale_rl::tasks::{Problem, TaskSet};
 
 use crate::pretrain::{print_report, start_again, write_eval, write_json_atomically};
@@ -128,6 +129,10 @@ pub struct R1ZeroArgs {
     /// --data` reads them) instead of the task generators.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// What each prompt is written in: `plain` (as it is, for whale's own models) or `r1`
+    /// (R1-Zero's template from the R1 paper, for a base model that has never seen the tags).
+    #[arg(long)]
+    pub template: Option<String>,
     #[arg(long)]
     pub seed: Option<u64>,
     #[arg(long)]
@@ -207,6 +212,9 @@ impl R1ZeroArgs {
         }
         if let Some(v) = &self.scale_rewards {
             g.scale_rewards = parse_enum::<ScaleRewards>("scale-rewards", v)?;
+        }
+        if let Some(v) = &self.template {
+            g.template = PromptTemplate::parse(v).map_err(|e| anyhow::anyhow!("--template: {e}"))?;
         }
         if let Some(a) = self.algo {
             s.algo = a;
@@ -334,13 +342,13 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     // Every prompt of a --data pool reads in the base's tokenizer and fits the model, checked now
     // rather than when a step first draws it.
     if let (Some(pool), Some(path)) = (&pool, &s.data) {
-        crate::settings::check_data_prompts(&*tok, base.max_positions(), pool, path)?;
+        crate::settings::check_data_prompts(&*tok, base.max_positions(), pool, path, s.grpo.template)?;
     }
     // The held-out set too, before anything is written.
     let tasks = TaskSet::parse(&s.grpo.tasks)?.with_letters(s.grpo.letters)?;
     let problems = crate::settings::held_out_problems(s.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;
     if let Some(path) = &s.data {
-        crate::settings::check_data_prompts(&*tok, base.max_positions(), &problems, path)?;
+        crate::settings::check_data_prompts(&*tok, base.max_positions(), &problems, path, s.grpo.template)?;
     }
     // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
     // (its logs, all of steps not checkpointed, go).
@@ -401,7 +409,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     write_json_atomically(&settings_path, &serde_json::to_value(&s)?)?;
 
     crate::settings::note_letters_mismatch(&args.base, s.grpo.letters);
-    let eval_cfg = EvalConfig::covering(s.k, s.grpo.max_new_tokens);
+    let eval_cfg = EvalConfig { template: s.grpo.template, ..EvalConfig::covering(s.k, s.grpo.max_new_tokens) };
     let t0 = Instant::now();
     let before = evaluate(&*base, &tok, &problems, &eval_cfg)?;
     println!(
@@ -426,7 +434,8 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
         out.join("eval_history.jsonl"),
         (s.validation_problems, s.eval_every),
     )?
-    .covering(s.grpo.max_new_tokens);
+    .covering(s.grpo.max_new_tokens)
+    .in_template(s.grpo.template);
     let first = trainer.run_mut().step;
     let train_seconds = train_loop(&mut *trainer, &ckpt, s.checkpoint_every, Some(&validation))?;
     let steps_run = s.grpo.steps.saturating_sub(first).max(1) as f64;
@@ -481,6 +490,8 @@ pub struct Validation {
     pub history: PathBuf,
     /// The completion length limit of the run it validates (the evaluation default's when shorter).
     pub max_new_tokens: usize,
+    /// What the run writes its prompts in.
+    pub template: PromptTemplate,
 }
 
 impl Validation {
@@ -498,7 +509,7 @@ impl Validation {
         let tasks = TaskSet::parse(tasks)?.with_letters(letters)?;
         let problems = validation_problems(&tasks, seed, test, count, every);
         let every = if problems.is_empty() { 0 } else { every };
-        Ok(Validation { tokenizer, problems, every, history, max_new_tokens: 0 })
+        Ok(Validation { tokenizer, problems, every, history, max_new_tokens: 0, template: PromptTemplate::Plain })
     }
 
     /// Validation of a run that writes up to `max_new_tokens` tokens.
@@ -506,9 +517,14 @@ impl Validation {
         Validation { max_new_tokens, ..self }
     }
 
+    /// Validation of a run that writes its prompts in `template`.
+    pub fn in_template(self, template: PromptTemplate) -> Self {
+        Validation { template, ..self }
+    }
+
     fn record(&self, model: &dyn CausalLm, step: u64) -> Result<EvalReport> {
         use std::io::Write;
-        let cfg = EvalConfig::covering(4, self.max_new_tokens);
+        let cfg = EvalConfig { template: self.template, ..EvalConfig::covering(4, self.max_new_tokens) };
         let r = evaluate(model, &*self.tokenizer, &self.problems, &cfg)?;
         let line = serde_json::json!({ "step": step, "pass@1": r.pass1, "pass@k": r.pass_k, "greedy": r.greedy });
         let mut f = std::fs::OpenOptions::new()

@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use whale_rl::parallel::model::tokenizer::Tokenizer;
+use whale_rl::rollout::PromptTemplate;
 use whale_rl::tasks::{jsonl_side, load_jsonl_split, Problem, Split, TaskSet};
 
 /// A command's run settings: every key has a default, and a file may set any subset of them.
@@ -270,12 +271,28 @@ pub fn check_validation(problems: usize, every: u64, key_problems: &str, key_eve
     Ok(())
 }
 
-/// Every prompt of `problems` (read from the `--data` file `path`) in `tok`'s ids, with room
-/// left for a completion in the model's `max_positions`: checked when a run starts, not when
-/// a step first draws the prompt (or the evaluation after a stage has trained).
-pub fn check_data_prompts(tok: &dyn Tokenizer, max_positions: usize, problems: &[Problem], path: &Path) -> Result<()> {
+/// Refuses an RL stage's prompt template other than `plain` where the pipeline's other stages
+/// (its SFT, its evaluations) read the prompts as they are: only `r1-zero` writes them in one.
+pub fn plain_prompts_only(rl: &whale_rl::grpo::GrpoConfig, what: &str) -> Result<()> {
+    if rl.template != PromptTemplate::Plain {
+        bail!("{what}: `template` = {:?}: only r1-zero writes its prompts in a template", rl.template);
+    }
+    Ok(())
+}
+
+/// Every prompt of `problems` (read from the `--data` file `path`), written in `template`, in
+/// `tok`'s ids, with room left for a completion in the model's `max_positions`: checked when a
+/// run starts, not when a step first draws the prompt (or the evaluation after a stage has
+/// trained).
+pub fn check_data_prompts(
+    tok: &dyn Tokenizer,
+    max_positions: usize,
+    problems: &[Problem],
+    path: &Path,
+    template: PromptTemplate,
+) -> Result<()> {
     let source = format!("--data {}", path.display());
-    let prompts = whale_rl::rollout::problem_prompts(tok, problems).with_context(|| source.clone())?;
+    let prompts = whale_rl::rollout::templated_prompts(tok, problems, template).with_context(|| source.clone())?;
     check_prompt_room(&prompts, problems, max_positions, &source)
 }
 
@@ -355,6 +372,15 @@ mod tests {
 
     fn r1(toml: &str) -> Result<R1Settings> {
         from_value(toml::from_str(toml).unwrap(), Derived::Checked)
+    }
+
+    #[test]
+    fn only_r1_zero_writes_its_prompts_in_a_template() {
+        let plain = whale_rl::grpo::GrpoConfig::default();
+        assert!(plain_prompts_only(&plain, "x").is_ok());
+        let templated = whale_rl::grpo::GrpoConfig { template: PromptTemplate::R1, ..plain };
+        let err = plain_prompts_only(&templated, "the r1 settings' [all_rl]").unwrap_err().to_string();
+        assert!(err.contains("[all_rl]") && err.contains("only r1-zero"), "{err}");
     }
 
     #[test]

@@ -687,6 +687,47 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
         0 => assert!(stderr.contains("has no held-out prompts"), "{stderr}"),
         n => assert!(stdout.contains(&format!("held-out: {n} prompts of")), "{stdout}"),
     }
+    // In R1-Zero's template, which the run records and its evaluation is then asked in. The
+    // template's ~270 tokens leave this model's 256 positions no room: refused before training,
+    // and run on the same model with 1024.
+    let templated = dir.join("templated");
+    let r1_template = ["--data", data.to_str().unwrap(), "--template", "r1"];
+    let out = r1_zero_one_step(&base, &templated, &r1_template);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no room for a completion"), "{stderr}");
+    let long = dir.join("base-1024");
+    let long_cfg = DenseConfig { max_position_embeddings: 1024, ..cfg.clone() };
+    DenseModel::new(long_cfg, 3).unwrap().save_pretrained(&long, SaveDType::F32).unwrap();
+    for file in ["tokenizer.json", "generation_config.json"] {
+        std::fs::copy(base.join(file), long.join(file)).unwrap();
+    }
+    let out = r1_zero_one_step(&long, &templated, &r1_template);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let settings = std::fs::read_to_string(templated.join("settings.json")).unwrap();
+    assert!(settings.contains("\"template\": \"r1\""), "{settings}");
+    let shown = whale()
+        .args(["eval", "--checkpoint", templated.join("checkpoint").to_str().unwrap(), "--problems", "1", "--k", "1"])
+        .args(["--data", data.to_str().unwrap(), "--all-lines", "--max-new-tokens", "4", "--show", "1"])
+        .args(["--template", "r1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.status.success() && stdout.contains("answer here </answer>. User: Twelve plus 1=. Assistant:"),
+        "{stdout}"
+    );
+    for (flags, words) in [
+        (&["--template", "qwen"][..], "prompt template `qwen`: plain or r1"),
+        (&["--template", "r1", "--chat"][..], "cannot be used with"),
+    ] {
+        let refused = whale()
+            .args(["eval", "--checkpoint", templated.join("checkpoint").to_str().unwrap()])
+            .args(flags)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && stderr.contains(words), "{flags:?}: {stderr}");
+    }
     // The checkpoint carries the tokenizer it trained with, so it evaluates and generates alone.
     let ckpt = run.join("checkpoint");
     assert_eq!(std::fs::read(ckpt.join("tokenizer.json")).unwrap(), std::fs::read(&fixture).unwrap());

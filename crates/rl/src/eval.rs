@@ -14,7 +14,7 @@ use whale_parallel::model::CausalLm;
 use whale_parallel::trainer::check_batch_tokens;
 
 use crate::rewards::{LanguageConsistency, Sample};
-use crate::rollout::problem_prompts;
+use crate::rollout::{templated_prompts, PromptTemplate};
 use crate::tasks::{answer_key, extract_boxed, verify, AnswerKey, Problem};
 use crate::{Error, Result};
 
@@ -91,6 +91,8 @@ pub struct EvalConfig {
     pub cache: CacheMode,
     /// Prompts through a chat template (`None`: as the runs encode them).
     pub chat: Option<ChatPrompts>,
+    /// Without `chat`: what the prompts are written in, as the run being evaluated sampled them.
+    pub template: PromptTemplate,
     /// Where completions give their answers.
     pub answers: AnswerStyle,
 }
@@ -176,11 +178,14 @@ impl EvalConfig {
     }
 }
 
-/// The prompt ids of `problems`: each prompt as the runs encode it ([`problem_prompts`]), or with
-/// `cfg.chat` rendered as a user message (followed by [`BOXED_INSTRUCTION`] on a line of its own
+/// The prompt ids of `problems`: each prompt in `cfg.template` as the runs encode it
+/// ([`templated_prompts`]), or with `cfg.chat` rendered as a user message (followed by [`BOXED_INSTRUCTION`] on a line of its own
 /// for boxed answers) and encoded without the tokenizer's own BOS, which the template writes.
 pub fn eval_prompts(tok: &dyn Tokenizer, problems: &[Problem], cfg: &EvalConfig) -> Result<Vec<Vec<u32>>> {
-    let Some(chat) = &cfg.chat else { return problem_prompts(tok, problems) };
+    let Some(chat) = &cfg.chat else { return templated_prompts(tok, problems, cfg.template) };
+    if cfg.template != PromptTemplate::Plain {
+        return Err(Error::Rl("a chat template and a prompt template both given: choose one".into()));
+    }
     problems
         .iter()
         .map(|p| {
@@ -204,6 +209,7 @@ impl Default for EvalConfig {
             seed: 1234,
             cache: CacheMode::Absorb,
             chat: None,
+            template: PromptTemplate::Plain,
             answers: AnswerStyle::Tags,
         }
     }
@@ -501,7 +507,7 @@ mod tests {
         }
         // Without a template, the prompts the runs encode, BOS first.
         let plain = eval_prompts(&tok, &problems, &EvalConfig::default()).unwrap();
-        assert_eq!(plain, problem_prompts(&tok, &problems).unwrap());
+        assert_eq!(plain, crate::rollout::problem_prompts(&tok, &problems).unwrap());
         assert_eq!(plain[0][0], tok.bos_id());
     }
 
@@ -617,6 +623,41 @@ mod tests {
         assert_eq!((r.greedy, r.format_rate), (0.0, 0.0));
         let r = evaluate(&model("12 and 7: 19.</think><answer>19</answer>"), &tok, &p, &tags).unwrap();
         assert_eq!((r.greedy, r.pass1, r.format_rate), (1.0, 1.0, 1.0));
+    }
+
+    #[test]
+    fn the_r1_zero_template_is_what_runs_sample_and_evaluations_read() {
+        use crate::rollout::{sample_groups, RolloutConfig, R1_ZERO_PREAMBLE};
+        let tok = ByteTokenizer;
+        let p = [Problem { task: "add".into(), prompt: "12+7=".into(), answer: "19".into(), solution: String::new() }];
+        let cfg = EvalConfig { samples: 2, max_new_tokens: 64, template: PromptTemplate::R1, ..EvalConfig::default() };
+        let prompts = eval_prompts(&tok, &p, &cfg).unwrap();
+        let text = format!("{R1_ZERO_PREAMBLE} User: 12+7=. Assistant:");
+        assert!(text.starts_with("A conversation between User and Assistant.") && text.contains("<think> </think>"));
+        assert_eq!(prompts, vec![tok.encode_prompt(&text).unwrap()]);
+        // A base model continues `Assistant:` with a space and spaces its blocks as the template
+        // does: right and well formatted.
+        let script = tok.encode(" <think> 2+7=9 and 1+0=1 </think> <answer> 19 </answer>").unwrap();
+        let model = Scripted { script, params: Default::default(), step: Default::default() };
+        let r = evaluate(&model, &tok, &p, &cfg).unwrap();
+        assert_eq!((r.greedy, r.pass1, r.format_rate), (1.0, 1.0, 1.0));
+        // Training samples from the same prompts.
+        let rollout = RolloutConfig {
+            group_size: 2,
+            temperature: 1.0,
+            top_p: None,
+            top_k: None,
+            max_new_tokens: 64,
+            cache: CacheMode::Absorb,
+            template: PromptTemplate::R1,
+        };
+        let rollouts = sample_groups(&model, &tok, &p, &rollout, &mut Rng::new(0)).unwrap();
+        assert!(rollouts.iter().all(|r| r.prompt == prompts[0]));
+        // A chat template as well is refused, as is a template of another name.
+        let template = ChatTemplate::new("{{ messages[0].content }}", "test", vec![]);
+        let both = EvalConfig { chat: Some(ChatPrompts::new(template, None).unwrap()), ..cfg.clone() };
+        assert!(eval_prompts(&tok, &p, &both).unwrap_err().to_string().contains("choose one"));
+        assert!(PromptTemplate::parse("qwen").unwrap_err().to_string().contains("plain or r1"));
     }
 
     #[test]

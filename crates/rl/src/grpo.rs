@@ -31,7 +31,7 @@ use whale_parallel::trainer::check_batch_tokens;
 use whale_parallel::trainer::truncate_metrics;
 
 use crate::rewards::{RewardSet, Sample, Scores};
-use crate::rollout::{logprobs, sample_groups, score, PackedBatch, Rollout, RolloutConfig};
+use crate::rollout::{logprobs, sample_groups, score, PackedBatch, PromptTemplate, Rollout, RolloutConfig};
 use crate::tasks::{verify, Problem, Split, TaskSet};
 use crate::{Error, Result};
 
@@ -119,6 +119,9 @@ pub struct GrpoConfig {
     /// Write sample completions every this many steps (0: never).
     pub log_completions_every: u64,
     pub seed: u64,
+    /// What the prompts are written in before sampling: `plain`, or `r1` (R1-Zero's template,
+    /// for a base model that has never seen the tags).
+    pub template: PromptTemplate,
 }
 
 impl Default for GrpoConfig {
@@ -156,6 +159,7 @@ impl Default for GrpoConfig {
             letters: 0.25,
             log_completions_every: 10,
             seed: 0,
+            template: PromptTemplate::Plain,
         }
     }
 }
@@ -252,6 +256,7 @@ impl GrpoConfig {
             top_k: None,
             max_new_tokens: self.max_new_tokens,
             cache: CacheMode::Absorb,
+            template: self.template,
         }
     }
 

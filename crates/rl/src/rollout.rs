@@ -6,6 +6,7 @@
 //! gives the log-probs the sampler saw (spec/rl.md section 7: logits are divided by the sampling
 //! temperature in both places).
 
+use serde::{Deserialize, Serialize};
 use whale_parallel::model::generate::{CacheMode, SamplingConfig};
 use whale_parallel::model::tensor::{no_grad, Device, Rng, Tensor};
 use whale_parallel::model::tokenizer::Tokenizer;
@@ -26,7 +27,48 @@ pub struct RolloutConfig {
     pub max_new_tokens: usize,
     /// The decode cache (the absorbed latent by default: the smallest).
     pub cache: CacheMode,
+    /// What each problem's prompt is written in before it is encoded.
+    pub template: PromptTemplate,
 }
+
+/// The text a problem's prompt is sampled from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptTemplate {
+    /// The prompt as it is: what whale's own models are pretrained to continue with
+    /// `<think>...</think><answer>...</answer>`.
+    #[default]
+    Plain,
+    /// DeepSeek-R1-Zero's template (the R1 paper's Table 1), for a base model that has never seen
+    /// the tags: a preamble asking for the reasoning in `<think>` and the answer in `<answer>`,
+    /// then `User: {prompt}. Assistant:`.
+    R1,
+}
+
+impl PromptTemplate {
+    /// `plain` or `r1`; an error names the choices.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "plain" => Ok(PromptTemplate::Plain),
+            "r1" => Ok(PromptTemplate::R1),
+            other => Err(Error::Rl(format!("prompt template `{other}`: plain or r1"))),
+        }
+    }
+
+    /// `prompt` written in the template.
+    pub fn apply<'a>(&self, prompt: &'a str) -> std::borrow::Cow<'a, str> {
+        match self {
+            PromptTemplate::Plain => prompt.into(),
+            PromptTemplate::R1 => format!("{R1_ZERO_PREAMBLE} User: {prompt}. Assistant:").into(),
+        }
+    }
+}
+
+/// The R1 paper's Table 1, before `User: prompt. Assistant:`.
+pub const R1_ZERO_PREAMBLE: &str = "A conversation between User and Assistant. The user asks a question, and the \
+     Assistant solves it. The assistant first thinks about the reasoning process in the mind and then provides the \
+     user with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> \
+     </answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>.";
 
 impl RolloutConfig {
     /// These settings for `tok`'s completions: its stop tokens, and only ids it has.
@@ -51,7 +93,12 @@ pub fn prompt_ids(tok: &dyn Tokenizer, prompt: &str) -> Result<Vec<u32>> {
 
 /// The ids of every problem's prompt ([`prompt_ids`]).
 pub fn problem_prompts(tok: &dyn Tokenizer, problems: &[Problem]) -> Result<Vec<Vec<u32>>> {
-    problems.iter().map(|p| prompt_ids(tok, &p.prompt)).collect()
+    templated_prompts(tok, problems, PromptTemplate::Plain)
+}
+
+/// The ids of every problem's prompt written in `template` ([`prompt_ids`]).
+pub fn templated_prompts(tok: &dyn Tokenizer, problems: &[Problem], template: PromptTemplate) -> Result<Vec<Vec<u32>>> {
+    problems.iter().map(|p| prompt_ids(tok, &template.apply(&p.prompt))).collect()
 }
 
 /// One sampled completion.
@@ -94,7 +141,7 @@ pub fn sample_groups(
     if cfg.group_size == 0 {
         return Err(Error::Rl("rollout group_size must be at least 1".into()));
     }
-    let prompts = problem_prompts(tok, problems)?;
+    let prompts = templated_prompts(tok, problems, cfg.template)?;
     let repeated: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), cfg.group_size)).collect();
     let gens = model.generate(&repeated, &cfg.sampling(tok), rng)?;
     Ok(gens

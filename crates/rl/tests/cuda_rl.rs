@@ -68,6 +68,7 @@ fn grpo_loss_and_gradients_on_a_gpu_match_the_cpu() {
         top_k: None,
         max_new_tokens: 10,
         cache: CacheMode::Absorb,
+        template: whale_rl::rollout::PromptTemplate::Plain,
     };
     // The same rollouts for both devices (sampled once, on the CPU).
     let rollouts = sample_groups(&cpu, &tok, &problems, &cfg, &mut Rng::new(3)).unwrap();

@@ -15,7 +15,7 @@ use whale_rl::parallel::model::tokenizer::{CharTokenizer, Tokenizer};
 use whale_rl::parallel::model::{CausalLm, DeepSeekV3};
 use whale_rl::ppo::{ppo_advantages, value_loss};
 use whale_rl::rewards::{RewardSet, Sample};
-use whale_rl::rollout::{sample_groups, score, PackedBatch, Rollout, RolloutConfig};
+use whale_rl::rollout::{sample_groups, score, PackedBatch, PromptTemplate, Rollout, RolloutConfig};
 use whale_rl::tasks::{Problem, Split, TaskSet};
 
 fn tiny_model(seed: u64) -> DeepSeekV3 {
@@ -519,7 +519,15 @@ fn ppo_and_grpo_arithmetic_match_verl() {
 
 /// Three samples per prompt of up to 12 tokens at `temperature`, through the absorbed cache.
 fn three_samples_at(temperature: f32) -> RolloutConfig {
-    RolloutConfig { group_size: 3, temperature, top_p: None, top_k: None, max_new_tokens: 12, cache: CacheMode::Absorb }
+    RolloutConfig {
+        group_size: 3,
+        temperature,
+        top_p: None,
+        top_k: None,
+        max_new_tokens: 12,
+        cache: CacheMode::Absorb,
+        template: PromptTemplate::Plain,
+    }
 }
 
 #[test]
@@ -592,6 +600,7 @@ fn a_group_with_constant_rewards_gives_no_policy_gradient() {
         top_k: None,
         max_new_tokens: 10,
         cache: CacheMode::Naive,
+        template: PromptTemplate::Plain,
     };
     let rollouts = sample_groups(&model, &tok, &problems, &cfg, &mut Rng::new(4)).unwrap();
     // The first group's rewards are all equal, the second's are not.
