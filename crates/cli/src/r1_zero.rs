@@ -19,7 +19,7 @@ use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
 use whale_rl::parallel::trainer::truncate_metrics;
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
-use whale_rl::rollout::PromptTemplate;
+use whale_rl::rollout::{templated_prompts, PromptTemplate};
 use whale_rl::tasks::{Problem, TaskSet};
 
 use crate::pretrain::{print_report, start_again, write_eval, write_json_atomically};
@@ -349,6 +349,16 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     let problems = crate::settings::held_out_problems(s.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;
     if let Some(path) = &s.data {
         crate::settings::check_data_prompts(&*tok, base.max_positions(), &problems, path, s.grpo.template)?;
+    }
+    // In a template, every prompt evaluated (the held-out set, the validations' task problems)
+    // must encode and leave room too: R1-Zero's preamble is some 270 tokens of a small BPE, and
+    // has capitals the character tokenizer cannot spell.
+    if s.grpo.template != PromptTemplate::Plain {
+        let validated = validation_problems(&tasks, s.eval_seed, &problems, s.validation_problems, s.eval_every);
+        for set in [&problems, &validated] {
+            let prompts = templated_prompts(&*tok, set, s.grpo.template).context("--template r1")?;
+            crate::settings::check_prompt_room(&prompts, set, base.max_positions(), "--template r1")?;
+        }
     }
     // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
     // (its logs, all of steps not checkpointed, go).

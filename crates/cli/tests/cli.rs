@@ -639,6 +639,12 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("no room for a completion"), "{stderr}");
     assert!(!dir.join("long-held-out").exists(), "refused before anything is written");
+    // R1-Zero's template on the embedded tasks: its capitals are not in the character
+    // tokenizer's vocabulary, which the held-out set's check names before anything is written.
+    let out = r1_zero_one_step(&ckpt, &dir.join("templated"), &["--template", "r1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--template r1") && stderr.contains("'A'"), "{stderr}");
+    assert!(!dir.join("templated").exists(), "refused before anything is written");
     // A config file's `data` is the pool when no --data overrides it.
     let (cfg, from_file) = (dir.join("data.toml"), dir.join("from-file"));
     std::fs::write(&cfg, format!("data = {data:?}\n")).unwrap();
