@@ -136,6 +136,17 @@ pub fn run(a: EvalArgs) -> Result<()> {
         answers: if a.boxed { AnswerStyle::Boxed } else { AnswerStyle::Tags },
         template: match &a.template {
             Some(name) => PromptTemplate::parse(name).map_err(|e| anyhow::anyhow!("--template: {e}"))?,
+            // A run's checkpoint is asked as the run sampled (its settings.json records it).
+            None if !a.chat => match crate::settings::run_template(&a.checkpoint) {
+                Some(template) if template != PromptTemplate::Plain => {
+                    eprintln!(
+                        "note: asking in the `{template}` prompt template its run trained with (--template plain: \
+                         without)"
+                    );
+                    template
+                }
+                _ => PromptTemplate::Plain,
+            },
             None => PromptTemplate::Plain,
         },
         ..EvalConfig::default()

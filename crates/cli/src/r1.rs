@@ -614,20 +614,13 @@ impl Pipeline {
             report.train_pairs, report.final_loss, report.heldout_accuracy, report.heldout_pairs
         );
         // The stage's rule rewards (ALL_RL_RULES, or what an earlier version's run recorded),
-        // with accuracy on the reasoning prompts only, and the reward model.
+        // those read from the verifier (accuracy, cosine, length) on the reasoning prompts only,
+        // and the reward model.
         let rules = RewardSet::parse(&self.s.all_rl.rewards, self.s.all_rl.max_new_tokens)?;
         let mut entries: Vec<(Box<dyn Reward>, f64)> = rules
             .entries
             .into_iter()
-            .map(
-                |(r, w)| {
-                    if r.name() == "accuracy" {
-                        (Box::new(ReasoningOnly(r)) as Box<dyn Reward>, w)
-                    } else {
-                        (r, w)
-                    }
-                },
-            )
+            .map(|(r, w)| if r.uses_verifier() { (Box::new(ReasoningOnly(r)) as Box<dyn Reward>, w) } else { (r, w) })
             .collect();
         entries.push((Box::new(LearnedReward { model: Arc::new(rm), tokenizer: self.tok.clone() }), 1.0));
         let rewards = RewardSet { entries };

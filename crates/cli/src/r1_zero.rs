@@ -354,10 +354,13 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     // must encode and leave room too: R1-Zero's preamble is some 270 tokens of a small BPE, and
     // has capitals the character tokenizer cannot spell.
     if s.grpo.template != PromptTemplate::Plain {
-        let validated = validation_problems(&tasks, s.eval_seed, &problems, s.validation_problems, s.eval_every);
-        for set in [&problems, &validated] {
-            let prompts = templated_prompts(&*tok, set, s.grpo.template).context("--template r1")?;
-            crate::settings::check_prompt_room(&prompts, set, base.max_positions(), "--template r1")?;
+        let validated = validation_set(&tasks, s.eval_seed, &problems, s.validation_problems);
+        // (A --data held-out set was checked just above.)
+        let sets = if s.data.is_some() { vec![&validated] } else { vec![&problems, &validated] };
+        let source = format!("--template {}", s.grpo.template);
+        for set in sets {
+            let prompts = templated_prompts(&*tok, set, s.grpo.template).with_context(|| source.clone())?;
+            crate::settings::check_prompt_room(&prompts, set, base.max_positions(), &source)?;
         }
     }
     // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
@@ -481,7 +484,7 @@ pub struct R1ZeroOutcome {
 /// `every` steps (0: none) is then off, and says so (scoring no problems would log 0.000 for a
 /// model never asked).
 pub fn validation_problems(tasks: &TaskSet, seed: u64, test: &[Problem], count: usize, every: u64) -> Vec<Problem> {
-    let problems = tasks.held_out_besides(count, seed.wrapping_add(0x5A11), test);
+    let problems = validation_set(tasks, seed, test, count);
     if problems.is_empty() && every > 0 {
         println!(
             "no validation during training: the final evaluation's {} problems take every held-out problem of the tasks",
@@ -489,6 +492,12 @@ pub fn validation_problems(tasks: &TaskSet, seed: u64, test: &[Problem], count: 
         );
     }
     problems
+}
+
+/// `count` held-out problems of `tasks` from the run seed's validation stream, none of them in
+/// `test`: [`validation_problems`] without its note.
+fn validation_set(tasks: &TaskSet, seed: u64, test: &[Problem], count: usize) -> Vec<Problem> {
+    tasks.held_out_besides(count, seed.wrapping_add(0x5A11), test)
 }
 
 /// A small validation set evaluated every `every` steps of an RL run (pass@1 of 4 samples),

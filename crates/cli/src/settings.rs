@@ -275,7 +275,7 @@ pub fn check_validation(problems: usize, every: u64, key_problems: &str, key_eve
 /// (its SFT, its evaluations) read the prompts as they are: only `r1-zero` writes them in one.
 pub fn plain_prompts_only(rl: &whale_rl::grpo::GrpoConfig, what: &str) -> Result<()> {
     if rl.template != PromptTemplate::Plain {
-        bail!("{what}: `template` = {:?}: only r1-zero writes its prompts in a template", rl.template);
+        bail!("{what}: `template` = {}: only r1-zero writes its prompts in a template", rl.template);
     }
     Ok(())
 }
@@ -340,6 +340,18 @@ pub fn held_out_problems(data: Option<&Path>, tasks: &TaskSet, n: usize, seed: u
         eprintln!("note: {} has no held-out prompts; the held-out problems are the tasks'", path.display());
     }
     Ok(tasks.held_out(n, seed))
+}
+
+/// The prompt template an RL run wrote its prompts in, when `checkpoint` is `<run>/checkpoint`
+/// of a `whale r1-zero` run (whose `<run>/settings.json` records `grpo.template`); `None` for
+/// any other folder.
+pub fn run_template(checkpoint: &Path) -> Option<PromptTemplate> {
+    if checkpoint.file_name()? != "checkpoint" {
+        return None;
+    }
+    let text = std::fs::read_to_string(checkpoint.parent()?.join("settings.json")).ok()?;
+    let settings: serde_json::Value = serde_json::from_str(&text).ok()?;
+    serde_json::from_value(settings.get("grpo")?.get("template")?.clone()).ok()
 }
 
 /// The `letters` share a base was pretrained with, when the base is `<run>/checkpoint` of a

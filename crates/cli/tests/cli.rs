@@ -714,9 +714,10 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
     let shown = whale()
         .args(["eval", "--checkpoint", templated.join("checkpoint").to_str().unwrap(), "--problems", "1", "--k", "1"])
         .args(["--data", data.to_str().unwrap(), "--all-lines", "--max-new-tokens", "4", "--show", "1"])
-        .args(["--template", "r1"])
         .output()
         .unwrap();
+    // (The run's settings.json says so: no --template needed.)
+    assert!(String::from_utf8_lossy(&shown.stderr).contains("asking in the `r1` prompt template its run trained with"));
     let stdout = String::from_utf8_lossy(&shown.stdout);
     assert!(
         shown.status.success() && stdout.contains("answer here </answer>. User: Twelve plus 1=. Assistant:"),

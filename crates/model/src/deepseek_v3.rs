@@ -215,7 +215,8 @@ impl DeepSeekV3 {
         }
     }
 
-    /// Sends every MoE layer's dispatch in FP8 (see [`crate::moe::DeepSeekMoE::fp8_dispatch`]), main and MTP.
+    /// Sends every MoE layer's dispatch in FP8 (see [`crate::moe::DeepSeekMoE::fp8_dispatch`]),
+    /// main and MTP.
     pub fn set_fp8_dispatch(&mut self, on: bool) {
         self.moe_layers_mut().for_each(|moe| moe.fp8_dispatch = on);
     }

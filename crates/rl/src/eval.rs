@@ -179,8 +179,9 @@ impl EvalConfig {
 }
 
 /// The prompt ids of `problems`: each prompt in `cfg.template` as the runs encode it
-/// ([`templated_prompts`]), or with `cfg.chat` rendered as a user message (followed by [`BOXED_INSTRUCTION`] on a line of its own
-/// for boxed answers) and encoded without the tokenizer's own BOS, which the template writes.
+/// ([`templated_prompts`]), or with `cfg.chat` rendered as a user message (followed by
+/// [`BOXED_INSTRUCTION`] on a line of its own for boxed answers) and encoded without the
+/// tokenizer's own BOS, which the template writes.
 pub fn eval_prompts(tok: &dyn Tokenizer, problems: &[Problem], cfg: &EvalConfig) -> Result<Vec<Vec<u32>>> {
     let Some(chat) = &cfg.chat else { return templated_prompts(tok, problems, cfg.template) };
     if cfg.template != PromptTemplate::Plain {

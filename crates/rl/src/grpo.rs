@@ -11,7 +11,7 @@
 //! with `rho = exp(l - l_old)`, aggregated by the chosen loss type. Log-probs are always taken at
 //! the sampling temperature.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::ops::Range;
@@ -763,9 +763,15 @@ impl RlRun {
         }
     }
 
-    /// Rewards of each rollout, scored a prompt's group at a time (the rollouts of one problem
-    /// come together, as [`sample_groups`] makes them).
+    /// Rewards of each rollout, scored a prompt's group at a time. The rollouts of one problem
+    /// must come together, as [`sample_groups`] makes them: a group reward would otherwise see a
+    /// part of a group.
     pub fn score(&self, rollouts: &[Rollout], problems: &[Problem]) -> Result<Vec<Scores>> {
+        debug_assert!(
+            rollouts.chunk_by(|a, b| a.problem == b.problem).map(|g| g[0].problem).collect::<HashSet<_>>().len()
+                == rollouts.chunk_by(|a, b| a.problem == b.problem).count(),
+            "the rollouts of a problem are not together"
+        );
         let mut scores = Vec::with_capacity(rollouts.len());
         for group in rollouts.chunk_by(|a, b| a.problem == b.problem) {
             let samples: Vec<Sample> = group.iter().map(|r| r.sample(problems)).collect();

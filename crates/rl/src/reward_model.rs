@@ -225,17 +225,16 @@ impl Reward for ReasoningOnly {
     fn score_group(&self, group: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
         let applies: Vec<bool> = group.iter().map(|s| Language::of_problem(s.problem).is_some()).collect();
         let kept: Vec<Sample> = group.iter().zip(&applies).filter(|(_, &a)| a).map(|(s, _)| *s).collect();
-        let scores = self.0.score_group(&kept)?;
-        if scores.len() != kept.len() {
-            let (name, got, want) = (self.0.name(), scores.len(), kept.len());
-            return Err(Error::Rl(format!("reward `{name}` gave {got} scores for a group of {want}")));
-        }
-        let mut scores = scores.into_iter();
+        let mut scores = crate::rewards::group_scores(&*self.0, &kept)?.into_iter();
         Ok(applies.iter().map(|&a| if a { scores.next().flatten() } else { None }).collect())
     }
 
     fn compares_within_group(&self) -> bool {
         self.0.compares_within_group()
+    }
+
+    fn uses_verifier(&self) -> bool {
+        self.0.uses_verifier()
     }
 }
 

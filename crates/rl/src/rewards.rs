@@ -1,10 +1,9 @@
 //! Rule-based rewards (spec/rl.md 2.1, 3.4, 3.8): accuracy from the task's verifier, the R1
 //! template, language consistency, length shaping (DAPO's soft overlong punishment, the cosine
 //! length reward, Kimi's length reward within a group), and open-r1's n-gram repetition
-//! penalty. A reward may answer "not
-//! applicable" (`None`); a weighted sum skips those, and a completion for which every reward is
-//! `None` has no reward at all (NaN), which the advantage computation leaves out of its group
-//! baseline (TRL's convention).
+//! penalty. A reward may answer "not applicable" (`None`); a weighted sum skips those, and a
+//! completion for which every reward is `None` has no reward at all (NaN), which the advantage
+//! computation leaves out of its group baseline (TRL's convention).
 
 use crate::eval::well_formatted;
 use crate::tasks::language::language_share;
@@ -41,6 +40,22 @@ pub trait Reward: Send + Sync {
     fn compares_within_group(&self) -> bool {
         false
     }
+
+    /// Whether the reward reads the task's verifier (right or wrong), so that it means nothing
+    /// on a prompt without a checkable answer (R1's stage 4 scores those with a reward model).
+    fn uses_verifier(&self) -> bool {
+        false
+    }
+}
+
+/// `reward`'s scores of `group`, one per completion: an error naming the reward otherwise.
+pub(crate) fn group_scores(reward: &dyn Reward, group: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
+    let scores = reward.score_group(group)?;
+    if scores.len() != group.len() {
+        let (name, got, want) = (reward.name(), scores.len(), group.len());
+        return Err(Error::Rl(format!("reward `{name}` gave {got} scores for a group of {want}")));
+    }
+    Ok(scores)
 }
 
 /// 1 when the verifier accepts the answer, else 0. Truncated completions get 0 (Dr. GRPO): an
@@ -54,6 +69,10 @@ pub struct Accuracy {
 impl Reward for Accuracy {
     fn name(&self) -> &str {
         "accuracy"
+    }
+
+    fn uses_verifier(&self) -> bool {
+        true
     }
 
     fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
@@ -168,6 +187,10 @@ impl Reward for CosineLength {
         "cosine"
     }
 
+    fn uses_verifier(&self) -> bool {
+        true
+    }
+
     fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
         if s.truncated {
             return Ok(Some(self.exceed));
@@ -189,12 +212,13 @@ impl Reward for CosineLength {
 /// at whitespace as Python's `str.split()` splits; 0 for a completion of fewer than `n` words.
 #[derive(Debug, Clone, Copy)]
 pub struct RepetitionPenalty {
-    pub ngram: usize,
-    pub max_penalty: f64,
+    ngram: usize,
+    max_penalty: f64,
 }
 
 impl RepetitionPenalty {
-    /// open-r1's defaults (`repetition_n_grams` 3, `repetition_max_penalty` -1).
+    /// The penalty over `ngram`-word n-grams, down to `max_penalty`; open-r1's defaults
+    /// (`repetition_n_grams`, `repetition_max_penalty`) are 3 and -1, what `repetition` takes.
     pub fn new(ngram: usize, max_penalty: f64) -> Result<Self> {
         if ngram == 0 || max_penalty.is_nan() || max_penalty > 0.0 {
             return Err(Error::Rl(format!(
@@ -237,6 +261,10 @@ pub struct LengthReward;
 impl Reward for LengthReward {
     fn name(&self) -> &str {
         "length"
+    }
+
+    fn uses_verifier(&self) -> bool {
+        true
     }
 
     fn score(&self, s: &Sample<'_>) -> Result<Option<f64>> {
@@ -345,19 +373,8 @@ impl RewardSet {
     /// is not a finite number is an error naming it and the prompt: counted as "not applicable",
     /// it would silently zero the advantages.
     pub fn score_group(&self, group: &[Sample<'_>]) -> Result<Vec<Scores>> {
-        let mut per_reward = Vec::with_capacity(self.entries.len());
-        for (r, _) in &self.entries {
-            let scores = r.score_group(group)?;
-            if scores.len() != group.len() {
-                return Err(Error::Rl(format!(
-                    "reward `{}` gave {} scores for a group of {}",
-                    r.name(),
-                    scores.len(),
-                    group.len()
-                )));
-            }
-            per_reward.push(scores);
-        }
+        let per_reward: Vec<Vec<Option<f64>>> =
+            self.entries.iter().map(|(r, _)| group_scores(&**r, group)).collect::<Result<_>>()?;
         group
             .iter()
             .enumerate()

@@ -48,10 +48,17 @@ pub enum PromptTemplate {
 impl PromptTemplate {
     /// `plain` or `r1`; an error names the choices.
     pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "plain" => Ok(PromptTemplate::Plain),
-            "r1" => Ok(PromptTemplate::R1),
-            other => Err(Error::Rl(format!("prompt template `{other}`: plain or r1"))),
+        [PromptTemplate::Plain, PromptTemplate::R1]
+            .into_iter()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| Error::Rl(format!("prompt template `{name}`: plain or r1")))
+    }
+
+    /// The name settings and flags spell it with.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PromptTemplate::Plain => "plain",
+            PromptTemplate::R1 => "r1",
         }
     }
 
@@ -61,6 +68,12 @@ impl PromptTemplate {
             PromptTemplate::Plain => prompt.into(),
             PromptTemplate::R1 => format!("{R1_ZERO_PREAMBLE} User: {prompt}. Assistant:").into(),
         }
+    }
+}
+
+impl std::fmt::Display for PromptTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -610,11 +610,17 @@ mod tests {
         let f = dir.join("mixed.jsonl");
         let lines = [
             // MATH-500: problem, solution, answer (and more).
-            r#"{"problem": "What is $\\frac{1}{2}+\\frac{1}{4}$?", "solution": "... $\\boxed{\\frac34}$.", "answer": "\\frac{3}{4}", "level": 1}"#,
+            concat!(
+                r#"{"problem": "What is $\\frac{1}{2}+\\frac{1}{4}$?", "solution": "... $\\boxed{\\frac34}$.", "#,
+                r#""answer": "\\frac{3}{4}", "level": 1}"#
+            ),
             // AIME: an integer answer.
             r#"{"problem": "Find N.", "answer": 204, "id": 1}"#,
             // GSM8K: the worked solution ends in #### and the number.
-            r#"{"question": "Natalia sold 48 clips...", "answer": "48/2 = <<48/2=24>>24\n48+24 = <<48+24=72>>72\n#### 72"}"#,
+            concat!(
+                r#"{"question": "Natalia sold 48 clips...", "#,
+                r#""answer": "48/2 = <<48/2=24>>24\n48+24 = <<48+24=72>>72\n#### 72"}"#
+            ),
             // MATH's own files: only a solution.
             r#"{"problem": "Simplify.", "solution": "We get $\\boxed{x^{2} + 1}$ at the end."}"#,
             // A prompt field wins over the others.

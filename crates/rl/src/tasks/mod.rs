@@ -109,12 +109,17 @@ pub fn extract_boxed(completion: &str) -> Option<&str> {
             .filter_map(|name| completion[..end].rfind(name).map(|at| (at, name)))
             .max()?;
         let after = &completion[at + name.len()..];
-        let argument = after.trim_start();
+        // Spaces or tabs may stand before the brace; `\boxed 5` is the spaced spelling, its
+        // answer on the same line.
+        let argument = after.trim_start_matches([' ', '\t']);
         if let Some(inside) = argument.strip_prefix('{') {
             return balanced(inside);
         }
-        if name == "\\boxed" && argument.len() < after.len() {
-            return Some(argument[..argument.find(['$', '\n']).unwrap_or(argument.len())].trim());
+        if name == "\\boxed" && after.starts_with(' ') {
+            let line = &argument[..argument.find(['$', '\n']).unwrap_or(argument.len())];
+            if !line.trim().is_empty() {
+                return Some(line.trim());
+            }
         }
         // `\boxedsymbol` or `\fbox 5`: not a box; look further back.
         end = at;
@@ -202,6 +207,8 @@ mod tests {
         assert_eq!(extract_boxed("\\boxed 7 and then \\boxed{8}"), Some("8"));
         assert_eq!(extract_boxed("\\boxed{7} and then \\fbox{8"), None);
         assert_eq!(extract_boxed("\\boxed {5}."), Some("5"), "a space before the brace is LaTeX");
+        assert_eq!(extract_boxed("\\boxed{4} then \\boxed\n\nWait"), Some("4"), "a line break is no argument");
+        assert_eq!(extract_boxed("\\boxed{4} then \\boxed $x$"), Some("4"), "nor is an empty spaced one");
         assert_eq!(extract_boxed("\\boxed{5} is not \\boxedsymbol or \\fbox 6"), Some("5"));
     }
 }
