@@ -75,7 +75,7 @@ pub struct EvalArgs {
     pub chat: bool,
     /// What each prompt is written in, as the run being evaluated wrote it: `plain`, or `r1`
     /// (R1-Zero's template, `whale r1-zero --template r1`).
-    #[arg(long, conflicts_with = "chat")]
+    #[arg(long, conflicts_with = "chat", value_parser = ["plain", "r1"])]
     pub template: Option<String>,
     /// A system message before each prompt (with --chat).
     #[arg(long, requires = "chat")]

@@ -131,7 +131,7 @@ pub struct R1ZeroArgs {
     pub data: Option<PathBuf>,
     /// What each prompt is written in: `plain` (as it is, for whale's own models) or `r1`
     /// (R1-Zero's template from the R1 paper, for a base model that has never seen the tags).
-    #[arg(long)]
+    #[arg(long, value_parser = ["plain", "r1"])]
     pub template: Option<String>,
     #[arg(long)]
     pub seed: Option<u64>,

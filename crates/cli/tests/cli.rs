@@ -724,7 +724,7 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
         "{stdout}"
     );
     for (flags, words) in [
-        (&["--template", "qwen"][..], "prompt template `qwen`: plain or r1"),
+        (&["--template", "qwen"][..], "[possible values: plain, r1]"),
         (&["--template", "r1", "--chat"][..], "cannot be used with"),
     ] {
         let refused = whale()
