@@ -707,8 +707,9 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
         if let Some(base) = &args.base {
             positions = positions.min(crate::device::max_positions(base, "--base")?);
         }
+        let source = format!("--data {}", path.display());
         for problems in [pool, &heldout] {
-            crate::settings::check_data_prompts(&*tok, positions, problems, path, PromptTemplate::Plain)?;
+            crate::settings::check_prompts(&*tok, positions, problems, PromptTemplate::Plain, &source)?;
         }
     }
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;

@@ -19,7 +19,7 @@ use whale_rl::parallel::model::tokenizer::Tokenizer;
 use whale_rl::parallel::model::CausalLm;
 use whale_rl::parallel::trainer::truncate_metrics;
 use whale_rl::ppo::{PpoConfig, PpoTrainer};
-use whale_rl::rollout::{templated_prompts, PromptTemplate};
+use whale_rl::rollout::PromptTemplate;
 use whale_rl::tasks::{Problem, TaskSet};
 
 use crate::pretrain::{print_report, start_again, write_eval, write_json_atomically};
@@ -341,27 +341,28 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     base.set_compute_dtype(dtype);
     // Every prompt of a --data pool reads in the base's tokenizer and fits the model, checked now
     // rather than when a step first draws it.
-    if let (Some(pool), Some(path)) = (&pool, &s.data) {
-        crate::settings::check_data_prompts(&*tok, base.max_positions(), pool, path, s.grpo.template)?;
+    let check = |problems: &[Problem], source: &str| {
+        crate::settings::check_prompts(&*tok, base.max_positions(), problems, s.grpo.template, source)
+    };
+    let data_source = s.data.as_ref().map(|path| format!("--data {}", path.display()));
+    if let (Some(pool), Some(source)) = (&pool, &data_source) {
+        check(pool, source)?;
     }
-    // The held-out set too, before anything is written.
+    // The held-out set too, before anything is written. In a template, every prompt evaluated
+    // (the held-out set, the validations' task problems) must encode and leave room as well:
+    // R1-Zero's preamble is some 270 tokens of a small BPE, and has capitals the character
+    // tokenizer cannot spell.
     let tasks = TaskSet::parse(&s.grpo.tasks)?.with_letters(s.grpo.letters)?;
     let problems = crate::settings::held_out_problems(s.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;
-    if let Some(path) = &s.data {
-        crate::settings::check_data_prompts(&*tok, base.max_positions(), &problems, path, s.grpo.template)?;
+    let templated = s.grpo.template != PromptTemplate::Plain;
+    let template_source = format!("--template {}", s.grpo.template);
+    match &data_source {
+        Some(source) => check(&problems, source)?,
+        None if templated => check(&problems, &template_source)?,
+        None => {}
     }
-    // In a template, every prompt evaluated (the held-out set, the validations' task problems)
-    // must encode and leave room too: R1-Zero's preamble is some 270 tokens of a small BPE, and
-    // has capitals the character tokenizer cannot spell.
-    if s.grpo.template != PromptTemplate::Plain {
-        let validated = validation_set(&tasks, s.eval_seed, &problems, s.validation_problems);
-        // (A --data held-out set was checked just above.)
-        let sets = if s.data.is_some() { vec![&validated] } else { vec![&problems, &validated] };
-        let source = format!("--template {}", s.grpo.template);
-        for set in sets {
-            let prompts = templated_prompts(&*tok, set, s.grpo.template).with_context(|| source.clone())?;
-            crate::settings::check_prompt_room(&prompts, set, base.max_positions(), &source)?;
-        }
+    if templated {
+        check(&validation_set(&tasks, s.eval_seed, &problems, s.validation_problems), &template_source)?;
     }
     // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
     // (its logs, all of steps not checkpointed, go).

@@ -280,20 +280,19 @@ pub fn plain_prompts_only(rl: &whale_rl::grpo::GrpoConfig, what: &str) -> Result
     Ok(())
 }
 
-/// Every prompt of `problems` (read from the `--data` file `path`), written in `template`, in
-/// `tok`'s ids, with room left for a completion in the model's `max_positions`: checked when a
-/// run starts, not when a step first draws the prompt (or the evaluation after a stage has
-/// trained).
-pub fn check_data_prompts(
+/// Every prompt of `problems` (from `source`, which errors name: `--data FILE`), written in
+/// `template`, in `tok`'s ids, with room left for a completion in the model's `max_positions`:
+/// checked when a run starts, not when a step first draws the prompt (or the evaluation after a
+/// stage has trained).
+pub fn check_prompts(
     tok: &dyn Tokenizer,
     max_positions: usize,
     problems: &[Problem],
-    path: &Path,
     template: PromptTemplate,
+    source: &str,
 ) -> Result<()> {
-    let source = format!("--data {}", path.display());
-    let prompts = whale_rl::rollout::templated_prompts(tok, problems, template).with_context(|| source.clone())?;
-    check_prompt_room(&prompts, problems, max_positions, &source)
+    let prompts = whale_rl::rollout::templated_prompts(tok, problems, template).with_context(|| source.to_string())?;
+    check_prompt_room(&prompts, problems, max_positions, source)
 }
 
 /// Each of `prompts` (the ids of `problems`, from `source`) is shorter than the model's
@@ -346,22 +345,23 @@ pub fn held_out_problems(data: Option<&Path>, tasks: &TaskSet, n: usize, seed: u
 /// of a `whale r1-zero` run (whose `<run>/settings.json` records `grpo.template`); `None` for
 /// any other folder.
 pub fn run_template(checkpoint: &Path) -> Option<PromptTemplate> {
+    serde_json::from_value(settings_of_run(checkpoint)?.get("grpo")?.get("template")?.clone()).ok()
+}
+
+/// The settings.json of the run whose `<run>/checkpoint` is `checkpoint`; `None` for a folder of
+/// another name, or without a readable one.
+fn settings_of_run(checkpoint: &Path) -> Option<serde_json::Value> {
     if checkpoint.file_name()? != "checkpoint" {
         return None;
     }
     let text = std::fs::read_to_string(checkpoint.parent()?.join("settings.json")).ok()?;
-    let settings: serde_json::Value = serde_json::from_str(&text).ok()?;
-    serde_json::from_value(settings.get("grpo")?.get("template")?.clone()).ok()
+    serde_json::from_str(&text).ok()
 }
 
 /// The `letters` share a base was pretrained with, when the base is `<run>/checkpoint` of a
 /// `whale pretrain` run (whose `<run>/settings.json` records it); `None` for any other folder.
 pub fn pretrained_letters(base: &Path) -> Option<f64> {
-    if base.file_name()? != "checkpoint" {
-        return None;
-    }
-    let text = std::fs::read_to_string(base.parent()?.join("settings.json")).ok()?;
-    serde_json::from_str::<serde_json::Value>(&text).ok()?.get("letters")?.as_f64()
+    settings_of_run(base)?.get("letters")?.as_f64()
 }
 
 /// A note on stderr when a run poses a `letters` share of its problems in letter numerals that

@@ -254,7 +254,7 @@ fn environment() -> Environment<'static> {
     env.add_function("strftime_now", |format: String| -> std::result::Result<Value, minijinja::Error> {
         let seconds =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-        strftime(&format, seconds + utc_offset(seconds)).map(Value::from)
+        strftime(&format, seconds + local_utc_offset(seconds).unwrap_or(0)).map(Value::from)
     });
     env.add_filter("tojson", tojson);
     // `{{ 1e20 }}` writes Python's str() of a float (1e+20, nan); MiniJinja's own would be
@@ -459,46 +459,34 @@ fn python_number(v: &Value) -> String {
 
 /// How far east of UTC local time is at `seconds` past the epoch, in seconds: C's `localtime_r`,
 /// which Python's `datetime.now()` reads too (the `TZ` variable, else /etc/localtime), so a
-/// template's date is the one transformers would write on this machine. 0 where C cannot say,
-/// and on systems whose `struct tm` has no `tm_gmtoff` (UTC there).
-#[cfg(any(
-    target_os = "linux",
-    target_os = "android",
-    target_vendor = "apple",
-    target_os = "freebsd",
-    target_os = "netbsd",
-    target_os = "openbsd",
-    target_os = "dragonfly"
-))]
-fn utc_offset(seconds: i64) -> i64 {
-    // A 32-bit time_t wraps after 2038, as C's own clock would.
-    let t = seconds as libc::time_t;
-    // SAFETY: `tm` is plain data that localtime_r fills, both pointers are to live locals, and
-    // localtime_r is the reentrant form.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    let filled = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
-    if filled {
-        tm.tm_gmtoff as i64
-    } else {
-        0
+/// template's date is the one transformers would write on this machine. 0 where C cannot say.
+/// `None` on systems whose `struct tm` has no `tm_gmtoff`, where templates write UTC.
+#[allow(unreachable_code)]
+fn local_utc_offset(seconds: i64) -> Option<i64> {
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_vendor = "apple",
+        target_os = "freebsd",
+        target_os = "netbsd",
+        target_os = "openbsd",
+        target_os = "dragonfly"
+    ))]
+    {
+        // A 32-bit time_t wraps after 2038, as C's own clock would.
+        let t = seconds as libc::time_t;
+        // SAFETY: `tm` is plain data that localtime_r fills, both pointers are to live locals,
+        // and localtime_r is the reentrant form.
+        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+        let filled = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+        return Some(if filled { tm.tm_gmtoff as i64 } else { 0 });
     }
-}
-
-#[cfg(not(any(
-    target_os = "linux",
-    target_os = "android",
-    target_vendor = "apple",
-    target_os = "freebsd",
-    target_os = "netbsd",
-    target_os = "openbsd",
-    target_os = "dragonfly"
-)))]
-fn utc_offset(_seconds: i64) -> i64 {
-    0
+    let _ = seconds;
+    None
 }
 
 /// `strftime(format)` of the wall-clock time `seconds` since the epoch (UTC, or local time
-/// with [`utc_offset`] added), for the specifiers chat templates use (Llama 3's
+/// with [`local_utc_offset`] added), for the specifiers chat templates use (Llama 3's
 /// `strftime_now("%d %b %Y")`): `%Y %y %m %d %e %B %b %A %a %H %I %M %S %p %j %%`, glibc's
 /// unpadded `%-d` forms of the numbers, and a trailing `%` as itself.
 fn strftime(format: &str, seconds: i64) -> std::result::Result<String, minijinja::Error> {
@@ -606,7 +594,7 @@ mod tests {
         // (which glibc reads without a zone database) checks it. Python under the same TZ gives
         // `time.localtime().tm_gmtoff` 19800.
         if std::env::var_os("WHALE_LOCAL_TIME_CHILD").is_some() {
-            assert_eq!(utc_offset(1_796_353_509), 5 * 3600 + 30 * 60, "TZ=XST-5:30");
+            assert_eq!(local_utc_offset(1_796_353_509), Some(5 * 3600 + 30 * 60), "TZ=XST-5:30");
             let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
             let template = ChatTemplate::new("{{ strftime_now('%d %b %Y %H:%M') }}", "t.jinja", vec![]);
             let before = strftime("%d %b %Y %H:%M", now() + 19_800).unwrap();
@@ -615,15 +603,7 @@ mod tests {
             assert!(rendered == before || rendered == after, "{rendered} at {before}..{after}");
             return;
         }
-        if cfg!(any(
-            target_os = "linux",
-            target_os = "android",
-            target_vendor = "apple",
-            target_os = "freebsd",
-            target_os = "netbsd",
-            target_os = "openbsd",
-            target_os = "dragonfly"
-        )) {
+        if local_utc_offset(0).is_some() {
             let out = std::process::Command::new(std::env::current_exe().unwrap())
                 .args(["--exact", LOCAL_TIME_TEST, "--test-threads=1"])
                 .env("TZ", "XST-5:30")

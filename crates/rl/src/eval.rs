@@ -39,6 +39,9 @@ pub fn completion_text(tok: &dyn Tokenizer, g: &Generation) -> String {
     tok.decode(tokens)
 }
 
+/// The R1 template's tags.
+const TEMPLATE_TAGS: [&str; 4] = ["<think>", "</think>", "<answer>", "</answer>"];
+
 /// Whether a completion ([`completion_text`]) follows the R1 template: `<think>...</think>` then
 /// `<answer>...</answer>`, each once, in that order, and nothing after. ASCII whitespace may
 /// come before, between and after the blocks: the R1 paper's template writes
@@ -50,8 +53,7 @@ pub fn well_formatted(completion: &str) -> bool {
     let Some((think, rest)) = rest.split_once("</think>") else { return false };
     let Some(rest) = rest.trim_start_matches(space).strip_prefix("<answer>") else { return false };
     let Some((answer, tail)) = rest.split_once("</answer>") else { return false };
-    let tags = ["<think>", "</think>", "<answer>", "</answer>"];
-    tail.trim_matches(space).is_empty() && !tags.iter().any(|t| think.contains(t) || answer.contains(t))
+    tail.trim_matches(space).is_empty() && !TEMPLATE_TAGS.iter().any(|t| think.contains(t) || answer.contains(t))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -151,9 +153,7 @@ impl AnswerStyle {
     /// without `</think>`, the completion's last boxed answer still counts, but not as well
     /// formatted.
     pub fn as_template(self, completion: &str) -> String {
-        let untagged = |text: &str| {
-            ["<think>", "</think>", "<answer>", "</answer>"].iter().fold(text.to_string(), |t, tag| t.replace(tag, ""))
-        };
+        let untagged = |text: &str| TEMPLATE_TAGS.iter().fold(text.to_string(), |t, tag| t.replace(tag, ""));
         match self {
             AnswerStyle::Tags => completion.to_string(),
             AnswerStyle::Boxed => match completion.rsplit_once("</think>") {

@@ -767,13 +767,13 @@ impl RlRun {
     /// must come together, as [`sample_groups`] makes them: a group reward would otherwise see a
     /// part of a group.
     pub fn score(&self, rollouts: &[Rollout], problems: &[Problem]) -> Result<Vec<Scores>> {
-        debug_assert!(
-            rollouts.chunk_by(|a, b| a.problem == b.problem).map(|g| g[0].problem).collect::<HashSet<_>>().len()
-                == rollouts.chunk_by(|a, b| a.problem == b.problem).count(),
-            "the rollouts of a problem are not together"
-        );
-        let mut scores = Vec::with_capacity(rollouts.len());
+        let (mut scores, mut seen) = (Vec::with_capacity(rollouts.len()), HashSet::new());
         for group in rollouts.chunk_by(|a, b| a.problem == b.problem) {
+            debug_assert!(
+                seen.insert(group[0].problem),
+                "the rollouts of problem {} are not together",
+                group[0].problem
+            );
             let samples: Vec<Sample> = group.iter().map(|r| r.sample(problems)).collect();
             scores.extend(self.rewards.score_group(&samples)?);
         }

@@ -278,13 +278,13 @@ impl Reward for LengthReward {
     fn score_group(&self, group: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
         let lengths = group.iter().map(|s| s.tokens);
         let (min, max) = (lengths.clone().min().unwrap_or(0), lengths.max().unwrap_or(0));
+        if min == max {
+            return Ok(vec![Some(0.0); group.len()]);
+        }
         let right = Accuracy { gated: false };
         group
             .iter()
             .map(|s| {
-                if min == max {
-                    return Ok(Some(0.0));
-                }
                 let lambda = 0.5 - (s.tokens - min) as f64 / (max - min) as f64;
                 Ok(Some(if right.score(s)? == Some(1.0) { lambda } else { lambda.min(0.0) }))
             })
