@@ -257,6 +257,46 @@ extern "C" __global__ void sum_mid_wide_f32(const float* x, float* y, unsigned o
     }
 }
 
+// The first pass of a long sum over few outputs (a whole tensor's, a gradient norm's): sum_mid_wide_f32
+// would leave all but a few multiprocessors idle, so each output's axis is cut into `chunks` equal
+// runs, a block each (block b: output b / chunks, run b % chunks), and each block writes its run's
+// f64 sum to partial[b]. Four loads per thread are in flight before their adds (four f64
+// accumulators, added in a fixed order: the result does not depend on timing).
+// Dynamic shared memory: blockDim.x doubles.
+extern "C" __global__ void sum_mid_split_f32(const float* x, double* partial, unsigned n, unsigned inner, unsigned chunks) {
+    double* shared = reinterpret_cast<double*>(dynamic_shared_memory());
+    unsigned long long t = blockIdx.x / chunks;
+    unsigned run = (n + chunks - 1) / chunks, c = blockIdx.x % chunks;
+    unsigned j0 = c * run, j1 = min(n, j0 + run);
+    const float* p = x + (t / inner) * n * inner + t % inner;
+    unsigned step = blockDim.x;
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+    unsigned j = j0 + threadIdx.x;
+    for (; j + 3 * step < j1; j += 4 * step) {
+        float v0 = p[(unsigned long long)j * inner], v1 = p[(unsigned long long)(j + step) * inner];
+        float v2 = p[(unsigned long long)(j + 2 * step) * inner], v3 = p[(unsigned long long)(j + 3 * step) * inner];
+        a0 += v0;
+        a1 += v1;
+        a2 += v2;
+        a3 += v3;
+    }
+    for (; j < j1; j += step) a0 += p[(unsigned long long)j * inner];
+    double acc = block_sum((a0 + a1) + (a2 + a3), shared);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+// The second pass: y[t] = the sum of output t's `chunks` partial sums, a block per output
+// (grid-stride), rounded to f32 once. Dynamic shared memory: blockDim.x doubles.
+extern "C" __global__ void sum_partials_f32(const double* partial, float* y, unsigned outputs, unsigned chunks) {
+    double* shared = reinterpret_cast<double*>(dynamic_shared_memory());
+    for (unsigned t = blockIdx.x; t < outputs; t += gridDim.x) {
+        double acc = 0.0;
+        for (unsigned c = threadIdx.x; c < chunks; c += blockDim.x) acc += partial[(unsigned long long)t * chunks + c];
+        acc = block_sum(acc, shared);
+        if (threadIdx.x == 0) y[t] = (float)acc;
+    }
+}
+
 // argmax_mid_f32 with one block per output (grid-stride), for a long axis (a vocabulary's logits
 // in greedy decoding): each thread keeps the first of every blockDim.x-th value in
 // `ranks_before`'s order, then the block's tree the first of those; the same index as the

@@ -8,15 +8,19 @@
 #
 # Steps, most important first, so a run cut short still holds the key results:
 #   new       a warm-up test that pays the driver's one-time PTX compilation (cached for the
-#             rest), then the kernels no GPU has passed yet (wgmma FP8 GEMM, tiled attention
-#             backward), each test in a process of its own (a sticky CUDA fault stays there)
-#   opt_in    cuda_opt_in: the model trained on the opt-in kernels against the defaults
-#   tests     the other test binaries: cuda_model, cuda_ops (never run on a GPU yet), cuda,
-#             cuda_rl, nccl; a binary that runs no test fails
-#   kernels   benchmarks: the kernels with cuBLAS, the tiled backward and wgmma beside them
-#   steps     benchmarks: FP8 linear, training steps (small preset, default and opt-in), GRPO
+#             rest), then the tests of kernels changed since the last GPU run that passed
+#             (`isolated` below), each in a process of its own (a sticky CUDA fault stays there)
+#   opt_in    cuda_opt_in: the model trained with wgmma at every size against the CPU
+#   tests     the other test binaries: cuda_model, cuda_ops, cuda, cuda_rl, nccl; a binary that
+#             runs no test fails
+#   kernels   benchmarks: the kernels with cuBLAS (and the simple kernels) beside them
+#   steps     benchmarks: FP8 linear, training steps (small preset: default kernels, the previous
+#             defaults, wgmma at every size), GRPO
 #   cli       whale pretrain / generate / r1-zero on the GPU, checked against the same runs on
 #             the CPU (losses of the first steps, greedy decoding)
+#   profile   each kernel's GPU time in three training steps of the small preset (fp32, bf16),
+#             under Nsight Compute, beside the steps' wall time without it: a report, not a
+#             check (its failure fails nothing)
 # GPU_CHECK_ONLY=new,kernels runs only those steps (a rerun of what failed or was cut short);
 # GPU_CHECK_BUDGET (seconds, default 300) bounds them all: each step gets at most its own cap
 # and what is left, and one with under 10 s left is reported as not run, so one hang cannot
@@ -75,7 +79,7 @@ BUDGET=${GPU_CHECK_BUDGET:-300}
 # The driver compiles the PTX once per process unless its cache keeps the result: one cache,
 # large enough for every module, so only the first process pays.
 export CUDA_CACHE_PATH=/tmp/gpu-check-jit-cache CUDA_CACHE_MAXSIZE=4294967296
-ONLY=",${GPU_CHECK_ONLY:-new,opt_in,tests,kernels,steps,cli},"
+ONLY=",${GPU_CHECK_ONLY:-new,opt_in,tests,kernels,steps,cli,profile},"
 wanted() { [[ "$ONLY" == *",$1,"* ]]; }
 # `limited N CMD...`: CMD for at most N seconds, or what is left of the budget when that is less
 # (SIGKILL 10 s after SIGTERM); with under 10 s left, CMD is not run (exit status 125).
@@ -149,9 +153,9 @@ tee_pid=$!
         the_rl_gpu_tests_pass_on_the_emulated_driver_in_emulation the_ops_run_on_the_emulated_driver_in_emulation; do
         host_only+=(--skip "$t")
     done
-    # Tests run one at a time, apart: the kernels no GPU run has passed yet.
-    isolated=(cuda:the_wgmma_fp8_gemm_matches_the_cpu cuda:attention::attention_backward_matches_the_cpu
-        cuda:attention::attention_kernels_match_the_cpu_on_small_shapes)
+    # Tests run one at a time, apart: those of kernels changed since the last GPU run that passed
+    # (scripts/reports/): the whole-tensor sum's two passes.
+    isolated=(cuda:tensor_kernels_match_their_formulas)
     # Whether a test log shows a test that found no GPU (each says so: --show-output).
     note_skips() {
         local n
@@ -255,8 +259,8 @@ tee_pid=$!
         run_tests cuda 45 "${skips[@]}"
         for bin in cuda_rl nccl; do run_tests "$bin" 45; done
     fi
-    wanted kernels && bench kernels kernels,tiled_backward,wgmma 120
-    wanted steps && bench steps linear,train_step,opt_in_step,train_step_cpu,grpo_step 120
+    wanted kernels && bench kernels kernels 120
+    wanted steps && bench steps linear,train_step,kernel_choice_step,train_step_cpu,grpo_step 120
 
     if wanted cli; then
         echo "## whale pretrain (tiny preset, 30 steps: fp32, bf16, fp8 + bf16 moments, the same + --fp8-dispatch --fp8-swiglu-cache on the GPU, fp32 on the CPU), generate, r1-zero"
@@ -343,6 +347,58 @@ PY
         pretrain_run cuda bf16
         pretrain_run cuda fp8
         pretrain_run cuda fp8 --fp8-dispatch --fp8-swiglu-cache
+        echo '```'
+        echo
+        pack_logs
+    fi
+
+    if wanted profile; then
+        echo "## profile: kernel time in 3 steps of whale pretrain --preset small (8 x 128 tokens), under Nsight Compute"
+        echo
+        echo '```'
+        ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+        for precision in fp32 bf16; do
+            run=(pretrain --preset small --device cuda --precision "$precision" --micro-batch 8 --seq-len 128
+                --steps 3 --eval-problems 1 --k 1 --eval-every 0)
+            rm -rf "/tmp/gpu-check-profile-$precision"
+            limited 30 "$bins/whale-cli" "${run[@]}" --out "/tmp/gpu-check-profile-$precision" >"$logs/profile-wall-$precision.log" 2>&1
+            echo "$precision without the profiler: exit status $? (at ${SECONDS} s); steps' tokens/s: $(grep -o '"tokens_per_s":[0-9.]*' "/tmp/gpu-check-profile-$precision/metrics.jsonl" 2>/dev/null | cut -d: -f2 | cut -d. -f1 | tr '\n' ' ')"
+            if [ -z "$ncu" ]; then
+                echo "no ncu on this machine"
+                break
+            fi
+            rm -rf "/tmp/gpu-check-profile-$precision"
+            # The first 12000 launches: the setup and the steps, before the evaluation's decoding.
+            limited 60 "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --page raw --launch-count 12000 \
+                "$bins/whale-cli" "${run[@]}" --out "/tmp/gpu-check-profile-$precision" >"$logs/profile-$precision.csv" 2>"$logs/profile-$precision.log"
+            echo "$precision under ncu: exit status $? (at ${SECONDS} s)"
+            python3 - "$logs/profile-$precision.csv" <<'PY' 2>&1 | tee -a "$logs/profile-$precision.log"
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1], errors="replace")) if len(r) > 3]
+head = next((i for i, r in enumerate(rows) if "Kernel Name" in r and "gpu__time_duration.sum" in r), None)
+if head is None:
+    sys.exit("no ncu table in the output")
+cols = rows[head]
+name, dur = cols.index("Kernel Name"), cols.index("gpu__time_duration.sum")
+unit = rows[head + 1][dur] if head + 1 < len(rows) else ""
+scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}.get(unit, None)
+data = rows[head + 1 + (scale is not None):]
+scale = scale or 1e-3
+total, count = collections.Counter(), collections.Counter()
+for r in data:
+    try:
+        t = float(r[dur].replace(",", "")) * scale
+    except ValueError:
+        continue
+    k = r[name].split("(")[0].split("<")[0].strip()
+    total[k] += t
+    count[k] += 1
+all_us = sum(total.values())
+print(f"{sum(count.values())} kernel launches, {all_us / 1e3:.1f} ms of kernel time in all (the setup, the 3 steps, and the evaluation's start if fewer than 12000)")
+for k, t in total.most_common(25):
+    print(f"{t / 1e3:9.2f} ms {100 * t / all_us:5.1f}% {count[k]:7d} launches  {k}")
+PY
+        done
         echo '```'
         echo
         pack_logs

@@ -1,19 +1,20 @@
 //! GPU benchmarks (the CUDA issue's figures): cuBLAS bf16 matmul against cuBLAS f32, the block-
 //! scaled FP8 GEMM (mma.sync and wgmma) against cuBLAS bf16 at the same shapes (4096³ and
-//! DeepSeek-V3's projection shapes) and against the simple CUDA-core kernel, training attention
-//! forward and backward, MLA decode over the latent cache, and a device copy as the memory-bandwidth
-//! ceiling, one linear layer's forward and backward in FP8 against f32 on CUDA tensors, a
-//! training step of the `small` preset on the GPU (f32, bf16, and bf16 with FP8 GEMMs) against
-//! the CPU and on the opt-in kernels (tiled attention backward, wgmma) against the defaults, and
-//! a GRPO step of the `tiny` preset on the GPU against the CPU.
+//! DeepSeek-V3's projection shapes) and against the simple CUDA-core kernel, wgmma against
+//! mma.sync on small products, training attention forward and backward (simple and tiled), MLA
+//! decode over the latent cache, a device copy as the memory-bandwidth ceiling and a whole
+//! tensor's sum beside it, one linear layer's forward and backward in FP8 against f32 on CUDA
+//! tensors, a training step of the `small` preset on the GPU (f32, bf16, and bf16 with FP8 GEMMs)
+//! against the CPU and on other kernel choices (the previous defaults, wgmma at every size)
+//! against the defaults, and a GRPO step of the `tiny` preset on the GPU against the CPU.
 //! Kernels are timed with CUDA events inside criterion's `iter_custom`, so the clock reads the
 //! GPU's own time for `iters` back-to-back launches; the tensor-level rows, which synchronise
 //! with the host, by wall clock.
 //!
 //! Without a GPU it says so and exits successfully. `cargo xtask bench gpu` runs it; the GPU
 //! check (`scripts/gpu-check.sh`) runs the prebuilt binary, one process per set of groups
-//! (`$WHALE_GPU_BENCH_GROUPS`: kernels, linear, train_step, opt_in_step, train_step_cpu,
-//! grpo_step, tiled_backward, wgmma), each writing its table to `$WHALE_GPU_BENCH_OUT` (default
+//! (`$WHALE_GPU_BENCH_GROUPS`: kernels, linear, train_step, kernel_choice_step, train_step_cpu,
+//! grpo_step), each writing its table to `$WHALE_GPU_BENCH_OUT` (default
 //! the workspace's `target/gpu-bench.md`).
 
 use std::cell::RefCell;
@@ -155,8 +156,11 @@ const FP8_SHAPES: [(usize, usize, usize); 6] = [
 
 fn fp8_gemms(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
     for (i, &(m, n, k)) in FP8_SHAPES.iter().enumerate() {
-        let kernels: &[Fp8GemmKernel] =
-            if i == 0 { &[Fp8GemmKernel::TensorCore, Fp8GemmKernel::Simple] } else { &[Fp8GemmKernel::TensorCore] };
+        let kernels: &[Fp8GemmKernel] = if i == 0 {
+            &[Fp8GemmKernel::Wgmma, Fp8GemmKernel::TensorCore, Fp8GemmKernel::Simple]
+        } else {
+            &[Fp8GemmKernel::Wgmma, Fp8GemmKernel::TensorCore]
+        };
         fp8_gemm_kernels(c, g, rows, (m, n, k), i as u64, kernels);
         // The baseline at the same shape: cuBLAS in bf16 (twice the operand bytes), on random
         // operands as the FP8 kernels' (on zeros tensor cores draw less power and clock higher).
@@ -170,11 +174,15 @@ fn fp8_gemms(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
     }
 }
 
-/// The wgmma kernel at the same shapes, run last among the kernel groups and guarded (see main):
-/// until a GPU run has passed it, a fault there must not cost the other groups their figures.
-fn wgmma_fp8_gemms(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
-    for (i, &shape) in FP8_SHAPES.iter().enumerate() {
-        fp8_gemm_kernels(c, g, rows, shape, i as u64, &[Fp8GemmKernel::Wgmma]);
+/// Small products, on both tensor-core kernels: where wgmma starts to pay
+/// ([`Fp8GemmKernel::by_size`] takes it from a 128 x 128 tile per multiprocessor). The `small`
+/// preset's projections and experts (at 1024 tokens, 64 tokens per expert), then 64 and 256 tiles.
+const SMALL_FP8_SHAPES: [(usize, usize, usize); 5] =
+    [(1024, 256, 256), (64, 128, 256), (64, 256, 128), (1024, 1024, 1024), (2048, 2048, 2048)];
+
+fn small_fp8_gemms(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
+    for (i, &shape) in SMALL_FP8_SHAPES.iter().enumerate() {
+        fp8_gemm_kernels(c, g, rows, shape, 50 + i as u64, &[Fp8GemmKernel::TensorCore, Fp8GemmKernel::Wgmma]);
     }
 }
 
@@ -239,6 +247,7 @@ fn training_attention(
     // Causal: half of the t² scores; QKᵀ and PV are 2·d FLOPs per score each.
     let fwd = 2.0 * 2.0 * (b * h * t * t / 2 * d) as f64;
     let mut grads = g.attention_grads(&s).expect("alloc");
+    let default = g.attention_kernels();
     g.set_attention_kernels(kernels);
     let r = row("attention", &format!("forward_{}/{b}x{h}x{t}x{d}", forward.unwrap_or("for_backward")), fwd, "TFLOP/s");
     if forward.is_some() {
@@ -253,21 +262,15 @@ fn training_attention(
         bench(c, g, &r, || g.attention_backward_dev(&s, (&q, &k, &v), (&o, &lse, &d_o), &mut grads).expect("backward"));
         rows.push(r);
     }
-    g.set_attention_kernels(AttentionKernels::TiledForward);
+    g.set_attention_kernels(default);
 }
 
-/// The tiled attention backward (opt-in, not yet run on a GPU): a group of its own, run after the
-/// required figures, so a fault there (a sticky CUDA error) cannot cost them.
-fn tiled_attention_backward(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
-    training_attention(c, g, rows, AttentionKernels::Tiled, (None, Some("tiled")));
-}
-
-/// Training attention forward (simple and tiled kernels) and backward (simple), and MLA's decode
+/// Training attention forward and backward (simple and tiled kernels), and MLA's decode
 /// over the latent cache (V3: 128 heads, one KV head of [c ; k_pe] = 576, value c = 512, 32
 /// sequences of 4096 cached tokens, one new token each).
 fn attention(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
     training_attention(c, g, rows, AttentionKernels::Simple, (Some("simple"), Some("simple")));
-    training_attention(c, g, rows, AttentionKernels::TiledForward, (Some("tiled"), None));
+    training_attention(c, g, rows, AttentionKernels::Tiled, (Some("tiled"), Some("tiled")));
     let up = |n: usize, seed: u64| upload(g, &values(n, seed));
 
     let (b, h, t, dc, dr) = (32, 128, 4096, 512, 64);
@@ -279,14 +282,15 @@ fn attention(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
     let mut lse = g.stream.alloc_zeros::<f32>(b * h).expect("alloc");
     // Bytes that must move: the cache (keys and values, f32) once, plus q and o.
     let bytes = 4.0 * (b * t * (dc + dr) + b * t * dc + b * h * (dc + dr) + b * h * dc) as f64;
-    for kernels in [AttentionKernels::Simple, AttentionKernels::TiledForward] {
+    let default = g.attention_kernels();
+    for kernels in [AttentionKernels::Simple, AttentionKernels::Tiled] {
         g.set_attention_kernels(kernels);
         let k_name = if kernels == AttentionKernels::Simple { "simple" } else { "tiled" };
         let r = row("mla_decode", &format!("{k_name}/{b}x{h}x{t}"), bytes, "GB/s");
         bench(c, g, &r, || g.attention_forward_dev(&s, (&q, &k, &v), &mut o, &mut lse).expect("decode"));
         rows.push(r);
     }
-    g.set_attention_kernels(AttentionKernels::TiledForward);
+    g.set_attention_kernels(default);
 }
 
 /// Times `step` (tensor ops that end by reading a value back, which synchronises) by wall clock.
@@ -343,24 +347,31 @@ fn training_step(c: &mut Criterion, rows: &mut Vec<Row>) {
 }
 
 /// [`training_step`]'s baseline, the same step on the CPU in f32: a group of its own, measured
-/// after the GPU's (and the opt-in kernels') rows, which a run cut short needs more.
+/// after the GPU's (and the other kernel choices') rows, which a run cut short needs more.
 fn training_step_cpu(c: &mut Criterion, rows: &mut Vec<Row>) {
     training_steps(c, rows, &[("cpu", Device::Cpu, DType::F32, false)], "");
 }
 
-/// The GPU runs of [`training_step`] on the kernels that stay opt-in until a GPU run has passed
-/// them (the tiled attention backward; the wgmma FP8 GEMM on sm_90), each beside the same run on
-/// the default kernels. Guarded: the default kernels are restored whatever happens.
-fn opt_in_training_step(c: &mut Criterion, rows: &mut Vec<Row>) {
+/// The GPU runs of [`training_step`] on other kernel choices than the defaults, each beside the
+/// default run: the previous defaults (the simple attention backward and the tensor-core FP8 GEMM
+/// at every size), and the wgmma FP8 GEMM at every size (the default takes it only for products
+/// of a tile per multiprocessor, which the `small` preset has none of). Guarded: the defaults are
+/// restored whatever happens.
+fn kernel_choice_steps(c: &mut Criterion, rows: &mut Vec<Row>) {
     let gpu = Device::cuda(0).expect("GPU 0");
     let g = gpu.gpu().expect("GPU 0's kernels");
     let defaults = (g.attention_kernels(), g.preferred_fp8_gemm_kernel());
-    g.set_attention_kernels(AttentionKernels::Tiled);
-    if g.runs_fp8_gemm(Fp8GemmKernel::Wgmma, 128) {
-        g.set_fp8_gemm_kernel(Fp8GemmKernel::Wgmma);
-    }
-    let runs = [("gpu", gpu, DType::F32, false), ("gpu_fp8", gpu, DType::BF16, true)];
-    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| training_steps(c, rows, &runs, "_opt_in")));
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        g.set_attention_kernels(AttentionKernels::TiledForward);
+        g.set_fp8_gemm_kernel(Some(Fp8GemmKernel::TensorCore));
+        let runs = [("gpu", gpu, DType::F32, false), ("gpu_fp8", gpu, DType::BF16, true)];
+        training_steps(c, rows, &runs, "_previous");
+        g.set_attention_kernels(defaults.0);
+        if g.runs_fp8_gemm(Fp8GemmKernel::Wgmma, 128) {
+            g.set_fp8_gemm_kernel(Some(Fp8GemmKernel::Wgmma));
+            training_steps(c, rows, &[("gpu_fp8", gpu, DType::BF16, true)], "_all_wgmma");
+        }
+    }));
     g.set_attention_kernels(defaults.0);
     g.set_fp8_gemm_kernel(defaults.1);
     if let Err(e) = run {
@@ -427,7 +438,7 @@ fn grpo_step(c: &mut Criterion, rows: &mut Vec<Row>) {
 
 /// The markdown table of every row with its ratio to the baseline measured in the same run
 /// (cuBLAS bf16 for FP8, cuBLAS f32 for bf16, the simple attention kernels for the tiled ones,
-/// the CPU for the training step, the default kernels for the opt-in ones) and, for attention and
+/// the CPU for the training step, the default kernels for the other choices) and, for attention and
 /// decode, the share of their ceiling.
 fn table(rows: &[Row]) -> String {
     let mut out = String::from("| benchmark | time | rate | vs baseline |\n| --- | --- | --- | --- |\n");
@@ -436,15 +447,17 @@ fn table(rows: &[Row]) -> String {
     for &r in &rows {
         let shape = r.name.split('/').nth(1).unwrap_or("");
         let base = match (r.group.as_str(), r.name.split('/').next()) {
+            // cuBLAS at the same shape, or for wgmma at the small shapes the tensor-core kernel.
             ("fp8_gemm", Some(k)) if k != "cublas_bf16" => {
-                rows.iter().find(|b| b.name == format!("cublas_bf16/{shape}"))
+                let cublas = rows.iter().find(|b| b.name == format!("cublas_bf16/{shape}"));
+                cublas.or_else(|| rows.iter().find(|b| k == "wgmma" && b.name == format!("tensor_core/{shape}")))
             }
             ("matmul", Some("cublas_bf16")) => rows.iter().find(|b| b.name == format!("cublas_f32/{shape}")),
             ("train_step" | "grpo_step", Some(k)) if k.ends_with("_gpu") => {
                 rows.iter().find(|b| b.name == r.name.replace("_gpu", "_cpu"))
             }
-            ("train_step", Some(k)) if k.ends_with("_opt_in") => {
-                rows.iter().find(|b| b.name == r.name.replace("_opt_in", ""))
+            ("train_step", Some(k)) if k.ends_with("_previous") || k.ends_with("_all_wgmma") => {
+                rows.iter().find(|b| b.name == r.name.replace("_previous", "").replace("_all_wgmma", ""))
             }
             ("train_step", Some(k)) if k.ends_with("_gpu_fp8") || k.ends_with("_gpu_bf16") => {
                 rows.iter().find(|b| b.name == r.name.replace("_gpu_fp8", "_gpu").replace("_gpu_bf16", "_gpu"))
@@ -503,7 +516,7 @@ fn main() {
     // A driver that would not load the wgmma module leaves its rows out: say so in the header.
     let unloaded = match g.unloaded_modules() {
         [] => String::new(),
-        why => format!("not loaded (no wgmma rows; the opt-in rows run the tensor-core GEMM): {}\n", why.join("; ")),
+        why => format!("not loaded (no wgmma rows; the wgmma steps run the tensor-core GEMM): {}\n", why.join("; ")),
     };
     let save = |rows: &[Row], failed: &str| {
         let text = format!("GPU: compute capability {}.{}\n{unloaded}\n{}{failed}", arch.0, arch.1, table(rows));
@@ -518,32 +531,29 @@ fn main() {
     let picked = std::env::var("WHALE_GPU_BENCH_GROUPS").ok();
     let wanted = |name: &str| picked.as_deref().is_none_or(|p| p.split(',').any(|w| w.trim() == name));
     type Kernels<'a> = &'a dyn Fn(&mut Criterion, &Gpu, &mut Vec<Row>);
-    let kernels: [Kernels; 4] = [&copy_bandwidth, &matmuls, &fp8_gemms, &attention];
+    let kernels: [Kernels; 5] = [&copy_bandwidth, &matmuls, &fp8_gemms, &small_fp8_gemms, &attention];
     if wanted("kernels") {
         for group in kernels {
             group(&mut c, &g, &mut rows);
             save(&rows, "");
         }
     }
-    // The tensor-level groups run whole models, and the wgmma kernel has not yet run on a GPU:
-    // a group that fails is reported, and the others (and the table) still come out.
+    // The tensor-level groups run whole models: a group that fails is reported, and the others
+    // (and the table) still come out.
     let mut failed = String::new();
     // Hopper loads the wgmma module: one that did not is a failure, not a table without its rows.
-    if arch == (9, 0) && !unloaded.is_empty() && (wanted("wgmma") || wanted("opt_in_step")) {
+    if arch == (9, 0) && !unloaded.is_empty() && (wanted("kernels") || wanted("kernel_choice_step")) {
         failed += &format!("\nwgmma: FAILED: compute capability 9.0 and the module is {unloaded}");
     }
     type Group<'a> = &'a dyn Fn(&mut Criterion, &mut Vec<Row>);
-    // In this order whatever order `WHALE_GPU_BENCH_GROUPS` names them: the rows never measured
-    // on a GPU (the opt-in kernels' steps) before the CPU baselines and the GRPO step, so a run
-    // cut at its time cap keeps them.
-    let groups: [(&str, Group); 7] = [
+    // In this order whatever order `WHALE_GPU_BENCH_GROUPS` names them: the GPU's steps before
+    // the CPU baselines and the GRPO step, so a run cut at its time cap keeps them.
+    let groups: [(&str, Group); 5] = [
         ("linear", &linear_layers),
         ("train_step", &training_step),
-        ("opt_in_step", &opt_in_training_step),
+        ("kernel_choice_step", &kernel_choice_steps),
         ("train_step_cpu", &training_step_cpu),
         ("grpo_step", &grpo_step),
-        ("tiled_backward", &|c, rows| tiled_attention_backward(c, &g, rows)),
-        ("wgmma", &|c, rows| wgmma_fp8_gemms(c, &g, rows)),
     ];
     for (name, group) in groups.into_iter().filter(|(name, _)| wanted(name)) {
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| group(&mut c, &mut rows)));

@@ -231,9 +231,7 @@ impl Gpu {
         };
         let heads = s.batch * s.kv_heads;
         let row_tiles = (s.q_heads / s.kv_heads * s.q_len).div_ceil(t.rows);
-        let sms = self.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
-        let sms = sms.map_err(cuda("reading the multiprocessor count"))?.max(1) as usize;
-        let (splits, per_split) = key_splits(row_tiles * heads, s.kv_len.div_ceil(t.tile), sms);
+        let (splits, per_split) = key_splits(row_tiles * heads, s.kv_len.div_ceil(t.tile), self.multiprocessors);
         let per_split = per_split as u32;
         let cfg = tiled_config(&t, (row_tiles, heads, splits));
         if splits == 1 {

@@ -4,7 +4,7 @@
 use super::PtxModule;
 
 /// FNV-1a of the build recipe and `kernels/*.cu` (see [`super::source_hash`]).
-pub const SOURCE_HASH: u64 = 0x56d1c613b7f70645;
+pub const SOURCE_HASH: u64 = 0xf251a4c9dedb07f9;
 
 pub const MODULES: &[PtxModule] = &[
     PtxModule {
@@ -144,6 +144,8 @@ pub const MODULES: &[PtxModule] = &[
             "logsumexp_mid_f32",
             "sum_mid_f32",
             "sum_mid_wide_f32",
+            "sum_mid_split_f32",
+            "sum_partials_f32",
             "argmax_mid_wide_f32",
             "logsumexp_mid_wide_f32",
         ],

@@ -152,8 +152,11 @@ pub struct Gpu {
     /// The attention kernels launched, as `AttentionKernels as u8`; see
     /// [`Gpu::set_attention_kernels`].
     attention: std::sync::atomic::AtomicU8,
-    /// The FP8 GEMM kernel preferred, as `Fp8GemmKernel as u8`; see [`Gpu::set_fp8_gemm_kernel`].
+    /// The FP8 GEMM kernel preferred, as `Fp8GemmKernel as u8`, or `fp8_gemm::BY_SIZE`; see
+    /// [`Gpu::set_fp8_gemm_kernel`].
     fp8_gemm: std::sync::atomic::AtomicU8,
+    /// Streaming multiprocessors (132 on an H200).
+    pub multiprocessors: usize,
 }
 
 /// The attention kernels a [`Gpu`] launches: one block per query (or key) row ("simple"), or
@@ -162,9 +165,10 @@ pub struct Gpu {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionKernels {
     Simple = 0,
-    /// Tiled forward (checked on an H200), simple backward: the default until the tiled backward
-    /// has passed a GPU run (it passes in host emulation: tests/emulate.rs).
+    /// Tiled forward, simple backward.
     TiledForward = 1,
+    /// Tiled both ways: the default (the backward 31 times the simple one's rate on an H200 at
+    /// 16 heads x 2048 tokens x 128; scripts/reports/).
     Tiled = 2,
 }
 
@@ -225,6 +229,8 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal).map_err(cuda("opening the device"))?;
         let (major, minor) = ctx.compute_capability().map_err(cuda("reading the compute capability"))?;
         let stream = ctx.default_stream();
+        let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT);
+        let multiprocessors = sms.map_err(cuda("reading the multiprocessor count"))?.max(1) as usize;
         let (mut functions, mut unloaded) = (HashMap::new(), Vec::new());
         for m in manifest::MODULES {
             let hopper = if m.sm_90a { (major, minor) == (9, 0) } else { major >= 9 };
@@ -256,8 +262,9 @@ impl Gpu {
             blas: OnceLock::new(),
             arch: (major as u32, minor as u32),
             ordinal,
-            attention: (AttentionKernels::TiledForward as u8).into(),
-            fp8_gemm: (Fp8GemmKernel::TensorCore as u8).into(),
+            attention: (AttentionKernels::Tiled as u8).into(),
+            fp8_gemm: fp8_gemm::BY_SIZE.into(),
+            multiprocessors,
         };
         gpu.allow_shared_memory()?;
         Ok(gpu)

@@ -248,10 +248,12 @@ impl Gpu {
     }
 
     /// `y[o, i] = Σ_j x[o, j, i]` for contiguous `x` `[outer, n, inner]`, in f64 like the CPU: one
-    /// thread per output, or, for a long axis of few outputs or of contiguous values (a whole
-    /// tensor's sum), one block per output whose threads split the axis (f64 sums in another
-    /// order: the CPU's f32 result, or one ulp off it when the exact sum lies within f64 rounding
-    /// of a boundary).
+    /// thread per output, or, for a long axis of few outputs or of contiguous values, one block per
+    /// output whose threads split the axis, or, for a very long axis of fewer outputs than the GPU
+    /// has multiprocessors (a whole tensor's sum), several blocks per output and a second pass over
+    /// their f64 partial sums ([`split_sum`]). The wide and split sums add in f64 in another order:
+    /// the CPU's f32 result, or one ulp off it when the exact sum lies within f64 rounding of a
+    /// boundary.
     pub fn sum_mid_dev(
         &self,
         x: &CudaView<'_, f32>,
@@ -261,6 +263,9 @@ impl Gpu {
         need("sum", x.len(), outer * n * inner)?;
         need("sum", y.len(), outer * inner)?;
         let dims = mid_dims("sum", (outer, n, inner))?;
+        if let Some(chunks) = split_sum(outer * inner, n) {
+            return self.sum_mid_split(x, y, dims, chunks);
+        }
         let wide = reduces_wide(outer, n, inner);
         let kernel = if wide { "sum_mid_wide_f32" } else { "sum_mid_f32" };
         let mut l = self.stream.launch_builder(self.function(kernel));
@@ -270,6 +275,45 @@ impl Gpu {
         unsafe { l.launch(mid_config(wide, outer * inner)?) }.map_err(cuda(kernel))?;
         Ok(())
     }
+
+    /// [`Gpu::sum_mid_dev`] in two passes: `chunks` blocks per output sum equal runs of its axis
+    /// into f64 partials, then a block per output adds its partials in order.
+    fn sum_mid_split(
+        &self,
+        x: &CudaView<'_, f32>,
+        y: &mut CudaSlice<f32>,
+        [outer, n, inner]: [u32; 3],
+        chunks: u32,
+    ) -> Result<()> {
+        let outputs = outer * inner;
+        // SAFETY: every partial is written by the first pass before the second reads it.
+        let mut partial = unsafe { self.stream.alloc::<f64>(outputs as usize * chunks as usize) }
+            .map_err(cuda("allocating the partial sums"))?;
+        let mut l = self.stream.launch_builder(self.function("sum_mid_split_f32"));
+        l.arg(x).arg(&mut partial).arg(&n).arg(&inner).arg(&chunks);
+        let cfg = LaunchConfig { grid_dim: (outputs * chunks, 1, 1), ..mid_config(true, 1)? };
+        // SAFETY: block b reads run b % chunks of output b / chunks (inside x: need() above) and
+        // writes partial[b], one of outputs * chunks; shared memory holds a double per thread.
+        unsafe { l.launch(cfg) }.map_err(cuda("sum_mid_split_f32"))?;
+        let mut l = self.stream.launch_builder(self.function("sum_partials_f32"));
+        l.arg(&partial).arg(y).arg(&outputs).arg(&chunks);
+        // SAFETY: a block per output (grid-stride) reads its chunks partials and writes y[t].
+        unsafe { l.launch(mid_config(true, outputs as usize)?) }.map_err(cuda("sum_partials_f32"))?;
+        Ok(())
+    }
+}
+
+/// How many blocks share each output of a sum over `n` values when `outputs` are too few to fill
+/// the GPU a block each (`None`: one block or thread per output). Each block takes at least
+/// `SPLIT_RUN` values, and all of them about `SPLIT_BLOCKS`, several per multiprocessor of any
+/// current GPU; the count depends on the shape alone, so a sum gives the same bits on every GPU.
+fn split_sum(outputs: usize, n: usize) -> Option<u32> {
+    const SPLIT_RUN: usize = 16_384;
+    const SPLIT_BLOCKS: usize = 1024;
+    if outputs == 0 || outputs >= 128 || n < 2 * SPLIT_RUN {
+        return None;
+    }
+    Some((n / SPLIT_RUN).min(SPLIT_BLOCKS / outputs).max(1) as u32)
 }
 
 /// The launch of a middle-axis reduction with `outputs` outputs: a thread each, or for the wide

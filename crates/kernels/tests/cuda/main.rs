@@ -476,10 +476,14 @@ fn tensor_kernels_match_their_formulas() {
     cols[5 * 3 + 1] = f32::INFINITY;
     check_mid(&cols, (1, 9001, 3));
 
-    // Long axes of contiguous values, or of few outputs, take the sum with a block per output:
-    // f64 partial sums added in another order than the CPU's, so its f32 result, or one ulp off
-    // it where the exact sum lies within f64 rounding of an f32 boundary.
-    for (outer, mid, inner) in [(3usize, 5000usize, 1usize), (1, 9001, 3)] {
+    // Long axes of contiguous values, or of few outputs, take the sum with a block per output,
+    // and very long axes of few outputs with several blocks per output and a second pass (a
+    // whole tensor: 73 runs; contiguous and strided runs of several outputs; a last run
+    // shorter than the others): f64 partial sums added in another order than the CPU's, so its
+    // f32 result, or one ulp off it where the exact sum lies within f64 rounding of an f32 boundary.
+    for (outer, mid, inner) in
+        [(3usize, 5000usize, 1usize), (1, 9001, 3), (1, 1_200_000, 1), (3, 40_000, 1), (2, 50_001, 3)]
+    {
         let x = values(outer * mid * inner, 85);
         let mut dy = uninit(&g, outer * inner);
         g.sum_mid_dev(&up(&g, &x).slice(..), &mut dy, (outer, mid, inner)).unwrap();
