@@ -74,14 +74,30 @@ extern "C" __global__ void rmsnorm_backward_input_f32(
     }
 }
 
-// RMSNorm weight gradient: one thread per channel sums dy * x * rstd over the rows, in row order
-// (a grid-stride loop: the launch caps its grid, and channels past it are visited again).
+// RMSNorm weight gradient, dw[i] = sum over rows r of dy[r, i] * x[r, i] * rstd[r]: a block of
+// 32 channels x blockDim.y row groups. Thread (c, g) sums rows g, g + blockDim.y, ... of its
+// channel (a warp reads 32 neighbouring channels of one row, coalesced), then the groups' partial
+// sums are added in group order (the bits depend on the launch shape alone). One thread per
+// channel summing every row took 148 us for 1024 rows x 256 on an H200. Blocks take channel
+// tiles grid-stride (the launch caps its grid). Dynamic shared memory: 33 floats per row group
+// (a row of 32 padded by one, so the column reads of the last step hit 32 banks).
 extern "C" __global__ void rmsnorm_backward_weight_f32(
     const float* x, const float* rstd, const float* dy, float* dw, unsigned rows, unsigned dim) {
-    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < dim; i += gridDim.x * blockDim.x) {
+    float* part = reinterpret_cast<float*>(dynamic_shared_memory());
+    for (unsigned base = blockIdx.x * 32; base < dim; base += gridDim.x * 32) {
+        unsigned i = base + threadIdx.x;
         float acc = 0.0f;
-        for (unsigned r = 0; r < rows; ++r) acc += dy[(size_t)r * dim + i] * x[(size_t)r * dim + i] * rstd[r];
-        dw[i] = acc;
+        if (i < dim)
+            for (unsigned r = threadIdx.y; r < rows; r += blockDim.y)
+                acc += dy[(size_t)r * dim + i] * x[(size_t)r * dim + i] * rstd[r];
+        part[threadIdx.y * 33 + threadIdx.x] = acc;
+        __syncthreads();
+        if (threadIdx.y == 0 && i < dim) {
+            float s = 0.0f;
+            for (unsigned g = 0; g < blockDim.y; ++g) s += part[g * 33 + threadIdx.x];
+            dw[i] = s;
+        }
+        __syncthreads();
     }
 }
 

@@ -5,7 +5,7 @@
 //! decode over the latent cache, a device copy as the memory-bandwidth ceiling and a whole
 //! tensor's sum beside it, one linear layer's forward and backward in FP8 against f32 on CUDA
 //! tensors, a training step of the `small` preset on the GPU (f32, bf16, and bf16 with FP8 GEMMs)
-//! against the CPU and on other kernel choices (the previous defaults, wgmma at every size)
+//! against the CPU and on other kernels (the simple attention backward, the opt-in wgmma GEMM)
 //! against the defaults, and a GRPO step of the `tiny` preset on the GPU against the CPU.
 //! Kernels are timed with CUDA events inside criterion's `iter_custom`, so the clock reads the
 //! GPU's own time for `iters` back-to-back launches; the tensor-level rows, which synchronise
@@ -13,7 +13,7 @@
 //!
 //! Without a GPU it says so and exits successfully. `cargo xtask bench gpu` runs it; the GPU
 //! check (`scripts/gpu-check.sh`) runs the prebuilt binary, one process per set of groups
-//! (`$WHALE_GPU_BENCH_GROUPS`: kernels, linear, train_step, kernel_choice_step, train_step_cpu,
+//! (`$WHALE_GPU_BENCH_GROUPS`: kernels, linear, train_step, other_kernels_step, train_step_cpu,
 //! grpo_step), each writing its table to `$WHALE_GPU_BENCH_OUT` (default
 //! the workspace's `target/gpu-bench.md`).
 
@@ -174,9 +174,9 @@ fn fp8_gemms(c: &mut Criterion, g: &Gpu, rows: &mut Vec<Row>) {
     }
 }
 
-/// Small products, on both tensor-core kernels: where wgmma starts to pay
-/// ([`Fp8GemmKernel::by_size`] takes it from a 128 x 128 tile per multiprocessor). The `small`
-/// preset's projections and experts (at 1024 tokens, 64 tokens per expert), then 64 and 256 tiles.
+/// Small products, on both tensor-core kernels: the `small` preset's projections and experts (at
+/// 1024 tokens, 64 tokens per expert), then 64 and 256 output tiles, fewer than and about twice
+/// an H200's 132 multiprocessors.
 const SMALL_FP8_SHAPES: [(usize, usize, usize); 5] =
     [(1024, 256, 256), (64, 128, 256), (64, 256, 128), (1024, 1024, 1024), (2048, 2048, 2048)];
 
@@ -347,29 +347,25 @@ fn training_step(c: &mut Criterion, rows: &mut Vec<Row>) {
 }
 
 /// [`training_step`]'s baseline, the same step on the CPU in f32: a group of its own, measured
-/// after the GPU's (and the other kernel choices') rows, which a run cut short needs more.
+/// after the GPU's (and the other kernels') rows, which a run cut short needs more.
 fn training_step_cpu(c: &mut Criterion, rows: &mut Vec<Row>) {
     training_steps(c, rows, &[("cpu", Device::Cpu, DType::F32, false)], "");
 }
 
-/// The GPU runs of [`training_step`] on other kernel choices than the defaults, each beside the
-/// default run: the previous defaults (the simple attention backward and the tensor-core FP8 GEMM
-/// at every size), and the wgmma FP8 GEMM at every size (the default takes it only for products
-/// of a tile per multiprocessor, which the `small` preset has none of). Guarded: the defaults are
-/// restored whatever happens.
-fn kernel_choice_steps(c: &mut Criterion, rows: &mut Vec<Row>) {
+/// The GPU runs of [`training_step`] on other kernels than the defaults, each beside the default
+/// run: the simple attention backward (the default before the tiled one passed an H200), and
+/// the opt-in wgmma FP8 GEMM. Guarded: the defaults are restored whatever happens.
+fn other_kernels_step(c: &mut Criterion, rows: &mut Vec<Row>) {
     let gpu = Device::cuda(0).expect("GPU 0");
     let g = gpu.gpu().expect("GPU 0's kernels");
     let defaults = (g.attention_kernels(), g.preferred_fp8_gemm_kernel());
     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         g.set_attention_kernels(AttentionKernels::TiledForward);
-        g.set_fp8_gemm_kernel(Some(Fp8GemmKernel::TensorCore));
-        let runs = [("gpu", gpu, DType::F32, false), ("gpu_fp8", gpu, DType::BF16, true)];
-        training_steps(c, rows, &runs, "_previous");
+        training_steps(c, rows, &[("gpu", gpu, DType::F32, false)], "_simple_backward");
         g.set_attention_kernels(defaults.0);
         if g.runs_fp8_gemm(Fp8GemmKernel::Wgmma, 128) {
-            g.set_fp8_gemm_kernel(Some(Fp8GemmKernel::Wgmma));
-            training_steps(c, rows, &[("gpu_fp8", gpu, DType::BF16, true)], "_all_wgmma");
+            g.set_fp8_gemm_kernel(Fp8GemmKernel::Wgmma);
+            training_steps(c, rows, &[("gpu_fp8", gpu, DType::BF16, true)], "_wgmma");
         }
     }));
     g.set_attention_kernels(defaults.0);
@@ -438,7 +434,7 @@ fn grpo_step(c: &mut Criterion, rows: &mut Vec<Row>) {
 
 /// The markdown table of every row with its ratio to the baseline measured in the same run
 /// (cuBLAS bf16 for FP8, cuBLAS f32 for bf16, the simple attention kernels for the tiled ones,
-/// the CPU for the training step, the default kernels for the other choices) and, for attention and
+/// the CPU for the training step, the default kernels for the others) and, for attention and
 /// decode, the share of their ceiling.
 fn table(rows: &[Row]) -> String {
     let mut out = String::from("| benchmark | time | rate | vs baseline |\n| --- | --- | --- | --- |\n");
@@ -456,8 +452,8 @@ fn table(rows: &[Row]) -> String {
             ("train_step" | "grpo_step", Some(k)) if k.ends_with("_gpu") => {
                 rows.iter().find(|b| b.name == r.name.replace("_gpu", "_cpu"))
             }
-            ("train_step", Some(k)) if k.ends_with("_previous") || k.ends_with("_all_wgmma") => {
-                rows.iter().find(|b| b.name == r.name.replace("_previous", "").replace("_all_wgmma", ""))
+            ("train_step", Some(k)) if k.ends_with("_simple_backward") || k.ends_with("_wgmma") => {
+                rows.iter().find(|b| b.name == r.name.replace("_simple_backward", "").replace("_wgmma", ""))
             }
             ("train_step", Some(k)) if k.ends_with("_gpu_fp8") || k.ends_with("_gpu_bf16") => {
                 rows.iter().find(|b| b.name == r.name.replace("_gpu_fp8", "_gpu").replace("_gpu_bf16", "_gpu"))
@@ -516,7 +512,7 @@ fn main() {
     // A driver that would not load the wgmma module leaves its rows out: say so in the header.
     let unloaded = match g.unloaded_modules() {
         [] => String::new(),
-        why => format!("not loaded (no wgmma rows; the wgmma steps run the tensor-core GEMM): {}\n", why.join("; ")),
+        why => format!("not loaded (no wgmma rows): {}\n", why.join("; ")),
     };
     let save = |rows: &[Row], failed: &str| {
         let text = format!("GPU: compute capability {}.{}\n{unloaded}\n{}{failed}", arch.0, arch.1, table(rows));
@@ -542,7 +538,7 @@ fn main() {
     // (and the table) still come out.
     let mut failed = String::new();
     // Hopper loads the wgmma module: one that did not is a failure, not a table without its rows.
-    if arch == (9, 0) && !unloaded.is_empty() && (wanted("kernels") || wanted("kernel_choice_step")) {
+    if arch == (9, 0) && !unloaded.is_empty() && (wanted("kernels") || wanted("other_kernels_step")) {
         failed += &format!("\nwgmma: FAILED: compute capability 9.0 and the module is {unloaded}");
     }
     type Group<'a> = &'a dyn Fn(&mut Criterion, &mut Vec<Row>);
@@ -551,7 +547,7 @@ fn main() {
     let groups: [(&str, Group); 5] = [
         ("linear", &linear_layers),
         ("train_step", &training_step),
-        ("kernel_choice_step", &kernel_choice_steps),
+        ("other_kernels_step", &other_kernels_step),
         ("train_step_cpu", &training_step_cpu),
         ("grpo_step", &grpo_step),
     ];

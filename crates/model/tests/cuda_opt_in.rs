@@ -1,10 +1,10 @@
-//! DeepSeek-V3 (the tiny preset) trained on a GPU with the kernels its defaults do not choose at
-//! this size: on sm_90 the wgmma FP8 GEMM at every size (the default takes it only for products
-//! of a 128 x 128 tile per multiprocessor, which the tiny preset never has), with the tiled
-//! attention backward, against the same model on the CPU, as tests/cuda_model.rs does with the
-//! default kernels. A test binary of its own, because kernel choices belong to the GPU that every
-//! test of a process shares. Skipped, saying so, without a GPU; in CI it runs on the emulated
-//! driver (`the_opt_in_kernels_train_on_the_emulated_driver_in_emulation`).
+//! DeepSeek-V3 (the tiny preset) trained on a GPU with the opt-in kernel, on sm_90 the wgmma FP8
+//! GEMM (twice the default's rate on an H200, with Hopper's limited-precision accumulation inside
+//! each 128 of K), and the tiled attention backward, against the same model on the CPU, as
+//! tests/cuda_model.rs does with the default kernels. A test binary of its own, because kernel
+//! choices belong to the GPU that every test of a process shares. Skipped, saying so, without a
+//! GPU; in CI it runs on the emulated driver
+//! (`the_opt_in_kernels_train_on_the_emulated_driver_in_emulation`).
 
 mod common;
 
@@ -31,7 +31,7 @@ fn tiny_deepseek_v3_trains_on_the_opt_in_kernels_as_on_the_cpu() {
     g.set_attention_kernels(AttentionKernels::Tiled);
     let wgmma = g.runs_fp8_gemm(Fp8GemmKernel::Wgmma, 128);
     if wgmma {
-        g.set_fp8_gemm_kernel(Some(Fp8GemmKernel::Wgmma));
+        g.set_fp8_gemm_kernel(Fp8GemmKernel::Wgmma);
     } else {
         eprintln!("{TEST}: the wgmma FP8 GEMM part skipped, sm_{}{} does not run it", g.arch.0, g.arch.1);
     }

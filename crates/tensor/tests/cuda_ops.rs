@@ -537,7 +537,7 @@ fn fp8_linear_trains_on_the_gpu_as_on_the_cpu() {
         if !g.runs_fp8_gemm(kernel, 256) {
             continue;
         }
-        g.set_fp8_gemm_kernel(Some(kernel));
+        g.set_fp8_gemm_kernel(kernel);
         let y = xg.fp8_linear_quantized(&shifted, &gs, &recipe).and_then(|y| y.to_vec_f32());
         let aligned = xg.fp8_linear_quantized(&gc, &gs, &recipe).and_then(|y| y.to_vec_f32());
         g.set_fp8_gemm_kernel(preferred);

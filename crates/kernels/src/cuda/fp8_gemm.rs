@@ -45,12 +45,15 @@ pub struct Fp8View<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fp8GemmKernel {
     /// Hopper's warpgroup MMA (`wgmma` on E4M3, sm_90 only; kernels/fp8_gemm_wgmma.cu): 128 x 128
-    /// tiles fed by a 4-stage cp.async ring; needs `k % 16 == 0`. About twice the tensor-core
-    /// kernel's rate at DeepSeek-V3's shapes on an H200 (scripts/reports/), so the default for
-    /// products of at least a tile per multiprocessor ([`Fp8GemmKernel::by_size`]).
+    /// tiles fed by a 4-stage cp.async ring; needs `k % 16 == 0`. On an H200 it ran 1.8 to 2.2
+    /// times the tensor-core kernel's rate at DeepSeek-V3's shapes and 1.2 to 1.9 times at the
+    /// `small` preset's (scripts/reports/gpu-check-h200-2026-12-04*.md), but Hopper's FP8 MMA
+    /// adds its products in limited precision inside each 128 of K (DeepSeek-V3's report, 3.5.2;
+    /// 2.2e-4 of the largest output measured there, against 1e-5 for the tensor-core kernel), so
+    /// it is opt-in ([`Gpu::set_fp8_gemm_kernel`]): the default matches the f32 CPU twin.
     Wgmma = 0,
-    /// Tensor cores (`mma.sync` on E4M3, sm_89+), 128 x 128 tiles; needs `k % 16 == 0`. The
-    /// default for smaller products, and on Ada.
+    /// Tensor cores (`mma.sync` on E4M3, sm_89+, f32 accumulation), 128 x 128 tiles; needs
+    /// `k % 16 == 0`. The default.
     TensorCore = 1,
     /// One thread per output on the CUDA cores: the simple reference version.
     Simple = 2,
@@ -80,26 +83,11 @@ impl Fp8GemmKernel {
         }
     }
 
-    /// The kernel the default choice prefers for an `[m, k] x [n, k]ᵀ` product on a GPU of
-    /// `multiprocessors`: wgmma where the product has at least a 128 x 128 output tile for each
-    /// multiprocessor, else the tensor-core kernel. Below that both kernels run one wave of
-    /// tiles, and the small presets' training steps ran slower on wgmma (an H200, 2026-12-04).
-    pub fn by_size(m: usize, n: usize, multiprocessors: usize) -> Fp8GemmKernel {
-        if m.div_ceil(128) * n.div_ceil(128) >= multiprocessors {
-            Fp8GemmKernel::Wgmma
-        } else {
-            Fp8GemmKernel::TensorCore
-        }
-    }
-
     /// `preferred` where it `runs`, else the next simpler kernel that does.
     pub fn choose(preferred: Fp8GemmKernel, runs: impl Fn(Fp8GemmKernel) -> bool) -> Fp8GemmKernel {
         Self::ALL[preferred as usize..].iter().copied().find(|&x| runs(x)).unwrap_or(Fp8GemmKernel::Simple)
     }
 }
-
-/// [`Gpu`]'s FP8 GEMM preference when each product's size chooses the kernel.
-pub(super) const BY_SIZE: u8 = u8::MAX;
 
 /// The most blocks a launch's grid has along y (CUDA's limit).
 const MAX_GRID_Y: usize = 65_535;
@@ -126,12 +114,10 @@ impl Gpu {
         })
     }
 
-    /// Prefers `kernel` for every FP8 GEMM from now on (where it cannot run, the next simpler
-    /// one that can), or with `None` chooses by each product's size ([`Fp8GemmKernel::by_size`]),
-    /// the default.
-    pub fn set_fp8_gemm_kernel(&self, kernel: Option<Fp8GemmKernel>) {
-        let code = kernel.map_or(BY_SIZE, |k| k as u8);
-        self.fp8_gemm.store(code, std::sync::atomic::Ordering::Relaxed);
+    /// Prefers `kernel` for FP8 GEMMs from now on (where it cannot run, the next simpler one
+    /// that can). The default is [`Fp8GemmKernel::TensorCore`].
+    pub fn set_fp8_gemm_kernel(&self, kernel: Fp8GemmKernel) {
+        self.fp8_gemm.store(kernel as u8, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether this GPU runs `kernel` for a product over `k` (its architecture, and its driver
@@ -140,23 +126,19 @@ impl Gpu {
         kernel.runs_on(self.arch, k) && self.has_kernel(kernel.entry())
     }
 
-    /// The kernel preferred for every FP8 GEMM, or `None` where each product's size chooses
-    /// (see [`Gpu::set_fp8_gemm_kernel`]).
-    pub fn preferred_fp8_gemm_kernel(&self) -> Option<Fp8GemmKernel> {
+    /// The kernel preferred for FP8 GEMMs (see [`Gpu::set_fp8_gemm_kernel`]).
+    pub fn preferred_fp8_gemm_kernel(&self) -> Fp8GemmKernel {
         match self.fp8_gemm.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => Some(Fp8GemmKernel::Wgmma),
-            1 => Some(Fp8GemmKernel::TensorCore),
-            2 => Some(Fp8GemmKernel::Simple),
-            _ => None,
+            0 => Fp8GemmKernel::Wgmma,
+            1 => Fp8GemmKernel::TensorCore,
+            _ => Fp8GemmKernel::Simple,
         }
     }
 
-    /// The kernel an `[m, k] x [n, k]ᵀ` product runs on: the preferred one (by default the one
-    /// its size calls for), or the next simpler one this GPU runs.
-    pub fn fp8_gemm_kernel(&self, m: usize, n: usize, k: usize) -> Fp8GemmKernel {
-        let preferred =
-            self.preferred_fp8_gemm_kernel().unwrap_or_else(|| Fp8GemmKernel::by_size(m, n, self.multiprocessors));
-        Fp8GemmKernel::choose(preferred, |x| self.runs_fp8_gemm(x, k))
+    /// The kernel a product over `k` runs on: the preferred one, or the next simpler one this
+    /// GPU runs.
+    pub fn fp8_gemm_kernel(&self, k: usize) -> Fp8GemmKernel {
+        Fp8GemmKernel::choose(self.preferred_fp8_gemm_kernel(), |x| self.runs_fp8_gemm(x, k))
     }
 
     /// `y = a · bᵀ` on device operands into `y` (`[a.rows, b.rows]`).
@@ -247,7 +229,7 @@ impl Gpu {
     /// The block-scaled FP8 GEMM `a bᵀ` with f32 promotion every 128 of K from host operands
     /// (twin: `fp8_gemm` with `Accumulation::F32`), on the fastest kernel this GPU runs.
     pub fn fp8_gemm(&self, a: &Fp8Blocks, b: &Fp8Blocks) -> Result<Vec<f32>> {
-        self.fp8_gemm_with(a, b, self.fp8_gemm_kernel(a.rows, b.rows, a.cols))
+        self.fp8_gemm_with(a, b, self.fp8_gemm_kernel(a.cols))
     }
 
     /// [`Gpu::fp8_gemm`] on a chosen kernel.
@@ -282,22 +264,6 @@ mod tests {
         for (preferred, arch, k, want) in cases {
             assert_eq!(choose(preferred, arch, k), want, "{preferred:?} on sm_{}{} over k = {k}", arch.0, arch.1);
             assert!(want.runs_on(arch, k));
-        }
-    }
-
-    #[test]
-    fn by_size_takes_wgmma_from_a_tile_per_multiprocessor() {
-        // (m, n) of the product on 132 multiprocessors (an H200) -> the kernel
-        let cases = [
-            ((4096, 2112), Wgmma),                    // 32 x 17 tiles
-            ((128 * 12, 128 * 11), Wgmma),            // 132 tiles exactly
-            ((128 * 12, 128 * 11 - 1), Wgmma),        // a partial tile counts
-            ((128 * 11, 128 * 12 - 128), TensorCore), // 121 tiles
-            ((1024, 256), TensorCore),                // the small preset's projections: 16 tiles
-            ((1, 1 << 20), Wgmma),                    // one row of 8192 tiles
-        ];
-        for ((m, n), want) in cases {
-            assert_eq!(Fp8GemmKernel::by_size(m, n, 132), want, "[{m}, k] x [{n}, k]");
         }
     }
 }

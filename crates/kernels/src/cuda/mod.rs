@@ -152,8 +152,7 @@ pub struct Gpu {
     /// The attention kernels launched, as `AttentionKernels as u8`; see
     /// [`Gpu::set_attention_kernels`].
     attention: std::sync::atomic::AtomicU8,
-    /// The FP8 GEMM kernel preferred, as `Fp8GemmKernel as u8`, or `fp8_gemm::BY_SIZE`; see
-    /// [`Gpu::set_fp8_gemm_kernel`].
+    /// The FP8 GEMM kernel preferred, as `Fp8GemmKernel as u8`; see [`Gpu::set_fp8_gemm_kernel`].
     fp8_gemm: std::sync::atomic::AtomicU8,
     /// Streaming multiprocessors (132 on an H200).
     pub multiprocessors: usize,
@@ -263,7 +262,7 @@ impl Gpu {
             arch: (major as u32, minor as u32),
             ordinal,
             attention: (AttentionKernels::Tiled as u8).into(),
-            fp8_gemm: fp8_gemm::BY_SIZE.into(),
+            fp8_gemm: (Fp8GemmKernel::TensorCore as u8).into(),
             multiprocessors,
         };
         gpu.allow_shared_memory()?;

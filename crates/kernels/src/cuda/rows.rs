@@ -4,9 +4,9 @@
 //! buffer may be longer than the call needs, never shorter). The host-slice launchers in
 //! `cuda/mod.rs` copy in, call these, and copy out.
 
-use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
-use super::{cuda, grid_for, need, rows_config, Gpu, GpuError, Result};
+use super::{cuda, grid_for, need, rows_config, Gpu, GpuError, Result, MAX_BLOCKS};
 
 type View<'a> = CudaView<'a, f32>;
 
@@ -85,8 +85,17 @@ impl Gpu {
         unsafe { l.launch(rows_config(rows, dim)?) }.map_err(cuda("rmsnorm_backward_input_f32"))?;
         let mut l = self.stream.launch_builder(self.function("rmsnorm_backward_weight_f32"));
         l.arg(x).arg(rstd).arg(dy).arg(dw).arg(&rows32).arg(&dim32);
-        // SAFETY: each channel (grid-stride) reads its column of `rows` rows.
-        unsafe { l.launch(grid_for(dim)?) }.map_err(cuda("rmsnorm_backward_weight_f32"))?;
+        // 32 channels x 32 row groups a block; the row groups' sums in shared memory, a row of 33
+        // floats each.
+        let groups = 32u32;
+        let cfg = LaunchConfig {
+            grid_dim: ((dim as u32).div_ceil(32).min(MAX_BLOCKS), 1, 1),
+            block_dim: (32, groups, 1),
+            shared_mem_bytes: 4 * 33 * groups,
+        };
+        // SAFETY: each block's channels (grid-stride tiles of 32, those past dim idle) read their
+        // columns of `rows` rows; shared memory holds 33 floats per row group.
+        unsafe { l.launch(cfg) }.map_err(cuda("rmsnorm_backward_weight_f32"))?;
         Ok(())
     }
 

@@ -122,7 +122,7 @@ pub(crate) fn linear(
     })?;
     let mut y = alloc(&g, dev, m * n)?;
     let mut gemm =
-        |w: &Fp8View<'_>| g.fp8_gemm_dev(&xq.view(), w, &mut y, g.fp8_gemm_kernel(m, n, k)).map_err(gpu_error(dev));
+        |w: &Fp8View<'_>| g.fp8_gemm_dev(&xq.view(), w, &mut y, g.fp8_gemm_kernel(k)).map_err(gpu_error(dev));
     // What the Dgrad GEMM reads: a master weight's blocks from here, a stored weight as it is.
     let kept = match weight {
         Fp8Weight::Master(w) => {
@@ -181,7 +181,7 @@ pub(crate) fn linear_grads(
                 Kept::Stored(codes, scales) => with_stored(g, (codes, scales), transpose)?,
             };
             let mut dx = alloc(g, dev, m * k)?;
-            g.fp8_gemm_dev(&dyq.view(), &wt.view(), &mut dx, g.fp8_gemm_kernel(m, k, n)).map_err(gpu_error(dev))?;
+            g.fp8_gemm_dev(&dyq.view(), &wt.view(), &mut dx, g.fp8_gemm_kernel(n)).map_err(gpu_error(dev))?;
             Ok((g.clone(), dx))
         })?;
         Some(tensor(dx.0, dx.1, x.dims(), x.dtype(), &[], NoBackward)?)
@@ -201,7 +201,7 @@ pub(crate) fn linear_grads(
                 let (dyt, xt) =
                     (quantize(dyb, n, (GRADIENT_MIN_AMAX, w_scales))?, quantize(xb, k, (MIN_AMAX, x_scales))?);
                 let mut dw = alloc(g, dev, n * k)?;
-                g.fp8_gemm_dev(&dyt.view(), &xt.view(), &mut dw, g.fp8_gemm_kernel(n, k, dyt.cols))
+                g.fp8_gemm_dev(&dyt.view(), &xt.view(), &mut dw, g.fp8_gemm_kernel(dyt.cols))
                     .map_err(gpu_error(dev))?;
                 Ok((g.clone(), dw))
             })?;
