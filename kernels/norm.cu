@@ -79,8 +79,9 @@ extern "C" __global__ void rmsnorm_backward_input_f32(
 // channel (a warp reads 32 neighbouring channels of one row, coalesced), then the groups' partial
 // sums are added in group order (the bits depend on the launch shape alone). One thread per
 // channel summing every row took 148 us for 1024 rows x 256 on an H200. Blocks take channel
-// tiles grid-stride (the launch caps its grid). Dynamic shared memory: 33 floats per row group
-// (a row of 32 padded by one, so the column reads of the last step hit 32 banks).
+// tiles grid-stride (the launch caps its grid). Dynamic shared memory: 33 floats per row group,
+// a row of 32 partial sums and one of slack (the writes and the last step's reads both run
+// along rows, one bank per lane, so the padding buys nothing; this is the layout the H200 ran).
 extern "C" __global__ void rmsnorm_backward_weight_f32(
     const float* x, const float* rstd, const float* dy, float* dw, unsigned rows, unsigned dim) {
     float* part = reinterpret_cast<float*>(dynamic_shared_memory());

@@ -64,4 +64,4 @@ kib=$(( $(git ls-files -z -co --exclude-standard | du -ck --files0-from=- 2>/dev
 echo "carry: about $((kib / 1024)) MiB of 64"
 [ "$kib" -lt $((60 * 1024)) ] || { echo "over 60 MiB: the device would refuse it" >&2; exit 1; }
 echo "Before the device run: bash scripts/gpu-check.sh --verify; then run with carry [\"gpu-bin\"] and"
-echo "timeout_s of the budget plus 60 (default GPU_CHECK_BUDGET=300: 360): OUT=\$OUT bash scripts/gpu-check.sh"
+echo "timeout_s of the budget plus 60 (default GPU_CHECK_BUDGET=360: 420): OUT=\$OUT bash scripts/gpu-check.sh"

@@ -1,9 +1,9 @@
 //! DeepSeek-V3 (the tiny preset) trained on a GPU with the opt-in kernel, on sm_90 the wgmma FP8
 //! GEMM (twice the default's rate on an H200, with Hopper's limited-precision accumulation inside
-//! each 128 of K), and the tiled attention backward, against the same model on the CPU, as
-//! tests/cuda_model.rs does with the default kernels. A test binary of its own, because kernel
-//! choices belong to the GPU that every test of a process shares. Skipped, saying so, without a
-//! GPU; in CI it runs on the emulated driver
+//! each 128 of K), and the tiled attention backward (now the default too), against the same
+//! model on the CPU, as tests/cuda_model.rs does with the default kernels. A test binary of its
+//! own, because kernel choices belong to the GPU that every test of a process shares. Skipped,
+//! saying so, without a GPU; in CI it runs on the emulated driver
 //! (`the_opt_in_kernels_train_on_the_emulated_driver_in_emulation`).
 
 mod common;

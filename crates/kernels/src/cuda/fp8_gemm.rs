@@ -46,11 +46,12 @@ pub struct Fp8View<'a> {
 pub enum Fp8GemmKernel {
     /// Hopper's warpgroup MMA (`wgmma` on E4M3, sm_90 only; kernels/fp8_gemm_wgmma.cu): 128 x 128
     /// tiles fed by a 4-stage cp.async ring; needs `k % 16 == 0`. On an H200 it ran 1.8 to 2.2
-    /// times the tensor-core kernel's rate at DeepSeek-V3's shapes and 1.2 to 1.9 times at the
+    /// times the tensor-core kernel's rate at DeepSeek-V3's shapes and 1.24 to 1.47 times at the
     /// `small` preset's (scripts/reports/gpu-check-h200-2026-12-04*.md), but Hopper's FP8 MMA
     /// adds its products in limited precision inside each 128 of K (DeepSeek-V3's report, 3.5.2;
-    /// 2.2e-4 of the largest output measured there, against 1e-5 for the tensor-core kernel), so
-    /// it is opt-in ([`Gpu::set_fp8_gemm_kernel`]): the default matches the f32 CPU twin.
+    /// errors up to 2.3e-4 of the largest output there, where the tensor-core kernel passes its
+    /// test's 1e-5), so it is opt-in ([`Gpu::set_fp8_gemm_kernel`]): the default matches the f32
+    /// CPU twin.
     Wgmma = 0,
     /// Tensor cores (`mma.sync` on E4M3, sm_89+, f32 accumulation), 128 x 128 tiles; needs
     /// `k % 16 == 0`. The default.

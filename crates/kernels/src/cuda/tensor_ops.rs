@@ -249,9 +249,9 @@ impl Gpu {
 
     /// `y[o, i] = Σ_j x[o, j, i]` for contiguous `x` `[outer, n, inner]`, in f64 like the CPU: one
     /// thread per output, or, for a long axis of few outputs or of contiguous values, one block per
-    /// output whose threads split the axis, or, for a very long axis of fewer outputs than the GPU
-    /// has multiprocessors (a whole tensor's sum), several blocks per output and a second pass over
-    /// their f64 partial sums ([`split_sum`]). The wide and split sums add in f64 in another order:
+    /// output whose threads split the axis, or, for a very long axis of fewer than 128 outputs (a
+    /// whole tensor's sum), several blocks per output and a second pass over their f64 partial
+    /// sums ([`split_sum`]). The wide and split sums add in f64 in another order:
     /// the CPU's f32 result, or one ulp off it when the exact sum lies within f64 rounding of a
     /// boundary.
     pub fn sum_mid_dev(
@@ -316,6 +316,28 @@ fn split_sum(outputs: usize, n: usize) -> Option<u32> {
     Some((n / SPLIT_RUN).min(SPLIT_BLOCKS / outputs).max(1) as u32)
 }
 
+#[cfg(test)]
+mod tests {
+    use super::split_sum;
+
+    #[test]
+    fn a_sum_splits_into_runs_of_at_least_16384_and_about_1024_blocks() {
+        // (outputs, n) -> chunks per output
+        let cases = [
+            ((1, 1_200_000), Some(73)),     // a whole tensor: n / 16384 runs
+            ((1, 1 << 30), Some(1024)),     // capped at 1024 blocks
+            ((100, 20 * 16_384), Some(10)), // 1024 / 100 blocks per output
+            ((127, 1 << 20), Some(8)),
+            ((128, 1 << 20), None),      // enough outputs for a block each
+            ((1, 2 * 16_384 - 1), None), // too short to split
+            ((0, 1 << 20), None),
+        ];
+        for ((outputs, n), want) in cases {
+            assert_eq!(split_sum(outputs, n), want, "{outputs} outputs of {n}");
+        }
+    }
+}
+
 /// The launch of a middle-axis reduction with `outputs` outputs: a thread each, or for the wide
 /// kernels a block each (grid-stride) with 8 bytes of shared memory per thread.
 fn mid_config(wide: bool, outputs: usize) -> Result<LaunchConfig> {
@@ -326,13 +348,20 @@ fn mid_config(wide: bool, outputs: usize) -> Result<LaunchConfig> {
     Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 8 * THREADS })
 }
 
-/// `[outer, n, inner]` as the kernels' 32-bit sizes (their offsets are 64-bit).
+/// `[outer, n, inner]` as the kernels' 32-bit sizes (their offsets are 64-bit). The reduced axis
+/// stays [`MAX_MID_AXIS`] short of 32 bits: the kernels step their 32-bit index along it by up to
+/// four blocks' width, and the split sum rounds it up to whole runs.
 fn mid_dims(kernel: &str, (outer, n, inner): (usize, usize, usize)) -> Result<[u32; 3]> {
-    let fit = |d: usize| {
-        u32::try_from(d).map_err(|_| GpuError::Shape(format!("{kernel}: an axis of {d} values exceeds 32-bit sizes")))
+    let fit = |d: usize, most: usize| {
+        u32::try_from(d).ok().filter(|&d| d as usize <= most).ok_or_else(|| {
+            GpuError::Shape(format!("{kernel}: an axis of {d} values exceeds 32-bit sizes (at most {most})"))
+        })
     };
-    Ok([fit(outer)?, fit(n)?, fit(inner)?])
+    Ok([fit(outer, u32::MAX as usize)?, fit(n, MAX_MID_AXIS)?, fit(inner, u32::MAX as usize)?])
 }
+
+/// The longest axis a middle-axis reduction takes (see [`mid_dims`]).
+const MAX_MID_AXIS: usize = u32::MAX as usize - 8 * THREADS as usize;
 
 /// Whether a middle-axis reduction ([`Gpu::sum_mid_dev`], [`Gpu::reduce_mid_dev`]) gives each
 /// output a block: the axis is long (`WIDE_SUM_MIN` values), and its values are contiguous

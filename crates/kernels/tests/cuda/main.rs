@@ -478,8 +478,8 @@ fn tensor_kernels_match_their_formulas() {
 
     // Long axes of contiguous values, or of few outputs, take the sum with a block per output,
     // and very long axes of few outputs with several blocks per output and a second pass (a
-    // whole tensor: 73 runs; contiguous and strided runs of several outputs; a last run
-    // shorter than the others): f64 partial sums added in another order than the CPU's, so its
+    // whole tensor: 73 runs, the last shorter than the others; contiguous and strided runs of
+    // several outputs): f64 partial sums added in another order than the CPU's, so its
     // f32 result, or one ulp off it where the exact sum lies within f64 rounding of an f32 boundary.
     for (outer, mid, inner) in
         [(3usize, 5000usize, 1usize), (1, 9001, 3), (1, 1_200_000, 1), (3, 40_000, 1), (2, 50_001, 3)]
