@@ -125,7 +125,8 @@ pub struct R1Settings {
     /// Steps between validation evaluations in the RL stages (0: none).
     pub eval_every: u64,
     /// Problems of each validation (4 samples each), none of them held out for the final
-    /// evaluation.
+    /// evaluation: the tasks' held-out problems, or those of a `--data` file's held-out prompts
+    /// that follow the final evaluation's.
     pub validation_problems: usize,
     /// Steps between checkpoints of the RL stages (0: only at the end); `--resume` continues an
     /// interrupted RL stage from its last one.
@@ -328,6 +329,9 @@ struct Pipeline {
     /// The reasoning tasks, with `letters` applied.
     tasks: TaskSet,
     heldout: Vec<Problem>,
+    /// The validation prompts of a `--data` file with a held-out split (past `heldout`); `None`:
+    /// the tasks' held-out problems.
+    data_validation: Option<Vec<Problem>>,
     pool: Option<Vec<Problem>>,
     device: Device,
     /// What the models trained recompute in their backward.
@@ -512,16 +516,21 @@ impl Pipeline {
             t.run.pool = self.pool.clone();
         }
         println!("{}: GRPO, {} steps, rewards {}", stage.label(), cfg.steps, t.run.rewards.describe());
-        // Validation on the reasoning tasks, the same for every stage.
-        let validation = Validation::new(
-            self.tok.clone(),
-            &self.s.tasks,
-            cfg.letters,
-            self.s.eval_seed,
-            &self.heldout,
-            dir.join("eval_history.jsonl"),
-            (self.s.validation_problems, self.s.eval_every),
-        )?
+        // Validation on the reasoning tasks (or a --data file's held-out prompts), the same for
+        // every stage.
+        let history = dir.join("eval_history.jsonl");
+        let validation = match &self.data_validation {
+            Some(on_data) => Validation::on_problems(self.tok.clone(), on_data.clone(), history, self.s.eval_every),
+            None => Validation::new(
+                self.tok.clone(),
+                &self.s.tasks,
+                cfg.letters,
+                self.s.eval_seed,
+                &self.heldout,
+                history,
+                (self.s.validation_problems, self.s.eval_every),
+            )?,
+        }
         .covering(cfg.max_new_tokens);
         train_loop(&mut t, &dir.join("checkpoint"), self.s.checkpoint_every, Some(&validation))?;
         for (name, text) in records {
@@ -699,6 +708,12 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
     }
     let pool = args.data.as_deref().map(crate::settings::training_pool).transpose()?;
     let heldout = crate::settings::held_out_problems(args.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;
+    let data_validation = crate::settings::data_validation_problems(
+        args.data.as_deref(),
+        heldout.len(),
+        s.validation_problems,
+        s.eval_every,
+    )?;
     // A --data file's prompts read in the tokenizer and fit the model, checked before stage 1
     // trains (the held-out ones are first scored after it, the pool's when a step draws them).
     if let (Some(path), Some(pool)) = (&args.data, &pool) {
@@ -708,7 +723,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
             positions = positions.min(crate::device::max_positions(base, "--base")?);
         }
         let source = format!("--data {}", path.display());
-        for problems in [pool, &heldout] {
+        for problems in [pool, &heldout].into_iter().chain(&data_validation) {
             crate::settings::check_prompts(&*tok, positions, problems, PromptTemplate::Plain, &source)?;
         }
     }
@@ -723,6 +738,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
         tok,
         tasks,
         heldout,
+        data_validation,
         pool,
         device,
         recompute: args.recompute.unwrap_or_default(),

@@ -54,7 +54,8 @@ pub struct R1ZeroSettings {
     /// Steps between validation evaluations (eval_history.jsonl; 0: none).
     pub eval_every: u64,
     /// Problems of each validation (4 samples each), none of them held out for the final
-    /// evaluation.
+    /// evaluation: the tasks' held-out problems, or those of a `--data` file's held-out prompts
+    /// that follow the final evaluation's.
     pub validation_problems: usize,
 }
 
@@ -356,13 +357,23 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     let problems = crate::settings::held_out_problems(s.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;
     let templated = s.grpo.template != PromptTemplate::Plain;
     let template_source = format!("--template {}", s.grpo.template);
+    let data_validation = crate::settings::data_validation_problems(
+        s.data.as_deref(),
+        problems.len(),
+        s.validation_problems,
+        s.eval_every,
+    )?;
     match &data_source {
         Some(source) => check(&problems, source)?,
         None if templated => check(&problems, &template_source)?,
         None => {}
     }
-    if templated {
-        check(&validation_set(&tasks, s.eval_seed, &problems, s.validation_problems), &template_source)?;
+    match (&data_validation, &data_source) {
+        (Some(validation), Some(source)) => check(validation, source)?,
+        _ if templated => {
+            check(&validation_set(&tasks, s.eval_seed, &problems, s.validation_problems), &template_source)?
+        }
+        _ => {}
     }
     // A run stopped before its first checkpoint has nothing to continue: --resume starts it again
     // (its logs, all of steps not checkpointed, go).
@@ -439,15 +450,19 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     print_report("base", &before);
     write_eval(&out.join("eval_before.json"), &before)?;
 
-    let validation = Validation::new(
-        tok.clone(),
-        &s.grpo.tasks,
-        s.grpo.letters,
-        s.eval_seed,
-        &problems,
-        out.join("eval_history.jsonl"),
-        (s.validation_problems, s.eval_every),
-    )?
+    let history = out.join("eval_history.jsonl");
+    let validation = match data_validation {
+        Some(on_data) => Validation::on_problems(tok.clone(), on_data, history, s.eval_every),
+        None => Validation::new(
+            tok.clone(),
+            &s.grpo.tasks,
+            s.grpo.letters,
+            s.eval_seed,
+            &problems,
+            history,
+            (s.validation_problems, s.eval_every),
+        )?,
+    }
     .covering(s.grpo.max_new_tokens)
     .in_template(s.grpo.template);
     let first = trainer.run_mut().step;
@@ -527,9 +542,14 @@ impl Validation {
         (count, every): (usize, u64),
     ) -> Result<Self> {
         let tasks = TaskSet::parse(tasks)?.with_letters(letters)?;
-        let problems = validation_problems(&tasks, seed, test, count, every);
+        Ok(Self::on_problems(tokenizer, validation_problems(&tasks, seed, test, count, every), history, every))
+    }
+
+    /// Validation on `problems` (a `--data` file's held-out prompts past the final evaluation's:
+    /// [`crate::settings::data_validation_problems`]) every `every` steps; none: no validation.
+    pub fn on_problems(tokenizer: Arc<dyn Tokenizer>, problems: Vec<Problem>, history: PathBuf, every: u64) -> Self {
         let every = if problems.is_empty() { 0 } else { every };
-        Ok(Validation { tokenizer, problems, every, history, max_new_tokens: 0, template: PromptTemplate::Plain })
+        Validation { tokenizer, problems, every, history, max_new_tokens: 0, template: PromptTemplate::Plain }
     }
 
     /// Validation of a run that writes up to `max_new_tokens` tokens.

@@ -341,6 +341,34 @@ pub fn held_out_problems(data: Option<&Path>, tasks: &TaskSet, n: usize, seed: u
     Ok(tasks.held_out(n, seed))
 }
 
+/// The validation prompts of a run on a `--data` file with a held-out split: up to `count` of
+/// its held-out prompts past the `test` the final evaluation takes (the numbers over training
+/// then describe the user's data, on prompts the final evaluation does not score); none where
+/// the final evaluation takes them all (validation off, with a note where it was asked for).
+/// `None` without such a file: the run validates on the tasks' held-out problems.
+pub fn data_validation_problems(
+    data: Option<&Path>,
+    test: usize,
+    count: usize,
+    every: u64,
+) -> Result<Option<Vec<Problem>>> {
+    let Some(path) = data else { return Ok(None) };
+    let (held, _) = jsonl_side(path, Split::HeldOut)?;
+    if held.is_empty() {
+        return Ok(None);
+    }
+    let problems: Vec<Problem> = held.into_iter().skip(test).take(count).collect();
+    if !problems.is_empty() {
+        println!("validation: {} held-out prompts of {}", problems.len(), path.display());
+    } else if count > 0 && every > 0 {
+        eprintln!(
+            "note: no validation during training: the final evaluation's {test} prompts take every held-out prompt of {}",
+            path.display()
+        );
+    }
+    Ok(Some(problems))
+}
+
 /// The prompt template an RL run wrote its prompts in, when `checkpoint` is `<run>/checkpoint`
 /// of a `whale r1-zero` run (whose `<run>/settings.json` records `grpo.template`); `None` for
 /// any other folder.
@@ -534,5 +562,38 @@ mod tests {
         assert!(check_validation(0, 0, "--validation-problems", "--eval-every").is_ok());
         let err = check_validation(0, 20, "--validation-problems", "--eval-every").unwrap_err().to_string();
         assert!(err.contains("--validation-problems 0 with --eval-every 20"), "{err}");
+    }
+
+    /// A --data run validates on the file's held-out prompts that follow the final evaluation's:
+    /// none of them scored twice, none trained on.
+    #[test]
+    fn a_data_run_validates_on_held_out_prompts_the_final_evaluation_leaves() {
+        let dir = whale_rl::parallel::model::tensor::testing::TempDir::new("data-validation");
+        let path = dir.join("data.jsonl");
+        let lines: Vec<String> =
+            (0..400).map(|i| format!(r#"{{"prompt": "{i}+{}=", "answer": "{}"}}"#, i % 7, i + i % 7)).collect();
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let tasks = TaskSet::parse("add:1").unwrap();
+        let (held, _) = jsonl_side(&path, Split::HeldOut).unwrap();
+        assert!(held.len() > 12, "the split holds some of 400 prompts out: {}", held.len());
+        let test = held_out_problems(Some(&path), &tasks, 8, 1).unwrap();
+        let validation = data_validation_problems(Some(&path), test.len(), 4, 10).unwrap().unwrap();
+        let prompts = |p: &[Problem]| p.iter().map(|q| q.prompt.clone()).collect::<Vec<_>>();
+        assert_eq!(prompts(&test), prompts(&held[..8]));
+        assert_eq!(prompts(&validation), prompts(&held[8..12]), "the next held-out prompts");
+        let train = prompts(&training_pool(&path).unwrap());
+        assert!(validation.iter().all(|p| !train.contains(&p.prompt)), "none is trained on");
+        // The final evaluation takes every held-out prompt: no validation, and not the tasks'.
+        let all = data_validation_problems(Some(&path), held.len(), 4, 10).unwrap();
+        assert_eq!(all.map(|v| v.len()), Some(0));
+        // Without --data, or a file with no held-out prompt, the tasks' validation.
+        assert!(data_validation_problems(None, 8, 4, 10).unwrap().is_none());
+        let one = dir.join("one.jsonl");
+        let train_only = lines.iter().find(|l| {
+            std::fs::write(&one, l.as_str()).unwrap();
+            jsonl_side(&one, Split::HeldOut).unwrap().0.is_empty()
+        });
+        std::fs::write(&one, train_only.unwrap().as_str()).unwrap();
+        assert!(data_validation_problems(Some(&one), 8, 4, 10).unwrap().is_none());
     }
 }
