@@ -575,6 +575,7 @@ fn r1_zero_runs_grpo_and_ppo_on_a_base_checkpoint_and_reports_before_and_after()
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let logged = std::fs::read_to_string(run.join("completions.jsonl")).unwrap();
     assert!(logged.contains("\"2+2=\"") || logged.contains("\"3+4=\""), "{logged}");
+    assert!(!logged.contains("\"input\""), "plain prompts are given as they are: {logged}");
     let resume = |extra: &[&str]| {
         whale()
             .args(["r1-zero", "--base", ckpt.to_str().unwrap(), "--out", run.to_str().unwrap(), "--resume"])
@@ -719,6 +720,11 @@ fn an_hf_checkpoint_trains_with_its_own_tokenizer_and_its_runs_keep_it() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let settings = std::fs::read_to_string(templated.join("settings.json")).unwrap();
     assert!(settings.contains("\"template\": \"r1\""), "{settings}");
+    // Its completions log each problem's prompt and the templated text the policy was given.
+    let logged = std::fs::read_to_string(templated.join("completions.jsonl")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(logged.lines().next().unwrap()).unwrap();
+    let (prompt, input) = (line["prompt"].as_str().unwrap(), line["input"].as_str().unwrap());
+    assert!(prompt.starts_with("Twelve plus") && input.ends_with(&format!("User: {prompt}. Assistant:")), "{line}");
     let shown = whale()
         .args(["eval", "--checkpoint", templated.join("checkpoint").to_str().unwrap(), "--problems", "1", "--k", "1"])
         .args(["--data", data.to_str().unwrap(), "--all-lines", "--max-new-tokens", "4", "--show", "1"])

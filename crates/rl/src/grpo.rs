@@ -880,7 +880,8 @@ impl RlRun {
     }
 
     /// Writes the step's metrics line and, every `log_completions_every` steps, the first group's
-    /// completions; then advances the step counter.
+    /// completions (each with its problem's prompt and, in a template, the `input` the policy was
+    /// given); then advances the step counter.
     pub fn finish_step(
         &mut self,
         values: BTreeMap<String, f64>,
@@ -897,15 +898,20 @@ impl RlRun {
                 for (name, v) in names.iter().zip(&s.scores.each) {
                     rewards.insert(name.clone(), v.map_or(serde_json::Value::Null, |x| json!(x)));
                 }
-                let line = json!({
+                let prompt = &problems[s.rollout.problem].prompt;
+                let mut line = json!({
                     "step": self.step,
-                    "prompt": problems[s.rollout.problem].prompt,
+                    "prompt": prompt,
                     "completion": s.rollout.text,
                     "rewards": rewards,
                     "reward": if s.scores.total.is_finite() { json!(s.scores.total) } else { serde_json::Value::Null },
                     "advantage": s.advantages.first().copied(),
                     "truncated": s.rollout.truncated,
                 });
+                // In a template, the text the policy was given too (TRL logs that one).
+                if self.config.template != PromptTemplate::Plain {
+                    line["input"] = json!(self.config.template.apply(prompt));
+                }
                 append_line(&mut self.completions, &line)?;
             }
         }
