@@ -36,6 +36,7 @@ use whale_rl::tasks::{Problem, Split, TaskSet};
 
 use crate::pretrain::{eval_from_json, eval_json, print_report, write_eval, write_json_atomically};
 use crate::r1_zero::{train_loop, Validation};
+use crate::settings::HeldOut;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -328,10 +329,8 @@ struct Pipeline {
     tok: Arc<dyn Tokenizer>,
     /// The reasoning tasks, with `letters` applied.
     tasks: TaskSet,
-    heldout: Vec<Problem>,
-    /// The validation prompts of a `--data` file with a held-out split (past `heldout`); `None`:
-    /// the tasks' held-out problems.
-    data_validation: Option<Vec<Problem>>,
+    /// What the evaluations and the RL stages' validations score.
+    held: HeldOut,
     pool: Option<Vec<Problem>>,
     device: Device,
     /// What the models trained recompute in their backward.
@@ -387,7 +386,7 @@ impl Pipeline {
 
     fn eval(&self, model: &dyn CausalLm, dir: &Path) -> Result<EvalReport> {
         let cfg = EvalConfig::covering(self.s.k, self.generation_limit());
-        let r = evaluate(model, &*self.tok, &self.heldout, &cfg)?;
+        let r = evaluate(model, &*self.tok, &self.held.test, &cfg)?;
         write_eval(&dir.join("eval.json"), &r)?;
         Ok(r)
     }
@@ -518,19 +517,14 @@ impl Pipeline {
         println!("{}: GRPO, {} steps, rewards {}", stage.label(), cfg.steps, t.run.rewards.describe());
         // Validation on the reasoning tasks (or a --data file's held-out prompts), the same for
         // every stage.
-        let history = dir.join("eval_history.jsonl");
-        let validation = match &self.data_validation {
-            Some(on_data) => Validation::on_problems(self.tok.clone(), on_data.clone(), history, self.s.eval_every),
-            None => Validation::new(
-                self.tok.clone(),
-                &self.s.tasks,
-                cfg.letters,
-                self.s.eval_seed,
-                &self.heldout,
-                history,
-                (self.s.validation_problems, self.s.eval_every),
-            )?,
-        }
+        let validation = Validation::new(
+            self.tok.clone(),
+            (&self.s.tasks, cfg.letters),
+            self.s.eval_seed,
+            &self.held,
+            dir.join("eval_history.jsonl"),
+            (self.s.validation_problems, self.s.eval_every),
+        )?
         .covering(cfg.max_new_tokens);
         train_loop(&mut t, &dir.join("checkpoint"), self.s.checkpoint_every, Some(&validation))?;
         for (name, text) in records {
@@ -707,12 +701,12 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
         bail!("--stage rejection-sft needs --base (the model to fine-tune)");
     }
     let pool = args.data.as_deref().map(crate::settings::training_pool).transpose()?;
-    let heldout = crate::settings::held_out_problems(args.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;
-    let data_validation = crate::settings::data_validation_problems(
+    let held = crate::settings::held_out_problems(
         args.data.as_deref(),
-        heldout.len(),
-        s.validation_problems,
-        s.eval_every,
+        &tasks,
+        s.eval_problems,
+        s.eval_seed,
+        (s.validation_problems, s.eval_every),
     )?;
     // A --data file's prompts read in the tokenizer and fit the model, checked before stage 1
     // trains (the held-out ones are first scored after it, the pool's when a step draws them).
@@ -723,7 +717,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
             positions = positions.min(crate::device::max_positions(base, "--base")?);
         }
         let source = format!("--data {}", path.display());
-        for problems in [pool, &heldout].into_iter().chain(&data_validation) {
+        for problems in [pool, &held.test].into_iter().chain(&held.data_validation) {
             crate::settings::check_prompts(&*tok, positions, problems, PromptTemplate::Plain, &source)?;
         }
     }
@@ -737,8 +731,7 @@ pub fn run(args: R1Args) -> Result<Vec<StageResult>> {
         out: out.clone(),
         tok,
         tasks,
-        heldout,
-        data_validation,
+        held,
         pool,
         device,
         recompute: args.recompute.unwrap_or_default(),

@@ -23,6 +23,7 @@ use whale_rl::rollout::PromptTemplate;
 use whale_rl::tasks::{Problem, TaskSet};
 
 use crate::pretrain::{print_report, start_again, write_eval, write_json_atomically};
+use crate::settings::HeldOut;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -354,24 +355,25 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     // R1-Zero's preamble is some 270 tokens of a small BPE, and has capitals the character
     // tokenizer cannot spell.
     let tasks = TaskSet::parse(&s.grpo.tasks)?.with_letters(s.grpo.letters)?;
-    let problems = crate::settings::held_out_problems(s.data.as_deref(), &tasks, s.eval_problems, s.eval_seed)?;
+    let held = crate::settings::held_out_problems(
+        s.data.as_deref(),
+        &tasks,
+        s.eval_problems,
+        s.eval_seed,
+        (s.validation_problems, s.eval_every),
+    )?;
+    let problems = &held.test;
     let templated = s.grpo.template != PromptTemplate::Plain;
     let template_source = format!("--template {}", s.grpo.template);
-    let data_validation = crate::settings::data_validation_problems(
-        s.data.as_deref(),
-        problems.len(),
-        s.validation_problems,
-        s.eval_every,
-    )?;
     match &data_source {
-        Some(source) => check(&problems, source)?,
-        None if templated => check(&problems, &template_source)?,
+        Some(source) => check(problems, source)?,
+        None if templated => check(problems, &template_source)?,
         None => {}
     }
-    match (&data_validation, &data_source) {
+    match (&held.data_validation, &data_source) {
         (Some(validation), Some(source)) => check(validation, source)?,
         _ if templated => {
-            check(&validation_set(&tasks, s.eval_seed, &problems, s.validation_problems), &template_source)?
+            check(&validation_set(&tasks, s.eval_seed, problems, s.validation_problems), &template_source)?
         }
         _ => {}
     }
@@ -436,7 +438,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     crate::settings::note_letters_mismatch(&args.base, s.grpo.letters);
     let eval_cfg = EvalConfig { template: s.grpo.template, ..EvalConfig::covering(s.k, s.grpo.max_new_tokens) };
     let t0 = Instant::now();
-    let before = evaluate(&*base, &tok, &problems, &eval_cfg)?;
+    let before = evaluate(&*base, &tok, problems, &eval_cfg)?;
     println!(
         "R1-Zero by {:?} on {} from {} ({} steps x {} prompts x {} samples); held-out before ({:.0} s):",
         s.algo,
@@ -450,19 +452,14 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     print_report("base", &before);
     write_eval(&out.join("eval_before.json"), &before)?;
 
-    let history = out.join("eval_history.jsonl");
-    let validation = match data_validation {
-        Some(on_data) => Validation::on_problems(tok.clone(), on_data, history, s.eval_every),
-        None => Validation::new(
-            tok.clone(),
-            &s.grpo.tasks,
-            s.grpo.letters,
-            s.eval_seed,
-            &problems,
-            history,
-            (s.validation_problems, s.eval_every),
-        )?,
-    }
+    let validation = Validation::new(
+        tok.clone(),
+        (&s.grpo.tasks, s.grpo.letters),
+        s.eval_seed,
+        &held,
+        out.join("eval_history.jsonl"),
+        (s.validation_problems, s.eval_every),
+    )?
     .covering(s.grpo.max_new_tokens)
     .in_template(s.grpo.template);
     let first = trainer.run_mut().step;
@@ -470,7 +467,7 @@ pub fn run(args: R1ZeroArgs) -> Result<R1ZeroOutcome> {
     let steps_run = s.grpo.steps.saturating_sub(first).max(1) as f64;
     let policy = trainer.policy();
 
-    let after = evaluate(policy, &tok, &problems, &eval_cfg)?;
+    let after = evaluate(policy, &tok, problems, &eval_cfg)?;
     println!("\nheld-out after {} steps ({:.2} s/step):", s.grpo.steps, train_seconds / steps_run);
     print_report("base", &before);
     println!("{}", crate::pretrain::report_row(&format!("R1-Zero ({:?})", s.algo), &after));
@@ -530,26 +527,24 @@ pub struct Validation {
 }
 
 impl Validation {
-    /// `count` held-out problems of `tasks` (a task spec such as `add:3-4,mul`; `letters` of them
-    /// in letter numerals) from their own seed, none of them in `test` (the final evaluation's).
+    /// Validation every `every` steps on a `--data` file's held-out prompts past the final
+    /// evaluation's (`held.data_validation`), or else on `count` held-out problems of `tasks` (a
+    /// task spec such as `add:3-4,mul`; `letters` of them in letter numerals) from their own
+    /// seed, none of them in `held.test`. None: no validation.
     pub fn new(
         tokenizer: Arc<dyn Tokenizer>,
-        tasks: &str,
-        letters: f64,
+        (tasks, letters): (&str, f64),
         seed: u64,
-        test: &[Problem],
+        held: &HeldOut,
         history: PathBuf,
         (count, every): (usize, u64),
     ) -> Result<Self> {
-        let tasks = TaskSet::parse(tasks)?.with_letters(letters)?;
-        Ok(Self::on_problems(tokenizer, validation_problems(&tasks, seed, test, count, every), history, every))
-    }
-
-    /// Validation on `problems` (a `--data` file's held-out prompts past the final evaluation's:
-    /// [`crate::settings::data_validation_problems`]) every `every` steps; none: no validation.
-    pub fn on_problems(tokenizer: Arc<dyn Tokenizer>, problems: Vec<Problem>, history: PathBuf, every: u64) -> Self {
+        let problems = match &held.data_validation {
+            Some(on_data) => on_data.clone(),
+            None => validation_problems(&TaskSet::parse(tasks)?.with_letters(letters)?, seed, &held.test, count, every),
+        };
         let every = if problems.is_empty() { 0 } else { every };
-        Validation { tokenizer, problems, every, history, max_new_tokens: 0, template: PromptTemplate::Plain }
+        Ok(Validation { tokenizer, problems, every, history, max_new_tokens: 0, template: PromptTemplate::Plain })
     }
 
     /// Validation of a run that writes up to `max_new_tokens` tokens.
@@ -675,7 +670,8 @@ mod tests {
         let tasks = TaskSet::parse("add:1").unwrap();
         let all = tasks.held_out(10_000, 3);
         let new = |test: &[Problem]| {
-            Validation::new(Arc::new(CharTokenizer::new()), "add:1", 0.0, 3, test, PathBuf::from("h.jsonl"), (32, 2))
+            let held = HeldOut { test: test.to_vec(), data_validation: None };
+            Validation::new(Arc::new(CharTokenizer::new()), ("add:1", 0.0), 3, &held, PathBuf::from("h.jsonl"), (32, 2))
                 .unwrap()
         };
         let v = new(&all);

@@ -325,48 +325,50 @@ pub fn training_pool(path: &Path) -> Result<Vec<Problem>> {
     Ok(pool)
 }
 
-/// The held-out problems a run reports: with a `--data` file, up to `n` of its prompts in the
-/// held-out split (those `training_pool` leaves out: the numbers then describe the user's data);
-/// otherwise, or when the file has none, `n` held-out problems of `tasks` from `seed`.
-pub fn held_out_problems(data: Option<&Path>, tasks: &TaskSet, n: usize, seed: u64) -> Result<Vec<Problem>> {
+/// The held-out problems a run scores.
+#[derive(Debug)]
+pub struct HeldOut {
+    /// What the final evaluation scores: with a `--data` file, up to `n` of its prompts in the
+    /// held-out split (those `training_pool` leaves out: the numbers then describe the user's
+    /// data); otherwise, or when the file has none, `n` held-out problems of the tasks.
+    pub test: Vec<Problem>,
+    /// With such a file, what the validations score: up to `count` of its held-out prompts past
+    /// `test` (none where `test` takes them all: validation off, with a note where it was asked
+    /// for). `None`: the run validates on the tasks' held-out problems.
+    pub data_validation: Option<Vec<Problem>>,
+}
+
+/// The held-out problems of a run ([`HeldOut`]): `n` for the final evaluation (the tasks' from
+/// `seed` without a `--data` file), and a file's next `count` for the validations every `every`
+/// steps, all read from the file once.
+pub fn held_out_problems(
+    data: Option<&Path>,
+    tasks: &TaskSet,
+    n: usize,
+    seed: u64,
+    (count, every): (usize, u64),
+) -> Result<HeldOut> {
     if let Some(path) = data {
-        let (mut held, _) = jsonl_side(path, Split::HeldOut)?;
+        let (held, _) = jsonl_side(path, Split::HeldOut)?;
         if !held.is_empty() {
-            held.truncate(n);
-            println!("held-out: {} prompts of {}", held.len(), path.display());
-            return Ok(held);
+            let mut held = held.into_iter();
+            let test: Vec<Problem> = held.by_ref().take(n).collect();
+            println!("held-out: {} prompts of {}", test.len(), path.display());
+            let validation: Vec<Problem> = held.take(count).collect();
+            if !validation.is_empty() {
+                println!("validation: {} held-out prompts of {}", validation.len(), path.display());
+            } else if count > 0 && every > 0 {
+                eprintln!(
+                    "note: no validation during training: the final evaluation's {} prompts take every held-out prompt of {}",
+                    test.len(),
+                    path.display()
+                );
+            }
+            return Ok(HeldOut { test, data_validation: Some(validation) });
         }
         eprintln!("note: {} has no held-out prompts; the held-out problems are the tasks'", path.display());
     }
-    Ok(tasks.held_out(n, seed))
-}
-
-/// The validation prompts of a run on a `--data` file with a held-out split: up to `count` of
-/// its held-out prompts past the `test` the final evaluation takes (the numbers over training
-/// then describe the user's data, on prompts the final evaluation does not score); none where
-/// the final evaluation takes them all (validation off, with a note where it was asked for).
-/// `None` without such a file: the run validates on the tasks' held-out problems.
-pub fn data_validation_problems(
-    data: Option<&Path>,
-    test: usize,
-    count: usize,
-    every: u64,
-) -> Result<Option<Vec<Problem>>> {
-    let Some(path) = data else { return Ok(None) };
-    let (held, _) = jsonl_side(path, Split::HeldOut)?;
-    if held.is_empty() {
-        return Ok(None);
-    }
-    let problems: Vec<Problem> = held.into_iter().skip(test).take(count).collect();
-    if !problems.is_empty() {
-        println!("validation: {} held-out prompts of {}", problems.len(), path.display());
-    } else if count > 0 && every > 0 {
-        eprintln!(
-            "note: no validation during training: the final evaluation's {test} prompts take every held-out prompt of {}",
-            path.display()
-        );
-    }
-    Ok(Some(problems))
+    Ok(HeldOut { test: tasks.held_out(n, seed), data_validation: None })
 }
 
 /// The prompt template an RL run wrote its prompts in, when `checkpoint` is `<run>/checkpoint`
@@ -576,24 +578,25 @@ mod tests {
         let tasks = TaskSet::parse("add:1").unwrap();
         let (held, _) = jsonl_side(&path, Split::HeldOut).unwrap();
         assert!(held.len() > 12, "the split holds some of 400 prompts out: {}", held.len());
-        let test = held_out_problems(Some(&path), &tasks, 8, 1).unwrap();
-        let validation = data_validation_problems(Some(&path), test.len(), 4, 10).unwrap().unwrap();
+        let held_out = held_out_problems(Some(&path), &tasks, 8, 1, (4, 10)).unwrap();
+        let (test, validation) = (held_out.test, held_out.data_validation.unwrap());
         let prompts = |p: &[Problem]| p.iter().map(|q| q.prompt.clone()).collect::<Vec<_>>();
         assert_eq!(prompts(&test), prompts(&held[..8]));
         assert_eq!(prompts(&validation), prompts(&held[8..12]), "the next held-out prompts");
         let train = prompts(&training_pool(&path).unwrap());
         assert!(validation.iter().all(|p| !train.contains(&p.prompt)), "none is trained on");
         // The final evaluation takes every held-out prompt: no validation, and not the tasks'.
-        let all = data_validation_problems(Some(&path), held.len(), 4, 10).unwrap();
-        assert_eq!(all.map(|v| v.len()), Some(0));
+        let all = held_out_problems(Some(&path), &tasks, held.len(), 1, (4, 10)).unwrap();
+        assert_eq!(all.data_validation.map(|v| v.len()), Some(0));
         // Without --data, or a file with no held-out prompt, the tasks' validation.
-        assert!(data_validation_problems(None, 8, 4, 10).unwrap().is_none());
+        let no_file = held_out_problems(None, &tasks, 8, 1, (4, 10)).unwrap();
+        assert!(no_file.data_validation.is_none());
         let one = dir.join("one.jsonl");
         let train_only = lines.iter().find(|l| {
             std::fs::write(&one, l.as_str()).unwrap();
             jsonl_side(&one, Split::HeldOut).unwrap().0.is_empty()
         });
         std::fs::write(&one, train_only.unwrap().as_str()).unwrap();
-        assert!(data_validation_problems(Some(&one), 8, 4, 10).unwrap().is_none());
+        assert!(held_out_problems(Some(&one), &tasks, 8, 1, (4, 10)).unwrap().data_validation.is_none());
     }
 }
